@@ -1,0 +1,1 @@
+"""Reading model files and running them; needs no torch."""

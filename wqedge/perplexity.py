@@ -1,0 +1,78 @@
+"""Perplexity exactly as llama.cpp's perplexity tool defines it, for every backend.
+
+The whole text is tokenized once with a leading BOS; it is cut into non-overlapping windows
+of n_ctx tokens; each window's first token is replaced by BOS; only the second half of each
+window is scored: the logits at positions n_ctx/2 .. n_ctx-2 predicting the next token, n_ctx/2 - 1
+predictions a window (255 for 512), as llama.cpp's `first = n_ctx/2` loop does. Backends supply `logits_fn(windows) -> logits`
+(numpy in, numpy out), so PyTorch, our runtime and llama.cpp share this one definition.
+This module needs numpy only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+LogitsFn = Callable[[np.ndarray], np.ndarray]  # int32[B, n_ctx] -> float[B, n_ctx, vocab]
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll_sum: float
+    n_scored: int
+    n_windows: int
+    perplexity_all: float  # every position of the same windows scored (for comparison with other tools)
+
+    def __str__(self) -> str:
+        return f"{self.perplexity:.4f} ({self.n_windows} windows, {self.n_scored} tokens scored)"
+
+
+def make_windows(tokens: Iterable[int], bos_id: int, n_ctx: int = 512, n_windows: int | None = 32) -> np.ndarray:
+    """Non-overlapping windows of n_ctx tokens with the first replaced by BOS: int32[W, n_ctx].
+
+    `tokens` is the whole text's tokenization *including* its leading BOS.
+    """
+    if n_ctx < 4 or n_ctx % 2:
+        raise ValueError(f"context must be an even number >= 4, got {n_ctx}")
+    t = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens, dtype=np.int32)
+    available = len(t) // n_ctx
+    if available == 0:
+        raise ValueError(f"text has {len(t)} tokens, fewer than one window of {n_ctx}")
+    n = available if n_windows is None else min(n_windows, available)
+    w = t[: n * n_ctx].reshape(n, n_ctx).copy()
+    w[:, 0] = bos_id
+    return w
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of targets under logits (float64 log-softmax)."""
+    x = logits.astype(np.float64)
+    mx = x.max(axis=-1, keepdims=True)
+    lse = mx[..., 0] + np.log(np.exp(x - mx).sum(axis=-1))
+    return lse - np.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+
+
+def perplexity(logits_fn: LogitsFn, tokens, bos_id: int, n_ctx: int = 512, n_windows: int | None = 32,
+               batch_size: int = 1, progress: Callable[[int], None] | None = None) -> PerplexityResult:
+    """Score windows through `logits_fn`, batch_size windows per call."""
+    windows = make_windows(tokens, bos_id, n_ctx, n_windows)
+    half = n_ctx // 2
+    nll_half = 0.0
+    nll_all = 0.0
+    n_half = n_all = 0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i: i + batch_size]
+        logits = np.asarray(logits_fn(batch))
+        if logits.shape[:2] != batch.shape:
+            raise ValueError(f"logits_fn returned shape {logits.shape} for windows {batch.shape}")
+        nll = _nll(logits[:, :-1], batch[:, 1:].astype(np.int64))  # prediction of token j+1 from position j
+        nll_half += float(nll[:, half:].sum())   # logits at positions half .. n_ctx-2
+        n_half += nll[:, half:].size
+        nll_all += float(nll.sum())
+        n_all += nll.size
+        if progress:
+            progress(len(batch))
+    return PerplexityResult(math.exp(nll_half / n_half), nll_half, n_half, len(windows), math.exp(nll_all / n_all))

@@ -1,0 +1,214 @@
+"""The plan: one action (and quantizer method) per column chunk, with its exact bit cost.
+
+A plan is what an allocator produces and what the converter lowers; it carries no weights.
+The JSON schema is versioned and documented in docs/plan.md. Every figure here is computed
+from the block traits table (wqedge.blocks), so the plan's effective bits equal what the
+file will measure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import blocks
+from .spec import ModelSpec
+from .units import Linear, check_group_size, chunk_bounds
+
+PLAN_FORMAT = "wqedge-plan"
+PLAN_VERSION = 1
+METHODS = ("neuqi", "minmax")
+BUDGET_TOLERANCE = 1e-9
+
+
+class PlanError(ValueError):
+    """A plan that cannot be used: malformed, for another model, or over its budget."""
+
+
+@dataclass
+class TensorPlan:
+    """The actions of one linear's chunks, left to right."""
+    name: str                 # Hugging Face weight name, e.g. model.layers.0.self_attn.q_proj.weight
+    out_features: int
+    in_features: int
+    actions: list[str]
+    methods: list[str]
+    protected: list[list[int]] = field(default_factory=list)  # chunk-local column indices, per chunk
+
+    def __post_init__(self):
+        if not self.protected:
+            self.protected = [[] for _ in self.actions]
+
+    def widths(self, group_size: int) -> list[int]:
+        return [e - s for s, e in chunk_bounds(self.in_features, group_size)]
+
+    def bits(self, group_size: int) -> int:
+        """Exact stored bits of this tensor."""
+        return sum(blocks.chunk_bits(a, self.out_features, g, len(p))
+                   for a, g, p in zip(self.actions, self.widths(group_size), self.protected))
+
+    @property
+    def n_weights(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass
+class Plan:
+    group_size: int
+    budget_bits: float
+    allocator: str
+    tensors: list[TensorPlan]
+    model_name: str = ""
+    model_fingerprint: str = ""
+    meta: dict = field(default_factory=dict)   # allocator-specific report (free form, JSON-safe)
+
+    # ------------------------------------------------------------ figures
+    def total_bits(self) -> int:
+        return sum(t.bits(self.group_size) for t in self.tensors)
+
+    def n_weights(self) -> int:
+        return sum(t.n_weights for t in self.tensors)
+
+    def effective_bits(self) -> float:
+        return self.total_bits() / self.n_weights()
+
+    def layer_bits(self) -> dict[int, float]:
+        """Effective bits per decoder layer (layer index parsed from the tensor name)."""
+        acc: dict[int, list[int]] = {}
+        for t in self.tensors:
+            layer = int(t.name.split(".")[2])
+            b, n = acc.setdefault(layer, [0, 0])
+            acc[layer] = [b + t.bits(self.group_size), n + t.n_weights]
+        return {k: b / n for k, (b, n) in sorted(acc.items())}
+
+    def action_histogram(self) -> dict[str, int]:
+        """Chunks per action, in the traits table's order."""
+        c = Counter(a for t in self.tensors for a in t.actions)
+        return {a: c[a] for a in blocks.ACTION_NAMES if c[a]}
+
+    def tensor(self, name: str) -> TensorPlan:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise PlanError(f"plan has no tensor {name!r}")
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_actions(cls, linears: list[Linear], group_size: int, budget_bits: float, allocator: str,
+                     actions: dict[str, list[str]], methods: dict[str, list[str]] | str = "neuqi",
+                     protected: dict[str, list[list[int]]] | None = None, **kw) -> "Plan":
+        tensors = []
+        for lin in linears:
+            acts = list(actions[lin.hf_name])
+            meth = [methods] * len(acts) if isinstance(methods, str) else list(methods[lin.hf_name])
+            prot = (protected or {}).get(lin.hf_name) or [[] for _ in acts]
+            tensors.append(TensorPlan(lin.hf_name, lin.out_features, lin.in_features, acts, meth, prot))
+        plan = cls(group_size, float(budget_bits), allocator, tensors, **kw)
+        plan.validate()
+        return plan
+
+    # ------------------------------------------------------------ validation
+    def validate(self, spec: ModelSpec | None = None, fingerprint: str | None = None) -> "Plan":
+        """Raise PlanError on anything the converter could not lower faithfully."""
+        try:
+            check_group_size(self.group_size)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+        for t in self.tensors:
+            n = len(chunk_bounds(t.in_features, self.group_size))
+            if len(t.actions) != n or len(t.methods) != n or len(t.protected) != n:
+                raise PlanError(f"{t.name}: {t.in_features} input columns make {n} chunks of {self.group_size}, "
+                                f"plan lists {len(t.actions)} actions, {len(t.methods)} methods, "
+                                f"{len(t.protected)} protected lists")
+            for c, (a, m, p, g) in enumerate(zip(t.actions, t.methods, t.protected, t.widths(self.group_size))):
+                if a not in blocks.BY_NAME:
+                    raise PlanError(f"{t.name} chunk {c}: unknown action {a!r} (known: {', '.join(blocks.ACTION_NAMES)})")
+                if m not in METHODS:
+                    raise PlanError(f"{t.name} chunk {c}: unknown quantizer method {m!r} (known: {', '.join(METHODS)})")
+                if len(set(p)) != len(p) or any(not (0 <= i < g) for i in p):
+                    raise PlanError(f"{t.name} chunk {c}: protected columns must be distinct and in [0, {g})")
+        if spec is not None:
+            expected = {lin.hf_name: lin for lin in spec.linears()}
+            for t in self.tensors:
+                lin = expected.get(t.name)
+                if lin is None:
+                    raise PlanError(f"plan unit {t.name!r} is not a decoder linear of this model")
+                if (lin.out_features, lin.in_features) != (t.out_features, t.in_features):
+                    raise PlanError(f"{t.name}: plan says [{t.out_features}, {t.in_features}], "
+                                    f"model has [{lin.out_features}, {lin.in_features}]")
+            missing = set(expected) - {t.name for t in self.tensors}
+            if missing:
+                raise PlanError(f"plan has no actions for {len(missing)} linears of the model, e.g. {sorted(missing)[0]}")
+        if fingerprint and self.model_fingerprint and fingerprint != self.model_fingerprint:
+            raise PlanError(f"plan was made for a different model (fingerprint {self.model_fingerprint[:12]}…, "
+                            f"this model {fingerprint[:12]}…)")
+        eff = self.effective_bits()
+        if eff > self.budget_bits + BUDGET_TOLERANCE:
+            raise PlanError(f"plan does not meet its budget: {eff:.4f} effective bits > budget {self.budget_bits}")
+        return self
+
+    # ------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        def tensor_dict(t: TensorPlan) -> dict:
+            d = {"name": t.name, "out_features": t.out_features, "in_features": t.in_features,
+                 "actions": t.actions, "methods": t.methods}
+            if any(t.protected):
+                d["protected"] = t.protected
+            return d
+        return {
+            "format": PLAN_FORMAT, "version": PLAN_VERSION,
+            "model": {"name": self.model_name, "fingerprint": self.model_fingerprint, "n_weights": self.n_weights()},
+            "group_size": self.group_size, "budget_bits": self.budget_bits, "allocator": self.allocator,
+            "effective_bits": self.effective_bits(), "action_histogram": self.action_histogram(),
+            "tensors": [tensor_dict(t) for t in self.tensors], "meta": self.meta,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temporary file in the same folder, then rename."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+            raise PlanError(f"not a wqedge plan (expected \"format\": \"{PLAN_FORMAT}\")")
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError(f"unsupported plan version {d.get('version')!r} (this wqedge reads version {PLAN_VERSION})")
+        try:
+            tensors = [TensorPlan(t["name"], int(t["out_features"]), int(t["in_features"]), list(t["actions"]),
+                                  list(t.get("methods") or ["neuqi"] * len(t["actions"])),
+                                  [list(map(int, p)) for p in t.get("protected", [])])
+                       for t in d["tensors"]]
+            model = d.get("model", {})
+            return cls(int(d["group_size"]), float(d["budget_bits"]), str(d.get("allocator", "")), tensors,
+                       model.get("name", ""), model.get("fingerprint", ""), d.get("meta") or {})
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, spec: ModelSpec | None = None, fingerprint: str | None = None) -> "Plan":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"{path}: no such plan file") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(d).validate(spec, fingerprint)
+        except PlanError as e:
+            raise PlanError(f"{path}: {e}") from None

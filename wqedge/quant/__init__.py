@@ -1,0 +1,1 @@
+"""Quantizers: one affine primitive plus the fitters that choose its parameters."""
