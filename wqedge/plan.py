@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import blocks
+from .fileio import atomic_output
 from .spec import ModelSpec
 from .units import Linear, check_group_size, chunk_bounds
 
@@ -171,16 +171,9 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a temporary file in the same folder, then rename."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        with atomic_output(path) as tmp:
+            tmp.write_text(self.to_json())
+        return Path(path)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":

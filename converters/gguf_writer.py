@@ -1,0 +1,172 @@
+"""Write a quantized model as a wqedge GGUF (docs/format.md), streaming and atomically.
+
+The converter lowers what it is given and decides nothing: the plan fixes every chunk's
+action, the quantized chunks arrive already fitted (wqedge.blocks.ChunkData, numpy), and
+the other tensors arrive as numpy arrays. Tensor sizes are known from the plan before any
+data is written, so tensors are written one by one as they are produced and a model larger
+than memory can be converted. The file appears under its final name only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import gguf
+import numpy as np
+
+from ..fileio import atomic_output
+from ..blocks import FORMAT_VERSION, ChunkData, block_type, pack_chunk
+from ..plan import Plan
+from ..spec import ModelSpec, other_tensors, rope_freq_factors
+from ..units import Linear
+from .tokenizer import TokenizerMeta, add_tokenizer_to_gguf
+
+ARCH = "llama"
+
+
+@dataclass
+class DenseTensor:
+    """A tensor written as stored (embeddings, norms, output head)."""
+    gguf_name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype          # float16 or float32
+
+
+def linear_row_bytes(plan: Plan, name: str) -> int:
+    t = plan.tensor(name)
+    return sum(block_type(a).row_bytes(g, len(p)) for a, g, p in zip(t.actions, t.widths(plan.group_size), t.protected))
+
+
+def tensor_key(gguf_name: str, field: str) -> str:
+    return f"wqedge.tensors.{gguf_name}.{field}"
+
+
+def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan) -> None:
+    w.add_name(spec.name)
+    w.add_context_length(spec.max_position_embeddings)
+    w.add_embedding_length(spec.hidden_size)
+    w.add_block_count(spec.n_layers)
+    w.add_feed_forward_length(spec.intermediate_size)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    w.add_key_length(spec.head_dim)
+    w.add_value_length(spec.head_dim)
+    w.add_layer_norm_rms_eps(spec.rms_norm_eps)
+    w.add_rope_freq_base(spec.rope_theta)
+    w.add_rope_dimension_count(spec.head_dim)
+    w.add_vocab_size(spec.vocab_size)
+    if spec.rope_scaling:
+        # llama.cpp reads llama3 scaling from the rope_freqs.weight tensor alone; we keep the parameters too.
+        w.add_string("wqedge.rope.scaling", json.dumps(spec.rope_scaling, sort_keys=True))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # closest stock label; the true types are in wqedge.* keys
+    w.add_uint32("wqedge.format_version", FORMAT_VERSION)
+    w.add_uint32("wqedge.group_size", plan.group_size)
+    w.add_bool("wqedge.rope.neox", True)
+    w.add_float32("wqedge.effective_bits", plan.effective_bits())
+    w.add_string("wqedge.plan", plan.to_json())
+    for t in plan.tensors:
+        name = hf_to_gguf(t.name)
+        w.add_uint32(tensor_key(name, "in_features"), t.in_features)
+        w.add_array(tensor_key(name, "chunk_actions"), [block_type(a).code for a in t.actions])
+        if any(t.protected):
+            w.add_key_value(tensor_key(name, "chunk_protected"), [len(p) for p in t.protected],
+                            gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT16)
+
+
+def hf_to_gguf(hf_name: str) -> str:
+    """Decoder-linear Hugging Face name -> GGUF name (blk.N.attn_q.weight, ...)."""
+    from ..units import PROJECTIONS
+    parts = hf_name.split(".")
+    layer = int(parts[2])
+    proj = ".".join(parts[3:5])
+    stem = dict(PROJECTIONS)[proj]
+    return f"blk.{layer}.{stem}.weight"
+
+
+def _protect_indices(chunks: list[ChunkData], starts: list[int]) -> np.ndarray:
+    idx = [s + np.asarray(c.protected, dtype=np.int64) for c, s in zip(chunks, starts) if c.n_protected]
+    # u16 column indices, stored in an I16 tensor (readers view them as unsigned)
+    return np.concatenate(idx).astype(np.uint16).view(np.int16) if idx else np.zeros(0, np.int16)
+
+
+def write_gguf(path: str | os.PathLike, spec: ModelSpec, plan: Plan, tokenizer: TokenizerMeta,
+               dense: list[DenseTensor], dense_data: Callable[[str], np.ndarray],
+               quantized: Iterable[tuple[Linear, list[ChunkData]]],
+               progress: Callable[[str], None] | None = None) -> Path:
+    """Write the model; `quantized` yields every decoder linear in spec.linears() order.
+
+    dense_data(gguf_name) returns the array for a DenseTensor (called once each, in order).
+    """
+    with atomic_output(path) as tmp:
+        _write(tmp, spec, plan, tokenizer, dense, dense_data, quantized, progress)
+    return Path(path)
+
+
+def _write(tmp: Path, spec, plan, tokenizer, dense, dense_data, quantized, progress) -> None:
+    w = gguf.GGUFWriter(tmp, ARCH)
+    _add_model_metadata(w, spec, plan)
+    add_tokenizer_to_gguf(w, tokenizer)
+
+    factors = rope_freq_factors(spec)
+    if factors is not None:
+        dense = dense + [DenseTensor("rope_freqs.weight", factors.shape, np.dtype(np.float32))]
+    for d in dense:
+        w.add_tensor_info(d.gguf_name, d.shape, d.dtype, int(np.prod(d.shape)) * d.dtype.itemsize)
+    linears = spec.linears()
+    for lin in linears:
+        t = plan.tensor(lin.hf_name)
+        rb = linear_row_bytes(plan, lin.hf_name)
+        w.add_tensor_info(lin.gguf_name, (lin.out_features, rb), np.dtype(np.int8), lin.out_features * rb)
+        n_p = sum(len(p) for p in t.protected)
+        if n_p:
+            w.add_tensor_info(lin.gguf_name + ".protect", (n_p,), np.dtype(np.int16), 2 * n_p)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+
+    for d in dense:
+        arr = factors if d.gguf_name == "rope_freqs.weight" else np.ascontiguousarray(dense_data(d.gguf_name), dtype=d.dtype)
+        if arr.shape != tuple(d.shape):
+            raise ValueError(f"{d.gguf_name}: expected shape {d.shape}, got {arr.shape}")
+        w.write_tensor_data(arr)
+    count = 0
+    for lin, chunks in _in_order(quantized, linears):
+        t = plan.tensor(lin.hf_name)
+        starts = [c * plan.group_size for c in range(len(t.actions))]
+        for c, (chunk, action, prot) in enumerate(zip(chunks, t.actions, t.protected)):
+            if chunk.action != action or chunk.n_protected != len(prot):
+                raise ValueError(f"{lin.hf_name} chunk {c}: plan says {action} with {len(prot)} protected columns, "
+                                 f"got {chunk.action} with {chunk.n_protected}")
+        rows = np.concatenate([pack_chunk(c) for c in chunks], axis=1)
+        w.write_tensor_data(rows.view(np.int8))
+        if any(t.protected):
+            w.write_tensor_data(_protect_indices(chunks, starts))
+        count += 1
+        if progress:
+            progress(lin.gguf_name)
+    if count != len(linears):
+        raise ValueError(f"expected {len(linears)} quantized linears, got {count}")
+    w.close()
+
+
+def _in_order(quantized: Iterable[tuple[Linear, list[ChunkData]]], linears: list[Linear]) -> Iterator:
+    expected = iter(linears)
+    for lin, chunks in quantized:
+        want = next(expected, None)
+        if want is None or want.hf_name != lin.hf_name:
+            raise ValueError(f"quantized linears out of order: got {lin.hf_name}, expected "
+                             f"{want.hf_name if want else 'no more'}")
+        yield lin, chunks
+
+
+def dense_tensors(spec: ModelSpec, dtype_of: Callable[[str], np.dtype]) -> list[DenseTensor]:
+    """The non-linear tensors to write, with the dtype each is stored in (norms always F32)."""
+    out = []
+    for hf, name, shape in other_tensors(spec):
+        dt = np.dtype(np.float32) if len(shape) == 1 else dtype_of(hf)
+        out.append(DenseTensor(name, shape, dt))
+    return out

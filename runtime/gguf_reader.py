@@ -1,0 +1,173 @@
+"""Read a wqedge GGUF back (numpy only): model shape, chunk layouts, dequantized weights, bit counts.
+
+This is the Python-side definition of what the file means; the PyTorch reference and every
+runtime are checked against weights produced here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ..blocks import FORMAT_VERSION, block_type, unpack_chunk
+from ..spec import ModelSpec
+from ..units import chunk_bounds
+
+
+class FormatError(ValueError):
+    """The file is not a wqedge GGUF this version can read."""
+
+
+@dataclass
+class LinearLayout:
+    name: str
+    out_features: int
+    in_features: int
+    actions: list[str]
+    protected_counts: list[int]
+    row_bytes: int
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=...):
+    f = reader.fields.get(key)
+    if f is None:
+        if default is ...:
+            raise FormatError(f"missing key {key}")
+        return default
+    return f.contents()
+
+
+class WqGGUF:
+    """A wqedge model file opened for reading (memory-mapped by gguf.GGUFReader)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FormatError(f"{self.path}: no such file")
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # gguf raises ValueError/struct errors of many kinds on garbage
+            raise FormatError(f"{self.path}: not a readable GGUF file ({e})") from None
+        version = _field(self.reader, "wqedge.format_version", None)
+        if version is None:
+            raise FormatError(f"{self.path}: not a wqedge file (no wqedge.format_version key)")
+        if version != FORMAT_VERSION:
+            raise FormatError(f"{self.path}: wqedge format version {version}, this reader reads {FORMAT_VERSION}")
+        self.group_size = int(_field(self.reader, "wqedge.group_size"))
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.spec = self._spec()
+
+    # ------------------------------------------------------------ metadata
+    def _spec(self) -> ModelSpec:
+        r = self.reader
+        g = lambda k, d=...: _field(r, f"llama.{k}", d)  # noqa: E731
+        scaling = _field(r, "wqedge.rope.scaling", None)
+        n_heads = int(g("attention.head_count"))
+        hidden = int(g("embedding_length"))
+        return ModelSpec(
+            hidden_size=hidden, n_layers=int(g("block_count")), n_heads=n_heads,
+            n_kv_heads=int(g("attention.head_count_kv")), head_dim=int(g("attention.key_length", hidden // n_heads)),
+            intermediate_size=int(g("feed_forward_length")), vocab_size=int(g("vocab_size")),
+            rms_norm_eps=float(g("attention.layer_norm_rms_epsilon")), rope_theta=float(g("rope.freq_base")),
+            rope_scaling=json.loads(scaling) if scaling else None,
+            max_position_embeddings=int(g("context_length")),
+            tie_word_embeddings="output.weight" not in self.tensors,
+            bos_token_id=_field(r, "tokenizer.ggml.bos_token_id", None),
+            eos_token_id=_field(r, "tokenizer.ggml.eos_token_id", None),
+            name=str(_field(r, "general.name", "llama")),
+        )
+
+    @property
+    def effective_bits(self) -> float:
+        """The figure recorded by the converter."""
+        return float(_field(self.reader, "wqedge.effective_bits"))
+
+    @property
+    def plan_json(self) -> str | None:
+        return _field(self.reader, "wqedge.plan", None)
+
+    def tokenizer_fields(self) -> dict:
+        """The tokenizer.ggml.* keys, without the prefix."""
+        p = "tokenizer.ggml."
+        return {k[len(p):]: f.contents() for k, f in self.reader.fields.items() if k.startswith(p)}
+
+    def layout(self, name: str) -> LinearLayout:
+        t = self.tensors.get(name)
+        if t is None:
+            raise FormatError(f"{self.path}: no tensor {name}")
+        key = f"wqedge.tensors.{name}."
+        actions = [block_type(int(a)).name for a in _field(self.reader, key + "chunk_actions")]
+        k = int(_field(self.reader, key + "in_features"))
+        prot = _field(self.reader, key + "chunk_protected", None) or [0] * len(actions)
+        n = int(t.shape[1])
+        rb = int(t.shape[0])
+        widths = [e - s for s, e in chunk_bounds(k, self.group_size)]
+        if len(widths) != len(actions) or len(prot) != len(actions):
+            raise FormatError(f"{name}: {k} columns make {len(widths)} chunks, file lists {len(actions)} actions")
+        expect = sum(block_type(a).row_bytes(g, p) for a, g, p in zip(actions, widths, prot))
+        if expect != rb:
+            raise FormatError(f"{name}: rows are {rb} bytes, its chunk actions need {expect}")
+        return LinearLayout(name, n, k, actions, [int(p) for p in prot], rb)
+
+    def linear_names(self) -> list[str]:
+        return [lin.gguf_name for lin in self.spec.linears()]
+
+    # ------------------------------------------------------------ data
+    def dense(self, name: str) -> np.ndarray:
+        """A non-linear tensor as float32, in numpy (row-major) shape."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise FormatError(f"{self.path}: no tensor {name}")
+        shape = tuple(int(x) for x in reversed(t.shape))
+        return np.array(t.data, dtype=np.float32).reshape(shape)  # a private, writable copy
+
+    def protected_indices(self, name: str) -> np.ndarray:
+        t = self.tensors.get(name + ".protect")
+        return np.zeros(0, np.int64) if t is None else np.asarray(t.data).view(np.uint16).astype(np.int64)
+
+    def dequantize_linear(self, name: str) -> np.ndarray:
+        """float32[N, K] exactly as the format defines the weights."""
+        lay = self.layout(name)
+        raw = np.asarray(self.tensors[name].data).view(np.uint8).reshape(lay.out_features, lay.row_bytes)
+        prot = self.protected_indices(name)
+        out = np.empty((lay.out_features, lay.in_features), np.float32)
+        off = 0
+        pi = 0
+        for (s, e), a, n_p in zip(chunk_bounds(lay.in_features, self.group_size), lay.actions, lay.protected_counts):
+            nb = block_type(a).row_bytes(e - s, n_p)
+            local = prot[pi: pi + n_p] - s if n_p else None
+            out[:, s:e] = unpack_chunk(raw[:, off: off + nb], a, e - s, local)
+            off += nb
+            pi += n_p
+        return out
+
+    def measured_bits(self) -> float:
+        """8 x bytes of the quantized linear tensors (and their .protect indices) / their weights."""
+        total_bytes = 0
+        weights = 0
+        for name in self.linear_names():
+            lay = self.layout(name)
+            total_bytes += int(self.tensors[name].n_bytes)
+            if name + ".protect" in self.tensors:
+                total_bytes += int(self.tensors[name + ".protect"].n_bytes)
+            weights += lay.out_features * lay.in_features
+        return 8 * total_bytes / weights
+
+    def layer_table(self) -> list[dict]:
+        """Per linear: shape, bits per weight, action counts (for `wqedge inspect`)."""
+        rows = []
+        for name in self.linear_names():
+            lay = self.layout(name)
+            nbytes = int(self.tensors[name].n_bytes)
+            if name + ".protect" in self.tensors:
+                nbytes += int(self.tensors[name + ".protect"].n_bytes)
+            counts: dict[str, int] = {}
+            for a in lay.actions:
+                counts[a] = counts.get(a, 0) + 1
+            rows.append({"name": name, "shape": (lay.out_features, lay.in_features),
+                         "bits": 8 * nbytes / (lay.out_features * lay.in_features), "actions": counts,
+                         "protected": sum(lay.protected_counts)})
+        return rows

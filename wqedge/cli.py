@@ -1,0 +1,287 @@
+"""The `wqedge` command line: plan, convert, inspect and evaluate column-chunk quantized LLaMA models.
+
+The CLI only parses options, shows progress and prints reports; the work is done by the
+library modules (checkpoint, alloc, quantize, converters, runtime), which know nothing of it.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+ALLOCATORS = ("uniform", "greedy", "rl")
+DEMO_DIR = Path("wqedge-demo")
+
+
+def _fail(msg: str) -> None:
+    raise click.ClickException(msg)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=None, file=sys.stderr)
+
+
+def _open_checkpoint(model_dir):
+    from .checkpoint import CheckpointError, LlamaCheckpoint
+    try:
+        return LlamaCheckpoint.open(model_dir)
+    except CheckpointError as e:
+        _fail(str(e))
+
+
+def _demo_model() -> Path:
+    """The embedded default: a tiny random LLaMA with a real tokenizer, built on the spot."""
+    from .tinymodel import build_tiny_model
+    path = DEMO_DIR / "tiny-llama"
+    if not (path / "config.json").exists():
+        click.echo(f"no model given: building a tiny random LLaMA in {path}/ (the embedded default)")
+        build_tiny_model(path)
+    return path
+
+
+def _read_text(path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        _fail(f"cannot read {path}: {e.strerror}")
+    except UnicodeDecodeError:
+        _fail(f"{path} is not UTF-8 text")
+
+
+def _check_group(value: int) -> int:
+    from .units import check_group_size
+    try:
+        return check_group_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _print_plan_summary(plan) -> None:
+    hist = ", ".join(f"{a}: {n}" for a, n in plan.action_histogram().items())
+    click.echo(f"plan: allocator {plan.allocator}, group size {plan.group_size}, budget {plan.budget_bits} bits, "
+               f"effective {plan.effective_bits():.4f} bits/weight")
+    click.echo(f"chunks per action: {hist}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wqedge")
+def main():
+    """wqedge: quantize a Hugging Face LLaMA checkpoint in column chunks under a global bit budget,
+    write it as GGUF, and evaluate or run it.
+
+    \b
+    Typical use:
+      wqedge convert path/to/llama -o model.gguf --bits 2.5 --calib calib.txt
+      wqedge inspect model.gguf
+      wqedge eval model.gguf --text eval.txt
+    """
+
+
+def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device):
+    from .plan import PlanError
+    try:
+        if allocator == "uniform":
+            from .alloc.uniform import uniform_plan
+            return uniform_plan(ckpt.spec.linears(), group, bits, method,
+                                model_name=ckpt.spec.name, model_fingerprint=ckpt.fingerprint())
+        from .alloc.planner import make_plan
+        return make_plan(ckpt, bits, allocator=allocator, group_size=group, calib_text=calib, seed=seed,
+                         device=device, method=method)
+    except PlanError as e:
+        _fail(str(e))
+
+
+def _calibration_stats(ckpt, calib_text, device, plan=None):
+    from .calib import collect_stats
+    return collect_stats(ckpt, calib_text, device=device)
+
+
+_common_plan_options = [
+    click.option("--bits", "-b", type=float, default=4.25, show_default=True,
+                 help="Budget: effective bits per weight over all decoder linears, counting every scale, "
+                      "zero point and protected column (q4 at group 128 costs 4.25, q3 3.25, q2 2.25)."),
+    click.option("--group", "-g", type=int, default=128, show_default=True, callback=lambda c, p, v: _check_group(v),
+                 help="Chunk width G in input columns (a multiple of 32; 128 or 256 recommended)."),
+    click.option("--allocator", "-a", type=click.Choice(ALLOCATORS), default="uniform", show_default=True,
+                 help="Who chooses each chunk's action: 'uniform' (one action everywhere), 'greedy' "
+                      "(deterministic loss-aware knapsack) or 'rl' (PPO policy, WINDQuant)."),
+    click.option("--method", type=click.Choice(["neuqi", "minmax"]), default="neuqi", show_default=True,
+                 help="Scale/zero-point initialisation of uniform quantizers: NeUQI or min-max round-to-nearest."),
+    click.option("--calib", type=click.Path(exists=True, dir_okay=False),
+                 help="Calibration text (UTF-8). Gives activation statistics that weight the quantizer fits "
+                      "and drive the loss-aware allocators."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling and RL."),
+    click.option("--device", default=None, help="torch device for planning (default: cuda if available, else cpu)."),
+]
+
+
+def plan_options(f):
+    for opt in reversed(_common_plan_options):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.argument("model_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Output GGUF (default: <model>.wq<bits>.gguf "
+              "beside the current folder; for the embedded demo, inside wqedge-demo/).")
+@plan_options
+@click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False),
+              help="Use this plan (from `wqedge plan`) instead of making one; --bits/--allocator are then ignored.")
+@click.option("--save-plan", type=click.Path(dir_okay=False), help="Also write the plan used as JSON here.")
+def convert(model_dir, output, bits, group, allocator, method, calib, seed, device, plan_path, save_plan):
+    """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
+
+    With no MODEL_DIR, a tiny random LLaMA is built on the spot and converted (a self-contained demo).
+    The output is written atomically: an interrupted or failed convert leaves no file behind.
+    """
+    from .plan import Plan, PlanError
+    from .quantize import convert_to_gguf
+    from .runtime.gguf_reader import WqGGUF
+
+    t0 = time.time()
+    model_dir = Path(model_dir) if model_dir else _demo_model()
+    ckpt = _open_checkpoint(model_dir)
+    spec = ckpt.spec
+    click.echo(f"model: {model_dir} ({spec.n_layers} layers, hidden {spec.hidden_size}, "
+               f"{len(spec.linears())} decoder linears, stored {ckpt.dtype})")
+    if plan_path:
+        try:
+            plan = Plan.load(plan_path, spec, ckpt.fingerprint())
+        except PlanError as e:
+            _fail(str(e))
+    else:
+        calib_text = _read_text(calib) if calib else None
+        plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device)
+    _print_plan_summary(plan)
+    if save_plan:
+        plan.save(save_plan)
+        click.echo(f"plan written to {save_plan}")
+
+    stats = None
+    if calib:
+        click.echo("calibrating (activation statistics for the quantizer fits)…")
+        stats = _calibration_stats(ckpt, _read_text(calib), device, plan)
+
+    if output is None:
+        stem = model_dir.name
+        output = (DEMO_DIR if model_dir.parent == DEMO_DIR else Path(".")) / f"{stem}.wq{plan.effective_bits():.2f}.gguf"
+    bar = _progress(len(spec.linears()), "quantizing")
+    try:
+        path = convert_to_gguf(ckpt, plan, output, stats, device, progress=lambda name: bar.update(1))
+    except (ValueError, OSError) as e:
+        _fail(f"convert failed, nothing written: {e}")
+    finally:
+        bar.close()
+    f = WqGGUF(path)
+    size = path.stat().st_size
+    click.echo(f"wrote {path} ({size / 2**20:.2f} MiB) in {time.time() - t0:.1f} s")
+    click.echo(f"effective bits: {plan.effective_bits():.4f} planned, {f.measured_bits():.4f} measured in the file")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Plan JSON to write.")
+@plan_options
+def plan(model_dir, output, bits, group, allocator, method, calib, seed, device):
+    """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON).
+
+    Convert it later with `wqedge convert MODEL_DIR --plan PLAN.json`.
+    """
+    ckpt = _open_checkpoint(model_dir)
+    calib_text = _read_text(calib) if calib else None
+    p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device)
+    _print_plan_summary(p)
+    for layer, b in p.layer_bits().items():
+        click.echo(f"  layer {layer:3d}: {b:6.3f} bits")
+    p.save(output)
+    click.echo(f"plan written to {output}")
+
+
+@main.command()
+@click.argument("gguf_file", type=click.Path(exists=True, dir_okay=False))
+def inspect(gguf_file):
+    """Print the per-linear table of a wqedge GGUF: shape, stored bits per weight, chunks per action."""
+    from .blocks import ACTION_NAMES
+    from .runtime.gguf_reader import FormatError, WqGGUF
+    try:
+        f = WqGGUF(gguf_file)
+        rows = f.layer_table()
+    except FormatError as e:
+        _fail(str(e))
+    s = f.spec
+    click.echo(f"{gguf_file}: {s.n_layers} layers, hidden {s.hidden_size}, heads {s.n_heads}/{s.n_kv_heads}, "
+               f"ffn {s.intermediate_size}, vocab {s.vocab_size}, group size {f.group_size}")
+    header = f"{'tensor':28s} {'shape':>13s} {'bits':>6s}  " + " ".join(f"{a:>7s}" for a in ACTION_NAMES) + "  protected"
+    click.echo(header)
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        counts = " ".join(f"{r['actions'].get(a, 0):7d}" for a in ACTION_NAMES)
+        click.echo(f"{r['name']:28s} {shape:>13s} {r['bits']:6.3f}  {counts}  {r['protected']:9d}")
+    click.echo(f"effective bits: {f.measured_bits():.4f} measured ({f.effective_bits:.4f} recorded)")
+
+
+@main.command(name="eval")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Evaluation text (UTF-8).")
+@click.option("--chunks", type=int, default=32, show_default=True,
+              help="Number of 512-token windows to score (0 = all).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Window length in tokens.")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False),
+              help="Hugging Face folder whose tokenizer to use for a GGUF (default: the GGUF's own vocabulary).")
+@click.option("--batch", type=int, default=4, show_default=True, help="Windows per forward pass.")
+def eval_cmd(model, text_file, chunks, ctx, tokenizer_dir, batch):
+    """Perplexity of MODEL (a Hugging Face folder or a wqedge GGUF) on a text, as llama.cpp defines it.
+
+    The whole text is tokenized with a leading BOS and cut into non-overlapping windows of --ctx tokens;
+    each window's first token is replaced by BOS and only the second half of each window is scored.
+    """
+    import torch
+
+    from .perplexity import perplexity
+    from .reference import load_reference, logits_fn
+
+    path = Path(model)
+    text = _read_text(text_file)
+    if path.is_dir():
+        ckpt = _open_checkpoint(path)
+        net = ckpt.load_hf_model(torch.float32)
+        tok_dir = path
+        bos = ckpt.spec.bos_token_id
+    else:
+        from .runtime.gguf_reader import FormatError
+        try:
+            net = load_reference(path)
+        except FormatError as e:
+            _fail(str(e))
+        tok_dir = tokenizer_dir
+        bos = net.config.bos_token_id
+    tokens = _tokenize(text, tok_dir, None if tok_dir else path)
+    n_windows = None if chunks == 0 else chunks
+    total = min(len(tokens) // ctx, n_windows or 1 << 30)
+    from tqdm import tqdm
+    with tqdm(total=total, desc="evaluating", unit="window", leave=False, disable=None, file=sys.stderr) as bar:
+        r = perplexity(logits_fn(net), tokens, bos, ctx, n_windows, batch, progress=bar.update)
+    click.echo(f"perplexity: {r.perplexity:.4f} over {r.n_windows} windows of {ctx} ({r.n_scored} tokens scored); "
+               f"every position: {r.perplexity_all:.4f}")
+
+
+def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
+    """Token ids with a leading BOS, from a Hugging Face tokenizer folder or a GGUF's vocabulary."""
+    from transformers import AutoTokenizer
+    if tok_dir is not None:
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(Path(gguf_path).parent), gguf_file=Path(gguf_path).name)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return [tok.bos_token_id] + list(ids)
+
+
+if __name__ == "__main__":
+    main()

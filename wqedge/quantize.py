@@ -1,0 +1,59 @@
+"""Apply a plan to a checkpoint: fit every chunk's quantizer and hand the result to the converter.
+
+This is the planning side's last step (torch); it streams linear by linear so that only one
+weight matrix is in memory at a time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .blocks import ChunkData
+from .checkpoint import LlamaCheckpoint
+from .converters.gguf_writer import dense_tensors, write_gguf
+from .converters.tokenizer import read_tokenizer
+from .plan import Plan
+from .quant.fit import fit_chunk
+from .spec import other_tensors
+from .units import Linear, chunk_bounds
+
+
+def quantize_linear(w: torch.Tensor, plan: Plan, name: str, h: torch.Tensor | None = None) -> list[ChunkData]:
+    """Fit each chunk of one linear [N, K] as the plan says; h is diag(XᵀX) over K, or None."""
+    t = plan.tensor(name)
+    out = []
+    for (s, e), action, method, prot in zip(chunk_bounds(t.in_features, plan.group_size), t.actions, t.methods, t.protected):
+        hc = None if h is None else h[s:e]
+        try:
+            out.append(fit_chunk(w[:, s:e], action, method, hc, prot or None))
+        except ValueError as err:
+            raise ValueError(f"{name} columns {s}:{e}: {err}") from None
+    return out
+
+
+def quantize_linears(ckpt: LlamaCheckpoint, plan: Plan, stats: dict[str, torch.Tensor] | None = None,
+                     device: str | None = None) -> Iterator[tuple[Linear, list[ChunkData]]]:
+    for lin in ckpt.spec.linears():
+        w = ckpt.linear_weight(lin).to(device or "cpu", torch.float32)
+        h = None if not stats else stats.get(lin.hf_name)
+        yield lin, quantize_linear(w, plan, lin.hf_name, None if h is None else h.to(w.device, torch.float32))
+
+
+def convert_to_gguf(ckpt: LlamaCheckpoint, plan: Plan, out_path: str | Path,
+                    stats: dict[str, torch.Tensor] | None = None, device: str | None = None,
+                    progress: Callable[[str], None] | None = None) -> Path:
+    """Quantize `ckpt` by `plan` and write our GGUF atomically to out_path."""
+    plan.validate(ckpt.spec, ckpt.fingerprint())
+    stored = np.dtype(np.float16) if ckpt.dtype == "float16" else np.dtype(np.float32)
+    dense = dense_tensors(ckpt.spec, lambda hf: stored)
+    by_gguf = {g: hf for hf, g, _ in other_tensors(ckpt.spec)}
+
+    def dense_data(gguf_name: str) -> np.ndarray:
+        t = ckpt.get(by_gguf[gguf_name])
+        return t.to(torch.float32).numpy()
+
+    return write_gguf(out_path, ckpt.spec, plan, read_tokenizer(ckpt.path), dense, dense_data,
+                      quantize_linears(ckpt, plan, stats, device), progress)

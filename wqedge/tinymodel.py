@@ -1,0 +1,316 @@
+"""Small random LLaMA checkpoints built on the spot, so that tests and `wqedge convert` need no download.
+
+A tiny model is a real Hugging Face folder (config.json, safetensors, tokenizer files) in exactly the
+layout a downloaded checkpoint has, so everything downstream (loader, converter, runtime) exercises the
+same code paths as with a real model. Weights are random (HF init, seeded); the tokenizer is trained on
+a deterministic synthetic text embedded here, so a build is reproducible byte for byte and takes seconds.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import random
+from pathlib import Path
+
+__all__ = ["build_tiny_model", "build_tiny_bpe_model", "tiny_corpus", "LLAMA3_PRETOKENIZER_REGEX",
+           "DEFAULT_LLAMA3_SCALING"]
+
+from wqedge.converters.tokenizer import LLAMA3_PRETOKENIZER_REGEX  # noqa: E402  (no torch)
+
+# Used when rope_scaling="llama3" is passed without parameters (LLaMA 3.1's values, shorter context).
+DEFAULT_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+
+_SEED_TEXT = """\
+The quick brown fox jumps over the lazy dog. A model file is a list of tensors and a list of keys.
+Quantization replaces each weight by a small integer code and a scale, so that the file is smaller
+and the matrix product reads fewer bytes from memory. Every column chunk of a linear layer may use a
+different number of bits: the important chunks keep eight bits, the others four, three or two.
+To read the file, open it, check the magic number and the version, then walk the key/value pairs.
+Numbers such as 3.14159, 2718, 0x1F and 1e-5 appear in code; so do names like hidden_size,
+num_attention_heads and rope_theta. "Hello, world!" she said; (then) [nothing] {else} <happened>.
+def forward(self, x):
+    return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+for (int i = 0; i < n; ++i) { sum += w[i] * x[i]; }
+Ünïcödé façade naïve café — résumé; 東京 北京; Ελληνικά; русский текст; emoji 🙂 ✓.
+"""
+
+_WORDS = (
+    "the of and to in is was for on that with as by at from it an be this are or which not have has had "
+    "model layer weight tensor column chunk scale zero bit byte file key value token vocab merge head "
+    "attention query key value output gate up down norm embed rope theta base factor frequency position "
+    "hidden size inter mediate vocab length batch sequence window perplexity error loss gradient matrix "
+    "vector product sum mean variance float half integer signed unsigned array list string bool read "
+    "write open close seek check load save convert quantize dequantize pack unpack run test build plan "
+    "small large fast slow first last next previous every each some many few all none one two three "
+    "four five six seven eight nine ten hundred thousand million time day year people world house water "
+    "light music river mountain city language number program function return class import print while "
+    "because however therefore although between through during without within about against under over"
+).split()
+
+
+def tiny_corpus(n_sentences: int = 3000) -> list[str]:
+    """Deterministic training text: an embedded passage plus generated sentences.
+
+    Generated pseudo-words (random syllables) give the BPE trainers enough distinct merges for
+    vocabularies of a few thousand pieces; real words and code lines keep the pieces realistic.
+    """
+    rng = random.Random(1234)
+    syll = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"] + ["th", "sh", "ch", "qu", "ng", "st"]
+    pseudo = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 4))) for _ in range(1500)]
+    lines = _SEED_TEXT.splitlines()
+    for i in range(n_sentences):
+        k = rng.randint(4, 14)
+        words = [rng.choice(_WORDS) if rng.random() < 0.6 else rng.choice(pseudo) for _ in range(k)]
+        if rng.random() < 0.3:
+            words.insert(rng.randrange(len(words)), str(rng.randint(0, 99999)))
+        if rng.random() < 0.15:
+            words.insert(rng.randrange(len(words)), rng.choice(["x_1", "self.w", "a[i]", "f(x)", "i += 1",
+                                                                 "==", "->", "::", "{}", "/* c */"]))
+        s = " ".join(words)
+        s = s[0].upper() + s[1:] + rng.choice([".", ".", ".", "?", "!", ";", ":"])
+        if i % 7 == 0:
+            s = "    " + s
+        lines.append(s)
+        if i % 50 == 0:
+            lines.extend(_SEED_TEXT.splitlines()[i // 50 % 12:][:2])
+    return lines
+
+
+@functools.lru_cache(maxsize=8)
+def _train_sentencepiece(vocab_size: int) -> bytes:
+    """A LLaMA-2 style SentencePiece BPE model (byte fallback; unk=0, bos=1, eos=2), serialized."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    try:
+        _sp_train(spm, buf, vocab_size)
+    except RuntimeError as e:
+        # SentencePiece needs 3 specials + 256 byte pieces + every character of the corpus.
+        raise ValueError(f"cannot train a SentencePiece tokenizer with vocab_size {vocab_size} on the "
+                         f"built-in corpus (use >= 400): {e}") from e
+    return buf.getvalue()
+
+
+def _sp_train(spm, buf, vocab_size: int) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_corpus()), model_writer=buf,
+        model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=0.9999, split_digits=True, allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        num_threads=1, shuffle_input_sentence=False, minloglevel=2,
+    )
+
+
+def _write_sentencepiece_tokenizer(out_dir: Path, vocab_size: int, max_len: int) -> None:
+    (out_dir / "tokenizer.model").write_bytes(_train_sentencepiece(vocab_size))
+    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+           "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False,
+           "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+BPE_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>")
+BPE_USER_TOKEN = "<tool_call>"   # an added, non-special token: llama.cpp types it USER_DEFINED
+
+
+@functools.lru_cache(maxsize=8)
+def _train_bytelevel_bpe(vocab_size: int, pretokenizer: str) -> str:
+    """tokenizer.json text of a byte-level BPE (LLaMA 3 style: specials at the end of the vocab)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    n_added = len(BPE_SPECIAL_TOKENS) + 1
+    if vocab_size - n_added < 256 + 16:
+        raise ValueError(f"vocab_size {vocab_size} too small for a byte-level BPE (need >= {256 + 16 + n_added})")
+    tok = Tokenizer(models.BPE(ignore_merges=(pretokenizer == "llama3")))
+    if pretokenizer == "llama3":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_PRETOKENIZER_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ])
+    elif pretokenizer == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        raise ValueError(f"pretokenizer must be 'llama3' or 'gpt2', got {pretokenizer!r}")
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_added, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(tiny_corpus(), trainer=trainer)
+    base = tok.get_vocab_size()
+    if base != vocab_size - n_added:
+        raise ValueError(f"byte-level BPE training produced {base} tokens, wanted {vocab_size - n_added}: "
+                         f"vocab_size {vocab_size} is too large for the built-in corpus")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BPE_SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(BPE_USER_TOKEN, special=False, normalized=False)])
+    bos = BPE_SPECIAL_TOKENS[0]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, base)])
+    return tok.to_str(pretty=True)
+
+
+def _write_bpe_tokenizer(out_dir: Path, vocab_size: int, pretokenizer: str, max_len: int) -> tuple[int, int]:
+    text = _train_bytelevel_bpe(vocab_size, pretokenizer)
+    (out_dir / "tokenizer.json").write_text(text, encoding="utf-8")
+    added = {t["content"]: t for t in json.loads(text)["added_tokens"]}
+    bos, eos = (added[t]["id"] for t in BPE_SPECIAL_TOKENS)
+    decoder = {str(t["id"]): {"content": t["content"], "lstrip": False, "normalized": False, "rstrip": False,
+                              "single_word": False, "special": t["special"]} for t in added.values()}
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BPE_SPECIAL_TOKENS[0],
+           "eos_token": BPE_SPECIAL_TOKENS[1], "added_tokens_decoder": decoder, "model_max_length": max_len,
+           "clean_up_tokenization_spaces": True}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return bos, eos
+
+
+def _normalize_scaling(rope_scaling) -> dict | None:
+    if rope_scaling is None:
+        return None
+    if rope_scaling == "llama3":
+        return dict(DEFAULT_LLAMA3_SCALING)
+    if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3":
+        d = dict(DEFAULT_LLAMA3_SCALING)
+        d.update({k: v for k, v in rope_scaling.items() if k != "type"})
+        return d
+    raise ValueError(f"rope_scaling must be None, 'llama3' or a llama3 dict, got {rope_scaling!r}")
+
+
+def _write_weights_and_config(out_dir: Path, *, hidden, n_layers, n_heads, n_kv_heads, intermediate, vocab_size,
+                              tie_embeddings, dtype, shards, rope_form, rope_scaling, rope_theta,
+                              max_position_embeddings, bos_id, eos_id, seed) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
+    if rope_form not in ("tf5", "tf4"):
+        raise ValueError(f"rope_form must be 'tf5' or 'tf4', got {rope_form!r}")
+    if hidden % n_heads or n_heads % n_kv_heads:
+        raise ValueError("hidden must be divisible by n_heads and n_heads by n_kv_heads")
+    scaling = _normalize_scaling(rope_scaling)
+    rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
+    if scaling:
+        rope_parameters = {**scaling, "rope_theta": float(rope_theta)}
+    config = LlamaConfig(
+        hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+        head_dim=hidden // n_heads, intermediate_size=intermediate, vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5, tie_word_embeddings=tie_embeddings,
+        bos_token_id=bos_id, eos_token_id=eos_id, rope_parameters=rope_parameters,
+        architectures=["LlamaForCausalLM"],
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch_dtype).eval()
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    GenerationConfig.from_model_config(config).save_pretrained(out_dir)
+
+    # Written by hand rather than with save_pretrained so the shard count is exact and the
+    # tied head is dropped explicitly (as save_pretrained does); HF order: embed, layers, norm, head.
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+               if not (tie_embeddings and k == "lm_head.weight")}
+    order = list(tensors)
+    if shards <= 1:
+        save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    else:
+        if shards > len(order):
+            raise ValueError(f"cannot split {len(order)} tensors into {shards} shards")
+        sizes = [tensors[k].numel() * tensors[k].element_size() for k in order]
+        total = sum(sizes)
+        # Balance bytes; fall back to equal tensor counts if one big tensor would leave a shard empty.
+        groups: list[list[str]] = [[] for _ in range(shards)]
+        acc = 0
+        for k, sz in zip(order, sizes):
+            groups[min(shards - 1, acc * shards // total)].append(k)
+            acc += sz
+        if not all(groups):
+            step = -(-len(order) // shards)
+            groups = [order[j * step:(j + 1) * step] for j in range(shards)]
+            if not all(groups):
+                groups = [order[j::shards] for j in range(shards)]
+        weight_map = {}
+        for j, names in enumerate(groups):
+            fname = f"model-{j + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({k: tensors[k].contiguous() for k in names}, out_dir / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in names})
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("rope_scaling", None)
+    cfg.pop("rope_theta", None)
+    if rope_form == "tf5":
+        cfg["rope_parameters"] = rope_parameters
+        cfg["dtype"] = dtype
+    else:   # as transformers 4 (>= 4.43) wrote it
+        cfg.pop("rope_parameters", None)
+        cfg.pop("dtype", None)
+        cfg["rope_theta"] = float(rope_theta)
+        cfg["rope_scaling"] = scaling
+        cfg["torch_dtype"] = dtype
+        cfg["transformers_version"] = "4.46.3"
+    cfg_path.write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
+
+
+_OUR_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+              "model-*-of-*.safetensors", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json")
+
+
+def _prepare(out_dir) -> Path:
+    """Create out_dir; remove only files a previous build wrote there (never anything else)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in _OUR_FILES:
+        for f in out.glob(pattern):
+            f.unlink()
+    return out
+
+
+def build_tiny_model(out_dir, *, hidden: int = 128, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2,
+                     intermediate: int = 352, vocab_size: int = 512, tie_embeddings: bool = False,
+                     dtype: str = "float16", shards: int = 1, rope_form: str = "tf5", rope_scaling=None,
+                     seed: int = 0, rope_theta: float = 10000.0, max_position_embeddings: int = 2048) -> Path:
+    """Write a random-init LlamaForCausalLM with a trained SentencePiece tokenizer to `out_dir`.
+
+    Files of an earlier build in out_dir are replaced; other files are left alone. `rope_form` chooses how config.json spells RoPE: 'tf5'
+    (`rope_parameters`) or 'tf4' (top-level `rope_theta` / `rope_scaling`); `rope_scaling` is None,
+    'llama3' (DEFAULT_LLAMA3_SCALING) or a llama3 dict. `shards` > 1 writes exactly that many
+    safetensors shards plus model.safetensors.index.json. Same arguments -> same bytes.
+    """
+    _train_sentencepiece(vocab_size)          # fail on a bad vocab_size before writing anything
+    out = _prepare(out_dir)
+    _write_weights_and_config(out, hidden=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                              intermediate=intermediate, vocab_size=vocab_size, tie_embeddings=tie_embeddings,
+                              dtype=dtype, shards=shards, rope_form=rope_form, rope_scaling=rope_scaling,
+                              rope_theta=rope_theta, max_position_embeddings=max_position_embeddings,
+                              bos_id=1, eos_id=2, seed=seed)
+    _write_sentencepiece_tokenizer(out, vocab_size, max_position_embeddings)
+    return out
+
+
+def build_tiny_bpe_model(out_dir, *, vocab_size: int = 512, pretokenizer: str = "llama3", **kwargs) -> Path:
+    """Same as build_tiny_model but with a byte-level BPE tokenizer (tokenizer.json, LLaMA 3 style).
+
+    The vocab ends with the specials <|begin_of_text|> (BOS, added by the post-processor) and
+    <|end_of_text|> (EOS), then one non-special added token, <tool_call>. `pretokenizer` is
+    'llama3' (LLaMA 3's split regex; llama.cpp 'llama-bpe') or 'gpt2' (plain ByteLevel regex).
+    Other keyword arguments are those of build_tiny_model.
+    """
+    _train_bytelevel_bpe(vocab_size, pretokenizer)
+    out = _prepare(out_dir)
+    max_len = kwargs.get("max_position_embeddings", 2048)
+    bos, eos = _write_bpe_tokenizer(out, vocab_size, pretokenizer, max_len)
+    defaults = dict(hidden=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate=352, tie_embeddings=False,
+                    dtype="float16", shards=1, rope_form="tf5", rope_scaling=None, seed=0, rope_theta=10000.0,
+                    max_position_embeddings=2048)
+    unknown = set(kwargs) - set(defaults)
+    if unknown:
+        raise TypeError(f"build_tiny_bpe_model got unexpected arguments {sorted(unknown)}")
+    _write_weights_and_config(out, **{**defaults, **kwargs}, vocab_size=vocab_size, bos_id=bos, eos_id=eos)
+    return out
