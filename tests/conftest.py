@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+REPO = Path(__file__).parents[1]
+# The shared fixtures live next to the repository (../shared/fixtures); a checkout may also carry them inside.
+FIXTURES = next((p for p in (REPO.parent / "shared" / "fixtures", REPO / "shared" / "fixtures") if p.is_dir()),
+                REPO.parent / "shared" / "fixtures")
 
 
 @pytest.fixture
@@ -72,5 +75,5 @@ def tiny_model_dir(tiny_model_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bpe_model_dir(tiny_model_factory) -> Path:
-    """The default tiny model with a LLaMA 3 style byte-level BPE tokenizer."""
+    """The default tiny model with a byte-level BPE tokenizer (GPT-2 regex; vocab laid out as LLaMA 3's)."""
     return tiny_model_factory(bpe=True)

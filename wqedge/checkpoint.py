@@ -318,7 +318,7 @@ class LlamaCheckpoint:
             info = tensors.get(name)
             if info is None:
                 raise CheckpointError(f"{path / weights_desc}: required tensor {name!r} is missing")
-            if False:
+            if info.shape != shape:
                 raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
                                       f"config.json implies {list(shape)}")
             if info.dtype not in FLOAT_DTYPES:

@@ -13,10 +13,10 @@ import json
 import random
 from pathlib import Path
 
+from wqedge.converters.tokenizer import LLAMA3_PRETOKENIZER_REGEX  # shared with the reader (imports no torch)
+
 __all__ = ["build_tiny_model", "build_tiny_bpe_model", "tiny_corpus", "LLAMA3_PRETOKENIZER_REGEX",
            "DEFAULT_LLAMA3_SCALING"]
-
-from wqedge.converters.tokenizer import LLAMA3_PRETOKENIZER_REGEX  # noqa: E402  (no torch)
 
 # Used when rope_scaling="llama3" is passed without parameters (LLaMA 3.1's values, shorter context).
 DEFAULT_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -204,7 +204,7 @@ def _write_weights_and_config(out_dir: Path, *, hidden, n_layers, n_heads, n_kv_
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch_dtype).eval()
     config.dtype = dtype
-    config.save_pretrained(out_dir)
+    cfg = json.loads(config.to_json_string(use_diff=True))     # what save_pretrained writes
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
 
     # Written by hand rather than with save_pretrained so the shard count is exact and the
@@ -238,8 +238,8 @@ def _write_weights_and_config(out_dir: Path, *, hidden, n_layers, n_heads, n_kv_
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
+    # config.json is written last: its presence marks a complete build.
     cfg_path = out_dir / "config.json"
-    cfg = json.loads(cfg_path.read_text())
     cfg.pop("rope_scaling", None)
     cfg.pop("rope_theta", None)
     if rope_form == "tf5":
@@ -278,39 +278,42 @@ def build_tiny_model(out_dir, *, hidden: int = 128, n_layers: int = 2, n_heads: 
                      seed: int = 0, rope_theta: float = 10000.0, max_position_embeddings: int = 2048) -> Path:
     """Write a random-init LlamaForCausalLM with a trained SentencePiece tokenizer to `out_dir`.
 
-    Files of an earlier build in out_dir are replaced; other files are left alone. `rope_form` chooses how config.json spells RoPE: 'tf5'
-    (`rope_parameters`) or 'tf4' (top-level `rope_theta` / `rope_scaling`); `rope_scaling` is None,
+    Files of an earlier build in out_dir are replaced; other files are left alone. `rope_form`
+    chooses how config.json spells RoPE: 'tf5' (`rope_parameters`) or 'tf4' (top-level
+    `rope_theta` / `rope_scaling`); `rope_scaling` is None,
     'llama3' (DEFAULT_LLAMA3_SCALING) or a llama3 dict. `shards` > 1 writes exactly that many
     safetensors shards plus model.safetensors.index.json. Same arguments -> same bytes.
+    config.json is written last, so its presence means the build completed.
     """
     _train_sentencepiece(vocab_size)          # fail on a bad vocab_size before writing anything
     out = _prepare(out_dir)
+    _write_sentencepiece_tokenizer(out, vocab_size, max_position_embeddings)
     _write_weights_and_config(out, hidden=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                               intermediate=intermediate, vocab_size=vocab_size, tie_embeddings=tie_embeddings,
                               dtype=dtype, shards=shards, rope_form=rope_form, rope_scaling=rope_scaling,
                               rope_theta=rope_theta, max_position_embeddings=max_position_embeddings,
                               bos_id=1, eos_id=2, seed=seed)
-    _write_sentencepiece_tokenizer(out, vocab_size, max_position_embeddings)
     return out
 
 
-def build_tiny_bpe_model(out_dir, *, vocab_size: int = 512, pretokenizer: str = "llama3", **kwargs) -> Path:
-    """Same as build_tiny_model but with a byte-level BPE tokenizer (tokenizer.json, LLaMA 3 style).
+def build_tiny_bpe_model(out_dir, *, vocab_size: int = 512, pretokenizer: str = "gpt2", **kwargs) -> Path:
+    """Same as build_tiny_model but with a byte-level BPE tokenizer (tokenizer.json, LLaMA 3 layout).
 
     The vocab ends with the specials <|begin_of_text|> (BOS, added by the post-processor) and
     <|end_of_text|> (EOS), then one non-special added token, <tool_call>. `pretokenizer` is
-    'llama3' (LLaMA 3's split regex; llama.cpp 'llama-bpe') or 'gpt2' (plain ByteLevel regex).
+    'gpt2' (plain ByteLevel with GPT-2's regex; llama.cpp pre 'gpt-2', the one wqedge's C++
+    tokenizer implements) or 'llama3' (LLaMA 3's split regex; llama.cpp pre 'llama-bpe').
     Other keyword arguments are those of build_tiny_model.
     """
-    _train_bytelevel_bpe(vocab_size, pretokenizer)
-    out = _prepare(out_dir)
-    max_len = kwargs.get("max_position_embeddings", 2048)
-    bos, eos = _write_bpe_tokenizer(out, vocab_size, pretokenizer, max_len)
     defaults = dict(hidden=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate=352, tie_embeddings=False,
                     dtype="float16", shards=1, rope_form="tf5", rope_scaling=None, seed=0, rope_theta=10000.0,
                     max_position_embeddings=2048)
     unknown = set(kwargs) - set(defaults)
     if unknown:
         raise TypeError(f"build_tiny_bpe_model got unexpected arguments {sorted(unknown)}")
+    _train_bytelevel_bpe(vocab_size, pretokenizer)
+    out = _prepare(out_dir)
+    max_len = kwargs.get("max_position_embeddings", 2048)
+    bos, eos = _write_bpe_tokenizer(out, vocab_size, pretokenizer, max_len)
     _write_weights_and_config(out, **{**defaults, **kwargs}, vocab_size=vocab_size, bos_id=bos, eos_id=eos)
     return out
