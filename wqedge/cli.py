@@ -40,7 +40,7 @@ def _demo_model() -> Path:
     path = DEMO_DIR / "tiny-llama"
     if not (path / "config.json").exists():
         click.echo(f"no model given: building a tiny random LLaMA in {path}/ (the embedded default)")
-        build_tiny_model(path)
+        build_tiny_model(path, intermediate=384)  # every size a multiple of 128: no ragged chunks
     return path
 
 
@@ -96,9 +96,9 @@ def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device):
         _fail(str(e))
 
 
-def _calibration_stats(ckpt, calib_text, device, plan=None):
-    from .calib import collect_stats
-    return collect_stats(ckpt, calib_text, device=device)
+def _calibration_stats(ckpt, calib_text, device):
+    from .quantize import calibration_diag
+    return calibration_diag(ckpt, calib_text, device=device)
 
 
 _common_plan_options = [
@@ -166,7 +166,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, seed, devi
     stats = None
     if calib:
         click.echo("calibrating (activation statistics for the quantizer fits)…")
-        stats = _calibration_stats(ckpt, _read_text(calib), device, plan)
+        stats = _calibration_stats(ckpt, _read_text(calib), device)
 
     if output is None:
         stem = model_dir.name

@@ -57,3 +57,17 @@ def convert_to_gguf(ckpt: LlamaCheckpoint, plan: Plan, out_path: str | Path,
 
     return write_gguf(out_path, ckpt.spec, plan, read_tokenizer(ckpt.path), dense, dense_data,
                       quantize_linears(ckpt, plan, stats, device), progress)
+
+
+def calibration_diag(ckpt: LlamaCheckpoint, text: str, n_seqs: int | None = None, seqlen: int | None = None,
+                     device: str | None = None) -> dict[str, torch.Tensor]:
+    """diag(XᵀX)/T of every decoder linear's input on calibration text (weights of the NeUQI fit)."""
+    from transformers import AutoTokenizer
+
+    from . import calib
+
+    tok = AutoTokenizer.from_pretrained(str(ckpt.path))
+    cs = calib.calibration_tokens(tok, text, n_seqs or calib.DEFAULT_N_SEQS, seqlen or calib.DEFAULT_SEQLEN,
+                                  n_heldout=0, bos_id=ckpt.spec.bos_token_id)
+    stats = calib.layerwise_stats(ckpt.load_hf_model(torch.float32), cs.train, device=device, full_xtx=False)
+    return {name: s.diag.float() for name, s in stats.items()}
