@@ -1,0 +1,376 @@
+// Scalar reference kernels, the block traits table and kernel selection.
+// The scalar kernels follow docs/format.md literally (they are the C++ twin of wqedge/blocks.py);
+// the AVX2 ones live in kernels_avx2.cpp and must agree with these.
+#include "blocks.h"
+
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#  define WQE_X86 1
+#  include <cpuid.h>
+#endif
+
+namespace wqe {
+
+// ------------------------------------------------------------------ code accessors (scalar)
+// Code of chunk-local column c of a row-block's code bytes.
+static inline int code_q8(const uint8_t* q, int c) { return q[c]; }
+static inline int code_q4(const uint8_t* q, int c) {
+    const uint8_t b = q[(c / 32) * 16 + (c % 16)];
+    return (c % 32) < 16 ? (b & 0x0F) : (b >> 4);
+}
+static inline int code_q2(const uint8_t* q, int c) {
+    const int k = (c % 32) / 8, j = c % 8;
+    return (q[(c / 32) * 8 + j] >> (2 * k)) & 3;
+}
+static inline int code_q1(const uint8_t* q, int c) {
+    return (load_u32(q + (c / 32) * 4) >> (c % 32)) & 1;
+}
+static inline int code_q3(const uint8_t* q, int c) {
+    const uint8_t* blk = q + (c / 32) * 12;
+    const int k = (c % 32) / 8, j = c % 8;
+    const int lo = (blk[j] >> (2 * k)) & 3;
+    const int hi = (load_u32(blk + 8) >> (c % 32)) & 1;
+    return lo | hi << 2;
+}
+static inline int trit(uint8_t byte, int i) {
+    static const int pow3[5] = {1, 3, 9, 27, 81};
+    return (int)(((((uint32_t)byte * pow3[i]) & 0xFF) * 3) >> 8);
+}
+
+// ------------------------------------------------------------------ scalar dots (double accumulation)
+template <int (*CODE)(const uint8_t*, int)>
+static float dot_affine_scalar(const uint8_t* rb, const float* xc, float xsum, int g_pad) {
+    const float d = load_h(rb), m = load_h(rb + 2);
+    const uint8_t* q = rb + 4;
+    double acc = 0.0;
+    for (int c = 0; c < g_pad; ++c) acc += (double)CODE(q, c) * xc[c];
+    return (float)((double)d * acc + (double)m * xsum);
+}
+
+static float dot_fp16_scalar(const uint8_t* rb, const float* xc, float, int g_pad) {
+    double acc = 0.0;
+    for (int c = 0; c < g_pad; ++c) acc += (double)load_h(rb + 2 * c) * xc[c];
+    return (float)acc;
+}
+
+static float dot_ternary_scalar(const uint8_t* rb, const float* xc, float xsum, int g_pad) {
+    const float a = load_h(rb);
+    const uint8_t* q = rb + 2;
+    const int B = ternary_bytes(g_pad), S = round8(B);
+    double acc = 0.0;
+    for (int i = 0; i < 5; ++i)
+        for (int j = 0; j < B; ++j) acc += (double)trit(q[j], i) * xc[i * S + j];
+    return (float)((double)a * (acc - (double)xsum));
+}
+
+// ------------------------------------------------------------------ scalar dequant (bit-identical to blocks.unpack_chunk)
+// Codes of one 32-column sub-block (the layouts of docs/format.md, written out per block).
+static void block_q8(const uint8_t* q, uint8_t* c) { std::memcpy(c, q, 32); }
+static void block_q4(const uint8_t* q, uint8_t* c) {
+    for (int j = 0; j < 16; ++j) { c[j] = q[j] & 0x0F; c[j + 16] = q[j] >> 4; }
+}
+static void block_q2(const uint8_t* q, uint8_t* c) {
+    for (int k = 0; k < 4; ++k)
+        for (int j = 0; j < 8; ++j) c[8 * k + j] = (q[j] >> (2 * k)) & 3;
+}
+static void block_q1(const uint8_t* q, uint8_t* c) {
+    const uint32_t bits = load_u32(q);
+    for (int j = 0; j < 32; ++j) c[j] = (bits >> j) & 1;
+}
+static void block_q3(const uint8_t* q, uint8_t* c) {
+    uint8_t hi[32];
+    block_q2(q, c);
+    block_q1(q + 8, hi);
+    for (int j = 0; j < 32; ++j) c[j] |= hi[j] << 2;
+}
+
+template <void (*BLOCK)(const uint8_t*, uint8_t*), int SUB_BYTES>
+static void dequant_affine_scalar(const uint8_t* rb, int g_pad, float* out) {
+    const float d = load_h(rb), m = load_h(rb + 2);
+    const uint8_t* q = rb + 4;
+    uint8_t c[32];
+    for (int b = 0; b < g_pad; b += 32, q += SUB_BYTES) {
+        BLOCK(q, c);
+        for (int j = 0; j < 32; ++j) {
+            const float t = d * (float)c[j];  // numpy: params[:,0]*q + params[:,1], two roundings
+            out[b + j] = t + m;
+        }
+    }
+}
+
+// fp16 -> fp32 through a 64K-entry table (the scalar path's conversions; exact, built once).
+static const float* h2f_table() {
+    static const std::vector<float> table = [] {
+        std::vector<float> t(65536);
+        for (uint32_t h = 0; h < 65536; ++h) t[h] = fp16_to_fp32((uint16_t)h);
+        return t;
+    }();
+    return table.data();
+}
+
+static void dequant_fp16_scalar(const uint8_t* rb, int g_pad, float* out) {
+    const float* T = h2f_table();
+    for (int c = 0; c < g_pad; ++c) out[c] = T[load_u16(rb + 2 * c)];
+}
+
+static void dequant_ternary_scalar(const uint8_t* rb, int g_pad, float* out) {
+    const float a = load_h(rb);
+    const uint8_t* q = rb + 2;
+    const int B = ternary_bytes(g_pad);
+    for (int i = 0; i < 5; ++i)
+        for (int j = 0; j < B; ++j) {
+            const int c = i * B + j;
+            if (c < g_pad) out[c] = a * (float)(trit(q[j], i) - 1);
+        }
+}
+
+// Production scalar path (CPUs without AVX2): dequantize each row-block with the reference
+// dequantizer, then a float dot with eight partial sums (which compilers vectorize with SSE2).
+// Plain-layout kinds only; ternary keeps the reference dot (its prepared x is in plane order).
+template <dequant_fn DQ>
+static void rows_scalar(const uint8_t* rb, size_t stride, int n, const float* xc, float, int g_pad, float* out) {
+    thread_local std::vector<float> w;
+    if ((int)w.size() < g_pad) w.resize(g_pad);
+    for (int r = 0; r < n; ++r) {
+        DQ(rb + r * stride, g_pad, w.data());
+        float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int c = 0; c < g_pad; c += 8)  // g_pad is a multiple of 32
+            for (int k = 0; k < 8; ++k) s[k] += w[c + k] * xc[c + k];
+        out[r] = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    }
+}
+
+template <dot_fn F>
+static void rows_reference(const uint8_t* rb, size_t stride, int n, const float* xc, float xsum, int g_pad, float* out) {
+    for (int r = 0; r < n; ++r) out[r] = F(rb + r * stride, xc, xsum, g_pad);
+}
+
+// ------------------------------------------------------------------ AVX2 kernels (kernels_avx2.cpp)
+#if WQE_X86
+namespace avx2 {
+float dot_fp16(const uint8_t*, const float*, float, int);
+float dot_q8(const uint8_t*, const float*, float, int);
+float dot_q4(const uint8_t*, const float*, float, int);
+float dot_q3(const uint8_t*, const float*, float, int);
+float dot_q2(const uint8_t*, const float*, float, int);
+float dot_ternary(const uint8_t*, const float*, float, int);
+float dot_q1(const uint8_t*, const float*, float, int);
+void dot_rows_fp16(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dot_rows_q8(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dot_rows_q4(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dot_rows_q3(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dot_rows_q2(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dot_rows_ternary(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dot_rows_q1(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dequant_fp16(const uint8_t*, int, float*);
+void dequant_q8(const uint8_t*, int, float*);
+void dequant_q4(const uint8_t*, int, float*);
+void dequant_q3(const uint8_t*, int, float*);
+void dequant_q2(const uint8_t*, int, float*);
+void dequant_ternary(const uint8_t*, int, float*);
+void dequant_q1(const uint8_t*, int, float*);
+float vdot_f32(const float*, const float*, int);
+float vdot_f16(const uint8_t*, const float*, int);
+void vaxpy(float, const float*, float*, int);
+void vf16_to_f32(const uint8_t*, float*, int);
+void vgemm4(const float*, int, const float*, int, int, int, float*, int, int);
+}  // namespace avx2
+#  define AVX2(f) avx2::f
+#else
+#  define AVX2(f) nullptr
+#endif
+
+// ------------------------------------------------------------------ the traits table
+static size_t cb_fp16(int gp) { return 2 * (size_t)gp; }
+static size_t cb_q8(int gp) { return (size_t)gp; }
+static size_t cb_q4(int gp) { return (size_t)gp / 2; }
+static size_t cb_q3(int gp) { return 3 * (size_t)gp / 8; }
+static size_t cb_q2(int gp) { return (size_t)gp / 4; }
+static size_t cb_ternary(int gp) { return (size_t)ternary_bytes(gp); }
+static size_t cb_q1(int gp) { return (size_t)gp / 8; }
+
+static const BlockTraits TABLE[N_BLOCK_TYPES] = {
+    {"fp16", 0, 0, cb_fp16, X_PLAIN,
+     {nullptr, dot_fp16_scalar, AVX2(dot_fp16)}, 
+     {nullptr, rows_scalar<dequant_fp16_scalar>, AVX2(dot_rows_fp16)}, {nullptr, dequant_fp16_scalar, AVX2(dequant_fp16)}},
+    {"q8", 1, 4, cb_q8, X_PLAIN,
+     {nullptr, dot_affine_scalar<code_q8>, AVX2(dot_q8)}, 
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q8, 32>>, AVX2(dot_rows_q8)}, {nullptr, dequant_affine_scalar<block_q8, 32>, AVX2(dequant_q8)}},
+    {"q4", 2, 4, cb_q4, X_PLAIN,
+     {nullptr, dot_affine_scalar<code_q4>, AVX2(dot_q4)}, 
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q4, 16>>, AVX2(dot_rows_q4)}, {nullptr, dequant_affine_scalar<block_q4, 16>, AVX2(dequant_q4)}},
+    {"q3", 3, 4, cb_q3, X_PLAIN,
+     {nullptr, dot_affine_scalar<code_q3>, AVX2(dot_q3)}, 
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q3, 12>>, AVX2(dot_rows_q3)}, {nullptr, dequant_affine_scalar<block_q3, 12>, AVX2(dequant_q3)}},
+    {"q2", 4, 4, cb_q2, X_PLAIN,
+     {nullptr, dot_affine_scalar<code_q2>, AVX2(dot_q2)}, 
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q2, 8>>, AVX2(dot_rows_q2)}, {nullptr, dequant_affine_scalar<block_q2, 8>, AVX2(dequant_q2)}},
+    {"ternary", 5, 2, cb_ternary, X_TERNARY,
+     {nullptr, dot_ternary_scalar, AVX2(dot_ternary)}, 
+     {nullptr, rows_reference<dot_ternary_scalar>, AVX2(dot_rows_ternary)}, {nullptr, dequant_ternary_scalar, AVX2(dequant_ternary)}},
+    {"q1", 6, 4, cb_q1, X_PLAIN,
+     {nullptr, dot_affine_scalar<code_q1>, AVX2(dot_q1)}, 
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q1, 4>>, AVX2(dot_rows_q1)}, {nullptr, dequant_affine_scalar<block_q1, 4>, AVX2(dequant_q1)}},
+};
+
+const BlockTraits* block_traits(int id) {
+    return (id >= 0 && id < N_BLOCK_TYPES) ? &TABLE[id] : nullptr;
+}
+
+int x_floats(const BlockTraits& bt, int g_pad) {
+    return bt.x_layout == X_TERNARY ? 5 * round8(ternary_bytes(g_pad)) : g_pad;
+}
+
+int dequant_floats(int g_pad) {
+    const int t = 5 * round8(ternary_bytes(g_pad));
+    return t > g_pad ? t : g_pad;
+}
+
+float prepare_x(const BlockTraits& bt, const float* x, int g, float* xc) {
+    const int g_pad = padded(g);
+    double s = 0.0;
+    for (int c = 0; c < g; ++c) s += x[c];
+    if (bt.x_layout == X_TERNARY) {
+        const int B = ternary_bytes(g_pad), S = round8(B);
+        for (int i = 0; i < 5; ++i)
+            for (int j = 0; j < S; ++j) {
+                const int c = i * B + j;
+                xc[i * S + j] = (j < B && c < g) ? x[c] : 0.0f;
+            }
+    } else {
+        std::memcpy(xc, x, sizeof(float) * g);
+        for (int c = g; c < g_pad; ++c) xc[c] = 0.0f;
+    }
+    return (float)s;
+}
+
+// ------------------------------------------------------------------ scalar vector primitives
+static float sdot_f32(const float* a, const float* b, int n) {
+    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; ++k) s[k] += a[i + k] * b[i + k];
+    float acc = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    for (; i < n; ++i) acc += a[i] * b[i];
+    return acc;
+}
+static float sdot_f16(const uint8_t* h, const float* x, int n) {
+    const float* T = h2f_table();
+    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; ++k) s[k] += T[load_u16(h + 2 * (i + k))] * x[i + k];
+    float acc = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    for (; i < n; ++i) acc += T[load_u16(h + 2 * i)] * x[i];
+    return acc;
+}
+static void saxpy(float a, const float* x, float* y, int n) {
+    for (int i = 0; i < n; ++i) y[i] += a * x[i];
+}
+static void sf16_to_f32(const uint8_t* h, float* out, int n) {
+    const float* T = h2f_table();
+    for (int i = 0; i < n; ++i) out[i] = T[load_u16(h + 2 * i)];
+}
+static void sgemm4(const float* W, int ldw, const float* X, int ldx, int nt, int K, float* Y, int ldy, int nr) {
+    for (int t = 0; t < nt; ++t)
+        for (int r = 0; r < nr; ++r) Y[(size_t)t * ldy + r] = sdot_f32(W + (size_t)r * ldw, X + (size_t)t * ldx, K);
+}
+
+static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, saxpy, sf16_to_f32, sgemm4};
+#if WQE_X86
+static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4};
+#endif
+
+const VecOps& vec_ops(int kernels) {
+#if WQE_X86
+    if (kernels == K_AVX2) return AVX2_OPS;
+#endif
+    (void)kernels;
+    return SCALAR_OPS;
+}
+
+// ------------------------------------------------------------------ CPU detection and selection
+bool cpu_has_avx2() {
+#if WQE_X86
+    static const bool ok = [] {
+        unsigned a, b, c, d;
+        if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+        const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
+        if (!(fma && osxsave && avx && f16c)) return false;
+        unsigned xlo, xhi;
+        __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+        if ((xlo & 6u) != 6u) return false;  // OS saves SSE and AVX state
+        if (__get_cpuid_max(0, nullptr) < 7) return false;
+        __cpuid_count(7, 0, a, b, c, d);
+        return (b & (1u << 5)) != 0;  // AVX2
+    }();
+    return ok;
+#else
+    return false;
+#endif
+}
+
+static int default_kernels() {
+    const char* env = std::getenv("WQEDGE_KERNELS");
+    if (env && std::strcmp(env, "scalar") == 0) return K_SCALAR;
+    return cpu_has_avx2() ? K_AVX2 : K_SCALAR;
+}
+
+static std::atomic<int> g_kernels{0};
+
+int active_kernels() {
+    int k = g_kernels.load(std::memory_order_relaxed);
+    if (k == 0) {
+        k = default_kernels();
+        g_kernels.store(k);
+    }
+    return k;
+}
+
+int set_kernels(int k) {
+    if (k == 0) k = cpu_has_avx2() ? K_AVX2 : K_SCALAR;
+    if (k == K_AVX2 && !cpu_has_avx2()) return -1;
+    if (k != K_SCALAR && k != K_AVX2) return -1;
+    g_kernels.store(k);
+    return 0;
+}
+
+const char* system_info() {
+    static char buf[128];
+    std::snprintf(buf, sizeof buf, "avx2+fma+f16c=%d kernels=%s", cpu_has_avx2() ? 1 : 0,
+                  active_kernels() == K_AVX2 ? "avx2" : "scalar");
+    return buf;
+}
+
+uint16_t fp32_to_fp16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    x &= 0x7FFFFFFFu;
+    if (x >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (x > 0x7F800000u ? 0x200u : 0));  // inf / nan
+    if (x >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  // rounds to >= 65520: inf
+    if (x < 0x38800000u) {  // subnormal half (or zero)
+        if (x < 0x33000000u) return (uint16_t)sign;  // < 2^-25: rounds to zero
+        const uint32_t e = x >> 23;
+        uint32_t mant = (x & 0x7FFFFFu) | 0x800000u;
+        const int shift = 126 - (int)e;  // 14 + (113 - e) ... half subnormal = mant >> (126 - e)
+        const uint32_t half = mant >> shift;
+        const uint32_t rem = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        uint32_t r = half + ((rem > mid || (rem == mid && (half & 1))) ? 1 : 0);
+        return (uint16_t)(sign | r);
+    }
+    uint32_t h = ((x >> 13) - (112u << 10));
+    const uint32_t rem = x & 0x1FFFu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) ++h;
+    return (uint16_t)(sign | h);
+}
+
+}  // namespace wqe

@@ -1,0 +1,76 @@
+// The per-block-type traits table (one entry per action of docs/format.md) and the vector
+// primitives, each with a scalar reference and, on x86-64, an AVX2+FMA+F16C implementation
+// selected at run time. Adding a block type touches the table in blocks.cpp (plus its kernels).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace wqe {
+
+enum KernelSet { K_SCALAR = 1, K_AVX2 = 2 };
+constexpr int N_KERNEL_SETS = 3;  // index 0 unused
+
+constexpr int SUBBLOCK = 32;
+inline int padded(int g) { return (g + SUBBLOCK - 1) / SUBBLOCK * SUBBLOCK; }
+inline int round8(int n) { return (n + 7) & ~7; }
+inline int ternary_bytes(int g_pad) { return 2 * ((g_pad + 9) / 10); }
+
+// How a chunk's activation slice is laid out for the dot kernels ("prepared x"):
+//   X_PLAIN:   g_pad floats, x[0..g) then zeros;
+//   X_TERNARY: 5 planes of round8(B) floats; plane i, slot j holds x[i*B + j] (0 past g or past B),
+//              so byte j's trit i meets its column without a gather.
+enum XLayout { X_PLAIN = 0, X_TERNARY = 1 };
+
+// Dot product of one row-block's codes with the prepared x (no protected residuals):
+//   affine:  d * sum_j q_j x_j + m * xsum;   ternary: a * (sum_j t_j x_j - xsum);   fp16: sum_j h_j x_j.
+// rb points at the row-block (header first); xsum = sum of the chunk's g activations.
+typedef float (*dot_fn)(const uint8_t* rb, const float* xc, float xsum, int g_pad);
+// The same for n rows at once (row r at rb + r * stride): out[r] = dot of row r. The matrix-vector
+// product calls this once per chunk per tile of rows, so per-call overhead is amortised.
+typedef void (*dot_rows_fn)(const uint8_t* rb, size_t stride, int n, const float* xc, float xsum, int g_pad, float* out);
+// Dequantize one row-block's codes (no residuals) to `out` in column order; writes
+// dequant_floats(g_pad) floats (>= g_pad; the values past g are padding).
+typedef void (*dequant_fn)(const uint8_t* rb, int g_pad, float* out);
+
+struct BlockTraits {
+    const char* name;
+    int id;            // id stored in wqedge.tensors.<t>.chunk_actions
+    int header_bytes;  // fp16 parameters at the start of each row-block
+    size_t (*code_bytes)(int g_pad);
+    XLayout x_layout;
+    dot_fn dot[N_KERNEL_SETS];          // [K_SCALAR], [K_AVX2] (nullptr when not built)
+    dot_rows_fn dot_rows[N_KERNEL_SETS];
+    dequant_fn dequant[N_KERNEL_SETS];
+};
+
+constexpr int N_BLOCK_TYPES = 7;
+const BlockTraits* block_traits(int id);  // nullptr for an unknown id
+
+inline size_t row_bytes(const BlockTraits& bt, int g, int n_protected) {
+    return (size_t)bt.header_bytes + bt.code_bytes(padded(g)) + 2 * (size_t)n_protected;
+}
+int x_floats(const BlockTraits& bt, int g_pad);   // floats of prepared x for one chunk
+int dequant_floats(int g_pad);                     // floats a dequant_fn may write
+// Prepare a chunk's activations x[0..g) into xc (x_floats floats); returns sum of x[0..g).
+float prepare_x(const BlockTraits& bt, const float* x, int g, float* xc);
+
+// Dense vector primitives (float32 activations).
+struct VecOps {
+    float (*dot_f32)(const float* a, const float* b, int n);
+    float (*dot_f16)(const uint8_t* h, const float* x, int n);      // h: n halves, unaligned
+    void (*axpy)(float a, const float* x, float* y, int n);          // y += a x
+    void (*f16_to_f32)(const uint8_t* h, float* out, int n);
+    // Y[t * ldy + r] = sum_k W[r * ldw + k] * X[t * ldx + k] for r < 4, t < nt; K % 8 == 0,
+    // W has 4 rows (unused ones zero), rows and X 32-byte padded with zeros past the true K.
+    void (*gemm4)(const float* W, int ldw, const float* X, int ldx, int nt, int K, float* Y, int ldy, int nr);
+};
+const VecOps& vec_ops(int kernels);
+
+// Kernel set in use (process wide): set_kernels(0) picks the best the CPU supports.
+bool cpu_has_avx2();
+int active_kernels();
+int set_kernels(int k);  // returns 0, or -1 when k is unsupported here
+const char* system_info();
+
+}  // namespace wqe

@@ -1,0 +1,354 @@
+// AVX2 + FMA + F16C kernels. Everything in this file is compiled for that target through the
+// pragma below, so the rest of the library stays baseline x86-64; these functions are only
+// called after cpu_has_avx2() said yes. No templates or inline functions from shared headers
+// are instantiated here (they could be merged with their baseline copies by the linker).
+#if defined(__x86_64__) || defined(__i386__)
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace wqe {
+namespace avx2 {
+namespace {
+
+inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+inline float half(const uint8_t* p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+// 8 bytes (unaligned) -> 8 int32 lanes
+inline __m256i load8_u8(const uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+}
+
+inline __m256 to_ps(__m256i v) { return _mm256_cvtepi32_ps(v); }
+
+// Lane constants.
+inline __m256i lane_shifts(int base) {  // base + 0..7
+    return _mm256_add_epi32(_mm256_set1_epi32(base), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Codes of one 32-column sub-block as 4 float vectors (columns 0-7, 8-15, 16-23, 24-31).
+inline void codes_q8(const uint8_t* q, __m256 v[4]) {
+    for (int k = 0; k < 4; ++k) v[k] = to_ps(load8_u8(q + 8 * k));
+}
+inline void codes_q4(const uint8_t* q, __m256 v[4]) {
+    const __m256i m = _mm256_set1_epi32(0x0F);
+    const __m256i a = load8_u8(q), b = load8_u8(q + 8);
+    v[0] = to_ps(_mm256_and_si256(a, m));
+    v[1] = to_ps(_mm256_and_si256(b, m));
+    v[2] = to_ps(_mm256_srli_epi32(a, 4));
+    v[3] = to_ps(_mm256_srli_epi32(b, 4));
+}
+inline void codes_q2_int(const uint8_t* q, __m256i v[4]) {
+    const __m256i m = _mm256_set1_epi32(3);
+    const __m256i a = load8_u8(q);
+    v[0] = _mm256_and_si256(a, m);
+    v[1] = _mm256_and_si256(_mm256_srli_epi32(a, 2), m);
+    v[2] = _mm256_and_si256(_mm256_srli_epi32(a, 4), m);
+    v[3] = _mm256_srli_epi32(a, 6);
+}
+inline void codes_q1_int(const uint8_t* q, __m256i v[4]) {
+    uint32_t bits;
+    memcpy(&bits, q, 4);
+    const __m256i b = _mm256_set1_epi32((int)bits), one = _mm256_set1_epi32(1);
+    for (int k = 0; k < 4; ++k) v[k] = _mm256_and_si256(_mm256_srlv_epi32(b, lane_shifts(8 * k)), one);
+}
+inline void codes_q2(const uint8_t* q, __m256 v[4]) {
+    __m256i i[4];
+    codes_q2_int(q, i);
+    for (int k = 0; k < 4; ++k) v[k] = to_ps(i[k]);
+}
+inline void codes_q3(const uint8_t* q, __m256 v[4]) {
+    __m256i lo[4], hi[4];
+    codes_q2_int(q, lo);
+    codes_q1_int(q + 8, hi);
+    for (int k = 0; k < 4; ++k) v[k] = to_ps(_mm256_or_si256(lo[k], _mm256_slli_epi32(hi[k], 2)));
+}
+inline void codes_q1(const uint8_t* q, __m256 v[4]) {
+    __m256i i[4];
+    codes_q1_int(q, i);
+    for (int k = 0; k < 4; ++k) v[k] = to_ps(i[k]);
+}
+
+typedef void (*codes_fn)(const uint8_t*, __m256 v[4]);
+
+// Affine dot: d * sum q x + m * xsum, codes decoded 32 columns at a time; four independent
+// accumulators so that FMA latency does not serialise the loop.
+inline float dot_affine(codes_fn codes, int sub_bytes, const uint8_t* rb, const float* x, float xsum, int g_pad) {
+    const float d = half(rb), m = half(rb + 2);
+    const uint8_t* q = rb + 4;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+    for (int c = 0; c < g_pad; c += 32, q += sub_bytes) {
+        __m256 v[4];
+        codes(q, v);
+        acc0 = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(x + c), acc0);
+        acc1 = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(x + c + 8), acc1);
+        acc2 = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(x + c + 16), acc2);
+        acc3 = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(x + c + 24), acc3);
+    }
+    return d * hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3))) + m * xsum;
+}
+
+// Two rows at once: the x loads are shared, eight accumulators in flight.
+inline void dot_affine2(codes_fn codes, int sub_bytes, const uint8_t* ra, const uint8_t* rb, const float* x, float xsum,
+                        int g_pad, float* out) {
+    const uint8_t* qa = ra + 4;
+    const uint8_t* qb = rb + 4;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int c = 0; c < g_pad; c += 32, qa += sub_bytes, qb += sub_bytes) {
+        __m256 va[4], vb[4];
+        codes(qa, va);
+        codes(qb, vb);
+        const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+        const __m256 x2 = _mm256_loadu_ps(x + c + 16), x3 = _mm256_loadu_ps(x + c + 24);
+        a0 = _mm256_fmadd_ps(va[0], x0, a0); b0 = _mm256_fmadd_ps(vb[0], x0, b0);
+        a1 = _mm256_fmadd_ps(va[1], x1, a1); b1 = _mm256_fmadd_ps(vb[1], x1, b1);
+        a2 = _mm256_fmadd_ps(va[2], x2, a2); b2 = _mm256_fmadd_ps(vb[2], x2, b2);
+        a3 = _mm256_fmadd_ps(va[3], x3, a3); b3 = _mm256_fmadd_ps(vb[3], x3, b3);
+    }
+    out[0] = half(ra) * hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + half(ra + 2) * xsum;
+    out[1] = half(rb) * hsum(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3))) + half(rb + 2) * xsum;
+}
+
+inline void dot_rows_affine(codes_fn codes, int sub_bytes, const uint8_t* rb, size_t stride, int n, const float* x,
+                            float s, int g, float* out) {
+    int r = 0;
+    for (; r + 2 <= n; r += 2) dot_affine2(codes, sub_bytes, rb + r * stride, rb + (r + 1) * stride, x, s, g, out + r);
+    for (; r < n; ++r) out[r] = dot_affine(codes, sub_bytes, rb + r * stride, x, s, g);
+}
+
+inline void dequant_affine(codes_fn codes, int sub_bytes, const uint8_t* rb, int g_pad, float* out) {
+    const __m256 d = _mm256_set1_ps(half(rb)), m = _mm256_set1_ps(half(rb + 2));
+    const uint8_t* q = rb + 4;
+    for (int c = 0; c < g_pad; c += 32, q += sub_bytes) {
+        __m256 v[4];
+        codes(q, v);
+        for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + c + 8 * k, _mm256_add_ps(_mm256_mul_ps(d, v[k]), m));
+    }
+}
+
+// q1: sum over set bits of x, with compare masks instead of conversions.
+inline float dot_q1_impl(const uint8_t* rb, const float* x, float xsum, int g_pad) {
+    const float d = half(rb), m = half(rb + 2);
+    const uint8_t* q = rb + 4;
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int c = 0; c < g_pad; c += 32, q += 4) {
+        for (int k = 0; k < 4; ++k) {
+            const __m256i b = _mm256_set1_epi32(q[k]);
+            const __m256 msk = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(b, bit), bit));
+            acc[k] = _mm256_add_ps(acc[k], _mm256_and_ps(msk, _mm256_loadu_ps(x + c + 8 * k)));
+        }
+    }
+    return d * hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + m * xsum;
+}
+
+// Ternary: byte j carries trits i = 0..4 of columns i*B + j; x is prepared as 5 planes of
+// stride S = round8(B). Trit i: p_0 = byte, t_i = (3 p_i) >> 8, p_{i+1} = (3 p_i) & 0xFF.
+inline __m256i load_tail(const uint8_t* p, int n) {  // n < 8 bytes (B is even: 2, 4 or 6), rest zero; no read past p + n
+    uint64_t v = 0;
+    uint16_t a;
+    uint32_t b;
+    switch (n) {
+        case 2: memcpy(&a, p, 2); v = a; break;
+        case 4: memcpy(&b, p, 4); v = b; break;
+        case 6: memcpy(&b, p, 4); memcpy(&a, p + 4, 2); v = b | (uint64_t)a << 32; break;
+        default: for (int i = 0; i < n; ++i) v |= (uint64_t)p[i] << (8 * i);
+    }
+    return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)v));
+}
+
+inline float dot_ternary_impl(const uint8_t* rb, const float* x, float xsum, int g_pad) {
+    const float a = half(rb);
+    const uint8_t* q = rb + 2;
+    const int B = 2 * ((g_pad + 9) / 10), S = (B + 7) & ~7;
+    const __m256i ff = _mm256_set1_epi32(0xFF);
+    __m256 acc[5] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int j = 0; j < B; j += 8) {
+        __m256i p = (j + 8 <= B) ? load8_u8(q + j) : load_tail(q + j, B - j);
+        for (int i = 0; i < 5; ++i) {
+            const __m256i p3 = _mm256_add_epi32(p, _mm256_slli_epi32(p, 1));
+            const __m256 t = to_ps(_mm256_srli_epi32(p3, 8));
+            p = _mm256_and_si256(p3, ff);
+            acc[i] = _mm256_fmadd_ps(t, _mm256_loadu_ps(x + i * S + j), acc[i]);
+        }
+    }
+    const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])), acc[4]);
+    return a * (hsum(sum) - xsum);
+}
+
+inline void dequant_ternary_impl(const uint8_t* rb, int g_pad, float* out) {
+    // Writes planes at out + i*B (+ up to 8 past each plane): callers give dequant_floats(g_pad).
+    const __m256 a = _mm256_set1_ps(half(rb)), one = _mm256_set1_ps(1.0f);
+    const uint8_t* q = rb + 2;
+    const int B = 2 * ((g_pad + 9) / 10);
+    const __m256i ff = _mm256_set1_epi32(0xFF);
+    // Planes in ascending order so that a plane's spill past B is overwritten by the next plane.
+    for (int i = 0; i < 5; ++i)
+        for (int j = 0; j < B; j += 8) {
+            __m256i p = (j + 8 <= B) ? load8_u8(q + j) : load_tail(q + j, B - j);
+            __m256i p3 = _mm256_add_epi32(p, _mm256_slli_epi32(p, 1));
+            for (int s = 0; s < i; ++s) {
+                p = _mm256_and_si256(p3, ff);
+                p3 = _mm256_add_epi32(p, _mm256_slli_epi32(p, 1));
+            }
+            const __m256 t = to_ps(_mm256_srli_epi32(p3, 8));
+            _mm256_storeu_ps(out + i * B + j, _mm256_mul_ps(a, _mm256_sub_ps(t, one)));
+        }
+}
+
+}  // namespace
+
+float dot_fp16(const uint8_t* rb, const float* x, float, int g_pad) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int c = 0; c < g_pad; c += 32)
+        for (int k = 0; k < 4; ++k)
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rb + 2 * c + 16 * k))),
+                                     _mm256_loadu_ps(x + c + 8 * k), acc[k]);
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+float dot_q8(const uint8_t* rb, const float* x, float s, int g) { return dot_affine(codes_q8, 32, rb, x, s, g); }
+float dot_q4(const uint8_t* rb, const float* x, float s, int g) { return dot_affine(codes_q4, 16, rb, x, s, g); }
+float dot_q3(const uint8_t* rb, const float* x, float s, int g) { return dot_affine(codes_q3, 12, rb, x, s, g); }
+float dot_q2(const uint8_t* rb, const float* x, float s, int g) { return dot_affine(codes_q2, 8, rb, x, s, g); }
+float dot_q1(const uint8_t* rb, const float* x, float s, int g) { return dot_q1_impl(rb, x, s, g); }
+float dot_ternary(const uint8_t* rb, const float* x, float s, int g) { return dot_ternary_impl(rb, x, s, g); }
+
+#define WQE_ROWS(name)                                                                                    \
+    void dot_rows_##name(const uint8_t* rb, size_t stride, int n, const float* x, float s, int g, float* out) { \
+        for (int r = 0; r < n; ++r) out[r] = dot_##name(rb + r * stride, x, s, g);                            \
+    }
+WQE_ROWS(fp16)
+WQE_ROWS(q1)
+WQE_ROWS(ternary)
+void dot_rows_q8(const uint8_t* rb, size_t st, int n, const float* x, float s, int g, float* out) { dot_rows_affine(codes_q8, 32, rb, st, n, x, s, g, out); }
+void dot_rows_q4(const uint8_t* rb, size_t st, int n, const float* x, float s, int g, float* out) { dot_rows_affine(codes_q4, 16, rb, st, n, x, s, g, out); }
+void dot_rows_q3(const uint8_t* rb, size_t st, int n, const float* x, float s, int g, float* out) { dot_rows_affine(codes_q3, 12, rb, st, n, x, s, g, out); }
+void dot_rows_q2(const uint8_t* rb, size_t st, int n, const float* x, float s, int g, float* out) { dot_rows_affine(codes_q2, 8, rb, st, n, x, s, g, out); }
+#undef WQE_ROWS
+
+void dequant_fp16(const uint8_t* rb, int g_pad, float* out) {
+    for (int c = 0; c < g_pad; c += 8)
+        _mm256_storeu_ps(out + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rb + 2 * c))));
+}
+void dequant_q8(const uint8_t* rb, int g, float* out) { dequant_affine(codes_q8, 32, rb, g, out); }
+void dequant_q4(const uint8_t* rb, int g, float* out) { dequant_affine(codes_q4, 16, rb, g, out); }
+void dequant_q3(const uint8_t* rb, int g, float* out) { dequant_affine(codes_q3, 12, rb, g, out); }
+void dequant_q2(const uint8_t* rb, int g, float* out) { dequant_affine(codes_q2, 8, rb, g, out); }
+void dequant_q1(const uint8_t* rb, int g, float* out) { dequant_affine(codes_q1, 4, rb, g, out); }
+void dequant_ternary(const uint8_t* rb, int g, float* out) { dequant_ternary_impl(rb, g, out); }
+
+// ------------------------------------------------------------------ dense primitives
+float vdot_f32(const float* a, const float* b, int n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    float s = hsum(_mm256_add_ps(acc0, acc1));
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+float vdot_f16(const uint8_t* h, const float* x, int n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + 2 * i))), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + 2 * i + 16))), _mm256_loadu_ps(x + i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + 2 * i + 32))), _mm256_loadu_ps(x + i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + 2 * i + 48))), _mm256_loadu_ps(x + i + 24), acc3);
+    }
+    acc0 = _mm256_add_ps(acc0, acc2);
+    acc1 = _mm256_add_ps(acc1, acc3);
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + 2 * i))), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + 2 * i + 16))), _mm256_loadu_ps(x + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8)
+        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + 2 * i))), _mm256_loadu_ps(x + i), acc0);
+    float s = hsum(_mm256_add_ps(acc0, acc1));
+    for (; i < n; ++i) s += half(h + 2 * i) * x[i];
+    return s;
+}
+
+void vaxpy(float a, const float* x, float* y, int n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) y[i] += a * x[i];
+}
+
+void vf16_to_f32(const uint8_t* h, float* out, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + 2 * i))));
+    for (; i < n; ++i) out[i] = half(h + 2 * i);
+}
+
+// 4 rows x up to 3 tokens per step, 12 accumulators.
+void vgemm4(const float* W, int ldw, const float* X, int ldx, int nt, int K, float* Y, int ldy, int nr) {
+    const float* w0 = W;
+    const float* w1 = W + ldw;
+    const float* w2 = W + 2 * (size_t)ldw;
+    const float* w3 = W + 3 * (size_t)ldw;
+    int t = 0;
+    for (; t + 3 <= nt; t += 3) {
+        const float* x0 = X + (size_t)t * ldx;
+        const float* x1 = x0 + ldx;
+        const float* x2 = x1 + ldx;
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
+        __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
+        for (int k = 0; k < K; k += 8) {
+            const __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k), v2 = _mm256_loadu_ps(x2 + k);
+            __m256 w = _mm256_loadu_ps(w0 + k);
+            a00 = _mm256_fmadd_ps(w, v0, a00); a01 = _mm256_fmadd_ps(w, v1, a01); a02 = _mm256_fmadd_ps(w, v2, a02);
+            w = _mm256_loadu_ps(w1 + k);
+            a10 = _mm256_fmadd_ps(w, v0, a10); a11 = _mm256_fmadd_ps(w, v1, a11); a12 = _mm256_fmadd_ps(w, v2, a12);
+            w = _mm256_loadu_ps(w2 + k);
+            a20 = _mm256_fmadd_ps(w, v0, a20); a21 = _mm256_fmadd_ps(w, v1, a21); a22 = _mm256_fmadd_ps(w, v2, a22);
+            w = _mm256_loadu_ps(w3 + k);
+            a30 = _mm256_fmadd_ps(w, v0, a30); a31 = _mm256_fmadd_ps(w, v1, a31); a32 = _mm256_fmadd_ps(w, v2, a32);
+        }
+        const float r[3][4] = {{hsum(a00), hsum(a10), hsum(a20), hsum(a30)},
+                               {hsum(a01), hsum(a11), hsum(a21), hsum(a31)},
+                               {hsum(a02), hsum(a12), hsum(a22), hsum(a32)}};
+        for (int j = 0; j < 3; ++j)
+            for (int i = 0; i < nr; ++i) Y[(size_t)(t + j) * ldy + i] = r[j][i];
+    }
+    for (; t < nt; ++t) {
+        const float* x0 = X + (size_t)t * ldx;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int k = 0; k < K; k += 8) {
+            const __m256 v = _mm256_loadu_ps(x0 + k);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), v, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), v, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), v, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), v, a3);
+        }
+        const float r[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+        for (int i = 0; i < nr; ++i) Y[(size_t)t * ldy + i] = r[i];
+    }
+}
+
+}  // namespace avx2
+}  // namespace wqe
+
+#pragma GCC pop_options
+
+#endif

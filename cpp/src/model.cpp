@@ -1,0 +1,456 @@
+#include "model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "common.h"
+#ifdef WQE_HAVE_TOKENIZER
+#  include "tokenizer.h"
+#endif
+
+namespace wqe {
+
+// ------------------------------------------------------------------ loading and validation
+namespace {
+
+struct Loader {
+    const GGUFFile& f;
+    Model& m;
+
+    int dim_key(const std::string& key, int64_t lo, int64_t hi) const {
+        const int64_t v = f.get_int(key);
+        if (v < lo || v > hi) f.format_error("key '%s' = %lld is out of range [%lld, %lld]", key.c_str(), (long long)v, (long long)lo, (long long)hi);
+        return (int)v;
+    }
+    int dim_key(const std::string& key, int64_t lo, int64_t hi, int64_t dflt) const {
+        return f.has(key) ? dim_key(key, lo, hi) : (int)dflt;
+    }
+
+    const GGUFTensor& tensor(const std::string& name) const {
+        const GGUFTensor* t = f.tensor(name);
+        if (!t) f.format_error("missing tensor '%s'", name.c_str());
+        return *t;
+    }
+
+    void expect_shape(const GGUFTensor& t, std::initializer_list<uint64_t> dims) const {
+        bool ok = t.n_dims == dims.size();
+        size_t i = 0;
+        for (uint64_t d : dims) ok = ok && i < 4 && t.dims[i++] == d;
+        if (!ok) {
+            std::string want, got;
+            for (uint64_t d : dims) want += (want.empty() ? "" : ", ") + std::to_string(d);
+            for (uint32_t j = 0; j < t.n_dims; ++j) got += (j ? ", " : "") + std::to_string(t.dims[j]);
+            f.format_error("tensor '%s' has ggml shape [%s], expected [%s]", t.name.c_str(), got.c_str(), want.c_str());
+        }
+    }
+
+    std::vector<float> f32_vector(const std::string& name, int n) const {
+        const GGUFTensor& t = tensor(name);
+        if (t.type != GGML_F32) f.format_error("tensor '%s' has type %s, expected F32", name.c_str(), ggml_type_name(t.type));
+        expect_shape(t, {(uint64_t)n});
+        std::vector<float> v(n);
+        std::memcpy(v.data(), t.data, sizeof(float) * n);
+        for (int i = 0; i < n; ++i)
+            if (!std::isfinite(v[i])) f.format_error("tensor '%s' holds a non-finite value at %d", name.c_str(), i);
+        return v;
+    }
+
+    Linear dense(const std::string& name, int N, int K) const {
+        const GGUFTensor& t = tensor(name);
+        if (t.type != GGML_F32 && t.type != GGML_F16)
+            f.format_error("tensor '%s' has type %s, expected F16 or F32", name.c_str(), ggml_type_name(t.type));
+        expect_shape(t, {(uint64_t)K, (uint64_t)N});
+        Linear L;
+        L.kind = t.type == GGML_F32 ? Linear::DENSE_F32 : Linear::DENSE_F16;
+        L.name = name;
+        L.N = N;
+        L.K = K;
+        L.data = t.data;
+        L.row_bytes = (size_t)K * (t.type == GGML_F32 ? 4 : 2);
+        return L;
+    }
+
+    Linear chunked(const std::string& name, int N, int K) {
+        const GGUFTensor& t = tensor(name);
+        const std::string key = "wqedge.tensors." + name + ".";
+        if (t.type != GGML_I8) f.format_error("tensor '%s' has type %s, expected I8 (wqedge row-blocks)", name.c_str(), ggml_type_name(t.type));
+        const int64_t in_features = f.get_int(key + "in_features");
+        if (in_features != K)
+            f.format_error("key '%sin_features' = %lld, but the model shape says %d", key.c_str(), (long long)in_features, K);
+        const int G = m.hp.group_size;
+        const int n_chunks = (K + G - 1) / G;
+        const std::vector<int64_t> actions = f.get_int_array(key + "chunk_actions");
+        if ((int64_t)actions.size() != n_chunks)
+            f.format_error("key '%schunk_actions' lists %zu chunks, but %d columns in chunks of %d make %d",
+                           key.c_str(), actions.size(), K, G, n_chunks);
+        std::vector<int64_t> prot(n_chunks, 0);
+        if (f.has(key + "chunk_protected")) {
+            prot = f.get_int_array(key + "chunk_protected");
+            if ((int64_t)prot.size() != n_chunks)
+                f.format_error("key '%schunk_protected' lists %zu chunks, expected %d", key.c_str(), prot.size(), n_chunks);
+        }
+        Linear L;
+        L.kind = Linear::CHUNKED;
+        L.name = name;
+        L.N = N;
+        L.K = K;
+        size_t off = 0;
+        int xoff = 0, prot0 = 0;
+        for (int c = 0; c < n_chunks; ++c) {
+            const BlockTraits* bt = block_traits(actions[c] < 0 || actions[c] > 255 ? -1 : (int)actions[c]);
+            if (!bt)
+                f.format_error("tensor '%s' chunk %d: unknown block type %lld (this runtime knows ids 0-%d)",
+                               name.c_str(), c, (long long)actions[c], N_BLOCK_TYPES - 1);
+            Chunk ch;
+            ch.bt = bt;
+            ch.col0 = c * G;
+            ch.g = std::min(G, K - ch.col0);
+            ch.g_pad = padded(ch.g);
+            if (prot[c] < 0 || prot[c] > ch.g)
+                f.format_error("tensor '%s' chunk %d: %lld protected columns in a chunk of %d", name.c_str(), c, (long long)prot[c], ch.g);
+            ch.n_prot = (int)prot[c];
+            ch.prot0 = prot0;
+            prot0 += ch.n_prot;
+            ch.off = off;
+            ch.res_off = (size_t)bt->header_bytes + bt->code_bytes(ch.g_pad);
+            ch.xoff = xoff;
+            xoff += round8(x_floats(*bt, ch.g_pad));
+            off += row_bytes(*bt, ch.g, ch.n_prot);
+            L.max_g_pad = std::max(L.max_g_pad, ch.g_pad);
+            L.chunks.push_back(ch);
+        }
+        L.row_bytes = off;
+        L.x_floats = xoff;
+        expect_shape(t, {(uint64_t)off, (uint64_t)N});
+        L.data = t.data;
+        m.quantized_bytes += t.nbytes;
+        // Protected column indices: global u16 in an I16 tensor, chunk by chunk, ascending in a chunk.
+        const GGUFTensor* pt = f.tensor(name + ".protect");
+        if (prot0 > 0) {
+            if (!pt) f.format_error("tensor '%s' protects %d columns but '%s.protect' is missing", name.c_str(), prot0, name.c_str());
+            if (pt->type != GGML_I16) f.format_error("tensor '%s.protect' has type %s, expected I16", name.c_str(), ggml_type_name(pt->type));
+            expect_shape(*pt, {(uint64_t)prot0});
+            m.quantized_bytes += pt->nbytes;
+            L.prot_local.resize(prot0);
+            for (const Chunk& ch : L.chunks) {
+                int prev = -1;
+                for (int p = 0; p < ch.n_prot; ++p) {
+                    const int col = (int)load_u16(pt->data + 2 * (size_t)(ch.prot0 + p));
+                    const int local = col - ch.col0;
+                    if (local < 0 || local >= ch.g || local <= prev)
+                        f.format_error("tensor '%s.protect': entry %d = column %d is not inside chunk %d [%d, %d) in ascending order",
+                                       name.c_str(), ch.prot0 + p, col, (int)(&ch - L.chunks.data()), ch.col0, ch.col0 + ch.g);
+                    L.prot_local[ch.prot0 + p] = local;
+                    prev = local;
+                }
+            }
+        } else if (pt) {
+            f.format_error("tensor '%s.protect' exists but no chunk of '%s' protects columns", name.c_str(), name.c_str());
+        }
+        m.max_g_pad = std::max(m.max_g_pad, L.max_g_pad);
+        m.max_x_floats = std::max(m.max_x_floats, L.x_floats);
+        m.max_chunks = std::max(m.max_chunks, (int)L.chunks.size());
+        return L;
+    }
+
+    void load();
+    void load_tokenizer();
+};
+
+void Loader::load() {
+    HParams& hp = m.hp;
+    const std::string arch = f.get_string("general.architecture");
+    if (arch != "llama") f.format_error("general.architecture is '%s'; this runtime runs 'llama' models", arch.c_str());
+    if (!f.has("wqedge.format_version"))
+        f.format_error("not a wqedge model file (no wqedge.format_version key)");
+    hp.format_version = (int)f.get_int("wqedge.format_version");
+    if (hp.format_version != WQE_FORMAT_VERSION)
+        throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": wqedge format version " + std::to_string(hp.format_version) +
+                                             ", this runtime reads version " + std::to_string(WQE_FORMAT_VERSION));
+    hp.group_size = dim_key("wqedge.group_size", 32, 1 << 16);
+    if (hp.group_size % 32) f.format_error("wqedge.group_size = %d is not a multiple of 32", hp.group_size);
+    if (!f.get_bool("wqedge.rope.neox", true))
+        throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": wqedge.rope.neox = false (llama.cpp-permuted Q/K rows) is not supported");
+    hp.effective_bits = (float)f.get_float("wqedge.effective_bits", 0.0);
+    m.plan_json = f.get_string("wqedge.plan", "");
+
+    const int LIM = 1 << 20;
+    hp.n_embd = dim_key("llama.embedding_length", 1, 1 << 16);
+    hp.n_layer = dim_key("llama.block_count", 1, 4096);
+    hp.n_ff = dim_key("llama.feed_forward_length", 1, LIM);
+    hp.n_head = dim_key("llama.attention.head_count", 1, 4096);
+    hp.n_head_kv = dim_key("llama.attention.head_count_kv", 1, 4096, hp.n_head);
+    if (hp.n_head % hp.n_head_kv)
+        f.format_error("llama.attention.head_count = %d is not a multiple of head_count_kv = %d", hp.n_head, hp.n_head_kv);
+    hp.head_dim = dim_key("llama.attention.key_length", 2, 4096, hp.n_embd / hp.n_head);
+    if (hp.head_dim < 2 || hp.head_dim % 2) f.format_error("head dimension %d must be even and >= 2", hp.head_dim);
+    const int vdim = dim_key("llama.attention.value_length", 1, 4096, hp.head_dim);
+    if (vdim != hp.head_dim) f.format_error("llama.attention.value_length = %d differs from key_length = %d", vdim, hp.head_dim);
+    if ((int64_t)hp.n_head * hp.head_dim > (1 << 17)) f.format_error("attention width %d x %d is absurd", hp.n_head, hp.head_dim);
+    const int rope_dim = dim_key("llama.rope.dimension_count", 1, 4096, hp.head_dim);
+    if (rope_dim != hp.head_dim)
+        throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": partial rotary embeddings (rope.dimension_count " + std::to_string(rope_dim) +
+                                             " != head dim " + std::to_string(hp.head_dim) + ") are not supported");
+    hp.n_ctx_train = dim_key("llama.context_length", 1, 1 << 24);
+    hp.rms_eps = (float)f.get_float("llama.attention.layer_norm_rms_epsilon");
+    if (!(hp.rms_eps >= 0.0f && hp.rms_eps < 1.0f)) f.format_error("layer_norm_rms_epsilon = %g is out of range", hp.rms_eps);
+    hp.rope_base = (float)f.get_float("llama.rope.freq_base", 10000.0);
+    if (!(hp.rope_base > 1.0f && std::isfinite(hp.rope_base))) f.format_error("rope.freq_base = %g is out of range", hp.rope_base);
+
+    const GGUFTensor& emb = tensor("token_embd.weight");
+    if (emb.n_dims != 2) f.format_error("tensor 'token_embd.weight' has %u dimensions, expected 2", emb.n_dims);
+    if (emb.dims[1] > (uint64_t)(1 << 24)) f.format_error("vocabulary of %llu tokens is absurd", (unsigned long long)emb.dims[1]);
+    hp.n_vocab = dim_key("llama.vocab_size", 1, 1 << 24, (int64_t)emb.dims[1]);
+    m.tok_embd = dense("token_embd.weight", hp.n_vocab, hp.n_embd);
+    m.tied = f.tensor("output.weight") == nullptr;
+    m.output = m.tied ? m.tok_embd : dense("output.weight", hp.n_vocab, hp.n_embd);
+    m.output_norm = f32_vector("output_norm.weight", hp.n_embd);
+
+    // RoPE inverse frequencies as Hugging Face computes them, divided by rope_freqs (llama3 scaling).
+    const int half = hp.head_dim / 2;
+    m.inv_freq.resize(half);
+    for (int i = 0; i < half; ++i)
+        m.inv_freq[i] = (float)(1.0 / std::pow((double)hp.rope_base, (double)(2 * i) / hp.head_dim));
+    if (f.tensor("rope_freqs.weight")) {
+        const std::vector<float> fac = f32_vector("rope_freqs.weight", half);
+        for (int i = 0; i < half; ++i) {
+            if (!(fac[i] > 0.0f)) f.format_error("rope_freqs.weight[%d] = %g is not positive", i, fac[i]);
+            m.inv_freq[i] /= fac[i];
+        }
+        m.rope_scaled = true;
+    }
+
+    m.max_K = std::max(std::max(hp.n_embd, hp.n_ff), hp.q_dim());
+    m.max_N = std::max(std::max(hp.n_vocab, hp.n_ff), hp.q_dim());
+    m.layers.resize(hp.n_layer);
+    for (int l = 0; l < hp.n_layer; ++l) {
+        Layer& L = m.layers[l];
+        const std::string p = "blk." + std::to_string(l) + ".";
+        L.attn_norm = f32_vector(p + "attn_norm.weight", hp.n_embd);
+        L.ffn_norm = f32_vector(p + "ffn_norm.weight", hp.n_embd);
+        L.wq = chunked(p + "attn_q.weight", hp.q_dim(), hp.n_embd);
+        L.wk = chunked(p + "attn_k.weight", hp.kv_dim(), hp.n_embd);
+        L.wv = chunked(p + "attn_v.weight", hp.kv_dim(), hp.n_embd);
+        L.wo = chunked(p + "attn_output.weight", hp.n_embd, hp.q_dim());
+        L.w_gate = chunked(p + "ffn_gate.weight", hp.n_ff, hp.n_embd);
+        L.w_up = chunked(p + "ffn_up.weight", hp.n_ff, hp.n_embd);
+        L.w_down = chunked(p + "ffn_down.weight", hp.n_embd, hp.n_ff);
+    }
+    hp.bos = (int)f.get_int("tokenizer.ggml.bos_token_id", -1);
+    hp.eos = (int)f.get_int("tokenizer.ggml.eos_token_id", -1);
+    if (hp.bos < -1 || hp.bos >= hp.n_vocab) f.format_error("tokenizer.ggml.bos_token_id = %d is out of the vocabulary", hp.bos);
+    if (hp.eos < -1 || hp.eos >= hp.n_vocab) f.format_error("tokenizer.ggml.eos_token_id = %d is out of the vocabulary", hp.eos);
+    hp.add_bos = f.get_bool("tokenizer.ggml.add_bos_token", true);
+    load_tokenizer();
+}
+
+void Loader::load_tokenizer() {
+    if (!f.has("tokenizer.ggml.model")) {
+        m.tokenizer_error = "the model file has no tokenizer (no tokenizer.ggml.model key)";
+        return;
+    }
+#ifdef WQE_HAVE_TOKENIZER
+    const std::string model = f.get_string("tokenizer.ggml.model");
+    std::vector<std::string> tokens;
+    for (const GGUFString& s : f.get_array("tokenizer.ggml.tokens", GV_STRING).strings) tokens.push_back(s.str());
+    std::vector<float> scores;
+    if (f.has("tokenizer.ggml.scores")) {
+        const GGUFValue& v = f.get_array("tokenizer.ggml.scores", GV_FLOAT32);
+        scores.resize(v.count);
+        std::memcpy(scores.data(), v.data, 4 * v.count);
+    }
+    std::vector<int32_t> types;
+    if (f.has("tokenizer.ggml.token_type")) {
+        for (int64_t t : f.get_int_array("tokenizer.ggml.token_type")) types.push_back((int32_t)t);
+    }
+    std::vector<std::string> merges;
+    if (f.has("tokenizer.ggml.merges"))
+        for (const GGUFString& s : f.get_array("tokenizer.ggml.merges", GV_STRING).strings) merges.push_back(s.str());
+    const int unk = (int)f.get_int("tokenizer.ggml.unknown_token_id", -1);
+    try {
+        m.tokenizer.reset(new wqedge::Tokenizer(model, std::move(tokens), std::move(scores), std::move(types), std::move(merges),
+                                                m.hp.bos, m.hp.eos, unk, m.hp.add_bos,
+                                                f.get_bool("tokenizer.ggml.add_eos_token", false),
+                                                f.get_bool("tokenizer.ggml.add_space_prefix", true)));
+    } catch (const std::exception& e) {
+        f.format_error("invalid tokenizer: %s", e.what());
+    }
+    if (m.tokenizer->n_tokens() != m.hp.n_vocab)
+        f.format_error("tokenizer has %d tokens but the model's vocabulary is %d", m.tokenizer->n_tokens(), m.hp.n_vocab);
+#else
+    m.tokenizer_error = "tokenizer not built into this library (cpp/src/tokenizer.cpp was missing at build time)";
+#endif
+}
+
+}  // namespace
+
+Model::Model(const std::string& path) : file(new GGUFFile(path)) {
+    Loader ld{*file, *this};
+    ld.load();
+}
+
+Model::~Model() = default;
+
+// ------------------------------------------------------------------ context
+Context::Context(const Model& m, int n_ctx_, int n_threads) : model(m), n_ctx(n_ctx_) {
+    const HParams& hp = m.hp;
+    const size_t kv = (size_t)hp.n_layer * n_ctx * hp.kv_dim();
+    try {
+        k_cache.assign(kv, 0.0f);
+        v_cache.assign(kv, 0.0f);
+    } catch (const std::bad_alloc&) {
+        fail(WQE_ERR_OUT_OF_MEMORY, "cannot allocate a KV cache of %d tokens (%.1f MiB)", n_ctx, 2.0 * kv * 4 / 1048576.0);
+    }
+    set_threads(n_threads);
+}
+
+void Context::set_threads(int n) {
+    if (n <= 0) n = default_thread_count();
+    if (pool && pool->size() == n) return;
+    pool.reset(new ThreadPool(n));
+    ms.reserve(n, model.max_K, model.max_g_pad, model.max_x_floats, model.max_chunks);
+    scores.assign(n, std::vector<float>(n_ctx));
+}
+
+void Context::ensure_batch(int n) {
+    if (n <= n_batch_alloc) return;
+    const HParams& hp = model.hp;
+    x.resize((size_t)n * hp.n_embd);
+    xb.resize((size_t)n * std::max(hp.n_embd, hp.q_dim()));
+    xb2.resize((size_t)n * hp.n_embd);
+    q.resize((size_t)n * hp.q_dim());
+    k.resize((size_t)n * hp.kv_dim());
+    v.resize((size_t)n * hp.kv_dim());
+    att.resize((size_t)n * hp.q_dim());
+    hg.resize((size_t)n * hp.n_ff);
+    hu.resize((size_t)n * hp.n_ff);
+    rope_cos.resize((size_t)n * hp.head_dim / 2);
+    rope_sin.resize((size_t)n * hp.head_dim / 2);
+    n_batch_alloc = n;
+}
+
+void Context::eval(const int32_t* tokens, int n, float* logits, bool all) {
+    const HParams& hp = model.hp;
+    if (n <= 0) fail(WQE_ERR_INVALID_ARGUMENT, "no tokens to evaluate (n_tokens = %d)", n);
+    if (n > n_ctx - n_past) fail(WQE_ERR_CONTEXT_FULL, "%d tokens do not fit: context holds %d of %d", n, n_past, n_ctx);
+    for (int i = 0; i < n; ++i)
+        if (tokens[i] < 0 || tokens[i] >= hp.n_vocab)
+            fail(WQE_ERR_INVALID_ARGUMENT, "token %d at index %d is outside the vocabulary [0, %d)", tokens[i], i, hp.n_vocab);
+    for (int i0 = 0; i0 < n; i0 += MAX_UBATCH) {
+        const int nb = std::min(MAX_UBATCH, n - i0);
+        const bool last = i0 + nb == n;
+        float* out = nullptr;
+        if (logits && all) out = logits + (size_t)i0 * hp.n_vocab;
+        else if (logits && last) out = logits;
+        forward(tokens + i0, nb, out, all);
+    }
+}
+
+// ------------------------------------------------------------------ forward pass
+static void rmsnorm(float* out, const float* x, const float* w, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; ++i) ss += (double)x[i] * x[i];
+    const float scale = 1.0f / std::sqrt((float)(ss / n) + eps);
+    for (int i = 0; i < n; ++i) out[i] = w[i] * (x[i] * scale);
+}
+
+// Rotate-half RoPE (Hugging Face order): pairs (i, i + d/2) of every head.
+static void rope(float* v, int n_heads, int hd, const float* cs, const float* sn) {
+    const int half = hd / 2;
+    for (int h = 0; h < n_heads; ++h) {
+        float* p = v + (size_t)h * hd;
+        for (int i = 0; i < half; ++i) {
+            const float a = p[i], b = p[i + half];
+            p[i] = a * cs[i] - b * sn[i];
+            p[i + half] = b * cs[i] + a * sn[i];
+        }
+    }
+}
+
+// Process n tokens at positions n_past .. n_past + n - 1 (the llama2.c forward, batched).
+void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
+    const Model& m = model;
+    const HParams& hp = m.hp;
+    const int D = hp.n_embd, hd = hp.head_dim, half = hd / 2, QD = hp.q_dim(), KVD = hp.kv_dim(), F = hp.n_ff;
+    const int group = hp.n_head / hp.n_head_kv;
+    const int kern = active_kernels();
+    const VecOps& ops = vec_ops(kern);
+    ThreadPool& tp = *pool;
+    ensure_batch(n);
+    const int pos0 = n_past;
+
+    // Token embeddings.
+    for (int t = 0; t < n; ++t) dense_row(m.tok_embd, tokens[t], &x[(size_t)t * D], kern);
+
+    // RoPE angles for these positions (fp32 angle as Hugging Face computes it).
+    for (int t = 0; t < n; ++t)
+        for (int i = 0; i < half; ++i) {
+            const float ang = (float)(pos0 + t) * m.inv_freq[i];
+            rope_cos[(size_t)t * half + i] = (float)std::cos((double)ang);
+            rope_sin[(size_t)t * half + i] = (float)std::sin((double)ang);
+        }
+    const float att_scale = 1.0f / std::sqrt((float)hd);
+
+    for (int l = 0; l < hp.n_layer; ++l) {
+        const Layer& L = m.layers[l];
+        float* kc = &k_cache[(size_t)l * n_ctx * KVD];
+        float* vc = &v_cache[(size_t)l * n_ctx * KVD];
+
+        // Attention: xb = rmsnorm(x); q, k, v projections; RoPE; append k, v to the cache.
+        for (int t = 0; t < n; ++t) rmsnorm(&xb[(size_t)t * D], &x[(size_t)t * D], L.attn_norm.data(), D, hp.rms_eps);
+        matmul(L.wq, xb.data(), n, q.data(), tp, ms, kern);
+        matmul(L.wk, xb.data(), n, k.data(), tp, ms, kern);
+        matmul(L.wv, xb.data(), n, v.data(), tp, ms, kern);
+        for (int t = 0; t < n; ++t) {
+            rope(&q[(size_t)t * QD], hp.n_head, hd, &rope_cos[(size_t)t * half], &rope_sin[(size_t)t * half]);
+            rope(&k[(size_t)t * KVD], hp.n_head_kv, hd, &rope_cos[(size_t)t * half], &rope_sin[(size_t)t * half]);
+        }
+        std::memcpy(kc + (size_t)pos0 * KVD, k.data(), sizeof(float) * n * KVD);
+        std::memcpy(vc + (size_t)pos0 * KVD, v.data(), sizeof(float) * n * KVD);
+
+        // Causal grouped-query attention, one task per (token, head).
+        tp.run(n * hp.n_head, [&](int task, int thread) {
+            const int t = task / hp.n_head, h = task % hp.n_head, kvh = h / group;
+            const int n_keys = pos0 + t + 1;
+            const float* qh = &q[(size_t)t * QD + (size_t)h * hd];
+            float* sc = scores[thread].data();
+            float mx = -INFINITY;
+            for (int s = 0; s < n_keys; ++s) {
+                sc[s] = ops.dot_f32(qh, kc + (size_t)s * KVD + (size_t)kvh * hd, hd) * att_scale;
+                mx = std::max(mx, sc[s]);
+            }
+            float sum = 0.0f;
+            for (int s = 0; s < n_keys; ++s) {
+                sc[s] = std::exp(sc[s] - mx);
+                sum += sc[s];
+            }
+            const float inv = 1.0f / sum;
+            float* out = &att[(size_t)t * QD + (size_t)h * hd];
+            std::memset(out, 0, sizeof(float) * hd);
+            for (int s = 0; s < n_keys; ++s) ops.axpy(sc[s] * inv, vc + (size_t)s * KVD + (size_t)kvh * hd, out, hd);
+        });
+        matmul(L.wo, att.data(), n, xb2.data(), tp, ms, kern);
+        for (size_t i = 0; i < (size_t)n * D; ++i) x[i] += xb2[i];
+
+        // SwiGLU MLP: x += W_down (silu(W_gate xb) * (W_up xb)).
+        for (int t = 0; t < n; ++t) rmsnorm(&xb[(size_t)t * D], &x[(size_t)t * D], L.ffn_norm.data(), D, hp.rms_eps);
+        matmul(L.w_gate, xb.data(), n, hg.data(), tp, ms, kern);
+        matmul(L.w_up, xb.data(), n, hu.data(), tp, ms, kern);
+        for (size_t i = 0; i < (size_t)n * F; ++i) {
+            const float g = hg[i];
+            hg[i] = g / (1.0f + std::exp(-g)) * hu[i];
+        }
+        matmul(L.w_down, hg.data(), n, xb2.data(), tp, ms, kern);
+        for (size_t i = 0; i < (size_t)n * D; ++i) x[i] += xb2[i];
+    }
+    n_past += n;
+
+    if (!logits) return;
+    // Final norm and output head: every token's logits, or the last one's.
+    const int first = all ? 0 : n - 1;
+    for (int t = first; t < n; ++t) rmsnorm(&xb[(size_t)t * D], &x[(size_t)t * D], m.output_norm.data(), D, hp.rms_eps);
+    matmul(m.output, &xb[(size_t)first * D], n - first, logits, tp, ms, kern);
+}
+
+}  // namespace wqe

@@ -1,0 +1,78 @@
+// The model (validated weights over the mapped file) and the inference context (KV cache,
+// scratch, threads) with the forward pass.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gguf.h"
+#include "linear.h"
+#include "threadpool.h"
+
+namespace wqedge { class Tokenizer; }
+
+namespace wqe {
+
+struct HParams {
+    int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_ff = 0;
+    int n_ctx_train = 0, group_size = 0, format_version = 0;
+    float rope_base = 10000.0f, rms_eps = 1e-5f, effective_bits = 0.0f;
+    int bos = -1, eos = -1;
+    bool add_bos = true;
+    int q_dim() const { return n_head * head_dim; }
+    int kv_dim() const { return n_head_kv * head_dim; }
+};
+
+struct Layer {
+    std::vector<float> attn_norm, ffn_norm;
+    Linear wq, wk, wv, wo, w_gate, w_up, w_down;
+};
+
+struct Model {
+    std::unique_ptr<GGUFFile> file;
+    HParams hp;
+    Linear tok_embd;
+    Linear output;             // == tok_embd when tied
+    bool tied = false;
+    std::vector<float> output_norm;
+    std::vector<float> inv_freq;  // head_dim / 2, llama3 factors applied
+    bool rope_scaled = false;
+    std::vector<Layer> layers;
+    std::string plan_json;
+    uint64_t quantized_bytes = 0;
+    // Largest sizes, for scratch allocation.
+    int max_K = 0, max_N = 0, max_g_pad = 32, max_x_floats = 0, max_chunks = 1;
+
+    std::unique_ptr<wqedge::Tokenizer> tokenizer;
+    std::string tokenizer_error;  // why there is none
+
+    explicit Model(const std::string& path);  // throws wqe::Error
+    ~Model();
+};
+
+struct Context {
+    const Model& model;
+    int n_ctx;
+    int n_past = 0;
+    std::unique_ptr<ThreadPool> pool;
+    std::vector<float> k_cache, v_cache;  // [layer][n_ctx][kv_dim]
+    MatScratch ms;
+    int n_batch_alloc = 0;
+    // Activations of one micro-batch.
+    std::vector<float> x, xb, xb2, q, k, v, att, hg, hu, rope_cos, rope_sin;
+    std::vector<std::vector<float>> scores;  // per thread, n_ctx
+
+    Context(const Model& m, int n_ctx, int n_threads);
+    void set_threads(int n);
+    // Evaluate tokens at n_past; logits: nullptr, last token's (all = false) or every token's.
+    void eval(const int32_t* tokens, int n, float* logits, bool all);
+
+private:
+    void forward(const int32_t* tokens, int n, float* logits, bool all);
+    void ensure_batch(int n);
+};
+
+constexpr int MAX_UBATCH = 512;  // tokens per forward pass; longer evals are split
+
+}  // namespace wqe

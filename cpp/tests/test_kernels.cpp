@@ -1,0 +1,269 @@
+// Every AVX2 kernel against its scalar reference, and both against a double-precision dot of the
+// dequantized weights, on random and adversarial row-blocks; then threaded matvec/matmul of a
+// mixed-type linear against the same reference. Exit status 0 when all checks pass.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "blocks.h"
+#include "common.h"
+#include "linear.h"
+#include "threadpool.h"
+
+using namespace wqe;
+
+static int n_pass = 0, n_fail = 0;
+
+static void check(bool ok, const char* what, const char* detail = "") {
+    if (ok) ++n_pass;
+    else {
+        ++n_fail;
+        if (n_fail < 30) std::printf("FAIL %s %s\n", what, detail);
+    }
+}
+
+static std::mt19937_64 rng(12345);
+static float urand(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); }
+
+enum Mode { RANDOM, EXTREME, ZERO, TINY };
+
+// Fill one row-block of `action` for width g with n_p residuals.
+static void make_rowblock(const BlockTraits& bt, int g, int n_p, Mode mode, uint8_t* rb) {
+    const int g_pad = padded(g);
+    const size_t n = row_bytes(bt, g, n_p);
+    if (mode == ZERO) { std::memset(rb, 0, n); return; }
+    for (size_t i = 0; i < n; ++i) rb[i] = (uint8_t)rng();
+    auto put_h = [](uint8_t* p, float v) { uint16_t h = fp32_to_fp16(v); std::memcpy(p, &h, 2); };
+    float scale = mode == EXTREME ? 65504.0f : mode == TINY ? 6.0e-8f : urand(1e-3f, 0.1f);
+    if (bt.id == 0) {
+        for (int c = 0; c < g_pad; ++c) put_h(rb + 2 * c, c < g ? urand(-1, 1) * (mode == EXTREME ? 65504.0f : 1.0f) : 0.0f);
+    } else if (bt.header_bytes == 4) {
+        put_h(rb, scale);
+        put_h(rb + 2, mode == EXTREME ? -65504.0f : urand(-1, 1) * scale * 8);
+    } else {
+        put_h(rb, scale);
+    }
+    const size_t res = bt.header_bytes + bt.code_bytes(g_pad);
+    for (int p = 0; p < n_p; ++p) put_h(rb + res + 2 * p, mode == EXTREME ? -65504.0f : urand(-0.5f, 0.5f));
+}
+
+static void chunk_tests() {
+    const int widths[] = {1, 17, 32, 64, 96, 100, 128, 160, 200, 256, 512};
+    const Mode modes[] = {RANDOM, RANDOM, EXTREME, ZERO, TINY};
+    for (int id = 0; id < N_BLOCK_TYPES; ++id) {
+        const BlockTraits& bt = *block_traits(id);
+        for (int g : widths)
+            for (int n_p : {0, 1, 5})
+                for (Mode mode : modes) {
+                    if (n_p > g) continue;
+                    const int g_pad = padded(g);
+                    const size_t rbn = row_bytes(bt, g, n_p);
+                    std::vector<uint8_t> rb(rbn);
+                    make_rowblock(bt, g, n_p, mode, rb.data());
+                    // exact-size buffer: any read past the row-block would be caught by ASan builds
+                    std::vector<int> prot;
+                    for (int p = 0; p < n_p; ++p) prot.push_back((int)((p * 7919L + 3) % g));
+                    std::sort(prot.begin(), prot.end());
+                    prot.erase(std::unique(prot.begin(), prot.end()), prot.end());
+                    const int np = (int)prot.size();
+                    std::vector<float> x(g);
+                    const float xs = mode == EXTREME ? 1e3f : 1.0f;
+                    for (float& v : x) v = urand(-1, 1) * xs;
+                    if (mode == TINY) for (float& v : x) v *= 1e-3f;
+
+                    // dequant: scalar == AVX2 bit for bit
+                    std::vector<float> ws(dequant_floats(g_pad) + 64), wa(dequant_floats(g_pad) + 64);
+                    bt.dequant[K_SCALAR](rb.data(), g_pad, ws.data());
+                    const size_t res = bt.header_bytes + bt.code_bytes(g_pad);
+                    double ref = 0.0, mag = 0.0;
+                    for (int c = 0; c < g; ++c) {
+                        float w = ws[c];
+                        for (int p = 0; p < np; ++p)
+                            if (prot[p] == c) w += load_h(rb.data() + res + 2 * p);
+                        ref += (double)w * x[c];
+                        mag += std::fabs((double)w * x[c]);
+                    }
+                    char detail[160];
+                    std::snprintf(detail, sizeof detail, "type=%s g=%d n_p=%d mode=%d", bt.name, g, np, (int)mode);
+                    if (cpu_has_avx2()) {
+                        bt.dequant[K_AVX2](rb.data(), g_pad, wa.data());
+                        check(std::memcmp(ws.data(), wa.data(), sizeof(float) * g) == 0, "dequant avx2==scalar", detail);
+                    }
+                    std::vector<float> xc(x_floats(bt, g_pad) + 8);
+                    const float xsum = prepare_x(bt, x.data(), g, xc.data());
+                    double rsum = 0.0;
+                    for (int p = 0; p < np; ++p) rsum += (double)load_h(rb.data() + res + 2 * p) * x[prot[p]];
+                    const double ds = bt.dot[K_SCALAR](rb.data(), xc.data(), xsum, g_pad) + rsum;
+                    // The affine form d*sum(qx) + m*sum(x) cancels differently from sum((dq+m)x): allow
+                    // 1e-5 of the magnitude of the terms (|d q x| + |m x|).
+                    double termmag = mag;
+                    if (bt.header_bytes == 4 || bt.id == 5) {
+                        const float d = load_h(rb.data()), m = bt.header_bytes == 4 ? load_h(rb.data() + 2) : d;
+                        termmag = 0.0;
+                        for (int c = 0; c < g; ++c) termmag += (std::fabs(ws[c] - m) + 2 * std::fabs(m) + std::fabs(d)) * std::fabs(x[c]);
+                    }
+                    const double tol = 1e-5 * termmag + 1e-30;
+                    // dot_rows over 3 copies of the row-block: AVX2 equals its dot bit for bit; the
+                    // production scalar rows (dequantize, then float dot) agree within tol.
+                    for (int kk : {K_SCALAR, K_AVX2}) {
+                        if (kk == K_AVX2 && !cpu_has_avx2()) continue;
+                        std::vector<uint8_t> three(3 * (rbn + 5));
+                        for (int r = 0; r < 3; ++r) std::memcpy(&three[r * (rbn + 5)], rb.data(), rbn);
+                        float out[3];
+                        bt.dot_rows[kk](three.data(), rbn + 5, 3, xc.data(), xsum, g_pad, out);
+                        const float one = bt.dot[kk](rb.data(), xc.data(), xsum, g_pad);
+                        bool ok = true;
+                        for (int r = 0; r < 3; ++r)
+                            ok = ok && (kk == K_AVX2 ? out[r] == one : std::fabs((double)out[r] - one) <= tol);
+                        check(ok, kk == K_AVX2 ? "dot_rows == dot (avx2)" : "dot_rows ~ dot (scalar)", detail);
+                    }
+                    check(std::fabs(ds - ref) <= tol, "dot scalar==dequant reference", detail);
+                    if (cpu_has_avx2()) {
+                        const double da = bt.dot[K_AVX2](rb.data(), xc.data(), xsum, g_pad) + rsum;
+                        if (!(std::fabs(da - ds) <= tol)) {
+                            std::snprintf(detail + std::strlen(detail), 60, " avx2=%g scalar=%g tol=%g", da, ds, tol);
+                        }
+                        check(std::fabs(da - ds) <= tol, "dot avx2==scalar", detail);
+                    }
+                }
+    }
+}
+
+static void vec_tests() {
+    if (!cpu_has_avx2()) return;
+    const VecOps& s = vec_ops(K_SCALAR);
+    const VecOps& a = vec_ops(K_AVX2);
+    for (int n : {1, 7, 8, 9, 31, 64, 100, 513}) {
+        std::vector<float> x(n), y(n), y2(n);
+        std::vector<uint8_t> h(2 * n);
+        for (int i = 0; i < n; ++i) {
+            x[i] = urand(-1, 1);
+            y[i] = urand(-1, 1);
+            const uint16_t v = fp32_to_fp16(urand(-2, 2));
+            std::memcpy(&h[2 * i], &v, 2);
+        }
+        double mag = 0;
+        for (int i = 0; i < n; ++i) mag += std::fabs(x[i] * y[i]);
+        check(std::fabs(s.dot_f32(x.data(), y.data(), n) - a.dot_f32(x.data(), y.data(), n)) <= 1e-5 * mag + 1e-30, "dot_f32");
+        check(std::fabs(s.dot_f16(h.data(), x.data(), n) - a.dot_f16(h.data(), x.data(), n)) <= 1e-5 * 2 * n + 1e-30, "dot_f16");
+        std::vector<float> fs(n), fa(n);
+        s.f16_to_f32(h.data(), fs.data(), n);
+        a.f16_to_f32(h.data(), fa.data(), n);
+        check(std::memcmp(fs.data(), fa.data(), 4 * n) == 0, "f16_to_f32");
+        y2 = y;
+        s.axpy(0.5f, x.data(), y.data(), n);
+        a.axpy(0.5f, x.data(), y2.data(), n);
+        bool ok = true;
+        for (int i = 0; i < n; ++i) ok = ok && std::fabs(y[i] - y2[i]) <= 1e-6f;
+        check(ok, "axpy");
+    }
+    // gemm4
+    for (int nt : {1, 2, 3, 4, 7}) {
+        const int K = 72, nr = 3;
+        std::vector<float> W(4 * K, 0.0f), X(nt * K), Ys(nt * 4), Ya(nt * 4);
+        for (int i = 0; i < nr * K; ++i) W[i] = urand(-1, 1);
+        for (float& v : X) v = urand(-1, 1);
+        s.gemm4(W.data(), K, X.data(), K, nt, K, Ys.data(), 4, nr);
+        a.gemm4(W.data(), K, X.data(), K, nt, K, Ya.data(), 4, nr);
+        bool ok = true;
+        for (int t = 0; t < nt; ++t)
+            for (int r = 0; r < nr; ++r) ok = ok && std::fabs(Ys[t * 4 + r] - Ya[t * 4 + r]) <= 1e-4f;
+        check(ok, "gemm4");
+    }
+}
+
+// A mixed linear: every block type once, a ragged last chunk, protected columns.
+static void linear_tests() {
+    const int G = 64, N = 37;
+    const int types[] = {0, 1, 2, 3, 4, 5, 6, 2};
+    const int n_chunks = 8;
+    const int K = G * (n_chunks - 1) + 36;  // ragged
+    Linear L;
+    L.kind = Linear::CHUNKED;
+    L.N = N;
+    L.K = K;
+    size_t off = 0;
+    int xoff = 0, prot0 = 0;
+    for (int c = 0; c < n_chunks; ++c) {
+        Chunk ch;
+        ch.bt = block_traits(types[c]);
+        ch.col0 = c * G;
+        ch.g = std::min(G, K - ch.col0);
+        ch.g_pad = padded(ch.g);
+        ch.n_prot = c % 3 == 1 ? 2 : 0;
+        ch.prot0 = prot0;
+        for (int p = 0; p < ch.n_prot; ++p) L.prot_local.push_back(5 + 11 * p);
+        prot0 += ch.n_prot;
+        ch.off = off;
+        ch.res_off = ch.bt->header_bytes + ch.bt->code_bytes(ch.g_pad);
+        ch.xoff = xoff;
+        xoff += round8(x_floats(*ch.bt, ch.g_pad));
+        off += row_bytes(*ch.bt, ch.g, ch.n_prot);
+        L.max_g_pad = std::max(L.max_g_pad, ch.g_pad);
+        L.chunks.push_back(ch);
+    }
+    L.row_bytes = off;
+    L.x_floats = xoff;
+    std::vector<uint8_t> data(off * N);
+    for (int r = 0; r < N; ++r)
+        for (const Chunk& ch : L.chunks) make_rowblock(*ch.bt, ch.g, ch.n_prot, r == 3 ? ZERO : RANDOM, &data[r * off + ch.off]);
+    L.data = data.data();
+
+    // Reference: dequantize (scalar) then double dots.
+    std::vector<float> Wd((size_t)N * (round8(K) + 64));
+    std::vector<float> tmp(dequant_floats(64) + 64);
+    dequant_rows(L, 0, N, Wd.data(), round8(K) + 64, tmp.data(), K_SCALAR);
+    const int n_tok = 5;
+    std::vector<float> X((size_t)n_tok * K);
+    for (float& v : X) v = urand(-1, 1);
+    for (int kern : {K_SCALAR, K_AVX2}) {
+        if (kern == K_AVX2 && !cpu_has_avx2()) continue;
+        for (int threads : {1, 2, 3}) {
+            ThreadPool pool(threads);
+            MatScratch ms;
+            ms.reserve(threads, K, 64, L.x_floats, n_chunks);
+            std::vector<float> Y((size_t)n_tok * N), y(N);
+            matmul(L, X.data(), n_tok, Y.data(), pool, ms, kern);
+            bool ok_mm = true, ok_mv = true;
+            for (int t = 0; t < n_tok; ++t) {
+                matvec(L, &X[(size_t)t * K], y.data(), pool, ms, kern);
+                for (int r = 0; r < N; ++r) {
+                    double ref = 0, mag = 0;
+                    for (int k = 0; k < K; ++k) {
+                        ref += (double)Wd[(size_t)r * (round8(K) + 64) + k] * X[(size_t)t * K + k];
+                        mag += std::fabs((double)Wd[(size_t)r * (round8(K) + 64) + k] * X[(size_t)t * K + k]) + 1e-3;
+                    }
+                    ok_mm = ok_mm && std::fabs(Y[(size_t)t * N + r] - ref) <= 1e-5 * mag;
+                    ok_mv = ok_mv && std::fabs(y[r] - ref) <= 1e-4 * mag;
+                }
+            }
+            char d[64];
+            std::snprintf(d, sizeof d, "kernels=%d threads=%d", kern, threads);
+            check(ok_mm, "matmul mixed linear", d);
+            check(ok_mv, "matvec mixed linear", d);
+        }
+    }
+}
+
+static void fp16_tests() {
+    // fp32_to_fp16 o fp16_to_fp32 is the identity on all finite halves.
+    bool ok = true;
+    for (uint32_t h = 0; h < 65536; ++h) {
+        if (((h >> 10) & 0x1F) == 0x1F) continue;
+        const float f = fp16_to_fp32((uint16_t)h);
+        ok = ok && fp32_to_fp16(f) == (uint16_t)h;
+    }
+    check(ok, "fp16 round trip");
+}
+
+int main() {
+    std::printf("%s\n", system_info());
+    fp16_tests();
+    chunk_tests();
+    vec_tests();
+    linear_tests();
+    std::printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail ? 1 : 0;
+}

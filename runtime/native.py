@@ -1,0 +1,342 @@
+"""Python face of the C++ runtime (libwqedge): models, contexts, generation and logits for evaluation.
+
+    from wqedge.runtime import native
+    text = native.run("model.gguf", "Once upon a time", max_new_tokens=32)       # generate
+    fn = native.logits_fn("model.gguf")      # int32[B, T] -> float32[B, T, vocab], for wqedge.perplexity
+
+numpy only (no torch). The library is found as wqedge.runtime._native describes.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from . import _native
+from ._native import NativeError, check
+
+__all__ = ["NativeError", "Model", "Context", "run", "generate_tokens", "logits_fn", "NativeEvaluator", "system_info",
+           "set_kernels", "get_kernels", "chunk_matvec", "chunk_dequant", "row_bytes", "available", "library_path"]
+
+available = _native.available
+library_path = _native.library_path
+
+
+def system_info() -> str:
+    return _native.lib().wqe_system_info().decode()
+
+
+def set_kernels(kernels: str | int) -> None:
+    """'auto', 'scalar' or 'avx2' (or the WQE_KERNELS_* number), for the whole process."""
+    k = {"auto": 0, "scalar": 1, "avx2": 2}.get(kernels, kernels) if isinstance(kernels, str) else kernels
+    if not isinstance(k, int):
+        raise ValueError(f"unknown kernel set {kernels!r}")
+    check(_native.lib().wqe_set_kernels(k))
+
+
+def get_kernels() -> str:
+    return {1: "scalar", 2: "avx2"}.get(_native.lib().wqe_get_kernels(), "?")
+
+
+def _i32(a) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a), dtype=np.int32)
+
+
+def _ptr(a: np.ndarray, ctype):
+    return a.ctypes.data_as(C.POINTER(ctype))
+
+
+class Model:
+    """A model file, memory-mapped and validated (NativeError with code ERR_FORMAT etc. when not)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self._lib = _native.lib()
+        self._h = C.c_void_p()
+        self.path = os.fspath(path)
+        check(self._lib.wqe_model_open(self.path.encode(), C.byref(self._h)))
+        info = _native.ModelInfo()
+        check(self._lib.wqe_model_get_info(self._h, C.byref(info)))
+        self.info = info.as_dict()
+
+    @property
+    def handle(self):
+        if not self._h:
+            raise ValueError("model is closed")
+        return self._h
+
+    def close(self) -> None:
+        if getattr(self, "_h", None):
+            self._lib.wqe_model_free(self._h)
+            self._h = C.c_void_p()
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def n_vocab(self) -> int:
+        return self.info["n_vocab"]
+
+    @property
+    def bos_id(self) -> int | None:
+        return None if self.info["bos_token_id"] < 0 else self.info["bos_token_id"]
+
+    @property
+    def eos_id(self) -> int | None:
+        return None if self.info["eos_token_id"] < 0 else self.info["eos_token_id"]
+
+    @property
+    def plan_json(self) -> str:
+        return self._lib.wqe_model_plan(self.handle).decode()
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> np.ndarray:
+        """int32 token ids; add_bos None follows the file's tokenizer.ggml.add_bos_token."""
+        raw = text.encode("utf-8")
+        flag = -1 if add_bos is None else int(bool(add_bos))
+        n = C.c_int32()
+        cap = len(raw) + 16
+        for _ in range(2):
+            out = np.empty(cap, np.int32)
+            st = self._lib.wqe_tokenize(self.handle, raw, len(raw), flag, _ptr(out, C.c_int32), cap, C.byref(n))
+            if st == _native.ERR_BUFFER_TOO_SMALL:
+                cap = n.value
+                continue
+            check(st)
+            return out[: n.value].copy()
+        raise RuntimeError("tokenize: buffer size negotiation failed")
+
+    def _text_call(self, fn, *args) -> bytes:
+        length = C.c_size_t()
+        cap = 256
+        for _ in range(2):
+            buf = C.create_string_buffer(cap)
+            st = fn(*args, buf, cap, C.byref(length))
+            if st == _native.ERR_BUFFER_TOO_SMALL:
+                cap = length.value + 1
+                continue
+            check(st)
+            return buf.raw[: length.value]
+        raise RuntimeError("buffer size negotiation failed")
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        t = _i32(tokens)
+        return self._text_call(self._lib.wqe_detokenize, self.handle, _ptr(t, C.c_int32), len(t)).decode("utf-8", "replace")
+
+    def token_to_piece(self, token: int, special: bool = False) -> bytes:
+        return self._text_call(self._lib.wqe_token_to_piece, self.handle, int(token), int(special))
+
+
+class Context:
+    """KV cache, scratch and threads for evaluating a Model; one thread at a time."""
+
+    def __init__(self, model: Model, n_ctx: int = 0, n_threads: int = 0):
+        self.model = model
+        self._lib = model._lib
+        self._h = C.c_void_p()
+        params = _native.ContextParams(int(n_ctx), int(n_threads))
+        check(self._lib.wqe_context_new(model.handle, C.byref(params), C.byref(self._h)))
+
+    def close(self) -> None:
+        if getattr(self, "_h", None):
+            self._lib.wqe_context_free(self._h)
+            self._h = C.c_void_p()
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def n_ctx(self) -> int:
+        return self._lib.wqe_context_size(self._h)
+
+    @property
+    def n_threads(self) -> int:
+        return self._lib.wqe_get_threads(self._h)
+
+    @n_threads.setter
+    def n_threads(self, n: int) -> None:
+        check(self._lib.wqe_set_threads(self._h, int(n)))
+
+    @property
+    def position(self) -> int:
+        return self._lib.wqe_get_position(self._h)
+
+    def set_position(self, n_past: int) -> None:
+        check(self._lib.wqe_set_position(self._h, int(n_past)))
+
+    def reset(self) -> None:
+        self.set_position(0)
+
+    def eval(self, tokens: Sequence[int], all_logits: bool = False, want_logits: bool = True) -> np.ndarray | None:
+        """Append tokens to the cache; float32 logits [n_vocab] (last token) or [n, n_vocab] (all_logits)."""
+        t = _i32(tokens).reshape(-1)
+        V = self.model.n_vocab
+        out = None
+        if want_logits:
+            out = np.empty((len(t), V) if all_logits else (V,), np.float32)
+        check(self._lib.wqe_eval(self._h, _ptr(t, C.c_int32), len(t),
+                                 _ptr(out, C.c_float) if out is not None else None, int(all_logits)))
+        return out
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int = 0, stop_at_eos: bool = True,
+                 callback: Callable[[int], bool | None] | None = None) -> list[int]:
+        """Evaluate prompt at the current position and generate; callback(token) returning True stops."""
+        p = _i32(prompt).reshape(-1)
+        out = np.zeros(max(int(max_new_tokens), 1), np.int32)
+        n = C.c_int32()
+        sp = _native.SamplerParams(float(temperature), float(top_p), int(top_k), int(seed) & (2**64 - 1))
+        errors = []
+
+        def _cb(tok, _user):
+            try:
+                return 1 if callback(int(tok)) else 0
+            except BaseException as e:  # don't let exceptions cross the C boundary
+                errors.append(e)
+                return 1
+
+        cb = _native.TOKEN_CALLBACK(_cb) if callback else _native.TOKEN_CALLBACK()
+        check(self._lib.wqe_generate(self._h, _ptr(p, C.c_int32), len(p), int(max_new_tokens), C.byref(sp),
+                                     int(stop_at_eos), cb, None, _ptr(out, C.c_int32), C.byref(n)))
+        if errors:
+            raise errors[0]
+        return [int(x) for x in out[: n.value]]
+
+
+def generate_tokens(model: Model, prompt: str | Sequence[int], max_new_tokens: int = 64, **kw) -> list[int]:
+    ctx_kw = {k: kw.pop(k) for k in ("n_ctx", "n_threads") if k in kw}
+    tokens = model.tokenize(prompt) if isinstance(prompt, str) else prompt
+    with Context(model, **ctx_kw) as ctx:
+        return ctx.generate(tokens, max_new_tokens, **kw)
+
+
+def run(model_path: str | os.PathLike, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+        top_p: float = 1.0, top_k: int = 0, seed: int = 0, n_threads: int = 0, n_ctx: int = 0,
+        stream: Callable[[str], None] | None = None, stop_at_eos: bool = True) -> str:
+    """Generate a continuation of `prompt` with the C++ runtime and return it (the new text only, as it
+    reads appended to the prompt).
+
+    stream: called with each new piece of text as it is produced (e.g. print with end="", flush=True).
+    """
+    with Model(model_path) as model:
+        tokens = model.tokenize(prompt)
+        if n_ctx == 0:
+            n_ctx = min(model.info["n_ctx_train"], len(tokens) + max_new_tokens)
+        pending = bytearray()
+
+        def cb(tok: int):
+            if stream is not None:
+                pending.extend(model.token_to_piece(tok))
+                try:
+                    text = pending.decode("utf-8")
+                except UnicodeDecodeError:
+                    if len(pending) < 4:  # an incomplete UTF-8 sequence: wait for the next piece
+                        return False
+                    text = pending.decode("utf-8", "replace")
+                pending.clear()
+                stream(text)
+            return False
+
+        with Context(model, n_ctx=n_ctx, n_threads=n_threads) as ctx:
+            new = ctx.generate(tokens, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, cb)
+        if stream is not None and pending:
+            stream(pending.decode("utf-8", "replace"))
+        # The continuation as it reads after the prompt (decoding the new ids alone would drop a leading space).
+        prefix = model.detokenize(tokens)
+        full = model.detokenize(list(tokens) + new)
+        return full[len(prefix):] if full.startswith(prefix) else model.detokenize(new)
+
+
+class NativeEvaluator:
+    """Logits of token windows from the C++ runtime, in the shape wqedge.perplexity expects.
+
+    evaluator(windows int32[B, T]) -> float32[B, T, n_vocab]; each window starts from an empty cache.
+    """
+
+    def __init__(self, model: Model | str | os.PathLike, n_ctx: int = 0, n_threads: int = 0):
+        self.model = model if isinstance(model, Model) else Model(model)
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self._ctx: Context | None = None
+
+    def _context(self, T: int) -> Context:
+        if self._ctx is None or self._ctx.n_ctx < T:
+            if self._ctx is not None:
+                self._ctx.close()
+            self._ctx = Context(self.model, n_ctx=max(T, self.n_ctx), n_threads=self.n_threads)
+        return self._ctx
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        w = _i32(windows)
+        if w.ndim == 1:
+            w = w[None]
+        B, T = w.shape
+        ctx = self._context(T)
+        out = np.empty((B, T, self.model.n_vocab), np.float32)
+        for b in range(B):
+            ctx.reset()
+            out[b] = ctx.eval(w[b], all_logits=True)
+        ctx.reset()
+        return out
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+
+
+def logits_fn(model: Model | str | os.PathLike, n_ctx: int = 0, n_threads: int = 0) -> NativeEvaluator:
+    """The LogitsFn of wqedge.perplexity for the C++ runtime: int32[B, T] -> float32[B, T, vocab]."""
+    return NativeEvaluator(model, n_ctx=n_ctx, n_threads=n_threads)
+
+
+# ---------------------------------------------------------------- kernel test hooks
+def row_bytes(action: int, g: int, n_protected: int = 0) -> int:
+    return int(_native.lib().wqe_row_bytes(int(action), int(g), int(n_protected)))
+
+
+def _chunk_args(action, g, protected, rowblocks):
+    rb = np.ascontiguousarray(rowblocks, dtype=np.uint8)
+    if rb.ndim != 2:
+        raise ValueError("rowblocks must be uint8[N, row_bytes]")
+    prot = _i32([] if protected is None else protected)
+    return rb, prot
+
+
+def chunk_matvec(action: int, g: int, protected: Iterable[int] | None, rowblocks: np.ndarray, x: np.ndarray,
+                 kernels: str = "auto") -> np.ndarray:
+    """y = W x for one chunk's row-blocks uint8[N, row_bytes] (as in the file), x float32[g]."""
+    rb, prot = _chunk_args(action, g, protected, rowblocks)
+    xx = np.ascontiguousarray(x, dtype=np.float32)
+    if xx.shape != (g,):
+        raise ValueError(f"x must have shape ({g},)")
+    y = np.empty(rb.shape[0], np.float32)
+    k = {"auto": 0, "scalar": 1, "avx2": 2}[kernels]
+    check(_native.lib().wqe_test_chunk_matvec(int(action), int(g), len(prot), _ptr(prot, C.c_int32),
+                                              _ptr(rb, C.c_uint8), rb.shape[0], rb.shape[1], _ptr(xx, C.c_float), k,
+                                              _ptr(y, C.c_float)))
+    return y
+
+
+def chunk_dequant(action: int, g: int, protected: Iterable[int] | None, rowblocks: np.ndarray,
+                  kernels: str = "auto") -> np.ndarray:
+    """float32[N, g] weights of one chunk's row-blocks, dequantized by the C++ kernels."""
+    rb, prot = _chunk_args(action, g, protected, rowblocks)
+    w = np.empty((rb.shape[0], g), np.float32)
+    k = {"auto": 0, "scalar": 1, "avx2": 2}[kernels]
+    check(_native.lib().wqe_test_chunk_dequant(int(action), int(g), len(prot), _ptr(prot, C.c_int32),
+                                               _ptr(rb, C.c_uint8), rb.shape[0], rb.shape[1], k, _ptr(w, C.c_float)))
+    return w
