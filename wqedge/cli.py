@@ -231,45 +231,66 @@ def inspect(gguf_file):
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Evaluation text (UTF-8).")
 @click.option("--chunks", type=int, default=32, show_default=True,
-              help="Number of 512-token windows to score (0 = all).")
+              help="Number of --ctx-token windows to score (0 = all).")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Window length in tokens.")
+@click.option("--backend", type=click.Choice(["torch", "cpp"]), default="torch", show_default=True,
+              help="'torch': the PyTorch reference (dequantized weights through transformers); "
+                   "'cpp': our C++ runtime (GGUF only).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False),
-              help="Hugging Face folder whose tokenizer to use for a GGUF (default: the GGUF's own vocabulary).")
-@click.option("--batch", type=int, default=4, show_default=True, help="Windows per forward pass.")
-def eval_cmd(model, text_file, chunks, ctx, tokenizer_dir, batch):
+              help="Hugging Face folder whose tokenizer to use for a GGUF with the torch backend "
+                   "(default: the GGUF's own vocabulary).")
+@click.option("--threads", type=int, default=0, help="Threads for the cpp backend (0 = all cores).")
+@click.option("--batch", type=int, default=4, show_default=True, help="Windows per forward pass (torch).")
+def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, batch):
     """Perplexity of MODEL (a Hugging Face folder or a wqedge GGUF) on a text, as llama.cpp defines it.
 
     The whole text is tokenized with a leading BOS and cut into non-overlapping windows of --ctx tokens;
     each window's first token is replaced by BOS and only the second half of each window is scored.
     """
-    import torch
-
     from .perplexity import perplexity
-    from .reference import load_reference, logits_fn
 
     path = Path(model)
     text = _read_text(text_file)
-    if path.is_dir():
-        ckpt = _open_checkpoint(path)
-        net = ckpt.load_hf_model(torch.float32)
-        tok_dir = path
-        bos = ckpt.spec.bos_token_id
-    else:
-        from .runtime.gguf_reader import FormatError
+    if backend == "cpp":
+        if path.is_dir():
+            _fail("the cpp backend runs wqedge GGUF files; convert the model first (wqedge convert)")
+        from .runtime import native
         try:
-            net = load_reference(path)
-        except FormatError as e:
+            m = native.Model(path)
+        except native.NativeError as e:
             _fail(str(e))
-        tok_dir = tokenizer_dir
+        fn = native.NativeEvaluator(m, n_ctx=ctx, n_threads=threads)
+        tokens = [m.bos_id] + list(m.tokenize(text, add_bos=False))
+        bos = m.bos_id
+        batch = 1
+    else:
+        import torch
+
+        from .reference import load_reference, logits_fn
+        if path.is_dir():
+            ckpt = _open_checkpoint(path)
+            net = ckpt.load_hf_model(torch.float32)
+            tok_dir = path
+        else:
+            from .runtime.gguf_reader import FormatError
+            try:
+                net = load_reference(path)
+            except FormatError as e:
+                _fail(str(e))
+            tok_dir = tokenizer_dir
         bos = net.config.bos_token_id
-    tokens = _tokenize(text, tok_dir, None if tok_dir else path)
+        fn = logits_fn(net)
+        tokens = _tokenize(text, tok_dir, None if tok_dir else path)
     n_windows = None if chunks == 0 else chunks
     total = min(len(tokens) // ctx, n_windows or 1 << 30)
     from tqdm import tqdm
     with tqdm(total=total, desc="evaluating", unit="window", leave=False, disable=None, file=sys.stderr) as bar:
-        r = perplexity(logits_fn(net), tokens, bos, ctx, n_windows, batch, progress=bar.update)
+        try:
+            r = perplexity(fn, tokens, bos, ctx, n_windows, batch, progress=bar.update)
+        except ValueError as e:
+            _fail(str(e))
     click.echo(f"perplexity: {r.perplexity:.4f} over {r.n_windows} windows of {ctx} ({r.n_scored} tokens scored); "
-               f"every position: {r.perplexity_all:.4f}")
+               f"every position: {r.perplexity_all:.4f} [{backend}]")
 
 
 def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
@@ -281,6 +302,28 @@ def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
         tok = AutoTokenizer.from_pretrained(str(Path(gguf_path).parent), gguf_file=Path(gguf_path).name)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return [tok.bos_token_id] + list(ids)
+
+
+@main.command()
+@click.argument("gguf_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--prompt", "-p", default="Once upon a time", show_default=True, help="Text to continue.")
+@click.option("--max-tokens", "-n", type=int, default=64, show_default=True, help="Tokens to generate.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens (0 = all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (same seed, same text).")
+@click.option("--threads", type=int, default=0, help="Threads (0 = all cores).")
+def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads):
+    """Generate text from GGUF_FILE with the C++ runtime, streaming it to the terminal."""
+    from .runtime import native
+    click.echo(prompt, nl=False)
+    try:
+        native.run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads,
+                   stream=lambda piece: click.echo(piece, nl=False))
+    except native.NativeError as e:
+        click.echo()
+        _fail(str(e))
+    click.echo()
 
 
 if __name__ == "__main__":

@@ -16,22 +16,26 @@ from .checkpoint import LlamaCheckpoint
 from .converters.gguf_writer import dense_tensors, write_gguf
 from .converters.tokenizer import read_tokenizer
 from .plan import Plan
-from .quant.fit import fit_chunk
+from .quant.fit import fit_chunk, fit_linear
 from .spec import other_tensors
 from .units import Linear, chunk_bounds
 
 
 def quantize_linear(w: torch.Tensor, plan: Plan, name: str, h: torch.Tensor | None = None) -> list[ChunkData]:
-    """Fit each chunk of one linear [N, K] as the plan says; h is diag(XᵀX) over K, or None."""
+    """Fit each chunk of one linear [N, K] as the plan says; h is diag(XᵀX) over K, or None.
+
+    h is damped with the whole linear's mean (as NeUQI does, and as the allocators' damage table fits).
+    """
     t = plan.tensor(name)
-    out = []
-    for (s, e), action, method, prot in zip(chunk_bounds(t.in_features, plan.group_size), t.actions, t.methods, t.protected):
-        hc = None if h is None else h[s:e]
-        try:
-            out.append(fit_chunk(w[:, s:e], action, method, hc, prot or None))
-        except ValueError as err:
-            raise ValueError(f"{name} columns {s}:{e}: {err}") from None
-    return out
+    try:
+        if len(set(t.methods)) == 1:  # the usual case: one batched fit per action
+            return fit_linear(w, t.actions, plan.group_size, t.methods[0], h, protected=t.protected)
+        damp_mean = None if h is None else float(h.mean())
+        return [fit_chunk(w[:, s:e], a, m, None if h is None else h[s:e], p or None, damp_mean=damp_mean)
+                for (s, e), a, m, p in zip(chunk_bounds(t.in_features, plan.group_size), t.actions, t.methods,
+                                           t.protected)]
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
 
 
 def quantize_linears(ckpt: LlamaCheckpoint, plan: Plan, stats: dict[str, torch.Tensor] | None = None,

@@ -207,14 +207,17 @@ def _split_protected(protected, bounds):
     if protected is None:
         return [None] * n
     if isinstance(protected, (list, tuple)) and len(protected) == n and all(
-            p is None or isinstance(p, (Sequence, np.ndarray, torch.Tensor)) for p in protected) and any(
-            p is not None and not np.isscalar(p) for p in protected):
+            p is None or not np.isscalar(p) for p in protected):
         return [None if p is None else np.asarray(p, dtype=np.int64) for p in protected]
     gl = np.unique(np.asarray(protected, dtype=np.int64).reshape(-1))
     K = bounds[-1][1]
     if gl.size and (gl[0] < 0 or gl[-1] >= K):
-        raise ValueError(f"protected columns must lie in 0..{K - 1}")
-    return [gl[(gl >= s) & (gl < e)] - s if np.any((gl >= s) & (gl < e)) else None for s, e in bounds]
+        raise ValueError(f"protected columns must lie in 0..{K - 1}, got {gl[0]}..{gl[-1]}")
+    out = []
+    for s, e in bounds:
+        loc = gl[(gl >= s) & (gl < e)] - s
+        out.append(loc if loc.size else None)
+    return out
 
 
 def fit_linear(w: torch.Tensor, actions: Sequence[str], group_size: int, method: str = "neuqi",

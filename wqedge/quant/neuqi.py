@@ -6,16 +6,35 @@ over a *float* zero point z and a scale s, as the paper does (docs: METHODS.md s
   * s on a coarse grid s_mm * i / 64, i = 1..64, then a fine grid s_best + s_mm * j / 2048, 0 < |j| <= 16
     (96 zero-point solves); the scale with the least s^2 * L (normalised units) wins.
   * for a fixed s, L is piecewise quadratic in z. First the surrogate in which every unclamped term costs
-    h_i / 4 (two breakpoints per element) is minimised exactly; it is convex, so its minimiser is found by
-    binary search over its kinks with prefix sums of the row sorted once (no per-scale sort). Then the
-    exact L is minimised on [z* - 1, z* + 1] by sorting its breakpoints (at most two per element, one
-    sort of g keys) and sweeping the quadratic coefficients.
-Everything is torch and runs on CPU or CUDA; on CPU the per-scale sort uses numpy's SIMD sort on packed
-integer keys, several times faster than torch.sort for rows of this length.
+    h_i / 4 (two breakpoints per element) is minimised exactly; it is convex (each term is), so with the row
+    sorted once its minimiser is the first kink where the derivative turns non-negative, or the root of the
+    linear piece before it: found by binary search (torch) or a merge walk (C) over the two sorted kink
+    lists with prefix sums, no per-scale sort. Then the exact L is minimised on [z* - 1, z* + 1] by
+    sorting its breakpoints (at most two per element, one sort of g event times) and sweeping the
+    quadratic coefficients piece by piece.
+Two backends compute the same thing. 'torch' (any device; the reference and the GPU path) vectorises over
+rows and scales. 'c' (CPU) is the same algorithm as a small C kernel, compiled once with the system C
+compiler into a cache folder and called through ctypes on row blocks from several threads: per row and
+scale the work is a sort of g event times and a sweep, which torch's eager ops run ~3x slower per core
+(many passes over [rows, scales, g] arrays). backend='auto' takes 'c' for CPU tensors when it builds, and
+falls back to 'torch' (with a warning) when it cannot. WQEDGE_NEUQI_BACKEND=torch|c overrides 'auto';
+WQEDGE_CACHE_DIR moves the build cache (default ~/.cache/wqedge).
 """
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,6 +79,7 @@ class _SortedRows:
         self.H = self.Hc[:, -1:]
         self.P = self.Pc[:, -1:]
         self.rank = torch.searchsorted(self.ws, self.ws, right=True)  # #{w <= w_j}
+        self.lrank = torch.searchsorted(self.ws, self.ws)              # #{w < w_j}
 
     def grad(self, m, s, a, b, n):
         """Half-derivative of the surrogate (weight units) at offset m with a lower-clamped (the a smallest)
@@ -106,9 +126,13 @@ def _surrogate_offset(sr: _SortedRows, s: torch.Tensor, n: int) -> torch.Tensor:
     cB = torch.where(jB < g, torch.gather(ws, 1, jB.clamp(max=g - 1)) - (n - 0.5) * s, inf)
     c = torch.minimum(cA, cB)
     c = torch.where(torch.isfinite(c), c, ws[:, -1:] + 0.5 * s)  # unreachable with positive weights
-    # the piece just left of c: counts are the left limits at c
-    aL = torch.searchsorted(ws, c - 0.5 * s)
-    bL = torch.searchsorted(ws, c + (n - 0.5) * s)
+    # the piece just left of c: counts are the left limits at c, taken from the kink's own element
+    # (recomputing them from c in floating point could misplace that element)
+    fromA, fromB = cA <= cB, cB <= cA
+    jA, jB = jA.clamp(max=g - 1), jB.clamp(max=g - 1)
+    wA, wB = torch.gather(ws, 1, jA), torch.gather(ws, 1, jB)
+    aL = torch.where(fromA, torch.gather(sr.lrank, 1, jA), torch.searchsorted(ws, wB - n * s))
+    bL = torch.where(fromB, torch.gather(sr.lrank, 1, jB), torch.searchsorted(ws, wA + n * s))
     gl, (Ha, Hb, Pa, Pb) = sr.grad(c, s, aL, bL, n)
     denom = Ha + sr.H - Hb
     root = (Pa + sr.P - Pb - (n - 1) * s * (sr.H - Hb)) / torch.where(denom > 0, denom, 1.0)
@@ -119,7 +143,7 @@ def _surrogate_offset(sr: _SortedRows, s: torch.Tensor, n: int) -> torch.Tensor:
 
 def _sort_keys_cpu(tau: torch.Tensor) -> torch.Tensor:
     """Permutation sorting the last dim of tau (values in (0, 1]) ascending: numpy sorts packed integer keys
-    (quantised tau | column index) with SIMD, ~10x faster than torch.sort on CPU. Ties closer than the key
+    (quantised tau | column index) with SIMD, several times faster than torch.sort on CPU. Ties closer than the key
     resolution (2^-24 for g <= 128) may come out swapped; the sweep is then still exact up to that."""
     g = tau.shape[-1]
     ib = max(1, (g - 1).bit_length())
@@ -145,7 +169,8 @@ def _argsort(tau: torch.Tensor) -> torch.Tensor:
 def _exact_window(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, zl: torch.Tensor, n: int):
     """Exact argmin over z in [zl, zl + 2] of L(z) = sum_i h_i (clamp(round(w_i/s + z), 0, n-1) - w_i/s - z)^2.
 
-    w, h [R, g]; s, zl [R, S]. Returns (z, L) [R, S] in normalised units (L times s^2 is the weighted MSE).
+    w, h [R, g] (h normalised: sum 1 per row); s, zl [R, S]. Returns (z, L) [R, S] in normalised units
+    (L times s^2 is the weighted squared error).
     With t = z - zl and v_i = w_i/s + zl + 1/2, f_i = floor(v_i): the code of element i steps up at
     t = tau_i = f_i + 1 - v_i in (0, 1] (when 0 <= f_i <= n-2) and at tau_i + 1 (when -1 <= f_i <= n-3).
     L(t) = A2 - 2 t A1 + t^2 with A1 = sum h c, A2 = sum h c^2, c_i = q_i - w_i/s - zl; a step adds h_i to A1
@@ -244,14 +269,337 @@ def _neuqi_block(w: torch.Tensor, h: torch.Tensor, n: int, scale_batch: int):
     return s_best.squeeze(1), z_best.squeeze(1)
 
 
-def neuqi_params(w: torch.Tensor, bits: int, h: torch.Tensor | None = None, *,
-                 row_batch: int | None = None, scale_batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+# ---------------------------------------------------------------- the C kernel (CPU backend)
+
+_C_SRC = r"""#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Exact minimum of L(z) = sum h (clamp(round(x+z),0,n-1) - x - z)^2 over z in [zl, zl+2], x = w*inv_s.
+   With t = z - zl, v = x + zl + 1/2, f = floor(v): the code steps up at t = tau = f + 1 - v (if 0 <= f <= n-2)
+   and at tau + 1 (if -1 <= f <= n-3). L(t) = A2 - 2 t A1 + t^2 H piecewise; a step at time T adds e to A1
+   and 2 e T to A2. ev, sv: work arrays of g events; cnt: g + 1 ints. Returns min L and *zbest. */
+typedef struct { double t, a, b; } ev_t;
+
+static double exact_window(const double *w, const double *h, int g, int n, double inv_s, double zl,
+                           ev_t *ev, ev_t *sv, int *cnt, double *zbest)
+{
+    double off = zl + 0.5, A1 = 0.0, A2 = 0.0, H = 0.0, top = n - 1, hi1 = n - 2, hi2 = n - 3;
+    int ne = 0;
+    for (int i = 0; i < g; i++) {
+        double hw = h[i];
+        double v = w[i] * inv_s + off;
+        double f = (double)(int64_t)v;
+        f -= (f > v);
+        double q0 = f < 0.0 ? 0.0 : (f > top ? top : f);
+        double c = q0 - v + 0.5;
+        H += hw;
+        A1 += hw * c;
+        A2 += hw * c * c;
+        double a = (f >= 0.0 && f <= hi1) ? hw : 0.0;
+        double b = (f >= -1.0 && f <= hi2) ? hw : 0.0;
+        double t = f + 1.0 - v;
+        ev[ne].t = t < 0.0 ? 0.0 : (t > 1.0 ? 1.0 : t);
+        ev[ne].a = a;
+        ev[ne].b = b;
+        ne += (a != 0.0) | (b != 0.0);
+    }
+    if (!(H > 0.0)) { *zbest = zl + 1.0; return 0.0; }
+    /* bucket sort of the event times (in [0, 1]) into sv: ne buckets, then insertion sort (buckets are in
+       order, so only within-bucket inversions remain: expected O(ne) for spread-out times) */
+    if (ne > 0) {
+        memset(cnt, 0, sizeof(int) * (ne + 1));
+        for (int k = 0; k < ne; k++) {
+            int bk = (int)(ev[k].t * ne);
+            bk = bk >= ne ? ne - 1 : bk;
+            cnt[bk + 1]++;
+        }
+        for (int k = 0; k < ne; k++) cnt[k + 1] += cnt[k];
+        for (int k = 0; k < ne; k++) {
+            int bk = (int)(ev[k].t * ne);
+            bk = bk >= ne ? ne - 1 : bk;
+            sv[cnt[bk]++] = ev[k];
+        }
+        for (int k = 1; k < ne; k++) {
+            ev_t x = sv[k];
+            int j = k - 1;
+            while (j >= 0 && sv[j].t > x.t) { sv[j + 1] = sv[j]; j--; }
+            sv[j + 1] = x;
+        }
+    }
+    double invH = 1.0 / H, S1 = A1, S2 = A2, left = 0.0, best = INFINITY, tb = 0.0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int k = 0; k < ne; k++) {
+            double right = sv[k].t + pass;
+            double t = S1 * invH;
+            t = t < left ? left : t;
+            t = t > right ? right : t;
+            double L = S2 + t * (t * H - 2.0 * S1);
+            int better = L < best;
+            best = better ? L : best;
+            tb = better ? t : tb;
+            double e = pass ? sv[k].b : sv[k].a;
+            S1 += e;
+            S2 += 2.0 * e * right;
+            left = right;
+        }
+    }
+    {
+        double t = S1 * invH;
+        t = t < left ? left : t;
+        t = t > 2.0 ? 2.0 : t;
+        double L = S2 + t * (t * H - 2.0 * S1);
+        if (L < best) { best = L; tb = t; }
+    }
+    *zbest = zl + tb;
+    return best < 0.0 ? 0.0 : best;
+}
+
+/* Exact minimiser (offset m, w_hat = s q + m) of the convex surrogate: unclamped terms cost s^2/4.
+   ws sorted ascending; Hc, Pc, Qc prefix sums (g+1) of h, h*w, h*w^2 in that order. Walks the two sorted
+   kink lists (A_j = w_j + s/2: w_j becomes lower-clamped; B_j = w_j - (n - 1/2)s: w_j stops being
+   upper-clamped) in merged order until the derivative turns non-negative. *Sv = the surrogate's minimum. */
+static double surrogate_value(const double *Hc, const double *Pc, const double *Qc, int g, int a, int b,
+                              double m, double s, double k1)
+{
+    double Hu = Hc[g] - Hc[b], Pu = Pc[g] - Pc[b], Qu = Qc[g] - Qc[b], mu = m + k1;
+    double low = Qc[a] - 2.0 * m * Pc[a] + m * m * Hc[a];
+    double up = Qu - 2.0 * mu * Pu + mu * mu * Hu;
+    double mid = 0.25 * s * s * (Hc[b] - Hc[a]);
+    return low + up + mid;
+}
+
+static double surrogate_offset(const double *ws, const double *Hc, const double *Pc, const double *Qc, int g,
+                               int n, double s, double *Sv)
+{
+    double H = Hc[g], P = Pc[g], k1 = (n - 1) * s;
+    int a = 0, b = 0, ia = 0, ib = 0;
+    while (ia < g) {
+        double cA = ws[ia] + 0.5 * s;
+        double cB = ib < g ? ws[ib] - (n - 0.5) * s : INFINITY;
+        double c = cA < cB ? cA : cB;
+        double Hu = H - Hc[b], Pu = P - Pc[b], den = Hc[a] + Hu;
+        double Gl = c * den - Pc[a] - Pu + k1 * Hu;
+        if (Gl > 0.0 && den > 0.0) {
+            double root = (Pc[a] + Pu - k1 * Hu) / den;
+            root = root < c ? root : c;
+            *Sv = surrogate_value(Hc, Pc, Qc, g, a, b, root, s, k1);
+            return root;
+        }
+        if (cB <= cA) { ib++; b = ib; } else { ia++; a = ia; }
+        Hu = H - Hc[b]; Pu = P - Pc[b]; den = Hc[a] + Hu;
+        if (c * den - Pc[a] - Pu + k1 * Hu >= 0.0) {
+            *Sv = surrogate_value(Hc, Pc, Qc, g, a, b, c, s, k1);
+            return c;
+        }
+    }
+    *Sv = INFINITY;
+    return ws[g - 1] + 0.5 * s;
+}
+
+typedef struct { double w, h; } pair_t;
+static int cmp_pair(const void *x, const void *y)
+{
+    double a = ((const pair_t *)x)->w, b = ((const pair_t *)y)->w;
+    return (a > b) - (a < b);
+}
+
+/* NeUQI for rows [0, R) of W, Hn (float32 [R, g], Hn >= 0 normalised per row). Writes scale, zero. */
+int wq_neuqi_rows(const float *W, const float *Hn, int64_t R, int g, int n, int coarse, int fine, int radius,
+                  float *s_out, float *z_out)
+{
+    size_t gd = (size_t)g;
+    double *buf = (double *)malloc(sizeof(double) * (8 * gd + 6));
+    int *ibuf = (int *)malloc(sizeof(int) * (3 * gd + 2));
+    pair_t *pr = (pair_t *)malloc(sizeof(pair_t) * gd);
+    if (!buf || !ibuf || !pr) { free(buf); free(ibuf); free(pr); return -1; }
+    double *w = buf, *h = w + gd, *ws = h + gd, *Hc = ws + gd, *Pc = Hc + gd + 1, *Qc = Pc + gd + 1;
+    ev_t *ev = (ev_t *)malloc(sizeof(ev_t) * 2 * gd), *sv = ev + gd;
+    int *cnt = ibuf;
+    if (!ev) { free(buf); free(ibuf); free(pr); return -1; }
+    for (int64_t r = 0; r < R; r++) {
+        const float *wr = W + r * gd, *hr = Hn + r * gd;
+        double lo = INFINITY, hi = -INFINITY;
+        for (int i = 0; i < g; i++) {
+            w[i] = wr[i]; h[i] = hr[i];
+            if (h[i] > 0.0) { if (w[i] < lo) lo = w[i]; if (w[i] > hi) hi = w[i]; }
+        }
+        if (!(lo <= hi)) { lo = hi = 0.0; }
+        double smm = (hi - lo) / (n - 1);
+        if (!(smm > 0.0)) {
+            double cs = lo == 0.0 ? 1.0 : fabs(lo);
+            s_out[r] = (float)cs; z_out[r] = (float)(-lo / cs);
+            continue;
+        }
+        for (int i = 0; i < g; i++) { pr[i].w = w[i]; pr[i].h = h[i]; }
+        qsort(pr, gd, sizeof(pair_t), cmp_pair);
+        Hc[0] = 0.0; Pc[0] = 0.0; Qc[0] = 0.0;
+        for (int i = 0; i < g; i++) {
+            ws[i] = pr[i].w;
+            Hc[i + 1] = Hc[i] + pr[i].h;
+            Pc[i + 1] = Pc[i] + pr[i].h * pr[i].w;
+            Qc[i + 1] = Qc[i] + pr[i].h * pr[i].w * pr[i].w;
+        }
+        /* min over scales of s^2 L. A scale is skipped, without changing the result, when a lower bound of
+           its loss exceeds the best found: every unclamped term of the true loss is >= 0 where the surrogate
+           charges s^2/4, so min_z s^2 L >= S* - (s^2/4) H. The coarse grid runs from the largest scale down
+           (the small ones clamp most, and get skipped); ties keep the smaller scale, as an ascending scan would. */
+        double best = INFINITY, sb = smm, zb = -lo / smm, H = Hc[g];
+        for (int i = coarse; i >= 1; i--) {
+            double s = smm * i / coarse, z, Sv;
+            double m = surrogate_offset(ws, Hc, Pc, Qc, g, n, s, &Sv);
+            if (Sv - 0.25 * s * s * H > best * (1.0 + 1e-9)) continue;
+            double L = exact_window(w, h, g, n, 1.0 / s, -m / s - 1.0, ev, sv, cnt, &z) * s * s;
+            if (L <= best) { best = L; sb = s; zb = z; }
+        }
+        double sc = sb;
+        for (int j = -radius; j <= radius; j++) {
+            if (j == 0) continue;
+            double s = sc + smm * j / fine, z, Sv;
+            if (!(s > 0.0)) continue;
+            double m = surrogate_offset(ws, Hc, Pc, Qc, g, n, s, &Sv);
+            if (Sv - 0.25 * s * s * H > best * (1.0 + 1e-9)) continue;
+            double L = exact_window(w, h, g, n, 1.0 / s, -m / s - 1.0, ev, sv, cnt, &z) * s * s;
+            if (L < best) { best = L; sb = s; zb = z; }
+        }
+        s_out[r] = (float)sb; z_out[r] = (float)zb;
+    }
+    free(buf); free(ibuf); free(pr); free(ev);
+    return 0;
+}
+
+/* One scale of one row, exposed for tests: the surrogate offset *m, then the exact window around it. */
+double wq_solve_scale(const float *wf, const float *hf, int g, int n, double s, double *m, double *z)
+{
+    size_t gd = (size_t)g;
+    double *buf = (double *)malloc(sizeof(double) * (6 * gd + 3));
+    ev_t *ev = (ev_t *)malloc(sizeof(ev_t) * 2 * gd);
+    int *cnt = (int *)malloc(sizeof(int) * (gd + 1));
+    pair_t *pr = (pair_t *)malloc(sizeof(pair_t) * gd);
+    double *w = buf, *h = w + gd, *ws = h + gd, *Hc = ws + gd, *Pc = Hc + gd + 1, *Qc = Pc + gd + 1, Sv;
+    for (int i = 0; i < g; i++) { w[i] = wf[i]; h[i] = hf[i]; pr[i].w = w[i]; pr[i].h = h[i]; }
+    qsort(pr, gd, sizeof(pair_t), cmp_pair);
+    Hc[0] = 0.0; Pc[0] = 0.0; Qc[0] = 0.0;
+    for (int i = 0; i < g; i++) {
+        ws[i] = pr[i].w; Hc[i + 1] = Hc[i] + pr[i].h; Pc[i + 1] = Pc[i] + pr[i].h * pr[i].w;
+        Qc[i + 1] = Qc[i] + pr[i].h * pr[i].w * pr[i].w;
+    }
+    *m = surrogate_offset(ws, Hc, Pc, Qc, g, n, s, &Sv);
+    double L = exact_window(w, h, g, n, 1.0 / s, -*m / s - 1.0, ev, ev + gd, cnt, z);
+    free(buf); free(ev); free(cnt); free(pr);
+    return L;
+}
+"""
+
+_LIB = None
+_LIB_ERROR: str | None = None
+_LIB_LOCK = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    d = os.environ.get("WQEDGE_CACHE_DIR")
+    if d:
+        return Path(d)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wqedge"
+
+
+def _build_kernel() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler (cc/gcc/clang) on PATH")
+    flags = ["-O3", "-shared", "-fPIC"]
+    tag = hashlib.sha256("\0".join([_C_SRC, cc, *flags, platform.machine(), sys.platform]).encode()).hexdigest()[:16]
+    d = _cache_dir()
+    so = d / f"neuqi_{tag}.so"
+    if not so.exists():
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=d) as tmp:
+            src = Path(tmp) / "neuqi.c"
+            src.write_text(_C_SRC)
+            out = Path(tmp) / "neuqi.so"
+            r = subprocess.run([cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True, text=True, timeout=300)
+            if r.returncode:
+                raise RuntimeError(f"{cc} failed: {r.stderr.strip()[:500]}")
+            os.replace(out, so)  # atomic: concurrent builders race harmlessly
+    lib = ctypes.CDLL(str(so))
+    f = lib.wq_neuqi_rows
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    f.restype = ctypes.c_int
+    f = lib.wq_solve_scale
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_double,
+                  ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
+    f.restype = ctypes.c_double
+    return lib
+
+
+def c_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, or None when it cannot be built (the reason is in `c_kernel_error()`)."""
+    global _LIB, _LIB_ERROR
+    if _LIB is None and _LIB_ERROR is None:
+        with _LIB_LOCK:
+            if _LIB is None and _LIB_ERROR is None:
+                try:
+                    _LIB = _build_kernel()
+                except Exception as e:  # no compiler, read-only cache, ...: the torch backend still works
+                    _LIB_ERROR = f"{type(e).__name__}: {e}"
+    return _LIB
+
+
+def c_kernel_error() -> str | None:
+    return _LIB_ERROR
+
+
+def _c_solve_scale(w: torch.Tensor, h: torch.Tensor, n: int, s: float) -> tuple[float, float, float]:
+    """(surrogate offset m*, z, L) of one row [g] for one scale with the C kernel (tests compare it with torch)."""
+    lib = c_kernel()
+    w = np.ascontiguousarray(w.detach().cpu().numpy(), dtype=np.float32)
+    h = np.ascontiguousarray(h.detach().cpu().numpy(), dtype=np.float32)
+    m, z = ctypes.c_double(), ctypes.c_double()
+    L = lib.wq_solve_scale(w.ctypes.data, h.ctypes.data, w.shape[0], n, float(s), ctypes.byref(m), ctypes.byref(z))
+    return m.value, z.value, L
+
+
+def _neuqi_c(lib, w: torch.Tensor, hw: torch.Tensor, n: int, workers: int):
+    W = np.ascontiguousarray(w.numpy(), dtype=np.float32)
+    Hn = np.ascontiguousarray(hw.numpy(), dtype=np.float32)
+    N, g = W.shape
+    s = np.empty(N, dtype=np.float32)
+    z = np.empty(N, dtype=np.float32)
+
+    def run(r0, r1):
+        rc = lib.wq_neuqi_rows(W[r0:].ctypes.data, Hn[r0:].ctypes.data, r1 - r0, g, n,
+                               COARSE_STEPS, FINE_STEPS, FINE_RADIUS, s[r0:].ctypes.data, z[r0:].ctypes.data)
+        if rc:
+            raise MemoryError("neuqi kernel: allocation failed")
+
+    step = max(16, -(-N // (4 * workers)))
+    spans = [(r, min(r + step, N)) for r in range(0, N, step)]
+    if workers <= 1 or len(spans) == 1:
+        for a, b in spans:
+            run(a, b)
+    else:  # ctypes releases the GIL: the row blocks run in parallel
+        with ThreadPoolExecutor(workers) as ex:
+            list(ex.map(lambda ab: run(*ab), spans))
+    return torch.from_numpy(s), torch.from_numpy(z)
+
+
+_WARNED = False
+
+
+def neuqi_params(w: torch.Tensor, bits: int, h: torch.Tensor | None = None, *, backend: str = "auto",
+                 workers: int | None = None, row_batch: int | None = None,
+                 scale_batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """NeUQI (scale, zero) per row of w [N, g] for q = clamp(round(w/s + z), 0, 2^bits - 1), w_hat = s (q - z).
 
     h: None (uniform), [g] or [N, g] non-negative weights, used as given (damp them first with `damp`;
-    entries of weight 0, e.g. protected columns, are ignored, also for the min-max range). Rows are
-    processed in blocks of `row_batch` so the [rows, scales, g] work arrays stay cache-sized.
+    entries of weight 0, e.g. protected columns, are ignored, also for the min-max range).
+    backend: 'auto', 'c' (CPU kernel; `workers` threads, default torch.get_num_threads()) or 'torch'
+    (rows in blocks of `row_batch` so the [rows, scales, g] work arrays stay cache-sized).
+    Returns float32 scale [N] (> 0) and zero [N] on w's device.
     """
+    global _WARNED
     from .affine import levels
 
     n = levels(bits)
@@ -260,6 +608,19 @@ def neuqi_params(w: torch.Tensor, bits: int, h: torch.Tensor | None = None, *,
         raise ValueError(f"neuqi_params expects w [N, g], got shape {tuple(w.shape)}")
     N, g = w.shape
     hw = row_weights(h, N, g, device=w.device)
+    if backend == "auto":
+        backend = os.environ.get("WQEDGE_NEUQI_BACKEND", "auto")
+    if backend not in ("auto", "c", "torch"):
+        raise ValueError(f"unknown NeUQI backend {backend!r} (auto, c, torch)")
+    if backend in ("auto", "c") and w.device.type == "cpu":
+        lib = c_kernel()
+        if lib is not None:
+            return _neuqi_c(lib, w, hw, n, workers or torch.get_num_threads())
+        if backend == "c":
+            raise RuntimeError(f"NeUQI C kernel unavailable: {_LIB_ERROR}")
+        if not _WARNED:
+            warnings.warn(f"NeUQI C kernel unavailable ({_LIB_ERROR}); using the slower torch backend")
+            _WARNED = True
     if row_batch is None:
         # ~1M elements per [rows, scales, 2g] array on CPU (cache), more on GPU
         budget = (1 << 20) if w.device.type == "cpu" else (1 << 26)
