@@ -38,6 +38,22 @@ def ensure_library() -> None:
     assert _native.available(), "libwqedge built but not found"
 
 
+def ensure_test_executable(name: str) -> Path:
+    """The C++ test program cpp/build/<name>, built (with its CMake target only) when missing."""
+    import pytest
+
+    exe = BUILD / name
+    if exe.is_file():
+        return exe
+    if not shutil.which("cmake"):
+        pytest.skip(f"cpp/build/{name} not built and cmake not available")
+    subprocess.run(["cmake", "-S", str(ROOT / "cpp"), "-B", str(BUILD), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DWQEDGE_BUILD_TESTS=ON"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(BUILD), "-j", str(os.cpu_count() or 2), "--target", name], check=True,
+                   stdout=subprocess.DEVNULL)
+    return exe
+
+
 PROJ = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 

@@ -18,7 +18,7 @@ import pytest
 from wqedge.blocks import ACTION_NAMES, BLOCK_TYPES, ChunkData, block_type, pack_chunk, unpack_chunk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpp_support import BUILD, ensure_library  # noqa: E402
+from cpp_support import BUILD, ensure_library, ensure_test_executable  # noqa: E402
 
 ensure_library()
 from wqedge.runtime import native  # noqa: E402
@@ -123,11 +123,11 @@ def test_unknown_action_and_bad_arguments_are_errors():
         native.chunk_matvec(1, 128, [5, 3], np.zeros((2, 136), np.uint8), np.zeros(128, np.float32))
 
 
-def test_cpp_kernel_executable():
-    """The C++ test (AVX2 vs scalar on every primitive, threaded products of a mixed linear)."""
-    exe = BUILD / "test_kernels"
-    if not exe.is_file():
-        pytest.skip("cpp/build/test_kernels not built")
+@pytest.mark.parametrize("name", ["test_kernels", "test_gguf"])
+def test_cpp_test_executable(name):
+    """The C++ tests: AVX2 vs scalar on every primitive and threaded products (test_kernels); malformed files
+    rejected with clear errors, every prefix truncation included (test_gguf)."""
+    exe = ensure_test_executable(name)
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " 0 failed" in r.stdout

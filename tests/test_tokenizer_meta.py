@@ -143,4 +143,4 @@ def test_inconsistent_meta_is_refused(tiny_model_dir, tmp_path):
 
 def test_module_does_not_import_torch():
     code = "import sys, wqedge.converters.tokenizer; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")  # not the checkout: test the installed package
