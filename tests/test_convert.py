@@ -121,3 +121,24 @@ def test_cli_errors_are_clear(ckpt, args, match):
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     import re
     assert re.search(match, res.output, re.I), res.output
+
+
+def test_cli_convert_to_onnx_runs_in_onnxruntime(ckpt, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(main, ["convert", str(ckpt.path), "-o", str(out), "--target", "onnx", "--bits", "4.5",
+                                    "--method", "minmax", "--onnx-lowering", "int4"])
+    assert res.exit_code == 0, res.output
+    onnx.checker.check_model(str(out), full_check=True)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    spec = ckpt.spec
+    feeds = {"input_ids": np.array([IDS], np.int64), "attention_mask": np.ones((1, len(IDS)), np.int64),
+             "position_ids": np.arange(len(IDS), dtype=np.int64)[None]}
+    for i in range(spec.n_layers):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, spec.n_kv_heads, 0, spec.head_dim), np.float32)
+    logits = sess.run(["logits"], feeds)[0][0]
+    ref = _logits(load_reference(out.with_suffix(".gguf")), IDS).numpy()
+    assert np.abs(logits - ref).max() / ref.std() < 1e-2

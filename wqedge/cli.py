@@ -134,7 +134,16 @@ def plan_options(f):
 @click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False),
               help="Use this plan (from `wqedge plan`) instead of making one; --bits/--allocator are then ignored.")
 @click.option("--save-plan", type=click.Path(dir_okay=False), help="Also write the plan used as JSON here.")
-def convert(model_dir, output, bits, group, allocator, method, calib, seed, device, plan_path, save_plan):
+@click.option("--target", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True,
+              help="'gguf': our column-chunk GGUF (runs in wqedge's C++ runtime); 'onnx': a KV-cache decoder for "
+                   "stock ONNX Runtime (the GGUF is made first and kept beside it).")
+@click.option("--onnx-lowering", type=click.Choice(["compact", "widen", "int4"]), default="compact",
+              show_default=True,
+              help="How chunks become ONNX operators: 'compact' keeps every width (q3/ternary/q1 unpacked in the "
+                   "graph), 'widen' stores them as 4/2-bit MatMulNBits, 'int4' makes every linear one 4-bit "
+                   "MatMulNBits (fastest in ONNX Runtime; see docs/onnx.md).")
+def convert(model_dir, output, bits, group, allocator, method, calib, seed, device, plan_path, save_plan, target,
+            onnx_lowering):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
     With no MODEL_DIR, a tiny random LLaMA is built on the spot and converted (a self-contained demo).
@@ -170,10 +179,11 @@ def convert(model_dir, output, bits, group, allocator, method, calib, seed, devi
 
     if output is None:
         stem = model_dir.name
-        output = (DEMO_DIR if model_dir.parent == DEMO_DIR else Path(".")) / f"{stem}.wq{plan.effective_bits():.2f}.gguf"
+        output = (DEMO_DIR if model_dir.parent == DEMO_DIR else Path(".")) / f"{stem}.wq{plan.effective_bits():.2f}.{target}"
+    gguf_out = Path(output) if target == "gguf" else Path(output).with_suffix(".gguf")
     bar = _progress(len(spec.linears()), "quantizing")
     try:
-        path = convert_to_gguf(ckpt, plan, output, stats, device, progress=lambda name: bar.update(1))
+        path = convert_to_gguf(ckpt, plan, gguf_out, stats, device, progress=lambda name: bar.update(1))
     except (ValueError, OSError) as e:
         _fail(f"convert failed, nothing written: {e}")
     finally:
@@ -182,6 +192,16 @@ def convert(model_dir, output, bits, group, allocator, method, calib, seed, devi
     size = path.stat().st_size
     click.echo(f"wrote {path} ({size / 2**20:.2f} MiB) in {time.time() - t0:.1f} s")
     click.echo(f"effective bits: {plan.effective_bits():.4f} planned, {f.measured_bits():.4f} measured in the file")
+    if target == "onnx":
+        from .converters.onnx_export import export_onnx
+        bar = _progress(len(spec.linears()) + 1, "lowering to ONNX")
+        try:
+            info = export_onnx(path, output, "portable", progress=lambda *a: bar.update(1), lowering=onnx_lowering)
+        except (ValueError, OSError) as e:
+            _fail(f"ONNX export failed, nothing written: {e}")
+        finally:
+            bar.close()
+        click.echo(f"wrote {info['path']} ({info['bytes'] / 2**20:.2f} MiB, lowering {onnx_lowering})")
 
 
 @main.command()
