@@ -16,6 +16,17 @@
 #  define WQE_X86 1
 #  include <cpuid.h>
 #endif
+#if defined(__aarch64__)  // NEON kernels (kernels_neon.cpp), issue 7
+#  define WQE_ARM64 1
+#  if defined(__linux__)  // Linux and Android: getauxval(AT_HWCAP)
+#    include <sys/auxv.h>
+#    ifndef HWCAP_ASIMDDP
+#      define HWCAP_ASIMDDP (1 << 20)
+#    endif
+#  elif defined(__APPLE__)  // macOS / iOS: sysctl
+#    include <sys/sysctl.h>
+#  endif
+#endif
 
 namespace wqe {
 
@@ -188,6 +199,41 @@ void vgemm4(const float*, int, const float*, int, int, int, float*, int, int);
 #  define AVX2(f) nullptr
 #endif
 
+// ------------------------------------------------------------------ NEON kernels (kernels_neon.cpp)
+#if WQE_ARM64
+namespace neon {
+float dot_fp16(const uint8_t*, const float*, float, int);
+float dot_q8(const uint8_t*, const float*, float, int);
+float dot_q4(const uint8_t*, const float*, float, int);
+float dot_q3(const uint8_t*, const float*, float, int);
+float dot_q2(const uint8_t*, const float*, float, int);
+float dot_ternary(const uint8_t*, const float*, float, int);
+float dot_q1(const uint8_t*, const float*, float, int);
+void dot_rows_fp16(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dot_rows_q8(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dot_rows_q4(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dot_rows_q3(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dot_rows_q2(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dot_rows_ternary(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dot_rows_q1(const uint8_t*, size_t, int, const float*, float, int, float*);
+void dequant_fp16(const uint8_t*, int, float*);
+void dequant_q8(const uint8_t*, int, float*);
+void dequant_q4(const uint8_t*, int, float*);
+void dequant_q3(const uint8_t*, int, float*);
+void dequant_q2(const uint8_t*, int, float*);
+void dequant_ternary(const uint8_t*, int, float*);
+void dequant_q1(const uint8_t*, int, float*);
+float vdot_f32(const float*, const float*, int);
+float vdot_f16(const uint8_t*, const float*, int);
+void vaxpy(float, const float*, float*, int);
+void vf16_to_f32(const uint8_t*, float*, int);
+void vgemm4(const float*, int, const float*, int, int, int, float*, int, int);
+}  // namespace neon
+#  define NEON(f) neon::f
+#else
+#  define NEON(f) nullptr
+#endif
+
 // ------------------------------------------------------------------ the traits table
 static size_t cb_fp16(int gp) { return 2 * (size_t)gp; }
 static size_t cb_q8(int gp) { return (size_t)gp; }
@@ -199,26 +245,26 @@ static size_t cb_q1(int gp) { return (size_t)gp / 8; }
 
 static const BlockTraits TABLE[N_BLOCK_TYPES] = {
     {"fp16", 0, 0, cb_fp16, X_PLAIN,
-     {nullptr, dot_fp16_scalar, AVX2(dot_fp16)}, 
-     {nullptr, rows_scalar<dequant_fp16_scalar>, AVX2(dot_rows_fp16)}, {nullptr, dequant_fp16_scalar, AVX2(dequant_fp16)}},
+     {nullptr, dot_fp16_scalar, AVX2(dot_fp16), NEON(dot_fp16)}, 
+     {nullptr, rows_scalar<dequant_fp16_scalar>, AVX2(dot_rows_fp16), NEON(dot_rows_fp16)}, {nullptr, dequant_fp16_scalar, AVX2(dequant_fp16), NEON(dequant_fp16)}},
     {"q8", 1, 4, cb_q8, X_PLAIN,
-     {nullptr, dot_affine_scalar<code_q8>, AVX2(dot_q8)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q8, 32>>, AVX2(dot_rows_q8)}, {nullptr, dequant_affine_scalar<block_q8, 32>, AVX2(dequant_q8)}},
+     {nullptr, dot_affine_scalar<code_q8>, AVX2(dot_q8), NEON(dot_q8)}, 
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q8, 32>>, AVX2(dot_rows_q8), NEON(dot_rows_q8)}, {nullptr, dequant_affine_scalar<block_q8, 32>, AVX2(dequant_q8), NEON(dequant_q8)}},
     {"q4", 2, 4, cb_q4, X_PLAIN,
-     {nullptr, dot_affine_scalar<code_q4>, AVX2(dot_q4)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q4, 16>>, AVX2(dot_rows_q4)}, {nullptr, dequant_affine_scalar<block_q4, 16>, AVX2(dequant_q4)}},
+     {nullptr, dot_affine_scalar<code_q4>, AVX2(dot_q4), NEON(dot_q4)}, 
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q4, 16>>, AVX2(dot_rows_q4), NEON(dot_rows_q4)}, {nullptr, dequant_affine_scalar<block_q4, 16>, AVX2(dequant_q4), NEON(dequant_q4)}},
     {"q3", 3, 4, cb_q3, X_PLAIN,
-     {nullptr, dot_affine_scalar<code_q3>, AVX2(dot_q3)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q3, 12>>, AVX2(dot_rows_q3)}, {nullptr, dequant_affine_scalar<block_q3, 12>, AVX2(dequant_q3)}},
+     {nullptr, dot_affine_scalar<code_q3>, AVX2(dot_q3), NEON(dot_q3)}, 
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q3, 12>>, AVX2(dot_rows_q3), NEON(dot_rows_q3)}, {nullptr, dequant_affine_scalar<block_q3, 12>, AVX2(dequant_q3), NEON(dequant_q3)}},
     {"q2", 4, 4, cb_q2, X_PLAIN,
-     {nullptr, dot_affine_scalar<code_q2>, AVX2(dot_q2)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q2, 8>>, AVX2(dot_rows_q2)}, {nullptr, dequant_affine_scalar<block_q2, 8>, AVX2(dequant_q2)}},
+     {nullptr, dot_affine_scalar<code_q2>, AVX2(dot_q2), NEON(dot_q2)}, 
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q2, 8>>, AVX2(dot_rows_q2), NEON(dot_rows_q2)}, {nullptr, dequant_affine_scalar<block_q2, 8>, AVX2(dequant_q2), NEON(dequant_q2)}},
     {"ternary", 5, 2, cb_ternary, X_TERNARY,
-     {nullptr, dot_ternary_scalar, AVX2(dot_ternary)}, 
-     {nullptr, rows_reference<dot_ternary_scalar>, AVX2(dot_rows_ternary)}, {nullptr, dequant_ternary_scalar, AVX2(dequant_ternary)}},
+     {nullptr, dot_ternary_scalar, AVX2(dot_ternary), NEON(dot_ternary)}, 
+     {nullptr, rows_reference<dot_ternary_scalar>, AVX2(dot_rows_ternary), NEON(dot_rows_ternary)}, {nullptr, dequant_ternary_scalar, AVX2(dequant_ternary), NEON(dequant_ternary)}},
     {"q1", 6, 4, cb_q1, X_PLAIN,
-     {nullptr, dot_affine_scalar<code_q1>, AVX2(dot_q1)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q1, 4>>, AVX2(dot_rows_q1)}, {nullptr, dequant_affine_scalar<block_q1, 4>, AVX2(dequant_q1)}},
+     {nullptr, dot_affine_scalar<code_q1>, AVX2(dot_q1), NEON(dot_q1)}, 
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q1, 4>>, AVX2(dot_rows_q1), NEON(dot_rows_q1)}, {nullptr, dequant_affine_scalar<block_q1, 4>, AVX2(dequant_q1), NEON(dequant_q1)}},
 };
 
 const BlockTraits* block_traits(int id) {
@@ -288,10 +334,16 @@ static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, saxpy, sf16_to_f32, sgemm4
 #if WQE_X86
 static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4};
 #endif
+#if WQE_ARM64
+static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4};
+#endif
 
 const VecOps& vec_ops(int kernels) {
 #if WQE_X86
     if (kernels == K_AVX2) return AVX2_OPS;
+#endif
+#if WQE_ARM64
+    if (kernels == K_NEON) return NEON_OPS;
 #endif
     (void)kernels;
     return SCALAR_OPS;
@@ -318,10 +370,36 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_neon() {
+#if WQE_ARM64
+    return true;
+#else
+    return false;
+#endif
+}
+
+bool cpu_has_dotprod() {
+#if WQE_ARM64 && defined(__linux__)
+    static const bool ok = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+    return ok;
+#elif WQE_ARM64 && defined(__APPLE__)
+    static const bool ok = [] {
+        int v = 0;
+        size_t n = sizeof v;
+        return sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &n, nullptr, 0) == 0 && v != 0;
+    }();
+    return ok;
+#else
+    return false;
+#endif
+}
+
+int best_kernels() { return cpu_has_avx2() ? K_AVX2 : cpu_has_neon() ? K_NEON : K_SCALAR; }
+
 static int default_kernels() {
     const char* env = std::getenv("WQEDGE_KERNELS");
     if (env && std::strcmp(env, "scalar") == 0) return K_SCALAR;
-    return cpu_has_avx2() ? K_AVX2 : K_SCALAR;
+    return best_kernels();
 }
 
 static std::atomic<int> g_kernels{0};
@@ -336,17 +414,24 @@ int active_kernels() {
 }
 
 int set_kernels(int k) {
-    if (k == 0) k = cpu_has_avx2() ? K_AVX2 : K_SCALAR;
+    if (k == 0) k = best_kernels();
     if (k == K_AVX2 && !cpu_has_avx2()) return -1;
-    if (k != K_SCALAR && k != K_AVX2) return -1;
+    if (k == K_NEON && !cpu_has_neon()) return -1;
+    if (k != K_SCALAR && k != K_AVX2 && k != K_NEON) return -1;
     g_kernels.store(k);
     return 0;
 }
 
 const char* system_info() {
     static char buf[128];
+    const int k = active_kernels();
+#if WQE_ARM64
+    std::snprintf(buf, sizeof buf, "neon=1 dotprod=%d kernels=%s", cpu_has_dotprod() ? 1 : 0,
+                  k == K_NEON ? "neon" : "scalar");
+#else
     std::snprintf(buf, sizeof buf, "avx2+fma+f16c=%d kernels=%s", cpu_has_avx2() ? 1 : 0,
-                  active_kernels() == K_AVX2 ? "avx2" : "scalar");
+                  k == K_AVX2 ? "avx2" : "scalar");
+#endif
     return buf;
 }
 

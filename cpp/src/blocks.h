@@ -8,8 +8,8 @@
 
 namespace wqe {
 
-enum KernelSet { K_SCALAR = 1, K_AVX2 = 2 };
-constexpr int N_KERNEL_SETS = 3;  // index 0 unused
+enum KernelSet { K_SCALAR = 1, K_AVX2 = 2, K_NEON = 3 };
+constexpr int N_KERNEL_SETS = 4;  // index 0 unused
 
 constexpr int SUBBLOCK = 32;
 inline int padded(int g) { return (g + SUBBLOCK - 1) / SUBBLOCK * SUBBLOCK; }
@@ -39,7 +39,7 @@ struct BlockTraits {
     int header_bytes;  // fp16 parameters at the start of each row-block
     size_t (*code_bytes)(int g_pad);
     XLayout x_layout;
-    dot_fn dot[N_KERNEL_SETS];          // [K_SCALAR], [K_AVX2] (nullptr when not built)
+    dot_fn dot[N_KERNEL_SETS];          // [K_SCALAR], [K_AVX2], [K_NEON] (nullptr when not built)
     dot_rows_fn dot_rows[N_KERNEL_SETS];
     dequant_fn dequant[N_KERNEL_SETS];
 };
@@ -69,6 +69,9 @@ const VecOps& vec_ops(int kernels);
 
 // Kernel set in use (process wide): set_kernels(0) picks the best the CPU supports.
 bool cpu_has_avx2();
+bool cpu_has_neon();     // AArch64 Advanced SIMD (always, on AArch64)
+bool cpu_has_dotprod();  // AArch64 UDOT/SDOT (getauxval HWCAP_ASIMDDP); reported only, see docs/neon.md
+int best_kernels();      // K_AVX2, K_NEON or K_SCALAR
 int active_kernels();
 int set_kernels(int k);  // returns 0, or -1 when k is unsupported here
 const char* system_info();

@@ -1,4 +1,4 @@
-// Every AVX2 kernel against its scalar reference, and both against a double-precision dot of the
+// Every SIMD kernel (AVX2 on x86-64, NEON on AArch64: whichever set best_kernels() picks) against its scalar reference, and both against a double-precision dot of the
 // dequantized weights, on random and adversarial row-blocks; then threaded matvec/matmul of a
 // mixed-type linear against the same reference. Exit status 0 when all checks pass.
 #include <cmath>
@@ -25,6 +25,9 @@ static void check(bool ok, const char* what, const char* detail = "") {
 }
 
 static std::mt19937_64 rng(12345);
+// The SIMD kernel set under test (K_AVX2 or K_NEON), 0 when this CPU/build has none.
+static const int SIMD = best_kernels() != K_SCALAR ? best_kernels() : 0;
+static const char* SIMD_NAME = SIMD == K_NEON ? "neon" : "avx2";
 static float urand(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); }
 
 enum Mode { RANDOM, EXTREME, ZERO, TINY };
@@ -87,9 +90,9 @@ static void chunk_tests() {
                     }
                     char detail[160];
                     std::snprintf(detail, sizeof detail, "type=%s g=%d n_p=%d mode=%d", bt.name, g, np, (int)mode);
-                    if (cpu_has_avx2()) {
-                        bt.dequant[K_AVX2](rb.data(), g_pad, wa.data());
-                        check(std::memcmp(ws.data(), wa.data(), sizeof(float) * g) == 0, "dequant avx2==scalar", detail);
+                    if (SIMD) {
+                        bt.dequant[SIMD](rb.data(), g_pad, wa.data());
+                        check(std::memcmp(ws.data(), wa.data(), sizeof(float) * g) == 0, SIMD == K_NEON ? "dequant neon==scalar" : "dequant avx2==scalar", detail);
                     }
                     std::vector<float> xc(x_floats(bt, g_pad) + 8);
                     const float xsum = prepare_x(bt, x.data(), g, xc.data());
@@ -107,8 +110,8 @@ static void chunk_tests() {
                     const double tol = 1e-5 * termmag + 1e-30;
                     // dot_rows over 3 copies of the row-block: AVX2 equals its dot bit for bit; the
                     // production scalar rows (dequantize, then float dot) agree within tol.
-                    for (int kk : {K_SCALAR, K_AVX2}) {
-                        if (kk == K_AVX2 && !cpu_has_avx2()) continue;
+                    for (int kk : {(int)K_SCALAR, SIMD}) {
+                        if (kk == 0) continue;
                         std::vector<uint8_t> three(3 * (rbn + 5));
                         for (int r = 0; r < 3; ++r) std::memcpy(&three[r * (rbn + 5)], rb.data(), rbn);
                         float out[3];
@@ -116,25 +119,25 @@ static void chunk_tests() {
                         const float one = bt.dot[kk](rb.data(), xc.data(), xsum, g_pad);
                         bool ok = true;
                         for (int r = 0; r < 3; ++r)
-                            ok = ok && (kk == K_AVX2 ? out[r] == one : std::fabs((double)out[r] - one) <= tol);
-                        check(ok, kk == K_AVX2 ? "dot_rows == dot (avx2)" : "dot_rows ~ dot (scalar)", detail);
+                            ok = ok && (kk != K_SCALAR ? out[r] == one : std::fabs((double)out[r] - one) <= tol);
+                        check(ok, kk != K_SCALAR ? (SIMD == K_NEON ? "dot_rows == dot (neon)" : "dot_rows == dot (avx2)") : "dot_rows ~ dot (scalar)", detail);
                     }
                     check(std::fabs(ds - ref) <= tol, "dot scalar==dequant reference", detail);
-                    if (cpu_has_avx2()) {
-                        const double da = bt.dot[K_AVX2](rb.data(), xc.data(), xsum, g_pad) + rsum;
+                    if (SIMD) {
+                        const double da = bt.dot[SIMD](rb.data(), xc.data(), xsum, g_pad) + rsum;
                         if (!(std::fabs(da - ds) <= tol)) {
-                            std::snprintf(detail + std::strlen(detail), 60, " avx2=%g scalar=%g tol=%g", da, ds, tol);
+                            std::snprintf(detail + std::strlen(detail), 60, " %s=%g scalar=%g tol=%g", SIMD_NAME, da, ds, tol);
                         }
-                        check(std::fabs(da - ds) <= tol, "dot avx2==scalar", detail);
+                        check(std::fabs(da - ds) <= tol, SIMD == K_NEON ? "dot neon==scalar" : "dot avx2==scalar", detail);
                     }
                 }
     }
 }
 
 static void vec_tests() {
-    if (!cpu_has_avx2()) return;
+    if (!SIMD) return;
     const VecOps& s = vec_ops(K_SCALAR);
-    const VecOps& a = vec_ops(K_AVX2);
+    const VecOps& a = vec_ops(SIMD);
     for (int n : {1, 7, 8, 9, 31, 64, 100, 513}) {
         std::vector<float> x(n), y(n), y2(n);
         std::vector<uint8_t> h(2 * n);
@@ -218,8 +221,8 @@ static void linear_tests() {
     const int n_tok = 5;
     std::vector<float> X((size_t)n_tok * K);
     for (float& v : X) v = urand(-1, 1);
-    for (int kern : {K_SCALAR, K_AVX2}) {
-        if (kern == K_AVX2 && !cpu_has_avx2()) continue;
+    for (int kern : {(int)K_SCALAR, SIMD}) {
+        if (kern == 0) continue;
         for (int threads : {1, 2, 3}) {
             ThreadPool pool(threads);
             MatScratch ms;
@@ -260,6 +263,7 @@ static void fp16_tests() {
 
 int main() {
     std::printf("%s\n", system_info());
+    std::printf("simd kernels under test: %s\n", SIMD ? SIMD_NAME : "none");
     fp16_tests();
     chunk_tests();
     vec_tests();

@@ -1,0 +1,323 @@
+// AArch64 Advanced SIMD (NEON) kernels: the twins of kernels_avx2.cpp, registered in the traits
+// table (blocks.cpp) as kernel set K_NEON. NEON (with fp16<->fp32 conversion) is part of the
+// AArch64 base ISA, so nothing here needs a target attribute or a run-time check.
+// Activations stay float32 (docs/neon.md explains why the dot-product extension, UDOT/SDOT,
+// which multiplies int8 by int8, has no place in these kernels; blocks.cpp detects and reports it).
+// Dequantization is bit-identical to the scalar reference (separate multiply and add, never a
+// fused multiply-add); dots agree with it within the tolerances of tests/test_kernels.cpp.
+#if defined(__aarch64__)
+
+#include <arm_neon.h>
+#include <stdint.h>
+#include <string.h>
+
+namespace wqe {
+namespace neon {
+namespace {
+
+inline float half(const uint8_t* p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+}
+
+// 16 codes (uint8) -> 4 float vectors.
+inline void widen16(uint8x16_t c, float32x4_t v[4]) {
+    const uint16x8_t lo = vmovl_u8(vget_low_u8(c)), hi = vmovl_high_u8(c);
+    v[0] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo)));
+    v[1] = vcvtq_f32_u32(vmovl_high_u16(lo));
+    v[2] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi)));
+    v[3] = vcvtq_f32_u32(vmovl_high_u16(hi));
+}
+
+// Codes of one 32-column sub-block as two byte vectors: columns 0-15 and 16-31.
+inline void codes_q8(const uint8_t* q, uint8x16_t c[2]) {
+    c[0] = vld1q_u8(q);
+    c[1] = vld1q_u8(q + 16);
+}
+inline void codes_q4(const uint8_t* q, uint8x16_t c[2]) {
+    const uint8x16_t b = vld1q_u8(q);
+    c[0] = vandq_u8(b, vdupq_n_u8(0x0F));
+    c[1] = vshrq_n_u8(b, 4);
+}
+inline void codes_q2(const uint8_t* q, uint8x16_t c[2]) {
+    const uint8x8_t b = vld1_u8(q), m = vdup_n_u8(3);
+    c[0] = vcombine_u8(vand_u8(b, m), vand_u8(vshr_n_u8(b, 2), m));
+    c[1] = vcombine_u8(vand_u8(vshr_n_u8(b, 4), m), vshr_n_u8(b, 6));
+}
+// q1: byte k holds columns 8k..8k+7 (bit j = column 8k + j); result is 0 or 1 per column.
+inline void codes_q1(const uint8_t* q, uint8x16_t c[2]) {
+    uint32_t bits;
+    memcpy(&bits, q, 4);
+    const uint8x16_t b = vreinterpretq_u8_u32(vdupq_n_u32(bits));
+    static const uint8_t idx0[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+    static const uint8_t idx1[16] = {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+    static const uint8_t bit[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    const uint8x16_t bv = vld1q_u8(bit), one = vdupq_n_u8(1);
+    c[0] = vandq_u8(vtstq_u8(vqtbl1q_u8(b, vld1q_u8(idx0)), bv), one);
+    c[1] = vandq_u8(vtstq_u8(vqtbl1q_u8(b, vld1q_u8(idx1)), bv), one);
+}
+inline void codes_q3(const uint8_t* q, uint8x16_t c[2]) {
+    uint8x16_t hi[2];
+    codes_q2(q, c);
+    codes_q1(q + 8, hi);
+    c[0] = vorrq_u8(c[0], vshlq_n_u8(hi[0], 2));
+    c[1] = vorrq_u8(c[1], vshlq_n_u8(hi[1], 2));
+}
+
+typedef void (*codes_fn)(const uint8_t*, uint8x16_t c[2]);
+
+inline float hsum4(float32x4_t a, float32x4_t b, float32x4_t c, float32x4_t d) {
+    return vaddvq_f32(vaddq_f32(vaddq_f32(a, b), vaddq_f32(c, d)));
+}
+
+// Affine dot: d * sum q x + m * xsum; 32 columns per step, eight accumulators (4-wide each).
+template <codes_fn CODES, int SUB>
+inline float dot_affine(const uint8_t* rb, const float* x, float xsum, int g_pad) {
+    const float d = half(rb), m = half(rb + 2);
+    const uint8_t* q = rb + 4;
+    float32x4_t acc[8];
+    #pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) acc[k] = vdupq_n_f32(0.0f);
+    for (int c = 0; c < g_pad; c += 32, q += SUB) {
+        uint8x16_t cb[2];
+        CODES(q, cb);
+        float32x4_t v[8];
+        widen16(cb[0], v);
+        widen16(cb[1], v + 4);
+        #pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) acc[k] = vfmaq_f32(acc[k], v[k], vld1q_f32(x + c + 4 * k));
+    }
+    const float s = hsum4(vaddq_f32(acc[0], acc[4]), vaddq_f32(acc[1], acc[5]), vaddq_f32(acc[2], acc[6]),
+                          vaddq_f32(acc[3], acc[7]));
+    return d * s + m * xsum;
+}
+
+template <codes_fn CODES, int SUB>
+inline void dequant_affine(const uint8_t* rb, int g_pad, float* out) {
+    const float32x4_t d = vdupq_n_f32(half(rb)), m = vdupq_n_f32(half(rb + 2));
+    const uint8_t* q = rb + 4;
+    for (int c = 0; c < g_pad; c += 32, q += SUB) {
+        uint8x16_t cb[2];
+        CODES(q, cb);
+        float32x4_t v[8];
+        widen16(cb[0], v);
+        widen16(cb[1], v + 4);
+        // two roundings, like the scalar reference (no vfmaq here)
+        #pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) vst1q_f32(out + c + 4 * k, vaddq_f32(vmulq_f32(d, v[k]), m));
+    }
+}
+
+// q1: sum of x over set bits, with bit-test masks instead of conversions.
+inline float dot_q1_impl(const uint8_t* rb, const float* x, float xsum, int g_pad) {
+    const float d = half(rb), m = half(rb + 2);
+    const uint8_t* q = rb + 4;
+    static const uint32_t sh[32] = {1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,
+                                    1u << 8,  1u << 9,  1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15,
+                                    1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23,
+                                    1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
+    uint32x4_t bit[8];
+    #pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) bit[k] = vld1q_u32(sh + 4 * k);
+    float32x4_t acc[4];
+    #pragma GCC unroll 8
+    for (int k = 0; k < 4; ++k) acc[k] = vdupq_n_f32(0.0f);
+    for (int c = 0; c < g_pad; c += 32, q += 4) {
+        uint32_t bits;
+        memcpy(&bits, q, 4);
+        const uint32x4_t b = vdupq_n_u32(bits);
+        #pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) {
+            const uint32x4_t msk = vtstq_u32(b, bit[k]);
+            acc[k & 3] = vaddq_f32(acc[k & 3], vreinterpretq_f32_u32(vandq_u32(msk, vreinterpretq_u32_f32(vld1q_f32(x + c + 4 * k)))));
+        }
+    }
+    return d * hsum4(acc[0], acc[1], acc[2], acc[3]) + m * xsum;
+}
+
+// Ternary: byte j carries trits i = 0..4 of columns i*B + j; x is prepared as 5 planes of stride
+// S = round8(B). Trit i: p_0 = byte, t_i = (3 p_i) >> 8, p_{i+1} = (3 p_i) & 0xFF (16-bit lanes).
+inline uint8x8_t load8(const uint8_t* p, int n) {  // n bytes (8, or the even tail 2/4/6), rest zero; never reads past p + n
+    if (n >= 8) return vld1_u8(p);
+    uint64_t v = 0;
+    memcpy(&v, p, (size_t)n);  // little-endian
+    return vcreate_u8(v);
+}
+
+inline float dot_ternary_impl(const uint8_t* rb, const float* x, float xsum, int g_pad) {
+    const float a = half(rb);
+    const uint8_t* q = rb + 2;
+    const int B = 2 * ((g_pad + 9) / 10), S = (B + 7) & ~7;
+    const uint16x8_t ff = vdupq_n_u16(0xFF);
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = acc0;
+    for (int j = 0; j < B; j += 8) {
+        uint16x8_t p = vmovl_u8(load8(q + j, B - j));
+        #pragma GCC unroll 8
+        for (int i = 0; i < 5; ++i) {
+            const uint16x8_t p3 = vmulq_n_u16(p, 3);
+            const uint16x8_t t = vshrq_n_u16(p3, 8);
+            p = vandq_u16(p3, ff);
+            const float* xp = x + i * S + j;
+            acc0 = vfmaq_f32(acc0, vcvtq_f32_u32(vmovl_u16(vget_low_u16(t))), vld1q_f32(xp));
+            acc1 = vfmaq_f32(acc1, vcvtq_f32_u32(vmovl_high_u16(t)), vld1q_f32(xp + 4));
+        }
+    }
+    return a * (vaddvq_f32(vaddq_f32(acc0, acc1)) - xsum);
+}
+
+inline void dequant_ternary_impl(const uint8_t* rb, int g_pad, float* out) {
+    // Writes planes at out + i*B (+ up to 8 past each plane): callers give dequant_floats(g_pad).
+    const float32x4_t a = vdupq_n_f32(half(rb)), one = vdupq_n_f32(1.0f);
+    const uint8_t* q = rb + 2;
+    const int B = 2 * ((g_pad + 9) / 10);
+    const uint16x8_t ff = vdupq_n_u16(0xFF);
+    #pragma GCC unroll 8
+    for (int i = 0; i < 5; ++i)  // ascending, so a plane's spill past B is overwritten by the next
+        for (int j = 0; j < B; j += 8) {
+            uint16x8_t p = vmovl_u8(load8(q + j, B - j));
+            uint16x8_t p3 = vmulq_n_u16(p, 3);
+            #pragma GCC unroll 8
+            for (int s = 0; s < i; ++s) {
+                p = vandq_u16(p3, ff);
+                p3 = vmulq_n_u16(p, 3);
+            }
+            const uint16x8_t t = vshrq_n_u16(p3, 8);
+            float* o = out + i * B + j;
+            vst1q_f32(o, vmulq_f32(a, vsubq_f32(vcvtq_f32_u32(vmovl_u16(vget_low_u16(t))), one)));
+            vst1q_f32(o + 4, vmulq_f32(a, vsubq_f32(vcvtq_f32_u32(vmovl_high_u16(t)), one)));
+        }
+}
+
+inline float32x4_t h4(const uint8_t* p) { return vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p))); }
+
+}  // namespace
+
+float dot_fp16(const uint8_t* rb, const float* x, float, int g_pad) {
+    float32x4_t acc[8];
+    #pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) acc[k] = vdupq_n_f32(0.0f);
+    for (int c = 0; c < g_pad; c += 32)
+        #pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) acc[k] = vfmaq_f32(acc[k], h4(rb + 2 * (c + 4 * k)), vld1q_f32(x + c + 4 * k));
+    return hsum4(vaddq_f32(acc[0], acc[4]), vaddq_f32(acc[1], acc[5]), vaddq_f32(acc[2], acc[6]), vaddq_f32(acc[3], acc[7]));
+}
+float dot_q8(const uint8_t* rb, const float* x, float s, int g) { return dot_affine<codes_q8, 32>(rb, x, s, g); }
+float dot_q4(const uint8_t* rb, const float* x, float s, int g) { return dot_affine<codes_q4, 16>(rb, x, s, g); }
+float dot_q3(const uint8_t* rb, const float* x, float s, int g) { return dot_affine<codes_q3, 12>(rb, x, s, g); }
+float dot_q2(const uint8_t* rb, const float* x, float s, int g) { return dot_affine<codes_q2, 8>(rb, x, s, g); }
+float dot_q1(const uint8_t* rb, const float* x, float s, int g) { return dot_q1_impl(rb, x, s, g); }
+float dot_ternary(const uint8_t* rb, const float* x, float s, int g) { return dot_ternary_impl(rb, x, s, g); }
+
+#define WQE_ROWS(name)                                                                                         \
+    void dot_rows_##name(const uint8_t* rb, size_t stride, int n, const float* x, float s, int g, float* out) { \
+        for (int r = 0; r < n; ++r) out[r] = dot_##name(rb + r * stride, x, s, g);                            \
+    }
+WQE_ROWS(fp16)
+WQE_ROWS(q8)
+WQE_ROWS(q4)
+WQE_ROWS(q3)
+WQE_ROWS(q2)
+WQE_ROWS(q1)
+WQE_ROWS(ternary)
+#undef WQE_ROWS
+
+void dequant_fp16(const uint8_t* rb, int g_pad, float* out) {
+    for (int c = 0; c < g_pad; c += 4) vst1q_f32(out + c, h4(rb + 2 * c));
+}
+void dequant_q8(const uint8_t* rb, int g, float* out) { dequant_affine<codes_q8, 32>(rb, g, out); }
+void dequant_q4(const uint8_t* rb, int g, float* out) { dequant_affine<codes_q4, 16>(rb, g, out); }
+void dequant_q3(const uint8_t* rb, int g, float* out) { dequant_affine<codes_q3, 12>(rb, g, out); }
+void dequant_q2(const uint8_t* rb, int g, float* out) { dequant_affine<codes_q2, 8>(rb, g, out); }
+void dequant_q1(const uint8_t* rb, int g, float* out) { dequant_affine<codes_q1, 4>(rb, g, out); }
+void dequant_ternary(const uint8_t* rb, int g, float* out) { dequant_ternary_impl(rb, g, out); }
+
+// ------------------------------------------------------------------ dense primitives
+float vdot_f32(const float* a, const float* b, int n) {
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), vld1q_f32(b + i));
+        acc1 = vfmaq_f32(acc1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+        acc2 = vfmaq_f32(acc2, vld1q_f32(a + i + 8), vld1q_f32(b + i + 8));
+        acc3 = vfmaq_f32(acc3, vld1q_f32(a + i + 12), vld1q_f32(b + i + 12));
+    }
+    for (; i + 4 <= n; i += 4) acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), vld1q_f32(b + i));
+    float s = hsum4(acc0, acc1, acc2, acc3);
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+float vdot_f16(const uint8_t* h, const float* x, int n) {
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = vfmaq_f32(acc0, h4(h + 2 * i), vld1q_f32(x + i));
+        acc1 = vfmaq_f32(acc1, h4(h + 2 * i + 8), vld1q_f32(x + i + 4));
+        acc2 = vfmaq_f32(acc2, h4(h + 2 * i + 16), vld1q_f32(x + i + 8));
+        acc3 = vfmaq_f32(acc3, h4(h + 2 * i + 24), vld1q_f32(x + i + 12));
+    }
+    for (; i + 4 <= n; i += 4) acc0 = vfmaq_f32(acc0, h4(h + 2 * i), vld1q_f32(x + i));
+    float s = hsum4(acc0, acc1, acc2, acc3);
+    for (; i < n; ++i) s += half(h + 2 * i) * x[i];
+    return s;
+}
+
+void vaxpy(float a, const float* x, float* y, int n) {
+    const float32x4_t va = vdupq_n_f32(a);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_f32(vld1q_f32(y + i), va, vld1q_f32(x + i)));
+    for (; i < n; ++i) y[i] += a * x[i];
+}
+
+void vf16_to_f32(const uint8_t* h, float* out, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(out + i, h4(h + 2 * i));
+    for (; i < n; ++i) out[i] = half(h + 2 * i);
+}
+
+// 4 rows x up to 3 tokens per step, 12 accumulators (K % 8 == 0, so K % 4 == 0).
+void vgemm4(const float* W, int ldw, const float* X, int ldx, int nt, int K, float* Y, int ldy, int nr) {
+    const float* w[4] = {W, W + ldw, W + 2 * (size_t)ldw, W + 3 * (size_t)ldw};
+    int t = 0;
+    for (; t + 3 <= nt; t += 3) {
+        const float* x0 = X + (size_t)t * ldx;
+        const float* x1 = x0 + ldx;
+        const float* x2 = x1 + ldx;
+        float32x4_t a[4][3];
+        #pragma GCC unroll 8
+        for (int i = 0; i < 4; ++i)
+            #pragma GCC unroll 8
+            for (int j = 0; j < 3; ++j) a[i][j] = vdupq_n_f32(0.0f);
+        for (int k = 0; k < K; k += 4) {
+            const float32x4_t v0 = vld1q_f32(x0 + k), v1 = vld1q_f32(x1 + k), v2 = vld1q_f32(x2 + k);
+            #pragma GCC unroll 8
+            for (int i = 0; i < 4; ++i) {
+                const float32x4_t wv = vld1q_f32(w[i] + k);
+                a[i][0] = vfmaq_f32(a[i][0], wv, v0);
+                a[i][1] = vfmaq_f32(a[i][1], wv, v1);
+                a[i][2] = vfmaq_f32(a[i][2], wv, v2);
+            }
+        }
+        #pragma GCC unroll 8
+        for (int j = 0; j < 3; ++j)
+            for (int i = 0; i < nr; ++i) Y[(size_t)(t + j) * ldy + i] = vaddvq_f32(a[i][j]);
+    }
+    for (; t < nt; ++t) {
+        const float* x0 = X + (size_t)t * ldx;
+        float32x4_t a[4];
+        #pragma GCC unroll 8
+        for (int i = 0; i < 4; ++i) a[i] = vdupq_n_f32(0.0f);
+        for (int k = 0; k < K; k += 4) {
+            const float32x4_t v = vld1q_f32(x0 + k);
+            #pragma GCC unroll 8
+            for (int i = 0; i < 4; ++i) a[i] = vfmaq_f32(a[i], vld1q_f32(w[i] + k), v);
+        }
+        for (int i = 0; i < nr; ++i) Y[(size_t)t * ldy + i] = vaddvq_f32(a[i]);
+    }
+}
+
+}  // namespace neon
+}  // namespace wqe
+
+#endif
