@@ -167,32 +167,7 @@ static void rows_reference(const uint8_t* rb, size_t stride, int n, const float*
 // ------------------------------------------------------------------ AVX2 kernels (kernels_avx2.cpp)
 #if WQE_X86
 namespace avx2 {
-float dot_fp16(const uint8_t*, const float*, float, int);
-float dot_q8(const uint8_t*, const float*, float, int);
-float dot_q4(const uint8_t*, const float*, float, int);
-float dot_q3(const uint8_t*, const float*, float, int);
-float dot_q2(const uint8_t*, const float*, float, int);
-float dot_ternary(const uint8_t*, const float*, float, int);
-float dot_q1(const uint8_t*, const float*, float, int);
-void dot_rows_fp16(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dot_rows_q8(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dot_rows_q4(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dot_rows_q3(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dot_rows_q2(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dot_rows_ternary(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dot_rows_q1(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dequant_fp16(const uint8_t*, int, float*);
-void dequant_q8(const uint8_t*, int, float*);
-void dequant_q4(const uint8_t*, int, float*);
-void dequant_q3(const uint8_t*, int, float*);
-void dequant_q2(const uint8_t*, int, float*);
-void dequant_ternary(const uint8_t*, int, float*);
-void dequant_q1(const uint8_t*, int, float*);
-float vdot_f32(const float*, const float*, int);
-float vdot_f16(const uint8_t*, const float*, int);
-void vaxpy(float, const float*, float*, int);
-void vf16_to_f32(const uint8_t*, float*, int);
-void vgemm4(const float*, int, const float*, int, int, int, float*, int, int);
+#include "kernel_set.inc"
 }  // namespace avx2
 #  define AVX2(f) avx2::f
 #else
@@ -202,32 +177,7 @@ void vgemm4(const float*, int, const float*, int, int, int, float*, int, int);
 // ------------------------------------------------------------------ NEON kernels (kernels_neon.cpp)
 #if WQE_ARM64
 namespace neon {
-float dot_fp16(const uint8_t*, const float*, float, int);
-float dot_q8(const uint8_t*, const float*, float, int);
-float dot_q4(const uint8_t*, const float*, float, int);
-float dot_q3(const uint8_t*, const float*, float, int);
-float dot_q2(const uint8_t*, const float*, float, int);
-float dot_ternary(const uint8_t*, const float*, float, int);
-float dot_q1(const uint8_t*, const float*, float, int);
-void dot_rows_fp16(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dot_rows_q8(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dot_rows_q4(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dot_rows_q3(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dot_rows_q2(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dot_rows_ternary(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dot_rows_q1(const uint8_t*, size_t, int, const float*, float, int, float*);
-void dequant_fp16(const uint8_t*, int, float*);
-void dequant_q8(const uint8_t*, int, float*);
-void dequant_q4(const uint8_t*, int, float*);
-void dequant_q3(const uint8_t*, int, float*);
-void dequant_q2(const uint8_t*, int, float*);
-void dequant_ternary(const uint8_t*, int, float*);
-void dequant_q1(const uint8_t*, int, float*);
-float vdot_f32(const float*, const float*, int);
-float vdot_f16(const uint8_t*, const float*, int);
-void vaxpy(float, const float*, float*, int);
-void vf16_to_f32(const uint8_t*, float*, int);
-void vgemm4(const float*, int, const float*, int, int, int, float*, int, int);
+#include "kernel_set.inc"
 }  // namespace neon
 #  define NEON(f) neon::f
 #else
