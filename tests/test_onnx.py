@@ -233,7 +233,7 @@ def test_exporter_does_not_import_torch(tiny, tmp_path):
     code = ("import sys; from wqedge.converters.onnx_export import export_onnx; "
             f"export_onnx({str(gguf_path)!r}, {str(tmp_path / 'x.onnx')!r}); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")  # the installed package, not the checkout
     assert (tmp_path / "x.onnx").is_file()
 
 
