@@ -47,9 +47,9 @@ def main():
 
     stats = None
     if args.calib:
-        from wqedge.quantize import calibration_diag
+        from wqedge.calib import collect_stats
         t0 = time.time()
-        stats = calibration_diag(ckpt, Path(args.calib).read_text())
+        stats = collect_stats(ckpt, Path(args.calib).read_text())
         print(f"calibration: {time.time() - t0:.1f} s")
 
     rows = [("fp16 (as stored)", "-", 16.0, ppl(ckpt.load_hf_model(torch.float32)), 0.0)]

@@ -142,3 +142,17 @@ def test_cli_convert_to_onnx_runs_in_onnxruntime(ckpt, tmp_path):
     logits = sess.run(["logits"], feeds)[0][0]
     ref = _logits(load_reference(out.with_suffix(".gguf")), IDS).numpy()
     assert np.abs(logits - ref).max() / ref.std() < 1e-2
+
+
+def test_cli_greedy_plan_with_calibration_meets_budget_in_the_file(ckpt, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"item {i} of the list is {i * 7 % 13} and the next one follows." for i in range(300)))
+    out = tmp_path / "g.gguf"
+    res = CliRunner().invoke(main, ["convert", str(ckpt.path), "-o", str(out), "--bits", "3.0", "--allocator",
+                                    "greedy", "--calib", str(calib), "--save-plan", str(tmp_path / "g.json")])
+    assert res.exit_code == 0, res.output
+    assert "error feedback" in res.output
+    f = WqGGUF(out)
+    assert f.measured_bits() <= 3.0 + 1e-9
+    assert f.measured_bits() == pytest.approx(json.loads((tmp_path / "g.json").read_text())["effective_bits"])
+    assert len({a for t in json.loads((tmp_path / "g.json").read_text())["tensors"] for a in t["actions"]}) > 1

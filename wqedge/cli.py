@@ -84,6 +84,8 @@ def main():
 
 def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device):
     from .plan import PlanError
+    if allocator is None:
+        allocator = "greedy" if calib else "uniform"
     try:
         if allocator == "uniform":
             from .alloc.uniform import uniform_plan
@@ -97,8 +99,8 @@ def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device):
 
 
 def _calibration_stats(ckpt, calib_text, device):
-    from .quantize import calibration_diag
-    return calibration_diag(ckpt, calib_text, device=device)
+    from .calib import collect_stats
+    return collect_stats(ckpt, calib_text, device=device)
 
 
 _common_plan_options = [
@@ -107,9 +109,11 @@ _common_plan_options = [
                       "zero point and protected column (q4 at group 128 costs 4.25, q3 3.25, q2 2.25)."),
     click.option("--group", "-g", type=int, default=128, show_default=True, callback=lambda c, p, v: _check_group(v),
                  help="Chunk width G in input columns (a multiple of 32; 128 or 256 recommended)."),
-    click.option("--allocator", "-a", type=click.Choice(ALLOCATORS), default="uniform", show_default=True,
+    click.option("--allocator", "-a", type=click.Choice(ALLOCATORS), default=None,
                  help="Who chooses each chunk's action: 'uniform' (one action everywhere), 'greedy' "
-                      "(deterministic loss-aware knapsack) or 'rl' (PPO policy, WINDQuant)."),
+                      "(deterministic loss-aware knapsack; it beat 'rl' on held-out perplexity at 3 of 5 budgets, "
+                      "see bench/results/allocation.md) or 'rl' (PPO policy, WINDQuant). "
+                      "Default: greedy with --calib, uniform without."),
     click.option("--method", type=click.Choice(["neuqi", "minmax"]), default="neuqi", show_default=True,
                  help="Scale/zero-point initialisation of uniform quantizers: NeUQI or min-max round-to-nearest."),
     click.option("--calib", type=click.Path(exists=True, dir_okay=False),
@@ -134,6 +138,9 @@ def plan_options(f):
 @click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False),
               help="Use this plan (from `wqedge plan`) instead of making one; --bits/--allocator are then ignored.")
 @click.option("--save-plan", type=click.Path(dir_okay=False), help="Also write the plan used as JSON here.")
+@click.option("--feedback/--no-feedback", default=None,
+              help="Fit chunks with error feedback (GPTQ-style, earlier layers quantized in the loop) on the "
+                   "calibration text. Default: on for greedy/rl plans when --calib is given, off otherwise.")
 @click.option("--target", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True,
               help="'gguf': our column-chunk GGUF (runs in wqedge's C++ runtime); 'onnx': a KV-cache decoder for "
                    "stock ONNX Runtime (the GGUF is made first and kept beside it).")
@@ -142,8 +149,8 @@ def plan_options(f):
               help="How chunks become ONNX operators: 'compact' keeps every width (q3/ternary/q1 unpacked in the "
                    "graph), 'widen' stores them as 4/2-bit MatMulNBits, 'int4' makes every linear one 4-bit "
                    "MatMulNBits (fastest in ONNX Runtime; see docs/onnx.md).")
-def convert(model_dir, output, bits, group, allocator, method, calib, seed, device, plan_path, save_plan, target,
-            onnx_lowering):
+def convert(model_dir, output, bits, group, allocator, method, calib, seed, device, plan_path, save_plan, feedback,
+            target, onnx_lowering):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
     With no MODEL_DIR, a tiny random LLaMA is built on the spot and converted (a self-contained demo).
@@ -172,8 +179,16 @@ def convert(model_dir, output, bits, group, allocator, method, calib, seed, devi
         plan.save(save_plan)
         click.echo(f"plan written to {save_plan}")
 
-    stats = None
-    if calib:
+    stats = fitted = None
+    if feedback is None:
+        feedback = bool(calib) and plan.allocator in ("greedy", "rl")
+    if feedback and not calib:
+        _fail("--feedback needs calibration text (--calib FILE)")
+    if feedback:
+        from .alloc.feedback import quantize_checkpoint
+        click.echo("fitting chunks with error feedback on the calibration text…")
+        fitted = quantize_checkpoint(ckpt, plan, _read_text(calib), device=device)
+    elif calib:
         click.echo("calibrating (activation statistics for the quantizer fits)…")
         stats = _calibration_stats(ckpt, _read_text(calib), device)
 
@@ -183,7 +198,8 @@ def convert(model_dir, output, bits, group, allocator, method, calib, seed, devi
     gguf_out = Path(output) if target == "gguf" else Path(output).with_suffix(".gguf")
     bar = _progress(len(spec.linears()), "quantizing")
     try:
-        path = convert_to_gguf(ckpt, plan, gguf_out, stats, device, progress=lambda name: bar.update(1))
+        path = convert_to_gguf(ckpt, plan, gguf_out, stats, device, progress=lambda name: bar.update(1),
+                               fitted=fitted)
     except (ValueError, OSError) as e:
         _fail(f"convert failed, nothing written: {e}")
     finally:
@@ -209,18 +225,20 @@ def convert(model_dir, output, bits, group, allocator, method, calib, seed, devi
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Plan JSON to write.")
 @plan_options
 def plan(model_dir, output, bits, group, allocator, method, calib, seed, device):
-    """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON).
+    """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
+    with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
 
-    Convert it later with `wqedge convert MODEL_DIR --plan PLAN.json`.
+    Convert it later with `wqedge convert MODEL_DIR --plan PLAN.json --calib FILE`.
     """
+    from .report import text_report, write_report
+
     ckpt = _open_checkpoint(model_dir)
     calib_text = _read_text(calib) if calib else None
     p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device)
-    _print_plan_summary(p)
-    for layer, b in p.layer_bits().items():
-        click.echo(f"  layer {layer:3d}: {b:6.3f} bits")
+    click.echo(text_report(p))
     p.save(output)
-    click.echo(f"plan written to {output}")
+    txt, png = write_report(p, Path(output).with_suffix(""))
+    click.echo(f"plan written to {output}; report {txt}, heatmap {png} (layers x chunks, coloured by bits)")
 
 
 @main.command()

@@ -39,8 +39,13 @@ def quantize_linear(w: torch.Tensor, plan: Plan, name: str, h: torch.Tensor | No
 
 
 def quantize_linears(ckpt: LlamaCheckpoint, plan: Plan, stats: dict[str, torch.Tensor] | None = None,
-                     device: str | None = None) -> Iterator[tuple[Linear, list[ChunkData]]]:
+                     device: str | None = None, fitted: dict[str, list[ChunkData]] | None = None,
+                     ) -> Iterator[tuple[Linear, list[ChunkData]]]:
+    """Each linear's chunks, in unit order: taken from `fitted` (e.g. error feedback) or fitted here."""
     for lin in ckpt.spec.linears():
+        if fitted is not None:
+            yield lin, fitted[lin.hf_name]
+            continue
         w = ckpt.linear_weight(lin).to(device or "cpu", torch.float32)
         h = None if not stats else stats.get(lin.hf_name)
         yield lin, quantize_linear(w, plan, lin.hf_name, None if h is None else h.to(w.device, torch.float32))
@@ -48,8 +53,13 @@ def quantize_linears(ckpt: LlamaCheckpoint, plan: Plan, stats: dict[str, torch.T
 
 def convert_to_gguf(ckpt: LlamaCheckpoint, plan: Plan, out_path: str | Path,
                     stats: dict[str, torch.Tensor] | None = None, device: str | None = None,
-                    progress: Callable[[str], None] | None = None) -> Path:
-    """Quantize `ckpt` by `plan` and write our GGUF atomically to out_path."""
+                    progress: Callable[[str], None] | None = None,
+                    fitted: dict[str, list[ChunkData]] | None = None) -> Path:
+    """Quantize `ckpt` by `plan` and write our GGUF atomically to out_path.
+
+    stats: diag(XᵀX) per linear weighting the NeUQI fits; fitted: chunks already fitted by the caller
+    (error feedback, wqedge.alloc.feedback), written as they are after checking them against the plan.
+    """
     plan.validate(ckpt.spec, ckpt.fingerprint())
     stored = np.dtype(np.float16) if ckpt.dtype == "float16" else np.dtype(np.float32)
     dense = dense_tensors(ckpt.spec, lambda hf: stored)
@@ -60,18 +70,5 @@ def convert_to_gguf(ckpt: LlamaCheckpoint, plan: Plan, out_path: str | Path,
         return t.to(torch.float32).numpy()
 
     return write_gguf(out_path, ckpt.spec, plan, read_tokenizer(ckpt.path), dense, dense_data,
-                      quantize_linears(ckpt, plan, stats, device), progress)
+                      quantize_linears(ckpt, plan, stats, device, fitted), progress)
 
-
-def calibration_diag(ckpt: LlamaCheckpoint, text: str, n_seqs: int | None = None, seqlen: int | None = None,
-                     device: str | None = None) -> dict[str, torch.Tensor]:
-    """diag(XᵀX)/T of every decoder linear's input on calibration text (weights of the NeUQI fit)."""
-    from transformers import AutoTokenizer
-
-    from . import calib
-
-    tok = AutoTokenizer.from_pretrained(str(ckpt.path))
-    cs = calib.calibration_tokens(tok, text, n_seqs or calib.DEFAULT_N_SEQS, seqlen or calib.DEFAULT_SEQLEN,
-                                  n_heldout=0, bos_id=ckpt.spec.bos_token_id)
-    stats = calib.layerwise_stats(ckpt.load_hf_model(torch.float32), cs.train, device=device, full_xtx=False)
-    return {name: s.diag.float() for name, s in stats.items()}

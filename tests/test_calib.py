@@ -1,0 +1,123 @@
+"""Calibration: text -> windows -> per-linear input and gradient statistics (tiny random models, CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wqedge.calib import (InputStats, calibration_tokens, collect_stats, gradient_stats, heldout_loss,
+                          layerwise_stats, windows_from_tokens)
+from wqedge.tinymodel import tiny_corpus
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from wqedge.checkpoint import LlamaCheckpoint
+    ckpt = LlamaCheckpoint.open(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = ckpt.load_hf_model(torch.float32)
+    text = "\n".join(tiny_corpus(400))
+    return ckpt, tok, model, text
+
+
+def test_windows_are_bos_led_disjoint_and_deterministic():
+    toks = list(range(1, 20001))
+    a = windows_from_tokens(toks, n_seqs=8, seqlen=256, n_heldout=3, bos_id=1, seed=0)
+    b = windows_from_tokens(toks, n_seqs=8, seqlen=256, n_heldout=3, bos_id=1, seed=0)
+    assert a.train.shape == (8, 256) and a.heldout.shape == (3, 256)
+    assert torch.equal(a.train, b.train) and torch.equal(a.heldout, b.heldout)
+    assert (a.train[:, 0] == 1).all() and (a.heldout[:, 0] == 1).all()
+    starts_train = {int(r[1]) for r in a.train}
+    starts_held = {int(r[1]) for r in a.heldout}
+    assert not starts_train & starts_held
+    # windows are aligned, non-overlapping cuts of the text
+    assert all((s - 2) % 256 == 0 for s in starts_train | starts_held)
+
+
+def test_short_text_gives_one_short_window():
+    c = windows_from_tokens(list(range(100)), n_seqs=4, seqlen=512, n_heldout=2)
+    assert c.train.shape == (1, 100) and c.heldout.shape[0] == 0
+    with pytest.raises(ValueError):
+        windows_from_tokens([1, 2, 3], n_seqs=4, seqlen=512)
+
+
+def test_calibration_tokens_from_text_and_file(tiny, tmp_path):
+    _, tok, _, text = tiny
+    f = tmp_path / "c.txt"
+    f.write_text(text)
+    a = calibration_tokens(tok, text, n_seqs=4, seqlen=64, n_heldout=1)
+    b = calibration_tokens(tok, str(f), n_seqs=4, seqlen=64, n_heldout=1)
+    assert torch.equal(a.train, b.train) and a.train.shape == (4, 64)
+    with pytest.raises(FileNotFoundError):
+        calibration_tokens(tok, str(tmp_path / "missing.txt"))
+
+
+def test_layerwise_stats_match_a_full_forward(tiny):
+    ckpt, tok, model, text = tiny
+    cs = calibration_tokens(tok, text, n_seqs=3, seqlen=64, n_heldout=0)
+    st = layerwise_stats(model, cs.train, device="cpu", batch_size=2)
+    # reference: hooks on an ordinary full-model forward
+    ref = {}
+    hooks = []
+    for lin in ckpt.spec.linears():
+        mod = model.get_submodule(lin.hf_name[: -len(".weight")])
+        hooks.append(mod.register_forward_pre_hook(
+            lambda m, args, n=lin.hf_name: ref.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1]))))
+    with torch.no_grad():
+        model(cs.train)
+    for h in hooks:
+        h.remove()
+    assert set(st) == {lin.hf_name for lin in ckpt.spec.linears()}
+    for name, xs in ref.items():
+        x = torch.cat(xs).double()
+        s = st[name]
+        assert isinstance(s, InputStats) and s.n_tokens == x.shape[0]
+        torch.testing.assert_close(s.diag, (x * x).mean(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s.mean_abs, x.abs().mean(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s.max_abs.double(), x.abs().amax(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s.xtx, x.T @ x / x.shape[0], rtol=1e-3, atol=1e-5)
+
+
+def test_on_layer_changes_reach_later_layers(tiny):
+    _, tok, model, text = tiny
+    cs = calibration_tokens(tok, text, n_seqs=2, seqlen=32, n_heldout=0)
+    base = layerwise_stats(model, cs.train, device="cpu", full_xtx=False)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def zero_mlp(li, layer, stats):
+        if li == 0:
+            layer.mlp.down_proj.weight.data.zero_()
+            return True
+        return False
+
+    try:
+        changed = layerwise_stats(model, cs.train, device="cpu", full_xtx=False, on_layer=zero_mlp)
+    finally:
+        for n, p in model.named_parameters():
+            p.data.copy_(saved[n])
+    n0 = "model.layers.0.self_attn.q_proj.weight"
+    n1 = "model.layers.1.self_attn.q_proj.weight"
+    torch.testing.assert_close(changed[n0].diag, base[n0].diag)      # before the change: same
+    assert not torch.allclose(changed[n1].diag, base[n1].diag)        # after it: the new inputs
+
+
+def test_gradient_stats(tiny):
+    ckpt, tok, model, text = tiny
+    cs = calibration_tokens(tok, text, n_seqs=2, seqlen=32, n_heldout=0)
+    gs = gradient_stats(model, cs.train, device="cpu", batch_size=1, fisher_diag=True)
+    for lin in ckpt.spec.linears():
+        g = gs[lin.hf_name]
+        assert g.g2.shape == (lin.out_features,) and bool((g.g2 > 0).all())
+        assert g.fisher.shape == (lin.out_features, lin.in_features) and bool((g.fisher >= 0).all())
+    assert all(p.grad is None for p in model.parameters())
+    assert heldout_loss(model, cs.train) > 0
+
+
+def test_collect_stats_for_the_converter(tiny):
+    ckpt, _, _, text = tiny
+    st = collect_stats(ckpt, text, device="cpu", n_seqs=2, seqlen=32)
+    for lin in ckpt.spec.linears():
+        assert st[lin.hf_name].shape == (lin.in_features,) and st[lin.hf_name].dtype == torch.float32

@@ -1,0 +1,346 @@
+"""Calibration: text -> token sequences -> per-linear input (and output-gradient) statistics.
+
+Three passes, each bounded in memory:
+
+* `calibration_tokens`: the text is tokenized with a leading BOS and cut into non-overlapping
+  windows of `seqlen` tokens whose first token is replaced by BOS (as the perplexity tool cuts
+  its windows); `n_seqs` windows are taken evenly spaced over the text, plus `n_heldout` further
+  windows (disjoint from them) for measuring plans.
+* `layerwise_stats`: the decoder is run one layer at a time (only that layer on the device; the
+  hidden states of every calibration sequence are kept between layers). For each decoder linear it
+  gathers the input statistics diag(XᵀX), mean |x| and max |x| per input channel and, when asked,
+  the full XᵀX. An `on_layer` callback may change a layer's weights (quantize it) before its output
+  is computed, so that later layers see the already-quantized earlier ones in the loop.
+* `gradient_stats`: forward and backward of the LM loss through the whole model, gathering per
+  linear the mean squared gradient of the per-token loss with respect to each output channel
+  (G_i = E_t[(dℓ_t/dy_ti)²]), the output-side factor of a Kronecker (K-FAC) Fisher. With the input
+  factor H = E_t[x xᵀ] this gives the loss-aware damage ½ Σ_i G_i Δw_i H Δw_iᵀ used by wqedge.damage.
+
+All statistics are float64 means over the calibration tokens (XᵀX/T, not sums) so that figures from
+different sequence counts compare. CUDA is used when available, the CPU otherwise.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .units import PROJECTIONS
+
+DEFAULT_N_SEQS = 32       # laptop-sized defaults: 32 x 512 tokens = 16k calibration tokens
+DEFAULT_SEQLEN = 512
+DEFAULT_N_HELDOUT = 4
+
+# Linears that read the same input tensor (their input statistics are shared).
+INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------- text -> sequences
+
+@dataclass
+class CalibrationSet:
+    """Token windows for planning: `train` gathers statistics, `heldout` measures plans."""
+    train: torch.Tensor      # int64 [n_seqs, seqlen]
+    heldout: torch.Tensor    # int64 [n_heldout, seqlen]
+    n_text_tokens: int
+    source: str = ""
+
+    @property
+    def seqlen(self) -> int:
+        return int(self.train.shape[1])
+
+
+def read_texts(texts: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
+    """One text from a file, a list of files, or (when it names no file) the text itself."""
+    if isinstance(texts, (list, tuple)):
+        return "\n".join(read_texts(t) for t in texts)
+    if isinstance(texts, os.PathLike) or (isinstance(texts, str) and len(texts) < 4096 and "\n" not in texts
+                                          and Path(texts).is_file()):
+        return Path(texts).read_text(encoding="utf-8", errors="replace")
+    if isinstance(texts, str) and len(texts) < 4096 and "\n" not in texts and (os.sep in texts or texts.endswith(".txt")):
+        raise FileNotFoundError(f"calibration text {texts!r}: no such file")
+    return str(texts)
+
+
+def tokenize_text(tokenizer, text: str, bos_id: int) -> list[int]:
+    """The whole text's tokens with one leading BOS (as llama.cpp's perplexity tool tokenizes)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [int(bos_id)] + [int(i) for i in ids]
+
+
+def calibration_tokens(tokenizer, texts, n_seqs: int = DEFAULT_N_SEQS, seqlen: int = DEFAULT_SEQLEN,
+                       n_heldout: int = DEFAULT_N_HELDOUT, bos_id: int | None = None, seed: int = 0) -> CalibrationSet:
+    """Cut calibration text into BOS-led windows: n_seqs for statistics, n_heldout more for measuring.
+
+    Windows are non-overlapping and spread evenly over the text (deterministic; `seed` only picks the
+    offset of the held-out windows among the rest). Too short a text gives fewer windows (at least one
+    for statistics) with a warning-free reduction; no text at all is an error.
+    """
+    if bos_id is None:
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        bos_id = 1 if bos_id is None else bos_id
+    text = read_texts(texts)
+    toks = tokenize_text(tokenizer, text, bos_id)
+    cs = windows_from_tokens(toks, n_seqs, seqlen, n_heldout, bos_id, seed)
+    cs.source = texts if isinstance(texts, str) and len(texts) < 200 else ""
+    return cs
+
+
+def windows_from_tokens(toks, n_seqs: int = DEFAULT_N_SEQS, seqlen: int = DEFAULT_SEQLEN,
+                        n_heldout: int = DEFAULT_N_HELDOUT, bos_id: int = 1, seed: int = 0) -> CalibrationSet:
+    """calibration_tokens for an already tokenized text (leading BOS included)."""
+    toks = [int(t) for t in toks]
+    if seqlen < 8:
+        raise ValueError(f"calibration sequence length must be >= 8, got {seqlen}")
+    if n_seqs < 1:
+        raise ValueError(f"need at least one calibration sequence, got n_seqs={n_seqs}")
+    avail = len(toks) // seqlen
+    if avail == 0:  # short text: one (shorter) window of all of it
+        if len(toks) < 8:
+            raise ValueError(f"calibration text has {len(toks)} tokens; need at least 8")
+        seqlen = len(toks)
+        avail = 1
+    t = torch.tensor(toks[: avail * seqlen], dtype=torch.long).reshape(avail, seqlen)
+    t[:, 0] = bos_id
+    n_train = min(n_seqs, avail)
+    n_ho = min(n_heldout, max(0, avail - n_train))
+    if n_train + n_ho == avail:
+        idx = list(range(avail))
+    else:
+        step = avail / (n_train + n_ho)
+        idx = sorted({min(avail - 1, int(i * step)) for i in range(n_train + n_ho)})
+    rng = np.random.default_rng(seed)
+    ho_pos = set(rng.choice(len(idx), size=n_ho, replace=False).tolist()) if n_ho else set()
+    train = [idx[i] for i in range(len(idx)) if i not in ho_pos][:n_train]
+    held = [idx[i] for i in sorted(ho_pos)]
+    return CalibrationSet(t[train].clone(), t[held].clone() if held else t[:0].clone(), len(toks))
+
+
+# ---------------------------------------------------------------- statistics
+
+@dataclass
+class InputStats:
+    """Statistics of one linear's input x (over every calibration token)."""
+    n_tokens: int
+    diag: torch.Tensor           # float64 [K]: E[x_j²]  (= diag(XᵀX)/T)
+    mean_abs: torch.Tensor       # float64 [K]: E|x_j|
+    max_abs: torch.Tensor        # float32 [K]: max |x_j|
+    xtx: torch.Tensor | None = None   # float64 [K, K]: XᵀX/T, when gathered
+
+    def hessian(self) -> torch.Tensor:
+        return self.xtx if self.xtx is not None else torch.diag(self.diag)
+
+
+class _Accumulator:
+    def __init__(self, k: int, full: bool, device):
+        self.n = 0
+        self.s2 = torch.zeros(k, dtype=torch.float64, device=device)
+        self.s1 = torch.zeros(k, dtype=torch.float64, device=device)
+        self.mx = torch.zeros(k, dtype=torch.float32, device=device)
+        self.xtx = torch.zeros(k, k, dtype=torch.float64, device=device) if full else None
+
+    def add(self, x: torch.Tensor):
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.n += x.shape[0]
+        self.s2 += (x * x).sum(0, dtype=torch.float64)
+        self.s1 += x.abs().sum(0, dtype=torch.float64)
+        self.mx = torch.maximum(self.mx, x.abs().amax(0))
+        if self.xtx is not None:
+            self.xtx += (x.T @ x).double()   # fp32 products of one batch, summed in fp64
+
+    def result(self) -> InputStats:
+        n = max(self.n, 1)
+        return InputStats(self.n, (self.s2 / n).cpu(), (self.s1 / n).cpu(), self.mx.cpu(),
+                          None if self.xtx is None else (self.xtx / n).cpu())
+
+
+def _layer_call(layer, h, pos_emb):
+    out = layer(h, attention_mask=None, position_embeddings=pos_emb)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _rotary(model, hidden: torch.Tensor):
+    seqlen = hidden.shape[1]
+    pos = torch.arange(seqlen, device=hidden.device).unsqueeze(0)
+    return model.model.rotary_emb(hidden, position_ids=pos)
+
+
+@torch.no_grad()
+def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 4, full_xtx: bool = True,
+                    on_layer: Callable[[int, torch.nn.Module, dict[str, InputStats]], bool | None] | None = None,
+                    progress: Callable[[str], None] | None = None) -> dict[str, InputStats]:
+    """Input statistics of every decoder linear, gathered one decoder layer at a time.
+
+    `model` is a transformers LlamaForCausalLM (any dtype, on the CPU); each layer is moved to `device`
+    for its turn and back. Statistics are keyed by Hugging Face weight name
+    (model.layers.L.self_attn.q_proj.weight). `on_layer(l, layer, stats_of_layer)` runs after a layer's
+    statistics are gathered and before its output is computed for the next layer; it returns True when
+    it changed the layer's weights (then the outputs are recomputed with the new weights).
+    """
+    dev = default_device(device)
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    n = tokens.shape[0]
+    emb = model.model.embed_tokens
+    emb_dev = next(emb.parameters()).device
+    cdtype = torch.float32
+    hidden = torch.cat([emb(tokens[i:i + batch_size].to(emb_dev)).to("cpu", cdtype) for i in range(0, n, batch_size)])
+    rot = model.model.rotary_emb
+    rot_orig = next(rot.buffers()).device if list(rot.buffers()) else None
+    rot.to(dev)
+    pos_emb = _rotary(model, hidden[:1].to(dev))
+    pos_emb = tuple(p.to(cdtype) for p in pos_emb)
+    out: dict[str, InputStats] = {}
+    layers = model.model.layers
+    for li, layer in enumerate(layers):
+        orig_dev = next(layer.parameters()).device
+        orig_dtype = next(layer.parameters()).dtype
+        layer.to(dev, cdtype)
+        accs = {}
+        hooks = []
+        for group in INPUT_GROUPS:
+            mod = layer.get_submodule(group[0])
+            acc = _Accumulator(mod.in_features, full_xtx, dev)
+            for name in group:
+                accs[f"model.layers.{li}.{name}.weight"] = acc
+            hooks.append(mod.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
+        outs = []
+        try:
+            for i in range(0, n, batch_size):
+                outs.append(_layer_call(layer, hidden[i:i + batch_size].to(dev), pos_emb).to("cpu", cdtype))
+        finally:
+            for hk in hooks:
+                hk.remove()
+        results = {}
+        for name, acc in accs.items():
+            if id(acc) not in results:
+                results[id(acc)] = acc.result()
+            out[name] = results[id(acc)]
+        changed = False
+        if on_layer is not None:
+            changed = bool(on_layer(li, layer, {k: v for k, v in out.items() if k.startswith(f"model.layers.{li}.")}))
+        if changed:
+            outs = [_layer_call(layer, hidden[i:i + batch_size].to(dev), pos_emb).to("cpu", cdtype)
+                    for i in range(0, n, batch_size)]
+        hidden = torch.cat(outs)
+        layer.to(orig_dev, orig_dtype)
+        if progress:
+            progress(f"calibration: layer {li + 1}/{len(layers)}")
+    if rot_orig is not None:
+        rot.to(rot_orig)
+    return out
+
+
+@dataclass
+class GradStats:
+    """Output-side statistics of one linear from backward passes of the LM loss."""
+    n_tokens: int
+    g2: torch.Tensor                     # float64 [N]: E_t[(dℓ_t/dy_ti)²], ℓ_t the per-token loss
+    fisher: torch.Tensor | None = None   # float32 [N, K]: E_seq[(dℓ_seq/dW)²] (empirical Fisher diag), when asked
+
+
+def gradient_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 1, fisher_diag: bool = False,
+                   progress: Callable[[str], None] | None = None) -> dict[str, GradStats]:
+    """Per decoder linear, the mean squared output gradient of the per-token LM loss (and optionally the
+    empirical Fisher diagonal of its weights), from forward+backward over `tokens`.
+
+    The model is moved to `device` whole (a 7B model needs a GPU of 16+ GB in fp16, or CPU memory).
+    Only gradients of the decoder linears' outputs are kept; parameters get no .grad unless
+    fisher_diag is asked for.
+    """
+    dev = default_device(device)
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    orig = next(model.parameters()).device
+    model.to(dev)
+    names = [f"model.layers.{li}.{hf}.weight" for li in range(len(model.model.layers)) for hf, _ in PROJECTIONS]
+    mods = {n: model.get_submodule(n[: -len(".weight")]) for n in names}
+    g2 = {n: torch.zeros(m.out_features, dtype=torch.float64, device=dev) for n, m in mods.items()}
+    fis = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in mods.items()} if fisher_diag else None
+    scale = [1.0]
+    hooks = []
+    for n, m in mods.items():
+        def bh(mod, gin, gout, n=n):
+            g = gout[0].reshape(-1, gout[0].shape[-1]).double() * scale[0]
+            g2[n] += (g * g).sum(0)
+        hooks.append(m.register_full_backward_hook(bh))
+    req = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if fisher_diag:
+        for m in mods.values():
+            m.weight.requires_grad_(True)
+    n_tok = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, tokens.shape[0], batch_size):
+            x = tokens[i:i + batch_size].to(dev)
+            emb = model.model.embed_tokens(x).detach().requires_grad_(True)
+            logits = model(inputs_embeds=emb).logits.float()
+            lp = torch.log_softmax(logits[:, :-1], -1)
+            nll = -lp.gather(-1, x[:, 1:, None])[..., 0]
+            t = nll.numel()
+            scale[0] = float(t)          # d(mean loss)/dy * T = d(per-token loss)/dy
+            loss = nll.mean()
+            if fisher_diag:
+                for m in mods.values():
+                    m.weight.grad = None
+            loss.backward()
+            if fisher_diag:
+                for n, m in mods.items():
+                    fis[n] += m.weight.grad.float() ** 2
+            n_tok += t
+            if progress:
+                progress(f"gradients: {min(i + batch_size, tokens.shape[0])}/{tokens.shape[0]} sequences")
+    finally:
+        for hk in hooks:
+            hk.remove()
+        for p, r in req.items():
+            p.requires_grad_(r)
+            p.grad = None
+        model.to(orig)
+        model.train(was_training)
+    nb = math.ceil(tokens.shape[0] / batch_size)
+    return {n: GradStats(n_tok, (g2[n] / max(n_tok, 1)).cpu(),
+                         None if fis is None else (fis[n] / nb).cpu()) for n in names}
+
+
+@torch.no_grad()
+def heldout_loss(model, tokens: torch.Tensor, device=None, batch_size: int = 4, second_half: bool = False) -> float:
+    """Mean next-token NLL of `model` on `tokens` (every position, or the second half of each window)."""
+    dev = default_device(device)
+    tot, cnt = 0.0, 0
+    for i in range(0, tokens.shape[0], batch_size):
+        x = tokens[i:i + batch_size].to(dev)
+        lg = model(x).logits.float()
+        lp = torch.log_softmax(lg[:, :-1], -1)
+        nll = -lp.gather(-1, x[:, 1:, None])[..., 0]
+        if second_half:
+            nll = nll[:, x.shape[1] // 2:]
+        tot += float(nll.sum())
+        cnt += nll.numel()
+    return tot / max(cnt, 1)
+
+
+def collect_stats(ckpt, calib_text, device=None, n_seqs: int = DEFAULT_N_SEQS, seqlen: int = DEFAULT_SEQLEN,
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """diag(XᵀX)/T of every decoder linear's input (float32 [K], keyed by HF weight name), from the
+    unquantized model: the weights wqedge.quantize gives the NeUQI fits."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
+    bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
+    cs = calibration_tokens(tok, calib_text, n_seqs, seqlen, 0, bos_id=bos, seed=seed)
+    model = ckpt.load_hf_model(torch.float32)
+    st = layerwise_stats(model, cs.train, device=device, full_xtx=False)
+    return {k: v.diag.float() for k, v in st.items()}

@@ -1,0 +1,188 @@
+"""The unit x action table: exact stored bits and predicted damage of every action on every column chunk.
+
+Damage is the predicted increase of the LM loss (nats per token) when one chunk alone is quantized by
+one action, from a second-order (Kronecker-factored Fisher) expansion of the loss:
+
+    damage(u, a) = ½ Σ_i G_i · Δw_i H_cc Δw_iᵀ
+
+where Δw_i is row i of (ŵ − w) on the chunk's columns c, H_cc = E[x_c x_cᵀ] the chunk's block of the
+layer-input second moment (wqedge.calib.layerwise_stats) and G_i = E_t[(dℓ_t/dy_i)²] the mean squared
+gradient of the per-token loss at output channel i (wqedge.calib.gradient_stats). With G ≡ 1 this is the
+plain per-layer proxy Σ diag(XᵀX)(ŵ − w)² (kind="proxy", the full-block form when XᵀX is at hand),
+which measured worse than uniform allocation on llama-s: it does not see how errors reach the loss.
+Optional per-linear calibration factors (`scale`) correct the table toward measured losses.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import blocks
+from .units import Linear, Unit, enumerate_units
+
+ACTIONS = blocks.ACTION_NAMES   # fp16, q8, q4, q3, q2, ternary, q1 (the traits table's order)
+
+# fitter(w_chunk float32 [N, g], action, h_chunk float32 [g] or None, protected or None) -> ŵ float32 [N, g]
+Fitter = Callable[[torch.Tensor, str, torch.Tensor | None, list[int] | None], torch.Tensor]
+
+
+def default_fitter(method: str = "neuqi") -> Fitter:
+    """ŵ from the project's per-chunk fitter (wqedge.quant.fit)."""
+    from .quant.fit import dequantize_chunk, fit_chunk
+
+    def fit(w, action, h, protected=None):
+        return dequantize_chunk(fit_chunk(w, action, method, h, protected)).to(w.device, torch.float32)
+    return fit
+
+
+@dataclass
+class DamageTable:
+    """bits[u, a] (exact stored bits of unit u under action a) and damage[u, a] (predicted loss increase)."""
+    units: list[Unit]
+    actions: tuple[str, ...]
+    bits: np.ndarray            # int64 [U, A]
+    damage: np.ndarray          # float64 [U, A]
+    group_size: int
+    kind: str = "kfac"
+    features: np.ndarray | None = None   # float32 [U, F]: per-unit weight/activation statistics (for RL state)
+    feature_names: tuple[str, ...] = ()
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_weights(self) -> int:
+        return int(sum(u.n_weights for u in self.units))
+
+    def budget_cap(self, budget_bits: float) -> int:
+        """Largest total of stored bits whose effective bits meet the budget."""
+        n = self.n_weights
+        cap = int(np.floor(budget_bits * n))
+        while cap / n > budget_bits:   # float guard
+            cap -= 1
+        return cap
+
+    def plan_bits(self, choice: np.ndarray) -> int:
+        return int(self.bits[np.arange(len(self.units)), choice].sum())
+
+    def plan_damage(self, choice: np.ndarray) -> float:
+        return float(self.damage[np.arange(len(self.units)), choice].sum())
+
+    def action_index(self, name: str) -> int:
+        return self.actions.index(name)
+
+    def restrict(self, actions: tuple[str, ...]) -> "DamageTable":
+        idx = [self.actions.index(a) for a in actions]
+        return DamageTable(self.units, tuple(actions), self.bits[:, idx], self.damage[:, idx], self.group_size,
+                           self.kind, self.features, self.feature_names, dict(self.meta))
+
+
+def unit_bits(units: list[Unit], actions=ACTIONS) -> np.ndarray:
+    return np.array([[blocks.chunk_bits(a, u.linear.out_features, u.width) for a in actions] for u in units],
+                    dtype=np.int64)
+
+
+FEATURE_NAMES = ("log_w_rms", "w_kurtosis", "log_h_mean", "log_h_max_over_mean", "log_absx_max", "log_g_mean",
+                 "log_g_max_over_mean", "rows_log2")
+
+
+def _features(w: torch.Tensor, hc: torch.Tensor, xmax: torch.Tensor | None, g: torch.Tensor | None) -> list[float]:
+    w = w.double()
+    rms = float(w.pow(2).mean().sqrt()) + 1e-12
+    kurt = float((w.pow(4).mean() / (w.pow(2).mean() ** 2 + 1e-30)))
+    hm = float(hc.mean()) + 1e-30
+    gm = float(g.mean()) + 1e-30 if g is not None else 1.0
+    return [np.log(rms), np.log(kurt), np.log(hm), np.log(float(hc.max()) / hm + 1e-12),
+            np.log(float(xmax.max()) + 1e-12) if xmax is not None else 0.0, np.log(gm),
+            np.log(float(g.max()) / gm) if g is not None else 0.0, np.log2(w.shape[0])]
+
+
+def sample_rows(n: int, max_rows: int | None, g: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows used to estimate a linear's damage: all of them, or max_rows spread evenly over the rows
+    sorted by output sensitivity g (systematic sampling; each stands for n / max_rows rows)."""
+    if not max_rows or n <= max_rows:
+        return torch.arange(n)
+    order = torch.argsort(g.cpu(), stable=True) if g is not None else torch.arange(n)
+    pos = ((torch.arange(max_rows, dtype=torch.float64) + 0.5) * n / max_rows).long().clamp_(max=n - 1)
+    return order[pos].sort().values
+
+
+def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torch.Tensor], group_size: int,
+                       input_stats: dict | None = None, grad_stats: dict | None = None,
+                       fitter: Fitter | None = None, method: str = "neuqi", actions=ACTIONS, kind: str = "kfac",
+                       device=None, progress: Callable[[str], None] | None = None,
+                       keep: dict | None = None, max_rows: int | None = 256, g_power: float = 1.0) -> DamageTable:
+    """Fit every action on every unit and price its damage.
+
+    weight_fn(linear) -> float32 [N, K]; input_stats[name] is a wqedge.calib.InputStats (full XᵀX used when
+    present, else its diagonal); grad_stats[name] a wqedge.calib.GradStats. kind: "kfac" (needs grad_stats),
+    "proxy" (G ≡ 1), or "fisher" (empirical Fisher diagonal Σ F_ij Δw_ij², needs grad_stats with fisher).
+    With no `fitter`, each action is fitted on all chunks of a linear at once (wqedge.quant.fit.fit_linear;
+    q8 by min-max, whose damage is negligible either way), on at most `max_rows` rows per linear sampled
+    evenly by output sensitivity (the damage is a sum over rows; None = every row).
+    keep: when given, receives ŵ [rows, g] per (hf_name, chunk, action) (only with every row).
+    """
+    if kind in ("kfac", "fisher") and not grad_stats:
+        raise ValueError(f"damage kind {kind!r} needs gradient statistics")
+    if kind not in ("kfac", "fisher", "proxy"):
+        raise ValueError(f"unknown damage kind {kind!r} (kfac, fisher or proxy)")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    units = enumerate_units(linears, group_size)
+    bits = unit_bits(units, actions)
+    dmg = np.zeros((len(units), len(actions)), dtype=np.float64)
+    feats = np.zeros((len(units), len(FEATURE_NAMES)), dtype=np.float32)
+    by_lin: dict[str, list[Unit]] = {}
+    for u in units:
+        by_lin.setdefault(u.linear.hf_name, []).append(u)
+    if fitter is None:
+        from .quant.fit import dequantize_chunk, fit_linear
+    t0 = time.time()
+    for li, lin in enumerate(linears):
+        w = weight_fn(lin).to(dev, torch.float32)
+        N, K = w.shape
+        st = (input_stats or {}).get(lin.hf_name)
+        gs = (grad_stats or {}).get(lin.hf_name)
+        g = gs.g2.to(dev, torch.float64) ** g_power if (gs is not None and kind == "kfac") else None
+        rows = sample_rows(N, None if (keep is not None or fitter is not None) else max_rows,
+                           g if g is not None else None).to(dev)
+        rw = N / len(rows)
+        ws = w[rows]
+        gsub = g[rows] if g is not None else None
+        hdiag_all = st.diag.to(dev, torch.float64) if st is not None else torch.ones(K, dtype=torch.float64, device=dev)
+        lus = by_lin[lin.hf_name]
+        deqs = {}
+        if fitter is None:
+            for a in actions:
+                if a == "fp16":
+                    deqs[a] = ws.half().float()
+                else:
+                    m = "minmax" if a == "q8" else method
+                    chunks = fit_linear(ws, [a] * len(lus), group_size, m, hdiag_all.float())
+                    deqs[a] = torch.cat([dequantize_chunk(c) for c in chunks], 1).to(dev)
+        for u in lus:
+            s, e = u.start, u.end
+            wc = ws[:, s:e]
+            hdiag = hdiag_all[s:e]
+            hfull = st.xtx[s:e, s:e].to(dev, torch.float64) if (st is not None and st.xtx is not None) else None
+            for ai, a in enumerate(actions):
+                if fitter is None:
+                    wh = deqs[a][:, s:e]
+                elif a == "fp16":
+                    wh = wc.half().float()
+                else:
+                    wh = fitter(wc, a, hdiag.float(), None)
+                if keep is not None:
+                    keep[(lin.hf_name, u.chunk, a)] = wh
+                d = (wh - wc).double()
+                if kind == "fisher":
+                    dmg[u.index, ai] = 0.5 * rw * float((gs.fisher[:, s:e].to(dev, torch.float64)[rows] * d * d).sum())
+                    continue
+                q = (d @ hfull * d).sum(1) if hfull is not None else (d * d * hdiag).sum(1)   # [rows]
+                dmg[u.index, ai] = 0.5 * rw * float((q * gsub).sum() if gsub is not None else q.sum())
+            feats[u.index] = _features(w[:, s:e], hdiag, None if st is None else st.max_abs[s:e], g)
+        if progress:
+            progress(f"damage table: {li + 1}/{len(linears)} linears ({time.time() - t0:.1f} s)")
+    return DamageTable(units, tuple(actions), bits, dmg, group_size, kind, feats, FEATURE_NAMES,
+                       {"seconds": time.time() - t0, "method": method, "max_rows": max_rows})
