@@ -49,8 +49,28 @@ def _ptr(a: np.ndarray, ctype):
     return a.ctypes.data_as(C.POINTER(ctype))
 
 
-class Model:
+class _Handle:
+    """Owns one C handle: freed by close(), by `with`, or when garbage-collected. Subclasses name the free call."""
+    _free_fn = ""
+
+    def close(self) -> None:
+        if getattr(self, "_h", None):
+            getattr(self._lib, self._free_fn)(self._h)
+            self._h = C.c_void_p()
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Model(_Handle):
     """A model file, memory-mapped and validated (NativeError with code ERR_FORMAT etc. when not)."""
+    _free_fn = "wqe_model_free"
 
     def __init__(self, path: str | os.PathLike):
         self._lib = _native.lib()
@@ -66,20 +86,6 @@ class Model:
         if not self._h:
             raise ValueError("model is closed")
         return self._h
-
-    def close(self) -> None:
-        if getattr(self, "_h", None):
-            self._lib.wqe_model_free(self._h)
-            self._h = C.c_void_p()
-
-    def __del__(self):
-        self.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     @property
     def n_vocab(self) -> int:
@@ -134,8 +140,9 @@ class Model:
         return self._text_call(self._lib.wqe_token_to_piece, self.handle, int(token), int(special))
 
 
-class Context:
+class Context(_Handle):
     """KV cache, scratch and threads for evaluating a Model; one thread at a time."""
+    _free_fn = "wqe_context_free"
 
     def __init__(self, model: Model, n_ctx: int = 0, n_threads: int = 0):
         self.model = model
@@ -143,20 +150,6 @@ class Context:
         self._h = C.c_void_p()
         params = _native.ContextParams(int(n_ctx), int(n_threads))
         check(self._lib.wqe_context_new(model.handle, C.byref(params), C.byref(self._h)))
-
-    def close(self) -> None:
-        if getattr(self, "_h", None):
-            self._lib.wqe_context_free(self._h)
-            self._h = C.c_void_p()
-
-    def __del__(self):
-        self.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     @property
     def n_ctx(self) -> int:
