@@ -141,9 +141,11 @@ def plan_options(f):
 @click.option("--feedback/--no-feedback", default=None,
               help="Fit chunks with error feedback (GPTQ-style, earlier layers quantized in the loop) on the "
                    "calibration text. Default: on for greedy/rl plans when --calib is given, off otherwise.")
-@click.option("--target", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True,
+@click.option("--target", type=click.Choice(["gguf", "onnx", "llamacpp"]), default="gguf", show_default=True,
               help="'gguf': our column-chunk GGUF (runs in wqedge's C++ runtime); 'onnx': a KV-cache decoder for "
-                   "stock ONNX Runtime (the GGUF is made first and kept beside it).")
+                   "stock ONNX Runtime (the GGUF is made first and kept beside it); 'llamacpp': a GGUF that stock "
+                   "llama.cpp runs, the plan projected onto one llama.cpp type per tensor within the same budget and "
+                   "quantized by llama.cpp's own quantizer (importance matrix from --calib).")
 @click.option("--onnx-lowering", type=click.Choice(["compact", "widen", "int4"]), default="compact",
               show_default=True,
               help="How chunks become ONNX operators: 'compact' keeps every width (q3/ternary/q1 unpacked in the "
@@ -179,6 +181,9 @@ def convert(model_dir, output, bits, group, allocator, method, calib, seed, devi
         plan.save(save_plan)
         click.echo(f"plan written to {save_plan}")
 
+    if target == "llamacpp":
+        _export_llamacpp(ckpt, plan, output, calib, device)
+        return
     stats = fitted = None
     if feedback is None:
         feedback = bool(calib) and plan.allocator in ("greedy", "rl")
@@ -218,6 +223,23 @@ def convert(model_dir, output, bits, group, allocator, method, calib, seed, devi
         finally:
             bar.close()
         click.echo(f"wrote {info['path']} ({info['bytes'] / 2**20:.2f} MiB, lowering {onnx_lowering})")
+
+
+def _export_llamacpp(ckpt, plan, output, calib, device):
+    try:
+        from .converters.llamacpp import export_llamacpp
+    except ImportError as e:
+        _fail(f"--target llamacpp needs llama-cpp-python (pip install 'wqedge[llamacpp]'): {e}")
+    imatrix = _calibration_stats(ckpt, _read_text(calib), device) if calib else None
+    if output is None:
+        output = Path(".") / f"{ckpt.path.name}.llamacpp{plan.budget_bits:g}.gguf"
+    try:
+        res = export_llamacpp(ckpt, output, plan.budget_bits, imatrix, plan=plan)
+    except (ValueError, OSError, RuntimeError) as e:
+        _fail(f"llama.cpp export failed, nothing written: {e}")
+    hist = ", ".join(f"{t}: {n}" for t, n in res.type_histogram().items())
+    click.echo(f"wrote {res.path} ({res.file_bytes / 2**20:.2f} MiB): {res.linear_bits:.4f} bits per weight over the "
+               f"decoder linears; tensor types {hist}")
 
 
 @main.command()
