@@ -44,8 +44,9 @@ def tensor_key(gguf_name: str, field: str) -> str:
     return f"wqedge.tensors.{gguf_name}.{field}"
 
 
-def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan) -> None:
-    w.add_name(spec.name)
+def add_llama_metadata(w: gguf.GGUFWriter, spec: ModelSpec, name: str | None = None) -> None:
+    """llama.cpp's `llama.*` shape keys for a spec (shared by our format and the llama.cpp export)."""
+    w.add_name(name or spec.name)
     w.add_context_length(spec.max_position_embeddings)
     w.add_embedding_length(spec.hidden_size)
     w.add_block_count(spec.n_layers)
@@ -58,6 +59,10 @@ def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan) -> None
     w.add_rope_freq_base(spec.rope_theta)
     w.add_rope_dimension_count(spec.head_dim)
     w.add_vocab_size(spec.vocab_size)
+
+
+def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan) -> None:
+    add_llama_metadata(w, spec)
     if spec.rope_scaling:
         # llama.cpp reads llama3 scaling from the rope_freqs.weight tensor alone; we keep the parameters too.
         w.add_string("wqedge.rope.scaling", json.dumps(spec.rope_scaling, sort_keys=True))

@@ -47,6 +47,7 @@ import numpy as np
 from ..fileio import atomic_output
 from ..spec import ModelSpec, other_tensors, rope_freq_factors
 from .tokenizer import TokenizerMeta, add_tokenizer_to_gguf
+from .gguf_writer import add_llama_metadata
 
 __all__ = [
     "DEFAULT_TYPES",
@@ -577,20 +578,7 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
 
     with atomic_output(out) as tmp:
         w = gguf.GGUFWriter(tmp, ARCH)
-        w.add_name(name or spec.name)
-        w.add_context_length(spec.max_position_embeddings)
-        w.add_embedding_length(spec.hidden_size)
-        w.add_block_count(spec.n_layers)
-        w.add_feed_forward_length(spec.intermediate_size)
-        w.add_head_count(spec.n_heads)
-        w.add_head_count_kv(spec.n_kv_heads)
-        w.add_layer_norm_rms_eps(spec.rms_norm_eps)
-        w.add_rope_freq_base(spec.rope_theta)
-        w.add_rope_dimension_count(spec.head_dim)
-        if spec.head_dim != spec.hidden_size // spec.n_heads:
-            w.add_key_length(spec.head_dim)
-            w.add_value_length(spec.head_dim)
-        w.add_vocab_size(spec.vocab_size)
+        add_llama_metadata(w, spec, name)
         w.add_file_type(getattr(gguf.LlamaFileType, _FTYPE.get(main_t, "GUESSED")))
         if quantized:
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
