@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,21 +43,9 @@ FIXTURES = next((p for p in (ROOT.parent / "shared" / "fixtures", ROOT / "shared
                 ROOT.parent / "shared" / "fixtures")
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mib() -> float:
-    """Peak RSS of this process (VmHWM: unlike ru_maxrss it is not inherited from the parent across exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from _common import peak_mib as _peak_mib  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _common import rss_mib as _rss_mib  # noqa: E402
+from _common import time_prefill_decode  # noqa: E402
 
 
 # ---------------------------------------------------------------- workers (one process per backend)
@@ -78,21 +65,7 @@ def worker_wqedge(a) -> dict:
     model = native.Model(a.model)
     ctx = native.Context(model, n_ctx=a.prefill + a.decode + 8, n_threads=a.threads)
     load = time.perf_counter() - t
-    rng = np.random.default_rng(0)
-    V = model.n_vocab
-    prompt = rng.integers(0, V, a.prefill).astype(np.int32)
-    ctx.eval(prompt[:8])
-    pre, dec = [], []
-    for _ in range(a.reps):
-        ctx.reset()
-        t = time.perf_counter()
-        ctx.eval(prompt)
-        pre.append(a.prefill / (time.perf_counter() - t))
-        toks = rng.integers(0, V, a.decode)
-        t = time.perf_counter()
-        for tok in toks:
-            ctx.eval([int(tok)])
-        dec.append(a.decode / (time.perf_counter() - t))
+    pre, dec = time_prefill_decode(ctx.reset, ctx.eval, model.n_vocab, a.prefill, a.decode, a.reps)
     peak = _peak_mib()
     threads = ctx.n_threads
     ctx.close()
@@ -110,21 +83,7 @@ def worker_llamacpp(a) -> dict:
                           n_ubatch=max(a.prefill, 8), n_threads=a.threads, n_threads_batch=a.threads,
                           logits_all=False, verbose=False)
     load = time.perf_counter() - t
-    rng = np.random.default_rng(0)
-    V = llm.n_vocab()
-    prompt = [int(x) for x in rng.integers(0, V, a.prefill)]
-    llm.eval(prompt[:8])
-    pre, dec = [], []
-    for _ in range(a.reps):
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(prompt)
-        pre.append(a.prefill / (time.perf_counter() - t))
-        toks = rng.integers(0, V, a.decode)
-        t = time.perf_counter()
-        for tok in toks:
-            llm.eval([int(tok)])
-        dec.append(a.decode / (time.perf_counter() - t))
+    pre, dec = time_prefill_decode(llm.reset, llm.eval, llm.n_vocab(), a.prefill, a.decode, a.reps)
     peak = _peak_mib()
     llm.close()
     ev = LlamaCppEvaluator(a.model, n_ctx=512, n_threads=a.threads)

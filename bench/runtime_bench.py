@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,20 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from _common import peak_mib as _peak_mib  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _common import rss_mib as _rss_mib  # noqa: E402
+from _common import time_prefill_decode  # noqa: E402
 
 
 def worker_cpp(a) -> dict:
-    import numpy as np
 
     from wqedge.runtime import native
     if a.kernels != "auto":
@@ -51,21 +42,7 @@ def worker_cpp(a) -> dict:
     model = native.Model(a.model)
     ctx = native.Context(model, n_ctx=a.prefill + a.decode + 8, n_threads=a.threads)
     load = time.perf_counter() - t
-    rng = np.random.default_rng(0)
-    V = model.n_vocab
-    prompt = rng.integers(0, V, a.prefill).astype(np.int32)
-    ctx.eval(prompt[:8])  # warm-up: page in the weights
-    pre, dec = [], []
-    for _ in range(a.reps):
-        ctx.reset()
-        t = time.perf_counter()
-        ctx.eval(prompt)
-        pre.append(a.prefill / (time.perf_counter() - t))
-        toks = rng.integers(0, V, a.decode)
-        t = time.perf_counter()
-        for tok in toks:
-            ctx.eval([int(tok)])
-        dec.append(a.decode / (time.perf_counter() - t))
+    pre, dec = time_prefill_decode(ctx.reset, ctx.eval, model.n_vocab, a.prefill, a.decode, a.reps)
     return {"backend": f"cpp ({native.get_kernels()})", "threads": ctx.n_threads, "load_s": load,
             "prefill_tok_s": statistics.median(pre), "decode_tok_s": statistics.median(dec),
             "base_mib": base, "peak_mib": _peak_mib(), "library": str(native.library_path())}
