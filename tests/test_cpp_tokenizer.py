@@ -94,69 +94,15 @@ BPE_EXTRA_CASES = [
 
 
 def spm_gguf_arrays(model_dir: Path) -> dict:
-    """Mirror of llama.cpp convert_hf_to_gguf.py `_create_vocab_sentencepiece`."""
-    import json
+    """The SentencePiece arrays our converter writes into the GGUF (converters/tokenizer.read_tokenizer,
+    which mirrors llama.cpp's convert_hf_to_gguf), so the C++ tokenizer is tested on the product's own vocabulary."""
+    from wqedge.converters.tokenizer import read_tokenizer
 
-    import gguf
-    from sentencepiece import SentencePieceProcessor
-
-    sp = SentencePieceProcessor()
-    sp.LoadFromFile(str(model_dir / "tokenizer.model"))
-    config = json.loads((model_dir / "config.json").read_text())
-    vocab_size = config.get("vocab_size", sp.vocab_size())
-
-    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
-    scores = [-10000.0] * vocab_size
-    types = [UNUSED] * vocab_size
-    for i in range(sp.vocab_size()):
-        t = NORMAL
-        if sp.IsUnknown(i):
-            t = UNKNOWN
-        elif sp.IsControl(i):
-            t = CONTROL
-        elif sp.IsUnused(i):
-            t = UNUSED
-        elif sp.IsByte(i):
-            t = BYTE
-        tokens[i] = sp.IdToPiece(i).encode("utf-8")
-        scores[i] = sp.GetScore(i)
-        types[i] = t
-
-    added = model_dir / "added_tokens.json"
-    if added.is_file():
-        for key, token_id in json.loads(added.read_text()).items():
-            if token_id < vocab_size:
-                tokens[token_id] = key.encode("utf-8")
-                scores[token_id] = -1000.0
-                types[token_id] = USER_DEFINED
-    tcfg_path = model_dir / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.is_file() else {}
-    for token_id, data in (tcfg.get("added_tokens_decoder") or {}).items():
-        token_id = int(token_id)
-        token = data["content"].encode("utf-8")
-        if data.get("special"):
-            types[token_id] = CONTROL
-        else:
-            token = token.replace(b"\xe2\x96\x81", b" ")
-            types[token_id] = USER_DEFINED
-        scores[token_id] = -1000.0
-        tokens[token_id] = token
-
-    special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=vocab_size)
-    ids = dict(special.special_token_ids)
-    ids.setdefault("unk", sp.unk_id())  # llama.cpp defaults SPM's unk to 0 as well
-    return {
-        "model": "llama",
-        "tokens": tokens,
-        "scores": scores,
-        "types": types,
-        "merges": [],
-        "bos": ids.get("bos", -1),
-        "eos": ids.get("eos", -1),
-        "unk": ids.get("unk", -1),
-        "add_bos": bool(special.add_special_token.get("bos", tcfg.get("add_bos_token", True))),
-        "add_eos": bool(special.add_special_token.get("eos", tcfg.get("add_eos_token", False))),
-    }
+    m = read_tokenizer(model_dir)
+    opt = lambda v: -1 if v is None else int(v)  # noqa: E731
+    return {"model": m.model, "tokens": [t.encode("utf-8") for t in m.tokens], "scores": list(m.scores),
+            "types": list(m.token_types), "merges": list(m.merges), "bos": opt(m.bos_id), "eos": opt(m.eos_id),
+            "unk": opt(m.unk_id), "add_bos": bool(m.add_bos), "add_eos": bool(m.add_eos)}
 
 
 def bpe_gguf_arrays(tok) -> dict:
