@@ -30,15 +30,15 @@ def system_info() -> str:
 
 
 def set_kernels(kernels: str | int) -> None:
-    """'auto', 'scalar' or 'avx2' (or the WQE_KERNELS_* number), for the whole process."""
-    k = {"auto": 0, "scalar": 1, "avx2": 2}.get(kernels, kernels) if isinstance(kernels, str) else kernels
+    """'auto', 'scalar', 'avx2' or 'neon' (or the WQE_KERNELS_* number), for the whole process."""
+    k = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3}.get(kernels, kernels) if isinstance(kernels, str) else kernels
     if not isinstance(k, int):
         raise ValueError(f"unknown kernel set {kernels!r}")
     check(_native.lib().wqe_set_kernels(k))
 
 
 def get_kernels() -> str:
-    return {1: "scalar", 2: "avx2"}.get(_native.lib().wqe_get_kernels(), "?")
+    return {1: "scalar", 2: "avx2", 3: "neon"}.get(_native.lib().wqe_get_kernels(), "?")
 
 
 def _i32(a) -> np.ndarray:

@@ -54,9 +54,9 @@ WQE_API const char* wqe_system_info(void);
 /* Kernel selection for the whole process: 0 = best the CPU supports (default; the environment
  * variable WQEDGE_KERNELS=scalar|avx2 overrides it at load time), 1 = scalar reference,
  * 2 = AVX2+FMA+F16C (WQE_ERR_UNSUPPORTED when the CPU lacks it). */
-enum wqe_kernels { WQE_KERNELS_AUTO = 0, WQE_KERNELS_SCALAR = 1, WQE_KERNELS_AVX2 = 2 };
+enum wqe_kernels { WQE_KERNELS_AUTO = 0, WQE_KERNELS_SCALAR = 1, WQE_KERNELS_AVX2 = 2, WQE_KERNELS_NEON = 3 };
 WQE_API int wqe_set_kernels(int kernels);
-WQE_API int wqe_get_kernels(void); /* the kernels in use: WQE_KERNELS_SCALAR or WQE_KERNELS_AVX2 */
+WQE_API int wqe_get_kernels(void); /* the kernels in use: WQE_KERNELS_SCALAR, _AVX2 or _NEON */
 
 /* ------------------------------------------------------------------ models */
 typedef struct wqe_model wqe_model;

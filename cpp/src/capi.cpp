@@ -82,6 +82,10 @@ int check_kernels(int kernels) {
         if (!wqe::cpu_has_avx2()) wqe::fail(WQE_ERR_UNSUPPORTED, "this CPU lacks AVX2/FMA/F16C");
         return wqe::K_AVX2;
     }
+    if (kernels == WQE_KERNELS_NEON) {
+        if (!wqe::cpu_has_neon()) wqe::fail(WQE_ERR_UNSUPPORTED, "this build or CPU has no NEON kernels");
+        return wqe::K_NEON;
+    }
     wqe::fail(WQE_ERR_INVALID_ARGUMENT, "unknown kernel set %d", kernels);
 }
 
@@ -112,9 +116,10 @@ const char* wqe_system_info(void) { return wqe::system_info(); }
 
 int wqe_set_kernels(int kernels) {
     return guarded([&] {
-        if (kernels != WQE_KERNELS_AUTO && kernels != WQE_KERNELS_SCALAR && kernels != WQE_KERNELS_AVX2)
+        if (kernels < WQE_KERNELS_AUTO || kernels > WQE_KERNELS_NEON)
             wqe::fail(WQE_ERR_INVALID_ARGUMENT, "unknown kernel set %d", kernels);
-        if (wqe::set_kernels(kernels) != 0) wqe::fail(WQE_ERR_UNSUPPORTED, "this CPU lacks AVX2/FMA/F16C");
+        if (wqe::set_kernels(kernels) != 0)
+            wqe::fail(WQE_ERR_UNSUPPORTED, "kernel set %d is not available on this CPU or build", kernels);
     });
 }
 int wqe_get_kernels(void) { return wqe::active_kernels(); }
