@@ -325,3 +325,9 @@ def test_rotary_inv_freq_is_ignored(tiny_model_dir, copy_model):
     edit_tensors(d / "model.safetensors",
                  lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(16)}))
     assert LlamaCheckpoint.open(d).spec.n_layers == 2
+
+
+def test_fingerprint_tells_apart_same_architecture_with_other_weights(tiny_model_dir, tiny_model_factory):
+    # a plan made for one model (say a base model) must not be taken for another of the same shape (its fine-tune)
+    assert LlamaCheckpoint.open(tiny_model_factory(seed=7)).fingerprint() != \
+        LlamaCheckpoint.open(tiny_model_dir).fingerprint()

@@ -53,6 +53,8 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: str            # safetensors dtype string: F16, BF16, F32, ...
+    offset: int = 0       # absolute byte offset of the tensor's data in the file
+    nbytes: int = 0
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
@@ -101,7 +103,7 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         if end > data_len:
             raise CheckpointError(f"{file}: truncated safetensors file (tensor {name!r} ends at byte "
                                   f"{end} of the data section, which has only {data_len} bytes)")
-        out[name] = TensorInfo(file, shape, dtype)
+        out[name] = TensorInfo(file, shape, dtype, 8 + n + begin, end - begin)
     return out
 
 
@@ -376,17 +378,25 @@ class LlamaCheckpoint:
         return w.to(torch.float32).contiguous()
 
     def fingerprint(self) -> str:
-        """sha256 of the spec (minus its display name) and every tensor's name, shape and dtype.
+        """sha256 of the spec (minus its display name), every tensor's name, shape and dtype, and samples of
+        its bytes.
 
-        Identifies the checkpoint's *structure* cheaply and independently of folder name, sharding
-        and config spelling (tf4/tf5). It reads no weight data, so two checkpoints of the same
-        architecture with different weights share a fingerprint.
+        Independent of folder name, sharding and config spelling (tf4/tf5). Three 64-byte samples per tensor
+        (start, middle, end) tell apart checkpoints of the same architecture with different weights (a base
+        model and its fine-tune) at the cost of a few reads, not a pass over the weights.
         """
         spec = self.spec.to_dict()
         spec.pop("name", None)
         canon = {"spec": spec,
                  "tensors": [[n, list(self._tensors[n].shape), self._tensors[n].dtype] for n in self.tensor_names()]}
-        return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        h = hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode())
+        for n in self.tensor_names():
+            info = self._tensors[n]
+            with open(info.file, "rb") as f:
+                for at in sorted({0, max(0, info.nbytes // 2 - 32), max(0, info.nbytes - 64)}):
+                    f.seek(info.offset + at)
+                    h.update(f.read(min(64, info.nbytes - at)))
+        return h.hexdigest()
 
     def load_hf_model(self, dtype=torch.float32, device="cpu") -> "LlamaForCausalLM":
         """The whole transformers model in eval mode, for calibration and evaluation of small models."""
