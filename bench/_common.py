@@ -49,3 +49,14 @@ def time_prefill_decode(reset, evaluate, n_vocab: int, prefill: int, decode: int
             evaluate([int(tok)])
         dec.append(decode / (time.perf_counter() - t))
     return pre, dec
+
+
+def time_native(model_path: str, prefill: int, decode: int, reps: int, threads: int):
+    """Open a model in our C++ runtime and time it: (model, context, load seconds, prefill tok/s, decode tok/s)."""
+    from wqedge.runtime import native
+    t = time.perf_counter()
+    model = native.Model(model_path)
+    ctx = native.Context(model, n_ctx=prefill + decode + 8, n_threads=threads)
+    load = time.perf_counter() - t
+    pre, dec = time_prefill_decode(ctx.reset, ctx.eval, model.n_vocab, prefill, decode, reps)
+    return model, ctx, load, pre, dec

@@ -45,7 +45,7 @@ FIXTURES = next((p for p in (ROOT.parent / "shared" / "fixtures", ROOT / "shared
 
 from _common import peak_mib as _peak_mib  # noqa: E402  (bench/ is on sys.path when run as a script)
 from _common import rss_mib as _rss_mib  # noqa: E402
-from _common import time_prefill_decode  # noqa: E402
+from _common import time_native, time_prefill_decode  # noqa: E402
 
 
 # ---------------------------------------------------------------- workers (one process per backend)
@@ -61,11 +61,7 @@ def _ppl(fn, a) -> float | None:
 def worker_wqedge(a) -> dict:
     from wqedge.runtime import native
     base = _rss_mib()
-    t = time.perf_counter()
-    model = native.Model(a.model)
-    ctx = native.Context(model, n_ctx=a.prefill + a.decode + 8, n_threads=a.threads)
-    load = time.perf_counter() - t
-    pre, dec = time_prefill_decode(ctx.reset, ctx.eval, model.n_vocab, a.prefill, a.decode, a.reps)
+    model, ctx, load, pre, dec = time_native(a.model, a.prefill, a.decode, a.reps, a.threads)
     peak = _peak_mib()
     threads = ctx.n_threads
     ctx.close()

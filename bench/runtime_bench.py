@@ -8,7 +8,7 @@ Both run the same wqedge GGUF, each in its own subprocess (so peak RSS is per ba
 
 Prefill: one batched forward of --prefill random tokens; decode: --decode single-token steps through
 the KV cache after that prompt. The median of --reps repetitions is reported. Peak RSS is the
-process's maximum resident set (ru_maxrss), including the Python interpreter; 'base' is the RSS
+process's maximum resident set (VmHWM), including the Python interpreter; 'base' is the RSS
 before the model is loaded (interpreter + libraries), so peak - base approximates the model's cost.
 No assertions: this prints numbers.
 """
@@ -29,27 +29,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from _common import peak_mib as _peak_mib  # noqa: E402  (bench/ is on sys.path when run as a script)
 from _common import rss_mib as _rss_mib  # noqa: E402
-from _common import time_prefill_decode  # noqa: E402
+from _common import time_native, time_prefill_decode  # noqa: E402
 
 
 def worker_cpp(a) -> dict:
-
     from wqedge.runtime import native
     if a.kernels != "auto":
         native.set_kernels(a.kernels)
     base = _rss_mib()
-    t = time.perf_counter()
-    model = native.Model(a.model)
-    ctx = native.Context(model, n_ctx=a.prefill + a.decode + 8, n_threads=a.threads)
-    load = time.perf_counter() - t
-    pre, dec = time_prefill_decode(ctx.reset, ctx.eval, model.n_vocab, a.prefill, a.decode, a.reps)
+    model, ctx, load, pre, dec = time_native(a.model, a.prefill, a.decode, a.reps, a.threads)
     return {"backend": f"cpp ({native.get_kernels()})", "threads": ctx.n_threads, "load_s": load,
             "prefill_tok_s": statistics.median(pre), "decode_tok_s": statistics.median(dec),
             "base_mib": base, "peak_mib": _peak_mib(), "library": str(native.library_path())}
 
 
 def worker_torch(a) -> dict:
-    import numpy as np
     import torch
 
     from wqedge.reference import load_reference
@@ -58,23 +52,17 @@ def worker_torch(a) -> dict:
     t = time.perf_counter()
     model = load_reference(a.model)
     load = time.perf_counter() - t
-    V = model.config.vocab_size
-    rng = np.random.default_rng(0)
-    prompt = torch.from_numpy(rng.integers(0, V, (1, a.prefill)).astype(np.int64))
-    pre, dec = [], []
-    with torch.inference_mode():
-        model(prompt[:, :8])  # warm-up
-        for _ in range(a.reps):
-            t = time.perf_counter()
-            out = model(prompt, use_cache=True)
-            pre.append(a.prefill / (time.perf_counter() - t))
-            past = out.past_key_values
-            toks = rng.integers(0, V, a.decode)
-            t = time.perf_counter()
-            for tok in toks:
-                out = model(torch.tensor([[int(tok)]]), past_key_values=past, use_cache=True)
-                past = out.past_key_values
-            dec.append(a.decode / (time.perf_counter() - t))
+    state = {"past": None}
+
+    def reset():
+        state["past"] = None
+
+    def evaluate(ids):  # one forward through the transformers KV cache, like ctx.eval
+        with torch.inference_mode():
+            out = model(torch.tensor([ids]), past_key_values=state["past"], use_cache=True)
+        state["past"] = out.past_key_values
+
+    pre, dec = time_prefill_decode(reset, evaluate, model.config.vocab_size, a.prefill, a.decode, a.reps)
     return {"backend": "torch fp32 reference", "threads": torch.get_num_threads(), "load_s": load,
             "prefill_tok_s": statistics.median(pre), "decode_tok_s": statistics.median(dec),
             "base_mib": base, "peak_mib": _peak_mib()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes as C
 import os
-from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np

@@ -18,7 +18,7 @@ import pytest
 from wqedge.blocks import ACTION_NAMES, BLOCK_TYPES, ChunkData, block_type, pack_chunk, unpack_chunk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpp_support import BUILD, ensure_library, ensure_test_executable  # noqa: E402
+from cpp_support import ensure_library, ensure_test_executable  # noqa: E402
 
 ensure_library()
 from wqedge.runtime import native  # noqa: E402

@@ -5,7 +5,6 @@ with the right status and a message naming the problem. A crash would take the t
 """
 from __future__ import annotations
 
-import struct
 import sys
 from pathlib import Path
 
