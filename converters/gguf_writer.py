@@ -72,23 +72,14 @@ def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan) -> None
     w.add_bool("wqedge.rope.neox", True)
     w.add_float32("wqedge.effective_bits", plan.effective_bits())
     w.add_string("wqedge.plan", plan.to_json())
-    for t in plan.tensors:
-        name = hf_to_gguf(t.name)
+    for lin in spec.linears():
+        t = plan.tensor(lin.hf_name)
+        name = lin.gguf_name
         w.add_uint32(tensor_key(name, "in_features"), t.in_features)
         w.add_array(tensor_key(name, "chunk_actions"), [block_type(a).code for a in t.actions])
         if any(t.protected):
             w.add_key_value(tensor_key(name, "chunk_protected"), [len(p) for p in t.protected],
                             gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT16)
-
-
-def hf_to_gguf(hf_name: str) -> str:
-    """Decoder-linear Hugging Face name -> GGUF name (blk.N.attn_q.weight, ...)."""
-    from ..units import PROJECTIONS
-    parts = hf_name.split(".")
-    layer = int(parts[2])
-    proj = ".".join(parts[3:5])
-    stem = dict(PROJECTIONS)[proj]
-    return f"blk.{layer}.{stem}.weight"
 
 
 def _protect_indices(chunks: list[ChunkData], starts: list[int]) -> np.ndarray:

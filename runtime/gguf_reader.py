@@ -144,30 +144,26 @@ class WqGGUF:
             pi += n_p
         return out
 
+    def stored_bytes(self, name: str) -> int:
+        """Bytes a quantized linear occupies in the file: its row-blocks plus its .protect indices."""
+        protect = self.tensors.get(name + ".protect")
+        return int(self.tensors[name].n_bytes) + (int(protect.n_bytes) if protect is not None else 0)
+
     def measured_bits(self) -> float:
         """8 x bytes of the quantized linear tensors (and their .protect indices) / their weights."""
-        total_bytes = 0
-        weights = 0
-        for name in self.linear_names():
-            lay = self.layout(name)
-            total_bytes += int(self.tensors[name].n_bytes)
-            if name + ".protect" in self.tensors:
-                total_bytes += int(self.tensors[name + ".protect"].n_bytes)
-            weights += lay.out_features * lay.in_features
-        return 8 * total_bytes / weights
+        rows = self.layer_table()
+        return 8 * sum(r["bytes"] for r in rows) / sum(r["shape"][0] * r["shape"][1] for r in rows)
 
     def layer_table(self) -> list[dict]:
         """Per linear: shape, bits per weight, action counts (for `wqedge inspect`)."""
         rows = []
         for name in self.linear_names():
             lay = self.layout(name)
-            nbytes = int(self.tensors[name].n_bytes)
-            if name + ".protect" in self.tensors:
-                nbytes += int(self.tensors[name + ".protect"].n_bytes)
+            nbytes = self.stored_bytes(name)
             counts: dict[str, int] = {}
             for a in lay.actions:
                 counts[a] = counts.get(a, 0) + 1
-            rows.append({"name": name, "shape": (lay.out_features, lay.in_features),
+            rows.append({"name": name, "shape": (lay.out_features, lay.in_features), "bytes": nbytes,
                          "bits": 8 * nbytes / (lay.out_features * lay.in_features), "actions": counts,
                          "protected": sum(lay.protected_counts)})
         return rows
