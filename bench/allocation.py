@@ -15,17 +15,19 @@ second half scored, first 32 windows. Planning runs on --plan-device with --plan
 shared by greedy and rl (their planning time = that preparation + their own allocation time).
 Writes a markdown table (stdout and --out), a JSON of every figure, and the greedy plans' heatmaps.
 
+Variants (same statistics, see bench/results/allocation.md): greedy-fb (feedback-aware damage), greedy-prot
+(protected-column actions, --protect), greedy-norefit (conversion without the <= 2-bit refit) and their mixes.
+
 On a 2-core CPU the whole run takes well over an hour (error-feedback conversion of 10 plans, PPO); on one
-GPU about 9 minutes. Measured 2026-11-24, H100, `--device cuda --plan-device cuda --ppo-time 120`
-(feedback conversion then used 128 windows; now 256, which gave 6.456 at 3.25 and 7.193 at 2.25):
+GPU about 9 minutes. Measured 2026-11-24, H100, `--device cuda --plan-device cuda --ppo-time 120`:
 
 | bits | uniform-minmax | uniform-neuqi | greedy | rl |
 |---|---|---|---|---|
-| 2.25 | 13.961 (2.250 b) | 8.723 (2.250 b) | 7.181 (2.250 b) | 7.164 (2.250 b) |
-| 2.5  | 13.961 (2.250 b) | 8.723 (2.250 b) | 6.912 (2.499 b) | 6.909 (2.499 b) |
-| 3.0  | 13.961 (2.250 b) | 8.723 (2.250 b) | 6.535 (3.000 b) | 6.557 (2.987 b) |
-| 3.25 | 6.862 (3.250 b)  | 6.652 (3.250 b) | 6.463 (3.250 b) | 6.497 (3.249 b) |
-| 4.25 | 6.411 (4.250 b)  | 6.375 (4.250 b) | 6.309 (4.249 b) | 6.322 (4.249 b) |
+| 2.25 | 13.961 (2.250 b) | 8.723 (2.250 b) | 7.080 (2.250 b) | 7.094 (2.250 b) |
+| 2.5  | 13.961 (2.250 b) | 8.723 (2.250 b) | 6.869 (2.499 b) | 6.875 (2.499 b) |
+| 3.0  | 13.961 (2.250 b) | 8.723 (2.250 b) | 6.514 (3.000 b) | 6.519 (2.987 b) |
+| 3.25 | 6.862 (3.250 b)  | 6.652 (3.250 b) | 6.426 (3.250 b) | 6.458 (3.249 b) |
+| 4.25 | 6.411 (4.250 b)  | 6.375 (4.250 b) | 6.309 (4.249 b) | 6.335 (4.249 b) |
 
 fp16: 6.263. Planning on 2 pinned CPU cores (make_plan, 2.5 bits): greedy 102 s, rl 389 s.
 """
@@ -58,18 +60,20 @@ def main(argv=None):
     ap.add_argument("--ppo-iterations", type=int, default=30)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--protect", default="1,2,4",
+                    help="protected-column counts offered to the greedy-*prot allocators")
     ap.add_argument("--out", default="bench_allocation")
     a = ap.parse_args(argv)
 
     from wqedge.alloc.deterministic import knapsack
     from wqedge.alloc.feedback import FEEDBACK_SEQS, quantize_model
-    from wqedge.alloc.planner import prepare, table_from_choice
+    from wqedge.alloc.planner import plan_from_choice, prepare
+    from wqedge.damage import build_damage_table
     from wqedge.alloc.ppo import PPOConfig, ppo_allocate
     from wqedge.alloc.uniform import uniform_plan
     from wqedge.calib import calibration_tokens, default_device, tokenize_text
     from wqedge.checkpoint import LlamaCheckpoint
     from wqedge.perplexity import perplexity
-    from wqedge.plan import Plan
     from wqedge.quant.fit import dequantize_chunk
     from wqedge.report import write_report
 
@@ -117,6 +121,21 @@ def main(argv=None):
     bos_cal = calibration_tokens(tok, calib_text, FEEDBACK_SEQS, 512, 0, bos_id=bos, seed=a.seed).train
     kw = dict(model_name=ckpt.spec.name, model_fingerprint=ckpt.fingerprint())
 
+    tables = {"greedy": table}
+
+    def table_for(name):   # damage-table variants on the same statistics: -fb feedback-aware, -prot protection
+        if name not in tables:
+            torch.set_num_threads(a.plan_threads)
+            t = time.time()
+            tables[name] = tables["greedy"] if name == "greedy-norefit" else build_damage_table(
+                linears, ckpt.linear_weight, 128, ctx["input_stats"], ctx["grad_stats"], kind="kfac",
+                device=a.plan_device, max_rows=ctx["opts"]["max_rows"], feedback="-fb" in name,
+                protect=tuple(int(k) for k in a.protect.split(",")) if "prot" in name else ())
+            tables[name].meta["build_s"] = time.time() - t
+            torch.set_num_threads(threads)
+            log(f"{name} table: {tables[name].meta['build_s']:.1f} s, {len(tables[name].actions)} actions")
+        return tables[name]
+
     def apply_rtn(plan):       # per-chunk fits, as wqedge.quantize.quantize_linear does
         from wqedge.quant.fit import fit_chunk
         from wqedge.units import chunk_bounds
@@ -127,9 +146,9 @@ def main(argv=None):
                       zip(chunk_bounds(t.in_features, plan.group_size), t.actions, t.methods, t.protected)]
             model.get_parameter(lin.hf_name).data.copy_(torch.cat([dequantize_chunk(c) for c in chunks], 1).to(dev))
 
-    def apply_feedback(plan):
+    def apply_feedback(plan, refit=True):
         restore()
-        quantize_model(model, plan, bos_cal, device=dev, batch_size=16)
+        quantize_model(model, plan, bos_cal, device=dev, batch_size=16, refit=refit)
 
     def record(name, b, plan, plan_s, convert, extra=None):
         t = time.time()
@@ -158,16 +177,17 @@ def main(argv=None):
             elif name == "uniform-neuqi-fb":
                 p = uniform_plan(linears, 128, b, "neuqi", **kw)
                 record(name, b, p, 0.0, apply_feedback)
-            elif name == "greedy":
+            elif name.startswith("greedy"):
+                tb = table_for(name)
                 torch.set_num_threads(a.plan_threads)
                 t = time.time()
-                ch = knapsack(table, b)
+                ch = knapsack(tb, b)
                 alloc_s = time.time() - t
                 torch.set_num_threads(threads)
-                p = Plan.from_actions(linears, 128, b, "greedy", table_from_choice(table, ch), "neuqi",
-                                      meta={"predicted_damage": table.plan_damage(ch)}, **kw)
-                record(name, b, p, prep_s + alloc_s, apply_feedback,
-                       {"alloc_s": alloc_s, "predicted": table.plan_damage(ch)})
+                p = plan_from_choice(ckpt, tb, ch, b, "greedy", meta={"predicted_damage": tb.plan_damage(ch)})
+                n_prot = sum(len(c) for t_ in p.tensors for c in t_.protected)
+                record(name, b, p, prep_s + alloc_s, lambda p_: apply_feedback(p_, "norefit" not in name),
+                       {"alloc_s": alloc_s, "predicted": tb.plan_damage(ch), "protected_columns": n_prot})
                 write_report(p, Path(f"{a.out}_greedy_{b}"))
             elif name == "rl":
                 torch.set_num_threads(a.plan_threads)
@@ -177,7 +197,7 @@ def main(argv=None):
                                         progress=None)
                 alloc_s = time.time() - t
                 torch.set_num_threads(threads)
-                p = Plan.from_actions(linears, 128, b, "rl", table_from_choice(table, ch), "neuqi", **kw)
+                p = plan_from_choice(ckpt, table, ch, b, "rl")
                 record(name, b, p, prep_s + alloc_s, apply_feedback,
                        {"alloc_s": alloc_s, "predicted": table.plan_damage(ch),
                         "ppo_measured_episodes": info["measured_episodes"],

@@ -1,6 +1,7 @@
 """Allocation: damage table, knapsack, PPO, error feedback, planner, report (tiny models, CPU, fast)."""
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -160,6 +161,11 @@ def test_make_plan_end_to_end(tiny_model_dir, tmp_path):
     assert r1.meta["ppo"]["measured_episodes"] >= 3
     u = make_plan(ckpt, 3.5, "uniform", progress=False)     # the ragged 96-column chunks cost 3.33 bits in q3
     assert u.action_histogram() == {"q3": sum(len(t.actions) for t in u.tensors)}
+    # protected-column actions offered: the plan records k and any protected columns, and meets the budget
+    pr = make_plan(ckpt, 2.5, "greedy", calib_text=text, protect=(2,), max_rows=32, **opts)
+    assert pr.meta["protect"] == [2] and pr.effective_bits() <= 2.5
+    assert all(len(p) in (0, 2) for t in pr.tensors for p in t.protected)
+    assert Plan.load(pr.save(tmp_path / "pr.json"), ckpt.spec, ckpt.fingerprint()).total_bits() == pr.total_bits()
     nodata = make_plan(ckpt, 3.0, "greedy", calib_text=None, progress=False, device="cpu")
     assert nodata.effective_bits() <= 3.0
     with pytest.raises(PlanError):
@@ -186,3 +192,100 @@ def test_png_writer_round_trip(tmp_path):
     rows = np.frombuffer(raw, np.uint8).reshape(5, 1 + 21)
     assert (rows[:, 0] == 0).all()
     np.testing.assert_array_equal(rows[:, 1:].reshape(5, 7, 3), img)
+
+
+@functools.lru_cache(maxsize=None)
+def _one_linear_with_outliers(seed=0):
+    """One 384x384 linear whose inputs have a loud column (5) and whose weights an outlier column (17)."""
+    from wqedge.calib import InputStats
+    lin = next(l for l in decoder_linears(1, 384, 384, 384, 96) if l.out_features == l.in_features == 384)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4096, 384, generator=g) @ (torch.randn(384, 384, generator=g) * 0.2 + torch.eye(384))
+    x[:, 5] *= 8
+    H = (x.T @ x / 4096).double()
+    w = torch.randn(384, 384, generator=g) * 0.02
+    w[:, 17] *= 6
+    st = {lin.hf_name: InputStats(4096, torch.diag(H), x.abs().mean(0).double(), x.abs().amax(0).float(), H)}
+    return lin, w, H, st
+
+
+@functools.lru_cache(maxsize=None)
+def _outlier_table(feedback: bool, protect=(2,)):
+    lin, w, H, st = _one_linear_with_outliers()
+    return build_damage_table([lin], lambda l: w, 128, st, None, kind="proxy", max_rows=None, feedback=feedback,
+                              protect=protect)
+
+
+@pytest.mark.parametrize("action", ["q4", "q3", "q2", "ternary", "q3+p2"])
+def test_feedback_aware_damage_predicts_the_error_feedback_loss(action):
+    """Priced by conditional precision, a chunk's damage matches what gptq_linear then loses (½ ΔW H ΔWᵀ on
+    the damped H it works with) within 15%; the plain ΔW H ΔWᵀ prediction of the rounded fit is ~2x off."""
+    from wqedge.quant.gptq import damped_hessian
+    from wqedge.saliency import split_action
+    lin, w, H, st = _one_linear_with_outliers()
+    base, k = split_action(action)
+    pred = {}
+    for fb in (False, True):
+        t = _outlier_table(fb)
+        pred[fb] = t.damage[:, t.actions.index(action)].sum()
+    from wqedge.alloc.feedback import dequantize, gptq_linear
+    chunks = gptq_linear(w, H, [base] * 3, 128, "neuqi", protected=t.protected[lin.hf_name][k] if k else None)
+    d = (dequantize(chunks) - w).double()
+    actual = 0.5 * float((d @ damped_hessian(H)[0] * d).sum())
+    assert abs(pred[True] / actual - 1) < 0.15, (pred, actual)
+    assert abs(pred[True] / actual - 1) < abs(pred[False] / actual - 1)
+
+
+def test_protected_actions_are_priced_planned_and_lowered():
+    """Protected variants cost exactly their residuals and indices, protect the salient columns (the outlier
+    column 17 and the loud input column 5), cut damage, and a knapsack plan using them converts and packs."""
+    from wqedge.alloc.feedback import dequantize, gptq_linear
+    from wqedge.saliency import split_action
+    lin, w, H, st = _one_linear_with_outliers()
+    t = _outlier_table(True, (1, 2))
+    assert "q3+p2" in t.actions and "q1+p1" in t.actions and len(t.actions) == 7 + 10
+    for a, name in enumerate(t.actions):
+        base, k = split_action(name)
+        for u in t.units:
+            assert t.bits[u.index, a] == blocks.chunk_bits(base, 384, u.width, k)
+    cols = t.protected[lin.hf_name][2]
+    assert 17 in cols[0] and 5 in cols[0]
+    q2, q2p = t.actions.index("q2"), t.actions.index("q2+p2")
+    assert t.damage[0, q2p] < 0.8 * t.damage[0, q2]          # chunk 0 holds both salient columns
+    # a budget between q2 and q3 buys protection for chunk 0 first
+    budget = (t.bits[0, q2p] + t.bits[1, q2] + t.bits[2, q2]) / w.numel()
+    ch = knapsack(t, budget)
+    acts, prot = t.plan_actions(ch)
+    plan = Plan.from_actions([lin], 128, budget, "greedy", acts, protected=prot)
+    assert plan.total_bits() == t.plan_bits(ch) and plan.effective_bits() <= budget
+    assert prot[lin.hf_name][0] == cols[0]
+    chunks = gptq_linear(w, H, acts[lin.hf_name], 128, "neuqi", protected=prot[lin.hf_name])
+    packed_bits = sum(8 * blocks.pack_chunk(c).nbytes + 16 * c.n_protected for c in chunks)
+    assert packed_bits == plan.total_bits()
+    for c in chunks:
+        np.testing.assert_array_equal(blocks.unpack_chunk(blocks.pack_chunk(c), c.action, c.g, c.protected),
+                                      dequantize([c]).numpy())
+    # and protection measurably lowers the loss of the converted linear against plain q2
+    plain = gptq_linear(w, H, ["q2"] * 3, 128, "neuqi")
+    loss = lambda ch: float(((dequantize(ch) - w).double() @ H * (dequantize(ch) - w).double()).sum())
+    assert loss(chunks) < 0.9 * loss(plain)
+
+
+def test_parameter_refit_lowers_the_layer_loss_and_keeps_protected_values():
+    """refit_params re-solves d, m with the codes fixed: the loss ½ ΔW XᵀX ΔWᵀ only goes down (per row,
+    after fp16 rounding), protected columns keep their values, and what is packed reads back the same."""
+    from wqedge.alloc.feedback import dequantize, gptq_linear
+    lin, w, H, st = _one_linear_with_outliers()
+    acts, prot = ["q3", "ternary", "q2"], [[5, 17], [], [1]]
+    plain = gptq_linear(w, H, acts, 128, "neuqi", protected=prot, refit=False)
+    refit = gptq_linear(w, H, acts, 128, "neuqi", protected=prot, refit=True)
+    row_loss = lambda ch: (((dequantize(ch) - w).double() @ H) * (dequantize(ch) - w).double()).sum(1)
+    lp, lr = row_loss(plain), row_loss(refit)
+    assert bool((lr <= lp * (1 + 1e-9)).all()) and float(lr.sum()) < 0.995 * float(lp.sum())
+    for a, b in zip(plain, refit):
+        np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_allclose(dequantize(refit)[:, [5, 17, 257]].numpy(), dequantize(plain)[:, [5, 17, 257]].numpy(),
+                               atol=2e-3)
+    for c in refit:
+        np.testing.assert_array_equal(blocks.unpack_chunk(blocks.pack_chunk(c), c.action, c.g, c.protected),
+                                      dequantize([c]).numpy())

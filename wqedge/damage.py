@@ -10,7 +10,12 @@ layer-input second moment (wqedge.calib.layerwise_stats) and G_i = E_t[(dℓ_t/d
 gradient of the per-token loss at output channel i (wqedge.calib.gradient_stats). With G ≡ 1 this is the
 plain per-layer proxy Σ diag(XᵀX)(ŵ − w)² (kind="proxy", the full-block form when XᵀX is at hand),
 which measured worse than uniform allocation on llama-s: it does not see how errors reach the loss.
-Optional per-linear calibration factors (`scale`) correct the table toward measured losses.
+
+feedback=True prices a chunk as error-feedback conversion (wqedge.quant.gptq) will quantize it: each
+column's squared rounding error times its conditional precision 1/U_jj² (the part of x_j the columns
+quantized after it cannot compensate) instead of Δw H Δwᵀ, which ignores that compensation.
+protect=(k, ...) adds saliency-protected variants of the low-bit actions ("q3+p2", wqedge.saliency), each
+with its exact extra bits, so the allocator can buy protection where it pays.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 
 from . import blocks
+from .saliency import PROTECTABLE, column_saliency, protected_action, salient_columns, split_action
 from .units import Linear, Unit, enumerate_units
 
 ACTIONS = blocks.ACTION_NAMES   # fp16, q8, q4, q3, q2, ternary, q1 (the traits table's order)
@@ -51,6 +57,8 @@ class DamageTable:
     features: np.ndarray | None = None   # float32 [U, F]: per-unit weight/activation statistics (for RL state)
     feature_names: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict)
+    # hf_name -> k -> chunk-local protected columns per chunk, for the "<action>+p<k>" actions
+    protected: dict[str, dict[int, list[list[int]]]] = field(default_factory=dict)
 
     @property
     def n_weights(self) -> int:
@@ -76,12 +84,31 @@ class DamageTable:
     def restrict(self, actions: tuple[str, ...]) -> "DamageTable":
         idx = [self.actions.index(a) for a in actions]
         return DamageTable(self.units, tuple(actions), self.bits[:, idx], self.damage[:, idx], self.group_size,
-                           self.kind, self.features, self.feature_names, dict(self.meta))
+                           self.kind, self.features, self.feature_names, dict(self.meta), self.protected)
+
+    def plan_actions(self, choice: np.ndarray) -> tuple[dict[str, list[str]], dict[str, list[list[int]]]]:
+        """The plan's per-linear (actions, protected columns) for one action index per unit."""
+        acts: dict[str, list[str]] = {}
+        prot: dict[str, list[list[int]]] = {}
+        for u, c in zip(self.units, choice):
+            base, k = split_action(self.actions[int(c)])
+            name = u.linear.hf_name
+            acts.setdefault(name, []).append(base)
+            prot.setdefault(name, []).append(list(self.protected[name][k][u.chunk]) if k else [])
+        return acts, prot
 
 
 def unit_bits(units: list[Unit], actions=ACTIONS) -> np.ndarray:
-    return np.array([[blocks.chunk_bits(a, u.linear.out_features, u.width) for a in actions] for u in units],
-                    dtype=np.int64)
+    """Stored bits [U, A]; a protected action "<a>+p<k>" counts min(k, width) protected columns."""
+    def bits(u, name):
+        base, k = split_action(name)
+        return blocks.chunk_bits(base, u.linear.out_features, u.width, min(k, u.width))
+    return np.array([[bits(u, a) for a in actions] for u in units], dtype=np.int64)
+
+
+def table_actions(actions=ACTIONS, protect: tuple[int, ...] = ()) -> tuple[str, ...]:
+    """The base actions followed by their protected variants, k by k."""
+    return tuple(actions) + tuple(protected_action(b, k) for k in protect for b in PROTECTABLE if b in actions)
 
 
 FEATURE_NAMES = ("log_w_rms", "w_kurtosis", "log_h_mean", "log_h_max_over_mean", "log_absx_max", "log_g_mean",
@@ -113,7 +140,8 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
                        input_stats: dict | None = None, grad_stats: dict | None = None,
                        fitter: Fitter | None = None, method: str = "neuqi", actions=ACTIONS, kind: str = "kfac",
                        device=None, progress: Callable[[str], None] | None = None,
-                       keep: dict | None = None, max_rows: int | None = 256, g_power: float = 1.0) -> DamageTable:
+                       keep: dict | None = None, max_rows: int | None = 256, g_power: float = 1.0,
+                       feedback: bool = False, protect: tuple[int, ...] = ()) -> DamageTable:
     """Fit every action on every unit and price its damage.
 
     weight_fn(linear) -> float32 [N, K]; input_stats[name] is a wqedge.calib.InputStats (full XᵀX used when
@@ -123,6 +151,8 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
     q8 by min-max, whose damage is negligible either way), on at most `max_rows` rows per linear sampled
     evenly by output sensitivity (the damage is a sum over rows; None = every row).
     keep: when given, receives ŵ [rows, g] per (hf_name, chunk, action) (only with every row).
+    feedback: price rounding errors by their conditional precision under error feedback (needs full XᵀX).
+    protect: numbers of protected columns k for which "<action>+p<k>" variants are added.
     """
     if kind in ("kfac", "fisher") and not grad_stats:
         raise ValueError(f"damage kind {kind!r} needs gradient statistics")
@@ -130,7 +160,10 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
         raise ValueError(f"unknown damage kind {kind!r} (kfac, fisher or proxy)")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     units = enumerate_units(linears, group_size)
+    base_actions = tuple(actions)
+    actions = table_actions(base_actions, tuple(protect))
     bits = unit_bits(units, actions)
+    prot_map: dict[str, dict[int, list[list[int]]]] = {}
     dmg = np.zeros((len(units), len(actions)), dtype=np.float64)
     feats = np.zeros((len(units), len(FEATURE_NAMES)), dtype=np.float32)
     by_lin: dict[str, list[Unit]] = {}
@@ -152,37 +185,57 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
         gsub = g[rows] if g is not None else None
         hdiag_all = st.diag.to(dev, torch.float64) if st is not None else torch.ones(K, dtype=torch.float64, device=dev)
         lus = by_lin[lin.hf_name]
+        xtx = st.xtx if (st is not None and st.xtx is not None) else None
+        if feedback and xtx is None:
+            raise ValueError(f"feedback-aware damage needs full XᵀX statistics ({lin.hf_name} has none)")
+        if feedback:
+            from .quant.gptq import conditional_precision
+            price = conditional_precision(xtx, group_size, device=dev)
+        else:
+            price = hdiag_all
+        cols = {}
+        if protect:
+            sal = column_saliency(w, price, g)
+            cols = {k: salient_columns(sal, group_size, k) for k in protect}
+            prot_map[lin.hf_name] = cols
         deqs = {}
         if fitter is None:
             for a in actions:
+                base, k = split_action(a)
                 if a == "fp16":
                     deqs[a] = ws.half().float()
                 else:
                     m = "minmax" if a == "q8" else method
-                    chunks = fit_linear(ws, [a] * len(lus), group_size, m, hdiag_all.float())
+                    chunks = fit_linear(ws, [base] * len(lus), group_size, m, hdiag_all.float(),
+                                        protected=cols[k] if k else None)
                     deqs[a] = torch.cat([dequantize_chunk(c) for c in chunks], 1).to(dev)
         for u in lus:
             s, e = u.start, u.end
             wc = ws[:, s:e]
             hdiag = hdiag_all[s:e]
-            hfull = st.xtx[s:e, s:e].to(dev, torch.float64) if (st is not None and st.xtx is not None) else None
+            hfull = xtx[s:e, s:e].to(dev, torch.float64) if (xtx is not None and not feedback) else None
             for ai, a in enumerate(actions):
+                base, k = split_action(a)
                 if fitter is None:
                     wh = deqs[a][:, s:e]
                 elif a == "fp16":
                     wh = wc.half().float()
                 else:
-                    wh = fitter(wc, a, hdiag.float(), None)
+                    wh = fitter(wc, base, hdiag.float(), cols[k][u.chunk] if k else None)
                 if keep is not None:
                     keep[(lin.hf_name, u.chunk, a)] = wh
                 d = (wh - wc).double()
                 if kind == "fisher":
                     dmg[u.index, ai] = 0.5 * rw * float((gs.fisher[:, s:e].to(dev, torch.float64)[rows] * d * d).sum())
                     continue
-                q = (d @ hfull * d).sum(1) if hfull is not None else (d * d * hdiag).sum(1)   # [rows]
+                if feedback:
+                    q = (d * d * price[s:e]).sum(1)
+                else:
+                    q = (d @ hfull * d).sum(1) if hfull is not None else (d * d * hdiag).sum(1)   # [rows]
                 dmg[u.index, ai] = 0.5 * rw * float((q * gsub).sum() if gsub is not None else q.sum())
             feats[u.index] = _features(w[:, s:e], hdiag, None if st is None else st.max_abs[s:e], g)
         if progress:
             progress(f"damage table: {li + 1}/{len(linears)} linears ({time.time() - t0:.1f} s)")
     return DamageTable(units, tuple(actions), bits, dmg, group_size, kind, feats, FEATURE_NAMES,
-                       {"seconds": time.time() - t0, "method": method, "max_rows": max_rows})
+                       {"seconds": time.time() - t0, "method": method, "max_rows": max_rows, "feedback": feedback,
+                        "protect": list(protect)}, prot_map)

@@ -10,9 +10,16 @@ Pipeline (allocator "greedy" or "rl"):
   5. the allocation: multiple-choice knapsack (greedy, wqedge.alloc.deterministic) or the PPO policy
      (rl, wqedge.alloc.ppo), which also measures candidate plans on held-out calibration windows.
 Plans are converted best with error feedback (wqedge.alloc.feedback.quantize_checkpoint: GPTQ-style, act-order
-inside chunks, damp 0.1, 256 calibration windows, quantized earlier layers in the loop); plan.meta["fit"] says
-so. Measured on llama-s (G=128, eval.txt, 32 windows, second half): greedy 6.46 at 3.25 bits, 6.91 at 2.5,
-7.18 at 2.25 (bench/allocation.py); deterministic planning 102 s and PPO 389 s on 2 CPU cores.
+inside chunks, damp 0.1, 256 calibration windows, quantized earlier layers in the loop, least-squares refit of
+the <= 2-bit grids); plan.meta["fit"] says so. Measured on llama-s (G=128, eval.txt, 32 windows, second half):
+greedy 6.426 at 3.25 bits, 6.869 at 2.5, 7.080 at 2.25 (bench/allocation.py); deterministic planning 102 s
+and PPO 389 s on 2 CPU cores.
+
+Options measured and left off by default (bench/results/allocation.md): feedback_damage=True (prices errors as
+error feedback sees them; predicts the layer loss within ~10% instead of ~2x, yet its plans were no better:
+6.456 vs 6.456 at 3.25, 7.01 vs 6.90 at 2.5) and protect=(1, 2, 4) (saliency-protected columns as extra
+actions: the knapsack bought 7-8 of 35,840 columns, 6.445/6.456 vs 6.456 at 3.25 and 6.94/6.87 vs 6.90/6.86
+at 2.5, i.e. noise, for a 3.5x larger damage table).
 """
 from __future__ import annotations
 
@@ -24,11 +31,13 @@ import numpy as np
 import torch
 
 from ..plan import Plan, PlanError
+from ..quant.gptq import REFIT_MAX_BITS
 from .feedback import DAMP, FEEDBACK_SEQS
 from .uniform import check_budget, uniform_plan
 
 ALLOCATORS = ("greedy", "rl", "uniform")
-DEFAULTS = dict(n_seqs=32, seqlen=512, n_heldout=4, n_grad_seqs=32, max_rows=256, damage="kfac")
+DEFAULTS = dict(n_seqs=32, seqlen=512, n_heldout=4, n_grad_seqs=32, max_rows=256, damage="kfac",
+                feedback_damage=False, protect=())
 
 
 def _printer(progress) -> Callable[[str], None] | None:
@@ -39,11 +48,13 @@ def _printer(progress) -> Callable[[str], None] | None:
     return None
 
 
-def table_from_choice(table, choice: np.ndarray) -> dict[str, list[str]]:
-    acts: dict[str, list[str]] = {}
-    for u, c in zip(table.units, choice):
-        acts.setdefault(u.linear.hf_name, []).append(table.actions[int(c)])
-    return acts
+def plan_from_choice(ckpt, table, choice: np.ndarray, budget_bits: float, allocator: str, method: str = "neuqi",
+                     meta: dict | None = None) -> Plan:
+    """The Plan for one table action per unit (protected variants become the plan's protected columns)."""
+    acts, prot = table.plan_actions(choice)
+    return Plan.from_actions(ckpt.spec.linears(), table.group_size, budget_bits, allocator, acts, method,
+                             protected=prot, meta=meta or {}, model_name=ckpt.spec.name,
+                             model_fingerprint=ckpt.fingerprint())
 
 
 def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=None, progress=True, **opts):
@@ -88,7 +99,7 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
         say(f"statistics: inputs {times['input_stats']:.1f} s, gradients {times['grad_stats']:.1f} s")
     t = time.time()
     table = build_damage_table(linears, ckpt.linear_weight, group_size, st, gs, kind=o["damage"], device=dev,
-                               max_rows=o["max_rows"])
+                               max_rows=o["max_rows"], feedback=o["feedback_damage"], protect=tuple(o["protect"]))
     times["table"] = time.time() - t
     if say:
         say(f"damage table: {len(table.units)} units x {len(table.actions)} actions in {times['table']:.1f} s")
@@ -117,11 +128,12 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
     say = _printer(progress)
     table, ctx = prepare(ckpt, group_size, calib_text, seed, device, progress, **opts)
     t1 = time.time()
-    meta = {"damage": table.kind, "calibration": None if ctx["calib"] is None else {
+    meta = {"damage": table.kind, "damage_feedback": table.meta.get("feedback", False),
+            "protect": table.meta.get("protect", []), "calibration": None if ctx["calib"] is None else {
         "n_seqs": int(ctx["calib"].train.shape[0]), "seqlen": ctx["calib"].seqlen,
         "n_heldout": int(ctx["calib"].heldout.shape[0])},
         "fit": {"error_feedback": ctx["calib"] is not None, "act_order": "chunk", "damp": DAMP,
-                "n_seqs": FEEDBACK_SEQS}}
+                "n_seqs": FEEDBACK_SEQS, "refit_max_bits": REFIT_MAX_BITS}}
     if allocator == "greedy":
         from .deterministic import knapsack
         choice = knapsack(table, budget_bits)
@@ -129,14 +141,16 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         from .ppo import PPOConfig, ppo_allocate
         cfg = PPOConfig(**{k: v for k, v in opts.items() if k in PPOConfig.__dataclass_fields__})
         cfg.seed = seed
+        from ..blocks import ACTION_NAMES
+        if table.actions != ACTION_NAMES:      # the policy's action space is the 7 base actions
+            table = table.restrict(ACTION_NAMES)
         choice, info = ppo_allocate(table, budget_bits, cfg, ctx=ctx, progress=say)
         meta["ppo"] = info
     t2 = time.time()
     meta["predicted_damage"] = table.plan_damage(choice)
     meta["seconds"] = {**{k: round(v, 2) for k, v in ctx["times"].items()}, "allocate": round(t2 - t1, 2),
                        "total": round(t2 - t0, 2)}
-    plan = Plan.from_actions(linears, group_size, budget_bits, allocator, table_from_choice(table, choice), method,
-                             meta=meta, **kw)
+    plan = plan_from_choice(ckpt, table, choice, budget_bits, allocator, method, meta)
     if say:
         say(f"{allocator} plan: {plan.effective_bits():.4f} effective bits, predicted damage "
             f"{meta['predicted_damage']:.4f} nats, {t2 - t0:.1f} s")
