@@ -331,3 +331,28 @@ def test_fingerprint_tells_apart_same_architecture_with_other_weights(tiny_model
     # a plan made for one model (say a base model) must not be taken for another of the same shape (its fine-tune)
     assert LlamaCheckpoint.open(tiny_model_factory(seed=7)).fingerprint() != \
         LlamaCheckpoint.open(tiny_model_dir).fingerprint()
+
+
+def test_planning_model_falls_back_to_bfloat16_when_float32_does_not_fit(tiny_model_dir):
+    """Calibration holds the whole model in CPU memory: float32 while it fits in 40% of what is available,
+    bfloat16 beyond (a 7B model: 14 GB instead of 28), so planning still fits a 24 GiB machine."""
+    import torch
+
+    from wqedge.calib import layerwise_stats
+    ckpt = LlamaCheckpoint.open(tiny_model_dir)
+    n = ckpt.n_params
+    assert n == sum(ckpt.get(k).numel() for k in ckpt.tensor_names())
+    assert ckpt.planning_dtype(available_bytes=10 * 4 * n) == torch.float32
+    assert ckpt.planning_dtype(available_bytes=2 * 4 * n) == torch.bfloat16
+    assert ckpt.planning_dtype() == torch.float32          # a tiny model always fits
+    # statistics from a bfloat16-held model stay float64/float32 and close to the float32 ones
+    toks = torch.randint(0, ckpt.spec.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    st32 = layerwise_stats(ckpt.load_hf_model(torch.float32), toks, device="cpu")
+    st16 = layerwise_stats(ckpt.load_hf_model(torch.bfloat16), toks, device="cpu")
+    name = next(iter(st32))
+    assert st16[name].diag.dtype == torch.float64
+    rel = float((st16[name].diag - st32[name].diag).norm() / st32[name].diag.norm())
+    assert rel < 0.05, rel
+    from wqedge.calib import gradient_stats
+    gs = gradient_stats(ckpt.load_hf_model(torch.bfloat16), toks, device="cpu")
+    assert all(bool(torch.isfinite(g.g2).all()) and float(g.g2.sum()) > 0 for g in gs.values())

@@ -341,6 +341,6 @@ def collect_stats(ckpt, calib_text, device=None, n_seqs: int = DEFAULT_N_SEQS, s
     tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
     bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
     cs = calibration_tokens(tok, calib_text, n_seqs, seqlen, 0, bos_id=bos, seed=seed)
-    model = ckpt.load_hf_model(torch.float32)
+    model = ckpt.load_planning_model()
     st = layerwise_stats(model, cs.train, device=device, full_xtx=False)
     return {k: v.diag.float() for k, v in st.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -240,6 +241,21 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+PLANNING_MEMORY_FRACTION = 0.4   # of available memory a float32 planning model may take
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable; total physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class LlamaCheckpoint:
     """A validated LLaMA checkpoint folder; tensors are read lazily, one at a time."""
 
@@ -397,6 +413,22 @@ class LlamaCheckpoint:
                     f.seek(info.offset + at)
                     h.update(f.read(min(64, info.nbytes - at)))
         return h.hexdigest()
+
+    @property
+    def n_params(self) -> int:
+        """Elements over every tensor of the checkpoint (from the headers)."""
+        return int(sum(math.prod(t.shape) for t in self._tensors.values()))
+
+    def planning_dtype(self, available_bytes: int | None = None) -> torch.dtype:
+        """The dtype to hold the whole model in CPU memory for calibration: float32 while that takes at
+        most PLANNING_MEMORY_FRACTION of the available memory, else bfloat16 (a 7B model: 14 GB instead
+        of 28). Statistics are still computed in float32, one layer at a time (wqedge.calib)."""
+        avail = available_memory() if available_bytes is None else available_bytes
+        return torch.float32 if 4 * self.n_params <= PLANNING_MEMORY_FRACTION * avail else torch.bfloat16
+
+    def load_planning_model(self) -> "LlamaForCausalLM":
+        """The whole model on the CPU in planning_dtype(), for calibration and error-feedback conversion."""
+        return self.load_hf_model(self.planning_dtype())
 
     def load_hf_model(self, dtype=torch.float32, device="cpu") -> "LlamaForCausalLM":
         """The whole transformers model in eval mode, for calibration and evaluation of small models."""

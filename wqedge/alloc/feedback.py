@@ -62,5 +62,5 @@ def quantize_checkpoint(ckpt, plan, calib_text, device=None, n_seqs: int = FEEDB
     tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
     bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
     cs = calibration_tokens(tok, calib_text, n_seqs, seqlen, 0, bos_id=bos, seed=seed)
-    model = ckpt.load_hf_model(torch.float32)
+    model = ckpt.load_planning_model()
     return quantize_model(model, plan, cs.train, device=device, act_order=act_order, damp=damp, progress=progress)

@@ -72,7 +72,7 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
     times = {}
     t0 = time.time()
     linears = ckpt.spec.linears()
-    model = ckpt.load_hf_model(torch.float32)
+    model = ckpt.load_planning_model()
     ctx = {"model": model, "device": dev, "opts": o, "times": times}
     if calib_text is None:
         if say:
