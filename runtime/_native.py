@@ -79,6 +79,8 @@ _SIGNATURES = {
     "wqe_system_info": (C.c_char_p, []),
     "wqe_set_kernels": (C.c_int, [C.c_int]),
     "wqe_get_kernels": (C.c_int, []),
+    "wqe_set_activations": (C.c_int, [C.c_int]),
+    "wqe_get_activations": (C.c_int, []),
     "wqe_model_open": (C.c_int, [C.c_char_p, C.POINTER(_vp)]),
     "wqe_model_free": (None, [_vp]),
     "wqe_model_get_info": (C.c_int, [_vp, C.POINTER(ModelInfo)]),
@@ -103,10 +105,15 @@ _SIGNATURES = {
                                _vp, _i32p, _i32p]),
     "wqe_test_chunk_matvec": (C.c_int, [C.c_int, C.c_int32, C.c_int32, _i32p, _u8p, C.c_int32, C.c_size_t, _f32p,
                                         C.c_int, _f32p]),
+    "wqe_test_chunk_matvec_act": (C.c_int, [C.c_int, C.c_int32, C.c_int32, _i32p, _u8p, C.c_int32, C.c_size_t,
+                                            _f32p, C.c_int, C.c_int, _f32p]),
     "wqe_test_chunk_dequant": (C.c_int, [C.c_int, C.c_int32, C.c_int32, _i32p, _u8p, C.c_int32, C.c_size_t, C.c_int,
                                          _f32p]),
     "wqe_row_bytes": (C.c_int64, [C.c_int, C.c_int32, C.c_int32]),
 }
+
+# Symbols newer than the first release of the C API: a library without them still loads.
+_OPTIONAL = {"wqe_set_activations", "wqe_get_activations", "wqe_test_chunk_matvec_act"}
 
 
 def candidate_paths() -> list[Path]:
@@ -154,6 +161,8 @@ def lib() -> C.CDLL:
             tried.append(f"{p} ({e})")
             continue
         for name, (res, args) in _SIGNATURES.items():
+            if name in _OPTIONAL and not hasattr(handle, name):
+                continue  # an older library: the Python call that needs it raises AttributeError
             f = getattr(handle, name)
             f.restype = res
             f.argtypes = args

@@ -18,7 +18,8 @@ from . import _native
 from ._native import NativeError, check
 
 __all__ = ["NativeError", "Model", "Context", "run", "generate_tokens", "logits_fn", "NativeEvaluator", "system_info",
-           "set_kernels", "get_kernels", "chunk_matvec", "chunk_dequant", "row_bytes", "available", "library_path"]
+           "set_kernels", "get_kernels", "set_activations", "get_activations", "chunk_matvec", "chunk_dequant",
+           "row_bytes", "available", "library_path"]
 
 available = _native.available
 library_path = _native.library_path
@@ -38,6 +39,21 @@ def set_kernels(kernels: str | int) -> None:
 
 def get_kernels() -> str:
     return {1: "scalar", 2: "avx2", 3: "neon"}.get(_native.lib().wqe_get_kernels(), "?")
+
+
+_ACTS = {"f32": 0, "q8": 1}
+
+
+def set_activations(act: str) -> None:
+    """Activation precision of single-token steps (decode), for the whole process: 'f32' (float, the
+    reference) or 'q8' (int8 per 32 columns, integer dot products). WQEDGE_ACT=f32|q8 sets the default."""
+    if act not in _ACTS:
+        raise ValueError(f"unknown activation precision {act!r} (f32 or q8)")
+    check(_native.lib().wqe_set_activations(_ACTS[act]))
+
+
+def get_activations() -> str:
+    return {0: "f32", 1: "q8"}.get(_native.lib().wqe_get_activations(), "?")
 
 
 def _i32(a) -> np.ndarray:
@@ -309,17 +325,18 @@ def _chunk_args(action, g, protected, rowblocks):
 
 
 def chunk_matvec(action: int, g: int, protected: Iterable[int] | None, rowblocks: np.ndarray, x: np.ndarray,
-                 kernels: str = "auto") -> np.ndarray:
-    """y = W x for one chunk's row-blocks uint8[N, row_bytes] (as in the file), x float32[g]."""
+                 kernels: str = "auto", act: str = "f32") -> np.ndarray:
+    """y = W x for one chunk's row-blocks uint8[N, row_bytes] (as in the file), x float32[g]; act='q8' runs the
+    int8-activation kernels (fp16 chunks stay float)."""
     rb, prot = _chunk_args(action, g, protected, rowblocks)
     xx = np.ascontiguousarray(x, dtype=np.float32)
     if xx.shape != (g,):
         raise ValueError(f"x must have shape ({g},)")
     y = np.empty(rb.shape[0], np.float32)
     k = {"auto": 0, "scalar": 1, "avx2": 2}[kernels]
-    check(_native.lib().wqe_test_chunk_matvec(int(action), int(g), len(prot), _ptr(prot, C.c_int32),
-                                              _ptr(rb, C.c_uint8), rb.shape[0], rb.shape[1], _ptr(xx, C.c_float), k,
-                                              _ptr(y, C.c_float)))
+    check(_native.lib().wqe_test_chunk_matvec_act(int(action), int(g), len(prot), _ptr(prot, C.c_int32),
+                                                  _ptr(rb, C.c_uint8), rb.shape[0], rb.shape[1], _ptr(xx, C.c_float), k,
+                                                  _ACTS[act], _ptr(y, C.c_float)))
     return y
 
 

@@ -4,6 +4,9 @@ run under qemu-user by cpp/scripts/aarch64.sh (which apt-installs both when miss
 - the C++ kernel tests pass under qemu with the NEON kernels selected (every NEON kernel against the
   scalar reference, the same tolerances as AVX2: dequantization bit-identical, dots within 1e-5 of
   the magnitude of their terms), and the GGUF reader tests pass;
+- the int8-activation kernels under both CPU models: QEMU_CPU=max (dot-product extension: the SDOT build
+  and, switched off, the plain one are both checked) and QEMU_CPU=cortex-a53 (ARMv8.0, no dotprod: the run-time
+  detection must pick the plain NEON build); generation with int8 activations (WQEDGE_ACT=q8) under both;
 - examples/generate (C, built against the installed package with find_package, shared and static)
   generates text under qemu on a tiny GGUF, the same greedy text with NEON and with scalar kernels;
 - logits parity under qemu: the AArch64 logits (NEON and scalar) of every prompt position agree
@@ -53,11 +56,17 @@ def tiny_gguf(tiny_model_factory, tmp_path_factory) -> Path:
     return write_llama_s(out, tiny_model_factory(), mixed_action, lambda n, c, g: 2 if c % 3 == 0 else 0, G=64)
 
 
-def _qemu(exe: Path, *args, kernels: str | None = None) -> subprocess.CompletedProcess:
+def _qemu(exe: Path, *args, kernels: str | None = None, cpu: str | None = None,
+          act: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env.pop("WQEDGE_KERNELS", None)
+    for k in ("WQEDGE_KERNELS", "WQEDGE_ACT", "WQEDGE_NO_DOTPROD", "QEMU_CPU"):
+        env.pop(k, None)
     if kernels:
         env["WQEDGE_KERNELS"] = kernels
+    if cpu:
+        env["QEMU_CPU"] = cpu
+    if act:
+        env["WQEDGE_ACT"] = act
     p = subprocess.run(["qemu-aarch64", "-L", SYSROOT, str(exe), *map(str, args)], capture_output=True, text=True,
                        env=env, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -73,6 +82,42 @@ def test_neon_kernel_tests_pass_under_qemu(arm_build):
     assert n_fail == 0 and n_pass > 5000, line
     # the binary really is AArch64
     assert open(build / "test_kernels", "rb").read(20)[18] == 183  # e_machine EM_AARCH64
+
+
+def _counts(out: str) -> tuple[int, int]:
+    line = [ln for ln in out.splitlines() if ln.endswith(" failed") and " passed, " in ln][-1]
+    return int(line.split()[0]), int(line.split()[2])
+
+
+@pytest.mark.parametrize("cpu", ["max", "cortex-a53"])
+def test_int8_kernels_with_and_without_dotprod(arm_build, cpu):
+    """test_kernels under a CPU model with the dot-product extension (both NEON int8 builds checked against the
+    scalar reference) and one without (only the plain build can run; detection must not pick SDOT)."""
+    build, out = arm_build
+    assert f"== test_kernels under qemu (QEMU_CPU={cpu}):" in out  # aarch64.sh ran it too
+    p = _qemu(build / "test_kernels", cpu=cpu)
+    n_pass, n_fail = _counts(p.stdout)
+    assert n_fail == 0 and n_pass > 5000, p.stdout[-2000:]
+    if cpu == "max":
+        assert "dotprod=1 kernels=neon+dotprod" in p.stdout
+        assert "int8-activation kernel sets under test: 3 (scalar, neon, neon+dotprod)" in p.stdout
+    else:
+        assert "dotprod=0 kernels=neon " in p.stdout
+        assert "int8-activation kernel sets under test: 2 (scalar, neon)" in p.stdout
+
+
+def test_example_generates_q8_under_qemu(arm_build, tiny_gguf):
+    """Generation with int8 activations (decode steps) under qemu, SDOT build (max) and plain NEON (cortex-a53):
+    both run and give the same greedy text (same int32 block sums; only the float accumulation order differs)."""
+    build, _ = arm_build
+    exe = build / "example-static" / "generate"
+    texts = {}
+    for cpu, kern in (("max", "kernels=neon+dotprod"), ("cortex-a53", "kernels=neon ")):
+        p = _qemu(exe, tiny_gguf, PROMPT, N_NEW, cpu=cpu, act="q8")
+        assert kern in p.stderr and "act=q8" in p.stderr, p.stderr
+        assert f"generated {N_NEW} tokens" in p.stderr, p.stderr
+        texts[cpu] = p.stdout
+    assert texts["max"] == texts["cortex-a53"], texts
 
 
 def test_example_generates_under_qemu(arm_build, tiny_gguf):

@@ -1,5 +1,10 @@
 """Parity of the C++ runtime with the PyTorch reference (wqedge.reference) on the same file.
 
+Every test but the q8 ones runs with float activations, set explicitly by a fixture (the default, unless
+WQEDGE_ACT says otherwise); the *q8* tests switch to int8 activations for decode steps and check them
+against their own, looser criteria (token-by-token decoding of the fixture model vs the reference: see
+Q8_TOL_REL, Q8_MEAN_REL, Q8_TOP1; the measured numbers are in cpp/README.md).
+
 Criteria (issue 3): max |logits_cpp - logits_ref| / std(logits_ref) < 1e-2 and top-1 agreement >= 99.9%
 - on the trained fixture model over 2,048 tokens of eval.txt (4 windows of 512, as perplexity runs
   them) for uniform q8, q4, q3, q2, ternary and q1 plans and a mixed plan using every action with
@@ -26,6 +31,24 @@ torch = pytest.importorskip("torch")
 
 TOL_REL = 1e-2
 TOP1 = 0.999
+# Int8 activations (decode steps): the bar for making them the default was max |d| / std < 1e-2 and top-1 >= 99%;
+# measured on the fixture (2 x 512 tokens): max 0.12-0.21, mean ~0.02, top-1 98.0-98.7%, so float stays the default
+# and these are the (looser) criteria the q8 mode is held to.
+Q8_TOL_REL = 0.3
+Q8_MEAN_REL = 3e-2
+Q8_TOP1 = 0.97
+# The mixed plan (q1/q2/ternary chunks throughout: a much degraded model with flatter logits) is more sensitive:
+# measured max 0.37, mean 0.032, top-1 93.6-94.3%; no single block kind dominates (switching any one back to float
+# activations changes little).
+Q8_MIXED = (0.5, 5e-2, 0.92)
+
+
+@pytest.fixture(autouse=True)
+def float_activations():
+    """The reference-parity criteria above are for float activations; q8 tests switch explicitly."""
+    native.set_activations("f32")
+    yield
+    native.set_activations("f32")
 
 
 def _reference_logits(path, windows) -> np.ndarray:
@@ -108,6 +131,59 @@ def test_fixture_model_parity(plan, llama_s_dir, eval_windows, tmp_path):
         assert json.loads(ev.model.plan_json) == {"test": True}
 
 
+# ---------------------------------------------------------------- int8 activations (decode steps)
+def _decode_logits(path, windows, n_threads=2) -> np.ndarray:
+    """Every position's logits by single-token steps (the matrix-vector path), each window from an empty cache."""
+    m = native.Model(path)
+    out = np.empty(windows.shape + (m.n_vocab,), np.float32)
+    with native.Context(m, n_ctx=windows.shape[1], n_threads=n_threads) as ctx:
+        for b, seq in enumerate(windows):
+            ctx.reset()
+            for t in range(len(seq)):
+                out[b, t] = ctx.eval(seq[t:t + 1])
+    return out
+
+
+Q8_PLANS = ["q8", "q4", "q3", "ternary", "mixed"]
+
+
+@pytest.mark.parametrize("plan", Q8_PLANS)
+def test_q8_decode_parity(plan, llama_s_dir, eval_windows, tmp_path):
+    """Int8 activations: 2 windows x 512 tokens decoded token by token vs the PyTorch reference (float activations).
+    q8 exercises the 255-code overflow handling, mixed every action with protected columns."""
+    action_fn, protect_fn = PLANS[plan]
+    path = write_llama_s(tmp_path / f"{plan}.gguf", llama_s_dir, action_fn, protect_fn)
+    win = eval_windows[:2]
+    lr = _reference_logits(path, win)
+    native.set_activations("q8")
+    lq = _decode_logits(path, win)
+    native.set_activations("f32")
+    rel, top1 = _compare(lq, lr)
+    mean = float(np.abs(lq - lr).mean() / lr.std())
+    # the same steps with float activations, for scale
+    rel_f, top1_f = _compare(_decode_logits(path, win[:1]), lr[:1])
+    print(f"{plan}: q8 decode max|d|/std = {rel:.2e}, mean {mean:.2e}, top-1 = {top1:.5f} "
+          f"(f32 decode: {rel_f:.2e}, {top1_f:.5f})")
+    tol_rel, tol_mean, min_top1 = Q8_MIXED if plan == "mixed" else (Q8_TOL_REL, Q8_MEAN_REL, Q8_TOP1)
+    assert rel < tol_rel and mean < tol_mean and top1 >= min_top1, (plan, rel, mean, top1)
+    assert rel_f < 1e-4 and top1_f >= TOP1
+
+
+def test_q8_prefill_unchanged_and_switch(llama_s_dir, tmp_path):
+    """Batched prompts keep float activations in q8 mode; the switch is process wide and round-trips."""
+    path = write_llama_s(tmp_path / "q4.gguf", llama_s_dir, lambda n, c: "q4")
+    toks = np.arange(1, 65, dtype=np.int32)[None]
+    native.set_activations("q8")
+    assert native.get_activations() == "q8" and "act=q8" in native.system_info()
+    a = native.logits_fn(path, n_threads=1)(toks)
+    native.set_activations("f32")
+    assert native.get_activations() == "f32"
+    b = native.logits_fn(path, n_threads=1)(toks)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError):
+        native.set_activations("int4")
+
+
 # ---------------------------------------------------------------- random-init models
 TINY = {
     # GQA (6 heads over 2), tied embeddings, K = 228 -> chunks 128 + 100, F = 356 -> 128, 128, 100.
@@ -155,6 +231,31 @@ def test_tiny_decode_matches_prefill(tiny):
         ctx.set_position(120)
         again = ctx.eval(seq[120:130], all_logits=True)
         np.testing.assert_allclose(again, full[120:130], atol=1e-4 * float(full.std()), rtol=0)
+
+
+def test_tiny_q8_decode(tiny):
+    """Int8 activations on random-init models (every action, ragged chunks, protected columns, GQA): decode steps
+    close to the float ones, scalar int8 kernels == SIMD int8 kernels, and threads agree."""
+    name, path, tokens, lr = tiny
+    seq = tokens[0, :48]
+    f32 = _decode_logits(path, seq[None], n_threads=1)[0]
+    native.set_activations("q8")
+    try:
+        q8 = _decode_logits(path, seq[None], n_threads=1)[0]
+        q8_t3 = _decode_logits(path, seq[None], n_threads=3)[0]
+        native.set_kernels("scalar")
+        q8_scalar = _decode_logits(path, seq[None], n_threads=2)[0]
+    finally:
+        native.set_kernels("auto")
+        native.set_activations("f32")
+    s = float(f32.std())
+    rel = np.abs(q8 - f32).max() / s
+    print(f"{name}: q8 vs f32 decode max|d|/std = {rel:.2e}")
+    assert rel < 0.15  # random-init weights: measured 1.6e-2 .. 7.0e-2
+    assert np.abs(q8_t3 - q8).max() / s < 1e-5
+    # Not tight: the int8 kernels agree exactly per block (test_kernels), but a 1e-7 difference in an activation
+    # can flip its int8 rounding, and random-init models amplify such flips over the layers (measured 4e-2).
+    assert np.abs(q8_scalar - q8).max() / s < 0.15
 
 
 def test_tiny_scalar_kernels_and_threads_agree(tiny):

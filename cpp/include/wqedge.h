@@ -58,6 +58,16 @@ enum wqe_kernels { WQE_KERNELS_AUTO = 0, WQE_KERNELS_SCALAR = 1, WQE_KERNELS_AVX
 WQE_API int wqe_set_kernels(int kernels);
 WQE_API int wqe_get_kernels(void); /* the kernels in use: WQE_KERNELS_SCALAR, _AVX2 or _NEON */
 
+/* Activation precision of single-token steps (decode; batched prompts always use float), for the
+ * whole process: WQE_ACT_F32 = float32 activations (matches the PyTorch reference to ~1e-5 of the
+ * logits' spread), WQE_ACT_Q8 = activations quantized to int8 per 32 columns with integer dot
+ * products (fp16 chunks and protected columns stay float; faster, but logits move by ~2% of their
+ * spread on average: cpp/README.md). The default is WQE_ACT_F32; the environment variable
+ * WQEDGE_ACT=f32|q8 overrides it at load time. */
+enum wqe_activations { WQE_ACT_F32 = 0, WQE_ACT_Q8 = 1 };
+WQE_API int wqe_set_activations(int act);
+WQE_API int wqe_get_activations(void);
+
 /* ------------------------------------------------------------------ models */
 typedef struct wqe_model wqe_model;
 
@@ -166,6 +176,10 @@ WQE_API int wqe_generate(wqe_context* ctx, const int32_t* prompt, int32_t n_prom
 WQE_API int wqe_test_chunk_matvec(int action, int32_t g, int32_t n_protected, const int32_t* protected_cols,
                                   const uint8_t* rowblocks, int32_t n_rows, size_t row_stride,
                                   const float* x, int kernels, float* y);
+/* The same with a chosen activation precision (WQE_ACT_*): WQE_ACT_Q8 runs the int8 kernels. */
+WQE_API int wqe_test_chunk_matvec_act(int action, int32_t g, int32_t n_protected, const int32_t* protected_cols,
+                                      const uint8_t* rowblocks, int32_t n_rows, size_t row_stride,
+                                      const float* x, int kernels, int act, float* y);
 /* Dequantize the same row-blocks to W[n_rows, g] (float32, row-major) with the chosen kernels. */
 WQE_API int wqe_test_chunk_dequant(int action, int32_t g, int32_t n_protected, const int32_t* protected_cols,
                                    const uint8_t* rowblocks, int32_t n_rows, size_t row_stride,

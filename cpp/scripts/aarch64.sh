@@ -42,8 +42,12 @@ cmake -S "$ROOT/cpp" -B "$BUILD" -DCMAKE_TOOLCHAIN_FILE="$TOOLCHAIN" -DCMAKE_BUI
 cmake --build "$BUILD" -j "$JOBS"
 # ctest runs every test through CMAKE_CROSSCOMPILING_EMULATOR (qemu-aarch64 -L /usr/aarch64-linux-gnu).
 ctest --test-dir "$BUILD" --output-on-failure
-echo "== test_kernels under qemu:"
-qemu-aarch64 -L /usr/aarch64-linux-gnu "$BUILD/test_kernels"
+# Both builds of the int8-activation NEON kernels: SDOT (QEMU_CPU=max has the dot-product extension)
+# and plain NEON (Cortex-A53, ARMv8.0, has not); the kernels pick one at run time.
+for cpu in max cortex-a53; do
+  echo "== test_kernels under qemu (QEMU_CPU=$cpu):"
+  QEMU_CPU=$cpu qemu-aarch64 -L /usr/aarch64-linux-gnu "$BUILD/test_kernels"
+done
 
 if ((EXAMPLE)); then
   cmake --install "$BUILD" >/dev/null

@@ -3,7 +3,9 @@
 // Makes one random row-block of width G (default 128), prepares x, calls the dot kernel once
 // (warm-up: tables, page faults), then ITERS more times. The counter script runs it with ITERS = 0
 // and ITERS = N and divides the difference of executed instructions by N; `dot_rows` (RT = 16 rows,
-// as the matrix-vector product calls it) is measured with TYPE + 10.
+// as the matrix-vector product calls it) is measured with TYPE + 10, the int8-activation kernels with
+// TYPE + 20 (dot8) and TYPE + 30 (dot8_rows, 16 rows); NEON's SDOT or plain build follows the CPU
+// (qemu -cpu max / cortex-a53).
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -18,8 +20,10 @@ int main(int argc, char** argv) {
     if (argc < 4) { std::fprintf(stderr, "usage: insn_count KERNELS TYPE ITERS [G]\n"); return 2; }
     const int k = std::atoi(argv[1]), type = std::atoi(argv[2]), iters = std::atoi(argv[3]);
     const int g = argc > 4 ? std::atoi(argv[4]) : 128;
-    const bool rows = type >= 10;
+    const bool q8 = type >= 20;
+    const bool rows = type % 20 >= 10;
     const BlockTraits& bt = *block_traits(type % 10);
+    if (q8 && !bt.dot8[k]) { std::fprintf(stderr, "no int8 kernel for %s\n", bt.name); return 2; }
     const int g_pad = padded(g);
     const size_t rb_n = row_bytes(bt, g, 0);
     const int R = rows ? 16 : 1;
@@ -33,11 +37,17 @@ int main(int argc, char** argv) {
     }
     std::vector<float> x(g), xc(x_floats(bt, g_pad) + 8);
     for (int i = 0; i < g; ++i) x[i] = (float)((i * 37) % 17) / 17.0f - 0.5f;
-    const float xsum = prepare_x(bt, x.data(), g, xc.data());
+    std::vector<XQ8> xq(x8_blocks(bt, g_pad));
+    const float xsum = q8 ? prepare_x8(bt, x.data(), g, xq.data()) : prepare_x(bt, x.data(), g, xc.data());
     volatile float sink = 0;
     float out[16];
     for (int it = 0; it <= iters; ++it) {
-        if (rows) {
+        if (q8 && rows) {
+            bt.dot8_rows[k](rb.data(), rb_n, R, xq.data(), xsum, g_pad, out);
+            sink = sink + out[0];
+        } else if (q8) {
+            sink = sink + bt.dot8[k](rb.data(), xq.data(), xsum, g_pad);
+        } else if (rows) {
             bt.dot_rows[k](rb.data(), rb_n, R, xc.data(), xsum, g_pad, out);
             sink = sink + out[0];
         } else {

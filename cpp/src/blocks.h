@@ -33,6 +33,22 @@ typedef void (*dot_rows_fn)(const uint8_t* rb, size_t stride, int n, const float
 // dequant_floats(g_pad) floats (>= g_pad; the values past g are padding).
 typedef void (*dequant_fn)(const uint8_t* rb, int g_pad, float* out);
 
+// Int8 activations (activation mode ACT_Q8, decode only): a chunk's prepared x, in the same slot order
+// as its XLayout, cut into blocks of 32 slots, each quantized symmetrically: x ~ d * q, q in [-127, 127]
+// (round to nearest, d = max|x| / 127). X_PLAIN: block b = columns 32b..32b+31 (g_pad / 32 blocks);
+// X_TERNARY: plane i is ceil(B / 32) blocks, slot j of plane i = column i*B + j (0 past B or g).
+// ds = d * sum(q): lets a kernel that offsets its codes (q8: code - 128, to make them int8) restore
+// sum(code * x) = sum((code - 128) * x) + 128 * sum(x) without another pass.
+struct XQ8 {
+    float d, ds;
+    int8_t q[32];
+};
+// Dot of one row-block with int8 activations: affine d * sum_b xq[b].d * (sum_j q_j xq_j) + m * xsum,
+// ternary a * (sum_b xq[b].d * (sum_j t_j xq_j) - xsum); the per-block integer sums are exact, xsum is
+// the float sum of the chunk's true activations.
+typedef float (*dot8_fn)(const uint8_t* rb, const XQ8* xq, float xsum, int g_pad);
+typedef void (*dot8_rows_fn)(const uint8_t* rb, size_t stride, int n, const XQ8* xq, float xsum, int g_pad, float* out);
+
 struct BlockTraits {
     const char* name;
     int id;            // id stored in wqedge.tensors.<t>.chunk_actions
@@ -42,6 +58,10 @@ struct BlockTraits {
     dot_fn dot[N_KERNEL_SETS];          // [K_SCALAR], [K_AVX2], [K_NEON] (nullptr when not built)
     dot_rows_fn dot_rows[N_KERNEL_SETS];
     dequant_fn dequant[N_KERNEL_SETS];
+    // Int8-activation kernels (nullptr in every column: the kind stays float in ACT_Q8, e.g. fp16).
+    // The NEON column picks SDOT (dot-product extension) or plain NEON at run time (neon_dotprod()).
+    dot8_fn dot8[N_KERNEL_SETS];
+    dot8_rows_fn dot8_rows[N_KERNEL_SETS];
 };
 
 constexpr int N_BLOCK_TYPES = 7;
@@ -55,10 +75,27 @@ int dequant_floats(int g_pad);                     // floats a dequant_fn may wr
 // Prepare a chunk's activations x[0..g) into xc (x_floats floats); returns sum of x[0..g).
 float prepare_x(const BlockTraits& bt, const float* x, int g, float* xc);
 
+// Int8 activations: blocks of one chunk, and their preparation (returns sum of x[0..g), in float).
+int x8_blocks(const BlockTraits& bt, int g_pad);
+float prepare_x8(const BlockTraits& bt, const float* x, int g, XQ8* xq);
+
+// Activation precision of the matrix-vector products (decode): ACT_F32 (float activations, the
+// reference) or ACT_Q8 (int8 activations per 32 columns where the block kind has dot8 kernels).
+// Process wide; the default comes from WQEDGE_ACT=f32|q8, read once, else ACT_F32 (blocks.cpp).
+enum ActPrecision { ACT_F32 = 0, ACT_Q8 = 1 };
+int active_act();
+int set_act(int act);  // 0 or -1 for an unknown value
+// AArch64: whether the NEON int8 kernels use SDOT (cpu_has_dotprod(), unless switched off by
+// set_neon_dotprod(false) or WQEDGE_NO_DOTPROD=1, so tests can run both paths on one CPU).
+bool neon_dotprod();
+bool set_neon_dotprod(bool on);  // returns false (and changes nothing) when on but the CPU lacks it
+
 // Dense vector primitives (float32 activations).
 struct VecOps {
     float (*dot_f32)(const float* a, const float* b, int n);
     float (*dot_f16)(const uint8_t* h, const float* x, int n);      // h: n halves, unaligned
+    // out[r] = dot_f16(h + r * stride, x, n) for r < nr (SIMD: several rows share each x load)
+    void (*dot_f16_rows)(const uint8_t* h, size_t stride, int nr, const float* x, int n, float* out);
     void (*axpy)(float a, const float* x, float* y, int n);          // y += a x
     void (*f16_to_f32)(const uint8_t* h, float* out, int n);
     // Y[t * ldy + r] = sum_k W[r * ldw + k] * X[t * ldx + k] for r < 4, t < nt; K % 8 == 0,
@@ -70,7 +107,7 @@ const VecOps& vec_ops(int kernels);
 // Kernel set in use (process wide): set_kernels(0) picks the best the CPU supports.
 bool cpu_has_avx2();
 bool cpu_has_neon();     // AArch64 Advanced SIMD (always, on AArch64)
-bool cpu_has_dotprod();  // AArch64 UDOT/SDOT (getauxval HWCAP_ASIMDDP); reported only, see docs/neon.md
+bool cpu_has_dotprod();  // AArch64 SDOT/UDOT (getauxval HWCAP_ASIMDDP); used by the NEON int8 kernels (docs/neon.md)
 int best_kernels();      // K_AVX2, K_NEON or K_SCALAR
 int active_kernels();
 int set_kernels(int k);  // returns 0, or -1 when k is unsupported here

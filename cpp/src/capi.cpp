@@ -124,6 +124,13 @@ int wqe_set_kernels(int kernels) {
 }
 int wqe_get_kernels(void) { return wqe::active_kernels(); }
 
+int wqe_set_activations(int act) {
+    return guarded([&] {
+        if (wqe::set_act(act) != 0) wqe::fail(WQE_ERR_INVALID_ARGUMENT, "unknown activation precision %d", act);
+    });
+}
+int wqe_get_activations(void) { return wqe::active_act(); }
+
 // ------------------------------------------------------------------ models
 int wqe_model_open(const char* path, wqe_model** out) {
     if (out) *out = nullptr;
@@ -325,18 +332,26 @@ static void check_chunk_args(int action, int32_t g, int32_t n_p, const int32_t* 
 
 int wqe_test_chunk_matvec(int action, int32_t g, int32_t n_p, const int32_t* prot, const uint8_t* rb, int32_t n_rows,
                           size_t stride, const float* x, int kernels, float* y) {
+    return wqe_test_chunk_matvec_act(action, g, n_p, prot, rb, n_rows, stride, x, kernels, WQE_ACT_F32, y);
+}
+
+int wqe_test_chunk_matvec_act(int action, int32_t g, int32_t n_p, const int32_t* prot, const uint8_t* rb,
+                              int32_t n_rows, size_t stride, const float* x, int kernels, int act, float* y) {
     return guarded([&] {
         check_chunk_args(action, g, n_p, prot, rb, n_rows, stride);
         CHECK_ARG(x && y, "x and y must not be NULL");
+        CHECK_ARG(act == WQE_ACT_F32 || act == WQE_ACT_Q8, "unknown activation precision %d", act);
         const int k = check_kernels(kernels);
         const wqe::BlockTraits& bt = *wqe::block_traits(action);
         const int g_pad = wqe::padded(g);
+        const bool q8 = act == WQE_ACT_Q8 && bt.dot8[k];
         std::vector<float> xc(wqe::x_floats(bt, g_pad));
-        const float xsum = wqe::prepare_x(bt, x, g, xc.data());
+        std::vector<wqe::XQ8> xq(wqe::x8_blocks(bt, g_pad));
+        const float xsum = q8 ? wqe::prepare_x8(bt, x, g, xq.data()) : wqe::prepare_x(bt, x, g, xc.data());
         const size_t res_off = bt.header_bytes + bt.code_bytes(g_pad);
         for (int r = 0; r < n_rows; ++r) {
             const uint8_t* row = rb + (size_t)r * stride;
-            float acc = bt.dot[k](row, xc.data(), xsum, g_pad);
+            float acc = q8 ? bt.dot8[k](row, xq.data(), xsum, g_pad) : bt.dot[k](row, xc.data(), xsum, g_pad);
             for (int p = 0; p < n_p; ++p) acc += wqe::load_h(row + res_off + 2 * p) * x[prot[p]];
             y[r] = acc;
         }

@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "blocks.h"  // XQ8 only: no inline function of it is called here
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
@@ -211,6 +213,151 @@ inline void dequant_ternary_impl(const uint8_t* rb, int g_pad, float* out) {
         }
 }
 
+// ------------------------------------------------------------------ int8 activations
+// Codes of one 32-column sub-block as 32 bytes in column order.
+inline __m256i bytes_q8(const uint8_t* q) { return _mm256_loadu_si256((const __m256i*)q); }
+inline __m256i bytes_q4(const uint8_t* q) {  // low nibbles: columns 0-15, high: 16-31
+    // the 16 bytes in both halves, the upper half shifted by 4: three instructions
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)q));
+    return _mm256_and_si256(_mm256_srlv_epi64(b, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
+}
+inline __m256i bytes_q2(const uint8_t* q) {  // 64-bit lane k = the 8 bytes >> 2k (columns 8k..8k+7)
+    uint64_t v;
+    memcpy(&v, q, 8);
+    return _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x((long long)v), _mm256_setr_epi64x(0, 2, 4, 6)),
+                            _mm256_set1_epi8(3));
+}
+inline __m256i bitmask_q1(const uint8_t* q) {  // 0xFF where the column's bit is set
+    uint32_t bits;
+    memcpy(&bits, q, 4);
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit);
+}
+inline __m256i bytes_q1(const uint8_t* q) { return _mm256_and_si256(bitmask_q1(q), _mm256_set1_epi8(1)); }
+inline __m256i bytes_q3(const uint8_t* q) {
+    return _mm256_or_si256(bytes_q2(q), _mm256_and_si256(bitmask_q1(q + 8), _mm256_set1_epi8(4)));
+}
+
+// 8 int32 partial sums of codes . xq over 32 columns. Codes <= 127 go straight into maddubs (u8 x s8,
+// pair sums <= 2 * 127 * 127, no saturation). q8 codes reach 255 (2 * 255 * 127 would saturate int16):
+// use code - 128 (int8) with the sign trick |c| x sign(x, c), pair sums <= 2 * 128 * 127 = 32512, and
+// add 128 * sum(xq) back in float (XQ8::ds).
+template <bool Q8>
+inline __m256i isum32(__m256i codes, __m256i xq) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (Q8) {
+        const __m256i c = _mm256_xor_si256(codes, _mm256_set1_epi8((char)0x80));
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(xq, c)), ones);
+    }
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xq), ones);
+}
+
+inline float q8_correction(const XQ8* x, int nb) {  // 128 * sum_b d_b * sum(xq_b)
+    float c = 0.0f;
+    for (int b = 0; b < nb; ++b) c += x[b].ds;
+    return 128.0f * c;
+}
+
+typedef __m256i (*bytes_fn)(const uint8_t*);
+
+template <bytes_fn BYTES, int SUB, bool Q8>
+inline float dot8_affine(const uint8_t* rb, const XQ8* x, float xsum, int g_pad) {
+    const uint8_t* q = rb + 4;
+    const int nb = g_pad / 32;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 2 <= nb; b += 2, q += 2 * SUB) {  // two chains, so the FMA latency overlaps
+        const __m256i p0 = isum32<Q8>(BYTES(q), _mm256_loadu_si256((const __m256i*)x[b].q));
+        const __m256i p1 = isum32<Q8>(BYTES(q + SUB), _mm256_loadu_si256((const __m256i*)x[b + 1].q));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(x[b].d), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(x[b + 1].d), _mm256_cvtepi32_ps(p1), acc1);
+    }
+    if (b < nb) {
+        const __m256i p0 = isum32<Q8>(BYTES(q), _mm256_loadu_si256((const __m256i*)x[b].q));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(x[b].d), _mm256_cvtepi32_ps(p0), acc0);
+    }
+    float s = hsum(_mm256_add_ps(acc0, acc1));
+    if (Q8) s += q8_correction(x, nb);
+    return half(rb) * s + half(rb + 2) * xsum;
+}
+
+// Four rows at once: each activation block is loaded and broadcast once for four rows, four
+// independent FMA chains.
+template <bytes_fn BYTES, int SUB, bool Q8>
+inline void dot8_affine4(const uint8_t* rb, size_t stride, const XQ8* x, float xsum, int g_pad, float* out) {
+    const uint8_t* q0 = rb + 4;
+    const uint8_t* q1 = q0 + stride;
+    const uint8_t* q2 = q1 + stride;
+    const uint8_t* q3 = q2 + stride;
+    const int nb = g_pad / 32;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int b = 0; b < nb; ++b) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)x[b].q);
+        const __m256 d = _mm256_set1_ps(x[b].d);
+        const int o = b * SUB;
+        a0 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum32<Q8>(BYTES(q0 + o), xv)), a0);
+        a1 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum32<Q8>(BYTES(q1 + o), xv)), a1);
+        a2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum32<Q8>(BYTES(q2 + o), xv)), a2);
+        a3 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum32<Q8>(BYTES(q3 + o), xv)), a3);
+    }
+    // horizontal sums of the four accumulators at once
+    const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
+    const __m256 h = _mm256_hadd_ps(h01, h23);  // per 128-bit lane: (r0, r1, r2, r3) partials
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    if (Q8) s4 = _mm_add_ps(s4, _mm_set1_ps(q8_correction(x, nb)));
+    // d and m of the four rows in one conversion: halves (d0, d1, d2, d3, m0, m1, m2, m3)
+    uint32_t dm[4];
+    for (int r = 0; r < 4; ++r) memcpy(&dm[r], rb + r * stride, 4);  // d | m << 16
+    const __m128i v = _mm_setr_epi32((int)dm[0], (int)dm[1], (int)dm[2], (int)dm[3]);
+    const __m128i dd = _mm_packus_epi32(_mm_and_si128(v, _mm_set1_epi32(0xFFFF)), _mm_srli_epi32(v, 16));
+    const __m256 f = _mm256_cvtph_ps(dd);
+    _mm_storeu_ps(out, _mm_fmadd_ps(_mm256_castps256_ps128(f), s4, _mm_mul_ps(_mm256_extractf128_ps(f, 1), _mm_set1_ps(xsum))));
+}
+
+template <bytes_fn BYTES, int SUB, bool Q8>
+inline void dot8_rows_affine(const uint8_t* rb, size_t stride, int n, const XQ8* x, float xsum, int g_pad, float* out) {
+    int r = 0;
+    for (; r + 4 <= n; r += 4) dot8_affine4<BYTES, SUB, Q8>(rb + r * stride, stride, x, xsum, g_pad, out + r);
+    for (; r < n; ++r) out[r] = dot8_affine<BYTES, SUB, Q8>(rb + r * stride, x, xsum, g_pad);
+}
+
+// Ternary: 32 code bytes per step (the tail of B copied into a zeroed buffer, nothing past the
+// row-block is read), trits decoded in 16-bit lanes (p3 = 3p, t = p3 >> 8, p = p3 & 0xFF) and
+// multiplied with the plane's block widened to 16 bits (madd).
+inline float dot8_ternary_impl(const uint8_t* rb, const XQ8* x, float xsum, int g_pad) {
+    const uint8_t* q = rb + 2;
+    const int B = 2 * ((g_pad + 9) / 10), nb = (B + 31) / 32;
+    const __m256i ff = _mm256_set1_epi16(0xFF);
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+        __m256i p;
+        const int n = B - 32 * b;
+        if (n >= 32) {
+            p = _mm256_loadu_si256((const __m256i*)(q + 32 * b));
+        } else {
+            uint8_t t[32] = {0};
+            memcpy(t, q + 32 * b, (size_t)n);
+            p = _mm256_loadu_si256((const __m256i*)t);
+        }
+        __m256i lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(p)), hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(p, 1));
+        for (int i = 0; i < 5; ++i) {
+            const __m256i lo3 = _mm256_add_epi16(lo, _mm256_slli_epi16(lo, 1)), hi3 = _mm256_add_epi16(hi, _mm256_slli_epi16(hi, 1));
+            lo = _mm256_and_si256(lo3, ff);
+            hi = _mm256_and_si256(hi3, ff);
+            const XQ8& xb = x[i * nb + b];
+            const __m256i xlo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)xb.q));
+            const __m256i xhi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(xb.q + 16)));
+            const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_srli_epi16(lo3, 8), xlo),
+                                               _mm256_madd_epi16(_mm256_srli_epi16(hi3, 8), xhi));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(xb.d), _mm256_cvtepi32_ps(s), acc);
+        }
+    }
+    return half(rb) * (hsum(acc) - xsum);
+}
+
 }  // namespace
 
 float dot_fp16(const uint8_t* rb, const float* x, float, int g_pad) {
@@ -240,6 +387,21 @@ void dot_rows_q4(const uint8_t* rb, size_t st, int n, const float* x, float s, i
 void dot_rows_q3(const uint8_t* rb, size_t st, int n, const float* x, float s, int g, float* out) { dot_rows_affine(codes_q3, 12, rb, st, n, x, s, g, out); }
 void dot_rows_q2(const uint8_t* rb, size_t st, int n, const float* x, float s, int g, float* out) { dot_rows_affine(codes_q2, 8, rb, st, n, x, s, g, out); }
 #undef WQE_ROWS
+
+float dot8_q8(const uint8_t* rb, const XQ8* x, float s, int g) { return dot8_affine<bytes_q8, 32, true>(rb, x, s, g); }
+float dot8_q4(const uint8_t* rb, const XQ8* x, float s, int g) { return dot8_affine<bytes_q4, 16, false>(rb, x, s, g); }
+float dot8_q3(const uint8_t* rb, const XQ8* x, float s, int g) { return dot8_affine<bytes_q3, 12, false>(rb, x, s, g); }
+float dot8_q2(const uint8_t* rb, const XQ8* x, float s, int g) { return dot8_affine<bytes_q2, 8, false>(rb, x, s, g); }
+float dot8_q1(const uint8_t* rb, const XQ8* x, float s, int g) { return dot8_affine<bytes_q1, 4, false>(rb, x, s, g); }
+float dot8_ternary(const uint8_t* rb, const XQ8* x, float s, int g) { return dot8_ternary_impl(rb, x, s, g); }
+void dot8_rows_q8(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) { dot8_rows_affine<bytes_q8, 32, true>(rb, st, n, x, s, g, out); }
+void dot8_rows_q4(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) { dot8_rows_affine<bytes_q4, 16, false>(rb, st, n, x, s, g, out); }
+void dot8_rows_q3(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) { dot8_rows_affine<bytes_q3, 12, false>(rb, st, n, x, s, g, out); }
+void dot8_rows_q2(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) { dot8_rows_affine<bytes_q2, 8, false>(rb, st, n, x, s, g, out); }
+void dot8_rows_q1(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) { dot8_rows_affine<bytes_q1, 4, false>(rb, st, n, x, s, g, out); }
+void dot8_rows_ternary(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) {
+    for (int r = 0; r < n; ++r) out[r] = dot8_ternary_impl(rb + r * st, x, s, g);
+}
 
 void dequant_fp16(const uint8_t* rb, int g_pad, float* out) {
     for (int c = 0; c < g_pad; c += 8)
@@ -286,6 +448,46 @@ float vdot_f16(const uint8_t* h, const float* x, int n) {
     float s = hsum(_mm256_add_ps(acc0, acc1));
     for (; i < n; ++i) s += half(h + 2 * i) * x[i];
     return s;
+}
+
+// Four rows at once: each x load serves four rows, eight FMA chains.
+void vdot_f16_rows(const uint8_t* h, size_t stride, int nr, const float* x, int n, float* out) {
+    int r = 0;
+    for (; r + 4 <= nr; r += 4) {
+        const uint8_t* h0 = h + r * stride;
+        const uint8_t* h1 = h0 + stride;
+        const uint8_t* h2 = h1 + stride;
+        const uint8_t* h3 = h2 + stride;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        int i = 0;
+        for (; i + 16 <= n; i += 16) {
+            const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+#define WQE_F16(p, o) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((p) + 2 * i + (o))))
+            a0 = _mm256_fmadd_ps(WQE_F16(h0, 0), x0, a0); b0 = _mm256_fmadd_ps(WQE_F16(h0, 16), x1, b0);
+            a1 = _mm256_fmadd_ps(WQE_F16(h1, 0), x0, a1); b1 = _mm256_fmadd_ps(WQE_F16(h1, 16), x1, b1);
+            a2 = _mm256_fmadd_ps(WQE_F16(h2, 0), x0, a2); b2 = _mm256_fmadd_ps(WQE_F16(h2, 16), x1, b2);
+            a3 = _mm256_fmadd_ps(WQE_F16(h3, 0), x0, a3); b3 = _mm256_fmadd_ps(WQE_F16(h3, 16), x1, b3);
+        }
+        for (; i + 8 <= n; i += 8) {
+            const __m256 x0 = _mm256_loadu_ps(x + i);
+            a0 = _mm256_fmadd_ps(WQE_F16(h0, 0), x0, a0);
+            a1 = _mm256_fmadd_ps(WQE_F16(h1, 0), x0, a1);
+            a2 = _mm256_fmadd_ps(WQE_F16(h2, 0), x0, a2);
+            a3 = _mm256_fmadd_ps(WQE_F16(h3, 0), x0, a3);
+#undef WQE_F16
+        }
+        const __m256 hs = _mm256_hadd_ps(_mm256_hadd_ps(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1)),
+                                         _mm256_hadd_ps(_mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3)));
+        float s[4];
+        _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(hs), _mm256_extractf128_ps(hs, 1)));
+        for (; i < n; ++i) {
+            const float xi = x[i];
+            s[0] += half(h0 + 2 * i) * xi; s[1] += half(h1 + 2 * i) * xi;
+            s[2] += half(h2 + 2 * i) * xi; s[3] += half(h3 + 2 * i) * xi;
+        }
+        memcpy(out + r, s, sizeof s);
+    }
+    for (; r < nr; ++r) out[r] = vdot_f16(h + r * stride, x, n);
 }
 
 void vaxpy(float a, const float* x, float* y, int n) {

@@ -1,8 +1,9 @@
 // AArch64 Advanced SIMD (NEON) kernels: the twins of kernels_avx2.cpp, registered in the traits
 // table (blocks.cpp) as kernel set K_NEON. NEON (with fp16<->fp32 conversion) is part of the
-// AArch64 base ISA, so nothing here needs a target attribute or a run-time check.
-// Activations stay float32 (docs/neon.md explains why the dot-product extension, UDOT/SDOT,
-// which multiplies int8 by int8, has no place in these kernels; blocks.cpp detects and reports it).
+// AArch64 base ISA, so the float kernels need no target attribute or run-time check.
+// The int8-activation kernels (dot8_*, activation mode ACT_Q8) come in two builds: SDOT (the
+// dot-product extension, compiled with WQE_DOTPROD below and called only when neon_dotprod() says
+// the CPU has it) and plain NEON (vmull_s8 + vpadalq_s16), for ARMv8.0 cores such as Cortex-A53.
 // Dequantization is bit-identical to the scalar reference (separate multiply and add, never a
 // fused multiply-add); dots agree with it within the tolerances of tests/test_kernels.cpp.
 #if defined(__aarch64__)
@@ -10,6 +11,8 @@
 #include <arm_neon.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "blocks.h"  // XQ8, neon_dotprod()
 
 namespace wqe {
 namespace neon {
@@ -191,6 +194,137 @@ inline void dequant_ternary_impl(const uint8_t* rb, int g_pad, float* out) {
 
 inline float32x4_t h4(const uint8_t* p) { return vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p))); }
 
+// ------------------------------------------------------------------ int8 activations
+// Codes are made int8 (q8: code - 128, restored with 128 * sum(xq) = 128 * XQ8::ds / d) so that one
+// signed product serves every kind: |code x xq| <= 128 * 127 fits int16 (plain NEON) and SDOT takes
+// int8 x int8.
+// GCC 12 + binutils 2.40 reject "+dotprod" alone (the assembler wants an ARMv8.2 base for SDOT);
+// any core with the extension is ARMv8.2 or later.
+#if defined(__clang__)
+#  define WQE_DOTPROD __attribute__((target("dotprod")))
+#else
+#  define WQE_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
+
+// 4 int32 partial sums of c . x over 32 slots (c: two int8x16, x: 32 int8).
+inline int32x4_t isum32_plain(int8x16_t c0, int8x16_t c1, const int8_t* xq) {
+    const int8x16_t x0 = vld1q_s8(xq), x1 = vld1q_s8(xq + 16);
+    int32x4_t a = vpaddlq_s16(vmull_s8(vget_low_s8(c0), vget_low_s8(x0)));
+    a = vpadalq_s16(a, vmull_high_s8(c0, x0));
+    a = vpadalq_s16(a, vmull_s8(vget_low_s8(c1), vget_low_s8(x1)));
+    return vpadalq_s16(a, vmull_high_s8(c1, x1));
+}
+WQE_DOTPROD inline int32x4_t isum32_dot(int8x16_t c0, int8x16_t c1, const int8_t* xq) {
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), c0, vld1q_s8(xq)), c1, vld1q_s8(xq + 16));
+}
+
+template <bool Q8>
+inline void signed_codes(const uint8x16_t cb[2], int8x16_t c[2]) {
+    if (Q8) {
+        c[0] = vreinterpretq_s8_u8(veorq_u8(cb[0], vdupq_n_u8(0x80)));
+        c[1] = vreinterpretq_s8_u8(veorq_u8(cb[1], vdupq_n_u8(0x80)));
+    } else {
+        c[0] = vreinterpretq_s8_u8(cb[0]);
+        c[1] = vreinterpretq_s8_u8(cb[1]);
+    }
+}
+
+// The affine kernel body, once per build (ISUM = isum32_dot or isum32_plain); two accumulators.
+#define WQE_DOT8_AFFINE(ISUM)                                                                          \
+    const uint8_t* q = rb + 4;                                                                         \
+    const int nb = g_pad / 32;                                                                         \
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = acc0;                                                 \
+    float corr = 0.0f;                                                                                 \
+    for (int b = 0; b < nb; ++b, q += SUB) {                                                           \
+        uint8x16_t cb[2];                                                                              \
+        int8x16_t c[2];                                                                                \
+        CODES(q, cb);                                                                                  \
+        signed_codes<Q8>(cb, c);                                                                       \
+        const float32x4_t v = vcvtq_f32_s32(ISUM(c[0], c[1], x[b].q));                                 \
+        if (b & 1) acc1 = vfmaq_n_f32(acc1, v, x[b].d);                                                \
+        else acc0 = vfmaq_n_f32(acc0, v, x[b].d);                                                      \
+        if (Q8) corr += x[b].ds;                                                                       \
+    }                                                                                                  \
+    return half(rb) * (vaddvq_f32(vaddq_f32(acc0, acc1)) + 128.0f * corr) + half(rb + 2) * xsum;
+
+template <codes_fn CODES, int SUB, bool Q8>
+WQE_DOTPROD inline float dot8_affine_dot(const uint8_t* rb, const XQ8* x, float xsum, int g_pad) {
+    WQE_DOT8_AFFINE(isum32_dot)
+}
+template <codes_fn CODES, int SUB, bool Q8>
+inline float dot8_affine_plain(const uint8_t* rb, const XQ8* x, float xsum, int g_pad) {
+    WQE_DOT8_AFFINE(isum32_plain)
+}
+#undef WQE_DOT8_AFFINE
+
+// Four rows at once (rows rb + k * stride): the activation block is loaded once for four rows (the
+// compiler merges ISUM's identical loads), four independent accumulators.
+#define WQE_DOT8_AFFINE4(ISUM)                                                                         \
+    const int nb = g_pad / 32;                                                                         \
+    float32x4_t a[4];                                                                                  \
+    _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k) a[k] = vdupq_n_f32(0.0f);                      \
+    float corr = 0.0f;                                                                                 \
+    for (int b = 0; b < nb; ++b) {                                                                     \
+        const float db = x[b].d;                                                                       \
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k) {                                          \
+            uint8x16_t cb[2];                                                                          \
+            int8x16_t c[2];                                                                            \
+            CODES(rb + k * stride + 4 + b * SUB, cb);                                                  \
+            signed_codes<Q8>(cb, c);                                                                   \
+            a[k] = vfmaq_n_f32(a[k], vcvtq_f32_s32(ISUM(c[0], c[1], x[b].q)), db);                     \
+        }                                                                                              \
+        if (Q8) corr += x[b].ds;                                                                       \
+    }                                                                                                  \
+    _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k) {                                              \
+        const uint8_t* h = rb + k * stride;                                                            \
+        out[k] = half(h) * (vaddvq_f32(a[k]) + 128.0f * corr) + half(h + 2) * xsum;                    \
+    }
+
+template <codes_fn CODES, int SUB, bool Q8>
+WQE_DOTPROD inline void dot8_affine4_dot(const uint8_t* rb, size_t stride, const XQ8* x, float xsum, int g_pad, float* out) {
+    WQE_DOT8_AFFINE4(isum32_dot)
+}
+template <codes_fn CODES, int SUB, bool Q8>
+inline void dot8_affine4_plain(const uint8_t* rb, size_t stride, const XQ8* x, float xsum, int g_pad, float* out) {
+    WQE_DOT8_AFFINE4(isum32_plain)
+}
+#undef WQE_DOT8_AFFINE4
+
+// Ternary: 16 code bytes per step (tail through a zeroed buffer: nothing past the row-block is
+// read), trits in 8-bit lanes: t = (3p) >> 8 via a 16-bit multiply, p = 3p mod 256.
+inline void trits16(uint8x16_t& p, int8x16_t& t) {
+    const uint16x8_t lo = vmull_u8(vget_low_u8(p), vdup_n_u8(3)), hi = vmull_high_u8(p, vdupq_n_u8(3));
+    t = vreinterpretq_s8_u8(vcombine_u8(vshrn_n_u16(lo, 8), vshrn_n_u16(hi, 8)));
+    p = vcombine_u8(vmovn_u16(lo), vmovn_u16(hi));
+}
+
+#define WQE_DOT8_TERNARY(ISUM)                                                                         \
+    const uint8_t* q = rb + 2;                                                                         \
+    const int B = 2 * ((g_pad + 9) / 10), nb = (B + 31) / 32;                                         \
+    float32x4_t acc = vdupq_n_f32(0.0f);                                                               \
+    for (int b = 0; b < nb; ++b) {                                                                     \
+        uint8_t tmp[32] = {0};                                                                         \
+        const int n = B - 32 * b;                                                                      \
+        memcpy(tmp, q + 32 * b, (size_t)(n < 32 ? n : 32));                                            \
+        uint8x16_t p0 = vld1q_u8(tmp), p1 = vld1q_u8(tmp + 16);                                        \
+        for (int i = 0; i < 5; ++i) {                                                                  \
+            int8x16_t t0, t1;                                                                          \
+            trits16(p0, t0);                                                                           \
+            trits16(p1, t1);                                                                           \
+            const XQ8& xb = x[i * nb + b];                                                             \
+            acc = vfmaq_n_f32(acc, vcvtq_f32_s32(ISUM(t0, t1, xb.q)), xb.d);                           \
+        }                                                                                              \
+    }                                                                                                  \
+    return half(rb) * (vaddvq_f32(acc) - xsum);
+
+WQE_DOTPROD inline float dot8_ternary_dot(const uint8_t* rb, const XQ8* x, float xsum, int g_pad) {
+    WQE_DOT8_TERNARY(isum32_dot)
+}
+inline float dot8_ternary_plain(const uint8_t* rb, const XQ8* x, float xsum, int g_pad) {
+    WQE_DOT8_TERNARY(isum32_plain)
+}
+#undef WQE_DOT8_TERNARY
+
 }  // namespace
 
 float dot_fp16(const uint8_t* rb, const float* x, float, int g_pad) {
@@ -221,6 +355,35 @@ WQE_ROWS(q2)
 WQE_ROWS(q1)
 WQE_ROWS(ternary)
 #undef WQE_ROWS
+
+// Int8 activations: the build is chosen per call (one predictable branch per row tile).
+#define WQE_DOT8(name, CODES, SUB, Q8)                                                                   \
+    float dot8_##name(const uint8_t* rb, const XQ8* x, float s, int g) {                                \
+        return neon_dotprod() ? dot8_affine_dot<CODES, SUB, Q8>(rb, x, s, g)                            \
+                              : dot8_affine_plain<CODES, SUB, Q8>(rb, x, s, g);                         \
+    }                                                                                                   \
+    void dot8_rows_##name(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) { \
+        int r = 0;                                                                                      \
+        if (neon_dotprod()) {                                                                           \
+            for (; r + 4 <= n; r += 4) dot8_affine4_dot<CODES, SUB, Q8>(rb + r * st, st, x, s, g, out + r); \
+            for (; r < n; ++r) out[r] = dot8_affine_dot<CODES, SUB, Q8>(rb + r * st, x, s, g);          \
+        } else {                                                                                        \
+            for (; r + 4 <= n; r += 4) dot8_affine4_plain<CODES, SUB, Q8>(rb + r * st, st, x, s, g, out + r); \
+            for (; r < n; ++r) out[r] = dot8_affine_plain<CODES, SUB, Q8>(rb + r * st, x, s, g);        \
+        }                                                                                               \
+    }
+WQE_DOT8(q8, codes_q8, 32, true)
+WQE_DOT8(q4, codes_q4, 16, false)
+WQE_DOT8(q3, codes_q3, 12, false)
+WQE_DOT8(q2, codes_q2, 8, false)
+WQE_DOT8(q1, codes_q1, 4, false)
+#undef WQE_DOT8
+float dot8_ternary(const uint8_t* rb, const XQ8* x, float s, int g) {
+    return neon_dotprod() ? dot8_ternary_dot(rb, x, s, g) : dot8_ternary_plain(rb, x, s, g);
+}
+void dot8_rows_ternary(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) {
+    for (int r = 0; r < n; ++r) out[r] = dot8_ternary(rb + r * st, x, s, g);
+}
 
 void dequant_fp16(const uint8_t* rb, int g_pad, float* out) {
     for (int c = 0; c < g_pad; c += 4) vst1q_f32(out + c, h4(rb + 2 * c));
@@ -261,6 +424,10 @@ float vdot_f16(const uint8_t* h, const float* x, int n) {
     float s = hsum4(acc0, acc1, acc2, acc3);
     for (; i < n; ++i) s += half(h + 2 * i) * x[i];
     return s;
+}
+
+void vdot_f16_rows(const uint8_t* h, size_t stride, int nr, const float* x, int n, float* out) {
+    for (int r = 0; r < nr; ++r) out[r] = vdot_f16(h + r * stride, x, n);
 }
 
 void vaxpy(float a, const float* x, float* y, int n) {

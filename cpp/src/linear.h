@@ -37,8 +37,14 @@ struct Linear {
 
 // Per-context scratch space; sized once for the largest linear and batch.
 struct MatScratch {
-    std::vector<float> xprep;                    // prepared x (matvec)
-    std::vector<float> xsum;                     // per-chunk sums (matvec)
+    // matvec: prepared x per linear of a group (slot 0 for a single product)
+    struct Slot {
+        std::vector<float> xprep;   // float prepared x
+        std::vector<float> xsum;    // per-chunk sums of x
+        std::vector<XQ8> xq8;       // int8 prepared x (ACT_Q8)
+        std::vector<int> x8off;     // per chunk: first XQ8 block, -1 when float
+    };
+    std::vector<Slot> slots;
     std::vector<std::vector<float>> tile;        // per thread: ROW_TILE dequantized rows
     std::vector<std::vector<float>> chunk_tmp;   // per thread: one dequantized chunk
     std::vector<float> xpad;                     // padded activations (matmul, when K % 8 != 0)
@@ -46,14 +52,34 @@ struct MatScratch {
 };
 
 constexpr int ROW_TILE = 16;
+constexpr int MAX_GROUP = 3;  // linears per matvec_group (q, k, v)
 
-// y[N] = W x[K]
+// y[N] = W x[K]. act = ACT_Q8: chunks whose kind has int8 kernels use int8 activations (per 32
+// columns), the others (fp16, dense) and protected residuals stay float; the 6-argument form is ACT_F32.
 void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScratch& s, int kernels);
-// Y[n][N] = X[n][K] W^T (n >= 1)
+void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScratch& s, int kernels, int act);
+// y[i] = W[i] x for n <= MAX_GROUP linears of the same input (q/k/v, gate/up) in one threaded pass:
+// one fork-join instead of n; each y[i] is bit-identical to matvec(*W[i], x, y[i], ...).
+void matvec_group(int n, const Linear* const* W, const float* x, float* const* y, ThreadPool& pool, MatScratch& s,
+                  int kernels, int act);
+// Y[n][N] = X[n][K] W^T (n >= 1); n >= 2 always uses float activations, n == 1 is matvec(..., act).
 void matmul(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, MatScratch& s, int kernels);
+void matmul(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, MatScratch& s, int kernels, int act);
 // One row of a dense tensor (embeddings) as float.
 void dense_row(const Linear& W, int r, float* out, int kernels);
 // Dequantize rows [r0, r0 + nr) to out (row stride ld >= K; floats past K are zeroed up to round8(K)).
 void dequant_rows(const Linear& W, int r0, int nr, float* out, int ld, float* chunk_tmp, int kernels);
+
+// Building a column-chunked Linear (docs/format.md) from its description; shared by the model loader
+// (model.cpp) and the ONNX Runtime custom op (ort_ops.cpp). Defined in model.cpp.
+// The layout of an N x K linear in chunks of G columns, chunk c of block type id actions[c] with
+// n_protected[c] protected columns: chunks, row_bytes, x_floats, max_g_pad, and prot_local sized to
+// the total protected count (filled by set_protected_columns). data is left null. Throws
+// Error(WQE_ERR_FORMAT, "tensor '<name>' ...") on an unknown id, a bad count or bad dimensions.
+Linear chunked_layout(const std::string& name, int N, int K, int G, const std::vector<int64_t>& actions,
+                      const std::vector<int64_t>& n_protected);
+// Fill L.prot_local from the global protected column indices (chunk by chunk, ascending within a
+// chunk; cols.size() == L.prot_local.size()). Throws Error(WQE_ERR_FORMAT, ...) naming the bad entry.
+void set_protected_columns(Linear& L, const std::vector<int64_t>& cols);
 
 }  // namespace wqe

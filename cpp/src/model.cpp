@@ -11,6 +11,71 @@
 
 namespace wqe {
 
+// ------------------------------------------------------------------ column-chunked layout
+// (declared in linear.h; also used by the ONNX Runtime custom op, ort_ops.cpp)
+Linear chunked_layout(const std::string& name, int N, int K, int G, const std::vector<int64_t>& actions,
+                      const std::vector<int64_t>& n_protected) {
+    if (N <= 0 || K <= 0 || G <= 0)
+        fail(WQE_ERR_FORMAT, "tensor '%s': bad dimensions N = %d, K = %d, group size %d", name.c_str(), N, K, G);
+    const int n_chunks = (K + G - 1) / G;
+    if ((int64_t)actions.size() != n_chunks || (int64_t)n_protected.size() != n_chunks)
+        fail(WQE_ERR_FORMAT, "tensor '%s': %zu chunk actions and %zu protected counts, but %d columns in chunks of %d make %d",
+             name.c_str(), actions.size(), n_protected.size(), K, G, n_chunks);
+    Linear L;
+    L.kind = Linear::CHUNKED;
+    L.name = name;
+    L.N = N;
+    L.K = K;
+    size_t off = 0;
+    int xoff = 0, prot0 = 0;
+    for (int c = 0; c < n_chunks; ++c) {
+        const BlockTraits* bt = block_traits(actions[c] < 0 || actions[c] > 255 ? -1 : (int)actions[c]);
+        if (!bt)
+            fail(WQE_ERR_FORMAT, "tensor '%s' chunk %d: unknown block type %lld (this runtime knows ids 0-%d)",
+                 name.c_str(), c, (long long)actions[c], N_BLOCK_TYPES - 1);
+        Chunk ch;
+        ch.bt = bt;
+        ch.col0 = c * G;
+        ch.g = std::min(G, K - ch.col0);
+        ch.g_pad = padded(ch.g);
+        if (n_protected[c] < 0 || n_protected[c] > ch.g)
+            fail(WQE_ERR_FORMAT, "tensor '%s' chunk %d: %lld protected columns in a chunk of %d", name.c_str(), c,
+                 (long long)n_protected[c], ch.g);
+        ch.n_prot = (int)n_protected[c];
+        ch.prot0 = prot0;
+        prot0 += ch.n_prot;
+        ch.off = off;
+        ch.res_off = (size_t)bt->header_bytes + bt->code_bytes(ch.g_pad);
+        ch.xoff = xoff;
+        xoff += round8(x_floats(*bt, ch.g_pad));
+        off += row_bytes(*bt, ch.g, ch.n_prot);
+        L.max_g_pad = std::max(L.max_g_pad, ch.g_pad);
+        L.chunks.push_back(ch);
+    }
+    L.row_bytes = off;
+    L.x_floats = xoff;
+    L.prot_local.assign(prot0, 0);
+    return L;
+}
+
+void set_protected_columns(Linear& L, const std::vector<int64_t>& cols) {
+    if (cols.size() != L.prot_local.size())
+        fail(WQE_ERR_FORMAT, "tensor '%s': %zu protected column indices, but its chunks protect %zu", L.name.c_str(),
+             cols.size(), L.prot_local.size());
+    for (const Chunk& ch : L.chunks) {
+        int prev = -1;
+        for (int p = 0; p < ch.n_prot; ++p) {
+            const int64_t col = cols[ch.prot0 + p];
+            const int64_t local = col - ch.col0;
+            if (local < 0 || local >= ch.g || local <= prev)
+                fail(WQE_ERR_FORMAT, "tensor '%s.protect': entry %d = column %lld is not inside chunk %d [%d, %d) in ascending order",
+                     L.name.c_str(), ch.prot0 + p, (long long)col, (int)(&ch - L.chunks.data()), ch.col0, ch.col0 + ch.g);
+            L.prot_local[ch.prot0 + p] = (int32_t)local;
+            prev = (int)local;
+        }
+    }
+}
+
 // ------------------------------------------------------------------ loading and validation
 namespace {
 
@@ -91,59 +156,28 @@ struct Loader {
                 f.format_error("key '%schunk_protected' lists %zu chunks, expected %d", key.c_str(), prot.size(), n_chunks);
         }
         Linear L;
-        L.kind = Linear::CHUNKED;
-        L.name = name;
-        L.N = N;
-        L.K = K;
-        size_t off = 0;
-        int xoff = 0, prot0 = 0;
-        for (int c = 0; c < n_chunks; ++c) {
-            const BlockTraits* bt = block_traits(actions[c] < 0 || actions[c] > 255 ? -1 : (int)actions[c]);
-            if (!bt)
-                f.format_error("tensor '%s' chunk %d: unknown block type %lld (this runtime knows ids 0-%d)",
-                               name.c_str(), c, (long long)actions[c], N_BLOCK_TYPES - 1);
-            Chunk ch;
-            ch.bt = bt;
-            ch.col0 = c * G;
-            ch.g = std::min(G, K - ch.col0);
-            ch.g_pad = padded(ch.g);
-            if (prot[c] < 0 || prot[c] > ch.g)
-                f.format_error("tensor '%s' chunk %d: %lld protected columns in a chunk of %d", name.c_str(), c, (long long)prot[c], ch.g);
-            ch.n_prot = (int)prot[c];
-            ch.prot0 = prot0;
-            prot0 += ch.n_prot;
-            ch.off = off;
-            ch.res_off = (size_t)bt->header_bytes + bt->code_bytes(ch.g_pad);
-            ch.xoff = xoff;
-            xoff += round8(x_floats(*bt, ch.g_pad));
-            off += row_bytes(*bt, ch.g, ch.n_prot);
-            L.max_g_pad = std::max(L.max_g_pad, ch.g_pad);
-            L.chunks.push_back(ch);
+        try {
+            L = chunked_layout(name, N, K, G, actions, prot);
+        } catch (const Error& e) {
+            f.format_error("%s", e.what());
         }
-        L.row_bytes = off;
-        L.x_floats = xoff;
-        expect_shape(t, {(uint64_t)off, (uint64_t)N});
+        expect_shape(t, {(uint64_t)L.row_bytes, (uint64_t)N});
         L.data = t.data;
         m.quantized_bytes += t.nbytes;
         // Protected column indices: global u16 in an I16 tensor, chunk by chunk, ascending in a chunk.
         const GGUFTensor* pt = f.tensor(name + ".protect");
-        if (prot0 > 0) {
-            if (!pt) f.format_error("tensor '%s' protects %d columns but '%s.protect' is missing", name.c_str(), prot0, name.c_str());
+        const size_t n_prot = L.prot_local.size();
+        if (n_prot > 0) {
+            if (!pt) f.format_error("tensor '%s' protects %zu columns but '%s.protect' is missing", name.c_str(), n_prot, name.c_str());
             if (pt->type != GGML_I16) f.format_error("tensor '%s.protect' has type %s, expected I16", name.c_str(), ggml_type_name(pt->type));
-            expect_shape(*pt, {(uint64_t)prot0});
+            expect_shape(*pt, {(uint64_t)n_prot});
             m.quantized_bytes += pt->nbytes;
-            L.prot_local.resize(prot0);
-            for (const Chunk& ch : L.chunks) {
-                int prev = -1;
-                for (int p = 0; p < ch.n_prot; ++p) {
-                    const int col = (int)load_u16(pt->data + 2 * (size_t)(ch.prot0 + p));
-                    const int local = col - ch.col0;
-                    if (local < 0 || local >= ch.g || local <= prev)
-                        f.format_error("tensor '%s.protect': entry %d = column %d is not inside chunk %d [%d, %d) in ascending order",
-                                       name.c_str(), ch.prot0 + p, col, (int)(&ch - L.chunks.data()), ch.col0, ch.col0 + ch.g);
-                    L.prot_local[ch.prot0 + p] = local;
-                    prev = local;
-                }
+            std::vector<int64_t> cols(n_prot);
+            for (size_t p = 0; p < n_prot; ++p) cols[p] = load_u16(pt->data + 2 * p);
+            try {
+                set_protected_columns(L, cols);
+            } catch (const Error& e) {
+                f.format_error("%s", e.what());
             }
         } else if (pt) {
             f.format_error("tensor '%s.protect' exists but no chunk of '%s' protects columns", name.c_str(), name.c_str());
@@ -375,6 +409,7 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
     const int D = hp.n_embd, hd = hp.head_dim, half = hd / 2, QD = hp.q_dim(), KVD = hp.kv_dim(), F = hp.n_ff;
     const int group = hp.n_head / hp.n_head_kv;
     const int kern = active_kernels();
+    const int act = active_act();  // int8 activations apply to single-token steps (matvec) only
     const VecOps& ops = vec_ops(kern);
     ThreadPool& tp = *pool;
     ensure_batch(n);
@@ -399,9 +434,15 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
 
         // Attention: xb = rmsnorm(x); q, k, v projections; RoPE; append k, v to the cache.
         for (int t = 0; t < n; ++t) rmsnorm(&xb[(size_t)t * D], &x[(size_t)t * D], L.attn_norm.data(), D, hp.rms_eps);
-        matmul(L.wq, xb.data(), n, q.data(), tp, ms, kern);
-        matmul(L.wk, xb.data(), n, k.data(), tp, ms, kern);
-        matmul(L.wv, xb.data(), n, v.data(), tp, ms, kern);
+        if (n == 1) {  // decode: one threaded pass for the three products of the same input
+            const Linear* W[3] = {&L.wq, &L.wk, &L.wv};
+            float* Y[3] = {q.data(), k.data(), v.data()};
+            matvec_group(3, W, xb.data(), Y, tp, ms, kern, act);
+        } else {
+            matmul(L.wq, xb.data(), n, q.data(), tp, ms, kern, act);
+            matmul(L.wk, xb.data(), n, k.data(), tp, ms, kern, act);
+            matmul(L.wv, xb.data(), n, v.data(), tp, ms, kern, act);
+        }
         for (int t = 0; t < n; ++t) {
             rope(&q[(size_t)t * QD], hp.n_head, hd, &rope_cos[(size_t)t * half], &rope_sin[(size_t)t * half]);
             rope(&k[(size_t)t * KVD], hp.n_head_kv, hd, &rope_cos[(size_t)t * half], &rope_sin[(size_t)t * half]);
@@ -430,18 +471,24 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             std::memset(out, 0, sizeof(float) * hd);
             for (int s = 0; s < n_keys; ++s) ops.axpy(sc[s] * inv, vc + (size_t)s * KVD + (size_t)kvh * hd, out, hd);
         });
-        matmul(L.wo, att.data(), n, xb2.data(), tp, ms, kern);
+        matmul(L.wo, att.data(), n, xb2.data(), tp, ms, kern, act);
         for (size_t i = 0; i < (size_t)n * D; ++i) x[i] += xb2[i];
 
         // SwiGLU MLP: x += W_down (silu(W_gate xb) * (W_up xb)).
         for (int t = 0; t < n; ++t) rmsnorm(&xb[(size_t)t * D], &x[(size_t)t * D], L.ffn_norm.data(), D, hp.rms_eps);
-        matmul(L.w_gate, xb.data(), n, hg.data(), tp, ms, kern);
-        matmul(L.w_up, xb.data(), n, hu.data(), tp, ms, kern);
+        if (n == 1) {
+            const Linear* W[2] = {&L.w_gate, &L.w_up};
+            float* Y[2] = {hg.data(), hu.data()};
+            matvec_group(2, W, xb.data(), Y, tp, ms, kern, act);
+        } else {
+            matmul(L.w_gate, xb.data(), n, hg.data(), tp, ms, kern, act);
+            matmul(L.w_up, xb.data(), n, hu.data(), tp, ms, kern, act);
+        }
         for (size_t i = 0; i < (size_t)n * F; ++i) {
             const float g = hg[i];
             hg[i] = g / (1.0f + std::exp(-g)) * hu[i];
         }
-        matmul(L.w_down, hg.data(), n, xb2.data(), tp, ms, kern);
+        matmul(L.w_down, hg.data(), n, xb2.data(), tp, ms, kern, act);
         for (size_t i = 0; i < (size_t)n * D; ++i) x[i] += xb2[i];
     }
     n_past += n;
@@ -450,7 +497,7 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
     // Final norm and output head: every token's logits, or the last one's.
     const int first = all ? 0 : n - 1;
     for (int t = first; t < n; ++t) rmsnorm(&xb[(size_t)t * D], &x[(size_t)t * D], m.output_norm.data(), D, hp.rms_eps);
-    matmul(m.output, &xb[(size_t)first * D], n - first, logits, tp, ms, kern);
+    matmul(m.output, &xb[(size_t)first * D], n - first, logits, tp, ms, kern, act);
 }
 
 }  // namespace wqe

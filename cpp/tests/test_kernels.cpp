@@ -1,7 +1,9 @@
 // Every SIMD kernel (AVX2 on x86-64, NEON on AArch64: whichever set best_kernels() picks) against its scalar reference, and both against a double-precision dot of the
 // dequantized weights, on random and adversarial row-blocks; then threaded matvec/matmul of a
 // mixed-type linear against the same reference. Exit status 0 when all checks pass.
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -134,6 +136,120 @@ static void chunk_tests() {
     }
 }
 
+// ------------------------------------------------------------------ int8 activations (ACT_Q8)
+// XQ8 block holding chunk-local column c (the layouts of blocks.h).
+static int block_of(const BlockTraits& bt, int g_pad, int c, int* slot) {
+    if (bt.x_layout != X_TERNARY) { *slot = c % 32; return c / 32; }
+    const int B = ternary_bytes(g_pad), nb = (B + 31) / 32, i = c / B, j = c % B;
+    *slot = j % 32;
+    return i * nb + j / 32;
+}
+
+// The int8 kernel sets to check: scalar, the SIMD set, and on AArch64 NEON with and without SDOT.
+struct Q8Set { int k; bool dotprod; const char* name; };
+static std::vector<Q8Set> q8_sets() {
+    std::vector<Q8Set> v = {{K_SCALAR, false, "scalar"}};
+    if (SIMD == K_AVX2) v.push_back({K_AVX2, false, "avx2"});
+    if (SIMD == K_NEON) {
+        v.push_back({K_NEON, false, "neon"});
+        if (cpu_has_dotprod()) v.push_back({K_NEON, true, "neon+dotprod"});
+    }
+    return v;
+}
+static void use_set(const Q8Set& s) {
+    if (s.k == K_NEON) set_neon_dotprod(s.dotprod);
+}
+
+static int n_q8_sets_seen = 0;
+
+static void q8_chunk_tests() {
+    const int widths[] = {1, 17, 32, 64, 96, 100, 128, 160, 200, 256, 512};
+    const Mode modes[] = {RANDOM, RANDOM, EXTREME, ZERO, TINY};
+    const std::vector<Q8Set> sets = q8_sets();
+    n_q8_sets_seen = (int)sets.size();
+    for (int id = 0; id < N_BLOCK_TYPES; ++id) {
+        const BlockTraits& bt = *block_traits(id);
+        if (!bt.dot8[K_SCALAR]) {  // fp16: float in every set
+            for (const Q8Set& s : sets) check(!bt.dot8[s.k] && !bt.dot8_rows[s.k], "q8: no int8 kernel for fp16", bt.name);
+            continue;
+        }
+        for (const Q8Set& s : sets) check(bt.dot8[s.k] && bt.dot8_rows[s.k], "q8: int8 kernels present", bt.name);
+        for (int g : widths)
+            for (Mode mode : modes) {
+                const int g_pad = padded(g);
+                const size_t rbn = row_bytes(bt, g, 0);
+                const int R = 6;  // 4-row path + tail
+                std::vector<uint8_t> rows(R * rbn);
+                for (int r = 0; r < R; ++r) make_rowblock(bt, g, 0, r == 2 && mode != ZERO ? RANDOM : mode, &rows[r * rbn]);
+                std::vector<float> x(g);
+                const float xs = mode == EXTREME ? 1e3f : 1.0f;
+                for (float& v : x) v = urand(-1, 1) * xs;
+                if (mode == TINY) for (float& v : x) v *= 1e-3f;
+                if (g > 40) x[37] *= 50.0f;  // an outlier: its block's scale is coarse
+                std::vector<XQ8> xq(x8_blocks(bt, g_pad));
+                const float xsum = prepare_x8(bt, x.data(), g, xq.data());
+                std::vector<float> xc(x_floats(bt, g_pad) + 8);
+                prepare_x(bt, x.data(), g, xc.data());
+                // the quantized activations: |x - d q| <= d / 2, |q| <= 127
+                bool qok = true;
+                for (int c = 0; c < g; ++c) {
+                    int j;
+                    const XQ8& b = xq[block_of(bt, g_pad, c, &j)];
+                    qok = qok && std::abs((int)b.q[j]) <= 127 && std::fabs(x[c] - b.d * b.q[j]) <= 0.5001f * b.d + 1e-30f;
+                }
+                char detail[160];
+                std::snprintf(detail, sizeof detail, "type=%s g=%d mode=%d", bt.name, g, (int)mode);
+                check(qok, "q8: activation quantization error <= d/2", detail);
+                std::vector<float> w(dequant_floats(g_pad) + 64);
+                double rowtol[R];
+                for (int r = 0; r < R; ++r) {
+                    const uint8_t* rb = &rows[r * rbn];
+                    bt.dequant[K_SCALAR](rb, g_pad, w.data());
+                    // off = the code's offset in w (w = d q + m, ternary w = a (t - 1)): |code term| = |w - off|
+                    const double off = bt.id == 5 ? -(double)load_h(rb) : (double)load_h(rb + 2);
+                    double bound = 0.0, mag = 0.0;
+                    for (int c = 0; c < g; ++c) {
+                        int j;
+                        const XQ8& b = xq[block_of(bt, g_pad, c, &j)];
+                        const double qt = std::fabs((double)w[c] - off);
+                        bound += qt * 0.5 * b.d;
+                        mag += qt * (std::fabs(x[c]) + 0.5 * b.d) + std::fabs(off * x[c]);
+                    }
+                    const double tol = 1e-5 * mag + 1e-30;
+                    rowtol[r] = tol;
+                    const double ref = bt.dot[K_SCALAR](rb, xc.data(), xsum, g_pad);  // float activations
+                    const double s8 = bt.dot8[K_SCALAR](rb, xq.data(), xsum, g_pad);
+                    char d2[224];
+                    std::snprintf(d2, sizeof d2, "%s row=%d s8=%g f32=%g bound=%g", detail, r, s8, ref, bound);
+                    check(std::fabs(s8 - ref) <= bound * 1.0001 + 2 * tol, "q8: scalar int8 dot within the quantization bound of the float dot", d2);
+                    for (const Q8Set& s : sets) {
+                        if (s.k == K_SCALAR) continue;
+                        use_set(s);
+                        const double v = bt.dot8[s.k](rb, xq.data(), xsum, g_pad);
+                        char d3[256];
+                        std::snprintf(d3, sizeof d3, "%s set=%s simd=%g scalar=%g tol=%g", detail, s.name, v, s8, tol);
+                        check(std::fabs(v - s8) <= tol, "q8: simd int8 dot == scalar int8 dot (exact integer sums)", d3);
+                    }
+                }
+                for (const Q8Set& s : sets) {
+                    use_set(s);
+                    float out[R];
+                    bt.dot8_rows[s.k](rows.data(), rbn, R, xq.data(), xsum, g_pad, out);
+                    bool ok = true;
+                    for (int r = 0; r < R; ++r) {
+                        const float one = bt.dot8[s.k](&rows[r * rbn], xq.data(), xsum, g_pad);
+                        const float ref = bt.dot8[K_SCALAR](&rows[r * rbn], xq.data(), xsum, g_pad);
+                        ok = ok && std::fabs((double)out[r] - one) <= rowtol[r] && std::fabs((double)out[r] - ref) <= rowtol[r];
+                    }
+                    char d3[200];
+                    std::snprintf(d3, sizeof d3, "%s set=%s", detail, s.name);
+                    check(ok, "q8: dot8_rows == dot8", d3);
+                }
+                for (const Q8Set& s : sets) use_set(s);  // leave the default (last = best) selected
+            }
+    }
+}
+
 static void vec_tests() {
     if (!SIMD) return;
     const VecOps& s = vec_ops(K_SCALAR);
@@ -151,6 +267,16 @@ static void vec_tests() {
         for (int i = 0; i < n; ++i) mag += std::fabs(x[i] * y[i]);
         check(std::fabs(s.dot_f32(x.data(), y.data(), n) - a.dot_f32(x.data(), y.data(), n)) <= 1e-5 * mag + 1e-30, "dot_f32");
         check(std::fabs(s.dot_f16(h.data(), x.data(), n) - a.dot_f16(h.data(), x.data(), n)) <= 1e-5 * 2 * n + 1e-30, "dot_f16");
+        {  // dot_f16_rows: 6 rows (the 4-row path and a tail) against the scalar dot_f16 of each row
+            std::vector<uint8_t> hr(6 * (2 * n + 6));
+            for (size_t i = 0; i < hr.size(); i += 2) { const uint16_t v = fp32_to_fp16(urand(-2, 2)); std::memcpy(&hr[i], &v, 2); }
+            float o[6];
+            a.dot_f16_rows(hr.data(), 2 * n + 6, 6, x.data(), n, o);
+            bool ok = true;
+            for (int r = 0; r < 6; ++r)
+                ok = ok && std::fabs(o[r] - s.dot_f16(&hr[r * (2 * n + 6)], x.data(), n)) <= 1e-5 * 2 * n + 1e-30;
+            check(ok, "dot_f16_rows");
+        }
         std::vector<float> fs(n), fa(n);
         s.f16_to_f32(h.data(), fs.data(), n);
         a.f16_to_f32(h.data(), fa.data(), n);
@@ -248,6 +374,69 @@ static void linear_tests() {
             check(ok_mv, "matvec mixed linear", d);
         }
     }
+    // ACT_Q8: matvec against a double reference that uses the same int8 activations for the code
+    // terms (affine (w - m) x^, ternary (w + a) x^, x^ = d_b q) and the float ones for the rest
+    // (m sum x, a sum x, fp16 chunks, protected columns).
+    const int ld = round8(K) + 64;
+    for (const Q8Set& qs : q8_sets()) {
+        use_set(qs);
+        for (int threads : {1, 2, 3}) {
+            ThreadPool pool(threads);
+            MatScratch ms;
+            ms.reserve(threads, K, 64, L.x_floats, n_chunks);
+            std::vector<float> y(N);
+            bool ok = true, eq = true;
+            for (int t = 0; t < n_tok; ++t) {
+                const float* x = &X[(size_t)t * K];
+                matvec(L, x, y.data(), pool, ms, qs.k, ACT_Q8);
+                std::vector<float> y2(N);
+                matmul(L, x, 1, y2.data(), pool, ms, qs.k, ACT_Q8);
+                eq = eq && std::memcmp(y.data(), y2.data(), sizeof(float) * N) == 0;
+                {  // the grouped pass (q/k/v in decode) == separate products, bit for bit
+                    std::vector<float> g0(N), g1(N), g2(N);
+                    const Linear* Ws[3] = {&L, &L, &L};
+                    float* Ys[3] = {g0.data(), g1.data(), g2.data()};
+                    matvec_group(3, Ws, x, Ys, pool, ms, qs.k, ACT_Q8);
+                    eq = eq && std::memcmp(y.data(), g0.data(), sizeof(float) * N) == 0 &&
+                         std::memcmp(y.data(), g2.data(), sizeof(float) * N) == 0;
+                    matvec(L, x, g1.data(), pool, ms, qs.k, ACT_F32);
+                    matvec_group(2, Ws, x, Ys, pool, ms, qs.k, ACT_F32);
+                    eq = eq && std::memcmp(g1.data(), g0.data(), sizeof(float) * N) == 0;
+                }
+                for (int r = 0; r < N; ++r) {
+                    double ref = 0, mag = 0;
+                    for (const Chunk& ch : L.chunks) {
+                        const uint8_t* rb = L.row(r) + ch.off;
+                        std::vector<double> wres(ch.g, 0.0);  // protected residuals
+                        for (int p = 0; p < ch.n_prot; ++p) wres[L.prot_local[ch.prot0 + p]] = load_h(rb + ch.res_off + 2 * p);
+                        const double* wr = wres.data();
+                        const float* wd = &Wd[(size_t)r * ld + ch.col0];
+                        if (ch.bt->id == 0) {
+                            for (int c = 0; c < ch.g; ++c) { ref += (double)wd[c] * x[ch.col0 + c]; mag += std::fabs(wd[c] * x[ch.col0 + c]); }
+                            continue;
+                        }
+                        std::vector<XQ8> xq(x8_blocks(*ch.bt, ch.g_pad));
+                        prepare_x8(*ch.bt, x + ch.col0, ch.g, xq.data());
+                        const double off = ch.bt->id == 5 ? -(double)load_h(rb) : (double)load_h(rb + 2);
+                        for (int c = 0; c < ch.g; ++c) {
+                            int j;
+                            const XQ8& b = xq[block_of(*ch.bt, ch.g_pad, c, &j)];
+                            const double xh = (double)b.d * b.q[j], xv = x[ch.col0 + c];
+                            const double code = (double)wd[c] - wr[c] - off;  // Wd includes the residual
+                            ref += code * xh + off * xv + wr[c] * xv;
+                            mag += std::fabs(code * xh) + std::fabs(off * xv) + std::fabs(wr[c] * xv);
+                        }
+                    }
+                    ok = ok && std::fabs(y[r] - ref) <= 1e-4 * mag + 1e-6;
+                }
+            }
+            char d[80];
+            std::snprintf(d, sizeof d, "set=%s threads=%d", qs.name, threads);
+            check(ok, "matvec mixed linear, ACT_Q8", d);
+            check(eq, "matmul(n = 1, ACT_Q8) == matvec(ACT_Q8) == matvec_group", d);
+        }
+    }
+    for (const Q8Set& qs : q8_sets()) use_set(qs);
 }
 
 static void fp16_tests() {
@@ -266,6 +455,9 @@ int main() {
     std::printf("simd kernels under test: %s\n", SIMD ? SIMD_NAME : "none");
     fp16_tests();
     chunk_tests();
+    q8_chunk_tests();
+    std::printf("int8-activation kernel sets under test: %d (scalar%s)\n", n_q8_sets_seen,
+                SIMD == K_AVX2 ? ", avx2" : SIMD == K_NEON ? (cpu_has_dotprod() ? ", neon, neon+dotprod" : ", neon") : "");
     vec_tests();
     linear_tests();
     std::printf("%d passed, %d failed\n", n_pass, n_fail);

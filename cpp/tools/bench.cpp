@@ -13,7 +13,8 @@ static const char* USAGE =
     "  -n, --decode N      tokens decoded one at a time after the prompt (default 64)\n"
     "  -r, --reps N        repetitions; the median is reported (default 3)\n"
     "  -t, --threads N     threads (default: all available)\n"
-    "  --kernels K         auto | scalar | avx2\n"
+    "  --kernels K         auto | scalar | avx2 | neon\n"
+    "  --act A             activations of decode steps: f32 | q8 (default: the library's, WQEDGE_ACT)\n"
     "  --json              one JSON line instead of text\n";
 
 static double median(std::vector<double> v) {
@@ -30,10 +31,17 @@ int main(int argc, char** argv) {
     const int reps = std::max(1, (int)a.num("-r", "--reps", 3));
     const int threads = (int)a.num("-t", "--threads", 0);
     const std::string kernels = a.str("--kernels", "", "auto");
+    const std::string act = a.str("--act", "", "");
     const bool json = a.flag("--json");
     a.done(USAGE);
     if (model_path.empty() || n_prefill < 1 || n_decode < 0) { std::fprintf(stderr, "%s", USAGE); return 2; }
-    if (kernels != "auto") tools::ok(wqe_set_kernels(kernels == "scalar" ? WQE_KERNELS_SCALAR : WQE_KERNELS_AVX2), "kernels");
+    if (kernels != "auto")
+        tools::ok(wqe_set_kernels(kernels == "scalar" ? WQE_KERNELS_SCALAR : kernels == "neon" ? WQE_KERNELS_NEON : WQE_KERNELS_AVX2),
+                  "kernels");
+    if (!act.empty()) {
+        if (act != "f32" && act != "q8") { std::fprintf(stderr, "%s", USAGE); return 2; }
+        tools::ok(wqe_set_activations(act == "q8" ? WQE_ACT_Q8 : WQE_ACT_F32), "activations");
+    }
 
     wqe_model* model = nullptr;
     const double t_load0 = tools::now_s();
@@ -53,7 +61,7 @@ int main(int argc, char** argv) {
     std::vector<float> logits(info.n_vocab);
     // Warm-up (page in the weights).
     tools::ok(wqe_eval(ctx, prompt.data(), std::min(n_prefill, 8), logits.data(), 0), "eval");
-    std::vector<double> pre, dec;
+    std::vector<double> pre, dec, dec_cpu;  // dec_cpu: process CPU ms per decoded token (robust to a busy machine at -t 1)
     for (int r = 0; r < reps; ++r) {
         tools::ok(wqe_set_position(ctx, 0), "reset");
         double t0 = tools::now_s();
@@ -61,27 +69,31 @@ int main(int argc, char** argv) {
         pre.push_back(n_prefill / (tools::now_s() - t0));
         if (n_decode > 0) {
             t0 = tools::now_s();
+            const double c0 = tools::cpu_s();
             for (int i = 0; i < n_decode; ++i) {
                 int32_t tok = (int32_t)(rng() % info.n_vocab);
                 tools::ok(wqe_eval(ctx, &tok, 1, logits.data(), 0), "eval token");
             }
             dec.push_back(n_decode / (tools::now_s() - t0));
+            dec_cpu.push_back(1e3 * (tools::cpu_s() - c0) / n_decode);
         }
     }
     const double p = median(pre), d = dec.empty() ? 0.0 : median(dec);
+    const double dc = dec_cpu.empty() ? 0.0 : *std::min_element(dec_cpu.begin(), dec_cpu.end());
     const int n_threads = wqe_get_threads(ctx);
     if (json) {
         std::printf("{\"model\": \"%s\", \"prefill_tokens\": %d, \"decode_tokens\": %d, \"threads\": %d, "
-                    "\"prefill_tok_s\": %.3f, \"decode_tok_s\": %.3f, \"load_s\": %.3f, \"peak_rss_mib\": %.1f, "
+                    "\"prefill_tok_s\": %.3f, \"decode_tok_s\": %.3f, \"decode_cpu_ms_per_token\": %.4f, \"load_s\": %.3f, \"peak_rss_mib\": %.1f, "
                     "\"file_mib\": %.2f, \"effective_bits\": %.4f, \"system\": \"%s\"}\n",
-                    model_path.c_str(), n_prefill, n_decode, n_threads, p, d, t_load, tools::peak_rss_kib() / 1024.0,
+                    model_path.c_str(), n_prefill, n_decode, n_threads, p, d, dc, t_load, tools::peak_rss_kib() / 1024.0,
                     info.file_bytes / 1048576.0, info.effective_bits, wqe_system_info());
     } else {
         std::printf("model      %s (%.2f MiB, %.3f bits/weight in the linears)\n", model_path.c_str(),
                     info.file_bytes / 1048576.0, info.effective_bits);
         std::printf("system     %s, %d threads\n", wqe_system_info(), n_threads);
         std::printf("prefill    %d tokens: %.1f tok/s (median of %d)\n", n_prefill, p, reps);
-        if (n_decode) std::printf("decode     %d tokens: %.1f tok/s (median of %d)\n", n_decode, d, reps);
+        if (n_decode)
+            std::printf("decode     %d tokens: %.1f tok/s (median of %d); CPU %.3f ms/token (best)\n", n_decode, d, reps, dc);
         std::printf("peak RSS   %.1f MiB\n", tools::peak_rss_kib() / 1024.0);
     }
     wqe_context_free(ctx);

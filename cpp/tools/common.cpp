@@ -110,6 +110,12 @@ std::string piece(const wqe_model* m, int32_t tok) {
     return std::string(buf, len);
 }
 
+double cpu_s() {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + 1e-6 * (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+}
+
 long peak_rss_kib() {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);

@@ -22,6 +22,7 @@ struct Args {
 [[noreturn]] void die(const std::string& msg);
 void ok(int status, const char* what);  // die with wqe_last_error() unless status == WQE_OK
 double now_s();
+double cpu_s();  // CPU time of the whole process (user + system), for timings on busy machines
 std::string read_file(const std::string& path);
 std::vector<int32_t> tokenize(const wqe_model* m, const std::string& text, int add_bos);
 std::string piece(const wqe_model* m, int32_t tok);
