@@ -24,6 +24,11 @@ columns are sliced (one contiguous range) or gathered, and
 and the partial products are summed. w = d q + m is thus computed as d (x . q) + m (sum of x), exactly
 the file's affine form, whatever d is (float zero points -m/d would fail at d = 0, and ONNX Runtime's
 CPU MatMulNBits refuses float zero points at 8 bits).
+
+Native variant (onnxruntime + libwqedge_ort, our custom-op library): every quantized linear is one
+wqedge.ChunkLinear node whose weight is the GGUF tensor's row-block bytes as a uint8 initializer, run by
+the C++ runtime's kernels (cpp/src/ort_ops.cpp has the op's schema); the rest of the graph is the
+portable one. Open it with wqedge.runtime.onnx_session.make_session.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ WIDENED_BITS = {"q3": 4, "ternary": 2, "q1": 2}    # lowering="widen": their cod
 LOWERINGS = ("compact", "widen", "int4")
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000            # bytes of initializers; protobuf's hard limit is 2 GiB
 VARIANTS = ("portable", "native")
+NATIVE_DOMAIN = "wqedge"                            # libwqedge_ort's custom-op domain (ChunkLinear, version 1)
 
 
 def _onnx():
@@ -174,6 +180,10 @@ def _tensor_dtype(f: WqGGUF, name: str):
 
 
 class _Exporter:
+    """The portable decoder graph; subclasses change how a quantized linear is lowered (linear())."""
+    variant = "portable"
+    domains = {MS_DOMAIN: 1}
+
     def __init__(self, f: WqGGUF, lowering: str = "compact", accuracy_level: int = 0):
         from onnx import TensorProto
         self.lowering, self.accuracy_level = lowering, int(accuracy_level)
@@ -467,14 +477,38 @@ class _Exporter:
         g.op_to("MatMul", [hn, wout], "logits")
         tick("output")
         graph = helper.make_graph(g.nodes, f"wqedge_{sp.name}", inputs, outputs, g.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-                                  producer_name="wqedge", producer_version="1")
+        opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, v) for d, v in self.domains.items()]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="wqedge", producer_version="1")
         model.ir_version = 10
-        helper.set_model_props(model, {"wqedge.variant": "portable", "wqedge.lowering": self.lowering,
-                                       "wqedge.accuracy_level": str(self.accuracy_level),
-                                       "wqedge.group_size": str(self.G),
-                                       "wqedge.effective_bits": f"{self.f.effective_bits:.6f}"})
+        props = {"wqedge.variant": self.variant, "wqedge.group_size": str(self.G),
+                 "wqedge.effective_bits": f"{self.f.effective_bits:.6f}"}
+        if self.variant == "portable":
+            props.update({"wqedge.lowering": self.lowering, "wqedge.accuracy_level": str(self.accuracy_level)})
+        helper.set_model_props(model, props)
         return model
+
+
+class _NativeExporter(_Exporter):
+    """The native variant: one wqedge.ChunkLinear node per quantized linear (schema in cpp/src/ort_ops.cpp)."""
+    variant = "native"
+    domains = {NATIVE_DOMAIN: 1}
+
+    def linear(self, x, name) -> str:
+        lay = self.f.layout(name)
+        rows = np.asarray(self.f.tensors[name].data).view(np.uint8).reshape(lay.out_features, lay.row_bytes)
+        prot = self.f.protected_indices(name)
+        self._count("rows", rows.nbytes)
+        attrs = dict(N=lay.out_features, K=lay.in_features, group_size=self.G,
+                     chunk_actions=[block_type(a).code for a in lay.actions])
+        if len(prot):
+            attrs.update(chunk_protected=lay.protected_counts, protected_columns=[int(c) for c in prot])
+        w = self.g.init(name.replace(".weight", "").replace(".", "_") + "_rows", rows)
+        y = self.g.op("ChunkLinear", [x, w], domain=NATIVE_DOMAIN, **attrs)
+        node = self.g.nodes[-1]
+        node.name = name  # libwqedge_ort's errors name the node: the GGUF tensor
+        if len(prot):
+            self._count("protected_columns", sum(a.ByteSize() for a in node.attribute if a.name == "protected_columns"))
+        return y
 
 
 def _check_options(lowering, accuracy_level):
@@ -484,10 +518,11 @@ def _check_options(lowering, accuracy_level):
         raise ValueError(f"accuracy_level must be 0..4 (MatMulNBits), got {accuracy_level!r}")
 
 
-def build_model(gguf_path, progress=None, lowering: str = "compact", accuracy_level: int = 0):
-    """The portable onnx.ModelProto for a wqedge GGUF (in memory), and bytes per weight kind."""
+def build_model(gguf_path, progress=None, lowering: str = "compact", accuracy_level: int = 0,
+                variant: str = "portable"):
+    """The onnx.ModelProto of a variant for a wqedge GGUF (in memory), and bytes per weight kind."""
     _check_options(lowering, accuracy_level)
-    ex = _Exporter(WqGGUF(gguf_path), lowering, accuracy_level)
+    ex = (_NativeExporter if variant == "native" else _Exporter)(WqGGUF(gguf_path), lowering, accuracy_level)
     model = ex.build(progress)
     return model, ex.stats
 
@@ -515,28 +550,27 @@ def export_onnx(gguf_path, out_path, variant: str = "portable",
     """Write the ONNX model of a wqedge GGUF to out_path; returns a summary dict.
 
     variant "portable": stock onnxruntime (com.microsoft.MatMulNBits + standard operators).
-    variant "native": not available (see docs/onnx.md) — raises NotImplementedError.
+    variant "native": one wqedge.ChunkLinear per quantized linear, holding the GGUF's row-block bytes; needs
+      libwqedge_ort registered in onnxruntime (wqedge.runtime.onnx_session.make_session does it).
     progress(step, total, what) is called after each linear is lowered.
-    lowering (docs/onnx.md has the measured costs):
+    lowering (portable only; docs/onnx.md has the measured costs):
       "compact" (default): q8/q4/q2 as MatMulNBits of their own width; q3/ternary/q1 packed at their own width
           and unpacked by standard operators (onnxruntime folds them into fp32 weights at session creation);
       "widen": q3 in 4-bit, ternary and q1 in 2-bit MatMulNBits (packed in memory; larger file);
       "int4": every quantized chunk in one 4-bit MatMulNBits per linear (q8 as two nibble planes, the rest
           widened) — the only MatMulNBits path onnxruntime's CPU runs fast in fp32 (accuracy_level 0).
-    accuracy_level: MatMulNBits' attribute; 0 = fp32 (exact), 4 = int8 activations (fast 2- and 8-bit kernels,
+    accuracy_level (portable only): MatMulNBits' attribute; 0 = fp32 (exact), 4 = int8 activations (fast 2- and 8-bit kernels,
       logits no longer within the parity tolerance of the reference in general).
     Weights go to an external data file `<out>.data` when they exceed ~1.8 GB (protobuf's 2 GiB limit).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown ONNX variant {variant!r}; known: {', '.join(VARIANTS)}")
-    if variant == "native":
-        raise NotImplementedError(
-            "the native ONNX variant (custom-op domain 'wqedge' in libwqedge) is not built: it needs the ONNX Runtime "
-            "C API headers (onnxruntime_c_api.h), which the onnxruntime wheel does not ship; use variant='portable'")
+    _check_options(lowering, accuracy_level)
+    if variant == "native" and (lowering, accuracy_level) != ("compact", 0):
+        raise ValueError("lowering and accuracy_level apply to the portable variant; the native one has no options")
     onnx = _onnx()
     out_path = Path(out_path)
-    _check_options(lowering, accuracy_level)
-    model, stats = build_model(gguf_path, progress, lowering, accuracy_level)
+    model, stats = build_model(gguf_path, progress, lowering, accuracy_level, variant)
     init_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     external = init_bytes > EXTERNAL_DATA_THRESHOLD
     data_name = out_path.name + ".data"
@@ -553,7 +587,8 @@ def export_onnx(gguf_path, out_path, variant: str = "portable",
     spec = WqGGUF(gguf_path).spec
     (out_path.parent / "genai_config.json").write_text(json.dumps(genai_config(spec, out_path.name), indent=2))
     size = out_path.stat().st_size + ((out_path.parent / data_name).stat().st_size if external else 0)
-    return {"path": str(out_path), "variant": variant, "lowering": lowering,
-            "accuracy_level": accuracy_level, "external_data": external, "bytes": size,
+    portable = variant == "portable"
+    return {"path": str(out_path), "variant": variant, "lowering": lowering if portable else None,
+            "accuracy_level": accuracy_level if portable else None, "external_data": external, "bytes": size,
             "initializer_bytes": init_bytes, "linear_bytes_by_kind": stats,
             "gguf_bytes": os.path.getsize(gguf_path)}

@@ -1,5 +1,5 @@
-"""ONNX export (issue 6): the portable variant run by stock onnxruntime against the PyTorch reference
-and the C++ runtime.
+"""ONNX export (issue 6): the portable variant run by stock onnxruntime, and the native variant run with
+our custom-op library libwqedge_ort, against the PyTorch reference and the C++ runtime.
 
 Criteria: max |logits_onnx - logits_ref| / std(logits_ref) < 1e-2 and top-1 agreement >= 99.9%
 - on the trained fixture model over 1,024 tokens of eval.txt (2 windows of 512) for a mixed plan using
@@ -7,6 +7,9 @@ Criteria: max |logits_onnx - logits_ref| / std(logits_ref) < 1e-2 and top-1 agre
   gives the C++ runtime's tokens;
 - on random tiny models (GQA with tied embeddings and ragged chunks; G = 64 with llama3 RoPE and F32
   embeddings); KV-cache decoding == prefill; left padding through attention_mask; external data.
+Native variant: the same parity criteria (fixture and tiny models), greedy tokens == the runtime's, one
+ChunkLinear node per linear holding exactly the GGUF tensor's bytes, a single node == x W^T for any leading
+dims, and clear errors for a missing library and for malformed nodes.
 """
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ torch = pytest.importorskip("torch")
 
 from wqedge.converters import onnx_export
 from wqedge.converters.onnx_export import export_onnx
+from wqedge.runtime import onnx_session
 from wqedge.runtime.gguf_reader import WqGGUF
+from wqedge.runtime.onnx_session import make_session
 
 TOL_REL = 1e-2
 TOP1 = 0.999
@@ -35,9 +40,7 @@ class OrtDecoder:
     """Runs an exported model with onnxruntime, GenAI-style: prefill, then one token at a time."""
 
     def __init__(self, path, threads=2):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.sess = make_session(path, threads)  # registers libwqedge_ort for a native model
         self.past_names = [i.name for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
         shape = next(i.shape for i in self.sess.get_inputs() if i.name.startswith("past_key_values."))
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
@@ -141,7 +144,11 @@ def test_tiny_graph_is_stock_and_checked(tiny):
 
 def test_tiny_kv_cache_decode_matches_prefill(tiny):
     name, _, onnx_path, tokens, lr = tiny
-    dec = OrtDecoder(onnx_path)
+    _check_kv_cache_decode(OrtDecoder(onnx_path), tokens)
+
+
+def _check_kv_cache_decode(dec, tokens):
+    """Prefill 60 tokens, 10 single-token steps, then a multi-token step == one prefill of everything."""
     full = dec.logits(tokens)
     logits, past = dec.step(tokens[:, :60], dec.empty_past(2))
     steps = [logits[:, -1]]
@@ -227,20 +234,26 @@ def test_external_data_when_large(tiny, tmp_path, monkeypatch):
     assert rel < 1e-4
 
 
-def test_exporter_does_not_import_torch(tiny, tmp_path):
+def test_exporter_does_not_import_torch(tiny, tmp_path, ort_lib):
+    """Exporting (both variants) and opening a native model with make_session need neither torch nor transformers."""
+    import os
     import subprocess
     _, gguf_path, _, _, _ = tiny
     code = ("import sys; from wqedge.converters.onnx_export import export_onnx; "
+            "from wqedge.runtime.onnx_session import make_session; "
             f"export_onnx({str(gguf_path)!r}, {str(tmp_path / 'x.onnx')!r}); "
+            f"export_onnx({str(gguf_path)!r}, {str(tmp_path / 'n.onnx')!r}, variant='native'); "
+            f"make_session({str(tmp_path / 'n.onnx')!r}); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")  # the installed package, not the checkout
-    assert (tmp_path / "x.onnx").is_file()
+    env = dict(os.environ, WQEDGE_ORT_LIB=str(ort_lib))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/", env=env)  # the installed package
+    assert (tmp_path / "x.onnx").is_file() and (tmp_path / "n.onnx").is_file()
 
 
 def test_variants_and_errors(tiny, tmp_path):
     _, gguf_path, _, _, _ = tiny
-    with pytest.raises(NotImplementedError, match="C API headers"):
-        export_onnx(gguf_path, tmp_path / "n.onnx", variant="native")
+    with pytest.raises(ValueError, match="portable variant"):
+        export_onnx(gguf_path, tmp_path / "n.onnx", variant="native", lowering="int4")
     with pytest.raises(ValueError, match="unknown ONNX variant"):
         export_onnx(gguf_path, tmp_path / "n.onnx", variant="fast")
     assert list(tmp_path.iterdir()) == []
@@ -303,4 +316,198 @@ def test_fixture_greedy_generation_matches_runtime(fixture_mixed, fixture_window
         ours = ctx.generate(prompt, n_new, stop_at_eos=False)
     got = OrtDecoder(info["path"]).greedy(prompt, n_new)
     print("greedy:", got)
+    assert got == list(ours)
+
+
+# ---------------------------------------------------------------- native variant (libwqedge_ort)
+def _ensure_ort_library() -> Path:
+    """libwqedge_ort from an existing build or install; otherwise build its CMake target in cpp/build."""
+    import os
+    import shutil
+    import subprocess
+
+    from cpp_support import BUILD, ROOT
+    try:
+        return onnx_session.custom_ops_library()
+    except onnx_session.CustomOpsLibraryNotFound:
+        pass
+    if not shutil.which("cmake"):
+        pytest.skip("libwqedge_ort not built and cmake not available")
+    subprocess.run(["cmake", "-S", str(ROOT / "cpp"), "-B", str(BUILD), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DWQEDGE_BUILD_ORT_OPS=ON"], check=True, stdout=subprocess.DEVNULL, cwd="/")
+    subprocess.run(["cmake", "--build", str(BUILD), "-j", str(os.cpu_count() or 2), "--target", "wqedge_ort"],
+                   check=True, stdout=subprocess.DEVNULL, cwd="/")
+    return onnx_session.custom_ops_library()
+
+
+@pytest.fixture(scope="module")
+def ort_lib():
+    return _ensure_ort_library()
+
+
+@pytest.fixture(scope="module")
+def tiny_native(tiny, ort_lib):
+    name, gguf_path, onnx_path, tokens, lr = tiny
+    info = export_onnx(gguf_path, onnx_path.with_name(f"{name}_native.onnx"), variant="native")
+    return name, gguf_path, info, tokens, lr
+
+
+def _linear_rows(m, node):
+    return onnx.numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == node.input[1]))
+
+
+def test_tiny_native_graph_is_compact_and_checked(tiny_native):
+    """One ChunkLinear per linear, whose weight is byte for byte the GGUF tensor; nothing else quantized."""
+    name, gguf_path, info, _, _ = tiny_native
+    onnx.checker.check_model(info["path"], full_check=True)
+    m, ops = _ops(info["path"])
+    assert {d for d, _ in ops} == {"", "wqedge"} and ("", "BitShift") not in ops
+    assert {o.domain: o.version for o in m.opset_import}["wqedge"] == 1
+    f = WqGGUF(gguf_path)
+    nodes = {n.name: n for n in m.graph.node if n.op_type == "ChunkLinear"}
+    assert sorted(nodes) == sorted(f.linear_names())
+    for lin, node in nodes.items():
+        np.testing.assert_array_equal(_linear_rows(m, node).ravel(), np.asarray(f.tensors[lin].data).view(np.uint8).ravel())
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert list(attrs.get("protected_columns", [])) == f.protected_indices(lin).tolist()
+    linear_bytes = sum(int(f.tensors[n].n_bytes) for n in f.linear_names())
+    assert info["linear_bytes_by_kind"]["rows"] == linear_bytes
+    assert info["bytes"] < 1.03 * info["gguf_bytes"]  # the rest: the same dense tensors and a small graph
+    assert onnx_session.model_domains(info["path"]) == {"", "wqedge"}
+
+
+def test_tiny_native_parity_with_reference(tiny_native):
+    name, _, info, tokens, lr = tiny_native
+    rel, top1 = _compare(OrtDecoder(info["path"]).logits(tokens), lr)
+    print(f"{name} native: max|d|/std = {rel:.2e}, top-1 = {top1:.5f}")
+    assert rel < 1e-4 and top1 == 1.0
+
+
+def test_tiny_native_kv_cache_decode_matches_prefill(tiny_native):
+    _, _, info, tokens, _ = tiny_native
+    _check_kv_cache_decode(OrtDecoder(info["path"]), tokens)
+
+
+def _single_node_model(node, rows, **override) -> bytes:
+    """A model of one ChunkLinear (attributes of `node`, changed by `override`) with weight `rows`."""
+    from onnx import TensorProto, helper, numpy_helper
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs.update(override)
+    attrs = {k: v for k, v in attrs.items() if v is not None}
+    n = helper.make_node("ChunkLinear", ["x", "w"], ["y"], domain="wqedge", name=node.name, **attrs)
+    g = helper.make_graph([n], "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.ascontiguousarray(rows), "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("wqedge", 1)])
+    m.ir_version = 10
+    return m.SerializeToString()
+
+
+def _native_session(model_bytes, ort_lib, threads=2):
+    so = ort.SessionOptions()
+    so.add_session_config_entry(onnx_session.THREADS_KEY, str(threads))
+    so.register_custom_ops_library(str(ort_lib))
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def test_native_node_is_x_times_dequantized_weights(tiny_native, ort_lib):
+    """Y = X W^T with W as the format defines it (WqGGUF.dequantize_linear), for any leading dims:
+    one row (the runtime's matvec), many rows (its matmul), 1-D and 3-D X, and zero rows."""
+    _, gguf_path, info, _, _ = tiny_native
+    f = WqGGUF(gguf_path)
+    m = onnx.load(info["path"])
+    rng = np.random.default_rng(0)
+    for node in m.graph.node:
+        if node.op_type != "ChunkLinear" or not node.name.startswith("blk.0."):
+            continue
+        w = f.dequantize_linear(node.name)
+        sess = _native_session(_single_node_model(node, _linear_rows(m, node)), ort_lib)
+        for shape in [(w.shape[1],), (1, w.shape[1]), (2, 3, w.shape[1]), (37, w.shape[1]), (0, w.shape[1])]:
+            x = rng.normal(0, 1, shape).astype(np.float32)
+            y = sess.run(None, {"x": x})[0]
+            ref = x.astype(np.float64) @ w.T.astype(np.float64)
+            assert y.shape == shape[:-1] + (w.shape[0],)
+            if x.size:
+                np.testing.assert_allclose(y, ref, atol=1e-5 * float(np.abs(ref).max()), rtol=0)
+
+
+def test_native_malformed_nodes_are_errors(tiny_native, ort_lib):
+    """Bad attributes, weights or inputs give onnxruntime errors with our message (the process survives)."""
+    _, _, info, _, _ = tiny_native
+    m = onnx.load(info["path"])
+    node = next(n for n in m.graph.node if n.op_type == "ChunkLinear" and n.name.endswith("ffn_up.weight"))
+    rows = _linear_rows(m, node)
+    n_chunks = len(next(a.ints for a in node.attribute if a.name == "chunk_actions"))
+    cases = [
+        (dict(chunk_actions=[99] * n_chunks), "unknown block type 99"),
+        (dict(chunk_actions=[1]), "chunk actions"),
+        (dict(N=0), "attribute 'N' = 0 is out of range"),
+        (dict(K=None), "attribute 'K'"),
+        (dict(chunk_protected=[1] + [0] * (n_chunks - 1), protected_columns=[100000]), "is not inside chunk 0"),
+        (dict(protected_columns=[1, 2, 3]), "protected column indices"),
+    ]
+    for override, message in cases:
+        with pytest.raises(Exception, match=message):
+            _native_session(_single_node_model(node, rows, **override), ort_lib)
+    with pytest.raises(Exception, match=r"input W has shape \[3, 4\]"):
+        _native_session(_single_node_model(node, np.zeros((3, 4), np.uint8)), ort_lib)
+    with pytest.raises(Exception, match="expected a thread count"):
+        _native_session(_single_node_model(node, rows), ort_lib, threads="many")
+    sess = _native_session(_single_node_model(node, rows), ort_lib)
+    with pytest.raises(Exception, match="last dimension is 5"):
+        sess.run(None, {"x": np.zeros((2, 5), np.float32)})
+    K = next(a.i for a in node.attribute if a.name == "K")
+    assert sess.run(None, {"x": np.zeros((1, K), np.float32)})[0].shape == (1, rows.shape[0])  # still usable
+
+
+def test_native_external_data(tiny_native, tmp_path, monkeypatch):
+    """Weights in <model>.onnx.data: ChunkLinear reads them from onnxruntime's buffer just the same."""
+    _, gguf_path, _, tokens, lr = tiny_native
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    info = export_onnx(gguf_path, tmp_path / "ext.onnx", variant="native")
+    assert info["external_data"] and (tmp_path / "ext.onnx.data").is_file()
+    assert onnx_session.model_domains(info["path"]) == {"", "wqedge"}
+    rel, top1 = _compare(OrtDecoder(info["path"]).logits(tokens[:1]), lr[:1])
+    assert rel < 1e-4 and top1 == 1.0
+
+
+def test_native_without_library_says_how_to_get_it(tiny_native, monkeypatch, tmp_path):
+    _, _, info, _, _ = tiny_native
+    with pytest.raises(Exception, match="wqedge"):  # onnxruntime alone does not know the domain
+        ort.InferenceSession(info["path"], providers=["CPUExecutionProvider"])
+    monkeypatch.setattr(onnx_session, "candidate_paths", lambda: [tmp_path / "absent" / onnx_session.ORT_LIBNAME])
+    with pytest.raises(onnx_session.CustomOpsLibraryNotFound, match="WQEDGE_ORT_LIB") as e:
+        make_session(info["path"])
+    assert "portable variant" in str(e.value) and "cmake" in str(e.value)
+    portable = Path(info["path"]).with_name(info["path"].rsplit("/", 1)[1].replace("_native", ""))
+    make_session(portable)  # a portable model does not need the library
+
+
+@pytest.fixture(scope="module")
+def fixture_native(fixture_mixed, ort_lib):
+    path, info = fixture_mixed
+    return path, export_onnx(path, Path(info["path"]).with_name("mixed_native.onnx"), variant="native")
+
+
+def test_fixture_native_parity(fixture_native, fixture_windows):
+    """The mixed plan (every action, protected columns) through libwqedge_ort: same criteria as portable."""
+    path, info = fixture_native
+    lr = _reference_logits(path, fixture_windows)
+    rel, top1 = _compare(OrtDecoder(info["path"]).logits(fixture_windows), lr)
+    print(f"llama-s mixed, native: max|d|/std = {rel:.2e}, top-1 = {top1:.5f}; gguf {info['gguf_bytes']} B, "
+          f"onnx {info['bytes']} B")
+    assert rel < TOL_REL and top1 >= TOP1
+    assert info["bytes"] < 1.01 * info["gguf_bytes"]
+
+
+def test_fixture_native_greedy_generation_matches_runtime(fixture_native, fixture_windows):
+    from cpp_support import ensure_library
+    ensure_library()
+    from wqedge.runtime import native
+    path, info = fixture_native
+    prompt = fixture_windows[0, :24].tolist()
+    with native.Context(native.Model(path), n_ctx=256, n_threads=2) as ctx:
+        ours = ctx.generate(prompt, 32, stop_at_eos=False)
+    got = OrtDecoder(info["path"]).greedy(prompt, 32)
+    print("greedy native:", got)
     assert got == list(ours)

@@ -1,0 +1,128 @@
+"""Open an exported ONNX model (wqedge.converters.onnx_export) in onnxruntime.
+
+The native variant's quantized linears are wqedge.ChunkLinear nodes (custom-op domain "wqedge"), which
+only run with our custom-op library libwqedge_ort registered; make_session registers it when the model
+imports that domain. The library is looked up, first found wins:
+  1. $WQEDGE_ORT_LIB (a path to libwqedge_ort.so);
+  2. next to every place libwqedge itself is looked for (runtime/_native.py: the folder of $WQEDGE_LIB,
+     the source tree's cpp/build, the installed package's wqedge/runtime/), then other cpp/build*/ folders.
+onnxruntime and the standard library only (no numpy needed, no torch).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from . import _native
+
+ORT_LIBNAME = {"darwin": "libwqedge_ort.dylib", "win32": "wqedge_ort.dll"}.get(sys.platform, "libwqedge_ort.so")
+NATIVE_DOMAIN = "wqedge"
+THREADS_KEY = "wqedge.num_threads"  # session config entry read by libwqedge_ort when it is registered
+
+
+class CustomOpsLibraryNotFound(ImportError):
+    """A native-variant model was opened but libwqedge_ort is not built or installed."""
+
+
+def candidate_paths() -> list[Path]:
+    out = []
+    env = os.environ.get("WQEDGE_ORT_LIB")
+    if env:
+        out.append(Path(env))
+    out += [p.with_name(ORT_LIBNAME) for p in _native.candidate_paths()]
+    cpp = Path(__file__).resolve().parent.parent / "cpp"
+    if cpp.is_dir():
+        out += [d / ORT_LIBNAME for d in sorted(cpp.glob("build*")) if d.is_dir()]
+    return list(dict.fromkeys(out))
+
+
+def custom_ops_library() -> Path:
+    """Path of libwqedge_ort; raises CustomOpsLibraryNotFound saying how to get it."""
+    tried = []
+    for p in candidate_paths():
+        if p.is_file():
+            return p
+        tried.append(str(p))
+    raise CustomOpsLibraryNotFound(
+        "this ONNX model uses wqedge custom operators (the native variant, domain 'wqedge'), which need the "
+        f"custom-op library {ORT_LIBNAME}: build it (cmake -S cpp -B cpp/build && cmake --build cpp/build; "
+        "CMake option WQEDGE_BUILD_ORT_OPS, on by default), or pip install the package, or set WQEDGE_ORT_LIB "
+        "to its path; or export the portable variant, which stock onnxruntime runs. Tried: " + "; ".join(tried))
+
+
+def _varint(f) -> int | None:
+    shift = value = 0
+    while True:
+        b = f.read(1)
+        if not b:
+            return None
+        value |= (b[0] & 0x7F) << shift
+        if b[0] < 0x80:
+            return value
+        shift += 7
+
+
+def model_domains(onnx_path) -> set[str]:
+    """The operator-set domains a model imports ("" for ONNX's own), read from the file's top level only.
+
+    Parses ModelProto's opset_import fields and seeks past everything else (the graph and its inline
+    weights), so checking a multi-GB model costs a few reads, not a protobuf load.
+    """
+    out = set()
+    with open(onnx_path, "rb") as f:
+        while (tag := _varint(f)) is not None:
+            field, wire = tag >> 3, tag & 7
+            if wire == 0:
+                _varint(f)
+            elif wire == 1:
+                f.seek(8, 1)
+            elif wire == 5:
+                f.seek(4, 1)
+            elif wire == 2:
+                n = _varint(f)
+                if field == 8:  # opset_import: OperatorSetIdProto {1: domain, 2: version}
+                    out.add(_opset_domain(f.read(n)))
+                else:
+                    f.seek(n, 1)
+            else:
+                raise ValueError(f"{onnx_path}: not an ONNX model file (protobuf wire type {wire})")
+    return out
+
+
+def _opset_domain(buf: bytes) -> str:
+    import io
+    f = io.BytesIO(buf)
+    while (tag := _varint(f)) is not None:
+        if tag == (1 << 3 | 2):
+            return f.read(_varint(f)).decode("utf-8")
+        if tag & 7 == 0:
+            _varint(f)
+        elif tag & 7 == 2:
+            f.seek(_varint(f), 1)
+        else:
+            break
+    return ""
+
+
+def session_options(onnx_path, threads: int = 0):
+    """onnxruntime.SessionOptions for a model: threads (0 = onnxruntime's and libwqedge_ort's defaults) and,
+    when the model imports domain 'wqedge', libwqedge_ort registered."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    if NATIVE_DOMAIN in model_domains(onnx_path):
+        lib = custom_ops_library()
+        so.add_session_config_entry(THREADS_KEY, str(int(threads)))  # read at registration: set it first
+        # The linears run on libwqedge_ort's own threads; onnxruntime's intra-op threads spinning between
+        # nodes would take their cores (measured: prefill ~1.5x faster without spinning on 2 cores).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.register_custom_ops_library(str(lib))
+    return so
+
+
+def make_session(onnx_path, threads: int = 0):
+    """An onnxruntime.InferenceSession (CPU) for a portable or native wqedge ONNX model."""
+    import onnxruntime as ort
+    return ort.InferenceSession(str(onnx_path), session_options(onnx_path, threads), providers=["CPUExecutionProvider"])
