@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-from _common import peak_mib as _peak_mib  # noqa: E402  (bench/ is on sys.path when run as a script)
-from _common import rss_mib as _rss_mib  # noqa: E402
-from _common import time_native, time_prefill_decode  # noqa: E402
+from wqedge.bench.measure import peak_mib as _peak_mib
+from wqedge.bench.measure import rss_mib as _rss_mib
+from wqedge.bench.measure import time_native, time_prefill_decode
 
 
 def worker_cpp(a) -> dict:

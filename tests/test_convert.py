@@ -113,6 +113,8 @@ def test_cli_convert_inspect_eval(ckpt, tmp_path):
     (["convert", "{model}", "--bits", "0.5"], "below the cheapest"),
     (["convert", "{model}", "--group", "100"], "multiple of 32"),
     (["inspect", "{model}/config.json"], "not a readable GGUF"),
+    (["plan", "{model}", "-o", "/tmp/never.json", "--protect", "0"], "must lie in 1..32"),
+    (["plan", "{model}", "-o", "/tmp/never.json", "--protect", "two"], "comma-separated column counts"),
 ])
 def test_cli_errors_are_clear(ckpt, args, match):
     args = [a.replace("{model}", str(ckpt.path)) for a in args]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from wqedge.converters.tokenizer import LLAMA3_PRETOKENIZER_REGEX  # shared with the reader (imports no torch)
 
-__all__ = ["build_tiny_model", "build_tiny_bpe_model", "tiny_corpus", "LLAMA3_PRETOKENIZER_REGEX",
-           "DEFAULT_LLAMA3_SCALING"]
+__all__ = ["build_tiny_model", "build_tiny_bpe_model", "build_speed_model", "tiny_corpus",
+           "LLAMA3_PRETOKENIZER_REGEX", "DEFAULT_LLAMA3_SCALING", "SPEED_SHAPES"]
 
 # Used when rope_scaling="llama3" is passed without parameters (LLaMA 3.1's values, shorter context).
 DEFAULT_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -178,7 +178,7 @@ def _normalize_scaling(rope_scaling) -> dict | None:
 
 def _write_weights_and_config(out_dir: Path, *, hidden, n_layers, n_heads, n_kv_heads, intermediate, vocab_size,
                               tie_embeddings, dtype, shards, rope_form, rope_scaling, rope_theta,
-                              max_position_embeddings, bos_id, eos_id, seed) -> None:
+                              max_position_embeddings, bos_id, eos_id, seed, init="hf") -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -202,14 +202,20 @@ def _write_weights_and_config(out_dir: Path, *, hidden, n_layers, n_heads, n_kv_
         architectures=["LlamaForCausalLM"],
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch_dtype).eval()
+    if init == "hf":
+        model = LlamaForCausalLM(config).to(torch_dtype).eval()
+        state = model.state_dict()
+    elif init == "normal":
+        state = _normal_init(LlamaForCausalLM, config, torch_dtype, seed)
+    else:
+        raise ValueError(f"init must be 'hf' or 'normal', got {init!r}")
     config.dtype = dtype
     cfg = json.loads(config.to_json_string(use_diff=True))     # what save_pretrained writes
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
 
     # Written by hand rather than with save_pretrained so the shard count is exact and the
     # tied head is dropped explicitly (as save_pretrained does); HF order: embed, layers, norm, head.
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+    tensors = {k: v.detach().contiguous() for k, v in state.items()
                if not (tie_embeddings and k == "lm_head.weight")}
     order = list(tensors)
     if shards <= 1:
@@ -255,6 +261,29 @@ def _write_weights_and_config(out_dir: Path, *, hidden, n_layers, n_heads, n_kv_
     cfg_path.write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
 
 
+def _normal_init(model_cls, config, torch_dtype, seed: int) -> dict:
+    """State dict drawn directly in the target dtype (N(0, 0.02) matrices, unit norms): no fp32 model is
+    ever built, so a billion-parameter checkpoint costs its fp16 bytes in memory, not three times that."""
+    import torch
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in model_cls(config).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in shapes.items():
+        out[k] = torch.ones(shape, dtype=torch_dtype) if len(shape) == 1 else _randn_rows(shape, g, torch_dtype)
+    return out
+
+
+def _randn_rows(shape, g, torch_dtype):
+    """A large N(0, 0.02) matrix filled in row blocks, so the float32 scratch stays small."""
+    import torch
+    t = torch.empty(shape, dtype=torch_dtype)
+    step = max(1, (1 << 22) // shape[1])
+    for i in range(0, shape[0], step):
+        t[i:i + step] = torch.randn((min(step, shape[0] - i), shape[1]), generator=g).mul_(0.02)
+    return t
+
+
 _OUR_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
               "model-*-of-*.safetensors", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json")
@@ -275,7 +304,8 @@ def _prepare(out_dir) -> Path:
 def build_tiny_model(out_dir, *, hidden: int = 128, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2,
                      intermediate: int = 352, vocab_size: int = 512, tie_embeddings: bool = False,
                      dtype: str = "float16", shards: int = 1, rope_form: str = "tf5", rope_scaling=None,
-                     seed: int = 0, rope_theta: float = 10000.0, max_position_embeddings: int = 2048) -> Path:
+                     seed: int = 0, rope_theta: float = 10000.0, max_position_embeddings: int = 2048,
+                     tokenizer_vocab: int | None = None, init: str = "hf") -> Path:
     """Write a random-init LlamaForCausalLM with a trained SentencePiece tokenizer to `out_dir`.
 
     Files of an earlier build in out_dir are replaced; other files are left alone. `rope_form`
@@ -284,16 +314,43 @@ def build_tiny_model(out_dir, *, hidden: int = 128, n_layers: int = 2, n_heads: 
     'llama3' (DEFAULT_LLAMA3_SCALING) or a llama3 dict. `shards` > 1 writes exactly that many
     safetensors shards plus model.safetensors.index.json. Same arguments -> same bytes.
     config.json is written last, so its presence means the build completed.
+    `tokenizer_vocab` (< vocab_size) trains a smaller SentencePiece model for a large-vocab shape (the
+    built-in corpus cannot fill 32k pieces; converters pad the vocabulary to vocab_size). `init="normal"`
+    draws weights directly in `dtype` (see _normal_init) instead of transformers' fp32 init.
     """
-    _train_sentencepiece(vocab_size)          # fail on a bad vocab_size before writing anything
+    sp_vocab = tokenizer_vocab or vocab_size
+    if sp_vocab > vocab_size:
+        raise ValueError(f"tokenizer_vocab {sp_vocab} exceeds vocab_size {vocab_size}")
+    _train_sentencepiece(sp_vocab)            # fail on a bad vocab_size before writing anything
     out = _prepare(out_dir)
-    _write_sentencepiece_tokenizer(out, vocab_size, max_position_embeddings)
+    _write_sentencepiece_tokenizer(out, sp_vocab, max_position_embeddings)
     _write_weights_and_config(out, hidden=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                               intermediate=intermediate, vocab_size=vocab_size, tie_embeddings=tie_embeddings,
                               dtype=dtype, shards=shards, rope_form=rope_form, rope_scaling=rope_scaling,
                               rope_theta=rope_theta, max_position_embeddings=max_position_embeddings,
-                              bos_id=1, eos_id=2, seed=seed)
+                              bos_id=1, eos_id=2, seed=seed, init=init)
     return out
+
+
+# Real models' shapes, for speed benchmarks on random weights (speed does not depend on the values).
+SPEED_SHAPES = {
+    "tinyllama-1.1b": dict(hidden=2048, n_layers=22, n_heads=32, n_kv_heads=4, intermediate=5632, vocab_size=32000,
+                           tie_embeddings=False, rope_theta=10000.0, max_position_embeddings=2048),
+    "llama-3.2-1b": dict(hidden=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate=8192, vocab_size=128256,
+                         tie_embeddings=True, rope_theta=500000.0, max_position_embeddings=131072,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+def build_speed_model(out_dir, shape: str = "tinyllama-1.1b", seed: int = 0, shards: int = 4) -> Path:
+    """A random-weight fp16 checkpoint with the shape of a real ~1B model (SPEED_SHAPES), written with
+    init="normal" and a 1000-piece tokenizer padded to the model's vocabulary: no download, ~2.2 GB, and
+    peak memory about the checkpoint's size."""
+    if shape not in SPEED_SHAPES:
+        raise ValueError(f"unknown speed-model shape {shape!r} (known: {', '.join(SPEED_SHAPES)})")
+    return build_tiny_model(out_dir, **SPEED_SHAPES[shape], dtype="float16", shards=shards, seed=seed,
+                            tokenizer_vocab=1000, init="normal")
 
 
 def build_tiny_bpe_model(out_dir, *, vocab_size: int = 512, pretokenizer: str = "gpt2", **kwargs) -> Path:

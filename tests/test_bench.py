@@ -1,0 +1,96 @@
+"""`wqedge bench` (issues #5, #6): a smoke run on a tiny random model, checking the report's structure and
+that its values are sane. No timing is asserted: speeds are only required to be positive."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from wqedge.bench.rows import ROWS, SETS, parse_rows
+from wqedge.cli import main
+
+HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def test_parse_rows_sets_and_order():
+    assert parse_rows("all") == list(ROWS)
+    assert parse_rows("lcp-q4_0 , wq-q4,quick") == [k for k in ROWS if k in {"wq-q4", "lcp-Q4_0", *SETS["quick"]}]
+    with pytest.raises(ValueError, match="unknown row 'nope'"):
+        parse_rows("wq-q4,nope")
+
+
+def test_bad_rows_is_a_usage_error(tmp_path):
+    r = CliRunner().invoke(main, ["bench", "--rows", "wq-q4,q5_fast", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2
+    assert "unknown row 'q5_fast'" in r.output and "sets:" in r.output
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bench_smoke(tmp_path, tiny_model_dir):
+    from wqedge.tinymodel import tiny_corpus
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(tiny_corpus(600)), encoding="utf-8")
+    rows = ["wq-q4", "wq-2.5", "wq-q4-a8", "lcp-Q4_0", "ort-portable"]
+    out = tmp_path / "rep"
+    args = ["bench", "--model", str(tiny_model_dir), "--eval-text", str(text), "--no-calib", "--speed-model", "none",
+            "--rows", ",".join(rows), "--threads", "1", "--prefill", "8", "--decode", "4", "--reps", "1",
+            "--rounds", "1", "--ppl-windows", "1", "--ppl-ctx", "64", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    rep = json.loads(out.with_suffix(".json").read_text())
+    md = out.with_suffix(".md").read_text()
+
+    info = rep["info"]
+    assert info["machine"]["cpu"] and info["machine"]["cores"] >= 1 and info["machine"]["threads"] == 1
+    assert info["triad_GBps"] > 0 and info["triad_llc_GBps"] > 0
+    assert [x["row"] for x in rep["rows"]] == rows
+    expect_ok = {"wq-q4": True, "wq-2.5": True, "wq-q4-a8": True, "lcp-Q4_0": HAVE_LLAMA, "ort-portable": HAVE_ORT}
+    by = {x["row"]: x for x in rep["rows"]}
+    for key, row in by.items():
+        assert (row["status"] == "ok") == expect_ok[key], row["status"]
+        assert f"| {key} |" in md
+        if row["status"] != "ok":
+            continue
+        assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and len(row["decode"]) == 1
+        assert row["peak_mib"] >= row["base_mib"] > 0 and row["file_mib"] > 0
+        assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1
+        assert 0 < row["roofline_fraction"] and row["bytes_per_token"] > 0
+    assert 4.25 <= by["wq-q4"]["bits"] < 4.5          # q4 everywhere (ragged chunks cost a little more)
+    # the int8-activation row decodes the same file with act=q8; its perplexity is the float row's
+    assert by["wq-q4-a8"]["act"] == "q8" and by["wq-q4"]["act"] == "f32"
+    assert by["wq-q4-a8"]["file"] == by["wq-q4"]["file"]
+    assert by["wq-q4-a8"]["perplexity"] == by["wq-q4"]["perplexity"]
+    assert 2.0 < by["wq-2.5"]["bits"] <= 2.5 + 1e-6   # the mixed plan meets its budget
+    if HAVE_LLAMA:
+        assert by["lcp-Q4_0"]["bits"] == pytest.approx(4.5)
+    if HAVE_ORT:   # same weights as wq-q4, so the same perplexity up to float rounding
+        assert by["ort-portable"]["perplexity"] == pytest.approx(by["wq-q4"]["perplexity"], rel=1e-3)
+        assert any(c["row"] == "ort-portable" and c["vs"] == "wq-q4" for c in rep["comparisons"])
+    for c in rep["comparisons"]:
+        assert c["decode_ratio"] > 0 and c["prefill_ratio"] > 0
+    assert "## Ratios measured in this run" in md or not rep["comparisons"]
+    assert "| row | bits/w | file MiB | ppl | decode tok/s |" in md
+
+
+def test_speed_model_init_small(tmp_path):
+    """The speed model's build path (init='normal', small tokenizer padded to a larger vocab, tied head,
+    llama3 RoPE as in Llama-3.2-1B) on a small shape: a checkpoint the loader and converters accept."""
+    from wqedge.converters.tokenizer import read_tokenizer
+
+    from wqedge.checkpoint import LlamaCheckpoint
+    from wqedge.tinymodel import SPEED_SHAPES, build_tiny_model
+    assert set(SPEED_SHAPES) == {"tinyllama-1.1b", "llama-3.2-1b"}
+    p = build_tiny_model(tmp_path / "m", tie_embeddings=True, rope_scaling="llama3", init="normal", vocab_size=1024,
+                         tokenizer_vocab=512)
+    ckpt = LlamaCheckpoint.open(p)
+    w = ckpt.linear_weight("model.layers.1.mlp.down_proj.weight")
+    assert ckpt.spec.vocab_size == 1024 and ckpt.spec.tie_word_embeddings
+    assert 0.018 < float(w.std()) < 0.022
+    assert read_tokenizer(p).vocab_size == 1024
+    with pytest.raises(ValueError, match="exceeds vocab_size"):
+        build_tiny_model(tmp_path / "bad", vocab_size=512, tokenizer_vocab=1024)

@@ -1,0 +1,230 @@
+"""Making (and caching) the file of every row: our GGUFs, llama.cpp GGUFs, ONNX models, and the random
+speed-model checkpoint.
+
+Planning the greedy mixed plans takes ~100 s each on 2 cores and error-feedback conversion about as long,
+so everything is cached under `cache_dir/<model fingerprint>-<options>/` (plans as JSON, files as written);
+a rerun only measures. Bump CACHE_VERSION when a converter's output changes meaning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .rows import ROWS
+
+CACHE_VERSION = 1
+DEFAULT_CACHE = Path(os.environ.get("WQEDGE_BENCH_CACHE", Path.home() / ".cache" / "wqedge" / "bench"))
+# Stock types for the speed model's plan projection: the IQ quantizers take minutes on a 1B model.
+NON_IQ_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K")
+
+
+class NotAvailable(Exception):
+    """This row cannot be made here (missing optional backend, type needing an importance matrix...)."""
+
+
+def speed_checkpoint(shape: str, cache_dir: Path, say: Callable[[str], None]) -> Path:
+    """The random-weight checkpoint of `shape` (wqedge.tinymodel.SPEED_SHAPES), built once into the cache."""
+    from ..tinymodel import build_speed_model
+    out = Path(cache_dir) / f"speed-{shape}-v{CACHE_VERSION}"
+    if not (out / "config.json").exists():
+        say(f"building the random-weight {shape} checkpoint in {out} (fp16, ~2.5 GB; once)")
+        build_speed_model(out, shape)
+    return out
+
+
+def resample_plan(plan, spec, fingerprint: str, method: str = "minmax"):
+    """`plan` (made for another model) carried onto `spec`: each linear takes the actions of the same kind of
+    linear at the same relative depth, its chunks sampled at the same relative column position. The mix of
+    actions, and so the kernels run, is the source plan's; the effective bits come out close to its."""
+    from ..plan import Plan
+    from ..units import chunk_bounds
+    src = {}
+    n_src_layers = 1 + max(int(t.name.split(".")[2]) for t in plan.tensors)
+    for t in plan.tensors:
+        src[(int(t.name.split(".")[2]), t.name.split(".", 3)[3])] = t.actions
+    L = spec.n_layers
+    actions = {}
+    for lin in spec.linears():
+        i = int(lin.hf_name.split(".")[2])
+        j = round(i * (n_src_layers - 1) / max(1, L - 1))
+        acts = src[(j, lin.hf_name.split(".", 3)[3])]
+        n = len(chunk_bounds(lin.in_features, plan.group_size))
+        actions[lin.hf_name] = [acts[c * len(acts) // n] for c in range(n)]
+    p = Plan.from_actions(spec.linears(), plan.group_size, plan.budget_bits, f"{plan.allocator} (resampled)",
+                          actions, method, model_fingerprint=fingerprint)
+    p.budget_bits = max(p.budget_bits, round(p.effective_bits() + 1e-6, 6))
+    return p
+
+
+class ModelFiles:
+    """The files of one checkpoint. `calib_text` None: min-max fits, no importance matrix, no planning
+    statistics (the speed model); `plan_source` (a ModelFiles) gives the mixed plans to resample instead of
+    planning this model."""
+
+    def __init__(self, model_dir, cache_dir, calib_text: str | None, say: Callable[[str], None],
+                 plan_source: ModelFiles | None = None, device=None, rebuild: bool = False, speed_only=False):
+        from ..checkpoint import LlamaCheckpoint
+        self.ckpt = LlamaCheckpoint.open(model_dir)
+        self.spec = self.ckpt.spec
+        self.fingerprint = self.ckpt.fingerprint()
+        self.calib_text = calib_text
+        self.say = say
+        self.plan_source = plan_source
+        self.device = device
+        self.speed_only = speed_only
+        tag = hashlib.sha256(calib_text.encode()).hexdigest()[:10] if calib_text else "nocalib"
+        self.dir = Path(cache_dir) / f"{self.fingerprint[:16]}-{tag}-v{CACHE_VERSION}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rebuild = rebuild
+        self._stats = None
+        self._plans: dict[float, object] = {}
+        self.notes: dict[str, str] = {}   # row key -> recipe detail (type histogram, plan summary)
+
+    # ------------------------------------------------------------ shared inputs
+    def _fresh(self, path: Path) -> bool:
+        return path.exists() and not self.rebuild
+
+    def stats(self):
+        """diag(XᵀX) of every decoder linear's input on the calibration text (cached), or None without one."""
+        if self.calib_text is None:
+            return None
+        if self._stats is None:
+            import torch
+            p = self.dir / "calib_stats.pt"
+            if self._fresh(p):
+                self._stats = torch.load(p)
+            else:
+                from ..calib import collect_stats
+                self.say("calibration statistics (diag XᵀX) for the NeUQI fits and llama.cpp's importance matrix…")
+                self._stats = collect_stats(self.ckpt, self.calib_text, device=self.device)
+                torch.save(self._stats, str(p) + ".tmp")
+                os.replace(str(p) + ".tmp", p)
+        return self._stats
+
+    def plan(self, bits: float):
+        """The mixed plan at `bits`: greedy make_plan on this model (cached), or the plan source's resampled."""
+        if bits in self._plans:
+            return self._plans[bits]
+        from ..plan import Plan
+        if self.plan_source is not None:
+            p = resample_plan(self.plan_source.plan(bits), self.spec, self.fingerprint)
+        else:
+            path = self.dir / f"plan-greedy-{bits:g}.json"
+            if self._fresh(path):
+                p = Plan.load(path, self.spec, self.fingerprint)
+            else:
+                from ..alloc.planner import make_plan
+                self.say(f"planning greedy at {bits:g} bits (~100 s on 2 cores; cached afterwards)…")
+                p = make_plan(self.ckpt, bits, allocator="greedy", calib_text=self.calib_text, device=self.device,
+                              progress=self.say)
+                p.save(str(path) + ".tmp")
+                os.replace(str(path) + ".tmp", path)
+        self._plans[bits] = p
+        return p
+
+    # ------------------------------------------------------------ files
+    def file(self, key: str) -> Path:
+        """The file row `key` runs (made now if not cached). NotAvailable when it cannot be made here."""
+        row = ROWS[key]
+        if row.backend == "wqedge":
+            return self._wq(row.file_key)
+        if row.backend == "llamacpp":
+            return self._llamacpp(key)
+        return self._onnx(key.split("-", 1)[1])
+
+    def _wq(self, key: str) -> Path:
+        from ..quantize import convert_to_gguf
+        method = "neuqi" if self.calib_text else "minmax"
+        path = self.dir / f"{key}-{method}.gguf"
+        if key == "wq-q4":
+            from ..alloc.uniform import model_bits, uniform_plan
+            lin = self.spec.linears()   # q4 everywhere, whatever ragged chunks cost (4.25 b at K % 128 == 0)
+            plan = uniform_plan(lin, 128, model_bits(lin, 128, "q4"), method, action="q4",
+                                model_fingerprint=self.fingerprint)
+            self.notes[key] = f"uniform q4, G=128, {method}" + (" weighted by diag(XᵀX)" if self.calib_text else "")
+        else:
+            plan = self.plan(float(key.split("-", 1)[1]))
+            hist = ", ".join(f"{a} {n}" for a, n in plan.action_histogram().items())
+            self.notes[key] = f"{plan.allocator} plan {plan.effective_bits():.3f} b ({hist})" + (
+                ", error feedback" if self.calib_text else f", {method}")
+        if self._fresh(path):
+            return path
+        self.say(f"converting {key} → {path.name}…")
+        if key != "wq-q4" and self.calib_text:
+            from ..alloc.feedback import quantize_checkpoint
+            fitted = quantize_checkpoint(self.ckpt, plan, self.calib_text, device=self.device)
+            return convert_to_gguf(self.ckpt, plan, path, device=self.device, fitted=fitted)
+        return convert_to_gguf(self.ckpt, plan, path, self.stats(), self.device)
+
+    def _llamacpp(self, key: str) -> Path:
+        try:
+            from ..converters.llamacpp import (
+                available_types,
+                export_llamacpp,
+                preset_types,
+                requires_imatrix,
+            )
+            available_types(("Q4_0",))
+        except (ImportError, RuntimeError) as e:
+            raise NotAvailable(f"llama-cpp-python is not usable: {e}") from None
+        what = key.split("-", 1)[1]
+        path = self.dir / f"{key}.gguf"
+        kw: dict = {}
+        if what.startswith("plan-"):
+            plan = self.plan(float(what.split("-", 1)[1]))
+            kw = {"bits_budget": plan.effective_bits(), "plan": plan,
+                  "types": NON_IQ_TYPES if self.speed_only else None}
+        elif what.startswith("IQ"):
+            if requires_imatrix(what) and self.stats() is None:
+                raise NotAvailable(f"{what} needs an importance matrix (run with --calib)")
+            if what not in available_types((what,), imatrix=True):
+                raise NotAvailable(f"the installed llama.cpp cannot quantize {what}")
+            kw = {"tensor_types": lambda name, n, k: what}
+        else:
+            kw = {"tensor_types": preset_types(self.spec, what)}
+        if self._fresh(path):
+            from ..converters.llamacpp import measured_linear_bits
+            self.notes.setdefault(key, f"{measured_linear_bits(path):.3f} b")
+            self._types_note(key, path)
+            return path
+        self.say(f"quantizing {key} with llama.cpp → {path.name}…")
+        try:
+            res = export_llamacpp(self.ckpt, path, imatrix=self.stats(), **kw)
+        except ValueError as e:
+            if "budget" in str(e):   # the projection: no stock types fit this model's rows at these bits
+                raise NotAvailable(str(e)) from None
+            raise
+        self._types_note(key, path)
+        return res.path
+
+    def _types_note(self, key: str, path: Path) -> None:
+        import gguf
+        h: dict[str, int] = {}
+        for t in gguf.GGUFReader(path).tensors:
+            if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2:
+                h[t.tensor_type.name] = h.get(t.tensor_type.name, 0) + 1
+        self.notes[key] = "tensor types " + ", ".join(f"{t} {n}" for t, n in sorted(h.items(), key=lambda x: -x[1]))
+
+    def _onnx(self, variant: str) -> Path:
+        try:
+            from ..converters.onnx_export import export_onnx
+        except ImportError as e:
+            raise NotAvailable(f"ONNX export needs onnx: {e}") from None
+        src = self._wq("wq-q4")
+        out_dir = self.dir / f"onnx-{variant}"
+        path = out_dir / "model.onnx"
+        self.notes[f"ort-{variant}"] = f"{variant} ONNX of wq-q4"
+        if self._fresh(path):
+            return path
+        out_dir.mkdir(exist_ok=True)
+        self.say(f"exporting wq-q4 to ONNX ({variant})…")
+        try:
+            info = export_onnx(src, path, variant=variant)
+        except (NotImplementedError, ImportError) as e:
+            raise NotAvailable(str(e)) from None
+        (out_dir / "export.json").write_text(json.dumps({k: v for k, v in info.items()
+                                                         if isinstance(v, (str, int, float, bool))}, indent=1))
+        return path
