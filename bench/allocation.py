@@ -29,7 +29,7 @@ GPU about 9 minutes. Measured 2026-11-24, H100, `--device cuda --plan-device cud
 | 3.25 | 6.862 (3.250 b)  | 6.652 (3.250 b) | 6.426 (3.250 b) | 6.458 (3.249 b) |
 | 4.25 | 6.411 (4.250 b)  | 6.375 (4.250 b) | 6.309 (4.249 b) | 6.335 (4.249 b) |
 
-fp16: 6.263. Planning on 2 pinned CPU cores (make_plan, 2.5 bits): greedy 102 s, rl 389 s.
+fp16: 6.263. Planning on 2 pinned CPU cores (make_plan, 2.5 bits): greedy 76 s, rl 287 s.
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ Pipeline (allocator "greedy" or "rl"):
 Plans are converted best with error feedback (wqedge.alloc.feedback.quantize_checkpoint: GPTQ-style, act-order
 inside chunks, damp 0.1, 256 calibration windows, quantized earlier layers in the loop, least-squares refit of
 the <= 2-bit grids); plan.meta["fit"] says so. Measured on llama-s (G=128, eval.txt, 32 windows, second half):
-greedy 6.426 at 3.25 bits, 6.869 at 2.5, 7.080 at 2.25 (bench/allocation.py); deterministic planning 102 s
-and PPO 389 s on 2 CPU cores.
+greedy 6.426 at 3.25 bits, 6.869 at 2.5, 7.080 at 2.25 (bench/allocation.py); deterministic planning 76 s
+and PPO 287 s on 2 CPU cores.
 
 Options measured and left off by default (bench/results/allocation.md): feedback_damage=True (prices errors as
 error feedback sees them; predicts the layer loss within ~10% instead of ~2x, yet its plans were no better:
