@@ -127,7 +127,7 @@ def main(argv=None):
         if name not in tables:
             torch.set_num_threads(a.plan_threads)
             t = time.time()
-            tables[name] = tables["greedy"] if name == "greedy-norefit" else build_damage_table(
+            tables[name] = build_damage_table(
                 linears, ckpt.linear_weight, 128, ctx["input_stats"], ctx["grad_stats"], kind="kfac",
                 device=a.plan_device, max_rows=ctx["opts"]["max_rows"], feedback="-fb" in name,
                 protect=tuple(int(k) for k in a.protect.split(",")) if "prot" in name else ())
@@ -178,7 +178,7 @@ def main(argv=None):
                 p = uniform_plan(linears, 128, b, "neuqi", **kw)
                 record(name, b, p, 0.0, apply_feedback)
             elif name.startswith("greedy"):
-                tb = table_for(name)
+                tb = table_for(name.replace("-norefit", ""))   # -norefit changes the conversion only
                 torch.set_num_threads(a.plan_threads)
                 t = time.time()
                 ch = knapsack(tb, b)

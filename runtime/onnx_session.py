@@ -126,3 +126,60 @@ def make_session(onnx_path, threads: int = 0):
     """An onnxruntime.InferenceSession (CPU) for a portable or native wqedge ONNX model."""
     import onnxruntime as ort
     return ort.InferenceSession(str(onnx_path), session_options(onnx_path, threads), providers=["CPUExecutionProvider"])
+
+
+class OnnxDecoder:
+    """An exported decoder (wqedge.converters.onnx_export I/O, GenAI-style) run with a KV cache: step()
+    feeds tokens and a past, greedy() generates, and reset()/evaluate() keep the cache between calls like
+    a runtime context. `model` is an onnxruntime session or a path (opened by make_session)."""
+
+    def __init__(self, model, threads: int = 0):
+        self.sess = make_session(model, threads) if isinstance(model, (str, os.PathLike)) else model
+        ins = self.sess.get_inputs()
+        self.past_names = [i.name for i in ins if i.name.startswith("past_key_values.")]
+        shape = next(i.shape for i in ins if i.name.startswith("past_key_values."))
+        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.out_names = [o.name for o in self.sess.get_outputs()]
+        self.reset()
+
+    def empty_past(self, batch: int) -> dict:
+        import numpy as np
+        return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
+
+    def step(self, ids, past: dict, mask=None, positions=None):
+        """ids int64[B, S]; past from empty_past or a previous step -> (logits [B, S, V], present)."""
+        import numpy as np
+        ids = np.asarray(ids, np.int64)
+        b, s = ids.shape
+        p = next(iter(past.values())).shape[2]
+        mask = np.ones((b, p + s), np.int64) if mask is None else np.asarray(mask, np.int64)
+        if positions is None:
+            positions = np.tile(np.arange(p, p + s, dtype=np.int64), (b, 1))
+        outs = self.sess.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past})
+        present = {n.replace("present.", "past_key_values."): v for n, v in zip(self.out_names[1:], outs[1:])}
+        return outs[0], present
+
+    def logits(self, windows):
+        """Every position's logits of a batch of windows, each from an empty cache: [B, S, V]."""
+        import numpy as np
+        windows = np.asarray(windows, np.int64)
+        return self.step(windows, self.empty_past(len(windows)))[0]
+
+    def greedy(self, prompt, n_new: int) -> list[int]:
+        import numpy as np
+        logits, past = self.step(np.asarray([prompt]), self.empty_past(1))
+        out = []
+        for _ in range(n_new):
+            tok = int(np.argmax(logits[0, -1]))
+            out.append(tok)
+            logits, past = self.step(np.asarray([[tok]]), past)
+        return out
+
+    def reset(self) -> None:
+        self.past = self.empty_past(1)
+
+    def evaluate(self, ids):
+        """Append tokens to the kept cache; the last position's logits [V]."""
+        import numpy as np
+        logits, self.past = self.step(np.asarray([ids], np.int64), self.past)
+        return logits[0, -1]

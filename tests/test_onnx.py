@@ -30,49 +30,15 @@ from wqedge.converters import onnx_export
 from wqedge.converters.onnx_export import export_onnx
 from wqedge.runtime import onnx_session
 from wqedge.runtime.gguf_reader import WqGGUF
-from wqedge.runtime.onnx_session import make_session
+from wqedge.runtime.onnx_session import OnnxDecoder, make_session
 
 TOL_REL = 1e-2
 TOP1 = 0.999
 
 
-class OrtDecoder:
-    """Runs an exported model with onnxruntime, GenAI-style: prefill, then one token at a time."""
-
-    def __init__(self, path, threads=2):
-        self.sess = make_session(path, threads)  # registers libwqedge_ort for a native model
-        self.past_names = [i.name for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
-        shape = next(i.shape for i in self.sess.get_inputs() if i.name.startswith("past_key_values."))
-        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
-
-    def empty_past(self, batch):
-        return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
-
-    def step(self, ids, past, mask=None, positions=None):
-        """ids int64[B, S]; past from empty_past or a previous step -> (logits [B, S, V], present)."""
-        ids = np.asarray(ids, np.int64)
-        b, s = ids.shape
-        p = next(iter(past.values())).shape[2]
-        mask = np.ones((b, p + s), np.int64) if mask is None else np.asarray(mask, np.int64)
-        if positions is None:
-            positions = np.tile(np.arange(p, p + s, dtype=np.int64), (b, 1))
-        outs = self.sess.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past})
-        names = [o.name for o in self.sess.get_outputs()]
-        present = {n.replace("present.", "past_key_values."): v for n, v in zip(names[1:], outs[1:])}
-        return outs[0], present
-
-    def logits(self, windows):
-        windows = np.asarray(windows, np.int64)
-        return self.step(windows, self.empty_past(len(windows)))[0]
-
-    def greedy(self, prompt, n_new):
-        logits, past = self.step(np.asarray([prompt]), self.empty_past(1))
-        out = []
-        for _ in range(n_new):
-            tok = int(np.argmax(logits[0, -1]))
-            out.append(tok)
-            logits, past = self.step(np.asarray([[tok]]), past)
-        return out
+def OrtDecoder(path, threads=2) -> OnnxDecoder:
+    """The exported model in onnxruntime (make_session registers libwqedge_ort for a native model)."""
+    return OnnxDecoder(path, threads)
 
 
 def _reference_logits(path, windows) -> np.ndarray:

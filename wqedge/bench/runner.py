@@ -156,8 +156,6 @@ def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
             job = {"backend": base["backend"], "model": str(path), "threads": o.threads, "prefill": o.prefill,
                    "decode": o.decode, "reps": 1 if slow else o.reps, "n_vocab": mf.spec.vocab_size,
                    "ppl": ppl if rnd == 0 and base["quality_model"] else None}
-            if base["backend"] == "ort":
-                job["variant"] = base["row"].split("-", 1)[1]
             if ROWS[base["row"]].act != "f32":
                 job["act"] = ROWS[base["row"]].act
                 job["ppl"] = None        # batched perplexity windows use float activations: the float row's figure

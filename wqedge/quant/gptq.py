@@ -190,7 +190,7 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
     dev = w.device
     H = xtx.to(dev, torch.float64)
     W = w.to(torch.float64)
-    What = torch.cat([_deq_full(c, dev) for c in chunks], 1).double()
+    What = dequantize(chunks).to(dev, torch.float64)
     R = W - What                                             # current error [N, K]
     for _ in range(rounds):
         for c, (s, e) in zip(chunks, bounds):
@@ -209,6 +209,7 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
             qH = q @ Hcc
             a11, b1 = (qH * q).sum(1), (RH * q).sum(1)
             d0 = torch.as_tensor(c.d, device=dev).double()
+            m0 = torch.as_tensor(c.m, device=dev).double() if bt.is_affine else None
             if bt.is_affine:
                 a12 = qH @ keep
                 a22 = (keep @ Hcc @ keep).expand_as(a11)
@@ -217,7 +218,6 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
                 ok = det > 1e-12 * (a11 * a22).clamp_min(1e-300)
                 dd = torch.where(ok, (a22 * b1 - a12 * b2) / torch.where(ok, det, 1.0), 0.0)
                 dm = torch.where(ok, (a11 * b2 - a12 * b1) / torch.where(ok, det, 1.0), 0.0)
-                m0 = torch.as_tensor(c.m, device=dev).double()
                 d1, m1 = (d0 + dd).half().double(), (m0 + dm).half().double()
                 dd, dm = d1 - d0, m1 - m0
                 gain = 2 * (dd * b1 + dm * b2) - (dd * dd * a11 + 2 * dd * dm * a12 + dm * dm * a22)
@@ -234,7 +234,7 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
             R[:, s:e] -= dd[:, None] * q + dm[:, None] * keep
             c.d = (d0 + dd).cpu().numpy().astype(np.float16)
             if bt.is_affine:
-                c.m = (torch.as_tensor(c.m, device=dev).double() + dm).cpu().numpy().astype(np.float16)
+                c.m = (m0 + dm).cpu().numpy().astype(np.float16)
             if c.n_protected:       # protected columns keep their values: residual = old value - new grid
                 pi = torch.as_tensor(c.protected, device=dev)
                 target = (W - R)[:, s:e][:, pi]
@@ -243,11 +243,6 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
 
 def _code_bits(bt) -> float:
     return 1.6 if bt.name == "ternary" else float(bt.bits)
-
-
-def _deq_full(c: ChunkData, dev) -> torch.Tensor:
-    from ..quant.fit import dequantize_chunk
-    return dequantize_chunk(c).to(dev)
 
 
 def _dequant_codes(c: ChunkData, dev) -> torch.Tensor:
