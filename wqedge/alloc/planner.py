@@ -16,7 +16,7 @@ greedy 6.426 at 3.25 bits, 6.869 at 2.5, 7.080 at 2.25 (bench/allocation.py); de
 and PPO 287 s on 2 CPU cores.
 
 Options measured and left off by default (bench/results/allocation.md): feedback_damage=True (prices errors as
-error feedback sees them; predicts the layer loss within ~10% instead of ~2x, yet its plans were no better:
+error feedback sees them; predicts the layer loss within 15% (tested) instead of 1.3-1.5x over, yet its plans were no better:
 6.456 vs 6.456 at 3.25, 7.01 vs 6.90 at 2.5) and protect=(1, 2, 4) (saliency-protected columns as extra
 actions: the knapsack bought 7-8 of 35,840 columns, 6.445/6.456 vs 6.456 at 3.25 and 6.94/6.87 vs 6.90/6.86
 at 2.5, i.e. noise, for a 3.5x larger damage table).
