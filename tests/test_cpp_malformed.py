@@ -156,7 +156,7 @@ def test_missing_key_and_tensor(tmp_path):
     e = _open(write_tiny(tmp_path / "b.gguf", tensor_overrides={"blk.1.ffn_norm.weight": None}))
     assert e.code == _native.ERR_FORMAT and "blk.1.ffn_norm.weight" in str(e)
     e = _open(write_tiny(tmp_path / "c.gguf", drop_keys=("wqedge.format_version",)))
-    assert e.code == _native.ERR_FORMAT and "not a wqedge model" in str(e)
+    assert e.code == _native.ERR_FORMAT and "not a wqedge file" in str(e) and "llama.cpp" in str(e)
 
 
 def test_wrong_key_type(tmp_path):

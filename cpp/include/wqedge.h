@@ -122,7 +122,8 @@ WQE_API int wqe_token_to_piece(const wqe_model* model, int32_t token, int specia
 typedef struct wqe_context wqe_context;
 
 typedef struct wqe_context_params {
-    int32_t n_ctx;     /* KV cache length in tokens; 0 = the model's context length, at most 4096 */
+    int32_t n_ctx;     /* KV cache length in tokens, at most 2^24; 0 = the model's context length, at most
+                        * 4096. A cache larger than the machine's memory is WQE_ERR_OUT_OF_MEMORY. */
     int32_t n_threads; /* 0 = the number of CPUs available */
 } wqe_context_params;
 
@@ -139,7 +140,9 @@ WQE_API int wqe_set_position(wqe_context* ctx, int32_t n_past);
 
 /* Evaluate n_tokens tokens at the current position (one batched prefill) and append them to the
  * cache. logits: NULL, or room for n_vocab floats (all_logits = 0: the last token's) or
- * n_tokens * n_vocab floats (all_logits = 1: every token's, row by row). */
+ * n_tokens * n_vocab floats (all_logits = 1: every token's, row by row).
+ * A non-finite value in a looked-up embedding row, or non-finite logits (a corrupt weight elsewhere),
+ * is WQE_ERR_FORMAT with a message naming the tensor; the position is then left as before the call. */
 WQE_API int wqe_eval(wqe_context* ctx, const int32_t* tokens, int32_t n_tokens, float* logits, int all_logits);
 
 /* ------------------------------------------------------------------ sampling */
@@ -154,17 +157,19 @@ typedef struct wqe_sampler wqe_sampler;
 WQE_API wqe_sampler_params wqe_sampler_default_params(void); /* greedy, top_p 1, top_k 0, seed 0 */
 WQE_API int wqe_sampler_new(const wqe_sampler_params* params, wqe_sampler** out);
 WQE_API void wqe_sampler_free(wqe_sampler* sampler);
-/* Draw one token from logits (n_vocab floats; not modified). */
+/* Draw one token from logits (n_vocab floats; not modified). Non-finite logits, and a non-finite
+ * temperature or a NaN top_p (also in wqe_sampler_new / wqe_generate), are WQE_ERR_INVALID_ARGUMENT. */
 WQE_API int wqe_sample(wqe_sampler* sampler, const float* logits, int32_t n_vocab, int32_t* token);
 
 /* Called once per generated token; return nonzero to stop. */
 typedef int (*wqe_token_callback)(int32_t token, void* user_data);
 
 /* Evaluate the prompt at the current position, then sample up to max_new tokens, evaluating each
- * before sampling the next. Stops at EOS when stop_at_eos (EOS is not returned), when the callback
- * returns nonzero, or when the context is full. out_tokens (room for max_new) receives the new tokens
- * and *n_out their count; the cache then holds the prompt and every new token but the last. The
- * callback may be NULL. */
+ * before sampling the next. Stops at EOS when stop_at_eos (EOS is not returned) or when the callback
+ * returns nonzero. out_tokens (room for max_new) receives the new tokens and *n_out their count; the
+ * cache then holds the prompt and every new token but the last. The callback may be NULL.
+ * The prompt and max_new tokens must fit: position + n_prompt + max_new - 1 <= the context size, else
+ * WQE_ERR_CONTEXT_FULL before any work (generation never stops silently at a full context). */
 WQE_API int wqe_generate(wqe_context* ctx, const int32_t* prompt, int32_t n_prompt, int32_t max_new,
                          const wqe_sampler_params* params, int stop_at_eos, wqe_token_callback callback,
                          void* user_data, int32_t* out_tokens, int32_t* n_out);

@@ -297,8 +297,11 @@ static void quantize_block(const float* x, XQ8& out) {
     for (int j = 0; j < 32; ++j) {
         // round to nearest even by the 1.5 * 2^23 trick (|x * id| <= 127): no libm call, vectorizable
         const float r = (x[j] * id + 12582912.0f) - 12582912.0f;
-        const int v = (int)r;
-        out.q[j] = (int8_t)std::min(127, std::max(-127, v));
+        // Clamp in float before converting: a non-finite activation (NaN, or Inf * 0) must not reach the
+        // float -> int conversion (undefined behaviour). std::max(-127, NaN) is -127; the result is then
+        // garbage but defined, and the NaN still reaches the output through xsum, where eval's check of
+        // the logits reports it.
+        out.q[j] = (int8_t)(int)std::min(127.0f, std::max(-127.0f, r));
         sum += out.q[j];
     }
     out.d = d;

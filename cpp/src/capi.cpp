@@ -1,5 +1,6 @@
 // The C API: argument checks, exception-to-status translation, thread-local error messages.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <new>
 #include <string>
@@ -87,6 +88,11 @@ int check_kernels(int kernels) {
         return wqe::K_NEON;
     }
     wqe::fail(WQE_ERR_INVALID_ARGUMENT, "unknown kernel set %d", kernels);
+}
+
+void check_sampler_params(const wqe_sampler_params& p) {
+    CHECK_ARG(std::isfinite(p.temperature), "temperature %g is not a finite number", (double)p.temperature);
+    CHECK_ARG(!std::isnan(p.top_p), "top_p is NaN");
 }
 
 }  // namespace
@@ -282,6 +288,7 @@ int wqe_sampler_new(const wqe_sampler_params* params, wqe_sampler** out) {
     if (out) *out = nullptr;
     return guarded([&] {
         CHECK_ARG(params && out, "params and out must not be NULL");
+        check_sampler_params(*params);
         *out = new wqe_sampler(*params);
     });
 }
@@ -291,6 +298,9 @@ void wqe_sampler_free(wqe_sampler* s) { delete s; }
 int wqe_sample(wqe_sampler* s, const float* logits, int32_t n_vocab, int32_t* token) {
     return guarded([&] {
         CHECK_ARG(s && logits && token && n_vocab > 0, "bad arguments");
+        // Sorting NaNs breaks the comparator's ordering (undefined behaviour in std::sort): refuse them.
+        for (int32_t i = 0; i < n_vocab; ++i)
+            CHECK_ARG(std::isfinite(logits[i]), "logit %d is %g: cannot sample from non-finite logits", i, (double)logits[i]);
         *token = s->s.sample(logits, n_vocab);
     });
 }
@@ -303,6 +313,12 @@ int wqe_generate(wqe_context* ctx, const int32_t* prompt, int32_t n_prompt, int3
         CHECK_ARG(ctx && prompt && n_prompt > 0 && max_new >= 0 && n_out && (out_tokens || max_new == 0), "bad arguments");
         wqe::Context& c = ctx->c;
         const int V = c.model.hp.n_vocab, eos = c.model.hp.eos;
+        // All of it must fit before any work (the last new token is returned, not evaluated); 64-bit sums.
+        const int64_t need = (int64_t)c.n_past + n_prompt + std::max(max_new - 1, 0);
+        if (need > c.n_ctx)
+            wqe::fail(WQE_ERR_CONTEXT_FULL, "a prompt of %d tokens and %d new tokens do not fit: the context holds %d of %d tokens",
+                      n_prompt, max_new, c.n_past, c.n_ctx);
+        if (params) check_sampler_params(*params);
         wqe::Sampler sampler(params ? *params : wqe_sampler_default_params());
         std::vector<float> logits(V);
         c.eval(prompt, n_prompt, logits.data(), false);
@@ -311,7 +327,7 @@ int wqe_generate(wqe_context* ctx, const int32_t* prompt, int32_t n_prompt, int3
             if (stop_at_eos && tok == eos) break;
             out_tokens[(*n_out)++] = tok;
             if (cb && cb(tok, user)) break;
-            if (i + 1 == max_new || c.n_past >= c.n_ctx) break;
+            if (i + 1 == max_new) break;
             c.eval(&tok, 1, logits.data(), false);
         }
     });

@@ -212,8 +212,11 @@ GGUFFile::GGUFFile(const std::string& path) : path_(path), file_(path) {
     if (const GGUFValue* a = find("general.alignment")) {
         if (a->type != GV_UINT32) format_error("key 'general.alignment' has type %s, expected u32", value_type_name(a->type));
         alignment_ = load_u32(a->data);
-        if (alignment_ == 0 || (alignment_ & (alignment_ - 1)) || alignment_ > 65536)
-            format_error("general.alignment = %llu is not a power of two <= 65536", (unsigned long long)alignment_);
+        // GGUF requires a multiple of 8 (ggml: a power of two). Below 8, F32/F16 tensors could start at
+        // addresses the kernels' typed loads may not use.
+        if (alignment_ < 8 || (alignment_ & (alignment_ - 1)) || alignment_ > 65536)
+            format_error("general.alignment = %llu is not allowed: GGUF requires a power of two that is a multiple "
+                         "of 8 (8 to 65536; wqedge writes 32)", (unsigned long long)alignment_);
     }
 
     tensors_.reserve(n_tensors);
@@ -236,7 +239,14 @@ GGUFFile::GGUFFile(const std::string& path) : path_(path), file_(path) {
         }
         t.type = c.u32();
         const uint64_t ts = ggml_type_size(t.type);
-        if (ts == 0) format_error("tensor '%s': unsupported ggml type %u", t.name.c_str(), t.type);
+        if (ts == 0) {
+            // llama.cpp's quantized types (Q4_0, Q4_K, IQ4_NL = 20, ...) are not ours: say what the file is.
+            if (!find("wqedge.format_version"))
+                format_error("this is a llama.cpp GGUF, not a wqedge file (no wqedge.format_version key; tensor '%s' "
+                             "has ggml type %u, which wqedge does not use) — run it with llama.cpp",
+                             t.name.c_str(), t.type);
+            format_error("tensor '%s': unsupported ggml type %u", t.name.c_str(), t.type);
+        }
         if (n_elems > file_.size() / ts)
             format_error("tensor '%s': %llu elements of %s cannot fit in a %llu-byte file", t.name.c_str(),
                          (unsigned long long)n_elems, ggml_type_name(t.type), (unsigned long long)file_.size());
@@ -353,12 +363,16 @@ const GGUFValue& GGUFFile::get_array(const std::string& key, uint32_t elem_type)
     return *v;
 }
 
-std::vector<int64_t> GGUFFile::get_int_array(const std::string& key) const {
+std::vector<int64_t> GGUFFile::get_int_array(const std::string& key, uint64_t max_count) const {
     const GGUFValue* v = find(key);
     if (!v) format_error("missing required key '%s'", key.c_str());
     if (v->type != GV_ARRAY || !is_int_type(v->elem_type))
         format_error("key '%s' has type %s, expected an array of integers", key.c_str(),
                      v->type == GV_ARRAY ? (std::string("array of ") + value_type_name(v->elem_type)).c_str() : value_type_name(v->type));
+    // The count is bounded by the file size, but widening to int64 multiplies it by up to 8: check first.
+    if (v->count > max_count)
+        format_error("key '%s' has %llu elements, at most %llu expected", key.c_str(), (unsigned long long)v->count,
+                     (unsigned long long)max_count);
     const uint64_t es = scalar_size(v->elem_type);
     std::vector<int64_t> out(v->count);
     for (uint64_t i = 0; i < v->count; ++i) {

@@ -85,8 +85,9 @@ public:
     bool get_bool(const std::string& key, bool dflt) const;
     std::string get_string(const std::string& key) const;
     std::string get_string(const std::string& key, const std::string& dflt) const;
-    // Integer array elements (any integer element type) widened to int64.
-    std::vector<int64_t> get_int_array(const std::string& key) const;
+    // Integer array elements (any integer element type) widened to int64; more than max_count elements
+    // is a format error (raised before anything is allocated).
+    std::vector<int64_t> get_int_array(const std::string& key, uint64_t max_count) const;
     const GGUFValue& get_array(const std::string& key, uint32_t elem_type) const;  // exact element type
 
     [[noreturn]] void format_error(const char* fmt, ...) const

@@ -1,6 +1,9 @@
-// AVX2 + FMA + F16C kernels. Everything in this file is compiled for that target through the
-// pragma below, so the rest of the library stays baseline x86-64; these functions are only
-// called after cpu_has_avx2() said yes. No templates or inline functions from shared headers
+// AVX2 + FMA + F16C kernels. Every function defined in this file is compiled for that target through
+// the pragma below (GCC: `#pragma GCC target`; clang ignores that one and needs
+// `#pragma clang attribute`, which gives each function the same target attribute), so the rest of
+// the library stays baseline x86-64; these functions are only called after cpu_has_avx2() said yes.
+// The file is deliberately not compiled with -mavx2: headers included above the pragma (and any
+// inline function they define) stay baseline. No templates or inline functions from shared headers
 // are instantiated here (they could be merged with their baseline copies by the linker).
 #if defined(__x86_64__) || defined(__i386__)
 
@@ -10,8 +13,12 @@
 
 #include "blocks.h"  // XQ8 only: no inline function of it is called here
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#if defined(__clang__)
+#  pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#  pragma GCC push_options
+#  pragma GCC target("avx2,fma,f16c")
+#endif
 
 namespace wqe {
 namespace avx2 {
@@ -551,6 +558,10 @@ void vgemm4(const float* W, int ldw, const float* X, int ldx, int nt, int K, flo
 }  // namespace avx2
 }  // namespace wqe
 
-#pragma GCC pop_options
+#if defined(__clang__)
+#  pragma clang attribute pop
+#else
+#  pragma GCC pop_options
+#endif
 
 #endif

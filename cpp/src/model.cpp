@@ -1,5 +1,7 @@
 #include "model.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -79,6 +81,8 @@ void set_protected_columns(Linear& L, const std::vector<int64_t>& cols) {
 // ------------------------------------------------------------------ loading and validation
 namespace {
 
+constexpr uint64_t MAX_CHUNK_LIST = 1 << 20;  // chunk_actions / chunk_protected entries (K <= 2^20)
+
 struct Loader {
     const GGUFFile& f;
     Model& m;
@@ -145,13 +149,13 @@ struct Loader {
             f.format_error("key '%sin_features' = %lld, but the model shape says %d", key.c_str(), (long long)in_features, K);
         const int G = m.hp.group_size;
         const int n_chunks = (K + G - 1) / G;
-        const std::vector<int64_t> actions = f.get_int_array(key + "chunk_actions");
+        const std::vector<int64_t> actions = f.get_int_array(key + "chunk_actions", MAX_CHUNK_LIST);
         if ((int64_t)actions.size() != n_chunks)
             f.format_error("key '%schunk_actions' lists %zu chunks, but %d columns in chunks of %d make %d",
                            key.c_str(), actions.size(), K, G, n_chunks);
         std::vector<int64_t> prot(n_chunks, 0);
         if (f.has(key + "chunk_protected")) {
-            prot = f.get_int_array(key + "chunk_protected");
+            prot = f.get_int_array(key + "chunk_protected", MAX_CHUNK_LIST);
             if ((int64_t)prot.size() != n_chunks)
                 f.format_error("key '%schunk_protected' lists %zu chunks, expected %d", key.c_str(), prot.size(), n_chunks);
         }
@@ -194,10 +198,15 @@ struct Loader {
 
 void Loader::load() {
     HParams& hp = m.hp;
-    const std::string arch = f.get_string("general.architecture");
-    if (arch != "llama") f.format_error("general.architecture is '%s'; this runtime runs 'llama' models", arch.c_str());
+    // Whether the file is ours at all comes first: a stock llama.cpp GGUF (any architecture) gets one message.
+    const std::string arch = f.get_string("general.architecture", "");
     if (!f.has("wqedge.format_version"))
-        f.format_error("not a wqedge model file (no wqedge.format_version key)");
+        f.format_error("this is a llama.cpp GGUF (architecture '%s'), not a wqedge file (no wqedge.format_version "
+                       "key) — run it with llama.cpp", arch.c_str());
+    if (arch.empty()) f.format_error("missing required key 'general.architecture'");
+    if (arch != "llama")
+        throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": general.architecture is '" + arch +
+                                             "'; this runtime runs 'llama' models only");
     hp.format_version = (int)f.get_int("wqedge.format_version");
     if (hp.format_version != WQE_FORMAT_VERSION)
         throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": wqedge format version " + std::to_string(hp.format_version) +
@@ -286,6 +295,13 @@ void Loader::load_tokenizer() {
     }
 #ifdef WQE_HAVE_TOKENIZER
     const std::string model = f.get_string("tokenizer.ggml.model");
+    // Every tokenizer array has one entry per vocabulary token: check the counts before copying.
+    for (const char* key : {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"}) {
+        const GGUFValue* v = f.find(key);
+        if (v && v->type == GV_ARRAY && v->count != (uint64_t)m.hp.n_vocab)
+            f.format_error("key '%s' has %llu entries but the model's vocabulary is %d", key,
+                           (unsigned long long)v->count, m.hp.n_vocab);
+    }
     std::vector<std::string> tokens;
     for (const GGUFString& s : f.get_array("tokenizer.ggml.tokens", GV_STRING).strings) tokens.push_back(s.str());
     std::vector<float> scores;
@@ -296,7 +312,7 @@ void Loader::load_tokenizer() {
     }
     std::vector<int32_t> types;
     if (f.has("tokenizer.ggml.token_type")) {
-        for (int64_t t : f.get_int_array("tokenizer.ggml.token_type")) types.push_back((int32_t)t);
+        for (int64_t t : f.get_int_array("tokenizer.ggml.token_type", (uint64_t)m.hp.n_vocab)) types.push_back((int32_t)t);
     }
     std::vector<std::string> merges;
     if (f.has("tokenizer.ggml.merges"))
@@ -329,7 +345,15 @@ Model::~Model() = default;
 // ------------------------------------------------------------------ context
 Context::Context(const Model& m, int n_ctx_, int n_threads) : model(m), n_ctx(n_ctx_) {
     const HParams& hp = m.hp;
+    if (n_ctx < 1 || n_ctx > MAX_CTX) fail(WQE_ERR_INVALID_ARGUMENT, "context length %d is outside [1, %d]", n_ctx, MAX_CTX);
+    // Both caches are touched (zeroed) at once: refuse more than the machine's memory up front rather
+    // than being killed half-way. kv <= 2^12 layers * 2^24 tokens * 2^17 floats: no overflow in 64 bits.
     const size_t kv = (size_t)hp.n_layer * n_ctx * hp.kv_dim();
+    const double kv_bytes = 2.0 * (double)kv * sizeof(float);
+    const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0 && kv_bytes > (double)pages * (double)page)
+        fail(WQE_ERR_OUT_OF_MEMORY, "a KV cache of %d tokens needs %.1f GiB, more than this machine's %.1f GiB of memory",
+             n_ctx, kv_bytes / 1073741824.0, (double)pages * page / 1073741824.0);
     try {
         k_cache.assign(kv, 0.0f);
         v_cache.assign(kv, 0.0f);
@@ -364,6 +388,64 @@ void Context::ensure_batch(int n) {
     n_batch_alloc = n;
 }
 
+// ------------------------------------------------------------------ non-finite values
+// The loader checks the small float tensors (norms, rope_freqs) completely. The embedding matrix is
+// large and stays lazily mapped, so its rows are checked when looked up (once per token per eval), and
+// anything else (the output head, a linear's fp16 scales) is caught by checking the logits once per
+// evaluated token; only then is the file scanned to name the culprit. No check sits in the kernels.
+static bool finite_half(uint16_t h) { return (h & 0x7C00u) != 0x7C00u; }
+static bool finite_halves(const uint8_t* p, size_t n) {
+    for (size_t i = 0; i < n; ++i)
+        if (!finite_half(load_u16(p + 2 * i))) return false;
+    return true;
+}
+static bool finite_floats(const float* x, size_t n) {
+    for (size_t i = 0; i < n; ++i)
+        if (!std::isfinite(x[i])) return false;
+    return true;
+}
+// Row r of a dense tensor (F16 or F32) is finite.
+static bool dense_row_finite(const Linear& L, int r) {
+    const uint8_t* row = L.row(r);
+    if (L.kind == Linear::DENSE_F16) return finite_halves(row, L.K);
+    for (int k = 0; k < L.K; ++k) {
+        float v;
+        std::memcpy(&v, row + 4 * (size_t)k, 4);
+        if (!std::isfinite(v)) return false;
+    }
+    return true;
+}
+
+// First row of a tensor holding a non-finite weight (dense values; chunked: fp16 scales, fp16 codes
+// and protected residuals), or -1.
+static int64_t nonfinite_row(const Linear& L) {
+    for (int r = 0; r < L.N; ++r) {
+        if (L.kind != Linear::CHUNKED) {
+            if (!dense_row_finite(L, r)) return r;
+            continue;
+        }
+        const uint8_t* row = L.row(r);
+        for (const Chunk& ch : L.chunks) {
+            const uint8_t* rb = row + ch.off;
+            const size_t halves = ch.bt->id == 0 ? ch.bt->code_bytes(ch.g_pad) / 2 : (size_t)ch.bt->header_bytes / 2;
+            if (!finite_halves(rb, halves) || !finite_halves(rb + ch.res_off, ch.n_prot)) return r;
+        }
+    }
+    return -1;
+}
+
+static std::string nonfinite_culprit(const Model& m) {
+    std::vector<const Linear*> all = {&m.tok_embd};
+    if (!m.tied) all.push_back(&m.output);
+    for (const Layer& L : m.layers)
+        for (const Linear* W : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) all.push_back(W);
+    for (const Linear* W : all) {
+        const int64_t r = nonfinite_row(*W);
+        if (r >= 0) return "tensor '" + W->name + "' holds a non-finite value in row " + std::to_string(r);
+    }
+    return "no weight is non-finite; the activations overflowed";
+}
+
 void Context::eval(const int32_t* tokens, int n, float* logits, bool all) {
     const HParams& hp = model.hp;
     if (n <= 0) fail(WQE_ERR_INVALID_ARGUMENT, "no tokens to evaluate (n_tokens = %d)", n);
@@ -371,6 +453,12 @@ void Context::eval(const int32_t* tokens, int n, float* logits, bool all) {
     for (int i = 0; i < n; ++i)
         if (tokens[i] < 0 || tokens[i] >= hp.n_vocab)
             fail(WQE_ERR_INVALID_ARGUMENT, "token %d at index %d is outside the vocabulary [0, %d)", tokens[i], i, hp.n_vocab);
+    for (int i = 0; i < n; ++i) {
+        if (!dense_row_finite(model.tok_embd, tokens[i]))
+            fail(WQE_ERR_FORMAT, "%s: tensor 'token_embd.weight' holds a non-finite value in row %d (token %d at index %d); "
+                 "the file is corrupt", model.file->path().c_str(), tokens[i], tokens[i], i);
+    }
+    const int n_past0 = n_past;
     for (int i0 = 0; i0 < n; i0 += MAX_UBATCH) {
         const int nb = std::min(MAX_UBATCH, n - i0);
         const bool last = i0 + nb == n;
@@ -378,6 +466,11 @@ void Context::eval(const int32_t* tokens, int n, float* logits, bool all) {
         if (logits && all) out = logits + (size_t)i0 * hp.n_vocab;
         else if (logits && last) out = logits;
         forward(tokens + i0, nb, out, all);
+        if (out && !finite_floats(out, (size_t)(all ? nb : 1) * hp.n_vocab)) {
+            n_past = n_past0;  // the cache holds non-finite values from here on: drop this eval
+            fail(WQE_ERR_FORMAT, "%s: the model produced non-finite logits; the file may be corrupt: %s",
+                 model.file->path().c_str(), nonfinite_culprit(model).c_str());
+        }
     }
 }
 

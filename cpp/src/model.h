@@ -74,5 +74,6 @@ private:
 };
 
 constexpr int MAX_UBATCH = 512;  // tokens per forward pass; longer evals are split
+constexpr int MAX_CTX = 1 << 24;  // context length limit (as llama.context_length's)
 
 }  // namespace wqe

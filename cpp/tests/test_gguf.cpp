@@ -27,7 +27,7 @@ struct Buf {
     void str(const std::string& s) { u64(s.size()); raw(s.data(), s.size()); }
 };
 
-struct Offsets { size_t n_kv, tensor_dims, tensor_type, tensor_offset, data; };
+struct Offsets { size_t n_kv, alignment, tensor_dims, tensor_type, tensor_offset, data; };
 
 static std::vector<uint8_t> make_file(Offsets* o) {
     Buf f;
@@ -37,7 +37,9 @@ static std::vector<uint8_t> make_file(Offsets* o) {
     o->n_kv = f.b.size();
     f.u64(3);   // kv
     f.str("general.architecture"); f.u32(8); f.str("llama");
-    f.str("general.alignment"); f.u32(4); f.u32(32);
+    f.str("general.alignment"); f.u32(4);
+    o->alignment = f.b.size();
+    f.u32(32);
     f.str("some.array"); f.u32(9); f.u32(4); f.u64(3); f.u32(1); f.u32(2); f.u32(3);
     f.str("a.weight"); f.u32(2);
     o->tensor_dims = f.b.size();
@@ -100,7 +102,14 @@ int main() {
         std::fclose(fp);
         GGUFFile f(p);
         check(f.tensor("b.weight") && f.tensor("b.weight")->data[0] == 32, "tensor data located");
-        check(f.get_int_array("some.array").size() == 3, "array read");
+        check(f.get_int_array("some.array", 3).size() == 3, "array read");
+        bool refused = false;
+        try {
+            f.get_int_array("some.array", 2);
+        } catch (const Error& e) {
+            refused = e.code == WQE_ERR_FORMAT && std::string(e.what()).find("at most 2") != std::string::npos;
+        }
+        check(refused, "array longer than its bound refused");
         check(f.get_string("general.architecture") == "llama", "string read");
         std::remove(p.c_str());
     }
@@ -125,7 +134,13 @@ int main() {
     b = good; put<uint64_t>(b, o.tensor_dims, 0); expect_error(b, "zero dimension", "absurd dimension");
     b = good; put<uint64_t>(b, o.tensor_dims, 1000); expect_error(b, "tensor larger than file", "cannot fit");
     b = good; put<uint64_t>(b, o.tensor_dims, 20); expect_error(b, "tensor overlaps the end", "past the end");
-    b = good; put<uint32_t>(b, o.tensor_type, 77); expect_error(b, "unknown ggml type", "unsupported ggml type 77");
+    b = good; put<uint32_t>(b, o.tensor_type, 77); expect_error(b, "unknown ggml type", "ggml type 77");
+    // no wqedge.format_version key here: an unknown (llama.cpp) type means a llama.cpp file
+    b = good; put<uint32_t>(b, o.tensor_type, 20); expect_error(b, "llama.cpp type", "not a wqedge file");
+    // GGUF alignments are powers of two and multiples of 8 (below 8, typed loads could be misaligned)
+    for (uint32_t a : {0u, 1u, 2u, 4u, 12u, 48u, 1u << 20}) {
+        b = good; put<uint32_t>(b, o.alignment, a); expect_error(b, "alignment " + std::to_string(a), "multiple of 8");
+    }
     b = good; put<uint64_t>(b, o.tensor_offset, 4096); expect_error(b, "offset past end", "past the end");
     b = good; put<uint64_t>(b, o.tensor_offset, ~(uint64_t)0 - 31); expect_error(b, "offset overflow", "past the end");
     b = good; put<uint64_t>(b, o.tensor_offset, 3); expect_error(b, "misaligned offset", "alignment");

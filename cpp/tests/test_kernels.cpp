@@ -450,12 +450,31 @@ static void fp16_tests() {
     check(ok, "fp16 round trip");
 }
 
+// Non-finite activations (a corrupt file) must not reach a float -> int conversion in the int8
+// activation quantizer (undefined behaviour; the sanitizer build of this test traps on it): every code
+// stays in [-127, 127] and the chunk's sum stays non-finite, so the NaN reaches the output.
+static void q8_nonfinite_tests() {
+    const BlockTraits& bt = *block_traits(2);  // q4, plain layout
+    for (float bad : {NAN, INFINITY, -INFINITY}) {
+        std::vector<float> x(64, 0.5f);
+        x[3] = bad;
+        x[40] = bad;
+        std::vector<XQ8> xq(x8_blocks(bt, 64));
+        const float s = prepare_x8(bt, x.data(), 64, xq.data());
+        bool in_range = true;
+        for (const XQ8& b : xq)
+            for (int j = 0; j < 32; ++j) in_range = in_range && b.q[j] >= -127 && b.q[j] <= 127;
+        check(in_range && !std::isfinite(s), "q8: non-finite activations quantize to defined codes");
+    }
+}
+
 int main() {
     std::printf("%s\n", system_info());
     std::printf("simd kernels under test: %s\n", SIMD ? SIMD_NAME : "none");
     fp16_tests();
     chunk_tests();
     q8_chunk_tests();
+    q8_nonfinite_tests();
     std::printf("int8-activation kernel sets under test: %d (scalar%s)\n", n_q8_sets_seen,
                 SIMD == K_AVX2 ? ", avx2" : SIMD == K_NEON ? (cpu_has_dotprod() ? ", neon, neon+dotprod" : ", neon") : "");
     vec_tests();
