@@ -71,7 +71,7 @@ def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan) -> None
     w.add_uint32("wqedge.group_size", plan.group_size)
     w.add_bool("wqedge.rope.neox", True)
     w.add_float32("wqedge.effective_bits", plan.effective_bits())
-    w.add_string("wqedge.plan", plan.to_json())
+    w.add_string("wqedge.plan", plan.to_json(timings=False))  # same inputs, same bytes
     for lin in spec.linears():
         t = plan.tensor(lin.hf_name)
         name = lin.gguf_name
@@ -86,6 +86,16 @@ def _protect_indices(chunks: list[ChunkData], starts: list[int]) -> np.ndarray:
     idx = [s + np.asarray(c.protected, dtype=np.int64) for c, s in zip(chunks, starts) if c.n_protected]
     # u16 column indices, stored in an I16 tensor (readers view them as unsigned)
     return np.concatenate(idx).astype(np.uint16).view(np.int16) if idx else np.zeros(0, np.int16)
+
+
+def check_finite(name: str, arr: np.ndarray) -> None:
+    """Refuse NaN/Inf (also values that overflow to Inf when stored as fp16): such a file would load and
+    then produce nothing but NaN."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        where = np.argwhere(bad)[0].tolist()
+        raise ValueError(f"{name}: {int(bad.sum())} non-finite value(s) (NaN/Inf, or beyond the fp16 range when "
+                         f"stored as fp16), first at index {where}; the checkpoint is damaged")
 
 
 def write_gguf(path: str | os.PathLike, spec: ModelSpec, plan: Plan, tokenizer: TokenizerMeta,
@@ -128,6 +138,7 @@ def _write(tmp: Path, spec, plan, tokenizer, dense, dense_data, quantized, progr
         arr = factors if d.gguf_name == "rope_freqs.weight" else np.ascontiguousarray(dense_data(d.gguf_name), dtype=d.dtype)
         if arr.shape != tuple(d.shape):
             raise ValueError(f"{d.gguf_name}: expected shape {d.shape}, got {arr.shape}")
+        check_finite(d.gguf_name, arr)
         w.write_tensor_data(arr)
     count = 0
     for lin, chunks in _in_order(quantized, linears):

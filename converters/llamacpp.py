@@ -611,7 +611,8 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
 
 def measured_linear_bits(path, spec: ModelSpec | None = None) -> float:
     """8 x bytes of the decoder-linear tensors / their weights, read from a llama.cpp GGUF's tensor infos."""
-    r = gguf.GGUFReader(path)
+    from ..runtime.gguf_check import open_reader
+    r = open_reader(path)
     total_b = total_w = 0
     for t in r.tensors:
         parts = t.name.split(".")

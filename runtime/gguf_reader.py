@@ -15,10 +15,9 @@ import numpy as np
 from ..blocks import FORMAT_VERSION, block_type, unpack_chunk
 from ..spec import ModelSpec
 from ..units import chunk_bounds
+from .gguf_check import FormatError, open_reader
 
-
-class FormatError(ValueError):
-    """The file is not a wqedge GGUF this version can read."""
+__all__ = ["FormatError", "LinearLayout", "WqGGUF"]
 
 
 @dataclass
@@ -47,13 +46,14 @@ class WqGGUF:
         self.path = Path(path)
         if not self.path.is_file():
             raise FormatError(f"{self.path}: no such file")
-        try:
-            self.reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # gguf raises ValueError/struct errors of many kinds on garbage
-            raise FormatError(f"{self.path}: not a readable GGUF file ({e})") from None
+        self.reader = open_reader(self.path)
         version = _field(self.reader, "wqedge.format_version", None)
         if version is None:
-            raise FormatError(f"{self.path}: not a wqedge file (no wqedge.format_version key)")
+            raise FormatError(f"{self.path}: not a wqedge file (no wqedge.format_version key); a GGUF from "
+                              "llama.cpp runs in llama.cpp, wqedge reads files written by `wqedge convert`")
+        arch = _field(self.reader, "general.architecture", None)
+        if arch != "llama":
+            raise FormatError(f"{self.path}: architecture {arch!r}; wqedge files are 'llama'")
         if version != FORMAT_VERSION:
             raise FormatError(f"{self.path}: wqedge format version {version}, this reader reads {FORMAT_VERSION}")
         self.group_size = int(_field(self.reader, "wqedge.group_size"))

@@ -202,9 +202,20 @@ class Context(_Handle):
     def generate(self, prompt: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int = 0, stop_at_eos: bool = True,
                  callback: Callable[[int], bool | None] | None = None) -> list[int]:
-        """Evaluate prompt at the current position and generate; callback(token) returning True stops."""
+        """Evaluate prompt at the current position and generate; callback(token) returning True stops.
+
+        The prompt and max_new_tokens must fit in the context (ValueError otherwise, before any work).
+        """
         p = _i32(prompt).reshape(-1)
-        out = np.zeros(max(int(max_new_tokens), 1), np.int32)
+        max_new_tokens = int(max_new_tokens)
+        room = self.n_ctx - self.position - len(p)
+        if room < 0:
+            raise ValueError(f"the prompt ({len(p)} tokens) does not fit in the context ({self.n_ctx} tokens, "
+                             f"{self.position} used)")
+        if not 1 <= max_new_tokens <= room:
+            raise ValueError(f"cannot generate {max_new_tokens} tokens: the context holds {self.n_ctx} tokens and "
+                             f"the prompt uses {len(p) + self.position}, so 1 to {room} new tokens fit")
+        out = np.zeros(max_new_tokens, np.int32)
         n = C.c_int32()
         sp = _native.SamplerParams(float(temperature), float(top_p), int(top_k), int(seed) & (2**64 - 1))
         errors = []
@@ -241,8 +252,12 @@ def run(model_path: str | os.PathLike, prompt: str, max_new_tokens: int = 64, te
     """
     with Model(model_path) as model:
         tokens = model.tokenize(prompt)
+        limit = model.info["n_ctx_train"]
+        if max_new_tokens < 1 or len(tokens) + max_new_tokens > limit:
+            raise ValueError(f"the prompt is {len(tokens)} tokens and the model's context is {limit}: "
+                             f"ask for 1 to {max(limit - len(tokens), 0)} new tokens (got {max_new_tokens})")
         if n_ctx == 0:
-            n_ctx = min(model.info["n_ctx_train"], len(tokens) + max_new_tokens)
+            n_ctx = len(tokens) + max_new_tokens
         pending = bytearray()
 
         def cb(tok: int):

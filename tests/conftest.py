@@ -7,9 +7,12 @@ transformers) and must be treated as read-only: a test that wants to break one c
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).parents[1]
 # The shared fixtures live next to the repository (../shared/fixtures); a checkout may also carry them inside.
@@ -77,3 +80,7 @@ def tiny_model_dir(tiny_model_factory) -> Path:
 def tiny_bpe_model_dir(tiny_model_factory) -> Path:
     """The default tiny model with a byte-level BPE tokenizer (GPT-2 regex; vocab laid out as LLaMA 3's)."""
     return tiny_model_factory(bpe=True)
+
+
+# Tests marked engine("llama.cpp"/"onnxruntime") run in a child pytest process (tests/engine_isolation.py).
+from engine_isolation import pytest_configure, pytest_runtest_logreport, pytest_runtest_protocol  # noqa: E402,F401

@@ -112,7 +112,7 @@ def test_cli_convert_inspect_eval(ckpt, tmp_path):
     (["convert", "/nonexistent/model"], "config.json|does not exist|no such"),
     (["convert", "{model}", "--bits", "0.5"], "below the cheapest"),
     (["convert", "{model}", "--group", "100"], "multiple of 32"),
-    (["inspect", "{model}/config.json"], "not a readable GGUF"),
+    (["inspect", "{model}/config.json"], "not a GGUF file"),
     (["plan", "{model}", "-o", "/tmp/never.json", "--protect", "0"], "must lie in 1..32"),
     (["plan", "{model}", "-o", "/tmp/never.json", "--protect", "two"], "comma-separated column counts"),
 ])
@@ -125,6 +125,7 @@ def test_cli_errors_are_clear(ckpt, args, match):
     assert re.search(match, res.output, re.I), res.output
 
 
+@pytest.mark.engine("onnxruntime")
 def test_cli_convert_to_onnx_runs_in_onnxruntime(ckpt, tmp_path):
     import onnx
     import onnxruntime as ort

@@ -168,7 +168,7 @@ def test_chunk_not_matching_plan_is_rejected(tmp_path, tokenizer):
 def test_reader_rejects_non_wqedge_and_garbage(tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\x00" * 10)
-    with pytest.raises(FormatError, match="not a readable GGUF"):
+    with pytest.raises(FormatError, match="too small to be GGUF"):
         WqGGUF(junk)
     plain = tmp_path / "plain.gguf"
     w = gguf.GGUFWriter(plain, "llama")

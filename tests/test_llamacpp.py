@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.engine("llama.cpp")  # run in a child pytest (tests/conftest.py)
 
 import gguf  # noqa: E402
 from wqedge.converters.llamacpp import (  # noqa: E402

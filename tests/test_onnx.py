@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpp_support import ALL_ACTIONS, mixed_action, write_llama_s, write_tiny
 
 onnx = pytest.importorskip("onnx")
+pytestmark = pytest.mark.engine("onnxruntime")  # run in a child pytest (tests/conftest.py)
 ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 

@@ -5,6 +5,7 @@ library modules (checkpoint, alloc, quantize, converters, runtime), which know n
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from . import __version__
 
 ALLOCATORS = ("uniform", "greedy", "rl")
 DEMO_DIR = Path("wqedge-demo")
+MIN_CALIB_WORDS = 16
 
 
 def _fail(msg: str) -> None:
@@ -53,6 +55,24 @@ def _read_text(path) -> str:
         _fail(f"{path} is not UTF-8 text")
 
 
+def _read_calib(path) -> str:
+    """Calibration text: must hold some words (an empty file would silently mean 'no calibration')."""
+    text = _read_text(path)
+    if len(text.split()) < MIN_CALIB_WORDS:
+        _fail(f"calibration text {path} holds {len(text.split())} words; give at least {MIN_CALIB_WORDS} "
+              "(a few thousand tokens of ordinary text in the model's language is a good start), or leave out "
+              "--calib")
+    return text
+
+
+def _check_bits(ctx, param, value):
+    if value is None:
+        return value
+    if not math.isfinite(value) or value <= 0:
+        raise click.BadParameter(f"the budget must be a positive number of bits per weight, got {value}")
+    return value
+
+
 def _check_group(value: int) -> int:
     from .units import check_group_size
     try:
@@ -80,6 +100,8 @@ def main():
       wqedge inspect model.gguf
       wqedge eval model.gguf --text eval.txt
     """
+    from .fileio import terminate_as_interrupt
+    terminate_as_interrupt()  # SIGTERM unwinds like Ctrl-C: no partial file is left behind
 
 
 def _parse_protect(ctx, param, value):
@@ -116,7 +138,7 @@ def _calibration_stats(ckpt, calib_text, device):
 
 
 _common_plan_options = [
-    click.option("--bits", "-b", type=float, default=4.25, show_default=True,
+    click.option("--bits", "-b", type=float, default=4.25, show_default=True, callback=_check_bits,
                  help="Budget: effective bits per weight over all decoder linears, counting every scale, "
                       "zero point and protected column (q4 at group 128 costs 4.25, q3 3.25, q2 2.25)."),
     click.option("--group", "-g", type=int, default=128, show_default=True, callback=lambda c, p, v: _check_group(v),
@@ -188,13 +210,18 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, s
     spec = ckpt.spec
     click.echo(f"model: {model_dir} ({spec.n_layers} layers, hidden {spec.hidden_size}, "
                f"{len(spec.linears())} decoder linears, stored {ckpt.dtype})")
+    from .quantize import check_dense_finite
+    try:
+        check_dense_finite(ckpt)
+    except ValueError as e:
+        _fail(f"{model_dir}: {e}")
     if plan_path:
         try:
             plan = Plan.load(plan_path, spec, ckpt.fingerprint())
         except PlanError as e:
             _fail(str(e))
     else:
-        calib_text = _read_text(calib) if calib else None
+        calib_text = _read_calib(calib) if calib else None
         plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect)
     _print_plan_summary(plan)
     if save_plan:
@@ -212,10 +239,10 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, s
     if feedback:
         from .alloc.feedback import quantize_checkpoint
         click.echo("fitting chunks with error feedback on the calibration text…")
-        fitted = quantize_checkpoint(ckpt, plan, _read_text(calib), device=device)
+        fitted = quantize_checkpoint(ckpt, plan, _read_calib(calib), device=device)
     elif calib:
         click.echo("calibrating (activation statistics for the quantizer fits)…")
-        stats = _calibration_stats(ckpt, _read_text(calib), device)
+        stats = _calibration_stats(ckpt, _read_calib(calib), device)
 
     if output is None:
         stem = model_dir.name
@@ -251,7 +278,7 @@ def _export_llamacpp(ckpt, plan, output, calib, device):
         from .converters.llamacpp import export_llamacpp
     except ImportError as e:
         _fail(f"--target llamacpp needs llama-cpp-python (pip install 'wqedge[llamacpp]'): {e}")
-    imatrix = _calibration_stats(ckpt, _read_text(calib), device) if calib else None
+    imatrix = _calibration_stats(ckpt, _read_calib(calib), device) if calib else None
     if output is None:
         output = Path(".") / f"{ckpt.path.name}.llamacpp{plan.budget_bits:g}.gguf"
     try:
@@ -276,7 +303,7 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, seed
     from .report import text_report, write_report
 
     ckpt = _open_checkpoint(model_dir)
-    calib_text = _read_text(calib) if calib else None
+    calib_text = _read_calib(calib) if calib else None
     p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect)
     click.echo(text_report(p))
     p.save(output)
@@ -311,17 +338,20 @@ def inspect(gguf_file):
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Evaluation text (UTF-8).")
-@click.option("--chunks", type=int, default=32, show_default=True,
+@click.option("--chunks", type=click.IntRange(min=0), default=32, show_default=True,
               help="Number of --ctx-token windows to score (0 = all).")
-@click.option("--ctx", type=int, default=512, show_default=True, help="Window length in tokens.")
+@click.option("--ctx", type=click.IntRange(2, 1 << 20), default=512, show_default=True,
+              help="Window length in tokens.")
 @click.option("--backend", type=click.Choice(["torch", "cpp"]), default="torch", show_default=True,
               help="'torch': the PyTorch reference (dequantized weights through transformers); "
                    "'cpp': our C++ runtime (GGUF only).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False),
               help="Hugging Face folder whose tokenizer to use for a GGUF with the torch backend "
                    "(default: the GGUF's own vocabulary).")
-@click.option("--threads", type=int, default=0, help="Threads for the cpp backend (0 = all cores).")
-@click.option("--batch", type=int, default=4, show_default=True, help="Windows per forward pass (torch).")
+@click.option("--threads", type=click.IntRange(0, 4096), default=0,
+              help="Threads for the cpp backend (0 = all cores).")
+@click.option("--batch", type=click.IntRange(1, 4096), default=4, show_default=True,
+              help="Windows per forward pass (torch).")
 def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, batch):
     """Perplexity of MODEL (a Hugging Face folder or a wqedge GGUF) on a text, as llama.cpp defines it.
 
@@ -370,6 +400,8 @@ def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, bat
             r = perplexity(fn, tokens, bos, ctx, n_windows, batch, progress=bar.update)
         except ValueError as e:
             _fail(str(e))
+    if not math.isfinite(r.perplexity):
+        _fail(f"perplexity is {r.perplexity}: the model produced non-finite logits (a damaged file or checkpoint?)")
     click.echo(f"perplexity: {r.perplexity:.4f} over {r.n_windows} windows of {ctx} ({r.n_scored} tokens scored); "
                f"every position: {r.perplexity_all:.4f} [{backend}]")
 
@@ -380,6 +412,8 @@ def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
     if tok_dir is not None:
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
     else:
+        from .runtime.gguf_check import check_gguf
+        check_gguf(gguf_path)  # transformers reads it with gguf.GGUFReader, which trusts every count
         tok = AutoTokenizer.from_pretrained(str(Path(gguf_path).parent), gguf_file=Path(gguf_path).name)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return [tok.bos_token_id] + list(ids)
@@ -388,22 +422,41 @@ def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
 @main.command()
 @click.argument("gguf_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--prompt", "-p", default="Once upon a time", show_default=True, help="Text to continue.")
-@click.option("--max-tokens", "-n", type=int, default=64, show_default=True, help="Tokens to generate.")
+@click.option("--max-tokens", "-n", type=click.IntRange(1, 1 << 24), default=64, show_default=True,
+              help="Tokens to generate (prompt + these must fit the model's context).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens (0 = all).")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Keep the k most likely tokens (0 = all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (same seed, same text).")
-@click.option("--threads", type=int, default=0, help="Threads (0 = all cores).")
+@click.option("--threads", type=click.IntRange(0, 4096), default=0, help="Threads (0 = all cores).")
 def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads):
     """Generate text from GGUF_FILE with the C++ runtime, streaming it to the terminal."""
     from .runtime import native
-    click.echo(prompt, nl=False)
     try:
-        native.run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads,
-                   stream=lambda piece: click.echo(piece, nl=False))
-    except native.NativeError as e:
-        click.echo()
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        _fail("the prompt is not valid UTF-8 text")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        _fail(f"--temperature must be a finite number >= 0, got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        _fail(f"--top-p must lie in (0, 1], got {top_p}")
+    started = False
+
+    def stream(piece):
+        nonlocal started
+        if not started:
+            click.echo(prompt, nl=False)
+            started = True
+        click.echo(piece, nl=False)
+    try:
+        native.run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, stream=stream)
+    except (native.NativeError, ValueError) as e:
+        if started:
+            click.echo()
         _fail(str(e))
+    if not started:
+        click.echo(prompt, nl=False)
     click.echo()
 
 

@@ -22,6 +22,7 @@ PLAN_FORMAT = "wqedge-plan"
 PLAN_VERSION = 1
 METHODS = ("neuqi", "minmax")
 BUDGET_TOLERANCE = 1e-9
+MAX_PLAN_BYTES = 64 << 20  # a 70B plan is well under 1 MiB; anything larger is not a plan
 
 
 class PlanError(ValueError):
@@ -166,8 +167,13 @@ class Plan:
             "tensors": [tensor_dict(t) for t in self.tensors], "meta": self.meta,
         }
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+    def to_json(self, timings: bool = True) -> str:
+        """The plan as JSON; timings=False drops wall-clock figures (meta keys "seconds" and "*_seconds"),
+        so that equal inputs give equal bytes where the plan is embedded in a model file."""
+        d = self.to_dict()
+        if not timings:
+            d["meta"] = _without_timings(d["meta"])
+        return json.dumps(d, indent=1)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a temporary file in the same folder, then rename."""
@@ -196,12 +202,28 @@ class Plan:
     def load(cls, path: str | os.PathLike, spec: ModelSpec | None = None, fingerprint: str | None = None) -> "Plan":
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            if path.stat().st_size > MAX_PLAN_BYTES:
+                raise PlanError(f"{path}: {path.stat().st_size} bytes is too large for a plan file "
+                                f"(limit {MAX_PLAN_BYTES})")
+            d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise PlanError(f"{path}: no such plan file") from None
-        except json.JSONDecodeError as e:
+        except OSError as e:
+            raise PlanError(f"{path}: cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"{path}: not a wqedge plan (not UTF-8 text; plans are JSON from `wqedge plan`)") from None
+        except (json.JSONDecodeError, RecursionError) as e:
             raise PlanError(f"{path}: not valid JSON ({e})") from None
         try:
             return cls.from_dict(d).validate(spec, fingerprint)
         except PlanError as e:
             raise PlanError(f"{path}: {e}") from None
+
+
+def _without_timings(x):
+    """A copy of a JSON value without the keys that hold wall-clock seconds."""
+    if isinstance(x, dict):
+        return {k: _without_timings(v) for k, v in x.items() if not (k == "seconds" or k.endswith("_seconds"))}
+    if isinstance(x, list):
+        return [_without_timings(v) for v in x]
+    return x

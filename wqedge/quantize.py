@@ -13,7 +13,7 @@ import torch
 
 from .blocks import ChunkData
 from .checkpoint import LlamaCheckpoint
-from .converters.gguf_writer import dense_tensors, write_gguf
+from .converters.gguf_writer import check_finite, dense_tensors, write_gguf
 from .converters.tokenizer import read_tokenizer
 from .plan import Plan
 from .quant.fit import fit_chunk, fit_linear
@@ -49,6 +49,16 @@ def quantize_linears(ckpt: LlamaCheckpoint, plan: Plan, stats: dict[str, torch.T
         w = ckpt.linear_weight(lin).to(device or "cpu", torch.float32)
         h = None if not stats else stats.get(lin.hf_name)
         yield lin, quantize_linear(w, plan, lin.hf_name, None if h is None else h.to(w.device, torch.float32))
+
+
+def check_dense_finite(ckpt: LlamaCheckpoint) -> None:
+    """ValueError naming the first non-linear tensor (embeddings, norms, output head) with NaN/Inf; cheap
+    enough to run before a long planning job so that a damaged checkpoint fails at once."""
+    stored = np.float16 if ckpt.dtype == "float16" else np.float32
+    for hf, gguf_name, shape in other_tensors(ckpt.spec):
+        arr = ckpt.get(hf).to(torch.float32).numpy()
+        with np.errstate(over="ignore"):
+            check_finite(gguf_name, arr.astype(stored) if len(shape) > 1 else arr)
 
 
 def convert_to_gguf(ckpt: LlamaCheckpoint, plan: Plan, out_path: str | Path,

@@ -201,9 +201,9 @@ class ModelFiles:
         return res.path
 
     def _types_note(self, key: str, path: Path) -> None:
-        import gguf
+        from wqedge.runtime.gguf_check import open_reader
         h: dict[str, int] = {}
-        for t in gguf.GGUFReader(path).tensors:
+        for t in open_reader(path).tensors:
             if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2:
                 h[t.tensor_type.name] = h.get(t.tensor_type.name, 0) + 1
         self.notes[key] = "tensor types " + ", ".join(f"{t} {n}" for t, n in sorted(h.items(), key=lambda x: -x[1]))

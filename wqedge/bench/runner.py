@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +50,8 @@ def _say(msg: str) -> None:
 def bytes_per_token(path: Path, kv_bytes: int, ctx_pos: float) -> float:
     """Bytes one decode step reads: every tensor but the embedding table (one row of it), the output head
     (the embedding table again when tied), and the K and V caches up to the mean decode position."""
-    import gguf
-    r = gguf.GGUFReader(path)
+    from wqedge.runtime.gguf_check import open_reader
+    r = open_reader(path)
     sizes = {t.name: int(t.n_bytes) for t in r.tensors}
     emb = sizes["token_embd.weight"]
     n_vocab = next(int(t.shape[-1]) for t in r.tensors if t.name == "token_embd.weight")
@@ -90,6 +90,10 @@ def _tokens(model_dir: str, text: str, n_tokens: int, out: Path) -> int:
 def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
     """Everything of one `wqedge bench`: returns the report dict (info, rows, comparisons)."""
     t_start = time.time()
+    # Workers run in other folders (cwd="/"): every path they are handed must be absolute.
+    o = replace(o, model=str(Path(o.model).resolve()), eval_text=str(Path(o.eval_text).resolve()),
+                calib_text=str(Path(o.calib_text).resolve()) if o.calib_text else None,
+                cache_dir=str(Path(o.cache_dir).expanduser().resolve()))
     info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": measure.machine_info(o.threads),
             "options": {k: v for k, v in asdict(o).items() if k != "extra"}, "subset_note": o.subset_note}
     eval_text = Path(o.eval_text).read_text(encoding="utf-8")
