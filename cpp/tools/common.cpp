@@ -2,6 +2,7 @@
 
 #include <sys/resource.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -37,12 +38,15 @@ std::string Args::str(const std::string& a, const std::string& b, const std::str
     return take(argv, a, b, &v) ? v : dflt;
 }
 
-long Args::num(const std::string& a, const std::string& b, long dflt) {
+long Args::num(const std::string& a, const std::string& b, long dflt, long lo, long hi) {
     std::string v;
     if (!take(argv, a, b, &v)) return dflt;
     char* end = nullptr;
+    errno = 0;
     const long r = std::strtol(v.c_str(), &end, 10);
-    if (!end || *end) die("option " + a + ": not an integer: " + v);
+    if (!end || *end || v.empty()) die("option " + a + ": not an integer: " + v);
+    if (errno == ERANGE || r < lo || r > hi)
+        die("option " + a + ": " + v + " is outside [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
     return r;
 }
 

@@ -14,7 +14,9 @@ struct Args {
     explicit Args(int argc, char** argv_);
     bool flag(const std::string& name);                         // --name present
     std::string str(const std::string& a, const std::string& b, const std::string& dflt);
-    long num(const std::string& a, const std::string& b, long dflt);
+    // An integer option; outside [lo, hi] (by default the int range, so nothing wraps when the caller
+    // narrows it) is an error naming the option.
+    long num(const std::string& a, const std::string& b, long dflt, long lo = INT32_MIN, long hi = INT32_MAX);
     double real(const std::string& a, const std::string& b, double dflt);
     void done(const char* usage);  // fail on leftover arguments
 };

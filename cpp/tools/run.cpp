@@ -1,4 +1,6 @@
 // wqedge-run: generate text from a prompt with a wqedge model.
+#include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -23,14 +25,14 @@ int main(int argc, char** argv) {
     const std::string model_path = a.str("-m", "--model", "");
     std::string prompt = a.str("-p", "--prompt", "");
     const std::string prompt_file = a.str("-f", "--file", "");
-    const int n_predict = (int)a.num("-n", "--n-predict", 64);
+    const int n_predict = (int)a.num("-n", "--n-predict", 64, 1, 1 << 24);
     wqe_sampler_params sp = wqe_sampler_default_params();
     sp.temperature = (float)a.real("--temp", "", 0.0);
     sp.top_p = (float)a.real("--top-p", "", 1.0);
     sp.top_k = (int)a.num("--top-k", "", 0);
-    sp.seed = (uint64_t)a.num("-s", "--seed", 0);
-    const int threads = (int)a.num("-t", "--threads", 0);
-    int n_ctx = (int)a.num("-c", "--ctx", 0);
+    sp.seed = (uint64_t)a.num("-s", "--seed", 0, LONG_MIN, LONG_MAX);
+    const int threads = (int)a.num("-t", "--threads", 0, 0, 1024);
+    int n_ctx = (int)a.num("-c", "--ctx", 0, 0, 1 << 24);
     const bool ignore_eos = a.flag("--ignore-eos");
     const std::string kernels = a.str("--kernels", "", "auto");
     a.done(USAGE);
@@ -45,7 +47,11 @@ int main(int argc, char** argv) {
     tools::ok(wqe_model_get_info(model, &info), "info");
     std::vector<int32_t> tokens = tools::tokenize(model, prompt, -1);
     if (tokens.empty()) tokens.push_back(info.bos_token_id >= 0 ? info.bos_token_id : 0);
-    if (n_ctx == 0) n_ctx = std::min<int>(info.n_ctx_train, (int)tokens.size() + n_predict);
+    if (n_ctx == 0) n_ctx = (int)std::min<int64_t>(info.n_ctx_train, (int64_t)tokens.size() + n_predict);
+    if ((int64_t)tokens.size() + n_predict - 1 > n_ctx)  // say so up front, never stop silently at a full context
+        tools::die("the prompt is " + std::to_string(tokens.size()) + " tokens and the context " + std::to_string(n_ctx) +
+                   ": ask for at most " + std::to_string(std::max<int64_t>(0, n_ctx - (int64_t)tokens.size() + 1)) +
+                   " new tokens (-n), or a longer context (-c)");
     wqe_context_params cp = wqe_context_default_params();
     cp.n_ctx = n_ctx;
     cp.n_threads = threads;
@@ -80,7 +86,7 @@ int main(int argc, char** argv) {
         std::fwrite(pending.data(), 1, cut, stdout);
         std::fflush(stdout);
         pending.erase(0, cut);
-        if (n_gen + 1 == n_predict || wqe_get_position(ctx) >= n_ctx) { ++n_gen; break; }
+        if (n_gen + 1 == n_predict) { ++n_gen; break; }
         tools::ok(wqe_eval(ctx, &tok, 1, logits.data(), 0), "eval");
     }
     const double t2 = tools::now_s();
