@@ -228,11 +228,15 @@ def test_context_size_bounds(tmp_path, tiny):
     assert ei.value.code == _native.ERR_INVALID_ARGUMENT
     # a KV cache beyond physical memory is refused up front (not allocated and touched)
     big = write_tiny(tmp_path / "wide.gguf", D=256, H=16, KV=16, hd=16, layers=2, F=32, V=32, G=64)
-    need = 2 * 2 * (1 << 24) * 256 * 4
+    need = 2 * 2 * (1 << 24) * 256 * 4  # 64 GiB; the tiny case below needs 72 GiB
     if need <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
         pytest.skip("this machine has more memory than the cache would need")
     with pytest.raises(NativeError, match="KV cache") as ei:
         native.Context(native.Model(big), n_ctx=1 << 24, n_threads=1)
+    assert ei.value.code == _native.ERR_OUT_OF_MEMORY
+    # the per-thread attention scores count too (tiny: 8 GiB of cache + 1024 x 64 MiB of scores)
+    with pytest.raises(NativeError, match="threads' scores") as ei:
+        native.Context(native.Model(tiny), n_ctx=1 << 24, n_threads=1024)
     assert ei.value.code == _native.ERR_OUT_OF_MEMORY
 
 

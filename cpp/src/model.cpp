@@ -343,17 +343,23 @@ Model::Model(const std::string& path) : file(new GGUFFile(path)) {
 Model::~Model() = default;
 
 // ------------------------------------------------------------------ context
+// Buffers sized by the caller's numbers are zeroed when made: refuse more than the machine's memory up
+// front rather than being killed half-way through touching them.
+static void check_fits(double bytes, const std::string& what) {
+    const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0 && bytes > (double)pages * (double)page)
+        fail(WQE_ERR_OUT_OF_MEMORY, "%s needs %.1f GiB, more than this machine's %.1f GiB of memory", what.c_str(),
+             bytes / 1073741824.0, (double)pages * page / 1073741824.0);
+}
+
 Context::Context(const Model& m, int n_ctx_, int n_threads) : model(m), n_ctx(n_ctx_) {
     const HParams& hp = m.hp;
     if (n_ctx < 1 || n_ctx > MAX_CTX) fail(WQE_ERR_INVALID_ARGUMENT, "context length %d is outside [1, %d]", n_ctx, MAX_CTX);
-    // Both caches are touched (zeroed) at once: refuse more than the machine's memory up front rather
-    // than being killed half-way. kv <= 2^12 layers * 2^24 tokens * 2^17 floats: no overflow in 64 bits.
+    // kv <= 2^12 layers * 2^24 tokens * 2^17 floats: no overflow in 64 bits.
     const size_t kv = (size_t)hp.n_layer * n_ctx * hp.kv_dim();
-    const double kv_bytes = 2.0 * (double)kv * sizeof(float);
-    const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
-    if (pages > 0 && page > 0 && kv_bytes > (double)pages * (double)page)
-        fail(WQE_ERR_OUT_OF_MEMORY, "a KV cache of %d tokens needs %.1f GiB, more than this machine's %.1f GiB of memory",
-             n_ctx, kv_bytes / 1073741824.0, (double)pages * page / 1073741824.0);
+    const int nt = n_threads > 0 ? n_threads : default_thread_count();
+    check_fits((2.0 * (double)kv + (double)nt * n_ctx) * sizeof(float),
+               "a KV cache of " + std::to_string(n_ctx) + " tokens (with " + std::to_string(nt) + " threads' scores)");
     try {
         k_cache.assign(kv, 0.0f);
         v_cache.assign(kv, 0.0f);
@@ -366,6 +372,8 @@ Context::Context(const Model& m, int n_ctx_, int n_threads) : model(m), n_ctx(n_
 void Context::set_threads(int n) {
     if (n <= 0) n = default_thread_count();
     if (pool && pool->size() == n) return;
+    check_fits((double)n * n_ctx * sizeof(float), "attention scores for " + std::to_string(n) + " threads x " +
+                                                      std::to_string(n_ctx) + " tokens");
     pool.reset(new ThreadPool(n));
     ms.reserve(n, model.max_K, model.max_g_pad, model.max_x_floats, model.max_chunks);
     scores.assign(n, std::vector<float>(n_ctx));
