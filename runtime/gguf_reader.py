@@ -39,9 +39,25 @@ def _field(reader: gguf.GGUFReader, key: str, default=...):
     return f.contents()
 
 
+def _format_errors(method):
+    """Any malformed value met while reading (wrong type, unknown id, absurd size) is a FormatError."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *a, **k):
+        try:
+            return method(self, *a, **k)
+        except FormatError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError, MemoryError) as e:
+            raise FormatError(f"{self.path}: malformed wqedge file ({type(e).__name__}: {e})") from None
+    return wrapper
+
+
 class WqGGUF:
     """A wqedge model file opened for reading (memory-mapped by gguf.GGUFReader)."""
 
+    @_format_errors
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_file():
@@ -61,6 +77,7 @@ class WqGGUF:
         self.spec = self._spec()
 
     # ------------------------------------------------------------ metadata
+    @_format_errors
     def _spec(self) -> ModelSpec:
         r = self.reader
         g = lambda k, d=...: _field(r, f"llama.{k}", d)  # noqa: E731
@@ -94,6 +111,7 @@ class WqGGUF:
         p = "tokenizer.ggml."
         return {k[len(p):]: f.contents() for k, f in self.reader.fields.items() if k.startswith(p)}
 
+    @_format_errors
     def layout(self, name: str) -> LinearLayout:
         t = self.tensors.get(name)
         if t is None:
@@ -116,6 +134,7 @@ class WqGGUF:
         return [lin.gguf_name for lin in self.spec.linears()]
 
     # ------------------------------------------------------------ data
+    @_format_errors
     def dense(self, name: str) -> np.ndarray:
         """A non-linear tensor as float32, in numpy (row-major) shape."""
         t = self.tensors.get(name)
@@ -128,6 +147,7 @@ class WqGGUF:
         t = self.tensors.get(name + ".protect")
         return np.zeros(0, np.int64) if t is None else np.asarray(t.data).view(np.uint16).astype(np.int64)
 
+    @_format_errors
     def dequantize_linear(self, name: str) -> np.ndarray:
         """float32[N, K] exactly as the format defines the weights."""
         lay = self.layout(name)
@@ -144,16 +164,19 @@ class WqGGUF:
             pi += n_p
         return out
 
+    @_format_errors
     def stored_bytes(self, name: str) -> int:
         """Bytes a quantized linear occupies in the file: its row-blocks plus its .protect indices."""
         protect = self.tensors.get(name + ".protect")
         return int(self.tensors[name].n_bytes) + (int(protect.n_bytes) if protect is not None else 0)
 
+    @_format_errors
     def measured_bits(self) -> float:
         """8 x bytes of the quantized linear tensors (and their .protect indices) / their weights."""
         rows = self.layer_table()
         return 8 * sum(r["bytes"] for r in rows) / sum(r["shape"][0] * r["shape"][1] for r in rows)
 
+    @_format_errors
     def layer_table(self) -> list[dict]:
         """Per linear: shape, bits per weight, action counts (for `wqedge inspect`)."""
         rows = []

@@ -45,7 +45,13 @@ def test_uniform_picks_most_precise_action_within_budget():
     q4 = model_bits(linears, 128, "q4")  # above 4.25: the ragged last chunks pad to 32 columns
     assert q4 > 4.25
     assert uniform_plan(linears, 128, q4).action_histogram().keys() == {"q4"}
-    assert uniform_plan(linears, 128, q4 - 1e-6).action_histogram().keys() == {"q3"}
+    # just under: full 128-column chunks stay q4 (judged per chunk width), the ragged ones (1700 = 13 x 128
+    # + 36) take the best action the rest of the budget buys; the old whole-model rule made everything q3
+    p = uniform_plan(linears, 128, q4 - 1e-6)
+    for t in p.tensors:
+        assert all(a == "q4" for a in t.actions[: t.in_features // 128]), t.actions
+        assert t.in_features % 128 == 0 or t.actions[-1] != "q4"
+    assert p.effective_bits() <= q4 - 1e-6 and p.meta["uniform"]["by_width"]["36"] in ("q3", "q2")
     assert uniform_plan(linears, 128, 1.8).action_histogram().keys() == {"ternary"}
 
 

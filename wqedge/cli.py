@@ -116,20 +116,51 @@ def _parse_protect(ctx, param, value):
     return ks
 
 
-def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=()):
+def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None):
     from .plan import PlanError
+    if preset is not None:
+        if allocator not in (None, "uniform"):
+            _fail(f"--preset {preset} is one action everywhere; it does not go with --allocator {allocator}")
+        allocator = "uniform"
     if allocator is None:
         allocator = "greedy" if calib else "uniform"
     try:
         if allocator == "uniform":
-            from .alloc.uniform import uniform_plan
-            return uniform_plan(ckpt.spec.linears(), group, bits, method,
+            from .alloc.uniform import model_bits, uniform_plan
+            linears = ckpt.spec.linears()
+            if preset is not None:
+                bits = model_bits(linears, group, preset)
+            plan = uniform_plan(linears, group, bits, method, action=preset,
                                 model_name=ckpt.spec.name, model_fingerprint=ckpt.fingerprint())
+            _explain_uniform(plan, calib is not None)
+            return plan
         from .alloc.planner import make_plan
         return make_plan(ckpt, bits, allocator=allocator, group_size=group, calib_text=calib, seed=seed,
                          device=device, method=method, protect=protect)
     except PlanError as e:
         _fail(str(e))
+
+
+def _explain_uniform(plan, have_calib: bool) -> None:
+    """Say what the uniform allocator chose and why, so a budget never silently means a lower width."""
+    u = plan.meta.get("uniform", {})
+    main, by_width = u.get("action"), u.get("by_width", {})
+    eff = plan.effective_bits()
+    if u.get("preset"):
+        click.echo(f"preset {main}: every chunk {main}, {eff:.4f} effective bits at group size {plan.group_size}")
+        return
+    others = {int(g): a for g, a in by_width.items() if a != main}
+    if others:
+        narrow = ", ".join(f"{g}-column chunks {a}" for g, a in sorted(others.items(), reverse=True))
+        click.echo(f"uniform {main} within {plan.budget_bits:g} bits: {main} everywhere would cost "
+                   f"{u['all_main_bits']:.4f} bits (chunks narrower than {plan.group_size} columns pay their scale and "
+                   f"offset over fewer weights), so the narrow chunks take a smaller width: {narrow}. "
+                   f"For {main} everywhere: --preset {main} (or --bits {u['all_main_bits']:.4f}).")
+    spare = plan.budget_bits - eff
+    if spare > 0.2 and plan.budget_bits < 16:
+        hint = ("the greedy allocator (with --calib) spends the rest where it matters most" if not have_calib else
+                "--allocator greedy spends the rest where it matters most")
+        click.echo(f"note: uniform {main} uses {eff:.4f} of the {plan.budget_bits:g}-bit budget; {hint}.")
 
 
 def _calibration_stats(ckpt, calib_text, device):
@@ -158,6 +189,10 @@ _common_plan_options = [
                       "K most salient input columns of a chunk in fp16 (e.g. 1,2,4); it buys them only where "
                       "they beat wider codes. Off by default: on llama-s they were bought for 8 of 35,840 columns "
                       "and made no measurable difference, for a 3.5x longer damage table."),
+    click.option("--preset", type=click.Choice(["fp16", "q8", "q4", "q3", "q2", "ternary", "q1"]), default=None,
+                 help="One action for every chunk, whatever it costs (q4 is 4.25 bits at G = 128, more where a "
+                      "ragged last chunk is narrower); replaces --bits. For those who think in types, like "
+                      "llama.cpp's Q4_0/Q3_K presets."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling and RL."),
     click.option("--device", default=None, help="torch device for planning (default: cuda if available, else cpu)."),
 ]
@@ -193,8 +228,8 @@ def plan_options(f):
 @click.option("--onnx-variant", type=click.Choice(["portable", "native"]), default="portable", show_default=True,
               help="'portable': stock ONNX Runtime operators; 'native': one wqedge.ChunkLinear per linear, run by "
                    "our custom-op library libwqedge_ort (smaller and packed in memory; see docs/onnx.md).")
-def convert(model_dir, output, bits, group, allocator, method, calib, protect, seed, device, plan_path, save_plan, feedback,
-            target, onnx_lowering, onnx_variant):
+def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, plan_path, save_plan,
+            feedback, target, onnx_lowering, onnx_variant):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
     With no MODEL_DIR, a tiny random LLaMA is built on the spot and converted (a self-contained demo).
@@ -215,6 +250,8 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, s
         check_dense_finite(ckpt)
     except ValueError as e:
         _fail(f"{model_dir}: {e}")
+    if plan_path and preset:
+        _fail("--plan and --preset both choose the actions: give one of them")
     if plan_path:
         try:
             plan = Plan.load(plan_path, spec, ckpt.fingerprint())
@@ -222,7 +259,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, s
             _fail(str(e))
     else:
         calib_text = _read_calib(calib) if calib else None
-        plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect)
+        plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset)
     _print_plan_summary(plan)
     if save_plan:
         plan.save(save_plan)
@@ -294,7 +331,7 @@ def _export_llamacpp(ckpt, plan, output, calib, device):
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Plan JSON to write.")
 @plan_options
-def plan(model_dir, output, bits, group, allocator, method, calib, protect, seed, device):
+def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
 
@@ -304,7 +341,7 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, seed
 
     ckpt = _open_checkpoint(model_dir)
     calib_text = _read_calib(calib) if calib else None
-    p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect)
+    p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset)
     click.echo(text_report(p))
     p.save(output)
     txt, png = write_report(p, Path(output).with_suffix(""))
