@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ctypes as C
 import os
+import shutil
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -257,3 +259,21 @@ def test_sampler_refuses_nonfinite_logits(bad):
         lib.wqe_sampler_free(h)
     sp.temperature = float("nan")
     assert lib.wqe_sampler_new(C.byref(sp), C.byref(h)) == _native.ERR_INVALID_ARGUMENT
+
+
+def _run_tool() -> str:
+    from wqedge.runtime import _native as n
+    here = Path(n.library_path()).parent / "wqedge-run"
+    exe = str(here) if here.is_file() else shutil.which("wqedge-run")
+    if not exe:
+        pytest.skip("wqedge-run is neither next to the library nor on PATH")
+    return exe
+
+
+@pytest.mark.parametrize("n,match", [("4294967297", "outside"), ("1000000000000", "outside"), ("0", "outside"),
+                                     ("100000", "ask for at most")])
+def test_run_tool_refuses_lengths_that_wrap_or_do_not_fit(tiny, n, match):
+    """`-n 4294967297` used to wrap through int32 to 1 token; a length beyond the context stopped silently."""
+    r = subprocess.run([_run_tool(), "-m", str(tiny), "-p", "", "-n", n, "-t", "1"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and match in r.stderr, (r.returncode, r.stderr)

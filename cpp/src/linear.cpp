@@ -115,6 +115,8 @@ void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScra
         pool.run(n_tasks, [&](int task, int) {
             const int r1 = std::min(W.N, (task + 1) * 64);
             if (W.kind == Linear::DENSE_F32) {
+                // A typed load is fine: the loader only accepts alignments that are multiples of 8, so an
+                // F32 tensor starts 8-aligned in the (page-aligned) mapping and each row 4-aligned.
                 for (int r = task * 64; r < r1; ++r) y[r] = ops.dot_f32((const float*)(const void*)W.row(r), x, W.K);
                 return;
             }

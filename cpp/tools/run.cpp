@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
     tools::ok(wqe_model_open(model_path.c_str(), &model), "open");
     wqe_model_info info;
     tools::ok(wqe_model_get_info(model, &info), "info");
-    std::vector<int32_t> tokens = tools::tokenize(model, prompt, -1);
+    std::vector<int32_t> tokens = prompt.empty() ? std::vector<int32_t>() : tools::tokenize(model, prompt, -1);
     if (tokens.empty()) tokens.push_back(info.bos_token_id >= 0 ? info.bos_token_id : 0);
     if (n_ctx == 0) n_ctx = (int)std::min<int64_t>(info.n_ctx_train, (int64_t)tokens.size() + n_predict);
     if ((int64_t)tokens.size() + n_predict - 1 > n_ctx)  // say so up front, never stop silently at a full context
