@@ -113,6 +113,7 @@ def write_wq(path, *, D, layers, H, KV, hd, F, V, G, dense: dict, linear, action
     linear(name, N, K, chunk_index, start, end, action, n_prot) -> ChunkData for that chunk.
     action_fn(name, chunk_index) -> action; protect_fn(name, chunk_index, width) -> protected count.
     key_overrides replace (or add) keys; drop_keys omits keys; tensor_overrides replace tensors (None drops).
+    An override (value, gguf.GGUFValueType) stores the value with that type (e.g. an i64 token id).
     """
     protect_fn = protect_fn or (lambda name, c, g: 0)
     key_overrides = dict(key_overrides or {})
@@ -133,9 +134,15 @@ def write_wq(path, *, D, layers, H, KV, hd, F, V, G, dense: dict, linear, action
         if k in key_overrides:
             v = key_overrides.pop(k)
         fn(v)
+    def put_u32(k, v):
+        if isinstance(v, tuple):
+            w.add_key_value(k, v[0], v[1])
+        else:
+            w.add_uint32(k, v)
+
     for k, v in {"wqedge.format_version": 1, "wqedge.group_size": G}.items():
         if k not in drop_keys:
-            w.add_uint32(k, key_overrides.pop(k, v))
+            put_u32(k, key_overrides.pop(k, v))
     w.add_bool("wqedge.rope.neox", key_overrides.pop("wqedge.rope.neox", True))
     w.add_float32("wqedge.effective_bits", 0.0)
     w.add_string("wqedge.plan", json.dumps({"test": True}))
@@ -145,8 +152,8 @@ def write_wq(path, *, D, layers, H, KV, hd, F, V, G, dense: dict, linear, action
         from wqedge.converters.tokenizer import add_tokenizer_to_gguf
         add_tokenizer_to_gguf(w, tokenizer)
     else:
-        w.add_uint32("tokenizer.ggml.bos_token_id", bos)
-        w.add_uint32("tokenizer.ggml.eos_token_id", eos)
+        put_u32("tokenizer.ggml.bos_token_id", key_overrides.pop("tokenizer.ggml.bos_token_id", bos))
+        put_u32("tokenizer.ggml.eos_token_id", key_overrides.pop("tokenizer.ggml.eos_token_id", eos))
 
     tensors = [(name, arr, None) for name, arr in dense.items()]
     shapes = linear_shapes(D, H, KV, hd, F)
@@ -181,7 +188,7 @@ def write_wq(path, *, D, layers, H, KV, hd, F, V, G, dense: dict, linear, action
         elif isinstance(v, list):
             w.add_array(k, v)
         else:
-            w.add_uint32(k, v)
+            put_u32(k, v)
     for name, arr, raw in tensors:
         arr = tensor_overrides.get(name, arr)
         if arr is None:

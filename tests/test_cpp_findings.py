@@ -277,3 +277,13 @@ def test_run_tool_refuses_lengths_that_wrap_or_do_not_fit(tiny, n, match):
     r = subprocess.run([_run_tool(), "-m", str(tiny), "-p", "", "-n", n, "-t", "1"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1 and match in r.stderr, (r.returncode, r.stderr)
+
+
+@pytest.mark.parametrize("key,value", [("tokenizer.ggml.bos_token_id", 2**32 + 1), ("wqedge.format_version", 2**32 + 1),
+                                       ("tokenizer.ggml.eos_token_id", -2)])
+def test_integer_keys_are_range_checked_before_narrowing(tmp_path, key, value):
+    """2^32 + 1 stored as an i64 used to become 1 when narrowed to int (a valid BOS id, format version 1)."""
+    p = write_tiny(tmp_path / "a.gguf", key_overrides={key: (value, gguf.GGUFValueType.INT64)})
+    with pytest.raises(NativeError, match=rf"key '{key}' = {value} is out of range") as ei:
+        native.Model(p)
+    assert ei.value.code == _native.ERR_FORMAT

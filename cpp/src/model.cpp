@@ -207,7 +207,7 @@ void Loader::load() {
     if (arch != "llama")
         throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": general.architecture is '" + arch +
                                              "'; this runtime runs 'llama' models only");
-    hp.format_version = (int)f.get_int("wqedge.format_version");
+    hp.format_version = dim_key("wqedge.format_version", 0, 1 << 30);
     if (hp.format_version != WQE_FORMAT_VERSION)
         throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": wqedge format version " + std::to_string(hp.format_version) +
                                              ", this runtime reads version " + std::to_string(WQE_FORMAT_VERSION));
@@ -280,10 +280,9 @@ void Loader::load() {
         L.w_up = chunked(p + "ffn_up.weight", hp.n_ff, hp.n_embd);
         L.w_down = chunked(p + "ffn_down.weight", hp.n_embd, hp.n_ff);
     }
-    hp.bos = (int)f.get_int("tokenizer.ggml.bos_token_id", -1);
-    hp.eos = (int)f.get_int("tokenizer.ggml.eos_token_id", -1);
-    if (hp.bos < -1 || hp.bos >= hp.n_vocab) f.format_error("tokenizer.ggml.bos_token_id = %d is out of the vocabulary", hp.bos);
-    if (hp.eos < -1 || hp.eos >= hp.n_vocab) f.format_error("tokenizer.ggml.eos_token_id = %d is out of the vocabulary", hp.eos);
+    // Token ids are range-checked as read (int64), before narrowing: 2^32 + 1 must not become 1.
+    hp.bos = dim_key("tokenizer.ggml.bos_token_id", -1, hp.n_vocab - 1, -1);
+    hp.eos = dim_key("tokenizer.ggml.eos_token_id", -1, hp.n_vocab - 1, -1);
     hp.add_bos = f.get_bool("tokenizer.ggml.add_bos_token", true);
     load_tokenizer();
 }
@@ -317,7 +316,7 @@ void Loader::load_tokenizer() {
     std::vector<std::string> merges;
     if (f.has("tokenizer.ggml.merges"))
         for (const GGUFString& s : f.get_array("tokenizer.ggml.merges", GV_STRING).strings) merges.push_back(s.str());
-    const int unk = (int)f.get_int("tokenizer.ggml.unknown_token_id", -1);
+    const int unk = dim_key("tokenizer.ggml.unknown_token_id", -1, m.hp.n_vocab - 1, -1);
     try {
         m.tokenizer.reset(new wqedge::Tokenizer(model, std::move(tokens), std::move(scores), std::move(types), std::move(merges),
                                                 m.hp.bos, m.hp.eos, unk, m.hp.add_bos,
