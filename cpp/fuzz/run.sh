@@ -19,15 +19,16 @@ JOBS="${FUZZ_JOBS:-1}"
 HARNESSES=("$@")
 [ ${#HARNESSES[@]} -eq 0 ] && HARNESSES=(gguf_file gguf_header tokenizer)
 
+mkdir -p "$BUILD" "$OUT"
 if ! CXX="${CXX:-clang++}" cmake -S "$CPP" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DWQEDGE_FUZZ=ON \
-        -DWQEDGE_BUILD_TOOLS=OFF -DWQEDGE_BUILD_ORT_OPS=OFF >"$BUILD.configure.log" 2>&1 \
-   || ! cmake --build "$BUILD" -j "$(nproc)" --target $(printf 'fuzz_%s ' "${HARNESSES[@]}") >"$BUILD.build.log" 2>&1; then
-    echo "fuzz: cannot build the harnesses (clang++ with libFuzzer needed); see $BUILD.configure.log / $BUILD.build.log" >&2
-    tail -5 "$BUILD.build.log" "$BUILD.configure.log" 2>/dev/null >&2 || true
+        -DWQEDGE_BUILD_TOOLS=OFF -DWQEDGE_BUILD_ORT_OPS=OFF >"$BUILD/fuzz-configure.log" 2>&1 \
+   || ! cmake --build "$BUILD" -j "$(nproc)" --target $(printf 'fuzz_%s ' "${HARNESSES[@]}") >"$BUILD/fuzz-build.log" 2>&1; then
+    echo "fuzz: cannot build the harnesses (clang++ with libFuzzer needed); see $BUILD/fuzz-{configure,build}.log" >&2
+    tail -5 "$BUILD/fuzz-build.log" "$BUILD/fuzz-configure.log" 2>/dev/null >&2 || true
     exit 2
 fi
 if [ ! -f "$OUT/base.data" ]; then
-    python3 "$HERE/make_seeds.py" "$OUT" >"$OUT.seeds.log" 2>&1 || { cat "$OUT.seeds.log" >&2; exit 2; }
+    python3 "$HERE/make_seeds.py" "$OUT" >"$OUT/seeds.log" 2>&1 || { cat "$OUT/seeds.log" >&2; exit 2; }
 fi
 mkdir -p "$OUT/artifacts"
 VOCABS="$(ls "$OUT"/vocab_*.gguf | tr '\n' ':')"
