@@ -85,6 +85,7 @@ _SIGNATURES = {
     "wqe_model_free": (None, [_vp]),
     "wqe_model_get_info": (C.c_int, [_vp, C.POINTER(ModelInfo)]),
     "wqe_model_plan": (C.c_char_p, [_vp]),
+    "wqe_model_chat_template": (C.c_int, [_vp, C.c_char_p, C.c_size_t, C.POINTER(C.c_size_t)]),
     "wqe_tokenize": (C.c_int, [_vp, C.c_char_p, C.c_size_t, C.c_int, _i32p, C.c_int32, _i32p]),
     "wqe_detokenize": (C.c_int, [_vp, _i32p, C.c_int32, C.c_char_p, C.c_size_t, C.POINTER(C.c_size_t)]),
     "wqe_token_to_piece": (C.c_int, [_vp, C.c_int32, C.c_int, C.c_char_p, C.c_size_t, C.POINTER(C.c_size_t)]),
@@ -113,7 +114,7 @@ _SIGNATURES = {
 }
 
 # Symbols newer than the first release of the C API: a library without them still loads.
-_OPTIONAL = {"wqe_set_activations", "wqe_get_activations", "wqe_test_chunk_matvec_act"}
+_OPTIONAL = {"wqe_set_activations", "wqe_get_activations", "wqe_test_chunk_matvec_act", "wqe_model_chat_template"}
 
 
 def candidate_paths() -> list[Path]:

@@ -118,6 +118,11 @@ class Model(_Handle):
     def plan_json(self) -> str:
         return self._lib.wqe_model_plan(self.handle).decode()
 
+    def chat_template(self) -> str | None:
+        """The checkpoint's chat template (Jinja source, GGUF key tokenizer.chat_template), None if the file has none."""
+        s = self._text_call(self._lib.wqe_model_chat_template, self.handle).decode("utf-8", "replace")
+        return s or None
+
     def tokenize(self, text: str, add_bos: bool | None = None) -> np.ndarray:
         """int32 token ids; add_bos None follows the file's tokenizer.ggml.add_bos_token."""
         raw = text.encode("utf-8")

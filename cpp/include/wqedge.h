@@ -102,6 +102,12 @@ WQE_API int wqe_model_get_info(const wqe_model* model, wqe_model_info* info);
 /* The plan JSON stored in the file (wqedge.plan), or "" when absent. Valid while the model is open. */
 WQE_API const char* wqe_model_plan(const wqe_model* model);
 
+/* The chat template stored in the file (tokenizer.chat_template, a Jinja template as in the checkpoint's
+ * tokenizer_config.json or chat_template.jinja), UTF-8. Writes at most capacity bytes including a
+ * terminating NUL; *length = bytes of text without the NUL, 0 when the file has no template. When
+ * capacity is too small, returns WQE_ERR_BUFFER_TOO_SMALL with *length = the bytes needed. */
+WQE_API int wqe_model_chat_template(const wqe_model* model, char* text, size_t capacity, size_t* length);
+
 /* ------------------------------------------------------------------ tokenizer */
 /* Text (UTF-8, text_len bytes) to token ids. add_bos: 1 prepend BOS, 0 do not, -1 as the file says.
  * When capacity is too small, returns WQE_ERR_BUFFER_TOO_SMALL with *n_tokens = the count needed. */

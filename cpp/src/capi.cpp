@@ -180,6 +180,16 @@ int wqe_model_get_info(const wqe_model* model, wqe_model_info* info) {
 
 const char* wqe_model_plan(const wqe_model* model) { return model ? model->m.plan_json.c_str() : ""; }
 
+int wqe_model_chat_template(const wqe_model* model, char* text, size_t capacity, size_t* length) {
+    if (length) *length = 0;
+    std::string s;
+    const int rc = guarded([&] {
+        CHECK_ARG(model && length, "model and length must not be NULL");
+        s = model->m.file->get_string("tokenizer.chat_template", "");
+    });
+    return rc != WQE_OK ? rc : copy_out(s, text, capacity, length);
+}
+
 // ------------------------------------------------------------------ tokenizer
 int wqe_tokenize(const wqe_model* model, const char* text, size_t text_len, int add_bos, int32_t* tokens,
                  int32_t capacity, int32_t* n_tokens) {

@@ -321,7 +321,13 @@ void Loader::load_tokenizer() {
         m.tokenizer.reset(new wqedge::Tokenizer(model, std::move(tokens), std::move(scores), std::move(types), std::move(merges),
                                                 m.hp.bos, m.hp.eos, unk, m.hp.add_bos,
                                                 f.get_bool("tokenizer.ggml.add_eos_token", false),
-                                                f.get_bool("tokenizer.ggml.add_space_prefix", true)));
+                                                f.get_bool("tokenizer.ggml.add_space_prefix", true),
+                                                f.get_string("tokenizer.ggml.pre", "")));
+    } catch (const wqedge::UnsupportedPreTokenizer& e) {
+        // A valid file whose text splitting we do not implement: the model opens (token ids
+        // still work) but tokenizing reports this, rather than giving ids that differ from HF.
+        m.tokenizer_error = e.what();
+        return;
     } catch (const std::exception& e) {
         f.format_error("invalid tokenizer: %s", e.what());
     }

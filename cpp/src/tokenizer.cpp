@@ -481,7 +481,8 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
 Tokenizer::Tokenizer(const std::string& model, std::vector<std::string> tokens, std::vector<float> scores,
                      std::vector<int32_t> token_types, std::vector<std::string> merges, int32_t bos_id,
-                     int32_t eos_id, int32_t unk_id, bool add_bos, bool add_eos, bool add_space_prefix)
+                     int32_t eos_id, int32_t unk_id, bool add_bos, bool add_eos, bool add_space_prefix,
+                     const std::string& pre)
     : tokens_(std::move(tokens)),
       scores_(std::move(scores)),
       types_(std::move(token_types)),
@@ -496,6 +497,16 @@ Tokenizer::Tokenizer(const std::string& model, std::vector<std::string> tokens, 
         model_ = Model::SPM;
     } else if (model == "gpt2") {
         model_ = Model::BPE;
+        if (pre.empty() || pre == "gpt-2") {
+            pre_ = Pre::GPT2;
+        } else if (pre == "llama-bpe" || pre == "llama3" || pre == "llama-v3") {
+            pre_ = Pre::LLAMA3;
+        } else if (pre == "smollm") {
+            pre_ = Pre::SMOLLM;
+        } else {
+            throw UnsupportedPreTokenizer("tokenizer: pre-tokenizer '" + pre + "' (tokenizer.ggml.pre) is not supported "
+                                          "by wqedge (supported for gpt2 models: gpt-2, llama-bpe, smollm)");
+        }
     } else {
         throw std::invalid_argument("tokenizer: unsupported tokenizer model '" + model + "' (want llama or gpt2)");
     }
@@ -714,12 +725,12 @@ size_t find_special(const std::string& text, size_t from, const std::vector<int3
     return text.size();
 }
 
-// GPT-2 pre-tokenizer: calls emit(begin, end) (byte offsets) for each piece.
-template <typename F>
-void gpt2_split(const std::string& text, size_t b, size_t e, F&& emit) {
+// Code points of text[b, e) (invalid bytes -> kInvalidCp, one per byte) and
+// their byte offsets (offs has one more entry: e).
+void decode_cps(const std::string& text, size_t b, size_t e, std::vector<uint32_t>& cps, std::vector<size_t>& offs) {
     const auto* p = reinterpret_cast<const unsigned char*>(text.data());
-    std::vector<uint32_t> cps;
-    std::vector<size_t> offs;
+    cps.clear();
+    offs.clear();
     cps.reserve(e - b);
     offs.reserve(e - b + 1);
     for (size_t i = b; i < e;) {
@@ -734,6 +745,14 @@ void gpt2_split(const std::string& text, size_t b, size_t e, F&& emit) {
         i += l;
     }
     offs.push_back(e);
+}
+
+// GPT-2 pre-tokenizer: calls emit(begin, end) (byte offsets) for each piece.
+template <typename F>
+void gpt2_split(const std::string& text, size_t b, size_t e, F&& emit) {
+    std::vector<uint32_t> cps;
+    std::vector<size_t> offs;
+    decode_cps(text, b, e, cps, offs);
     const size_t n = cps.size();
     auto is_other = [](uint32_t c) { return !is_space(c) && !is_letter(c) && !is_number(c); };
     size_t i = 0;
@@ -774,6 +793,103 @@ void gpt2_split(const std::string& text, size_t b, size_t e, F&& emit) {
         emit(offs[i], offs[end]);
         i = end;
     }
+}
+
+// LLaMA 3 pre-tokenizer (llama.cpp 'llama-bpe'): calls emit(begin, end) for each piece of
+//   (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*
+//   |\s*[\r\n]+|\s+(?!\S)|\s+
+// At each position the first alternative that matches wins (backtracking
+// regex semantics); every code point matches some alternative, so the pieces
+// tile the text. (?i) folds ASCII case and U+017F (long s) to 's', the only
+// non-ASCII fold Oniguruma applies to these letters (probed on every code point).
+template <typename F>
+void llama3_split(const std::string& text, size_t b, size_t e, F&& emit) {
+    std::vector<uint32_t> cps;
+    std::vector<size_t> offs;
+    decode_cps(text, b, e, cps, offs);
+    const size_t n = cps.size();
+    auto is_other = [](uint32_t c) { return !is_space(c) && !is_letter(c) && !is_number(c); };
+    auto is_crlf = [](uint32_t c) { return c == '\r' || c == '\n'; };
+    auto fold = [](uint32_t c) -> uint32_t {
+        if (c >= 'A' && c <= 'Z') return c + 32;
+        return c == 0x17F ? 's' : c;
+    };
+    size_t i = 0;
+    while (i < n) {
+        const uint32_t c = cps[i];
+        size_t end = 0;
+        // (?i:'s|'t|'re|'ve|'m|'ll|'d)
+        if (c == '\'' && i + 1 < n) {
+            const uint32_t c1 = fold(cps[i + 1]);
+            if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') {
+                end = i + 2;
+            } else if (i + 2 < n) {
+                const uint32_t c2 = fold(cps[i + 2]);
+                if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l')) end = i + 3;
+            }
+        }
+        // [^\r\n\p{L}\p{N}]?\p{L}+
+        if (!end) {
+            size_t j = n;
+            if (is_letter(c)) j = i;
+            else if (!is_crlf(c) && !is_number(c) && i + 1 < n && is_letter(cps[i + 1])) j = i + 1;
+            if (j < n) {
+                end = j + 1;
+                while (end < n && is_letter(cps[end])) ++end;
+            }
+        }
+        // \p{N}{1,3}
+        if (!end && is_number(c)) {
+            end = i + 1;
+            while (end < n && end - i < 3 && is_number(cps[end])) ++end;
+        }
+        // ' ?[^\s\p{L}\p{N}]+[\r\n]*'
+        if (!end) {
+            const size_t j = (c == ' ' && i + 1 < n && is_other(cps[i + 1])) ? i + 1 : i;
+            if (is_other(cps[j])) {
+                end = j + 1;
+                while (end < n && is_other(cps[end])) ++end;
+                while (end < n && is_crlf(cps[end])) ++end;
+            }
+        }
+        if (!end) {
+            // c is whitespace. \s*[\r\n]+: up to the last CR/LF of the run;
+            // else \s+(?!\S)|\s+ as in GPT-2's pattern.
+            size_t k = i + 1;
+            while (k < n && is_space(cps[k])) ++k;
+            for (size_t t = k; t > i; --t) {
+                if (is_crlf(cps[t - 1])) {
+                    end = t;
+                    break;
+                }
+            }
+            if (!end) end = (k < n && k - i >= 2) ? k - 1 : k;
+        }
+        emit(offs[i], offs[end]);
+        i = end;
+    }
+}
+
+// tokenizers' Digits(individual_digits=True) uses Rust's char::is_numeric:
+// \p{N} of a newer Unicode than the Oniguruma tables, i.e. these in addition.
+bool is_rust_numeric(uint32_t cp) {
+    return is_number(cp) || (cp >= 0x11DE0 && cp <= 0x11DE9) || (cp >= 0x16FF4 && cp <= 0x16FF6);
+}
+
+// SmolLM: Digits(individual_digits=True), then GPT-2's pattern on the rest.
+template <typename F>
+void smollm_split(const std::string& text, size_t b, size_t e, F&& emit) {
+    std::vector<uint32_t> cps;
+    std::vector<size_t> offs;
+    decode_cps(text, b, e, cps, offs);
+    size_t seg = 0;  // start (code point index) of the current non-digit run
+    for (size_t i = 0; i < cps.size(); ++i) {
+        if (!is_rust_numeric(cps[i])) continue;
+        if (seg < i) gpt2_split(text, offs[seg], offs[i], emit);
+        emit(offs[i], offs[i + 1]);
+        seg = i + 1;
+    }
+    if (seg < cps.size()) gpt2_split(text, offs[seg], e, emit);
 }
 
 }  // namespace
@@ -863,9 +979,8 @@ std::vector<int32_t> Tokenizer::encode(const std::string& text, bool add_bos, bo
         flush(norm.size());
     };
 
-    auto encode_bpe_segment = [&](size_t b, size_t e) {
-        if (b == e) return;
-        gpt2_split(text, b, e, [&](size_t wb, size_t we) {
+    std::string mapped;
+    auto encode_bpe_word = [&](size_t wb, size_t we) {
             const bool cacheable = we - wb <= kMaxCachedChunk;
             std::string key;
             if (cacheable) {
@@ -873,6 +988,18 @@ std::vector<int32_t> Tokenizer::encode(const std::string& text, bool add_bos, bo
                 auto it = cache.find(key);
                 if (it != cache.end()) {
                     out.insert(out.end(), it->second.begin(), it->second.end());
+                    return;
+                }
+            }
+            if (pre_ == Pre::LLAMA3) {
+                // ignore_merges (LLaMA 3's tokenizer.json; llama.cpp sets it for this
+                // pre-tokenizer): a piece that is itself a vocabulary token is that token.
+                mapped.clear();
+                for (size_t i = wb; i < we; ++i) append_utf8(mapped, im.byte_to_cp[p[i]]);
+                const int32_t whole = im.lookup(mapped);
+                if (whole >= 0 && types_[whole] == TOKEN_TYPE_NORMAL) {
+                    out.push_back(whole);
+                    if (cacheable && cache.size() < kMaxCacheEntries) cache.emplace(std::move(key), std::vector<int32_t>{whole});
                     return;
                 }
             }
@@ -886,7 +1013,14 @@ std::vector<int32_t> Tokenizer::encode(const std::string& text, bool add_bos, bo
             bpe_merge(syms, im.merges, heap, word_ids);
             out.insert(out.end(), word_ids.begin(), word_ids.end());
             if (cacheable && cache.size() < kMaxCacheEntries) cache.emplace(std::move(key), word_ids);
-        });
+    };
+    auto encode_bpe_segment = [&](size_t b, size_t e) {
+        if (b == e) return;
+        switch (pre_) {
+            case Pre::GPT2: gpt2_split(text, b, e, encode_bpe_word); break;
+            case Pre::LLAMA3: llama3_split(text, b, e, encode_bpe_word); break;
+            case Pre::SMOLLM: smollm_split(text, b, e, encode_bpe_word); break;
+        }
     };
 
     size_t pos = 0;

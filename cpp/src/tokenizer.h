@@ -16,10 +16,14 @@
 //   bos/eos/unk   tokenizer.ggml.{bos,eos,unknown}_token_id, -1 if absent
 //   add_bos/eos   tokenizer.ggml.add_{bos,eos}_token
 //   add_space_prefix  tokenizer.ggml.add_space_prefix (llama only; default true)
+//   pre           tokenizer.ggml.pre (gpt2 only): "gpt-2" (also "" = key absent),
+//                 "llama-bpe" (aliases "llama3", "llama-v3"), "smollm"; any
+//                 other name throws UnsupportedPreTokenizer. Ignored for llama.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -36,12 +40,24 @@ enum TokenType : int32_t {
     TOKEN_TYPE_BYTE = 6,
 };
 
+// A valid vocabulary whose pre-tokenizer (tokenizer.ggml.pre) is not implemented:
+// the caller should report the tokenizer as unavailable rather than tokenize wrong.
+class UnsupportedPreTokenizer : public std::invalid_argument {
+public:
+    using std::invalid_argument::invalid_argument;
+};
+
 class Tokenizer {
 public:
     enum class Model { SPM, BPE };
+    // Byte-level BPE pre-tokenizers: GPT-2's regex; LLaMA 3's split regex
+    // (llama.cpp 'llama-bpe', with ignore_merges as llama.cpp sets it);
+    // SmolLM's individual digits followed by GPT-2's regex.
+    enum class Pre { GPT2, LLAMA3, SMOLLM };
 
     // Throws std::invalid_argument for an unknown model name, arrays of
-    // mismatched length or special ids out of range.
+    // mismatched length or special ids out of range; UnsupportedPreTokenizer
+    // (a std::invalid_argument) for a gpt2 model with an unknown pre name.
     Tokenizer(const std::string& model,
               std::vector<std::string> tokens,
               std::vector<float> scores,
@@ -49,7 +65,8 @@ public:
               std::vector<std::string> merges,
               int32_t bos_id, int32_t eos_id, int32_t unk_id,
               bool add_bos, bool add_eos,
-              bool add_space_prefix = true);
+              bool add_space_prefix = true,
+              const std::string& pre = std::string());
     ~Tokenizer();
     Tokenizer(Tokenizer&&) noexcept;
     Tokenizer& operator=(Tokenizer&&) noexcept;
@@ -82,6 +99,7 @@ public:
     std::string token_to_piece(int32_t id, bool special = false) const;
 
     Model model() const { return model_; }
+    Pre pre() const { return pre_; }
     int32_t n_tokens() const { return static_cast<int32_t>(tokens_.size()); }
     int32_t bos_id() const { return bos_id_; }
     int32_t eos_id() const { return eos_id_; }
@@ -98,6 +116,7 @@ public:
 private:
     struct Impl;
     Model model_;
+    Pre pre_ = Pre::GPT2;
     std::vector<std::string> tokens_;
     std::vector<float> scores_;
     std::vector<int32_t> types_;
