@@ -66,12 +66,23 @@ def read_texts(texts: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
     """One text from a file, a list of files, or (when it names no file) the text itself."""
     if isinstance(texts, (list, tuple)):
         return "\n".join(read_texts(t) for t in texts)
-    if isinstance(texts, os.PathLike) or (isinstance(texts, str) and len(texts) < 4096 and "\n" not in texts
-                                          and Path(texts).is_file()):
+    if isinstance(texts, os.PathLike) or (isinstance(texts, str) and _names_a_file(texts)):
         return Path(texts).read_text(encoding="utf-8", errors="replace")
-    if isinstance(texts, str) and len(texts) < 4096 and "\n" not in texts and (os.sep in texts or texts.endswith(".txt")):
+    if isinstance(texts, str) and len(texts) < 4096 and not any(c.isspace() for c in texts) \
+            and (os.sep in texts or texts.endswith(".txt")):
         raise FileNotFoundError(f"calibration text {texts!r}: no such file")
     return str(texts)
+
+
+def _names_a_file(s: str) -> bool:
+    """Whether a one-line string is the path of an existing file (a long line of text is not: is_file()
+    raises ENAMETOOLONG for it rather than answering False)."""
+    if len(s) >= 4096 or "\n" in s:
+        return False
+    try:
+        return Path(s).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def tokenize_text(tokenizer, text: str, bos_id: int) -> list[int]:

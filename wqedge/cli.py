@@ -225,11 +225,16 @@ def plan_options(f):
               help="How chunks become ONNX operators: 'compact' keeps every width (q3/ternary/q1 unpacked in the "
                    "graph), 'widen' stores them as 4/2-bit MatMulNBits, 'int4' makes every linear one 4-bit "
                    "MatMulNBits (fastest in ONNX Runtime; see docs/onnx.md).")
+@click.option("--check/--no-check", "check", default=None,
+              help="After writing, compare the file's model with the original on 256 tokens (the calibration text, "
+                   "else text the model writes itself): perplexity of both, KL divergence, top-1 agreement, and a "
+                   "loud warning when the file is damaged. Default: on for models up to 1.5 B parameters (it holds "
+                   "two float32 copies in memory).")
 @click.option("--onnx-variant", type=click.Choice(["portable", "native"]), default="portable", show_default=True,
               help="'portable': stock ONNX Runtime operators; 'native': one wqedge.ChunkLinear per linear, run by "
                    "our custom-op library libwqedge_ort (smaller and packed in memory; see docs/onnx.md).")
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, plan_path, save_plan,
-            feedback, target, onnx_lowering, onnx_variant):
+            feedback, target, onnx_lowering, check, onnx_variant):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
     With no MODEL_DIR, a tiny random LLaMA is built on the spot and converted (a self-contained demo).
@@ -297,6 +302,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     size = path.stat().st_size
     click.echo(f"wrote {path} ({size / 2**20:.2f} MiB) in {time.time() - t0:.1f} s")
     click.echo(f"effective bits: {plan.effective_bits():.4f} planned, {f.measured_bits():.4f} measured in the file")
+    _quality_check(ckpt, path, calib, check)
     if target == "onnx":
         from .converters.onnx_export import export_onnx
         bar = _progress(len(spec.linears()) + 1, "lowering to ONNX")
@@ -308,6 +314,25 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
             bar.close()
         how = f"lowering {onnx_lowering}" if onnx_variant == "portable" else "native: needs libwqedge_ort"
         click.echo(f"wrote {info['path']} ({info['bytes'] / 2**20:.2f} MiB, {how})")
+
+
+def _quality_check(ckpt, path, calib, check) -> None:
+    from .quality import MAX_PARAMS_DEFAULT, check_quality
+    if check is None:
+        check = ckpt.n_params <= MAX_PARAMS_DEFAULT
+        if not check:
+            click.echo(f"quality check skipped: {ckpt.n_params / 1e9:.1f} B parameters (it holds two float32 copies; "
+                       "--check forces it)")
+            return
+    if not check:
+        return
+    click.echo("checking the written model against the original…")
+    rep = check_quality(ckpt, path, _read_text(calib) if calib else None)
+    click.echo(rep.summary())
+    if rep.is_bad:
+        click.secho(f"WARNING: {path} is far from the original model (perplexity x{rep.ppl_ratio:.2f}, KL {rep.kl:.3f} "
+                    "nats/token): it may be unusable. Give calibration text (--calib), a larger --bits, or a wider "
+                    "--preset (q4, q8).", fg="red", bold=True, err=True)
 
 
 def _export_llamacpp(ckpt, plan, output, calib, device):
