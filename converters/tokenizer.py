@@ -106,6 +106,27 @@ def _special_vocab(model_dir: Path, n_vocab: int, load_merges: bool = False) -> 
         raise TokenizerError(f"{model_dir}: cannot read special tokens ({e})") from e
 
 
+def _chat_template(model_dir: Path, special: gguf.SpecialVocab) -> str | None:
+    """tokenizer.chat_template: tokenizer_config.json's "chat_template", else chat_template.jinja, else
+    chat_template.json (gguf.SpecialVocab reads them in llama.cpp's order, but only when a
+    tokenizer_config.json exists: without one we read the two files here). A list of named templates
+    gives its 'default' one (llama.cpp writes the others under tokenizer.chat_template.<name>)."""
+    t = special.chat_template
+    if t is None:
+        jinja = model_dir / "chat_template.jinja"
+        if jinja.is_file():
+            try:
+                t = jinja.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{jinja}: cannot read ({e})") from e
+        else:
+            t = (_read_json(model_dir / "chat_template.json") or {}).get("chat_template")
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default")
+    return t if isinstance(t, str) and t else None
+
+
 def read_tokenizer(model_dir, n_vocab: int | None = None) -> TokenizerMeta:
     """Read the tokenizer of a Hugging Face model folder into GGUF-ready metadata.
 
@@ -189,7 +210,7 @@ def _read_sentencepiece(model_dir: Path, n_vocab: int | None) -> TokenizerMeta:
         bos_id=ids.get("bos", sp_id(sp.bos_id())), eos_id=ids.get("eos", sp_id(sp.eos_id())),
         unk_id=ids.get("unk", sp_id(sp.unk_id())), pad_id=ids.get("pad", sp_id(sp.pad_id())),
         add_bos=special.add_special_token.get("bos", True), add_eos=special.add_special_token.get("eos", False),
-        chat_template=special.chat_template if isinstance(special.chat_template, str) else None,
+        chat_template=_chat_template(model_dir, special),
     )
 
 
@@ -197,8 +218,10 @@ def _detect_pre(tj: dict) -> str:
     """llama.cpp pre-tokenizer name from tokenizer.json's pre_tokenizer.
 
     llama.cpp identifies pre-tokenizers by hashing the tokenization of a probe text against known
-    models; for locally trained tokenizers we recognise the two regexes that matter for LLaMA:
-    LLaMA 3's split regex ('llama-bpe') and GPT-2's built-in ByteLevel regex ('gpt-2').
+    models; we recognise the structures that matter for LLaMA-family checkpoints: LLaMA 3's split
+    regex ('llama-bpe'), GPT-2's built-in ByteLevel regex ('gpt-2') and SmolLM's individual digits
+    before it ('smollm'). Anything else is written as 'default', which wqedge's C++ tokenizer
+    refuses (tokenizing would not match Hugging Face).
     """
     pt = tj.get("pre_tokenizer") or {}
     items = pt.get("pretokenizers", []) if pt.get("type") == "Sequence" else [pt]
@@ -210,7 +233,12 @@ def _detect_pre(tj: dict) -> str:
         return "llama-bpe"
     if len(items) == 1 and len(bytelevel) == 1 and bytelevel[0].get("use_regex", True):
         return "gpt-2"
-    log.warning("unrecognised BPE pre-tokenizer %s; writing pre='default'", json.dumps(pt)[:200])
+    digits = [p for p in items if p.get("type") == "Digits"]
+    if (len(items) == 2 and items[0] in digits and items[0].get("individual_digits")
+            and items[1] in bytelevel and bytelevel[0].get("use_regex", True)):
+        return "smollm"      # SmolLM: Digits(individual_digits=True) then ByteLevel with GPT-2's regex
+    log.warning("unrecognised BPE pre-tokenizer %s; writing pre='default': wqedge's runtime will not tokenize "
+                "text for this file (token ids still work)", json.dumps(pt)[:200])
     return "default"
 
 
@@ -252,7 +280,7 @@ def _read_tokenizer_json(model_dir: Path, n_vocab: int | None) -> TokenizerMeta:
 
     special = _special_vocab(model_dir, len(tokens), load_merges=not byte_fallback)
     ids = special.special_token_ids
-    chat = special.chat_template if isinstance(special.chat_template, str) else None
+    chat = _chat_template(model_dir, special)
     if byte_fallback:
         # A SentencePiece BPE exported to tokenizer.json ('llama'). Its scores are gone; SentencePiece
         # BPE scores are minus the rank among normal pieces, which is vocab order, so rebuild them:

@@ -144,3 +144,39 @@ def test_inconsistent_meta_is_refused(tiny_model_dir, tmp_path):
 def test_module_does_not_import_torch():
     code = "import sys, wqedge.converters.tokenizer; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")  # not the checkout: test the installed package
+
+
+def test_smollm_pre_tokenizer_detected(tiny_model_factory):
+    """SmolLM's pre-tokenizer (individual digits, then ByteLevel with GPT-2's regex) is llama.cpp's 'smollm'."""
+    d = tiny_model_factory(bpe=True, pretokenizer="smollm")
+    pt = json.loads((d / "tokenizer.json").read_text())["pre_tokenizer"]
+    assert [p["type"] for p in pt["pretokenizers"]] == ["Digits", "ByteLevel"]
+    m = read_tokenizer(d)
+    assert (m.model, m.pre) == ("gpt2", "smollm")
+    assert m.tokens == hf_tokens(d, 512)
+
+
+@pytest.mark.parametrize("files,where", [("default", "tokenizer_config.json"), ("json", "chat_template.json"),
+                                         ("json_only", "chat_template.jinja")])
+@pytest.mark.parametrize("bpe", [False, True])
+def test_chat_template_sources(tiny_model_factory, tmp_path, files, where, bpe):
+    """tokenizer.chat_template comes from tokenizer_config.json, chat_template.json or chat_template.jinja
+    (the last also with no tokenizer_config.json at all) and survives the GGUF round trip."""
+    from wqedge.tinymodel import BPE_CHAT_TEMPLATE, SPM_CHAT_TEMPLATE
+    d = tiny_model_factory(bpe=bpe, tokenizer_files=files) if bpe else tiny_model_factory(tokenizer_files=files)
+    assert (d / where).is_file()
+    assert (d / "tokenizer_config.json").is_file() == (files != "json_only")
+    want = BPE_CHAT_TEMPLATE if bpe else SPM_CHAT_TEMPLATE
+    m = read_tokenizer(d)
+    assert m.chat_template == want
+    r = write_and_read(m, tmp_path / "t.gguf")
+    assert r.fields["tokenizer.chat_template"].contents() == want
+    assert meta_from_gguf(r) == m
+
+
+def test_named_chat_templates_give_the_default(tiny_bpe_model_dir, copy_model):
+    d = copy_model(tiny_bpe_model_dir)
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    assert read_tokenizer(d).chat_template == "D"

@@ -16,7 +16,26 @@ from pathlib import Path
 from wqedge.converters.tokenizer import LLAMA3_PRETOKENIZER_REGEX  # shared with the reader (imports no torch)
 
 __all__ = ["build_tiny_model", "build_tiny_bpe_model", "build_speed_model", "tiny_corpus",
-           "LLAMA3_PRETOKENIZER_REGEX", "DEFAULT_LLAMA3_SCALING", "SPEED_SHAPES"]
+           "LLAMA3_PRETOKENIZER_REGEX", "DEFAULT_LLAMA3_SCALING", "SPEED_SHAPES", "SPM_CHAT_TEMPLATE",
+           "BPE_CHAT_TEMPLATE", "TOKENIZER_FILES"]
+
+# Small chat templates (Jinja, the language of tokenizer_config.json's "chat_template"), written by the
+# builders into tokenizer_config.json, chat_template.jinja or chat_template.json (see `tokenizer_files`).
+SPM_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}"
+    "{% endif %}{% endfor %}")
+BPE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start|>' + message['role'] + '\n' + message['content']"
+    " + '<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant\n' }}{% endif %}")
+
+# How a builder lays out the tokenizer files:
+#   "default"   SentencePiece: tokenizer.model + tokenizer_config.json (template inside);
+#               BPE: tokenizer.json + tokenizer_config.json (template inside)
+#   "json"      tokenizer.json + tokenizer_config.json without the template + chat_template.json
+#               (SentencePiece: the tokenizer.json transformers derives from tokenizer.model; no .model file)
+#   "json_only" tokenizer.json alone, plus chat_template.jinja (no tokenizer_config.json)
+TOKENIZER_FILES = ("default", "json", "json_only")
 
 # Used when rope_scaling="llama3" is passed without parameters (LLaMA 3.1's values, shorter context).
 DEFAULT_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -104,12 +123,35 @@ def _sp_train(spm, buf, vocab_size: int) -> None:
     )
 
 
-def _write_sentencepiece_tokenizer(out_dir: Path, vocab_size: int, max_len: int) -> None:
+def _write_sentencepiece_tokenizer(out_dir: Path, vocab_size: int, max_len: int,
+                                   tokenizer_files: str = "default") -> None:
     (out_dir / "tokenizer.model").write_bytes(_train_sentencepiece(vocab_size))
     cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
            "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False,
            "model_max_length": max_len, "clean_up_tokenization_spaces": False}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if tokenizer_files != "default":
+        # What a checkpoint shipping only tokenizer.json holds: transformers' own export of the model.
+        from transformers import AutoTokenizer
+        text = AutoTokenizer.from_pretrained(out_dir).backend_tokenizer.to_str(pretty=True)
+        (out_dir / "tokenizer.model").unlink()
+        (out_dir / "tokenizer.json").write_text(text, encoding="utf-8")
+    _write_chat_template(out_dir, SPM_CHAT_TEMPLATE, tokenizer_files)
+
+
+def _write_chat_template(out_dir: Path, template: str, tokenizer_files: str) -> None:
+    cfg_path = out_dir / "tokenizer_config.json"
+    if tokenizer_files == "default":
+        cfg = json.loads(cfg_path.read_text())
+        cfg["chat_template"] = template
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    elif tokenizer_files == "json":
+        (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
+    elif tokenizer_files == "json_only":
+        cfg_path.unlink(missing_ok=True)
+        (out_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+    else:
+        raise ValueError(f"tokenizer_files must be one of {TOKENIZER_FILES}, got {tokenizer_files!r}")
 
 
 BPE_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>")
@@ -132,8 +174,13 @@ def _train_bytelevel_bpe(vocab_size: int, pretokenizer: str) -> str:
         ])
     elif pretokenizer == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif pretokenizer == "smollm":   # SmolLM's: every digit alone, then GPT-2's regex
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ])
     else:
-        raise ValueError(f"pretokenizer must be 'llama3' or 'gpt2', got {pretokenizer!r}")
+        raise ValueError(f"pretokenizer must be 'llama3', 'gpt2' or 'smollm', got {pretokenizer!r}")
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_added, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
@@ -150,7 +197,8 @@ def _train_bytelevel_bpe(vocab_size: int, pretokenizer: str) -> str:
     return tok.to_str(pretty=True)
 
 
-def _write_bpe_tokenizer(out_dir: Path, vocab_size: int, pretokenizer: str, max_len: int) -> tuple[int, int]:
+def _write_bpe_tokenizer(out_dir: Path, vocab_size: int, pretokenizer: str, max_len: int,
+                         tokenizer_files: str = "default") -> tuple[int, int]:
     text = _train_bytelevel_bpe(vocab_size, pretokenizer)
     (out_dir / "tokenizer.json").write_text(text, encoding="utf-8")
     added = {t["content"]: t for t in json.loads(text)["added_tokens"]}
@@ -161,6 +209,7 @@ def _write_bpe_tokenizer(out_dir: Path, vocab_size: int, pretokenizer: str, max_
            "eos_token": BPE_SPECIAL_TOKENS[1], "added_tokens_decoder": decoder, "model_max_length": max_len,
            "clean_up_tokenization_spaces": True}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    _write_chat_template(out_dir, BPE_CHAT_TEMPLATE, tokenizer_files)
     return bos, eos
 
 
@@ -286,7 +335,7 @@ def _randn_rows(shape, g, torch_dtype):
 
 _OUR_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
               "model-*-of-*.safetensors", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json")
+              "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 
 
 def _prepare(out_dir) -> Path:
@@ -305,7 +354,8 @@ def build_tiny_model(out_dir, *, hidden: int = 128, n_layers: int = 2, n_heads: 
                      intermediate: int = 352, vocab_size: int = 512, tie_embeddings: bool = False,
                      dtype: str = "float16", shards: int = 1, rope_form: str = "tf5", rope_scaling=None,
                      seed: int = 0, rope_theta: float = 10000.0, max_position_embeddings: int = 2048,
-                     tokenizer_vocab: int | None = None, init: str = "hf") -> Path:
+                     tokenizer_vocab: int | None = None, init: str = "hf",
+                     tokenizer_files: str = "default") -> Path:
     """Write a random-init LlamaForCausalLM with a trained SentencePiece tokenizer to `out_dir`.
 
     Files of an earlier build in out_dir are replaced; other files are left alone. `rope_form`
@@ -317,13 +367,16 @@ def build_tiny_model(out_dir, *, hidden: int = 128, n_layers: int = 2, n_heads: 
     `tokenizer_vocab` (< vocab_size) trains a smaller SentencePiece model for a large-vocab shape (the
     built-in corpus cannot fill 32k pieces; converters pad the vocabulary to vocab_size). `init="normal"`
     draws weights directly in `dtype` (see _normal_init) instead of transformers' fp32 init.
+    `tokenizer_files` (TOKENIZER_FILES) chooses the tokenizer files and where SPM_CHAT_TEMPLATE goes.
     """
     sp_vocab = tokenizer_vocab or vocab_size
     if sp_vocab > vocab_size:
         raise ValueError(f"tokenizer_vocab {sp_vocab} exceeds vocab_size {vocab_size}")
     _train_sentencepiece(sp_vocab)            # fail on a bad vocab_size before writing anything
+    if tokenizer_files not in TOKENIZER_FILES:
+        raise ValueError(f"tokenizer_files must be one of {TOKENIZER_FILES}, got {tokenizer_files!r}")
     out = _prepare(out_dir)
-    _write_sentencepiece_tokenizer(out, sp_vocab, max_position_embeddings)
+    _write_sentencepiece_tokenizer(out, sp_vocab, max_position_embeddings, tokenizer_files)
     _write_weights_and_config(out, hidden=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                               intermediate=intermediate, vocab_size=vocab_size, tie_embeddings=tie_embeddings,
                               dtype=dtype, shards=shards, rope_form=rope_form, rope_scaling=rope_scaling,
@@ -353,13 +406,16 @@ def build_speed_model(out_dir, shape: str = "tinyllama-1.1b", seed: int = 0, sha
                             tokenizer_vocab=1000, init="normal")
 
 
-def build_tiny_bpe_model(out_dir, *, vocab_size: int = 512, pretokenizer: str = "gpt2", **kwargs) -> Path:
+def build_tiny_bpe_model(out_dir, *, vocab_size: int = 512, pretokenizer: str = "gpt2",
+                         tokenizer_files: str = "default", **kwargs) -> Path:
     """Same as build_tiny_model but with a byte-level BPE tokenizer (tokenizer.json, LLaMA 3 layout).
 
     The vocab ends with the specials <|begin_of_text|> (BOS, added by the post-processor) and
     <|end_of_text|> (EOS), then one non-special added token, <tool_call>. `pretokenizer` is
     'gpt2' (plain ByteLevel with GPT-2's regex; llama.cpp pre 'gpt-2', the one wqedge's C++
-    tokenizer implements) or 'llama3' (LLaMA 3's split regex; llama.cpp pre 'llama-bpe').
+    tokenizer implements) or 'llama3' (LLaMA 3's split regex; llama.cpp pre 'llama-bpe') or 'smollm'
+    (SmolLM's individual digits + GPT-2's regex; llama.cpp pre 'smollm'). `tokenizer_files`
+    (TOKENIZER_FILES) chooses the files and where BPE_CHAT_TEMPLATE goes.
     Other keyword arguments are those of build_tiny_model.
     """
     defaults = dict(hidden=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate=352, tie_embeddings=False,
@@ -369,8 +425,10 @@ def build_tiny_bpe_model(out_dir, *, vocab_size: int = 512, pretokenizer: str = 
     if unknown:
         raise TypeError(f"build_tiny_bpe_model got unexpected arguments {sorted(unknown)}")
     _train_bytelevel_bpe(vocab_size, pretokenizer)
+    if tokenizer_files not in TOKENIZER_FILES:
+        raise ValueError(f"tokenizer_files must be one of {TOKENIZER_FILES}, got {tokenizer_files!r}")
     out = _prepare(out_dir)
     max_len = kwargs.get("max_position_embeddings", 2048)
-    bos, eos = _write_bpe_tokenizer(out, vocab_size, pretokenizer, max_len)
+    bos, eos = _write_bpe_tokenizer(out, vocab_size, pretokenizer, max_len, tokenizer_files)
     _write_weights_and_config(out, **{**defaults, **kwargs}, vocab_size=vocab_size, bos_id=bos, eos_id=eos)
     return out
