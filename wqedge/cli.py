@@ -492,9 +492,16 @@ def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
               help="Keep the k most likely tokens (0 = all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (same seed, same text).")
 @click.option("--threads", type=click.IntRange(0, 4096), default=0, help="Threads (0 = all cores).")
-def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads):
+@click.option("--chat", is_flag=True, help="Chat: read your messages line by line (Ctrl-D ends), apply the model's "
+              "chat template (stored from the checkpoint as tokenizer.chat_template) and answer each.")
+@click.option("--system", default=None, help="With --chat: a system message to start the conversation.")
+def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, chat, system):
     """Generate text from GGUF_FILE with the C++ runtime, streaming it to the terminal."""
     from .runtime import native
+    if chat:
+        _chat(gguf_file, system, max_tokens, threads, dict(temperature=temperature, top_p=top_p, top_k=top_k,
+                                                             seed=seed))
+        return
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:
@@ -520,6 +527,39 @@ def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads)
     if not started:
         click.echo(prompt, nl=False)
     click.echo()
+
+
+def _chat(gguf_file, system, max_tokens, threads, sampling) -> None:
+    from .runtime import native
+    from .runtime.chat import ChatError, ChatSession
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    try:
+        model = native.Model(gguf_file)
+        session = ChatSession(model, system=system, n_threads=threads, max_new_tokens=max_tokens, **sampling)
+    except (native.NativeError, ChatError) as e:
+        _fail(str(e))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo("chat with the model; an empty line is skipped, Ctrl-D ends", err=True)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            continue
+        try:
+            session.reply(line, stream=lambda piece: click.echo(piece, nl=False))
+        except (native.NativeError, ChatError, ValueError) as e:
+            click.echo()
+            click.secho(f"error: {e}", fg="red", err=True)
+            continue
+        click.echo()
+    session.close()
+    model.close()
 
 
 # ---------------------------------------------------------------- wqedge bench (issues #5, #6)
