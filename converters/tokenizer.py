@@ -30,6 +30,7 @@ LLAMA3_PRETOKENIZER_REGEX = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+SPM_PREPEND_KEY = "wqedge.tokenizer.spm_prepend"
 
 
 class TokenizerError(ValueError):
@@ -52,6 +53,10 @@ class TokenizerMeta:
     add_bos: bool = True
     add_eos: bool = False
     chat_template: str | None = None
+    # 'llama' only: where SentencePiece's "▁" prefix goes. 'first' = before the text's first segment
+    # (transformers' legacy=false, its default); 'always' = before every segment, also right after a
+    # special token (legacy=true, e.g. Mistral). GGUF key wqedge.tokenizer.spm_prepend (not llama.cpp's).
+    spm_prepend: str | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -66,6 +71,8 @@ class TokenizerMeta:
             raise ValueError(f"{len(self.scores)} scores for {n} tokens")
         if self.model not in ("llama", "gpt2"):
             raise ValueError(f"unknown tokenizer model {self.model!r}")
+        if self.spm_prepend not in (None, "first", "always"):
+            raise ValueError(f"spm_prepend must be 'first' or 'always', got {self.spm_prepend!r}")
         bad = sorted(set(self.token_types) - {NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE})
         if bad:
             raise ValueError(f"invalid token types {bad}")
@@ -169,6 +176,28 @@ def _apply_added_tokens(model_dir: Path, tokens: list[str], scores: list[float],
         tokens[tid], scores[tid] = text, -1000.0
 
 
+def _legacy_prepend(model_dir: Path) -> str | None:
+    """transformers 5's LlamaTokenizer builds Metaspace(prepend_scheme='always' if legacy else 'first') from
+    tokenizer_config.json's "legacy" (default false), whatever tokenizer.json says."""
+    legacy = (_read_json(model_dir / "tokenizer_config.json") or {}).get("legacy")
+    return None if legacy is None else ("always" if legacy else "first")
+
+
+def _json_prepend(tj: dict) -> str:
+    """Prepend scheme of a SentencePiece-style tokenizer.json: Metaspace's prepend_scheme, or 'always'
+    for the older export (normalizer Prepend("▁") applied to every segment)."""
+    def items(node):
+        node = node or {}
+        return node.get("pretokenizers") or node.get("normalizers") or [node]
+    for p in items(tj.get("pre_tokenizer")):
+        if p.get("type") == "Metaspace":
+            scheme = p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never")
+            return "always" if scheme == "always" else "first"
+    if any(n.get("type") == "Prepend" for n in items(tj.get("normalizer"))):
+        return "always"
+    return "first"
+
+
 def _read_sentencepiece(model_dir: Path, n_vocab: int | None) -> TokenizerMeta:
     """Mirror of llama.cpp's TextModel._create_vocab_sentencepiece + _set_vocab_sentencepiece."""
     from sentencepiece import SentencePieceProcessor
@@ -210,7 +239,7 @@ def _read_sentencepiece(model_dir: Path, n_vocab: int | None) -> TokenizerMeta:
         bos_id=ids.get("bos", sp_id(sp.bos_id())), eos_id=ids.get("eos", sp_id(sp.eos_id())),
         unk_id=ids.get("unk", sp_id(sp.unk_id())), pad_id=ids.get("pad", sp_id(sp.pad_id())),
         add_bos=special.add_special_token.get("bos", True), add_eos=special.add_special_token.get("eos", False),
-        chat_template=_chat_template(model_dir, special),
+        chat_template=_chat_template(model_dir, special), spm_prepend=_legacy_prepend(model_dir) or "first",
     )
 
 
@@ -301,7 +330,8 @@ def _read_tokenizer_json(model_dir: Path, n_vocab: int | None) -> TokenizerMeta:
             model="llama", tokens=tokens, scores=scores, token_types=types, merges=[], pre="default",
             bos_id=ids.get("bos"), eos_id=ids.get("eos"), unk_id=unk_id, pad_id=ids.get("pad"),
             add_bos=special.add_special_token.get("bos", True),
-            add_eos=special.add_special_token.get("eos", False), chat_template=chat)
+            add_eos=special.add_special_token.get("eos", False), chat_template=chat,
+            spm_prepend=_legacy_prepend(model_dir) or _json_prepend(tj))
     pre = _detect_pre(tj)
     return TokenizerMeta(
         model="gpt2", tokens=tokens, scores=[], token_types=types, merges=list(special.merges), pre=pre,
@@ -329,6 +359,8 @@ def add_tokenizer_to_gguf(writer: gguf.GGUFWriter, meta: TokenizerMeta) -> None:
     writer.add_add_eos_token(meta.add_eos)
     if meta.chat_template:
         writer.add_chat_template(meta.chat_template)
+    if meta.model == "llama" and meta.spm_prepend:
+        writer.add_string(SPM_PREPEND_KEY, meta.spm_prepend)
 
 
 def meta_from_gguf(reader: gguf.GGUFReader) -> TokenizerMeta:
@@ -344,4 +376,5 @@ def meta_from_gguf(reader: gguf.GGUFReader) -> TokenizerMeta:
         token_types=[int(x) for x in val(K.TOKEN_TYPE, [])], merges=val(K.MERGES, []), pre=val(K.PRE),
         bos_id=val(K.BOS_ID), eos_id=val(K.EOS_ID), unk_id=val(K.UNK_ID), pad_id=val(K.PAD_ID),
         add_bos=bool(val(K.ADD_BOS, False)), add_eos=bool(val(K.ADD_EOS, False)), chat_template=val(K.CHAT_TEMPLATE),
+        spm_prepend=val(SPM_PREPEND_KEY),
     )

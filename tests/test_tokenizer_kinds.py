@@ -7,6 +7,7 @@ Kinds (wqedge.tinymodel builders):
   spm            SentencePiece tokenizer.model (Llama 2 / TinyLlama / Mistral layout, byte fallback)
   spm-json       the same tokenizer exported as tokenizer.json (no tokenizer.model), chat_template.json
   spm-json-only  the same tokenizer.json alone with chat_template.jinja (no tokenizer_config.json)
+  spm-legacy     SentencePiece with "legacy": true (Mistral's tokenizer_config.json: "▁" after specials too)
   gpt2           byte-level BPE with GPT-2's regex (pre 'gpt-2')
   smollm         byte-level BPE, individual digits + GPT-2's regex (SmolLM; pre 'smollm')
   llama3         byte-level BPE with LLaMA 3's split regex and ignore_merges (pre 'llama-bpe')
@@ -46,6 +47,7 @@ KINDS = {
     "spm": (dict(), "llama", "default", SPM_CHAT_TEMPLATE),
     "spm-json": (dict(tokenizer_files="json"), "llama", "default", SPM_CHAT_TEMPLATE),
     "spm-json-only": (dict(tokenizer_files="json_only"), "llama", "default", SPM_CHAT_TEMPLATE),
+    "spm-legacy": (dict(legacy=True), "llama", "default", SPM_CHAT_TEMPLATE),
     "gpt2": (dict(bpe=True, pretokenizer="gpt2"), "gpt2", "gpt-2", BPE_CHAT_TEMPLATE),
     "smollm": (dict(bpe=True, pretokenizer="smollm"), "gpt2", "smollm", BPE_CHAT_TEMPLATE),
     "llama3": (dict(bpe=True, pretokenizer="llama3"), "gpt2", "llama-bpe", BPE_CHAT_TEMPLATE),
@@ -79,12 +81,18 @@ def kind_files(tiny_model_factory, tmp_path_factory):
     return get
 
 
-def _texts() -> list[str]:
-    """TEXT, each of its lines, and random mixes of its pieces with edge characters."""
+CHAT = [{"role": "user", "content": "Hi! Wie geht's? \u4f60\u597d \U0001f642"},
+        {"role": "assistant", "content": "Fine, thanks.\n\tdef f(): return 42"},
+        {"role": "user", "content": " and   now?"}]
+
+
+def _texts(specials: tuple[str, ...] = ()) -> list[str]:
+    """TEXT, each of its lines, and random mixes of its pieces with edge characters and special tokens."""
     lines = TEXT.splitlines(keepends=True)
     rng = random.Random(99)
     bits = [w for line in lines for w in line.split(" ")] + [" ", "  ", "\n", "\r\n", "\t", "'s", "'LL", "123456",
-                                                            "\u00a0", "\u3000", "\u2028", "\U0001f642", "<", "|"]
+                                                            "\u00a0", "\u3000", "\u2028", "\U0001f642", "<", "|",
+                                                            *specials]
     mixes = ["".join(rng.choice(bits) for _ in range(rng.randint(1, 12))) for _ in range(150)]
     return [TEXT] + lines + mixes + ["", " ", "12345678", "x\r\n\r\n  y", "\n\n", "  \n", "hi  "]
 
@@ -107,17 +115,27 @@ def test_ids_decode_and_chat_template_match_hf(kind_files, kind):
     _, model_name, pre, template = KINDS[kind]
     meta = meta_from_gguf(gguf.GGUFReader(path))
     assert (meta.model, meta.pre, meta.chat_template) == (model_name, pre, template)
+    assert meta.spm_prepend == ("always" if kind == "spm-legacy" else "first" if model_name == "llama" else None)
     hf = AutoTokenizer.from_pretrained(d)
+    specials = tuple(t for t in hf.all_special_tokens + ["<tool_call>"] if t in hf.get_vocab())
+    # The prompt `wqedge run --chat` would tokenize (transformers reads chat_template.json/.jinja only for
+    # processors or without tokenizer_config.json, so the template is passed explicitly).
+    chat = hf.apply_chat_template(CHAT, chat_template=template, tokenize=False, add_generation_prompt=True,
+                                  bos_token=meta.tokens[meta.bos_id], eos_token=meta.tokens[meta.eos_id])
+    assert CHAT[1]["content"] in chat
     with Model(path) as m:
         assert m.chat_template() == template
         assert m.info["has_tokenizer"] == 1
-        for text in _texts():
+        texts = _texts(specials) + [chat] + [f"a{s}b {s} c{s}" for s in specials]
+        for text in texts:
             want = hf(text)["input_ids"]
             got = m.tokenize(text).tolist()
             assert got == want, f"{kind} {text[:60]!r}: {_diff(got, want)}"
             assert m.tokenize(text, add_bos=False).tolist() == hf(text, add_special_tokens=False)["input_ids"]
             dec = m.detokenize(got)
             assert dec == hf.decode(want, skip_special_tokens=True), f"{kind} {text[:60]!r}"
+        # A rendered chat: the template's BOS is in the text, so tokenize without adding another.
+        assert m.tokenize(chat, add_bos=False).tolist() == hf(chat, add_special_tokens=False)["input_ids"]
         ids = m.tokenize(TEXT).tolist()
         assert ids[0] == m.bos_id and len(ids) > 100
         assert m.detokenize(ids) == TEXT                      # round trip of the whole text

@@ -124,10 +124,10 @@ def _sp_train(spm, buf, vocab_size: int) -> None:
 
 
 def _write_sentencepiece_tokenizer(out_dir: Path, vocab_size: int, max_len: int,
-                                   tokenizer_files: str = "default") -> None:
+                                   tokenizer_files: str = "default", legacy: bool = False) -> None:
     (out_dir / "tokenizer.model").write_bytes(_train_sentencepiece(vocab_size))
     cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-           "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False,
+           "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": legacy,
            "model_max_length": max_len, "clean_up_tokenization_spaces": False}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if tokenizer_files != "default":
@@ -355,7 +355,7 @@ def build_tiny_model(out_dir, *, hidden: int = 128, n_layers: int = 2, n_heads: 
                      dtype: str = "float16", shards: int = 1, rope_form: str = "tf5", rope_scaling=None,
                      seed: int = 0, rope_theta: float = 10000.0, max_position_embeddings: int = 2048,
                      tokenizer_vocab: int | None = None, init: str = "hf",
-                     tokenizer_files: str = "default") -> Path:
+                     tokenizer_files: str = "default", legacy: bool = False) -> Path:
     """Write a random-init LlamaForCausalLM with a trained SentencePiece tokenizer to `out_dir`.
 
     Files of an earlier build in out_dir are replaced; other files are left alone. `rope_form`
@@ -368,6 +368,7 @@ def build_tiny_model(out_dir, *, hidden: int = 128, n_layers: int = 2, n_heads: 
     built-in corpus cannot fill 32k pieces; converters pad the vocabulary to vocab_size). `init="normal"`
     draws weights directly in `dtype` (see _normal_init) instead of transformers' fp32 init.
     `tokenizer_files` (TOKENIZER_FILES) chooses the tokenizer files and where SPM_CHAT_TEMPLATE goes.
+    `legacy` is tokenizer_config.json's "legacy" (True as in Mistral's: "▁" also after special tokens).
     """
     sp_vocab = tokenizer_vocab or vocab_size
     if sp_vocab > vocab_size:
@@ -376,7 +377,7 @@ def build_tiny_model(out_dir, *, hidden: int = 128, n_layers: int = 2, n_heads: 
     if tokenizer_files not in TOKENIZER_FILES:
         raise ValueError(f"tokenizer_files must be one of {TOKENIZER_FILES}, got {tokenizer_files!r}")
     out = _prepare(out_dir)
-    _write_sentencepiece_tokenizer(out, sp_vocab, max_position_embeddings, tokenizer_files)
+    _write_sentencepiece_tokenizer(out, sp_vocab, max_position_embeddings, tokenizer_files, legacy)
     _write_weights_and_config(out, hidden=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                               intermediate=intermediate, vocab_size=vocab_size, tie_embeddings=tie_embeddings,
                               dtype=dtype, shards=shards, rope_form=rope_form, rope_scaling=rope_scaling,

@@ -322,7 +322,8 @@ void Loader::load_tokenizer() {
                                                 m.hp.bos, m.hp.eos, unk, m.hp.add_bos,
                                                 f.get_bool("tokenizer.ggml.add_eos_token", false),
                                                 f.get_bool("tokenizer.ggml.add_space_prefix", true),
-                                                f.get_string("tokenizer.ggml.pre", "")));
+                                                f.get_string("tokenizer.ggml.pre", ""),
+                                                f.get_string("wqedge.tokenizer.spm_prepend", "first")));
     } catch (const wqedge::UnsupportedPreTokenizer& e) {
         // A valid file whose text splitting we do not implement: the model opens (token ids
         // still work) but tokenizing reports this, rather than giving ids that differ from HF.

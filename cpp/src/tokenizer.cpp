@@ -10,7 +10,9 @@
 //      offset 0 of the input gets a "▁" prepended unless it already starts
 //      with one (tokenizers' Metaspace prepend_scheme="first"). So " hello" and
 //      "hello" both give "▁hello", and text after a special token gets no
-//      prefix. No other normalisation (the fixture's normalizer is identity).
+//      prefix. With spm_prepend "always" (transformers' legacy=true, as
+//      Mistral's tokenizer_config.json says) every segment gets that prefix,
+//      also the text right after a special token. No other normalisation (the fixture's normalizer is identity).
 //   3. The segment is split into UTF-8 characters; a character missing from
 //      the vocabulary (or a byte of invalid UTF-8) becomes its <0xXX> byte
 //      tokens (or one <unk> for a run, if byte tokens are missing). No
@@ -73,10 +75,8 @@
 //
 // Not implemented (documented gaps): SentencePiece normalizers
 // (precompiled_charsmap / nmt_nfkc, remove_extra_whitespaces), Unigram models,
-// other pre-tokenizers (Qwen2, DeepSeek, ... : refused, see above), the
-// legacy=true handling of text right after a special token in SentencePiece
-// models (we follow legacy=false, i.e. transformers' Metaspace prepend_scheme
-// "first"), lstrip/rstrip/single_word flags of added tokens.
+// other pre-tokenizers (Qwen2, DeepSeek, ... : refused, see above),
+// lstrip/rstrip/single_word flags of added tokens.
 
 #include "tokenizer.h"
 
@@ -506,7 +506,7 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::Tokenizer(const std::string& model, std::vector<std::string> tokens, std::vector<float> scores,
                      std::vector<int32_t> token_types, std::vector<std::string> merges, int32_t bos_id,
                      int32_t eos_id, int32_t unk_id, bool add_bos, bool add_eos, bool add_space_prefix,
-                     const std::string& pre)
+                     const std::string& pre, const std::string& spm_prepend)
     : tokens_(std::move(tokens)),
       scores_(std::move(scores)),
       types_(std::move(token_types)),
@@ -519,6 +519,12 @@ Tokenizer::Tokenizer(const std::string& model, std::vector<std::string> tokens, 
       impl_(new Impl) {
     if (model == "llama") {
         model_ = Model::SPM;
+        if (spm_prepend == "always") {
+            prepend_always_ = true;
+        } else if (spm_prepend != "first" && !spm_prepend.empty()) {
+            throw UnsupportedPreTokenizer("tokenizer: SentencePiece prepend scheme '" + spm_prepend +
+                                          "' (wqedge.tokenizer.spm_prepend) is not supported (first or always)");
+        }
     } else if (model == "gpt2") {
         model_ = Model::BPE;
         if (pre.empty() || pre == "gpt-2") {
@@ -936,7 +942,7 @@ std::vector<int32_t> Tokenizer::encode(const std::string& text, bool add_bos, bo
         norm.reserve((e - b) + (e - b) / 2 + kSpmSpaceLen);
         const bool starts_with_space = text[b] == ' ' ||
             (e - b >= kSpmSpaceLen && std::memcmp(text.data() + b, kSpmSpace, kSpmSpaceLen) == 0);
-        if (add_space_prefix_ && b == 0 && !starts_with_space) norm.append(kSpmSpace, kSpmSpaceLen);
+        if (add_space_prefix_ && (b == 0 || prepend_always_) && !starts_with_space) norm.append(kSpmSpace, kSpmSpaceLen);
         for (size_t i = b; i < e; ++i) {
             if (text[i] == ' ') norm.append(kSpmSpace, kSpmSpaceLen);
             else norm += text[i];

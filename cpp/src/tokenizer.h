@@ -19,6 +19,10 @@
 //   pre           tokenizer.ggml.pre (gpt2 only): "gpt-2" (also "" = key absent),
 //                 "llama-bpe" (aliases "llama3", "llama-v3"), "smollm"; any
 //                 other name throws UnsupportedPreTokenizer. Ignored for llama.
+//   spm_prepend   wqedge.tokenizer.spm_prepend (llama only): "first" (default;
+//                 transformers' legacy=false: "▁" before the text's first
+//                 segment only) or "always" (legacy=true, e.g. Mistral: before
+//                 every segment, also right after a special token).
 #pragma once
 
 #include <cstdint>
@@ -66,7 +70,8 @@ public:
               int32_t bos_id, int32_t eos_id, int32_t unk_id,
               bool add_bos, bool add_eos,
               bool add_space_prefix = true,
-              const std::string& pre = std::string());
+              const std::string& pre = std::string(),
+              const std::string& spm_prepend = "first");
     ~Tokenizer();
     Tokenizer(Tokenizer&&) noexcept;
     Tokenizer& operator=(Tokenizer&&) noexcept;
@@ -122,6 +127,7 @@ private:
     std::vector<int32_t> types_;
     int32_t bos_id_, eos_id_, unk_id_;
     bool add_bos_, add_eos_, add_space_prefix_;
+    bool prepend_always_ = false;
     std::unique_ptr<Impl> impl_;
 };
 
