@@ -115,6 +115,17 @@ def check_gguf(path: str | os.PathLike) -> None:
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
+def _unique_name(c: _Cursor, seen: set, kind: str) -> str:
+    """Read a key or tensor name; a repeated one is an error. Later messages name it."""
+    c.what = f"a {kind}"
+    name = c.string().decode("utf-8", "replace")
+    if name in seen:
+        c.error(f"duplicate {kind} '{name}'")
+    seen.add(name)
+    c.what = f"{kind} '{name}'"
+    return name
+
+
 def _check(c: _Cursor) -> None:
     try:
         if bytes(c.buf[:4]) != b"GGUF":
@@ -131,12 +142,7 @@ def _check(c: _Cursor) -> None:
         alignment = gguf.GGUF_DEFAULT_ALIGNMENT
         keys = set()
         for _ in range(n_kv):
-            c.what = "a key"
-            key = c.string().decode("utf-8", "replace")
-            if key in keys:
-                c.error(f"duplicate key '{key}'")
-            keys.add(key)
-            c.what = f"key '{key}'"
+            key = _unique_name(c, keys, "key")
             vtype = c.u32()
             v = _value(c, vtype, key)
             if key == "general.alignment":
@@ -149,12 +155,7 @@ def _check(c: _Cursor) -> None:
         tensors = []
         names = set()
         for _ in range(n_tensors):
-            c.what = "a tensor info"
-            name = c.string().decode("utf-8", "replace")
-            if name in names:
-                c.error(f"duplicate tensor '{name}'")
-            names.add(name)
-            c.what = f"tensor '{name}'"
+            name = _unique_name(c, names, "tensor")
             n_dims = c.u32()
             if not 1 <= n_dims <= 4:
                 c.error(f"tensor '{name}': {n_dims} dimensions (1 to 4 allowed)")
