@@ -331,38 +331,65 @@ inline void dot8_rows_affine(const uint8_t* rb, size_t stride, int n, const XQ8*
     for (; r < n; ++r) out[r] = dot8_affine<BYTES, SUB, Q8>(rb + r * stride, x, xsum, g_pad);
 }
 
-// Ternary: 32 code bytes per step (the tail of B copied into a zeroed buffer, nothing past the
-// row-block is read), trits decoded in 16-bit lanes (p3 = 3p, t = p3 >> 8, p = p3 & 0xFF) and
-// multiplied with the plane's block widened to 16 bits (madd).
-inline float dot8_ternary_impl(const uint8_t* rb, const XQ8* x, float xsum, int g_pad) {
-    const uint8_t* q = rb + 2;
+// Ternary: R rows (1 or 4) at once, 32 code bytes of a row per step, trits decoded in 8-bit lanes.
+// With s = p ^ 0x80 (p - 128 as int8), the next byte p' = 3p mod 256 is s' = 3s (wrapping), and the trit
+// floor(3p / 256) is (p >= 86) + (p >= 171) = (s > -43) + (s > 42): two signed compares, masks m1, m2 in
+// {0, -1}. w = m1 + m2 + 1 = 1 - t, and sign(xq, w) = (1 - t) xq, summed by maddubs(1, .) + madd(., 1).
+// So sum_j t_j xq_j = sum xq - sum (1 - t) xq, and sum_b d_b sum xq_b = sum_b ds_b (XQ8::ds): one
+// constant per call. Slots past B hold xq = 0, so the code bytes there never matter: a tail of
+// 16 <= n < 32 bytes is two 16-byte loads inside the row-block (the second shuffled into place); n < 16
+// (chunks of <= 64 columns) is copied once into a zeroed buffer. The activation block is loaded once for
+// the R rows.
+inline __m256i ternary_tail(const uint8_t* q, int n) {  // bytes q[0..n) in lanes 0..n-1, n < 32; lanes >= n: anything
+    if (n >= 16) {
+        const __m128i lo = _mm_loadu_si128((const __m128i*)q);
+        const __m128i hi = _mm_loadu_si128((const __m128i*)(q + n - 16));  // bytes n-16 .. n-1
+        // lane i (< n - 16) wants byte 16 + i = hi[i + 32 - n]
+        const __m128i ctl = _mm_add_epi8(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm_set1_epi8((char)(32 - n)));
+        return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), _mm_shuffle_epi8(hi, ctl), 1);
+    }
+    uint8_t t[32] = {0};
+    memcpy(t, q, (size_t)n);
+    return _mm256_loadu_si256((const __m256i*)t);
+}
+
+template <int R>
+inline void dot8_ternary_n(const uint8_t* rb, size_t stride, const XQ8* x, float xsum, int g_pad, float* out) {
     const int B = 2 * ((g_pad + 9) / 10), nb = (B + 31) / 32;
-    const __m256i ff = _mm256_set1_epi16(0xFF);
-    __m256 acc = _mm256_setzero_ps();
+    const __m256i flip = _mm256_set1_epi8((char)0x80), lo_t = _mm256_set1_epi8(-43), hi_t = _mm256_set1_epi8(42);
+    const __m256i one8 = _mm256_set1_epi8(1), one16 = _mm256_set1_epi16(1);
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int b = 0; b < nb; ++b) {
-        __m256i p;
         const int n = B - 32 * b;
-        if (n >= 32) {
-            p = _mm256_loadu_si256((const __m256i*)(q + 32 * b));
-        } else {
-            uint8_t t[32] = {0};
-            memcpy(t, q + 32 * b, (size_t)n);
-            p = _mm256_loadu_si256((const __m256i*)t);
+        __m256i s[R];
+        for (int r = 0; r < R; ++r) {
+            const uint8_t* q = rb + r * stride + 2 + 32 * b;
+            s[r] = _mm256_xor_si256(n >= 32 ? _mm256_loadu_si256((const __m256i*)q) : ternary_tail(q, n), flip);
         }
-        __m256i lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(p)), hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(p, 1));
         for (int i = 0; i < 5; ++i) {
-            const __m256i lo3 = _mm256_add_epi16(lo, _mm256_slli_epi16(lo, 1)), hi3 = _mm256_add_epi16(hi, _mm256_slli_epi16(hi, 1));
-            lo = _mm256_and_si256(lo3, ff);
-            hi = _mm256_and_si256(hi3, ff);
             const XQ8& xb = x[i * nb + b];
-            const __m256i xlo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)xb.q));
-            const __m256i xhi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(xb.q + 16)));
-            const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_srli_epi16(lo3, 8), xlo),
-                                               _mm256_madd_epi16(_mm256_srli_epi16(hi3, 8), xhi));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(xb.d), _mm256_cvtepi32_ps(s), acc);
+            const __m256i xv = _mm256_loadu_si256((const __m256i*)xb.q);
+            const __m256 d = _mm256_set1_ps(xb.d);
+            for (int r = 0; r < R; ++r) {
+                const __m256i w = _mm256_add_epi8(_mm256_add_epi8(_mm256_cmpgt_epi8(s[r], lo_t), _mm256_cmpgt_epi8(s[r], hi_t)), one8);
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(one8, _mm256_sign_epi8(xv, w)), one16);
+                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r]);
+                s[r] = _mm256_add_epi8(s[r], _mm256_add_epi8(s[r], s[r]));
+            }
         }
     }
-    return half(rb) * (hsum(acc) - xsum);
+    float ds = 0.0f;
+    for (int k = 0; k < 5 * nb; ++k) ds += x[k].ds;
+    if (R == 4) {
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3 % R]));
+        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        const __m128 a4 = _mm_setr_ps(half(rb), half(rb + stride), half(rb + 2 * stride), half(rb + 3 * stride));
+        _mm_storeu_ps(out, _mm_mul_ps(a4, _mm_sub_ps(_mm_set1_ps(ds - xsum), s4)));
+    } else {
+        for (int r = 0; r < R; ++r) out[r] = half(rb + r * stride) * ((ds - xsum) - hsum(acc[r]));
+    }
 }
 
 }  // namespace
@@ -400,14 +427,20 @@ float dot8_q4(const uint8_t* rb, const XQ8* x, float s, int g) { return dot8_aff
 float dot8_q3(const uint8_t* rb, const XQ8* x, float s, int g) { return dot8_affine<bytes_q3, 12, false>(rb, x, s, g); }
 float dot8_q2(const uint8_t* rb, const XQ8* x, float s, int g) { return dot8_affine<bytes_q2, 8, false>(rb, x, s, g); }
 float dot8_q1(const uint8_t* rb, const XQ8* x, float s, int g) { return dot8_affine<bytes_q1, 4, false>(rb, x, s, g); }
-float dot8_ternary(const uint8_t* rb, const XQ8* x, float s, int g) { return dot8_ternary_impl(rb, x, s, g); }
+float dot8_ternary(const uint8_t* rb, const XQ8* x, float s, int g) {
+    float out;
+    dot8_ternary_n<1>(rb, 0, x, s, g, &out);
+    return out;
+}
 void dot8_rows_q8(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) { dot8_rows_affine<bytes_q8, 32, true>(rb, st, n, x, s, g, out); }
 void dot8_rows_q4(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) { dot8_rows_affine<bytes_q4, 16, false>(rb, st, n, x, s, g, out); }
 void dot8_rows_q3(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) { dot8_rows_affine<bytes_q3, 12, false>(rb, st, n, x, s, g, out); }
 void dot8_rows_q2(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) { dot8_rows_affine<bytes_q2, 8, false>(rb, st, n, x, s, g, out); }
 void dot8_rows_q1(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) { dot8_rows_affine<bytes_q1, 4, false>(rb, st, n, x, s, g, out); }
 void dot8_rows_ternary(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) {
-    for (int r = 0; r < n; ++r) out[r] = dot8_ternary_impl(rb + r * st, x, s, g);
+    int r = 0;
+    for (; r + 4 <= n; r += 4) dot8_ternary_n<4>(rb + r * st, st, x, s, g, out + r);
+    for (; r < n; ++r) dot8_ternary_n<1>(rb + r * st, 0, x, s, g, out + r);
 }
 
 void dequant_fp16(const uint8_t* rb, int g_pad, float* out) {

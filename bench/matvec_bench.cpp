@@ -1,0 +1,163 @@
+// Decode matrix-vector throughput of the runtime's kernels on TinyLlama-1.1B-shaped linears (random codes,
+// finite fp16 headers), without a model file: the seven linears of one layer (q/k/v grouped, o, gate/up
+// grouped, down) for L layers, per "decode step", as Context::forward calls them. Reports ms per step,
+// weight bytes per step, GB/s and process CPU ms per step (best of R each; on a shared machine the CPU time
+// of a 1-thread run is the robust figure). Issue 12's kernel measurements.
+//
+//   g++ -O2 -std=c++17 -Icpp/src bench/matvec_bench.cpp cpp/build-perf/libwqedge.a -lpthread -o /tmp/matvec_bench
+//   /tmp/matvec_bench -t 2 -a q8 -l 4 -r 20 q4 q3 q2 ternary q1 mix:q4,q3,q2,ternary
+//   /tmp/matvec_bench -t 2 -triad          (DRAM bandwidth, same threads; give -t before -triad)
+//
+// A kind list "mix:a,b,c" assigns kinds to chunks round-robin (a mixed plan's worst case for dispatch).
+#include <chrono>
+#include <ctime>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "blocks.h"
+#include "linear.h"
+#include "threadpool.h"
+
+using namespace wqe;
+
+static int kind_id(const std::string& s) {
+    const char* names[] = {"fp16", "q8", "q4", "q3", "q2", "ternary", "q1"};
+    for (int i = 0; i < 7; ++i)
+        if (s == names[i]) return i;
+    fprintf(stderr, "unknown kind %s\n", s.c_str());
+    exit(2);
+}
+
+static std::vector<int> parse_kinds(const std::string& spec) {
+    std::vector<int> ids;
+    std::string s = spec.rfind("mix:", 0) == 0 ? spec.substr(4) : spec;
+    size_t p = 0;
+    while (p <= s.size()) {
+        size_t e = s.find(',', p);
+        if (e == std::string::npos) e = s.size();
+        ids.push_back(kind_id(s.substr(p, e - p)));
+        p = e + 1;
+    }
+    return ids;
+}
+
+struct Owned {
+    Linear L;
+    std::vector<uint8_t> buf;
+};
+
+static Owned make_linear(int N, int K, const std::vector<int>& kinds, std::mt19937& rng) {
+    const int G = 128, nc = (K + G - 1) / G;
+    std::vector<int64_t> act(nc), prot(nc, 0);
+    for (int c = 0; c < nc; ++c) act[c] = kinds[c % kinds.size()];
+    Owned o;
+    o.L = chunked_layout("w", N, K, G, act, prot);
+    o.buf.resize((size_t)N * o.L.row_bytes + 64);
+    for (auto& b : o.buf) b = (uint8_t)rng();
+    // finite fp16 headers (0x3000 ~ 0.125) so no NaN/Inf arithmetic skews timings
+    for (int r = 0; r < N; ++r)
+        for (const Chunk& ch : o.L.chunks) {
+            uint8_t* h = o.buf.data() + (size_t)r * o.L.row_bytes + ch.off;
+            for (int i = 0; i < ch.bt->header_bytes; i += 2) { h[i] = 0; h[i + 1] = 0x30; }
+            if (ch.bt->id == 0)
+                for (int i = 0; i < 2 * ch.g_pad; i += 2) { h[i] = 0; h[i + 1] = 0x30; }
+            if (ch.bt->id == 5)  // ternary bytes must be < 243
+                for (size_t i = 0; i < ch.bt->code_bytes(ch.g_pad); ++i) h[2 + i] %= 243;
+        }
+    o.L.data = o.buf.data();
+    return o;
+}
+
+// STREAM triad a = b + s c over 3 x 64 MiB, split over `threads` threads: GB/s counted as 3 arrays moved
+// (as wqedge.bench.measure.triad_bandwidth does), best of 5.
+static double triad(int threads) {
+    const size_t n = (64u << 20) / sizeof(double);
+    std::vector<double> a(n, 0.0), b(n, 1.0), c(n, 2.0);
+    double best = 1e30;
+    for (int rep = 0; rep < 5; ++rep) {
+        auto t0 = std::chrono::steady_clock::now();
+        std::vector<std::thread> ts;
+        for (int t = 0; t < threads; ++t)
+            ts.emplace_back([&, t] {
+                const size_t i0 = n * t / threads, i1 = n * (t + 1) / threads;
+                for (size_t i = i0; i < i1; ++i) a[i] = b[i] + 3.0 * c[i];
+            });
+        for (auto& t : ts) t.join();
+        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return 3.0 * n * sizeof(double) / best / 1e9;
+}
+
+int main(int argc, char** argv) {
+    int threads = 2, layers = 4, reps = 20;
+    int act = ACT_Q8;
+    std::vector<std::string> specs;
+    for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        if (a == "-t") threads = atoi(argv[++i]);
+        else if (a == "-l") layers = atoi(argv[++i]);
+        else if (a == "-r") reps = atoi(argv[++i]);
+        else if (a == "-a") act = std::string(argv[++i]) == "f32" ? ACT_F32 : ACT_Q8;
+        else if (a == "-triad") { printf("triad %d threads: %.1f GB/s\n", threads, triad(threads)); return 0; }
+        else specs.push_back(a);
+    }
+    const int D = 2048, KV = 256, F = 5632;
+    ThreadPool pool(threads);
+    const int kernels = best_kernels();
+    std::mt19937 rng(1);
+    std::vector<float> x(F), y(F), y2(F), y3(F);
+    for (auto& v : x) v = std::normal_distribution<float>()(rng);
+    printf("%-28s %8s %10s %8s %10s  (threads %d, act %s, %d layers)\n", "kinds", "ms/step", "MB/step", "GB/s", "cpu ms", threads,
+           act == ACT_Q8 ? "q8" : "f32", layers);
+    for (const std::string& spec : specs) {
+        const std::vector<int> kinds = parse_kinds(spec);
+        std::vector<Owned> ws;
+        for (int l = 0; l < layers; ++l) {
+            ws.push_back(make_linear(D, D, kinds, rng));
+            ws.push_back(make_linear(KV, D, kinds, rng));
+            ws.push_back(make_linear(KV, D, kinds, rng));
+            ws.push_back(make_linear(D, D, kinds, rng));
+            ws.push_back(make_linear(F, D, kinds, rng));
+            ws.push_back(make_linear(F, D, kinds, rng));
+            ws.push_back(make_linear(D, F, kinds, rng));
+        }
+        size_t bytes = 0;
+        int maxc = 0, maxx = 0;
+        for (auto& w : ws) {
+            bytes += (size_t)w.L.N * w.L.row_bytes;
+            maxc = std::max(maxc, (int)w.L.chunks.size());
+            maxx = std::max(maxx, w.L.x_floats);
+        }
+        MatScratch s;
+        s.reserve(threads, F, 128, maxx, maxc);
+        double best = 1e30, best_cpu = 1e30;
+        for (int r = 0; r < reps; ++r) {
+            auto t0 = std::chrono::steady_clock::now();
+            timespec c0, c1;
+            clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
+            for (int l = 0; l < layers; ++l) {
+                const Linear* qkv[3] = {&ws[7 * l].L, &ws[7 * l + 1].L, &ws[7 * l + 2].L};
+                float* yq[3] = {y.data(), y2.data(), y3.data()};
+                matvec_group(3, qkv, x.data(), yq, pool, s, kernels, act);
+                matvec(ws[7 * l + 3].L, x.data(), y.data(), pool, s, kernels, act);
+                const Linear* gu[2] = {&ws[7 * l + 4].L, &ws[7 * l + 5].L};
+                float* yg[2] = {y.data(), y2.data()};
+                matvec_group(2, gu, x.data(), yg, pool, s, kernels, act);
+                matvec(ws[7 * l + 6].L, x.data(), y.data(), pool, s, kernels, act);
+            }
+            const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
+            best = std::min(best, dt);
+            best_cpu = std::min(best_cpu, (c1.tv_sec - c0.tv_sec) + 1e-9 * (c1.tv_nsec - c0.tv_nsec));
+        }
+        printf("%-28s %8.3f %10.2f %8.2f %10.3f\n", spec.c_str(), best * 1e3, bytes / 1e6, bytes / best / 1e9,
+               best_cpu * 1e3);
+        fflush(stdout);
+    }
+    return 0;
+}
