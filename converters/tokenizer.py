@@ -55,7 +55,8 @@ class TokenizerMeta:
     chat_template: str | None = None
     # 'llama' only: where SentencePiece's "▁" prefix goes. 'first' = before the text's first segment
     # (transformers' legacy=false, its default); 'always' = before every segment, also right after a
-    # special token (legacy=true, e.g. Mistral). GGUF key wqedge.tokenizer.spm_prepend (not llama.cpp's).
+    # special token (legacy=true, e.g. Mistral); 'prepend' = before every segment even when it starts with
+    # a space (an older tokenizer.json's Prepend normalizer). GGUF key wqedge.tokenizer.spm_prepend.
     spm_prepend: str | None = None
 
     @property
@@ -71,8 +72,8 @@ class TokenizerMeta:
             raise ValueError(f"{len(self.scores)} scores for {n} tokens")
         if self.model not in ("llama", "gpt2"):
             raise ValueError(f"unknown tokenizer model {self.model!r}")
-        if self.spm_prepend not in (None, "first", "always"):
-            raise ValueError(f"spm_prepend must be 'first' or 'always', got {self.spm_prepend!r}")
+        if self.spm_prepend not in (None, "first", "always", "prepend"):
+            raise ValueError(f"spm_prepend must be 'first', 'always' or 'prepend', got {self.spm_prepend!r}")
         bad = sorted(set(self.token_types) - {NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE})
         if bad:
             raise ValueError(f"invalid token types {bad}")
@@ -179,12 +180,16 @@ def _apply_added_tokens(model_dir: Path, tokens: list[str], scores: list[float],
 def _legacy_prepend(model_dir: Path) -> str | None:
     """transformers 5's LlamaTokenizer builds Metaspace(prepend_scheme='always' if legacy else 'first') from
     tokenizer_config.json's "legacy" (default false), whatever tokenizer.json says."""
-    legacy = (_read_json(model_dir / "tokenizer_config.json") or {}).get("legacy")
-    return None if legacy is None else ("always" if legacy else "first")
+    tcfg = _read_json(model_dir / "tokenizer_config.json") or {}
+    if "legacy" in tcfg:
+        return "always" if tcfg["legacy"] else "first"
+    if tcfg.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast"):
+        return "first"
+    return None     # no Llama tokenizer class: tokenizer.json's own pre-tokenizer decides
 
 
 def _json_prepend(tj: dict) -> str:
-    """Prepend scheme of a SentencePiece-style tokenizer.json: Metaspace's prepend_scheme, or 'always'
+    """Prepend scheme of a SentencePiece-style tokenizer.json: Metaspace's prepend_scheme, or 'prepend'
     for the older export (normalizer Prepend("▁") applied to every segment)."""
     def items(node):
         node = node or {}
@@ -194,7 +199,7 @@ def _json_prepend(tj: dict) -> str:
             scheme = p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never")
             return "always" if scheme == "always" else "first"
     if any(n.get("type") == "Prepend" for n in items(tj.get("normalizer"))):
-        return "always"
+        return "prepend"     # unconditional, even before a leading space (" hi" -> "▁▁hi")
     return "first"
 
 

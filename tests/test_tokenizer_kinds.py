@@ -187,6 +187,30 @@ def test_llama3_ignore_merges(tiny_model_factory, copy_model, tmp_path):
         assert m.detokenize(want) == text
 
 
+def test_spm_old_tokenizer_json_alone(tiny_model_factory, copy_model, tmp_path):
+    """A SentencePiece tokenizer.json of the older export (normalizer Prepend("▁") + Replace, no
+    pre-tokenizer), alone in the folder: "▁" before every segment, also after special tokens."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from wqedge.runtime.native import Model
+
+    d = copy_model(tiny_model_factory(tokenizer_files="json_only"))
+    tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    tj["pre_tokenizer"] = None
+    (d / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    path = _convert(d, tmp_path / "m.gguf")
+    hf = AutoTokenizer.from_pretrained(d)
+    assert gguf.GGUFReader(path).fields["wqedge.tokenizer.spm_prepend"].contents() == "prepend"
+    assert hf(" hi")["input_ids"] != hf("hi")["input_ids"]                  # "▁▁hi" vs "▁hi"
+    with Model(path) as m:
+        for text in ["a<s>b", "x </s>y<s> z", TEXT, "<s>" + TEXT] + _texts(("<s>", "</s>", "<unk>"))[:80]:
+            assert m.tokenize(text).tolist() == hf(text)["input_ids"], repr(text[:60])
+
+
 def test_unknown_pre_tokenizer_is_refused_clearly(tiny_model_factory, tmp_path, monkeypatch):
     """A gpt2 vocabulary whose pre-tokenizer we do not implement: the model opens, tokenizing says why."""
     import wqedge.converters.tokenizer as ct

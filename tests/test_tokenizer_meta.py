@@ -180,3 +180,20 @@ def test_named_chat_templates_give_the_default(tiny_bpe_model_dir, copy_model):
     tc["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
     (d / "tokenizer_config.json").write_text(json.dumps(tc))
     assert read_tokenizer(d).chat_template == "D"
+
+
+def test_spm_prepend_scheme_follows_transformers(tiny_model_factory, copy_model):
+    """Where SentencePiece's '▁' goes: transformers 5's LlamaTokenizer uses tokenizer_config.json's legacy
+    (default false) over tokenizer.json; a tokenizer.json alone decides by its own pre-tokenizer/normalizer
+    (ids through the C++ tokenizer: test_tokenizer_kinds.test_spm_old_tokenizer_json_alone)."""
+    assert read_tokenizer(tiny_model_factory()).spm_prepend == "first"
+    assert read_tokenizer(tiny_model_factory(legacy=True)).spm_prepend == "always"
+    d = copy_model(tiny_model_factory(tokenizer_files="json_only"))
+    tj = json.loads((d / "tokenizer.json").read_text())
+    assert read_tokenizer(d).spm_prepend == "first"
+    # An older export: normalizer Prepend("▁") + Replace, no pre-tokenizer ("▁" before every segment).
+    tj["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    tj["pre_tokenizer"] = None
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    assert read_tokenizer(d).spm_prepend == "prepend"

@@ -12,7 +12,9 @@
 //      "hello" both give "▁hello", and text after a special token gets no
 //      prefix. With spm_prepend "always" (transformers' legacy=true, as
 //      Mistral's tokenizer_config.json says) every segment gets that prefix,
-//      also the text right after a special token. No other normalisation (the fixture's normalizer is identity).
+//      also the text right after a special token; with "prepend" (an older
+//      tokenizer.json's Prepend("▁") normalizer, used when no Llama tokenizer
+//      class overrides it) every segment gets it even if it starts with ' '. No other normalisation (the fixture's normalizer is identity).
 //   3. The segment is split into UTF-8 characters; a character missing from
 //      the vocabulary (or a byte of invalid UTF-8) becomes its <0xXX> byte
 //      tokens (or one <unk> for a run, if byte tokens are missing). No
@@ -520,10 +522,12 @@ Tokenizer::Tokenizer(const std::string& model, std::vector<std::string> tokens, 
     if (model == "llama") {
         model_ = Model::SPM;
         if (spm_prepend == "always") {
-            prepend_always_ = true;
+            prepend_mode_ = 1;
+        } else if (spm_prepend == "prepend") {
+            prepend_mode_ = 2;
         } else if (spm_prepend != "first" && !spm_prepend.empty()) {
             throw UnsupportedPreTokenizer("tokenizer: SentencePiece prepend scheme '" + spm_prepend +
-                                          "' (wqedge.tokenizer.spm_prepend) is not supported (first or always)");
+                                          "' (wqedge.tokenizer.spm_prepend) is not supported (first, always, prepend)");
         }
     } else if (model == "gpt2") {
         model_ = Model::BPE;
@@ -942,7 +946,8 @@ std::vector<int32_t> Tokenizer::encode(const std::string& text, bool add_bos, bo
         norm.reserve((e - b) + (e - b) / 2 + kSpmSpaceLen);
         const bool starts_with_space = text[b] == ' ' ||
             (e - b >= kSpmSpaceLen && std::memcmp(text.data() + b, kSpmSpace, kSpmSpaceLen) == 0);
-        if (add_space_prefix_ && (b == 0 || prepend_always_) && !starts_with_space) norm.append(kSpmSpace, kSpmSpaceLen);
+        if (add_space_prefix_ && (prepend_mode_ == 2 || ((b == 0 || prepend_mode_ == 1) && !starts_with_space)))
+            norm.append(kSpmSpace, kSpmSpaceLen);
         for (size_t i = b; i < e; ++i) {
             if (text[i] == ' ') norm.append(kSpmSpace, kSpmSpaceLen);
             else norm += text[i];

@@ -21,8 +21,11 @@
 //                 other name throws UnsupportedPreTokenizer. Ignored for llama.
 //   spm_prepend   wqedge.tokenizer.spm_prepend (llama only): "first" (default;
 //                 transformers' legacy=false: "▁" before the text's first
-//                 segment only) or "always" (legacy=true, e.g. Mistral: before
-//                 every segment, also right after a special token).
+//                 segment only), "always" (legacy=true, e.g. Mistral: before
+//                 every segment, also right after a special token; both only
+//                 when the segment does not start with a space) or "prepend"
+//                 (older tokenizer.json's Prepend("▁") normalizer: before every
+//                 segment unconditionally, so " hi" gives "▁▁hi").
 #pragma once
 
 #include <cstdint>
@@ -127,7 +130,7 @@ private:
     std::vector<int32_t> types_;
     int32_t bos_id_, eos_id_, unk_id_;
     bool add_bos_, add_eos_, add_space_prefix_;
-    bool prepend_always_ = false;
+    int prepend_mode_ = 0;  // 0 first, 1 always, 2 prepend
     std::unique_ptr<Impl> impl_;
 };
 
