@@ -289,3 +289,15 @@ def patch_tensor_info(data: bytearray, name: str, *, dims=None, type_=None, offs
     if offset is not None:
         struct.pack_into("<Q", data, at + 8 + 8 * n_dims, offset)
     return data
+
+
+def write_stock_gguf(path, arch: str = "llama") -> Path:
+    """A minimal GGUF as llama.cpp's tools write one (no wqedge keys): one F32 tensor, a block count."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

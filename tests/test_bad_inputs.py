@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
-import resource
 import struct
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -281,15 +278,9 @@ def test_run_stops_at_the_requested_length_not_silently_at_the_context(q4_file):
 
 
 def test_llamacpp_gguf_is_not_a_wqedge_file(tmp_path):
-    import gguf
-    p = tmp_path / "stock.gguf"
-    w = gguf.GGUFWriter(p, "llama")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cpp_support import write_stock_gguf
+    p = write_stock_gguf(tmp_path / "stock.gguf")
     res = _invoke("inspect", p)
     assert res.exit_code == 1 and "not a wqedge file" in res.output and "llama.cpp" in res.output, res.output
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpp_support import ensure_library, patch_tensor_info, write_tiny  # noqa: E402
+from cpp_support import ensure_library, patch_tensor_info, write_stock_gguf, write_tiny  # noqa: E402
 
 ensure_library()
 from wqedge.runtime import _native, native  # noqa: E402
@@ -170,14 +170,7 @@ def test_stock_llamacpp_gguf_with_unknown_type(tmp_path):
 
 
 def test_stock_llamacpp_gguf_of_known_types(tmp_path):
-    p = tmp_path / "stock.gguf"
-    w = gguf.GGUFWriter(p, "qwen2")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    p = write_stock_gguf(tmp_path / "stock.gguf", "qwen2")
     with pytest.raises(NativeError, match=r"llama.cpp GGUF \(architecture 'qwen2'\), not a wqedge file") as ei:
         native.Model(p)
     assert ei.value.code == _native.ERR_FORMAT
