@@ -1016,38 +1016,38 @@ std::vector<int32_t> Tokenizer::encode(const std::string& text, bool add_bos, bo
 
     std::string mapped;
     auto encode_bpe_word = [&](size_t wb, size_t we) {
-            const bool cacheable = we - wb <= kMaxCachedChunk;
-            std::string key;
-            if (cacheable) {
-                key.assign(text, wb, we - wb);
-                auto it = cache.find(key);
-                if (it != cache.end()) {
-                    out.insert(out.end(), it->second.begin(), it->second.end());
-                    return;
-                }
+        const bool cacheable = we - wb <= kMaxCachedChunk;
+        std::string key;
+        if (cacheable) {
+            key.assign(text, wb, we - wb);
+            auto it = cache.find(key);
+            if (it != cache.end()) {
+                out.insert(out.end(), it->second.begin(), it->second.end());
+                return;
             }
-            if (pre_ == Pre::LLAMA3) {
-                // ignore_merges (LLaMA 3's tokenizer.json; llama.cpp sets it for this
-                // pre-tokenizer): a piece that is itself a vocabulary token is that token.
-                mapped.clear();
-                for (size_t i = wb; i < we; ++i) append_utf8(mapped, im.byte_to_cp[p[i]]);
-                const int32_t whole = im.lookup(mapped);
-                if (whole >= 0 && types_[whole] == TOKEN_TYPE_NORMAL) {
-                    out.push_back(whole);
-                    if (cacheable && cache.size() < kMaxCacheEntries) cache.emplace(std::move(key), std::vector<int32_t>{whole});
-                    return;
-                }
+        }
+        if (pre_ == Pre::LLAMA3) {
+            // ignore_merges (LLaMA 3's tokenizer.json; llama.cpp sets it for this
+            // pre-tokenizer): a piece that is itself a vocabulary token is that token.
+            mapped.clear();
+            for (size_t i = wb; i < we; ++i) append_utf8(mapped, im.byte_to_cp[p[i]]);
+            const int32_t whole = im.lookup(mapped);
+            if (whole >= 0 && types_[whole] == TOKEN_TYPE_NORMAL) {
+                out.push_back(whole);
+                if (cacheable && cache.size() < kMaxCacheEntries) cache.emplace(std::move(key), std::vector<int32_t>{whole});
+                return;
             }
-            syms.clear();
-            for (size_t i = wb; i < we; ++i) {
-                int32_t id = im.byte_ids[p[i]];
-                if (id < 0) id = unk_id_;
-                if (id >= 0) push_symbol(syms, id);
-            }
-            word_ids.clear();
-            bpe_merge(syms, im.merges, heap, word_ids);
-            out.insert(out.end(), word_ids.begin(), word_ids.end());
-            if (cacheable && cache.size() < kMaxCacheEntries) cache.emplace(std::move(key), word_ids);
+        }
+        syms.clear();
+        for (size_t i = wb; i < we; ++i) {
+            int32_t id = im.byte_ids[p[i]];
+            if (id < 0) id = unk_id_;
+            if (id >= 0) push_symbol(syms, id);
+        }
+        word_ids.clear();
+        bpe_merge(syms, im.merges, heap, word_ids);
+        out.insert(out.end(), word_ids.begin(), word_ids.end());
+        if (cacheable && cache.size() < kMaxCacheEntries) cache.emplace(std::move(key), word_ids);
     };
     auto encode_bpe_segment = [&](size_t b, size_t e) {
         if (b == e) return;
