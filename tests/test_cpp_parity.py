@@ -1,7 +1,7 @@
 """Parity of the C++ runtime with the PyTorch reference (wqedge.reference) on the same file.
 
-Every test but the q8 ones runs with float activations, set explicitly by a fixture (the default, unless
-WQEDGE_ACT says otherwise); the *q8* tests switch to int8 activations for decode steps and check them
+Every test but the q8 ones runs with float activations, set explicitly by a fixture (the library's decode
+default is int8 activations since issue 12; float is the reference path); the *q8* tests switch to int8 activations for decode steps and check them
 against their own, looser criteria (token-by-token decoding of the fixture model vs the reference: see
 Q8_TOL_REL, Q8_MEAN_REL, Q8_TOP1; the measured numbers are in cpp/README.md).
 
@@ -180,6 +180,19 @@ def _second_half_ppl(logits: np.ndarray, windows: np.ndarray) -> float:
     lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
     nll = lse - np.take_along_axis(lg, windows[:, T // 2 + 1:, None].astype(np.int64), -1)[..., 0]
     return float(np.exp(nll.mean()))
+
+
+def test_default_activations_are_int8():
+    """Decode defaults to int8 activations (issue 12); WQEDGE_ACT=f32 selects the float reference path."""
+    import os
+    import subprocess
+    code = "from wqedge.runtime import native; print(native.get_activations())"
+    for env_val, want in ((None, "q8"), ("f32", "f32"), ("q8", "q8")):
+        env = {k: v for k, v in os.environ.items() if k != "WQEDGE_ACT"}
+        if env_val:
+            env["WQEDGE_ACT"] = env_val
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.strip() == want, (env_val, out.stdout, out.stderr)
 
 
 def test_q8_prefill_unchanged_and_switch(llama_s_dir, tmp_path):

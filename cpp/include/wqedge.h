@@ -62,8 +62,8 @@ WQE_API int wqe_get_kernels(void); /* the kernels in use: WQE_KERNELS_SCALAR, _A
  * whole process: WQE_ACT_F32 = float32 activations (matches the PyTorch reference to ~1e-5 of the
  * logits' spread), WQE_ACT_Q8 = activations quantized to int8 per 32 columns with integer dot
  * products (fp16 chunks and protected columns stay float; faster, but logits move by ~2% of their
- * spread on average: cpp/README.md). The default is WQE_ACT_F32; the environment variable
- * WQEDGE_ACT=f32|q8 overrides it at load time. */
+ * spread on average and perplexity by < 0.5%: cpp/README.md). The default is WQE_ACT_Q8; the
+ * environment variable WQEDGE_ACT=f32|q8 overrides it at load time. */
 enum wqe_activations { WQE_ACT_F32 = 0, WQE_ACT_Q8 = 1 };
 WQE_API int wqe_set_activations(int act);
 WQE_API int wqe_get_activations(void);
