@@ -243,7 +243,15 @@ inline __m256i bitmask_q1(const uint8_t* q) {  // 0xFF where the column's bit is
     const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
     return _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit);
 }
-inline __m256i bytes_q1(const uint8_t* q) { return _mm256_and_si256(bitmask_q1(q), _mm256_set1_epi8(1)); }
+inline __m256i bytes_q1(const uint8_t* q) {  // 0/1 per column: min(byte & bit, 1), one op less than mask & 1
+    uint32_t bits;
+    memcpy(&bits, q, 4);
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    return _mm256_min_epu8(_mm256_and_si256(b, bit), _mm256_set1_epi8(1));
+}
 inline __m256i bytes_q3(const uint8_t* q) {
     return _mm256_or_si256(bytes_q2(q), _mm256_and_si256(bitmask_q1(q + 8), _mm256_set1_epi8(4)));
 }
@@ -333,8 +341,9 @@ inline void dot8_rows_affine(const uint8_t* rb, size_t stride, int n, const XQ8*
 
 // Ternary: R rows (1 or 4) at once, 32 code bytes of a row per step, trits decoded in 8-bit lanes.
 // With s = p ^ 0x80 (p - 128 as int8), the next byte p' = 3p mod 256 is s' = 3s (wrapping), and the trit
-// floor(3p / 256) is (p >= 86) + (p >= 171) = (s > -43) + (s > 42): two signed compares, masks m1, m2 in
-// {0, -1}. w = m1 + m2 + 1 = 1 - t, and sign(xq, w) = (1 - t) xq, summed by maddubs(1, .) + madd(., 1).
+// floor(3p / 256) is (p >= 86) + (p >= 171) = (s > -43) + (s > 42): with masks m1 = (s > -43) and
+// n2 = (43 > s) in {0, -1}, w = m1 - n2 = 1 - t, and sign(xq, w) = (1 - t) xq, summed by maddubs(1, .) +
+// madd(., 1).
 // So sum_j t_j xq_j = sum xq - sum (1 - t) xq, and sum_b d_b sum xq_b = sum_b ds_b (XQ8::ds): one
 // constant per call. Slots past B hold xq = 0, so the code bytes there never matter: a tail of
 // 16 <= n < 32 bytes is two 16-byte loads inside the row-block (the second shuffled into place); n < 16
@@ -357,7 +366,7 @@ inline __m256i ternary_tail(const uint8_t* q, int n) {  // bytes q[0..n) in lane
 template <int R>
 inline void dot8_ternary_n(const uint8_t* rb, size_t stride, const XQ8* x, float xsum, int g_pad, float* out) {
     const int B = 2 * ((g_pad + 9) / 10), nb = (B + 31) / 32;
-    const __m256i flip = _mm256_set1_epi8((char)0x80), lo_t = _mm256_set1_epi8(-43), hi_t = _mm256_set1_epi8(42);
+    const __m256i flip = _mm256_set1_epi8((char)0x80), lo_t = _mm256_set1_epi8(-43), hi_t = _mm256_set1_epi8(43);
     const __m256i one8 = _mm256_set1_epi8(1), one16 = _mm256_set1_epi16(1);
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -373,7 +382,8 @@ inline void dot8_ternary_n(const uint8_t* rb, size_t stride, const XQ8* x, float
             const __m256i xv = _mm256_loadu_si256((const __m256i*)xb.q);
             const __m256 d = _mm256_set1_ps(xb.d);
             for (int r = 0; r < R; ++r) {
-                const __m256i w = _mm256_add_epi8(_mm256_add_epi8(_mm256_cmpgt_epi8(s[r], lo_t), _mm256_cmpgt_epi8(s[r], hi_t)), one8);
+                // (s > -43) - (43 > s) = -[t >= 1] + 1 - [t == 2] = 1 - t
+                const __m256i w = _mm256_sub_epi8(_mm256_cmpgt_epi8(s[r], lo_t), _mm256_cmpgt_epi8(hi_t, s[r]));
                 const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(one8, _mm256_sign_epi8(xv, w)), one16);
                 acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r]);
                 s[r] = _mm256_add_epi8(s[r], _mm256_add_epi8(s[r], s[r]));

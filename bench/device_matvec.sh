@@ -1,0 +1,25 @@
+#!/bin/bash
+# Kernel throughput on a many-core machine (issue 12): bench/matvec_bench.cpp built from this tree and,
+# when cpp/build-basesrc/src holds an older copy of cpp/src, from that one too; DRAM triad and decode
+# matvec GB/s per block kind at 1, 2, 8 and all threads. Usage: bench/device_matvec.sh [layers]
+# (12 TinyLlama layers: 281 MB at q4; take more where the last-level cache is larger than that.)
+set -e
+L=${1:-12}
+nproc; lscpu | grep -E "Model name|L3|Flags" | sed 's/Flags:.*\(avx2\).*\(avx512f\|\).*/Flags: avx2 \2/' | head -4
+CXX="g++ -O3 -std=c++17 -ffp-contract=off -DWQE_HAVE_TOKENIZER=1"
+build() {  # src include out
+    $CXX -I"$1" -I"$2" bench/matvec_bench.cpp "$1"/{blocks,kernels_avx2,linear,model,gguf,threadpool,tokenizer}.cpp \
+        -lpthread -o "$3"
+}
+build cpp/src cpp/include /tmp/mv_new &
+[ -d cpp/build-basesrc/src ] && build cpp/build-basesrc/src cpp/build-basesrc/include /tmp/mv_base &
+wait
+KINDS="q4 q3 q2 ternary q1 mix:q4,q3,q2,ternary mix:q3,q4,q3,q2"
+for t in 1 2 8 $(nproc); do
+    /tmp/mv_new -t $t -triad
+    for round in 1 2; do  # before/after interleaved twice: run-to-run differences of ~20% were seen
+        [ -x /tmp/mv_base ] && { echo "== before (act q8), round $round"; /tmp/mv_base -t $t -l $L -r 8 $KINDS; }
+        echo "== after (act q8), round $round"; /tmp/mv_new -t $t -l $L -r 8 $KINDS
+    done
+    echo "== after (act f32)"; /tmp/mv_new -t $t -a f32 -l $L -r 8 q4 q3 q2
+done
