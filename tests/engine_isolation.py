@@ -55,15 +55,23 @@ def _exit_status(rc: int) -> str:
         return f"was killed by signal {-rc}"
 
 
-def _child(nodeids: list[str], cwd: str) -> tuple[dict[str, list[dict]], int, str]:
-    """One child pytest over nodeids: ({nodeid: [report dicts]}, exit status, tail of its output)."""
+def _child(nodeids: list[str], config) -> tuple[dict[str, list[dict]], int, str]:
+    """One child pytest over nodeids: ({nodeid: [report dicts]}, exit status, tail of its output).
+
+    It runs in a scratch folder, not the checkout: `python -m` puts the working folder first on sys.path,
+    and the checkout's wqedge/ (without the converters/runtime mapping of the install) would shadow the
+    installed package. Paths are absolute and rootdir/inifile the parent's, so node ids stay the same."""
     work = Path(tempfile.mkdtemp(prefix="wqedge-engine-tests-"))
     report = work / "reports.jsonl"
     env = dict(os.environ, **{_CHILD_REPORT: str(report)})
+    root = Path(config.rootpath)
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--basetemp", str(work / "tmp"),
-           *nodeids]
+           "--rootdir", str(root)]
+    if config.inipath:
+        cmd += ["-c", str(config.inipath)]
+    cmd += [str(root / n) for n in nodeids]
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, errors="replace", check=False)
+        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, errors="replace", check=False)
         results: dict[str, list[dict]] = {}
         if report.exists():
             for line in report.read_text(encoding="utf-8").splitlines():
@@ -86,7 +94,7 @@ def _run_child(item) -> dict:
     results: dict[str, list[dict]] = {}
     crashed: dict[str, str] = {}
     while pending:
-        got, rc, tail = _child(pending, str(item.config.rootpath))
+        got, rc, tail = _child(pending, item.config)
         results.update(got)
         unfinished = [n for n in pending if not any(r["when"] == "teardown" for r in results.get(n, []))]
         if not unfinished:

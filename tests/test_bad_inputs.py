@@ -107,7 +107,7 @@ def test_inspect_memory_blowup_reproducer_is_refused_in_bounded_memory(fixture_d
         from wqedge.cli import main
         sys.exit(main(["inspect", {str(p)!r}], standalone_mode=True))
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=p.parent)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and "runs past the end of the file" in r.stderr, r.stderr
 
@@ -156,7 +156,7 @@ def test_sigterm_during_convert_leaves_nothing(ckpt, tmp_path):
         from wqedge.cli import main
         main(["convert", {str(ckpt.path)!r}, "-o", {str(out)!r}, "--bits", "4.5", "--method", "minmax"])
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode != 0, r.stdout + r.stderr
     assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
 

@@ -78,3 +78,15 @@ def test_model_without_template_is_a_clear_error(tiny_model_factory, copy_model,
     assert CliRunner().invoke(main, ["convert", str(d), "-o", str(f), "--preset", "q8", "--no-check"]).exit_code == 0
     res = CliRunner().invoke(main, ["run", str(f), "--chat"], input="hi\n")
     assert res.exit_code == 1 and "no chat template" in res.output
+
+
+@pytest.mark.parametrize("act", ["f32", "q8"])
+def test_run_act_option_selects_the_decode_path(chat_files, act):
+    _, f = chat_files["spm"]
+    code = (f"import sys; from wqedge.cli import main; from wqedge.runtime import native\n"
+            f"try:\n    main(['run', {str(f)!r}, '-p', 'hello', '-n', '3', '--act', '{act}'])\n"
+            f"except SystemExit as e:\n    print('ACT=' + native.get_activations()); sys.exit(e.code)\n")
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0 and f"ACT={act}" in r.stdout, r.stdout + r.stderr

@@ -191,7 +191,8 @@ def test_default_activations_are_int8():
         env = {k: v for k, v in os.environ.items() if k != "WQEDGE_ACT"}
         if env_val:
             env["WQEDGE_ACT"] = env_val
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                             cwd="/")  # not the checkout: its wqedge/ would shadow the installed package
         assert out.stdout.strip() == want, (env_val, out.stdout, out.stderr)
 
 

@@ -495,9 +495,14 @@ def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
 @click.option("--chat", is_flag=True, help="Chat: read your messages line by line (Ctrl-D ends), apply the model's "
               "chat template (stored from the checkpoint as tokenizer.chat_template) and answer each.")
 @click.option("--system", default=None, help="With --chat: a system message to start the conversation.")
-def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, chat, system):
+@click.option("--act", type=click.Choice(["q8", "f32"]), default=None,
+              help="Decode activations: 'q8' (int8 per 32 columns, integer dot products; the default) or 'f32' "
+                   "(float, the reference path, logits within ~1e-5 of PyTorch). Default: WQEDGE_ACT, else q8.")
+def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, chat, system, act):
     """Generate text from GGUF_FILE with the C++ runtime, streaming it to the terminal."""
     from .runtime import native
+    if act:
+        native.set_activations(act)
     if chat:
         _chat(gguf_file, system, max_tokens, threads, dict(temperature=temperature, top_p=top_p, top_k=top_k,
                                                              seed=seed))
