@@ -373,25 +373,8 @@ def spm_explicit_merges(driver_exe, workdir, hf_spm):
 
 def _random_texts(seed: int, n: int, words: list[str]) -> list[str]:
     """Random strings mixing ASCII, whitespace of all kinds, code points from every plane and `words`."""
-    import random
-
-    rng = random.Random(seed)
-    spaces = " \n\t\r\x0b\x0c\x85\xa0\u1680\u2000\u200a\u2028\u2029\u202f\u205f\u3000\u200b\ufeff\u2581"
-
-    def char() -> str:
-        r = rng.random()
-        if r < 0.5:
-            return chr(rng.randint(0x20, 0x7E))
-        if r < 0.65:
-            return rng.choice(spaces)
-        if r < 0.85:
-            return chr(rng.randint(0x80, 0x2FFF))
-        while True:
-            c = rng.randint(0x3000, 0x10FFFF)
-            if not 0xD800 <= c <= 0xDFFF:
-                return chr(c)
-
-    return ["".join(rng.choice(words) if rng.random() < 0.15 else char() for _ in range(rng.randint(0, 30))) for _ in range(n)]
+    from text_samples import random_texts
+    return random_texts(seed, n, words)
 
 
 def _first_diff(a: list[int], b: list[int]) -> str:

@@ -147,27 +147,11 @@ def test_ids_decode_and_chat_template_match_hf(kind_files, kind):
 def _random_unicode_texts(seed: int, n: int) -> list[str]:
     """Random strings over every plane, every kind of whitespace, contractions (also 'ſ / Kelvin sign),
     digit runs (also newer Unicode digits), specials and punctuation next to letters and newlines."""
-    rng = random.Random(seed)
-    spaces = " \n\t\r\x0b\x0c\x85\xa0\u1680\u2000\u200a\u2028\u2029\u202f\u205f\u3000\u200b\ufeff\u2581"
+    from text_samples import random_texts
     words = ["'s", "'S", "'t", "'RE", "'Ve", "'m", "'LL", "'d", "'\u017f", "'\u212a", "123456", "  ", "\r\n", "\n\n",
              "<|begin_of_text|>", "<tool_call>", "<s>", "</s>", "(x)", "!!\n", "a1b2", "\u0661\u0662\u0663\u0664",
              "\U00011de0\U00011de1", "\U00016ff4"]
-
-    def char() -> str:
-        r = rng.random()
-        if r < 0.45:
-            return chr(rng.randint(0x20, 0x7E))
-        if r < 0.65:
-            return rng.choice(spaces)
-        if r < 0.85:
-            return chr(rng.randint(0x80, 0x2FFF))
-        while True:
-            c = rng.randint(0x3000, 0x10FFFF)
-            if not 0xD800 <= c <= 0xDFFF:
-                return chr(c)
-
-    return ["".join(rng.choice(words) if rng.random() < 0.2 else char() for _ in range(rng.randint(0, 40)))
-            for _ in range(n)]
+    return random_texts(seed, n, words, p_ascii=0.45, p_word=0.2, max_len=40)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "smollm", "llama3", "spm-legacy"])
