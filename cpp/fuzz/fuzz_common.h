@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -89,6 +90,18 @@ inline void exercise(wqe_model* m) {
     }
     wqe_set_activations(WQE_ACT_F32);
     wqe_context_free(ctx);
+}
+
+// Open the bytes as a model file: a failed open must leave no model and say why; an opened one is
+// exercised and freed.
+inline void open_and_exercise(const uint8_t* data, size_t n) {
+    wqe_model* m = nullptr;
+    if (wqe_model_open(as_file(data, n).c_str(), &m) != WQE_OK) {
+        invariant(m == nullptr && std::strlen(wqe_last_error()) > 0, "a failed open leaves no model and says why");
+        return;
+    }
+    exercise(m);
+    wqe_model_free(m);
 }
 
 }  // namespace fuzz

@@ -6,13 +6,6 @@
 #include "fuzz_common.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-    wqe_model* m = nullptr;
-    const int st = wqe_model_open(fuzz::as_file(data, size).c_str(), &m);
-    if (st != WQE_OK) {
-        fuzz::invariant(m == nullptr && std::strlen(wqe_last_error()) > 0, "a failed open leaves no model and says why");
-        return 0;
-    }
-    fuzz::exercise(m);
-    wqe_model_free(m);
+    fuzz::open_and_exercise(data, size);
     return 0;
 }

@@ -18,13 +18,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     file.assign(data, data + size);
     file.resize((size + 31) / 32 * 32, 0);
     file.insert(file.end(), g_data_section.begin(), g_data_section.end());
-    wqe_model* m = nullptr;
-    const int st = wqe_model_open(fuzz::as_file(file.data(), file.size()).c_str(), &m);
-    if (st != WQE_OK) {
-        fuzz::invariant(m == nullptr && std::strlen(wqe_last_error()) > 0, "a failed open leaves no model and says why");
-        return 0;
-    }
-    fuzz::exercise(m);
-    wqe_model_free(m);
+    fuzz::open_and_exercise(file.data(), file.size());
     return 0;
 }
