@@ -77,8 +77,7 @@ class WqGGUF:
         self.spec = self._spec()
 
     # ------------------------------------------------------------ metadata
-    @_format_errors
-    def _spec(self) -> ModelSpec:
+    def _spec(self) -> ModelSpec:  # called by __init__ only, whose errors are already FormatErrors
         r = self.reader
         g = lambda k, d=...: _field(r, f"llama.{k}", d)  # noqa: E731
         scaling = _field(r, "wqedge.rope.scaling", None)
@@ -170,7 +169,6 @@ class WqGGUF:
         protect = self.tensors.get(name + ".protect")
         return int(self.tensors[name].n_bytes) + (int(protect.n_bytes) if protect is not None else 0)
 
-    @_format_errors
     def measured_bits(self) -> float:
         """8 x bytes of the quantized linear tensors (and their .protect indices) / their weights."""
         rows = self.layer_table()

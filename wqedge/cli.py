@@ -257,13 +257,13 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
         _fail(f"{model_dir}: {e}")
     if plan_path and preset:
         _fail("--plan and --preset both choose the actions: give one of them")
+    calib_text = _read_calib(calib) if calib else None   # read once: planning, fitting and the check use it
     if plan_path:
         try:
             plan = Plan.load(plan_path, spec, ckpt.fingerprint())
         except PlanError as e:
             _fail(str(e))
     else:
-        calib_text = _read_calib(calib) if calib else None
         plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset)
     _print_plan_summary(plan)
     if save_plan:
@@ -271,7 +271,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
         click.echo(f"plan written to {save_plan}")
 
     if target == "llamacpp":
-        _export_llamacpp(ckpt, plan, output, calib, device)
+        _export_llamacpp(ckpt, plan, output, calib_text, device)
         return
     stats = fitted = None
     if feedback is None:
@@ -281,10 +281,10 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     if feedback:
         from .alloc.feedback import quantize_checkpoint
         click.echo("fitting chunks with error feedback on the calibration text…")
-        fitted = quantize_checkpoint(ckpt, plan, _read_calib(calib), device=device)
+        fitted = quantize_checkpoint(ckpt, plan, calib_text, device=device)
     elif calib:
         click.echo("calibrating (activation statistics for the quantizer fits)…")
-        stats = _calibration_stats(ckpt, _read_calib(calib), device)
+        stats = _calibration_stats(ckpt, calib_text, device)
 
     if output is None:
         stem = model_dir.name
@@ -302,7 +302,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     size = path.stat().st_size
     click.echo(f"wrote {path} ({size / 2**20:.2f} MiB) in {time.time() - t0:.1f} s")
     click.echo(f"effective bits: {plan.effective_bits():.4f} planned, {f.measured_bits():.4f} measured in the file")
-    _quality_check(ckpt, path, calib, check)
+    _quality_check(ckpt, path, calib_text, check)
     if target == "onnx":
         from .converters.onnx_export import export_onnx
         bar = _progress(len(spec.linears()) + 1, "lowering to ONNX")
@@ -316,7 +316,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
         click.echo(f"wrote {info['path']} ({info['bytes'] / 2**20:.2f} MiB, {how})")
 
 
-def _quality_check(ckpt, path, calib, check) -> None:
+def _quality_check(ckpt, path, calib_text, check) -> None:
     from .quality import MAX_PARAMS_DEFAULT, check_quality
     if check is None:
         check = ckpt.n_params <= MAX_PARAMS_DEFAULT
@@ -327,7 +327,7 @@ def _quality_check(ckpt, path, calib, check) -> None:
     if not check:
         return
     click.echo("checking the written model against the original…")
-    rep = check_quality(ckpt, path, _read_text(calib) if calib else None)
+    rep = check_quality(ckpt, path, calib_text)
     click.echo(rep.summary())
     if rep.is_bad:
         click.secho(f"WARNING: {path} is far from the original model (perplexity x{rep.ppl_ratio:.2f}, KL {rep.kl:.3f} "
@@ -335,12 +335,12 @@ def _quality_check(ckpt, path, calib, check) -> None:
                     "--preset (q4, q8).", fg="red", bold=True, err=True)
 
 
-def _export_llamacpp(ckpt, plan, output, calib, device):
+def _export_llamacpp(ckpt, plan, output, calib_text, device):
     try:
         from .converters.llamacpp import export_llamacpp
     except ImportError as e:
         _fail(f"--target llamacpp needs llama-cpp-python (pip install 'wqedge[llamacpp]'): {e}")
-    imatrix = _calibration_stats(ckpt, _read_calib(calib), device) if calib else None
+    imatrix = _calibration_stats(ckpt, calib_text, device) if calib_text else None
     if output is None:
         output = Path(".") / f"{ckpt.path.name}.llamacpp{plan.budget_bits:g}.gguf"
     try:

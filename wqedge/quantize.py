@@ -51,14 +51,24 @@ def quantize_linears(ckpt: LlamaCheckpoint, plan: Plan, stats: dict[str, torch.T
         yield lin, quantize_linear(w, plan, lin.hf_name, None if h is None else h.to(w.device, torch.float32))
 
 
+def _dense_source(ckpt: LlamaCheckpoint):
+    """The non-linear tensors as the writer stores them (dtype each) and a reader of their float32 data."""
+    stored = np.dtype(np.float16) if ckpt.dtype == "float16" else np.dtype(np.float32)
+    by_gguf = {g: hf for hf, g, _ in other_tensors(ckpt.spec)}
+
+    def dense_data(gguf_name: str) -> np.ndarray:
+        return ckpt.get(by_gguf[gguf_name]).to(torch.float32).numpy()
+    return dense_tensors(ckpt.spec, lambda hf: stored), dense_data
+
+
 def check_dense_finite(ckpt: LlamaCheckpoint) -> None:
-    """ValueError naming the first non-linear tensor (embeddings, norms, output head) with NaN/Inf; cheap
-    enough to run before a long planning job so that a damaged checkpoint fails at once."""
-    stored = np.float16 if ckpt.dtype == "float16" else np.float32
-    for hf, gguf_name, shape in other_tensors(ckpt.spec):
-        arr = ckpt.get(hf).to(torch.float32).numpy()
+    """ValueError naming the first non-linear tensor (embeddings, norms, output head) with NaN/Inf, as the
+    writer would store it; cheap enough to run before a long planning job so that a damaged checkpoint
+    fails at once rather than when the file is written."""
+    dense, dense_data = _dense_source(ckpt)
+    for d in dense:
         with np.errstate(over="ignore"):
-            check_finite(gguf_name, arr.astype(stored) if len(shape) > 1 else arr)
+            check_finite(d.gguf_name, dense_data(d.gguf_name).astype(d.dtype))
 
 
 def convert_to_gguf(ckpt: LlamaCheckpoint, plan: Plan, out_path: str | Path,
@@ -71,14 +81,7 @@ def convert_to_gguf(ckpt: LlamaCheckpoint, plan: Plan, out_path: str | Path,
     (error feedback, wqedge.alloc.feedback), written as they are after checking them against the plan.
     """
     plan.validate(ckpt.spec, ckpt.fingerprint())
-    stored = np.dtype(np.float16) if ckpt.dtype == "float16" else np.dtype(np.float32)
-    dense = dense_tensors(ckpt.spec, lambda hf: stored)
-    by_gguf = {g: hf for hf, g, _ in other_tensors(ckpt.spec)}
-
-    def dense_data(gguf_name: str) -> np.ndarray:
-        t = ckpt.get(by_gguf[gguf_name])
-        return t.to(torch.float32).numpy()
-
+    dense, dense_data = _dense_source(ckpt)
     return write_gguf(out_path, ckpt.spec, plan, read_tokenizer(ckpt.path), dense, dense_data,
                       quantize_linears(ckpt, plan, stats, device, fitted), progress)
 
