@@ -234,23 +234,19 @@ inline __m256i bytes_q2(const uint8_t* q) {  // 64-bit lane k = the 8 bytes >> 2
     return _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x((long long)v), _mm256_setr_epi64x(0, 2, 4, 6)),
                             _mm256_set1_epi8(3));
 }
-inline __m256i bitmask_q1(const uint8_t* q) {  // 0xFF where the column's bit is set
+inline __m256i q1_column_bit() { return _mm256_set1_epi64x(0x8040201008040201LL); }  // byte j: 1 << (j % 8)
+inline __m256i q1_masked(const uint8_t* q) {  // byte j = (byte j/8 of the 32 bits) & (1 << j%8): non-zero iff set
     uint32_t bits;
     memcpy(&bits, q, 4);
     const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                             2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
-    const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit);
+    return _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread), q1_column_bit());
+}
+inline __m256i bitmask_q1(const uint8_t* q) {  // 0xFF where the column's bit is set
+    return _mm256_cmpeq_epi8(q1_masked(q), q1_column_bit());
 }
 inline __m256i bytes_q1(const uint8_t* q) {  // 0/1 per column: min(byte & bit, 1), one op less than mask & 1
-    uint32_t bits;
-    memcpy(&bits, q, 4);
-    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
-    const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
-    return _mm256_min_epu8(_mm256_and_si256(b, bit), _mm256_set1_epi8(1));
+    return _mm256_min_epu8(q1_masked(q), _mm256_set1_epi8(1));
 }
 inline __m256i bytes_q3(const uint8_t* q) {
     return _mm256_or_si256(bytes_q2(q), _mm256_and_si256(bitmask_q1(q + 8), _mm256_set1_epi8(4)));

@@ -325,6 +325,9 @@ bool is_space(uint32_t cp) {
     }
 }
 
+// [^\s\p{L}\p{N}]: the "other" class of the GPT-2 and LLaMA 3 split patterns (invalid bytes included).
+bool is_other(uint32_t cp) { return !is_space(cp) && !is_letter(cp) && !is_number(cp); }
+
 // Length of the well-formed UTF-8 sequence at s[i] (Unicode Table 3-7), or 0
 // if the bytes there are not one. *cp receives the code point.
 size_t utf8_seq(const unsigned char* s, size_t n, size_t i, uint32_t* cp) {
@@ -788,7 +791,6 @@ void gpt2_split(const std::string& text, size_t b, size_t e, F&& emit) {
     std::vector<size_t> offs;
     decode_cps(text, b, e, cps, offs);
     const size_t n = cps.size();
-    auto is_other = [](uint32_t c) { return !is_space(c) && !is_letter(c) && !is_number(c); };
     size_t i = 0;
     while (i < n) {
         const uint32_t c = cps[i];
@@ -842,7 +844,6 @@ void llama3_split(const std::string& text, size_t b, size_t e, F&& emit) {
     std::vector<size_t> offs;
     decode_cps(text, b, e, cps, offs);
     const size_t n = cps.size();
-    auto is_other = [](uint32_t c) { return !is_space(c) && !is_letter(c) && !is_number(c); };
     auto is_crlf = [](uint32_t c) { return c == '\r' || c == '\n'; };
     auto fold = [](uint32_t c) -> uint32_t {
         if (c >= 'A' && c <= 'Z') return c + 32;
