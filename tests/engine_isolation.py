@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from engines import llamacpp_problem
+from engines import llamacpp_problem, signal_name
 
 _CHILD_REPORT = "WQEDGE_TEST_CHILD_REPORT"
 _child_runs: dict[str, dict] = {}
@@ -47,12 +46,7 @@ def pytest_runtest_logreport(report):
 
 
 def _exit_status(rc: int) -> str:
-    if rc >= 0:
-        return f"exited with status {rc}"
-    try:
-        return f"was killed by signal {signal.Signals(-rc).name}"
-    except ValueError:
-        return f"was killed by signal {-rc}"
+    return f"exited with status {rc}" if rc >= 0 else f"was killed by signal {signal_name(rc)}"
 
 
 def _child(nodeids: list[str], config) -> tuple[dict[str, list[dict]], int, str]:

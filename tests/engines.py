@@ -34,6 +34,14 @@ print("probe ok", t)
 """
 
 
+def signal_name(returncode: int) -> str:
+    """The signal that ended a child (returncode < 0), by name where Python knows it."""
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return str(-returncode)
+
+
 def llamacpp_problem() -> str | None:
     """None when llama.cpp is installed and runs a tiny quantized model here; else why not."""
     cached = os.environ.get(_ENV)
@@ -55,11 +63,8 @@ def _probe() -> str:
     if r.returncode == 0:
         return "ok"
     if r.returncode < 0:
-        try:
-            sig = signal.Signals(-r.returncode).name
-        except ValueError:
-            sig = str(-r.returncode)
-        return (f"llama.cpp crashes on this machine ({sig} evaluating a 1-layer quantized model); its build does "
+        return (f"llama.cpp crashes on this machine ({signal_name(r.returncode)} evaluating a 1-layer quantized "
+                "model); its build does "
                 "not suit this CPU: reinstall llama-cpp-python as the README says (CMAKE_ARGS=-DGGML_NATIVE=OFF). "
                 "Probe output: " + (r.stdout + r.stderr)[-1500:])
     # A Python error in the probe is not a broken engine: let the tests run and show it.
