@@ -3,14 +3,32 @@
 The template is the checkpoint's Jinja source, rendered as Hugging Face's apply_chat_template does (a
 sandboxed environment, trim_blocks/lstrip_blocks, `messages`, `add_generation_prompt`, `bos_token`,
 `eos_token`, `raise_exception`). Each turn renders the whole conversation and evaluates it from an empty
-cache, so what the model sees is exactly what the template says; when the conversation no longer fits the
-context, the oldest turns (after a system message) are dropped. numpy, jinja2 and the native library only.
+cache prefix it shares with the previous turn (the KV cache is rewound to the first token that differs, so
+only the new turn is evaluated), and what the model sees is exactly what the template says; when the
+conversation no longer fits the context, the oldest turns (after a system message) are dropped.
+
+A reply ends at EOS or at the template's own end-of-turn marker (`<|eot_id|>`, `<|im_end|>`, `<|end|>`,
+`<end_of_turn>`, ...: the known markers that the template source writes), as llama.cpp's end-of-generation
+tokens do. A marker that is one special token stops on that token; any other marker stops when the text
+ends with it (streamed text holds back what may be the start of a marker). numpy, jinja2 and the native
+library only.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from .native import Context, Model
+
+
+# End-of-turn markers of the LLaMA-family chat templates (Llama 3, ChatML, Phi-3, Gemma, Llama 3.1 tools, ...).
+END_OF_TURN_MARKERS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                       "<|end_of_text|>", "</s>")
+
+
+def end_of_turn_markers(template: str, eos: str = "") -> tuple[str, ...]:
+    """The markers a reply stops at: EOS's text and each known marker the template source itself writes."""
+    found = [m for m in END_OF_TURN_MARKERS if m in template]
+    return tuple(dict.fromkeys(([eos] if eos else []) + found))
 
 
 class ChatError(ValueError):
@@ -38,7 +56,7 @@ class ChatSession:
     """A conversation with `model`: reply(text) appends the user's turn, generates the assistant's."""
 
     def __init__(self, model: Model, system: str | None = None, n_threads: int = 0, max_new_tokens: int = 256,
-                 **sampling):
+                 stop: tuple[str, ...] | None = None, **sampling):
         template = model.chat_template()
         if not template:
             raise ChatError("this model file has no chat template (tokenizer.chat_template); convert a checkpoint "
@@ -52,6 +70,14 @@ class ChatSession:
             if model.eos_id is not None else ""
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.ctx = Context(model, n_ctx=self.n_ctx, n_threads=n_threads)
+        self.stop_text = tuple(stop) if stop is not None else end_of_turn_markers(template, self.eos)
+        self.stop_ids = {model.eos_id} if model.eos_id is not None else set()
+        for marker in self.stop_text:   # a marker that is one special token stops on the token itself
+            ids = model.tokenize(marker, add_bos=False)
+            if len(ids) == 1 and model.token_to_piece(int(ids[0]), special=True).decode("utf-8", "replace") == marker:
+                self.stop_ids.add(int(ids[0]))
+        self.cached: list[int] = []     # the tokens whose keys and values are in the cache, in order
+        self.reused = 0                 # cache tokens the last reply did not evaluate again
 
     def _prompt_tokens(self):
         while True:
@@ -65,32 +91,68 @@ class ChatSession:
                                 f"does not fit the model's context of {self.n_ctx}")
             del self.messages[first:first + 2]   # the oldest exchange
 
+    def _rewind(self, tokens: list[int]) -> list[int]:
+        """Keep the cache prefix shared with `tokens` (at least one token is left to evaluate, for logits);
+        the tokens still to evaluate."""
+        n = 0
+        limit = min(len(self.cached), len(tokens) - 1, self.ctx.position)
+        while n < limit and self.cached[n] == tokens[n]:
+            n += 1
+        self.ctx.set_position(n)
+        self.reused = n
+        return tokens[n:]
+
+    def _held_back(self, text: str) -> int:
+        """How many characters at the end of `text` may be the start of a stop marker."""
+        for k in range(min(len(text), max((len(m) for m in self.stop_text), default=1) - 1), 0, -1):
+            if any(m.startswith(text[-k:]) for m in self.stop_text):
+                return k
+        return 0
+
     def reply(self, text: str, stream: Callable[[str], None] | None = None) -> str:
         self.messages.append({"role": "user", "content": text})
         try:
-            tokens = self._prompt_tokens()
+            tokens = [int(t) for t in self._prompt_tokens()]
         except ChatError:
             self.messages.pop()
             raise
-        self.ctx.reset()
+        rest = self._rewind(tokens)
         pending = bytearray()
+        state = {"text": "", "sent": 0, "done": False}
+
+        def emit(upto: int):
+            if stream and upto > state["sent"]:
+                stream(state["text"][state["sent"]:upto])
+            state["sent"] = max(state["sent"], upto)
 
         def cb(tok: int):
+            if tok in self.stop_ids:
+                return True
             pending.extend(self.model.token_to_piece(tok))
             try:
-                s = pending.decode("utf-8")
+                piece = pending.decode("utf-8")
             except UnicodeDecodeError:
                 if len(pending) < 4:
                     return False
-                s = pending.decode("utf-8", "replace")
+                piece = pending.decode("utf-8", "replace")
             pending.clear()
-            if stream:
-                stream(s)
+            state["text"] += piece
+            for m in self.stop_text:
+                i = state["text"].find(m)
+                if i >= 0:
+                    state["text"] = state["text"][:i]
+                    state["done"] = True
+            if state["done"]:
+                emit(len(state["text"]))
+                return True
+            emit(len(state["text"]) - self._held_back(state["text"]))
             return False
-        new = self.ctx.generate(tokens, self.max_new_tokens, callback=cb, **self.sampling)
-        if pending and stream:
-            stream(pending.decode("utf-8", "replace"))
-        answer = self.model.detokenize(new).strip()
+        new = self.ctx.generate(rest, self.max_new_tokens, callback=cb, **self.sampling)
+        if pending and not state["done"]:
+            state["text"] += pending.decode("utf-8", "replace")
+        emit(len(state["text"]))
+        self.cached = (tokens + new)[: self.ctx.position]
+        answer = state["text"].strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 

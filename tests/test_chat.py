@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -90,3 +91,64 @@ def test_run_act_option_selects_the_decode_path(chat_files, act):
     import sys
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0 and f"ACT={act}" in r.stdout, r.stdout + r.stderr
+
+
+def test_stop_markers_come_from_the_template():
+    from wqedge.runtime.chat import end_of_turn_markers
+    from wqedge.tinymodel import BPE_CHAT_TEMPLATE, SPM_CHAT_TEMPLATE
+    assert end_of_turn_markers(BPE_CHAT_TEMPLATE, "<|end_of_text|>") == ("<|end_of_text|>", "<|end|>")
+    assert end_of_turn_markers(SPM_CHAT_TEMPLATE, "</s>") == ("</s>",)
+    llama3 = "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
+    assert end_of_turn_markers(llama3, "<|end_of_text|>") == ("<|end_of_text|>", "<|eot_id|>")
+
+
+def test_special_token_marker_stops_on_its_id_and_text_markers_on_text(chat_files):
+    _, f = chat_files["bpe"]
+    with native.Model(f) as m:
+        s = ChatSession(m, max_new_tokens=4)
+        # <|end_of_text|> is one special token (EOS) of the tiny BPE vocab; <|end|> is plain text there
+        assert m.eos_id in s.stop_ids and len(s.stop_ids) == 1
+        assert "<|end|>" in s.stop_text
+        s.close()
+
+
+def test_reply_stops_at_a_text_marker_and_streams_exactly_the_answer(chat_files):
+    _, f = chat_files["spm"]
+    with native.Model(f) as m:
+        free = ChatSession(m, max_new_tokens=12, stop=())   # greedy, no marker: the unconstrained answer
+        full = free.reply("hello there")
+        free.close()
+        words = full.split()
+        assert len(words) >= 3, full
+        marker = words[2]                                   # stop where the third word starts
+        s = ChatSession(m, max_new_tokens=12, stop=(marker,))
+        streamed = []
+        answer = s.reply("hello there", stream=streamed.append)
+        s.close()
+    cut = full[: full.index(marker)].strip()
+    assert answer == cut
+    assert "".join(streamed).strip() == cut and marker not in "".join(streamed)
+
+
+def test_next_turn_reuses_the_cache_and_sees_the_same_logits(chat_files):
+    _, f = chat_files["spm"]
+    prev = native.get_activations()
+    native.set_activations("f32")
+    try:
+        with native.Model(f) as m:
+            s = ChatSession(m, system="Be brief.", max_new_tokens=6)
+            s.reply("first question")
+            s.messages.append({"role": "user", "content": "second question"})
+            tokens = [int(t) for t in s._prompt_tokens()]
+            rest = s._rewind(tokens)
+            assert s.reused > 0 and len(rest) == len(tokens) - s.reused
+            got = s.ctx.eval(rest)
+            fresh = native.Context(m, n_ctx=s.n_ctx)
+            want = fresh.eval(tokens)
+            fresh.close()
+            s.close()
+    finally:
+        native.set_activations(prev)
+    # the cache prefix was written token by token (decode), the fresh one as a batch (prefill): float
+    # summation order differs, nothing else
+    assert np.abs(got - want).max() <= 1e-3 * want.std()
