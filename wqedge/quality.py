@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .calib_source import sample_tokens
 from .checkpoint import LlamaCheckpoint
 from .reference import load_reference
 
@@ -24,7 +25,6 @@ MAX_PPL_RATIO = 1.25
 MAX_KL = 0.25
 DEFAULT_TOKENS = 256
 MAX_PARAMS_DEFAULT = 1.5e9   # two float32 copies of the model are held; above this the check is opt-in
-SMALL_MODEL_PARAMS = 3e8     # below this, sampling runs on one thread (OpenMP threads idle-spin on tiny steps)
 
 
 @dataclass
@@ -59,24 +59,6 @@ def _tokens_from_text(ckpt: LlamaCheckpoint, text: str, n: int) -> torch.Tensor:
     return torch.tensor([([bos] if bos is not None else []) + list(ids)], dtype=torch.long)
 
 
-def _self_generated(model, bos: int | None, n: int, seed: int, batch: int = 4) -> torch.Tensor:
-    """About n tokens sampled from the original model (temperature 1, top-k 40), seeded, as `batch` sequences
-    generated side by side (a quarter of the sequential steps): data-free check text."""
-    length = max(8, n // batch)
-    start = torch.full((batch, 1), bos if bos is not None else 0, dtype=torch.long)
-    threads = torch.get_num_threads()
-    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
-        torch.set_num_threads(1)   # a decode step of a small model is too short to share: threads only wait
-    try:
-        with torch.random.fork_rng(), torch.inference_mode():
-            torch.manual_seed(seed)
-            out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=40, temperature=1.0,
-                                 max_new_tokens=length - 1, min_new_tokens=length - 1, pad_token_id=0)
-    finally:
-        torch.set_num_threads(threads)
-    return out[:, :length]
-
-
 def check_quality(ckpt: LlamaCheckpoint, gguf_path, text: str | None = None, n_tokens: int = DEFAULT_TOKENS,
                   seed: int = 0) -> QualityReport:
     """Compare the original checkpoint with the written file's model on n_tokens tokens (see module doc)."""
@@ -85,7 +67,9 @@ def check_quality(ckpt: LlamaCheckpoint, gguf_path, text: str | None = None, n_t
     if text and text.strip():
         ids, source = _tokens_from_text(ckpt, text, n), "calibration text"
     else:
-        ids, source = _self_generated(original, ckpt.spec.bos_token_id, n, seed), "self-generated text"
+        batch = 4   # a quarter of the sequential steps
+        ids = sample_tokens(original, ckpt.spec.bos_token_id, batch, max(8, n // batch), seed)
+        source = "self-generated text"
     with torch.inference_mode():
         lp_o = torch.log_softmax(original(ids).logits.double(), -1)      # [B, T, V]
         del original

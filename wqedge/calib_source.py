@@ -1,0 +1,66 @@
+"""Calibration text when the user gives none: text the model writes itself.
+
+Without calibration the planner can only price weights by their own error (uniform plans, NeUQI with
+uniform weights), and a real checkpoint can lose a lot at 3-4 bits that way (issue 13). Data-free
+calibration in the manner of LLM-QAT: sample sequences from the original model (seeded, temperature 1,
+top-k 40, started from BOS) and use them as calibration text. The model's own samples follow the
+distribution of its activations on real text well enough for diag(XᵀX), gradients and error feedback,
+and nothing is downloaded or shipped. bench/calib_source.py measures it against no calibration and
+against real text (bench/results/calib_source.md).
+
+The same sampler gives the quality check (wqedge.quality) its data-free text, with another seed so
+that the check does not score the model on what it was calibrated with.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+import torch
+
+DEFAULT_SEQS = 32          # sequences sampled side by side
+DEFAULT_LENGTH = 256       # tokens per sequence (BOS included): 8k calibration tokens in all
+CALIBRATION_SEED = 1234    # the quality check samples with seed 0: disjoint texts
+SMALL_MODEL_PARAMS = 3e8   # below this, sampling runs on one thread (OpenMP threads idle-spin on tiny steps)
+
+
+def sample_tokens(model, bos: int | None, n_seqs: int, length: int, seed: int) -> torch.Tensor:
+    """[n_seqs, length] token ids sampled from `model` (temperature 1, top-k 40), seeded, all sequences
+    generated side by side; row 0 of each is BOS (or 0 when the model has none)."""
+    length = max(8, int(length))
+    start = torch.full((n_seqs, 1), bos if bos is not None else 0, dtype=torch.long)
+    threads = torch.get_num_threads()
+    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
+        torch.set_num_threads(1)   # a decode step of a small model is too short to share: threads only wait
+    try:
+        with torch.random.fork_rng(), torch.inference_mode():
+            torch.manual_seed(seed)
+            out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=40,
+                                 temperature=1.0, max_new_tokens=length - 1, min_new_tokens=length - 1,
+                                 pad_token_id=0)
+    finally:
+        torch.set_num_threads(threads)
+    return out[:, :length]
+
+
+def self_generated_text(ckpt, n_seqs: int = DEFAULT_SEQS, length: int = DEFAULT_LENGTH, seed: int = CALIBRATION_SEED,
+                        progress: Callable[[str], None] | bool | None = True) -> str:
+    """Calibration text sampled from the checkpoint itself: n_seqs sequences of `length` tokens, decoded to
+    text and separated by blank lines (the calibration pipeline re-tokenizes text)."""
+    from transformers import AutoTokenizer
+
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress is True else (progress or (lambda m: None))
+    t0 = time.time()
+    say(f"no calibration text given: sampling {n_seqs} x {length} tokens from the model itself "
+        "(data-free calibration; give --calib FILE to use real text)…")
+    model = ckpt.load_hf_model(torch.float32)
+    ids = sample_tokens(model, ckpt.spec.bos_token_id, n_seqs, length, seed)
+    del model
+    tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
+    texts = [tok.decode(row[1:].tolist(), skip_special_tokens=True).strip() for row in ids]
+    text = "\n\n".join(t for t in texts if t)
+    say(f"sampled {ids.numel()} tokens in {time.time() - t0:.1f} s")
+    if not text.strip():
+        raise ValueError("the model's own samples decode to empty text; give calibration text (--calib FILE)")
+    return text
