@@ -180,7 +180,7 @@ def main():
             tgt = x[:, 257:]
             nll += float(-lp[:, 256:-1].gather(2, tgt[..., None]).sum())
             cnt += tgt.numel()
-    ppl = math.exp(nll / cnt)
+    ppl = math.exp(nll / cnt) if cnt else float("nan")   # nan: eval.txt shorter than one window
     model.to(torch.float16).save_pretrained(mdir, max_shard_size="12MB")
     cfgj = json.loads((mdir / "config.json").read_text())
     (mdir / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos}) + "\n")
