@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from wqedge.alloc.uniform import uniform_plan
 from wqedge.checkpoint import LlamaCheckpoint
 from wqedge.perplexity import perplexity
-from wqedge.quantize import convert_to_gguf
+from wqedge.pipeline import write_gguf
 from wqedge.reference import load_reference, logits_fn
 from wqedge.runtime.gguf_reader import WqGGUF
 
@@ -45,11 +45,12 @@ def main():
     def ppl(model):
         return perplexity(logits_fn(model), ids, bos, 512, args.windows, batch_size=4).perplexity
 
-    stats = None
+    stats = calib_text = None
     if args.calib:
         from wqedge.calib import collect_stats
+        calib_text = Path(args.calib).read_text()
         t0 = time.time()
-        stats = collect_stats(ckpt, Path(args.calib).read_text())
+        stats = collect_stats(ckpt, calib_text)
         print(f"calibration: {time.time() - t0:.1f} s")
 
     rows = [("fp16 (as stored)", "-", 16.0, ppl(ckpt.load_hf_model(torch.float32)), 0.0)]
@@ -64,7 +65,7 @@ def main():
                 plan = uniform_plan(ckpt.spec.linears(), 128, 16.0, method, action=actions[b],
                                     model_fingerprint=ckpt.fingerprint())
                 t0 = time.time()
-                path = convert_to_gguf(ckpt, plan, Path(tmp) / "m.gguf", st)
+                path = write_gguf(ckpt, plan, Path(tmp) / "m.gguf", calib_text if st is not None else None, stats=st)
                 dt = time.time() - t0
                 bits = WqGGUF(path).measured_bits()
                 rows.append((label, actions[b], bits, ppl(load_reference(path)), dt))

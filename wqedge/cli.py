@@ -13,9 +13,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-
-ALLOCATORS = ("uniform", "greedy", "rl")
-DEMO_DIR = Path("wqedge-demo")
+from .pipeline import ALLOCATORS, DEMO_DIR, TARGETS
+from .plan import METHODS
 MIN_CALIB_WORDS = 16
 
 
@@ -117,28 +116,15 @@ def _parse_protect(ctx, param, value):
 
 
 def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None):
+    from .pipeline import make_plan
     from .plan import PlanError
-    if preset is not None:
-        if allocator not in (None, "uniform"):
-            _fail(f"--preset {preset} is one action everywhere; it does not go with --allocator {allocator}")
-        allocator = "uniform"
-    if allocator is None:
-        allocator = "greedy" if calib else "uniform"
     try:
-        if allocator == "uniform":
-            from .alloc.uniform import model_bits, uniform_plan
-            linears = ckpt.spec.linears()
-            if preset is not None:
-                bits = model_bits(linears, group, preset)
-            plan = uniform_plan(linears, group, bits, method, action=preset,
-                                model_name=ckpt.spec.name, model_fingerprint=ckpt.fingerprint())
-            _explain_uniform(plan, calib is not None)
-            return plan
-        from .alloc.planner import make_plan
-        return make_plan(ckpt, bits, allocator=allocator, group_size=group, calib_text=calib, seed=seed,
-                         device=device, method=method, protect=protect)
+        plan = make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect, preset)
     except PlanError as e:
         _fail(str(e))
+    if plan.allocator == "uniform":
+        _explain_uniform(plan, calib is not None)
+    return plan
 
 
 def _explain_uniform(plan, have_calib: bool) -> None:
@@ -163,11 +149,6 @@ def _explain_uniform(plan, have_calib: bool) -> None:
         click.echo(f"note: uniform {main} uses {eff:.4f} of the {plan.budget_bits:g}-bit budget; {hint}.")
 
 
-def _calibration_stats(ckpt, calib_text, device):
-    from .calib import collect_stats
-    return collect_stats(ckpt, calib_text, device=device)
-
-
 _common_plan_options = [
     click.option("--bits", "-b", type=float, default=4.25, show_default=True, callback=_check_bits,
                  help="Budget: effective bits per weight over all decoder linears, counting every scale, "
@@ -179,7 +160,7 @@ _common_plan_options = [
                       "(deterministic loss-aware knapsack; it beat 'rl' on held-out perplexity at all 5 budgets, "
                       "see bench/results/allocation.md) or 'rl' (PPO policy, WINDQuant). "
                       "Default: greedy with --calib, uniform without."),
-    click.option("--method", type=click.Choice(["neuqi", "minmax"]), default="neuqi", show_default=True,
+    click.option("--method", type=click.Choice(METHODS), default="neuqi", show_default=True,
                  help="Scale/zero-point initialisation of uniform quantizers: NeUQI or min-max round-to-nearest."),
     click.option("--calib", type=click.Path(exists=True, dir_okay=False),
                  help="Calibration text (UTF-8). Gives activation statistics that weight the quantizer fits "
@@ -215,7 +196,7 @@ def plan_options(f):
 @click.option("--feedback/--no-feedback", default=None,
               help="Fit chunks with error feedback (GPTQ-style, earlier layers quantized in the loop) on the "
                    "calibration text. Default: on for greedy/rl plans when --calib is given, off otherwise.")
-@click.option("--target", type=click.Choice(["gguf", "onnx", "llamacpp"]), default="gguf", show_default=True,
+@click.option("--target", type=click.Choice(TARGETS), default="gguf", show_default=True,
               help="'gguf': our column-chunk GGUF (runs in wqedge's C++ runtime); 'onnx': a KV-cache decoder for "
                    "stock ONNX Runtime (the GGUF is made first and kept beside it); 'llamacpp': a GGUF that stock "
                    "llama.cpp runs, the plan projected onto one llama.cpp type per tensor within the same budget and "
@@ -240,8 +221,8 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     With no MODEL_DIR, a tiny random LLaMA is built on the spot and converted (a self-contained demo).
     The output is written atomically: an interrupted or failed convert leaves no file behind.
     """
+    from . import pipeline
     from .plan import Plan, PlanError
-    from .quantize import convert_to_gguf
     from .runtime.gguf_reader import WqGGUF
 
     t0 = time.time()
@@ -270,50 +251,41 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
         plan.save(save_plan)
         click.echo(f"plan written to {save_plan}")
 
-    if target == "llamacpp":
-        _export_llamacpp(ckpt, plan, output, calib_text, device)
-        return
-    stats = fitted = None
-    if feedback is None:
-        feedback = bool(calib) and plan.allocator in ("greedy", "rl")
-    if feedback and not calib:
-        _fail("--feedback needs calibration text (--calib FILE)")
-    if feedback:
-        from .alloc.feedback import quantize_checkpoint
-        click.echo("fitting chunks with error feedback on the calibration text…")
-        fitted = quantize_checkpoint(ckpt, plan, calib_text, device=device)
-    elif calib:
-        click.echo("calibrating (activation statistics for the quantizer fits)…")
-        stats = _calibration_stats(ckpt, calib_text, device)
-
     if output is None:
-        stem = model_dir.name
-        output = (DEMO_DIR if model_dir.parent == DEMO_DIR else Path(".")) / f"{stem}.wq{plan.effective_bits():.2f}.{target}"
-    gguf_out = Path(output) if target == "gguf" else Path(output).with_suffix(".gguf")
-    bar = _progress(len(spec.linears()), "quantizing")
-    try:
-        path = convert_to_gguf(ckpt, plan, gguf_out, stats, device, progress=lambda name: bar.update(1),
-                               fitted=fitted)
-    except (ValueError, OSError) as e:
-        _fail(f"convert failed, nothing written: {e}")
-    finally:
-        bar.close()
-    f = WqGGUF(path)
-    size = path.stat().st_size
-    click.echo(f"wrote {path} ({size / 2**20:.2f} MiB) in {time.time() - t0:.1f} s")
-    click.echo(f"effective bits: {plan.effective_bits():.4f} planned, {f.measured_bits():.4f} measured in the file")
-    _quality_check(ckpt, path, calib_text, check)
-    if target == "onnx":
-        from .converters.onnx_export import export_onnx
-        bar = _progress(len(spec.linears()) + 1, "lowering to ONNX")
-        try:
-            info = export_onnx(path, output, onnx_variant, progress=lambda *a: bar.update(1), lowering=onnx_lowering)
-        except (ValueError, OSError) as e:
-            _fail(f"ONNX export failed, nothing written: {e}")
-        finally:
+        output = pipeline.default_output(model_dir, plan, target)
+    bars = []
+
+    def progress(desc, total):
+        bars.append(_progress(total, desc))
+        return lambda *a: bars[-1].update(1)
+
+    def written(path):
+        for bar in bars:
             bar.close()
+        f = WqGGUF(path)
+        size = path.stat().st_size
+        click.echo(f"wrote {path} ({size / 2**20:.2f} MiB) in {time.time() - t0:.1f} s")
+        click.echo(f"effective bits: {plan.effective_bits():.4f} planned, {f.measured_bits():.4f} measured in the file")
+        _quality_check(ckpt, path, calib_text, check)
+
+    try:
+        res = pipeline.convert(ckpt, plan, output, target, calib_text, feedback, device, say=click.echo,
+                               progress=progress, on_gguf=written, onnx_variant=onnx_variant,
+                               onnx_lowering=onnx_lowering)
+    except pipeline.ConvertError as e:
+        _fail(str(e))
+    finally:
+        for bar in bars:
+            bar.close()
+    if target == "onnx":
+        info = res.details["onnx"]
         how = f"lowering {onnx_lowering}" if onnx_variant == "portable" else "native: needs libwqedge_ort"
         click.echo(f"wrote {info['path']} ({info['bytes'] / 2**20:.2f} MiB, {how})")
+    elif target == "llamacpp":
+        r = res.details["llamacpp"]
+        hist = ", ".join(f"{t}: {n}" for t, n in r.type_histogram().items())
+        click.echo(f"wrote {r.path} ({r.file_bytes / 2**20:.2f} MiB): {r.linear_bits:.4f} bits per weight over the "
+                   f"decoder linears; tensor types {hist}")
 
 
 def _quality_check(ckpt, path, calib_text, check) -> None:
@@ -333,23 +305,6 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
         click.secho(f"WARNING: {path} is far from the original model (perplexity x{rep.ppl_ratio:.2f}, KL {rep.kl:.3f} "
                     "nats/token): it may be unusable. Give calibration text (--calib), a larger --bits, or a wider "
                     "--preset (q4, q8).", fg="red", bold=True, err=True)
-
-
-def _export_llamacpp(ckpt, plan, output, calib_text, device):
-    try:
-        from .converters.llamacpp import export_llamacpp
-    except ImportError as e:
-        _fail(f"--target llamacpp needs llama-cpp-python (pip install 'wqedge[llamacpp]'): {e}")
-    imatrix = _calibration_stats(ckpt, calib_text, device) if calib_text else None
-    if output is None:
-        output = Path(".") / f"{ckpt.path.name}.llamacpp{plan.budget_bits:g}.gguf"
-    try:
-        res = export_llamacpp(ckpt, output, plan.budget_bits, imatrix, plan=plan)
-    except (ValueError, OSError, RuntimeError) as e:
-        _fail(f"llama.cpp export failed, nothing written: {e}")
-    hist = ", ".join(f"{t}: {n}" for t, n in res.type_histogram().items())
-    click.echo(f"wrote {res.path} ({res.file_bytes / 2**20:.2f} MiB): {res.linear_bits:.4f} bits per weight over the "
-               f"decoder linears; tensor types {hist}")
 
 
 @main.command()

@@ -136,7 +136,7 @@ class ModelFiles:
         return self._onnx(key.split("-", 1)[1])
 
     def _wq(self, key: str) -> Path:
-        from ..quantize import convert_to_gguf
+        from ..pipeline import fit_mode, write_gguf
         method = "neuqi" if self.calib_text else "minmax"
         path = self.dir / f"{key}-{method}.gguf"
         if key == "wq-q4":
@@ -144,20 +144,20 @@ class ModelFiles:
             lin = self.spec.linears()   # q4 everywhere, whatever ragged chunks cost (4.25 b at K % 128 == 0)
             plan = uniform_plan(lin, 128, model_bits(lin, 128, "q4"), method, action="q4",
                                 model_fingerprint=self.fingerprint)
-            self.notes[key] = f"uniform q4, G=128, {method}" + (" weighted by diag(XᵀX)" if self.calib_text else "")
         else:
             plan = self.plan(float(key.split("-", 1)[1]))
+        mode = fit_mode(plan, self.calib_text)
+        if key == "wq-q4":
+            self.notes[key] = f"uniform q4, G=128, {method}" + (" weighted by diag(XᵀX)" if mode == "stats" else "")
+        else:
             hist = ", ".join(f"{a} {n}" for a, n in plan.action_histogram().items())
             self.notes[key] = f"{plan.allocator} plan {plan.effective_bits():.3f} b ({hist})" + (
-                ", error feedback" if self.calib_text else f", {method}")
+                ", error feedback" if mode == "feedback" else f", {method}")
         if self._fresh(path):
             return path
         self.say(f"converting {key} → {path.name}…")
-        if key != "wq-q4" and self.calib_text:
-            from ..alloc.feedback import quantize_checkpoint
-            fitted = quantize_checkpoint(self.ckpt, plan, self.calib_text, device=self.device)
-            return convert_to_gguf(self.ckpt, plan, path, device=self.device, fitted=fitted)
-        return convert_to_gguf(self.ckpt, plan, path, self.stats(), self.device)
+        return write_gguf(self.ckpt, plan, path, self.calib_text, device=self.device,
+                          stats=self.stats() if mode == "stats" else None)
 
     def _llamacpp(self, key: str) -> Path:
         try:

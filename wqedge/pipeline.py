@@ -1,0 +1,188 @@
+"""The convert pipeline: (checkpoint, plan or budget, calibration, target) -> files.
+
+This is the one place that decides
+  - which allocator makes the plan when none is named (`make_plan`),
+  - how chunks are fitted: error feedback, activation statistics, or weights alone (`fit_mode`),
+  - what the output files are called (`default_output`),
+  - and which writer a target goes to (`convert`).
+The CLI (`wqedge convert`, `wqedge plan`) and the benchmarks (wqedge/bench/files.py,
+bench/uniform_quality.py) call it; none of them makes these decisions again.
+
+It reports through a `say(message)` callback and raises PlanError (no plan) or ConvertError (a step cannot
+run or failed; nothing is written); it never prints or exits.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .plan import Plan, PlanError
+
+ALLOCATORS = ("uniform", "greedy", "rl")   # the allocators a caller may name (wqedge.alloc.planner)
+FEEDBACK_ALLOCATORS = ("greedy", "rl")     # plans made for error-feedback lowering when text is given
+TARGETS = ("gguf", "onnx", "llamacpp")
+DEMO_DIR = Path("wqedge-demo")
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def default_allocator(calib_text: str | None) -> str:
+    """The allocator when the caller names none."""
+    if calib_text is None:
+        # No calibration text given: weight-only planning, one action everywhere.
+        return "uniform"
+    return "greedy"
+
+
+def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None, method: str = "neuqi",
+              calib_text: str | None = None, seed: int = 0, device=None, protect=(), preset: str | None = None,
+              progress=True) -> Plan:
+    """A plan for `ckpt` at `bits` effective bits (or one `preset` action everywhere). PlanError when no
+    plan can be made."""
+    if preset is not None:
+        if allocator not in (None, "uniform"):
+            raise PlanError(f"--preset {preset} is one action everywhere; it does not go with --allocator "
+                            f"{allocator}")
+        allocator = "uniform"
+    if allocator is None:
+        allocator = default_allocator(calib_text)
+    if allocator == "uniform":
+        from .alloc.uniform import model_bits, uniform_plan
+        linears = ckpt.spec.linears()
+        if preset is not None:
+            bits = model_bits(linears, group, preset)
+        return uniform_plan(linears, group, bits, method, action=preset, model_name=ckpt.spec.name,
+                            model_fingerprint=ckpt.fingerprint())
+    from .alloc.planner import make_plan as plan_with_table
+    return plan_with_table(ckpt, bits, allocator=allocator, group_size=group, calib_text=calib_text, seed=seed,
+                           device=device, method=method, protect=protect, progress=progress)
+
+
+def fit_mode(plan: Plan, calib_text: str | None, feedback: bool | None = None) -> str:
+    """How the chunks of `plan` are fitted: "feedback" (GPTQ-style error feedback on the calibration text),
+    "stats" (NeUQI weighted by diag(XᵀX) of the calibration text) or "weights" (no calibration text).
+
+    feedback None: what the plan says of itself (plan.meta["fit"]["error_feedback"], written by the
+    loss-aware planner), else feedback for greedy/rl plans. ConvertError for feedback without text.
+    """
+    if feedback is None:
+        fit = plan.meta.get("fit") or {}
+        feedback = calib_text is not None and bool(fit.get("error_feedback", plan.allocator in FEEDBACK_ALLOCATORS))
+    if feedback and calib_text is None:
+        raise ConvertError("--feedback needs calibration text (--calib FILE)")
+    if feedback:
+        return "feedback"
+    return "stats" if calib_text is not None else "weights"
+
+
+def default_output(model_dir: Path, plan: Plan, target: str) -> Path:
+    """The output path when the caller gives none."""
+    model_dir = Path(model_dir)
+    if target == "llamacpp":
+        return Path(".") / f"{model_dir.name}.llamacpp{plan.budget_bits:g}.gguf"
+    where = DEMO_DIR if model_dir.parent == DEMO_DIR else Path(".")
+    return where / f"{model_dir.name}.wq{plan.effective_bits():.2f}.{target}"
+
+
+class ConvertError(ValueError):
+    """A step of the pipeline cannot run or failed, and nothing was written; the message says which and why."""
+
+
+@dataclass
+class Fits:
+    """What the GGUF writer fits chunks from: statistics, or chunks fitted already (error feedback)."""
+    mode: str
+    stats: dict | None = None
+    fitted: dict | None = None
+
+
+def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None = None, device=None,
+                 stats=None, say: Callable[[str], None] = _quiet) -> Fits:
+    """Run the calibration step `fit_mode` chooses. `stats`: diag(XᵀX) computed already (a cache)."""
+    mode = fit_mode(plan, calib_text, feedback)
+    if mode == "feedback":
+        from .alloc.feedback import quantize_checkpoint
+        say("fitting chunks with error feedback on the calibration text…")
+        return Fits(mode, fitted=quantize_checkpoint(ckpt, plan, calib_text, device=device))
+    if mode == "stats" and stats is None:
+        from .calib import collect_stats
+        say("calibrating (activation statistics for the quantizer fits)…")
+        stats = collect_stats(ckpt, calib_text, device=device)
+    return Fits(mode, stats=stats if mode == "stats" else None)
+
+
+def write_gguf(ckpt, plan: Plan, out_path, calib_text: str | None = None, feedback: bool | None = None,
+               device=None, stats=None, say: Callable[[str], None] = _quiet,
+               progress: Callable[[str], None] | None = None) -> Path:
+    """Our column-chunk GGUF of `ckpt` by `plan`, fitted as `fit_mode` says, written atomically."""
+    from .quantize import convert_to_gguf
+    fits = prepare_fits(ckpt, plan, calib_text, feedback, device, stats, say)
+    return convert_to_gguf(ckpt, plan, out_path, fits.stats, device, progress=progress, fitted=fits.fitted)
+
+
+@dataclass
+class Written:
+    """What `convert` wrote: the main file, the GGUF it was made from (same path for target gguf) and
+    target-specific details (ONNX export info, llama.cpp export result)."""
+    target: str
+    path: Path
+    gguf: Path | None = None
+    details: dict = field(default_factory=dict)
+
+
+def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str | None = None,
+            feedback: bool | None = None, device=None, say: Callable[[str], None] = _quiet,
+            progress: Callable[[str, int], Callable | None] | None = None,
+            on_gguf: Callable[[Path], None] | None = None, onnx_variant: str = "portable",
+            onnx_lowering: str = "compact") -> Written:
+    """Lower `plan` of `ckpt` into the files of `target` (default names: `default_output`).
+
+    progress(stage, total) -> a per-item callback (or None), for the stages "quantizing" and "lowering to
+    ONNX"; on_gguf(path) runs once our GGUF is written (the CLI's report and quality check), before any
+    further lowering. ConvertError when a step cannot run or fails.
+    """
+    if target not in TARGETS:
+        raise ConvertError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
+    output = Path(output) if output is not None else default_output(ckpt.path, plan, target)
+    if target == "llamacpp":
+        return _convert_llamacpp(ckpt, plan, output, calib_text, device)
+    gguf_out = output if target == "gguf" else output.with_suffix(".gguf")
+    fits = prepare_fits(ckpt, plan, calib_text, feedback, device, None, say)
+    from .quantize import convert_to_gguf
+    try:
+        tick = progress("quantizing", len(ckpt.spec.linears())) if progress else None
+        path = Path(convert_to_gguf(ckpt, plan, gguf_out, fits.stats, device, progress=tick, fitted=fits.fitted))
+    except (ValueError, OSError) as e:
+        raise ConvertError(f"convert failed, nothing written: {e}") from e
+    if on_gguf is not None:
+        on_gguf(path)
+    if target == "gguf":
+        return Written(target, path, path)
+    from .converters.onnx_export import export_onnx
+    try:
+        tick = progress("lowering to ONNX", len(ckpt.spec.linears()) + 1) if progress else None
+        info = export_onnx(path, output, onnx_variant, progress=tick, lowering=onnx_lowering)
+    except (ValueError, OSError) as e:
+        raise ConvertError(f"ONNX export failed, nothing written: {e}") from e
+    return Written(target, Path(info["path"]), path, {"onnx": info})
+
+
+def _convert_llamacpp(ckpt, plan: Plan, output: Path, calib_text: str | None, device) -> Written:
+    """A stock llama.cpp GGUF: the plan projected onto llama.cpp types within its budget, quantized by
+    llama.cpp (importance matrix from the calibration text)."""
+    try:
+        from .converters.llamacpp import export_llamacpp
+    except ImportError as e:
+        raise ConvertError(f"--target llamacpp needs llama-cpp-python (pip install 'wqedge[llamacpp]'): {e}") from e
+    imatrix = None
+    if calib_text is not None:
+        from .calib import collect_stats
+        imatrix = collect_stats(ckpt, calib_text, device=device)
+    try:
+        res = export_llamacpp(ckpt, output, plan.budget_bits, imatrix, plan=plan)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise ConvertError(f"llama.cpp export failed, nothing written: {e}") from e
+    return Written("llamacpp", Path(res.path), details={"llamacpp": res})
