@@ -3,6 +3,7 @@
 # when cpp/build-basesrc/src holds an older copy of cpp/src, from that one too; DRAM triad and decode
 # matvec GB/s per block kind at 1, 2, 8 and all threads. Usage: bench/device_matvec.sh [layers]
 # (12 TinyLlama layers: 281 MB at q4; take more where the last-level cache is larger than that.)
+# KINDS and THREADS (environment) replace the default lists.
 set -e
 L=${1:-12}
 nproc; lscpu | grep -E "Model name|L3|Flags" | sed 's/Flags:.*\(avx2\).*\(avx512f\|\).*/Flags: avx2 \2/' | head -4
@@ -14,12 +15,18 @@ build() {  # src include out
 build cpp/src cpp/include /tmp/mv_new &
 [ -d cpp/build-basesrc/src ] && build cpp/build-basesrc/src cpp/build-basesrc/include /tmp/mv_base &
 wait
-KINDS="q4 q3 q2 ternary q1 mix:q4,q3,q2,ternary mix:q3,q4,q3,q2"
-for t in 1 2 8 $(nproc); do
+KINDS=${KINDS:-"q4 q3 q2 ternary q1 mix:q4,q3,q2,ternary"}
+THREADS=${THREADS:-"1 2 8 $(nproc)"}
+for t in $THREADS; do
     /tmp/mv_new -t $t -triad
     for round in 1 2; do  # before/after interleaved twice: run-to-run differences of ~20% were seen
-        [ -x /tmp/mv_base ] && { echo "== before (act q8), round $round"; /tmp/mv_base -t $t -l $L -r 8 $KINDS; }
-        echo "== after (act q8), round $round"; /tmp/mv_new -t $t -l $L -r 8 $KINDS
+        [ -x /tmp/mv_base ] && { echo "== before (act q8), round $round"; /tmp/mv_base -t $t -l $L -r 6 $KINDS; }
+        echo "== after (act q8), round $round"; /tmp/mv_new -t $t -l $L -r 6 $KINDS
     done
-    echo "== after (act f32)"; /tmp/mv_new -t $t -a f32 -l $L -r 8 q4 q3 q2
+    echo "== after, row layout (-p 0: this tree's kernels without the repack)"; /tmp/mv_new -t $t -p 0 -l $L -r 6 $KINDS
+done
+# software prefetch of the next tile (linear.cpp tiled_task) on and off, q4 and q2
+for t in 1 2 $(nproc); do
+    echo "== after, tile prefetch on / off, $t threads"
+    /tmp/mv_new -t $t -l $L -r 6 q4 q2; WQEDGE_TILE_PREFETCH=0 /tmp/mv_new -t $t -l $L -r 6 q4 q2
 done

@@ -7,6 +7,7 @@
 //   g++ -O2 -std=c++17 -Icpp/src bench/matvec_bench.cpp cpp/build-perf/libwqedge.a -lpthread -o /tmp/matvec_bench
 //   /tmp/matvec_bench -t 2 -a q8 -l 4 -r 20 q4 q3 q2 ternary q1 mix:q4,q3,q2,ternary
 //   /tmp/matvec_bench -t 2 -triad          (DRAM bandwidth, same threads; give -t before -triad)
+//   -p 0|1: the file's row layout or row tiles (default: as the model loader, repack_wanted())
 //
 // A kind list "mix:a,b,c" assigns kinds to chunks round-robin (a mixed plan's worst case for dispatch).
 #include <chrono>
@@ -99,12 +100,14 @@ static double triad(int threads) {
 int main(int argc, char** argv) {
     int threads = 2, layers = 4, reps = 20;
     int act = ACT_Q8;
+    int repack = -1;  // -1: as the model loader decides (repack_wanted), 0/1 forced by -p
     std::vector<std::string> specs;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
         if (a == "-t") threads = atoi(argv[++i]);
         else if (a == "-l") layers = atoi(argv[++i]);
         else if (a == "-r") reps = atoi(argv[++i]);
+        else if (a == "-p") repack = atoi(argv[++i]);
         else if (a == "-a") act = std::string(argv[++i]) == "f32" ? ACT_F32 : ACT_Q8;
         else if (a == "-triad") { printf("triad %d threads: %.1f GB/s\n", threads, triad(threads)); return 0; }
         else specs.push_back(a);
@@ -112,11 +115,16 @@ int main(int argc, char** argv) {
     const int D = 2048, KV = 256, F = 5632;
     ThreadPool pool(threads);
     const int kernels = best_kernels();
+#ifdef WQE_HAVE_TILES
+    if (repack < 0) repack = repack_wanted(kernels) ? 1 : 0;
+#else
+    repack = 0;
+#endif
     std::mt19937 rng(1);
     std::vector<float> x(F), y(F), y2(F), y3(F);
     for (auto& v : x) v = std::normal_distribution<float>()(rng);
-    printf("%-28s %8s %10s %8s %10s  (threads %d, act %s, %d layers)\n", "kinds", "ms/step", "MB/step", "GB/s", "cpu ms", threads,
-           act == ACT_Q8 ? "q8" : "f32", layers);
+    printf("%-28s %8s %10s %8s %10s  (threads %d, act %s, %d layers, %s)\n", "kinds", "ms/step", "MB/step", "GB/s", "cpu ms", threads,
+           act == ACT_Q8 ? "q8" : "f32", layers, repack ? "row tiles" : "row layout");
     for (const std::string& spec : specs) {
         const std::vector<int> kinds = parse_kinds(spec);
         std::vector<Owned> ws;
@@ -129,10 +137,18 @@ int main(int argc, char** argv) {
             ws.push_back(make_linear(F, D, kinds, rng));
             ws.push_back(make_linear(D, F, kinds, rng));
         }
+#ifdef WQE_HAVE_TILES
+        if (repack)
+            for (auto& w : ws) {
+                repack_tiles(w.L);
+                std::vector<uint8_t>().swap(w.buf);  // as the loader releases the mapped pages
+                w.L.data = nullptr;
+            }
+#endif
         size_t bytes = 0;
         int maxc = 0, maxx = 0;
         for (auto& w : ws) {
-            bytes += (size_t)w.L.N * w.L.row_bytes;
+            bytes += (size_t)w.L.N * w.L.row_bytes;  // the file's bytes (a repacked copy pads N to 8 rows)
             maxc = std::max(maxc, (int)w.L.chunks.size());
             maxx = std::max(maxx, w.L.x_floats);
         }

@@ -39,8 +39,11 @@ Q8_MEAN_REL = 3e-2
 Q8_TOP1 = 0.97
 # The mixed plan (q1/q2/ternary chunks throughout: a much degraded model with flatter logits) is more sensitive:
 # measured max 0.37, mean 0.032, top-1 93.6-94.3%; no single block kind dominates (switching any one back to float
-# activations changes little).
-Q8_MIXED = (0.5, 5e-2, 0.92)
+# activations changes little). Row tiles (issue 12, the AVX2 default) run ternary chunks as q2, whose activations
+# are quantized per 32 columns instead of per 32 slots of a trit plane: max 0.387 -> 0.513, mean 0.0314 -> 0.0319,
+# top-1 93.75% -> 94.43% (WQEDGE_REPACK=0 vs default, same library); the maximum over 1024 positions x the vocabulary
+# moves with any change of rounding, so its bar has headroom; mean and top-1 keep theirs.
+Q8_MIXED = (0.65, 5e-2, 0.92)
 
 
 @pytest.fixture(autouse=True)

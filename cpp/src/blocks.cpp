@@ -200,10 +200,102 @@ static void rows_reference(const uint8_t* rb, size_t stride, int n, const float*
     for (int r = 0; r < n; ++r) out[r] = F(rb + r * stride, xc, xsum, g_pad);
 }
 
+// ------------------------------------------------------------------ row tiles (blocks.h, TILE_ROWS)
+// Code of row r, column j (0..31) of one tiled 32-column block (8 rows x tile_sub bytes). A vector is 32
+// bytes, byte 4r + k of it belongs to row r; "group" G is columns 4G..4G+3 (k = column % 4).
+static inline int tcode_q4(const uint8_t* t, int r, int j) {  // vector v: low nibbles group v, high group v + 4
+    const int g = j / 4, v = g % 4;
+    const uint8_t b = t[32 * v + 4 * r + j % 4];
+    return g < 4 ? (b & 0x0F) : (b >> 4);
+}
+static inline int tcode_q2(const uint8_t* t, int r, int j) {  // vector v, bits 2s: group 2s + v
+    const int g = j / 4;
+    return (t[32 * (g % 2) + 4 * r + j % 4] >> (2 * (g / 2))) & 3;
+}
+static inline int tcode_q1(const uint8_t* t, int r, int j) {  // one vector, bit G: group G
+    return (t[4 * r + j % 4] >> (j / 4)) & 1;
+}
+static inline int tcode_q3(const uint8_t* t, int r, int j) {  // q2 vectors (64 bytes), then the third bit as q1
+    return tcode_q2(t, r, j) | tcode_q1(t + 64, r, j) << 2;
+}
+
+// q1 bits of one row (u32, bit j = column j) <-> the tiled bytes of that row (byte k, bit G = column 4G + k).
+static void tile_bits_pack(uint32_t bits, uint8_t* dst4) {
+    for (int k = 0; k < 4; ++k) {  // bits 4G + k (G = 0..7) gathered into bits G
+        uint32_t x = (bits >> k) & 0x11111111u;
+        x = (x | x >> 3) & 0x03030303u;
+        x = (x | x >> 6) & 0x000F000Fu;
+        dst4[k] = (uint8_t)(x | x >> 12);
+    }
+}
+
+// byte value -> its bits g spread to bit 4g (the tiled q1 byte k's bits go to 4g + k of the row's u32)
+static const uint32_t* tile_spread() {
+    static const std::vector<uint32_t> t = [] {
+        std::vector<uint32_t> v(256, 0);
+        for (int b = 0; b < 256; ++b)
+            for (int g = 0; g < 8; ++g) v[b] |= (uint32_t)((b >> g) & 1) << (4 * g);
+        return v;
+    }();
+    return t.data();
+}
+
+void tile_pack_block(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS], uint8_t* dst) {
+    // q4 and q2 (and q3's low bits): byte 4v + k of row r's block goes to vector v, byte 4r + k. For q4 that byte
+    // holds columns 4v + k (low) and 16 + 4v + k (high); for q2 its bit pairs 2s hold column 8s + 4v + k = 4(2s + v) + k.
+    const int id = bt.id, nv = id == 2 ? 4 : 2;
+    if (id == 2 || id == 4 || id == 3)
+        for (int v = 0; v < nv; ++v)
+            for (int r = 0; r < TILE_ROWS; ++r) std::memcpy(dst + 32 * v + 4 * r, src[r] + 4 * v, 4);
+    if (id == 6 || id == 3) {
+        const int o = id == 3 ? 8 : 0, to = id == 3 ? 64 : 0;
+        for (int r = 0; r < TILE_ROWS; ++r) tile_bits_pack(load_u32(src[r] + o), dst + to + 4 * r);
+    }
+}
+
+void tile_unpack_rows(const BlockTraits& bt, const uint8_t* t, int nb, uint8_t* dst, size_t stride) {
+    const int id = bt.id, nv = id == 2 ? 4 : 2, sub = bt.tile_sub;
+    const uint32_t* spread = (id == 6 || id == 3) ? tile_spread() : nullptr;
+    for (int b = 0; b < nb; ++b, t += TILE_ROWS * sub)
+        for (int r = 0; r < TILE_ROWS; ++r) {
+            uint8_t* o = dst + r * stride + (size_t)b * sub;
+            if (id == 2 || id == 4 || id == 3)
+                for (int v = 0; v < nv; ++v) std::memcpy(o + 4 * v, t + 32 * v + 4 * r, 4);
+            if (spread) {
+                const uint8_t* h = t + (id == 3 ? 64 : 0) + 4 * r;
+                const uint32_t bits = spread[h[0]] | spread[h[1]] << 1 | spread[h[2]] << 2 | spread[h[3]] << 3;
+                std::memcpy(o + (id == 3 ? 8 : 0), &bits, 4);  // little endian (as load_u32 reads it)
+            }
+        }
+}
+
+// Reference tile kernel: per row and block the exact int32 sum, scaled in double (as dot8_affine_scalar).
+template <int (*TCODE)(const uint8_t*, int, int), int SUB>
+static void tile8_affine_scalar(const uint8_t* part, size_t part_bytes, int nch, const XQ8* xq, const float* xsum,
+                                int g_pad, float* acc, std::ptrdiff_t) {
+    const int nb = g_pad / 32;
+    for (int c = 0; c < nch; ++c, part += part_bytes, xq += nb)
+        for (int r = 0; r < TILE_ROWS; ++r) {
+            const double d = load_h(part + 2 * r), m = load_h(part + 2 * TILE_ROWS + 2 * r);
+            double a = 0.0;
+            for (int b = 0; b < nb; ++b) {
+                const uint8_t* blk = part + 4 * TILE_ROWS + (size_t)b * TILE_ROWS * SUB;
+                int32_t s = 0;
+                for (int j = 0; j < 32; ++j) s += TCODE(blk, r, j) * (int32_t)xq[b].q[j];
+                a += (double)xq[b].d * s;
+            }
+            acc[r] += (float)(d * a + m * (double)xsum[c]);
+        }
+}
+
 // ------------------------------------------------------------------ AVX2 kernels (kernels_avx2.cpp)
 #if WQE_X86
 namespace avx2 {
 #include "kernel_set.inc"
+void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 }  // namespace avx2
 #  define AVX2(f) avx2::f
 #else
@@ -232,25 +324,25 @@ static size_t cb_q1(int gp) { return (size_t)gp / 8; }
 static const BlockTraits TABLE[N_BLOCK_TYPES] = {
     {"fp16", 0, 0, cb_fp16, X_PLAIN,
      {nullptr, dot_fp16_scalar, AVX2(dot_fp16), NEON(dot_fp16)}, 
-     {nullptr, rows_scalar<dequant_fp16_scalar>, AVX2(dot_rows_fp16), NEON(dot_rows_fp16)}, {nullptr, dequant_fp16_scalar, AVX2(dequant_fp16), NEON(dequant_fp16)}, {}, {}},
+     {nullptr, rows_scalar<dequant_fp16_scalar>, AVX2(dot_rows_fp16), NEON(dot_rows_fp16)}, {nullptr, dequant_fp16_scalar, AVX2(dequant_fp16), NEON(dequant_fp16)}, {}, {}, 0, {}},
     {"q8", 1, 4, cb_q8, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q8>, AVX2(dot_q8), NEON(dot_q8)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q8, 32>>, AVX2(dot_rows_q8), NEON(dot_rows_q8)}, {nullptr, dequant_affine_scalar<block_q8, 32>, AVX2(dequant_q8), NEON(dequant_q8)}, {nullptr, dot8_affine_scalar<code_q8>, AVX2(dot8_q8), NEON(dot8_q8)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q8>>, AVX2(dot8_rows_q8), NEON(dot8_rows_q8)}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q8, 32>>, AVX2(dot_rows_q8), NEON(dot_rows_q8)}, {nullptr, dequant_affine_scalar<block_q8, 32>, AVX2(dequant_q8), NEON(dequant_q8)}, {nullptr, dot8_affine_scalar<code_q8>, AVX2(dot8_q8), NEON(dot8_q8)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q8>>, AVX2(dot8_rows_q8), NEON(dot8_rows_q8)}, 0, {}},
     {"q4", 2, 4, cb_q4, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q4>, AVX2(dot_q4), NEON(dot_q4)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q4, 16>>, AVX2(dot_rows_q4), NEON(dot_rows_q4)}, {nullptr, dequant_affine_scalar<block_q4, 16>, AVX2(dequant_q4), NEON(dequant_q4)}, {nullptr, dot8_affine_scalar<code_q4>, AVX2(dot8_q4), NEON(dot8_q4)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q4>>, AVX2(dot8_rows_q4), NEON(dot8_rows_q4)}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q4, 16>>, AVX2(dot_rows_q4), NEON(dot_rows_q4)}, {nullptr, dequant_affine_scalar<block_q4, 16>, AVX2(dequant_q4), NEON(dequant_q4)}, {nullptr, dot8_affine_scalar<code_q4>, AVX2(dot8_q4), NEON(dot8_q4)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q4>>, AVX2(dot8_rows_q4), NEON(dot8_rows_q4)}, 16, {nullptr, tile8_affine_scalar<tcode_q4, 16>, AVX2(tile8_q4), nullptr}},
     {"q3", 3, 4, cb_q3, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q3>, AVX2(dot_q3), NEON(dot_q3)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q3, 12>>, AVX2(dot_rows_q3), NEON(dot_rows_q3)}, {nullptr, dequant_affine_scalar<block_q3, 12>, AVX2(dequant_q3), NEON(dequant_q3)}, {nullptr, dot8_affine_scalar<code_q3>, AVX2(dot8_q3), NEON(dot8_q3)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q3>>, AVX2(dot8_rows_q3), NEON(dot8_rows_q3)}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q3, 12>>, AVX2(dot_rows_q3), NEON(dot_rows_q3)}, {nullptr, dequant_affine_scalar<block_q3, 12>, AVX2(dequant_q3), NEON(dequant_q3)}, {nullptr, dot8_affine_scalar<code_q3>, AVX2(dot8_q3), NEON(dot8_q3)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q3>>, AVX2(dot8_rows_q3), NEON(dot8_rows_q3)}, 12, {nullptr, tile8_affine_scalar<tcode_q3, 12>, AVX2(tile8_q3), nullptr}},
     {"q2", 4, 4, cb_q2, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q2>, AVX2(dot_q2), NEON(dot_q2)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q2, 8>>, AVX2(dot_rows_q2), NEON(dot_rows_q2)}, {nullptr, dequant_affine_scalar<block_q2, 8>, AVX2(dequant_q2), NEON(dequant_q2)}, {nullptr, dot8_affine_scalar<code_q2>, AVX2(dot8_q2), NEON(dot8_q2)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q2>>, AVX2(dot8_rows_q2), NEON(dot8_rows_q2)}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q2, 8>>, AVX2(dot_rows_q2), NEON(dot_rows_q2)}, {nullptr, dequant_affine_scalar<block_q2, 8>, AVX2(dequant_q2), NEON(dequant_q2)}, {nullptr, dot8_affine_scalar<code_q2>, AVX2(dot8_q2), NEON(dot8_q2)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q2>>, AVX2(dot8_rows_q2), NEON(dot8_rows_q2)}, 8, {nullptr, tile8_affine_scalar<tcode_q2, 8>, AVX2(tile8_q2), nullptr}},
     {"ternary", 5, 2, cb_ternary, X_TERNARY,
      {nullptr, dot_ternary_scalar, AVX2(dot_ternary), NEON(dot_ternary)}, 
-     {nullptr, rows_reference<dot_ternary_scalar>, AVX2(dot_rows_ternary), NEON(dot_rows_ternary)}, {nullptr, dequant_ternary_scalar, AVX2(dequant_ternary), NEON(dequant_ternary)}, {nullptr, dot8_ternary_scalar, AVX2(dot8_ternary), NEON(dot8_ternary)}, {nullptr, rows8_reference<dot8_ternary_scalar>, AVX2(dot8_rows_ternary), NEON(dot8_rows_ternary)}},
+     {nullptr, rows_reference<dot_ternary_scalar>, AVX2(dot_rows_ternary), NEON(dot_rows_ternary)}, {nullptr, dequant_ternary_scalar, AVX2(dequant_ternary), NEON(dequant_ternary)}, {nullptr, dot8_ternary_scalar, AVX2(dot8_ternary), NEON(dot8_ternary)}, {nullptr, rows8_reference<dot8_ternary_scalar>, AVX2(dot8_rows_ternary), NEON(dot8_rows_ternary)}, 0, {}},
     {"q1", 6, 4, cb_q1, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q1>, AVX2(dot_q1), NEON(dot_q1)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q1, 4>>, AVX2(dot_rows_q1), NEON(dot_rows_q1)}, {nullptr, dequant_affine_scalar<block_q1, 4>, AVX2(dequant_q1), NEON(dequant_q1)}, {nullptr, dot8_affine_scalar<code_q1>, AVX2(dot8_q1), NEON(dot8_q1)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q1>>, AVX2(dot8_rows_q1), NEON(dot8_rows_q1)}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q1, 4>>, AVX2(dot_rows_q1), NEON(dot_rows_q1)}, {nullptr, dequant_affine_scalar<block_q1, 4>, AVX2(dequant_q1), NEON(dequant_q1)}, {nullptr, dot8_affine_scalar<code_q1>, AVX2(dot8_q1), NEON(dot8_q1)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q1>>, AVX2(dot8_rows_q1), NEON(dot8_rows_q1)}, 4, {nullptr, tile8_affine_scalar<tcode_q1, 4>, AVX2(tile8_q1), nullptr}},
 };
 
 const BlockTraits* block_traits(int id) {

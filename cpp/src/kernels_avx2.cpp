@@ -398,6 +398,87 @@ inline void dot8_ternary_n(const uint8_t* rb, size_t stride, const XQ8* x, float
     }
 }
 
+
+// ------------------------------------------------------------------ row tiles (blocks.h, TILE_ROWS = 8)
+// One tiled 32-column block of 8 rows as 8 code vectors, vector G = column group G (columns 4G..4G+3), byte
+// 4r + k of it = row r's code of column 4G + k. maddubs with the group's 4 activations broadcast, then the 8
+// groups' int16 pair sums added (q4: 8 x 2 x 15 x 127 = 30480 < 2^15) and one madd: lane r = row r's exact
+// sum over the 32 columns. So per block and 8 rows: one int->float conversion and one FMA (the row layout
+// pays them per row), and no horizontal reduction at the end.
+template <int ID>
+inline void tile_groups(const uint8_t* q, __m256i g[8]) {
+    if (ID == 2) {  // q4: vector v, low nibbles group v, high nibbles group v + 4
+        const __m256i m = _mm256_set1_epi8(0x0F);
+        for (int v = 0; v < 4; ++v) {
+            const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
+            g[v] = _mm256_and_si256(w, m);
+            g[v + 4] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);
+        }
+    } else if (ID == 4 || ID == 3) {  // q2 (q3's low bits): vector v, bits 2s: group 2s + v
+        const __m256i m = _mm256_set1_epi8(3);
+        for (int v = 0; v < 2; ++v) {
+            const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
+            g[v] = _mm256_and_si256(w, m);
+            g[v + 2] = _mm256_and_si256(_mm256_srli_epi16(w, 2), m);
+            g[v + 4] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);
+            g[v + 6] = _mm256_and_si256(_mm256_srli_epi16(w, 6), m);
+        }
+        if (ID == 3) {  // third bit: one vector, bit G = group G, moved to bit 2 (shifts stay inside each byte's bits)
+            const __m256i h = _mm256_loadu_si256((const __m256i*)(q + 64)), four = _mm256_set1_epi8(4);
+            g[0] = _mm256_or_si256(g[0], _mm256_and_si256(_mm256_slli_epi16(h, 2), four));
+            g[1] = _mm256_or_si256(g[1], _mm256_and_si256(_mm256_slli_epi16(h, 1), four));
+            g[2] = _mm256_or_si256(g[2], _mm256_and_si256(h, four));
+            g[3] = _mm256_or_si256(g[3], _mm256_and_si256(_mm256_srli_epi16(h, 1), four));
+            g[4] = _mm256_or_si256(g[4], _mm256_and_si256(_mm256_srli_epi16(h, 2), four));
+            g[5] = _mm256_or_si256(g[5], _mm256_and_si256(_mm256_srli_epi16(h, 3), four));
+            g[6] = _mm256_or_si256(g[6], _mm256_and_si256(_mm256_srli_epi16(h, 4), four));
+            g[7] = _mm256_or_si256(g[7], _mm256_and_si256(_mm256_srli_epi16(h, 5), four));
+        }
+    } else {  // q1: one vector, bit G = group G
+        const __m256i w = _mm256_loadu_si256((const __m256i*)q), one = _mm256_set1_epi8(1);
+        g[0] = _mm256_and_si256(w, one);
+        for (int k = 1; k < 8; ++k) g[k] = _mm256_and_si256(_mm256_srli_epi16(w, k), one);
+    }
+}
+
+inline __m256i bcast4(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+template <int ID, int SUB>
+inline void tile8_affine(const uint8_t* part, size_t part_bytes, int nch, const XQ8* xq, const float* xsum, int g_pad,
+                         float* acc, ptrdiff_t pf) {
+    constexpr int BLK = 8 * SUB;  // bytes per 32-column block of 8 rows
+    const int nb = g_pad / 32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 tot = _mm256_setzero_ps();
+    for (int c = 0; c < nch; ++c, part += part_bytes, xq += nb) {
+        const uint8_t* q = part + 32;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int b = 0; b < nb; ++b, q += BLK) {
+            if (pf)
+                for (int o = 0; o < BLK; o += 64) _mm_prefetch((const char*)(q + pf + o), _MM_HINT_T0);
+            __m256i g[8];
+            tile_groups<ID>(q, g);
+            const int8_t* x = xq[b].q;
+            const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(g[0], bcast4(x)), _mm256_maddubs_epi16(g[1], bcast4(x + 4)));
+            const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(g[2], bcast4(x + 8)), _mm256_maddubs_epi16(g[3], bcast4(x + 12)));
+            const __m256i p45 = _mm256_add_epi16(_mm256_maddubs_epi16(g[4], bcast4(x + 16)), _mm256_maddubs_epi16(g[5], bcast4(x + 20)));
+            const __m256i p67 = _mm256_add_epi16(_mm256_maddubs_epi16(g[6], bcast4(x + 24)), _mm256_maddubs_epi16(g[7], bcast4(x + 28)));
+            const __m256i s = _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(p01, p23), _mm256_add_epi16(p45, p67)), ones);
+            if (b & 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), _mm256_cvtepi32_ps(s), a1);
+            else a0 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), _mm256_cvtepi32_ps(s), a0);
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)part));
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(part + 16)));
+        tot = _mm256_fmadd_ps(d, _mm256_add_ps(a0, a1), tot);
+        tot = _mm256_fmadd_ps(m, _mm256_set1_ps(xsum[c]), tot);
+    }
+    _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));
+}
+
 }  // namespace
 
 float dot_fp16(const uint8_t* rb, const float* x, float, int g_pad) {
@@ -593,6 +674,11 @@ void vgemm4(const float* W, int ldw, const float* X, int ldx, int nt, int K, flo
         for (int i = 0; i < nr; ++i) Y[(size_t)t * ldy + i] = r[i];
     }
 }
+
+void tile8_q4(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<2, 16>(p, pb, n, x, s, g, acc, pf); }
+void tile8_q3(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<3, 12>(p, pb, n, x, s, g, acc, pf); }
+void tile8_q2(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<4, 8>(p, pb, n, x, s, g, acc, pf); }
+void tile8_q1(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<6, 4>(p, pb, n, x, s, g, acc, pf); }
 
 }  // namespace avx2
 }  // namespace wqe

@@ -1,7 +1,9 @@
 #include "linear.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <thread>
 
 #include "common.h"
 
@@ -62,19 +64,20 @@ Prepared prepare(const Linear& W, const float* x, MatScratch::Slot& sl, int kern
     if ((int)sl.xprep.size() < W.x_floats) sl.xprep.resize(W.x_floats);
     if (act == ACT_Q8) {
         int n8 = 0;
-        for (const Chunk& ch : W.chunks)
-            if (ch.bt->dot8[kernels]) n8 += x8_blocks(*ch.bt, ch.g_pad);
+        for (int c = 0; c < n_chunks; ++c)
+            if (W.kind_of(c).dot8[kernels]) n8 += x8_blocks(W.kind_of(c), W.chunks[c].g_pad);
         if ((int)sl.xq8.size() < n8) sl.xq8.resize(n8);
     }
     for (int c = 0, o8 = 0; c < n_chunks; ++c) {
         const Chunk& ch = W.chunks[c];
-        if (act == ACT_Q8 && ch.bt->dot8[kernels]) {
+        const BlockTraits& bt = W.kind_of(c);  // a tiled ternary chunk is q2: plain layout, within the same slot
+        if (act == ACT_Q8 && bt.dot8[kernels]) {
             sl.x8off[c] = o8;
-            sl.xsum[c] = prepare_x8(*ch.bt, x + ch.col0, ch.g, sl.xq8.data() + o8);
-            o8 += x8_blocks(*ch.bt, ch.g_pad);
+            sl.xsum[c] = prepare_x8(bt, x + ch.col0, ch.g, sl.xq8.data() + o8);
+            o8 += x8_blocks(bt, ch.g_pad);
         } else {
             sl.x8off[c] = -1;
-            sl.xsum[c] = prepare_x(*ch.bt, x + ch.col0, ch.g, sl.xprep.data() + ch.xoff);
+            sl.xsum[c] = prepare_x(bt, x + ch.col0, ch.g, sl.xprep.data() + ch.xoff);
         }
     }
     return {sl.xprep.data(), sl.xsum.data(), sl.x8off.data(), sl.xq8.data()};
@@ -106,7 +109,203 @@ void chunked_tile(const Linear& W, const float* x, const Prepared& p, int task, 
     for (int i = 0; i < nr; ++i) y[r0 + i] = acc[i];
 }
 
+// ------------------------------------------------------------------ row tiles
+constexpr int TPT = RT / TILE_ROWS;  // tiles per task
+
+inline size_t rowblock_bytes(const Linear& W, int c) {  // in the file
+    return (c + 1 < (int)W.chunks.size() ? W.chunks[c + 1].off : W.row_bytes) - W.chunks[c].off;
+}
+inline size_t tile_res_off(const Linear::TChunk& tc, const Chunk& ch) { return tc.rb - 2 * (size_t)ch.n_prot; }
+
+// An interleaved part back in the row-block layout of its kind (docs/format.md): TILE_ROWS row-blocks of tc.rb bytes.
+void untile_part(const Chunk& ch, const Linear::TChunk& tc, const uint8_t* part, uint8_t* o) {
+    const size_t ro = tile_res_off(tc, ch);
+    for (int r = 0; r < TILE_ROWS; ++r) {
+        std::memcpy(o + r * tc.rb, part + 2 * r, 2);                          // d
+        std::memcpy(o + r * tc.rb + 2, part + 2 * TILE_ROWS + 2 * r, 2);      // m
+        if (ch.n_prot) std::memcpy(o + r * tc.rb + ro, part + TILE_ROWS * ro + (size_t)r * 2 * ch.n_prot, 2 * (size_t)ch.n_prot);
+    }
+    tile_unpack_rows(*tc.bt, part + 4 * TILE_ROWS, ch.g_pad / 32, o + 4, tc.rb);
+}
+
+inline uint8_t* thread_buf(size_t n) {
+    thread_local std::vector<uint8_t> buf;
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
+}
+
+// Tiles [task * TPT, +TPT) of a tiled linear.
+void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, int ahead, float* y, int kernels) {
+    const int n_tiles = (W.N + TILE_ROWS - 1) / TILE_ROWS, n_tasks = (n_tiles + TPT - 1) / TPT;
+    // the kernels prefetch the tiles this thread likely takes next, pf bytes further on
+    static const bool no_pf = [] { const char* e = std::getenv("WQEDGE_TILE_PREFETCH"); return e && !std::strcmp(e, "0"); }();
+    const std::ptrdiff_t pf = task + ahead < n_tasks && !no_pf ? (std::ptrdiff_t)ahead * TPT * (std::ptrdiff_t)W.tile_bytes : 0;
+    for (int t = task * TPT, t1 = std::min(n_tiles, (task + 1) * TPT); t < t1; ++t) {
+        const uint8_t* tb = W.tile(t);
+        float acc[TILE_ROWS] = {0}, part[TILE_ROWS];
+        // protected residuals of chunk c, row by row (after the chunk, as the row layout adds them)
+        auto add_protected = [&](int c) {
+            const Chunk& ch = W.chunks[c];
+            const Linear::TChunk& tc = W.tch[c];
+            const uint8_t* pp = tb + tc.off;
+            const size_t ro = tile_res_off(tc, ch);
+            const int32_t* idx = W.prot_local.data() + ch.prot0;
+            for (int i = 0; i < TILE_ROWS; ++i) {
+                const uint8_t* res = tc.bt->tile_sub ? pp + TILE_ROWS * ro + (size_t)i * 2 * ch.n_prot : pp + (size_t)i * tc.rb + ro;
+                float sp = 0.0f;
+                for (int q = 0; q < ch.n_prot; ++q) sp += load_h(res + 2 * q) * x[ch.col0 + idx[q]];
+                acc[i] += sp;
+            }
+        };
+        for (const Linear::Run& run : W.runs) {
+            const Chunk& c0 = W.chunks[run.c0];
+            const Linear::TChunk& t0 = W.tch[run.c0];
+            const BlockTraits& bt = *t0.bt;
+            if (bt.tile8[kernels] && p.x8off[run.c0] >= 0) {
+                bt.tile8[kernels](tb + t0.off, TILE_ROWS * t0.rb, run.n, p.xq8 + p.x8off[run.c0], p.xs + run.c0, c0.g_pad, acc, pf);
+                if (c0.n_prot)
+                    for (int c = run.c0; c < run.c0 + run.n; ++c) add_protected(c);
+                continue;
+            }
+            for (int c = run.c0; c < run.c0 + run.n; ++c) {
+                const Chunk& ch = W.chunks[c];
+                const Linear::TChunk& tc = W.tch[c];
+                const uint8_t* pp = tb + tc.off;
+                if (pf)
+                    for (size_t o = 0; o < TILE_ROWS * tc.rb; o += 64) prefetch(pp + pf + o);
+                if (bt.tile_sub) {  // interleaved, no tile kernel here (float activations, NEON): untile
+                    uint8_t* buf = thread_buf(TILE_ROWS * tc.rb);
+                    untile_part(ch, tc, pp, buf);
+                    pp = buf;
+                }
+                if (p.x8off[c] >= 0) bt.dot8_rows[kernels](pp, tc.rb, TILE_ROWS, p.xq8 + p.x8off[c], p.xs[c], ch.g_pad, part);
+                else bt.dot_rows[kernels](pp, tc.rb, TILE_ROWS, p.xp + ch.xoff, p.xs[c], ch.g_pad, part);
+                for (int i = 0; i < TILE_ROWS; ++i) acc[i] += part[i];
+                if (ch.n_prot) add_protected(c);
+            }
+        }
+        for (int i = 0, n = std::min(TILE_ROWS, W.N - t * TILE_ROWS); i < n; ++i) y[t * TILE_ROWS + i] = acc[i];
+    }
+}
+
+inline int n_tasks_of(const Linear& W) {
+    return W.tiled() ? ((W.N + TILE_ROWS - 1) / TILE_ROWS + TPT - 1) / TPT : (W.N + RT - 1) / RT;
+}
+
+inline void run_task(const Linear& W, const float* x, const Prepared& p, int task, int ahead, float* y, int kernels) {
+    if (W.tiled()) tiled_task(W, x, p, task, ahead, y, kernels);
+    else chunked_tile(W, x, p, task, ahead, y, kernels);
+}
+
+inline int trit(uint8_t byte, int i) {  // docs/format.md: t_i = (((byte * 3^i) mod 256) * 3) >> 8
+    static const int pow3[5] = {1, 3, 9, 27, 81};
+    return (int)(((((uint32_t)byte * pow3[i]) & 0xFF) * 3) >> 8);
+}
+
+// A ternary row-block as a q2 one (d = a, m = -a, q = t; residuals copied): a (t - 1) == a t - a exactly.
+void ternary_as_q2(const Chunk& ch, const uint8_t* src, uint8_t* dst, size_t dst_rb) {
+    std::memset(dst, 0, dst_rb);
+    std::memcpy(dst, src, 2);
+    const uint16_t m = (uint16_t)(load_u16(src) ^ 0x8000u);
+    std::memcpy(dst + 2, &m, 2);
+    const int B = ternary_bytes(ch.g_pad);
+    for (int c = 0; c < ch.g_pad; ++c) {
+        const int t = trit(src[2 + c % B], c / B), k = (c % 32) / 8;
+        dst[4 + (c / 32) * 8 + c % 8] |= (uint8_t)(t << (2 * k));
+    }
+    std::memcpy(dst + dst_rb - 2 * (size_t)ch.n_prot, src + ch.res_off, 2 * (size_t)ch.n_prot);
+}
+
 }  // namespace
+
+void repack_tiles(Linear& L) {
+    if (L.kind != Linear::CHUNKED || !L.data || L.tiled()) return;
+    const int n_tiles = (L.N + TILE_ROWS - 1) / TILE_ROWS, n_chunks = (int)L.chunks.size();
+    const BlockTraits* q2 = block_traits(4);
+    L.tch.clear();
+    size_t off = 0, max_rb = 0;
+    for (int c = 0; c < n_chunks; ++c) {
+        const Chunk& ch = L.chunks[c];
+        const BlockTraits* bt = ch.bt->id == 5 ? q2 : ch.bt;
+        const size_t rb = row_bytes(*bt, ch.g, ch.n_prot);
+        L.tch.push_back({bt, off, rb});
+        off += TILE_ROWS * rb;
+        max_rb = std::max(max_rb, rb);
+    }
+    L.tile_bytes = off;
+    L.tiles_size = (size_t)n_tiles * L.tile_bytes;
+    L.tiles.reset(new uint8_t[L.tiles_size]);
+    const std::vector<uint8_t> zero(L.row_bytes, 0);  // rows past N
+    // Tiles [t0, t1): every byte written (codes packed into zeroed blocks, parts copied whole).
+    auto pack = [&L, &zero, n_chunks, max_rb](int t0, int t1) {
+        std::vector<uint8_t> conv(TILE_ROWS * max_rb);  // converted (ternary -> q2) row-blocks
+        for (int t = t0; t < t1; ++t) {
+            const uint8_t* rows[TILE_ROWS];
+            for (int r = 0; r < TILE_ROWS; ++r) rows[r] = t * TILE_ROWS + r < L.N ? L.row(t * TILE_ROWS + r) : zero.data();
+            uint8_t* tile = L.tiles.get() + (size_t)t * L.tile_bytes;
+            for (int c = 0; c < n_chunks; ++c) {
+                const Chunk& ch = L.chunks[c];
+                const Linear::TChunk& tc = L.tch[c];
+                const BlockTraits& bt = *tc.bt;
+                uint8_t* part = tile + tc.off;
+                const uint8_t* src[TILE_ROWS];  // row-blocks in the tile kind
+                for (int r = 0; r < TILE_ROWS; ++r) {
+                    src[r] = rows[r] + ch.off;
+                    if (&bt != ch.bt) {
+                        ternary_as_q2(ch, src[r], conv.data() + r * tc.rb, tc.rb);
+                        src[r] = conv.data() + r * tc.rb;
+                    }
+                }
+                if (!bt.tile_sub) {
+                    for (int r = 0; r < TILE_ROWS; ++r) std::memcpy(part + r * tc.rb, src[r], tc.rb);
+                    continue;
+                }
+                const size_t ro = tile_res_off(tc, ch);
+                for (int r = 0; r < TILE_ROWS; ++r) {
+                    std::memcpy(part + 2 * r, src[r], 2);
+                    std::memcpy(part + 2 * TILE_ROWS + 2 * r, src[r] + 2, 2);
+                    if (ch.n_prot) std::memcpy(part + TILE_ROWS * ro + (size_t)r * 2 * ch.n_prot, src[r] + ro, 2 * (size_t)ch.n_prot);
+                }
+                const int sub = bt.tile_sub;
+                uint8_t* codes = part + 4 * TILE_ROWS;
+                std::memset(codes, 0, (size_t)(ch.g_pad / 32) * TILE_ROWS * sub);
+                for (int b = 0; b < ch.g_pad / 32; ++b) {
+                    const uint8_t* s8[TILE_ROWS];
+                    for (int r = 0; r < TILE_ROWS; ++r) s8[r] = src[r] + 4 + (size_t)b * sub;
+                    tile_pack_block(bt, s8, codes + (size_t)b * TILE_ROWS * sub);
+                }
+            }
+        }
+    };
+    // a few threads: the copy of a 1B model is ~1 GB of scattered 4-byte moves (and first-touch page faults)
+    const int nt = (int)std::min<size_t>({(size_t)std::max(1u, std::thread::hardware_concurrency()), (size_t)8,
+                                          L.tiles_size / (4u << 20) + 1});
+    if (nt <= 1) {
+        pack(0, n_tiles);
+    } else {
+        std::vector<std::thread> ts;
+        for (int i = 0; i < nt; ++i) ts.emplace_back(pack, (int)((int64_t)n_tiles * i / nt), (int)((int64_t)n_tiles * (i + 1) / nt));
+        for (auto& th : ts) th.join();
+    }
+    L.runs.clear();
+    for (int c = 0; c < n_chunks; ++c) {
+        const Chunk& ch = L.chunks[c];
+        if (!L.runs.empty()) {
+            const Chunk& prev = L.chunks[c - 1];
+            if (L.tch[c].bt->tile_sub && L.tch[c].bt == L.tch[c - 1].bt && ch.g_pad == prev.g_pad && ch.n_prot == prev.n_prot) {
+                ++L.runs.back().n;
+                continue;
+            }
+        }
+        L.runs.push_back({c, 1});
+    }
+}
+
+bool repack_wanted(int kernels) {
+    const char* e = std::getenv("WQEDGE_REPACK");
+    if (e && *e) return std::strcmp(e, "0") != 0;
+    return block_traits(2)->tile8[kernels] != nullptr && kernels != K_SCALAR;
+}
 
 void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScratch& s, int kernels, int act) {
     const VecOps& ops = vec_ops(kernels);
@@ -132,7 +331,7 @@ void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScra
     if (s.slots.empty()) s.slots.resize(1);
     const Prepared p = prepare(W, x, s.slots[0], kernels, act);
     const int ahead = pool.size();  // with dynamic hand-out, a thread's next tile is about this far on
-    pool.run((W.N + RT - 1) / RT, [&](int task, int) { chunked_tile(W, x, p, task, ahead, y, kernels); });
+    pool.run(n_tasks_of(W), [&](int task, int) { run_task(W, x, p, task, ahead, y, kernels); });
 }
 
 void matvec_group(int n, const Linear* const* W, const float* x, float* const* y, ThreadPool& pool, MatScratch& s,
@@ -148,13 +347,13 @@ void matvec_group(int n, const Linear* const* W, const float* x, float* const* y
     int first[MAX_GROUP + 1] = {0};  // task ranges, concatenated
     for (int i = 0; i < n; ++i) {
         p[i] = prepare(*W[i], x, s.slots[i], kernels, act);
-        first[i + 1] = first[i] + (W[i]->N + RT - 1) / RT;
+        first[i + 1] = first[i] + n_tasks_of(*W[i]);
     }
     const int ahead = pool.size();
     pool.run(first[n], [&](int task, int) {
         int i = 0;
         while (task >= first[i + 1]) ++i;
-        chunked_tile(*W[i], x, p[i], task - first[i], ahead, y[i], kernels);
+        run_task(*W[i], x, p[i], task - first[i], ahead, y[i], kernels);
     });
 }
 
@@ -164,7 +363,46 @@ void dense_row(const Linear& W, int r, float* out, int kernels) {
     else fail(WQE_ERR_INTERNAL, "dense_row on a chunked tensor");
 }
 
+// dequant_rows of a tiled linear: tile by tile, each interleaved part untiled once for its rows.
+static void dequant_rows_tiled(const Linear& W, int r0, int nr, float* out, int ld, float* tmp, int kernels) {
+    const int Kp = round8(W.K);
+    for (int row = r0; row < r0 + nr;) {
+        const int t = row / TILE_ROWS, i0 = row % TILE_ROWS, i1 = std::min(TILE_ROWS, r0 + nr - t * TILE_ROWS);
+        for (int c = 0; c < (int)W.chunks.size(); ++c) {
+            const Chunk& ch = W.chunks[c];
+            const Linear::TChunk& tc = W.tch[c];
+            const BlockTraits& bt = *tc.bt;
+            const uint8_t* part = W.tile(t) + tc.off;
+            if (bt.tile_sub) {
+                uint8_t* buf = thread_buf(TILE_ROWS * tc.rb);
+                untile_part(ch, tc, part, buf);
+                part = buf;
+            }
+            const size_t ro = tile_res_off(tc, ch);
+            for (int i = i0; i < i1; ++i) {
+                const uint8_t* rb = part + (size_t)i * tc.rb;
+                float* o = out + (size_t)(t * TILE_ROWS + i - r0) * ld;
+                if (ch.g == ch.g_pad && bt.x_layout == X_PLAIN) {
+                    bt.dequant[kernels](rb, ch.g_pad, o + ch.col0);  // writes exactly g_pad
+                } else {
+                    bt.dequant[kernels](rb, ch.g_pad, tmp);
+                    std::memcpy(o + ch.col0, tmp, sizeof(float) * ch.g);
+                }
+                const int32_t* idx = W.prot_local.data() + ch.prot0;
+                for (int p = 0; p < ch.n_prot; ++p) o[ch.col0 + idx[p]] += load_h(rb + ro + 2 * p);
+            }
+        }
+        for (int i = i0; i < i1; ++i)
+            for (int k = W.K; k < Kp; ++k) out[(size_t)(t * TILE_ROWS + i - r0) * ld + k] = 0.0f;
+        row = t * TILE_ROWS + i1;
+    }
+}
+
 void dequant_rows(const Linear& W, int r0, int nr, float* out, int ld, float* tmp, int kernels) {
+    if (W.tiled()) {
+        dequant_rows_tiled(W, r0, nr, out, ld, tmp, kernels);
+        return;
+    }
     const int Kp = round8(W.K);
     for (int i = 0; i < nr; ++i) {
         float* o = out + (size_t)i * ld;

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,27 @@ struct Linear {
     int max_g_pad = 0;
 
     const uint8_t* row(int r) const { return data + (size_t)r * row_bytes; }
+
+    // Row tiles (issue 12): a copy of the weights in tiles of TILE_ROWS rows (blocks.h), made once at load
+    // by repack_tiles; empty when not repacked. Tile t is tiles[t * tile_bytes, +tile_bytes); chunk c's part of
+    // it is TILE_ROWS row-blocks of kind tch[c].bt (tch[c].rb bytes each, interleaved when the kind has
+    // tile_sub) at tch[c].off. Ternary chunks become q2 (d = a, m = -a, q = t: the same weights, exactly;
+    // 2 bits instead of 1.6, but the q2 tile kernel's speed). Rows past N are zero. When tiled, every product
+    // reads the tiles and never `data` (chunks, row_bytes and data keep describing the file).
+    struct TChunk {
+        const BlockTraits* bt;
+        size_t off, rb;
+    };
+    std::vector<TChunk> tch;
+    std::shared_ptr<uint8_t[]> tiles;  // n_tiles * tile_bytes (not zero-initialised: repack_tiles writes every byte)
+    size_t tiles_size = 0, tile_bytes = 0;
+    // Consecutive chunks of one tiled kind (tch), width and protected count: one tile8 call each.
+    struct Run { int c0, n; };
+    std::vector<Run> runs;
+    bool tiled() const { return tiles_size != 0; }
+    const uint8_t* tile(int t) const { return tiles.get() + (size_t)t * tile_bytes; }
+    // The block kind chunk c's products use (its kind in the tiles when tiled).
+    const BlockTraits& kind_of(int c) const { return tiled() ? *tch[c].bt : *chunks[c].bt; }
 };
 
 // Per-context scratch space; sized once for the largest linear and batch.
@@ -69,6 +91,13 @@ void matmul(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, 
 void dense_row(const Linear& W, int r, float* out, int kernels);
 // Dequantize rows [r0, r0 + nr) to out (row stride ld >= K; floats past K are zeroed up to round8(K)).
 void dequant_rows(const Linear& W, int r0, int nr, float* out, int ld, float* chunk_tmp, int kernels);
+
+#define WQE_HAVE_TILES 1  // repack_tiles exists (bench/matvec_bench.cpp builds against older sources too)
+// Repack a chunked linear into row tiles (Linear::tiles; blocks.h TILE_ROWS), reading `data` once.
+void repack_tiles(Linear& L);
+// Whether the model loader repacks: WQEDGE_REPACK=0 never, =1 always, unset: when the kernel set in use has
+// tile kernels for int8 activations (AVX2; NEON keeps the file's row layout, zero-copy).
+bool repack_wanted(int kernels);
 
 // Building a column-chunked Linear (docs/format.md) from its description; shared by the model loader
 // (model.cpp) and the ONNX Runtime custom op (ort_ops.cpp). Defined in model.cpp.

@@ -1,5 +1,6 @@
 #include "model.h"
 
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -189,8 +190,22 @@ struct Loader {
         m.max_g_pad = std::max(m.max_g_pad, L.max_g_pad);
         m.max_x_floats = std::max(m.max_x_floats, L.x_floats);
         m.max_chunks = std::max(m.max_chunks, (int)L.chunks.size());
+        if (repack) {  // decode layout (linear.h, row tiles); the mapped pages are not read again
+            repack_tiles(L);
+            release_pages(t.data, t.nbytes);
+        }
         return L;
     }
+
+    // Drop the (read-only, file-backed) mapped pages wholly inside [p, p + n) from this process: after a
+    // repack nothing reads them (a reader would fault them back in from the file), so the model's resident
+    // size is the repacked copy instead of both.
+    static void release_pages(const uint8_t* p, size_t n) {
+        const uintptr_t ps = (uintptr_t)sysconf(_SC_PAGESIZE);
+        const uintptr_t a = ((uintptr_t)p + ps - 1) & ~(ps - 1), e = ((uintptr_t)p + n) & ~(ps - 1);
+        if (e > a) madvise((void*)a, e - a, MADV_DONTNEED);
+    }
+    const bool repack = repack_wanted(active_kernels());
 
     void load();
     void load_tokenizer();
