@@ -3,13 +3,14 @@
 # when cpp/build-basesrc/src holds an older copy of cpp/src, from that one too; DRAM triad and decode
 # matvec GB/s per block kind at 1, 2, 8 and all threads. Usage: bench/device_matvec.sh [layers]
 # (12 TinyLlama layers: 281 MB at q4; take more where the last-level cache is larger than that.)
-# KINDS and THREADS (environment) replace the default lists.
+# KINDS and THREADS (environment) replace the default lists; ROW_LAYOUT=1 adds this tree without the repack (-p 0),
+# PREFETCH=1 the tile prefetch on/off comparison.
 set -e
 L=${1:-12}
 nproc; lscpu | grep -E "Model name|L3|Flags" | sed 's/Flags:.*\(avx2\).*\(avx512f\|\).*/Flags: avx2 \2/' | head -4
 CXX="g++ -O3 -std=c++17 -ffp-contract=off -DWQE_HAVE_TOKENIZER=1"
 build() {  # src include out
-    $CXX -I"$1" -I"$2" bench/matvec_bench.cpp "$1"/{blocks,kernels_avx2,linear,model,gguf,threadpool,tokenizer}.cpp \
+    $CXX -I"$1" -I"$2" bench/matvec_bench.cpp $(ls "$1"/{blocks,kernels_avx2,kernels_vnni,linear,model,gguf,threadpool,tokenizer}.cpp 2>/dev/null) \
         -lpthread -o "$3"
 }
 build cpp/src cpp/include /tmp/mv_new &
@@ -23,10 +24,13 @@ for t in $THREADS; do
         [ -x /tmp/mv_base ] && { echo "== before (act q8), round $round"; /tmp/mv_base -t $t -l $L -r 6 $KINDS; }
         echo "== after (act q8), round $round"; /tmp/mv_new -t $t -l $L -r 6 $KINDS
     done
-    echo "== after, row layout (-p 0: this tree's kernels without the repack)"; /tmp/mv_new -t $t -p 0 -l $L -r 6 $KINDS
+    echo "== after, VNNI off (WQEDGE_NO_VNNI=1: the AVX2 tile kernels)"; WQEDGE_NO_VNNI=1 /tmp/mv_new -t $t -l $L -r 6 $KINDS
+    if [ -n "$ROW_LAYOUT" ]; then echo "== after, row layout (-p 0: this tree's kernels without the repack)"; /tmp/mv_new -t $t -p 0 -l $L -r 6 $KINDS; fi
 done
-# software prefetch of the next tile (linear.cpp tiled_task) on and off, q4 and q2
-for t in 1 2 $(nproc); do
-    echo "== after, tile prefetch on / off, $t threads"
-    /tmp/mv_new -t $t -l $L -r 6 q4 q2; WQEDGE_TILE_PREFETCH=0 /tmp/mv_new -t $t -l $L -r 6 q4 q2
-done
+# software prefetch of the next tile (linear.cpp tiled_task) on and off, q4 and q2 (PREFETCH=1)
+if [ -n "$PREFETCH" ]; then
+    for t in 1 2 $(nproc); do
+        echo "== after, tile prefetch on / off, $t threads"
+        /tmp/mv_new -t $t -l $L -r 6 q4 q2; WQEDGE_TILE_PREFETCH=0 /tmp/mv_new -t $t -l $L -r 6 q4 q2
+    done
+fi

@@ -296,10 +296,54 @@ void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*
 void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
+namespace vnni512 {  // kernels_vnni.cpp: AVX512-VNNI + AVX512VL
+void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
+}  // namespace vnni512
+namespace vnni256 {  // kernels_vnni.cpp: AVX-VNNI
+void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
+}  // namespace vnni256
 }  // namespace avx2
+
+// The AVX2 column's tile kernels: the VNNI builds where the CPU has them (bit-identical results), else AVX2.
+static std::atomic<int> g_vnni{-1};  // -1 not decided, 0 none, 1 AVX512-VNNI, 2 AVX-VNNI
+static int vnni_level() {
+    int v = g_vnni.load(std::memory_order_relaxed);
+    if (v < 0) {
+        const char* e = std::getenv("WQEDGE_NO_VNNI");
+        v = (e && std::strcmp(e, "1") == 0) ? 0 : cpu_vnni();
+        g_vnni.store(v);
+    }
+    return v;
+}
+#  define TILE8_X86(K)                                                                                                \
+    static void tile8_##K##_x86(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc,     \
+                                std::ptrdiff_t pf) {                                                                   \
+        const int v = vnni_level();                                                                                   \
+        (v == 1 ? avx2::vnni512::tile8_##K : v == 2 ? avx2::vnni256::tile8_##K : avx2::tile8_##K)(p, pb, n, x, s, g, acc, pf); \
+    }
+TILE8_X86(q4)
+TILE8_X86(q3)
+TILE8_X86(q2)
+TILE8_X86(q1)
+#  define AVX2_TILE(K) tile8_##K##_x86
+static void tile8_mix_x86(const uint8_t* t, const TileDesc* d, int n, const XQ8* x, const int* x8off, const float* s,
+                          float* acc, std::ptrdiff_t pf) {
+    const int v = vnni_level();
+    (v == 1 ? avx2::vnni512::tile8_mix : v == 2 ? avx2::vnni256::tile8_mix : avx2::tile8_mix)(t, d, n, x, x8off, s, acc, pf);
+}
 #  define AVX2(f) avx2::f
 #else
 #  define AVX2(f) nullptr
+#  define AVX2_TILE(K) nullptr
 #endif
 
 // ------------------------------------------------------------------ NEON kernels (kernels_neon.cpp)
@@ -330,19 +374,19 @@ static const BlockTraits TABLE[N_BLOCK_TYPES] = {
      {nullptr, rows_scalar<dequant_affine_scalar<block_q8, 32>>, AVX2(dot_rows_q8), NEON(dot_rows_q8)}, {nullptr, dequant_affine_scalar<block_q8, 32>, AVX2(dequant_q8), NEON(dequant_q8)}, {nullptr, dot8_affine_scalar<code_q8>, AVX2(dot8_q8), NEON(dot8_q8)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q8>>, AVX2(dot8_rows_q8), NEON(dot8_rows_q8)}, 0, {}},
     {"q4", 2, 4, cb_q4, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q4>, AVX2(dot_q4), NEON(dot_q4)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q4, 16>>, AVX2(dot_rows_q4), NEON(dot_rows_q4)}, {nullptr, dequant_affine_scalar<block_q4, 16>, AVX2(dequant_q4), NEON(dequant_q4)}, {nullptr, dot8_affine_scalar<code_q4>, AVX2(dot8_q4), NEON(dot8_q4)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q4>>, AVX2(dot8_rows_q4), NEON(dot8_rows_q4)}, 16, {nullptr, tile8_affine_scalar<tcode_q4, 16>, AVX2(tile8_q4), nullptr}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q4, 16>>, AVX2(dot_rows_q4), NEON(dot_rows_q4)}, {nullptr, dequant_affine_scalar<block_q4, 16>, AVX2(dequant_q4), NEON(dequant_q4)}, {nullptr, dot8_affine_scalar<code_q4>, AVX2(dot8_q4), NEON(dot8_q4)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q4>>, AVX2(dot8_rows_q4), NEON(dot8_rows_q4)}, 16, {nullptr, tile8_affine_scalar<tcode_q4, 16>, AVX2_TILE(q4), nullptr}},
     {"q3", 3, 4, cb_q3, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q3>, AVX2(dot_q3), NEON(dot_q3)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q3, 12>>, AVX2(dot_rows_q3), NEON(dot_rows_q3)}, {nullptr, dequant_affine_scalar<block_q3, 12>, AVX2(dequant_q3), NEON(dequant_q3)}, {nullptr, dot8_affine_scalar<code_q3>, AVX2(dot8_q3), NEON(dot8_q3)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q3>>, AVX2(dot8_rows_q3), NEON(dot8_rows_q3)}, 12, {nullptr, tile8_affine_scalar<tcode_q3, 12>, AVX2(tile8_q3), nullptr}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q3, 12>>, AVX2(dot_rows_q3), NEON(dot_rows_q3)}, {nullptr, dequant_affine_scalar<block_q3, 12>, AVX2(dequant_q3), NEON(dequant_q3)}, {nullptr, dot8_affine_scalar<code_q3>, AVX2(dot8_q3), NEON(dot8_q3)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q3>>, AVX2(dot8_rows_q3), NEON(dot8_rows_q3)}, 12, {nullptr, tile8_affine_scalar<tcode_q3, 12>, AVX2_TILE(q3), nullptr}},
     {"q2", 4, 4, cb_q2, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q2>, AVX2(dot_q2), NEON(dot_q2)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q2, 8>>, AVX2(dot_rows_q2), NEON(dot_rows_q2)}, {nullptr, dequant_affine_scalar<block_q2, 8>, AVX2(dequant_q2), NEON(dequant_q2)}, {nullptr, dot8_affine_scalar<code_q2>, AVX2(dot8_q2), NEON(dot8_q2)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q2>>, AVX2(dot8_rows_q2), NEON(dot8_rows_q2)}, 8, {nullptr, tile8_affine_scalar<tcode_q2, 8>, AVX2(tile8_q2), nullptr}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q2, 8>>, AVX2(dot_rows_q2), NEON(dot_rows_q2)}, {nullptr, dequant_affine_scalar<block_q2, 8>, AVX2(dequant_q2), NEON(dequant_q2)}, {nullptr, dot8_affine_scalar<code_q2>, AVX2(dot8_q2), NEON(dot8_q2)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q2>>, AVX2(dot8_rows_q2), NEON(dot8_rows_q2)}, 8, {nullptr, tile8_affine_scalar<tcode_q2, 8>, AVX2_TILE(q2), nullptr}},
     {"ternary", 5, 2, cb_ternary, X_TERNARY,
      {nullptr, dot_ternary_scalar, AVX2(dot_ternary), NEON(dot_ternary)}, 
      {nullptr, rows_reference<dot_ternary_scalar>, AVX2(dot_rows_ternary), NEON(dot_rows_ternary)}, {nullptr, dequant_ternary_scalar, AVX2(dequant_ternary), NEON(dequant_ternary)}, {nullptr, dot8_ternary_scalar, AVX2(dot8_ternary), NEON(dot8_ternary)}, {nullptr, rows8_reference<dot8_ternary_scalar>, AVX2(dot8_rows_ternary), NEON(dot8_rows_ternary)}, 0, {}},
     {"q1", 6, 4, cb_q1, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q1>, AVX2(dot_q1), NEON(dot_q1)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q1, 4>>, AVX2(dot_rows_q1), NEON(dot_rows_q1)}, {nullptr, dequant_affine_scalar<block_q1, 4>, AVX2(dequant_q1), NEON(dequant_q1)}, {nullptr, dot8_affine_scalar<code_q1>, AVX2(dot8_q1), NEON(dot8_q1)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q1>>, AVX2(dot8_rows_q1), NEON(dot8_rows_q1)}, 4, {nullptr, tile8_affine_scalar<tcode_q1, 4>, AVX2(tile8_q1), nullptr}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q1, 4>>, AVX2(dot_rows_q1), NEON(dot_rows_q1)}, {nullptr, dequant_affine_scalar<block_q1, 4>, AVX2(dequant_q1), NEON(dequant_q1)}, {nullptr, dot8_affine_scalar<code_q1>, AVX2(dot8_q1), NEON(dot8_q1)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q1>>, AVX2(dot8_rows_q1), NEON(dot8_rows_q1)}, 4, {nullptr, tile8_affine_scalar<tcode_q1, 4>, AVX2_TILE(q1), nullptr}},
 };
 
 const BlockTraits* block_traits(int id) {
@@ -464,12 +508,17 @@ static void sgemm4(const float* W, int ldw, const float* X, int ldx, int nt, int
         for (int r = 0; r < nr; ++r) Y[(size_t)t * ldy + r] = sdot_f32(W + (size_t)r * ldw, X + (size_t)t * ldx, K);
 }
 
-static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sgemm4};
+static void stile8_mix(const uint8_t* t, const TileDesc* d, int n, const XQ8* xq, const int* x8off, const float* xsum,
+                       float* acc, std::ptrdiff_t pf) {  // reference: the kinds' scalar tile kernels, chunk by chunk
+    for (int i = 0; i < n; ++i)
+        block_traits(d[i].kind)->tile8[K_SCALAR](t + d[i].off, 0, 1, xq + x8off[d[i].c], xsum + d[i].c, 32 * d[i].nb, acc, pf);
+}
+static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sgemm4, stile8_mix};
 #if WQE_X86
-static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4};
+static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4, tile8_mix_x86};
 #endif
 #if WQE_ARM64
-static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4};
+static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, nullptr};
 #endif
 
 const VecOps& vec_ops(int kernels) {
@@ -501,6 +550,48 @@ bool cpu_has_avx2() {
     return ok;
 #else
     return false;
+#endif
+}
+
+int cpu_vnni() {
+#if WQE_X86
+    static const int v = [] {
+        if (!cpu_has_avx2() || __get_cpuid_max(0, nullptr) < 7) return 0;
+        unsigned a, b, c, d;
+        __cpuid_count(7, 0, a, b, c, d);
+        const unsigned max_sub = a;
+        unsigned xlo, xhi;
+        __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+        const bool zmm_state = (xlo & 0xE6u) == 0xE6u;  // opmask, ZMM_Hi256, Hi16_ZMM saved by the OS
+        if (zmm_state && (b & (1u << 16)) && (b & (1u << 31)) && (c & (1u << 11))) return 1;  // AVX512F, VL, VNNI
+        if (max_sub >= 1) {
+            __cpuid_count(7, 1, a, b, c, d);
+            if (a & (1u << 4)) return 2;  // AVX-VNNI
+        }
+        return 0;
+    }();
+    return v;
+#else
+    return 0;
+#endif
+}
+
+bool set_x86_vnni(int level) {
+#if WQE_X86
+    if (level < 0) level = cpu_vnni();
+    if (level != 0 && level != cpu_vnni()) return false;
+    g_vnni.store(level);
+    return true;
+#else
+    return level <= 0;
+#endif
+}
+
+int x86_vnni() {
+#if WQE_X86
+    return vnni_level();
+#else
+    return 0;
 #endif
 }
 
@@ -613,8 +704,9 @@ const char* system_info() {
                   k == K_NEON ? "neon" : "scalar", k == K_NEON && neon_dotprod() ? "+dotprod" : "",
                   active_act() == ACT_Q8 ? "q8" : "f32");
 #else
-    std::snprintf(buf, sizeof buf, "avx2+fma+f16c=%d kernels=%s act=%s", cpu_has_avx2() ? 1 : 0,
-                  k == K_AVX2 ? "avx2" : "scalar", active_act() == ACT_Q8 ? "q8" : "f32");
+    std::snprintf(buf, sizeof buf, "avx2+fma+f16c=%d vnni=%s kernels=%s act=%s", cpu_has_avx2() ? 1 : 0,
+                  x86_vnni() == 1 ? "avx512" : x86_vnni() == 2 ? "avx" : "none", k == K_AVX2 ? "avx2" : "scalar",
+                  active_act() == ACT_Q8 ? "q8" : "f32");
 #endif
     return buf;
 }

@@ -64,6 +64,16 @@ constexpr int TILE_ROWS = 8;
 typedef void (*tile8_fn)(const uint8_t* part, size_t part_bytes, int nch, const XQ8* xq, const float* xsum, int g_pad,
                          float* acc, std::ptrdiff_t pf);
 
+// A run of tiled chunks of any tile kinds (ids 2, 3, 4, 6: a mixed plan's chunks) in one call: chunk d[i].c's part
+// at tile + d[i].off, its int8 activations at xq + x8off[d[i].c] (nb = g_pad / 32 blocks), its sum xsum[d[i].c];
+// acc[r] += the rows' dots (VecOps::tile8_mix).
+struct TileDesc {
+    size_t off;
+    int32_t c, kind, nb, pad_;
+};
+typedef void (*tile8_mix_fn)(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, const int* x8off,
+                             const float* xsum, float* acc, std::ptrdiff_t pf);
+
 struct BlockTraits {
     const char* name;
     int id;            // id stored in wqedge.tensors.<t>.chunk_actions
@@ -126,12 +136,19 @@ struct VecOps {
     // Y[t * ldy + r] = sum_k W[r * ldw + k] * X[t * ldx + k] for r < 4, t < nt; K % 8 == 0,
     // W has 4 rows (unused ones zero), rows and X 32-byte padded with zeros past the true K.
     void (*gemm4)(const float* W, int ldw, const float* X, int ldx, int nt, int K, float* Y, int ldy, int nr);
+    tile8_mix_fn tile8_mix;  // nullptr: no tile kernels in this set
 };
 const VecOps& vec_ops(int kernels);
 
 // Kernel set in use (process wide): set_kernels(0) picks the best the CPU supports.
 bool cpu_has_avx2();
 bool cpu_has_neon();     // AArch64 Advanced SIMD (always, on AArch64)
+// x86-64: VNNI for the row-tile int8 kernels of the AVX2 set (kernels_vnni.cpp; bit-identical results):
+// 0 none, 1 AVX512-VNNI + AVX512VL, 2 AVX-VNNI. x86_vnni() is the level in use (cpu_vnni() unless
+// WQEDGE_NO_VNNI=1 or set_x86_vnni(0 | the CPU's level; -1 = the CPU's), which returns false for a level the CPU lacks).
+int cpu_vnni();
+int x86_vnni();
+bool set_x86_vnni(int level);
 bool cpu_has_dotprod();  // AArch64 SDOT/UDOT (getauxval HWCAP_ASIMDDP); used by the NEON int8 kernels (docs/neon.md)
 int best_kernels();      // K_AVX2, K_NEON or K_SCALAR
 int active_kernels();

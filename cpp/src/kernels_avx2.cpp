@@ -447,38 +447,62 @@ inline __m256i bcast4(const int8_t* p) {
     return _mm256_set1_epi32(v);
 }
 
+// One chunk's part of a tile: the 8 rows' sums over its blocks (before d and m), prefetching pf further on.
+template <int ID, int SUB>
+inline __m256 tile_chunk(const uint8_t* part, const XQ8* xq, int nb, ptrdiff_t pf) {
+    constexpr int BLK = 8 * SUB;  // bytes per 32-column block of 8 rows
+    const __m256i ones = _mm256_set1_epi16(1);
+    const uint8_t* q = part + 32;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int b = 0; b < nb; ++b, q += BLK) {
+        if (pf)
+            for (int o = 0; o < BLK; o += 64) _mm_prefetch((const char*)(q + pf + o), _MM_HINT_T0);
+        __m256i g[8];
+        tile_groups<ID>(q, g);
+        const int8_t* x = xq[b].q;
+        const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(g[0], bcast4(x)), _mm256_maddubs_epi16(g[1], bcast4(x + 4)));
+        const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(g[2], bcast4(x + 8)), _mm256_maddubs_epi16(g[3], bcast4(x + 12)));
+        const __m256i p45 = _mm256_add_epi16(_mm256_maddubs_epi16(g[4], bcast4(x + 16)), _mm256_maddubs_epi16(g[5], bcast4(x + 20)));
+        const __m256i p67 = _mm256_add_epi16(_mm256_maddubs_epi16(g[6], bcast4(x + 24)), _mm256_maddubs_epi16(g[7], bcast4(x + 28)));
+        const __m256i s = _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(p01, p23), _mm256_add_epi16(p45, p67)), ones);
+        if (b & 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), _mm256_cvtepi32_ps(s), a1);
+        else a0 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), _mm256_cvtepi32_ps(s), a0);
+    }
+    return _mm256_add_ps(a0, a1);
+}
+
+inline __m256 tile_dm(const uint8_t* part, __m256 sum, float xsum, __m256 tot) {  // tot + d * sum + m * xsum
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)part));
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(part + 16)));
+    return _mm256_fmadd_ps(m, _mm256_set1_ps(xsum), _mm256_fmadd_ps(d, sum, tot));
+}
+
 template <int ID, int SUB>
 inline void tile8_affine(const uint8_t* part, size_t part_bytes, int nch, const XQ8* xq, const float* xsum, int g_pad,
                          float* acc, ptrdiff_t pf) {
-    constexpr int BLK = 8 * SUB;  // bytes per 32-column block of 8 rows
     const int nb = g_pad / 32;
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 tot = _mm256_setzero_ps();
-    for (int c = 0; c < nch; ++c, part += part_bytes, xq += nb) {
-        const uint8_t* q = part + 32;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (int b = 0; b < nb; ++b, q += BLK) {
-            if (pf)
-                for (int o = 0; o < BLK; o += 64) _mm_prefetch((const char*)(q + pf + o), _MM_HINT_T0);
-            __m256i g[8];
-            tile_groups<ID>(q, g);
-            const int8_t* x = xq[b].q;
-            const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(g[0], bcast4(x)), _mm256_maddubs_epi16(g[1], bcast4(x + 4)));
-            const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(g[2], bcast4(x + 8)), _mm256_maddubs_epi16(g[3], bcast4(x + 12)));
-            const __m256i p45 = _mm256_add_epi16(_mm256_maddubs_epi16(g[4], bcast4(x + 16)), _mm256_maddubs_epi16(g[5], bcast4(x + 20)));
-            const __m256i p67 = _mm256_add_epi16(_mm256_maddubs_epi16(g[6], bcast4(x + 24)), _mm256_maddubs_epi16(g[7], bcast4(x + 28)));
-            const __m256i s = _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(p01, p23), _mm256_add_epi16(p45, p67)), ones);
-            if (b & 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), _mm256_cvtepi32_ps(s), a1);
-            else a0 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), _mm256_cvtepi32_ps(s), a0);
-        }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)part));
-        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(part + 16)));
-        tot = _mm256_fmadd_ps(d, _mm256_add_ps(a0, a1), tot);
-        tot = _mm256_fmadd_ps(m, _mm256_set1_ps(xsum[c]), tot);
-    }
+    for (int c = 0; c < nch; ++c, part += part_bytes, xq += nb) tot = tile_dm(part, tile_chunk<ID, SUB>(part, xq, nb, pf), xsum[c], tot);
     _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));
 }
 
+inline void tile8_mix_impl(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, const int* x8off, const float* xsum,
+                           float* acc, ptrdiff_t pf) {
+    __m256 tot = _mm256_setzero_ps();
+    for (int i = 0; i < n; ++i) {
+        const uint8_t* part = tile + d[i].off;
+        const XQ8* x = xq + x8off[d[i].c];
+        __m256 s;
+        switch (d[i].kind) {
+            case 2: s = tile_chunk<2, 16>(part, x, d[i].nb, pf); break;
+            case 3: s = tile_chunk<3, 12>(part, x, d[i].nb, pf); break;
+            case 4: s = tile_chunk<4, 8>(part, x, d[i].nb, pf); break;
+            default: s = tile_chunk<6, 4>(part, x, d[i].nb, pf); break;
+        }
+        tot = tile_dm(part, s, xsum[d[i].c], tot);
+    }
+    _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));
+}
 }  // namespace
 
 float dot_fp16(const uint8_t* rb, const float* x, float, int g_pad) {
@@ -679,6 +703,9 @@ void tile8_q4(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, 
 void tile8_q3(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<3, 12>(p, pb, n, x, s, g, acc, pf); }
 void tile8_q2(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<4, 8>(p, pb, n, x, s, g, acc, pf); }
 void tile8_q1(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<6, 4>(p, pb, n, x, s, g, acc, pf); }
+void tile8_mix(const uint8_t* t, const TileDesc* d, int n, const XQ8* x, const int* x8off, const float* s, float* acc, ptrdiff_t pf) {
+    tile8_mix_impl(t, d, n, x, x8off, s, acc, pf);
+}
 
 }  // namespace avx2
 }  // namespace wqe

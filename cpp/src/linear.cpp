@@ -112,9 +112,6 @@ void chunked_tile(const Linear& W, const float* x, const Prepared& p, int task, 
 // ------------------------------------------------------------------ row tiles
 constexpr int TPT = RT / TILE_ROWS;  // tiles per task
 
-inline size_t rowblock_bytes(const Linear& W, int c) {  // in the file
-    return (c + 1 < (int)W.chunks.size() ? W.chunks[c + 1].off : W.row_bytes) - W.chunks[c].off;
-}
 inline size_t tile_res_off(const Linear::TChunk& tc, const Chunk& ch) { return tc.rb - 2 * (size_t)ch.n_prot; }
 
 // An interleaved part back in the row-block layout of its kind (docs/format.md): TILE_ROWS row-blocks of tc.rb bytes.
@@ -140,6 +137,7 @@ void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, in
     // the kernels prefetch the tiles this thread likely takes next, pf bytes further on
     static const bool no_pf = [] { const char* e = std::getenv("WQEDGE_TILE_PREFETCH"); return e && !std::strcmp(e, "0"); }();
     const std::ptrdiff_t pf = task + ahead < n_tasks && !no_pf ? (std::ptrdiff_t)ahead * TPT * (std::ptrdiff_t)W.tile_bytes : 0;
+    const tile8_mix_fn mix = vec_ops(kernels).tile8_mix;
     for (int t = task * TPT, t1 = std::min(n_tiles, (task + 1) * TPT); t < t1; ++t) {
         const uint8_t* tb = W.tile(t);
         float acc[TILE_ROWS] = {0}, part[TILE_ROWS];
@@ -160,16 +158,19 @@ void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, in
         for (const Linear::Run& run : W.runs) {
             const Chunk& c0 = W.chunks[run.c0];
             const Linear::TChunk& t0 = W.tch[run.c0];
-            const BlockTraits& bt = *t0.bt;
-            if (bt.tile8[kernels] && p.x8off[run.c0] >= 0) {
-                bt.tile8[kernels](tb + t0.off, TILE_ROWS * t0.rb, run.n, p.xq8 + p.x8off[run.c0], p.xs + run.c0, c0.g_pad, acc, pf);
-                if (c0.n_prot)
-                    for (int c = run.c0; c < run.c0 + run.n; ++c) add_protected(c);
+            if (p.x8off[run.c0] >= 0 && t0.bt->tile_sub && (run.uniform ? t0.bt->tile8[kernels] != nullptr : mix != nullptr)) {
+                if (run.uniform)
+                    t0.bt->tile8[kernels](tb + t0.off, TILE_ROWS * t0.rb, run.n, p.xq8 + p.x8off[run.c0], p.xs + run.c0, c0.g_pad, acc, pf);
+                else
+                    mix(tb, W.tdesc.data() + run.c0, run.n, p.xq8, p.x8off, p.xs, acc, pf);
+                for (int c = run.c0; c < run.c0 + run.n; ++c)
+                    if (W.chunks[c].n_prot) add_protected(c);
                 continue;
             }
             for (int c = run.c0; c < run.c0 + run.n; ++c) {
                 const Chunk& ch = W.chunks[c];
                 const Linear::TChunk& tc = W.tch[c];
+                const BlockTraits& bt = *tc.bt;
                 const uint8_t* pp = tb + tc.off;
                 if (pf)
                     for (size_t o = 0; o < TILE_ROWS * tc.rb; o += 64) prefetch(pp + pf + o);
@@ -288,16 +289,18 @@ void repack_tiles(Linear& L) {
         for (auto& th : ts) th.join();
     }
     L.runs.clear();
+    L.tdesc.clear();
     for (int c = 0; c < n_chunks; ++c) {
         const Chunk& ch = L.chunks[c];
-        if (!L.runs.empty()) {
+        L.tdesc.push_back({L.tch[c].off, c, L.tch[c].bt->id, ch.g_pad / 32, 0});
+        if (c > 0 && L.tch[c].bt->tile_sub && L.tch[c - 1].bt->tile_sub) {
             const Chunk& prev = L.chunks[c - 1];
-            if (L.tch[c].bt->tile_sub && L.tch[c].bt == L.tch[c - 1].bt && ch.g_pad == prev.g_pad && ch.n_prot == prev.n_prot) {
-                ++L.runs.back().n;
-                continue;
-            }
+            Linear::Run& run = L.runs.back();
+            if (L.tch[c].bt != L.tch[c - 1].bt || ch.g_pad != prev.g_pad || ch.n_prot != prev.n_prot) run.uniform = false;
+            ++run.n;
+            continue;
         }
-        L.runs.push_back({c, 1});
+        L.runs.push_back({c, 1, true});
     }
 }
 

@@ -48,9 +48,11 @@ struct Linear {
     std::vector<TChunk> tch;
     std::shared_ptr<uint8_t[]> tiles;  // n_tiles * tile_bytes (not zero-initialised: repack_tiles writes every byte)
     size_t tiles_size = 0, tile_bytes = 0;
-    // Consecutive chunks of one tiled kind (tch), width and protected count: one tile8 call each.
-    struct Run { int c0, n; };
+    // Consecutive chunks of tile kinds (tch): one call each, tile8 when uniform (one kind, width and protected
+    // count), VecOps::tile8_mix with tdesc[c0, c0 + n) otherwise; a chunk of another kind is a run of its own.
+    struct Run { int c0, n; bool uniform; };
     std::vector<Run> runs;
+    std::vector<TileDesc> tdesc;  // per chunk
     bool tiled() const { return tiles_size != 0; }
     const uint8_t* tile(int t) const { return tiles.get() + (size_t)t * tile_bytes; }
     // The block kind chunk c's products use (its kind in the tiles when tiled).

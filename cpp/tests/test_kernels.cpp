@@ -472,6 +472,7 @@ static void q8_nonfinite_tests() {
 // float activations (matvec untiles into the same dot_rows; matmul dequantizes untiled rows) and within
 // 1e-5 of the terms' magnitude with int8 activations (tile kernels: scalar reference and SIMD, summed in
 // another order). Runs of equal kinds, every kind, protected columns, a ragged chunk, N not a multiple of 8.
+static int n_vnni_checked = 0;
 static void tiled_tests() {
     struct Case { int G, N; std::vector<int64_t> types, prot; };
     const Case cases[] = {
@@ -532,6 +533,14 @@ static void tiled_tests() {
                     eq = eq && (ternary || std::memcmp(y0.data(), y1.data(), sizeof(float) * cs.N) == 0);
                     matvec(L, x, y0.data(), pool, ms, qs.k, ACT_Q8);
                     matvec(T, x, y1.data(), pool, ms, qs.k, ACT_Q8);
+                    if (qs.k == K_AVX2 && cpu_vnni()) {  // the VNNI tile kernels == the AVX2 ones, bit for bit
+                        std::vector<float> y2(cs.N);
+                        set_x86_vnni(0);
+                        matvec(T, x, y2.data(), pool, ms, qs.k, ACT_Q8);
+                        set_x86_vnni(-1);
+                        eq = eq && std::memcmp(y1.data(), y2.data(), sizeof(float) * cs.N) == 0;
+                        ++n_vnni_checked;
+                    }
                     {  // grouped == separate, tiled and not mixed in one group
                         std::vector<float> g0(cs.N), g1(cs.N);
                         const Linear* Ws[2] = {&T, &L};
@@ -578,6 +587,7 @@ int main() {
     vec_tests();
     linear_tests();
     tiled_tests();
+    std::printf("row tiles: VNNI (level %d) checked against AVX2 %d times\n", cpu_vnni(), n_vnni_checked);
     std::printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
 }

@@ -1,0 +1,163 @@
+// Row-tile int8 kernels (blocks.h, TILE_ROWS) with VNNI dot products: `vpdpbusd` adds four u8 x s8 products into
+// an int32 lane in one instruction, where AVX2 needs `vpmaddubsw` + `vpaddw` (+ one `vpmaddwd` per block). The sums
+// are exact either way, so the results are bit-identical to wqe::avx2::tile8_* (tests/test_kernels.cpp checks).
+// Two builds of the same code: AVX512-VNNI with AVX512VL (wqe::avx2::vnni512; the EVEX form on 256-bit registers: Ice Lake and later
+// Xeons, AMD Zen 4) and AVX-VNNI (wqe::avx2::vnni256; the VEX form: Alder Lake and later client CPUs, Zen 5). As kernels_avx2.cpp,
+// the target is given per function (GCC pragma / clang attribute), never for the file; blocks.cpp calls these
+// only after CPUID (and XGETBV) said yes.
+#if defined(__x86_64__) || defined(__i386__)
+
+#include <immintrin.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "blocks.h"  // XQ8 only: no inline function of it is called here
+
+#define WQE_TILE_KERNELS(NS, DPBUSD)                                                                                  \
+    namespace wqe {                                                                                                   \
+    namespace avx2 {                                                                                                  \
+    namespace NS {                                                                                                    \
+    namespace {                                                                                                       \
+    inline __m256i bcast4(const int8_t* p) {                                                                          \
+        int32_t v;                                                                                                    \
+        memcpy(&v, p, 4);                                                                                             \
+        return _mm256_set1_epi32(v);                                                                                  \
+    }                                                                                                                 \
+    /* the 8 column groups of one tiled block (kernels_avx2.cpp tile_groups, docs/format.md "Row tiles") */          \
+    template <int ID>                                                                                                 \
+    inline void groups(const uint8_t* q, __m256i g[8]) {                                                              \
+        if (ID == 2) {                                                                                                \
+            const __m256i m = _mm256_set1_epi8(0x0F);                                                                 \
+            for (int v = 0; v < 4; ++v) {                                                                             \
+                const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * v));                                   \
+                g[v] = _mm256_and_si256(w, m);                                                                        \
+                g[v + 4] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);                                              \
+            }                                                                                                         \
+        } else if (ID == 4 || ID == 3) {                                                                              \
+            const __m256i m = _mm256_set1_epi8(3);                                                                    \
+            for (int v = 0; v < 2; ++v) {                                                                             \
+                const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * v));                                   \
+                g[v] = _mm256_and_si256(w, m);                                                                        \
+                g[v + 2] = _mm256_and_si256(_mm256_srli_epi16(w, 2), m);                                              \
+                g[v + 4] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);                                              \
+                g[v + 6] = _mm256_and_si256(_mm256_srli_epi16(w, 6), m);                                              \
+            }                                                                                                         \
+            if (ID == 3) {                                                                                            \
+                const __m256i h = _mm256_loadu_si256((const __m256i*)(q + 64)), four = _mm256_set1_epi8(4);           \
+                g[0] = _mm256_or_si256(g[0], _mm256_and_si256(_mm256_slli_epi16(h, 2), four));                        \
+                g[1] = _mm256_or_si256(g[1], _mm256_and_si256(_mm256_slli_epi16(h, 1), four));                        \
+                g[2] = _mm256_or_si256(g[2], _mm256_and_si256(h, four));                                              \
+                g[3] = _mm256_or_si256(g[3], _mm256_and_si256(_mm256_srli_epi16(h, 1), four));                        \
+                g[4] = _mm256_or_si256(g[4], _mm256_and_si256(_mm256_srli_epi16(h, 2), four));                        \
+                g[5] = _mm256_or_si256(g[5], _mm256_and_si256(_mm256_srli_epi16(h, 3), four));                        \
+                g[6] = _mm256_or_si256(g[6], _mm256_and_si256(_mm256_srli_epi16(h, 4), four));                        \
+                g[7] = _mm256_or_si256(g[7], _mm256_and_si256(_mm256_srli_epi16(h, 5), four));                        \
+            }                                                                                                         \
+        } else {                                                                                                      \
+            const __m256i w = _mm256_loadu_si256((const __m256i*)q), one = _mm256_set1_epi8(1);                       \
+            g[0] = _mm256_and_si256(w, one);                                                                          \
+            for (int k = 1; k < 8; ++k) g[k] = _mm256_and_si256(_mm256_srli_epi16(w, k), one);                        \
+        }                                                                                                             \
+    }                                                                                                                 \
+    template <int ID, int SUB>                                                                                        \
+    inline __m256 chunk(const uint8_t* part, const XQ8* xq, int nb, ptrdiff_t pf) {                                   \
+        constexpr int BLK = 8 * SUB;                                                                                  \
+        const uint8_t* q = part + 32;                                                                                 \
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                                    \
+        for (int b = 0; b < nb; ++b, q += BLK) {                                                                      \
+            if (pf)                                                                                                   \
+                for (int o = 0; o < BLK; o += 64) _mm_prefetch((const char*)(q + pf + o), _MM_HINT_T0);               \
+            __m256i g[8];                                                                                             \
+            groups<ID>(q, g);                                                                                         \
+            const int8_t* x = xq[b].q;                                                                                \
+            __m256i s0 = DPBUSD(_mm256_setzero_si256(), g[0], bcast4(x));                                             \
+            __m256i s1 = DPBUSD(_mm256_setzero_si256(), g[4], bcast4(x + 16));                                        \
+            s0 = DPBUSD(s0, g[1], bcast4(x + 4));                                                                     \
+            s1 = DPBUSD(s1, g[5], bcast4(x + 20));                                                                    \
+            s0 = DPBUSD(s0, g[2], bcast4(x + 8));                                                                     \
+            s1 = DPBUSD(s1, g[6], bcast4(x + 24));                                                                    \
+            s0 = DPBUSD(s0, g[3], bcast4(x + 12));                                                                    \
+            s1 = DPBUSD(s1, g[7], bcast4(x + 28));                                                                    \
+            const __m256 f = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));                                            \
+            if (b & 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), f, a1);                                          \
+            else a0 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), f, a0);                                                \
+        }                                                                                                             \
+        return _mm256_add_ps(a0, a1);                                                                                 \
+    }                                                                                                                 \
+    inline __m256 dm(const uint8_t* part, __m256 sum, float xsum, __m256 tot) {                                       \
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)part));                                      \
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(part + 16)));                               \
+        return _mm256_fmadd_ps(m, _mm256_set1_ps(xsum), _mm256_fmadd_ps(d, sum, tot));                                \
+    }                                                                                                                 \
+    template <int ID, int SUB>                                                                                        \
+    inline void tile8(const uint8_t* part, size_t part_bytes, int nch, const XQ8* xq, const float* xsum, int g_pad, float* acc,\
+                      ptrdiff_t pf) {                                                                                 \
+        const int nb = g_pad / 32;                                                                                    \
+        __m256 tot = _mm256_setzero_ps();                                                                             \
+        for (int c = 0; c < nch; ++c, part += part_bytes, xq += nb) tot = dm(part, chunk<ID, SUB>(part, xq, nb, pf), xsum[c], tot);\
+        _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));                                              \
+    }                                                                                                                 \
+    }                                                                                                                 \
+    void tile8_mix(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, const int* x8off, const float* xsum, \
+                   float* acc, ptrdiff_t pf) {                                                                        \
+        __m256 tot = _mm256_setzero_ps();                                                                             \
+        for (int i = 0; i < n; ++i) {                                                                                 \
+            const uint8_t* part = tile + d[i].off;                                                                    \
+            const XQ8* x = xq + x8off[d[i].c];                                                                        \
+            __m256 s;                                                                                                 \
+            switch (d[i].kind) {                                                                                      \
+                case 2: s = chunk<2, 16>(part, x, d[i].nb, pf); break;                                                \
+                case 3: s = chunk<3, 12>(part, x, d[i].nb, pf); break;                                                \
+                case 4: s = chunk<4, 8>(part, x, d[i].nb, pf); break;                                                 \
+                default: s = chunk<6, 4>(part, x, d[i].nb, pf); break;                                                \
+            }                                                                                                         \
+            tot = dm(part, s, xsum[d[i].c], tot);                                                                     \
+        }                                                                                                             \
+        _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));                                              \
+    }                                                                                                                 \
+    void tile8_q4(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { \
+        tile8<2, 16>(p, pb, n, x, s, g, acc, pf);                                                                     \
+    }                                                                                                                 \
+    void tile8_q3(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { \
+        tile8<3, 12>(p, pb, n, x, s, g, acc, pf);                                                                     \
+    }                                                                                                                 \
+    void tile8_q2(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { \
+        tile8<4, 8>(p, pb, n, x, s, g, acc, pf);                                                                      \
+    }                                                                                                                 \
+    void tile8_q1(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { \
+        tile8<6, 4>(p, pb, n, x, s, g, acc, pf);                                                                      \
+    }                                                                                                                 \
+    }                                                                                                                 \
+    }                                                                                                                 \
+    }
+
+// AVX512-VNNI + AVX512VL (EVEX vpdpbusd on ymm registers)
+#if defined(__clang__)
+#  pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"))), apply_to = function)
+#else
+#  pragma GCC push_options
+#  pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
+#endif
+WQE_TILE_KERNELS(vnni512, _mm256_dpbusd_epi32)
+#if defined(__clang__)
+#  pragma clang attribute pop
+#else
+#  pragma GCC pop_options
+#endif
+
+// AVX-VNNI (VEX vpdpbusd)
+#if defined(__clang__)
+#  pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avxvnni"))), apply_to = function)
+#else
+#  pragma GCC push_options
+#  pragma GCC target("avx2,fma,f16c,avxvnni")
+#endif
+WQE_TILE_KERNELS(vnni256, _mm256_dpbusd_avx_epi32)
+#if defined(__clang__)
+#  pragma clang attribute pop
+#else
+#  pragma GCC pop_options
+#endif
+
+#endif
