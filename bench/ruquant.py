@@ -105,7 +105,7 @@ def main():
     if args.stage2:
         t0 = time.time()
         variants["rot+stage2"] = {k: learn_reflection(t, acts[k], group_weights(fp, *k), act_bits=4, weight_bits=4,
-                                                      steps=args.stage2, max_tokens=512, seed=args.seed)[0]
+                                                      steps=args.stage2, max_tokens=256, seed=args.seed)[0]
                                   for k, t in rot.items()}
         t_s2 = time.time() - t0
         print(f"stage 2: {t_s2:.1f} s", flush=True)
@@ -119,7 +119,7 @@ def main():
                "q3": (block_weights("q3"), "q3 min-max G128"), "q2": (block_weights("q2"), "q2 min-max G128")}
     settings = [("W16A8", "16", 8), ("W16A6", "16", 6), ("W16A4", "16", 4), ("W6A6", "w6", 6),
                 ("W4A16", "q4", None), ("W4A8", "q4", 8), ("W4A4", "q4", 4),
-                ("W3A16", "q3", None), ("W2A16", "q2", None)]
+                ("W4A4 clip 0.9", "q4", 4), ("W3A16", "q3", None), ("W2A16", "q2", None)]
     stage1 = ["none", "smooth", "rot", "smooth+rot"]
     tvars = {"W4A4": list(variants), "W6A6": stage1, "W16A4": list(variants)}
     if args.quick:
@@ -132,7 +132,8 @@ def main():
         wfn, wdesc = weights[wkey]
         for v in tvars.get(label, ["none", "rot"]):
             t0 = time.time()
-            model = quantize_model(copy.deepcopy(fp), variants[v], abits, wfn)
+            clip = 0.9 if "clip 0.9" in label else 1.0
+            model = quantize_model(copy.deepcopy(fp), variants[v], abits, wfn, clip=clip)
             p = ppl(model)
             rows.append((label, wdesc, "-" if abits is None else f"A{abits} per token", v, p))
             print(f"{label} {v}: {p:.4f} ({time.time() - t0:.0f} s)", flush=True)
@@ -148,13 +149,13 @@ def main():
              f"{cal.train.shape[0]} calibration windows of 512 tokens of `{Path(args.calib).name}` (BOS position left "
              f"out), seed {args.seed}, B = 128, K = 16 reflections, 3 Givens rounds, zig-zag, second block matrix, "
              f"global Householder; smoothing alpha = {args.alpha}. Activations: per token, asymmetric, integer zero point, "
-             "no clipping, at the input of every decoder linear (attention products, KV cache, LM head float). "
+             "no clipping (except the rows marked clip 0.9: range 0.9·[min, max], as the paper uses at A4), at the input of every decoder linear (attention products, KV cache, LM head float). "
              "Weights: folded through T, then fitted by `wqedge.quant.fit.fit_linear` (min-max RTN, G = 128) "
              "except the 6-bit row (no q6 block type: `wqedge.quant.affine` min-max, 6 bits, G = 128).", "",
              f"Stage-1 build time: {t_rot:.1f} s (with smoothing {t_rot_s:.1f} s) for {len(rot)} groups, plus "
              f"{t_acts:.1f} s gathering activations."
              + (f" Stage 2 (rows `rot+stage2`: global reflection learnt per group for W4A4, {args.stage2} AdamW "
-                f"steps, lr 1e-2, 512 calibration tokens, output error of the group's linears with straight-through "
+                f"steps, lr 1e-2, 256 calibration tokens, output error of the group's linears with straight-through "
                 f"min-max quantizers): {t_s2:.1f} s." if args.stage2 else ""), "",
              "| setting | weights | activations | transform | perplexity | vs fp16 |", "|---|---|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.4f} | {100 * (r[4] / fp_ppl - 1):+.2f}% |" for r in rows]
