@@ -81,7 +81,8 @@ def build_fixture(kind: str, out: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="wqedge GGUF to run")
-    ap.add_argument("--fixture", choices=["q8", "q4", "q3", "q2", "ternary", "q1", "fp16", "mixed"],
+    from wqedge.blocks import ACTION_NAMES
+    ap.add_argument("--fixture", choices=[*ACTION_NAMES, "mixed"],
                     help="instead of --model: RTN-quantize the fixture model llama-s with this action")
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--decode", type=int, default=64)

@@ -17,12 +17,12 @@ from typing import Callable, Iterable, Iterator
 import gguf
 import numpy as np
 
-from ..fileio import atomic_output
-from ..blocks import FORMAT_VERSION, ChunkData, block_type, pack_chunk
-from ..plan import Plan
-from ..spec import ModelSpec, other_tensors, rope_freq_factors
-from ..units import Linear
-from .tokenizer import TokenizerMeta, add_tokenizer_to_gguf
+from wqedge.fileio import atomic_output
+from wqedge.blocks import FORMAT_VERSION, ChunkData, block_type, pack_chunk
+from wqedge.plan import Plan
+from wqedge.spec import ModelSpec, other_tensors, rope_freq_factors
+from wqedge.units import Linear
+from wqedge.converters.tokenizer import TokenizerMeta, add_tokenizer_to_gguf
 
 ARCH = "llama"
 

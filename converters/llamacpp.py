@@ -44,10 +44,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ..fileio import atomic_output
-from ..spec import ModelSpec, other_tensors, rope_freq_factors
-from .tokenizer import TokenizerMeta, add_tokenizer_to_gguf
-from .gguf_writer import add_llama_metadata
+from wqedge.fileio import atomic_output
+from wqedge.spec import ModelSpec, other_tensors, rope_freq_factors
+from wqedge.converters.tokenizer import TokenizerMeta, add_tokenizer_to_gguf
+from wqedge.converters.gguf_writer import add_llama_metadata
 
 __all__ = [
     "DEFAULT_TYPES",
@@ -117,13 +117,13 @@ class _Source:
 
 class _CheckpointSource(_Source):
     def __init__(self, ckpt):
-        from ..checkpoint import LlamaCheckpoint  # torch: only for checkpoint sources
+        from wqedge.checkpoint import LlamaCheckpoint  # torch: only for checkpoint sources
         self.ckpt = ckpt if isinstance(ckpt, LlamaCheckpoint) else LlamaCheckpoint.open(ckpt)
         self.spec = self.ckpt.spec
         self.label = f"checkpoint {self.ckpt.path}"
 
     def tokenizer(self) -> TokenizerMeta:
-        from .tokenizer import read_tokenizer
+        from wqedge.converters.tokenizer import read_tokenizer
         return read_tokenizer(self.ckpt.path, n_vocab=self.spec.vocab_size)
 
     def dense(self, hf_name):
@@ -137,7 +137,7 @@ class _CheckpointSource(_Source):
 
 class _WqSource(_Source):
     def __init__(self, path):
-        from ..runtime.gguf_reader import WqGGUF
+        from wqedge.runtime.gguf_reader import WqGGUF
         self.f = WqGGUF(path)
         self.spec = self.f.spec
         self.label = f"wqedge {self.f.path}"
@@ -145,14 +145,14 @@ class _WqSource(_Source):
         self._gguf.update({lin.hf_name: lin.gguf_name for lin in self.spec.linears()})
         pj = self.f.plan_json
         if pj:
-            from ..plan import Plan, PlanError
+            from wqedge.plan import Plan, PlanError
             try:
                 self.plan = Plan.from_dict(json.loads(pj))
             except (PlanError, ValueError):
                 self.plan = None
 
     def tokenizer(self) -> TokenizerMeta:
-        from .tokenizer import meta_from_gguf
+        from wqedge.converters.tokenizer import meta_from_gguf
         return meta_from_gguf(self.f.reader)
 
     def dense(self, hf_name):
@@ -436,7 +436,7 @@ def _plan_targets(plan, spec: ModelSpec) -> dict[str, float]:
     """Per decoder linear (gguf name), the plan's effective bits."""
     if plan is None:
         return {}
-    from ..plan import Plan
+    from wqedge.plan import Plan
     if isinstance(plan, str) and plan.lstrip().startswith("{"):
         plan = Plan.from_dict(json.loads(plan))
     elif isinstance(plan, (str, os.PathLike)):
@@ -611,7 +611,7 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
 
 def measured_linear_bits(path, spec: ModelSpec | None = None) -> float:
     """8 x bytes of the decoder-linear tensors / their weights, read from a llama.cpp GGUF's tensor infos."""
-    from ..runtime.gguf_check import open_reader
+    from wqedge.runtime.gguf_check import open_reader
     r = open_reader(path)
     total_b = total_w = 0
     for t in r.tensors:

@@ -40,16 +40,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..blocks import block_type, padded
-from ..fileio import atomic_output
-from ..runtime.gguf_reader import WqGGUF
-from ..units import chunk_bounds
+from wqedge.blocks import BLOCK_TYPES, ChunkData, block_type
+from wqedge.fileio import atomic_output
+from wqedge.runtime.gguf_reader import WqGGUF
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
-STOCK_BITS = {"q8": 8, "q4": 4, "q2": 2}          # actions with a MatMulNBits CPU kernel
-UNPACKED = ("q3", "ternary", "q1")                 # unpacked in the graph with standard operators
-WIDENED_BITS = {"q3": 4, "ternary": 2, "q1": 2}    # lowering="widen": their codes stored in a wider MatMulNBits
+NBITS_WIDTHS = (8, 4, 2)                           # code widths with a MatMulNBits CPU kernel
+# affine actions of those widths go to MatMulNBits; the other quantized ones are unpacked in the graph with
+# standard operators, or with lowering="widen" stored in the narrowest wider MatMulNBits
+STOCK_BITS = {b.name: b.bits for b in BLOCK_TYPES if b.is_affine and b.bits in NBITS_WIDTHS}
+UNPACKED = tuple(b.name for b in BLOCK_TYPES if not b.is_float and b.name not in STOCK_BITS)
+WIDENED_BITS = {b.name: min(w for w in NBITS_WIDTHS if (1 << w) >= b.levels) for b in BLOCK_TYPES
+                if b.name in UNPACKED}
 LOWERINGS = ("compact", "widen", "int4")
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000            # bytes of initializers; protobuf's hard limit is 2 GiB
 VARIANTS = ("portable", "native")
@@ -80,47 +83,6 @@ def pack_matmulnbits(q: np.ndarray, bits: int, block: int) -> np.ndarray:
 def _block_size(group: int) -> int:
     """MatMulNBits' block: G when it is a power of two (>= 16), else 32 (G is a multiple of 32)."""
     return group if group >= 16 and (group & (group - 1)) == 0 else 32
-
-
-class _Chunk:
-    """One chunk of a linear as read from the file: codes/values, scale, offset, residuals."""
-
-    def __init__(self, action, start, end, codes=None, d=None, m=None, values=None, prot=None, resid=None):
-        self.action, self.start, self.end = action, start, end
-        self.codes, self.d, self.m, self.values = codes, d, m, values
-        self.prot, self.resid = prot, resid
-
-    @property
-    def g(self):
-        return self.end - self.start
-
-
-def read_chunks(f: WqGGUF, name: str) -> list[_Chunk]:
-    """The chunks of quantized linear `name` (codes uint8[N, g], d/m float32[N], protected residuals)."""
-    lay = f.layout(name)
-    raw = np.asarray(f.tensors[name].data).view(np.uint8).reshape(lay.out_features, lay.row_bytes)
-    prot = f.protected_indices(name)
-    out, off, pi = [], 0, 0
-    for (s, e), a, n_p in zip(chunk_bounds(lay.in_features, f.group_size), lay.actions, lay.protected_counts):
-        bt = block_type(a)
-        g, gp = e - s, padded(e - s)
-        h, cb = bt.header_bytes, bt.code_bytes(gp)
-        b = raw[:, off: off + bt.row_bytes(g, n_p)]
-        c = _Chunk(a, s, e)
-        if a == "fp16":
-            c.values = np.ascontiguousarray(b[:, :cb]).view(np.float16)[:, :g]
-        else:
-            params = np.ascontiguousarray(b[:, :h]).view(np.float16).astype(np.float32)
-            c.codes = bt.unpack(np.ascontiguousarray(b[:, h: h + cb]), gp)[:, :g]
-            c.d = params[:, 0]
-            c.m = params[:, 1] if bt.is_affine else -params[:, 0]  # ternary: a (t - 1) = a t - a
-        if n_p:
-            c.prot = prot[pi: pi + n_p]
-            c.resid = np.ascontiguousarray(b[:, h + cb:]).view(np.float16)
-        out.append(c)
-        off += bt.row_bytes(g, n_p)
-        pi += n_p
-    return out
 
 
 # ---------------------------------------------------------------- graph builder
@@ -209,31 +171,33 @@ class _Exporter:
     # ------------------------------------------------------------ one quantized linear
     def linear(self, x, name) -> str:
         g = self.g
-        chunks = read_chunks(self.f, name)
+        chunks = self.f.chunks(name)
         lay = self.f.layout(name)
         N, K = lay.out_features, lay.in_features
         stem = name.replace(".weight", "").replace(".", "_")
         parts = []
-        groups: dict[str, list[_Chunk]] = {}  # one group per lowering: MatMulNBits of one width, unpacked kind, fp16
-        for c in chunks:
-            if self.lowering == "int4" and c.action != "fp16":
+        groups: dict[str, list[ChunkData]] = {}  # one group per lowering: MatMulNBits of one width, unpacked
+        for c in chunks:                          # kind, dense (fp16)
+            if block_type(c.action).is_float:
+                key = "dense"
+            elif self.lowering == "int4":
                 key = "matmulnbits4"
             else:
                 bits = STOCK_BITS.get(c.action) or (WIDENED_BITS.get(c.action) if self.lowering == "widen" else None)
                 key = f"matmulnbits{bits}" if bits else c.action
             groups.setdefault(key, []).append(c)
         for a, cs in groups.items():
-            if a == "fp16":
+            if a == "dense":
                 xg = self._columns(x, cs, K)
                 wt = np.concatenate([c.values for c in cs], axis=1).T  # [kg, N] fp16
-                self._count("fp16", wt.nbytes)
+                self._count(cs[0].action, wt.nbytes)
                 parts.append(g.op("MatMul", [xg, g.cast(g.init(stem + "_fp16", wt), self.FLOAT)]))
             elif a.startswith("matmulnbits"):
                 bits = int(a[len("matmulnbits"):])
                 entries = []  # (start, end, codes uint8[N, g], scale float32[N]) along the node's K
                 hi = []
                 for c in cs:
-                    if c.action == "q8" and bits == 4:  # q = 16 hi + lo: two nibble planes, scales d and 16 d
+                    if block_type(c.action).bits == 8 and bits == 4:  # q = 16 hi + lo: nibble planes, scales d, 16 d
                         entries.append((c.start, c.end, c.codes & 0x0F, c.d))
                         hi.append((c.start, c.end, c.codes >> 4, 16.0 * c.d))
                     else:
@@ -244,16 +208,17 @@ class _Exporter:
         # offsets: x . m^T per chunk = (sum of x over the chunk's columns) * m
         mt = np.zeros((len(chunks), N), np.float16)
         for i, c in enumerate(chunks):
-            if c.m is not None:
-                mt[i] = c.m
+            bt = block_type(c.action)
+            if not bt.is_float:
+                mt[i] = bt.affine_offset(c.d, c.m)   # ternary: a (t - 1) = a t - a
         if mt.any():
             self._count("offsets", mt.nbytes)
             parts.append(g.op("MatMul", [self._chunk_sums(x, K), g.cast(g.init(stem + "_m", mt), self.FLOAT)]))
         # protected columns: residuals added on top of the dequantized codes
-        prot = [c for c in chunks if c.prot is not None]
+        prot = [c for c in chunks if c.n_protected]
         if prot:
-            idx = np.concatenate([c.prot for c in prot]).astype(np.int64)
-            rt = np.concatenate([c.resid for c in prot], axis=1).T  # [P, N] fp16
+            idx = np.concatenate([c.protected + c.start for c in prot]).astype(np.int64)
+            rt = np.concatenate([c.residuals for c in prot], axis=1).T  # [P, N] fp16
             self._count("residuals", rt.nbytes + idx.nbytes)
             xp = g.op("Gather", [x, g.init(stem + "_pidx", idx)], axis=2)
             parts.append(g.op("MatMul", [xp, g.cast(g.init(stem + "_resid", rt), self.FLOAT)]))
@@ -326,7 +291,7 @@ class _Exporter:
         g, G = self.g, self.G
         bt = block_type(a)
         n = len(cs)
-        q = np.full((N, n, G), 1 if a == "ternary" else 0, np.uint8)
+        q = np.full((N, n, G), bt.zero_code, np.uint8)
         for i, c in enumerate(cs):
             q[:, i, : c.g] = c.codes
         payload = bt.pack(q.reshape(N * n, G)).reshape(N, n, -1)  # our layouts, each chunk at width G
@@ -334,9 +299,9 @@ class _Exporter:
         self._count(a, payload.nbytes + scale.nbytes)
         p = g.init(f"{stem}_{a}_codes", payload)
         u8 = lambda v: g.const(v, np.uint8)
-        if a == "q1":
+        if bt.levels == 2:      # the 1-bit layout
             codes = self._unpack_bits(p, N, n, G, 1)
-        elif a == "q3":
+        elif bt.levels == 8:    # the 3-bit layout: 2-bit plane + 1-bit plane
             v = g.op("Reshape", [p, g.i64([N, n, G // 32, 12])])
             lo = self._unpack_bits(g.slice_last(v, 0, 8), N, n, G, 2)
             hi = self._unpack_bits(g.slice_last(v, 8, 12), N, n, G, 1)

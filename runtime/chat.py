@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .native import Context, Model
+from wqedge.runtime.native import Context, Model
 
 
 # End-of-turn markers of the LLaMA-family chat templates (Llama 3, ChatML, Phi-3, Gemma, Llama 3.1 tools, ...).

@@ -12,10 +12,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ..blocks import FORMAT_VERSION, block_type, unpack_chunk
-from ..spec import ModelSpec
-from ..units import chunk_bounds
-from .gguf_check import FormatError, open_reader
+from wqedge.blocks import FORMAT_VERSION, ChunkData, block_type, decode_chunk, dequantize_chunk
+from wqedge.spec import ModelSpec
+from wqedge.units import chunk_bounds
+from wqedge.runtime.gguf_check import FormatError, open_reader
 
 __all__ = ["FormatError", "LinearLayout", "WqGGUF"]
 
@@ -147,20 +147,31 @@ class WqGGUF:
         return np.zeros(0, np.int64) if t is None else np.asarray(t.data).view(np.uint16).astype(np.int64)
 
     @_format_errors
-    def dequantize_linear(self, name: str) -> np.ndarray:
-        """float32[N, K] exactly as the format defines the weights."""
+    def chunks(self, name: str) -> list[ChunkData]:
+        """The chunks of quantized linear `name` as blocks.decode_chunk reads them, left to right (each with
+        its first column as `start` and chunk-local protected columns)."""
         lay = self.layout(name)
         raw = np.asarray(self.tensors[name].data).view(np.uint8).reshape(lay.out_features, lay.row_bytes)
         prot = self.protected_indices(name)
-        out = np.empty((lay.out_features, lay.in_features), np.float32)
+        out = []
         off = 0
         pi = 0
         for (s, e), a, n_p in zip(chunk_bounds(lay.in_features, self.group_size), lay.actions, lay.protected_counts):
             nb = block_type(a).row_bytes(e - s, n_p)
-            local = prot[pi: pi + n_p] - s if n_p else None
-            out[:, s:e] = unpack_chunk(raw[:, off: off + nb], a, e - s, local)
+            c = decode_chunk(raw[:, off: off + nb], a, e - s, prot[pi: pi + n_p] - s if n_p else None)
+            c.start = s
+            out.append(c)
             off += nb
             pi += n_p
+        return out
+
+    @_format_errors
+    def dequantize_linear(self, name: str) -> np.ndarray:
+        """float32[N, K] exactly as the format defines the weights."""
+        lay = self.layout(name)
+        out = np.empty((lay.out_features, lay.in_features), np.float32)
+        for c in self.chunks(name):
+            out[:, c.start: c.end] = dequantize_chunk(c)
         return out
 
     @_format_errors

@@ -14,8 +14,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import _native
-from ._native import NativeError, check
+from wqedge.runtime import _native
+from wqedge.runtime._native import NativeError, check
 
 __all__ = ["NativeError", "Model", "Context", "run", "generate_tokens", "logits_fn", "NativeEvaluator", "system_info",
            "set_kernels", "get_kernels", "set_activations", "get_activations", "chunk_matvec", "chunk_dequant",

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import _native
+from wqedge.runtime import _native
 
 ORT_LIBNAME = {"darwin": "libwqedge_ort.dylib", "win32": "wqedge_ort.dll"}.get(sys.platform, "libwqedge_ort.so")
 NATIVE_DOMAIN = "wqedge"

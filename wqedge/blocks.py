@@ -7,13 +7,17 @@ action, its width g and its number of protected columns, so every row has the
 same byte length and a thread that owns a range of rows streams them without
 gathering. The byte layout is specified in docs/format.md (format version 1);
 this module is its executable form, numpy only, shared by the converter (pack)
-and the runtime readers (unpack). Adding a block type touches this table alone.
+and the runtime readers (unpack). Adding a block type touches this table alone:
+every consumer (fitters, error feedback, damage table, ONNX lowering, readers)
+dispatches on a BlockType's `kind` and its fields, never on its name.
 
-Dequantization of one element (fp32 arithmetic on fp16-stored parameters):
-  affine kinds (q8, q4, q3, q2, q1):  w = d * q + m        (q in 0 .. 2^bits-1)
-  ternary:                            w = a * (t - 1)      (t in {0, 1, 2})
-  fp16:                               w = stored half
-  protected column p of the chunk:    w += r_p             (fp16 residual)
+Every block type is one of three kinds, with one dequantization each (fp32
+arithmetic on fp16-stored parameters); `dequantize` below is the one primitive:
+  "affine" (q8, q4, q3, q2, q1):  w = d * q + m        (q in 0 .. levels-1; header d, m)
+  "ternary":                      w = d * (q - 1)      (q in {0, 1, 2}; header d): affine with m = -d,
+                                                        stored without m, rounded symmetrically
+  "fp16":                         w = stored half      (no header, no codes)
+  protected column p of the chunk:  w += r_p           (fp16 residual)
 """
 from __future__ import annotations
 
@@ -126,26 +130,64 @@ def _unpack_ternary(b, g_pad):
 
 # ---------------------------------------------------------------- the traits table
 
+KINDS = ("fp16", "affine", "ternary")
+_HEADER_PARAMS = {"fp16": 0, "affine": 2, "ternary": 1}   # fp16 parameters a row-block starts with
+_ZERO_CODE = {"fp16": 0, "affine": 0, "ternary": 1}       # the code of weight zero w.r.t. the offset
+
+
 @dataclass(frozen=True)
 class BlockType:
-    """Traits of one action's row-block: what the allocator prices and the kernels read."""
+    """Traits of one action's row-block: what the allocator prices, the fitters fit and the kernels read."""
     name: str            # action name used in plans
     code: int            # id stored in the file (wqedge.tensors.<t>.chunk_actions)
-    nominal_bits: float  # the action's nominal width, as plans and reports name it
+    nominal_bits: float  # the action's nominal width (bits per code), as plans, reports and price rules use it
     levels: int          # number of code values (0 for fp16)
-    header_bytes: int    # fp16 parameters at the start of each row-block
+    kind: str            # one of KINDS: how a row-block is laid out and dequantized
     code_bytes: Callable[[int], int]         # g_pad -> bytes of codes per row
     pack: Callable[[np.ndarray], np.ndarray] | None
     unpack: Callable[[np.ndarray, int], np.ndarray] | None
 
     @property
+    def is_float(self) -> bool:
+        """Stores the weights themselves (fp16): no codes, no parameters."""
+        return self.kind == "fp16"
+
+    @property
     def is_affine(self) -> bool:
-        return self.header_bytes == 4
+        """w = d * q + m with a stored offset m."""
+        return self.kind == "affine"
+
+    @property
+    def has_offset(self) -> bool:
+        """The header stores an offset m beside the scale d."""
+        return _HEADER_PARAMS[self.kind] == 2
+
+    @property
+    def zero_code(self) -> int:
+        """The code subtracted before scaling (w = d * (q - zero_code) + m): 1 for ternary, 0 otherwise;
+        also the padding code (weight zero for ternary)."""
+        return _ZERO_CODE[self.kind]
+
+    @property
+    def header_bytes(self) -> int:
+        """fp16 parameters at the start of each row-block."""
+        return 2 * _HEADER_PARAMS[self.kind]
 
     @property
     def bits(self) -> int:
         """Bits of an affine code (log2 of levels); 0 for other kinds."""
         return int(self.levels).bit_length() - 1 if self.is_affine else 0
+
+    def affine_offset(self, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+        """m' of the same weights in the plain affine form w = d * q + m' (ternary: m' = -d)."""
+        if not self.zero_code:
+            return m
+        shift = float(self.zero_code) * np.asarray(d, dtype=np.float32)
+        return -shift if m is None else m - shift
+
+    def dequantize(self, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+        """float32 [N, g] from codes [N, g] and per-row d (and m for affine kinds): this kind's arithmetic."""
+        return dequantize(codes, d, m if self.has_offset else None, self.zero_code)
 
     def row_bytes(self, g: int, n_protected: int = 0) -> int:
         """Bytes of one row-block for a chunk of width g with n_protected fp16 residuals."""
@@ -153,17 +195,18 @@ class BlockType:
 
 
 BLOCK_TYPES: tuple[BlockType, ...] = (
-    BlockType("fp16", 0, 16.0, 0, 0, lambda gp: 2 * gp, None, None),
-    BlockType("q8", 1, 8.0, 256, 4, lambda gp: gp, _pack_q8, _unpack_q8),
-    BlockType("q4", 2, 4.0, 16, 4, lambda gp: gp // 2, _pack_q4, _unpack_q4),
-    BlockType("q3", 3, 3.0, 8, 4, lambda gp: 3 * gp // 8, _pack_q3, _unpack_q3),
-    BlockType("q2", 4, 2.0, 4, 4, lambda gp: gp // 4, _pack_2bit, _unpack_2bit),
-    BlockType("ternary", 5, 1.5, 3, 2, ternary_bytes, _pack_ternary, _unpack_ternary),
-    BlockType("q1", 6, 1.0, 2, 4, lambda gp: gp // 8, _pack_1bit, _unpack_1bit),
+    BlockType("fp16", 0, 16.0, 0, "fp16", lambda gp: 2 * gp, None, None),
+    BlockType("q8", 1, 8.0, 256, "affine", lambda gp: gp, _pack_q8, _unpack_q8),
+    BlockType("q4", 2, 4.0, 16, "affine", lambda gp: gp // 2, _pack_q4, _unpack_q4),
+    BlockType("q3", 3, 3.0, 8, "affine", lambda gp: 3 * gp // 8, _pack_q3, _unpack_q3),
+    BlockType("q2", 4, 2.0, 4, "affine", lambda gp: gp // 4, _pack_2bit, _unpack_2bit),
+    BlockType("ternary", 5, 1.5, 3, "ternary", ternary_bytes, _pack_ternary, _unpack_ternary),
+    BlockType("q1", 6, 1.0, 2, "affine", lambda gp: gp // 8, _pack_1bit, _unpack_1bit),
 )
 BY_NAME = {b.name: b for b in BLOCK_TYPES}
 BY_CODE = {b.code: b for b in BLOCK_TYPES}
 ACTION_NAMES = tuple(b.name for b in BLOCK_TYPES)
+FLOAT_ACTION = next(b.name for b in BLOCK_TYPES if b.is_float)   # keep the weights (the top of every budget)
 
 
 def block_type(action: str | int) -> BlockType:
@@ -193,6 +236,7 @@ class ChunkData:
     codes: uint8[N, g] (affine: 0..levels-1; ternary: 0..2), or None for fp16.
     d, m: float16[N] (affine); d alone is the ternary scale a; for fp16 `values` holds the weights.
     protected: int[n_p] chunk-local column indices; residuals float16[N, n_p].
+    start: the chunk's first column in its linear (set by readers; writers go by position).
     """
     action: str
     g: int
@@ -202,10 +246,40 @@ class ChunkData:
     values: np.ndarray | None = None
     protected: np.ndarray | None = None
     residuals: np.ndarray | None = None
+    start: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.g
 
     @property
     def n_protected(self) -> int:
         return 0 if self.protected is None else int(len(self.protected))
+
+
+def dequantize(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None, zero_code: int = 0) -> np.ndarray:
+    """The one dequantization: float32 w = d * (q - zero_code) + m per row (m None: no offset), in the
+    file's arithmetic (fp32 on the stored fp16 parameters). wqedge.quant.affine.dequantize is its torch twin."""
+    q = np.asarray(codes).astype(np.float32)
+    if zero_code:
+        q = q - float(zero_code)
+    w = np.asarray(d, dtype=np.float32).reshape(-1, 1) * q
+    if m is not None:
+        w = w + np.asarray(m, dtype=np.float32).reshape(-1, 1)
+    return w
+
+
+def dequantize_chunk(c: ChunkData) -> np.ndarray:
+    """float32 [N, g] reconstruction of a chunk (protected residuals added), exactly what
+    unpack_chunk(pack_chunk(c)) reads back."""
+    bt = block_type(c.action)
+    if bt.is_float:
+        w = np.array(c.values, dtype=np.float32, copy=True)
+    else:
+        w = bt.dequantize(c.codes, c.d, c.m)
+    if c.n_protected:
+        w[:, np.asarray(c.protected, dtype=np.int64)] += np.asarray(c.residuals).astype(np.float32)
+    return w
 
 
 def pack_chunk(c: ChunkData) -> np.ndarray:
@@ -213,18 +287,17 @@ def pack_chunk(c: ChunkData) -> np.ndarray:
     bt = block_type(c.action)
     gp = padded(c.g)
     parts = []
-    if bt.name == "fp16":
+    if bt.is_float:
         v = np.zeros((c.values.shape[0], gp), dtype=np.float16)
         v[:, : c.g] = c.values
         parts.append(v.view(np.uint8))
     else:
         n = c.codes.shape[0]
-        if bt.is_affine:
+        if bt.has_offset:
             parts.append(np.stack([c.d, c.m], axis=1).astype(np.float16).view(np.uint8))
         else:
             parts.append(c.d.astype(np.float16).reshape(n, 1).view(np.uint8))
-        fill = 1 if bt.name == "ternary" else 0
-        q = np.full((n, gp), fill, dtype=np.uint8)
+        q = np.full((n, gp), bt.zero_code, dtype=np.uint8)
         q[:, : c.g] = c.codes
         if int(q.max(initial=0)) >= bt.levels:
             raise ValueError(f"{bt.name} codes out of range (max {int(q.max())} >= {bt.levels})")
@@ -236,26 +309,30 @@ def pack_chunk(c: ChunkData) -> np.ndarray:
     return out
 
 
-def unpack_chunk(b: np.ndarray, action: str | int, g: int, protected: np.ndarray | None = None) -> np.ndarray:
-    """Dequantize row-blocks uint8[N, row_bytes] of one chunk to float32[N, g] (the reference semantics)."""
+def decode_chunk(b: np.ndarray, action: str | int, g: int, protected: np.ndarray | None = None) -> ChunkData:
+    """Row-blocks uint8[N, row_bytes] of one chunk -> its ChunkData (codes, d, m as float32; fp16 values;
+    residuals), the inverse of pack_chunk."""
     bt = block_type(action)
     gp = padded(g)
     n_p = 0 if protected is None else len(protected)
     if b.shape[1] != bt.row_bytes(g, n_p):
         raise ValueError(f"{bt.name} chunk of width {g}: expected {bt.row_bytes(g, n_p)} bytes a row, got {b.shape[1]}")
-    n = b.shape[0]
     h = bt.header_bytes
     cb = bt.code_bytes(gp)
-    if bt.name == "fp16":
-        w = np.ascontiguousarray(b[:, :cb]).view(np.float16).astype(np.float32)[:, :g]
+    c = ChunkData(bt.name, g)
+    if bt.is_float:
+        c.values = np.ascontiguousarray(b[:, :cb]).view(np.float16)[:, :g]
     else:
         params = np.ascontiguousarray(b[:, :h]).view(np.float16).astype(np.float32)
-        q = bt.unpack(np.ascontiguousarray(b[:, h : h + cb]), gp)[:, :g].astype(np.float32)
-        if bt.is_affine:
-            w = params[:, 0:1] * q + params[:, 1:2]
-        else:
-            w = params[:, 0:1] * (q - 1.0)
+        c.codes = bt.unpack(np.ascontiguousarray(b[:, h : h + cb]), gp)[:, :g]
+        c.d = params[:, 0]
+        c.m = params[:, 1] if bt.has_offset else None
     if n_p:
-        r = np.ascontiguousarray(b[:, h + cb :]).view(np.float16).astype(np.float32)
-        w[:, np.asarray(protected, dtype=np.int64)] += r
-    return w.reshape(n, g)
+        c.protected = np.asarray(protected, dtype=np.int64)
+        c.residuals = np.ascontiguousarray(b[:, h + cb :]).view(np.float16)
+    return c
+
+
+def unpack_chunk(b: np.ndarray, action: str | int, g: int, protected: np.ndarray | None = None) -> np.ndarray:
+    """Dequantize row-blocks uint8[N, row_bytes] of one chunk to float32[N, g] (the reference semantics)."""
+    return dequantize_chunk(decode_chunk(b, action, g, protected)).reshape(b.shape[0], g)

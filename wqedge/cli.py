@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .blocks import ACTION_NAMES
 from .pipeline import ALLOCATORS, DEMO_DIR, TARGETS
 from .plan import METHODS
 MIN_CALIB_WORDS = 16
@@ -170,7 +171,7 @@ _common_plan_options = [
                       "K most salient input columns of a chunk in fp16 (e.g. 1,2,4); it buys them only where "
                       "they beat wider codes. Off by default: on llama-s they were bought for 8 of 35,840 columns "
                       "and made no measurable difference, for a 3.5x longer damage table."),
-    click.option("--preset", type=click.Choice(["fp16", "q8", "q4", "q3", "q2", "ternary", "q1"]), default=None,
+    click.option("--preset", type=click.Choice(ACTION_NAMES), default=None,
                  help="One action for every chunk, whatever it costs (q4 is 4.25 bits at G = 128, more where a "
                       "ragged last chunk is narrower); replaces --bits. For those who think in types, like "
                       "llama.cpp's Q4_0/Q3_K presets."),

@@ -202,7 +202,7 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
         if fitter is None:
             for a in actions:
                 base, k = split_action(a)
-                if a == "fp16":
+                if blocks.block_type(base).is_float:
                     deqs[a] = ws.half().float()
                 else:
                     m = "minmax" if a == "q8" else method
@@ -218,7 +218,7 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
                 base, k = split_action(a)
                 if fitter is None:
                     wh = deqs[a][:, s:e]
-                elif a == "fp16":
+                elif blocks.block_type(base).is_float:
                     wh = wc.half().float()
                 else:
                     wh = fitter(wc, base, hdiag.float(), cols[k][u.chunk] if k else None)

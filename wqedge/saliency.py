@@ -20,7 +20,8 @@ from . import blocks
 from .units import chunk_bounds
 
 SEP = "+p"
-PROTECTABLE = ("q4", "q3", "q2", "ternary", "q1")   # fp16 needs none; q8's grid is already fine
+# the quantized actions below 8 bits (fp16 needs no protection; q8's grid is already fine)
+PROTECTABLE = tuple(b.name for b in blocks.BLOCK_TYPES if not b.is_float and b.nominal_bits < 8)
 
 
 def protected_action(base: str, k: int) -> str:

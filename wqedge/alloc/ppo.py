@@ -173,6 +173,7 @@ class Measurer:
         self.seconds = 0.0
 
     def _fit(self, ui: int, ai: int) -> torch.Tensor:
+        from ..blocks import block_type
         from ..quant.fit import dequantize_chunk, fit_chunk
         k = (ui, ai)
         if k not in self.cache:
@@ -181,7 +182,8 @@ class Measurer:
             a = self.t.actions[ai]
             st = self.stats.get(u.linear.hf_name)
             h = None if st is None else st.diag[u.start:u.end].float()
-            self.cache[k] = w.half().float() if a == "fp16" else dequantize_chunk(fit_chunk(w, a, self.method, h)).to(w.device)
+            self.cache[k] = (w.half().float() if block_type(a).is_float
+                             else dequantize_chunk(fit_chunk(w, a, self.method, h)).to(w.device))
         return self.cache[k]
 
     def close(self):

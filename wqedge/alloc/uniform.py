@@ -31,7 +31,7 @@ def check_budget(linears: list[Linear], group_size: int, budget_bits: float) -> 
     """Reject budgets no plan can meet (below the cheapest action) or that mean nothing (above fp16)."""
     cheapest = min(blocks.ACTION_NAMES, key=lambda a: model_bits(linears, group_size, a))
     lo = model_bits(linears, group_size, cheapest)
-    hi = model_bits(linears, group_size, "fp16")
+    hi = model_bits(linears, group_size, blocks.FLOAT_ACTION)
     if budget_bits < lo - 1e-12:
         raise PlanError(f"budget {budget_bits} bits is below the cheapest plan ({cheapest} everywhere: "
                         f"{lo:.4f} bits at group size {group_size})")

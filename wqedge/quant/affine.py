@@ -1,11 +1,15 @@
-"""The one asymmetric uniform (affine) quantizer, parametrised by bit width.
+"""The one uniform-grid quantize/dequantize primitive (torch), for every block kind.
 
 Two equivalent parametrisations, both per row of a chunk [N, g]:
   fitting form:  q = clamp(round(w / s + z), 0, 2^b - 1),  w_hat = s * (q - z)   (float s > 0, float z)
-  file form:     w_hat = d * q + m                                               (fp16 d >= 0, m; see blocks.py)
-with d = s and m = -s * z. Fitters search (s, z); the converter stores (d, m) and recomputes the codes
-from the stored values with `codes_for`, so that the file holds the best codes for what it stores.
-Every bit width (8, 4, 3, 2, 1) goes through these functions; there is no per-width copy.
+  file form:     w_hat = d * (q - q0) + m                                        (fp16 d >= 0, m; see blocks.py)
+with d = s and m = -s * z. Affine kinds have q0 = 0; ternary has q0 = 1 and no stored m (affine with
+m = -d, rounded symmetrically). Fitters search (s, z); the converter stores (d, m) and recomputes the codes
+from the stored values with `grid_codes`, so that the file holds the best codes for what it stores; error
+feedback (wqedge.quant.gptq) rounds onto the same grid with the same function. `dequantize_file` is the
+torch twin of blocks.dequantize. Every bit width and kind goes through these functions; there is no
+per-width or per-kind copy (`block_codes`, `block_dequantize` take a kind's q0 and offset from the traits
+table).
 """
 from __future__ import annotations
 
@@ -58,15 +62,38 @@ def minmax_params(w: torch.Tensor, bits: int, mask: torch.Tensor | None = None) 
     return scale, -lo / scale
 
 
-def codes_for(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> torch.Tensor:
-    """File-form codes: nearest level of d*q + m, q = clamp(round((w - m) / d)); rows with d = 0 get q = 0."""
-    hi = levels(bits) - 1
+def grid_codes(w: torch.Tensor, d, m, n_levels: int, zero_code: int = 0) -> torch.Tensor:
+    """File-form codes: the nearest level of d * (q - q0) + m, q = clamp(round((w - m) / d) + q0, 0, n - 1)
+    (m None: no offset); rows with d = 0 get q = q0."""
     d = _col(d, w)
     safe = torch.where(d > 0, d, 1.0)
-    q = torch.round((w.float() - _col(m, w)) / safe).clamp_(0, hi)
-    return torch.where(d > 0, q, 0.0).to(torch.uint8)
+    x = w.float() if m is None else w.float() - _col(m, w)
+    q = torch.round(x / safe)
+    if zero_code:
+        q = q + zero_code
+    q = q.clamp_(0, n_levels - 1)
+    return torch.where(d > 0, q, float(zero_code)).to(torch.uint8)
 
 
-def dequantize_dm(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """File-form dequantization d*q + m in float32 (the arithmetic blocks.unpack_chunk does)."""
-    return _col(d, codes) * codes.float() + _col(m, codes)
+def dequantize_file(codes: torch.Tensor, d, m=None, zero_code: int = 0) -> torch.Tensor:
+    """File-form dequantization d * (q - q0) + m in float32 (the arithmetic of blocks.dequantize)."""
+    q = codes.float()
+    if zero_code:
+        q = q - float(zero_code)
+    w = _col(d, codes) * q
+    return w if m is None else w + _col(m, codes)
+
+
+def codes_for(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> torch.Tensor:
+    """Affine file-form codes at `bits` bits (grid_codes with q0 = 0)."""
+    return grid_codes(w, d, m, levels(bits))
+
+
+def block_codes(bt, w: torch.Tensor, d, m=None) -> torch.Tensor:
+    """grid_codes on the grid of block type `bt` (blocks.BlockType of a quantized kind): its levels, q0, offset."""
+    return grid_codes(w, d, m if bt.has_offset else None, bt.levels, bt.zero_code)
+
+
+def block_dequantize(bt, codes: torch.Tensor, d, m=None) -> torch.Tensor:
+    """dequantize_file with block type `bt`'s q0 and offset."""
+    return dequantize_file(codes, d, m if bt.has_offset else None, bt.zero_code)

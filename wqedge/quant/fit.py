@@ -18,10 +18,10 @@ import torch
 from .. import blocks
 from ..blocks import ChunkData
 from . import affine
-from .lowbit import fit_binary, fit_ternary, ternary_codes
+from .lowbit import fit_binary, fit_ternary
 from .neuqi import damp, neuqi_params, row_weights
 
-METHODS = ("neuqi", "minmax")
+from ..plan import METHODS  # noqa: F401  (re-exported: the quantizer methods a plan may name)
 FP16_MAX = 65504.0
 
 
@@ -80,11 +80,11 @@ def _fit_rows(w: torch.Tensor, action: str, method: str, hw: torch.Tensor | None
     """
     bt = blocks.block_type(action)
     R, g = w.shape
-    if bt.name == "ternary":
+    if not bt.has_offset:           # symmetric grid {-a, 0, a}: the exact ternary fit
         alpha, _ = fit_ternary(w, hw)
         a16 = alpha.half()
-        return ternary_codes(w, a16.float()), a16, None
-    if bt.name == "q1":
+        return affine.block_codes(bt, w, a16.float()), a16, None
+    if bt.bits == 1:                # two levels: the exact weighted 2-means fit
         d, m, _ = fit_binary(w, hw, offset=True)
     else:
         if method == "neuqi":
@@ -110,14 +110,7 @@ def _fit_rows(w: torch.Tensor, action: str, method: str, hw: torch.Tensor | None
     d16, m16 = d.half(), m.half()
     if not (bool(torch.isfinite(d16).all()) and bool(torch.isfinite(m16).all())):
         raise ValueError(f"{bt.name}: fitted scale/offset overflow fp16 (weight range too large for the format)")
-    return affine.codes_for(w, d16.float(), m16.float(), bt.bits), d16, m16
-
-
-def _dequant_rows(action: str, codes: torch.Tensor, d16: torch.Tensor, m16: torch.Tensor | None) -> torch.Tensor:
-    """Reconstruction in the file's arithmetic (fp32 on fp16 parameters), torch."""
-    if action == "ternary":
-        return d16.float().reshape(-1, 1) * (codes.float() - 1.0)
-    return affine.dequantize_dm(codes, d16.float(), m16.float())
+    return affine.block_codes(bt, w, d16.float(), m16.float()), d16, m16
 
 
 def _prepare_h(h: torch.Tensor | None, damp_mean, protected: np.ndarray | None, g: int, device) -> torch.Tensor | None:
@@ -132,14 +125,15 @@ def _prepare_h(h: torch.Tensor | None, damp_mean, protected: np.ndarray | None, 
 
 def _make_chunk(action, w, codes, d16, m16, protected) -> ChunkData:
     g = w.shape[1]
-    if action == "fp16":
+    bt = blocks.block_type(action)
+    if bt.is_float:
         vals = w.half()
-        c = ChunkData("fp16", g, values=vals.cpu().numpy())
+        c = ChunkData(bt.name, g, values=vals.cpu().numpy())
         deq = vals.float()
     else:
-        c = ChunkData(action, g, codes=codes.cpu().numpy(), d=d16.cpu().numpy(),
+        c = ChunkData(bt.name, g, codes=codes.cpu().numpy(), d=d16.cpu().numpy(),
                       m=None if m16 is None else m16.cpu().numpy())
-        deq = _dequant_rows(action, codes, d16, m16)
+        deq = affine.block_dequantize(bt, codes, d16.float(), None if m16 is None else m16.float())
     if protected is not None:
         p = torch.as_tensor(protected, device=w.device)
         c.protected = np.asarray(protected, dtype=np.int64)
@@ -167,8 +161,8 @@ def fit_chunk(w: torch.Tensor, action: str, method: str = "neuqi", h: torch.Tens
     N, g = w.shape
     h = _check_h(h, g, w.device)
     p = _check_protected(protected, g)
-    if bt.name == "fp16":
-        return _make_chunk("fp16", w, None, None, None, p)
+    if bt.is_float:
+        return _make_chunk(bt.name, w, None, None, None, p)
     hd = _prepare_h(h, damp_mean, p, g, w.device)
     hw = None if hd is None else row_weights(hd, N, g, device=w.device)
     codes, d16, m16 = _fit_rows(w, bt.name, method, hw)
@@ -176,21 +170,9 @@ def fit_chunk(w: torch.Tensor, action: str, method: str = "neuqi", h: torch.Tens
 
 
 def dequantize_chunk(c: ChunkData) -> torch.Tensor:
-    """float32 [N, g] reconstruction of a chunk, bit-identical to blocks.unpack_chunk(blocks.pack_chunk(c))."""
-    bt = blocks.block_type(c.action)
-    if bt.name == "fp16":
-        w = c.values.astype(np.float32)
-    else:
-        q = c.codes.astype(np.float32)
-        d = c.d.astype(np.float32).reshape(-1, 1)
-        if bt.is_affine:
-            w = d * q + c.m.astype(np.float32).reshape(-1, 1)
-        else:
-            w = d * (q - 1.0)
-    w = np.array(w, dtype=np.float32, copy=True)
-    if c.n_protected:
-        w[:, np.asarray(c.protected, dtype=np.int64)] += c.residuals.astype(np.float32)
-    return torch.from_numpy(w)
+    """float32 [N, g] reconstruction of a chunk (blocks.dequantize_chunk as a tensor), bit-identical to
+    blocks.unpack_chunk(blocks.pack_chunk(c))."""
+    return torch.from_numpy(blocks.dequantize_chunk(c))
 
 
 def chunk_error(w: torch.Tensor, c: ChunkData, h: torch.Tensor | None = None) -> float:
@@ -247,8 +229,8 @@ def fit_linear(w: torch.Tensor, actions: Sequence[str], group_size: int, method:
     out: list[ChunkData | None] = [None] * len(bounds)
     groups: dict[tuple[str, int], list[int]] = {}
     for c, (name, (s, e)) in enumerate(zip(names, bounds)):
-        if name == "fp16":
-            out[c] = _make_chunk("fp16", w[:, s:e], None, None, None, prot[c])
+        if blocks.block_type(name).is_float:
+            out[c] = _make_chunk(name, w[:, s:e], None, None, None, prot[c])
         else:
             groups.setdefault((name, e - s), []).append(c)
     for (name, g), cs in groups.items():

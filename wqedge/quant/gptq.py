@@ -21,8 +21,10 @@ import torch
 from .. import blocks
 from ..blocks import ChunkData
 from ..units import chunk_bounds
+from .affine import block_codes, block_dequantize
 
 DAMP = 0.1          # of mean diag(XᵀX); measured on llama-s: 0.1 beat 0.01 and 0.3 (ppl 6.43 vs 6.46 at 3.25 bits)
+#                     (neuqi.DAMP = 0.01 weights a single chunk's fit: a different matrix, kept apart on purpose)
 ACT_ORDERS = ("chunk", "global", None)
 
 
@@ -72,17 +74,12 @@ def conditional_precision(xtx: torch.Tensor, group_size: int, damp: float = DAMP
 def _round_onto(x: torch.Tensor, c: ChunkData, dev) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, k] -> (codes uint8 [N, k], dequantized [N, k]) on chunk c's stored grid."""
     bt = blocks.block_type(c.action)
-    if bt.name == "fp16":
+    if bt.is_float:
         return None, x.half().float()
-    d = torch.as_tensor(c.d, device=dev).float().reshape(-1, 1)
-    if bt.name == "ternary":
-        t = torch.round(x / torch.where(d > 0, d, 1.0)).clamp_(-1, 1) + 1
-        t = torch.where(d > 0, t, 1.0)
-        return t.to(torch.uint8), d * (t - 1.0)
-    m = torch.as_tensor(c.m, device=dev).float().reshape(-1, 1)
-    q = torch.round((x - m) / torch.where(d > 0, d, 1.0)).clamp_(0, bt.levels - 1)
-    q = torch.where(d > 0, q, 0.0)
-    return q.to(torch.uint8), d * q + m
+    d = torch.as_tensor(c.d, device=dev).float()
+    m = None if c.m is None else torch.as_tensor(c.m, device=dev).float()
+    q = block_codes(bt, x, d, m)
+    return q, block_dequantize(bt, q, d, m)
 
 
 def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_size: int, method="neuqi",
@@ -155,8 +152,8 @@ def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_si
     for c, (s, e) in enumerate(bounds):
         ch = params[c]
         p = prot[c]
-        if blocks.block_type(actions[c]).name == "fp16":
-            ch = ChunkData("fp16", e - s, values=Wfinal[:, s:e].half().cpu().numpy())
+        if blocks.block_type(actions[c]).is_float:
+            ch = ChunkData(blocks.block_type(actions[c]).name, e - s, values=Wfinal[:, s:e].half().cpu().numpy())
             if p:
                 ch.protected = np.asarray(p, dtype=np.int64)
                 ch.residuals = np.zeros((N, len(p)), dtype=np.float16)
@@ -185,7 +182,7 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
     linear system (1x1 for ternary). Chunks are swept left to right `rounds` times, each against the
     current error of all the others; protected columns keep their values (residuals follow the new grid).
     A row's new parameters are kept only if, rounded to fp16, they lower its loss. Only chunks of at most
-    `max_bits` bits per code are refitted (ternary counts as 1.6).
+    `max_bits` bits per code (the table's nominal_bits: ternary 1.5) are refitted.
     """
     dev = w.device
     H = xtx.to(dev, torch.float64)
@@ -195,11 +192,9 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
     for _ in range(rounds):
         for c, (s, e) in zip(chunks, bounds):
             bt = blocks.block_type(c.action)
-            if bt.name == "fp16" or _code_bits(bt) > max_bits:
+            if bt.is_float or bt.nominal_bits > max_bits:
                 continue
-            q = torch.as_tensor(c.codes, device=dev).double()
-            if bt.name == "ternary":
-                q = q - 1.0
+            q = torch.as_tensor(c.codes, device=dev).double() - bt.zero_code
             keep = torch.ones(e - s, dtype=torch.float64, device=dev)
             if c.n_protected:
                 keep[torch.as_tensor(c.protected, device=dev)] = 0.0
@@ -209,8 +204,8 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
             qH = q @ Hcc
             a11, b1 = (qH * q).sum(1), (RH * q).sum(1)
             d0 = torch.as_tensor(c.d, device=dev).double()
-            m0 = torch.as_tensor(c.m, device=dev).double() if bt.is_affine else None
-            if bt.is_affine:
+            m0 = torch.as_tensor(c.m, device=dev).double() if bt.has_offset else None
+            if bt.has_offset:
                 a12 = qH @ keep
                 a22 = (keep @ Hcc @ keep).expand_as(a11)
                 b2 = RH @ keep
@@ -233,7 +228,7 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
             dd, dm = torch.where(take, dd, 0.0), torch.where(take, dm, 0.0)
             R[:, s:e] -= dd[:, None] * q + dm[:, None] * keep
             c.d = (d0 + dd).cpu().numpy().astype(np.float16)
-            if bt.is_affine:
+            if bt.has_offset:
                 c.m = (m0 + dm).cpu().numpy().astype(np.float16)
             if c.n_protected:       # protected columns keep their values: residual = old value - new grid
                 pi = torch.as_tensor(c.protected, device=dev)
@@ -241,17 +236,10 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
                 c.residuals = (target - _dequant_codes(c, dev).double()[:, pi]).half().cpu().numpy()
 
 
-def _code_bits(bt) -> float:
-    return 1.6 if bt.name == "ternary" else float(bt.bits)
-
-
 def _dequant_codes(c: ChunkData, dev) -> torch.Tensor:
-    bt = blocks.block_type(c.action)
-    q = torch.as_tensor(c.codes, device=dev).float()
-    d = torch.as_tensor(c.d, device=dev).float().reshape(-1, 1)
-    if bt.name == "ternary":
-        return d * (q - 1.0)
-    return d * q + torch.as_tensor(c.m, device=dev).float().reshape(-1, 1)
+    d = torch.as_tensor(c.d, device=dev).float()
+    m = None if c.m is None else torch.as_tensor(c.m, device=dev).float()
+    return block_dequantize(blocks.block_type(c.action), torch.as_tensor(c.codes, device=dev), d, m)
 
 
 def dequantize(chunks: list[ChunkData]) -> torch.Tensor:

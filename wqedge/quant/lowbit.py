@@ -34,9 +34,8 @@ def fit_ternary(w: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.T
 
 def ternary_codes(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Nearest of {-a, 0, a}: t = clamp(round(w / a), -1, 1) + 1; rows with a = 0 get t = 1 (zero)."""
-    a = alpha.float().reshape(-1, 1)
-    t = torch.round(w.float() / torch.where(a > 0, a, 1.0)).clamp_(-1, 1) + 1
-    return torch.where(a > 0, t, 1.0).to(torch.uint8)
+    from .affine import grid_codes
+    return grid_codes(w, alpha, None, 3, zero_code=1)
 
 
 def fit_binary(w: torch.Tensor, h: torch.Tensor | None = None, offset: bool = True):
