@@ -42,7 +42,8 @@ import torch
 COARSE_STEPS = 64     # s_mm * i / 64, i = 1..64
 FINE_STEPS = 2048     # s_best + s_mm * j / 2048
 FINE_RADIUS = 16      # |j| <= 16
-DAMP = 0.01           # h = diag(X^T X / N) + 1% of its mean
+DAMP = 0.01           # h = diag(X^T X / N) + 1% of its mean (weights of one chunk's fit; gptq.DAMP = 0.1
+#                       damps the full XᵀX of error feedback: another matrix, tuned separately, docs/architecture.md)
 
 
 def damp(h: torch.Tensor, damp_mean: float | torch.Tensor | None = None, percdamp: float = DAMP) -> torch.Tensor:
