@@ -133,10 +133,11 @@ inline uint8_t* thread_buf(size_t n) {
 
 // Tiles [task * TPT, +TPT) of a tiled linear.
 void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, int ahead, float* y, int kernels) {
-    const int n_tiles = (W.N + TILE_ROWS - 1) / TILE_ROWS, n_tasks = (n_tiles + TPT - 1) / TPT;
+    const int n_tiles = (W.N + TILE_ROWS - 1) / TILE_ROWS;
     // the kernels prefetch the tiles this thread likely takes next, pf bytes further on
     static const bool no_pf = [] { const char* e = std::getenv("WQEDGE_TILE_PREFETCH"); return e && !std::strcmp(e, "0"); }();
-    const std::ptrdiff_t pf = task + ahead < n_tasks && !no_pf ? (std::ptrdiff_t)ahead * TPT * (std::ptrdiff_t)W.tile_bytes : 0;
+    // (only when every tile of this task has its partner that far on: the pointers stay inside the copy)
+    const std::ptrdiff_t pf = (task + ahead + 1) * TPT <= n_tiles && !no_pf ? (std::ptrdiff_t)ahead * TPT * (std::ptrdiff_t)W.tile_bytes : 0;
     const tile8_mix_fn mix = vec_ops(kernels).tile8_mix;
     for (int t = task * TPT, t1 = std::min(n_tiles, (task + 1) * TPT); t < t1; ++t) {
         const uint8_t* tb = W.tile(t);
