@@ -7,7 +7,7 @@ Rows, for each budget B (effective bits per weight, every scale/zero/protected c
   uniform-minmax   the most precise single action that fits B, min-max round to nearest (no data)
   uniform-neuqi    same action, NeUQI fits weighted by diag(XᵀX) (what `wqedge convert --calib` does)
   greedy           loss-aware damage table + knapsack (wqedge.alloc.make_plan allocator="greedy"),
-                   converted with error feedback (wqedge.alloc.feedback, act-order within chunks)
+                   converted with error feedback (wqedge.quant.feedback, act-order within chunks)
   rl               PPO (WINDQuant) on the same table, measured episodes, same conversion
 Perplexity is llama.cpp's definition (wqedge.perplexity): eval text with a leading BOS, 512-token windows,
 second half scored, first 32 windows. Planning runs on --plan-device with --plan-threads CPU threads (the
@@ -66,7 +66,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     from wqedge.alloc.deterministic import knapsack
-    from wqedge.alloc.feedback import FEEDBACK_SEQS, quantize_model
+    from wqedge.quant.feedback import FEEDBACK_SEQS, quantize_model
     from wqedge.alloc.planner import plan_from_choice, prepare
     from wqedge.damage import build_damage_table
     from wqedge.alloc.ppo import PPOConfig, ppo_allocate
@@ -117,7 +117,7 @@ def main(argv=None):
     torch.set_num_threads(threads)
     log(f"preparation (calibration, gradients, damage table) on {a.plan_device} x{a.plan_threads}: {prep_s:.1f} s "
         f"{ {k: round(v, 1) for k, v in ctx['times'].items()} }")
-    diag = {k: v.diag.float() for k, v in ctx["input_stats"].items()}
+    diag = {k: v.diag.float() for k, v in ctx.input_stats.items()}
     bos_cal = calibration_tokens(tok, calib_text, FEEDBACK_SEQS, 512, 0, bos_id=bos, seed=a.seed).train
     kw = dict(model_name=ckpt.spec.name, model_fingerprint=ckpt.fingerprint())
 
@@ -128,8 +128,8 @@ def main(argv=None):
             torch.set_num_threads(a.plan_threads)
             t = time.time()
             tables[name] = build_damage_table(
-                linears, ckpt.linear_weight, 128, ctx["input_stats"], ctx["grad_stats"], kind="kfac",
-                device=a.plan_device, max_rows=ctx["opts"]["max_rows"], feedback="-fb" in name,
+                linears, ckpt.linear_weight, 128, ctx.input_stats, ctx.grad_stats, kind="kfac",
+                device=a.plan_device, max_rows=ctx.opts["max_rows"], feedback="-fb" in name,
                 protect=tuple(int(k) for k in a.protect.split(",")) if "prot" in name else ())
             tables[name].meta["build_s"] = time.time() - t
             torch.set_num_threads(threads)
@@ -216,7 +216,7 @@ def main(argv=None):
     print(md)
     Path(f"{a.out}.md").write_text(md + "\n")
     Path(f"{a.out}.json").write_text(json.dumps({"results": results, "prep_s": prep_s,
-                                                 "prep_times": ctx["times"], "device": str(dev),
+                                                 "prep_times": ctx.times, "device": str(dev),
                                                  "plan_device": a.plan_device, "plan_threads": a.plan_threads},
                                                 indent=1))
 

@@ -28,8 +28,8 @@ Embeddings and the output head stay F16 (as our runtime keeps them) unless `embe
 say otherwise; norms and rope_freqs are F32. Bits per weight are reported over the decoder linears,
 the same accounting as `wqedge.effective_bits`.
 
-`LlamaCppEvaluator` is the `logits_fn` of `wqedge.perplexity.perplexity` for llama.cpp (llama_cpp.Llama),
-so llama.cpp's perplexity is computed with the one shared definition.
+The type projection and llama-quantize's presets live in wqedge.alloc.llamacpp_types, the evaluator
+(`LlamaCppEvaluator`, `measured_linear_bits`) in wqedge.runtime.llamacpp_eval; both are re-exported here.
 """
 from __future__ import annotations
 
@@ -48,6 +48,19 @@ from wqedge.fileio import atomic_output
 from wqedge.spec import ModelSpec, other_tensors, rope_freq_factors
 from wqedge.converters.tokenizer import TokenizerMeta, add_tokenizer_to_gguf
 from wqedge.converters.gguf_writer import add_llama_metadata
+from wqedge.alloc.llamacpp_types import (  # the projection onto llama.cpp types (an allocator)
+    DEFAULT_TYPES,
+    PRESETS,
+    QT,
+    qtype,
+    fit_type,
+    fits,
+    plan_targets,
+    preset_types,
+    project_types,
+    type_bits,
+)
+from wqedge.runtime.llamacpp_eval import LlamaCppEvaluator, llamacpp_logits_fn, measured_linear_bits
 
 __all__ = [
     "DEFAULT_TYPES",
@@ -68,16 +81,7 @@ __all__ = [
 ]
 
 ARCH = "llama"
-QT = gguf.GGMLQuantizationType
 
-# Stock types considered by the projection, most preferred first among equal sizes.
-# (TQ1_0/TQ2_0 are for ternary-trained models and Q1_0 for binary ones: pass them in `types` to allow them.)
-DEFAULT_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "IQ4_NL", "Q4_0", "IQ4_XS", "Q3_K", "IQ3_S", "IQ3_XXS",
-                 "Q2_K", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
-# What llama.cpp's llama-quantize substitutes when a tensor's row length is not a multiple of the block.
-_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ2_S": "IQ4_NL",
-             "IQ2_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ1_S": "IQ4_NL", "IQ4_XS": "IQ4_NL",
-             "TQ1_0": "IQ4_NL", "TQ2_0": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 _FTYPE = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q4_0": "MOSTLY_Q4_0", "Q8_0": "MOSTLY_Q8_0", "Q5_0": "MOSTLY_Q5_0",
           "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M",
           "Q6_K": "MOSTLY_Q6_K", "IQ2_XXS": "MOSTLY_IQ2_XXS", "IQ2_XS": "MOSTLY_IQ2_XS", "IQ3_XXS": "MOSTLY_IQ3_XXS",
@@ -224,31 +228,12 @@ def _ggml():
     return _LIB
 
 
-def _qtype(t) -> QT:
-    if isinstance(t, QT):
-        return t
-    try:
-        return QT[str(t).upper()]
-    except KeyError:
-        raise ValueError(f"unknown ggml type {t!r}") from None
-
-
-def type_bits(t) -> float:
-    """Bits per weight of a ggml type (block bytes * 8 / block elements)."""
-    blk, nbytes = gguf.GGML_QUANT_SIZES[_qtype(t)]
-    return 8.0 * nbytes / blk
-
-
-def _fits(t, k: int) -> bool:
-    return k % gguf.GGML_QUANT_SIZES[_qtype(t)][0] == 0
-
-
 # IQ1_M asserts on a missing importance matrix although ggml_quantize_requires_imatrix says no (llama.cpp 0.3.x)
 _NEEDS_IMATRIX = {"IQ1_M"}
 
 
 def requires_imatrix(t) -> bool:
-    q = _qtype(t)
+    q = qtype(t)
     return q.name in _NEEDS_IMATRIX or bool(_ggml().ggml_quantize_requires_imatrix(int(q)))
 
 
@@ -259,7 +244,7 @@ def available_types(types=DEFAULT_TYPES, imatrix: bool = False) -> list[str]:
     out = []
     for t in types:
         try:
-            q = _qtype(t)
+            q = qtype(t)
         except ValueError:
             continue
         name = lib.ggml_type_name(int(q))
@@ -275,7 +260,7 @@ def available_types(types=DEFAULT_TYPES, imatrix: bool = False) -> list[str]:
 
 def quantize_tensor(w: np.ndarray, t, imatrix: np.ndarray | None = None) -> np.ndarray:
     """llama.cpp's quantization of w float32[N, K] to type t: uint8[N, row_bytes] (ggml_quantize_chunk)."""
-    q = _qtype(t)
+    q = qtype(t)
     w = np.ascontiguousarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError("quantize_tensor wants a 2-D array")
@@ -284,7 +269,7 @@ def quantize_tensor(w: np.ndarray, t, imatrix: np.ndarray | None = None) -> np.n
         return w.view(np.uint8).reshape(n, 4 * k)
     if q == QT.F16:
         return w.astype(np.float16).view(np.uint8).reshape(n, 2 * k)
-    if not _fits(q, k):
+    if not fits(q, k):
         raise ValueError(f"{q.name} needs rows that are a multiple of {gguf.GGML_QUANT_SIZES[q][0]}, got {k}")
     lib = _ggml()
     im = None
@@ -310,109 +295,6 @@ def quantize_tensor(w: np.ndarray, t, imatrix: np.ndarray | None = None) -> np.n
     return dst
 
 
-# ================================================================ type projection
-
-def project_types(shapes: Mapping[str, tuple[int, int]], bits_budget: float,
-                  targets: Mapping[str, float] | None = None, types=None) -> dict[str, str]:
-    """One stock type per tensor ({name: (N, K)}) with Σ bits <= bits_budget · Σ N·K.
-
-    Each tensor starts at the largest type (by bits per weight) that fits its K and does not exceed its
-    target (the plan's effective bits of that tensor; the budget when no target is given). Then, while
-    over budget, the tensor furthest above its target (ties: the largest) steps down one size; then,
-    while budget is left, the tensor furthest below its target steps up where it still fits. ValueError
-    when even the smallest types exceed the budget.
-    """
-    types = list(types or DEFAULT_TYPES)
-    targets = dict(targets or {})
-    ladders: dict[str, list[tuple[float, str]]] = {}
-    for name, (n, k) in shapes.items():
-        by_bits: dict[float, str] = {}
-        for t in types:  # first (most preferred) type of each size
-            if _fits(t, k):
-                by_bits.setdefault(type_bits(t), t)
-        if not by_bits:
-            raise ValueError(f"{name}: no type in {types} fits rows of {k}")
-        ladders[name] = sorted(by_bits.items())  # ascending bits
-    total_w = sum(n * k for n, k in shapes.values())
-    cap = bits_budget * total_w * (1 + 1e-12)
-    level: dict[str, int] = {}
-    for name, lad in ladders.items():
-        tgt = targets.get(name, bits_budget)
-        ok = [i for i, (b, _) in enumerate(lad) if b <= tgt + 1e-9]
-        level[name] = ok[-1] if ok else 0
-
-    def bits(name, i=None):
-        n, k = shapes[name]
-        return ladders[name][level[name] if i is None else i][0] * n * k
-
-    def excess(name):
-        return ladders[name][level[name]][0] - targets.get(name, bits_budget)
-
-    total = sum(bits(nm) for nm in shapes)
-    while total > cap:
-        down = [nm for nm in shapes if level[nm] > 0]
-        if not down:
-            raise ValueError(f"budget {bits_budget} bits per weight is below what the smallest allowed types "
-                             f"reach ({total / total_w:.4f})")
-        nm = max(down, key=lambda x: (excess(x), shapes[x][0] * shapes[x][1]))
-        total -= bits(nm) - bits(nm, level[nm] - 1)
-        level[nm] -= 1
-    while True:
-        up = [nm for nm in shapes if level[nm] + 1 < len(ladders[nm]) and excess(nm) < 0
-              and total + bits(nm, level[nm] + 1) - bits(nm) <= cap]
-        if not up:
-            break
-        nm = min(up, key=lambda x: (excess(x), -shapes[x][0] * shapes[x][1]))
-        total += bits(nm, level[nm] + 1) - bits(nm)
-        level[nm] += 1
-    return {nm: ladders[nm][level[nm]][1] for nm in shapes}
-
-
-def _fit_type(t: str, k: int) -> str:
-    """llama-quantize's fallback chain for a type whose block does not divide k."""
-    seen = []
-    while not _fits(t, k):
-        seen.append(t)
-        t = _FALLBACK.get(t, "Q8_0" if t != "Q8_0" else "F16")
-        if t in seen:
-            return "F16"
-    return t
-
-
-PRESETS = ("Q8_0", "Q4_0", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S", "Q2_K")
-
-
-def preset_types(spec: ModelSpec, preset: str) -> dict[str, str]:
-    """Decoder-linear types like llama-quantize's presets (its rules for attn_v / ffn_down, reduced to LLaMA
-    without MoE): {gguf_name: type}. Fallbacks for rows the block does not divide are applied at export."""
-    preset = preset.upper()
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    L = spec.n_layers
-
-    def more_bits(i):  # llama.cpp's use_more_bits(i_layer, n_layers)
-        return i < L // 8 or i >= 7 * L // 8 or (i - L // 8) % 3 == 2
-
-    out = {}
-    for lin in spec.linears():
-        stem = lin.gguf_name.split(".")[2]
-        i = int(lin.gguf_name.split(".")[1])
-        t = {"Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K",
-             "Q2_K": "Q2_K"}[preset]
-        if preset == "Q4_K_M" and stem in ("attn_v", "ffn_down") and more_bits(i):
-            t = "Q6_K"
-        elif preset == "Q3_K_M" and stem == "attn_v":
-            t = "Q5_K" if i < 2 else "Q4_K"
-        elif preset == "Q3_K_M" and stem == "ffn_down":
-            t = "Q5_K" if i < L // 16 else "Q4_K"
-        elif preset == "Q3_K_M" and stem == "attn_output":
-            t = "Q4_K"
-        elif preset == "Q2_K" and stem == "attn_v" or preset == "Q2_K" and stem == "ffn_down":
-            t = "Q3_K"
-        out[lin.gguf_name] = t
-    return out
-
-
 # ================================================================ export
 
 @dataclass
@@ -430,21 +312,6 @@ class ExportResult:
         for t in self.tensor_types.values():
             h[t] = h.get(t, 0) + 1
         return dict(sorted(h.items(), key=lambda kv: -type_bits(kv[0])))
-
-
-def _plan_targets(plan, spec: ModelSpec) -> dict[str, float]:
-    """Per decoder linear (gguf name), the plan's effective bits."""
-    if plan is None:
-        return {}
-    from wqedge.plan import Plan
-    if isinstance(plan, str) and plan.lstrip().startswith("{"):
-        plan = Plan.from_dict(json.loads(plan))
-    elif isinstance(plan, (str, os.PathLike)):
-        plan = Plan.load(plan, spec)
-    elif isinstance(plan, dict):
-        plan = Plan.from_dict(plan)
-    by_hf = {lin.hf_name: lin.gguf_name for lin in spec.linears()}
-    return {by_hf[t.name]: t.bits(plan.group_size) / t.n_weights for t in plan.tensors if t.name in by_hf}
 
 
 def _imatrix_for(imatrix, hf_name: str, gguf_name: str):
@@ -489,24 +356,24 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
             want = {nm: tensor_types.get(nm, base) for nm in shapes}
         ttypes = {}
         for nm, t in want.items():
-            t = _qtype(t).name
-            ft = _fit_type(t, shapes[nm][1])
+            t = qtype(t).name
+            ft = fit_type(t, shapes[nm][1])
             if ft != t:
                 notes.append(f"{nm}: {t} does not fit rows of {shapes[nm][1]}, using {ft}")
             ttypes[nm] = ft
     elif bits_budget is not None:
         if plan is None and s.plan is not None:
             plan = s.plan
-        targets = _plan_targets(plan, spec)
+        targets = plan_targets(plan, spec)
         allowed = available_types(types or DEFAULT_TYPES, imatrix=imatrix is not None)
         ttypes = project_types(shapes, float(bits_budget), targets, allowed)
     else:
         ttypes = {nm: base for nm in shapes}
     for t in set(ttypes.values()) | {embed_type, output_type or embed_type}:
-        q = _qtype(t)
+        q = qtype(t)
         if q not in (QT.F16, QT.F32) and q.name not in available_types((q.name,), imatrix=True):
             raise ValueError(f"the installed llama.cpp cannot quantize to {q.name}")
-    if imatrix is None and any(requires_imatrix(t) for t in set(ttypes.values()) if _qtype(t) not in (QT.F16, QT.F32)):
+    if imatrix is None and any(requires_imatrix(t) for t in set(ttypes.values()) if qtype(t) not in (QT.F16, QT.F32)):
         raise ValueError("a chosen type needs an importance matrix (imatrix=...)")
 
     tok = s.tokenizer()
@@ -516,9 +383,9 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
 
     # tensor order as convert_hf_to_gguf writes LLaMA: embeddings, then layer by layer, then head
     order: list[tuple[str, str, tuple[int, ...]]] = []   # (gguf name, type, numpy shape)
-    emb_t = _qtype(embed_type).name
-    out_t = _qtype(output_type or embed_type).name
-    order.append(("token_embd.weight", _fit_type(emb_t, spec.hidden_size), (spec.vocab_size, spec.hidden_size)))
+    emb_t = qtype(embed_type).name
+    out_t = qtype(output_type or embed_type).name
+    order.append(("token_embd.weight", fit_type(emb_t, spec.hidden_size), (spec.vocab_size, spec.hidden_size)))
     if factors is not None:
         order.append(("rope_freqs.weight", "F32", factors.shape))
     for i in range(spec.n_layers):
@@ -532,17 +399,17 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
                 order.append((lin.gguf_name, ttypes[lin.gguf_name], (lin.out_features, lin.in_features)))
     order.append(("output_norm.weight", "F32", (spec.hidden_size,)))
     if not spec.tie_word_embeddings:
-        order.append(("output.weight", _fit_type(out_t, spec.hidden_size), (spec.vocab_size, spec.hidden_size)))
+        order.append(("output.weight", fit_type(out_t, spec.hidden_size), (spec.vocab_size, spec.hidden_size)))
 
     def nbytes(t: str, shape) -> int:
-        q = _qtype(t)
+        q = qtype(t)
         blk, sz = gguf.GGML_QUANT_SIZES[q]
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         return rows * (shape[-1] // blk) * sz
 
     lin_bytes = sum(nbytes(ttypes[nm], shapes[nm]) for nm in shapes)
     lin_bits = 8.0 * lin_bytes / sum(n * k for n, k in shapes.values())
-    quantized = any(_qtype(t) not in (QT.F16, QT.F32) for _, t, _ in order)
+    quantized = any(qtype(t) not in (QT.F16, QT.F32) for _, t, _ in order)
     counts: dict[str, int] = {}
     for t in ttypes.values():
         counts[t] = counts.get(t, 0) + 1
@@ -567,7 +434,7 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
         else:
             w = s.dense(hf_of[gname])
             im = None
-        q = _qtype(t)
+        q = qtype(t)
         if q == QT.F32:
             return np.ascontiguousarray(w, dtype=np.float32)
         if q == QT.F16:
@@ -586,7 +453,7 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
         w.add_float32("wqedge.llamacpp.linear_bits", lin_bits)
         add_tokenizer_to_gguf(w, tok)
         for gname, t, shape in order:
-            q = _qtype(t)
+            q = qtype(t)
             nb = nbytes(t, shape)
             if q == QT.F32:
                 w.add_tensor_info(gname, shape, np.dtype(np.float32), nb)
@@ -607,74 +474,3 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
                 progress(gname)
         w.close()
     return ExportResult(Path(out), ttypes, lin_bits, Path(out).stat().st_size, s.label, True, notes)
-
-
-def measured_linear_bits(path, spec: ModelSpec | None = None) -> float:
-    """8 x bytes of the decoder-linear tensors / their weights, read from a llama.cpp GGUF's tensor infos."""
-    from wqedge.runtime.gguf_check import open_reader
-    r = open_reader(path)
-    total_b = total_w = 0
-    for t in r.tensors:
-        parts = t.name.split(".")
-        if len(parts) == 4 and parts[0] == "blk" and parts[2] in (
-                "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-            total_b += int(t.n_bytes)
-            total_w += int(t.n_elements)
-    return 8.0 * total_b / total_w
-
-
-# ================================================================ llama.cpp as a logits_fn
-
-class LlamaCppEvaluator:
-    """wqedge.perplexity's logits_fn for llama.cpp: int32[B, T] -> float32[B, T, vocab].
-
-    Each window is evaluated from an empty KV cache with logits for every position (llama_cpp.Llama with
-    logits_all=True), exactly what the shared perplexity definition scores.
-    """
-
-    def __init__(self, model, n_ctx: int = 512, n_threads: int | None = None, n_batch: int = 512, verbose=False):
-        if isinstance(model, (str, os.PathLike)):
-            import llama_cpp
-            model = llama_cpp.Llama(model_path=os.fspath(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                                    n_threads=n_threads, n_threads_batch=n_threads, logits_all=True,
-                                    verbose=verbose)
-        self.llm = model
-
-    def __call__(self, windows: np.ndarray) -> np.ndarray:
-        w = np.asarray(windows, dtype=np.int32)
-        if w.ndim == 1:
-            w = w[None]
-        B, T = w.shape
-        if T > self.llm.n_ctx():
-            raise ValueError(f"windows of {T} tokens exceed the context of {self.llm.n_ctx()}")
-        out = np.empty((B, T, self.llm.n_vocab()), np.float32)
-        for b in range(B):
-            self.llm.reset()
-            self.llm.eval([int(x) for x in w[b]])
-            out[b] = self.llm.scores[:T]
-        self.llm.reset()
-        return out
-
-    def greedy(self, prompt, n_new: int) -> list[int]:
-        """Greedy continuation (argmax of llama.cpp's logits), n_new tokens, from an empty cache."""
-        llm = self.llm
-        llm.reset()
-        toks = [int(x) for x in prompt]
-        llm.eval(toks)
-        out = []
-        for _ in range(n_new):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            out.append(nxt)
-            llm.eval([nxt])
-        llm.reset()
-        return out
-
-    def close(self):
-        c = getattr(self.llm, "close", None)
-        if c:
-            c()
-
-
-def llamacpp_logits_fn(model, n_ctx: int = 512, n_threads: int | None = None) -> LlamaCppEvaluator:
-    """The LogitsFn of wqedge.perplexity for a llama.cpp GGUF (path or llama_cpp.Llama)."""
-    return LlamaCppEvaluator(model, n_ctx=n_ctx, n_threads=n_threads)

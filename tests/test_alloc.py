@@ -122,7 +122,7 @@ def test_damage_table_orders_actions_and_counts_bits():
 
 
 def test_error_feedback_chunks_pack_and_beat_rounding():
-    from wqedge.alloc.feedback import dequantize, gptq_linear
+    from wqedge.quant.feedback import dequantize, gptq_linear
     from wqedge.quant.fit import dequantize_chunk, fit_linear
     torch.manual_seed(0)
     x = torch.randn(2048, 256) @ (torch.randn(256, 256) * 0.3 + torch.eye(256))
@@ -228,7 +228,7 @@ def test_feedback_aware_damage_predicts_the_error_feedback_loss(action):
     for fb in (False, True):
         t = _outlier_table(fb)
         pred[fb] = t.damage[:, t.actions.index(action)].sum()
-    from wqedge.alloc.feedback import dequantize, gptq_linear
+    from wqedge.quant.feedback import dequantize, gptq_linear
     chunks = gptq_linear(w, H, [base] * 3, 128, "neuqi", protected=t.protected[lin.hf_name][k] if k else None)
     d = (dequantize(chunks) - w).double()
     actual = 0.5 * float((d @ damped_hessian(H)[0] * d).sum())
@@ -239,7 +239,7 @@ def test_feedback_aware_damage_predicts_the_error_feedback_loss(action):
 def test_protected_actions_are_priced_planned_and_lowered():
     """Protected variants cost exactly their residuals and indices, protect the salient columns (the outlier
     column 17 and the loud input column 5), cut damage, and a knapsack plan using them converts and packs."""
-    from wqedge.alloc.feedback import dequantize, gptq_linear
+    from wqedge.quant.feedback import dequantize, gptq_linear
     from wqedge.saliency import split_action
     lin, w, H, st = _one_linear_with_outliers()
     t = _outlier_table(True, (1, 2))
@@ -274,7 +274,7 @@ def test_protected_actions_are_priced_planned_and_lowered():
 def test_parameter_refit_lowers_the_layer_loss_and_keeps_protected_values():
     """refit_params re-solves d, m with the codes fixed: the loss ½ ΔW XᵀX ΔWᵀ only goes down (per row,
     after fp16 rounding), protected columns keep their values, and what is packed reads back the same."""
-    from wqedge.alloc.feedback import dequantize, gptq_linear
+    from wqedge.quant.feedback import dequantize, gptq_linear
     lin, w, H, st = _one_linear_with_outliers()
     acts, prot = ["q3", "ternary", "q2"], [[5, 17], [], [1]]
     plain = gptq_linear(w, H, acts, 128, "neuqi", protected=prot, refit=False)

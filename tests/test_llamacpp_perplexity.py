@@ -1,7 +1,7 @@
 """The shared perplexity function (wqedge.perplexity) agrees with llama.cpp's *own* perplexity tool.
 
 llama-perplexity (tools/perplexity of llama.cpp) is built once per machine from the source of the
-installed llama-cpp-python (converters/llamacpp_tools.py: its sdist's vendor/llama.cpp, common/ +
+installed llama-cpp-python (tests/llamacpp_tools.py: its sdist's vendor/llama.cpp, common/ +
 tools/perplexity compiled and linked against the package's libllama/libggml) and run on llama.cpp GGUF
 exports of the fixture model (F16 and Q4_0) with -c 512 and a fixed number of chunks. Our side scores the
 same token ids (tokenized by llama.cpp, as the tool does) through llama.cpp (LlamaCppEvaluator) and through
@@ -20,8 +20,10 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.engine("llama.cpp")  # run in a child pytest (tests/conftest.py)
 
 import gguf  # noqa: E402
-from wqedge.converters import llamacpp_tools as tools  # noqa: E402
-from wqedge.converters.llamacpp import LlamaCppEvaluator, export_llamacpp, preset_types, unpermute_qk  # noqa: E402
+import llamacpp_tools as tools  # noqa: E402  (tests/ is on sys.path: tests/conftest.py)
+from wqedge.alloc.llamacpp_types import preset_types  # noqa: E402
+from wqedge.converters.llamacpp import export_llamacpp, unpermute_qk  # noqa: E402
+from wqedge.runtime.llamacpp_eval import LlamaCppEvaluator  # noqa: E402
 from wqedge.perplexity import make_windows, perplexity  # noqa: E402
 
 N_CTX = 512

@@ -523,7 +523,7 @@ def _chat(gguf_file, system, max_tokens, threads, sampling) -> None:
     model.close()
 
 
-# ---------------------------------------------------------------- wqedge bench (issues #5, #6)
+# ---------------------------------------------------------------- wqedge bench
 
 def _default_fixture(*parts) -> str | None:
     """A path under the shared fixtures (../shared/fixtures beside the repository or the current folder)."""

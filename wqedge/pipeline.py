@@ -104,7 +104,7 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
     """Run the calibration step `fit_mode` chooses. `stats`: diag(XᵀX) computed already (a cache)."""
     mode = fit_mode(plan, calib_text, feedback)
     if mode == "feedback":
-        from .alloc.feedback import quantize_checkpoint
+        from .quant.feedback import quantize_checkpoint
         say("fitting chunks with error feedback on the calibration text…")
         return Fits(mode, fitted=quantize_checkpoint(ckpt, plan, calib_text, device=device))
     if mode == "stats" and stats is None:

@@ -78,7 +78,7 @@ def convert_to_gguf(ckpt: LlamaCheckpoint, plan: Plan, out_path: str | Path,
     """Quantize `ckpt` by `plan` and write our GGUF atomically to out_path.
 
     stats: diag(XᵀX) per linear weighting the NeUQI fits; fitted: chunks already fitted by the caller
-    (error feedback, wqedge.alloc.feedback), written as they are after checking them against the plan.
+    (error feedback, wqedge.quant.feedback), written as they are after checking them against the plan.
     """
     plan.validate(ckpt.spec, ckpt.fingerprint())
     dense, dense_data = _dense_source(ckpt)

@@ -9,7 +9,7 @@ Pipeline (allocator "greedy" or "rl"):
   4. the unit x action damage table (wqedge.damage): exact stored bits and ½ Σ_i G_i Δw_i H Δw_iᵀ;
   5. the allocation: multiple-choice knapsack (greedy, wqedge.alloc.deterministic) or the PPO policy
      (rl, wqedge.alloc.ppo), which also measures candidate plans on held-out calibration windows.
-Plans are converted best with error feedback (wqedge.alloc.feedback.quantize_checkpoint: GPTQ-style, act-order
+Plans are converted best with error feedback (wqedge.quant.feedback.quantize_checkpoint: GPTQ-style, act-order
 inside chunks, damp 0.1, 256 calibration windows, quantized earlier layers in the loop, least-squares refit of
 the <= 2-bit grids); plan.meta["fit"] says so. Measured on llama-s (G=128, eval.txt, 32 windows, second half):
 greedy 6.426 at 3.25 bits, 6.869 at 2.5, 7.080 at 2.25 (bench/allocation.py); deterministic planning 76 s
@@ -25,19 +25,34 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..plan import Plan, PlanError
 from ..quant.gptq import REFIT_MAX_BITS
-from .feedback import DAMP, FEEDBACK_SEQS
+from ..quant.feedback import DAMP, FEEDBACK_SEQS
 from .uniform import check_budget, uniform_plan
 
 ALLOCATORS = ("greedy", "rl", "uniform")
 DEFAULTS = dict(n_seqs=32, seqlen=512, n_heldout=4, n_grad_seqs=32, max_rows=256, damage="kfac",
                 feedback_damage=False, protect=())
+
+
+@dataclass
+class PlanningContext:
+    """What `prepare` computed besides the damage table, for allocators that measure plans (PPO) and for
+    reports: the planning model (CPU), its device, the options, the timings, the calibration windows and the
+    statistics (None without calibration text)."""
+    model: Any
+    device: Any
+    opts: dict
+    times: dict = field(default_factory=dict)
+    calib: Any = None              # wqedge.calib.CalibrationSet or None
+    input_stats: dict | None = None
+    grad_stats: Any = None
 
 
 def _printer(progress) -> Callable[[str], None] | None:
@@ -58,11 +73,7 @@ def plan_from_choice(ckpt, table, choice: np.ndarray, budget_bits: float, alloca
 
 
 def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=None, progress=True, **opts):
-    """Calibration and damage table for a checkpoint: returns (table, context dict).
-
-    context holds the HF model (CPU), the calibration windows and the statistics, for allocators that
-    measure plans (PPO) and for reports.
-    """
+    """Calibration and damage table for a checkpoint: returns (table, PlanningContext)."""
     from ..calib import calibration_tokens, default_device, gradient_stats, layerwise_stats
     from ..damage import build_damage_table
 
@@ -73,13 +84,12 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
     t0 = time.time()
     linears = ckpt.spec.linears()
     model = ckpt.load_planning_model()
-    ctx = {"model": model, "device": dev, "opts": o, "times": times}
+    ctx = PlanningContext(model, dev, o, times)
     if calib_text is None:
         if say:
             say("no calibration text: damage from the weights alone (no activation or gradient statistics)")
         table = build_damage_table(linears, ckpt.linear_weight, group_size, None, None, kind="proxy",
                                    device=dev if dev.type == "cuda" else None, max_rows=o["max_rows"])
-        ctx.update(calib=None, input_stats=None, grad_stats=None)
         times["table"] = time.time() - t0
         return table, ctx
     from transformers import AutoTokenizer
@@ -103,7 +113,7 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
     times["table"] = time.time() - t
     if say:
         say(f"damage table: {len(table.units)} units x {len(table.actions)} actions in {times['table']:.1f} s")
-    ctx.update(calib=cs, input_stats=st, grad_stats=gs)
+    ctx.calib, ctx.input_stats, ctx.grad_stats = cs, st, gs
     return table, ctx
 
 
@@ -129,10 +139,10 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
     table, ctx = prepare(ckpt, group_size, calib_text, seed, device, progress, **opts)
     t1 = time.time()
     meta = {"damage": table.kind, "damage_feedback": table.meta.get("feedback", False),
-            "protect": table.meta.get("protect", []), "calibration": None if ctx["calib"] is None else {
-        "n_seqs": int(ctx["calib"].train.shape[0]), "seqlen": ctx["calib"].seqlen,
-        "n_heldout": int(ctx["calib"].heldout.shape[0])},
-        "fit": {"error_feedback": ctx["calib"] is not None, "act_order": "chunk", "damp": DAMP,
+            "protect": table.meta.get("protect", []), "calibration": None if ctx.calib is None else {
+        "n_seqs": int(ctx.calib.train.shape[0]), "seqlen": ctx.calib.seqlen,
+        "n_heldout": int(ctx.calib.heldout.shape[0])},
+        "fit": {"error_feedback": ctx.calib is not None, "act_order": "chunk", "damp": DAMP,
                 "n_seqs": FEEDBACK_SEQS, "refit_max_bits": REFIT_MAX_BITS}}
     if allocator == "greedy":
         from .deterministic import knapsack
@@ -148,7 +158,7 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         meta["ppo"] = info
     t2 = time.time()
     meta["predicted_damage"] = table.plan_damage(choice)
-    meta["seconds"] = {**{k: round(v, 2) for k, v in ctx["times"].items()}, "allocate": round(t2 - t1, 2),
+    meta["seconds"] = {**{k: round(v, 2) for k, v in ctx.times.items()}, "allocate": round(t2 - t1, 2),
                        "total": round(t2 - t0, 2)}
     plan = plan_from_choice(ckpt, table, choice, budget_bits, allocator, method, meta)
     if say:

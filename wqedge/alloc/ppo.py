@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from ..damage import DamageTable
 from ..plan import PlanError
 from ..units import PROJ_TYPES
 from .deterministic import knapsack
+
+if TYPE_CHECKING:
+    from .planner import PlanningContext
 
 
 @dataclass
@@ -145,17 +149,17 @@ def rollout(env: Env, pol: Policy, n: int, greedy: bool = False, gen: torch.Gene
 class Measurer:
     """Loss of a plan on held-out calibration windows, with RTN chunk fits cached per (unit, action)."""
 
-    def __init__(self, table: DamageTable, ctx: dict, n_windows: int, method: str = "neuqi", threads: int | None = None):
+    def __init__(self, table: DamageTable, ctx: PlanningContext, n_windows: int, method: str = "neuqi", threads: int | None = None):
         from ..calib import heldout_loss
         self.threads = threads or torch.get_num_threads()
         self.t = table
-        self.model = ctx["model"]
-        self.dev = torch.device(ctx["device"])
+        self.model = ctx.model
+        self.dev = torch.device(ctx.device)
         self.home = next(self.model.parameters()).device
         self.model.to(self.dev)
-        self.stats = ctx.get("input_stats") or {}
-        ho = ctx["calib"].heldout
-        self.tokens = ho[:n_windows] if len(ho) else ctx["calib"].train[-n_windows:]
+        self.stats = ctx.input_stats or {}
+        ho = ctx.calib.heldout
+        self.tokens = ho[:n_windows] if len(ho) else ctx.calib.train[-n_windows:]
         self.method = method
         self.cache: dict[tuple[int, int], torch.Tensor] = {}
         self.params = {}
@@ -210,7 +214,7 @@ class Measurer:
 
 # ---------------------------------------------------------------- training
 
-def ppo_allocate(table: DamageTable, budget_bits: float, cfg: PPOConfig | None = None, ctx: dict | None = None,
+def ppo_allocate(table: DamageTable, budget_bits: float, cfg: PPOConfig | None = None, ctx: PlanningContext | None = None,
                  progress=None):
     """Train the policy and return (choice [U] action indices, info dict)."""
     cfg = cfg or PPOConfig()
@@ -247,7 +251,7 @@ def _ppo(table, budget_bits, cfg, ctx, progress, outer_threads):
         info["bc_loss"] = float(loss.detach())
 
     measurer = None
-    if cfg.measure and ctx is not None and ctx.get("calib") is not None:
+    if cfg.measure and ctx is not None and ctx.calib is not None:
         measurer = Measurer(table, ctx, cfg.measure_windows, threads=outer_threads)
         ref_meas = measurer(ks.tolist())
         info["knapsack_measured"] = ref_meas

@@ -161,12 +161,8 @@ class ModelFiles:
 
     def _llamacpp(self, key: str) -> Path:
         try:
-            from ..converters.llamacpp import (
-                available_types,
-                export_llamacpp,
-                preset_types,
-                requires_imatrix,
-            )
+            from ..alloc.llamacpp_types import preset_types
+            from ..converters.llamacpp import available_types, export_llamacpp, requires_imatrix
             available_types(("Q4_0",))
         except (ImportError, RuntimeError) as e:
             raise NotAvailable(f"llama-cpp-python is not usable: {e}") from None
@@ -186,7 +182,7 @@ class ModelFiles:
         else:
             kw = {"tensor_types": preset_types(self.spec, what)}
         if self._fresh(path):
-            from ..converters.llamacpp import measured_linear_bits
+            from ..runtime.llamacpp_eval import measured_linear_bits
             self.notes.setdefault(key, f"{measured_linear_bits(path):.3f} b")
             self._types_note(key, path)
             return path

@@ -194,7 +194,7 @@ def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
         r = results[k]
         gguf_path = path if base["backend"] != "ort" else mf.file("wq-q4")
         if base["backend"] == "llamacpp":
-            from ..converters.llamacpp import measured_linear_bits
+            from ..runtime.llamacpp_eval import measured_linear_bits
             bits = measured_linear_bits(gguf_path)
         else:
             from ..runtime.gguf_reader import WqGGUF

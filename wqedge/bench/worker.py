@@ -44,7 +44,7 @@ def run_wqedge(job) -> dict:
 def run_llamacpp(job) -> dict:
     import llama_cpp
 
-    from wqedge.converters.llamacpp import LlamaCppEvaluator
+    from wqedge.runtime.llamacpp_eval import LlamaCppEvaluator
     base = rss_mib()
     n = job["prefill"] + job["decode"] + 8
     t = time.perf_counter()
