@@ -34,7 +34,7 @@ def test_bits_425_keeps_full_chunks_q4_and_meets_the_budget(ragged, tmp_path, hi
     model = ragged(hidden)
     out = tmp_path / "m.gguf"
     res = CliRunner().invoke(main, ["convert", str(model), "-o", str(out), "--bits", "4.25", "--group", str(group),
-                                    "--method", "minmax"])
+                                    "--method", "minmax", "--no-self-calib"])
     assert res.exit_code == 0, res.output
     f = WqGGUF(out)
     spec = LlamaCheckpoint.open(model).spec
@@ -60,7 +60,8 @@ def test_bits_425_keeps_full_chunks_q4_and_meets_the_budget(ragged, tmp_path, hi
 def test_preset_q4_is_q4_everywhere(ragged, tmp_path, hidden):
     model = ragged(hidden)
     out = tmp_path / "m.gguf"
-    res = CliRunner().invoke(main, ["convert", str(model), "-o", str(out), "--preset", "q4", "--method", "minmax"])
+    res = CliRunner().invoke(main, ["convert", str(model), "-o", str(out), "--preset", "q4", "--method", "minmax",
+                                    "--no-self-calib"])
     assert res.exit_code == 0, res.output
     f = WqGGUF(out)
     spec = LlamaCheckpoint.open(model).spec

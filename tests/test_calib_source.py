@@ -29,3 +29,25 @@ def test_sample_tokens_shape_bos_and_threads_restored(tiny_model_factory):
     assert ids.shape == (3, 17) and (ids[:, 0] == ckpt.spec.bos_token_id).all()
     assert torch.get_num_threads() == threads
     assert torch.equal(ids, sample_tokens(model, ckpt.spec.bos_token_id, 3, 17, seed=0))
+
+
+def test_convert_without_calib_self_calibrates_unless_told_not_to(tiny_model_factory, tmp_path):
+    from click.testing import CliRunner
+
+    from wqedge.cli import main
+    from wqedge.runtime.gguf_reader import WqGGUF
+    model = tiny_model_factory(seed=11)
+    runs = {}
+    for flag in ("--self-calib", "--no-self-calib"):
+        out = tmp_path / f"{flag}.gguf"
+        res = CliRunner().invoke(main, ["convert", str(model), "-o", str(out), "--bits", "4.25", flag])
+        assert res.exit_code == 0, res.output
+        runs[flag] = (res.output, out)
+        assert WqGGUF(out).measured_bits() <= 4.25 + 1e-9
+    sampled, plain = runs["--self-calib"][0], runs["--no-self-calib"][0]
+    assert "sampling 32 x 256 tokens from the model itself" in sampled and "error feedback" in sampled
+    assert "allocator greedy" in sampled                 # self text plans like --calib text
+    assert "sampling" not in plain and "error feedback" not in plain and "allocator uniform" in plain
+    # the check never scores a file on the text it was fitted on
+    assert "tokens of self-generated text" in sampled
+    assert runs["--self-calib"][1].read_bytes() != runs["--no-self-calib"][1].read_bytes()

@@ -19,7 +19,7 @@ def chat_files(tiny_model_factory, tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     for kind, model in (("spm", tiny_model_factory(seed=7)), ("bpe", tiny_model_factory(bpe=True))):
         f = root / f"{kind}.gguf"
-        res = CliRunner().invoke(main, ["convert", str(model), "-o", str(f), "--preset", "q8", "--no-check"])
+        res = CliRunner().invoke(main, ["convert", str(model), "-o", str(f), "--preset", "q8", "--no-check", "--no-self-calib"])
         assert res.exit_code == 0, res.output
         out[kind] = (model, f)
     return out
@@ -76,7 +76,7 @@ def test_model_without_template_is_a_clear_error(tiny_model_factory, copy_model,
     for extra in ("chat_template.jinja", "chat_template.json"):
         (d / extra).unlink(missing_ok=True)
     f = tmp_path / "m.gguf"
-    assert CliRunner().invoke(main, ["convert", str(d), "-o", str(f), "--preset", "q8", "--no-check"]).exit_code == 0
+    assert CliRunner().invoke(main, ["convert", str(d), "-o", str(f), "--preset", "q8", "--no-check", "--no-self-calib"]).exit_code == 0
     res = CliRunner().invoke(main, ["run", str(f), "--chat"], input="hi\n")
     assert res.exit_code == 1 and "no chat template" in res.output
 

@@ -64,3 +64,14 @@ def self_generated_text(ckpt, n_seqs: int = DEFAULT_SEQS, length: int = DEFAULT_
     if not text.strip():
         raise ValueError("the model's own samples decode to empty text; give calibration text (--calib FILE)")
     return text
+
+
+def resolve_calibration(ckpt, text: str | None, self_calib: bool | None = None,
+                        say: Callable[[str], None] | bool | None = True) -> tuple[str | None, str]:
+    """The calibration text a conversion uses and where it came from: (text, "file") when the user gave
+    text; else, unless self_calib is False, (self-generated text, "self"); else (None, "none")."""
+    if text is not None:
+        return text, "file"
+    if self_calib is False:
+        return None, "none"
+    return self_generated_text(ckpt, progress=say), "self"
