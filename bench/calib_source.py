@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from wqedge.quant.feedback import quantize_checkpoint
 from wqedge.alloc.planner import make_plan
 from wqedge.alloc.uniform import uniform_plan
+from wqedge.bench.report import write_markdown
 from wqedge.calib import collect_stats
 from wqedge.calib_source import DEFAULT_LENGTH, DEFAULT_SEQS, self_generated_text
 from wqedge.checkpoint import LlamaCheckpoint
 from wqedge.perplexity import perplexity
+from wqedge.quant.feedback import quantize_checkpoint
 from wqedge.quantize import convert_to_gguf
 from wqedge.reference import load_reference, logits_fn
 from wqedge.runtime.gguf_reader import WqGGUF
@@ -115,10 +116,7 @@ def main():
              "| calibration and pipeline | budget | effective bits (file) | perplexity | seconds |",
              "|---|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]} | {r[2]:.4f} | {r[3]:.4f} | {r[4]:.1f} |" for r in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

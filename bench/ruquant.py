@@ -22,6 +22,7 @@ import torch
 from transformers import AutoTokenizer
 
 from wqedge.actquant import fake_quant, quantize_model
+from wqedge.bench.report import write_markdown
 from wqedge.calib import calibration_tokens, tokenize_text
 from wqedge.checkpoint import LlamaCheckpoint
 from wqedge.perplexity import perplexity
@@ -163,10 +164,7 @@ def main():
               "(mean over the 32 groups, after the transform):", "",
               "| transform | A8 | A6 | A4 |", "|---|---|---|---|"]
     lines += [f"| {v} | {e[8]:.2e} | {e[6]:.2e} | {e[4]:.2e} |" for v, e in err.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

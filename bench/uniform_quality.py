@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from wqedge.alloc.uniform import uniform_plan
+from wqedge.bench.report import write_markdown
 from wqedge.checkpoint import LlamaCheckpoint
 from wqedge.perplexity import perplexity
 from wqedge.pipeline import write_gguf
@@ -76,10 +77,7 @@ def main():
              "read back and evaluated through the PyTorch reference.", "",
              "| quantizer | action | effective bits (file) | perplexity | convert time (s) |", "|---|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]} | {r[2]:.4f} | {r[3]:.4f} | {r[4]:.1f} |" for r in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -107,3 +107,13 @@ def write(rep: dict, out: Path) -> tuple[Path, Path]:
     js.write_text(json.dumps(rep, indent=1, default=str) + "\n")
     md.write_text(markdown(rep))
     return md, js
+
+
+def write_markdown(lines: list[str], out) -> str:
+    """A stand-alone benchmark's Markdown report: printed and written to `out` (folders made). The scripts
+    under bench/ share it."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    return text
