@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from ..plan import Plan, PlanError
 from ..quant.gptq import REFIT_MAX_BITS
