@@ -466,4 +466,69 @@ void matmul(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, 
     });
 }
 
+// ------------------------------------------------------------------ column-chunked layout
+// (declared in linear.h; used by the model loader, model.cpp, and the ONNX Runtime custom op, ort_ops.cpp)
+Linear chunked_layout(const std::string& name, int N, int K, int G, const std::vector<int64_t>& actions,
+                      const std::vector<int64_t>& n_protected) {
+    if (N <= 0 || K <= 0 || G <= 0)
+        fail(WQE_ERR_FORMAT, "tensor '%s': bad dimensions N = %d, K = %d, group size %d", name.c_str(), N, K, G);
+    const int n_chunks = (K + G - 1) / G;
+    if ((int64_t)actions.size() != n_chunks || (int64_t)n_protected.size() != n_chunks)
+        fail(WQE_ERR_FORMAT, "tensor '%s': %zu chunk actions and %zu protected counts, but %d columns in chunks of %d make %d",
+             name.c_str(), actions.size(), n_protected.size(), K, G, n_chunks);
+    Linear L;
+    L.kind = Linear::CHUNKED;
+    L.name = name;
+    L.N = N;
+    L.K = K;
+    size_t off = 0;
+    int xoff = 0, prot0 = 0;
+    for (int c = 0; c < n_chunks; ++c) {
+        const BlockTraits* bt = block_traits(actions[c] < 0 || actions[c] > 255 ? -1 : (int)actions[c]);
+        if (!bt)
+            fail(WQE_ERR_FORMAT, "tensor '%s' chunk %d: unknown block type %lld (this runtime knows ids 0-%d)",
+                 name.c_str(), c, (long long)actions[c], N_BLOCK_TYPES - 1);
+        Chunk ch;
+        ch.bt = bt;
+        ch.col0 = c * G;
+        ch.g = std::min(G, K - ch.col0);
+        ch.g_pad = padded(ch.g);
+        if (n_protected[c] < 0 || n_protected[c] > ch.g)
+            fail(WQE_ERR_FORMAT, "tensor '%s' chunk %d: %lld protected columns in a chunk of %d", name.c_str(), c,
+                 (long long)n_protected[c], ch.g);
+        ch.n_prot = (int)n_protected[c];
+        ch.prot0 = prot0;
+        prot0 += ch.n_prot;
+        ch.off = off;
+        ch.res_off = (size_t)bt->header_bytes + bt->code_bytes(ch.g_pad);
+        ch.xoff = xoff;
+        xoff += round8(x_floats(*bt, ch.g_pad));
+        off += row_bytes(*bt, ch.g, ch.n_prot);
+        L.max_g_pad = std::max(L.max_g_pad, ch.g_pad);
+        L.chunks.push_back(ch);
+    }
+    L.row_bytes = off;
+    L.x_floats = xoff;
+    L.prot_local.assign(prot0, 0);
+    return L;
+}
+
+void set_protected_columns(Linear& L, const std::vector<int64_t>& cols) {
+    if (cols.size() != L.prot_local.size())
+        fail(WQE_ERR_FORMAT, "tensor '%s': %zu protected column indices, but its chunks protect %zu", L.name.c_str(),
+             cols.size(), L.prot_local.size());
+    for (const Chunk& ch : L.chunks) {
+        int prev = -1;
+        for (int p = 0; p < ch.n_prot; ++p) {
+            const int64_t col = cols[ch.prot0 + p];
+            const int64_t local = col - ch.col0;
+            if (local < 0 || local >= ch.g || local <= prev)
+                fail(WQE_ERR_FORMAT, "tensor '%s.protect': entry %d = column %lld is not inside chunk %d [%d, %d) in ascending order",
+                     L.name.c_str(), ch.prot0 + p, (long long)col, (int)(&ch - L.chunks.data()), ch.col0, ch.col0 + ch.g);
+            L.prot_local[ch.prot0 + p] = (int32_t)local;
+            prev = (int)local;
+        }
+    }
+}
+
 }  // namespace wqe

@@ -102,7 +102,7 @@ void repack_tiles(Linear& L);
 bool repack_wanted(int kernels);
 
 // Building a column-chunked Linear (docs/format.md) from its description; shared by the model loader
-// (model.cpp) and the ONNX Runtime custom op (ort_ops.cpp). Defined in model.cpp.
+// (model.cpp) and the ONNX Runtime custom op (ort_ops.cpp). Defined in linear.cpp.
 // The layout of an N x K linear in chunks of G columns, chunk c of block type id actions[c] with
 // n_protected[c] protected columns: chunks, row_bytes, x_floats, max_g_pad, and prot_local sized to
 // the total protected count (filled by set_protected_columns). data is left null. Throws
