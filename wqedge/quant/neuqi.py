@@ -13,24 +13,19 @@ over a *float* zero point z and a scale s, as the paper does (docs: METHODS.md s
     sorting its breakpoints (at most two per element, one sort of g event times) and sweeping the
     quadratic coefficients piece by piece.
 Two backends compute the same thing. 'torch' (any device; the reference and the GPU path) vectorises over
-rows and scales. 'c' (CPU) is the same algorithm as a small C kernel, compiled once with the system C
-compiler into a cache folder and called through ctypes on row blocks from several threads: per row and
+rows and scales. 'c' (CPU) is the same algorithm as a small C kernel (cpp/planning/neuqi_kernel.c, built by
+CMake with the runtime as libwqedge_neuqi) called through ctypes on row blocks from several threads: per row and
 scale the work is a sort of g event times and a sweep, which torch's eager ops run ~3x slower per core
-(many passes over [rows, scales, g] arrays). backend='auto' takes 'c' for CPU tensors when it builds, and
-falls back to 'torch' (with a warning) when it cannot. WQEDGE_NEUQI_BACKEND=torch|c overrides 'auto';
-WQEDGE_CACHE_DIR moves the build cache (default ~/.cache/wqedge).
+(many passes over [rows, scales, g] arrays). backend='auto' takes 'c' for CPU tensors when the library loads, and
+falls back to 'torch' (with a warning) when it does not. WQEDGE_NEUQI_BACKEND=torch|c overrides 'auto';
+WQEDGE_NEUQI_LIB points at a specific build of the library.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import os
-import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -272,38 +267,31 @@ def _neuqi_block(w: torch.Tensor, h: torch.Tensor, n: int, scale_batch: int):
 
 # ---------------------------------------------------------------- the C kernel (CPU backend)
 
-_C_SRC = (Path(__file__).with_name("neuqi_kernel.c")).read_text()
+_LIBNAME = {"darwin": "libwqedge_neuqi.dylib", "win32": "wqedge_neuqi.dll"}.get(sys.platform, "libwqedge_neuqi.so")
 
 _LIB = None
 _LIB_ERROR: str | None = None
 _LIB_LOCK = threading.Lock()
 
 
-def _cache_dir() -> Path:
-    d = os.environ.get("WQEDGE_CACHE_DIR")
-    if d:
-        return Path(d)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wqedge"
+def _kernel_candidates() -> list[Path]:
+    """Where the CMake-built kernel may be, first found wins: $WQEDGE_NEUQI_LIB; a development build in the
+    source tree (cpp/build/, so an editable install uses what `cmake --build cpp/build` just built); the copy
+    `pip install .` put next to this module."""
+    out = []
+    if os.environ.get("WQEDGE_NEUQI_LIB"):
+        return [Path(os.environ["WQEDGE_NEUQI_LIB"])]
+    here = Path(__file__).resolve().parent
+    out.append(here.parents[1] / "cpp" / "build" / _LIBNAME)
+    out.append(here / _LIBNAME)
+    return out
 
 
-def _build_kernel() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise RuntimeError("no C compiler (cc/gcc/clang) on PATH")
-    flags = ["-O3", "-shared", "-fPIC"]
-    tag = hashlib.sha256("\0".join([_C_SRC, cc, *flags, platform.machine(), sys.platform]).encode()).hexdigest()[:16]
-    d = _cache_dir()
-    so = d / f"neuqi_{tag}.so"
-    if not so.exists():
-        d.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=d) as tmp:
-            src = Path(tmp) / "neuqi.c"
-            src.write_text(_C_SRC)
-            out = Path(tmp) / "neuqi.so"
-            r = subprocess.run([cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True, text=True, timeout=300)
-            if r.returncode:
-                raise RuntimeError(f"{cc} failed: {r.stderr.strip()[:500]}")
-            os.replace(out, so)  # atomic: concurrent builders race harmlessly
+def _load_kernel() -> ctypes.CDLL:
+    found = [p for p in _kernel_candidates() if p.is_file()]
+    if not found:
+        raise RuntimeError("libwqedge_neuqi not found (looked in " + ", ".join(map(str, _kernel_candidates())) + ")")
+    so = found[0]
     lib = ctypes.CDLL(str(so))
     f = lib.wq_neuqi_rows
     f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
@@ -317,14 +305,14 @@ def _build_kernel() -> ctypes.CDLL:
 
 
 def c_kernel() -> ctypes.CDLL | None:
-    """The compiled kernel, or None when it cannot be built (the reason is in `c_kernel_error()`)."""
+    """The compiled kernel, or None when it cannot be loaded (the reason is in `c_kernel_error()`)."""
     global _LIB, _LIB_ERROR
     if _LIB is None and _LIB_ERROR is None:
         with _LIB_LOCK:
             if _LIB is None and _LIB_ERROR is None:
                 try:
-                    _LIB = _build_kernel()
-                except Exception as e:  # no compiler, read-only cache, ...: the torch backend still works
+                    _LIB = _load_kernel()
+                except Exception as e:  # not built (e.g. WQEDGE_BUILD_PLANNING=OFF): the torch backend still works
                     _LIB_ERROR = f"{type(e).__name__}: {e}"
     return _LIB
 

@@ -1,6 +1,6 @@
 /* NeUQI scale/zero-point search for one block of rows (the algorithm of wqedge/quant/neuqi.py, in C for speed).
- * Compiled on first use by neuqi.py with the system C compiler into the user's cache; the torch version there
- * is the reference and the fallback. */
+ * A planning kernel, not part of the runtime: CMake builds it as libwqedge_neuqi (installed next to neuqi.py),
+ * which neuqi.py loads through ctypes; the torch version there is the reference and the fallback. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
