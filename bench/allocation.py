@@ -65,7 +65,7 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_allocation")
     a = ap.parse_args(argv)
 
-    from wqedge.alloc.deterministic import knapsack
+    from wqedge.alloc.greedy import greedy_allocate
     from wqedge.quant.feedback import FEEDBACK_SEQS, quantize_model
     from wqedge.alloc.planner import plan_from_choice, prepare
     from wqedge.damage import build_damage_table
@@ -181,7 +181,7 @@ def main(argv=None):
                 tb = table_for(name.replace("-norefit", ""))   # -norefit changes the conversion only
                 torch.set_num_threads(a.plan_threads)
                 t = time.time()
-                ch = knapsack(tb, b)
+                ch = greedy_allocate(tb, b)
                 alloc_s = time.time() - t
                 torch.set_num_threads(threads)
                 p = plan_from_choice(ckpt, tb, ch, b, "greedy", meta={"predicted_damage": tb.plan_damage(ch)})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wqedge import blocks
-from wqedge.alloc.deterministic import knapsack
+from wqedge.alloc.greedy import greedy_allocate
 from wqedge.alloc.ppo import PPOConfig, ppo_allocate
 from wqedge.damage import ACTIONS, DamageTable, build_damage_table, unit_bits
 from wqedge.plan import Plan, PlanError
@@ -41,7 +41,7 @@ def plan_of(lins, table, choice, budget, name="greedy"):
 @pytest.mark.parametrize("budget", [1.26, 1.8, 2.25, 2.5, 3.0, 3.25, 4.25, 8.25, 16.0])
 def test_knapsack_meets_budget_exactly_as_the_plan_counts(budget):
     lins, t = synthetic_table()
-    ch = knapsack(t, budget)
+    ch = greedy_allocate(t, budget)
     plan = plan_of(lins, t, ch, budget)
     assert plan.total_bits() == t.plan_bits(ch)
     assert plan.effective_bits() <= budget
@@ -63,7 +63,7 @@ def test_knapsack_is_optimal_on_a_small_instance():
         best = min((sum(small.damage[i, a] for i, a in enumerate(c)), c)
                    for c in itertools.product(range(4), repeat=5)
                    if sum(small.bits[i, a] for i, a in enumerate(c)) <= cap)
-        ch = knapsack(small, budget)
+        ch = greedy_allocate(small, budget)
         assert small.plan_bits(ch) <= cap
         assert small.plan_damage(ch) <= best[0] * 1.05 + 1e-12, (budget, small.plan_damage(ch), best)
 
@@ -71,7 +71,7 @@ def test_knapsack_is_optimal_on_a_small_instance():
 def test_infeasible_budget_is_a_plan_error():
     _, t = synthetic_table()
     with pytest.raises(PlanError, match="below the cheapest"):
-        knapsack(t, 1.0)
+        greedy_allocate(t, 1.0)
     with pytest.raises(PlanError):
         ppo_allocate(t, 1.0, PPOConfig(iterations=1, episodes=2, bc_steps=1))
 
@@ -88,7 +88,7 @@ def test_ppo_meets_budget_and_is_deterministic():
         assert len(info["history"]) == 2
     # behaviour cloning starts it at the knapsack plan's quality
     a, info = ppo_allocate(t, 2.5, PPOConfig(iterations=1, episodes=2, bc_steps=300))
-    assert t.plan_damage(a) <= 1.5 * t.plan_damage(knapsack(t, 2.5))
+    assert t.plan_damage(a) <= 1.5 * t.plan_damage(greedy_allocate(t, 2.5))
 
 
 def test_damage_table_orders_actions_and_counts_bits():
@@ -254,7 +254,7 @@ def test_protected_actions_are_priced_planned_and_lowered():
     assert t.damage[0, q2p] < 0.8 * t.damage[0, q2]          # chunk 0 holds both salient columns
     # a budget between q2 and q3 buys protection for chunk 0 first
     budget = (t.bits[0, q2p] + t.bits[1, q2] + t.bits[2, q2]) / w.numel()
-    ch = knapsack(t, budget)
+    ch = greedy_allocate(t, budget)
     acts, prot = t.plan_actions(ch)
     plan = Plan.from_actions([lin], 128, budget, "greedy", acts, protected=prot)
     assert plan.total_bits() == t.plan_bits(ch) and plan.effective_bits() <= budget

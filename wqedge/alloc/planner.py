@@ -7,7 +7,7 @@ Pipeline (allocator "greedy" or "rl"):
   2. per-linear input statistics, one decoder layer at a time (diag and full XᵀX, mean/max |x|);
   3. output-gradient statistics of the LM loss (G_i, the output factor of a K-FAC Fisher);
   4. the unit x action damage table (wqedge.damage): exact stored bits and ½ Σ_i G_i Δw_i H Δw_iᵀ;
-  5. the allocation: multiple-choice knapsack (greedy, wqedge.alloc.deterministic) or the PPO policy
+  5. the allocation: multiple-choice knapsack (greedy, wqedge.alloc.greedy) or the PPO policy
      (rl, wqedge.alloc.ppo), which also measures candidate plans on held-out calibration windows.
 Plans are converted best with error feedback (wqedge.quant.feedback.quantize_checkpoint: GPTQ-style, act-order
 inside chunks, damp 0.1, 256 calibration windows, quantized earlier layers in the loop, least-squares refit of
@@ -144,8 +144,8 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         "fit": {"error_feedback": ctx.calib is not None, "act_order": "chunk", "damp": DAMP,
                 "n_seqs": FEEDBACK_SEQS, "refit_max_bits": REFIT_MAX_BITS}}
     if allocator == "greedy":
-        from .deterministic import knapsack
-        choice = knapsack(table, budget_bits)
+        from .greedy import greedy_allocate
+        choice = greedy_allocate(table, budget_bits)
     else:
         from .ppo import PPOConfig, ppo_allocate
         cfg = PPOConfig(**{k: v for k, v in opts.items() if k in PPOConfig.__dataclass_fields__})

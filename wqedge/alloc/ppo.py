@@ -11,7 +11,7 @@ between the *measured* loss increase of the plan on held-out calibration windows
 (so a measured episode's return is minus its measured loss increase, in units of the knapsack plan's).
 
 Policy and value are small MLPs (torch, CPU or CUDA). Training: behaviour cloning of the knapsack plan
-(wqedge.alloc.deterministic) as a warm start, then PPO (clipped objective, GAE) on batches of sampled
+(wqedge.alloc.greedy) as a warm start, then PPO (clipped objective, GAE) on batches of sampled
 episodes. The answer is the plan with the lowest measured held-out loss among every measured episode and
 the greedy rollout of the final policy. Everything is seeded: same seed, same plan.
 """
@@ -28,7 +28,7 @@ from torch import nn
 from ..damage import DamageTable
 from ..plan import PlanError
 from ..units import PROJ_TYPES
-from .deterministic import knapsack
+from .greedy import greedy_allocate
 
 if TYPE_CHECKING:
     from .planner import PlanningContext
@@ -72,7 +72,7 @@ class Env:
         w = torch.as_tensor([u.n_weights for u in table.units], dtype=torch.float64, device=dev)
         self.wrem = torch.cat([torch.flip(torch.cumsum(torch.flip(w, [0]), 0), [0]), torch.ones(1, dtype=torch.float64, device=dev)])
         self.static = self._static_features().to(dev)
-        ref = table.damage[np.arange(self.U), knapsack(table, budget_bits)].sum()
+        ref = table.damage[np.arange(self.U), greedy_allocate(table, budget_bits)].sum()
         self.dref = float(max(ref, 1e-12))
         self.dmg = torch.as_tensor(table.damage, dtype=torch.float32, device=dev) / self.dref
 
@@ -235,7 +235,7 @@ def _ppo(table, budget_bits, cfg, ctx, progress, outer_threads):
     env = Env(table, budget_bits, dev)
     pol = Policy(env.n_features, env.A, cfg.hidden).to(dev)
     opt = torch.optim.Adam(pol.parameters(), lr=cfg.lr)
-    ks = torch.as_tensor(knapsack(table, budget_bits), device=dev)
+    ks = torch.as_tensor(greedy_allocate(table, budget_bits), device=dev)
     info = {"config": asdict(cfg), "knapsack_damage": env.dref}
 
     # behaviour cloning of the knapsack plan (teacher forcing along its trajectory)

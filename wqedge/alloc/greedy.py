@@ -1,4 +1,4 @@
-"""Deterministic allocator: the plan of least predicted damage under the bit budget.
+"""The "greedy" allocator (`greedy_allocate`): the plan of least predicted damage under the bit budget.
 
 A multiple-choice knapsack over the damage table (wqedge.damage): every unit takes exactly one action;
 total stored bits <= budget x weights. Solved by the greedy-on-convex-hulls method (optimal for the
@@ -37,7 +37,7 @@ def _hull(bits: np.ndarray, dmg: np.ndarray) -> list[int]:
     return pts
 
 
-def knapsack(table: DamageTable, budget_bits: float, allowed: np.ndarray | None = None) -> np.ndarray:
+def greedy_allocate(table: DamageTable, budget_bits: float, allowed: np.ndarray | None = None) -> np.ndarray:
     """Action index per unit minimising Σ damage subject to Σ bits <= cap. Raises PlanError if infeasible."""
     bits, dmg = table.bits, table.damage
     U, A = bits.shape
