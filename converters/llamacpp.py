@@ -22,14 +22,14 @@ Outputs:
     the budget itself) onto the stock types that fit the tensor (K-quants need K % 256 == 0), adjusted
     so that the decoder linears' bits per weight, counted from tensor byte sizes, are <= the budget.
   * `export_llamacpp(src, out, tensor_types={gguf_name: "Q4_K", ...})` — explicit types (presets such
-    as `preset_types(spec, "Q4_K_M")`), with llama.cpp's fallbacks where K does not fit the block.
+    as `wqedge.alloc.llamacpp_types.preset_types(spec, "Q4_K_M")`), with llama.cpp's fallbacks where K does not fit the block.
 
 Embeddings and the output head stay F16 (as our runtime keeps them) unless `embed_type`/`output_type`
 say otherwise; norms and rope_freqs are F32. Bits per weight are reported over the decoder linears,
 the same accounting as `wqedge.effective_bits`.
 
-The type projection and llama-quantize's presets live in wqedge.alloc.llamacpp_types, the evaluator
-(`LlamaCppEvaluator`, `measured_linear_bits`) in wqedge.runtime.llamacpp_eval; both are re-exported here.
+The type projection and llama-quantize's presets live in wqedge.alloc.llamacpp_types (import them from
+there); the evaluator (`LlamaCppEvaluator`, `measured_linear_bits`) in wqedge.runtime.llamacpp_eval.
 """
 from __future__ import annotations
 
@@ -50,33 +50,22 @@ from wqedge.converters.tokenizer import TokenizerMeta, add_tokenizer_to_gguf
 from wqedge.converters.gguf_writer import add_llama_metadata
 from wqedge.alloc.llamacpp_types import (  # the projection onto llama.cpp types (an allocator)
     DEFAULT_TYPES,
-    PRESETS,
     QT,
     qtype,
     fit_type,
     fits,
     plan_targets,
-    preset_types,
     project_types,
     type_bits,
 )
-from wqedge.runtime.llamacpp_eval import LlamaCppEvaluator, llamacpp_logits_fn, measured_linear_bits
 
 __all__ = [
-    "DEFAULT_TYPES",
-    "PRESETS",
     "ExportResult",
-    "LlamaCppEvaluator",
     "available_types",
     "export_llamacpp",
     "ggml_library_path",
-    "llamacpp_logits_fn",
-    "measured_linear_bits",
     "permute_qk",
-    "preset_types",
-    "project_types",
     "quantize_tensor",
-    "type_bits",
     "unpermute_qk",
 ]
 

@@ -12,17 +12,15 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.engine("llama.cpp")  # run in a child pytest (tests/conftest.py)
 
 import gguf  # noqa: E402
+from wqedge.alloc.llamacpp_types import project_types, type_bits  # noqa: E402
 from wqedge.converters.llamacpp import (  # noqa: E402
-    LlamaCppEvaluator,
     available_types,
     export_llamacpp,
-    measured_linear_bits,
     permute_qk,
-    project_types,
     quantize_tensor,
-    type_bits,
     unpermute_qk,
 )
+from wqedge.runtime.llamacpp_eval import LlamaCppEvaluator, measured_linear_bits  # noqa: E402
 
 from wqedge.perplexity import make_windows, perplexity  # noqa: E402
 
@@ -254,7 +252,6 @@ def test_cli_convert_target_llamacpp_meets_budget_and_generates(llama_s_dir, tmp
     from click.testing import CliRunner
 
     from wqedge.cli import main
-    from wqedge.converters.llamacpp import measured_linear_bits
 
     out = tmp_path / "l.gguf"
     res = CliRunner().invoke(main, ["convert", str(llama_s_dir), "-o", str(out), "--target", "llamacpp",
