@@ -87,7 +87,7 @@ def _names_a_file(s: str) -> bool:
 
 def tokenize_text(tokenizer, text: str, bos_id: int) -> list[int]:
     """The whole text's tokens with one leading BOS (as llama.cpp's perplexity tool tokenizes)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long texts are windowed later
     return [int(bos_id)] + [int(i) for i in ids]
 
 
