@@ -50,9 +50,15 @@ def add_llama_metadata(w: gguf.GGUFWriter, spec: ModelSpec, name: str | None = N
     w.add_context_length(spec.max_position_embeddings)
     w.add_embedding_length(spec.hidden_size)
     w.add_block_count(spec.n_layers)
-    w.add_feed_forward_length(spec.intermediate_size)
-    w.add_head_count(spec.n_heads)
-    w.add_head_count_kv(spec.n_kv_heads)
+    # A pruned model's per-layer shapes as llama.cpp reads them: u32 arrays of block_count entries.
+    for key, scalar, per_layer in (("feed_forward_length", spec.intermediate_size, spec.layer_ff),
+                                   ("attention.head_count", spec.n_heads, spec.layer_heads),
+                                   ("attention.head_count_kv", spec.n_kv_heads, spec.layer_kv_heads)):
+        if per_layer is None:
+            w.add_uint32(f"{w.arch}.{key}", scalar)
+        else:
+            w.add_key_value(f"{w.arch}.{key}", list(per_layer), gguf.GGUFValueType.ARRAY,
+                            sub_type=gguf.GGUFValueType.UINT32)
     w.add_key_length(spec.head_dim)
     w.add_value_length(spec.head_dim)
     w.add_layer_norm_rms_eps(spec.rms_norm_eps)
@@ -71,6 +77,8 @@ def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan) -> None
     w.add_uint32("wqedge.group_size", plan.group_size)
     w.add_bool("wqedge.rope.neox", True)
     w.add_float32("wqedge.effective_bits", plan.effective_bits())
+    if plan.pruning is not None:  # the denominator of effective bits: the unpruned model's linear weights
+        w.add_uint64("wqedge.original_weights", plan.n_weights())
     w.add_string("wqedge.plan", plan.to_json(timings=False))  # same inputs, same bytes
     for lin in spec.linears():
         t = plan.tensor(lin.hf_name)

@@ -70,6 +70,9 @@ __all__ = [
 ]
 
 ARCH = "llama"
+# llama.cpp's `llama` graph runs layer 0's head counts in every layer; its `deci` architecture (Nemotron-NAS:
+# the llama graph with per-layer head counts and FFN lengths, same tensors and RoPE) runs a pruned model.
+ARCH_PER_LAYER = "deci"
 
 _FTYPE = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q4_0": "MOSTLY_Q4_0", "Q8_0": "MOSTLY_Q8_0", "Q5_0": "MOSTLY_Q5_0",
           "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M",
@@ -107,6 +110,9 @@ class _Source:
     def dense(self, hf_name: str) -> np.ndarray: ...      # float16/float32 as stored
     def linear(self, hf_name: str) -> np.ndarray: ...     # float32 [N, K], HF row order
 
+    def kept_columns(self, hf_name: str) -> np.ndarray | None:  # of a checkpoint pruned on the way (prune)
+        return None
+
 
 class _CheckpointSource(_Source):
     def __init__(self, ckpt):
@@ -125,7 +131,18 @@ class _CheckpointSource(_Source):
         return t.numpy() if t.dtype == torch.float16 else t.to(torch.float32).numpy()
 
     def linear(self, hf_name):
-        return self.ckpt.linear_weight(hf_name).numpy()
+        w = self.ckpt.linear_weight(hf_name).numpy()
+        return w if self.pruned is None else np.ascontiguousarray(self.pruned.prune_weight(hf_name, w))
+
+    pruned = None
+
+    def prune(self, plan) -> None:
+        """Export the model `plan` prunes (its kept rows and columns, per-layer shapes)."""
+        self.pruned = plan
+        self.spec = plan.model_spec(self.ckpt.spec)
+
+    def kept_columns(self, hf_name):
+        return None if self.pruned is None else self.pruned.kept_columns(hf_name)
 
 
 class _WqSource(_Source):
@@ -320,7 +337,8 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
                     plan=None, tensor_types: Mapping[str, str] | Callable[[str, int, int], str] | None = None,
                     types=None, dtype: str = "f16", embed_type: str = "F16", output_type: str | None = None,
                     name: str | None = None, progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Write `src` (checkpoint folder, LlamaCheckpoint or wqedge GGUF) as a llama.cpp `llama` GGUF at `out`.
+    """Write `src` (checkpoint folder, LlamaCheckpoint or wqedge GGUF) as a llama.cpp `llama` GGUF at `out`
+    (`deci` when its layers differ in shape: a pruned model, from a pruned file or a checkpoint and a pruning `plan`).
 
     Decoder linears: explicit `tensor_types` ({gguf name: type} or fn(gguf_name, N, K) -> type) if given;
     else, with `bits_budget`, the projection of `plan` (a Plan, its JSON or file; for a wqedge GGUF source
@@ -331,6 +349,8 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
     embeddings). The file is written atomically, one tensor in memory at a time.
     """
     s = _open_source(src)
+    if getattr(plan, "pruning", None) is not None and isinstance(s, _CheckpointSource):
+        s.prune(plan)
     spec = s.spec
     base = {"f16": "F16", "f32": "F32"}.get(str(dtype).lower())
     if base is None:
@@ -416,10 +436,13 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
                 raise ValueError(f"{lin.hf_name}: non-finite weights")
             stem = gname.split(".")[2]
             if stem == "attn_q":
-                w = permute_qk(w, spec.n_heads)
+                w = permute_qk(w, spec.heads(lin.layer))
             elif stem == "attn_k":
-                w = permute_qk(w, spec.n_kv_heads)
+                w = permute_qk(w, spec.kv_heads(lin.layer))
             im = _imatrix_for(imatrix, lin.hf_name, gname)
+            cols = s.kept_columns(lin.hf_name)
+            if im is not None and cols is not None and im.shape[0] != shape[1]:
+                im = im[cols]   # statistics of the unpruned model, for the kept input columns
         else:
             w = s.dense(hf_of[gname])
             im = None
@@ -433,7 +456,7 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
         return quantize_tensor(np.asarray(w, np.float32), q, im)
 
     with atomic_output(out) as tmp:
-        w = gguf.GGUFWriter(tmp, ARCH)
+        w = gguf.GGUFWriter(tmp, ARCH_PER_LAYER if spec.uneven else ARCH)
         add_llama_metadata(w, spec, name)
         w.add_file_type(getattr(gguf.LlamaFileType, _FTYPE.get(main_t, "GUESSED")))
         if quantized:

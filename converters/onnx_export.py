@@ -353,8 +353,7 @@ class _Exporter:
     def build(self, progress=None):
         from onnx import TensorProto, helper
         g, sp = self.g, self.spec
-        H, KV, hd, V = sp.n_heads, sp.n_kv_heads, sp.head_dim, sp.vocab_size
-        rep = H // KV
+        hd, V = sp.head_dim, sp.vocab_size   # head counts per layer (a pruned model's differ)
         self._sums = {}
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
                   helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
@@ -363,9 +362,9 @@ class _Exporter:
         for i in range(sp.n_layers):
             for kv in ("key", "value"):
                 inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", TensorProto.FLOAT,
-                                                            ["batch_size", KV, "past_sequence_length", hd]))
+                                                            ["batch_size", sp.kv_heads(i), "past_sequence_length", hd]))
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT,
-                                                             ["batch_size", KV, "total_sequence_length", hd]))
+                                                             ["batch_size", sp.kv_heads(i), "total_sequence_length", hd]))
         # embeddings
         emb = g.init("token_embd_weight", self.f.dense("token_embd.weight").astype(_tensor_dtype(self.f, "token_embd.weight")))
         x = g.op("Gather", [emb, "input_ids"], axis=0)
@@ -406,6 +405,8 @@ class _Exporter:
             return out
 
         for i in range(sp.n_layers):
+            H, KV = sp.heads(i), sp.kv_heads(i)
+            rep = H // KV
             self._sums = {}
             hn = self.rms_norm(x, f"blk.{i}.attn_norm.weight")
             q = lin(hn, f"blk.{i}.attn_q.weight")

@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 
 from wqedge.blocks import FORMAT_VERSION, ChunkData, block_type, decode_chunk, dequantize_chunk
-from wqedge.spec import ModelSpec
+from wqedge.spec import ModelSpec, with_layer_shapes
 from wqedge.units import chunk_bounds
 from wqedge.runtime.gguf_check import FormatError, open_reader
 
@@ -81,12 +81,19 @@ class WqGGUF:
         r = self.reader
         g = lambda k, d=...: _field(r, f"llama.{k}", d)  # noqa: E731
         scaling = _field(r, "wqedge.rope.scaling", None)
-        n_heads = int(g("attention.head_count"))
+        n_layers = int(g("block_count"))
+        # feed_forward_length, head_count, head_count_kv: one u32, or one per layer (a pruned model)
+        ff, heads, kv = (g(k) for k in ("feed_forward_length", "attention.head_count", "attention.head_count_kv"))
+        per_layer = {k: v for k, v in (("ff", ff), ("heads", heads), ("kv", kv)) if isinstance(v, list)}
+        for k, v in per_layer.items():
+            if len(v) != n_layers:
+                raise FormatError(f"{self.path}: per-layer {k} lists {len(v)} values for {n_layers} layers")
+        ff, heads, kv = (max(v) if isinstance(v, list) else int(v) for v in (ff, heads, kv))
         hidden = int(g("embedding_length"))
-        return ModelSpec(
-            hidden_size=hidden, n_layers=int(g("block_count")), n_heads=n_heads,
-            n_kv_heads=int(g("attention.head_count_kv")), head_dim=int(g("attention.key_length", hidden // n_heads)),
-            intermediate_size=int(g("feed_forward_length")), vocab_size=int(g("vocab_size")),
+        spec = ModelSpec(
+            hidden_size=hidden, n_layers=n_layers, n_heads=heads,
+            n_kv_heads=kv, head_dim=int(g("attention.key_length", hidden // heads)),
+            intermediate_size=ff, vocab_size=int(g("vocab_size")),
             rms_norm_eps=float(g("attention.layer_norm_rms_epsilon")), rope_theta=float(g("rope.freq_base")),
             rope_scaling=json.loads(scaling) if scaling else None,
             max_position_embeddings=int(g("context_length")),
@@ -95,6 +102,10 @@ class WqGGUF:
             eos_token_id=_field(r, "tokenizer.ggml.eos_token_id", None),
             name=str(_field(r, "general.name", "llama")),
         )
+        if not per_layer:
+            return spec
+        return with_layer_shapes(spec, *(per_layer.get(k) or [getattr(spec, a)] * n_layers for k, a in
+                                         (("ff", "intermediate_size"), ("heads", "n_heads"), ("kv", "n_kv_heads"))))
 
     @property
     def effective_bits(self) -> float:
@@ -181,9 +192,11 @@ class WqGGUF:
         return int(self.tensors[name].n_bytes) + (int(protect.n_bytes) if protect is not None else 0)
 
     def measured_bits(self) -> float:
-        """8 x bytes of the quantized linear tensors (and their .protect indices) / their weights."""
+        """8 x bytes of the quantized linear tensors (and their .protect indices) / their weights; for a pruned
+        model, / the unpruned model's weights (wqedge.original_weights: pruned weights cost 0 bits)."""
         rows = self.layer_table()
-        return 8 * sum(r["bytes"] for r in rows) / sum(r["shape"][0] * r["shape"][1] for r in rows)
+        n = _field(self.reader, "wqedge.original_weights", None) or sum(r["shape"][0] * r["shape"][1] for r in rows)
+        return 8 * sum(r["bytes"] for r in rows) / int(n)
 
     @_format_errors
     def layer_table(self) -> list[dict]:

@@ -137,14 +137,15 @@ class OnnxDecoder:
         self.sess = make_session(model, threads) if isinstance(model, (str, os.PathLike)) else model
         ins = self.sess.get_inputs()
         self.past_names = [i.name for i in ins if i.name.startswith("past_key_values.")]
-        shape = next(i.shape for i in ins if i.name.startswith("past_key_values."))
-        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        # (KV heads, head dim) per cache input: a pruned model's layers differ in KV heads
+        self.past_shapes = {i.name: (int(i.shape[1]), int(i.shape[3])) for i in ins
+                            if i.name.startswith("past_key_values.")}
         self.out_names = [o.name for o in self.sess.get_outputs()]
         self.reset()
 
     def empty_past(self, batch: int) -> dict:
         import numpy as np
-        return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
+        return {n: np.zeros((batch, kv, 0, d), np.float32) for n, (kv, d) in self.past_shapes.items()}
 
     def step(self, ids, past: dict, mask=None, positions=None):
         """ids int64[B, S]; past from empty_past or a previous step -> (logits [B, S, V], present)."""

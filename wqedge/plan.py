@@ -15,11 +15,13 @@ from pathlib import Path
 
 from . import blocks
 from .fileio import atomic_output
+from .pruning import Pruning, PruningError
 from .spec import ModelSpec
-from .units import Linear, check_group_size, chunk_bounds
+from .units import Linear, check_group_size, chunk_bounds, parse_linear_name
 
 PLAN_FORMAT = "wqedge-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2          # the newest version; a plan is written in the oldest version that expresses it
+READ_VERSIONS = (1, 2)    # 2: structured pruning ("pruning"); docs/plan.md
 METHODS = ("neuqi", "minmax")
 BUDGET_TOLERANCE = 1e-9
 MAX_PLAN_BYTES = 64 << 20  # a 70B plan is well under 1 MiB; anything larger is not a plan
@@ -65,13 +67,23 @@ class Plan:
     model_name: str = ""
     model_fingerprint: str = ""
     meta: dict = field(default_factory=dict)   # allocator-specific report (free form, JSON-safe)
+    pruning: Pruning | None = None             # removed structures; tensors then have their pruned shapes
 
     # ------------------------------------------------------------ figures
     def total_bits(self) -> int:
         return sum(t.bits(self.group_size) for t in self.tensors)
 
+    def original_weights(self, t: TensorPlan) -> int:
+        """Weights of tensor t in the unpruned model: pruned structures count as stored with 0 bits."""
+        if self.pruning is None:
+            return t.n_weights
+        layer, proj = parse_linear_name(t.name)
+        n, k = self.pruning.original_shape(layer, proj, (t.out_features, t.in_features))
+        return n * k
+
     def n_weights(self) -> int:
-        return sum(t.n_weights for t in self.tensors)
+        """Decoder linear weights of the original (unpruned) model: the denominator of effective bits."""
+        return sum(self.original_weights(t) for t in self.tensors)
 
     def effective_bits(self) -> float:
         return self.total_bits() / self.n_weights()
@@ -82,8 +94,25 @@ class Plan:
         for t in self.tensors:
             layer = int(t.name.split(".")[2])
             b, n = acc.setdefault(layer, [0, 0])
-            acc[layer] = [b + t.bits(self.group_size), n + t.n_weights]
+            acc[layer] = [b + t.bits(self.group_size), n + self.original_weights(t)]
         return {k: b / n for k, (b, n) in sorted(acc.items())}
+
+    def model_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The shape of the model this plan makes from a checkpoint of shape `spec` (pruned or as is)."""
+        return spec if self.pruning is None else self.pruning.pruned_spec(spec)
+
+    def prune_weight(self, name: str, w):
+        """The part of linear `name`'s original weight [out, in] that the plan keeps (all of it unpruned)."""
+        if self.pruning is None:
+            return w
+        layer, proj = parse_linear_name(name)
+        return self.pruning.prune_weight(layer, proj, w)
+
+    def kept_columns(self, name: str):
+        """Original input columns that linear `name` keeps (numpy int64), or None when it keeps them all."""
+        if self.pruning is None:
+            return None
+        return self.pruning.kept(*parse_linear_name(name))[1]
 
     def action_histogram(self) -> dict[str, int]:
         """Chunks per action, in the traits table's order."""
@@ -118,6 +147,7 @@ class Plan:
             check_group_size(self.group_size)
         except ValueError as e:
             raise PlanError(str(e)) from None
+        self._validate_pruning(spec)
         for t in self.tensors:
             n = len(chunk_bounds(t.in_features, self.group_size))
             if len(t.actions) != n or len(t.methods) != n or len(t.protected) != n:
@@ -132,7 +162,7 @@ class Plan:
                 if len(set(p)) != len(p) or any(not (0 <= i < g) for i in p):
                     raise PlanError(f"{t.name} chunk {c}: protected columns must be distinct and in [0, {g})")
         if spec is not None:
-            expected = {lin.hf_name: lin for lin in spec.linears()}
+            expected = {lin.hf_name: lin for lin in self.model_spec(spec).linears()}
             for t in self.tensors:
                 lin = expected.get(t.name)
                 if lin is None:
@@ -151,6 +181,24 @@ class Plan:
             raise PlanError(f"plan does not meet its budget: {eff:.4f} effective bits > budget {self.budget_bits}")
         return self
 
+    def _validate_pruning(self, spec: ModelSpec | None) -> None:
+        """The pruning is consistent in itself, with the model, and with every tensor's (pruned) shape."""
+        if self.pruning is None:
+            return
+        try:
+            self.pruning.validate()
+            if spec is not None:
+                self.pruning.check_spec(spec)
+            for t in self.tensors:
+                layer, proj = parse_linear_name(t.name)
+                shape = (t.out_features, t.in_features)
+                want = self.pruning.kept_shape(layer, proj, self.pruning.original_shape(layer, proj, shape))
+                if want != shape:
+                    raise PruningError(f"{t.name}: plan says [{shape[0]}, {shape[1]}], its pruning keeps "
+                                       f"[{want[0]}, {want[1]}]")
+        except (PruningError, ValueError) as e:
+            raise PlanError(f"pruning: {e}") from None
+
     # ------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
         def tensor_dict(t: TensorPlan) -> dict:
@@ -159,13 +207,16 @@ class Plan:
             if any(t.protected):
                 d["protected"] = t.protected
             return d
-        return {
-            "format": PLAN_FORMAT, "version": PLAN_VERSION,
+        d = {
+            "format": PLAN_FORMAT, "version": 1 if self.pruning is None else 2,
             "model": {"name": self.model_name, "fingerprint": self.model_fingerprint, "n_weights": self.n_weights()},
             "group_size": self.group_size, "budget_bits": self.budget_bits, "allocator": self.allocator,
             "effective_bits": self.effective_bits(), "action_histogram": self.action_histogram(),
-            "tensors": [tensor_dict(t) for t in self.tensors], "meta": self.meta,
         }
+        if self.pruning is not None:
+            d["pruning"] = self.pruning.to_dict()
+        d.update({"tensors": [tensor_dict(t) for t in self.tensors], "meta": self.meta})
+        return d
 
     def to_json(self, timings: bool = True) -> str:
         """The plan as JSON; timings=False drops wall-clock figures (meta keys "seconds" and "*_seconds"),
@@ -185,8 +236,15 @@ class Plan:
     def from_dict(cls, d: dict) -> "Plan":
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
             raise PlanError(f"not a wqedge plan (expected \"format\": \"{PLAN_FORMAT}\")")
-        if d.get("version") != PLAN_VERSION:
-            raise PlanError(f"unsupported plan version {d.get('version')!r} (this wqedge reads version {PLAN_VERSION})")
+        if d.get("version") not in READ_VERSIONS:
+            raise PlanError(f"unsupported plan version {d.get('version')!r} (this wqedge reads versions "
+                            f"{', '.join(map(str, READ_VERSIONS))})")
+        if "pruning" in d and d["version"] < 2:
+            raise PlanError("a version 1 plan has no \"pruning\" (structured pruning needs version 2)")
+        try:
+            pruning = Pruning.from_dict(d["pruning"]) if d.get("pruning") is not None else None
+        except PruningError as e:
+            raise PlanError(f"pruning: {e}") from None
         try:
             tensors = [TensorPlan(t["name"], int(t["out_features"]), int(t["in_features"]), list(t["actions"]),
                                   list(t.get("methods") or ["neuqi"] * len(t["actions"])),
@@ -194,7 +252,7 @@ class Plan:
                        for t in d["tensors"]]
             model = d.get("model", {})
             return cls(int(d["group_size"]), float(d["budget_bits"]), str(d.get("allocator", "")), tensors,
-                       model.get("name", ""), model.get("fingerprint", ""), d.get("meta") or {})
+                       model.get("name", ""), model.get("fingerprint", ""), d.get("meta") or {}, pruning)
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from None
 

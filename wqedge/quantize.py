@@ -41,13 +41,19 @@ def quantize_linear(w: torch.Tensor, plan: Plan, name: str, h: torch.Tensor | No
 def quantize_linears(ckpt: LlamaCheckpoint, plan: Plan, stats: dict[str, torch.Tensor] | None = None,
                      device: str | None = None, fitted: dict[str, list[ChunkData]] | None = None,
                      ) -> Iterator[tuple[Linear, list[ChunkData]]]:
-    """Each linear's chunks, in unit order: taken from `fitted` (e.g. error feedback) or fitted here."""
-    for lin in ckpt.spec.linears():
+    """Each linear's chunks, in unit order: taken from `fitted` (e.g. error feedback) or fitted here.
+
+    A pruning plan's linears lose their pruned rows and columns first (stats: diag(XᵀX) of the unpruned
+    model, restricted to the kept input columns)."""
+    for orig, lin in zip(ckpt.spec.linears(), plan.model_spec(ckpt.spec).linears()):
         if fitted is not None:
             yield lin, fitted[lin.hf_name]
             continue
-        w = ckpt.linear_weight(lin).to(device or "cpu", torch.float32)
+        w = plan.prune_weight(lin.hf_name, ckpt.linear_weight(orig)).to(device or "cpu", torch.float32).contiguous()
         h = None if not stats else stats.get(lin.hf_name)
+        cols = plan.kept_columns(lin.hf_name)
+        if h is not None and cols is not None:
+            h = h[cols.tolist()]
         yield lin, quantize_linear(w, plan, lin.hf_name, None if h is None else h.to(w.device, torch.float32))
 
 
@@ -82,6 +88,6 @@ def convert_to_gguf(ckpt: LlamaCheckpoint, plan: Plan, out_path: str | Path,
     """
     plan.validate(ckpt.spec, ckpt.fingerprint())
     dense, dense_data = _dense_source(ckpt)
-    return write_gguf(out_path, ckpt.spec, plan, read_tokenizer(ckpt.path), dense, dense_data,
+    return write_gguf(out_path, plan.model_spec(ckpt.spec), plan, read_tokenizer(ckpt.path), dense, dense_data,
                       quantize_linears(ckpt, plan, stats, device, fitted), progress)
 

@@ -25,16 +25,60 @@ class ModelSpec:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     name: str = "llama"
+    # A pruned model's per-layer shapes (wqedge.pruning); None: every layer has the scalar above. When set,
+    # the scalar is the largest value over the layers (what buffers are sized by).
+    layer_ff: tuple[int, ...] | None = None
+    layer_heads: tuple[int, ...] | None = None
+    layer_kv_heads: tuple[int, ...] | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
+    def ff(self, layer: int) -> int:
+        return self.layer_ff[layer] if self.layer_ff else self.intermediate_size
+
+    def heads(self, layer: int) -> int:
+        return self.layer_heads[layer] if self.layer_heads else self.n_heads
+
+    def kv_heads(self, layer: int) -> int:
+        return self.layer_kv_heads[layer] if self.layer_kv_heads else self.n_kv_heads
+
+    @property
+    def uneven(self) -> bool:
+        """Layers differ in FFN length or head counts (the GGUF then stores per-layer arrays)."""
+        return any(v is not None for v in (self.layer_ff, self.layer_heads, self.layer_kv_heads))
+
     def linears(self) -> list[Linear]:
-        return decoder_linears(self.n_layers, self.hidden_size, self.intermediate_size,
-                               self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim)
+        r = range(self.n_layers)
+        return decoder_linears(self.n_layers, self.hidden_size, [self.ff(i) for i in r],
+                               [self.heads(i) * self.head_dim for i in r], [self.kv_heads(i) * self.head_dim for i in r])
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("extra")
+        for k in ("layer_ff", "layer_heads", "layer_kv_heads"):  # absent when even: fingerprints stay as before
+            if d[k] is None:
+                d.pop(k)
+            else:
+                d[k] = list(d[k])
         return d
+
+
+def with_layer_shapes(spec: ModelSpec, ff, heads, kv_heads) -> ModelSpec:
+    """`spec` with per-layer FFN lengths and head counts (sequences of n_layers ints); a uniform sequence
+    becomes the scalar, so an evenly shaped model has the same spec however it was described."""
+    import dataclasses
+
+    def norm(v, name):
+        v = tuple(int(x) for x in v)
+        if len(v) != spec.n_layers or min(v) < 1:
+            raise ValueError(f"{name}: expected {spec.n_layers} positive per-layer values, got {list(v)}")
+        return (None, v[0]) if len(set(v)) == 1 else (v, max(v))
+    (lf, f), (lh, h), (lk, k) = norm(ff, "feed_forward_length"), norm(heads, "head_count"), norm(kv_heads, "head_count_kv")
+    for i in range(spec.n_layers):
+        if (lh[i] if lh else h) % (lk[i] if lk else k):
+            raise ValueError(f"layer {i}: {lh[i] if lh else h} query heads do not share {lk[i] if lk else k} "
+                             "KV heads evenly")
+    return dataclasses.replace(spec, intermediate_size=f, n_heads=h, n_kv_heads=k,
+                               layer_ff=lf, layer_heads=lh, layer_kv_heads=lk)
 
 
 def other_tensors(spec: ModelSpec) -> list[tuple[str, str, tuple[int, ...]]]:

@@ -62,19 +62,30 @@ class Unit:
         return self.width * self.linear.out_features
 
 
-def decoder_linears(n_layers: int, hidden: int, intermediate: int, q_out: int, kv_out: int) -> list[Linear]:
-    """Every decoder linear in unit order, with its (out, in) shape."""
-    shapes = {
-        "q_proj": (q_out, hidden), "k_proj": (kv_out, hidden), "v_proj": (kv_out, hidden),
-        "o_proj": (hidden, q_out), "gate_proj": (intermediate, hidden),
-        "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate),
-    }
+def decoder_linears(n_layers: int, hidden: int, intermediate, q_out, kv_out) -> list[Linear]:
+    """Every decoder linear in unit order, with its (out, in) shape. intermediate, q_out and kv_out are one
+    int for every layer or one per layer (a pruned model)."""
+    def at(v, layer):
+        return v if isinstance(v, int) else v[layer]
     out = []
     for layer in range(n_layers):
+        f, q, kv = at(intermediate, layer), at(q_out, layer), at(kv_out, layer)
+        shapes = {
+            "q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+            "gate_proj": (f, hidden), "up_proj": (f, hidden), "down_proj": (hidden, f),
+        }
         for (hf, stem), proj in zip(PROJECTIONS, PROJ_TYPES):
             n, k = shapes[proj]
             out.append(Linear(layer, proj, f"model.layers.{layer}.{hf}.weight", f"blk.{layer}.{stem}.weight", n, k))
     return out
+
+
+def parse_linear_name(hf_name: str) -> tuple[int, str]:
+    """(layer, projection) of a decoder linear's Hugging Face name: model.layers.3.mlp.up_proj.weight -> (3, up_proj)."""
+    parts = hf_name.split(".")
+    if len(parts) != 6 or parts[:2] != ["model", "layers"] or not parts[2].isdigit() or parts[4] not in PROJ_TYPES:
+        raise ValueError(f"{hf_name!r} is not a decoder linear's name (model.layers.N.<module>.<proj>.weight)")
+    return int(parts[2]), parts[4]
 
 
 def enumerate_units(linears: list[Linear], group_size: int) -> list[Unit]:

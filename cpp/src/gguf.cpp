@@ -383,4 +383,15 @@ std::vector<int64_t> GGUFFile::get_int_array(const std::string& key, uint64_t ma
     return out;
 }
 
+std::vector<int64_t> GGUFFile::get_int_per_layer(const std::string& key, int n_layer) const {
+    const GGUFValue* v = find(key);
+    if (v && v->type == GV_ARRAY) {
+        std::vector<int64_t> out = get_int_array(key, (uint64_t)n_layer);
+        if ((int64_t)out.size() != n_layer)
+            format_error("key '%s' lists %zu values, one per layer of %d expected", key.c_str(), out.size(), n_layer);
+        return out;
+    }
+    return std::vector<int64_t>(n_layer, get_int(key));
+}
+
 }  // namespace wqe

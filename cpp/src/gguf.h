@@ -89,6 +89,9 @@ public:
     // is a format error (raised before anything is allocated).
     std::vector<int64_t> get_int_array(const std::string& key, uint64_t max_count) const;
     const GGUFValue& get_array(const std::string& key, uint32_t elem_type) const;  // exact element type
+    // One integer per layer: a scalar (every layer the same) or an array of exactly n_layer integers, as
+    // llama.cpp reads feed_forward_length / head_count / head_count_kv (per-layer arrays: pruned models).
+    std::vector<int64_t> get_int_per_layer(const std::string& key, int n_layer) const;
 
     [[noreturn]] void format_error(const char* fmt, ...) const
 #if defined(__GNUC__)

@@ -31,6 +31,16 @@ struct Loader {
     int dim_key(const std::string& key, int64_t lo, int64_t hi, int64_t dflt) const {
         return f.has(key) ? dim_key(key, lo, hi) : (int)dflt;
     }
+    std::vector<int> per_layer(const std::string& key, int64_t lo, int64_t hi) const {
+        std::vector<int> out;
+        for (int64_t v : f.get_int_per_layer(key, m.hp.n_layer)) {
+            if (v < lo || v > hi)
+                f.format_error("key '%s': layer %zu's value %lld is out of range [%lld, %lld]", key.c_str(), out.size(),
+                               (long long)v, (long long)lo, (long long)hi);
+            out.push_back((int)v);
+        }
+        return out;
+    }
 
     const GGUFTensor& tensor(const std::string& name) const {
         const GGUFTensor* t = f.tensor(name);
@@ -171,11 +181,23 @@ void Loader::load() {
     const int LIM = 1 << 20;
     hp.n_embd = dim_key("llama.embedding_length", 1, 1 << 16);
     hp.n_layer = dim_key("llama.block_count", 1, 4096);
-    hp.n_ff = dim_key("llama.feed_forward_length", 1, LIM);
-    hp.n_head = dim_key("llama.attention.head_count", 1, 4096);
-    hp.n_head_kv = dim_key("llama.attention.head_count_kv", 1, 4096, hp.n_head);
-    if (hp.n_head % hp.n_head_kv)
-        f.format_error("llama.attention.head_count = %d is not a multiple of head_count_kv = %d", hp.n_head, hp.n_head_kv);
+    // FFN length and head counts: one value, or one per layer (a pruned model); hp holds the largest.
+    const std::vector<int> ff = per_layer("llama.feed_forward_length", 1, LIM);
+    const std::vector<int> heads = per_layer("llama.attention.head_count", 1, 4096);
+    const std::vector<int> heads_kv = f.has("llama.attention.head_count_kv")
+                                          ? per_layer("llama.attention.head_count_kv", 1, 4096) : heads;
+    m.layers.resize(hp.n_layer);
+    for (int l = 0; l < hp.n_layer; ++l) {
+        if (heads[l] % heads_kv[l])
+            f.format_error("layer %d: llama.attention.head_count = %d is not a multiple of head_count_kv = %d", l,
+                           heads[l], heads_kv[l]);
+        m.layers[l].n_ff = ff[l];
+        m.layers[l].n_head = heads[l];
+        m.layers[l].n_head_kv = heads_kv[l];
+    }
+    hp.n_ff = *std::max_element(ff.begin(), ff.end());
+    hp.n_head = *std::max_element(heads.begin(), heads.end());
+    hp.n_head_kv = *std::max_element(heads_kv.begin(), heads_kv.end());
     hp.head_dim = dim_key("llama.attention.key_length", 2, 4096, hp.n_embd / hp.n_head);
     if (hp.head_dim < 2 || hp.head_dim % 2) f.format_error("head dimension %d must be even and >= 2", hp.head_dim);
     const int vdim = dim_key("llama.attention.value_length", 1, 4096, hp.head_dim);
@@ -216,19 +238,19 @@ void Loader::load() {
 
     m.max_K = std::max(std::max(hp.n_embd, hp.n_ff), hp.q_dim());
     m.max_N = std::max(std::max(hp.n_vocab, hp.n_ff), hp.q_dim());
-    m.layers.resize(hp.n_layer);
     for (int l = 0; l < hp.n_layer; ++l) {
         Layer& L = m.layers[l];
         const std::string p = "blk." + std::to_string(l) + ".";
+        const int qd = L.n_head * hp.head_dim, kvd = L.n_head_kv * hp.head_dim;
         L.attn_norm = f32_vector(p + "attn_norm.weight", hp.n_embd);
         L.ffn_norm = f32_vector(p + "ffn_norm.weight", hp.n_embd);
-        L.wq = chunked(p + "attn_q.weight", hp.q_dim(), hp.n_embd);
-        L.wk = chunked(p + "attn_k.weight", hp.kv_dim(), hp.n_embd);
-        L.wv = chunked(p + "attn_v.weight", hp.kv_dim(), hp.n_embd);
-        L.wo = chunked(p + "attn_output.weight", hp.n_embd, hp.q_dim());
-        L.w_gate = chunked(p + "ffn_gate.weight", hp.n_ff, hp.n_embd);
-        L.w_up = chunked(p + "ffn_up.weight", hp.n_ff, hp.n_embd);
-        L.w_down = chunked(p + "ffn_down.weight", hp.n_embd, hp.n_ff);
+        L.wq = chunked(p + "attn_q.weight", qd, hp.n_embd);
+        L.wk = chunked(p + "attn_k.weight", kvd, hp.n_embd);
+        L.wv = chunked(p + "attn_v.weight", kvd, hp.n_embd);
+        L.wo = chunked(p + "attn_output.weight", hp.n_embd, qd);
+        L.w_gate = chunked(p + "ffn_gate.weight", L.n_ff, hp.n_embd);
+        L.w_up = chunked(p + "ffn_up.weight", L.n_ff, hp.n_embd);
+        L.w_down = chunked(p + "ffn_down.weight", hp.n_embd, L.n_ff);
     }
     // Token ids are range-checked as read (int64), before narrowing: 2^32 + 1 must not become 1.
     hp.bos = dim_key("tokenizer.ggml.bos_token_id", -1, hp.n_vocab - 1, -1);
@@ -312,7 +334,11 @@ Context::Context(const Model& m, int n_ctx_, int n_threads) : model(m), n_ctx(n_
     const HParams& hp = m.hp;
     if (n_ctx < 1 || n_ctx > MAX_CTX) fail(WQE_ERR_INVALID_ARGUMENT, "context length %d is outside [1, %d]", n_ctx, MAX_CTX);
     // kv <= 2^12 layers * 2^24 tokens * 2^17 floats: no overflow in 64 bits.
-    const size_t kv = (size_t)hp.n_layer * n_ctx * hp.kv_dim();
+    size_t kv = 0;
+    for (const Layer& L : m.layers) {
+        kv_off.push_back(kv);
+        kv += (size_t)n_ctx * L.n_head_kv * hp.head_dim;
+    }
     const int nt = n_threads > 0 ? n_threads : default_thread_count();
     check_fits((2.0 * (double)kv + (double)nt * n_ctx) * sizeof(float),
                "a KV cache of " + std::to_string(n_ctx) + " tokens (with " + std::to_string(nt) + " threads' scores)");
@@ -463,8 +489,7 @@ static void rope(float* v, int n_heads, int hd, const float* cs, const float* sn
 void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
     const Model& m = model;
     const HParams& hp = m.hp;
-    const int D = hp.n_embd, hd = hp.head_dim, half = hd / 2, QD = hp.q_dim(), KVD = hp.kv_dim(), F = hp.n_ff;
-    const int group = hp.n_head / hp.n_head_kv;
+    const int D = hp.n_embd, hd = hp.head_dim, half = hd / 2;
     const int kern = active_kernels();
     const int act = active_act();  // int8 activations apply to single-token steps (matvec) only
     const VecOps& ops = vec_ops(kern);
@@ -486,8 +511,9 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
 
     for (int l = 0; l < hp.n_layer; ++l) {
         const Layer& L = m.layers[l];
-        float* kc = &k_cache[(size_t)l * n_ctx * KVD];
-        float* vc = &v_cache[(size_t)l * n_ctx * KVD];
+        const int H = L.n_head, QD = H * hd, KVD = L.n_head_kv * hd, F = L.n_ff, group = H / L.n_head_kv;
+        float* kc = &k_cache[kv_off[l]];
+        float* vc = &v_cache[kv_off[l]];
 
         // Attention: xb = rmsnorm(x); q, k, v projections; RoPE; append k, v to the cache.
         for (int t = 0; t < n; ++t) rmsnorm(&xb[(size_t)t * D], &x[(size_t)t * D], L.attn_norm.data(), D, hp.rms_eps);
@@ -501,15 +527,15 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             matmul(L.wv, xb.data(), n, v.data(), tp, ms, kern, act);
         }
         for (int t = 0; t < n; ++t) {
-            rope(&q[(size_t)t * QD], hp.n_head, hd, &rope_cos[(size_t)t * half], &rope_sin[(size_t)t * half]);
-            rope(&k[(size_t)t * KVD], hp.n_head_kv, hd, &rope_cos[(size_t)t * half], &rope_sin[(size_t)t * half]);
+            rope(&q[(size_t)t * QD], H, hd, &rope_cos[(size_t)t * half], &rope_sin[(size_t)t * half]);
+            rope(&k[(size_t)t * KVD], L.n_head_kv, hd, &rope_cos[(size_t)t * half], &rope_sin[(size_t)t * half]);
         }
         std::memcpy(kc + (size_t)pos0 * KVD, k.data(), sizeof(float) * n * KVD);
         std::memcpy(vc + (size_t)pos0 * KVD, v.data(), sizeof(float) * n * KVD);
 
         // Causal grouped-query attention, one task per (token, head).
-        tp.run(n * hp.n_head, [&](int task, int thread) {
-            const int t = task / hp.n_head, h = task % hp.n_head, kvh = h / group;
+        tp.run(n * H, [&](int task, int thread) {
+            const int t = task / H, h = task % H, kvh = h / group;
             const int n_keys = pos0 + t + 1;
             const float* qh = &q[(size_t)t * QD + (size_t)h * hd];
             float* sc = scores[thread].data();

@@ -15,6 +15,8 @@ namespace wqedge { class Tokenizer; }
 namespace wqe {
 
 struct HParams {
+    // n_head, n_head_kv, n_ff: the largest over the layers (buffers are sized by them); a pruned model's
+    // layers have their own (Layer), read from per-layer arrays of the llama.* keys.
     int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_ff = 0;
     int n_ctx_train = 0, group_size = 0, format_version = 0;
     float rope_base = 10000.0f, rms_eps = 1e-5f, effective_bits = 0.0f;
@@ -25,6 +27,7 @@ struct HParams {
 };
 
 struct Layer {
+    int n_head = 0, n_head_kv = 0, n_ff = 0;  // this layer's shape (equal in every layer unless pruned)
     std::vector<float> attn_norm, ffn_norm;
     Linear wq, wk, wv, wo, w_gate, w_up, w_down;
 };
@@ -56,7 +59,8 @@ struct Context {
     int n_ctx;
     int n_past = 0;
     std::unique_ptr<ThreadPool> pool;
-    std::vector<float> k_cache, v_cache;  // [layer][n_ctx][kv_dim]
+    std::vector<float> k_cache, v_cache;  // [layer][n_ctx][the layer's kv dim]
+    std::vector<size_t> kv_off;           // where each layer's cache starts
     MatScratch ms;
     int n_batch_alloc = 0;
     // Activations of one micro-batch.
