@@ -199,8 +199,9 @@ def test_default_activations_are_int8():
         assert out.stdout.strip() == want, (env_val, out.stdout, out.stderr)
 
 
-def test_q8_prefill_unchanged_and_switch(llama_s_dir, tmp_path):
-    """Batched prompts keep float activations in q8 mode; the switch is process wide and round-trips."""
+def test_q8_prefill_switch(llama_s_dir, tmp_path):
+    """Batched prompts follow the switch too (q8: the integer prefill, tests/test_cpp_prefill.py; f32: the float
+    path); the switch is process wide and round-trips."""
     path = write_llama_s(tmp_path / "q4.gguf", llama_s_dir, lambda n, c: "q4")
     toks = np.arange(1, 65, dtype=np.int32)[None]
     native.set_activations("q8")
@@ -209,7 +210,10 @@ def test_q8_prefill_unchanged_and_switch(llama_s_dir, tmp_path):
     native.set_activations("f32")
     assert native.get_activations() == "f32"
     b = native.logits_fn(path, n_threads=1)(toks)
-    np.testing.assert_array_equal(a, b)
+    assert np.isfinite(a).all() and not np.array_equal(a, b)
+    native.set_activations("q8")
+    np.testing.assert_array_equal(native.logits_fn(path, n_threads=1)(toks), a)
+    native.set_activations("f32")
     with pytest.raises(ValueError):
         native.set_activations("int4")
 

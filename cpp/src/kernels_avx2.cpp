@@ -447,11 +447,19 @@ inline __m256i bcast4(const int8_t* p) {
     return _mm256_set1_epi32(v);
 }
 
+// Lane r = row r's exact int32 sum over one block's 32 columns (codes g, activations x).
+inline __m256i block_isum(const __m256i g[8], const int8_t* x) {
+    const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(g[0], bcast4(x)), _mm256_maddubs_epi16(g[1], bcast4(x + 4)));
+    const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(g[2], bcast4(x + 8)), _mm256_maddubs_epi16(g[3], bcast4(x + 12)));
+    const __m256i p45 = _mm256_add_epi16(_mm256_maddubs_epi16(g[4], bcast4(x + 16)), _mm256_maddubs_epi16(g[5], bcast4(x + 20)));
+    const __m256i p67 = _mm256_add_epi16(_mm256_maddubs_epi16(g[6], bcast4(x + 24)), _mm256_maddubs_epi16(g[7], bcast4(x + 28)));
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(p01, p23), _mm256_add_epi16(p45, p67)), _mm256_set1_epi16(1));
+}
+
 // One chunk's part of a tile: the 8 rows' sums over its blocks (before d and m), prefetching pf further on.
 template <int ID, int SUB>
 inline __m256 tile_chunk(const uint8_t* part, const XQ8* xq, int nb, ptrdiff_t pf) {
     constexpr int BLK = 8 * SUB;  // bytes per 32-column block of 8 rows
-    const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t* q = part + 32;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (int b = 0; b < nb; ++b, q += BLK) {
@@ -459,12 +467,7 @@ inline __m256 tile_chunk(const uint8_t* part, const XQ8* xq, int nb, ptrdiff_t p
             for (int o = 0; o < BLK; o += 64) _mm_prefetch((const char*)(q + pf + o), _MM_HINT_T0);
         __m256i g[8];
         tile_groups<ID>(q, g);
-        const int8_t* x = xq[b].q;
-        const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(g[0], bcast4(x)), _mm256_maddubs_epi16(g[1], bcast4(x + 4)));
-        const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(g[2], bcast4(x + 8)), _mm256_maddubs_epi16(g[3], bcast4(x + 12)));
-        const __m256i p45 = _mm256_add_epi16(_mm256_maddubs_epi16(g[4], bcast4(x + 16)), _mm256_maddubs_epi16(g[5], bcast4(x + 20)));
-        const __m256i p67 = _mm256_add_epi16(_mm256_maddubs_epi16(g[6], bcast4(x + 24)), _mm256_maddubs_epi16(g[7], bcast4(x + 28)));
-        const __m256i s = _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(p01, p23), _mm256_add_epi16(p45, p67)), ones);
+        const __m256i s = block_isum(g, xq[b].q);
         if (b & 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), _mm256_cvtepi32_ps(s), a1);
         else a0 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), _mm256_cvtepi32_ps(s), a0);
     }
@@ -503,7 +506,62 @@ inline void tile8_mix_impl(const uint8_t* tile, const TileDesc* d, int n, const 
     }
     _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));
 }
+
+// Integer prefill (linear.cpp tile8_gemm_fn): NT tokens per pass over a chunk's codes, each block's codes unpacked
+// once for the NT tokens; per token the float operations of tile_chunk / tile_dm in the same order (bit-identical).
+template <int ID, int NT>
+inline void gemm_block(const uint8_t* q, const XQ8* xq, size_t xs, __m256 a[NT]) {  // one block (q, xq at it), NT tokens
+    __m256i g[8];
+    tile_groups<ID>(q, g);
+    for (int t = 0; t < NT; ++t) {
+        const XQ8& x = xq[t * xs];
+        a[t] = _mm256_fmadd_ps(_mm256_set1_ps(x.d), _mm256_cvtepi32_ps(block_isum(g, x.q)), a[t]);
+    }
+}
+
+template <int ID, int SUB, int NT>
+inline void gemm_chunk(const uint8_t* part, const XQ8* xq, size_t xs, int nb, __m256 out[NT]) {
+    constexpr int BLK = 8 * SUB;
+    const uint8_t* q = part + 32;
+    __m256 a0[NT], a1[NT];  // even and odd blocks, as tile_chunk
+    for (int t = 0; t < NT; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        gemm_block<ID, NT>(q + (size_t)b * BLK, xq + b, xs, a0);
+        gemm_block<ID, NT>(q + (size_t)(b + 1) * BLK, xq + b + 1, xs, a1);
+    }
+    if (b < nb) gemm_block<ID, NT>(q + (size_t)b * BLK, xq + b, xs, a0);
+    for (int t = 0; t < NT; ++t) out[t] = _mm256_add_ps(a0[t], a1[t]);
+}
+
+template <int NT>
+inline void gemm_run(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, size_t xs, const int* x8off,
+                     const float* xsum, size_t ss, float* acc) {
+    __m256 tot[NT];
+    for (int t = 0; t < NT; ++t) tot[t] = _mm256_setzero_ps();
+    for (int i = 0; i < n; ++i) {
+        const uint8_t* part = tile + d[i].off;
+        const XQ8* x = xq + x8off[d[i].c];
+        __m256 s[NT];
+        switch (d[i].kind) {
+            case 2: gemm_chunk<2, 16, NT>(part, x, xs, d[i].nb, s); break;
+            case 3: gemm_chunk<3, 12, NT>(part, x, xs, d[i].nb, s); break;
+            case 4: gemm_chunk<4, 8, NT>(part, x, xs, d[i].nb, s); break;
+            default: gemm_chunk<6, 4, NT>(part, x, xs, d[i].nb, s); break;
+        }
+        for (int t = 0; t < NT; ++t) tot[t] = tile_dm(part, s[t], xsum[t * ss + d[i].c], tot[t]);
+    }
+    for (int t = 0; t < NT; ++t) _mm256_storeu_ps(acc + 8 * t, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * t), tot[t]));
+}
 }  // namespace
+
+void tile8_gemm(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, size_t xs, const int* x8off, const float* xsum,
+                size_t ss, int nt, float* acc) {
+    for (; nt >= 4; nt -= 4, xq += 4 * xs, xsum += 4 * ss, acc += 32) gemm_run<4>(tile, d, n, xq, xs, x8off, xsum, ss, acc);
+    if (nt == 3) gemm_run<3>(tile, d, n, xq, xs, x8off, xsum, ss, acc);
+    else if (nt == 2) gemm_run<2>(tile, d, n, xq, xs, x8off, xsum, ss, acc);
+    else if (nt == 1) gemm_run<1>(tile, d, n, xq, xs, x8off, xsum, ss, acc);
+}
 
 float dot_fp16(const uint8_t* rb, const float* x, float, int g_pad) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};

@@ -60,6 +60,18 @@
             for (int k = 1; k < 8; ++k) g[k] = _mm256_and_si256(_mm256_srli_epi16(w, k), one);                        \
         }                                                                                                             \
     }                                                                                                                 \
+    /* lane r = row r's exact int32 sum over one block (codes g, activations x): two dpbusd chains */                \
+    inline __m256i isum(const __m256i g[8], const int8_t* x) {                                                        \
+        __m256i s0 = DPBUSD(_mm256_setzero_si256(), g[0], bcast4(x));                                                 \
+        __m256i s1 = DPBUSD(_mm256_setzero_si256(), g[4], bcast4(x + 16));                                            \
+        s0 = DPBUSD(s0, g[1], bcast4(x + 4));                                                                         \
+        s1 = DPBUSD(s1, g[5], bcast4(x + 20));                                                                        \
+        s0 = DPBUSD(s0, g[2], bcast4(x + 8));                                                                         \
+        s1 = DPBUSD(s1, g[6], bcast4(x + 24));                                                                        \
+        s0 = DPBUSD(s0, g[3], bcast4(x + 12));                                                                        \
+        s1 = DPBUSD(s1, g[7], bcast4(x + 28));                                                                        \
+        return _mm256_add_epi32(s0, s1);                                                                              \
+    }                                                                                                                 \
     template <int ID, int SUB>                                                                                        \
     inline __m256 chunk(const uint8_t* part, const XQ8* xq, int nb, ptrdiff_t pf) {                                   \
         constexpr int BLK = 8 * SUB;                                                                                  \
@@ -70,16 +82,7 @@
                 for (int o = 0; o < BLK; o += 64) _mm_prefetch((const char*)(q + pf + o), _MM_HINT_T0);               \
             __m256i g[8];                                                                                             \
             groups<ID>(q, g);                                                                                         \
-            const int8_t* x = xq[b].q;                                                                                \
-            __m256i s0 = DPBUSD(_mm256_setzero_si256(), g[0], bcast4(x));                                             \
-            __m256i s1 = DPBUSD(_mm256_setzero_si256(), g[4], bcast4(x + 16));                                        \
-            s0 = DPBUSD(s0, g[1], bcast4(x + 4));                                                                     \
-            s1 = DPBUSD(s1, g[5], bcast4(x + 20));                                                                    \
-            s0 = DPBUSD(s0, g[2], bcast4(x + 8));                                                                     \
-            s1 = DPBUSD(s1, g[6], bcast4(x + 24));                                                                    \
-            s0 = DPBUSD(s0, g[3], bcast4(x + 12));                                                                    \
-            s1 = DPBUSD(s1, g[7], bcast4(x + 28));                                                                    \
-            const __m256 f = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));                                            \
+            const __m256 f = _mm256_cvtepi32_ps(isum(g, xq[b].q));                                                    \
             if (b & 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), f, a1);                                          \
             else a0 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), f, a0);                                                \
         }                                                                                                             \
@@ -98,6 +101,56 @@
         for (int c = 0; c < nch; ++c, part += part_bytes, xq += nb) tot = dm(part, chunk<ID, SUB>(part, xq, nb, pf), xsum[c], tot);\
         _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));                                              \
     }                                                                                                                 \
+    /* integer prefill (kernels_avx2.cpp gemm_chunk / gemm_run: the same operations with vpdpbusd) */                \
+    template <int ID, int NT>                                                                                         \
+    inline void gemm_block(const uint8_t* q, const XQ8* xq, size_t xs, __m256 a[NT]) {                               \
+        __m256i g[8];                                                                                                 \
+        groups<ID>(q, g);                                                                                             \
+        for (int t = 0; t < NT; ++t) {                                                                                \
+            const XQ8& x = xq[t * xs];                                                                                \
+            a[t] = _mm256_fmadd_ps(_mm256_set1_ps(x.d), _mm256_cvtepi32_ps(isum(g, x.q)), a[t]);                     \
+        }                                                                                                             \
+    }                                                                                                                 \
+    template <int ID, int SUB, int NT>                                                                                \
+    inline void gemm_chunk(const uint8_t* part, const XQ8* xq, size_t xs, int nb, __m256 out[NT]) {                  \
+        constexpr int BLK = 8 * SUB;                                                                                  \
+        const uint8_t* q = part + 32;                                                                                 \
+        __m256 a0[NT], a1[NT];                                                                                        \
+        for (int t = 0; t < NT; ++t) a0[t] = a1[t] = _mm256_setzero_ps();                                             \
+        int b = 0;                                                                                                    \
+        for (; b + 2 <= nb; b += 2) {                                                                                 \
+            gemm_block<ID, NT>(q + (size_t)b * BLK, xq + b, xs, a0);                                                  \
+            gemm_block<ID, NT>(q + (size_t)(b + 1) * BLK, xq + b + 1, xs, a1);                                        \
+        }                                                                                                             \
+        if (b < nb) gemm_block<ID, NT>(q + (size_t)b * BLK, xq + b, xs, a0);                                          \
+        for (int t = 0; t < NT; ++t) out[t] = _mm256_add_ps(a0[t], a1[t]);                                            \
+    }                                                                                                                 \
+    template <int NT>                                                                                                 \
+    inline void gemm_run(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, size_t xs, const int* x8off,  \
+                         const float* xsum, size_t ss, float* acc) {                                                  \
+        __m256 tot[NT];                                                                                               \
+        for (int t = 0; t < NT; ++t) tot[t] = _mm256_setzero_ps();                                                    \
+        for (int i = 0; i < n; ++i) {                                                                                 \
+            const uint8_t* part = tile + d[i].off;                                                                    \
+            const XQ8* x = xq + x8off[d[i].c];                                                                        \
+            __m256 s[NT];                                                                                             \
+            switch (d[i].kind) {                                                                                      \
+                case 2: gemm_chunk<2, 16, NT>(part, x, xs, d[i].nb, s); break;                                        \
+                case 3: gemm_chunk<3, 12, NT>(part, x, xs, d[i].nb, s); break;                                        \
+                case 4: gemm_chunk<4, 8, NT>(part, x, xs, d[i].nb, s); break;                                         \
+                default: gemm_chunk<6, 4, NT>(part, x, xs, d[i].nb, s); break;                                        \
+            }                                                                                                         \
+            for (int t = 0; t < NT; ++t) tot[t] = dm(part, s[t], xsum[t * ss + d[i].c], tot[t]);                      \
+        }                                                                                                             \
+        for (int t = 0; t < NT; ++t) _mm256_storeu_ps(acc + 8 * t, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * t), tot[t]));\
+    }                                                                                                                 \
+    }                                                                                                                 \
+    void tile8_gemm(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, size_t xs, const int* x8off,       \
+                    const float* xsum, size_t ss, int nt, float* acc) {                                               \
+        for (; nt >= 4; nt -= 4, xq += 4 * xs, xsum += 4 * ss, acc += 32) gemm_run<4>(tile, d, n, xq, xs, x8off, xsum, ss, acc);\
+        if (nt == 3) gemm_run<3>(tile, d, n, xq, xs, x8off, xsum, ss, acc);                                           \
+        else if (nt == 2) gemm_run<2>(tile, d, n, xq, xs, x8off, xsum, ss, acc);                                      \
+        else if (nt == 1) gemm_run<1>(tile, d, n, xq, xs, x8off, xsum, ss, acc);                                      \
     }                                                                                                                 \
     void tile8_mix(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, const int* x8off, const float* xsum, \
                    float* acc, ptrdiff_t pf) {                                                                        \

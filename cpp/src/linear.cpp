@@ -55,31 +55,47 @@ struct Prepared {
     const XQ8* xq8;
 };
 
-// Per-chunk activation preprocessing, shared by all N rows: float (prepare_x) or, in ACT_Q8 for kinds
-// with int8 kernels, int8 blocks (prepare_x8).
+// Int8 blocks of one token's prepared activations (ACT_Q8: chunks whose kind has int8 kernels), and whether
+// any chunk stays float (fp16, or a kind without int8 kernels).
+int x8_blocks_of(const Linear& W, int kernels, int act, bool* any_float) {
+    int n8 = 0;
+    bool fl = false;
+    for (int c = 0; c < (int)W.chunks.size(); ++c) {
+        const BlockTraits& bt = W.kind_of(c);
+        if (act == ACT_Q8 && bt.dot8[kernels]) n8 += x8_blocks(bt, W.chunks[c].g_pad);
+        else fl = true;
+    }
+    if (any_float) *any_float = fl;
+    return n8;
+}
+
+// Per-chunk activation preprocessing of one token, shared by all N rows: float (prepare_x, into xprep) or, in
+// ACT_Q8 for kinds with int8 kernels, int8 blocks (prepare_x8, into xq8 at x8off[c]). xprep may be null when
+// every chunk is int8.
+void prepare_token(const Linear& W, const float* x, int kernels, int act, float* xprep, float* xsum, int* x8off,
+                   XQ8* xq8) {
+    for (int c = 0, o8 = 0; c < (int)W.chunks.size(); ++c) {
+        const Chunk& ch = W.chunks[c];
+        const BlockTraits& bt = W.kind_of(c);  // a tiled ternary chunk is q2: plain layout, within the same slot
+        if (act == ACT_Q8 && bt.dot8[kernels]) {
+            x8off[c] = o8;
+            xsum[c] = prepare_x8(bt, x + ch.col0, ch.g, xq8 + o8);
+            o8 += x8_blocks(bt, ch.g_pad);
+        } else {
+            x8off[c] = -1;
+            xsum[c] = prepare_x(bt, x + ch.col0, ch.g, xprep + ch.xoff);
+        }
+    }
+}
+
 Prepared prepare(const Linear& W, const float* x, MatScratch::Slot& sl, int kernels, int act) {
     const int n_chunks = (int)W.chunks.size();
     if ((int)sl.xsum.size() < n_chunks) sl.xsum.resize(n_chunks);
     if ((int)sl.x8off.size() < n_chunks) sl.x8off.resize(n_chunks);
     if ((int)sl.xprep.size() < W.x_floats) sl.xprep.resize(W.x_floats);
-    if (act == ACT_Q8) {
-        int n8 = 0;
-        for (int c = 0; c < n_chunks; ++c)
-            if (W.kind_of(c).dot8[kernels]) n8 += x8_blocks(W.kind_of(c), W.chunks[c].g_pad);
-        if ((int)sl.xq8.size() < n8) sl.xq8.resize(n8);
-    }
-    for (int c = 0, o8 = 0; c < n_chunks; ++c) {
-        const Chunk& ch = W.chunks[c];
-        const BlockTraits& bt = W.kind_of(c);  // a tiled ternary chunk is q2: plain layout, within the same slot
-        if (act == ACT_Q8 && bt.dot8[kernels]) {
-            sl.x8off[c] = o8;
-            sl.xsum[c] = prepare_x8(bt, x + ch.col0, ch.g, sl.xq8.data() + o8);
-            o8 += x8_blocks(bt, ch.g_pad);
-        } else {
-            sl.x8off[c] = -1;
-            sl.xsum[c] = prepare_x(bt, x + ch.col0, ch.g, sl.xprep.data() + ch.xoff);
-        }
-    }
+    const int n8 = x8_blocks_of(W, kernels, act, nullptr);
+    if ((int)sl.xq8.size() < n8) sl.xq8.resize(n8);
+    prepare_token(W, x, kernels, act, sl.xprep.data(), sl.xsum.data(), sl.x8off.data(), sl.xq8.data());
     return {sl.xprep.data(), sl.xsum.data(), sl.x8off.data(), sl.xq8.data()};
 }
 
@@ -131,6 +147,78 @@ inline uint8_t* thread_buf(size_t n) {
     return buf.data();
 }
 
+// Chunk c's protected residuals of the 8 rows of tile tb as floats (res[i * n_prot + q]).
+void protected_residuals(const Linear& W, int c, const uint8_t* tb, float* res) {
+    const Chunk& ch = W.chunks[c];
+    const Linear::TChunk& tc = W.tch[c];
+    const uint8_t* pp = tb + tc.off;
+    const size_t ro = tile_res_off(tc, ch);
+    for (int i = 0; i < TILE_ROWS; ++i) {
+        const uint8_t* r = tc.bt->tile_sub ? pp + TILE_ROWS * ro + (size_t)i * 2 * ch.n_prot : pp + (size_t)i * tc.rb + ro;
+        for (int q = 0; q < ch.n_prot; ++q) res[i * ch.n_prot + q] = load_h(r + 2 * q);
+    }
+}
+
+// acc[i] += row i's protected residuals (res, as protected_residuals gives them) times x, after the chunk's codes as
+// the row layout adds them.
+void add_protected(const Linear& W, int c, const float* res, const float* x, float* acc) {
+    const Chunk& ch = W.chunks[c];
+    const int32_t* idx = W.prot_local.data() + ch.prot0;
+    for (int i = 0; i < TILE_ROWS; ++i) {
+        float sp = 0.0f;
+        for (int q = 0; q < ch.n_prot; ++q) sp += res[i * ch.n_prot + q] * x[ch.col0 + idx[q]];
+        acc[i] += sp;
+    }
+}
+
+void add_protected(const Linear& W, int c, const uint8_t* tb, const float* x, float* acc) {
+    thread_local std::vector<float> res;
+    res.resize((size_t)TILE_ROWS * W.chunks[c].n_prot);
+    protected_residuals(W, c, tb, res.data());
+    add_protected(W, c, res.data(), x, acc);
+}
+
+// Whether a run goes through the int8 tile kernels (else chunk by chunk through the row kernels).
+inline bool run_has_tile_kernel(const Linear& W, const Linear::Run& run, const Prepared& p, int kernels) {
+    const Linear::TChunk& t0 = W.tch[run.c0];
+    return p.x8off[run.c0] >= 0 && t0.bt->tile_sub &&
+           (run.uniform ? t0.bt->tile8[kernels] != nullptr : vec_ops(kernels).tile8_mix != nullptr);
+}
+
+// acc[0..8) += one run of tile tb for one token (x, p); pf as the tile kernels take it.
+void tile_run(const Linear& W, const Linear::Run& run, const uint8_t* tb, const float* x, const Prepared& p,
+              int kernels, std::ptrdiff_t pf, float* acc) {
+    const Chunk& c0 = W.chunks[run.c0];
+    const Linear::TChunk& t0 = W.tch[run.c0];
+    if (run_has_tile_kernel(W, run, p, kernels)) {
+        if (run.uniform)
+            t0.bt->tile8[kernels](tb + t0.off, TILE_ROWS * t0.rb, run.n, p.xq8 + p.x8off[run.c0], p.xs + run.c0, c0.g_pad, acc, pf);
+        else
+            vec_ops(kernels).tile8_mix(tb, W.tdesc.data() + run.c0, run.n, p.xq8, p.x8off, p.xs, acc, pf);
+        for (int c = run.c0; c < run.c0 + run.n; ++c)
+            if (W.chunks[c].n_prot) add_protected(W, c, tb, x, acc);
+        return;
+    }
+    float part[TILE_ROWS];
+    for (int c = run.c0; c < run.c0 + run.n; ++c) {
+        const Chunk& ch = W.chunks[c];
+        const Linear::TChunk& tc = W.tch[c];
+        const BlockTraits& bt = *tc.bt;
+        const uint8_t* pp = tb + tc.off;
+        if (pf)
+            for (size_t o = 0; o < TILE_ROWS * tc.rb; o += 64) prefetch(pp + pf + o);
+        if (bt.tile_sub) {  // interleaved, no tile kernel here (float activations, NEON): untile
+            uint8_t* buf = thread_buf(TILE_ROWS * tc.rb);
+            untile_part(ch, tc, pp, buf);
+            pp = buf;
+        }
+        if (p.x8off[c] >= 0) bt.dot8_rows[kernels](pp, tc.rb, TILE_ROWS, p.xq8 + p.x8off[c], p.xs[c], ch.g_pad, part);
+        else bt.dot_rows[kernels](pp, tc.rb, TILE_ROWS, p.xp + ch.xoff, p.xs[c], ch.g_pad, part);
+        for (int i = 0; i < TILE_ROWS; ++i) acc[i] += part[i];
+        if (ch.n_prot) add_protected(W, c, tb, x, acc);
+    }
+}
+
 // Tiles [task * TPT, +TPT) of a tiled linear.
 void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, int ahead, float* y, int kernels) {
     const int n_tiles = (W.N + TILE_ROWS - 1) / TILE_ROWS;
@@ -138,54 +226,9 @@ void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, in
     static const bool no_pf = [] { const char* e = std::getenv("WQEDGE_TILE_PREFETCH"); return e && !std::strcmp(e, "0"); }();
     // (only when every tile of this task has its partner that far on: the pointers stay inside the copy)
     const std::ptrdiff_t pf = (task + ahead + 1) * TPT <= n_tiles && !no_pf ? (std::ptrdiff_t)ahead * TPT * (std::ptrdiff_t)W.tile_bytes : 0;
-    const tile8_mix_fn mix = vec_ops(kernels).tile8_mix;
     for (int t = task * TPT, t1 = std::min(n_tiles, (task + 1) * TPT); t < t1; ++t) {
-        const uint8_t* tb = W.tile(t);
-        float acc[TILE_ROWS] = {0}, part[TILE_ROWS];
-        // protected residuals of chunk c, row by row (after the chunk, as the row layout adds them)
-        auto add_protected = [&](int c) {
-            const Chunk& ch = W.chunks[c];
-            const Linear::TChunk& tc = W.tch[c];
-            const uint8_t* pp = tb + tc.off;
-            const size_t ro = tile_res_off(tc, ch);
-            const int32_t* idx = W.prot_local.data() + ch.prot0;
-            for (int i = 0; i < TILE_ROWS; ++i) {
-                const uint8_t* res = tc.bt->tile_sub ? pp + TILE_ROWS * ro + (size_t)i * 2 * ch.n_prot : pp + (size_t)i * tc.rb + ro;
-                float sp = 0.0f;
-                for (int q = 0; q < ch.n_prot; ++q) sp += load_h(res + 2 * q) * x[ch.col0 + idx[q]];
-                acc[i] += sp;
-            }
-        };
-        for (const Linear::Run& run : W.runs) {
-            const Chunk& c0 = W.chunks[run.c0];
-            const Linear::TChunk& t0 = W.tch[run.c0];
-            if (p.x8off[run.c0] >= 0 && t0.bt->tile_sub && (run.uniform ? t0.bt->tile8[kernels] != nullptr : mix != nullptr)) {
-                if (run.uniform)
-                    t0.bt->tile8[kernels](tb + t0.off, TILE_ROWS * t0.rb, run.n, p.xq8 + p.x8off[run.c0], p.xs + run.c0, c0.g_pad, acc, pf);
-                else
-                    mix(tb, W.tdesc.data() + run.c0, run.n, p.xq8, p.x8off, p.xs, acc, pf);
-                for (int c = run.c0; c < run.c0 + run.n; ++c)
-                    if (W.chunks[c].n_prot) add_protected(c);
-                continue;
-            }
-            for (int c = run.c0; c < run.c0 + run.n; ++c) {
-                const Chunk& ch = W.chunks[c];
-                const Linear::TChunk& tc = W.tch[c];
-                const BlockTraits& bt = *tc.bt;
-                const uint8_t* pp = tb + tc.off;
-                if (pf)
-                    for (size_t o = 0; o < TILE_ROWS * tc.rb; o += 64) prefetch(pp + pf + o);
-                if (bt.tile_sub) {  // interleaved, no tile kernel here (float activations, NEON): untile
-                    uint8_t* buf = thread_buf(TILE_ROWS * tc.rb);
-                    untile_part(ch, tc, pp, buf);
-                    pp = buf;
-                }
-                if (p.x8off[c] >= 0) bt.dot8_rows[kernels](pp, tc.rb, TILE_ROWS, p.xq8 + p.x8off[c], p.xs[c], ch.g_pad, part);
-                else bt.dot_rows[kernels](pp, tc.rb, TILE_ROWS, p.xp + ch.xoff, p.xs[c], ch.g_pad, part);
-                for (int i = 0; i < TILE_ROWS; ++i) acc[i] += part[i];
-                if (ch.n_prot) add_protected(c);
-            }
-        }
+        float acc[TILE_ROWS] = {0};
+        for (const Linear::Run& run : W.runs) tile_run(W, run, W.tile(t), x, p, kernels, pf, acc);
         for (int i = 0, n = std::min(TILE_ROWS, W.N - t * TILE_ROWS); i < n; ++i) y[t * TILE_ROWS + i] = acc[i];
     }
 }
@@ -433,6 +476,118 @@ void dequant_rows(const Linear& W, int r0, int nr, float* out, int ld, float* tm
     }
 }
 
+// ------------------------------------------------------------------ integer prefill (ACT_Q8, n > 1)
+// The batched tile GEMM (tile8_gemm_fn): for nt tokens, acc[8 t + r] += one run of tile kinds (TileDesc d[0, n)) of
+// row r for token t, whose int8 activations are xq + t * xq_stride (+ x8off[c] per chunk) and sums xsum + t * xs_stride.
+// Each token's result is bit-identical to VecOps::tile8_mix / tile8 on that token (the same exact int32 block sums,
+// then the same float operations in the same order): prefill logits equal token-by-token decode's.
+typedef void (*tile8_gemm_fn)(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, size_t xq_stride,
+                              const int* x8off, const float* xsum, size_t xs_stride, int nt, float* acc);
+#if defined(__x86_64__) || defined(__i386__)
+namespace avx2 {  // kernels_avx2.cpp, kernels_vnni.cpp
+void tile8_gemm(const uint8_t*, const TileDesc*, int, const XQ8*, size_t, const int*, const float*, size_t, int, float*);
+namespace vnni512 {
+void tile8_gemm(const uint8_t*, const TileDesc*, int, const XQ8*, size_t, const int*, const float*, size_t, int, float*);
+}
+namespace vnni256 {
+void tile8_gemm(const uint8_t*, const TileDesc*, int, const XQ8*, size_t, const int*, const float*, size_t, int, float*);
+}
+}  // namespace avx2
+#endif
+
+namespace {
+
+// Scalar reference: the scalar tile kernels, token by token.
+void tile8_gemm_scalar(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, size_t xq_stride, const int* x8off,
+                       const float* xsum, size_t xs_stride, int nt, float* acc) {
+    for (int t = 0; t < nt; ++t)
+        vec_ops(K_SCALAR).tile8_mix(tile, d, n, xq + t * xq_stride, x8off, xsum + t * xs_stride, acc + TILE_ROWS * t, 0);
+}
+
+// The tile GEMM of a kernel set (the VNNI build the AVX2 tile kernels use, x86_vnni()); nullptr: none (NEON),
+// the products go token by token through tile_run.
+tile8_gemm_fn tile8_gemm_of(int kernels) {
+    if (kernels == K_SCALAR) return tile8_gemm_scalar;
+#if defined(__x86_64__) || defined(__i386__)
+    if (kernels == K_AVX2) {
+        const int v = x86_vnni();
+        return v == 1 ? avx2::vnni512::tile8_gemm : v == 2 ? avx2::vnni256::tile8_gemm : avx2::tile8_gemm;
+    }
+#endif
+    return nullptr;
+}
+
+constexpr int GEMM_TOK = 64;  // tokens per task: their int8 activations stay in L2 while a tile's weights stay in L1
+
+}  // namespace
+
+// Y[n][N] with int8 activations: each token quantized once (prepare_token, as decode does), then per task one tile
+// (tiled linear; row layout: RT rows) times GEMM_TOK tokens. Runs of tile kinds go through the tile GEMM, four tokens
+// per call; anything else (fp16 chunks, kinds without tile kernels, the row layout, NEON) through the decode path's
+// per-token kernels on weights the task keeps in cache. Every token's row equals matvec(..., ACT_Q8) bit for bit.
+static void matmul_q8(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, MatScratch& s, int kernels) {
+    const int n_chunks = (int)W.chunks.size(), K = W.K, N = W.N;
+    bool any_float = false;
+    const int n8 = x8_blocks_of(W, kernels, ACT_Q8, &any_float);
+    const size_t xf = any_float ? (size_t)W.x_floats : 0;
+    if (s.bq8.size() < (size_t)n * n8) s.bq8.resize((size_t)n * n8);
+    if (s.bsum.size() < (size_t)n * n_chunks) s.bsum.resize((size_t)n * n_chunks);
+    if (s.bprep.size() < (size_t)n * xf) s.bprep.resize((size_t)n * xf);
+    if ((int)s.b8off.size() < n_chunks) s.b8off.resize(n_chunks);
+    XQ8* xq = s.bq8.data();
+    float* xs = s.bsum.data();
+    float* xp = s.bprep.data();
+    int* x8off = s.b8off.data();  // the same for every token (it depends on the kinds only)
+    pool.run(n, [&](int t, int) {
+        thread_local std::vector<int> off;
+        off.resize(n_chunks);
+        prepare_token(W, X + (size_t)t * K, kernels, ACT_Q8, xp + t * xf, xs + (size_t)t * n_chunks, off.data(), xq + (size_t)t * n8);
+        if (t == 0) std::copy(off.begin(), off.end(), x8off);
+    });
+    auto prep = [&](int t) { return Prepared{xp + t * xf, xs + (size_t)t * n_chunks, x8off, xq + (size_t)t * n8}; };
+    const int n_tb = (n + GEMM_TOK - 1) / GEMM_TOK;
+    if (!W.tiled()) {  // row layout: RT rows x GEMM_TOK tokens per task, token by token
+        const int n_rt = (N + RT - 1) / RT;
+        pool.run(n_rt * n_tb, [&](int task, int) {
+            const int rt = task % n_rt, t0 = task / n_rt * GEMM_TOK, t1 = std::min(n, t0 + GEMM_TOK);
+            for (int t = t0; t < t1; ++t) chunked_tile(W, X + (size_t)t * K, prep(t), rt, 0, Y + (size_t)t * N, kernels);
+        });
+        return;
+    }
+    const tile8_gemm_fn gemm = tile8_gemm_of(kernels);
+    const int n_tiles = (N + TILE_ROWS - 1) / TILE_ROWS;
+    pool.run(n_tiles * n_tb, [&](int task, int) {
+        const int ti = task % n_tiles, t0 = task / n_tiles * GEMM_TOK, t1 = std::min(n, t0 + GEMM_TOK);
+        const uint8_t* tb = W.tile(ti);
+        const Prepared p0 = prep(t0);
+        float acc[GEMM_TOK * TILE_ROWS];
+        std::fill(acc, acc + (t1 - t0) * TILE_ROWS, 0.0f);
+        thread_local std::vector<float> res;  // the tile's protected residuals, chunk c's at 8 * prot0 (once per task)
+        res.resize((size_t)TILE_ROWS * W.prot_local.size());
+        for (const Linear::Run& run : W.runs) {
+            if (gemm && run_has_tile_kernel(W, run, p0, kernels)) {
+                for (int t = t0; t < t1; t += 4) {
+                    const int nt = std::min(4, t1 - t);
+                    float* a = acc + (t - t0) * TILE_ROWS;
+                    gemm(tb, W.tdesc.data() + run.c0, run.n, xq + (size_t)t * n8, n8, x8off, xs + (size_t)t * n_chunks,
+                         n_chunks, nt, a);
+                    for (int c = run.c0; c < run.c0 + run.n; ++c)
+                        if (W.chunks[c].n_prot) {
+                            float* rc = res.data() + (size_t)TILE_ROWS * W.chunks[c].prot0;
+                            if (t == t0) protected_residuals(W, c, tb, rc);
+                            for (int u = 0; u < nt; ++u) add_protected(W, c, rc, X + (size_t)(t + u) * K, a + u * TILE_ROWS);
+                        }
+                }
+                continue;
+            }
+            for (int t = t0; t < t1; ++t) tile_run(W, run, tb, X + (size_t)t * K, prep(t), kernels, 0, acc + (t - t0) * TILE_ROWS);
+        }
+        for (int t = t0; t < t1; ++t)
+            for (int i = 0, nr = std::min(TILE_ROWS, N - ti * TILE_ROWS); i < nr; ++i)
+                Y[(size_t)t * N + ti * TILE_ROWS + i] = acc[(t - t0) * TILE_ROWS + i];
+    });
+}
+
 void matmul(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, MatScratch& s, int kernels) {
     matmul(W, X, n, Y, pool, s, kernels, ACT_F32);
 }
@@ -440,6 +595,10 @@ void matmul(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, 
 void matmul(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, MatScratch& s, int kernels, int act) {
     if (n == 1) {
         matvec(W, X, Y, pool, s, kernels, act);
+        return;
+    }
+    if (act == ACT_Q8 && W.kind == Linear::CHUNKED) {
+        matmul_q8(W, X, n, Y, pool, s, kernels);
         return;
     }
     const VecOps& ops = vec_ops(kernels);

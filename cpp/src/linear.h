@@ -72,6 +72,10 @@ struct MatScratch {
     std::vector<std::vector<float>> tile;        // per thread: ROW_TILE dequantized rows
     std::vector<std::vector<float>> chunk_tmp;   // per thread: one dequantized chunk
     std::vector<float> xpad;                     // padded activations (matmul, when K % 8 != 0)
+    // matmul with int8 activations: every token's prepared x (token t at t * blocks, t * chunks, t * x_floats)
+    std::vector<XQ8> bq8;
+    std::vector<float> bsum, bprep;
+    std::vector<int> b8off;
     void reserve(int n_threads, int max_K, int max_g_pad, int max_x_floats, int max_chunks);
 };
 
@@ -86,7 +90,9 @@ void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScra
 // one fork-join instead of n; each y[i] is bit-identical to matvec(*W[i], x, y[i], ...).
 void matvec_group(int n, const Linear* const* W, const float* x, float* const* y, ThreadPool& pool, MatScratch& s,
                   int kernels, int act);
-// Y[n][N] = X[n][K] W^T (n >= 1); n >= 2 always uses float activations, n == 1 is matvec(..., act).
+// Y[n][N] = X[n][K] W^T (n >= 1); n == 1 is matvec(..., act). n >= 2: ACT_F32 dequantizes rows and runs a float
+// GEMM; ACT_Q8 (chunked linears) quantizes each token's activations once and runs the int8 tile GEMM, every token's
+// row bit-identical to matvec(..., ACT_Q8) on it (dense linears stay float).
 void matmul(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, MatScratch& s, int kernels);
 void matmul(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, MatScratch& s, int kernels, int act);
 // One row of a dense tensor (embeddings) as float.
