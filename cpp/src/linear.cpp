@@ -517,6 +517,15 @@ tile8_gemm_fn tile8_gemm_of(int kernels) {
     return nullptr;
 }
 
+// Whether every chunk of a run is of a kind the tile GEMMs know (q4, q3, q2, q1; a tiled ternary chunk is q2).
+bool gemm_kinds(const Linear& W, const Linear::Run& run) {
+    for (int c = run.c0; c < run.c0 + run.n; ++c) {
+        const int id = W.tch[c].bt->id;
+        if (id != 2 && id != 3 && id != 4 && id != 6) return false;
+    }
+    return true;
+}
+
 constexpr int GEMM_TOK = 64;  // tokens per task: their int8 activations stay in L2 while a tile's weights stay in L1
 
 }  // namespace
@@ -565,7 +574,7 @@ static void matmul_q8(const Linear& W, const float* X, int n, float* Y, ThreadPo
         thread_local std::vector<float> res;  // the tile's protected residuals, chunk c's at 8 * prot0 (once per task)
         res.resize((size_t)TILE_ROWS * W.prot_local.size());
         for (const Linear::Run& run : W.runs) {
-            if (gemm && run_has_tile_kernel(W, run, p0, kernels)) {
+            if (gemm && run_has_tile_kernel(W, run, p0, kernels) && gemm_kinds(W, run)) {
                 for (int t = t0; t < t1; t += 4) {
                     const int nt = std::min(4, t1 - t);
                     float* a = acc + (t - t0) * TILE_ROWS;
