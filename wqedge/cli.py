@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .blocks import ACTION_NAMES
-from .pipeline import ALLOCATORS, DEMO_DIR, TARGETS
+from .pipeline import ALLOCATORS, DEMO_DIR, DISTILL_STEPS, TARGETS
 from .plan import METHODS
 MIN_CALIB_WORDS = 16
 
@@ -178,6 +178,11 @@ _common_plan_options = [
                       "llama.cpp's Q4_0/Q3_K presets."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling and RL."),
     click.option("--device", default=None, help="torch device for planning (default: cuda if available, else cpu)."),
+    click.option("--distill", type=click.IntRange(min=0), is_flag=False, flag_value=DISTILL_STEPS, default=None, metavar="[STEPS]",
+                 help=f"Light distillation after fitting (NeUQI): codes frozen, each chunk's scales and offsets "
+                      f"and the RMSNorm weights trained to match the fp model's layer outputs on the calibration "
+                      f"text, STEPS AdamW steps per decoder layer (default {DISTILL_STEPS}). Off unless given; "
+                      f"`plan --distill` records it in the plan for a later convert."),
 ]
 
 
@@ -223,8 +228,8 @@ def plan_options(f):
 @click.option("--onnx-variant", type=click.Choice(["portable", "native"]), default="portable", show_default=True,
               help="'portable': stock ONNX Runtime operators; 'native': one wqedge.ChunkLinear per linear, run by "
                    "our custom-op library libwqedge_ort (smaller and packed in memory; see docs/onnx.md).")
-def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, plan_path, save_plan,
-            feedback, self_calib, target, onnx_lowering, check, onnx_variant):
+def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, plan_path,
+            save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
     With no MODEL_DIR, a tiny random LLaMA is built on the spot and converted (a self-contained demo).
@@ -290,7 +295,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     try:
         res = pipeline.convert(ckpt, plan, output, target, calib_text, feedback, device, say=click.echo,
                                progress=progress, on_gguf=written, onnx_variant=onnx_variant,
-                               onnx_lowering=onnx_lowering)
+                               onnx_lowering=onnx_lowering, distill=distill)
     except pipeline.ConvertError as e:
         _fail(str(e))
     finally:
@@ -330,7 +335,7 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Plan JSON to write.")
 @plan_options
-def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device):
+def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
 
@@ -341,6 +346,12 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
     ckpt = _open_checkpoint(model_dir)
     calib_text = _read_calib(calib) if calib else None
     p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset)
+    if distill is not None:
+        from .pipeline import ConvertError, record_distill
+        try:
+            record_distill(p, distill)
+        except ConvertError as e:
+            _fail(str(e))
     click.echo(text_report(p))
     p.save(output)
     txt, png = write_report(p, Path(output).with_suffix(""))

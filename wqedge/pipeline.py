@@ -2,7 +2,8 @@
 
 This is the one place that decides
   - which allocator makes the plan when none is named (`make_plan`),
-  - how chunks are fitted: error feedback, activation statistics, or weights alone (`fit_mode`),
+  - how chunks are fitted: error feedback, activation statistics, or weights alone (`fit_mode`), and
+    whether their scales, offsets and norms are then distilled (`distill_steps`),
   - what the output files are called (`default_output`),
   - and which writer a target goes to (`convert`).
 The CLI (`wqedge convert`, `wqedge plan`) and the benchmarks (wqedge/bench/files.py,
@@ -22,6 +23,7 @@ from .plan import Plan, PlanError
 ALLOCATORS = ("uniform", "greedy", "rl")   # the allocators a caller may name (wqedge.alloc.planner)
 FEEDBACK_ALLOCATORS = ("greedy", "rl")     # plans made for error-feedback lowering when text is given
 TARGETS = ("gguf", "onnx", "llamacpp")
+DISTILL_STEPS = 128   # steps per decoder layer of `--distill` given without a number (wqedge.quant.distill)
 DEMO_DIR = Path("wqedge-demo")
 
 
@@ -97,30 +99,70 @@ class Fits:
     mode: str
     stats: dict | None = None
     fitted: dict | None = None
+    norms: dict | None = None      # distilled RMSNorm weights (HF name -> tensor), written instead of the checkpoint's
+
+    def source(self, ckpt):
+        """The checkpoint the writer reads dense tensors from: `ckpt`, with the distilled norms when there are."""
+        if not self.norms:
+            return ckpt
+        from .quant.distill import TunedCheckpoint
+        return TunedCheckpoint(ckpt, self.norms)
+
+
+def distill_steps(plan: Plan, distill: int | None = None) -> int:
+    """Steps per decoder layer of light distillation (wqedge.quant.distill): `distill` when given, else what
+    the plan asks for (plan.meta["fit"]["distill_steps"], from `wqedge plan --distill`), else 0: off."""
+    from .quant.distill import check_steps
+    if distill is None:
+        distill = (plan.meta.get("fit") or {}).get("distill_steps", 0)
+    try:
+        return check_steps(distill)
+    except ValueError as e:
+        raise ConvertError(f"--distill: {e}") from None
+
+
+def record_distill(plan: Plan, steps: int) -> None:
+    """Ask, in the plan itself, for `steps` of light distillation when it is converted (`distill_steps`)."""
+    plan.meta.setdefault("fit", {})["distill_steps"] = distill_steps(plan, steps)
 
 
 def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None = None, device=None,
-                 stats=None, say: Callable[[str], None] = _quiet) -> Fits:
-    """Run the calibration step `fit_mode` chooses. `stats`: diag(XᵀX) computed already (a cache)."""
+                 stats=None, say: Callable[[str], None] = _quiet, distill: int | None = None) -> Fits:
+    """Run the calibration step `fit_mode` chooses, then light distillation when `distill_steps` says so.
+    `stats`: diag(XᵀX) computed already (a cache)."""
     mode = fit_mode(plan, calib_text, feedback)
+    steps = distill_steps(plan, distill)
+    if steps and calib_text is None:
+        raise ConvertError("--distill needs calibration text (--calib FILE, or self-calibration)")
     if mode == "feedback":
         from .quant.feedback import quantize_checkpoint
         say("fitting chunks with error feedback on the calibration text…")
-        return Fits(mode, fitted=quantize_checkpoint(ckpt, plan, calib_text, device=device))
-    if mode == "stats" and stats is None:
-        from .calib import collect_stats
-        say("calibrating (activation statistics for the quantizer fits)…")
-        stats = collect_stats(ckpt, calib_text, device=device)
-    return Fits(mode, stats=stats if mode == "stats" else None)
+        fits = Fits(mode, fitted=quantize_checkpoint(ckpt, plan, calib_text, device=device))
+    else:
+        if mode == "stats" and stats is None:
+            from .calib import collect_stats
+            say("calibrating (activation statistics for the quantizer fits)…")
+            stats = collect_stats(ckpt, calib_text, device=device)
+        fits = Fits(mode, stats=stats if mode == "stats" else None)
+    if not steps:
+        return fits
+    from .quant.distill import distill_checkpoint
+    from .quantize import quantize_linears
+    fitted = fits.fitted or {lin.hf_name: ch for lin, ch in quantize_linears(ckpt, plan, fits.stats, device)}
+    say(f"light distillation: {steps} steps per decoder layer, codes frozen…")
+    res = distill_checkpoint(ckpt, fitted, calib_text, steps, device=device, progress=say)
+    say(res.summary())
+    return Fits(mode, fitted=res.chunks, norms=res.norms)
 
 
 def write_gguf(ckpt, plan: Plan, out_path, calib_text: str | None = None, feedback: bool | None = None,
                device=None, stats=None, say: Callable[[str], None] = _quiet,
-               progress: Callable[[str], None] | None = None) -> Path:
+               progress: Callable[[str], None] | None = None, distill: int | None = None) -> Path:
     """Our column-chunk GGUF of `ckpt` by `plan`, fitted as `fit_mode` says, written atomically."""
     from .quantize import convert_to_gguf
-    fits = prepare_fits(ckpt, plan, calib_text, feedback, device, stats, say)
-    return convert_to_gguf(ckpt, plan, out_path, fits.stats, device, progress=progress, fitted=fits.fitted)
+    fits = prepare_fits(ckpt, plan, calib_text, feedback, device, stats, say, distill)
+    return convert_to_gguf(fits.source(ckpt), plan, out_path, fits.stats, device, progress=progress,
+                           fitted=fits.fitted)
 
 
 @dataclass
@@ -137,7 +179,7 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
             feedback: bool | None = None, device=None, say: Callable[[str], None] = _quiet,
             progress: Callable[[str, int], Callable | None] | None = None,
             on_gguf: Callable[[Path], None] | None = None, onnx_variant: str = "portable",
-            onnx_lowering: str = "compact") -> Written:
+            onnx_lowering: str = "compact", distill: int | None = None) -> Written:
     """Lower `plan` of `ckpt` into the files of `target` (default names: `default_output`).
 
     progress(stage, total) -> a per-item callback (or None), for the stages "quantizing" and "lowering to
@@ -148,13 +190,16 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
         raise ConvertError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
     output = Path(output) if output is not None else default_output(ckpt.path, plan, target)
     if target == "llamacpp":
+        if distill_steps(plan, distill):
+            raise ConvertError("--distill tunes our block formats; --target llamacpp quantizes with llama.cpp's own")
         return _convert_llamacpp(ckpt, plan, output, calib_text, device)
     gguf_out = output if target == "gguf" else output.with_suffix(".gguf")
-    fits = prepare_fits(ckpt, plan, calib_text, feedback, device, None, say)
+    fits = prepare_fits(ckpt, plan, calib_text, feedback, device, None, say, distill)
     from .quantize import convert_to_gguf
     try:
         tick = progress("quantizing", len(ckpt.spec.linears())) if progress else None
-        path = Path(convert_to_gguf(ckpt, plan, gguf_out, fits.stats, device, progress=tick, fitted=fits.fitted))
+        path = Path(convert_to_gguf(fits.source(ckpt), plan, gguf_out, fits.stats, device, progress=tick,
+                                    fitted=fits.fitted))
     except (ValueError, OSError) as e:
         raise ConvertError(f"convert failed, nothing written: {e}") from e
     if on_gguf is not None:

@@ -1,0 +1,160 @@
+"""Light distillation benchmark (issue 17): perplexity without and with NeUQI light distillation, one run.
+
+    python bench/distill.py --device cuda                       # llama-s, calib.txt, eval.txt, 3.25/2.5/2.25/2.0
+    python bench/distill.py --device cuda --configs 128@1e-3,128@1e-3+e2e64 --budgets 2.25
+
+For each budget: the default pipeline's greedy plan (one damage table on the calibration text, shared by the
+budgets, as `wqedge plan --calib` makes it), error-feedback conversion (wqedge.quant.feedback, 256 windows) =
+the row "feedback"; then, from the same fitted chunks, each distillation config STEPS@LR[+e2eSTEPS]
+(wqedge.quant.distill.distill_model: block stage with STEPS AdamW steps per decoder layer at relative learning
+rate LR, optional end-to-end KL stage) = one row each, with its seconds, peak memory (CUDA: max allocated
+during the distillation, the resident fp32 model included; CPU: process peak RSS) and held-out block MSE.
+The model evaluated is the one the file holds (fp16 d/m, F32 norms; tests/test_distill.py checks the file
+against it). Perplexity: llama.cpp's definition (wqedge.perplexity), eval text, 512-token windows, second half
+scored, first --windows windows. Rows are written to --out (markdown) and --out .json as they come, so a run
+stopped at --time-limit still reports what it finished.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+FIX = ROOT.parent / "shared" / "fixtures"
+
+
+def parse_config(s: str) -> dict:
+    """'128@1e-3+e2e64' -> {"steps": 128, "lr": 1e-3, "e2e": 64}."""
+    main, _, e2e = s.partition("+e2e")
+    steps, _, lr = main.partition("@")
+    return {"steps": int(steps), "lr": float(lr) if lr else None, "e2e": int(e2e) if e2e else 0}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(FIX / "llama-s"))
+    ap.add_argument("--calib", default=str(FIX / "text" / "calib.txt"))
+    ap.add_argument("--eval", default=str(FIX / "text" / "eval.txt"))
+    ap.add_argument("--budgets", default="3.25,2.5,2.25,2.0")
+    ap.add_argument("--configs", default="128@1e-3", help="distillation configs STEPS@LR[+e2eSTEPS], comma separated")
+    ap.add_argument("--device", default=None, help="planning, conversion, distillation and evaluation device")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-limit", type=float, default=1e9, help="start no new row after this many seconds")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.md"))
+    a = ap.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from wqedge.alloc.greedy import greedy_allocate
+    from wqedge.alloc.planner import plan_from_choice, prepare
+    from wqedge.calib import calibration_tokens, default_device, tokenize_text
+    from wqedge.checkpoint import LlamaCheckpoint
+    from wqedge.perplexity import perplexity
+    from wqedge.quant import distill
+    from wqedge.quant.feedback import FEEDBACK_SEQS, dequantize, quantize_model
+
+    t_start = time.time()
+    log = lambda *x: print(*x, file=sys.stderr, flush=True)
+    dev = default_device(a.device)
+    budgets = [float(b) for b in a.budgets.split(",")]
+    configs = [parse_config(c) for c in a.configs.split(",") if c]
+    ckpt = LlamaCheckpoint.open(a.model)
+    tok = AutoTokenizer.from_pretrained(a.model, local_files_only=True)
+    bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
+    eval_tokens = tokenize_text(tok, Path(a.eval).read_text(encoding="utf-8"), bos)
+    calib_text = Path(a.calib).read_text(encoding="utf-8")
+    fb_tokens = calibration_tokens(tok, calib_text, FEEDBACK_SEQS, 512, 0, bos_id=bos, seed=a.seed).train
+    cs = calibration_tokens(tok, calib_text, FEEDBACK_SEQS, 512, 4, bos_id=bos, seed=a.seed)
+
+    model = ckpt.load_hf_model(torch.float32).to(dev)
+    state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def restore():
+        model.load_state_dict(state0)
+
+    @torch.no_grad()
+    def ppl():
+        def logits_fn(win):
+            return model(torch.as_tensor(win, dtype=torch.long, device=dev)).logits.float().cpu().numpy()
+        return perplexity(logits_fn, eval_tokens, bos, 512, a.windows, batch_size=8).perplexity
+
+    @torch.no_grad()
+    def apply(chunks, norms=None):
+        for name, ch in chunks.items():
+            model.get_parameter(name).copy_(dequantize(ch).to(dev))
+        for name, w in (norms or {}).items():
+            model.get_parameter(name).copy_(w.to(dev))
+
+    rows = []
+    out = Path(a.out)
+    fp = ppl()
+    log(f"fp16: {fp:.4f}")
+    t = time.time()
+    table, ctx = prepare(ckpt, 128, calib_text, a.seed, dev, progress=log)
+    prep_s = time.time() - t
+    log(f"damage table on {dev}: {prep_s:.1f} s")
+
+    def write():
+        lines = [f"# Light distillation (issue 17): {Path(a.model).name}, fp16 perplexity {fp:.3f}", "",
+                 f"`python bench/distill.py {' '.join(argv if argv is not None else sys.argv[1:])}`; device {dev}"
+                 f" ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}); greedy plans from one damage"
+                 f" table ({prep_s:.1f} s); perplexity on {Path(a.eval).name}, {a.windows} windows, second half.", "",
+                 "| bits | row | perplexity | Δ vs feedback | distill s | peak MiB | held-out block MSE before → after |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            base = next(x["ppl"] for x in rows if x["budget"] == r["budget"] and x["row"] == "feedback")
+            d = "" if r["row"] == "feedback" else f"{r['ppl'] - base:+.3f}"
+            mse = "" if "mse_before" not in r else f"{r['mse_before']:.4g} → {r['mse_after']:.4g}"
+            extra = "" if not r.get("e2e_kl") else f" (KL {r['e2e_kl'][0]:.4g} → {r['e2e_kl'][1]:.4g})"
+            lines.append(f"| {r['effective_bits']:.3f} | {r['row']} | {r['ppl']:.3f} | {d} | "
+                         f"{r.get('seconds', 0):.1f} | {r.get('peak_mib', 0):.0f} | {mse}{extra} |")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+        out.with_suffix(".json").write_text(json.dumps({"fp16": fp, "device": str(dev), "prep_s": prep_s,
+                                                        "rows": rows}, indent=1))
+        print("\n".join(lines[-1:]), flush=True)
+
+    for b in budgets:
+        if time.time() - t_start > a.time_limit:
+            log(f"time limit: budget {b} not run")
+            break
+        plan = plan_from_choice(ckpt, table, greedy_allocate(table, b), b, "greedy")
+        restore()
+        t = time.time()
+        fitted = quantize_model(model, plan, fb_tokens, device=dev, batch_size=16)
+        conv_s = time.time() - t
+        rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": "feedback", "ppl": ppl(),
+                     "convert_s": conv_s, "histogram": plan.action_histogram()})
+        log(f"B={b}: feedback {rows[-1]['ppl']:.4f} ({conv_s:.1f} s)")
+        write()
+        for c in configs:
+            if time.time() - t_start > a.time_limit:
+                log(f"time limit: {c} at {b} not run")
+                break
+            restore()
+            kw = {} if c["lr"] is None else {"lr": c["lr"]}
+            res = distill.distill_model(model, fitted, cs.train, cs.heldout, c["steps"], c["e2e"], dev,
+                                        seed=a.seed, progress=log, **kw)
+            apply(res.chunks, res.norms)
+            name = f"distill {c['steps']}@{c['lr'] or distill.LR:g}" + (f"+e2e{c['e2e']}" if c["e2e"] else "")
+            rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": name, "ppl": ppl(),
+                         "seconds": res.seconds, "peak_mib": res.peak_bytes / 2**20, "peak_what": res.peak_what,
+                         "mse_before": sum(x["before"] for x in res.layers) / len(res.layers),
+                         "mse_after": sum(x["after"] for x in res.layers) / len(res.layers),
+                         "layers": res.layers, "e2e_kl": None if not res.e2e else [res.e2e["before"], res.e2e["after"]],
+                         "skipped": res.skipped})
+            log(f"B={b}: {name} {rows[-1]['ppl']:.4f} ({res.seconds:.1f} s)")
+            write()
+    restore()
+    log(f"total {time.time() - t_start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

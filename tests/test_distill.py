@@ -1,0 +1,190 @@
+"""NeUQI light distillation (wqedge.quant.distill): what it tunes, what it keeps, and the file it leads to."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from wqedge import blocks, pipeline
+from wqedge.checkpoint import LlamaCheckpoint
+from wqedge.plan import Plan
+from wqedge.quant.distill import TunableLinear, distill_model
+from wqedge.quant.feedback import dequantize, quantize_model
+
+STEPS = 12
+CALIB = " ".join(f"item {i} of the list is {i * 7 % 13} and the next one follows." for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_factory):
+    """A tiny random model, a mixed plan (every quantized kind, one fp16 chunk, protected columns), its
+    error-feedback chunks, random token windows (train / held out) and one distillation of it."""
+    torch.manual_seed(0)
+    ckpt = LlamaCheckpoint.open(tiny_model_factory(n_layers=2, hidden=64, intermediate=128, vocab_size=512))
+    actions = ["q2", "ternary", "q1", "q3", "q4", "fp16", "q8"]
+    linears = ckpt.spec.linears()
+    acts, prot = {}, {}
+    for i, lin in enumerate(linears):
+        n_chunks = -(-lin.in_features // 32)
+        acts[lin.hf_name] = [actions[(i + c) % len(actions)] for c in range(n_chunks)]
+        prot[lin.hf_name] = [[3] if (i + c) % 5 == 0 and acts[lin.hf_name][c] != "fp16" else [] for c in range(n_chunks)]
+    plan = Plan.from_actions(linears, 32, 16.0, "greedy", acts, "neuqi", protected=prot, model_name=ckpt.spec.name,
+                             model_fingerprint=ckpt.fingerprint())
+    g = torch.Generator().manual_seed(1)
+    toks = torch.randint(3, 512, (20, 32), generator=g)
+    toks[:, 0] = 1
+    fitted = quantize_model(ckpt.load_hf_model(), plan, toks[:16], device="cpu")
+    res = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], STEPS, device="cpu", lr=1e-2)
+    return ckpt, plan, fitted, toks, res
+
+
+def test_distillation_lowers_heldout_block_mse(setup):
+    """Every layer's output on held-out windows is closer to the fp layer's after tuning than before."""
+    *_, res = setup
+    assert len(res.layers) == 2
+    for layer in res.layers:
+        assert layer["after"] < layer["before"], layer
+
+
+def test_codes_kept_parameters_and_norms_changed(setup):
+    ckpt, plan, fitted, toks, res = setup
+    changed_d = changed_m = 0
+    for name, chunks in fitted.items():
+        for c0, c1 in zip(chunks, res.chunks[name]):
+            assert c0.action == c1.action
+            if blocks.block_type(c0.action).is_float:
+                np.testing.assert_array_equal(c0.values, c1.values)
+                continue
+            np.testing.assert_array_equal(c0.codes, c1.codes)
+            assert np.asarray(c1.d).dtype == np.float16
+            changed_d += int(np.any(c0.d != c1.d))
+            if c0.m is not None:
+                changed_m += int(np.any(c0.m != c1.m))
+            if c0.n_protected:   # the protected columns keep their weights up to the fp16 residual
+                w0 = blocks.dequantize_chunk(c0)[:, c0.protected]
+                w1 = blocks.dequantize_chunk(c1)[:, c1.protected]
+                np.testing.assert_allclose(w1, w0, atol=2e-3 * np.abs(w0).max())
+    assert changed_d > 10 and changed_m > 10
+    model = ckpt.load_hf_model()
+    for name, w in res.norms.items():
+        assert not torch.equal(w, model.get_parameter(name).detach().float()), name
+    assert res.skipped == []
+    assert res.seconds > 0 and res.peak_bytes > 0
+
+
+def test_tunable_linear_reproduces_chunks_and_rounds_to_them(setup):
+    """Untouched, a TunableLinear is the fitted weight exactly; after a change, round_to_file's chunks hold
+    exactly what the rounded module computes (protected columns up to their fp16 residual)."""
+    _, _, fitted, _, _ = setup
+    name = "model.layers.1.mlp.down_proj.weight"
+    tl = TunableLinear(fitted[name], "cpu")
+    assert torch.equal(tl.weight().detach(), dequantize(fitted[name]))
+    with torch.no_grad():
+        tl.a.add_(0.05 * torch.randn_like(tl.a))
+        tl.b.add_(0.05 * torch.randn_like(tl.b))
+    chunks = tl.round_to_file()
+    torch.testing.assert_close(tl.weight().detach(), dequantize(chunks), rtol=0, atol=1e-3)
+    unprotected = [c for c in chunks if not c.n_protected]
+    assert unprotected
+    s = 0
+    for c in chunks:
+        if not c.n_protected:
+            assert torch.equal(tl.weight().detach()[:, s:s + c.g], torch.from_numpy(blocks.dequantize_chunk(c)))
+        s += c.g
+
+
+def test_kinds_without_row_form_are_skipped(setup, monkeypatch):
+    """A chunk whose weights are not d·A + m·B of its header (as a sub-scale kind's would not be, were its
+    sub-scales trained) is left as fitted and named in `skipped`."""
+    ckpt, _, fitted, toks, _ = setup
+    real = blocks.dequantize_chunk
+
+    def nonlinear(c):
+        w = real(c)
+        return w * w if c.action == "q1" else w
+    monkeypatch.setattr(blocks, "dequantize_chunk", nonlinear)
+    res = distill_model(ckpt.load_hf_model(), fitted, toks[:4], None, 2, device="cpu")
+    assert res.skipped and all("q1" in s for s in res.skipped)
+    for name, chunks in fitted.items():
+        for c0, c1 in zip(chunks, res.chunks[name]):
+            if c0.action == "q1":
+                assert c1 is c0
+
+
+def test_file_matches_tuned_model(setup, tmp_path):
+    """The GGUF written from the distilled fits, read back by the PyTorch reference, is the tuned model:
+    distilled codes identical to the undistilled file's, d/m and norms different, logits equal to the
+    in-memory model's within 1e-4 (fp32 against fp32 on the same weights)."""
+    from wqedge.quantize import convert_to_gguf
+    from wqedge.reference import build_model, load_reference
+    from wqedge.runtime.gguf_reader import WqGGUF
+    from wqedge.spec import other_tensors
+    ckpt, plan, fitted, toks, res = setup
+    fits = pipeline.Fits("feedback", fitted=res.chunks, norms=res.norms)
+    tuned_path = convert_to_gguf(fits.source(ckpt), plan, tmp_path / "tuned.gguf", fitted=res.chunks)
+    plain_path = convert_to_gguf(ckpt, plan, tmp_path / "plain.gguf", fitted=fitted)
+
+    tuned, plain = WqGGUF(tuned_path), WqGGUF(plain_path)
+    for lin in ckpt.spec.linears():
+        for c0, c1 in zip(plain.chunks(lin.gguf_name), tuned.chunks(lin.gguf_name)):
+            if not blocks.block_type(c0.action).is_float:
+                np.testing.assert_array_equal(c0.codes, c1.codes)
+    assert any(not np.array_equal(c0.d, c1.d) for lin in ckpt.spec.linears()
+               for c0, c1 in zip(plain.chunks(lin.gguf_name), tuned.chunks(lin.gguf_name)) if c0.d is not None)
+    assert not np.array_equal(plain.dense("blk.0.attn_norm.weight"), tuned.dense("blk.0.attn_norm.weight"))
+
+    state = {hf: ckpt.get(hf).float() for hf, _, _ in other_tensors(ckpt.spec)}
+    state.update(res.norms)
+    state.update({name: dequantize(ch) for name, ch in res.chunks.items()})
+    mem = build_model(ckpt.spec, state)
+    ref = load_reference(tuned_path)
+    with torch.no_grad():
+        a, b = mem(toks[16:]).logits, ref(toks[16:]).logits
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+def test_e2e_stage_lowers_heldout_kl(setup):
+    ckpt, _, fitted, toks, _ = setup
+    res = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 2, e2e_steps=10, device="cpu",
+                        e2e_lr=1e-2)
+    assert res.e2e["after"] < res.e2e["before"]
+    assert "model.norm.weight" in res.norms
+
+
+@pytest.mark.parametrize("steps", [-1, 2.5, True, "3"])
+def test_bad_steps(setup, steps):
+    ckpt, _, fitted, toks, _ = setup
+    with pytest.raises(ValueError, match="must be an integer >= 0"):
+        distill_model(ckpt.load_hf_model(), fitted, toks[:4], None, steps, device="cpu")
+
+
+def test_pipeline_errors(setup):
+    ckpt, plan, *_ = setup
+    with pytest.raises(pipeline.ConvertError, match="--distill needs calibration text"):
+        pipeline.prepare_fits(ckpt, plan, None, distill=4)
+    with pytest.raises(pipeline.ConvertError, match="--distill: .* >= 0"):
+        pipeline.prepare_fits(ckpt, plan, CALIB, distill=-2)
+    with pytest.raises(pipeline.ConvertError, match="--target llamacpp"):
+        pipeline.convert(ckpt, plan, "x.gguf", target="llamacpp", calib_text=CALIB, distill=4)
+    p = copy.deepcopy(plan)
+    pipeline.record_distill(p, 7)
+    assert pipeline.distill_steps(p) == 7 and pipeline.distill_steps(p, 0) == 0 and pipeline.distill_steps(plan) == 0
+
+
+def test_cli_distill(tiny_model_dir, tmp_path):
+    """`wqedge convert --distill N` reports time and peak memory; a negative N is refused before any work."""
+    from click.testing import CliRunner
+
+    from wqedge.cli import main
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB)
+    out = tmp_path / "m.gguf"
+    r = CliRunner().invoke(main, ["convert", str(tiny_model_dir), "-o", str(out), "--bits", "2.25", "--calib",
+                                  str(calib), "--distill=-3", "--no-check"])
+    assert r.exit_code == 2 and "-3" in r.output and not out.exists()   # click: an option value must not start with -
+    r = CliRunner().invoke(main, ["convert", str(tiny_model_dir), "-o", str(out), "--preset", "q2", "--calib",
+                                  str(calib), "--distill", "3", "--no-check", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "distillation:" in r.output and "peak memory" in r.output and out.exists()

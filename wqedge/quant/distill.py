@@ -1,0 +1,436 @@
+"""NeUQI light distillation: the integer codes stay, the fp16 parameters around them are trained.
+
+Error feedback (wqedge.quant.gptq) picks each chunk's codes and per-row scale d and offset m one linear at a
+time, against that linear's own input statistics. What it cannot see is how the errors of a whole decoder layer
+(seven linears, attention, the MLP's product) add up in the layer's output. This module freezes every code and
+trains, in fp32 master copies, the per-row parameters of every chunk plus the layer's two RMSNorm weights so
+that the quantized layer's output matches the unquantized one (METHODS.md §2, "light distillation"):
+
+  block stage (always): decoder layer by decoder layer, MSE between the quantized layer's output on the
+      hidden states of the already quantized (and tuned) earlier layers and the fp layer's output on the fp
+      hidden states; AdamW with a cosine schedule over the calibration windows.
+  end-to-end stage (optional, e2e_steps > 0): every parameter of every layer and the final norm at once,
+      KL divergence of the next-token distributions against the fp model.
+
+Which parameters a chunk has comes from its block kind (wqedge.blocks traits): a chunk is tuned when the
+per-row form w = d·(q − q0) + m (m only when the kind `has_offset`) reproduces exactly what
+blocks.dequantize_chunk makes of it; chunks of any other kind (fp16, or a kind with parameters beyond one
+d and m per row) stay as fitted and are listed in `DistillResult.skipped`. Protected columns keep their
+weights: their fp16 residuals follow the new grid.
+
+d and m are stored fp16 by the format, so the tuned values are rounded to fp16 at the end of each stage and
+the model that goes on (to the next layer, to the file) is the rounded one; the codes written are the fitted
+ones, unchanged. Norms are stored F32 in the file and are written as trained.
+
+Scales and offsets are trained relative to their fitted values (d = d₀·(1 + a), m = m₀ + d₀·b), so one
+learning rate suits every bit width and every layer; norms get their group's learning rate times their mean
+magnitude for the same reason.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import blocks
+from ..blocks import ChunkData
+from ..units import PROJECTIONS
+
+BATCH = 4                # calibration windows per step
+LR = 1e-3                # relative units (fraction of d₀ per step, at most, for Adam)
+NORM_LR = 1e-3           # times each norm's mean |weight|
+E2E_LR = 2e-4
+
+
+@dataclass
+class DistillResult:
+    """Tuned chunks (same codes, new d/m, fp16-valued) and norms (HF name -> float32), with what it cost."""
+    chunks: dict[str, list[ChunkData]]
+    norms: dict[str, torch.Tensor]
+    seconds: float = 0.0
+    peak_bytes: int = 0
+    peak_what: str = ""
+    layers: list[dict] = field(default_factory=list)   # per layer: held-out MSE before/after (relative)
+    e2e: dict | None = None                            # held-out KL before/after the end-to-end stage
+    skipped: list[str] = field(default_factory=list)   # chunks left as fitted, and why
+
+    def summary(self) -> str:
+        mb = self.peak_bytes / 2**20
+        parts = [f"distillation: {self.seconds:.1f} s, peak memory {mb:.0f} MiB ({self.peak_what})"]
+        if self.layers:
+            before = sum(x["before"] for x in self.layers) / len(self.layers)
+            after = sum(x["after"] for x in self.layers) / len(self.layers)
+            parts.append(f"held-out block MSE (relative to the fp output), mean over layers: {before:.4g} -> {after:.4g}")
+        if self.e2e:
+            parts.append(f"held-out KL: {self.e2e['before']:.4g} -> {self.e2e['after']:.4g} nats/token")
+        if self.skipped:
+            parts.append(f"left as fitted: {'; '.join(self.skipped)}")
+        return "\n".join(parts)
+
+
+def check_steps(steps, what: str = "distillation steps") -> int:
+    """steps as an int >= 0, else ValueError."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"{what} must be an integer >= 0, got {steps!r}")
+    return int(steps)
+
+
+# ---------------------------------------------------------------- one linear with trainable row parameters
+
+def _basis(c: ChunkData) -> tuple[np.ndarray, np.ndarray] | None:
+    """(A, B) float32 [N, g] with weights = A·d + B·m per row (protected residuals aside), found by evaluating
+    the chunk's own dequantization (blocks.dequantize_chunk) at (d, m) = (1, 0) and (0, 1); None when the
+    kind has no such header parameters or its weights are not linear in them."""
+    bt = blocks.block_type(c.action)
+    if bt.is_float or c.codes is None or c.d is None or bt.has_offset != (c.m is not None):
+        return None
+    n = c.codes.shape[0]
+    one, zero = np.ones(n, np.float32), np.zeros(n, np.float32)
+    probe = copy.copy(c)
+    probe.protected = probe.residuals = None
+    probe.d, probe.m = one, (zero if bt.has_offset else None)
+    A = blocks.dequantize_chunk(probe)
+    B = np.zeros_like(A)
+    if bt.has_offset:
+        probe.d, probe.m = zero, one
+        B = blocks.dequantize_chunk(probe)
+    d = np.asarray(c.d, np.float32)[:, None]
+    m = np.asarray(c.m, np.float32)[:, None] if bt.has_offset else 0.0
+    probe.d, probe.m = c.d, c.m
+    w = blocks.dequantize_chunk(probe)
+    if not np.allclose(A * d + B * m, w, rtol=1e-6, atol=1e-7 * float(np.abs(w).max(initial=0.0))):
+        return None
+    return A, B
+
+
+class TunableLinear(nn.Module):
+    """A decoder linear rebuilt from its chunks: frozen codes, trainable per-row d and m of every chunk.
+
+    weight = A ⊙ d[:, chunk] + B ⊙ m[:, chunk] + F: A and B come from each chunk's block kind (`_basis`: for
+    affine kinds codes − q0 and 1, for sub-scale kinds codes × sub-scale and −sub-min), zero on the columns
+    not tuned; F is the fixed rest (fp16 chunks, protected columns' full weights, chunks of other kinds).
+    """
+
+    def __init__(self, chunks: list[ChunkData], device, skipped: list[str] | None = None, name: str = ""):
+        super().__init__()
+        self.src = chunks
+        n = next(c.codes.shape[0] if c.codes is not None else c.values.shape[0] for c in chunks)
+        k = sum(c.g for c in chunks)
+        A, B, fixed = torch.zeros(n, k), torch.zeros(n, k), torch.zeros(n, k)
+        cidx = torch.zeros(k, dtype=torch.long)
+        d0, m0 = torch.zeros(n, len(chunks)), torch.zeros(n, len(chunks))
+        self.tuned_chunks: list[bool] = []
+        s = 0
+        for ci, c in enumerate(chunks):
+            e = s + c.g
+            cidx[s:e] = ci
+            full = torch.from_numpy(blocks.dequantize_chunk(c))
+            basis = _basis(c)
+            if basis is None:
+                fixed[:, s:e] = full
+                if not blocks.block_type(c.action).is_float and skipped is not None:
+                    skipped.append(f"{c.action} chunks (weights not linear in one d, m per row)")
+            else:
+                keep = torch.ones(c.g)
+                if c.n_protected:
+                    keep[torch.as_tensor(c.protected, dtype=torch.long)] = 0.0
+                A[:, s:e] = torch.from_numpy(basis[0]) * keep
+                B[:, s:e] = torch.from_numpy(basis[1]) * keep
+                fixed[:, s:e] = full * (1 - keep)
+                d0[:, ci] = torch.from_numpy(np.asarray(c.d, np.float32))
+                if c.m is not None:
+                    m0[:, ci] = torch.from_numpy(np.asarray(c.m, np.float32))
+            self.tuned_chunks.append(basis is not None)
+            s = e
+        self.in_features, self.out_features = k, n
+        self.register_buffer("A", A.to(device))
+        self.register_buffer("B", B.to(device))
+        self.register_buffer("fixed", fixed.to(device) if bool(fixed.any()) else torch.zeros(0, device=device))
+        self.register_buffer("cidx", cidx.to(device))
+        self.register_buffer("d0", d0.to(device))
+        self.register_buffer("m0", m0.to(device))
+        self.a = nn.Parameter(torch.zeros(n, len(chunks), device=device))
+        self.b = nn.Parameter(torch.zeros(n, len(chunks), device=device))
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d, m) per row and chunk, fp32 masters."""
+        return self.d0 * (1 + self.a), self.m0 + self.d0 * self.b
+
+    def weight(self) -> torch.Tensor:
+        d, m = self.params()
+        w = self.A * d[:, self.cidx] + self.B * m[:, self.cidx]
+        return w + self.fixed if self.fixed.numel() else w
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight().to(x.dtype))
+
+    @torch.no_grad()
+    def round_to_file(self) -> list[ChunkData]:
+        """The chunks with the trained d, m rounded to fp16 (codes unchanged); resets the masters to them."""
+        d, m = self.params()
+        d16, m16 = d.half(), m.half()
+        bad = ~(torch.isfinite(d16) & torch.isfinite(m16) & (d16 >= 0))   # keep a row's fit if it would break
+        d16 = torch.where(bad, self.d0.half(), d16)
+        m16 = torch.where(bad, self.m0.half(), m16)
+        out = []
+        for ci, c in enumerate(self.src):
+            if not self.tuned_chunks[ci]:
+                out.append(c)
+                continue
+            nc = copy.copy(c)
+            nc.d = d16[:, ci].cpu().numpy()
+            nc.m = m16[:, ci].cpu().numpy() if c.m is not None else None
+            if c.n_protected:   # the protected columns keep their weights: residual = old weight - new grid
+                p = np.asarray(c.protected, dtype=np.int64)
+                grid = copy.copy(nc)
+                grid.protected = grid.residuals = None
+                nc.residuals = (blocks.dequantize_chunk(c)[:, p] - blocks.dequantize_chunk(grid)[:, p]).astype(np.float16)
+            out.append(nc)
+        self.src = out
+        self.d0.copy_(d16.float())
+        self.m0.copy_(m16.float())
+        self.a.zero_()
+        self.b.zero_()
+        return out
+
+
+# ---------------------------------------------------------------- models with tunable linears
+
+def _swap_linears(layer: nn.Module, li: int, chunks: dict[str, list[ChunkData]], device,
+                  skipped: list[str]) -> list[TunableLinear]:
+    """Replace the seven projections of decoder layer `li` (in place) by TunableLinears."""
+    mods = []
+    for hf, _ in PROJECTIONS:
+        name = f"model.layers.{li}.{hf}.weight"
+        parent_name, attr = hf.rsplit(".", 1)
+        tl = TunableLinear(chunks[name], device, skipped, name)
+        setattr(layer.get_submodule(parent_name), attr, tl)
+        mods.append(tl)
+    return mods
+
+
+def _norms(layer: nn.Module) -> list[nn.Parameter]:
+    return [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+
+
+def _optimizer(linears: list[TunableLinear], norms: list[nn.Parameter], lr: float, norm_lr: float, steps: int):
+    for p in norms:
+        p.requires_grad_(True)
+    groups = [{"params": [p for tl in linears for p in (tl.a, tl.b)], "lr": lr}]
+    groups += [{"params": [p], "lr": norm_lr * float(p.detach().abs().mean().clamp_min(1e-3))} for p in norms]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    return opt, sched
+
+
+def _batches(n: int, steps: int, batch: int, seed: int):
+    """Window indices for each step: seeded permutations of 0..n-1, one after the other."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(steps * batch / n) + 1)])
+    return [order[i * batch:(i + 1) * batch] for i in range(steps)]
+
+
+def _peak_start(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak(dev) -> tuple[int, str]:
+    if dev.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(dev)), f"{dev} allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
+
+
+# ---------------------------------------------------------------- the two stages
+
+def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tensor, heldout: torch.Tensor | None,
+                  steps: int, e2e_steps: int = 0, device=None, batch_size: int = BATCH,
+                  lr: float = LR, norm_lr: float = NORM_LR, e2e_lr: float = E2E_LR, seed: int = 0,
+                  progress: Callable[[str], None] | None = None) -> DistillResult:
+    """Tune `chunks` (every decoder linear of the fp transformers LlamaForCausalLM `model`, as fitted) on the
+    calibration windows `tokens` [n, seqlen]; `heldout` windows only measure. `model` is left unchanged.
+
+    steps: AdamW steps per decoder layer (block stage, MSE of the layer's output); e2e_steps: steps of the
+    end-to-end KL stage after it (0: none). Each step takes `batch_size` windows.
+    """
+    from ..calib import _layer_call, _rotary, default_device
+
+    steps = check_steps(steps)
+    e2e_steps = check_steps(e2e_steps, "end-to-end distillation steps")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    missing = [f"model.layers.{li}.{hf}.weight" for li in range(len(model.model.layers)) for hf, _ in PROJECTIONS
+               if f"model.layers.{li}.{hf}.weight" not in chunks]
+    if missing:
+        raise ValueError(f"no fitted chunks for {missing[0]} ({len(missing)} linears missing)")
+    dev = default_device(device)
+    t0 = time.time()
+    _peak_start(dev)
+    say = progress or (lambda s: None)
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    heldout = tokens[:0] if heldout is None else torch.as_tensor(heldout, dtype=torch.long)
+    n_tr = tokens.shape[0]
+    allt = torch.cat([tokens, heldout])
+    out_chunks = dict(chunks)
+    norms: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    per_layer: list[dict] = []
+    emb = model.model.embed_tokens
+    emb_dev = next(emb.parameters()).device
+    bs = batch_size
+    with torch.no_grad():
+        h_fp = torch.cat([emb(allt[i:i + bs].to(emb_dev)).to(dev, torch.float32) for i in range(0, len(allt), bs)])
+    h_q = h_fp.clone()
+    rot = model.model.rotary_emb
+    rot_dev = next(iter(rot.buffers())).device
+    rot.to(dev)
+    pos = tuple(p.float() for p in _rotary(model, h_fp[:1]))
+
+    def run(layer, h, grad=False):
+        with torch.set_grad_enabled(grad):
+            return torch.cat([_layer_call(layer, h[i:i + bs], pos) for i in range(0, len(h), bs)])
+
+    def rel_mse(y, t):
+        return float(((y - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-30))
+
+    try:
+        for li, layer in enumerate(model.model.layers):
+            teacher = copy.deepcopy(layer).to(dev, torch.float32)
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            target = run(teacher, h_fp)
+            student = teacher
+            del teacher
+            tls = _swap_linears(student, li, chunks, dev, skipped)
+            ho = slice(n_tr, len(allt))
+            before = rel_mse(run(student, h_q[ho]), target[ho]) if len(heldout) else float("nan")
+            if steps:
+                opt, sched = _optimizer(tls, _norms(student), lr, norm_lr, steps)
+                for idx in _batches(n_tr, steps, bs, seed + li):
+                    idx = idx.to(dev)
+                    y = _layer_call(student, h_q[idx], pos)
+                    loss = ((y - target[idx]) ** 2).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+            for p in _norms(student):
+                p.requires_grad_(False)
+            for (hf, _), tl in zip(PROJECTIONS, tls):
+                out_chunks[f"model.layers.{li}.{hf}.weight"] = tl.round_to_file()
+            norms[f"model.layers.{li}.input_layernorm.weight"] = student.input_layernorm.weight.detach().float().cpu()
+            norms[f"model.layers.{li}.post_attention_layernorm.weight"] = \
+                student.post_attention_layernorm.weight.detach().float().cpu()
+            h_q = run(student, h_q)
+            after = rel_mse(h_q[ho], target[ho]) if len(heldout) else float("nan")
+            per_layer.append({"layer": li, "before": before, "after": after})
+            say(f"distillation: layer {li + 1}/{len(model.model.layers)}, held-out output MSE "
+                f"{before:.4g} -> {after:.4g} (relative), {time.time() - t0:.0f} s")
+            h_fp = target
+            del student, tls
+        del h_fp, h_q
+        e2e = None
+        if e2e_steps:
+            out_chunks, norms, e2e = _e2e(model, out_chunks, norms, tokens, heldout, e2e_steps, dev, bs, e2e_lr,
+                                          norm_lr, seed, skipped, say)
+    finally:
+        rot.to(rot_dev)
+    peak, what = _peak(dev)
+    res = DistillResult(out_chunks, norms, time.time() - t0, peak, what, per_layer, e2e,
+                        sorted(set(skipped)))
+    return res
+
+
+def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, seed, skipped, say):
+    """End-to-end stage: KL(fp || quantized) of the next-token distributions, all layers at once."""
+    teacher = copy.deepcopy(model).to(dev, torch.float32).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    tls = []
+    for li, layer in enumerate(student.model.layers):
+        tls += _swap_linears(layer, li, chunks, dev, [])
+        layer.input_layernorm.weight.data.copy_(norms[f"model.layers.{li}.input_layernorm.weight"])
+        layer.post_attention_layernorm.weight.data.copy_(norms[f"model.layers.{li}.post_attention_layernorm.weight"])
+    norm_params = [p for layer in student.model.layers for p in _norms(layer)] + [student.model.norm.weight]
+
+    def kl(x):
+        with torch.no_grad():
+            pt = torch.log_softmax(teacher(x).logits.float(), -1)
+        ps = torch.log_softmax(student(x).logits.float(), -1)
+        return (pt.exp() * (pt - ps)).sum(-1).mean()
+
+    def heldout_kl():
+        if not len(heldout):
+            return float("nan")
+        with torch.no_grad():
+            return float(sum(float(kl(heldout[i:i + bs].to(dev))) * len(heldout[i:i + bs])
+                             for i in range(0, len(heldout), bs)) / len(heldout))
+
+    before = heldout_kl()
+    opt, sched = _optimizer(tls, norm_params, lr, norm_lr, steps)
+    for step, idx in enumerate(_batches(tokens.shape[0], steps, bs, seed + 10_000)):
+        loss = kl(tokens[idx].to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % max(1, steps // 4) == 0:
+            say(f"distillation (end to end): step {step + 1}/{steps}, KL {loss.item():.4g}")
+    for p in norm_params:
+        p.requires_grad_(False)
+    out = dict(chunks)
+    i = 0
+    for li in range(len(student.model.layers)):
+        for hf, _ in PROJECTIONS:
+            out[f"model.layers.{li}.{hf}.weight"] = tls[i].round_to_file()
+            i += 1
+        layer = student.model.layers[li]
+        norms[f"model.layers.{li}.input_layernorm.weight"] = layer.input_layernorm.weight.detach().float().cpu()
+        norms[f"model.layers.{li}.post_attention_layernorm.weight"] = \
+            layer.post_attention_layernorm.weight.detach().float().cpu()
+    norms["model.norm.weight"] = student.model.norm.weight.detach().float().cpu()
+    after = heldout_kl()
+    return out, norms, {"before": before, "after": after, "steps": steps}
+
+
+# ---------------------------------------------------------------- checkpoint-level entry points
+
+def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, steps: int,
+                       e2e_steps: int = 0, device=None, n_seqs: int | None = None, seqlen: int = 512,
+                       n_heldout: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None
+                       ) -> DistillResult:
+    """distill_model on a checkpoint's fp model and `calib_text` (the windows error feedback takes)."""
+    from transformers import AutoTokenizer
+
+    from ..calib import calibration_tokens
+    from .feedback import FEEDBACK_SEQS
+    steps = check_steps(steps)
+    tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
+    bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
+    cs = calibration_tokens(tok, calib_text, n_seqs or FEEDBACK_SEQS, seqlen, n_heldout, bos_id=bos, seed=seed)
+    model = ckpt.load_planning_model()
+    return distill_model(model, chunks, cs.train, cs.heldout, steps, e2e_steps, device, seed=seed, progress=progress)
+
+
+class TunedCheckpoint:
+    """A checkpoint whose norm tensors are the distilled ones; everything else is read from `ckpt`."""
+
+    def __init__(self, ckpt, norms: dict[str, torch.Tensor]):
+        self._ckpt = ckpt
+        self._norms = norms
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._norms[name].clone() if name in self._norms else self._ckpt.get(name)
+
+    def __getattr__(self, attr):
+        return getattr(self._ckpt, attr)
