@@ -150,6 +150,29 @@ def test_file_measures_the_plans_effective_bits(ckpt, files):
     assert 8 * stored / sum(lin.out_features * lin.in_features for lin in ckpt.spec.linears()) == f.measured_bits()
 
 
+def test_error_feedback_lowers_a_pruning_plan(ckpt, tmp_path):
+    """Error feedback fits the kept rows and columns and leaves the pruned ones zero in the model it runs on,
+    so its chunks are the plan's and the file's reference is the masked model's quantization."""
+    from wqedge.quant.feedback import quantize_model
+    from wqedge.quantize import convert_to_gguf
+    from wqedge.runtime.gguf_reader import WqGGUF
+
+    plan = _plan(ckpt, _mixed)
+    model = ckpt.load_hf_model()
+    fitted = quantize_model(model, plan, torch.from_numpy(_windows(4, 64)), batch_size=2)
+    pr = _pruning(ckpt)
+    for lin in ckpt.spec.linears():
+        t = plan.tensor(lin.hf_name)
+        assert [c.action for c in fitted[lin.hf_name]] == t.actions
+        w = model.get_parameter(lin.hf_name).detach().numpy()
+        assert not w[~pr.mask(lin.layer, lin.proj, w.shape)].any()
+    path = convert_to_gguf(ckpt, plan, tmp_path / "fb.gguf", fitted=fitted)
+    assert WqGGUF(path).measured_bits() == plan.effective_bits()
+    w = _windows()
+    from wqedge.reference import logits_fn
+    assert _rel(_reference_logits(path, w), logits_fn(model)(w)) < 1e-4
+
+
 # ---------------------------------------------------------------- the C++ runtime
 def test_cpp_runtime_matches_reference(files):
     from cpp_support import ensure_library

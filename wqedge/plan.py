@@ -108,6 +108,12 @@ class Plan:
         layer, proj = parse_linear_name(name)
         return self.pruning.prune_weight(layer, proj, w)
 
+    def unprune_weight(self, name: str, w, shape: tuple[int, int]):
+        """A kept weight (torch) in the original `shape`, zero at pruned rows and columns."""
+        if self.pruning is None:
+            return w
+        return self.pruning.unprune_weight(*parse_linear_name(name), w, shape)
+
     def kept_columns(self, name: str):
         """Original input columns that linear `name` keeps (numpy int64), or None when it keeps them all."""
         if self.pruning is None:

@@ -102,6 +102,16 @@ class Pruning:
             w = w[:, cols.tolist()]
         return w
 
+    def unprune_weight(self, layer: int, proj: str, w, shape: tuple[int, int]):
+        """The kept weight `w` (torch) back in the original shape, zero where structures were pruned: the
+        unpruned model with them masked computes what the pruned one does."""
+        rows, cols = self.kept(layer, proj)
+        rows = np.arange(shape[0]) if rows is None else rows
+        cols = np.arange(shape[1]) if cols is None else cols
+        out = w.new_zeros(shape)
+        out[np.ix_(rows, cols)] = w
+        return out
+
     def mask(self, layer: int, proj: str, shape: tuple[int, int]) -> np.ndarray:
         """bool [out, in] of the original weight: True where the weight is kept."""
         m = np.zeros(shape, dtype=bool)

@@ -34,16 +34,21 @@ def quantize_model(model, plan, tokens: torch.Tensor, device=None, batch_size: i
         for name, st in stats.items():
             t = plan.tensor(name)
             mod = layer.get_submodule(name.split(".", 3)[3][: -len(".weight")])
-            w = mod.weight.data.float()
+            # a pruning plan: the kept rows and columns are fitted, the pruned ones become zeros in the model
+            w = plan.prune_weight(name, mod.weight.data.float())
+            cols = plan.kept_columns(name)
+            diag = st.diag if cols is None else st.diag[cols]
             if feedback:
-                chunks = gptq_linear(w, st.xtx.to(w.device), t.actions, plan.group_size, t.methods, t.protected,
-                                     hdiag=st.diag, act_order=act_order, damp=damp, refit=refit)
+                xtx = st.xtx if cols is None else st.xtx[cols][:, cols]
+                chunks = gptq_linear(w, xtx.to(w.device), t.actions, plan.group_size, t.methods, t.protected,
+                                     hdiag=diag, act_order=act_order, damp=damp, refit=refit)
             else:
-                chunks = [fit_chunk(w[:, s:e], a, m, st.diag[s:e].float(), p or None)
+                chunks = [fit_chunk(w[:, s:e], a, m, diag[s:e].float(), p or None)
                           for (s, e), a, m, p in zip(chunk_bounds(t.in_features, plan.group_size), t.actions,
                                                      t.methods, t.protected)]
             result[name] = chunks
-            mod.weight.data.copy_(dequantize(chunks).to(mod.weight.device, mod.weight.dtype))
+            deq = plan.unprune_weight(name, dequantize(chunks).to(mod.weight.device), tuple(mod.weight.shape))
+            mod.weight.data.copy_(deq.to(mod.weight.dtype))
         return True
 
     layerwise_stats(model, tokens, device=device, batch_size=batch_size, full_xtx=feedback, on_layer=on_layer,
