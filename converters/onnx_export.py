@@ -510,6 +510,16 @@ def genai_config(spec, filename: str) -> dict:
             "search": {"do_sample": False, "max_length": spec.max_position_embeddings}}
 
 
+def _refuse_two_level(gguf_path) -> None:
+    """The portable lowering has no graph for per-sub-block scales (q4s, q3s, q2s: MatMulNBits takes one scale
+    per block, no per-block offset codes): say so before any work instead of writing a wrong graph."""
+    f = WqGGUF(gguf_path)
+    kinds = sorted({a for n in f.linear_names() for a in f.layout(n).actions if block_type(a).has_subscales})
+    if kinds:
+        raise ValueError(f"the portable ONNX export does not lower two-level block kinds ({', '.join(kinds)}) yet; "
+                         "convert with one-scale kinds (e.g. --preset q4) for ONNX, or use --onnx-variant native")
+
+
 def export_onnx(gguf_path, out_path, variant: str = "portable",
                 progress: Callable[[int, int, str], None] | None = None, lowering: str = "compact",
                 accuracy_level: int = 0) -> dict:
@@ -534,6 +544,8 @@ def export_onnx(gguf_path, out_path, variant: str = "portable",
     _check_options(lowering, accuracy_level)
     if variant == "native" and (lowering, accuracy_level) != ("compact", 0):
         raise ValueError("lowering and accuracy_level apply to the portable variant; the native one has no options")
+    if variant == "portable":
+        _refuse_two_level(gguf_path)
     onnx = _onnx()
     out_path = Path(out_path)
     model, stats = build_model(gguf_path, progress, lowering, accuracy_level, variant)

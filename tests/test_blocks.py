@@ -55,7 +55,8 @@ def test_ternary_padding_decodes_to_zero_weight():
 
 @pytest.mark.parametrize("bt", blocks.BLOCK_TYPES, ids=lambda b: b.name)
 def test_effective_bits_at_g128(bt):
-    expect = {"fp16": 16, "q8": 8.25, "q4": 4.25, "q3": 3.25, "q2": 2.25, "ternary": 1.75, "q1": 1.25}[bt.name]
+    expect = {"fp16": 16, "q8": 8.25, "q4": 4.25, "q3": 3.25, "q2": 2.25, "ternary": 1.75, "q1": 1.25,
+              "q4s": 4.625, "q3s": 3.625, "q2s": 2.625}[bt.name]
     assert blocks.effective_bits(bt.name, 128) == expect
     assert blocks.chunk_bits(bt.name, 10, 128, 2) == 80 * bt.row_bytes(128) + 10 * 2 * 16 + 2 * 16
 

@@ -25,9 +25,13 @@ def random_chunk(action, n, g, rng, protected=()):
     res = rng.normal(size=(n, len(protected))).astype(np.float16) if len(protected) else None
     if action == "fp16":
         return blocks.ChunkData(action, g, values=rng.normal(size=(n, g)).astype(np.float16), protected=prot, residuals=res)
-    return blocks.ChunkData(action, g, codes=rng.integers(0, bt.levels, (n, g)).astype(np.uint8),
-                            d=rng.normal(size=n).astype(np.float16), m=rng.normal(size=n).astype(np.float16),
-                            protected=prot, residuals=res)
+    c = blocks.ChunkData(action, g, codes=rng.integers(0, bt.levels, (n, g)).astype(np.uint8),
+                         d=rng.normal(size=n).astype(np.float16), m=rng.normal(size=n).astype(np.float16),
+                         protected=prot, residuals=res)
+    if bt.has_subscales:
+        k = blocks.n_sub(blocks.padded(g))
+        c.sc, c.mn = (rng.integers(0, blocks.SUB_LEVELS, (n, k)).astype(np.uint8) for _ in range(2))
+    return c
 
 
 def mixed_plan(spec=SPEC):

@@ -11,9 +11,13 @@ and the runtime readers (unpack). Adding a block type touches this table alone:
 every consumer (fitters, error feedback, damage table, ONNX lowering, readers)
 dispatches on a BlockType's `kind` and its fields, never on its name.
 
-Every block type is one of three kinds, with one dequantization each (fp32
+Every block type is one of four kinds, with one dequantization each (fp32
 arithmetic on fp16-stored parameters); `dequantize` below is the one primitive:
   "affine" (q8, q4, q3, q2, q1):  w = d * q + m        (q in 0 .. levels-1; header d, m)
+  "subscale" (q4s, q3s, q2s):     w = (d * s_j) * q - dmin * n_j   (header d, dmin; per 32-column
+                                                        sub-block j 6-bit s_j, n_j: affine with a finer grid,
+                                                        the k-quant shape: one scale per chunk row is too
+                                                        coarse for real weights with outliers)
   "ternary":                      w = d * (q - 1)      (q in {0, 1, 2}; header d): affine with m = -d,
                                                         stored without m, rounded symmetrically
   "fp16":                         w = stored half      (no header, no codes)
@@ -130,9 +134,58 @@ def _unpack_ternary(b, g_pad):
 
 # ---------------------------------------------------------------- the traits table
 
-KINDS = ("fp16", "affine", "ternary")
-_HEADER_PARAMS = {"fp16": 0, "affine": 2, "ternary": 1}   # fp16 parameters a row-block starts with
-_ZERO_CODE = {"fp16": 0, "affine": 0, "ternary": 1}       # the code of weight zero w.r.t. the offset
+KINDS = ("fp16", "affine", "ternary", "subscale")
+_HEADER_PARAMS = {"fp16": 0, "affine": 2, "ternary": 1, "subscale": 2}   # fp16 parameters a row-block starts with
+_ZERO_CODE = {"fp16": 0, "affine": 0, "ternary": 1, "subscale": 0}       # the code of weight zero w.r.t. the offset
+
+
+# ---------------------------------------------------------------- sub-scales (kind "subscale")
+# Per 32-column sub-block j of a row: s_j (scale code) and n_j (min code), SUB_BITS bits each, stored before the
+# codes as n_sub bytes of low nibbles (s_j & 15 | (n_j & 15) << 4) then ceil(n_sub / 2) bytes of high bits
+# (sub-block j's nibble, low for even j: s_j >> 4 | (n_j >> 4) << 2).
+SUB_BITS = 6
+SUB_LEVELS = 1 << SUB_BITS
+
+
+def n_sub(g_pad: int) -> int:
+    return g_pad // SUBBLOCK
+
+
+def subscale_bytes(g_pad: int) -> int:
+    """Bytes of the sub-scale and sub-min codes of one row-block (12 bits per 32 columns, rounded up)."""
+    n = n_sub(g_pad)
+    return n + (n + 1) // 2
+
+
+def pack_subscales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """sc, mn uint8[N, n_sub] (0..63) -> uint8[N, subscale_bytes]."""
+    sc = np.asarray(sc, dtype=np.uint8)
+    mn = np.asarray(mn, dtype=np.uint8)
+    if int(max(sc.max(initial=0), mn.max(initial=0))) >= SUB_LEVELS:
+        raise ValueError(f"sub-scale codes out of range (max >= {SUB_LEVELS})")
+    n, k = sc.shape
+    lo = (sc & 0x0F) | ((mn & 0x0F) << 4)
+    hi = np.zeros((n, 2 * ((k + 1) // 2)), dtype=np.uint8)
+    hi[:, :k] = (sc >> 4) | ((mn >> 4) << 2)
+    return np.concatenate([lo, hi[:, 0::2] | (hi[:, 1::2] << 4)], axis=1)
+
+
+def unpack_subscales(b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8[N, subscale_bytes] -> (sc, mn) uint8[N, k]."""
+    lo = b[:, :k]
+    hb = b[:, k:]
+    hi = np.stack([hb & 0x0F, hb >> 4], axis=2).reshape(b.shape[0], -1)[:, :k]
+    return ((lo & 0x0F) | ((hi & 0x03) << 4)).astype(np.uint8), ((lo >> 4) | ((hi >> 2) << 4)).astype(np.uint8)
+
+
+def subscale_grid(d, dmin, sc, mn, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column (D, M) float32 [N, g] of a subscale chunk: D = d * s_j, M = -(dmin * n_j) of column's sub-block j.
+    Both products are exact in fp32 (11-bit mantissa times a 6-bit integer), so w = D * q + M rounds once."""
+    d = np.asarray(d, dtype=np.float32).reshape(-1, 1)
+    dmin = np.asarray(dmin, dtype=np.float32).reshape(-1, 1)
+    D = d * np.asarray(sc, dtype=np.float32)
+    M = -(dmin * np.asarray(mn, dtype=np.float32))
+    return np.repeat(D, SUBBLOCK, axis=1)[:, :g], np.repeat(M, SUBBLOCK, axis=1)[:, :g]
 
 
 @dataclass(frozen=True)
@@ -146,6 +199,7 @@ class BlockType:
     code_bytes: Callable[[int], int]         # g_pad -> bytes of codes per row
     pack: Callable[[np.ndarray], np.ndarray] | None
     unpack: Callable[[np.ndarray, int], np.ndarray] | None
+    offered: bool = True  # among the actions the allocators choose from by default (else only by name: --preset, plans)
 
     @property
     def is_float(self) -> bool:
@@ -154,8 +208,13 @@ class BlockType:
 
     @property
     def is_affine(self) -> bool:
-        """w = d * q + m with a stored offset m."""
+        """w = d * q + m with a stored offset m (one per chunk row)."""
         return self.kind == "affine"
+
+    @property
+    def has_subscales(self) -> bool:
+        """Per 32-column sub-block scale and min codes under the row's d and dmin (kind "subscale")."""
+        return self.kind == "subscale"
 
     @property
     def has_offset(self) -> bool:
@@ -175,8 +234,12 @@ class BlockType:
 
     @property
     def bits(self) -> int:
-        """Bits of an affine code (log2 of levels); 0 for other kinds."""
-        return int(self.levels).bit_length() - 1 if self.is_affine else 0
+        """Bits of an affine or subscale code (log2 of levels); 0 for other kinds."""
+        return int(self.levels).bit_length() - 1 if self.kind in ("affine", "subscale") else 0
+
+    def sub_bytes(self, g_pad: int) -> int:
+        """Bytes of sub-scale codes between header and codes (0 unless has_subscales)."""
+        return subscale_bytes(g_pad) if self.has_subscales else 0
 
     def affine_offset(self, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
         """m' of the same weights in the plain affine form w = d * q + m' (ternary: m' = -d)."""
@@ -185,13 +248,18 @@ class BlockType:
         shift = float(self.zero_code) * np.asarray(d, dtype=np.float32)
         return -shift if m is None else m - shift
 
-    def dequantize(self, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
-        """float32 [N, g] from codes [N, g] and per-row d (and m for affine kinds): this kind's arithmetic."""
+    def dequantize(self, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None,
+                   sc: np.ndarray | None = None, mn: np.ndarray | None = None) -> np.ndarray:
+        """float32 [N, g] from codes [N, g] and per-row d (and m for affine kinds; m = dmin and the sub-block
+        codes sc, mn [N, n_sub] for subscale kinds): this kind's arithmetic."""
+        if self.has_subscales:
+            return dequantize(codes, *subscale_grid(d, m, sc, mn, codes.shape[1]))
         return dequantize(codes, d, m if self.has_offset else None, self.zero_code)
 
     def row_bytes(self, g: int, n_protected: int = 0) -> int:
         """Bytes of one row-block for a chunk of width g with n_protected fp16 residuals."""
-        return self.header_bytes + self.code_bytes(padded(g)) + 2 * n_protected
+        gp = padded(g)
+        return self.header_bytes + self.sub_bytes(gp) + self.code_bytes(gp) + 2 * n_protected
 
 
 BLOCK_TYPES: tuple[BlockType, ...] = (
@@ -202,10 +270,16 @@ BLOCK_TYPES: tuple[BlockType, ...] = (
     BlockType("q2", 4, 2.0, 4, "affine", lambda gp: gp // 4, _pack_2bit, _unpack_2bit),
     BlockType("ternary", 5, 1.5, 3, "ternary", ternary_bytes, _pack_ternary, _unpack_ternary),
     BlockType("q1", 6, 1.0, 2, "affine", lambda gp: gp // 8, _pack_1bit, _unpack_1bit),
+    BlockType("q4s", 7, 4.0, 16, "subscale", lambda gp: gp // 2, _pack_q4, _unpack_q4, offered=False),
+    BlockType("q3s", 8, 3.0, 8, "subscale", lambda gp: 3 * gp // 8, _pack_q3, _unpack_q3, offered=False),
+    BlockType("q2s", 9, 2.0, 4, "subscale", lambda gp: gp // 4, _pack_2bit, _unpack_2bit, offered=False),
 )
 BY_NAME = {b.name: b for b in BLOCK_TYPES}
 BY_CODE = {b.code: b for b in BLOCK_TYPES}
 ACTION_NAMES = tuple(b.name for b in BLOCK_TYPES)
+# What the allocators (uniform, greedy, rl) choose from unless told otherwise; the subscale kinds are offered by
+# name (bench/results/subscale.md has the measurement that decided it).
+ALLOCATOR_ACTIONS = tuple(b.name for b in BLOCK_TYPES if b.offered)
 FLOAT_ACTION = next(b.name for b in BLOCK_TYPES if b.is_float)   # keep the weights (the top of every budget)
 
 
@@ -235,6 +309,7 @@ class ChunkData:
 
     codes: uint8[N, g] (affine: 0..levels-1; ternary: 0..2), or None for fp16.
     d, m: float16[N] (affine); d alone is the ternary scale a; for fp16 `values` holds the weights.
+    subscale kinds: d and m = dmin per row, sc and mn uint8[N, n_sub] the sub-block scale and min codes.
     protected: int[n_p] chunk-local column indices; residuals float16[N, n_p].
     start: the chunk's first column in its linear (set by readers; writers go by position).
     """
@@ -247,6 +322,8 @@ class ChunkData:
     protected: np.ndarray | None = None
     residuals: np.ndarray | None = None
     start: int = 0
+    sc: np.ndarray | None = None
+    mn: np.ndarray | None = None
 
     @property
     def end(self) -> int:
@@ -258,15 +335,21 @@ class ChunkData:
 
 
 def dequantize(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None, zero_code: int = 0) -> np.ndarray:
-    """The one dequantization: float32 w = d * (q - zero_code) + m per row (m None: no offset), in the
-    file's arithmetic (fp32 on the stored fp16 parameters). wqedge.quant.affine.dequantize is its torch twin."""
+    """The one dequantization: float32 w = d * (q - zero_code) + m per row (m None: no offset;
+    d and m may also be per column, [N, g]), in the file's arithmetic (fp32 on the stored fp16 parameters). wqedge.quant.affine.dequantize is its torch twin."""
     q = np.asarray(codes).astype(np.float32)
     if zero_code:
         q = q - float(zero_code)
-    w = np.asarray(d, dtype=np.float32).reshape(-1, 1) * q
+    w = _param(d) * q
     if m is not None:
-        w = w + np.asarray(m, dtype=np.float32).reshape(-1, 1)
+        w = w + _param(m)
     return w
+
+
+def _param(p) -> np.ndarray:
+    """A per-row parameter [N] as a column [N, 1]; per-column parameters [N, g] pass unchanged."""
+    p = np.asarray(p, dtype=np.float32)
+    return p if p.ndim == 2 else p.reshape(-1, 1)
 
 
 def dequantize_chunk(c: ChunkData) -> np.ndarray:
@@ -276,7 +359,7 @@ def dequantize_chunk(c: ChunkData) -> np.ndarray:
     if bt.is_float:
         w = np.array(c.values, dtype=np.float32, copy=True)
     else:
-        w = bt.dequantize(c.codes, c.d, c.m)
+        w = bt.dequantize(c.codes, c.d, c.m, c.sc, c.mn)
     if c.n_protected:
         w[:, np.asarray(c.protected, dtype=np.int64)] += np.asarray(c.residuals).astype(np.float32)
     return w
@@ -297,6 +380,10 @@ def pack_chunk(c: ChunkData) -> np.ndarray:
             parts.append(np.stack([c.d, c.m], axis=1).astype(np.float16).view(np.uint8))
         else:
             parts.append(c.d.astype(np.float16).reshape(n, 1).view(np.uint8))
+        if bt.has_subscales:
+            if c.sc is None or c.mn is None or c.sc.shape != (n, n_sub(gp)) or c.mn.shape != (n, n_sub(gp)):
+                raise ValueError(f"{bt.name} chunk of width {c.g} needs sc and mn of shape {(n, n_sub(gp))}")
+            parts.append(pack_subscales(c.sc, c.mn))
         q = np.full((n, gp), bt.zero_code, dtype=np.uint8)
         q[:, : c.g] = c.codes
         if int(q.max(initial=0)) >= bt.levels:
@@ -318,13 +405,16 @@ def decode_chunk(b: np.ndarray, action: str | int, g: int, protected: np.ndarray
     if b.shape[1] != bt.row_bytes(g, n_p):
         raise ValueError(f"{bt.name} chunk of width {g}: expected {bt.row_bytes(g, n_p)} bytes a row, got {b.shape[1]}")
     h = bt.header_bytes
-    cb = bt.code_bytes(gp)
+    sb = bt.sub_bytes(gp)
+    cb = sb + bt.code_bytes(gp)
     c = ChunkData(bt.name, g)
     if bt.is_float:
         c.values = np.ascontiguousarray(b[:, :cb]).view(np.float16)[:, :g]
     else:
         params = np.ascontiguousarray(b[:, :h]).view(np.float16).astype(np.float32)
-        c.codes = bt.unpack(np.ascontiguousarray(b[:, h : h + cb]), gp)[:, :g]
+        c.codes = bt.unpack(np.ascontiguousarray(b[:, h + sb : h + cb]), gp)[:, :g]
+        if sb:
+            c.sc, c.mn = unpack_subscales(np.ascontiguousarray(b[:, h : h + sb]), n_sub(gp))
         c.d = params[:, 0]
         c.m = params[:, 1] if bt.has_offset else None
     if n_p:

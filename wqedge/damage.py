@@ -30,7 +30,7 @@ from . import blocks
 from .saliency import PROTECTABLE, column_saliency, protected_action, salient_columns, split_action
 from .units import Linear, Unit, enumerate_units
 
-ACTIONS = blocks.ACTION_NAMES   # fp16, q8, q4, q3, q2, ternary, q1 (the traits table's order)
+ACTIONS = blocks.ALLOCATOR_ACTIONS   # fp16, q8, q4, q3, q2, ternary, q1 (the traits table's offered actions)
 
 # fitter(w_chunk float32 [N, g], action, h_chunk float32 [g] or None, protected or None) -> ŵ float32 [N, g]
 Fitter = Callable[[torch.Tensor, str, torch.Tensor | None, list[int] | None], torch.Tensor]

@@ -200,6 +200,77 @@ static void rows_reference(const uint8_t* rb, size_t stride, int n, const float*
     for (int r = 0; r < n; ++r) out[r] = F(rb + r * stride, xc, xsum, g_pad);
 }
 
+// ------------------------------------------------------------------ two-level kinds (q4s, q3s, q2s), scalar reference
+// Sub-block j's 6-bit scale and min codes (blocks.h, sub_bytes).
+static inline void sub_codes(const uint8_t* s, int n_sub, int j, int* sc, int* mn) {
+    const int lo = s[j], nib = (s[n_sub + j / 2] >> (4 * (j & 1))) & 0x0F;
+    *sc = (lo & 0x0F) | (nib & 3) << 4;
+    *mn = (lo >> 4) | (nib >> 2) << 4;
+}
+
+// Float activations: sum_j (d s_j) sum_c q_c x_c - (dmin n_j) sum_c x_c over the sub-blocks (double accumulation).
+template <void (*BLOCK)(const uint8_t*, uint8_t*), int SUB_BYTES>
+static float dot_sub_scalar(const uint8_t* rb, const float* xc, float, int g_pad) {
+    const float d = load_h(rb), dmin = load_h(rb + 2);
+    const int n_sub = g_pad / 32;
+    const uint8_t* s = rb + 4;
+    const uint8_t* q = s + sub_bytes(g_pad);
+    uint8_t c[32];
+    double acc = 0.0;
+    for (int b = 0; b < n_sub; ++b, q += SUB_BYTES) {
+        int sc, mn;
+        sub_codes(s, n_sub, b, &sc, &mn);
+        BLOCK(q, c);
+        double sq = 0.0, sx = 0.0;
+        for (int j = 0; j < 32; ++j) {
+            sq += (double)c[j] * xc[32 * b + j];
+            sx += xc[32 * b + j];
+        }
+        acc += (double)(d * (float)sc) * sq - (double)(dmin * (float)mn) * sx;
+    }
+    return (float)acc;
+}
+
+// w = D q - M with D = d s_j, M = dmin n_j: both products exact in fp32, one rounding (blocks.subscale_grid).
+template <void (*BLOCK)(const uint8_t*, uint8_t*), int SUB_BYTES>
+static void dequant_sub_scalar(const uint8_t* rb, int g_pad, float* out) {
+    const float d = load_h(rb), dmin = load_h(rb + 2);
+    const int n_sub = g_pad / 32;
+    const uint8_t* s = rb + 4;
+    const uint8_t* q = s + sub_bytes(g_pad);
+    uint8_t c[32];
+    for (int b = 0; b < n_sub; ++b, q += SUB_BYTES) {
+        int sc, mn;
+        sub_codes(s, n_sub, b, &sc, &mn);
+        BLOCK(q, c);
+        const float D = d * (float)sc, M = dmin * (float)mn;
+        for (int j = 0; j < 32; ++j) {
+            const float t = D * (float)c[j];
+            out[32 * b + j] = t - M;
+        }
+    }
+}
+
+// Int8 activations: sum_b x_b.d (d s_b) sum_c q_c xq_c - (dmin n_b) x_b.ds, i.e. sum_c w_c x^_c.
+template <void (*BLOCK)(const uint8_t*, uint8_t*), int SUB_BYTES>
+static float dot8_sub_scalar(const uint8_t* rb, const XQ8* xq, float, int g_pad) {
+    const float d = load_h(rb), dmin = load_h(rb + 2);
+    const int n_sub = g_pad / 32;
+    const uint8_t* s = rb + 4;
+    const uint8_t* q = s + sub_bytes(g_pad);
+    uint8_t c[32];
+    double acc = 0.0;
+    for (int b = 0; b < n_sub; ++b, q += SUB_BYTES) {
+        int sc, mn;
+        sub_codes(s, n_sub, b, &sc, &mn);
+        BLOCK(q, c);
+        int32_t sum = 0;
+        for (int j = 0; j < 32; ++j) sum += c[j] * (int32_t)xq[b].q[j];
+        acc += (double)xq[b].d * (double)(d * (float)sc) * sum - (double)(dmin * (float)mn) * xq[b].ds;
+    }
+    return (float)acc;
+}
+
 // ------------------------------------------------------------------ row tiles (blocks.h, TILE_ROWS)
 // Code of row r, column j (0..31) of one tiled 32-column block (8 rows x tile_sub bytes). A vector is 32
 // bytes, byte 4r + k of it belongs to row r; "group" G is columns 4G..4G+3 (k = column % 4).
@@ -346,6 +417,29 @@ static void tile8_mix_x86(const uint8_t* t, const TileDesc* d, int n, const XQ8*
 #  define AVX2_TILE(K) nullptr
 #endif
 
+// ------------------------------------------------------------------ two-level kinds' SIMD kernels
+// (kernels_subscale_avx2.cpp, kernels_subscale_neon.cpp): dot, dot_rows, dequant, dot8, dot8_rows per kind.
+#define WQE_SUB_DECL(K)                                                              \
+    float dot_##K(const uint8_t*, const float*, float, int);                         \
+    void dot_rows_##K(const uint8_t*, size_t, int, const float*, float, int, float*); \
+    void dequant_##K(const uint8_t*, int, float*);                                   \
+    float dot8_##K(const uint8_t*, const XQ8*, float, int);                          \
+    void dot8_rows_##K(const uint8_t*, size_t, int, const XQ8*, float, int, float*);
+#if WQE_X86
+namespace avx2 {
+WQE_SUB_DECL(q4s)
+WQE_SUB_DECL(q3s)
+WQE_SUB_DECL(q2s)
+}  // namespace avx2
+#endif
+#if WQE_ARM64
+namespace neon {
+WQE_SUB_DECL(q4s)
+WQE_SUB_DECL(q3s)
+WQE_SUB_DECL(q2s)
+}  // namespace neon
+#endif
+
 // ------------------------------------------------------------------ NEON kernels (kernels_neon.cpp)
 #if WQE_ARM64
 namespace neon {
@@ -364,29 +458,41 @@ static size_t cb_q3(int gp) { return 3 * (size_t)gp / 8; }
 static size_t cb_q2(int gp) { return (size_t)gp / 4; }
 static size_t cb_ternary(int gp) { return (size_t)ternary_bytes(gp); }
 static size_t cb_q1(int gp) { return (size_t)gp / 8; }
+static size_t cb_q4s(int gp) { return (size_t)sub_bytes(gp) + (size_t)gp / 2; }
+static size_t cb_q3s(int gp) { return (size_t)sub_bytes(gp) + 3 * (size_t)gp / 8; }
+static size_t cb_q2s(int gp) { return (size_t)sub_bytes(gp) + (size_t)gp / 4; }
 
 static const BlockTraits TABLE[N_BLOCK_TYPES] = {
     {"fp16", 0, 0, cb_fp16, X_PLAIN,
      {nullptr, dot_fp16_scalar, AVX2(dot_fp16), NEON(dot_fp16)}, 
-     {nullptr, rows_scalar<dequant_fp16_scalar>, AVX2(dot_rows_fp16), NEON(dot_rows_fp16)}, {nullptr, dequant_fp16_scalar, AVX2(dequant_fp16), NEON(dequant_fp16)}, {}, {}, 0, {}},
+     {nullptr, rows_scalar<dequant_fp16_scalar>, AVX2(dot_rows_fp16), NEON(dot_rows_fp16)}, {nullptr, dequant_fp16_scalar, AVX2(dequant_fp16), NEON(dequant_fp16)}, {}, {}, 0, {}, false},
     {"q8", 1, 4, cb_q8, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q8>, AVX2(dot_q8), NEON(dot_q8)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q8, 32>>, AVX2(dot_rows_q8), NEON(dot_rows_q8)}, {nullptr, dequant_affine_scalar<block_q8, 32>, AVX2(dequant_q8), NEON(dequant_q8)}, {nullptr, dot8_affine_scalar<code_q8>, AVX2(dot8_q8), NEON(dot8_q8)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q8>>, AVX2(dot8_rows_q8), NEON(dot8_rows_q8)}, 0, {}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q8, 32>>, AVX2(dot_rows_q8), NEON(dot_rows_q8)}, {nullptr, dequant_affine_scalar<block_q8, 32>, AVX2(dequant_q8), NEON(dequant_q8)}, {nullptr, dot8_affine_scalar<code_q8>, AVX2(dot8_q8), NEON(dot8_q8)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q8>>, AVX2(dot8_rows_q8), NEON(dot8_rows_q8)}, 0, {}, false},
     {"q4", 2, 4, cb_q4, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q4>, AVX2(dot_q4), NEON(dot_q4)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q4, 16>>, AVX2(dot_rows_q4), NEON(dot_rows_q4)}, {nullptr, dequant_affine_scalar<block_q4, 16>, AVX2(dequant_q4), NEON(dequant_q4)}, {nullptr, dot8_affine_scalar<code_q4>, AVX2(dot8_q4), NEON(dot8_q4)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q4>>, AVX2(dot8_rows_q4), NEON(dot8_rows_q4)}, 16, {nullptr, tile8_affine_scalar<tcode_q4, 16>, AVX2_TILE(q4), nullptr}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q4, 16>>, AVX2(dot_rows_q4), NEON(dot_rows_q4)}, {nullptr, dequant_affine_scalar<block_q4, 16>, AVX2(dequant_q4), NEON(dequant_q4)}, {nullptr, dot8_affine_scalar<code_q4>, AVX2(dot8_q4), NEON(dot8_q4)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q4>>, AVX2(dot8_rows_q4), NEON(dot8_rows_q4)}, 16, {nullptr, tile8_affine_scalar<tcode_q4, 16>, AVX2_TILE(q4), nullptr}, false},
     {"q3", 3, 4, cb_q3, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q3>, AVX2(dot_q3), NEON(dot_q3)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q3, 12>>, AVX2(dot_rows_q3), NEON(dot_rows_q3)}, {nullptr, dequant_affine_scalar<block_q3, 12>, AVX2(dequant_q3), NEON(dequant_q3)}, {nullptr, dot8_affine_scalar<code_q3>, AVX2(dot8_q3), NEON(dot8_q3)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q3>>, AVX2(dot8_rows_q3), NEON(dot8_rows_q3)}, 12, {nullptr, tile8_affine_scalar<tcode_q3, 12>, AVX2_TILE(q3), nullptr}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q3, 12>>, AVX2(dot_rows_q3), NEON(dot_rows_q3)}, {nullptr, dequant_affine_scalar<block_q3, 12>, AVX2(dequant_q3), NEON(dequant_q3)}, {nullptr, dot8_affine_scalar<code_q3>, AVX2(dot8_q3), NEON(dot8_q3)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q3>>, AVX2(dot8_rows_q3), NEON(dot8_rows_q3)}, 12, {nullptr, tile8_affine_scalar<tcode_q3, 12>, AVX2_TILE(q3), nullptr}, false},
     {"q2", 4, 4, cb_q2, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q2>, AVX2(dot_q2), NEON(dot_q2)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q2, 8>>, AVX2(dot_rows_q2), NEON(dot_rows_q2)}, {nullptr, dequant_affine_scalar<block_q2, 8>, AVX2(dequant_q2), NEON(dequant_q2)}, {nullptr, dot8_affine_scalar<code_q2>, AVX2(dot8_q2), NEON(dot8_q2)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q2>>, AVX2(dot8_rows_q2), NEON(dot8_rows_q2)}, 8, {nullptr, tile8_affine_scalar<tcode_q2, 8>, AVX2_TILE(q2), nullptr}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q2, 8>>, AVX2(dot_rows_q2), NEON(dot_rows_q2)}, {nullptr, dequant_affine_scalar<block_q2, 8>, AVX2(dequant_q2), NEON(dequant_q2)}, {nullptr, dot8_affine_scalar<code_q2>, AVX2(dot8_q2), NEON(dot8_q2)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q2>>, AVX2(dot8_rows_q2), NEON(dot8_rows_q2)}, 8, {nullptr, tile8_affine_scalar<tcode_q2, 8>, AVX2_TILE(q2), nullptr}, false},
     {"ternary", 5, 2, cb_ternary, X_TERNARY,
      {nullptr, dot_ternary_scalar, AVX2(dot_ternary), NEON(dot_ternary)}, 
-     {nullptr, rows_reference<dot_ternary_scalar>, AVX2(dot_rows_ternary), NEON(dot_rows_ternary)}, {nullptr, dequant_ternary_scalar, AVX2(dequant_ternary), NEON(dequant_ternary)}, {nullptr, dot8_ternary_scalar, AVX2(dot8_ternary), NEON(dot8_ternary)}, {nullptr, rows8_reference<dot8_ternary_scalar>, AVX2(dot8_rows_ternary), NEON(dot8_rows_ternary)}, 0, {}},
+     {nullptr, rows_reference<dot_ternary_scalar>, AVX2(dot_rows_ternary), NEON(dot_rows_ternary)}, {nullptr, dequant_ternary_scalar, AVX2(dequant_ternary), NEON(dequant_ternary)}, {nullptr, dot8_ternary_scalar, AVX2(dot8_ternary), NEON(dot8_ternary)}, {nullptr, rows8_reference<dot8_ternary_scalar>, AVX2(dot8_rows_ternary), NEON(dot8_rows_ternary)}, 0, {}, false},
     {"q1", 6, 4, cb_q1, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q1>, AVX2(dot_q1), NEON(dot_q1)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q1, 4>>, AVX2(dot_rows_q1), NEON(dot_rows_q1)}, {nullptr, dequant_affine_scalar<block_q1, 4>, AVX2(dequant_q1), NEON(dequant_q1)}, {nullptr, dot8_affine_scalar<code_q1>, AVX2(dot8_q1), NEON(dot8_q1)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q1>>, AVX2(dot8_rows_q1), NEON(dot8_rows_q1)}, 4, {nullptr, tile8_affine_scalar<tcode_q1, 4>, AVX2_TILE(q1), nullptr}},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q1, 4>>, AVX2(dot_rows_q1), NEON(dot_rows_q1)}, {nullptr, dequant_affine_scalar<block_q1, 4>, AVX2(dequant_q1), NEON(dequant_q1)}, {nullptr, dot8_affine_scalar<code_q1>, AVX2(dot8_q1), NEON(dot8_q1)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q1>>, AVX2(dot8_rows_q1), NEON(dot8_rows_q1)}, 4, {nullptr, tile8_affine_scalar<tcode_q1, 4>, AVX2_TILE(q1), nullptr}, false},
+    {"q4s", 7, 4, cb_q4s, X_PLAIN,
+     {nullptr, dot_sub_scalar<block_q4, 16>, AVX2(dot_q4s), NEON(dot_q4s)},
+     {nullptr, rows_scalar<dequant_sub_scalar<block_q4, 16>>, AVX2(dot_rows_q4s), NEON(dot_rows_q4s)}, {nullptr, dequant_sub_scalar<block_q4, 16>, AVX2(dequant_q4s), NEON(dequant_q4s)}, {nullptr, dot8_sub_scalar<block_q4, 16>, AVX2(dot8_q4s), NEON(dot8_q4s)}, {nullptr, rows8_reference<dot8_sub_scalar<block_q4, 16>>, AVX2(dot8_rows_q4s), NEON(dot8_rows_q4s)}, 0, {}, true},
+    {"q3s", 8, 4, cb_q3s, X_PLAIN,
+     {nullptr, dot_sub_scalar<block_q3, 12>, AVX2(dot_q3s), NEON(dot_q3s)},
+     {nullptr, rows_scalar<dequant_sub_scalar<block_q3, 12>>, AVX2(dot_rows_q3s), NEON(dot_rows_q3s)}, {nullptr, dequant_sub_scalar<block_q3, 12>, AVX2(dequant_q3s), NEON(dequant_q3s)}, {nullptr, dot8_sub_scalar<block_q3, 12>, AVX2(dot8_q3s), NEON(dot8_q3s)}, {nullptr, rows8_reference<dot8_sub_scalar<block_q3, 12>>, AVX2(dot8_rows_q3s), NEON(dot8_rows_q3s)}, 0, {}, true},
+    {"q2s", 9, 4, cb_q2s, X_PLAIN,
+     {nullptr, dot_sub_scalar<block_q2, 8>, AVX2(dot_q2s), NEON(dot_q2s)},
+     {nullptr, rows_scalar<dequant_sub_scalar<block_q2, 8>>, AVX2(dot_rows_q2s), NEON(dot_rows_q2s)}, {nullptr, dequant_sub_scalar<block_q2, 8>, AVX2(dequant_q2s), NEON(dequant_q2s)}, {nullptr, dot8_sub_scalar<block_q2, 8>, AVX2(dot8_q2s), NEON(dot8_q2s)}, {nullptr, rows8_reference<dot8_sub_scalar<block_q2, 8>>, AVX2(dot8_rows_q2s), NEON(dot8_rows_q2s)}, 0, {}, true},
 };
 
 const BlockTraits* block_traits(int id) {

@@ -15,6 +15,11 @@ constexpr int SUBBLOCK = 32;
 inline int padded(int g) { return (g + SUBBLOCK - 1) / SUBBLOCK * SUBBLOCK; }
 inline int round8(int n) { return (n + 7) & ~7; }
 inline int ternary_bytes(int g_pad) { return 2 * ((g_pad + 9) / 10); }
+// Two-level ("subscale") kinds q4s, q3s, q2s (ids 7-9, docs/format.md): row-block = d, dmin (fp16) | per 32-column
+// sub-block j a 6-bit scale code s_j and min code n_j (sub_bytes) | codes as q4/q3/q2; w = (d s_j) q - dmin n_j.
+// Sub-scale bytes: n_sub bytes (s_j & 15 | (n_j & 15) << 4), then one nibble per sub-block (low nibble for even j)
+// holding s_j >> 4 | (n_j >> 4) << 2.
+inline int sub_bytes(int g_pad) { const int n = g_pad / 32; return n + (n + 1) / 2; }
 
 // How a chunk's activation slice is laid out for the dot kernels ("prepared x"):
 //   X_PLAIN:   g_pad floats, x[0..g) then zeros;
@@ -91,9 +96,12 @@ struct BlockTraits {
     // plain row-blocks in a tile), and the tile kernels (scalar reference, AVX2; nullptr: untile and use dot8_rows).
     int tile_sub;
     tile8_fn tile8[N_KERNEL_SETS];
+    // Two-level kinds (ids 7-9): header d, dmin, then sub_bytes(g_pad) of sub-scale codes before the codes;
+    // their int8 dots take each sub-block's activation sum from XQ8::ds (as llama.cpp's k-quants do).
+    bool two_level;
 };
 
-constexpr int N_BLOCK_TYPES = 7;
+constexpr int N_BLOCK_TYPES = 10;
 const BlockTraits* block_traits(int id);  // nullptr for an unknown id
 
 inline size_t row_bytes(const BlockTraits& bt, int g, int n_protected) {

@@ -104,7 +104,11 @@ static void chunk_tests() {
                     // The affine form d*sum(qx) + m*sum(x) cancels differently from sum((dq+m)x): allow
                     // 1e-5 of the magnitude of the terms (|d q x| + |m x|).
                     double termmag = mag;
-                    if (bt.header_bytes == 4 || bt.id == 5) {
+                    if (bt.two_level) {  // two-level: |D q| + |M| <= |w| + 2 |M|, M = dmin n_j <= 63 |dmin|
+                        const double dm = 63.0 * std::fabs((double)load_h(rb.data() + 2));
+                        termmag = 0.0;
+                        for (int c = 0; c < g; ++c) termmag += (std::fabs((double)ws[c]) + 2 * dm) * std::fabs(x[c]);
+                    } else if (bt.header_bytes == 4 || bt.id == 5) {
                         const float d = load_h(rb.data()), m = bt.header_bytes == 4 ? load_h(rb.data() + 2) : d;
                         termmag = 0.0;
                         for (int c = 0; c < g; ++c) termmag += (std::fabs(ws[c] - m) + 2 * std::fabs(m) + std::fabs(d)) * std::fabs(x[c]);
@@ -206,14 +210,16 @@ static void q8_chunk_tests() {
                     const uint8_t* rb = &rows[r * rbn];
                     bt.dequant[K_SCALAR](rb, g_pad, w.data());
                     // off = the code's offset in w (w = d q + m, ternary w = a (t - 1)): |code term| = |w - off|
-                    const double off = bt.id == 5 ? -(double)load_h(rb) : (double)load_h(rb + 2);
+                    // two-level kinds: the int8 dot is sum_c w_c x^_c (sub-block mins times XQ8::ds), off = 0
+                    const double off = bt.two_level ? 0.0 : bt.id == 5 ? -(double)load_h(rb) : (double)load_h(rb + 2);
+                    const double dm = bt.two_level ? 126.0 * std::fabs((double)load_h(rb + 2)) : 0.0;
                     double bound = 0.0, mag = 0.0;
                     for (int c = 0; c < g; ++c) {
                         int j;
                         const XQ8& b = xq[block_of(bt, g_pad, c, &j)];
                         const double qt = std::fabs((double)w[c] - off);
                         bound += qt * 0.5 * b.d;
-                        mag += qt * (std::fabs(x[c]) + 0.5 * b.d) + std::fabs(off * x[c]);
+                        mag += (qt + dm) * (std::fabs(x[c]) + 0.5 * b.d) + std::fabs(off * x[c]);
                     }
                     const double tol = 1e-5 * mag + 1e-30;
                     rowtol[r] = tol;

@@ -150,9 +150,9 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         from .ppo import PPOConfig, ppo_allocate
         cfg = PPOConfig(**{k: v for k, v in opts.items() if k in PPOConfig.__dataclass_fields__})
         cfg.seed = seed
-        from ..blocks import ACTION_NAMES
-        if table.actions != ACTION_NAMES:      # the policy's action space is the 7 base actions
-            table = table.restrict(ACTION_NAMES)
+        from ..blocks import ALLOCATOR_ACTIONS
+        if table.actions != ALLOCATOR_ACTIONS:      # the policy's action space is the offered base actions
+            table = table.restrict(ALLOCATOR_ACTIONS)
         choice, info = ppo_allocate(table, budget_bits, cfg, ctx=ctx, progress=say)
         meta["ppo"] = info
     t2 = time.time()

@@ -17,7 +17,7 @@ from ..plan import Plan, PlanError
 from ..units import Linear, chunk_bounds
 
 # Precision order of the base actions, most precise first (fp16, q8, q4, q3, q2, ternary, q1).
-ORDER = tuple(sorted(blocks.ACTION_NAMES, key=lambda a: -blocks.effective_bits(a, blocks.SUBBLOCK * 8)))
+ORDER = tuple(sorted(blocks.ALLOCATOR_ACTIONS, key=lambda a: -blocks.effective_bits(a, blocks.SUBBLOCK * 8)))
 
 
 def model_bits(linears: list[Linear], group_size: int, action: str) -> float:
@@ -29,7 +29,7 @@ def model_bits(linears: list[Linear], group_size: int, action: str) -> float:
 
 def check_budget(linears: list[Linear], group_size: int, budget_bits: float) -> None:
     """Reject budgets no plan can meet (below the cheapest action) or that mean nothing (above fp16)."""
-    cheapest = min(blocks.ACTION_NAMES, key=lambda a: model_bits(linears, group_size, a))
+    cheapest = min(blocks.ALLOCATOR_ACTIONS, key=lambda a: model_bits(linears, group_size, a))
     lo = model_bits(linears, group_size, cheapest)
     hi = model_bits(linears, group_size, blocks.FLOAT_ACTION)
     if budget_bits < lo - 1e-12:

@@ -10,10 +10,16 @@ feedback (wqedge.quant.gptq) rounds onto the same grid with the same function. `
 torch twin of blocks.dequantize. Every bit width and kind goes through these functions; there is no
 per-width or per-kind copy (`block_codes`, `block_dequantize` take a kind's q0 and offset from the traits
 table).
+
+Subscale kinds (q4s, q3s, q2s: blocks.py) are the same grid with per-column parameters: d and m may be [N, g]
+instead of [N], D = d * s_j and M = -dmin * n_j of each column's 32-column sub-block (`chunk_grid`); the second
+level, rounding float per-sub-block scales and mins onto 6-bit codes under fp16 row scales, is `subscale_codes`.
 """
 from __future__ import annotations
 
 import torch
+
+from ..blocks import SUB_LEVELS, SUBBLOCK
 
 
 def levels(bits: int) -> int:
@@ -23,9 +29,10 @@ def levels(bits: int) -> int:
 
 
 def _col(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    """Per-row parameter [N] (or scalar) as a [N, 1] column broadcastable against [N, g]."""
+    """Per-row parameter [N] (or scalar) as a [N, 1] column broadcastable against [N, g]; per-column
+    parameters [N, g] pass unchanged."""
     t = torch.as_tensor(t, dtype=torch.float32, device=like.device)
-    return t.reshape(-1, 1) if t.dim() >= 1 else t
+    return t.reshape(-1, 1) if t.dim() == 1 else t
 
 
 def quantize(w: torch.Tensor, scale, zero, bits: int) -> torch.Tensor:
@@ -97,3 +104,76 @@ def block_codes(bt, w: torch.Tensor, d, m=None) -> torch.Tensor:
 def block_dequantize(bt, codes: torch.Tensor, d, m=None) -> torch.Tensor:
     """dequantize_file with block type `bt`'s q0 and offset."""
     return dequantize_file(codes, d, m if bt.has_offset else None, bt.zero_code)
+
+
+# ---------------------------------------------------------------- two-level (subscale) grids
+
+def expand_sub(p: torch.Tensor, g: int) -> torch.Tensor:
+    """Per-sub-block values [N, n_sub] -> per-column [N, g] (each repeated over its 32 columns)."""
+    return p.repeat_interleave(SUBBLOCK, dim=1)[:, :g]
+
+
+def subscale_grid(d, dmin, sc, mn, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column (D, M) [N, g] of a subscale chunk, D = d * s_j, M = -(dmin * n_j): torch twin of
+    blocks.subscale_grid (both products exact in fp32)."""
+    d = torch.as_tensor(d, dtype=torch.float32).reshape(-1, 1)
+    dmin = torch.as_tensor(dmin, dtype=torch.float32, device=d.device).reshape(-1, 1)
+    sc = torch.as_tensor(sc, device=d.device).float()
+    mn = torch.as_tensor(mn, device=d.device).float()
+    return expand_sub(d * sc, g), expand_sub(-(dmin * mn), g)
+
+
+def chunk_grid(bt, c, device=None, col0: int = 0, width: int | None = None):
+    """(d, m) tensors of chunk c (blocks.ChunkData of block type bt) for its columns col0 .. col0 + width:
+    per row [N] for one-scale kinds (m None without an offset), per column [N, width] for subscale kinds."""
+    d = torch.as_tensor(c.d, device=device).float()
+    if not bt.has_subscales:
+        return d, (torch.as_tensor(c.m, device=device).float() if bt.has_offset else None)
+    width = c.g - col0 if width is None else width
+    j0, j1 = col0 // SUBBLOCK, (col0 + width - 1) // SUBBLOCK + 1
+    D, M = subscale_grid(d, torch.as_tensor(c.m, device=device), torch.as_tensor(c.sc[:, j0:j1], device=device),
+                         torch.as_tensor(c.mn[:, j0:j1], device=device), SUBBLOCK * (j1 - j0))
+    o = col0 - SUBBLOCK * j0
+    return D[:, o:o + width], M[:, o:o + width]
+
+
+def subscale_codes(w: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, bits: int, hw: torch.Tensor | None = None):
+    """Second level of a two-level grid: per-sub-block float scales s [N, k] (>= 0) and offsets lo [N, k] (<= 0)
+    -> fp16 row scale d and min dmin [N] and 6-bit codes sc, mn [N, k] (uint8), so D = d * sc ~ s, M = -dmin * mn ~ lo.
+
+    d = max_j s_j / 63 and dmin = max_j (-lo_j) / 63 (stored fp16); each sub-block then takes, of the floor/ceil
+    neighbours of s_j / d and -lo_j / dmin, the pair whose grid gives the least (hw-weighted) squared error on
+    its own 32 columns w [N, g] (hw [N, g] or None). A sub-block with s_j > 0 keeps sc >= 1."""
+    N, k = s.shape
+    g = w.shape[1]
+    top = SUB_LEVELS - 1
+    d16 = (s.amax(1) / top).half()
+    dmin16 = ((-lo).amax(1).clamp_min(0) / top).half()
+    d, dmin = d16.float().reshape(-1, 1), dmin16.float().reshape(-1, 1)
+    rs = torch.where(d > 0, s / torch.where(d > 0, d, 1.0), 0.0)
+    rm = torch.where(dmin > 0, -lo / torch.where(dmin > 0, dmin, 1.0), 0.0)
+    live = s > 0
+    cands = []
+    for a in (torch.floor(rs), torch.ceil(rs)):
+        a = torch.where(live, a.clamp(1, top), 0.0)
+        for b in (torch.floor(rm), torch.ceil(rm)):
+            cands.append((a, b.clamp(0, top)))
+    pad = k * SUBBLOCK - g
+    wp = torch.nn.functional.pad(w.float(), (0, pad)).reshape(N, k, SUBBLOCK)
+    hp = None if hw is None else torch.nn.functional.pad(hw.float(), (0, pad)).reshape(N, k, SUBBLOCK)
+    if hp is None:
+        hp = torch.nn.functional.pad(torch.ones_like(w, dtype=torch.float32), (0, pad)).reshape(N, k, SUBBLOCK)
+    best_err = best_a = best_b = None
+    for a, b in cands:
+        D = (d * a).unsqueeze(2)
+        M = (-(dmin * b)).unsqueeze(2)
+        q = torch.round((wp - M) / torch.where(D > 0, D, 1.0)).clamp_(0, (1 << bits) - 1)
+        q = torch.where(D > 0, q, 0.0)
+        err = (hp * (D * q + M - wp).square()).sum(2)
+        if best_err is None:
+            best_err, best_a, best_b = err, a, b
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_a, best_b = torch.where(better, a, best_a), torch.where(better, b, best_b)
+    return d16, dmin16, best_a.to(torch.uint8), best_b.to(torch.uint8)

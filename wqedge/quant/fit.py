@@ -76,14 +76,17 @@ def _check_protected(protected, g: int) -> np.ndarray | None:
 def _fit_rows(w: torch.Tensor, action: str, method: str, hw: torch.Tensor | None):
     """w [R, g], hw None or [R, g] (>= 0, already damped and with protected columns zeroed).
 
-    Returns (codes uint8 [R, g] torch, d fp16 [R] torch, m fp16 [R] torch or None) for quantized actions.
+    Returns (codes uint8 [R, g] torch, d fp16 [R] torch, m fp16 [R] torch or None, sub) for quantized actions;
+    sub is None, or (sc, mn) uint8 [R, n_sub] for subscale kinds (m is then dmin; _fit_subscale).
     """
     bt = blocks.block_type(action)
     R, g = w.shape
+    if bt.has_subscales:
+        return _fit_subscale(w, bt, method, hw)
     if not bt.has_offset:           # symmetric grid {-a, 0, a}: the exact ternary fit
         alpha, _ = fit_ternary(w, hw)
         a16 = alpha.half()
-        return affine.block_codes(bt, w, a16.float()), a16, None
+        return affine.block_codes(bt, w, a16.float()), a16, None, None
     if bt.bits == 1:                # two levels: the exact weighted 2-means fit
         d, m, _ = fit_binary(w, hw, offset=True)
     else:
@@ -110,7 +113,55 @@ def _fit_rows(w: torch.Tensor, action: str, method: str, hw: torch.Tensor | None
     d16, m16 = d.half(), m.half()
     if not (bool(torch.isfinite(d16).all()) and bool(torch.isfinite(m16).all())):
         raise ValueError(f"{bt.name}: fitted scale/offset overflow fp16 (weight range too large for the format)")
-    return affine.block_codes(bt, w, d16.float(), m16.float()), d16, m16
+    return affine.block_codes(bt, w, d16.float(), m16.float()), d16, m16, None
+
+
+def _fit_subscale(w: torch.Tensor, bt, method: str, hw: torch.Tensor | None):
+    """Two-level fit: each 32-column sub-block of each row fitted as its own row (NeUQI or min-max, the same
+    fitters as one-scale kinds, offsets clamped to <= 0 as k-quants do), then its scale and offset rounded onto
+    6-bit codes under fp16 row scales (affine.subscale_codes); codes recomputed on the stored grid."""
+    R, g = w.shape
+    k = blocks.n_sub(blocks.padded(g))
+    pad = k * blocks.SUBBLOCK - g
+    mask = torch.ones_like(w, dtype=torch.bool) if hw is None else hw > 0
+    ws = torch.nn.functional.pad(w, (0, pad)).reshape(R * k, blocks.SUBBLOCK)
+    ms = torch.nn.functional.pad(mask, (0, pad)).reshape(R * k, blocks.SUBBLOCK)
+    hs = torch.nn.functional.pad(torch.ones_like(w) if hw is None else hw, (0, pad)).reshape(R * k, blocks.SUBBLOCK)
+    hs = torch.where(ms, hs, 0.0)
+    tot = hs.sum(1, keepdim=True)
+    hs = torch.where(tot > 0, hs / tot.clamp_min(1e-30), 0.0)
+    if method == "neuqi":
+        s, z = neuqi_params(ws, bt.bits, hs)
+    elif method == "minmax":
+        s, z = affine.minmax_params(ws, bt.bits, ms)
+    else:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    lo = -s * z
+    big = torch.finfo(torch.float32).max
+    hi_v = torch.where(ms, ws, -big).amax(1)
+    lo_v = torch.where(ms, ws, big).amin(1)
+    const = (hi_v <= lo_v) | ~ms.any(1)               # one value (or none) to fit: D = 0 (or d for a c > 0)
+    c = torch.where(ms.any(1), lo_v, 0.0)
+    s = torch.where(const, c.clamp_min(0), s)
+    lo = torch.where(const, c.clamp_max(0), lo).clamp_max(0)
+    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(lo).all())):
+        raise ValueError(f"{bt.name}: fitted sub-block scales are not finite")
+    d16, dmin16, sc, mn = affine.subscale_codes(w, s.reshape(R, k), lo.reshape(R, k), bt.bits,
+                                                None if hw is None else hw)
+    # rows constant over their fitted entries are stored exactly: c > 0 as d = c, s_j = 1, q = 1; c <= 0 as dmin = -c
+    hi_r = torch.where(mask, w, -big).amax(1)
+    lo_r = torch.where(mask, w, big).amin(1)
+    crow = (hi_r <= lo_r) | ~mask.any(1)
+    if bool(crow.any()):
+        cv = torch.where(mask.any(1), lo_r, 0.0)
+        d16 = torch.where(crow, cv.clamp_min(0).half(), d16)
+        dmin16 = torch.where(crow, (-cv).clamp_min(0).half(), dmin16)
+        sc = torch.where(crow[:, None], (cv > 0).to(torch.uint8)[:, None].expand_as(sc), sc)
+        mn = torch.where(crow[:, None], (cv <= 0).to(torch.uint8)[:, None].expand_as(mn), mn)
+    if not (bool(torch.isfinite(d16).all()) and bool(torch.isfinite(dmin16).all())):
+        raise ValueError(f"{bt.name}: fitted scale/min overflow fp16 (weight range too large for the format)")
+    D, M = affine.subscale_grid(d16, dmin16, sc, mn, g)
+    return affine.block_codes(bt, w, D, M), d16, dmin16, (sc, mn)
 
 
 def _prepare_h(h: torch.Tensor | None, damp_mean, protected: np.ndarray | None, g: int, device) -> torch.Tensor | None:
@@ -123,7 +174,7 @@ def _prepare_h(h: torch.Tensor | None, damp_mean, protected: np.ndarray | None, 
     return hd
 
 
-def _make_chunk(action, w, codes, d16, m16, protected) -> ChunkData:
+def _make_chunk(action, w, codes, d16, m16, protected, sub=None) -> ChunkData:
     g = w.shape[1]
     bt = blocks.block_type(action)
     if bt.is_float:
@@ -133,7 +184,10 @@ def _make_chunk(action, w, codes, d16, m16, protected) -> ChunkData:
     else:
         c = ChunkData(bt.name, g, codes=codes.cpu().numpy(), d=d16.cpu().numpy(),
                       m=None if m16 is None else m16.cpu().numpy())
-        deq = affine.block_dequantize(bt, codes, d16.float(), None if m16 is None else m16.float())
+        if sub is not None:
+            c.sc, c.mn = (x.cpu().numpy() for x in sub)
+        d, m = affine.chunk_grid(bt, c, w.device)
+        deq = affine.block_dequantize(bt, codes, d, m)
     if protected is not None:
         p = torch.as_tensor(protected, device=w.device)
         c.protected = np.asarray(protected, dtype=np.int64)
@@ -165,8 +219,8 @@ def fit_chunk(w: torch.Tensor, action: str, method: str = "neuqi", h: torch.Tens
         return _make_chunk(bt.name, w, None, None, None, p)
     hd = _prepare_h(h, damp_mean, p, g, w.device)
     hw = None if hd is None else row_weights(hd, N, g, device=w.device)
-    codes, d16, m16 = _fit_rows(w, bt.name, method, hw)
-    return _make_chunk(bt.name, w, codes, d16, m16, p)
+    codes, d16, m16, sub = _fit_rows(w, bt.name, method, hw)
+    return _make_chunk(bt.name, w, codes, d16, m16, p, sub)
 
 
 def dequantize_chunk(c: ChunkData) -> torch.Tensor:
@@ -238,9 +292,9 @@ def fit_linear(w: torch.Tensor, actions: Sequence[str], group_size: int, method:
         hs = [_prepare_h(None if h is None else h[bounds[c][0] : bounds[c][1]], dmean, prot[c], g, w.device) for c in cs]
         hw = None if all(x is None for x in hs) else torch.cat(
             [row_weights(x, N, g, device=w.device) for x in hs], 0)
-        codes, d16, m16 = _fit_rows(ws, name, method, hw)
+        codes, d16, m16, sub = _fit_rows(ws, name, method, hw)
         for i, c in enumerate(cs):
             r = slice(i * N, (i + 1) * N)
             out[c] = _make_chunk(name, w[:, bounds[c][0] : bounds[c][1]], codes[r], d16[r],
-                                 None if m16 is None else m16[r], prot[c])
+                                 None if m16 is None else m16[r], prot[c], None if sub is None else (sub[0][r], sub[1][r]))
     return out

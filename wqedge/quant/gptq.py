@@ -21,7 +21,7 @@ import torch
 from .. import blocks
 from ..blocks import ChunkData
 from ..units import chunk_bounds
-from .affine import block_codes, block_dequantize
+from .affine import block_codes, block_dequantize, chunk_grid, expand_sub
 
 DAMP = 0.1          # of mean diag(XᵀX); measured on llama-s: 0.1 beat 0.01 and 0.3 (ppl 6.43 vs 6.46 at 3.25 bits)
 #                     (neuqi.DAMP = 0.01 weights a single chunk's fit: a different matrix, kept apart on purpose)
@@ -71,13 +71,13 @@ def conditional_precision(xtx: torch.Tensor, group_size: int, damp: float = DAMP
     return out
 
 
-def _round_onto(x: torch.Tensor, c: ChunkData, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, k] -> (codes uint8 [N, k], dequantized [N, k]) on chunk c's stored grid."""
+def _round_onto(x: torch.Tensor, c: ChunkData, dev, col: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, k] (chunk-local columns col .. col + k) -> (codes uint8 [N, k], dequantized [N, k]) on chunk c's
+    stored grid (a subscale chunk's grid is that of the columns' sub-blocks)."""
     bt = blocks.block_type(c.action)
     if bt.is_float:
         return None, x.half().float()
-    d = torch.as_tensor(c.d, device=dev).float()
-    m = None if c.m is None else torch.as_tensor(c.m, device=dev).float()
+    d, m = chunk_grid(bt, c, dev, col, x.shape[1])
     q = block_codes(bt, x, d, m)
     return q, block_dequantize(bt, q, d, m)
 
@@ -136,7 +136,7 @@ def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_si
                 W[:, perm[i:i + (e - s)]] = Wp[:, i:i + (e - s)]
                 fit(c)
             col = Wp[:, i:i + 1]
-            qc, deq = _round_onto(col, params[c], dev)
+            qc, deq = _round_onto(col, params[c], dev, j - bounds[c][0])
             if qc is not None:
                 codes[:, j] = qc[:, 0]
             if exact[j]:
@@ -179,8 +179,8 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
 
     Error feedback picks codes against weights it keeps changing, and the grid it rounds onto was fitted
     before that; with the codes known, the best scale and offset of each row of each chunk solve a 2x2
-    linear system (1x1 for ternary). Chunks are swept left to right `rounds` times, each against the
-    current error of all the others; protected columns keep their values (residuals follow the new grid).
+    linear system (1x1 for ternary; subscale kinds: the row's d and dmin, sub-block codes fixed too). Chunks
+    are swept left to right `rounds` times, each against the current error of all the others; protected columns keep their values (residuals follow the new grid).
     A row's new parameters are kept only if, rounded to fp16, they lower its loss. Only chunks of at most
     `max_bits` bits per code (the table's nominal_bits: ternary 1.5) are refitted.
     """
@@ -198,6 +198,10 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
             keep = torch.ones(e - s, dtype=torch.float64, device=dev)
             if c.n_protected:
                 keep[torch.as_tensor(c.protected, device=dev)] = 0.0
+            B = keep                 # w = d * q + m * B per column
+            if bt.has_subscales:     # w = d * (s_j q) + dmin * (-n_j): the same 2x2 system in (d, dmin)
+                q = q * expand_sub(torch.as_tensor(c.sc, device=dev).double(), e - s)
+                B = -expand_sub(torch.as_tensor(c.mn, device=dev).double(), e - s) * keep
             q = q * keep
             Hcc = H[s:e, s:e]
             RH = R @ H[:, s:e]                                   # [N, g]
@@ -205,10 +209,15 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
             a11, b1 = (qH * q).sum(1), (RH * q).sum(1)
             d0 = torch.as_tensor(c.d, device=dev).double()
             m0 = torch.as_tensor(c.m, device=dev).double() if bt.has_offset else None
-            if bt.has_offset:
+            if bt.has_subscales:
+                a12 = (qH * B).sum(1)
+                a22 = ((B @ Hcc) * B).sum(1)
+                b2 = (RH * B).sum(1)
+            elif bt.has_offset:
                 a12 = qH @ keep
                 a22 = (keep @ Hcc @ keep).expand_as(a11)
                 b2 = RH @ keep
+            if bt.has_offset:
                 det = a11 * a22 - a12 * a12
                 ok = det > 1e-12 * (a11 * a22).clamp_min(1e-300)
                 dd = torch.where(ok, (a22 * b1 - a12 * b2) / torch.where(ok, det, 1.0), 0.0)
@@ -226,7 +235,7 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
             if not bool(take.any()):
                 continue
             dd, dm = torch.where(take, dd, 0.0), torch.where(take, dm, 0.0)
-            R[:, s:e] -= dd[:, None] * q + dm[:, None] * keep
+            R[:, s:e] -= dd[:, None] * q + dm[:, None] * B
             c.d = (d0 + dd).cpu().numpy().astype(np.float16)
             if bt.has_offset:
                 c.m = (m0 + dm).cpu().numpy().astype(np.float16)
@@ -237,9 +246,9 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
 
 
 def _dequant_codes(c: ChunkData, dev) -> torch.Tensor:
-    d = torch.as_tensor(c.d, device=dev).float()
-    m = None if c.m is None else torch.as_tensor(c.m, device=dev).float()
-    return block_dequantize(blocks.block_type(c.action), torch.as_tensor(c.codes, device=dev), d, m)
+    bt = blocks.block_type(c.action)
+    d, m = chunk_grid(bt, c, dev)
+    return block_dequantize(bt, torch.as_tensor(c.codes, device=dev), d, m)
 
 
 def dequantize(chunks: list[ChunkData]) -> torch.Tensor:
