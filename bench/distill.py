@@ -1,11 +1,11 @@
 """Light distillation benchmark (issue 17): perplexity without and with NeUQI light distillation, one run.
 
     python bench/distill.py --device cuda                       # llama-s, calib.txt, eval.txt, 3.25/2.5/2.25/2.0
-    python bench/distill.py --device cuda --configs 128@1e-3,128@1e-3+e2e64 --budgets 2.25
+    python bench/distill.py --device cuda --configs 128@1e-3,128@1e-3+e2e64@2e-4 --budgets 2.25
 
 For each budget: the default pipeline's greedy plan (one damage table on the calibration text, shared by the
 budgets, as `wqedge plan --calib` makes it), error-feedback conversion (wqedge.quant.feedback, 256 windows) =
-the row "feedback"; then, from the same fitted chunks, each distillation config STEPS@LR[+e2eSTEPS]
+the row "feedback"; then, from the same fitted chunks, each distillation config STEPS@LR[+e2eSTEPS[@LR]]
 (wqedge.quant.distill.distill_model: block stage with STEPS AdamW steps per decoder layer at relative learning
 rate LR, optional end-to-end KL stage) = one row each, with its seconds, peak memory (CUDA: max allocated
 during the distillation, the resident fp32 model included; CPU: process peak RSS) and held-out block MSE.
@@ -30,10 +30,12 @@ FIX = ROOT.parent / "shared" / "fixtures"
 
 
 def parse_config(s: str) -> dict:
-    """'128@1e-3+e2e64' -> {"steps": 128, "lr": 1e-3, "e2e": 64}."""
+    """'128@1e-3+e2e64@2e-4' -> {"steps": 128, "lr": 1e-3, "e2e": 64, "e2e_lr": 2e-4} (learning rates optional)."""
     main, _, e2e = s.partition("+e2e")
     steps, _, lr = main.partition("@")
-    return {"steps": int(steps), "lr": float(lr) if lr else None, "e2e": int(e2e) if e2e else 0}
+    e2e, _, e2e_lr = e2e.partition("@")
+    return {"steps": int(steps), "lr": float(lr) if lr else None, "e2e": int(e2e) if e2e else 0,
+            "e2e_lr": float(e2e_lr) if e2e_lr else None}
 
 
 def main(argv=None):
@@ -42,7 +44,7 @@ def main(argv=None):
     ap.add_argument("--calib", default=str(FIX / "text" / "calib.txt"))
     ap.add_argument("--eval", default=str(FIX / "text" / "eval.txt"))
     ap.add_argument("--budgets", default="3.25,2.5,2.25,2.0")
-    ap.add_argument("--configs", default="128@1e-3", help="distillation configs STEPS@LR[+e2eSTEPS], comma separated")
+    ap.add_argument("--configs", default="128@1e-3", help="distillation configs STEPS@LR[+e2eSTEPS[@LR]], comma separated")
     ap.add_argument("--device", default=None, help="planning, conversion, distillation and evaluation device")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
@@ -139,11 +141,12 @@ def main(argv=None):
                 log(f"time limit: {c} at {b} not run")
                 break
             restore()
-            kw = {} if c["lr"] is None else {"lr": c["lr"]}
+            kw = {k: c[k] for k in ("lr", "e2e_lr") if c[k] is not None}
             res = distill.distill_model(model, fitted, cs.train, cs.heldout, c["steps"], c["e2e"], dev,
                                         seed=a.seed, progress=log, **kw)
             apply(res.chunks, res.norms)
-            name = f"distill {c['steps']}@{c['lr'] or distill.LR:g}" + (f"+e2e{c['e2e']}" if c["e2e"] else "")
+            name = f"distill {c['steps']}@{c['lr'] or distill.LR:g}" + (
+                f"+e2e{c['e2e']}@{c['e2e_lr'] or distill.E2E_LR:g}" if c["e2e"] else "")
             rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": name, "ppl": ppl(),
                          "seconds": res.seconds, "peak_mib": res.peak_bytes / 2**20, "peak_what": res.peak_what,
                          "mse_before": sum(x["before"] for x in res.layers) / len(res.layers),
