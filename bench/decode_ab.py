@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Interleaved decode speed of our runtime and llama.cpp in one session (issue 12): for a quick same-run ratio on a
-shared machine without the full `wqedge bench`.
+"""Interleaved decode or prefill speed of our runtime and llama.cpp in one session (issue 12): for a quick same-run
+ratio on a shared machine without the full `wqedge bench`.
 
     python bench/decode_ab.py --wq A.gguf [--wq B.gguf ...] --lcp Q4_0.gguf [--threads 2] [--rounds 3] [--decode 32]
-        [--env WQEDGE_REPACK=0]
+        [--env WQEDGE_REPACK=0] [--prefill 256 [--wq-f32]]
 
 Ours: `wqedge-bench` (cpp/build/ or $WQEDGE_BENCH) decode tok/s (median of its reps); llama.cpp: llama-cpp-python,
-64-token prompt then --decode single-token evals, tok/s. Each round runs every file once, in turn; prints every
-sample and the best per file (outside load only slows a run).
+64-token prompt then --decode single-token evals, tok/s. --prefill N measures prompt processing instead: ours the
+N-token batch of wqedge-bench, llama.cpp one eval of N tokens (n_batch = N) from an empty cache; --wq-f32 adds each of
+our files again with WQEDGE_ACT=f32 (the float prefill, for before/after). Each round runs every file once, in turn;
+prints every sample and the best per file (outside load only slows a run), and the ratios of ours to the first --lcp.
 """
 from __future__ import annotations
 
@@ -21,16 +23,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ours(path: str, threads: int, n: int, env: dict) -> float:
+def ours(path: str, threads: int, n: int, env: dict, prefill: int = 0) -> float:
     exe = os.environ.get("WQEDGE_BENCH", str(ROOT / "cpp" / "build" / "wqedge-bench"))
-    out = subprocess.run([exe, "-m", path, "-p", "64", "-n", str(n), "-r", "2", "-t", str(threads)], capture_output=True,
+    args = ["-p", str(prefill), "-n", "0", "-r", "3"] if prefill else ["-p", "64", "-n", str(n), "-r", "2"]
+    out = subprocess.run([exe, "-m", path, *args, "-t", str(threads)], capture_output=True,
                          text=True, check=True, env={**os.environ, **env}).stdout
-    return float(re.search(r"decode\s+\d+ tokens: ([\d.]+) tok/s", out).group(1))
+    what = "prefill" if prefill else "decode"
+    return float(re.search(what + r"\s+\d+ tokens: ([\d.]+) tok/s", out).group(1))
 
 
-def llamacpp(path: str, threads: int, n: int) -> float:
+def llamacpp(path: str, threads: int, n: int, prefill: int = 0) -> float:
     from llama_cpp import Llama
-    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=256, verbose=False)
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=max(256, prefill + 8),
+                n_batch=max(512, prefill), n_ubatch=max(512, prefill), verbose=False)
+    if prefill:  # median of 3 prompt evals from an empty cache, as wqedge-bench -r 3 (after a short warm-up)
+        toks = [1 + (7919 * i) % (llm.n_vocab() - 1) for i in range(prefill)]
+        llm.eval(toks[:8])
+        rates = []
+        for _ in range(3):
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(toks)
+            rates.append(prefill / (time.perf_counter() - t0))
+        del llm
+        return sorted(rates)[1]
     llm.eval(list(range(1, 65)))
     t0 = time.perf_counter()
     for i in range(n):
@@ -48,17 +64,27 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for our runs")
+    ap.add_argument("--prefill", type=int, default=0, help="measure an N-token prompt instead of decode")
+    ap.add_argument("--wq-f32", action="store_true", help="also run our files with WQEDGE_ACT=f32")
     a = ap.parse_args()
     env = dict(e.split("=", 1) for e in a.env)
+    runs = [("wq", f, env) for f in a.wq]
+    if a.wq_f32:
+        runs += [("wq-f32", f, {**env, "WQEDGE_ACT": "f32"}) for f in a.wq]
+    runs += [("lcp", f, {}) for f in a.lcp]
     best: dict[str, float] = {}
     for r in range(a.rounds):
-        for kind, files in (("wq", a.wq), ("lcp", a.lcp)):
-            for f in files:
-                v = ours(f, a.threads, a.decode, env) if kind == "wq" else llamacpp(f, a.threads, a.decode)
-                name = f"{kind}:{Path(f).stem}"
-                best[name] = max(best.get(name, 0.0), v)
-                print(f"round {r + 1} {name}: {v:.1f} tok/s", flush=True)
-    print("best:", ", ".join(f"{k} {v:.1f}" for k, v in best.items()))
+        for kind, f, e in runs:
+            v = (llamacpp(f, a.threads, a.decode, a.prefill) if kind == "lcp"
+                 else ours(f, a.threads, a.decode, e, a.prefill))
+            name = f"{kind}:{Path(f).stem}"
+            best[name] = max(best.get(name, 0.0), v)
+            print(f"round {r + 1} {name}: {v:.1f} tok/s", flush=True)
+    print(f"best ({'prefill %d tokens' % a.prefill if a.prefill else 'decode'}, {a.threads} threads):",
+          ", ".join(f"{k} {v:.1f}" for k, v in best.items()))
+    ref = next((k for k in best if k.startswith("lcp:")), None)
+    if ref:
+        print(f"ratio to {ref}:", ", ".join(f"{k} {v / best[ref]:.2f}" for k, v in best.items() if not k.startswith("lcp:")))
 
 
 if __name__ == "__main__":

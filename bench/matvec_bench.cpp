@@ -8,6 +8,8 @@
 //   /tmp/matvec_bench -t 2 -a q8 -l 4 -r 20 q4 q3 q2 ternary q1 mix:q4,q3,q2,ternary
 //   /tmp/matvec_bench -t 2 -triad          (DRAM bandwidth, same threads; give -t before -triad)
 //   -p 0|1: the file's row layout or row tiles (default: as the model loader, repack_wanted())
+//   -n N: prefill instead: matmul of N tokens through the same linears (ms per N-token step, tok/s and GMAC/s of the
+//         linears alone); -a f32 is the float prefill (dequantize + float GEMM), -a q8 (default) the int8 tile GEMM
 //
 // A kind list "mix:a,b,c" assigns kinds to chunks round-robin (a mixed plan's worst case for dispatch).
 #include <chrono>
@@ -101,6 +103,7 @@ int main(int argc, char** argv) {
     int threads = 2, layers = 4, reps = 20;
     int act = ACT_Q8;
     int repack = -1;  // -1: as the model loader decides (repack_wanted), 0/1 forced by -p
+    int n_tok = 1;    // > 1: prefill (matmul) of n_tok tokens
     std::vector<std::string> specs;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
@@ -109,6 +112,7 @@ int main(int argc, char** argv) {
         else if (a == "-r") reps = atoi(argv[++i]);
         else if (a == "-p") repack = atoi(argv[++i]);
         else if (a == "-a") act = std::string(argv[++i]) == "f32" ? ACT_F32 : ACT_Q8;
+        else if (a == "-n") n_tok = atoi(argv[++i]);
         else if (a == "-triad") { printf("triad %d threads: %.1f GB/s\n", threads, triad(threads)); return 0; }
         else specs.push_back(a);
     }
@@ -121,10 +125,14 @@ int main(int argc, char** argv) {
     repack = 0;
 #endif
     std::mt19937 rng(1);
-    std::vector<float> x(F), y(F), y2(F), y3(F);
+    std::vector<float> x((size_t)F * n_tok), y((size_t)F * n_tok), y2(F), y3(F);
     for (auto& v : x) v = std::normal_distribution<float>()(rng);
-    printf("%-28s %8s %10s %8s %10s  (threads %d, act %s, %d layers, %s)\n", "kinds", "ms/step", "MB/step", "GB/s", "cpu ms", threads,
-           act == ACT_Q8 ? "q8" : "f32", layers, repack ? "row tiles" : "row layout");
+    if (n_tok > 1)
+        printf("%-28s %8s %10s %8s %10s  (prefill %d tokens, threads %d, act %s, %d layers, %s)\n", "kinds", "ms/step",
+               "tok/s", "GMAC/s", "cpu ms", n_tok, threads, act == ACT_Q8 ? "q8" : "f32", layers, repack ? "row tiles" : "row layout");
+    else
+        printf("%-28s %8s %10s %8s %10s  (threads %d, act %s, %d layers, %s)\n", "kinds", "ms/step", "MB/step", "GB/s", "cpu ms", threads,
+               act == ACT_Q8 ? "q8" : "f32", layers, repack ? "row tiles" : "row layout");
     for (const std::string& spec : specs) {
         const std::vector<int> kinds = parse_kinds(spec);
         std::vector<Owned> ws;
@@ -159,7 +167,9 @@ int main(int argc, char** argv) {
             auto t0 = std::chrono::steady_clock::now();
             timespec c0, c1;
             clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
-            for (int l = 0; l < layers; ++l) {
+            if (n_tok > 1)  // prefill: every linear of every layer on n_tok tokens (as Context::forward's batch)
+                for (auto& w : ws) matmul(w.L, x.data(), n_tok, y.data(), pool, s, kernels, act);
+            for (int l = 0; l < layers && n_tok == 1; ++l) {
                 const Linear* qkv[3] = {&ws[7 * l].L, &ws[7 * l + 1].L, &ws[7 * l + 2].L};
                 float* yq[3] = {y.data(), y2.data(), y3.data()};
                 matvec_group(3, qkv, x.data(), yq, pool, s, kernels, act);
@@ -174,8 +184,14 @@ int main(int argc, char** argv) {
             best = std::min(best, dt);
             best_cpu = std::min(best_cpu, (c1.tv_sec - c0.tv_sec) + 1e-9 * (c1.tv_nsec - c0.tv_nsec));
         }
-        printf("%-28s %8.3f %10.2f %8.2f %10.3f\n", spec.c_str(), best * 1e3, bytes / 1e6, bytes / best / 1e9,
-               best_cpu * 1e3);
+        if (n_tok > 1) {
+            double macs = 0;
+            for (auto& w : ws) macs += (double)w.L.N * w.L.K * n_tok;
+            printf("%-28s %8.3f %10.1f %8.2f %10.3f\n", spec.c_str(), best * 1e3, n_tok / best, macs / best / 1e9, best_cpu * 1e3);
+        } else {
+            printf("%-28s %8.3f %10.2f %8.2f %10.3f\n", spec.c_str(), best * 1e3, bytes / 1e6, bytes / best / 1e9,
+                   best_cpu * 1e3);
+        }
         fflush(stdout);
     }
     return 0;
