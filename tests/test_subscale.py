@@ -303,3 +303,32 @@ def test_portable_onnx_export_refuses_two_level_kinds(sub_model, tmp_path):
     with pytest.raises(ValueError, match="does not lower two-level block kinds"):
         export_onnx(sub_model, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_preset_q4s(tiny_model_factory, tmp_path, native):
+    """`convert --preset q4s` (hidden 576: chunks of 256, 256 and a ragged 64 at G = 256) writes q4s everywhere at
+    its exact price, and the C++ runtime reads it as the reference does."""
+    from click.testing import CliRunner
+    from wqedge.alloc.uniform import model_bits
+    from wqedge.checkpoint import LlamaCheckpoint
+    from wqedge.cli import main
+    from wqedge.reference import load_reference, logits_fn
+    from wqedge.runtime.gguf_reader import WqGGUF
+    model = tiny_model_factory(hidden=576, n_layers=1, n_heads=9, n_kv_heads=3, intermediate=1536)
+    out = tmp_path / "m.gguf"
+    res = CliRunner().invoke(main, ["convert", str(model), "-o", str(out), "--preset", "q4s", "--group", "256",
+                                    "--method", "minmax", "--no-self-calib"])
+    assert res.exit_code == 0, res.output
+    f = WqGGUF(out)
+    spec = LlamaCheckpoint.open(model).spec
+    assert all(set(f.layout(lin.gguf_name).actions) == {"q4s"} for lin in spec.linears())
+    assert f.measured_bits() == pytest.approx(model_bits(spec.linears(), 256, "q4s"), abs=1e-9)
+    toks = np.random.default_rng(1).integers(0, spec.vocab_size, (1, 32)).astype(np.int32)
+    ref = logits_fn(load_reference(out))(toks)
+    prev = native.get_activations()
+    native.set_activations("f32")       # the reference-parity criterion is for float activations
+    try:
+        lc = native.logits_fn(out, n_threads=2)(toks)
+    finally:
+        native.set_activations(prev)
+    assert float(np.abs(lc - ref).max() / ref.std()) < 1e-2

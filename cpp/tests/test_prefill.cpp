@@ -75,8 +75,7 @@ int main() {
     std::printf("%s\n", system_info());
     std::vector<Case> cases;
     for (int id = 0; id < N_BLOCK_TYPES; ++id) {  // each kind alone: 3 chunks of 128, the last ragged (K = 300)
-        static const char* names[] = {"fp16", "q8", "q4", "q3", "q2", "ternary", "q1"};
-        cases.push_back({names[id], 128, 29, 300, {id, id, id}, {0, 2, 1}});
+        cases.push_back({block_traits(id)->name, 128, 29, 300, {id, id, id}, {0, 2, 1}});
     }
     cases.push_back({"mixed", 128, 37, 13 * 128 - 60, {2, 2, 2, 4, 4, 3, 3, 6, 6, 5, 1, 0, 2}, {0, 0, 2, 0, 0, 1, 1, 0, 3, 2, 0, 0, 1}});
     cases.push_back({"mixed-g64", 64, 16, 6 * 64, {2, 3, 4, 6, 5, 2}, {0, 0, 0, 0, 0, 0}});
