@@ -44,9 +44,10 @@ from ..blocks import ChunkData
 from ..units import PROJECTIONS
 
 BATCH = 4                # calibration windows per step
-LR = 1e-3                # relative units (fraction of d₀ per step, at most, for Adam)
+LR = 1e-3                # relative units (about a fraction of d₀ per step, for Adam); 3e-3 gave the same perplexity
+#                          within 0.007 on llama-s at 2.0-3.25 bits (bench/results/distill.md)
 NORM_LR = 1e-3           # times each norm's mean |weight|
-E2E_LR = 2e-4
+E2E_LR = 2e-4            # end-to-end stage (all layers at once); higher rates are not measured yet
 
 
 @dataclass
