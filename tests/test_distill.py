@@ -95,6 +95,28 @@ def test_tunable_linear_reproduces_chunks_and_rounds_to_them(setup):
         s += c.g
 
 
+@pytest.mark.parametrize("action", [b.name for b in blocks.BLOCK_TYPES if not b.is_float])
+def test_every_kind_tuned_through_its_traits(action):
+    """Each quantized kind of the traits table (sub-scale kinds included: their d and dmin per row, sub-block
+    codes frozen) is rebuilt exactly, and its tuned row-blocks, packed and decoded, are what the module computes."""
+    from wqedge.quant.fit import fit_chunk
+    torch.manual_seed(0)
+    c = fit_chunk(0.05 * torch.randn(8, 96), action, protected=[5])
+    skipped: list[str] = []
+    tl = TunableLinear([c], "cpu", skipped)
+    assert skipped == [] and tl.tuned_chunks == [True]
+    assert torch.equal(tl.weight().detach(), dequantize([c]))
+    with torch.no_grad():
+        tl.a.add_(0.03)
+        tl.b.add_(0.05)
+    (c1,) = tl.round_to_file()
+    np.testing.assert_array_equal(c1.codes, c.codes)
+    back = blocks.decode_chunk(blocks.pack_chunk(c1), action, c1.g, c1.protected)
+    torch.testing.assert_close(torch.from_numpy(blocks.dequantize_chunk(back)), tl.weight().detach(), rtol=0,
+                               atol=1e-3)
+    assert not np.array_equal(back.d, np.asarray(c.d, np.float32))
+
+
 def test_kinds_without_row_form_are_skipped(setup, monkeypatch):
     """A chunk whose weights are not d·A + m·B of its header (as a sub-scale kind's would not be, were its
     sub-scales trained) is left as fitted and named in `skipped`."""
