@@ -65,11 +65,11 @@ class DistillResult:
     def summary(self) -> str:
         mb = self.peak_bytes / 2**20
         parts = [f"distillation: {self.seconds:.1f} s, peak memory {mb:.0f} MiB ({self.peak_what})"]
-        if self.layers:
+        if self.layers and not math.isnan(self.layers[0]["before"]):
             before = sum(x["before"] for x in self.layers) / len(self.layers)
             after = sum(x["after"] for x in self.layers) / len(self.layers)
             parts.append(f"held-out block MSE (relative to the fp output), mean over layers: {before:.4g} -> {after:.4g}")
-        if self.e2e:
+        if self.e2e and not math.isnan(self.e2e["before"]):
             parts.append(f"held-out KL: {self.e2e['before']:.4g} -> {self.e2e['after']:.4g} nats/token")
         if self.skipped:
             parts.append(f"left as fitted: {'; '.join(self.skipped)}")
@@ -334,8 +334,8 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
             h_q = run(student, h_q)
             after = rel_mse(h_q[ho], target[ho]) if len(heldout) else float("nan")
             per_layer.append({"layer": li, "before": before, "after": after})
-            say(f"distillation: layer {li + 1}/{len(model.model.layers)}, held-out output MSE "
-                f"{before:.4g} -> {after:.4g} (relative), {time.time() - t0:.0f} s")
+            mse = "" if not len(heldout) else f", held-out output MSE {before:.4g} -> {after:.4g} (relative)"
+            say(f"distillation: layer {li + 1}/{len(model.model.layers)}{mse}, {time.time() - t0:.0f} s")
             h_fp = target
             del student, tls
         del h_fp, h_q
