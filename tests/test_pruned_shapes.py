@@ -355,3 +355,32 @@ def test_selected_pruning_hurts_less_than_random(llama_s_dir, fixture_dir):
     d_ours, d_rnd = loss_after(ours) - base, loss_after(rnd) - base
     print(f"10% pruned: loss +{d_ours:.4f} (predicted +{predicted_damage(sd, ours):.4f}), random +{d_rnd:.4f}")
     assert 0 < d_ours < 0.5 * d_rnd
+
+
+def test_joint_plan_prunes_under_one_budget(ckpt, tmp_path):
+    """The greedy allocator with pruning (--prune ffn,heads): the plan meets the budget as the written file
+    measures it, its predicted damage is at most the quantization-only plan's (which the search contains), and
+    the pruned file runs in the C++ runtime like its reference."""
+    from cpp_support import ensure_library
+    from wqedge.alloc.planner import make_plan
+    from wqedge.quantize import convert_to_gguf
+    from wqedge.runtime.gguf_reader import WqGGUF
+    from wqedge.tinymodel import tiny_corpus
+
+    text = " ".join(tiny_corpus(400))
+    plan = make_plan(ckpt, 2.5, "greedy", calib_text=text, progress=False, prune=("ffn", "heads"), max_prune=0.1,
+                     n_seqs=8, seqlen=128, n_heldout=2, n_grad_seqs=8)
+    search = plan.meta["pruning"]["search"]
+    assert search[0]["fraction"] == 0.0 and len(search) >= 2
+    assert plan.meta["predicted_damage"] == min(t["predicted"] for t in search) <= search[0]["predicted"]
+    assert plan.effective_bits() <= 2.5
+    back = Plan.from_dict(json.loads(plan.to_json())).validate(ckpt.spec, ckpt.fingerprint())
+    assert back.effective_bits() == plan.effective_bits()
+    path = convert_to_gguf(ckpt, plan, tmp_path / "joint.gguf")
+    assert WqGGUF(path).measured_bits() == plan.effective_bits()
+    ensure_library()
+    from wqedge.runtime import native
+    native.set_activations("f32")
+    row = _windows(1)[0]
+    lc = native.Context(native.Model(path), n_ctx=64, n_threads=2).eval(row.tolist(), all_logits=True)
+    assert _rel(lc, _reference_logits(path, row[None])[0]) < CPP_TOL

@@ -63,12 +63,14 @@ def _printer(progress) -> Callable[[str], None] | None:
 
 
 def plan_from_choice(ckpt, table, choice: np.ndarray, budget_bits: float, allocator: str, method: str = "neuqi",
-                     meta: dict | None = None) -> Plan:
-    """The Plan for one table action per unit (protected variants become the plan's protected columns)."""
+                     meta: dict | None = None, pruning=None) -> Plan:
+    """The Plan for one table action per unit (protected variants become the plan's protected columns); with
+    `pruning`, the table is of the pruned model's linears."""
     acts, prot = table.plan_actions(choice)
-    return Plan.from_actions(ckpt.spec.linears(), table.group_size, budget_bits, allocator, acts, method,
+    spec = ckpt.spec if pruning is None else pruning.pruned_spec(ckpt.spec)
+    return Plan.from_actions(spec.linears(), table.group_size, budget_bits, allocator, acts, method,
                              protected=prot, meta=meta or {}, model_name=ckpt.spec.name,
-                             model_fingerprint=ckpt.fingerprint())
+                             model_fingerprint=ckpt.fingerprint(), pruning=pruning)
 
 
 def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=None, progress=True, **opts):
@@ -117,17 +119,24 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
 
 
 def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: int = 128, calib_text=None,
-              seed: int = 0, device=None, progress=True, method: str = "neuqi", **opts) -> Plan:
+              seed: int = 0, device=None, progress=True, method: str = "neuqi", prune=(), max_prune: float = 0.3,
+              prune_group: int = 32, **opts) -> Plan:
     """A plan for `ckpt` (wqedge.checkpoint.LlamaCheckpoint) meeting `budget_bits` effective bits.
 
     allocator: "greedy" (deterministic knapsack on the loss-aware damage table; the default), "rl" (PPO,
     WINDQuant) or "uniform". calib_text: the calibration text itself or a path to it (None: weight-only
     damage). opts: n_seqs, seqlen, n_heldout, n_grad_seqs, max_rows, damage ("kfac" | "fisher" | "proxy"),
     and for "rl" the PPO settings of wqedge.alloc.ppo.PPOConfig (episodes, ...).
+    prune: structure kinds ("ffn", "heads") the greedy allocator may prune as 0-bit actions, at most
+    `max_prune` of the decoder weights, FFN channels in groups of `prune_group` (wqedge.alloc.joint).
     Raises PlanError for a budget no plan can meet.
     """
     if allocator not in ALLOCATORS:
         raise PlanError(f"unknown allocator {allocator!r} (known: {', '.join(ALLOCATORS)})")
+    if prune and allocator != "greedy":
+        raise PlanError(f"pruning (--prune) is searched by the greedy allocator, not {allocator!r}")
+    if prune and calib_text is None:
+        raise PlanError("pruning (--prune) needs calibration text: its damage comes from LM-loss gradients")
     linears = ckpt.spec.linears()
     check_budget(linears, group_size, budget_bits)
     kw = dict(model_name=ckpt.spec.name, model_fingerprint=ckpt.fingerprint())
@@ -143,7 +152,17 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         "n_heldout": int(ctx.calib.heldout.shape[0])},
         "fit": {"error_feedback": ctx.calib is not None, "act_order": "chunk", "damp": DAMP,
                 "n_seqs": FEEDBACK_SEQS, "refit_max_bits": REFIT_MAX_BITS}}
-    if allocator == "greedy":
+    pruning = None
+    if allocator == "greedy" and prune:
+        from ..structure_damage import structure_damage
+        from .joint import joint_allocate
+        sd = structure_damage(ctx.model, ctx.calib.train[: ctx.opts["n_grad_seqs"]], prune_group, device=ctx.device,
+                              batch_size=4 if ctx.device.type == "cuda" else 2)
+        res = joint_allocate(ckpt, table, ctx, budget_bits, sd, tuple(prune), max_prune, say=say)
+        table, choice, pruning = res.table, res.choice, res.pruning
+        meta["pruning"] = {"kinds": list(prune), "max_prune": max_prune, "ffn_group_size": prune_group,
+                           "search": res.trials}
+    elif allocator == "greedy":
         from .greedy import greedy_allocate
         choice = greedy_allocate(table, budget_bits)
     else:
@@ -156,10 +175,11 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         choice, info = ppo_allocate(table, budget_bits, cfg, ctx=ctx, progress=say)
         meta["ppo"] = info
     t2 = time.time()
-    meta["predicted_damage"] = table.plan_damage(choice)
+    # the joint search's prediction also counts the pruned structures' damage
+    meta["predicted_damage"] = res.predicted if pruning is not None else table.plan_damage(choice)
     meta["seconds"] = {**{k: round(v, 2) for k, v in ctx.times.items()}, "allocate": round(t2 - t1, 2),
                        "total": round(t2 - t0, 2)}
-    plan = plan_from_choice(ckpt, table, choice, budget_bits, allocator, method, meta)
+    plan = plan_from_choice(ckpt, table, choice, budget_bits, allocator, method, meta, pruning)
     if say:
         say(f"{allocator} plan: {plan.effective_bits():.4f} effective bits, predicted damage "
             f"{meta['predicted_damage']:.4f} nats, {t2 - t0:.1f} s")
