@@ -3,7 +3,8 @@
 - the C++ test program (cpp/tests/test_prefill.cpp): every kernel set (scalar reference, AVX2, the VNNI builds, NEON),
   every block kind, protected columns, K not a multiple of 128, 2/7/33/70 tokens, row layout and row tiles: each
   token's row of the batched product equals the decode product (matvec, int8) bit for bit, each SIMD path equals the
-  scalar reference within 1e-5 of the terms, and the float product within the int8 rounding bound;
+  scalar reference within 1e-5 of the terms, and the float product within the int8 rounding bound; the same program
+  cross-built for AArch64 under qemu (NEON, with and without SDOT: no tile GEMM there, the decode kernels per token);
 - models: the logits of a q8 prefill equal those of token-by-token q8 decoding up to the attention's summation order
   (Q8_PREFILL_VS_DECODE of std(logits); measured below); on the trained fixture model the q8 prefill meets the int8
   decode criteria of test_cpp_parity.py against the PyTorch reference (float activations) and its perplexity moves by
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +134,23 @@ def test_fixture_q8_prefill(plan, llama_s_dir, windows, tmp_path):
     assert d_dec < Q8_PREFILL_VS_DECODE and (lq[0].argmax(-1) == dec.argmax(-1)).all()
     # float activations: the float reference path (test_cpp_parity.py's 1e-2 criterion; measured ~1e-5)
     assert float(np.abs(lf - lr).max() / s) < 1e-2 and not np.array_equal(lf, lq)
+
+
+def test_prefill_neon_under_qemu(tmp_path):
+    """The AArch64 build (NEON has no tile GEMM: the fallback through the decode kernels) passes test_prefill under
+    qemu: with the dot-product extension (QEMU_CPU=max: scalar, NEON, NEON+SDOT) and without (cortex-a53)."""
+    from cpp_support import ROOT
+    if not (shutil.which("cmake") and shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")):
+        pytest.skip("cmake, aarch64-linux-gnu-g++ or qemu-aarch64 missing (cpp/scripts/aarch64.sh installs them)")
+    build = tmp_path / "arm64"
+    subprocess.run(["cmake", "-S", str(ROOT / "cpp"), "-B", str(build),
+                    f"-DCMAKE_TOOLCHAIN_FILE={ROOT / 'cpp' / 'cmake' / 'aarch64-linux-gnu.cmake'}",
+                    "-DCMAKE_BUILD_TYPE=Release", "-DWQEDGE_BUILD_TOOLS=OFF"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "-j", "2", "--target", "test_prefill"], check=True,
+                   stdout=subprocess.DEVNULL)
+    for cpu, n_sets in (("max", 3), ("cortex-a53", 2)):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WQEDGE_")}
+        r = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(build / "test_prefill")],
+                           capture_output=True, text=True, timeout=900, env={**env, "QEMU_CPU": cpu})
+        assert r.returncode == 0 and " 0 failed" in r.stdout, (cpu, r.stdout[-3000:] + r.stderr[-3000:])
+        assert "neon=1" in r.stdout and f"kernel sets: {n_sets}" in r.stdout, (cpu, r.stdout[:500])
