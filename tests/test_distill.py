@@ -210,3 +210,7 @@ def test_cli_distill(tiny_model_dir, tmp_path):
                                   str(calib), "--distill", "3", "--no-check", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "distillation:" in r.output and "peak memory" in r.output and out.exists()
+    import json
+
+    from wqedge.runtime.gguf_reader import WqGGUF
+    assert json.loads(WqGGUF(out).plan_json)["meta"]["fit"]["distill_steps"] == 3

@@ -152,6 +152,7 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
     say(f"light distillation: {steps} steps per decoder layer, codes frozen…")
     res = distill_checkpoint(ckpt, fitted, calib_text, steps, device=device, progress=say)
     say(res.summary())
+    record_distill(plan, steps)     # the plan the file stores says how its parameters were made
     return Fits(mode, fitted=res.chunks, norms=res.norms)
 
 
