@@ -54,6 +54,28 @@ def _sliced_stats(stats: dict | None, pruning: Pruning, names: dict[str, tuple[i
     return out
 
 
+def pruned_allocation(ckpt, table, ctx, budget_bits: float, structure_damage, pruning: Pruning | None):
+    """`pruning` applied, the damage table rebuilt for the pruned shapes, and the greedy knapsack at the same
+    stored bits (budget_bits over the unpruned weights): (table, choice, chunk damage, structure damage).
+    PlanError when the pruned model cannot meet the budget."""
+    from ..damage import build_damage_table
+
+    if pruning is None:
+        t = table
+    else:
+        names = {lin.hf_name: (lin.layer, lin.proj) for lin in ckpt.spec.linears()}
+        o = ctx.opts
+        t = build_damage_table(pruning.pruned_spec(ckpt.spec).linears(),
+                               lambda lin: pruning.prune_weight(lin.layer, lin.proj, ckpt.linear_weight(lin.hf_name)),
+                               table.group_size, _sliced_stats(ctx.input_stats, pruning, names, "input"),
+                               _sliced_stats(ctx.grad_stats, pruning, names, "grad"), kind=table.kind,
+                               device=ctx.device, max_rows=o["max_rows"], feedback=o["feedback_damage"],
+                               protect=tuple(o["protect"]))
+    choice = greedy_allocate(t, table.budget_cap(budget_bits) / t.n_weights)  # same stored bits as unpruned
+    s_dmg = 0.0 if pruning is None else predicted_damage(structure_damage, pruning)
+    return t, choice, t.plan_damage(choice), s_dmg
+
+
 def joint_allocate(ckpt, table, ctx, budget_bits: float, structure_damage, kinds=KINDS, max_prune: float = 0.3,
                    step: float = DEFAULT_STEP, say=None) -> JointResult:
     """The joint plan's pieces for `ckpt` at `budget_bits` (bits over the unpruned model's linear weights).
@@ -61,43 +83,24 @@ def joint_allocate(ckpt, table, ctx, budget_bits: float, structure_damage, kinds
     table, ctx: wqedge.alloc.planner.prepare's damage table and PlanningContext (with calibration statistics);
     structure_damage: wqedge.structure_damage.StructureDamage of the same model.
     """
-    from ..damage import build_damage_table
-
-    spec = ckpt.spec
-    n_orig = table.n_weights
-    cap = table.budget_cap(budget_bits)
-    names = {lin.hf_name: (lin.layer, lin.proj) for lin in spec.linears()}
     best: JointResult | None = None
     trials = []
-    fractions = [0.0] + [f for f in np.arange(step, max_prune + 1e-12, step)]
-    last_pruning = None
-    for f in fractions:
-        pr = select_pruning(spec, structure_damage, float(f), kinds) if f > 0 else None
-        if f > 0 and (not pr.layers or (last_pruning is not None and pr.to_dict() == last_pruning.to_dict())):
-            continue
-        last_pruning = pr
-        if pr is None:
-            t = table
-        else:
-            pspec = pr.pruned_spec(spec)
-            o = ctx.opts
-            t = build_damage_table(pspec.linears(),
-                                   lambda lin: pr.prune_weight(lin.layer, lin.proj, ckpt.linear_weight(lin.hf_name)),
-                                   table.group_size, _sliced_stats(ctx.input_stats, pr, names, "input"),
-                                   _sliced_stats(ctx.grad_stats, pr, names, "grad"), kind=table.kind,
-                                   device=ctx.device, max_rows=o["max_rows"], feedback=o["feedback_damage"],
-                                   protect=tuple(o["protect"]))
+    last = None
+    for f in [0.0] + list(np.arange(step, max_prune + 1e-12, step)):
+        pr = select_pruning(ckpt.spec, structure_damage, float(f), kinds) if f > 0 else None
+        if pr is not None and (not pr.layers or (last is not None and pr.to_dict() == last.to_dict())):
+            continue                                          # nothing (new) to prune at this fraction
+        last = pr
         try:
-            choice = greedy_allocate(t, cap / t.n_weights)   # the same stored bits: cap over the unpruned weights
+            t, choice, c_dmg, s_dmg = pruned_allocation(ckpt, table, ctx, budget_bits, structure_damage, pr)
         except ValueError:
             continue                                          # (PlanError) the pruned model cannot use the budget
-        s_dmg = 0.0 if pr is None else predicted_damage(structure_damage, pr)
-        total = t.plan_damage(choice) + s_dmg
-        trials.append({"fraction": round(float(f), 4), "pruned_weights": n_orig - t.n_weights,
-                       "chunk_damage": t.plan_damage(choice), "structure_damage": s_dmg, "predicted": total})
+        total = c_dmg + s_dmg
+        trials.append({"fraction": round(float(f), 4), "pruned_weights": table.n_weights - t.n_weights,
+                       "chunk_damage": c_dmg, "structure_damage": s_dmg, "predicted": total})
         if say:
-            say(f"joint search: prune {100 * f:.0f}% ({n_orig - t.n_weights} weights): predicted damage "
-                f"{t.plan_damage(choice):.4f} + {s_dmg:.4f} = {total:.4f} nats")
+            say(f"joint search: prune {100 * f:.0f}% ({table.n_weights - t.n_weights} weights): predicted damage "
+                f"{c_dmg:.4f} + {s_dmg:.4f} = {total:.4f} nats")
         if best is None or total < best.predicted:
             best = JointResult(pr, t, choice, total, trials)
     best.trials = trials
