@@ -20,6 +20,8 @@ import numpy as np
 from wqedge.fileio import atomic_output
 from wqedge.blocks import FORMAT_VERSION, ChunkData, block_type, pack_chunk
 from wqedge.plan import Plan
+from wqedge.rotation_format import (KEY_ACT_BITS, KEY_BLOCK, KEY_ROTATION, ROTATED_FORMAT_VERSION,
+                                    StoredTransform, tensor_name)
 from wqedge.spec import ModelSpec, other_tensors, rope_freq_factors
 from wqedge.units import Linear
 from wqedge.converters.tokenizer import TokenizerMeta, add_tokenizer_to_gguf
@@ -67,19 +69,25 @@ def add_llama_metadata(w: gguf.GGUFWriter, spec: ModelSpec, name: str | None = N
     w.add_vocab_size(spec.vocab_size)
 
 
-def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan) -> None:
+def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan, rotated: bool = False) -> None:
     add_llama_metadata(w, spec)
     if spec.rope_scaling:
         # llama.cpp reads llama3 scaling from the rope_freqs.weight tensor alone; we keep the parameters too.
         w.add_string("wqedge.rope.scaling", json.dumps(spec.rope_scaling, sort_keys=True))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # closest stock label; the true types are in wqedge.* keys
-    w.add_uint32("wqedge.format_version", FORMAT_VERSION)
+    rot_keys = rotated or plan.act_bits != 8  # version 2 only when needed: other files stay byte for byte
+    w.add_uint32("wqedge.format_version", ROTATED_FORMAT_VERSION if rot_keys else FORMAT_VERSION)
     w.add_uint32("wqedge.group_size", plan.group_size)
     w.add_bool("wqedge.rope.neox", True)
     w.add_float32("wqedge.effective_bits", plan.effective_bits())
     if plan.pruning is not None:  # the denominator of effective bits: the unpruned model's linear weights
         w.add_uint64("wqedge.original_weights", plan.n_weights())
     w.add_string("wqedge.plan", plan.to_json(timings=False))  # same inputs, same bytes
+    if rot_keys:
+        w.add_uint32(KEY_ACT_BITS, plan.act_bits)
+    if rotated:
+        w.add_string(KEY_ROTATION, plan.rotation["method"])
+        w.add_uint32(KEY_BLOCK, int(plan.rotation.get("block", 128)))
     for lin in spec.linears():
         t = plan.tensor(lin.hf_name)
         name = lin.gguf_name
@@ -109,19 +117,36 @@ def check_finite(name: str, arr: np.ndarray) -> None:
 def write_gguf(path: str | os.PathLike, spec: ModelSpec, plan: Plan, tokenizer: TokenizerMeta,
                dense: list[DenseTensor], dense_data: Callable[[str], np.ndarray],
                quantized: Iterable[tuple[Linear, list[ChunkData]]],
-               progress: Callable[[str], None] | None = None) -> Path:
+               progress: Callable[[str], None] | None = None,
+               transforms: dict[tuple[int, int], StoredTransform] | None = None) -> Path:
     """Write the model; `quantized` yields every decoder linear in spec.linears() order.
 
-    dense_data(gguf_name) returns the array for a DenseTensor (called once each, in order).
+    dense_data(gguf_name) returns the array for a DenseTensor (called once each, in order). transforms:
+    {(layer, group): StoredTransform} of a rotated plan (one per layer and group), whose folded weights
+    `quantized` carries.
     """
+    if (plan.rotation is not None) != bool(transforms):
+        raise ValueError("a rotated plan needs its transforms, and transforms need a rotated plan")
     with atomic_output(path) as tmp:
-        _write(tmp, spec, plan, tokenizer, dense, dense_data, quantized, progress)
+        _write(tmp, spec, plan, tokenizer, dense, dense_data, quantized, progress, transforms or {})
     return Path(path)
 
 
-def _write(tmp: Path, spec, plan, tokenizer, dense, dense_data, quantized, progress) -> None:
+def _transform_arrays(spec: ModelSpec, transforms: dict) -> list[tuple[str, np.ndarray]]:
+    """(tensor name, array) of every stored transform field, layer by layer and group by group."""
+    want = {(li, gi) for li in range(spec.n_layers) for gi in range(4)} if transforms else set()
+    if set(transforms) != want:
+        raise ValueError(f"transforms must cover every layer and group: missing {sorted(want - set(transforms))[:3]}")
+    out = []
+    for (li, gi), st in sorted(transforms.items()):
+        st.check(f"layer {li} group {gi}")
+        out += [(tensor_name(li, gi, f), a) for f, a in st.arrays().items()]
+    return out
+
+
+def _write(tmp: Path, spec, plan, tokenizer, dense, dense_data, quantized, progress, transforms) -> None:
     w = gguf.GGUFWriter(tmp, ARCH)
-    _add_model_metadata(w, spec, plan)
+    _add_model_metadata(w, spec, plan, bool(transforms))
     add_tokenizer_to_gguf(w, tokenizer)
 
     factors = rope_freq_factors(spec)
@@ -129,6 +154,9 @@ def _write(tmp: Path, spec, plan, tokenizer, dense, dense_data, quantized, progr
         dense = dense + [DenseTensor("rope_freqs.weight", factors.shape, np.dtype(np.float32))]
     for d in dense:
         w.add_tensor_info(d.gguf_name, d.shape, d.dtype, int(np.prod(d.shape)) * d.dtype.itemsize)
+    rot = _transform_arrays(spec, transforms)
+    for name, a in rot:
+        w.add_tensor_info(name, a.shape, a.dtype, a.nbytes)
     linears = spec.linears()
     for lin in linears:
         t = plan.tensor(lin.hf_name)
@@ -148,6 +176,9 @@ def _write(tmp: Path, spec, plan, tokenizer, dense, dense_data, quantized, progr
             raise ValueError(f"{d.gguf_name}: expected shape {d.shape}, got {arr.shape}")
         check_finite(d.gguf_name, arr)
         w.write_tensor_data(arr)
+    for name, a in rot:
+        check_finite(name, a)
+        w.write_tensor_data(a)
     count = 0
     for lin, chunks in _in_order(quantized, linears):
         t = plan.tensor(lin.hf_name)

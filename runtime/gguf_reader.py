@@ -13,6 +13,8 @@ import gguf
 import numpy as np
 
 from wqedge.blocks import FORMAT_VERSION, ChunkData, block_type, decode_chunk, dequantize_chunk
+from wqedge.rotation_format import (FIELDS as ROT_FIELDS, GROUPS as ROT_GROUPS, KEY_ACT_BITS, KEY_ROTATION,
+                                    ROTATED_FORMAT_VERSION, StoredTransform, tensor_name as rot_tensor_name)
 from wqedge.spec import ModelSpec, with_layer_shapes
 from wqedge.units import chunk_bounds
 from wqedge.runtime.gguf_check import FormatError, open_reader
@@ -70,8 +72,10 @@ class WqGGUF:
         arch = _field(self.reader, "general.architecture", None)
         if arch != "llama":
             raise FormatError(f"{self.path}: architecture {arch!r}; wqedge files are 'llama'")
-        if version != FORMAT_VERSION:
-            raise FormatError(f"{self.path}: wqedge format version {version}, this reader reads {FORMAT_VERSION}")
+        if version not in (FORMAT_VERSION, ROTATED_FORMAT_VERSION):
+            raise FormatError(f"{self.path}: wqedge format version {version}, this reader reads "
+                              f"{FORMAT_VERSION} and {ROTATED_FORMAT_VERSION}")
+        self.format_version = int(version)
         self.group_size = int(_field(self.reader, "wqedge.group_size"))
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.spec = self._spec()
@@ -115,6 +119,41 @@ class WqGGUF:
     @property
     def plan_json(self) -> str | None:
         return _field(self.reader, "wqedge.plan", None)
+
+    @property
+    def act_bits(self) -> int:
+        """Activation bits the file asks the runtime for (8 unless a version 2 file says otherwise)."""
+        return int(_field(self.reader, KEY_ACT_BITS, 8))
+
+    @property
+    def rotation(self) -> str | None:
+        """The rotation method of the stored input transforms, or None (docs/format.md, "Rotations")."""
+        return _field(self.reader, KEY_ROTATION, None)
+
+    @_format_errors
+    def transforms(self) -> dict[tuple[int, int], StoredTransform]:
+        """{(layer, group): StoredTransform} of a rotated file ({} otherwise), checked for shape."""
+        if self.rotation is None:
+            return {}
+        out = {}
+        for li in range(self.spec.n_layers):
+            for gi in range(len(ROT_GROUPS)):
+                arr = {}
+                for f in ROT_FIELDS:
+                    t = self.tensors.get(rot_tensor_name(li, gi, f))
+                    if t is not None:
+                        shape = tuple(int(x) for x in reversed(t.shape))
+                        arr[f] = np.array(t.data).reshape(shape)
+                for need in ("r1", "r2", "perm", "householder"):
+                    if need not in arr:
+                        raise FormatError(f"{self.path}: rotated file lacks tensor {rot_tensor_name(li, gi, need)}")
+                st = StoredTransform(**{f: arr.get(f) for f in ROT_FIELDS})
+                try:
+                    st.check(f"{self.path}: layer {li} group {ROT_GROUPS[gi]}")
+                except ValueError as e:
+                    raise FormatError(str(e)) from None
+                out[(li, gi)] = st
+        return out
 
     def tokenizer_fields(self) -> dict:
         """The tokenizer.ggml.* keys, without the prefix."""

@@ -77,10 +77,11 @@ WeightFn = Callable[[str, torch.Tensor], torch.Tensor]   # (HF weight name, fold
 
 
 def quantize_model(model, transforms: dict[tuple[int, int], object] | None = None, act_bits: int | None = None,
-                   weight_fn: WeightFn | None = None, clip: float = 1.0):
+                   weight_fn: WeightFn | None = None, clip: float = 1.0, folded: bool = False):
     """Replace every decoder linear of `model` (a transformers LlamaForCausalLM, changed in place) by a
     QuantLinear. transforms[(layer, group index in INPUT_GROUPS)] is a Transform or absent (no rotation);
-    `weight_fn(name, W')` quantizes a folded weight (None: keep it float). Returns the model."""
+    `weight_fn(name, W')` quantizes a folded weight (None: keep it float); folded=True: the model's weights
+    are folded already (a rotated file's, wqedge.reference). Returns the model."""
     transforms = transforms or {}
     for li, layer in enumerate(model.model.layers):
         for gi, group in enumerate(INPUT_GROUPS):
@@ -90,7 +91,7 @@ def quantize_model(model, transforms: dict[tuple[int, int], object] | None = Non
                 parent_name, attr = name.split(".")
                 parent = getattr(layer, parent_name)
                 w = getattr(parent, attr).weight.detach().float()
-                if t is not None:
+                if t is not None and not folded:
                     w = t.fold_into_weight(w)
                 if weight_fn is not None:
                     w = weight_fn(f"model.layers.{li}.{name}.weight", w)

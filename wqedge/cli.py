@@ -116,11 +116,13 @@ def _parse_protect(ctx, param, value):
     return ks
 
 
-def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None):
+def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None, rotate=None,
+               act_bits=8):
     from .pipeline import make_plan
     from .plan import PlanError
     try:
-        plan = make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect, preset)
+        plan = make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect, preset,
+                         rotate=rotate is not None, act_bits=act_bits)
     except PlanError as e:
         _fail(str(e))
     if plan.allocator == "uniform":
@@ -183,6 +185,14 @@ _common_plan_options = [
                       f"and the RMSNorm weights trained to match the fp model's layer outputs on the calibration "
                       f"text, STEPS AdamW steps per decoder layer (default {DISTILL_STEPS}). Off unless given; "
                       f"`plan --distill` records it in the plan for a later convert."),
+    click.option("--rotate", type=click.Choice(["ruquant"]), is_flag=False, flag_value="ruquant", default=None,
+                 help="RUQuant: orthogonal input transforms per layer and linear group (q/k/v, o, gate/up, down) built "
+                      "from the calibration activations, folded into the weights before planning and fitting and "
+                      "applied online by the runtime (docs/ruquant.md). Needs calibration text."),
+    click.option("--act-bits", type=click.Choice(["8", "6", "4"]), default="8", show_default=True,
+                 callback=lambda c, p, v: int(v),
+                 help="Activation bits of the runtime's linears (per token, asymmetric at 6 and 4; 8 is the "
+                      "int8 path of every file). Recorded in the plan; best with --rotate."),
 ]
 
 
@@ -228,7 +238,8 @@ def plan_options(f):
 @click.option("--onnx-variant", type=click.Choice(["portable", "native"]), default="portable", show_default=True,
               help="'portable': stock ONNX Runtime operators; 'native': one wqedge.ChunkLinear per linear, run by "
                    "our custom-op library libwqedge_ort (smaller and packed in memory; see docs/onnx.md).")
-def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, plan_path,
+def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
+            act_bits, plan_path,
             save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
@@ -268,7 +279,8 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
         except PlanError as e:
             _fail(str(e))
     else:
-        plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset)
+        plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate,
+                          act_bits)
     _print_plan_summary(plan)
     if save_plan:
         plan.save(save_plan)
@@ -335,7 +347,8 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Plan JSON to write.")
 @plan_options
-def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill):
+def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
+         act_bits):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
 
@@ -345,7 +358,7 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
 
     ckpt = _open_checkpoint(model_dir)
     calib_text = _read_calib(calib) if calib else None
-    p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset)
+    p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate, act_bits)
     if distill is not None:
         from .pipeline import ConvertError, record_distill
         try:

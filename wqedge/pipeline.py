@@ -41,9 +41,24 @@ def default_allocator(calib_text: str | None) -> str:
 
 def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None, method: str = "neuqi",
               calib_text: str | None = None, seed: int = 0, device=None, protect=(), preset: str | None = None,
-              progress=True) -> Plan:
+              progress=True, rotate: bool = False, act_bits: int = 8) -> Plan:
     """A plan for `ckpt` at `bits` effective bits (or one `preset` action everywhere). PlanError when no
-    plan can be made."""
+    plan can be made. rotate: RUQuant input transforms (`rotated`), planned on the folded weights;
+    act_bits: the activation bits recorded for the runtime."""
+    if rotate:
+        from .rotation import rotation_config
+        config = rotation_config(seed)
+        try:
+            src, _ = rotated(ckpt, config, calib_text, device)
+        except ConvertError as e:
+            raise PlanError(str(e)) from None
+        plan = make_plan(src, bits, group, allocator, method, calib_text, seed, device, protect, preset, progress)
+        plan.rotation, plan.act_bits = config, act_bits
+        return plan.validate()
+    if act_bits != 8:
+        plan = make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, progress)
+        plan.act_bits = act_bits
+        return plan.validate()
     if preset is not None:
         if allocator not in (None, "uniform"):
             raise PlanError(f"--preset {preset} is one action everywhere; it does not go with --allocator "
@@ -156,14 +171,50 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
     return Fits(mode, fitted=res.chunks, norms=res.norms)
 
 
+# ---------------------------------------------------------------- RUQuant (issue 15): the one planning-side hook
+_TRANSFORMS: dict = {}   # the last transforms built (planning then converting in one run builds them once)
+
+
+def rotated(ckpt, config: dict | None, calib_text: str | None, device=None, say: Callable[[str], None] = _quiet):
+    """(checkpoint to plan and fit from, {(layer, group): StoredTransform} for the writer) for a plan's
+    "rotation" config: `ckpt` and None without one; else a wqedge.rotation.RotatedCheckpoint whose linears
+    read folded and whose models run the transforms, so every allocator and fitter works on rotated weights
+    unchanged. The transforms are rebuilt deterministically from the calibration text."""
+    if config is None:
+        return ckpt, None
+    if calib_text is None:
+        raise ConvertError("--rotate builds its transforms from calibration text (--calib FILE, or self-calibration)")
+    import hashlib
+    import json
+    from .rotation import RotatedCheckpoint, checkpoint_transforms, to_stored
+    key = (ckpt.fingerprint(), json.dumps(config, sort_keys=True), hashlib.sha256(str(calib_text).encode()).hexdigest())
+    if key not in _TRANSFORMS:
+        say("RUQuant: building the input transforms from calibration activations…")
+        _TRANSFORMS.clear()
+        _TRANSFORMS[key] = checkpoint_transforms(ckpt, calib_text, config, device)
+    t = _TRANSFORMS[key]
+    return RotatedCheckpoint(ckpt, t), {k: to_stored(v) for k, v in t.items()}
+
+
+def _check_rotated(plan: Plan, target: str, distill: int | None) -> None:
+    if plan.rotation is None:
+        return
+    if target != "gguf":
+        raise ConvertError(f"a rotated plan is written as our GGUF only (--target gguf), not {target} yet")
+    if distill_steps(plan, distill):
+        raise ConvertError("--distill does not go with a rotated plan yet")
+
+
 def write_gguf(ckpt, plan: Plan, out_path, calib_text: str | None = None, feedback: bool | None = None,
                device=None, stats=None, say: Callable[[str], None] = _quiet,
                progress: Callable[[str], None] | None = None, distill: int | None = None) -> Path:
     """Our column-chunk GGUF of `ckpt` by `plan`, fitted as `fit_mode` says, written atomically."""
     from .quantize import convert_to_gguf
+    _check_rotated(plan, "gguf", distill)
+    ckpt, transforms = rotated(ckpt, plan.rotation, calib_text, device, say)
     fits = prepare_fits(ckpt, plan, calib_text, feedback, device, stats, say, distill)
     return convert_to_gguf(fits.source(ckpt), plan, out_path, fits.stats, device, progress=progress,
-                           fitted=fits.fitted)
+                           fitted=fits.fitted, transforms=transforms)
 
 
 @dataclass
@@ -190,6 +241,8 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
     if target not in TARGETS:
         raise ConvertError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
     output = Path(output) if output is not None else default_output(ckpt.path, plan, target)
+    _check_rotated(plan, target, distill)
+    ckpt, transforms = rotated(ckpt, plan.rotation, calib_text, device, say)
     if target == "llamacpp":
         if distill_steps(plan, distill):
             raise ConvertError("--distill tunes our block formats; --target llamacpp quantizes with llama.cpp's own")
@@ -200,7 +253,7 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
     try:
         tick = progress("quantizing", len(ckpt.spec.linears())) if progress else None
         path = Path(convert_to_gguf(fits.source(ckpt), plan, gguf_out, fits.stats, device, progress=tick,
-                                    fitted=fits.fitted))
+                                    fitted=fits.fitted, transforms=transforms))
     except (ValueError, OSError) as e:
         raise ConvertError(f"convert failed, nothing written: {e}") from e
     if on_gguf is not None:

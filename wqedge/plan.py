@@ -20,8 +20,10 @@ from .spec import ModelSpec
 from .units import Linear, check_group_size, chunk_bounds, parse_linear_name
 
 PLAN_FORMAT = "wqedge-plan"
-PLAN_VERSION = 2          # the newest version; a plan is written in the oldest version that expresses it
-READ_VERSIONS = (1, 2)    # 2: structured pruning ("pruning"); docs/plan.md
+PLAN_VERSION = 3          # the newest version; a plan is written in the oldest version that expresses it
+READ_VERSIONS = (1, 2, 3)  # 2: structured pruning ("pruning"); 3: "rotation" and "act_bits" (issue 15); docs/plan.md
+ACT_BITS = (8, 6, 4)      # activation bits a plan may ask the runtime for (8: the int8 path every file has)
+ROTATIONS = ("ruquant",)  # rotation methods (wqedge.rotation)
 METHODS = ("neuqi", "minmax")
 BUDGET_TOLERANCE = 1e-9
 MAX_PLAN_BYTES = 64 << 20  # a 70B plan is well under 1 MiB; anything larger is not a plan
@@ -68,6 +70,8 @@ class Plan:
     model_fingerprint: str = ""
     meta: dict = field(default_factory=dict)   # allocator-specific report (free form, JSON-safe)
     pruning: Pruning | None = None             # removed structures; tensors then have their pruned shapes
+    rotation: dict | None = None               # how the input transforms are built (version 3; wqedge.rotation)
+    act_bits: int = 8                          # activation bits at run time (version 3 when not 8)
 
     # ------------------------------------------------------------ figures
     def total_bits(self) -> int:
@@ -154,6 +158,7 @@ class Plan:
         except ValueError as e:
             raise PlanError(str(e)) from None
         self._validate_pruning(spec)
+        self._validate_rotation()
         for t in self.tensors:
             n = len(chunk_bounds(t.in_features, self.group_size))
             if len(t.actions) != n or len(t.methods) != n or len(t.protected) != n:
@@ -205,6 +210,23 @@ class Plan:
         except (PruningError, ValueError) as e:
             raise PlanError(f"pruning: {e}") from None
 
+    def _validate_rotation(self) -> None:
+        """act_bits one of ACT_BITS; rotation a known method (pruned models are not rotated yet)."""
+        if self.act_bits not in ACT_BITS:
+            raise PlanError(f"act_bits must be one of {', '.join(map(str, ACT_BITS))}, got {self.act_bits!r}")
+        if self.rotation is None:
+            return
+        if not isinstance(self.rotation, dict) or self.rotation.get("method") not in ROTATIONS:
+            raise PlanError(f"rotation: method must be one of {', '.join(ROTATIONS)}")
+        if self.pruning is not None:
+            raise PlanError("rotation of a pruned model is not supported yet")
+
+    def version(self) -> int:
+        """The oldest plan version that expresses this plan."""
+        if self.rotation is not None or self.act_bits != 8:
+            return 3
+        return 1 if self.pruning is None else 2
+
     # ------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
         def tensor_dict(t: TensorPlan) -> dict:
@@ -214,13 +236,17 @@ class Plan:
                 d["protected"] = t.protected
             return d
         d = {
-            "format": PLAN_FORMAT, "version": 1 if self.pruning is None else 2,
+            "format": PLAN_FORMAT, "version": self.version(),
             "model": {"name": self.model_name, "fingerprint": self.model_fingerprint, "n_weights": self.n_weights()},
             "group_size": self.group_size, "budget_bits": self.budget_bits, "allocator": self.allocator,
             "effective_bits": self.effective_bits(), "action_histogram": self.action_histogram(),
         }
         if self.pruning is not None:
             d["pruning"] = self.pruning.to_dict()
+        if self.rotation is not None:
+            d["rotation"] = self.rotation
+        if self.act_bits != 8:
+            d["act_bits"] = self.act_bits
         d.update({"tensors": [tensor_dict(t) for t in self.tensors], "meta": self.meta})
         return d
 
@@ -247,6 +273,8 @@ class Plan:
                             f"{', '.join(map(str, READ_VERSIONS))})")
         if "pruning" in d and d["version"] < 2:
             raise PlanError("a version 1 plan has no \"pruning\" (structured pruning needs version 2)")
+        if ("rotation" in d or "act_bits" in d) and d["version"] < 3:
+            raise PlanError("\"rotation\" and \"act_bits\" need plan version 3")
         try:
             pruning = Pruning.from_dict(d["pruning"]) if d.get("pruning") is not None else None
         except PruningError as e:
@@ -258,7 +286,8 @@ class Plan:
                        for t in d["tensors"]]
             model = d.get("model", {})
             return cls(int(d["group_size"]), float(d["budget_bits"]), str(d.get("allocator", "")), tensors,
-                       model.get("name", ""), model.get("fingerprint", ""), d.get("meta") or {}, pruning)
+                       model.get("name", ""), model.get("fingerprint", ""), d.get("meta") or {}, pruning,
+                       d.get("rotation"), int(d.get("act_bits", 8)))
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from None
 

@@ -80,14 +80,15 @@ def check_dense_finite(ckpt: LlamaCheckpoint) -> None:
 def convert_to_gguf(ckpt: LlamaCheckpoint, plan: Plan, out_path: str | Path,
                     stats: dict[str, torch.Tensor] | None = None, device: str | None = None,
                     progress: Callable[[str], None] | None = None,
-                    fitted: dict[str, list[ChunkData]] | None = None) -> Path:
+                    fitted: dict[str, list[ChunkData]] | None = None, transforms: dict | None = None) -> Path:
     """Quantize `ckpt` by `plan` and write our GGUF atomically to out_path.
 
     stats: diag(XᵀX) per linear weighting the NeUQI fits; fitted: chunks already fitted by the caller
-    (error feedback, wqedge.quant.feedback), written as they are after checking them against the plan.
+    (error feedback, wqedge.quant.feedback), written as they are after checking them against the plan;
+    transforms: a rotated plan's stored input transforms (wqedge.pipeline.rotated; ckpt then reads folded).
     """
     plan.validate(ckpt.spec, ckpt.fingerprint())
     dense, dense_data = _dense_source(ckpt)
     return write_gguf(out_path, plan.model_spec(ckpt.spec), plan, read_tokenizer(ckpt.path), dense, dense_data,
-                      quantize_linears(ckpt, plan, stats, device, fitted), progress)
+                      quantize_linears(ckpt, plan, stats, device, fitted), progress, transforms)
 

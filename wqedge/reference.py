@@ -69,12 +69,21 @@ def _shape_layers(model: LlamaForCausalLM, spec: ModelSpec) -> None:
 
 
 def load_reference(path) -> LlamaForCausalLM:
-    """The dequantized model of a wqedge GGUF, as fp32 transformers model."""
+    """The dequantized model of a wqedge GGUF, as fp32 transformers model. A rotated file's linears (format
+    version 2, docs/format.md "Rotations") run x -> T(x) -> per-token activation quantization at the file's
+    act bits when 6 or 4 (wqedge.actquant) -> the folded weights; at 8 bits activations stay float, as for
+    every other file (the runtime's int8 path is checked against float)."""
     f = WqGGUF(path)
     state = {hf: torch.from_numpy(f.dense(name)) for hf, name, _ in other_tensors(f.spec)}
     for lin in f.spec.linears():
         state[lin.hf_name] = torch.from_numpy(f.dequantize_linear(lin.gguf_name))
-    return build_model(f.spec, state)
+    model = build_model(f.spec, state)
+    if f.rotation is None and f.act_bits == 8:
+        return model
+    from .actquant import quantize_model
+    from .rotation import from_stored
+    transforms = {k: from_stored(v) for k, v in f.transforms().items()}
+    return quantize_model(model, transforms, None if f.act_bits == 8 else f.act_bits, folded=True)
 
 
 def logits_fn(model: LlamaForCausalLM):

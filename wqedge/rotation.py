@@ -355,3 +355,114 @@ def learn_reflection(t: Transform, x: torch.Tensor, weights: list[torch.Tensor],
         loss.backward()
         opt.step()
     return Transform(t.r1, t.perm, t.r2, best_v / best_v.norm(), t.smooth), history
+
+
+# ---------------------------------------------------------------- stored form, and rotated models/checkpoints
+
+def to_stored(t: Transform):
+    """The arrays the GGUF stores (wqedge.rotation_format.StoredTransform)."""
+    from .rotation_format import StoredTransform
+
+    def np_(a):
+        return None if a is None else a.detach().cpu().numpy()
+    return StoredTransform(np_(t.r1.full).astype("float32"), np_(t.r1.tail), np_(t.perm).astype("int32"),
+                           np_(t.r2.full).astype("float32"), np_(t.r2.tail), np_(t.v).astype("float32"),
+                           np_(t.smooth))
+
+
+def from_stored(st) -> Transform:
+    """A Transform from a StoredTransform (float32, exactly the stored values)."""
+    def t_(a, dtype=torch.float32):
+        return None if a is None else torch.from_numpy(a.copy()).to(dtype)
+    d = st.dim
+    return Transform(BlockRotation(d, t_(st.r1), t_(st.r1_tail)), t_(st.perm, torch.long),
+                     BlockRotation(d, t_(st.r2), t_(st.r2_tail)), t_(st.householder), t_(st.smooth))
+
+
+def rotate_model(model, transforms: dict[tuple[int, int], Transform], fold: bool = True):
+    """Make a transformers LlamaForCausalLM (in place) compute with rotated inputs: each decoder linear gets
+    a forward pre-hook x -> T(x) and (fold=True) its weight replaced by the folded W' = W diag(s) Mᵀ, so the
+    model's outputs are unchanged. The hook is registered first, so hooks added later (wqedge.calib's
+    statistics) see the rotated input, which is what the folded weights are fitted against. Returns the model."""
+    from .calib import INPUT_GROUPS
+
+    for (li, gi), t in transforms.items():
+        layer = model.model.layers[li]
+        cache: dict = {}
+
+        def pre(mod, args, t=t, cache=cache):
+            x = args[0]
+            if cache.get("x") is not x:   # q/k/v (gate/up) read the same tensor: transform it once
+                cache["x"], cache["y"] = x, t.apply(x.float()).to(x.dtype)
+            return (cache["y"],) + tuple(args[1:])
+        for name in INPUT_GROUPS[gi]:
+            mod = layer.get_submodule(name)
+            if fold:
+                w = mod.weight.data
+                mod.weight.data = t.fold_into_weight(w.float()).to(w.dtype)
+            mod.register_forward_pre_hook(pre)
+    return model
+
+
+class RotatedCheckpoint:
+    """A checkpoint whose decoder linears are read folded (W' = W diag(s) Mᵀ) and whose models run the input
+    transforms, so that any plan/allocator/fitter quantizes the rotated weights without knowing about it."""
+
+    def __init__(self, ckpt, transforms: dict[tuple[int, int], Transform]):
+        self._ckpt, self.transforms = ckpt, transforms
+
+    def _transform_of(self, name: str) -> Transform | None:
+        from .calib import INPUT_GROUPS
+        parts = name.split(".")
+        if len(parts) < 5 or parts[0] != "model" or parts[1] != "layers" or not name.endswith(".weight"):
+            return None
+        sub = ".".join(parts[3:-1])
+        for gi, group in enumerate(INPUT_GROUPS):
+            if sub in group:
+                return self.transforms.get((int(parts[2]), gi))
+        return None
+
+    def get(self, name: str) -> torch.Tensor:
+        w = self._ckpt.get(name)
+        t = self._transform_of(name)
+        return w if t is None else t.fold_into_weight(w.float())
+
+    def linear_weight(self, linear) -> torch.Tensor:
+        name = linear if isinstance(linear, str) else linear.hf_name
+        w = self._ckpt.linear_weight(linear)
+        t = self._transform_of(name)
+        return w if t is None else t.fold_into_weight(w).contiguous()
+
+    def load_hf_model(self, *a, **k):
+        return rotate_model(self._ckpt.load_hf_model(*a, **k), self.transforms)
+
+    def load_planning_model(self):
+        return rotate_model(self._ckpt.load_planning_model(), self.transforms)
+
+    def __getattr__(self, attr):
+        return getattr(self._ckpt, attr)
+
+
+ROTATE_SEQS, ROTATE_SEQLEN = 4, 512   # calibration windows for the transforms (bench/results/ruquant.md)
+
+
+def rotation_config(seed: int = 0, smooth_alpha: float | None = None, block: int = BLOCK) -> dict:
+    """What a plan records under "rotation" (docs/plan.md): enough to rebuild the same transforms."""
+    return {"method": "ruquant", "block": block, "seed": seed, "smooth_alpha": smooth_alpha,
+            "n_seqs": ROTATE_SEQS, "seqlen": ROTATE_SEQLEN}
+
+
+def checkpoint_transforms(ckpt, calib_text, config: dict, device=None) -> dict[tuple[int, int], Transform]:
+    """Stage-1 transforms of every group of `ckpt` from its calibration text, as `config` (rotation_config)
+    says; deterministic for equal (checkpoint, text, config)."""
+    from transformers import AutoTokenizer
+
+    from .calib import calibration_tokens
+    tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
+    bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
+    cs = calibration_tokens(tok, calib_text, int(config.get("n_seqs", ROTATE_SEQS)),
+                            int(config.get("seqlen", ROTATE_SEQLEN)), 0, bos_id=bos, seed=int(config.get("seed", 0)))
+    model = ckpt.load_hf_model(torch.float32)
+    acts = group_activations(model, cs.train)
+    return build_model_transforms(model, acts, seed=int(config.get("seed", 0)),
+                                  smooth_alpha=config.get("smooth_alpha"), block=int(config.get("block", BLOCK)))

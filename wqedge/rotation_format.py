@@ -1,0 +1,82 @@
+"""How RUQuant input transforms and activation bits are stored in our GGUF (docs/format.md, "Rotations").
+
+Format core (numpy only): the writer (converters/gguf_writer.py), the Python reader (runtime/gguf_reader.py)
+and the C++ loader (cpp/src/rotation.cpp) agree on these names. The torch side (wqedge/rotation.py) converts
+its `Transform` to and from `StoredTransform`.
+
+A file with transforms or with activation bits other than 8 is format version 2 (`ROTATED_FORMAT_VERSION`):
+a reader that predates it refuses the file by its version instead of running the folded weights without
+their transforms (which would give wrong outputs). Every other file stays version 1, byte for byte.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ROTATED_FORMAT_VERSION = 2
+# Transform groups of a decoder layer, in wqedge.calib.INPUT_GROUPS order: the linears that read one input.
+GROUPS = ("attn_in", "attn_out", "ffn_in", "ffn_down")   # q/k/v, o, gate/up, down
+GROUP_LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
+KEY_ROTATION = "wqedge.rotation"             # string: the method ("ruquant"); absent: no transforms
+KEY_BLOCK = "wqedge.rotation.block_size"     # u32: B
+KEY_ACT_BITS = "wqedge.act_bits"             # u32: 8, 6 or 4; absent: 8
+FIELDS = ("r1", "r1_tail", "perm", "r2", "r2_tail", "householder", "smooth")
+
+
+@dataclass
+class StoredTransform:
+    """x' = H R2 P R1 (x / s) of one group, as arrays (see wqedge/rotation.py for the meaning)."""
+    r1: np.ndarray                   # float32 [B, B] applied to each full block of B channels
+    r1_tail: np.ndarray | None       # float32 [t, t] for the ragged last block (t = d mod B), else None
+    perm: np.ndarray                 # int32 [d]: x'[i] = x[perm[i]]
+    r2: np.ndarray
+    r2_tail: np.ndarray | None
+    householder: np.ndarray          # float32 [d], unit or all zero (no reflection)
+    smooth: np.ndarray | None        # float32 [d] divisors, or None
+
+    @property
+    def dim(self) -> int:
+        return int(self.perm.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """field -> array for every present field, in FIELDS order, with the stored dtypes."""
+        out = {}
+        for f in FIELDS:
+            a = getattr(self, f)
+            if a is not None:
+                out[f] = np.ascontiguousarray(a, dtype=np.int32 if f == "perm" else np.float32)
+        return out
+
+    def check(self, where: str) -> None:
+        """ValueError naming `where` when the arrays do not describe a transform of width dim."""
+        d, b = self.dim, self.r1.shape[0]
+        t = d % b if d >= b else d
+        if self.r1.shape != (b, b) or self.r2.shape != (b, b):
+            raise ValueError(f"{where}: r1/r2 must be square [B, B], got {self.r1.shape}, {self.r2.shape}")
+        for name in ("r1_tail", "r2_tail"):
+            a = getattr(self, name)
+            if (a is None) != (t == 0) or (a is not None and a.shape != (t, t)):
+                raise ValueError(f"{where}: {name} must be [{t}, {t}] for width {d} and block {b}")
+        if sorted(self.perm.tolist()) != list(range(d)):
+            raise ValueError(f"{where}: perm is not a permutation of 0..{d - 1}")
+        for name in ("householder", "smooth"):
+            a = getattr(self, name)
+            if a is not None and a.shape != (d,):
+                raise ValueError(f"{where}: {name} must have {d} values")
+        if self.smooth is not None and not (self.smooth > 0).all():
+            raise ValueError(f"{where}: smoothing divisors must be positive")
+
+
+def tensor_name(layer: int, group: int, field: str) -> str:
+    """GGUF tensor name of one field of layer `layer`'s group `group` (index into GROUPS)."""
+    return f"blk.{layer}.rot_{GROUPS[group]}.{field}"
+
+
+def group_of(linear_gguf_name: str) -> tuple[int, int]:
+    """(layer, group index) of a decoder linear's GGUF name, e.g. blk.3.ffn_up.weight -> (3, 2)."""
+    _, layer, proj = linear_gguf_name.split(".")[:3]
+    for gi, names in enumerate(GROUP_LINEARS):
+        if proj in names:
+            return int(layer), gi
+    raise ValueError(f"{linear_gguf_name}: not a decoder linear")
