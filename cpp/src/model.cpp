@@ -168,9 +168,22 @@ void Loader::load() {
         throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": general.architecture is '" + arch +
                                              "'; this runtime runs 'llama' models only");
     hp.format_version = dim_key("wqedge.format_version", 0, 1 << 30);
-    if (hp.format_version != WQE_FORMAT_VERSION)
+    if (hp.format_version < 1 || hp.format_version > WQE_FORMAT_VERSION)
         throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": wqedge format version " + std::to_string(hp.format_version) +
-                                             ", this runtime reads version " + std::to_string(WQE_FORMAT_VERSION));
+                                             ", this runtime reads versions 1 to " + std::to_string(WQE_FORMAT_VERSION));
+    // Format 2 (RUQuant, docs/format.md "Rotations"): activation bits and per-layer input transforms.
+    int rot_block = 0;
+    if (hp.format_version >= 2) {
+        hp.act_bits = dim_key("wqedge.act_bits", 4, 8, 8);
+        if (hp.act_bits != 8 && hp.act_bits != 6 && hp.act_bits != 4)
+            f.format_error("wqedge.act_bits = %d; this runtime runs 8, 6 or 4", hp.act_bits);
+        if (f.has("wqedge.rotation")) {
+            const std::string method = f.get_string("wqedge.rotation");
+            if (method != "ruquant")
+                throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": rotation method '" + method + "' is not supported");
+            rot_block = dim_key("wqedge.rotation.block_size", 1, 4096);
+        }
+    }
     hp.group_size = dim_key("wqedge.group_size", 32, 1 << 16);
     if (hp.group_size % 32) f.format_error("wqedge.group_size = %d is not a multiple of 32", hp.group_size);
     if (!f.get_bool("wqedge.rope.neox", true))
@@ -251,6 +264,10 @@ void Loader::load() {
         L.w_gate = chunked(p + "ffn_gate.weight", L.n_ff, hp.n_embd);
         L.w_up = chunked(p + "ffn_up.weight", L.n_ff, hp.n_embd);
         L.w_down = chunked(p + "ffn_down.weight", hp.n_embd, L.n_ff);
+        if (rot_block) {
+            const int widths[4] = {hp.n_embd, qd, hp.n_embd, L.n_ff};
+            L.rot = load_rotations(f, l, rot_block, widths);
+        }
     }
     // Token ids are range-checked as read (int64), before narrowing: 2^32 + 1 must not become 1.
     hp.bos = dim_key("tokenizer.ggml.bos_token_id", -1, hp.n_vocab - 1, -1);
@@ -517,6 +534,7 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
 
         // Attention: xb = rmsnorm(x); q, k, v projections; RoPE; append k, v to the cache.
         for (int t = 0; t < n; ++t) rmsnorm(&xb[(size_t)t * D], &x[(size_t)t * D], L.attn_norm.data(), D, hp.rms_eps);
+        group_input(L.rot_of(0), hp.act_bits, xb.data(), n, D, tp, kern);  // RUQuant (format 2); else nothing
         if (n == 1) {  // decode: one threaded pass for the three products of the same input
             const Linear* W[3] = {&L.wq, &L.wk, &L.wv};
             float* Y[3] = {q.data(), k.data(), v.data()};
@@ -554,11 +572,13 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             std::memset(out, 0, sizeof(float) * hd);
             for (int s = 0; s < n_keys; ++s) ops.axpy(sc[s] * inv, vc + (size_t)s * KVD + (size_t)kvh * hd, out, hd);
         });
+        group_input(L.rot_of(1), hp.act_bits, att.data(), n, QD, tp, kern);
         matmul(L.wo, att.data(), n, xb2.data(), tp, ms, kern, act);
         for (size_t i = 0; i < (size_t)n * D; ++i) x[i] += xb2[i];
 
         // SwiGLU MLP: x += W_down (silu(W_gate xb) * (W_up xb)).
         for (int t = 0; t < n; ++t) rmsnorm(&xb[(size_t)t * D], &x[(size_t)t * D], L.ffn_norm.data(), D, hp.rms_eps);
+        group_input(L.rot_of(2), hp.act_bits, xb.data(), n, D, tp, kern);
         if (n == 1) {
             const Linear* W[2] = {&L.w_gate, &L.w_up};
             float* Y[2] = {hg.data(), hu.data()};
@@ -571,6 +591,7 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             const float g = hg[i];
             hg[i] = g / (1.0f + std::exp(-g)) * hu[i];
         }
+        group_input(L.rot_of(3), hp.act_bits, hg.data(), n, F, tp, kern);
         matmul(L.w_down, hg.data(), n, xb2.data(), tp, ms, kern, act);
         for (size_t i = 0; i < (size_t)n * D; ++i) x[i] += xb2[i];
     }

@@ -8,6 +8,7 @@
 
 #include "gguf.h"
 #include "linear.h"
+#include "rotation.h"
 #include "threadpool.h"
 
 namespace wqedge { class Tokenizer; }
@@ -19,6 +20,7 @@ struct HParams {
     // layers have their own (Layer), read from per-layer arrays of the llama.* keys.
     int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_ff = 0;
     int n_ctx_train = 0, group_size = 0, format_version = 0;
+    int act_bits = 8;  // format 2: activation bits of the linears' inputs (8: the int8/float path as before)
     float rope_base = 10000.0f, rms_eps = 1e-5f, effective_bits = 0.0f;
     int bos = -1, eos = -1;
     bool add_bos = true;
@@ -30,6 +32,8 @@ struct Layer {
     int n_head = 0, n_head_kv = 0, n_ff = 0;  // this layer's shape (equal in every layer unless pruned)
     std::vector<float> attn_norm, ffn_norm;
     Linear wq, wk, wv, wo, w_gate, w_up, w_down;
+    std::vector<Rotation> rot;  // format 2: input transforms of the groups q/k/v, o, gate/up, down (empty: none)
+    const Rotation* rot_of(int g) const { return rot.empty() ? nullptr : &rot[g]; }
 };
 
 struct Model {

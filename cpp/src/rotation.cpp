@@ -1,0 +1,240 @@
+// RUQuant input transforms and per-token activation quantization (rotation.h). The block product has a
+// scalar reference and AVX2/NEON paths (tests: cpp/tests/test_rotation.cpp, tests/test_ruquant_runtime.py).
+#include "rotation.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "blocks.h"
+#include "common.h"
+#include "gguf.h"
+#include "threadpool.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define WQE_ROT_AVX2 1
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#define WQE_ROT_NEON 1
+#endif
+
+namespace wqe {
+
+// ------------------------------------------------------------------ block product: reference and SIMD
+static void block_matvec_scalar(const float* R, int n, const float* x, float* y) {
+    for (int i = 0; i < n; ++i) {
+        const float* r = R + (size_t)i * n;
+        float s = 0.0f;
+        for (int j = 0; j < n; ++j) s += r[j] * x[j];
+        y[i] = s;
+    }
+}
+
+#ifdef WQE_ROT_AVX2
+__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// Four rows at a time share each load of x; n % 8 columns are finished in scalar.
+__attribute__((target("avx2,fma"))) static void block_matvec_avx2(const float* R, int n, const float* x, float* y) {
+    const int n8 = n & ~7;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float* r0 = R + (size_t)i * n;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = 0; j < n8; j += 8) {
+            const __m256 xv = _mm256_loadu_ps(x + j);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + j), xv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + n + j), xv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + 2 * n + j), xv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + 3 * n + j), xv, a3);
+        }
+        float s[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
+        for (int k = 0; k < 4; ++k)
+            for (int j = n8; j < n; ++j) s[k] += r0[(size_t)k * n + j] * x[j];
+        std::memcpy(y + i, s, sizeof s);
+    }
+    for (; i < n; ++i) {
+        const float* r = R + (size_t)i * n;
+        __m256 a = _mm256_setzero_ps();
+        for (int j = 0; j < n8; j += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(r + j), _mm256_loadu_ps(x + j), a);
+        float s = hsum256(a);
+        for (int j = n8; j < n; ++j) s += r[j] * x[j];
+        y[i] = s;
+    }
+}
+#endif
+
+#ifdef WQE_ROT_NEON
+static void block_matvec_neon(const float* R, int n, const float* x, float* y) {
+    const int n4 = n & ~3;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float* r0 = R + (size_t)i * n;
+        float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = 0; j < n4; j += 4) {
+            const float32x4_t xv = vld1q_f32(x + j);
+            a0 = vfmaq_f32(a0, vld1q_f32(r0 + j), xv);
+            a1 = vfmaq_f32(a1, vld1q_f32(r0 + n + j), xv);
+            a2 = vfmaq_f32(a2, vld1q_f32(r0 + 2 * n + j), xv);
+            a3 = vfmaq_f32(a3, vld1q_f32(r0 + 3 * n + j), xv);
+        }
+        float s[4] = {vaddvq_f32(a0), vaddvq_f32(a1), vaddvq_f32(a2), vaddvq_f32(a3)};
+        for (int k = 0; k < 4; ++k)
+            for (int j = n4; j < n; ++j) s[k] += r0[(size_t)k * n + j] * x[j];
+        std::memcpy(y + i, s, sizeof s);
+    }
+    for (; i < n; ++i) {
+        const float* r = R + (size_t)i * n;
+        float32x4_t a = vdupq_n_f32(0.0f);
+        for (int j = 0; j < n4; j += 4) a = vfmaq_f32(a, vld1q_f32(r + j), vld1q_f32(x + j));
+        float s = vaddvq_f32(a);
+        for (int j = n4; j < n; ++j) s += r[j] * x[j];
+        y[i] = s;
+    }
+}
+#endif
+
+void block_matvec(const float* R, int n, const float* x, float* y, int kernels) {
+#ifdef WQE_ROT_AVX2
+    if (kernels == K_AVX2) return block_matvec_avx2(R, n, x, y);
+#endif
+#ifdef WQE_ROT_NEON
+    if (kernels == K_NEON) return block_matvec_neon(R, n, x, y);
+#endif
+    (void)kernels;
+    block_matvec_scalar(R, n, x, y);
+}
+
+// ------------------------------------------------------------------ the transform
+// Block-diagonal product: `full` on each full block of B, `tail` on the rest.
+static void block_diag(const std::vector<float>& full, const std::vector<float>& tail, int B, int dim, const float* x,
+                       float* y, int kernels) {
+    const int nf = dim >= B ? dim / B : 0;
+    for (int b = 0; b < nf; ++b) block_matvec(full.data(), B, x + (size_t)b * B, y + (size_t)b * B, kernels);
+    const int t = dim - nf * B;
+    if (t) block_matvec(tail.data(), t, x + (size_t)nf * B, y + (size_t)nf * B, kernels);
+}
+
+void Rotation::apply(float* x, float* tmp, int kernels) const {
+    if (!smooth.empty())
+        for (int i = 0; i < dim; ++i) x[i] /= smooth[i];
+    block_diag(r1, r1_tail, block, dim, x, tmp, kernels);
+    for (int i = 0; i < dim; ++i) x[i] = tmp[perm[i]];
+    block_diag(r2, r2_tail, block, dim, x, tmp, kernels);
+    if (hh.empty()) {
+        std::memcpy(x, tmp, sizeof(float) * dim);
+        return;
+    }
+    const VecOps& ops = vec_ops(kernels);
+    const float c = -2.0f * ops.dot_f32(hh.data(), tmp, dim);
+    std::memcpy(x, tmp, sizeof(float) * dim);
+    ops.axpy(c, hh.data(), x, dim);
+}
+
+void act_fake_quant(float* x, int n, int bits) {
+    const float hi_code = (float)((1 << bits) - 1);
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < n; ++i) {
+        lo = std::min(lo, x[i]);
+        hi = std::max(hi, x[i]);
+    }
+    const float s = std::max((hi - lo) / hi_code, 1e-8f);
+    const float z = std::nearbyint(-lo / s);
+    for (int i = 0; i < n; ++i) {
+        const float q = std::min(std::max(std::nearbyint(x[i] / s) + z, 0.0f), hi_code);
+        x[i] = s * (q - z);
+    }
+}
+
+void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPool& pool, int kernels) {
+    if (!r && bits >= 8) return;
+    auto one = [&](int t) {
+        thread_local std::vector<float> tmp;
+        if ((int)tmp.size() < dim) tmp.resize(dim);
+        float* xt = x + (size_t)t * dim;
+        if (r) r->apply(xt, tmp.data(), kernels);
+        if (bits < 8) act_fake_quant(xt, dim, bits);
+    };
+    if (n == 1) one(0);
+    else pool.run(n, [&](int t, int) { one(t); });
+}
+
+// ------------------------------------------------------------------ loading
+static const char* const GROUPS[4] = {"attn_in", "attn_out", "ffn_in", "ffn_down"};
+
+static std::vector<float> f32_tensor(const GGUFFile& f, const std::string& name, uint64_t d0, uint64_t d1, bool need) {
+    const GGUFTensor* t = f.tensor(name);
+    if (!t) {
+        if (need) f.format_error("rotated file lacks tensor '%s'", name.c_str());
+        return {};
+    }
+    const uint32_t nd = d1 > 1 ? 2 : 1;
+    if (t->type != GGML_F32 || t->n_dims != nd || t->dims[0] != d0 || (nd == 2 && t->dims[1] != d1))
+        f.format_error("tensor '%s' must be F32 of shape [%llu, %llu]", name.c_str(), (unsigned long long)d0,
+                       (unsigned long long)d1);
+    std::vector<float> v(d0 * d1);
+    std::memcpy(v.data(), t->data, sizeof(float) * v.size());
+    for (size_t i = 0; i < v.size(); ++i)
+        if (!std::isfinite(v[i])) f.format_error("tensor '%s' holds a non-finite value at %zu", name.c_str(), i);
+    return v;
+}
+
+std::vector<Rotation> load_rotations(const GGUFFile& f, int layer, int block, const int widths[4]) {
+    std::vector<Rotation> out(4);
+    for (int g = 0; g < 4; ++g) {
+        Rotation& r = out[g];
+        const int d = widths[g];
+        const std::string p = "blk." + std::to_string(layer) + ".rot_" + GROUPS[g] + ".";
+        r.dim = d;
+        r.block = block;
+        const int t = d >= block ? d % block : d;
+        r.r1 = f32_tensor(f, p + "r1", block, block, true);
+        r.r2 = f32_tensor(f, p + "r2", block, block, true);
+        if (t) {
+            r.r1_tail = f32_tensor(f, p + "r1_tail", t, t, true);
+            r.r2_tail = f32_tensor(f, p + "r2_tail", t, t, true);
+        } else if (f.tensor(p + "r1_tail") || f.tensor(p + "r2_tail")) {
+            f.format_error("'%sr1_tail'/'r2_tail' present but width %d is a multiple of %d", p.c_str(), d, block);
+        }
+        std::vector<float> hh = f32_tensor(f, p + "householder", d, 1, true);
+        double nn = 0.0;
+        for (float v : hh) nn += (double)v * v;
+        if (nn != 0.0) {
+            if (std::fabs(nn - 1.0) > 1e-3) f.format_error("tensor '%shouseholder' is not a unit vector", p.c_str());
+            r.hh = std::move(hh);
+        }
+        r.smooth = f32_tensor(f, p + "smooth", d, 1, false);
+        for (float s : r.smooth)
+            if (!(s > 0.0f)) f.format_error("tensor '%ssmooth' holds a non-positive divisor", p.c_str());
+        const GGUFTensor* pt = f.tensor(p + "perm");
+        if (!pt) f.format_error("rotated file lacks tensor '%sperm'", p.c_str());
+        if (pt->type != GGML_I32 || pt->n_dims != 1 || pt->dims[0] != (uint64_t)d)
+            f.format_error("tensor '%sperm' must be I32 of %d values", p.c_str(), d);
+        r.perm.resize(d);
+        std::memcpy(r.perm.data(), pt->data, sizeof(int32_t) * d);
+        std::vector<char> seen(d, 0);
+        for (int i = 0; i < d; ++i) {
+            const int32_t v = r.perm[i];
+            if (v < 0 || v >= d || seen[v]) f.format_error("tensor '%sperm' is not a permutation of 0..%d", p.c_str(), d - 1);
+            seen[v] = 1;
+        }
+    }
+    return out;
+}
+
+}  // namespace wqe
+
+// Test hook (tests/test_ruquant_runtime.py through ctypes): y = R x of one n x n block with kernel set k;
+// returns -1 when the set is not built here.
+extern "C" WQE_API int wqe_rotation_block_matvec(const float* R, int n, const float* x, float* y, int kernels) {
+    if (kernels == wqe::K_AVX2 && !wqe::cpu_has_avx2()) return -1;
+    if (kernels == wqe::K_NEON && !wqe::cpu_has_neon()) return -1;
+    wqe::block_matvec(R, n, x, y, kernels);
+    return 0;
+}

@@ -1,0 +1,43 @@
+// RUQuant input transforms (issue 15; docs/format.md "Rotations", docs/ruquant.md) and per-token activation
+// quantization at 6 and 4 bits. One Rotation per decoder layer and transform group (q/k/v, o, gate/up, down):
+// x' = H R2 P R1 (x / s), applied to a group's input right before its linears, whose weights the converter
+// folded (W' = W diag(s) M^T, so W' x' = W x). Cost per token: two block matrix products (2 d B multiply-adds),
+// a gather and a 2 d reflection.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace wqe {
+
+class GGUFFile;
+class ThreadPool;
+
+struct Rotation {
+    int dim = 0, block = 0;
+    std::vector<float> r1, r1_tail, r2, r2_tail;  // row-major B x B and t x t (t = dim mod B; empty when 0)
+    std::vector<int32_t> perm;                     // x'[i] = x[perm[i]]
+    std::vector<float> hh;                         // unit Householder vector, empty when none
+    std::vector<float> smooth;                     // divisors, empty when none
+    // x (dim floats) -> x' in place; tmp: dim floats of scratch. kernels: K_SCALAR, K_AVX2 or K_NEON.
+    void apply(float* x, float* tmp, int kernels) const;
+};
+
+// y[i] = sum_j R[i * n + j] x[j] for i < n (one block; the kernel of Rotation::apply).
+void block_matvec(const float* R, int n, const float* x, float* y, int kernels);
+
+// Per-token asymmetric quantize-dequantize at `bits` (6 or 4) in place, exactly as wqedge.actquant.fake_quant:
+// s = max((max - min) / (2^b - 1), 1e-8), z = round(-min / s), q = clamp(round(x / s) + z, 0, 2^b - 1),
+// x = s (q - z), round half to even.
+void act_fake_quant(float* x, int n, int bits);
+
+// The group's input step for n tokens of width dim (row stride dim), in place: the rotation (when r is not
+// null), then activation quantization when bits < 8. Tokens are split over the pool's threads.
+void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPool& pool, int kernels);
+
+// Load layer l's four rotations from a rotated file (names: wqedge.rotation_format); group widths in
+// GROUPS order. Throws Error(WQE_ERR_FORMAT) naming the tensor on a missing or malformed one.
+std::vector<Rotation> load_rotations(const GGUFFile& f, int layer, int block, const int widths[4]);
+
+}  // namespace wqe
