@@ -214,3 +214,32 @@ def test_cli_distill(tiny_model_dir, tmp_path):
 
     from wqedge.runtime.gguf_reader import WqGGUF
     assert json.loads(WqGGUF(out).plan_json)["meta"]["fit"]["distill_steps"] == 3
+
+
+def test_pruned_plan(setup, tmp_path):
+    """A pruning plan's chunks (kept rows and columns only) are tuned against the unpruned fp layers, and the
+    file made from them computes what the in-memory model (pruned weights as zeros) does."""
+    from wqedge.pruning import LayerPruning, Pruning
+    from wqedge.quantize import convert_to_gguf
+    from wqedge.reference import build_model, load_reference
+    from wqedge.spec import other_tensors
+    ckpt, _, _, toks, _ = setup
+    pr = Pruning.for_spec(ckpt.spec, 32, [LayerPruning(0, ffn_groups=[1], heads=[1, 3]), LayerPruning(1, kv_groups=[1])])
+    linears = pr.pruned_spec(ckpt.spec).linears()
+    acts = {lin.hf_name: ["q2" if c % 2 else "q3" for c in range(-(-lin.in_features // 32))] for lin in linears}
+    plan = Plan.from_actions(linears, 32, 16.0, "greedy", acts, "neuqi", pruning=pr, model_name=ckpt.spec.name,
+                             model_fingerprint=ckpt.fingerprint())
+    fitted = quantize_model(ckpt.load_hf_model(), plan, toks[:16], device="cpu")
+    res = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], STEPS, device="cpu", lr=1e-2,
+                        unprune=plan.unprune_weight)
+    assert all(x["after"] < x["before"] for x in res.layers)
+    path = convert_to_gguf(pipeline.Fits("feedback", fitted=res.chunks, norms=res.norms).source(ckpt), plan,
+                           tmp_path / "pruned.gguf", fitted=res.chunks)
+    state = {hf: ckpt.get(hf).float() for hf, _, _ in other_tensors(ckpt.spec)}
+    state.update(res.norms)
+    full = {lin.hf_name: (lin.out_features, lin.in_features) for lin in ckpt.spec.linears()}
+    state.update({n: plan.unprune_weight(n, dequantize(ch), full[n]) for n, ch in res.chunks.items()})
+    with torch.no_grad():
+        a = build_model(ckpt.spec, state)(toks[16:]).logits
+        b = load_reference(path)(toks[16:]).logits
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4)

@@ -165,7 +165,8 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
     from .quantize import quantize_linears
     fitted = fits.fitted or {lin.hf_name: ch for lin, ch in quantize_linears(ckpt, plan, fits.stats, device)}
     say(f"light distillation: {steps} steps per decoder layer, codes frozen…")
-    res = distill_checkpoint(ckpt, fitted, calib_text, steps, device=device, progress=say)
+    unprune = plan.unprune_weight if plan.pruning is not None else None
+    res = distill_checkpoint(ckpt, fitted, calib_text, steps, device=device, progress=say, unprune=unprune)
     say(res.summary())
     record_distill(plan, steps)     # the plan the file stores says how its parameters were made
     return Fits(mode, fitted=res.chunks, norms=res.norms)

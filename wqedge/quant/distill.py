@@ -159,6 +159,7 @@ class TunableLinear(nn.Module):
         self.register_buffer("m0", m0.to(device))
         self.a = nn.Parameter(torch.zeros(n, len(chunks), device=device))
         self.b = nn.Parameter(torch.zeros(n, len(chunks), device=device))
+        self.expand: Callable[[torch.Tensor], torch.Tensor] | None = None   # pruned plans: kept -> full shape
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(d, m) per row and chunk, fp32 masters."""
@@ -170,7 +171,8 @@ class TunableLinear(nn.Module):
         return w + self.fixed if self.fixed.numel() else w
 
     def forward(self, x):
-        return nn.functional.linear(x, self.weight().to(x.dtype))
+        w = self.weight() if self.expand is None else self.expand(self.weight())
+        return nn.functional.linear(x, w.to(x.dtype))
 
     @torch.no_grad()
     def round_to_file(self) -> list[ChunkData]:
@@ -205,13 +207,16 @@ class TunableLinear(nn.Module):
 # ---------------------------------------------------------------- models with tunable linears
 
 def _swap_linears(layer: nn.Module, li: int, chunks: dict[str, list[ChunkData]], device,
-                  skipped: list[str]) -> list[TunableLinear]:
+                  skipped: list[str], unprune=None) -> list[TunableLinear]:
     """Replace the seven projections of decoder layer `li` (in place) by TunableLinears."""
     mods = []
     for hf, _ in PROJECTIONS:
         name = f"model.layers.{li}.{hf}.weight"
         parent_name, attr = hf.rsplit(".", 1)
         tl = TunableLinear(chunks[name], device, skipped, name)
+        if unprune is not None:
+            shape = tuple(layer.get_submodule(hf).weight.shape)
+            tl.expand = lambda w, name=name, shape=shape: unprune(name, w, shape)
         setattr(layer.get_submodule(parent_name), attr, tl)
         mods.append(tl)
     return mods
@@ -256,12 +261,14 @@ def _peak(dev) -> tuple[int, str]:
 def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tensor, heldout: torch.Tensor | None,
                   steps: int, e2e_steps: int = 0, device=None, batch_size: int = BATCH,
                   lr: float = LR, norm_lr: float = NORM_LR, e2e_lr: float = E2E_LR, seed: int = 0,
-                  progress: Callable[[str], None] | None = None) -> DistillResult:
+                  progress: Callable[[str], None] | None = None, unprune=None) -> DistillResult:
     """Tune `chunks` (every decoder linear of the fp transformers LlamaForCausalLM `model`, as fitted) on the
     calibration windows `tokens` [n, seqlen]; `heldout` windows only measure. `model` is left unchanged.
 
     steps: AdamW steps per decoder layer (block stage, MSE of the layer's output); e2e_steps: steps of the
-    end-to-end KL stage after it (0: none). Each step takes `batch_size` windows.
+    end-to-end KL stage after it (0: none). Each step takes `batch_size` windows. unprune(name, w, shape): for a
+    pruning plan's chunks (kept rows and columns only), the kept weight in the model's shape with zeros where
+    structures were removed (Plan.unprune_weight), so the unpruned fp layers stay the teachers.
     """
     from ..calib import _layer_call, _rotary, default_device
 
@@ -311,7 +318,7 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
             target = run(teacher, h_fp)
             student = teacher
             del teacher
-            tls = _swap_linears(student, li, chunks, dev, skipped)
+            tls = _swap_linears(student, li, chunks, dev, skipped, unprune)
             ho = slice(n_tr, len(allt))
             before = rel_mse(run(student, h_q[ho]), target[ho]) if len(heldout) else float("nan")
             if steps:
@@ -342,7 +349,7 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
         e2e = None
         if e2e_steps:
             out_chunks, norms, e2e = _e2e(model, out_chunks, norms, tokens, heldout, e2e_steps, dev, bs, e2e_lr,
-                                          norm_lr, seed, skipped, say)
+                                          norm_lr, seed, say, unprune)
     finally:
         rot.to(rot_dev)
     peak, what = _peak(dev)
@@ -351,7 +358,7 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
     return res
 
 
-def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, seed, skipped, say):
+def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, seed, say, unprune):
     """End-to-end stage: KL(fp || quantized) of the next-token distributions, all layers at once."""
     teacher = copy.deepcopy(model).to(dev, torch.float32).eval()
     for p in teacher.parameters():
@@ -359,7 +366,7 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
     student = copy.deepcopy(teacher)
     tls = []
     for li, layer in enumerate(student.model.layers):
-        tls += _swap_linears(layer, li, chunks, dev, [])
+        tls += _swap_linears(layer, li, chunks, dev, [], unprune)
         layer.input_layernorm.weight.data.copy_(norms[f"model.layers.{li}.input_layernorm.weight"])
         layer.post_attention_layernorm.weight.data.copy_(norms[f"model.layers.{li}.post_attention_layernorm.weight"])
     norm_params = [p for layer in student.model.layers for p in _norms(layer)] + [student.model.norm.weight]
@@ -408,8 +415,8 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
 
 def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, steps: int,
                        e2e_steps: int = 0, device=None, n_seqs: int | None = None, seqlen: int = 512,
-                       n_heldout: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None
-                       ) -> DistillResult:
+                       n_heldout: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None,
+                       unprune=None) -> DistillResult:
     """distill_model on a checkpoint's fp model and `calib_text` (the windows error feedback takes)."""
     from transformers import AutoTokenizer
 
@@ -420,7 +427,8 @@ def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, ste
     bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
     cs = calibration_tokens(tok, calib_text, n_seqs or FEEDBACK_SEQS, seqlen, n_heldout, bos_id=bos, seed=seed)
     model = ckpt.load_planning_model()
-    return distill_model(model, chunks, cs.train, cs.heldout, steps, e2e_steps, device, seed=seed, progress=progress)
+    return distill_model(model, chunks, cs.train, cs.heldout, steps, e2e_steps, device, seed=seed, progress=progress,
+                         unprune=unprune)
 
 
 class TunedCheckpoint:
