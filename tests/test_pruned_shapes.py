@@ -115,6 +115,8 @@ def test_plan_json_round_trip_and_old_plans_load(ckpt):
     d1 = json.loads(unpruned.to_json())
     assert d1["version"] == 1 and "pruning" not in d1            # unpruned plans stay version 1
     assert Plan.from_dict(d1).validate(ckpt.spec).pruning is None
+    from wqedge.report import text_report
+    assert "layer   1: FFN     0 of 320 channels, heads 4 of 8, KV groups 1 of 2" in text_report(plan)
 
 
 def test_effective_bits_count_pruned_weights_as_zero(ckpt):

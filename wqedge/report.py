@@ -71,8 +71,25 @@ def projection_bits(plan: Plan) -> dict[str, float]:
     for t in plan.tensors:
         p = t.name.split(".")[-2]
         b, n = acc.setdefault(p, [0, 0])
-        acc[p] = [b + t.bits(plan.group_size), n + t.n_weights]
+        acc[p] = [b + t.bits(plan.group_size), n + plan.original_weights(t)]   # pruned weights: 0 bits
     return {k: b / n for k, (b, n) in acc.items()}
+
+
+def pruning_lines(plan: Plan) -> list[str]:
+    """Per layer, what a pruning plan removes (nothing for other plans)."""
+    pr = plan.pruning
+    if pr is None:
+        return []
+    n_layers = 1 + max(int(t.name.split(".")[2]) for t in plan.tensors)
+    lines = ["pruned structures per layer (FFN channels in groups of "
+             f"{pr.ffn_group_size}; query heads; KV groups with their query heads):"]
+    for i in range(n_layers):
+        lp = pr.layer(i)
+        ch = pr.intermediate_size - len(pr.kept_channels(i))
+        lines.append(f"  layer {i:3d}: FFN {ch:5d} of {pr.intermediate_size} channels, heads "
+                     f"{pr.n_heads - len(pr.kept_heads(i))} of {pr.n_heads}, KV groups {len(lp.kv_groups)} of "
+                     f"{pr.n_kv_heads}")
+    return lines
 
 
 def text_report(plan: Plan) -> str:
@@ -85,6 +102,7 @@ def text_report(plan: Plan) -> str:
     for layer, b in plan.layer_bits().items():
         lines.append(f"  layer {layer:3d}: {b:6.3f}")
     lines.append("effective bits per projection: " + ", ".join(f"{p} {b:.3f}" for p, b in projection_bits(plan).items()))
+    lines += pruning_lines(plan)
     if plan.meta.get("predicted_damage") is not None:
         lines.append(f"predicted loss increase: {plan.meta['predicted_damage']:.4f} nats/token ({plan.meta.get('damage')})")
     if plan.meta.get("seconds"):
