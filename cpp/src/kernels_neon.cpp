@@ -290,6 +290,69 @@ inline void dot8_affine4_plain(const uint8_t* rb, size_t stride, const XQ8* x, f
 }
 #undef WQE_DOT8_AFFINE4
 
+// Integer prefill (linear.cpp rows4_gemm_fn): 4 rows (rb + k * stride) x NT tokens (token u's blocks at xq + u * xs, its
+// sum at xsum[u * ss]); out[u * ld + k] = dot8_affine4's result for row k and token u, bit for bit (the same exact
+// int32 block sums, the same float operations in the same order), each block's codes decoded once for NT tokens.
+#define WQE_GEMM4(ISUM)                                                                                \
+    const int nb = g_pad / 32;                                                                         \
+    float32x4_t a[NT][4];                                                                              \
+    float corr[NT];                                                                                    \
+    for (int u = 0; u < NT; ++u) {                                                                     \
+        corr[u] = 0.0f;                                                                                \
+        for (int k = 0; k < 4; ++k) a[u][k] = vdupq_n_f32(0.0f);                                       \
+    }                                                                                                  \
+    for (int b = 0; b < nb; ++b) {                                                                     \
+        int8x16_t c[4][2];                                                                             \
+        for (int k = 0; k < 4; ++k) {                                                                  \
+            uint8x16_t cb[2];                                                                          \
+            CODES(rb + k * stride + 4 + b * SUB, cb);                                                  \
+            signed_codes<Q8>(cb, c[k]);                                                                \
+        }                                                                                              \
+        for (int u = 0; u < NT; ++u) {                                                                 \
+            const XQ8& x = xq[u * xs + b];                                                             \
+            for (int k = 0; k < 4; ++k) a[u][k] = vfmaq_n_f32(a[u][k], vcvtq_f32_s32(ISUM(c[k][0], c[k][1], x.q)), x.d); \
+            if (Q8) corr[u] += x.ds;                                                                   \
+        }                                                                                              \
+    }                                                                                                  \
+    for (int u = 0; u < NT; ++u)                                                                       \
+        for (int k = 0; k < 4; ++k) {                                                                  \
+            const uint8_t* h = rb + k * stride;                                                        \
+            out[u * ld + k] = half(h) * (vaddvq_f32(a[u][k]) + 128.0f * corr[u]) + half(h + 2) * xsum[u * ss]; \
+        }
+
+template <codes_fn CODES, int SUB, bool Q8, int NT>
+WQE_DOTPROD inline void gemm4_dot(const uint8_t* rb, size_t stride, const XQ8* xq, size_t xs, const float* xsum, size_t ss,
+                                  int g_pad, float* out, size_t ld) {
+    WQE_GEMM4(isum32_dot)
+}
+template <codes_fn CODES, int SUB, bool Q8, int NT>
+inline void gemm4_plain(const uint8_t* rb, size_t stride, const XQ8* xq, size_t xs, const float* xsum, size_t ss,
+                        int g_pad, float* out, size_t ld) {
+    WQE_GEMM4(isum32_plain)
+}
+#undef WQE_GEMM4
+
+// nt tokens, 4 at a time (then 3, 2 or 1), through the SDOT or the plain build.
+template <codes_fn CODES, int SUB, bool Q8>
+inline void gemm4(const uint8_t* rb, size_t stride, const XQ8* xq, size_t xs, const float* xsum, size_t ss, int nt,
+                  int g_pad, float* out, size_t ld) {
+    const bool dot = neon_dotprod();
+    for (; nt > 0; nt -= 4, xq += 4 * xs, xsum += 4 * ss, out += 4 * ld) {
+        switch (nt >= 4 ? 4 : nt) {
+#define WQE_GEMM4_NT(N)                                                                                 \
+    case N:                                                                                             \
+        if (dot) gemm4_dot<CODES, SUB, Q8, N>(rb, stride, xq, xs, xsum, ss, g_pad, out, ld);            \
+        else gemm4_plain<CODES, SUB, Q8, N>(rb, stride, xq, xs, xsum, ss, g_pad, out, ld);              \
+        break;
+            WQE_GEMM4_NT(4)
+            WQE_GEMM4_NT(3)
+            WQE_GEMM4_NT(2)
+            WQE_GEMM4_NT(1)
+#undef WQE_GEMM4_NT
+        }
+    }
+}
+
 // Ternary: 16 code bytes per step (tail through a zeroed buffer: nothing past the row-block is
 // read), trits in 8-bit lanes: t = (3p) >> 8 via a 16-bit multiply, p = 3p mod 256.
 inline void trits16(uint8x16_t& p, int8x16_t& t) {
@@ -378,6 +441,17 @@ WQE_DOT8(q3, codes_q3, 12, false)
 WQE_DOT8(q2, codes_q2, 8, false)
 WQE_DOT8(q1, codes_q1, 4, false)
 #undef WQE_DOT8
+#define WQE_GEMM(name, CODES, SUB, Q8)                                                                   \
+    void gemm4_##name(const uint8_t* rb, size_t st, const XQ8* xq, size_t xs, const float* xsum, size_t ss, int nt, \
+                      int g, float* out, size_t ld) {                                                   \
+        gemm4<CODES, SUB, Q8>(rb, st, xq, xs, xsum, ss, nt, g, out, ld);                                \
+    }
+WQE_GEMM(q8, codes_q8, 32, true)
+WQE_GEMM(q4, codes_q4, 16, false)
+WQE_GEMM(q3, codes_q3, 12, false)
+WQE_GEMM(q2, codes_q2, 8, false)
+WQE_GEMM(q1, codes_q1, 4, false)
+#undef WQE_GEMM
 float dot8_ternary(const uint8_t* rb, const XQ8* x, float s, int g) {
     return neon_dotprod() ? dot8_ternary_dot(rb, x, s, g) : dot8_ternary_plain(rb, x, s, g);
 }

@@ -483,6 +483,20 @@ void dequant_rows(const Linear& W, int r0, int nr, float* out, int ld, float* tm
 // then the same float operations in the same order): prefill logits equal token-by-token decode's.
 typedef void (*tile8_gemm_fn)(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, size_t xq_stride,
                               const int* x8off, const float* xsum, size_t xs_stride, int nt, float* acc);
+// The row layout's batched kernel (rows4_gemm_fn): 4 rows (rb + k * stride) of one chunk x nt tokens (token t's blocks
+// at xq + t * xq_stride, its sum at xsum[t * xs_stride]); out[t * ld + k] equals dot8_rows(...)[k] on token t, bit for
+// bit. NEON only (where the loader keeps the row layout); elsewhere the row layout goes token by token.
+typedef void (*rows4_gemm_fn)(const uint8_t* rb, size_t stride, const XQ8* xq, size_t xq_stride, const float* xsum,
+                              size_t xs_stride, int nt, int g_pad, float* out, size_t ld);
+#if defined(__aarch64__)
+namespace neon {  // kernels_neon.cpp
+void gemm4_q8(const uint8_t*, size_t, const XQ8*, size_t, const float*, size_t, int, int, float*, size_t);
+void gemm4_q4(const uint8_t*, size_t, const XQ8*, size_t, const float*, size_t, int, int, float*, size_t);
+void gemm4_q3(const uint8_t*, size_t, const XQ8*, size_t, const float*, size_t, int, int, float*, size_t);
+void gemm4_q2(const uint8_t*, size_t, const XQ8*, size_t, const float*, size_t, int, int, float*, size_t);
+void gemm4_q1(const uint8_t*, size_t, const XQ8*, size_t, const float*, size_t, int, int, float*, size_t);
+}  // namespace neon
+#endif
 #if defined(__x86_64__) || defined(__i386__)
 namespace avx2 {  // kernels_avx2.cpp, kernels_vnni.cpp
 void tile8_gemm(const uint8_t*, const TileDesc*, int, const XQ8*, size_t, const int*, const float*, size_t, int, float*);
@@ -515,6 +529,64 @@ tile8_gemm_fn tile8_gemm_of(int kernels) {
     }
 #endif
     return nullptr;
+}
+
+rows4_gemm_fn rows4_gemm_of(int kernels, int kind) {
+#if defined(__aarch64__)
+    if (kernels == K_NEON) switch (kind) {
+            case 1: return neon::gemm4_q8;
+            case 2: return neon::gemm4_q4;
+            case 3: return neon::gemm4_q3;
+            case 4: return neon::gemm4_q2;
+            case 6: return neon::gemm4_q1;
+            default: break;
+        }
+#endif
+    (void)kernels;
+    (void)kind;
+    return nullptr;
+}
+
+// Rows [r0, r0 + nr) (nr <= RT) x tokens [t0, t1) (<= GEMM_TOK) of a row-layout linear, chunk by chunk as chunked_tile
+// does for one token (acc += the chunk's dots, then its protected residuals), the dots through rows4_gemm where the
+// kind has one (groups of 4 rows; dot8_rows groups rows in fours too, so the results are the same) and token by token
+// through the decode kernels otherwise.
+void rows_task(const Linear& W, const float* X, int t0, int t1, int r0, int nr, const Prepared& p0, size_t n8, float* Y,
+               int kernels, int gemm_tok) {
+    const int K = W.K, N = W.N, n_chunks = (int)W.chunks.size(), nt = t1 - t0;
+    thread_local std::vector<float> acc, part;
+    acc.assign((size_t)gemm_tok * RT, 0.0f);
+    part.resize((size_t)gemm_tok * RT);
+    auto prep = [&](int t) {
+        const size_t xf = p0.xp == nullptr ? 0 : (size_t)W.x_floats;
+        return Prepared{p0.xp ? p0.xp + (t - t0) * xf : nullptr, p0.xs + (size_t)(t - t0) * n_chunks, p0.x8off,
+                        p0.xq8 + (size_t)(t - t0) * n8};
+    };
+    for (int c = 0; c < n_chunks; ++c) {
+        const Chunk& ch = W.chunks[c];
+        const uint8_t* rows = W.row(r0) + ch.off;
+        const rows4_gemm_fn g = p0.x8off[c] >= 0 ? rows4_gemm_of(kernels, ch.bt->id) : nullptr;
+        const int r4 = g ? nr & ~3 : 0;
+        for (int i = 0; i < r4; i += 4)
+            g(rows + (size_t)i * W.row_bytes, W.row_bytes, p0.xq8 + p0.x8off[c], n8, p0.xs + c, n_chunks, nt, ch.g_pad,
+              part.data() + i, RT);
+        if (r4 < nr)
+            for (int t = t0; t < t1; ++t) {
+                const Prepared p = prep(t);
+                const uint8_t* rb = rows + (size_t)r4 * W.row_bytes;
+                float* o = part.data() + (size_t)(t - t0) * RT + r4;
+                if (p.x8off[c] >= 0) ch.bt->dot8_rows[kernels](rb, W.row_bytes, nr - r4, p.xq8 + p.x8off[c], p.xs[c], ch.g_pad, o);
+                else ch.bt->dot_rows[kernels](rb, W.row_bytes, nr - r4, p.xp + ch.xoff, p.xs[c], ch.g_pad, o);
+            }
+        for (int t = 0; t < nt; ++t) {
+            float* a = acc.data() + (size_t)t * RT;
+            for (int i = 0; i < nr; ++i) a[i] += part[(size_t)t * RT + i];
+            if (ch.n_prot)
+                for (int i = 0; i < nr; ++i) a[i] += protected_sum(W, ch, rows + (size_t)i * W.row_bytes, X + (size_t)(t0 + t) * K);
+        }
+    }
+    for (int t = 0; t < nt; ++t)
+        std::memcpy(Y + (size_t)(t0 + t) * N + r0, acc.data() + (size_t)t * RT, sizeof(float) * nr);
 }
 
 // Whether every chunk of a run is of a kind the tile GEMMs know (q4, q3, q2, q1; a tiled ternary chunk is q2).
@@ -555,11 +627,13 @@ static void matmul_q8(const Linear& W, const float* X, int n, float* Y, ThreadPo
     });
     auto prep = [&](int t) { return Prepared{xp + t * xf, xs + (size_t)t * n_chunks, x8off, xq + (size_t)t * n8}; };
     const int n_tb = (n + GEMM_TOK - 1) / GEMM_TOK;
-    if (!W.tiled()) {  // row layout: RT rows x GEMM_TOK tokens per task, token by token
+    if (!W.tiled()) {  // row layout: RT rows x GEMM_TOK tokens per task
         const int n_rt = (N + RT - 1) / RT;
         pool.run(n_rt * n_tb, [&](int task, int) {
             const int rt = task % n_rt, t0 = task / n_rt * GEMM_TOK, t1 = std::min(n, t0 + GEMM_TOK);
-            for (int t = t0; t < t1; ++t) chunked_tile(W, X + (size_t)t * K, prep(t), rt, 0, Y + (size_t)t * N, kernels);
+            Prepared p0 = prep(t0);
+            if (!xf) p0.xp = nullptr;
+            rows_task(W, X, t0, t1, rt * RT, std::min(RT, N - rt * RT), p0, n8, Y, kernels, GEMM_TOK);
         });
         return;
     }

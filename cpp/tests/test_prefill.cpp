@@ -4,8 +4,9 @@
 //   - the scalar reference set's matmul: within 1e-5 of the magnitude of the terms (sum |w x|), every SIMD path;
 //   - the float path (ACT_F32 matmul): within the activations' rounding, sum_c |w_c| * amax(x) / 254 (each int8
 //     activation is off by at most half its block's step, d / 2 <= amax / 254), plus 1e-5 of the terms.
-// Linears: every block kind (fp16, q8, q4, q3, q2, ternary, q1) uniform and mixed, protected columns, K not a multiple of
-// 128 (a ragged last chunk), N not a multiple of 8; token counts 2, 7, 33 and 70 (more than one token block).
+// Linears: every block kind of the traits table (fp16, q8, q4, q3, q2, ternary, q1, ...) alone and mixed, protected
+// columns, K not a multiple of 128 (a ragged last chunk), N not a multiple of 8 (nor of 4: the NEON row GEMM's remainder
+// rows); token counts 2, 7, 33 and 70 (more than one token block).
 // Exit status 0 when all checks pass.
 #include <algorithm>
 #include <cmath>
