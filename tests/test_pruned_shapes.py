@@ -386,3 +386,15 @@ def test_joint_plan_prunes_under_one_budget(ckpt, tmp_path):
     row = _windows(1)[0]
     lc = native.Context(native.Model(path), n_ctx=64, n_threads=2).eval(row.tolist(), all_logits=True)
     assert _rel(lc, _reference_logits(path, row[None])[0]) < CPP_TOL
+
+
+def test_cli_prune_needs_the_greedy_allocator(tiny_model_factory, tmp_path):
+    from click.testing import CliRunner
+
+    from wqedge.cli import main
+
+    model = str(tiny_model_factory(**SHAPE))
+    r = CliRunner().invoke(main, ["plan", model, "--bits", "2.5", "--prune", "ffn", "-o", str(tmp_path / "p.json")])
+    assert r.exit_code != 0 and "pruning (--prune) is searched by the greedy allocator" in r.output
+    r = CliRunner().invoke(main, ["plan", model, "--bits", "2.5", "--prune", "rows", "-o", str(tmp_path / "p.json")])
+    assert r.exit_code != 0 and "structure kinds are ffn, heads; got 'rows'" in r.output

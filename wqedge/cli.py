@@ -116,13 +116,22 @@ def _parse_protect(ctx, param, value):
     return ks
 
 
+def _parse_prune(ctx, param, value):
+    from .alloc.prune import KINDS
+    kinds = tuple(k.strip() for k in value.split(",") if k.strip()) if value else ()
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise click.BadParameter(f"structure kinds are {', '.join(KINDS)}; got {bad[0]!r}")
+    return kinds
+
+
 def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None, rotate=None,
-               act_bits=8):
+               act_bits=8, prune=(), max_prune=0.3):
     from .pipeline import make_plan
     from .plan import PlanError
     try:
         plan = make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect, preset,
-                         rotate=rotate is not None, act_bits=act_bits)
+                         rotate=rotate is not None, act_bits=act_bits, prune=prune, max_prune=max_prune)
     except PlanError as e:
         _fail(str(e))
     if plan.allocator == "uniform":
@@ -189,6 +198,13 @@ _common_plan_options = [
                  help="RUQuant: orthogonal input transforms per layer and linear group (q/k/v, o, gate/up, down) built "
                       "from the calibration activations, folded into the weights before planning and fitting and "
                       "applied online by the runtime (docs/ruquant.md). Needs calibration text."),
+    click.option("--prune", default="", callback=_parse_prune, metavar="ffn,heads",
+                 help="Let the greedy allocator also prune structures as 0-bit actions under the same budget: "
+                      "'ffn' (FFN channels in groups of 32: rows of gate/up, columns of down), 'heads' (query heads, "
+                      "evenly per KV group, or whole KV groups). Pruned weights leave the file; --bits stays bits "
+                      "over the unpruned model's weights. Needs calibration text (or self-calibration)."),
+    click.option("--max-prune", type=click.FloatRange(0.0, 0.9), default=0.3, show_default=True,
+                 help="With --prune: the largest fraction of decoder linear weights the search may remove."),
     click.option("--act-bits", type=click.Choice(["8", "6", "4"]), default="8", show_default=True,
                  callback=lambda c, p, v: int(v),
                  help="Activation bits of the runtime's linears (per token, asymmetric at 6 and 4; 8 is the "
@@ -239,7 +255,7 @@ def plan_options(f):
               help="'portable': stock ONNX Runtime operators; 'native': one wqedge.ChunkLinear per linear, run by "
                    "our custom-op library libwqedge_ort (smaller and packed in memory; see docs/onnx.md).")
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
-            act_bits, plan_path,
+            prune, max_prune, act_bits, plan_path,
             save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
@@ -280,7 +296,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
             _fail(str(e))
     else:
         plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate,
-                          act_bits)
+                          act_bits, prune, max_prune)
     _print_plan_summary(plan)
     if save_plan:
         plan.save(save_plan)
@@ -348,7 +364,7 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Plan JSON to write.")
 @plan_options
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
-         act_bits):
+         prune, max_prune, act_bits):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
 
@@ -358,7 +374,8 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
 
     ckpt = _open_checkpoint(model_dir)
     calib_text = _read_calib(calib) if calib else None
-    p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate, act_bits)
+    p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate, act_bits,
+                   prune, max_prune)
     if distill is not None:
         from .pipeline import ConvertError, record_distill
         try:

@@ -41,10 +41,12 @@ def default_allocator(calib_text: str | None) -> str:
 
 def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None, method: str = "neuqi",
               calib_text: str | None = None, seed: int = 0, device=None, protect=(), preset: str | None = None,
-              progress=True, rotate: bool = False, act_bits: int = 8) -> Plan:
+              progress=True, rotate: bool = False, act_bits: int = 8, prune=(), max_prune: float = 0.3) -> Plan:
     """A plan for `ckpt` at `bits` effective bits (or one `preset` action everywhere). PlanError when no
     plan can be made. rotate: RUQuant input transforms (`rotated`), planned on the folded weights;
-    act_bits: the activation bits recorded for the runtime."""
+    act_bits: the activation bits recorded for the runtime; prune: structure kinds ("ffn", "heads") the
+    greedy allocator may also prune, up to `max_prune` of the weights, under the same budget (wqedge.alloc.joint)."""
+    more = dict(prune=prune, max_prune=max_prune)
     if rotate:
         from .rotation import rotation_config
         config = rotation_config(seed)
@@ -52,11 +54,13 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
             src, _ = rotated(ckpt, config, calib_text, device)
         except ConvertError as e:
             raise PlanError(str(e)) from None
-        plan = make_plan(src, bits, group, allocator, method, calib_text, seed, device, protect, preset, progress)
+        plan = make_plan(src, bits, group, allocator, method, calib_text, seed, device, protect, preset, progress,
+                         **more)
         plan.rotation, plan.act_bits = config, act_bits
         return plan.validate()
     if act_bits != 8:
-        plan = make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, progress)
+        plan = make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, progress,
+                         **more)
         plan.act_bits = act_bits
         return plan.validate()
     if preset is not None:
@@ -66,6 +70,9 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
         allocator = "uniform"
     if allocator is None:
         allocator = default_allocator(calib_text)
+    if allocator == "uniform" and prune:
+        raise PlanError("pruning (--prune) is searched by the greedy allocator: give calibration text (or "
+                        "self-calibration) and no --preset / --allocator uniform")
     if allocator == "uniform":
         from .alloc.uniform import model_bits, uniform_plan
         linears = ckpt.spec.linears()
@@ -75,7 +82,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
                             model_fingerprint=ckpt.fingerprint())
     from .alloc.planner import make_plan as plan_with_table
     return plan_with_table(ckpt, bits, allocator=allocator, group_size=group, calib_text=calib_text, seed=seed,
-                           device=device, method=method, protect=protect, progress=progress)
+                           device=device, method=method, protect=protect, progress=progress, **more)
 
 
 def fit_mode(plan: Plan, calib_text: str | None, feedback: bool | None = None) -> str:
