@@ -398,3 +398,13 @@ def test_cli_prune_needs_the_greedy_allocator(tiny_model_factory, tmp_path):
     assert r.exit_code != 0 and "pruning (--prune) is searched by the greedy allocator" in r.output
     r = CliRunner().invoke(main, ["plan", model, "--bits", "2.5", "--prune", "rows", "-o", str(tmp_path / "p.json")])
     assert r.exit_code != 0 and "structure kinds are ffn, heads; got 'rows'" in r.output
+
+
+def test_cli_inspect_shows_per_layer_shapes(files):
+    from click.testing import CliRunner
+
+    from wqedge.cli import main
+
+    r = CliRunner().invoke(main, ["inspect", str(files["mixed"])])
+    assert r.exit_code == 0, r.output
+    assert "pruned, per layer (ffn, heads/kv heads): 0: 256, 6/2, 1: 320, 4/1, 2: 288, 4/2" in r.output

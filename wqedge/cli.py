@@ -402,6 +402,9 @@ def inspect(gguf_file):
     s = f.spec
     click.echo(f"{gguf_file}: {s.n_layers} layers, hidden {s.hidden_size}, heads {s.n_heads}/{s.n_kv_heads}, "
                f"ffn {s.intermediate_size}, vocab {s.vocab_size}, group size {f.group_size}")
+    if s.uneven:   # a pruned model: the figures above are the largest over the layers
+        click.echo("pruned, per layer (ffn, heads/kv heads): " + ", ".join(
+            f"{i}: {s.ff(i)}, {s.heads(i)}/{s.kv_heads(i)}" for i in range(s.n_layers)))
     header = f"{'tensor':28s} {'shape':>13s} {'bits':>6s}  " + " ".join(f"{a:>7s}" for a in ACTION_NAMES) + "  protected"
     click.echo(header)
     for r in rows:
