@@ -208,66 +208,57 @@ static inline void sub_codes(const uint8_t* s, int n_sub, int j, int* sc, int* m
     *mn = (lo >> 4) | (nib >> 2) << 4;
 }
 
-// Float activations: sum_j (d s_j) sum_c q_c x_c - (dmin n_j) sum_c x_c over the sub-blocks (double accumulation).
-template <void (*BLOCK)(const uint8_t*, uint8_t*), int SUB_BYTES>
-static float dot_sub_scalar(const uint8_t* rb, const float* xc, float, int g_pad) {
+// Calls f(b, D, M, codes) for each 32-column sub-block b: D = d s_b, M = dmin n_b (exact fp32 products), its codes.
+template <void (*BLOCK)(const uint8_t*, uint8_t*), int SUB_BYTES, class F>
+static void each_sub_block(const uint8_t* rb, int g_pad, F&& f) {
     const float d = load_h(rb), dmin = load_h(rb + 2);
     const int n_sub = g_pad / 32;
     const uint8_t* s = rb + 4;
     const uint8_t* q = s + sub_bytes(g_pad);
     uint8_t c[32];
-    double acc = 0.0;
     for (int b = 0; b < n_sub; ++b, q += SUB_BYTES) {
         int sc, mn;
         sub_codes(s, n_sub, b, &sc, &mn);
         BLOCK(q, c);
+        f(b, d * (float)sc, dmin * (float)mn, c);
+    }
+}
+
+// Float activations: sum_b D_b sum_c q_c x_c - M_b sum_c x_c (double accumulation).
+template <void (*BLOCK)(const uint8_t*, uint8_t*), int SUB_BYTES>
+static float dot_sub_scalar(const uint8_t* rb, const float* xc, float, int g_pad) {
+    double acc = 0.0;
+    each_sub_block<BLOCK, SUB_BYTES>(rb, g_pad, [&](int b, float D, float M, const uint8_t* c) {
         double sq = 0.0, sx = 0.0;
         for (int j = 0; j < 32; ++j) {
             sq += (double)c[j] * xc[32 * b + j];
             sx += xc[32 * b + j];
         }
-        acc += (double)(d * (float)sc) * sq - (double)(dmin * (float)mn) * sx;
-    }
+        acc += (double)D * sq - (double)M * sx;
+    });
     return (float)acc;
 }
 
-// w = D q - M with D = d s_j, M = dmin n_j: both products exact in fp32, one rounding (blocks.subscale_grid).
+// w = D q - M: D q is exact in fp32, one rounding (blocks.subscale_grid).
 template <void (*BLOCK)(const uint8_t*, uint8_t*), int SUB_BYTES>
 static void dequant_sub_scalar(const uint8_t* rb, int g_pad, float* out) {
-    const float d = load_h(rb), dmin = load_h(rb + 2);
-    const int n_sub = g_pad / 32;
-    const uint8_t* s = rb + 4;
-    const uint8_t* q = s + sub_bytes(g_pad);
-    uint8_t c[32];
-    for (int b = 0; b < n_sub; ++b, q += SUB_BYTES) {
-        int sc, mn;
-        sub_codes(s, n_sub, b, &sc, &mn);
-        BLOCK(q, c);
-        const float D = d * (float)sc, M = dmin * (float)mn;
+    each_sub_block<BLOCK, SUB_BYTES>(rb, g_pad, [&](int b, float D, float M, const uint8_t* c) {
         for (int j = 0; j < 32; ++j) {
             const float t = D * (float)c[j];
             out[32 * b + j] = t - M;
         }
-    }
+    });
 }
 
-// Int8 activations: sum_b x_b.d (d s_b) sum_c q_c xq_c - (dmin n_b) x_b.ds, i.e. sum_c w_c x^_c.
+// Int8 activations: sum_b x_b.d D_b sum_c q_c xq_c - M_b x_b.ds, i.e. sum_c w_c x^_c.
 template <void (*BLOCK)(const uint8_t*, uint8_t*), int SUB_BYTES>
 static float dot8_sub_scalar(const uint8_t* rb, const XQ8* xq, float, int g_pad) {
-    const float d = load_h(rb), dmin = load_h(rb + 2);
-    const int n_sub = g_pad / 32;
-    const uint8_t* s = rb + 4;
-    const uint8_t* q = s + sub_bytes(g_pad);
-    uint8_t c[32];
     double acc = 0.0;
-    for (int b = 0; b < n_sub; ++b, q += SUB_BYTES) {
-        int sc, mn;
-        sub_codes(s, n_sub, b, &sc, &mn);
-        BLOCK(q, c);
+    each_sub_block<BLOCK, SUB_BYTES>(rb, g_pad, [&](int b, float D, float M, const uint8_t* c) {
         int32_t sum = 0;
         for (int j = 0; j < 32; ++j) sum += c[j] * (int32_t)xq[b].q[j];
-        acc += (double)xq[b].d * (double)(d * (float)sc) * sum - (double)(dmin * (float)mn) * xq[b].ds;
-    }
+        acc += (double)xq[b].d * (double)D * sum - (double)M * xq[b].ds;
+    });
     return (float)acc;
 }
 

@@ -37,13 +37,6 @@ float hsum8(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-// Sub-block j's scale and min codes (the layout of blocks.h, sub_bytes).
-void sub_pair(const uint8_t* s, int n_sub, int j, int* sc, int* mn) {
-    const int lo = s[j], nib = (s[n_sub + j / 2] >> (4 * (j & 1))) & 0x0F;
-    *sc = (lo & 0x0F) | (nib & 3) << 4;
-    *mn = (lo >> 4) | (nib >> 2) << 4;
-}
-
 uint64_t u64_at(const uint8_t* p) {
     uint64_t v;
     memcpy(&v, p, 8);
@@ -51,15 +44,16 @@ uint64_t u64_at(const uint8_t* p) {
 }
 
 // 32 codes of one sub-block, byte c = code of column c.
-__m256i codes32_q4(const uint8_t* q) {  // byte j: column j low nibble, column j + 16 high nibble
+typedef __m256i Codes;
+void codes32_q4(const uint8_t* q, Codes* c) {  // byte j: column j low nibble, column j + 16 high nibble
     const __m128i v = _mm_loadu_si128((const __m128i*)q), m = _mm_set1_epi8(0x0F);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+    *c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
 }
-__m256i codes32_q2(const uint8_t* q) {  // byte j bits 2k..2k+1: column 8k + j
+void codes32_q2(const uint8_t* q, Codes* c) {  // byte j bits 2k..2k+1: column 8k + j
     const __m256i v = _mm256_srlv_epi64(_mm256_set1_epi64x((long long)u64_at(q)), _mm256_setr_epi64x(0, 2, 4, 6));
-    return _mm256_and_si256(v, _mm256_set1_epi8(0x03));
+    *c = _mm256_and_si256(v, _mm256_set1_epi8(0x03));
 }
-__m256i codes32_q3(const uint8_t* q) {  // q2 of the low bits, then bit c of a u32: the third bit of column c
+void codes32_q3(const uint8_t* q, Codes* c) {  // q2 of the low bits, then bit c of a u32: the third bit of column c
     uint32_t bits;
     memcpy(&bits, q + 8, 4);
     const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits),
@@ -67,7 +61,8 @@ __m256i codes32_q3(const uint8_t* q) {  // q2 of the low bits, then bit c of a u
                                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
     const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
     const __m256i hi = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit), _mm256_set1_epi8(4));
-    return _mm256_or_si256(codes32_q2(q), hi);
+    codes32_q2(q, c);
+    *c = _mm256_or_si256(*c, hi);
 }
 
 // Columns 8k..8k+7 of a 32-byte code vector as floats.
@@ -76,82 +71,49 @@ __m256 cols_ps(__m256i c, int k) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(k % 2 ? _mm_srli_si128(h, 8) : h));
 }
 
-template <__m256i (*CODES)(const uint8_t*), int SUB_BYTES>
+#include "kernels_subscale.inc"
+
+template <void (*CODES)(const uint8_t*, Codes*), int SUB_BYTES>
 float dot_sub(const uint8_t* rb, const float* xc, float, int g_pad) {
-    const float d = half_at(rb), dmin = half_at(rb + 2);
-    const int n_sub = g_pad / 32;
-    const uint8_t* s = rb + 4;
-    const uint8_t* q = s + n_sub + (n_sub + 1) / 2;
     __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < n_sub; ++b, q += SUB_BYTES, xc += 32) {
-        int sc, mn;
-        sub_pair(s, n_sub, b, &sc, &mn);
-        const __m256i c = CODES(q);
-        const __m256 x0 = _mm256_loadu_ps(xc), x1 = _mm256_loadu_ps(xc + 8), x2 = _mm256_loadu_ps(xc + 16),
-                     x3 = _mm256_loadu_ps(xc + 24);
+    each_sub<CODES, SUB_BYTES>(rb, g_pad, [&](int b, float D, float M, Codes c) {
+        const float* x = xc + 32 * b;
+        const __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8), x2 = _mm256_loadu_ps(x + 16),
+                     x3 = _mm256_loadu_ps(x + 24);
         __m256 sq = _mm256_mul_ps(cols_ps(c, 0), x0);
         sq = _mm256_fmadd_ps(cols_ps(c, 1), x1, sq);
         sq = _mm256_fmadd_ps(cols_ps(c, 2), x2, sq);
         sq = _mm256_fmadd_ps(cols_ps(c, 3), x3, sq);
         const __m256 sx = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc), sq, acc);
-        acc = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * (float)mn), sx, acc);
-    }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(D), sq, acc);
+        acc = _mm256_fnmadd_ps(_mm256_set1_ps(M), sx, acc);
+    });
     return hsum8(acc);
 }
 
-template <__m256i (*CODES)(const uint8_t*), int SUB_BYTES>
+template <void (*CODES)(const uint8_t*, Codes*), int SUB_BYTES>
 void dequant_sub(const uint8_t* rb, int g_pad, float* out) {
-    const float d = half_at(rb), dmin = half_at(rb + 2);
-    const int n_sub = g_pad / 32;
-    const uint8_t* s = rb + 4;
-    const uint8_t* q = s + n_sub + (n_sub + 1) / 2;
-    for (int b = 0; b < n_sub; ++b, q += SUB_BYTES, out += 32) {
-        int sc, mn;
-        sub_pair(s, n_sub, b, &sc, &mn);
-        const __m256i c = CODES(q);
-        const __m256 D = _mm256_set1_ps(d * (float)sc), M = _mm256_set1_ps(dmin * (float)mn);
+    each_sub<CODES, SUB_BYTES>(rb, g_pad, [&](int b, float D, float M, Codes c) {
+        const __m256 vd = _mm256_set1_ps(D), vm = _mm256_set1_ps(M);
         for (int k = 0; k < 4; ++k)  // D q exact: mul then sub rounds once, as the scalar reference
-            _mm256_storeu_ps(out + 8 * k, _mm256_sub_ps(_mm256_mul_ps(D, cols_ps(c, k)), M));
-    }
+            _mm256_storeu_ps(out + 32 * b + 8 * k, _mm256_sub_ps(_mm256_mul_ps(vd, cols_ps(c, k)), vm));
+    });
 }
 
-template <__m256i (*CODES)(const uint8_t*), int SUB_BYTES>
+template <void (*CODES)(const uint8_t*, Codes*), int SUB_BYTES>
 float dot8_sub(const uint8_t* rb, const XQ8* xq, float, int g_pad) {
-    const float d = half_at(rb), dmin = half_at(rb + 2);
-    const int n_sub = g_pad / 32;
-    const uint8_t* s = rb + 4;
-    const uint8_t* q = s + n_sub + (n_sub + 1) / 2;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc = _mm256_setzero_ps();
     float mins = 0.0f;
-    for (int b = 0; b < n_sub; ++b, q += SUB_BYTES) {
-        int sc, mn;
-        sub_pair(s, n_sub, b, &sc, &mn);
-        const __m256i p = _mm256_maddubs_epi16(CODES(q), _mm256_loadu_si256((const __m256i*)xq[b].q));  // |.| <= 2*15*127
-        const __m256 v = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d * (d * (float)sc)), v, acc);
-        mins += (dmin * (float)mn) * xq[b].ds;
-    }
+    each_sub<CODES, SUB_BYTES>(rb, g_pad, [&](int b, float D, float M, Codes c) {
+        const __m256i p = _mm256_maddubs_epi16(c, _mm256_loadu_si256((const __m256i*)xq[b].q));  // |.| <= 2*15*127
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d * D), _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc);
+        mins += M * xq[b].ds;
+    });
     return hsum8(acc) - mins;
 }
 
 }  // namespace
-
-#define WQE_SUB_KERNELS(K, CODES, SUB_BYTES)                                                                      \
-    float dot_##K(const uint8_t* rb, const float* xc, float xs, int g_pad) {                                      \
-        return dot_sub<CODES, SUB_BYTES>(rb, xc, xs, g_pad);                                                      \
-    }                                                                                                             \
-    void dot_rows_##K(const uint8_t* rb, size_t stride, int n, const float* xc, float xs, int g_pad, float* out) { \
-        for (int r = 0; r < n; ++r) out[r] = dot_sub<CODES, SUB_BYTES>(rb + r * stride, xc, xs, g_pad);           \
-    }                                                                                                             \
-    void dequant_##K(const uint8_t* rb, int g_pad, float* out) { dequant_sub<CODES, SUB_BYTES>(rb, g_pad, out); } \
-    float dot8_##K(const uint8_t* rb, const XQ8* xq, float xs, int g_pad) {                                       \
-        return dot8_sub<CODES, SUB_BYTES>(rb, xq, xs, g_pad);                                                     \
-    }                                                                                                             \
-    void dot8_rows_##K(const uint8_t* rb, size_t stride, int n, const XQ8* xq, float xs, int g_pad, float* out) {  \
-        for (int r = 0; r < n; ++r) out[r] = dot8_sub<CODES, SUB_BYTES>(rb + r * stride, xq, xs, g_pad);          \
-    }
 
 WQE_SUB_KERNELS(q4s, codes32_q4, 16)
 WQE_SUB_KERNELS(q3s, codes32_q3, 12)

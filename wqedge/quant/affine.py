@@ -176,4 +176,36 @@ def subscale_codes(w: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, bits: int
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_a, best_b = torch.where(better, a, best_a), torch.where(better, b, best_b)
-    return d16, dmin16, best_a.to(torch.uint8), best_b.to(torch.uint8)
+    sc, mn = best_a.to(torch.uint8), best_b.to(torch.uint8)
+    return _refit_rows(w, hw, d16, dmin16, sc, mn, bits)
+
+
+def _refit_rows(w, hw, d16, dmin16, sc, mn, bits: int, rounds: int = 2):
+    """With the sub-block codes fixed, the row's d and dmin that minimise the (hw-weighted) squared error are a 2x2
+    least-squares solve (w ~ d * (s_j q) - dmin * n_j); codes are re-rounded on the new grid, and a row keeps the
+    new fp16 pair only where its error drops."""
+    g = w.shape[1]
+    h = torch.ones_like(w, dtype=torch.float32) if hw is None else hw.float()
+    sce, mne = expand_sub(sc.float(), g), expand_sub(mn.float(), g)
+
+    def codes_err(d, dmin):
+        D, M = d.float().reshape(-1, 1) * sce, -(dmin.float().reshape(-1, 1) * mne)
+        q = grid_codes(w, D, M, 1 << bits).float()
+        return q, (h * (D * q + M - w).square()).sum(1)
+
+    q, err = codes_err(d16, dmin16)
+    for _ in range(rounds):
+        A, B = (sce * q).double(), (-mne).double()
+        hd, wd = h.double(), w.double()
+        a11, a12, a22 = (hd * A * A).sum(1), (hd * A * B).sum(1), (hd * B * B).sum(1)
+        b1, b2 = (hd * A * wd).sum(1), (hd * B * wd).sum(1)
+        det = a11 * a22 - a12 * a12
+        ok = det > 1e-12 * (a11 * a22).clamp_min(1e-300)
+        nd = torch.where(ok, (a22 * b1 - a12 * b2) / torch.where(ok, det, 1.0), d16.double()).clamp_min(0).half()
+        nm = torch.where(ok, (a11 * b2 - a12 * b1) / torch.where(ok, det, 1.0), dmin16.double()).clamp_min(0).half()
+        nq, nerr = codes_err(nd, nm)
+        better = (nerr < err) & torch.isfinite(nd.float()) & torch.isfinite(nm.float())
+        d16, dmin16 = torch.where(better, nd, d16), torch.where(better, nm, dmin16)
+        q = torch.where(better[:, None], nq, q)
+        err = torch.where(better, nerr, err)
+    return d16, dmin16, sc, mn
