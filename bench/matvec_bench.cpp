@@ -10,6 +10,7 @@
 //   -p 0|1: the file's row layout or row tiles (default: as the model loader, repack_wanted())
 //   -n N: prefill instead: matmul of N tokens through the same linears (ms per N-token step, tok/s and GMAC/s of the
 //         linears alone); -a f32 is the float prefill (dequantize + float GEMM), -a q8 (default) the int8 tile GEMM
+//   -d D,KV,F: hidden, k/v and feed-forward widths (default TinyLlama's 2048,256,5632); -r 0 builds and times nothing
 //
 // A kind list "mix:a,b,c" assigns kinds to chunks round-robin (a mixed plan's worst case for dispatch).
 #include <chrono>
@@ -104,6 +105,7 @@ int main(int argc, char** argv) {
     int act = ACT_Q8;
     int repack = -1;  // -1: as the model loader decides (repack_wanted), 0/1 forced by -p
     int n_tok = 1;    // > 1: prefill (matmul) of n_tok tokens
+    int D = 2048, KV = 256, F = 5632;  // -d D,KV,F: other shapes (small ones for instruction counts under qemu)
     std::vector<std::string> specs;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
@@ -113,10 +115,11 @@ int main(int argc, char** argv) {
         else if (a == "-p") repack = atoi(argv[++i]);
         else if (a == "-a") act = std::string(argv[++i]) == "f32" ? ACT_F32 : ACT_Q8;
         else if (a == "-n") n_tok = atoi(argv[++i]);
+        else if (a == "-d") sscanf(argv[++i], "%d,%d,%d", &D, &KV, &F);
         else if (a == "-triad") { printf("triad %d threads: %.1f GB/s\n", threads, triad(threads)); return 0; }
         else specs.push_back(a);
     }
-    const int D = 2048, KV = 256, F = 5632;
+
     ThreadPool pool(threads);
     const int kernels = best_kernels();
 #ifdef WQE_HAVE_TILES
