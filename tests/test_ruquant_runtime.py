@@ -258,3 +258,24 @@ def test_cpp_unrotated_file_unchanged(files):
     ref = _reference_logits(files["plain"], w)
     for (prefill, decode), lr in zip(_cpp_logits(files["plain"], w), ref):
         assert _rel(prefill, lr) < CPP_TOL and _rel(decode, lr) < CPP_TOL
+
+
+def test_block_product_neon_under_qemu(tmp_path):
+    """The NEON block product against scalar: cpp/tests/test_rotation.cpp cross-built for AArch64 (target
+    test_rotation only) and run under qemu-user (tests/test_aarch64.py's toolchain; its ctest runs it too)."""
+    import os
+    import shutil
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    if not (shutil.which("qemu-aarch64") and shutil.which("aarch64-linux-gnu-g++") and shutil.which("cmake")):
+        pytest.skip("AArch64 cross toolchain or qemu-aarch64 missing (cpp/scripts/aarch64.sh installs them)")
+    b = tmp_path / "arm"
+    subprocess.run(["cmake", "-S", str(root / "cpp"), "-B", str(b), "-DCMAKE_BUILD_TYPE=Release",
+                    f"-DCMAKE_TOOLCHAIN_FILE={root / 'cpp' / 'cmake' / 'aarch64-linux-gnu.cmake'}",
+                    "-DCMAKE_CXX_FLAGS_RELEASE=-O2 -DNDEBUG", "-DWQEDGE_BUILD_TESTS=ON", "-DWQEDGE_BUILD_TOOLS=OFF"],
+                   check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(b), "-j", str(os.cpu_count() or 2), "--target", "test_rotation"],
+                   check=True, capture_output=True)
+    p = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(b / "test_rotation")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "1 sets" in p.stdout and "0 failures" in p.stdout, p.stdout + p.stderr

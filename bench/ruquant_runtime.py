@@ -1,0 +1,173 @@
+"""RUQuant through written files (issue 15, part 2): perplexity of rotated weight-and-activation quantized
+llama-s in the PyTorch reference and the C++ runtime, and decode speed of rotated vs unrotated files.
+
+Files are made by the convert pipeline itself (wqedge.pipeline: `--rotate` transforms from the calibration
+text, folded before fitting; preset plans; chunks fitted as --fit says) and differ between act-bit rows only
+in their `wqedge.act_bits` key (the same fitted chunks are written once per act bits). Each row's perplexity:
+  ref      wqedge.reference.load_reference (transforms online, per-token fake quantization at 6/4 bits)
+  cpp-f32  the C++ runtime with float activations into the linears (WQEDGE_ACT=f32): the reference's arithmetic
+  cpp-q8   the C++ runtime's default int8 activation path (the 6/4-bit grid values re-quantized per 32 columns)
+  ref64    (6/4 bits only) the reference with its transforms computed in float64: how much the quantized model
+           itself moves under float rounding of its inputs (a value next to a rounding boundary of the activation
+           grid takes the other code), i.e. the spread any two correct implementations can show
+Perplexity: wqedge.perplexity (llama.cpp's definition), the first --windows windows of 512 tokens of the
+evaluation text. Decode speed (--speed): tokens/s of single-token steps, rotated vs unrotated q4 files,
+alternating runs, best of --repeats. Writes Markdown (and the raw per-row JSON) to --out.
+
+    python bench/ruquant_runtime.py [--windows 32] [--fit stats|feedback] [--speed]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wqedge import pipeline
+from wqedge.bench.report import write_markdown
+from wqedge.checkpoint import LlamaCheckpoint
+from wqedge.perplexity import perplexity
+from wqedge.quantize import convert_to_gguf
+from wqedge.rotation import rotation_config
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT.parent / "shared" / "fixtures"
+ROWS = (("q4", True, (8, 6, 4)), ("q8", True, (6, 4)), ("q4", False, (8, 4)))  # weights, rotated, act bits
+
+
+def eval_tokens(model_dir: Path, text: str) -> tuple[list[int], int]:
+    from transformers import AutoTokenizer
+
+    from wqedge.calib import tokenize_text
+    ckpt = LlamaCheckpoint.open(model_dir)
+    bos = ckpt.spec.bos_token_id
+    return tokenize_text(AutoTokenizer.from_pretrained(str(model_dir)), text, bos), bos
+
+
+def ppl_reference(path, tokens, bos, windows) -> float:
+    from wqedge.reference import load_reference, logits_fn
+    return perplexity(logits_fn(load_reference(path)), tokens, bos, 512, windows).perplexity
+
+
+def ppl_reference64(path, tokens, bos, windows) -> float:
+    """ppl_reference with Transform.apply in float64 (cast back to float32 before the quantizer)."""
+    from wqedge import rotation
+    orig = rotation.Transform.apply
+    rotation.Transform.apply = lambda self, x: orig(self, x.double()).to(x.dtype)
+    try:
+        return ppl_reference(path, tokens, bos, windows)
+    finally:
+        rotation.Transform.apply = orig
+
+
+def ppl_cpp(path, tokens, bos, windows, act: str, threads: int) -> float:
+    from wqedge.runtime import native
+    native.set_activations(act)
+    ev = native.NativeEvaluator(native.Model(path), n_ctx=512, n_threads=threads)
+    return perplexity(ev, tokens, bos, 512, windows).perplexity
+
+
+def decode_speed(paths: dict[str, Path], n_tokens: int, threads: int, repeats: int) -> dict[str, float]:
+    """Best tokens/s of n_tokens single-token steps (int8 activations, the default), files alternating."""
+    from wqedge.runtime import native
+    native.set_activations("q8")
+    models = {k: native.Model(p) for k, p in paths.items()}
+    best = {k: 0.0 for k in paths}
+    for _ in range(repeats):
+        for k, m in models.items():
+            c = native.Context(m, n_ctx=n_tokens + 8, n_threads=threads)
+            c.eval([1])
+            t0 = time.perf_counter()
+            tok = 1
+            for i in range(n_tokens):
+                c.eval([tok])
+                tok = 100 + i % 500
+            best[k] = max(best[k], n_tokens / (time.perf_counter() - t0))
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(FIX / "llama-s"))
+    ap.add_argument("--text", default=str(FIX / "text" / "eval.txt"))
+    ap.add_argument("--calib", default=str(FIX / "text" / "calib.txt"))
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--fit", choices=("stats", "feedback"), default="stats",
+                    help="NeUQI weighted by diag(XᵀX) (stats) or GPTQ-style error feedback")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "wqedge" / "ruquant"))
+    ap.add_argument("--speed", action="store_true", help="also decode speed, rotated vs unrotated q4 (A8)")
+    ap.add_argument("--speed-only", action="store_true", help="only decode speed, of files already in --workdir")
+    ap.add_argument("--speed-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ruquant_runtime.md"))
+    args = ap.parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    lines = [f"# RUQuant through files: reference vs C++ runtime ({datetime.date.today()})", "",
+             f"`python bench/ruquant_runtime.py {' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in vars(args).items() if k in ('windows', 'fit', 'threads'))}`"
+             f"{' --speed' if args.speed else ''}; llama-s, first {args.windows} windows of 512 tokens of eval.txt.", ""]
+    rows = []
+    speed_files = {"q4 rotated": work / "q4-rot-a8.gguf", "q4 plain": work / "q4-plain-a8.gguf"}
+    if not args.speed_only:
+        ckpt = LlamaCheckpoint.open(args.model)
+        calib = Path(args.calib).read_text()
+        tokens, bos = eval_tokens(Path(args.model), Path(args.text).read_text())
+        t0 = time.time()
+        fp = ckpt.load_hf_model()
+        from wqedge.reference import logits_fn
+        fp_ppl = perplexity(logits_fn(fp), tokens, bos, 512, args.windows).perplexity
+        del fp
+        lines.append(f"fp16 (PyTorch, same windows): **{fp_ppl:.4f}**")
+        t0 = time.time()
+        config = rotation_config()
+        pipeline.rotated(ckpt, config, calib)
+        t_rot = time.time() - t0
+        lines += [f"stage-1 transforms (calibration activations + construction, {config['n_seqs']} x "
+                  f"{config['seqlen']} tokens, CPU, {args.threads} threads): {t_rot:.1f} s", "",
+                  "| weights | rotated | act bits | ref | ref64 | cpp-f32 | cpp-q8 | ref vs fp16 | ref64 vs ref | cpp-f32 vs ref | cpp-q8 vs ref |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for action, rot, bits_list in ROWS:
+            plan = pipeline.make_plan(ckpt, 0, preset=action)
+            plan.rotation = config if rot else None
+            src, stored = pipeline.rotated(ckpt, plan.rotation, calib)
+            t0 = time.time()
+            fits = pipeline.prepare_fits(src, plan, calib, feedback=args.fit == "feedback")
+            fitted = fits.fitted
+            if fitted is None:
+                from wqedge.quantize import quantize_linears
+                fitted = {lin.hf_name: ch for lin, ch in quantize_linears(src, plan, fits.stats)}
+            t_fit = time.time() - t0
+            for bits in bits_list:
+                plan.act_bits = bits
+                path = work / f"{action}-{'rot' if rot else 'plain'}-a{bits}.gguf"
+                convert_to_gguf(src, plan.validate(), path, fitted=fitted, transforms=stored)
+                r = ppl_reference(path, tokens, bos, args.windows)
+                r64 = ppl_reference64(path, tokens, bos, args.windows) if bits < 8 else r
+                c32 = ppl_cpp(path, tokens, bos, args.windows, "f32", args.threads)
+                c8 = ppl_cpp(path, tokens, bos, args.windows, "q8", args.threads)
+                row = dict(weights=action, rotated=rot, act_bits=bits, ref=r, ref64=r64, cpp_f32=c32, cpp_q8=c8, fp16=fp_ppl,
+                           fit=args.fit, fit_seconds=t_fit)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                lines.append(f"| {action} | {'yes' if rot else 'no'} | {bits} | {r:.4f} | {r64:.4f} | {c32:.4f} | {c8:.4f} | "
+                             f"{100 * (r / fp_ppl - 1):+.2f}% | {100 * (r64 / r - 1):+.3f}% | {100 * (c32 / r - 1):+.3f}% | "
+                             f"{100 * (c8 / r - 1):+.3f}% |")
+    if args.speed or args.speed_only:
+        sp = decode_speed(speed_files, args.speed_tokens, args.threads, args.repeats)
+        rows.append({"decode_tokens_per_s": sp, "threads": args.threads, "tokens": args.speed_tokens})
+        a, b = sp["q4 rotated"], sp["q4 plain"]
+        lines += ["", f"Decode ({args.threads} threads, {args.speed_tokens} single-token steps, int8 activations, best of "
+                  f"{args.repeats} alternating runs): q4 rotated {a:.1f} tok/s, q4 unrotated {b:.1f} tok/s: "
+                  f"rotated takes {100 * (b / a - 1):+.1f}% more time per token."]
+    write_markdown(lines, args.out)
+    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Decode speed of a rotated (RUQuant) file vs the same model unrotated, through the C++ runtime's wqedge-bench
+(issue 15): the transforms' overhead per token. Made for a quiet many-core machine (bench/results/ruquant_speed.txt
+was run on the device machine): a random-weight model of llama-s's shape (hidden 512, 8 layers, 8/4 heads,
+FFN 1408, vocab 8192) is built on the spot, converted twice with preset q4 (weights-only fits; the rotated one
+with --rotate transforms built from text the tiny corpus gives), and `wqedge-bench` runs both files alternately.
+
+    python bench/ruquant_speed.py --bench cpp/build/wqedge-bench --out DIR [--threads 1,4] [--reps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+from wqedge import pipeline
+from wqedge.checkpoint import LlamaCheckpoint
+from wqedge.tinymodel import build_tiny_model, tiny_corpus
+
+SHAPE = dict(hidden=512, n_layers=8, n_heads=8, n_kv_heads=4, intermediate=1408, vocab_size=8192)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bench", required=True, help="path to the wqedge-bench executable")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--threads", default="1,4")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="alternations of the two files")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = LlamaCheckpoint.open(build_tiny_model(out / "model", **SHAPE, tokenizer_vocab=1000, init="normal"))
+    text = " ".join(tiny_corpus(3000))
+    files = {}
+    for rot in (False, True):
+        plan = pipeline.make_plan(ckpt, 0, preset="q4", calib_text=text if rot else None, rotate=rot)
+        files["rotated" if rot else "plain"] = pipeline.convert(
+            ckpt, plan, out / f"q4-{'rot' if rot else 'plain'}.gguf", calib_text=text if rot else None,
+            feedback=False).path
+    res = []
+    for t in [int(x) for x in args.threads.split(",")]:
+        for r in range(args.rounds):
+            for name, path in files.items():
+                p = subprocess.run([args.bench, "-m", str(path), "-p", "128", "-n", "128", "-r", str(args.reps),
+                                    "-t", str(t), "--act", "q8", "--json"], capture_output=True, text=True, check=True)
+                row = {"file": name, "threads": t, "round": r, **json.loads(p.stdout.strip().splitlines()[-1])}
+                print(json.dumps(row), flush=True)
+                res.append(row)
+    (out / "ruquant_speed.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
