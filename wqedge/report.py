@@ -24,6 +24,9 @@ ACTION_COLORS = {          # RGB
     "q2": (77, 175, 74),
     "ternary": (55, 126, 184),
     "q1": (106, 61, 154),
+    "q4s": (191, 95, 0),       # the two-level kinds: a darker shade of their one-scale width
+    "q3s": (191, 163, 35),
+    "q2s": (51, 117, 49),
 }
 EMPTY = (255, 255, 255)
 
