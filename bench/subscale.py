@@ -31,8 +31,8 @@ FIX = ROOT.parent / "shared" / "fixtures"
 SMOL = Path.home() / ".cache" / "wqedge" / "fixtures"
 
 
-def models(fix: Path) -> dict:
-    return {"llama-s": (fix / "llama-s", fix / "text" / "eval.txt"), "smol-s": (SMOL / "smol-s", SMOL / "text" / "eval.txt")}
+def models(fix: Path, smol: Path) -> dict:
+    return {"llama-s": (fix / "llama-s", fix / "text" / "eval.txt"), "smol-s": (smol / "smol-s", smol / "text" / "eval.txt")}
 OURS = [("q4", 128), ("q4s", 256), ("q3", 128), ("q3s", 256)]
 THEIRS = ["Q4_0", "Q4_K", "Q3_K"]
 
@@ -45,6 +45,9 @@ def main():
     ap.add_argument("--calib", choices=("none", "self", "both"), default="both",
                     help="rows without calibration, with self-calibration, or both")
     ap.add_argument("--fixtures", default=str(FIX), help="folder with llama-s and text/eval.txt")
+    ap.add_argument("--smol", default=str(SMOL), help="folder with smol-s and text/eval.txt")
+    ap.add_argument("--engines", default="wqedge,llamacpp", help="whose rows: wqedge, llamacpp or both")
+    ap.add_argument("--device", default=None, help="torch device for calibration and error feedback (e.g. cuda)")
     ap.add_argument("--append", action="store_true", help="add the rows to the table already in --out")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "subscale.md"))
     args = ap.parse_args()
@@ -60,14 +63,13 @@ def main():
     if args.append:
         lines = Path(args.out).read_text().rstrip("\n").split("\n")
     for name in args.models.split(","):
-        lines += run_model(name, *models(Path(args.fixtures))[name], args.windows, ours, args.calib)
+        lines += run_model(name, *models(Path(args.fixtures), Path(args.smol))[name], args.windows,
+                           ours if "wqedge" in args.engines else [], args.calib,
+                           "llamacpp" in args.engines, args.device)
         write_markdown(lines, args.out)
 
 
-def run_model(name, model_dir, text, windows, ours, which):
-    from wqedge.converters.llamacpp import export_llamacpp
-    from wqedge.runtime.llamacpp_eval import llamacpp_logits_fn, measured_linear_bits
-
+def run_model(name, model_dir, text, windows, ours, which, llamacpp=True, device=None):
     ckpt = LlamaCheckpoint.open(model_dir)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     bos = ckpt.spec.bos_token_id
@@ -98,10 +100,15 @@ def run_model(name, model_dir, text, windows, ours, which):
                     t0 = time.time()
                     plan = uniform_plan(linears, g, model_bits(linears, g, action), method, action=action,
                                         model_fingerprint=ckpt.fingerprint())
-                    path = write_gguf(ckpt, plan, Path(tmp) / "m.gguf", text, feedback=text is not None)
+                    path = write_gguf(ckpt, plan, Path(tmp) / "m.gguf", text, feedback=text is not None,
+                                      device=device)
                     dt = time.time() - t0
                     row(calib, f"wqedge {'error feedback' if text else method}", action, g,
                         WqGGUF(path).measured_bits(), ppl(logits_fn(load_reference(path))), dt)
+            if not llamacpp:
+                continue
+            from wqedge.converters.llamacpp import export_llamacpp
+            from wqedge.runtime.llamacpp_eval import llamacpp_logits_fn, measured_linear_bits
             imatrix = None
             if text is not None:
                 from wqedge.calib import collect_stats
