@@ -412,6 +412,14 @@ def inspect(gguf_file):
         counts = " ".join(f"{r['actions'].get(a, 0):7d}" for a in ACTION_NAMES)
         click.echo(f"{r['name']:28s} {shape:>13s} {r['bits']:6.3f}  {counts}  {r['protected']:9d}")
     click.echo(f"effective bits: {f.measured_bits():.4f} measured ({f.effective_bits:.4f} recorded)")
+    if f.format_version >= 2:   # RUQuant (docs/format.md "Rotations")
+        t = f.transforms()
+        smooth = sum(st.smooth is not None for st in t.values())
+        refl = sum(bool(st.householder.any()) for st in t.values())
+        what = (f"{f.rotation}, {len(t)} transforms (4 per layer: q/k/v, o, gate/up, down), block "
+                f"{next(iter(t.values())).r1.shape[0]}, {refl} with a Householder reflection, {smooth} smoothed"
+                if t else "none")
+        click.echo(f"format version {f.format_version}: activation bits {f.act_bits}; input transforms: {what}")
 
 
 @main.command(name="eval")
