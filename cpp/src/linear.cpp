@@ -603,7 +603,7 @@ constexpr int GEMM_TOK = 64;  // tokens per task: their int8 activations stay in
 }  // namespace
 
 // Y[n][N] with int8 activations: each token quantized once (prepare_token, as decode does), then per task one tile
-// (tiled linear; row layout: RT rows) times GEMM_TOK tokens. Runs of tile kinds go through the tile GEMM, four tokens
+// (tiled linear; row layout: RT rows) times GEMM_TOK tokens. Runs of tile kinds go through the tile GEMM, eight tokens
 // per call; anything else (fp16 chunks, kinds without tile kernels, the row layout, NEON) through the decode path's
 // per-token kernels on weights the task keeps in cache. Every token's row equals matvec(..., ACT_Q8) bit for bit.
 static void matmul_q8(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, MatScratch& s, int kernels) {
@@ -649,8 +649,8 @@ static void matmul_q8(const Linear& W, const float* X, int n, float* Y, ThreadPo
         res.resize((size_t)TILE_ROWS * W.prot_local.size());
         for (const Linear::Run& run : W.runs) {
             if (gemm && run_has_tile_kernel(W, run, p0, kernels) && gemm_kinds(W, run)) {
-                for (int t = t0; t < t1; t += 4) {
-                    const int nt = std::min(4, t1 - t);
+                for (int t = t0; t < t1; t += 8) {  // 8 tokens per call (the kernels take them 8 or 4 at a time)
+                    const int nt = std::min(8, t1 - t);
                     float* a = acc + (t - t0) * TILE_ROWS;
                     gemm(tb, W.tdesc.data() + run.c0, run.n, xq + (size_t)t * n8, n8, x8off, xs + (size_t)t * n_chunks,
                          n_chunks, nt, a);
