@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..blocks import ALLOCATOR_ACTIONS
 from ..plan import Plan, PlanError
 from ..quant.gptq import REFIT_MAX_BITS
 from ..quant.feedback import DAMP, FEEDBACK_SEQS
@@ -37,7 +38,7 @@ from .uniform import check_budget, uniform_plan
 
 ALLOCATORS = ("greedy", "rl", "uniform")
 DEFAULTS = dict(n_seqs=32, seqlen=512, n_heldout=4, n_grad_seqs=32, max_rows=256, damage="kfac",
-                feedback_damage=False, protect=())
+                feedback_damage=False, protect=(), actions=None)   # actions None: blocks.ALLOCATOR_ACTIONS
 
 
 @dataclass
@@ -80,6 +81,7 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
 
     say = _printer(progress)
     o = {**DEFAULTS, **opts}
+    actions = tuple(o["actions"] or ALLOCATOR_ACTIONS)   # e.g. blocks.ACTION_NAMES to offer the subscale kinds
     dev = default_device(device)
     times = {}
     t0 = time.time()
@@ -90,7 +92,7 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
         if say:
             say("no calibration text: damage from the weights alone (no activation or gradient statistics)")
         table = build_damage_table(linears, ckpt.linear_weight, group_size, None, None, kind="proxy",
-                                   device=dev if dev.type == "cuda" else None, max_rows=o["max_rows"])
+                                   device=dev if dev.type == "cuda" else None, max_rows=o["max_rows"], actions=actions)
         times["table"] = time.time() - t0
         return table, ctx
     from transformers import AutoTokenizer
@@ -110,7 +112,8 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
         say(f"statistics: inputs {times['input_stats']:.1f} s, gradients {times['grad_stats']:.1f} s")
     t = time.time()
     table = build_damage_table(linears, ckpt.linear_weight, group_size, st, gs, kind=o["damage"], device=dev,
-                               max_rows=o["max_rows"], feedback=o["feedback_damage"], protect=tuple(o["protect"]))
+                               max_rows=o["max_rows"], feedback=o["feedback_damage"], protect=tuple(o["protect"]),
+                               actions=actions)
     times["table"] = time.time() - t
     if say:
         say(f"damage table: {len(table.units)} units x {len(table.actions)} actions in {times['table']:.1f} s")
@@ -126,7 +129,8 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
     allocator: "greedy" (deterministic knapsack on the loss-aware damage table; the default), "rl" (PPO,
     WINDQuant) or "uniform". calib_text: the calibration text itself or a path to it (None: weight-only
     damage). opts: n_seqs, seqlen, n_heldout, n_grad_seqs, max_rows, damage ("kfac" | "fisher" | "proxy"),
-    and for "rl" the PPO settings of wqedge.alloc.ppo.PPOConfig (episodes, ...).
+    actions (the table's base actions; default blocks.ALLOCATOR_ACTIONS, blocks.ACTION_NAMES adds the subscale
+    kinds for "greedy"), and for "rl" the PPO settings of wqedge.alloc.ppo.PPOConfig (episodes, ...).
     prune: structure kinds ("ffn", "heads") the greedy allocator may prune as 0-bit actions, at most
     `max_prune` of the decoder weights, FFN channels in groups of `prune_group` (wqedge.alloc.joint).
     Raises PlanError for a budget no plan can meet.
@@ -169,7 +173,6 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         from .ppo import PPOConfig, ppo_allocate
         cfg = PPOConfig(**{k: v for k, v in opts.items() if k in PPOConfig.__dataclass_fields__})
         cfg.seed = seed
-        from ..blocks import ALLOCATOR_ACTIONS
         if table.actions != ALLOCATOR_ACTIONS:      # the policy's action space is the offered base actions
             table = table.restrict(ALLOCATOR_ACTIONS)
         choice, info = ppo_allocate(table, budget_bits, cfg, ctx=ctx, progress=say)
