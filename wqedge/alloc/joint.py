@@ -70,7 +70,8 @@ def pruned_allocation(ckpt, table, ctx, budget_bits: float, structure_damage, pr
                                table.group_size, _sliced_stats(ctx.input_stats, pruning, names, "input"),
                                _sliced_stats(ctx.grad_stats, pruning, names, "grad"), kind=table.kind,
                                device=ctx.device, max_rows=o["max_rows"], feedback=o["feedback_damage"],
-                               protect=tuple(o["protect"]))
+                               protect=tuple(o["protect"]),
+                               **({"actions": tuple(o["actions"])} if o.get("actions") else {}))  # as prepare offered
     choice = greedy_allocate(t, table.budget_cap(budget_bits) / t.n_weights)  # same stored bits as unpruned
     s_dmg = 0.0 if pruning is None else predicted_damage(structure_damage, pruning)
     return t, choice, t.plan_damage(choice), s_dmg
