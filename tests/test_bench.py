@@ -67,10 +67,12 @@ def test_bench_smoke(tmp_path, tiny_model_dir):
         assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1
         assert 0 < row["roofline_fraction"] and row["bytes_per_token"] > 0
     assert 4.25 <= by["wq-q4"]["bits"] < 4.5          # q4 everywhere (ragged chunks cost a little more)
-    # the int8-activation row decodes the same file with act=q8; its perplexity is the float row's
+    # the int8-activation row runs the same file with act=q8 (decode, prefill and perplexity windows): its own
+    # perplexity, within 2% of the float row's on this random tiny model (llama-s: +0.33% at q4, test_cpp_prefill)
     assert by["wq-q4-a8"]["act"] == "q8" and by["wq-q4"]["act"] == "f32"
     assert by["wq-q4-a8"]["file"] == by["wq-q4"]["file"]
-    assert by["wq-q4-a8"]["perplexity"] == by["wq-q4"]["perplexity"]
+    assert by["wq-q4-a8"]["perplexity"] != by["wq-q4"]["perplexity"]
+    assert by["wq-q4-a8"]["perplexity"] == pytest.approx(by["wq-q4"]["perplexity"], rel=0.02)
     assert 2.0 < by["wq-2.5"]["bits"] <= 2.5 + 1e-6   # the mixed plan meets its budget
     if llama_ok:
         assert by["lcp-Q4_0"]["bits"] == pytest.approx(4.5)

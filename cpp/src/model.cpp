@@ -508,7 +508,7 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
     const HParams& hp = m.hp;
     const int D = hp.n_embd, hd = hp.head_dim, half = hd / 2;
     const int kern = active_kernels();
-    const int act = active_act();  // int8 activations apply to single-token steps (matvec) only
+    const int act = active_act();  // int8 activations: decode (matvec) and prefill (the int8 tile GEMM in matmul)
     const VecOps& ops = vec_ops(kern);
     ThreadPool& tp = *pool;
     ensure_batch(n);

@@ -35,10 +35,10 @@ def _rows() -> list[Row]:
                                             "converted with error feedback like `wqedge convert`; on the speed model "
                                             "the same plan resampled onto its shape"))
     for key in ["wq-q4"] + [f"wq-{b:g}" for b in MIXED_BITS]:
-        r.append(Row(key + A8, "wqedge", f"the {key} file, decode with int8 activations per 32 columns (integer dot "
-                                         "products, as llama.cpp does; the library's decode default, while the plain "
-                                         "wq-* rows pin the float reference path; prefill and perplexity stay float: "
-                                         "decode-path perplexity moves < 0.5%, tests/test_cpp_parity.py)", act="q8"))
+        r.append(Row(key + A8, "wqedge", f"the {key} file with int8 activations per 32 columns (integer dot products "
+                                         "in decode, prefill and perplexity, as llama.cpp does; the library's default, "
+                                         "while the plain wq-* rows pin the float reference path; the ppl column "
+                                         "compares the two)", act="q8"))
     for p in PRESETS_LLAMACPP:
         r.append(Row(f"lcp-{p}", "llamacpp", f"llama.cpp {p}: llama-quantize's per-tensor recipe (preset_types), "
                                              "llama.cpp's quantizer, importance matrix from the calibration text"))

@@ -161,8 +161,7 @@ def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
                    "decode": o.decode, "reps": 1 if slow else o.reps, "n_vocab": mf.spec.vocab_size,
                    "ppl": ppl if rnd == 0 and base["quality_model"] else None}
             if ROWS[base["row"]].act != "f32":
-                job["act"] = ROWS[base["row"]].act
-                job["ppl"] = None        # batched perplexity windows use float activations: the float row's figure
+                job["act"] = ROWS[base["row"]].act   # int8 prefill too: its perplexity is its own, measured
             say(f"round {rnd + 1}/{o.rounds}: {base['model']} {base['row']}…")
             try:
                 res = _run_worker(job, timeout=3600)
@@ -212,11 +211,6 @@ def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
                      "roofline_llc_tok_s": roof_llc, "roofline_llc_fraction": dec / roof_llc})
         say(f"{base['model']:>16s} {base['row']:14s} decode {dec:8.1f} tok/s  prefill {pre:8.1f} tok/s  peak "
             f"{r['peak_mib']:6.0f} MiB  bits {bits:.3f}  ppl {r['perplexity']}")
-    for a8 in (x for x in rows if x["status"] == "ok" and ROWS[x["row"]].act != "f32"):
-        src = next((x for x in rows if x["model"] == a8["model"] and x["row"] == ROWS[a8["row"]].file_key
-                    and x["status"] == "ok"), None)
-        if src is not None and a8.get("perplexity") is None:   # same file; batched windows run in float anyway
-            a8["perplexity"] = src.get("perplexity")
     order = {k: i for i, k in enumerate(ROWS)}
     names = [m[0] for m in models]
     rows.sort(key=lambda x: (names.index(x["model"]), order[x["row"]]))
