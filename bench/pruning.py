@@ -1,0 +1,126 @@
+"""Joint pruning + bit allocation vs quantization only vs prune-then-quantize, at equal bytes (issue 16).
+
+    python bench/pruning.py                                   # llama-s, budgets 3.25, 2.5, 2.25, 2.0
+    python bench/pruning.py --budgets 2.25,2.0 --max-prune 0.2 --seq-fraction 0.1
+
+Rows per budget B (effective bits over the *unpruned* model's decoder weights, i.e. the same bytes):
+  quant-only   greedy knapsack on the loss-aware damage table (wqedge.alloc.greedy)
+  joint        wqedge.alloc.joint: the amount pruned searched from 0 to --max-prune in --step steps, structures
+               (FFN groups of 32, query heads, KV groups) chosen by structure damage, the table rebuilt for the
+               pruned shapes, least predicted chunk + structure damage wins
+  sequential   prune --seq-fraction of the weights by structure damage first, then the greedy knapsack
+All three are converted the same way (error feedback, wqedge.quant.feedback, --fb-seqs calibration windows) and
+scored by perplexity (llama.cpp's definition, first --windows windows of 512 of eval.txt) on the fake-quantized
+model, pruned structures zeroed (the same function as the pruned file: tests/test_pruned_shapes.py).
+Writes a markdown table (stdout and --out.md) and the figures as --out.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT.parent / "shared" / "fixtures"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(FIX / "llama-s"))
+    ap.add_argument("--calib", default=str(FIX / "text" / "calib.txt"))
+    ap.add_argument("--eval", default=str(FIX / "text" / "eval.txt"))
+    ap.add_argument("--budgets", default="3.25,2.5,2.25,2.0")
+    ap.add_argument("--max-prune", type=float, default=0.3)
+    ap.add_argument("--step", type=float, default=0.05)
+    ap.add_argument("--seq-fraction", type=float, default=0.1)
+    ap.add_argument("--kinds", default="ffn,heads")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--fb-seqs", type=int, default=128)
+    ap.add_argument("--n-seqs", type=int, default=32, help="calibration windows of 512 for the damage tables")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pruning"))
+    a = ap.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from wqedge.alloc.greedy import greedy_allocate
+    from wqedge.alloc.joint import joint_allocate, pruned_allocation
+    from wqedge.alloc.planner import plan_from_choice, prepare
+    from wqedge.alloc.prune import select_pruning
+    from wqedge.calib import calibration_tokens, default_device, tokenize_text
+    from wqedge.checkpoint import LlamaCheckpoint
+    from wqedge.perplexity import perplexity
+    from wqedge.quant.feedback import quantize_model
+    from wqedge.structure_damage import structure_damage
+
+    log = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
+    dev = default_device(a.device)
+    kinds = tuple(a.kinds.split(","))
+    ckpt = LlamaCheckpoint.open(a.model)
+    tok = AutoTokenizer.from_pretrained(a.model, local_files_only=True)
+    bos = ckpt.spec.bos_token_id or 1
+    eval_tokens = tokenize_text(tok, Path(a.eval).read_text(encoding="utf-8"), bos)
+    calib_text = Path(a.calib).read_text(encoding="utf-8")
+    fb = calibration_tokens(tok, calib_text, a.fb_seqs, 512, 0, bos_id=bos, seed=0).train
+
+    model = ckpt.load_hf_model(torch.float32).to(dev)
+    w0 = {lin.hf_name: model.get_parameter(lin.hf_name).detach().clone() for lin in ckpt.spec.linears()}
+
+    @torch.no_grad()
+    def ppl():
+        def fn(win):
+            return model(torch.as_tensor(win, dtype=torch.long, device=dev)).logits.float().cpu().numpy()
+        return perplexity(fn, eval_tokens, bos, 512, a.windows, batch_size=8).perplexity
+
+    def score(plan):
+        for n, w in w0.items():
+            model.get_parameter(n).data.copy_(w)
+        quantize_model(model, plan, fb, device=dev)
+        return ppl()
+
+    t0 = time.time()
+    fp = ppl()
+    log(f"fp16 perplexity {fp:.4f}")
+    table, ctx = prepare(ckpt, 128, calib_text, 0, dev, progress=log, n_seqs=a.n_seqs, n_grad_seqs=a.n_seqs)
+    sd = structure_damage(ctx.model, ctx.calib.train[: ctx.opts["n_grad_seqs"]], 32, device=dev, batch_size=2)
+    log(f"preparation + structure damage: {time.time() - t0:.1f} s")
+    rows = []
+    for b in [float(x) for x in a.budgets.split(",")]:
+        plans = {"quant-only": plan_from_choice(ckpt, table, greedy_allocate(table, b), b, "greedy")}
+        res = joint_allocate(ckpt, table, ctx, b, sd, kinds, a.max_prune, a.step, say=log)
+        plans["joint"] = plan_from_choice(ckpt, res.table, res.choice, b, "greedy", pruning=res.pruning,
+                                          meta={"search": res.trials})
+        pr = select_pruning(ckpt.spec, sd, a.seq_fraction, kinds)
+        t, ch, _, _ = pruned_allocation(ckpt, table, ctx, b, sd, pr)
+        plans["sequential"] = plan_from_choice(ckpt, t, ch, b, "greedy", pruning=pr)
+        for name, plan in plans.items():
+            t1 = time.time()
+            p = score(plan)
+            gone = plan.n_weights() - sum(tp.n_weights for tp in plan.tensors)
+            row = {"budget": b, "method": name, "ppl": p, "effective_bits": plan.effective_bits(),
+                   "pruned_fraction": gone / plan.n_weights(), "seconds": round(time.time() - t1, 1)}
+            if name == "joint":
+                row["search"] = res.trials
+            rows.append(row)
+            log(f"{b} {name}: ppl {p:.4f}, {plan.effective_bits():.4f} bits, pruned {100 * row['pruned_fraction']:.1f}%")
+    md = ["| budget (bits) | quant-only | joint | sequential |", "|---|---|---|---|"]
+    for b in sorted({r["budget"] for r in rows}, reverse=True):
+        cell = {r["method"]: r for r in rows if r["budget"] == b}
+        md.append(f"| {b:g} | " + " | ".join(
+            f"{cell[m]['ppl']:.3f} ({100 * cell[m]['pruned_fraction']:.0f}% pruned)" if m in cell else "—"
+            for m in ("quant-only", "joint", "sequential")) + " |")
+    md.append(f"\nfp16 {fp:.3f}; total {time.time() - t0:.0f} s. Command: python bench/pruning.py "
+              + " ".join(argv if argv is not None else sys.argv[1:]))
+    text = "\n".join(md)
+    print(text)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out + ".md").write_text(text + "\n")
+    Path(a.out + ".json").write_text(json.dumps({"fp16": fp, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
