@@ -248,6 +248,23 @@ def test_cpp_runtime_matches_reference(files, bits, tol):
         native.set_activations("f32")
 
 
+def test_cpp_threaded_decode_transform_is_bit_identical(files):
+    """Decode spreads a token's transform blocks over the threads (rotation.cpp apply_threaded): the logits equal
+    the single-thread decode's exactly, at act bits 8 and 4."""
+    from cpp_support import ensure_library
+    ensure_library()
+    from wqedge.runtime import native
+    native.set_activations("f32")
+    for key in ("q8a8", "q8a4"):
+        m = native.Model(files[key])
+        row = _windows()[0].tolist()
+        out = []
+        for threads in (1, 3):
+            c = native.Context(m, n_ctx=64, n_threads=threads)
+            out.append(np.stack([c.eval([t]) for t in row]))
+        np.testing.assert_array_equal(out[0], out[1])
+
+
 def test_cpp_unrotated_file_unchanged(files):
     """A version 1 file takes no new step (group_input returns at once): logits equal the reference as before."""
     from cpp_support import ensure_library

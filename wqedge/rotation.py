@@ -127,10 +127,10 @@ class BlockRotation:
         """R x along the last dimension (x [..., d])."""
         nf, b = self.n_full, self.block
         head = x[..., : nf * b]
-        y = (head.reshape(*x.shape[:-1], nf, b) @ self.full.to(x.dtype).T).reshape(head.shape)
+        y = (head.reshape(*x.shape[:-1], nf, b) @ self.full.to(x.device, x.dtype).T).reshape(head.shape)
         if self.tail is None:
             return y
-        return torch.cat([y, x[..., nf * b:] @ self.tail.to(x.dtype).T], -1)
+        return torch.cat([y, x[..., nf * b:] @ self.tail.to(x.device, x.dtype).T], -1)
 
     @classmethod
     def build(cls, x: torch.Tensor, gen: torch.Generator, block: int = BLOCK) -> "BlockRotation":
@@ -199,19 +199,19 @@ class Transform:
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """The orthogonal part M x = H R2 P R1 x along the last dimension."""
-        x = self.r2.apply(self.r1.apply(x)[..., self.perm])
-        return reflect(x, self.v.to(x.dtype))
+        x = self.r2.apply(self.r1.apply(x)[..., self.perm.to(x.device)])
+        return reflect(x, self.v.to(x.device, x.dtype))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x' = M (x / s): what the quantizer sees at run time."""
         if self.smooth is not None:
-            x = x / self.smooth.to(x.dtype)
+            x = x / self.smooth.to(x.device, x.dtype)
         return self.rotate(x)
 
     def fold_into_weight(self, w: torch.Tensor) -> torch.Tensor:
         """W' = W diag(s) Mᵀ, so that W' apply(x) = W x. Row i of W Mᵀ is M applied to row i of W."""
         if self.smooth is not None:
-            w = w * self.smooth.to(w.dtype)
+            w = w * self.smooth.to(w.device, w.dtype)
         return self.rotate(w)
 
     def matrix(self) -> torch.Tensor:

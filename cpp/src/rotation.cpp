@@ -112,29 +112,53 @@ void block_matvec(const float* R, int n, const float* x, float* y, int kernels) 
 }
 
 // ------------------------------------------------------------------ the transform
-// Block-diagonal product: `full` on each full block of B, `tail` on the rest.
-static void block_diag(const std::vector<float>& full, const std::vector<float>& tail, int B, int dim, const float* x,
-                       float* y, int kernels) {
-    const int nf = dim >= B ? dim / B : 0;
-    for (int b = 0; b < nf; ++b) block_matvec(full.data(), B, x + (size_t)b * B, y + (size_t)b * B, kernels);
-    const int t = dim - nf * B;
-    if (t) block_matvec(tail.data(), t, x + (size_t)nf * B, y + (size_t)nf * B, kernels);
+// The two halves of apply, per block b of R2's layout, so that decode can spread them over threads with the
+// same arithmetic: stage1 = smoothing and R1 on block b (x -> t), stage2 = gather from t, R2 on block b (-> y)
+// and block b's share of the Householder dot (returned). apply = stage1 on every block, stage2 on every block,
+// then y + c v with c = -2 * (the blocks' shares summed in block order).
+static int n_blocks(const Rotation& r) { return (r.dim + r.block - 1) / r.block; }
+
+static void stage1(const Rotation& r, int b, float* x, float* t, int kernels) {
+    const int s = b * r.block, n = std::min(r.block, r.dim - s);
+    if (!r.smooth.empty())
+        for (int i = s; i < s + n; ++i) x[i] /= r.smooth[i];
+    block_matvec(n == r.block ? r.r1.data() : r.r1_tail.data(), n, x + s, t + s, kernels);
+}
+
+static float stage2(const Rotation& r, int b, const float* t, float* g, float* y, int kernels) {
+    const int s = b * r.block, n = std::min(r.block, r.dim - s);
+    for (int i = s; i < s + n; ++i) g[i] = t[r.perm[i]];
+    block_matvec(n == r.block ? r.r2.data() : r.r2_tail.data(), n, g + s, y + s, kernels);
+    return r.hh.empty() ? 0.0f : vec_ops(kernels).dot_f32(r.hh.data() + s, y + s, n);
+}
+
+static void finish(const Rotation& r, const float* part, const float* y, float* x, int kernels) {
+    std::memcpy(x, y, sizeof(float) * r.dim);
+    if (r.hh.empty()) return;
+    float d = 0.0f;
+    for (int b = 0; b < n_blocks(r); ++b) d += part[b];
+    vec_ops(kernels).axpy(-2.0f * d, r.hh.data(), x, r.dim);
 }
 
 void Rotation::apply(float* x, float* tmp, int kernels) const {
-    if (!smooth.empty())
-        for (int i = 0; i < dim; ++i) x[i] /= smooth[i];
-    block_diag(r1, r1_tail, block, dim, x, tmp, kernels);
-    for (int i = 0; i < dim; ++i) x[i] = tmp[perm[i]];
-    block_diag(r2, r2_tail, block, dim, x, tmp, kernels);
-    if (hh.empty()) {
-        std::memcpy(x, tmp, sizeof(float) * dim);
-        return;
-    }
-    const VecOps& ops = vec_ops(kernels);
-    const float c = -2.0f * ops.dot_f32(hh.data(), tmp, dim);
-    std::memcpy(x, tmp, sizeof(float) * dim);
-    ops.axpy(c, hh.data(), x, dim);
+    const int nb = n_blocks(*this);
+    thread_local std::vector<float> buf;
+    if (buf.size() < (size_t)dim + nb) buf.resize((size_t)dim + nb);
+    float *y = buf.data(), *part = y + dim;
+    for (int b = 0; b < nb; ++b) stage1(*this, b, x, tmp, kernels);
+    for (int b = 0; b < nb; ++b) part[b] = stage2(*this, b, tmp, x, y, kernels);  // x is free: R2's gathered input
+    finish(*this, part, y, x, kernels);
+}
+
+// One token over the pool's threads (decode): blocks of stage 1, then blocks of stage 2, bit-identical to apply.
+static void apply_threaded(const Rotation& r, float* x, ThreadPool& pool, int kernels) {
+    const int nb = n_blocks(r);
+    thread_local std::vector<float> buf;
+    if (buf.size() < (size_t)3 * r.dim + nb) buf.resize((size_t)3 * r.dim + nb);
+    float *t = buf.data(), *g = t + r.dim, *y = g + r.dim, *part = y + r.dim;
+    pool.run(nb, [&](int b, int) { stage1(r, b, x, t, kernels); });
+    pool.run(nb, [&](int b, int) { part[b] = stage2(r, b, t, g, y, kernels); });
+    finish(r, part, y, x, kernels);
 }
 
 void act_fake_quant(float* x, int n, int bits) {
@@ -161,8 +185,14 @@ void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPo
         if (r) r->apply(xt, tmp.data(), kernels);
         if (bits < 8) act_fake_quant(xt, dim, bits);
     };
-    if (n == 1) one(0);
-    else pool.run(n, [&](int t, int) { one(t); });
+    if (n == 1 && r && pool.size() > 1 && n_blocks(*r) > 1) {  // decode: the token's blocks over the threads
+        apply_threaded(*r, x, pool, kernels);
+        if (bits < 8) act_fake_quant(x, dim, bits);
+    } else if (n == 1) {
+        one(0);
+    } else {
+        pool.run(n, [&](int t, int) { one(t); });
+    }
 }
 
 // ------------------------------------------------------------------ loading
