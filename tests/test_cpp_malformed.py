@@ -117,8 +117,9 @@ def test_shape_mismatch(tmp_path):
 
 
 def test_unknown_block_type(tmp_path):
-    e = _open(write_tiny(tmp_path / "a.gguf", key_overrides={"wqedge.tensors.blk.0.attn_k.weight.chunk_actions": [9]}))
-    assert e.code == _native.ERR_FORMAT and "unknown block type 9" in str(e) and "blk.0.attn_k.weight" in str(e)
+    # an id past the traits table (ids 7-9 are the two-level kinds now)
+    e = _open(write_tiny(tmp_path / "a.gguf", key_overrides={"wqedge.tensors.blk.0.attn_k.weight.chunk_actions": [99]}))
+    assert e.code == _native.ERR_FORMAT and "unknown block type 99" in str(e) and "blk.0.attn_k.weight" in str(e)
 
 
 def test_wrong_chunk_count(tmp_path):
