@@ -43,14 +43,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-FIX = ROOT.parent / "shared" / "fixtures"
 
 
 def main(argv=None):
+    from wqedge.bench.report import add_fixture_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(FIX / "llama-s"))
-    ap.add_argument("--calib", default=str(FIX / "text" / "calib.txt"))
-    ap.add_argument("--eval", default=str(FIX / "text" / "eval.txt"))
+    add_fixture_args(ap)
     ap.add_argument("--budgets", default="2.25,2.5,3.0,3.25,4.25")
     ap.add_argument("--allocators", default="uniform-minmax,uniform-neuqi,greedy,rl")
     ap.add_argument("--device", default=None, help="conversion and evaluation device (default cuda if available)")

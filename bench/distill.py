@@ -26,7 +26,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-FIX = ROOT.parent / "shared" / "fixtures"
 
 
 def parse_config(s: str) -> dict:
@@ -39,10 +38,10 @@ def parse_config(s: str) -> dict:
 
 
 def main(argv=None):
+    from wqedge.bench.report import add_fixture_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(FIX / "llama-s"))
-    ap.add_argument("--calib", default=str(FIX / "text" / "calib.txt"))
-    ap.add_argument("--eval", default=str(FIX / "text" / "eval.txt"))
+    add_fixture_args(ap)
     ap.add_argument("--budgets", default="3.25,2.5,2.25,2.0")
     ap.add_argument("--configs", default="128@1e-3", help="distillation configs STEPS@LR[+e2eSTEPS[@LR]], comma separated")
     ap.add_argument("--device", default=None, help="planning, conversion, distillation and evaluation device")

@@ -25,14 +25,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT.parent / "shared" / "fixtures"
 
 
 def main(argv=None):
+    from wqedge.bench.report import add_fixture_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(FIX / "llama-s"))
-    ap.add_argument("--calib", default=str(FIX / "text" / "calib.txt"))
-    ap.add_argument("--eval", default=str(FIX / "text" / "eval.txt"))
+    add_fixture_args(ap)
     ap.add_argument("--budgets", default="3.25,2.5,2.25,2.0")
     ap.add_argument("--max-prune", type=float, default=0.3)
     ap.add_argument("--step", type=float, default=0.05)

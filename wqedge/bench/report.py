@@ -109,6 +109,15 @@ def write(rep: dict, out: Path) -> tuple[Path, Path]:
     return md, js
 
 
+def add_fixture_args(ap) -> None:
+    """--model, --calib and --eval defaulting to the fixture llama-s and its texts (../shared/fixtures beside
+    the checkout), the inputs every quality script under bench/ takes."""
+    fix = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+    ap.add_argument("--model", default=str(fix / "llama-s"))
+    ap.add_argument("--calib", default=str(fix / "text" / "calib.txt"))
+    ap.add_argument("--eval", default=str(fix / "text" / "eval.txt"))
+
+
 def write_markdown(lines: list[str], out) -> str:
     """A stand-alone benchmark's Markdown report: printed and written to `out` (folders made). The scripts
     under bench/ share it."""
