@@ -45,8 +45,8 @@ _ACTS = {"f32": 0, "q8": 1}
 
 
 def set_activations(act: str) -> None:
-    """Activation precision of single-token steps (decode), for the whole process: 'q8' (int8 per 32 columns,
-    integer dot products; the default) or 'f32' (float, the reference: logits within ~1e-5 of PyTorch's).
+    """Activation precision of decode steps and prompt (prefill) steps, for the whole process: 'q8' (int8 per 32
+    columns, integer dot products; the default) or 'f32' (float, the reference: logits within ~1e-5 of PyTorch's).
     WQEDGE_ACT=f32|q8 sets the default."""
     if act not in _ACTS:
         raise ValueError(f"unknown activation precision {act!r} (f32 or q8)")

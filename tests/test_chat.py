@@ -50,7 +50,17 @@ def test_chat_command_answers_each_line(chat_files):
     res = CliRunner().invoke(main, ["run", str(f), "--chat", "-n", "6", "--system", "Be brief."],
                              input="hello\n\nhow are you\n")
     assert res.exit_code == 0, res.output
-    assert len([x for x in res.output.splitlines()]) == 2   # two answers, the empty line skipped
+    # Two answers, the empty line skipped: the output is exactly the two replies of a session fed the same lines
+    # (greedy, the CLI default), each followed by a newline (a reply may itself contain newlines).
+    with native.Model(f) as m:
+        s = ChatSession(m, system="Be brief.", max_new_tokens=6, temperature=0.0, seed=0)
+        pieces = []
+        for line in ("hello", "how are you"):
+            s.reply(line, stream=pieces.append)
+            pieces.append("\n")
+        want = "".join(pieces)
+        s.close()
+    assert res.output == want
 
 
 def test_session_keeps_the_conversation_and_drops_old_turns_when_full(chat_files):

@@ -522,7 +522,7 @@ def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
               "chat template (stored from the checkpoint as tokenizer.chat_template) and answer each.")
 @click.option("--system", default=None, help="With --chat: a system message to start the conversation.")
 @click.option("--act", type=click.Choice(["q8", "f32"]), default=None,
-              help="Decode activations: 'q8' (int8 per 32 columns, integer dot products; the default) or 'f32' "
+              help="Activations of decode and prompt steps: 'q8' (int8 per 32 columns, integer dot products; the default) or 'f32' "
                    "(float, the reference path, logits within ~1e-5 of PyTorch). Default: WQEDGE_ACT, else q8.")
 def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, chat, system, act):
     """Generate text from GGUF_FILE with the C++ runtime, streaming it to the terminal."""

@@ -33,6 +33,7 @@ static void block_matvec_scalar(const float* R, int n, const float* x, float* y)
 }
 
 #ifdef WQE_ROT_AVX2
+namespace avx2 {  // only functions in wqe::avx2 may hold AVX instructions (tests/test_cpp_clang.py)
 __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -68,6 +69,7 @@ __attribute__((target("avx2,fma"))) static void block_matvec_avx2(const float* R
         y[i] = s;
     }
 }
+}  // namespace avx2
 #endif
 
 #ifdef WQE_ROT_NEON
@@ -102,7 +104,7 @@ static void block_matvec_neon(const float* R, int n, const float* x, float* y) {
 
 void block_matvec(const float* R, int n, const float* x, float* y, int kernels) {
 #ifdef WQE_ROT_AVX2
-    if (kernels == K_AVX2) return block_matvec_avx2(R, n, x, y);
+    if (kernels == K_AVX2) return avx2::block_matvec_avx2(R, n, x, y);
 #endif
 #ifdef WQE_ROT_NEON
     if (kernels == K_NEON) return block_matvec_neon(R, n, x, y);
