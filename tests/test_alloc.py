@@ -289,3 +289,27 @@ def test_parameter_refit_lowers_the_layer_loss_and_keeps_protected_values():
     for c in refit:
         np.testing.assert_array_equal(blocks.unpack_chunk(blocks.pack_chunk(c), c.action, c.g, c.protected),
                                       dequantize([c]).numpy())
+
+
+@pytest.mark.parametrize("action", [a for a in blocks.ACTION_NAMES if not blocks.block_type(a).is_float])
+def test_error_feedback_column_rounding_is_the_grid_primitive(action):
+    """gptq's per-column rounding (_ColumnGrid, the chunk's grid expanded once) gives exactly the codes and values of
+    affine.block_codes / block_dequantize on the stored grid, column by column, for every kind: constant rows
+    (d = 0), values outside the grid, and a ragged chunk width included."""
+    from wqedge.quant.affine import block_codes, block_dequantize, chunk_grid
+    from wqedge.quant.fit import fit_chunk
+    from wqedge.quant.gptq import _ColumnGrid
+    torch.manual_seed(3)
+    w = torch.randn(40, 96) * 0.05
+    w[3] = 0.25                        # a constant row: d = 0
+    c = fit_chunk(w, action)
+    bt = blocks.block_type(action)
+    x = w + torch.randn_like(w) * 0.03  # what error feedback rounds: moved weights, some off the grid's range
+    grid = _ColumnGrid(c, torch.device("cpu"))
+    for j in range(w.shape[1]):
+        d, m = chunk_grid(bt, c, None, j, 1)
+        want_q = block_codes(bt, x[:, j:j + 1], d, m)[:, 0]
+        want = block_dequantize(bt, want_q[:, None], d, m)[:, 0]
+        q, deq = grid.round(x[:, j], j)
+        assert torch.equal(q, want_q) and torch.equal(deq, want), j
+        assert torch.equal(grid.codes(x[:, j], j), want_q)

@@ -223,15 +223,33 @@ def _obj(w, h, s, z, bits):
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-def test_neuqi_backends_agree(bits):
+@pytest.mark.parametrize("grid", [None, neuqi.FAST_GRID])
+def test_neuqi_backends_agree(bits, grid):
     # The build (CMake, cpp/planning) always makes the kernel: its absence is a packaging bug, not a skip.
     assert neuqi.c_kernel() is not None, neuqi.c_kernel_error()
     w = student(24, 64, seed=7)
     h = neuqi.row_weights(neuqi.damp(hdiag(64)), 24, 64)
-    st, zt = neuqi.neuqi_params(w, bits, h, backend="torch")
-    sc, zc = neuqi.neuqi_params(w, bits, h, backend="c", workers=2)
+    st, zt = neuqi.neuqi_params(w, bits, h, backend="torch", grid=grid)
+    sc, zc = neuqi.neuqi_params(w, bits, h, backend="c", workers=2, grid=grid)
     ot, oc = _obj(w, h, st, zt, bits), _obj(w, h, sc, zc, bits)
     assert torch.allclose(ot, oc, rtol=1e-4)  # same objective (the scale may differ where it is flat: fp32 vs fp64)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_neuqi_fast_grid_is_close_to_the_full_search(bits):
+    """The damage table's coarser scale search (FAST_GRID) loses little against the full one: over all rows at
+    most 0.5% more weighted loss (measured here: +0.006% .. +0.05%), no row more than 15% (measured: 8.9%)."""
+    w = torch.cat([student(96, 128, seed=bits), gauss(32, 128, seed=bits)])
+    h = neuqi.row_weights(neuqi.damp(hdiag(128, seed=bits)), 128, 128)
+    full = _obj(w, h, *neuqi.neuqi_params(w, bits, h), bits)
+    fast = _obj(w, h, *neuqi.neuqi_params(w, bits, h, grid=neuqi.FAST_GRID), bits)
+    assert torch.all(fast <= full * 1.15 + 1e-12)
+    assert float(fast.sum()) <= 1.005 * float(full.sum())
+
+
+def test_neuqi_grid_is_checked():
+    with pytest.raises(ValueError, match="three positive step counts"):
+        neuqi.neuqi_params(gauss(4, 32), 3, grid=(16, 0, 8))
 
 
 def test_neuqi_without_the_c_kernel_falls_back_to_torch(tmp_path):

@@ -141,7 +141,7 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
                        fitter: Fitter | None = None, method: str = "neuqi", actions=ACTIONS, kind: str = "kfac",
                        device=None, progress: Callable[[str], None] | None = None,
                        keep: dict | None = None, max_rows: int | None = 256, g_power: float = 1.0,
-                       feedback: bool = False, protect: tuple[int, ...] = ()) -> DamageTable:
+                       feedback: bool = False, protect: tuple[int, ...] = (), neuqi_grid=None) -> DamageTable:
     """Fit every action on every unit and price its damage.
 
     weight_fn(linear) -> float32 [N, K]; input_stats[name] is a wqedge.calib.InputStats (full XᵀX used when
@@ -153,6 +153,8 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
     keep: when given, receives ŵ [rows, g] per (hf_name, chunk, action) (only with every row).
     feedback: price rounding errors by their conditional precision under error feedback (needs full XᵀX).
     protect: numbers of protected columns k for which "<action>+p<k>" variants are added.
+    neuqi_grid: NeUQI's scale search for these fits; None = wqedge.quant.neuqi.FAST_GRID (the table ranks
+    actions; the fits that go into the file search the full grid).
     """
     if kind in ("kfac", "fisher") and not grad_stats:
         raise ValueError(f"damage kind {kind!r} needs gradient statistics")
@@ -171,6 +173,8 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
         by_lin.setdefault(u.linear.hf_name, []).append(u)
     if fitter is None:
         from .quant.fit import dequantize_chunk, fit_linear
+        from .quant.neuqi import FAST_GRID
+        neuqi_grid = FAST_GRID if neuqi_grid is None else neuqi_grid
     t0 = time.time()
     for li, lin in enumerate(linears):
         w = weight_fn(lin).to(dev, torch.float32)
@@ -207,7 +211,7 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
                 else:
                     m = "minmax" if a == "q8" else method
                     chunks = fit_linear(ws, [base] * len(lus), group_size, m, hdiag_all.float(),
-                                        protected=cols[k] if k else None)
+                                        protected=cols[k] if k else None, neuqi_grid=neuqi_grid)
                     deqs[a] = torch.cat([dequantize_chunk(c) for c in chunks], 1).to(dev)
         for u in lus:
             s, e = u.start, u.end

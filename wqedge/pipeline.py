@@ -159,7 +159,7 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
     if mode == "feedback":
         from .quant.feedback import quantize_checkpoint
         say("fitting chunks with error feedback on the calibration text…")
-        fits = Fits(mode, fitted=quantize_checkpoint(ckpt, plan, calib_text, device=device))
+        fits = Fits(mode, fitted=quantize_checkpoint(ckpt, plan, calib_text, device=device, progress=say))
     else:
         if mode == "stats" and stats is None:
             from .calib import collect_stats

@@ -63,6 +63,19 @@ def _printer(progress) -> Callable[[str], None] | None:
     return None
 
 
+def _every(say: Callable[[str], None] | None, seconds: float = 10.0) -> Callable[[str], None] | None:
+    """`say`, but at most once per `seconds`: long loops report progress without a line per item."""
+    if say is None:
+        return None
+    last = [time.time()]
+
+    def tick(msg: str) -> None:
+        if time.time() - last[0] >= seconds:
+            last[0] = time.time()
+            say(msg)
+    return tick
+
+
 def plan_from_choice(ckpt, table, choice: np.ndarray, budget_bits: float, allocator: str, method: str = "neuqi",
                      meta: dict | None = None, pruning=None) -> Plan:
     """The Plan for one table action per unit (protected variants become the plan's protected columns); with
@@ -92,7 +105,8 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
         if say:
             say("no calibration text: damage from the weights alone (no activation or gradient statistics)")
         table = build_damage_table(linears, ckpt.linear_weight, group_size, None, None, kind="proxy",
-                                   device=dev if dev.type == "cuda" else None, max_rows=o["max_rows"], actions=actions)
+                                   device=dev if dev.type == "cuda" else None, max_rows=o["max_rows"], actions=actions,
+                                   progress=_every(say))
         times["table"] = time.time() - t0
         return table, ctx
     from transformers import AutoTokenizer
@@ -113,7 +127,7 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
     t = time.time()
     table = build_damage_table(linears, ckpt.linear_weight, group_size, st, gs, kind=o["damage"], device=dev,
                                max_rows=o["max_rows"], feedback=o["feedback_damage"], protect=tuple(o["protect"]),
-                               actions=actions)
+                               actions=actions, progress=_every(say))
     times["table"] = time.time() - t
     if say:
         say(f"damage table: {len(table.units)} units x {len(table.actions)} actions in {times['table']:.1f} s")

@@ -25,10 +25,14 @@ def quantize_model(model, plan, tokens: torch.Tensor, device=None, batch_size: i
     """Quantize every decoder linear of an HF model in place by `plan`, layer by layer, with the quantized
     earlier layers in the loop. feedback=False fits each chunk alone (fit_chunk with diag(XᵀX), as
     wqedge.quantize does) but still on sequential statistics. Returns {hf_name: [ChunkData per chunk]}."""
+    import time
+
     from ..calib import layerwise_stats
     from ..quant.fit import fit_chunk
 
     result: dict[str, list[ChunkData]] = {}
+    t0 = time.time()
+    n_layers = len(model.model.layers)
 
     def on_layer(li, layer, stats):
         for name, st in stats.items():
@@ -49,10 +53,11 @@ def quantize_model(model, plan, tokens: torch.Tensor, device=None, batch_size: i
             result[name] = chunks
             deq = plan.unprune_weight(name, dequantize(chunks).to(mod.weight.device), tuple(mod.weight.shape))
             mod.weight.data.copy_(deq.to(mod.weight.dtype))
+        if progress:
+            progress(f"error feedback: layer {li + 1}/{n_layers} fitted ({time.time() - t0:.0f} s)")
         return True
 
-    layerwise_stats(model, tokens, device=device, batch_size=batch_size, full_xtx=feedback, on_layer=on_layer,
-                    progress=progress)
+    layerwise_stats(model, tokens, device=device, batch_size=batch_size, full_xtx=feedback, on_layer=on_layer)
     return result
 
 

@@ -73,7 +73,7 @@ def _check_protected(protected, g: int) -> np.ndarray | None:
 
 # ---------------------------------------------------------------- the row fitter shared by fit_chunk and fit_linear
 
-def _fit_rows(w: torch.Tensor, action: str, method: str, hw: torch.Tensor | None):
+def _fit_rows(w: torch.Tensor, action: str, method: str, hw: torch.Tensor | None, grid=None):
     """w [R, g], hw None or [R, g] (>= 0, already damped and with protected columns zeroed).
 
     Returns (codes uint8 [R, g] torch, d fp16 [R] torch, m fp16 [R] torch or None, sub) for quantized actions;
@@ -82,7 +82,7 @@ def _fit_rows(w: torch.Tensor, action: str, method: str, hw: torch.Tensor | None
     bt = blocks.block_type(action)
     R, g = w.shape
     if bt.has_subscales:
-        return _fit_subscale(w, bt, method, hw)
+        return _fit_subscale(w, bt, method, hw, grid)
     if not bt.has_offset:           # symmetric grid {-a, 0, a}: the exact ternary fit
         alpha, _ = fit_ternary(w, hw)
         a16 = alpha.half()
@@ -91,7 +91,7 @@ def _fit_rows(w: torch.Tensor, action: str, method: str, hw: torch.Tensor | None
         d, m, _ = fit_binary(w, hw, offset=True)
     else:
         if method == "neuqi":
-            s, z = neuqi_params(w, bt.bits, hw)
+            s, z = neuqi_params(w, bt.bits, hw, grid=grid)
         elif method == "minmax":
             s, z = affine.minmax_params(w, bt.bits, None if hw is None else hw > 0)
         else:
@@ -116,7 +116,7 @@ def _fit_rows(w: torch.Tensor, action: str, method: str, hw: torch.Tensor | None
     return affine.block_codes(bt, w, d16.float(), m16.float()), d16, m16, None
 
 
-def _fit_subscale(w: torch.Tensor, bt, method: str, hw: torch.Tensor | None):
+def _fit_subscale(w: torch.Tensor, bt, method: str, hw: torch.Tensor | None, grid=None):
     """Two-level fit: each 32-column sub-block of each row fitted as its own row (NeUQI or min-max, the same
     fitters as one-scale kinds, offsets clamped to <= 0 as k-quants do), then its scale and offset rounded onto
     6-bit codes under fp16 row scales (affine.subscale_codes); codes recomputed on the stored grid."""
@@ -131,7 +131,7 @@ def _fit_subscale(w: torch.Tensor, bt, method: str, hw: torch.Tensor | None):
     tot = hs.sum(1, keepdim=True)
     hs = torch.where(tot > 0, hs / tot.clamp_min(1e-30), 0.0)
     if method == "neuqi":
-        s, z = neuqi_params(ws, bt.bits, hs)
+        s, z = neuqi_params(ws, bt.bits, hs, grid=grid)
     elif method == "minmax":
         s, z = affine.minmax_params(ws, bt.bits, ms)
     else:
@@ -198,13 +198,14 @@ def _make_chunk(action, w, codes, d16, m16, protected, sub=None) -> ChunkData:
 # ---------------------------------------------------------------- public API
 
 def fit_chunk(w: torch.Tensor, action: str, method: str = "neuqi", h: torch.Tensor | None = None,
-              protected=None, *, damp_mean: float | None = None) -> ChunkData:
+              protected=None, *, damp_mean: float | None = None, neuqi_grid=None) -> ChunkData:
     """Quantize one chunk w [N, g] (float) with `action` (blocks.ACTION_NAMES).
 
     method: 'neuqi' (weighted, near-optimal float-zero-point fit) or 'minmax' (plain min-max round to nearest,
     m = min: the baseline); ignored for fp16, ternary and q1, which have their own exact fits.
     h: diag(X^T X) of the chunk's g columns, or None (uniform weights). It is damped by 1% of its mean
     (`damp_mean` overrides that mean, e.g. with the whole linear's, as fit_linear does).
+    neuqi_grid: the NeUQI scale search (wqedge.quant.neuqi.FULL_GRID when None).
     protected: chunk-local column indices kept exactly: weight 0 in the fit, fp16 residual r = w - dequant.
     """
     if method not in METHODS:
@@ -219,7 +220,7 @@ def fit_chunk(w: torch.Tensor, action: str, method: str = "neuqi", h: torch.Tens
         return _make_chunk(bt.name, w, None, None, None, p)
     hd = _prepare_h(h, damp_mean, p, g, w.device)
     hw = None if hd is None else row_weights(hd, N, g, device=w.device)
-    codes, d16, m16, sub = _fit_rows(w, bt.name, method, hw)
+    codes, d16, m16, sub = _fit_rows(w, bt.name, method, hw, neuqi_grid)
     return _make_chunk(bt.name, w, codes, d16, m16, p, sub)
 
 
@@ -257,12 +258,13 @@ def _split_protected(protected, bounds):
 
 
 def fit_linear(w: torch.Tensor, actions: Sequence[str], group_size: int, method: str = "neuqi",
-               h: torch.Tensor | None = None, protected=None) -> list[ChunkData]:
+               h: torch.Tensor | None = None, protected=None, neuqi_grid=None) -> list[ChunkData]:
     """Fit every chunk of one linear w [N, K]; actions[c] is chunk c's action (left to right along K).
 
     h: diag(X^T X) [K] or None; damped by 1% of its mean over the whole linear (as NeUQI does), then each
     chunk's slice is normalised. protected: global column indices, or one list of chunk-local indices
     (or None) per chunk. Chunks that share an action and width are fitted together as one batch of rows.
+    neuqi_grid: the NeUQI scale search (wqedge.quant.neuqi.FULL_GRID when None; the damage table passes FAST_GRID).
     """
     from ..units import chunk_bounds
 
@@ -292,7 +294,7 @@ def fit_linear(w: torch.Tensor, actions: Sequence[str], group_size: int, method:
         hs = [_prepare_h(None if h is None else h[bounds[c][0] : bounds[c][1]], dmean, prot[c], g, w.device) for c in cs]
         hw = None if all(x is None for x in hs) else torch.cat(
             [row_weights(x, N, g, device=w.device) for x in hs], 0)
-        codes, d16, m16, sub = _fit_rows(ws, name, method, hw)
+        codes, d16, m16, sub = _fit_rows(ws, name, method, hw, neuqi_grid)
         for i, c in enumerate(cs):
             r = slice(i * N, (i + 1) * N)
             out[c] = _make_chunk(name, w[:, bounds[c][0] : bounds[c][1]], codes[r], d16[r],

@@ -71,15 +71,46 @@ def conditional_precision(xtx: torch.Tensor, group_size: int, damp: float = DAMP
     return out
 
 
-def _round_onto(x: torch.Tensor, c: ChunkData, dev, col: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, k] (chunk-local columns col .. col + k) -> (codes uint8 [N, k], dequantized [N, k]) on chunk c's
-    stored grid (a subscale chunk's grid is that of the columns' sub-blocks)."""
-    bt = blocks.block_type(c.action)
-    if bt.is_float:
-        return None, x.half().float()
-    d, m = chunk_grid(bt, c, dev, col, x.shape[1])
-    q = block_codes(bt, x, d, m)
-    return q, block_dequantize(bt, q, d, m)
+class _ColumnGrid:
+    """Chunk c's stored grid, expanded once so that error feedback rounds one column at a time with a few tensor
+    ops: the arithmetic of affine.block_codes / block_dequantize (same operations, same order, same results)."""
+
+    def __init__(self, c: ChunkData, dev):
+        bt = blocks.block_type(c.action)
+        self.float = bt.is_float
+        if self.float:
+            return
+        d, m = chunk_grid(bt, c, dev)
+        self.per_col = d.dim() == 2            # subscale kinds: D, M per column
+        self.d = d if self.per_col else d.reshape(-1, 1)
+        self.m = None if m is None else (m if self.per_col else m.reshape(-1, 1))
+        self.safe = torch.where(self.d > 0, self.d, 1.0)
+        self.live = self.d > 0
+        self.q0, self.top = float(bt.zero_code), float(bt.levels - 1)
+
+    def _at(self, t, j):
+        return t[:, j] if self.per_col else t[:, 0]
+
+    def _q(self, x, j):
+        if self.m is not None:
+            x = x - self._at(self.m, j)
+        q = torch.round(x / self._at(self.safe, j))
+        if self.q0:
+            q = q + self.q0
+        return torch.where(self._at(self.live, j), q.clamp_(0, self.top), self.q0)
+
+    def codes(self, x: torch.Tensor, j: int) -> torch.Tensor | None:
+        return None if self.float else self._q(x, j).to(torch.uint8)
+
+    def round(self, x: torch.Tensor, j: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(codes uint8 [N], dequantized float32 [N]) of column x [N], chunk-local column j."""
+        if self.float:
+            return None, x.half().float()
+        q = self._q(x, j)
+        deq = self._at(self.d, j) * (q - self.q0 if self.q0 else q)
+        if self.m is not None:
+            deq = deq + self._at(self.m, j)
+        return q.to(torch.uint8), deq
 
 
 def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_size: int, method="neuqi",
@@ -125,26 +156,34 @@ def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_si
     Q = torch.zeros_like(Wp)
     codes = torch.zeros(N, K, dtype=torch.uint8, device=dev)
     perm_l = perm.tolist()
+    chunk_l = chunk_of.tolist()
+    exact_l = exact.tolist()
+    udiag = torch.diagonal(U).tolist()      # float32 values held exactly as Python floats
+    grids: list[_ColumnGrid | None] = [None] * len(bounds)
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
         Err = torch.zeros(N, b1 - b0, device=dev)
         for i in range(b0, b1):
             j = perm_l[i]
-            c = int(chunk_of[j])
-            if params[c] is None:       # "chunk"/None order: fit when the chunk's first column comes up
-                s, e = bounds[c]
-                W[:, perm[i:i + (e - s)]] = Wp[:, i:i + (e - s)]
-                fit(c)
-            col = Wp[:, i:i + 1]
-            qc, deq = _round_onto(col, params[c], dev, j - bounds[c][0])
+            c = chunk_l[j]
+            if grids[c] is None:
+                if params[c] is None:   # "chunk"/None order: fit when the chunk's first column comes up
+                    s, e = bounds[c]
+                    W[:, perm[i:i + (e - s)]] = Wp[:, i:i + (e - s)]
+                    fit(c)
+                grids[c] = _ColumnGrid(params[c], dev)
+            col = Wp[:, i]
+            if exact_l[j]:
+                deq = col.half().float()          # exact up to the fp16 residual (codes still on the grid)
+                qc = grids[c].codes(col, j - bounds[c][0])
+            else:
+                qc, deq = grids[c].round(col, j - bounds[c][0])
             if qc is not None:
-                codes[:, j] = qc[:, 0]
-            if exact[j]:
-                deq = col.half().float()          # exact up to the fp16 residual
-            Q[:, i] = deq[:, 0]
-            err = (col - deq) / U[i, i]
-            Wp[:, i + 1:b1] -= err @ U[i:i + 1, i + 1:b1]
-            Err[:, i - b0] = err[:, 0]
+                codes[:, j] = qc
+            Q[:, i] = deq
+            err = (col - deq) / udiag[i]
+            Wp[:, i + 1:b1].sub_(torch.outer(err, U[i, i + 1:b1]))
+            Err[:, i - b0] = err
         Wp[:, b1:] -= Err @ U[b0:b1, b1:]
     inv = torch.argsort(perm)
     Wfinal = Q[:, inv]                 # dequantized weights (protected columns exact)
