@@ -111,7 +111,7 @@ def main(argv=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(a.plan_threads)
     t = time.time()
-    table, ctx = prepare(ckpt, 128, calib_text, a.seed, a.plan_device, progress=log)
+    table, ctx = prepare(ckpt, 128, calib_text, a.seed, a.plan_device, progress=log, full_xtx=True)  # -fb tables
     prep_s = time.time() - t
     torch.set_num_threads(threads)
     log(f"preparation (calibration, gradients, damage table) on {a.plan_device} x{a.plan_threads}: {prep_s:.1f} s "

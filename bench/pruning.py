@@ -84,7 +84,8 @@ def main(argv=None):
     t0 = time.time()
     fp = ppl()
     log(f"fp16 perplexity {fp:.4f}")
-    table, ctx = prepare(ckpt, 128, calib_text, 0, dev, progress=log, n_seqs=a.n_seqs, n_grad_seqs=a.n_seqs)
+    table, ctx = prepare(ckpt, 128, calib_text, 0, dev, progress=log, n_seqs=a.n_seqs, n_grad_seqs=a.n_seqs,
+                         full_xtx=True)   # joint pruning re-slices XᵀX
     sd = structure_damage(ctx.model, ctx.calib.train[: ctx.opts["n_grad_seqs"]], 32, device=dev, batch_size=2)
     log(f"preparation + structure damage: {time.time() - t0:.1f} s")
     rows = []

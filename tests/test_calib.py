@@ -121,3 +121,49 @@ def test_collect_stats_for_the_converter(tiny):
     st = collect_stats(ckpt, text, device="cpu", n_seqs=2, seqlen=32)
     for lin in ckpt.spec.linears():
         assert st[lin.hf_name].shape == (lin.in_features,) and st[lin.hf_name].dtype == torch.float32
+
+
+@pytest.mark.parametrize("k", [96, 300, 640])
+def test_xtx_accumulator_full_tiles_and_diagonal_blocks(k):
+    """XᵀX gathered tile by tile (upper triangle, mirrored) equals X.T @ X, exactly symmetric; the block form holds
+    the diagonal G x G blocks of the same matrix (a ragged last block included) and zeros elsewhere."""
+    from wqedge.calib import _Accumulator
+    torch.manual_seed(k)
+    xs = [torch.randn(3, 50, k) * torch.linspace(0.1, 3, k) for _ in range(2)]
+    full, block = _Accumulator(k, True, "cpu"), _Accumulator(k, 128, "cpu")
+    for x in xs:
+        full.add(x)
+        block.add(x)
+    X = torch.cat([x.reshape(-1, k) for x in xs]).double()
+    want = X.T @ X / X.shape[0]
+    f, b = full.result(), block.result()
+    assert f.xtx_block is None and b.xtx_block == 128
+    assert torch.allclose(f.xtx, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert torch.equal(f.xtx, f.xtx.T)
+    mask = torch.zeros(k, k, dtype=torch.bool)
+    for s in range(0, k, 128):
+        mask[s:s + 128, s:s + 128] = True
+    assert torch.allclose(b.xtx[mask], want[mask], rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert not bool(b.xtx[~mask].any())
+    assert torch.equal(f.diag, b.diag)
+
+
+def test_damage_table_from_diagonal_blocks_equals_full_xtx(tiny):
+    """The planner gathers only XᵀX's chunk blocks (all the K-FAC damage reads): the same table as from the full
+    matrix; feedback-aware damage, which needs the whole matrix, refuses block statistics."""
+    from wqedge.damage import build_damage_table
+    ckpt, tok, model, text = tiny
+    cs = calibration_tokens(tok, text, n_seqs=4, seqlen=64, n_heldout=0)
+    g = 64
+    full = layerwise_stats(model, cs.train, full_xtx=True)
+    block = layerwise_stats(model, cs.train, full_xtx=g)
+    gs = gradient_stats(model, cs.train)
+    lins = ckpt.spec.linears()[:4]
+    a = build_damage_table(lins, ckpt.linear_weight, g, full, gs, max_rows=None)
+    b = build_damage_table(lins, ckpt.linear_weight, g, block, gs, max_rows=None)
+    assert a.damage.shape == b.damage.shape
+    assert torch.allclose(torch.from_numpy(a.damage), torch.from_numpy(b.damage), rtol=1e-4, atol=1e-12)
+    with pytest.raises(ValueError, match="needs full XᵀX"):
+        build_damage_table(lins, ckpt.linear_weight, g, block, gs, feedback=True)
+    with pytest.raises(ValueError, match="do not cover chunks"):
+        build_damage_table(lins, ckpt.linear_weight, 128, block, gs)

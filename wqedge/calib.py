@@ -149,18 +149,26 @@ class InputStats:
     mean_abs: torch.Tensor       # float64 [K]: E|x_j|
     max_abs: torch.Tensor        # float32 [K]: max |x_j|
     xtx: torch.Tensor | None = None   # float64 [K, K]: XᵀX/T, when gathered
+    xtx_block: int | None = None      # when set, xtx holds only its diagonal blocks of this many columns (zeros elsewhere)
 
     def hessian(self) -> torch.Tensor:
         return self.xtx if self.xtx is not None else torch.diag(self.diag)
 
 
+XTX_TILE = 256   # XᵀX is gathered in tiles of this many columns, the upper triangle only (it is symmetric)
+
+
 class _Accumulator:
-    def __init__(self, k: int, full: bool, device):
+    """Sums over tokens of x², |x|, max |x| and, when asked, XᵀX: full (`xtx` True) or only its diagonal blocks of
+    `xtx` columns (an int: the chunk blocks H_cc the damage table reads, K/G times cheaper than the full matrix)."""
+
+    def __init__(self, k: int, xtx: bool | int, device):
         self.n = 0
         self.s2 = torch.zeros(k, dtype=torch.float64, device=device)
         self.s1 = torch.zeros(k, dtype=torch.float64, device=device)
         self.mx = torch.zeros(k, dtype=torch.float32, device=device)
-        self.xtx = torch.zeros(k, k, dtype=torch.float64, device=device) if full else None
+        self.block = None if isinstance(xtx, bool) else int(xtx)
+        self.xtx = torch.zeros(k, k, dtype=torch.float64, device=device) if xtx else None
 
     def add(self, x: torch.Tensor):
         x = x.reshape(-1, x.shape[-1]).float()
@@ -168,13 +176,25 @@ class _Accumulator:
         self.s2 += (x * x).sum(0, dtype=torch.float64)
         self.s1 += x.abs().sum(0, dtype=torch.float64)
         self.mx = torch.maximum(self.mx, x.abs().amax(0))
-        if self.xtx is not None:
-            self.xtx += (x.T @ x).double()   # fp32 products of one batch, summed in fp64
+        if self.xtx is None:
+            return
+        k = x.shape[1]
+        if self.block:               # diagonal blocks only
+            for s in range(0, k, self.block):
+                xb = x[:, s:s + self.block]
+                self.xtx[s:s + self.block, s:s + self.block] += (xb.T @ xb).double()
+            return
+        xt = x.T.contiguous()        # fp32 products of one batch, summed in fp64; tiles on and above the diagonal
+        for i in range(0, k, XTX_TILE):
+            up = (xt[i:i + XTX_TILE] @ x[:, i:]).double()
+            self.xtx[i:i + XTX_TILE, i:] += up
+            if up.shape[1] > XTX_TILE:
+                self.xtx[i + XTX_TILE:, i:i + XTX_TILE] += up[:, XTX_TILE:].T
 
     def result(self) -> InputStats:
         n = max(self.n, 1)
         return InputStats(self.n, (self.s2 / n).cpu(), (self.s1 / n).cpu(), self.mx.cpu(),
-                          None if self.xtx is None else (self.xtx / n).cpu())
+                          None if self.xtx is None else (self.xtx / n).cpu(), self.block)
 
 
 def _layer_call(layer, h, pos_emb):
@@ -189,7 +209,7 @@ def _rotary(model, hidden: torch.Tensor):
 
 
 @torch.no_grad()
-def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 4, full_xtx: bool = True,
+def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 4, full_xtx: bool | int = True,
                     on_layer: Callable[[int, torch.nn.Module, dict[str, InputStats]], bool | None] | None = None,
                     progress: Callable[[str], None] | None = None) -> dict[str, InputStats]:
     """Input statistics of every decoder linear, gathered one decoder layer at a time.
@@ -199,6 +219,7 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
     (model.layers.L.self_attn.q_proj.weight). `on_layer(l, layer, stats_of_layer)` runs after a layer's
     statistics are gathered and before its output is computed for the next layer; it returns True when
     it changed the layer's weights (then the outputs are recomputed with the new weights).
+    full_xtx: True gathers XᵀX, an int G only its diagonal G x G blocks (InputStats.xtx_block), False neither.
     """
     dev = default_device(device)
     tokens = torch.as_tensor(tokens, dtype=torch.long)

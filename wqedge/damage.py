@@ -190,8 +190,11 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
         hdiag_all = st.diag.to(dev, torch.float64) if st is not None else torch.ones(K, dtype=torch.float64, device=dev)
         lus = by_lin[lin.hf_name]
         xtx = st.xtx if (st is not None and st.xtx is not None) else None
-        if feedback and xtx is None:
+        if feedback and (xtx is None or st.xtx_block):
             raise ValueError(f"feedback-aware damage needs full XᵀX statistics ({lin.hf_name} has none)")
+        if xtx is not None and st.xtx_block and st.xtx_block % group_size:
+            raise ValueError(f"XᵀX of {lin.hf_name} holds only its {st.xtx_block}-column diagonal blocks, which do "
+                             f"not cover chunks of {group_size} columns")
         if feedback:
             from .quant.gptq import conditional_precision
             price = conditional_precision(xtx, group_size, device=dev)

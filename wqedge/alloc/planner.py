@@ -87,8 +87,11 @@ def plan_from_choice(ckpt, table, choice: np.ndarray, budget_bits: float, alloca
                              model_fingerprint=ckpt.fingerprint(), pruning=pruning)
 
 
-def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=None, progress=True, **opts):
-    """Calibration and damage table for a checkpoint: returns (table, PlanningContext)."""
+def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=None, progress=True,
+            full_xtx: bool = False, **opts):
+    """Calibration and damage table for a checkpoint: returns (table, PlanningContext). The input statistics hold
+    XᵀX's diagonal chunk blocks, all the damage table reads, unless `full_xtx` (or feedback-aware damage) asks for
+    the whole matrix (joint pruning re-slices it)."""
     from ..calib import calibration_tokens, default_device, gradient_stats, layerwise_stats
     from ..damage import build_damage_table
 
@@ -117,7 +120,8 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
     if say:
         say(f"calibration: {cs.train.shape[0]} x {cs.seqlen} tokens (+{cs.heldout.shape[0]} held out) on {dev}")
     t = time.time()
-    st = layerwise_stats(model, cs.train, device=dev, full_xtx=True, progress=None)
+    xtx = True if (full_xtx or o["feedback_damage"]) else group_size
+    st = layerwise_stats(model, cs.train, device=dev, full_xtx=xtx, progress=None)
     times["input_stats"] = time.time() - t
     t = time.time()
     gs = gradient_stats(model, cs.train[: o["n_grad_seqs"]], device=dev, batch_size=4 if dev.type == "cuda" else 2)
@@ -162,7 +166,7 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         return uniform_plan(linears, group_size, budget_bits, method, **kw)
     t0 = time.time()
     say = _printer(progress)
-    table, ctx = prepare(ckpt, group_size, calib_text, seed, device, progress, **opts)
+    table, ctx = prepare(ckpt, group_size, calib_text, seed, device, progress, full_xtx=bool(prune), **opts)
     t1 = time.time()
     meta = {"damage": table.kind, "damage_feedback": table.meta.get("feedback", False),
             "protect": table.meta.get("protect", []), "calibration": None if ctx.calib is None else {
