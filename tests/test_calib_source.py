@@ -29,6 +29,10 @@ def test_sample_tokens_shape_bos_and_threads_restored(tiny_model_factory):
     assert ids.shape == (3, 17) and (ids[:, 0] == ckpt.spec.bos_token_id).all()
     assert torch.get_num_threads() == threads
     assert torch.equal(ids, sample_tokens(model, ckpt.spec.bos_token_id, 3, 17, seed=0))
+    # the KV-cached sampling loop sees the whole prefix: every token is among the top 40 of a full forward pass
+    with torch.no_grad():
+        top = model(ids).logits[:, :-1].topk(40, -1).indices
+    assert bool((top == ids[:, 1:, None]).any(-1).all())
 
 
 def test_convert_without_calib_self_calibrates_unless_told_not_to(tiny_model_factory, tmp_path):

@@ -28,20 +28,29 @@ SMALL_MODEL_PARAMS = 3e8   # below this, sampling runs on one thread (OpenMP thr
 def sample_tokens(model, bos: int | None, n_seqs: int, length: int, seed: int) -> torch.Tensor:
     """[n_seqs, length] token ids sampled from `model` (temperature 1, top-k 40), seeded, all sequences
     generated side by side; row 0 of each is BOS (or 0 when the model has none)."""
+    from transformers import DynamicCache
+
     length = max(8, int(length))
-    start = torch.full((n_seqs, 1), bos if bos is not None else 0, dtype=torch.long)
+    out = torch.full((n_seqs, length), bos if bos is not None else 0, dtype=torch.long)
     threads = torch.get_num_threads()
     if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
         torch.set_num_threads(1)   # a decode step of a small model is too short to share: threads only wait
+    gen = torch.Generator().manual_seed(int(seed))
     try:
-        with torch.random.fork_rng(), torch.inference_mode():
-            torch.manual_seed(seed)
-            out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=40,
-                                 temperature=1.0, max_new_tokens=length - 1, min_new_tokens=length - 1,
-                                 pad_token_id=0)
+        # a plain KV-cached loop: ~1.7x faster than model.generate for these small batched steps (llama-s)
+        import inspect
+        # transformers >= 5.2x names the cache argument `cache` (past_key_values is deprecated there)
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        with torch.inference_mode():
+            cache, tok = DynamicCache(), out[:, :1]
+            for i in range(1, length):
+                logits = model(input_ids=tok, use_cache=True, **{key: cache}).logits[:, -1].float()
+                top, idx = logits.topk(min(40, logits.shape[-1]), dim=-1)
+                tok = idx.gather(1, torch.multinomial(torch.softmax(top, -1), 1, generator=gen))
+                out[:, i:i + 1] = tok
     finally:
         torch.set_num_threads(threads)
-    return out[:, :length]
+    return out
 
 
 def self_generated_text(ckpt, n_seqs: int = DEFAULT_SEQS, length: int = DEFAULT_LENGTH, seed: int = CALIBRATION_SEED,
