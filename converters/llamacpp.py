@@ -14,15 +14,13 @@ Sources (`src`):
 
 Outputs:
   * `export_llamacpp(src, out)` — every decoder linear F16 (default) or F32 (`dtype="f32"`).
-  * `export_llamacpp(src, out, bits_budget=b, plan=..., imatrix=...)` — one stock ggml type per
+  * `export_llamacpp(src, out, imatrix, tensor_types={gguf_name: "Q4_K", ...})` — one stock ggml type per
     decoder linear (Q8_0, Q6_K, Q5_K, Q4_K, IQ4_NL, Q4_0, Q3_K, Q2_K, IQ types ...), quantized by
     llama.cpp's own quantizer (`ggml_quantize_chunk` of libggml-base.so, shipped in llama-cpp-python,
-    through ctypes) with an optional importance matrix (per-input-column diag(XᵀX)). The type of each
-    tensor is the *projection* of a chunk-level plan (its per-tensor effective bits; without a plan,
-    the budget itself) onto the stock types that fit the tensor (K-quants need K % 256 == 0), adjusted
-    so that the decoder linears' bits per weight, counted from tensor byte sizes, are <= the budget.
-  * `export_llamacpp(src, out, tensor_types={gguf_name: "Q4_K", ...})` — explicit types (presets such
-    as `wqedge.alloc.llamacpp_types.preset_types(spec, "Q4_K_M")`), with llama.cpp's fallbacks where K does not fit the block.
+    through ctypes) with an optional importance matrix (per-input-column diag(XᵀX)), with llama.cpp's
+    fallbacks where K does not fit the block. The types are chosen elsewhere: llama-quantize's presets
+    (`wqedge.alloc.llamacpp_types.preset_types(spec, "Q4_K_M")`) or the *projection* of a chunk-level plan
+    under a bit budget (`budget_types(spec, bits, plan, available_types(...))`).
 
 Embeddings and the output head stay F16 (as our runtime keeps them) unless `embed_type`/`output_type`
 say otherwise; norms and rope_freqs are F32. Bits per weight are reported over the decoder linears,
@@ -48,14 +46,12 @@ from wqedge.fileio import atomic_output
 from wqedge.spec import ModelSpec, other_tensors, rope_freq_factors
 from wqedge.converters.tokenizer import TokenizerMeta, add_tokenizer_to_gguf
 from wqedge.converters.gguf_writer import add_llama_metadata
-from wqedge.alloc.llamacpp_types import (  # the projection onto llama.cpp types (an allocator)
+from wqedge.alloc.llamacpp_types import (  # type facts (sizes, fallbacks); the choice of types is made there
     DEFAULT_TYPES,
     QT,
     qtype,
     fit_type,
     fits,
-    plan_targets,
-    project_types,
     type_bits,
 )
 
@@ -333,17 +329,17 @@ def _imatrix_for(imatrix, hf_name: str, gguf_name: str):
     return np.asarray(v, dtype=np.float32)
 
 
-def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = None, imatrix=None, *,
+def export_llamacpp(src, out: str | os.PathLike, imatrix=None, *,
                     plan=None, tensor_types: Mapping[str, str] | Callable[[str, int, int], str] | None = None,
-                    types=None, dtype: str = "f16", embed_type: str = "F16", output_type: str | None = None,
+                    dtype: str = "f16", embed_type: str = "F16", output_type: str | None = None,
                     name: str | None = None, progress: Callable[[str], None] | None = None) -> ExportResult:
     """Write `src` (checkpoint folder, LlamaCheckpoint or wqedge GGUF) as a llama.cpp `llama` GGUF at `out`
     (`deci` when its layers differ in shape: a pruned model, from a pruned file or a checkpoint and a pruning `plan`).
 
-    Decoder linears: explicit `tensor_types` ({gguf name: type} or fn(gguf_name, N, K) -> type) if given;
-    else, with `bits_budget`, the projection of `plan` (a Plan, its JSON or file; for a wqedge GGUF source
-    the file's own plan by default) or of the budget alone onto `types` (default DEFAULT_TYPES, filtered to
-    what the installed llama.cpp has); else all `dtype` ("f16" or "f32"). `imatrix`: {HF or gguf name:
+    Decoder linears: `tensor_types` ({gguf name: type} or fn(gguf_name, N, K) -> type) if given (a bit budget's
+    types come from wqedge.alloc.llamacpp_types.budget_types, presets from preset_types: the choice is made
+    there, not here), with llama-quantize's fallbacks where a block does not divide the rows; else all
+    `dtype` ("f16" or "f32"). `plan`: only a pruning plan's shapes matter here. `imatrix`: {HF or gguf name:
     per-input-column importance [K]} (diag(XᵀX) from wqedge.calib.layerwise_stats), passed to llama.cpp's quantizer.
     Embeddings are `embed_type` (F16, F32 or a stock type), the output head `output_type` (default: as the
     embeddings). The file is written atomically, one tensor in memory at a time.
@@ -370,12 +366,6 @@ def export_llamacpp(src, out: str | os.PathLike, bits_budget: float | None = Non
             if ft != t:
                 notes.append(f"{nm}: {t} does not fit rows of {shapes[nm][1]}, using {ft}")
             ttypes[nm] = ft
-    elif bits_budget is not None:
-        if plan is None and s.plan is not None:
-            plan = s.plan
-        targets = plan_targets(plan, spec)
-        allowed = available_types(types or DEFAULT_TYPES, imatrix=imatrix is not None)
-        ttypes = project_types(shapes, float(bits_budget), targets, allowed)
     else:
         ttypes = {nm: base for nm in shapes}
     for t in set(ttypes.values()) | {embed_type, output_type or embed_type}:

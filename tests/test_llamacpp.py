@@ -12,7 +12,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.engine("llama.cpp")  # run in a child pytest (tests/conftest.py)
 
 import gguf  # noqa: E402
-from wqedge.alloc.llamacpp_types import project_types, type_bits  # noqa: E402
+from wqedge.alloc.llamacpp_types import budget_types, project_types, type_bits  # noqa: E402
 from wqedge.converters.llamacpp import (  # noqa: E402
     available_types,
     export_llamacpp,
@@ -191,7 +191,8 @@ def test_quantized_export_meets_budget_and_runs(llama_s_dir, eval_ids, tmp_path)
     rng = np.random.default_rng(0)
     imatrix = {lin.hf_name: rng.uniform(0.5, 2.0, lin.in_features).astype(np.float32) for lin in ckpt.spec.linears()}
     budget = 3.5
-    res = export_llamacpp(ckpt, tmp_path / "q35.gguf", budget, imatrix)
+    types = budget_types(ckpt.spec, budget, None, available_types(imatrix=True))
+    res = export_llamacpp(ckpt, tmp_path / "q35.gguf", imatrix, tensor_types=types)
     measured = measured_linear_bits(res.path)
     print(f"types {res.type_histogram()}, {measured:.4f} bits per weight")
     assert measured <= budget and measured == pytest.approx(res.linear_bits)
@@ -240,7 +241,8 @@ def test_projection_follows_a_chunk_level_plan(llama_s_dir, tmp_path):
                              for c in range(-(-lin.in_features // 128))] for lin in ckpt.spec.linears()}
     plan = Plan.from_actions(ckpt.spec.linears(), 128, 16.0, "test", actions, "minmax")
     budget = plan.effective_bits()
-    res = export_llamacpp(ckpt, tmp_path / "plan.gguf", budget, plan=plan.to_json())
+    types = budget_types(ckpt.spec, budget, plan.to_json(), available_types())
+    res = export_llamacpp(ckpt, tmp_path / "plan.gguf", tensor_types=types)
     assert measured_linear_bits(res.path) <= budget
     t = res.tensor_types
     for i in range(ckpt.spec.n_layers):

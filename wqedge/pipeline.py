@@ -281,15 +281,18 @@ def _convert_llamacpp(ckpt, plan: Plan, output: Path, calib_text: str | None, de
     """A stock llama.cpp GGUF: the plan projected onto llama.cpp types within its budget, quantized by
     llama.cpp (importance matrix from the calibration text)."""
     try:
-        from .converters.llamacpp import export_llamacpp
+        from .converters.llamacpp import available_types, export_llamacpp
     except ImportError as e:
         raise ConvertError(f"--target llamacpp needs llama-cpp-python (pip install 'wqedge[llamacpp]'): {e}") from e
+    from .alloc.llamacpp_types import budget_types
     imatrix = None
     if calib_text is not None:
         from .calib import collect_stats
         imatrix = collect_stats(ckpt, calib_text, device=device)
+    spec = plan.pruning.pruned_spec(ckpt.spec) if plan.pruning is not None else ckpt.spec
     try:
-        res = export_llamacpp(ckpt, output, plan.budget_bits, imatrix, plan=plan)
+        types = budget_types(spec, plan.budget_bits, plan, available_types(imatrix=imatrix is not None))
+        res = export_llamacpp(ckpt, output, imatrix, plan=plan, tensor_types=types)
     except (ValueError, OSError, RuntimeError) as e:
         raise ConvertError(f"llama.cpp export failed, nothing written: {e}") from e
     return Written("llamacpp", Path(res.path), details={"llamacpp": res})

@@ -162,3 +162,13 @@ def plan_targets(plan, spec: ModelSpec) -> dict[str, float]:
         plan = Plan.from_dict(plan)
     by_hf = {lin.hf_name: lin.gguf_name for lin in spec.linears()}
     return {by_hf[t.name]: t.bits(plan.group_size) / t.n_weights for t in plan.tensors if t.name in by_hf}
+
+
+def budget_types(spec: ModelSpec, bits_budget: float, plan=None, allowed=DEFAULT_TYPES) -> dict[str, str]:
+    """gguf name -> stock type for every decoder linear of `spec`: the projection of `plan` (a Plan, its JSON or
+    file; None: the budget alone) onto the `allowed` types within `bits_budget` (`project_types`). `allowed`: what
+    the installed llama.cpp quantizes (wqedge.converters.llamacpp.available_types). Pass the result to
+    export_llamacpp(tensor_types=...): the converter writes types, it does not choose them."""
+    shapes = {lin.gguf_name: (lin.out_features, lin.in_features) for lin in spec.linears()}
+    return project_types(shapes, float(bits_budget), plan_targets(plan, spec), list(allowed))
+

@@ -161,7 +161,7 @@ class ModelFiles:
 
     def _llamacpp(self, key: str) -> Path:
         try:
-            from ..alloc.llamacpp_types import preset_types
+            from ..alloc.llamacpp_types import DEFAULT_TYPES, budget_types, preset_types
             from ..converters.llamacpp import available_types, export_llamacpp, requires_imatrix
             available_types(("Q4_0",))
         except (ImportError, RuntimeError) as e:
@@ -171,8 +171,11 @@ class ModelFiles:
         kw: dict = {}
         if what.startswith("plan-"):
             plan = self.plan(float(what.split("-", 1)[1]))
-            kw = {"bits_budget": plan.effective_bits(), "plan": plan,
-                  "types": NON_IQ_TYPES if self.speed_only else None}
+            try:
+                kw = {"tensor_types": budget_types(self.spec, plan.effective_bits(), plan, available_types(
+                    NON_IQ_TYPES if self.speed_only else DEFAULT_TYPES, imatrix=self.stats() is not None))}
+            except ValueError as e:   # the projection: no stock types fit this model's rows at these bits
+                raise NotAvailable(str(e)) from None
         elif what.startswith("IQ"):
             if requires_imatrix(what) and self.stats() is None:
                 raise NotAvailable(f"{what} needs an importance matrix (run with --calib)")
