@@ -2,7 +2,8 @@
 """What one `wqedge convert` costs, stage by stage (issue 13: "conversion in minutes"), and what an earlier commit
 cost on the same machine in the same run.
 
-    python bench/convert_cost.py [MODEL] [--calib FILE] [--bits 4.25] [--rev REV ...] [--rounds 1] [--threads 2]
+    python bench/convert_cost.py [MODEL] [--calib FILE] [--bits 4.25] [--rev REV ...] [--src NAME=DIR ...]
+        [--rounds 1] [--threads 2]
 
 Each round converts MODEL (default: the fixture llama-s) once with the working tree and once with every --rev (a
 git worktree of that commit under a temporary folder; it uses this tree's NeUQI kernel library when its own is not
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--calib", default=None, help="calibration text (default: self-calibration)")
     ap.add_argument("--bits", type=float, default=4.25)
     ap.add_argument("--rev", action="append", default=[], help="also convert with this commit (repeatable)")
+    ap.add_argument("--src", action="append", default=[], metavar="NAME=DIR",
+                    help="also convert with the code in DIR (a copy of another commit, where git is not at hand)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -91,7 +94,9 @@ def main() -> None:
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        srcs = {"tree": ROOT, **{rev: _worktree(rev, tmp) for rev in a.rev}}
+        srcs = {"tree": ROOT, **{rev: _worktree(rev, tmp) for rev in a.rev},
+                **{n: Path(d).resolve() for n, d in (x.split("=", 1) for x in a.src)}}
+        refs = a.rev + [x.split("=", 1)[0] for x in a.src]
         try:
             for rnd in range(a.rounds):
                 for name, src in srcs.items():
@@ -106,14 +111,14 @@ def main() -> None:
             for rev in a.rev:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(srcs[rev])],
                                capture_output=True)
-    print("\n| stage | " + " | ".join(best) + (f" | tree / {a.rev[0]} |" if a.rev else ""))
-    print("|---" * (len(best) + 1 + bool(a.rev)) + "|")
+    print("\n| stage | " + " | ".join(best) + (f" | tree / {refs[0]} |" if refs else ""))
+    print("|---" * (len(best) + 1 + bool(refs)) + "|")
     for key in [k for k, _ in STAGES] + ["fitting", "total", "rss_mib"]:
         vals = [best[n].get(key) for n in best]
         cells = " | ".join("-" if v is None else f"{v:.1f}" for v in vals)
         ratio = ""
-        if a.rev:
-            t, r = best["tree"].get(key), best[a.rev[0]].get(key)
+        if refs:
+            t, r = best["tree"].get(key), best[refs[0]].get(key)
             ratio = f" | {t / r:.2f}" if t and r else " | -"
         print(f"| {key} | {cells}{ratio} |")
 

@@ -31,11 +31,12 @@ def sample_tokens(model, bos: int | None, n_seqs: int, length: int, seed: int) -
     from transformers import DynamicCache
 
     length = max(8, int(length))
-    out = torch.full((n_seqs, length), bos if bos is not None else 0, dtype=torch.long)
+    dev = next(model.parameters()).device
+    out = torch.full((n_seqs, length), bos if bos is not None else 0, dtype=torch.long, device=dev)
     threads = torch.get_num_threads()
     if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
         torch.set_num_threads(1)   # a decode step of a small model is too short to share: threads only wait
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator(device=dev).manual_seed(int(seed))
     try:
         # a plain KV-cached loop: ~1.7x faster than model.generate for these small batched steps (llama-s)
         import inspect
@@ -54,17 +55,19 @@ def sample_tokens(model, bos: int | None, n_seqs: int, length: int, seed: int) -
 
 
 def self_generated_text(ckpt, n_seqs: int = DEFAULT_SEQS, length: int = DEFAULT_LENGTH, seed: int = CALIBRATION_SEED,
-                        progress: Callable[[str], None] | bool | None = True) -> str:
+                        progress: Callable[[str], None] | bool | None = True, device=None) -> str:
     """Calibration text sampled from the checkpoint itself: n_seqs sequences of `length` tokens, decoded to
-    text and separated by blank lines (the calibration pipeline re-tokenizes text)."""
+    text and separated by blank lines (the calibration pipeline re-tokenizes text). `device`: where the model
+    samples (a CUDA device when planning runs there; default the CPU)."""
     from transformers import AutoTokenizer
 
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress is True else (progress or (lambda m: None))
     t0 = time.time()
     say(f"no calibration text given: sampling {n_seqs} x {length} tokens from the model itself "
         "(data-free calibration; give --calib FILE to use real text)…")
-    model = ckpt.load_hf_model(torch.float32)
-    ids = sample_tokens(model, ckpt.spec.bos_token_id, n_seqs, length, seed)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    model = ckpt.load_hf_model(torch.float32, device=dev)
+    ids = sample_tokens(model, ckpt.spec.bos_token_id, n_seqs, length, seed).cpu()
     del model
     tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
     texts = [tok.decode(row[1:].tolist(), skip_special_tokens=True).strip() for row in ids]
@@ -76,11 +79,11 @@ def self_generated_text(ckpt, n_seqs: int = DEFAULT_SEQS, length: int = DEFAULT_
 
 
 def resolve_calibration(ckpt, text: str | None, self_calib: bool | None = None,
-                        say: Callable[[str], None] | bool | None = True) -> tuple[str | None, str]:
+                        say: Callable[[str], None] | bool | None = True, device=None) -> tuple[str | None, str]:
     """The calibration text a conversion uses and where it came from: (text, "file") when the user gave
     text; else, unless self_calib is False, (self-generated text, "self"); else (None, "none")."""
     if text is not None:
         return text, "file"
     if self_calib is False:
         return None, "none"
-    return self_generated_text(ckpt, progress=say), "self"
+    return self_generated_text(ckpt, progress=say, device=device), "self"

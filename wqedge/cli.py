@@ -282,9 +282,10 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     calib_text = _read_calib(calib) if calib else None   # read once: planning, fitting and the check use it
     source = "file" if calib_text is not None else "none"
     if calib_text is None and self_calib:
+        from .calib import default_device
         from .calib_source import resolve_calibration
-        try:
-            calib_text, source = resolve_calibration(ckpt, None, True, say=click.echo)
+        try:   # the model samples where it is planned (a GPU when there is one)
+            calib_text, source = resolve_calibration(ckpt, None, True, say=click.echo, device=default_device(device))
         except ValueError as e:
             _fail(f"self-calibration failed: {e}; give --calib FILE or --no-self-calib")
         if feedback is None:
