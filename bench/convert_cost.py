@@ -46,7 +46,8 @@ def _worktree(rev: str, where: Path) -> Path:
 
 def convert_once(src: Path, model: str, out: Path, calib: str | None, bits: float, threads: int) -> dict:
     """One `wqedge convert` of `model` with the code in `src`: stage seconds, total, peak RSS (MiB)."""
-    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH")) if p),
+               OMP_NUM_THREADS=str(threads))
     lib = ROOT / "cpp" / "build" / "libwqedge_neuqi.so"
     if not (src / "cpp" / "build" / "libwqedge_neuqi.so").is_file() and lib.is_file():
         env["WQEDGE_NEUQI_LIB"] = str(lib)
