@@ -44,6 +44,16 @@ def _worktree(rev: str, where: Path) -> Path:
     return path
 
 
+def _importable(src: Path) -> Path:
+    """`src` as a package root: converters/ and runtime/ reachable as wqedge.converters / wqedge.runtime (the
+    install maps them so; a plain source tree needs the links)."""
+    for sub in ("converters", "runtime"):
+        link = src / "wqedge" / sub
+        if not link.exists():
+            link.symlink_to(Path("..") / sub)
+    return src
+
+
 def convert_once(src: Path, model: str, out: Path, calib: str | None, bits: float, threads: int) -> dict:
     """One `wqedge convert` of `model` with the code in `src`: stage seconds, total, peak RSS (MiB)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH")) if p),
@@ -51,8 +61,12 @@ def convert_once(src: Path, model: str, out: Path, calib: str | None, bits: floa
     lib = ROOT / "cpp" / "build" / "libwqedge_neuqi.so"
     if not (src / "cpp" / "build" / "libwqedge_neuqi.so").is_file() and lib.is_file():
         env["WQEDGE_NEUQI_LIB"] = str(lib)
-    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(src)!r}); import torch; "
-           f"torch.set_num_threads({threads}); from wqedge.cli import main; main()",
+    # another tree's code must not be shadowed by an editable install of this one (its finder comes first)
+    unshadow = ("sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith('_editable')]; "
+                if src != ROOT else "")
+    cmd = [sys.executable, "-c", f"import sys; {unshadow}sys.path.insert(0, {str(src)!r}); import torch; "
+           f"torch.set_num_threads({threads}); import wqedge; assert wqedge.__file__.startswith({str(src)!r}); "
+           "from wqedge.cli import main; main()",
            "convert", model, "-o", str(out), "--bits", str(bits), "--no-check"]
     if calib:
         cmd += ["--calib", calib]
@@ -95,8 +109,8 @@ def main() -> None:
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        srcs = {"tree": ROOT, **{rev: _worktree(rev, tmp) for rev in a.rev},
-                **{n: Path(d).resolve() for n, d in (x.split("=", 1) for x in a.src)}}
+        srcs = {"tree": ROOT, **{rev: _importable(_worktree(rev, tmp)) for rev in a.rev},
+                **{n: _importable(Path(d).resolve()) for n, d in (x.split("=", 1) for x in a.src)}}
         refs = a.rev + [x.split("=", 1)[0] for x in a.src]
         try:
             for rnd in range(a.rounds):
