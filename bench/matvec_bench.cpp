@@ -12,7 +12,8 @@
 //         linears alone); -a f32 is the float prefill (dequantize + float GEMM), -a q8 (default) the int8 tile GEMM
 //   -d D,KV,F: hidden, k/v and feed-forward widths (default TinyLlama's 2048,256,5632); -r 0 builds and times nothing
 //
-// A kind list "mix:a,b,c" assigns kinds to chunks round-robin (a mixed plan's worst case for dispatch).
+// A kind list "mix:a,b,c" assigns kinds to chunks round-robin (a mixed plan's worst case for dispatch). "head": the dense
+// F16 output head instead (V x D, -V vocabulary, default TinyLlama's 32000; float activations, as decode runs it).
 #include <chrono>
 #include <ctime>
 #include <cstdio>
@@ -105,7 +106,7 @@ int main(int argc, char** argv) {
     int act = ACT_Q8;
     int repack = -1;  // -1: as the model loader decides (repack_wanted), 0/1 forced by -p
     int n_tok = 1;    // > 1: prefill (matmul) of n_tok tokens
-    int D = 2048, KV = 256, F = 5632;  // -d D,KV,F: other shapes (small ones for instruction counts under qemu)
+    int D = 2048, KV = 256, F = 5632, vocab = 32000;  // -d D,KV,F: other shapes (small ones for instruction counts under qemu)
     std::vector<std::string> specs;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
@@ -116,6 +117,7 @@ int main(int argc, char** argv) {
         else if (a == "-a") act = std::string(argv[++i]) == "f32" ? ACT_F32 : ACT_Q8;
         else if (a == "-n") n_tok = atoi(argv[++i]);
         else if (a == "-d") sscanf(argv[++i], "%d,%d,%d", &D, &KV, &F);
+        else if (a == "-V") vocab = atoi(argv[++i]);
         else if (a == "-triad") { printf("triad %d threads: %.1f GB/s\n", threads, triad(threads)); return 0; }
         else specs.push_back(a);
     }
@@ -137,6 +139,37 @@ int main(int argc, char** argv) {
         printf("%-28s %8s %10s %8s %10s  (threads %d, act %s, %d layers, %s)\n", "kinds", "ms/step", "MB/step", "GB/s", "cpu ms", threads,
                act == ACT_Q8 ? "q8" : "f32", layers, repack ? "row tiles" : "row layout");
     for (const std::string& spec : specs) {
+        if (spec == "head") {  // dense F16 V x D, random finite halves
+            Owned h;
+            h.L.kind = Linear::DENSE_F16;
+            h.L.N = vocab;
+            h.L.K = D;
+            h.L.row_bytes = 2 * (size_t)D;
+            h.buf.resize((size_t)vocab * h.L.row_bytes);
+            for (size_t i = 0; i < h.buf.size(); i += 2) {
+                const uint16_t v = (uint16_t)(0x2000 + rng() % 0x1000) | (uint16_t)(rng() & 1) << 15;
+                memcpy(&h.buf[i], &v, 2);
+            }
+            h.L.data = h.buf.data();
+            MatScratch s;
+            s.reserve(threads, D, 128, 8, 1);
+            std::vector<float> yh(vocab);
+            double best = 1e30, best_cpu = 1e30;
+            for (int r = 0; r < reps; ++r) {
+                auto t0 = std::chrono::steady_clock::now();
+                timespec c0, c1;
+                clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
+                matvec(h.L, x.data(), yh.data(), pool, s, kernels, act);
+                const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+                clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
+                best = std::min(best, dt);
+                best_cpu = std::min(best_cpu, (c1.tv_sec - c0.tv_sec) + 1e-9 * (c1.tv_nsec - c0.tv_nsec));
+            }
+            printf("%-28s %8.3f %10.2f %8.2f %10.3f\n", spec.c_str(), best * 1e3, h.buf.size() / 1e6, h.buf.size() / best / 1e9,
+                   best_cpu * 1e3);
+            fflush(stdout);
+            continue;
+        }
         const std::vector<int> kinds = parse_kinds(spec);
         std::vector<Owned> ws;
         for (int l = 0; l < layers; ++l) {

@@ -277,8 +277,18 @@ static inline int tcode_q2(const uint8_t* t, int r, int j) {  // vector v, bits 
 static inline int tcode_q1(const uint8_t* t, int r, int j) {  // one vector, bit G: group G
     return (t[4 * r + j % 4] >> (j / 4)) & 1;
 }
-static inline int tcode_q3(const uint8_t* t, int r, int j) {  // q2 vectors (64 bytes), then the third bit as q1
-    return tcode_q2(t, r, j) | tcode_q1(t + 64, r, j) << 2;
+static inline int tcode_q3(const uint8_t* t, int r, int j) {  // 3-bit fields in three vectors A, B, C (docs/format.md)
+    const int g = j / 4, o = 4 * r + j % 4, a = t[o], b = t[32 + o], c = t[64 + o];
+    switch (g) {
+        case 0: return a & 7;
+        case 1: return (a >> 3) & 7;
+        case 2: return b & 7;
+        case 3: return (b >> 3) & 7;
+        case 4: return c & 7;
+        case 5: return (c >> 3) & 7;
+        case 6: return (a >> 6) | ((c >> 6) & 1) << 2;
+        default: return (b >> 6) | ((c >> 7) & 1) << 2;
+    }
 }
 
 // q1 bits of one row (u32, bit j = column j) <-> the tiled bytes of that row (byte k, bit G = column 4G + k).
@@ -302,31 +312,61 @@ static const uint32_t* tile_spread() {
     return t.data();
 }
 
+// q3: the 8 codes of columns 4G + k (G = 0..7) of one row <-> its bytes k of the three tiled vectors A, B, C
+// (docs/format.md "Row tiles": A = g0 | g1 << 3 | (g6 & 3) << 6, B = g2 | g3 << 3 | (g7 & 3) << 6,
+// C = g4 | g5 << 3 | (g6 >> 2) << 6 | (g7 >> 2) << 7). The row-block holds the low two bits as q2 and the third as q1.
+static void q3_tile_pack(const uint8_t* src, uint8_t* a, uint8_t* b, uint8_t* c) {
+    const uint32_t hi = load_u32(src + 8);
+    for (int k = 0; k < 4; ++k) {
+        int g[8];
+        for (int G = 0; G < 8; ++G) {
+            const int col = 4 * G + k;
+            g[G] = ((src[col % 8] >> (2 * (col / 8))) & 3) | (int)((hi >> col) & 1) << 2;
+        }
+        a[k] = (uint8_t)(g[0] | g[1] << 3 | (g[6] & 3) << 6);
+        b[k] = (uint8_t)(g[2] | g[3] << 3 | (g[7] & 3) << 6);
+        c[k] = (uint8_t)(g[4] | g[5] << 3 | (g[6] >> 2) << 6 | (g[7] >> 2) << 7);
+    }
+}
+static void q3_tile_unpack(const uint8_t* t, int r, uint8_t* o) {  // row r of one tiled block -> 12 row-block bytes
+    std::memset(o, 0, 12);
+    uint32_t hi = 0;
+    for (int j = 0; j < 32; ++j) {
+        const int q = tcode_q3(t, r, j);
+        o[j % 8] |= (uint8_t)((q & 3) << (2 * (j / 8)));
+        hi |= (uint32_t)(q >> 2) << j;
+    }
+    std::memcpy(o + 8, &hi, 4);  // little endian (as load_u32 reads it)
+}
+
 void tile_pack_block(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS], uint8_t* dst) {
-    // q4 and q2 (and q3's low bits): byte 4v + k of row r's block goes to vector v, byte 4r + k. For q4 that byte
-    // holds columns 4v + k (low) and 16 + 4v + k (high); for q2 its bit pairs 2s hold column 8s + 4v + k = 4(2s + v) + k.
+    // q4 and q2: byte 4v + k of row r's block goes to vector v, byte 4r + k. For q4 that byte holds columns 4v + k
+    // (low) and 16 + 4v + k (high); for q2 its bit pairs 2s hold column 8s + 4v + k = 4(2s + v) + k.
     const int id = bt.id, nv = id == 2 ? 4 : 2;
-    if (id == 2 || id == 4 || id == 3)
+    if (id == 3) {
+        for (int r = 0; r < TILE_ROWS; ++r) q3_tile_pack(src[r], dst + 4 * r, dst + 32 + 4 * r, dst + 64 + 4 * r);
+        return;
+    }
+    if (id == 2 || id == 4)
         for (int v = 0; v < nv; ++v)
             for (int r = 0; r < TILE_ROWS; ++r) std::memcpy(dst + 32 * v + 4 * r, src[r] + 4 * v, 4);
-    if (id == 6 || id == 3) {
-        const int o = id == 3 ? 8 : 0, to = id == 3 ? 64 : 0;
-        for (int r = 0; r < TILE_ROWS; ++r) tile_bits_pack(load_u32(src[r] + o), dst + to + 4 * r);
-    }
+    if (id == 6)
+        for (int r = 0; r < TILE_ROWS; ++r) tile_bits_pack(load_u32(src[r]), dst + 4 * r);
 }
 
 void tile_unpack_rows(const BlockTraits& bt, const uint8_t* t, int nb, uint8_t* dst, size_t stride) {
     const int id = bt.id, nv = id == 2 ? 4 : 2, sub = bt.tile_sub;
-    const uint32_t* spread = (id == 6 || id == 3) ? tile_spread() : nullptr;
+    const uint32_t* spread = id == 6 ? tile_spread() : nullptr;
     for (int b = 0; b < nb; ++b, t += TILE_ROWS * sub)
         for (int r = 0; r < TILE_ROWS; ++r) {
             uint8_t* o = dst + r * stride + (size_t)b * sub;
-            if (id == 2 || id == 4 || id == 3)
+            if (id == 3) q3_tile_unpack(t, r, o);
+            if (id == 2 || id == 4)
                 for (int v = 0; v < nv; ++v) std::memcpy(o + 4 * v, t + 32 * v + 4 * r, 4);
             if (spread) {
-                const uint8_t* h = t + (id == 3 ? 64 : 0) + 4 * r;
+                const uint8_t* h = t + 4 * r;
                 const uint32_t bits = spread[h[0]] | spread[h[1]] << 1 | spread[h[2]] << 2 | spread[h[3]] << 3;
-                std::memcpy(o + (id == 3 ? 8 : 0), &bits, 4);  // little endian (as load_u32 reads it)
+                std::memcpy(o, &bits, 4);  // little endian (as load_u32 reads it)
             }
         }
 }

@@ -414,7 +414,7 @@ inline void tile_groups(const uint8_t* q, __m256i g[8]) {
             g[v] = _mm256_and_si256(w, m);
             g[v + 4] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);
         }
-    } else if (ID == 4 || ID == 3) {  // q2 (q3's low bits): vector v, bits 2s: group 2s + v
+    } else if (ID == 4) {  // q2: vector v, bits 2s: group 2s + v
         const __m256i m = _mm256_set1_epi8(3);
         for (int v = 0; v < 2; ++v) {
             const __m256i w = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
@@ -423,17 +423,19 @@ inline void tile_groups(const uint8_t* q, __m256i g[8]) {
             g[v + 4] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);
             g[v + 6] = _mm256_and_si256(_mm256_srli_epi16(w, 6), m);
         }
-        if (ID == 3) {  // third bit: one vector, bit G = group G, moved to bit 2 (shifts stay inside each byte's bits)
-            const __m256i h = _mm256_loadu_si256((const __m256i*)(q + 64)), four = _mm256_set1_epi8(4);
-            g[0] = _mm256_or_si256(g[0], _mm256_and_si256(_mm256_slli_epi16(h, 2), four));
-            g[1] = _mm256_or_si256(g[1], _mm256_and_si256(_mm256_slli_epi16(h, 1), four));
-            g[2] = _mm256_or_si256(g[2], _mm256_and_si256(h, four));
-            g[3] = _mm256_or_si256(g[3], _mm256_and_si256(_mm256_srli_epi16(h, 1), four));
-            g[4] = _mm256_or_si256(g[4], _mm256_and_si256(_mm256_srli_epi16(h, 2), four));
-            g[5] = _mm256_or_si256(g[5], _mm256_and_si256(_mm256_srli_epi16(h, 3), four));
-            g[6] = _mm256_or_si256(g[6], _mm256_and_si256(_mm256_srli_epi16(h, 4), four));
-            g[7] = _mm256_or_si256(g[7], _mm256_and_si256(_mm256_srli_epi16(h, 5), four));
-        }
+    } else if (ID == 3) {  // q3: 3-bit fields, A = g0 | g1 << 3 | g6 lo << 6, B = g2 | g3 << 3 | g7 lo << 6,
+        // C = g4 | g5 << 3 | g6 hi << 6 | g7 hi << 7 (16-bit shifts: the masks drop what crosses from the next byte)
+        const __m256i a = _mm256_loadu_si256((const __m256i*)q), b = _mm256_loadu_si256((const __m256i*)(q + 32));
+        const __m256i c = _mm256_loadu_si256((const __m256i*)(q + 64));
+        const __m256i m7 = _mm256_set1_epi8(7), m3 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4);
+        g[0] = _mm256_and_si256(a, m7);
+        g[1] = _mm256_and_si256(_mm256_srli_epi16(a, 3), m7);
+        g[2] = _mm256_and_si256(b, m7);
+        g[3] = _mm256_and_si256(_mm256_srli_epi16(b, 3), m7);
+        g[4] = _mm256_and_si256(c, m7);
+        g[5] = _mm256_and_si256(_mm256_srli_epi16(c, 3), m7);
+        g[6] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 6), m3), _mm256_and_si256(_mm256_srli_epi16(c, 4), four));
+        g[7] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 6), m3), _mm256_and_si256(_mm256_srli_epi16(c, 5), four));
     } else {  // q1: one vector, bit G = group G
         const __m256i w = _mm256_loadu_si256((const __m256i*)q), one = _mm256_set1_epi8(1);
         g[0] = _mm256_and_si256(w, one);

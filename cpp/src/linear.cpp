@@ -366,12 +366,12 @@ void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScra
                 for (int r = task * 64; r < r1; ++r) y[r] = ops.dot_f32((const float*)(const void*)W.row(r), x, W.K);
                 return;
             }
-            constexpr int RB = 8;  // rows per call; the next RB rows are prefetched meanwhile
-            for (int r = task * 64; r < r1; r += RB) {
-                const int nr = std::min(RB, r1 - r), nn = std::max(0, std::min(RB, r1 - r - nr));
-                for (size_t o = 0; o < (size_t)nn * W.row_bytes; o += 64) prefetch(W.row(r + nr) + o);
-                ops.dot_f16_rows(W.row(r), W.row_bytes, nr, x, W.K, y + r);
-            }
+            // RB rows per call, no software prefetch: the rows are one sequential stream per task, which the hardware
+            // prefetchers follow; prefetching the next RB rows ahead (issue 5) made the F16 output head slower
+            // (bench/matvec_bench.cpp `head`, 32000 x 2048, 1 and 2 threads on the 2-core EPYC: 13.0-14.2 GB/s with
+            // it, 16.1-17.9 without; issue 12)
+            constexpr int RB = 8;
+            for (int r = task * 64; r < r1; r += RB) ops.dot_f16_rows(W.row(r), W.row_bytes, std::min(RB, r1 - r), x, W.K, y + r);
         });
         return;
     }

@@ -1,0 +1,103 @@
+// Compute throughput of the row-tile int8 kernels alone (issue 12): one tile of 8 rows x K columns per kind, resident
+// in L1/L2, run over and over through BlockTraits::tile8 (and VecOps::tile8_mix for a mix), so memory never limits:
+// ns and cycles (rdtsc: the TSC rate, not the core clock) per 32-column block of 8 rows, and GB/s of codes + headers.
+// A kernel that streams from DRAM at B GB/s is compute-bound when its figure here is not well above B.
+//
+//   g++ -O2 -std=c++17 -Icpp/src bench/tile_kernel_bench.cpp cpp/build/libwqedge.a -lpthread -o /tmp/tile_kernel_bench
+//   /tmp/tile_kernel_bench [-k 2048] [-r 20000] [-v 0|1|2|-1] q4 q3 q2 q1 mix:q3,q2
+//   -v: VNNI level (0 none = AVX2 vpmaddubsw, -1 the CPU's); -s: the scalar kernels
+#include <x86intrin.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "blocks.h"
+
+using namespace wqe;
+
+static int kind_id(const std::string& s) {
+    const char* names[] = {"fp16", "q8", "q4", "q3", "q2", "ternary", "q1"};
+    for (int i = 0; i < 7; ++i)
+        if (s == names[i]) return i;
+    fprintf(stderr, "unknown kind %s\n", s.c_str());
+    exit(2);
+}
+
+int main(int argc, char** argv) {
+    int K = 2048, reps = 20000, vnni = -1, kernels = K_AVX2;
+    std::vector<std::string> specs;
+    for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        if (a == "-k") K = atoi(argv[++i]);
+        else if (a == "-r") reps = atoi(argv[++i]);
+        else if (a == "-v") vnni = atoi(argv[++i]);
+        else if (a == "-s") kernels = K_SCALAR;
+        else specs.push_back(a);
+    }
+    if (!set_x86_vnni(vnni)) fprintf(stderr, "VNNI level %d not available; using %d\n", vnni, x86_vnni());
+    printf("%-20s %10s %10s %10s  (K %d, %s of 8 rows, vnni %d, %s; per 32 columns x 8 rows)\n", "kinds", "ns/block", "tsc/block",
+           "GB/s", K, "one tile", x86_vnni(), kernels == K_SCALAR ? "scalar" : "tile8");
+    std::mt19937 rng(1);
+    const int G = 128, nch = K / G, nb = G / 32;
+    for (const std::string& spec : specs) {
+        std::vector<int> kinds;
+        {
+            std::string s = spec.rfind("mix:", 0) == 0 ? spec.substr(4) : spec;
+            size_t p = 0;
+            while (p <= s.size()) {
+                size_t e = s.find(',', p);
+                if (e == std::string::npos) e = s.size();
+                kinds.push_back(kind_id(s.substr(p, e - p)));
+                p = e + 1;
+            }
+        }
+        std::vector<TileDesc> d;
+        size_t off = 0;
+        for (int c = 0; c < nch; ++c) {
+            const BlockTraits& bt = *block_traits(kinds[c % kinds.size()]);
+            d.push_back({off, c, bt.id, nb, 0});
+            off += TILE_ROWS * row_bytes(bt, G, 0);
+        }
+        std::vector<uint8_t> tile(off + 64);
+        for (auto& b : tile) b = (uint8_t)rng();
+        for (const TileDesc& t : d)
+            for (int i = 0; i < 16; ++i) { tile[t.off + 2 * i] = 0; tile[t.off + 2 * i + 1] = 0x30; }  // finite d, m
+        std::vector<XQ8> xq((size_t)nch * nb);
+        std::vector<int> x8off(nch);
+        std::vector<float> xsum(nch, 0.5f);
+        for (int c = 0; c < nch; ++c) x8off[c] = c * nb;
+        for (auto& x : xq) {
+            x.d = 0.01f;
+            x.ds = 0.0f;
+            for (auto& q : x.q) q = (int8_t)((int)(rng() % 255) - 127);
+        }
+        float acc[TILE_ROWS] = {0};
+        const bool uniform = kinds.size() == 1;
+        const BlockTraits& bt0 = *block_traits(kinds[0]);
+        auto once = [&] {
+            if (uniform) bt0.tile8[kernels](tile.data(), d.size() > 1 ? d[1].off : 0, nch, xq.data(), xsum.data(), G, acc, 0);
+            else vec_ops(kernels).tile8_mix(tile.data(), d.data(), nch, xq.data(), x8off.data(), xsum.data(), acc, 0);
+        };
+        for (int r = 0; r < 100; ++r) once();
+        double best = 1e30, best_tsc = 1e30;
+        for (int round = 0; round < 5; ++round) {
+            const int n = kernels == K_SCALAR ? reps / 50 : reps;
+            auto t0 = std::chrono::steady_clock::now();
+            const unsigned long long c0 = __rdtsc();
+            for (int r = 0; r < n; ++r) once();
+            const unsigned long long c1 = __rdtsc();
+            const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            best = std::min(best, dt / n);
+            best_tsc = std::min(best_tsc, (double)(c1 - c0) / n);
+        }
+        const double blocks = (double)nch * nb;
+        printf("%-20s %10.3f %10.2f %10.2f   (acc %g)\n", spec.c_str(), best / blocks * 1e9, best_tsc / blocks, off / best / 1e9,
+               acc[0]);
+    }
+    return 0;
+}
