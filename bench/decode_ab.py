@@ -3,7 +3,7 @@
 ratio on a shared machine without the full `wqedge bench`.
 
     python bench/decode_ab.py --wq A.gguf [--wq B.gguf ...] --lcp Q4_0.gguf [--threads 2] [--rounds 3] [--decode 32]
-        [--env WQEDGE_REPACK=0] [--prefill 256 [--wq-f32]]
+        [--env WQEDGE_REPACK=0] [--prefill 256 [--wq-f32]] [--exe before=/path/to/older/wqedge-bench]
 
 Ours: `wqedge-bench` (cpp/build/ or $WQEDGE_BENCH) decode tok/s (median of its reps); llama.cpp: llama-cpp-python,
 64-token prompt then --decode single-token evals, tok/s. --prefill N measures prompt processing instead: ours the
@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ours(path: str, threads: int, n: int, env: dict, prefill: int = 0) -> float:
-    exe = os.environ.get("WQEDGE_BENCH", str(ROOT / "cpp" / "build" / "wqedge-bench"))
+def ours(path: str, threads: int, n: int, env: dict, prefill: int = 0, exe: str | None = None) -> float:
+    exe = exe or os.environ.get("WQEDGE_BENCH", str(ROOT / "cpp" / "build" / "wqedge-bench"))
     args = ["-p", str(prefill), "-n", "0", "-r", "3"] if prefill else ["-p", "64", "-n", str(n), "-r", "2"]
     out = subprocess.run([exe, "-m", path, *args, "-t", str(threads)], capture_output=True,
                          text=True, check=True, env={**os.environ, **env}).stdout
@@ -66,9 +66,15 @@ def main() -> None:
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for our runs")
     ap.add_argument("--prefill", type=int, default=0, help="measure an N-token prompt instead of decode")
     ap.add_argument("--wq-f32", action="store_true", help="also run our files with WQEDGE_ACT=f32")
+    ap.add_argument("--exe", action="append", default=[],
+                    help="NAME=PATH: also run our files with this wqedge-bench (e.g. a build of an earlier commit), "
+                         "in the same rounds; rows named NAME:file")
     a = ap.parse_args()
     env = dict(e.split("=", 1) for e in a.env)
     runs = [("wq", f, env) for f in a.wq]
+    exes = dict(e.split("=", 1) for e in a.exe)
+    for name in exes:
+        runs += [(name, f, env) for f in a.wq]
     if a.wq_f32:
         runs += [("wq-f32", f, {**env, "WQEDGE_ACT": "f32"}) for f in a.wq]
     runs += [("lcp", f, {}) for f in a.lcp]
@@ -76,7 +82,7 @@ def main() -> None:
     for r in range(a.rounds):
         for kind, f, e in runs:
             v = (llamacpp(f, a.threads, a.decode, a.prefill) if kind == "lcp"
-                 else ours(f, a.threads, a.decode, e, a.prefill))
+                 else ours(f, a.threads, a.decode, e, a.prefill, exes.get(kind)))
             name = f"{kind}:{Path(f).stem}"
             best[name] = max(best.get(name, 0.0), v)
             print(f"round {r + 1} {name}: {v:.1f} tok/s", flush=True)
