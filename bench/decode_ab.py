@@ -3,7 +3,7 @@
 ratio on a shared machine without the full `wqedge bench`.
 
     python bench/decode_ab.py --wq A.gguf [--wq B.gguf ...] --lcp Q4_0.gguf [--threads 2] [--rounds 3] [--decode 32]
-        [--env WQEDGE_REPACK=0] [--prefill 256 [--wq-f32]] [--exe before=/path/to/older/wqedge-bench]
+        [--env WQEDGE_REPACK=0] [--prefill 256 [--wq-f32]] [--exe before=/path/to/older/wqedge-bench] [--cpu]
 
 Ours: `wqedge-bench` (cpp/build/ or $WQEDGE_BENCH) decode tok/s (median of its reps); llama.cpp: llama-cpp-python,
 64-token prompt then --decode single-token evals, tok/s. --prefill N measures prompt processing instead: ours the
@@ -23,12 +23,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+CPU = False  # --cpu: tok/s from process CPU time (robust to other jobs taking the core at 1 thread)
+
+
 def ours(path: str, threads: int, n: int, env: dict, prefill: int = 0, exe: str | None = None) -> float:
     exe = exe or os.environ.get("WQEDGE_BENCH", str(ROOT / "cpp" / "build" / "wqedge-bench"))
     args = ["-p", str(prefill), "-n", "0", "-r", "3"] if prefill else ["-p", "64", "-n", str(n), "-r", "2"]
     out = subprocess.run([exe, "-m", path, *args, "-t", str(threads)], capture_output=True,
                          text=True, check=True, env={**os.environ, **env}).stdout
     what = "prefill" if prefill else "decode"
+    if CPU and not prefill:
+        return 1000.0 / float(re.search(r"CPU ([\d.]+) ms/token", out).group(1))
     return float(re.search(what + r"\s+\d+ tokens: ([\d.]+) tok/s", out).group(1))
 
 
@@ -48,10 +53,11 @@ def llamacpp(path: str, threads: int, n: int, prefill: int = 0) -> float:
         del llm
         return sorted(rates)[1]
     llm.eval(list(range(1, 65)))
-    t0 = time.perf_counter()
+    clock = time.process_time if CPU else time.perf_counter
+    t0 = clock()
     for i in range(n):
         llm.eval([100 + i])
-    dt = time.perf_counter() - t0
+    dt = clock() - t0
     del llm
     return n / dt
 
@@ -69,7 +75,12 @@ def main() -> None:
     ap.add_argument("--exe", action="append", default=[],
                     help="NAME=PATH: also run our files with this wqedge-bench (e.g. a build of an earlier commit), "
                          "in the same rounds; rows named NAME:file")
+    ap.add_argument("--cpu", action="store_true",
+                    help="decode tok/s from process CPU time (ours: wqedge-bench's best CPU ms/token; llama.cpp: "
+                         "time.process_time over the decode loop): meaningful at 1 thread on a shared machine")
     a = ap.parse_args()
+    global CPU
+    CPU = a.cpu
     env = dict(e.split("=", 1) for e in a.env)
     runs = [("wq", f, env) for f in a.wq]
     exes = dict(e.split("=", 1) for e in a.exe)
@@ -86,7 +97,7 @@ def main() -> None:
             name = f"{kind}:{Path(f).stem}"
             best[name] = max(best.get(name, 0.0), v)
             print(f"round {r + 1} {name}: {v:.1f} tok/s", flush=True)
-    print(f"best ({'prefill %d tokens' % a.prefill if a.prefill else 'decode'}, {a.threads} threads):",
+    print(f"best ({'prefill %d tokens' % a.prefill if a.prefill else 'decode'}{', CPU time' if CPU else ''}, {a.threads} threads):",
           ", ".join(f"{k} {v:.1f}" for k, v in best.items()))
     ref = next((k for k in best if k.startswith("lcp:")), None)
     if ref:

@@ -366,12 +366,20 @@ void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScra
                 for (int r = task * 64; r < r1; ++r) y[r] = ops.dot_f32((const float*)(const void*)W.row(r), x, W.K);
                 return;
             }
-            // RB rows per call, no software prefetch: the rows are one sequential stream per task, which the hardware
-            // prefetchers follow; prefetching the next RB rows ahead (issue 5) made the F16 output head slower
-            // (bench/matvec_bench.cpp `head`, 32000 x 2048, 1 and 2 threads on the 2-core EPYC: 13.0-14.2 GB/s with
-            // it, 16.1-17.9 without; issue 12)
+            // RB rows per call. Software prefetch of the next RB rows (also past the task's end: with one thread the next
+            // task is this thread's) only for short rows (RB rows <= 8 KB, e.g. D = 512): measured on the 2-core EPYC
+            // (bench/matvec_bench.cpp head, 1 thread, 32000 rows): D = 512 11.7 GB/s prefetching within the task (issue 5),
+            // 9.7 without, 20.0 with this; D = 2048 14.5 with issue 5's prefetch (32 KB ahead), 14.1-14.9 with 4-16 KB
+            // ahead, 17.1 without: the hardware prefetchers follow long rows better than the prefetches do (issue 12)
             constexpr int RB = 8;
-            for (int r = task * 64; r < r1; r += RB) ops.dot_f16_rows(W.row(r), W.row_bytes, std::min(RB, r1 - r), x, W.K, y + r);
+            const bool pf = (size_t)RB * W.row_bytes <= 8192;
+            const uint8_t* end = W.row(W.N);
+            for (int r = task * 64; r < r1; r += RB) {
+                const int nr = std::min(RB, r1 - r);
+                if (pf)
+                    for (const uint8_t *p = W.row(r + nr), *e = std::min(end, p + (size_t)RB * W.row_bytes); p < e; p += 64) prefetch(p);
+                ops.dot_f16_rows(W.row(r), W.row_bytes, nr, x, W.K, y + r);
+            }
         });
         return;
     }
