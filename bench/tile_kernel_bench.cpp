@@ -17,16 +17,9 @@
 #include <vector>
 
 #include "blocks.h"
+#include "bench_kinds.h"
 
 using namespace wqe;
-
-static int kind_id(const std::string& s) {
-    const char* names[] = {"fp16", "q8", "q4", "q3", "q2", "ternary", "q1"};
-    for (int i = 0; i < 7; ++i)
-        if (s == names[i]) return i;
-    fprintf(stderr, "unknown kind %s\n", s.c_str());
-    exit(2);
-}
 
 int main(int argc, char** argv) {
     int K = 2048, reps = 20000, vnni = -1, kernels = K_AVX2;
@@ -45,17 +38,7 @@ int main(int argc, char** argv) {
     std::mt19937 rng(1);
     const int G = 128, nch = K / G, nb = G / 32;
     for (const std::string& spec : specs) {
-        std::vector<int> kinds;
-        {
-            std::string s = spec.rfind("mix:", 0) == 0 ? spec.substr(4) : spec;
-            size_t p = 0;
-            while (p <= s.size()) {
-                size_t e = s.find(',', p);
-                if (e == std::string::npos) e = s.size();
-                kinds.push_back(kind_id(s.substr(p, e - p)));
-                p = e + 1;
-            }
-        }
+        const std::vector<int> kinds = parse_kinds(spec);
         std::vector<TileDesc> d;
         size_t off = 0;
         for (int c = 0; c < nch; ++c) {
