@@ -293,9 +293,9 @@ def test_parameter_refit_lowers_the_layer_loss_and_keeps_protected_values():
 
 @pytest.mark.parametrize("action", [a for a in blocks.ACTION_NAMES if not blocks.block_type(a).is_float])
 def test_error_feedback_column_rounding_is_the_grid_primitive(action):
-    """gptq's per-column rounding (_ColumnGrid, the chunk's grid expanded once) gives exactly the codes and values of
-    affine.block_codes / block_dequantize on the stored grid, column by column, for every kind: constant rows
-    (d = 0), values outside the grid, and a ragged chunk width included."""
+    """gptq's per-column rounding (_ColumnGrid: the chunk's grid expanded once, then sliced per column) gives exactly
+    the codes and values of affine.block_codes / block_dequantize on that column's stored grid (chunk_grid of the
+    column alone), for every kind: constant rows (d = 0), values outside the grid, subscale sub-blocks included."""
     from wqedge.quant.affine import block_codes, block_dequantize, chunk_grid
     from wqedge.quant.fit import fit_chunk
     from wqedge.quant.gptq import _ColumnGrid

@@ -21,7 +21,7 @@ import torch
 from .. import blocks
 from ..blocks import ChunkData
 from ..units import chunk_bounds
-from .affine import block_dequantize, chunk_grid, expand_sub
+from .affine import block_codes, block_dequantize, chunk_grid, expand_sub
 
 DAMP = 0.1          # of mean diag(XᵀX); measured on llama-s: 0.1 beat 0.01 and 0.3 (ppl 6.43 vs 6.46 at 3.25 bits)
 #                     (neuqi.DAMP = 0.01 weights a single chunk's fit: a different matrix, kept apart on purpose)
@@ -72,45 +72,34 @@ def conditional_precision(xtx: torch.Tensor, group_size: int, damp: float = DAMP
 
 
 class _ColumnGrid:
-    """Chunk c's stored grid, expanded once so that error feedback rounds one column at a time with a few tensor
-    ops: the arithmetic of affine.block_codes / block_dequantize (same operations, same order, same results)."""
+    """Chunk c's stored grid, expanded once (chunk_grid), so that error feedback rounds one column at a time with
+    affine.block_codes / block_dequantize on that column's parameters instead of rebuilding the grid per column."""
 
     def __init__(self, c: ChunkData, dev):
-        bt = blocks.block_type(c.action)
-        self.float = bt.is_float
-        if self.float:
+        self.bt = blocks.block_type(c.action)
+        if self.bt.is_float:
             return
-        d, m = chunk_grid(bt, c, dev)
+        d, m = chunk_grid(self.bt, c, dev)
         self.per_col = d.dim() == 2            # subscale kinds: D, M per column
         self.d = d if self.per_col else d.reshape(-1, 1)
         self.m = None if m is None else (m if self.per_col else m.reshape(-1, 1))
-        self.safe = torch.where(self.d > 0, self.d, 1.0)
-        self.live = self.d > 0
-        self.q0, self.top = float(bt.zero_code), float(bt.levels - 1)
 
     def _at(self, t, j):
-        return t[:, j] if self.per_col else t[:, 0]
-
-    def _q(self, x, j):
-        if self.m is not None:
-            x = x - self._at(self.m, j)
-        q = torch.round(x / self._at(self.safe, j))
-        if self.q0:
-            q = q + self.q0
-        return torch.where(self._at(self.live, j), q.clamp_(0, self.top), self.q0)
+        return None if t is None else (t[:, j:j + 1] if self.per_col else t)
 
     def codes(self, x: torch.Tensor, j: int) -> torch.Tensor | None:
-        return None if self.float else self._q(x, j).to(torch.uint8)
+        """Codes uint8 [N] of column x [N], chunk-local column j (None for a float kind)."""
+        if self.bt.is_float:
+            return None
+        return block_codes(self.bt, x[:, None], self._at(self.d, j), self._at(self.m, j))[:, 0]
 
     def round(self, x: torch.Tensor, j: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(codes uint8 [N], dequantized float32 [N]) of column x [N], chunk-local column j."""
-        if self.float:
+        if self.bt.is_float:
             return None, x.half().float()
-        q = self._q(x, j)
-        deq = self._at(self.d, j) * (q - self.q0 if self.q0 else q)
-        if self.m is not None:
-            deq = deq + self._at(self.m, j)
-        return q.to(torch.uint8), deq
+        d, m = self._at(self.d, j), self._at(self.m, j)
+        q = block_codes(self.bt, x[:, None], d, m)
+        return q[:, 0], block_dequantize(self.bt, q, d, m)[:, 0]
 
 
 def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_size: int, method="neuqi",
