@@ -13,6 +13,7 @@ that the check does not score the model on what it was calibrated with.
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from typing import Callable
@@ -38,9 +39,8 @@ def sample_tokens(model, bos: int | None, n_seqs: int, length: int, seed: int) -
         torch.set_num_threads(1)   # a decode step of a small model is too short to share: threads only wait
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     try:
-        # a plain KV-cached loop: ~1.7x faster than model.generate for these small batched steps (llama-s)
-        import inspect
-        # transformers >= 5.2x names the cache argument `cache` (past_key_values is deprecated there)
+        # a plain KV-cached loop: ~1.7x faster than model.generate for these small batched steps (llama-s).
+        # Newer transformers (5.25 here) name the cache argument `cache` and deprecate past_key_values (5.17 has only it)
         key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         with torch.inference_mode():
             cache, tok = DynamicCache(), out[:, :1]

@@ -171,4 +171,3 @@ def budget_types(spec: ModelSpec, bits_budget: float, plan=None, allowed=DEFAULT
     export_llamacpp(tensor_types=...): the converter writes types, it does not choose them."""
     shapes = {lin.gguf_name: (lin.out_features, lin.in_features) for lin in spec.linears()}
     return project_types(shapes, float(bits_budget), plan_targets(plan, spec), list(allowed))
-

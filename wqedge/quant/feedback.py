@@ -8,6 +8,7 @@ blocks.ChunkData, exactly what the converter packs, so a plan lowered this way i
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -25,8 +26,6 @@ def quantize_model(model, plan, tokens: torch.Tensor, device=None, batch_size: i
     """Quantize every decoder linear of an HF model in place by `plan`, layer by layer, with the quantized
     earlier layers in the loop. feedback=False fits each chunk alone (fit_chunk with diag(XᵀX), as
     wqedge.quantize does) but still on sequential statistics. Returns {hf_name: [ChunkData per chunk]}."""
-    import time
-
     from ..calib import layerwise_stats
     from ..quant.fit import fit_chunk
 
