@@ -22,7 +22,7 @@ import torch
 from transformers import AutoTokenizer
 
 from wqedge.actquant import fake_quant, quantize_model
-from wqedge.bench.report import write_markdown
+from wqedge.bench.report import add_fixture_args, write_markdown
 from wqedge.calib import calibration_tokens, tokenize_text
 from wqedge.checkpoint import LlamaCheckpoint
 from wqedge.perplexity import perplexity
@@ -33,7 +33,6 @@ from wqedge.rotation import Transform, build_model_transforms, group_activations
 from wqedge.units import chunk_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT.parent / "shared" / "fixtures"
 G = 128
 
 
@@ -66,9 +65,7 @@ def act_error(acts, transforms, bits):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(FIX / "llama-s"))
-    ap.add_argument("--text", default=str(FIX / "text" / "eval.txt"))
-    ap.add_argument("--calib", default=str(FIX / "text" / "calib.txt"))
+    add_fixture_args(ap)
     ap.add_argument("--windows", type=int, default=6)
     ap.add_argument("--calib-seqs", type=int, default=4, help="512-token calibration windows for the transforms")
     ap.add_argument("--seed", type=int, default=0)
@@ -85,7 +82,7 @@ def main():
     ckpt = LlamaCheckpoint.open(args.model)
     tok = AutoTokenizer.from_pretrained(args.model)
     bos = ckpt.spec.bos_token_id
-    ids = tokenize_text(tok, Path(args.text).read_text(), bos)
+    ids = tokenize_text(tok, Path(args.eval).read_text(), bos)
     cal = calibration_tokens(tok, args.calib, n_seqs=args.calib_seqs, seqlen=512, n_heldout=0, bos_id=bos)
     fp = ckpt.load_hf_model(torch.float32)
 
@@ -144,7 +141,7 @@ def main():
     lines = [f"# RUQuant stage 1 (PyTorch fake quantization), {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
              "", f"Command: `python {' '.join(sys.argv)}` (torch {torch.__version__}, {args.threads} threads, "
              f"total {time.time() - t_start:.0f} s).", "",
-             f"Model `{Path(args.model).name}`, text `{Path(args.text).name}`: perplexity in llama.cpp's definition "
+             f"Model `{Path(args.model).name}`, text `{Path(args.eval).name}`: perplexity in llama.cpp's definition "
              f"(512-token windows, second half scored) over the **first {args.windows} windows** only "
              f"(the fixture's reference figures use 32, so absolute values differ from 6.263). Transforms from "
              f"{cal.train.shape[0]} calibration windows of 512 tokens of `{Path(args.calib).name}` (BOS position left "

@@ -24,17 +24,15 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from wqedge import pipeline
-from wqedge.bench.report import write_markdown
+from wqedge.bench.report import add_fixture_args, write_markdown
 from wqedge.checkpoint import LlamaCheckpoint
 from wqedge.perplexity import perplexity
 from wqedge.quantize import convert_to_gguf
 from wqedge.rotation import rotation_config
 
 ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT.parent / "shared" / "fixtures"
 ROWS = (("q4", True, (8, 6, 4)), ("q8", True, (6, 4)), ("q4", False, (8, 4)))  # weights, rotated, act bits
 
 
@@ -91,9 +89,7 @@ def decode_speed(paths: dict[str, Path], n_tokens: int, threads: int, repeats: i
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(FIX / "llama-s"))
-    ap.add_argument("--text", default=str(FIX / "text" / "eval.txt"))
-    ap.add_argument("--calib", default=str(FIX / "text" / "calib.txt"))
+    add_fixture_args(ap)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--fit", choices=("stats", "feedback"), default="stats",
                     help="NeUQI weighted by diag(XᵀX) (stats) or GPTQ-style error feedback")
@@ -117,7 +113,7 @@ def main():
     if not args.speed_only:
         ckpt = LlamaCheckpoint.open(args.model)
         calib = Path(args.calib).read_text()
-        tokens, bos = eval_tokens(Path(args.model), Path(args.text).read_text())
+        tokens, bos = eval_tokens(Path(args.model), Path(args.eval).read_text())
         t0 = time.time()
         fp = ckpt.load_hf_model()
         from wqedge.reference import logits_fn

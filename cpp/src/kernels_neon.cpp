@@ -435,23 +435,19 @@ WQE_ROWS(ternary)
             for (; r < n; ++r) out[r] = dot8_affine_plain<CODES, SUB, Q8>(rb + r * st, x, s, g);        \
         }                                                                                               \
     }
-WQE_DOT8(q8, codes_q8, 32, true)
-WQE_DOT8(q4, codes_q4, 16, false)
-WQE_DOT8(q3, codes_q3, 12, false)
-WQE_DOT8(q2, codes_q2, 8, false)
-WQE_DOT8(q1, codes_q1, 4, false)
+// the affine kinds: name, code reader, code bytes per 32 columns, whether codes need the 0x80 flip to int8 (q8)
+#define WQE_AFFINE_KINDS(X) X(q8, codes_q8, 32, true) X(q4, codes_q4, 16, false) X(q3, codes_q3, 12, false) \
+    X(q2, codes_q2, 8, false) X(q1, codes_q1, 4, false)
+WQE_AFFINE_KINDS(WQE_DOT8)
 #undef WQE_DOT8
 #define WQE_GEMM(name, CODES, SUB, Q8)                                                                   \
     void gemm4_##name(const uint8_t* rb, size_t st, const XQ8* xq, size_t xs, const float* xsum, size_t ss, int nt, \
                       int g, float* out, size_t ld) {                                                   \
         gemm4<CODES, SUB, Q8>(rb, st, xq, xs, xsum, ss, nt, g, out, ld);                                \
     }
-WQE_GEMM(q8, codes_q8, 32, true)
-WQE_GEMM(q4, codes_q4, 16, false)
-WQE_GEMM(q3, codes_q3, 12, false)
-WQE_GEMM(q2, codes_q2, 8, false)
-WQE_GEMM(q1, codes_q1, 4, false)
+WQE_AFFINE_KINDS(WQE_GEMM)
 #undef WQE_GEMM
+#undef WQE_AFFINE_KINDS
 float dot8_ternary(const uint8_t* rb, const XQ8* x, float s, int g) {
     return neon_dotprod() ? dot8_ternary_dot(rb, x, s, g) : dot8_ternary_plain(rb, x, s, g);
 }

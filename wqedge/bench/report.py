@@ -115,7 +115,8 @@ def add_fixture_args(ap) -> None:
     fix = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
     ap.add_argument("--model", default=str(fix / "llama-s"))
     ap.add_argument("--calib", default=str(fix / "text" / "calib.txt"))
-    ap.add_argument("--eval", default=str(fix / "text" / "eval.txt"))
+    ap.add_argument("--eval", "--text", dest="eval", default=str(fix / "text" / "eval.txt"),
+                    help="evaluation text (--text: the RUQuant scripts' name for it)")
 
 
 def write_markdown(lines: list[str], out) -> str:
