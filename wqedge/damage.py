@@ -153,8 +153,8 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
     keep: when given, receives ŵ [rows, g] per (hf_name, chunk, action) (only with every row).
     feedback: price rounding errors by their conditional precision under error feedback (needs full XᵀX).
     protect: numbers of protected columns k for which "<action>+p<k>" variants are added.
-    neuqi_grid: NeUQI's scale search for these fits; None = wqedge.quant.neuqi.FAST_GRID (the table ranks
-    actions; the fits that go into the file search the full grid).
+    neuqi_grid: NeUQI's scale search for these fits; None = wqedge.quant.neuqi.FAST_GRID (the table only ranks
+    actions; error feedback fits the file's chunks again).
     """
     if kind in ("kfac", "fisher") and not grad_stats:
         raise ValueError(f"damage kind {kind!r} needs gradient statistics")
