@@ -23,7 +23,7 @@ from wqedge.plan import Plan
 from wqedge.rotation_format import (KEY_ACT_BITS, KEY_BLOCK, KEY_ROTATION, ROTATED_FORMAT_VERSION,
                                     StoredTransform, tensor_name)
 from wqedge.spec import ModelSpec, other_tensors, rope_freq_factors
-from wqedge.units import Linear
+from wqedge.units import Linear, chunk_bounds
 from wqedge.converters.tokenizer import TokenizerMeta, add_tokenizer_to_gguf
 
 ARCH = "llama"
@@ -35,6 +35,21 @@ class DenseTensor:
     gguf_name: str
     shape: tuple[int, ...]
     dtype: np.dtype          # float16 or float32
+
+
+@dataclass
+class QuantizedHead:
+    """The output head as a quantized linear (wqedge.head): `gguf_name` is output.weight, or token_embd.weight
+    when the embeddings are tied (then that one tensor serves both); chunks() fits it when it is written."""
+    gguf_name: str
+    out_features: int
+    in_features: int
+    actions: list[str]
+    chunks: Callable[[], list[ChunkData]]
+
+    def row_bytes(self, group_size: int) -> int:
+        return sum(block_type(a).row_bytes(e - s, 0) for a, (s, e) in
+                   zip(self.actions, chunk_bounds(self.in_features, group_size)))
 
 
 def linear_row_bytes(plan: Plan, name: str) -> int:
@@ -69,7 +84,8 @@ def add_llama_metadata(w: gguf.GGUFWriter, spec: ModelSpec, name: str | None = N
     w.add_vocab_size(spec.vocab_size)
 
 
-def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan, rotated: bool = False) -> None:
+def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan, rotated: bool = False,
+                        head: QuantizedHead | None = None) -> None:
     add_llama_metadata(w, spec)
     if spec.rope_scaling:
         # llama.cpp reads llama3 scaling from the rope_freqs.weight tensor alone; we keep the parameters too.
@@ -96,6 +112,9 @@ def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan, rotated
         if any(t.protected):
             w.add_key_value(tensor_key(name, "chunk_protected"), [len(p) for p in t.protected],
                             gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT16)
+    if head is not None:  # the same keys as a decoder linear's; never protected columns
+        w.add_uint32(tensor_key(head.gguf_name, "in_features"), head.in_features)
+        w.add_array(tensor_key(head.gguf_name, "chunk_actions"), [block_type(a).code for a in head.actions])
 
 
 def _protect_indices(chunks: list[ChunkData], starts: list[int]) -> np.ndarray:
@@ -118,17 +137,19 @@ def write_gguf(path: str | os.PathLike, spec: ModelSpec, plan: Plan, tokenizer: 
                dense: list[DenseTensor], dense_data: Callable[[str], np.ndarray],
                quantized: Iterable[tuple[Linear, list[ChunkData]]],
                progress: Callable[[str], None] | None = None,
-               transforms: dict[tuple[int, int], StoredTransform] | None = None) -> Path:
+               transforms: dict[tuple[int, int], StoredTransform] | None = None,
+               head: QuantizedHead | None = None) -> Path:
     """Write the model; `quantized` yields every decoder linear in spec.linears() order.
 
-    dense_data(gguf_name) returns the array for a DenseTensor (called once each, in order). transforms:
+    dense_data(gguf_name) returns the array for a DenseTensor (called once each, in order); head: the output
+    head as a quantized linear, which replaces the DenseTensor of its name (None: the head is dense). transforms:
     {(layer, group): StoredTransform} of a rotated plan (one per layer and group), whose folded weights
     `quantized` carries.
     """
     if (plan.rotation is not None) != bool(transforms):
         raise ValueError("a rotated plan needs its transforms, and transforms need a rotated plan")
     with atomic_output(path) as tmp:
-        _write(tmp, spec, plan, tokenizer, dense, dense_data, quantized, progress, transforms or {})
+        _write(tmp, spec, plan, tokenizer, dense, dense_data, quantized, progress, transforms or {}, head)
     return Path(path)
 
 
@@ -144,16 +165,23 @@ def _transform_arrays(spec: ModelSpec, transforms: dict) -> list[tuple[str, np.n
     return out
 
 
-def _write(tmp: Path, spec, plan, tokenizer, dense, dense_data, quantized, progress, transforms) -> None:
+def _write(tmp: Path, spec, plan, tokenizer, dense, dense_data, quantized, progress, transforms, head) -> None:
     w = gguf.GGUFWriter(tmp, ARCH)
-    _add_model_metadata(w, spec, plan, bool(transforms))
+    _add_model_metadata(w, spec, plan, bool(transforms), head)
     add_tokenizer_to_gguf(w, tokenizer)
+    if head is not None:
+        if head.gguf_name not in {d.gguf_name for d in dense}:
+            raise ValueError(f"the quantized head {head.gguf_name} is not among the model's tensors")
+        dense = [d for d in dense if d.gguf_name != head.gguf_name]
+        head_rb = head.row_bytes(plan.group_size)
 
     factors = rope_freq_factors(spec)
     if factors is not None:
         dense = dense + [DenseTensor("rope_freqs.weight", factors.shape, np.dtype(np.float32))]
     for d in dense:
         w.add_tensor_info(d.gguf_name, d.shape, d.dtype, int(np.prod(d.shape)) * d.dtype.itemsize)
+    if head is not None:
+        w.add_tensor_info(head.gguf_name, (head.out_features, head_rb), np.dtype(np.int8), head.out_features * head_rb)
     rot = _transform_arrays(spec, transforms)
     for name, a in rot:
         w.add_tensor_info(name, a.shape, a.dtype, a.nbytes)
@@ -176,6 +204,14 @@ def _write(tmp: Path, spec, plan, tokenizer, dense, dense_data, quantized, progr
             raise ValueError(f"{d.gguf_name}: expected shape {d.shape}, got {arr.shape}")
         check_finite(d.gguf_name, arr)
         w.write_tensor_data(arr)
+    if head is not None:
+        chunks = head.chunks()
+        if [c.action for c in chunks] != list(head.actions) or any(c.n_protected for c in chunks):
+            raise ValueError(f"{head.gguf_name}: fitted chunks do not match the head's actions {head.actions[:1]}")
+        rows = np.concatenate([pack_chunk(c) for c in chunks], axis=1)
+        if rows.shape != (head.out_features, head_rb):
+            raise ValueError(f"{head.gguf_name}: packed rows {rows.shape}, expected {(head.out_features, head_rb)}")
+        w.write_tensor_data(rows.view(np.int8))
     for name, a in rot:
         check_finite(name, a)
         w.write_tensor_data(a)

@@ -183,12 +183,40 @@ class WqGGUF:
         return [lin.gguf_name for lin in self.spec.linears()]
 
     # ------------------------------------------------------------ data
+    def is_quantized(self, name: str) -> bool:
+        """Whether tensor `name` is a quantized linear (I8 row-blocks described by wqedge.tensors.<name>.* keys):
+        the decoder linears, and the output head (output.weight, or token_embd.weight when tied) when quantized."""
+        return f"wqedge.tensors.{name}.chunk_actions" in self.reader.fields
+
+    @property
+    def head_tensor(self) -> str:
+        """The tensor the output head reads: output.weight, or token_embd.weight when the embeddings are tied."""
+        return "token_embd.weight" if self.spec.tie_word_embeddings else "output.weight"
+
+    @property
+    def head_kind(self) -> str:
+        """How the output head is stored: "fp16" / "fp32" (dense) or its block kind ("q8", "q4"; wqedge.head)."""
+        name = self.head_tensor
+        if self.is_quantized(name):
+            acts = set(self.layout(name).actions)
+            return acts.pop() if len(acts) == 1 else "mixed"
+        return "fp32" if np.asarray(self.tensors[name].data).dtype == np.float32 else "fp16"
+
     @_format_errors
     def dense(self, name: str) -> np.ndarray:
-        """A non-linear tensor as float32, in numpy (row-major) shape."""
+        """A non-linear tensor as float32, in numpy (row-major) shape; a quantized head (or tied embedding table)
+        dequantized (docs/format.md, "Output head")."""
         t = self.tensors.get(name)
         if t is None:
             raise FormatError(f"{self.path}: no tensor {name}")
+        if self.is_quantized(name):
+            if name not in ("output.weight", "token_embd.weight"):
+                raise FormatError(f"{self.path}: {name} is a quantized linear, not a dense tensor")
+            lay = self.layout(name)
+            if (lay.out_features, lay.in_features) != (self.spec.vocab_size, self.spec.hidden_size):
+                raise FormatError(f"{self.path}: {name} is [{lay.out_features}, {lay.in_features}], expected "
+                                  f"[{self.spec.vocab_size}, {self.spec.hidden_size}]")
+            return self.dequantize_linear(name)
         shape = tuple(int(x) for x in reversed(t.shape))
         return np.array(t.data, dtype=np.float32).reshape(shape)  # a private, writable copy
 

@@ -14,7 +14,8 @@ import click
 
 from . import __version__
 from .blocks import ACTION_NAMES
-from .pipeline import ALLOCATORS, DEMO_DIR, DISTILL_STEPS, TARGETS
+from .head import HEAD_KINDS
+from .pipeline import ALLOCATORS, DEFAULT_HEAD, DEMO_DIR, DISTILL_STEPS, TARGETS
 from .plan import METHODS
 MIN_CALIB_WORDS = 16
 
@@ -254,9 +255,15 @@ def plan_options(f):
 @click.option("--onnx-variant", type=click.Choice(["portable", "native"]), default="portable", show_default=True,
               help="'portable': stock ONNX Runtime operators; 'native': one wqedge.ChunkLinear per linear, run by "
                    "our custom-op library libwqedge_ort (smaller and packed in memory; see docs/onnx.md).")
+@click.option("--head", type=click.Choice(HEAD_KINDS), default=None,
+              help=f"How the output head (the vocabulary projection; the embedding table too when the checkpoint "
+                   f"ties them) is stored: 'fp16' dense as in the checkpoint, 'q8' / 'q4' a quantized linear in the "
+                   f"decoder linears' layout, fitted from the weights (default {DEFAULT_HEAD}). Not counted in the "
+                   f"effective bits; the head is read once per decoded token (bench/results/head_quant.md). "
+                   f"--target gguf only.")
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
             prune, max_prune, act_bits, plan_path,
-            save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant):
+            save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
     With no MODEL_DIR, a tiny random LLaMA is built on the spot and converted (a self-contained demo).
@@ -324,7 +331,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     try:
         res = pipeline.convert(ckpt, plan, output, target, calib_text, feedback, device, say=click.echo,
                                progress=progress, on_gguf=written, onnx_variant=onnx_variant,
-                               onnx_lowering=onnx_lowering, distill=distill)
+                               onnx_lowering=onnx_lowering, distill=distill, head=head)
     except pipeline.ConvertError as e:
         _fail(str(e))
     finally:
@@ -413,6 +420,8 @@ def inspect(gguf_file):
         counts = " ".join(f"{r['actions'].get(a, 0):7d}" for a in ACTION_NAMES)
         click.echo(f"{r['name']:28s} {shape:>13s} {r['bits']:6.3f}  {counts}  {r['protected']:9d}")
     click.echo(f"effective bits: {f.measured_bits():.4f} measured ({f.effective_bits:.4f} recorded)")
+    click.echo(f"output head: {f.head_tensor} ({'tied to the embeddings, ' if s.tie_word_embeddings else ''}"
+               f"{f.head_kind}; not counted in the effective bits)")
     if f.format_version >= 2:   # RUQuant (docs/format.md "Rotations")
         t = f.transforms()
         smooth = sum(st.smooth is not None for st in t.values())

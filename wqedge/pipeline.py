@@ -5,6 +5,7 @@ This is the one place that decides
   - how chunks are fitted: error feedback, activation statistics, or weights alone (`fit_mode`), and
     whether their scales, offsets and norms are then distilled (`distill_steps`),
   - what the output files are called (`default_output`),
+  - how the output head is stored (`head_kind`: DEFAULT_HEAD unless named; our GGUF only),
   - and which writer a target goes to (`convert`).
 The CLI (`wqedge convert`, `wqedge plan`) and the benchmarks (wqedge/bench/files.py,
 bench/uniform_quality.py) call it; none of them makes these decisions again.
@@ -25,6 +26,7 @@ FEEDBACK_ALLOCATORS = ("greedy", "rl")     # plans made for error-feedback lower
 TARGETS = ("gguf", "onnx", "llamacpp")
 DISTILL_STEPS = 128   # steps per decoder layer of `--distill` given without a number (wqedge.quant.distill)
 DEMO_DIR = Path("wqedge-demo")
+DEFAULT_HEAD = "fp16"  # how `convert` stores the output head when the caller names none (wqedge.head)
 
 
 def _quiet(msg: str) -> None:
@@ -113,6 +115,24 @@ def default_output(model_dir: Path, plan: Plan, target: str) -> Path:
 
 class ConvertError(ValueError):
     """A step of the pipeline cannot run or failed, and nothing was written; the message says which and why."""
+
+
+def head_kind(target: str, head: str | None = None, say: Callable[[str], None] = _quiet) -> str:
+    """How `target`'s file stores the output head: `head` (DEFAULT_HEAD when None) for our GGUF; the ONNX and
+    llama.cpp targets keep their own (dense fp16; llama.cpp chooses its output type itself) and say so when a
+    quantized head was asked for by name."""
+    from .head import check_head
+    try:
+        kind = check_head(DEFAULT_HEAD if head is None else head)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    if target == "gguf":
+        return kind
+    if head is not None and head != "fp16":
+        why = ("the ONNX graph keeps the head dense (fp16)" if target == "onnx" else
+               "llama.cpp chooses the output tensor's type itself")
+        say(f"--head {head} ignored for --target {target}: {why}")
+    return "fp16"
 
 
 @dataclass
@@ -215,14 +235,16 @@ def _check_rotated(plan: Plan, target: str, distill: int | None) -> None:
 
 def write_gguf(ckpt, plan: Plan, out_path, calib_text: str | None = None, feedback: bool | None = None,
                device=None, stats=None, say: Callable[[str], None] = _quiet,
-               progress: Callable[[str], None] | None = None, distill: int | None = None) -> Path:
-    """Our column-chunk GGUF of `ckpt` by `plan`, fitted as `fit_mode` says, written atomically."""
+               progress: Callable[[str], None] | None = None, distill: int | None = None,
+               head: str | None = None) -> Path:
+    """Our column-chunk GGUF of `ckpt` by `plan`, fitted as `fit_mode` says, written atomically; the output head
+    stored as `head_kind` says."""
     from .quantize import convert_to_gguf
     _check_rotated(plan, "gguf", distill)
     ckpt, transforms = rotated(ckpt, plan.rotation, calib_text, device, say)
     fits = prepare_fits(ckpt, plan, calib_text, feedback, device, stats, say, distill)
     return convert_to_gguf(fits.source(ckpt), plan, out_path, fits.stats, device, progress=progress,
-                           fitted=fits.fitted, transforms=transforms)
+                           fitted=fits.fitted, transforms=transforms, head=head_kind("gguf", head))
 
 
 @dataclass
@@ -239,8 +261,9 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
             feedback: bool | None = None, device=None, say: Callable[[str], None] = _quiet,
             progress: Callable[[str, int], Callable | None] | None = None,
             on_gguf: Callable[[Path], None] | None = None, onnx_variant: str = "portable",
-            onnx_lowering: str = "compact", distill: int | None = None) -> Written:
-    """Lower `plan` of `ckpt` into the files of `target` (default names: `default_output`).
+            onnx_lowering: str = "compact", distill: int | None = None, head: str | None = None) -> Written:
+    """Lower `plan` of `ckpt` into the files of `target` (default names: `default_output`); head: how our GGUF
+    stores the output head (`head_kind`).
 
     progress(stage, total) -> a per-item callback (or None), for the stages "quantizing" and "lowering to
     ONNX"; on_gguf(path) runs once our GGUF is written (the CLI's report and quality check), before any
@@ -250,6 +273,7 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
         raise ConvertError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
     output = Path(output) if output is not None else default_output(ckpt.path, plan, target)
     _check_rotated(plan, target, distill)
+    head = head_kind(target, head, say)
     ckpt, transforms = rotated(ckpt, plan.rotation, calib_text, device, say)
     if target == "llamacpp":
         if distill_steps(plan, distill):
@@ -261,7 +285,7 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
     try:
         tick = progress("quantizing", len(ckpt.spec.linears())) if progress else None
         path = Path(convert_to_gguf(fits.source(ckpt), plan, gguf_out, fits.stats, device, progress=tick,
-                                    fitted=fits.fitted, transforms=transforms))
+                                    fitted=fits.fitted, transforms=transforms, head=head))
     except (ValueError, OSError) as e:
         raise ConvertError(f"convert failed, nothing written: {e}") from e
     if on_gguf is not None:

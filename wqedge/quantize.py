@@ -13,8 +13,9 @@ import torch
 
 from .blocks import ChunkData
 from .checkpoint import LlamaCheckpoint
-from .converters.gguf_writer import check_finite, dense_tensors, write_gguf
+from .converters.gguf_writer import QuantizedHead, check_finite, dense_tensors, write_gguf
 from .converters.tokenizer import read_tokenizer
+from .head import head_actions, head_tensor, is_quantized
 from .plan import Plan
 from .quant.fit import fit_chunk, fit_linear
 from .spec import other_tensors
@@ -77,18 +78,42 @@ def check_dense_finite(ckpt: LlamaCheckpoint) -> None:
             check_finite(d.gguf_name, dense_data(d.gguf_name).astype(d.dtype))
 
 
+def quantized_head(ckpt: LlamaCheckpoint, plan: Plan, kind: str, device: str | None = None) -> QuantizedHead | None:
+    """The output head as a quantized linear of block kind `kind` (wqedge.head; None for "fp16"), fitted from the
+    weights alone with the method of the plan's linears (NeUQI, or min-max): the head's input statistics are not
+    gathered, which keeps conversion cost as it was (measured effect: bench/results/head_quant.md)."""
+    if not is_quantized(kind):
+        return None
+    spec = ckpt.spec
+    hf, name = head_tensor(spec.tie_word_embeddings)
+    V, D = spec.vocab_size, spec.hidden_size
+    actions = head_actions(D, plan.group_size, kind)
+    method = plan.tensors[0].methods[0]
+
+    def chunks() -> list[ChunkData]:
+        w = ckpt.get(hf).to(device or "cpu", torch.float32).contiguous()
+        try:
+            return fit_linear(w, actions, plan.group_size, method)
+        except ValueError as err:
+            raise ValueError(f"{hf}: {err}") from None
+    return QuantizedHead(name, V, D, actions, chunks)
+
+
 def convert_to_gguf(ckpt: LlamaCheckpoint, plan: Plan, out_path: str | Path,
                     stats: dict[str, torch.Tensor] | None = None, device: str | None = None,
                     progress: Callable[[str], None] | None = None,
-                    fitted: dict[str, list[ChunkData]] | None = None, transforms: dict | None = None) -> Path:
+                    fitted: dict[str, list[ChunkData]] | None = None, transforms: dict | None = None,
+                    head: str = "fp16") -> Path:
     """Quantize `ckpt` by `plan` and write our GGUF atomically to out_path.
 
     stats: diag(XᵀX) per linear weighting the NeUQI fits; fitted: chunks already fitted by the caller
     (error feedback, wqedge.quant.feedback), written as they are after checking them against the plan;
-    transforms: a rotated plan's stored input transforms (wqedge.pipeline.rotated; ckpt then reads folded).
+    transforms: a rotated plan's stored input transforms (wqedge.pipeline.rotated; ckpt then reads folded);
+    head: how the output head is stored (wqedge.head.HEAD_KINDS; "fp16" keeps the checkpoint's dense tensor).
     """
     plan.validate(ckpt.spec, ckpt.fingerprint())
     dense, dense_data = _dense_source(ckpt)
     return write_gguf(out_path, plan.model_spec(ckpt.spec), plan, read_tokenizer(ckpt.path), dense, dense_data,
-                      quantize_linears(ckpt, plan, stats, device, fitted), progress, transforms)
+                      quantize_linears(ckpt, plan, stats, device, fitted), progress, transforms,
+                      quantized_head(ckpt, plan, head, device))
 

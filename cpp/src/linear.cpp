@@ -412,10 +412,36 @@ void matvec_group(int n, const Linear* const* W, const float* x, float* const* y
     });
 }
 
+// Dequantize one row of a chunked linear from the file's row layout (`row`) into o[0, K); tmp holds max_g_pad floats.
+static void dequant_row_blocks(const Linear& W, const uint8_t* row, float* o, float* tmp, int kernels) {
+    for (const Chunk& ch : W.chunks) {
+        const uint8_t* rb = row + ch.off;
+        if (ch.g == ch.g_pad && ch.bt->x_layout == X_PLAIN) {
+            ch.bt->dequant[kernels](rb, ch.g_pad, o + ch.col0);  // writes exactly g_pad
+        } else {
+            ch.bt->dequant[kernels](rb, ch.g_pad, tmp);
+            std::memcpy(o + ch.col0, tmp, sizeof(float) * ch.g);
+        }
+        if (ch.n_prot) {
+            const uint8_t* res = rb + ch.res_off;
+            const int32_t* idx = W.prot_local.data() + ch.prot0;
+            for (int p = 0; p < ch.n_prot; ++p) o[ch.col0 + idx[p]] += load_h(res + 2 * p);
+        }
+    }
+}
+
 void dense_row(const Linear& W, int r, float* out, int kernels) {
-    if (W.kind == Linear::DENSE_F32) std::memcpy(out, W.row(r), sizeof(float) * W.K);
-    else if (W.kind == Linear::DENSE_F16) vec_ops(kernels).f16_to_f32(W.row(r), out, W.K);
-    else fail(WQE_ERR_INTERNAL, "dense_row on a chunked tensor");
+    if (W.kind == Linear::DENSE_F32) {
+        std::memcpy(out, W.row(r), sizeof(float) * W.K);
+    } else if (W.kind == Linear::DENSE_F16) {
+        vec_ops(kernels).f16_to_f32(W.row(r), out, W.K);
+    } else {
+        // A quantized embedding table (tied quantized head): the row from the file's layout, which stays mapped
+        // when the linear is tiled (its released pages fault back in from the file; one row per token).
+        thread_local std::vector<float> tmp;
+        tmp.resize(W.max_g_pad);
+        dequant_row_blocks(W, W.row(r), out, tmp.data(), kernels);
+    }
 }
 
 // dequant_rows of a tiled linear: tile by tile, each interleaved part untiled once for its rows.
@@ -462,24 +488,8 @@ void dequant_rows(const Linear& W, int r0, int nr, float* out, int ld, float* tm
     for (int i = 0; i < nr; ++i) {
         float* o = out + (size_t)i * ld;
         const uint8_t* row = W.row(r0 + i);
-        if (W.kind != Linear::CHUNKED) {
-            dense_row(W, r0 + i, o, kernels);
-        } else {
-            for (const Chunk& ch : W.chunks) {
-                const uint8_t* rb = row + ch.off;
-                if (ch.g == ch.g_pad && ch.bt->x_layout == X_PLAIN) {
-                    ch.bt->dequant[kernels](rb, ch.g_pad, o + ch.col0);  // writes exactly g_pad
-                } else {
-                    ch.bt->dequant[kernels](rb, ch.g_pad, tmp);
-                    std::memcpy(o + ch.col0, tmp, sizeof(float) * ch.g);
-                }
-                if (ch.n_prot) {
-                    const uint8_t* res = rb + ch.res_off;
-                    const int32_t* idx = W.prot_local.data() + ch.prot0;
-                    for (int p = 0; p < ch.n_prot; ++p) o[ch.col0 + idx[p]] += load_h(res + 2 * p);
-                }
-            }
-        }
+        if (W.kind != Linear::CHUNKED) dense_row(W, r0 + i, o, kernels);
+        else dequant_row_blocks(W, row, o, tmp, kernels);
         for (int k = W.K; k < Kp; ++k) o[k] = 0.0f;
     }
 }

@@ -95,7 +95,7 @@ void matvec_group(int n, const Linear* const* W, const float* x, float* const* y
 // row bit-identical to matvec(..., ACT_Q8) on it (dense linears stay float).
 void matmul(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, MatScratch& s, int kernels);
 void matmul(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, MatScratch& s, int kernels, int act);
-// One row of a dense tensor (embeddings) as float.
+// One row of an embedding table as float: dense, or chunked (a tied quantized head; dequantized from the file layout).
 void dense_row(const Linear& W, int r, float* out, int kernels);
 // Dequantize rows [r0, r0 + nr) to out (row stride ld >= K; floats past K are zeroed up to round8(K)).
 void dequant_rows(const Linear& W, int r0, int nr, float* out, int ld, float* chunk_tmp, int kernels);

@@ -86,6 +86,17 @@ struct Loader {
         return L;
     }
 
+    // token_embd.weight / output.weight [n_vocab, n_embd]: dense, or a quantized linear (not counted in
+    // quantized_bytes: the effective bits cover the decoder linears only).
+    Linear head_or_dense(const std::string& name) {
+        const GGUFTensor& t = tensor(name);
+        if (t.type != GGML_I8) return dense(name, m.hp.n_vocab, m.hp.n_embd);
+        const uint64_t qb = m.quantized_bytes;
+        Linear L = chunked(name, m.hp.n_vocab, m.hp.n_embd);
+        m.quantized_bytes = qb;
+        return L;
+    }
+
     Linear chunked(const std::string& name, int N, int K) {
         const GGUFTensor& t = tensor(name);
         const std::string key = "wqedge.tensors." + name + ".";
@@ -230,9 +241,11 @@ void Loader::load() {
     if (emb.n_dims != 2) f.format_error("tensor 'token_embd.weight' has %u dimensions, expected 2", emb.n_dims);
     if (emb.dims[1] > (uint64_t)(1 << 24)) f.format_error("vocabulary of %llu tokens is absurd", (unsigned long long)emb.dims[1]);
     hp.n_vocab = dim_key("llama.vocab_size", 1, 1 << 24, (int64_t)emb.dims[1]);
-    m.tok_embd = dense("token_embd.weight", hp.n_vocab, hp.n_embd);
+    // The output head (and the embedding table when tied) is dense F16/F32 or, since issue 12's quantized head, a
+    // quantized linear in the decoders' layout (docs/format.md "Output head"): an I8 tensor with its keys.
+    m.tok_embd = head_or_dense("token_embd.weight");
     m.tied = f.tensor("output.weight") == nullptr;
-    m.output = m.tied ? m.tok_embd : dense("output.weight", hp.n_vocab, hp.n_embd);
+    m.output = m.tied ? m.tok_embd : head_or_dense("output.weight");
     m.output_norm = f32_vector("output_norm.weight", hp.n_embd);
 
     // RoPE inverse frequencies as Hugging Face computes them, divided by rope_freqs (llama3 scaling).
@@ -411,9 +424,18 @@ static bool finite_floats(const float* x, size_t n) {
         if (!std::isfinite(x[i])) return false;
     return true;
 }
-// Row r of a dense tensor (F16 or F32) is finite.
-static bool dense_row_finite(const Linear& L, int r) {
+// Row r of a tensor is finite (dense values; chunked: the fp16 scales, fp16 codes and protected residuals of its
+// row-blocks, read from the file's row layout).
+static bool row_finite(const Linear& L, int r) {
     const uint8_t* row = L.row(r);
+    if (L.kind == Linear::CHUNKED) {
+        for (const Chunk& ch : L.chunks) {
+            const uint8_t* rb = row + ch.off;
+            const size_t halves = ch.bt->id == 0 ? ch.bt->code_bytes(ch.g_pad) / 2 : (size_t)ch.bt->header_bytes / 2;
+            if (!finite_halves(rb, halves) || !finite_halves(rb + ch.res_off, ch.n_prot)) return false;
+        }
+        return true;
+    }
     if (L.kind == Linear::DENSE_F16) return finite_halves(row, L.K);
     for (int k = 0; k < L.K; ++k) {
         float v;
@@ -426,18 +448,8 @@ static bool dense_row_finite(const Linear& L, int r) {
 // First row of a tensor holding a non-finite weight (dense values; chunked: fp16 scales, fp16 codes
 // and protected residuals), or -1.
 static int64_t nonfinite_row(const Linear& L) {
-    for (int r = 0; r < L.N; ++r) {
-        if (L.kind != Linear::CHUNKED) {
-            if (!dense_row_finite(L, r)) return r;
-            continue;
-        }
-        const uint8_t* row = L.row(r);
-        for (const Chunk& ch : L.chunks) {
-            const uint8_t* rb = row + ch.off;
-            const size_t halves = ch.bt->id == 0 ? ch.bt->code_bytes(ch.g_pad) / 2 : (size_t)ch.bt->header_bytes / 2;
-            if (!finite_halves(rb, halves) || !finite_halves(rb + ch.res_off, ch.n_prot)) return r;
-        }
-    }
+    for (int r = 0; r < L.N; ++r)
+        if (!row_finite(L, r)) return r;
     return -1;
 }
 
@@ -461,7 +473,7 @@ void Context::eval(const int32_t* tokens, int n, float* logits, bool all) {
         if (tokens[i] < 0 || tokens[i] >= hp.n_vocab)
             fail(WQE_ERR_INVALID_ARGUMENT, "token %d at index %d is outside the vocabulary [0, %d)", tokens[i], i, hp.n_vocab);
     for (int i = 0; i < n; ++i) {
-        if (!dense_row_finite(model.tok_embd, tokens[i]))
+        if (!row_finite(model.tok_embd, tokens[i]))
             fail(WQE_ERR_FORMAT, "%s: tensor 'token_embd.weight' holds a non-finite value in row %d (token %d at index %d); "
                  "the file is corrupt", model.file->path().c_str(), tokens[i], tokens[i], i);
     }
