@@ -217,8 +217,9 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
                     progress: Callable[[str], None] | None = None) -> dict[str, InputStats]:
     """Input statistics of every decoder linear, gathered one decoder layer at a time.
 
-    `model` is a transformers LlamaForCausalLM (any dtype, on the CPU); each layer is moved to `device`
-    for its turn and back. Statistics are keyed by Hugging Face weight name
+    `model` is a transformers LlamaForCausalLM (any dtype, on the CPU, or already on a CUDA `device`: then the
+    hidden states stay there too); each layer is moved to `device` in float32 for its turn and back.
+    Statistics are keyed by Hugging Face weight name
     (model.layers.L.self_attn.q_proj.weight). `on_layer(l, layer, stats_of_layer)` runs after a layer's
     statistics are gathered and before its output is computed for the next layer; it returns True when
     it changed the layer's weights (then the outputs are recomputed with the new weights).
@@ -230,7 +231,10 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
     emb = model.model.embed_tokens
     emb_dev = next(emb.parameters()).device
     cdtype = torch.float32
-    hidden = torch.cat([emb(tokens[i:i + batch_size].to(emb_dev)).to("cpu", cdtype) for i in range(0, n, batch_size)])
+    # hidden states live where the model lives: on the GPU when it was loaded there (no host copies, no host
+    # memory: 256 windows of a 1.1B model are 1 GB per copy), else in host memory between layers
+    home = dev if (emb_dev.type == "cuda" and dev.type == "cuda") else torch.device("cpu")
+    hidden = torch.cat([emb(tokens[i:i + batch_size].to(emb_dev)).to(home, cdtype) for i in range(0, n, batch_size)])
     rot = model.model.rotary_emb
     rot_orig = next(rot.buffers()).device if list(rot.buffers()) else None
     rot.to(dev)
@@ -253,7 +257,7 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
         outs = []
         try:
             for i in range(0, n, batch_size):
-                outs.append(_layer_call(layer, hidden[i:i + batch_size].to(dev), pos_emb).to("cpu", cdtype))
+                outs.append(_layer_call(layer, hidden[i:i + batch_size].to(dev), pos_emb).to(home, cdtype))
         finally:
             for hk in hooks:
                 hk.remove()
@@ -266,9 +270,12 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
         if on_layer is not None:
             changed = bool(on_layer(li, layer, {k: v for k, v in out.items() if k.startswith(f"model.layers.{li}.")}))
         if changed:
-            outs = [_layer_call(layer, hidden[i:i + batch_size].to(dev), pos_emb).to("cpu", cdtype)
+            outs.clear()        # the unquantized layer's outputs: not needed, and a whole copy of the states
+            outs = [_layer_call(layer, hidden[i:i + batch_size].to(dev), pos_emb).to(home, cdtype)
                     for i in range(0, n, batch_size)]
+        del hidden
         hidden = torch.cat(outs)
+        del outs
         layer.to(orig_dev, orig_dtype)
         if progress:
             progress(f"calibration: layer {li + 1}/{len(layers)}")
@@ -376,6 +383,6 @@ def collect_stats(ckpt, calib_text, device=None, n_seqs: int = DEFAULT_N_SEQS, s
     tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
     bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
     cs = calibration_tokens(tok, calib_text, n_seqs, seqlen, 0, bos_id=bos, seed=seed)
-    model = ckpt.load_planning_model()
+    model = ckpt.load_planning_model(default_device(device))
     st = layerwise_stats(model, cs.train, device=device, full_xtx=False)
     return {k: v.diag.float() for k, v in st.items()}

@@ -426,23 +426,42 @@ class LlamaCheckpoint:
         avail = available_memory() if available_bytes is None else available_bytes
         return torch.float32 if 4 * self.n_params <= PLANNING_MEMORY_FRACTION * avail else torch.bfloat16
 
-    def load_planning_model(self) -> "LlamaForCausalLM":
-        """The whole model on the CPU in planning_dtype(), for calibration and error-feedback conversion."""
+    def load_planning_model(self, device=None) -> "LlamaForCausalLM":
+        """The whole model for calibration and error-feedback conversion. On a CUDA `device` whose free memory
+        holds it (float32 while that takes at most PLANNING_MEMORY_FRACTION of it, else the checkpoint's own
+        16-bit type): the statistics loops then keep everything on the GPU and host memory stays at about one
+        16-bit copy while loading (issue 13: a 1.1B model plans in a few GB of CPU memory). Otherwise on the CPU
+        in planning_dtype()."""
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            if 2 * self.n_params <= PLANNING_MEMORY_FRACTION * free:
+                dtype = torch.float32 if 4 * self.n_params <= PLANNING_MEMORY_FRACTION * free else self.float16_dtype
+                return self.load_hf_model(dtype, device=dev)
         return self.load_hf_model(self.planning_dtype())
 
+    @property
+    def float16_dtype(self) -> torch.dtype:
+        """The checkpoint's own 16-bit float type (bfloat16 for bf16 checkpoints, else float16)."""
+        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float16
+
     def load_hf_model(self, dtype=torch.float32, device="cpu") -> "LlamaForCausalLM":
-        """The whole transformers model in eval mode, for calibration and evaluation of small models."""
+        """The whole transformers model in eval mode, for calibration and evaluation of small models. For a
+        CUDA `device` the weights are read in their stored 16-bit type and converted on the GPU, so host memory
+        holds at most that copy while loading."""
         from transformers import LlamaForCausalLM
         from transformers.utils import logging as hf_logging
 
+        dev = torch.device(device)
+        load_dtype = self.float16_dtype if dev.type == "cuda" and self.dtype in ("float16", "bfloat16") else dtype
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            model = LlamaForCausalLM.from_pretrained(self.path, dtype=dtype, local_files_only=True)
+            model = LlamaForCausalLM.from_pretrained(self.path, dtype=load_dtype, local_files_only=True)
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
-        return model.to(device).eval()
+        return model.to(dev, dtype).eval()
 
     def __repr__(self) -> str:
         s = self.spec

@@ -436,8 +436,8 @@ class RotatedCheckpoint:
     def load_hf_model(self, *a, **k):
         return rotate_model(self._ckpt.load_hf_model(*a, **k), self.transforms)
 
-    def load_planning_model(self):
-        return rotate_model(self._ckpt.load_planning_model(), self.transforms)
+    def load_planning_model(self, device=None):
+        return rotate_model(self._ckpt.load_planning_model(device), self.transforms)
 
     def __getattr__(self, attr):
         return getattr(self._ckpt, attr)

@@ -102,7 +102,7 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
     times = {}
     t0 = time.time()
     linears = ckpt.spec.linears()
-    model = ckpt.load_planning_model()
+    model = ckpt.load_planning_model(dev)
     ctx = PlanningContext(model, dev, o, times)
     if calib_text is None:
         if say:

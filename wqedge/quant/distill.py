@@ -420,13 +420,13 @@ def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, ste
     """distill_model on a checkpoint's fp model and `calib_text` (the windows error feedback takes)."""
     from transformers import AutoTokenizer
 
-    from ..calib import calibration_tokens
+    from ..calib import calibration_tokens, default_device
     from .feedback import FEEDBACK_SEQS
     steps = check_steps(steps)
     tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
     bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
     cs = calibration_tokens(tok, calib_text, n_seqs or FEEDBACK_SEQS, seqlen, n_heldout, bos_id=bos, seed=seed)
-    model = ckpt.load_planning_model()
+    model = ckpt.load_planning_model(default_device(device))
     return distill_model(model, chunks, cs.train, cs.heldout, steps, e2e_steps, device, seed=seed, progress=progress,
                          unprune=unprune)
 

@@ -67,9 +67,9 @@ def quantize_checkpoint(ckpt, plan, calib_text, device=None, n_seqs: int = FEEDB
     conversion): {hf_name: [ChunkData per chunk]}, ready for the GGUF writer."""
     from transformers import AutoTokenizer
 
-    from ..calib import calibration_tokens
+    from ..calib import calibration_tokens, default_device
     tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
     bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
     cs = calibration_tokens(tok, calib_text, n_seqs, seqlen, 0, bos_id=bos, seed=seed)
-    model = ckpt.load_planning_model()
+    model = ckpt.load_planning_model(default_device(device))
     return quantize_model(model, plan, cs.train, device=device, act_order=act_order, damp=damp, progress=progress)
