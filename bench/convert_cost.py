@@ -54,7 +54,8 @@ def _importable(src: Path) -> Path:
     return src
 
 
-def convert_once(src: Path, model: str, out: Path, calib: str | None, bits: float, threads: int) -> dict:
+def convert_once(src: Path, model: str, out: Path, calib: str | None, bits: float, threads: int,
+                 extra: tuple[str, ...] | list[str] = ()) -> dict:
     """One `wqedge convert` of `model` with the code in `src`: stage seconds, total, peak RSS (MiB)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH")) if p),
                OMP_NUM_THREADS=str(threads))
@@ -70,6 +71,7 @@ def convert_once(src: Path, model: str, out: Path, calib: str | None, bits: floa
            "convert", model, "-o", str(out), "--bits", str(bits), "--no-check"]
     if calib:
         cmd += ["--calib", calib]
+    cmd += list(extra)
     logf = out.with_suffix(".log")
     t = time.time()
     with open(logf, "w") as f:

@@ -10,6 +10,7 @@ from wqedge import blocks
 from wqedge.alloc.uniform import uniform_plan
 from wqedge.checkpoint import LlamaCheckpoint
 from wqedge.cli import main
+from wqedge.quant.feedback import FEEDBACK_SEQS, FEEDBACK_SEQS_CPU, feedback_windows
 from wqedge.quant.fit import dequantize_chunk
 from wqedge.quantize import convert_to_gguf, quantize_linear
 from wqedge.reference import load_reference
@@ -159,3 +160,25 @@ def test_cli_greedy_plan_with_calibration_meets_budget_in_the_file(ckpt, tmp_pat
     assert f.measured_bits() <= 3.0 + 1e-9
     assert f.measured_bits() == pytest.approx(json.loads((tmp_path / "g.json").read_text())["effective_bits"])
     assert len({a for t in json.loads((tmp_path / "g.json").read_text())["tensors"] for a in t["actions"]}) > 1
+    # the plan records the error-feedback window count of its planning device (64 on the CPU, 256 on CUDA)
+    assert json.loads((tmp_path / "g.json").read_text())["meta"]["fit"]["n_seqs"] == feedback_windows(None)
+    assert f"error feedback on {feedback_windows(None)} windows" in res.output
+
+
+def test_feedback_windows_option_is_recorded_in_the_plan_and_used(ckpt, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"item {i} of the list is {i * 7 % 13} and the next one follows." for i in range(300)))
+    res = CliRunner().invoke(main, ["plan", str(ckpt.path), "-o", str(tmp_path / "p.json"), "--bits", "3.0",
+                                    "--calib", str(calib), "--feedback-windows", "3"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "p.json").read_text())["meta"]["fit"]["n_seqs"] == 3
+    # convert --plan fits on the plan's count; --feedback-windows given to convert overrides it
+    for extra, n in (([], 3), (["--feedback-windows", "2"], 2)):
+        res = CliRunner().invoke(main, ["convert", str(ckpt.path), "-o", str(tmp_path / f"w{n}.gguf"), "--plan",
+                                        str(tmp_path / "p.json"), "--calib", str(calib), "--no-check"] + extra)
+        assert res.exit_code == 0, res.output
+        assert f"error feedback on {n} windows" in res.output
+    assert feedback_windows("cuda") == FEEDBACK_SEQS and feedback_windows("cpu") == FEEDBACK_SEQS_CPU
+    res = CliRunner().invoke(main, ["plan", str(ckpt.path), "-o", str(tmp_path / "q.json"), "--bits", "3.0",
+                                    "--feedback-windows", "0"])
+    assert res.exit_code != 0 and "--feedback-windows" in res.output

@@ -206,6 +206,11 @@ _common_plan_options = [
                       "over the unpruned model's weights. Needs calibration text (or self-calibration)."),
     click.option("--max-prune", type=click.FloatRange(0.0, 0.9), default=0.3, show_default=True,
                  help="With --prune: the largest fraction of decoder linear weights the search may remove."),
+    click.option("--feedback-windows", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="Calibration windows (512 tokens each) that error feedback fits on; recorded in the plan. "
+                      "Default: 256 when planning on a GPU (it costs there what 32 do), 64 on the CPU, where "
+                      "each window is two forward passes per layer (llama-s: 64 vs 256 windows within 0.3-0.6% "
+                      "perplexity, 4x less fitting; bench/results/feedback_windows.md)."),
     click.option("--act-bits", type=click.Choice(["8", "6", "4"]), default="8", show_default=True,
                  callback=lambda c, p, v: int(v),
                  help="Activation bits of the runtime's linears (per token, asymmetric at 6 and 4; 8 is the "
@@ -262,7 +267,7 @@ def plan_options(f):
                    f"effective bits; the head is read once per decoded token (bench/results/head_quant.md). "
                    f"--target gguf only.")
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
-            prune, max_prune, act_bits, plan_path,
+            prune, max_prune, feedback_windows, act_bits, plan_path,
             save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
@@ -305,6 +310,8 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     else:
         plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate,
                           act_bits, prune, max_prune)
+    if feedback_windows is not None:
+        pipeline.set_feedback_windows(plan, feedback_windows)
     _print_plan_summary(plan)
     if save_plan:
         plan.save(save_plan)
@@ -372,7 +379,7 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Plan JSON to write.")
 @plan_options
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
-         prune, max_prune, act_bits):
+         prune, max_prune, feedback_windows, act_bits):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
 
@@ -384,6 +391,9 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
     calib_text = _read_calib(calib) if calib else None
     p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate, act_bits,
                    prune, max_prune)
+    if feedback_windows is not None:
+        from .pipeline import set_feedback_windows
+        set_feedback_windows(p, feedback_windows)
     if distill is not None:
         from .pipeline import ConvertError, record_distill
         try:

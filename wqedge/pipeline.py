@@ -168,6 +168,21 @@ def record_distill(plan: Plan, steps: int) -> None:
     plan.meta.setdefault("fit", {})["distill_steps"] = distill_steps(plan, steps)
 
 
+def feedback_windows_of(plan: Plan, device=None) -> int:
+    """Calibration windows error feedback (and distillation) runs for `plan`: what the plan records
+    (meta fit.n_seqs: the planner's device default or --feedback-windows), else the default on `device`."""
+    from .quant.feedback import feedback_windows
+    n = plan.meta.get("fit", {}).get("n_seqs")
+    return int(n) if n else feedback_windows(device)
+
+
+def set_feedback_windows(plan: Plan, n: int) -> None:
+    """Record in `plan` that error feedback fits on `n` calibration windows (--feedback-windows)."""
+    if int(n) < 1:
+        raise ConvertError(f"--feedback-windows must be at least 1, got {n}")
+    plan.meta.setdefault("fit", {})["n_seqs"] = int(n)
+
+
 def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None = None, device=None,
                  stats=None, say: Callable[[str], None] = _quiet, distill: int | None = None) -> Fits:
     """Run the calibration step `fit_mode` chooses, then light distillation when `distill_steps` says so.
@@ -176,10 +191,12 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
     steps = distill_steps(plan, distill)
     if steps and calib_text is None:
         raise ConvertError("--distill needs calibration text (--calib FILE, or self-calibration)")
+    windows = feedback_windows_of(plan, device)
     if mode == "feedback":
         from .quant.feedback import quantize_checkpoint
-        say("fitting chunks with error feedback on the calibration text…")
-        fits = Fits(mode, fitted=quantize_checkpoint(ckpt, plan, calib_text, device=device, progress=say))
+        say(f"fitting chunks with error feedback on {windows} windows of the calibration text…")
+        fits = Fits(mode, fitted=quantize_checkpoint(ckpt, plan, calib_text, device=device, n_seqs=windows,
+                                                     progress=say))
     else:
         if mode == "stats" and stats is None:
             from .calib import collect_stats
@@ -193,7 +210,8 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
     fitted = fits.fitted or {lin.hf_name: ch for lin, ch in quantize_linears(ckpt, plan, fits.stats, device)}
     say(f"light distillation: {steps} steps per decoder layer, codes frozen…")
     unprune = plan.unprune_weight if plan.pruning is not None else None
-    res = distill_checkpoint(ckpt, fitted, calib_text, steps, device=device, progress=say, unprune=unprune)
+    res = distill_checkpoint(ckpt, fitted, calib_text, steps, device=device, n_seqs=windows, progress=say,
+                             unprune=unprune)
     say(res.summary())
     record_distill(plan, steps)     # the plan the file stores says how its parameters were made
     return Fits(mode, fitted=res.chunks, norms=res.norms)

@@ -10,7 +10,7 @@ Pipeline (allocator "greedy" or "rl"):
   5. the allocation: multiple-choice knapsack (greedy, wqedge.alloc.greedy) or the PPO policy
      (rl, wqedge.alloc.ppo), which also measures candidate plans on held-out calibration windows.
 Plans are converted best with error feedback (wqedge.quant.feedback.quantize_checkpoint: GPTQ-style, act-order
-inside chunks, damp 0.1, 256 calibration windows, quantized earlier layers in the loop, least-squares refit of
+inside chunks, damp 0.1, 256 calibration windows (64 on the CPU: feedback.feedback_windows), quantized earlier layers in the loop, least-squares refit of
 the <= 2-bit grids); plan.meta["fit"] says so. Measured on llama-s (G=128, eval.txt, 32 windows, second half):
 greedy 6.426 at 3.25 bits, 6.869 at 2.5, 7.080 at 2.25 (bench/allocation.py); deterministic planning 76 s
 and PPO 287 s on 2 CPU cores.
@@ -33,7 +33,7 @@ import numpy as np
 from ..blocks import ALLOCATOR_ACTIONS
 from ..plan import Plan, PlanError
 from ..quant.gptq import REFIT_MAX_BITS
-from ..quant.feedback import DAMP, FEEDBACK_SEQS
+from ..quant.feedback import DAMP, feedback_windows
 from .uniform import check_budget, uniform_plan
 
 ALLOCATORS = ("greedy", "rl", "uniform")
@@ -173,7 +173,7 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         "n_seqs": int(ctx.calib.train.shape[0]), "seqlen": ctx.calib.seqlen,
         "n_heldout": int(ctx.calib.heldout.shape[0])},
         "fit": {"error_feedback": ctx.calib is not None, "act_order": "chunk", "damp": DAMP,
-                "n_seqs": FEEDBACK_SEQS, "refit_max_bits": REFIT_MAX_BITS}}
+                "n_seqs": feedback_windows(ctx.device), "refit_max_bits": REFIT_MAX_BITS}}
     pruning = None
     if allocator == "greedy" and prune:
         from ..structure_damage import structure_damage
