@@ -1,35 +1,29 @@
-"""Allocation benchmark: perplexity against effective bits for four allocators, measured in one run.
+"""Allocation benchmark: perplexity against effective bits per allocator, over calibration seeds, in one run.
 
-    python bench/allocation.py                          # llama-s, calib.txt, eval.txt, every budget
-    python bench/allocation.py --device cuda --budgets 2.25,3.25 --ppo-time 120
+    python bench/allocation.py                          # llama-s, calib.txt, eval.txt, greedy and rl, seed 0
+    python bench/allocation.py --device cuda --plan-device cuda --seeds 0,1,2 --budgets 3.25,2.5,2.25,2.0,1.75 \
+        --allocators greedy,rl --distill-budgets 2.0,1.75 --out run_s012
+    python bench/allocation.py --merge run_a.json,run_b.json --out bench_allocation   # mean ± std over runs
 
-Rows, for each budget B (effective bits per weight, every scale/zero/protected column counted):
+Rows, for each seed and budget B (effective bits per weight, every scale/zero/protected column counted):
   uniform-minmax   the most precise single action that fits B, min-max round to nearest (no data)
   uniform-neuqi    same action, NeUQI fits weighted by diag(XᵀX) (what `wqedge convert --calib` does)
-  greedy           loss-aware damage table + knapsack (wqedge.alloc.make_plan allocator="greedy"),
+  greedy           loss-aware damage table + knapsack (wqedge.alloc.make_plan allocator="greedy", the default),
                    converted with error feedback (wqedge.quant.feedback, act-order within chunks)
-  rl               PPO (WINDQuant) on the same table, measured episodes, same conversion
-Perplexity is llama.cpp's definition (wqedge.perplexity): eval text with a leading BOS, 512-token windows,
-second half scored, first 32 windows. Planning runs on --plan-device with --plan-threads CPU threads (the
-2-core laptop setting by default); the calibration statistics and damage table are computed once and
-shared by greedy and rl (their planning time = that preparation + their own allocation time).
-Writes a markdown table (stdout and --out), a JSON of every figure, and the greedy plans' heatmaps.
+  rl               PPO (wqedge.alloc.ppo) on the same table, started from the knapsack plan, rewarded by the
+                   measured loss on held-out calibration windows (--measure-windows, plus --confirm-windows that
+                   pick among the best searched plans and the knapsack's); same conversion. When it returns the
+                   knapsack plan itself the greedy row's perplexity is reused (same plan, same conversion).
+  greedy+distill   at --distill-budgets: the greedy row's fitted chunks after light distillation (`--distill`,
+                   wqedge.quant.distill, pipeline.DISTILL_STEPS steps per decoder layer, codes frozen)
+The seed is the calibration sampling (wqedge.calib.windows_from_tokens: which of the evenly spaced windows are
+held out; the statistics windows are the rest), shared by both allocators, PPO's own sampling and distillation;
+error feedback's 256 windows do not depend on it. Perplexity is llama.cpp's definition (wqedge.perplexity): eval
+text with a leading BOS, 512-token windows, second half scored, first 32 windows. Rows go to --out .json as
+they come; --merge turns several such files into the markdown table of means ± standard deviations.
 
 Variants (same statistics, see bench/results/allocation.md): greedy-fb (feedback-aware damage), greedy-prot
 (protected-column actions, --protect), greedy-norefit (conversion without the <= 2-bit refit) and their mixes.
-
-On a 2-core CPU the whole run takes well over an hour (error-feedback conversion of 10 plans, PPO); on one
-GPU about 9 minutes. Measured 2026-11-24, H100, `--device cuda --plan-device cuda --ppo-time 120`:
-
-| bits | uniform-minmax | uniform-neuqi | greedy | rl |
-|---|---|---|---|---|
-| 2.25 | 13.961 (2.250 b) | 8.723 (2.250 b) | 7.080 (2.250 b) | 7.094 (2.250 b) |
-| 2.5  | 13.961 (2.250 b) | 8.723 (2.250 b) | 6.869 (2.499 b) | 6.875 (2.499 b) |
-| 3.0  | 13.961 (2.250 b) | 8.723 (2.250 b) | 6.514 (3.000 b) | 6.519 (2.987 b) |
-| 3.25 | 6.862 (3.250 b)  | 6.652 (3.250 b) | 6.426 (3.250 b) | 6.458 (3.249 b) |
-| 4.25 | 6.411 (4.250 b)  | 6.375 (4.250 b) | 6.309 (4.249 b) | 6.335 (4.249 b) |
-
-fp16: 6.263. Planning on 2 pinned CPU cores (make_plan, 2.5 bits): greedy 76 s, rl 287 s.
 """
 from __future__ import annotations
 
@@ -39,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,35 +45,47 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_fixture_args(ap)
-    ap.add_argument("--budgets", default="2.25,2.5,3.0,3.25,4.25")
-    ap.add_argument("--allocators", default="uniform-minmax,uniform-neuqi,greedy,rl")
+    ap.add_argument("--budgets", default="3.25,2.5,2.25,2.0,1.75")
+    ap.add_argument("--allocators", default="greedy,rl")
+    ap.add_argument("--seeds", default="0", help="calibration sampling seeds, comma separated")
     ap.add_argument("--device", default=None, help="conversion and evaluation device (default cuda if available)")
-    ap.add_argument("--plan-device", default="cpu")
+    ap.add_argument("--plan-device", default="cpu", help="statistics, damage table and PPO's measured plans")
     ap.add_argument("--plan-threads", type=int, default=2)
     ap.add_argument("--ppo-time", type=float, default=480.0, help="PPO time limit per budget, seconds")
     ap.add_argument("--ppo-iterations", type=int, default=30)
+    ap.add_argument("--ppo-episodes", type=int, default=8)
+    ap.add_argument("--measure-windows", type=int, default=32, help="held-out windows of PPO's measured reward")
+    ap.add_argument("--confirm-windows", type=int, default=32, help="further held-out windows that pick PPO's answer")
+    ap.add_argument("--distill-budgets", default="", help="budgets whose greedy plan is also distilled (--distill)")
     ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--protect", default="1,2,4",
                     help="protected-column counts offered to the greedy-*prot allocators")
+    ap.add_argument("--merge", default="", help="comma-separated .json files of earlier runs: write their table only")
     ap.add_argument("--out", default="bench_allocation")
     a = ap.parse_args(argv)
+    if a.merge:
+        return merge([Path(p) for p in a.merge.split(",")], Path(a.out))
 
     from wqedge.alloc.greedy import greedy_allocate
-    from wqedge.quant.feedback import FEEDBACK_SEQS, quantize_model
     from wqedge.alloc.planner import plan_from_choice, prepare
-    from wqedge.damage import build_damage_table
-    from wqedge.alloc.ppo import PPOConfig, ppo_allocate
+    from wqedge.alloc.ppo import PPOConfig, measurer_for, ppo_allocate
     from wqedge.alloc.uniform import uniform_plan
     from wqedge.calib import calibration_tokens, default_device, tokenize_text
     from wqedge.checkpoint import LlamaCheckpoint
+    from wqedge.damage import build_damage_table
     from wqedge.perplexity import perplexity
+    from wqedge.pipeline import DISTILL_STEPS
+    from wqedge.quant import distill
+    from wqedge.quant.feedback import FEEDBACK_SEQS, dequantize, quantize_model
     from wqedge.quant.fit import dequantize_chunk
     from wqedge.report import write_report
 
+    t_start = time.time()
     dev = default_device(a.device)
     budgets = [float(b) for b in a.budgets.split(",")]
+    dbudgets = {float(b) for b in a.distill_budgets.split(",") if b}
     allocs = a.allocators.split(",")
+    seeds = [int(s) for s in a.seeds.split(",")]
     ckpt = LlamaCheckpoint.open(a.model)
     linears = ckpt.spec.linears()
     from transformers import AutoTokenizer
@@ -88,11 +95,11 @@ def main(argv=None):
     calib_text = Path(a.calib).read_text(encoding="utf-8")
 
     model = ckpt.load_hf_model(torch.float32).to(dev)
-    W0 = {lin.hf_name: model.get_parameter(lin.hf_name).detach().clone() for lin in linears}
+    state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    W0 = {lin.hf_name: state0[lin.hf_name] for lin in linears}
 
     def restore():
-        for n, w in W0.items():
-            model.get_parameter(n).data.copy_(w)
+        model.load_state_dict(state0)
 
     @torch.no_grad()
     def ppl():
@@ -101,123 +108,221 @@ def main(argv=None):
         return perplexity(logits_fn, eval_tokens, bos, 512, a.windows, batch_size=8)
 
     log = lambda *x: print(*x, file=sys.stderr, flush=True)
+    out = Path(a.out)
     results = []
+    meta = {"argv": argv if argv is not None else sys.argv[1:], "device": str(dev), "plan_device": a.plan_device,
+            "plan_threads": a.plan_threads, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"results": results, **meta}, indent=1, default=str))
+
     fp = ppl()
     log(f"fp16: {fp.perplexity:.4f}")
     results.append({"allocator": "fp16", "budget": 16.0, "effective_bits": 16.0, "ppl": fp.perplexity,
                     "ppl_all": fp.perplexity_all, "plan_s": 0.0})
-
-    # shared preparation for the loss-aware allocators, on the planning device/threads
-    threads = torch.get_num_threads()
-    torch.set_num_threads(a.plan_threads)
-    t = time.time()
-    table, ctx = prepare(ckpt, 128, calib_text, a.seed, a.plan_device, progress=log, full_xtx=True)  # -fb tables
-    prep_s = time.time() - t
-    torch.set_num_threads(threads)
-    log(f"preparation (calibration, gradients, damage table) on {a.plan_device} x{a.plan_threads}: {prep_s:.1f} s "
-        f"{ {k: round(v, 1) for k, v in ctx['times'].items()} }")
-    diag = {k: v.diag.float() for k, v in ctx.input_stats.items()}
-    bos_cal = calibration_tokens(tok, calib_text, FEEDBACK_SEQS, 512, 0, bos_id=bos, seed=a.seed).train
     kw = dict(model_name=ckpt.spec.name, model_fingerprint=ckpt.fingerprint())
+    threads = torch.get_num_threads()
+    n_ho = a.measure_windows + a.confirm_windows if "rl" in allocs else None
 
-    tables = {"greedy": table}
-
-    def table_for(name):   # damage-table variants on the same statistics: -fb feedback-aware, -prot protection
-        if name not in tables:
-            torch.set_num_threads(a.plan_threads)
-            t = time.time()
-            tables[name] = build_damage_table(
-                linears, ckpt.linear_weight, 128, ctx.input_stats, ctx.grad_stats, kind="kfac",
-                device=a.plan_device, max_rows=ctx.opts["max_rows"], feedback="-fb" in name,
-                protect=tuple(int(k) for k in a.protect.split(",")) if "prot" in name else ())
-            tables[name].meta["build_s"] = time.time() - t
-            torch.set_num_threads(threads)
-            log(f"{name} table: {tables[name].meta['build_s']:.1f} s, {len(tables[name].actions)} actions")
-        return tables[name]
-
-    def apply_rtn(plan):       # per-chunk fits, as wqedge.quantize.quantize_linear does
-        from wqedge.quant.fit import fit_chunk
-        from wqedge.units import chunk_bounds
-        restore()
-        for lin in linears:
-            t, w, h = plan.tensor(lin.hf_name), W0[lin.hf_name], diag[lin.hf_name].to(dev)
-            chunks = [fit_chunk(w[:, s:e], act, m, h[s:e], p or None) for (s, e), act, m, p in
-                      zip(chunk_bounds(t.in_features, plan.group_size), t.actions, t.methods, t.protected)]
-            model.get_parameter(lin.hf_name).data.copy_(torch.cat([dequantize_chunk(c) for c in chunks], 1).to(dev))
-
-    def apply_feedback(plan, refit=True):
-        restore()
-        quantize_model(model, plan, bos_cal, device=dev, batch_size=16, refit=refit)
-
-    def record(name, b, plan, plan_s, convert, extra=None):
+    for seed in seeds:
+        # shared preparation for the loss-aware allocators, on the planning device/threads
+        torch.set_num_threads(a.plan_threads)
         t = time.time()
-        convert(plan)
-        conv_s = time.time() - t
-        r = ppl()
-        restore()
-        row = {"allocator": name, "budget": b, "effective_bits": plan.effective_bits(), "ppl": r.perplexity,
-               "ppl_all": r.perplexity_all, "plan_s": plan_s, "convert_s": conv_s,
-               "histogram": plan.action_histogram(), **(extra or {})}
-        results.append(row)
-        log(f"B={b} {name}: eff {row['effective_bits']:.4f} ppl {r.perplexity:.4f} plan {plan_s:.1f} s "
-            f"convert {conv_s:.1f} s {row['histogram']}")
-        return row
+        popts = {} if n_ho is None else {"n_heldout": n_ho}
+        table, ctx = prepare(ckpt, 128, calib_text, seed, a.plan_device, progress=log,
+                             full_xtx=any("-fb" in n for n in allocs), **popts)
+        prep_s = time.time() - t
+        torch.set_num_threads(threads)
+        log(f"seed {seed}: preparation (calibration, gradients, damage table) on {a.plan_device} x{a.plan_threads}: "
+            f"{prep_s:.1f} s { {k: round(v, 1) for k, v in ctx.times.items()} }")
+        meta.setdefault("prep_s", {})[seed] = prep_s
+        diag = {k: v.diag.float() for k, v in ctx.input_stats.items()}
+        fb_cal = calibration_tokens(tok, calib_text, FEEDBACK_SEQS, 512, 0, bos_id=bos, seed=seed).train
+        ds = calibration_tokens(tok, calib_text, FEEDBACK_SEQS, 512, 4, bos_id=bos, seed=seed) if dbudgets else None
+        tables = {"greedy": table}
+        pcfg = PPOConfig(seed=seed, time_limit=a.ppo_time, iterations=a.ppo_iterations, episodes=a.ppo_episodes,
+                         measure_windows=a.measure_windows, confirm_windows=a.confirm_windows)
+        measurer = measurer_for(table, ctx, pcfg) if "rl" in allocs else None
 
-    for b in budgets:
-        for name in allocs:
-            if name == "uniform-minmax":
-                t = time.time()
-                p = uniform_plan(linears, 128, b, "minmax", **kw)
-                record(name, b, p, time.time() - t, apply_rtn)
-            elif name == "uniform-neuqi":
-                t = time.time()
-                p = uniform_plan(linears, 128, b, "neuqi", **kw)
-                record(name, b, p, time.time() - t, apply_rtn)
-            elif name == "uniform-neuqi-fb":
-                p = uniform_plan(linears, 128, b, "neuqi", **kw)
-                record(name, b, p, 0.0, apply_feedback)
-            elif name.startswith("greedy"):
-                tb = table_for(name.replace("-norefit", ""))   # -norefit changes the conversion only
+        def table_for(name):   # damage-table variants on the same statistics: -fb feedback-aware, -prot protection
+            if name not in tables:
                 torch.set_num_threads(a.plan_threads)
                 t = time.time()
-                ch = greedy_allocate(tb, b)
-                alloc_s = time.time() - t
+                tables[name] = build_damage_table(
+                    linears, ckpt.linear_weight, 128, ctx.input_stats, ctx.grad_stats, kind="kfac",
+                    device=a.plan_device, max_rows=ctx.opts["max_rows"], feedback="-fb" in name,
+                    protect=tuple(int(k) for k in a.protect.split(",")) if "prot" in name else ())
+                tables[name].meta["build_s"] = time.time() - t
                 torch.set_num_threads(threads)
-                p = plan_from_choice(ckpt, tb, ch, b, "greedy", meta={"predicted_damage": tb.plan_damage(ch)})
-                n_prot = sum(len(c) for t_ in p.tensors for c in t_.protected)
-                record(name, b, p, prep_s + alloc_s, lambda p_: apply_feedback(p_, "norefit" not in name),
-                       {"alloc_s": alloc_s, "predicted": tb.plan_damage(ch), "protected_columns": n_prot})
-                write_report(p, Path(f"{a.out}_greedy_{b}"))
-            elif name == "rl":
-                torch.set_num_threads(a.plan_threads)
-                t = time.time()
-                cfg = PPOConfig(seed=a.seed, time_limit=a.ppo_time, iterations=a.ppo_iterations)
-                ch, info = ppo_allocate(table, b, cfg, ctx={**ctx, "device": torch.device(a.plan_device)},
-                                        progress=None)
-                alloc_s = time.time() - t
-                torch.set_num_threads(threads)
-                p = plan_from_choice(ckpt, table, ch, b, "rl")
-                record(name, b, p, prep_s + alloc_s, apply_feedback,
-                       {"alloc_s": alloc_s, "predicted": table.plan_damage(ch),
-                        "ppo_measured_episodes": info["measured_episodes"],
-                        "ppo_iterations": len(info["history"])})
+                log(f"{name} table: {tables[name].meta['build_s']:.1f} s, {len(tables[name].actions)} actions")
+            return tables[name]
 
-    # table
-    lines = ["| bits | " + " | ".join(allocs) + " |", "|---|" + "---|" * len(allocs)]
+        def apply_rtn(plan):       # per-chunk fits, as wqedge.quantize.quantize_linear does
+            from wqedge.quant.fit import fit_chunk
+            from wqedge.units import chunk_bounds
+            restore()
+            for lin in linears:
+                t_, w, h = plan.tensor(lin.hf_name), W0[lin.hf_name], diag[lin.hf_name].to(dev)
+                chunks = [fit_chunk(w[:, s:e], act, m, h[s:e], p or None) for (s, e), act, m, p in
+                          zip(chunk_bounds(t_.in_features, plan.group_size), t_.actions, t_.methods, t_.protected)]
+                model.get_parameter(lin.hf_name).data.copy_(torch.cat([dequantize_chunk(c) for c in chunks], 1).to(dev))
+
+        fitted = {}
+
+        def apply_feedback(plan, refit=True):
+            restore()
+            fitted["last"] = quantize_model(model, plan, fb_cal, device=dev, batch_size=16, refit=refit)
+
+        def record(name, b, plan, plan_s, convert, extra=None, same_as=None):
+            t = time.time()
+            if same_as is None:
+                convert(plan)
+                conv_s = time.time() - t
+                r = ppl()
+                restore()
+                p_, pall = r.perplexity, r.perplexity_all
+            else:                  # the very plan of an earlier row: same conversion, same perplexity
+                conv_s, p_, pall = 0.0, same_as["ppl"], same_as["ppl_all"]
+            row = {"allocator": name, "budget": b, "seed": seed, "effective_bits": plan.effective_bits(), "ppl": p_,
+                   "ppl_all": pall, "plan_s": plan_s, "convert_s": conv_s, "histogram": plan.action_histogram(),
+                   **(extra or {})}
+            results.append(row)
+            save()
+            log(f"seed {seed} B={b} {name}: eff {row['effective_bits']:.4f} ppl {p_:.4f} plan {plan_s:.1f} s "
+                f"convert {conv_s:.1f} s {row['histogram']} ({time.time() - t_start:.0f} s)")
+            return row
+
+        for b in budgets:
+            rows = {}
+            for name in allocs:
+                if name == "uniform-minmax":
+                    t = time.time()
+                    p = uniform_plan(linears, 128, b, "minmax", **kw)
+                    record(name, b, p, time.time() - t, apply_rtn)
+                elif name == "uniform-neuqi":
+                    t = time.time()
+                    p = uniform_plan(linears, 128, b, "neuqi", **kw)
+                    record(name, b, p, time.time() - t, apply_rtn)
+                elif name == "uniform-neuqi-fb":
+                    p = uniform_plan(linears, 128, b, "neuqi", **kw)
+                    record(name, b, p, 0.0, apply_feedback)
+                elif name.startswith("greedy"):
+                    tb = table_for(name.replace("-norefit", ""))   # -norefit changes the conversion only
+                    torch.set_num_threads(a.plan_threads)
+                    t = time.time()
+                    ch = greedy_allocate(tb, b)
+                    alloc_s = time.time() - t
+                    torch.set_num_threads(threads)
+                    p = plan_from_choice(ckpt, tb, ch, b, "greedy", meta={"predicted_damage": tb.plan_damage(ch)})
+                    n_prot = sum(len(c) for t_ in p.tensors for c in t_.protected)
+                    rows[name] = record(name, b, p, prep_s + alloc_s, lambda p_: apply_feedback(p_, "norefit" not in name),
+                                        {"alloc_s": alloc_s, "predicted": tb.plan_damage(ch), "protected_columns": n_prot,
+                                         "choice": ch.tolist()})
+                    if name == "greedy":
+                        gfit = fitted["last"]
+                    if seed == seeds[0] and name == "greedy":
+                        write_report(p, Path(f"{a.out}_greedy_{b}"))
+                elif name == "rl":
+                    t = time.time()
+                    ch, info = ppo_allocate(table, b, pcfg, progress=log, measurer=measurer)
+                    alloc_s = time.time() - t
+                    torch.set_num_threads(threads)
+                    p = plan_from_choice(ckpt, table, ch, b, "rl")
+                    g = rows.get("greedy")
+                    same = g if g is not None and info["chose_knapsack"] else None
+                    record(name, b, p, prep_s + alloc_s, apply_feedback,
+                           {"alloc_s": alloc_s, "predicted": table.plan_damage(ch),
+                            "ppo_measured_episodes": info["measured_episodes"], "ppo_iterations": len(info["history"]),
+                            "units_changed": info["units_changed"], "chose_knapsack": info["chose_knapsack"],
+                            "noise": info.get("noise"), "knapsack_measured": info.get("knapsack_measured"),
+                            "best_score": info["best_score"], "measure_s": info["measure_seconds"],
+                            "fit_s": measurer.fit_seconds}, same_as=same)
+            if b in dbudgets and "greedy" in rows:      # last, so a run stopped early has its allocator rows
+                restore()
+                res = distill.distill_model(model, gfit, ds.train, ds.heldout, DISTILL_STEPS, 0, dev, seed=seed)
+                with torch.no_grad():
+                    for n_, c_ in res.chunks.items():
+                        model.get_parameter(n_).copy_(dequantize(c_).to(dev))
+                    for n_, w_ in res.norms.items():
+                        model.get_parameter(n_).copy_(w_.to(dev))
+                r = ppl()
+                restore()
+                results.append({"allocator": "greedy+distill", "budget": b, "seed": seed,
+                                "effective_bits": rows["greedy"]["effective_bits"], "ppl": r.perplexity,
+                                "ppl_all": r.perplexity_all, "distill_s": res.seconds,
+                                "distill_peak_mib": res.peak_bytes / 2**20, "distill_steps": DISTILL_STEPS})
+                save()
+                log(f"seed {seed} B={b} greedy+distill: ppl {r.perplexity:.4f} ({res.seconds:.1f} s)")
+        if measurer is not None:
+            measurer.close()
+    log(f"total {time.time() - t_start:.1f} s")
+    return merge([out.with_suffix(".json")], out)
+
+
+def _ms(v):
+    v = np.asarray(v, float)
+    if len(v) == 0:
+        return "—"
+    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+
+
+def merge(files, out: Path) -> str:
+    """The markdown table of one or more runs' .json: per budget and allocator, mean ± sample std over seeds
+    (n = number of seeds), rl − greedy paired by seed, PPO's measured noise, distillation's gain."""
+    rows, fp, meta = [], None, {}
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        meta = {k: v for k, v in d.items() if k != "results"}
+        for r in d["results"]:
+            if r["allocator"] == "fp16":
+                fp = r["ppl"]
+            else:
+                rows.append(r)
+    allocs = list(dict.fromkeys(r["allocator"] for r in rows))
+    budgets = sorted({r["budget"] for r in rows}, reverse=True)
+    seeds = sorted({r.get("seed", 0) for r in rows})
+    by = {(r["allocator"], r["budget"], r.get("seed", 0)): r for r in rows}
+    lines = [f"fp16 perplexity {fp:.3f}; cells: perplexity mean ± std over seeds {','.join(map(str, seeds))} "
+             f"(n per cell in brackets); device {meta.get('gpu') or meta.get('device')}", "",
+             "| bits | " + " | ".join(allocs) + (" | rl − greedy (paired) | rl = knapsack plan | units changed"
+                                                " | PPO measured Δ vs knapsack, search / confirm (paired SE)"
+                                                if "rl" in allocs else "") + " |",
+             "|---|" + "---|" * (len(allocs) + (4 if "rl" in allocs else 0))]
     for b in budgets:
         cells = []
-        for name in allocs:
-            r = next((r for r in results if r["allocator"] == name and r["budget"] == b), None)
-            cells.append("—" if r is None else f"{r['ppl']:.3f} ({r['effective_bits']:.3f} b, {r['plan_s']:.1f} s)")
+        for n in allocs:
+            v = [by[(n, b, s)]["ppl"] for s in seeds if (n, b, s) in by]
+            cells.append(f"{_ms(v)} ({len(v)})" if v else "—")
+        if "rl" in allocs:
+            pair = [by[("rl", b, s)]["ppl"] - by[("greedy", b, s)]["ppl"] for s in seeds
+                    if ("rl", b, s) in by and ("greedy", b, s) in by]
+            rl = [by[("rl", b, s)] for s in seeds if ("rl", b, s) in by]
+            cells.append(f"{np.mean(pair):+.4f} ± {np.std(pair, ddof=1):.4f}" if len(pair) > 1 else
+                         (f"{pair[0]:+.4f}" if pair else "—"))
+            cells.append(f"{sum(r['chose_knapsack'] for r in rl)}/{len(rl)}")
+            cells.append(", ".join(str(r["units_changed"]) for r in rl))
+            nz = [r.get("noise") or {} for r in rl]
+            cells.append("; ".join(
+                f"{x.get('chosen_search_diff', 0):+.4f} / {x.get('chosen_confirm_diff', 0):+.4f} "
+                f"({x.get('chosen_confirm_se', 0):.4f}); noise {x.get('median_paired_se') or 0:.4f} vs "
+                f"|Δ| {x.get('median_abs_diff') or 0:.4f}" for x in nz))
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    md = (f"fp16 perplexity {fp.perplexity:.3f}; cells: perplexity (effective bits, planning seconds on "
-          f"{a.plan_device} x{a.plan_threads}); conversion/eval on {dev}\n\n" + "\n".join(lines))
+    d_rows = [r for r in rows if r["allocator"] == "greedy+distill"]
+    if d_rows:
+        lines += ["", "| bits | greedy (error feedback) | greedy + `--distill` | gain | distill s (mean) |", "|---|---|---|---|---|"]
+        for b in budgets:
+            dv = [by[("greedy+distill", b, s)] for s in seeds if ("greedy+distill", b, s) in by]
+            if not dv:
+                continue
+            gv = [by[("greedy", b, r["seed"])]["ppl"] for r in dv]
+            gain = [r["ppl"] - g for r, g in zip(dv, gv)]
+            lines.append(f"| {b} | {_ms(gv)} | {_ms([r['ppl'] for r in dv])} | {_ms(gain)} | "
+                         f"{np.mean([r['distill_s'] for r in dv]):.1f} |")
+    md = "\n".join(lines)
     print(md)
-    Path(f"{a.out}.md").write_text(md + "\n")
-    Path(f"{a.out}.json").write_text(json.dumps({"results": results, "prep_s": prep_s,
-                                                 "prep_times": ctx.times, "device": str(dev),
-                                                 "plan_device": a.plan_device, "plan_threads": a.plan_threads},
-                                                indent=1))
+    out.with_suffix(".md").write_text(md + "\n")
+    return md
 
 
 if __name__ == "__main__":

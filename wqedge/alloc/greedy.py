@@ -77,7 +77,19 @@ def greedy_allocate(table: DamageTable, budget_bits: float, allowed: np.ndarray 
         if pos[u] + 1 < len(h):
             a2 = h[pos[u] + 1]
             heapq.heappush(heap, (-(dmg[u, a1] - dmg[u, a2]) / (bits[u, a2] - bits[u, a1]), u))
-    # fill the slack: best single upgrade (any allowed action) that fits, repeatedly
+    total = fill_slack(table, choice, cap, ok, total)
+    assert total <= cap
+    return choice
+
+
+def fill_slack(table: DamageTable, choice: np.ndarray, cap: int, allowed: np.ndarray | None = None,
+               total: int | None = None) -> int:
+    """Spend what `choice` leaves under `cap` (in place): the best affordable single upgrade by predicted damage,
+    repeatedly. Returns the plan's stored bits (<= cap). Also the repair of the PPO allocator's sampled plans."""
+    bits, dmg = table.bits, table.damage
+    U = len(choice)
+    ok = np.ones(bits.shape, bool) if allowed is None else allowed
+    total = int(bits[np.arange(U), choice].sum()) if total is None else total
     while True:
         slack = cap - total
         cur_b = bits[np.arange(U), choice][:, None]
@@ -85,8 +97,6 @@ def greedy_allocate(table: DamageTable, budget_bits: float, allowed: np.ndarray 
         gain = np.where(ok & (bits - cur_b <= slack) & (bits > cur_b), cur_d - dmg, 0.0)
         u, a = np.unravel_index(np.argmax(gain), gain.shape)
         if gain[u, a] <= 0:
-            break
+            return total
         total += int(bits[u, a] - bits[u, choice[u]])
         choice[u] = a
-    assert total <= cap
-    return choice

@@ -166,6 +166,10 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         return uniform_plan(linears, group_size, budget_bits, method, **kw)
     t0 = time.time()
     say = _printer(progress)
+    if allocator == "rl" and calib_text is not None and "n_heldout" not in opts:
+        from .ppo import PPOConfig     # the measured reward's held-out windows (search + confirm)
+        cfg = PPOConfig(**{k: v for k, v in opts.items() if k in PPOConfig.__dataclass_fields__})
+        opts["n_heldout"] = max(DEFAULTS["n_heldout"], cfg.measure_windows + cfg.confirm_windows)
     table, ctx = prepare(ckpt, group_size, calib_text, seed, device, progress, full_xtx=bool(prune), **opts)
     t1 = time.time()
     meta = {"damage": table.kind, "damage_feedback": table.meta.get("feedback", False),

@@ -1,19 +1,27 @@
-"""WINDQuant: PPO allocation over column chunks.
+"""WINDQuant: PPO allocation over column chunks, rewarded by the measured held-out loss.
+
+The knapsack (wqedge.alloc.greedy) solves the predicted, additive damage exactly, so PPO can only win on what
+that prediction misses: interactions between units and the real loss. Its reward is therefore measured: a
+plan's model is assembled from per-(unit, action) fits computed once (wqedge.alloc.measure.PlanMeasurer) and
+its loss is measured on held-out calibration windows; the search starts from the knapsack plan (behaviour
+cloning, and the knapsack plan is the first "best") and keeps the best measured plan. The best few plans on
+the reward's windows and the knapsack's are re-measured on further held-out windows ("confirm"), which pick
+the answer, so that the minimum of many noisy measurements is not its own evidence; info["noise"] gives the
+paired standard errors next to the differences ranked.
 
 The MDP: one step per unit, in the fixed unit order (layer by layer; q k v o gate up down; chunks left to
 right); 7 actions (fp16, q8, q4, q3, q2, ternary, q1). State of step t: the unit's depth, projection type
 and chunk position, its weight/activation/gradient statistics (wqedge.damage.FEATURE_NAMES), the
 predicted damage and effective bits of every action, and the budget left per weight left (with the slack
 over the cheapest completion). Actions that would make the budget unreachable (used + bits + cheapest
-completion > cap) are masked, so every episode ends inside the budget. Reward: −predicted damage of the
-step (normalised by the knapsack plan's total), plus at episode end, for measured episodes, the gap
-between the *measured* loss increase of the plan on held-out calibration windows and its prediction
-(so a measured episode's return is minus its measured loss increase, in units of the knapsack plan's).
+completion > cap) are masked, so every episode ends inside the budget; bits an episode leaves unspent are
+then spent by the best predicted single upgrades (greedy.fill_slack, part of the environment). Reward:
+-predicted damage of each step (shaping, in units of the knapsack plan's), plus at the end the gap between
+that and the measured loss increase, so an episode's return is minus its measured loss increase in units of
+the knapsack plan's (without measurement: minus its predicted damage).
 
-Policy and value are small MLPs (torch, CPU or CUDA). Training: behaviour cloning of the knapsack plan
-(wqedge.alloc.greedy) as a warm start, then PPO (clipped objective, GAE) on batches of sampled
-episodes. The answer is the plan with the lowest measured held-out loss among every measured episode and
-the greedy rollout of the final policy. Everything is seeded: same seed, same plan.
+Policy and value are small MLPs (torch, CPU by default). Training: behaviour cloning of the knapsack plan,
+then PPO (clipped objective, GAE) on batches of sampled episodes. Everything is seeded: same seed, same plan.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from torch import nn
 from ..damage import DamageTable
 from ..plan import PlanError
 from ..units import PROJ_TYPES
-from .greedy import greedy_allocate
+from .greedy import fill_slack, greedy_allocate
 
 if TYPE_CHECKING:
     from .planner import PlanningContext
@@ -49,8 +57,10 @@ class PPOConfig:
     target_kl: float = 0.01       # stop an iteration's epochs past this KL from the sampling policy
     hidden: int = 128
     bc_steps: int = 300           # behaviour-cloning steps on the knapsack plan (0: none)
-    measure: bool = True          # measure episodes' loss on held-out windows (needs ctx with a model)
-    measure_windows: int = 4
+    measure: bool = True          # reward: measured loss on held-out windows (needs ctx with a model)
+    measure_windows: int = 32     # held-out windows of the reward (search)
+    confirm_windows: int = 32     # further held-out windows deciding between the best plans and the knapsack's
+    confirm_top: int = 8          # how many of the best searched plans are re-measured on them
     time_limit: float = 480.0     # seconds; training stops early past it
     device: str = "cpu"
 
@@ -136,96 +146,73 @@ def rollout(env: Env, pol: Policy, n: int, greedy: bool = False, gen: torch.Gene
             elif greedy:
                 a = lg.argmax(1)
             else:
-                p = torch.softmax(lg, 1)
-                a = torch.multinomial(p, 1, generator=gen)[:, 0]
+                p = torch.softmax(lg, 1).cpu()      # sampled on the CPU generator: same seed, same plan
+                a = torch.multinomial(p, 1, generator=gen)[:, 0].to(env.dev)
             lp = torch.log_softmax(lg, 1).gather(1, a[:, None])[:, 0]
             S.append(s); M.append(m); Act.append(a); LP.append(lp); V.append(pol.v(s)[:, 0])
             used = used + env.bits[t][a]
     return (torch.stack(S, 1), torch.stack(M, 1), torch.stack(Act, 1), torch.stack(LP, 1), torch.stack(V, 1))
 
 
-# ---------------------------------------------------------------- measuring plans on held-out windows
+# ---------------------------------------------------------------- measured plans
 
-class Measurer:
-    """Loss of a plan on held-out calibration windows, with RTN chunk fits cached per (unit, action)."""
+def heldout_windows(ctx: PlanningContext, cfg: PPOConfig) -> dict[str, torch.Tensor]:
+    """The reward's windows ("search": the first measure_windows held-out windows) and the windows that decide
+    between the best measured plans and the knapsack's ("confirm": the next confirm_windows; none when the
+    calibration set holds no more). Without held-out windows: the last training windows (not held out)."""
+    ho = ctx.calib.heldout
+    if not len(ho):
+        return {"search": ctx.calib.train[-max(1, cfg.measure_windows):]}
+    w = min(cfg.measure_windows, len(ho))
+    return {"search": ho[:w], "confirm": ho[w:w + cfg.confirm_windows]}
 
-    def __init__(self, table: DamageTable, ctx: PlanningContext, n_windows: int, method: str = "neuqi", threads: int | None = None):
-        from ..calib import heldout_loss
-        self.threads = threads or torch.get_num_threads()
-        self.t = table
-        self.model = ctx.model
-        self.dev = torch.device(ctx.device)
-        self.home = next(self.model.parameters()).device
-        self.model.to(self.dev)
-        self.stats = ctx.input_stats or {}
-        ho = ctx.calib.heldout
-        self.tokens = ho[:n_windows] if len(ho) else ctx.calib.train[-n_windows:]
-        self.method = method
-        self.cache: dict[tuple[int, int], torch.Tensor] = {}
-        self.params = {}
-        for u in table.units:
-            n = u.linear.hf_name
-            if n not in self.params:
-                self.params[n] = self.model.get_parameter(n)
-        self.orig = {n: p.detach().clone() for n, p in self.params.items()}
-        self._loss = heldout_loss
-        inner = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        self.base = self._loss(self.model, self.tokens, self.dev)
-        torch.set_num_threads(inner)
-        self.n = 0
-        self.seconds = 0.0
 
-    def _fit(self, ui: int, ai: int) -> torch.Tensor:
-        from ..blocks import block_type
-        from ..quant.fit import dequantize_chunk, fit_chunk
-        k = (ui, ai)
-        if k not in self.cache:
-            u = self.t.units[ui]
-            w = self.orig[u.linear.hf_name][:, u.start:u.end].float()
-            a = self.t.actions[ai]
-            st = self.stats.get(u.linear.hf_name)
-            h = None if st is None else st.diag[u.start:u.end].float()
-            self.cache[k] = (w.half().float() if block_type(a).is_float
-                             else dequantize_chunk(fit_chunk(w, a, self.method, h)).to(w.device))
-        return self.cache[k]
+def measurer_for(table: DamageTable, ctx: PlanningContext, cfg: PPOConfig):
+    """A PlanMeasurer on the planning model and device with the held-out windows of `heldout_windows`."""
+    from .measure import PlanMeasurer
+    return PlanMeasurer(table, ctx.model, ctx.device, ctx.input_stats, heldout_windows(ctx, cfg))
 
-    def close(self):
-        self.model.to(self.home)
-        self.cache.clear()
 
-    def __call__(self, choice) -> float:
-        t0 = time.time()
-        inner = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        with torch.no_grad():
-            for ui, ai in enumerate(choice):
-                u = self.t.units[ui]
-                self.params[u.linear.hf_name].data[:, u.start:u.end] = self._fit(ui, int(ai)).to(
-                    self.params[u.linear.hf_name].dtype)
-            loss = self._loss(self.model, self.tokens, self.dev)
-            for n, p in self.params.items():
-                p.data.copy_(self.orig[n])
-        torch.set_num_threads(inner)
-        self.n += 1
-        self.seconds += time.time() - t0
-        return loss - self.base
+class _Plans:
+    """Every plan measured so far (by its bytes), so a plan sampled twice is measured once."""
+
+    def __init__(self, measurer):
+        self.m = measurer
+        self.search: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, choice: np.ndarray) -> np.ndarray:
+        k = choice.tobytes()
+        if k not in self.search:
+            self.search[k] = (choice.copy(), self.m.measure(choice, "search"))
+        return self.search[k][1]
 
 
 # ---------------------------------------------------------------- training
 
 def ppo_allocate(table: DamageTable, budget_bits: float, cfg: PPOConfig | None = None, ctx: PlanningContext | None = None,
-                 progress=None):
-    """Train the policy and return (choice [U] action indices, info dict)."""
+                 progress=None, measurer=None):
+    """Train the policy and return (choice [U] action indices, info dict).
+
+    With `ctx` (a PlanningContext with calibration) or a `measurer` (wqedge.alloc.measure.PlanMeasurer, e.g. one
+    shared by several budgets so its fits are computed once), the reward is the measured held-out loss and the
+    answer is the best measured plan, the knapsack's included; else the predicted damage (the knapsack's plan
+    then wins). The plan never exceeds the budget: over-budget actions are masked, and sampled plans that leave
+    bits unspent are completed by the best predicted single upgrades (greedy.fill_slack)."""
     cfg = cfg or PPOConfig()
     outer_threads = torch.get_num_threads()
+    own = None
+    if measurer is None and cfg.measure and ctx is not None and ctx.calib is not None:
+        measurer = own = measurer_for(table, ctx, cfg)
     try:
-        return _ppo(table, budget_bits, cfg, ctx, progress, outer_threads)
+        return _ppo(table, budget_bits, cfg, measurer if cfg.measure else None, progress)
     finally:
         torch.set_num_threads(outer_threads)
+        if own is not None:
+            own.close()
 
 
-def _ppo(table, budget_bits, cfg, ctx, progress, outer_threads):
+def _ppo(table, budget_bits, cfg, measurer, progress):
+    from .measure import paired_se
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -233,9 +220,11 @@ def _ppo(table, budget_bits, cfg, ctx, progress, outer_threads):
     if dev.type == "cpu":
         torch.set_num_threads(1)     # the policy's tiny matrices: one thread (no barrier spinning)
     env = Env(table, budget_bits, dev)
+    U = env.U
     pol = Policy(env.n_features, env.A, cfg.hidden).to(dev)
     opt = torch.optim.Adam(pol.parameters(), lr=cfg.lr)
-    ks = torch.as_tensor(greedy_allocate(table, budget_bits), device=dev)
+    ks_np = greedy_allocate(table, budget_bits)
+    ks = torch.as_tensor(ks_np, device=dev)
     info = {"config": asdict(cfg), "knapsack_damage": env.dref}
 
     # behaviour cloning of the knapsack plan (teacher forcing along its trajectory)
@@ -250,34 +239,33 @@ def _ppo(table, budget_bits, cfg, ctx, progress, outer_threads):
             bc_opt.step()
         info["bc_loss"] = float(loss.detach())
 
-    measurer = None
-    if cfg.measure and ctx is not None and ctx.calib is not None:
-        measurer = Measurer(table, ctx, cfg.measure_windows, threads=outer_threads)
-        ref_meas = measurer(ks.tolist())
-        info["knapsack_measured"] = ref_meas
+    idx = np.arange(U)
+    plans = _Plans(measurer) if measurer is not None else None
+    if plans is not None:
+        ks_loss = plans(ks_np)
+        ref = max(float(ks_loss.mean()), 1e-9)       # scores: measured loss increase in units of the knapsack's
+        info["knapsack_measured"] = float(ks_loss.mean())
+        score = lambda ch: float(plans(ch).mean()) / ref
     else:
-        ref_meas = None
-    best = (float("inf"), None)
+        score = lambda ch: float(table.damage[idx, ch].sum()) / env.dref
+    best = (score(ks_np), ks_np.copy())              # start from the knapsack plan: PPO must beat it
     history = []
     dmg = env.dmg
     for it in range(cfg.iterations):
         if time.time() - t_start > cfg.time_limit:
             break
         S, M, Act, LP, V = rollout(env, pol, cfg.episodes, gen=gen)
-        E, U = Act.shape
-        r = -dmg[torch.arange(U, device=dev)[None, :].expand(E, U), Act]          # [E, U]
-        pred = -r.sum(1)
-        meas = []
+        E = Act.shape[0]
+        r = -dmg[torch.arange(U, device=dev)[None, :].expand(E, U), Act]          # [E, U] predicted shaping
+        scores = []
         for e in range(E):
-            if measurer is not None:
-                m = measurer(Act[e].tolist()) / max(abs(ref_meas), 1e-9)
-                r[e, -1] += -(m - float(pred[e]))        # measured replaces predicted in the return
-                meas.append(m)
-                score = m
-            else:
-                score = float(pred[e])
-            if score < best[0]:
-                best = (score, Act[e].clone())
+            ch = Act[e].cpu().numpy().astype(np.int64)
+            fill_slack(table, ch, env.cap)           # the environment completes the plan within the budget
+            sc = score(ch)
+            r[e, -1] += -(sc + float(r[e].sum()))    # the return is minus the (measured) score
+            scores.append(sc)
+            if sc < best[0]:
+                best = (sc, ch)
         # GAE
         adv = torch.zeros_like(r)
         last = torch.zeros(E, device=dev)
@@ -298,42 +286,73 @@ def _ppo(table, budget_bits, cfg, ctx, progress, outer_threads):
                 break
             perm = torch.randperm(n, generator=gen).to(dev)
             for i in range(0, n, cfg.minibatch):
-                idx = perm[i:i + cfg.minibatch]
-                lg = pol.logits(fS[idx], fM[idx])
+                j = perm[i:i + cfg.minibatch]
+                lg = pol.logits(fS[j], fM[j])
                 logp = torch.log_softmax(lg, 1)
-                lp = logp.gather(1, fA[idx, None])[:, 0]
-                ratio = torch.exp(lp - fLP[idx])
-                a = fAdv[idx]
+                lp = logp.gather(1, fA[j, None])[:, 0]
+                ratio = torch.exp(lp - fLP[j])
+                a = fAdv[j]
                 pl = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean()
                 ent = -(torch.softmax(lg, 1) * logp.clamp_min(-1e4)).sum(1).mean()
-                vl = ((pol.v(fS[idx])[:, 0] - fRet[idx]) ** 2).mean()
+                vl = ((pol.v(fS[j])[:, 0] - fRet[j]) ** 2).mean()
                 loss = pl + 0.5 * vl - cfg.entropy * ent
                 opt.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(pol.parameters(), 1.0)
                 opt.step()
-        h = {"iter": it, "pred_mean": float(pred.mean()), "pred_min": float(pred.min())}
-        if meas:
-            h["measured_mean"] = float(np.mean(meas))
-            h["measured_min"] = float(np.min(meas))
+        h = {"iter": it, "score_mean": float(np.mean(scores)), "score_min": float(np.min(scores)), "best": best[0]}
         history.append(h)
         if progress:
-            progress(f"ppo iter {it + 1}/{cfg.iterations}: predicted {h['pred_mean']:.3f}"
-                     + (f", measured {h['measured_mean']:.3f} (best {best[0]:.3f})" if meas else "")
-                     + f" x knapsack, {time.time() - t_start:.0f} s")
+            progress(f"ppo iter {it + 1}/{cfg.iterations}: {'measured' if plans else 'predicted'} "
+                     f"{h['score_mean']:.3f} (best {best[0]:.4f}) x knapsack, {time.time() - t_start:.0f} s")
     # the final policy's greedy plan competes too
     _, _, G, _, _ = rollout(env, pol, 1, greedy=True)
-    g = G[0]
-    gscore = measurer(g.tolist()) / max(abs(ref_meas), 1e-9) if measurer is not None else float(dmg[torch.arange(env.U), g].sum())
-    if gscore <= best[0]:
+    g = G[0].cpu().numpy().astype(np.int64)
+    fill_slack(table, g, env.cap)
+    gscore = score(g)
+    if gscore < best[0]:
         best = (gscore, g)
-    if measurer is not None:
-        measurer.close()
-    choice = best[1].cpu().numpy().astype(np.int64)
-    used = int(table.bits[np.arange(env.U), choice].sum())
+    choice = best[1]
+    if plans is not None:
+        choice = _confirm(plans, measurer, ks_np, cfg, info, paired_se)
+    used = table.plan_bits(choice)
     assert used <= env.cap, "masking failed: plan over budget"
     info.update(history=history, best_score=best[0], greedy_score=gscore, seconds=time.time() - t_start,
-                measured_episodes=0 if measurer is None else measurer.n,
+                measured_episodes=0 if measurer is None else len(plans.search),
                 measure_seconds=0.0 if measurer is None else measurer.seconds,
-                predicted_vs_knapsack=float(dmg[torch.arange(env.U), best[1]].sum()))
+                units_changed=int((choice != ks_np).sum()), chose_knapsack=bool(np.array_equal(choice, ks_np)),
+                predicted_vs_knapsack=float(table.damage[idx, choice].sum()) / env.dref)
     return choice, info
+
+
+def _confirm(plans: _Plans, measurer, ks: np.ndarray, cfg: PPOConfig, info: dict, paired_se) -> np.ndarray:
+    """The answer among the best measured plans: the `confirm_top` lowest on the search windows and the knapsack's,
+    re-measured on the confirm windows (so the pick among many noisy measurements is not its own evidence);
+    without confirm windows, the lowest on the search windows. Records the noise: paired standard errors of
+    measured plans against the knapsack's on the same windows, next to the differences being ranked."""
+    ks_s = plans(ks)
+    ranked = sorted(plans.search.values(), key=lambda v: float(v[1].mean()))
+    others = [v for v in plans.search.values() if not np.array_equal(v[0], ks)]
+    ses = [paired_se(v[1], ks_s) for v in others]
+    diffs = [abs(float(v[1].mean() - ks_s.mean())) for v in others]
+    noise = {"search_windows": len(ks_s), "knapsack_search": float(ks_s.mean()),
+             "median_paired_se": float(np.median(ses)) if ses else None,
+             "median_abs_diff": float(np.median(diffs)) if diffs else None,
+             "best_search_diff": float(ranked[0][1].mean() - ks_s.mean())}
+    if "confirm" not in measurer.windows:
+        info["noise"] = noise
+        return ranked[0][0].copy()
+    cands = [v[0] for v in ranked[:cfg.confirm_top]]
+    if not any(np.array_equal(c, ks) for c in cands):
+        cands.append(ks)
+    conf = [measurer.measure(c, "confirm") for c in cands]
+    k_ks = next(i for i, c in enumerate(cands) if np.array_equal(c, ks))
+    i = int(np.argmin([float(c.mean()) for c in conf]))
+    noise.update(confirm_windows=len(conf[k_ks]), knapsack_confirm=float(conf[k_ks].mean()),
+                 chosen_confirm_diff=float(conf[i].mean() - conf[k_ks].mean()),
+                 chosen_confirm_se=paired_se(conf[i], conf[k_ks]) if i != k_ks else 0.0,
+                 chosen_search_diff=float(plans(cands[i]).mean() - ks_s.mean()),
+                 chosen_search_se=paired_se(plans(cands[i]), ks_s) if i != k_ks else 0.0,
+                 confirmed=len(cands))
+    info["noise"] = noise
+    return cands[i].copy()

@@ -1,0 +1,119 @@
+"""PlanMeasurer: the measured held-out loss of a plan, the reward of the PPO allocator (wqedge.alloc.ppo).
+
+The knapsack (wqedge.alloc.greedy) solves the *predicted*, additive damage exactly, so a learned allocator
+can only win on what that prediction misses: interactions between units and the real loss. This measures
+the real loss cheaply: every (unit, action) fit is computed once (NeUQI per chunk weighted by diag(XᵀX), as
+`wqedge convert` without feedback fits; dequantized, cached on the model's device), a plan's model is
+assembled from the cache (only the units that changed since the last plan are written) and its mean
+next-token loss is measured per held-out calibration window on the planning device. Per-window losses give
+the paired standard error of the difference between two plans on the same windows: the noise the
+allocator's ranking has to beat. The quantization core is not involved: it is handed the chosen plan later.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..blocks import block_type
+from ..damage import DamageTable
+from ..saliency import split_action
+
+
+@torch.no_grad()
+def window_losses(model, tokens: torch.Tensor, device, batch_size: int = 16) -> np.ndarray:
+    """Mean next-token NLL of `model` on each window of `tokens` [n, T] (float64 [n])."""
+    out = []
+    for i in range(0, tokens.shape[0], batch_size):
+        x = tokens[i:i + batch_size].to(device)
+        lp = torch.log_softmax(model(x).logits[:, :-1].float(), -1)
+        out.append((-lp.gather(-1, x[:, 1:, None])[..., 0]).double().mean(1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def paired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of mean(a - b) for per-window losses of two plans on the same windows."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+
+
+class PlanMeasurer:
+    """measure(choice, windows) -> per-window loss increase over the unquantized model (nats, float64 [n]).
+
+    `windows` is a dict name -> tokens [n, T]; the unquantized model's losses are measured once per set.
+    The model is moved to `device` while measuring and back by `close()`; its weights are restored there.
+    """
+
+    def __init__(self, table: DamageTable, model, device, input_stats: dict | None, windows: dict[str, torch.Tensor],
+                 method: str = "neuqi", batch_size: int | None = None):
+        self.t = table
+        self.model = model
+        self.dev = torch.device(device)
+        self.home = next(model.parameters()).device
+        self.batch = batch_size or (16 if self.dev.type == "cuda" else 4)
+        model.to(self.dev)
+        self.stats = input_stats or {}
+        self.method = method
+        self.windows = {k: v for k, v in windows.items() if len(v)}
+        self.params = {}
+        for u in table.units:
+            n = u.linear.hf_name
+            if n not in self.params:
+                self.params[n] = model.get_parameter(n)
+        self.orig = {n: p.detach().clone() for n, p in self.params.items()}
+        self.cache: dict[tuple[str, str], list[torch.Tensor]] = {}   # (linear, base action) -> per chunk
+        self.current = np.full(len(table.units), -1, np.int64)       # action index now in the model (-1: original)
+        self.base = {k: window_losses(model, v, self.dev, self.batch) for k, v in self.windows.items()}
+        self.n = 0
+        self.seconds = 0.0
+        self.fit_seconds = 0.0
+
+    def _chunks(self, name: str, action: str) -> list[torch.Tensor]:
+        """Every chunk of linear `name` fitted with `action` (one batched fit per linear and action)."""
+        key = (name, action)
+        if key not in self.cache:
+            from ..quant.fit import dequantize_chunk, fit_linear
+            from ..units import chunk_bounds
+            t0 = time.time()
+            w = self.orig[name].float()
+            bounds = chunk_bounds(w.shape[1], self.t.group_size)
+            if block_type(action).is_float:
+                deq = [w[:, s:e].half().float() for s, e in bounds]
+            else:
+                st = self.stats.get(name)
+                h = None if st is None else st.diag.float().to(w.device)
+                deq = [dequantize_chunk(c).to(self.dev) for c in
+                       fit_linear(w, [action] * len(bounds), self.t.group_size, self.method, h)]
+            self.cache[key] = deq
+            self.fit_seconds += time.time() - t0
+        return self.cache[key]
+
+    def _assemble(self, choice) -> None:
+        choice = np.asarray(choice, np.int64)
+        for ui in np.flatnonzero(choice != self.current):
+            u = self.t.units[ui]
+            base, k = split_action(self.t.actions[int(choice[ui])])
+            if k:
+                raise ValueError("PlanMeasurer: protected-column actions are not measured (restrict the table)")
+            p = self.params[u.linear.hf_name]
+            p.data[:, u.start:u.end] = self._chunks(u.linear.hf_name, base)[u.chunk].to(p.dtype)
+        self.current = choice.copy()
+
+    def measure(self, choice, windows: str = "search") -> np.ndarray:
+        t0 = time.time()
+        with torch.no_grad():
+            self._assemble(choice)
+            loss = window_losses(self.model, self.windows[windows], self.dev, self.batch)
+        self.n += 1
+        self.seconds += time.time() - t0
+        return loss - self.base[windows]
+
+    def close(self) -> None:
+        """Restore the original weights and put the model back where it was; drop the cache."""
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.data.copy_(self.orig[n])
+        self.model.to(self.home)
+        self.cache.clear()
+        self.current[:] = -1
