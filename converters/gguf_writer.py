@@ -104,6 +104,11 @@ def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan, rotated
     if rotated:
         w.add_string(KEY_ROTATION, plan.rotation["method"])
         w.add_uint32(KEY_BLOCK, int(plan.rotation.get("block", 128)))
+    if plan.kv_cache is not None:  # the runtime's default KV cache (docs/format.md "KV cache"); no version change
+        from wqedge.kv_format import KEY_BITS as KV_BITS, KEY_ROTATION as KV_ROTATION, KVCacheSpec
+        kv = KVCacheSpec.from_plan(plan.kv_cache)
+        w.add_uint32(KV_BITS, kv.bits)
+        w.add_string(KV_ROTATION, kv.rotation)
     for lin in spec.linears():
         t = plan.tensor(lin.hf_name)
         name = lin.gguf_name

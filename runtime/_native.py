@@ -58,7 +58,7 @@ class ModelInfo(C.Structure):
 
 
 class ContextParams(C.Structure):
-    _fields_ = [("n_ctx", C.c_int32), ("n_threads", C.c_int32)]
+    _fields_ = [("n_ctx", C.c_int32), ("n_threads", C.c_int32), ("kv_bits", C.c_int32), ("kv_rotation", C.c_int32)]
 
 
 class SamplerParams(C.Structure):
@@ -95,6 +95,7 @@ _SIGNATURES = {
     "wqe_set_threads": (C.c_int, [_vp, C.c_int32]),
     "wqe_get_threads": (C.c_int32, [_vp]),
     "wqe_context_size": (C.c_int32, [_vp]),
+    "wqe_context_kv_cache": (C.c_int, [_vp, _i32p, _i32p, C.POINTER(C.c_uint64)]),
     "wqe_get_position": (C.c_int32, [_vp]),
     "wqe_set_position": (C.c_int, [_vp, C.c_int32]),
     "wqe_eval": (C.c_int, [_vp, _i32p, C.c_int32, _f32p, C.c_int]),
@@ -114,7 +115,8 @@ _SIGNATURES = {
 }
 
 # Symbols newer than the first release of the C API: a library without them still loads.
-_OPTIONAL = {"wqe_set_activations", "wqe_get_activations", "wqe_test_chunk_matvec_act", "wqe_model_chat_template"}
+_OPTIONAL = {"wqe_set_activations", "wqe_get_activations", "wqe_test_chunk_matvec_act", "wqe_model_chat_template",
+             "wqe_context_kv_cache"}
 
 
 def candidate_paths() -> list[Path]:

@@ -126,6 +126,17 @@ class WqGGUF:
         return int(_field(self.reader, KEY_ACT_BITS, 8))
 
     @property
+    def kv_cache(self):
+        """The file's KV cache setting (wqedge.kv_format.KVCacheSpec; bits None = float: no key). An unknown value
+        is a FormatError."""
+        from wqedge.kv_format import KEY_BITS, KEY_ROTATION as KV_ROTATION, KVCacheSpec
+        bits, rot = _field(self.reader, KEY_BITS, None), _field(self.reader, KV_ROTATION, "hadamard")
+        try:
+            return KVCacheSpec(None if bits is None else int(bits), str(rot))
+        except ValueError as e:
+            raise FormatError(f"{self.path}: {e} (keys {KEY_BITS}, {KV_ROTATION})") from None
+
+    @property
     def rotation(self) -> str | None:
         """The rotation method of the stored input transforms, or None (docs/format.md, "Rotations")."""
         return _field(self.reader, KEY_ROTATION, None)

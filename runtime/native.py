@@ -165,12 +165,23 @@ class Context(_Handle):
     """KV cache, scratch and threads for evaluating a Model; one thread at a time."""
     _free_fn = "wqe_context_free"
 
-    def __init__(self, model: Model, n_ctx: int = 0, n_threads: int = 0):
+    def __init__(self, model: Model, n_ctx: int = 0, n_threads: int = 0, kv_bits: str | int | None = None,
+                 kv_rotation: str | None = None):
+        """kv_bits: None = the file's KV cache setting (wqedge.kv_cache.bits; float when absent), 'f32' / 32, 8
+        or 4; kv_rotation: None = the file's, 'hadamard' or 'none' (docs/format.md "KV cache")."""
         self.model = model
         self._lib = model._lib
         self._h = C.c_void_p()
-        params = _native.ContextParams(int(n_ctx), int(n_threads))
+        params = _native.ContextParams(int(n_ctx), int(n_threads), _kv_bits_code(kv_bits),
+                                       _kv_rotation_code(kv_rotation))
         check(self._lib.wqe_context_new(model.handle, C.byref(params), C.byref(self._h)))
+
+    @property
+    def kv_cache(self) -> dict:
+        """{'bits': 32 (float32) | 8 | 4, 'rotated': bool, 'bytes': K and V cache bytes for n_ctx tokens}."""
+        b, r, n = C.c_int32(), C.c_int32(), C.c_uint64()
+        check(self._lib.wqe_context_kv_cache(self._h, C.byref(b), C.byref(r), C.byref(n)))
+        return {"bits": b.value, "rotated": bool(r.value), "bytes": n.value}
 
     @property
     def n_ctx(self) -> int:
@@ -241,8 +252,27 @@ class Context(_Handle):
         return [int(x) for x in out[: n.value]]
 
 
+def _kv_bits_code(kv_bits) -> int:
+    """wqe_context_params.kv_bits: 0 the file's, 32 float, 8, 4."""
+    if kv_bits is None:
+        return 0
+    code = {"f32": 32, "float": 32, "32": 32, "8": 8, "4": 4}.get(str(kv_bits).lower())
+    if code is None:
+        raise ValueError(f"KV cache bits must be f32, 8 or 4, got {kv_bits!r}")
+    return code
+
+
+def _kv_rotation_code(rotation) -> int:
+    if rotation is None:
+        return 0
+    code = {"hadamard": 1, "none": 2}.get(rotation)
+    if code is None:
+        raise ValueError(f"KV cache rotation must be 'hadamard' or 'none', got {rotation!r}")
+    return code
+
+
 def generate_tokens(model: Model, prompt: str | Sequence[int], max_new_tokens: int = 64, **kw) -> list[int]:
-    ctx_kw = {k: kw.pop(k) for k in ("n_ctx", "n_threads") if k in kw}
+    ctx_kw = {k: kw.pop(k) for k in ("n_ctx", "n_threads", "kv_bits", "kv_rotation") if k in kw}
     tokens = model.tokenize(prompt) if isinstance(prompt, str) else prompt
     with Context(model, **ctx_kw) as ctx:
         return ctx.generate(tokens, max_new_tokens, **kw)
@@ -250,11 +280,12 @@ def generate_tokens(model: Model, prompt: str | Sequence[int], max_new_tokens: i
 
 def run(model_path: str | os.PathLike, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
         top_p: float = 1.0, top_k: int = 0, seed: int = 0, n_threads: int = 0, n_ctx: int = 0,
-        stream: Callable[[str], None] | None = None, stop_at_eos: bool = True) -> str:
+        stream: Callable[[str], None] | None = None, stop_at_eos: bool = True, kv_bits: str | int | None = None) -> str:
     """Generate a continuation of `prompt` with the C++ runtime and return it (the new text only, as it
     reads appended to the prompt).
 
     stream: called with each new piece of text as it is produced (e.g. print with end="", flush=True).
+    kv_bits: the KV cache (None: the file's setting; 'f32', 8 or 4), as Context's.
     """
     with Model(model_path) as model:
         tokens = model.tokenize(prompt)
@@ -279,7 +310,7 @@ def run(model_path: str | os.PathLike, prompt: str, max_new_tokens: int = 64, te
                 stream(text)
             return False
 
-        with Context(model, n_ctx=n_ctx, n_threads=n_threads) as ctx:
+        with Context(model, n_ctx=n_ctx, n_threads=n_threads, kv_bits=kv_bits) as ctx:
             new = ctx.generate(tokens, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, cb)
         if stream is not None and pending:
             stream(pending.decode("utf-8", "replace"))
@@ -295,17 +326,19 @@ class NativeEvaluator:
     evaluator(windows int32[B, T]) -> float32[B, T, n_vocab]; each window starts from an empty cache.
     """
 
-    def __init__(self, model: Model | str | os.PathLike, n_ctx: int = 0, n_threads: int = 0):
+    def __init__(self, model: Model | str | os.PathLike, n_ctx: int = 0, n_threads: int = 0,
+                 kv_bits: str | int | None = None, kv_rotation: str | None = None):
         self.model = model if isinstance(model, Model) else Model(model)
         self.n_ctx = n_ctx
         self.n_threads = n_threads
+        self.kv = dict(kv_bits=kv_bits, kv_rotation=kv_rotation)
         self._ctx: Context | None = None
 
     def _context(self, T: int) -> Context:
         if self._ctx is None or self._ctx.n_ctx < T:
             if self._ctx is not None:
                 self._ctx.close()
-            self._ctx = Context(self.model, n_ctx=max(T, self.n_ctx), n_threads=self.n_threads)
+            self._ctx = Context(self.model, n_ctx=max(T, self.n_ctx), n_threads=self.n_threads, **self.kv)
         return self._ctx
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
@@ -327,12 +360,45 @@ class NativeEvaluator:
             self._ctx = None
 
 
-def logits_fn(model: Model | str | os.PathLike, n_ctx: int = 0, n_threads: int = 0) -> NativeEvaluator:
+def logits_fn(model: Model | str | os.PathLike, n_ctx: int = 0, n_threads: int = 0,
+              kv_bits: str | int | None = None) -> NativeEvaluator:
     """The LogitsFn of wqedge.perplexity for the C++ runtime: int32[B, T] -> float32[B, T, vocab]."""
-    return NativeEvaluator(model, n_ctx=n_ctx, n_threads=n_threads)
+    return NativeEvaluator(model, n_ctx=n_ctx, n_threads=n_threads, kv_bits=kv_bits)
 
 
 # ---------------------------------------------------------------- kernel test hooks
+def kv_quantize(x: np.ndarray, bits: int, rotate: bool = True) -> np.ndarray:
+    """uint8[n, row_bytes]: rows float32[n, head_dim] as the runtime stores them in a quantized KV cache."""
+    xx = np.ascontiguousarray(x, dtype=np.float32)
+    n, hd = xx.shape
+    L = _native.lib()
+    fn = L.wqe_test_kv_quantize
+    fn.restype, fn.argtypes = C.c_int64, [C.c_int, C.c_int, C.c_int, C.c_void_p, C.c_int, C.c_void_p]
+    rb = fn(int(bits), int(rotate), hd, None, 0, None)
+    if rb < 0:
+        raise ValueError(f"bad KV cache arguments (bits {bits}, head_dim {hd})")
+    rows = np.zeros((n, rb), np.uint8)
+    fn(int(bits), int(rotate), hd, xx.ctypes.data, n, rows.ctypes.data)
+    return rows
+
+
+def kv_attend(rows: np.ndarray, bits: int, head_dim: int, q: np.ndarray, p: np.ndarray,
+              kernels: str = "scalar") -> tuple[np.ndarray, np.ndarray]:
+    """(scores[n] = q . row_i, out[head_dim] = sum_i p_i row_i) over quantized KV rows with a kernel set."""
+    L = _native.lib()
+    fn = L.wqe_test_kv_attend
+    fn.restype = C.c_int
+    fn.argtypes = [C.c_int, C.c_int, C.c_void_p, C.c_int, C.c_void_p, C.c_void_p, C.c_int, C.c_void_p, C.c_void_p]
+    r = np.ascontiguousarray(rows, dtype=np.uint8)
+    qq, pp = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, p))
+    s, o = np.zeros(r.shape[0], np.float32), np.zeros(head_dim, np.float32)
+    k = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3}[kernels]
+    if fn(int(bits), int(head_dim), r.ctypes.data, r.shape[0], qq.ctypes.data, pp.ctypes.data, k, s.ctypes.data,
+          o.ctypes.data) != 0:
+        raise ValueError(f"kernel set {kernels!r} not available here, or bad arguments")
+    return s, o
+
+
 def row_bytes(action: int, g: int, n_protected: int = 0) -> int:
     return int(_native.lib().wqe_row_bytes(int(action), int(g), int(n_protected)))
 

@@ -260,6 +260,11 @@ def plan_options(f):
 @click.option("--onnx-variant", type=click.Choice(["portable", "native"]), default="portable", show_default=True,
               help="'portable': stock ONNX Runtime operators; 'native': one wqedge.ChunkLinear per linear, run by "
                    "our custom-op library libwqedge_ort (smaller and packed in memory; see docs/onnx.md).")
+@click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
+              help="KV cache of the runtime: 'f32' float32, '8' or '4' bits per value (per token and KV head, groups of "
+                   "32 with an fp16 scale and min; K Hadamard-rotated per head first; docs/format.md \"KV cache\"). "
+                   "4 bits cut the cache to 5/32 of float32 for about +0.5-1% perplexity (bench/results/kv_cache.md). "
+                   "Default: float32; written into the file (and the plan) as the runtime's default, which `wqedge run` / `eval --backend cpp` --kv-bits override. GGUF target only.")
 @click.option("--head", type=click.Choice(HEAD_KINDS), default=None,
               help=f"How the output head (the vocabulary projection; the embedding table too when the checkpoint "
                    f"ties them) is stored: 'fp16' dense as in the checkpoint, 'q8' / 'q4' a quantized linear in the "
@@ -268,7 +273,7 @@ def plan_options(f):
                    f"--target gguf only.")
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
             prune, max_prune, feedback_windows, act_bits, plan_path,
-            save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, head):
+            save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, kv_bits, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
     With no MODEL_DIR, a tiny random LLaMA is built on the spot and converted (a self-contained demo).
@@ -312,6 +317,12 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
                           act_bits, prune, max_prune)
     if feedback_windows is not None:
         pipeline.set_feedback_windows(plan, feedback_windows)
+    if kv_bits is not None:
+        from .kv_format import KVCacheSpec, parse_bits
+        if target != "gguf" and kv_bits != "f32":
+            _fail(f"--kv-bits is a setting of wqedge's runtime; the {target} target keeps its engine's own KV cache "
+                  f"(llama.cpp: --cache-type-k/-v at run time)")
+        plan.kv_cache = KVCacheSpec(parse_bits(kv_bits)).to_plan()
     _print_plan_summary(plan)
     if save_plan:
         plan.save(save_plan)
@@ -411,10 +422,12 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
 def inspect(gguf_file):
     """Print the per-linear table of a wqedge GGUF: shape, stored bits per weight, chunks per action."""
     from .blocks import ACTION_NAMES
+    from .kv_format import KVCacheSpec
     from .runtime.gguf_reader import FormatError, WqGGUF
     try:
         f = WqGGUF(gguf_file)
         rows = f.layer_table()
+        f.kv_cache  # noqa: B018  (an unknown KV cache value is a FormatError, reported here)
     except FormatError as e:
         _fail(str(e))
     s = f.spec
@@ -440,6 +453,11 @@ def inspect(gguf_file):
                 f"{next(iter(t.values())).r1.shape[0]}, {refl} with a Householder reflection, {smooth} smoothed"
                 if t else "none")
         click.echo(f"format version {f.format_version}: activation bits {f.act_bits}; input transforms: {what}")
+    kv = f.kv_cache
+    s4k = kv.cache_bytes(4096, [s.kv_heads(i) for i in range(s.n_layers)], s.head_dim)
+    click.echo(f"KV cache (runtime default): {'float32' if kv.bits is None else f'{kv.bits}-bit, rotation {kv.rotation}'}"
+               f"; {s4k / 2**20:.1f} MiB at 4096 tokens" + ("" if kv.bits is None else
+               f" (float32: {KVCacheSpec().cache_bytes(4096, [s.kv_heads(i) for i in range(s.n_layers)], s.head_dim) / 2**20:.1f} MiB)"))
 
 
 @main.command(name="eval")
@@ -460,7 +478,12 @@ def inspect(gguf_file):
               help="Threads for the cpp backend (0 = all cores).")
 @click.option("--batch", type=click.IntRange(1, 4096), default=4, show_default=True,
               help="Windows per forward pass (torch).")
-def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, batch):
+@click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
+              help="KV cache of the runtime: 'f32' float32, '8' or '4' bits per value (per token and KV head, groups of "
+                   "32 with an fp16 scale and min; K Hadamard-rotated per head first; docs/format.md \"KV cache\"). "
+                   "4 bits cut the cache to 5/32 of float32 for about +0.5-1% perplexity (bench/results/kv_cache.md). "
+                   "Default: the file's setting (float32 when it has none). With --backend torch the reference applies the same quantization.")
+def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, batch, kv_bits):
     """Perplexity of MODEL (a Hugging Face folder or a wqedge GGUF) on a text, as llama.cpp defines it.
 
     The whole text is tokenized with a leading BOS and cut into non-overlapping windows of --ctx tokens;
@@ -478,22 +501,27 @@ def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, bat
             m = native.Model(path)
         except native.NativeError as e:
             _fail(str(e))
-        fn = native.NativeEvaluator(m, n_ctx=ctx, n_threads=threads)
+        fn = native.NativeEvaluator(m, n_ctx=ctx, n_threads=threads, kv_bits=kv_bits)
         tokens = [m.bos_id] + list(m.tokenize(text, add_bos=False))
         bos = m.bos_id
         batch = 1
     else:
         import torch
 
+        from .kv_format import KVCacheSpec, parse_bits
         from .reference import load_reference, logits_fn
+        kv = None if kv_bits is None else KVCacheSpec(parse_bits(kv_bits))
         if path.is_dir():
             ckpt = _open_checkpoint(path)
             net = ckpt.load_hf_model(torch.float32)
+            if kv is not None:
+                from .kvquant import apply_kv_cache
+                apply_kv_cache(net, kv)
             tok_dir = path
         else:
             from .runtime.gguf_reader import FormatError
             try:
-                net = load_reference(path)
+                net = load_reference(path, kv)
             except FormatError as e:
                 _fail(str(e))
             tok_dir = tokenizer_dir
@@ -544,14 +572,19 @@ def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
 @click.option("--act", type=click.Choice(["q8", "f32"]), default=None,
               help="Activations of decode and prompt steps: 'q8' (int8 per 32 columns, integer dot products; the default) or 'f32' "
                    "(float, the reference path, logits within ~1e-5 of PyTorch). Default: WQEDGE_ACT, else q8.")
-def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, chat, system, act):
+@click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
+              help="KV cache of the runtime: 'f32' float32, '8' or '4' bits per value (per token and KV head, groups of "
+                   "32 with an fp16 scale and min; K Hadamard-rotated per head first; docs/format.md \"KV cache\"). "
+                   "4 bits cut the cache to 5/32 of float32 for about +0.5-1% perplexity (bench/results/kv_cache.md). "
+                   "Default: the file's setting (float32 when it has none).")
+def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, chat, system, act, kv_bits):
     """Generate text from GGUF_FILE with the C++ runtime, streaming it to the terminal."""
     from .runtime import native
     if act:
         native.set_activations(act)
     if chat:
         _chat(gguf_file, system, max_tokens, threads, dict(temperature=temperature, top_p=top_p, top_k=top_k,
-                                                             seed=seed))
+                                                             seed=seed), kv_bits)
         return
     try:
         prompt.encode("utf-8")
@@ -570,7 +603,8 @@ def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads,
             started = True
         click.echo(piece, nl=False)
     try:
-        native.run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, stream=stream)
+        native.run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, stream=stream,
+                   kv_bits=kv_bits)
     except (native.NativeError, ValueError) as e:
         if started:
             click.echo()
@@ -580,7 +614,7 @@ def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads,
     click.echo()
 
 
-def _chat(gguf_file, system, max_tokens, threads, sampling) -> None:
+def _chat(gguf_file, system, max_tokens, threads, sampling, kv_bits=None) -> None:
     from .runtime import native
     from .runtime.chat import ChatError, ChatSession
     try:
@@ -589,7 +623,8 @@ def _chat(gguf_file, system, max_tokens, threads, sampling) -> None:
         pass
     try:
         model = native.Model(gguf_file)
-        session = ChatSession(model, system=system, n_threads=threads, max_new_tokens=max_tokens, **sampling)
+        session = ChatSession(model, system=system, n_threads=threads, max_new_tokens=max_tokens, kv_bits=kv_bits,
+                              **sampling)
     except (native.NativeError, ChatError) as e:
         _fail(str(e))
     interactive = sys.stdin.isatty()

@@ -21,7 +21,7 @@ from .units import Linear, check_group_size, chunk_bounds, parse_linear_name
 
 PLAN_FORMAT = "wqedge-plan"
 PLAN_VERSION = 3          # the newest version; a plan is written in the oldest version that expresses it
-READ_VERSIONS = (1, 2, 3)  # 2: structured pruning ("pruning"); 3: "rotation" and "act_bits" (issue 15); docs/plan.md
+READ_VERSIONS = (1, 2, 3)  # 2: structured pruning ("pruning"); 3: "rotation", "act_bits", "kv_cache" (issue 15); docs/plan.md
 ACT_BITS = (8, 6, 4)      # activation bits a plan may ask the runtime for (8: the int8 path every file has)
 ROTATIONS = ("ruquant",)  # rotation methods (wqedge.rotation)
 METHODS = ("neuqi", "minmax")
@@ -72,6 +72,7 @@ class Plan:
     pruning: Pruning | None = None             # removed structures; tensors then have their pruned shapes
     rotation: dict | None = None               # how the input transforms are built (version 3; wqedge.rotation)
     act_bits: int = 8                          # activation bits at run time (version 3 when not 8)
+    kv_cache: dict | None = None               # the runtime's default KV cache (version 3; wqedge.kv_format)
 
     # ------------------------------------------------------------ figures
     def total_bits(self) -> int:
@@ -214,6 +215,12 @@ class Plan:
         """act_bits one of ACT_BITS; rotation a known method (pruned models are not rotated yet)."""
         if self.act_bits not in ACT_BITS:
             raise PlanError(f"act_bits must be one of {', '.join(map(str, ACT_BITS))}, got {self.act_bits!r}")
+        if self.kv_cache is not None:
+            from .kv_format import KVCacheSpec
+            try:
+                KVCacheSpec.from_plan(self.kv_cache)
+            except ValueError as e:
+                raise PlanError(str(e)) from None
         if self.rotation is None:
             return
         if not isinstance(self.rotation, dict) or self.rotation.get("method") not in ROTATIONS:
@@ -223,7 +230,7 @@ class Plan:
 
     def version(self) -> int:
         """The oldest plan version that expresses this plan."""
-        if self.rotation is not None or self.act_bits != 8:
+        if self.rotation is not None or self.act_bits != 8 or self.kv_cache is not None:
             return 3
         return 1 if self.pruning is None else 2
 
@@ -247,6 +254,8 @@ class Plan:
             d["rotation"] = self.rotation
         if self.act_bits != 8:
             d["act_bits"] = self.act_bits
+        if self.kv_cache is not None:
+            d["kv_cache"] = self.kv_cache
         d.update({"tensors": [tensor_dict(t) for t in self.tensors], "meta": self.meta})
         return d
 
@@ -273,8 +282,8 @@ class Plan:
                             f"{', '.join(map(str, READ_VERSIONS))})")
         if "pruning" in d and d["version"] < 2:
             raise PlanError("a version 1 plan has no \"pruning\" (structured pruning needs version 2)")
-        if ("rotation" in d or "act_bits" in d) and d["version"] < 3:
-            raise PlanError("\"rotation\" and \"act_bits\" need plan version 3")
+        if ("rotation" in d or "act_bits" in d or "kv_cache" in d) and d["version"] < 3:
+            raise PlanError("\"rotation\", \"act_bits\" and \"kv_cache\" need plan version 3")
         try:
             pruning = Pruning.from_dict(d["pruning"]) if d.get("pruning") is not None else None
         except PruningError as e:
@@ -287,7 +296,7 @@ class Plan:
             model = d.get("model", {})
             return cls(int(d["group_size"]), float(d["budget_bits"]), str(d.get("allocator", "")), tensors,
                        model.get("name", ""), model.get("fingerprint", ""), d.get("meta") or {}, pruning,
-                       d.get("rotation"), int(d.get("act_bits", 8)))
+                       d.get("rotation"), int(d.get("act_bits", 8)), d.get("kv_cache"))
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from None
 

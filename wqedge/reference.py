@@ -68,22 +68,28 @@ def _shape_layers(model: LlamaForCausalLM, spec: ModelSpec) -> None:
         mlp.down_proj = nn.Linear(f, h, bias=False)
 
 
-def load_reference(path) -> LlamaForCausalLM:
+def load_reference(path, kv_cache=None) -> LlamaForCausalLM:
     """The dequantized model of a wqedge GGUF, as fp32 transformers model. A rotated file's linears (format
     version 2, docs/format.md "Rotations") run x -> T(x) -> per-token activation quantization at the file's
     act bits when 6 or 4 (wqedge.actquant) -> the folded weights; at 8 bits activations stay float, as for
-    every other file (the runtime's int8 path is checked against float)."""
+    every other file (the runtime's int8 path is checked against float). The KV cache is quantized as the
+    file's wqedge.kv_cache keys say (wqedge.kvquant), or as `kv_cache` (a wqedge.kv_format.KVCacheSpec; bits
+    None = float) when given, as the runtime's --kv-bits overrides the file."""
     f = WqGGUF(path)
+    kv = f.kv_cache if kv_cache is None else kv_cache
     state = {hf: torch.from_numpy(f.dense(name)) for hf, name, _ in other_tensors(f.spec)}
     for lin in f.spec.linears():
         state[lin.hf_name] = torch.from_numpy(f.dequantize_linear(lin.gguf_name))
     model = build_model(f.spec, state)
-    if f.rotation is None and f.act_bits == 8:
-        return model
-    from .actquant import quantize_model
-    from .rotation import from_stored
-    transforms = {k: from_stored(v) for k, v in f.transforms().items()}
-    return quantize_model(model, transforms, None if f.act_bits == 8 else f.act_bits, folded=True)
+    if f.rotation is not None or f.act_bits != 8:
+        from .actquant import quantize_model
+        from .rotation import from_stored
+        transforms = {k: from_stored(v) for k, v in f.transforms().items()}
+        model = quantize_model(model, transforms, None if f.act_bits == 8 else f.act_bits, folded=True)
+    if kv.quantized:
+        from .kvquant import apply_kv_cache
+        model = apply_kv_cache(model, kv)
+    return model
 
 
 def logits_fn(model: LlamaForCausalLM):

@@ -131,6 +131,9 @@ typedef struct wqe_context_params {
     int32_t n_ctx;     /* KV cache length in tokens, at most 2^24; 0 = the model's context length, at most
                         * 4096. A cache larger than the machine's memory is WQE_ERR_OUT_OF_MEMORY. */
     int32_t n_threads; /* 0 = the number of CPUs available */
+    int32_t kv_bits;     /* KV cache (docs/format.md "KV cache"): 0 = the file's setting (wqedge.kv_cache.bits; float
+                          * when absent), 32 = float32, 8 or 4 = quantized per token and KV head (groups of 32) */
+    int32_t kv_rotation; /* 0 = the file's setting, 1 = Hadamard on K (and Q), 2 = none; ignored by a float cache */
 } wqe_context_params;
 
 WQE_API wqe_context_params wqe_context_default_params(void);
@@ -139,6 +142,9 @@ WQE_API void wqe_context_free(wqe_context* ctx);
 WQE_API int wqe_set_threads(wqe_context* ctx, int32_t n_threads);
 WQE_API int32_t wqe_get_threads(const wqe_context* ctx);
 WQE_API int32_t wqe_context_size(const wqe_context* ctx);
+/* The context's KV cache: *bits 32 (float32), 8 or 4; *rotated 1 when K is Hadamard-rotated; *bytes the K and V
+ * caches' size for the whole context length. Any pointer may be NULL. */
+WQE_API int wqe_context_kv_cache(const wqe_context* ctx, int32_t* bits, int32_t* rotated, uint64_t* bytes);
 /* Tokens held in the KV cache (the position of the next token). */
 WQE_API int32_t wqe_get_position(const wqe_context* ctx);
 /* Forget the cache from position n_past on (0 clears it); n_past must not exceed the current position. */

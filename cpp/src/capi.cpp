@@ -20,7 +20,8 @@ struct wqe_model {
 };
 struct wqe_context {
     wqe::Context c;
-    wqe_context(const wqe::Model& m, int n_ctx, int n_threads) : c(m, n_ctx, n_threads) {}
+    wqe_context(const wqe::Model& m, int n_ctx, int n_threads, int kv_bits, int kv_rotate)
+        : c(m, n_ctx, n_threads, kv_bits, kv_rotate) {}
 };
 struct wqe_sampler {
     wqe::Sampler s;
@@ -250,7 +251,7 @@ int wqe_token_to_piece(const wqe_model* model, int32_t token, int special, char*
 }
 
 // ------------------------------------------------------------------ contexts
-wqe_context_params wqe_context_default_params(void) { return wqe_context_params{0, 0}; }
+wqe_context_params wqe_context_default_params(void) { return wqe_context_params{0, 0, 0, 0}; }
 
 int wqe_context_new(const wqe_model* model, const wqe_context_params* params, wqe_context** out) {
     if (out) *out = nullptr;
@@ -259,8 +260,23 @@ int wqe_context_new(const wqe_model* model, const wqe_context_params* params, wq
         const wqe_context_params p = params ? *params : wqe_context_default_params();
         CHECK_ARG(p.n_ctx >= 0 && p.n_threads >= 0 && p.n_threads <= 1024, "bad context parameters (n_ctx %d, n_threads %d)",
                   p.n_ctx, p.n_threads);
+        CHECK_ARG(p.kv_bits == 0 || p.kv_bits == 32 || p.kv_bits == 8 || p.kv_bits == 4,
+                  "kv_bits %d: use 0 (the file's setting), 32 (float), 8 or 4", p.kv_bits);
+        CHECK_ARG(p.kv_rotation >= 0 && p.kv_rotation <= 2, "kv_rotation %d: use 0 (the file's), 1 (Hadamard) or 2 (none)",
+                  p.kv_rotation);
         const int n_ctx = p.n_ctx ? p.n_ctx : std::min(model->m.hp.n_ctx_train, 4096);
-        *out = new wqe_context(model->m, n_ctx, p.n_threads);
+        const int bits = p.kv_bits == 0 ? -1 : p.kv_bits == 32 ? 0 : p.kv_bits;
+        const int rot = p.kv_rotation == 0 ? -1 : p.kv_rotation == 1 ? 1 : 0;
+        *out = new wqe_context(model->m, n_ctx, p.n_threads, bits, rot);
+    });
+}
+
+int wqe_context_kv_cache(const wqe_context* ctx, int32_t* bits, int32_t* rotated, uint64_t* bytes) {
+    return guarded([&] {
+        CHECK_ARG(ctx, "ctx is NULL");
+        if (bits) *bits = ctx->c.kvf.bits == 0 ? 32 : ctx->c.kvf.bits;
+        if (rotated) *rotated = ctx->c.kvf.rotate ? 1 : 0;
+        if (bytes) *bytes = ctx->c.kv_bytes();
     });
 }
 

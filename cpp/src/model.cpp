@@ -195,6 +195,20 @@ void Loader::load() {
             rot_block = dim_key("wqedge.rotation.block_size", 1, 4096);
         }
     }
+    // The KV cache setting (docs/format.md "KV cache"): a runtime default, any format version; absent = float.
+    if (f.has("wqedge.kv_cache.bits")) {
+        hp.kv_bits = (int)f.get_int("wqedge.kv_cache.bits");
+        if (hp.kv_bits != 8 && hp.kv_bits != 4)
+            throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": wqedge.kv_cache.bits = " + std::to_string(hp.kv_bits) +
+                                                 "; this runtime stores the KV cache at 8 or 4 bits (float when the key is absent)");
+    }
+    if (f.has("wqedge.kv_cache.rotation")) {
+        const std::string r = f.get_string("wqedge.kv_cache.rotation");
+        if (r != "hadamard" && r != "none")
+            throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": wqedge.kv_cache.rotation = '" + r +
+                                                 "'; this runtime knows 'hadamard' and 'none'");
+        hp.kv_rotate = r == "hadamard";
+    }
     hp.group_size = dim_key("wqedge.group_size", 32, 1 << 16);
     if (hp.group_size % 32) f.format_error("wqedge.group_size = %d is not a multiple of 32", hp.group_size);
     if (!f.get_bool("wqedge.rope.neox", true))
@@ -360,25 +374,40 @@ static void check_fits(double bytes, const std::string& what) {
              bytes / 1073741824.0, (double)pages * page / 1073741824.0);
 }
 
-Context::Context(const Model& m, int n_ctx_, int n_threads) : model(m), n_ctx(n_ctx_) {
+Context::Context(const Model& m, int n_ctx_, int n_threads, int kv_bits, int kv_rotate) : model(m), n_ctx(n_ctx_) {
     const HParams& hp = m.hp;
     if (n_ctx < 1 || n_ctx > MAX_CTX) fail(WQE_ERR_INVALID_ARGUMENT, "context length %d is outside [1, %d]", n_ctx, MAX_CTX);
+    if (kv_bits != -1 && kv_bits != 0 && kv_bits != 8 && kv_bits != 4)
+        fail(WQE_ERR_INVALID_ARGUMENT, "KV cache bits %d: use 8, 4, 0 (float32) or -1 (the file's setting)", kv_bits);
+    if (kv_rotate < -1 || kv_rotate > 1) fail(WQE_ERR_INVALID_ARGUMENT, "KV cache rotation %d: use 0, 1 or -1", kv_rotate);
+    kvf = KvFormat::make(kv_bits < 0 ? hp.kv_bits : kv_bits, kv_rotate < 0 ? hp.kv_rotate : kv_rotate == 1, hp.head_dim);
     // kv <= 2^12 layers * 2^24 tokens * 2^17 floats: no overflow in 64 bits.
     size_t kv = 0;
     for (const Layer& L : m.layers) {
         kv_off.push_back(kv);
         kv += (size_t)n_ctx * L.n_head_kv * hp.head_dim;
     }
+    const size_t kv_rows = kv / hp.head_dim;
     const int nt = n_threads > 0 ? n_threads : default_thread_count();
-    check_fits((2.0 * (double)kv + (double)nt * n_ctx) * sizeof(float),
+    check_fits(2.0 * (double)kv_rows * kvf.row_bytes + (double)nt * n_ctx * sizeof(float),
                "a KV cache of " + std::to_string(n_ctx) + " tokens (with " + std::to_string(nt) + " threads' scores)");
     try {
-        k_cache.assign(kv, 0.0f);
-        v_cache.assign(kv, 0.0f);
+        if (kvf.bits == 0) {
+            k_cache.assign(kv, 0.0f);
+            v_cache.assign(kv, 0.0f);
+        } else {
+            kq_cache.assign(kv_rows * kvf.row_bytes, 0);
+            vq_cache.assign(kv_rows * kvf.row_bytes, 0);
+        }
     } catch (const std::bad_alloc&) {
-        fail(WQE_ERR_OUT_OF_MEMORY, "cannot allocate a KV cache of %d tokens (%.1f MiB)", n_ctx, 2.0 * kv * 4 / 1048576.0);
+        fail(WQE_ERR_OUT_OF_MEMORY, "cannot allocate a KV cache of %d tokens (%.1f MiB)", n_ctx,
+             2.0 * kv_rows * kvf.row_bytes / 1048576.0);
     }
     set_threads(n_threads);
+}
+
+size_t Context::kv_bytes() const {
+    return kvf.bits == 0 ? (k_cache.size() + v_cache.size()) * sizeof(float) : kq_cache.size() + vq_cache.size();
 }
 
 void Context::set_threads(int n) {
@@ -388,7 +417,7 @@ void Context::set_threads(int n) {
                                                       std::to_string(n_ctx) + " tokens");
     pool.reset(new ThreadPool(n));
     ms.reserve(n, model.max_K, model.max_g_pad, model.max_x_floats, model.max_chunks);
-    scores.assign(n, std::vector<float>(n_ctx));
+    scores.assign(n, std::vector<float>(n_ctx + model.hp.head_dim));  // + one rotated query head (KV cache)
 }
 
 void Context::ensure_batch(int n) {
@@ -541,8 +570,11 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
     for (int l = 0; l < hp.n_layer; ++l) {
         const Layer& L = m.layers[l];
         const int H = L.n_head, QD = H * hd, KVD = L.n_head_kv * hd, F = L.n_ff, group = H / L.n_head_kv;
-        float* kc = &k_cache[kv_off[l]];
-        float* vc = &v_cache[kv_off[l]];
+        const bool kvq = kvf.bits != 0;  // quantized KV cache (kvcache.h): rows of (position, kv head)
+        float* kc = kvq ? nullptr : &k_cache[kv_off[l]];
+        float* vc = kvq ? nullptr : &v_cache[kv_off[l]];
+        uint8_t* kqc = kvq ? &kq_cache[kv_off[l] / hd * kvf.row_bytes] : nullptr;
+        uint8_t* vqc = kvq ? &vq_cache[kv_off[l] / hd * kvf.row_bytes] : nullptr;
 
         // Attention: xb = rmsnorm(x); q, k, v projections; RoPE; append k, v to the cache.
         for (int t = 0; t < n; ++t) rmsnorm(&xb[(size_t)t * D], &x[(size_t)t * D], L.attn_norm.data(), D, hp.rms_eps);
@@ -560,8 +592,17 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             rope(&q[(size_t)t * QD], H, hd, &rope_cos[(size_t)t * half], &rope_sin[(size_t)t * half]);
             rope(&k[(size_t)t * KVD], L.n_head_kv, hd, &rope_cos[(size_t)t * half], &rope_sin[(size_t)t * half]);
         }
-        std::memcpy(kc + (size_t)pos0 * KVD, k.data(), sizeof(float) * n * KVD);
-        std::memcpy(vc + (size_t)pos0 * KVD, v.data(), sizeof(float) * n * KVD);
+        if (!kvq) {
+            std::memcpy(kc + (size_t)pos0 * KVD, k.data(), sizeof(float) * n * KVD);
+            std::memcpy(vc + (size_t)pos0 * KVD, v.data(), sizeof(float) * n * KVD);
+        } else {  // K rotated (in place: k is not read again) and quantized, V quantized; per token and head
+            for (int r = 0; r < n * L.n_head_kv; ++r) {
+                const size_t row = (size_t)pos0 * L.n_head_kv + r;
+                if (kvf.rotate) kv_hadamard(&k[(size_t)r * hd], hd, kvf.hblock);
+                kv_quantize(kvf, &k[(size_t)r * hd], kqc + row * kvf.row_bytes);
+                kv_quantize(kvf, &v[(size_t)r * hd], vqc + row * kvf.row_bytes);
+            }
+        }
 
         // Causal grouped-query attention, one task per (token, head).
         tp.run(n * H, [&](int task, int thread) {
@@ -570,9 +611,19 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             const float* qh = &q[(size_t)t * QD + (size_t)h * hd];
             float* sc = scores[thread].data();
             float mx = -INFINITY;
-            for (int s = 0; s < n_keys; ++s) {
-                sc[s] = ops.dot_f32(qh, kc + (size_t)s * KVD + (size_t)kvh * hd, hd) * att_scale;
-                mx = std::max(mx, sc[s]);
+            if (kvq) {
+                float* qr = sc + n_ctx;  // the query head in the keys' rotated space: (H q).(H k) = q.k
+                std::memcpy(qr, qh, sizeof(float) * hd);
+                if (kvf.rotate) kv_hadamard(qr, hd, kvf.hblock);
+                for (int s = 0; s < n_keys; ++s) {
+                    sc[s] = kv_dot(kvf, qr, kqc + ((size_t)s * L.n_head_kv + kvh) * kvf.row_bytes, kern) * att_scale;
+                    mx = std::max(mx, sc[s]);
+                }
+            } else {
+                for (int s = 0; s < n_keys; ++s) {
+                    sc[s] = ops.dot_f32(qh, kc + (size_t)s * KVD + (size_t)kvh * hd, hd) * att_scale;
+                    mx = std::max(mx, sc[s]);
+                }
             }
             float sum = 0.0f;
             for (int s = 0; s < n_keys; ++s) {
@@ -582,7 +633,12 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             const float inv = 1.0f / sum;
             float* out = &att[(size_t)t * QD + (size_t)h * hd];
             std::memset(out, 0, sizeof(float) * hd);
-            for (int s = 0; s < n_keys; ++s) ops.axpy(sc[s] * inv, vc + (size_t)s * KVD + (size_t)kvh * hd, out, hd);
+            if (kvq) {
+                for (int s = 0; s < n_keys; ++s)
+                    kv_axpy(kvf, sc[s] * inv, vqc + ((size_t)s * L.n_head_kv + kvh) * kvf.row_bytes, out, kern);
+            } else {
+                for (int s = 0; s < n_keys; ++s) ops.axpy(sc[s] * inv, vc + (size_t)s * KVD + (size_t)kvh * hd, out, hd);
+            }
         });
         group_input(L.rot_of(1), hp.act_bits, att.data(), n, QD, tp, kern);
         matmul(L.wo, att.data(), n, xb2.data(), tp, ms, kern, act);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "gguf.h"
+#include "kvcache.h"
 #include "linear.h"
 #include "rotation.h"
 #include "threadpool.h"
@@ -21,6 +22,8 @@ struct HParams {
     int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_ff = 0;
     int n_ctx_train = 0, group_size = 0, format_version = 0;
     int act_bits = 8;  // format 2: activation bits of the linears' inputs (8: the int8/float path as before)
+    int kv_bits = 0;           // wqedge.kv_cache.bits: the default KV cache (0 float32, 8 or 4; kvcache.h)
+    bool kv_rotate = true;     // wqedge.kv_cache.rotation: "hadamard" (true) or "none"
     float rope_base = 10000.0f, rms_eps = 1e-5f, effective_bits = 0.0f;
     int bos = -1, eos = -1;
     bool add_bos = true;
@@ -63,15 +66,19 @@ struct Context {
     int n_ctx;
     int n_past = 0;
     std::unique_ptr<ThreadPool> pool;
-    std::vector<float> k_cache, v_cache;  // [layer][n_ctx][the layer's kv dim]
-    std::vector<size_t> kv_off;           // where each layer's cache starts
+    std::vector<float> k_cache, v_cache;  // [layer][n_ctx][the layer's kv dim] (float cache)
+    std::vector<size_t> kv_off;           // where each layer's cache starts, in floats of the float cache
+    KvFormat kvf;                         // the cache's format: kvf.bits 0 = the float vectors above
+    std::vector<uint8_t> kq_cache, vq_cache;  // quantized cache: row (layer, pos, kv head) at (kv_off / head_dim + ..) * row_bytes
     MatScratch ms;
     int n_batch_alloc = 0;
     // Activations of one micro-batch.
     std::vector<float> x, xb, xb2, q, k, v, att, hg, hu, rope_cos, rope_sin;
     std::vector<std::vector<float>> scores;  // per thread, n_ctx
 
-    Context(const Model& m, int n_ctx, int n_threads);
+    // kv_bits: -1 the file's KV cache setting, 0 float32, 8 or 4; kv_rotate: -1 the file's, 0 none, 1 Hadamard.
+    Context(const Model& m, int n_ctx, int n_threads, int kv_bits = -1, int kv_rotate = -1);
+    size_t kv_bytes() const;  // bytes of the K and V caches
     void set_threads(int n);
     // Evaluate tokens at n_past; logits: nullptr, last token's (all = false) or every token's.
     void eval(const int32_t* tokens, int n, float* logits, bool all);

@@ -1,0 +1,303 @@
+// Quantized KV cache rows (kvcache.h): quantization, the Walsh-Hadamard transform, and the two attention
+// primitives over a row with a scalar reference and AVX2/NEON paths (tests: cpp/tests/test_kvcache.cpp,
+// tests/test_kv_cache.py).
+#include "kvcache.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "blocks.h"
+#include "common.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define WQE_KV_AVX2 1
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#define WQE_KV_NEON 1
+#endif
+
+namespace wqe {
+
+KvFormat KvFormat::make(int bits, bool rotate, int head_dim) {
+    KvFormat f;
+    f.bits = bits;
+    f.head_dim = head_dim;
+    f.rotate = bits != 0 && rotate;
+    f.hblock = head_dim & -head_dim;
+    f.group = head_dim % 32 == 0 ? 32 : head_dim;
+    f.row_bytes = bits == 0 ? sizeof(float) * (size_t)head_dim
+                            : (size_t)(head_dim / f.group) * 4 + (size_t)head_dim * bits / 8;
+    return f;
+}
+
+static inline size_t group_bytes(const KvFormat& f) { return 4 + (size_t)f.group * f.bits / 8; }
+
+// Code j of a group (4 bits: byte j holds codes j and j + g/2).
+static inline int code_at(const KvFormat& f, const uint8_t* codes, int j) {
+    if (f.bits == 8) return codes[j];
+    const int h = f.group / 2;
+    return j < h ? codes[j] & 0xF : codes[j - h] >> 4;
+}
+
+void kv_quantize(const KvFormat& f, const float* x, uint8_t* dst) {
+    const int g = f.group, qmax = (1 << f.bits) - 1;
+    for (int g0 = 0; g0 < f.head_dim; g0 += g, dst += group_bytes(f)) {
+        const float* v = x + g0;
+        float mn = v[0], mx = v[0];
+        for (int j = 1; j < g; ++j) {
+            mn = std::min(mn, v[j]);
+            mx = std::max(mx, v[j]);
+        }
+        const uint16_t mh = fp32_to_fp16(mn);
+        const float m = fp16_to_fp32(mh);
+        const uint16_t dh = fp32_to_fp16((mx - m) / (float)qmax);
+        const float d = fp16_to_fp32(dh);
+        const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+        std::memcpy(dst, &dh, 2);
+        std::memcpy(dst + 2, &mh, 2);
+        uint8_t* codes = dst + 4;
+        if (f.bits == 4) std::memset(codes, 0, (size_t)g / 2);
+        for (int j = 0; j < g; ++j) {
+            const float r = std::nearbyint((v[j] - m) * inv);  // round half to even (the default rounding mode)
+            const int c = (int)std::min((float)qmax, std::max(0.0f, r));
+            if (f.bits == 8) codes[j] = (uint8_t)c;
+            else if (j < g / 2) codes[j] |= (uint8_t)c;
+            else codes[j - g / 2] |= (uint8_t)(c << 4);
+        }
+    }
+}
+
+void kv_dequantize(const KvFormat& f, const uint8_t* src, float* dst) {
+    for (int g0 = 0; g0 < f.head_dim; g0 += f.group, src += group_bytes(f)) {
+        const float d = load_h(src), m = load_h(src + 2);
+        for (int j = 0; j < f.group; ++j) dst[g0 + j] = (float)code_at(f, src + 4, j) * d + m;
+    }
+}
+
+void kv_hadamard(float* x, int n, int block) {
+    const float scale = 1.0f / std::sqrt((float)block);
+    for (int b0 = 0; b0 < n; b0 += block) {
+        float* p = x + b0;
+        for (int h = 1; h < block; h *= 2)
+            for (int i = 0; i < block; i += 2 * h)
+                for (int j = i; j < i + h; ++j) {
+                    const float a = p[j], b = p[j + h];
+                    p[j] = a + b;
+                    p[j + h] = a - b;
+                }
+        for (int i = 0; i < block; ++i) p[i] *= scale;
+    }
+}
+
+// ------------------------------------------------------------------ attention primitives: reference
+static float dot_scalar(const KvFormat& f, const float* q, const uint8_t* row) {
+    float s = 0.0f;
+    for (int g0 = 0; g0 < f.head_dim; g0 += f.group, row += group_bytes(f)) {
+        const float d = load_h(row), m = load_h(row + 2);
+        for (int j = 0; j < f.group; ++j) s += q[g0 + j] * ((float)code_at(f, row + 4, j) * d + m);
+    }
+    return s;
+}
+
+static void axpy_scalar(const KvFormat& f, float a, const uint8_t* row, float* out) {
+    for (int g0 = 0; g0 < f.head_dim; g0 += f.group, row += group_bytes(f)) {
+        const float d = load_h(row), m = load_h(row + 2);
+        for (int j = 0; j < f.group; ++j) out[g0 + j] += a * ((float)code_at(f, row + 4, j) * d + m);
+    }
+}
+
+// ------------------------------------------------------------------ AVX2 (groups of a multiple of 32 values)
+#ifdef WQE_KV_AVX2
+namespace avx2 {  // only functions in wqe::avx2 may hold AVX instructions (tests/test_cpp_clang.py)
+__attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+// 8 codes (bytes) -> floats d * c + m.
+__attribute__((target("avx2,fma"))) static inline __m256 deq8(__m128i bytes8, __m256 d, __m256 m) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)), d, m);
+}
+
+__attribute__((target("avx2,fma"))) static float dot(const KvFormat& f, const float* q, const uint8_t* row) {
+    __m256 acc = _mm256_setzero_ps();
+    const int g = f.group, h = g / 2;
+    const __m128i nib = _mm_set1_epi8(0x0F);
+    for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
+        const __m256 d = _mm256_set1_ps(load_h(row)), m = _mm256_set1_ps(load_h(row + 2));
+        const uint8_t* c = row + 4;
+        const float* qg = q + g0;
+        if (f.bits == 8) {
+            for (int j = 0; j < g; j += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j), deq8(_mm_loadl_epi64((const __m128i*)(c + j)), d, m), acc);
+        } else {
+            for (int j = 0; j < h; j += 16) {
+                const __m128i b = _mm_loadu_si128((const __m128i*)(c + j));
+                const __m128i lo = _mm_and_si128(b, nib), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j), deq8(lo, d, m), acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j + 8), deq8(_mm_srli_si128(lo, 8), d, m), acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + h + j), deq8(hi, d, m), acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + h + j + 8), deq8(_mm_srli_si128(hi, 8), d, m), acc);
+            }
+        }
+    }
+    return hsum(acc);
+}
+
+__attribute__((target("avx2,fma"))) static inline void axpy8(float* o, __m256 a, __m256 w) {
+    _mm256_storeu_ps(o, _mm256_fmadd_ps(a, w, _mm256_loadu_ps(o)));
+}
+
+__attribute__((target("avx2,fma"))) static void axpy(const KvFormat& f, float a, const uint8_t* row, float* out) {
+    const __m256 av = _mm256_set1_ps(a);
+    const int g = f.group, h = g / 2;
+    const __m128i nib = _mm_set1_epi8(0x0F);
+    for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
+        const __m256 d = _mm256_set1_ps(load_h(row)), m = _mm256_set1_ps(load_h(row + 2));
+        const uint8_t* c = row + 4;
+        float* o = out + g0;
+        if (f.bits == 8) {
+            for (int j = 0; j < g; j += 8) axpy8(o + j, av, deq8(_mm_loadl_epi64((const __m128i*)(c + j)), d, m));
+        } else {
+            for (int j = 0; j < h; j += 16) {
+                const __m128i b = _mm_loadu_si128((const __m128i*)(c + j));
+                const __m128i lo = _mm_and_si128(b, nib), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+                axpy8(o + j, av, deq8(lo, d, m));
+                axpy8(o + j + 8, av, deq8(_mm_srli_si128(lo, 8), d, m));
+                axpy8(o + h + j, av, deq8(hi, d, m));
+                axpy8(o + h + j + 8, av, deq8(_mm_srli_si128(hi, 8), d, m));
+            }
+        }
+    }
+}
+}  // namespace avx2
+#endif
+
+// ------------------------------------------------------------------ NEON (groups of a multiple of 32 values)
+#ifdef WQE_KV_NEON
+namespace neon {
+// 8 codes (u16 lanes) -> two float vectors d * c + m.
+static inline void deq8(uint16x8_t c, float32x4_t d, float32x4_t m, float32x4_t* w0, float32x4_t* w1) {
+    *w0 = vfmaq_f32(m, vcvtq_f32_u32(vmovl_u16(vget_low_u16(c))), d);
+    *w1 = vfmaq_f32(m, vcvtq_f32_u32(vmovl_u16(vget_high_u16(c))), d);
+}
+// 16 codes (bytes) at q[0..16) / out[0..16).
+static inline float32x4_t dot16(uint8x16_t c, const float* q, float32x4_t d, float32x4_t m, float32x4_t acc) {
+    float32x4_t w0, w1, w2, w3;
+    deq8(vmovl_u8(vget_low_u8(c)), d, m, &w0, &w1);
+    deq8(vmovl_u8(vget_high_u8(c)), d, m, &w2, &w3);
+    acc = vfmaq_f32(acc, vld1q_f32(q), w0);
+    acc = vfmaq_f32(acc, vld1q_f32(q + 4), w1);
+    acc = vfmaq_f32(acc, vld1q_f32(q + 8), w2);
+    return vfmaq_f32(acc, vld1q_f32(q + 12), w3);
+}
+static inline void axpy16(uint8x16_t c, float32x4_t a, float* o, float32x4_t d, float32x4_t m) {
+    float32x4_t w[4];
+    deq8(vmovl_u8(vget_low_u8(c)), d, m, &w[0], &w[1]);
+    deq8(vmovl_u8(vget_high_u8(c)), d, m, &w[2], &w[3]);
+    for (int i = 0; i < 4; ++i) vst1q_f32(o + 4 * i, vfmaq_f32(vld1q_f32(o + 4 * i), a, w[i]));
+}
+
+static float dot(const KvFormat& f, const float* q, const uint8_t* row) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    const int g = f.group, h = g / 2;
+    for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
+        const float32x4_t d = vdupq_n_f32(load_h(row)), m = vdupq_n_f32(load_h(row + 2));
+        const uint8_t* c = row + 4;
+        const float* qg = q + g0;
+        if (f.bits == 8) {
+            for (int j = 0; j < g; j += 16) acc = dot16(vld1q_u8(c + j), qg + j, d, m, acc);
+        } else {
+            for (int j = 0; j < h; j += 16) {
+                const uint8x16_t b = vld1q_u8(c + j);
+                acc = dot16(vandq_u8(b, vdupq_n_u8(0x0F)), qg + j, d, m, acc);
+                acc = dot16(vshrq_n_u8(b, 4), qg + h + j, d, m, acc);
+            }
+        }
+    }
+    return vaddvq_f32(acc);
+}
+
+static void axpy(const KvFormat& f, float a, const uint8_t* row, float* out) {
+    const float32x4_t av = vdupq_n_f32(a);
+    const int g = f.group, h = g / 2;
+    for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
+        const float32x4_t d = vdupq_n_f32(load_h(row)), m = vdupq_n_f32(load_h(row + 2));
+        const uint8_t* c = row + 4;
+        float* o = out + g0;
+        if (f.bits == 8) {
+            for (int j = 0; j < g; j += 16) axpy16(vld1q_u8(c + j), av, o + j, d, m);
+        } else {
+            for (int j = 0; j < h; j += 16) {
+                const uint8x16_t b = vld1q_u8(c + j);
+                axpy16(vandq_u8(b, vdupq_n_u8(0x0F)), av, o + j, d, m);
+                axpy16(vshrq_n_u8(b, 4), av, o + h + j, d, m);
+            }
+        }
+    }
+}
+}  // namespace neon
+#endif
+
+float kv_dot(const KvFormat& f, const float* q, const uint8_t* row, int kernels) {
+    if (f.group % 32 == 0) {
+#ifdef WQE_KV_AVX2
+        if (kernels == K_AVX2) return avx2::dot(f, q, row);
+#endif
+#ifdef WQE_KV_NEON
+        if (kernels == K_NEON) return neon::dot(f, q, row);
+#endif
+    }
+    (void)kernels;
+    return dot_scalar(f, q, row);
+}
+
+void kv_axpy(const KvFormat& f, float a, const uint8_t* row, float* out, int kernels) {
+    if (f.group % 32 == 0) {
+#ifdef WQE_KV_AVX2
+        if (kernels == K_AVX2) return avx2::axpy(f, a, row, out);
+#endif
+#ifdef WQE_KV_NEON
+        if (kernels == K_NEON) return neon::axpy(f, a, row, out);
+#endif
+    }
+    (void)kernels;
+    axpy_scalar(f, a, row, out);
+}
+
+}  // namespace wqe
+
+// Test hooks (tests/test_kv_cache.py through ctypes). Quantize n rows of head_dim floats (rotated first when
+// rotate) into rows; returns the row bytes, or -1 on bad arguments.
+extern "C" WQE_API int64_t wqe_test_kv_quantize(int bits, int rotate, int head_dim, const float* x, int n, uint8_t* rows) {
+    if ((bits != 8 && bits != 4) || head_dim < 2 || head_dim % 2 || n < 0) return -1;
+    const wqe::KvFormat f = wqe::KvFormat::make(bits, rotate != 0, head_dim);
+    if (!x || !rows) return (int64_t)f.row_bytes;
+    float* tmp = new float[head_dim];
+    for (int i = 0; i < n; ++i) {
+        std::memcpy(tmp, x + (size_t)i * head_dim, sizeof(float) * head_dim);
+        if (f.rotate) wqe::kv_hadamard(tmp, head_dim, f.hblock);
+        wqe::kv_quantize(f, tmp, rows + (size_t)i * f.row_bytes);
+    }
+    delete[] tmp;
+    return (int64_t)f.row_bytes;
+}
+// scores[i] = kv_dot(q, row i) and out = sum_i p[i] row i (out zeroed first) with kernel set k; -1 when the set
+// is not built here or on bad arguments. Rows are in the rotated space (q is taken as given).
+extern "C" WQE_API int wqe_test_kv_attend(int bits, int head_dim, const uint8_t* rows, int n, const float* q, const float* p,
+                                          int kernels, float* scores, float* out) {
+    if ((bits != 8 && bits != 4) || head_dim < 2 || head_dim % 2 || n < 0) return -1;
+    if (kernels == wqe::K_AVX2 && !wqe::cpu_has_avx2()) return -1;
+    if (kernels == wqe::K_NEON && !wqe::cpu_has_neon()) return -1;
+    const wqe::KvFormat f = wqe::KvFormat::make(bits, false, head_dim);
+    std::memset(out, 0, sizeof(float) * head_dim);
+    for (int i = 0; i < n; ++i) {
+        scores[i] = wqe::kv_dot(f, q, rows + (size_t)i * f.row_bytes, kernels);
+        wqe::kv_axpy(f, p[i], rows + (size_t)i * f.row_bytes, out, kernels);
+    }
+    return 0;
+}

@@ -1,0 +1,37 @@
+// Quantized KV cache (issue 15; docs/format.md "KV cache", wqedge/kv_format.py, wqedge/kvquant.py).
+// Each token's K and V of one KV head is one row: per group of g values (g = 32, or head_dim when 32 does not
+// divide it) an fp16 scale d, an fp16 min m and g codes (8 bits: one byte each; 4 bits: byte i of the group holds
+// code i in its low nibble and code i + g/2 in its high one); value = d * code + m. K is rotated per head by the
+// orthonormal Walsh-Hadamard transform (block-diagonal when head_dim is not a power of two) before it is
+// quantized, and each query head by the same transform at attention time, so q.k is unchanged; V is stored
+// unrotated (rotating it measured worse: bench/results/kv_cache_choice.txt).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace wqe {
+
+struct KvFormat {
+    int bits = 0;         // 0: float32 cache (none of the below is used), 8 or 4
+    bool rotate = false;  // Hadamard on K (and Q) per head
+    int head_dim = 0, group = 0, hblock = 0;  // hblock: Walsh-Hadamard block (largest power of two dividing head_dim)
+    size_t row_bytes = 0;                     // bytes of one token's K (or V) of one head
+    static KvFormat make(int bits, bool rotate, int head_dim);
+};
+
+// One head row: quantize x (head_dim floats, already rotated) into dst (row_bytes), exactly as
+// wqedge.kvquant.fake_quant_kv (float32 parameters stored as fp16, round half to even). Scalar: once per token.
+void kv_quantize(const KvFormat& f, const float* x, uint8_t* dst);
+// dst = the row's values (d * code + m, float32), scalar.
+void kv_dequantize(const KvFormat& f, const uint8_t* src, float* dst);
+// In place x (n floats) -> H x per block of `block` values (butterflies, then the 1/sqrt(block) scale), the
+// arithmetic of wqedge.kvquant.fwht.
+void kv_hadamard(float* x, int n, int block);
+
+// Attention over a quantized row: dot(q, row) and out += a * row, with kernels K_SCALAR, K_AVX2 or K_NEON.
+// The SIMD paths differ from the scalar reference only by the order of float additions (and fused multiply-adds).
+float kv_dot(const KvFormat& f, const float* q, const uint8_t* row, int kernels);
+void kv_axpy(const KvFormat& f, float a, const uint8_t* row, float* out, int kernels);
+
+}  // namespace wqe

@@ -1,0 +1,96 @@
+// Quantized KV cache rows (kvcache.h): every SIMD path built here (AVX2 on x86-64, NEON on AArch64) against the
+// scalar reference (dot and axpy within 1e-5 of the magnitude of their terms); dequantized values within half a
+// grid step of the input; the Walsh-Hadamard transform is its own inverse and keeps norms.
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "blocks.h"
+#include "kvcache.h"
+
+int main() {
+    using namespace wqe;
+    std::mt19937 rng(3);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    int fails = 0, checks = 0;
+    std::vector<int> sets;
+    if (cpu_has_avx2()) sets.push_back(K_AVX2);
+    if (cpu_has_neon()) sets.push_back(K_NEON);
+    for (int hd : {64, 128, 96, 80, 6}) {
+        // Hadamard: H H x = x, |H x| = |x|.
+        const int blk = hd & -hd;
+        std::vector<float> x(hd), y;
+        for (float& v : x) v = nd(rng) * (rng() % 9 == 0 ? 20.0f : 1.0f);
+        y = x;
+        kv_hadamard(y.data(), hd, blk);
+        double n0 = 0.0, n1 = 0.0;
+        for (int i = 0; i < hd; ++i) n0 += (double)x[i] * x[i], n1 += (double)y[i] * y[i];
+        kv_hadamard(y.data(), hd, blk);
+        ++checks;
+        bool ok = std::fabs(n1 - n0) <= 1e-5 * n0;
+        for (int i = 0; i < hd; ++i) ok = ok && std::fabs(y[i] - x[i]) <= 1e-5f * (1.0f + std::fabs(x[i]));
+        if (!ok) ++fails, std::printf("FAIL hadamard hd %d\n", hd);
+        for (int bits : {8, 4}) {
+            const KvFormat f = KvFormat::make(bits, true, hd);
+            const int n = 37;
+            std::vector<float> X((size_t)n * hd), q(hd), p(n), deq(hd);
+            std::vector<uint8_t> rows((size_t)n * f.row_bytes);
+            for (float& v : X) v = nd(rng) * (rng() % 11 == 0 ? 8.0f : 1.0f);
+            for (float& v : q) v = nd(rng);
+            for (float& v : p) v = std::fabs(nd(rng));
+            for (int i = 0; i < n; ++i) {
+                kv_quantize(f, &X[(size_t)i * hd], &rows[(size_t)i * f.row_bytes]);
+                kv_dequantize(f, &rows[(size_t)i * f.row_bytes], deq.data());
+                for (int g0 = 0; g0 < hd; g0 += f.group) {  // |x - x^| <= step/2 (+ the fp16 rounding of the min)
+                    float mn = X[(size_t)i * hd + g0], mx = mn;
+                    for (int j = 0; j < f.group; ++j) {
+                        mn = std::min(mn, X[(size_t)i * hd + g0 + j]);
+                        mx = std::max(mx, X[(size_t)i * hd + g0 + j]);
+                    }
+                    const float step = (mx - mn) / (float)((1 << bits) - 1);
+                    for (int j = 0; j < f.group; ++j) {
+                        ++checks;
+                        if (std::fabs(deq[g0 + j] - X[(size_t)i * hd + g0 + j]) > 0.5f * step * 1.01f + 2e-3f * std::fabs(mn) + 1e-6f) {
+                            ++fails;
+                            std::printf("FAIL quantize bits %d hd %d row %d col %d: %g vs %g (step %g)\n", bits, hd, i, g0 + j,
+                                        deq[g0 + j], X[(size_t)i * hd + g0 + j], step);
+                        }
+                    }
+                }
+            }
+            std::vector<float> ref_s(n), ref_o(hd, 0.0f), mag_o(hd, 0.0f);
+            std::vector<double> mag_s(n, 0.0);
+            for (int i = 0; i < n; ++i) {
+                ref_s[i] = kv_dot(f, q.data(), &rows[(size_t)i * f.row_bytes], K_SCALAR);
+                kv_axpy(f, p[i], &rows[(size_t)i * f.row_bytes], ref_o.data(), K_SCALAR);
+                kv_dequantize(f, &rows[(size_t)i * f.row_bytes], deq.data());
+                for (int j = 0; j < hd; ++j) {
+                    mag_s[i] += std::fabs((double)q[j] * deq[j]);
+                    mag_o[j] += std::fabs(p[i] * deq[j]);
+                }
+            }
+            for (int k : sets) {
+                std::vector<float> o(hd, 0.0f);
+                for (int i = 0; i < n; ++i) {
+                    const float s = kv_dot(f, q.data(), &rows[(size_t)i * f.row_bytes], k);
+                    kv_axpy(f, p[i], &rows[(size_t)i * f.row_bytes], o.data(), k);
+                    ++checks;
+                    if (std::fabs((double)s - ref_s[i]) > 1e-5 * mag_s[i] + 1e-30) {
+                        ++fails;
+                        std::printf("FAIL dot set %d bits %d hd %d row %d: %g vs %g\n", k, bits, hd, i, s, ref_s[i]);
+                    }
+                }
+                for (int j = 0; j < hd; ++j) {
+                    ++checks;
+                    if (std::fabs((double)o[j] - ref_o[j]) > 1e-5 * mag_o[j] + 1e-30) {
+                        ++fails;
+                        std::printf("FAIL axpy set %d bits %d hd %d col %d: %g vs %g\n", k, bits, hd, j, o[j], ref_o[j]);
+                    }
+                }
+            }
+        }
+    }
+    std::printf("kv cache kernels: %d sets, %d checks, %d failures\n", (int)sets.size(), checks, fails);
+    return fails ? 1 : 0;
+}
