@@ -13,7 +13,8 @@
 //   -d D,KV,F: hidden, k/v and feed-forward widths (default TinyLlama's 2048,256,5632); -r 0 builds and times nothing
 //
 // A kind list "mix:a,b,c" assigns kinds to chunks round-robin (a mixed plan's worst case for dispatch). "head": the dense
-// F16 output head instead (V x D, -V vocabulary, default TinyLlama's 32000; float activations, as decode runs it).
+// F16 output head instead (V x D, -V vocabulary, default TinyLlama's 32000; float activations, as decode runs it);
+// "head:q8" / "head:q4": the head as a quantized linear (wqedge convert --head), through the linear kernels.
 #include <chrono>
 #include <ctime>
 #include <cstdio>
@@ -110,7 +111,7 @@ int main(int argc, char** argv) {
     repack = 0;
 #endif
     std::mt19937 rng(1);
-    std::vector<float> x((size_t)F * n_tok), y((size_t)F * n_tok), y2(F), y3(F);
+    std::vector<float> x((size_t)F * n_tok), y((size_t)std::max(F, vocab) * n_tok), y2(F), y3(F);
     for (auto& v : x) v = std::normal_distribution<float>()(rng);
     if (n_tok > 1)
         printf("%-28s %8s %10s %8s %10s  (prefill %d tokens, threads %d, act %s, %d layers, %s)\n", "kinds", "ms/step",
@@ -150,9 +151,12 @@ int main(int argc, char** argv) {
             fflush(stdout);
             continue;
         }
-        const std::vector<int> kinds = parse_kinds(spec);
+        // "head:KIND": the output head as a quantized linear (V x D, docs/format.md "Output head") instead of the layers
+        const bool qhead = spec.rfind("head:", 0) == 0;
+        const std::vector<int> kinds = parse_kinds(qhead ? spec.substr(5) : spec);
         std::vector<Owned> ws;
-        for (int l = 0; l < layers; ++l) {
+        if (qhead) ws.push_back(make_linear(vocab, D, kinds, rng));
+        for (int l = 0; l < layers && !qhead; ++l) {
             ws.push_back(make_linear(D, D, kinds, rng));
             ws.push_back(make_linear(KV, D, kinds, rng));
             ws.push_back(make_linear(KV, D, kinds, rng));
@@ -185,7 +189,8 @@ int main(int argc, char** argv) {
             clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
             if (n_tok > 1)  // prefill: every linear of every layer on n_tok tokens (as Context::forward's batch)
                 for (auto& w : ws) matmul(w.L, x.data(), n_tok, y.data(), pool, s, kernels, act);
-            for (int l = 0; l < layers && n_tok == 1; ++l) {
+            if (qhead && n_tok == 1) matvec(ws[0].L, x.data(), y.data(), pool, s, kernels, act);
+            for (int l = 0; l < layers && n_tok == 1 && !qhead; ++l) {
                 const Linear* qkv[3] = {&ws[7 * l].L, &ws[7 * l + 1].L, &ws[7 * l + 2].L};
                 float* yq[3] = {y.data(), y2.data(), y3.data()};
                 matvec_group(3, qkv, x.data(), yq, pool, s, kernels, act);

@@ -228,3 +228,31 @@ def test_malformed_head_is_refused(tiny, tmp_path):
         native.Model(bad)
     with pytest.raises(FormatError):
         WqGGUF(bad).dense(name)
+
+
+def test_nonfinite_quantized_head_names_the_tensor(tiny, tmp_path):
+    """A non-finite scale in the quantized head: the logits check names the tensor and the row (cpp/README.md
+    "Non-finite values"); tied, the embedding row is also refused when looked up (other tokens' rows still run)."""
+    import shutil
+    import struct
+    ensure_library()
+    from wqedge.runtime import native
+    ckpt, files = tiny
+    tied = ckpt.spec.tie_word_embeddings
+    name = "token_embd.weight" if tied else "output.weight"
+    p = tmp_path / "poisoned.gguf"
+    shutil.copy(files["q8"], p)
+    rb = WqGGUF(p).layout(name).row_bytes
+    t = {t.name: t for t in gguf.GGUFReader(p).tensors}[name]
+    raw = bytearray(p.read_bytes())
+    struct.pack_into("<H", raw, int(t.data_offset) + 9 * rb, 0x7C00)   # row 9, first chunk's d = +Inf
+    p.write_bytes(bytes(raw))
+    m = native.Model(p)
+    with native.Context(m, n_ctx=16, n_threads=1) as ctx:
+        if tied:   # the lookup of token 9 is refused before anything runs; other tokens' rows are fine
+            ctx.eval([1, 5, 7], want_logits=False)
+            with pytest.raises(native.NativeError, match=r"'token_embd.weight' holds a non-finite value in row 9"):
+                ctx.eval([3, 9], want_logits=False)
+            assert ctx.position == 3
+        with pytest.raises(native.NativeError, match=rf"non-finite logits.*'{name}'.*row 9"):
+            ctx.eval([1, 5, 7])
