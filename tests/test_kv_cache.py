@@ -58,11 +58,12 @@ def _rel(a, b) -> float:
 def test_row_bytes_and_cache_bytes():
     assert KVCacheSpec().row_bytes(64) == 256
     assert KVCacheSpec(8).row_bytes(64) == 2 * 4 + 64       # two groups of 32: fp16 d, fp16 m, codes
-    assert KVCacheSpec(4).row_bytes(64) == 2 * 4 + 32
-    assert KVCacheSpec(4).row_bytes(40) == 4 + 20           # 32 does not divide 40: one group per head
+    assert KVCacheSpec(4).row_bytes(64) == 4 * 4 + 32       # four groups of 16
+    assert KVCacheSpec(4).row_bytes(40) == 4 + 20           # 16 does not divide 40: one group per head
+    assert KVCacheSpec(8).row_bytes(40) == 4 + 40
     # TinyLlama-1.1B shape at 4096 tokens: 22 layers x 4 KV heads x 64
     assert KVCacheSpec().cache_bytes(4096, [4] * 22, 64) == 2 * 4096 * 88 * 256 == 184549376
-    assert KVCacheSpec(4).cache_bytes(4096, [4] * 22, 64) == 2 * 4096 * 88 * 40
+    assert KVCacheSpec(4).cache_bytes(4096, [4] * 22, 64) == 2 * 4096 * 88 * 48
 
 
 def test_plan_field_round_trip(tiny_model_dir):
@@ -88,8 +89,9 @@ def test_fake_quant_error_bound(bits):
     g = torch.Generator().manual_seed(bits)
     x = torch.randn(200, 64, generator=g) * torch.rand(200, 1, generator=g) * 4
     x[::7, 3] *= 25  # outliers
-    y = fake_quant_kv(x, KVCacheSpec(bits)).reshape(200, 2, 32)
-    xg = x.reshape(200, 2, 32)
+    g = KVCacheSpec(bits).group(64)
+    y = fake_quant_kv(x, KVCacheSpec(bits)).reshape(200, 64 // g, g)
+    xg = x.reshape(200, 64 // g, g)
     mn, mx = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
     step = (mx - mn) / ((1 << bits) - 1)
     # half a step, plus fp16 rounding of the min (2^-11 relative) and of the step (which moves the top code)

@@ -262,8 +262,8 @@ def plan_options(f):
                    "our custom-op library libwqedge_ort (smaller and packed in memory; see docs/onnx.md).")
 @click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
               help="KV cache of the runtime: 'f32' float32, '8' or '4' bits per value (per token and KV head, groups of "
-                   "32 with an fp16 scale and min; K Hadamard-rotated per head first; docs/format.md \"KV cache\"). "
-                   "4 bits cut the cache to 5/32 of float32 for about +0.5-1% perplexity (bench/results/kv_cache.md). "
+                   "32 / 16 values with an fp16 scale and min; K Hadamard-rotated per head first; docs/format.md "
+                   "\"KV cache\"). 4 bits store 6 bits a value, 19% of float32 (bench/results/kv_cache.md). "
                    "Default: float32; written into the file (and the plan) as the runtime's default, which `wqedge run` / `eval --backend cpp` --kv-bits override. GGUF target only.")
 @click.option("--head", type=click.Choice(HEAD_KINDS), default=None,
               help=f"How the output head (the vocabulary projection; the embedding table too when the checkpoint "
@@ -480,8 +480,8 @@ def inspect(gguf_file):
               help="Windows per forward pass (torch).")
 @click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
               help="KV cache of the runtime: 'f32' float32, '8' or '4' bits per value (per token and KV head, groups of "
-                   "32 with an fp16 scale and min; K Hadamard-rotated per head first; docs/format.md \"KV cache\"). "
-                   "4 bits cut the cache to 5/32 of float32 for about +0.5-1% perplexity (bench/results/kv_cache.md). "
+                   "32 / 16 values with an fp16 scale and min; K Hadamard-rotated per head first; docs/format.md "
+                   "\"KV cache\"). 4 bits store 6 bits a value, 19% of float32 (bench/results/kv_cache.md). "
                    "Default: the file's setting (float32 when it has none). With --backend torch the reference applies the same quantization.")
 def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, batch, kv_bits):
     """Perplexity of MODEL (a Hugging Face folder or a wqedge GGUF) on a text, as llama.cpp defines it.
@@ -574,8 +574,8 @@ def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
                    "(float, the reference path, logits within ~1e-5 of PyTorch). Default: WQEDGE_ACT, else q8.")
 @click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
               help="KV cache of the runtime: 'f32' float32, '8' or '4' bits per value (per token and KV head, groups of "
-                   "32 with an fp16 scale and min; K Hadamard-rotated per head first; docs/format.md \"KV cache\"). "
-                   "4 bits cut the cache to 5/32 of float32 for about +0.5-1% perplexity (bench/results/kv_cache.md). "
+                   "32 / 16 values with an fp16 scale and min; K Hadamard-rotated per head first; docs/format.md "
+                   "\"KV cache\"). 4 bits store 6 bits a value, 19% of float32 (bench/results/kv_cache.md). "
                    "Default: the file's setting (float32 when it has none).")
 def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, chat, system, act, kv_bits):
     """Generate text from GGUF_FILE with the C++ runtime, streaming it to the terminal."""

@@ -15,7 +15,7 @@ KEY_BITS = "wqedge.kv_cache.bits"          # u32: 8 or 4; absent: float32 cache
 KEY_ROTATION = "wqedge.kv_cache.rotation"  # string: "hadamard" (default when absent) or "none"
 BITS = (8, 4)
 ROTATIONS = ("hadamard", "none")
-GROUP = 32           # values per (scale, min) pair; a head_dim that 32 does not divide is one group per head
+GROUPS = {8: 32, 4: 16}  # values per (scale, min) pair; a head_dim the group does not divide is one group per head
 FLOAT_BYTES = 4      # the float cache: float32 per value
 
 
@@ -28,13 +28,14 @@ def hadamard_block(head_dim: int) -> int:
 @dataclass(frozen=True)
 class KVCacheSpec:
     """bits: 8, 4 or None (float32 cache); rotation: "hadamard" (K rotated per head before quantizing, and Q with
-    it at attention time) or "none". Codes are asymmetric (fp16 scale and min per group of GROUP values). Chosen by
-    measurement (bench/results/kv_cache_choice.txt, llama-s): at 4 bits asymmetric groups of 32 beat symmetric and
-    per-head groups; rotating K helps, rotating V as well hurts."""
+    it at attention time) or "none". Codes are asymmetric (fp16 scale and min per group of GROUPS[bits] values).
+    Chosen by measurement (bench/results/kv_cache_choice.txt, bench/results/kv_cache.md, llama-s): at 4 bits
+    asymmetric codes beat symmetric ones, groups of 16 beat 32 (+0.1% vs +1.0% over W4: 6 bits a value instead of
+    5) and per-head groups; rotating K helps, rotating V as well hurts; at 8 bits every variant is within noise."""
     bits: int | None = None
     rotation: str = "hadamard"
     symmetric: bool = False   # the file format is asymmetric; symmetric exists for the measurement only
-    group_size: int = GROUP   # likewise: 0 = one group per head (measurement only)
+    group_size: int | None = None  # None: GROUPS[bits] (the format); other values for the measurement only, 0 = per head
     rotate_values: bool = False  # True also rotates V (measured worse; measurement only, the runtime never does)
 
     def __post_init__(self):
@@ -56,7 +57,7 @@ class KVCacheSpec:
         return self.rotation != "none" and self.rotate_values
 
     def group(self, head_dim: int) -> int:
-        g = self.group_size or head_dim
+        g = GROUPS[self.bits] if self.group_size is None else (self.group_size or head_dim)
         return g if head_dim % g == 0 else head_dim
 
     def row_bytes(self, head_dim: int) -> int:

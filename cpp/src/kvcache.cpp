@@ -27,7 +27,8 @@ KvFormat KvFormat::make(int bits, bool rotate, int head_dim) {
     f.head_dim = head_dim;
     f.rotate = bits != 0 && rotate;
     f.hblock = head_dim & -head_dim;
-    f.group = head_dim % 32 == 0 ? 32 : head_dim;
+    const int g = bits == 4 ? 16 : 32;  // 4 bits: groups of 16 (bench/results/kv_cache.md: +0.1% vs +1.0% at 32)
+    f.group = head_dim % g == 0 ? g : head_dim;
     f.row_bytes = bits == 0 ? sizeof(float) * (size_t)head_dim
                             : (size_t)(head_dim / f.group) * 4 + (size_t)head_dim * bits / 8;
     return f;
@@ -109,7 +110,7 @@ static void axpy_scalar(const KvFormat& f, float a, const uint8_t* row, float* o
     }
 }
 
-// ------------------------------------------------------------------ AVX2 (groups of a multiple of 32 values)
+// ------------------------------------------------------------------ AVX2 (groups of a multiple of 16 values; 8 bits: 32)
 #ifdef WQE_KV_AVX2
 namespace avx2 {  // only functions in wqe::avx2 may hold AVX instructions (tests/test_cpp_clang.py)
 __attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
@@ -135,13 +136,11 @@ __attribute__((target("avx2,fma"))) static float dot(const KvFormat& f, const fl
             for (int j = 0; j < g; j += 8)
                 acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j), deq8(_mm_loadl_epi64((const __m128i*)(c + j)), d, m), acc);
         } else {
-            for (int j = 0; j < h; j += 16) {
-                const __m128i b = _mm_loadu_si128((const __m128i*)(c + j));
+            for (int j = 0; j < h; j += 8) {  // 8 bytes: codes j..j+7 (low nibbles) and h+j..h+j+7 (high)
+                const __m128i b = _mm_loadl_epi64((const __m128i*)(c + j));
                 const __m128i lo = _mm_and_si128(b, nib), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
                 acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j), deq8(lo, d, m), acc);
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j + 8), deq8(_mm_srli_si128(lo, 8), d, m), acc);
                 acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + h + j), deq8(hi, d, m), acc);
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + h + j + 8), deq8(_mm_srli_si128(hi, 8), d, m), acc);
             }
         }
     }
@@ -163,13 +162,10 @@ __attribute__((target("avx2,fma"))) static void axpy(const KvFormat& f, float a,
         if (f.bits == 8) {
             for (int j = 0; j < g; j += 8) axpy8(o + j, av, deq8(_mm_loadl_epi64((const __m128i*)(c + j)), d, m));
         } else {
-            for (int j = 0; j < h; j += 16) {
-                const __m128i b = _mm_loadu_si128((const __m128i*)(c + j));
-                const __m128i lo = _mm_and_si128(b, nib), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
-                axpy8(o + j, av, deq8(lo, d, m));
-                axpy8(o + j + 8, av, deq8(_mm_srli_si128(lo, 8), d, m));
-                axpy8(o + h + j, av, deq8(hi, d, m));
-                axpy8(o + h + j + 8, av, deq8(_mm_srli_si128(hi, 8), d, m));
+            for (int j = 0; j < h; j += 8) {
+                const __m128i b = _mm_loadl_epi64((const __m128i*)(c + j));
+                axpy8(o + j, av, deq8(_mm_and_si128(b, nib), d, m));
+                axpy8(o + h + j, av, deq8(_mm_and_si128(_mm_srli_epi16(b, 4), nib), d, m));
             }
         }
     }
@@ -177,13 +173,26 @@ __attribute__((target("avx2,fma"))) static void axpy(const KvFormat& f, float a,
 }  // namespace avx2
 #endif
 
-// ------------------------------------------------------------------ NEON (groups of a multiple of 32 values)
+// ------------------------------------------------------------------ NEON (groups of a multiple of 16 values; 8 bits: 32)
 #ifdef WQE_KV_NEON
 namespace neon {
 // 8 codes (u16 lanes) -> two float vectors d * c + m.
 static inline void deq8(uint16x8_t c, float32x4_t d, float32x4_t m, float32x4_t* w0, float32x4_t* w1) {
     *w0 = vfmaq_f32(m, vcvtq_f32_u32(vmovl_u16(vget_low_u16(c))), d);
     *w1 = vfmaq_f32(m, vcvtq_f32_u32(vmovl_u16(vget_high_u16(c))), d);
+}
+// 8 codes (bytes) at q[0..8) / out[0..8).
+static inline float32x4_t dot8(uint8x8_t c, const float* q, float32x4_t d, float32x4_t m, float32x4_t acc) {
+    float32x4_t w0, w1;
+    deq8(vmovl_u8(c), d, m, &w0, &w1);
+    acc = vfmaq_f32(acc, vld1q_f32(q), w0);
+    return vfmaq_f32(acc, vld1q_f32(q + 4), w1);
+}
+static inline void axpy8(uint8x8_t c, float32x4_t a, float* o, float32x4_t d, float32x4_t m) {
+    float32x4_t w0, w1;
+    deq8(vmovl_u8(c), d, m, &w0, &w1);
+    vst1q_f32(o, vfmaq_f32(vld1q_f32(o), a, w0));
+    vst1q_f32(o + 4, vfmaq_f32(vld1q_f32(o + 4), a, w1));
 }
 // 16 codes (bytes) at q[0..16) / out[0..16).
 static inline float32x4_t dot16(uint8x16_t c, const float* q, float32x4_t d, float32x4_t m, float32x4_t acc) {
@@ -212,10 +221,10 @@ static float dot(const KvFormat& f, const float* q, const uint8_t* row) {
         if (f.bits == 8) {
             for (int j = 0; j < g; j += 16) acc = dot16(vld1q_u8(c + j), qg + j, d, m, acc);
         } else {
-            for (int j = 0; j < h; j += 16) {
-                const uint8x16_t b = vld1q_u8(c + j);
-                acc = dot16(vandq_u8(b, vdupq_n_u8(0x0F)), qg + j, d, m, acc);
-                acc = dot16(vshrq_n_u8(b, 4), qg + h + j, d, m, acc);
+            for (int j = 0; j < h; j += 8) {
+                const uint8x8_t b = vld1_u8(c + j);
+                acc = dot8(vand_u8(b, vdup_n_u8(0x0F)), qg + j, d, m, acc);
+                acc = dot8(vshr_n_u8(b, 4), qg + h + j, d, m, acc);
             }
         }
     }
@@ -232,10 +241,10 @@ static void axpy(const KvFormat& f, float a, const uint8_t* row, float* out) {
         if (f.bits == 8) {
             for (int j = 0; j < g; j += 16) axpy16(vld1q_u8(c + j), av, o + j, d, m);
         } else {
-            for (int j = 0; j < h; j += 16) {
-                const uint8x16_t b = vld1q_u8(c + j);
-                axpy16(vandq_u8(b, vdupq_n_u8(0x0F)), av, o + j, d, m);
-                axpy16(vshrq_n_u8(b, 4), av, o + h + j, d, m);
+            for (int j = 0; j < h; j += 8) {
+                const uint8x8_t b = vld1_u8(c + j);
+                axpy8(vand_u8(b, vdup_n_u8(0x0F)), av, o + j, d, m);
+                axpy8(vshr_n_u8(b, 4), av, o + h + j, d, m);
             }
         }
     }
@@ -244,7 +253,7 @@ static void axpy(const KvFormat& f, float a, const uint8_t* row, float* out) {
 #endif
 
 float kv_dot(const KvFormat& f, const float* q, const uint8_t* row, int kernels) {
-    if (f.group % 32 == 0) {
+    if (f.group % (f.bits == 8 ? 32 : 16) == 0) {
 #ifdef WQE_KV_AVX2
         if (kernels == K_AVX2) return avx2::dot(f, q, row);
 #endif
@@ -257,7 +266,7 @@ float kv_dot(const KvFormat& f, const float* q, const uint8_t* row, int kernels)
 }
 
 void kv_axpy(const KvFormat& f, float a, const uint8_t* row, float* out, int kernels) {
-    if (f.group % 32 == 0) {
+    if (f.group % (f.bits == 8 ? 32 : 16) == 0) {
 #ifdef WQE_KV_AVX2
         if (kernels == K_AVX2) return avx2::axpy(f, a, row, out);
 #endif

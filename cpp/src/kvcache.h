@@ -1,6 +1,6 @@
 // Quantized KV cache (issue 15; docs/format.md "KV cache", wqedge/kv_format.py, wqedge/kvquant.py).
-// Each token's K and V of one KV head is one row: per group of g values (g = 32, or head_dim when 32 does not
-// divide it) an fp16 scale d, an fp16 min m and g codes (8 bits: one byte each; 4 bits: byte i of the group holds
+// Each token's K and V of one KV head is one row: per group of g values (g = 32 at 8 bits, 16 at 4 bits, or head_dim
+// when g does not divide it) an fp16 scale d, an fp16 min m and g codes (8 bits: one byte each; 4 bits: byte i of the group holds
 // code i in its low nibble and code i + g/2 in its high one); value = d * code + m. K is rotated per head by the
 // orthonormal Walsh-Hadamard transform (block-diagonal when head_dim is not a power of two) before it is
 // quantized, and each query head by the same transform at attention time, so q.k is unchanged; V is stored
