@@ -147,9 +147,11 @@ def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_si
     if act_order == "global":
         for c in range(len(bounds)):
             fit(c)
-    Wp = W[:, perm].contiguous()
-    Q = torch.zeros_like(Wp)
-    codes = torch.zeros(N, K, dtype=torch.uint8, device=dev)
+    # columns as rows (K x N, in feedback order): each step reads, rounds and writes contiguous memory, and the
+    # in-block error spread is one fused rank-1 update (addr_) instead of an outer product and a subtraction
+    WpT = W[:, perm].T.contiguous()
+    QT = torch.zeros_like(WpT)
+    codesT = torch.zeros(K, N, dtype=torch.uint8, device=dev)
     perm_l = perm.tolist()
     chunk_l = chunk_of.tolist()
     exact_l = exact.tolist()
@@ -157,31 +159,34 @@ def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_si
     grids: list[_ColumnGrid | None] = [None] * len(bounds)
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
-        Err = torch.zeros(N, b1 - b0, device=dev)
+        ErrT = torch.zeros(b1 - b0, N, device=dev)
         for i in range(b0, b1):
             j = perm_l[i]
             c = chunk_l[j]
             if grids[c] is None:
                 if params[c] is None:   # "chunk"/None order: fit when the chunk's first column comes up
                     s, e = bounds[c]
-                    W[:, perm[i:i + (e - s)]] = Wp[:, i:i + (e - s)]
+                    W[:, perm[i:i + (e - s)]] = WpT[i:i + (e - s)].T
                     fit(c)
                 grids[c] = _ColumnGrid(params[c], dev)
-            col = Wp[:, i]
+            col = WpT[i]
             if exact_l[j]:
                 deq = col.half().float()          # exact up to the fp16 residual (codes still on the grid)
                 qc = grids[c].codes(col, j - bounds[c][0])
             else:
                 qc, deq = grids[c].round(col, j - bounds[c][0])
             if qc is not None:
-                codes[:, j] = qc
-            Q[:, i] = deq
+                codesT[j] = qc
+            QT[i] = deq
             err = (col - deq) / udiag[i]
-            Wp[:, i + 1:b1].sub_(torch.outer(err, U[i, i + 1:b1]))
-            Err[:, i - b0] = err
-        Wp[:, b1:] -= Err @ U[b0:b1, b1:]
+            if i + 1 < b1:
+                WpT[i + 1:b1].addr_(U[i, i + 1:b1], err, alpha=-1.0)
+            ErrT[i - b0] = err
+        if b1 < K:
+            WpT[b1:].addmm_(U[b0:b1, b1:].T, ErrT, alpha=-1.0)
     inv = torch.argsort(perm)
-    Wfinal = Q[:, inv]                 # dequantized weights (protected columns exact)
+    Wfinal = QT[inv].T                 # dequantized weights [N, K] (protected columns exact)
+    codes = codesT.T
     out: list[ChunkData] = []
     for c, (s, e) in enumerate(bounds):
         ch = params[c]
@@ -192,7 +197,7 @@ def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_si
                 ch.protected = np.asarray(p, dtype=np.int64)
                 ch.residuals = np.zeros((N, len(p)), dtype=np.float16)
         else:
-            ch.codes = codes[:, s:e].cpu().numpy()
+            ch.codes = codes[:, s:e].contiguous().cpu().numpy()
             if p:
                 deqc = _dequant_codes(ch, dev)
                 pi = torch.as_tensor(p, device=dev)
