@@ -55,6 +55,33 @@ def test_calibration_tokens_from_text_and_file(tiny, tmp_path):
         calibration_tokens(tok, str(tmp_path / "missing.txt"))
 
 
+def test_a_text_is_tokenized_once_for_planning_and_feedback(tiny):
+    """Planning and error feedback cut the same text: the second cut reuses the tokens (same windows), and another
+    text or another BOS is tokenized afresh."""
+    _, tok, _, text = tiny
+    calls = []
+
+    class Counting:
+        name_or_path = tok.name_or_path
+
+        def __len__(self):
+            return len(tok)
+
+        def __call__(self, t, **kw):
+            calls.append(len(t))
+            return tok(t, **kw)
+    counting = Counting()
+    a = calibration_tokens(counting, text, 4, 64, 1, bos_id=1)
+    b = calibration_tokens(counting, text, 8, 64, 0, bos_id=1)
+    assert len(calls) == 1
+    fresh = calibration_tokens(tok, text, 4, 64, 1, bos_id=1)       # another tokenizer object: tokenized again
+    assert torch.equal(a.train, fresh.train) and torch.equal(a.heldout, fresh.heldout)
+    assert a.n_text_tokens == b.n_text_tokens == fresh.n_text_tokens and b.train.shape[0] == 8
+    calibration_tokens(counting, text + " more", 4, 64, 1, bos_id=1)
+    calibration_tokens(counting, text, 4, 64, 1, bos_id=2)
+    assert len(calls) == 3
+
+
 def test_layerwise_stats_match_a_full_forward(tiny):
     ckpt, tok, model, text = tiny
     cs = calibration_tokens(tok, text, n_seqs=3, seqlen=64, n_heldout=0)

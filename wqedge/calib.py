@@ -21,6 +21,7 @@ different sequence counts compare. CUDA is used when available, the CPU otherwis
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -85,10 +86,20 @@ def _names_a_file(s: str) -> bool:
         return False
 
 
+_TOKENIZED: dict = {}   # the last texts tokenized: planning and error feedback cut the same text (2 MB: ~4 s each)
+
+
 def tokenize_text(tokenizer, text: str, bos_id: int) -> list[int]:
-    """The whole text's tokens with one leading BOS (as llama.cpp's perplexity tool tokenizes)."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long texts are windowed later
-    return [int(bos_id)] + [int(i) for i in ids]
+    """The whole text's tokens with one leading BOS (as llama.cpp's perplexity tool tokenizes). The last two
+    (tokenizer, text) pairs are remembered, so a conversion tokenizes its calibration text once."""
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer), int(bos_id),
+           hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+    if key not in _TOKENIZED:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long texts are windowed later
+        while len(_TOKENIZED) >= 2:
+            _TOKENIZED.pop(next(iter(_TOKENIZED)))
+        _TOKENIZED[key] = np.asarray([int(bos_id)] + [int(i) for i in ids], dtype=np.int64)
+    return _TOKENIZED[key].tolist()
 
 
 def calibration_tokens(tokenizer, texts, n_seqs: int = DEFAULT_N_SEQS, seqlen: int = DEFAULT_SEQLEN,
