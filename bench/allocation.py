@@ -12,7 +12,8 @@ Rows, for each seed and budget B (effective bits per weight, every scale/zero/pr
                    converted with error feedback (wqedge.quant.feedback, act-order within chunks)
   rl               PPO (wqedge.alloc.ppo) on the same table, started from the knapsack plan, rewarded by the
                    measured loss on held-out calibration windows (--measure-windows, plus --confirm-windows that
-                   pick among the best searched plans and the knapsack's); same conversion. When it returns the
+                   pick among the best searched plans and the knapsack's) of plans assembled from per-chunk fits
+                   (--reward-fit; rl-rtn / rl-feedback name the fit); same conversion. When it returns the
                    knapsack plan itself the greedy row's perplexity is reused (same plan, same conversion).
   greedy+distill   at --distill-budgets: the greedy row's fitted chunks after light distillation (`--distill`,
                    wqedge.quant.distill, pipeline.DISTILL_STEPS steps per decoder layer, codes frozen)
@@ -56,6 +57,8 @@ def main(argv=None):
     ap.add_argument("--ppo-episodes", type=int, default=8)
     ap.add_argument("--measure-windows", type=int, default=32, help="held-out windows of PPO's measured reward")
     ap.add_argument("--confirm-windows", type=int, default=32, help="further held-out windows that pick PPO's answer")
+    ap.add_argument("--reward-fit", default="feedback", help="PPO reward's chunk fits: feedback (per-chunk error "
+                    "feedback) or rtn (NeUQI alone)")
     ap.add_argument("--distill-budgets", default="", help="budgets whose greedy plan is also distilled (--distill)")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--protect", default="1,2,4",
@@ -123,7 +126,7 @@ def main(argv=None):
                     "ppl_all": fp.perplexity_all, "plan_s": 0.0})
     kw = dict(model_name=ckpt.spec.name, model_fingerprint=ckpt.fingerprint())
     threads = torch.get_num_threads()
-    n_ho = a.measure_windows + a.confirm_windows if "rl" in allocs else None
+    n_ho = a.measure_windows + a.confirm_windows if any(n.startswith("rl") for n in allocs) else None
 
     for seed in seeds:
         # shared preparation for the loss-aware allocators, on the planning device/threads
@@ -142,8 +145,8 @@ def main(argv=None):
         ds = calibration_tokens(tok, calib_text, FEEDBACK_SEQS, 512, 4, bos_id=bos, seed=seed) if dbudgets else None
         tables = {"greedy": table}
         pcfg = PPOConfig(seed=seed, time_limit=a.ppo_time, iterations=a.ppo_iterations, episodes=a.ppo_episodes,
-                         measure_windows=a.measure_windows, confirm_windows=a.confirm_windows)
-        measurer = measurer_for(table, ctx, pcfg) if "rl" in allocs else None
+                         measure_windows=a.measure_windows, confirm_windows=a.confirm_windows, reward_fit=a.reward_fit)
+        measurers = {}            # reward fit -> PlanMeasurer, shared by the budgets (fits computed once)
 
         def table_for(name):   # damage-table variants on the same statistics: -fb feedback-aware, -prot protection
             if name not in tables:
@@ -223,9 +226,12 @@ def main(argv=None):
                         gfit = fitted["last"]
                     if seed == seeds[0] and name == "greedy":
                         write_report(p, Path(f"{a.out}_greedy_{b}"))
-                elif name == "rl":
+                elif name in ("rl", "rl-rtn", "rl-feedback"):
+                    fit = name.split("-")[1] if "-" in name else a.reward_fit
+                    if fit not in measurers:
+                        measurers[fit] = measurer_for(table, ctx, PPOConfig(**{**vars(pcfg), "reward_fit": fit}))
                     t = time.time()
-                    ch, info = ppo_allocate(table, b, pcfg, progress=log, measurer=measurer)
+                    ch, info = ppo_allocate(table, b, pcfg, progress=log, measurer=measurers[fit])
                     alloc_s = time.time() - t
                     torch.set_num_threads(threads)
                     p = plan_from_choice(ckpt, table, ch, b, "rl")
@@ -237,7 +243,7 @@ def main(argv=None):
                             "units_changed": info["units_changed"], "chose_knapsack": info["chose_knapsack"],
                             "noise": info.get("noise"), "knapsack_measured": info.get("knapsack_measured"),
                             "best_score": info["best_score"], "measure_s": info["measure_seconds"],
-                            "fit_s": measurer.fit_seconds}, same_as=same)
+                            "fit_s": measurers[fit].fit_seconds, "reward_fit": fit}, same_as=same)
             if b in dbudgets and "greedy" in rows:      # last, so a run stopped early has its allocator rows
                 restore()
                 res = distill.distill_model(model, gfit, ds.train, ds.heldout, DISTILL_STEPS, 0, dev, seed=seed)
@@ -254,8 +260,8 @@ def main(argv=None):
                                 "distill_peak_mib": res.peak_bytes / 2**20, "distill_steps": DISTILL_STEPS})
                 save()
                 log(f"seed {seed} B={b} greedy+distill: ppl {r.perplexity:.4f} ({res.seconds:.1f} s)")
-        if measurer is not None:
-            measurer.close()
+        for m in measurers.values():
+            m.close()
     log(f"total {time.time() - t_start:.1f} s")
     return merge([out.with_suffix(".json")], out)
 
@@ -267,9 +273,18 @@ def _ms(v):
     return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
 
 
+def _signed(v):
+    v = np.asarray(v, float)
+    if len(v) == 0:
+        return "—"
+    return f"{v.mean():+.4f}" if len(v) == 1 else f"{v.mean():+.4f} ± {v.std(ddof=1):.4f}"
+
+
 def merge(files, out: Path) -> str:
-    """The markdown table of one or more runs' .json: per budget and allocator, mean ± sample std over seeds
-    (n = number of seeds), rl − greedy paired by seed, PPO's measured noise, distillation's gain."""
+    """The markdown tables of one or more runs' .json (a later file's row replaces an earlier one's): perplexity
+    per budget and allocator, mean ± sample std over seeds; PPO against the knapsack paired by seed, with what
+    PPO measured (its chosen plan's loss difference to the knapsack plan's on the search and confirm windows,
+    the paired standard error, and the noise next to the differences ranked); distillation's gain."""
     rows, fp, meta = [], None, {}
     for f in files:
         d = json.loads(Path(f).read_text())
@@ -279,38 +294,42 @@ def merge(files, out: Path) -> str:
                 fp = r["ppl"]
             else:
                 rows.append(r)
-    allocs = list(dict.fromkeys(r["allocator"] for r in rows))
-    budgets = sorted({r["budget"] for r in rows}, reverse=True)
-    seeds = sorted({r.get("seed", 0) for r in rows})
     by = {(r["allocator"], r["budget"], r.get("seed", 0)): r for r in rows}
+    allocs = list(dict.fromkeys(k[0] for k in by))
+    budgets = sorted({k[1] for k in by}, reverse=True)
+    seeds = sorted({k[2] for k in by})
     lines = [f"fp16 perplexity {fp:.3f}; cells: perplexity mean ± std over seeds {','.join(map(str, seeds))} "
-             f"(n per cell in brackets); device {meta.get('gpu') or meta.get('device')}", "",
-             "| bits | " + " | ".join(allocs) + (" | rl − greedy (paired) | rl = knapsack plan | units changed"
-                                                " | PPO measured Δ vs knapsack, search / confirm (paired SE)"
-                                                if "rl" in allocs else "") + " |",
-             "|---|" + "---|" * (len(allocs) + (4 if "rl" in allocs else 0))]
+             f"(n in brackets); device {meta.get('gpu') or meta.get('device')}", "",
+             "| bits | " + " | ".join(allocs) + " |", "|---|" + "---|" * len(allocs)]
     for b in budgets:
         cells = []
         for n in allocs:
             v = [by[(n, b, s)]["ppl"] for s in seeds if (n, b, s) in by]
             cells.append(f"{_ms(v)} ({len(v)})" if v else "—")
-        if "rl" in allocs:
-            pair = [by[("rl", b, s)]["ppl"] - by[("greedy", b, s)]["ppl"] for s in seeds
-                    if ("rl", b, s) in by and ("greedy", b, s) in by]
-            rl = [by[("rl", b, s)] for s in seeds if ("rl", b, s) in by]
-            cells.append(f"{np.mean(pair):+.4f} ± {np.std(pair, ddof=1):.4f}" if len(pair) > 1 else
-                         (f"{pair[0]:+.4f}" if pair else "—"))
-            cells.append(f"{sum(r['chose_knapsack'] for r in rl)}/{len(rl)}")
-            cells.append(", ".join(str(r["units_changed"]) for r in rl))
-            nz = [r.get("noise") or {} for r in rl]
-            cells.append("; ".join(
-                f"{x.get('chosen_search_diff', 0):+.4f} / {x.get('chosen_confirm_diff', 0):+.4f} "
-                f"({x.get('chosen_confirm_se', 0):.4f}); noise {x.get('median_paired_se') or 0:.4f} vs "
-                f"|Δ| {x.get('median_abs_diff') or 0:.4f}" for x in nz))
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    rls = [n for n in allocs if n.startswith("rl")]
+    if rls and "greedy" in allocs:
+        lines += ["", "| bits | allocator | − greedy (paired by seed) | = knapsack plan | units changed | measured Δ "
+                  "vs knapsack plan per seed: search / confirm (confirm paired SE) | noise: median paired SE vs "
+                  "median |Δ| of searched plans |", "|---|---|---|---|---|---|---|"]
+        for b in budgets:
+            for n in rls:
+                rl = [(s, by[(n, b, s)]) for s in seeds if (n, b, s) in by]
+                pair = [r["ppl"] - by[("greedy", b, s)]["ppl"] for s, r in rl if ("greedy", b, s) in by]
+                if not rl:
+                    continue
+                nz = [r.get("noise") or {} for _, r in rl]
+                lines.append(
+                    f"| {b} | {n} | {_signed(pair)} | {sum(r['chose_knapsack'] for _, r in rl)}/{len(rl)} | "
+                    + ", ".join(str(r["units_changed"]) for _, r in rl) + " | "
+                    + "; ".join(f"{x.get('chosen_search_diff', 0):+.4f} / {x.get('chosen_confirm_diff', 0):+.4f} "
+                                f"({x.get('chosen_confirm_se', 0):.4f})" for x in nz) + " | "
+                    + "; ".join(f"{x.get('median_paired_se') or 0:.4f} vs {x.get('median_abs_diff') or 0:.4f}"
+                                for x in nz) + " |")
     d_rows = [r for r in rows if r["allocator"] == "greedy+distill"]
     if d_rows:
-        lines += ["", "| bits | greedy (error feedback) | greedy + `--distill` | gain | distill s (mean) |", "|---|---|---|---|---|"]
+        lines += ["", "| bits | greedy (error feedback) | greedy + `--distill` | gain | distill s (mean) |",
+                  "|---|---|---|---|---|"]
         for b in budgets:
             dv = [by[("greedy+distill", b, s)] for s in seeds if ("greedy+distill", b, s) in by]
             if not dv:

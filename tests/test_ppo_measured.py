@@ -33,7 +33,7 @@ def test_measurer_matches_the_quantized_model_and_restores_it(prepared):
     _, table, ctx = prepared
     ho = ctx.calib.heldout[:3]
     w0 = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
-    m = PlanMeasurer(table, ctx.model, "cpu", ctx.input_stats, {"search": ho})
+    m = PlanMeasurer(table, ctx.model, "cpu", ctx.input_stats, {"search": ho}, fit="rtn")
     rng = np.random.default_rng(0)
     a = rng.integers(0, len(table.actions), len(table.units))
     b = rng.integers(0, len(table.actions), len(table.units))
@@ -56,6 +56,42 @@ def test_measurer_matches_the_quantized_model_and_restores_it(prepared):
             p.copy_(w0[n])
     np.testing.assert_allclose(la, direct, rtol=1e-5, atol=1e-6)
     assert paired_se(la, la) == 0.0 and paired_se(la, lb) > 0
+
+
+def test_feedback_fits_are_per_chunk_and_match_the_plans_error_feedback(prepared):
+    """The default reward's fits: error feedback inside each chunk. With the block-diagonal XᵀX a chunk's fit
+    does not depend on its neighbours' actions, so the cached fits assemble into exactly what gptq_linear gives
+    for the plan's mixed actions."""
+    from wqedge.alloc.measure import block_diagonal
+    from wqedge.quant.gptq import DAMP, gptq_linear
+    from wqedge.quant.fit import dequantize_chunk
+    from wqedge.units import chunk_bounds
+    _, table, ctx = prepared
+    ho = ctx.calib.heldout[:2]
+    w0 = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    m = PlanMeasurer(table, ctx.model, "cpu", ctx.input_stats, {"search": ho})
+    assert m.fit == "feedback"
+    a = np.random.default_rng(1).integers(1, len(table.actions), len(table.units))
+    la = m.measure(a)
+    m.close()
+    base = window_losses(ctx.model, ho, "cpu")
+    acts, _ = table.plan_actions(a)
+    mixed = 0
+    with torch.no_grad():
+        for name, act in acts.items():
+            p = ctx.model.get_parameter(name)
+            st = ctx.input_stats[name]
+            bd = block_diagonal(st.xtx, chunk_bounds(p.shape[1], 128))
+            chunks = gptq_linear(p.float(), bd, act, 128, "neuqi", hdiag=st.diag, damp=DAMP)
+            p.copy_(torch.cat([dequantize_chunk(c) for c in chunks], 1))
+            mixed += len(set(act)) > 1
+        direct = window_losses(ctx.model, ho, "cpu") - base
+        for n, p in ctx.model.named_parameters():
+            p.copy_(w0[n])
+    assert mixed > 0                          # some linear mixes actions across its chunks
+    np.testing.assert_allclose(la, direct, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown measurer fit"):
+        PlanMeasurer(table, ctx.model, "cpu", ctx.input_stats, {"search": ho}, fit="gptq")
 
 
 def test_measured_ppo_is_deterministic_and_meets_the_budget(prepared):
@@ -88,6 +124,9 @@ class FakeMeasurer:
         self.seconds = 0.0
         self.calls = []
         self.interact = interact
+
+    def prefit(self):
+        pass
 
     def true(self, ch):
         d = float(self.t.damage[np.arange(len(ch)), ch].sum())
@@ -122,3 +161,28 @@ def test_keeps_the_best_measured_plan(prepared):
     searched = [c for w, c in m.calls if w == "search"]
     if any(m.true(c) < m.true(ks) for c in searched):
         assert m.true(ch) < m.true(ks) and not info["chose_knapsack"]
+
+
+def test_a_win_within_the_noise_keeps_the_knapsack_plan(prepared):
+    """confirm_z: the best searched plan replaces the knapsack's only when its confirm-window improvement is
+    larger than confirm_z paired standard errors."""
+    _, table, _ = prepared
+    b = 2.5
+    ks = greedy_allocate(table, b)
+
+    class Noisy(FakeMeasurer):
+        def measure(self, ch, windows="search"):
+            self.calls.append((windows, ch.copy()))
+            seed = int((ch * np.arange(len(ch))).sum()) % 2**31 + (windows == "confirm")
+            return self.true(ch) + np.random.default_rng(seed).normal(0, self.sd, 16)
+
+    scale = table.damage[np.arange(len(ks)), ks].sum()
+    pen = lambda c: float(c[0] == ks[0]) * scale          # plans that change unit 0 are truly better
+    for sd, kept in ((20.0 * scale, True), (1e-6 * scale, False)):
+        m = Noisy(table, pen)
+        m.sd = sd
+        ch, info = ppo_allocate(table, b, cfg(iterations=3, episodes=8, bc_steps=5), measurer=m)
+        if not any(c[0] != ks[0] for w, c in m.calls if w == "confirm"):
+            pytest.skip("no plan that avoids the penalty was searched")
+        assert np.array_equal(ch, ks) == kept, sd
+        assert ("not_significant" in info["noise"]) == kept

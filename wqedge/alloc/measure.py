@@ -2,12 +2,19 @@
 
 The knapsack (wqedge.alloc.greedy) solves the *predicted*, additive damage exactly, so a learned allocator
 can only win on what that prediction misses: interactions between units and the real loss. This measures
-the real loss cheaply: every (unit, action) fit is computed once (NeUQI per chunk weighted by diag(XᵀX), as
-`wqedge convert` without feedback fits; dequantized, cached on the model's device), a plan's model is
+the real loss cheaply: every (unit, action) fit is computed once (dequantized, cached on the model's device),
+a plan's model is
 assembled from the cache (only the units that changed since the last plan are written) and its mean
 next-token loss is measured per held-out calibration window on the planning device. Per-window losses give
 the paired standard error of the difference between two plans on the same windows: the noise the
 allocator's ranking has to beat. The quantization core is not involved: it is handed the chosen plan later.
+
+Two fits (`fit`): "feedback" (the default) is error feedback inside each chunk (wqedge.quant.gptq.gptq_linear
+with the block-diagonal XᵀX of the statistics: each chunk's errors are spread over its own columns only, so a
+chunk's fit does not depend on the other chunks' actions and can be cached), the part of the pipeline's
+conversion that changes what each action is worth (a q1 or ternary chunk gains most); "rtn" is NeUQI per chunk
+weighted by diag(XᵀX), as `wqedge convert` without feedback fits. Measured on llama-s (bench/results/
+allocation.md): plans better on the "rtn" reward were worse once converted with error feedback.
 """
 from __future__ import annotations
 
@@ -19,6 +26,17 @@ import torch
 from ..blocks import block_type
 from ..damage import DamageTable
 from ..saliency import split_action
+
+
+FITS = ("feedback", "rtn")
+
+
+def block_diagonal(xtx: torch.Tensor, bounds) -> torch.Tensor:
+    """XᵀX with everything outside the chunks' diagonal blocks zeroed (statistics gathered whole or in blocks)."""
+    out = torch.zeros_like(xtx)
+    for s, e in bounds:
+        out[s:e, s:e] = xtx[s:e, s:e]
+    return out
 
 
 @torch.no_grad()
@@ -46,7 +64,10 @@ class PlanMeasurer:
     """
 
     def __init__(self, table: DamageTable, model, device, input_stats: dict | None, windows: dict[str, torch.Tensor],
-                 method: str = "neuqi", batch_size: int | None = None):
+                 method: str = "neuqi", batch_size: int | None = None, fit: str = "feedback"):
+        if fit not in FITS:
+            raise ValueError(f"unknown measurer fit {fit!r} (known: {', '.join(FITS)})")
+        self.fit = fit
         self.t = table
         self.model = model
         self.dev = torch.device(device)
@@ -83,11 +104,24 @@ class PlanMeasurer:
             else:
                 st = self.stats.get(name)
                 h = None if st is None else st.diag.float().to(w.device)
-                deq = [dequantize_chunk(c).to(self.dev) for c in
-                       fit_linear(w, [action] * len(bounds), self.t.group_size, self.method, h)]
+                if self.fit == "feedback" and st is not None and st.xtx is not None:
+                    from ..quant.gptq import DAMP, gptq_linear
+                    chunks = gptq_linear(w, block_diagonal(st.xtx, bounds).to(w.device), [action] * len(bounds),
+                                         self.t.group_size, self.method, hdiag=st.diag, damp=DAMP)
+                else:
+                    chunks = fit_linear(w, [action] * len(bounds), self.t.group_size, self.method, h)
+                deq = [dequantize_chunk(c).to(self.dev) for c in chunks]
             self.cache[key] = deq
             self.fit_seconds += time.time() - t0
         return self.cache[key]
+
+    def prefit(self) -> None:
+        """Fit every (linear, action) of the table now (a one-time cost, kept out of a search's time limit)."""
+        for u in self.t.units:
+            for a in self.t.actions:
+                base, k = split_action(a)
+                if not k:
+                    self._chunks(u.linear.hf_name, base)
 
     def _assemble(self, choice) -> None:
         choice = np.asarray(choice, np.int64)

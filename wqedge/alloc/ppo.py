@@ -6,8 +6,9 @@ plan's model is assembled from per-(unit, action) fits computed once (wqedge.all
 its loss is measured on held-out calibration windows; the search starts from the knapsack plan (behaviour
 cloning, and the knapsack plan is the first "best") and keeps the best measured plan. The best few plans on
 the reward's windows and the knapsack's are re-measured on further held-out windows ("confirm"), which pick
-the answer, so that the minimum of many noisy measurements is not its own evidence; info["noise"] gives the
-paired standard errors next to the differences ranked.
+the answer (the knapsack's unless beaten by more than confirm_z paired standard errors), so that the minimum of
+many noisy measurements is not its own evidence; info["noise"] gives the paired standard errors next to the
+differences ranked. The fits are made before the search starts (PlanMeasurer.prefit): time_limit is the search's.
 
 The MDP: one step per unit, in the fixed unit order (layer by layer; q k v o gate up down; chunks left to
 right); 7 actions (fp16, q8, q4, q3, q2, ternary, q1). State of step t: the unit's depth, projection type
@@ -61,6 +62,8 @@ class PPOConfig:
     measure_windows: int = 32     # held-out windows of the reward (search)
     confirm_windows: int = 32     # further held-out windows deciding between the best plans and the knapsack's
     confirm_top: int = 8          # how many of the best searched plans are re-measured on them
+    confirm_z: float = 2.0        # a plan replaces the knapsack's only if it is better there by > z paired SEs
+    reward_fit: str = "feedback"  # the measured plans' chunk fits (wqedge.alloc.measure.FITS)
     time_limit: float = 480.0     # seconds; training stops early past it
     device: str = "cpu"
 
@@ -170,7 +173,7 @@ def heldout_windows(ctx: PlanningContext, cfg: PPOConfig) -> dict[str, torch.Ten
 def measurer_for(table: DamageTable, ctx: PlanningContext, cfg: PPOConfig):
     """A PlanMeasurer on the planning model and device with the held-out windows of `heldout_windows`."""
     from .measure import PlanMeasurer
-    return PlanMeasurer(table, ctx.model, ctx.device, ctx.input_stats, heldout_windows(ctx, cfg))
+    return PlanMeasurer(table, ctx.model, ctx.device, ctx.input_stats, heldout_windows(ctx, cfg), fit=cfg.reward_fit)
 
 
 class _Plans:
@@ -242,6 +245,8 @@ def _ppo(table, budget_bits, cfg, measurer, progress):
     idx = np.arange(U)
     plans = _Plans(measurer) if measurer is not None else None
     if plans is not None:
+        measurer.prefit()                            # the fits are a one-time cost, outside the time limit
+        info["prefit_seconds"] = time.time() - t_start
         ks_loss = plans(ks_np)
         ref = max(float(ks_loss.mean()), 1e-9)       # scores: measured loss increase in units of the knapsack's
         info["knapsack_measured"] = float(ks_loss.mean())
@@ -250,9 +255,10 @@ def _ppo(table, budget_bits, cfg, measurer, progress):
         score = lambda ch: float(table.damage[idx, ch].sum()) / env.dref
     best = (score(ks_np), ks_np.copy())              # start from the knapsack plan: PPO must beat it
     history = []
+    t_loop = time.time()
     dmg = env.dmg
     for it in range(cfg.iterations):
-        if time.time() - t_start > cfg.time_limit:
+        if time.time() - t_loop > cfg.time_limit:
             break
         S, M, Act, LP, V = rollout(env, pol, cfg.episodes, gen=gen)
         E = Act.shape[0]
@@ -327,7 +333,8 @@ def _ppo(table, budget_bits, cfg, measurer, progress):
 
 def _confirm(plans: _Plans, measurer, ks: np.ndarray, cfg: PPOConfig, info: dict, paired_se) -> np.ndarray:
     """The answer among the best measured plans: the `confirm_top` lowest on the search windows and the knapsack's,
-    re-measured on the confirm windows (so the pick among many noisy measurements is not its own evidence);
+    re-measured on the confirm windows (so the pick among many noisy measurements is not its own evidence), where
+    the best replaces the knapsack's only if better by more than `confirm_z` paired standard errors;
     without confirm windows, the lowest on the search windows. Records the noise: paired standard errors of
     measured plans against the knapsack's on the same windows, next to the differences being ranked."""
     ks_s = plans(ks)
@@ -348,6 +355,9 @@ def _confirm(plans: _Plans, measurer, ks: np.ndarray, cfg: PPOConfig, info: dict
     conf = [measurer.measure(c, "confirm") for c in cands]
     k_ks = next(i for i, c in enumerate(cands) if np.array_equal(c, ks))
     i = int(np.argmin([float(c.mean()) for c in conf]))
+    if i != k_ks and float(conf[k_ks].mean() - conf[i].mean()) <= cfg.confirm_z * paired_se(conf[i], conf[k_ks]):
+        noise["not_significant"] = float(conf[i].mean() - conf[k_ks].mean())
+        i = k_ks                                    # within the noise: keep the knapsack plan
     noise.update(confirm_windows=len(conf[k_ks]), knapsack_confirm=float(conf[k_ks].mean()),
                  chosen_confirm_diff=float(conf[i].mean() - conf[k_ks].mean()),
                  chosen_confirm_se=paired_se(conf[i], conf[k_ks]) if i != k_ks else 0.0,
