@@ -295,7 +295,8 @@ def merge(files, out: Path) -> str:
             else:
                 rows.append(r)
     by = {(r["allocator"], r["budget"], r.get("seed", 0)): r for r in rows}
-    allocs = list(dict.fromkeys(k[0] for k in by))
+    order = lambda n: (n != "greedy", n.startswith("greedy+"), n)     # greedy, the rest, then greedy+distill
+    allocs = sorted(dict.fromkeys(k[0] for k in by), key=order)
     budgets = sorted({k[1] for k in by}, reverse=True)
     seeds = sorted({k[2] for k in by})
     lines = [f"fp16 perplexity {fp:.3f}; cells: perplexity mean ± std over seeds {','.join(map(str, seeds))} "
