@@ -68,6 +68,7 @@ class PlanMeasurer:
         if fit not in FITS:
             raise ValueError(f"unknown measurer fit {fit!r} (known: {', '.join(FITS)})")
         self.fit = fit
+        self.threads = torch.get_num_threads()     # the caller's: PPO's policy runs on one thread meanwhile
         self.t = table
         self.model = model
         self.dev = torch.device(device)
@@ -117,11 +118,16 @@ class PlanMeasurer:
 
     def prefit(self) -> None:
         """Fit every (linear, action) of the table now (a one-time cost, kept out of a search's time limit)."""
-        for u in self.t.units:
-            for a in self.t.actions:
-                base, k = split_action(a)
-                if not k:
-                    self._chunks(u.linear.hf_name, base)
+        inner = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            for u in self.t.units:
+                for a in self.t.actions:
+                    base, k = split_action(a)
+                    if not k:
+                        self._chunks(u.linear.hf_name, base)
+        finally:
+            torch.set_num_threads(inner)
 
     def _assemble(self, choice) -> None:
         choice = np.asarray(choice, np.int64)
@@ -136,9 +142,14 @@ class PlanMeasurer:
 
     def measure(self, choice, windows: str = "search") -> np.ndarray:
         t0 = time.time()
-        with torch.no_grad():
-            self._assemble(choice)
-            loss = window_losses(self.model, self.windows[windows], self.dev, self.batch)
+        inner = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.no_grad():
+                self._assemble(choice)
+                loss = window_losses(self.model, self.windows[windows], self.dev, self.batch)
+        finally:
+            torch.set_num_threads(inner)
         self.n += 1
         self.seconds += time.time() - t0
         return loss - self.base[windows]
