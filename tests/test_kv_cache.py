@@ -312,3 +312,24 @@ def test_rotated_file_with_kv_cache(native_lib, tiny_model_factory, tmp_path, ac
     w = _windows()
     for (prefill, decode), lr in zip(_cpp_logits(path, w), _reference_logits(path, w)):
         assert _rel(prefill, lr) < tol and _rel(decode, lr) < tol
+
+
+def test_cli_inspect_and_eval_kv_bits(native_lib, files, tmp_path):
+    from click.testing import CliRunner
+
+    from wqedge.cli import main
+    r = CliRunner().invoke(main, ["inspect", str(files["hd32-q4"])])
+    assert r.exit_code == 0 and "KV cache (runtime default): 4-bit, rotation hadamard" in r.output, r.output
+    r = CliRunner().invoke(main, ["inspect", str(files["hd32-f32"])])
+    assert r.exit_code == 0 and "KV cache (runtime default): float32" in r.output
+    text = tmp_path / "t.txt"
+    text.write_text("the model layer weight and the cache " * 40)
+    outs = {}
+    for kv in ("f32", "4"):
+        r = CliRunner().invoke(main, ["eval", str(files["hd32-f32"]), "--text", str(text), "--backend", "cpp",
+                                      "--ctx", "32", "--chunks", "2", "--threads", "1", "--kv-bits", kv])
+        assert r.exit_code == 0, r.output
+        outs[kv] = r.output
+    assert outs["f32"] != outs["4"]  # the override reached the runtime
+    r = CliRunner().invoke(main, ["eval", str(files["hd32-f32"]), "--text", str(text), "--kv-bits", "3"])
+    assert r.exit_code != 0 and "--kv-bits" in r.output

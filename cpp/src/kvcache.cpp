@@ -113,23 +113,30 @@ static void axpy_scalar(const KvFormat& f, float a, const uint8_t* row, float* o
 // ------------------------------------------------------------------ AVX2 (groups of a multiple of 16 values; 8 bits: 32)
 #ifdef WQE_KV_AVX2
 namespace avx2 {  // only functions in wqe::avx2 may hold AVX instructions (tests/test_cpp_clang.py)
-__attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
+__attribute__((target("avx2,fma,f16c"))) static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+// A group's fp16 scale and min (4 bytes at p), exactly converted (F16C), broadcast.
+__attribute__((target("avx2,fma,f16c"))) static inline void scale_min(const uint8_t* p, __m256* d, __m256* m) {
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)load_u32(p)));
+    *d = _mm256_broadcastss_ps(dm);
+    *m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+}
 // 8 codes (bytes) -> floats d * c + m.
-__attribute__((target("avx2,fma"))) static inline __m256 deq8(__m128i bytes8, __m256 d, __m256 m) {
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 deq8(__m128i bytes8, __m256 d, __m256 m) {
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)), d, m);
 }
 
-__attribute__((target("avx2,fma"))) static float dot(const KvFormat& f, const float* q, const uint8_t* row) {
+__attribute__((target("avx2,fma,f16c"))) static float dot(const KvFormat& f, const float* q, const uint8_t* row) {
     __m256 acc = _mm256_setzero_ps();
     const int g = f.group, h = g / 2;
     const __m128i nib = _mm_set1_epi8(0x0F);
     for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
-        const __m256 d = _mm256_set1_ps(load_h(row)), m = _mm256_set1_ps(load_h(row + 2));
+        __m256 d, m;
+        scale_min(row, &d, &m);
         const uint8_t* c = row + 4;
         const float* qg = q + g0;
         if (f.bits == 8) {
@@ -147,16 +154,17 @@ __attribute__((target("avx2,fma"))) static float dot(const KvFormat& f, const fl
     return hsum(acc);
 }
 
-__attribute__((target("avx2,fma"))) static inline void axpy8(float* o, __m256 a, __m256 w) {
+__attribute__((target("avx2,fma,f16c"))) static inline void axpy8(float* o, __m256 a, __m256 w) {
     _mm256_storeu_ps(o, _mm256_fmadd_ps(a, w, _mm256_loadu_ps(o)));
 }
 
-__attribute__((target("avx2,fma"))) static void axpy(const KvFormat& f, float a, const uint8_t* row, float* out) {
+__attribute__((target("avx2,fma,f16c"))) static void axpy(const KvFormat& f, float a, const uint8_t* row, float* out) {
     const __m256 av = _mm256_set1_ps(a);
     const int g = f.group, h = g / 2;
     const __m128i nib = _mm_set1_epi8(0x0F);
     for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
-        const __m256 d = _mm256_set1_ps(load_h(row)), m = _mm256_set1_ps(load_h(row + 2));
+        __m256 d, m;
+        scale_min(row, &d, &m);
         const uint8_t* c = row + 4;
         float* o = out + g0;
         if (f.bits == 8) {
@@ -215,7 +223,8 @@ static float dot(const KvFormat& f, const float* q, const uint8_t* row) {
     float32x4_t acc = vdupq_n_f32(0.0f);
     const int g = f.group, h = g / 2;
     for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
-        const float32x4_t d = vdupq_n_f32(load_h(row)), m = vdupq_n_f32(load_h(row + 2));
+        const float32x4_t dm = vcvt_f32_f16(vreinterpret_f16_u16(vcreate_u16((uint64_t)load_u32(row))));
+        const float32x4_t d = vdupq_laneq_f32(dm, 0), m = vdupq_laneq_f32(dm, 1);
         const uint8_t* c = row + 4;
         const float* qg = q + g0;
         if (f.bits == 8) {
@@ -235,7 +244,8 @@ static void axpy(const KvFormat& f, float a, const uint8_t* row, float* out) {
     const float32x4_t av = vdupq_n_f32(a);
     const int g = f.group, h = g / 2;
     for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
-        const float32x4_t d = vdupq_n_f32(load_h(row)), m = vdupq_n_f32(load_h(row + 2));
+        const float32x4_t dm = vcvt_f32_f16(vreinterpret_f16_u16(vcreate_u16((uint64_t)load_u32(row))));
+        const float32x4_t d = vdupq_laneq_f32(dm, 0), m = vdupq_laneq_f32(dm, 1);
         const uint8_t* c = row + 4;
         float* o = out + g0;
         if (f.bits == 8) {
