@@ -19,7 +19,7 @@ Rows, for each seed and budget B (effective bits per weight, every scale/zero/pr
                    wqedge.quant.distill, pipeline.DISTILL_STEPS steps per decoder layer, codes frozen)
 The seed is the calibration sampling (wqedge.calib.windows_from_tokens: which of the evenly spaced windows are
 held out; the statistics windows are the rest), shared by both allocators, PPO's own sampling and distillation;
-error feedback's 256 windows do not depend on it. Perplexity is llama.cpp's definition (wqedge.perplexity): eval
+error feedback's windows (the pipeline's count for the device: 256 on CUDA) do not depend on it. Perplexity is llama.cpp's definition (wqedge.perplexity): eval
 text with a leading BOS, 512-token windows, second half scored, first 32 windows. Rows go to --out .json as
 they come; --merge turns several such files into the markdown table of means ± standard deviations.
 
@@ -79,7 +79,7 @@ def main(argv=None):
     from wqedge.perplexity import perplexity
     from wqedge.pipeline import DISTILL_STEPS
     from wqedge.quant import distill
-    from wqedge.quant.feedback import FEEDBACK_SEQS, dequantize, quantize_model
+    from wqedge.quant.feedback import FEEDBACK_SEQS, dequantize, feedback_windows, quantize_model
     from wqedge.quant.fit import dequantize_chunk
     from wqedge.report import write_report
 
@@ -141,7 +141,7 @@ def main(argv=None):
             f"{prep_s:.1f} s { {k: round(v, 1) for k, v in ctx.times.items()} }")
         meta.setdefault("prep_s", {})[seed] = prep_s
         diag = {k: v.diag.float() for k, v in ctx.input_stats.items()}
-        fb_cal = calibration_tokens(tok, calib_text, FEEDBACK_SEQS, 512, 0, bos_id=bos, seed=seed).train
+        fb_cal = calibration_tokens(tok, calib_text, feedback_windows(dev), 512, 0, bos_id=bos, seed=seed).train
         ds = calibration_tokens(tok, calib_text, FEEDBACK_SEQS, 512, 4, bos_id=bos, seed=seed) if dbudgets else None
         tables = {"greedy": table}
         pcfg = PPOConfig(seed=seed, time_limit=a.ppo_time, iterations=a.ppo_iterations, episodes=a.ppo_episodes,
