@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wqedge import pipeline  # noqa: E402
+from wqedge.alloc.planner import make_plan  # noqa: E402
 from wqedge.bench.report import add_fixture_args, write_markdown  # noqa: E402
 from wqedge.calib import default_device  # noqa: E402
 from wqedge.checkpoint import LlamaCheckpoint  # noqa: E402
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--counts", default="32,64,128,256", help="error-feedback windows to compare")
     ap.add_argument("--windows", type=int, default=32, help="evaluation windows")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--grad-seqs", type=int, default=None, help="the planner's LM-gradient windows (default: its own)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "feedback_windows.md"))
     a = ap.parse_args()
     dev = default_device(a.device)
@@ -60,15 +61,17 @@ def main() -> None:
                 return model(torch.from_numpy(np.asarray(win, dtype=np.int64)).to(dev)).logits.float().cpu().numpy()
         return perplexity(fn, eval_tokens, bos, 512, a.windows, batch_size=8).perplexity
 
+    grad = "" if a.grad_seqs is None else f" --grad-seqs {a.grad_seqs}"
     lines = [f"# Error-feedback windows against quality (`bench/feedback_windows.py --budgets {a.budgets} --counts "
-             f"{a.counts} --windows {a.windows}`, device {dev})", "",
+             f"{a.counts} --windows {a.windows}{grad}`, device {dev})", "",
              f"{Path(a.model).name}, greedy plans from {Path(a.calib).name} (planned once per budget), error-feedback "
              f"fits on N windows of 512 tokens drawn as the pipeline draws them (evenly spaced over the text); perplexity of the written "
              f"file through the PyTorch reference on {Path(a.eval).name}, {a.windows} windows.", "",
              "| budget | feedback windows | fit s | ppl |", "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for budget in (float(b) for b in a.budgets.split(",")):
-            plan = pipeline.make_plan(ck, budget, calib_text=calib, device=dev, progress=False)
+            opts = {} if a.grad_seqs is None else {"n_grad_seqs": a.grad_seqs}
+            plan = make_plan(ck, budget, "greedy", calib_text=calib, device=dev, progress=False, **opts)
             for n in (int(c) for c in a.counts.split(",")):
                 t = time.time()
                 fitted = quantize_checkpoint(ck, plan, calib, device=dev, n_seqs=n)

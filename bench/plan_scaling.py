@@ -59,6 +59,11 @@ def gptq_work(shape) -> int:
     return sum(n * k * k + k ** 3 for n, k in linears(shape))
 
 
+def column_steps(shape) -> int:
+    """Σ K: error feedback's sequential column steps (on a GPU each is a fixed number of kernel launches)."""
+    return sum(k for _, k in linears(shape))
+
+
 def build(name: str, where: Path) -> Path:
     from wqedge.tinymodel import build_tiny_model
     hidden, layers, heads, kv, inter, vocab, tied = SHAPES[name]
@@ -67,15 +72,19 @@ def build(name: str, where: Path) -> Path:
                             tokenizer_vocab=min(vocab, 4000), init="normal")
 
 
-def project(row: dict, measured: str, target: str) -> tuple[float, float]:
+def project(row: dict, measured: str, target: str, device: str = "cpu") -> tuple[float, float]:
     """(low, high) seconds for `target`, each stage scaled from a measured row by the work it does: input
     statistics and gradients are passes over a fixed number of tokens (∝ linear weights); the damage table fits
-    at most max_rows rows of every chunk x action (∝ chunks); fitting is between ∝ linear weights (the NeUQI fits
-    and forward passes over the feedback windows: low) and ∝ Σ N·K² + K³ (GPTQ's updates: high). Same device."""
+    at most max_rows rows of every chunk x action (∝ chunks); fitting on CPU cores is between ∝ linear weights
+    (NeUQI fits and forward passes over the feedback windows: low) and ∝ Σ N·K² + K³ (GPTQ's updates: high); on a
+    GPU it is launch-bound, ∝ Σ K column steps (low; measured 0.73 ms a step on llama-s, 0.57 on SmolLM-135M),
+    up to ∝ weights (high, once the steps become compute-bound). Same device as the measured row."""
     m, t = SHAPES[measured], SHAPES[target]
     r = linear_weights(t) / linear_weights(m)
     fixed = (row.get("inputs", 0) + row.get("gradients", 0)) * r + row.get("damage table", 0) * chunks(t) / chunks(m)
     fit = row.get("fitting", 0)
+    if device == "cuda":
+        return fixed + fit * column_steps(t) / column_steps(m), fixed + fit * r
     return fixed + fit * r, fixed + fit * gptq_work(t) / gptq_work(m)
 
 
@@ -116,10 +125,11 @@ def main() -> None:
                      + " | ".join("-" if r.get(c) is None else f"{r[c]:.1f}" for c in cols) + f" | {r['rss_mib']:.0f} |")
     big = max(rows, key=lambda r: r["weights"])
     lines += ["", f"Projection from {big['name']} on the same device (`project`: statistics and gradients ∝ linear "
-              "weights, damage table ∝ chunks, fitting between ∝ weights and ∝ Σ N·K² + K³):", "",
+              "weights, damage table ∝ chunks, fitting ∝ Σ K column steps on a GPU up to ∝ weights; on CPU cores "
+              "between ∝ weights and ∝ Σ N·K² + K³):", "",
               "| shape | linear weights | projected s |", "|---|---|---|"]
-    for t in ("llama-2-7b", "llama-3-70b"):
-        lo, hi = project(big, big["name"], t)
+    for t in [n for n in SHAPES if linear_weights(SHAPES[n]) > big["weights"]]:
+        lo, hi = project(big, big["name"], t, "cuda" if (a.device or "").startswith("cuda") else "cpu")
         lines.append(f"| {t} | {linear_weights(SHAPES[t]) / 1e9:.1f} B | {lo:.0f} – {hi:.0f} |")
     out = "\n".join(lines) + "\n"
     print(out)
