@@ -14,7 +14,8 @@ static const char* USAGE =
     "  -c, --ctx N        window length (default 512)\n"
     "  --chunks N         windows to score; 0 = all (default 32)\n"
     "  -t, --threads N    threads (default: all available)\n"
-    "  --kernels K        auto | scalar | avx2\n";
+    "  --kernels K        auto | scalar | avx2\n"
+    "  --kv-bits B        KV cache: f32 | 8 | 4 (default: the file's setting; docs/format.md \"KV cache\")\n";
 
 int main(int argc, char** argv) {
     tools::Args a(argc, argv);
@@ -25,6 +26,7 @@ int main(int argc, char** argv) {
     int n_chunks = (int)a.num("--chunks", "", 32);
     const int threads = (int)a.num("-t", "--threads", 0);
     const std::string kernels = a.str("--kernels", "", "auto");
+    const std::string kv_bits = a.str("--kv-bits", "", "");
     a.done(USAGE);
     if (model_path.empty() || text_path.empty() || n_ctx < 4 || n_ctx % 2) { std::fprintf(stderr, "%s", USAGE); return 2; }
     if (kernels != "auto") tools::ok(wqe_set_kernels(kernels == "scalar" ? WQE_KERNELS_SCALAR : WQE_KERNELS_AVX2), "kernels");
@@ -44,6 +46,8 @@ int main(int argc, char** argv) {
     wqe_context_params cp = wqe_context_default_params();
     cp.n_ctx = n_ctx;
     cp.n_threads = threads;
+    cp.kv_bits = kv_bits == "f32" ? 32 : kv_bits == "8" ? 8 : kv_bits == "4" ? 4 : 0;
+    if (!kv_bits.empty() && cp.kv_bits == 0) tools::die("--kv-bits must be f32, 8 or 4, got '" + kv_bits + "'");
     wqe_context* ctx = nullptr;
     tools::ok(wqe_context_new(model, &cp, &ctx), "context");
     const int V = info.n_vocab, half = n_ctx / 2;

@@ -17,7 +17,8 @@ static const char* USAGE =
     "  -t, --threads N     threads (default: all available)\n"
     "  -c, --ctx N         context length (default: prompt + n, at most the model's)\n"
     "  --ignore-eos        keep generating after the end-of-sequence token\n"
-    "  --kernels K         auto | scalar | avx2\n";
+    "  --kernels K         auto | scalar | avx2\n"
+    "  --kv-bits B         KV cache: f32 | 8 | 4 (default: the file's setting; docs/format.md \"KV cache\")\n";
 
 int main(int argc, char** argv) {
     tools::Args a(argc, argv);
@@ -35,6 +36,7 @@ int main(int argc, char** argv) {
     int n_ctx = (int)a.num("-c", "--ctx", 0, 0, 1 << 24);
     const bool ignore_eos = a.flag("--ignore-eos");
     const std::string kernels = a.str("--kernels", "", "auto");
+    const std::string kv_bits = a.str("--kv-bits", "", "");
     a.done(USAGE);
     if (model_path.empty()) { std::fprintf(stderr, "%s", USAGE); return 2; }
     if (!prompt_file.empty()) prompt = tools::read_file(prompt_file);
@@ -55,6 +57,8 @@ int main(int argc, char** argv) {
     wqe_context_params cp = wqe_context_default_params();
     cp.n_ctx = n_ctx;
     cp.n_threads = threads;
+    cp.kv_bits = kv_bits == "f32" ? 32 : kv_bits == "8" ? 8 : kv_bits == "4" ? 4 : 0;
+    if (!kv_bits.empty() && cp.kv_bits == 0) tools::die("--kv-bits must be f32, 8 or 4, got '" + kv_bits + "'");
     wqe_context* ctx = nullptr;
     tools::ok(wqe_context_new(model, &cp, &ctx), "context");
     wqe_sampler* sampler = nullptr;
