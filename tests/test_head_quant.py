@@ -205,6 +205,11 @@ def test_cli_head_option(tiny_model_factory, tmp_path):
     assert r.exit_code == 0 and "output head: output.weight (q4;" in r.output
     r = CliRunner().invoke(main, ["convert", "--help"])
     assert "--head" in r.output
+    # without --head: the default (q8 since bench/results/head_quant.md)
+    r = CliRunner().invoke(main, ["convert", str(src), "--preset", "q4", "--no-self-calib", "--no-check",
+                                  "-o", str(tmp_path / "d.gguf")])
+    assert r.exit_code == 0, r.output
+    assert WqGGUF(tmp_path / "d.gguf").head_kind == pipeline.DEFAULT_HEAD == "q8"
 
 
 def test_malformed_head_is_refused(tiny, tmp_path):

@@ -26,7 +26,10 @@ FEEDBACK_ALLOCATORS = ("greedy", "rl")     # plans made for error-feedback lower
 TARGETS = ("gguf", "onnx", "llamacpp")
 DISTILL_STEPS = 128   # steps per decoder layer of `--distill` given without a number (wqedge.quant.distill)
 DEMO_DIR = Path("wqedge-demo")
-DEFAULT_HEAD = "fp16"  # how `convert` stores the output head when the caller names none (wqedge.head)
+# How `convert` stores the output head when the caller names none (wqedge.head): q8 halves the head's bytes per
+# decoded token for no measurable perplexity (llama-s, smol-s: within 0.02% of fp16 on the reference; q4 costs
+# 0.5-1.1%); bench/results/head_quant.md.
+DEFAULT_HEAD = "q8"
 
 
 def _quiet(msg: str) -> None:

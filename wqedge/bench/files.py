@@ -135,10 +135,12 @@ class ModelFiles:
             return self._llamacpp(key)
         return self._onnx(key.split("-", 1)[1])
 
-    def _wq(self, key: str) -> Path:
-        from ..pipeline import fit_mode, write_gguf
+    def _wq(self, key: str, head: str | None = None) -> Path:
+        """Our file `key` with the output head stored as `head` (pipeline.head_kind: the default when None)."""
+        from ..pipeline import fit_mode, head_kind, write_gguf
         method = "neuqi" if self.calib_text else "minmax"
-        path = self.dir / f"{key}-{method}.gguf"
+        head = head_kind("gguf", head)   # files made before the quantized head (F16) keep their names
+        path = self.dir / (f"{key}-{method}.gguf" if head == "fp16" else f"{key}-{method}-head{head}.gguf")
         if key == "wq-q4":
             from ..alloc.uniform import model_bits, uniform_plan
             lin = self.spec.linears()   # q4 everywhere, whatever ragged chunks cost (4.25 b at K % 128 == 0)
@@ -157,7 +159,7 @@ class ModelFiles:
             return path
         self.say(f"converting {key} → {path.name}…")
         return write_gguf(self.ckpt, plan, path, self.calib_text, device=self.device,
-                          stats=self.stats() if mode == "stats" else None)
+                          stats=self.stats() if mode == "stats" else None, head=head)
 
     def _llamacpp(self, key: str) -> Path:
         try:
@@ -207,7 +209,7 @@ class ModelFiles:
             from ..converters.onnx_export import export_onnx
         except ImportError as e:
             raise NotAvailable(f"ONNX export needs onnx: {e}") from None
-        src = self._wq("wq-q4")
+        src = self._wq("wq-q4", head="fp16")   # as `convert --target onnx`: the ONNX graph keeps the head dense
         out_dir = self.dir / f"onnx-{variant}"
         path = out_dir / "model.onnx"
         self.notes[f"ort-{variant}"] = f"{variant} ONNX of wq-q4"
