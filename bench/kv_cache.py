@@ -110,23 +110,14 @@ def tinyllama_file(out: Path) -> Path:
 
 
 def decode_speed(path: Path, n_prompt: int, n_decode: int, threads: int, repeats: int) -> dict[str, float]:
-    """Best tokens/s of n_decode single-token steps after an n_prompt prefill (int8 activations, the default)."""
+    """Best tokens/s of n_decode single-token steps after an n_prompt prefill (int8 activations, the default),
+    float vs 4-bit cache: bench/kv_decode_speed.py's loop at one context length."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from kv_decode_speed import speed
     from wqedge.runtime import native
     native.set_activations("q8")
-    m = native.Model(path)
-    prompt = [1] + [100 + i % 4000 for i in range(n_prompt - 1)]
-    best = {"f32": 0.0, "kv4": 0.0}
-    for _ in range(repeats):
-        for k in best:
-            c = native.Context(m, n_ctx=n_prompt + n_decode + 1, n_threads=threads, kv_bits="f32" if k == "f32" else 4)
-            c.eval(prompt, want_logits=False)
-            tok, t0 = 7, time.perf_counter()
-            for i in range(n_decode):
-                c.eval([tok])
-                tok = 200 + i % 500
-            best[k] = max(best[k], n_decode / (time.perf_counter() - t0))
-            c.close()
-    return best
+    best = speed(native.Model(path), n_prompt, n_decode, threads, repeats, ("f32", 4))
+    return {"f32": best["f32"], "kv4": best[4]}
 
 
 def main():
