@@ -12,8 +12,7 @@ Pipeline (allocator "greedy" or "rl"):
 Plans are converted best with error feedback (wqedge.quant.feedback.quantize_checkpoint: GPTQ-style, act-order
 inside chunks, damp 0.1, 256 calibration windows (64 on the CPU: feedback.feedback_windows), quantized earlier layers in the loop, least-squares refit of
 the <= 2-bit grids); plan.meta["fit"] says so. Measured on llama-s (G=128, eval.txt, 32 windows, second half):
-greedy 6.426 at 3.25 bits, 6.869 at 2.5, 7.080 at 2.25 (bench/allocation.py); deterministic planning 76 s
-and PPO 287 s on 2 CPU cores.
+greedy 6.426 at 3.25 bits, 6.869 at 2.5, 7.080 at 2.25 (bench/allocation.py).
 
 Options measured and left off by default (bench/results/allocation.md): feedback_damage=True (prices errors as
 error feedback sees them; predicts the layer loss within 15% (tested) instead of 1.3-1.5x over, yet its plans were no better:
@@ -37,7 +36,20 @@ from ..quant.feedback import DAMP, feedback_windows
 from .uniform import check_budget, uniform_plan
 
 ALLOCATORS = ("greedy", "rl", "uniform")
-DEFAULTS = dict(n_seqs=32, seqlen=512, n_heldout=4, n_grad_seqs=32, max_rows=256, damage="kfac",
+# LM-loss gradient windows (forward + backward of the whole model each): 32 on a GPU; 16 on CPU cores, where they were
+# 15 s of a 107 s conversion of llama-s with calibration text (2 cores). llama-s, CPU, 64 feedback windows: 16 vs 32
+# gradient windows changed 5 / 15 / 0 of 280 chunks at 3.25 / 2.5 / 2.25 bits and gave ppl 6.4218 vs 6.4756 and
+# 6.8217 vs 6.8465 (bench/results/feedback_windows.md)
+GRAD_SEQS, GRAD_SEQS_CPU = 32, 16
+
+
+def grad_windows(device) -> int:
+    """The default LM-gradient window count on `device` (a torch.device)."""
+    return GRAD_SEQS if device.type == "cuda" else GRAD_SEQS_CPU
+
+
+# n_grad_seqs None: grad_windows(device)
+DEFAULTS = dict(n_seqs=32, seqlen=512, n_heldout=4, n_grad_seqs=None, max_rows=256, damage="kfac",
                 feedback_damage=False, protect=(), actions=None)   # actions None: blocks.ALLOCATOR_ACTIONS
 
 
@@ -99,6 +111,8 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
     o = {**DEFAULTS, **opts}
     actions = tuple(o["actions"] or ALLOCATOR_ACTIONS)   # e.g. blocks.ACTION_NAMES to offer the subscale kinds
     dev = default_device(device)
+    if o["n_grad_seqs"] is None:
+        o["n_grad_seqs"] = grad_windows(dev)
     times = {}
     t0 = time.time()
     linears = ckpt.spec.linears()
@@ -175,7 +189,7 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
     meta = {"damage": table.kind, "damage_feedback": table.meta.get("feedback", False),
             "protect": table.meta.get("protect", []), "calibration": None if ctx.calib is None else {
         "n_seqs": int(ctx.calib.train.shape[0]), "seqlen": ctx.calib.seqlen,
-        "n_heldout": int(ctx.calib.heldout.shape[0])},
+        "n_heldout": int(ctx.calib.heldout.shape[0]), "n_grad_seqs": int(ctx.opts["n_grad_seqs"])},
         "fit": {"error_feedback": ctx.calib is not None, "act_order": "chunk", "damp": DAMP,
                 "n_seqs": feedback_windows(ctx.device), "refit_max_bits": REFIT_MAX_BITS}}
     pruning = None
