@@ -160,7 +160,7 @@ def test_cli_greedy_plan_with_calibration_meets_budget_in_the_file(ckpt, tmp_pat
     assert f.measured_bits() <= 3.0 + 1e-9
     assert f.measured_bits() == pytest.approx(json.loads((tmp_path / "g.json").read_text())["effective_bits"])
     assert len({a for t in json.loads((tmp_path / "g.json").read_text())["tensors"] for a in t["actions"]}) > 1
-    # the plan records the error-feedback window count of its planning device (64 on the CPU, 256 on CUDA)
+    # the plan records the error-feedback window count of its planning device (32 on the CPU, 256 on CUDA)
     assert json.loads((tmp_path / "g.json").read_text())["meta"]["fit"]["n_seqs"] == feedback_windows(None)
     assert f"error feedback on {feedback_windows(None)} windows" in res.output
 

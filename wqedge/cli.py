@@ -208,9 +208,9 @@ _common_plan_options = [
                  help="With --prune: the largest fraction of decoder linear weights the search may remove."),
     click.option("--feedback-windows", type=click.IntRange(min=1), default=None, metavar="N",
                  help="Calibration windows (512 tokens each) that error feedback fits on; recorded in the plan. "
-                      "Default: 256 when planning on a GPU (it costs there what 32 do), 64 on the CPU, where "
-                      "each window is two forward passes per layer (llama-s: 64 vs 256 windows within 0.3-0.6% "
-                      "perplexity, 4x less fitting; bench/results/feedback_windows.md)."),
+                      "Default: 256 when planning on a GPU (it costs there what 32 do), 32 on the CPU, where "
+                      "each window is two forward passes per layer (llama-s: 32 vs 256 windows +0.3-0.4% "
+                      "perplexity for 8x less of that work; bench/results/feedback_windows.md)."),
     click.option("--act-bits", type=click.Choice(["8", "6", "4"]), default="8", show_default=True,
                  callback=lambda c, p, v: int(v),
                  help="Activation bits of the runtime's linears (per token, asymmetric at 6 and 4; 8 is the "

@@ -10,8 +10,8 @@ Pipeline (allocator "greedy" or "rl"):
   5. the allocation: multiple-choice knapsack (greedy, wqedge.alloc.greedy) or the PPO policy
      (rl, wqedge.alloc.ppo), which also measures candidate plans on held-out calibration windows.
 Plans are converted best with error feedback (wqedge.quant.feedback.quantize_checkpoint: GPTQ-style, act-order
-inside chunks, damp 0.1, 256 calibration windows (64 on the CPU: feedback.feedback_windows), quantized earlier layers in the loop, least-squares refit of
-the <= 2-bit grids); plan.meta["fit"] says so. Measured on llama-s (G=128, eval.txt, 32 windows, second half):
+inside chunks, damp 0.1, 256 calibration windows (32 on the CPU: feedback.feedback_windows), quantized earlier
+layers in the loop, least-squares refit of the <= 2-bit grids); plan.meta["fit"] says so. Measured on llama-s (G=128, eval.txt, 32 windows, second half):
 greedy 6.426 at 3.25 bits, 6.869 at 2.5, 7.080 at 2.25 (bench/allocation.py).
 
 Options measured and left off by default (bench/results/allocation.md): feedback_damage=True (prices errors as

@@ -17,14 +17,15 @@ from ..blocks import ChunkData
 from .gptq import DAMP, dequantize, gptq_linear
 from ..units import chunk_bounds
 
-__all__ = ["DAMP", "FEEDBACK_SEQS", "FEEDBACK_SEQS_CPU", "feedback_windows", "dequantize", "gptq_linear", "quantize_checkpoint", "quantize_model"]
+__all__ = ["DAMP", "FEEDBACK_SEQS", "FEEDBACK_SEQS_CPU", "feedback_windows", "dequantize", "gptq_linear",
+           "quantize_checkpoint", "quantize_model"]
 # Calibration windows (of 512 tokens) the feedback loop runs, by planning device. On a GPU the loop is
 # launch-bound and 256 cost what 32 do; on CPU cores its two forward passes per layer over them are most of a
 # conversion. llama-s, eval.txt, 32 windows (bench/results/feedback_windows.md): 32/64/128/256 windows gave
 # 6.462/6.456/6.433/6.438 at 3.25 bits and 6.841/6.878/6.837/6.822 at 2.5 bits (differences of 0.3-0.5% are
 # within the run-to-run spread of the plans' files).
 FEEDBACK_SEQS = 256
-FEEDBACK_SEQS_CPU = 64
+FEEDBACK_SEQS_CPU = 32   # as good as 64 in that run; the 2-core conversion of llama-s then fits in ~90 s
 
 
 def feedback_windows(device=None) -> int:
