@@ -61,7 +61,7 @@ def _build(build: Path, extra: list[str], targets: list[str]) -> None:
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
 
 
-TEST_TARGETS = ["test_kernels", "test_prefill", "test_gguf", "test_rotation", "wqedge_tokenizer_test"]
+TEST_TARGETS = ["test_kernels", "test_prefill", "test_gguf", "test_rotation", "test_kvcache", "wqedge_tokenizer_test"]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_sanitized_cpp_tests(sanitized_build):
     r = subprocess.run(["ctest", "--test-dir", str(sanitized_build), "--output-on-failure"], capture_output=True,
                        text=True, timeout=900, env=_sanitizer_env())
     assert r.returncode == 0, r.stdout[-6000:]
-    for name in ("kernels", "prefill", "gguf_malformed", "rotation", "tokenizer"):
+    for name in ("kernels", "prefill", "gguf_malformed", "rotation", "kvcache", "tokenizer"):
         assert re.search(rf"{name} \.+\s+Passed", r.stdout), r.stdout
 
 

@@ -133,8 +133,9 @@ def test_row_layout_matches_tiles(tiny, tmp_path):
     out = {}
     for rep in ("0", "1"):
         env = dict(os.environ, WQEDGE_REPACK=rep)
+        # cwd: not the checkout, whose wqedge/ (without runtime/) would shadow the installed package
         subprocess.run([sys.executable, "-c", code, str(files["q4"]), str(tmp_path / f"r{rep}.npy")], env=env,
-                       check=True)
+                       check=True, cwd=tmp_path)
         out[rep] = np.load(tmp_path / f"r{rep}.npy")
     assert np.abs(out["0"] - out["1"]).max() / out["1"].std() < 1e-5
 
