@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 
 from wqedge.blocks import FORMAT_VERSION, ChunkData, block_type, decode_chunk, dequantize_chunk
+from wqedge.head import head_tensor
 from wqedge.rotation_format import (FIELDS as ROT_FIELDS, GROUPS as ROT_GROUPS, KEY_ACT_BITS, KEY_ROTATION,
                                     ROTATED_FORMAT_VERSION, StoredTransform, tensor_name as rot_tensor_name)
 from wqedge.spec import ModelSpec, with_layer_shapes
@@ -202,7 +203,7 @@ class WqGGUF:
     @property
     def head_tensor(self) -> str:
         """The tensor the output head reads: output.weight, or token_embd.weight when the embeddings are tied."""
-        return "token_embd.weight" if self.spec.tie_word_embeddings else "output.weight"
+        return head_tensor(self.spec.tie_word_embeddings)[1]
 
     @property
     def head_kind(self) -> str:
@@ -221,7 +222,7 @@ class WqGGUF:
         if t is None:
             raise FormatError(f"{self.path}: no tensor {name}")
         if self.is_quantized(name):
-            if name not in ("output.weight", "token_embd.weight"):
+            if name != self.head_tensor:
                 raise FormatError(f"{self.path}: {name} is a quantized linear, not a dense tensor")
             lay = self.layout(name)
             if (lay.out_features, lay.in_features) != (self.spec.vocab_size, self.spec.hidden_size):
