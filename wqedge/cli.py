@@ -218,6 +218,15 @@ _common_plan_options = [
 ]
 
 
+def _kv_bits_option(default: str):
+    """--kv-bits of convert / eval / run: one set of choices and one explanation, each command's own default."""
+    return click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
+                        help="KV cache of the runtime: 'f32' float32, '8' or '4' bits per value (per token and KV head, "
+                             "groups of 32 / 16 values with an fp16 scale and min; K Hadamard-rotated per head first; "
+                             "docs/format.md \"KV cache\"). 4 bits store 6 bits a value, 19% of float32 "
+                             "(bench/results/kv_cache.md). " + default)
+
+
 def plan_options(f):
     for opt in reversed(_common_plan_options):
         f = opt(f)
@@ -260,11 +269,8 @@ def plan_options(f):
 @click.option("--onnx-variant", type=click.Choice(["portable", "native"]), default="portable", show_default=True,
               help="'portable': stock ONNX Runtime operators; 'native': one wqedge.ChunkLinear per linear, run by "
                    "our custom-op library libwqedge_ort (smaller and packed in memory; see docs/onnx.md).")
-@click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
-              help="KV cache of the runtime: 'f32' float32, '8' or '4' bits per value (per token and KV head, groups of "
-                   "32 / 16 values with an fp16 scale and min; K Hadamard-rotated per head first; docs/format.md "
-                   "\"KV cache\"). 4 bits store 6 bits a value, 19% of float32 (bench/results/kv_cache.md). "
-                   "Default: float32; written into the file (and the plan) as the runtime's default, which `wqedge run` / `eval --backend cpp` --kv-bits override. GGUF target only.")
+@_kv_bits_option("Default: float32; written into the file (and the plan) as the runtime's default, which "
+                 "`wqedge run` / `eval --backend cpp` --kv-bits override. GGUF target only.")
 @click.option("--head", type=click.Choice(HEAD_KINDS), default=None,
               help=f"How the output head (the vocabulary projection; the embedding table too when the checkpoint "
                    f"ties them) is stored: 'fp16' dense as in the checkpoint, 'q8' / 'q4' a quantized linear in the "
@@ -454,10 +460,10 @@ def inspect(gguf_file):
                 if t else "none")
         click.echo(f"format version {f.format_version}: activation bits {f.act_bits}; input transforms: {what}")
     kv = f.kv_cache
-    s4k = kv.cache_bytes(4096, [s.kv_heads(i) for i in range(s.n_layers)], s.head_dim)
+    heads = [s.kv_heads(i) for i in range(s.n_layers)]
+    s4k, f4k = kv.cache_bytes(4096, heads, s.head_dim), KVCacheSpec().cache_bytes(4096, heads, s.head_dim)
     click.echo(f"KV cache (runtime default): {'float32' if kv.bits is None else f'{kv.bits}-bit, rotation {kv.rotation}'}"
-               f"; {s4k / 2**20:.1f} MiB at 4096 tokens" + ("" if kv.bits is None else
-               f" (float32: {KVCacheSpec().cache_bytes(4096, [s.kv_heads(i) for i in range(s.n_layers)], s.head_dim) / 2**20:.1f} MiB)"))
+               f"; {s4k / 2**20:.1f} MiB at 4096 tokens" + ("" if kv.bits is None else f" (float32: {f4k / 2**20:.1f} MiB)"))
 
 
 @main.command(name="eval")
@@ -478,11 +484,8 @@ def inspect(gguf_file):
               help="Threads for the cpp backend (0 = all cores).")
 @click.option("--batch", type=click.IntRange(1, 4096), default=4, show_default=True,
               help="Windows per forward pass (torch).")
-@click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
-              help="KV cache of the runtime: 'f32' float32, '8' or '4' bits per value (per token and KV head, groups of "
-                   "32 / 16 values with an fp16 scale and min; K Hadamard-rotated per head first; docs/format.md "
-                   "\"KV cache\"). 4 bits store 6 bits a value, 19% of float32 (bench/results/kv_cache.md). "
-                   "Default: the file's setting (float32 when it has none). With --backend torch the reference applies the same quantization.")
+@_kv_bits_option("Default: the file's setting (float32 when it has none). With --backend torch the reference "
+                 "applies the same quantization.")
 def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, batch, kv_bits):
     """Perplexity of MODEL (a Hugging Face folder or a wqedge GGUF) on a text, as llama.cpp defines it.
 
@@ -572,11 +575,7 @@ def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
 @click.option("--act", type=click.Choice(["q8", "f32"]), default=None,
               help="Activations of decode and prompt steps: 'q8' (int8 per 32 columns, integer dot products; the default) or 'f32' "
                    "(float, the reference path, logits within ~1e-5 of PyTorch). Default: WQEDGE_ACT, else q8.")
-@click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
-              help="KV cache of the runtime: 'f32' float32, '8' or '4' bits per value (per token and KV head, groups of "
-                   "32 / 16 values with an fp16 scale and min; K Hadamard-rotated per head first; docs/format.md "
-                   "\"KV cache\"). 4 bits store 6 bits a value, 19% of float32 (bench/results/kv_cache.md). "
-                   "Default: the file's setting (float32 when it has none).")
+@_kv_bits_option("Default: the file's setting (float32 when it has none).")
 def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, chat, system, act, kv_bits):
     """Generate text from GGUF_FILE with the C++ runtime, streaming it to the terminal."""
     from .runtime import native
