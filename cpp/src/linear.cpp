@@ -222,10 +222,12 @@ void tile_run(const Linear& W, const Linear::Run& run, const uint8_t* tb, const 
 // Tiles [task * TPT, +TPT) of a tiled linear.
 void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, int ahead, float* y, int kernels) {
     const int n_tiles = (W.N + TILE_ROWS - 1) / TILE_ROWS;
-    // the kernels prefetch the tiles this thread likely takes next, pf bytes further on
-    static const bool no_pf = [] { const char* e = std::getenv("WQEDGE_TILE_PREFETCH"); return e && !std::strcmp(e, "0"); }();
-    // (only when every tile of this task has its partner that far on: the pointers stay inside the copy)
-    const std::ptrdiff_t pf = (task + ahead + 1) * TPT <= n_tiles && !no_pf ? (std::ptrdiff_t)ahead * TPT * (std::ptrdiff_t)W.tile_bytes : 0;
+    // A thread's tiles are one contiguous stream (the pool's spans), which the hardware prefetchers follow: software
+    // prefetch of the next task's tiles made decode slower (TinyLlama shape, Zen 4, bench/results/decode_spans.md: q4
+    // 1 thread 26.3 vs 32.6 tok/s, 2 threads 38.7 vs 41.5), so it is off unless WQEDGE_TILE_PREFETCH=1 (experiments;
+    // only when every tile of this task has its partner that far on: the pointers stay inside the copy).
+    static const bool use_pf = [] { const char* e = std::getenv("WQEDGE_TILE_PREFETCH"); return e && !std::strcmp(e, "1"); }();
+    const std::ptrdiff_t pf = (task + ahead + 1) * TPT <= n_tiles && use_pf ? (std::ptrdiff_t)ahead * TPT * (std::ptrdiff_t)W.tile_bytes : 0;
     for (int t = task * TPT, t1 = std::min(n_tiles, (task + 1) * TPT); t < t1; ++t) {
         float acc[TILE_ROWS] = {0};
         for (const Linear::Run& run : W.runs) tile_run(W, run, W.tile(t), x, p, kernels, pf, acc);
@@ -385,7 +387,7 @@ void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScra
     }
     if (s.slots.empty()) s.slots.resize(1);
     const Prepared p = prepare(W, x, s.slots[0], kernels, act);
-    const int ahead = pool.size();  // with dynamic hand-out, a thread's next tile is about this far on
+    const int ahead = 1;  // the pool runs each thread's tasks as one contiguous span: its next task is the next one
     pool.run(n_tasks_of(W), [&](int task, int) { run_task(W, x, p, task, ahead, y, kernels); });
 }
 
@@ -404,7 +406,7 @@ void matvec_group(int n, const Linear* const* W, const float* x, float* const* y
         p[i] = prepare(*W[i], x, s.slots[i], kernels, act);
         first[i + 1] = first[i] + n_tasks_of(*W[i]);
     }
-    const int ahead = pool.size();
+    const int ahead = 1;  // contiguous spans per thread (ThreadPool)
     pool.run(first[n], [&](int task, int) {
         int i = 0;
         while (task >= first[i + 1]) ++i;

@@ -22,7 +22,7 @@ constexpr int MAX_TASKS = (int)TASK_MASK;
 constexpr int SPIN = 4000;  // pause iterations before sleeping / yielding
 
 inline uint64_t gen_of(uint64_t s) { return s >> (2 * TASK_BITS); }
-inline int ntasks_of(uint64_t s) { return (int)((s >> TASK_BITS) & TASK_MASK); }
+inline int end_of(uint64_t s) { return (int)((s >> TASK_BITS) & TASK_MASK); }
 inline int next_of(uint64_t s) { return (int)(s & TASK_MASK); }
 }  // namespace
 
@@ -38,7 +38,7 @@ int default_thread_count() {
     return n ? (int)n : 1;
 }
 
-ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
+ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)), spans_(new Span[std::max(1, n_threads)]) {
     for (int i = 1; i < n_threads_; ++i) threads_.emplace_back(&ThreadPool::worker, this, i);
 }
 
@@ -53,15 +53,36 @@ ThreadPool::~ThreadPool() {
 
 bool ThreadPool::work(int id, uint64_t gen) {
     bool did = false;
-    uint64_t s = state_.load(std::memory_order_acquire);
+    std::atomic<uint64_t>& mine = spans_[id].s;
     for (;;) {
-        if (gen_of(s) != gen || next_of(s) >= ntasks_of(s)) return did;
-        if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
-        // The task is ours: the job is live until it is done, so fn_ is valid.
-        (*fn_)(next_of(s), id);
-        done_.fetch_add(1, std::memory_order_acq_rel);
-        did = true;
-        s = state_.load(std::memory_order_acquire);
+        // Run the own span in order, from its start.
+        uint64_t s = mine.load(std::memory_order_acquire);
+        while (gen_of(s) == gen && next_of(s) < end_of(s)) {
+            if (!mine.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+            // The task is ours: the job is live until it is done, so fn_ is valid.
+            (*fn_)(next_of(s), id);
+            done_.fetch_add(1, std::memory_order_acq_rel);
+            did = true;
+            s = mine.load(std::memory_order_acquire);
+        }
+        if (gen_of(s) != gen) return did;
+        // Then take the back half of another thread's remaining span, as a new span of our own (run in order as
+        // well, so the hardware prefetchers keep following; others may take from it in turn). Nobody touches an
+        // exhausted span, so ours can be republished with a plain store.
+        bool stole = false;
+        for (int k = 1; k < n_threads_ && !stole; ++k) {
+            std::atomic<uint64_t>& span = spans_[(id + k) % n_threads_].s;
+            uint64_t v = span.load(std::memory_order_acquire);
+            while (gen_of(v) == gen && next_of(v) < end_of(v)) {
+                const uint64_t next = next_of(v), end = end_of(v), mid = next + (end - next) / 2;
+                const uint64_t kept = gen << (2 * TASK_BITS) | mid << TASK_BITS | next;
+                if (!span.compare_exchange_weak(v, kept, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+                mine.store(gen << (2 * TASK_BITS) | end << TASK_BITS | mid, std::memory_order_release);
+                stole = true;
+                break;
+            }
+        }
+        if (!stole) return did;
     }
 }
 
@@ -96,9 +117,13 @@ void ThreadPool::run(int n_tasks, const std::function<void(int, int)>& fn) {
     if (gen_ == 0) gen_ = 1;  // generation 0 is "nothing yet"
     fn_ = &fn;
     done_.store(0, std::memory_order_relaxed);
+    for (int i = 0; i < n_threads_; ++i) {  // span i = tasks [i n / T, (i + 1) n / T)
+        const uint64_t first = (uint64_t)i * n_tasks / n_threads_, end = (uint64_t)(i + 1) * n_tasks / n_threads_;
+        spans_[i].s.store(gen_ << (2 * TASK_BITS) | end << TASK_BITS | first, std::memory_order_release);
+    }
     // seq_cst store then load, against the worker's sleepers_ increment then state_ load: either
     // the worker sees the new generation or we see it sleeping and wake it.
-    state_.store(gen_ << (2 * TASK_BITS) | (uint64_t)n_tasks << TASK_BITS);
+    state_.store(gen_ << (2 * TASK_BITS));
     if (sleepers_.load() > 0) {
         std::lock_guard<std::mutex> lock(mu_);
         cv_.notify_all();

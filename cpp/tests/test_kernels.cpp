@@ -1,6 +1,7 @@
 // Every SIMD kernel (AVX2 on x86-64, NEON on AArch64: whichever set best_kernels() picks) against its scalar reference, and both against a double-precision dot of the
 // dequantized weights, on random and adversarial row-blocks; then threaded matvec/matmul of a
 // mixed-type linear against the same reference. Exit status 0 when all checks pass.
+#include <atomic>
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -310,6 +311,29 @@ static void vec_tests() {
 }
 
 // A mixed linear: every block type once, a ragged last chunk, protected columns.
+// The pool runs every task exactly once, whatever the task and thread counts (spans of unequal size, empty spans,
+// more threads than tasks), over many jobs in a row (a late worker must never run a task of a finished job).
+static void threadpool_tests() {
+    for (int threads : {1, 2, 3, 5}) {
+        ThreadPool pool(threads);
+        bool ok = true, ids_ok = true;
+        for (int n : {1, 2, 3, 4, 7, 16, 33, 1000}) {
+            for (int job = 0; job < 50; ++job) {
+                std::vector<std::atomic<int>> hits(n);
+                for (auto& h : hits) h.store(0);
+                pool.run(n, [&](int task, int thread) {
+                    hits[task].fetch_add(1);
+                    if (thread < 0 || thread >= threads) ids_ok = false;
+                });
+                for (auto& h : hits) ok = ok && h.load() == 1;
+            }
+        }
+        char what[64];
+        std::snprintf(what, sizeof what, "threadpool %d threads: every task once", threads);
+        check(ok && ids_ok, what);
+    }
+}
+
 static void linear_tests() {
     const int G = 64, N = 37;
     const int types[] = {0, 1, 2, 3, 4, 5, 6, 2};
@@ -591,6 +615,7 @@ int main() {
     std::printf("int8-activation kernel sets under test: %d (scalar%s)\n", n_q8_sets_seen,
                 SIMD == K_AVX2 ? ", avx2" : SIMD == K_NEON ? (cpu_has_dotprod() ? ", neon, neon+dotprod" : ", neon") : "");
     vec_tests();
+    threadpool_tests();
     linear_tests();
     tiled_tests();
     std::printf("row tiles: VNNI (level %d) checked against AVX2 %d times\n", cpu_vnni(), n_vnni_checked);
