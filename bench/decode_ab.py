@@ -4,6 +4,7 @@ ratio on a shared machine without the full `wqedge bench`.
 
     python bench/decode_ab.py --wq A.gguf [--wq B.gguf ...] --lcp Q4_0.gguf [--threads 2] [--rounds 3] [--decode 32]
         [--env WQEDGE_REPACK=0] [--prefill 256 [--wq-f32]] [--exe before=/path/to/older/wqedge-bench] [--cpu]
+        [--variant pf:WQEDGE_TILE_PREFETCH=1]
 
 Ours: `wqedge-bench` (cpp/build/ or $WQEDGE_BENCH) decode tok/s (median of its reps); llama.cpp: llama-cpp-python,
 64-token prompt then --decode single-token evals, tok/s. --prefill N measures prompt processing instead: ours the
@@ -75,6 +76,9 @@ def main() -> None:
     ap.add_argument("--exe", action="append", default=[],
                     help="NAME=PATH: also run our files with this wqedge-bench (e.g. a build of an earlier commit), "
                          "in the same rounds; rows named NAME:file")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:KEY=VALUE: also run our files with this extra environment, in the same rounds; rows "
+                         "named NAME:file")
     ap.add_argument("--cpu", action="store_true",
                     help="decode tok/s from process CPU time (ours: wqedge-bench's best CPU ms/token; llama.cpp: "
                          "time.process_time over the decode loop): meaningful at 1 thread on a shared machine")
@@ -86,6 +90,9 @@ def main() -> None:
     exes = dict(e.split("=", 1) for e in a.exe)
     for name in exes:
         runs += [(name, f, env) for f in a.wq]
+    for v in a.variant:
+        name, kv = v.split(":", 1)
+        runs += [(name, f, {**env, **dict([kv.split("=", 1)])}) for f in a.wq]
     if a.wq_f32:
         runs += [("wq-f32", f, {**env, "WQEDGE_ACT": "f32"}) for f in a.wq]
     runs += [("lcp", f, {}) for f in a.lcp]

@@ -40,10 +40,10 @@ for t in $THREADS; do
     echo "== after, VNNI off (WQEDGE_NO_VNNI=1: the AVX2 tile kernels)"; WQEDGE_NO_VNNI=1 /tmp/mv_new -t $t -l $L -r 6 $KINDS
     if [ -n "$ROW_LAYOUT" ]; then echo "== after, row layout (-p 0: this tree's kernels without the repack)"; /tmp/mv_new -t $t -p 0 -l $L -r 6 $KINDS; fi
 done
-# software prefetch of the next tile (linear.cpp tiled_task) on and off, q4 and q2 (PREFETCH=1)
+# software prefetch of the next tile (linear.cpp tiled_task; off by default since 7d76121) on and off, q4 and q2 (PREFETCH=1)
 if [ -n "$PREFETCH" ]; then
     for t in 1 2 $(nproc); do
         echo "== after, tile prefetch on / off, $t threads"
-        /tmp/mv_new -t $t -l $L -r 6 q4 q2; WQEDGE_TILE_PREFETCH=0 /tmp/mv_new -t $t -l $L -r 6 q4 q2
+        WQEDGE_TILE_PREFETCH=1 /tmp/mv_new -t $t -l $L -r 6 q4 q2; /tmp/mv_new -t $t -l $L -r 6 q4 q2
     done
 fi

@@ -1,0 +1,37 @@
+#!/bin/bash
+# End-to-end decode on a machine with more cores (issue 12: "once at 8 threads on a machine with more cores"):
+# our runtime against llama.cpp (llama-cpp-python) on the TinyLlama-1.1B-shaped random checkpoint, at 1, 2, 8 and
+# all threads, with bench/decode_ab.py (interleaved rounds, best tok/s). Files are made as `wqedge bench` makes its
+# speed-model rows (wqedge.bench.files: uniform q4 and the llama-s greedy plans resampled onto the shape, min-max
+# fits, q8 head; llama.cpp Q4_0 / Q2_K by its own quantizer), in $CACHE (default ~/.cache/wqedge/bench): put the
+# llama-s plans there first (plan-greedy-*.json in the llama-s + calib.txt folder) to skip planning.
+# Usage: bench/device_decode.sh [threads...]   (needs llama-cpp-python importable, the fixture via WQEDGE_FIXTURES)
+set -e
+THREADS=${*:-"1 2 8 $(nproc)"}
+CACHE=${CACHE:-$HOME/.cache/wqedge/bench}
+ROUNDS=${ROUNDS:-2}
+nproc; lscpu | grep -E "Model name|Thread|L3" | head -3
+python3 - "$CACHE" > /tmp/decode_files.txt <<'PY'
+import sys
+from pathlib import Path
+from wqedge.bench.files import ModelFiles, speed_checkpoint
+from wqedge.cli import _default_fixture
+cache = Path(sys.argv[1])
+say = lambda m: print(m, file=sys.stderr, flush=True)
+qual = ModelFiles(_default_fixture("llama-s"), cache, Path(_default_fixture("text", "calib.txt")).read_text(), say)
+sp = ModelFiles(speed_checkpoint("tinyllama-1.1b", cache, say), cache, None, say, plan_source=qual, speed_only=True)
+for key in ("wq-q4", "wq-2.5", "wq-3.25", "lcp-Q4_0", "lcp-Q2_K", "lcp-Q3_K_M"):
+    print(key, sp.file(key))
+PY
+cat /tmp/decode_files.txt
+f() { grep "^$1 " /tmp/decode_files.txt | cut -d' ' -f2; }
+for t in $THREADS; do
+    python3 bench/decode_ab.py --wq "$(f wq-q4)" --wq "$(f wq-2.5)" --wq "$(f wq-3.25)" --lcp "$(f lcp-Q4_0)" \
+        --lcp "$(f lcp-Q2_K)" --lcp "$(f lcp-Q3_K_M)" --threads $t --rounds $ROUNDS --decode 64
+done
+if [ -n "$PREFETCH" ]; then  # the tile kernels' software prefetch (off by default since 7d76121), q4 file
+    for t in $THREADS; do
+        python3 bench/decode_ab.py --wq "$(f wq-q4)" --wq "$(f wq-2.5)" --variant pf:WQEDGE_TILE_PREFETCH=1 \
+            --lcp "$(f lcp-Q4_0)" --threads $t --rounds $ROUNDS --decode 64 || true
+    done
+fi
