@@ -3,22 +3,29 @@
 # our runtime against llama.cpp (llama-cpp-python) on the TinyLlama-1.1B-shaped random checkpoint, at 1, 2, 8 and
 # all threads, with bench/decode_ab.py (interleaved rounds, best tok/s). Files are made as `wqedge bench` makes its
 # speed-model rows (wqedge.bench.files: uniform q4 and the llama-s greedy plans resampled onto the shape, min-max
-# fits, q8 head; llama.cpp Q4_0 / Q2_K by its own quantizer), in $CACHE (default ~/.cache/wqedge/bench): put the
-# llama-s plans there first (plan-greedy-*.json in the llama-s + calib.txt folder) to skip planning.
-# Usage: bench/device_decode.sh [threads...]   (needs llama-cpp-python importable, the fixture via WQEDGE_FIXTURES)
+# fits, q8 head; llama.cpp Q4_0 / Q2_K / Q3_K_M by its own quantizer), in $CACHE (default ~/.cache/wqedge/bench).
+# PLANS=<folder of the llama-s plan-greedy-<bits>.json made by `wqedge bench`> to skip the fixture and planning.
+# Usage: [PLANS=dir] [PREFETCH=1] bench/device_decode.sh [threads...]   (needs llama-cpp-python importable)
 set -e
 THREADS=${*:-"1 2 8 $(nproc)"}
 CACHE=${CACHE:-$HOME/.cache/wqedge/bench}
 ROUNDS=${ROUNDS:-2}
 nproc; lscpu | grep -E "Model name|Thread|L3" | head -3
-python3 - "$CACHE" > /tmp/decode_files.txt <<'PY'
+python3 - "$CACHE" "${PLANS:-}" > /tmp/decode_files.txt <<'PY'
 import sys
 from pathlib import Path
 from wqedge.bench.files import ModelFiles, speed_checkpoint
-from wqedge.cli import _default_fixture
-cache = Path(sys.argv[1])
+cache, plans = Path(sys.argv[1]), sys.argv[2]
 say = lambda m: print(m, file=sys.stderr, flush=True)
-qual = ModelFiles(_default_fixture("llama-s"), cache, Path(_default_fixture("text", "calib.txt")).read_text(), say)
+if plans:  # llama-s greedy plans already made (plan-greedy-<bits>.json): no fixture, no planning here
+    from wqedge.plan import Plan
+    class Plans:
+        def plan(self, bits):
+            return Plan.load(Path(plans) / f"plan-greedy-{bits:g}.json")
+    qual = Plans()
+else:
+    from wqedge.cli import _default_fixture
+    qual = ModelFiles(_default_fixture("llama-s"), cache, Path(_default_fixture("text", "calib.txt")).read_text(), say)
 sp = ModelFiles(speed_checkpoint("tinyllama-1.1b", cache, say), cache, None, say, plan_source=qual, speed_only=True)
 for key in ("wq-q4", "wq-2.5", "wq-3.25", "lcp-Q4_0", "lcp-Q2_K", "lcp-Q3_K_M"):
     print(key, sp.file(key))
