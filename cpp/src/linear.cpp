@@ -7,6 +7,13 @@
 
 #include "common.h"
 
+#if defined(__linux__)
+#  include <sys/mman.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#  include <cpuid.h>
+#endif
+
 namespace wqe {
 
 void MatScratch::reserve(int n_threads, int max_K, int max_g_pad, int max_x_floats, int max_chunks) {
@@ -219,14 +226,32 @@ void tile_run(const Linear& W, const Linear::Run& run, const uint8_t* tb, const 
     }
 }
 
+// Whether this is an Intel x86 CPU (CPUID vendor string): the tile prefetch default (tiled_task).
+bool cpu_is_intel() {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    char v[12];
+    std::memcpy(v, &b, 4); std::memcpy(v + 4, &d, 4); std::memcpy(v + 8, &c, 4);
+    return std::memcmp(v, "GenuineIntel", 12) == 0;
+#else
+    return false;
+#endif
+}
+
 // Tiles [task * TPT, +TPT) of a tiled linear.
 void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, int ahead, float* y, int kernels) {
     const int n_tiles = (W.N + TILE_ROWS - 1) / TILE_ROWS;
-    // A thread's tiles are one contiguous stream (the pool's spans), which the hardware prefetchers follow: software
-    // prefetch of the next task's tiles made decode slower (TinyLlama shape, Zen 4, bench/results/decode_spans.md: q4
-    // 1 thread 26.3 vs 32.6 tok/s, 2 threads 38.7 vs 41.5), so it is off unless WQEDGE_TILE_PREFETCH=1 (experiments;
-    // only when every tile of this task has its partner that far on: the pointers stay inside the copy).
-    static const bool use_pf = [] { const char* e = std::getenv("WQEDGE_TILE_PREFETCH"); return e && !std::strcmp(e, "1"); }();
+    // Software prefetch of the next task's tiles (a thread's tiles are one contiguous stream, the pool's spans):
+    // whether it pays depends on the CPU's own prefetchers (bench/results/decode_spans.md, ms per decode step of 22
+    // TinyLlama layers, 1 thread): on an Intel Xeon it does (q4 43 vs 60 ms, q2 25 vs 43; at 16 threads 5.8 vs
+    // 7.3), on AMD Zen 4 it costs (q4 decode 26 vs 33 tok/s). So: on for Intel CPUs, off elsewhere (AArch64 runs the
+    // row layout); WQEDGE_TILE_PREFETCH=1 / =0 forces it (only when every tile of this task has its partner that
+    // far on: the pointers stay inside the copy).
+    static const bool use_pf = [] {
+        const char* e = std::getenv("WQEDGE_TILE_PREFETCH");
+        return e && *e ? std::strcmp(e, "0") != 0 : cpu_is_intel();
+    }();
     const std::ptrdiff_t pf = (task + ahead + 1) * TPT <= n_tiles && use_pf ? (std::ptrdiff_t)ahead * TPT * (std::ptrdiff_t)W.tile_bytes : 0;
     for (int t = task * TPT, t1 = std::min(n_tiles, (task + 1) * TPT); t < t1; ++t) {
         float acc[TILE_ROWS] = {0};
@@ -265,6 +290,23 @@ void ternary_as_q2(const Chunk& ch, const uint8_t* src, uint8_t* dst, size_t dst
 
 }  // namespace
 
+// The tiles' memory: 2 MiB-aligned, its whole 2 MiB regions advised into transparent huge pages (Linux; the tail
+// keeps 4 KiB pages, so no memory is added), fewer TLB misses and no 4 KiB boundaries in a thread's stream. Measured
+// (bench/results/decode_spans.md): TinyLlama q4 decode 33.1 vs 29.4 tok/s at 1 thread on Zen 4, no change on an
+// Intel Xeon. WQEDGE_HUGEPAGES=0 turns it off.
+static std::shared_ptr<uint8_t[]> alloc_tiles(size_t n) {
+#if defined(__linux__)
+    constexpr size_t HUGE = (size_t)2 << 20;
+    static const bool use_huge = [] { const char* e = std::getenv("WQEDGE_HUGEPAGES"); return !(e && !std::strcmp(e, "0")); }();
+    void* p = nullptr;
+    if (use_huge && n >= HUGE && posix_memalign(&p, HUGE, n) == 0) {
+        madvise(p, n / HUGE * HUGE, MADV_HUGEPAGE);  // a hint: without THP (never / unsupported) nothing changes
+        return std::shared_ptr<uint8_t[]>(static_cast<uint8_t*>(p), [](uint8_t* q) { std::free(q); });
+    }
+#endif
+    return std::shared_ptr<uint8_t[]>(new uint8_t[n]);
+}
+
 void repack_tiles(Linear& L) {
     if (L.kind != Linear::CHUNKED || !L.data || L.tiled()) return;
     const int n_tiles = (L.N + TILE_ROWS - 1) / TILE_ROWS, n_chunks = (int)L.chunks.size();
@@ -281,7 +323,7 @@ void repack_tiles(Linear& L) {
     }
     L.tile_bytes = off;
     L.tiles_size = (size_t)n_tiles * L.tile_bytes;
-    L.tiles.reset(new uint8_t[L.tiles_size]);
+    L.tiles = alloc_tiles(L.tiles_size);
     const std::vector<uint8_t> zero(L.row_bytes, 0);  // rows past N
     // Tiles [t0, t1): every byte written (codes packed into zeroed blocks, parts copied whole).
     auto pack = [&L, &zero, n_chunks, max_rb](int t0, int t1) {
