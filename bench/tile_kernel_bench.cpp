@@ -1,11 +1,12 @@
 // Compute throughput of the row-tile int8 kernels alone (issue 12): one tile of 8 rows x K columns per kind, resident
 // in L1/L2, run over and over through BlockTraits::tile8 (and VecOps::tile8_mix for a mix), so memory never limits:
-// ns and cycles (rdtsc: the TSC rate, not the core clock) per 32-column block of 8 rows, and GB/s of codes + headers.
+// ns and cycles (rdtsc: the TSC rate, not the core clock) per 32-column block of 8 rows (ternary too: its chunks
+// hold G columns as the others do), and GB/s of codes + headers.
 // A kernel that streams from DRAM at B GB/s is compute-bound when its figure here is not well above B.
 //
 //   g++ -O2 -std=c++17 -Icpp/src bench/tile_kernel_bench.cpp cpp/build/libwqedge.a -lpthread -o /tmp/tile_kernel_bench
-//   /tmp/tile_kernel_bench [-k 2048] [-r 20000] [-v 0|1|2|-1] q4 q3 q2 q1 mix:q3,q2
-//   -v: VNNI level (0 none = AVX2 vpmaddubsw, -1 the CPU's); -s: the scalar kernels
+//   /tmp/tile_kernel_bench [-k 2048] [-r 20000] [-g 128|256] [-v 0|1|2|-1] q4 q3 q2 ternary q1 mix:q3,q2 mix:q4,ternary
+//   -g: chunk width G (columns); -v: VNNI level (0 none = AVX2 vpmaddubsw, -1 the CPU's); -s: the scalar kernels
 #include <x86intrin.h>
 
 #include <chrono>
@@ -22,38 +23,44 @@
 using namespace wqe;
 
 int main(int argc, char** argv) {
-    int K = 2048, reps = 20000, vnni = -1, kernels = K_AVX2;
+    int K = 2048, reps = 20000, vnni = -1, kernels = K_AVX2, G = 128;
     std::vector<std::string> specs;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
         if (a == "-k") K = atoi(argv[++i]);
         else if (a == "-r") reps = atoi(argv[++i]);
+        else if (a == "-g") G = atoi(argv[++i]);
         else if (a == "-v") vnni = atoi(argv[++i]);
         else if (a == "-s") kernels = K_SCALAR;
         else specs.push_back(a);
     }
     if (!set_x86_vnni(vnni)) fprintf(stderr, "VNNI level %d not available; using %d\n", vnni, x86_vnni());
-    printf("%-20s %10s %10s %10s  (K %d, %s of 8 rows, vnni %d, %s; per 32 columns x 8 rows)\n", "kinds", "ns/block", "tsc/block",
-           "GB/s", K, "one tile", x86_vnni(), kernels == K_SCALAR ? "scalar" : "tile8");
+    printf("%-20s %10s %10s %10s  (K %d, G %d, %s of 8 rows, vnni %d, %s; per 32 columns x 8 rows)\n", "kinds", "ns/block", "tsc/block",
+           "GB/s", K, G, "one tile", x86_vnni(), kernels == K_SCALAR ? "scalar" : "tile8");
     std::mt19937 rng(1);
-    const int G = 128, nch = K / G, nb = G / 32;
+    const int nch = K / G, nb = G / 32;
     for (const std::string& spec : specs) {
         const std::vector<int> kinds = parse_kinds(spec);
         std::vector<TileDesc> d;
+        std::vector<int> x8off(nch);
         size_t off = 0;
+        int n8 = 0;
         for (int c = 0; c < nch; ++c) {
             const BlockTraits& bt = *block_traits(kinds[c % kinds.size()]);
             d.push_back({off, c, bt.id, nb, 0});
-            off += TILE_ROWS * row_bytes(bt, G, 0);
+            off += TILE_ROWS * tile_row_bytes(bt, G, 0);  // ternary: its own 1.6-bit codes (4-byte groups per row)
+            x8off[c] = n8;
+            n8 += x8_blocks(bt, G);  // ternary: 5 planes of 32-slot blocks
         }
         std::vector<uint8_t> tile(off + 64);
         for (auto& b : tile) b = (uint8_t)rng();
         for (const TileDesc& t : d)
-            for (int i = 0; i < 16; ++i) { tile[t.off + 2 * i] = 0; tile[t.off + 2 * i + 1] = 0x30; }  // finite d, m
-        std::vector<XQ8> xq((size_t)nch * nb);
-        std::vector<int> x8off(nch);
+            for (int i = 0; i < 4 * block_traits(t.kind)->header_bytes; ++i) {  // finite header fields (d, m; a)
+                tile[t.off + 2 * i] = 0;
+                tile[t.off + 2 * i + 1] = 0x30;
+            }
+        std::vector<XQ8> xq(n8);
         std::vector<float> xsum(nch, 0.5f);
-        for (int c = 0; c < nch; ++c) x8off[c] = c * nb;
         for (auto& x : xq) {
             x.d = 0.01f;
             x.ds = 0.0f;

@@ -15,6 +15,7 @@ Criteria (issue 3): max |logits_cpp - logits_ref| / std(logits_ref) < 1e-2 and t
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +40,8 @@ Q8_MEAN_REL = 3e-2
 Q8_TOP1 = 0.97
 # The mixed plan (q1/q2/ternary chunks throughout: a much degraded model with flatter logits) is more sensitive:
 # measured max 0.37, mean 0.032, top-1 93.6-94.3%; no single block kind dominates (switching any one back to float
-# activations changes little). Row tiles (issue 12, the AVX2 default) run ternary chunks as q2, whose activations
+# activations changes little). Row tiles (issue 12, the AVX2 default) run ternary chunks as q2 (unless
+# WQEDGE_TERNARY_TILES=1: test_ternary_tiles_q8_parity), whose activations
 # are quantized per 32 columns instead of per 32 slots of a trit plane: max 0.387 -> 0.513, mean 0.0314 -> 0.0319,
 # top-1 93.75% -> 94.43% (WQEDGE_REPACK=0 vs default, same library); the maximum over 1024 positions x the vocabulary
 # moves with any change of rounding, so its bar has headroom; mean and top-1 keep theirs.
@@ -175,6 +177,37 @@ def test_q8_decode_parity(plan, llama_s_dir, eval_windows, tmp_path):
     print(f"{plan}: perplexity q8 decode {pq:.5f} vs reference {pr:.5f} ({pq / pr - 1:+.2e})")
     assert abs(pq / pr - 1) < Q8_PPL_REL, (plan, pq, pr)
     assert rel_f < 1e-4 and top1_f >= TOP1
+
+
+@pytest.mark.parametrize("plan", ["ternary", "mixed"])
+def test_ternary_tiles_q8_parity(plan, llama_s_dir, eval_windows, tmp_path):
+    """WQEDGE_TERNARY_TILES=1 (ternary chunks in their own 1.6-bit row tiles, not as q2; read once per process, so in a
+    child): int8 decode steps held to test_q8_decode_parity's bars against the reference, prefill (the tile GEMM)
+    likewise. (Against the row layout no tight bar holds: any change of float summation order flips some int8
+    activation codes, and even q4 tiles vs rows differ by max|d|/std 0.24 on this model.)"""
+    import subprocess
+    action_fn, protect_fn = PLANS[plan]
+    path = write_llama_s(tmp_path / f"{plan}.gguf", llama_s_dir, action_fn, protect_fn)
+    win = eval_windows[:2]
+    np.save(tmp_path / "win.npy", win)
+    code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[3]); from wqedge.runtime import native; "
+            "from test_cpp_parity import _decode_logits; native.set_activations('q8'); w = np.load(sys.argv[2]); "
+            "np.save(sys.argv[2] + '.dec.npy', _decode_logits(sys.argv[1], w)); "
+            "np.save(sys.argv[2] + '.pre.npy', native.logits_fn(sys.argv[1], n_threads=2)(w))")
+    # cwd: not the checkout, whose wqedge/ (without runtime/) would shadow the installed package
+    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "win.npy"), str(Path(__file__).parent)],
+                   env=dict(os.environ, WQEDGE_TERNARY_TILES="1", WQEDGE_REPACK="1"), check=True, cwd=tmp_path)
+    lr = _reference_logits(path, win)
+    tol_rel, tol_mean, min_top1 = Q8_MIXED if plan == "mixed" else (Q8_TOL_REL, Q8_MEAN_REL, Q8_TOP1)
+    for mode in ("dec", "pre"):
+        lq = np.load(tmp_path / f"win.npy.{mode}.npy")
+        rel, top1 = _compare(lq, lr)
+        mean = float(np.abs(lq - lr).mean() / lr.std())
+        pq, pr = _second_half_ppl(lq, win), _second_half_ppl(lr, win)
+        print(f"{plan} ({mode}, ternary tiles): q8 max|d|/std = {rel:.2e}, mean {mean:.2e}, top-1 = {top1:.5f}, "
+              f"perplexity {pq:.5f} vs reference {pr:.5f} ({pq / pr - 1:+.2e})")
+        assert rel < tol_rel and mean < tol_mean and top1 >= min_top1, (plan, mode, rel, mean, top1)
+        assert abs(pq / pr - 1) < Q8_PPL_REL, (plan, mode, pq, pr)
 
 
 def _second_half_ppl(logits: np.ndarray, windows: np.ndarray) -> float:

@@ -45,11 +45,14 @@ def restore_defaults():
     native.set_kernels("auto")
 
 
-def test_prefill_executable():
+@pytest.mark.parametrize("ternary_tiles", ["0", "1"])
+def test_prefill_executable(ternary_tiles):
+    """cpp/tests/test_prefill.cpp, with ternary chunks as q2 in the row tiles (default) and in their own 1.6-bit tiles."""
     lib = os.environ.get("WQEDGE_LIB")
     exe = Path(lib).parent / "test_prefill" if lib and (Path(lib).parent / "test_prefill").is_file() \
         else ensure_test_executable("test_prefill")
-    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300, cwd="/")
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300, cwd="/",
+                       env=dict(os.environ, WQEDGE_TERNARY_TILES=ternary_tiles))
     assert r.returncode == 0 and " 0 failed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 

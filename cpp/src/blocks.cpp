@@ -339,7 +339,7 @@ static void q3_tile_unpack(const uint8_t* t, int r, uint8_t* o) {  // row r of o
     std::memcpy(o + 8, &hi, 4);  // little endian (as load_u32 reads it)
 }
 
-void tile_pack_block(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS], uint8_t* dst) {
+static void tile_pack_block(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS], uint8_t* dst) {
     // q4 and q2: byte 4v + k of row r's block goes to vector v, byte 4r + k. For q4 that byte holds columns 4v + k
     // (low) and 16 + 4v + k (high); for q2 its bit pairs 2s hold column 8s + 4v + k = 4(2s + v) + k.
     const int id = bt.id, nv = id == 2 ? 4 : 2;
@@ -354,7 +354,7 @@ void tile_pack_block(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS],
         for (int r = 0; r < TILE_ROWS; ++r) tile_bits_pack(load_u32(src[r]), dst + 4 * r);
 }
 
-void tile_unpack_rows(const BlockTraits& bt, const uint8_t* t, int nb, uint8_t* dst, size_t stride) {
+static void tile_unpack_rows(const BlockTraits& bt, const uint8_t* t, int nb, uint8_t* dst, size_t stride) {
     const int id = bt.id, nv = id == 2 ? 4 : 2, sub = bt.tile_sub;
     const uint32_t* spread = id == 6 ? tile_spread() : nullptr;
     for (int b = 0; b < nb; ++b, t += TILE_ROWS * sub)
@@ -368,6 +368,64 @@ void tile_unpack_rows(const BlockTraits& bt, const uint8_t* t, int nb, uint8_t* 
                 const uint32_t bits = spread[h[0]] | spread[h[1]] << 1 | spread[h[2]] << 2 | spread[h[3]] << 3;
                 std::memcpy(o, &bits, 4);  // little endian (as load_u32 reads it)
             }
+        }
+}
+
+// Ternary (docs/format.md "Row tiles"): vector v = code bytes 4v..4v+3 of the 8 rows (byte 4r + k = row r's byte
+// 4v + k), round4(B) / 4 vectors, zero past B.
+static int tile_ternary_bytes(int g_pad) { return (ternary_bytes(g_pad) + 3) & ~3; }
+
+size_t tile_code_bytes(const BlockTraits& bt, int g_pad) {
+    if (bt.id == 5) return (size_t)tile_ternary_bytes(g_pad);
+    return bt.tile_sub ? (size_t)(g_pad / 32) * bt.tile_sub : bt.code_bytes(g_pad);
+}
+
+void tile_pack_codes(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS], int g_pad, uint8_t* dst) {
+    if (bt.id == 5) {
+        const int B = ternary_bytes(g_pad), Bp = tile_ternary_bytes(g_pad);
+        for (int j = 0; j < Bp; ++j)
+            for (int r = 0; r < TILE_ROWS; ++r) dst[32 * (j / 4) + 4 * r + j % 4] = j < B ? src[r][j] : 0;
+        return;
+    }
+    const int sub = bt.tile_sub;
+    std::memset(dst, 0, (size_t)(g_pad / 32) * TILE_ROWS * sub);
+    for (int b = 0; b < g_pad / 32; ++b) {
+        const uint8_t* s8[TILE_ROWS];
+        for (int r = 0; r < TILE_ROWS; ++r) s8[r] = src[r] + (size_t)b * sub;
+        tile_pack_block(bt, s8, dst + (size_t)b * TILE_ROWS * sub);
+    }
+}
+
+void tile_unpack_codes(const BlockTraits& bt, const uint8_t* t, int g_pad, uint8_t* dst, size_t stride) {
+    if (bt.id == 5) {
+        for (int j = 0, Bp = tile_ternary_bytes(g_pad); j < Bp; ++j)
+            for (int r = 0; r < TILE_ROWS; ++r) dst[r * stride + j] = t[32 * (j / 4) + 4 * r + j % 4];
+        return;
+    }
+    tile_unpack_rows(bt, t, g_pad / 32, dst, stride);
+}
+
+// Ternary reference: per row, plane and 32-slot block the exact int32 sum of trit x activation (the plane's XQ8
+// block), scaled in double, then a (sum - xsum) (as dot8_ternary_scalar).
+static void tile8_ternary_scalar(const uint8_t* part, size_t part_bytes, int nch, const XQ8* xq, const float* xsum,
+                                 int g_pad, float* acc, std::ptrdiff_t) {
+    const int B = ternary_bytes(g_pad), nbp = (B + 31) / 32;
+    for (int c = 0; c < nch; ++c, part += part_bytes, xq += 5 * nbp)
+        for (int r = 0; r < TILE_ROWS; ++r) {
+            const double a = load_h(part + 2 * r);
+            const uint8_t* codes = part + 2 * TILE_ROWS;
+            double s = 0.0;
+            for (int i = 0; i < 5; ++i)
+                for (int b = 0; b < nbp; ++b) {
+                    const XQ8& x = xq[i * nbp + b];
+                    int32_t sum = 0;
+                    for (int j = 0; j < 32 && 32 * b + j < B; ++j) {
+                        const int slot = 32 * b + j;
+                        sum += trit(codes[32 * (slot / 4) + 4 * r + slot % 4], i) * (int32_t)x.q[j];
+                    }
+                    s += (double)x.d * sum;
+                }
+            acc[r] += (float)(a * (s - (double)xsum[c]));
         }
 }
 
@@ -394,12 +452,14 @@ static void tile8_affine_scalar(const uint8_t* part, size_t part_bytes, int nch,
 #if WQE_X86
 namespace avx2 {
 #include "kernel_set.inc"
+void tile8_ternary(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
 namespace vnni512 {  // kernels_vnni.cpp: AVX512-VNNI + AVX512VL
+void tile8_ternary(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
@@ -407,6 +467,7 @@ void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*
 void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
 }  // namespace vnni512
 namespace vnni256 {  // kernels_vnni.cpp: AVX-VNNI
+void tile8_ternary(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
@@ -436,6 +497,7 @@ TILE8_X86(q4)
 TILE8_X86(q3)
 TILE8_X86(q2)
 TILE8_X86(q1)
+TILE8_X86(ternary)
 #  define AVX2_TILE(K) tile8_##K##_x86
 static void tile8_mix_x86(const uint8_t* t, const TileDesc* d, int n, const XQ8* x, const int* x8off, const float* s,
                           float* acc, std::ptrdiff_t pf) {
@@ -511,7 +573,7 @@ static const BlockTraits TABLE[N_BLOCK_TYPES] = {
      {nullptr, rows_scalar<dequant_affine_scalar<block_q2, 8>>, AVX2(dot_rows_q2), NEON(dot_rows_q2)}, {nullptr, dequant_affine_scalar<block_q2, 8>, AVX2(dequant_q2), NEON(dequant_q2)}, {nullptr, dot8_affine_scalar<code_q2>, AVX2(dot8_q2), NEON(dot8_q2)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q2>>, AVX2(dot8_rows_q2), NEON(dot8_rows_q2)}, 8, {nullptr, tile8_affine_scalar<tcode_q2, 8>, AVX2_TILE(q2), nullptr}, false},
     {"ternary", 5, 2, cb_ternary, X_TERNARY,
      {nullptr, dot_ternary_scalar, AVX2(dot_ternary), NEON(dot_ternary)}, 
-     {nullptr, rows_reference<dot_ternary_scalar>, AVX2(dot_rows_ternary), NEON(dot_rows_ternary)}, {nullptr, dequant_ternary_scalar, AVX2(dequant_ternary), NEON(dequant_ternary)}, {nullptr, dot8_ternary_scalar, AVX2(dot8_ternary), NEON(dot8_ternary)}, {nullptr, rows8_reference<dot8_ternary_scalar>, AVX2(dot8_rows_ternary), NEON(dot8_rows_ternary)}, 0, {}, false},
+     {nullptr, rows_reference<dot_ternary_scalar>, AVX2(dot_rows_ternary), NEON(dot_rows_ternary)}, {nullptr, dequant_ternary_scalar, AVX2(dequant_ternary), NEON(dequant_ternary)}, {nullptr, dot8_ternary_scalar, AVX2(dot8_ternary), NEON(dot8_ternary)}, {nullptr, rows8_reference<dot8_ternary_scalar>, AVX2(dot8_rows_ternary), NEON(dot8_rows_ternary)}, 4, {nullptr, tile8_ternary_scalar, AVX2_TILE(ternary), nullptr}, false},
     {"q1", 6, 4, cb_q1, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q1>, AVX2(dot_q1), NEON(dot_q1)}, 
      {nullptr, rows_scalar<dequant_affine_scalar<block_q1, 4>>, AVX2(dot_rows_q1), NEON(dot_rows_q1)}, {nullptr, dequant_affine_scalar<block_q1, 4>, AVX2(dequant_q1), NEON(dequant_q1)}, {nullptr, dot8_affine_scalar<code_q1>, AVX2(dot8_q1), NEON(dot8_q1)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q1>>, AVX2(dot8_rows_q1), NEON(dot8_rows_q1)}, 4, {nullptr, tile8_affine_scalar<tcode_q1, 4>, AVX2_TILE(q1), nullptr}, false},

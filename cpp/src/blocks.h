@@ -55,22 +55,24 @@ typedef float (*dot8_fn)(const uint8_t* rb, const XQ8* xq, float xsum, int g_pad
 typedef void (*dot8_rows_fn)(const uint8_t* rb, size_t stride, int n, const XQ8* xq, float xsum, int g_pad, float* out);
 
 // Row tiles (issue 12; the decode layout a model is repacked into at load, linear.h Linear::tiles): the
-// row-blocks of TILE_ROWS consecutive rows for one chunk stored as one "part" of TILE_ROWS * row_bytes
-// bytes. Kinds with tile kernels (q4, q3, q2, q1: BlockTraits::tile_sub > 0) interleave the rows:
-//   [d of rows 0..7, fp16][m of rows 0..7, fp16][codes: g_pad/32 blocks of 8 * tile_sub bytes][residuals:
+// row-blocks of TILE_ROWS consecutive rows for one chunk stored as one "part" of TILE_ROWS * tile_row_bytes
+// bytes. Kinds with tile kernels (q4, q3, q2, q1, ternary: BlockTraits::tile_sub > 0) interleave the rows:
+//   [header field 0 of rows 0..7, fp16][field 1 of rows 0..7 (affine kinds: d, then m)][codes][residuals:
 //   row 0's n_p fp16, row 1's, ...]
-// where a block holds 32 columns of the 8 rows as 32-byte vectors of 8 rows x 4 bytes (byte 4r + k of a
-// vector belongs to row r), so one int8 multiply-add over a vector gives an int32 lane per row for a group
-// of 4 columns (docs/format.md, "Row tiles"). Other kinds store the 8 row-blocks one after another.
+// Affine kinds: codes = g_pad/32 blocks of 8 * tile_sub bytes, a block holding 32 columns of the 8 rows as
+// 32-byte vectors of 8 rows x 4 bytes (byte 4r + k of a vector belongs to row r), so one int8 multiply-add over a
+// vector gives an int32 lane per row for a group of 4 columns. Ternary (header a): round4(B) / 4 vectors, vector v =
+// code bytes 4v..4v+3 of each row (byte 4r + k = row r's byte 4v + k, 0 past B), i.e. slots 4v..4v+3 of the five
+// X_TERNARY planes. docs/format.md, "Row tiles". Other kinds store the 8 row-blocks one after another.
 constexpr int TILE_ROWS = 8;
 // acc[r] += sum over nch consecutive chunks (parts part_bytes apart; their XQ8 blocks consecutive,
-// g_pad / 32 per chunk; xsum one per chunk) of row r's int8 dot (no residuals). pf: when non-zero, the kernel
+// x8_blocks(kind, g_pad) per chunk; xsum one per chunk) of row r's int8 dot (no residuals). pf: when non-zero, the kernel
 // prefetches the bytes pf further on as it goes (the tile its thread takes next).
 typedef void (*tile8_fn)(const uint8_t* part, size_t part_bytes, int nch, const XQ8* xq, const float* xsum, int g_pad,
                          float* acc, std::ptrdiff_t pf);
 
-// A run of tiled chunks of any tile kinds (ids 2, 3, 4, 6: a mixed plan's chunks) in one call: chunk d[i].c's part
-// at tile + d[i].off, its int8 activations at xq + x8off[d[i].c] (nb = g_pad / 32 blocks), its sum xsum[d[i].c];
+// A run of tiled chunks of any tile kinds (ids 2, 3, 4, 5, 6: a mixed plan's chunks) in one call: chunk d[i].c's part
+// at tile + d[i].off, its int8 activations at xq + x8off[d[i].c] (nb = g_pad / 32), its sum xsum[d[i].c];
 // acc[r] += the rows' dots (VecOps::tile8_mix).
 struct TileDesc {
     size_t off;
@@ -92,8 +94,9 @@ struct BlockTraits {
     // The NEON column picks SDOT (dot-product extension) or plain NEON at run time (neon_dotprod()).
     dot8_fn dot8[N_KERNEL_SETS];
     dot8_rows_fn dot8_rows[N_KERNEL_SETS];
-    // Row tiles: code bytes per 32 columns of one row in the interleaved tile layout (0: the kind keeps
-    // plain row-blocks in a tile), and the tile kernels (scalar reference, AVX2; nullptr: untile and use dot8_rows).
+    // Row tiles: code bytes per 32 columns of one row in the interleaved tile layout (ternary: 4, the bytes of one
+    // row in a vector; 0: the kind keeps plain row-blocks in a tile), and the tile kernels (scalar reference, AVX2;
+    // nullptr: untile and use dot8_rows).
     int tile_sub;
     tile8_fn tile8[N_KERNEL_SETS];
     // Two-level kinds (ids 7-9): header d, dmin, then sub_bytes(g_pad) of sub-scale codes before the codes;
@@ -107,11 +110,17 @@ const BlockTraits* block_traits(int id);  // nullptr for an unknown id
 inline size_t row_bytes(const BlockTraits& bt, int g, int n_protected) {
     return (size_t)bt.header_bytes + bt.code_bytes(padded(g)) + 2 * (size_t)n_protected;
 }
-// Row tiles (tile_sub > 0 kinds): one 32-column block of 8 rows' codes, from the row-blocks' code bytes
-// (src[r] = codes of row r for this block, tile_sub bytes each) into dst (8 * tile_sub bytes); and back: nb
-// consecutive tiled blocks to the 8 rows' code bytes (row r's at dst + r * stride, tile_sub bytes per block).
-void tile_pack_block(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS], uint8_t* dst);
-void tile_unpack_rows(const BlockTraits& bt, const uint8_t* tile, int nb, uint8_t* dst, size_t stride);
+// Row tiles (tile_sub > 0 kinds): code bytes of one row of a part (affine: g_pad / 32 * tile_sub; ternary:
+// round4(ternary_bytes(g_pad))), and a row-block's bytes in a tile (header + those + 2 per protected column).
+size_t tile_code_bytes(const BlockTraits& bt, int g_pad);
+inline size_t tile_row_bytes(const BlockTraits& bt, int g, int n_protected) {
+    return (size_t)bt.header_bytes + tile_code_bytes(bt, padded(g)) + 2 * (size_t)n_protected;
+}
+// The 8 rows' codes of one chunk (src[r] = row r's code bytes, as in its row-block) into the interleaved layout
+// (dst: 8 * tile_code_bytes bytes, every byte written); and back: row r's code bytes (the row-block's) to
+// dst + r * stride (tile_code_bytes bytes each: ternary's padding bytes, 0, included).
+void tile_pack_codes(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS], int g_pad, uint8_t* dst);
+void tile_unpack_codes(const BlockTraits& bt, const uint8_t* tile, int g_pad, uint8_t* dst, size_t stride);
 
 int x_floats(const BlockTraits& bt, int g_pad);   // floats of prepared x for one chunk
 int dequant_floats(int g_pad);                     // floats a dequant_fn may write

@@ -491,12 +491,79 @@ inline void tile8_affine(const uint8_t* part, size_t part_bytes, int nch, const 
     _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));
 }
 
+// Ternary tiles (docs/format.md "Row tiles"): part = a of the 8 rows (fp16) | round4(B) / 4 vectors, vector v = code
+// bytes 4v..4v+3 of each row = slots 4v..4v+3 of the five planes (XQ8 blocks i * nbp + v / 8). Per vector and plane
+// the trits as u8 (s = byte ^ 0x80 tracks 3^i byte mod 256 as 3s; t = (s > -43) + (s > 42), as dot8_ternary_n),
+// vpmaddubsw with the plane's 4 activations; per plane and 32-slot block one exact int32 sum per row (t <= 2:
+// 8 vectors x 2 x 2 x 127 fit int16), minus the block's activation sum Q (so T - Q = sum (t - 1) q: small, as the
+// weights a (t - 1); summing t q in float and subtracting xsum afterwards cancels badly), scaled by the block's d into
+// two accumulators (even / odd planes); then a (sum + (sum of the blocks' ds - xsum)), as dot8_ternary_n. The VNNI
+// builds get the same sums another way (kernels_vnni.cpp), so the float operations after them are the same.
+inline __m256i qsum_all(const int8_t* q) {  // every lane = the sum of the block's 32 int8 activations
+    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), _mm256_loadu_si256((const __m256i*)q)),
+                                  _mm256_set1_epi16(1));
+    s = _mm256_add_epi32(s, _mm256_shuffle_epi32(s, 0x4E));
+    s = _mm256_add_epi32(s, _mm256_shuffle_epi32(s, 0xB1));
+    return _mm256_add_epi32(s, _mm256_permute2x128_si256(s, s, 1));
+}
+
+inline __m256 tile_chunk_ternary(const uint8_t* part, const XQ8* xq, int g_pad, ptrdiff_t pf) {
+    const int B = 2 * ((g_pad + 9) / 10), nbp = (B + 31) / 32, nv = (B + 3) / 4;
+    const uint8_t* q = part + 16;
+    const __m256i flip = _mm256_set1_epi8((char)0x80), lo = _mm256_set1_epi8(-43), hi = _mm256_set1_epi8(42);
+    const __m256i zero = _mm256_setzero_si256(), one16 = _mm256_set1_epi16(1);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int b = 0; b < nbp; ++b) {
+        const int v0 = 8 * b, nvb = nv - v0 < 8 ? nv - v0 : 8;
+        if (pf)
+            for (int o = 0; o < 32 * nvb; o += 64) _mm_prefetch((const char*)(q + 32 * v0 + pf + o), _MM_HINT_T0);
+        __m256i p[5] = {zero, zero, zero, zero, zero};
+        for (int v = 0; v < nvb; ++v) {
+            __m256i s = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(q + 32 * (v0 + v))), flip);
+            for (int i = 0; i < 5; ++i) {
+                const __m256i t = _mm256_sub_epi8(_mm256_sub_epi8(zero, _mm256_cmpgt_epi8(s, lo)), _mm256_cmpgt_epi8(s, hi));
+                p[i] = _mm256_add_epi16(p[i], _mm256_maddubs_epi16(t, bcast4(xq[i * nbp + b].q + 4 * v)));
+                if (i < 4) s = _mm256_add_epi8(s, _mm256_add_epi8(s, s));
+            }
+        }
+        for (int i = 0; i < 5; ++i) {
+            const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_madd_epi16(p[i], one16), qsum_all(xq[i * nbp + b].q)));
+            if (i & 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(xq[i * nbp + b].d), f, a1);
+            else a0 = _mm256_fmadd_ps(_mm256_set1_ps(xq[i * nbp + b].d), f, a0);
+        }
+    }
+    return _mm256_add_ps(a0, a1);
+}
+
+// tot + a (sum + (ds - xsum)), ds = the sum of the chunk's nx blocks' XQ8::ds (in order)
+inline __m256 tile_a(const uint8_t* part, __m256 sum, const XQ8* xq, int nx, float xsum, __m256 tot) {
+    float ds = 0.0f;
+    for (int k = 0; k < nx; ++k) ds += xq[k].ds;
+    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)part));
+    return _mm256_fmadd_ps(a, _mm256_add_ps(sum, _mm256_set1_ps(ds - xsum)), tot);
+}
+
+inline int ternary_x8(int g_pad) { return 5 * ((2 * ((g_pad + 9) / 10) + 31) / 32); }  // XQ8 blocks of a chunk
+
+inline void tile8_ternary_impl(const uint8_t* part, size_t part_bytes, int nch, const XQ8* xq, const float* xsum, int g_pad,
+                               float* acc, ptrdiff_t pf) {
+    const int nx = ternary_x8(g_pad);
+    __m256 tot = _mm256_setzero_ps();
+    for (int c = 0; c < nch; ++c, part += part_bytes, xq += nx)
+        tot = tile_a(part, tile_chunk_ternary(part, xq, g_pad, pf), xq, nx, xsum[c], tot);
+    _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));
+}
+
 inline void tile8_mix_impl(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, const int* x8off, const float* xsum,
                            float* acc, ptrdiff_t pf) {
     __m256 tot = _mm256_setzero_ps();
     for (int i = 0; i < n; ++i) {
         const uint8_t* part = tile + d[i].off;
         const XQ8* x = xq + x8off[d[i].c];
+        if (d[i].kind == 5) {
+            tot = tile_a(part, tile_chunk_ternary(part, x, 32 * d[i].nb, pf), x, ternary_x8(32 * d[i].nb), xsum[d[i].c], tot);
+            continue;
+        }
         __m256 s;
         switch (d[i].kind) {
             case 2: s = tile_chunk<2, 16>(part, x, d[i].nb, pf); break;
@@ -544,6 +611,12 @@ inline void gemm_run(const uint8_t* tile, const TileDesc* d, int n, const XQ8* x
     for (int i = 0; i < n; ++i) {
         const uint8_t* part = tile + d[i].off;
         const XQ8* x = xq + x8off[d[i].c];
+        if (d[i].kind == 5) {  // ternary: token by token through the decode kernel (the same operations)
+            for (int t = 0; t < NT; ++t)
+                tot[t] = tile_a(part, tile_chunk_ternary(part, x + t * xs, 32 * d[i].nb, 0), x + t * xs, ternary_x8(32 * d[i].nb),
+                                xsum[t * ss + d[i].c], tot[t]);
+            continue;
+        }
         __m256 s[NT];
         switch (d[i].kind) {
             case 2: gemm_chunk<2, 16, NT>(part, x, xs, d[i].nb, s); break;
@@ -763,6 +836,7 @@ void tile8_q4(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, 
 void tile8_q3(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<3, 12>(p, pb, n, x, s, g, acc, pf); }
 void tile8_q2(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<4, 8>(p, pb, n, x, s, g, acc, pf); }
 void tile8_q1(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<6, 4>(p, pb, n, x, s, g, acc, pf); }
+void tile8_ternary(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_ternary_impl(p, pb, n, x, s, g, acc, pf); }
 void tile8_mix(const uint8_t* t, const TileDesc* d, int n, const XQ8* x, const int* x8off, const float* s, float* acc, ptrdiff_t pf) {
     tile8_mix_impl(t, d, n, x, x8off, s, acc, pf);
 }

@@ -155,6 +155,53 @@
         }                                                                                                             \
         return _mm256_add_ps(a0, a1);                                                                                 \
     }                                                                                                                 \
+    /* Ternary tiles (kernels_avx2.cpp tile_chunk_ternary): with p_i = 3^i byte mod 256 (u8), 3 p_i = 256 t_i + p_(i+1), */\
+    /* so plane i's exact sum is (3 sum p_i x - sum p_(i+1) x) / 256: two vpdpbusd on the bytes themselves per plane  */\
+    /* and two byte adds (p_(i+1) = 3 p_i), no trit extraction; minus the block's activation sum Q (all lanes), as the */\
+    /* AVX2 kernel: the same int32 sums, the same float operations.                                                   */\
+    inline __m256i qsum_all(const int8_t* q) {                                                                       \
+        __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), _mm256_loadu_si256((const __m256i*)q)),\
+                                      _mm256_set1_epi16(1));                                                         \
+        s = _mm256_add_epi32(s, _mm256_shuffle_epi32(s, 0x4E));                                                      \
+        s = _mm256_add_epi32(s, _mm256_shuffle_epi32(s, 0xB1));                                                      \
+        return _mm256_add_epi32(s, _mm256_permute2x128_si256(s, s, 1));                                              \
+    }                                                                                                                \
+    inline __m256 tchunk(const uint8_t* part, const XQ8* xq, int g_pad, ptrdiff_t pf) {                              \
+        const int B = 2 * ((g_pad + 9) / 10), nbp = (B + 31) / 32, nv = (B + 3) / 4;                                 \
+        const uint8_t* q = part + 16;                                                                                \
+        const __m256i zero = _mm256_setzero_si256();                                                                 \
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                                   \
+        for (int b = 0; b < nbp; ++b) {                                                                              \
+            const int v0 = 8 * b, nvb = nv - v0 < 8 ? nv - v0 : 8;                                                   \
+            if (pf)                                                                                                  \
+                for (int o = 0; o < 32 * nvb; o += 64) _mm_prefetch((const char*)(q + 32 * v0 + pf + o), _MM_HINT_T0);\
+            __m256i S[5] = {zero, zero, zero, zero, zero}, R[5] = {zero, zero, zero, zero, zero};                    \
+            for (int v = 0; v < nvb; ++v) {                                                                          \
+                __m256i p = _mm256_loadu_si256((const __m256i*)(q + 32 * (v0 + v)));                                 \
+                for (int i = 0; i < 5; ++i) {                                                                        \
+                    const __m256i x = bcast4(xq[i * nbp + b].q + 4 * v);                                             \
+                    S[i] = DPBUSD(S[i], p, x);                                                                       \
+                    p = _mm256_add_epi8(p, _mm256_add_epi8(p, p));                                                   \
+                    R[i] = DPBUSD(R[i], p, x);                                                                       \
+                }                                                                                                    \
+            }                                                                                                        \
+            for (int i = 0; i < 5; ++i) {                                                                            \
+                const __m256i t = _mm256_srai_epi32(_mm256_sub_epi32(_mm256_add_epi32(S[i], _mm256_add_epi32(S[i], S[i])), R[i]), 8);\
+                const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(t, qsum_all(xq[i * nbp + b].q)));               \
+                if (i & 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(xq[i * nbp + b].d), f, a1);                           \
+                else a0 = _mm256_fmadd_ps(_mm256_set1_ps(xq[i * nbp + b].d), f, a0);                                 \
+            }                                                                                                        \
+        }                                                                                                            \
+        return _mm256_add_ps(a0, a1);                                                                                \
+    }                                                                                                                \
+    inline int ternary_x8(int g_pad) { return 5 * ((2 * ((g_pad + 9) / 10) + 31) / 32); }                            \
+    /* tot + a (sum + (ds - xsum)), ds = the sum of the chunk's nx blocks' XQ8::ds (in order) */                     \
+    inline __m256 adm(const uint8_t* part, __m256 sum, const XQ8* xq, int nx, float xsum, __m256 tot) {              \
+        float ds = 0.0f;                                                                                             \
+        for (int k = 0; k < nx; ++k) ds += xq[k].ds;                                                                 \
+        const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)part));                                     \
+        return _mm256_fmadd_ps(a, _mm256_add_ps(sum, _mm256_set1_ps(ds - xsum)), tot);                               \
+    }                                                                                                                \
     inline __m256 dm(const uint8_t* part, __m256 sum, float xsum, __m256 tot) {                                       \
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)part));                                      \
         const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(part + 16)));                               \
@@ -199,8 +246,14 @@
         for (int t = 0; t < NT; ++t) tot[t] = _mm256_setzero_ps();                                                    \
         for (int i = 0; i < n; ++i) {                                                                                 \
             const uint8_t* part = tile + d[i].off;                                                                    \
-            const XQ8* x = xq + x8off[d[i].c];                                                                        \
-            __m256 s[NT];                                                                                             \
+            const XQ8* x = xq + x8off[d[i].c];                                                                       \
+            if (d[i].kind == 5) {                                                                                    \
+                for (int t = 0; t < NT; ++t)                                                                         \
+                    tot[t] = adm(part, tchunk(part, x + t * xs, 32 * d[i].nb, 0), x + t * xs, ternary_x8(32 * d[i].nb),\
+                                 xsum[t * ss + d[i].c], tot[t]);                                                     \
+                continue;                                                                                            \
+            }                                                                                                        \
+            __m256 s[NT];                                                                                            \
             switch (d[i].kind) {                                                                                      \
                 case 2: gemm_chunk<2, 16, NT>(part, x, xs, d[i].nb, s); break;                                        \
                 case 3: gemm_chunk<3, 12, NT>(part, x, xs, d[i].nb, s); break;                                        \
@@ -226,8 +279,12 @@
         __m256 tot = _mm256_setzero_ps();                                                                             \
         for (int i = 0; i < n; ++i) {                                                                                 \
             const uint8_t* part = tile + d[i].off;                                                                    \
-            const XQ8* x = xq + x8off[d[i].c];                                                                        \
-            __m256 s;                                                                                                 \
+            const XQ8* x = xq + x8off[d[i].c];                                                                       \
+            if (d[i].kind == 5) {                                                                                    \
+                tot = adm(part, tchunk(part, x, 32 * d[i].nb, pf), x, ternary_x8(32 * d[i].nb), xsum[d[i].c], tot);  \
+                continue;                                                                                            \
+            }                                                                                                        \
+            __m256 s;                                                                                                \
             switch (d[i].kind) {                                                                                      \
                 case 2: s = chunk<2, 16>(part, x, d[i].nb, pf); break;                                                \
                 case 3: s = chunk<3, 12>(part, x, d[i].nb, pf); break;                                                \
@@ -238,6 +295,12 @@
         }                                                                                                             \
         _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));                                              \
     }                                                                                                                 \
+    void tile8_ternary(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) {\
+        const int nx = 5 * ((2 * ((g + 9) / 10) + 31) / 32);                                                         \
+        __m256 tot = _mm256_setzero_ps();                                                                            \
+        for (int c = 0; c < n; ++c, p += pb, x += nx) tot = adm(p, tchunk(p, x, g, pf), x, nx, s[c], tot);                  \
+        _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));                                             \
+    }                                                                                                                \
     void tile8_q4(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { \
         tile8<2, 16>(p, pb, n, x, s, g, acc, pf);                                                                     \
     }                                                                                                                 \

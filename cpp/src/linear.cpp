@@ -1,6 +1,7 @@
 #include "linear.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -83,7 +84,7 @@ void prepare_token(const Linear& W, const float* x, int kernels, int act, float*
                    XQ8* xq8) {
     for (int c = 0, o8 = 0; c < (int)W.chunks.size(); ++c) {
         const Chunk& ch = W.chunks[c];
-        const BlockTraits& bt = W.kind_of(c);  // a tiled ternary chunk is q2: plain layout, within the same slot
+        const BlockTraits& bt = W.kind_of(c);  // a tiled ternary chunk may be q2: plain layout, within the same slot
         if (act == ACT_Q8 && bt.dot8[kernels]) {
             x8off[c] = o8;
             xsum[c] = prepare_x8(bt, x + ch.col0, ch.g, xq8 + o8);
@@ -137,15 +138,16 @@ constexpr int TPT = RT / TILE_ROWS;  // tiles per task
 
 inline size_t tile_res_off(const Linear::TChunk& tc, const Chunk& ch) { return tc.rb - 2 * (size_t)ch.n_prot; }
 
-// An interleaved part back in the row-block layout of its kind (docs/format.md): TILE_ROWS row-blocks of tc.rb bytes.
+// An interleaved part back in the row-block layout of its kind (docs/format.md): TILE_ROWS row-blocks of tc.rb bytes
+// (a ternary one with its codes padded to round4(B) bytes: residuals at tile_res_off, as in the part).
 void untile_part(const Chunk& ch, const Linear::TChunk& tc, const uint8_t* part, uint8_t* o) {
     const size_t ro = tile_res_off(tc, ch);
+    const int hb = tc.bt->header_bytes;  // fp16 fields, each stored for the 8 rows in a row
     for (int r = 0; r < TILE_ROWS; ++r) {
-        std::memcpy(o + r * tc.rb, part + 2 * r, 2);                          // d
-        std::memcpy(o + r * tc.rb + 2, part + 2 * TILE_ROWS + 2 * r, 2);      // m
+        for (int f = 0; f < hb / 2; ++f) std::memcpy(o + r * tc.rb + 2 * f, part + 2 * TILE_ROWS * f + 2 * r, 2);
         if (ch.n_prot) std::memcpy(o + r * tc.rb + ro, part + TILE_ROWS * ro + (size_t)r * 2 * ch.n_prot, 2 * (size_t)ch.n_prot);
     }
-    tile_unpack_rows(*tc.bt, part + 4 * TILE_ROWS, ch.g_pad / 32, o + 4, tc.rb);
+    tile_unpack_codes(*tc.bt, part + TILE_ROWS * hb, ch.g_pad, o + hb, tc.rb);
 }
 
 inline uint8_t* thread_buf(size_t n) {
@@ -274,7 +276,8 @@ inline int trit(uint8_t byte, int i) {  // docs/format.md: t_i = (((byte * 3^i) 
     return (int)(((((uint32_t)byte * pow3[i]) & 0xFF) * 3) >> 8);
 }
 
-// A ternary row-block as a q2 one (d = a, m = -a, q = t; residuals copied): a (t - 1) == a t - a exactly.
+// A ternary row-block as a q2 one (d = a, m = -a, q = t; residuals copied): a (t - 1) == a t - a exactly. The
+// default for ternary chunks in tiles (ternary_tiles()): the q2 tile kernel is faster than the 1.6-bit one here.
 void ternary_as_q2(const Chunk& ch, const uint8_t* src, uint8_t* dst, size_t dst_rb) {
     std::memset(dst, 0, dst_rb);
     std::memcpy(dst, src, 2);
@@ -311,12 +314,13 @@ void repack_tiles(Linear& L) {
     if (L.kind != Linear::CHUNKED || !L.data || L.tiled()) return;
     const int n_tiles = (L.N + TILE_ROWS - 1) / TILE_ROWS, n_chunks = (int)L.chunks.size();
     const BlockTraits* q2 = block_traits(4);
+    const bool keep_ternary = ternary_tiles();
     L.tch.clear();
     size_t off = 0, max_rb = 0;
     for (int c = 0; c < n_chunks; ++c) {
         const Chunk& ch = L.chunks[c];
-        const BlockTraits* bt = ch.bt->id == 5 ? q2 : ch.bt;
-        const size_t rb = row_bytes(*bt, ch.g, ch.n_prot);
+        const BlockTraits* bt = ch.bt->id == 5 && !keep_ternary ? q2 : ch.bt;
+        const size_t rb = tile_row_bytes(*bt, ch.g, ch.n_prot);
         L.tch.push_back({bt, off, rb});
         off += TILE_ROWS * rb;
         max_rb = std::max(max_rb, rb);
@@ -325,7 +329,7 @@ void repack_tiles(Linear& L) {
     L.tiles_size = (size_t)n_tiles * L.tile_bytes;
     L.tiles = alloc_tiles(L.tiles_size);
     const std::vector<uint8_t> zero(L.row_bytes, 0);  // rows past N
-    // Tiles [t0, t1): every byte written (codes packed into zeroed blocks, parts copied whole).
+    // Tiles [t0, t1): every byte written (header fields and residuals copied, codes packed, other kinds' parts whole).
     auto pack = [&L, &zero, n_chunks, max_rb](int t0, int t1) {
         std::vector<uint8_t> conv(TILE_ROWS * max_rb);  // converted (ternary -> q2) row-blocks
         for (int t = t0; t < t1; ++t) {
@@ -337,12 +341,14 @@ void repack_tiles(Linear& L) {
                 const Linear::TChunk& tc = L.tch[c];
                 const BlockTraits& bt = *tc.bt;
                 uint8_t* part = tile + tc.off;
-                const uint8_t* src[TILE_ROWS];  // row-blocks in the tile kind
+                const uint8_t* src[TILE_ROWS];  // the rows' row-blocks, in the tile kind
+                size_t res_off = ch.res_off;
                 for (int r = 0; r < TILE_ROWS; ++r) {
                     src[r] = rows[r] + ch.off;
                     if (&bt != ch.bt) {
                         ternary_as_q2(ch, src[r], conv.data() + r * tc.rb, tc.rb);
                         src[r] = conv.data() + r * tc.rb;
+                        res_off = tile_res_off(tc, ch);
                     }
                 }
                 if (!bt.tile_sub) {
@@ -350,19 +356,14 @@ void repack_tiles(Linear& L) {
                     continue;
                 }
                 const size_t ro = tile_res_off(tc, ch);
+                const int hb = bt.header_bytes;
                 for (int r = 0; r < TILE_ROWS; ++r) {
-                    std::memcpy(part + 2 * r, src[r], 2);
-                    std::memcpy(part + 2 * TILE_ROWS + 2 * r, src[r] + 2, 2);
-                    if (ch.n_prot) std::memcpy(part + TILE_ROWS * ro + (size_t)r * 2 * ch.n_prot, src[r] + ro, 2 * (size_t)ch.n_prot);
+                    for (int f = 0; f < hb / 2; ++f) std::memcpy(part + 2 * TILE_ROWS * f + 2 * r, src[r] + 2 * f, 2);
+                    if (ch.n_prot) std::memcpy(part + TILE_ROWS * ro + (size_t)r * 2 * ch.n_prot, src[r] + res_off, 2 * (size_t)ch.n_prot);
                 }
-                const int sub = bt.tile_sub;
-                uint8_t* codes = part + 4 * TILE_ROWS;
-                std::memset(codes, 0, (size_t)(ch.g_pad / 32) * TILE_ROWS * sub);
-                for (int b = 0; b < ch.g_pad / 32; ++b) {
-                    const uint8_t* s8[TILE_ROWS];
-                    for (int r = 0; r < TILE_ROWS; ++r) s8[r] = src[r] + 4 + (size_t)b * sub;
-                    tile_pack_block(bt, s8, codes + (size_t)b * TILE_ROWS * sub);
-                }
+                const uint8_t* codes[TILE_ROWS];
+                for (int r = 0; r < TILE_ROWS; ++r) codes[r] = src[r] + hb;
+                tile_pack_codes(bt, codes, ch.g_pad, part + TILE_ROWS * hb);
             }
         }
     };
@@ -391,6 +392,21 @@ void repack_tiles(Linear& L) {
         L.runs.push_back({c, 1, true});
     }
 }
+
+// Process wide, read once from WQEDGE_TERNARY_TILES (=1: on); tests switch it with set_ternary_tiles.
+static std::atomic<int> g_ternary_tiles{-1};
+
+bool ternary_tiles() {
+    int v = g_ternary_tiles.load(std::memory_order_relaxed);
+    if (v < 0) {
+        const char* e = std::getenv("WQEDGE_TERNARY_TILES");
+        v = e && !std::strcmp(e, "1") ? 1 : 0;
+        g_ternary_tiles.store(v);
+    }
+    return v != 0;
+}
+
+void set_ternary_tiles(bool on) { g_ternary_tiles.store(on ? 1 : 0); }
 
 bool repack_wanted(int kernels) {
     const char* e = std::getenv("WQEDGE_REPACK");
@@ -651,11 +667,12 @@ void rows_task(const Linear& W, const float* X, int t0, int t1, int r0, int nr, 
         std::memcpy(Y + (size_t)(t0 + t) * N + r0, acc.data() + (size_t)t * RT, sizeof(float) * nr);
 }
 
-// Whether every chunk of a run is of a kind the tile GEMMs know (q4, q3, q2, q1; a tiled ternary chunk is q2).
+// Whether every chunk of a run is of a kind the tile GEMMs know (q4, q3, q2, ternary, q1; ternary chunks are q2
+// unless ternary_tiles()).
 bool gemm_kinds(const Linear& W, const Linear::Run& run) {
     for (int c = run.c0; c < run.c0 + run.n; ++c) {
         const int id = W.tch[c].bt->id;
-        if (id != 2 && id != 3 && id != 4 && id != 6) return false;
+        if (id < 2 || id > 6) return false;
     }
     return true;
 }

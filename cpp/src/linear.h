@@ -37,10 +37,12 @@ struct Linear {
 
     // Row tiles (issue 12): a copy of the weights in tiles of TILE_ROWS rows (blocks.h), made once at load
     // by repack_tiles; empty when not repacked. Tile t is tiles[t * tile_bytes, +tile_bytes); chunk c's part of
-    // it is TILE_ROWS row-blocks of kind tch[c].bt (tch[c].rb bytes each, interleaved when the kind has
-    // tile_sub) at tch[c].off. Ternary chunks become q2 (d = a, m = -a, q = t: the same weights, exactly;
-    // 2 bits instead of 1.6, but the q2 tile kernel's speed). Rows past N are zero. When tiled, every product
-    // reads the tiles and never `data` (chunks, row_bytes and data keep describing the file).
+    // it is TILE_ROWS row-blocks of kind tch[c].bt (tch[c].rb = tile_row_bytes each, interleaved when the kind
+    // has tile_sub) at tch[c].off. Ternary chunks become q2 (d = a, m = -a, q = t: the same weights, exactly; 2 bits
+    // instead of 1.6, but the q2 tile kernel's speed, which the 1.6-bit ternary tile kernel does not reach on AVX2 /
+    // Zen 4: bench/results/tile_ternary.md), or stay ternary in their own tile layout when ternary_tiles(). Rows past
+    // N are zero. When tiled, every product reads the tiles and never `data` (chunks, row_bytes and data keep
+    // describing the file).
     struct TChunk {
         const BlockTraits* bt;
         size_t off, rb;
@@ -103,6 +105,10 @@ void dequant_rows(const Linear& W, int r0, int nr, float* out, int ld, float* ch
 #define WQE_HAVE_TILES 1  // repack_tiles exists (bench/matvec_bench.cpp builds against older sources too)
 // Repack a chunked linear into row tiles (Linear::tiles; blocks.h TILE_ROWS), reading `data` once.
 void repack_tiles(Linear& L);
+// Whether repack_tiles keeps ternary chunks in the 1.6-bit ternary tile layout (else q2 in the tiles): WQEDGE_TERNARY_TILES=1,
+// or set_ternary_tiles (tests); read at repack time, so a model loaded before a change keeps its tiles.
+bool ternary_tiles();
+void set_ternary_tiles(bool on);
 // Whether the model loader repacks: WQEDGE_REPACK=0 never, =1 always, unset: when the kernel set in use has
 // tile kernels for int8 activations (AVX2; NEON keeps the file's row layout, zero-copy).
 bool repack_wanted(int kernels);

@@ -501,9 +501,11 @@ static void q8_nonfinite_tests() {
 // Row tiles (issue 12): a linear repacked by repack_tiles gives the row layout's products: bit for bit with
 // float activations (matvec untiles into the same dot_rows; matmul dequantizes untiled rows) and within
 // 1e-5 of the terms' magnitude with int8 activations (tile kernels: scalar reference and SIMD, summed in
-// another order). Runs of equal kinds, every kind, protected columns, a ragged chunk, N not a multiple of 8.
+// another order; 1.6-bit ternary tiles take the row layout's X_TERNARY activations, so the same int8 values).
+// Runs of equal kinds, every kind, protected columns, a ragged chunk, N not a multiple of 8.
 static int n_vnni_checked = 0;
-static void tiled_tests() {
+static void tiled_tests(bool ternary_tiles) {
+    set_ternary_tiles(ternary_tiles);
     struct Case { int G, N; std::vector<int64_t> types, prot; };
     const Case cases[] = {
         {128, 37, {2, 2, 2, 4, 4, 3, 3, 6, 6, 5, 1, 0, 2}, {0, 0, 2, 0, 0, 1, 1, 0, 3, 2, 0, 0, 1}},
@@ -511,12 +513,13 @@ static void tiled_tests() {
         {32, 9, {4, 4, 4, 2, 2}, {1, 1, 1, 0, 0}},
         {128, 19, {2, 2, 3, 3, 3, 4, 6, 6, 1, 0, 2}, {0, 1, 1, 0, 0, 2, 0, 0, 1, 0, 3}},
         {256, 8, {5, 5, 4, 5}, {0, 1, 0, 0}},
+        {128, 21, {5, 5, 5, 5}, {0, 0, 0, 0}},  // a uniform ternary run (tile8_ternary, not tile8_mix)
     };
     int ci = 0;
     for (const Case& cs : cases) {
         ++ci;
         const int n_chunks = (int)cs.types.size();
-        const int K = cs.G * (n_chunks - 1) + (ci == 2 ? cs.G : cs.G / 2 + 4);  // ragged last chunk but in case 2
+        const int K = cs.G * (n_chunks - 1) + (ci == 2 || ci == 6 ? cs.G : cs.G / 2 + 4);  // ragged last chunk but in cases 2, 6
         std::vector<int64_t> prot(cs.prot);
         for (int c = 0; c < n_chunks; ++c) prot[c] = std::min<int64_t>(prot[c], std::min(cs.G, K - c * cs.G));
         Linear L = chunked_layout("t", cs.N, K, cs.G, cs.types, prot);
@@ -528,11 +531,14 @@ static void tiled_tests() {
         for (int r = 0; r < cs.N; ++r)
             for (const Chunk& ch : L.chunks) make_rowblock(*ch.bt, ch.g, ch.n_prot, r == 5 ? ZERO : RANDOM, &data[r * L.row_bytes + ch.off]);
         L.data = data.data();
-        const bool ternary = std::count(cs.types.begin(), cs.types.end(), 5) > 0;
+        // ternary chunks as q2 in the tiles (the default): activations quantized per 32 columns, not per 32 plane
+        // slots, so int8 results differ by the activations' rounding, and float ones by the summation order
+        const bool conv = !ternary_tiles && std::count(cs.types.begin(), cs.types.end(), 5) > 0;
         Linear T = L;
         repack_tiles(T);
-        size_t tb = 0;  // ternary chunks become q2 in the tiles
-        for (const Chunk& ch : L.chunks) tb += 8 * row_bytes(ch.bt->id == 5 ? *block_traits(4) : *ch.bt, ch.g, ch.n_prot);
+        size_t tb = 0;  // each kind's codes (ternary tiles padded to 4-byte groups per row), or ternary as q2
+        for (const Chunk& ch : L.chunks)
+            tb += 8 * tile_row_bytes(ch.bt->id == 5 && !ternary_tiles ? *block_traits(4) : *ch.bt, ch.g, ch.n_prot);
         check(T.tiled() && T.tiles_size == (size_t)((cs.N + 7) / 8) * tb, "tiles: repacked size");
         size_t run_chunks = 0;
         for (const Linear::Run& r : T.runs) run_chunks += r.n;
@@ -545,7 +551,7 @@ static void tiled_tests() {
         std::vector<float> Wd((size_t)cs.N * ld), Wt((size_t)cs.N * ld), tmp(dequant_floats(cs.G) + 64);
         dequant_rows(L, 0, cs.N, Wd.data(), ld, tmp.data(), K_SCALAR);
         dequant_rows(T, 0, cs.N, Wt.data(), ld, tmp.data(), K_SCALAR);
-        check(Wd == Wt, "tiles: dequant_rows == row layout");  // == : a tiled ternary zero may be +0 for -0
+        check(Wd == Wt, "tiles: dequant_rows == row layout");  // == : a q2-tiled ternary zero may be +0 for -0
         for (const Q8Set& qs : q8_sets()) {
             use_set(qs);
             for (int threads : {1, 3}) {
@@ -560,7 +566,7 @@ static void tiled_tests() {
                     const float* x = &X[(size_t)t * K];
                     matvec(L, x, y0.data(), pool, ms, qs.k, ACT_F32);
                     matvec(T, x, y1.data(), pool, ms, qs.k, ACT_F32);
-                    eq = eq && (ternary || std::memcmp(y0.data(), y1.data(), sizeof(float) * cs.N) == 0);
+                    eq = eq && (conv || std::memcmp(y0.data(), y1.data(), sizeof(float) * cs.N) == 0);
                     matvec(L, x, y0.data(), pool, ms, qs.k, ACT_Q8);
                     matvec(T, x, y1.data(), pool, ms, qs.k, ACT_Q8);
                     if (qs.k == K_AVX2 && cpu_vnni()) {  // the VNNI tile kernels == the AVX2 ones, bit for bit
@@ -582,11 +588,9 @@ static void tiled_tests() {
                     for (int r = 0; r < cs.N; ++r) {
                         double mag = 1e-3;
                         for (int k = 0; k < K; ++k) mag += std::fabs((double)Wd[(size_t)r * ld + k] * x[k]);
-                        // with ternary chunks (q2 in the tiles: activations quantized per 32 columns, not per
-                        // 32 plane slots) the int8 results differ by the activations' rounding
-                        ok = ok && std::fabs((double)y1[r] - y0[r]) <= (ternary ? 1e-2 : 1e-5) * mag;
+                        ok = ok && std::fabs((double)y1[r] - y0[r]) <= (conv ? 1e-2 : 1e-5) * mag;
                     }
-                    if (ternary) {  // float products: the same weights (dequant_rows above), summed differently
+                    if (conv) {  // float products: the same weights (dequant_rows above), summed differently
                         matvec(L, x, y0.data(), pool, ms, qs.k, ACT_F32);
                         matvec(T, x, y1.data(), pool, ms, qs.k, ACT_F32);
                         for (int r = 0; r < cs.N; ++r) {
@@ -597,7 +601,7 @@ static void tiled_tests() {
                     }
                 }
                 char d[96];
-                std::snprintf(d, sizeof d, "case %d, %s, threads %d", ci, qs.name, threads);
+                std::snprintf(d, sizeof d, "case %d, %s, threads %d, ternary tiles %d", ci, qs.name, threads, (int)ternary_tiles);
                 check(eq, "tiles: float products and groups bit-identical to the row layout", d);
                 check(ok, "tiles: int8 matvec == row layout within 1e-5 of the terms", d);
             }
@@ -617,7 +621,9 @@ int main() {
     vec_tests();
     threadpool_tests();
     linear_tests();
-    tiled_tests();
+    tiled_tests(false);  // ternary chunks as q2 in the tiles (the default)
+    tiled_tests(true);   // ternary chunks in their own 1.6-bit tiles (WQEDGE_TERNARY_TILES=1)
+    set_ternary_tiles(false);
     std::printf("row tiles: VNNI (level %d) checked against AVX2 %d times\n", cpu_vnni(), n_vnni_checked);
     std::printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
