@@ -77,6 +77,7 @@ _SIGNATURES = {
     "wqe_status_name": (C.c_char_p, [C.c_int]),
     "wqe_version": (C.c_char_p, []),
     "wqe_system_info": (C.c_char_p, []),
+    "wqe_read_bandwidth": (C.c_double, [C.c_int32, C.c_uint64, C.c_int32]),
     "wqe_set_kernels": (C.c_int, [C.c_int]),
     "wqe_get_kernels": (C.c_int, []),
     "wqe_set_activations": (C.c_int, [C.c_int]),
@@ -116,7 +117,7 @@ _SIGNATURES = {
 
 # Symbols newer than the first release of the C API: a library without them still loads.
 _OPTIONAL = {"wqe_set_activations", "wqe_get_activations", "wqe_test_chunk_matvec_act", "wqe_model_chat_template",
-             "wqe_context_kv_cache"}
+             "wqe_context_kv_cache", "wqe_read_bandwidth"}
 
 
 def candidate_paths() -> list[Path]:

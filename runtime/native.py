@@ -19,7 +19,7 @@ from wqedge.runtime._native import NativeError, check
 
 __all__ = ["NativeError", "Model", "Context", "run", "generate_tokens", "logits_fn", "NativeEvaluator", "system_info",
            "set_kernels", "get_kernels", "set_activations", "get_activations", "chunk_matvec", "chunk_dequant",
-           "row_bytes", "available", "library_path"]
+           "row_bytes", "available", "library_path", "read_bandwidth"]
 
 available = _native.available
 library_path = _native.library_path
@@ -27,6 +27,15 @@ library_path = _native.library_path
 
 def system_info() -> str:
     return _native.lib().wqe_system_info().decode()
+
+
+def read_bandwidth(threads: int, mib: float = 512, reps: int = 3) -> float:
+    """Memory read bandwidth (GB/s) of `threads` threads of the runtime's pool streaming `mib` MiB, best of `reps`:
+    the bytes-per-second roof of a decode step, which reads every weight once (wqe_read_bandwidth)."""
+    v = _native.lib().wqe_read_bandwidth(int(threads), int(mib * 2**20), int(reps))
+    if v < 0:
+        raise NativeError(1, "ERR_INVALID_ARGUMENT", _native.lib().wqe_last_error().decode("utf-8", "replace"))
+    return float(v)
 
 
 def set_kernels(kernels: str | int) -> None:

@@ -35,6 +35,25 @@ def test_bad_rows_is_a_usage_error(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_read_bandwidth_measures_and_refuses_bad_arguments():
+    from cpp_support import ensure_library
+    ensure_library()
+    from wqedge.runtime import native
+    from wqedge.runtime._native import NativeError
+    assert native.read_bandwidth(1, mib=4, reps=2) > 0.1          # GB/s: any machine streams 4 MiB faster than this
+    assert native.read_bandwidth(3, mib=4, reps=1) > 0.1          # more threads than parts of some sizes: still whole
+    with pytest.raises(NativeError, match="n_threads >= 1"):
+        native.read_bandwidth(0)
+    with pytest.raises(NativeError, match="bytes >= 4096"):
+        native.read_bandwidth(1, mib=0.001)
+
+
+def test_decode_targets_follow_issue_12():
+    from wqedge.bench.report import decode_target
+    assert decode_target("wq-q4") == decode_target("wq-q4-a8") == 1.3
+    assert decode_target("wq-2.5-a8") == decode_target("wq-3.25") == 1.5
+
+
 def test_bench_smoke(tmp_path, tiny_model_dir):
     from wqedge.tinymodel import tiny_corpus
     text = tmp_path / "text.txt"
@@ -53,6 +72,9 @@ def test_bench_smoke(tmp_path, tiny_model_dir):
     info = rep["info"]
     assert info["machine"]["cpu"] and info["machine"]["cores"] >= 1 and info["machine"]["threads"] == 1
     assert info["triad_GBps"] > 0 and info["triad_llc_GBps"] > 0
+    # the roofline is the runtime's read bandwidth (the library is built for these tests), and the report says so
+    assert info["roof_kind"] == "read" and info["roof_GBps"] > 0 and info["roof_llc_GBps"] > 0
+    assert "DRAM read" in md
     assert [x["row"] for x in rep["rows"]] == rows
     llama_ok = HAVE_LLAMA and llamacpp_problem() is None   # a llama.cpp that crashes here fails its row only
     expect_ok = {"wq-q4": True, "wq-2.5": True, "wq-q4-a8": True, "lcp-Q4_0": llama_ok, "ort-portable": HAVE_ORT}

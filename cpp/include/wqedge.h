@@ -186,6 +186,13 @@ WQE_API int wqe_generate(wqe_context* ctx, const int32_t* prompt, int32_t n_prom
                          const wqe_sampler_params* params, int stop_at_eos, wqe_token_callback callback,
                          void* user_data, int32_t* out_tokens, int32_t* n_out);
 
+/* ------------------------------------------------------------------ machine */
+/* Memory read bandwidth in GB/s (1e9 bytes/s): `bytes` (rounded down to 64) read once per pass by n_threads threads
+ * of the runtime's pool, each streaming one contiguous part, as a decode step streams the weights; best of `reps`
+ * passes after one untimed pass. The roofline that decode speed is compared to (wqedge bench). Returns < 0 and sets
+ * wqe_last_error() on bad arguments or when the buffer cannot be allocated. */
+WQE_API double wqe_read_bandwidth(int32_t n_threads, uint64_t bytes, int32_t reps);
+
 /* ------------------------------------------------------------------ test hooks */
 /* y[r] = sum over the chunk's g columns of W[r, c] x[c] for n_rows row-blocks of one chunk, laid out
  * as in a file (row r at rowblocks + r * row_stride), computed with the chosen kernels

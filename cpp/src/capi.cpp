@@ -1,5 +1,8 @@
 // The C API: argument checks, exception-to-status translation, thread-local error messages.
 #include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <vector>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -9,6 +12,7 @@
 #include "common.h"
 #include "model.h"
 #include "sampler.h"
+#include "threadpool.h"
 #include "wqedge.h"
 #ifdef WQE_HAVE_TOKENIZER
 #  include "tokenizer.h"
@@ -120,6 +124,46 @@ const char* wqe_status_name(int s) {
 
 const char* wqe_version(void) { return "0.1.0"; }
 const char* wqe_system_info(void) { return wqe::system_info(); }
+
+double wqe_read_bandwidth(int32_t n_threads, uint64_t bytes, int32_t reps) {
+    double best = -1.0;
+    const int st = guarded([&] {
+        if (n_threads < 1 || reps < 1 || bytes < 4096)
+            wqe::fail(WQE_ERR_INVALID_ARGUMENT, "read_bandwidth: need n_threads >= 1, reps >= 1, bytes >= 4096");
+        const size_t n = (size_t)(bytes / 64) * 8;  // uint64 words, whole cache lines
+        std::vector<uint64_t> buf;
+        try {
+            buf.assign(n, 0x0123456789abcdefull);  // touched: the pages exist before the timing
+        } catch (const std::bad_alloc&) {
+            wqe::fail(WQE_ERR_OUT_OF_MEMORY, "read_bandwidth: cannot allocate %llu bytes", (unsigned long long)bytes);
+        }
+        wqe::ThreadPool pool(n_threads);
+        const int n_tasks = 16 * n_threads;  // contiguous per thread (the pool's spans), as decode's tiles
+        std::vector<uint64_t> sink(n_tasks);
+        auto pass = [&] {
+            pool.run(n_tasks, [&](int t, int) {
+                const size_t a = n * t / n_tasks / 8 * 8, b = n * (t + 1) / n_tasks / 8 * 8;
+                uint64_t x0 = 0, x1 = 0, x2 = 0, x3 = 0, x4 = 0, x5 = 0, x6 = 0, x7 = 0;
+                for (size_t i = a; i < b; i += 8) {  // one cache line per iteration, 8 independent chains
+                    x0 ^= buf[i]; x1 ^= buf[i + 1]; x2 ^= buf[i + 2]; x3 ^= buf[i + 3];
+                    x4 ^= buf[i + 4]; x5 ^= buf[i + 5]; x6 ^= buf[i + 6]; x7 ^= buf[i + 7];
+                }
+                sink[t] = x0 ^ x1 ^ x2 ^ x3 ^ x4 ^ x5 ^ x6 ^ x7;
+            });
+        };
+        pass();
+        for (int r = 0; r < reps; ++r) {
+            const auto t0 = std::chrono::steady_clock::now();
+            pass();
+            const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            best = std::max(best, (double)n * 8 / dt / 1e9);
+        }
+        volatile uint64_t keep = 0;
+        for (uint64_t v : sink) keep = keep ^ v;
+        (void)keep;
+    });
+    return st == WQE_OK ? best : -1.0;
+}
 
 int wqe_set_kernels(int kernels) {
     return guarded([&] {

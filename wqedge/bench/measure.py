@@ -98,6 +98,19 @@ def triad_bandwidth(threads: int, mib_per_array: float = 64, reps: int = 5) -> f
     return best
 
 
+def read_bandwidth(threads: int) -> tuple[float | None, float | None]:
+    """(DRAM, last-level cache) read GB/s of the runtime's pool (wqedge.runtime.native.read_bandwidth: 512 MiB, and a
+    quarter of the last-level cache), or (None, None) without the library. Decode reads every weight once, so this,
+    not a read-write triad, is its roof."""
+    try:
+        from wqedge.runtime import native
+        dram = native.read_bandwidth(threads, 512, 3)
+        llc = native.read_bandwidth(threads, max(1.0, (llc_mib() or 8.0) / 4), 20)
+        return dram, llc
+    except Exception:  # noqa: BLE001 — no library (or an older one): the triad stands in
+        return None, None
+
+
 def llc_mib() -> float | None:
     """Size of the largest cache level (MiB) from sysfs, or None."""
     best = None

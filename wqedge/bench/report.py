@@ -7,8 +7,16 @@ from pathlib import Path
 from .rows import ROWS
 
 # Targets of issue #5, reported against (never asserted).
-TARGET_DECODE_RATIO = 1.2
-TARGET_ROOFLINE = 0.70
+# Issue 12's targets (reported, never asserted): decode >= 1.3x llama.cpp for uniform q4, >= 1.5x for the mixed plans,
+# at equal or more bits on llama.cpp's side; >= 75% of the read-bandwidth roofline.
+TARGET_DECODE_Q4 = 1.3
+TARGET_DECODE_PLAN = 1.5
+TARGET_ROOFLINE = 0.75
+
+
+def decode_target(row: str) -> float:
+    """The decode-ratio target of one of our rows: q4 against llama.cpp's nearest type, a mixed plan against its."""
+    return TARGET_DECODE_Q4 if row.startswith("wq-q4") else TARGET_DECODE_PLAN
 
 COLUMNS = {
     "bits/w": "effective bits per weight of the decoder linears, measured from the file's tensor bytes "
@@ -22,8 +30,8 @@ COLUMNS = {
                            "base = RSS before loading the model (interpreter and libraries)",
     "bytes/token MB": "bytes one decode step reads: weights (one embedding row, the output head) + K/V cache at "
                       "the mean decode position (f16; f32 for ONNX)",
-    "DRAM roof": "decode tok/s ÷ (triad DRAM bandwidth ÷ bytes/token)",
-    "LLC roof": "the same against the last-level-cache triad bandwidth (for models that fit the cache)",
+    "DRAM roof": "decode tok/s ÷ (DRAM read bandwidth ÷ bytes/token); the read bandwidth is our runtime's threads streaming 512 MiB (the numpy triad where the library is missing)",
+    "LLC roof": "the same against the last-level-cache read bandwidth (for models that fit the cache)",
 }
 
 
@@ -44,10 +52,11 @@ def markdown(rep: dict) -> str:
         f"machine: outside load only slows a run, so speeds are the best of {o['rounds']} round-robin rounds x "
         f"{o['reps']} repetitions{', ONNX Runtime on the speed model 1 x 1' if o.get('speed_model') else ''}; every "
         f"sample and the medians are in the JSON). Prefill {o['prefill']} tokens, "
-        f"decode {o['decode']} tokens. Memory bandwidth (numpy triad, same threads, best of "
-        f"before and after the timing): "
-        f"**{info['triad_GBps']:.1f} GB/s** DRAM (3 x 64 MiB), {info['triad_llc_GBps']:.1f} GB/s last-level cache "
-        f"(3 x 2.5 MiB). Perplexity: {o['ppl_windows']} windows of {o['ppl_ctx']} of `{Path(o['eval_text']).name}` "
+        f"decode {o['decode']} tokens. Memory bandwidth (same threads, best of before and after the timing): "
+        + (f"**{info['roof_GBps']:.1f} GB/s** DRAM read (512 MiB streamed by the runtime's threads: the roofline), "
+           f"{info['roof_llc_GBps']:.1f} GB/s last-level-cache read; " if info.get("roof_kind", "triad") == "read" else "")
+        + f"numpy triad {info['triad_GBps']:.1f} GB/s DRAM (3 x 64 MiB), {info['triad_llc_GBps']:.1f} GB/s last-level "
+        f"cache (3 x 2.5 MiB). Perplexity: {o['ppl_windows']} windows of {o['ppl_ctx']} of `{Path(o['eval_text']).name}` "
         f"({o['ppl_windows'] * (o['ppl_ctx'] // 2 - 1)} tokens scored; compare rows with each other). "
         + ("Calibration: `" + Path(o["calib_text"]).name + "` (NeUQI weights, greedy plans, error feedback; llama.cpp's "
            "importance matrix)." if o["calib_text"] else "No calibration (--no-calib).")
@@ -72,15 +81,17 @@ def markdown(rep: dict) -> str:
     comps = rep["comparisons"]
     if comps:
         out += ["## Ratios measured in this run", "",
-                (f"Targets (reported, not asserted): our decode ≥ {TARGET_DECODE_RATIO}x llama.cpp at equal or lower "
-                f"bits, ≥ {TARGET_ROOFLINE:.0%} of the DRAM roofline, lower perplexity at every matched budget."), "",
+                (f"Targets (issue 12; reported, not asserted): our decode ≥ {TARGET_DECODE_Q4}x llama.cpp for q4 and "
+                 f"≥ {TARGET_DECODE_PLAN}x for the mixed plans, against llama.cpp at equal or lower bits; ≥ "
+                 f"{TARGET_ROOFLINE:.0%} of the DRAM roofline; lower perplexity at every matched budget."), "",
                 "| model | row | vs | match | bits (vs) | decode x | prefill x | peak RSS x | ppl (vs) | targets |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for c in comps:
             t = c.get("targets")
             tt = "-" if not t else " ".join(
                 f"{name}{'' if v is None else (' ✓' if v else ' ✗')}" for name, v in
-                (("decode", t["decode_ge_1.2x"]), ("roof", t["roofline_ge_70pct"]), ("ppl", t["ppl_lower"]))
+                (("decode", t.get("decode", t.get("decode_ge_1.2x"))), ("roof", t.get("roofline", t.get("roofline_ge_70pct"))),
+                 ("ppl", t["ppl_lower"]))
                 if v is not None)
             ppl = "-" if c["ppl"] is None else f"{c['ppl']:.3f} ({_f(c['vs_ppl'], '.3f')})"
             out.append(f"| {c['model']} | {c['row']} | {c['vs']} | {c['match']} | {c['bits']:.3f} ({c['vs_bits']:.3f}) "
