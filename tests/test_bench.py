@@ -48,6 +48,24 @@ def test_read_bandwidth_measures_and_refuses_bad_arguments():
         native.read_bandwidth(1, mib=0.001)
 
 
+def test_comparisons_pair_each_row_with_issue_12s_types():
+    from wqedge.bench.runner import comparisons
+
+    def row(name, backend, bits, tok_s):
+        return {"model": "m", "row": name, "backend": backend, "bits": bits, "decode_tok_s": tok_s, "status": "ok",
+                "prefill_tok_s": 10.0, "peak_mib": 100.0, "roofline_fraction": 0.5, "perplexity": None}
+    rows = [row("wq-q4-a8", "wqedge", 4.25, 130.0), row("wq-2.5-a8", "wqedge", 2.5, 150.0),
+            row("lcp-Q4_0", "llamacpp", 4.5, 100.0), row("lcp-Q3_K_M", "llamacpp", 4.09, 90.0),
+            row("lcp-Q2_K", "llamacpp", 3.12, 100.0), row("lcp-IQ2_XXS", "llamacpp", 2.66, 120.0)]
+    got = {(c["row"], c["vs"]): c for c in comparisons(rows)}
+    assert got[("wq-q4-a8", "lcp-Q3_K_M")]["match"] == "nearest ≤ bits"
+    q4 = got[("wq-q4-a8", "lcp-Q4_0")]
+    assert q4["match"] == "issue 12" and q4["decode_ratio"] == 1.3 and q4["targets"]["decode"]
+    assert got[("wq-2.5-a8", "lcp-Q2_K")]["decode_ratio"] == 1.5 and got[("wq-2.5-a8", "lcp-Q2_K")]["targets"]["decode"]
+    assert not got[("wq-2.5-a8", "lcp-IQ2_XXS")]["targets"]["decode"]     # 1.25x < 1.5x
+    assert ("wq-2.5-a8", "lcp-Q4_0") not in got
+
+
 def test_decode_targets_follow_issue_12():
     from wqedge.bench.report import decode_target
     assert decode_target("wq-q4") == decode_target("wq-q4-a8") == 1.3

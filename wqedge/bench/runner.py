@@ -226,6 +226,10 @@ def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
     return {"info": info, "rows": rows, "comparisons": comparisons(rows)}
 
 
+# The llama.cpp rows issue 12's decode targets name for each of our files.
+ISSUE12_PAIRS = {"wq-q4": ("lcp-Q4_0",), "wq-3.25": ("lcp-Q3_K_M",), "wq-2.5": ("lcp-Q2_K", "lcp-IQ2_XXS")}
+
+
 def comparisons(rows: list[dict]) -> list[dict]:
     """Each of our rows against llama.cpp in the same run and on the same model: the projection of the same
     plan (same bits), and the llama.cpp row with the most bits not above ours (ties: the fastest) — 'at
@@ -242,6 +246,9 @@ def comparisons(rows: list[dict]) -> list[dict]:
             best = max(lower, key=lambda r: (round(r["bits"], 3), r["decode_tok_s"]))
             if best["row"] != proj:
                 picks.append(("nearest ≤ bits", best))
+        # issue 12's named pairs (q4 against Q4_0; the plans against llama.cpp's types of equal or more bits)
+        named = ISSUE12_PAIRS.get(ROWS[ours["row"]].file_key, ())
+        picks += [("issue 12", r) for r in same if r["row"] in named and all(r is not p[1] for p in picks)]
         for how, th in picks:
             out.append(_compare(ours, th, how))
     for o_row in (r for r in ok if r["backend"] == "ort"):
