@@ -262,13 +262,12 @@ class Context(_Handle):
 
 
 def _kv_bits_code(kv_bits) -> int:
-    """wqe_context_params.kv_bits: 0 the file's, 32 float, 8, 4."""
+    """wqe_context_params.kv_bits: 0 the file's (None), 32 float, 8, 4; parsed as `--kv-bits` is (kv_format)."""
     if kv_bits is None:
         return 0
-    code = {"f32": 32, "float": 32, "32": 32, "8": 8, "4": 4}.get(str(kv_bits).lower())
-    if code is None:
-        raise ValueError(f"KV cache bits must be f32, 8 or 4, got {kv_bits!r}")
-    return code
+    from wqedge.kv_format import parse_bits
+    bits = parse_bits(kv_bits)
+    return 32 if bits is None else bits
 
 
 def _kv_rotation_code(rotation) -> int:

@@ -81,6 +81,11 @@ def test_plan_field_round_trip(tiny_model_dir):
     assert parse_bits("f32") is None and parse_bits("4") == 4
     with pytest.raises(ValueError, match="--kv-bits"):
         parse_bits("5")
+    # the runtime binding reads the same values (None: the file's setting, code 0; float: 32)
+    from wqedge.runtime.native import _kv_bits_code
+    assert [_kv_bits_code(v) for v in (None, "f32", "float", "8", 4)] == [0, 32, 32, 8, 4]
+    with pytest.raises(ValueError, match="--kv-bits"):
+        _kv_bits_code("5")
 
 
 # ---------------------------------------------------------------- reference quantizer
