@@ -13,8 +13,8 @@ SRC=${SRC:-cpp/src}
 nproc; lscpu | grep -E "Model name|L3|Flags" | sed 's/Flags:.*\(avx2\).*\(avx512f\|\).*/Flags: avx2 \2/' | head -4
 CXX="g++ -O3 -std=c++17 -ffp-contract=off -DWQE_HAVE_TOKENIZER=1"
 build() {  # src include out
-    $CXX -I"$1" -I"$2" bench/matvec_bench.cpp $(ls "$1"/{blocks,kernels_avx2,kernels_vnni,linear,model,gguf,threadpool,tokenizer}.cpp 2>/dev/null) \
-        -lpthread -o "$3"
+    # every source of the library but the ONNX Runtime custom op (an older snapshot may have fewer files)
+    $CXX -I"$1" -I"$2" bench/matvec_bench.cpp $(ls "$1"/*.cpp | grep -v ort_ops) -lpthread -o "$3"
 }
 build $SRC cpp/include /tmp/mv_new &
 [ -d cpp/build-basesrc/src ] && build cpp/build-basesrc/src cpp/build-basesrc/include /tmp/mv_base &
