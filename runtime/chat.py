@@ -56,7 +56,8 @@ class ChatSession:
     """A conversation with `model`: reply(text) appends the user's turn, generates the assistant's."""
 
     def __init__(self, model: Model, system: str | None = None, n_threads: int = 0, max_new_tokens: int = 256,
-                 stop: tuple[str, ...] | None = None, kv_bits: str | int | None = None, **sampling):
+                 stop: tuple[str, ...] | None = None, kv_bits: str | int | None = None, kv_rotation: str | None = None,
+                 **sampling):
         template = model.chat_template()
         if not template:
             raise ChatError("this model file has no chat template (tokenizer.chat_template); convert a checkpoint "
@@ -69,7 +70,7 @@ class ChatSession:
         self.eos = model.token_to_piece(model.eos_id, special=True).decode("utf-8", "replace") \
             if model.eos_id is not None else ""
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self.ctx = Context(model, n_ctx=self.n_ctx, n_threads=n_threads, kv_bits=kv_bits)
+        self.ctx = Context(model, n_ctx=self.n_ctx, n_threads=n_threads, kv_bits=kv_bits, kv_rotation=kv_rotation)
         self.stop_text = tuple(stop) if stop is not None else end_of_turn_markers(template, self.eos)
         self.stop_ids = {model.eos_id} if model.eos_id is not None else set()
         for marker in self.stop_text:   # a marker that is one special token stops on the token itself

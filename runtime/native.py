@@ -288,12 +288,14 @@ def generate_tokens(model: Model, prompt: str | Sequence[int], max_new_tokens: i
 
 def run(model_path: str | os.PathLike, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
         top_p: float = 1.0, top_k: int = 0, seed: int = 0, n_threads: int = 0, n_ctx: int = 0,
-        stream: Callable[[str], None] | None = None, stop_at_eos: bool = True, kv_bits: str | int | None = None) -> str:
+        stream: Callable[[str], None] | None = None, stop_at_eos: bool = True, kv_bits: str | int | None = None,
+        kv_rotation: str | None = None) -> str:
     """Generate a continuation of `prompt` with the C++ runtime and return it (the new text only, as it
     reads appended to the prompt).
 
     stream: called with each new piece of text as it is produced (e.g. print with end="", flush=True).
-    kv_bits: the KV cache (None: the file's setting; 'f32', 8 or 4), as Context's.
+    kv_bits: the KV cache (None: the file's setting; 'f32', 8 or 4), kv_rotation (None: the file's; 'hadamard' or
+    'none'), as Context's.
     """
     with Model(model_path) as model:
         tokens = model.tokenize(prompt)
@@ -318,7 +320,7 @@ def run(model_path: str | os.PathLike, prompt: str, max_new_tokens: int = 64, te
                 stream(text)
             return False
 
-        with Context(model, n_ctx=n_ctx, n_threads=n_threads, kv_bits=kv_bits) as ctx:
+        with Context(model, n_ctx=n_ctx, n_threads=n_threads, kv_bits=kv_bits, kv_rotation=kv_rotation) as ctx:
             new = ctx.generate(tokens, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, cb)
         if stream is not None and pending:
             stream(pending.decode("utf-8", "replace"))

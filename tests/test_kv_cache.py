@@ -338,3 +338,34 @@ def test_cli_inspect_and_eval_kv_bits(native_lib, files, tmp_path):
     assert outs["f32"] != outs["4"]  # the override reached the runtime
     r = CliRunner().invoke(main, ["eval", str(files["hd32-f32"]), "--text", str(text), "--kv-bits", "3"])
     assert r.exit_code != 0 and "--kv-bits" in r.output
+
+
+def test_cli_kv_rotation(native_lib, files, tiny_model_dir, tmp_path):
+    """--kv-rotation: convert writes it beside --kv-bits (and refuses it without a quantized cache); eval and run pass
+    it to the runtime as an override of the file's setting; the torch reference needs --kv-bits with it."""
+    from click.testing import CliRunner
+
+    from wqedge.cli import main
+    out = tmp_path / "m.gguf"
+    r = CliRunner().invoke(main, ["convert", str(tiny_model_dir), "-o", str(out), "--kv-rotation", "none"])
+    assert r.exit_code != 0 and "--kv-bits 8 or 4" in r.output and not out.exists()
+    r = CliRunner().invoke(main, ["convert", str(tiny_model_dir), "-o", str(out), "--kv-bits", "4",
+                                  "--kv-rotation", "none"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0 and "KV cache (runtime default): 4-bit, rotation none" in r.output, r.output
+    text = tmp_path / "t.txt"
+    text.write_text("the model layer weight and the cache " * 40)
+    outs = {}
+    for rot in ("hadamard", "none"):
+        r = CliRunner().invoke(main, ["eval", str(files["hd32-q4"]), "--text", str(text), "--backend", "cpp",
+                                      "--ctx", "32", "--chunks", "2", "--threads", "1", "--kv-rotation", rot])
+        assert r.exit_code == 0, r.output
+        outs[rot] = r.output
+    assert outs["hadamard"] != outs["none"]  # the override reached the runtime
+    r = CliRunner().invoke(main, ["eval", str(files["hd32-q4"]), "--text", str(text), "--backend", "torch",
+                                  "--kv-rotation", "none"])
+    assert r.exit_code != 0 and "needs --kv-bits 8 or 4" in r.output
+    r = CliRunner().invoke(main, ["run", str(files["hd32-q4"]), "--prompt", "the model", "-n", "4", "--threads", "1",
+                                  "--kv-rotation", "none"])
+    assert r.exit_code == 0, r.output

@@ -218,6 +218,14 @@ _common_plan_options = [
 ]
 
 
+def _kv_rotation_option(default: str):
+    """--kv-rotation of convert / eval / run: turning off the Hadamard rotation of K before it is quantized."""
+    return click.option("--kv-rotation", type=click.Choice(["hadamard", "none"]), default=None,
+                        help="Rotation of a quantized KV cache: 'hadamard' rotates K per head before quantizing (and Q "
+                             "with it, so scores are unchanged; 4-bit V too), 'none' quantizes K and V as they are "
+                             "(docs/format.md \"KV cache\"; bench/results/kv_cache.md measures both). " + default)
+
+
 def _kv_bits_option(default: str):
     """--kv-bits of convert / eval / run: one set of choices and one explanation, each command's own default."""
     return click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
@@ -271,6 +279,7 @@ def plan_options(f):
                    "our custom-op library libwqedge_ort (smaller and packed in memory; see docs/onnx.md).")
 @_kv_bits_option("Default: float32; written into the file (and the plan) as the runtime's default, which "
                  "`wqedge run` / `eval --backend cpp` --kv-bits override. GGUF target only.")
+@_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, written into the file beside it.")
 @click.option("--head", type=click.Choice(HEAD_KINDS), default=None,
               help=f"How the output head (the vocabulary projection; the embedding table too when the checkpoint "
                    f"ties them) is stored: 'fp16' dense as in the checkpoint, 'q8' / 'q4' a quantized linear in the "
@@ -279,7 +288,7 @@ def plan_options(f):
                    f"--target gguf only.")
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
             prune, max_prune, feedback_windows, act_bits, plan_path,
-            save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, kv_bits, head):
+            save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, kv_bits, kv_rotation, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
     With no MODEL_DIR, a tiny random LLaMA is built on the spot and converted (a self-contained demo).
@@ -323,12 +332,14 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
                           act_bits, prune, max_prune)
     if feedback_windows is not None:
         pipeline.set_feedback_windows(plan, feedback_windows)
+    if kv_rotation is not None and kv_bits not in ("8", "4"):
+        _fail("--kv-rotation is a setting of a quantized KV cache: give --kv-bits 8 or 4 with it")
     if kv_bits is not None:
         from .kv_format import KVCacheSpec, parse_bits
         if target != "gguf" and kv_bits != "f32":
             _fail(f"--kv-bits is a setting of wqedge's runtime; the {target} target keeps its engine's own KV cache "
                   f"(llama.cpp: --cache-type-k/-v at run time)")
-        plan.kv_cache = KVCacheSpec(parse_bits(kv_bits)).to_plan()
+        plan.kv_cache = KVCacheSpec(parse_bits(kv_bits), kv_rotation or "hadamard").to_plan()
     _print_plan_summary(plan)
     if save_plan:
         plan.save(save_plan)
@@ -486,7 +497,9 @@ def inspect(gguf_file):
               help="Windows per forward pass (torch).")
 @_kv_bits_option("Default: the file's setting (float32 when it has none). With --backend torch the reference "
                  "applies the same quantization.")
-def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, batch, kv_bits):
+@_kv_rotation_option("Default: the file's setting (hadamard when it has none); with --backend torch it needs "
+                     "--kv-bits 8 or 4.")
+def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, batch, kv_bits, kv_rotation):
     """Perplexity of MODEL (a Hugging Face folder or a wqedge GGUF) on a text, as llama.cpp defines it.
 
     The whole text is tokenized with a leading BOS and cut into non-overlapping windows of --ctx tokens;
@@ -504,7 +517,7 @@ def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, bat
             m = native.Model(path)
         except native.NativeError as e:
             _fail(str(e))
-        fn = native.NativeEvaluator(m, n_ctx=ctx, n_threads=threads, kv_bits=kv_bits)
+        fn = native.NativeEvaluator(m, n_ctx=ctx, n_threads=threads, kv_bits=kv_bits, kv_rotation=kv_rotation)
         tokens = [m.bos_id] + list(m.tokenize(text, add_bos=False))
         bos = m.bos_id
         batch = 1
@@ -513,7 +526,10 @@ def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, bat
 
         from .kv_format import KVCacheSpec, parse_bits
         from .reference import load_reference, logits_fn
-        kv = None if kv_bits is None else KVCacheSpec(parse_bits(kv_bits))
+        if kv_rotation is not None and kv_bits not in ("8", "4"):
+            _fail("--kv-rotation with --backend torch needs --kv-bits 8 or 4 (the reference quantizes the cache only "
+                  "when told how)")
+        kv = None if kv_bits is None else KVCacheSpec(parse_bits(kv_bits), kv_rotation or "hadamard")
         if path.is_dir():
             ckpt = _open_checkpoint(path)
             net = ckpt.load_hf_model(torch.float32)
@@ -576,14 +592,16 @@ def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
               help="Activations of decode and prompt steps: 'q8' (int8 per 32 columns, integer dot products; the default) or 'f32' "
                    "(float, the reference path, logits within ~1e-5 of PyTorch). Default: WQEDGE_ACT, else q8.")
 @_kv_bits_option("Default: the file's setting (float32 when it has none).")
-def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, chat, system, act, kv_bits):
+@_kv_rotation_option("Default: the file's setting (hadamard when it has none).")
+def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, chat, system, act, kv_bits,
+        kv_rotation):
     """Generate text from GGUF_FILE with the C++ runtime, streaming it to the terminal."""
     from .runtime import native
     if act:
         native.set_activations(act)
     if chat:
         _chat(gguf_file, system, max_tokens, threads, dict(temperature=temperature, top_p=top_p, top_k=top_k,
-                                                             seed=seed), kv_bits)
+                                                             seed=seed), kv_bits, kv_rotation)
         return
     try:
         prompt.encode("utf-8")
@@ -603,7 +621,7 @@ def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads,
         click.echo(piece, nl=False)
     try:
         native.run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, stream=stream,
-                   kv_bits=kv_bits)
+                   kv_bits=kv_bits, kv_rotation=kv_rotation)
     except (native.NativeError, ValueError) as e:
         if started:
             click.echo()
@@ -613,7 +631,7 @@ def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads,
     click.echo()
 
 
-def _chat(gguf_file, system, max_tokens, threads, sampling, kv_bits=None) -> None:
+def _chat(gguf_file, system, max_tokens, threads, sampling, kv_bits=None, kv_rotation=None) -> None:
     from .runtime import native
     from .runtime.chat import ChatError, ChatSession
     try:
@@ -623,7 +641,7 @@ def _chat(gguf_file, system, max_tokens, threads, sampling, kv_bits=None) -> Non
     try:
         model = native.Model(gguf_file)
         session = ChatSession(model, system=system, n_threads=threads, max_new_tokens=max_tokens, kv_bits=kv_bits,
-                              **sampling)
+                              kv_rotation=kv_rotation, **sampling)
     except (native.NativeError, ChatError) as e:
         _fail(str(e))
     interactive = sys.stdin.isatty()
