@@ -319,6 +319,17 @@ def test_rotated_file_with_kv_cache(native_lib, tiny_model_factory, tmp_path, ac
         assert _rel(prefill, lr) < tol and _rel(decode, lr) < tol
 
 
+def _cpp_eval(path, text, *options) -> str:
+    """`wqedge eval --backend cpp` of a test file on 2 windows of 32 tokens, with extra options; its output."""
+    from click.testing import CliRunner
+
+    from wqedge.cli import main
+    r = CliRunner().invoke(main, ["eval", str(path), "--text", str(text), "--backend", "cpp", "--ctx", "32",
+                                  "--chunks", "2", "--threads", "1", *options])
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
 def test_cli_inspect_and_eval_kv_bits(native_lib, files, tmp_path):
     from click.testing import CliRunner
 
@@ -329,12 +340,7 @@ def test_cli_inspect_and_eval_kv_bits(native_lib, files, tmp_path):
     assert r.exit_code == 0 and "KV cache (runtime default): float32" in r.output
     text = tmp_path / "t.txt"
     text.write_text("the model layer weight and the cache " * 40)
-    outs = {}
-    for kv in ("f32", "4"):
-        r = CliRunner().invoke(main, ["eval", str(files["hd32-f32"]), "--text", str(text), "--backend", "cpp",
-                                      "--ctx", "32", "--chunks", "2", "--threads", "1", "--kv-bits", kv])
-        assert r.exit_code == 0, r.output
-        outs[kv] = r.output
+    outs = {kv: _cpp_eval(files["hd32-f32"], text, "--kv-bits", kv) for kv in ("f32", "4")}
     assert outs["f32"] != outs["4"]  # the override reached the runtime
     r = CliRunner().invoke(main, ["eval", str(files["hd32-f32"]), "--text", str(text), "--kv-bits", "3"])
     assert r.exit_code != 0 and "--kv-bits" in r.output
@@ -356,12 +362,7 @@ def test_cli_kv_rotation(native_lib, files, tiny_model_dir, tmp_path):
     assert r.exit_code == 0 and "KV cache (runtime default): 4-bit, rotation none" in r.output, r.output
     text = tmp_path / "t.txt"
     text.write_text("the model layer weight and the cache " * 40)
-    outs = {}
-    for rot in ("hadamard", "none"):
-        r = CliRunner().invoke(main, ["eval", str(files["hd32-q4"]), "--text", str(text), "--backend", "cpp",
-                                      "--ctx", "32", "--chunks", "2", "--threads", "1", "--kv-rotation", rot])
-        assert r.exit_code == 0, r.output
-        outs[rot] = r.output
+    outs = {rot: _cpp_eval(files["hd32-q4"], text, "--kv-rotation", rot) for rot in ("hadamard", "none")}
     assert outs["hadamard"] != outs["none"]  # the override reached the runtime
     r = CliRunner().invoke(main, ["eval", str(files["hd32-q4"]), "--text", str(text), "--backend", "torch",
                                   "--kv-rotation", "none"])
