@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -10,6 +11,12 @@
 #include "wqedge.h"
 
 namespace wqe {
+
+// An on/off switch from the environment: `dflt` when `name` is unset or empty, else on unless it is "0".
+inline bool env_switch(const char* name, bool dflt) {
+    const char* e = std::getenv(name);
+    return e && *e ? std::strcmp(e, "0") != 0 : dflt;
+}
 
 // Every internal failure is an Error carrying a status code and a readable message;
 // the C API catches it at the boundary and turns it into (code, wqe_last_error()).

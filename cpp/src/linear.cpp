@@ -107,15 +107,15 @@ Prepared prepare(const Linear& W, const float* x, MatScratch::Slot& sl, int kern
     return {sl.xprep.data(), sl.xsum.data(), sl.x8off.data(), sl.xq8.data()};
 }
 
-// Rows [task * RT, +RT) of a chunked linear. `ahead`: the task this thread likely takes next.
-void chunked_tile(const Linear& W, const float* x, const Prepared& p, int task, int ahead, float* y, int kernels) {
+// Rows [task * RT, +RT) of a chunked linear.
+void chunked_tile(const Linear& W, const float* x, const Prepared& p, int task, float* y, int kernels) {
     const int n_tasks = (W.N + RT - 1) / RT, n_chunks = (int)W.chunks.size();
     const int r0 = task * RT, nr = std::min(RT, W.N - r0);
     float acc[RT] = {0}, part[RT];
     const uint8_t* rows = W.row(r0);
     // Prefetch the tile this thread will likely take next, one slice per chunk step: decode streams
     // every weight once, and the kernels stall on the loads without it.
-    const int next = task + ahead;
+    const int next = task + 1;  // the pool runs a thread's tasks as one contiguous span
     const uint8_t* pf = next < n_tasks ? W.row(next * RT) : nullptr;
     const size_t pf_bytes = pf ? (size_t)std::min(RT, W.N - next * RT) * W.row_bytes : 0;
     const size_t pf_step = (pf_bytes / n_chunks + 63) & ~(size_t)63;
@@ -242,7 +242,7 @@ bool cpu_is_intel() {
 }
 
 // Tiles [task * TPT, +TPT) of a tiled linear.
-void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, int ahead, float* y, int kernels) {
+void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, float* y, int kernels) {
     const int n_tiles = (W.N + TILE_ROWS - 1) / TILE_ROWS;
     // Software prefetch of the next task's tiles (a thread's tiles are one contiguous stream, the pool's spans):
     // whether it pays depends on the CPU's own prefetchers (bench/results/decode_spans.md, ms per decode step of 22
@@ -250,11 +250,8 @@ void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, in
     // 7.3), on AMD Zen 4 it costs (q4 decode 26 vs 33 tok/s). So: on for Intel CPUs, off elsewhere (AArch64 runs the
     // row layout); WQEDGE_TILE_PREFETCH=1 / =0 forces it (only when every tile of this task has its partner that
     // far on: the pointers stay inside the copy).
-    static const bool use_pf = [] {
-        const char* e = std::getenv("WQEDGE_TILE_PREFETCH");
-        return e && *e ? std::strcmp(e, "0") != 0 : cpu_is_intel();
-    }();
-    const std::ptrdiff_t pf = (task + ahead + 1) * TPT <= n_tiles && use_pf ? (std::ptrdiff_t)ahead * TPT * (std::ptrdiff_t)W.tile_bytes : 0;
+    static const bool use_pf = env_switch("WQEDGE_TILE_PREFETCH", cpu_is_intel());
+    const std::ptrdiff_t pf = (task + 2) * TPT <= n_tiles && use_pf ? (std::ptrdiff_t)TPT * (std::ptrdiff_t)W.tile_bytes : 0;
     for (int t = task * TPT, t1 = std::min(n_tiles, (task + 1) * TPT); t < t1; ++t) {
         float acc[TILE_ROWS] = {0};
         for (const Linear::Run& run : W.runs) tile_run(W, run, W.tile(t), x, p, kernels, pf, acc);
@@ -266,9 +263,9 @@ inline int n_tasks_of(const Linear& W) {
     return W.tiled() ? ((W.N + TILE_ROWS - 1) / TILE_ROWS + TPT - 1) / TPT : (W.N + RT - 1) / RT;
 }
 
-inline void run_task(const Linear& W, const float* x, const Prepared& p, int task, int ahead, float* y, int kernels) {
-    if (W.tiled()) tiled_task(W, x, p, task, ahead, y, kernels);
-    else chunked_tile(W, x, p, task, ahead, y, kernels);
+inline void run_task(const Linear& W, const float* x, const Prepared& p, int task, float* y, int kernels) {
+    if (W.tiled()) tiled_task(W, x, p, task, y, kernels);
+    else chunked_tile(W, x, p, task, y, kernels);
 }
 
 inline int trit(uint8_t byte, int i) {  // docs/format.md: t_i = (((byte * 3^i) mod 256) * 3) >> 8
@@ -300,7 +297,7 @@ void ternary_as_q2(const Chunk& ch, const uint8_t* src, uint8_t* dst, size_t dst
 static std::shared_ptr<uint8_t[]> alloc_tiles(size_t n) {
 #if defined(__linux__)
     constexpr size_t HUGE = (size_t)2 << 20;
-    static const bool use_huge = [] { const char* e = std::getenv("WQEDGE_HUGEPAGES"); return !(e && !std::strcmp(e, "0")); }();
+    static const bool use_huge = env_switch("WQEDGE_HUGEPAGES", true);
     void* p = nullptr;
     if (use_huge && n >= HUGE && posix_memalign(&p, HUGE, n) == 0) {
         madvise(p, n / HUGE * HUGE, MADV_HUGEPAGE);  // a hint: without THP (never / unsupported) nothing changes
@@ -409,9 +406,7 @@ bool ternary_tiles() {
 void set_ternary_tiles(bool on) { g_ternary_tiles.store(on ? 1 : 0); }
 
 bool repack_wanted(int kernels) {
-    const char* e = std::getenv("WQEDGE_REPACK");
-    if (e && *e) return std::strcmp(e, "0") != 0;
-    return block_traits(2)->tile8[kernels] != nullptr && kernels != K_SCALAR;
+    return env_switch("WQEDGE_REPACK", block_traits(2)->tile8[kernels] != nullptr && kernels != K_SCALAR);
 }
 
 void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScratch& s, int kernels, int act) {
@@ -445,8 +440,7 @@ void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScra
     }
     if (s.slots.empty()) s.slots.resize(1);
     const Prepared p = prepare(W, x, s.slots[0], kernels, act);
-    const int ahead = 1;  // the pool runs each thread's tasks as one contiguous span: its next task is the next one
-    pool.run(n_tasks_of(W), [&](int task, int) { run_task(W, x, p, task, ahead, y, kernels); });
+    pool.run(n_tasks_of(W), [&](int task, int) { run_task(W, x, p, task, y, kernels); });
 }
 
 void matvec_group(int n, const Linear* const* W, const float* x, float* const* y, ThreadPool& pool, MatScratch& s,
@@ -464,11 +458,10 @@ void matvec_group(int n, const Linear* const* W, const float* x, float* const* y
         p[i] = prepare(*W[i], x, s.slots[i], kernels, act);
         first[i + 1] = first[i] + n_tasks_of(*W[i]);
     }
-    const int ahead = 1;  // contiguous spans per thread (ThreadPool)
     pool.run(first[n], [&](int task, int) {
         int i = 0;
         while (task >= first[i + 1]) ++i;
-        run_task(*W[i], x, p[i], task - first[i], ahead, y[i], kernels);
+        run_task(*W[i], x, p[i], task - first[i], y[i], kernels);
     });
 }
 

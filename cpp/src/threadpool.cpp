@@ -24,6 +24,7 @@ constexpr int SPIN = 4000;  // pause iterations before sleeping / yielding
 inline uint64_t gen_of(uint64_t s) { return s >> (2 * TASK_BITS); }
 inline int end_of(uint64_t s) { return (int)((s >> TASK_BITS) & TASK_MASK); }
 inline int next_of(uint64_t s) { return (int)(s & TASK_MASK); }
+inline uint64_t span_state(uint64_t gen, uint64_t end, uint64_t next) { return gen << (2 * TASK_BITS) | end << TASK_BITS | next; }
 }  // namespace
 
 int default_thread_count() {
@@ -75,9 +76,10 @@ bool ThreadPool::work(int id, uint64_t gen) {
             uint64_t v = span.load(std::memory_order_acquire);
             while (gen_of(v) == gen && next_of(v) < end_of(v)) {
                 const uint64_t next = next_of(v), end = end_of(v), mid = next + (end - next) / 2;
-                const uint64_t kept = gen << (2 * TASK_BITS) | mid << TASK_BITS | next;
-                if (!span.compare_exchange_weak(v, kept, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
-                mine.store(gen << (2 * TASK_BITS) | end << TASK_BITS | mid, std::memory_order_release);
+                if (!span.compare_exchange_weak(v, span_state(gen, mid, next), std::memory_order_acq_rel,
+                                                std::memory_order_acquire))
+                    continue;
+                mine.store(span_state(gen, end, mid), std::memory_order_release);
                 stole = true;
                 break;
             }
@@ -119,7 +121,7 @@ void ThreadPool::run(int n_tasks, const std::function<void(int, int)>& fn) {
     done_.store(0, std::memory_order_relaxed);
     for (int i = 0; i < n_threads_; ++i) {  // span i = tasks [i n / T, (i + 1) n / T)
         const uint64_t first = (uint64_t)i * n_tasks / n_threads_, end = (uint64_t)(i + 1) * n_tasks / n_threads_;
-        spans_[i].s.store(gen_ << (2 * TASK_BITS) | end << TASK_BITS | first, std::memory_order_release);
+        spans_[i].s.store(span_state(gen_, end, first), std::memory_order_release);
     }
     // seq_cst store then load, against the worker's sleepers_ increment then state_ load: either
     // the worker sees the new generation or we see it sleeping and wake it.
