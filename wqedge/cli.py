@@ -226,6 +226,15 @@ def _kv_rotation_option(default: str):
                              "(docs/format.md \"KV cache\"; bench/results/kv_cache.md measures both). " + default)
 
 
+def _kv_cache_spec(kv_bits, kv_rotation, where: str = ""):
+    """The KV cache --kv-bits / --kv-rotation ask for (None when --kv-bits is not given); --kv-rotation without a
+    quantized cache to apply to is refused."""
+    from .kv_format import KVCacheSpec, parse_bits
+    if kv_rotation is not None and kv_bits not in ("8", "4"):
+        _fail(f"--kv-rotation {where}needs --kv-bits 8 or 4 (it is a setting of a quantized KV cache)")
+    return None if kv_bits is None else KVCacheSpec(parse_bits(kv_bits), kv_rotation or "hadamard")
+
+
 def _kv_bits_option(default: str):
     """--kv-bits of convert / eval / run: one set of choices and one explanation, each command's own default."""
     return click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
@@ -332,14 +341,12 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
                           act_bits, prune, max_prune)
     if feedback_windows is not None:
         pipeline.set_feedback_windows(plan, feedback_windows)
-    if kv_rotation is not None and kv_bits not in ("8", "4"):
-        _fail("--kv-rotation is a setting of a quantized KV cache: give --kv-bits 8 or 4 with it")
-    if kv_bits is not None:
-        from .kv_format import KVCacheSpec, parse_bits
+    kv = _kv_cache_spec(kv_bits, kv_rotation)
+    if kv is not None:
         if target != "gguf" and kv_bits != "f32":
             _fail(f"--kv-bits is a setting of wqedge's runtime; the {target} target keeps its engine's own KV cache "
                   f"(llama.cpp: --cache-type-k/-v at run time)")
-        plan.kv_cache = KVCacheSpec(parse_bits(kv_bits), kv_rotation or "hadamard").to_plan()
+        plan.kv_cache = kv.to_plan()
     _print_plan_summary(plan)
     if save_plan:
         plan.save(save_plan)
@@ -524,12 +531,8 @@ def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, bat
     else:
         import torch
 
-        from .kv_format import KVCacheSpec, parse_bits
         from .reference import load_reference, logits_fn
-        if kv_rotation is not None and kv_bits not in ("8", "4"):
-            _fail("--kv-rotation with --backend torch needs --kv-bits 8 or 4 (the reference quantizes the cache only "
-                  "when told how)")
-        kv = None if kv_bits is None else KVCacheSpec(parse_bits(kv_bits), kv_rotation or "hadamard")
+        kv = _kv_cache_spec(kv_bits, kv_rotation, "with --backend torch ")
         if path.is_dir():
             ckpt = _open_checkpoint(path)
             net = ckpt.load_hf_model(torch.float32)
