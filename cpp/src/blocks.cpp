@@ -537,10 +537,19 @@ WQE_SUB_DECL(q2s)
 #if WQE_ARM64
 namespace neon {
 #include "kernel_set.inc"
+// Row tiles (kernels_neon_tiles.cpp): SDOT or plain NEON per call (neon_dotprod()), as the dot8 kernels.
+void tile8_ternary(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
 }  // namespace neon
 #  define NEON(f) neon::f
+#  define NEON_TILE(K) neon::tile8_##K
 #else
 #  define NEON(f) nullptr
+#  define NEON_TILE(K) nullptr
 #endif
 
 // ------------------------------------------------------------------ the traits table
@@ -564,19 +573,19 @@ static const BlockTraits TABLE[N_BLOCK_TYPES] = {
      {nullptr, rows_scalar<dequant_affine_scalar<block_q8, 32>>, AVX2(dot_rows_q8), NEON(dot_rows_q8)}, {nullptr, dequant_affine_scalar<block_q8, 32>, AVX2(dequant_q8), NEON(dequant_q8)}, {nullptr, dot8_affine_scalar<code_q8>, AVX2(dot8_q8), NEON(dot8_q8)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q8>>, AVX2(dot8_rows_q8), NEON(dot8_rows_q8)}, 0, {}, false},
     {"q4", 2, 4, cb_q4, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q4>, AVX2(dot_q4), NEON(dot_q4)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q4, 16>>, AVX2(dot_rows_q4), NEON(dot_rows_q4)}, {nullptr, dequant_affine_scalar<block_q4, 16>, AVX2(dequant_q4), NEON(dequant_q4)}, {nullptr, dot8_affine_scalar<code_q4>, AVX2(dot8_q4), NEON(dot8_q4)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q4>>, AVX2(dot8_rows_q4), NEON(dot8_rows_q4)}, 16, {nullptr, tile8_affine_scalar<tcode_q4, 16>, AVX2_TILE(q4), nullptr}, false},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q4, 16>>, AVX2(dot_rows_q4), NEON(dot_rows_q4)}, {nullptr, dequant_affine_scalar<block_q4, 16>, AVX2(dequant_q4), NEON(dequant_q4)}, {nullptr, dot8_affine_scalar<code_q4>, AVX2(dot8_q4), NEON(dot8_q4)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q4>>, AVX2(dot8_rows_q4), NEON(dot8_rows_q4)}, 16, {nullptr, tile8_affine_scalar<tcode_q4, 16>, AVX2_TILE(q4), NEON_TILE(q4)}, false},
     {"q3", 3, 4, cb_q3, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q3>, AVX2(dot_q3), NEON(dot_q3)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q3, 12>>, AVX2(dot_rows_q3), NEON(dot_rows_q3)}, {nullptr, dequant_affine_scalar<block_q3, 12>, AVX2(dequant_q3), NEON(dequant_q3)}, {nullptr, dot8_affine_scalar<code_q3>, AVX2(dot8_q3), NEON(dot8_q3)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q3>>, AVX2(dot8_rows_q3), NEON(dot8_rows_q3)}, 12, {nullptr, tile8_affine_scalar<tcode_q3, 12>, AVX2_TILE(q3), nullptr}, false},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q3, 12>>, AVX2(dot_rows_q3), NEON(dot_rows_q3)}, {nullptr, dequant_affine_scalar<block_q3, 12>, AVX2(dequant_q3), NEON(dequant_q3)}, {nullptr, dot8_affine_scalar<code_q3>, AVX2(dot8_q3), NEON(dot8_q3)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q3>>, AVX2(dot8_rows_q3), NEON(dot8_rows_q3)}, 12, {nullptr, tile8_affine_scalar<tcode_q3, 12>, AVX2_TILE(q3), NEON_TILE(q3)}, false},
     {"q2", 4, 4, cb_q2, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q2>, AVX2(dot_q2), NEON(dot_q2)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q2, 8>>, AVX2(dot_rows_q2), NEON(dot_rows_q2)}, {nullptr, dequant_affine_scalar<block_q2, 8>, AVX2(dequant_q2), NEON(dequant_q2)}, {nullptr, dot8_affine_scalar<code_q2>, AVX2(dot8_q2), NEON(dot8_q2)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q2>>, AVX2(dot8_rows_q2), NEON(dot8_rows_q2)}, 8, {nullptr, tile8_affine_scalar<tcode_q2, 8>, AVX2_TILE(q2), nullptr}, false},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q2, 8>>, AVX2(dot_rows_q2), NEON(dot_rows_q2)}, {nullptr, dequant_affine_scalar<block_q2, 8>, AVX2(dequant_q2), NEON(dequant_q2)}, {nullptr, dot8_affine_scalar<code_q2>, AVX2(dot8_q2), NEON(dot8_q2)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q2>>, AVX2(dot8_rows_q2), NEON(dot8_rows_q2)}, 8, {nullptr, tile8_affine_scalar<tcode_q2, 8>, AVX2_TILE(q2), NEON_TILE(q2)}, false},
     {"ternary", 5, 2, cb_ternary, X_TERNARY,
      {nullptr, dot_ternary_scalar, AVX2(dot_ternary), NEON(dot_ternary)}, 
-     {nullptr, rows_reference<dot_ternary_scalar>, AVX2(dot_rows_ternary), NEON(dot_rows_ternary)}, {nullptr, dequant_ternary_scalar, AVX2(dequant_ternary), NEON(dequant_ternary)}, {nullptr, dot8_ternary_scalar, AVX2(dot8_ternary), NEON(dot8_ternary)}, {nullptr, rows8_reference<dot8_ternary_scalar>, AVX2(dot8_rows_ternary), NEON(dot8_rows_ternary)}, 4, {nullptr, tile8_ternary_scalar, AVX2_TILE(ternary), nullptr}, false},
+     {nullptr, rows_reference<dot_ternary_scalar>, AVX2(dot_rows_ternary), NEON(dot_rows_ternary)}, {nullptr, dequant_ternary_scalar, AVX2(dequant_ternary), NEON(dequant_ternary)}, {nullptr, dot8_ternary_scalar, AVX2(dot8_ternary), NEON(dot8_ternary)}, {nullptr, rows8_reference<dot8_ternary_scalar>, AVX2(dot8_rows_ternary), NEON(dot8_rows_ternary)}, 4, {nullptr, tile8_ternary_scalar, AVX2_TILE(ternary), NEON_TILE(ternary)}, false},
     {"q1", 6, 4, cb_q1, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q1>, AVX2(dot_q1), NEON(dot_q1)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q1, 4>>, AVX2(dot_rows_q1), NEON(dot_rows_q1)}, {nullptr, dequant_affine_scalar<block_q1, 4>, AVX2(dequant_q1), NEON(dequant_q1)}, {nullptr, dot8_affine_scalar<code_q1>, AVX2(dot8_q1), NEON(dot8_q1)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q1>>, AVX2(dot8_rows_q1), NEON(dot8_rows_q1)}, 4, {nullptr, tile8_affine_scalar<tcode_q1, 4>, AVX2_TILE(q1), nullptr}, false},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q1, 4>>, AVX2(dot_rows_q1), NEON(dot_rows_q1)}, {nullptr, dequant_affine_scalar<block_q1, 4>, AVX2(dequant_q1), NEON(dequant_q1)}, {nullptr, dot8_affine_scalar<code_q1>, AVX2(dot8_q1), NEON(dot8_q1)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q1>>, AVX2(dot8_rows_q1), NEON(dot8_rows_q1)}, 4, {nullptr, tile8_affine_scalar<tcode_q1, 4>, AVX2_TILE(q1), NEON_TILE(q1)}, false},
     {"q4s", 7, 4, cb_q4s, X_PLAIN,
      {nullptr, dot_sub_scalar<block_q4, 16>, AVX2(dot_q4s), NEON(dot_q4s)},
      {nullptr, rows_scalar<dequant_sub_scalar<block_q4, 16>>, AVX2(dot_rows_q4s), NEON(dot_rows_q4s)}, {nullptr, dequant_sub_scalar<block_q4, 16>, AVX2(dequant_q4s), NEON(dequant_q4s)}, {nullptr, dot8_sub_scalar<block_q4, 16>, AVX2(dot8_q4s), NEON(dot8_q4s)}, {nullptr, rows8_reference<dot8_sub_scalar<block_q4, 16>>, AVX2(dot8_rows_q4s), NEON(dot8_rows_q4s)}, 0, {}, true},
@@ -717,7 +726,7 @@ static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16
 static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4, tile8_mix_x86};
 #endif
 #if WQE_ARM64
-static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, nullptr};
+static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, neon::tile8_mix};
 #endif
 
 const VecOps& vec_ops(int kernels) {
@@ -895,13 +904,15 @@ bool set_neon_dotprod(bool on) {
     return true;
 }
 
+bool repack_wanted(int kernels);  // linear.h
+
 const char* system_info() {
     static char buf[128];
     const int k = active_kernels();
-#if WQE_ARM64
-    std::snprintf(buf, sizeof buf, "neon=1 dotprod=%d kernels=%s%s act=%s", cpu_has_dotprod() ? 1 : 0,
+#if WQE_ARM64  // tiles: whether a model loaded now gets row tiles (repack_wanted)
+    std::snprintf(buf, sizeof buf, "neon=1 dotprod=%d kernels=%s%s act=%s tiles=%d", cpu_has_dotprod() ? 1 : 0,
                   k == K_NEON ? "neon" : "scalar", k == K_NEON && neon_dotprod() ? "+dotprod" : "",
-                  active_act() == ACT_Q8 ? "q8" : "f32");
+                  active_act() == ACT_Q8 ? "q8" : "f32", repack_wanted(k) ? 1 : 0);
 #else
     std::snprintf(buf, sizeof buf, "avx2+fma+f16c=%d vnni=%s kernels=%s act=%s", cpu_has_avx2() ? 1 : 0,
                   x86_vnni() == 1 ? "avx512" : x86_vnni() == 2 ? "avx" : "none", k == K_AVX2 ? "avx2" : "scalar",

@@ -566,6 +566,7 @@ void gemm4_q4(const uint8_t*, size_t, const XQ8*, size_t, const float*, size_t, 
 void gemm4_q3(const uint8_t*, size_t, const XQ8*, size_t, const float*, size_t, int, int, float*, size_t);
 void gemm4_q2(const uint8_t*, size_t, const XQ8*, size_t, const float*, size_t, int, int, float*, size_t);
 void gemm4_q1(const uint8_t*, size_t, const XQ8*, size_t, const float*, size_t, int, int, float*, size_t);
+void tile8_gemm(const uint8_t*, const TileDesc*, int, const XQ8*, size_t, const int*, const float*, size_t, int, float*);  // kernels_neon_tiles.cpp
 }  // namespace neon
 #endif
 #if defined(__x86_64__) || defined(__i386__)
@@ -589,10 +590,13 @@ void tile8_gemm_scalar(const uint8_t* tile, const TileDesc* d, int n, const XQ8*
         vec_ops(K_SCALAR).tile8_mix(tile, d, n, xq + t * xq_stride, x8off, xsum + t * xs_stride, acc + TILE_ROWS * t, 0);
 }
 
-// The tile GEMM of a kernel set (the VNNI build the AVX2 tile kernels use, x86_vnni()); nullptr: none (NEON),
-// the products go token by token through tile_run.
+// The tile GEMM of a kernel set (the VNNI build the AVX2 tile kernels use, x86_vnni(); NEON: SDOT or plain per call,
+// neon_dotprod()); nullptr: none, the products go token by token through tile_run.
 tile8_gemm_fn tile8_gemm_of(int kernels) {
     if (kernels == K_SCALAR) return tile8_gemm_scalar;
+#if defined(__aarch64__)
+    if (kernels == K_NEON) return neon::tile8_gemm;
+#endif
 #if defined(__x86_64__) || defined(__i386__)
     if (kernels == K_AVX2) {
         const int v = x86_vnni();

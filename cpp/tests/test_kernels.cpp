@@ -498,6 +498,113 @@ static void q8_nonfinite_tests() {
     }
 }
 
+// Tile kernels one by one (BlockTraits::tile8 and VecOps::tile8_mix of every int8 set: AVX2 on x86-64, NEON with and
+// without SDOT on AArch64) against the scalar tile reference: every tile kind, G = 32, 128 and 256, 1, 3 and 5 chunks,
+// and runs whose last chunk is ragged (g = G / 2 + 4: its own g_pad, so a uniform call of its own, and in the mixed run
+// its own nb). Parts are built as repack_tiles builds them (interleaved headers, tile_pack_codes, a residual gap so
+// part_bytes exceeds what the kernel reads), activations by prepare_x8 (zero past g). Tolerance: 1e-5 of the magnitude
+// of the row's terms (as the row-layout int8 checks). The NEON builds must agree with each other bit for bit (exact
+// int32 block sums, then the same float operations), and a mixed run of one width with the uniform call.
+static int n_tile_kernel_checks = 0;
+static void tile_kernel_tests() {
+    const int kinds[] = {2, 3, 4, 6, 5};
+    for (int id : kinds) {
+        const BlockTraits& bt = *block_traits(id);
+        for (int G : {32, 128, 256})
+            for (int nch : {1, 3, 5})
+                for (int ragged = 0; ragged < 2; ++ragged) {
+                    const int n_p = 1, hb = bt.header_bytes;
+                    std::vector<int> gs(nch, G);
+                    if (ragged) gs[nch - 1] = G / 2 + 4;
+                    std::vector<TileDesc> td(nch);
+                    std::vector<int> x8off(nch);
+                    size_t off = 0;
+                    int nx = 0;
+                    for (int c = 0; c < nch; ++c) {
+                        td[c] = TileDesc{off, c, id, padded(gs[c]) / 32, 0};
+                        x8off[c] = nx;
+                        off += TILE_ROWS * tile_row_bytes(bt, gs[c], n_p);
+                        nx += x8_blocks(bt, padded(gs[c]));
+                    }
+                    std::vector<uint8_t> tile(off + 64);
+                    for (uint8_t& v : tile) v = (uint8_t)rng();  // residual bytes and the tail: noise
+                    std::vector<XQ8> xq(nx);
+                    std::vector<float> xsum(nch), x(G), w(dequant_floats(G) + 64);
+                    std::vector<double> mag(TILE_ROWS, 1e-3);
+                    for (int c = 0; c < nch; ++c) {
+                        const int g = gs[c], g_pad = padded(g);
+                        const size_t rbn = row_bytes(bt, g, n_p);
+                        std::vector<uint8_t> rows(TILE_ROWS * rbn);
+                        uint8_t* part = &tile[td[c].off];
+                        const uint8_t* src[TILE_ROWS];
+                        for (int r = 0; r < TILE_ROWS; ++r) {
+                            uint8_t* rb = &rows[r * rbn];
+                            make_rowblock(bt, g, n_p, c == 1 && r == 3 ? ZERO : RANDOM, rb);
+                            for (int f = 0; f < hb / 2; ++f) std::memcpy(part + 2 * (f * TILE_ROWS + r), rb + 2 * f, 2);
+                            src[r] = rb + hb;
+                        }
+                        tile_pack_codes(bt, src, g_pad, part + TILE_ROWS * hb);
+                        for (int k = 0; k < g; ++k) x[k] = urand(-1, 1) * (urand(0, 1) < 0.02f ? 30.0f : 1.0f);
+                        xsum[c] = prepare_x8(bt, x.data(), g, &xq[x8off[c]]);
+                        for (int r = 0; r < TILE_ROWS; ++r) {  // the terms: |code part of w| |x| + |offset x| per column
+                            const uint8_t* rb = &rows[r * rbn];
+                            bt.dequant[K_SCALAR](rb, g_pad, w.data());  // column order (ternary: plane i*B + j = column)
+                            const double o = id == 5 ? -(double)load_h(rb) : (double)load_h(rb + 2);
+                            for (int k = 0; k < g; ++k) mag[r] += std::fabs((double)w[k] - o) * (std::fabs(x[k]) + 0.01) + std::fabs(o * x[k]);
+                        }
+                    }
+                    float acc0[TILE_ROWS];
+                    for (float& v : acc0) v = urand(-1, 1);
+                    for (int r = 0; r < TILE_ROWS; ++r) mag[r] += std::fabs(acc0[r]);
+                    // uniform calls: the chunks of width G in one call, a ragged last chunk in a call of its own
+                    const int nu = ragged ? nch - 1 : nch;
+                    auto uniform = [&](int k, float* acc) {
+                        if (nu) bt.tile8[k](tile.data(), td.size() > 1 ? td[1].off : 0, nu, xq.data(), xsum.data(), G, acc, 64);
+                        if (ragged)
+                            bt.tile8[k](tile.data() + td[nch - 1].off, 0, 1, &xq[x8off[nch - 1]], &xsum[nch - 1], 32 * td[nch - 1].nb, acc, 0);
+                    };
+                    float ref[TILE_ROWS], refm[TILE_ROWS];
+                    std::memcpy(ref, acc0, sizeof ref);
+                    std::memcpy(refm, acc0, sizeof refm);
+                    uniform(K_SCALAR, ref);
+                    vec_ops(K_SCALAR).tile8_mix(tile.data(), td.data(), nch, xq.data(), x8off.data(), xsum.data(), refm, 0);
+                    char detail[160];
+                    std::snprintf(detail, sizeof detail, "kind=%s G=%d nch=%d ragged=%d", bt.name, G, nch, ragged);
+                    check(std::memcmp(ref, refm, sizeof ref) == 0, "tile kernels: scalar mix == scalar uniform", detail);
+                    float neon_u[TILE_ROWS] = {0}, neon_m[TILE_ROWS] = {0};
+                    int n_neon = 0;
+                    for (const Q8Set& qs : q8_sets()) {
+                        if (qs.k == K_SCALAR) continue;
+                        use_set(qs);
+                        const bool have = bt.tile8[qs.k] != nullptr && vec_ops(qs.k).tile8_mix != nullptr;
+                        check(have, "tile kernels: present", qs.name);
+                        if (!have) continue;
+                        float u[TILE_ROWS], m[TILE_ROWS];
+                        std::memcpy(u, acc0, sizeof u);
+                        std::memcpy(m, acc0, sizeof m);
+                        uniform(qs.k, u);
+                        vec_ops(qs.k).tile8_mix(tile.data(), td.data(), nch, xq.data(), x8off.data(), xsum.data(), m, 0);
+                        bool ok = true;
+                        for (int r = 0; r < TILE_ROWS; ++r)
+                            ok = ok && std::fabs((double)u[r] - ref[r]) <= 1e-5 * mag[r] && std::fabs((double)m[r] - ref[r]) <= 1e-5 * mag[r];
+                        char d2[224];
+                        std::snprintf(d2, sizeof d2, "%s set=%s row0 %.9g / %.9g vs %.9g", detail, qs.name, u[0], m[0], ref[0]);
+                        check(ok, "tile kernels: SIMD == scalar tile reference within 1e-5 of the terms", d2);
+                        ++n_tile_kernel_checks;
+                        if (qs.k == K_NEON) {
+                            if (!ragged) check(std::memcmp(u, m, sizeof u) == 0, "tile kernels: neon mix == neon uniform, bit for bit", d2);
+                            if (n_neon++)
+                                check(std::memcmp(u, neon_u, sizeof u) == 0 && std::memcmp(m, neon_m, sizeof m) == 0,
+                                      "tile kernels: neon SDOT == plain neon, bit for bit", d2);
+                            std::memcpy(neon_u, u, sizeof u);
+                            std::memcpy(neon_m, m, sizeof m);
+                        }
+                    }
+                    if (SIMD == K_NEON) set_neon_dotprod(cpu_has_dotprod());
+                }
+    }
+}
+
 // Row tiles (issue 12): a linear repacked by repack_tiles gives the row layout's products: bit for bit with
 // float activations (matvec untiles into the same dot_rows; matmul dequantizes untiled rows) and within
 // 1e-5 of the terms' magnitude with int8 activations (tile kernels: scalar reference and SIMD, summed in
@@ -621,6 +728,8 @@ int main() {
     vec_tests();
     threadpool_tests();
     linear_tests();
+    tile_kernel_tests();
+    std::printf("tile kernels: %d SIMD checks against the scalar tile reference\n", n_tile_kernel_checks);
     tiled_tests(false);  // ternary chunks as q2 in the tiles (the default)
     tiled_tests(true);   // ternary chunks in their own 1.6-bit tiles (WQEDGE_TERNARY_TILES=1)
     set_ternary_tiles(false);
