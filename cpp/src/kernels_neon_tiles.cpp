@@ -10,7 +10,6 @@
 #include <arm_neon.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "blocks.h"  // XQ8, TileDesc, neon_dotprod(): no inline function of it is called inside the builds
 
