@@ -465,6 +465,11 @@ void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*
 void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
+void tile16_q4(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_q3(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_q2(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_q1(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_mix(const uint8_t*, std::ptrdiff_t, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
 }  // namespace vnni512
 namespace vnni256 {  // kernels_vnni.cpp: AVX-VNNI
 void tile8_ternary(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
@@ -505,9 +510,49 @@ static void tile8_mix_x86(const uint8_t* t, const TileDesc* d, int n, const XQ8*
     (v == 1 ? avx2::vnni512::tile8_mix : v == 2 ? avx2::vnni256::tile8_mix : avx2::tile8_mix)(t, d, n, x, x8off, s, acc, pf);
 }
 #  define AVX2(f) avx2::f
+// The pair kernels need AVX512BW too (byte and word operations on zmm; every AVX512-VNNI CPU so far has it).
+static bool cpu_has_tile16() {
+    static const bool ok = [] {
+        if (cpu_vnni() != 1) return false;
+        unsigned a, b, c, d;
+        __cpuid_count(7, 0, a, b, c, d);
+        return (b & (1u << 30)) != 0 && (b & (1u << 17)) != 0;  // AVX512BW, AVX512DQ
+    }();
+    return ok;
+}
+static std::atomic<int> g_tile16{-1};  // -1 not decided, 0 off, 1 on
+static bool tile16_on() {
+    int v = g_tile16.load(std::memory_order_relaxed);
+    if (v < 0) {
+        v = cpu_has_tile16() && env_switch("WQEDGE_TILE16", true) ? 1 : 0;
+        g_tile16.store(v);
+    }
+    return v == 1 && vnni_level() == 1;
+}
+bool set_tile16(bool on) {
+    if (on && !cpu_has_tile16()) return false;
+    g_tile16.store(on ? 1 : 0);
+    return true;
+}
+tile16_fn tile16_kernel(int id, int kernels) {
+    if (kernels != K_AVX2 || !tile16_on()) return nullptr;
+    switch (id) {
+        case 2: return avx2::vnni512::tile16_q4;
+        case 3: return avx2::vnni512::tile16_q3;
+        case 4: return avx2::vnni512::tile16_q2;
+        case 6: return avx2::vnni512::tile16_q1;
+        default: return nullptr;
+    }
+}
+tile16_mix_fn tile16_mix_kernel(int kernels) {
+    return kernels == K_AVX2 && tile16_on() ? avx2::vnni512::tile16_mix : nullptr;
+}
 #else
 #  define AVX2(f) nullptr
 #  define AVX2_TILE(K) nullptr
+tile16_fn tile16_kernel(int, int) { return nullptr; }
+tile16_mix_fn tile16_mix_kernel(int) { return nullptr; }
+bool set_tile16(bool on) { return !on; }
 #endif
 
 // ------------------------------------------------------------------ two-level kinds' SIMD kernels

@@ -81,6 +81,20 @@ struct TileDesc {
 typedef void (*tile8_mix_fn)(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, const int* x8off,
                              const float* xsum, float* acc, std::ptrdiff_t pf);
 
+// Two adjacent tiles in one call (tile B = tile A + tstride bytes; acc[0..8) += tile A's rows, acc[8..16) += tile B's),
+// the same results bit for bit as tile8 / tile8_mix on each: where registers hold 16 rows (AVX-512), one activation
+// broadcast and one multiply-add serve both tiles (kernels_vnni.cpp; bench/results/tile16.md).
+typedef void (*tile16_fn)(const uint8_t* part, std::ptrdiff_t tstride, size_t part_bytes, int nch, const XQ8* xq,
+                          const float* xsum, int g_pad, float* acc, std::ptrdiff_t pf);
+typedef void (*tile16_mix_fn)(const uint8_t* tile, std::ptrdiff_t tstride, const TileDesc* d, int n, const XQ8* xq,
+                              const int* x8off, const float* xsum, float* acc, std::ptrdiff_t pf);
+// The pair kernel of tile kind id (2, 3, 4, 6) and the mixed-run one for kernel set `kernels`; nullptr where there is
+// none (then tile8 runs on each tile): only the AVX2 set with AVX512-VNNI (+ AVX512BW) in use, and not switched off by
+// WQEDGE_TILE16=0 or set_tile16(false).
+tile16_fn tile16_kernel(int id, int kernels);
+tile16_mix_fn tile16_mix_kernel(int kernels);
+bool set_tile16(bool on);  // false (and nothing changes) when on but this CPU has no pair kernels
+
 struct BlockTraits {
     const char* name;
     int id;            // id stored in wqedge.tensors.<t>.chunk_actions

@@ -228,6 +228,37 @@ void tile_run(const Linear& W, const Linear::Run& run, const uint8_t* tb, const 
     }
 }
 
+// acc[0..16) += one run of tiles tb and tb + ts (rows of both, in order), through the pair kernels where this CPU has
+// them (tile16_kernel: AVX-512 holds 16 rows per register, half the instructions per row), else tile_run on each
+// tile. Bit-identical either way.
+void tile_run_pair(const Linear& W, const Linear::Run& run, const uint8_t* tb, std::ptrdiff_t ts, const float* x,
+                   const Prepared& p, int kernels, std::ptrdiff_t pf, float* acc) {
+    if (run_has_tile_kernel(W, run, p, kernels)) {
+        const Chunk& c0 = W.chunks[run.c0];
+        const Linear::TChunk& t0 = W.tch[run.c0];
+        bool done = false;
+        if (!run.uniform) {
+            if (const tile16_mix_fn f = tile16_mix_kernel(kernels)) {
+                f(tb, ts, W.tdesc.data() + run.c0, run.n, p.xq8, p.x8off, p.xs, acc, pf);
+                done = true;
+            }
+        } else if (const tile16_fn f = tile16_kernel(t0.bt->id, kernels)) {
+            f(tb + t0.off, ts, TILE_ROWS * t0.rb, run.n, p.xq8 + p.x8off[run.c0], p.xs + run.c0, c0.g_pad, acc, pf);
+            done = true;
+        }
+        if (done) {
+            for (int c = run.c0; c < run.c0 + run.n; ++c)
+                if (W.chunks[c].n_prot) {
+                    add_protected(W, c, tb, x, acc);
+                    add_protected(W, c, tb + ts, x, acc + TILE_ROWS);
+                }
+            return;
+        }
+    }
+    tile_run(W, run, tb, x, p, kernels, pf, acc);
+    tile_run(W, run, tb + ts, x, p, kernels, pf, acc + TILE_ROWS);
+}
+
 // Whether this is an Intel x86 CPU (CPUID vendor string): the tile prefetch default (tiled_task).
 bool cpu_is_intel() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -252,6 +283,26 @@ void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, fl
     // far on: the pointers stay inside the copy).
     static const bool use_pf = env_switch("WQEDGE_TILE_PREFETCH", cpu_is_intel());
     const std::ptrdiff_t pf = (task + 2) * TPT <= n_tiles && use_pf ? (std::ptrdiff_t)TPT * (std::ptrdiff_t)W.tile_bytes : 0;
+    // Where the CPU has pair kernels (tile16_kernel), task t is the pair of tiles t and t + h, h = ceil(n_tiles / 2):
+    // a thread's span of tasks reads two long sequential streams. Pairing adjacent tiles instead (t, t + 1) halved the
+    // DRAM throughput on Zen 4 (bench/results/tile16.md): each stream restarted every tile, out of the reach of the
+    // hardware prefetchers.
+    if (tile16_mix_kernel(kernels) != nullptr) {
+        const int h = (n_tiles + 1) / 2, ta = task, tb = task + h;
+        if (tb < n_tiles) {
+            const std::ptrdiff_t pfp = tb + 1 < n_tiles && use_pf ? (std::ptrdiff_t)W.tile_bytes : 0;  // the next task's pair
+            float acc[2 * TILE_ROWS] = {0};
+            for (const Linear::Run& run : W.runs)
+                tile_run_pair(W, run, W.tile(ta), (std::ptrdiff_t)h * (std::ptrdiff_t)W.tile_bytes, x, p, kernels, pfp, acc);
+            for (int i = 0; i < TILE_ROWS; ++i) y[ta * TILE_ROWS + i] = acc[i];  // ta < h <= n_tiles - 1: a whole tile
+            for (int i = 0, n = std::min(TILE_ROWS, W.N - tb * TILE_ROWS); i < n; ++i) y[tb * TILE_ROWS + i] = acc[TILE_ROWS + i];
+        } else {  // n_tiles odd: the middle tile alone
+            float acc[TILE_ROWS] = {0};
+            for (const Linear::Run& run : W.runs) tile_run(W, run, W.tile(ta), x, p, kernels, 0, acc);
+            for (int i = 0, n = std::min(TILE_ROWS, W.N - ta * TILE_ROWS); i < n; ++i) y[ta * TILE_ROWS + i] = acc[i];
+        }
+        return;
+    }
     for (int t = task * TPT, t1 = std::min(n_tiles, (task + 1) * TPT); t < t1; ++t) {
         float acc[TILE_ROWS] = {0};
         for (const Linear::Run& run : W.runs) tile_run(W, run, W.tile(t), x, p, kernels, pf, acc);
@@ -259,6 +310,7 @@ void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, fl
     }
 }
 
+static_assert(TPT == 2, "tiled_task's pairs (t, t + ceil(n_tiles / 2)) assume as many tasks as with TPT tiles each");
 inline int n_tasks_of(const Linear& W) {
     return W.tiled() ? ((W.N + TILE_ROWS - 1) / TILE_ROWS + TPT - 1) / TPT : (W.N + RT - 1) / RT;
 }

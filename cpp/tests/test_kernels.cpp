@@ -683,6 +683,11 @@ static void tiled_tests(bool ternary_tiles) {
                         set_x86_vnni(-1);
                         eq = eq && std::memcmp(y1.data(), y2.data(), sizeof(float) * cs.N) == 0;
                         ++n_vnni_checked;
+                        if (set_tile16(false)) {  // tile8 one tile at a time == the pairs (the default here)
+                            matvec(T, x, y2.data(), pool, ms, qs.k, ACT_Q8);
+                            set_tile16(true);
+                            eq = eq && std::memcmp(y1.data(), y2.data(), sizeof(float) * cs.N) == 0;
+                        }
                     }
                     {  // grouped == separate, tiled and not mixed in one group
                         std::vector<float> g0(cs.N), g1(cs.N);
@@ -716,6 +721,77 @@ static void tiled_tests(bool ternary_tiles) {
     }
 }
 
+// Pair kernels (tile16_kernel / tile16_mix_kernel: two tiles ts bytes apart, 16 rows per AVX-512 register) against
+// tile8 / tile8_mix on each tile: bit for bit (the same exact int32 block sums and the same float operations per row),
+// for every pair kind, mixed runs with ternary tiles among them, G = 32, 128 and 256, 1-5 chunks, a ragged last chunk,
+// tile gaps (ts) that are not a multiple of anything. Skipped, saying so, where the CPU has no pair kernels.
+static int n_pair_checks = 0;
+static void tile_pair_tests() {
+    if (!tile16_mix_kernel(K_AVX2)) {
+        std::printf("tile pairs: no pair kernels on this CPU (AVX512-VNNI + BW), skipped\n");
+        return;
+    }
+    const std::vector<std::vector<int>> runs = {{2}, {3}, {4}, {6}, {2, 4, 3, 6}, {5, 4, 2}, {4, 4, 5, 3, 6}};
+    for (const std::vector<int>& kinds : runs)
+        for (int G : {32, 128, 256})
+            for (int nch : {1, 2, 5})
+                for (int ragged = 0; ragged < 2; ++ragged) {
+                    std::vector<TileDesc> td(nch);
+                    std::vector<int> x8off(nch), gs(nch, G);
+                    if (ragged) gs[nch - 1] = G / 2 + 4;
+                    size_t off = 0;
+                    int nx = 0;
+                    for (int c = 0; c < nch; ++c) {
+                        const BlockTraits& bt = *block_traits(kinds[c % kinds.size()]);
+                        td[c] = TileDesc{off, c, bt.id, padded(gs[c]) / 32, 0};
+                        x8off[c] = nx;
+                        off += TILE_ROWS * tile_row_bytes(bt, gs[c], 1);
+                        nx += x8_blocks(bt, padded(gs[c]));
+                    }
+                    const std::ptrdiff_t ts = (std::ptrdiff_t)off + 1 + (std::ptrdiff_t)(rng() % 300);
+                    std::vector<uint8_t> buf(ts + off + 64);
+                    for (uint8_t& v : buf) v = (uint8_t)rng();
+                    for (std::ptrdiff_t t0 : {(std::ptrdiff_t)0, ts})  // finite fp16 headers (d, m; ternary a) in both tiles
+                        for (int c = 0; c < nch; ++c)
+                            for (int i = 0; i < TILE_ROWS * block_traits(td[c].kind)->header_bytes / 2; ++i)
+                                buf[t0 + td[c].off + 2 * i + 1] = (uint8_t)(0x2C + rng() % 12) | (rng() & 0x80);
+                    std::vector<XQ8> xq(nx);
+                    std::vector<float> xsum(nch), x(G);
+                    for (int c = 0; c < nch; ++c) {
+                        for (int k = 0; k < gs[c]; ++k) x[k] = urand(-1, 1) * (urand(0, 1) < 0.02f ? 30.0f : 1.0f);
+                        xsum[c] = prepare_x8(*block_traits(td[c].kind), x.data(), gs[c], &xq[x8off[c]]);
+                    }
+                    float acc0[2 * TILE_ROWS];
+                    for (float& v : acc0) v = urand(-1, 1);
+                    float one[2 * TILE_ROWS], pair[2 * TILE_ROWS];
+                    std::memcpy(one, acc0, sizeof one);
+                    std::memcpy(pair, acc0, sizeof pair);
+                    const bool uniform = kinds.size() == 1 && !ragged;
+                    const BlockTraits& bt0 = *block_traits(kinds[0]);
+                    const size_t pb = nch > 1 ? td[1].off : 0;
+                    for (int h = 0; h < 2; ++h) {
+                        if (uniform) bt0.tile8[K_AVX2](buf.data() + h * ts, pb, nch, xq.data(), xsum.data(), G, one + h * TILE_ROWS, 0);
+                        else vec_ops(K_AVX2).tile8_mix(buf.data() + h * ts, td.data(), nch, xq.data(), x8off.data(), xsum.data(), one + h * TILE_ROWS, 0);
+                    }
+                    if (uniform) {
+                        const tile16_fn f = tile16_kernel(bt0.id, K_AVX2);
+                        check(f != nullptr, "tile pairs: a pair kernel for every affine tile kind", bt0.name);
+                        if (!f) continue;
+                        f(buf.data(), ts, pb, nch, xq.data(), xsum.data(), G, pair, 64);
+                    } else {
+                        tile16_mix_kernel(K_AVX2)(buf.data(), ts, td.data(), nch, xq.data(), x8off.data(), xsum.data(), pair, 64);
+                    }
+                    char d[128];
+                    std::snprintf(d, sizeof d, "kinds %zu from %s, G=%d nch=%d ragged=%d, row 0 %.9g vs %.9g", kinds.size(), bt0.name, G, nch, ragged, pair[0], one[0]);
+                    check(std::memcmp(one, pair, sizeof one) == 0, "tile pairs: == tile8 on each tile, bit for bit", d);
+                    ++n_pair_checks;
+                }
+    check(set_tile16(false) && tile16_mix_kernel(K_AVX2) == nullptr && tile16_kernel(2, K_AVX2) == nullptr,
+          "tile pairs: set_tile16(false) turns them off");
+    check(set_tile16(true) && tile16_mix_kernel(K_AVX2) != nullptr, "tile pairs: set_tile16(true) turns them on");
+    std::printf("tile pairs: %d checks against tile8 on each tile\n", n_pair_checks);
+}
+
 int main() {
     std::printf("%s\n", system_info());
     std::printf("simd kernels under test: %s\n", SIMD ? SIMD_NAME : "none");
@@ -730,6 +806,7 @@ int main() {
     linear_tests();
     tile_kernel_tests();
     std::printf("tile kernels: %d SIMD checks against the scalar tile reference\n", n_tile_kernel_checks);
+    tile_pair_tests();
     tiled_tests(false);  // ternary chunks as q2 in the tiles (the default)
     tiled_tests(true);   // ternary chunks in their own 1.6-bit tiles (WQEDGE_TERNARY_TILES=1)
     set_ternary_tiles(false);
