@@ -72,6 +72,78 @@ __attribute__((target("avx2,fma"))) static void block_matvec_avx2(const float* R
 }  // namespace avx2
 #endif
 
+std::vector<float> pack_rows16(const std::vector<float>& R, int n) {
+    std::vector<float> P((size_t)n * n);
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < n; ++j) P[((size_t)(i / 16) * n + j) * 16 + i % 16] = R[(size_t)i * n + j];
+    return P;
+}
+
+static void block_matmul_p_scalar(const float* P, int n, const float* X, int nx, float* Y, int i0, int i1) {
+    for (int b = 0; b < nx; ++b)
+        for (int i = i0; i < i1; ++i) {
+            const float* p = P + (size_t)(i / 16) * n * 16 + i % 16;
+            float s = 0.0f;
+            for (int j = 0; j < n; ++j) s += p[(size_t)j * 16] * X[(size_t)b * n + j];
+            Y[(size_t)b * n + i] = s;
+        }
+}
+
+#ifdef WQE_ROT_AVX2
+namespace avx2 {
+// NB blocks x one strip of 16 rows (p: the strip): 2 NB accumulators, per column two loads and NB broadcasts of x_j.
+// (Named accumulators: GCC kept an accumulator array in memory, storing all 2 NB every column.)
+template <int NB>
+__attribute__((target("avx2,fma"))) static inline void matmul_p_16(const float* p, int n, const float* X, float* Y) {
+    const __m256 z = _mm256_setzero_ps();
+    __m256 a0 = z, b0 = z, a1 = z, b1 = z, a2 = z, b2 = z, a3 = z, b3 = z;
+    const float *x0 = X, *x1 = X + (NB > 1 ? n : 0), *x2 = X + (NB > 2 ? 2 * n : 0), *x3 = X + (NB > 3 ? 3 * n : 0);
+    for (int j = 0; j < n; ++j, p += 16) {
+        const __m256 r0 = _mm256_loadu_ps(p), r1 = _mm256_loadu_ps(p + 8);
+        __m256 xv = _mm256_broadcast_ss(x0 + j);
+        a0 = _mm256_fmadd_ps(r0, xv, a0);
+        b0 = _mm256_fmadd_ps(r1, xv, b0);
+        if (NB > 1) {
+            xv = _mm256_broadcast_ss(x1 + j);
+            a1 = _mm256_fmadd_ps(r0, xv, a1);
+            b1 = _mm256_fmadd_ps(r1, xv, b1);
+        }
+        if (NB > 2) {
+            xv = _mm256_broadcast_ss(x2 + j);
+            a2 = _mm256_fmadd_ps(r0, xv, a2);
+            b2 = _mm256_fmadd_ps(r1, xv, b2);
+        }
+        if (NB > 3) {
+            xv = _mm256_broadcast_ss(x3 + j);
+            a3 = _mm256_fmadd_ps(r0, xv, a3);
+            b3 = _mm256_fmadd_ps(r1, xv, b3);
+        }
+    }
+    const __m256 acc[4][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}};
+    for (int k = 0; k < NB; ++k) {
+        _mm256_storeu_ps(Y + (size_t)k * n, acc[k][0]);
+        _mm256_storeu_ps(Y + (size_t)k * n + 8, acc[k][1]);
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void block_matmul_p_avx2(const float* P, int n, const float* X, int nx, float* Y, int i0,
+                                                                    int i1) {
+    for (int i = i0; i < i1; i += 16)
+        for (int b = 0; b < nx; b += 4) {
+            const float* p = P + (size_t)(i / 16) * n * 16;
+            const float* x = X + (size_t)b * n;
+            float* y = Y + (size_t)b * n + i;
+            switch (std::min(4, nx - b)) {
+                case 4: matmul_p_16<4>(p, n, x, y); break;
+                case 3: matmul_p_16<3>(p, n, x, y); break;
+                case 2: matmul_p_16<2>(p, n, x, y); break;
+                default: matmul_p_16<1>(p, n, x, y); break;
+            }
+        }
+}
+}  // namespace avx2
+#endif
+
 #ifdef WQE_ROT_NEON
 static void block_matvec_neon(const float* R, int n, const float* x, float* y) {
     const int n4 = n & ~3;
@@ -113,6 +185,14 @@ void block_matvec(const float* R, int n, const float* x, float* y, int kernels) 
     block_matvec_scalar(R, n, x, y);
 }
 
+void block_matmul_p(const float* P, int n, const float* X, int nx, float* Y, int i0, int i1, int kernels) {
+#ifdef WQE_ROT_AVX2
+    if (kernels == K_AVX2) return avx2::block_matmul_p_avx2(P, n, X, nx, Y, i0, i1);
+#endif
+    (void)kernels;
+    block_matmul_p_scalar(P, n, X, nx, Y, i0, i1);
+}
+
 // ------------------------------------------------------------------ the transform
 // The two halves of apply, per block b of R2's layout, so that decode can spread them over threads with the
 // same arithmetic: stage1 = smoothing and R1 on block b (x -> t), stage2 = gather from t, R2 on block b (-> y)
@@ -142,7 +222,48 @@ static void finish(const Rotation& r, const float* part, const float* y, float* 
     vec_ops(kernels).axpy(-2.0f * d, r.hh.data(), x, r.dim);
 }
 
+void Rotation::pack_blocks() {
+    if (block % 16) return;  // (the per-block path then)
+    r1p = pack_rows16(r1, block);
+    r2p = pack_rows16(r2, block);
+}
+
+// apply with every whole block of a stage in one block_matmul_p (AVX2 and the packed blocks present): the stages' rows
+// split into tasks of 32 (one more task for the tail block), over the pool's threads when one is given (decode);
+// the same operations as stage1/stage2 otherwise (smoothing, gather, the Householder shares summed in block order).
+static bool multi_block(const Rotation& r, int kernels) { return kernels == K_AVX2 && !r.r1p.empty() && r.dim >= r.block; }
+
+static void apply_multi(const Rotation& r, float* x, ThreadPool* pool, int kernels) {
+    const int B = r.block, nf = r.dim / B, tl = r.dim - nf * B, nb = n_blocks(r);
+    constexpr int RT = 32;
+    const int n_rt = (B + RT - 1) / RT, n_tasks = n_rt + (tl ? 1 : 0);
+    thread_local std::vector<float> buf;
+    if (buf.size() < (size_t)3 * r.dim + nb) buf.resize((size_t)3 * r.dim + nb);
+    float *t = buf.data(), *g = t + r.dim, *y = g + r.dim, *part = y + r.dim;
+    auto run = [&](auto&& task) {
+        if (pool && pool->size() > 1) pool->run(n_tasks, [&](int k, int) { task(k); });
+        else for (int k = 0; k < n_tasks; ++k) task(k);
+    };
+    if (!r.smooth.empty())
+        for (int i = 0; i < r.dim; ++i) x[i] /= r.smooth[i];
+    run([&](int k) {
+        if (k < n_rt) block_matmul_p(r.r1p.data(), B, x, nf, t, k * RT, std::min(B, (k + 1) * RT), kernels);
+        else block_matvec(r.r1_tail.data(), tl, x + nf * B, t + nf * B, kernels);
+    });
+    for (int i = 0; i < r.dim; ++i) g[i] = t[r.perm[i]];
+    run([&](int k) {
+        if (k < n_rt) block_matmul_p(r.r2p.data(), B, g, nf, y, k * RT, std::min(B, (k + 1) * RT), kernels);
+        else block_matvec(r.r2_tail.data(), tl, g + nf * B, y + nf * B, kernels);
+    });
+    for (int b = 0; b < nb; ++b) {
+        const int s = b * B, n = std::min(B, r.dim - s);
+        part[b] = r.hh.empty() ? 0.0f : vec_ops(kernels).dot_f32(r.hh.data() + s, y + s, n);
+    }
+    finish(r, part, y, x, kernels);
+}
+
 void Rotation::apply(float* x, float* tmp, int kernels) const {
+    if (multi_block(*this, kernels)) return apply_multi(*this, x, nullptr, kernels);
     const int nb = n_blocks(*this);
     thread_local std::vector<float> buf;
     if (buf.size() < (size_t)dim + nb) buf.resize((size_t)dim + nb);
@@ -154,6 +275,7 @@ void Rotation::apply(float* x, float* tmp, int kernels) const {
 
 // One token over the pool's threads (decode): blocks of stage 1, then blocks of stage 2, bit-identical to apply.
 static void apply_threaded(const Rotation& r, float* x, ThreadPool& pool, int kernels) {
+    if (multi_block(r, kernels)) return apply_multi(r, x, &pool, kernels);
     const int nb = n_blocks(r);
     thread_local std::vector<float> buf;
     if (buf.size() < (size_t)3 * r.dim + nb) buf.resize((size_t)3 * r.dim + nb);
@@ -244,6 +366,7 @@ std::vector<Rotation> load_rotations(const GGUFFile& f, int layer, int block, co
         r.smooth = f32_tensor(f, p + "smooth", d, 1, false);
         for (float s : r.smooth)
             if (!(s > 0.0f)) f.format_error("tensor '%ssmooth' holds a non-positive divisor", p.c_str());
+        r.pack_blocks();
         const GGUFTensor* pt = f.tensor(p + "perm");
         if (!pt) f.format_error("rotated file lacks tensor '%sperm'", p.c_str());
         if (pt->type != GGML_I32 || pt->n_dims != 1 || pt->dims[0] != (uint64_t)d)

@@ -17,15 +17,27 @@ class ThreadPool;
 struct Rotation {
     int dim = 0, block = 0;
     std::vector<float> r1, r1_tail, r2, r2_tail;  // row-major B x B and t x t (t = dim mod B; empty when 0)
+    std::vector<float> r1p, r2p;                   // R1, R2 packed (pack_blocks): the AVX2 multi-block product
     std::vector<int32_t> perm;                     // x'[i] = x[perm[i]]
     std::vector<float> hh;                         // unit Householder vector, empty when none
     std::vector<float> smooth;                     // divisors, empty when none
     // x (dim floats) -> x' in place; tmp: dim floats of scratch. kernels: K_SCALAR, K_AVX2 or K_NEON.
     void apply(float* x, float* tmp, int kernels) const;
+    // Fill r1p, r2p from r1, r2 (load_rotations does; B a multiple of 16): with them the AVX2 set runs every whole block
+    // of a stage in one multi-block product (block_matmul_p) instead of one block_matvec per block.
+    void pack_blocks();
 };
 
 // y[i] = sum_j R[i * n + j] x[j] for i < n (one block; the kernel of Rotation::apply).
 void block_matvec(const float* R, int n, const float* x, float* y, int kernels);
+// The same product for nx blocks at once: Y[b n + i] = sum_j R[i n + j] X[b n + j] for b < nx and rows i in [i0, i1)
+// (multiples of 16; n too), from R packed in strips of 16 rows (pack_rows16: strip s holds column j's 16 values R[16 s +
+// r][j], r < 16, at P[(s n + j) 16 + r]): 16 output rows are two vector loads and each x_j one broadcast, no horizontal
+// sums, each load serves every block, and a strip is one contiguous stream (block_matvec reads R once per block and
+// reduces 4 rows per pass horizontally; a plain transpose read with a 512-byte stride was 3x slower in a model than in
+// cache). Scalar reference and AVX2 (NEON runs the scalar loop; Rotation::apply keeps block_matvec there).
+std::vector<float> pack_rows16(const std::vector<float>& R, int n);
+void block_matmul_p(const float* P, int n, const float* X, int nx, float* Y, int i0, int i1, int kernels);
 
 // Per-token asymmetric quantize-dequantize at `bits` (6 or 4) in place, exactly as wqedge.actquant.fake_quant:
 // s = max((max - min) / (2^b - 1), 1e-8), z = round(-min / s), q = clamp(round(x / s) + z, 0, 2^b - 1),

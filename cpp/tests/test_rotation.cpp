@@ -1,5 +1,6 @@
 // RUQuant block product: every SIMD path built here (AVX2 on x86-64, NEON on AArch64) against the scalar
 // reference, within 1e-5 of the magnitude of the terms; and a transform of orthogonal blocks keeps norms.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -34,6 +35,37 @@ int main() {
             }
         }
     }
+    // The multi-block product from R packed in strips of 16 rows (pack_rows16, block_matmul_p), scalar and every set,
+    // against block_matvec's scalar reference on each block: nx = 1..6 blocks (the AVX2 kernel's groups of 4 and their
+    // remainders), all rows and a middle row range (multiples of 16), n = 128, 48 and 16.
+    for (int n : {128, 48, 16})
+        for (int nx : {1, 3, 4, 6})
+            for (int part = 0; part < 2; ++part) {
+                const int i0 = part ? 16 : 0, i1 = part ? std::max(16, n - 16) : n;
+                std::vector<float> R((size_t)n * n), X((size_t)nx * n), ref((size_t)nx * n);
+                for (float& v : R) v = nd(rng);
+                const std::vector<float> P = pack_rows16(R, n);
+                for (float& v : X) v = nd(rng) * (rng() % 7 == 0 ? 50.0f : 1.0f);
+                for (int b = 0; b < nx; ++b) block_matvec(R.data(), n, &X[(size_t)b * n], &ref[(size_t)b * n], K_SCALAR);
+                std::vector<int> all = sets;
+                all.push_back(K_SCALAR);
+                for (int k : all) {
+                    std::vector<float> Y((size_t)nx * n, 7.0f);  // rows outside [i0, i1) must stay untouched
+                    block_matmul_p(P.data(), n, X.data(), nx, Y.data(), i0, i1, k);
+                    for (int b = 0; b < nx; ++b)
+                        for (int i = 0; i < n; ++i) {
+                            const float yv = Y[(size_t)b * n + i], rv = ref[(size_t)b * n + i];
+                            double mag = 0.0;
+                            for (int j = 0; j < n; ++j) mag += std::fabs((double)R[(size_t)i * n + j] * X[(size_t)b * n + j]);
+                            const bool in = i >= i0 && i < i1;
+                            ++checks;
+                            if (in ? std::fabs((double)yv - rv) > 1e-5 * mag + 1e-30 : yv != 7.0f) {
+                                ++fails;
+                                std::printf("FAIL matmul_p set %d n %d nx %d block %d row %d [%d, %d): %g vs %g\n", k, n, nx, b, i, i0, i1, yv, rv);
+                            }
+                        }
+                }
+            }
     std::printf("rotation kernels: %d sets, %d checks, %d failures\n", (int)sets.size(), checks, fails);
     return fails ? 1 : 0;
 }
