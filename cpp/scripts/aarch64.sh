@@ -42,9 +42,12 @@ cmake -S "$ROOT/cpp" -B "$BUILD" -DCMAKE_TOOLCHAIN_FILE="$TOOLCHAIN" -DCMAKE_BUI
 cmake --build "$BUILD" -j "$JOBS"
 # ctest runs every test through CMAKE_CROSSCOMPILING_EMULATOR (qemu-aarch64 -L /usr/aarch64-linux-gnu).
 ctest --test-dir "$BUILD" --output-on-failure
-# Both builds of the int8-activation NEON kernels: SDOT (QEMU_CPU=max has the dot-product extension)
-# and plain NEON (Cortex-A53, ARMv8.0, has not); the kernels pick one at run time.
+# Both builds of the int8-activation NEON kernels (row layout and row tiles): SDOT (QEMU_CPU=max has the
+# dot-product extension) and plain NEON (Cortex-A53, ARMv8.0, has not); the kernels pick one at run time. The
+# prefill test also with ternary chunks in their own tiles (WQEDGE_TERNARY_TILES=1: the NEON ternary tile kernel).
 for cpu in max cortex-a53; do
+  echo "== test_prefill under qemu (QEMU_CPU=$cpu, WQEDGE_TERNARY_TILES=1):"
+  WQEDGE_TERNARY_TILES=1 QEMU_CPU=$cpu qemu-aarch64 -L /usr/aarch64-linux-gnu "$BUILD/test_prefill"
   echo "== test_kernels under qemu (QEMU_CPU=$cpu):"
   QEMU_CPU=$cpu qemu-aarch64 -L /usr/aarch64-linux-gnu "$BUILD/test_kernels"
 done

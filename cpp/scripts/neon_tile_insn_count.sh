@@ -44,3 +44,39 @@ for t in 2 3 4 5 6; do
   r2=$(awk -v a="${rp%% *}" -v b="${tp%% *}" 'BEGIN { printf "%.2fx", a / b }')
   echo "| ${names[$t]} | $(cell "$ts") | $(cell "$rs") | $r1 | $(cell "$tp") | $(cell "$rp") | $r2 |"
 done
+
+# Static view (objdump of the library's kernels_neon_tiles object): per copy of the block body in each decode chunk
+# routine (GCC unrolls the block pair, plus the odd block: copies = int8 multiplies / 16 for SDOT, / 32 for plain),
+# the vector instructions of the block and the stack accesses (register spills) around them.
+OBJ="$(find "$BUILD" -name 'kernels_neon_tiles.cpp.o' | head -1)"
+echo
+echo "objdump of $(basename "$OBJ"): per block copy in tile_chunk<kind> / tile_chunk_ternary (ternary: per plane and block)"
+python3 - "$OBJ" <<'PY'
+import re, subprocess, sys
+dis = subprocess.run(["aarch64-linux-gnu-objdump", "-d", "-C", "--no-show-raw-insn", sys.argv[1]],
+                     capture_output=True, text=True, check=True).stdout
+funcs, cur = {}, None
+for ln in dis.splitlines():
+    m = re.match(r"^[0-9a-f]+ <(.*)>:$", ln)
+    if m:
+        cur = funcs.setdefault(m.group(1), [])
+        continue
+    m = re.match(r"^\s+[0-9a-f]+:\s+(\S+)\s*(.*)$", ln)
+    if m and cur is not None:
+        cur.append((m.group(1), m.group(2)))
+print("| build | kind | instructions | int8 multiplies | code decode (and/ushr/sli/orr/cmtst/cmhi/mul/shl/add) | stack accesses |")
+print("|---|---|---:|---:|---:|---:|")
+for build, mul, per in (("tiles_sdot", ("sdot",), 16), ("tiles_plain", ("smull", "smull2", "smlal", "smlal2"), 32)):
+    for kind, sig in (("q4", "tile_chunk<2, 16, 1>"), ("q3", "tile_chunk<3, 12, 1>"), ("q2", "tile_chunk<4, 8, 1>"),
+                      ("q1", "tile_chunk<6, 4, 1>"), ("ternary", "tile_chunk_ternary(")):
+        name = next((f for f in funcs if build in f and sig in f), None)
+        if name is None:
+            print(f"| {build[6:]} | {kind} | (inlined) | | | |")
+            continue
+        ins = funcs[name]
+        n_mul = sum(op in mul for op, _ in ins)
+        copies = max(1, round(n_mul / per))
+        dec = sum(op in ("and", "ushr", "sli", "orr", "cmtst", "cmhi", "cmhs", "mul", "shl", "add") and ".16b" in a for op, a in ins)
+        sp = sum("[sp" in a for _, a in ins)
+        print(f"| {build[6:]} | {kind} | {len(ins) / copies:.0f} | {n_mul / copies:.0f} | {dec / copies:.0f} | {sp / copies:.1f} |")
+PY

@@ -216,7 +216,7 @@ void tile_run(const Linear& W, const Linear::Run& run, const uint8_t* tb, const 
         const uint8_t* pp = tb + tc.off;
         if (pf)
             for (size_t o = 0; o < TILE_ROWS * tc.rb; o += 64) prefetch(pp + pf + o);
-        if (bt.tile_sub) {  // interleaved, no tile kernel here (float activations, NEON): untile
+        if (bt.tile_sub) {  // interleaved, no tile kernel here (float activations): untile
             uint8_t* buf = thread_buf(TILE_ROWS * tc.rb);
             untile_part(ch, tc, pp, buf);
             pp = buf;
@@ -608,7 +608,7 @@ typedef void (*tile8_gemm_fn)(const uint8_t* tile, const TileDesc* d, int n, con
                               const int* x8off, const float* xsum, size_t xs_stride, int nt, float* acc);
 // The row layout's batched kernel (rows4_gemm_fn): 4 rows (rb + k * stride) of one chunk x nt tokens (token t's blocks
 // at xq + t * xq_stride, its sum at xsum[t * xs_stride]); out[t * ld + k] equals dot8_rows(...)[k] on token t, bit for
-// bit. NEON only (where the loader keeps the row layout); elsewhere the row layout goes token by token.
+// bit. NEON only (its row layout: WQEDGE_REPACK=0); elsewhere the row layout goes token by token.
 typedef void (*rows4_gemm_fn)(const uint8_t* rb, size_t stride, const XQ8* xq, size_t xq_stride, const float* xsum,
                               size_t xs_stride, int nt, int g_pad, float* out, size_t ld);
 #if defined(__aarch64__)
@@ -732,7 +732,7 @@ constexpr int GEMM_TOK = 64;  // tokens per task: their int8 activations stay in
 
 // Y[n][N] with int8 activations: each token quantized once (prepare_token, as decode does), then per task one tile
 // (tiled linear; row layout: RT rows) times GEMM_TOK tokens. Runs of tile kinds go through the tile GEMM, eight tokens
-// per call; anything else (fp16 chunks, kinds without tile kernels, the row layout, NEON) through the decode path's
+// per call; anything else (fp16 chunks, kinds without tile kernels, the row layout) through the decode path's
 // per-token kernels on weights the task keeps in cache. Every token's row equals matvec(..., ACT_Q8) bit for bit.
 static void matmul_q8(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, MatScratch& s, int kernels) {
     const int n_chunks = (int)W.chunks.size(), K = W.K, N = W.N;

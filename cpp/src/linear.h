@@ -110,7 +110,7 @@ void repack_tiles(Linear& L);
 bool ternary_tiles();
 void set_ternary_tiles(bool on);
 // Whether the model loader repacks: WQEDGE_REPACK=0 never, =1 always, unset: when the kernel set in use has
-// tile kernels for int8 activations (AVX2; NEON keeps the file's row layout, zero-copy).
+// tile kernels for int8 activations (AVX2, NEON; the scalar reference set keeps the file's row layout, zero-copy).
 bool repack_wanted(int kernels);
 
 // Building a column-chunked Linear (docs/format.md) from its description; shared by the model loader
