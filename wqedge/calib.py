@@ -162,8 +162,44 @@ class InputStats:
     xtx: torch.Tensor | None = None   # float64 [K, K]: XᵀX/T, when gathered
     xtx_block: int | None = None      # when set, xtx holds only its diagonal blocks of this many columns (zeros elsewhere)
 
+    def __post_init__(self):
+        # diagonal blocks are stored as blocks (K/G x G² values, not K²: a 1.1B model's are 8 GB dense) and made
+        # dense only when `xtx` is read; `block(s, e)` reads one without that
+        x = self.__dict__.get("_xtx")
+        if self.xtx_block and x is not None:
+            if isinstance(x, torch.Tensor):
+                x = [x[s:s + self.xtx_block, s:s + self.xtx_block].clone() for s in range(0, x.shape[0], self.xtx_block)]
+            self.__dict__["_blocks"], self.__dict__["_xtx"] = list(x), None
+
+    @property
+    def has_xtx(self) -> bool:
+        return self.__dict__.get("_blocks") is not None or self.__dict__.get("_xtx") is not None
+
+    def block(self, s: int, e: int) -> torch.Tensor:
+        """xtx[s:e, s:e] (inside one stored diagonal block when only those were gathered)."""
+        b = self.__dict__.get("_blocks")
+        if b is None:
+            return self.xtx[s:e, s:e]
+        i, o = divmod(s, self.xtx_block)
+        if o + e - s > b[i].shape[0]:
+            raise ValueError(f"columns {s}:{e} cross the {self.xtx_block}-column diagonal blocks of XᵀX")
+        return b[i][o:o + e - s, o:o + e - s]
+
     def hessian(self) -> torch.Tensor:
-        return self.xtx if self.xtx is not None else torch.diag(self.diag)
+        return self.xtx if self.has_xtx else torch.diag(self.diag)
+
+
+def _get_xtx(self):
+    b = self.__dict__.get("_blocks")
+    return torch.block_diag(*b) if b is not None else self.__dict__.get("_xtx")
+
+
+def _set_xtx(self, value):
+    self.__dict__["_blocks"], self.__dict__["_xtx"] = None, value
+
+
+InputStats.xtx = property(_get_xtx, _set_xtx,
+                          doc="float64 [K, K] XᵀX/T (dense; zeros off the diagonal blocks when xtx_block is set), or None")
 
 
 XTX_TILE = 256   # XᵀX of inputs wider than 2 tiles is gathered in tiles, the upper triangle only (it is symmetric)
@@ -179,7 +215,11 @@ class _Accumulator:
         self.s1 = torch.zeros(k, dtype=torch.float64, device=device)
         self.mx = torch.zeros(k, dtype=torch.float32, device=device)
         self.block = None if isinstance(xtx, bool) else int(xtx)
-        self.xtx = torch.zeros(k, k, dtype=torch.float64, device=device) if xtx else None
+        if self.block:
+            self.xtx = [torch.zeros(min(self.block, k - s), min(self.block, k - s), dtype=torch.float64, device=device)
+                        for s in range(0, k, self.block)]
+        else:
+            self.xtx = torch.zeros(k, k, dtype=torch.float64, device=device) if xtx else None
 
     def add(self, x: torch.Tensor):
         x = x.reshape(-1, x.shape[-1]).float()
@@ -191,9 +231,9 @@ class _Accumulator:
             return
         k = x.shape[1]
         if self.block:               # diagonal blocks only
-            for s in range(0, k, self.block):
+            for i, s in enumerate(range(0, k, self.block)):
                 xb = x[:, s:s + self.block]
-                self.xtx[s:s + self.block, s:s + self.block] += (xb.T @ xb).double()
+                self.xtx[i] += (xb.T @ xb).double()
             return
         if k <= 2 * XTX_TILE:        # fp32 products of one batch, summed in fp64
             self.xtx += (x.T @ x).double()
@@ -207,8 +247,8 @@ class _Accumulator:
 
     def result(self) -> InputStats:
         n = max(self.n, 1)
-        return InputStats(self.n, (self.s2 / n).cpu(), (self.s1 / n).cpu(), self.mx.cpu(),
-                          None if self.xtx is None else (self.xtx / n).cpu(), self.block)
+        xtx = None if self.xtx is None else ([(b / n).cpu() for b in self.xtx] if self.block else (self.xtx / n).cpu())
+        return InputStats(self.n, (self.s2 / n).cpu(), (self.s1 / n).cpu(), self.mx.cpu(), xtx, self.block)
 
 
 def _layer_call(layer, h, pos_emb):
@@ -314,6 +354,11 @@ def gradient_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 1
     """
     dev = default_device(device)
     tokens = torch.as_tensor(tokens, dtype=torch.long)
+    from .stream import StreamedModel
+    if isinstance(model, StreamedModel):
+        if fisher_diag:
+            raise ValueError("the empirical Fisher diagonal needs the whole model (not a layer-streamed one)")
+        return _streamed_gradient_stats(model, tokens, dev, batch_size, progress)
     orig = next(model.parameters()).device
     model.to(dev)
     names = [f"model.layers.{li}.{hf}.weight" for li in range(len(model.model.layers)) for hf, _ in PROJECTIONS]
@@ -369,6 +414,88 @@ def gradient_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 1
                          None if fis is None else (fis[n] / nb).cpu()) for n in names}
 
 
+def _streamed_gradient_stats(model, tokens: torch.Tensor, dev, batch_size: int, progress=None) -> dict[str, GradStats]:
+    """gradient_stats for a wqedge.stream.StreamedModel, one decoder layer in memory at a time: a forward pass layer
+    by layer keeps every layer's input hidden states (of these few windows: on the device on CUDA, else in files),
+    the loss's gradient at the last layer's output comes from the final norm and head, and the backward pass runs
+    layer by layer in reverse, each layer read again and its forward recomputed from its stored input. Same
+    batches, same per-token scaling and the same layer arithmetic as the whole-model pass (equal up to float
+    summation order)."""
+    import tempfile
+    n_layers = len(model.model.layers)
+    batches = [tokens[i:i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
+    spill = None if dev.type == "cuda" else tempfile.TemporaryDirectory(prefix="wqedge-grad-")
+
+    def keep(li, bi, t):
+        if spill is None:
+            return t
+        f = Path(spill.name) / f"{li}-{bi}.pt"
+        torch.save(t.cpu(), f)
+        return f
+
+    def load(x):
+        return x if isinstance(x, torch.Tensor) else torch.load(x, weights_only=True).to(dev)
+
+    try:
+        with torch.no_grad():
+            h = [model.model.embed_tokens(b.to(dev)).to(dev, torch.float32) for b in batches]
+            pos_emb = None
+            model.model.rotary_emb.to(dev)
+            pos_emb = tuple(p.to(torch.float32) for p in _rotary(model, h[0][:1]))
+            inputs = []
+            for li, layer in enumerate(model.model.layers):
+                inputs.append([keep(li, bi, x) for bi, x in enumerate(h)])
+                h = [_layer_call(layer, x, pos_emb) for x in h]
+                del layer
+        norm, head = model.final_norm(), model.head_weight()
+        grads, scale, n_tok = [], [], 0
+        for b, x in zip(batches, h):
+            x = x.detach().requires_grad_(True)
+            logits = torch.nn.functional.linear(norm(x), head).float()
+            bt = b.to(dev)
+            lp = torch.log_softmax(logits[:, :-1], -1)
+            nll = -lp.gather(-1, bt[:, 1:, None])[..., 0]
+            nll.mean().backward()
+            grads.append(x.grad.detach())
+            scale.append(float(nll.numel()))
+            n_tok += nll.numel()
+        del h, norm, head
+        names = [hf for hf, _ in PROJECTIONS]
+        g2: dict[str, torch.Tensor] = {}
+        for li in reversed(range(n_layers)):
+            layer = model.model.layers[li]
+            mods = {f"model.layers.{li}.{hf}.weight": layer.get_submodule(hf) for hf in names}
+            acc = {n: torch.zeros(m.out_features, dtype=torch.float64, device=dev) for n, m in mods.items()}
+            cur = [1.0]
+            hooks = []
+            for n, m in mods.items():
+                def bh(mod, gin, gout, n=n):
+                    g = gout[0].reshape(-1, gout[0].shape[-1]).double() * cur[0]
+                    acc[n] += (g * g).sum(0)
+                hooks.append(m.register_full_backward_hook(bh))
+            try:
+                for bi in range(len(batches)):
+                    x = load(inputs[li][bi]).detach().requires_grad_(True)
+                    cur[0] = scale[bi]
+                    with torch.enable_grad():
+                        _layer_call(layer, x, pos_emb).backward(grads[bi])
+                    grads[bi] = x.grad.detach()
+            finally:
+                for hk in hooks:
+                    hk.remove()
+            inputs[li] = None
+            g2.update(acc)
+            del layer
+            if progress:
+                progress(f"gradients: layer {li + 1} of {n_layers} (backward)")
+    finally:
+        if spill is not None:
+            spill.cleanup()
+    return {f"model.layers.{li}.{hf}.weight": GradStats(n_tok, (g2[f"model.layers.{li}.{hf}.weight"] /
+                                                                max(n_tok, 1)).cpu())
+            for li in range(n_layers) for hf in names}
+
+
 @torch.no_grad()
 def heldout_loss(model, tokens: torch.Tensor, device=None, batch_size: int = 4, second_half: bool = False) -> float:
     """Mean next-token NLL of `model` on `tokens` (every position, or the second half of each window)."""
@@ -387,13 +514,14 @@ def heldout_loss(model, tokens: torch.Tensor, device=None, batch_size: int = 4, 
 
 
 def collect_stats(ckpt, calib_text, device=None, n_seqs: int = DEFAULT_N_SEQS, seqlen: int = DEFAULT_SEQLEN,
-                  seed: int = 0) -> dict[str, torch.Tensor]:
+                  seed: int = 0, stream: bool | None = None) -> dict[str, torch.Tensor]:
     """diag(XᵀX)/T of every decoder linear's input (float32 [K], keyed by HF weight name), from the
-    unquantized model: the weights wqedge.quantize gives the NeUQI fits."""
+    unquantized model: the weights wqedge.quantize gives the NeUQI fits. stream: wqedge.stream.planning_model's."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
     bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
     cs = calibration_tokens(tok, calib_text, n_seqs, seqlen, 0, bos_id=bos, seed=seed)
-    model = ckpt.load_planning_model(default_device(device))
+    from .stream import planning_model
+    model = planning_model(ckpt, default_device(device), stream)
     st = layerwise_stats(model, cs.train, device=device, full_xtx=False)
     return {k: v.diag.float() for k, v in st.items()}

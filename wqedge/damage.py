@@ -189,15 +189,15 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
         gsub = g[rows] if g is not None else None
         hdiag_all = st.diag.to(dev, torch.float64) if st is not None else torch.ones(K, dtype=torch.float64, device=dev)
         lus = by_lin[lin.hf_name]
-        xtx = st.xtx if (st is not None and st.xtx is not None) else None
-        if feedback and (xtx is None or st.xtx_block):
+        has_xtx = st is not None and st.has_xtx
+        if feedback and (not has_xtx or st.xtx_block):
             raise ValueError(f"feedback-aware damage needs full XᵀX statistics ({lin.hf_name} has none)")
-        if xtx is not None and st.xtx_block and st.xtx_block % group_size:
+        if has_xtx and st.xtx_block and st.xtx_block % group_size:
             raise ValueError(f"XᵀX of {lin.hf_name} holds only its {st.xtx_block}-column diagonal blocks, which do "
                              f"not cover chunks of {group_size} columns")
         if feedback:
             from .quant.gptq import conditional_precision
-            price = conditional_precision(xtx, group_size, device=dev)
+            price = conditional_precision(st.xtx, group_size, device=dev)
         else:
             price = hdiag_all
         cols = {}
@@ -220,7 +220,7 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
             s, e = u.start, u.end
             wc = ws[:, s:e]
             hdiag = hdiag_all[s:e]
-            hfull = xtx[s:e, s:e].to(dev, torch.float64) if (xtx is not None and not feedback) else None
+            hfull = st.block(s, e).to(dev, torch.float64) if (has_xtx and not feedback) else None
             for ai, a in enumerate(actions):
                 base, k = split_action(a)
                 if fitter is None:
