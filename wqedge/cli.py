@@ -127,12 +127,13 @@ def _parse_prune(ctx, param, value):
 
 
 def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None, rotate=None,
-               act_bits=8, prune=(), max_prune=0.3):
+               act_bits=8, prune=(), max_prune=0.3, stream_layers=None):
     from .pipeline import make_plan
     from .plan import PlanError
     try:
         plan = make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect, preset,
-                         rotate=rotate is not None, act_bits=act_bits, prune=prune, max_prune=max_prune)
+                         rotate=rotate is not None, act_bits=act_bits, prune=prune, max_prune=max_prune,
+                         stream_layers=stream_layers)
     except PlanError as e:
         _fail(str(e))
     if plan.allocator == "uniform":
@@ -211,6 +212,13 @@ _common_plan_options = [
                       "Default: 256 when planning on a GPU (it costs there what 32 do), 32 on the CPU, where "
                       "each window is two forward passes per layer (llama-s: 32 vs 256 windows +0.3-0.4% "
                       "perplexity for 8x less of that work; bench/results/feedback_windows.md)."),
+    click.option("--stream-layers/--no-stream-layers", default=None,
+                 help="Plan and fit on the model read one decoder layer at a time from its safetensors files (peak "
+                      "memory: one layer, the embeddings and head, the calibration windows' hidden states; fitted "
+                      "chunks kept on disk until written) instead of the whole model in memory. Same plan and "
+                      "file. Default: on when the checkpoint's 16-bit copy would take more than 40% of the "
+                      "planning device's memory (free GPU memory on CUDA, available RAM on the CPU). Not with "
+                      "--prune, --allocator rl, --rotate or --distill, which hold the whole model."),
     click.option("--act-bits", type=click.Choice(["8", "6", "4"]), default="8", show_default=True,
                  callback=lambda c, p, v: int(v),
                  help="Activation bits of the runtime's linears (per token, asymmetric at 6 and 4; 8 is the "
@@ -296,7 +304,7 @@ def plan_options(f):
                    f"effective bits; the head is read once per decoded token (bench/results/head_quant.md). "
                    f"--target gguf only.")
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
-            prune, max_prune, feedback_windows, act_bits, plan_path,
+            prune, max_prune, feedback_windows, stream_layers, act_bits, plan_path,
             save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, kv_bits, kv_rotation, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
@@ -338,7 +346,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
             _fail(str(e))
     else:
         plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate,
-                          act_bits, prune, max_prune)
+                          act_bits, prune, max_prune, stream_layers)
     if feedback_windows is not None:
         pipeline.set_feedback_windows(plan, feedback_windows)
     kv = _kv_cache_spec(kv_bits, kv_rotation)
@@ -373,7 +381,8 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     try:
         res = pipeline.convert(ckpt, plan, output, target, calib_text, feedback, device, say=click.echo,
                                progress=progress, on_gguf=written, onnx_variant=onnx_variant,
-                               onnx_lowering=onnx_lowering, distill=distill, head=head)
+                               onnx_lowering=onnx_lowering, distill=distill, head=head,
+                               stream_layers=stream_layers)
     except pipeline.ConvertError as e:
         _fail(str(e))
     finally:
@@ -414,7 +423,7 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Plan JSON to write.")
 @plan_options
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
-         prune, max_prune, feedback_windows, act_bits):
+         prune, max_prune, feedback_windows, stream_layers, act_bits):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
 
@@ -425,7 +434,7 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
     ckpt = _open_checkpoint(model_dir)
     calib_text = _read_calib(calib) if calib else None
     p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate, act_bits,
-                   prune, max_prune)
+                   prune, max_prune, stream_layers)
     if feedback_windows is not None:
         from .pipeline import set_feedback_windows
         set_feedback_windows(p, feedback_windows)

@@ -46,12 +46,14 @@ def default_allocator(calib_text: str | None) -> str:
 
 def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None, method: str = "neuqi",
               calib_text: str | None = None, seed: int = 0, device=None, protect=(), preset: str | None = None,
-              progress=True, rotate: bool = False, act_bits: int = 8, prune=(), max_prune: float = 0.3) -> Plan:
+              progress=True, rotate: bool = False, act_bits: int = 8, prune=(), max_prune: float = 0.3,
+              stream_layers: bool | None = None) -> Plan:
     """A plan for `ckpt` at `bits` effective bits (or one `preset` action everywhere). PlanError when no
     plan can be made. rotate: RUQuant input transforms (`rotated`), planned on the folded weights;
     act_bits: the activation bits recorded for the runtime; prune: structure kinds ("ffn", "heads") the
-    greedy allocator may also prune, up to `max_prune` of the weights, under the same budget (wqedge.alloc.joint)."""
-    more = dict(prune=prune, max_prune=max_prune)
+    greedy allocator may also prune, up to `max_prune` of the weights, under the same budget (wqedge.alloc.joint);
+    stream_layers: plan on the model read one decoder layer at a time (wqedge.stream; None: when it does not fit)."""
+    more = dict(prune=prune, max_prune=max_prune, stream_layers=stream_layers)
     if rotate:
         from .rotation import rotation_config
         config = rotation_config(seed)
@@ -87,7 +89,8 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
                             model_fingerprint=ckpt.fingerprint())
     from .alloc.planner import make_plan as plan_with_table
     return plan_with_table(ckpt, bits, allocator=allocator, group_size=group, calib_text=calib_text, seed=seed,
-                           device=device, method=method, protect=protect, progress=progress, **more)
+                           device=device, method=method, protect=protect, progress=progress, prune=prune,
+                           max_prune=max_prune, **({} if stream_layers is None else {"stream_layers": stream_layers}))
 
 
 def fit_mode(plan: Plan, calib_text: str | None, feedback: bool | None = None) -> str:
@@ -187,24 +190,32 @@ def set_feedback_windows(plan: Plan, n: int) -> None:
 
 
 def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None = None, device=None,
-                 stats=None, say: Callable[[str], None] = _quiet, distill: int | None = None) -> Fits:
+                 stats=None, say: Callable[[str], None] = _quiet, distill: int | None = None,
+                 stream_layers: bool | None = None) -> Fits:
     """Run the calibration step `fit_mode` chooses, then light distillation when `distill_steps` says so.
-    `stats`: diag(XᵀX) computed already (a cache)."""
+    `stats`: diag(XᵀX) computed already (a cache). stream_layers: error feedback and statistics on the model read
+    one decoder layer at a time, fitted chunks kept on disk (wqedge.stream; None: when the model does not fit)."""
     mode = fit_mode(plan, calib_text, feedback)
     steps = distill_steps(plan, distill)
     if steps and calib_text is None:
         raise ConvertError("--distill needs calibration text (--calib FILE, or self-calibration)")
+    if steps and stream_layers:
+        raise ConvertError("--distill trains on the whole model in memory; it does not go with --stream-layers")
     windows = feedback_windows_of(plan, device)
     if mode == "feedback":
         from .quant.feedback import quantize_checkpoint
         say(f"fitting chunks with error feedback on {windows} windows of the calibration text…")
-        fits = Fits(mode, fitted=quantize_checkpoint(ckpt, plan, calib_text, device=device, n_seqs=windows,
-                                                     progress=say))
+        try:
+            fitted = quantize_checkpoint(ckpt, plan, calib_text, device=device, n_seqs=windows, progress=say,
+                                         stream=stream_layers)
+        except ValueError as e:
+            raise ConvertError(str(e)) from e
+        fits = Fits(mode, fitted=fitted)
     else:
         if mode == "stats" and stats is None:
             from .calib import collect_stats
             say("calibrating (activation statistics for the quantizer fits)…")
-            stats = collect_stats(ckpt, calib_text, device=device)
+            stats = collect_stats(ckpt, calib_text, device=device, stream=stream_layers)
         fits = Fits(mode, stats=stats if mode == "stats" else None)
     if not steps:
         return fits
@@ -257,13 +268,13 @@ def _check_rotated(plan: Plan, target: str, distill: int | None) -> None:
 def write_gguf(ckpt, plan: Plan, out_path, calib_text: str | None = None, feedback: bool | None = None,
                device=None, stats=None, say: Callable[[str], None] = _quiet,
                progress: Callable[[str], None] | None = None, distill: int | None = None,
-               head: str | None = None) -> Path:
+               head: str | None = None, stream_layers: bool | None = None) -> Path:
     """Our column-chunk GGUF of `ckpt` by `plan`, fitted as `fit_mode` says, written atomically; the output head
     stored as `head_kind` says."""
     from .quantize import convert_to_gguf
     _check_rotated(plan, "gguf", distill)
     ckpt, transforms = rotated(ckpt, plan.rotation, calib_text, device, say)
-    fits = prepare_fits(ckpt, plan, calib_text, feedback, device, stats, say, distill)
+    fits = prepare_fits(ckpt, plan, calib_text, feedback, device, stats, say, distill, stream_layers)
     return convert_to_gguf(fits.source(ckpt), plan, out_path, fits.stats, device, progress=progress,
                            fitted=fits.fitted, transforms=transforms, head=head_kind("gguf", head))
 
@@ -282,9 +293,10 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
             feedback: bool | None = None, device=None, say: Callable[[str], None] = _quiet,
             progress: Callable[[str, int], Callable | None] | None = None,
             on_gguf: Callable[[Path], None] | None = None, onnx_variant: str = "portable",
-            onnx_lowering: str = "compact", distill: int | None = None, head: str | None = None) -> Written:
+            onnx_lowering: str = "compact", distill: int | None = None, head: str | None = None,
+            stream_layers: bool | None = None) -> Written:
     """Lower `plan` of `ckpt` into the files of `target` (default names: `default_output`); head: how our GGUF
-    stores the output head (`head_kind`).
+    stores the output head (`head_kind`); stream_layers: see prepare_fits.
 
     progress(stage, total) -> a per-item callback (or None), for the stages "quantizing" and "lowering to
     ONNX"; on_gguf(path) runs once our GGUF is written (the CLI's report and quality check), before any
@@ -301,7 +313,7 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
             raise ConvertError("--distill tunes our block formats; --target llamacpp quantizes with llama.cpp's own")
         return _convert_llamacpp(ckpt, plan, output, calib_text, device)
     gguf_out = output if target == "gguf" else output.with_suffix(".gguf")
-    fits = prepare_fits(ckpt, plan, calib_text, feedback, device, None, say, distill)
+    fits = prepare_fits(ckpt, plan, calib_text, feedback, device, None, say, distill, stream_layers)
     from .quantize import convert_to_gguf
     try:
         tick = progress("quantizing", len(ckpt.spec.linears())) if progress else None

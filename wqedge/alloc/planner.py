@@ -49,8 +49,10 @@ def grad_windows(device) -> int:
 
 
 # n_grad_seqs None: grad_windows(device)
+# stream_layers None: wqedge.stream.wants_streaming decides (True when the model does not fit the device)
 DEFAULTS = dict(n_seqs=32, seqlen=512, n_heldout=4, n_grad_seqs=None, max_rows=256, damage="kfac",
-                feedback_damage=False, protect=(), actions=None)   # actions None: blocks.ALLOCATOR_ACTIONS
+                feedback_damage=False, protect=(), actions=None,   # actions None: blocks.ALLOCATOR_ACTIONS
+                stream_layers=None)
 
 
 @dataclass
@@ -116,7 +118,13 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
     times = {}
     t0 = time.time()
     linears = ckpt.spec.linears()
-    model = ckpt.load_planning_model(dev)
+    from ..stream import StreamedModel, planning_model
+    try:
+        model = planning_model(ckpt, dev, o["stream_layers"])
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    if isinstance(model, StreamedModel) and say:
+        say("planning model: streamed one decoder layer at a time from the checkpoint's files")
     ctx = PlanningContext(model, dev, o, times)
     if calib_text is None:
         if say:
@@ -184,6 +192,12 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         from .ppo import PPOConfig     # the measured reward's held-out windows (search + confirm)
         cfg = PPOConfig(**{k: v for k, v in opts.items() if k in PPOConfig.__dataclass_fields__})
         opts["n_heldout"] = max(DEFAULTS["n_heldout"], cfg.measure_windows + cfg.confirm_windows)
+    if calib_text is not None and (prune or allocator == "rl"):
+        # both measure the whole model in memory (PPO's held-out loss, pruning's structure damage)
+        if opts.get("stream_layers"):
+            raise PlanError(f"{'pruning (--prune)' if prune else 'the rl allocator'} measures the whole model in "
+                            "memory; it does not run with --stream-layers")
+        opts["stream_layers"] = False
     table, ctx = prepare(ckpt, group_size, calib_text, seed, device, progress, full_xtx=bool(prune), **opts)
     t1 = time.time()
     meta = {"damage": table.kind, "damage_feedback": table.meta.get("feedback", False),

@@ -14,11 +14,11 @@ from typing import Callable
 import torch
 
 from ..blocks import ChunkData
-from .gptq import DAMP, dequantize, gptq_linear
+from .gptq import DAMP, dequantize, gptq_linear, gptq_linears
 from ..units import chunk_bounds
 
 __all__ = ["DAMP", "FEEDBACK_SEQS", "FEEDBACK_SEQS_CPU", "feedback_windows", "dequantize", "gptq_linear",
-           "quantize_checkpoint", "quantize_model"]
+           "gptq_linears", "input_groups", "quantize_checkpoint", "quantize_model"]
 # Calibration windows (of 512 tokens) the feedback loop runs, by planning device. On a GPU the loop is
 # launch-bound and 256 cost what 32 do; on CPU cores its two forward passes per layer over them are most of a
 # conversion. llama-s, eval.txt, 32 windows (bench/results/feedback_windows.md): 32/64/128/256 windows gave
@@ -34,37 +34,58 @@ def feedback_windows(device=None) -> int:
     return FEEDBACK_SEQS if default_device(device).type == "cuda" else FEEDBACK_SEQS_CPU
 
 
+def input_groups(stats: dict, plan, batch: bool = True) -> list[list[str]]:
+    """The layer's linears in groups that error feedback quantizes in one column loop (gptq_linears): those that
+    read one input (one InputStats object: q/k/v, gate/up) and keep the same input columns; each alone when
+    `batch` is False."""
+    groups: dict = {}
+    for name, st in stats.items():
+        cols = plan.kept_columns(name)
+        key = (id(st), None if cols is None else tuple(int(c) for c in cols)) if batch else name
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
 def quantize_model(model, plan, tokens: torch.Tensor, device=None, batch_size: int = 4, feedback: bool = True,
-                   act_order: str | None = "chunk", damp: float = DAMP, refit: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, list[ChunkData]]:
+                   act_order: str | None = "chunk", damp: float = DAMP, refit: bool = True,
+                   progress: Callable[[str], None] | None = None,
+                   batch_linears: bool = True, store=None) -> dict[str, list[ChunkData]]:
     """Quantize every decoder linear of an HF model in place by `plan`, layer by layer, with the quantized
     earlier layers in the loop. feedback=False fits each chunk alone (fit_chunk with diag(XᵀX), as
-    wqedge.quantize does) but still on sequential statistics. Returns {hf_name: [ChunkData per chunk]}."""
+    wqedge.quantize does) but still on sequential statistics. batch_linears: the linears that share an input run
+    one error-feedback column loop (`input_groups`; False: one loop per linear, the same result up to float
+    summation order). Returns {hf_name: [ChunkData per chunk]}, in `store` when given (a mapping, e.g.
+    wqedge.stream.ChunkSpill: each linear's chunks go there when fitted). `model` may be a
+    wqedge.stream.StreamedModel: each layer is then read from disk for its turn and dropped after it."""
     from ..calib import layerwise_stats
     from ..quant.fit import fit_chunk
 
-    result: dict[str, list[ChunkData]] = {}
+    result = {} if store is None else store
     t0 = time.time()
     n_layers = len(model.model.layers)
 
     def on_layer(li, layer, stats):
-        for name, st in stats.items():
-            t = plan.tensor(name)
-            mod = layer.get_submodule(name.split(".", 3)[3][: -len(".weight")])
+        for names in input_groups(stats, plan, batch_linears):
+            ts = [plan.tensor(n) for n in names]
+            mods = [layer.get_submodule(n.split(".", 3)[3][: -len(".weight")]) for n in names]
             # a pruning plan: the kept rows and columns are fitted, the pruned ones become zeros in the model
-            w = plan.prune_weight(name, mod.weight.data.float())
-            cols = plan.kept_columns(name)
+            ws = [plan.prune_weight(n, m.weight.data.float()) for n, m in zip(names, mods)]
+            st = stats[names[0]]
+            cols = plan.kept_columns(names[0])
             diag = st.diag if cols is None else st.diag[cols]
             if feedback:
                 xtx = st.xtx if cols is None else st.xtx[cols][:, cols]
-                chunks = gptq_linear(w, xtx.to(w.device), t.actions, plan.group_size, t.methods, t.protected,
-                                     hdiag=diag, act_order=act_order, damp=damp, refit=refit)
+                fitted = gptq_linears(ws, xtx.to(ws[0].device), [t.actions for t in ts], plan.group_size,
+                                      [t.methods for t in ts], [t.protected for t in ts], hdiag=diag,
+                                      act_order=act_order, damp=damp, refit=refit)
             else:
-                chunks = [fit_chunk(w[:, s:e], a, m, diag[s:e].float(), p or None)
-                          for (s, e), a, m, p in zip(chunk_bounds(t.in_features, plan.group_size), t.actions,
-                                                     t.methods, t.protected)]
-            result[name] = chunks
-            deq = plan.unprune_weight(name, dequantize(chunks).to(mod.weight.device), tuple(mod.weight.shape))
-            mod.weight.data.copy_(deq.to(mod.weight.dtype))
+                fitted = [[fit_chunk(w[:, s:e], a, m, diag[s:e].float(), p or None)
+                           for (s, e), a, m, p in zip(chunk_bounds(t.in_features, plan.group_size), t.actions,
+                                                      t.methods, t.protected)] for w, t in zip(ws, ts)]
+            for name, mod, chunks in zip(names, mods, fitted):
+                result[name] = chunks
+                deq = plan.unprune_weight(name, dequantize(chunks).to(mod.weight.device), tuple(mod.weight.shape))
+                mod.weight.data.copy_(deq.to(mod.weight.dtype))
         if progress:
             progress(f"error feedback: layer {li + 1}/{n_layers} fitted ({time.time() - t0:.0f} s)")
         return True
@@ -75,14 +96,22 @@ def quantize_model(model, plan, tokens: torch.Tensor, device=None, batch_size: i
 
 def quantize_checkpoint(ckpt, plan, calib_text, device=None, n_seqs: int = FEEDBACK_SEQS, seqlen: int = 512,
                         act_order: str | None = "chunk", damp: float = DAMP, seed: int = 0,
-                        progress: Callable[[str], None] | None = None) -> dict[str, list[ChunkData]]:
+                        progress: Callable[[str], None] | None = None,
+                        stream: bool | None = None) -> dict[str, list[ChunkData]]:
     """Every decoder linear of `ckpt` quantized by `plan` with error feedback (the planner's recommended
-    conversion): {hf_name: [ChunkData per chunk]}, ready for the GGUF writer."""
+    conversion): {hf_name: [ChunkData per chunk]}, ready for the GGUF writer. stream: read the model one layer at
+    a time from its files and keep the fitted chunks on disk (a wqedge.stream.ChunkSpill) instead of holding the
+    model and every chunk; None = when the model does not fit the device (wqedge.stream.wants_streaming)."""
     from transformers import AutoTokenizer
 
     from ..calib import calibration_tokens, default_device
+    from ..stream import ChunkSpill, StreamedModel, planning_model
     tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
     bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
     cs = calibration_tokens(tok, calib_text, n_seqs, seqlen, 0, bos_id=bos, seed=seed)
-    model = ckpt.load_planning_model(default_device(device))
-    return quantize_model(model, plan, cs.train, device=device, act_order=act_order, damp=damp, progress=progress)
+    model = planning_model(ckpt, default_device(device), stream)
+    store = ChunkSpill() if isinstance(model, StreamedModel) else None
+    if store is not None and progress:
+        progress("error feedback: streaming decoder layers from the checkpoint's files, fitted chunks kept on disk")
+    return quantize_model(model, plan, cs.train, device=device, act_order=act_order, damp=damp, progress=progress,
+                          store=store)

@@ -117,32 +117,96 @@ def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_si
     after the fit and refits <= 2-bit grids, so the finer search buys nothing here (llama-s, eval.txt 32 windows:
     6.4557 vs 6.4604 at 3.25 bits and 6.8512 vs 6.8648 at 2.5 with the full grid) and costs ~10% of conversion.
     """
+    return gptq_linears([w], xtx, [actions], group_size, [method], [protected], damp, hdiag, block, act_order,
+                        refit, neuqi_grid)[0]
+
+
+class _StackedGrid:
+    """Chunk c's grids of every linear of a shared-input group, for one column step over their stacked rows: one
+    rounding when all of them are one block type (their expanded parameters concatenated over rows), else one per
+    linear's rows."""
+
+    def __init__(self, chunks: list[ChunkData], rows: list[tuple[int, int]], dev):
+        self.grids = [_ColumnGrid(c, dev) for c in chunks]
+        self.rows = rows
+        self.one = None
+        names = {g.bt.name for g in self.grids}
+        if len(self.grids) == 1:
+            self.one = self.grids[0]
+        elif len(names) == 1:
+            g0 = self.grids[0]
+            one = object.__new__(_ColumnGrid)
+            one.bt = g0.bt
+            if not g0.bt.is_float:
+                one.per_col = g0.per_col
+                one.d = torch.cat([g.d for g in self.grids])
+                one.m = None if g0.m is None else torch.cat([g.m for g in self.grids])
+            self.one = one
+
+    def round(self, x: torch.Tensor, j: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(codes uint8 [N] or None when no row has codes, dequantized float32 [N]) of stacked column x."""
+        if self.one is not None:
+            return self.one.round(x, j)
+        q = torch.zeros(x.shape[0], dtype=torch.uint8, device=x.device)
+        deq = torch.empty_like(x)
+        for g, (r0, r1) in zip(self.grids, self.rows):
+            qi, deq[r0:r1] = g.round(x[r0:r1], j)
+            if qi is not None:
+                q[r0:r1] = qi
+        return q, deq
+
+
+def gptq_linears(ws: list[torch.Tensor], xtx: torch.Tensor, actions: list[list[str]], group_size: int,
+                 methods=None, protected=None, damp: float = DAMP, hdiag: torch.Tensor | None = None,
+                 block: int = 128, act_order: str | None = "chunk", refit: bool = True,
+                 neuqi_grid=None) -> list[list[ChunkData]]:
+    """gptq_linear for linears that read the same input (q/k/v; gate/up): their weights ws[l] [N_l, K] share XᵀX,
+    hence the column order and the Cholesky factor, so one column loop runs over their rows stacked (a GPU's
+    column steps are launch-bound: 3 linears cost about what one does). Each row's arithmetic is the one
+    gptq_linear does for its linear alone (equal up to float summation order in the block updates); chunk fits,
+    protected columns and refits stay per linear. methods[l]: a method or one per chunk (None: "neuqi");
+    protected[l]: per chunk, chunk-local column indices (None: none)."""
     from ..quant.fit import fit_chunk
     from ..quant.neuqi import FAST_GRID
     neuqi_grid = FAST_GRID if neuqi_grid is None else neuqi_grid
 
-    dev = w.device
-    W = w.detach().clone().float()
-    N, K = W.shape
+    n_lin = len(ws)
+    dev = ws[0].device
+    K = ws[0].shape[1]
+    if any(w.shape[1] != K for w in ws) or len(actions) != n_lin:
+        raise ValueError("gptq_linears: every linear needs K input columns and its own action list")
+    rows, r = [], 0
+    for w in ws:
+        rows.append((r, r + w.shape[0]))
+        r += w.shape[0]
+    W = torch.cat([w.detach().to(dev).float() for w in ws])
+    N = W.shape[0]
     hd = (torch.diag(xtx).to(dev, torch.float64) if hdiag is None else hdiag.to(dev, torch.float64)).float()
     H, dead = damped_hessian(xtx, damp, dev)
     W[:, dead] = 0.0
     bounds = chunk_bounds(K, group_size)
-    prot = [sorted(int(i) for i in (p or [])) for p in (protected or [[] for _ in bounds])]
-    methods = [method] * len(bounds) if isinstance(method, str) else list(method)
+    methods = [None] * n_lin if methods is None else list(methods)
+    methods = [["neuqi" if m is None else m] * len(bounds) if m is None or isinstance(m, str) else list(m)
+               for m in methods]
+    protected = [None] * n_lin if protected is None else list(protected)
+    prot = [[sorted(int(i) for i in (p or [])) for p in (pl or [[] for _ in bounds])] for pl in protected]
     chunk_of = torch.empty(K, dtype=torch.long)
-    exact = torch.zeros(K, dtype=torch.bool)
     for c, (s, e) in enumerate(bounds):
         chunk_of[s:e] = c
-        for i in prot[c]:
-            exact[s + i] = True
+    exact_rows: dict[int, list[int]] = {}       # column -> the linears that keep it exact
+    for li in range(n_lin):
+        for c, (s, e) in enumerate(bounds):
+            for i in prot[li][c]:
+                exact_rows.setdefault(s + i, []).append(li)
     perm = feedback_order(torch.diag(H), bounds, act_order)
     U = inverse_cholesky(H, perm.to(dev))
-    params: list[ChunkData | None] = [None] * len(bounds)
+    params: list[list[ChunkData | None]] = [[None] * len(bounds) for _ in range(n_lin)]
 
     def fit(c):
         s, e = bounds[c]
-        params[c] = fit_chunk(W[:, s:e], actions[c], methods[c], hd[s:e], prot[c] or None, neuqi_grid=neuqi_grid)
+        for li, (r0, r1) in enumerate(rows):
+            params[li][c] = fit_chunk(W[r0:r1, s:e], actions[li][c], methods[li][c], hd[s:e], prot[li][c] or None,
+                                      neuqi_grid=neuqi_grid)
 
     if act_order == "global":
         for c in range(len(bounds)):
@@ -154,9 +218,8 @@ def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_si
     codesT = torch.zeros(K, N, dtype=torch.uint8, device=dev)
     perm_l = perm.tolist()
     chunk_l = chunk_of.tolist()
-    exact_l = exact.tolist()
     udiag = torch.diagonal(U).tolist()      # float32 values held exactly as Python floats
-    grids: list[_ColumnGrid | None] = [None] * len(bounds)
+    grids: list[_StackedGrid | None] = [None] * len(bounds)
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
         ErrT = torch.zeros(b1 - b0, N, device=dev)
@@ -164,17 +227,17 @@ def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_si
             j = perm_l[i]
             c = chunk_l[j]
             if grids[c] is None:
-                if params[c] is None:   # "chunk"/None order: fit when the chunk's first column comes up
+                if params[0][c] is None:   # "chunk"/None order: fit when the chunk's first column comes up
                     s, e = bounds[c]
                     W[:, perm[i:i + (e - s)]] = WpT[i:i + (e - s)].T
                     fit(c)
-                grids[c] = _ColumnGrid(params[c], dev)
+                grids[c] = _StackedGrid([params[li][c] for li in range(n_lin)], rows, dev)
             col = WpT[i]
-            if exact_l[j]:
-                deq = col.half().float()          # exact up to the fp16 residual (codes still on the grid)
-                qc = grids[c].codes(col, j - bounds[c][0])
-            else:
-                qc, deq = grids[c].round(col, j - bounds[c][0])
+            qc, deq = grids[c].round(col, j - bounds[c][0])
+            if j in exact_rows:                   # exact up to the fp16 residual (codes still on the grid)
+                for li in exact_rows[j]:
+                    r0, r1 = rows[li]
+                    deq[r0:r1] = col[r0:r1].half().float()
             if qc is not None:
                 codesT[j] = qc
             QT[i] = deq
@@ -185,27 +248,32 @@ def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_si
         if b1 < K:
             WpT[b1:].addmm_(U[b0:b1, b1:].T, ErrT, alpha=-1.0)
     inv = torch.argsort(perm)
-    Wfinal = QT[inv].T                 # dequantized weights [N, K] (protected columns exact)
-    codes = codesT.T
-    out: list[ChunkData] = []
-    for c, (s, e) in enumerate(bounds):
-        ch = params[c]
-        p = prot[c]
-        if blocks.block_type(actions[c]).is_float:
-            ch = ChunkData(blocks.block_type(actions[c]).name, e - s, values=Wfinal[:, s:e].half().cpu().numpy())
-            if p:
-                ch.protected = np.asarray(p, dtype=np.int64)
-                ch.residuals = np.zeros((N, len(p)), dtype=np.float16)
-        else:
-            ch.codes = codes[:, s:e].contiguous().cpu().numpy()
-            if p:
-                deqc = _dequant_codes(ch, dev)
-                pi = torch.as_tensor(p, device=dev)
-                ch.residuals = (Wfinal[:, s:e][:, pi] - deqc[:, pi]).half().cpu().numpy()
-        out.append(ch)
-    if refit:
-        refit_params(w, xtx, out, bounds)
-    return out
+    Wall = QT[inv].T                   # dequantized weights [N, K] (protected columns exact)
+    codes_all = codesT.T
+    result = []
+    for li, (r0, r1) in enumerate(rows):
+        Wfinal, codes = Wall[r0:r1], codes_all[r0:r1]
+        out: list[ChunkData] = []
+        for c, (s, e) in enumerate(bounds):
+            ch = params[li][c]
+            p = prot[li][c]
+            if blocks.block_type(actions[li][c]).is_float:
+                ch = ChunkData(blocks.block_type(actions[li][c]).name, e - s,
+                               values=Wfinal[:, s:e].half().cpu().numpy())
+                if p:
+                    ch.protected = np.asarray(p, dtype=np.int64)
+                    ch.residuals = np.zeros((r1 - r0, len(p)), dtype=np.float16)
+            else:
+                ch.codes = codes[:, s:e].contiguous().cpu().numpy()
+                if p:
+                    deqc = _dequant_codes(ch, dev)
+                    pi = torch.as_tensor(p, device=dev)
+                    ch.residuals = (Wfinal[:, s:e][:, pi] - deqc[:, pi]).half().cpu().numpy()
+            out.append(ch)
+        if refit:
+            refit_params(ws[li].to(dev), xtx, out, bounds)
+        result.append(out)
+    return result
 
 
 REFIT_MAX_BITS = 2   # llama-s, greedy plans: refit of <= 2-bit chunks gave ppl 7.09 vs 7.19 at 2.25 bits and 6.86 vs
