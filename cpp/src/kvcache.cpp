@@ -154,6 +154,26 @@ __attribute__((target("avx2,fma,f16c"))) static float dot(const KvFormat& f, con
     return hsum(acc);
 }
 
+__attribute__((target("avx2,fma,f16c"))) static void values(const KvFormat& f, const uint8_t* row, float* out) {
+    const int g = f.group, h = g / 2;
+    const __m128i nib = _mm_set1_epi8(0x0F);
+    for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
+        __m256 d, m;
+        scale_min(row, &d, &m);
+        const uint8_t* c = row + 4;
+        float* o = out + g0;
+        if (f.bits == 8) {
+            for (int j = 0; j < g; j += 8) _mm256_storeu_ps(o + j, deq8(_mm_loadl_epi64((const __m128i*)(c + j)), d, m));
+        } else {
+            for (int j = 0; j < h; j += 8) {
+                const __m128i b = _mm_loadl_epi64((const __m128i*)(c + j));
+                _mm256_storeu_ps(o + j, deq8(_mm_and_si128(b, nib), d, m));
+                _mm256_storeu_ps(o + h + j, deq8(_mm_and_si128(_mm_srli_epi16(b, 4), nib), d, m));
+            }
+        }
+    }
+}
+
 __attribute__((target("avx2,fma,f16c"))) static inline void axpy8(float* o, __m256 a, __m256 w) {
     _mm256_storeu_ps(o, _mm256_fmadd_ps(a, w, _mm256_loadu_ps(o)));
 }
@@ -219,6 +239,34 @@ static inline void axpy16(uint8x16_t c, float32x4_t a, float* o, float32x4_t d, 
     for (int i = 0; i < 4; ++i) vst1q_f32(o + 4 * i, vfmaq_f32(vld1q_f32(o + 4 * i), a, w[i]));
 }
 
+static void values(const KvFormat& f, const uint8_t* row, float* out) {
+    const int g = f.group, h = g / 2;
+    for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
+        const float32x4_t dm = vcvt_f32_f16(vreinterpret_f16_u16(vcreate_u16((uint64_t)load_u32(row))));
+        const float32x4_t d = vdupq_laneq_f32(dm, 0), m = vdupq_laneq_f32(dm, 1);
+        const uint8_t* c = row + 4;
+        float* o = out + g0;
+        float32x4_t w0, w1;
+        if (f.bits == 8) {
+            for (int j = 0; j < g; j += 8) {
+                deq8(vmovl_u8(vld1_u8(c + j)), d, m, &w0, &w1);
+                vst1q_f32(o + j, w0);
+                vst1q_f32(o + j + 4, w1);
+            }
+        } else {
+            for (int j = 0; j < h; j += 8) {
+                const uint8x8_t b = vld1_u8(c + j);
+                deq8(vmovl_u8(vand_u8(b, vdup_n_u8(0x0F))), d, m, &w0, &w1);
+                vst1q_f32(o + j, w0);
+                vst1q_f32(o + j + 4, w1);
+                deq8(vmovl_u8(vshr_n_u8(b, 4)), d, m, &w0, &w1);
+                vst1q_f32(o + h + j, w0);
+                vst1q_f32(o + h + j + 4, w1);
+            }
+        }
+    }
+}
+
 static float dot(const KvFormat& f, const float* q, const uint8_t* row) {
     float32x4_t acc = vdupq_n_f32(0.0f);
     const int g = f.group, h = g / 2;
@@ -261,6 +309,19 @@ static void axpy(const KvFormat& f, float a, const uint8_t* row, float* out) {
 }
 }  // namespace neon
 #endif
+
+void kv_row_values(const KvFormat& f, const uint8_t* row, float* dst, int kernels) {
+    if (f.group % (f.bits == 8 ? 32 : 16) == 0) {
+#ifdef WQE_KV_AVX2
+        if (kernels == K_AVX2) return avx2::values(f, row, dst);
+#endif
+#ifdef WQE_KV_NEON
+        if (kernels == K_NEON) return neon::values(f, row, dst);
+#endif
+    }
+    (void)kernels;
+    kv_dequantize(f, row, dst);
+}
 
 float kv_dot(const KvFormat& f, const float* q, const uint8_t* row, int kernels) {
     if (f.group % (f.bits == 8 ? 32 : 16) == 0) {

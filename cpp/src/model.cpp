@@ -389,7 +389,7 @@ Context::Context(const Model& m, int n_ctx_, int n_threads, int kv_bits, int kv_
     }
     const size_t kv_rows = kv / hp.head_dim;
     const int nt = n_threads > 0 ? n_threads : default_thread_count();
-    check_fits(2.0 * (double)kv_rows * kvf.row_bytes + (double)nt * n_ctx * sizeof(float),
+    check_fits(2.0 * (double)kv_rows * kvf.row_bytes + (double)nt * ATT_QPT * n_ctx * sizeof(float),
                "a KV cache of " + std::to_string(n_ctx) + " tokens (with " + std::to_string(nt) + " threads' scores)");
     try {
         if (kvf.bits == 0) {
@@ -413,11 +413,12 @@ size_t Context::kv_bytes() const {
 void Context::set_threads(int n) {
     if (n <= 0) n = default_thread_count();
     if (pool && pool->size() == n) return;
-    check_fits((double)n * n_ctx * sizeof(float), "attention scores for " + std::to_string(n) + " threads x " +
-                                                      std::to_string(n_ctx) + " tokens");
+    check_fits((double)n * ATT_QPT * n_ctx * sizeof(float), "attention scores for " + std::to_string(n) + " threads x " +
+                                                                std::to_string(ATT_QPT) + " heads x " + std::to_string(n_ctx) + " tokens");
     pool.reset(new ThreadPool(n));
     ms.reserve(n, model.max_K, model.max_g_pad, model.max_x_floats, model.max_chunks);
-    scores.assign(n, std::vector<float>(n_ctx + model.hp.head_dim));  // + one rotated query head (KV cache)
+    // per thread: ATT_QPT heads' scores and rotated queries (KV cache), and one dequantized row
+    scores.assign(n, std::vector<float>((size_t)ATT_QPT * (n_ctx + model.hp.head_dim) + model.hp.head_dim));
 }
 
 void Context::ensure_batch(int n) {
@@ -543,6 +544,15 @@ static void rope(float* v, int n_heads, int hd, const float* cs, const float* sn
     }
 }
 
+// Query heads per attention task (forward): the largest divisor of the KV group size, up to ATT_QPT, that still
+// leaves a task per thread (n_kv_tasks = tokens x KV heads), so decode on many cores keeps one head per task.
+static int att_heads_per_task(int group, int n_kv_tasks, int threads) {
+    int best = 1;
+    for (int k = 2; k <= std::min(group, ATT_QPT); ++k)
+        if (group % k == 0 && (long)n_kv_tasks * (group / k) >= threads) best = k;
+    return best;
+}
+
 // Process n tokens at positions n_past .. n_past + n - 1 (the llama2.c forward, batched).
 void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
     const Model& m = model;
@@ -604,40 +614,50 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             }
         }
 
-        // Causal grouped-query attention, one task per (token, head).
-        tp.run(n * H, [&](int task, int thread) {
-            const int t = task / H, h = task % H, kvh = h / group;
+        // Causal grouped-query attention. A task = (token, KV head, a run of qpt query heads of its group): each K and
+        // V row is read once (a quantized one dequantized once, kv_row_values) for those heads, where a task per head
+        // read it, and dequantized it, once per head. The same float operations per head as one task per head.
+        const int qpt = att_heads_per_task(group, n * L.n_head_kv, tp.size()), n_sub = group / qpt;
+        tp.run(n * L.n_head_kv * n_sub, [&](int task, int thread) {
+            const int t = task / (L.n_head_kv * n_sub), kvh = task / n_sub % L.n_head_kv, h0 = kvh * group + task % n_sub * qpt;
             const int n_keys = pos0 + t + 1;
-            const float* qh = &q[(size_t)t * QD + (size_t)h * hd];
-            float* sc = scores[thread].data();
-            float mx = -INFINITY;
-            if (kvq) {
-                float* qr = sc + n_ctx;  // the query head in the keys' rotated space: (H q).(H k) = q.k
-                std::memcpy(qr, qh, sizeof(float) * hd);
-                if (kvf.rotate) kv_hadamard(qr, hd, kvf.hblock);
-                for (int s = 0; s < n_keys; ++s) {
-                    sc[s] = kv_dot(kvf, qr, kqc + ((size_t)s * L.n_head_kv + kvh) * kvf.row_bytes, kern) * att_scale;
-                    mx = std::max(mx, sc[s]);
+            float* sc = scores[thread].data();                          // qpt rows of n_ctx scores
+            float* qr = sc + (size_t)ATT_QPT * n_ctx;                  // qpt query heads in the keys' rotated space
+            float* row = qr + (size_t)ATT_QPT * hd;                    // one dequantized K or V row
+            const float* qh[ATT_QPT];
+            float* out[ATT_QPT];
+            for (int j = 0; j < qpt; ++j) {
+                qh[j] = &q[(size_t)t * QD + (size_t)(h0 + j) * hd];
+                if (kvq && kvf.rotate) {  // (H q).(H k) = q.k
+                    std::memcpy(qr + (size_t)j * hd, qh[j], sizeof(float) * hd);
+                    kv_hadamard(qr + (size_t)j * hd, hd, kvf.hblock);
+                    qh[j] = qr + (size_t)j * hd;
                 }
-            } else {
-                for (int s = 0; s < n_keys; ++s) {
-                    sc[s] = ops.dot_f32(qh, kc + (size_t)s * KVD + (size_t)kvh * hd, hd) * att_scale;
-                    mx = std::max(mx, sc[s]);
-                }
+                out[j] = &att[(size_t)t * QD + (size_t)(h0 + j) * hd];
             }
-            float sum = 0.0f;
             for (int s = 0; s < n_keys; ++s) {
-                sc[s] = std::exp(sc[s] - mx);
-                sum += sc[s];
+                const float* kr = row;
+                if (kvq) kv_row_values(kvf, kqc + ((size_t)s * L.n_head_kv + kvh) * kvf.row_bytes, row, kern);
+                else kr = kc + (size_t)s * KVD + (size_t)kvh * hd;
+                for (int j = 0; j < qpt; ++j) sc[(size_t)j * n_ctx + s] = ops.dot_f32(qh[j], kr, hd) * att_scale;
             }
-            const float inv = 1.0f / sum;
-            float* out = &att[(size_t)t * QD + (size_t)h * hd];
-            std::memset(out, 0, sizeof(float) * hd);
-            if (kvq) {
-                for (int s = 0; s < n_keys; ++s)
-                    kv_axpy(kvf, sc[s] * inv, vqc + ((size_t)s * L.n_head_kv + kvh) * kvf.row_bytes, out, kern);
-            } else {
-                for (int s = 0; s < n_keys; ++s) ops.axpy(sc[s] * inv, vc + (size_t)s * KVD + (size_t)kvh * hd, out, hd);
+            float inv[ATT_QPT];
+            for (int j = 0; j < qpt; ++j) {
+                float* scj = sc + (size_t)j * n_ctx;
+                float mx = -INFINITY, sum = 0.0f;
+                for (int s = 0; s < n_keys; ++s) mx = std::max(mx, scj[s]);
+                for (int s = 0; s < n_keys; ++s) {
+                    scj[s] = std::exp(scj[s] - mx);
+                    sum += scj[s];
+                }
+                inv[j] = 1.0f / sum;
+                std::memset(out[j], 0, sizeof(float) * hd);
+            }
+            for (int s = 0; s < n_keys; ++s) {
+                const float* vr = row;
+                if (kvq) kv_row_values(kvf, vqc + ((size_t)s * L.n_head_kv + kvh) * kvf.row_bytes, row, kern);
+                else vr = vc + (size_t)s * KVD + (size_t)kvh * hd;
+                for (int j = 0; j < qpt; ++j) ops.axpy(sc[(size_t)j * n_ctx + s] * inv[j], vr, out[j], hd);
             }
         });
         group_input(L.rot_of(1), hp.act_bits, att.data(), n, QD, tp, kern);

@@ -61,6 +61,10 @@ struct Model {
     ~Model();
 };
 
+// Query heads of one KV group that an attention task takes together (model.cpp att_heads_per_task): each K/V row
+// read (and dequantized) once for all of them; 8 covers the usual groups (Llama 3, TinyLlama) at 8 n_ctx floats a thread.
+constexpr int ATT_QPT = 8;
+
 struct Context {
     const Model& model;
     int n_ctx;

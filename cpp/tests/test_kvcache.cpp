@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "blocks.h"
+#include "common.h"
 #include "kvcache.h"
 
 int main() {
@@ -79,6 +80,21 @@ int main() {
                     if (std::fabs((double)s - ref_s[i]) > 1e-5 * mag_s[i] + 1e-30) {
                         ++fails;
                         std::printf("FAIL dot set %d bits %d hd %d row %d: %g vs %g\n", k, bits, hd, i, s, ref_s[i]);
+                    }
+                }
+                for (int i = 0; i < n; ++i) {  // kv_row_values == kv_dequantize up to the fused d * c + m (1e-6 of |d c| + |m|)
+                    const uint8_t* r = &rows[(size_t)i * f.row_bytes];
+                    std::vector<float> vals(hd);
+                    kv_row_values(f, r, vals.data(), k);
+                    kv_dequantize(f, r, deq.data());
+                    for (int j = 0; j < hd; ++j) {
+                        const uint8_t* gp = r + (size_t)(j / f.group) * (4 + f.group * bits / 8);
+                        const float d = load_h(gp), m = load_h(gp + 2);
+                        ++checks;
+                        if (std::fabs(vals[j] - deq[j]) > 1e-6f * (std::fabs(deq[j] - m) + std::fabs(m)) + 1e-30f) {
+                            ++fails;
+                            std::printf("FAIL values set %d bits %d hd %d row %d col %d: %g vs %g (d %g)\n", k, bits, hd, i, j, vals[j], deq[j], d);
+                        }
                     }
                 }
                 for (int j = 0; j < hd; ++j) {
