@@ -147,8 +147,10 @@ def test_logits_parity_under_qemu(arm_build, tiny_gguf, tmp_path):
     exe = build / "example-static" / "generate"
     arm = {}
     for kern in ("neon", "scalar"):
-        _qemu(exe, tiny_gguf, PROMPT, 1, tmp_path / f"{kern}.f32", kernels="scalar" if kern == "scalar" else None,
-              act="f32")
+        p = _qemu(exe, tiny_gguf, PROMPT, 1, tmp_path / f"{kern}.f32", kernels="scalar" if kern == "scalar" else None,
+                  act="f32")
+        # NEON: row tiles (float activations untile each part into dot_rows); scalar: the row layout
+        assert f"kernels={kern}" in p.stderr and f"act=f32 tiles={int(kern == 'neon')}" in p.stderr, p.stderr
         arm[kern] = np.fromfile(tmp_path / f"{kern}.f32", dtype=np.float32)
 
     from cpp_support import ensure_library
