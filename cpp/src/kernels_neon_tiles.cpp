@@ -20,8 +20,10 @@ namespace neon {
 // until the code vectors spilled (plain q4: ~15 stack accesses per block). Without it, per 32-column block of 8 rows:
 // plain q4 102 -> 84 executed instructions, ternary 269 -> 202, SDOT q1 51 -> 45 (the post-allocation scheduler still
 // runs; counted under qemu, bench/results/neon_tiles.md: in-order cores such as Cortex-A53 are to be timed).
-#pragma GCC push_options
-#pragma GCC optimize("no-schedule-insns")
+#if !defined(__clang__)
+#  pragma GCC push_options
+#  pragma GCC optimize("no-schedule-insns")
+#endif
 namespace tiles_plain {
 namespace {
 #define WQE_TILE_SDOT 0
@@ -29,7 +31,9 @@ namespace {
 #undef WQE_TILE_SDOT
 }  // namespace
 }  // namespace tiles_plain
-#pragma GCC pop_options
+#if !defined(__clang__)
+#  pragma GCC pop_options
+#endif
 
 // The SDOT build: every function from here to pop_options is compiled for ARMv8.2 + dotprod (GCC 12 with binutils
 // 2.40 wants the v8.2 base for SDOT, see kernels_neon.cpp), and only called after neon_dotprod() said yes.
