@@ -4,13 +4,15 @@ and peak host memory of one whole `wqedge convert` (calibration, gradients, dama
 fitting, writing), for random-weight LLaMA models of named real shapes built on the spot (no download).
 
     python bench/plan_scaling.py [--shapes llama-s,smollm-135m,tinyllama-1.1b] [--device cpu|cuda]
-        [--calib FILE] [--bits 3.25] [--threads 2] [--out FILE]
+        [--calib FILE] [--bits 3.25] [--threads 2] [--modes auto,memory,stream] [--out FILE]
 
 Each conversion runs in its own process (bench/convert_cost.py's convert_once: stage times from the CLI's own
 lines, the child's peak RSS from wait4). Random weights make the quality meaningless but not the cost, which
 depends on shapes only. Targets (issue 13): a 0.1 B model <= 5 min on 2 CPU cores; a 1.1B-shaped model <= 5 min on
 one GPU in <= 6 GB of host memory. The projection for 7B/70B scales each stage by the work it does (see
-`project`). No assertions: this is a benchmark.
+`project`). --modes: each shape converted with the default choice of planning model (auto), the whole model in
+memory (--no-stream-layers) and/or layer streaming (--stream-layers, wqedge/stream.py), to compare peak RSS. Rows
+are appended to --out as they finish (a run cut short keeps what it measured). No assertions: this is a benchmark.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ SHAPES = {
     "llama-s": (512, 8, 8, 4, 1408, 8192, False),            # the fixture's shape
     "smollm-135m": (576, 30, 9, 3, 1536, 49152, True),       # hidden not a multiple of 128, GQA, tied
     "tinyllama-1.1b": (2048, 22, 32, 4, 5632, 32000, False),
+    "tinyllama-4l": (2048, 4, 32, 4, 5632, 32000, False),    # TinyLlama's layers, 4 of them: memory comparisons
     "llama-2-7b": (4096, 32, 32, 32, 11008, 32000, False),   # projection only (not built here)
     "llama-3-70b": (8192, 80, 64, 8, 28672, 128256, False),
 }
@@ -60,8 +63,10 @@ def gptq_work(shape) -> int:
 
 
 def column_steps(shape) -> int:
-    """Σ K: error feedback's sequential column steps (on a GPU each is a fixed number of kernel launches)."""
-    return sum(k for _, k in linears(shape))
+    """Σ K over error feedback's column loops (on a GPU each step is a fixed number of kernel launches): one loop per
+    input group since q/k/v and gate/up share one (wqedge.quant.gptq.gptq_linears), i.e. 4 loops per layer."""
+    hidden, layers, heads, _, inter, _, _ = shape
+    return layers * (hidden + heads * (hidden // heads) + hidden + inter)
 
 
 def build(name: str, where: Path) -> Path:
@@ -70,6 +75,44 @@ def build(name: str, where: Path) -> Path:
     return build_tiny_model(where / name, hidden=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv,
                             intermediate=inter, vocab_size=vocab, tie_embeddings=tied, dtype="float16",
                             tokenizer_vocab=min(vocab, 4000), init="normal")
+
+
+PROBE = """
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[5]))
+from wqedge.checkpoint import LlamaCheckpoint
+from wqedge.calib import gradient_stats, layerwise_stats
+from wqedge.stream import planning_model
+ck = LlamaCheckpoint.open(sys.argv[1])
+n, t = int(sys.argv[3]), int(sys.argv[4])
+tok = torch.randint(3, ck.spec.vocab_size, (n, t), generator=torch.Generator().manual_seed(0))
+tok[:, 0] = 1
+t0 = time.time()
+m = planning_model(ck, "cpu", sys.argv[2] == "stream")
+st = layerwise_stats(m, tok, device="cpu", full_xtx=128, batch_size=2)
+t1 = time.time()
+gs = gradient_stats(m, tok, device="cpu", batch_size=2)
+print(f"inputs {t1 - t0:.1f} gradients {time.time() - t1:.1f}")
+"""
+
+
+def probe_once(model: Path, mode: str, windows: int, seqlen: int, threads: int) -> dict:
+    """Peak RSS (MiB) of the planner's statistics alone (input statistics with XᵀX's diagonal blocks, then the LM
+    gradients) on `windows` random windows of `seqlen` tokens on the CPU, with the whole model in memory (mode
+    "memory") or streamed ("stream"), in a child process: the part of planning whose memory the planning model sets,
+    at a fraction of a conversion's time."""
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, "-c", PROBE, str(model), mode, str(windows), str(seqlen), str(threads)],
+                             stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(p.pid, 0)        # this child's own peak RSS
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"probe failed:\n{stderr[-3000:]}")
+    times = dict(zip(*[iter(stdout.split()[-4:])] * 2))
+    return {"rss_mib": usage.ru_maxrss / 1024, **{k: float(v) for k, v in times.items()}}
 
 
 def project(row: dict, measured: str, target: str, device: str = "cpu") -> tuple[float, float]:
@@ -95,34 +138,75 @@ def main() -> None:
     ap.add_argument("--calib", default=None, help="calibration text (default: the fixture's calib.txt)")
     ap.add_argument("--bits", type=float, default=3.25)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None, help="also write the Markdown table here")
+    ap.add_argument("--out", default=None, help="also write the Markdown table here (rows appended as they finish)")
+    ap.add_argument("--modes", default="auto", help="comma list of auto (the CLI's default planning model), memory "
+                    "(--no-stream-layers: the whole model held), stream (--stream-layers: one decoder layer at a time)")
+    ap.add_argument("--feedback-windows", type=int, default=None, help="passed to convert (default: its own)")
+    ap.add_argument("--probe", default=None, metavar="WINDOWS,SEQLEN",
+                    help="instead of converting: peak RSS of the planner's statistics and gradients alone on the CPU "
+                         "(probe_once), for each of --modes memory,stream, on WINDOWS random windows of SEQLEN tokens")
     a = ap.parse_args()
     calib = a.calib or str(Path(os.environ.get("WQEDGE_FIXTURES", ROOT.parent / "shared" / "fixtures")) / "text" / "calib.txt")
     if not Path(calib).is_file():
         raise SystemExit(f"calibration text {calib} not found (--calib FILE)")
     extra = ["--device", a.device] if a.device else []
+    if a.feedback_windows:
+        extra += ["--feedback-windows", str(a.feedback_windows)]
+    mode_args = {"auto": [], "memory": ["--no-stream-layers"], "stream": ["--stream-layers"]}
+    modes = a.modes.split(",")
+    if any(m not in mode_args for m in modes):
+        raise SystemExit(f"--modes: each of {', '.join(mode_args)}")
     head = (f"# bench/plan_scaling.py --shapes {a.shapes} --bits {a.bits} --device {a.device or 'default'} "
-            f"--threads {a.threads}; host {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+            f"--threads {a.threads} --modes {a.modes}"
+            + (f" --feedback-windows {a.feedback_windows}" if a.feedback_windows else "")
+            + f"; host {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
     print(head, flush=True)
+    if a.probe:
+        n, t = (int(v) for v in a.probe.split(","))
+        out = [head, "", f"Planner statistics only (--probe {a.probe}), CPU, {a.threads} threads:", "",
+               "| shape | mode | parameters | inputs s | gradients s | peak RSS MiB |", "|---|---|---|---|---|---|"]
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in a.shapes.split(","):
+                path = build(name, Path(tmp))
+                from wqedge.checkpoint import LlamaCheckpoint
+                n_params = LlamaCheckpoint.open(path).n_params
+                for mode in (m for m in modes if m != "auto"):
+                    r = probe_once(path, mode, n, t, a.threads)
+                    out.append(f"| {name} | {mode} | {n_params / 1e6:.0f} M | {r.get('inputs', 0):.1f} | "
+                               f"{r.get('gradients', 0):.1f} | {r['rss_mib']:.0f} |")
+                    print(out[-1], flush=True)
+        text = "\n".join(out) + "\n"
+        print(text)
+        if a.out:
+            Path(a.out).write_text(text)
+        return
     rows = []
+    cols = ("inputs", "gradients", "damage table", "plan", "fitting", "total")
+    lines = [head, "", "| shape | mode | linear weights | " + " | ".join(f"{c} s" for c in cols) + " | peak RSS MiB |",
+             "|---" * (len(cols) + 4) + "|"]
+    if a.out:
+        Path(a.out).write_text("\n".join(lines) + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.shapes.split(","):
             path = build(name, Path(tmp))
-            row = convert_once(ROOT, str(path), Path(tmp) / f"{name}.gguf", calib, a.bits, a.threads, extra=extra)
-            row["name"], row["weights"] = name, linear_weights(SHAPES[name])
-            rows.append(row)
-            print(f"{name}: total {row['total']:.1f} s, peak RSS {row['rss_mib']:.0f} MiB; "
-                  + ", ".join(f"{k} {row[k]:.1f}" for k in ("inputs", "gradients", "damage table", "plan", "fitting")
-                              if k in row), flush=True)
+            for mode in modes:
+                row = convert_once(ROOT, str(path), Path(tmp) / f"{name}.gguf", calib, a.bits, a.threads,
+                                   extra=extra + mode_args[mode])
+                row["name"], row["mode"], row["weights"] = name, mode, linear_weights(SHAPES[name])
+                rows.append(row)
+                print(f"{name} ({mode}): total {row['total']:.1f} s, peak RSS {row['rss_mib']:.0f} MiB; "
+                      + ", ".join(f"{k} {row[k]:.1f}" for k in ("inputs", "gradients", "damage table", "plan",
+                                                                "fitting") if k in row), flush=True)
+                line = (f"| {name} | {mode} | {row['weights'] / 1e6:.0f} M | "
+                        + " | ".join("-" if row.get(c) is None else f"{row[c]:.1f}" for c in cols)
+                        + f" | {row['rss_mib']:.0f} |")
+                lines.append(line)
+                if a.out:
+                    with open(a.out, "a") as f:
+                        f.write(line + "\n")
             for shp in (path / "model.safetensors", ):
                 if shp.exists():
                     shp.unlink()
-    cols = ("inputs", "gradients", "damage table", "plan", "fitting", "total")
-    lines = [head, "", "| shape | linear weights | " + " | ".join(f"{c} s" for c in cols) + " | peak RSS MiB |",
-             "|---" * (len(cols) + 3) + "|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['weights'] / 1e6:.0f} M | "
-                     + " | ".join("-" if r.get(c) is None else f"{r[c]:.1f}" for c in cols) + f" | {r['rss_mib']:.0f} |")
     big = max(rows, key=lambda r: r["weights"])
     lines += ["", f"Projection from {big['name']} on the same device (`project`: statistics and gradients ∝ linear "
               "weights, damage table ∝ chunks, fitting ∝ Σ K column steps on a GPU up to ∝ weights; on CPU cores "

@@ -47,14 +47,13 @@ def damped_hessian(xtx: torch.Tensor, damp: float = DAMP, device=None) -> tuple[
     H = xtx.to(device or xtx.device, torch.float64).clone()
     dead = torch.diag(H) <= 0
     H[dead, dead] = 1.0
-    H += damp * float(torch.diag(H).mean()) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    H.diagonal().add_(damp * float(torch.diag(H).mean()))   # (no K x K identity: 1 GB in float64 at K = 11008)
     return H, dead
 
 
 def inverse_cholesky(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor U of (H permuted by perm)⁻¹, the factor GPTQ spreads errors with (float32)."""
-    Hp = H[perm][:, perm]
-    L = torch.linalg.cholesky(Hp)
+    L = torch.linalg.cholesky(H[perm[:, None], perm])      # one permuted copy, not two
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
 
 
