@@ -265,7 +265,7 @@ def _rotary(model, hidden: torch.Tensor):
 @torch.no_grad()
 def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 4, full_xtx: bool | int = True,
                     on_layer: Callable[[int, torch.nn.Module, dict[str, InputStats]], bool | None] | None = None,
-                    progress: Callable[[str], None] | None = None) -> dict[str, InputStats]:
+                    progress: Callable[[str], None] | None = None, keep: bool = True) -> dict[str, InputStats]:
     """Input statistics of every decoder linear, gathered one decoder layer at a time.
 
     `model` is a transformers LlamaForCausalLM (any dtype, on the CPU, or already on a CUDA `device`: then the
@@ -275,6 +275,8 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
     statistics are gathered and before its output is computed for the next layer; it returns True when
     it changed the layer's weights (then the outputs are recomputed with the new weights).
     full_xtx: True gathers XᵀX, an int G only its diagonal G x G blocks (InputStats.xtx_block), False neither.
+    keep: False drops each layer's statistics once on_layer has used them (error feedback: a 1.1B model's full XᵀX
+    of every layer would be 7.7 GB) and returns {}.
     """
     dev = default_device(device)
     tokens = torch.as_tensor(tokens, dtype=torch.long)
@@ -320,6 +322,9 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
         changed = False
         if on_layer is not None:
             changed = bool(on_layer(li, layer, {k: v for k, v in out.items() if k.startswith(f"model.layers.{li}.")}))
+        if not keep:
+            out.clear()
+        del accs, results
         if changed:
             outs.clear()        # the unquantized layer's outputs: not needed, and a whole copy of the states
             outs = [_layer_call(layer, hidden[i:i + batch_size].to(dev), pos_emb).to(home, cdtype)

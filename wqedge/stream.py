@@ -9,7 +9,8 @@ whole model: a model larger than the device's memory can be planned. The arithme
 float32 layer modules, same attention implementation), so plans and files are the same (tests/test_stream.py).
 
 `ChunkSpill` keeps error feedback's fitted chunks in a temporary folder, one file per linear, so that they are not
-all held until the writer reads them (a 1.1B model's codes alone are 1 GB as uint8).
+all held until the writer reads them (a 1.1B model's codes alone are 1 GB as uint8); every error-feedback conversion
+uses it, streamed or not.
 
 `wants_streaming` is the rule that turns streaming on when nobody asked: the checkpoint's 16-bit copy would take
 more than PLANNING_MEMORY_FRACTION of the planning device's memory (free GPU memory on CUDA, available host memory

@@ -90,7 +90,8 @@ def quantize_model(model, plan, tokens: torch.Tensor, device=None, batch_size: i
             progress(f"error feedback: layer {li + 1}/{n_layers} fitted ({time.time() - t0:.0f} s)")
         return True
 
-    layerwise_stats(model, tokens, device=device, batch_size=batch_size, full_xtx=feedback, on_layer=on_layer)
+    layerwise_stats(model, tokens, device=device, batch_size=batch_size, full_xtx=feedback, on_layer=on_layer,
+                    keep=False)
     return result
 
 
@@ -99,9 +100,10 @@ def quantize_checkpoint(ckpt, plan, calib_text, device=None, n_seqs: int = FEEDB
                         progress: Callable[[str], None] | None = None,
                         stream: bool | None = None) -> dict[str, list[ChunkData]]:
     """Every decoder linear of `ckpt` quantized by `plan` with error feedback (the planner's recommended
-    conversion): {hf_name: [ChunkData per chunk]}, ready for the GGUF writer. stream: read the model one layer at
-    a time from its files and keep the fitted chunks on disk (a wqedge.stream.ChunkSpill) instead of holding the
-    model and every chunk; None = when the model does not fit the device (wqedge.stream.wants_streaming)."""
+    conversion): {hf_name: [ChunkData per chunk]}, ready for the GGUF writer, kept on disk (a wqedge.stream.ChunkSpill:
+    a 1.1B model's codes alone are 1 GB as uint8) until the writer reads them one linear at a time. stream: read the
+    model one layer at a time from its files instead of holding it whole; None = when the model does not fit the
+    device (wqedge.stream.wants_streaming)."""
     from transformers import AutoTokenizer
 
     from ..calib import calibration_tokens, default_device
@@ -110,8 +112,7 @@ def quantize_checkpoint(ckpt, plan, calib_text, device=None, n_seqs: int = FEEDB
     bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
     cs = calibration_tokens(tok, calib_text, n_seqs, seqlen, 0, bos_id=bos, seed=seed)
     model = planning_model(ckpt, default_device(device), stream)
-    store = ChunkSpill() if isinstance(model, StreamedModel) else None
-    if store is not None and progress:
-        progress("error feedback: streaming decoder layers from the checkpoint's files, fitted chunks kept on disk")
+    if isinstance(model, StreamedModel) and progress:
+        progress("error feedback: streaming decoder layers from the checkpoint's files")
     return quantize_model(model, plan, cs.train, device=device, act_order=act_order, damp=damp, progress=progress,
-                          store=store)
+                          store=ChunkSpill())
