@@ -95,3 +95,17 @@ def test_chunk_spill_round_trip(tiny_model_factory):
     where = spill._dir
     spill.close()
     assert not where.exists()
+
+
+def test_layerwise_stats_keep_false_drops_used_layers(ckpt):
+    """Error feedback's statistics pass keeps no layer's XᵀX after its on_layer call (and returns nothing)."""
+    seen = []
+
+    def on_layer(li, layer, stats):
+        seen.append((li, sorted(stats)))
+        assert all(s.xtx is not None for s in stats.values())
+        return False
+
+    out = layerwise_stats(StreamedModel(ckpt, "cpu"), _tokens(2), device="cpu", full_xtx=True, on_layer=on_layer,
+                          keep=False)
+    assert out == {} and [li for li, _ in seen] == [0, 1] and all(len(names) == 7 for _, names in seen)
