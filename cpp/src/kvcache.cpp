@@ -310,42 +310,39 @@ static void axpy(const KvFormat& f, float a, const uint8_t* row, float* out) {
 }  // namespace neon
 #endif
 
-void kv_row_values(const KvFormat& f, const uint8_t* row, float* dst, int kernels) {
-    if (f.group % (f.bits == 8 ? 32 : 16) == 0) {
+// The SIMD set's three kernels, or nullptr: they take groups of a multiple of 16 values (8 bits: 32); other groups,
+// and the scalar set, run the reference.
+struct KvKernels {
+    float (*dot)(const KvFormat&, const float*, const uint8_t*);
+    void (*axpy)(const KvFormat&, float, const uint8_t*, float*);
+    void (*values)(const KvFormat&, const uint8_t*, float*);
+};
+static const KvKernels* simd_kernels(const KvFormat& f, int kernels) {
+    if (f.group % (f.bits == 8 ? 32 : 16) != 0) return nullptr;
 #ifdef WQE_KV_AVX2
-        if (kernels == K_AVX2) return avx2::values(f, row, dst);
+    static const KvKernels avx2_set = {avx2::dot, avx2::axpy, avx2::values};
+    if (kernels == K_AVX2) return &avx2_set;
 #endif
 #ifdef WQE_KV_NEON
-        if (kernels == K_NEON) return neon::values(f, row, dst);
+    static const KvKernels neon_set = {neon::dot, neon::axpy, neon::values};
+    if (kernels == K_NEON) return &neon_set;
 #endif
-    }
     (void)kernels;
+    return nullptr;
+}
+
+void kv_row_values(const KvFormat& f, const uint8_t* row, float* dst, int kernels) {
+    if (const KvKernels* k = simd_kernels(f, kernels)) return k->values(f, row, dst);
     kv_dequantize(f, row, dst);
 }
 
 float kv_dot(const KvFormat& f, const float* q, const uint8_t* row, int kernels) {
-    if (f.group % (f.bits == 8 ? 32 : 16) == 0) {
-#ifdef WQE_KV_AVX2
-        if (kernels == K_AVX2) return avx2::dot(f, q, row);
-#endif
-#ifdef WQE_KV_NEON
-        if (kernels == K_NEON) return neon::dot(f, q, row);
-#endif
-    }
-    (void)kernels;
+    if (const KvKernels* k = simd_kernels(f, kernels)) return k->dot(f, q, row);
     return dot_scalar(f, q, row);
 }
 
 void kv_axpy(const KvFormat& f, float a, const uint8_t* row, float* out, int kernels) {
-    if (f.group % (f.bits == 8 ? 32 : 16) == 0) {
-#ifdef WQE_KV_AVX2
-        if (kernels == K_AVX2) return avx2::axpy(f, a, row, out);
-#endif
-#ifdef WQE_KV_NEON
-        if (kernels == K_NEON) return neon::axpy(f, a, row, out);
-#endif
-    }
-    (void)kernels;
+    if (const KvKernels* k = simd_kernels(f, kernels)) return k->axpy(f, a, row, out);
     axpy_scalar(f, a, row, out);
 }
 
