@@ -370,3 +370,33 @@ def test_cli_kv_rotation(native_lib, files, tiny_model_dir, tmp_path):
     r = CliRunner().invoke(main, ["run", str(files["hd32-q4"]), "--prompt", "the model", "-n", "4", "--threads", "1",
                                   "--kv-rotation", "none"])
     assert r.exit_code == 0, r.output
+
+
+def test_cli_plan_kv_bits(native_lib, tiny_model_dir, tmp_path):
+    """`wqedge plan --kv-bits/--kv-rotation` records the KV cache in the plan (kv_cache, version 3); `convert --plan`
+    writes it into the file, and its own --kv-bits overrides the plan's; --kv-rotation alone is refused before any
+    planning, with no plan written."""
+    import json
+
+    from click.testing import CliRunner
+
+    from wqedge.cli import main
+    plan = tmp_path / "p.json"
+    r = CliRunner().invoke(main, ["plan", str(tiny_model_dir), "-o", str(plan), "--preset", "q4", "--kv-rotation", "none"])
+    assert r.exit_code != 0 and "--kv-bits 8 or 4" in r.output and not plan.exists()
+    r = CliRunner().invoke(main, ["plan", str(tiny_model_dir), "-o", str(plan), "--preset", "q4", "--kv-bits", "4",
+                                  "--kv-rotation", "none"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(plan.read_text())
+    assert d["version"] >= 3 and d["kv_cache"]["bits"] == 4 and d["kv_cache"]["rotation"] == "none", d.get("kv_cache")
+    out = tmp_path / "m.gguf"
+    r = CliRunner().invoke(main, ["convert", str(tiny_model_dir), "--plan", str(plan), "-o", str(out), "--no-check"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0 and "KV cache (runtime default): 4-bit, rotation none" in r.output, r.output
+    out8 = tmp_path / "m8.gguf"
+    r = CliRunner().invoke(main, ["convert", str(tiny_model_dir), "--plan", str(plan), "-o", str(out8), "--no-check",
+                                  "--kv-bits", "8"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["inspect", str(out8)])
+    assert r.exit_code == 0 and "KV cache (runtime default): 8-bit, rotation hadamard" in r.output, r.output

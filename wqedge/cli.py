@@ -227,7 +227,7 @@ _common_plan_options = [
 
 
 def _kv_rotation_option(default: str):
-    """--kv-rotation of convert / eval / run: turning off the Hadamard rotation of K before it is quantized."""
+    """--kv-rotation of plan / convert / eval / run: turning off the Hadamard rotation of K before it is quantized."""
     return click.option("--kv-rotation", type=click.Choice(["hadamard", "none"]), default=None,
                         help="Rotation of a quantized KV cache: 'hadamard' rotates K per head before quantizing (and Q "
                              "with it, so scores are unchanged; 4-bit V too), 'none' quantizes K and V as they are "
@@ -244,7 +244,7 @@ def _kv_cache_spec(kv_bits, kv_rotation, where: str = ""):
 
 
 def _kv_bits_option(default: str):
-    """--kv-bits of convert / eval / run: one set of choices and one explanation, each command's own default."""
+    """--kv-bits of plan / convert / eval / run: one set of choices and one explanation, each command's own default."""
     return click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
                         help="KV cache of the runtime: 'f32' float32, '8' or '4' bits per value (per token and KV head, "
                              "groups of 32 / 16 values with an fp16 scale and min; K Hadamard-rotated per head first; "
@@ -422,8 +422,11 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Plan JSON to write.")
 @plan_options
+@_kv_bits_option("Default: float32; recorded in the plan (field kv_cache), so `wqedge convert --plan` writes it into "
+                 "the file unless its own --kv-bits says otherwise.")
+@_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, recorded beside it.")
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
-         prune, max_prune, feedback_windows, stream_layers, act_bits):
+         prune, max_prune, feedback_windows, stream_layers, act_bits, kv_bits, kv_rotation):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
 
@@ -431,10 +434,13 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
     """
     from .report import text_report, write_report
 
+    kv = _kv_cache_spec(kv_bits, kv_rotation)   # (refused before any planning work)
     ckpt = _open_checkpoint(model_dir)
     calib_text = _read_calib(calib) if calib else None
     p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate, act_bits,
                    prune, max_prune, stream_layers)
+    if kv is not None:
+        p.kv_cache = kv.to_plan()
     if feedback_windows is not None:
         from .pipeline import set_feedback_windows
         set_feedback_windows(p, feedback_windows)
