@@ -635,10 +635,14 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 }
                 out[j] = &att[(size_t)t * QD + (size_t)(h0 + j) * hd];
             }
+            // position s's K or V row of this KV head: in the float cache, or dequantized into `row`
+            auto kv_row = [&](const float* fc, const uint8_t* qc, int s) -> const float* {
+                if (!kvq) return fc + (size_t)s * KVD + (size_t)kvh * hd;
+                kv_row_values(kvf, qc + ((size_t)s * L.n_head_kv + kvh) * kvf.row_bytes, row, kern);
+                return row;
+            };
             for (int s = 0; s < n_keys; ++s) {
-                const float* kr = row;
-                if (kvq) kv_row_values(kvf, kqc + ((size_t)s * L.n_head_kv + kvh) * kvf.row_bytes, row, kern);
-                else kr = kc + (size_t)s * KVD + (size_t)kvh * hd;
+                const float* kr = kv_row(kc, kqc, s);
                 for (int j = 0; j < qpt; ++j) sc[(size_t)j * n_ctx + s] = ops.dot_f32(qh[j], kr, hd) * att_scale;
             }
             float inv[ATT_QPT];
@@ -654,9 +658,7 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 std::memset(out[j], 0, sizeof(float) * hd);
             }
             for (int s = 0; s < n_keys; ++s) {
-                const float* vr = row;
-                if (kvq) kv_row_values(kvf, vqc + ((size_t)s * L.n_head_kv + kvh) * kvf.row_bytes, row, kern);
-                else vr = vc + (size_t)s * KVD + (size_t)kvh * hd;
+                const float* vr = kv_row(vc, vqc, s);
                 for (int j = 0; j < qpt; ++j) ops.axpy(sc[(size_t)j * n_ctx + s] * inv[j], vr, out[j], hd);
             }
         });

@@ -200,18 +200,30 @@ void block_matmul_p(const float* P, int n, const float* X, int nx, float* Y, int
 // then y + c v with c = -2 * (the blocks' shares summed in block order).
 static int n_blocks(const Rotation& r) { return (r.dim + r.block - 1) / r.block; }
 
-static void stage1(const Rotation& r, int b, float* x, float* t, int kernels) {
-    const int s = b * r.block, n = std::min(r.block, r.dim - s);
+// The element-wise pieces of the stages over values [s, s + n) (shared by the per-block and multi-block paths):
+// the smoothing divisors, R2's gathered input, and the Householder vector's dot with y.
+static void smooth_range(const Rotation& r, float* x, int s, int n) {
     if (!r.smooth.empty())
         for (int i = s; i < s + n; ++i) x[i] /= r.smooth[i];
+}
+static void gather_range(const Rotation& r, const float* t, float* g, int s, int n) {
+    for (int i = s; i < s + n; ++i) g[i] = t[r.perm[i]];
+}
+static float hh_share(const Rotation& r, const float* y, int s, int n, int kernels) {
+    return r.hh.empty() ? 0.0f : vec_ops(kernels).dot_f32(r.hh.data() + s, y + s, n);
+}
+
+static void stage1(const Rotation& r, int b, float* x, float* t, int kernels) {
+    const int s = b * r.block, n = std::min(r.block, r.dim - s);
+    smooth_range(r, x, s, n);
     block_matvec(n == r.block ? r.r1.data() : r.r1_tail.data(), n, x + s, t + s, kernels);
 }
 
 static float stage2(const Rotation& r, int b, const float* t, float* g, float* y, int kernels) {
     const int s = b * r.block, n = std::min(r.block, r.dim - s);
-    for (int i = s; i < s + n; ++i) g[i] = t[r.perm[i]];
+    gather_range(r, t, g, s, n);
     block_matvec(n == r.block ? r.r2.data() : r.r2_tail.data(), n, g + s, y + s, kernels);
-    return r.hh.empty() ? 0.0f : vec_ops(kernels).dot_f32(r.hh.data() + s, y + s, n);
+    return hh_share(r, y, s, n, kernels);
 }
 
 static void finish(const Rotation& r, const float* part, const float* y, float* x, int kernels) {
@@ -244,21 +256,17 @@ static void apply_multi(const Rotation& r, float* x, ThreadPool* pool, int kerne
         if (pool && pool->size() > 1) pool->run(n_tasks, [&](int k, int) { task(k); });
         else for (int k = 0; k < n_tasks; ++k) task(k);
     };
-    if (!r.smooth.empty())
-        for (int i = 0; i < r.dim; ++i) x[i] /= r.smooth[i];
+    smooth_range(r, x, 0, r.dim);
     run([&](int k) {
         if (k < n_rt) block_matmul_p(r.r1p.data(), B, x, nf, t, k * RT, std::min(B, (k + 1) * RT), kernels);
         else block_matvec(r.r1_tail.data(), tl, x + nf * B, t + nf * B, kernels);
     });
-    for (int i = 0; i < r.dim; ++i) g[i] = t[r.perm[i]];
+    gather_range(r, t, g, 0, r.dim);
     run([&](int k) {
         if (k < n_rt) block_matmul_p(r.r2p.data(), B, g, nf, y, k * RT, std::min(B, (k + 1) * RT), kernels);
         else block_matvec(r.r2_tail.data(), tl, g + nf * B, y + nf * B, kernels);
     });
-    for (int b = 0; b < nb; ++b) {
-        const int s = b * B, n = std::min(B, r.dim - s);
-        part[b] = r.hh.empty() ? 0.0f : vec_ops(kernels).dot_f32(r.hh.data() + s, y + s, n);
-    }
+    for (int b = 0; b < nb; ++b) part[b] = hh_share(r, y, b * B, std::min(B, r.dim - b * B), kernels);
     finish(r, part, y, x, kernels);
 }
 
