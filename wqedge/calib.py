@@ -348,6 +348,15 @@ class GradStats:
     fisher: torch.Tensor | None = None   # float32 [N, K]: E_seq[(dℓ_seq/dW)²] (empirical Fisher diag), when asked
 
 
+def _grad_square_hook(acc: dict, name: str, scale: list):
+    """Backward hook adding the squared output gradients of one linear (rows of its gout, times scale[0]) into
+    acc[name]: the whole-model and the layer-streamed gradient passes accumulate the same statistic."""
+    def hook(mod, gin, gout):
+        g = gout[0].reshape(-1, gout[0].shape[-1]).double() * scale[0]
+        acc[name] += (g * g).sum(0)
+    return hook
+
+
 def gradient_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 1, fisher_diag: bool = False,
                    progress: Callable[[str], None] | None = None) -> dict[str, GradStats]:
     """Per decoder linear, the mean squared output gradient of the per-token LM loss (and optionally the
@@ -373,10 +382,7 @@ def gradient_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 1
     scale = [1.0]
     hooks = []
     for n, m in mods.items():
-        def bh(mod, gin, gout, n=n):
-            g = gout[0].reshape(-1, gout[0].shape[-1]).double() * scale[0]
-            g2[n] += (g * g).sum(0)
-        hooks.append(m.register_full_backward_hook(bh))
+        hooks.append(m.register_full_backward_hook(_grad_square_hook(g2, n, scale)))
     req = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -474,10 +480,7 @@ def _streamed_gradient_stats(model, tokens: torch.Tensor, dev, batch_size: int, 
             cur = [1.0]
             hooks = []
             for n, m in mods.items():
-                def bh(mod, gin, gout, n=n):
-                    g = gout[0].reshape(-1, gout[0].shape[-1]).double() * cur[0]
-                    acc[n] += (g * g).sum(0)
-                hooks.append(m.register_full_backward_hook(bh))
+                hooks.append(m.register_full_backward_hook(_grad_square_hook(acc, n, cur)))
             try:
                 for bi in range(len(batches)):
                     x = load(inputs[li][bi]).detach().requires_grad_(True)
