@@ -25,6 +25,10 @@ and the partial products are summed. w = d q + m is thus computed as d (x . q) +
 the file's affine form, whatever d is (float zero points -m/d would fail at d = 0, and ONNX Runtime's
 CPU MatMulNBits refuses float zero points at 8 bits).
 
+Rotated files (RUQuant, format version 2): before each transform group's linears (q/k/v, o, gate/up, down) the
+graph applies the file's stored input transform and, at act bits < 8, the per-token activation quantizer, as stock
+operators computed once per group (converters/onnx_rotation.py); both variants.
+
 Native variant (onnxruntime + libwqedge_ort, our custom-op library): every quantized linear is one
 wqedge.ChunkLinear node whose weight is the GGUF tensor's row-block bytes as a uint8 initializer, run by
 the C++ runtime's kernels (cpp/src/ort_ops.cpp has the op's schema); the rest of the graph is the
@@ -41,7 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from wqedge.blocks import BLOCK_TYPES, ChunkData, block_type
+from wqedge.converters.onnx_rotation import lower_group_input
 from wqedge.fileio import atomic_output
+from wqedge.rotation_format import GROUPS as ROT_GROUPS
 from wqedge.runtime.gguf_reader import WqGGUF
 
 OPSET = 21
@@ -154,6 +160,19 @@ class _Exporter:
         self.FLOAT, self.F16, self.I64, self.BOOL = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64, TensorProto.BOOL
         self.INT32, self.UINT8 = TensorProto.INT32, TensorProto.UINT8
         self.stats: dict[str, int] = {}
+        self.transforms = f.transforms()   # RUQuant (format version 2): {(layer, group): StoredTransform}
+        self.act_bits = f.act_bits
+
+    def group_input(self, x, layer: int, group: int) -> str:
+        """What the linears of transform group `group` (rotation_format.GROUPS) of `layer` read: x, or for a
+        rotated / activation-quantized file its transform and per-token quantizer (converters/onnx_rotation.py)."""
+        st = self.transforms.get((layer, group))
+        if st is None and self.act_bits >= 8:
+            return x
+        n0 = len(self.g.inits)
+        y = lower_group_input(self.g, x, st, self.act_bits, f"blk_{layer}_rot_{ROT_GROUPS[group]}")
+        self._count("rotation", sum(len(t.raw_data) for t in self.g.inits[n0:]))
+        return y
 
     # ------------------------------------------------------------ weights as initializers
     def dense_weight(self, name, transpose=False) -> str:
@@ -408,7 +427,7 @@ class _Exporter:
             H, KV = sp.heads(i), sp.kv_heads(i)
             rep = H // KV
             self._sums = {}
-            hn = self.rms_norm(x, f"blk.{i}.attn_norm.weight")
+            hn = self.group_input(self.rms_norm(x, f"blk.{i}.attn_norm.weight"), i, 0)
             q = lin(hn, f"blk.{i}.attn_q.weight")
             k = lin(hn, f"blk.{i}.attn_k.weight")
             v = lin(hn, f"blk.{i}.attn_v.weight")
@@ -425,13 +444,13 @@ class _Exporter:
             pr = g.op("Softmax", [g.op("Where", [allowed, sc, neg])], axis=-1)
             o = g.op("MatMul", [pr, v5])                                               # [B, KV, rep, S, hd]
             o = g.op("Transpose", [g.op("Reshape", [o, g.i64([0, H, -1, hd])])], perm=[0, 2, 1, 3])
-            o = g.op("Reshape", [o, g.i64([0, 0, H * hd])])
+            o = self.group_input(g.op("Reshape", [o, g.i64([0, 0, H * hd])]), i, 1)
             x = g.op("Add", [x, lin(o, f"blk.{i}.attn_output.weight")])
             self._sums = {}
-            hn = self.rms_norm(x, f"blk.{i}.ffn_norm.weight")
+            hn = self.group_input(self.rms_norm(x, f"blk.{i}.ffn_norm.weight"), i, 2)
             gate = lin(hn, f"blk.{i}.ffn_gate.weight")
             up = lin(hn, f"blk.{i}.ffn_up.weight")
-            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+            act = self.group_input(g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up]), i, 3)
             self._sums = {}
             x = g.op("Add", [x, lin(act, f"blk.{i}.ffn_down.weight")])
         hn = self.rms_norm(x, "output_norm.weight")
@@ -448,6 +467,8 @@ class _Exporter:
         model.ir_version = 10
         props = {"wqedge.variant": self.variant, "wqedge.group_size": str(self.G),
                  "wqedge.effective_bits": f"{self.f.effective_bits:.6f}"}
+        if self.f.format_version >= 2:
+            props.update({"wqedge.rotation": self.f.rotation or "none", "wqedge.act_bits": str(self.act_bits)})
         if self.variant == "portable":
             props.update({"wqedge.lowering": self.lowering, "wqedge.accuracy_level": str(self.accuracy_level)})
         helper.set_model_props(model, props)

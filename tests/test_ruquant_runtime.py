@@ -341,5 +341,6 @@ def test_rotate_without_text_or_with_other_targets_is_refused(ckpt, tmp_path):
     from wqedge import pipeline
     with pytest.raises(PlanError, match="calibration text"):
         pipeline.make_plan(ckpt, 0, preset="q8", rotate=True)
-    with pytest.raises(pipeline.ConvertError, match="GGUF only"):
-        pipeline.convert(ckpt, _plan(ckpt, "q8"), tmp_path / "x.onnx", target="onnx", calib_text="text")
+    with pytest.raises(pipeline.ConvertError, match="llama.cpp has no operator for such an input transform"):
+        pipeline.convert(ckpt, _plan(ckpt, "q8"), tmp_path / "x.gguf", target="llamacpp", calib_text="text")
+    assert list(tmp_path.iterdir()) == []   # (ONNX takes rotated plans: tests/test_onnx_rotated.py)
