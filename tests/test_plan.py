@@ -70,7 +70,7 @@ def _edit(tmp_path, plan, fn):
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda d: d.update(version=4), "unsupported plan version 4"),
+    (lambda d: d.update(version=5), "unsupported plan version 5"),
     (lambda d: d.update(format="other"), "not a wqedge plan"),
     (lambda d: d["tensors"][0]["actions"].__setitem__(0, "q5"), "unknown action 'q5'"),
     (lambda d: d["tensors"][0]["methods"].__setitem__(0, "gptq"), "unknown quantizer method"),

@@ -15,7 +15,7 @@ import click
 from . import __version__
 from .blocks import ACTION_NAMES
 from .head import HEAD_KINDS
-from .pipeline import ALLOCATORS, DEFAULT_HEAD, DEMO_DIR, DISTILL_STEPS, TARGETS
+from .pipeline import ALLOCATORS, DEFAULT_HEAD, DEMO_DIR, DISTILL_STEPS, STAGE2_STEPS, TARGETS
 from .plan import METHODS
 MIN_CALIB_WORDS = 16
 
@@ -127,13 +127,13 @@ def _parse_prune(ctx, param, value):
 
 
 def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None, rotate=None,
-               act_bits=8, prune=(), max_prune=0.3, stream_layers=None):
+               act_bits=8, prune=(), max_prune=0.3, stream_layers=None, rotate_stage2=None):
     from .pipeline import make_plan
     from .plan import PlanError
     try:
         plan = make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect, preset,
-                         rotate=rotate is not None, act_bits=act_bits, prune=prune, max_prune=max_prune,
-                         stream_layers=stream_layers)
+                         rotate=rotate is not None, act_bits=act_bits, prune=prune,
+                         max_prune=max_prune, stream_layers=stream_layers, rotate_stage2=rotate_stage2 or 0)
     except PlanError as e:
         _fail(str(e))
     if plan.allocator == "uniform":
@@ -200,6 +200,13 @@ _common_plan_options = [
                  help="RUQuant: orthogonal input transforms per layer and linear group (q/k/v, o, gate/up, down) built "
                       "from the calibration activations, folded into the weights before planning and fitting and "
                       "applied online by the runtime (docs/ruquant.md). Needs calibration text."),
+    click.option("--rotate-stage2", type=click.IntRange(min=1), is_flag=False, flag_value=STAGE2_STEPS, default=None,
+                 metavar="[STEPS]",
+                 help=f"With --rotate: RUQuant stage 2, each group's global Householder vector learnt by STEPS AdamW "
+                      f"steps (default {STAGE2_STEPS}) on the group's output error with the plan's --act-bits and "
+                      f"straight-through weights at the preset's width (else the width the budget buys uniformly). "
+                      f"Recorded in the plan (version 4), so `convert --plan` rebuilds the same transforms. Off "
+                      f"unless given (bench/results/ruquant.md measures it on llama-s)."),
     click.option("--prune", default="", callback=_parse_prune, metavar="ffn,heads",
                  help="Let the greedy allocator also prune structures as 0-bit actions under the same budget: "
                       "'ffn' (FFN channels in groups of 32: rows of gate/up, columns of down), 'heads' (query heads, "
@@ -304,7 +311,7 @@ def plan_options(f):
                    f"effective bits; the head is read once per decoded token (bench/results/head_quant.md). "
                    f"--target gguf only.")
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
-            prune, max_prune, feedback_windows, stream_layers, act_bits, plan_path,
+            rotate_stage2, prune, max_prune, feedback_windows, stream_layers, act_bits, plan_path,
             save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, kv_bits, kv_rotation, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
@@ -346,7 +353,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
             _fail(str(e))
     else:
         plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate,
-                          act_bits, prune, max_prune, stream_layers)
+                          act_bits, prune, max_prune, stream_layers, rotate_stage2)
     if feedback_windows is not None:
         pipeline.set_feedback_windows(plan, feedback_windows)
     kv = _kv_cache_spec(kv_bits, kv_rotation)
@@ -426,7 +433,7 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
                  "the file unless its own --kv-bits says otherwise.")
 @_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, recorded beside it.")
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
-         prune, max_prune, feedback_windows, stream_layers, act_bits, kv_bits, kv_rotation):
+         rotate_stage2, prune, max_prune, feedback_windows, stream_layers, act_bits, kv_bits, kv_rotation):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
 
@@ -438,7 +445,7 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
     ckpt = _open_checkpoint(model_dir)
     calib_text = _read_calib(calib) if calib else None
     p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate, act_bits,
-                   prune, max_prune, stream_layers)
+                   prune, max_prune, stream_layers, rotate_stage2)
     if kv is not None:
         p.kv_cache = kv.to_plan()
     if feedback_windows is not None:

@@ -25,6 +25,7 @@ ALLOCATORS = ("uniform", "greedy", "rl")   # the allocators a caller may name (w
 FEEDBACK_ALLOCATORS = ("greedy", "rl")     # plans made for error-feedback lowering when text is given
 TARGETS = ("gguf", "onnx", "llamacpp")
 DISTILL_STEPS = 128   # steps per decoder layer of `--distill` given without a number (wqedge.quant.distill)
+STAGE2_STEPS = 20     # AdamW steps per group of `--rotate-stage2` given without a number (bench/ruquant.py's setting)
 DEMO_DIR = Path("wqedge-demo")
 # How `convert` stores the output head when the caller names none (wqedge.head): q8 halves the head's bytes per
 # decoded token for no measurable perplexity (llama-s, smol-s: within 0.02% of fp16 on the reference; q4 costs
@@ -44,26 +45,49 @@ def default_allocator(calib_text: str | None) -> str:
     return "greedy"
 
 
+def stage2_weight_bits(bits: float, preset: str | None) -> int | None:
+    """The weight bits stage 2's straight-through surrogate quantizes with. Stage 2 runs before the allocator
+    (which plans on its result), so a budget plan's per-chunk widths are not known yet: a preset's width when
+    there is one (fp16: float weights; ternary as 2 bits, q1 as 1), else the affine width a uniform plan
+    at the budget would take everywhere (4.25 bits -> 4, 3.25 -> 3, below -> 2, 8.25 and up -> 8), which is
+    the width most of a greedy plan's chunks get at that budget."""
+    if preset is not None:
+        return {"fp16": None, "q8": 8, "q4": 4, "q3": 3, "q2": 2, "ternary": 2, "q1": 1}[preset]
+    return 8 if bits >= 8.25 else 4 if bits >= 4.25 else 3 if bits >= 3.25 else 2
+
+
 def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None, method: str = "neuqi",
               calib_text: str | None = None, seed: int = 0, device=None, protect=(), preset: str | None = None,
               progress=True, rotate: bool = False, act_bits: int = 8, prune=(), max_prune: float = 0.3,
-              stream_layers: bool | None = None) -> Plan:
+              stream_layers: bool | None = None, rotate_stage2: int = 0) -> Plan:
     """A plan for `ckpt` at `bits` effective bits (or one `preset` action everywhere). PlanError when no
     plan can be made. rotate: RUQuant input transforms (`rotated`), planned on the folded weights;
-    act_bits: the activation bits recorded for the runtime; prune: structure kinds ("ffn", "heads") the
-    greedy allocator may also prune, up to `max_prune` of the weights, under the same budget (wqedge.alloc.joint);
-    stream_layers: plan on the model read one decoder layer at a time (wqedge.stream; None: when it does not fit)."""
+    rotate_stage2: AdamW steps per group of RUQuant stage 2 (0: stage 1 only), at the plan's act_bits and
+    `stage2_weight_bits`, recorded in the plan's rotation config; act_bits: the activation bits recorded for
+    the runtime; prune: structure kinds ("ffn", "heads") the greedy allocator may also prune, up to `max_prune`
+    of the weights, under the same budget (wqedge.alloc.joint); stream_layers: plan on the model read one
+    decoder layer at a time (wqedge.stream; None: when it does not fit). progress: True (lines on stderr), a
+    callable taking a line, or False."""
     more = dict(prune=prune, max_prune=max_prune, stream_layers=stream_layers)
+    if rotate_stage2 and not rotate:
+        raise PlanError("stage 2 of RUQuant (--rotate-stage2) learns a reflection of the rotation: it needs --rotate")
     if rotate:
-        from .rotation import rotation_config
-        config = rotation_config(seed)
+        from .rotation import rotation_config, stage2_config
         try:
-            src, _ = rotated(ckpt, config, calib_text, device)
+            s2 = (stage2_config(int(rotate_stage2), act_bits, stage2_weight_bits(bits, preset), group)
+                  if rotate_stage2 else None)
+        except ValueError as e:
+            raise PlanError(f"--rotate-stage2: {e}") from None
+        config = rotation_config(seed, stage2=s2)
+        try:
+            build = rotation_build(ckpt, config, calib_text, device, _say(progress))
         except ConvertError as e:
             raise PlanError(str(e)) from None
+        src, _ = rotated(ckpt, config, calib_text, device)
         plan = make_plan(src, bits, group, allocator, method, calib_text, seed, device, protect, preset, progress,
                          **more)
         plan.rotation, plan.act_bits = config, act_bits
+        plan.meta["rotation"] = build.report()
         return plan.validate()
     if act_bits != 8:
         plan = make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, progress,
@@ -233,26 +257,58 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
 
 # ---------------------------------------------------------------- RUQuant (issue 15): the one planning-side hook
 _TRANSFORMS: dict = {}   # the last transforms built (planning then converting in one run builds them once)
+_BUILDS: dict = {}       # the same run's wqedge.rotation.RotationBuild (times and stage-2 losses), same key
+
+
+def _say(progress) -> Callable[[str], None]:
+    """make_plan's `progress` as a line printer (True: stderr)."""
+    if callable(progress):
+        return progress
+    if progress:
+        import sys
+        return lambda msg: print(msg, file=sys.stderr, flush=True)
+    return _quiet
+
+
+def rotation_build(ckpt, config: dict, calib_text: str | None, device=None, say: Callable[[str], None] = _quiet):
+    """The wqedge.rotation.RotationBuild of a plan's "rotation" config, built once per run (cached by checkpoint,
+    config and text); ConvertError without calibration text or for a config that cannot be rebuilt."""
+    if calib_text is None:
+        raise ConvertError("--rotate builds its transforms from calibration text (--calib FILE, or self-calibration)")
+    import hashlib
+    import json
+    import time
+    from .rotation import build_rotation, check_config
+    try:
+        check_config(config)
+    except ValueError as e:
+        raise ConvertError(f"the plan's rotation: {e}") from None
+    key = (ckpt.fingerprint(), json.dumps(config, sort_keys=True), hashlib.sha256(str(calib_text).encode()).hexdigest())
+    if key not in _TRANSFORMS or key not in _BUILDS:
+        s2 = config.get("stage2")
+        say("RUQuant: building the input transforms from calibration activations"
+            + (f" (stage 1, then stage 2: {s2['steps']} steps per group)…" if s2 else "…"))
+        t0 = time.time()
+        _TRANSFORMS.clear()
+        _BUILDS.clear()
+        build = build_rotation(ckpt, calib_text, config, progress=say)
+        _TRANSFORMS[key], _BUILDS[key] = build.transforms, build
+        say(f"RUQuant: transforms built in {time.time() - t0:.1f} s (stage 1 {build.stage1_seconds:.1f} s"
+            + (f", stage 2 {build.stage2_seconds:.1f} s: mean output error "
+               f"{build.report()['stage2_loss']['stage1']:.4g} -> {build.report()['stage2_loss']['stage2']:.4g}"
+               if s2 else "") + ")")
+    return _BUILDS[key]
 
 
 def rotated(ckpt, config: dict | None, calib_text: str | None, device=None, say: Callable[[str], None] = _quiet):
     """(checkpoint to plan and fit from, {(layer, group): StoredTransform} for the writer) for a plan's
     "rotation" config: `ckpt` and None without one; else a wqedge.rotation.RotatedCheckpoint whose linears
     read folded and whose models run the transforms, so every allocator and fitter works on rotated weights
-    unchanged. The transforms are rebuilt deterministically from the calibration text."""
+    unchanged. The transforms are rebuilt deterministically from the calibration text (`rotation_build`)."""
     if config is None:
         return ckpt, None
-    if calib_text is None:
-        raise ConvertError("--rotate builds its transforms from calibration text (--calib FILE, or self-calibration)")
-    import hashlib
-    import json
-    from .rotation import RotatedCheckpoint, checkpoint_transforms, to_stored
-    key = (ckpt.fingerprint(), json.dumps(config, sort_keys=True), hashlib.sha256(str(calib_text).encode()).hexdigest())
-    if key not in _TRANSFORMS:
-        say("RUQuant: building the input transforms from calibration activations…")
-        _TRANSFORMS.clear()
-        _TRANSFORMS[key] = checkpoint_transforms(ckpt, calib_text, config, device)
-    t = _TRANSFORMS[key]
+    from .rotation import RotatedCheckpoint, to_stored
+    t = rotation_build(ckpt, config, calib_text, device, say).transforms
     return RotatedCheckpoint(ckpt, t), {k: to_stored(v) for k, v in t.items()}
 
 

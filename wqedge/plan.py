@@ -20,8 +20,9 @@ from .spec import ModelSpec
 from .units import Linear, check_group_size, chunk_bounds, parse_linear_name
 
 PLAN_FORMAT = "wqedge-plan"
-PLAN_VERSION = 3          # the newest version; a plan is written in the oldest version that expresses it
-READ_VERSIONS = (1, 2, 3)  # 2: structured pruning ("pruning"); 3: "rotation", "act_bits", "kv_cache" (issue 15); docs/plan.md
+PLAN_VERSION = 4          # the newest version; a plan is written in the oldest version that expresses it
+READ_VERSIONS = (1, 2, 3, 4)  # 2: structured pruning ("pruning"); 3: "rotation", "act_bits", "kv_cache" (issue 15);
+#                               4: a rotation with "stage2" (learnt reflections; issue 15); docs/plan.md
 ACT_BITS = (8, 6, 4)      # activation bits a plan may ask the runtime for (8: the int8 path every file has)
 ROTATIONS = ("ruquant",)  # rotation methods (wqedge.rotation)
 METHODS = ("neuqi", "minmax")
@@ -225,11 +226,18 @@ class Plan:
             return
         if not isinstance(self.rotation, dict) or self.rotation.get("method") not in ROTATIONS:
             raise PlanError(f"rotation: method must be one of {', '.join(ROTATIONS)}")
+        from .rotation_format import check_rotation_config
+        try:
+            check_rotation_config(self.rotation, ACT_BITS)
+        except ValueError as e:
+            raise PlanError(f"rotation: {e}") from None
         if self.pruning is not None:
             raise PlanError("rotation of a pruned model is not supported yet")
 
     def version(self) -> int:
         """The oldest plan version that expresses this plan."""
+        if isinstance(self.rotation, dict) and self.rotation.get("stage2") is not None:
+            return 4   # an older reader would ignore "stage2" and rebuild other transforms than the plan's
         if self.rotation is not None or self.act_bits != 8 or self.kv_cache is not None:
             return 3
         return 1 if self.pruning is None else 2
@@ -284,6 +292,8 @@ class Plan:
             raise PlanError("a version 1 plan has no \"pruning\" (structured pruning needs version 2)")
         if ("rotation" in d or "act_bits" in d or "kv_cache" in d) and d["version"] < 3:
             raise PlanError("\"rotation\", \"act_bits\" and \"kv_cache\" need plan version 3")
+        if isinstance(d.get("rotation"), dict) and "stage2" in d["rotation"] and d["version"] < 4:
+            raise PlanError("a rotation with \"stage2\" needs plan version 4")
         try:
             pruning = Pruning.from_dict(d["pruning"]) if d.get("pruning") is not None else None
         except PruningError as e:

@@ -1,4 +1,5 @@
-"""RUQuant stage 1: orthogonal transforms that make a linear's input activations uniform.
+"""RUQuant: orthogonal transforms that make a linear's input activations uniform (stage 1, and stage 2's
+learnt reflection).
 
 Why: a uniform (affine) quantizer reconstructs each interval at its midpoint, which is MSE-optimal only
 when the values inside are uniformly distributed (Lloyd-Max). LLaMA activations are not: a few channels
@@ -20,7 +21,8 @@ o, gate/up, down). Applied to an input x [..., d] it computes
   rounds of a random permutation with Givens rotations of coordinate pairs towards uniform pairs.
 * P: the zig-zag permutation (`zigzag_permutation`), which deals the channels, largest first, over the
   blocks so that no block keeps several outliers.
-* H: one global Householder reflection x - 2 (v·x) v with a unit vector v (O(d) per token).
+* H: one global Householder reflection x - 2 (v·x) v with a unit vector v (O(d) per token); stage 1 aims it at
+  the worst token, stage 2 (`learn_reflection`, optional) learns v on the group's quantized output error.
 
 Everything is orthogonal except s, so `fold_into_weight(W) = W diag(s) Mᵀ` gives W' x' = W x.
 Construction is seeded and runs in float64; the stored matrices are float32.
@@ -28,7 +30,7 @@ Construction is seeded and runs in float64; the stored matrices are float32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -295,18 +297,75 @@ def build_model_transforms(model, acts: dict[tuple[int, int], torch.Tensor], see
         s = None
         if smooth_alpha is not None:
             s = smooth_scales(x.abs().amax(0), group_weights(model, li, gi), smooth_alpha)
-        out[(li, gi)] = build_transform(x, seed=seed * 1000003 + li * 16 + gi, block=block, smooth=s)
+        out[(li, gi)] = build_transform(x, seed=group_seed(seed, li, gi), block=block, smooth=s)
     return out
 
 
 # ---------------------------------------------------------------- stage 2: learn the global reflection
 
-def _fake_quant_weight(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Training surrogate of the weight quantizer: min-max per row of each `group`-column chunk, straight-through
-    gradients (the final weights are fitted by wqedge.quant.fit afterwards, not by this)."""
-    from .actquant import fake_quant
+STAGE2_LR = 1e-2       # (steps: wqedge.pipeline.STAGE2_STEPS)
+STAGE2_TOKENS = 256    # calibration tokens per group the output error is measured on
 
-    return torch.cat([fake_quant(w[:, s:s + group], bits) for s in range(0, w.shape[1], group)], 1)
+
+def _fake_quant_weight(w: torch.Tensor, bits: int | None, group: int) -> torch.Tensor:
+    """Training surrogate of the weight quantizer: min-max per row of each `group`-column chunk at `bits` (1-8;
+    None: float weights), straight-through gradients. The final weights are fitted by the plan's own fitters
+    afterwards, not by this; it only lets stage 2 see that the folded weights will be quantized too."""
+    if bits is None:
+        return w
+    hi_code = (1 << int(bits)) - 1
+    n, d = w.shape
+    pad = -d % group
+    wf = torch.nn.functional.pad(w.detach().float(), (0, pad)).reshape(n, -1, group)
+    if pad:   # the ragged last chunk's padding must not widen its range: repeat its first column instead
+        wf[:, -1, group - pad:] = wf[:, -1, :1]
+    lo, hi = wf.amin(-1, keepdim=True), wf.amax(-1, keepdim=True)
+    s = ((hi - lo) / hi_code).clamp(min=1e-8)
+    z = torch.round(-lo / s)
+    q = torch.clamp(torch.round(wf / s) + z, 0, hi_code)
+    wq = (s * (q - z)).reshape(n, -1)[:, :d].to(w.dtype)
+    return w + (wq - w).detach() if w.requires_grad else wq
+
+
+@dataclass
+class Stage2Problem:
+    """What stage 2 minimises for one group, with everything before the reflection applied once: the sampled
+    calibration tokens after s, R1, P, R2 (z), the group's weights folded through the same (us), and the
+    fp outputs W xᵀ (targets) with their mean squares (norms)."""
+    z: torch.Tensor
+    us: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    norms: list[float]
+    act_bits: int
+    weight_bits: int | None
+    group: int
+
+    @classmethod
+    def make(cls, t: Transform, x: torch.Tensor, weights: list[torch.Tensor], act_bits: int = 4,
+             weight_bits: int | None = 4, group: int = 128, max_tokens: int = 1024) -> "Stage2Problem":
+        if x.shape[0] > max_tokens:   # evenly spread, deterministic
+            x = x[torch.linspace(0, x.shape[0] - 1, max_tokens).long()]
+        x = x.float()
+        before = Transform(t.r1, t.perm, t.r2, torch.zeros_like(t.v), t.smooth)   # everything but the reflection
+        targets = [x @ w.float().T for w in weights]
+        return cls(before.apply(x), [before.fold_into_weight(w.float()) for w in weights], targets,
+                   [float(y.pow(2).mean()) for y in targets], act_bits, weight_bits, group)
+
+    def loss(self, u: torch.Tensor) -> torch.Tensor:
+        """Σ_W ||Q_w(W') Q_a(x')ᵀ - W xᵀ||² / ||W xᵀ||² (means) with the reflection of the unit vector u
+        (used as given: a zero u means no reflection)."""
+        from .actquant import fake_quant
+        zq = fake_quant(reflect(self.z, u), self.act_bits)
+        total = 0.0
+        for uw, y, n in zip(self.us, self.targets, self.norms):
+            wq = _fake_quant_weight(reflect(uw, u), self.weight_bits, self.group)
+            total = total + (zq @ wq.T - y).pow(2).mean() / n
+        return total
+
+    @torch.no_grad()
+    def value(self, t: Transform) -> float:
+        """The loss of transform `t` (whose stages before the reflection must be the problem's)."""
+        return float(self.loss(t.v.float()))
 
 
 def learn_reflection(t: Transform, x: torch.Tensor, weights: list[torch.Tensor], act_bits: int = 4,
@@ -316,45 +375,31 @@ def learn_reflection(t: Transform, x: torch.Tensor, weights: list[torch.Tensor],
 
         Σ_W ||Q_w(W') Q_a(x')ᵀ - W xᵀ||² / ||W xᵀ||²   over calibration tokens x [T, d]
 
-    with AdamW on an unconstrained vector (v / ||v|| always gives an orthogonal reflection) and
-    straight-through quantizers. Everything before the reflection is fixed, so it is applied once to the
-    samples and to the weights. Returns the transform with the best v seen (the stage-1 v counts, so the
-    calibration error never rises) and the loss history."""
+    (`Stage2Problem.loss`) with AdamW on an unconstrained vector (v / ||v|| always gives an orthogonal
+    reflection) and straight-through quantizers. Everything before the reflection is fixed, so it is applied
+    once to the samples and to the weights. Returns the transform with the best v seen and the loss history
+    (steps + 1 values, as seen in training). The best v is chosen again by the exact loss without gradients
+    against stage 1's own v, so `Stage2Problem.value` of the result never exceeds that of `t` (`t` itself is
+    returned when nothing beat it)."""
     g = torch.Generator().manual_seed(seed)
-    if x.shape[0] > max_tokens:
-        x = x[torch.linspace(0, x.shape[0] - 1, max_tokens).long()]
-    x = x.float()
-    before = Transform(t.r1, t.perm, t.r2, torch.zeros_like(t.v), t.smooth)   # everything but the reflection
-    z = before.apply(x)
-    us = [before.fold_into_weight(w.float()) for w in weights]
-    targets = [x @ w.float().T for w in weights]
-    norms = [float(y.pow(2).mean()) for y in targets]
+    prob = Stage2Problem.make(t, x, weights, act_bits, weight_bits, group, max_tokens)
     v0 = t.v.clone() if float(t.v.norm()) > 0 else torch.randn(t.dim, generator=g)
-    v = torch.nn.Parameter(v0 / v0.norm())
+    v = torch.nn.Parameter(v0.float())
     opt = torch.optim.AdamW([v], lr=lr, weight_decay=0.0)
-
-    def loss_of(vec):
-        u = vec / vec.norm()
-        from .actquant import fake_quant
-        zq = fake_quant(reflect(z, u), act_bits)
-        total = 0.0
-        for uw, y, n in zip(us, targets, norms):
-            wq = reflect(uw, u)
-            if weight_bits is not None:
-                wq = _fake_quant_weight(wq, weight_bits, group)
-            total = total + (zq @ wq.T - y).pow(2).mean() / n
-        return total
-
-    best_v, best, history = v.detach().clone(), float("inf"), []
+    best_u, best, history = None, float("inf"), []
     for _ in range(steps + 1):
         opt.zero_grad()
-        loss = loss_of(v)
+        u = v / v.norm()
+        loss = prob.loss(u)
         history.append(float(loss.detach()))
         if history[-1] < best:
-            best, best_v = history[-1], v.detach().clone()
+            best, best_u = history[-1], u.detach().clone()
         loss.backward()
         opt.step()
-    return Transform(t.r1, t.perm, t.r2, best_v / best_v.norm(), t.smooth), history
+    if best_u is None:
+        return t, history
+    t2 = Transform(t.r1, t.perm, t.r2, best_u, t.smooth)
+    return (t2 if prob.value(t2) < prob.value(t) else t), history
 
 
 # ---------------------------------------------------------------- stored form, and rotated models/checkpoints
@@ -446,23 +491,112 @@ class RotatedCheckpoint:
 ROTATE_SEQS, ROTATE_SEQLEN = 4, 512   # calibration windows for the transforms (bench/results/ruquant.md)
 
 
-def rotation_config(seed: int = 0, smooth_alpha: float | None = None, block: int = BLOCK) -> dict:
-    """What a plan records under "rotation" (docs/plan.md): enough to rebuild the same transforms."""
-    return {"method": "ruquant", "block": block, "seed": seed, "smooth_alpha": smooth_alpha,
-            "n_seqs": ROTATE_SEQS, "seqlen": ROTATE_SEQLEN}
+def rotation_config(seed: int = 0, smooth_alpha: float | None = None, block: int = BLOCK,
+                    stage2: dict | None = None) -> dict:
+    """What a plan records under "rotation" (docs/plan.md): enough to rebuild the same transforms. `stage2`
+    (`stage2_config`) adds the learnt reflections; without it the config is stage 1's, as before."""
+    c = {"method": "ruquant", "block": block, "seed": seed, "smooth_alpha": smooth_alpha,
+         "n_seqs": ROTATE_SEQS, "seqlen": ROTATE_SEQLEN}
+    if stage2 is not None:
+        c["stage2"] = stage2
+    return c
 
 
-def checkpoint_transforms(ckpt, calib_text, config: dict, device=None) -> dict[tuple[int, int], Transform]:
-    """Stage-1 transforms of every group of `ckpt` from its calibration text, as `config` (rotation_config)
-    says; deterministic for equal (checkpoint, text, config)."""
+def stage2_config(steps: int, act_bits: int = 4, weight_bits: int | None = 4, group: int = 128,
+                  lr: float = STAGE2_LR, tokens: int = STAGE2_TOKENS) -> dict:
+    """The "stage2" entry of a rotation config: `learn_reflection`'s settings, all of them, so that a plan
+    rebuilds the same reflections whatever this module's defaults become."""
+    c = {"steps": steps, "act_bits": act_bits, "weight_bits": weight_bits, "group": group, "lr": lr, "tokens": tokens}
+    check_config({"method": "ruquant", "stage2": c})
+    return c
+
+
+def check_config(config) -> None:
+    """ValueError naming the field when a rotation config is not one `build_rotation` can rebuild."""
+    from .actquant import ACT_BITS
+    from .rotation_format import check_rotation_config
+    check_rotation_config(config, ACT_BITS)
+
+
+@dataclass
+class RotationBuild:
+    """The transforms of every group, with what building them cost and, with stage 2, each group's stage-2 loss
+    (`Stage2Problem.value`) for the stage-1 transform and the learnt one: {(layer, group): (stage 1, stage 2)}."""
+    transforms: dict[tuple[int, int], Transform]
+    stage1_seconds: float = 0.0
+    stage2_seconds: float = 0.0
+    stage2_losses: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+
+    def report(self) -> dict:
+        """For the plan's meta["rotation"]: times (dropped where plans are embedded in files) and mean losses."""
+        r = {"stage1_seconds": round(self.stage1_seconds, 2)}
+        if self.stage2_losses:
+            a, b = zip(*self.stage2_losses.values())
+            r.update(stage2_seconds=round(self.stage2_seconds, 2),
+                     stage2_loss={"stage1": sum(a) / len(a), "stage2": sum(b) / len(b)})
+        return r
+
+
+def calibration_windows(ckpt, calib_text, config: dict) -> torch.Tensor:
+    """The calibration windows [n, seqlen] the transforms of `config` are built from."""
     from transformers import AutoTokenizer
 
     from .calib import calibration_tokens
     tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
     bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
-    cs = calibration_tokens(tok, calib_text, int(config.get("n_seqs", ROTATE_SEQS)),
-                            int(config.get("seqlen", ROTATE_SEQLEN)), 0, bos_id=bos, seed=int(config.get("seed", 0)))
+    return calibration_tokens(tok, calib_text, int(config.get("n_seqs", ROTATE_SEQS)),
+                              int(config.get("seqlen", ROTATE_SEQLEN)), 0, bos_id=bos,
+                              seed=int(config.get("seed", 0))).train
+
+
+def group_seed(seed: int, li: int, gi: int) -> int:
+    """Each group's own seed, so a result does not depend on build order."""
+    return seed * 1000003 + li * 16 + gi
+
+
+def build_rotation(ckpt, calib_text, config: dict, progress=None) -> RotationBuild:
+    """The transforms of every group of `ckpt` from its calibration text, as `config` (rotation_config) says:
+    stage 1, then, when config has "stage2", each group's reflection learnt (`learn_reflection`). Runs on the
+    CPU (float64 stage 1, float32 stage 2), seeded: equal (checkpoint, text, config) give equal transforms
+    on a machine (float sums may round differently with another BLAS or thread count). progress(message):
+    a line per layer of stage 1 and per group of stage 2."""
+    import time
+    check_config(config)
+    say = progress or (lambda m: None)
+    seed = int(config.get("seed", 0))
+    t0 = time.time()
     model = ckpt.load_hf_model(torch.float32)
-    acts = group_activations(model, cs.train)
-    return build_model_transforms(model, acts, seed=int(config.get("seed", 0)),
-                                  smooth_alpha=config.get("smooth_alpha"), block=int(config.get("block", BLOCK)))
+    acts = group_activations(model, calibration_windows(ckpt, calib_text, config))
+    n_layers = len(model.model.layers)
+    out = {}
+    for li in range(n_layers):
+        out.update(build_model_transforms(model, {k: x for k, x in acts.items() if k[0] == li}, seed=seed,
+                                          smooth_alpha=config.get("smooth_alpha"),
+                                          block=int(config.get("block", BLOCK))))
+        say(f"RUQuant stage 1: layer {li + 1}/{n_layers}, {time.time() - t0:.0f} s")
+    build = RotationBuild(out, time.time() - t0)
+    s2 = config.get("stage2")
+    if s2 is None:
+        return build
+    t0 = time.time()
+    for n, ((li, gi), t) in enumerate(sorted(out.items())):
+        w = group_weights(model, li, gi)
+        t2, _ = learn_reflection(t, acts[(li, gi)], w, act_bits=s2["act_bits"], weight_bits=s2["weight_bits"],
+                                 group=s2["group"], steps=s2["steps"], lr=s2["lr"], max_tokens=s2["tokens"],
+                                 seed=group_seed(seed, li, gi))
+        prob = Stage2Problem.make(t, acts[(li, gi)], w, s2["act_bits"], s2["weight_bits"], s2["group"], s2["tokens"])
+        build.stage2_losses[(li, gi)] = (prob.value(t), prob.value(t2))
+        out[(li, gi)] = t2
+        a, b = build.stage2_losses[(li, gi)]
+        say(f"RUQuant stage 2: group {n + 1}/{len(out)} (layer {li}, {'/'.join(_GROUP_NAMES[gi])}), output error "
+            f"{a:.4g} -> {b:.4g}, {time.time() - t0:.0f} s")
+    build.stage2_seconds = time.time() - t0
+    return build
+
+
+_GROUP_NAMES = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+def checkpoint_transforms(ckpt, calib_text, config: dict, device=None) -> dict[tuple[int, int], Transform]:
+    """`build_rotation(...).transforms`: the transforms alone."""
+    return build_rotation(ckpt, calib_text, config).transforms

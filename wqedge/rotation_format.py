@@ -80,3 +80,41 @@ def group_of(linear_gguf_name: str) -> tuple[int, int]:
         if proj in names:
             return int(layer), gi
     raise ValueError(f"{linear_gguf_name}: not a decoder linear")
+
+
+# ---------------------------------------------------------------- the plan's "rotation" config (docs/plan.md)
+CONFIG_KEYS = ("method", "block", "seed", "smooth_alpha", "n_seqs", "seqlen", "stage2")
+STAGE2_KEYS = ("steps", "act_bits", "weight_bits", "group", "lr", "tokens")
+
+
+def check_rotation_config(config, act_bits: tuple[int, ...]) -> None:
+    """ValueError naming the field when a plan's rotation config is not one wqedge.rotation.build_rotation can
+    rebuild: an unknown method or field (a field this version does not know would be silently ignored, giving
+    other transforms than the plan was made on), or a "stage2" entry without all its settings."""
+    if not isinstance(config, dict) or config.get("method") != "ruquant":
+        raise ValueError("method must be ruquant")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r} (known: {', '.join(CONFIG_KEYS)})")
+    s2 = config.get("stage2")
+    if s2 is None:
+        return
+    if not isinstance(s2, dict):
+        raise ValueError("stage2 must be an object")
+    missing = [k for k in STAGE2_KEYS if k not in s2]
+    unknown = sorted(set(s2) - set(STAGE2_KEYS))
+    if missing or unknown:
+        raise ValueError(f"stage2: {'missing' if missing else 'unknown'} field {(missing or unknown)[0]!r}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if not is_int(s2["steps"]) or s2["steps"] < 1:
+        raise ValueError(f"stage2.steps must be an integer >= 1, got {s2['steps']!r}")
+    if not is_int(s2["act_bits"]) or s2["act_bits"] not in act_bits:
+        raise ValueError(f"stage2.act_bits must be one of {', '.join(map(str, act_bits))}, got {s2['act_bits']!r}")
+    if s2["weight_bits"] is not None and (not is_int(s2["weight_bits"]) or not 1 <= s2["weight_bits"] <= 8):
+        raise ValueError(f"stage2.weight_bits must be 1-8 or null (float weights), got {s2['weight_bits']!r}")
+    if not is_int(s2["group"]) or s2["group"] < 1 or not is_int(s2["tokens"]) or s2["tokens"] < 1:
+        raise ValueError("stage2.group and stage2.tokens must be integers >= 1")
+    if isinstance(s2["lr"], bool) or not isinstance(s2["lr"], (int, float)) or not 0 < s2["lr"] < 1:
+        raise ValueError(f"stage2.lr must lie in (0, 1), got {s2['lr']!r}")
