@@ -459,6 +459,7 @@ void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*
 void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
 namespace vnni512 {  // kernels_vnni.cpp: AVX512-VNNI + AVX512VL
+void dot8_rows_q8(const uint8_t*, size_t, int, const XQ8*, float, int, float*);  // q8 row-blocks, bit-identical to AVX2's
 void tile8_ternary(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
@@ -472,6 +473,7 @@ void tile16_q1(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const fl
 void tile16_mix(const uint8_t*, std::ptrdiff_t, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
 }  // namespace vnni512
 namespace vnni256 {  // kernels_vnni.cpp: AVX-VNNI
+void dot8_rows_q8(const uint8_t*, size_t, int, const XQ8*, float, int, float*);  // q8 row-blocks, bit-identical to AVX2's
 void tile8_ternary(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
@@ -504,6 +506,12 @@ TILE8_X86(q2)
 TILE8_X86(q1)
 TILE8_X86(ternary)
 #  define AVX2_TILE(K) tile8_##K##_x86
+// q8 row-blocks (no tile layout; the output head's kind): one vpdpbusd per row and 32 columns where VNNI is in use.
+static void dot8_rows_q8_x86(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) {
+    const int v = vnni_level();
+    (v == 1 ? avx2::vnni512::dot8_rows_q8 : v == 2 ? avx2::vnni256::dot8_rows_q8 : avx2::dot8_rows_q8)(rb, st, n, x, s, g, out);
+}
+#  define AVX2_Q8_ROWS dot8_rows_q8_x86
 static void tile8_mix_x86(const uint8_t* t, const TileDesc* d, int n, const XQ8* x, const int* x8off, const float* s,
                           float* acc, std::ptrdiff_t pf) {
     const int v = vnni_level();
@@ -550,6 +558,7 @@ tile16_mix_fn tile16_mix_kernel(int kernels) {
 #else
 #  define AVX2(f) nullptr
 #  define AVX2_TILE(K) nullptr
+#  define AVX2_Q8_ROWS nullptr
 tile16_fn tile16_kernel(int, int) { return nullptr; }
 tile16_mix_fn tile16_mix_kernel(int) { return nullptr; }
 bool set_tile16(bool on) { return !on; }
@@ -615,7 +624,7 @@ static const BlockTraits TABLE[N_BLOCK_TYPES] = {
      {nullptr, rows_scalar<dequant_fp16_scalar>, AVX2(dot_rows_fp16), NEON(dot_rows_fp16)}, {nullptr, dequant_fp16_scalar, AVX2(dequant_fp16), NEON(dequant_fp16)}, {}, {}, 0, {}, false},
     {"q8", 1, 4, cb_q8, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q8>, AVX2(dot_q8), NEON(dot_q8)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q8, 32>>, AVX2(dot_rows_q8), NEON(dot_rows_q8)}, {nullptr, dequant_affine_scalar<block_q8, 32>, AVX2(dequant_q8), NEON(dequant_q8)}, {nullptr, dot8_affine_scalar<code_q8>, AVX2(dot8_q8), NEON(dot8_q8)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q8>>, AVX2(dot8_rows_q8), NEON(dot8_rows_q8)}, 0, {}, false},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q8, 32>>, AVX2(dot_rows_q8), NEON(dot_rows_q8)}, {nullptr, dequant_affine_scalar<block_q8, 32>, AVX2(dequant_q8), NEON(dequant_q8)}, {nullptr, dot8_affine_scalar<code_q8>, AVX2(dot8_q8), NEON(dot8_q8)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q8>>, AVX2_Q8_ROWS, NEON(dot8_rows_q8)}, 0, {}, false},
     {"q4", 2, 4, cb_q4, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q4>, AVX2(dot_q4), NEON(dot_q4)}, 
      {nullptr, rows_scalar<dequant_affine_scalar<block_q4, 16>>, AVX2(dot_rows_q4), NEON(dot_rows_q4)}, {nullptr, dequant_affine_scalar<block_q4, 16>, AVX2(dequant_q4), NEON(dequant_q4)}, {nullptr, dot8_affine_scalar<code_q4>, AVX2(dot8_q4), NEON(dot8_q4)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q4>>, AVX2(dot8_rows_q4), NEON(dot8_rows_q4)}, 16, {nullptr, tile8_affine_scalar<tcode_q4, 16>, AVX2_TILE(q4), NEON_TILE(q4)}, false},

@@ -151,10 +151,15 @@ static int block_of(const BlockTraits& bt, int g_pad, int c, int* slot) {
 }
 
 // The int8 kernel sets to check: scalar, the SIMD set, and on AArch64 NEON with and without SDOT.
-struct Q8Set { int k; bool dotprod; const char* name; };
+// x86: the AVX2 set without VNNI, then with the CPU's VNNI level where it has one (the q8 row kernels and the tile
+// kernels use vpdpbusd there).
+struct Q8Set { int k; bool dotprod; const char* name; int vnni = 0; };
 static std::vector<Q8Set> q8_sets() {
     std::vector<Q8Set> v = {{K_SCALAR, false, "scalar"}};
-    if (SIMD == K_AVX2) v.push_back({K_AVX2, false, "avx2"});
+    if (SIMD == K_AVX2) {
+        v.push_back({K_AVX2, false, "avx2", 0});
+        if (cpu_vnni()) v.push_back({K_AVX2, false, cpu_vnni() == 1 ? "avx2+avx512vnni" : "avx2+avxvnni", cpu_vnni()});
+    }
     if (SIMD == K_NEON) {
         v.push_back({K_NEON, false, "neon"});
         if (cpu_has_dotprod()) v.push_back({K_NEON, true, "neon+dotprod"});
@@ -163,6 +168,7 @@ static std::vector<Q8Set> q8_sets() {
 }
 static void use_set(const Q8Set& s) {
     if (s.k == K_NEON) set_neon_dotprod(s.dotprod);
+    if (s.k == K_AVX2) set_x86_vnni(s.vnni);
 }
 
 static int n_q8_sets_seen = 0;
@@ -238,10 +244,17 @@ static void q8_chunk_tests() {
                         check(std::fabs(v - s8) <= tol, "q8: simd int8 dot == scalar int8 dot (exact integer sums)", d3);
                     }
                 }
+                float avx2_out[R];  // x86: the VNNI rows == the AVX2 rows, bit for bit
+                bool avx2_seen = false;
                 for (const Q8Set& s : sets) {
                     use_set(s);
                     float out[R];
                     bt.dot8_rows[s.k](rows.data(), rbn, R, xq.data(), xsum, g_pad, out);
+                    if (s.k == K_AVX2) {
+                        if (avx2_seen) check(std::memcmp(out, avx2_out, sizeof out) == 0, "q8: VNNI dot8_rows == AVX2 bit for bit", detail);
+                        std::memcpy(avx2_out, out, sizeof out);
+                        avx2_seen = true;
+                    }
                     bool ok = true;
                     for (int r = 0; r < R; ++r) {
                         const float one = bt.dot8[s.k](&rows[r * rbn], xq.data(), xsum, g_pad);
@@ -792,6 +805,155 @@ static void tile_pair_tests() {
     std::printf("tile pairs: %d checks against tile8 on each tile\n", n_pair_checks);
 }
 
+// ------------------------------------------------------------------ VNNI kernels under an emulated vpdpbusd
+// The VNNI tile kernels and the VNNI q8 row kernel (kernels_vnni_tiles.inc) instantiated with an AVX2 emulation of
+// vpdpbusd (exact: 16-bit products of the even and odd bytes, then vpmaddwd), and checked bit for bit against the AVX2
+// kernels, so their logic is tested on every x86-64 CPU with AVX2 (this CI's may have no VNNI); on a CPU with VNNI the
+// real instructions are checked the same way by q8_chunk_tests and tiled_tests.
+#if defined(__x86_64__)
+#include <immintrin.h>
+#if defined(__clang__)
+#  pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#  pragma GCC push_options
+#  pragma GCC target("avx2,fma,f16c")
+#endif
+static inline __m256i dpbusd_emulated(__m256i acc, __m256i u, __m256i s) {
+    const __m256i ue = _mm256_and_si256(u, _mm256_set1_epi16(0x00FF)), uo = _mm256_srli_epi16(u, 8);
+    const __m256i se = _mm256_srai_epi16(_mm256_slli_epi16(s, 8), 8), so = _mm256_srai_epi16(s, 8);
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(ue, se), _mm256_madd_epi16(uo, so)));
+}
+#include "kernels_vnni_tiles.inc"
+WQE_TILE_KERNELS(emulated, dpbusd_emulated, 8)
+#if defined(__clang__)
+#  pragma clang attribute pop
+#else
+#  pragma GCC pop_options
+#endif
+namespace wqe {
+namespace avx2 {  // kernels_avx2.cpp (in the static library)
+void tile8_ternary(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
+void tile8_gemm(const uint8_t*, const TileDesc*, int, const XQ8*, size_t, const int*, const float*, size_t, int, float*);
+void dot8_rows_q8(const uint8_t*, size_t, int, const XQ8*, float, int, float*);
+}  // namespace avx2
+}  // namespace wqe
+
+static int n_emulated_checks = 0;
+
+static void random_xq8(std::vector<XQ8>& xq) {
+    for (XQ8& b : xq) {
+        b.d = urand(0.001f, 0.1f);
+        int s = 0;
+        for (int j = 0; j < 32; ++j) s += (b.q[j] = (int8_t)(rng() % 255) - 127);
+        b.ds = b.d * (float)s;
+    }
+}
+static void random_bytes(uint8_t* p, size_t n, int below = 256) {
+    for (size_t i = 0; i < n; ++i) p[i] = (uint8_t)(rng() % below);
+}
+static void finite_halves(uint8_t* p, int n) {  // n fp16 values in [-1, 1)
+    for (int i = 0; i < n; ++i) {
+        const uint16_t h = fp32_to_fp16(urand(-1.0f, 1.0f));
+        std::memcpy(p + 2 * i, &h, 2);
+    }
+}
+
+static void vnni_emulated_tests() {
+    if (!cpu_has_avx2()) return;
+    typedef void (*tile_fn)(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+    struct Kind { int id, sub; tile_fn ref, emu; };
+    const Kind kinds[] = {{2, 16, avx2::tile8_q4, avx2::emulated::tile8_q4}, {3, 12, avx2::tile8_q3, avx2::emulated::tile8_q3},
+                          {4, 8, avx2::tile8_q2, avx2::emulated::tile8_q2}, {6, 4, avx2::tile8_q1, avx2::emulated::tile8_q1},
+                          {5, 0, avx2::tile8_ternary, avx2::emulated::tile8_ternary}};
+    for (int g_pad : {32, 96, 128, 256}) {
+        const int nb = g_pad / 32, nch = 3;
+        const int tnx = 5 * ((ternary_bytes(g_pad) + 31) / 32);  // XQ8 blocks of a ternary chunk (X_TERNARY)
+        for (const Kind& k : kinds) {
+            const bool tern = k.id == 5;
+            const size_t part = tern ? 16 + 8 * (size_t)((ternary_bytes(g_pad) + 3) & ~3) : 32 + (size_t)nb * 8 * k.sub;
+            std::vector<uint8_t> buf(part * nch);
+            random_bytes(buf.data(), buf.size(), tern ? 243 : 256);
+            for (int c = 0; c < nch; ++c) finite_halves(&buf[c * part], tern ? 8 : 16);
+            std::vector<XQ8> xq((size_t)nch * (tern ? tnx : nb));
+            random_xq8(xq);
+            std::vector<float> xsum(nch);
+            for (float& v : xsum) v = urand(-3, 3);
+            float a[8] = {0}, b[8] = {0};
+            k.ref(buf.data(), part, nch, xq.data(), xsum.data(), g_pad, a, 0);
+            k.emu(buf.data(), part, nch, xq.data(), xsum.data(), g_pad, b, 0);
+            char d[80];
+            std::snprintf(d, sizeof d, "kind=%d g_pad=%d", k.id, g_pad);
+            check(std::memcmp(a, b, sizeof a) == 0, "emulated VNNI tile8 == AVX2 tile8 bit for bit", d);
+            ++n_emulated_checks;
+        }
+        // a mixed run of every tile kind, through tile8_mix and (nt tokens) tile8_gemm
+        std::vector<TileDesc> desc;
+        std::vector<int> x8off;
+        size_t off = 0;
+        int nx = 0;
+        for (const Kind& k : kinds) {
+            const bool tern = k.id == 5;
+            desc.push_back({off, (int32_t)desc.size(), k.id, nb, 0});
+            x8off.push_back(nx);
+            off += tern ? 16 + 8 * (size_t)((ternary_bytes(g_pad) + 3) & ~3) : 32 + (size_t)nb * 8 * k.sub;
+            nx += tern ? tnx : nb;
+        }
+        std::vector<uint8_t> tile(off);
+        for (const TileDesc& t : desc) {
+            const bool tern = t.kind == 5;
+            const size_t end = &t == &desc.back() ? off : (&t + 1)->off;
+            random_bytes(&tile[t.off], end - t.off, tern ? 243 : 256);
+            finite_halves(&tile[t.off], tern ? 8 : 16);
+        }
+        const int n = (int)desc.size(), max_nt = 11;
+        std::vector<XQ8> xq((size_t)nx * max_nt);
+        random_xq8(xq);
+        std::vector<float> xsum((size_t)n * max_nt);
+        for (float& v : xsum) v = urand(-3, 3);
+        float a[8] = {0}, b[8] = {0};
+        avx2::tile8_mix(tile.data(), desc.data(), n, xq.data(), x8off.data(), xsum.data(), a, 0);
+        avx2::emulated::tile8_mix(tile.data(), desc.data(), n, xq.data(), x8off.data(), xsum.data(), b, 0);
+        check(std::memcmp(a, b, sizeof a) == 0, "emulated VNNI tile8_mix == AVX2 bit for bit");
+        for (int nt = 1; nt <= max_nt; ++nt) {
+            std::vector<float> ga((size_t)8 * nt, 0.0f), gb((size_t)8 * nt, 0.0f);
+            avx2::tile8_gemm(tile.data(), desc.data(), n, xq.data(), nx, x8off.data(), xsum.data(), n, nt, ga.data());
+            avx2::emulated::tile8_gemm(tile.data(), desc.data(), n, xq.data(), nx, x8off.data(), xsum.data(), n, nt, gb.data());
+            char d[80];
+            std::snprintf(d, sizeof d, "g_pad=%d nt=%d", g_pad, nt);
+            check(std::memcmp(ga.data(), gb.data(), sizeof(float) * ga.size()) == 0, "emulated VNNI tile8_gemm == AVX2 bit for bit", d);
+        }
+        n_emulated_checks += 1 + max_nt;
+    }
+    // q8 row-blocks: every row count (4-row groups and the tail), chunks up to and past 512 columns
+    for (int g_pad : {32, 64, 96, 128, 512, 544, 1024}) {
+        const size_t rb = 4 + (size_t)g_pad;
+        const int R = 7;
+        std::vector<uint8_t> rows(rb * R);
+        random_bytes(rows.data(), rows.size());
+        for (int r = 0; r < R; ++r) finite_halves(&rows[r * rb], 2);
+        std::vector<XQ8> xq(g_pad / 32);
+        random_xq8(xq);
+        for (int n = 1; n <= R; ++n) {
+            float a[R], b[R];
+            avx2::dot8_rows_q8(rows.data(), rb, n, xq.data(), 1.25f, g_pad, a);
+            avx2::emulated::dot8_rows_q8(rows.data(), rb, n, xq.data(), 1.25f, g_pad, b);
+            char d[80];
+            std::snprintf(d, sizeof d, "g_pad=%d rows=%d", g_pad, n);
+            check(std::memcmp(a, b, sizeof(float) * n) == 0, "emulated VNNI dot8_rows_q8 == AVX2 bit for bit", d);
+            ++n_emulated_checks;
+        }
+    }
+}
+#else
+static int n_emulated_checks = 0;
+static void vnni_emulated_tests() {}
+#endif
+
 int main() {
     std::printf("%s\n", system_info());
     std::printf("simd kernels under test: %s\n", SIMD ? SIMD_NAME : "none");
@@ -811,6 +973,8 @@ int main() {
     tiled_tests(true);   // ternary chunks in their own 1.6-bit tiles (WQEDGE_TERNARY_TILES=1)
     set_ternary_tiles(false);
     std::printf("row tiles: VNNI (level %d) checked against AVX2 %d times\n", cpu_vnni(), n_vnni_checked);
+    vnni_emulated_tests();
+    std::printf("VNNI kernels with an emulated vpdpbusd: %d checks against AVX2\n", n_emulated_checks);
     std::printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
 }
