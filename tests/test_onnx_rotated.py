@@ -76,11 +76,11 @@ def transforms(ckpt):
     return out
 
 
-def _plan(ckpt, action="q4", act_bits=8) -> Plan:
+def _plan(ckpt, action="q4", act_bits=8, rotated=True) -> Plan:
     acts = {lin.hf_name: [action] * len(chunk_bounds(lin.in_features, GROUP)) for lin in ckpt.spec.linears()}
     plan = Plan.from_actions(ckpt.spec.linears(), GROUP, 16.0, "uniform", acts, model_fingerprint=ckpt.fingerprint())
     plan.budget_bits = plan.effective_bits()
-    plan.rotation, plan.act_bits = rotation_config(), act_bits
+    plan.rotation, plan.act_bits = (rotation_config() if rotated else None), act_bits
     return plan.validate()
 
 
@@ -89,8 +89,11 @@ def files(ckpt, transforms, tmp_path_factory):
     from wqedge.quantize import convert_to_gguf
     d = tmp_path_factory.mktemp("onnx_rotated")
     stored = {k: to_stored(t) for k, t in transforms.items()}
-    return {b: convert_to_gguf(RotatedCheckpoint(ckpt, transforms), _plan(ckpt, "q4", b), d / f"q4a{b}.gguf",
-                               transforms=stored) for b in (8, 4)}
+    out = {b: convert_to_gguf(RotatedCheckpoint(ckpt, transforms), _plan(ckpt, "q4", b), d / f"q4a{b}.gguf",
+                              transforms=stored) for b in (8, 4)}
+    # activation bits without transforms (format version 2, no rotation): the quantizer alone
+    out["a4_unrotated"] = convert_to_gguf(ckpt, _plan(ckpt, "q4", 4, rotated=False), d / "q4a4_plain.gguf")
+    return out
 
 
 def _windows():
@@ -194,7 +197,8 @@ def test_graph_is_stock_and_shares_the_group_input(files, tmp_path):
     """Stock operators only; one transform per group (4 Gathers by a stored permutation per layer), computed once
     and read by every linear of its group; the quantizer (2 Rounds) only at act bits < 8; model properties."""
     from wqedge.converters.onnx_export import export_onnx
-    for bits, gguf in files.items():
+    for bits in (8, 4):
+        gguf = files[bits]
         info = export_onnx(gguf, tmp_path / f"a{bits}.onnx")
         m = onnx.load(info["path"])
         nodes = m.graph.node
@@ -218,15 +222,22 @@ def test_graph_is_stock_and_shares_the_group_input(files, tmp_path):
 # ---------------------------------------------------------------- logits against the reference
 @ENGINE
 @pytest.mark.parametrize("variant", ["portable", "native"])
-@pytest.mark.parametrize("bits", [8, 4])
-def test_logits_match_reference(files, tmp_path, bits, variant):
-    """Prefill of 4 windows and KV-cache decode steps vs the reference's logits at the same positions."""
-    path = _variant_path(files[bits], variant, tmp_path)
+@pytest.mark.parametrize("key", [8, 4, "a4_unrotated"])
+def test_logits_match_reference(files, tmp_path, key, variant):
+    """Prefill of 4 windows and KV-cache decode steps vs the reference's logits at the same positions; rotated
+    files at act bits 8 and 4, and a file with act bits 4 and no transforms."""
+    from wqedge.runtime.gguf_reader import WqGGUF
+    f = WqGGUF(files[key])
+    bits = f.act_bits
+    assert f.format_version == 2 and (f.rotation is None) == (key == "a4_unrotated")
+    path = _variant_path(files[key], variant, tmp_path)
+    if key == "a4_unrotated":
+        assert not any(n.op_type == "Gather" and "_perm" in n.input[1] for n in onnx.load(str(path)).graph.node)
     w = _windows()
-    lr = _reference_logits(files[bits], w)
+    lr = _reference_logits(files[key], w)
     prefill, decode = _onnx_logits(path, w)
-    _check_parity(prefill, lr, bits, f"A{bits} {variant} prefill")
-    _check_parity(decode, lr[:, WIN - N_DECODE:], bits, f"A{bits} {variant} decode")
+    _check_parity(prefill, lr, bits, f"{key} {variant} prefill")
+    _check_parity(decode, lr[:, WIN - N_DECODE:], bits, f"{key} {variant} decode")
 
 
 @ENGINE
@@ -253,6 +264,17 @@ def test_cli_converts_rotated_plan_to_onnx(ckpt, tmp_path):
     prefill, decode = _onnx_logits(out, w)
     _check_parity(prefill, lr, 4, "CLI A4 prefill")
     _check_parity(decode, lr[:, WIN - N_DECODE:], 4, "CLI A4 decode")
+
+
+def test_export_of_rotated_file_needs_no_torch(files, tmp_path):
+    """The exporter stays numpy + onnx for rotated files too (both variants), run from the installed package."""
+    import subprocess
+    code = ("import sys; from wqedge.converters.onnx_export import export_onnx; "
+            f"export_onnx({str(files[4])!r}, {str(tmp_path / 'p.onnx')!r}); "
+            f"export_onnx({str(files[4])!r}, {str(tmp_path / 'n.onnx')!r}, variant='native'); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+    assert (tmp_path / "p.onnx").is_file() and (tmp_path / "n.onnx").is_file()
 
 
 # ---------------------------------------------------------------- llama.cpp
