@@ -280,7 +280,7 @@ def test_export_of_rotated_file_needs_no_torch(files, tmp_path):
 # ---------------------------------------------------------------- llama.cpp
 def test_cli_llamacpp_refuses_rotated_plan(ckpt, tmp_path):
     """Stock llama.cpp cannot run the online transforms the folded weights need: convert says so and what to use
-    instead, before any work, and writes nothing."""
+    instead, before any work (with --plan, and with --rotate before planning), and writes nothing."""
     from click.testing import CliRunner
 
     from wqedge.cli import main
@@ -296,3 +296,8 @@ def test_cli_llamacpp_refuses_rotated_plan(ckpt, tmp_path):
                  "--target gguf", "--target onnx", "without --rotate"):
         assert part in msg, r.output
     assert list(out.parent.iterdir()) == []
+    # --rotate without a plan: refused before the transforms and the plan are built
+    r = CliRunner().invoke(main, ["convert", str(ckpt.path), "--preset", "q4", "--rotate", "--target", "llamacpp",
+                                  "--no-self-calib", "-o", str(out)])
+    assert r.exit_code != 0 and "llama.cpp has no operator" in " ".join(r.output.split()), r.output
+    assert "plan:" not in r.output and list(out.parent.iterdir()) == []

@@ -335,6 +335,8 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
         _fail(f"{model_dir}: {e}")
     if plan_path and preset:
         _fail("--plan and --preset both choose the actions: give one of them")
+    if rotate and target == "llamacpp":   # before the transforms and the plan are built (minutes on a real model)
+        _fail(pipeline.ROTATED_LLAMACPP)
     calib_text = _read_calib(calib) if calib else None   # read once: planning, fitting and the check use it
     source = "file" if calib_text is not None else "none"
     if calib_text is None and self_calib:

@@ -312,16 +312,19 @@ def rotated(ckpt, config: dict | None, calib_text: str | None, device=None, say:
     return RotatedCheckpoint(ckpt, t), {k: to_stored(v) for k, v in t.items()}
 
 
+ROTATED_LLAMACPP = (
+    "a rotated plan (--rotate) cannot be written for stock llama.cpp (--target llamacpp): its weights are "
+    "folded (W' = W diag(s) M^T) and give the model's outputs only on inputs rotated online before every "
+    "linear (x' = M (x / s)), and llama.cpp has no operator for such an input transform (nor for "
+    "per-token activation quantization), so the file would run wrong. Use --target gguf (wqedge's runtime) "
+    "or --target onnx (the transforms become graph operators), or convert for llama.cpp without --rotate")
+
+
 def _check_rotated(plan: Plan, target: str, distill: int | None) -> None:
     if plan.rotation is None:
         return
     if target == "llamacpp":   # the ONNX export lowers the transforms as graph ops (docs/onnx.md)
-        raise ConvertError(
-            "a rotated plan (--rotate) cannot be written for stock llama.cpp (--target llamacpp): its weights are "
-            "folded (W' = W diag(s) M^T) and give the model's outputs only on inputs rotated online before every "
-            "linear (x' = M (x / s)), and llama.cpp has no operator for such an input transform (nor for "
-            "per-token activation quantization), so the file would run wrong. Use --target gguf (wqedge's runtime) "
-            "or --target onnx (the transforms become graph operators), or convert for llama.cpp without --rotate")
+        raise ConvertError(ROTATED_LLAMACPP)
     if distill_steps(plan, distill):
         raise ConvertError("--distill does not go with a rotated plan yet")
 
