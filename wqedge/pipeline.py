@@ -249,7 +249,7 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
     say(f"light distillation: {steps} steps per decoder layer, codes frozen…")
     unprune = plan.unprune_weight if plan.pruning is not None else None
     res = distill_checkpoint(ckpt, fitted, calib_text, steps, device=device, n_seqs=windows, progress=say,
-                             unprune=unprune)
+                             unprune=unprune, act_bits=None if plan.act_bits == 8 else plan.act_bits)
     say(res.summary())
     record_distill(plan, steps)     # the plan the file stores says how its parameters were made
     return Fits(mode, fitted=res.chunks, norms=res.norms)
@@ -325,8 +325,6 @@ def _check_rotated(plan: Plan, target: str, distill: int | None) -> None:
         return
     if target == "llamacpp":   # the ONNX export lowers the transforms as graph ops (docs/onnx.md)
         raise ConvertError(ROTATED_LLAMACPP)
-    if distill_steps(plan, distill):
-        raise ConvertError("--distill does not go with a rotated plan yet")
 
 
 def write_gguf(ckpt, plan: Plan, out_path, calib_text: str | None = None, feedback: bool | None = None,

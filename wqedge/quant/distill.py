@@ -160,6 +160,7 @@ class TunableLinear(nn.Module):
         self.a = nn.Parameter(torch.zeros(n, len(chunks), device=device))
         self.b = nn.Parameter(torch.zeros(n, len(chunks), device=device))
         self.expand: Callable[[torch.Tensor], torch.Tensor] | None = None   # pruned plans: kept -> full shape
+        self.act_bits: int | None = None   # the runtime's per-token activation quantizer on the input (None: float)
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(d, m) per row and chunk, fp32 masters."""
@@ -172,6 +173,9 @@ class TunableLinear(nn.Module):
 
     def forward(self, x):
         w = self.weight() if self.expand is None else self.expand(self.weight())
+        if self.act_bits is not None:   # straight-through gradients (wqedge.actquant.fake_quant)
+            from ..actquant import fake_quant
+            x = fake_quant(x, self.act_bits)
         return nn.functional.linear(x, w.to(x.dtype))
 
     @torch.no_grad()
@@ -207,19 +211,42 @@ class TunableLinear(nn.Module):
 # ---------------------------------------------------------------- models with tunable linears
 
 def _swap_linears(layer: nn.Module, li: int, chunks: dict[str, list[ChunkData]], device,
-                  skipped: list[str], unprune=None) -> list[TunableLinear]:
-    """Replace the seven projections of decoder layer `li` (in place) by TunableLinears."""
+                  skipped: list[str], unprune=None, act_bits: int | None = None) -> list[TunableLinear]:
+    """Replace the seven projections of decoder layer `li` (in place) by TunableLinears that compute what the
+    file's runtime does: the replaced linear's forward pre-hooks move over (a rotated model's x -> T(x),
+    wqedge.rotation.rotate_model: the chunks were fitted on folded weights, which expect rotated inputs), then
+    the input is fake-quantized per token at `act_bits` (None: float, as the reference at 8 bits)."""
     mods = []
     for hf, _ in PROJECTIONS:
         name = f"model.layers.{li}.{hf}.weight"
         parent_name, attr = hf.rsplit(".", 1)
+        old = layer.get_submodule(hf)
         tl = TunableLinear(chunks[name], device, skipped, name)
         if unprune is not None:
-            shape = tuple(layer.get_submodule(hf).weight.shape)
+            shape = tuple(old.weight.shape)
             tl.expand = lambda w, name=name, shape=shape: unprune(name, w, shape)
+        for hid, hook in old._forward_pre_hooks.items():
+            tl.register_forward_pre_hook(hook, with_kwargs=hid in old._forward_pre_hooks_with_kwargs)
+        tl.act_bits = act_bits
         setattr(layer.get_submodule(parent_name), attr, tl)
         mods.append(tl)
     return mods
+
+
+def student_model(model, chunks: dict[str, list[ChunkData]], norms: dict[str, torch.Tensor], device=None,
+                  act_bits: int | None = None, unprune=None):
+    """A float32 copy of `model` whose decoder linears are TunableLinears of `chunks` (as `_swap_linears`: the
+    model's input hooks, then activations at `act_bits`) and whose norms are `norms` where given: the quantized
+    model distillation trains, which is the model the file written from the same chunks and norms defines."""
+    from ..calib import default_device
+    student = copy.deepcopy(model).to(default_device(device), torch.float32).eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for li, layer in enumerate(student.model.layers):
+        _swap_linears(layer, li, chunks, default_device(device), [], unprune, act_bits)
+    for name, w in norms.items():
+        student.get_parameter(name).data.copy_(w)
+    return student
 
 
 def _norms(layer: nn.Module) -> list[nn.Parameter]:
@@ -261,14 +288,18 @@ def _peak(dev) -> tuple[int, str]:
 def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tensor, heldout: torch.Tensor | None,
                   steps: int, e2e_steps: int = 0, device=None, batch_size: int = BATCH,
                   lr: float = LR, norm_lr: float = NORM_LR, e2e_lr: float = E2E_LR, seed: int = 0,
-                  progress: Callable[[str], None] | None = None, unprune=None) -> DistillResult:
+                  progress: Callable[[str], None] | None = None, unprune=None,
+                  act_bits: int | None = None) -> DistillResult:
     """Tune `chunks` (every decoder linear of the fp transformers LlamaForCausalLM `model`, as fitted) on the
     calibration windows `tokens` [n, seqlen]; `heldout` windows only measure. `model` is left unchanged.
 
     steps: AdamW steps per decoder layer (block stage, MSE of the layer's output); e2e_steps: steps of the
     end-to-end KL stage after it (0: none). Each step takes `batch_size` windows. unprune(name, w, shape): for a
     pruning plan's chunks (kept rows and columns only), the kept weight in the model's shape with zeros where
-    structures were removed (Plan.unprune_weight), so the unpruned fp layers stay the teachers.
+    structures were removed (Plan.unprune_weight), so the unpruned fp layers stay the teachers. act_bits: the
+    plan's activation bits when below 8: the student's linears quantize their inputs per token as the runtime
+    does (straight-through gradients). A rotated model (wqedge.rotation.rotate_model: folded weights, input hooks)
+    is its own teacher, and its hooks move onto the student's linears (`_swap_linears`).
     """
     from ..calib import _layer_call, _rotary, default_device
 
@@ -318,7 +349,7 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
             target = run(teacher, h_fp)
             student = teacher
             del teacher
-            tls = _swap_linears(student, li, chunks, dev, skipped, unprune)
+            tls = _swap_linears(student, li, chunks, dev, skipped, unprune, act_bits)
             ho = slice(n_tr, len(allt))
             before = rel_mse(run(student, h_q[ho]), target[ho]) if len(heldout) else float("nan")
             if steps:
@@ -349,7 +380,7 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
         e2e = None
         if e2e_steps:
             out_chunks, norms, e2e = _e2e(model, out_chunks, norms, tokens, heldout, e2e_steps, dev, bs, e2e_lr,
-                                          norm_lr, seed, say, unprune)
+                                          norm_lr, seed, say, unprune, act_bits)
     finally:
         rot.to(rot_dev)
     peak, what = _peak(dev)
@@ -358,17 +389,13 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
     return res
 
 
-def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, seed, say, unprune):
+def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, seed, say, unprune, act_bits=None):
     """End-to-end stage: KL(fp || quantized) of the next-token distributions, all layers at once."""
     teacher = copy.deepcopy(model).to(dev, torch.float32).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = copy.deepcopy(teacher)
-    tls = []
-    for li, layer in enumerate(student.model.layers):
-        tls += _swap_linears(layer, li, chunks, dev, [], unprune)
-        layer.input_layernorm.weight.data.copy_(norms[f"model.layers.{li}.input_layernorm.weight"])
-        layer.post_attention_layernorm.weight.data.copy_(norms[f"model.layers.{li}.post_attention_layernorm.weight"])
+    student = student_model(teacher, chunks, norms, dev, act_bits, unprune)
+    tls = [layer.get_submodule(hf) for layer in student.model.layers for hf, _ in PROJECTIONS]
     norm_params = [p for layer in student.model.layers for p in _norms(layer)] + [student.model.norm.weight]
 
     def kl(x):
@@ -416,8 +443,9 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
 def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, steps: int,
                        e2e_steps: int = 0, device=None, n_seqs: int | None = None, seqlen: int = 512,
                        n_heldout: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None,
-                       unprune=None) -> DistillResult:
-    """distill_model on a checkpoint's fp model and `calib_text` (the windows error feedback takes)."""
+                       unprune=None, act_bits: int | None = None) -> DistillResult:
+    """distill_model on a checkpoint's fp model and `calib_text` (the windows error feedback takes). A
+    wqedge.rotation.RotatedCheckpoint gives its rotated planning model, whose hooks the student keeps."""
     from transformers import AutoTokenizer
 
     from ..calib import calibration_tokens, default_device
@@ -428,7 +456,7 @@ def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, ste
     cs = calibration_tokens(tok, calib_text, n_seqs or FEEDBACK_SEQS, seqlen, n_heldout, bos_id=bos, seed=seed)
     model = ckpt.load_planning_model(default_device(device))
     return distill_model(model, chunks, cs.train, cs.heldout, steps, e2e_steps, device, seed=seed, progress=progress,
-                         unprune=unprune)
+                         unprune=unprune, act_bits=act_bits)
 
 
 class TunedCheckpoint:
