@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import distributed
 from .units import PROJECTIONS
 
 DEFAULT_N_SEQS = 32       # laptop-sized defaults: 32 x 512 tokens = 16k calibration tokens
@@ -246,9 +247,23 @@ class _Accumulator:
                 self.xtx[i + XTX_TILE:, i:i + XTX_TILE] += up[:, XTX_TILE:].T
 
     def result(self) -> InputStats:
+        self._reduce_over_ranks()
         n = max(self.n, 1)
         xtx = None if self.xtx is None else ([(b / n).cpu() for b in self.xtx] if self.block else (self.xtx / n).cpu())
         return InputStats(self.n, (self.s2 / n).cpu(), (self.s1 / n).cpu(), self.mx.cpu(), xtx, self.block)
+
+
+    def _reduce_over_ranks(self):
+        """Under --distributed (wqedge.distributed), the sums of every rank's windows: then every rank holds the
+        statistics of all windows, the same on each."""
+        if distributed.world() == 1:
+            return
+        self.n = int(distributed.reduce_sums(float(self.n))[0])
+        distributed.reduce_sum_(self.s2)
+        distributed.reduce_sum_(self.s1)
+        distributed.reduce_max_(self.mx)
+        for t in (self.xtx if self.block else [] if self.xtx is None else [self.xtx]):
+            distributed.reduce_sum_(t)
 
 
 def _layer_call(layer, h, pos_emb):
@@ -279,7 +294,7 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
     of every layer would be 7.7 GB) and returns {}.
     """
     dev = default_device(device)
-    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    tokens = distributed.shard(torch.as_tensor(tokens, dtype=torch.long))   # this rank's windows (all, alone)
     n = tokens.shape[0]
     emb = model.model.embed_tokens
     emb_dev = next(emb.parameters()).device
@@ -367,7 +382,7 @@ def gradient_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 1
     fisher_diag is asked for.
     """
     dev = default_device(device)
-    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    tokens = distributed.shard(torch.as_tensor(tokens, dtype=torch.long))
     from .stream import StreamedModel
     if isinstance(model, StreamedModel):
         if fisher_diag:
@@ -421,8 +436,22 @@ def gradient_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 1
         model.to(orig)
         model.train(was_training)
     nb = math.ceil(tokens.shape[0] / batch_size)
+    n_tok, nb = _reduce_grad_sums(g2, fis, n_tok, nb)
     return {n: GradStats(n_tok, (g2[n] / max(n_tok, 1)).cpu(),
                          None if fis is None else (fis[n] / nb).cpu()) for n in names}
+
+
+def _reduce_grad_sums(g2: dict, fis: dict | None, n_tok: int, nb: int) -> tuple[int, int]:
+    """Under --distributed: the squared-gradient sums (and Fisher sums) of all ranks' windows, in place; returns the
+    total token and batch counts."""
+    if distributed.world() == 1:
+        return n_tok, nb
+    for name in sorted(g2):            # the same order on every rank
+        distributed.reduce_sum_(g2[name])
+        if fis is not None:
+            distributed.reduce_sum_(fis[name])
+    n_tok, nb = distributed.reduce_sums(float(n_tok), float(nb))
+    return int(n_tok), int(nb)
 
 
 def _streamed_gradient_stats(model, tokens: torch.Tensor, dev, batch_size: int, progress=None) -> dict[str, GradStats]:
@@ -499,6 +528,7 @@ def _streamed_gradient_stats(model, tokens: torch.Tensor, dev, batch_size: int, 
     finally:
         if spill is not None:
             spill.cleanup()
+    n_tok, _ = _reduce_grad_sums(g2, None, n_tok, 0)
     return {f"model.layers.{li}.{hf}.weight": GradStats(n_tok, (g2[f"model.layers.{li}.{hf}.weight"] /
                                                                 max(n_tok, 1)).cpu())
             for li in range(n_layers) for hf in names}
@@ -508,6 +538,7 @@ def _streamed_gradient_stats(model, tokens: torch.Tensor, dev, batch_size: int, 
 def heldout_loss(model, tokens: torch.Tensor, device=None, batch_size: int = 4, second_half: bool = False) -> float:
     """Mean next-token NLL of `model` on `tokens` (every position, or the second half of each window)."""
     dev = default_device(device)
+    tokens = distributed.shard(torch.as_tensor(tokens, dtype=torch.long))
     tot, cnt = 0.0, 0
     for i in range(0, tokens.shape[0], batch_size):
         x = tokens[i:i + batch_size].to(dev)
@@ -518,6 +549,7 @@ def heldout_loss(model, tokens: torch.Tensor, device=None, batch_size: int = 4, 
             nll = nll[:, x.shape[1] // 2:]
         tot += float(nll.sum())
         cnt += nll.numel()
+    tot, cnt = distributed.reduce_sums(tot, float(cnt))
     return tot / max(cnt, 1)
 
 

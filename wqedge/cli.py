@@ -6,6 +6,7 @@ library modules (checkpoint, alloc, quantize, converters, runtime), which know n
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -266,6 +267,51 @@ def plan_options(f):
     return f
 
 
+def _distributed_refusal(kw: dict) -> str | None:
+    """Why --distributed cannot run these options (None: it can). It shards sums over calibration windows
+    (wqedge.distributed); what trains or collects per-window samples does not shard that way yet."""
+    if not kw.get("calib"):
+        return "--distributed splits the calibration windows of --calib FILE over the processes: give --calib"
+    for opt, why in (("rotate", "RUQuant's transforms are built from activation samples"),
+                     ("distill", "light distillation trains on the windows"),
+                     ("prune", "pruning's structure damage is measured on the whole model")):
+        if kw.get(opt) not in (None, (), 0):
+            return f"--{opt.replace('_', '-')} does not run with --distributed yet: {why}"
+    if kw.get("allocator") == "rl":
+        return "--allocator rl does not run with --distributed yet (greedy and uniform do)"
+    if kw.get("target", "gguf") != "gguf":
+        return f"--distributed writes our GGUF (--target gguf), not {kw['target']} yet"
+    return None
+
+
+def distributed_option(f):
+    """--distributed: run the command in the torch.distributed process group torchrun describes; every rank plans,
+    rank 0 alone writes (wqedge.distributed)."""
+    import functools
+
+    @click.option("--distributed", "distributed_run", is_flag=True, default=False,
+                  help="Plan with several processes under torchrun (`torchrun --nproc-per-node N -m wqedge "
+                       "plan ... --distributed`; NCCL on GPUs, else gloo on CPU processes): the calibration windows "
+                       "are split over the processes and the statistics summed, so every process holds those of "
+                       "all windows and makes the same plan; only rank 0 writes files. Needs --calib.")
+    @functools.wraps(f)
+    def run(*args, distributed_run=False, **kw):
+        if not distributed_run:
+            return f(*args, **kw)
+        why = _distributed_refusal(kw)
+        if why:
+            _fail(why)
+        from . import distributed
+        try:
+            with distributed.session():
+                if not distributed.is_writer():        # one report on stdout: rank 0's
+                    sys.stdout = open(os.devnull, "w")
+                return f(*args, **kw)
+        except distributed.DistributedError as e:
+            _fail(str(e))
+    return run
+
+
 @main.command()
 @click.argument("model_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Output GGUF (default: <model>.wq<bits>.gguf "
@@ -311,6 +357,7 @@ def plan_options(f):
                    f"decoder linears' layout, fitted from the weights (default {DEFAULT_HEAD}). Not counted in the "
                    f"effective bits; the head is read once per decoded token (bench/results/head_quant.md). "
                    f"--target gguf only.")
+@distributed_option
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
             rotate_stage2, prune, max_prune, feedback_windows, stream_layers, act_bits, plan_path,
             save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, kv_bits, kv_rotation, head):
@@ -366,7 +413,8 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
                   f"(llama.cpp: --cache-type-k/-v at run time)")
         plan.kv_cache = kv.to_plan()
     _print_plan_summary(plan)
-    if save_plan:
+    from . import distributed
+    if save_plan and distributed.is_writer():
         plan.save(save_plan)
         click.echo(f"plan written to {save_plan}")
 
@@ -435,6 +483,7 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @_kv_bits_option("Default: float32; recorded in the plan (field kv_cache), so `wqedge convert --plan` writes it into "
                  "the file unless its own --kv-bits says otherwise.")
 @_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, recorded beside it.")
+@distributed_option
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
          rotate_stage2, prune, max_prune, feedback_windows, stream_layers, act_bits, kv_bits, kv_rotation):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
@@ -461,6 +510,9 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
         except ConvertError as e:
             _fail(str(e))
     click.echo(text_report(p))
+    from . import distributed
+    if not distributed.is_writer():      # --distributed: rank 0 writes the plan
+        return
     p.save(output)
     txt, png = write_report(p, Path(output).with_suffix(""))
     click.echo(f"plan written to {output}; report {txt}, heatmap {png} (layers x chunks, coloured by bits)")

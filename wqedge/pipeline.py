@@ -376,6 +376,9 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
         return _convert_llamacpp(ckpt, plan, output, calib_text, device)
     gguf_out = output if target == "gguf" else output.with_suffix(".gguf")
     fits = prepare_fits(ckpt, plan, calib_text, feedback, device, None, say, distill, stream_layers)
+    from . import distributed
+    if not distributed.writer_alone():   # --distributed: the fits are every rank's; rank 0 alone writes
+        return Written(target, output, None, {"rank": distributed.rank()})
     from .quantize import convert_to_gguf
     try:
         tick = progress("quantizing", len(ckpt.spec.linears())) if progress else None

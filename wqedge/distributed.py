@@ -1,0 +1,139 @@
+"""Planning on torch.distributed (issue 18): calibration windows split over the processes, statistics summed.
+
+Under `torchrun` (one process per GPU, or CPU processes with the gloo backend) `wqedge plan/convert --distributed`
+opens one process group (`session`). Every statistic planning reads is a sum over calibration windows (the input
+second moments and XᵀX of wqedge.calib.layerwise_stats, the squared output gradients of gradient_stats, the
+held-out loss), so each rank runs its share of the windows (`shard`: windows r, r + W, r + 2W, ...) and the sums are
+all-reduced (`reduce_sum_` / `reduce_max_`): every rank then holds the statistics of all windows, bit for bit the
+same on each (an all-reduce hands every rank the same result), and everything computed from them — damage table,
+allocation, error-feedback fits — is the same on every rank. Only rank 0 writes files (`is_writer`). Outside a
+session every function here is the identity, so single-process planning is unchanged.
+
+What this does not do yet: split the damage table and the error-feedback fitting over ranks by owner (every rank
+computes them, so only the statistics passes get faster), and resume from per-layer checkpoints after a failure.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+
+DEFAULT_TIMEOUT_S = 1800    # a rank that died is reported by the collective that waits for it, at the latest here
+
+
+class DistributedError(RuntimeError):
+    """--distributed asked for where it cannot run (no torchrun environment, a feature that is not sharded)."""
+
+
+_ALONE = False   # set by `writer_alone`: this process goes on by itself (no more collectives)
+
+
+def active() -> bool:
+    """Whether this process plans together with others: a process group is open (inside `session`) and the
+    process has not gone on alone (`writer_alone`)."""
+    return not _ALONE and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if active() else 0
+
+
+def world() -> int:
+    return torch.distributed.get_world_size() if active() else 1
+
+
+def is_writer() -> bool:
+    """Whether this process writes the outputs (rank 0, or the only process)."""
+    return not torch.distributed.is_available() or not torch.distributed.is_initialized() or \
+        torch.distributed.get_rank() == 0
+
+
+def shard(windows: torch.Tensor) -> torch.Tensor:
+    """This rank's calibration windows: rows r, r + W, ... of `windows` ([n, seqlen]); all of them outside a session.
+    Interleaved, so ranks get equal shares of any window order."""
+    if not active() or world() == 1:
+        return windows
+    if windows.shape[0] < world():
+        raise DistributedError(f"{windows.shape[0]} calibration windows for {world()} processes: every process needs "
+                               "at least one (more calibration text, or fewer processes)")
+    return windows[rank()::world()]
+
+
+def _reduce_(t: torch.Tensor, op) -> torch.Tensor:
+    if not active() or world() == 1:
+        return t
+    if t.device.type == "cpu" and torch.distributed.get_backend() == "nccl":
+        moved = t.cuda()
+        torch.distributed.all_reduce(moved, op=op)
+        t.copy_(moved.cpu())
+        return t
+    torch.distributed.all_reduce(t, op=op)
+    return t
+
+
+def reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the ranks, in place (and returned)."""
+    return _reduce_(t, torch.distributed.ReduceOp.SUM)
+
+
+def reduce_max_(t: torch.Tensor) -> torch.Tensor:
+    return _reduce_(t, torch.distributed.ReduceOp.MAX)
+
+
+def reduce_sums(*values: float) -> list[float]:
+    """Python numbers summed over the ranks (float64)."""
+    if not active() or world() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    reduce_sum_(t)
+    return t.tolist()
+
+
+def local_device(device=None):
+    """The device this rank plans on: cuda:LOCAL_RANK under a NCCL session, else `device` as given."""
+    if active() and torch.distributed.get_backend() == "nccl" and (device is None or str(device).startswith("cuda")):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def writer_alone() -> bool:
+    """After the last collective step: rank 0 goes on alone (writing, checking the written file: every statistic
+    from here on is its own, windows unsharded) while the others wait at the end of the session. Returns whether
+    this process is the writer; the others must write nothing."""
+    global _ALONE
+    if not active():
+        return True
+    if rank() != 0:
+        return False
+    _ALONE = True
+    return True
+
+
+def _launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+@contextmanager
+def session(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S):
+    """Open the process group that torchrun's environment describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
+    with NCCL when CUDA is present, else gloo; close it on the way out. DistributedError without that environment."""
+    if not _launched_by_torchrun():
+        raise DistributedError("--distributed runs under torchrun (one process per GPU, or CPU processes): "
+                               "`torchrun --nproc-per-node N -m wqedge plan ... --distributed`; RANK, "
+                               "WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set")
+    if not torch.distributed.is_available():
+        raise DistributedError("this torch build has no torch.distributed")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    global _ALONE
+    torch.distributed.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    try:
+        yield
+        torch.distributed.barrier()     # rank 0 may still be writing: nobody leaves before it is done
+    finally:
+        _ALONE = False
+        torch.distributed.destroy_process_group()
