@@ -176,7 +176,12 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
         from .quant.neuqi import FAST_GRID
         neuqi_grid = FAST_GRID if neuqi_grid is None else neuqi_grid
     t0 = time.time()
+    # --distributed: each linear's rows of the table computed by its owner rank, then summed (the others hold zeros)
+    from . import distributed
+    owner = distributed.owners([lin.out_features * lin.in_features for lin in linears]) if keep is None else None
     for li, lin in enumerate(linears):
+        if owner is not None and owner[li] != distributed.rank():
+            continue
         w = weight_fn(lin).to(dev, torch.float32)
         N, K = w.shape
         st = (input_stats or {}).get(lin.hf_name)
@@ -243,6 +248,10 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
             feats[u.index] = _features(w[:, s:e], hdiag, None if st is None else st.max_abs[s:e], g)
         if progress:
             progress(f"damage table: {li + 1}/{len(linears)} linears ({time.time() - t0:.1f} s)")
+    if owner is not None:
+        distributed.reduce_sum_(torch.from_numpy(dmg))
+        distributed.reduce_sum_(torch.from_numpy(feats))
+        prot_map = distributed.merge_dicts(prot_map)
     return DamageTable(units, tuple(actions), bits, dmg, group_size, kind, feats, FEATURE_NAMES,
                        {"seconds": time.time() - t0, "method": method, "max_rows": max_rows, "feedback": feedback,
                         "protect": list(protect)}, prot_map)

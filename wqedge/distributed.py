@@ -9,8 +9,10 @@ same on each (an all-reduce hands every rank the same result), and everything co
 allocation, error-feedback fits — is the same on every rank. Only rank 0 writes files (`is_writer`). Outside a
 session every function here is the identity, so single-process planning is unchanged.
 
-What this does not do yet: split the damage table and the error-feedback fitting over ranks by owner (every rank
-computes them, so only the statistics passes get faster), and resume from per-layer checkpoints after a failure.
+The damage table and the error-feedback fits are split by owner (`owners`: each linear, or group of linears sharing
+an input, computed by one rank, balanced by cost) and shared (`reduce_sum_` of rows only the owner filled,
+`broadcast_object` of fitted chunks), which gives every rank the very values one process computes. Not done yet:
+resuming from per-layer checkpoints after a failure.
 """
 from __future__ import annotations
 
@@ -89,6 +91,42 @@ def reduce_sums(*values: float) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     reduce_sum_(t)
     return t.tolist()
+
+
+def owners(costs: list[float]) -> list[int] | None:
+    """Which rank computes each of a list of independent jobs (linears of the damage table, linear groups of an
+    error-feedback layer): longest first to the least-loaded rank, ties to the lower index, so every rank derives the
+    same assignment. None outside a session (every job is this process's)."""
+    if not active() or world() == 1:
+        return None
+    load = [0.0] * world()
+    out = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world()), key=lambda r: (load[r], r))
+        out[i] = r
+        load[r] += costs[i]
+    return out
+
+
+def broadcast_object(obj, src: int):
+    """`obj` of rank `src` on every rank (pickled: numpy arrays, dicts)."""
+    if not active() or world() == 1:
+        return obj
+    box = [obj if rank() == src else None]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def merge_dicts(d: dict) -> dict:
+    """The union of every rank's dict (keys computed by one rank each)."""
+    if not active() or world() == 1:
+        return d
+    parts = [None] * world()
+    torch.distributed.all_gather_object(parts, d)
+    out = {}
+    for part in parts:
+        out.update(part)
+    return out
 
 
 def local_device(device=None):

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .. import distributed
 from ..blocks import ChunkData
 from .gptq import DAMP, dequantize, gptq_linear, gptq_linears
 from ..units import chunk_bounds
@@ -64,24 +65,35 @@ def quantize_model(model, plan, tokens: torch.Tensor, device=None, batch_size: i
     t0 = time.time()
     n_layers = len(model.model.layers)
 
+    def fit_group(layer, stats, names):
+        """The fitted chunks of one group of linears that share an input (one gptq_linears column loop)."""
+        ts = [plan.tensor(n) for n in names]
+        mods = [layer.get_submodule(n.split(".", 3)[3][: -len(".weight")]) for n in names]
+        # a pruning plan: the kept rows and columns are fitted, the pruned ones become zeros in the model
+        ws = [plan.prune_weight(n, m.weight.data.float()) for n, m in zip(names, mods)]
+        st = stats[names[0]]
+        cols = plan.kept_columns(names[0])
+        diag = st.diag if cols is None else st.diag[cols]
+        if feedback:
+            xtx = st.xtx if cols is None else st.xtx[cols][:, cols]
+            return gptq_linears(ws, xtx.to(ws[0].device), [t.actions for t in ts], plan.group_size,
+                                [t.methods for t in ts], [t.protected for t in ts], hdiag=diag,
+                                act_order=act_order, damp=damp, refit=refit)
+        return [[fit_chunk(w[:, s:e], a, m, diag[s:e].float(), p or None)
+                 for (s, e), a, m, p in zip(chunk_bounds(t.in_features, plan.group_size), t.actions,
+                                            t.methods, t.protected)] for w, t in zip(ws, ts)]
+
     def on_layer(li, layer, stats):
-        for names in input_groups(stats, plan, batch_linears):
-            ts = [plan.tensor(n) for n in names]
+        groups = input_groups(stats, plan, batch_linears)
+        # --distributed: each group fitted by its owner rank (every rank has the same statistics and weights, so the
+        # same chunks as one process), then handed to all: each rank's model needs every quantized weight
+        owner = distributed.owners([sum(plan.tensor(n).out_features for n in g) * plan.tensor(g[0]).in_features
+                                    for g in groups])
+        fits = [fit_group(layer, stats, g) if owner is None or owner[k] == distributed.rank() else None
+                for k, g in enumerate(groups)]
+        for k, names in enumerate(groups):
+            fitted = fits[k] if owner is None else distributed.broadcast_object(fits[k], owner[k])
             mods = [layer.get_submodule(n.split(".", 3)[3][: -len(".weight")]) for n in names]
-            # a pruning plan: the kept rows and columns are fitted, the pruned ones become zeros in the model
-            ws = [plan.prune_weight(n, m.weight.data.float()) for n, m in zip(names, mods)]
-            st = stats[names[0]]
-            cols = plan.kept_columns(names[0])
-            diag = st.diag if cols is None else st.diag[cols]
-            if feedback:
-                xtx = st.xtx if cols is None else st.xtx[cols][:, cols]
-                fitted = gptq_linears(ws, xtx.to(ws[0].device), [t.actions for t in ts], plan.group_size,
-                                      [t.methods for t in ts], [t.protected for t in ts], hdiag=diag,
-                                      act_order=act_order, damp=damp, refit=refit)
-            else:
-                fitted = [[fit_chunk(w[:, s:e], a, m, diag[s:e].float(), p or None)
-                           for (s, e), a, m, p in zip(chunk_bounds(t.in_features, plan.group_size), t.actions,
-                                                      t.methods, t.protected)] for w, t in zip(ws, ts)]
             for name, mod, chunks in zip(names, mods, fitted):
                 result[name] = chunks
                 deq = plan.unprune_weight(name, dequantize(chunks).to(mod.weight.device), tuple(mod.weight.shape))
