@@ -87,6 +87,21 @@ def test_distributed_plan_and_file_equal_one_process(single, model_dir, calib_fi
     assert written == ["model.gguf", "plan.json", "plan.png", "plan.txt"], written   # nothing from the other ranks
 
 
+def test_lost_rank_ends_the_job_and_writes_nothing(single, model_dir, calib_file, tmp_path):
+    """A rank that dies (WQEDGE_DISTRIBUTED_FAULT_RANK: rank 1 exits at its first collective) ends the whole job with
+    a failure that names it, and leaves no file (not even a partial or temporary one)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(CUDA_VISIBLE_DEVICES="", WQEDGE_DISTRIBUTED_FAULT_RANK="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "wqedge", "convert", str(model_dir), "--plan", str(single / "plan.json"), "--calib",
+                        str(calib_file), "--device", "cpu", "--no-check", "-o", str(tmp_path / "model.gguf"),
+                        "--distributed"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=TORCHRUN_TIMEOUT_S)
+    assert r.returncode != 0
+    assert "exitcode  : 17" in r.stderr, r.stderr[-3000:]     # torchrun's report names the lost rank's exit
+    assert list(tmp_path.iterdir()) == []
+
+
 def _sharded_stats(rank: int, world: int, init_file: str, model_dir: str, out: str):
     """One rank of test_reduced_statistics_equal_one_process (spawned)."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -309,7 +309,16 @@ def distributed_option(f):
                 return f(*args, **kw)
         except distributed.DistributedError as e:
             _fail(str(e))
+        except torch_dist_error() as e:   # a rank was lost (or a collective timed out): nothing was written
+            _fail(f"--distributed: another process of the job failed or was lost ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); no file was written")
     return run
+
+
+def torch_dist_error():
+    """torch.distributed's error class (a RuntimeError), imported only when --distributed runs."""
+    import torch.distributed
+    return getattr(torch.distributed, "DistError", RuntimeError)
 
 
 @main.command()
