@@ -55,8 +55,10 @@ def _importable(src: Path) -> Path:
 
 
 def convert_once(src: Path, model: str, out: Path, calib: str | None, bits: float, threads: int,
-                 extra: tuple[str, ...] | list[str] = ()) -> dict:
-    """One `wqedge convert` of `model` with the code in `src`: stage seconds, total, peak RSS (MiB)."""
+                 extra: tuple[str, ...] | list[str] = (), nproc: int = 1) -> dict:
+    """One `wqedge convert` of `model` with the code in `src`: stage seconds, total, peak RSS (MiB). nproc > 1: under
+    torchrun with that many processes and --distributed (docs/distributed.md), `threads` each; the peak RSS is then
+    the largest of the processes' (wait4 reports the maximum over the waited-for process tree)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH")) if p),
                OMP_NUM_THREADS=str(threads))
     lib = ROOT / "cpp" / "build" / "libwqedge_neuqi.so"
@@ -69,6 +71,11 @@ def convert_once(src: Path, model: str, out: Path, calib: str | None, bits: floa
            f"torch.set_num_threads({threads}); import wqedge; assert wqedge.__file__.startswith({str(src)!r}); "
            "from wqedge.cli import main; main()",
            "convert", model, "-o", str(out), "--bits", str(bits), "--no-check"]
+    if nproc > 1:   # torchrun runs the same program text as a file
+        prog = out.with_suffix(".main.py")
+        prog.write_text(cmd[2].replace("; ", "\n") + "\n")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(prog),
+               *cmd[3:], "--distributed"]
     if calib:
         cmd += ["--calib", calib]
     cmd += list(extra)

@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--modes", default="auto", help="comma list of auto (the CLI's default planning model), memory "
                     "(--no-stream-layers: the whole model held), stream (--stream-layers: one decoder layer at a time)")
     ap.add_argument("--feedback-windows", type=int, default=None, help="passed to convert (default: its own)")
+    ap.add_argument("--nproc", default="1", help="comma list of process counts: each shape also converted under "
+                    "torchrun with --distributed (docs/distributed.md), --threads threads per process")
     ap.add_argument("--probe", default=None, metavar="WINDOWS,SEQLEN",
                     help="instead of converting: peak RSS of the planner's statistics and gradients alone on the CPU "
                          "(probe_once), for each of --modes memory,stream, on WINDOWS random windows of SEQLEN tokens")
@@ -156,8 +158,9 @@ def main() -> None:
     modes = a.modes.split(",")
     if any(m not in mode_args for m in modes):
         raise SystemExit(f"--modes: each of {', '.join(mode_args)}")
+    nprocs = [int(n) for n in a.nproc.split(",")]
     head = (f"# bench/plan_scaling.py --shapes {a.shapes} --bits {a.bits} --device {a.device or 'default'} "
-            f"--threads {a.threads} --modes {a.modes}"
+            f"--threads {a.threads} --modes {a.modes} --nproc {a.nproc}"
             + (f" --feedback-windows {a.feedback_windows}" if a.feedback_windows else "")
             + f"; host {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
     print(head, flush=True)
@@ -182,22 +185,23 @@ def main() -> None:
         return
     rows = []
     cols = ("inputs", "gradients", "damage table", "plan", "fitting", "total")
-    lines = [head, "", "| shape | mode | linear weights | " + " | ".join(f"{c} s" for c in cols) + " | peak RSS MiB |",
-             "|---" * (len(cols) + 4) + "|"]
+    lines = [head, "", "| shape | mode | processes | linear weights | " + " | ".join(f"{c} s" for c in cols)
+             + " | peak RSS MiB (per process) |", "|---" * (len(cols) + 5) + "|"]
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.shapes.split(","):
             path = build(name, Path(tmp))
-            for mode in modes:
+            for mode, nproc in ((m, n) for m in modes for n in nprocs):
                 row = convert_once(ROOT, str(path), Path(tmp) / f"{name}.gguf", calib, a.bits, a.threads,
-                                   extra=extra + mode_args[mode])
-                row["name"], row["mode"], row["weights"] = name, mode, linear_weights(SHAPES[name])
+                                   extra=extra + mode_args[mode], nproc=nproc)
+                row["name"], row["mode"], row["weights"], row["nproc"] = name, mode, linear_weights(SHAPES[name]), nproc
                 rows.append(row)
-                print(f"{name} ({mode}): total {row['total']:.1f} s, peak RSS {row['rss_mib']:.0f} MiB; "
+                print(f"{name} ({mode}, {nproc} process{'es' if nproc > 1 else ''}): total {row['total']:.1f} s, "
+                      f"peak RSS {row['rss_mib']:.0f} MiB; "
                       + ", ".join(f"{k} {row[k]:.1f}" for k in ("inputs", "gradients", "damage table", "plan",
                                                                 "fitting") if k in row), flush=True)
-                line = (f"| {name} | {mode} | {row['weights'] / 1e6:.0f} M | "
+                line = (f"| {name} | {mode} | {nproc} | {row['weights'] / 1e6:.0f} M | "
                         + " | ".join("-" if row.get(c) is None else f"{row[c]:.1f}" for c in cols)
                         + f" | {row['rss_mib']:.0f} |")
                 lines.append(line)
@@ -207,7 +211,7 @@ def main() -> None:
             for shp in (path / "model.safetensors", ):
                 if shp.exists():
                     shp.unlink()
-    big = max(rows, key=lambda r: r["weights"])
+    big = max(rows, key=lambda r: (r["weights"], -r["nproc"]))   # the projection scales a one-process row
     lines += ["", f"Projection from {big['name']} on the same device (`project`: statistics and gradients ∝ linear "
               "weights, damage table ∝ chunks, fitting ∝ Σ K column steps on a GPU up to ∝ weights; on CPU cores "
               "between ∝ weights and ∝ Σ N·K² + K³):", "",
