@@ -259,14 +259,19 @@ void tile_run_pair(const Linear& W, const Linear::Run& run, const uint8_t* tb, s
     tile_run(W, run, tb + ts, x, p, kernels, pf, acc + TILE_ROWS);
 }
 
-// Whether this is an Intel x86 CPU (CPUID vendor string): the tile prefetch default (tiled_task).
-bool cpu_is_intel() {
+// The tile prefetch default (tiled_task): on for x86-64 CPUs except AMD ones with AVX-512 (Zen 4 and later), where it
+// measured slower. Intel: CPUID vendor "GenuineIntel"; AMD "AuthenticAMD", AVX-512F = CPUID.7.0:EBX bit 16.
+bool tile_prefetch_default() {
 #if defined(__x86_64__) || defined(__i386__)
     unsigned a, b, c, d;
     if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
     char v[12];
     std::memcpy(v, &b, 4); std::memcpy(v + 4, &d, 4); std::memcpy(v + 8, &c, 4);
-    return std::memcmp(v, "GenuineIntel", 12) == 0;
+    if (std::memcmp(v, "GenuineIntel", 12) == 0) return true;
+    if (std::memcmp(v, "AuthenticAMD", 12) != 0) return false;
+    if (a < 7) return true;
+    __cpuid_count(7, 0, a, b, c, d);
+    return (b & (1u << 16)) == 0;  // AMD without AVX-512F (Zen 3 and earlier)
 #else
     return false;
 #endif
@@ -278,10 +283,12 @@ void tiled_task(const Linear& W, const float* x, const Prepared& p, int task, fl
     // Software prefetch of the next task's tiles (a thread's tiles are one contiguous stream, the pool's spans):
     // whether it pays depends on the CPU's own prefetchers (bench/results/decode_spans.md, ms per decode step of 22
     // TinyLlama layers, 1 thread): on an Intel Xeon it does (q4 43 vs 60 ms, q2 25 vs 43; at 16 threads 5.8 vs
-    // 7.3), on AMD Zen 4 it costs (q4 decode 26 vs 33 tok/s). So: on for Intel CPUs, off elsewhere (AArch64 runs the
-    // row layout); WQEDGE_TILE_PREFETCH=1 / =0 forces it (only when every tile of this task has its partner that
-    // far on: the pointers stay inside the copy).
-    static const bool use_pf = env_switch("WQEDGE_TILE_PREFETCH", cpu_is_intel());
+    // 7.3), on AMD Zen 4 it costs (q4 decode 26 vs 33 tok/s), on AMD Zen 3 (AVX2 only) it pays again (TinyLlama
+    // decode, int8 activations: q4 22.4 vs 27.7 tok/s at 1 thread, 39.8 vs 45.6 at 2; the 2.5-bit plan 30.5 vs 35.8
+    // and 53.2 vs 63.2; bench/results/issue12_zen3.md). So: on for x86-64 except AMD CPUs with AVX-512
+    // (tile_prefetch_default), off on AArch64 (not measured there); WQEDGE_TILE_PREFETCH=1 / =0 forces it (only when
+    // every tile of this task has its partner that far on: the pointers stay inside the copy).
+    static const bool use_pf = env_switch("WQEDGE_TILE_PREFETCH", tile_prefetch_default());
     const std::ptrdiff_t pf = (task + 2) * TPT <= n_tiles && use_pf ? (std::ptrdiff_t)TPT * (std::ptrdiff_t)W.tile_bytes : 0;
     // Where the CPU has pair kernels (tile16_kernel), task t is the pair of tiles t and t + h, h = ceil(n_tiles / 2):
     // a thread's span of tasks reads two long sequential streams. Pairing adjacent tiles instead (t, t + 1) halved the
