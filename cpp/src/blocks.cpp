@@ -452,20 +452,10 @@ static void tile8_affine_scalar(const uint8_t* part, size_t part_bytes, int nch,
 #if WQE_X86
 namespace avx2 {
 #include "kernel_set.inc"
-void tile8_ternary(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
+#include "tile_set.inc"
 namespace vnni512 {  // kernels_vnni.cpp: AVX512-VNNI + AVX512VL
 void dot8_rows_q8(const uint8_t*, size_t, int, const XQ8*, float, int, float*);  // q8 row-blocks, bit-identical to AVX2's
-void tile8_ternary(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
+#include "tile_set.inc"
 void tile16_q4(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile16_q3(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile16_q2(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
@@ -474,12 +464,7 @@ void tile16_mix(const uint8_t*, std::ptrdiff_t, const TileDesc*, int, const XQ8*
 }  // namespace vnni512
 namespace vnni256 {  // kernels_vnni.cpp: AVX-VNNI
 void dot8_rows_q8(const uint8_t*, size_t, int, const XQ8*, float, int, float*);  // q8 row-blocks, bit-identical to AVX2's
-void tile8_ternary(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
+#include "tile_set.inc"
 }  // namespace vnni256
 }  // namespace avx2
 
@@ -592,12 +577,7 @@ WQE_SUB_DECL(q2s)
 namespace neon {
 #include "kernel_set.inc"
 // Row tiles (kernels_neon_tiles.cpp): SDOT or plain NEON per call (neon_dotprod()), as the dot8 kernels.
-void tile8_ternary(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
+#include "tile_set.inc"
 }  // namespace neon
 #  define NEON(f) neon::f
 #  define NEON_TILE(K) neon::tile8_##K

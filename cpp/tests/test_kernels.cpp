@@ -832,14 +832,8 @@ WQE_TILE_KERNELS(emulated, dpbusd_emulated, 8)
 #endif
 namespace wqe {
 namespace avx2 {  // kernels_avx2.cpp (in the static library)
-void tile8_ternary(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q4(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q3(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q2(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_q1(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile8_mix(const uint8_t*, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
-void tile8_gemm(const uint8_t*, const TileDesc*, int, const XQ8*, size_t, const int*, const float*, size_t, int, float*);
-void dot8_rows_q8(const uint8_t*, size_t, int, const XQ8*, float, int, float*);
+#include "kernel_set.inc"
+#include "tile_set.inc"
 }  // namespace avx2
 }  // namespace wqe
 
