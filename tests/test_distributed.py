@@ -102,37 +102,41 @@ def test_lost_rank_ends_the_job_and_writes_nothing(single, model_dir, calib_file
     assert list(tmp_path.iterdir()) == []
 
 
-def _sharded_stats(rank: int, world: int, init_file: str, model_dir: str, out: str):
-    """One rank of test_reduced_statistics_equal_one_process (spawned)."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        _stats(model_dir, out if rank == 0 else None)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _stats(model_dir: str, out: str | None):
-    from wqedge.calib import gradient_stats, heldout_loss, layerwise_stats
-    from wqedge.checkpoint import LlamaCheckpoint
-    torch.manual_seed(0)
-    model = LlamaCheckpoint.open(model_dir).load_planning_model("cpu")
-    g = torch.Generator().manual_seed(3)
-    toks = torch.randint(3, 512, (5, 48), generator=g)      # 5 windows: 3 + 2 on two ranks
-    st = layerwise_stats(model, toks, device="cpu", full_xtx=True, batch_size=2)
-    gs = gradient_stats(model, toks, device="cpu", batch_size=2, fisher_diag=True)
-    loss = heldout_loss(model, toks, device="cpu", batch_size=2)
-    if out is not None:
-        torch.save({"st": {k: (v.n_tokens, v.diag, v.mean_abs, v.max_abs, v.xtx) for k, v in st.items()},
-                    "gs": {k: (v.n_tokens, v.g2) for k, v in gs.items()}, "loss": loss}, out)
+STATS_SCRIPT = """
+import os, sys, torch
+from wqedge.calib import gradient_stats, heldout_loss, layerwise_stats
+from wqedge.checkpoint import LlamaCheckpoint
+model_dir, out = sys.argv[1], sys.argv[2]
+if "RANK" in os.environ:                                  # under torchrun: gloo, CPU processes
+    torch.distributed.init_process_group("gloo")
+torch.manual_seed(0)
+model = LlamaCheckpoint.open(model_dir).load_planning_model("cpu")
+g = torch.Generator().manual_seed(3)
+toks = torch.randint(3, 512, (5, 48), generator=g)      # 5 windows: 3 + 2 on two ranks
+st = layerwise_stats(model, toks, device="cpu", full_xtx=True, batch_size=2)
+gs = gradient_stats(model, toks, device="cpu", batch_size=2, fisher_diag=True)
+loss = heldout_loss(model, toks, device="cpu", batch_size=2)
+if int(os.environ.get("RANK", "0")) == 0:
+    torch.save({"st": {k: (v.n_tokens, v.diag, v.mean_abs, v.max_abs, v.xtx) for k, v in st.items()},
+                "gs": {k: (v.n_tokens, v.g2) for k, v in gs.items()}, "loss": loss}, out)
+if "RANK" in os.environ:
+    torch.distributed.destroy_process_group()
+"""
 
 
 def test_reduced_statistics_equal_one_process(model_dir, tmp_path):
-    """layerwise_stats, gradient_stats and heldout_loss with the windows split over 2 gloo ranks: the token counts
-    exactly, max |x| exactly, the sums (E[x²], E|x|, squared gradients, loss) within rtol 1e-6 of one process, XᵀX
-    within 1e-6 of its largest entry (its products are fp32 per batch, and the batches differ)."""
-    _stats(str(model_dir), str(tmp_path / "one.pt"))
-    torch.multiprocessing.spawn(_sharded_stats, args=(2, str(tmp_path / "init"), str(model_dir), str(tmp_path / "two.pt")),
-                                nprocs=2, join=True)
+    """layerwise_stats, gradient_stats and heldout_loss with the windows split over 2 gloo ranks (torchrun): the token
+    counts exactly, max |x| exactly, the sums (E[x²], E|x|, squared gradients, loss) within rtol 1e-6 of one process,
+    XᵀX within 1e-6 of its largest entry (its products are fp32 per batch, and the batches differ)."""
+    script = tmp_path / "stats.py"
+    script.write_text(STATS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")   # the same threads as torchrun gives each rank
+    for pre, out in (([sys.executable], "one.pt"),
+                     ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"], "two.pt")):
+        r = subprocess.run(pre + [str(script), str(model_dir), str(tmp_path / out)], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
+        assert r.returncode == 0, r.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt", weights_only=False), torch.load(tmp_path / "two.pt", weights_only=False)
     assert sorted(one["st"]) == sorted(two["st"]) and sorted(one["gs"]) == sorted(two["gs"])
     for k, (n1, *a) in one["st"].items():
