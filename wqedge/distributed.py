@@ -138,13 +138,6 @@ def merge_dicts(d: dict) -> dict:
     return out
 
 
-def local_device(device=None):
-    """The device this rank plans on: cuda:LOCAL_RANK under a NCCL session, else `device` as given."""
-    if active() and torch.distributed.get_backend() == "nccl" and (device is None or str(device).startswith("cuda")):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
-
-
 def writer_alone() -> bool:
     """After the last collective step: rank 0 goes on alone (writing, checking the written file: every statistic
     from here on is its own, windows unsharded) while the others wait at the end of the session. Returns whether
