@@ -35,8 +35,8 @@ onnx = pytest.importorskip("onnx")
 
 from wqedge.checkpoint import LlamaCheckpoint
 from wqedge.plan import Plan
-from wqedge.rotation import RotatedCheckpoint, build_transform, rotation_config, smooth_scales, to_stored
-from wqedge.units import chunk_bounds
+from wqedge.rotation import RotatedCheckpoint, to_stored
+from rotated_tiny import synthetic_transforms, uniform_plan  # noqa: E402
 
 ENGINE = pytest.mark.engine("onnxruntime")   # run in a child pytest (tests/engine_isolation.py)
 SHAPE = dict(hidden=160, n_layers=2, n_heads=4, n_kv_heads=2, intermediate=96)
@@ -52,36 +52,13 @@ def ckpt(tiny_model_factory):
     return LlamaCheckpoint.open(tiny_model_factory(**SHAPE))
 
 
-def _acts(d: int, seed: int, n: int = 256) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    x[:, torch.randperm(d, generator=g)[:3]] *= 30
-    return x
-
-
 @pytest.fixture(scope="module")
 def transforms(ckpt):
-    """{(layer, group): Transform}; layer 1's gate/up group smoothed (the Div path)."""
-    s = ckpt.spec
-    widths = (s.hidden_size, s.n_heads * s.head_dim, s.hidden_size, s.intermediate_size)
-    out = {}
-    for li in range(s.n_layers):
-        for gi, d in enumerate(widths):
-            x = _acts(d, 10 * li + gi)
-            sm = None
-            if (li, gi) == (1, 2):
-                w = [ckpt.linear_weight(f"model.layers.1.mlp.{p}_proj.weight") for p in ("gate", "up")]
-                sm = smooth_scales(x.abs().amax(0), w)
-            out[(li, gi)] = build_transform(x, seed=li * 16 + gi, smooth=sm)
-    return out
+    return synthetic_transforms(ckpt)
 
 
 def _plan(ckpt, action="q4", act_bits=8, rotated=True) -> Plan:
-    acts = {lin.hf_name: [action] * len(chunk_bounds(lin.in_features, GROUP)) for lin in ckpt.spec.linears()}
-    plan = Plan.from_actions(ckpt.spec.linears(), GROUP, 16.0, "uniform", acts, model_fingerprint=ckpt.fingerprint())
-    plan.budget_bits = plan.effective_bits()
-    plan.rotation, plan.act_bits = (rotation_config() if rotated else None), act_bits
-    return plan.validate()
+    return uniform_plan(ckpt, GROUP, action, act_bits, rotated)
 
 
 @pytest.fixture(scope="module")

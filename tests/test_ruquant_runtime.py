@@ -27,8 +27,10 @@ import torch
 
 from wqedge.checkpoint import LlamaCheckpoint
 from wqedge.plan import Plan, PlanError
-from wqedge.rotation import RotatedCheckpoint, build_transform, smooth_scales, to_stored
-from wqedge.units import chunk_bounds
+from wqedge.rotation import RotatedCheckpoint, to_stored
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rotated_tiny import synthetic_transforms, uniform_plan  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -46,39 +48,13 @@ def ckpt(tiny_model_factory):
     return LlamaCheckpoint.open(tiny_model_factory(**SHAPE))
 
 
-def _acts(d: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(256, d, generator=g)
-    x[:, torch.randperm(d, generator=g)[:3]] *= 30
-    return x
-
-
 @pytest.fixture(scope="module")
 def transforms(ckpt):
-    """{(layer, group): Transform}; layer 1's gate/up group smoothed (the optional divisor path)."""
-    s = ckpt.spec
-    widths = (s.hidden_size, s.n_heads * s.head_dim, s.hidden_size, s.intermediate_size)
-    out = {}
-    for li in range(s.n_layers):
-        for gi, d in enumerate(widths):
-            x = _acts(d, 10 * li + gi)
-            sm = None
-            if (li, gi) == (1, 2):
-                w = [ckpt.linear_weight(f"model.layers.1.mlp.{p}_proj.weight") for p in ("gate", "up")]
-                sm = smooth_scales(x.abs().amax(0), w)
-            out[(li, gi)] = build_transform(x, seed=li * 16 + gi, smooth=sm)
-    return out
+    return synthetic_transforms(ckpt)
 
 
 def _plan(ckpt, action="fp16", act_bits=8, rotated=True) -> Plan:
-    acts = {lin.hf_name: [action] * len(chunk_bounds(lin.in_features, GROUP)) for lin in ckpt.spec.linears()}
-    plan = Plan.from_actions(ckpt.spec.linears(), GROUP, 16.0, "uniform", acts, model_fingerprint=ckpt.fingerprint())
-    plan.budget_bits = plan.effective_bits()
-    if rotated:
-        from wqedge.rotation import rotation_config
-        plan.rotation = rotation_config()
-    plan.act_bits = act_bits
-    return plan.validate()
+    return uniform_plan(ckpt, GROUP, action, act_bits, rotated)
 
 
 def _write(ckpt, transforms, path, action="fp16", act_bits=8):
