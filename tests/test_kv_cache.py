@@ -297,7 +297,8 @@ def test_quantization_error_within_bound_of_float_cache(files):
 def test_rotated_file_with_kv_cache(native_lib, tiny_model_factory, tmp_path, act_bits, tol):
     """--rotate / --act-bits together with a 4-bit KV cache: a version 2 file carries the key too, and the runtime
     matches the reference (A4: test_ruquant_runtime's tolerance, activation codes flip at grid boundaries too)."""
-    from test_ruquant_runtime import SHAPE, _acts, _plan as rotated_plan
+    from rotated_tiny import outlier_acts
+    from test_ruquant_runtime import SHAPE, _plan as rotated_plan
 
     from wqedge.quantize import convert_to_gguf
     from wqedge.rotation import RotatedCheckpoint, build_transform, to_stored
@@ -305,7 +306,7 @@ def test_rotated_file_with_kv_cache(native_lib, tiny_model_factory, tmp_path, ac
     ckpt = LlamaCheckpoint.open(tiny_model_factory(**SHAPE))
     s = ckpt.spec
     widths = (s.hidden_size, s.n_heads * s.head_dim, s.hidden_size, s.intermediate_size)
-    transforms = {(li, gi): build_transform(_acts(d, 10 * li + gi), seed=li * 16 + gi)
+    transforms = {(li, gi): build_transform(outlier_acts(d, 10 * li + gi), seed=li * 16 + gi)
                   for li in range(s.n_layers) for gi, d in enumerate(widths)}
     plan = rotated_plan(ckpt, "q8", act_bits)
     plan.kv_cache = KVCacheSpec(4).to_plan()
