@@ -151,6 +151,7 @@ def main() -> None:
     calib = a.calib or str(Path(os.environ.get("WQEDGE_FIXTURES", ROOT.parent / "shared" / "fixtures")) / "text" / "calib.txt")
     if not Path(calib).is_file():
         raise SystemExit(f"calibration text {calib} not found (--calib FILE)")
+    calib = str(Path(calib).resolve())    # each conversion runs in its output folder
     extra = ["--device", a.device] if a.device else []
     if a.feedback_windows:
         extra += ["--feedback-windows", str(a.feedback_windows)]
