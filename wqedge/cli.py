@@ -267,23 +267,6 @@ def plan_options(f):
     return f
 
 
-def _distributed_refusal(kw: dict) -> str | None:
-    """Why --distributed cannot run these options (None: it can). It shards sums over calibration windows
-    (wqedge.distributed); what trains or collects per-window samples does not shard that way yet."""
-    if not kw.get("calib"):
-        return "--distributed splits the calibration windows of --calib FILE over the processes: give --calib"
-    for opt, why in (("rotate", "RUQuant's transforms are built from activation samples"),
-                     ("distill", "light distillation trains on the windows"),
-                     ("prune", "pruning's structure damage is measured on the whole model")):
-        if kw.get(opt) not in (None, (), 0):
-            return f"--{opt.replace('_', '-')} does not run with --distributed yet: {why}"
-    if kw.get("allocator") == "rl":
-        return "--allocator rl does not run with --distributed yet (greedy and uniform do)"
-    if kw.get("target", "gguf") != "gguf":
-        return f"--distributed writes our GGUF (--target gguf), not {kw['target']} yet"
-    return None
-
-
 def distributed_option(f):
     """--distributed: run the command in the torch.distributed process group torchrun describes; every rank plans,
     rank 0 alone writes (wqedge.distributed)."""
@@ -293,14 +276,13 @@ def distributed_option(f):
                   help="Plan with several processes under torchrun (`torchrun --nproc-per-node N -m wqedge "
                        "plan ... --distributed`; NCCL on GPUs, else gloo on CPU processes): the calibration windows "
                        "are split over the processes and the statistics summed, so every process holds those of "
-                       "all windows and makes the same plan; only rank 0 writes files. Needs --calib.")
+                       "all windows and makes the same plan; what does not split over windows (self-calibration, "
+                       "--allocator rl, --prune, --rotate, --distill, the ONNX and llama.cpp exports) runs on rank 0 "
+                       "alone and is handed to the others; only rank 0 writes files (docs/distributed.md).")
     @functools.wraps(f)
     def run(*args, distributed_run=False, **kw):
         if not distributed_run:
             return f(*args, **kw)
-        why = _distributed_refusal(kw)
-        if why:
-            _fail(why)
         from . import distributed
         try:
             with distributed.session():
@@ -399,8 +381,10 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     if calib_text is None and self_calib:
         from .calib import default_device
         from .calib_source import resolve_calibration
-        try:   # the model samples where it is planned (a GPU when there is one)
-            calib_text, source = resolve_calibration(ckpt, None, True, say=click.echo, device=default_device(device))
+        from . import distributed
+        try:   # the model samples where it is planned (a GPU when there is one); --distributed: rank 0 samples
+            calib_text, source = distributed.on_writer(resolve_calibration, ckpt, None, True, say=click.echo,
+                                                       device=default_device(device))
         except ValueError as e:
             _fail(f"self-calibration failed: {e}; give --calib FILE or --no-self-calib")
         if feedback is None:
@@ -455,6 +439,8 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     finally:
         for bar in bars:
             bar.close()
+    if "rank" in res.details:     # --distributed: another rank than 0, which wrote nothing
+        return
     if target == "onnx":
         info = res.details["onnx"]
         how = f"lowering {onnx_lowering}" if onnx_variant == "portable" else "native: needs libwqedge_ort"

@@ -11,8 +11,12 @@ session every function here is the identity, so single-process planning is uncha
 
 The damage table and the error-feedback fits are split by owner (`owners`: each linear, or group of linears sharing
 an input, computed by one rank, balanced by cost) and shared (`reduce_sum_` of rows only the owner filled,
-`broadcast_object` of fitted chunks), which gives every rank the very values one process computes. Not done yet:
-resuming from per-layer checkpoints after a failure.
+`broadcast_object` of fitted chunks), which gives every rank the very values one process computes. Steps that do not
+split into sums over windows — they sample (self-calibration), search with measured losses (PPO, the joint pruning
+search), build from activation samples (RUQuant's transforms) — run on rank 0 alone over all windows and hand their
+result to every rank (`on_writer`), so they give what one process gives; light distillation and the exports run on
+rank 0 after the last collective (`writer_alone`). Per-layer checkpoints of the statistics and fits, for resuming a
+failed job, are wqedge.resume's.
 """
 from __future__ import annotations
 
@@ -135,6 +139,36 @@ def merge_dicts(d: dict) -> dict:
     out = {}
     for part in parts:
         out.update(part)
+    return out
+
+
+class _Failed:
+    """What `on_writer` hands the other ranks when rank 0's step raised: its error, raised again on every rank."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def on_writer(fn, *args, **kw):
+    """fn(*args, **kw) computed by rank 0 alone — its own collectives off, so it sees every calibration window as one
+    process does — and handed to every rank (`broadcast_object`); the other ranks wait for it. For the planning steps
+    that do not split into sums over windows. Outside a session: fn(*args, **kw). An error of rank 0's step is raised
+    on every rank (so none waits for a collective that will not come)."""
+    global _ALONE
+    if not active() or world() == 1:
+        return fn(*args, **kw)
+    out = None
+    if rank() == 0:
+        _ALONE = True
+        try:
+            out = fn(*args, **kw)
+        except Exception as e:      # noqa: BLE001 (handed over, raised again below on every rank)
+            out = _Failed(e)
+        finally:
+            _ALONE = False
+    out = broadcast_object(out, 0)
+    if isinstance(out, _Failed):
+        raise out.error
     return out
 
 

@@ -243,6 +243,9 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
         fits = Fits(mode, stats=stats if mode == "stats" else None)
     if not steps:
         return fits
+    from . import distributed
+    if not distributed.writer_alone():   # --distributed: rank 0 distils alone, on all windows; the others write nothing
+        return fits
     from .quant.distill import distill_checkpoint
     from .quantize import quantize_linears
     fitted = fits.fitted or {lin.hf_name: ch for lin, ch in quantize_linears(ckpt, plan, fits.stats, device)}
@@ -291,7 +294,8 @@ def rotation_build(ckpt, config: dict, calib_text: str | None, device=None, say:
         t0 = time.time()
         _TRANSFORMS.clear()
         _BUILDS.clear()
-        build = build_rotation(ckpt, calib_text, config, progress=say)
+        from . import distributed     # --distributed: built on rank 0 from all windows, handed to every rank
+        build = distributed.on_writer(build_rotation, ckpt, calib_text, config, progress=say)
         _TRANSFORMS[key], _BUILDS[key] = build.transforms, build
         say(f"RUQuant: transforms built in {time.time() - t0:.1f} s (stage 1 {build.stage1_seconds:.1f} s"
             + (f", stage 2 {build.stage2_seconds:.1f} s: mean output error "
@@ -370,13 +374,15 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
     _check_rotated(plan, target, distill)
     head = head_kind(target, head, say)
     ckpt, transforms = rotated(ckpt, plan.rotation, calib_text, device, say)
+    from . import distributed
     if target == "llamacpp":
         if distill_steps(plan, distill):
             raise ConvertError("--distill tunes our block formats; --target llamacpp quantizes with llama.cpp's own")
+        if not distributed.writer_alone():   # --distributed: the plan is every rank's; rank 0 alone exports
+            return Written(target, output, None, {"rank": distributed.rank()})
         return _convert_llamacpp(ckpt, plan, output, calib_text, device)
     gguf_out = output if target == "gguf" else output.with_suffix(".gguf")
     fits = prepare_fits(ckpt, plan, calib_text, feedback, device, None, say, distill, stream_layers)
-    from . import distributed
     if not distributed.writer_alone():   # --distributed: the fits are every rank's; rank 0 alone writes
         return Written(target, output, None, {"rank": distributed.rank()})
     from .quantize import convert_to_gguf

@@ -210,9 +210,13 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
     if allocator == "greedy" and prune:
         from ..structure_damage import structure_damage
         from .joint import joint_allocate
-        sd = structure_damage(ctx.model, ctx.calib.train[: ctx.opts["n_grad_seqs"]], prune_group, device=ctx.device,
-                              batch_size=4 if ctx.device.type == "cuda" else 2)
-        res = joint_allocate(ckpt, table, ctx, budget_bits, sd, tuple(prune), max_prune, say=say)
+        from .. import distributed
+
+        def joint_search():
+            sd = structure_damage(ctx.model, ctx.calib.train[: ctx.opts["n_grad_seqs"]], prune_group,
+                                  device=ctx.device, batch_size=4 if ctx.device.type == "cuda" else 2)
+            return joint_allocate(ckpt, table, ctx, budget_bits, sd, tuple(prune), max_prune, say=say)
+        res = distributed.on_writer(joint_search)   # --distributed: measured on rank 0, over all windows
         table, choice, pruning = res.table, res.choice, res.pruning
         meta["pruning"] = {"kinds": list(prune), "max_prune": max_prune, "ffn_group_size": prune_group,
                            "search": res.trials}
@@ -225,7 +229,8 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         cfg.seed = seed
         if table.actions != ALLOCATOR_ACTIONS:      # the policy's action space is the offered base actions
             table = table.restrict(ALLOCATOR_ACTIONS)
-        choice, info = ppo_allocate(table, budget_bits, cfg, ctx=ctx, progress=say)
+        from .. import distributed       # --distributed: the search and its measured losses on rank 0
+        choice, info = distributed.on_writer(ppo_allocate, table, budget_bits, cfg, ctx=ctx, progress=say)
         meta["ppo"] = info
     t2 = time.time()
     # the joint search's prediction also counts the pruned structures' damage
