@@ -131,6 +131,29 @@ def project(row: dict, measured: str, target: str, device: str = "cpu") -> tuple
     return fixed + fit * r, fixed + fit * gptq_work(t) / gptq_work(m)
 
 
+FEEDBACK_GROUPS = 4   # linear groups per decoder layer that error feedback fits in parallel (q/k/v, o, gate/up, down)
+
+
+def project_processes(row: dict, measured: str, target: str, nproc: int, device: str = "cpu") -> tuple[float, float]:
+    """(low, high) seconds for `target` planned by `nproc` processes (--distributed, one GPU or core set each),
+    from a one-process row: `project`'s per-stage scaling, then the split stages divided by the processes that
+    share them — input statistics, gradients and the damage table by nproc (windows and linears split), error
+    feedback by min(nproc, FEEDBACK_GROUPS) (one owner per linear group of a layer) — and the rest of the run
+    (tokenizing, loading, planning, writing: total minus the stages) unchanged. An ideal split: collectives and
+    imbalance are not counted (measured on 2 CPU processes: 1.2-1.35x for the split stages, see plan_distributed.md)."""
+    m, t = SHAPES[measured], SHAPES[target]
+    r = linear_weights(t) / linear_weights(m)
+    stages = sum(row.get(k, 0) for k in ("inputs", "gradients", "damage table", "fitting"))
+    rest = max(row.get("total", 0) - stages, 0) * r                  # loading and writing grow with the model
+    split = ((row.get("inputs", 0) + row.get("gradients", 0)) * r
+             + row.get("damage table", 0) * chunks(t) / chunks(m)) / nproc
+    fit = row.get("fitting", 0)
+    lo_fit, hi_fit = (fit * column_steps(t) / column_steps(m), fit * r) if device == "cuda" else \
+        (fit * r, fit * gptq_work(t) / gptq_work(m))
+    k = min(nproc, FEEDBACK_GROUPS)
+    return rest + split + lo_fit / k, rest + split + hi_fit / k
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="llama-s,smollm-135m")
@@ -220,6 +243,15 @@ def main() -> None:
     for t in [n for n in SHAPES if linear_weights(SHAPES[n]) > big["weights"]]:
         lo, hi = project(big, big["name"], t, "cuda" if (a.device or "").startswith("cuda") else "cpu")
         lines.append(f"| {t} | {linear_weights(SHAPES[t]) / 1e9:.1f} B | {lo:.0f} – {hi:.0f} |")
+    dev = "cuda" if (a.device or "").startswith("cuda") else "cpu"
+    counts = (1, 2, 4, 8)
+    lines += ["", f"Projection per process count under --distributed (`project_processes`: statistics, gradients and "
+              f"damage table / N, error feedback / min(N, {FEEDBACK_GROUPS}), the rest unchanged; an ideal split):", "",
+              "| shape | " + " | ".join(f"{n} process{'es' if n > 1 else ''} s" for n in counts) + " |",
+              "|---" * (len(counts) + 1) + "|"]
+    for t in [n for n in SHAPES if linear_weights(SHAPES[n]) >= big["weights"]]:
+        cells = [project_processes(big, big["name"], t, n, dev) for n in counts]
+        lines.append(f"| {t} | " + " | ".join(f"{lo:.0f} – {hi:.0f}" for lo, hi in cells) + " |")
     out = "\n".join(lines) + "\n"
     print(out)
     if a.out:

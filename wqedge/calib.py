@@ -280,7 +280,8 @@ def _rotary(model, hidden: torch.Tensor):
 @torch.no_grad()
 def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 4, full_xtx: bool | int = True,
                     on_layer: Callable[[int, torch.nn.Module, dict[str, InputStats]], bool | None] | None = None,
-                    progress: Callable[[str], None] | None = None, keep: bool = True) -> dict[str, InputStats]:
+                    progress: Callable[[str], None] | None = None, keep: bool = True,
+                    checkpoints=None) -> dict[str, InputStats]:
     """Input statistics of every decoder linear, gathered one decoder layer at a time.
 
     `model` is a transformers LlamaForCausalLM (any dtype, on the CPU, or already on a CUDA `device`: then the
@@ -292,6 +293,8 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
     full_xtx: True gathers XᵀX, an int G only its diagonal G x G blocks (InputStats.xtx_block), False neither.
     keep: False drops each layer's statistics once on_layer has used them (error feedback: a 1.1B model's full XᵀX
     of every layer would be 7.7 GB) and returns {}.
+    checkpoints: a wqedge.resume.StatsCheckpoints: each layer's statistics are saved there (`inputs-L`) and, when
+    present, loaded instead of gathered (the layer still runs to feed the next, unless no later layer needs it).
     """
     dev = default_device(device)
     tokens = distributed.shard(torch.as_tensor(tokens, dtype=torch.long))   # this rank's windows (all, alone)
@@ -310,13 +313,19 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
     pos_emb = tuple(p.to(cdtype) for p in pos_emb)
     out: dict[str, InputStats] = {}
     layers = model.model.layers
+    ck = checkpoints
     for li, layer in enumerate(layers):
+        if ck is not None and on_layer is None and all(ck.has(f"inputs-{j}") for j in range(li, len(layers))):
+            for j in range(li, len(layers)):     # the rest is saved: no layer needs to run any more
+                out.update(ck.load(f"inputs-{j}"))
+            break
+        saved = ck is not None and ck.has(f"inputs-{li}")
         orig_dev = next(layer.parameters()).device
         orig_dtype = next(layer.parameters()).dtype
         layer.to(dev, cdtype)
         accs = {}
         hooks = []
-        for group in INPUT_GROUPS:
+        for group in (() if saved else INPUT_GROUPS):
             mod = layer.get_submodule(group[0])
             acc = _Accumulator(mod.in_features, full_xtx, dev)
             for name in group:
@@ -334,6 +343,10 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
             if id(acc) not in results:
                 results[id(acc)] = acc.result()
             out[name] = results[id(acc)]
+        if saved:
+            out.update(ck.load(f"inputs-{li}"))
+        elif ck is not None:
+            ck.save(f"inputs-{li}", {k: v for k, v in out.items() if k.startswith(f"model.layers.{li}.")})
         changed = False
         if on_layer is not None:
             changed = bool(on_layer(li, layer, {k: v for k, v in out.items() if k.startswith(f"model.layers.{li}.")}))

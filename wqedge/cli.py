@@ -128,13 +128,14 @@ def _parse_prune(ctx, param, value):
 
 
 def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None, rotate=None,
-               act_bits=8, prune=(), max_prune=0.3, stream_layers=None, rotate_stage2=None):
+               act_bits=8, prune=(), max_prune=0.3, stream_layers=None, rotate_stage2=None, resume_dir=None):
     from .pipeline import make_plan
     from .plan import PlanError
     try:
         plan = make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect, preset,
                          rotate=rotate is not None, act_bits=act_bits, prune=prune,
-                         max_prune=max_prune, stream_layers=stream_layers, rotate_stage2=rotate_stage2 or 0)
+                         max_prune=max_prune, stream_layers=stream_layers, rotate_stage2=rotate_stage2 or 0,
+                         resume_dir=resume_dir)
     except PlanError as e:
         _fail(str(e))
     if plan.allocator == "uniform":
@@ -228,6 +229,11 @@ _common_plan_options = [
                       "file. Default: on when the checkpoint's 16-bit copy would take more than 40% of the "
                       "planning device's memory (free GPU memory on CUDA, available RAM on the CPU). Not with "
                       "--prune, --allocator rl, --rotate or --distill, which hold the whole model."),
+    click.option("--resume-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                 help="Keep checkpoints of the planning statistics in DIR (each decoder layer's input statistics, "
+                      "the gradients, the damage table; written as computed) and, when a job with the same model, "
+                      "text and options left some there, load them instead of recomputing: a failed or killed "
+                      "plan/convert resumes. Under --distributed a folder every process reads (docs/distributed.md)."),
     click.option("--act-bits", type=click.Choice(["8", "6", "4"]), default="8", show_default=True,
                  callback=lambda c, p, v: int(v),
                  help="Activation bits of the runtime's linears (per token, asymmetric at 6 and 4; 8 is the "
@@ -350,7 +356,7 @@ def torch_dist_error():
                    f"--target gguf only.")
 @distributed_option
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
-            rotate_stage2, prune, max_prune, feedback_windows, stream_layers, act_bits, plan_path,
+            rotate_stage2, prune, max_prune, feedback_windows, stream_layers, resume_dir, act_bits, plan_path,
             save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, kv_bits, kv_rotation, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
@@ -396,7 +402,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
             _fail(str(e))
     else:
         plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate,
-                          act_bits, prune, max_prune, stream_layers, rotate_stage2)
+                          act_bits, prune, max_prune, stream_layers, rotate_stage2, resume_dir)
     if feedback_windows is not None:
         pipeline.set_feedback_windows(plan, feedback_windows)
     kv = _kv_cache_spec(kv_bits, kv_rotation)
@@ -480,7 +486,8 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, recorded beside it.")
 @distributed_option
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
-         rotate_stage2, prune, max_prune, feedback_windows, stream_layers, act_bits, kv_bits, kv_rotation):
+         rotate_stage2, prune, max_prune, feedback_windows, stream_layers, resume_dir, act_bits, kv_bits,
+         kv_rotation):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
 
@@ -492,7 +499,7 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
     ckpt = _open_checkpoint(model_dir)
     calib_text = _read_calib(calib) if calib else None
     p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate, act_bits,
-                   prune, max_prune, stream_layers, rotate_stage2)
+                   prune, max_prune, stream_layers, rotate_stage2, resume_dir)
     if kv is not None:
         p.kv_cache = kv.to_plan()
     if feedback_windows is not None:

@@ -52,7 +52,7 @@ def grad_windows(device) -> int:
 # stream_layers None: wqedge.stream.wants_streaming decides (True when the model does not fit the device)
 DEFAULTS = dict(n_seqs=32, seqlen=512, n_heldout=4, n_grad_seqs=None, max_rows=256, damage="kfac",
                 feedback_damage=False, protect=(), actions=None,   # actions None: blocks.ALLOCATOR_ACTIONS
-                stream_layers=None)
+                stream_layers=None, resume_dir=None)
 
 
 @dataclass
@@ -143,18 +143,33 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
         say(f"calibration: {cs.train.shape[0]} x {cs.seqlen} tokens (+{cs.heldout.shape[0]} held out) on {dev}")
     t = time.time()
     xtx = True if (full_xtx or o["feedback_damage"]) else group_size
-    st = layerwise_stats(model, cs.train, device=dev, full_xtx=xtx, progress=None)
+    ck = None
+    if o["resume_dir"] is not None:   # per-layer checkpoints of the statistics (wqedge.resume), keyed by their inputs
+        from ..resume import StatsCheckpoints, tokens_digest
+        key = {"model": ckpt.fingerprint(), "windows": tokens_digest(cs.train), "xtx": xtx, "group": group_size,
+               **{k: o[k] for k in ("n_grad_seqs", "max_rows", "damage", "feedback_damage", "protect")},
+               "actions": list(actions)}
+        ck = StatsCheckpoints(o["resume_dir"], key, say)
+    st = layerwise_stats(model, cs.train, device=dev, full_xtx=xtx, progress=None, checkpoints=ck)
     times["input_stats"] = time.time() - t
     t = time.time()
-    gs = gradient_stats(model, cs.train[: o["n_grad_seqs"]], device=dev, batch_size=4 if dev.type == "cuda" else 2)
+
+    def grads():
+        return gradient_stats(model, cs.train[: o["n_grad_seqs"]], device=dev, batch_size=4 if dev.type == "cuda" else 2)
+    gs = ck.cached("gradients", grads) if ck is not None else grads()
     times["grad_stats"] = time.time() - t
     if say:
         say(f"statistics: inputs {times['input_stats']:.1f} s, gradients {times['grad_stats']:.1f} s")
     t = time.time()
-    table = build_damage_table(linears, ckpt.linear_weight, group_size, st, gs, kind=o["damage"], device=dev,
-                               max_rows=o["max_rows"], feedback=o["feedback_damage"], protect=tuple(o["protect"]),
-                               actions=actions, progress=_every(say))
+
+    def damage_table():
+        return build_damage_table(linears, ckpt.linear_weight, group_size, st, gs, kind=o["damage"], device=dev,
+                                  max_rows=o["max_rows"], feedback=o["feedback_damage"], protect=tuple(o["protect"]),
+                                  actions=actions, progress=_every(say))
+    table = ck.cached("table", damage_table) if ck is not None else damage_table()
     times["table"] = time.time() - t
+    if ck is not None and ck.loaded and say:
+        say(f"resumed from checkpoints: {', '.join(ck.loaded)}")
     if say:
         say(f"damage table: {len(table.units)} units x {len(table.actions)} actions in {times['table']:.1f} s")
     ctx.calib, ctx.input_stats, ctx.grad_stats = cs, st, gs
