@@ -1,7 +1,7 @@
-"""Resuming a killed planning job from its per-layer checkpoints of the statistics (`--resume-dir`, wqedge.resume,
-issue 18): one process and 2 gloo processes under torchrun are killed after their first checkpoint files
-(WQEDGE_RESUME_FAULT_AFTER), leave no plan, and a rerun loads what was saved, computes the rest and makes the plan
-of an uninterrupted run; other inputs get another checkpoint folder."""
+"""Resuming a killed job from its per-layer checkpoints (`--resume-dir`, wqedge.resume, issue 18): plans and
+conversions of one process and of 2 gloo processes under torchrun are killed after their first checkpoint files
+(WQEDGE_RESUME_FAULT_AFTER), leave no output, and a rerun loads what was saved, computes the rest and gives the plan
+or file of an uninterrupted run; other inputs get another checkpoint folder."""
 from __future__ import annotations
 
 import json
@@ -86,3 +86,48 @@ def test_other_inputs_get_another_folder(model_dir, calib_file, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         assert "resumed" not in r.stdout + r.stderr
     assert len(list(ck.iterdir())) == 3
+
+
+def _convert(model_dir, calib_file, plan: Path, out: Path, nproc: int, *extra, fault_after: int | None = None):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WQEDGE_RESUME_FAULT_AFTER")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    if fault_after is not None:
+        env["WQEDGE_RESUME_FAULT_AFTER"] = str(fault_after)
+    pre = [sys.executable, "-m", "wqedge"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "wqedge"]
+    args = ["convert", model_dir, "--plan", plan, "--calib", calib_file, "--device", "cpu", "--no-check", "-o", out,
+            *extra] + (["--distributed"] if nproc > 1 else [])
+    return subprocess.run(pre + [str(a) for a in args], cwd=out.parent, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_killed_conversion_resumes_error_feedback(model_dir, calib_file, tmp_path, nproc):
+    """convert --resume-dir saves each layer's error-feedback fits; killed after layer 0's, it leaves no file, and the
+    rerun loads layer 0, fits layer 1 on inputs that went through the loaded layer, and writes the file of an
+    uninterrupted conversion: the same bytes with one process, the same decoder weights with two (a rounding may
+    flip in a reduced statistic's fit: at most 0.1% of values, as in test_distributed)."""
+    plan = tmp_path / "plan.json"
+    r = _plan(model_dir, calib_file, plan, 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref, out, ck = tmp_path / "ref.gguf", tmp_path / "model.gguf", tmp_path / "ck"
+    r = _convert(model_dir, calib_file, plan, ref, nproc)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _convert(model_dir, calib_file, plan, out, nproc, "--resume-dir", ck, fault_after=1)
+    assert r.returncode != 0 and not out.exists()
+    (folder,) = ck.iterdir()
+    assert sorted(p.stem for p in folder.glob("*.pt")) == ["fits-0"]
+    r = _convert(model_dir, calib_file, plan, out, nproc, "--resume-dir", ck)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "layer 1/2 loaded from its checkpoint" in r.stdout + r.stderr
+    assert "layer 2/2 fitted" in r.stdout + r.stderr
+    if nproc == 1:
+        assert out.read_bytes() == ref.read_bytes()
+    else:
+        from wqedge.runtime.gguf_reader import WqGGUF
+        a, b = WqGGUF(ref), WqGGUF(out)
+        assert a.linear_names() == b.linear_names()
+        differ = sum(int((a.dequantize_linear(n) != b.dequantize_linear(n)).sum()) for n in a.linear_names())
+        total = sum(a.dequantize_linear(n).size for n in a.linear_names())
+        assert differ <= 1e-3 * total, f"{differ} of {total}"

@@ -281,7 +281,7 @@ def _rotary(model, hidden: torch.Tensor):
 def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 4, full_xtx: bool | int = True,
                     on_layer: Callable[[int, torch.nn.Module, dict[str, InputStats]], bool | None] | None = None,
                     progress: Callable[[str], None] | None = None, keep: bool = True,
-                    checkpoints=None) -> dict[str, InputStats]:
+                    checkpoints=None, skip: Callable[[int], bool] | None = None) -> dict[str, InputStats]:
     """Input statistics of every decoder linear, gathered one decoder layer at a time.
 
     `model` is a transformers LlamaForCausalLM (any dtype, on the CPU, or already on a CUDA `device`: then the
@@ -295,6 +295,8 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
     of every layer would be 7.7 GB) and returns {}.
     checkpoints: a wqedge.resume.StatsCheckpoints: each layer's statistics are saved there (`inputs-L`) and, when
     present, loaded instead of gathered (the layer still runs to feed the next, unless no later layer needs it).
+    skip(l) True: layer l gathers nothing and is not run before on_layer(l, layer, {}), which must set its weights
+    (error feedback resumed from saved fits); its outputs are then computed once.
     """
     dev = default_device(device)
     tokens = distributed.shard(torch.as_tensor(tokens, dtype=torch.long))   # this rank's windows (all, alone)
@@ -320,12 +322,13 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
                 out.update(ck.load(f"inputs-{j}"))
             break
         saved = ck is not None and ck.has(f"inputs-{li}")
+        skipped = skip is not None and bool(skip(li))
         orig_dev = next(layer.parameters()).device
         orig_dtype = next(layer.parameters()).dtype
         layer.to(dev, cdtype)
         accs = {}
         hooks = []
-        for group in (() if saved else INPUT_GROUPS):
+        for group in (() if saved or skipped else INPUT_GROUPS):
             mod = layer.get_submodule(group[0])
             acc = _Accumulator(mod.in_features, full_xtx, dev)
             for name in group:
@@ -333,7 +336,7 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
             hooks.append(mod.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
         outs = []
         try:
-            for i in range(0, n, batch_size):
+            for i in range(0 if not skipped else n, n, batch_size):
                 outs.append(_layer_call(layer, hidden[i:i + batch_size].to(dev), pos_emb).to(home, cdtype))
         finally:
             for hk in hooks:
@@ -347,9 +350,10 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
             out.update(ck.load(f"inputs-{li}"))
         elif ck is not None:
             ck.save(f"inputs-{li}", {k: v for k, v in out.items() if k.startswith(f"model.layers.{li}.")})
-        changed = False
+        changed = skipped
         if on_layer is not None:
             changed = bool(on_layer(li, layer, {k: v for k, v in out.items() if k.startswith(f"model.layers.{li}.")}))
+            changed = changed or skipped
         if not keep:
             out.clear()
         del accs, results

@@ -230,10 +230,11 @@ _common_plan_options = [
                       "planning device's memory (free GPU memory on CUDA, available RAM on the CPU). Not with "
                       "--prune, --allocator rl, --rotate or --distill, which hold the whole model."),
     click.option("--resume-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-                 help="Keep checkpoints of the planning statistics in DIR (each decoder layer's input statistics, "
-                      "the gradients, the damage table; written as computed) and, when a job with the same model, "
-                      "text and options left some there, load them instead of recomputing: a failed or killed "
-                      "plan/convert resumes. Under --distributed a folder every process reads (docs/distributed.md)."),
+                 help="Keep checkpoints in DIR as they are computed — planning's statistics (each decoder layer's "
+                      "input statistics, the gradients, the damage table) and convert's error-feedback fits, one "
+                      "file per layer — and, when a job with the same model, text and options left some there, load "
+                      "them instead of recomputing: a failed or killed plan/convert resumes. Under --distributed a "
+                      "folder every process reads (docs/distributed.md)."),
     click.option("--act-bits", type=click.Choice(["8", "6", "4"]), default="8", show_default=True,
                  callback=lambda c, p, v: int(v),
                  help="Activation bits of the runtime's linears (per token, asymmetric at 6 and 4; 8 is the "
@@ -439,7 +440,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
         res = pipeline.convert(ckpt, plan, output, target, calib_text, feedback, device, say=click.echo,
                                progress=progress, on_gguf=written, onnx_variant=onnx_variant,
                                onnx_lowering=onnx_lowering, distill=distill, head=head,
-                               stream_layers=stream_layers)
+                               stream_layers=stream_layers, resume_dir=resume_dir)
     except pipeline.ConvertError as e:
         _fail(str(e))
     finally:

@@ -217,10 +217,11 @@ def set_feedback_windows(plan: Plan, n: int) -> None:
 
 def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None = None, device=None,
                  stats=None, say: Callable[[str], None] = _quiet, distill: int | None = None,
-                 stream_layers: bool | None = None) -> Fits:
+                 stream_layers: bool | None = None, resume_dir=None) -> Fits:
     """Run the calibration step `fit_mode` chooses, then light distillation when `distill_steps` says so.
     `stats`: diag(XᵀX) computed already (a cache). stream_layers: error feedback and statistics on the model read
-    one decoder layer at a time, fitted chunks kept on disk (wqedge.stream; None: when the model does not fit)."""
+    one decoder layer at a time, fitted chunks kept on disk (wqedge.stream; None: when the model does not fit);
+    resume_dir: error feedback keeps each layer's fits there and resumes from them (wqedge.resume)."""
     mode = fit_mode(plan, calib_text, feedback)
     steps = distill_steps(plan, distill)
     if steps and calib_text is None:
@@ -233,7 +234,7 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
         say(f"fitting chunks with error feedback on {windows} windows of the calibration text…")
         try:
             fitted = quantize_checkpoint(ckpt, plan, calib_text, device=device, n_seqs=windows, progress=say,
-                                         stream=stream_layers)
+                                         stream=stream_layers, resume_dir=resume_dir)
         except ValueError as e:
             raise ConvertError(str(e)) from e
         fits = Fits(mode, fitted=fitted)
@@ -362,9 +363,9 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
             progress: Callable[[str, int], Callable | None] | None = None,
             on_gguf: Callable[[Path], None] | None = None, onnx_variant: str = "portable",
             onnx_lowering: str = "compact", distill: int | None = None, head: str | None = None,
-            stream_layers: bool | None = None) -> Written:
+            stream_layers: bool | None = None, resume_dir=None) -> Written:
     """Lower `plan` of `ckpt` into the files of `target` (default names: `default_output`); head: how our GGUF
-    stores the output head (`head_kind`); stream_layers: see prepare_fits.
+    stores the output head (`head_kind`); stream_layers, resume_dir: see prepare_fits.
 
     progress(stage, total) -> a per-item callback (or None), for the stages "quantizing" and "lowering to
     ONNX"; on_gguf(path) runs once our GGUF is written (the CLI's report and quality check), before any
@@ -384,7 +385,7 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
             return Written(target, output, None, {"rank": distributed.rank()})
         return _convert_llamacpp(ckpt, plan, output, calib_text, device)
     gguf_out = output if target == "gguf" else output.with_suffix(".gguf")
-    fits = prepare_fits(ckpt, plan, calib_text, feedback, device, None, say, distill, stream_layers)
+    fits = prepare_fits(ckpt, plan, calib_text, feedback, device, None, say, distill, stream_layers, resume_dir)
     if not distributed.writer_alone():   # --distributed: the fits are every rank's; rank 0 alone writes
         return Written(target, output, None, {"rank": distributed.rank()})
     from .quantize import convert_to_gguf

@@ -50,14 +50,16 @@ def input_groups(stats: dict, plan, batch: bool = True) -> list[list[str]]:
 def quantize_model(model, plan, tokens: torch.Tensor, device=None, batch_size: int = 4, feedback: bool = True,
                    act_order: str | None = "chunk", damp: float = DAMP, refit: bool = True,
                    progress: Callable[[str], None] | None = None,
-                   batch_linears: bool = True, store=None) -> dict[str, list[ChunkData]]:
+                   batch_linears: bool = True, store=None, checkpoints=None) -> dict[str, list[ChunkData]]:
     """Quantize every decoder linear of an HF model in place by `plan`, layer by layer, with the quantized
     earlier layers in the loop. feedback=False fits each chunk alone (fit_chunk with diag(XᵀX), as
     wqedge.quantize does) but still on sequential statistics. batch_linears: the linears that share an input run
     one error-feedback column loop (`input_groups`; False: one loop per linear, the same result up to float
     summation order). Returns {hf_name: [ChunkData per chunk]}, in `store` when given (a mapping, e.g.
     wqedge.stream.ChunkSpill: each linear's chunks go there when fitted). `model` may be a
-    wqedge.stream.StreamedModel: each layer is then read from disk for its turn and dropped after it."""
+    wqedge.stream.StreamedModel: each layer is then read from disk for its turn and dropped after it.
+    checkpoints: a wqedge.resume.StatsCheckpoints keyed by this conversion's inputs: each layer's fitted chunks are
+    saved there (`fits-L`), and a layer found there is loaded instead of fitted (no statistics gathered for it)."""
     from ..calib import layerwise_stats
     from ..quant.fit import fit_chunk
 
@@ -83,7 +85,21 @@ def quantize_model(model, plan, tokens: torch.Tensor, device=None, batch_size: i
                  for (s, e), a, m, p in zip(chunk_bounds(t.in_features, plan.group_size), t.actions,
                                             t.methods, t.protected)] for w, t in zip(ws, ts)]
 
+    ck = checkpoints
+
+    def apply(layer, name, chunks):
+        mod = layer.get_submodule(name.split(".", 3)[3][: -len(".weight")])
+        result[name] = chunks
+        deq = plan.unprune_weight(name, dequantize(chunks).to(mod.weight.device), tuple(mod.weight.shape))
+        mod.weight.data.copy_(deq.to(mod.weight.dtype))
+
     def on_layer(li, layer, stats):
+        if ck is not None and ck.has(f"fits-{li}"):      # resumed: this layer was fitted by an earlier run
+            for name, chunks in ck.load(f"fits-{li}").items():
+                apply(layer, name, chunks)
+            if progress:
+                progress(f"error feedback: layer {li + 1}/{n_layers} loaded from its checkpoint")
+            return True
         groups = input_groups(stats, plan, batch_linears)
         # --distributed: each group fitted by its owner rank (every rank has the same statistics and weights, so the
         # same chunks as one process), then handed to all: each rank's model needs every quantized weight
@@ -91,31 +107,33 @@ def quantize_model(model, plan, tokens: torch.Tensor, device=None, batch_size: i
                                     for g in groups])
         fits = [fit_group(layer, stats, g) if owner is None or owner[k] == distributed.rank() else None
                 for k, g in enumerate(groups)]
+        layer_fits = {}
         for k, names in enumerate(groups):
             fitted = fits[k] if owner is None else distributed.broadcast_object(fits[k], owner[k])
-            mods = [layer.get_submodule(n.split(".", 3)[3][: -len(".weight")]) for n in names]
-            for name, mod, chunks in zip(names, mods, fitted):
-                result[name] = chunks
-                deq = plan.unprune_weight(name, dequantize(chunks).to(mod.weight.device), tuple(mod.weight.shape))
-                mod.weight.data.copy_(deq.to(mod.weight.dtype))
+            for name, chunks in zip(names, fitted):
+                apply(layer, name, chunks)
+                layer_fits[name] = chunks
+        if ck is not None:
+            ck.save(f"fits-{li}", layer_fits)
         if progress:
             progress(f"error feedback: layer {li + 1}/{n_layers} fitted ({time.time() - t0:.0f} s)")
         return True
 
     layerwise_stats(model, tokens, device=device, batch_size=batch_size, full_xtx=feedback, on_layer=on_layer,
-                    keep=False)
+                    keep=False, skip=None if ck is None else (lambda li: ck.has(f"fits-{li}")))
     return result
 
 
 def quantize_checkpoint(ckpt, plan, calib_text, device=None, n_seqs: int = FEEDBACK_SEQS, seqlen: int = 512,
                         act_order: str | None = "chunk", damp: float = DAMP, seed: int = 0,
                         progress: Callable[[str], None] | None = None,
-                        stream: bool | None = None) -> dict[str, list[ChunkData]]:
+                        stream: bool | None = None, resume_dir=None) -> dict[str, list[ChunkData]]:
     """Every decoder linear of `ckpt` quantized by `plan` with error feedback (the planner's recommended
     conversion): {hf_name: [ChunkData per chunk]}, ready for the GGUF writer, kept on disk (a wqedge.stream.ChunkSpill:
     a 1.1B model's codes alone are 1 GB as uint8) until the writer reads them one linear at a time. stream: read the
     model one layer at a time from its files instead of holding it whole; None = when the model does not fit the
-    device (wqedge.stream.wants_streaming)."""
+    device (wqedge.stream.wants_streaming). resume_dir: keep each layer's fitted chunks there and resume from them
+    (wqedge.resume; the key holds the plan, the windows and the fit settings)."""
     from transformers import AutoTokenizer
 
     from ..calib import calibration_tokens, default_device
@@ -126,5 +144,13 @@ def quantize_checkpoint(ckpt, plan, calib_text, device=None, n_seqs: int = FEEDB
     model = planning_model(ckpt, default_device(device), stream)
     if isinstance(model, StreamedModel) and progress:
         progress("error feedback: streaming decoder layers from the checkpoint's files")
+    ck = None
+    if resume_dir is not None:
+        from ..resume import StatsCheckpoints, tokens_digest
+        what = {k: v for k, v in plan.to_dict().items() if k != "meta"}
+        ck = StatsCheckpoints(resume_dir, {"stage": "error feedback", "model": ckpt.fingerprint(),
+                                           "windows": tokens_digest(cs.train), "plan": what,
+                                           "fit": plan.meta.get("fit"), "act_order": act_order, "damp": damp},
+                              progress)
     return quantize_model(model, plan, cs.train, device=device, act_order=act_order, damp=damp, progress=progress,
-                          store=ChunkSpill())
+                          store=ChunkSpill(), checkpoints=ck)
