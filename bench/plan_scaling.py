@@ -36,6 +36,7 @@ SHAPES = {
     "tinyllama-1.1b": (2048, 22, 32, 4, 5632, 32000, False),
     "tinyllama-4l": (2048, 4, 32, 4, 5632, 32000, False),    # TinyLlama's layers, 4 of them: memory comparisons
     "llama-2-7b": (4096, 32, 32, 32, 11008, 32000, False),   # projection only (not built here)
+    "llama-3-8b": (4096, 32, 32, 8, 14336, 128256, False),
     "llama-3-70b": (8192, 80, 64, 8, 28672, 128256, False),
 }
 

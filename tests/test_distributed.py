@@ -224,3 +224,14 @@ def test_distributed_outside_torchrun(model_dir, calib_file, tmp_path):
                                   "--distributed"], env=env)
     assert r.exit_code != 0 and "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set" in r.output, r.output
     assert not (tmp_path / "p.json").exists()
+
+
+def test_streamed_layers_distributed_equal_one_process(single, model_dir, calib_file, tmp_path):
+    """--stream-layers with --distributed (every rank reads one decoder layer at a time from the safetensors files):
+    the plan of one in-memory process, and the same decoder weights after conversion."""
+    _wqedge(["plan", model_dir, "--bits", "3.25", "--calib", calib_file, "--device", "cpu", "--stream-layers",
+             "-o", tmp_path / "plan.json", "--distributed"], 2, tmp_path)
+    assert _actions(tmp_path / "plan.json") == _actions(single / "plan.json")
+    _wqedge(["convert", model_dir, "--plan", single / "plan.json", "--calib", calib_file, "--device", "cpu",
+             "--stream-layers", "--no-check", "-o", tmp_path / "model.gguf", "--distributed"], 2, tmp_path)
+    _weights_equal(WqGGUF(single / "model.gguf"), WqGGUF(tmp_path / "model.gguf"))
