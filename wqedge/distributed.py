@@ -47,6 +47,8 @@ def rank() -> int:
 
 
 def world() -> int:
+    """The processes planning together: 1 outside a session and for a process gone on alone, which is what the
+    functions below test to become the identity."""
     return torch.distributed.get_world_size() if active() else 1
 
 
@@ -59,7 +61,7 @@ def is_writer() -> bool:
 def shard(windows: torch.Tensor) -> torch.Tensor:
     """This rank's calibration windows: rows r, r + W, ... of `windows` ([n, seqlen]); all of them outside a session.
     Interleaved, so ranks get equal shares of any window order."""
-    if not active() or world() == 1:
+    if world() == 1:
         return windows
     if windows.shape[0] < world():
         raise DistributedError(f"{windows.shape[0]} calibration windows for {world()} processes: every process needs "
@@ -76,7 +78,7 @@ def _fault_check() -> None:
 
 
 def _reduce_(t: torch.Tensor, op) -> torch.Tensor:
-    if not active() or world() == 1:
+    if world() == 1:
         return t
     _fault_check()
     if t.device.type == "cpu" and torch.distributed.get_backend() == "nccl":
@@ -99,7 +101,7 @@ def reduce_max_(t: torch.Tensor) -> torch.Tensor:
 
 def reduce_sums(*values: float) -> list[float]:
     """Python numbers summed over the ranks (float64)."""
-    if not active() or world() == 1:
+    if world() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
     reduce_sum_(t)
@@ -110,7 +112,7 @@ def owners(costs: list[float]) -> list[int] | None:
     """Which rank computes each of a list of independent jobs (linears of the damage table, linear groups of an
     error-feedback layer): longest first to the least-loaded rank, ties to the lower index, so every rank derives the
     same assignment. None outside a session (every job is this process's)."""
-    if not active() or world() == 1:
+    if world() == 1:
         return None
     load = [0.0] * world()
     out = [0] * len(costs)
@@ -123,7 +125,7 @@ def owners(costs: list[float]) -> list[int] | None:
 
 def broadcast_object(obj, src: int):
     """`obj` of rank `src` on every rank (pickled: numpy arrays, dicts)."""
-    if not active() or world() == 1:
+    if world() == 1:
         return obj
     box = [obj if rank() == src else None]
     torch.distributed.broadcast_object_list(box, src=src)
@@ -132,7 +134,7 @@ def broadcast_object(obj, src: int):
 
 def merge_dicts(d: dict) -> dict:
     """The union of every rank's dict (keys computed by one rank each)."""
-    if not active() or world() == 1:
+    if world() == 1:
         return d
     parts = [None] * world()
     torch.distributed.all_gather_object(parts, d)
@@ -155,7 +157,7 @@ def on_writer(fn, *args, **kw):
     that do not split into sums over windows. Outside a session: fn(*args, **kw). An error of rank 0's step is raised
     on every rank (so none waits for a collective that will not come)."""
     global _ALONE
-    if not active() or world() == 1:
+    if world() == 1:
         return fn(*args, **kw)
     out = None
     if rank() == 0:

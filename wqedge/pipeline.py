@@ -327,7 +327,7 @@ ROTATED_LLAMACPP = (
     "or --target onnx (the transforms become graph operators), or convert for llama.cpp without --rotate")
 
 
-def _check_rotated(plan: Plan, target: str, distill: int | None) -> None:
+def _check_rotated(plan: Plan, target: str) -> None:
     if plan.rotation is None:
         return
     if target == "llamacpp":   # the ONNX export lowers the transforms as graph ops (docs/onnx.md)
@@ -341,7 +341,7 @@ def write_gguf(ckpt, plan: Plan, out_path, calib_text: str | None = None, feedba
     """Our column-chunk GGUF of `ckpt` by `plan`, fitted as `fit_mode` says, written atomically; the output head
     stored as `head_kind` says."""
     from .quantize import convert_to_gguf
-    _check_rotated(plan, "gguf", distill)
+    _check_rotated(plan, "gguf")
     ckpt, transforms = rotated(ckpt, plan.rotation, calib_text, device, say)
     fits = prepare_fits(ckpt, plan, calib_text, feedback, device, stats, say, distill, stream_layers)
     return convert_to_gguf(fits.source(ckpt), plan, out_path, fits.stats, device, progress=progress,
@@ -374,7 +374,7 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
     if target not in TARGETS:
         raise ConvertError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
     output = Path(output) if output is not None else default_output(ckpt.path, plan, target)
-    _check_rotated(plan, target, distill)
+    _check_rotated(plan, target)
     head = head_kind(target, head, say)
     ckpt, transforms = rotated(ckpt, plan.rotation, calib_text, device, say)
     from . import distributed
