@@ -24,7 +24,8 @@ text with a leading BOS, 512-token windows, second half scored, first 32 windows
 they come; --merge turns several such files into the markdown table of means ± standard deviations.
 
 Variants (same statistics, see bench/results/allocation.md): greedy-fb (feedback-aware damage), greedy-prot
-(protected-column actions, --protect), greedy-norefit (conversion without the <= 2-bit refit) and their mixes.
+(protected-column actions, --protect), greedy-sub (the two-level subscale kinds q4s/q3s/q2s offered beside the
+one-scale ones: blocks.ACTION_NAMES), greedy-norefit (conversion without the <= 2-bit refit) and their mixes.
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def main(argv=None):
     from wqedge.alloc.planner import plan_from_choice, prepare
     from wqedge.alloc.ppo import PPOConfig, measurer_for, ppo_allocate
     from wqedge.alloc.uniform import uniform_plan
+    from wqedge.blocks import ACTION_NAMES
     from wqedge.calib import calibration_tokens, default_device, tokenize_text
     from wqedge.checkpoint import LlamaCheckpoint
     from wqedge.damage import build_damage_table
@@ -155,7 +157,8 @@ def main(argv=None):
                 tables[name] = build_damage_table(
                     linears, ckpt.linear_weight, 128, ctx.input_stats, ctx.grad_stats, kind="kfac",
                     device=a.plan_device, max_rows=ctx.opts["max_rows"], feedback="-fb" in name,
-                    protect=tuple(int(k) for k in a.protect.split(",")) if "prot" in name else ())
+                    protect=tuple(int(k) for k in a.protect.split(",")) if "prot" in name else (),
+                    **({"actions": ACTION_NAMES} if "-sub" in name else {}))
                 tables[name].meta["build_s"] = time.time() - t
                 torch.set_num_threads(threads)
                 log(f"{name} table: {tables[name].meta['build_s']:.1f} s, {len(tables[name].actions)} actions")
