@@ -122,7 +122,8 @@ loss = heldout_loss(model, toks, device="cpu", batch_size=2)
 if int(os.environ.get("RANK", "0")) == 0:
     torch.save({"st": {k: (v.n_tokens, v.diag, v.mean_abs, v.max_abs, v.xtx) for k, v in st.items()},
                 "gs": {k: (v.n_tokens, v.g2) for k, v in gs.items()}, "loss": loss}, out)
-if "RANK" in os.environ:
+if "RANK" in os.environ:   # both ranks done before either tears gloo down (else a rank can abort in its teardown)
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 """
 
@@ -139,7 +140,7 @@ def test_reduced_statistics_equal_one_process(model_dir, tmp_path):
                      ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"], "two.pt")):
         r = subprocess.run(pre + [str(script), str(model_dir), str(tmp_path / out)], env=env, cwd=tmp_path,
                            capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, f"{' '.join(pre)}: {r.stdout[-2000:]}\n{r.stderr[-5000:]}"
     one, two = torch.load(tmp_path / "one.pt", weights_only=False), torch.load(tmp_path / "two.pt", weights_only=False)
     assert sorted(one["st"]) == sorted(two["st"]) and sorted(one["gs"]) == sorted(two["gs"])
     for k, (n1, *a) in one["st"].items():
