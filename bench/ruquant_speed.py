@@ -3,8 +3,12 @@
 was run on the device machine): a random-weight model of llama-s's shape (hidden 512, 8 layers, 8/4 heads,
 FFN 1408, vocab 8192) is built on the spot, converted twice with preset q4 (weights-only fits; the rotated one
 with --rotate transforms built from text the tiny corpus gives), and `wqedge-bench` runs both files alternately.
+--shape tinyllama builds TinyLlama-1.1B's shape instead (hidden 2048, 22 layers, GQA 32/4, FFN 5632, vocab 32000):
+the transforms cost 2·d·B multiply-adds per group and token against the linears' ~d² weights, so their share of
+decode falls with the width, and llama-s is the worst case.
 
-    python bench/ruquant_speed.py --bench cpp/build/wqedge-bench --out DIR [--threads 1,4] [--reps 5]
+    python bench/ruquant_speed.py --bench cpp/build/wqedge-bench --out DIR [--shape llama-s|tinyllama]
+        [--threads 1,4] [--reps 5]
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from wqedge import pipeline
 from wqedge.checkpoint import LlamaCheckpoint
 from wqedge.tinymodel import build_tiny_model, tiny_corpus
 
-SHAPE = dict(hidden=512, n_layers=8, n_heads=8, n_kv_heads=4, intermediate=1408, vocab_size=8192)
+SHAPES = {"llama-s": dict(hidden=512, n_layers=8, n_heads=8, n_kv_heads=4, intermediate=1408, vocab_size=8192),
+          "tinyllama": dict(hidden=2048, n_layers=22, n_heads=32, n_kv_heads=4, intermediate=5632, vocab_size=32000)}
 
 
 def main():
@@ -27,10 +32,14 @@ def main():
     ap.add_argument("--threads", default="1,4")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="alternations of the two files")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-s")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (-p of wqedge-bench)")
+    ap.add_argument("--decode", type=int, default=128, help="decoded tokens (-n of wqedge-bench)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = LlamaCheckpoint.open(build_tiny_model(out / "model", **SHAPE, tokenizer_vocab=1000, init="normal"))
+    ckpt = LlamaCheckpoint.open(build_tiny_model(out / "model", **SHAPES[args.shape], tokenizer_vocab=1000,
+                                                    init="normal", dtype="float16"))
     text = " ".join(tiny_corpus(3000))
     files = {}
     for rot in (False, True):
@@ -42,7 +51,7 @@ def main():
     for t in [int(x) for x in args.threads.split(",")]:
         for r in range(args.rounds):
             for name, path in files.items():
-                p = subprocess.run([args.bench, "-m", str(path), "-p", "128", "-n", "128", "-r", str(args.reps),
+                p = subprocess.run([args.bench, "-m", str(path), "-p", str(args.prompt), "-n", str(args.decode), "-r", str(args.reps),
                                     "-t", str(t), "--act", "q8", "--json"], capture_output=True, text=True, check=True)
                 row = {"file": name, "threads": t, "round": r, **json.loads(p.stdout.strip().splitlines()[-1])}
                 print(json.dumps(row), flush=True)
