@@ -17,11 +17,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from torchrun_cli import TORCHRUN_TIMEOUT_S, assert_weights_equal, run_wqedge
 from wqedge.cli import main
 from wqedge.runtime.gguf_reader import WqGGUF
 
 CALIB = " ".join(f"item {i} of the list is {i * 7 % 13} and the next one follows." for i in range(1500))
-TORCHRUN_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +37,6 @@ def calib_file(tmp_path_factory):
     return p
 
 
-def _wqedge(args, nproc: int, cwd: Path):
-    """`python -m wqedge ARGS` (nproc 1) or under torchrun with nproc CPU processes; the completed process."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["CUDA_VISIBLE_DEVICES"] = ""      # gloo on CPU processes, as on a machine without GPUs
-    env["OMP_NUM_THREADS"] = "1"          # what torchrun gives each rank: the same arithmetic in every run
-    pre = [sys.executable, "-m", "wqedge"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "wqedge"]
-    r = subprocess.run(pre + [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=TORCHRUN_TIMEOUT_S)
-    assert r.returncode == 0, f"{' '.join(pre + [str(a) for a in args])}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
-    return r
-
-
 def _actions(plan_path: Path):
     return [(t["name"], t["actions"]) for t in json.loads(plan_path.read_text())["tensors"]]
 
@@ -58,8 +45,8 @@ def _actions(plan_path: Path):
 def single(model_dir, calib_file, tmp_path_factory):
     """One process: the plan and the file every distributed run is compared with."""
     d = tmp_path_factory.mktemp("single")
-    _wqedge(["plan", model_dir, "--bits", "3.25", "--calib", calib_file, "--device", "cpu", "-o", d / "plan.json"], 1, d)
-    _wqedge(["convert", model_dir, "--plan", d / "plan.json", "--calib", calib_file, "--device", "cpu", "--no-check",
+    run_wqedge(["plan", model_dir, "--bits", "3.25", "--calib", calib_file, "--device", "cpu", "-o", d / "plan.json"], 1, d)
+    run_wqedge(["convert", model_dir, "--plan", d / "plan.json", "--calib", calib_file, "--device", "cpu", "--no-check",
              "-o", d / "model.gguf"], 1, d)
     return d
 
@@ -69,23 +56,16 @@ def test_distributed_plan_and_file_equal_one_process(single, model_dir, calib_fi
     """Same greedy plan (every chunk's action; predicted damage within 1e-6 relative: float summation order of the
     reduced statistics), and the file converted from the one-process plan holds the same decoder weights (at most
     0.1% of values may differ, by a flipped rounding in the error-feedback fit; measured: none). Only rank 0 writes."""
-    r = _wqedge(["plan", model_dir, "--bits", "3.25", "--calib", calib_file, "--device", "cpu",
-                 "-o", tmp_path / "plan.json", "--distributed"], nproc, tmp_path)
+    r = run_wqedge(["plan", model_dir, "--bits", "3.25", "--calib", calib_file, "--device", "cpu",
+                 "-o", tmp_path / "plan.json"], nproc, tmp_path)
     assert _actions(tmp_path / "plan.json") == _actions(single / "plan.json")
     d1 = json.loads((single / "plan.json").read_text())["meta"]["predicted_damage"]
     dn = json.loads((tmp_path / "plan.json").read_text())["meta"]["predicted_damage"]
     assert abs(dn - d1) <= 1e-6 * abs(d1)
     assert r.stdout.count("plan written to") == 1          # one report: rank 0's
-    _wqedge(["convert", model_dir, "--plan", single / "plan.json", "--calib", calib_file, "--device", "cpu",
-             "--no-check", "-o", tmp_path / "model.gguf", "--distributed"], nproc, tmp_path)
-    a, b = WqGGUF(single / "model.gguf"), WqGGUF(tmp_path / "model.gguf")
-    assert a.linear_names() == b.linear_names()
-    differ = total = 0
-    for name in a.linear_names():
-        wa, wb = a.dequantize_linear(name), b.dequantize_linear(name)
-        differ += int((wa != wb).sum())
-        total += wa.size
-    assert differ <= 1e-3 * total, f"{differ} of {total} weights differ"
+    run_wqedge(["convert", model_dir, "--plan", single / "plan.json", "--calib", calib_file, "--device", "cpu",
+             "--no-check", "-o", tmp_path / "model.gguf"], nproc, tmp_path)
+    assert_weights_equal(WqGGUF(single / "model.gguf"), WqGGUF(tmp_path / "model.gguf"))
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ["model.gguf", "plan.json", "plan.png", "plan.txt"], written   # nothing from the other ranks
 
@@ -93,13 +73,9 @@ def test_distributed_plan_and_file_equal_one_process(single, model_dir, calib_fi
 def test_lost_rank_ends_the_job_and_writes_nothing(single, model_dir, calib_file, tmp_path):
     """A rank that dies (WQEDGE_DISTRIBUTED_FAULT_RANK: rank 1 exits at its first collective) ends the whole job with
     a failure that names it, and leaves no file (not even a partial or temporary one)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(CUDA_VISIBLE_DEVICES="", WQEDGE_DISTRIBUTED_FAULT_RANK="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                        "wqedge", "convert", str(model_dir), "--plan", str(single / "plan.json"), "--calib",
-                        str(calib_file), "--device", "cpu", "--no-check", "-o", str(tmp_path / "model.gguf"),
-                        "--distributed"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=TORCHRUN_TIMEOUT_S)
+    r = run_wqedge(["convert", model_dir, "--plan", single / "plan.json", "--calib", calib_file, "--device", "cpu",
+                    "--no-check", "-o", tmp_path / "model.gguf"], 2, tmp_path,
+                   env_extra={"WQEDGE_DISTRIBUTED_FAULT_RANK": "1"}, check=False)
     assert r.returncode != 0
     assert "exitcode  : 17" in r.stderr, r.stderr[-3000:]     # torchrun's report names the lost rank's exit
     assert list(tmp_path.iterdir()) == []
@@ -156,18 +132,6 @@ def test_reduced_statistics_equal_one_process(model_dir, tmp_path):
     assert abs(one["loss"] - two["loss"]) <= 1e-6 * abs(one["loss"])
 
 
-def _weights_equal(a: WqGGUF, b: WqGGUF, share: float = 1e-3) -> None:
-    """The same decoder linears, and at most `share` of their values differ (a rounding flipped by the float
-    summation order of the reduced statistics in an error-feedback fit)."""
-    assert a.linear_names() == b.linear_names()
-    differ = total = 0
-    for name in a.linear_names():
-        wa, wb = a.dequantize_linear(name), b.dequantize_linear(name)
-        differ += int((wa != wb).sum())
-        total += wa.size
-    assert differ <= share * total, f"{differ} of {total} weights differ"
-
-
 @pytest.mark.parametrize("what, args", [
     ("rl", ["plan", "--bits", "3.25", "--allocator", "rl"]),
     ("prune", ["plan", "--bits", "2.5", "--prune", "ffn", "--max-prune", "0.3"]),
@@ -178,8 +142,7 @@ def test_rank0_steps_plan_equal_one_process(model_dir, calib_file, tmp_path, wha
     plans = []
     for nproc in (1, 2):
         out = tmp_path / f"plan{nproc}.json"
-        _wqedge([args[0], model_dir, *args[1:], "--calib", calib_file, "--device", "cpu", "-o", out]
-                + (["--distributed"] if nproc > 1 else []), nproc, tmp_path)
+        run_wqedge([args[0], model_dir, *args[1:], "--calib", calib_file, "--device", "cpu", "-o", out], nproc, tmp_path)
         plans.append(json.loads(out.read_text()))
     one, two = plans
     assert [(t["name"], t["actions"]) for t in one["tensors"]] == [(t["name"], t["actions"]) for t in two["tensors"]]
@@ -198,12 +161,12 @@ def test_self_calibration_distill_rotation_onnx_equal_one_process(model_dir, tmp
     for nproc in (1, 2):
         d = tmp_path / f"n{nproc}"
         d.mkdir()
-        _wqedge(["convert", model_dir, "--bits", "3.25", "--rotate", "--distill", "4", "--target", "onnx",
-                 "--device", "cpu", "--no-check", "-o", d / "model.onnx"] + (["--distributed"] if nproc > 1 else []),
+        run_wqedge(["convert", model_dir, "--bits", "3.25", "--rotate", "--distill", "4", "--target", "onnx",
+                 "--device", "cpu", "--no-check", "-o", d / "model.onnx"],
                 nproc, d)
         files.append(d)
     one, two = (WqGGUF(d / "model.gguf") for d in files)
-    _weights_equal(one, two)
+    assert_weights_equal(one, two)
     for name in ("blk.0.attn_norm.weight", "blk.1.ffn_norm.weight", "output_norm.weight"):
         np.testing.assert_allclose(two.dense(name), one.dense(name), rtol=1e-5, atol=1e-6)
     from safetensors.numpy import load_file
@@ -230,9 +193,9 @@ def test_distributed_outside_torchrun(model_dir, calib_file, tmp_path):
 def test_streamed_layers_distributed_equal_one_process(single, model_dir, calib_file, tmp_path):
     """--stream-layers with --distributed (every rank reads one decoder layer at a time from the safetensors files):
     the plan of one in-memory process, and the same decoder weights after conversion."""
-    _wqedge(["plan", model_dir, "--bits", "3.25", "--calib", calib_file, "--device", "cpu", "--stream-layers",
-             "-o", tmp_path / "plan.json", "--distributed"], 2, tmp_path)
+    run_wqedge(["plan", model_dir, "--bits", "3.25", "--calib", calib_file, "--device", "cpu", "--stream-layers",
+             "-o", tmp_path / "plan.json"], 2, tmp_path)
     assert _actions(tmp_path / "plan.json") == _actions(single / "plan.json")
-    _wqedge(["convert", model_dir, "--plan", single / "plan.json", "--calib", calib_file, "--device", "cpu",
-             "--stream-layers", "--no-check", "-o", tmp_path / "model.gguf", "--distributed"], 2, tmp_path)
-    _weights_equal(WqGGUF(single / "model.gguf"), WqGGUF(tmp_path / "model.gguf"))
+    run_wqedge(["convert", model_dir, "--plan", single / "plan.json", "--calib", calib_file, "--device", "cpu",
+             "--stream-layers", "--no-check", "-o", tmp_path / "model.gguf"], 2, tmp_path)
+    assert_weights_equal(WqGGUF(single / "model.gguf"), WqGGUF(tmp_path / "model.gguf"))

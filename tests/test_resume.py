@@ -5,15 +5,13 @@ or file of an uninterrupted run; other inputs get another checkpoint folder."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from torchrun_cli import assert_weights_equal, run_wqedge
+from wqedge.runtime.gguf_reader import WqGGUF
 
 CALIB = " ".join(f"entry {i} says {i * 5 % 11} and then it goes on." for i in range(1500))
-TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +28,12 @@ def calib_file(tmp_path_factory):
 
 def _plan(model_dir, calib_file, out: Path, nproc: int, *extra, fault_after: int | None = None):
     """`wqedge plan` (under torchrun with --distributed when nproc > 1); the completed process."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WQEDGE_RESUME_FAULT_AFTER")}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    if fault_after is not None:
-        env["WQEDGE_RESUME_FAULT_AFTER"] = str(fault_after)
-    pre = [sys.executable, "-m", "wqedge"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "wqedge"]
-    args = ["plan", model_dir, "--bits", "3.25", "--calib", calib_file, "--device", "cpu", "-o", out, *extra]
-    return subprocess.run(pre + [str(a) for a in args] + (["--distributed"] if nproc > 1 else []), cwd=out.parent,
-                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    return run_wqedge(["plan", model_dir, "--bits", "3.25", "--calib", calib_file, "--device", "cpu", "-o", out, *extra],
+                      nproc, out.parent, _fault(fault_after), check=False)
+
+
+def _fault(after: int | None) -> dict:
+    return {} if after is None else {"WQEDGE_RESUME_FAULT_AFTER": str(after)}
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +83,8 @@ def test_other_inputs_get_another_folder(model_dir, calib_file, tmp_path):
 
 
 def _convert(model_dir, calib_file, plan: Path, out: Path, nproc: int, *extra, fault_after: int | None = None):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WQEDGE_RESUME_FAULT_AFTER")}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    if fault_after is not None:
-        env["WQEDGE_RESUME_FAULT_AFTER"] = str(fault_after)
-    pre = [sys.executable, "-m", "wqedge"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "wqedge"]
-    args = ["convert", model_dir, "--plan", plan, "--calib", calib_file, "--device", "cpu", "--no-check", "-o", out,
-            *extra] + (["--distributed"] if nproc > 1 else [])
-    return subprocess.run(pre + [str(a) for a in args], cwd=out.parent, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    return run_wqedge(["convert", model_dir, "--plan", plan, "--calib", calib_file, "--device", "cpu", "--no-check",
+                       "-o", out, *extra], nproc, out.parent, _fault(fault_after), check=False)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -125,9 +110,4 @@ def test_killed_conversion_resumes_error_feedback(model_dir, calib_file, tmp_pat
     if nproc == 1:
         assert out.read_bytes() == ref.read_bytes()
     else:
-        from wqedge.runtime.gguf_reader import WqGGUF
-        a, b = WqGGUF(ref), WqGGUF(out)
-        assert a.linear_names() == b.linear_names()
-        differ = sum(int((a.dequantize_linear(n) != b.dequantize_linear(n)).sum()) for n in a.linear_names())
-        total = sum(a.dequantize_linear(n).size for n in a.linear_names())
-        assert differ <= 1e-3 * total, f"{differ} of {total}"
+        assert_weights_equal(WqGGUF(ref), WqGGUF(out))

@@ -1,0 +1,38 @@
+"""Running `wqedge` in one process or under torchrun with several CPU processes (gloo), for the tests of
+--distributed and --resume-dir; and the file comparison they share."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TORCHRUN_TIMEOUT_S = 600
+DIST_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_wqedge(args, nproc: int, cwd: Path, env_extra: dict | None = None, check: bool = True):
+    """`python -m wqedge ARGS` (nproc 1) or `torchrun --nproc-per-node nproc -m wqedge ARGS --distributed`; the
+    completed process (asserted successful when `check`). One thread per process in both, as torchrun gives each
+    rank, so one and several processes do the same arithmetic; no GPU (gloo on CPU processes)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("WQEDGE_")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **(env_extra or {}))
+    pre = [sys.executable, "-m", "wqedge"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "wqedge"]
+    cmd = pre + [str(a) for a in args] + (["--distributed"] if nproc > 1 else [])
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
+    if check:
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r
+
+
+def assert_weights_equal(a, b, share: float = 1e-3) -> None:
+    """Two wqedge GGUFs (runtime.gguf_reader.WqGGUF) hold the same decoder linears, and at most `share` of their
+    values differ (a rounding flipped by the float summation order of reduced statistics in an error-feedback fit)."""
+    assert a.linear_names() == b.linear_names()
+    differ = total = 0
+    for name in a.linear_names():
+        wa, wb = a.dequantize_linear(name), b.dequantize_linear(name)
+        differ += int((wa != wb).sum())
+        total += wa.size
+    assert differ <= share * total, f"{differ} of {total} weights differ"
