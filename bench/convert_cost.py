@@ -3,11 +3,12 @@
 cost on the same machine in the same run.
 
     python bench/convert_cost.py [MODEL] [--calib FILE] [--bits 4.25] [--rev REV ...] [--src NAME=DIR ...]
-        [--rounds 1] [--threads 2]
+        [--rounds 1] [--threads 2] [--args NAME=ARGS ...]
 
 Each round converts MODEL (default: the fixture llama-s) once with the working tree and once with every --rev (a
 git worktree of that commit under a temporary folder; it uses this tree's NeUQI kernel library when its own is not
-built), in turn, so machine load falls on all alike. Without --calib the conversion self-calibrates (the default
+built), in turn, so machine load falls on all alike; every --args NAME="..." also converts with the working tree and those extra
+convert options (e.g. --args distill="--distill"), to price one option. Without --calib the conversion self-calibrates (the default
 pipeline); with it, planning and error feedback read the file. Reported per run: wall seconds of each stage as the
 CLI prints them (sampling, input statistics, gradients, damage table, plan total, until written; fitting = until
 written - plan - sampling; total includes the start-up) and
@@ -33,6 +34,7 @@ STAGES = (("sampling", r"sampled \d+ tokens in ([\d.]+) s"),
           ("inputs", r"statistics: inputs ([\d.]+) s"),
           ("gradients", r"statistics: inputs [\d.]+ s, gradients ([\d.]+) s"),
           ("damage table", r"damage table: \d+ units x \d+ actions in ([\d.]+) s"),
+          ("distill", r"distillation: ([\d.]+) s, peak memory"),     # --distill's stage (a part of fitting)
           ("plan", r"plan: [\d.]+ effective bits, predicted damage [\d.]+ nats, ([\d.]+) s"),
           ("until written", r"wrote .* in ([\d.]+) s"))   # from the command's start
 
@@ -108,6 +110,8 @@ def main() -> None:
     ap.add_argument("--rev", action="append", default=[], help="also convert with this commit (repeatable)")
     ap.add_argument("--src", action="append", default=[], metavar="NAME=DIR",
                     help="also convert with the code in DIR (a copy of another commit, where git is not at hand)")
+    ap.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
+                    help="also convert with the working tree and these extra convert options (repeatable)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -121,10 +125,16 @@ def main() -> None:
         srcs = {"tree": ROOT, **{rev: _importable(_worktree(rev, tmp)) for rev in a.rev},
                 **{n: _importable(Path(d).resolve()) for n, d in (x.split("=", 1) for x in a.src)}}
         refs = a.rev + [x.split("=", 1)[0] for x in a.src]
+        extra = {"tree": ()}
+        for x in a.args:
+            name, args = x.split("=", 1)
+            srcs[name], extra[name] = ROOT, tuple(args.split())
+            refs.append(name)
         try:
             for rnd in range(a.rounds):
                 for name, src in srcs.items():
-                    row = convert_once(src, a.model, tmp / f"{name}.gguf", a.calib, a.bits, a.threads)
+                    row = convert_once(src, a.model, tmp / f"{name}.gguf", a.calib, a.bits, a.threads,
+                                       extra.get(name, ()))
                     cols = ", ".join(f"{k} {row[k]:.1f}" for k, _ in STAGES if k in row)
                     print(f"round {rnd + 1} {name}: total {row['total']:.1f} s ({cols}), peak RSS {row['rss_mib']:.0f} "
                           f"MiB; {row['ppl_note']}", flush=True)

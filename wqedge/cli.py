@@ -16,7 +16,8 @@ import click
 from . import __version__
 from .blocks import ACTION_NAMES
 from .head import HEAD_KINDS
-from .pipeline import ALLOCATORS, DEFAULT_HEAD, DEMO_DIR, DISTILL_STEPS, STAGE2_STEPS, TARGETS
+from .pipeline import (ALLOCATORS, DEFAULT_HEAD, DEMO_DIR, DISTILL_DEFAULT_MAX_BITS, DISTILL_STEPS, DISTILL_STEPS_CPU,
+                       STAGE2_STEPS, TARGETS)
 from .plan import METHODS
 MIN_CALIB_WORDS = 16
 
@@ -196,8 +197,13 @@ _common_plan_options = [
     click.option("--distill", type=click.IntRange(min=0), is_flag=False, flag_value=DISTILL_STEPS, default=None, metavar="[STEPS]",
                  help=f"Light distillation after fitting (NeUQI): codes frozen, each chunk's scales and offsets "
                       f"and the RMSNorm weights trained to match the fp model's layer outputs on the calibration "
-                      f"text, STEPS AdamW steps per decoder layer (default {DISTILL_STEPS}). Off unless given; "
-                      f"`plan --distill` records it in the plan for a later convert."),
+                      f"text, STEPS AdamW steps per decoder layer (default {DISTILL_STEPS}; 0: off). Default: on at "
+                      f"plans of <= {DISTILL_DEFAULT_MAX_BITS:g} effective bits with calibration text (--calib or "
+                      f"self-calibration), {DISTILL_STEPS} steps when planning on a GPU, {DISTILL_STEPS_CPU} on the "
+                      f"CPU (bench/results/distill.md), except with --target llamacpp, --stream-layers or "
+                      f"--distributed; off above. `plan` records the choice in the plan for a later convert."),
+    click.option("--no-distill", is_flag=True, default=False,
+                 help="No light distillation, also where it is the default (the same as --distill 0)."),
     click.option("--rotate", type=click.Choice(["ruquant"]), is_flag=False, flag_value="ruquant", default=None,
                  help="RUQuant: orthogonal input transforms per layer and linear group (q/k/v, o, gate/up, down) built "
                       "from the calibration activations, folded into the weights before planning and fitting and "
@@ -356,8 +362,8 @@ def torch_dist_error():
                    f"effective bits; the head is read once per decoded token (bench/results/head_quant.md). "
                    f"--target gguf only.")
 @distributed_option
-def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
-            rotate_stage2, prune, max_prune, feedback_windows, stream_layers, resume_dir, act_bits, plan_path,
+def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
+            rotate, rotate_stage2, prune, max_prune, feedback_windows, stream_layers, resume_dir, act_bits, plan_path,
             save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, kv_bits, kv_rotation, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
@@ -412,6 +418,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
             _fail(f"--kv-bits is a setting of wqedge's runtime; the {target} target keeps its engine's own KV cache "
                   f"(llama.cpp: --cache-type-k/-v at run time)")
         plan.kv_cache = kv.to_plan()
+    distill = _settle_distill(plan, distill, no_distill, calib_text, target, ckpt, device, stream_layers)
     _print_plan_summary(plan)
     from . import distributed
     if save_plan and distributed.is_writer():
@@ -459,6 +466,16 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
                    f"decoder linears; tensor types {hist}")
 
 
+def _settle_distill(plan, distill, no_distill, calib_text, target, ckpt, device, stream_layers):
+    """--distill / --no-distill / the default at <= 2.5 bits (pipeline.settle_distill), said on stdout."""
+    if no_distill:
+        if distill:
+            _fail(f"--distill {distill} and --no-distill: give one of them")
+        distill = 0
+    from .pipeline import settle_distill
+    return settle_distill(plan, distill, calib_text, target, ckpt, device, stream_layers, say=click.echo)
+
+
 def _quality_check(ckpt, path, calib_text, check) -> None:
     from .quality import MAX_PARAMS_DEFAULT, check_quality
     if check is None:
@@ -486,8 +503,8 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
                  "the file unless its own --kv-bits says otherwise.")
 @_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, recorded beside it.")
 @distributed_option
-def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, rotate,
-         rotate_stage2, prune, max_prune, feedback_windows, stream_layers, resume_dir, act_bits, kv_bits,
+def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
+         rotate, rotate_stage2, prune, max_prune, feedback_windows, stream_layers, resume_dir, act_bits, kv_bits,
          kv_rotation):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
@@ -506,6 +523,7 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
     if feedback_windows is not None:
         from .pipeline import set_feedback_windows
         set_feedback_windows(p, feedback_windows)
+    distill = _settle_distill(p, distill, no_distill, calib_text, "gguf", ckpt, device, stream_layers)
     if distill is not None:
         from .pipeline import ConvertError, record_distill
         try:

@@ -3,7 +3,8 @@
 This is the one place that decides
   - which allocator makes the plan when none is named (`make_plan`),
   - how chunks are fitted: error feedback, activation statistics, or weights alone (`fit_mode`), and
-    whether their scales, offsets and norms are then distilled (`distill_steps`),
+    whether their scales, offsets and norms are then distilled (`distill_steps`; by default at <= 2.5 bits:
+    `settle_distill`),
   - what the output files are called (`default_output`),
   - how the output head is stored (`head_kind`: DEFAULT_HEAD unless named; our GGUF only),
   - and which writer a target goes to (`convert`).
@@ -25,6 +26,16 @@ ALLOCATORS = ("uniform", "greedy", "rl")   # the allocators a caller may name (w
 FEEDBACK_ALLOCATORS = ("greedy", "rl")     # plans made for error-feedback lowering when text is given
 TARGETS = ("gguf", "onnx", "llamacpp")
 DISTILL_STEPS = 128   # steps per decoder layer of `--distill` given without a number (wqedge.quant.distill)
+DISTILL_STEPS_CPU = 32   # PLACEHOLDER: the default's steps when planning on the CPU (see DISTILL_DEFAULT_MAX_BITS)
+# `convert` and `plan` distil by default (`default_distill`) when the plan's effective bits are at most this and
+# calibration text is at hand. Over error feedback alone the block stage lowered perplexity on llama-s (6.263 fp16,
+# 3 seeds, bench/results/allocation.md) by 0.057 / 0.078 / 0.156 / 0.284 at 2.5 / 2.25 / 2.0 / 1.75 bits, against
+# 0.011 at 3.25, and on a second checkpoint, smol-s (bench/results/allocation_smol.md), by 8 / 10 / 13 / 17%;
+# what it costs on a 2-core CPU: bench/results/distill.md "Default at <= 2.5 bits".
+DISTILL_DEFAULT_MAX_BITS = 2.5
+# Whether the default may distil under --distributed (wqedge.distributed), where rank 0 distils alone on all windows
+# while the other ranks wait: off until that is measured; --distill asks for it there.
+DISTILL_DEFAULT_DISTRIBUTED = False
 STAGE2_STEPS = 20     # AdamW steps per group of `--rotate-stage2` given without a number (bench/ruquant.py's setting)
 DEMO_DIR = Path("wqedge-demo")
 # How `convert` stores the output head when the caller names none (wqedge.head): q8 halves the head's bytes per
@@ -195,9 +206,91 @@ def distill_steps(plan: Plan, distill: int | None = None) -> int:
         raise ConvertError(f"--distill: {e}") from None
 
 
-def record_distill(plan: Plan, steps: int) -> None:
-    """Ask, in the plan itself, for `steps` of light distillation when it is converted (`distill_steps`)."""
-    plan.meta.setdefault("fit", {})["distill_steps"] = distill_steps(plan, steps)
+def record_distill(plan: Plan, steps: int, default: str | None = None) -> None:
+    """Ask, in the plan itself, for `steps` of light distillation when it is converted (`distill_steps`).
+    default: why the default chose it (recorded as fit.distill_default: a later run that cannot distil drops it,
+    where an explicit request would be refused)."""
+    fit = plan.meta.setdefault("fit", {})
+    fit["distill_steps"] = distill_steps(plan, steps)
+    if default:
+        fit["distill_default"] = default
+    else:
+        fit.pop("distill_default", None)
+
+
+def default_distill_steps(device=None) -> int:
+    """Steps per decoder layer the default distils with when planning on `device`: DISTILL_STEPS on CUDA,
+    DISTILL_STEPS_CPU on the CPU (where distillation's cost is of the order of the whole conversion)."""
+    from .calib import default_device
+    return DISTILL_STEPS if default_device(device).type == "cuda" else DISTILL_STEPS_CPU
+
+
+def distill_blocker(calib_text: str | None, target: str = "gguf", ckpt=None, device=None,
+                    stream_layers: bool | None = None) -> str | None:
+    """Why light distillation cannot run here (None: it can). The default never switches it on where an explicit
+    --distill would be refused."""
+    from . import distributed
+    if calib_text is None:
+        return "it needs calibration text (--calib FILE, or self-calibration)"
+    if target == "llamacpp":
+        return "--target llamacpp quantizes with llama.cpp's own types"
+    if distributed.active() and not DISTILL_DEFAULT_DISTRIBUTED:
+        return "the default does not distil under --distributed (--distill asks for it)"
+    if stream_layers or (stream_layers is None and ckpt is not None and _streams(ckpt, device)):
+        return "it trains on the whole model in memory and this run streams layers (--stream-layers)"
+    return None
+
+
+def _streams(ckpt, device) -> bool:
+    from .stream import wants_streaming
+    return wants_streaming(ckpt, device, None)
+
+
+def default_distill(plan: Plan, calib_text: str | None, target: str = "gguf", ckpt=None, device=None,
+                    stream_layers: bool | None = None) -> tuple[int, str]:
+    """(steps, why) of light distillation for a `plan` whose caller asked neither for nor against it: on at
+    `default_distill_steps` when the plan's effective bits are at most DISTILL_DEFAULT_MAX_BITS and nothing blocks
+    it (`distill_blocker`), else 0; `why` is one line for the user ("" above the threshold, where nothing changed)."""
+    eff = plan.effective_bits()
+    if eff > DISTILL_DEFAULT_MAX_BITS:
+        return 0, ""
+    blocker = distill_blocker(calib_text, target, ckpt, device, stream_layers)
+    if blocker:
+        return 0, (f"not distilling ({eff:.2f} effective bits, where light distillation is the default): {blocker}")
+    steps = default_distill_steps(device)
+    return steps, (f"light distillation on by default: {eff:.2f} effective bits <= {DISTILL_DEFAULT_MAX_BITS:g}, "
+                   f"where it lowered perplexity over error feedback alone by 0.8-3.5% (llama-s) and 8-17% (smol-s); "
+                   f"{steps} steps per decoder layer (--no-distill turns it off, --distill N sets the steps)")
+
+
+def settle_distill(plan: Plan, distill: int | None, calib_text: str | None, target: str = "gguf", ckpt=None,
+                   device=None, stream_layers: bool | None = None, say: Callable[[str], None] = _quiet) -> int | None:
+    """The `distill` to convert `plan` with (None: what the plan records), the default applied and recorded.
+
+    An explicit `distill` (0: off) and a plan's explicit request (`plan --distill`) stand, refusals included. A
+    plan that records the default's choice keeps it unless this run cannot distil (then 0, said). Otherwise the
+    default decides (`default_distill`) and a choice to distil is recorded in the plan, so `plan` then
+    `convert --plan` distils as one `convert` does."""
+    if distill is not None:
+        return distill
+    fit = plan.meta.get("fit") or {}
+    if "distill_steps" in fit:
+        if not fit.get("distill_default") or not fit["distill_steps"]:
+            return None
+        blocker = distill_blocker(calib_text, target, ckpt, device, stream_layers)
+        if blocker:
+            why = f"not distilling, which the plan chose by default: {blocker}"
+            say(why)
+            record_distill(plan, 0, default=why)    # the file's plan says what was done
+            return 0
+        say(f"the plan distils by default: {fit['distill_default']}")
+        return None
+    steps, why = default_distill(plan, calib_text, target, ckpt, device, stream_layers)
+    if why:
+        say(why)
+    if steps:
+        record_distill(plan, steps, default=why)
+    return None
 
 
 def feedback_windows_of(plan: Plan, device=None) -> int:
@@ -257,7 +350,8 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
     res = distill_checkpoint(ckpt, fitted, calib_text, steps, device=device, n_seqs=windows, progress=say,
                              unprune=unprune, act_bits=None if plan.act_bits == 8 else plan.act_bits)
     say(res.summary())
-    record_distill(plan, steps)     # the plan the file stores says how its parameters were made
+    if distill is not None:         # the plan the file stores says how its parameters were made
+        record_distill(plan, steps)
     return Fits(mode, fitted=res.chunks, norms=res.norms)
 
 
@@ -380,7 +474,10 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
     from . import distributed
     if target == "llamacpp":
         if distill_steps(plan, distill):
-            raise ConvertError("--distill tunes our block formats; --target llamacpp quantizes with llama.cpp's own")
+            if distill is not None or not (plan.meta.get("fit") or {}).get("distill_default"):
+                raise ConvertError("--distill tunes our block formats; --target llamacpp quantizes with llama.cpp's own")
+            say("not distilling, which the plan chose by default: --target llamacpp quantizes with llama.cpp's own "
+                "types")
         if not distributed.writer_alone():   # --distributed: the plan is every rank's; rank 0 alone exports
             return Written(target, output, None, {"rank": distributed.rank()})
         return _convert_llamacpp(ckpt, plan, output, calib_text, device)
