@@ -4,7 +4,8 @@
     python bench/distill.py --device cuda --configs 128@1e-3,128@1e-3+e2e64@2e-4 --budgets 2.25
 
 For each budget: the default pipeline's greedy plan (one damage table on the calibration text, shared by the
-budgets, as `wqedge plan --calib` makes it), error-feedback conversion (wqedge.quant.feedback, 256 windows) =
+budgets, as `wqedge plan --calib` makes it), error-feedback conversion (wqedge.quant.feedback, on
+--feedback-windows windows: by default what `wqedge convert` takes on the device, 256 on CUDA, 32 on the CPU) =
 the row "feedback"; then, from the same fitted chunks, each distillation config STEPS@LR[+e2eSTEPS[@LR]]
 (wqedge.quant.distill.distill_model: block stage with STEPS AdamW steps per decoder layer at relative learning
 rate LR, optional end-to-end KL stage) = one row each, with its seconds, peak memory (CUDA: max allocated
@@ -46,6 +47,8 @@ def main(argv=None):
     ap.add_argument("--configs", default="128@1e-3", help="distillation configs STEPS@LR[+e2eSTEPS[@LR]], comma separated")
     ap.add_argument("--device", default=None, help="planning, conversion, distillation and evaluation device")
     ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--feedback-windows", type=int, default=None,
+                    help="calibration windows of error feedback and distillation (default: the device's, as convert)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=1e9, help="start no new row after this many seconds")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.md"))
@@ -59,7 +62,7 @@ def main(argv=None):
     from wqedge.checkpoint import LlamaCheckpoint
     from wqedge.perplexity import perplexity
     from wqedge.quant import distill
-    from wqedge.quant.feedback import FEEDBACK_SEQS, dequantize, quantize_model
+    from wqedge.quant.feedback import dequantize, feedback_windows, quantize_model
 
     t_start = time.time()
     log = lambda *x: print(*x, file=sys.stderr, flush=True)
@@ -71,8 +74,9 @@ def main(argv=None):
     bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
     eval_tokens = tokenize_text(tok, Path(a.eval).read_text(encoding="utf-8"), bos)
     calib_text = Path(a.calib).read_text(encoding="utf-8")
-    fb_tokens = calibration_tokens(tok, calib_text, FEEDBACK_SEQS, 512, 0, bos_id=bos, seed=a.seed).train
-    cs = calibration_tokens(tok, calib_text, FEEDBACK_SEQS, 512, 4, bos_id=bos, seed=a.seed)
+    n_fb = a.feedback_windows or feedback_windows(dev)
+    fb_tokens = calibration_tokens(tok, calib_text, n_fb, 512, 0, bos_id=bos, seed=a.seed).train
+    cs = calibration_tokens(tok, calib_text, n_fb, 512, 4, bos_id=bos, seed=a.seed)
 
     model = ckpt.load_hf_model(torch.float32).to(dev)
     state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -106,7 +110,8 @@ def main(argv=None):
         lines = [f"# Light distillation (issue 17): {Path(a.model).name}, fp16 perplexity {fp:.3f}", "",
                  f"`python bench/distill.py {' '.join(argv if argv is not None else sys.argv[1:])}`; device {dev}"
                  f" ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}); greedy plans from one damage"
-                 f" table ({prep_s:.1f} s); perplexity on {Path(a.eval).name}, {a.windows} windows, second half.", "",
+                 f" table ({prep_s:.1f} s); error feedback and distillation on {n_fb} calibration windows; perplexity"
+                 f" on {Path(a.eval).name}, {a.windows} windows, second half.", "",
                  "| bits | row | perplexity | Δ vs feedback | distill s | peak MiB | held-out block MSE before → after |",
                  "|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -119,6 +124,7 @@ def main(argv=None):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("\n".join(lines) + "\n")
         out.with_suffix(".json").write_text(json.dumps({"fp16": fp, "device": str(dev), "prep_s": prep_s,
+                                                        "feedback_windows": n_fb,
                                                         "rows": rows}, indent=1))
         print("\n".join(lines[-1:]), flush=True)
 
