@@ -37,7 +37,7 @@ DISTILL_STEPS_CPU = 32
 # what it costs on a 2-core CPU: bench/results/distill.md "Default at <= 2.5 bits".
 DISTILL_DEFAULT_MAX_BITS = 2.5
 # Whether the default may distil under --distributed (wqedge.distributed), where rank 0 distils alone on all windows
-# while the other ranks wait: off until that is measured; --distill asks for it there.
+# after the shared fits: off until that is measured; --distill asks for it there.
 DISTILL_DEFAULT_DISTRIBUTED = False
 STAGE2_STEPS = 20     # AdamW steps per group of `--rotate-stage2` given without a number (bench/ruquant.py's setting)
 DEMO_DIR = Path("wqedge-demo")
