@@ -27,8 +27,8 @@ FEEDBACK_ALLOCATORS = ("greedy", "rl")     # plans made for error-feedback lower
 TARGETS = ("gguf", "onnx", "llamacpp")
 DISTILL_STEPS = 128   # steps per decoder layer of `--distill` given without a number (wqedge.quant.distill)
 # The default's steps when planning on the CPU: on 2 cores 128 steps more than triple a 2.5-bit llama-s conversion
-# (~270 s without), 32 add well under that, keeping ~3/4 of the gain at 2.5 bits (-0.041 perplexity; 16 steps
-# -0.033); bench/results/distill.md "Default at <= 2.5 bits".
+# (~270 s without), 32 add about 60-70% and, on the CPU's 32 calibration windows, gain as much at 2.5 bits (-0.041
+# perplexity; 2.0 b: -0.102, 16 steps -0.079); bench/results/distill.md "Default at <= 2.5 bits".
 DISTILL_STEPS_CPU = 32
 # `convert` and `plan` distil by default (`default_distill`) when the plan's effective bits are at most this and
 # calibration text is at hand. Over error feedback alone the block stage lowered perplexity on llama-s (6.263 fp16,
