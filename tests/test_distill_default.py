@@ -159,3 +159,16 @@ def test_default_under_distributed(tiny_model_dir, monkeypatch):
         "fit", {})
     monkeypatch.setattr(pipeline, "DISTILL_DEFAULT_DISTRIBUTED", True)
     assert pipeline.default_distill(plan, CALIB, device="cpu")[0] == STEPS
+
+
+@pytest.mark.parametrize("extra", [["--prune", "ffn"], ["--rotate"], ["--target", "onnx"]],
+                         ids=["prune", "rotate", "onnx"])
+def test_default_distils_with_other_options(tiny_model_dir, tmp_path, calib, extra):
+    """Pruning, RUQuant and the ONNX target take distillation (explicitly as by default): at 2.25 bits the GGUF
+    written (the ONNX graph's source) is distilled."""
+    out = tmp_path / ("m.onnx" if "onnx" in extra else "m.gguf")
+    text = cli("convert", tiny_model_dir, "-o", out, "--no-check", "--device", "cpu", "--bits", "2.25", "--calib", calib,
+               *extra)
+    assert "light distillation on by default" in text and out.exists()
+    fit = json.loads(WqGGUF(out.with_suffix(".gguf")).plan_json)["meta"]["fit"]
+    assert fit["distill_steps"] == STEPS
