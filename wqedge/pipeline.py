@@ -36,9 +36,6 @@ DISTILL_STEPS_CPU = 32
 # 0.011 at 3.25, and on a second checkpoint, smol-s (bench/results/allocation_smol.md), by 8 / 10 / 13 / 17%;
 # what it costs on a 2-core CPU: bench/results/distill.md "Default at <= 2.5 bits".
 DISTILL_DEFAULT_MAX_BITS = 2.5
-# Whether the default may distil under --distributed (wqedge.distributed), where rank 0 distils alone on all windows
-# after the shared fits: off until that is measured; --distill asks for it there.
-DISTILL_DEFAULT_DISTRIBUTED = False
 STAGE2_STEPS = 20     # AdamW steps per group of `--rotate-stage2` given without a number (bench/ruquant.py's setting)
 DEMO_DIR = Path("wqedge-demo")
 # How `convert` stores the output head when the caller names none (wqedge.head): q8 halves the head's bytes per
@@ -232,13 +229,10 @@ def distill_blocker(calib_text: str | None, target: str = "gguf", ckpt=None, dev
                     stream_layers: bool | None = None) -> str | None:
     """Why light distillation cannot run here (None: it can). The default never switches it on where an explicit
     --distill would be refused."""
-    from . import distributed
     if calib_text is None:
         return "it needs calibration text (--calib FILE, or self-calibration)"
     if target == "llamacpp":
         return "--target llamacpp quantizes with llama.cpp's own types"
-    if distributed.active() and not DISTILL_DEFAULT_DISTRIBUTED:
-        return "the default does not distil under --distributed (--distill asks for it)"
     if stream_layers or (stream_layers is None and ckpt is not None and _streams(ckpt, device)):
         return "it trains on the whole model in memory and this run streams layers (--stream-layers)"
     return None
