@@ -336,7 +336,7 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
             hooks.append(mod.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
         outs = []
         try:
-            for i in range(0 if not skipped else n, n, batch_size):
+            for i in range(0, 0 if skipped else n, batch_size):   # a skipped layer runs after on_layer
                 outs.append(_layer_call(layer, hidden[i:i + batch_size].to(dev), pos_emb).to(home, cdtype))
         finally:
             for hk in hooks:
@@ -348,12 +348,10 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
             out[name] = results[id(acc)]
         if saved:
             out.update(ck.load(f"inputs-{li}"))
-        elif ck is not None:
-            ck.save(f"inputs-{li}", {k: v for k, v in out.items() if k.startswith(f"model.layers.{li}.")})
-        changed = skipped
-        if on_layer is not None:
-            changed = bool(on_layer(li, layer, {k: v for k, v in out.items() if k.startswith(f"model.layers.{li}.")}))
-            changed = changed or skipped
+        this_layer = {k: v for k, v in out.items() if k.startswith(f"model.layers.{li}.")}
+        if ck is not None and not saved:
+            ck.save(f"inputs-{li}", this_layer)
+        changed = (on_layer is not None and bool(on_layer(li, layer, this_layer))) or skipped
         if not keep:
             out.clear()
         del accs, results

@@ -200,8 +200,8 @@ _common_plan_options = [
                       f"text, STEPS AdamW steps per decoder layer (default {DISTILL_STEPS}; 0: off). Default: on at "
                       f"plans of <= {DISTILL_DEFAULT_MAX_BITS:g} effective bits with calibration text (--calib or "
                       f"self-calibration), {DISTILL_STEPS} steps when planning on a GPU, {DISTILL_STEPS_CPU} on the "
-                      f"CPU (bench/results/distill.md), except with --target llamacpp, --stream-layers or "
-                      f"--distributed; off above. `plan` records the choice in the plan for a later convert."),
+                      f"CPU (bench/results/distill.md), except with --target llamacpp or --stream-layers; off "
+                      f"above. `plan` records the choice in the plan for a later convert."),
     click.option("--no-distill", is_flag=True, default=False,
                  help="No light distillation, also where it is the default (the same as --distill 0)."),
     click.option("--rotate", type=click.Choice(["ruquant"]), is_flag=False, flag_value="ruquant", default=None,

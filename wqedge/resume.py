@@ -26,6 +26,9 @@ from . import distributed
 FORMAT = 1     # bump when what a file holds changes: old folders then get another key and are not read
 
 
+_saved = 0     # checkpoint files this process wrote (for _fault_after_save)
+
+
 def _fault_after_save() -> None:
     """WQEDGE_RESUME_FAULT_AFTER=n: the process dies (exit status 18) after its n-th checkpoint file: how tests check
     that a killed job resumes. Counted per process."""
@@ -34,9 +37,6 @@ def _fault_after_save() -> None:
     n = os.environ.get("WQEDGE_RESUME_FAULT_AFTER")
     if n is not None and _saved >= int(n):
         os._exit(18)
-
-
-_saved = 0
 
 
 class StatsCheckpoints:

@@ -148,9 +148,10 @@ def quantize_checkpoint(ckpt, plan, calib_text, device=None, n_seqs: int = FEEDB
     if resume_dir is not None:
         from ..resume import StatsCheckpoints, tokens_digest
         what = {k: v for k, v in plan.to_dict().items() if k != "meta"}
+        # the fit settings, not whether distillation follows (it starts from these fits, whatever it does)
+        fit = {k: v for k, v in (plan.meta.get("fit") or {}).items() if not k.startswith("distill")}
         ck = StatsCheckpoints(resume_dir, {"stage": "error feedback", "model": ckpt.fingerprint(),
-                                           "windows": tokens_digest(cs.train), "plan": what,
-                                           "fit": plan.meta.get("fit"), "act_order": act_order, "damp": damp},
-                              progress)
+                                           "windows": tokens_digest(cs.train), "plan": what, "fit": fit,
+                                           "act_order": act_order, "damp": damp}, progress)
     return quantize_model(model, plan, cs.train, device=device, act_order=act_order, damp=damp, progress=progress,
                           store=ChunkSpill(), checkpoints=ck)
