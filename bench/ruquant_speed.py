@@ -8,7 +8,7 @@ the transforms cost 2·d·B multiply-adds per group and token against the linear
 decode falls with the width, and llama-s is the worst case.
 
     python bench/ruquant_speed.py --bench cpp/build/wqedge-bench --out DIR [--shape llama-s|tinyllama]
-        [--threads 1,4] [--reps 5]
+        [--threads 1,4] [--reps 5] [--device cuda]
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-s")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (-p of wqedge-bench)")
     ap.add_argument("--decode", type=int, default=128, help="decoded tokens (-n of wqedge-bench)")
+    ap.add_argument("--device", default=None, help="torch device for the two conversions (cuda: the GPU of the device machine)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -43,10 +44,11 @@ def main():
     text = " ".join(tiny_corpus(3000))
     files = {}
     for rot in (False, True):
-        plan = pipeline.make_plan(ckpt, 0, preset="q4", calib_text=text if rot else None, rotate=rot)
+        plan = pipeline.make_plan(ckpt, 0, preset="q4", calib_text=text if rot else None, rotate=rot,
+                                 device=args.device)
         files["rotated" if rot else "plain"] = pipeline.convert(
             ckpt, plan, out / f"q4-{'rot' if rot else 'plain'}.gguf", calib_text=text if rot else None,
-            feedback=False).path
+            feedback=False, device=args.device).path
     res = []
     for t in [int(x) for x in args.threads.split(",")]:
         for r in range(args.rounds):

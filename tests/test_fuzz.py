@@ -7,7 +7,7 @@
   harness once each (open, tokenizer, eval in float and int8 activations, generate).
 - test_fuzz_harness[...]: cpp/fuzz/run.sh runs each libFuzzer harness (whole GGUF files, the header
   region over a real data section, the tokenizer on SentencePiece and BPE vocabularies) for
-  WQEDGE_FUZZ_SECONDS (default 20) from seeds written from tiny models; any finding fails the test and
+  WQEDGE_FUZZ_SECONDS (default 12, a smoke run; raise it to fuzz for real) from seeds written from tiny models; any finding fails the test and
   leaves its artifact under the reported folder.
 Needs clang++ with libFuzzer (Debian: apt-get install clang libclang-rt-14-dev); skipped otherwise.
 """
@@ -29,7 +29,7 @@ FUZZ_DIR = ROOT / "cpp" / "fuzz"
 FUZZ_BUILD = ROOT / "cpp" / "build-fuzz"
 ASAN_BUILD = ROOT / "cpp" / "build-asan"
 FINDINGS = Path(os.environ.get("WQEDGE_FIXTURES", ROOT.parent / "shared" / "fixtures")).parent / "findings"
-SECONDS = int(os.environ.get("WQEDGE_FUZZ_SECONDS", "20"))
+SECONDS = int(os.environ.get("WQEDGE_FUZZ_SECONDS", "12"))
 JOBS = str(os.cpu_count() or 2)
 
 

@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from torchrun_cli import assert_weights_equal, run_wqedge
+from wqedge.cli import main
 from wqedge.runtime.gguf_reader import WqGGUF
 
 CALIB = " ".join(f"entry {i} says {i * 5 % 11} and then it goes on." for i in range(1500))
@@ -37,11 +39,17 @@ def _fault(after: int | None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir, calib_file, tmp_path_factory):
+def reference_plan(model_dir, calib_file, tmp_path_factory) -> Path:
+    """The plan of an uninterrupted one-process run (also the plan the conversion tests convert)."""
     out = tmp_path_factory.mktemp("ref") / "plan.json"
     r = _plan(model_dir, calib_file, out, 1)
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(out.read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_plan):
+    return json.loads(reference_plan.read_text())
 
 
 def _same_plan(a: dict, b: dict) -> None:
@@ -66,19 +74,21 @@ def test_killed_job_resumes_to_the_same_plan(model_dir, calib_file, reference, t
     assert f"resumed from checkpoints: {', '.join(saved)}" in r.stdout + r.stderr
     _same_plan(reference, json.loads(out.read_text()))
     assert sorted(p.stem for p in folder.glob("*.pt")) == ["gradients", "inputs-0", "inputs-1", "table"]
-    r = _plan(model_dir, calib_file, out, 1, "--resume-dir", ck)     # everything saved: nothing recomputed
-    assert "resumed from checkpoints: inputs-0, inputs-1, gradients, table" in r.stdout + r.stderr
-    _same_plan(reference, json.loads(out.read_text()))
+    if nproc == 1:     # everything saved: nothing recomputed (one process reads what 2 saved too: test_distributed)
+        r = _plan(model_dir, calib_file, out, 1, "--resume-dir", ck)
+        assert "resumed from checkpoints: inputs-0, inputs-1, gradients, table" in r.stdout + r.stderr
+        _same_plan(reference, json.loads(out.read_text()))
 
 
 def test_other_inputs_get_another_folder(model_dir, calib_file, tmp_path):
     """A checkpoint is only read by a job with the same inputs: another seed (other calibration windows) or another
-    group size writes a folder of its own and resumes nothing."""
+    group size writes a folder of its own and resumes nothing (in this process: the CLI's own arguments)."""
     ck = tmp_path / "ck"
     for extra in ([], ["--seed", "1"], ["--group", "64"]):
-        r = _plan(model_dir, calib_file, tmp_path / "plan.json", 1, "--resume-dir", ck, *extra)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert "resumed" not in r.stdout + r.stderr
+        r = CliRunner().invoke(main, ["plan", str(model_dir), "--bits", "3.25", "--calib", str(calib_file), "--device",
+                                      "cpu", "-o", str(tmp_path / "plan.json"), "--resume-dir", str(ck), *extra])
+        assert r.exit_code == 0, r.output
+        assert "resumed" not in r.output
     assert len(list(ck.iterdir())) == 3
 
 
@@ -87,18 +97,22 @@ def _convert(model_dir, calib_file, plan: Path, out: Path, nproc: int, *extra, f
                        "-o", out, *extra], nproc, out.parent, _fault(fault_after), check=False)
 
 
+@pytest.fixture(scope="module")
+def reference_file(model_dir, calib_file, reference_plan, tmp_path_factory) -> Path:
+    """The file of an uninterrupted one-process conversion of the reference plan."""
+    ref = tmp_path_factory.mktemp("ref_file") / "ref.gguf"
+    r = _convert(model_dir, calib_file, reference_plan, ref, 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ref
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_killed_conversion_resumes_error_feedback(model_dir, calib_file, tmp_path, nproc):
+def test_killed_conversion_resumes_error_feedback(model_dir, calib_file, reference_plan, reference_file, tmp_path, nproc):
     """convert --resume-dir saves each layer's error-feedback fits; killed after layer 0's, it leaves no file, and the
     rerun loads layer 0, fits layer 1 on inputs that went through the loaded layer, and writes the file of an
-    uninterrupted conversion: the same bytes with one process, the same decoder weights with two (a rounding may
-    flip in a reduced statistic's fit: at most 0.1% of values, as in test_distributed)."""
-    plan = tmp_path / "plan.json"
-    r = _plan(model_dir, calib_file, plan, 1)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ref, out, ck = tmp_path / "ref.gguf", tmp_path / "model.gguf", tmp_path / "ck"
-    r = _convert(model_dir, calib_file, plan, ref, nproc)
-    assert r.returncode == 0, r.stderr[-3000:]
+    uninterrupted one-process conversion: the same bytes with one process, the same decoder weights with two (a
+    rounding may flip in a reduced statistic's fit: at most 0.1% of values, as in test_distributed)."""
+    plan, ref, out, ck = reference_plan, reference_file, tmp_path / "model.gguf", tmp_path / "ck"
     r = _convert(model_dir, calib_file, plan, out, nproc, "--resume-dir", ck, fault_after=1)
     assert r.returncode != 0 and not out.exists()
     (folder,) = ck.iterdir()
