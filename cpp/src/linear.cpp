@@ -366,6 +366,8 @@ static std::shared_ptr<uint8_t[]> alloc_tiles(size_t n) {
     return std::shared_ptr<uint8_t[]>(new uint8_t[n]);
 }
 
+static bool run_kind_below_q8(const Linear& L, const Linear::Run& run) { return L.tch[run.c0].bt->id != 1; }
+
 void repack_tiles(Linear& L) {
     if (L.kind != Linear::CHUNKED || !L.data || L.tiled()) return;
     const int n_tiles = (L.N + TILE_ROWS - 1) / TILE_ROWS, n_chunks = (int)L.chunks.size();
@@ -441,9 +443,14 @@ void repack_tiles(Linear& L) {
         if (c > 0 && L.tch[c].bt->tile_sub && L.tch[c - 1].bt->tile_sub) {
             const Chunk& prev = L.chunks[c - 1];
             Linear::Run& run = L.runs.back();
-            if (L.tch[c].bt != L.tch[c - 1].bt || ch.g_pad != prev.g_pad || ch.n_prot != prev.n_prot) run.uniform = false;
-            ++run.n;
-            continue;
+            const bool same = L.tch[c].bt == L.tch[c - 1].bt && ch.g_pad == prev.g_pad && ch.n_prot == prev.n_prot;
+            // q8 parts run only in uniform runs (tile8_q8): the mixed-run kernels (tile8_mix, tile16_mix) and the
+            // prefill GEMM take the kinds below 8 bits, whose int8 products fit int16 sums
+            if (same || (L.tch[c].bt->id != 1 && run_kind_below_q8(L, run))) {
+                if (!same) run.uniform = false;
+                ++run.n;
+                continue;
+            }
         }
         L.runs.push_back({c, 1, true});
     }
