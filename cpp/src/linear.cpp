@@ -456,14 +456,14 @@ void repack_tiles(Linear& L) {
     }
 }
 
-// Process wide, read once from WQEDGE_TERNARY_TILES (=1: on); tests switch it with set_ternary_tiles.
+// Process wide, read once from WQEDGE_TERNARY_TILES (set and not 0: on, as the other WQEDGE_ switches); tests switch
+// it with set_ternary_tiles.
 static std::atomic<int> g_ternary_tiles{-1};
 
 bool ternary_tiles() {
     int v = g_ternary_tiles.load(std::memory_order_relaxed);
     if (v < 0) {
-        const char* e = std::getenv("WQEDGE_TERNARY_TILES");
-        v = e && !std::strcmp(e, "1") ? 1 : 0;
+        v = env_switch("WQEDGE_TERNARY_TILES", false) ? 1 : 0;
         g_ternary_tiles.store(v);
     }
     return v != 0;
