@@ -274,6 +274,9 @@ static inline int tcode_q2(const uint8_t* t, int r, int j) {  // vector v, bits 
     const int g = j / 4;
     return (t[32 * (g % 2) + 4 * r + j % 4] >> (2 * (g / 2))) & 3;
 }
+static inline int tcode_q8(const uint8_t* t, int r, int j) {  // vector G: group G, one byte per code
+    return t[32 * (j / 4) + 4 * r + j % 4];
+}
 static inline int tcode_q1(const uint8_t* t, int r, int j) {  // one vector, bit G: group G
     return (t[4 * r + j % 4] >> (j / 4)) & 1;
 }
@@ -339,15 +342,18 @@ static void q3_tile_unpack(const uint8_t* t, int r, uint8_t* o) {  // row r of o
     std::memcpy(o + 8, &hi, 4);  // little endian (as load_u32 reads it)
 }
 
+static int tile_vectors(int id) { return id == 1 ? 8 : id == 2 ? 4 : 2; }  // q8, q4, q2: 32-byte vectors per block
+
 static void tile_pack_block(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS], uint8_t* dst) {
-    // q4 and q2: byte 4v + k of row r's block goes to vector v, byte 4r + k. For q4 that byte holds columns 4v + k
-    // (low) and 16 + 4v + k (high); for q2 its bit pairs 2s hold column 8s + 4v + k = 4(2s + v) + k.
-    const int id = bt.id, nv = id == 2 ? 4 : 2;
+    // q8, q4 and q2: byte 4v + k of row r's block goes to vector v, byte 4r + k. For q8 that byte is column 4v + k;
+    // for q4 it holds columns 4v + k (low) and 16 + 4v + k (high); for q2 its bit pairs 2s hold column
+    // 8s + 4v + k = 4(2s + v) + k.
+    const int id = bt.id, nv = tile_vectors(id);
     if (id == 3) {
         for (int r = 0; r < TILE_ROWS; ++r) q3_tile_pack(src[r], dst + 4 * r, dst + 32 + 4 * r, dst + 64 + 4 * r);
         return;
     }
-    if (id == 2 || id == 4)
+    if (id == 1 || id == 2 || id == 4)
         for (int v = 0; v < nv; ++v)
             for (int r = 0; r < TILE_ROWS; ++r) std::memcpy(dst + 32 * v + 4 * r, src[r] + 4 * v, 4);
     if (id == 6)
@@ -355,13 +361,13 @@ static void tile_pack_block(const BlockTraits& bt, const uint8_t* const src[TILE
 }
 
 static void tile_unpack_rows(const BlockTraits& bt, const uint8_t* t, int nb, uint8_t* dst, size_t stride) {
-    const int id = bt.id, nv = id == 2 ? 4 : 2, sub = bt.tile_sub;
+    const int id = bt.id, nv = tile_vectors(id), sub = bt.tile_sub;
     const uint32_t* spread = id == 6 ? tile_spread() : nullptr;
     for (int b = 0; b < nb; ++b, t += TILE_ROWS * sub)
         for (int r = 0; r < TILE_ROWS; ++r) {
             uint8_t* o = dst + r * stride + (size_t)b * sub;
             if (id == 3) q3_tile_unpack(t, r, o);
-            if (id == 2 || id == 4)
+            if (id == 1 || id == 2 || id == 4)
                 for (int v = 0; v < nv; ++v) std::memcpy(o + 4 * v, t + 32 * v + 4 * r, 4);
             if (spread) {
                 const uint8_t* h = t + 4 * r;
@@ -485,6 +491,7 @@ static int vnni_level() {
         const int v = vnni_level();                                                                                   \
         (v == 1 ? avx2::vnni512::tile8_##K : v == 2 ? avx2::vnni256::tile8_##K : avx2::tile8_##K)(p, pb, n, x, s, g, acc, pf); \
     }
+TILE8_X86(q8)
 TILE8_X86(q4)
 TILE8_X86(q3)
 TILE8_X86(q2)
@@ -604,7 +611,7 @@ static const BlockTraits TABLE[N_BLOCK_TYPES] = {
      {nullptr, rows_scalar<dequant_fp16_scalar>, AVX2(dot_rows_fp16), NEON(dot_rows_fp16)}, {nullptr, dequant_fp16_scalar, AVX2(dequant_fp16), NEON(dequant_fp16)}, {}, {}, 0, {}, false},
     {"q8", 1, 4, cb_q8, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q8>, AVX2(dot_q8), NEON(dot_q8)}, 
-     {nullptr, rows_scalar<dequant_affine_scalar<block_q8, 32>>, AVX2(dot_rows_q8), NEON(dot_rows_q8)}, {nullptr, dequant_affine_scalar<block_q8, 32>, AVX2(dequant_q8), NEON(dequant_q8)}, {nullptr, dot8_affine_scalar<code_q8>, AVX2(dot8_q8), NEON(dot8_q8)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q8>>, AVX2_Q8_ROWS, NEON(dot8_rows_q8)}, 0, {}, false},
+     {nullptr, rows_scalar<dequant_affine_scalar<block_q8, 32>>, AVX2(dot_rows_q8), NEON(dot_rows_q8)}, {nullptr, dequant_affine_scalar<block_q8, 32>, AVX2(dequant_q8), NEON(dequant_q8)}, {nullptr, dot8_affine_scalar<code_q8>, AVX2(dot8_q8), NEON(dot8_q8)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q8>>, AVX2_Q8_ROWS, NEON(dot8_rows_q8)}, 32, {nullptr, tile8_affine_scalar<tcode_q8, 32>, AVX2_TILE(q8), NEON_TILE(q8)}, false},
     {"q4", 2, 4, cb_q4, X_PLAIN,
      {nullptr, dot_affine_scalar<code_q4>, AVX2(dot_q4), NEON(dot_q4)}, 
      {nullptr, rows_scalar<dequant_affine_scalar<block_q4, 16>>, AVX2(dot_rows_q4), NEON(dot_rows_q4)}, {nullptr, dequant_affine_scalar<block_q4, 16>, AVX2(dequant_q4), NEON(dequant_q4)}, {nullptr, dot8_affine_scalar<code_q4>, AVX2(dot8_q4), NEON(dot8_q4)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q4>>, AVX2(dot8_rows_q4), NEON(dot8_rows_q4)}, 16, {nullptr, tile8_affine_scalar<tcode_q4, 16>, AVX2_TILE(q4), NEON_TILE(q4)}, false},

@@ -56,7 +56,8 @@ typedef void (*dot8_rows_fn)(const uint8_t* rb, size_t stride, int n, const XQ8*
 
 // Row tiles (issue 12; the decode layout a model is repacked into at load, linear.h Linear::tiles): the
 // row-blocks of TILE_ROWS consecutive rows for one chunk stored as one "part" of TILE_ROWS * tile_row_bytes
-// bytes. Kinds with tile kernels (q4, q3, q2, q1, ternary: BlockTraits::tile_sub > 0) interleave the rows:
+// bytes. Kinds with tile kernels (q8, q4, q3, q2, q1, ternary: BlockTraits::tile_sub > 0; q8 only in uniform runs,
+// linear.cpp repack_tiles) interleave the rows:
 //   [header field 0 of rows 0..7, fp16][field 1 of rows 0..7 (affine kinds: d, then m)][codes][residuals:
 //   row 0's n_p fp16, row 1's, ...]
 // Affine kinds: codes = g_pad/32 blocks of 8 * tile_sub bytes, a block holding 32 columns of the 8 rows as

@@ -576,6 +576,42 @@ inline void tile8_mix_impl(const uint8_t* tile, const TileDesc* d, int n, const 
     _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));
 }
 
+// q8 tiles (uniform runs only: tile8_mix and the prefill GEMM do not take q8 chunks): vector G = group G's codes, one
+// byte each (up to 255). As the row kernel (isum32<true>): c - 128 as int8 with the sign trick, pair sums <= 2 x 128 x
+// 127, so each group's int16 pairs go to int32 (madd) before groups are added; lane r = row r's exact int32 sum of
+// (c - 128) x over the block, and 128 x the chunk's activation sum (q8_correction) is added back in float per chunk.
+inline __m256i block_isum_q8(const uint8_t* q, const int8_t* x) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int G = 0; G < 8; G += 2) {
+        const __m256i c0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(q + 32 * G)), flip);
+        const __m256i c1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(q + 32 * G + 32)), flip);
+        s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(c0), _mm256_sign_epi8(bcast4(x + 4 * G), c0)), ones));
+        s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(c1), _mm256_sign_epi8(bcast4(x + 4 * G + 4), c1)), ones));
+    }
+    return _mm256_add_epi32(s0, s1);
+}
+
+inline void tile8_q8_impl(const uint8_t* part, size_t part_bytes, int nch, const XQ8* xq, const float* xsum, int g_pad,
+                          float* acc, ptrdiff_t pf) {
+    constexpr int BLK = 8 * 32;
+    const int nb = g_pad / 32;
+    __m256 tot = _mm256_setzero_ps();
+    for (int c = 0; c < nch; ++c, part += part_bytes, xq += nb) {
+        const uint8_t* q = part + 32;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int b = 0; b < nb; ++b, q += BLK) {
+            if (pf)
+                for (int o = 0; o < BLK; o += 64) _mm_prefetch((const char*)(q + pf + o), _MM_HINT_T0);
+            const __m256 s = _mm256_cvtepi32_ps(block_isum_q8(q, xq[b].q));
+            if (b & 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), s, a1);
+            else a0 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), s, a0);
+        }
+        tot = tile_dm(part, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(q8_correction(xq, nb))), xsum[c], tot);
+    }
+    _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));
+}
+
 // Integer prefill (linear.cpp tile8_gemm_fn): NT tokens per pass over a chunk's codes, each block's codes unpacked
 // once for the NT tokens; per token the float operations of tile_chunk / tile_dm in the same order (bit-identical).
 template <int ID, int NT>
@@ -832,6 +868,7 @@ void vgemm4(const float* W, int ldw, const float* X, int ldx, int nt, int K, flo
     }
 }
 
+void tile8_q8(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_q8_impl(p, pb, n, x, s, g, acc, pf); }
 void tile8_q4(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<2, 16>(p, pb, n, x, s, g, acc, pf); }
 void tile8_q3(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<3, 12>(p, pb, n, x, s, g, acc, pf); }
 void tile8_q2(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<4, 8>(p, pb, n, x, s, g, acc, pf); }

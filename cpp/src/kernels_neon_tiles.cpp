@@ -61,6 +61,7 @@ namespace {
     void tile8_##K(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { \
         (neon_dotprod() ? tiles_sdot::tile8_##K : tiles_plain::tile8_##K)(p, pb, n, x, s, g, acc, pf);               \
     }
+WQE_TILE8(q8)
 WQE_TILE8(q4)
 WQE_TILE8(q3)
 WQE_TILE8(q2)

@@ -366,6 +366,8 @@ static std::shared_ptr<uint8_t[]> alloc_tiles(size_t n) {
     return std::shared_ptr<uint8_t[]>(new uint8_t[n]);
 }
 
+static bool run_kind_below_q8(const Linear& L, const Linear::Run& run) { return L.tch[run.c0].bt->id != 1; }
+
 void repack_tiles(Linear& L) {
     if (L.kind != Linear::CHUNKED || !L.data || L.tiled()) return;
     const int n_tiles = (L.N + TILE_ROWS - 1) / TILE_ROWS, n_chunks = (int)L.chunks.size();
@@ -441,22 +443,27 @@ void repack_tiles(Linear& L) {
         if (c > 0 && L.tch[c].bt->tile_sub && L.tch[c - 1].bt->tile_sub) {
             const Chunk& prev = L.chunks[c - 1];
             Linear::Run& run = L.runs.back();
-            if (L.tch[c].bt != L.tch[c - 1].bt || ch.g_pad != prev.g_pad || ch.n_prot != prev.n_prot) run.uniform = false;
-            ++run.n;
-            continue;
+            const bool same = L.tch[c].bt == L.tch[c - 1].bt && ch.g_pad == prev.g_pad && ch.n_prot == prev.n_prot;
+            // q8 parts run only in uniform runs (tile8_q8): the mixed-run kernels (tile8_mix, tile16_mix) and the
+            // prefill GEMM take the kinds below 8 bits, whose int8 products fit int16 sums
+            if (same || (L.tch[c].bt->id != 1 && run_kind_below_q8(L, run))) {
+                if (!same) run.uniform = false;
+                ++run.n;
+                continue;
+            }
         }
         L.runs.push_back({c, 1, true});
     }
 }
 
-// Process wide, read once from WQEDGE_TERNARY_TILES (=1: on); tests switch it with set_ternary_tiles.
+// Process wide, read once from WQEDGE_TERNARY_TILES (set and not 0: on, as the other WQEDGE_ switches); tests switch
+// it with set_ternary_tiles.
 static std::atomic<int> g_ternary_tiles{-1};
 
 bool ternary_tiles() {
     int v = g_ternary_tiles.load(std::memory_order_relaxed);
     if (v < 0) {
-        const char* e = std::getenv("WQEDGE_TERNARY_TILES");
-        v = e && !std::strcmp(e, "1") ? 1 : 0;
+        v = env_switch("WQEDGE_TERNARY_TILES", false) ? 1 : 0;
         g_ternary_tiles.store(v);
     }
     return v != 0;

@@ -520,9 +520,10 @@ static void q8_nonfinite_tests() {
 // int32 block sums, then the same float operations), and a mixed run of one width with the uniform call.
 static int n_tile_kernel_checks = 0;
 static void tile_kernel_tests() {
-    const int kinds[] = {2, 3, 4, 6, 5};
+    const int kinds[] = {1, 2, 3, 4, 6, 5};
     for (int id : kinds) {
         const BlockTraits& bt = *block_traits(id);
+        const bool mixable = id != 1;  // q8 parts run only in uniform runs (repack_tiles): no mixed-run kernel takes them
         for (int G : {32, 128, 256})
             for (int nch : {1, 3, 5})
                 for (int ragged = 0; ragged < 2; ++ragged) {
@@ -580,7 +581,8 @@ static void tile_kernel_tests() {
                     std::memcpy(ref, acc0, sizeof ref);
                     std::memcpy(refm, acc0, sizeof refm);
                     uniform(K_SCALAR, ref);
-                    vec_ops(K_SCALAR).tile8_mix(tile.data(), td.data(), nch, xq.data(), x8off.data(), xsum.data(), refm, 0);
+                    if (mixable) vec_ops(K_SCALAR).tile8_mix(tile.data(), td.data(), nch, xq.data(), x8off.data(), xsum.data(), refm, 0);
+                    else uniform(K_SCALAR, refm);
                     char detail[160];
                     std::snprintf(detail, sizeof detail, "kind=%s G=%d nch=%d ragged=%d", bt.name, G, nch, ragged);
                     check(std::memcmp(ref, refm, sizeof ref) == 0, "tile kernels: scalar mix == scalar uniform", detail);
@@ -596,7 +598,8 @@ static void tile_kernel_tests() {
                         std::memcpy(u, acc0, sizeof u);
                         std::memcpy(m, acc0, sizeof m);
                         uniform(qs.k, u);
-                        vec_ops(qs.k).tile8_mix(tile.data(), td.data(), nch, xq.data(), x8off.data(), xsum.data(), m, 0);
+                        if (mixable) vec_ops(qs.k).tile8_mix(tile.data(), td.data(), nch, xq.data(), x8off.data(), xsum.data(), m, 0);
+                        else uniform(qs.k, m);
                         bool ok = true;
                         for (int r = 0; r < TILE_ROWS; ++r)
                             ok = ok && std::fabs((double)u[r] - ref[r]) <= 1e-5 * mag[r] && std::fabs((double)m[r] - ref[r]) <= 1e-5 * mag[r];
@@ -634,6 +637,8 @@ static void tiled_tests(bool ternary_tiles) {
         {128, 19, {2, 2, 3, 3, 3, 4, 6, 6, 1, 0, 2}, {0, 1, 1, 0, 0, 2, 0, 0, 1, 0, 3}},
         {256, 8, {5, 5, 4, 5}, {0, 1, 0, 0}},
         {128, 21, {5, 5, 5, 5}, {0, 0, 0, 0}},  // a uniform ternary run (tile8_ternary, not tile8_mix)
+        {128, 29, {1, 1, 1, 1, 1}, {0, 0, 1, 1, 0}},  // q8 (the output head's kind): uniform runs, split where n_prot changes
+        {64, 13, {1, 2, 1, 1, 4, 4, 1}, {0, 0, 0, 0, 0, 0, 0}},  // q8 beside other kinds: runs of its own
     };
     int ci = 0;
     for (const Case& cs : cases) {
@@ -861,7 +866,8 @@ static void vnni_emulated_tests() {
     if (!cpu_has_avx2()) return;
     typedef void (*tile_fn)(const uint8_t*, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
     struct Kind { int id, sub; tile_fn ref, emu; };
-    const Kind kinds[] = {{2, 16, avx2::tile8_q4, avx2::emulated::tile8_q4}, {3, 12, avx2::tile8_q3, avx2::emulated::tile8_q3},
+    const Kind kinds[] = {{1, 32, avx2::tile8_q8, avx2::emulated::tile8_q8},  // q8: uniform runs only (not in the mixed run below)
+                          {2, 16, avx2::tile8_q4, avx2::emulated::tile8_q4}, {3, 12, avx2::tile8_q3, avx2::emulated::tile8_q3},
                           {4, 8, avx2::tile8_q2, avx2::emulated::tile8_q2}, {6, 4, avx2::tile8_q1, avx2::emulated::tile8_q1},
                           {5, 0, avx2::tile8_ternary, avx2::emulated::tile8_ternary}};
     for (int g_pad : {32, 96, 128, 256}) {
@@ -891,6 +897,7 @@ static void vnni_emulated_tests() {
         size_t off = 0;
         int nx = 0;
         for (const Kind& k : kinds) {
+            if (k.id == 1) continue;
             const bool tern = k.id == 5;
             desc.push_back({off, (int32_t)desc.size(), k.id, nb, 0});
             x8off.push_back(nx);
