@@ -498,7 +498,8 @@ TILE8_X86(q2)
 TILE8_X86(q1)
 TILE8_X86(ternary)
 #  define AVX2_TILE(K) tile8_##K##_x86
-// q8 row-blocks (no tile layout; the output head's kind): one vpdpbusd per row and 32 columns where VNNI is in use.
+// q8 row-blocks (linears kept in the row layout; repacked ones use tile8_q8): one vpdpbusd per row and 32 columns
+// where VNNI is in use.
 static void dot8_rows_q8_x86(const uint8_t* rb, size_t st, int n, const XQ8* x, float s, int g, float* out) {
     const int v = vnni_level();
     (v == 1 ? avx2::vnni512::dot8_rows_q8 : v == 2 ? avx2::vnni256::dot8_rows_q8 : avx2::dot8_rows_q8)(rb, st, n, x, s, g, out);
