@@ -224,6 +224,31 @@ def test_cpp_runtime_matches_reference(files, bits, tol):
         native.set_activations("f32")
 
 
+GRID_TOL = 1e-4    # int8 vs float activations on a 4/6-bit grid: float summation order only
+
+
+@pytest.mark.parametrize("bits", [6, 4])
+def test_int8_path_takes_the_activation_grid_exactly(files, bits):
+    """At act bits 6 and 4 each linear's input is already on its token's grid s·k (|k| < 2^b, rotation.cpp
+    act_fake_quant); the int8 products take d = s and q = k in every block (prepare_x8's step) instead of rounding
+    the grid values again per 32 columns, so prefill and decode logits with int8 activations equal the float
+    path's up to summation order (max |Δlogit| / std within GRID_TOL, measured 1-2e-6; with the grid values rounded
+    again, as before, 0.20 at A6 and 0.66 at A4 on this model: a re-rounded input flips later layers' 4/6-bit codes)."""
+    from cpp_support import ensure_library
+    ensure_library()
+    from wqedge.runtime import native
+    w = _windows()
+    try:
+        native.set_activations("f32")
+        ref = _cpp_logits(files[f"q8a{bits}"], w)
+        native.set_activations("q8")
+        got = _cpp_logits(files[f"q8a{bits}"], w)
+    finally:
+        native.set_activations("f32")
+    for (p8, d8), (pf, df) in zip(got, ref):
+        assert _rel(p8, pf) < GRID_TOL and _rel(d8, df) < GRID_TOL, (_rel(p8, pf), _rel(d8, df))
+
+
 def test_cpp_threaded_decode_transform_is_bit_identical(files):
     """Decode spreads a token's transform blocks over the threads (rotation.cpp apply_threaded): the logits equal
     the single-thread decode's exactly, at act bits 8 and 4."""

@@ -674,15 +674,19 @@ int x8_blocks(const BlockTraits& bt, int g_pad) {
     return bt.x_layout == X_TERNARY ? 5 * ((ternary_bytes(g_pad) + 31) / 32) : g_pad / 32;
 }
 
-// One block: d = max|x| / 127, q = round(x / d) (nearest, ties to even); all-zero block: d = 0.
-static void quantize_block(const float* x, XQ8& out) {
+// One block: d = max|x| / 127, q = round(x / d) (nearest, ties to even); all-zero block: d = 0. step > 0 (x on the
+// grid step * integer, prepare_x8): d = step, q = x / step rounded, which recovers the grid's integers exactly
+// (|x / step| <= 63 and x = step * k rounded once, so x / step is within a few ulps of k).
+static void quantize_block(const float* x, XQ8& out, float step = 0.0f) {
     float amax = 0.0f;
     for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
-    const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const bool grid = step > 0.0f;
+    const float d = grid ? step : amax / 127.0f;
+    const float id = grid ? 1.0f : amax > 0.0f ? 127.0f / amax : 0.0f;
     int sum = 0;
     for (int j = 0; j < 32; ++j) {
         // round to nearest even by the 1.5 * 2^23 trick (|x * id| <= 127): no libm call, vectorizable
-        const float r = (x[j] * id + 12582912.0f) - 12582912.0f;
+        const float r = ((grid ? x[j] / step : x[j] * id) + 12582912.0f) - 12582912.0f;
         // Clamp in float before converting: a non-finite activation (NaN, or Inf * 0) must not reach the
         // float -> int conversion (undefined behaviour). std::max(-127, NaN) is -127; the result is then
         // garbage but defined, and the NaN still reaches the output through xsum, where eval's check of
@@ -694,7 +698,7 @@ static void quantize_block(const float* x, XQ8& out) {
     out.ds = d * (float)sum;
 }
 
-float prepare_x8(const BlockTraits& bt, const float* x, int g, XQ8* xq) {
+float prepare_x8(const BlockTraits& bt, const float* x, int g, XQ8* xq, float step) {
     const int g_pad = padded(g);
     double s = 0.0;
     for (int c = 0; c < g; ++c) s += x[c];
@@ -707,16 +711,16 @@ float prepare_x8(const BlockTraits& bt, const float* x, int g, XQ8* xq) {
                     const int slot = 32 * b + j, c = i * B + slot;
                     buf[j] = (slot < B && c < g) ? x[c] : 0.0f;
                 }
-                quantize_block(buf, xq[i * nb + b]);
+                quantize_block(buf, xq[i * nb + b], step);
             }
     } else {
         for (int b = 0; b < g_pad / 32; ++b) {
             const int n = std::min(32, g - 32 * b);
             if (n == 32) {
-                quantize_block(x + 32 * b, xq[b]);
+                quantize_block(x + 32 * b, xq[b], step);
             } else {
                 for (int j = 0; j < 32; ++j) buf[j] = j < n ? x[32 * b + j] : 0.0f;
-                quantize_block(buf, xq[b]);
+                quantize_block(buf, xq[b], step);
             }
         }
     }

@@ -144,7 +144,10 @@ float prepare_x(const BlockTraits& bt, const float* x, int g, float* xc);
 
 // Int8 activations: blocks of one chunk, and their preparation (returns sum of x[0..g), in float).
 int x8_blocks(const BlockTraits& bt, int g_pad);
-float prepare_x8(const BlockTraits& bt, const float* x, int g, XQ8* xq);
+// step > 0: x lies on the grid step * integer, |integer| <= 127 (activations quantized to 4 or 6 bits, rotation.h
+// act_fake_quant): every block takes d = step and q = those integers, so the int8 values are the grid values exactly
+// instead of a second rounding of them.
+float prepare_x8(const BlockTraits& bt, const float* x, int g, XQ8* xq, float step = 0.0f);
 
 // Activation precision of the matrix-vector products (decode): ACT_F32 (float activations, the
 // reference) or ACT_Q8 (int8 activations per 32 columns where the block kind has dot8 kernels).

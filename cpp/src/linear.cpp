@@ -81,13 +81,13 @@ int x8_blocks_of(const Linear& W, int kernels, int act, bool* any_float) {
 // ACT_Q8 for kinds with int8 kernels, int8 blocks (prepare_x8, into xq8 at x8off[c]). xprep may be null when
 // every chunk is int8.
 void prepare_token(const Linear& W, const float* x, int kernels, int act, float* xprep, float* xsum, int* x8off,
-                   XQ8* xq8) {
+                   XQ8* xq8, float step = 0.0f) {
     for (int c = 0, o8 = 0; c < (int)W.chunks.size(); ++c) {
         const Chunk& ch = W.chunks[c];
         const BlockTraits& bt = W.kind_of(c);  // a tiled ternary chunk may be q2: plain layout, within the same slot
         if (act == ACT_Q8 && bt.dot8[kernels]) {
             x8off[c] = o8;
-            xsum[c] = prepare_x8(bt, x + ch.col0, ch.g, xq8 + o8);
+            xsum[c] = prepare_x8(bt, x + ch.col0, ch.g, xq8 + o8, step);
             o8 += x8_blocks(bt, ch.g_pad);
         } else {
             x8off[c] = -1;
@@ -96,14 +96,14 @@ void prepare_token(const Linear& W, const float* x, int kernels, int act, float*
     }
 }
 
-Prepared prepare(const Linear& W, const float* x, MatScratch::Slot& sl, int kernels, int act) {
+Prepared prepare(const Linear& W, const float* x, MatScratch::Slot& sl, int kernels, int act, float step) {
     const int n_chunks = (int)W.chunks.size();
     if ((int)sl.xsum.size() < n_chunks) sl.xsum.resize(n_chunks);
     if ((int)sl.x8off.size() < n_chunks) sl.x8off.resize(n_chunks);
     if ((int)sl.xprep.size() < W.x_floats) sl.xprep.resize(W.x_floats);
     const int n8 = x8_blocks_of(W, kernels, act, nullptr);
     if ((int)sl.xq8.size() < n8) sl.xq8.resize(n8);
-    prepare_token(W, x, kernels, act, sl.xprep.data(), sl.xsum.data(), sl.x8off.data(), sl.xq8.data());
+    prepare_token(W, x, kernels, act, sl.xprep.data(), sl.xsum.data(), sl.x8off.data(), sl.xq8.data(), step);
     return {sl.xprep.data(), sl.xsum.data(), sl.x8off.data(), sl.xq8.data()};
 }
 
@@ -505,7 +505,7 @@ void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScra
         return;
     }
     if (s.slots.empty()) s.slots.resize(1);
-    const Prepared p = prepare(W, x, s.slots[0], kernels, act);
+    const Prepared p = prepare(W, x, s.slots[0], kernels, act, s.act_grid ? s.act_grid[0] : 0.0f);
     pool.run(n_tasks_of(W), [&](int task, int) { run_task(W, x, p, task, y, kernels); });
 }
 
@@ -521,7 +521,7 @@ void matvec_group(int n, const Linear* const* W, const float* x, float* const* y
     Prepared p[MAX_GROUP];
     int first[MAX_GROUP + 1] = {0};  // task ranges, concatenated
     for (int i = 0; i < n; ++i) {
-        p[i] = prepare(*W[i], x, s.slots[i], kernels, act);
+        p[i] = prepare(*W[i], x, s.slots[i], kernels, act, s.act_grid ? s.act_grid[0] : 0.0f);
         first[i + 1] = first[i] + n_tasks_of(*W[i]);
     }
     pool.run(first[n], [&](int task, int) {
@@ -764,7 +764,8 @@ static void matmul_q8(const Linear& W, const float* X, int n, float* Y, ThreadPo
     pool.run(n, [&](int t, int) {
         thread_local std::vector<int> off;
         off.resize(n_chunks);
-        prepare_token(W, X + (size_t)t * K, kernels, ACT_Q8, xp + t * xf, xs + (size_t)t * n_chunks, off.data(), xq + (size_t)t * n8);
+        prepare_token(W, X + (size_t)t * K, kernels, ACT_Q8, xp + t * xf, xs + (size_t)t * n_chunks, off.data(),
+                      xq + (size_t)t * n8, s.act_grid ? s.act_grid[t] : 0.0f);
         if (t == 0) std::copy(off.begin(), off.end(), x8off);
     });
     auto prep = [&](int t) { return Prepared{xp + t * xf, xs + (size_t)t * n_chunks, x8off, xq + (size_t)t * n8}; };

@@ -78,6 +78,9 @@ struct MatScratch {
     std::vector<XQ8> bq8;
     std::vector<float> bsum, bprep;
     std::vector<int> b8off;
+    // Activations on a known grid (RUQuant act bits 4 or 6, model.cpp): token t's input is step act_grid[t] times an
+    // integer, and the int8 products take those integers exactly (prepare_x8's step). nullptr: any input.
+    const float* act_grid = nullptr;
     void reserve(int n_threads, int max_K, int max_g_pad, int max_x_floats, int max_chunks);
 };
 

@@ -433,6 +433,7 @@ void Context::ensure_batch(int n) {
     att.resize((size_t)n * hp.q_dim());
     hg.resize((size_t)n * hp.n_ff);
     hu.resize((size_t)n * hp.n_ff);
+    act_steps.resize((size_t)n);
     rope_cos.resize((size_t)n * hp.head_dim / 2);
     rope_sin.resize((size_t)n * hp.head_dim / 2);
     n_batch_alloc = n;
@@ -588,7 +589,9 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
 
         // Attention: xb = rmsnorm(x); q, k, v projections; RoPE; append k, v to the cache.
         for (int t = 0; t < n; ++t) rmsnorm(&xb[(size_t)t * D], &x[(size_t)t * D], L.attn_norm.data(), D, hp.rms_eps);
-        group_input(L.rot_of(0), hp.act_bits, xb.data(), n, D, tp, kern);  // RUQuant (format 2); else nothing
+        group_input(L.rot_of(0), hp.act_bits, xb.data(), n, D, tp, kern, act_steps.data());  // RUQuant (format 2); else nothing
+        // the four groups' inputs lie on their tokens' grids (act bits 4 or 6): the int8 products take them exactly
+        ms.act_grid = hp.act_bits < 8 ? act_steps.data() : nullptr;
         if (n == 1) {  // decode: one threaded pass for the three products of the same input
             const Linear* W[3] = {&L.wq, &L.wk, &L.wv};
             float* Y[3] = {q.data(), k.data(), v.data()};
@@ -662,13 +665,13 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 for (int j = 0; j < qpt; ++j) ops.axpy(sc[(size_t)j * n_ctx + s] * inv[j], vr, out[j], hd);
             }
         });
-        group_input(L.rot_of(1), hp.act_bits, att.data(), n, QD, tp, kern);
+        group_input(L.rot_of(1), hp.act_bits, att.data(), n, QD, tp, kern, act_steps.data());
         matmul(L.wo, att.data(), n, xb2.data(), tp, ms, kern, act);
         for (size_t i = 0; i < (size_t)n * D; ++i) x[i] += xb2[i];
 
         // SwiGLU MLP: x += W_down (silu(W_gate xb) * (W_up xb)).
         for (int t = 0; t < n; ++t) rmsnorm(&xb[(size_t)t * D], &x[(size_t)t * D], L.ffn_norm.data(), D, hp.rms_eps);
-        group_input(L.rot_of(2), hp.act_bits, xb.data(), n, D, tp, kern);
+        group_input(L.rot_of(2), hp.act_bits, xb.data(), n, D, tp, kern, act_steps.data());
         if (n == 1) {
             const Linear* W[2] = {&L.w_gate, &L.w_up};
             float* Y[2] = {hg.data(), hu.data()};
@@ -681,12 +684,13 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             const float g = hg[i];
             hg[i] = g / (1.0f + std::exp(-g)) * hu[i];
         }
-        group_input(L.rot_of(3), hp.act_bits, hg.data(), n, F, tp, kern);
+        group_input(L.rot_of(3), hp.act_bits, hg.data(), n, F, tp, kern, act_steps.data());
         matmul(L.w_down, hg.data(), n, xb2.data(), tp, ms, kern, act);
         for (size_t i = 0; i < (size_t)n * D; ++i) x[i] += xb2[i];
     }
     n_past += n;
 
+    ms.act_grid = nullptr;  // the head's input is not quantized to a grid
     if (!logits) return;
     // Final norm and output head: every token's logits, or the last one's.
     const int first = all ? 0 : n - 1;

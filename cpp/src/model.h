@@ -78,6 +78,7 @@ struct Context {
     int n_batch_alloc = 0;
     // Activations of one micro-batch.
     std::vector<float> x, xb, xb2, q, k, v, att, hg, hu, rope_cos, rope_sin;
+    std::vector<float> act_steps;  // per token: the grid step of the current group's quantized input (act bits < 8)
     std::vector<std::vector<float>> scores;  // per thread, n_ctx
 
     // kv_bits: -1 the file's KV cache setting, 0 float32, 8 or 4; kv_rotate: -1 the file's, 0 none, 1 Hadamard.

@@ -293,7 +293,7 @@ static void apply_threaded(const Rotation& r, float* x, ThreadPool& pool, int ke
     finish(r, part, y, x, kernels);
 }
 
-void act_fake_quant(float* x, int n, int bits) {
+float act_fake_quant(float* x, int n, int bits) {
     const float hi_code = (float)((1 << bits) - 1);
     float lo = x[0], hi = x[0];
     for (int i = 1; i < n; ++i) {
@@ -306,20 +306,29 @@ void act_fake_quant(float* x, int n, int bits) {
         const float q = std::min(std::max(std::nearbyint(x[i] / s) + z, 0.0f), hi_code);
         x[i] = s * (q - z);
     }
+    return s;
 }
 
-void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPool& pool, int kernels) {
+void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPool& pool, int kernels, float* steps) {
+    if (steps)
+        for (int t = 0; t < n; ++t) steps[t] = 0.0f;
     if (!r && bits >= 8) return;
     auto one = [&](int t) {
         thread_local std::vector<float> tmp;
         if ((int)tmp.size() < dim) tmp.resize(dim);
         float* xt = x + (size_t)t * dim;
         if (r) r->apply(xt, tmp.data(), kernels);
-        if (bits < 8) act_fake_quant(xt, dim, bits);
+        if (bits < 8) {
+            const float s = act_fake_quant(xt, dim, bits);
+            if (steps) steps[t] = s;
+        }
     };
     if (n == 1 && r && pool.size() > 1 && n_blocks(*r) > 1) {  // decode: the token's blocks over the threads
         apply_threaded(*r, x, pool, kernels);
-        if (bits < 8) act_fake_quant(x, dim, bits);
+        if (bits < 8) {
+            const float s = act_fake_quant(x, dim, bits);
+            if (steps) steps[0] = s;
+        }
     } else if (n == 1) {
         one(0);
     } else {

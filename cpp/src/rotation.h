@@ -41,12 +41,15 @@ void block_matmul_p(const float* P, int n, const float* X, int nx, float* Y, int
 
 // Per-token asymmetric quantize-dequantize at `bits` (6 or 4) in place, exactly as wqedge.actquant.fake_quant:
 // s = max((max - min) / (2^b - 1), 1e-8), z = round(-min / s), q = clamp(round(x / s) + z, 0, 2^b - 1),
-// x = s (q - z), round half to even.
-void act_fake_quant(float* x, int n, int bits);
+// x = s (q - z), round half to even. Returns s: x now lies on the grid s * integer (|integer| < 2^b), which the int8
+// path takes exactly (prepare_x8's step).
+float act_fake_quant(float* x, int n, int bits);
 
 // The group's input step for n tokens of width dim (row stride dim), in place: the rotation (when r is not
-// null), then activation quantization when bits < 8. Tokens are split over the pool's threads.
-void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPool& pool, int kernels);
+// null), then activation quantization when bits < 8, writing each token's grid step to steps[t] (when steps is not
+// null; 0 when bits >= 8). Tokens are split over the pool's threads.
+void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPool& pool, int kernels,
+                 float* steps = nullptr);
 
 // Load layer l's four rotations from a rotated file (names: wqedge.rotation_format); group widths in
 // GROUPS order. Throws Error(WQE_ERR_FORMAT) naming the tensor on a missing or malformed one.

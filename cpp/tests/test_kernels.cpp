@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "blocks.h"
+#include "rotation.h"
 #include "common.h"
 #include "linear.h"
 #include "threadpool.h"
@@ -511,6 +512,42 @@ static void q8_nonfinite_tests() {
     }
 }
 
+// Activations on a 4- or 6-bit grid (rotation.h act_fake_quant, then prepare_x8 with its step): every block holds
+// d = step and the grid's integers exactly (plain and ternary layouts, a ragged chunk), and the activation sum.
+static void q8_grid_tests() {
+    for (int bits : {4, 6})
+        for (int id : {2, 5}) {  // q4 (X_PLAIN), ternary (X_TERNARY planes)
+            const BlockTraits& bt = *block_traits(id);
+            const int g = 100;
+            std::vector<float> x(g);
+            for (float& v : x) v = urand(-3, 3) * (urand(0, 1) < 0.05f ? 20.0f : 1.0f);
+            const float step = act_fake_quant(x.data(), g, bits);
+            std::vector<XQ8> xq(x8_blocks(bt, padded(g)));
+            const float sum = prepare_x8(bt, x.data(), g, xq.data(), step);
+            // rebuild the chunk's columns from the blocks (prepare_x8's layout) and compare with x / step
+            std::vector<float> back(g, 0.0f);
+            if (bt.x_layout == X_TERNARY) {
+                const int B = ternary_bytes(padded(g)), nb = (B + 31) / 32;
+                for (int i = 0; i < 5; ++i)
+                    for (int slot = 0; slot < B; ++slot)
+                        if (i * B + slot < g) back[i * B + slot] = xq[i * nb + slot / 32].q[slot % 32];
+            } else {
+                for (int c = 0; c < g; ++c) back[c] = xq[c / 32].q[c % 32];
+            }
+            bool exact = true;
+            double s = 0.0;
+            for (int c = 0; c < g; ++c) {
+                exact = exact && back[c] * step == x[c] && std::nearbyint(x[c] / step) == back[c];
+                s += x[c];
+            }
+            for (const XQ8& b : xq) exact = exact && b.d == step;
+            char d[64];
+            std::snprintf(d, sizeof d, "bits=%d kind=%s", bits, bt.name);
+            check(exact, "int8 activations on a grid: d = step and q = the grid's integers, exactly", d);
+            check(std::fabs(sum - s) <= 1e-5 * (std::fabs(s) + 1.0), "int8 activations on a grid: the chunk's sum", d);
+        }
+}
+
 // Tile kernels one by one (BlockTraits::tile8 and VecOps::tile8_mix of every int8 set: AVX2 on x86-64, NEON with and
 // without SDOT on AArch64) against the scalar tile reference: every tile kind, G = 32, 128 and 256, 1, 3 and 5 chunks,
 // and runs whose last chunk is ragged (g = G / 2 + 4: its own g_pad, so a uniform call of its own, and in the mixed run
@@ -962,6 +999,7 @@ int main() {
     chunk_tests();
     q8_chunk_tests();
     q8_nonfinite_tests();
+    q8_grid_tests();
     std::printf("int8-activation kernel sets under test: %d (scalar%s)\n", n_q8_sets_seen,
                 SIMD == K_AVX2 ? ", avx2" : SIMD == K_NEON ? (cpu_has_dotprod() ? ", neon, neon+dotprod" : ", neon") : "");
     vec_tests();
