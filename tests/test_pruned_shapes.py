@@ -244,6 +244,28 @@ def test_llamacpp_loads_and_runs_pruned_export(ckpt, files, tmp_path):
         assert np.mean(got.argmax(-1) == lr.argmax(-1)) > 0.95
 
 
+def test_llamacpp_export_says_why_pruned_widths_miss_a_low_budget(tiny_model_factory, tmp_path):
+    """A model whose widths are multiples of 256 reaches 2.7 bits on llama.cpp's types; pruned FFN groups of 32
+    leave ffn_down's input off that multiple (k- and i-quants need 256-column blocks), the export fails before
+    writing anything, and the message names the widths and what to do."""
+    pytest.importorskip("llama_cpp")
+    from wqedge import pipeline
+    ck = LlamaCheckpoint.open(tiny_model_factory(hidden=256, n_layers=2, n_heads=4, n_kv_heads=2, intermediate=512,
+                                                 vocab_size=512))
+    pr = Pruning.for_spec(ck.spec, 32, [LayerPruning(1, ffn_groups=[3])])
+    def q2_plan(pruning):
+        spec = pruning.pruned_spec(ck.spec) if pruning else ck.spec
+        acts = {lin.hf_name: ["q2"] * len(chunk_bounds(lin.in_features, GROUP)) for lin in spec.linears()}
+        return Plan.from_actions(spec.linears(), GROUP, 2.7, "uniform", acts, pruning=pruning,
+                                 model_fingerprint=ck.fingerprint())
+    assert pipeline.convert(ck, q2_plan(None), tmp_path / "full.gguf", target="llamacpp").path.exists()
+    plan, out = q2_plan(pr), tmp_path / "lcp.gguf"
+    with pytest.raises(pipeline.ConvertError) as e:
+        pipeline.convert(ck, plan, out, target="llamacpp")
+    assert "layer 1 FFN length 480" in str(e.value) and "--target gguf" in str(e.value), str(e.value)
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- inconsistent plans
 def _with(ckpt, mutate) -> dict:
     d = json.loads(_plan(ckpt).to_json())

@@ -502,6 +502,25 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
     return Written(target, Path(info["path"]), path, {"onnx": info})
 
 
+def _pruned_width_hint(spec, pruned) -> str:
+    """Why a pruned plan may miss a low llama.cpp budget that the unpruned model reaches: llama.cpp's types below
+    4.5 bits (k- and i-quants) take rows in blocks of 256 columns, and pruning can leave ffn_down's input (the FFN
+    length) or attn_output's (the attention width) off that multiple, so those tensors need Q4_0/Q8_0-class types."""
+    odd = []
+    for layer in range(spec.n_layers):
+        for what, full, kept in (("FFN length", spec.ff(layer), pruned.ff(layer)),
+                                 ("attention width", spec.heads(layer) * spec.head_dim,
+                                  pruned.heads(layer) * pruned.head_dim)):
+            if full % 256 == 0 and kept % 256:
+                odd.append(f"layer {layer} {what} {kept}")
+    if not odd:
+        return ""
+    shown = ", ".join(odd[:4]) + (f" and {len(odd) - 4} more" if len(odd) > 4 else "")
+    return (f"; pruning left widths that are not multiples of 256 ({shown}), and llama.cpp's types below 4.5 bits "
+            "need 256-column blocks, so ffn_down / attn_output there take Q4_0/Q8_0-class types: give this target "
+            "a larger --bits, or use --target gguf (wqedge's runtime runs pruned models at any width)")
+
+
 def _convert_llamacpp(ckpt, plan: Plan, output: Path, calib_text: str | None, device) -> Written:
     """A stock llama.cpp GGUF: the plan projected onto llama.cpp types within its budget, quantized by
     llama.cpp (importance matrix from the calibration text)."""
@@ -519,5 +538,6 @@ def _convert_llamacpp(ckpt, plan: Plan, output: Path, calib_text: str | None, de
         types = budget_types(spec, plan.budget_bits, plan, available_types(imatrix=imatrix is not None))
         res = export_llamacpp(ckpt, output, imatrix, plan=plan, tensor_types=types)
     except (ValueError, OSError, RuntimeError) as e:
-        raise ConvertError(f"llama.cpp export failed, nothing written: {e}") from e
+        hint = _pruned_width_hint(ckpt.spec, spec) if plan.pruning is not None and "smallest allowed" in str(e) else ""
+        raise ConvertError(f"llama.cpp export failed, nothing written: {e}{hint}") from e
     return Written("llamacpp", Path(res.path), details={"llamacpp": res})
