@@ -471,8 +471,13 @@ bool ternary_tiles() {
 
 void set_ternary_tiles(bool on) { g_ternary_tiles.store(on ? 1 : 0); }
 
+// Row tiles serve the int8 kernels. A model loaded while float activations are selected (the reference path:
+// WQEDGE_ACT=f32, set_activations) keeps the row layout: on tiles the float path would untile every part for every
+// call (q3's untile is a scalar field-by-field decode), and a mixed plan decoded 13x slower than on the rows
+// (llama-s 3.25-bit, 2 threads: 36 vs 490 tok/s, bench/results/issue12_zen3.md). WQEDGE_REPACK=1 still forces tiles.
 bool repack_wanted(int kernels) {
-    return env_switch("WQEDGE_REPACK", block_traits(2)->tile8[kernels] != nullptr && kernels != K_SCALAR);
+    return env_switch("WQEDGE_REPACK", block_traits(2)->tile8[kernels] != nullptr && kernels != K_SCALAR &&
+                                           active_act() == ACT_Q8);
 }
 
 void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScratch& s, int kernels, int act) {
