@@ -675,18 +675,17 @@ int x8_blocks(const BlockTraits& bt, int g_pad) {
 }
 
 // One block: d = max|x| / 127, q = round(x / d) (nearest, ties to even); all-zero block: d = 0. step > 0 (x on the
-// grid step * integer, prepare_x8): d = step, q = x / step rounded, which recovers the grid's integers exactly
-// (|x / step| <= 63 and x = step * k rounded once, so x / step is within a few ulps of k).
+// grid step * integer, prepare_x8): d = step, q = x * (1 / step) rounded, which recovers the grid's integers exactly
+// (x = step * k rounded once and |k| <= 127, so x / step is within a few ulps of k, far inside the rounding).
 static void quantize_block(const float* x, XQ8& out, float step = 0.0f) {
     float amax = 0.0f;
     for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
-    const bool grid = step > 0.0f;
-    const float d = grid ? step : amax / 127.0f;
-    const float id = grid ? 1.0f : amax > 0.0f ? 127.0f / amax : 0.0f;
+    const float d = step > 0.0f ? step : amax / 127.0f;
+    const float id = step > 0.0f ? 1.0f / step : amax > 0.0f ? 127.0f / amax : 0.0f;
     int sum = 0;
     for (int j = 0; j < 32; ++j) {
         // round to nearest even by the 1.5 * 2^23 trick (|x * id| <= 127): no libm call, vectorizable
-        const float r = ((grid ? x[j] / step : x[j] * id) + 12582912.0f) - 12582912.0f;
+        const float r = (x[j] * id + 12582912.0f) - 12582912.0f;
         // Clamp in float before converting: a non-finite activation (NaN, or Inf * 0) must not reach the
         // float -> int conversion (undefined behaviour). std::max(-127, NaN) is -127; the result is then
         // garbage but defined, and the NaN still reaches the output through xsum, where eval's check of

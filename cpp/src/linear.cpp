@@ -96,6 +96,9 @@ void prepare_token(const Linear& W, const float* x, int kernels, int act, float*
     }
 }
 
+// Token t's activation grid step (MatScratch::act_grid), 0 when its input is not on a grid.
+inline float grid_step(const MatScratch& s, int t) { return s.act_grid ? s.act_grid[t] : 0.0f; }
+
 Prepared prepare(const Linear& W, const float* x, MatScratch::Slot& sl, int kernels, int act, float step) {
     const int n_chunks = (int)W.chunks.size();
     if ((int)sl.xsum.size() < n_chunks) sl.xsum.resize(n_chunks);
@@ -366,8 +369,6 @@ static std::shared_ptr<uint8_t[]> alloc_tiles(size_t n) {
     return std::shared_ptr<uint8_t[]>(new uint8_t[n]);
 }
 
-static bool run_kind_below_q8(const Linear& L, const Linear::Run& run) { return L.tch[run.c0].bt->id != 1; }
-
 void repack_tiles(Linear& L) {
     if (L.kind != Linear::CHUNKED || !L.data || L.tiled()) return;
     const int n_tiles = (L.N + TILE_ROWS - 1) / TILE_ROWS, n_chunks = (int)L.chunks.size();
@@ -446,7 +447,8 @@ void repack_tiles(Linear& L) {
             const bool same = L.tch[c].bt == L.tch[c - 1].bt && ch.g_pad == prev.g_pad && ch.n_prot == prev.n_prot;
             // q8 parts run only in uniform runs (tile8_q8): the mixed-run kernels (tile8_mix, tile16_mix) and the
             // prefill GEMM take the kinds below 8 bits, whose int8 products fit int16 sums
-            if (same || (L.tch[c].bt->id != 1 && run_kind_below_q8(L, run))) {
+            const bool q8 = L.tch[c].bt->id == 1 || L.tch[run.c0].bt->id == 1;
+            if (same || !q8) {
                 if (!same) run.uniform = false;
                 ++run.n;
                 continue;
@@ -510,7 +512,7 @@ void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScra
         return;
     }
     if (s.slots.empty()) s.slots.resize(1);
-    const Prepared p = prepare(W, x, s.slots[0], kernels, act, s.act_grid ? s.act_grid[0] : 0.0f);
+    const Prepared p = prepare(W, x, s.slots[0], kernels, act, grid_step(s, 0));
     pool.run(n_tasks_of(W), [&](int task, int) { run_task(W, x, p, task, y, kernels); });
 }
 
@@ -526,7 +528,7 @@ void matvec_group(int n, const Linear* const* W, const float* x, float* const* y
     Prepared p[MAX_GROUP];
     int first[MAX_GROUP + 1] = {0};  // task ranges, concatenated
     for (int i = 0; i < n; ++i) {
-        p[i] = prepare(*W[i], x, s.slots[i], kernels, act, s.act_grid ? s.act_grid[0] : 0.0f);
+        p[i] = prepare(*W[i], x, s.slots[i], kernels, act, grid_step(s, 0));
         first[i + 1] = first[i] + n_tasks_of(*W[i]);
     }
     pool.run(first[n], [&](int task, int) {
@@ -770,7 +772,7 @@ static void matmul_q8(const Linear& W, const float* X, int n, float* Y, ThreadPo
         thread_local std::vector<int> off;
         off.resize(n_chunks);
         prepare_token(W, X + (size_t)t * K, kernels, ACT_Q8, xp + t * xf, xs + (size_t)t * n_chunks, off.data(),
-                      xq + (size_t)t * n8, s.act_grid ? s.act_grid[t] : 0.0f);
+                      xq + (size_t)t * n8, grid_step(s, t));
         if (t == 0) std::copy(off.begin(), off.end(), x8off);
     });
     auto prep = [&](int t) { return Prepared{xp + t * xf, xs + (size_t)t * n_chunks, x8off, xq + (size_t)t * n8}; };
