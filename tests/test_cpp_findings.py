@@ -7,6 +7,7 @@ context size, non-finite logits given to the sampler).
 from __future__ import annotations
 
 import ctypes as C
+import json
 import os
 import shutil
 import struct
@@ -261,6 +262,22 @@ def _run_tool() -> str:
     if not exe:
         pytest.skip("wqedge-run is neither next to the library nor on PATH")
     return exe
+
+
+def test_bench_tool_reports_its_own_peak_rss_not_its_parents(tiny):
+    """wqedge-bench's peak RSS came from ru_maxrss, which survives exec: started by a Python benchmark holding
+    torch it reported the parent's gigabytes (10 GB for a 0.7 GB model). It reads VmHWM now (Linux)."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("no /proc: the tool falls back to ru_maxrss")
+    exe = Path(_run_tool()).with_name("wqedge-bench")
+    if not exe.is_file():
+        pytest.skip("wqedge-bench is not next to wqedge-run")
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB resident in this process before the fork
+    r = subprocess.run([str(exe), "-m", str(tiny), "-p", "4", "-n", "4", "-r", "1", "-t", "1", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rss = json.loads(r.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    assert 0 < rss < 200, (rss, ballast.nbytes)
 
 
 @pytest.mark.parametrize("n,match", [("4294967297", "outside"), ("1000000000000", "outside"), ("0", "outside"),
