@@ -22,7 +22,8 @@ HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.uti
 
 
 def test_parse_rows_sets_and_order():
-    assert parse_rows("all") == list(ROWS)
+    assert parse_rows("all") == [k for k in ROWS if not k.startswith("wq-at-")]
+    assert parse_rows("all,matched") == list(ROWS)
     assert parse_rows("lcp-q4_0 , wq-q4,quick") == [k for k in ROWS if k in {"wq-q4", "lcp-Q4_0", *SETS["quick"]}]
     with pytest.raises(ValueError, match="unknown row 'nope'"):
         parse_rows("wq-q4,nope")
@@ -64,6 +65,26 @@ def test_comparisons_pair_each_row_with_issue_12s_types():
     assert got[("wq-2.5-a8", "lcp-Q2_K")]["decode_ratio"] == 1.5 and got[("wq-2.5-a8", "lcp-Q2_K")]["targets"]["decode"]
     assert not got[("wq-2.5-a8", "lcp-IQ2_XXS")]["targets"]["decode"]     # 1.25x < 1.5x
     assert ("wq-2.5-a8", "lcp-Q4_0") not in got
+
+
+def test_matched_rows_pair_our_plan_with_the_llamacpp_file_at_its_bits():
+    """Issue 13's "our file <= llama.cpp at every bpw": --rows matched puts each llama.cpp type beside our plan at
+    its measured bits; the comparison pairs them ("same bits") and the ppl target is <=."""
+    from wqedge.bench.runner import comparisons
+    m = parse_rows("matched")
+    assert {"lcp-Q4_0", "wq-at-Q4_0", "wq-at-Q4_0-a8", "lcp-Q2_K", "wq-at-Q2_K"} <= set(m)
+    assert not ROWS["wq-at-Q4_0"].speed and ROWS["wq-at-Q4_0-a8"].act == "q8"
+
+    def row(name, backend, bits, ppl):
+        return {"model": "m", "row": name, "backend": backend, "bits": bits, "decode_tok_s": 100.0, "status": "ok",
+                "prefill_tok_s": 10.0, "peak_mib": 100.0, "roofline_fraction": 0.5, "perplexity": ppl}
+    rows = [row("wq-at-Q4_0", "wqedge", 4.4999, 2.821), row("wq-at-Q2_K-a8", "wqedge", 3.1189, 3.2),
+            row("lcp-Q4_0", "llamacpp", 4.5, 2.821), row("lcp-Q2_K", "llamacpp", 3.119, 3.122)]
+    got = {(c["row"], c["vs"]): c for c in comparisons(rows)}
+    assert got[("wq-at-Q4_0", "lcp-Q4_0")]["match"] == "same bits"
+    assert got[("wq-at-Q4_0", "lcp-Q4_0")]["targets"]["ppl_lower"] is True      # equal perplexity meets "<="
+    assert got[("wq-at-Q2_K-a8", "lcp-Q2_K")]["targets"]["ppl_lower"] is False
+    assert ("wq-at-Q4_0", "lcp-Q2_K") not in got or got[("wq-at-Q4_0", "lcp-Q2_K")]["match"] != "same bits"
 
 
 def test_decode_targets_follow_issue_12():

@@ -783,7 +783,8 @@ def _bench_help() -> str:
     from .bench.report import COLUMNS
     from .bench.rows import ROWS, SETS
     rows = "\n".join(f"  {k:14s} {r.recipe}" for k, r in ROWS.items())
-    sets = "\n".join(f"  {k:9s} {', '.join(v) if k != 'all' else 'every row'}" for k, v in SETS.items())
+    every = "every row but the wq-at-* rows (set 'matched')"
+    sets = "\n".join(f"  {k:9s} {', '.join(v) if k != 'all' else every}" for k, v in SETS.items())
     cols = "\n".join(f"  {k}: {v}" for k, v in COLUMNS.items())
     return (
         "Benchmark our C++ runtime against llama.cpp and ONNX Runtime in one run, on this machine, with the same "

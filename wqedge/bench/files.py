@@ -146,6 +146,8 @@ class ModelFiles:
             lin = self.spec.linears()   # q4 everywhere, whatever ragged chunks cost (4.25 b at K % 128 == 0)
             plan = uniform_plan(lin, 128, model_bits(lin, 128, "q4"), method, action="q4",
                                 model_fingerprint=self.fingerprint)
+        elif key.startswith("wq-at-"):
+            plan = self.plan(self.matched_bits(key[len("wq-at-"):]))
         else:
             plan = self.plan(float(key.split("-", 1)[1]))
         mode = fit_mode(plan, self.calib_text)
@@ -160,6 +162,15 @@ class ModelFiles:
         self.say(f"converting {key} → {path.name}…")
         return write_gguf(self.ckpt, plan, path, self.calib_text, device=self.device,
                           stats=self.stats() if mode == "stats" else None, head=head)
+
+    def matched_bits(self, llamacpp_type: str) -> float:
+        """The effective bits of llama.cpp's `llamacpp_type` file on this model (decoder linears, measured from
+        its tensor bytes, as the bits/w column), rounded down to 1e-4: the budget of our wq-at-<type> plan, so
+        that ours never has more bits than the file it is compared with."""
+        import math
+
+        from ..runtime.llamacpp_eval import measured_linear_bits
+        return math.floor(measured_linear_bits(self._llamacpp(f"lcp-{llamacpp_type}")) * 1e4) / 1e4
 
     def _llamacpp(self, key: str) -> Path:
         try:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 PRESETS_LLAMACPP = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 IQ_TYPES = ("IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 MIXED_BITS = (3.25, 2.5)
+MATCHED_TYPES = PRESETS_LLAMACPP + ("IQ2_XXS",)   # wq-at-<type>: our plan at that llama.cpp file's bits
 A8 = "-a8"   # suffix of the rows that decode with int8 activations (wqe_set_activations(WQE_ACT_Q8))
 
 
@@ -39,6 +40,13 @@ def _rows() -> list[Row]:
                                          "in decode, prefill and perplexity, as llama.cpp does; the library's default, "
                                          "while the plain wq-* rows pin the float reference path; the ppl column "
                                          "compares the two)", act="q8"))
+    for t in MATCHED_TYPES:
+        r.append(Row(f"wq-at-{t}", "wqedge", f"our runtime, greedy mixed plan at the effective bits of the lcp-{t} "
+                                            "file on this model (its decoder linears' tensor bytes, measured), "
+                                            "converted like wq-3.25: ours against llama.cpp at equal bits; quality "
+                                            "model only", speed=False))
+        r.append(Row(f"wq-at-{t}" + A8, "wqedge", f"the wq-at-{t} file with int8 activations (llama.cpp's "
+                                                 "perplexity is with its int8 activations too)", speed=False, act="q8"))
     for p in PRESETS_LLAMACPP:
         r.append(Row(f"lcp-{p}", "llamacpp", f"llama.cpp {p}: llama-quantize's per-tensor recipe (preset_types), "
                                              "llama.cpp's quantizer, importance matrix from the calibration text"))
@@ -60,7 +68,7 @@ def _rows() -> list[Row]:
 ROWS: dict[str, Row] = {r.key: r for r in _rows()}
 
 SETS: dict[str, tuple[str, ...]] = {
-    "all": tuple(ROWS),
+    "all": tuple(k for k in ROWS if not k.startswith("wq-at-")),   # the matched plans: set 'matched' (5 more plans)
     "quick": ("wq-q4", "lcp-Q4_0", "lcp-Q2_K", "ort-portable"),
     "ours": tuple(k for k, r in ROWS.items() if r.backend == "wqedge"),
     "a8": tuple(k for k in ROWS if k.endswith(A8)),
@@ -68,6 +76,8 @@ SETS: dict[str, tuple[str, ...]] = {
     "iq": tuple(f"lcp-{t}" for t in IQ_TYPES),
     "mixed": tuple(f"wq-{b:g}" for b in MIXED_BITS) + tuple(f"lcp-plan-{b:g}" for b in MIXED_BITS),
     "onnx": ("ort-portable", "ort-native"),
+    # issue 13's "our file <= llama.cpp at every bpw": each llama.cpp type beside our plan at its bits
+    "matched": tuple(f"lcp-{t}" for t in MATCHED_TYPES) + tuple(f"wq-at-{t}{a}" for t in MATCHED_TYPES for a in ("", A8)),
 }
 
 

@@ -239,8 +239,9 @@ def comparisons(rows: list[dict]) -> list[dict]:
     for ours in (r for r in ok if r["backend"] == "wqedge"):
         same = [r for r in ok if r["model"] == ours["model"] and r["backend"] == "llamacpp"]
         picks = []
-        proj = ROWS[ours["row"]].file_key.replace("wq-", "lcp-plan-")
-        picks += [("same plan", r) for r in same if r["row"] == proj]
+        fk = ROWS[ours["row"]].file_key
+        proj = "lcp-" + fk[len("wq-at-"):] if fk.startswith("wq-at-") else fk.replace("wq-", "lcp-plan-")
+        picks += [("same bits" if fk.startswith("wq-at-") else "same plan", r) for r in same if r["row"] == proj]
         lower = [r for r in same if r["bits"] <= ours["bits"] + 1e-3]
         if lower:
             best = max(lower, key=lambda r: (round(r["bits"], 3), r["decode_tok_s"]))
@@ -268,5 +269,5 @@ def _compare(a: dict, b: dict, how: str) -> dict:
         c["decode_target"] = decode_target(a["row"])
         c["targets"] = {"decode": c["decode_ratio"] >= c["decode_target"],
                         "roofline": a["roofline_fraction"] >= TARGET_ROOFLINE,
-                        "ppl_lower": None if pa is None or pb is None else pa < pb}
+                        "ppl_lower": None if pa is None or pb is None else pa <= pb}
     return c
