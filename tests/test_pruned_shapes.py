@@ -430,3 +430,30 @@ def test_cli_inspect_shows_per_layer_shapes(files):
     r = CliRunner().invoke(main, ["inspect", str(files["mixed"])])
     assert r.exit_code == 0, r.output
     assert "pruned, per layer (ffn, heads/kv heads): 0: 256, 6/2, 1: 320, 4/1, 2: 288, 4/2" in r.output
+
+
+def test_cli_prune_group_sets_the_ffn_pruning_unit(tiny_model_factory, tmp_path):
+    """--prune-group N reaches the search: the plan records N, and every FFN length it leaves is a multiple of N
+    (N = 256 is what llama.cpp's k-quants need of ffn_down's input). The plan here does prune something:
+    at 2.0 bits the search prefers pruning some FFN channels to narrower codes (as it does on this seed)."""
+    from click.testing import CliRunner
+
+    from wqedge.cli import main
+    from wqedge.tinymodel import tiny_corpus
+
+    model = str(tiny_model_factory(**SHAPE))
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(tiny_corpus(600)))
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(main, ["plan", model, "--bits", "2.0", "--prune", "ffn", "--prune-group", "64",
+                                  "--max-prune", "0.2", "--calib", str(calib), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    plan = Plan.load(out)
+    assert plan.meta["pruning"]["ffn_group_size"] == 64
+    assert plan.pruning is not None and plan.pruning.ffn_group_size == 64, r.output   # 2.0 b: the search prunes
+    spec = plan.pruning.pruned_spec(LlamaCheckpoint.open(model).spec)
+    assert [spec.ff(i) % 64 for i in range(SHAPE["n_layers"])] == [0] * SHAPE["n_layers"]
+    assert min(spec.ff(i) for i in range(SHAPE["n_layers"])) < SHAPE["intermediate"]
+    r = CliRunner().invoke(main, ["plan", model, "--bits", "2.5", "--prune", "ffn", "--prune-group", "0",
+                                  "-o", str(tmp_path / "q.json")])
+    assert r.exit_code == 2 and "--prune-group" in r.output

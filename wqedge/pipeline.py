@@ -70,17 +70,19 @@ def stage2_weight_bits(bits: float, preset: str | None) -> int | None:
 def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None, method: str = "neuqi",
               calib_text: str | None = None, seed: int = 0, device=None, protect=(), preset: str | None = None,
               progress=True, rotate: bool = False, act_bits: int = 8, prune=(), max_prune: float = 0.3,
-              stream_layers: bool | None = None, rotate_stage2: int = 0, resume_dir=None) -> Plan:
+              stream_layers: bool | None = None, rotate_stage2: int = 0, resume_dir=None,
+              prune_group: int = 32) -> Plan:
     """A plan for `ckpt` at `bits` effective bits (or one `preset` action everywhere). PlanError when no
     plan can be made. rotate: RUQuant input transforms (`rotated`), planned on the folded weights;
     rotate_stage2: AdamW steps per group of RUQuant stage 2 (0: stage 1 only), at the plan's act_bits and
     `stage2_weight_bits`, recorded in the plan's rotation config; act_bits: the activation bits recorded for
     the runtime; prune: structure kinds ("ffn", "heads") the greedy allocator may also prune, up to `max_prune`
-    of the weights, under the same budget (wqedge.alloc.joint); stream_layers: plan on the model read one
+    of the weights, under the same budget (wqedge.alloc.joint), FFN channels in units of `prune_group`; stream_layers: plan on the model read one
     decoder layer at a time (wqedge.stream; None: when it does not fit); resume_dir: keep per-layer checkpoints of
     the planning statistics there and resume from them (wqedge.resume). progress: True (lines on stderr), a
     callable taking a line, or False."""
-    more = dict(prune=prune, max_prune=max_prune, stream_layers=stream_layers, resume_dir=resume_dir)
+    more = dict(prune=prune, max_prune=max_prune, stream_layers=stream_layers, resume_dir=resume_dir,
+                prune_group=prune_group)
     if rotate_stage2 and not rotate:
         raise PlanError("stage 2 of RUQuant (--rotate-stage2) learns a reflection of the rotation: it needs --rotate")
     if rotate:
@@ -126,7 +128,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     from .alloc.planner import make_plan as plan_with_table
     return plan_with_table(ckpt, bits, allocator=allocator, group_size=group, calib_text=calib_text, seed=seed,
                            device=device, method=method, protect=protect, progress=progress, prune=prune,
-                           max_prune=max_prune, resume_dir=resume_dir,
+                           max_prune=max_prune, prune_group=prune_group, resume_dir=resume_dir,
                            **({} if stream_layers is None else {"stream_layers": stream_layers}))
 
 
@@ -518,7 +520,8 @@ def _pruned_width_hint(spec, pruned) -> str:
     shown = ", ".join(odd[:4]) + (f" and {len(odd) - 4} more" if len(odd) > 4 else "")
     return (f"; pruning left widths that are not multiples of 256 ({shown}), and llama.cpp's types below 4.5 bits "
             "need 256-column blocks, so ffn_down / attn_output there take Q4_0/Q8_0-class types: give this target "
-            "a larger --bits, or use --target gguf (wqedge's runtime runs pruned models at any width)")
+            "a larger --bits, plan with --prune-group 256 (FFN lengths in steps of 256), or use --target gguf "
+            "(wqedge's runtime runs pruned models at any width)")
 
 
 def _convert_llamacpp(ckpt, plan: Plan, output: Path, calib_text: str | None, device) -> Written:
