@@ -344,3 +344,23 @@ def test_greedy_allocator_takes_subscale_kinds_when_offered(tiny_model_factory):
     plan = make_plan(ckpt, 4.7, "greedy", group_size=128, progress=False, actions=blocks.ACTION_NAMES)
     used = {a for t in plan.tensors for a in t.actions}
     assert "q4s" in used and plan.effective_bits() <= 4.7
+
+
+def test_cli_two_level_offers_the_subscale_kinds(tiny_model_factory, tmp_path):
+    """`plan --two-level` puts q4s/q3s/q2s in the greedy allocator's actions (weight-only without calibration:
+    greedy, not the uniform default); on this model at 4.5 bits it takes q4s for some chunks and meets the budget.
+    It does not go with a preset."""
+    from click.testing import CliRunner
+    from wqedge.cli import main
+    from wqedge.plan import Plan
+    model = str(tiny_model_factory(hidden=128, n_layers=3, n_heads=8, n_kv_heads=2, intermediate=320, vocab_size=512))
+    out = tmp_path / "p.json"
+    res = CliRunner().invoke(main, ["plan", model, "--bits", "4.5", "--two-level", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    p = Plan.load(out)
+    hist = p.action_histogram()
+    assert p.allocator == "greedy" and hist.get("q4s", 0) > 0 and p.effective_bits() <= 4.5, hist
+    res = CliRunner().invoke(main, ["plan", model, "--bits", "4.5", "--two-level", "--preset", "q4",
+                                    "-o", str(tmp_path / "q.json")])
+    assert res.exit_code != 0 and "--two-level offers the two-level kinds to the greedy allocator" in res.output
+    assert not (tmp_path / "q.json").exists()

@@ -130,14 +130,14 @@ def _parse_prune(ctx, param, value):
 
 def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None, rotate=None,
                act_bits=8, prune=(), max_prune=0.3, stream_layers=None, rotate_stage2=None, resume_dir=None,
-               prune_group=32):
+               prune_group=32, two_level=False):
     from .pipeline import make_plan
     from .plan import PlanError
     try:
         plan = make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect, preset,
                          rotate=rotate is not None, act_bits=act_bits, prune=prune,
                          max_prune=max_prune, stream_layers=stream_layers, rotate_stage2=rotate_stage2 or 0,
-                         resume_dir=resume_dir, prune_group=prune_group)
+                         resume_dir=resume_dir, prune_group=prune_group, two_level=two_level)
     except PlanError as e:
         _fail(str(e))
     if plan.allocator == "uniform":
@@ -224,6 +224,12 @@ _common_plan_options = [
                       "over the unpruned model's weights. Needs calibration text (or self-calibration)."),
     click.option("--max-prune", type=click.FloatRange(0.0, 0.9), default=0.3, show_default=True,
                  help="With --prune: the largest fraction of decoder linear weights the search may remove."),
+    click.option("--two-level", is_flag=True, default=False,
+                 help="Offer the two-level kinds (q4s, q3s, q2s: an fp16 scale per chunk row and 6-bit sub-scales and "
+                      "offsets per 32 columns, as llama.cpp's k-quants) to the greedy allocator beside the others. "
+                      "Lower perplexity at 4 bits and up (llama-s, calibrated: 4.5 b 2.814 against 2.827 without and "
+                      "llama.cpp Q4_0's 2.820; bench/results/matched_bits.md), but the runtime has no row-tile "
+                      "kernels for them yet: decode is about 2.5x slower. Off by default for that reason."),
     click.option("--prune-group", type=click.IntRange(min=1), default=32, show_default=True, metavar="N",
                  help="With --prune ffn: FFN channels per pruning unit. 256 keeps every pruned FFN length a multiple "
                       "of 256 where the model's is, so `--target llamacpp` can still give ffn_down llama.cpp's "
@@ -369,8 +375,8 @@ def torch_dist_error():
                    f"--target gguf only.")
 @distributed_option
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
-            rotate, rotate_stage2, prune, max_prune, prune_group, feedback_windows, stream_layers, resume_dir, act_bits,
-            plan_path, save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, kv_bits, kv_rotation, head):
+            rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers, resume_dir,
+            act_bits, plan_path, save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, kv_bits, kv_rotation, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
     With no MODEL_DIR, a tiny random LLaMA is built on the spot and converted (a self-contained demo).
@@ -415,7 +421,8 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
             _fail(str(e))
     else:
         plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate,
-                          act_bits, prune, max_prune, stream_layers, rotate_stage2, resume_dir, prune_group)
+                          act_bits, prune, max_prune, stream_layers, rotate_stage2, resume_dir, prune_group,
+                          two_level)
     if feedback_windows is not None:
         pipeline.set_feedback_windows(plan, feedback_windows)
     kv = _kv_cache_spec(kv_bits, kv_rotation)
@@ -510,8 +517,8 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, recorded beside it.")
 @distributed_option
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
-         rotate, rotate_stage2, prune, max_prune, prune_group, feedback_windows, stream_layers, resume_dir, act_bits,
-         kv_bits, kv_rotation):
+         rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers, resume_dir,
+         act_bits, kv_bits, kv_rotation):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
 
@@ -523,7 +530,7 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
     ckpt = _open_checkpoint(model_dir)
     calib_text = _read_calib(calib) if calib else None
     p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate, act_bits,
-                   prune, max_prune, stream_layers, rotate_stage2, resume_dir, prune_group)
+                   prune, max_prune, stream_layers, rotate_stage2, resume_dir, prune_group, two_level)
     if kv is not None:
         p.kv_cache = kv.to_plan()
     if feedback_windows is not None:

@@ -71,18 +71,19 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
               calib_text: str | None = None, seed: int = 0, device=None, protect=(), preset: str | None = None,
               progress=True, rotate: bool = False, act_bits: int = 8, prune=(), max_prune: float = 0.3,
               stream_layers: bool | None = None, rotate_stage2: int = 0, resume_dir=None,
-              prune_group: int = 32) -> Plan:
+              prune_group: int = 32, two_level: bool = False) -> Plan:
     """A plan for `ckpt` at `bits` effective bits (or one `preset` action everywhere). PlanError when no
     plan can be made. rotate: RUQuant input transforms (`rotated`), planned on the folded weights;
     rotate_stage2: AdamW steps per group of RUQuant stage 2 (0: stage 1 only), at the plan's act_bits and
     `stage2_weight_bits`, recorded in the plan's rotation config; act_bits: the activation bits recorded for
     the runtime; prune: structure kinds ("ffn", "heads") the greedy allocator may also prune, up to `max_prune`
-    of the weights, under the same budget (wqedge.alloc.joint), FFN channels in units of `prune_group`; stream_layers: plan on the model read one
-    decoder layer at a time (wqedge.stream; None: when it does not fit); resume_dir: keep per-layer checkpoints of
-    the planning statistics there and resume from them (wqedge.resume). progress: True (lines on stderr), a
-    callable taking a line, or False."""
+    of the weights, under the same budget (wqedge.alloc.joint), FFN channels in units of `prune_group`;
+    stream_layers: plan on the model read one decoder layer at a time (wqedge.stream; None: when it does not fit);
+    resume_dir: keep per-layer checkpoints of the planning statistics there and resume from them (wqedge.resume);
+    two_level: the greedy allocator may also choose the two-level kinds (q4s, q3s, q2s: sub-scales per 32
+    columns; no row-tile kernels yet). progress: True (lines on stderr), a callable taking a line, or False."""
     more = dict(prune=prune, max_prune=max_prune, stream_layers=stream_layers, resume_dir=resume_dir,
-                prune_group=prune_group)
+                prune_group=prune_group, two_level=two_level)
     if rotate_stage2 and not rotate:
         raise PlanError("stage 2 of RUQuant (--rotate-stage2) learns a reflection of the rotation: it needs --rotate")
     if rotate:
@@ -114,7 +115,10 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
                             f"{allocator}")
         allocator = "uniform"
     if allocator is None:
-        allocator = default_allocator(calib_text)
+        allocator = "greedy" if two_level else default_allocator(calib_text)   # (weight-only without calibration)
+    if two_level and allocator != "greedy":
+        raise PlanError("--two-level offers the two-level kinds to the greedy allocator; it does not go with "
+                        f"{'--preset' if preset else '--allocator ' + allocator}")
     if allocator == "uniform" and prune:
         raise PlanError("pruning (--prune) is searched by the greedy allocator: give calibration text (or "
                         "self-calibration) and no --preset / --allocator uniform")
@@ -126,9 +130,11 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
         return uniform_plan(linears, group, bits, method, action=preset, model_name=ckpt.spec.name,
                             model_fingerprint=ckpt.fingerprint())
     from .alloc.planner import make_plan as plan_with_table
+    from .blocks import ACTION_NAMES
     return plan_with_table(ckpt, bits, allocator=allocator, group_size=group, calib_text=calib_text, seed=seed,
                            device=device, method=method, protect=protect, progress=progress, prune=prune,
                            max_prune=max_prune, prune_group=prune_group, resume_dir=resume_dir,
+                           **({"actions": ACTION_NAMES} if two_level else {}),
                            **({} if stream_layers is None else {"stream_layers": stream_layers}))
 
 
