@@ -21,7 +21,7 @@ say = lambda m: print(m, file=sys.stderr, flush=True)
 if plans:  # llama-s greedy plans already made (plan-greedy-<bits>.json): no fixture, no planning here
     from wqedge.plan import Plan
     class Plans:
-        def plan(self, bits):
+        def plan(self, bits, two_level=False):
             return Plan.load(Path(plans) / f"plan-greedy-{bits:g}.json")
     qual = Plans()
 else:

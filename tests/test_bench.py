@@ -22,7 +22,7 @@ HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.uti
 
 
 def test_parse_rows_sets_and_order():
-    assert parse_rows("all") == [k for k in ROWS if not k.startswith("wq-at-")]
+    assert parse_rows("all") == [k for k in ROWS if "-at-" not in k]
     assert parse_rows("all,matched") == list(ROWS)
     assert parse_rows("lcp-q4_0 , wq-q4,quick") == [k for k in ROWS if k in {"wq-q4", "lcp-Q4_0", *SETS["quick"]}]
     with pytest.raises(ValueError, match="unknown row 'nope'"):
@@ -78,10 +78,12 @@ def test_matched_rows_pair_our_plan_with_the_llamacpp_file_at_its_bits():
     def row(name, backend, bits, ppl):
         return {"model": "m", "row": name, "backend": backend, "bits": bits, "decode_tok_s": 100.0, "status": "ok",
                 "prefill_tok_s": 10.0, "peak_mib": 100.0, "roofline_fraction": 0.5, "perplexity": ppl}
+    assert "wq-2l-at-Q4_0" in m and not ROWS["wq-2l-at-Q4_0"].speed
     rows = [row("wq-at-Q4_0", "wqedge", 4.4999, 2.821), row("wq-at-Q2_K-a8", "wqedge", 3.1189, 3.2),
+            row("wq-2l-at-Q4_0", "wqedge", 4.4998, 2.81),
             row("lcp-Q4_0", "llamacpp", 4.5, 2.821), row("lcp-Q2_K", "llamacpp", 3.119, 3.122)]
     got = {(c["row"], c["vs"]): c for c in comparisons(rows)}
-    assert got[("wq-at-Q4_0", "lcp-Q4_0")]["match"] == "same bits"
+    assert got[("wq-at-Q4_0", "lcp-Q4_0")]["match"] == got[("wq-2l-at-Q4_0", "lcp-Q4_0")]["match"] == "same bits"
     assert got[("wq-at-Q4_0", "lcp-Q4_0")]["targets"]["ppl_lower"] is True      # equal perplexity meets "<="
     assert got[("wq-at-Q2_K-a8", "lcp-Q2_K")]["targets"]["ppl_lower"] is False
     assert ("wq-at-Q4_0", "lcp-Q2_K") not in got or got[("wq-at-Q4_0", "lcp-Q2_K")]["match"] != "same bits"

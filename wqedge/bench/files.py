@@ -104,25 +104,27 @@ class ModelFiles:
                 os.replace(str(p) + ".tmp", p)
         return self._stats
 
-    def plan(self, bits: float):
-        """The mixed plan at `bits`: greedy make_plan on this model (cached), or the plan source's resampled."""
-        if bits in self._plans:
-            return self._plans[bits]
+    def plan(self, bits: float, two_level: bool = False):
+        """The mixed plan at `bits`: greedy make_plan on this model (cached), or the plan source's resampled.
+        two_level: the two-level kinds offered too (blocks.ACTION_NAMES)."""
+        if (bits, two_level) in self._plans:
+            return self._plans[bits, two_level]
         from ..plan import Plan
         if self.plan_source is not None:
-            p = resample_plan(self.plan_source.plan(bits), self.spec, self.fingerprint)
+            p = resample_plan(self.plan_source.plan(bits, two_level), self.spec, self.fingerprint)
         else:
-            path = self.dir / f"plan-greedy-{bits:g}.json"
+            path = self.dir / f"plan-greedy{'-2l' if two_level else ''}-{bits:g}.json"
             if self._fresh(path):
                 p = Plan.load(path, self.spec, self.fingerprint)
             else:
                 from ..alloc.planner import make_plan
                 self.say(f"planning greedy at {bits:g} bits (~100 s on 2 cores; cached afterwards)…")
+                from ..blocks import ACTION_NAMES
                 p = make_plan(self.ckpt, bits, allocator="greedy", calib_text=self.calib_text, device=self.device,
-                              progress=self.say)
+                              progress=self.say, **({"actions": ACTION_NAMES} if two_level else {}))
                 p.save(str(path) + ".tmp")
                 os.replace(str(path) + ".tmp", path)
-        self._plans[bits] = p
+        self._plans[bits, two_level] = p
         return p
 
     # ------------------------------------------------------------ files
@@ -146,8 +148,8 @@ class ModelFiles:
             lin = self.spec.linears()   # q4 everywhere, whatever ragged chunks cost (4.25 b at K % 128 == 0)
             plan = uniform_plan(lin, 128, model_bits(lin, 128, "q4"), method, action="q4",
                                 model_fingerprint=self.fingerprint)
-        elif key.startswith("wq-at-"):
-            plan = self.plan(self.matched_bits(key[len("wq-at-"):]))
+        elif key.startswith(("wq-at-", "wq-2l-at-")):
+            plan = self.plan(self.matched_bits(key.split("-at-", 1)[1]), two_level=key.startswith("wq-2l-"))
         else:
             plan = self.plan(float(key.split("-", 1)[1]))
         mode = fit_mode(plan, self.calib_text)

@@ -47,6 +47,9 @@ def _rows() -> list[Row]:
                                             "model only", speed=False))
         r.append(Row(f"wq-at-{t}" + A8, "wqedge", f"the wq-at-{t} file with int8 activations (llama.cpp's "
                                                  "perplexity is with its int8 activations too)", speed=False, act="q8"))
+        r.append(Row(f"wq-2l-at-{t}", "wqedge", f"as wq-at-{t}, with the two-level kinds (q4s/q3s/q2s) offered to "
+                                               "the allocator too (`--two-level`; no tile kernels yet, so slower)",
+                     speed=False))
     for p in PRESETS_LLAMACPP:
         r.append(Row(f"lcp-{p}", "llamacpp", f"llama.cpp {p}: llama-quantize's per-tensor recipe (preset_types), "
                                              "llama.cpp's quantizer, importance matrix from the calibration text"))
@@ -68,7 +71,7 @@ def _rows() -> list[Row]:
 ROWS: dict[str, Row] = {r.key: r for r in _rows()}
 
 SETS: dict[str, tuple[str, ...]] = {
-    "all": tuple(k for k in ROWS if not k.startswith("wq-at-")),   # the matched plans: set 'matched' (5 more plans)
+    "all": tuple(k for k in ROWS if not k.startswith(("wq-at-", "wq-2l-at-"))),   # the matched plans: set 'matched' (5 more plans)
     "quick": ("wq-q4", "lcp-Q4_0", "lcp-Q2_K", "ort-portable"),
     "ours": tuple(k for k, r in ROWS.items() if r.backend == "wqedge"),
     "a8": tuple(k for k in ROWS if k.endswith(A8)),
@@ -77,7 +80,8 @@ SETS: dict[str, tuple[str, ...]] = {
     "mixed": tuple(f"wq-{b:g}" for b in MIXED_BITS) + tuple(f"lcp-plan-{b:g}" for b in MIXED_BITS),
     "onnx": ("ort-portable", "ort-native"),
     # issue 13's "our file <= llama.cpp at every bpw": each llama.cpp type beside our plan at its bits
-    "matched": tuple(f"lcp-{t}" for t in MATCHED_TYPES) + tuple(f"wq-at-{t}{a}" for t in MATCHED_TYPES for a in ("", A8)),
+    "matched": tuple(f"lcp-{t}" for t in MATCHED_TYPES) + tuple(f"wq-at-{t}{a}" for t in MATCHED_TYPES for a in ("", A8))
+               + tuple(f"wq-2l-at-{t}" for t in MATCHED_TYPES),
 }
 
 

@@ -240,8 +240,9 @@ def comparisons(rows: list[dict]) -> list[dict]:
         same = [r for r in ok if r["model"] == ours["model"] and r["backend"] == "llamacpp"]
         picks = []
         fk = ROWS[ours["row"]].file_key
-        proj = "lcp-" + fk[len("wq-at-"):] if fk.startswith("wq-at-") else fk.replace("wq-", "lcp-plan-")
-        picks += [("same bits" if fk.startswith("wq-at-") else "same plan", r) for r in same if r["row"] == proj]
+        matched = "-at-" in fk
+        proj = "lcp-" + fk.split("-at-", 1)[1] if matched else fk.replace("wq-", "lcp-plan-")
+        picks += [("same bits" if matched else "same plan", r) for r in same if r["row"] == proj]
         lower = [r for r in same if r["bits"] <= ours["bits"] + 1e-3]
         if lower:
             best = max(lower, key=lambda r: (round(r["bits"], 3), r["decode_tok_s"]))
