@@ -21,8 +21,8 @@ say = lambda m: print(m, file=sys.stderr, flush=True)
 if plans:  # llama-s greedy plans already made (plan-greedy-<bits>.json): no fixture, no planning here
     from wqedge.plan import Plan
     class Plans:
-        def plan(self, bits, two_level=False):
-            return Plan.load(Path(plans) / f"plan-greedy-{bits:g}.json")
+        def plan(self, bits, two_level=False):  # the names wqedge.bench.files.ModelFiles.plan caches them under
+            return Plan.load(Path(plans) / f"plan-greedy{'-2l' if two_level else ''}-{bits:g}.json")
     qual = Plans()
 else:
     from wqedge.cli import _default_fixture

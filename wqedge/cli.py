@@ -796,7 +796,7 @@ def _bench_help() -> str:
     from .bench.report import COLUMNS
     from .bench.rows import ROWS, SETS
     rows = "\n".join(f"  {k:14s} {r.recipe}" for k, r in ROWS.items())
-    every = "every row but the wq-at-* rows (set 'matched')"
+    every = "every row but the wq-at-* and wq-2l-at-* rows (set 'matched')"
     sets = "\n".join(f"  {k:9s} {', '.join(v) if k != 'all' else every}" for k, v in SETS.items())
     cols = "\n".join(f"  {k}: {v}" for k, v in COLUMNS.items())
     return (

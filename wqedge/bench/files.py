@@ -148,8 +148,8 @@ class ModelFiles:
             lin = self.spec.linears()   # q4 everywhere, whatever ragged chunks cost (4.25 b at K % 128 == 0)
             plan = uniform_plan(lin, 128, model_bits(lin, 128, "q4"), method, action="q4",
                                 model_fingerprint=self.fingerprint)
-        elif key.startswith(("wq-at-", "wq-2l-at-")):
-            plan = self.plan(self.matched_bits(key.split("-at-", 1)[1]), two_level=key.startswith("wq-2l-"))
+        elif ROWS[key].matched:
+            plan = self.plan(self.matched_bits(ROWS[key].matched), two_level=ROWS[key].two_level)
         else:
             plan = self.plan(float(key.split("-", 1)[1]))
         mode = fit_mode(plan, self.calib_text)

@@ -21,6 +21,8 @@ class Row:
     recipe: str     # how the file is made (for --help and the report)
     speed: bool = True   # also run on the speed model
     act: str = "f32"     # our runtime's decode activations: "f32" (exact, the library default) or "q8" (int8)
+    matched: str | None = None   # our plan at the bits of this llama.cpp type's file (set 'matched'), compared with it
+    two_level: bool = False      # that plan with the two-level kinds offered (--two-level)
 
     @property
     def file_key(self) -> str:
@@ -44,12 +46,13 @@ def _rows() -> list[Row]:
         r.append(Row(f"wq-at-{t}", "wqedge", f"our runtime, greedy mixed plan at the effective bits of the lcp-{t} "
                                             "file on this model (its decoder linears' tensor bytes, measured), "
                                             "converted like wq-3.25: ours against llama.cpp at equal bits; quality "
-                                            "model only", speed=False))
+                                            "model only", speed=False, matched=t))
         r.append(Row(f"wq-at-{t}" + A8, "wqedge", f"the wq-at-{t} file with int8 activations (llama.cpp's "
-                                                 "perplexity is with its int8 activations too)", speed=False, act="q8"))
+                                                 "perplexity is with its int8 activations too)", speed=False, act="q8",
+                     matched=t))
         r.append(Row(f"wq-2l-at-{t}", "wqedge", f"as wq-at-{t}, with the two-level kinds (q4s/q3s/q2s) offered to "
                                                "the allocator too (`--two-level`; no tile kernels yet, so slower)",
-                     speed=False))
+                     speed=False, matched=t, two_level=True))
     for p in PRESETS_LLAMACPP:
         r.append(Row(f"lcp-{p}", "llamacpp", f"llama.cpp {p}: llama-quantize's per-tensor recipe (preset_types), "
                                              "llama.cpp's quantizer, importance matrix from the calibration text"))
@@ -71,7 +74,7 @@ def _rows() -> list[Row]:
 ROWS: dict[str, Row] = {r.key: r for r in _rows()}
 
 SETS: dict[str, tuple[str, ...]] = {
-    "all": tuple(k for k in ROWS if not k.startswith(("wq-at-", "wq-2l-at-"))),   # the matched plans: set 'matched' (5 more plans)
+    "all": tuple(k for k, r in ROWS.items() if not r.matched),   # the matched rows (5 more plans): set 'matched'
     "quick": ("wq-q4", "lcp-Q4_0", "lcp-Q2_K", "ort-portable"),
     "ours": tuple(k for k, r in ROWS.items() if r.backend == "wqedge"),
     "a8": tuple(k for k in ROWS if k.endswith(A8)),
@@ -80,8 +83,7 @@ SETS: dict[str, tuple[str, ...]] = {
     "mixed": tuple(f"wq-{b:g}" for b in MIXED_BITS) + tuple(f"lcp-plan-{b:g}" for b in MIXED_BITS),
     "onnx": ("ort-portable", "ort-native"),
     # issue 13's "our file <= llama.cpp at every bpw": each llama.cpp type beside our plan at its bits
-    "matched": tuple(f"lcp-{t}" for t in MATCHED_TYPES) + tuple(f"wq-at-{t}{a}" for t in MATCHED_TYPES for a in ("", A8))
-               + tuple(f"wq-2l-at-{t}" for t in MATCHED_TYPES),
+    "matched": tuple(f"lcp-{t}" for t in MATCHED_TYPES) + tuple(k for k, r in ROWS.items() if r.matched),
 }
 
 

@@ -239,9 +239,8 @@ def comparisons(rows: list[dict]) -> list[dict]:
     for ours in (r for r in ok if r["backend"] == "wqedge"):
         same = [r for r in ok if r["model"] == ours["model"] and r["backend"] == "llamacpp"]
         picks = []
-        fk = ROWS[ours["row"]].file_key
-        matched = "-at-" in fk
-        proj = "lcp-" + fk.split("-at-", 1)[1] if matched else fk.replace("wq-", "lcp-plan-")
+        matched = ROWS[ours["row"]].matched
+        proj = f"lcp-{matched}" if matched else ROWS[ours["row"]].file_key.replace("wq-", "lcp-plan-")
         picks += [("same bits" if matched else "same plan", r) for r in same if r["row"] == proj]
         lower = [r for r in same if r["bits"] <= ours["bits"] + 1e-3]
         if lower:
