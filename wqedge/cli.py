@@ -219,8 +219,8 @@ _common_plan_options = [
                       f"(bench/results/ruquant.md)."),
     click.option("--prune", default="", callback=_parse_prune, metavar="ffn,heads",
                  help="Let the greedy allocator also prune structures as 0-bit actions under the same budget: "
-                      "'ffn' (FFN channels in groups of --prune-group: rows of gate/up, columns of down), 'heads' (query heads, "
-                      "evenly per KV group, or whole KV groups). Pruned weights leave the file; --bits stays bits "
+                      "'ffn' (FFN channels in groups of --prune-group: rows of gate/up, columns of down), 'heads' "
+                      "(query heads, evenly per KV group, or whole KV groups). Pruned weights leave the file; --bits stays bits "
                       "over the unpruned model's weights. Needs calibration text (or self-calibration)."),
     click.option("--max-prune", type=click.FloatRange(0.0, 0.9), default=0.3, show_default=True,
                  help="With --prune: the largest fraction of decoder linear weights the search may remove."),
@@ -375,8 +375,9 @@ def torch_dist_error():
                    f"--target gguf only.")
 @distributed_option
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
-            rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers, resume_dir,
-            act_bits, plan_path, save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant, kv_bits, kv_rotation, head):
+            rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers,
+            resume_dir, act_bits, plan_path, save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant,
+            kv_bits, kv_rotation, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
 
     With no MODEL_DIR, a tiny random LLaMA is built on the spot and converted (a self-contained demo).
