@@ -344,11 +344,14 @@ static void q3_tile_unpack(const uint8_t* t, int r, uint8_t* o) {  // row r of o
 
 static int tile_vectors(int id) { return id == 1 ? 8 : id == 2 ? 4 : 2; }  // q8, q4, q2: 32-byte vectors per block
 
-static void tile_pack_block(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS], uint8_t* dst) {
+// The one-scale kind whose codes a kind's tiles hold: a two-level kind's (q4s, q3s, q2s: ids 7-9) are q4, q3, q2's.
+static int tile_code_kind(int id) { return id >= 7 ? id - 5 : id; }
+
+static void tile_pack_block(int id, const uint8_t* const src[TILE_ROWS], uint8_t* dst) {
     // q8, q4 and q2: byte 4v + k of row r's block goes to vector v, byte 4r + k. For q8 that byte is column 4v + k;
     // for q4 it holds columns 4v + k (low) and 16 + 4v + k (high); for q2 its bit pairs 2s hold column
     // 8s + 4v + k = 4(2s + v) + k.
-    const int id = bt.id, nv = tile_vectors(id);
+    const int nv = tile_vectors(id);
     if (id == 3) {
         for (int r = 0; r < TILE_ROWS; ++r) q3_tile_pack(src[r], dst + 4 * r, dst + 32 + 4 * r, dst + 64 + 4 * r);
         return;
@@ -360,8 +363,8 @@ static void tile_pack_block(const BlockTraits& bt, const uint8_t* const src[TILE
         for (int r = 0; r < TILE_ROWS; ++r) tile_bits_pack(load_u32(src[r]), dst + 4 * r);
 }
 
-static void tile_unpack_rows(const BlockTraits& bt, const uint8_t* t, int nb, uint8_t* dst, size_t stride) {
-    const int id = bt.id, nv = tile_vectors(id), sub = bt.tile_sub;
+static void tile_unpack_rows(int id, int sub, const uint8_t* t, int nb, uint8_t* dst, size_t stride) {
+    const int nv = tile_vectors(id);
     const uint32_t* spread = id == 6 ? tile_spread() : nullptr;
     for (int b = 0; b < nb; ++b, t += TILE_ROWS * sub)
         for (int r = 0; r < TILE_ROWS; ++r) {
@@ -383,7 +386,34 @@ static int tile_ternary_bytes(int g_pad) { return (ternary_bytes(g_pad) + 3) & ~
 
 size_t tile_code_bytes(const BlockTraits& bt, int g_pad) {
     if (bt.id == 5) return (size_t)tile_ternary_bytes(g_pad);
-    return bt.tile_sub ? (size_t)(g_pad / 32) * bt.tile_sub : bt.code_bytes(g_pad);
+    if (!bt.tile_sub) return bt.code_bytes(g_pad);
+    return (bt.two_level ? (size_t)sub_bytes(g_pad) : 0) + (size_t)(g_pad / 32) * bt.tile_sub;
+}
+
+// Two-level tiles (docs/format.md "Row tiles"): the 8 rows' sub-scale codes first, 12 bytes per 32-column block b at
+// 12 b: byte r = row r's low byte (s_b & 15 | (n_b & 15) << 4), then a u32 whose bits 4r..4r+3 are row r's high nibble
+// (s_b >> 4 | (n_b >> 4) << 2); zero to 8 sub_bytes(g_pad) bytes. Then the codes, tiled as q4 / q3 / q2.
+static void tile_pack_sub(const uint8_t* const src[TILE_ROWS], int g_pad, uint8_t* dst) {
+    const int n = g_pad / 32;
+    std::memset(dst, 0, (size_t)TILE_ROWS * sub_bytes(g_pad));
+    for (int b = 0; b < n; ++b)
+        for (int r = 0; r < TILE_ROWS; ++r) {
+            dst[12 * b + r] = src[r][b];
+            const int nib = (src[r][n + b / 2] >> (4 * (b & 1))) & 0x0F;
+            dst[12 * b + 8 + r / 2] |= (uint8_t)(nib << (4 * (r & 1)));
+        }
+}
+static void tile_unpack_sub(const uint8_t* t, int g_pad, uint8_t* dst, size_t stride) {
+    const int n = g_pad / 32;
+    for (int r = 0; r < TILE_ROWS; ++r) {
+        uint8_t* o = dst + r * stride;
+        std::memset(o, 0, (size_t)sub_bytes(g_pad));
+        for (int b = 0; b < n; ++b) {
+            o[b] = t[12 * b + r];
+            const int nib = (t[12 * b + 8 + r / 2] >> (4 * (r & 1))) & 0x0F;
+            o[n + b / 2] |= (uint8_t)(nib << (4 * (b & 1)));
+        }
+    }
 }
 
 void tile_pack_codes(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS], int g_pad, uint8_t* dst) {
@@ -394,11 +424,14 @@ void tile_pack_codes(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS],
         return;
     }
     const int sub = bt.tile_sub;
+    const size_t sb = bt.two_level ? (size_t)sub_bytes(g_pad) : 0;  // the sub-scale codes before the codes
+    if (sb) tile_pack_sub(src, g_pad, dst);
+    dst += TILE_ROWS * sb;
     std::memset(dst, 0, (size_t)(g_pad / 32) * TILE_ROWS * sub);
     for (int b = 0; b < g_pad / 32; ++b) {
         const uint8_t* s8[TILE_ROWS];
-        for (int r = 0; r < TILE_ROWS; ++r) s8[r] = src[r] + (size_t)b * sub;
-        tile_pack_block(bt, s8, dst + (size_t)b * TILE_ROWS * sub);
+        for (int r = 0; r < TILE_ROWS; ++r) s8[r] = src[r] + sb + (size_t)b * sub;
+        tile_pack_block(tile_code_kind(bt.id), s8, dst + (size_t)b * TILE_ROWS * sub);
     }
 }
 
@@ -408,7 +441,9 @@ void tile_unpack_codes(const BlockTraits& bt, const uint8_t* t, int g_pad, uint8
             for (int r = 0; r < TILE_ROWS; ++r) dst[r * stride + j] = t[32 * (j / 4) + 4 * r + j % 4];
         return;
     }
-    tile_unpack_rows(bt, t, g_pad / 32, dst, stride);
+    const size_t sb = bt.two_level ? (size_t)sub_bytes(g_pad) : 0;
+    if (sb) tile_unpack_sub(t, g_pad, dst, stride);
+    tile_unpack_rows(tile_code_kind(bt.id), bt.tile_sub, t + TILE_ROWS * sb, g_pad / 32, dst + sb, stride);
 }
 
 // Ternary reference: per row, plane and 32-slot block the exact int32 sum of trit x activation (the plane's XQ8
@@ -451,6 +486,30 @@ static void tile8_affine_scalar(const uint8_t* part, size_t part_bytes, int nch,
                 a += (double)xq[b].d * s;
             }
             acc[r] += (float)(d * a + m * (double)xsum[c]);
+        }
+}
+
+// Two-level reference: per row and block the exact int32 sum, then the row-layout reference's terms in double
+// (dot8_sub_scalar): x.d (d s_b) sum - (dmin n_b) x.ds. xsum is not used (the blocks' ds carry the activation sums).
+template <int (*TCODE)(const uint8_t*, int, int), int SUB>
+static void tile8_sub_scalar(const uint8_t* part, size_t part_bytes, int nch, const XQ8* xq, const float*, int g_pad,
+                             float* acc, std::ptrdiff_t) {
+    const int nb = g_pad / 32;
+    const size_t sb = (size_t)sub_bytes(g_pad);
+    for (int c = 0; c < nch; ++c, part += part_bytes, xq += nb)
+        for (int r = 0; r < TILE_ROWS; ++r) {
+            const float d = load_h(part + 2 * r), dmin = load_h(part + 2 * TILE_ROWS + 2 * r);
+            double a = 0.0;
+            for (int b = 0; b < nb; ++b) {
+                const uint8_t* sc = part + 4 * TILE_ROWS + 12 * b;
+                const int lo = sc[r], nib = (sc[8 + r / 2] >> (4 * (r & 1))) & 0x0F;
+                const int s_b = (lo & 0x0F) | (nib & 3) << 4, n_b = (lo >> 4) | (nib >> 2) << 4;
+                const uint8_t* blk = part + 4 * TILE_ROWS + TILE_ROWS * sb + (size_t)b * TILE_ROWS * SUB;
+                int32_t s = 0;
+                for (int j = 0; j < 32; ++j) s += TCODE(blk, r, j) * (int32_t)xq[b].q[j];
+                a += (double)xq[b].d * (double)(d * (float)s_b) * s - (double)(dmin * (float)n_b) * xq[b].ds;
+            }
+            acc[r] += (float)a;
         }
 }
 
@@ -497,6 +556,9 @@ TILE8_X86(q3)
 TILE8_X86(q2)
 TILE8_X86(q1)
 TILE8_X86(ternary)
+TILE8_X86(q4s)
+TILE8_X86(q3s)
+TILE8_X86(q2s)
 #  define AVX2_TILE(K) tile8_##K##_x86
 // q8 row-blocks (linears kept in the row layout; repacked ones use tile8_q8): one vpdpbusd per row and 32 columns
 // where VNNI is in use.
@@ -630,13 +692,13 @@ static const BlockTraits TABLE[N_BLOCK_TYPES] = {
      {nullptr, rows_scalar<dequant_affine_scalar<block_q1, 4>>, AVX2(dot_rows_q1), NEON(dot_rows_q1)}, {nullptr, dequant_affine_scalar<block_q1, 4>, AVX2(dequant_q1), NEON(dequant_q1)}, {nullptr, dot8_affine_scalar<code_q1>, AVX2(dot8_q1), NEON(dot8_q1)}, {nullptr, rows8_reference<dot8_affine_scalar<code_q1>>, AVX2(dot8_rows_q1), NEON(dot8_rows_q1)}, 4, {nullptr, tile8_affine_scalar<tcode_q1, 4>, AVX2_TILE(q1), NEON_TILE(q1)}, false},
     {"q4s", 7, 4, cb_q4s, X_PLAIN,
      {nullptr, dot_sub_scalar<block_q4, 16>, AVX2(dot_q4s), NEON(dot_q4s)},
-     {nullptr, rows_scalar<dequant_sub_scalar<block_q4, 16>>, AVX2(dot_rows_q4s), NEON(dot_rows_q4s)}, {nullptr, dequant_sub_scalar<block_q4, 16>, AVX2(dequant_q4s), NEON(dequant_q4s)}, {nullptr, dot8_sub_scalar<block_q4, 16>, AVX2(dot8_q4s), NEON(dot8_q4s)}, {nullptr, rows8_reference<dot8_sub_scalar<block_q4, 16>>, AVX2(dot8_rows_q4s), NEON(dot8_rows_q4s)}, 0, {}, true},
+     {nullptr, rows_scalar<dequant_sub_scalar<block_q4, 16>>, AVX2(dot_rows_q4s), NEON(dot_rows_q4s)}, {nullptr, dequant_sub_scalar<block_q4, 16>, AVX2(dequant_q4s), NEON(dequant_q4s)}, {nullptr, dot8_sub_scalar<block_q4, 16>, AVX2(dot8_q4s), NEON(dot8_q4s)}, {nullptr, rows8_reference<dot8_sub_scalar<block_q4, 16>>, AVX2(dot8_rows_q4s), NEON(dot8_rows_q4s)}, 16, {nullptr, tile8_sub_scalar<tcode_q4, 16>, AVX2_TILE(q4s), NEON_TILE(q4s)}, true},
     {"q3s", 8, 4, cb_q3s, X_PLAIN,
      {nullptr, dot_sub_scalar<block_q3, 12>, AVX2(dot_q3s), NEON(dot_q3s)},
-     {nullptr, rows_scalar<dequant_sub_scalar<block_q3, 12>>, AVX2(dot_rows_q3s), NEON(dot_rows_q3s)}, {nullptr, dequant_sub_scalar<block_q3, 12>, AVX2(dequant_q3s), NEON(dequant_q3s)}, {nullptr, dot8_sub_scalar<block_q3, 12>, AVX2(dot8_q3s), NEON(dot8_q3s)}, {nullptr, rows8_reference<dot8_sub_scalar<block_q3, 12>>, AVX2(dot8_rows_q3s), NEON(dot8_rows_q3s)}, 0, {}, true},
+     {nullptr, rows_scalar<dequant_sub_scalar<block_q3, 12>>, AVX2(dot_rows_q3s), NEON(dot_rows_q3s)}, {nullptr, dequant_sub_scalar<block_q3, 12>, AVX2(dequant_q3s), NEON(dequant_q3s)}, {nullptr, dot8_sub_scalar<block_q3, 12>, AVX2(dot8_q3s), NEON(dot8_q3s)}, {nullptr, rows8_reference<dot8_sub_scalar<block_q3, 12>>, AVX2(dot8_rows_q3s), NEON(dot8_rows_q3s)}, 12, {nullptr, tile8_sub_scalar<tcode_q3, 12>, AVX2_TILE(q3s), NEON_TILE(q3s)}, true},
     {"q2s", 9, 4, cb_q2s, X_PLAIN,
      {nullptr, dot_sub_scalar<block_q2, 8>, AVX2(dot_q2s), NEON(dot_q2s)},
-     {nullptr, rows_scalar<dequant_sub_scalar<block_q2, 8>>, AVX2(dot_rows_q2s), NEON(dot_rows_q2s)}, {nullptr, dequant_sub_scalar<block_q2, 8>, AVX2(dequant_q2s), NEON(dequant_q2s)}, {nullptr, dot8_sub_scalar<block_q2, 8>, AVX2(dot8_q2s), NEON(dot8_q2s)}, {nullptr, rows8_reference<dot8_sub_scalar<block_q2, 8>>, AVX2(dot8_rows_q2s), NEON(dot8_rows_q2s)}, 0, {}, true},
+     {nullptr, rows_scalar<dequant_sub_scalar<block_q2, 8>>, AVX2(dot_rows_q2s), NEON(dot_rows_q2s)}, {nullptr, dequant_sub_scalar<block_q2, 8>, AVX2(dequant_q2s), NEON(dequant_q2s)}, {nullptr, dot8_sub_scalar<block_q2, 8>, AVX2(dot8_q2s), NEON(dot8_q2s)}, {nullptr, rows8_reference<dot8_sub_scalar<block_q2, 8>>, AVX2(dot8_rows_q2s), NEON(dot8_rows_q2s)}, 8, {nullptr, tile8_sub_scalar<tcode_q2, 8>, AVX2_TILE(q2s), NEON_TILE(q2s)}, true},
 };
 
 const BlockTraits* block_traits(int id) {

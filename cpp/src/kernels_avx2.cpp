@@ -554,6 +554,68 @@ inline void tile8_ternary_impl(const uint8_t* part, size_t part_bytes, int nch, 
     _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));
 }
 
+// Two-level tiles (blocks.cpp tile_pack_sub; docs/format.md "Row tiles"): part = d, dmin of the 8 rows (fp16) | per
+// block 12 bytes of sub-scale codes (8 low bytes, a u32 of the rows' high nibbles), 8 sub_bytes(g_pad) in all | the
+// codes, tiled as q4 / q3 / q2. Per block the exact int32 sums (as tile_chunk) times the rows' scale codes s_b (exact
+// in float: |sum| s_b < 2^24), by the block's d into even / odd accumulators, and the min codes n_b by the block's ds
+// into a third; then tot + d sum - dmin mins. The VNNI builds (kernels_vnni_tiles.inc) and NEON do the same float
+// operations on the same sums.
+inline void tile_sub_codes(const uint8_t* sc, __m256& s, __m256& m) {  // one block's 8 scale and 8 min codes
+    const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)sc));
+    int32_t h;
+    memcpy(&h, sc + 8, 4);
+    const __m256i hi = _mm256_srlv_epi32(_mm256_set1_epi32(h), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+    const __m256i m15 = _mm256_set1_epi32(15), m3 = _mm256_set1_epi32(3);
+    s = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(lo, m15), _mm256_slli_epi32(_mm256_and_si256(hi, m3), 4)));
+    m = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(lo, 4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hi, 2), m3), 4)));
+}
+
+template <int ID, int SUB>
+inline __m256 tile_chunk_sub(const uint8_t* part, const XQ8* xq, int nb, ptrdiff_t pf, __m256* mins) {
+    constexpr int BLK = 8 * SUB;
+    const uint8_t* sc = part + 32;
+    const uint8_t* q = sc + 8 * (nb + (nb + 1) / 2);
+    if (pf)
+        for (int o = 0; o < 12 * nb; o += 64) _mm_prefetch((const char*)(sc + pf + o), _MM_HINT_T0);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), mn = _mm256_setzero_ps();
+    for (int b = 0; b < nb; ++b, q += BLK, sc += 12) {
+        if (pf)
+            for (int o = 0; o < BLK; o += 64) _mm_prefetch((const char*)(q + pf + o), _MM_HINT_T0);
+        __m256i g[8];
+        tile_groups<ID>(q, g);
+        __m256 s, m;
+        tile_sub_codes(sc, s, m);
+        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(block_isum(g, xq[b].q)), s);
+        if (b & 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), f, a1);
+        else a0 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), f, a0);
+        mn = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].ds), m, mn);
+    }
+    *mins = mn;
+    return _mm256_add_ps(a0, a1);
+}
+
+inline __m256 tile_dmin(const uint8_t* part, __m256 sum, __m256 mins, __m256 tot) {  // tot + d sum - dmin mins
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)part));
+    const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(part + 16)));
+    return _mm256_fnmadd_ps(dm, mins, _mm256_fmadd_ps(d, sum, tot));
+}
+
+template <int ID, int SUB>
+inline __m256 tile_sub_part(const uint8_t* part, const XQ8* xq, int nb, ptrdiff_t pf, __m256 tot) {
+    __m256 mins;
+    const __m256 s = tile_chunk_sub<ID, SUB>(part, xq, nb, pf, &mins);
+    return tile_dmin(part, s, mins, tot);
+}
+
+template <int ID, int SUB>
+inline void tile8_sub(const uint8_t* part, size_t part_bytes, int nch, const XQ8* xq, const float*, int g_pad, float* acc,
+                      ptrdiff_t pf) {
+    const int nb = g_pad / 32;
+    __m256 tot = _mm256_setzero_ps();
+    for (int c = 0; c < nch; ++c, part += part_bytes, xq += nb) tot = tile_sub_part<ID, SUB>(part, xq, nb, pf, tot);
+    _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), tot));
+}
+
 inline void tile8_mix_impl(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, const int* x8off, const float* xsum,
                            float* acc, ptrdiff_t pf) {
     __m256 tot = _mm256_setzero_ps();
@@ -562,6 +624,14 @@ inline void tile8_mix_impl(const uint8_t* tile, const TileDesc* d, int n, const 
         const XQ8* x = xq + x8off[d[i].c];
         if (d[i].kind == 5) {
             tot = tile_a(part, tile_chunk_ternary(part, x, 32 * d[i].nb, pf), x, ternary_x8(32 * d[i].nb), xsum[d[i].c], tot);
+            continue;
+        }
+        if (d[i].kind >= 7) {
+            switch (d[i].kind) {
+                case 7: tot = tile_sub_part<2, 16>(part, x, d[i].nb, pf, tot); break;
+                case 8: tot = tile_sub_part<3, 12>(part, x, d[i].nb, pf, tot); break;
+                default: tot = tile_sub_part<4, 8>(part, x, d[i].nb, pf, tot); break;
+            }
             continue;
         }
         __m256 s;
@@ -874,6 +944,9 @@ void tile8_q3(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, 
 void tile8_q2(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<4, 8>(p, pb, n, x, s, g, acc, pf); }
 void tile8_q1(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_affine<6, 4>(p, pb, n, x, s, g, acc, pf); }
 void tile8_ternary(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_ternary_impl(p, pb, n, x, s, g, acc, pf); }
+void tile8_q4s(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_sub<2, 16>(p, pb, n, x, s, g, acc, pf); }
+void tile8_q3s(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_sub<3, 12>(p, pb, n, x, s, g, acc, pf); }
+void tile8_q2s(const uint8_t* p, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, ptrdiff_t pf) { tile8_sub<4, 8>(p, pb, n, x, s, g, acc, pf); }
 void tile8_mix(const uint8_t* t, const TileDesc* d, int n, const XQ8* x, const int* x8off, const float* s, float* acc, ptrdiff_t pf) {
     tile8_mix_impl(t, d, n, x, x8off, s, acc, pf);
 }

@@ -67,6 +67,9 @@ WQE_TILE8(q3)
 WQE_TILE8(q2)
 WQE_TILE8(q1)
 WQE_TILE8(ternary)
+WQE_TILE8(q4s)
+WQE_TILE8(q3s)
+WQE_TILE8(q2s)
 #undef WQE_TILE8
 
 void tile8_mix(const uint8_t* t, const TileDesc* d, int n, const XQ8* x, const int* x8off, const float* s, float* acc,

@@ -166,7 +166,8 @@ void tile16_q2(const uint8_t* p, std::ptrdiff_t ts, size_t pb, int n, const XQ8*
 void tile16_q1(const uint8_t* p, std::ptrdiff_t ts, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, std::ptrdiff_t pf) {
     tile16<6, 4>(p, ts, pb, n, x, s, g, acc, pf);
 }
-// tile8_mix on two tiles; ternary parts (only with WQEDGE_TERNARY_TILES=1) run the 8-row kernel on each half.
+// tile8_mix on two tiles; ternary parts (only with WQEDGE_TERNARY_TILES=1) and two-level parts run the 8-row kernel on
+// each half.
 void tile16_mix(const uint8_t* tile, std::ptrdiff_t ts, const TileDesc* d, int n, const XQ8* xq, const int* x8off,
                 const float* xsum, float* acc, std::ptrdiff_t pf) {
     __m512 tot = _mm512_setzero_ps();
@@ -178,6 +179,16 @@ void tile16_mix(const uint8_t* tile, std::ptrdiff_t ts, const TileDesc* d, int n
             const float xs = xsum[d[i].c];
             const __m256 lo = adm(part, tchunk(part, x, g, pf), x, nx, xs, _mm512_castps512_ps256(tot));
             const __m256 hi = adm(part + ts, tchunk(part + ts, x, g, pf), x, nx, xs, _mm512_extractf32x8_ps(tot, 1));
+            tot = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+            continue;
+        }
+        if (d[i].kind >= 7) {  // two-level parts: the 8-row kernel on each half
+            __m256 lo = _mm512_castps512_ps256(tot), hi = _mm512_extractf32x8_ps(tot, 1);
+            switch (d[i].kind) {
+                case 7: lo = sub_part<2, 16>(part, x, d[i].nb, pf, lo); hi = sub_part<2, 16>(part + ts, x, d[i].nb, pf, hi); break;
+                case 8: lo = sub_part<3, 12>(part, x, d[i].nb, pf, lo); hi = sub_part<3, 12>(part + ts, x, d[i].nb, pf, hi); break;
+                default: lo = sub_part<4, 8>(part, x, d[i].nb, pf, lo); hi = sub_part<4, 8>(part + ts, x, d[i].nb, pf, hi); break;
+            }
             tot = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
             continue;
         }

@@ -557,7 +557,7 @@ static void q8_grid_tests() {
 // int32 block sums, then the same float operations), and a mixed run of one width with the uniform call.
 static int n_tile_kernel_checks = 0;
 static void tile_kernel_tests() {
-    const int kinds[] = {1, 2, 3, 4, 6, 5};
+    const int kinds[] = {1, 2, 3, 4, 6, 5, 7, 8, 9};
     for (int id : kinds) {
         const BlockTraits& bt = *block_traits(id);
         const bool mixable = id != 1;  // q8 parts run only in uniform runs (repack_tiles): no mixed-run kernel takes them
@@ -604,8 +604,9 @@ static void tile_kernel_tests() {
                         for (int r = 0; r < TILE_ROWS; ++r) {  // the terms: |code part of w| |x| + |offset x| per column
                             const uint8_t* rb = &rows[r * rbn];
                             bt.dequant[K_SCALAR](rb, g_pad, w.data());  // column order (ternary: plane i*B + j = column)
-                            const double o = id == 5 ? -(double)load_h(rb) : (double)load_h(rb + 2);
-                            for (int k = 0; k < g; ++k) mag[r] += std::fabs((double)w[k] - o) * (std::fabs(x[k]) + 0.01) + std::fabs(o * x[k]);
+                            // two-level: the offset of column k is dmin n_b, at most 63 |dmin|
+                            const double o = id == 5 ? -(double)load_h(rb) : bt.two_level ? 63.0 * std::fabs((double)load_h(rb + 2)) : (double)load_h(rb + 2);
+                            for (int k = 0; k < g; ++k) mag[r] += (std::fabs((double)w[k]) + 2 * std::fabs(o)) * (std::fabs(x[k]) + 0.01);
                         }
                     }
                     float acc0[TILE_ROWS];
@@ -680,6 +681,8 @@ static void tiled_tests(bool ternary_tiles) {
         {128, 21, {5, 5, 5, 5}, {0, 0, 0, 0}},  // a uniform ternary run (tile8_ternary, not tile8_mix)
         {128, 29, {1, 1, 1, 1, 1}, {0, 0, 1, 1, 0}},  // q8 (the output head's kind): uniform runs, split where n_prot changes
         {64, 13, {1, 2, 1, 1, 4, 4, 1}, {0, 0, 0, 0, 0, 0, 0}},  // q8 beside other kinds: runs of its own
+        {128, 27, {7, 7, 8, 9, 2, 9, 0, 7, 3, 1}, {0, 1, 0, 0, 0, 2, 0, 0, 1, 0}},  // two-level kinds, mixed with others
+        {256, 16, {7, 7, 7, 8}, {0, 0, 0, 0}},  // a uniform two-level run (tile8_q4s), then q3s
     };
     int ci = 0;
     for (const Case& cs : cases) {
@@ -790,7 +793,8 @@ static void tile_pair_tests() {
         std::printf("tile pairs: no pair kernels on this CPU (AVX512-VNNI + BW), skipped\n");
         return;
     }
-    const std::vector<std::vector<int>> runs = {{2}, {3}, {4}, {6}, {2, 4, 3, 6}, {5, 4, 2}, {4, 4, 5, 3, 6}};
+    // two-level kinds (7-9) have no pair kernel: in mixed runs tile16_mix runs the 8-row kernel on each half
+    const std::vector<std::vector<int>> runs = {{2}, {3}, {4}, {6}, {2, 4, 3, 6}, {5, 4, 2}, {4, 4, 5, 3, 6}, {7, 2, 9, 8}, {8, 8, 7, 9}};
     for (const std::vector<int>& kinds : runs)
         for (int G : {32, 128, 256})
             for (int nch : {1, 2, 5})
@@ -825,7 +829,7 @@ static void tile_pair_tests() {
                     float one[2 * TILE_ROWS], pair[2 * TILE_ROWS];
                     std::memcpy(one, acc0, sizeof one);
                     std::memcpy(pair, acc0, sizeof pair);
-                    const bool uniform = kinds.size() == 1 && !ragged;
+                    const bool uniform = kinds.size() == 1 && !ragged && !block_traits(kinds[0])->two_level;
                     const BlockTraits& bt0 = *block_traits(kinds[0]);
                     const size_t pb = nch > 1 ? td[1].off : 0;
                     for (int h = 0; h < 2; ++h) {
@@ -910,13 +914,20 @@ static void vnni_emulated_tests() {
     const Kind kinds[] = {{1, 32, avx2::tile8_q8, avx2::emulated::tile8_q8},  // q8: uniform runs only (not in the mixed run below)
                           {2, 16, avx2::tile8_q4, avx2::emulated::tile8_q4}, {3, 12, avx2::tile8_q3, avx2::emulated::tile8_q3},
                           {4, 8, avx2::tile8_q2, avx2::emulated::tile8_q2}, {6, 4, avx2::tile8_q1, avx2::emulated::tile8_q1},
-                          {5, 0, avx2::tile8_ternary, avx2::emulated::tile8_ternary}};
+                          {5, 0, avx2::tile8_ternary, avx2::emulated::tile8_ternary},
+                          {7, 16, avx2::tile8_q4s, avx2::emulated::tile8_q4s}, {8, 12, avx2::tile8_q3s, avx2::emulated::tile8_q3s},
+                          {9, 8, avx2::tile8_q2s, avx2::emulated::tile8_q2s}};
+    // a part's bytes: header, two-level sub-scale codes (8 rows x sub_bytes), codes
+    auto part_of = [](int id, int sub, int g_pad) -> size_t {
+        if (id == 5) return 16 + 8 * (size_t)((ternary_bytes(g_pad) + 3) & ~3);
+        return 32 + (id >= 7 ? 8 * (size_t)sub_bytes(g_pad) : 0) + (size_t)(g_pad / 32) * 8 * sub;
+    };
     for (int g_pad : {32, 96, 128, 256}) {
         const int nb = g_pad / 32, nch = 3;
         const int tnx = 5 * ((ternary_bytes(g_pad) + 31) / 32);  // XQ8 blocks of a ternary chunk (X_TERNARY)
         for (const Kind& k : kinds) {
             const bool tern = k.id == 5;
-            const size_t part = tern ? 16 + 8 * (size_t)((ternary_bytes(g_pad) + 3) & ~3) : 32 + (size_t)nb * 8 * k.sub;
+            const size_t part = part_of(k.id, k.sub, g_pad);
             std::vector<uint8_t> buf(part * nch);
             random_bytes(buf.data(), buf.size(), tern ? 243 : 256);
             for (int c = 0; c < nch; ++c) finite_halves(&buf[c * part], tern ? 8 : 16);
@@ -942,7 +953,7 @@ static void vnni_emulated_tests() {
             const bool tern = k.id == 5;
             desc.push_back({off, (int32_t)desc.size(), k.id, nb, 0});
             x8off.push_back(nx);
-            off += tern ? 16 + 8 * (size_t)((ternary_bytes(g_pad) + 3) & ~3) : 32 + (size_t)nb * 8 * k.sub;
+            off += part_of(k.id, k.sub, g_pad);
             nx += tern ? tnx : nb;
         }
         std::vector<uint8_t> tile(off);
@@ -961,10 +972,14 @@ static void vnni_emulated_tests() {
         avx2::tile8_mix(tile.data(), desc.data(), n, xq.data(), x8off.data(), xsum.data(), a, 0);
         avx2::emulated::tile8_mix(tile.data(), desc.data(), n, xq.data(), x8off.data(), xsum.data(), b, 0);
         check(std::memcmp(a, b, sizeof a) == 0, "emulated VNNI tile8_mix == AVX2 bit for bit");
+        std::vector<TileDesc> gdesc;  // the prefill GEMM takes kinds 2-6 (linear.cpp gemm_kinds)
+        for (const TileDesc& t : desc)
+            if (t.kind < 7) gdesc.push_back(t);
+        const int gn = (int)gdesc.size();
         for (int nt = 1; nt <= max_nt; ++nt) {
             std::vector<float> ga((size_t)8 * nt, 0.0f), gb((size_t)8 * nt, 0.0f);
-            avx2::tile8_gemm(tile.data(), desc.data(), n, xq.data(), nx, x8off.data(), xsum.data(), n, nt, ga.data());
-            avx2::emulated::tile8_gemm(tile.data(), desc.data(), n, xq.data(), nx, x8off.data(), xsum.data(), n, nt, gb.data());
+            avx2::tile8_gemm(tile.data(), gdesc.data(), gn, xq.data(), nx, x8off.data(), xsum.data(), n, nt, ga.data());
+            avx2::emulated::tile8_gemm(tile.data(), gdesc.data(), gn, xq.data(), nx, x8off.data(), xsum.data(), n, nt, gb.data());
             char d[80];
             std::snprintf(d, sizeof d, "g_pad=%d nt=%d", g_pad, nt);
             check(std::memcmp(ga.data(), gb.data(), sizeof(float) * ga.size()) == 0, "emulated VNNI tile8_gemm == AVX2 bit for bit", d);

@@ -51,7 +51,7 @@ def _rows() -> list[Row]:
                                                  "perplexity is with its int8 activations too)", speed=False, act="q8",
                      matched=t))
         r.append(Row(f"wq-2l-at-{t}", "wqedge", f"as wq-at-{t}, with the two-level kinds (q4s/q3s/q2s) offered to "
-                                               "the allocator too (`--two-level`; no tile kernels yet, so slower)",
+                                               "the allocator too (`--two-level`; row-tile kernels since issue 13)",
                      speed=False, matched=t, two_level=True))
     for p in PRESETS_LLAMACPP:
         r.append(Row(f"lcp-{p}", "llamacpp", f"llama.cpp {p}: llama-quantize's per-tensor recipe (preset_types), "
