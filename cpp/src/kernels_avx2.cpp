@@ -709,6 +709,36 @@ inline void gemm_chunk(const uint8_t* part, const XQ8* xq, size_t xs, int nb, __
     for (int t = 0; t < NT; ++t) out[t] = _mm256_add_ps(a0[t], a1[t]);
 }
 
+// Two-level parts for NT tokens: tile_chunk_sub's float operations per token, in its order.
+template <int ID, int NT>
+inline void gemm_block_sub(const uint8_t* q, const uint8_t* sc, const XQ8* xq, size_t xs, __m256 a[NT], __m256 mn[NT]) {
+    __m256i g[8];
+    tile_groups<ID>(q, g);
+    __m256 s, m;
+    tile_sub_codes(sc, s, m);
+    for (int t = 0; t < NT; ++t) {
+        const XQ8& x = xq[t * xs];
+        a[t] = _mm256_fmadd_ps(_mm256_set1_ps(x.d), _mm256_mul_ps(_mm256_cvtepi32_ps(block_isum(g, x.q)), s), a[t]);
+        mn[t] = _mm256_fmadd_ps(_mm256_set1_ps(x.ds), m, mn[t]);
+    }
+}
+
+template <int ID, int SUB, int NT>
+inline void gemm_sub_part(const uint8_t* part, const XQ8* xq, size_t xs, int nb, __m256 tot[NT]) {
+    constexpr int BLK = 8 * SUB;
+    const uint8_t* sc = part + 32;
+    const uint8_t* q = sc + 8 * (nb + (nb + 1) / 2);
+    __m256 a0[NT], a1[NT], mn[NT];
+    for (int t = 0; t < NT; ++t) a0[t] = a1[t] = mn[t] = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        gemm_block_sub<ID, NT>(q + (size_t)b * BLK, sc + 12 * b, xq + b, xs, a0, mn);
+        gemm_block_sub<ID, NT>(q + (size_t)(b + 1) * BLK, sc + 12 * (b + 1), xq + b + 1, xs, a1, mn);
+    }
+    if (b < nb) gemm_block_sub<ID, NT>(q + (size_t)b * BLK, sc + 12 * b, xq + b, xs, a0, mn);
+    for (int t = 0; t < NT; ++t) tot[t] = tile_dmin(part, _mm256_add_ps(a0[t], a1[t]), mn[t], tot[t]);
+}
+
 template <int NT>
 inline void gemm_run(const uint8_t* tile, const TileDesc* d, int n, const XQ8* xq, size_t xs, const int* x8off,
                      const float* xsum, size_t ss, float* acc) {
@@ -721,6 +751,14 @@ inline void gemm_run(const uint8_t* tile, const TileDesc* d, int n, const XQ8* x
             for (int t = 0; t < NT; ++t)
                 tot[t] = tile_a(part, tile_chunk_ternary(part, x + t * xs, 32 * d[i].nb, 0), x + t * xs, ternary_x8(32 * d[i].nb),
                                 xsum[t * ss + d[i].c], tot[t]);
+            continue;
+        }
+        if (d[i].kind >= 7) {
+            switch (d[i].kind) {
+                case 7: gemm_sub_part<2, 16, NT>(part, x, xs, d[i].nb, tot); break;
+                case 8: gemm_sub_part<3, 12, NT>(part, x, xs, d[i].nb, tot); break;
+                default: gemm_sub_part<4, 8, NT>(part, x, xs, d[i].nb, tot); break;
+            }
             continue;
         }
         __m256 s[NT];

@@ -737,12 +737,12 @@ void rows_task(const Linear& W, const float* X, int t0, int t1, int r0, int nr, 
         std::memcpy(Y + (size_t)(t0 + t) * N + r0, acc.data() + (size_t)t * RT, sizeof(float) * nr);
 }
 
-// Whether every chunk of a run is of a kind the tile GEMMs know (q4, q3, q2, ternary, q1; ternary chunks are q2
-// unless ternary_tiles()).
+// Whether every chunk of a run is of a kind the tile GEMMs know (q4, q3, q2, ternary, q1, q4s, q3s, q2s; ternary
+// chunks are q2 unless ternary_tiles()).
 bool gemm_kinds(const Linear& W, const Linear::Run& run) {
     for (int c = run.c0; c < run.c0 + run.n; ++c) {
         const int id = W.tch[c].bt->id;
-        if (id < 2 || id > 6) return false;
+        if (id < 2 || id > 9) return false;
     }
     return true;
 }

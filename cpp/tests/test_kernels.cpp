@@ -972,14 +972,10 @@ static void vnni_emulated_tests() {
         avx2::tile8_mix(tile.data(), desc.data(), n, xq.data(), x8off.data(), xsum.data(), a, 0);
         avx2::emulated::tile8_mix(tile.data(), desc.data(), n, xq.data(), x8off.data(), xsum.data(), b, 0);
         check(std::memcmp(a, b, sizeof a) == 0, "emulated VNNI tile8_mix == AVX2 bit for bit");
-        std::vector<TileDesc> gdesc;  // the prefill GEMM takes kinds 2-6 (linear.cpp gemm_kinds)
-        for (const TileDesc& t : desc)
-            if (t.kind < 7) gdesc.push_back(t);
-        const int gn = (int)gdesc.size();
         for (int nt = 1; nt <= max_nt; ++nt) {
             std::vector<float> ga((size_t)8 * nt, 0.0f), gb((size_t)8 * nt, 0.0f);
-            avx2::tile8_gemm(tile.data(), gdesc.data(), gn, xq.data(), nx, x8off.data(), xsum.data(), n, nt, ga.data());
-            avx2::emulated::tile8_gemm(tile.data(), gdesc.data(), gn, xq.data(), nx, x8off.data(), xsum.data(), n, nt, gb.data());
+            avx2::tile8_gemm(tile.data(), desc.data(), n, xq.data(), nx, x8off.data(), xsum.data(), n, nt, ga.data());
+            avx2::emulated::tile8_gemm(tile.data(), desc.data(), n, xq.data(), nx, x8off.data(), xsum.data(), n, nt, gb.data());
             char d[80];
             std::snprintf(d, sizeof d, "g_pad=%d nt=%d", g_pad, nt);
             check(std::memcmp(ga.data(), gb.data(), sizeof(float) * ga.size()) == 0, "emulated VNNI tile8_gemm == AVX2 bit for bit", d);

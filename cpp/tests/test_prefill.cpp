@@ -80,6 +80,7 @@ int main() {
     }
     cases.push_back({"mixed", 128, 37, 13 * 128 - 60, {2, 2, 2, 4, 4, 3, 3, 6, 6, 5, 1, 0, 2}, {0, 0, 2, 0, 0, 1, 1, 0, 3, 2, 0, 0, 1}});
     cases.push_back({"mixed-g64", 64, 16, 6 * 64, {2, 3, 4, 6, 5, 2}, {0, 0, 0, 0, 0, 0}});
+    cases.push_back({"two-level", 128, 21, 7 * 128 - 40, {7, 8, 9, 2, 7, 7, 4}, {0, 1, 0, 0, 0, 2, 0}});
     cases.push_back({"q4-g32-prot", 32, 9, 5 * 32 - 7, {2, 2, 2, 2, 2}, {1, 1, 1, 0, 1}});
     const std::vector<Set> sets = kernel_sets();
     std::printf("kernel sets: %zu\n", sets.size());
