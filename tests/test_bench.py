@@ -165,3 +165,46 @@ def test_speed_model_init_small(tmp_path):
     assert read_tokenizer(p).vocab_size == 1024
     with pytest.raises(ValueError, match="exceeds vocab_size"):
         build_tiny_model(tmp_path / "bad", vocab_size=512, tokenizer_vocab=1024)
+
+
+def test_self_calib_gives_ours_the_models_samples_and_llamacpp_no_imatrix(tmp_path, tiny_model_dir, monkeypatch):
+    """--self-calib (issue 13's comparison without calibration text on either side, as each tool's user would run
+    it): our files plan and fit on the model's own samples, cached beside the bench's files so a rerun plans on the
+    same text; llama.cpp's files get no importance matrix (while a calibrated run's get diag(XᵀX)); the two runs'
+    files do not share a cache folder; and the option refuses calibration text."""
+    import wqedge.calib_source as cs
+    import wqedge.converters.llamacpp as lcp
+    from wqedge.bench import files as bf
+    from wqedge.bench import runner
+    from wqedge.tinymodel import tiny_corpus
+    sample = "\n".join(tiny_corpus(40))
+    calls = []
+    monkeypatch.setattr(cs, "self_generated_text", lambda ckpt, progress=None, device=None: calls.append(1) or sample)
+    texts = [runner.self_calibration(str(tiny_model_dir), tmp_path, None, lambda m: None) for _ in range(2)]
+    assert texts == [sample, sample] and len(calls) == 1          # sampled once, then read from the cache
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_export(ckpt, path, imatrix=None, **kw):   # stands in for llama.cpp: records what it would be given
+        seen[path.parent.name] = imatrix
+        raise Stop
+    monkeypatch.setattr(lcp, "available_types", lambda types, imatrix=False: tuple(types))
+    monkeypatch.setattr(lcp, "export_llamacpp", fake_export)
+    self_cal = bf.ModelFiles(tiny_model_dir, tmp_path, sample, lambda m: None, imatrix=False)
+    with_text = bf.ModelFiles(tiny_model_dir, tmp_path, sample, lambda m: None)
+    assert self_cal.dir != with_text.dir and self_cal.calib_text == with_text.calib_text == sample
+    for mf in (self_cal, with_text):
+        with pytest.raises(Stop):
+            mf._llamacpp("lcp-Q4_0")
+    assert seen[self_cal.dir.name] is None
+    imx = seen[with_text.dir.name]
+    assert imx and all(v.ndim == 1 and float(v.min()) >= 0 for v in imx.values())
+    with pytest.raises(bf.NotAvailable, match="importance matrix.*not --self-calib"):
+        self_cal._llamacpp("lcp-IQ2_XXS")
+
+    r = CliRunner().invoke(main, ["bench", "--model", str(tiny_model_dir), "--self-calib", "--calib",
+                                  "--rows", "wq-q4", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "does not go with --calib" in r.output

@@ -828,6 +828,11 @@ def _bench_help() -> str:
               help="Use the calibration text: greedy plans on it, NeUQI weights and error feedback for our files, "
                    "importance matrix for llama.cpp's (default; --quick: off). --no-calib: weight-only plans and "
                    "fits, no imatrix (the IQ types that need one are then reported as not available).")
+@click.option("--self-calib", is_flag=True, default=False,
+              help="Each tool as a user without calibration text runs it: our files calibrate on text the model "
+                   "samples itself (what `wqedge convert` does with no --calib), llama.cpp's get no importance matrix "
+                   "(the IQ types that need one are reported as not available). Implies --no-calib's llama.cpp side; "
+                   "not with --calib.")
 @click.option("--threads", type=int, default=2, show_default=True, help="Threads for every backend.")
 @click.option("--prefill", type=int, default=None, help="Prompt tokens timed in one batch (default 128; quick 32).")
 @click.option("--decode", type=int, default=None, help="Single-token decode steps timed (default 64; quick 16).")
@@ -843,8 +848,8 @@ def _bench_help() -> str:
 @click.option("--quick", is_flag=True, help="Smoke run: rows 'quick', no speed model, small token counts.")
 @click.option("--note", default="", help="A line for the report header (e.g. which subset was run and why).")
 @click.option("--device", default=None, help="torch device for planning (default: cuda if available, else cpu).")
-def bench_cmd(rows_text, model_dir, speed_model, eval_text, calib_text, calib, threads, prefill, decode, reps, rounds,
-              ppl_windows, ppl_ctx, out, cache_dir, rebuild, quick, note, device):
+def bench_cmd(rows_text, model_dir, speed_model, eval_text, calib_text, calib, self_calib, threads, prefill, decode, reps,
+              rounds, ppl_windows, ppl_ctx, out, cache_dir, rebuild, quick, note, device):
     from .bench import BenchOptions, parse_rows, run_bench
     from .bench.files import DEFAULT_CACHE
     from .bench.report import markdown, write
@@ -858,7 +863,10 @@ def bench_cmd(rows_text, model_dir, speed_model, eval_text, calib_text, calib, t
     def pick(v, full, small):
         return v if v is not None else (small if q else full)
 
-    calib = pick(calib, True, calib_text is not None)  # --quick: only with an explicit --calib-text
+    if self_calib and (calib or calib_text is not None):
+        _fail("--self-calib calibrates our side on the model's own samples and gives llama.cpp no importance matrix: "
+              "it does not go with --calib / --calib-text")
+    calib = False if self_calib else pick(calib, True, calib_text is not None)  # --quick: only with --calib-text
     model_dir = model_dir or _default_fixture("llama-s")
     eval_text = eval_text or _default_fixture("text", "eval.txt")
     calib_text = (calib_text or _default_fixture("text", "calib.txt")) if calib else None
@@ -873,7 +881,7 @@ def bench_cmd(rows_text, model_dir, speed_model, eval_text, calib_text, calib, t
                      speed_model=None if speed == "none" else speed, threads=threads, prefill=pick(prefill, 128, 32),
                      decode=pick(decode, 64, 16), reps=pick(reps, 2, 1), rounds=pick(rounds, 2, 1),
                      ppl_windows=pick(ppl_windows, 8, 2), ppl_ctx=ppl_ctx, cache_dir=str(cache_dir or DEFAULT_CACHE),
-                     rebuild=rebuild, device=device, subset_note=note)
+                     rebuild=rebuild, device=device, subset_note=note, self_calib=self_calib)
     if min(o.prefill, o.decode, o.reps, o.rounds) < 1 or o.ppl_windows < 0:
         _fail("--prefill, --decode, --reps and --rounds must be >= 1, --ppl-windows >= 0")
     try:

@@ -62,10 +62,12 @@ def resample_plan(plan, spec, fingerprint: str, method: str = "minmax"):
 class ModelFiles:
     """The files of one checkpoint. `calib_text` None: min-max fits, no importance matrix, no planning
     statistics (the speed model); `plan_source` (a ModelFiles) gives the mixed plans to resample instead of
-    planning this model."""
+    planning this model; imatrix False: our files calibrate on `calib_text` but llama.cpp's get no importance
+    matrix (`wqedge bench --self-calib`: each tool as a user without calibration text runs it)."""
 
     def __init__(self, model_dir, cache_dir, calib_text: str | None, say: Callable[[str], None],
-                 plan_source: ModelFiles | None = None, device=None, rebuild: bool = False, speed_only=False):
+                 plan_source: ModelFiles | None = None, device=None, rebuild: bool = False, speed_only=False,
+                 imatrix: bool = True):
         from ..checkpoint import LlamaCheckpoint
         self.ckpt = LlamaCheckpoint.open(model_dir)
         self.spec = self.ckpt.spec
@@ -75,7 +77,10 @@ class ModelFiles:
         self.plan_source = plan_source
         self.device = device
         self.speed_only = speed_only
+        self.imatrix = imatrix
         tag = hashlib.sha256(calib_text.encode()).hexdigest()[:10] if calib_text else "nocalib"
+        if calib_text and not imatrix:
+            tag += "-noimatrix"
         self.dir = Path(cache_dir) / f"{self.fingerprint[:16]}-{tag}-v{CACHE_VERSION}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rebuild = rebuild
@@ -183,17 +188,21 @@ class ModelFiles:
             raise NotAvailable(f"llama-cpp-python is not usable: {e}") from None
         what = key.split("-", 1)[1]
         path = self.dir / f"{key}.gguf"
+
+        def imatrix():   # llama.cpp's importance matrix: diag(XᵀX) of the calibration text (computed when needed)
+            return self.stats() if self.imatrix else None
         kw: dict = {}
         if what.startswith("plan-"):
             plan = self.plan(float(what.split("-", 1)[1]))
             try:
                 kw = {"tensor_types": budget_types(self.spec, plan.effective_bits(), plan, available_types(
-                    NON_IQ_TYPES if self.speed_only else DEFAULT_TYPES, imatrix=self.stats() is not None))}
+                    NON_IQ_TYPES if self.speed_only else DEFAULT_TYPES, imatrix=imatrix() is not None))}
             except ValueError as e:   # the projection: no stock types fit this model's rows at these bits
                 raise NotAvailable(str(e)) from None
         elif what.startswith("IQ"):
-            if requires_imatrix(what) and self.stats() is None:
-                raise NotAvailable(f"{what} needs an importance matrix (run with --calib)")
+            if requires_imatrix(what) and imatrix() is None:
+                raise NotAvailable(f"{what} needs an importance matrix (run with --calib"
+                                   f"{'' if self.imatrix else ', not --self-calib'})")
             if what not in available_types((what,), imatrix=True):
                 raise NotAvailable(f"the installed llama.cpp cannot quantize {what}")
             kw = {"tensor_types": lambda name, n, k: what}
@@ -205,7 +214,7 @@ class ModelFiles:
             self._types_note(key, path)
             return path
         self.say(f"quantizing {key} with llama.cpp → {path.name}…")
-        res = export_llamacpp(self.ckpt, path, imatrix=self.stats(), **kw)
+        res = export_llamacpp(self.ckpt, path, imatrix=imatrix(), **kw)
         self._types_note(key, path)
         return res.path
 

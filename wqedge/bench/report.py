@@ -59,7 +59,10 @@ def markdown(rep: dict) -> str:
         f"cache (3 x 2.5 MiB). Perplexity: {o['ppl_windows']} windows of {o['ppl_ctx']} of `{Path(o['eval_text']).name}` "
         f"({o['ppl_windows'] * (o['ppl_ctx'] // 2 - 1)} tokens scored; compare rows with each other). "
         + ("Calibration: `" + Path(o["calib_text"]).name + "` (NeUQI weights, greedy plans, error feedback; llama.cpp's "
-           "importance matrix)." if o["calib_text"] else "No calibration (--no-calib).")
+           "importance matrix)." if o["calib_text"] else
+           f"No calibration text (--self-calib): our files calibrate on {info.get('self_calib_chars', 0)} characters "
+           "the model sampled itself, as `wqedge convert` does without --calib; llama.cpp's have no importance matrix."
+           if o.get("self_calib") else "No calibration (--no-calib).")
         + f" Files built in {info['build_s']:.0f} s (cached in `{o['cache_dir']}`); whole run {info['total_s']:.0f} s.",
         ""]
     out = head

@@ -40,6 +40,7 @@ class BenchOptions:
     rebuild: bool = False
     device: str | None = None
     subset_note: str = ""
+    self_calib: bool = False         # ours on text the model samples itself, llama.cpp without imatrix
     extra: dict = field(default_factory=dict)
 
 
@@ -87,6 +88,22 @@ def _tokens(model_dir: str, text: str, n_tokens: int, out: Path) -> int:
     return int(tok.bos_token_id if tok.bos_token_id is not None else ids[0])
 
 
+def self_calibration(model_dir: str, cache: Path, device, say: Callable[[str], None]) -> str:
+    """The text `wqedge convert` calibrates on when given none (calib_source.self_generated_text: seeded samples of
+    the model itself), cached beside the bench's files so reruns plan on the same text."""
+    from ..calib_source import self_generated_text
+    from ..checkpoint import LlamaCheckpoint
+    ckpt = LlamaCheckpoint.open(model_dir)
+    path = cache / f"{ckpt.fingerprint()[:16]}-selfcalib-v1.txt"
+    if path.exists():
+        return path.read_text(encoding="utf-8")
+    text = self_generated_text(ckpt, progress=say, device=device)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return text
+
+
 def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
     """Everything of one `wqedge bench`: returns the report dict (info, rows, comparisons)."""
     t_start = time.time()
@@ -104,7 +121,12 @@ def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
     # -------------------------------------------------------- files
     t0 = time.time()
     models: list[tuple[str, ModelFiles, bool]] = []   # (name, files, quality)
-    qual = ModelFiles(o.model, cache, calib_text, say, device=o.device, rebuild=o.rebuild)
+    if o.self_calib:
+        if calib_text is not None:
+            raise ValueError("--self-calib replaces the calibration text: give --no-calib's setting, no --calib-text")
+        calib_text = self_calibration(o.model, cache, o.device, say)
+        info["self_calib_chars"] = len(calib_text)
+    qual = ModelFiles(o.model, cache, calib_text, say, device=o.device, rebuild=o.rebuild, imatrix=not o.self_calib)
     models.append((Path(o.model).name, qual, True))
     if o.speed_model:
         sp = ModelFiles(speed_checkpoint(o.speed_model, cache, say), cache, None, say, plan_source=qual,
