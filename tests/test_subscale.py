@@ -364,3 +364,28 @@ def test_cli_two_level_offers_the_subscale_kinds(tiny_model_factory, tmp_path):
                                     "-o", str(tmp_path / "q.json")])
     assert res.exit_code != 0 and "--two-level offers the two-level kinds to the greedy allocator" in res.output
     assert not (tmp_path / "q.json").exists()
+
+
+def test_pipeline_offers_the_two_level_kinds_by_default_at_4_bits_and_up(tiny_model_factory):
+    """The default (two_level=None, pipeline.default_two_level): greedy budget plans of >= 4 bits are offered
+    q4s/q3s/q2s beside the one-scale kinds (plan.meta["actions"] says what the allocator was offered); below 4 bits,
+    with two_level=False, with pruning, uniform plans and presets they are not."""
+    from wqedge import pipeline
+    from wqedge.checkpoint import LlamaCheckpoint
+    from wqedge.tinymodel import tiny_corpus
+    ckpt = LlamaCheckpoint.open(tiny_model_factory(hidden=128, n_layers=1, n_heads=4, n_kv_heads=2, intermediate=256))
+    text = "\n".join(tiny_corpus(300))
+
+    def offered(**kw):
+        p = pipeline.make_plan(ckpt, progress=False, calib_text=text, **kw)
+        return set(p.meta.get("actions", [])), p
+    acts, p = offered(bits=4.5)
+    assert set(SUBS) <= acts and p.allocator == "greedy" and p.effective_bits() <= 4.5
+    assert {a for t in p.tensors for a in t.actions} & set(SUBS)      # and here the allocator takes some
+    for kw in ({"bits": 3.5}, {"bits": 4.5, "two_level": False}):
+        acts, p = offered(**kw)
+        assert acts and not acts & set(SUBS) and not {a for t in p.tensors for a in t.actions} & set(SUBS), kw
+    assert pipeline.default_two_level("greedy", 4.25, None) and not pipeline.default_two_level("greedy", 3.99, None)
+    assert not pipeline.default_two_level("rl", 4.5, None) and not pipeline.default_two_level("uniform", 4.5, None)
+    assert not pipeline.default_two_level("greedy", 4.5, "q4") and not pipeline.default_two_level("greedy", 4.5, None,
+                                                                                                   ("ffn",))

@@ -130,7 +130,7 @@ def _parse_prune(ctx, param, value):
 
 def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None, rotate=None,
                act_bits=8, prune=(), max_prune=0.3, stream_layers=None, rotate_stage2=None, resume_dir=None,
-               prune_group=32, two_level=False):
+               prune_group=32, two_level=None):
     from .pipeline import make_plan
     from .plan import PlanError
     try:
@@ -224,12 +224,13 @@ _common_plan_options = [
                       "over the unpruned model's weights. Needs calibration text (or self-calibration)."),
     click.option("--max-prune", type=click.FloatRange(0.0, 0.9), default=0.3, show_default=True,
                  help="With --prune: the largest fraction of decoder linear weights the search may remove."),
-    click.option("--two-level", is_flag=True, default=False,
+    click.option("--two-level/--no-two-level", default=None,
                  help="Offer the two-level kinds (q4s, q3s, q2s: an fp16 scale per chunk row and 6-bit sub-scales and "
                       "offsets per 32 columns, as llama.cpp's k-quants) to the greedy allocator beside the others. "
-                      "Lower perplexity at 4 bits and up (llama-s, calibrated: 4.5 b 2.814 against 2.827 without and "
-                      "llama.cpp Q4_0's 2.820; bench/results/matched_bits.md), but the runtime has no row-tile "
-                      "kernels for them yet: decode is about 2.5x slower. Off by default for that reason."),
+                      "Default: on for greedy plans of 4 bits and up (never worse on the checkpoints measured, up to "
+                      "1% lower perplexity; decode as fast with int8 activations: bench/results/two_level_default.md), "
+                      "off below, with --prune, --rotate or --act-bits other than 8, and for --target llamacpp / "
+                      "onnx. --two-level without calibration plans greedily from the weights alone."),
     click.option("--prune-group", type=click.IntRange(min=1), default=32, show_default=True, metavar="N",
                  help="With --prune ffn: FFN channels per pruning unit. 256 keeps every pruned FFN length a multiple "
                       "of 256 where the model's is, so `--target llamacpp` can still give ffn_down llama.cpp's "
@@ -421,6 +422,8 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
         except PlanError as e:
             _fail(str(e))
     else:
+        if two_level is None and target != "gguf":   # the default is for our runtime; other targets map or refuse them
+            two_level = False
         plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate,
                           act_bits, prune, max_prune, stream_layers, rotate_stage2, resume_dir, prune_group,
                           two_level)

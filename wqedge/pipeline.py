@@ -67,11 +67,24 @@ def stage2_weight_bits(bits: float, preset: str | None) -> int | None:
     return 8 if bits >= 8.25 else 4 if bits >= 4.25 else 3 if bits >= 3.25 else 2
 
 
+# The greedy allocator is offered the two-level kinds (q4s, q3s, q2s) by default at budgets of this many effective bits
+# and up: at 4.09-5.45 bits they never cost perplexity on the two trained checkpoints measured and gained up to 1.0%
+# (llama-s, smol-s; with and without calibration text), decode at the one-scale plans' speed with int8 activations
+# (bench/results/two_level_default.md). Below, the evidence is one checkpoint's, so they stay opt-in (--two-level).
+TWO_LEVEL_MIN_BITS = 4.0
+
+
+def default_two_level(allocator: str, bits: float, preset: str | None, prune=()) -> bool:
+    """Whether a plan offers the two-level kinds when the caller leaves it open (two_level=None): greedy budget
+    plans at TWO_LEVEL_MIN_BITS and up, without pruning (the joint search has not been measured with them)."""
+    return allocator == "greedy" and preset is None and not prune and bits >= TWO_LEVEL_MIN_BITS
+
+
 def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None, method: str = "neuqi",
               calib_text: str | None = None, seed: int = 0, device=None, protect=(), preset: str | None = None,
               progress=True, rotate: bool = False, act_bits: int = 8, prune=(), max_prune: float = 0.3,
               stream_layers: bool | None = None, rotate_stage2: int = 0, resume_dir=None,
-              prune_group: int = 32, two_level: bool = False) -> Plan:
+              prune_group: int = 32, two_level: bool | None = None) -> Plan:
     """A plan for `ckpt` at `bits` effective bits (or one `preset` action everywhere). PlanError when no
     plan can be made. rotate: RUQuant input transforms (`rotated`), planned on the folded weights;
     rotate_stage2: AdamW steps per group of RUQuant stage 2 (0: stage 1 only), at the plan's act_bits and
@@ -81,11 +94,14 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     stream_layers: plan on the model read one decoder layer at a time (wqedge.stream; None: when it does not fit);
     resume_dir: keep per-layer checkpoints of the planning statistics there and resume from them (wqedge.resume);
     two_level: the greedy allocator may also choose the two-level kinds (q4s, q3s, q2s: sub-scales per 32
-    columns; no row-tile kernels yet). progress: True (lines on stderr), a callable taking a line, or False."""
+    columns); None: default_two_level (off for rotated plans and other activation bits, whose runtime paths have
+    not been measured with them). progress: True (lines on stderr), a callable taking a line, or False."""
     more = dict(prune=prune, max_prune=max_prune, stream_layers=stream_layers, resume_dir=resume_dir,
                 prune_group=prune_group, two_level=two_level)
     if rotate_stage2 and not rotate:
         raise PlanError("stage 2 of RUQuant (--rotate-stage2) learns a reflection of the rotation: it needs --rotate")
+    if (rotate or act_bits != 8) and two_level is None:
+        more["two_level"] = two_level = False
     if rotate:
         from .rotation import rotation_config, stage2_config
         try:
@@ -116,6 +132,8 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
         allocator = "uniform"
     if allocator is None:
         allocator = "greedy" if two_level else default_allocator(calib_text)   # (weight-only without calibration)
+    if two_level is None:
+        two_level = default_two_level(allocator, bits, preset, prune)
     if two_level and allocator != "greedy":
         raise PlanError("--two-level offers the two-level kinds to the greedy allocator; it does not go with "
                         f"{'--preset' if preset else '--allocator ' + allocator}")

@@ -216,6 +216,7 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
     table, ctx = prepare(ckpt, group_size, calib_text, seed, device, progress, full_xtx=bool(prune), **opts)
     t1 = time.time()
     meta = {"damage": table.kind, "damage_feedback": table.meta.get("feedback", False),
+            "actions": list(table.actions),   # the actions the allocator was offered (base names)
             "protect": table.meta.get("protect", []), "calibration": None if ctx.calib is None else {
         "n_seqs": int(ctx.calib.train.shape[0]), "seqlen": ctx.calib.seqlen,
         "n_heldout": int(ctx.calib.heldout.shape[0]), "n_grad_seqs": int(ctx.opts["n_grad_seqs"])},
@@ -244,6 +245,7 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         cfg.seed = seed
         if table.actions != ALLOCATOR_ACTIONS:      # the policy's action space is the offered base actions
             table = table.restrict(ALLOCATOR_ACTIONS)
+            meta["actions"] = list(table.actions)
         from .. import distributed       # --distributed: the search and its measured losses on rank 0
         choice, info = distributed.on_writer(ppo_allocate, table, budget_bits, cfg, ctx=ctx, progress=say)
         meta["ppo"] = info

@@ -45,13 +45,14 @@ def _rows() -> list[Row]:
     for t in MATCHED_TYPES:
         r.append(Row(f"wq-at-{t}", "wqedge", f"our runtime, greedy mixed plan at the effective bits of the lcp-{t} "
                                             "file on this model (its decoder linears' tensor bytes, measured), "
-                                            "converted like wq-3.25: ours against llama.cpp at equal bits; quality "
-                                            "model only", speed=False, matched=t))
+                                            "one-scale kinds only (`--no-two-level`), converted like wq-3.25: ours "
+                                            "against llama.cpp at equal bits; quality model only",
+                     speed=False, matched=t))
         r.append(Row(f"wq-at-{t}" + A8, "wqedge", f"the wq-at-{t} file with int8 activations (llama.cpp's "
                                                  "perplexity is with its int8 activations too)", speed=False, act="q8",
                      matched=t))
         r.append(Row(f"wq-2l-at-{t}", "wqedge", f"as wq-at-{t}, with the two-level kinds (q4s/q3s/q2s) offered to "
-                                               "the allocator too (`--two-level`; row-tile kernels since issue 13)",
+                                               "the allocator too (`--two-level`: `wqedge convert`'s default at 4 bits and up)",
                      speed=False, matched=t, two_level=True))
     for p in PRESETS_LLAMACPP:
         r.append(Row(f"lcp-{p}", "llamacpp", f"llama.cpp {p}: llama-quantize's per-tensor recipe (preset_types), "
