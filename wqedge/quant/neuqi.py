@@ -43,6 +43,10 @@ FULL_GRID = (COARSE_STEPS, FINE_STEPS, FINE_RADIUS)   # the paper's search: fits
 # coarser grid: on llama-s chunks (16, 256, 8) costs +0.04% (q2) .. +0.14% (q4) weighted fit loss for 2.5x less
 # time (bench/results/convert_cost.md: plans and files unchanged within noise).
 FAST_GRID = (16, 256, 8)
+# The damage table's grid for the two-level kinds' 32-column sub-blocks, whose scales are then rounded to 6-bit codes
+# under the row's scale anyway: on llama-s's first layer +1.5% (q4s), +1.4% (q3s), +0.2% (q2s) weighted fit loss
+# against FAST_GRID for 1.6-1.9x less time (bench/results/two_level_default.md); error feedback keeps FAST_GRID.
+SUB_FAST_GRID = (8, 128, 4)
 DAMP = 0.01           # h = diag(X^T X / N) + 1% of its mean (weights of one chunk's fit; gptq.DAMP = 0.1
 #                       damps the full XᵀX of error feedback: another matrix, tuned separately, docs/architecture.md)
 
