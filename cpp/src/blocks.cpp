@@ -525,6 +525,9 @@ void tile16_q4(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const fl
 void tile16_q3(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile16_q2(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile16_q1(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_q4s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_q3s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_q2s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile16_mix(const uint8_t*, std::ptrdiff_t, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
 }  // namespace vnni512
 namespace vnni256 {  // kernels_vnni.cpp: AVX-VNNI
@@ -604,6 +607,9 @@ tile16_fn tile16_kernel(int id, int kernels) {
         case 3: return avx2::vnni512::tile16_q3;
         case 4: return avx2::vnni512::tile16_q2;
         case 6: return avx2::vnni512::tile16_q1;
+        case 7: return avx2::vnni512::tile16_q4s;
+        case 8: return avx2::vnni512::tile16_q3s;
+        case 9: return avx2::vnni512::tile16_q2s;
         default: return nullptr;
     }
 }

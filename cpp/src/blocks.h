@@ -89,7 +89,7 @@ typedef void (*tile16_fn)(const uint8_t* part, std::ptrdiff_t tstride, size_t pa
                           const float* xsum, int g_pad, float* acc, std::ptrdiff_t pf);
 typedef void (*tile16_mix_fn)(const uint8_t* tile, std::ptrdiff_t tstride, const TileDesc* d, int n, const XQ8* xq,
                               const int* x8off, const float* xsum, float* acc, std::ptrdiff_t pf);
-// The pair kernel of tile kind id (2, 3, 4, 6) and the mixed-run one for kernel set `kernels`; nullptr where there is
+// The pair kernel of tile kind id (2, 3, 4, 6, 7, 8, 9) and the mixed-run one for kernel set `kernels`; nullptr where there is
 // none (then tile8 runs on each tile): only the AVX2 set with AVX512-VNNI (+ AVX512BW) in use, and not switched off by
 // WQEDGE_TILE16=0 or set_tile16(false).
 tile16_fn tile16_kernel(int id, int kernels);

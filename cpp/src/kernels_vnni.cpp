@@ -153,7 +153,65 @@ inline void tile16(const uint8_t* part, std::ptrdiff_t ts, size_t part_bytes, in
     for (int c = 0; c < nch; ++c, part += part_bytes, xq += nb) tot = dm2(part, ts, chunk2<ID, SUB>(part, ts, xq, nb, pf), xsum[c], tot);
     add_acc(acc, tot);
 }
+// Two-level parts of two tiles (the 8-row sub_part's float operations lane by lane on dsum2's exact sums): the 16
+// rows' sub-scale and min codes (tile A's 8 in the low lanes), then as sub_part.
+inline void sub_codes2(const uint8_t* sc, std::ptrdiff_t ts, __m512& s, __m512& m) {
+    const __m512i lo = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i*)sc),
+                                                                _mm_loadl_epi64((const __m128i*)(sc + ts))));
+    int32_t ha, hb;
+    memcpy(&ha, sc + 8, 4);
+    memcpy(&hb, sc + ts + 8, 4);
+    const __m512i h = _mm512_inserti64x4(_mm512_set1_epi32(ha), _mm256_set1_epi32(hb), 1);
+    const __m512i hi = _mm512_srlv_epi32(h, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28));
+    const __m512i m15 = _mm512_set1_epi32(15), m3 = _mm512_set1_epi32(3);
+    s = _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(lo, m15), _mm512_slli_epi32(_mm512_and_si512(hi, m3), 4)));
+    m = _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_srli_epi32(lo, 4),
+                                           _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 2), m3), 4)));
+}
+template <int ID, int SUB>
+inline __m512 sub_part2(const uint8_t* part, std::ptrdiff_t ts, const XQ8* xq, int nb, std::ptrdiff_t pf, __m512 tot) {
+    constexpr int BLK = 8 * SUB;
+    const uint8_t* sc = part + 32;
+    const uint8_t* q = sc + 8 * (nb + (nb + 1) / 2);
+    if (pf)
+        for (int o = 0; o < 12 * nb; o += 64) {
+            _mm_prefetch((const char*)(sc + pf + o), _MM_HINT_T0);
+            _mm_prefetch((const char*)(sc + ts + pf + o), _MM_HINT_T0);
+        }
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), mn = _mm512_setzero_ps();
+    for (int b = 0; b < nb; ++b, q += BLK, sc += 12) {
+        if (pf)
+            for (int o = 0; o < BLK; o += 64) {
+                _mm_prefetch((const char*)(q + pf + o), _MM_HINT_T0);
+                _mm_prefetch((const char*)(q + ts + pf + o), _MM_HINT_T0);
+            }
+        __m512 sf, mf;
+        sub_codes2(sc, ts, sf, mf);
+        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(dsum2<ID>(q, ts, xq[b].q)), sf);
+        if (b & 1) a1 = _mm512_fmadd_ps(_mm512_set1_ps(xq[b].d), f, a1);
+        else a0 = _mm512_fmadd_ps(_mm512_set1_ps(xq[b].d), f, a0);
+        mn = _mm512_fmadd_ps(_mm512_set1_ps(xq[b].ds), mf, mn);
+    }
+    return _mm512_fnmadd_ps(ph2(part + 16, ts), mn, _mm512_fmadd_ps(ph2(part, ts), _mm512_add_ps(a0, a1), tot));
+}
+template <int ID, int SUB>
+inline void tile16_sub(const uint8_t* part, std::ptrdiff_t ts, size_t part_bytes, int nch, const XQ8* xq, int g_pad,
+                       float* acc, std::ptrdiff_t pf) {
+    const int nb = g_pad / 32;
+    __m512 tot = _mm512_setzero_ps();
+    for (int c = 0; c < nch; ++c, part += part_bytes, xq += nb) tot = sub_part2<ID, SUB>(part, ts, xq, nb, pf, tot);
+    add_acc(acc, tot);
+}
 }  // namespace
+void tile16_q4s(const uint8_t* p, std::ptrdiff_t ts, size_t pb, int n, const XQ8* x, const float*, int g, float* acc, std::ptrdiff_t pf) {
+    tile16_sub<2, 16>(p, ts, pb, n, x, g, acc, pf);
+}
+void tile16_q3s(const uint8_t* p, std::ptrdiff_t ts, size_t pb, int n, const XQ8* x, const float*, int g, float* acc, std::ptrdiff_t pf) {
+    tile16_sub<3, 12>(p, ts, pb, n, x, g, acc, pf);
+}
+void tile16_q2s(const uint8_t* p, std::ptrdiff_t ts, size_t pb, int n, const XQ8* x, const float*, int g, float* acc, std::ptrdiff_t pf) {
+    tile16_sub<4, 8>(p, ts, pb, n, x, g, acc, pf);
+}
 void tile16_q4(const uint8_t* p, std::ptrdiff_t ts, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, std::ptrdiff_t pf) {
     tile16<2, 16>(p, ts, pb, n, x, s, g, acc, pf);
 }
@@ -166,8 +224,7 @@ void tile16_q2(const uint8_t* p, std::ptrdiff_t ts, size_t pb, int n, const XQ8*
 void tile16_q1(const uint8_t* p, std::ptrdiff_t ts, size_t pb, int n, const XQ8* x, const float* s, int g, float* acc, std::ptrdiff_t pf) {
     tile16<6, 4>(p, ts, pb, n, x, s, g, acc, pf);
 }
-// tile8_mix on two tiles; ternary parts (only with WQEDGE_TERNARY_TILES=1) and two-level parts run the 8-row kernel on
-// each half.
+// tile8_mix on two tiles; ternary parts (only with WQEDGE_TERNARY_TILES=1) run the 8-row kernel on each half.
 void tile16_mix(const uint8_t* tile, std::ptrdiff_t ts, const TileDesc* d, int n, const XQ8* xq, const int* x8off,
                 const float* xsum, float* acc, std::ptrdiff_t pf) {
     __m512 tot = _mm512_setzero_ps();
@@ -182,14 +239,12 @@ void tile16_mix(const uint8_t* tile, std::ptrdiff_t ts, const TileDesc* d, int n
             tot = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
             continue;
         }
-        if (d[i].kind >= 7) {  // two-level parts: the 8-row kernel on each half
-            __m256 lo = _mm512_castps512_ps256(tot), hi = _mm512_extractf32x8_ps(tot, 1);
+        if (d[i].kind >= 7) {  // two-level parts
             switch (d[i].kind) {
-                case 7: lo = sub_part<2, 16>(part, x, d[i].nb, pf, lo); hi = sub_part<2, 16>(part + ts, x, d[i].nb, pf, hi); break;
-                case 8: lo = sub_part<3, 12>(part, x, d[i].nb, pf, lo); hi = sub_part<3, 12>(part + ts, x, d[i].nb, pf, hi); break;
-                default: lo = sub_part<4, 8>(part, x, d[i].nb, pf, lo); hi = sub_part<4, 8>(part + ts, x, d[i].nb, pf, hi); break;
+                case 7: tot = sub_part2<2, 16>(part, ts, x, d[i].nb, pf, tot); break;
+                case 8: tot = sub_part2<3, 12>(part, ts, x, d[i].nb, pf, tot); break;
+                default: tot = sub_part2<4, 8>(part, ts, x, d[i].nb, pf, tot); break;
             }
-            tot = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
             continue;
         }
         __m512 s;

@@ -793,8 +793,8 @@ static void tile_pair_tests() {
         std::printf("tile pairs: no pair kernels on this CPU (AVX512-VNNI + BW), skipped\n");
         return;
     }
-    // two-level kinds (7-9) have no pair kernel: in mixed runs tile16_mix runs the 8-row kernel on each half
-    const std::vector<std::vector<int>> runs = {{2}, {3}, {4}, {6}, {2, 4, 3, 6}, {5, 4, 2}, {4, 4, 5, 3, 6}, {7, 2, 9, 8}, {8, 8, 7, 9}};
+    const std::vector<std::vector<int>> runs = {{2}, {3}, {4}, {6}, {7}, {8}, {9}, {2, 4, 3, 6}, {5, 4, 2}, {4, 4, 5, 3, 6},
+                                                {7, 2, 9, 8}, {8, 8, 7, 9}};
     for (const std::vector<int>& kinds : runs)
         for (int G : {32, 128, 256})
             for (int nch : {1, 2, 5})
@@ -829,7 +829,7 @@ static void tile_pair_tests() {
                     float one[2 * TILE_ROWS], pair[2 * TILE_ROWS];
                     std::memcpy(one, acc0, sizeof one);
                     std::memcpy(pair, acc0, sizeof pair);
-                    const bool uniform = kinds.size() == 1 && !ragged && !block_traits(kinds[0])->two_level;
+                    const bool uniform = kinds.size() == 1 && !ragged;
                     const BlockTraits& bt0 = *block_traits(kinds[0]);
                     const size_t pb = nch > 1 ? td[1].off : 0;
                     for (int h = 0; h < 2; ++h) {
