@@ -538,7 +538,8 @@ def _refuse_two_level(gguf_path) -> None:
     kinds = sorted({a for n in f.linear_names() for a in f.layout(n).actions if block_type(a).has_subscales})
     if kinds:
         raise ValueError(f"the portable ONNX export does not lower two-level block kinds ({', '.join(kinds)}) yet; "
-                         "convert with one-scale kinds (e.g. --preset q4) for ONNX, or use --onnx-variant native")
+                         "convert with one-scale kinds for ONNX (--no-two-level: the greedy allocator offers them by "
+                         "default at 4 bits and up; or a one-scale --preset such as q4), or use --onnx-variant native")
 
 
 def export_onnx(gguf_path, out_path, variant: str = "portable",
