@@ -208,3 +208,28 @@ def test_self_calib_gives_ours_the_models_samples_and_llamacpp_no_imatrix(tmp_pa
     r = CliRunner().invoke(main, ["bench", "--model", str(tiny_model_dir), "--self-calib", "--calib",
                                   "--rows", "wq-q4", "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "does not go with --calib" in r.output
+
+
+def test_bench_self_calib_run_reports_it(tmp_path, tiny_model_dir, monkeypatch):
+    """A whole --self-calib run (one of our rows): the model's own sample (stubbed here: sampling is
+    calib_source's, tested there) drives our file, the report header says which calibration each side had, and
+    the files sit in the cache folder of that text without importance matrix."""
+    import wqedge.calib_source as cs
+    from wqedge.tinymodel import tiny_corpus
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(tiny_corpus(600)), encoding="utf-8")
+    sample = "\n".join(tiny_corpus(80))
+    monkeypatch.setattr(cs, "self_generated_text", lambda ckpt, progress=None, device=None: sample)
+    out, cache = tmp_path / "rep", tmp_path / "cache"
+    args = ["bench", "--model", str(tiny_model_dir), "--eval-text", str(text), "--self-calib", "--speed-model", "none",
+            "--rows", "wq-q4", "--threads", "1", "--prefill", "8", "--decode", "4", "--reps", "1", "--rounds", "1",
+            "--ppl-windows", "1", "--ppl-ctx", "64", "--cache-dir", str(cache), "--out", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["info"]["options"]["self_calib"] is True and rep["info"]["options"]["calib_text"] is None
+    assert rep["info"]["self_calib_chars"] == len(sample)
+    assert rep["rows"][0]["status"] == "ok"
+    assert "--self-calib" in out.with_suffix(".md").read_text()
+    assert [p.name for p in cache.iterdir() if p.name.endswith("-noimatrix-v1")]
+    assert [p.name for p in cache.iterdir() if p.name.endswith("-selfcalib-v1.txt")]
