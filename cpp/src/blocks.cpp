@@ -201,11 +201,15 @@ static void rows_reference(const uint8_t* rb, size_t stride, int n, const float*
 }
 
 // ------------------------------------------------------------------ two-level kinds (q4s, q3s, q2s), scalar reference
-// Sub-block j's 6-bit scale and min codes (blocks.h, sub_bytes).
-static inline void sub_codes(const uint8_t* s, int n_sub, int j, int* sc, int* mn) {
-    const int lo = s[j], nib = (s[n_sub + j / 2] >> (4 * (j & 1))) & 0x0F;
+// A sub-block's 6-bit scale and min codes from its low byte (s & 15 | (n & 15) << 4) and high nibble
+// (s >> 4 | (n >> 4) << 2), however a layout stores them (the row-block: blocks.h sub_bytes; row tiles: tile_pack_sub).
+static inline void sub_pair(int lo, int nib, int* sc, int* mn) {
     *sc = (lo & 0x0F) | (nib & 3) << 4;
     *mn = (lo >> 4) | (nib >> 2) << 4;
+}
+// Sub-block j's codes in a row-block.
+static inline void sub_codes(const uint8_t* s, int n_sub, int j, int* sc, int* mn) {
+    sub_pair(s[j], (s[n_sub + j / 2] >> (4 * (j & 1))) & 0x0F, sc, mn);
 }
 
 // Calls f(b, D, M, codes) for each 32-column sub-block b: D = d s_b, M = dmin n_b (exact fp32 products), its codes.
@@ -502,8 +506,8 @@ static void tile8_sub_scalar(const uint8_t* part, size_t part_bytes, int nch, co
             double a = 0.0;
             for (int b = 0; b < nb; ++b) {
                 const uint8_t* sc = part + 4 * TILE_ROWS + 12 * b;
-                const int lo = sc[r], nib = (sc[8 + r / 2] >> (4 * (r & 1))) & 0x0F;
-                const int s_b = (lo & 0x0F) | (nib & 3) << 4, n_b = (lo >> 4) | (nib >> 2) << 4;
+                int s_b, n_b;
+                sub_pair(sc[r], (sc[8 + r / 2] >> (4 * (r & 1))) & 0x0F, &s_b, &n_b);
                 const uint8_t* blk = part + 4 * TILE_ROWS + TILE_ROWS * sb + (size_t)b * TILE_ROWS * SUB;
                 int32_t s = 0;
                 for (int j = 0; j < 32; ++j) s += TCODE(blk, r, j) * (int32_t)xq[b].q[j];

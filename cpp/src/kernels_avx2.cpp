@@ -570,8 +570,15 @@ inline void tile_sub_codes(const uint8_t* sc, __m256& s, __m256& m) {  // one bl
     m = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(lo, 4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hi, 2), m3), 4)));
 }
 
+inline __m256 tile_dmin(const uint8_t* part, __m256 sum, __m256 mins, __m256 tot) {  // tot + d sum - dmin mins
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)part));
+    const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(part + 16)));
+    return _mm256_fnmadd_ps(dm, mins, _mm256_fmadd_ps(d, sum, tot));
+}
+
+// tot + one two-level part's 8 rows.
 template <int ID, int SUB>
-inline __m256 tile_chunk_sub(const uint8_t* part, const XQ8* xq, int nb, ptrdiff_t pf, __m256* mins) {
+inline __m256 tile_sub_part(const uint8_t* part, const XQ8* xq, int nb, ptrdiff_t pf, __m256 tot) {
     constexpr int BLK = 8 * SUB;
     const uint8_t* sc = part + 32;
     const uint8_t* q = sc + 8 * (nb + (nb + 1) / 2);
@@ -590,21 +597,7 @@ inline __m256 tile_chunk_sub(const uint8_t* part, const XQ8* xq, int nb, ptrdiff
         else a0 = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].d), f, a0);
         mn = _mm256_fmadd_ps(_mm256_set1_ps(xq[b].ds), m, mn);
     }
-    *mins = mn;
-    return _mm256_add_ps(a0, a1);
-}
-
-inline __m256 tile_dmin(const uint8_t* part, __m256 sum, __m256 mins, __m256 tot) {  // tot + d sum - dmin mins
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)part));
-    const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(part + 16)));
-    return _mm256_fnmadd_ps(dm, mins, _mm256_fmadd_ps(d, sum, tot));
-}
-
-template <int ID, int SUB>
-inline __m256 tile_sub_part(const uint8_t* part, const XQ8* xq, int nb, ptrdiff_t pf, __m256 tot) {
-    __m256 mins;
-    const __m256 s = tile_chunk_sub<ID, SUB>(part, xq, nb, pf, &mins);
-    return tile_dmin(part, s, mins, tot);
+    return tile_dmin(part, _mm256_add_ps(a0, a1), mn, tot);
 }
 
 template <int ID, int SUB>
@@ -709,7 +702,7 @@ inline void gemm_chunk(const uint8_t* part, const XQ8* xq, size_t xs, int nb, __
     for (int t = 0; t < NT; ++t) out[t] = _mm256_add_ps(a0[t], a1[t]);
 }
 
-// Two-level parts for NT tokens: tile_chunk_sub's float operations per token, in its order.
+// Two-level parts for NT tokens: tile_sub_part's float operations per token, in its order.
 template <int ID, int NT>
 inline void gemm_block_sub(const uint8_t* q, const uint8_t* sc, const XQ8* xq, size_t xs, __m256 a[NT], __m256 mn[NT]) {
     __m256i g[8];
