@@ -70,6 +70,24 @@ def conditional_precision(xtx: torch.Tensor, group_size: int, damp: float = DAMP
     return out
 
 
+def _column_loop(dev):
+    """The C column loop (cpp/planning/feedback_kernel.c, in the planning library NeUQI loads) for CPU tensors, or
+    None: on GPUs, when the library is missing or older than this function, or with WQEDGE_FEEDBACK_BACKEND=torch
+    (the torch loop below, its reference)."""
+    import ctypes
+    import os
+    from .neuqi import c_kernel
+    if torch.device(dev).type != "cpu" or os.environ.get("WQEDGE_FEEDBACK_BACKEND", "auto") == "torch":
+        return None
+    lib = c_kernel()
+    f = getattr(lib, "wq_feedback_run", None) if lib is not None else None
+    if f is not None and f.argtypes is None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        f.argtypes = [p, i64, p, i64, i64, i64, i64, i64, p, p, p, i64, p, p, p, p, p, p]
+        f.restype = None
+    return f
+
+
 class _ColumnGrid:
     """Chunk c's stored grid, expanded once (chunk_grid), so that error feedback rounds one column at a time with
     affine.block_codes / block_dequantize on that column's parameters instead of rebuilding the grid per column."""
@@ -129,6 +147,7 @@ class _StackedGrid:
         self.grids = [_ColumnGrid(c, dev) for c in chunks]
         self.rows = rows
         self.one = None
+        self._flat = None
         names = {g.bt.name for g in self.grids}
         if len(self.grids) == 1:
             self.one = self.grids[0]
@@ -141,6 +160,22 @@ class _StackedGrid:
                 one.d = torch.cat([g.d for g in self.grids])
                 one.m = None if g0.m is None else torch.cat([g.m for g in self.grids])
             self.one = one
+
+    def flat(self, g: int):
+        """(D, M [N, g], hi, q0 [N]) float32 of every stacked row, for the C column loop (feedback_kernel.c), or
+        None when a row is of a float kind (those columns take the torch path)."""
+        if self._flat is None:
+            if any(gr.bt.is_float for gr in self.grids):
+                self._flat = False
+            else:
+                parts = []
+                for gr, (r0, r1) in zip(self.grids, self.rows):
+                    n = r1 - r0
+                    d = gr.d.float().expand(n, g)
+                    m = torch.zeros(n, g, device=d.device) if gr.m is None else gr.m.float().expand(n, g)
+                    parts.append((d, m, torch.full((n,), gr.bt.levels - 1.0), torch.full((n,), float(gr.bt.zero_code))))
+                self._flat = tuple(torch.cat([p[k] for p in parts]).contiguous() for k in range(4))
+        return self._flat or None
 
     def round(self, x: torch.Tensor, j: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(codes uint8 [N] or None when no row has codes, dequantized float32 [N]) of stacked column x."""
@@ -219,10 +254,15 @@ def gptq_linears(ws: list[torch.Tensor], xtx: torch.Tensor, actions: list[list[s
     chunk_l = chunk_of.tolist()
     udiag = torch.diagonal(U).tolist()      # float32 values held exactly as Python floats
     grids: list[_StackedGrid | None] = [None] * len(bounds)
+    run_c = _column_loop(dev)
+    if run_c is not None:
+        Uc = U.contiguous()
+        ud_t = torch.diagonal(Uc).contiguous()
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
         ErrT = torch.zeros(b1 - b0, N, device=dev)
-        for i in range(b0, b1):
+        i = b0
+        while i < b1:
             j = perm_l[i]
             c = chunk_l[j]
             if grids[c] is None:
@@ -231,6 +271,19 @@ def gptq_linears(ws: list[torch.Tensor], xtx: torch.Tensor, actions: list[list[s
                     W[:, perm[i:i + (e - s)]] = WpT[i:i + (e - s)].T
                     fit(c)
                 grids[c] = _StackedGrid([params[li][c] for li in range(n_lin)], rows, dev)
+            flat = None if run_c is None or j in exact_rows else grids[c].flat(bounds[c][1] - bounds[c][0])
+            if flat is not None:           # the run of this chunk's columns up to the block's end or an exact column
+                i1 = i + 1
+                while i1 < b1 and chunk_l[perm_l[i1]] == c and perm_l[i1] not in exact_rows:
+                    i1 += 1
+                jl = torch.tensor([perm_l[k] - bounds[c][0] for k in range(i, i1)], dtype=torch.int32)
+                qbuf = torch.empty(i1 - i, N, dtype=torch.uint8)
+                run_c(WpT.data_ptr(), N, Uc.data_ptr(), K, i, i1, b0, b1, jl.data_ptr(), flat[0].data_ptr(),
+                      flat[1].data_ptr(), flat[0].shape[1], flat[2].data_ptr(), flat[3].data_ptr(),
+                      ud_t.data_ptr(), QT.data_ptr(), qbuf.data_ptr(), ErrT.data_ptr())
+                codesT[perm[i:i1]] = qbuf
+                i = i1
+                continue
             col = WpT[i]
             qc, deq = grids[c].round(col, j - bounds[c][0])
             if j in exact_rows:                   # exact up to the fp16 residual (codes still on the grid)
@@ -244,6 +297,7 @@ def gptq_linears(ws: list[torch.Tensor], xtx: torch.Tensor, actions: list[list[s
             if i + 1 < b1:
                 WpT[i + 1:b1].addr_(U[i, i + 1:b1], err, alpha=-1.0)
             ErrT[i - b0] = err
+            i += 1
         if b1 < K:
             WpT[b1:].addmm_(U[b0:b1, b1:].T, ErrT, alpha=-1.0)
     inv = torch.argsort(perm)
