@@ -194,3 +194,49 @@ def test_damage_table_from_diagonal_blocks_equals_full_xtx(tiny):
         build_damage_table(lins, ckpt.linear_weight, g, block, gs, feedback=True)
     with pytest.raises(ValueError, match="do not cover chunks"):
         build_damage_table(lins, ckpt.linear_weight, 128, block, gs)
+
+
+def test_gradient_pass_gathers_input_stats_for_its_windows(tiny):
+    """Planning on CPU gathers the input statistics of the gradient pass's windows in that pass's forward
+    (InputStatsHooks) and runs layerwise_stats on the others only: the same statistics as layerwise_stats on every
+    window (float summation order aside), and the hooks are gone afterwards."""
+    from wqedge.calib import InputStatsHooks
+    ckpt, tok, model, text = tiny
+    cs = calibration_tokens(tok, text, n_seqs=5, seqlen=48, n_heldout=0)
+    g = 32
+    want = layerwise_stats(model, cs.train, full_xtx=g)
+    with InputStatsHooks(model, g, "cpu") as seen:
+        gradient_stats(model, cs.train[:2], batch_size=2)
+    got = layerwise_stats(model, cs.train[2:], full_xtx=g, prior=seen)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert set(got) == set(want)
+    for name, w in want.items():
+        s = got[name]
+        assert s.n_tokens == w.n_tokens == 5 * 48 and s.xtx_block == g
+        torch.testing.assert_close(s.diag, w.diag, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(s.mean_abs, w.mean_abs, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(s.max_abs, w.max_abs, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(s.xtx, w.xtx, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="full XᵀX"):
+        InputStatsHooks(model, True, "cpu")
+
+
+def test_planning_shares_the_gradient_forward_on_cpu(tiny, monkeypatch):
+    """prepare() takes the shared pass on CPU with block statistics (layerwise_stats sees only the windows the
+    gradient pass did not), and the separate passes with resumable checkpoints or full XᵀX."""
+    from wqedge.alloc import planner
+    import wqedge.calib as calib
+    ckpt, tok, model, text = tiny
+    seen = []
+    real = calib.layerwise_stats
+
+    def spy(model, tokens, *a, **kw):
+        seen.append((tokens.shape[0], kw.get("prior") is not None))
+        return real(model, tokens, *a, **kw)
+    monkeypatch.setattr(calib, "layerwise_stats", spy)
+    opts = dict(n_seqs=6, seqlen=32, n_heldout=0, n_grad_seqs=2, progress=False, group_size=32)
+    planner.prepare(ckpt, calib_text=text, **opts)
+    assert seen == [(6 - 2, True)]
+    seen.clear()
+    planner.prepare(ckpt, calib_text=text, full_xtx=True, **opts)
+    assert seen == [(6, False)]

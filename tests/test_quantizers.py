@@ -247,6 +247,18 @@ def test_neuqi_fast_grid_is_close_to_the_full_search(bits):
     assert float(fast.sum()) <= 1.005 * float(full.sum())
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_neuqi_table_grid_is_close_to_the_fast_one(bits):
+    """The damage table's grid (TABLE_GRID, half FAST_GRID's steps) only ranks actions: over all rows at most 3%
+    more weighted loss than FAST_GRID (measured here: +0.3% .. +1.4%), no row more than 40% (measured: 21%)."""
+    w = torch.cat([student(96, 128, seed=bits), gauss(32, 128, seed=bits)])
+    h = neuqi.row_weights(neuqi.damp(hdiag(128, seed=bits)), 128, 128)
+    fast = _obj(w, h, *neuqi.neuqi_params(w, bits, h, grid=neuqi.FAST_GRID), bits)
+    table = _obj(w, h, *neuqi.neuqi_params(w, bits, h, grid=neuqi.TABLE_GRID), bits)
+    assert torch.all(table <= fast * 1.4 + 1e-12)
+    assert float(table.sum()) <= 1.03 * float(fast.sum())
+
+
 def test_neuqi_grid_is_checked():
     with pytest.raises(ValueError, match="three positive step counts"):
         neuqi.neuqi_params(gauss(4, 32), 3, grid=(16, 0, 8))

@@ -277,11 +277,39 @@ def _rotary(model, hidden: torch.Tensor):
     return model.model.rotary_emb(hidden, position_ids=pos)
 
 
+class InputStatsHooks:
+    """Forward pre-hooks that gather every decoder layer's input statistics (as layerwise_stats does) during
+    whole-model forward passes, e.g. the gradient pass's: its windows then need no second forward in
+    layerwise_stats (`prior`), which runs only the others. The sums of all layers are held at once, so this is
+    for block-diagonal XᵀX (an int `xtx`) or none; used as a context manager (the hooks go on exit)."""
+
+    def __init__(self, model, xtx: bool | int, device):
+        if xtx is True:
+            raise ValueError("InputStatsHooks holds every layer's sums at once: full XᵀX would not fit; use layerwise_stats")
+        self.accs: dict[tuple[int, str], _Accumulator] = {}
+        self._hooks = []
+        for li, layer in enumerate(model.model.layers):
+            for group in INPUT_GROUPS:
+                mod = layer.get_submodule(group[0])
+                acc = self.accs[(li, group[0])] = _Accumulator(mod.in_features, xtx, device)
+                self._hooks.append(mod.register_forward_pre_hook(
+                    lambda m, args, acc=acc: acc.add(args[0].detach().to(acc.s2.device))))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
 @torch.no_grad()
 def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 4, full_xtx: bool | int = True,
                     on_layer: Callable[[int, torch.nn.Module, dict[str, InputStats]], bool | None] | None = None,
                     progress: Callable[[str], None] | None = None, keep: bool = True,
-                    checkpoints=None, skip: Callable[[int], bool] | None = None) -> dict[str, InputStats]:
+                    checkpoints=None, skip: Callable[[int], bool] | None = None,
+                    prior: "InputStatsHooks | None" = None) -> dict[str, InputStats]:
     """Input statistics of every decoder linear, gathered one decoder layer at a time.
 
     `model` is a transformers LlamaForCausalLM (any dtype, on the CPU, or already on a CUDA `device`: then the
@@ -297,6 +325,8 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
     present, loaded instead of gathered (the layer still runs to feed the next, unless no later layer needs it).
     skip(l) True: layer l gathers nothing and is not run before on_layer(l, layer, {}), which must set its weights
     (error feedback resumed from saved fits); its outputs are then computed once.
+    prior: sums already gathered over other windows by an InputStatsHooks (the gradient pass's forward): `tokens`
+    are then the remaining windows, and the statistics are those of all of them.
     """
     dev = default_device(device)
     tokens = distributed.shard(torch.as_tensor(tokens, dtype=torch.long))   # this rank's windows (all, alone)
@@ -330,7 +360,7 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
         hooks = []
         for group in (() if saved or skipped else INPUT_GROUPS):
             mod = layer.get_submodule(group[0])
-            acc = _Accumulator(mod.in_features, full_xtx, dev)
+            acc = prior.accs[(li, group[0])] if prior is not None else _Accumulator(mod.in_features, full_xtx, dev)
             for name in group:
                 accs[f"model.layers.{li}.{name}.weight"] = acc
             hooks.append(mod.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))

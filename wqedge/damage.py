@@ -153,8 +153,8 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
     keep: when given, receives ŵ [rows, g] per (hf_name, chunk, action) (only with every row).
     feedback: price rounding errors by their conditional precision under error feedback (needs full XᵀX).
     protect: numbers of protected columns k for which "<action>+p<k>" variants are added.
-    neuqi_grid: NeUQI's scale search for these fits; None = wqedge.quant.neuqi.FAST_GRID, SUB_FAST_GRID for the
-    two-level kinds (the table only ranks actions; error feedback fits the file's chunks again).
+    neuqi_grid: NeUQI's scale search for these fits; None = wqedge.quant.neuqi.TABLE_GRID (the table only ranks
+    actions; error feedback fits the file's chunks again).
     """
     if kind in ("kfac", "fisher") and not grad_stats:
         raise ValueError(f"damage kind {kind!r} needs gradient statistics")
@@ -173,9 +173,8 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
         by_lin.setdefault(u.linear.hf_name, []).append(u)
     if fitter is None:
         from .quant.fit import dequantize_chunk, fit_linear
-        from .quant.neuqi import FAST_GRID, SUB_FAST_GRID
-        sub_grid = SUB_FAST_GRID if neuqi_grid is None else neuqi_grid   # the two-level kinds' sub-blocks
-        neuqi_grid = FAST_GRID if neuqi_grid is None else neuqi_grid
+        from .quant import neuqi
+        neuqi_grid = neuqi.TABLE_GRID if neuqi_grid is None else neuqi_grid
     t0 = time.time()
     # --distributed: each linear's rows of the table computed by its owner rank, then summed (the others hold zeros)
     from . import distributed
@@ -221,7 +220,7 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
                     m = "minmax" if a == "q8" else method
                     chunks = fit_linear(ws, [base] * len(lus), group_size, m, hdiag_all.float(),
                                         protected=cols[k] if k else None,
-                                        neuqi_grid=sub_grid if blocks.block_type(base).has_subscales else neuqi_grid)
+                                        neuqi_grid=neuqi_grid)
                     deqs[a] = torch.cat([dequantize_chunk(c) for c in chunks], 1).to(dev)
         for u in lus:
             s, e = u.start, u.end

@@ -101,12 +101,22 @@ def plan_from_choice(ckpt, table, choice: np.ndarray, budget_bits: float, alloca
                              model_fingerprint=ckpt.fingerprint(), pruning=pruning)
 
 
+def shared_forward(model, dev, xtx, checkpoints=None) -> bool:
+    """Whether planning gathers input statistics in the gradient pass's forward (calib.InputStatsHooks): on CPU, for
+    a whole float32 model, block-diagonal XᵀX (all layers' sums are held at once) and no resumable checkpoints
+    (they save the two passes apart)."""
+    import torch
+    from ..stream import StreamedModel
+    return (dev.type == "cpu" and checkpoints is None and not isinstance(model, StreamedModel) and xtx is not True
+            and next(model.parameters()).dtype == torch.float32)
+
+
 def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=None, progress=True,
             full_xtx: bool = False, **opts):
     """Calibration and damage table for a checkpoint: returns (table, PlanningContext). The input statistics hold
     XᵀX's diagonal chunk blocks, all the damage table reads, unless `full_xtx` (or feedback-aware damage) asks for
     the whole matrix (joint pruning re-slices it)."""
-    from ..calib import calibration_tokens, default_device, gradient_stats, layerwise_stats
+    from ..calib import InputStatsHooks, calibration_tokens, default_device, gradient_stats, layerwise_stats
     from ..damage import build_damage_table
 
     say = _printer(progress)
@@ -150,14 +160,26 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
                **{k: o[k] for k in ("n_grad_seqs", "max_rows", "damage", "feedback_damage", "protect")},
                "actions": list(actions)}
         ck = StatsCheckpoints(o["resume_dir"], key, say)
-    st = layerwise_stats(model, cs.train, device=dev, full_xtx=xtx, progress=None, checkpoints=ck)
-    times["input_stats"] = time.time() - t
-    t = time.time()
 
     def grads():
         return gradient_stats(model, cs.train[: o["n_grad_seqs"]], device=dev, batch_size=4 if dev.type == "cuda" else 2)
-    gs = ck.cached("gradients", grads) if ck is not None else grads()
-    times["grad_stats"] = time.time() - t
+    n_grad = min(o["n_grad_seqs"], cs.train.shape[0])
+    if n_grad < cs.train.shape[0] and shared_forward(model, dev, xtx, ck):
+        # on CPU the forward passes are most of planning: the gradient pass's forward also gathers its windows'
+        # input statistics, and the layer-by-layer pass runs only the other windows (same sums, one forward less)
+        t = time.time()
+        with InputStatsHooks(model, xtx, dev) as seen:
+            gs = grads()
+        times["grad_stats"] = time.time() - t
+        t = time.time()
+        st = layerwise_stats(model, cs.train[n_grad:], device=dev, full_xtx=xtx, progress=None, prior=seen)
+        times["input_stats"] = time.time() - t
+    else:
+        st = layerwise_stats(model, cs.train, device=dev, full_xtx=xtx, progress=None, checkpoints=ck)
+        times["input_stats"] = time.time() - t
+        t = time.time()
+        gs = ck.cached("gradients", grads) if ck is not None else grads()
+        times["grad_stats"] = time.time() - t
     if say:
         say(f"statistics: inputs {times['input_stats']:.1f} s, gradients {times['grad_stats']:.1f} s")
     t = time.time()

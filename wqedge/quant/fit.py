@@ -264,7 +264,7 @@ def fit_linear(w: torch.Tensor, actions: Sequence[str], group_size: int, method:
     h: diag(X^T X) [K] or None; damped by 1% of its mean over the whole linear (as NeUQI does), then each
     chunk's slice is normalised. protected: global column indices, or one list of chunk-local indices
     (or None) per chunk. Chunks that share an action and width are fitted together as one batch of rows.
-    neuqi_grid: the NeUQI scale search (wqedge.quant.neuqi.FULL_GRID when None; the damage table passes FAST_GRID).
+    neuqi_grid: the NeUQI scale search (wqedge.quant.neuqi.FULL_GRID when None; the damage table passes TABLE_GRID).
     """
     from ..units import chunk_bounds
 

@@ -5,7 +5,7 @@ Per row of a chunk w [N, g] with weights h (>= 0, normalised to sum 1) it minimi
 over a *float* zero point z and a scale s, as the paper does (docs: METHODS.md section 2):
   * s on a coarse grid s_mm * i / 64, i = 1..64, then a fine grid s_best + s_mm * j / 2048, 0 < |j| <= 16
     (96 zero-point solves); the scale with the least s^2 * L (normalised units) wins. (`grid` picks other
-    step counts: FAST_GRID for the damage table and error feedback.)
+    step counts: TABLE_GRID for the damage table, FAST_GRID for error feedback.)
   * for a fixed s, L is piecewise quadratic in z. First the surrogate in which every unclamped term costs
     h_i / 4 (two breakpoints per element) is minimised exactly; it is convex (each term is), so with the row
     sorted once its minimiser is the first kink where the derivative turns non-negative, or the root of the
@@ -39,14 +39,15 @@ COARSE_STEPS = 64     # s_mm * i / 64, i = 1..64
 FINE_STEPS = 2048     # s_best + s_mm * j / 2048
 FINE_RADIUS = 16      # |j| <= 16
 FULL_GRID = (COARSE_STEPS, FINE_STEPS, FINE_RADIUS)   # the paper's search: fits without calibration text use it
-# The damage table (which only ranks actions) and error feedback (which moves the weights after the fit) search a
-# coarser grid: on llama-s chunks (16, 256, 8) costs +0.04% (q2) .. +0.14% (q4) weighted fit loss for 2.5x less
-# time (bench/results/convert_cost.md: plans and files unchanged within noise).
+# Error feedback (which moves the weights after the fit) searches a coarser grid, the damage table an even coarser
+# one (TABLE_GRID, below): on llama-s chunks (16, 256, 8) costs +0.04% (q2) .. +0.14% (q4) weighted fit loss for
+# 2.5x less time (bench/results/convert_cost.md: plans and files unchanged within noise).
 FAST_GRID = (16, 256, 8)
-# The damage table's grid for the two-level kinds' 32-column sub-blocks, whose scales are then rounded to 6-bit codes
-# under the row's scale anyway: on llama-s's first layer +1.5% (q4s), +1.4% (q3s), +0.2% (q2s) weighted fit loss
-# against FAST_GRID for 1.6-1.9x less time (bench/results/two_level_default.md); error feedback keeps FAST_GRID.
-SUB_FAST_GRID = (8, 128, 4)
+# The damage table's grid, for every kind (it only ranks actions; error feedback fits the file's chunks again with
+# FAST_GRID). For the two-level kinds' 32-column sub-blocks, on llama-s's first layer +1.5% (q4s), +1.4% (q3s),
+# +0.2% (q2s) weighted fit loss against FAST_GRID for 1.6-1.9x less time (bench/results/two_level_default.md); for
+# the one-scale kinds see bench/results/table_grid.md.
+TABLE_GRID = (8, 128, 4)
 DAMP = 0.01           # h = diag(X^T X / N) + 1% of its mean (weights of one chunk's fit; gptq.DAMP = 0.1
 #                       damps the full XᵀX of error feedback: another matrix, tuned separately, docs/architecture.md)
 
