@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Which NeUQI scale grid the damage table should fit with (issue 13: conversion in minutes).
 
-    python bench/table_grid.py [--budgets 4.25,3.25] [--grids fast=16,256,8 table=8,128,4] [--model DIR]
-        [--calib FILE] [--eval FILE] [--windows 32]
+    python bench/table_grid.py [--budgets 4.25,3.25] [--grids fast=16,256,8 table=8,128,4] [--which TABLE_GRID]
+        [--model DIR] [--calib FILE] [--eval FILE] [--windows 32]
 
 The table only ranks actions; error feedback fits the file's chunks again (neuqi.FAST_GRID). Per budget and per
 table grid (neuqi.TABLE_GRID patched for the run): the greedy plan's table seconds, the chunks whose action differs
 from the first grid's plan, then the file as `wqedge convert` writes it (error feedback on the calibration text,
-default actions for the budget) scored by the C++ runtime (float activations) on the eval text. No assertions.
+default actions for the budget) scored by the C++ runtime (float activations) on the eval text. --which SUB_GRID
+varies error feedback's grid for the two-level kinds' sub-blocks instead (the plans are then the same). No
+assertions.
 """
 from __future__ import annotations
 
@@ -35,12 +37,14 @@ def main() -> None:
     ap.add_argument("--grids", nargs="+", default=["fast=16,256,8", "table=8,128,4"],
                     help="NAME=coarse,fine,radius (the first is the reference)")
     ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--which", default="TABLE_GRID", choices=["TABLE_GRID", "SUB_GRID"],
+                    help="the neuqi grid constant the runs vary")
     a = ap.parse_args()
     ck = LlamaCheckpoint.open(a.model)
     calib, text = Path(a.calib).read_text(), Path(a.eval).read_text()
     native.set_activations("f32")
     grids = [(g.split("=")[0], tuple(int(x) for x in g.split("=")[1].split(","))) for g in a.grids]
-    default = neuqi.TABLE_GRID
+    default = getattr(neuqi, a.which)
 
     def ppl(path):
         m = native.Model(path)
@@ -52,20 +56,21 @@ def main() -> None:
         for budget in (float(b) for b in a.budgets.split(",")):
             ref = None
             for name, grid in grids:
-                neuqi.TABLE_GRID = grid
+                setattr(neuqi, a.which, grid)
                 try:
                     t = time.time()
                     plan = pipeline.make_plan(ck, budget, calib_text=calib, progress=False)
                     dt = time.time() - t
+                    acts = [x for tt in plan.tensors for x in tt.actions]
+                    diff = "" if ref is None else f", {sum(x != y for x, y in zip(ref, acts))}/{len(acts)} chunks differ"
+                    ref = ref or acts
+                    out = Path(tmp) / f"{budget}-{name}.gguf"
+                    t = time.time()
+                    pipeline.write_gguf(ck, plan, out, calib_text=calib)
+                    ft = time.time() - t
                 finally:
-                    neuqi.TABLE_GRID = default
-                acts = [x for tt in plan.tensors for x in tt.actions]
-                diff = "" if ref is None else f", {sum(x != y for x, y in zip(ref, acts))}/{len(acts)} chunks differ"
-                ref = ref or acts
-                out = Path(tmp) / f"{budget}-{name}.gguf"
-                t = time.time()
-                pipeline.write_gguf(ck, plan, out, calib_text=calib)
-                print(f"{budget} b, table grid {name} {grid}: plan {dt:.1f} s{diff}, fitting {time.time() - t:.1f} s, "
+                    setattr(neuqi, a.which, default)
+                print(f"{budget} b, {a.which} {name} {grid}: plan {dt:.1f} s{diff}, fitting {ft:.1f} s, "
                       f"ppl {ppl(out):.4f}", flush=True)
 
 

@@ -240,3 +240,20 @@ def test_planning_shares_the_gradient_forward_on_cpu(tiny, monkeypatch):
     seen.clear()
     planner.prepare(ckpt, calib_text=text, full_xtx=True, **opts)
     assert seen == [(6, False)]
+
+
+def test_damage_table_is_the_same_with_two_linears_at_once(tiny, monkeypatch):
+    """build_damage_table fits two linears at a time on CPU (damage.TABLE_THREADS): the same table, bit for bit,
+    as one at a time."""
+    from wqedge import damage
+    ckpt, tok, model, text = tiny
+    cs = calibration_tokens(tok, text, n_seqs=3, seqlen=48, n_heldout=0)
+    st = layerwise_stats(model, cs.train, full_xtx=32)
+    gs = gradient_stats(model, cs.train)
+    lins = ckpt.spec.linears()
+    assert damage.TABLE_THREADS == 2
+    two = damage.build_damage_table(lins, ckpt.linear_weight, 32, st, gs, actions=("q8", "q4", "q2", "q1", "q4s"))
+    monkeypatch.setattr(damage, "TABLE_THREADS", 1)
+    one = damage.build_damage_table(lins, ckpt.linear_weight, 32, st, gs, actions=("q8", "q4", "q2", "q1", "q4s"))
+    assert one.damage.shape == (len(one.units), 5) and (one.damage > 0).any()
+    assert (one.damage == two.damage).all() and (one.features == two.features).all()

@@ -55,8 +55,8 @@ def test_distributed_plan_and_file_equal_one_process(single, model_dir, calib_fi
     """3 processes (32 windows split unevenly; 2 processes: test_streamed_layers_distributed_equal_one_process and
     test_resume): the same greedy plan (every chunk's action; predicted damage within 1e-6 relative: float summation
     order of the reduced statistics), and the file converted from the one-process plan holds the same decoder weights
-    (at most 0.1% of values may differ, by a flipped rounding in the error-feedback fit; measured: none). Only rank 0
-    writes."""
+    (at most 0.1% of values may move by more than 1e-3 of the largest, by a flipped rounding in the error-feedback
+    fit; measured: none). Only rank 0 writes."""
     r = run_wqedge(["plan", model_dir, "--bits", "3.25", "--calib", calib_file, "--device", "cpu",
                  "-o", tmp_path / "plan.json"], nproc, tmp_path)
     assert _actions(tmp_path / "plan.json") == _actions(single / "plan.json")
@@ -193,7 +193,8 @@ def test_distributed_outside_torchrun(model_dir, calib_file, tmp_path):
 
 def test_streamed_layers_distributed_equal_one_process(single, model_dir, calib_file, tmp_path):
     """--stream-layers with --distributed (every rank reads one decoder layer at a time from the safetensors files):
-    the plan of one in-memory process, and the same decoder weights after conversion."""
+    the plan of one in-memory process, and the same decoder weights after conversion (assert_weights_equal; measured:
+    206 of 399360 values: a few flipped codes in one linear and their rows' refitted scales)."""
     run_wqedge(["plan", model_dir, "--bits", "3.25", "--calib", calib_file, "--device", "cpu", "--stream-layers",
              "-o", tmp_path / "plan.json"], 2, tmp_path)
     assert _actions(tmp_path / "plan.json") == _actions(single / "plan.json")

@@ -74,3 +74,29 @@ def test_quantize_model_batched_equals_per_linear(tiny_model_factory):
     assert names == sorted(sep)
     _compare([sep[n] for n in names], [bat[n] for n in names], max(float(ckpt.linear_weight(n).abs().max())
                                                                    for n in names))
+
+
+def test_quantize_model_fits_a_layers_groups_concurrently_with_the_same_result(tiny_model_factory, monkeypatch):
+    """On CPU a layer's groups are fitted two at a time (feedback.FIT_THREADS): the chunks are exactly those of one
+    group at a time (the groups are independent)."""
+    from wqedge.quant import feedback
+    ckpt = LlamaCheckpoint.open(tiny_model_factory(n_layers=2, hidden=64, intermediate=160, vocab_size=512))
+    actions = ["q4", "q3s", "q2", "q4s", "ternary"]
+    linears = ckpt.spec.linears()
+    acts = {lin.hf_name: [actions[(i + c) % len(actions)] for c in range(-(-lin.in_features // 32))]
+            for i, lin in enumerate(linears)}
+    plan = Plan.from_actions(linears, 32, 16.0, "greedy", acts, "neuqi", model_name=ckpt.spec.name,
+                             model_fingerprint=ckpt.fingerprint())
+    toks = torch.randint(3, 512, (6, 32), generator=torch.Generator().manual_seed(2))
+    toks[:, 0] = 1
+    assert feedback.FIT_THREADS == 2
+    two = quantize_model(ckpt.load_hf_model(), plan, toks, device="cpu")
+    monkeypatch.setattr(feedback, "FIT_THREADS", 1)
+    one = quantize_model(ckpt.load_hf_model(), plan, toks, device="cpu")
+    assert sorted(two) == sorted(one)
+    for n in one:
+        for a, b in zip(one[n], two[n]):
+            assert a.action == b.action
+            for f in ("codes", "d", "m", "sc", "mn", "values"):
+                x, y = getattr(a, f), getattr(b, f)
+                assert (x is None) == (y is None) and (x is None or np.array_equal(x, y)), (n, f)

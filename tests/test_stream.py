@@ -50,23 +50,42 @@ def test_streamed_gradients_match_whole_model_backward(ckpt):
         torch.testing.assert_close(streamed[name].g2, whole[name].g2, rtol=1e-4, atol=1e-12)
 
 
+def _contents(path):
+    """A GGUF's metadata and tensor bytes, the plan JSON's predicted damage left out (compared apart)."""
+    import json
+
+    import gguf
+    r = gguf.GGUFReader(path)
+    fields = {}
+    for k, f in r.fields.items():
+        v = [bytes(f.parts[i]) for i in f.data]
+        if k == "wqedge.plan":
+            plan = json.loads(v[0])
+            plan["meta"].pop("predicted_damage")
+            v = plan
+        fields[k] = v
+    return fields, {t.name: bytes(np.asarray(t.data).tobytes()) for t in r.tensors}
+
+
 @pytest.mark.parametrize("bits", [3.25, 4.5])
 def test_streamed_plan_and_file_equal_in_memory(ckpt, tmp_path, bits):
     """The whole pipeline (greedy plan with calibration text, error-feedback fitting, writing) streamed and in
-    memory: the same actions per chunk and the same GGUF bytes; at 4.5 bits with the two-level kinds the default
-    offers there (what a model too large for memory gets by default)."""
+    memory: the same actions per chunk and the same GGUF tensors and metadata, up to the plan's predicted damage
+    (rel 1e-4: in memory, planning gathers some windows' input statistics in the gradient pass, another float
+    summation order); at 4.5 bits with the two-level kinds the default offers there (what a model too large for
+    memory gets by default)."""
     plans, files = {}, {}
     for stream in (False, True):
         plan = pipeline.make_plan(ckpt, bits, 128, "greedy", calib_text=CALIB, device="cpu", progress=False,
                                   stream_layers=stream)
         out = tmp_path / f"s{int(stream)}.gguf"
         pipeline.convert(ckpt, plan, out, calib_text=CALIB, device="cpu", stream_layers=stream)
-        plans[stream], files[stream] = plan, out.read_bytes()
+        plans[stream], files[stream] = plan, _contents(out)
     assert [t.actions for t in plans[True].tensors] == [t.actions for t in plans[False].tensors]
     assert plans[True].meta["predicted_damage"] == pytest.approx(plans[False].meta["predicted_damage"], rel=1e-4)
     assert files[True] == files[False]
     if bits >= pipeline.TWO_LEVEL_MIN_BITS:
-        assert {"q4s", "q3s", "q2s"} <= set(plans[True].meta["actions"])
+        assert {"q4s", "q3s"} <= set(plans[True].meta["actions"])
 
 
 def test_streaming_rule(ckpt):

@@ -26,13 +26,15 @@ def run_wqedge(args, nproc: int, cwd: Path, env_extra: dict | None = None, check
     return r
 
 
-def assert_weights_equal(a, b, share: float = 1e-3) -> None:
-    """Two wqedge GGUFs (runtime.gguf_reader.WqGGUF) hold the same decoder linears, and at most `share` of their
-    values differ (a rounding flipped by the float summation order of reduced statistics in an error-feedback fit)."""
+def assert_weights_equal(a, b, share: float = 1e-3, hair: float = 1e-3) -> None:
+    """Two wqedge GGUFs (runtime.gguf_reader.WqGGUF) hold the same decoder linears: at most `share` of their values
+    moved by more than `hair` x the linear's largest |w| (a code flipped by the float summation order of reduced
+    statistics in an error-feedback fit, and the refitted scale of its row). Smaller moves are an fp16 scale or
+    offset one ulp apart (~4e-4 of the range measured), not counted."""
     assert a.linear_names() == b.linear_names()
-    differ = total = 0
+    moved = total = 0
     for name in a.linear_names():
         wa, wb = a.dequantize_linear(name), b.dequantize_linear(name)
-        differ += int((wa != wb).sum())
+        moved += int((abs(wa.astype("float64") - wb) > hair * float(abs(wa).max())).sum())
         total += wa.size
-    assert differ <= share * total, f"{differ} of {total} weights differ"
+    assert moved <= share * total, f"{moved} of {total} weights moved by more than {hair} of the largest"

@@ -387,10 +387,11 @@ def layerwise_stats(model, tokens: torch.Tensor, device=None, batch_size: int = 
         del accs, results
         if changed:
             outs.clear()        # the unquantized layer's outputs: not needed, and a whole copy of the states
-            outs = [_layer_call(layer, hidden[i:i + batch_size].to(dev), pos_emb).to(home, cdtype)
-                    for i in range(0, n, batch_size)]
+            if li + 1 < len(layers):     # (the last layer's new outputs would feed nothing)
+                outs = [_layer_call(layer, hidden[i:i + batch_size].to(dev), pos_emb).to(home, cdtype)
+                        for i in range(0, n, batch_size)]
         del hidden
-        hidden = torch.cat(outs)
+        hidden = torch.cat(outs) if outs else None
         del outs
         layer.to(orig_dev, orig_dtype)
         if progress:

@@ -453,9 +453,10 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     def written(path):
         for bar in bars:
             bar.close()
+        elapsed = time.time() - t0              # the file is complete: reading it back below is a check
         f = WqGGUF(path)
         size = path.stat().st_size
-        click.echo(f"wrote {path} ({size / 2**20:.2f} MiB) in {time.time() - t0:.1f} s")
+        click.echo(f"wrote {path} ({size / 2**20:.2f} MiB) in {elapsed:.1f} s")
         click.echo(f"effective bits: {plan.effective_bits():.4f} planned, {f.measured_bits():.4f} measured in the file")
         # the check scores the file on text it was not fitted on: self-calibrated files on fresh samples
         _quality_check(ckpt, path, calib_text if source == "file" else None, check)

@@ -20,6 +20,7 @@ with its exact extra bits, so the allocator can buy protection where it pays.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -136,6 +137,9 @@ def sample_rows(n: int, max_rows: int | None, g: torch.Tensor | None = None) -> 
     return order[pos].sort().values
 
 
+TABLE_THREADS = 2   # linears fitted at once on CPU (build_damage_table); the table does not depend on it
+
+
 def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torch.Tensor], group_size: int,
                        input_stats: dict | None = None, grad_stats: dict | None = None,
                        fitter: Fitter | None = None, method: str = "neuqi", actions=ACTIONS, kind: str = "kfac",
@@ -179,9 +183,9 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
     # --distributed: each linear's rows of the table computed by its owner rank, then summed (the others hold zeros)
     from . import distributed
     owner = distributed.owners([lin.out_features * lin.in_features for lin in linears]) if keep is None else None
-    for li, lin in enumerate(linears):
-        if owner is not None and owner[li] != distributed.rank():
-            continue
+
+    def one(li: int, lin: Linear) -> None:
+        """Rows of dmg/feats (and prot_map, keep) of linear li: each linear's are its own, so two run at once."""
         w = weight_fn(lin).to(dev, torch.float32)
         N, K = w.shape
         st = (input_stats or {}).get(lin.hf_name)
@@ -247,8 +251,14 @@ def build_damage_table(linears: list[Linear], weight_fn: Callable[[Linear], torc
                     q = (d @ hfull * d).sum(1) if hfull is not None else (d * d * hdiag).sum(1)   # [rows]
                 dmg[u.index, ai] = 0.5 * rw * float((q * gsub).sum() if gsub is not None else q.sum())
             feats[u.index] = _features(w[:, s:e], hdiag, None if st is None else st.max_abs[s:e], g)
-        if progress:
-            progress(f"damage table: {li + 1}/{len(linears)} linears ({time.time() - t0:.1f} s)")
+    mine = [li for li in range(len(linears)) if owner is None or owner[li] == distributed.rank()]
+    # on CPU two linears at a time keep both cores busy through each one's single-threaded steps (NeUQI's kernel
+    # already uses both; the torch work between its calls mostly does not); on a GPU, or with a caller's fitter,
+    # one after the other
+    with ThreadPoolExecutor(TABLE_THREADS if dev.type == "cpu" and fitter is None else 1) as ex:
+        for li, _ in zip(mine, ex.map(lambda li: one(li, linears[li]), mine)):
+            if progress:
+                progress(f"damage table: {li + 1}/{len(linears)} linears ({time.time() - t0:.1f} s)")
     if owner is not None:
         distributed.reduce_sum_(torch.from_numpy(dmg))
         distributed.reduce_sum_(torch.from_numpy(feats))

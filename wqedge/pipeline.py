@@ -72,6 +72,16 @@ def stage2_weight_bits(bits: float, preset: str | None) -> int | None:
 # (llama-s, smol-s; with and without calibration text), decode at the one-scale plans' speed with int8 activations
 # (bench/results/two_level_default.md). Below, the evidence is one checkpoint's, so they stay opt-in (--two-level).
 TWO_LEVEL_MIN_BITS = 4.0
+# There the allocator never chooses q2s (llama-s and smol-s with calibration at 4.0, 4.25 and 4.5 b: 0-2 of 250-280
+# chunks; bench/results/table_grid.md), so at those budgets it is not offered: the damage table skips a sixth of its
+# NeUQI work. Below 4 bits all three are.
+Q2S_MAX_BITS = TWO_LEVEL_MIN_BITS
+
+
+def two_level_actions(bits: float) -> tuple[str, ...]:
+    """The actions a plan with the two-level kinds offers at `bits`: every kind, less q2s from Q2S_MAX_BITS up."""
+    from .blocks import ACTION_NAMES
+    return tuple(a for a in ACTION_NAMES if not (a == "q2s" and bits >= Q2S_MAX_BITS))
 
 
 def default_two_level(allocator: str, bits: float, preset: str | None, prune=()) -> bool:
@@ -94,7 +104,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     stream_layers: plan on the model read one decoder layer at a time (wqedge.stream; None: when it does not fit);
     resume_dir: keep per-layer checkpoints of the planning statistics there and resume from them (wqedge.resume);
     two_level: the greedy allocator may also choose the two-level kinds (q4s, q3s, q2s: sub-scales per 32
-    columns); None: default_two_level (off for rotated plans and other activation bits, whose runtime paths have
+    columns; `two_level_actions`); None: default_two_level (off for rotated plans and other activation bits, whose runtime paths have
     not been measured with them). progress: True (lines on stderr), a callable taking a line, or False."""
     more = dict(prune=prune, max_prune=max_prune, stream_layers=stream_layers, resume_dir=resume_dir,
                 prune_group=prune_group, two_level=two_level)
@@ -148,11 +158,10 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
         return uniform_plan(linears, group, bits, method, action=preset, model_name=ckpt.spec.name,
                             model_fingerprint=ckpt.fingerprint())
     from .alloc.planner import make_plan as plan_with_table
-    from .blocks import ACTION_NAMES
     return plan_with_table(ckpt, bits, allocator=allocator, group_size=group, calib_text=calib_text, seed=seed,
                            device=device, method=method, protect=protect, progress=progress, prune=prune,
                            max_prune=max_prune, prune_group=prune_group, resume_dir=resume_dir,
-                           **({"actions": ACTION_NAMES} if two_level else {}),
+                           **({"actions": two_level_actions(bits)} if two_level else {}),
                            **({} if stream_layers is None else {"stream_layers": stream_layers}))
 
 

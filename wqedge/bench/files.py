@@ -111,22 +111,22 @@ class ModelFiles:
 
     def plan(self, bits: float, two_level: bool = False):
         """The mixed plan at `bits`: greedy make_plan on this model (cached), or the plan source's resampled.
-        two_level: the two-level kinds offered too (blocks.ACTION_NAMES)."""
+        two_level: the two-level kinds offered too, as `wqedge convert` offers them (pipeline.two_level_actions)."""
         if (bits, two_level) in self._plans:
             return self._plans[bits, two_level]
         from ..plan import Plan
         if self.plan_source is not None:
             p = resample_plan(self.plan_source.plan(bits, two_level), self.spec, self.fingerprint)
         else:
-            path = self.dir / f"plan-greedy{'-2l' if two_level else ''}-{bits:g}.json"
+            path = self.dir / f"plan-greedy{'-2l2' if two_level else ''}-{bits:g}.json"   # (-2l: q2s at any bits)
             if self._fresh(path):
                 p = Plan.load(path, self.spec, self.fingerprint)
             else:
                 from ..alloc.planner import make_plan
                 self.say(f"planning greedy at {bits:g} bits (~100 s on 2 cores; cached afterwards)…")
-                from ..blocks import ACTION_NAMES
+                from ..pipeline import two_level_actions
                 p = make_plan(self.ckpt, bits, allocator="greedy", calib_text=self.calib_text, device=self.device,
-                              progress=self.say, **({"actions": ACTION_NAMES} if two_level else {}))
+                              progress=self.say, **({"actions": two_level_actions(bits)} if two_level else {}))
                 p.save(str(path) + ".tmp")
                 os.replace(str(path) + ".tmp", path)
         self._plans[bits, two_level] = p

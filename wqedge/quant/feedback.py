@@ -9,6 +9,7 @@ blocks.ChunkData, exactly what the converter packs, so a plan lowered this way i
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -27,6 +28,11 @@ __all__ = ["DAMP", "FEEDBACK_SEQS", "FEEDBACK_SEQS_CPU", "feedback_windows", "de
 # within the run-to-run spread of the plans' files).
 FEEDBACK_SEQS = 256
 FEEDBACK_SEQS_CPU = 32   # as good as 64 in that run; the 2-core conversion of llama-s then fits in ~90 s
+FIT_THREADS = 2          # a layer's groups fitted at once on CPU (quantize_model)
+
+
+def layer_device(layer) -> torch.device:
+    return next(layer.parameters()).device
 
 
 def feedback_windows(device=None) -> int:
@@ -105,8 +111,13 @@ def quantize_model(model, plan, tokens: torch.Tensor, device=None, batch_size: i
         # same chunks as one process), then handed to all: each rank's model needs every quantized weight
         owner = distributed.owners([sum(plan.tensor(n).out_features for n in g) * plan.tensor(g[0]).in_features
                                     for g in groups])
-        fits = [fit_group(layer, stats, g) if owner is None or owner[k] == distributed.rank() else None
-                for k, g in enumerate(groups)]
+        mine = [k for k in range(len(groups)) if owner is None or owner[k] == distributed.rank()]
+        fits = [None] * len(groups)
+        # the groups are independent; two at a time keep both cores busy through each one's single-threaded steps
+        # (the column loop, small torch ops) on CPU; their results do not depend on the order
+        with ThreadPoolExecutor(FIT_THREADS if layer_device(layer).type == "cpu" else 1) as ex:
+            for k, f in zip(mine, ex.map(lambda k: fit_group(layer, stats, groups[k]), mine)):
+                fits[k] = f
         layer_fits = {}
         for k, names in enumerate(groups):
             fitted = fits[k] if owner is None else distributed.broadcast_object(fits[k], owner[k])

@@ -130,7 +130,8 @@ def gptq_linear(w: torch.Tensor, xtx: torch.Tensor, actions: list[str], group_si
     diag(XᵀX); each chunk's quantizer is fitted on its weights as updated by the earlier chunks' errors) or
     "global" (all columns by decreasing diag(XᵀX); every chunk's quantizer fitted up front on the original
     weights, GPTQ's static groups).
-    neuqi_grid: NeUQI's scale search for the chunk fits; None = neuqi.FAST_GRID. Error feedback moves the weights
+    neuqi_grid: NeUQI's scale search for the chunk fits; None = neuqi.FAST_GRID (neuqi.SUB_GRID for the two-level
+    kinds' sub-blocks). Error feedback moves the weights
     after the fit and refits <= 2-bit grids, so the finer search buys nothing here (llama-s, eval.txt 32 windows:
     6.4557 vs 6.4604 at 3.25 bits and 6.8512 vs 6.8648 at 2.5 with the full grid) and costs ~10% of conversion.
     """
@@ -200,9 +201,10 @@ def gptq_linears(ws: list[torch.Tensor], xtx: torch.Tensor, actions: list[list[s
     gptq_linear does for its linear alone (equal up to float summation order in the block updates); chunk fits,
     protected columns and refits stay per linear. methods[l]: a method or one per chunk (None: "neuqi");
     protected[l]: per chunk, chunk-local column indices (None: none)."""
+    from ..quant import neuqi
     from ..quant.fit import fit_chunk
-    from ..quant.neuqi import FAST_GRID
-    neuqi_grid = FAST_GRID if neuqi_grid is None else neuqi_grid
+    grid_of = ((lambda bt: neuqi.SUB_GRID if bt.has_subscales else neuqi.FAST_GRID) if neuqi_grid is None
+               else (lambda bt: neuqi_grid))
 
     n_lin = len(ws)
     dev = ws[0].device
@@ -240,7 +242,7 @@ def gptq_linears(ws: list[torch.Tensor], xtx: torch.Tensor, actions: list[list[s
         s, e = bounds[c]
         for li, (r0, r1) in enumerate(rows):
             params[li][c] = fit_chunk(W[r0:r1, s:e], actions[li][c], methods[li][c], hd[s:e], prot[li][c] or None,
-                                      neuqi_grid=neuqi_grid)
+                                      neuqi_grid=grid_of(blocks.block_type(actions[li][c])))
 
     if act_order == "global":
         for c in range(len(bounds)):

@@ -48,6 +48,10 @@ FAST_GRID = (16, 256, 8)
 # +0.2% (q2s) weighted fit loss against FAST_GRID for 1.6-1.9x less time (bench/results/two_level_default.md); for
 # the one-scale kinds see bench/results/table_grid.md.
 TABLE_GRID = (8, 128, 4)
+# Error feedback's grid for the two-level kinds' 32-column sub-blocks. Their scales are rounded onto 6-bit codes under
+# the row's scale afterwards, yet TABLE_GRID here cost +0.02% (llama-s) and +0.22% (smol-s) perplexity at 4.25 b for
+# ~10% of the fitting time (bench/results/table_grid.md): they keep FAST_GRID.
+SUB_GRID = FAST_GRID
 DAMP = 0.01           # h = diag(X^T X / N) + 1% of its mean (weights of one chunk's fit; gptq.DAMP = 0.1
 #                       damps the full XᵀX of error feedback: another matrix, tuned separately, docs/architecture.md)
 
