@@ -182,3 +182,17 @@ def test_feedback_windows_option_is_recorded_in_the_plan_and_used(ckpt, tmp_path
     res = CliRunner().invoke(main, ["plan", str(ckpt.path), "-o", str(tmp_path / "q.json"), "--bits", "3.0",
                                     "--feedback-windows", "0"])
     assert res.exit_code != 0 and "--feedback-windows" in res.output
+
+
+def test_convert_shows_progress_lines_when_stderr_is_not_a_terminal(ckpt, tmp_path):
+    """Logged to a file or a pipe (no tqdm bar drawn), a conversion still reports its fitting progress as lines:
+    the first tensor and the last at least."""
+    import subprocess
+    import sys
+    out = tmp_path / "m.gguf"
+    r = subprocess.run([sys.executable, "-m", "wqedge", "convert", str(ckpt.path), "--preset", "q4", "--no-check",
+                        "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    n = len(ckpt.spec.linears())
+    assert f"quantizing: 1/{n} tensors" in r.stderr and f"quantizing: {n}/{n} tensors" in r.stderr, r.stderr
+    assert out.is_file()

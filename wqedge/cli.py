@@ -26,9 +26,31 @@ def _fail(msg: str) -> None:
     raise click.ClickException(msg)
 
 
+class _LineProgress:
+    """Progress as plain lines on stderr, for logs and pipes where a tqdm bar is not drawn: the first step, then at
+    most one line per `every` seconds, and the last."""
+
+    def __init__(self, total: int, desc: str, every: float = 10.0):
+        self.total, self.desc, self.every, self.n = total, desc, every, 0
+        self.t0 = self.last = time.time()
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        now = time.time()
+        if self.n in (1, self.total) or now - self.last >= self.every:
+            self.last = now
+            click.echo(f"{self.desc}: {self.n}/{self.total} tensors ({now - self.t0:.0f} s)", err=True)
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int, desc: str):
+    """A tqdm bar on a terminal, else progress lines (a long conversion logged to a file still shows it moving)."""
+    if not sys.stderr.isatty():
+        return _LineProgress(total, desc)
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=None, file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False, file=sys.stderr)
 
 
 def _open_checkpoint(model_dir):

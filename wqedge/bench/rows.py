@@ -51,8 +51,9 @@ def _rows() -> list[Row]:
         r.append(Row(f"wq-at-{t}" + A8, "wqedge", f"the wq-at-{t} file with int8 activations (llama.cpp's "
                                                  "perplexity is with its int8 activations too)", speed=False, act="q8",
                      matched=t))
-        r.append(Row(f"wq-2l-at-{t}", "wqedge", f"as wq-at-{t}, with the two-level kinds (q4s/q3s/q2s) offered to "
-                                               "the allocator too (`--two-level`: `wqedge convert`'s default at 4 bits and up)",
+        r.append(Row(f"wq-2l-at-{t}", "wqedge", f"as wq-at-{t}, with the two-level kinds offered to the allocator "
+                                               "too as `wqedge convert` offers them (pipeline.two_level_actions: q4s/q3s, "
+                                               "and q2s below 4 bits)",
                      speed=False, matched=t, two_level=True))
     for p in PRESETS_LLAMACPP:
         r.append(Row(f"lcp-{p}", "llamacpp", f"llama.cpp {p}: llama-quantize's per-tensor recipe (preset_types), "
