@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Does NeUQI's coarser scale search (neuqi.FAST_GRID) change plans or files? (issue 13: conversion speed)
+"""Does NeUQI's coarser scale search (neuqi.FAST_GRID) change plans or files? (issue 13: conversion speed; the
+damage table has since moved to TABLE_GRID, bench/table_grid.py: here both the table and error feedback are patched)
 
     python bench/neuqi_grid.py [--budgets 3.25,2.5] [--model DIR] [--calib FILE] [--eval FILE] [--windows 32]
 
@@ -35,7 +36,7 @@ def main() -> None:
     ck = LlamaCheckpoint.open(a.model)
     calib, text = Path(a.calib).read_text(), Path(a.eval).read_text()
     native.set_activations("f32")
-    full, fast = neuqi.FULL_GRID, neuqi.FAST_GRID
+    full, fast, table = neuqi.FULL_GRID, neuqi.FAST_GRID, neuqi.TABLE_GRID
 
     def ppl(path):
         m = native.Model(path)
@@ -46,11 +47,11 @@ def main() -> None:
         for budget in (float(b) for b in a.budgets.split(",")):
             plans = {}
             for name, grid in (("full", full), ("fast", fast)):
-                neuqi.FAST_GRID = grid          # the damage table's grid
+                neuqi.TABLE_GRID = grid         # the damage table's grid
                 t = time.time()
                 plans[name] = pipeline.make_plan(ck, budget, calib_text=calib, progress=False)
                 print(f"{budget} plan, damage table on the {name} grid: {time.time() - t:.1f} s", flush=True)
-            neuqi.FAST_GRID = fast
+            neuqi.TABLE_GRID = table
             acts = {k: [x for t in p.tensors for x in t.actions] for k, p in plans.items()}
             diff = sum(x != y for x, y in zip(acts["full"], acts["fast"]))
             print(f"{budget}: chunks with another action {diff}/{len(acts['full'])}", flush=True)

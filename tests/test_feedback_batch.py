@@ -50,16 +50,20 @@ def test_stacked_loop_matches_one_loop_per_linear(act_order):
     _compare(sep, bat, 1.0)
 
 
+def _cycled_plan(ckpt, actions):
+    """A plan of 32-column chunks whose actions cycle through `actions` (shifted by one per linear)."""
+    linears = ckpt.spec.linears()
+    acts = {lin.hf_name: [actions[(i + c) % len(actions)] for c in range(-(-lin.in_features // 32))]
+            for i, lin in enumerate(linears)}
+    return Plan.from_actions(linears, 32, 16.0, "greedy", acts, "neuqi", model_name=ckpt.spec.name,
+                             model_fingerprint=ckpt.fingerprint())
+
+
 def test_quantize_model_batched_equals_per_linear(tiny_model_factory):
     """A whole tiny model through quantize_model: batched groups (q/k/v, o, gate/up, down) give the per-linear
     chunks within the stated tolerance."""
     ckpt = LlamaCheckpoint.open(tiny_model_factory(n_layers=2, hidden=64, intermediate=128, vocab_size=512))
-    actions = ["q2", "ternary", "q3", "q4", "fp16"]
-    linears = ckpt.spec.linears()
-    acts = {lin.hf_name: [actions[(i + c) % len(actions)] for c in range(-(-lin.in_features // 32))]
-            for i, lin in enumerate(linears)}
-    plan = Plan.from_actions(linears, 32, 16.0, "greedy", acts, "neuqi", model_name=ckpt.spec.name,
-                             model_fingerprint=ckpt.fingerprint())
+    plan = _cycled_plan(ckpt, ["q2", "ternary", "q3", "q4", "fp16"])
     g = torch.Generator().manual_seed(1)
     toks = torch.randint(3, 512, (8, 32), generator=g)
     toks[:, 0] = 1
@@ -81,12 +85,7 @@ def test_quantize_model_fits_a_layers_groups_concurrently_with_the_same_result(t
     group at a time (the groups are independent)."""
     from wqedge.quant import feedback
     ckpt = LlamaCheckpoint.open(tiny_model_factory(n_layers=2, hidden=64, intermediate=160, vocab_size=512))
-    actions = ["q4", "q3s", "q2", "q4s", "ternary"]
-    linears = ckpt.spec.linears()
-    acts = {lin.hf_name: [actions[(i + c) % len(actions)] for c in range(-(-lin.in_features // 32))]
-            for i, lin in enumerate(linears)}
-    plan = Plan.from_actions(linears, 32, 16.0, "greedy", acts, "neuqi", model_name=ckpt.spec.name,
-                             model_fingerprint=ckpt.fingerprint())
+    plan = _cycled_plan(ckpt, ["q4", "q3s", "q2", "q4s", "ternary"])
     toks = torch.randint(3, 512, (6, 32), generator=torch.Generator().manual_seed(2))
     toks[:, 0] = 1
     assert feedback.FIT_THREADS == 2
