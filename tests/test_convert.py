@@ -191,7 +191,7 @@ def test_convert_shows_progress_lines_when_stderr_is_not_a_terminal(ckpt, tmp_pa
     import sys
     out = tmp_path / "m.gguf"
     r = subprocess.run([sys.executable, "-m", "wqedge", "convert", str(ckpt.path), "--preset", "q4", "--no-check",
-                        "-o", str(out)], capture_output=True, text=True, timeout=600)
+                        "-o", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)   # the installed package
     assert r.returncode == 0, r.stderr
     n = len(ckpt.spec.linears())
     assert f"quantizing: 1/{n} tensors" in r.stderr and f"quantizing: {n}/{n} tensors" in r.stderr, r.stderr
