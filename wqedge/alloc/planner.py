@@ -164,7 +164,9 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
     def grads():
         return gradient_stats(model, cs.train[: o["n_grad_seqs"]], device=dev, batch_size=4 if dev.type == "cuda" else 2)
     n_grad = min(o["n_grad_seqs"], cs.train.shape[0])
-    if n_grad < cs.train.shape[0] and shared_forward(model, dev, xtx, ck):
+    from .. import distributed
+    # (every process needs windows of its own in both passes: --distributed shards each pass's windows)
+    if min(n_grad, cs.train.shape[0] - n_grad) >= distributed.world() and shared_forward(model, dev, xtx, ck):
         # on CPU the forward passes are most of planning: the gradient pass's forward also gathers its windows'
         # input statistics, and the layer-by-layer pass runs only the other windows (same sums, one forward less)
         t = time.time()
