@@ -56,14 +56,9 @@ def _contents(path):
 
     import gguf
     r = gguf.GGUFReader(path)
-    fields = {}
-    for k, f in r.fields.items():
-        v = [bytes(f.parts[i]) for i in f.data]
-        if k == "wqedge.plan":
-            plan = json.loads(v[0])
-            plan["meta"].pop("predicted_damage")
-            v = plan
-        fields[k] = v
+    fields = {k: f.contents() for k, f in r.fields.items()}
+    plan = fields["wqedge.plan"] = json.loads(fields["wqedge.plan"])
+    plan["meta"].pop("predicted_damage")
     return fields, {t.name: bytes(np.asarray(t.data).tobytes()) for t in r.tensors}
 
 

@@ -31,10 +31,6 @@ FEEDBACK_SEQS_CPU = 32   # as good as 64 in that run; the 2-core conversion of l
 FIT_THREADS = 2          # a layer's groups fitted at once on CPU (quantize_model)
 
 
-def layer_device(layer) -> torch.device:
-    return next(layer.parameters()).device
-
-
 def feedback_windows(device=None) -> int:
     """The default window count of error feedback on `device` (FEEDBACK_SEQS on CUDA, else FEEDBACK_SEQS_CPU)."""
     from ..calib import default_device
@@ -115,7 +111,7 @@ def quantize_model(model, plan, tokens: torch.Tensor, device=None, batch_size: i
         fits = [None] * len(groups)
         # the groups are independent; two at a time keep both cores busy through each one's single-threaded steps
         # (the column loop, small torch ops) on CPU; their results do not depend on the order
-        with ThreadPoolExecutor(FIT_THREADS if layer_device(layer).type == "cpu" else 1) as ex:
+        with ThreadPoolExecutor(FIT_THREADS if next(layer.parameters()).device.type == "cpu" else 1) as ex:
             for k, f in zip(mine, ex.map(lambda k: fit_group(layer, stats, groups[k]), mine)):
                 fits[k] = f
         layer_fits = {}

@@ -74,18 +74,12 @@ def _column_loop(dev):
     """The C column loop (cpp/planning/feedback_kernel.c, in the planning library NeUQI loads) for CPU tensors, or
     None: on GPUs, when the library is missing or older than this function, or with WQEDGE_FEEDBACK_BACKEND=torch
     (the torch loop below, its reference)."""
-    import ctypes
     import os
     from .neuqi import c_kernel
     if torch.device(dev).type != "cpu" or os.environ.get("WQEDGE_FEEDBACK_BACKEND", "auto") == "torch":
         return None
-    lib = c_kernel()
-    f = getattr(lib, "wq_feedback_run", None) if lib is not None else None
-    if f is not None and f.argtypes is None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        f.argtypes = [p, i64, p, i64, i64, i64, i64, i64, p, p, p, i64, p, p, p, p, p, p]
-        f.restype = None
-    return f
+    lib = c_kernel()          # (its loader declares the function's argument types)
+    return getattr(lib, "wq_feedback_run", None) if lib is not None else None
 
 
 class _ColumnGrid:

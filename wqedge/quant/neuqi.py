@@ -317,6 +317,11 @@ def _load_kernel() -> ctypes.CDLL:
     f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_double,
                   ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
     f.restype = ctypes.c_double
+    if hasattr(lib, "wq_feedback_run"):    # error feedback's column loop (quant/gptq.py; absent from older builds)
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        f = lib.wq_feedback_run
+        f.argtypes = [p, i64, p, i64, i64, i64, i64, i64, p, p, p, i64, p, p, p, p, p, p]
+        f.restype = None
     return lib
 
 
