@@ -20,7 +20,8 @@ import numpy as np
 from wqedge.fileio import atomic_output
 from wqedge.blocks import FORMAT_VERSION, ChunkData, block_type, pack_chunk
 from wqedge.plan import Plan
-from wqedge.rotation_format import (KEY_ACT_BITS, KEY_BLOCK, KEY_ROTATION, ROTATED_FORMAT_VERSION,
+from wqedge.rotation_format import (INT_ROTATED_FORMAT_VERSION, KEY_ACT_BITS, KEY_BLOCK, KEY_ROTATION,
+                                    ROTATED_FORMAT_VERSION,
                                     StoredTransform, tensor_name)
 from wqedge.spec import ModelSpec, other_tensors, rope_freq_factors
 from wqedge.units import Linear, chunk_bounds
@@ -85,14 +86,15 @@ def add_llama_metadata(w: gguf.GGUFWriter, spec: ModelSpec, name: str | None = N
 
 
 def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan, rotated: bool = False,
-                        head: QuantizedHead | None = None) -> None:
+                        head: QuantizedHead | None = None, int_rotations: bool = False) -> None:
     add_llama_metadata(w, spec)
     if spec.rope_scaling:
         # llama.cpp reads llama3 scaling from the rope_freqs.weight tensor alone; we keep the parameters too.
         w.add_string("wqedge.rope.scaling", json.dumps(spec.rope_scaling, sort_keys=True))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # closest stock label; the true types are in wqedge.* keys
     rot_keys = rotated or plan.act_bits != 8  # version 2 only when needed: other files stay byte for byte
-    w.add_uint32("wqedge.format_version", ROTATED_FORMAT_VERSION if rot_keys else FORMAT_VERSION)
+    version = INT_ROTATED_FORMAT_VERSION if int_rotations else ROTATED_FORMAT_VERSION if rot_keys else FORMAT_VERSION
+    w.add_uint32("wqedge.format_version", version)
     w.add_uint32("wqedge.group_size", plan.group_size)
     w.add_bool("wqedge.rope.neox", True)
     w.add_float32("wqedge.effective_bits", plan.effective_bits())
@@ -172,7 +174,8 @@ def _transform_arrays(spec: ModelSpec, transforms: dict) -> list[tuple[str, np.n
 
 def _write(tmp: Path, spec, plan, tokenizer, dense, dense_data, quantized, progress, transforms, head) -> None:
     w = gguf.GGUFWriter(tmp, ARCH)
-    _add_model_metadata(w, spec, plan, bool(transforms), head)
+    _add_model_metadata(w, spec, plan, bool(transforms), head,
+                        int_rotations=any(st.integer for st in transforms.values()))
     add_tokenizer_to_gguf(w, tokenizer)
     if head is not None:
         if head.gguf_name not in {d.gguf_name for d in dense}:

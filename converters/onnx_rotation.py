@@ -1,4 +1,4 @@
-"""The RUQuant group input of a rotated wqedge GGUF (format version 2) as stock ONNX operators.
+"""The RUQuant group input of a rotated wqedge GGUF (format version 2 or 3) as stock ONNX operators.
 
 A rotated file's folded weights are only right for transformed inputs, so before each transform group's
 linears (q/k/v, o, gate/up, down) the exported graph computes what wqedge.reference runs
@@ -12,6 +12,8 @@ with the same operations in the same order, in fp32:
   R1, R2       the shared B x B matrix applied to every full block as one MatMul on a [.., nf, B] Reshape of
                the first nf B channels (the matrix is stored once, 2 d B multiply-adds a token), the ragged
                tail block (d mod B channels, or all of them when d < B) by its own matrix, then Concat;
+               int8 matrices (format 3: diag(scale) codes): MatMul by the codes (as float32), then Mul by
+               the row scales, the runtime's order;
   P            Gather along the last axis;
   H            x - 2 (x . v) v: MatMul with v as a [d, 1] column, Mul, Mul, Sub (left out when v = 0);
   fake quant   ReduceMin / ReduceMax over the token, s_t = max((hi - lo) / (2^b - 1), 1e-8),
@@ -26,19 +28,33 @@ import numpy as np
 from wqedge.rotation_format import StoredTransform
 
 
-def _block_product(g, x, full: np.ndarray, tail: np.ndarray | None, dim: int, stem: str) -> str:
-    """R x along the last axis for a block-diagonal R: `full` on each whole block of B channels, `tail` on the rest."""
+def _int_product(g, x: str, codes: np.ndarray, scale: np.ndarray, stem: str) -> str:
+    """diag(scale) codes applied along the last axis, in the runtime's order: (x codesᵀ) · scale (the codes
+    as float32 initializers: ONNX MatMul takes no int8 x float)."""
+    acc = g.op("MatMul", [x, g.init(stem, np.ascontiguousarray(codes.T, dtype=np.float32))])
+    return g.op("Mul", [acc, g.init(stem + "_scale", scale.astype(np.float32))])
+
+
+def _block_product(g, x, st: StoredTransform, field: str, dim: int, stem: str) -> str:
+    """R x along the last axis for a block-diagonal R: matrix `field` (r1 / r2) on each whole block of B
+    channels, its tail matrix on the rest."""
+    full, tail = getattr(st, field), getattr(st, field + "_tail")
     b = full.shape[0]
     nf = dim // b
+
+    def product(v, m, scale, name):
+        if scale is not None:
+            return _int_product(g, v, m, scale, name)
+        return g.op("MatMul", [v, g.init(name, np.ascontiguousarray(m.T, dtype=np.float32))])
     parts = []
     if nf:
         head = x if nf * b == dim else g.slice_last(x, 0, nf * b)
         r = g.op("Reshape", [head, g.i64([0, 0, nf, b])])
-        r = g.op("MatMul", [r, g.init(stem, np.ascontiguousarray(full.T, dtype=np.float32))])
+        r = product(r, full, getattr(st, field + "_scale"), stem)
         parts.append(g.op("Reshape", [r, g.i64([0, 0, nf * b])]))
     if tail is not None:
         rest = x if nf == 0 else g.slice_last(x, nf * b, dim)
-        parts.append(g.op("MatMul", [rest, g.init(stem + "_tail", np.ascontiguousarray(tail.T, dtype=np.float32))]))
+        parts.append(product(rest, tail, getattr(st, field + "_tail_scale"), stem + "_tail"))
     return parts[0] if len(parts) == 1 else g.op("Concat", parts, axis=-1)
 
 
@@ -47,9 +63,9 @@ def lower_transform(g, x: str, st: StoredTransform, stem: str) -> str:
     d = st.dim
     if st.smooth is not None:
         x = g.op("Div", [x, g.init(stem + "_smooth", st.smooth.astype(np.float32))])
-    x = _block_product(g, x, st.r1, st.r1_tail, d, stem + "_r1t")
+    x = _block_product(g, x, st, "r1", d, stem + "_r1t")
     x = g.op("Gather", [x, g.init(stem + "_perm", st.perm.astype(np.int64))], axis=-1)
-    x = _block_product(g, x, st.r2, st.r2_tail, d, stem + "_r2t")
+    x = _block_product(g, x, st, "r2", d, stem + "_r2t")
     v = st.householder.astype(np.float32)
     if v.any():   # all zero: no reflection (the reference's x - 0 is x exactly)
         dot = g.op("MatMul", [x, g.init(stem + "_hh", v.reshape(d, 1))])            # [.., 1]

@@ -14,8 +14,8 @@ import numpy as np
 
 from wqedge.blocks import FORMAT_VERSION, ChunkData, block_type, decode_chunk, dequantize_chunk
 from wqedge.head import head_tensor
-from wqedge.rotation_format import (FIELDS as ROT_FIELDS, GROUPS as ROT_GROUPS, KEY_ACT_BITS, KEY_ROTATION,
-                                    ROTATED_FORMAT_VERSION, StoredTransform, tensor_name as rot_tensor_name)
+from wqedge.rotation_format import (FIELDS as ROT_FIELDS, GROUPS as ROT_GROUPS, INT_ROTATED_FORMAT_VERSION,
+                                    KEY_ACT_BITS, KEY_ROTATION, ROTATED_FORMAT_VERSION, StoredTransform, tensor_name as rot_tensor_name)
 from wqedge.spec import ModelSpec, with_layer_shapes
 from wqedge.units import chunk_bounds
 from wqedge.runtime.gguf_check import FormatError, open_reader
@@ -73,9 +73,9 @@ class WqGGUF:
         arch = _field(self.reader, "general.architecture", None)
         if arch != "llama":
             raise FormatError(f"{self.path}: architecture {arch!r}; wqedge files are 'llama'")
-        if version not in (FORMAT_VERSION, ROTATED_FORMAT_VERSION):
+        if version not in (FORMAT_VERSION, ROTATED_FORMAT_VERSION, INT_ROTATED_FORMAT_VERSION):
             raise FormatError(f"{self.path}: wqedge format version {version}, this reader reads "
-                              f"{FORMAT_VERSION} and {ROTATED_FORMAT_VERSION}")
+                              f"{FORMAT_VERSION} to {INT_ROTATED_FORMAT_VERSION}")
         self.format_version = int(version)
         self.group_size = int(_field(self.reader, "wqedge.group_size"))
         self.tensors = {t.name: t for t in self.reader.tensors}

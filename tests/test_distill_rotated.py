@@ -123,7 +123,7 @@ def test_file_round_trip_and_runtime(run, transforms):  # noqa: F811
     ensure_library()
     from wqedge.runtime import native
     plain, tuned = WqGGUF(run["plain"]), WqGGUF(run["tuned"])
-    assert tuned.format_version == 2 and tuned.act_bits == run["act_bits"]
+    assert tuned.format_version == 3 and tuned.act_bits == run["act_bits"]
     changed = 0
     for lin in plain.spec.linears():
         for c0, c1 in zip(plain.chunks(lin.gguf_name), tuned.chunks(lin.gguf_name)):
@@ -157,5 +157,5 @@ def test_cli_rotate_with_distill(ckpt, text, tmp_path):
     assert r.exit_code == 0, r.output
     assert "distillation:" in r.output
     f = WqGGUF(out)
-    assert f.format_version == 2 and f.act_bits == 4 and len(f.transforms()) == 8
+    assert f.format_version == 3 and f.act_bits == 4 and len(f.transforms()) == 8
     assert json.loads(f.plan_json)["meta"]["fit"]["distill_steps"] == 2

@@ -313,7 +313,7 @@ def test_rotated_file_with_kv_cache(native_lib, tiny_model_factory, tmp_path, ac
     path = convert_to_gguf(RotatedCheckpoint(ckpt, transforms), plan.validate(), tmp_path / "rot-kv4.gguf",
                            transforms={k: to_stored(t) for k, t in transforms.items()})
     f = WqGGUF(path)
-    assert f.format_version == 2 and f.kv_cache == KVCacheSpec(4)
+    assert f.format_version == 3 and f.kv_cache == KVCacheSpec(4)
     native_lib.set_activations("f32")
     w = _windows()
     for (prefill, decode), lr in zip(_cpp_logits(path, w), _reference_logits(path, w)):

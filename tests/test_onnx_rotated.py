@@ -206,7 +206,7 @@ def test_logits_match_reference(files, tmp_path, key, variant):
     from wqedge.runtime.gguf_reader import WqGGUF
     f = WqGGUF(files[key])
     bits = f.act_bits
-    assert f.format_version == 2 and (f.rotation is None) == (key == "a4_unrotated")
+    assert f.format_version == (2 if key == "a4_unrotated" else 3) and (f.rotation is None) == (key == "a4_unrotated")
     path = _variant_path(files[key], variant, tmp_path)
     if key == "a4_unrotated":
         assert not any(n.op_type == "Gather" and "_perm" in n.input[1] for n in onnx.load(str(path)).graph.node)
@@ -235,7 +235,7 @@ def test_cli_converts_rotated_plan_to_onnx(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     gguf = out.with_suffix(".gguf")
     f = WqGGUF(gguf)
-    assert f.format_version == 2 and f.act_bits == 4 and f.rotation == "ruquant"
+    assert f.format_version == 3 and f.act_bits == 4 and f.rotation == "ruquant"
     w = _windows()
     lr = _reference_logits(gguf, w)
     prefill, decode = _onnx_logits(out, w)

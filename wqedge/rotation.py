@@ -24,8 +24,10 @@ o, gate/up, down). Applied to an input x [..., d] it computes
 * H: one global Householder reflection x - 2 (v·x) v with a unit vector v (O(d) per token); stage 1 aims it at
   the worst token, stage 2 (`learn_reflection`, optional) learns v on the group's quantized output error.
 
-Everything is orthogonal except s, so `fold_into_weight(W) = W diag(s) Mᵀ` gives W' x' = W x.
-Construction is seeded and runs in float64; the stored matrices are float32.
+R1 and R2 are built orthogonal, then stored as int8 codes with per-row scales (`quantize_rows`): a quarter
+of float32's bytes, which the runtime streams once per token. The model uses exactly those matrices, and
+`fold_into_weight(W) = W diag(s) M⁻¹` takes their exact inverse, so W' x' = W x. Construction is seeded
+and runs in float64.
 """
 from __future__ import annotations
 
@@ -110,12 +112,40 @@ def greedy_rotation(v: torch.Tensor, gen: torch.Generator, n_reflections: int = 
 
 # ---------------------------------------------------------------- block-diagonal rotation
 
+MAX_INT_BLOCK = 512  # the largest block the int8 matrices are stored for (format 3)
+
+
+def quantize_rows(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and float32 per-row scales of a matrix: R ≈ diag(scale) codes, scale = max|row| / 127.
+    Why: the runtime streams the matrices once per token, and int8 codes are a quarter of float32's bytes; the
+    matrix the model uses *is* diag(scale) codes, and the weights are folded with its exact inverse, so the
+    rounding changes no product, only how orthogonal the transform is (~1e-2)."""
+    r = r.double()
+    scale = (r.abs().amax(1) / 127).float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).double()
+    codes = torch.round(r / safe[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def _int_block_product(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """diag(scale) codes applied along the last dimension, in the runtime's order: (x codesᵀ) · scale."""
+    return (x.float() @ codes.to(x.device, torch.float32).T) * scale.to(x.device)
+
+
 @dataclass
 class BlockRotation:
-    """Block-diagonal orthogonal matrix: `full` (B×B) on every full block of B channels, `tail` on the rest."""
+    """Block-diagonal matrix: `full` (B×B) on every full block of B channels, `tail` on the rest.
+
+    Built (`build`) as an orthogonal matrix, then stored as int8 codes with per-row scales (`quantize_rows`):
+    `full` is then diag(full_scale) full_codes. A transform read from a format-2 file has float32 matrices
+    only (codes None)."""
     dim: int
     full: torch.Tensor                 # float32 [B, B] (unused, [B, B] identity, when d < B)
     tail: torch.Tensor | None = None   # float32 [d mod B, d mod B], when B does not divide d
+    full_codes: torch.Tensor | None = None   # int8 [B, B]: full = diag(full_scale) full_codes
+    full_scale: torch.Tensor | None = None   # float32 [B]
+    tail_codes: torch.Tensor | None = None
+    tail_scale: torch.Tensor | None = None
 
     @property
     def block(self) -> int:
@@ -125,27 +155,60 @@ class BlockRotation:
     def n_full(self) -> int:
         return self.dim // self.block
 
+    @property
+    def integer(self) -> bool:
+        """True when the matrices are int8 codes with row scales (format 3)."""
+        return self.full_codes is not None
+
+    @classmethod
+    def quantized(cls, dim: int, full: torch.Tensor, tail: torch.Tensor | None) -> "BlockRotation":
+        fc, fs = quantize_rows(full)
+        tc, ts = quantize_rows(tail) if tail is not None else (None, None)
+        deq = lambda c, s: None if c is None else (c.float() * s[:, None])  # noqa: E731
+        return cls(dim, deq(fc, fs), deq(tc, ts), fc, fs, tc, ts)
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """R x along the last dimension (x [..., d])."""
         nf, b = self.n_full, self.block
-        head = x[..., : nf * b]
-        y = (head.reshape(*x.shape[:-1], nf, b) @ self.full.to(x.device, x.dtype).T).reshape(head.shape)
+        head = x[..., : nf * b].reshape(*x.shape[:-1], nf, b)
+        if self.integer:
+            y = _int_block_product(head, self.full_codes, self.full_scale).to(x.dtype).reshape(*x.shape[:-1], nf * b)
+            if self.tail is None:
+                return y
+            return torch.cat([y, _int_block_product(x[..., nf * b:], self.tail_codes, self.tail_scale).to(x.dtype)], -1)
+        y = (head @ self.full.to(x.device, x.dtype).T).reshape(*x.shape[:-1], nf * b)
         if self.tail is None:
             return y
         return torch.cat([y, x[..., nf * b:] @ self.tail.to(x.device, x.dtype).T], -1)
 
+    def apply_inverse_transpose(self, x: torch.Tensor) -> torch.Tensor:
+        """R⁻ᵀ x along the last dimension, i.e. x R⁻¹ for row vectors: what folding into weights needs. An
+        orthogonal (float) R uses Rᵀ⁻ᵀ = R, exactly the old fold; an int8 R its exact inverse (float64)."""
+        if not self.integer:
+            return self.apply(x)
+        nf, b = self.n_full, self.block
+        inv = lambda m: torch.linalg.inv(m.double()).to(x.device)  # noqa: E731
+        head = x[..., : nf * b].reshape(*x.shape[:-1], nf, b).double()
+        y = (head @ inv(self.full)).to(x.dtype).reshape(*x.shape[:-1], nf * b)
+        if self.tail is None:
+            return y
+        return torch.cat([y, (x[..., nf * b:].double() @ inv(self.tail)).to(x.dtype)], -1)
+
     @classmethod
     def build(cls, x: torch.Tensor, gen: torch.Generator, block: int = BLOCK) -> "BlockRotation":
         """Greedy matrices from activation samples x [T, d]: the full blocks' vectors are pooled into one
-        set (the matrix is shared), the ragged tail gets its own."""
+        set (the matrix is shared), the ragged tail gets its own; then stored as int8 rows (`quantized`)."""
+        if block > MAX_INT_BLOCK:
+            raise ValueError(f"rotation block {block} is above {MAX_INT_BLOCK} (the int32 sums of the runtime)")
         d = x.shape[1]
         nf = d // block
         x = x.double()
         full = torch.eye(block, dtype=torch.float64)
         if nf:
             full = greedy_rotation(x[:, : nf * block].reshape(-1, block), gen)
-        tail = greedy_rotation(x[:, nf * block:], gen).float() if d % block else None
-        return cls(d, full.float(), tail)
+        tail = greedy_rotation(x[:, nf * block:], gen) if d % block else None
+        return cls.quantized(d, full, tail)
+
 
 
 def zigzag_permutation(max_abs: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
@@ -184,6 +247,13 @@ def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: flo
     return s.clamp(min=1e-5)
 
 
+def _dense_block(r: BlockRotation, x: torch.Tensor) -> torch.Tensor:
+    """R x in float64 with the matrices as stored (no input rounding): for `Transform.matrix`."""
+    nf, b = r.n_full, r.block
+    y = (x[..., : nf * b].reshape(*x.shape[:-1], nf, b) @ r.full.double().T).reshape(*x.shape[:-1], nf * b)
+    return y if r.tail is None else torch.cat([y, x[..., nf * b:] @ r.tail.double().T], -1)
+
+
 # ---------------------------------------------------------------- the transform of one group
 
 @dataclass
@@ -211,17 +281,24 @@ class Transform:
         return self.rotate(x)
 
     def fold_into_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """W' = W diag(s) Mᵀ, so that W' apply(x) = W x. Row i of W Mᵀ is M applied to row i of W."""
+        """W' = W diag(s) M⁻¹, so that W' apply(x) = W x. Row i of
+        W M⁻¹ is M⁻ᵀ = H R2⁻ᵀ P R1⁻ᵀ applied to row i of W (Mᵀ when R1, R2 are orthogonal float matrices)."""
         if self.smooth is not None:
             w = w * self.smooth.to(w.device, w.dtype)
-        return self.rotate(w)
+        w = self.r2.apply_inverse_transpose(self.r1.apply_inverse_transpose(w)[..., self.perm.to(w.device)])
+        return reflect(w, self.v.to(w.device, w.dtype))
 
     def matrix(self) -> torch.Tensor:
-        """The dense d×d orthogonal M (for tests and inspection; never needed to run)."""
-        return self.rotate(torch.eye(self.dim, dtype=torch.float32)).T
+        """The dense d×d M (for tests and inspection; never needed to run): H R2 P R1 with the matrices as
+        stored (diag(scale) codes: orthogonal within ~1e-2)."""
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        y = _dense_block(self.r1, eye)[..., self.perm]
+        y = _dense_block(self.r2, y)
+        return reflect(y, self.v.double()).T.float()
 
     @classmethod
     def identity(cls, d: int, block: int = BLOCK) -> "Transform":
+        """No transform: float identity matrices (applied in float, as a format-2 file's)."""
         eye = torch.eye(block)
         tail = torch.eye(d % block) if d % block else None
         return cls(BlockRotation(d, eye, tail), torch.arange(d), BlockRotation(d, eye.clone(), tail),
@@ -405,23 +482,38 @@ def learn_reflection(t: Transform, x: torch.Tensor, weights: list[torch.Tensor],
 # ---------------------------------------------------------------- stored form, and rotated models/checkpoints
 
 def to_stored(t: Transform):
-    """The arrays the GGUF stores (wqedge.rotation_format.StoredTransform)."""
+    """The arrays the GGUF stores (wqedge.rotation_format.StoredTransform): int8 codes and row scales for
+    integer matrices (format 3), float32 matrices otherwise (format 2)."""
     from .rotation_format import StoredTransform
 
     def np_(a):
         return None if a is None else a.detach().cpu().numpy()
-    return StoredTransform(np_(t.r1.full).astype("float32"), np_(t.r1.tail), np_(t.perm).astype("int32"),
-                           np_(t.r2.full).astype("float32"), np_(t.r2.tail), np_(t.v).astype("float32"),
-                           np_(t.smooth))
+
+    def mats(r: BlockRotation):
+        if r.integer:
+            return (np_(r.full_codes), np_(r.tail_codes), np_(r.full_scale), np_(r.tail_scale))
+        return (np_(r.full).astype("float32"), np_(r.tail), None, None)
+    r1, r1t, r1s, r1ts = mats(t.r1)
+    r2, r2t, r2s, r2ts = mats(t.r2)
+    return StoredTransform(r1, r1t, np_(t.perm).astype("int32"), r2, r2t, np_(t.v).astype("float32"),
+                           np_(t.smooth), r1s, r1ts, r2s, r2ts)
 
 
 def from_stored(st) -> Transform:
-    """A Transform from a StoredTransform (float32, exactly the stored values)."""
+    """A Transform from a StoredTransform (exactly the stored values: int8 codes and scales, or float32)."""
     def t_(a, dtype=torch.float32):
         return None if a is None else torch.from_numpy(a.copy()).to(dtype)
     d = st.dim
-    return Transform(BlockRotation(d, t_(st.r1), t_(st.r1_tail)), t_(st.perm, torch.long),
-                     BlockRotation(d, t_(st.r2), t_(st.r2_tail)), t_(st.householder), t_(st.smooth))
+
+    def block(m, tail, scale, tail_scale):
+        if scale is None:
+            return BlockRotation(d, t_(m), t_(tail))
+        fc, fs = t_(m, torch.int8), t_(scale)
+        tc, ts = t_(tail, torch.int8), t_(tail_scale)
+        return BlockRotation(d, fc.float() * fs[:, None], None if tc is None else tc.float() * ts[:, None],
+                             fc, fs, tc, ts)
+    return Transform(block(st.r1, st.r1_tail, st.r1_scale, st.r1_tail_scale), t_(st.perm, torch.long),
+                     block(st.r2, st.r2_tail, st.r2_scale, st.r2_tail_scale), t_(st.householder), t_(st.smooth))
 
 
 def rotate_model(model, transforms: dict[tuple[int, int], Transform], fold: bool = True):

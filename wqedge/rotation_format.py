@@ -6,7 +6,9 @@ its `Transform` to and from `StoredTransform`.
 
 A file with transforms or with activation bits other than 8 is format version 2 (`ROTATED_FORMAT_VERSION`):
 a reader that predates it refuses the file by its version instead of running the folded weights without
-their transforms (which would give wrong outputs). Every other file stays version 1, byte for byte.
+their transforms (which would give wrong outputs). Transforms whose block matrices are int8 codes with
+per-row scales (what wqedge.rotation builds since format 3) make it version 3 (`INT_ROTATED_FORMAT_VERSION`):
+a version-2 reader would not know the codes' meaning. Every other file stays version 1, byte for byte.
 """
 from __future__ import annotations
 
@@ -15,29 +17,52 @@ from dataclasses import dataclass
 import numpy as np
 
 ROTATED_FORMAT_VERSION = 2
+INT_ROTATED_FORMAT_VERSION = 3
 # Transform groups of a decoder layer, in wqedge.calib.INPUT_GROUPS order: the linears that read one input.
 GROUPS = ("attn_in", "attn_out", "ffn_in", "ffn_down")   # q/k/v, o, gate/up, down
 GROUP_LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
 KEY_ROTATION = "wqedge.rotation"             # string: the method ("ruquant"); absent: no transforms
 KEY_BLOCK = "wqedge.rotation.block_size"     # u32: B
 KEY_ACT_BITS = "wqedge.act_bits"             # u32: 8, 6 or 4; absent: 8
-FIELDS = ("r1", "r1_tail", "perm", "r2", "r2_tail", "householder", "smooth")
+FIELDS = ("r1", "r1_tail", "perm", "r2", "r2_tail", "householder", "smooth",
+          "r1_scale", "r1_tail_scale", "r2_scale", "r2_tail_scale")
+MATRICES = (("r1", "r1_scale"), ("r1_tail", "r1_tail_scale"), ("r2", "r2_scale"), ("r2_tail", "r2_tail_scale"))
 
 
 @dataclass
 class StoredTransform:
-    """x' = H R2 P R1 (x / s) of one group, as arrays (see wqedge/rotation.py for the meaning)."""
-    r1: np.ndarray                   # float32 [B, B] applied to each full block of B channels
-    r1_tail: np.ndarray | None       # float32 [t, t] for the ragged last block (t = d mod B), else None
+    """x' = H R2 P R1 (x / s) of one group, as arrays (see wqedge/rotation.py for the meaning).
+
+    A matrix is float32 (format 2), or int8 codes when its `*_scale` (float32, one per row) is present
+    (format 3): the matrix is then diag(scale) codes, applied to the block's input rounded to int16."""
+    r1: np.ndarray                   # [B, B] applied to each full block of B channels
+    r1_tail: np.ndarray | None       # [t, t] for the ragged last block (t = d mod B), else None
     perm: np.ndarray                 # int32 [d]: x'[i] = x[perm[i]]
     r2: np.ndarray
     r2_tail: np.ndarray | None
     householder: np.ndarray          # float32 [d], unit or all zero (no reflection)
     smooth: np.ndarray | None        # float32 [d] divisors, or None
+    r1_scale: np.ndarray | None = None       # float32 [B] row scales of int8 r1, else None
+    r1_tail_scale: np.ndarray | None = None  # float32 [t]
+    r2_scale: np.ndarray | None = None
+    r2_tail_scale: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
         return int(self.perm.shape[0])
+
+    @property
+    def integer(self) -> bool:
+        """True when the block matrices are int8 codes with row scales (format 3)."""
+        return self.r1_scale is not None
+
+    def dense(self, field: str) -> np.ndarray | None:
+        """Matrix `field` (r1, r1_tail, r2, r2_tail) as float32 values: diag(scale) codes, or as stored."""
+        m = getattr(self, field)
+        sc = getattr(self, field + "_scale")
+        if m is None or sc is None:
+            return m
+        return m.astype(np.float32) * sc.astype(np.float32)[:, None]
 
     def arrays(self) -> dict[str, np.ndarray]:
         """field -> array for every present field, in FIELDS order, with the stored dtypes."""
@@ -45,7 +70,8 @@ class StoredTransform:
         for f in FIELDS:
             a = getattr(self, f)
             if a is not None:
-                out[f] = np.ascontiguousarray(a, dtype=np.int32 if f == "perm" else np.float32)
+                dt = np.int32 if f == "perm" else np.int8 if getattr(self, f + "_scale", None) is not None else np.float32
+                out[f] = np.ascontiguousarray(a, dtype=dt)
         return out
 
     def check(self, where: str) -> None:
@@ -58,6 +84,16 @@ class StoredTransform:
             a = getattr(self, name)
             if (a is None) != (t == 0) or (a is not None and a.shape != (t, t)):
                 raise ValueError(f"{where}: {name} must be [{t}, {t}] for width {d} and block {b}")
+        for m, sc in MATRICES:
+            a, scale = getattr(self, m), getattr(self, sc)
+            if a is not None and (scale is not None) != self.integer:
+                raise ValueError(f"{where}: {sc} must be present for every matrix or for none")
+            if scale is not None and (a is None or scale.shape != (a.shape[0],)):
+                raise ValueError(f"{where}: {sc} must hold one scale per row of {m}")
+            if scale is not None and (np.abs(a) > 127).any():
+                raise ValueError(f"{where}: {m} codes must lie in [-127, 127]")
+        if self.integer and b > 512:
+            raise ValueError(f"{where}: int8 block matrices need B <= 512, got {b}")
         if sorted(self.perm.tolist()) != list(range(d)):
             raise ValueError(f"{where}: perm is not a permutation of 0..{d - 1}")
         for name in ("householder", "smooth"):

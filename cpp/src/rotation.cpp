@@ -193,6 +193,125 @@ void block_matmul_p(const float* P, int n, const float* X, int nx, float* Y, int
     block_matmul_p_scalar(P, n, X, nx, Y, i0, i1);
 }
 
+// ------------------------------------------------------------------ format 3: int8 matrices with row scales
+static void block_matvec_q_scalar(const int8_t* Q, const float* s, int n, const float* x, float* y) {
+    for (int i = 0; i < n; ++i) {
+        const int8_t* r = Q + (size_t)i * n;
+        float a = 0.0f;
+        for (int j = 0; j < n; ++j) a += (float)r[j] * x[j];
+        y[i] = a * s[i];
+    }
+}
+
+#ifdef WQE_ROT_NEON
+static void block_matvec_q_neon(const int8_t* Q, const float* s, int n, const float* x, float* y) {
+    const int n8 = n & ~7;
+    for (int i = 0; i < n; ++i) {
+        const int8_t* r = Q + (size_t)i * n;
+        float32x4_t a = vdupq_n_f32(0.0f), b = a;
+        for (int j = 0; j < n8; j += 8) {
+            const int16x8_t c = vmovl_s8(vld1_s8(r + j));
+            a = vfmaq_f32(a, vcvtq_f32_s32(vmovl_s16(vget_low_s16(c))), vld1q_f32(x + j));
+            b = vfmaq_f32(b, vcvtq_f32_s32(vmovl_high_s16(c)), vld1q_f32(x + j + 4));
+        }
+        float t = vaddvq_f32(vaddq_f32(a, b));
+        for (int j = n8; j < n; ++j) t += (float)r[j] * x[j];
+        y[i] = t * s[i];
+    }
+}
+#endif
+
+void block_matvec_q(const int8_t* Q, const float* s, int n, const float* x, float* y, int kernels) {
+#ifdef WQE_ROT_NEON
+    if (kernels == K_NEON) return block_matvec_q_neon(Q, s, n, x, y);
+#endif
+    (void)kernels;
+    block_matvec_q_scalar(Q, s, n, x, y);
+}
+
+std::vector<int8_t> pack_codes16(const std::vector<int8_t>& Q, int n) {
+    std::vector<int8_t> P((size_t)n * n);
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < n; ++j) P[((size_t)(i / 16) * n + j) * 16 + i % 16] = Q[(size_t)i * n + j];
+    return P;
+}
+
+static void block_matmul_q_scalar(const int8_t* P, const float* s, int n, const float* X, int nx, float* Y, int i0, int i1) {
+    for (int b = 0; b < nx; ++b)
+        for (int i = i0; i < i1; ++i) {
+            const int8_t* p = P + (size_t)(i / 16) * n * 16 + i % 16;
+            float a = 0.0f;
+            for (int j = 0; j < n; ++j) a += (float)p[(size_t)j * 16] * X[(size_t)b * n + j];
+            Y[(size_t)b * n + i] = a * s[i];
+        }
+}
+
+#ifdef WQE_ROT_AVX2
+namespace avx2 {
+// NB blocks x one strip of 16 rows (matmul_p_16 with int8 codes): per column the strip's 16 codes, sign-extended and
+// converted to two float vectors, then NB broadcasts of x_j and 2 NB FMAs; the row scales once at the end.
+template <int NB>
+__attribute__((target("avx2,fma"))) static inline void matmul_q_16(const int8_t* p, const float* s, int n, const float* X,
+                                                                   float* Y) {
+    const __m256 z = _mm256_setzero_ps();
+    __m256 a0 = z, b0 = z, a1 = z, b1 = z, a2 = z, b2 = z, a3 = z, b3 = z;
+    const float *x0 = X, *x1 = X + (NB > 1 ? n : 0), *x2 = X + (NB > 2 ? 2 * n : 0), *x3 = X + (NB > 3 ? 3 * n : 0);
+    for (int j = 0; j < n; ++j, p += 16) {
+        const __m256 r0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+        const __m256 r1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))));
+        __m256 xv = _mm256_broadcast_ss(x0 + j);
+        a0 = _mm256_fmadd_ps(r0, xv, a0);
+        b0 = _mm256_fmadd_ps(r1, xv, b0);
+        if (NB > 1) {
+            xv = _mm256_broadcast_ss(x1 + j);
+            a1 = _mm256_fmadd_ps(r0, xv, a1);
+            b1 = _mm256_fmadd_ps(r1, xv, b1);
+        }
+        if (NB > 2) {
+            xv = _mm256_broadcast_ss(x2 + j);
+            a2 = _mm256_fmadd_ps(r0, xv, a2);
+            b2 = _mm256_fmadd_ps(r1, xv, b2);
+        }
+        if (NB > 3) {
+            xv = _mm256_broadcast_ss(x3 + j);
+            a3 = _mm256_fmadd_ps(r0, xv, a3);
+            b3 = _mm256_fmadd_ps(r1, xv, b3);
+        }
+    }
+    const __m256 acc[4][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}};
+    const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+    for (int k = 0; k < NB; ++k) {
+        _mm256_storeu_ps(Y + (size_t)k * n, _mm256_mul_ps(acc[k][0], s0));
+        _mm256_storeu_ps(Y + (size_t)k * n + 8, _mm256_mul_ps(acc[k][1], s1));
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void block_matmul_q_avx2(const int8_t* P, const float* s, int n, const float* X, int nx,
+                                                                    float* Y, int i0, int i1) {
+    for (int i = i0; i < i1; i += 16)
+        for (int b = 0; b < nx; b += 4) {
+            const int8_t* p = P + (size_t)(i / 16) * n * 16;
+            const float* x = X + (size_t)b * n;
+            float* y = Y + (size_t)b * n + i;
+            switch (std::min(4, nx - b)) {
+                case 4: matmul_q_16<4>(p, s + i, n, x, y); break;
+                case 3: matmul_q_16<3>(p, s + i, n, x, y); break;
+                case 2: matmul_q_16<2>(p, s + i, n, x, y); break;
+                default: matmul_q_16<1>(p, s + i, n, x, y); break;
+            }
+        }
+}
+}  // namespace avx2
+#endif
+
+void block_matmul_q(const int8_t* P, const float* s, int n, const float* X, int nx, float* Y, int i0, int i1, int kernels) {
+#ifdef WQE_ROT_AVX2
+    if (kernels == K_AVX2) return avx2::block_matmul_q_avx2(P, s, n, X, nx, Y, i0, i1);
+#endif
+    (void)kernels;
+    block_matmul_q_scalar(P, s, n, X, nx, Y, i0, i1);
+}
+
 // ------------------------------------------------------------------ the transform
 // The two halves of apply, per block b of R2's layout, so that decode can spread them over threads with the
 // same arithmetic: stage1 = smoothing and R1 on block b (x -> t), stage2 = gather from t, R2 on block b (-> y)
@@ -236,6 +355,11 @@ static void finish(const Rotation& r, const float* part, const float* y, float* 
 
 void Rotation::pack_blocks() {
     if (block % 16) return;  // (the per-block path then)
+    if (integer()) {
+        q1p = pack_codes16(q1, block);
+        q2p = pack_codes16(q2, block);
+        return;
+    }
     r1p = pack_rows16(r1, block);
     r2p = pack_rows16(r2, block);
 }
@@ -270,7 +394,41 @@ static void apply_multi(const Rotation& r, float* x, ThreadPool* pool, int kerne
     finish(r, part, y, x, kernels);
 }
 
+// The format-3 transform (int8 matrices): with AVX2 and the packed codes, every whole block of a stage in one
+// block_matmul_q over row tasks of 32 (one more task for the tail block); else one block_matvec_q per block. Over the
+// pool's threads when one is given (decode); each output is computed by the same operations either way.
+static void apply_int(const Rotation& r, float* x, ThreadPool* pool, int kernels) {
+    const int B = r.block, nf = r.dim / B, tl = r.dim - nf * B, nb = (r.dim + B - 1) / B;
+    const bool packed = kernels == K_AVX2 && !r.q1p.empty() && nf > 0;
+    constexpr int RT = 32;
+    const int n_rt = (B + RT - 1) / RT, n_tasks = packed ? n_rt + (tl ? 1 : 0) : nb;
+    thread_local std::vector<float> buf;
+    if (buf.size() < (size_t)3 * r.dim + nb) buf.resize((size_t)3 * r.dim + nb);
+    float *t = buf.data(), *g = t + r.dim, *y = g + r.dim, *part = y + r.dim;
+    auto stage = [&](const float* in, const std::vector<int8_t>& qp, const std::vector<int8_t>& q, const std::vector<float>& s,
+                     const std::vector<int8_t>& qt, const std::vector<float>& st, float* out) {
+        auto task = [&](int k) {
+            if (packed && k < n_rt) {
+                block_matmul_q(qp.data(), s.data(), B, in, nf, out, k * RT, std::min(B, (k + 1) * RT), kernels);
+                return;
+            }
+            const int b = packed ? nf : k, n = std::min(B, r.dim - b * B);
+            const bool full = n == B;
+            block_matvec_q(full ? q.data() : qt.data(), full ? s.data() : st.data(), n, in + b * B, out + b * B, kernels);
+        };
+        if (pool && pool->size() > 1) pool->run(n_tasks, [&](int k, int) { task(k); });
+        else for (int k = 0; k < n_tasks; ++k) task(k);
+    };
+    smooth_range(r, x, 0, r.dim);
+    stage(x, r.q1p, r.q1, r.s1, r.q1_tail, r.s1_tail, t);
+    gather_range(r, t, g, 0, r.dim);
+    stage(g, r.q2p, r.q2, r.s2, r.q2_tail, r.s2_tail, y);
+    for (int b = 0; b < nb; ++b) part[b] = hh_share(r, y, b * B, std::min(B, r.dim - b * B), kernels);
+    finish(r, part, y, x, kernels);
+}
+
 void Rotation::apply(float* x, float* tmp, int kernels) const {
+    if (integer()) return apply_int(*this, x, nullptr, kernels);
     if (multi_block(*this, kernels)) return apply_multi(*this, x, nullptr, kernels);
     const int nb = n_blocks(*this);
     thread_local std::vector<float> buf;
@@ -283,6 +441,7 @@ void Rotation::apply(float* x, float* tmp, int kernels) const {
 
 // One token over the pool's threads (decode): blocks of stage 1, then blocks of stage 2, bit-identical to apply.
 static void apply_threaded(const Rotation& r, float* x, ThreadPool& pool, int kernels) {
+    if (r.integer()) return apply_int(r, x, &pool, kernels);
     if (multi_block(r, kernels)) return apply_multi(r, x, &pool, kernels);
     const int nb = n_blocks(r);
     thread_local std::vector<float> buf;
@@ -356,6 +515,25 @@ static std::vector<float> f32_tensor(const GGUFFile& f, const std::string& name,
     return v;
 }
 
+// Matrix `name` of n x n: F32 (format 2) into fl, or I8 codes (format 3) into q with its F32 row scales `name`_scale.
+static void load_matrix(const GGUFFile& f, const std::string& name, int n, std::vector<float>& fl, std::vector<int8_t>& q,
+                        std::vector<float>& s) {
+    const GGUFTensor* t = f.tensor(name);
+    if (!t) f.format_error("rotated file lacks tensor '%s'", name.c_str());
+    if (t->type != GGML_I8) {
+        fl = f32_tensor(f, name, n, n, true);
+        return;
+    }
+    if (t->n_dims != 2 || t->dims[0] != (uint64_t)n || t->dims[1] != (uint64_t)n)
+        f.format_error("tensor '%s' must be I8 of shape [%d, %d]", name.c_str(), n, n);
+    if (n > 512) f.format_error("tensor '%s': int8 block matrices need a block of at most 512, got %d", name.c_str(), n);
+    q.resize((size_t)n * n);
+    std::memcpy(q.data(), t->data, q.size());
+    for (int8_t c : q)
+        if (c < -127) f.format_error("tensor '%s' holds the code -128 (codes lie in [-127, 127])", name.c_str());
+    s = f32_tensor(f, name + "_scale", n, 1, true);
+}
+
 std::vector<Rotation> load_rotations(const GGUFFile& f, int layer, int block, const int widths[4]) {
     std::vector<Rotation> out(4);
     for (int g = 0; g < 4; ++g) {
@@ -365,14 +543,17 @@ std::vector<Rotation> load_rotations(const GGUFFile& f, int layer, int block, co
         r.dim = d;
         r.block = block;
         const int t = d >= block ? d % block : d;
-        r.r1 = f32_tensor(f, p + "r1", block, block, true);
-        r.r2 = f32_tensor(f, p + "r2", block, block, true);
+        load_matrix(f, p + "r1", block, r.r1, r.q1, r.s1);
+        load_matrix(f, p + "r2", block, r.r2, r.q2, r.s2);
         if (t) {
-            r.r1_tail = f32_tensor(f, p + "r1_tail", t, t, true);
-            r.r2_tail = f32_tensor(f, p + "r2_tail", t, t, true);
+            load_matrix(f, p + "r1_tail", t, r.r1_tail, r.q1_tail, r.s1_tail);
+            load_matrix(f, p + "r2_tail", t, r.r2_tail, r.q2_tail, r.s2_tail);
         } else if (f.tensor(p + "r1_tail") || f.tensor(p + "r2_tail")) {
             f.format_error("'%sr1_tail'/'r2_tail' present but width %d is a multiple of %d", p.c_str(), d, block);
         }
+        const bool ints = r.integer();
+        if (r.q2.empty() == ints || (t && (r.q1_tail.empty() == ints || r.q2_tail.empty() == ints)))
+            f.format_error("'%s*': the block matrices must be all I8 or all F32", p.c_str());
         std::vector<float> hh = f32_tensor(f, p + "householder", d, 1, true);
         double nn = 0.0;
         for (float v : hh) nn += (double)v * v;

@@ -2,6 +2,7 @@
 // reference, within 1e-5 of the magnitude of the terms; and a transform of orthogonal blocks keeps norms.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -66,6 +67,66 @@ int main() {
                         }
                 }
             }
+    // Format 3's int8 matrices with row scales: block_matvec_q of every set and block_matmul_q (packed by
+    // pack_codes16; scalar and every set; rows outside [i0, i1) untouched) against a float64 reference of
+    // (sum_j Q_ij x_j) s_i, within 1e-5 of the terms' magnitude; codes at +-127 too.
+    std::uniform_int_distribution<int> code(-127, 127);
+    for (int n : {128, 48, 16, 72, 33, 5}) {
+        for (int nx : {1, 3, 4, 6}) {
+            for (int extreme = 0; extreme < 2; ++extreme) {
+                std::vector<int8_t> Q((size_t)n * n);
+                std::vector<float> s(n), X((size_t)nx * n);
+                std::vector<double> ref((size_t)nx * n), mag((size_t)nx * n);
+                for (int8_t& c : Q) c = (int8_t)(extreme ? (rng() & 1 ? 127 : -127) : code(rng));
+                for (float& v : s) v = std::fabs(nd(rng)) * 0.01f + 1e-4f;
+                for (float& v : X) v = nd(rng) * (rng() % 7 == 0 ? 50.0f : 1.0f);
+                for (int b = 0; b < nx; ++b)
+                    for (int i = 0; i < n; ++i) {
+                        double a = 0.0, m = 0.0;
+                        for (int j = 0; j < n; ++j) {
+                            a += (double)Q[(size_t)i * n + j] * X[(size_t)b * n + j];
+                            m += std::fabs((double)Q[(size_t)i * n + j] * X[(size_t)b * n + j]);
+                        }
+                        ref[(size_t)b * n + i] = a * s[i];
+                        mag[(size_t)b * n + i] = m * s[i];
+                    }
+                std::vector<int> all = sets;
+                all.push_back(K_SCALAR);
+                for (int k : all) {
+                    for (int b = 0; b < nx; ++b) {
+                        std::vector<float> y(n);
+                        block_matvec_q(Q.data(), s.data(), n, &X[(size_t)b * n], y.data(), k);
+                        for (int i = 0; i < n; ++i) {
+                            const size_t o = (size_t)b * n + i;
+                            ++checks;
+                            if (std::fabs(y[i] - ref[o]) > 1e-5 * mag[o] + 1e-30) {
+                                ++fails;
+                                std::printf("FAIL matvec_q set %d n %d row %d: %g vs %g\n", k, n, i, y[i], ref[o]);
+                            }
+                        }
+                    }
+                    if (n % 16) continue;
+                    const std::vector<int8_t> P = pack_codes16(Q, n);
+                    for (int part = 0; part < 2; ++part) {
+                        const int i0 = part ? 16 : 0, i1 = part ? std::max(16, n - 16) : n;
+                        std::vector<float> Y((size_t)nx * n, 7.0f);
+                        block_matmul_q(P.data(), s.data(), n, X.data(), nx, Y.data(), i0, i1, k);
+                        for (int b = 0; b < nx; ++b)
+                            for (int i = 0; i < n; ++i) {
+                                const size_t o = (size_t)b * n + i;
+                                const bool in = i >= i0 && i < i1;
+                                ++checks;
+                                if (in ? std::fabs(Y[o] - ref[o]) > 1e-5 * mag[o] + 1e-30 : Y[o] != 7.0f) {
+                                    ++fails;
+                                    std::printf("FAIL matmul_q set %d n %d nx %d block %d row %d: %g vs %g\n", k, n, nx, b, i,
+                                                Y[o], ref[o]);
+                                }
+                            }
+                    }
+                }
+            }
+        }
+    }
     std::printf("rotation kernels: %d sets, %d checks, %d failures\n", (int)sets.size(), checks, fails);
     return fails ? 1 : 0;
 }
