@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_ruquant_runtime import (A4_TOL, CPP_TOL, SHAPE, _cpp_logits, _grid_windows, _reference_logits, _rel,  # noqa: E402
-                                  _windows, assert_grid_close)
+from test_ruquant_runtime import A4_TOL, CPP_TOL, SHAPE, assert_cpp_matches_reference  # noqa: E402
 from wqedge import pipeline
 from wqedge.checkpoint import LlamaCheckpoint
 from wqedge.plan import Plan, PlanError
@@ -138,15 +137,7 @@ def test_cpp_runtime_matches_reference_on_stage2_file(run, ckpt, act_bits, tol, 
         plan.act_bits = 8
         path = pipeline.convert(ckpt, plan, tmp_path / "a8.gguf", calib_text=run["text"], feedback=False).path
     native.set_activations("f32")
-    w = _windows() if act_bits == 8 else _grid_windows()
-    ref = _reference_logits(path, w)
-    got = _cpp_logits(path, w)
-    if act_bits == 8:
-        for (prefill, decode), lr in zip(got, ref):
-            assert _rel(prefill, lr) < tol and _rel(decode, lr) < tol
-    else:
-        assert_grid_close([p for p, _ in got], ref, tol)
-        assert_grid_close([d for _, d in got], ref, tol)
+    assert_cpp_matches_reference(path, act_bits, tol)
 
 
 def test_stage2_refusals(ckpt):

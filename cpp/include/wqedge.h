@@ -27,7 +27,7 @@
 extern "C" {
 #endif
 
-#define WQE_FORMAT_VERSION 3  /* newest file format read; 1 (unrotated), 2 (RUQuant transforms, act bits) and 3 (int8 transform matrices) all run */
+#define WQE_FORMAT_VERSION 3  /* newest file format read; 1, 2 (RUQuant, act bits) and 3 (int8 transform matrices) all run */
 
 enum wqe_status {
     WQE_OK = 0,

@@ -91,15 +91,28 @@ static void block_matmul_p_scalar(const float* P, int n, const float* X, int nx,
 
 #ifdef WQE_ROT_AVX2
 namespace avx2 {
-// NB blocks x one strip of 16 rows (p: the strip): 2 NB accumulators, per column two loads and NB broadcasts of x_j.
-// (Named accumulators: GCC kept an accumulator array in memory, storing all 2 NB every column.)
-template <int NB>
-__attribute__((target("avx2,fma"))) static inline void matmul_p_16(const float* p, int n, const float* X, float* Y) {
+// One column of a strip's 16 rows as two float vectors: float32 matrices (format 2) load them, int8 codes (format 3)
+// are sign-extended and converted.
+__attribute__((target("avx2,fma"))) static inline void strip_column(const float* p, __m256& r0, __m256& r1) {
+    r0 = _mm256_loadu_ps(p);
+    r1 = _mm256_loadu_ps(p + 8);
+}
+__attribute__((target("avx2,fma"))) static inline void strip_column(const int8_t* p, __m256& r0, __m256& r1) {
+    r0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+    r1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))));
+}
+
+// NB blocks x one strip of 16 rows (p: the strip, 16 values per column): 2 NB accumulators, per column one strip_column
+// and NB broadcasts of x_j; then the rows' scales s when given (int8 codes). (Named accumulators: GCC kept an
+// accumulator array in memory, storing all 2 NB every column.)
+template <int NB, typename T>
+__attribute__((target("avx2,fma"))) static inline void matmul_16(const T* p, const float* s, int n, const float* X, float* Y) {
     const __m256 z = _mm256_setzero_ps();
     __m256 a0 = z, b0 = z, a1 = z, b1 = z, a2 = z, b2 = z, a3 = z, b3 = z;
     const float *x0 = X, *x1 = X + (NB > 1 ? n : 0), *x2 = X + (NB > 2 ? 2 * n : 0), *x3 = X + (NB > 3 ? 3 * n : 0);
     for (int j = 0; j < n; ++j, p += 16) {
-        const __m256 r0 = _mm256_loadu_ps(p), r1 = _mm256_loadu_ps(p + 8);
+        __m256 r0, r1;
+        strip_column(p, r0, r1);
         __m256 xv = _mm256_broadcast_ss(x0 + j);
         a0 = _mm256_fmadd_ps(r0, xv, a0);
         b0 = _mm256_fmadd_ps(r1, xv, b0);
@@ -119,27 +132,42 @@ __attribute__((target("avx2,fma"))) static inline void matmul_p_16(const float* 
             b3 = _mm256_fmadd_ps(r1, xv, b3);
         }
     }
-    const __m256 acc[4][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}};
+    __m256 acc[4][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}};
+    if (s) {
+        const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+        for (int k = 0; k < NB; ++k) {
+            acc[k][0] = _mm256_mul_ps(acc[k][0], s0);
+            acc[k][1] = _mm256_mul_ps(acc[k][1], s1);
+        }
+    }
     for (int k = 0; k < NB; ++k) {
         _mm256_storeu_ps(Y + (size_t)k * n, acc[k][0]);
         _mm256_storeu_ps(Y + (size_t)k * n + 8, acc[k][1]);
     }
 }
 
-__attribute__((target("avx2,fma"))) static void block_matmul_p_avx2(const float* P, int n, const float* X, int nx, float* Y, int i0,
-                                                                    int i1) {
+// Rows [i0, i1) of nx blocks from a packed matrix (pack_rows16 / pack_codes16), 16 rows and up to 4 blocks per pass.
+template <typename T>
+__attribute__((target("avx2,fma"))) static void matmul_packed(const T* P, const float* s, int n, const float* X, int nx, float* Y,
+                                                              int i0, int i1) {
     for (int i = i0; i < i1; i += 16)
         for (int b = 0; b < nx; b += 4) {
-            const float* p = P + (size_t)(i / 16) * n * 16;
+            const T* p = P + (size_t)(i / 16) * n * 16;
             const float* x = X + (size_t)b * n;
+            const float* si = s ? s + i : nullptr;
             float* y = Y + (size_t)b * n + i;
             switch (std::min(4, nx - b)) {
-                case 4: matmul_p_16<4>(p, n, x, y); break;
-                case 3: matmul_p_16<3>(p, n, x, y); break;
-                case 2: matmul_p_16<2>(p, n, x, y); break;
-                default: matmul_p_16<1>(p, n, x, y); break;
+                case 4: matmul_16<4>(p, si, n, x, y); break;
+                case 3: matmul_16<3>(p, si, n, x, y); break;
+                case 2: matmul_16<2>(p, si, n, x, y); break;
+                default: matmul_16<1>(p, si, n, x, y); break;
             }
         }
+}
+
+__attribute__((target("avx2,fma"))) static void block_matmul_p_avx2(const float* P, int n, const float* X, int nx, float* Y, int i0,
+                                                                    int i1) {
+    matmul_packed(P, nullptr, n, X, nx, Y, i0, i1);
 }
 }  // namespace avx2
 #endif
@@ -246,67 +274,9 @@ static void block_matmul_q_scalar(const int8_t* P, const float* s, int n, const 
         }
 }
 
-#ifdef WQE_ROT_AVX2
-namespace avx2 {
-// NB blocks x one strip of 16 rows (matmul_p_16 with int8 codes): per column the strip's 16 codes, sign-extended and
-// converted to two float vectors, then NB broadcasts of x_j and 2 NB FMAs; the row scales once at the end.
-template <int NB>
-__attribute__((target("avx2,fma"))) static inline void matmul_q_16(const int8_t* p, const float* s, int n, const float* X,
-                                                                   float* Y) {
-    const __m256 z = _mm256_setzero_ps();
-    __m256 a0 = z, b0 = z, a1 = z, b1 = z, a2 = z, b2 = z, a3 = z, b3 = z;
-    const float *x0 = X, *x1 = X + (NB > 1 ? n : 0), *x2 = X + (NB > 2 ? 2 * n : 0), *x3 = X + (NB > 3 ? 3 * n : 0);
-    for (int j = 0; j < n; ++j, p += 16) {
-        const __m256 r0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-        const __m256 r1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))));
-        __m256 xv = _mm256_broadcast_ss(x0 + j);
-        a0 = _mm256_fmadd_ps(r0, xv, a0);
-        b0 = _mm256_fmadd_ps(r1, xv, b0);
-        if (NB > 1) {
-            xv = _mm256_broadcast_ss(x1 + j);
-            a1 = _mm256_fmadd_ps(r0, xv, a1);
-            b1 = _mm256_fmadd_ps(r1, xv, b1);
-        }
-        if (NB > 2) {
-            xv = _mm256_broadcast_ss(x2 + j);
-            a2 = _mm256_fmadd_ps(r0, xv, a2);
-            b2 = _mm256_fmadd_ps(r1, xv, b2);
-        }
-        if (NB > 3) {
-            xv = _mm256_broadcast_ss(x3 + j);
-            a3 = _mm256_fmadd_ps(r0, xv, a3);
-            b3 = _mm256_fmadd_ps(r1, xv, b3);
-        }
-    }
-    const __m256 acc[4][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}};
-    const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
-    for (int k = 0; k < NB; ++k) {
-        _mm256_storeu_ps(Y + (size_t)k * n, _mm256_mul_ps(acc[k][0], s0));
-        _mm256_storeu_ps(Y + (size_t)k * n + 8, _mm256_mul_ps(acc[k][1], s1));
-    }
-}
-
-__attribute__((target("avx2,fma"))) static void block_matmul_q_avx2(const int8_t* P, const float* s, int n, const float* X, int nx,
-                                                                    float* Y, int i0, int i1) {
-    for (int i = i0; i < i1; i += 16)
-        for (int b = 0; b < nx; b += 4) {
-            const int8_t* p = P + (size_t)(i / 16) * n * 16;
-            const float* x = X + (size_t)b * n;
-            float* y = Y + (size_t)b * n + i;
-            switch (std::min(4, nx - b)) {
-                case 4: matmul_q_16<4>(p, s + i, n, x, y); break;
-                case 3: matmul_q_16<3>(p, s + i, n, x, y); break;
-                case 2: matmul_q_16<2>(p, s + i, n, x, y); break;
-                default: matmul_q_16<1>(p, s + i, n, x, y); break;
-            }
-        }
-}
-}  // namespace avx2
-#endif
-
 void block_matmul_q(const int8_t* P, const float* s, int n, const float* X, int nx, float* Y, int i0, int i1, int kernels) {
 #ifdef WQE_ROT_AVX2
-    if (kernels == K_AVX2) return avx2::block_matmul_q_avx2(P, s, n, X, nx, Y, i0, i1);
+    if (kernels == K_AVX2) return avx2::matmul_packed(P, s, n, X, nx, Y, i0, i1);
 #endif
     (void)kernels;
     block_matmul_q_scalar(P, s, n, X, nx, Y, i0, i1);
