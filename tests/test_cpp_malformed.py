@@ -166,8 +166,8 @@ def test_wrong_key_type(tmp_path):
 
 
 def test_unsupported_version(tmp_path):
-    e = _open(write_tiny(tmp_path / "a.gguf", key_overrides={"wqedge.format_version": 3}))  # 2: RUQuant, read
-    assert e.code == _native.ERR_UNSUPPORTED and "format version 3" in str(e)
+    e = _open(write_tiny(tmp_path / "a.gguf", key_overrides={"wqedge.format_version": 4}))  # 2, 3: RUQuant, read
+    assert e.code == _native.ERR_UNSUPPORTED and "format version 4" in str(e)
 
 
 def test_random_corruption_never_crashes(good, tmp_path):
