@@ -409,22 +409,6 @@ def kv_attend(rows: np.ndarray, bits: int, head_dim: int, q: np.ndarray, p: np.n
     return s, o
 
 
-def kv_scores_q8(rows: np.ndarray, bits: int, head_dim: int, q: np.ndarray, kernels: str = "scalar") -> np.ndarray:
-    """scores[n] = q . row_i by the int8-activation path's integer attention scores (q quantized per group to int8,
-    integer dot products with the K codes; kvcache.h kv_dot_q8) with a kernel set."""
-    L = _native.lib()
-    fn = L.wqe_test_kv_scores_q8
-    fn.restype = C.c_int
-    fn.argtypes = [C.c_int, C.c_int, C.c_void_p, C.c_int, C.c_void_p, C.c_int, C.c_void_p]
-    r = np.ascontiguousarray(rows, dtype=np.uint8)
-    qq = np.ascontiguousarray(q, dtype=np.float32)
-    s = np.zeros(r.shape[0], np.float32)
-    k = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3}[kernels]
-    if fn(int(bits), int(head_dim), r.ctypes.data, r.shape[0], qq.ctypes.data, k, s.ctypes.data) != 0:
-        raise ValueError(f"kernel set {kernels!r} not available here, or bad arguments")
-    return s
-
-
 def row_bytes(action: int, g: int, n_protected: int = 0) -> int:
     return int(_native.lib().wqe_row_bytes(int(action), int(g), int(n_protected)))
 

@@ -181,12 +181,11 @@ def test_q8_decode_parity(plan, llama_s_dir, eval_windows, tmp_path):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_q8_decode_with_quantized_kv_cache(bits, llama_s_dir, eval_windows, tmp_path):
-    """Int8 activations with a quantized KV cache: the attention scores are integer dot products of the K codes with
-    each query head quantized to int8 per cache group (kvcache.h kv_dot_q8). 2 windows x 512 tokens decoded token by
-    token vs the reference with the same fake-quantized cache (float activations and scores), held to the q8 bars;
-    at 4 bits to Q8_MIXED's: a cache value on a 4-bit rounding boundary takes the neighbouring code in one of the two
-    (measured before the integer scores, float scores: max 0.48, mean 0.038, top-1 96.3%; with them 0.49 / 0.038 /
-    96.3%; kv8 0.22 -> 0.27, mean 0.019, top-1 98.1% both). Perplexity within Q8_PPL_REL either way."""
+    """Int8 activations with a quantized KV cache (the linears' int8 path; attention over the dequantized K/V rows).
+    2 windows x 512 tokens decoded token by token vs the reference with the same fake-quantized cache (float
+    activations), held to the q8 bars; at 4 bits to Q8_MIXED's: a cache value on a 4-bit rounding boundary takes the
+    neighbouring code in one of the two (measured max 0.48, mean 0.038, top-1 96.3%; kv8 0.22, 0.019, 98.1%).
+    Perplexity within Q8_PPL_REL either way."""
     from wqedge.kv_format import KVCacheSpec
     path = write_llama_s(tmp_path / "q4.gguf", llama_s_dir, PLANS["q4"][0], PLANS["q4"][1])
     win = eval_windows[:2]

@@ -160,56 +160,6 @@ def test_cpp_attention_kernels_against_scalar(native_lib, hd, bits):
         pytest.skip("no SIMD kernel set on this CPU")
 
 
-def _scores_q8_reference(rows, bits, hd, q):
-    """numpy model of kvcache.h kv_dot_q8: q per group to int8 (absmax / 127, round half to even), exact integer sums
-    with the codes, then per group in order s += (d dq) isum; s += m qs, in float32."""
-    g = KVCacheSpec(bits).group(hd)
-    f32 = np.float32
-    gb = 4 + g * bits // 8
-    out = np.zeros(rows.shape[0], np.float32)
-    for i, row in enumerate(rows):
-        s = f32(0)
-        for gi, g0 in enumerate(range(0, hd, g)):
-            blk = row[gi * gb:(gi + 1) * gb]
-            d, m = blk[:4].view(np.float16).astype(f32)
-            c = blk[4:].astype(np.int64)
-            c = c if bits == 8 else np.concatenate([c & 15, c >> 4])
-            qg = q[g0:g0 + g].astype(f32)
-            dq = f32(np.abs(qg).max()) / f32(127)
-            q8 = np.clip(np.rint(qg * (f32(1) / dq if dq > 0 else f32(0))), -127, 127).astype(np.int64)
-            qs = f32(0)
-            for v in qg:
-                qs = f32(qs + v)
-            s = f32(s + f32(f32(d * dq) * f32(int(c @ q8))))
-            s = f32(s + f32(m * qs))
-        out[i] = s
-    return out
-
-
-@pytest.mark.parametrize("hd", [64, 40])
-@pytest.mark.parametrize("bits", [8, 4])
-def test_cpp_integer_scores(native_lib, hd, bits):
-    """The int8-activation path's attention scores (kv_dot_q8): equal to a numpy model of their definition, the same
-    in every kernel set bit for bit, and within the query's int8 rounding of the float scores."""
-    rng = np.random.default_rng(11 * hd + bits)
-    x = rng.standard_normal((53, hd)).astype(np.float32) * 3
-    rows = native_lib.kv_quantize(x, bits, rotate=False)
-    q = (rng.standard_normal(hd) * np.where(rng.random(hd) < 0.1, 6, 1)).astype(np.float32)
-    s = native_lib.kv_scores_q8(rows, bits, hd, q, "scalar")
-    np.testing.assert_array_equal(s, _scores_q8_reference(rows, bits, hd, q))
-    deq = dequantize_rows(rows, bits, hd).astype(np.float64)
-    g = KVCacheSpec(bits).group(hd)
-    dq = np.abs(q.reshape(-1, g)).max(1) / 127           # the query's int8 step per group
-    m = np.repeat(deq.reshape(len(deq), -1, g).min(2, keepdims=True), g, 2).reshape(deq.shape)
-    bound = (np.abs(deq - m).reshape(len(deq), -1, g).sum(2) * dq / 2).sum(1) * 1.001 + 1e-5 * np.abs(deq * q).sum(1)
-    assert (np.abs(s - deq @ q) <= bound).all()
-    for k in ("avx2", "neon"):
-        try:
-            np.testing.assert_array_equal(native_lib.kv_scores_q8(rows, bits, hd, q, k), s)
-        except ValueError:
-            continue
-
-
 def test_cpp_kvcache_test_executable():
     from cpp_support import ensure_test_executable
     exe = ensure_test_executable("test_kvcache")

@@ -110,47 +110,6 @@ static void axpy_scalar(const KvFormat& f, float a, const uint8_t* row, float* o
     }
 }
 
-void kv_quantize_query(const KvFormat& f, const float* q, KvQuery* out) {
-    for (int g0 = 0, gi = 0; g0 < f.head_dim; g0 += f.group, ++gi) {
-        float amax = 0.0f, sum = 0.0f;
-        for (int j = 0; j < f.group; ++j) {
-            amax = std::max(amax, std::fabs(q[g0 + j]));
-            sum += q[g0 + j];
-        }
-        const float dq = amax / 127.0f, inv = dq > 0.0f ? 1.0f / dq : 0.0f;
-        int32_t c8 = 0;
-        for (int j = 0; j < f.group; ++j) {
-            const int v = (int)std::nearbyint(q[g0 + j] * inv);
-            out->q8[g0 + j] = (int8_t)std::min(127, std::max(-127, v));
-            c8 += out->q8[g0 + j];
-        }
-        out->dq[gi] = dq;
-        out->qs[gi] = sum;
-        out->c8[gi] = c8;
-    }
-}
-
-// The float part of a score, shared by every set: groups in order, s += (d dq) isum, s += m qs.
-static inline float score_of(const KvFormat& f, const KvQuery& q, const uint8_t* row, const int32_t* isum) {
-    float s = 0.0f;
-    for (int g0 = 0, gi = 0; g0 < f.head_dim; g0 += f.group, ++gi, row += group_bytes(f)) {
-        s += (load_h(row) * q.dq[gi]) * (float)isum[gi];
-        s += load_h(row + 2) * q.qs[gi];
-    }
-    return s;
-}
-
-static float dot_q8_scalar(const KvFormat& f, const KvQuery& q, const uint8_t* row) {
-    int32_t isum[KvQuery::MAX_HEAD_DIM / 16];
-    const uint8_t* r = row;
-    for (int g0 = 0, gi = 0; g0 < f.head_dim; g0 += f.group, ++gi, r += group_bytes(f)) {
-        int32_t a = 0;
-        for (int j = 0; j < f.group; ++j) a += code_at(f, r + 4, j) * q.q8[g0 + j];
-        isum[gi] = a;
-    }
-    return score_of(f, q, row, isum);
-}
-
 // ------------------------------------------------------------------ AVX2 (groups of a multiple of 16 values; 8 bits: 32)
 #ifdef WQE_KV_AVX2
 namespace avx2 {  // only functions in wqe::avx2 may hold AVX instructions (tests/test_cpp_clang.py)
@@ -213,37 +172,6 @@ __attribute__((target("avx2,fma,f16c"))) static void values(const KvFormat& f, c
             }
         }
     }
-}
-
-// Exact group sums of codes x q8 (SIMD groups are 32 values at 8 bits, 16 at 4 bits: simd_kernels). 8 bits: codes
-// c - 128 as int8 against q8 by the sign trick (|c'| x sign(q8, c'): products up to 128 x 127, pairs within int16),
-// plus 128 x the group's q8 sum; 4 bits: the 16 codes (low nibbles, then high: codes 0..15 in order) are below 16,
-// so vpmaddubsw takes them unsigned directly.
-__attribute__((target("avx2,fma,f16c"))) static inline int32_t hsum_i32(__m128i s) {
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
-}
-
-__attribute__((target("avx2,fma,f16c"))) static float dot_q8(const KvFormat& f, const KvQuery& q, const uint8_t* row) {
-    int32_t isum[KvQuery::MAX_HEAD_DIM / 16];
-    const uint8_t* r = row;
-    for (int g0 = 0, gi = 0; g0 < f.head_dim; g0 += f.group, ++gi, r += group_bytes(f)) {
-        const uint8_t* c = r + 4;
-        if (f.bits == 8) {
-            const __m256i cs = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)c), _mm256_set1_epi8((char)0x80));
-            const __m256i qv = _mm256_loadu_si256((const __m256i*)(q.q8 + g0));
-            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(cs), _mm256_sign_epi8(qv, cs)),
-                                                _mm256_set1_epi16(1));
-            isum[gi] = hsum_i32(_mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1))) + 128 * q.c8[gi];
-        } else {
-            const __m128i nib = _mm_set1_epi8(0x0F), b = _mm_loadl_epi64((const __m128i*)c);
-            const __m128i cv = _mm_unpacklo_epi64(_mm_and_si128(b, nib), _mm_and_si128(_mm_srli_epi16(b, 4), nib));
-            const __m128i qv = _mm_loadu_si128((const __m128i*)(q.q8 + g0));
-            isum[gi] = hsum_i32(_mm_madd_epi16(_mm_maddubs_epi16(cv, qv), _mm_set1_epi16(1)));
-        }
-    }
-    return score_of(f, q, row, isum);
 }
 
 __attribute__((target("avx2,fma,f16c"))) static inline void axpy8(float* o, __m256 a, __m256 w) {
@@ -360,33 +288,6 @@ static float dot(const KvFormat& f, const float* q, const uint8_t* row) {
     return vaddvq_f32(acc);
 }
 
-// Exact group sums of codes x q8: codes widened to int16 against q8 widened, multiply-accumulated into int32.
-static inline int32x4_t mac8(int32x4_t acc, uint8x8_t c, const int8_t* q) {
-    const int16x8_t cw = vreinterpretq_s16_u16(vmovl_u8(c)), qw = vmovl_s8(vld1_s8(q));
-    acc = vmlal_s16(acc, vget_low_s16(cw), vget_low_s16(qw));
-    return vmlal_high_s16(acc, cw, qw);
-}
-
-static float dot_q8(const KvFormat& f, const KvQuery& q, const uint8_t* row) {
-    int32_t isum[KvQuery::MAX_HEAD_DIM / 16];
-    const uint8_t* r = row;
-    for (int g0 = 0, gi = 0; g0 < f.head_dim; g0 += f.group, ++gi, r += group_bytes(f)) {
-        const uint8_t* c = r + 4;
-        int32x4_t acc = vdupq_n_s32(0);
-        if (f.bits == 8) {
-            for (int j = 0; j < f.group; j += 8) acc = mac8(acc, vld1_u8(c + j), q.q8 + g0 + j);
-        } else {
-            for (int j = 0; j < f.group / 2; j += 8) {
-                const uint8x8_t b = vld1_u8(c + j);
-                acc = mac8(acc, vand_u8(b, vdup_n_u8(0x0F)), q.q8 + g0 + j);
-                acc = mac8(acc, vshr_n_u8(b, 4), q.q8 + g0 + f.group / 2 + j);
-            }
-        }
-        isum[gi] = vaddvq_s32(acc);
-    }
-    return score_of(f, q, row, isum);
-}
-
 static void axpy(const KvFormat& f, float a, const uint8_t* row, float* out) {
     const float32x4_t av = vdupq_n_f32(a);
     const int g = f.group, h = g / 2;
@@ -409,22 +310,21 @@ static void axpy(const KvFormat& f, float a, const uint8_t* row, float* out) {
 }  // namespace neon
 #endif
 
-// The SIMD set's four kernels, or nullptr: they take groups of a multiple of 16 values (8 bits: 32); other groups,
+// The SIMD set's three kernels, or nullptr: they take groups of a multiple of 16 values (8 bits: 32); other groups,
 // and the scalar set, run the reference.
 struct KvKernels {
     float (*dot)(const KvFormat&, const float*, const uint8_t*);
     void (*axpy)(const KvFormat&, float, const uint8_t*, float*);
     void (*values)(const KvFormat&, const uint8_t*, float*);
-    float (*dot_q8)(const KvFormat&, const KvQuery&, const uint8_t*);
 };
 static const KvKernels* simd_kernels(const KvFormat& f, int kernels) {
     if (f.group % (f.bits == 8 ? 32 : 16) != 0) return nullptr;
 #ifdef WQE_KV_AVX2
-    static const KvKernels avx2_set = {avx2::dot, avx2::axpy, avx2::values, avx2::dot_q8};
+    static const KvKernels avx2_set = {avx2::dot, avx2::axpy, avx2::values};
     if (kernels == K_AVX2) return &avx2_set;
 #endif
 #ifdef WQE_KV_NEON
-    static const KvKernels neon_set = {neon::dot, neon::axpy, neon::values, neon::dot_q8};
+    static const KvKernels neon_set = {neon::dot, neon::axpy, neon::values};
     if (kernels == K_NEON) return &neon_set;
 #endif
     (void)kernels;
@@ -444,11 +344,6 @@ float kv_dot(const KvFormat& f, const float* q, const uint8_t* row, int kernels)
 void kv_axpy(const KvFormat& f, float a, const uint8_t* row, float* out, int kernels) {
     if (const KvKernels* k = simd_kernels(f, kernels)) return k->axpy(f, a, row, out);
     axpy_scalar(f, a, row, out);
-}
-
-float kv_dot_q8(const KvFormat& f, const KvQuery& q, const uint8_t* row, int kernels) {
-    if (const KvKernels* k = simd_kernels(f, kernels)) return k->dot_q8(f, q, row);
-    return dot_q8_scalar(f, q, row);
 }
 
 }  // namespace wqe
@@ -481,18 +376,5 @@ extern "C" WQE_API int wqe_test_kv_attend(int bits, int head_dim, const uint8_t*
         scores[i] = wqe::kv_dot(f, q, rows + (size_t)i * f.row_bytes, kernels);
         wqe::kv_axpy(f, p[i], rows + (size_t)i * f.row_bytes, out, kernels);
     }
-    return 0;
-}
-// scores[i] = kv_dot_q8 of q (quantized once by kv_quantize_query) with row i, kernel set k; -1 when the set is not
-// built here or on bad arguments (the integer attention scores of the int8-activation path).
-extern "C" WQE_API int wqe_test_kv_scores_q8(int bits, int head_dim, const uint8_t* rows, int n, const float* q, int kernels,
-                                             float* scores) {
-    if ((bits != 8 && bits != 4) || head_dim < 2 || head_dim % 2 || head_dim > wqe::KvQuery::MAX_HEAD_DIM || n < 0) return -1;
-    if (kernels == wqe::K_AVX2 && !wqe::cpu_has_avx2()) return -1;
-    if (kernels == wqe::K_NEON && !wqe::cpu_has_neon()) return -1;
-    const wqe::KvFormat f = wqe::KvFormat::make(bits, false, head_dim);
-    wqe::KvQuery kq;
-    wqe::kv_quantize_query(f, q, &kq);
-    for (int i = 0; i < n; ++i) scores[i] = wqe::kv_dot_q8(f, kq, rows + (size_t)i * f.row_bytes, kernels);
     return 0;
 }

@@ -38,18 +38,4 @@ void kv_row_values(const KvFormat& f, const uint8_t* row, float* dst, int kernel
 float kv_dot(const KvFormat& f, const float* q, const uint8_t* row, int kernels);
 void kv_axpy(const KvFormat& f, float a, const uint8_t* row, float* out, int kernels);
 
-// Integer attention scores (the int8-activation path): a query head quantized once per task, per group of the KV
-// format (absmax, round half to even): q8 = round(q / dq), dq = max|q| / 127, qs = the group's float sum of q (in
-// order), c8 = the group's sum of q8. Then q.k of a row, per group with code sum isum = sum_j code_j q8_j (exact int32):
-// s += (d dq) * isum; s += m * qs, groups in order. Every kernel set computes the same isum and then these scalar float
-// operations: bit-identical results. KvQuery: head_dim codes, then per group dq, qs and c8.
-struct KvQuery {
-    static constexpr int MAX_HEAD_DIM = 512;
-    alignas(32) int8_t q8[MAX_HEAD_DIM];
-    float dq[MAX_HEAD_DIM / 16], qs[MAX_HEAD_DIM / 16];
-    int32_t c8[MAX_HEAD_DIM / 16];
-};
-void kv_quantize_query(const KvFormat& f, const float* q, KvQuery* out);
-float kv_dot_q8(const KvFormat& f, const KvQuery& q, const uint8_t* row, int kernels);
-
 }  // namespace wqe

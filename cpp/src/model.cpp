@@ -619,9 +619,7 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
 
         // Causal grouped-query attention. A task = (token, KV head, a run of qpt query heads of its group): each K and
         // V row is read once (a quantized one dequantized once, kv_row_values) for those heads, where a task per head
-        // read it, and dequantized it, once per head. The same float operations per head as one task per head. With a
-        // quantized cache and int8 activations the scores are integer dot products of the K codes with each query head
-        // quantized once per task (kv_dot_q8, as llama.cpp's q8 queries against quantized K); V stays float.
+        // read it, and dequantized it, once per head. The same float operations per head as one task per head.
         const int qpt = att_heads_per_task(group, n * L.n_head_kv, tp.size()), n_sub = group / qpt;
         tp.run(n * L.n_head_kv * n_sub, [&](int task, int thread) {
             const int t = task / (L.n_head_kv * n_sub), kvh = task / n_sub % L.n_head_kv, h0 = kvh * group + task % n_sub * qpt;
@@ -646,18 +644,9 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 kv_row_values(kvf, qc + ((size_t)s * L.n_head_kv + kvh) * kvf.row_bytes, row, kern);
                 return row;
             };
-            if (kvq && act == ACT_Q8 && hd <= KvQuery::MAX_HEAD_DIM) {  // integer scores on the K codes (kv_dot_q8)
-                KvQuery kq[ATT_QPT];
-                for (int j = 0; j < qpt; ++j) kv_quantize_query(kvf, qh[j], &kq[j]);
-                for (int s = 0; s < n_keys; ++s) {
-                    const uint8_t* kr = kqc + ((size_t)s * L.n_head_kv + kvh) * kvf.row_bytes;
-                    for (int j = 0; j < qpt; ++j) sc[(size_t)j * n_ctx + s] = kv_dot_q8(kvf, kq[j], kr, kern) * att_scale;
-                }
-            } else {
-                for (int s = 0; s < n_keys; ++s) {
-                    const float* kr = kv_row(kc, kqc, s);
-                    for (int j = 0; j < qpt; ++j) sc[(size_t)j * n_ctx + s] = ops.dot_f32(qh[j], kr, hd) * att_scale;
-                }
+            for (int s = 0; s < n_keys; ++s) {
+                const float* kr = kv_row(kc, kqc, s);
+                for (int j = 0; j < qpt; ++j) sc[(size_t)j * n_ctx + s] = ops.dot_f32(qh[j], kr, hd) * att_scale;
             }
             float inv[ATT_QPT];
             for (int j = 0; j < qpt; ++j) {

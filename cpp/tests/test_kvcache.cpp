@@ -71,50 +71,6 @@ int main() {
                     mag_o[j] += std::fabs(p[i] * deq[j]);
                 }
             }
-            // Integer scores (kv_dot_q8): the query quantized as kv_quantize_query says, every set bit-identical to the
-            // scalar reference, and within the query's int8 rounding of the float score: |delta| <= sum over groups of
-            // dq / 2 * sum_j |d code_j| (+ 1e-5 of the terms' magnitude for the float order).
-            KvQuery kq;
-            kv_quantize_query(f, q.data(), &kq);
-            for (int g0 = 0, gi = 0; g0 < hd; g0 += f.group, ++gi) {
-                float amax = 0.0f;
-                int32_t c8 = 0;
-                for (int j = 0; j < f.group; ++j) amax = std::max(amax, std::fabs(q[g0 + j]));
-                for (int j = 0; j < f.group; ++j) {
-                    c8 += kq.q8[g0 + j];
-                    ++checks;
-                    if (kq.q8[g0 + j] != (int8_t)std::nearbyint(q[g0 + j] / (amax / 127.0f)) && amax > 0.0f) {
-                        ++fails;
-                        std::printf("FAIL quantize_query bits %d hd %d col %d\n", bits, hd, g0 + j);
-                    }
-                }
-                ++checks;
-                if (c8 != kq.c8[gi] || kq.dq[gi] != amax / 127.0f) ++fails, std::printf("FAIL query group %d\n", gi);
-            }
-            for (int i = 0; i < n; ++i) {
-                const uint8_t* r = &rows[(size_t)i * f.row_bytes];
-                const float s0 = kv_dot_q8(f, kq, r, K_SCALAR);
-                double bound = 1e-5 * mag_s[i] + 1e-30;
-                for (int g0 = 0, gi = 0; g0 < hd; g0 += f.group, ++gi) {
-                    const uint8_t* gp = r + (size_t)gi * (4 + f.group * bits / 8);
-                    double w = 0.0;
-                    kv_dequantize(f, r, deq.data());
-                    for (int j = 0; j < f.group; ++j) w += std::fabs((double)deq[g0 + j] - load_h(gp + 2));
-                    bound += 0.5 * kq.dq[gi] * w * 1.0001;
-                }
-                ++checks;
-                if (std::fabs((double)s0 - ref_s[i]) > bound) {
-                    ++fails;
-                    std::printf("FAIL dot_q8 bits %d hd %d row %d: %g vs %g (bound %g)\n", bits, hd, i, s0, ref_s[i], bound);
-                }
-                for (int k : sets) {
-                    ++checks;
-                    if (kv_dot_q8(f, kq, r, k) != s0) {
-                        ++fails;
-                        std::printf("FAIL dot_q8 set %d bits %d hd %d row %d: not bit-identical to scalar\n", k, bits, hd, i);
-                    }
-                }
-            }
             for (int k : sets) {
                 std::vector<float> o(hd, 0.0f);
                 for (int i = 0; i < n; ++i) {
