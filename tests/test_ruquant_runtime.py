@@ -397,6 +397,7 @@ def test_pipeline_rotate_end_to_end(ckpt, tmp_path):
             np.testing.assert_array_equal(st.arrays()[name], a)
     r = run(main, ["inspect", str(out)])
     assert "activation bits 6; input transforms: ruquant, 8 transforms" in r.output, r.output
+    assert "block 128, int8 matrices with row scales," in r.output, r.output
     w = _windows()
     a, b = _reference_logits(out, w), logits_fn(ckpt.load_hf_model())(w)
     # A6 on a random tiny model: measured mean |Δ| / std 0.033, top-1 agreement 0.94

@@ -611,9 +611,10 @@ def inspect(gguf_file):
         t = f.transforms()
         smooth = sum(st.smooth is not None for st in t.values())
         refl = sum(bool(st.householder.any()) for st in t.values())
+        first = next(iter(t.values()), None)
         what = (f"{f.rotation}, {len(t)} transforms (4 per layer: q/k/v, o, gate/up, down), block "
-                f"{next(iter(t.values())).r1.shape[0]}, {refl} with a Householder reflection, {smooth} smoothed"
-                if t else "none")
+                f"{first.r1.shape[0]}, {'int8 matrices with row scales' if first.integer else 'float32 matrices'}, "
+                f"{refl} with a Householder reflection, {smooth} smoothed" if t else "none")
         click.echo(f"format version {f.format_version}: activation bits {f.act_bits}; input transforms: {what}")
     kv = f.kv_cache
     heads = [s.kv_heads(i) for i in range(s.n_layers)]
