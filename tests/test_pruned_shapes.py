@@ -457,3 +457,41 @@ def test_cli_prune_group_sets_the_ffn_pruning_unit(tiny_model_factory, tmp_path)
     r = CliRunner().invoke(main, ["plan", model, "--bits", "2.5", "--prune", "ffn", "--prune-group", "0",
                                   "-o", str(tmp_path / "q.json")])
     assert r.exit_code == 2 and "--prune-group" in r.output
+
+
+@pytest.mark.parametrize("unit,rounds", [(32, 1), (256, 2)])
+def test_head_steps_keep_256_column_blocks_with_256_units(unit, rounds):
+    """With FFN units of 256 (llama.cpp's row blocks) head pruning removes heads in steps of 256 columns: here 2 KV
+    groups of head_dim 64, so two rounds (2 x 2 x 64) at a time, and a KV group only when its heads span 256; every
+    attention width and FFN length left is a multiple of 256. With units of 32 a step is one round, as before."""
+    from wqedge.alloc.prune import select_pruning
+    from wqedge.spec import ModelSpec
+    from wqedge.structure_damage import StructureDamage
+    spec = ModelSpec(hidden_size=512, n_layers=3, n_heads=8, n_kv_heads=2, head_dim=64, intermediate_size=1024,
+                     vocab_size=64)
+    rng = np.random.default_rng(1)
+    n_groups = -(-spec.intermediate_size // unit)
+    sd = StructureDamage(unit, rng.random((3, n_groups)) * 5, rng.random((3, 8)) * 0.01, rng.random((3, 2)) * 0.2,
+                         None, None, None, 1)   # heads cheap: the search takes them first
+    pr = select_pruning(spec, sd, 0.2, ("ffn", "heads"))
+    shapes = pr.pruned_spec(spec)
+    heads_gone = [8 - shapes.heads(i) for i in range(3)]
+    assert any(heads_gone)
+    for i in range(3):
+        assert heads_gone[i] % (2 * rounds) == 0 or pr.layers[i].kv_groups   # whole steps of `rounds` per group
+        if unit == 256:
+            assert (shapes.heads(i) * 64) % 256 == 0 and shapes.ff(i) % 256 == 0
+    if unit == 32:
+        assert any(g % 4 for g in heads_gone)   # single rounds (2 heads) occur
+
+
+def test_llamacpp_target_defaults_to_256_units():
+    from wqedge.cli import default_prune_group
+    from wqedge.spec import ModelSpec
+    s = ModelSpec(hidden_size=512, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=64, intermediate_size=1536,
+                  vocab_size=64)
+    assert default_prune_group(s, ("ffn",), "llamacpp") == 256
+    assert default_prune_group(s, ("ffn",), "gguf") == 32 and default_prune_group(s, (), "llamacpp") == 32
+    odd = ModelSpec(hidden_size=512, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=64, intermediate_size=1408,
+                    vocab_size=64)
+    assert default_prune_group(odd, ("ffn",), "llamacpp") == 32   # the model's own length is off 256 already

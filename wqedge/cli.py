@@ -150,11 +150,23 @@ def _parse_prune(ctx, param, value):
     return kinds
 
 
+def default_prune_group(spec, prune, target: str = "gguf") -> int:
+    """--prune-group when not given: 256 for a llama.cpp export of a pruned plan whose model has an FFN length that
+    is a multiple of 256 (llama.cpp's k- and i-quants read ffn_down and attn_output in 256-column blocks: smaller
+    units would leave them off that multiple and the export above Q4_0-class types), else 32."""
+    return 256 if prune and target == "llamacpp" and spec.intermediate_size % 256 == 0 else 32
+
+
 def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None, rotate=None,
                act_bits=8, prune=(), max_prune=0.3, stream_layers=None, rotate_stage2=None, resume_dir=None,
-               prune_group=32, two_level=None):
+               prune_group=None, two_level=None, target: str = "gguf"):
     from .pipeline import make_plan
     from .plan import PlanError
+    if prune_group is None:
+        prune_group = default_prune_group(ckpt.spec, prune, target)
+        if prune_group != 32:
+            click.echo(f"pruning in units of {prune_group} FFN channels and heads in steps of 256 columns, so the "
+                       f"llama.cpp export keeps 256-column blocks (--prune-group to change)")
     try:
         plan = make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect, preset,
                          rotate=rotate is not None, act_bits=act_bits, prune=prune,
@@ -253,11 +265,13 @@ _common_plan_options = [
                       "1% lower perplexity; decode as fast with int8 activations: bench/results/two_level_default.md), "
                       "off below, with --prune, --rotate or --act-bits other than 8, and for --target llamacpp / "
                       "onnx. --two-level without calibration plans greedily from the weights alone."),
-    click.option("--prune-group", type=click.IntRange(min=1), default=32, show_default=True, metavar="N",
-                 help="With --prune ffn: FFN channels per pruning unit. 256 keeps every pruned FFN length a multiple "
-                      "of 256 where the model's is, so `--target llamacpp` can still give ffn_down llama.cpp's "
+    click.option("--prune-group", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="With --prune ffn: FFN channels per pruning unit. A multiple of 256 keeps every pruned FFN "
+                      "length a multiple of 256 where the model's is, and makes head pruning remove heads in steps "
+                      "of 256 columns, so `--target llamacpp` can still give ffn_down and attn_output llama.cpp's "
                       "k- and i-quant types (their rows come in blocks of 256 columns); smaller units let the search "
-                      "remove less at a time."),
+                      "remove less at a time. Default: 256 for `convert --target llamacpp` when the model's FFN "
+                      "length is a multiple of 256, else 32."),
     click.option("--feedback-windows", type=click.IntRange(min=1), default=None, metavar="N",
                  help="Calibration windows (512 tokens each) that error feedback fits on; recorded in the plan. "
                       "Default: 256 when planning on a GPU (it costs there what 32 do), 32 on the CPU, where "
@@ -448,7 +462,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
             two_level = False
         plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate,
                           act_bits, prune, max_prune, stream_layers, rotate_stage2, resume_dir, prune_group,
-                          two_level)
+                          two_level, target)
     if feedback_windows is not None:
         pipeline.set_feedback_windows(plan, feedback_windows)
     kv = _kv_cache_spec(kv_bits, kv_rotation)

@@ -553,7 +553,8 @@ def _pruned_width_hint(spec, pruned) -> str:
     shown = ", ".join(odd[:4]) + (f" and {len(odd) - 4} more" if len(odd) > 4 else "")
     return (f"; pruning left widths that are not multiples of 256 ({shown}), and llama.cpp's types below 4.5 bits "
             "need 256-column blocks, so ffn_down / attn_output there take Q4_0/Q8_0-class types: give this target "
-            "a larger --bits, plan with --prune-group 256 (FFN lengths in steps of 256), or use --target gguf "
+            "a larger --bits, plan with --prune-group 256 (FFN lengths and attention widths in steps of 256, "
+            "convert's default for --target llamacpp), or use --target gguf "
             "(wqedge's runtime runs pruned models at any width)")
 
 

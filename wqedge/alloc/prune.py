@@ -7,6 +7,11 @@ removed decoder weight until `fraction` of the model's linear weights are gone. 
   stay even as wqedge.pruning requires; offered while every kept group keeps at least one head after it;
 - a whole KV group (its keys, values and remaining query heads), while the layer keeps another; its damage is
   the group's less that of its query heads already removed.
+llama.cpp's k- and i-quant types read a row in blocks of 256 columns. With FFN groups of a multiple of 256
+(`--prune-group 256`, which keeps ffn_down's input a multiple of 256) and an attention width (query heads x
+head_dim) that is one, a head step must remove a multiple of 256 columns too, so attn_output's input stays one:
+rounds come in bundles of the fewest rounds that do, and a KV group goes only when its remaining heads span a
+multiple of 256.
 Damages add up (the diagonal approximation the bit allocators make as well).
 """
 from __future__ import annotations
@@ -18,6 +23,7 @@ from ..spec import ModelSpec
 from ..structure_damage import StructureDamage
 
 KINDS = ("ffn", "heads")
+BLOCK_COLUMNS = 256   # llama.cpp's k- and i-quant row blocks
 
 
 def select_pruning(spec: ModelSpec, damage: StructureDamage, fraction: float, kinds=KINDS) -> Pruning:
@@ -34,6 +40,16 @@ def select_pruning(spec: ModelSpec, damage: StructureDamage, fraction: float, ki
     layers = {i: LayerPruning(i) for i in range(spec.n_layers)}
     removed = 0
     group = spec.n_heads // spec.n_kv_heads
+    unit = BLOCK_COLUMNS
+    align = damage.ffn_group_size % unit == 0 and (spec.n_heads * hd) % unit == 0
+
+    def rounds_per_step(n_kv: int) -> int:
+        """Head rounds per step: 1, or with `align` the fewest whose columns (rounds x KV groups x head_dim) are a
+        multiple of 256; 0 when more than a group's heads would be needed."""
+        for r in range(1, group + 1):
+            if not align or (r * n_kv * hd) % unit == 0:
+                return r
+        return 0
 
     def candidates():
         for i, lp in layers.items():
@@ -46,11 +62,14 @@ def select_pruning(spec: ModelSpec, damage: StructureDamage, fraction: float, ki
             if "heads" in kinds:
                 kept_kv = [k for k in range(spec.n_kv_heads) if k not in lp.kv_groups]
                 kept = {k: [h for h in range(k * group, (k + 1) * group) if h not in lp.heads] for k in kept_kv}
-                if all(len(v) > 1 for v in kept.values()):
-                    pick = [min(v, key=lambda h: damage.heads[i, h]) for v in kept.values()]
+                r = rounds_per_step(len(kept_kv))
+                if r and all(len(v) > r for v in kept.values()):
+                    pick = [h for v in kept.values() for h in sorted(v, key=lambda h: damage.heads[i, h])[:r]]
                     yield sum(damage.heads[i, h] for h in pick), 2 * D * hd * len(pick), ("round", i, pick)
                 if len(kept_kv) > 1:
                     for k, hs in kept.items():   # the group's damage less that of its heads already gone
+                        if align and (len(hs) * hd) % unit:
+                            continue
                         gone = sum(damage.heads[i, h] for h in lp.heads if h // group == k)
                         yield max(0.0, damage.kv_groups[i, k] - gone), 2 * D * hd * (len(hs) + 1), ("kv", i, k)
 
