@@ -247,7 +247,7 @@ def test_llamacpp_loads_and_runs_pruned_export(ckpt, files, tmp_path):
 def test_llamacpp_export_says_why_pruned_widths_miss_a_low_budget(tiny_model_factory, tmp_path):
     """A model whose widths are multiples of 256 reaches 2.7 bits on llama.cpp's types; pruned FFN groups of 32
     leave ffn_down's input off that multiple (k- and i-quants need 256-column blocks), the export fails before
-    writing anything, and the message names the widths and what to do."""
+    writing anything, and the message names the widths and what to do; a group of 256 pruned instead exports."""
     pytest.importorskip("llama_cpp")
     from wqedge import pipeline
     ck = LlamaCheckpoint.open(tiny_model_factory(hidden=256, n_layers=2, n_heads=4, n_kv_heads=2, intermediate=512,
@@ -264,6 +264,9 @@ def test_llamacpp_export_says_why_pruned_widths_miss_a_low_budget(tiny_model_fac
         pipeline.convert(ck, plan, out, target="llamacpp")
     assert "layer 1 FFN length 480" in str(e.value) and "--target gguf" in str(e.value), str(e.value)
     assert not out.exists()
+    # in 256-channel units (--prune-group 256, convert's default for --target llamacpp) the same budget exports
+    aligned = Pruning.for_spec(ck.spec, 256, [LayerPruning(1, ffn_groups=[1])])
+    assert pipeline.convert(ck, q2_plan(aligned), tmp_path / "aligned.gguf", target="llamacpp").path.exists()
 
 
 # ---------------------------------------------------------------- inconsistent plans
