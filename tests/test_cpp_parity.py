@@ -149,6 +149,22 @@ def _decode_logits(path, windows, n_threads=2, **kv) -> np.ndarray:
     return out
 
 
+def q8_decode_vs_reference(path, win, lr, label: str, **kv) -> tuple[float, float, float, float, float]:
+    """Int8-activation decode steps of `path` over windows `win` against the reference logits `lr`: max and mean
+    |d| / std, top-1 agreement, and both second-half perplexities (printed with `label`)."""
+    native.set_activations("q8")
+    try:
+        lq = _decode_logits(path, win, **kv)
+    finally:
+        native.set_activations("f32")
+    rel, top1 = _compare(lq, lr)
+    mean = float(np.abs(lq - lr).mean() / lr.std())
+    pq, pr = _second_half_ppl(lq, win), _second_half_ppl(lr, win)
+    print(f"{label}: q8 decode max|d|/std = {rel:.2e}, mean {mean:.2e}, top-1 = {top1:.5f}; perplexity {pq:.5f} vs "
+          f"reference {pr:.5f} ({pq / pr - 1:+.2e})")
+    return rel, mean, top1, pq, pr
+
+
 Q8_PLANS = ["q8", "q4", "q3", "ternary", "mixed"]
 Q8_PPL_REL = 1e-2   # measured on 2 windows: +9e-4 (q8), +5.0e-3 (q4), +2e-4 (q3), -1e-3 (ternary), +3.3e-3 (mixed)
 
@@ -190,14 +206,7 @@ def test_q8_decode_with_quantized_kv_cache(bits, llama_s_dir, eval_windows, tmp_
     path = write_llama_s(tmp_path / "q4.gguf", llama_s_dir, PLANS["q4"][0], PLANS["q4"][1])
     win = eval_windows[:2]
     lr = _reference_logits(path, win, KVCacheSpec(bits))
-    native.set_activations("q8")
-    lq = _decode_logits(path, win, kv_bits=bits)
-    native.set_activations("f32")
-    rel, top1 = _compare(lq, lr)
-    mean = float(np.abs(lq - lr).mean() / lr.std())
-    pq, pr = _second_half_ppl(lq, win), _second_half_ppl(lr, win)
-    print(f"kv{bits}: q8 decode max|d|/std = {rel:.2e}, mean {mean:.2e}, top-1 = {top1:.5f}; perplexity {pq:.5f} vs "
-          f"reference {pr:.5f} ({pq / pr - 1:+.2e})")
+    rel, mean, top1, pq, pr = q8_decode_vs_reference(path, win, lr, f"kv{bits}", kv_bits=bits)
     tol_rel, tol_mean, min_top1 = Q8_MIXED if bits == 4 else (Q8_TOL_REL, Q8_MEAN_REL, Q8_TOP1)
     assert rel < tol_rel and mean < tol_mean and top1 >= min_top1, (rel, mean, top1)
     assert abs(pq / pr - 1) < Q8_PPL_REL, (pq, pr)

@@ -145,7 +145,7 @@ def test_fixture_model_parity(llama_s_dir, tmp_path):
     tokens, and int8 decode steps at its q8 bars (logits and perplexity)."""
     ensure_library()
     from test_cpp_parity import (Q8_MEAN_REL, Q8_PPL_REL, Q8_TOL_REL, Q8_TOP1, TOL_REL, TOP1, _compare,
-                                 _decode_logits, _reference_logits, _second_half_ppl)
+                                 _reference_logits, q8_decode_vs_reference)
     from transformers import AutoTokenizer
 
     from wqedge.perplexity import make_windows
@@ -162,16 +162,7 @@ def test_fixture_model_parity(llama_s_dir, tmp_path):
     rel, top1 = _compare(native.logits_fn(path)(win), lr)
     print(f"q4 + q8 head, f32: max|d|/std = {rel:.2e}, top-1 = {top1:.5f}")
     assert rel < TOL_REL and top1 >= TOP1
-    native.set_activations("q8")
-    try:
-        lq = _decode_logits(path, win)
-    finally:
-        native.set_activations("f32")
-    rel, top1 = _compare(lq, lr)
-    mean = float(np.abs(lq - lr).mean() / lr.std())
-    pq, pr = _second_half_ppl(lq, win), _second_half_ppl(lr, win)
-    print(f"q4 + q8 head, q8 decode: max|d|/std = {rel:.2e}, mean {mean:.2e}, top-1 = {top1:.5f}, "
-          f"ppl {pq:.5f} vs {pr:.5f} ({pq / pr - 1:+.2e})")
+    rel, mean, top1, pq, pr = q8_decode_vs_reference(path, win, lr, "q4 + q8 head")
     assert rel < Q8_TOL_REL and mean < Q8_MEAN_REL and top1 >= Q8_TOP1
     assert abs(pq / pr - 1) < Q8_PPL_REL
 
