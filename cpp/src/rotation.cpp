@@ -72,13 +72,6 @@ __attribute__((target("avx2,fma"))) static void block_matvec_avx2(const float* R
 }  // namespace avx2
 #endif
 
-std::vector<float> pack_rows16(const std::vector<float>& R, int n) {
-    std::vector<float> P((size_t)n * n);
-    for (int i = 0; i < n; ++i)
-        for (int j = 0; j < n; ++j) P[((size_t)(i / 16) * n + j) * 16 + i % 16] = R[(size_t)i * n + j];
-    return P;
-}
-
 static void block_matmul_p_scalar(const float* P, int n, const float* X, int nx, float* Y, int i0, int i1) {
     for (int b = 0; b < nx; ++b)
         for (int i = i0; i < i1; ++i) {
@@ -146,7 +139,7 @@ __attribute__((target("avx2,fma"))) static inline void matmul_16(const T* p, con
     }
 }
 
-// Rows [i0, i1) of nx blocks from a packed matrix (pack_rows16 / pack_codes16), 16 rows and up to 4 blocks per pass.
+// Rows [i0, i1) of nx blocks from a packed matrix (pack_rows16 of float32 or int8), 16 rows and up to 4 blocks per pass.
 template <typename T>
 __attribute__((target("avx2,fma"))) static void matmul_packed(const T* P, const float* s, int n, const float* X, int nx, float* Y,
                                                               int i0, int i1) {
@@ -257,13 +250,6 @@ void block_matvec_q(const int8_t* Q, const float* s, int n, const float* x, floa
     block_matvec_q_scalar(Q, s, n, x, y);
 }
 
-std::vector<int8_t> pack_codes16(const std::vector<int8_t>& Q, int n) {
-    std::vector<int8_t> P((size_t)n * n);
-    for (int i = 0; i < n; ++i)
-        for (int j = 0; j < n; ++j) P[((size_t)(i / 16) * n + j) * 16 + i % 16] = Q[(size_t)i * n + j];
-    return P;
-}
-
 static void block_matmul_q_scalar(const int8_t* P, const float* s, int n, const float* X, int nx, float* Y, int i0, int i1) {
     for (int b = 0; b < nx; ++b)
         for (int i = i0; i < i1; ++i) {
@@ -326,8 +312,8 @@ static void finish(const Rotation& r, const float* part, const float* y, float* 
 void Rotation::pack_blocks() {
     if (block % 16) return;  // (the per-block path then)
     if (integer()) {
-        q1p = pack_codes16(q1, block);
-        q2p = pack_codes16(q2, block);
+        q1p = pack_rows16(q1, block);
+        q2p = pack_rows16(q2, block);
         return;
     }
     r1p = pack_rows16(r1, block);

@@ -22,7 +22,7 @@ struct Rotation {
     // Format 3: int8 codes (row-major) with one float scale per row, R = diag(s) Q: y_i = (sum_j Q_ij x_j) s_i.
     std::vector<int8_t> q1, q1_tail, q2, q2_tail;
     std::vector<float> s1, s1_tail, s2, s2_tail;
-    std::vector<int8_t> q1p, q2p;                  // Q1, Q2 packed (pack_codes16): the AVX2 multi-block product
+    std::vector<int8_t> q1p, q2p;                  // Q1, Q2 packed (pack_rows16): the AVX2 multi-block product
     bool integer() const { return !q1.empty(); }
     std::vector<int32_t> perm;                     // x'[i] = x[perm[i]]
     std::vector<float> hh;                         // unit Householder vector, empty when none
@@ -42,17 +42,22 @@ void block_matvec(const float* R, int n, const float* x, float* y, int kernels);
 // sums, each load serves every block, and a strip is one contiguous stream (block_matvec reads R once per block and
 // reduces 4 rows per pass horizontally; a plain transpose read with a 512-byte stride was 3x slower in a model than in
 // cache). Scalar reference and AVX2 (NEON runs the scalar loop; Rotation::apply keeps block_matvec there).
-std::vector<float> pack_rows16(const std::vector<float>& R, int n);
+template <typename T>  // float32 matrices (format 2) and int8 codes (format 3) alike
+std::vector<T> pack_rows16(const std::vector<T>& R, int n) {
+    std::vector<T> P((size_t)n * n);
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < n; ++j) P[((size_t)(i / 16) * n + j) * 16 + i % 16] = R[(size_t)i * n + j];
+    return P;
+}
 void block_matmul_p(const float* P, int n, const float* X, int nx, float* Y, int i0, int i1, int kernels);
 
 // Format 3's block product: y[i] = (sum_j (float)Q[i n + j] x[j]) * s[i] for i < n (block_matvec_q: scalar, NEON, any
 // n), and for nx blocks of n at once and rows [i0, i1) (block_matmul_q; multiples of 16, n too) from Q packed by
-// pack_codes16 (pack_rows16's strips with int8 codes: a quarter of the float32 bytes per token; AVX2 sign-extends and
+// pack_rows16 (the same strips with int8 codes: a quarter of the float32 bytes per token; AVX2 sign-extends and
 // converts a column's 16 codes, then runs block_matmul_p's FMAs). The inputs stay float, so the transform is as exact
 // as with float32 matrices (rounding the inputs to int16 for integer products turned each 1e-7 float difference
 // between two orderings into a jump of a whole int16 step: 100x the noise between prefill and decode).
 void block_matvec_q(const int8_t* Q, const float* s, int n, const float* x, float* y, int kernels);
-std::vector<int8_t> pack_codes16(const std::vector<int8_t>& Q, int n);
 void block_matmul_q(const int8_t* P, const float* s, int n, const float* X, int nx, float* Y, int i0, int i1, int kernels);
 
 // Per-token asymmetric quantize-dequantize at `bits` (6 or 4) in place, exactly as wqedge.actquant.fake_quant:

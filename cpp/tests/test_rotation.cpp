@@ -68,7 +68,7 @@ int main() {
                 }
             }
     // Format 3's int8 matrices with row scales: block_matvec_q of every set and block_matmul_q (packed by
-    // pack_codes16; scalar and every set; rows outside [i0, i1) untouched) against a float64 reference of
+    // pack_rows16; scalar and every set; rows outside [i0, i1) untouched) against a float64 reference of
     // (sum_j Q_ij x_j) s_i, within 1e-5 of the terms' magnitude; codes at +-127 too.
     std::uniform_int_distribution<int> code(-127, 127);
     for (int n : {128, 48, 16, 72, 33, 5}) {
@@ -106,7 +106,7 @@ int main() {
                         }
                     }
                     if (n % 16) continue;
-                    const std::vector<int8_t> P = pack_codes16(Q, n);
+                    const std::vector<int8_t> P = pack_rows16(Q, n);
                     for (int part = 0; part < 2; ++part) {
                         const int i0 = part ? 16 : 0, i1 = part ? std::max(16, n - 16) : n;
                         std::vector<float> Y((size_t)nx * n, 7.0f);
