@@ -12,6 +12,9 @@ Rows per budget B (effective bits over the *unpruned* model's decoder weights, i
 All three are converted the same way (error feedback, wqedge.quant.feedback, --fb-seqs calibration windows) and
 scored by perplexity (llama.cpp's definition, first --windows windows of 512 of eval.txt) on the fake-quantized
 model, pruned structures zeroed (the same function as the pruned file: tests/test_pruned_shapes.py).
+With --distill STEPS each row is also scored after light distillation (wqedge.quant.distill: codes frozen, scales,
+offsets and norms trained against the unpruned fp model's layer outputs on the same calibration windows; a pruned
+plan's kept rows and columns expanded with zeros, as `convert --distill` does): the recovery after pruning.
 Writes a markdown table (stdout and --out.md) and the figures as --out.json.
 """
 from __future__ import annotations
@@ -41,6 +44,8 @@ def main(argv=None):
     ap.add_argument("--fb-seqs", type=int, default=128)
     ap.add_argument("--n-seqs", type=int, default=32, help="calibration windows of 512 for the damage tables")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--distill", type=int, default=0, metavar="STEPS",
+                    help="also score every row after light distillation (steps per decoder layer; 0: no)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pruning"))
     a = ap.parse_args(argv)
 
@@ -53,6 +58,7 @@ def main(argv=None):
     from wqedge.calib import calibration_tokens, default_device, tokenize_text
     from wqedge.checkpoint import LlamaCheckpoint
     from wqedge.perplexity import perplexity
+    from wqedge.quant.distill import distill_model, student_model
     from wqedge.quant.feedback import quantize_model
     from wqedge.structure_damage import structure_damage
 
@@ -70,16 +76,31 @@ def main(argv=None):
     w0 = {lin.hf_name: model.get_parameter(lin.hf_name).detach().clone() for lin in ckpt.spec.linears()}
 
     @torch.no_grad()
-    def ppl():
+    def ppl(m=None):
+        m = model if m is None else m
+
         def fn(win):
-            return model(torch.as_tensor(win, dtype=torch.long, device=dev)).logits.float().cpu().numpy()
+            return m(torch.as_tensor(win, dtype=torch.long, device=dev)).logits.float().cpu().numpy()
         return perplexity(fn, eval_tokens, bos, 512, a.windows, batch_size=8).perplexity
 
-    def score(plan):
+    def restore():
         for n, w in w0.items():
             model.get_parameter(n).data.copy_(w)
-        quantize_model(model, plan, fb, device=dev)
-        return ppl()
+
+    def score(plan):
+        """(perplexity after error feedback, after --distill or None, distillation seconds)"""
+        restore()
+        chunks = quantize_model(model, plan, fb, device=dev)
+        p = ppl()
+        if not a.distill:
+            return p, None, 0.0
+        restore()                                     # the fp model is the teacher
+        unprune = plan.unprune_weight if plan.pruning is not None else None
+        res = distill_model(model, chunks, fb, None, a.distill, 0, dev, unprune=unprune)
+        student = student_model(model, res.chunks, res.norms, dev, unprune=unprune)
+        pd = ppl(student)
+        del student
+        return p, pd, res.seconds
 
     t0 = time.time()
     fp = ppl()
@@ -99,20 +120,28 @@ def main(argv=None):
         plans["sequential"] = plan_from_choice(ckpt, t, ch, b, "greedy", pruning=pr)
         for name, plan in plans.items():
             t1 = time.time()
-            p = score(plan)
+            p, pd, dist_s = score(plan)
             gone = plan.n_weights() - sum(tp.n_weights for tp in plan.tensors)
             row = {"budget": b, "method": name, "ppl": p, "effective_bits": plan.effective_bits(),
                    "pruned_fraction": gone / plan.n_weights(), "seconds": round(time.time() - t1, 1)}
+            if pd is not None:
+                row.update(ppl_distill=pd, distill_seconds=round(dist_s, 1))
             if name == "joint":
                 row["search"] = res.trials
             rows.append(row)
-            log(f"{b} {name}: ppl {p:.4f}, {plan.effective_bits():.4f} bits, pruned {100 * row['pruned_fraction']:.1f}%")
+            log(f"{b} {name}: ppl {p:.4f}" + ("" if pd is None else f" ({pd:.4f} after distillation)")
+                + f", {plan.effective_bits():.4f} bits, pruned {100 * row['pruned_fraction']:.1f}%")
     md = ["| budget (bits) | quant-only | joint | sequential |", "|---|---|---|---|"]
+
+    def cell_text(r):
+        t = f"{r['ppl']:.3f}"
+        if "ppl_distill" in r:
+            t += f" → {r['ppl_distill']:.3f} distilled"
+        return t + f" ({100 * r['pruned_fraction']:.0f}% pruned)"
     for b in sorted({r["budget"] for r in rows}, reverse=True):
         cell = {r["method"]: r for r in rows if r["budget"] == b}
-        md.append(f"| {b:g} | " + " | ".join(
-            f"{cell[m]['ppl']:.3f} ({100 * cell[m]['pruned_fraction']:.0f}% pruned)" if m in cell else "—"
-            for m in ("quant-only", "joint", "sequential")) + " |")
+        md.append(f"| {b:g} | " + " | ".join(cell_text(cell[m]) if m in cell else "—"
+                                               for m in ("quant-only", "joint", "sequential")) + " |")
     md.append(f"\nfp16 {fp:.3f}; total {time.time() - t0:.0f} s. Command: python bench/pruning.py "
               + " ".join(argv if argv is not None else sys.argv[1:]))
     text = "\n".join(md)
