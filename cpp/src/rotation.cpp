@@ -269,44 +269,15 @@ void block_matmul_q(const int8_t* P, const float* s, int n, const float* X, int 
 }
 
 // ------------------------------------------------------------------ the transform
-// The two halves of apply, per block b of R2's layout, so that decode can spread them over threads with the
-// same arithmetic: stage1 = smoothing and R1 on block b (x -> t), stage2 = gather from t, R2 on block b (-> y)
-// and block b's share of the Householder dot (returned). apply = stage1 on every block, stage2 on every block,
-// then y + c v with c = -2 * (the blocks' shares summed in block order).
+// Smoothing, then stage 1 (R1 on every block: x -> t), the gather P (t -> g), stage 2 (R2 on every block: g -> y),
+// then the Householder reflection y + c v with c = -2 * (the blocks' shares of v . y summed in block order). Each
+// stage is one set of tasks: with AVX2 and packed strips every whole block in one multi-block product over row tasks of
+// 32 (one more task for the tail block), else one task per block. Over the pool's threads when one is given (decode);
+// every output is computed by the same operations either way, so all paths and thread counts agree bit for bit.
 static int n_blocks(const Rotation& r) { return (r.dim + r.block - 1) / r.block; }
 
-// The element-wise pieces of the stages over values [s, s + n) (shared by the per-block and multi-block paths):
-// the smoothing divisors, R2's gathered input, and the Householder vector's dot with y.
-static void smooth_range(const Rotation& r, float* x, int s, int n) {
-    if (!r.smooth.empty())
-        for (int i = s; i < s + n; ++i) x[i] /= r.smooth[i];
-}
-static void gather_range(const Rotation& r, const float* t, float* g, int s, int n) {
-    for (int i = s; i < s + n; ++i) g[i] = t[r.perm[i]];
-}
 static float hh_share(const Rotation& r, const float* y, int s, int n, int kernels) {
     return r.hh.empty() ? 0.0f : vec_ops(kernels).dot_f32(r.hh.data() + s, y + s, n);
-}
-
-static void stage1(const Rotation& r, int b, float* x, float* t, int kernels) {
-    const int s = b * r.block, n = std::min(r.block, r.dim - s);
-    smooth_range(r, x, s, n);
-    block_matvec(n == r.block ? r.r1.data() : r.r1_tail.data(), n, x + s, t + s, kernels);
-}
-
-static float stage2(const Rotation& r, int b, const float* t, float* g, float* y, int kernels) {
-    const int s = b * r.block, n = std::min(r.block, r.dim - s);
-    gather_range(r, t, g, s, n);
-    block_matvec(n == r.block ? r.r2.data() : r.r2_tail.data(), n, g + s, y + s, kernels);
-    return hh_share(r, y, s, n, kernels);
-}
-
-static void finish(const Rotation& r, const float* part, const float* y, float* x, int kernels) {
-    std::memcpy(x, y, sizeof(float) * r.dim);
-    if (r.hh.empty()) return;
-    float d = 0.0f;
-    for (int b = 0; b < n_blocks(r); ++b) d += part[b];
-    vec_ops(kernels).axpy(-2.0f * d, r.hh.data(), x, r.dim);
 }
 
 void Rotation::pack_blocks() {
@@ -320,93 +291,53 @@ void Rotation::pack_blocks() {
     r2p = pack_rows16(r2, block);
 }
 
-// apply with every whole block of a stage in one block_matmul_p (AVX2 and the packed blocks present): the stages' rows
-// split into tasks of 32 (one more task for the tail block), over the pool's threads when one is given (decode);
-// the same operations as stage1/stage2 otherwise (smoothing, gather, the Householder shares summed in block order).
-static bool multi_block(const Rotation& r, int kernels) { return kernels == K_AVX2 && !r.r1p.empty() && r.dim >= r.block; }
+// Block b's (whole blocks: rows [i0, i1) of all of them, packed) product of stage 1 or 2, float32 or int8 matrices.
+static void stage_task(const Rotation& r, bool second, bool packed, int k, int rt, const float* in, float* out, int kernels) {
+    const int B = r.block, nf = r.dim / B, n_rt = (B + rt - 1) / rt;
+    if (packed && k < n_rt) {
+        const int i0 = k * rt, i1 = std::min(B, i0 + rt);
+        if (r.integer()) block_matmul_q((second ? r.q2p : r.q1p).data(), (second ? r.s2 : r.s1).data(), B, in, nf, out, i0, i1, kernels);
+        else block_matmul_p((second ? r.r2p : r.r1p).data(), B, in, nf, out, i0, i1, kernels);
+        return;
+    }
+    const int b = packed ? nf : k, s = b * B, n = std::min(B, r.dim - s);
+    const bool full = n == B;
+    if (r.integer()) {
+        const std::vector<int8_t>& q = second ? (full ? r.q2 : r.q2_tail) : (full ? r.q1 : r.q1_tail);
+        const std::vector<float>& sc = second ? (full ? r.s2 : r.s2_tail) : (full ? r.s1 : r.s1_tail);
+        block_matvec_q(q.data(), sc.data(), n, in + s, out + s, kernels);
+    } else {
+        const std::vector<float>& m = second ? (full ? r.r2 : r.r2_tail) : (full ? r.r1 : r.r1_tail);
+        block_matvec(m.data(), n, in + s, out + s, kernels);
+    }
+}
 
-static void apply_multi(const Rotation& r, float* x, ThreadPool* pool, int kernels) {
+static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kernels) {
     const int B = r.block, nf = r.dim / B, tl = r.dim - nf * B, nb = n_blocks(r);
+    const bool packed = kernels == K_AVX2 && nf > 0 && !(r.integer() ? r.q1p.empty() : r.r1p.empty());
     constexpr int RT = 32;
-    const int n_rt = (B + RT - 1) / RT, n_tasks = n_rt + (tl ? 1 : 0);
+    const int n_tasks = packed ? (B + RT - 1) / RT + (tl ? 1 : 0) : nb;
     thread_local std::vector<float> buf;
     if (buf.size() < (size_t)3 * r.dim + nb) buf.resize((size_t)3 * r.dim + nb);
     float *t = buf.data(), *g = t + r.dim, *y = g + r.dim, *part = y + r.dim;
-    auto run = [&](auto&& task) {
-        if (pool && pool->size() > 1) pool->run(n_tasks, [&](int k, int) { task(k); });
-        else for (int k = 0; k < n_tasks; ++k) task(k);
+    auto stage = [&](bool second, const float* in, float* out) {
+        if (pool && pool->size() > 1) pool->run(n_tasks, [&](int k, int) { stage_task(r, second, packed, k, RT, in, out, kernels); });
+        else for (int k = 0; k < n_tasks; ++k) stage_task(r, second, packed, k, RT, in, out, kernels);
     };
-    smooth_range(r, x, 0, r.dim);
-    run([&](int k) {
-        if (k < n_rt) block_matmul_p(r.r1p.data(), B, x, nf, t, k * RT, std::min(B, (k + 1) * RT), kernels);
-        else block_matvec(r.r1_tail.data(), tl, x + nf * B, t + nf * B, kernels);
-    });
-    gather_range(r, t, g, 0, r.dim);
-    run([&](int k) {
-        if (k < n_rt) block_matmul_p(r.r2p.data(), B, g, nf, y, k * RT, std::min(B, (k + 1) * RT), kernels);
-        else block_matvec(r.r2_tail.data(), tl, g + nf * B, y + nf * B, kernels);
-    });
+    if (!r.smooth.empty())
+        for (int i = 0; i < r.dim; ++i) x[i] /= r.smooth[i];
+    stage(false, x, t);
+    for (int i = 0; i < r.dim; ++i) g[i] = t[r.perm[i]];
+    stage(true, g, y);
+    std::memcpy(x, y, sizeof(float) * r.dim);
+    if (r.hh.empty()) return;
     for (int b = 0; b < nb; ++b) part[b] = hh_share(r, y, b * B, std::min(B, r.dim - b * B), kernels);
-    finish(r, part, y, x, kernels);
+    float d = 0.0f;
+    for (int b = 0; b < nb; ++b) d += part[b];
+    vec_ops(kernels).axpy(-2.0f * d, r.hh.data(), x, r.dim);
 }
 
-// The format-3 transform (int8 matrices): with AVX2 and the packed codes, every whole block of a stage in one
-// block_matmul_q over row tasks of 32 (one more task for the tail block); else one block_matvec_q per block. Over the
-// pool's threads when one is given (decode); each output is computed by the same operations either way.
-static void apply_int(const Rotation& r, float* x, ThreadPool* pool, int kernels) {
-    const int B = r.block, nf = r.dim / B, tl = r.dim - nf * B, nb = (r.dim + B - 1) / B;
-    const bool packed = kernels == K_AVX2 && !r.q1p.empty() && nf > 0;
-    constexpr int RT = 32;
-    const int n_rt = (B + RT - 1) / RT, n_tasks = packed ? n_rt + (tl ? 1 : 0) : nb;
-    thread_local std::vector<float> buf;
-    if (buf.size() < (size_t)3 * r.dim + nb) buf.resize((size_t)3 * r.dim + nb);
-    float *t = buf.data(), *g = t + r.dim, *y = g + r.dim, *part = y + r.dim;
-    auto stage = [&](const float* in, const std::vector<int8_t>& qp, const std::vector<int8_t>& q, const std::vector<float>& s,
-                     const std::vector<int8_t>& qt, const std::vector<float>& st, float* out) {
-        auto task = [&](int k) {
-            if (packed && k < n_rt) {
-                block_matmul_q(qp.data(), s.data(), B, in, nf, out, k * RT, std::min(B, (k + 1) * RT), kernels);
-                return;
-            }
-            const int b = packed ? nf : k, n = std::min(B, r.dim - b * B);
-            const bool full = n == B;
-            block_matvec_q(full ? q.data() : qt.data(), full ? s.data() : st.data(), n, in + b * B, out + b * B, kernels);
-        };
-        if (pool && pool->size() > 1) pool->run(n_tasks, [&](int k, int) { task(k); });
-        else for (int k = 0; k < n_tasks; ++k) task(k);
-    };
-    smooth_range(r, x, 0, r.dim);
-    stage(x, r.q1p, r.q1, r.s1, r.q1_tail, r.s1_tail, t);
-    gather_range(r, t, g, 0, r.dim);
-    stage(g, r.q2p, r.q2, r.s2, r.q2_tail, r.s2_tail, y);
-    for (int b = 0; b < nb; ++b) part[b] = hh_share(r, y, b * B, std::min(B, r.dim - b * B), kernels);
-    finish(r, part, y, x, kernels);
-}
-
-void Rotation::apply(float* x, float* tmp, int kernels) const {
-    if (integer()) return apply_int(*this, x, nullptr, kernels);
-    if (multi_block(*this, kernels)) return apply_multi(*this, x, nullptr, kernels);
-    const int nb = n_blocks(*this);
-    thread_local std::vector<float> buf;
-    if (buf.size() < (size_t)dim + nb) buf.resize((size_t)dim + nb);
-    float *y = buf.data(), *part = y + dim;
-    for (int b = 0; b < nb; ++b) stage1(*this, b, x, tmp, kernels);
-    for (int b = 0; b < nb; ++b) part[b] = stage2(*this, b, tmp, x, y, kernels);  // x is free: R2's gathered input
-    finish(*this, part, y, x, kernels);
-}
-
-// One token over the pool's threads (decode): blocks of stage 1, then blocks of stage 2, bit-identical to apply.
-static void apply_threaded(const Rotation& r, float* x, ThreadPool& pool, int kernels) {
-    if (r.integer()) return apply_int(r, x, &pool, kernels);
-    if (multi_block(r, kernels)) return apply_multi(r, x, &pool, kernels);
-    const int nb = n_blocks(r);
-    thread_local std::vector<float> buf;
-    if (buf.size() < (size_t)3 * r.dim + nb) buf.resize((size_t)3 * r.dim + nb);
-    float *t = buf.data(), *g = t + r.dim, *y = g + r.dim, *part = y + r.dim;
-    pool.run(nb, [&](int b, int) { stage1(r, b, x, t, kernels); });
-    pool.run(nb, [&](int b, int) { part[b] = stage2(r, b, t, g, y, kernels); });
-    finish(r, part, y, x, kernels);
-}
+void Rotation::apply(float* x, int kernels) const { apply_blocks(*this, x, nullptr, kernels); }
 
 float act_fake_quant(float* x, int n, int bits) {
     const float hi_code = (float)((1 << bits) - 1);
@@ -429,17 +360,15 @@ void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPo
         for (int t = 0; t < n; ++t) steps[t] = 0.0f;
     if (!r && bits >= 8) return;
     auto one = [&](int t) {
-        thread_local std::vector<float> tmp;
-        if ((int)tmp.size() < dim) tmp.resize(dim);
         float* xt = x + (size_t)t * dim;
-        if (r) r->apply(xt, tmp.data(), kernels);
+        if (r) r->apply(xt, kernels);
         if (bits < 8) {
             const float s = act_fake_quant(xt, dim, bits);
             if (steps) steps[t] = s;
         }
     };
     if (n == 1 && r && pool.size() > 1 && n_blocks(*r) > 1) {  // decode: the token's blocks over the threads
-        apply_threaded(*r, x, pool, kernels);
+        apply_blocks(*r, x, &pool, kernels);
         if (bits < 8) {
             const float s = act_fake_quant(x, dim, bits);
             if (steps) steps[0] = s;

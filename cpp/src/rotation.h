@@ -27,8 +27,8 @@ struct Rotation {
     std::vector<int32_t> perm;                     // x'[i] = x[perm[i]]
     std::vector<float> hh;                         // unit Householder vector, empty when none
     std::vector<float> smooth;                     // divisors, empty when none
-    // x (dim floats) -> x' in place; tmp: dim floats of scratch. kernels: K_SCALAR, K_AVX2 or K_NEON.
-    void apply(float* x, float* tmp, int kernels) const;
+    // x (dim floats) -> x' in place. kernels: K_SCALAR, K_AVX2 or K_NEON.
+    void apply(float* x, int kernels) const;
     // Fill r1p, r2p from r1, r2 (load_rotations does; B a multiple of 16): with them the AVX2 set runs every whole block
     // of a stage in one multi-block product (block_matmul_p) instead of one block_matvec per block.
     void pack_blocks();
