@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .rotation_format import MAX_INT8_BLOCK
+
 BLOCK = 128          # B: channels per block
 N_REFLECTIONS = 16   # K: greedy Householder steps per block matrix
 N_GIVENS_ROUNDS = 3  # rounds of random permutation + B/2 Givens rotations
@@ -112,9 +114,6 @@ def greedy_rotation(v: torch.Tensor, gen: torch.Generator, n_reflections: int = 
 
 # ---------------------------------------------------------------- block-diagonal rotation
 
-MAX_INT_BLOCK = 512  # the largest block the int8 matrices are stored for (format 3)
-
-
 def quantize_rows(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes and float32 per-row scales of a matrix: R ≈ diag(scale) codes, scale = max|row| / 127.
     Why: the runtime streams the matrices once per token, and int8 codes are a quarter of float32's bytes; the
@@ -161,45 +160,49 @@ class BlockRotation:
         return self.full_codes is not None
 
     @classmethod
+    def from_codes(cls, dim: int, full_codes: torch.Tensor, full_scale: torch.Tensor,
+                   tail_codes: torch.Tensor | None = None, tail_scale: torch.Tensor | None = None) -> "BlockRotation":
+        """The int8 matrices with their row scales, `full` and `tail` being diag(scale) codes."""
+        deq = lambda c, sc: None if c is None else c.float() * sc[:, None]  # noqa: E731
+        return cls(dim, deq(full_codes, full_scale), deq(tail_codes, tail_scale), full_codes, full_scale, tail_codes,
+                   tail_scale)
+
+    @classmethod
     def quantized(cls, dim: int, full: torch.Tensor, tail: torch.Tensor | None) -> "BlockRotation":
-        fc, fs = quantize_rows(full)
-        tc, ts = quantize_rows(tail) if tail is not None else (None, None)
-        deq = lambda c, s: None if c is None else (c.float() * s[:, None])  # noqa: E731
-        return cls(dim, deq(fc, fs), deq(tc, ts), fc, fs, tc, ts)
+        return cls.from_codes(dim, *quantize_rows(full), *(quantize_rows(tail) if tail is not None else (None, None)))
+
+    def _blockwise(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """fn(v, full) on the [..., n_full, B] view of the whole blocks (full=True) and on the ragged tail (False),
+        concatenated along the last dimension: the one block loop of apply, its inverse and `Transform.matrix`."""
+        nf, b = self.n_full, self.block
+        y = fn(x[..., : nf * b].reshape(*x.shape[:-1], nf, b), True).reshape(*x.shape[:-1], nf * b)
+        return y if self.tail is None else torch.cat([y, fn(x[..., nf * b:], False)], -1)
+
+    def matrix_of(self, full: bool) -> torch.Tensor:
+        return self.full if full else self.tail
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """R x along the last dimension (x [..., d])."""
-        nf, b = self.n_full, self.block
-        head = x[..., : nf * b].reshape(*x.shape[:-1], nf, b)
         if self.integer:
-            y = _int_block_product(head, self.full_codes, self.full_scale).to(x.dtype).reshape(*x.shape[:-1], nf * b)
-            if self.tail is None:
-                return y
-            return torch.cat([y, _int_block_product(x[..., nf * b:], self.tail_codes, self.tail_scale).to(x.dtype)], -1)
-        y = (head @ self.full.to(x.device, x.dtype).T).reshape(*x.shape[:-1], nf * b)
-        if self.tail is None:
-            return y
-        return torch.cat([y, x[..., nf * b:] @ self.tail.to(x.device, x.dtype).T], -1)
+            return self._blockwise(x, lambda v, full: _int_block_product(
+                v, *((self.full_codes, self.full_scale) if full else (self.tail_codes, self.tail_scale))).to(x.dtype))
+        return self._blockwise(x, lambda v, full: v @ self.matrix_of(full).to(x.device, x.dtype).T)
 
     def apply_inverse_transpose(self, x: torch.Tensor) -> torch.Tensor:
         """R⁻ᵀ x along the last dimension, i.e. x R⁻¹ for row vectors: what folding into weights needs. An
         orthogonal (float) R uses Rᵀ⁻ᵀ = R, exactly the old fold; an int8 R its exact inverse (float64)."""
         if not self.integer:
             return self.apply(x)
-        nf, b = self.n_full, self.block
-        inv = lambda m: torch.linalg.inv(m.double()).to(x.device)  # noqa: E731
-        head = x[..., : nf * b].reshape(*x.shape[:-1], nf, b).double()
-        y = (head @ inv(self.full)).to(x.dtype).reshape(*x.shape[:-1], nf * b)
-        if self.tail is None:
-            return y
-        return torch.cat([y, (x[..., nf * b:].double() @ inv(self.tail)).to(x.dtype)], -1)
+        return self._blockwise(x, lambda v, full: (
+            v.double() @ torch.linalg.inv(self.matrix_of(full).double()).to(x.device)).to(x.dtype))
 
     @classmethod
     def build(cls, x: torch.Tensor, gen: torch.Generator, block: int = BLOCK) -> "BlockRotation":
         """Greedy matrices from activation samples x [T, d]: the full blocks' vectors are pooled into one
         set (the matrix is shared), the ragged tail gets its own; then stored as int8 rows (`quantized`)."""
-        if block > MAX_INT_BLOCK:
-            raise ValueError(f"rotation block {block} is above {MAX_INT_BLOCK} (the int32 sums of the runtime)")
+        if block > MAX_INT8_BLOCK:
+            raise ValueError(f"rotation block {block} is above {MAX_INT8_BLOCK}, the largest int8 block matrix "
+                             f"format 3 stores")
         d = x.shape[1]
         nf = d // block
         x = x.double()
@@ -248,10 +251,8 @@ def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: flo
 
 
 def _dense_block(r: BlockRotation, x: torch.Tensor) -> torch.Tensor:
-    """R x in float64 with the matrices as stored (no input rounding): for `Transform.matrix`."""
-    nf, b = r.n_full, r.block
-    y = (x[..., : nf * b].reshape(*x.shape[:-1], nf, b) @ r.full.double().T).reshape(*x.shape[:-1], nf * b)
-    return y if r.tail is None else torch.cat([y, x[..., nf * b:] @ r.tail.double().T], -1)
+    """R x in float64 with the matrices as stored: for `Transform.matrix`."""
+    return r._blockwise(x, lambda v, full: v @ r.matrix_of(full).double().T)
 
 
 # ---------------------------------------------------------------- the transform of one group
@@ -508,10 +509,7 @@ def from_stored(st) -> Transform:
     def block(m, tail, scale, tail_scale):
         if scale is None:
             return BlockRotation(d, t_(m), t_(tail))
-        fc, fs = t_(m, torch.int8), t_(scale)
-        tc, ts = t_(tail, torch.int8), t_(tail_scale)
-        return BlockRotation(d, fc.float() * fs[:, None], None if tc is None else tc.float() * ts[:, None],
-                             fc, fs, tc, ts)
+        return BlockRotation.from_codes(d, t_(m, torch.int8), t_(scale), t_(tail, torch.int8), t_(tail_scale))
     return Transform(block(st.r1, st.r1_tail, st.r1_scale, st.r1_tail_scale), t_(st.perm, torch.long),
                      block(st.r2, st.r2_tail, st.r2_scale, st.r2_tail_scale), t_(st.householder), t_(st.smooth))
 

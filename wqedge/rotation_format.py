@@ -18,6 +18,7 @@ import numpy as np
 
 ROTATED_FORMAT_VERSION = 2
 INT_ROTATED_FORMAT_VERSION = 3
+MAX_INT8_BLOCK = 512   # the largest block format 3 stores as int8 matrices (docs/format.md "Rotations")
 # Transform groups of a decoder layer, in wqedge.calib.INPUT_GROUPS order: the linears that read one input.
 GROUPS = ("attn_in", "attn_out", "ffn_in", "ffn_down")   # q/k/v, o, gate/up, down
 GROUP_LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
@@ -34,7 +35,7 @@ class StoredTransform:
     """x' = H R2 P R1 (x / s) of one group, as arrays (see wqedge/rotation.py for the meaning).
 
     A matrix is float32 (format 2), or int8 codes when its `*_scale` (float32, one per row) is present
-    (format 3): the matrix is then diag(scale) codes, applied to the block's input rounded to int16."""
+    (format 3): the matrix is then diag(scale) codes."""
     r1: np.ndarray                   # [B, B] applied to each full block of B channels
     r1_tail: np.ndarray | None       # [t, t] for the ragged last block (t = d mod B), else None
     perm: np.ndarray                 # int32 [d]: x'[i] = x[perm[i]]
@@ -55,14 +56,6 @@ class StoredTransform:
     def integer(self) -> bool:
         """True when the block matrices are int8 codes with row scales (format 3)."""
         return self.r1_scale is not None
-
-    def dense(self, field: str) -> np.ndarray | None:
-        """Matrix `field` (r1, r1_tail, r2, r2_tail) as float32 values: diag(scale) codes, or as stored."""
-        m = getattr(self, field)
-        sc = getattr(self, field + "_scale")
-        if m is None or sc is None:
-            return m
-        return m.astype(np.float32) * sc.astype(np.float32)[:, None]
 
     def arrays(self) -> dict[str, np.ndarray]:
         """field -> array for every present field, in FIELDS order, with the stored dtypes."""
@@ -92,8 +85,8 @@ class StoredTransform:
                 raise ValueError(f"{where}: {sc} must hold one scale per row of {m}")
             if scale is not None and (np.abs(a) > 127).any():
                 raise ValueError(f"{where}: {m} codes must lie in [-127, 127]")
-        if self.integer and b > 512:
-            raise ValueError(f"{where}: int8 block matrices need B <= 512, got {b}")
+        if self.integer and b > MAX_INT8_BLOCK:
+            raise ValueError(f"{where}: int8 block matrices need B <= {MAX_INT8_BLOCK}, got {b}")
         if sorted(self.perm.tolist()) != list(range(d)):
             raise ValueError(f"{where}: perm is not a permutation of 0..{d - 1}")
         for name in ("householder", "smooth"):
