@@ -21,8 +21,7 @@ from wqedge.fileio import atomic_output
 from wqedge.blocks import FORMAT_VERSION, ChunkData, block_type, pack_chunk
 from wqedge.plan import Plan
 from wqedge.rotation_format import (INT_ROTATED_FORMAT_VERSION, KEY_ACT_BITS, KEY_BLOCK, KEY_ROTATION,
-                                    ROTATED_FORMAT_VERSION,
-                                    StoredTransform, tensor_name)
+                                    ROTATED_FORMAT_VERSION, StoredTransform, tensor_name)
 from wqedge.spec import ModelSpec, other_tensors, rope_freq_factors
 from wqedge.units import Linear, chunk_bounds
 from wqedge.converters.tokenizer import TokenizerMeta, add_tokenizer_to_gguf

@@ -15,7 +15,8 @@ import numpy as np
 from wqedge.blocks import FORMAT_VERSION, ChunkData, block_type, decode_chunk, dequantize_chunk
 from wqedge.head import head_tensor
 from wqedge.rotation_format import (FIELDS as ROT_FIELDS, GROUPS as ROT_GROUPS, INT_ROTATED_FORMAT_VERSION,
-                                    KEY_ACT_BITS, KEY_ROTATION, ROTATED_FORMAT_VERSION, StoredTransform, tensor_name as rot_tensor_name)
+                                    KEY_ACT_BITS, KEY_ROTATION, ROTATED_FORMAT_VERSION, StoredTransform,
+                                    tensor_name as rot_tensor_name)
 from wqedge.spec import ModelSpec, with_layer_shapes
 from wqedge.units import chunk_bounds
 from wqedge.runtime.gguf_check import FormatError, open_reader

@@ -154,7 +154,9 @@ def default_prune_group(spec, prune, target: str = "gguf") -> int:
     """--prune-group when not given: 256 for a llama.cpp export of a pruned plan whose model has an FFN length that
     is a multiple of 256 (llama.cpp's k- and i-quants read ffn_down and attn_output in 256-column blocks: smaller
     units would leave them off that multiple and the export above Q4_0-class types), else 32."""
-    return 256 if prune and target == "llamacpp" and spec.intermediate_size % 256 == 0 else 32
+    from .alloc.prune import BLOCK_COLUMNS
+    aligned = spec.intermediate_size % BLOCK_COLUMNS == 0
+    return BLOCK_COLUMNS if prune and target == "llamacpp" and aligned else 32
 
 
 def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None, rotate=None,

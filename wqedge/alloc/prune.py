@@ -40,14 +40,13 @@ def select_pruning(spec: ModelSpec, damage: StructureDamage, fraction: float, ki
     layers = {i: LayerPruning(i) for i in range(spec.n_layers)}
     removed = 0
     group = spec.n_heads // spec.n_kv_heads
-    unit = BLOCK_COLUMNS
-    align = damage.ffn_group_size % unit == 0 and (spec.n_heads * hd) % unit == 0
+    align = damage.ffn_group_size % BLOCK_COLUMNS == 0 and (spec.n_heads * hd) % BLOCK_COLUMNS == 0
 
     def rounds_per_step(n_kv: int) -> int:
         """Head rounds per step: 1, or with `align` the fewest whose columns (rounds x KV groups x head_dim) are a
         multiple of 256; 0 when more than a group's heads would be needed."""
         for r in range(1, group + 1):
-            if not align or (r * n_kv * hd) % unit == 0:
+            if not align or (r * n_kv * hd) % BLOCK_COLUMNS == 0:
                 return r
         return 0
 
@@ -68,7 +67,7 @@ def select_pruning(spec: ModelSpec, damage: StructureDamage, fraction: float, ki
                     yield sum(damage.heads[i, h] for h in pick), 2 * D * hd * len(pick), ("round", i, pick)
                 if len(kept_kv) > 1:
                     for k, hs in kept.items():   # the group's damage less that of its heads already gone
-                        if align and (len(hs) * hd) % unit:
+                        if align and (len(hs) * hd) % BLOCK_COLUMNS:
                             continue
                         gone = sum(damage.heads[i, h] for h in lp.heads if h // group == k)
                         yield max(0.0, damage.kv_groups[i, k] - gone), 2 * D * hd * (len(hs) + 1), ("kv", i, k)
