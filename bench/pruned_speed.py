@@ -45,6 +45,9 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=2.5)
     ap.add_argument("--fraction", type=float, default=0.25, help="share of the decoder weights pruned")
     ap.add_argument("--kinds", default="ffn,heads")
+    ap.add_argument("--prune-group", type=int, default=None,
+                    help="FFN channels per pruned group (default: as `convert --target llamacpp --prune`, 256 where "
+                         "the FFN length is a multiple of 256 so llama.cpp's k-quants still fit, else 32)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--decode", type=int, default=64)
@@ -68,6 +71,7 @@ def main(argv=None):
     from wqedge.alloc.prune import select_pruning
     from wqedge.calib import default_device, tokenize_text
     from wqedge.checkpoint import LlamaCheckpoint
+    from wqedge.cli import default_prune_group
     from wqedge.structure_damage import structure_damage
 
     log = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
@@ -79,8 +83,10 @@ def main(argv=None):
     calib_text = Path(a.calib).read_text(encoding="utf-8")
     table, ctx = prepare(ckpt, 128, calib_text, 0, dev, progress=log, n_seqs=a.n_seqs, n_grad_seqs=a.n_seqs,
                          full_xtx=True)   # the pruned shapes' tables re-slice XᵀX
-    sd = structure_damage(ctx.model, ctx.calib.train[: ctx.opts["n_grad_seqs"]], 32, device=dev, batch_size=2)
-    pr = select_pruning(ckpt.spec, sd, a.fraction, tuple(a.kinds.split(",")))
+    kinds = tuple(a.kinds.split(","))
+    group = a.prune_group or default_prune_group(ckpt.spec, kinds, "llamacpp")
+    sd = structure_damage(ctx.model, ctx.calib.train[: ctx.opts["n_grad_seqs"]], group, device=dev, batch_size=2)
+    pr = select_pruning(ckpt.spec, sd, a.fraction, kinds)
     t, ch, _, _ = pruned_allocation(ckpt, table, ctx, a.budget, sd, pr)
     plans = {"unpruned": plan_from_choice(ckpt, table, greedy_allocate(table, a.budget), a.budget, "greedy"),
              "pruned": plan_from_choice(ckpt, t, ch, a.budget, "greedy", pruning=pr)}

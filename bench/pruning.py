@@ -7,7 +7,10 @@ Rows per budget B (effective bits over the *unpruned* model's decoder weights, i
   quant-only   greedy knapsack on the loss-aware damage table (wqedge.alloc.greedy)
   joint        wqedge.alloc.joint: the amount pruned searched from 0 to --max-prune in --step steps, structures
                (FFN groups of 32, query heads, KV groups) chosen by structure damage, the table rebuilt for the
-               pruned shapes, least predicted chunk + structure damage wins
+               pruned shapes; every candidate converted (error feedback on 16 calibration windows) and measured on
+               the 16 held-out calibration windows, as `wqedge plan --prune` does: a pruned candidate wins only if
+               it measures lower than quantization only by more than one paired standard error
+               (--no-check: least predicted chunk + structure damage wins, the search before the check)
   sequential   prune --seq-fraction of the weights by structure damage first, then the greedy knapsack
 All three are converted the same way (error feedback, wqedge.quant.feedback, --fb-seqs calibration windows) and
 scored by perplexity (llama.cpp's definition, first --windows windows of 512 of eval.txt) on the fake-quantized
@@ -46,6 +49,7 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--distill", type=int, default=0, metavar="STEPS",
                     help="also score every row after light distillation (steps per decoder layer; 0: no)")
+    ap.add_argument("--no-check", action="store_true", help="joint: choose by predicted damage, not measured loss")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pruning"))
     a = ap.parse_args(argv)
 
@@ -53,7 +57,8 @@ def main(argv=None):
 
     from wqedge.alloc.greedy import greedy_allocate
     from wqedge.alloc.joint import joint_allocate, pruned_allocation
-    from wqedge.alloc.planner import plan_from_choice, prepare
+    from wqedge.alloc.measure import ConvertedPlanLoss
+    from wqedge.alloc.planner import DEFAULTS, PRUNE_CHECK_HELDOUT, plan_from_choice, prepare
     from wqedge.alloc.prune import select_pruning
     from wqedge.calib import calibration_tokens, default_device, tokenize_text
     from wqedge.checkpoint import LlamaCheckpoint
@@ -106,13 +111,20 @@ def main(argv=None):
     fp = ppl()
     log(f"fp16 perplexity {fp:.4f}")
     table, ctx = prepare(ckpt, 128, calib_text, 0, dev, progress=log, n_seqs=a.n_seqs, n_grad_seqs=a.n_seqs,
-                         full_xtx=True)   # joint pruning re-slices XᵀX
+                         n_heldout=PRUNE_CHECK_HELDOUT, full_xtx=True)   # joint pruning re-slices XᵀX
+    check = None
+    if not a.no_check:
+        conv = ConvertedPlanLoss(model, ctx.calib.train[: DEFAULTS["prune_check_fb_seqs"]], ctx.calib.heldout, dev)
+
+        def check(pr, t, choice):
+            return conv(plan_from_choice(ckpt, t, choice, b, "greedy", pruning=pr))
     sd = structure_damage(ctx.model, ctx.calib.train[: ctx.opts["n_grad_seqs"]], 32, device=dev, batch_size=2)
     log(f"preparation + structure damage: {time.time() - t0:.1f} s")
     rows = []
     for b in [float(x) for x in a.budgets.split(",")]:
         plans = {"quant-only": plan_from_choice(ckpt, table, greedy_allocate(table, b), b, "greedy")}
-        res = joint_allocate(ckpt, table, ctx, b, sd, kinds, a.max_prune, a.step, say=log)
+        restore()                                     # the check converts from the fp weights
+        res = joint_allocate(ckpt, table, ctx, b, sd, kinds, a.max_prune, a.step, say=log, measure=check)
         plans["joint"] = plan_from_choice(ckpt, res.table, res.choice, b, "greedy", pruning=res.pruning,
                                           meta={"search": res.trials})
         pr = select_pruning(ckpt.spec, sd, a.seq_fraction, kinds)
@@ -142,6 +154,13 @@ def main(argv=None):
         cell = {r["method"]: r for r in rows if r["budget"] == b}
         md.append(f"| {b:g} | " + " | ".join(cell_text(cell[m]) if m in cell else "—"
                                                for m in ("quant-only", "joint", "sequential")) + " |")
+    for r in rows:
+        if r["method"] == "joint":
+            md.append(f"\njoint search at {r['budget']:g} b (pruned fraction: predicted nats"
+                      + (", measured nats on held-out calibration windows" if "measured" in r["search"][0] else "")
+                      + "): " + "; ".join(f"{100 * t['fraction']:.0f}%: {t['predicted']:.4f}"
+                                          + (f" / {t['measured']:.4f}" if "measured" in t else "")
+                                          + (" (kept)" if "chosen" in t else "") for t in r["search"]))
     md.append(f"\nfp16 {fp:.3f}; total {time.time() - t0:.0f} s. Command: python bench/pruning.py "
               + " ".join(argv if argv is not None else sys.argv[1:]))
     text = "\n".join(md)

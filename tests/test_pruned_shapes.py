@@ -386,7 +386,7 @@ def test_selected_pruning_hurts_less_than_random(llama_s_dir, fixture_dir):
 
 def test_joint_plan_prunes_under_one_budget(ckpt, tmp_path):
     """The greedy allocator with pruning (--prune ffn,heads): the plan meets the budget as the written file
-    measures it, its predicted damage is at most the quantization-only plan's (which the search contains), and
+    measures it, its measured held-out loss is at most the quantization-only plan's (which the search contains), and
     the pruned file runs in the C++ runtime like its reference."""
     from cpp_support import ensure_library
     from wqedge.alloc.planner import make_plan
@@ -399,7 +399,11 @@ def test_joint_plan_prunes_under_one_budget(ckpt, tmp_path):
                      n_seqs=8, seqlen=128, n_heldout=2, n_grad_seqs=8)
     search = plan.meta["pruning"]["search"]
     assert search[0]["fraction"] == 0.0 and len(search) >= 2
-    assert plan.meta["predicted_damage"] == min(t["predicted"] for t in search) <= search[0]["predicted"]
+    # every candidate converted and measured on the held-out windows; the measured loss chose (test_joint_search)
+    assert plan.meta["pruning"]["chosen_by"] == "measured loss" and all("measured" in t for t in search)
+    chosen = [t for t in search if "chosen" in t]
+    assert len(chosen) == 1 and plan.meta["predicted_damage"] == chosen[0]["predicted"]
+    assert chosen[0]["measured"] <= search[0]["measured"]
     assert plan.effective_bits() <= 2.5
     back = Plan.from_dict(json.loads(plan.to_json())).validate(ckpt.spec, ckpt.fingerprint())
     assert back.effective_bits() == plan.effective_bits()

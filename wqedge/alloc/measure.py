@@ -162,3 +162,42 @@ class PlanMeasurer:
         self.model.to(self.home)
         self.cache.clear()
         self.current[:] = -1
+
+
+class ConvertedPlanLoss:
+    """plan -> per-window held-out loss increase over the unquantized model (nats, float64 [n]) of `plan` converted
+    as `convert` converts it: error feedback layer by layer with the quantized earlier layers in the loop
+    (wqedge.quant.feedback.quantize_model on `feedback_tokens`), pruned structures zeroed. The joint pruning search
+    checks its candidates with it: unlike PlanMeasurer's cached per-chunk fits it handles any pruned shape, at the
+    cost of one conversion per plan. The model's decoder linear weights are restored after each plan."""
+
+    def __init__(self, model, feedback_tokens: torch.Tensor, heldout: torch.Tensor, device, batch_size: int | None = None):
+        from ..calib import default_device
+        self.model, self.dev = model, default_device(device)
+        self.fb, self.heldout = feedback_tokens, heldout
+        self.batch = batch_size or (16 if self.dev.type == "cuda" else 4)
+        self.orig = {n: p.detach().clone() for n, p in model.named_parameters()
+                     if ".layers." in n and n.endswith("proj.weight")}
+        self.base = self._losses()
+        self.n, self.seconds = 0, 0.0
+
+    def _losses(self) -> np.ndarray:
+        home = next(self.model.parameters()).device
+        try:
+            return window_losses(self.model.to(self.dev), self.heldout, self.dev, self.batch)
+        finally:
+            self.model.to(home)
+
+    def __call__(self, plan) -> np.ndarray:
+        from ..quant.feedback import quantize_model
+        t0 = time.time()
+        try:
+            quantize_model(self.model, plan, self.fb, device=self.dev)
+            loss = self._losses() - self.base
+        finally:
+            with torch.no_grad():
+                for n, w in self.orig.items():
+                    self.model.get_parameter(n).data.copy_(w)
+        self.n += 1
+        self.seconds += time.time() - t0
+        return loss

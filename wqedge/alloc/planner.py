@@ -48,11 +48,17 @@ def grad_windows(device) -> int:
     return GRAD_SEQS if device.type == "cuda" else GRAD_SEQS_CPU
 
 
+# The joint pruning search (prune_check) converts each candidate plan with error feedback on prune_check_fb_seqs
+# calibration windows and measures it on the held-out windows, PRUNE_CHECK_HELDOUT unless n_heldout says otherwise
+# (wqedge.alloc.joint): llama-s on 2 CPU cores, ~12 s per candidate. The ranking needs the same conversion for every
+# candidate, not the full one.
+PRUNE_CHECK_HELDOUT = 16
+
 # n_grad_seqs None: grad_windows(device)
 # stream_layers None: wqedge.stream.wants_streaming decides (True when the model does not fit the device)
 DEFAULTS = dict(n_seqs=32, seqlen=512, n_heldout=4, n_grad_seqs=None, max_rows=256, damage="kfac",
                 feedback_damage=False, protect=(), actions=None,   # actions None: blocks.ALLOCATOR_ACTIONS
-                stream_layers=None, resume_dir=None)
+                stream_layers=None, resume_dir=None, prune_check=True, prune_check_fb_seqs=16)
 
 
 @dataclass
@@ -231,6 +237,9 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         from .ppo import PPOConfig     # the measured reward's held-out windows (search + confirm)
         cfg = PPOConfig(**{k: v for k, v in opts.items() if k in PPOConfig.__dataclass_fields__})
         opts["n_heldout"] = max(DEFAULTS["n_heldout"], cfg.measure_windows + cfg.confirm_windows)
+    if prune and calib_text is not None:
+        # the joint search's measured check: held-out windows to score each candidate on, feedback windows to convert
+        opts.setdefault("n_heldout", PRUNE_CHECK_HELDOUT)
     if calib_text is not None and (prune or allocator == "rl"):
         # both measure the whole model in memory (PPO's held-out loss, pruning's structure damage)
         if opts.get("stream_layers"):
@@ -255,11 +264,22 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         def joint_search():
             sd = structure_damage(ctx.model, ctx.calib.train[: ctx.opts["n_grad_seqs"]], prune_group,
                                   device=ctx.device, batch_size=4 if ctx.device.type == "cuda" else 2)
-            return joint_allocate(ckpt, table, ctx, budget_bits, sd, tuple(prune), max_prune, say=say)
+            measure = None
+            if ctx.opts["prune_check"] and len(ctx.calib.heldout):   # the measured loss, not the prediction, decides
+                from .measure import ConvertedPlanLoss
+                loss = ConvertedPlanLoss(ctx.model, ctx.calib.train[: ctx.opts["prune_check_fb_seqs"]],
+                                         ctx.calib.heldout, ctx.device)
+
+                def measure(pr, t, choice):
+                    return loss(plan_from_choice(ckpt, t, choice, budget_bits, "greedy", method, pruning=pr))
+            res = joint_allocate(ckpt, table, ctx, budget_bits, sd, tuple(prune), max_prune, say=say, measure=measure)
+            if measure is not None:
+                ctx.times["prune_check"] = loss.seconds
+            return res
         res = distributed.on_writer(joint_search)   # --distributed: measured on rank 0, over all windows
         table, choice, pruning = res.table, res.choice, res.pruning
         meta["pruning"] = {"kinds": list(prune), "max_prune": max_prune, "ffn_group_size": prune_group,
-                           "search": res.trials}
+                           "chosen_by": "measured loss" if res.measured else "predicted damage", "search": res.trials}
     elif allocator == "greedy":
         from .greedy import greedy_allocate
         choice = greedy_allocate(table, budget_bits)
