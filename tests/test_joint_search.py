@@ -15,6 +15,7 @@ plan by more than one paired standard error. Criteria:
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -104,3 +105,69 @@ def test_converted_plan_loss_is_the_converted_models(planned):
             p.data.copy_(before[n])
     assert got.shape == (len(held),) and np.abs(got - want).max() < 1e-12
     assert np.abs(got).max() > 1e-4          # the plan changed the model (a random model's loss may fall or rise)
+
+
+def test_plan_measurer_on_pruned_shapes(planned):
+    """PPO's reward on a pruned model: with every chunk fp16 the measured loss is that of the unpruned model with
+    the pruned structures zeroed (1e-9 nats: the same weights), a quantized plan leaves exact zeros where
+    structures were pruned, and close() restores the weights bit for bit."""
+    from wqedge.alloc.joint import pruned_allocation, pruned_input_stats
+    from wqedge.alloc.measure import PlanMeasurer, window_losses
+    from wqedge.alloc.prune import select_pruning
+    ckpt, table, ctx, sd = planned
+    model, held = ctx.model, ctx.calib.heldout
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pr = select_pruning(ckpt.spec, sd, 0.15)
+    assert pr.layers
+    t, choice, _, _ = pruned_allocation(ckpt, table, ctx, 2.5, sd, pr)
+    base = window_losses(model, held, "cpu", 4)
+    with torch.no_grad():                      # the masked fp16 model, built directly
+        for lin in ckpt.spec.linears():
+            p = model.get_parameter(lin.hf_name)
+            kept = pr.prune_weight(lin.layer, lin.proj, before[lin.hf_name]).half().float()
+            p.data.copy_(pr.unprune_weight(lin.layer, lin.proj, kept, tuple(p.shape)))
+        want = window_losses(model, held, "cpu", 4) - base
+        for n, p in model.named_parameters():
+            p.data.copy_(before[n])
+    m = PlanMeasurer(t, model, "cpu", pruned_input_stats(ckpt, ctx, pr), {"search": held}, pruning=pr)
+    try:
+        fp16 = np.full(len(t.units), t.actions.index("fp16"))
+        got = m.measure(fp16)
+        assert np.abs(got - want).max() < 1e-9 and np.abs(want).max() > 1e-4
+        m.measure(choice)
+        for lin in ckpt.spec.linears():
+            w = model.get_parameter(lin.hf_name).detach().numpy()
+            gone = ~pr.mask(lin.layer, lin.proj, w.shape)
+            assert (w[gone] == 0).all() and np.abs(w[~gone]).max() > 0
+    finally:
+        m.close()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_rl_allocator_plans_pruned_shapes(tiny_model_factory, monkeypatch):
+    """`plan --allocator rl --prune`: the joint search chooses the structures, PPO allocates the bits of the kept
+    shapes from their knapsack plan, its reward measured on the pruned model; the plan meets the budget and
+    validates. Structure damage is set to zero and the check off, so the search prunes whatever a random model says
+    and the pruned path is always the one taken."""
+    import wqedge.structure_damage as sdm
+    from wqedge.alloc.planner import make_plan
+    from wqedge.plan import Plan
+    from wqedge.tinymodel import tiny_corpus
+    real = sdm.structure_damage
+
+    def no_damage(*a, **k):
+        d = real(*a, **k)
+        return dataclasses.replace(d, ffn=0 * d.ffn, heads=0 * d.heads, kv_groups=0 * d.kv_groups)
+    monkeypatch.setattr(sdm, "structure_damage", no_damage)
+    ckpt = LlamaCheckpoint.open(tiny_model_factory(**SHAPE))
+    plan = make_plan(ckpt, 2.5, "rl", calib_text=" ".join(tiny_corpus(400)), progress=False, prune=("ffn", "heads"),
+                     max_prune=0.2, n_seqs=6, seqlen=64, n_heldout=8, n_grad_seqs=6, iterations=2, episodes=4,
+                     measure_windows=4, confirm_windows=4, bc_steps=20, prune_check=False)
+    assert plan.allocator == "rl" and plan.pruning is not None
+    assert plan.meta["pruning"]["chosen_by"] == "predicted damage"
+    info = plan.meta["ppo"]
+    assert np.isfinite(info["knapsack_measured"])  # the measured reward ran (on the pruned model: test above)
+    assert plan.effective_bits() <= 2.5
+    back = Plan.from_dict(json.loads(plan.to_json()))
+    back.validate(ckpt.spec, ckpt.fingerprint())
+    assert back.pruning.to_dict() == plan.pruning.to_dict()

@@ -424,7 +424,7 @@ def test_cli_prune_needs_the_greedy_allocator(tiny_model_factory, tmp_path):
 
     model = str(tiny_model_factory(**SHAPE))
     r = CliRunner().invoke(main, ["plan", model, "--bits", "2.5", "--prune", "ffn", "-o", str(tmp_path / "p.json")])
-    assert r.exit_code != 0 and "pruning (--prune) is searched by the greedy allocator" in r.output
+    assert r.exit_code != 0 and "pruning (--prune) is searched by the greedy (or rl) allocator" in r.output
     r = CliRunner().invoke(main, ["plan", model, "--bits", "2.5", "--prune", "rows", "-o", str(tmp_path / "p.json")])
     assert r.exit_code != 0 and "structure kinds are ffn, heads; got 'rows'" in r.output
 

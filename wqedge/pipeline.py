@@ -99,7 +99,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     plan can be made. rotate: RUQuant input transforms (`rotated`), planned on the folded weights;
     rotate_stage2: AdamW steps per group of RUQuant stage 2 (0: stage 1 only), at the plan's act_bits and
     `stage2_weight_bits`, recorded in the plan's rotation config; act_bits: the activation bits recorded for
-    the runtime; prune: structure kinds ("ffn", "heads") the greedy allocator may also prune, up to `max_prune`
+    the runtime; prune: structure kinds ("ffn", "heads") the greedy (or rl) allocator may also prune, up to `max_prune`
     of the weights, under the same budget (wqedge.alloc.joint), FFN channels in units of `prune_group`;
     stream_layers: plan on the model read one decoder layer at a time (wqedge.stream; None: when it does not fit);
     resume_dir: keep per-layer checkpoints of the planning statistics there and resume from them (wqedge.resume);
@@ -148,7 +148,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
         raise PlanError("--two-level offers the two-level kinds to the greedy allocator; it does not go with "
                         f"{'--preset' if preset else '--allocator ' + allocator}")
     if allocator == "uniform" and prune:
-        raise PlanError("pruning (--prune) is searched by the greedy allocator: give calibration text (or "
+        raise PlanError("pruning (--prune) is searched by the greedy (or rl) allocator: give calibration text (or "
                         "self-calibration) and no --preset / --allocator uniform")
     if allocator == "uniform":
         from .alloc.uniform import model_bits, uniform_plan

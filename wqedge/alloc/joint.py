@@ -61,6 +61,15 @@ def _sliced_stats(stats: dict | None, pruning: Pruning, names: dict[str, tuple[i
     return out
 
 
+def pruned_input_stats(ckpt, ctx, pruning: Pruning | None):
+    """The planning context's input statistics restricted to the columns `pruning` keeps (as the pruned shapes'
+    damage tables and fits see them); unchanged without pruning."""
+    if pruning is None:
+        return ctx.input_stats
+    names = {lin.hf_name: (lin.layer, lin.proj) for lin in ckpt.spec.linears()}
+    return _sliced_stats(ctx.input_stats, pruning, names, "input")
+
+
 def pruned_allocation(ckpt, table, ctx, budget_bits: float, structure_damage, pruning: Pruning | None):
     """`pruning` applied, the damage table rebuilt for the pruned shapes, and the greedy knapsack at the same
     stored bits (budget_bits over the unpruned weights): (table, choice, chunk damage, structure damage).

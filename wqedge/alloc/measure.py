@@ -61,10 +61,13 @@ class PlanMeasurer:
 
     `windows` is a dict name -> tokens [n, T]; the unquantized model's losses are measured once per set.
     The model is moved to `device` while measuring and back by `close()`; its weights are restored there.
+    pruning: a wqedge.pruning.Pruning whose pruned shapes `table` is cut for (and `input_stats` restricted to the
+    kept columns): the pruned structures are zeroed in the model, each chunk is fitted on the kept part and written
+    to its kept rows and columns, so the losses include what the pruning costs (the base is the unpruned model).
     """
 
     def __init__(self, table: DamageTable, model, device, input_stats: dict | None, windows: dict[str, torch.Tensor],
-                 method: str = "neuqi", batch_size: int | None = None, fit: str = "feedback"):
+                 method: str = "neuqi", batch_size: int | None = None, fit: str = "feedback", pruning=None):
         if fit not in FITS:
             raise ValueError(f"unknown measurer fit {fit!r} (known: {', '.join(FITS)})")
         self.fit = fit
@@ -87,6 +90,21 @@ class PlanMeasurer:
         self.cache: dict[tuple[str, str], list[torch.Tensor]] = {}   # (linear, base action) -> per chunk
         self.current = np.full(len(table.units), -1, np.int64)       # action index now in the model (-1: original)
         self.base = {k: window_losses(model, v, self.dev, self.batch) for k, v in self.windows.items()}
+        self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> kept (rows, columns), with pruning
+        if pruning is not None:
+            with torch.no_grad():
+                for u in table.units:
+                    n = u.linear.hf_name
+                    if n in self.kept:
+                        continue
+                    rows, cols = pruning.kept(u.linear.layer, u.linear.proj)
+                    shape = self.orig[n].shape
+                    rows = torch.arange(shape[0]) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+                    cols = torch.arange(shape[1]) if cols is None else torch.as_tensor(cols, dtype=torch.long)
+                    self.kept[n] = rows, cols = rows.to(self.dev), cols.to(self.dev)
+                    p = self.params[n]
+                    p.data.zero_()
+                    p.data[rows[:, None], cols[None, :]] = self.orig[n][rows[:, None], cols[None, :]]
         self.n = 0
         self.seconds = 0.0
         self.fit_seconds = 0.0
@@ -99,6 +117,9 @@ class PlanMeasurer:
             from ..units import chunk_bounds
             t0 = time.time()
             w = self.orig[name].float()
+            if name in self.kept:
+                rows, cols = self.kept[name]
+                w = w[rows[:, None], cols[None, :]]
             bounds = chunk_bounds(w.shape[1], self.t.group_size)
             if block_type(action).is_float:
                 deq = [w[:, s:e].half().float() for s, e in bounds]
@@ -137,7 +158,12 @@ class PlanMeasurer:
             if k:
                 raise ValueError("PlanMeasurer: protected-column actions are not measured (restrict the table)")
             p = self.params[u.linear.hf_name]
-            p.data[:, u.start:u.end] = self._chunks(u.linear.hf_name, base)[u.chunk].to(p.dtype)
+            chunk = self._chunks(u.linear.hf_name, base)[u.chunk].to(p.dtype)
+            if u.linear.hf_name in self.kept:
+                rows, cols = self.kept[u.linear.hf_name]
+                p.data[rows[:, None], cols[None, u.start:u.end]] = chunk
+            else:
+                p.data[:, u.start:u.end] = chunk
         self.current = choice.copy()
 
     def measure(self, choice, windows: str = "search") -> np.ndarray:

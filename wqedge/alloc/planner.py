@@ -206,6 +206,29 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
     return table, ctx
 
 
+def _ppo_on(ckpt, table, ctx, budget_bits: float, seed: int, opts: dict, say, pruning=None):
+    """The rl allocator on `table` at `budget_bits` (bits over the table's weights): (table restricted to the
+    policy's actions, choice, info). With `pruning`, `table` is cut for the pruned shapes and the reward measures
+    the pruned model (PlanMeasurer with the kept rows and columns)."""
+    from .ppo import PPOConfig, heldout_windows, ppo_allocate
+    cfg = PPOConfig(**{k: v for k, v in opts.items() if k in PPOConfig.__dataclass_fields__})
+    cfg.seed = seed
+    if table.actions != ALLOCATOR_ACTIONS:      # the policy's action space is the offered base actions
+        table = table.restrict(ALLOCATOR_ACTIONS)
+    measurer = None
+    if pruning is not None and cfg.measure and ctx.calib is not None:
+        from .joint import pruned_input_stats
+        from .measure import PlanMeasurer
+        measurer = PlanMeasurer(table, ctx.model, ctx.device, pruned_input_stats(ckpt, ctx, pruning),
+                                heldout_windows(ctx, cfg), fit=cfg.reward_fit, pruning=pruning)
+    try:
+        choice, info = ppo_allocate(table, budget_bits, cfg, ctx=ctx, progress=say, measurer=measurer)
+    finally:
+        if measurer is not None:
+            measurer.close()
+    return table, choice, info
+
+
 def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: int = 128, calib_text=None,
               seed: int = 0, device=None, progress=True, method: str = "neuqi", prune=(), max_prune: float = 0.3,
               prune_group: int = 32, **opts) -> Plan:
@@ -216,14 +239,16 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
     damage). opts: n_seqs, seqlen, n_heldout, n_grad_seqs, max_rows, damage ("kfac" | "fisher" | "proxy"),
     actions (the table's base actions; default blocks.ALLOCATOR_ACTIONS, blocks.ACTION_NAMES adds the subscale
     kinds for "greedy"), and for "rl" the PPO settings of wqedge.alloc.ppo.PPOConfig (episodes, ...).
-    prune: structure kinds ("ffn", "heads") the greedy allocator may prune as 0-bit actions, at most
-    `max_prune` of the decoder weights, FFN channels in groups of `prune_group` (wqedge.alloc.joint).
+    prune: structure kinds ("ffn", "heads") the search may prune as 0-bit actions, at most `max_prune` of the
+    decoder weights, FFN channels in groups of `prune_group` (wqedge.alloc.joint: the knapsack per pruned amount,
+    each candidate converted and measured); with "rl", PPO then allocates the bits of the chosen pruned shapes,
+    its reward measured on the pruned model.
     Raises PlanError for a budget no plan can meet.
     """
     if allocator not in ALLOCATORS:
         raise PlanError(f"unknown allocator {allocator!r} (known: {', '.join(ALLOCATORS)})")
-    if prune and allocator != "greedy":
-        raise PlanError(f"pruning (--prune) is searched by the greedy allocator, not {allocator!r}")
+    if prune and allocator not in ("greedy", "rl"):
+        raise PlanError(f"pruning (--prune) is searched by the greedy or rl allocator, not {allocator!r}")
     if prune and calib_text is None:
         raise PlanError("pruning (--prune) needs calibration text: its damage comes from LM-loss gradients")
     linears = ckpt.spec.linears()
@@ -256,7 +281,7 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         "fit": {"error_feedback": ctx.calib is not None, "act_order": "chunk", "damp": DAMP,
                 "n_seqs": feedback_windows(ctx.device), "refit_max_bits": REFIT_MAX_BITS}}
     pruning = None
-    if allocator == "greedy" and prune:
+    if prune:
         from ..structure_damage import structure_damage
         from .joint import joint_allocate
         from .. import distributed
@@ -275,24 +300,26 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
             res = joint_allocate(ckpt, table, ctx, budget_bits, sd, tuple(prune), max_prune, say=say, measure=measure)
             if measure is not None:
                 ctx.times["prune_check"] = loss.seconds
-            return res
-        res = distributed.on_writer(joint_search)   # --distributed: measured on rank 0, over all windows
+            info = None
+            if allocator == "rl":     # PPO allocates the bits of the chosen pruned shapes, from their knapsack plan
+                s_dmg = res.predicted - res.table.plan_damage(res.choice)
+                res.table, res.choice, info = _ppo_on(ckpt, res.table, ctx, table.budget_cap(budget_bits) /
+                                                      res.table.n_weights, seed, opts, say, res.pruning)
+                res.predicted = res.table.plan_damage(res.choice) + s_dmg
+            return res, info
+        res, info = distributed.on_writer(joint_search)   # --distributed: measured on rank 0, over all windows
         table, choice, pruning = res.table, res.choice, res.pruning
         meta["pruning"] = {"kinds": list(prune), "max_prune": max_prune, "ffn_group_size": prune_group,
                            "chosen_by": "measured loss" if res.measured else "predicted damage", "search": res.trials}
+        if info is not None:
+            meta["ppo"], meta["actions"] = info, list(table.actions)
     elif allocator == "greedy":
         from .greedy import greedy_allocate
         choice = greedy_allocate(table, budget_bits)
     else:
-        from .ppo import PPOConfig, ppo_allocate
-        cfg = PPOConfig(**{k: v for k, v in opts.items() if k in PPOConfig.__dataclass_fields__})
-        cfg.seed = seed
-        if table.actions != ALLOCATOR_ACTIONS:      # the policy's action space is the offered base actions
-            table = table.restrict(ALLOCATOR_ACTIONS)
-            meta["actions"] = list(table.actions)
         from .. import distributed       # --distributed: the search and its measured losses on rank 0
-        choice, info = distributed.on_writer(ppo_allocate, table, budget_bits, cfg, ctx=ctx, progress=say)
-        meta["ppo"] = info
+        table, choice, info = distributed.on_writer(_ppo_on, ckpt, table, ctx, budget_bits, seed, opts, say)
+        meta["ppo"], meta["actions"] = info, list(table.actions)
     t2 = time.time()
     # the joint search's prediction also counts the pruned structures' damage
     meta["predicted_damage"] = res.predicted if pruning is not None else table.plan_damage(choice)
