@@ -130,9 +130,13 @@ def main(argv=None):
         pr = select_pruning(ckpt.spec, sd, a.seq_fraction, kinds)
         t, ch, _, _ = pruned_allocation(ckpt, table, ctx, b, sd, pr)
         plans["sequential"] = plan_from_choice(ckpt, t, ch, b, "greedy", pruning=pr)
+        scored = {}                                   # a joint plan equal to quantization only is scored once
         for name, plan in plans.items():
             t1 = time.time()
-            p, pd, dist_s = score(plan)
+            key = json.dumps({k: v for k, v in plan.to_dict().items() if k != "meta"}, sort_keys=True)
+            if key not in scored:
+                scored[key] = score(plan)
+            p, pd, dist_s = scored[key]
             gone = plan.n_weights() - sum(tp.n_weights for tp in plan.tensors)
             row = {"budget": b, "method": name, "ppl": p, "effective_bits": plan.effective_bits(),
                    "pruned_fraction": gone / plan.n_weights(), "seconds": round(time.time() - t1, 1)}
