@@ -9,8 +9,9 @@ Rows per budget B (effective bits over the *unpruned* model's decoder weights, i
                (FFN groups of 32, query heads, KV groups) chosen by structure damage, the table rebuilt for the
                pruned shapes; every candidate converted (error feedback on 16 calibration windows) and measured on
                the 16 held-out calibration windows, as `wqedge plan --prune` does: a pruned candidate wins only if
-               it measures lower than quantization only by more than one paired standard error
-               (--no-check: least predicted chunk + structure damage wins, the search before the check)
+               it measures lower than quantization only by more than one paired standard error; candidates
+               whose calibrated prediction is > 25% above quantization only's measured loss are not converted
+               (--check-all: every candidate is; --no-check: least predicted damage wins, the search before the check)
   sequential   prune --seq-fraction of the weights by structure damage first, then the greedy knapsack
 All three are converted the same way (error feedback, wqedge.quant.feedback, --fb-seqs calibration windows) and
 scored by perplexity (llama.cpp's definition, first --windows windows of 512 of eval.txt) on the fake-quantized
@@ -50,6 +51,9 @@ def main(argv=None):
     ap.add_argument("--distill", type=int, default=0, metavar="STEPS",
                     help="also score every row after light distillation (steps per decoder layer; 0: no)")
     ap.add_argument("--no-check", action="store_true", help="joint: choose by predicted damage, not measured loss")
+    ap.add_argument("--check-all", action="store_true",
+                    help="joint: convert and measure every candidate (default: those the calibrated prediction "
+                         "does not rule out, as `wqedge plan --prune`)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pruning"))
     a = ap.parse_args(argv)
 
@@ -124,7 +128,8 @@ def main(argv=None):
     for b in [float(x) for x in a.budgets.split(",")]:
         plans = {"quant-only": plan_from_choice(ckpt, table, greedy_allocate(table, b), b, "greedy")}
         restore()                                     # the check converts from the fp weights
-        res = joint_allocate(ckpt, table, ctx, b, sd, kinds, a.max_prune, a.step, say=log, measure=check)
+        res = joint_allocate(ckpt, table, ctx, b, sd, kinds, a.max_prune, a.step, say=log, measure=check,
+                             **({"screen_margin": None} if a.check_all else {}))
         plans["joint"] = plan_from_choice(ckpt, res.table, res.choice, b, "greedy", pruning=res.pruning,
                                           meta={"search": res.trials})
         pr = select_pruning(ckpt.spec, sd, a.seq_fraction, kinds)
@@ -163,7 +168,9 @@ def main(argv=None):
             md.append(f"\njoint search at {r['budget']:g} b (pruned fraction: predicted nats"
                       + (", measured nats on held-out calibration windows" if "measured" in r["search"][0] else "")
                       + "): " + "; ".join(f"{100 * t['fraction']:.0f}%: {t['predicted']:.4f}"
-                                          + (f" / {t['measured']:.4f}" if "measured" in t else "")
+                                          + (f" / {t['measured']:.4f}" if "measured" in t else
+                                             f" / not converted (calibrated {t['calibrated']:.4f})"
+                                             if "calibrated" in t else "")
                                           + (" (kept)" if "chosen" in t else "") for t in r["search"]))
     md.append(f"\nfp16 {fp:.3f}; total {time.time() - t0:.0f} s. Command: python bench/pruning.py "
               + " ".join(argv if argv is not None else sys.argv[1:]))

@@ -82,6 +82,25 @@ def test_measured_loss_overrules_the_prediction(planned):
     assert "chosen" in res.trials[-1] and res.trials[-1]["measured"] == min(t["measured"] for t in res.trials)
 
 
+def test_calibrated_prediction_screens_candidates(planned):
+    """Pruned candidates whose calibrated prediction (chunk damage x measured / predicted of the quantization-only
+    plan, + structure damage) is far above the quantization-only plan's measured loss are not converted; with
+    screen_margin None every candidate is."""
+    ckpt, table, ctx, sd = planned
+    costly = dataclasses.replace(sd, ffn=1e3 * sd.ffn + 1, heads=1e3 * sd.heads + 1, kv_groups=1e3 * sd.kv_groups + 1)
+    calls = []
+
+    def measure(pr, t, choice):
+        calls.append(pr)
+        return np.linspace(0.1, 0.3, 8)
+    res = joint_allocate(ckpt, table, ctx, 2.5, costly, max_prune=0.2, step=0.1, measure=measure)
+    assert len(res.trials) >= 2 and calls == [None] and res.pruning is None
+    assert all("measured" not in t and t["calibrated"] > 1.25 * res.trials[0]["measured"] for t in res.trials[1:])
+    calls.clear()
+    res = joint_allocate(ckpt, table, ctx, 2.5, costly, max_prune=0.2, step=0.1, measure=measure, screen_margin=None)
+    assert len(calls) == len(res.trials) and all("measured" in t for t in res.trials)
+
+
 def test_converted_plan_loss_is_the_converted_models(planned):
     from wqedge.alloc.joint import pruned_allocation
     from wqedge.alloc.measure import ConvertedPlanLoss, window_losses

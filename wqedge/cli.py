@@ -257,8 +257,9 @@ _common_plan_options = [
                  help="Let the greedy (or rl) allocator also prune structures as 0-bit actions under the same budget: "
                       "'ffn' (FFN channels in groups of --prune-group: rows of gate/up, columns of down), 'heads' "
                       "(query heads, evenly per KV group, or whole KV groups). Pruned weights leave the file; --bits stays bits "
-                      "over the unpruned model's weights. Each pruned amount tried (0, 5%, ... --max-prune) is converted and "
-                      "measured on held-out calibration windows; pruning is kept only where it measures better than "
+                      "over the unpruned model's weights. The pruned amounts tried (0, 5%, ... --max-prune) that a calibrated "
+                      "prediction does not rule out are converted and measured on held-out calibration windows; pruning "
+                      "is kept only where it measures better than "
                       "quantization alone; with --allocator rl, PPO then allocates the bits of the kept shapes. Needs "
                       "calibration text (or self-calibration)."),
     click.option("--max-prune", type=click.FloatRange(0.0, 0.9), default=0.3, show_default=True,
