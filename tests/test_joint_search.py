@@ -110,7 +110,8 @@ def test_converted_plan_loss_is_the_converted_models(planned):
     ckpt, table, ctx, sd = planned
     model, fb, held = ctx.model, ctx.calib.train[:4], ctx.calib.heldout
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loss = ConvertedPlanLoss(model, fb, held, "cpu")
+    loss = ConvertedPlanLoss(model, fb, held, "cpu", original=ckpt.linear_weight)
+    assert all(c is None for c in loss.copies.values())     # restored from the checkpoint: nothing held twice
     pr = select_pruning(ckpt.spec, sd, 0.1)
     t, choice, _, _ = pruned_allocation(ckpt, table, ctx, 2.5, sd, pr)
     plan = plan_from_choice(ckpt, t, choice, 2.5, "greedy", pruning=pr)

@@ -195,15 +195,22 @@ class ConvertedPlanLoss:
     as `convert` converts it: error feedback layer by layer with the quantized earlier layers in the loop
     (wqedge.quant.feedback.quantize_model on `feedback_tokens`), pruned structures zeroed. The joint pruning search
     checks its candidates with it: unlike PlanMeasurer's cached per-chunk fits it handles any pruned shape, at the
-    cost of one conversion per plan. The model's decoder linear weights are restored after each plan."""
+    cost of one conversion per plan. The model's decoder linear weights are restored after each plan, from
+    `original(name)` (e.g. LlamaCheckpoint.linear_weight: read again from the checkpoint's files, so a 7B model is
+    not held twice) wherever that equals the model's weight exactly, else from a copy taken here."""
 
-    def __init__(self, model, feedback_tokens: torch.Tensor, heldout: torch.Tensor, device, batch_size: int | None = None):
+    def __init__(self, model, feedback_tokens: torch.Tensor, heldout: torch.Tensor, device, batch_size: int | None = None,
+                 original=None):
         from ..calib import default_device
         self.model, self.dev = model, default_device(device)
         self.fb, self.heldout = feedback_tokens, heldout
         self.batch = batch_size or (16 if self.dev.type == "cuda" else 4)
-        self.orig = {n: p.detach().clone() for n, p in model.named_parameters()
-                     if ".layers." in n and n.endswith("proj.weight")}
+        self.original = original
+        self.copies: dict[str, torch.Tensor | None] = {}   # name -> a copy, or None: restored from `original`
+        for n, p in model.named_parameters():
+            if ".layers." in n and n.endswith("proj.weight"):
+                exact = original is not None and torch.equal(original(n).to(p.device, p.dtype), p.detach())
+                self.copies[n] = None if exact else p.detach().clone()
         self.base = self._losses()
         self.n, self.seconds = 0, 0.0
 
@@ -222,8 +229,9 @@ class ConvertedPlanLoss:
             loss = self._losses() - self.base
         finally:
             with torch.no_grad():
-                for n, w in self.orig.items():
-                    self.model.get_parameter(n).data.copy_(w)
+                for n, w in self.copies.items():
+                    p = self.model.get_parameter(n)
+                    p.data.copy_(w if w is not None else self.original(n).to(p.device, p.dtype))
         self.n += 1
         self.seconds += time.time() - t0
         return loss

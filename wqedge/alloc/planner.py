@@ -293,7 +293,7 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
             if ctx.opts["prune_check"] and len(ctx.calib.heldout):   # the measured loss, not the prediction, decides
                 from .measure import ConvertedPlanLoss
                 loss = ConvertedPlanLoss(ctx.model, ctx.calib.train[: ctx.opts["prune_check_fb_seqs"]],
-                                         ctx.calib.heldout, ctx.device)
+                                         ctx.calib.heldout, ctx.device, original=ckpt.linear_weight)
 
                 def measure(pr, t, choice):
                     return loss(plan_from_choice(ckpt, t, choice, budget_bits, "greedy", method, pruning=pr))
