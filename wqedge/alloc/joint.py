@@ -49,10 +49,11 @@ class JointResult:
     measured: bool = False     # True: the measured held-out loss chose among the trials
 
 
-def _sliced_stats(stats: dict | None, pruning: Pruning, names: dict[str, tuple[int, str]], what: str):
-    """Input (columns) or gradient (rows) statistics of the unpruned model restricted to the kept part."""
+def _sliced_stats(stats: dict | None, pruning: Pruning, spec, what: str):
+    """Input (columns) or gradient (rows) statistics of the unpruned model (`spec`) restricted to the kept part."""
     if not stats:
         return stats
+    names = {lin.hf_name: (lin.layer, lin.proj) for lin in spec.linears()}
     out = {}
     for name, st in stats.items():
         rows, cols = pruning.kept(*names[name])
@@ -71,10 +72,7 @@ def _sliced_stats(stats: dict | None, pruning: Pruning, names: dict[str, tuple[i
 def pruned_input_stats(ckpt, ctx, pruning: Pruning | None):
     """The planning context's input statistics restricted to the columns `pruning` keeps (as the pruned shapes'
     damage tables and fits see them); unchanged without pruning."""
-    if pruning is None:
-        return ctx.input_stats
-    names = {lin.hf_name: (lin.layer, lin.proj) for lin in ckpt.spec.linears()}
-    return _sliced_stats(ctx.input_stats, pruning, names, "input")
+    return ctx.input_stats if pruning is None else _sliced_stats(ctx.input_stats, pruning, ckpt.spec, "input")
 
 
 def pruned_allocation(ckpt, table, ctx, budget_bits: float, structure_damage, pruning: Pruning | None):
@@ -86,12 +84,11 @@ def pruned_allocation(ckpt, table, ctx, budget_bits: float, structure_damage, pr
     if pruning is None:
         t = table
     else:
-        names = {lin.hf_name: (lin.layer, lin.proj) for lin in ckpt.spec.linears()}
         o = ctx.opts
         t = build_damage_table(pruning.pruned_spec(ckpt.spec).linears(),
                                lambda lin: pruning.prune_weight(lin.layer, lin.proj, ckpt.linear_weight(lin.hf_name)),
-                               table.group_size, _sliced_stats(ctx.input_stats, pruning, names, "input"),
-                               _sliced_stats(ctx.grad_stats, pruning, names, "grad"), kind=table.kind,
+                               table.group_size, pruned_input_stats(ckpt, ctx, pruning),
+                               _sliced_stats(ctx.grad_stats, pruning, ckpt.spec, "grad"), kind=table.kind,
                                device=ctx.device, max_rows=o["max_rows"], feedback=o["feedback_damage"],
                                protect=tuple(o["protect"]),
                                **({"actions": tuple(o["actions"])} if o.get("actions") else {}))  # as prepare offered
@@ -146,9 +143,7 @@ def joint_allocate(ckpt, table, ctx, budget_bits: float, structure_damage, kinds
                 f"{c_dmg:.4f} + {s_dmg:.4f} = {total:.4f} nats")
         cands.append(JointResult(pr, t, choice, total, trials))
     if measure is None or cands[0].pruning is not None:      # (f = 0 fits the budget whenever prepare's table does)
-        best = min(cands, key=lambda c: c.predicted)
-        best.trials = trials
-        return best
+        return min(cands, key=lambda c: c.predicted)     # (every candidate holds the one `trials` list)
 
     def measured(i: int) -> np.ndarray:
         c = cands[i]
@@ -176,5 +171,4 @@ def joint_allocate(ckpt, table, ctx, budget_bits: float, structure_damage, kinds
     if say:
         say(f"joint search: kept prune {100 * trials[k]['fraction']:.0f}% by measured loss"
             + ("" if not se else f" (paired standard error {se:.4f} nats)"))
-    best.trials = trials
     return best
