@@ -16,7 +16,8 @@ Why: on llama-s at 2.0 bits the prediction preferred 5% pruned, which measured 5
 (1.75-3.25 bits), so the raw prediction overvalues the bits a pruned structure frees. Scaled by the
 quantization-only plan's measured / predicted ratio it matched the measured losses within 0.3-12% (mostly under 5%),
 so that calibrated prediction screens the candidates: only those within SCREEN_MARGIN of the quantization-only
-plan are converted (one conversion each). Without a measure, the least raw prediction wins; f = 0 is the quantization-only plan, so the search never predicts worse.
+plan are converted (one conversion each). Without a measure, the least raw prediction wins; f = 0 is the
+quantization-only plan, so the search never predicts worse.
 
 Approximations, stated: the pruned model's chunk damages use the unpruned model's statistics restricted to
 the kept rows and columns, and damages add.
