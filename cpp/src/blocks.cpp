@@ -769,33 +769,41 @@ static void quantize_block(const float* x, XQ8& out, float step = 0.0f) {
     out.ds = d * (float)sum;
 }
 
-float prepare_x8(const BlockTraits& bt, const float* x, int g, XQ8* xq, float step) {
-    const int g_pad = padded(g);
-    double s = 0.0;
-    for (int c = 0; c < g; ++c) s += x[c];
+double sum_lanes8(const float* x, int n) {
+    double l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int c = 0; c < n; ++c) l[c % 8] += x[c];
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+// The scalar set's quant_x8 (the reference of the SIMD ones).
+static float squant_x8(const float* x, int g, XQ8* xq, float step) {
     float buf[32];
-    if (bt.x_layout == X_TERNARY) {
-        const int B = ternary_bytes(g_pad), nb = (B + 31) / 32;
-        for (int i = 0; i < 5; ++i)
-            for (int b = 0; b < nb; ++b) {
-                for (int j = 0; j < 32; ++j) {
-                    const int slot = 32 * b + j, c = i * B + slot;
-                    buf[j] = (slot < B && c < g) ? x[c] : 0.0f;
-                }
-                quantize_block(buf, xq[i * nb + b], step);
-            }
-    } else {
-        for (int b = 0; b < g_pad / 32; ++b) {
-            const int n = std::min(32, g - 32 * b);
-            if (n == 32) {
-                quantize_block(x + 32 * b, xq[b], step);
-            } else {
-                for (int j = 0; j < 32; ++j) buf[j] = j < n ? x[32 * b + j] : 0.0f;
-                quantize_block(buf, xq[b], step);
-            }
+    for (int b = 0; b < padded(g) / 32; ++b) {
+        const int n = std::min(32, g - 32 * b);
+        if (n == 32) {
+            quantize_block(x + 32 * b, xq[b], step);
+        } else {
+            for (int j = 0; j < 32; ++j) buf[j] = j < n ? x[32 * b + j] : 0.0f;
+            quantize_block(buf, xq[b], step);
         }
     }
-    return (float)s;
+    return (float)sum_lanes8(x, g);
+}
+
+float prepare_x8(const BlockTraits& bt, const float* x, int g, XQ8* xq, float step, int kernels) {
+    if (bt.x_layout != X_TERNARY) return vec_ops(kernels).quant_x8(x, g, xq, step);
+    const int g_pad = padded(g);
+    float buf[32];
+    const int B = ternary_bytes(g_pad), nb = (B + 31) / 32;
+    for (int i = 0; i < 5; ++i)
+        for (int b = 0; b < nb; ++b) {
+            for (int j = 0; j < 32; ++j) {
+                const int slot = 32 * b + j, c = i * B + slot;
+                buf[j] = (slot < B && c < g) ? x[c] : 0.0f;
+            }
+            quantize_block(buf, xq[i * nb + b], step);
+        }
+    return (float)sum_lanes8(x, g);
 }
 
 // ------------------------------------------------------------------ scalar vector primitives
@@ -838,12 +846,12 @@ static void stile8_mix(const uint8_t* t, const TileDesc* d, int n, const XQ8* xq
     for (int i = 0; i < n; ++i)
         block_traits(d[i].kind)->tile8[K_SCALAR](t + d[i].off, 0, 1, xq + x8off[d[i].c], xsum + d[i].c, 32 * d[i].nb, acc, pf);
 }
-static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sgemm4, stile8_mix};
+static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sgemm4, stile8_mix, squant_x8};
 #if WQE_X86
-static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4, tile8_mix_x86};
+static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4, tile8_mix_x86, avx2::quant_x8};
 #endif
 #if WQE_ARM64
-static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, neon::tile8_mix};
+static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, neon::tile8_mix, neon::quant_x8};
 #endif
 
 const VecOps& vec_ops(int kernels) {

@@ -147,7 +147,11 @@ int x8_blocks(const BlockTraits& bt, int g_pad);
 // step > 0: x lies on the grid step * integer, |integer| <= 127 (activations quantized to 4 or 6 bits, rotation.h
 // act_fake_quant): every block takes d = step and q = those integers, so the int8 values are the grid values exactly
 // instead of a second rounding of them.
-float prepare_x8(const BlockTraits& bt, const float* x, int g, XQ8* xq, float step = 0.0f);
+// kernels: the set whose quant_x8 quantizes plain-layout chunks (bit-identical results in every set).
+float prepare_x8(const BlockTraits& bt, const float* x, int g, XQ8* xq, float step = 0.0f, int kernels = K_SCALAR);
+// The sum of x[0..n) that prepare_x8 returns: double lanes c mod 8, each in order of c, combined as
+// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), the reduction of 8 lanes in SIMD registers (the scalar reference).
+double sum_lanes8(const float* x, int n);
 
 // Activation precision of the matrix-vector products (decode): ACT_F32 (float activations, the
 // reference) or ACT_Q8 (int8 activations per 32 columns where the block kind has dot8 kernels).
@@ -172,6 +176,10 @@ struct VecOps {
     // W has 4 rows (unused ones zero), rows and X 32-byte padded with zeros past the true K.
     void (*gemm4)(const float* W, int ldw, const float* X, int ldx, int nt, int K, float* Y, int ldy, int nr);
     tile8_mix_fn tile8_mix;  // nullptr: no tile kernels in this set
+    // prepare_x8 for the plain layout: x[0..g) into g_pad / 32 int8 blocks (quantize_block each, zeros past g);
+    // returns the sum of x[0..g) in double over 8 lanes (sum_lanes8's order). Bit-identical in every set: it runs
+    // once per linear per token on the calling thread, so its speed is decode's serial time (issue 12).
+    float (*quant_x8)(const float* x, int g, XQ8* xq, float step);
 };
 const VecOps& vec_ops(int kernels);
 

@@ -433,7 +433,7 @@ int wqe_test_chunk_matvec_act(int action, int32_t g, int32_t n_p, const int32_t*
         const bool q8 = act == WQE_ACT_Q8 && bt.dot8[k];
         std::vector<float> xc(wqe::x_floats(bt, g_pad));
         std::vector<wqe::XQ8> xq(wqe::x8_blocks(bt, g_pad));
-        const float xsum = q8 ? wqe::prepare_x8(bt, x, g, xq.data()) : wqe::prepare_x(bt, x, g, xc.data());
+        const float xsum = q8 ? wqe::prepare_x8(bt, x, g, xq.data(), 0.0f, k) : wqe::prepare_x(bt, x, g, xc.data());
         const size_t res_off = bt.header_bytes + bt.code_bytes(g_pad);
         for (int r = 0; r < n_rows; ++r) {
             const uint8_t* row = rb + (size_t)r * stride;

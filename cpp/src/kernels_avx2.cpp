@@ -982,6 +982,61 @@ void tile8_mix(const uint8_t* t, const TileDesc* d, int n, const XQ8* x, const i
     tile8_mix_impl(t, d, n, x, x8off, s, acc, pf);
 }
 
+// prepare_x8's plain layout (VecOps::quant_x8), bit-identical to the scalar squant_x8: the same max|x| (exact in any
+// order; max_ps(|x|, amax) keeps amax when |x| is NaN, as std::max does), the same float operations per value
+// (x * id, then the 1.5 * 2^23 rounding add and subtract, no FMA), the same clamp (max_ps(r, -127) gives -127 for a
+// NaN r, as std::max(-127, r)), and the sum in 8 double lanes reduced as sum_lanes8. A tail block is copied into
+// zeros first (adding 0.0 to a lane leaves its sum unchanged).
+float quant_x8(const float* x, int g, XQ8* xq, float step) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), magic = _mm256_set1_ps(12582912.0f);
+    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();  // lanes 0-3 and 4-7
+    alignas(32) float buf[32];
+    const int nb = (g + 31) / 32;
+    for (int b = 0; b < nb; ++b) {
+        const float* src = x + 32 * b;
+        const int n = g - 32 * b;
+        if (n < 32) {
+            for (int j = 0; j < 32; ++j) buf[j] = j < n ? src[j] : 0.0f;
+            src = buf;
+        }
+        __m256 v[4];
+        __m256 amax = _mm256_setzero_ps();
+        for (int k = 0; k < 4; ++k) {
+            v[k] = _mm256_loadu_ps(src + 8 * k);
+            amax = _mm256_max_ps(_mm256_andnot_ps(sign, v[k]), amax);
+            s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(v[k])));
+            s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(v[k], 1)));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        const float am = _mm_cvtss_f32(m4);
+        const float d = step > 0.0f ? step : am / 127.0f;
+        const float id = step > 0.0f ? 1.0f / step : am > 0.0f ? 127.0f / am : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        __m256i q[4];
+        for (int k = 0; k < 4; ++k) {
+            __m256 r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v[k], vid), magic), magic);
+            r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+            q[k] = _mm256_cvttps_epi32(r);
+        }
+        const __m256i t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i*)xq[b].q, _mm256_permutevar8x32_epi32(p, order));
+        xq[b].d = d;
+        xq[b].ds = d * (float)_mm_cvtsi128_si32(t4);
+    }
+    // lanes (0..3) + (4..7) = (l0 + l4, l1 + l5, l2 + l6, l3 + l7); then (l0 + l4) + (l2 + l6) and (l1 + l5) + (l3 + l7)
+    const __m256d p = _mm256_add_pd(s0, s1);
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(p), _mm256_extractf128_pd(p, 1));
+    return (float)_mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+}
+
 }  // namespace avx2
 }  // namespace wqe
 

@@ -554,6 +554,53 @@ void vgemm4(const float* W, int ldw, const float* X, int ldx, int nt, int K, flo
     }
 }
 
+// prepare_x8's plain layout (VecOps::quant_x8), bit-identical to the scalar squant_x8 (see the AVX2 one):
+// vmaxnmq (IEEE maxNum) keeps amax and gives -127 where a value is NaN, as std::max does (vmaxq would return the
+// NaN); the 1.5 * 2^23 rounding add and subtract without fusing; the double sum in lanes (0,1) (2,3) (4,5) (6,7)
+// reduced as sum_lanes8.
+float quant_x8(const float* x, int g, XQ8* xq, float step) {
+    const float32x4_t magic = vdupq_n_f32(12582912.0f), lo = vdupq_n_f32(-127.0f), hi = vdupq_n_f32(127.0f);
+    float64x2_t s[4] = {vdupq_n_f64(0.0), vdupq_n_f64(0.0), vdupq_n_f64(0.0), vdupq_n_f64(0.0)};
+    float buf[32];
+    const int nb = (g + 31) / 32;
+    for (int b = 0; b < nb; ++b) {
+        const float* src = x + 32 * b;
+        const int n = g - 32 * b;
+        if (n < 32) {
+            for (int j = 0; j < 32; ++j) buf[j] = j < n ? src[j] : 0.0f;
+            src = buf;
+        }
+        float32x4_t v[8];
+        float32x4_t amax = vdupq_n_f32(0.0f);
+        for (int k = 0; k < 8; ++k) {
+            v[k] = vld1q_f32(src + 4 * k);
+            amax = vmaxnmq_f32(amax, vabsq_f32(v[k]));
+            s[k % 2 * 2] = vaddq_f64(s[k % 2 * 2], vcvt_f64_f32(vget_low_f32(v[k])));
+            s[k % 2 * 2 + 1] = vaddq_f64(s[k % 2 * 2 + 1], vcvt_high_f64_f32(v[k]));
+        }
+        const float am = vmaxnmvq_f32(amax);
+        const float d = step > 0.0f ? step : am / 127.0f;
+        const float id = step > 0.0f ? 1.0f / step : am > 0.0f ? 127.0f / am : 0.0f;
+        const float32x4_t vid = vdupq_n_f32(id);
+        int32x4_t sum = vdupq_n_s32(0);
+        int16x4_t h[8];
+        for (int k = 0; k < 8; ++k) {
+            float32x4_t r = vsubq_f32(vaddq_f32(vmulq_f32(v[k], vid), magic), magic);
+            r = vminnmq_f32(vmaxnmq_f32(r, lo), hi);
+            const int32x4_t qi = vcvtq_s32_f32(r);
+            sum = vaddq_s32(sum, qi);
+            h[k] = vmovn_s32(qi);
+        }
+        for (int k = 0; k < 4; ++k) vst1_s8(xq[b].q + 8 * k, vmovn_s16(vcombine_s16(h[2 * k], h[2 * k + 1])));
+        xq[b].d = d;
+        xq[b].ds = d * (float)vaddvq_s32(sum);
+    }
+    // s[0] = (l0, l1), s[1] = (l2, l3), s[2] = (l4, l5), s[3] = (l6, l7)
+    const float64x2_t a = vaddq_f64(s[0], s[2]), c = vaddq_f64(s[1], s[3]);  // (l0 + l4, l1 + l5), (l2 + l6, l3 + l7)
+    const float64x2_t t = vaddq_f64(a, c);  // ((l0 + l4) + (l2 + l6), (l1 + l5) + (l3 + l7))
+    return (float)(vgetq_lane_f64(t, 0) + vgetq_lane_f64(t, 1));
+}
+
 }  // namespace neon
 }  // namespace wqe
 

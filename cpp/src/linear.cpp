@@ -87,7 +87,7 @@ void prepare_token(const Linear& W, const float* x, int kernels, int act, float*
         const BlockTraits& bt = W.kind_of(c);  // a tiled ternary chunk may be q2: plain layout, within the same slot
         if (act == ACT_Q8 && bt.dot8[kernels]) {
             x8off[c] = o8;
-            xsum[c] = prepare_x8(bt, x + ch.col0, ch.g, xq8 + o8, step);
+            xsum[c] = prepare_x8(bt, x + ch.col0, ch.g, xq8 + o8, step, kernels);
             o8 += x8_blocks(bt, ch.g_pad);
         } else {
             x8off[c] = -1;
@@ -516,6 +516,22 @@ void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScra
     pool.run(n_tasks_of(W), [&](int task, int) { run_task(W, x, p, task, y, kernels); });
 }
 
+// Whether b's prepared activations of a token are a's (prepare_token on the same x): the same chunk columns and, per
+// chunk, the same path (int8 blocks or float) and layout, float chunks at the same offsets. matvec_group then prepares
+// the token once for both: the preparation runs on the calling thread while the others wait, and was 5-7% of llama-s's
+// decode CPU time at 2 threads (issue 12).
+static bool same_preparation(const Linear& a, const Linear& b, int kernels, int act) {
+    if (a.chunks.size() != b.chunks.size()) return false;
+    for (size_t c = 0; c < a.chunks.size(); ++c) {
+        const Chunk &ca = a.chunks[c], &cb = b.chunks[c];
+        const BlockTraits &ta = a.kind_of((int)c), &tb = b.kind_of((int)c);
+        const bool i8a = act == ACT_Q8 && ta.dot8[kernels], i8b = act == ACT_Q8 && tb.dot8[kernels];
+        if (ca.col0 != cb.col0 || ca.g != cb.g || ta.x_layout != tb.x_layout || i8a != i8b) return false;
+        if (!i8a && ca.xoff != cb.xoff) return false;
+    }
+    return true;
+}
+
 void matvec_group(int n, const Linear* const* W, const float* x, float* const* y, ThreadPool& pool, MatScratch& s,
                   int kernels, int act) {
     bool chunked = n <= MAX_GROUP;
@@ -528,7 +544,9 @@ void matvec_group(int n, const Linear* const* W, const float* x, float* const* y
     Prepared p[MAX_GROUP];
     int first[MAX_GROUP + 1] = {0};  // task ranges, concatenated
     for (int i = 0; i < n; ++i) {
-        p[i] = prepare(*W[i], x, s.slots[i], kernels, act, grid_step(s, 0));
+        int j = 0;  // an earlier member that prepared the same activations (q, k and v of most plans; gate and up)
+        while (j < i && !same_preparation(*W[j], *W[i], kernels, act)) ++j;
+        p[i] = j < i ? p[j] : prepare(*W[i], x, s.slots[i], kernels, act, grid_step(s, 0));
         first[i + 1] = first[i] + n_tasks_of(*W[i]);
     }
     pool.run(first[n], [&](int task, int) {

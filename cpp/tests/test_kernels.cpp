@@ -512,6 +512,49 @@ static void q8_nonfinite_tests() {
     }
 }
 
+// The SIMD set's int8 activation quantizer (VecOps::quant_x8, prepare_x8's plain layout) against the scalar one,
+// bit for bit: d, ds and the 32 codes of every block and the returned sum, for ragged widths (tails padded with
+// zeros), grid steps, all-zero blocks, signed zeros, huge and subnormal values, and NaN / Inf (the same defined codes
+// on both sides). The sum's order (sum_lanes8) is checked against a plain double sum: within 1e-12 of the
+// values' magnitude.
+static void quant_x8_tests() {
+    if (!SIMD) return;
+    const VecOps& ref = vec_ops(K_SCALAR);
+    const VecOps& simd = vec_ops(SIMD);
+    int n_checked = 0;
+    for (int g : {1, 5, 8, 31, 32, 33, 64, 100, 128, 129, 255, 256, 1000, 2048, 5632})
+        for (int mode = 0; mode < 6; ++mode) {
+            std::vector<float> x(g);
+            for (float& v : x) v = urand(-2, 2) * (urand(0, 1) < 0.03f ? 50.0f : 1.0f);
+            float step = 0.0f;
+            if (mode == 1) step = act_fake_quant(x.data(), g, 4);
+            if (mode == 2) step = act_fake_quant(x.data(), g, 6);
+            if (mode == 3)  // zero blocks and signed zeros, huge and subnormal values
+                for (int c = 0; c < g; ++c) x[c] = c < 40 ? (c % 2 ? -0.0f : 0.0f) : c % 7 == 0 ? 3e38f : c % 5 == 0 ? 1e-40f : x[c];
+            if (mode == 4 || mode == 5) x[g / 2] = mode == 4 ? NAN : -INFINITY;
+            const int nb = padded(g) / 32;
+            std::vector<XQ8> a(nb), b(nb);
+            std::memset(a.data(), 0x5A, sizeof(XQ8) * nb);
+            std::memset(b.data(), 0xA5, sizeof(XQ8) * nb);
+            const float sa = ref.quant_x8(x.data(), g, a.data(), step);
+            const float sb = simd.quant_x8(x.data(), g, b.data(), step);
+            bool same = std::memcmp(&sa, &sb, sizeof sa) == 0;
+            for (int k = 0; k < nb; ++k)
+                same = same && std::memcmp(&a[k].d, &b[k].d, 4) == 0 && std::memcmp(&a[k].ds, &b[k].ds, 4) == 0 &&
+                       std::memcmp(a[k].q, b[k].q, 32) == 0;
+            char d[96];
+            std::snprintf(d, sizeof d, "g=%d mode=%d %s", g, mode, SIMD_NAME);
+            check(same, "quant_x8: the SIMD set bit-identical to the scalar reference", d);
+            if (mode < 3) {
+                double plain = 0.0, mag = 0.0;
+                for (float v : x) plain += v, mag += std::fabs(v);
+                check(std::fabs(sum_lanes8(x.data(), g) - plain) <= 1e-12 * mag, "sum_lanes8 = the plain double sum", d);
+            }
+            ++n_checked;
+        }
+    std::printf("quant_x8: %d widths x modes checked bit for bit against the scalar reference\n", n_checked);
+}
+
 // Activations on a 4- or 6-bit grid (rotation.h act_fake_quant, then prepare_x8 with its step): every block holds
 // d = step and the grid's integers exactly (plain and ternary layouts, a ragged chunk), and the activation sum.
 static void q8_grid_tests() {
@@ -1015,6 +1058,7 @@ int main() {
     q8_chunk_tests();
     q8_nonfinite_tests();
     q8_grid_tests();
+    quant_x8_tests();
     std::printf("int8-activation kernel sets under test: %d (scalar%s)\n", n_q8_sets_seen,
                 SIMD == K_AVX2 ? ", avx2" : SIMD == K_NEON ? (cpu_has_dotprod() ? ", neon, neon+dotprod" : ", neon") : "");
     vec_tests();
