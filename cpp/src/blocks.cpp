@@ -846,12 +846,18 @@ static void stile8_mix(const uint8_t* t, const TileDesc* d, int n, const XQ8* xq
     for (int i = 0; i < n; ++i)
         block_traits(d[i].kind)->tile8[K_SCALAR](t + d[i].off, 0, 1, xq + x8off[d[i].c], xsum + d[i].c, 32 * d[i].nb, acc, pf);
 }
-static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sgemm4, stile8_mix, squant_x8};
+static void ssilu_mul(float* g, const float* u, int n) {
+    for (int i = 0; i < n; ++i) {
+        const float v = g[i];
+        g[i] = v / (1.0f + std::exp(-v)) * u[i];
+    }
+}
+static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sgemm4, stile8_mix, squant_x8, ssilu_mul};
 #if WQE_X86
-static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4, tile8_mix_x86, avx2::quant_x8};
+static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4, tile8_mix_x86, avx2::quant_x8, avx2::silu_mul};
 #endif
 #if WQE_ARM64
-static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, neon::tile8_mix, neon::quant_x8};
+static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, neon::tile8_mix, neon::quant_x8, neon::silu_mul};
 #endif
 
 const VecOps& vec_ops(int kernels) {

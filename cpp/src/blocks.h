@@ -180,6 +180,10 @@ struct VecOps {
     // returns the sum of x[0..g) in double over 8 lanes (sum_lanes8's order). Bit-identical in every set: it runs
     // once per linear per token on the calling thread, so its speed is decode's serial time (issue 12).
     float (*quant_x8)(const float* x, int g, XQ8* xq, float step);
+    // SwiGLU's gate in place: g[i] = g[i] / (1 + exp(-g[i])) * u[i]. The scalar set calls std::exp; SIMD sets use a
+    // polynomial exp (within 1e-6 relative of the scalar result; non-finite inputs stay non-finite). On the calling
+    // thread between two threaded products, its speed is decode's serial time (issue 12).
+    void (*silu_mul)(float* g, const float* u, int n);
 };
 const VecOps& vec_ops(int kernels);
 

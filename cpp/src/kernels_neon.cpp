@@ -601,6 +601,39 @@ float quant_x8(const float* x, int g, XQ8* xq, float step) {
     return (float)(vgetq_lane_f64(t, 0) + vgetq_lane_f64(t, 1));
 }
 
+// exp(x) for 4 floats, the AVX2 set's exp8 (Cephes' expf) with NEON operations: vmaxq / vminq propagate NaN.
+static inline float32x4_t exp4(float32x4_t x) {
+    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.3f)), vdupq_n_f32(88.3f));
+    const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+    p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+    const float32x4_t y = vaddq_f32(vfmaq_f32(r, p, vmulq_f32(r, r)), vdupq_n_f32(1.0f));
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(y, vreinterpretq_f32_s32(e));
+}
+
+void silu_mul(float* g, const float* u, int n) {
+    const float32x4_t one = vdupq_n_f32(1.0f);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t v = vld1q_f32(g + i);
+        const float32x4_t s = vdivq_f32(v, vaddq_f32(one, exp4(vnegq_f32(v))));
+        vst1q_f32(g + i, vmulq_f32(s, vld1q_f32(u + i)));
+    }
+    if (i < n) {
+        float gv[4] = {0, 0, 0, 0}, uv[4] = {0, 0, 0, 0};
+        for (int j = 0; j < n - i; ++j) gv[j] = g[i + j], uv[j] = u[i + j];
+        silu_mul(gv, uv, 4);
+        for (int j = 0; j < n - i; ++j) g[i + j] = gv[j];
+    }
+}
+
 }  // namespace neon
 }  // namespace wqe
 

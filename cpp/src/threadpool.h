@@ -38,18 +38,20 @@ private:
     // state_ = generation << 40 (the job a worker wakes for). Span i's state = generation (24 bits) | end
     // (20 bits) | next (20 bits): its owner claims `next`, a thief moves `end` back to the middle, by
     // compare-exchange, and only for the generation they saw, so a late worker never touches a finished job.
-    std::atomic<uint64_t> state_{0};
+    // state_ and fn_ share a cache line, written by the caller only, read by waking workers; done_ has its own, which
+    // the workers add to and the caller polls: on one line, each add invalidated the line the idle workers spin on.
+    alignas(64) std::atomic<uint64_t> state_{0};
+    const std::function<void(int, int)>* fn_ = nullptr;
     struct alignas(64) Span {
         std::atomic<uint64_t> s{0};
     };
     std::unique_ptr<Span[]> spans_;
-    std::atomic<int> done_{0};
-    const std::function<void(int, int)>* fn_ = nullptr;
+    alignas(64) std::atomic<int> done_{0};
+    alignas(64) uint64_t gen_ = 0;
     std::mutex mu_;
     std::condition_variable cv_;
     std::atomic<int> sleepers_{0};
     std::atomic<bool> stop_{false};
-    uint64_t gen_ = 0;
 };
 
 int default_thread_count();

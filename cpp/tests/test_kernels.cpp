@@ -555,6 +555,45 @@ static void quant_x8_tests() {
     std::printf("quant_x8: %d widths x modes checked bit for bit against the scalar reference\n", n_checked);
 }
 
+// SwiGLU's gate (VecOps::silu_mul): the SIMD set's polynomial exp against the scalar std::exp, within 1e-6 of the
+// result's magnitude (plus 1e-30 for results that underflow), over g in [-100, 100] (both clamps of the exp), ragged
+// lengths (the vector tail); non-finite inputs give non-finite outputs on both sides.
+static void silu_tests() {
+    if (!SIMD) return;
+    const VecOps& ref = vec_ops(K_SCALAR);
+    const VecOps& simd = vec_ops(SIMD);
+    double worst = 0.0;
+    for (int n : {1, 3, 8, 13, 64, 1408, 5632}) {
+        std::vector<float> g(n), u(n);
+        for (int i = 0; i < n; ++i) {
+            g[i] = i % 9 == 0 ? urand(-100, 100) : urand(-12, 12);
+            u[i] = urand(-3, 3);
+        }
+        if (n > 8) g[3] = 0.0f, g[4] = -0.0f, g[5] = 88.0f, g[6] = -88.0f, g[7] = 1e-30f;
+        std::vector<float> a = g, b = g;
+        ref.silu_mul(a.data(), u.data(), n);
+        simd.silu_mul(b.data(), u.data(), n);
+        bool ok = true;
+        for (int i = 0; i < n; ++i) {
+            const double err = std::fabs((double)a[i] - b[i]), tol = 1e-6 * std::fabs(a[i]) + 1e-30;
+            ok = ok && std::isfinite(b[i]) && err <= tol;
+            if (std::fabs(a[i]) > 1e-30f) worst = std::max(worst, err / std::fabs(a[i]));
+        }
+        char d[64];
+        std::snprintf(d, sizeof d, "n=%d %s", n, SIMD_NAME);
+        check(ok, "silu_mul: the SIMD set within 1e-6 of the scalar reference", d);
+    }
+    for (float bad : {NAN, INFINITY, -INFINITY}) {
+        std::vector<float> g(16, 1.0f), u(16, 1.0f);
+        g[9] = bad;
+        std::vector<float> a = g, b = g;
+        ref.silu_mul(a.data(), u.data(), 16);
+        simd.silu_mul(b.data(), u.data(), 16);
+        check(!std::isfinite(a[9]) && !std::isfinite(b[9]) && b[8] == a[8], "silu_mul: a non-finite input stays non-finite");
+    }
+    std::printf("silu_mul: %s within %.2g (relative) of the scalar reference\n", SIMD_NAME, worst);
+}
+
 // Activations on a 4- or 6-bit grid (rotation.h act_fake_quant, then prepare_x8 with its step): every block holds
 // d = step and the grid's integers exactly (plain and ternary layouts, a ragged chunk), and the activation sum.
 static void q8_grid_tests() {
@@ -1059,6 +1098,7 @@ int main() {
     q8_nonfinite_tests();
     q8_grid_tests();
     quant_x8_tests();
+    silu_tests();
     std::printf("int8-activation kernel sets under test: %d (scalar%s)\n", n_q8_sets_seen,
                 SIMD == K_AVX2 ? ", avx2" : SIMD == K_NEON ? (cpu_has_dotprod() ? ", neon, neon+dotprod" : ", neon") : "");
     vec_tests();
