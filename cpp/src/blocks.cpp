@@ -852,12 +852,35 @@ static void ssilu_mul(float* g, const float* u, int n) {
         g[i] = v / (1.0f + std::exp(-v)) * u[i];
     }
 }
+// A SIMD set's quant_x8 (whole blocks of 32) on any g: a ragged chunk is copied into zeros up to its padded width,
+// which is what the scalar reference quantizes (its last block zero-padded) and leaves every lane's sum unchanged.
+template <float (*Q32)(const float*, int, XQ8*, float)>
+static float quant_x8_any(const float* x, int g, XQ8* xq, float step) {
+    if (g % 32 == 0) return Q32(x, g, xq, step);
+    thread_local std::vector<float> buf;
+    buf.assign((size_t)padded(g), 0.0f);
+    std::memcpy(buf.data(), x, sizeof(float) * g);
+    return Q32(buf.data(), padded(g), xq, step);
+}
+// A SIMD set's silu_mul (multiples of 8 values) on any n: the tail padded to 8 and run through the same vector code,
+// so every value gets the same arithmetic wherever it sits.
+template <void (*SILU8)(float*, const float*, int)>
+static void silu_mul_any(float* g, const float* u, int n) {
+    const int n8 = n & ~7;
+    if (n8) SILU8(g, u, n8);
+    if (n8 < n) {
+        float gv[8] = {0, 0, 0, 0, 0, 0, 0, 0}, uv[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int j = 0; j < n - n8; ++j) gv[j] = g[n8 + j], uv[j] = u[n8 + j];
+        SILU8(gv, uv, 8);
+        for (int j = 0; j < n - n8; ++j) g[n8 + j] = gv[j];
+    }
+}
 static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sgemm4, stile8_mix, squant_x8, ssilu_mul};
 #if WQE_X86
-static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4, tile8_mix_x86, avx2::quant_x8, avx2::silu_mul};
+static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>};
 #endif
 #if WQE_ARM64
-static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, neon::tile8_mix, neon::quant_x8, neon::silu_mul};
+static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, neon::tile8_mix, quant_x8_any<neon::quant_x8>, silu_mul_any<neon::silu_mul>};
 #endif
 
 const VecOps& vec_ops(int kernels) {

@@ -985,22 +985,15 @@ void tile8_mix(const uint8_t* t, const TileDesc* d, int n, const XQ8* x, const i
 // prepare_x8's plain layout (VecOps::quant_x8), bit-identical to the scalar squant_x8: the same max|x| (exact in any
 // order; max_ps(|x|, amax) keeps amax when |x| is NaN, as std::max does), the same float operations per value
 // (x * id, then the 1.5 * 2^23 rounding add and subtract, no FMA), the same clamp (max_ps(r, -127) gives -127 for a
-// NaN r, as std::max(-127, r)), and the sum in 8 double lanes reduced as sum_lanes8. A tail block is copied into
-// zeros first (adding 0.0 to a lane leaves its sum unchanged).
+// NaN r, as std::max(-127, r)), and the sum in 8 double lanes reduced as sum_lanes8. g % 32 == 0 (blocks.cpp's
+// quant_x8_any pads a ragged chunk with zeros first: adding 0.0 to a lane leaves its sum unchanged).
 float quant_x8(const float* x, int g, XQ8* xq, float step) {
     const __m256 sign = _mm256_set1_ps(-0.0f), magic = _mm256_set1_ps(12582912.0f);
     const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();  // lanes 0-3 and 4-7
-    alignas(32) float buf[32];
-    const int nb = (g + 31) / 32;
-    for (int b = 0; b < nb; ++b) {
+    for (int b = 0; b < g / 32; ++b) {
         const float* src = x + 32 * b;
-        const int n = g - 32 * b;
-        if (n < 32) {
-            for (int j = 0; j < 32; ++j) buf[j] = j < n ? src[j] : 0.0f;
-            src = buf;
-        }
         __m256 v[4];
         __m256 amax = _mm256_setzero_ps();
         for (int k = 0; k < 4; ++k) {
@@ -1057,19 +1050,12 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-void silu_mul(float* g, const float* u, int n) {
+void silu_mul(float* g, const float* u, int n) {  // n % 8 == 0 (blocks.cpp's silu_mul_any runs the tail)
     const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
+    for (int i = 0; i + 8 <= n; i += 8) {
         const __m256 v = _mm256_loadu_ps(g + i);
         const __m256 s = _mm256_div_ps(v, _mm256_add_ps(one, exp8(_mm256_xor_ps(v, sign))));
         _mm256_storeu_ps(g + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
-    }
-    if (i < n) {  // the tail through the same vector code, so every element gets the same arithmetic
-        alignas(32) float gv[8] = {0}, uv[8] = {0};
-        for (int j = 0; j < n - i; ++j) gv[j] = g[i + j], uv[j] = u[i + j];
-        silu_mul(gv, uv, 8);
-        for (int j = 0; j < n - i; ++j) g[i + j] = gv[j];
     }
 }
 

@@ -557,19 +557,12 @@ void vgemm4(const float* W, int ldw, const float* X, int ldx, int nt, int K, flo
 // prepare_x8's plain layout (VecOps::quant_x8), bit-identical to the scalar squant_x8 (see the AVX2 one):
 // vmaxnmq (IEEE maxNum) keeps amax and gives -127 where a value is NaN, as std::max does (vmaxq would return the
 // NaN); the 1.5 * 2^23 rounding add and subtract without fusing; the double sum in lanes (0,1) (2,3) (4,5) (6,7)
-// reduced as sum_lanes8.
+// reduced as sum_lanes8. g % 32 == 0 (blocks.cpp's quant_x8_any pads a ragged chunk with zeros first).
 float quant_x8(const float* x, int g, XQ8* xq, float step) {
     const float32x4_t magic = vdupq_n_f32(12582912.0f), lo = vdupq_n_f32(-127.0f), hi = vdupq_n_f32(127.0f);
     float64x2_t s[4] = {vdupq_n_f64(0.0), vdupq_n_f64(0.0), vdupq_n_f64(0.0), vdupq_n_f64(0.0)};
-    float buf[32];
-    const int nb = (g + 31) / 32;
-    for (int b = 0; b < nb; ++b) {
+    for (int b = 0; b < g / 32; ++b) {
         const float* src = x + 32 * b;
-        const int n = g - 32 * b;
-        if (n < 32) {
-            for (int j = 0; j < 32; ++j) buf[j] = j < n ? src[j] : 0.0f;
-            src = buf;
-        }
         float32x4_t v[8];
         float32x4_t amax = vdupq_n_f32(0.0f);
         for (int k = 0; k < 8; ++k) {
@@ -618,19 +611,12 @@ static inline float32x4_t exp4(float32x4_t x) {
     return vmulq_f32(y, vreinterpretq_f32_s32(e));
 }
 
-void silu_mul(float* g, const float* u, int n) {
+void silu_mul(float* g, const float* u, int n) {  // n % 8 == 0 (blocks.cpp's silu_mul_any runs the tail)
     const float32x4_t one = vdupq_n_f32(1.0f);
-    int i = 0;
-    for (; i + 4 <= n; i += 4) {
+    for (int i = 0; i + 4 <= n; i += 4) {
         const float32x4_t v = vld1q_f32(g + i);
         const float32x4_t s = vdivq_f32(v, vaddq_f32(one, exp4(vnegq_f32(v))));
         vst1q_f32(g + i, vmulq_f32(s, vld1q_f32(u + i)));
-    }
-    if (i < n) {
-        float gv[4] = {0, 0, 0, 0}, uv[4] = {0, 0, 0, 0};
-        for (int j = 0; j < n - i; ++j) gv[j] = g[i + j], uv[j] = u[i + j];
-        silu_mul(gv, uv, 4);
-        for (int j = 0; j < n - i; ++j) g[i + j] = gv[j];
     }
 }
 

@@ -139,23 +139,25 @@ __attribute__((target("avx2,fma"))) static inline void matmul_16(const T* p, con
     }
 }
 
-// Rows [i0, i1) of nx blocks from a packed matrix (pack_rows16 of float32 or int8), 16 rows and up to 4 blocks per pass.
-template <typename T>
-__attribute__((target("avx2,fma"))) static void matmul_packed(const T* P, const float* s, int n, const float* X, int nx, float* Y,
-                                                              int i0, int i1) {
+// Rows [i0, i1) of nx blocks from a packed matrix (pack_rows16 of float32 or int8): one strip of 16 rows and up to
+// G blocks per call of strip(nb, strip's values, its rows' scales or null, n, the blocks' x, their y).
+template <int G, typename T>
+static void for_strips(void (*strip)(int, const T*, const float*, int, const float*, float*), const T* P, const float* s,
+                       int n, const float* X, int nx, float* Y, int i0, int i1) {
     for (int i = i0; i < i1; i += 16)
-        for (int b = 0; b < nx; b += 4) {
-            const T* p = P + (size_t)(i / 16) * n * 16;
-            const float* x = X + (size_t)b * n;
-            const float* si = s ? s + i : nullptr;
-            float* y = Y + (size_t)b * n + i;
-            switch (std::min(4, nx - b)) {
-                case 4: matmul_16<4>(p, si, n, x, y); break;
-                case 3: matmul_16<3>(p, si, n, x, y); break;
-                case 2: matmul_16<2>(p, si, n, x, y); break;
-                default: matmul_16<1>(p, si, n, x, y); break;
-            }
-        }
+        for (int b = 0; b < nx; b += G)
+            strip(std::min(G, nx - b), P + (size_t)(i / 16) * n * 16, s ? s + i : nullptr, n, X + (size_t)b * n,
+                  Y + (size_t)b * n + i);
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) static void strip_avx2(int nb, const T* p, const float* s, int n, const float* x, float* y) {
+    switch (nb) {
+        case 4: matmul_16<4>(p, s, n, x, y); break;
+        case 3: matmul_16<3>(p, s, n, x, y); break;
+        case 2: matmul_16<2>(p, s, n, x, y); break;
+        default: matmul_16<1>(p, s, n, x, y); break;
+    }
 }
 
 // The same product with AVX-512 (x86_vnni() == 1: AVX512-VNNI + VL, hence AVX512F): a strip's 16 rows are one zmm
@@ -185,37 +187,30 @@ __attribute__((target("avx512f,avx512vl,fma"))) static inline void matmul_16_512
     for (int k = 0; k < NB; ++k) _mm512_storeu_ps(Y + (size_t)k * n, a[k]);
 }
 template <typename T>
-__attribute__((target("avx512f,avx512vl,fma"))) static void matmul_packed_512(const T* P, const float* s, int n, const float* X,
-                                                                              int nx, float* Y, int i0, int i1) {
-    for (int i = i0; i < i1; i += 16)
-        for (int b = 0; b < nx; b += 8) {
-            const T* p = P + (size_t)(i / 16) * n * 16;
-            const float* x = X + (size_t)b * n;
-            const float* si = s ? s + i : nullptr;
-            float* y = Y + (size_t)b * n + i;
-            switch (std::min(8, nx - b)) {
-                case 8: matmul_16_512<8>(p, si, n, x, y); break;
-                case 7: matmul_16_512<7>(p, si, n, x, y); break;
-                case 6: matmul_16_512<6>(p, si, n, x, y); break;
-                case 5: matmul_16_512<5>(p, si, n, x, y); break;
-                case 4: matmul_16_512<4>(p, si, n, x, y); break;
-                case 3: matmul_16_512<3>(p, si, n, x, y); break;
-                case 2: matmul_16_512<2>(p, si, n, x, y); break;
-                default: matmul_16_512<1>(p, si, n, x, y); break;
-            }
-        }
+__attribute__((target("avx512f,avx512vl,fma"))) static void strip_512(int nb, const T* p, const float* s, int n, const float* x,
+                                                                      float* y) {
+    switch (nb) {
+        case 8: matmul_16_512<8>(p, s, n, x, y); break;
+        case 7: matmul_16_512<7>(p, s, n, x, y); break;
+        case 6: matmul_16_512<6>(p, s, n, x, y); break;
+        case 5: matmul_16_512<5>(p, s, n, x, y); break;
+        case 4: matmul_16_512<4>(p, s, n, x, y); break;
+        case 3: matmul_16_512<3>(p, s, n, x, y); break;
+        case 2: matmul_16_512<2>(p, s, n, x, y); break;
+        default: matmul_16_512<1>(p, s, n, x, y); break;
+    }
 }
 // The AVX2 set's packed product: AVX-512 where the AVX2 set runs its AVX-512 VNNI kernels (x86_vnni() == 1, so
 // WQEDGE_NO_VNNI=1 / set_x86_vnni(0) selects the AVX2 code for tests and A/B runs), else AVX2.
 template <typename T>
-static void matmul_packed_best(const T* P, const float* s, int n, const float* X, int nx, float* Y, int i0, int i1) {
-    if (x86_vnni() == 1) matmul_packed_512(P, s, n, X, nx, Y, i0, i1);
-    else matmul_packed(P, s, n, X, nx, Y, i0, i1);
+static void matmul_packed(const T* P, const float* s, int n, const float* X, int nx, float* Y, int i0, int i1) {
+    if (x86_vnni() == 1) for_strips<8, T>(strip_512<T>, P, s, n, X, nx, Y, i0, i1);
+    else for_strips<4, T>(strip_avx2<T>, P, s, n, X, nx, Y, i0, i1);
 }
 
 __attribute__((target("avx2,fma"))) static void block_matmul_p_avx2(const float* P, int n, const float* X, int nx, float* Y, int i0,
                                                                     int i1) {
-    matmul_packed_best(P, nullptr, n, X, nx, Y, i0, i1);
+    matmul_packed(P, nullptr, n, X, nx, Y, i0, i1);
 }
 }  // namespace avx2
 #endif
@@ -317,7 +312,7 @@ static void block_matmul_q_scalar(const int8_t* P, const float* s, int n, const 
 
 void block_matmul_q(const int8_t* P, const float* s, int n, const float* X, int nx, float* Y, int i0, int i1, int kernels) {
 #ifdef WQE_ROT_AVX2
-    if (kernels == K_AVX2) return avx2::matmul_packed_best(P, s, n, X, nx, Y, i0, i1);
+    if (kernels == K_AVX2) return avx2::matmul_packed(P, s, n, X, nx, Y, i0, i1);
 #endif
     (void)kernels;
     block_matmul_q_scalar(P, s, n, X, nx, Y, i0, i1);
