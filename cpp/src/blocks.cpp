@@ -346,35 +346,35 @@ static void q3_tile_unpack(const uint8_t* t, int r, uint8_t* o) {  // row r of o
     std::memcpy(o + 8, &hi, 4);  // little endian (as load_u32 reads it)
 }
 
-static int tile_vectors(int id) { return id == 1 ? 8 : id == 2 ? 4 : 2; }  // q8, q4, q2: 32-byte vectors per block
+static int tile_vectors(int id) { return id == KIND_Q8 ? 8 : id == KIND_Q4 ? 4 : 2; }  // q8, q4, q2: 32-byte vectors per block
 
 // The one-scale kind whose codes a kind's tiles hold: a two-level kind's (q4s, q3s, q2s: ids 7-9) are q4, q3, q2's.
-static int tile_code_kind(int id) { return id >= 7 ? id - 5 : id; }
+static int tile_code_kind(int id) { return id >= KIND_Q4S ? id - KIND_Q4S + KIND_Q4 : id; }
 
 static void tile_pack_block(int id, const uint8_t* const src[TILE_ROWS], uint8_t* dst) {
     // q8, q4 and q2: byte 4v + k of row r's block goes to vector v, byte 4r + k. For q8 that byte is column 4v + k;
     // for q4 it holds columns 4v + k (low) and 16 + 4v + k (high); for q2 its bit pairs 2s hold column
     // 8s + 4v + k = 4(2s + v) + k.
     const int nv = tile_vectors(id);
-    if (id == 3) {
+    if (id == KIND_Q3) {
         for (int r = 0; r < TILE_ROWS; ++r) q3_tile_pack(src[r], dst + 4 * r, dst + 32 + 4 * r, dst + 64 + 4 * r);
         return;
     }
-    if (id == 1 || id == 2 || id == 4)
+    if (id == KIND_Q8 || id == KIND_Q4 || id == KIND_Q2)
         for (int v = 0; v < nv; ++v)
             for (int r = 0; r < TILE_ROWS; ++r) std::memcpy(dst + 32 * v + 4 * r, src[r] + 4 * v, 4);
-    if (id == 6)
+    if (id == KIND_Q1)
         for (int r = 0; r < TILE_ROWS; ++r) tile_bits_pack(load_u32(src[r]), dst + 4 * r);
 }
 
 static void tile_unpack_rows(int id, int sub, const uint8_t* t, int nb, uint8_t* dst, size_t stride) {
     const int nv = tile_vectors(id);
-    const uint32_t* spread = id == 6 ? tile_spread() : nullptr;
+    const uint32_t* spread = id == KIND_Q1 ? tile_spread() : nullptr;
     for (int b = 0; b < nb; ++b, t += TILE_ROWS * sub)
         for (int r = 0; r < TILE_ROWS; ++r) {
             uint8_t* o = dst + r * stride + (size_t)b * sub;
-            if (id == 3) q3_tile_unpack(t, r, o);
-            if (id == 1 || id == 2 || id == 4)
+            if (id == KIND_Q3) q3_tile_unpack(t, r, o);
+            if (id == KIND_Q8 || id == KIND_Q4 || id == KIND_Q2)
                 for (int v = 0; v < nv; ++v) std::memcpy(o + 4 * v, t + 32 * v + 4 * r, 4);
             if (spread) {
                 const uint8_t* h = t + 4 * r;
@@ -389,7 +389,7 @@ static void tile_unpack_rows(int id, int sub, const uint8_t* t, int nb, uint8_t*
 static int tile_ternary_bytes(int g_pad) { return (ternary_bytes(g_pad) + 3) & ~3; }
 
 size_t tile_code_bytes(const BlockTraits& bt, int g_pad) {
-    if (bt.id == 5) return (size_t)tile_ternary_bytes(g_pad);
+    if (bt.id == KIND_TERNARY) return (size_t)tile_ternary_bytes(g_pad);
     if (!bt.tile_sub) return bt.code_bytes(g_pad);
     return (bt.two_level ? (size_t)sub_bytes(g_pad) : 0) + (size_t)(g_pad / 32) * bt.tile_sub;
 }
@@ -421,7 +421,7 @@ static void tile_unpack_sub(const uint8_t* t, int g_pad, uint8_t* dst, size_t st
 }
 
 void tile_pack_codes(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS], int g_pad, uint8_t* dst) {
-    if (bt.id == 5) {
+    if (bt.id == KIND_TERNARY) {
         const int B = ternary_bytes(g_pad), Bp = tile_ternary_bytes(g_pad);
         for (int j = 0; j < Bp; ++j)
             for (int r = 0; r < TILE_ROWS; ++r) dst[32 * (j / 4) + 4 * r + j % 4] = j < B ? src[r][j] : 0;
@@ -440,7 +440,7 @@ void tile_pack_codes(const BlockTraits& bt, const uint8_t* const src[TILE_ROWS],
 }
 
 void tile_unpack_codes(const BlockTraits& bt, const uint8_t* t, int g_pad, uint8_t* dst, size_t stride) {
-    if (bt.id == 5) {
+    if (bt.id == KIND_TERNARY) {
         for (int j = 0, Bp = tile_ternary_bytes(g_pad); j < Bp; ++j)
             for (int r = 0; r < TILE_ROWS; ++r) dst[r * stride + j] = t[32 * (j / 4) + 4 * r + j % 4];
         return;
@@ -607,13 +607,13 @@ bool set_tile16(bool on) {
 tile16_fn tile16_kernel(int id, int kernels) {
     if (kernels != K_AVX2 || !tile16_on()) return nullptr;
     switch (id) {
-        case 2: return avx2::vnni512::tile16_q4;
-        case 3: return avx2::vnni512::tile16_q3;
-        case 4: return avx2::vnni512::tile16_q2;
-        case 6: return avx2::vnni512::tile16_q1;
-        case 7: return avx2::vnni512::tile16_q4s;
-        case 8: return avx2::vnni512::tile16_q3s;
-        case 9: return avx2::vnni512::tile16_q2s;
+        case KIND_Q4: return avx2::vnni512::tile16_q4;
+        case KIND_Q3: return avx2::vnni512::tile16_q3;
+        case KIND_Q2: return avx2::vnni512::tile16_q2;
+        case KIND_Q1: return avx2::vnni512::tile16_q1;
+        case KIND_Q4S: return avx2::vnni512::tile16_q4s;
+        case KIND_Q3S: return avx2::vnni512::tile16_q3s;
+        case KIND_Q2S: return avx2::vnni512::tile16_q2s;
         default: return nullptr;
     }
 }

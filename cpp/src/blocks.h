@@ -26,6 +26,12 @@ inline int sub_bytes(int g_pad) { const int n = g_pad / 32; return n + (n + 1) /
 //   X_TERNARY: 5 planes of round8(B) floats; plane i, slot j holds x[i*B + j] (0 past g or past B),
 //              so byte j's trit i meets its column without a gather.
 enum XLayout { X_PLAIN = 0, X_TERNARY = 1 };
+// Block kind ids (BlockTraits::id; the file format's action ids, docs/format.md): the kernels' per-kind switches name
+// them. KIND_Q4S.. are the two-level kinds (a kind >= KIND_Q4S is two-level).
+enum BlockKind {
+    KIND_FP16 = 0, KIND_Q8 = 1, KIND_Q4 = 2, KIND_Q3 = 3, KIND_Q2 = 4, KIND_TERNARY = 5, KIND_Q1 = 6,
+    KIND_Q4S = 7, KIND_Q3S = 8, KIND_Q2S = 9
+};
 
 // Dot product of one row-block's codes with the prepared x (no protected residuals):
 //   affine:  d * sum_j q_j x_j + m * xsum;   ternary: a * (sum_j t_j x_j - xsum);   fp16: sum_j h_j x_j.

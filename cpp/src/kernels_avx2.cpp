@@ -615,23 +615,23 @@ inline void tile8_mix_impl(const uint8_t* tile, const TileDesc* d, int n, const 
     for (int i = 0; i < n; ++i) {
         const uint8_t* part = tile + d[i].off;
         const XQ8* x = xq + x8off[d[i].c];
-        if (d[i].kind == 5) {
+        if (d[i].kind == KIND_TERNARY) {
             tot = tile_a(part, tile_chunk_ternary(part, x, 32 * d[i].nb, pf), x, ternary_x8(32 * d[i].nb), xsum[d[i].c], tot);
             continue;
         }
-        if (d[i].kind >= 7) {
+        if (d[i].kind >= KIND_Q4S) {
             switch (d[i].kind) {
-                case 7: tot = tile_sub_part<2, 16>(part, x, d[i].nb, pf, tot); break;
-                case 8: tot = tile_sub_part<3, 12>(part, x, d[i].nb, pf, tot); break;
+                case KIND_Q4S: tot = tile_sub_part<2, 16>(part, x, d[i].nb, pf, tot); break;
+                case KIND_Q3S: tot = tile_sub_part<3, 12>(part, x, d[i].nb, pf, tot); break;
                 default: tot = tile_sub_part<4, 8>(part, x, d[i].nb, pf, tot); break;
             }
             continue;
         }
         __m256 s;
         switch (d[i].kind) {
-            case 2: s = tile_chunk<2, 16>(part, x, d[i].nb, pf); break;
-            case 3: s = tile_chunk<3, 12>(part, x, d[i].nb, pf); break;
-            case 4: s = tile_chunk<4, 8>(part, x, d[i].nb, pf); break;
+            case KIND_Q4: s = tile_chunk<2, 16>(part, x, d[i].nb, pf); break;
+            case KIND_Q3: s = tile_chunk<3, 12>(part, x, d[i].nb, pf); break;
+            case KIND_Q2: s = tile_chunk<4, 8>(part, x, d[i].nb, pf); break;
             default: s = tile_chunk<6, 4>(part, x, d[i].nb, pf); break;
         }
         tot = tile_dm(part, s, xsum[d[i].c], tot);
@@ -740,25 +740,25 @@ inline void gemm_run(const uint8_t* tile, const TileDesc* d, int n, const XQ8* x
     for (int i = 0; i < n; ++i) {
         const uint8_t* part = tile + d[i].off;
         const XQ8* x = xq + x8off[d[i].c];
-        if (d[i].kind == 5) {  // ternary: token by token through the decode kernel (the same operations)
+        if (d[i].kind == KIND_TERNARY) {  // ternary: token by token through the decode kernel (the same operations)
             for (int t = 0; t < NT; ++t)
                 tot[t] = tile_a(part, tile_chunk_ternary(part, x + t * xs, 32 * d[i].nb, 0), x + t * xs, ternary_x8(32 * d[i].nb),
                                 xsum[t * ss + d[i].c], tot[t]);
             continue;
         }
-        if (d[i].kind >= 7) {
+        if (d[i].kind >= KIND_Q4S) {
             switch (d[i].kind) {
-                case 7: gemm_sub_part<2, 16, NT>(part, x, xs, d[i].nb, tot); break;
-                case 8: gemm_sub_part<3, 12, NT>(part, x, xs, d[i].nb, tot); break;
+                case KIND_Q4S: gemm_sub_part<2, 16, NT>(part, x, xs, d[i].nb, tot); break;
+                case KIND_Q3S: gemm_sub_part<3, 12, NT>(part, x, xs, d[i].nb, tot); break;
                 default: gemm_sub_part<4, 8, NT>(part, x, xs, d[i].nb, tot); break;
             }
             continue;
         }
         __m256 s[NT];
         switch (d[i].kind) {
-            case 2: gemm_chunk<2, 16, NT>(part, x, xs, d[i].nb, s); break;
-            case 3: gemm_chunk<3, 12, NT>(part, x, xs, d[i].nb, s); break;
-            case 4: gemm_chunk<4, 8, NT>(part, x, xs, d[i].nb, s); break;
+            case KIND_Q4: gemm_chunk<2, 16, NT>(part, x, xs, d[i].nb, s); break;
+            case KIND_Q3: gemm_chunk<3, 12, NT>(part, x, xs, d[i].nb, s); break;
+            case KIND_Q2: gemm_chunk<4, 8, NT>(part, x, xs, d[i].nb, s); break;
             default: gemm_chunk<6, 4, NT>(part, x, xs, d[i].nb, s); break;
         }
         for (int t = 0; t < NT; ++t) tot[t] = tile_dm(part, s[t], xsum[t * ss + d[i].c], tot[t]);

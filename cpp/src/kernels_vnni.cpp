@@ -231,7 +231,7 @@ void tile16_mix(const uint8_t* tile, std::ptrdiff_t ts, const TileDesc* d, int n
     for (int i = 0; i < n; ++i) {
         const uint8_t* part = tile + d[i].off;
         const XQ8* x = xq + x8off[d[i].c];
-        if (d[i].kind == 5) {
+        if (d[i].kind == KIND_TERNARY) {
             const int g = 32 * d[i].nb, nx = ternary_x8(g);
             const float xs = xsum[d[i].c];
             const __m256 lo = adm(part, tchunk(part, x, g, pf), x, nx, xs, _mm512_castps512_ps256(tot));
@@ -239,19 +239,19 @@ void tile16_mix(const uint8_t* tile, std::ptrdiff_t ts, const TileDesc* d, int n
             tot = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
             continue;
         }
-        if (d[i].kind >= 7) {  // two-level parts
+        if (d[i].kind >= KIND_Q4S) {  // two-level parts
             switch (d[i].kind) {
-                case 7: tot = sub_part2<2, 16>(part, ts, x, d[i].nb, pf, tot); break;
-                case 8: tot = sub_part2<3, 12>(part, ts, x, d[i].nb, pf, tot); break;
+                case KIND_Q4S: tot = sub_part2<2, 16>(part, ts, x, d[i].nb, pf, tot); break;
+                case KIND_Q3S: tot = sub_part2<3, 12>(part, ts, x, d[i].nb, pf, tot); break;
                 default: tot = sub_part2<4, 8>(part, ts, x, d[i].nb, pf, tot); break;
             }
             continue;
         }
         __m512 s;
         switch (d[i].kind) {
-            case 2: s = chunk2<2, 16>(part, ts, x, d[i].nb, pf); break;
-            case 3: s = chunk2<3, 12>(part, ts, x, d[i].nb, pf); break;
-            case 4: s = chunk2<4, 8>(part, ts, x, d[i].nb, pf); break;
+            case KIND_Q4: s = chunk2<2, 16>(part, ts, x, d[i].nb, pf); break;
+            case KIND_Q3: s = chunk2<3, 12>(part, ts, x, d[i].nb, pf); break;
+            case KIND_Q2: s = chunk2<4, 8>(part, ts, x, d[i].nb, pf); break;
             default: s = chunk2<6, 4>(part, ts, x, d[i].nb, pf); break;
         }
         tot = dm2(part, ts, s, xsum[d[i].c], tot);

@@ -378,7 +378,7 @@ void repack_tiles(Linear& L) {
     size_t off = 0, max_rb = 0;
     for (int c = 0; c < n_chunks; ++c) {
         const Chunk& ch = L.chunks[c];
-        const BlockTraits* bt = ch.bt->id == 5 && !keep_ternary ? q2 : ch.bt;
+        const BlockTraits* bt = ch.bt->id == KIND_TERNARY && !keep_ternary ? q2 : ch.bt;
         const size_t rb = tile_row_bytes(*bt, ch.g, ch.n_prot);
         L.tch.push_back({bt, off, rb});
         off += TILE_ROWS * rb;
@@ -447,7 +447,7 @@ void repack_tiles(Linear& L) {
             const bool same = L.tch[c].bt == L.tch[c - 1].bt && ch.g_pad == prev.g_pad && ch.n_prot == prev.n_prot;
             // q8 parts run only in uniform runs (tile8_q8): the mixed-run kernels (tile8_mix, tile16_mix) and the
             // prefill GEMM take the kinds below 8 bits, whose int8 products fit int16 sums
-            const bool q8 = L.tch[c].bt->id == 1 || L.tch[run.c0].bt->id == 1;
+            const bool q8 = L.tch[c].bt->id == KIND_Q8 || L.tch[run.c0].bt->id == KIND_Q8;
             if (same || !q8) {
                 if (!same) run.uniform = false;
                 ++run.n;
@@ -700,11 +700,11 @@ tile8_gemm_fn tile8_gemm_of(int kernels) {
 rows4_gemm_fn rows4_gemm_of(int kernels, int kind) {
 #if defined(__aarch64__)
     if (kernels == K_NEON) switch (kind) {
-            case 1: return neon::gemm4_q8;
-            case 2: return neon::gemm4_q4;
-            case 3: return neon::gemm4_q3;
-            case 4: return neon::gemm4_q2;
-            case 6: return neon::gemm4_q1;
+            case KIND_Q8: return neon::gemm4_q8;
+            case KIND_Q4: return neon::gemm4_q4;
+            case KIND_Q3: return neon::gemm4_q3;
+            case KIND_Q2: return neon::gemm4_q2;
+            case KIND_Q1: return neon::gemm4_q1;
             default: break;
         }
 #endif

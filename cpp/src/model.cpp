@@ -463,7 +463,7 @@ static bool row_finite(const Linear& L, int r) {
     if (L.kind == Linear::CHUNKED) {
         for (const Chunk& ch : L.chunks) {
             const uint8_t* rb = row + ch.off;
-            const size_t halves = ch.bt->id == 0 ? ch.bt->code_bytes(ch.g_pad) / 2 : (size_t)ch.bt->header_bytes / 2;
+            const size_t halves = ch.bt->id == KIND_FP16 ? ch.bt->code_bytes(ch.g_pad) / 2 : (size_t)ch.bt->header_bytes / 2;
             if (!finite_halves(rb, halves) || !finite_halves(rb + ch.res_off, ch.n_prot)) return false;
         }
         return true;
