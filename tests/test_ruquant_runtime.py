@@ -411,3 +411,28 @@ def test_rotate_without_text_or_with_other_targets_is_refused(ckpt, tmp_path):
     with pytest.raises(pipeline.ConvertError, match="llama.cpp has no operator for such an input transform"):
         pipeline.convert(ckpt, _plan(ckpt, "q8"), tmp_path / "x.gguf", target="llamacpp", calib_text="text")
     assert list(tmp_path.iterdir()) == []   # (ONNX takes rotated plans: tests/test_onnx_rotated.py)
+
+
+Q8_ROT_TOL = (0.3, 3e-2)  # max and mean |Δlogit| / std(logits): tests/test_cpp_parity.py's int8-activation bars
+
+
+def test_int8_activations_with_int8_block_products(files):
+    """Act bits 8 with int8 activations (the runtime's default): on CPUs with AVX-512 VNNI the transforms' whole blocks
+    take int8 inputs too (rotation.h block_matmul_q8, bit-identical to its scalar reference in
+    cpp/tests/test_rotation.cpp); elsewhere they stay float. Either way the C++ prefill and decode logits stay within
+    the int8-activation bars of the reference (float activations, float transforms)."""
+    from cpp_support import ensure_library
+    ensure_library()
+    from wqedge.runtime import native
+    w = _windows()
+    ref = _reference_logits(files["q8a8"], w)
+    try:
+        native.set_activations("q8")
+        got = _cpp_logits(files["q8a8"], w)
+    finally:
+        native.set_activations("f32")
+    for (prefill, decode), lr in zip(got, ref):
+        for lq in (prefill, decode):
+            mx, mean = _rel(lq, lr), float(np.abs(lq - lr).mean() / lr.std())
+            print(f"int8 activations, rotated A8: max {mx:.3e} mean {mean:.3e}")
+            assert mx < Q8_ROT_TOL[0] and mean < Q8_ROT_TOL[1], (mx, mean)

@@ -318,6 +318,121 @@ void block_matmul_q(const int8_t* P, const float* s, int n, const float* X, int 
     block_matmul_q_scalar(P, s, n, X, nx, Y, i0, i1);
 }
 
+// ------------------------------------------------------------------ format 3 with int8 activations
+std::vector<int8_t> pack_quads16(const std::vector<int8_t>& Q, int n) {
+    std::vector<int8_t> P((size_t)n * n);
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < n; ++j) P[((size_t)(i / 16) * (n / 4) + j / 4) * 64 + (i % 16) * 4 + j % 4] = Q[(size_t)i * n + j];
+    return P;
+}
+
+std::vector<int32_t> quad_row_sums(const std::vector<int8_t>& Q, int n) {
+    const int nk = n / 32;
+    std::vector<int32_t> S((size_t)n * nk);
+    for (int i = 0; i < n; ++i)
+        for (int k = 0; k < nk; ++k) {
+            int32_t a = 0;
+            for (int j = 0; j < 32; ++j) a += Q[(size_t)i * n + 32 * k + j];
+            S[((size_t)(i / 16) * nk + k) * 16 + i % 16] = 128 * a;
+        }
+    return S;
+}
+
+static void block_matmul_q8_scalar(const int8_t* Q, const float* s, int n, const XQ8* X, int nx, float* Y, int i0, int i1) {
+    const int nk = n / 32;
+    for (int b = 0; b < nx; ++b)
+        for (int i = i0; i < i1; ++i) {
+            float acc = 0.0f;
+            for (int k = 0; k < nk; ++k) {
+                const XQ8& xk = X[(size_t)b * nk + k];
+                int32_t isum = 0;
+                for (int j = 0; j < 32; ++j) isum += (int32_t)Q[(size_t)i * n + 32 * k + j] * xk.q[j];
+                const float p = (float)isum * xk.d;
+                acc = acc + p;
+            }
+            Y[(size_t)b * n + i] = acc * s[i];
+        }
+}
+
+#ifdef WQE_ROT_AVX2
+namespace avx2 {
+// NB blocks x one strip of 16 rows: per 32 columns, 8 vpdpbusd per block (activations as unsigned q + 128, one
+// broadcast of 4 codes each; the strip's 64-byte vectors shared by the NB blocks), minus 128 * the rows' code sums,
+// then acc + (float)sum * d. NB independent chains hide vpdpbusd's latency.
+// U: the blocks' codes as unsigned q + 128, 32 per 32 columns (u32 words: one broadcast operand per 4 codes); D: their d.
+template <int NB>
+__attribute__((target("avx512f,avx512vl,avx512vnni,avx512bw"))) static void q8_strip_vnni(const int8_t* w, const int32_t* rs,
+                                                                                         const float* s, int n,
+                                                                                         const uint32_t* U, const float* D,
+                                                                                         float* Y) {
+    const int nk = n / 32;
+    __m512 acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
+    for (int k = 0; k < nk; ++k, w += 8 * 64) {
+        __m512i even[NB], odd[NB];  // two chains per block (quads 0, 2, 4, 6 and 1, 3, 5, 7): vpdpbusd's latency
+        for (int b = 0; b < NB; ++b) even[b] = odd[b] = _mm512_setzero_si512();
+        for (int c = 0; c < 8; c += 2) {
+            const __m512i w0 = _mm512_loadu_si512((const void*)(w + 64 * c)), w1 = _mm512_loadu_si512((const void*)(w + 64 * c + 64));
+            for (int b = 0; b < NB; ++b) {
+                const uint32_t* u = U + ((size_t)b * nk + k) * 8 + c;
+                even[b] = _mm512_dpbusd_epi32(even[b], _mm512_set1_epi32((int)u[0]), w0);
+                odd[b] = _mm512_dpbusd_epi32(odd[b], _mm512_set1_epi32((int)u[1]), w1);
+            }
+        }
+        const __m512i r = _mm512_loadu_si512((const void*)(rs + (size_t)k * 16));
+        for (int b = 0; b < NB; ++b)
+            acc[b] = _mm512_add_ps(acc[b], _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(even[b], odd[b]), r)),
+                                                         _mm512_set1_ps(D[(size_t)b * nk + k])));
+    }
+    const __m512 sv = _mm512_loadu_ps(s);
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(Y + (size_t)b * n, _mm512_mul_ps(acc[b], sv));
+}
+
+static void block_matmul_q8_vnni(const int8_t* QV, const int32_t* RS, const float* s, int n, const XQ8* X, int nx, float* Y,
+                                 int i0, int i1) {
+    const int nk = n / 32;
+    thread_local std::vector<uint32_t> U;
+    thread_local std::vector<float> D;
+    U.resize((size_t)nx * nk * 8);
+    D.resize((size_t)nx * nk);
+    for (int k = 0; k < nx * nk; ++k) {  // codes + 128 (the unsigned operand of vpdpbusd) and the scales, contiguous
+        for (int c = 0; c < 8; ++c) {
+            uint32_t v;
+            std::memcpy(&v, X[k].q + 4 * c, 4);
+            U[(size_t)k * 8 + c] = v ^ 0x80808080u;
+        }
+        D[k] = X[k].d;
+    }
+    for (int i = i0; i < i1; i += 16) {
+        const int8_t* w = QV + (size_t)(i / 16) * n * 16;
+        const int32_t* rs = RS + (size_t)(i / 16) * nk * 16;
+        for (int b = 0; b < nx; b += 4) {
+            const uint32_t* u = U.data() + (size_t)b * nk * 8;
+            const float* d = D.data() + (size_t)b * nk;
+            float* y = Y + (size_t)b * n + i;
+            switch (std::min(4, nx - b)) {
+                case 4: q8_strip_vnni<4>(w, rs, s + i, n, u, d, y); break;
+                case 3: q8_strip_vnni<3>(w, rs, s + i, n, u, d, y); break;
+                case 2: q8_strip_vnni<2>(w, rs, s + i, n, u, d, y); break;
+                default: q8_strip_vnni<1>(w, rs, s + i, n, u, d, y); break;
+            }
+        }
+    }
+}
+}  // namespace avx2
+#endif
+
+void block_matmul_q8(const int8_t* Q, const int8_t* QV, const int32_t* RS, const float* s, int n, const XQ8* X, int nx,
+                     float* Y, int i0, int i1, int kernels) {
+#ifdef WQE_ROT_AVX2
+    if (kernels == K_AVX2 && x86_vnni() == 1 && QV && RS) return avx2::block_matmul_q8_vnni(QV, RS, s, n, X, nx, Y, i0, i1);
+#endif
+    (void)QV;
+    (void)RS;
+    (void)kernels;
+    block_matmul_q8_scalar(Q, s, n, X, nx, Y, i0, i1);
+}
+
 // ------------------------------------------------------------------ the transform
 // Smoothing, then stage 1 (R1 on every block: x -> t), the gather P (t -> g), stage 2 (R2 on every block: g -> y),
 // then the Householder reflection y + c v with c = -2 * (the blocks' shares of v . y summed in block order). Each
@@ -335,6 +450,12 @@ void Rotation::pack_blocks() {
     if (integer()) {
         q1p = pack_rows16(q1, block);
         q2p = pack_rows16(q2, block);
+        if (block % 32 == 0 && x86_vnni() == 1) {  // int8 activations' products (block_matmul_q8)
+            q1v = pack_quads16(q1, block);
+            q2v = pack_quads16(q2, block);
+            q1rs = quad_row_sums(q1, block);
+            q2rs = quad_row_sums(q2, block);
+        }
         return;
     }
     r1p = pack_rows16(r1, block);
@@ -342,11 +463,15 @@ void Rotation::pack_blocks() {
 }
 
 // Block b's (whole blocks: rows [i0, i1) of all of them, packed) product of stage 1 or 2, float32 or int8 matrices.
-static void stage_task(const Rotation& r, bool second, bool packed, int k, int rt, const float* in, float* out, int kernels) {
+static void stage_task(const Rotation& r, bool second, bool packed, int k, int rt, const float* in, const XQ8* in8,
+                       float* out, int kernels) {
     const int B = r.block, nf = r.dim / B, n_rt = (B + rt - 1) / rt;
     if (packed && k < n_rt) {
         const int i0 = k * rt, i1 = std::min(B, i0 + rt);
-        if (r.integer()) block_matmul_q((second ? r.q2p : r.q1p).data(), (second ? r.s2 : r.s1).data(), B, in, nf, out, i0, i1, kernels);
+        if (in8)
+            block_matmul_q8((second ? r.q2 : r.q1).data(), (second ? r.q2v : r.q1v).data(), (second ? r.q2rs : r.q1rs).data(),
+                            (second ? r.s2 : r.s1).data(), B, in8, nf, out, i0, i1, kernels);
+        else if (r.integer()) block_matmul_q((second ? r.q2p : r.q1p).data(), (second ? r.s2 : r.s1).data(), B, in, nf, out, i0, i1, kernels);
         else block_matmul_p((second ? r.r2p : r.r1p).data(), B, in, nf, out, i0, i1, kernels);
         return;
     }
@@ -362,17 +487,30 @@ static void stage_task(const Rotation& r, bool second, bool packed, int k, int r
     }
 }
 
-static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kernels) {
+bool Rotation::int8_ready(int kernels) const {
+    static const bool on = env_switch("WQEDGE_INT8_TRANSFORM", true);  // =0: float block products (A/B runs)
+    return on && kernels == K_AVX2 && x86_vnni() == 1 && !q1v.empty() && dim >= block;
+}
+
+static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kernels, bool int8) {
     const int B = r.block, nf = r.dim / B, tl = r.dim - nf * B, nb = n_blocks(r);
     const bool packed = kernels == K_AVX2 && nf > 0 && !(r.integer() ? r.q1p.empty() : r.r1p.empty());
+    int8 = int8 && packed && r.int8_ready(kernels);
     constexpr int RT = 32;
     const int n_tasks = packed ? (B + RT - 1) / RT + (tl ? 1 : 0) : nb;
     thread_local std::vector<float> buf;
+    thread_local std::vector<XQ8> buf8;
     if (buf.size() < (size_t)3 * r.dim + nb) buf.resize((size_t)3 * r.dim + nb);
+    if (int8 && buf8.size() < (size_t)nf * B / 32) buf8.resize((size_t)nf * B / 32);
     float *t = buf.data(), *g = t + r.dim, *y = g + r.dim, *part = y + r.dim;
     auto stage = [&](bool second, const float* in, float* out) {
-        if (pool && pool->size() > 1) pool->run(n_tasks, [&](int k, int) { stage_task(r, second, packed, k, RT, in, out, kernels); });
-        else for (int k = 0; k < n_tasks; ++k) stage_task(r, second, packed, k, RT, in, out, kernels);
+        const XQ8* in8 = nullptr;
+        if (int8) {  // the whole blocks' input, per 32 columns (the tail block stays float)
+            vec_ops(kernels).quant_x8(in, nf * B, buf8.data(), 0.0f);
+            in8 = buf8.data();
+        }
+        if (pool && pool->size() > 1) pool->run(n_tasks, [&](int k, int) { stage_task(r, second, packed, k, RT, in, in8, out, kernels); });
+        else for (int k = 0; k < n_tasks; ++k) stage_task(r, second, packed, k, RT, in, in8, out, kernels);
     };
     if (!r.smooth.empty())
         for (int i = 0; i < r.dim; ++i) x[i] /= r.smooth[i];
@@ -387,7 +525,7 @@ static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kern
     vec_ops(kernels).axpy(-2.0f * d, r.hh.data(), x, r.dim);
 }
 
-void Rotation::apply(float* x, int kernels) const { apply_blocks(*this, x, nullptr, kernels); }
+void Rotation::apply(float* x, int kernels, bool int8) const { apply_blocks(*this, x, nullptr, kernels, int8); }
 
 float act_fake_quant(float* x, int n, int bits) {
     const float hi_code = (float)((1 << bits) - 1);
@@ -409,16 +547,19 @@ void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPo
     if (steps)
         for (int t = 0; t < n; ++t) steps[t] = 0.0f;
     if (!r && bits >= 8) return;
+    // At act bits 8 with int8 activations the linears quantize the transform's output per 32 columns anyway: its
+    // block products then take int8 inputs too (Rotation::int8_ready: AVX-512 VNNI), 4x the float products' rate.
+    const bool int8 = bits >= 8 && active_act() == ACT_Q8;
     auto one = [&](int t) {
         float* xt = x + (size_t)t * dim;
-        if (r) r->apply(xt, kernels);
+        if (r) r->apply(xt, kernels, int8);
         if (bits < 8) {
             const float s = act_fake_quant(xt, dim, bits);
             if (steps) steps[t] = s;
         }
     };
     if (n == 1 && r && pool.size() > 1 && n_blocks(*r) > 1) {  // decode: the token's blocks over the threads
-        apply_blocks(*r, x, &pool, kernels);
+        apply_blocks(*r, x, &pool, kernels, int8);
         if (bits < 8) {
             const float s = act_fake_quant(x, dim, bits);
             if (steps) steps[0] = s;

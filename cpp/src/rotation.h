@@ -13,6 +13,7 @@ namespace wqe {
 
 class GGUFFile;
 class ThreadPool;
+struct XQ8;
 
 struct Rotation {
     int dim = 0, block = 0;
@@ -23,12 +24,18 @@ struct Rotation {
     std::vector<int8_t> q1, q1_tail, q2, q2_tail;
     std::vector<float> s1, s1_tail, s2, s2_tail;
     std::vector<int8_t> q1p, q2p;                  // Q1, Q2 packed (pack_rows16): the AVX2 multi-block product
+    // Q1, Q2 packed for int8 activations (pack_quads16) with their row sums (quad_row_sums): made at load where the
+    // AVX2 set runs AVX-512 VNNI (block_matmul_q8); empty elsewhere.
+    std::vector<int8_t> q1v, q2v;
+    std::vector<int32_t> q1rs, q2rs;
     bool integer() const { return !q1.empty(); }
     std::vector<int32_t> perm;                     // x'[i] = x[perm[i]]
     std::vector<float> hh;                         // unit Householder vector, empty when none
     std::vector<float> smooth;                     // divisors, empty when none
     // x (dim floats) -> x' in place. kernels: K_SCALAR, K_AVX2 or K_NEON.
-    void apply(float* x, int kernels) const;
+    // int8: the whole blocks' products with int8 activations (block_matmul_q8) where this set has them (int8_ready).
+    void apply(float* x, int kernels, bool int8 = false) const;
+    bool int8_ready(int kernels) const;
     // Fill r1p, r2p from r1, r2 (load_rotations does; B a multiple of 16): with them the AVX2 set runs every whole block
     // of a stage in one multi-block product (block_matmul_p) instead of one block_matvec per block.
     void pack_blocks();
@@ -59,6 +66,20 @@ void block_matmul_p(const float* P, int n, const float* X, int nx, float* Y, int
 // between two orderings into a jump of a whole int16 step: 100x the noise between prefill and decode).
 void block_matvec_q(const int8_t* Q, const float* s, int n, const float* x, float* y, int kernels);
 void block_matmul_q(const int8_t* P, const float* s, int n, const float* X, int nx, float* Y, int i0, int i1, int kernels);
+
+// Format 3's block product with int8 activations (act bits 8 and int8 activations, the runtime's default): each whole
+// block's input quantized per 32 columns (VecOps::quant_x8), then exact int32 sums per 32 columns:
+// Y[b n + i] = (sum over 32-column blocks k, in order, of (float)(sum_j Q[i n + 32 k + j] q_j) * d_k) * s[i], the float
+// operations being one multiply, then one add, per k. The int8 inputs cost W4A8 nothing measurable on llama-s (reference
+// perplexity with each block input quantized so: -0.03% against float inputs, bench/results/ruquant_speed.md run 7).
+// Scalar reference on row-major Q (any kernels); with kernels == K_AVX2 and x86_vnni() == 1, AVX-512 VNNI on QV =
+// pack_quads16(Q) (strips of 16 rows; per 4 columns one 64-byte vector, row r's 4 codes at bytes 4r..4r+3) and
+// RS = quad_row_sums(Q) (128 * each row's code sum per 32 columns, per strip: n/32 x 16), bit-identical.
+// n a multiple of 32; rows [i0, i1) multiples of 16.
+std::vector<int8_t> pack_quads16(const std::vector<int8_t>& Q, int n);
+std::vector<int32_t> quad_row_sums(const std::vector<int8_t>& Q, int n);
+void block_matmul_q8(const int8_t* Q, const int8_t* QV, const int32_t* RS, const float* s, int n, const XQ8* X, int nx,
+                     float* Y, int i0, int i1, int kernels);
 
 // Per-token asymmetric quantize-dequantize at `bits` (6 or 4) in place, exactly as wqedge.actquant.fake_quant:
 // s = max((max - min) / (2^b - 1), 1e-8), z = round(-min / s), q = clamp(round(x / s) + z, 0, 2^b - 1),

@@ -163,6 +163,59 @@ int main() {
                 }
     }
     std::printf("AVX-512 packed products checked bit for bit against AVX2: %d\n", n_512);
+    // Int8 activations (block_matmul_q8): the AVX-512 VNNI kernel on pack_quads16 / quad_row_sums against the scalar
+    // reference on row-major codes, bit for bit; inputs from quant_x8 (a zero 32-column block, outliers), codes at
+    // +-127, 1..6 blocks, a row range (rows outside untouched). The scalar reference itself against a float64 sum.
+    int n_q8 = 0;
+    {
+        std::uniform_int_distribution<int> code8(-127, 127);
+        for (int n : {128, 64, 32})
+            for (int nx : {1, 3, 4, 6})
+                for (int part = 0; part < 2; ++part) {
+                    const int i0 = part && n > 32 ? 16 : 0, i1 = part && n > 32 ? n - 16 : n;
+                    std::vector<int8_t> Q((size_t)n * n);
+                    std::vector<float> s(n), X((size_t)nx * n);
+                    for (int8_t& c : Q) c = (int8_t)(rng() % 5 == 0 ? (rng() & 1 ? 127 : -127) : code8(rng));
+                    for (float& v : s) v = std::fabs(nd(rng)) * 0.01f + 1e-4f;
+                    for (float& v : X) v = nd(rng) * (rng() % 13 == 0 ? 40.0f : 1.0f);
+                    for (int j = 0; j < 32; ++j) X[j] = 0.0f;  // an all-zero block: d = 0
+                    std::vector<XQ8> xq((size_t)nx * n / 32);
+                    vec_ops(K_SCALAR).quant_x8(X.data(), nx * n, xq.data(), 0.0f);
+                    std::vector<float> a((size_t)nx * n, 7.0f), b = a;
+                    block_matmul_q8(Q.data(), nullptr, nullptr, s.data(), n, xq.data(), nx, a.data(), i0, i1, K_SCALAR);
+                    for (int bb = 0; bb < nx; ++bb)  // the reference: sum_k (exact int sum) * d_k, then * s_i
+                        for (int i = 0; i < n; ++i) {
+                            const bool in = i >= i0 && i < i1;
+                            double want = 0.0, mag = 0.0;
+                            for (int j = 0; j < n; ++j) {
+                                const XQ8& xk = xq[(size_t)bb * n / 32 + j / 32];
+                                want += (double)Q[(size_t)i * n + j] * xk.q[j % 32] * xk.d;
+                                mag += std::fabs((double)Q[(size_t)i * n + j] * xk.q[j % 32] * xk.d);
+                            }
+                            const float got = a[(size_t)bb * n + i];
+                            ++checks;
+                            if (in ? std::fabs(got - want * s[i]) > 1e-5 * mag * s[i] + 1e-30 : got != 7.0f) {
+                                ++fails;
+                                std::printf("FAIL matmul_q8 scalar n %d nx %d row %d: %g vs %g\n", n, nx, i, got, want * s[i]);
+                            }
+                        }
+                    if (cpu_has_avx2() && cpu_vnni() == 1) {
+                        const std::vector<int8_t> QV = pack_quads16(Q, n);
+                        const std::vector<int32_t> RS = quad_row_sums(Q, n);
+                        set_x86_vnni(1);
+                        block_matmul_q8(Q.data(), QV.data(), RS.data(), s.data(), n, xq.data(), nx, b.data(), i0, i1, K_AVX2);
+                        set_x86_vnni(-1);
+                        ++checks;
+                        ++n_q8;
+                        if (std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) != 0) {
+                            ++fails;
+                            std::printf("FAIL matmul_q8 VNNI differs from the scalar reference: n %d nx %d rows [%d, %d)\n", n,
+                                        nx, i0, i1);
+                        }
+                    }
+                }
+    }
+    std::printf("int8-activation block products (AVX-512 VNNI) checked bit for bit against scalar: %d\n", n_q8);
     std::printf("rotation kernels: %d sets, %d checks, %d failures\n", (int)sets.size(), checks, fails);
     return fails ? 1 : 0;
 }
