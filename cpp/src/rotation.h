@@ -71,7 +71,7 @@ void block_matmul_q(const int8_t* P, const float* s, int n, const float* X, int 
 // block's input quantized per 32 columns (VecOps::quant_x8), then exact int32 sums per 32 columns:
 // Y[b n + i] = (sum over 32-column blocks k, in order, of (float)(sum_j Q[i n + 32 k + j] q_j) * d_k) * s[i], the float
 // operations being one multiply, then one add, per k. The int8 inputs cost W4A8 nothing measurable on llama-s (reference
-// perplexity with each block input quantized so: -0.03% against float inputs, bench/results/ruquant_speed.md run 7).
+// perplexity with each block input quantized so: -0.03%; the runtime's +0.03%; bench/results/ruquant_speed.md run 7).
 // Scalar reference on row-major Q (any kernels); with kernels == K_AVX2 and x86_vnni() == 1, AVX-512 VNNI on QV =
 // pack_quads16(Q) (strips of 16 rows; per 4 columns one 64-byte vector, row r's 4 codes at bytes 4r..4r+3) and
 // RS = quad_row_sums(Q) (128 * each row's code sum per 32 columns, per strip: n/32 x 16), bit-identical.
