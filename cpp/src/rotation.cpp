@@ -358,7 +358,7 @@ static void block_matmul_q8_scalar(const int8_t* Q, const float* s, int n, const
 namespace avx2 {
 // NB blocks x one strip of 16 rows: per 32 columns, 8 vpdpbusd per block (activations as unsigned q + 128, one
 // broadcast of 4 codes each; the strip's 64-byte vectors shared by the NB blocks), minus 128 * the rows' code sums,
-// then acc + (float)sum * d. NB independent chains hide vpdpbusd's latency.
+// then acc + (float)sum * d (NB independent chains; a second chain per block measured no faster).
 // U: the blocks' codes as unsigned q + 128, 32 per 32 columns (u32 words: one broadcast operand per 4 codes); D: their d.
 template <int NB>
 __attribute__((target("avx512f,avx512vl,avx512vnni,avx512bw"))) static void q8_strip_vnni(const int8_t* w, const int32_t* rs,
@@ -369,19 +369,16 @@ __attribute__((target("avx512f,avx512vl,avx512vnni,avx512bw"))) static void q8_s
     __m512 acc[NB];
     for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
     for (int k = 0; k < nk; ++k, w += 8 * 64) {
-        __m512i even[NB], odd[NB];  // two chains per block (quads 0, 2, 4, 6 and 1, 3, 5, 7): vpdpbusd's latency
-        for (int b = 0; b < NB; ++b) even[b] = odd[b] = _mm512_setzero_si512();
-        for (int c = 0; c < 8; c += 2) {
-            const __m512i w0 = _mm512_loadu_si512((const void*)(w + 64 * c)), w1 = _mm512_loadu_si512((const void*)(w + 64 * c + 64));
-            for (int b = 0; b < NB; ++b) {
-                const uint32_t* u = U + ((size_t)b * nk + k) * 8 + c;
-                even[b] = _mm512_dpbusd_epi32(even[b], _mm512_set1_epi32((int)u[0]), w0);
-                odd[b] = _mm512_dpbusd_epi32(odd[b], _mm512_set1_epi32((int)u[1]), w1);
-            }
+        __m512i isum[NB];
+        for (int b = 0; b < NB; ++b) isum[b] = _mm512_setzero_si512();
+        for (int c = 0; c < 8; ++c) {
+            const __m512i wv = _mm512_loadu_si512((const void*)(w + 64 * c));
+            for (int b = 0; b < NB; ++b)
+                isum[b] = _mm512_dpbusd_epi32(isum[b], _mm512_set1_epi32((int)U[((size_t)b * nk + k) * 8 + c]), wv);
         }
         const __m512i r = _mm512_loadu_si512((const void*)(rs + (size_t)k * 16));
         for (int b = 0; b < NB; ++b)
-            acc[b] = _mm512_add_ps(acc[b], _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(even[b], odd[b]), r)),
+            acc[b] = _mm512_add_ps(acc[b], _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum[b], r)),
                                                          _mm512_set1_ps(D[(size_t)b * nk + k])));
     }
     const __m512 sv = _mm512_loadu_ps(s);
