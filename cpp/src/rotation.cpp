@@ -555,7 +555,12 @@ void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPo
             if (steps) steps[t] = s;
         }
     };
-    if (n == 1 && r && pool.size() > 1 && n_blocks(*r) > 1) {  // decode: the token's blocks over the threads
+    // Decode splits a token's blocks over the threads (two fork-joins per group), except int8 products of fewer than
+    // INT8_SPLIT_BLOCKS blocks: on llama-s (4 and 11 blocks) they ran 1867-1915 tok/s on the calling thread alone
+    // against 1610-1668 split, 2 threads (bench/results/ruquant_speed.md run 7); float products gained from the split.
+    constexpr int INT8_SPLIT_BLOCKS = 16;
+    const bool split = r && n_blocks(*r) > 1 && !(int8 && r->int8_ready(kernels) && n_blocks(*r) < INT8_SPLIT_BLOCKS);
+    if (n == 1 && split && pool.size() > 1) {
         apply_blocks(*r, x, &pool, kernels, int8);
         if (bits < 8) {
             const float s = act_fake_quant(x, dim, bits);
