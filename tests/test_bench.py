@@ -103,7 +103,7 @@ def test_bench_smoke(tmp_path, tiny_model_dir):
     out = tmp_path / "rep"
     args = ["bench", "--model", str(tiny_model_dir), "--eval-text", str(text), "--no-calib", "--speed-model", "none",
             "--rows", ",".join(rows), "--threads", "1", "--prefill", "8", "--decode", "4", "--reps", "1",
-            "--rounds", "1", "--ppl-windows", "1", "--ppl-ctx", "64", "--cache-dir", str(tmp_path / "cache"),
+            "--rounds", "2", "--ppl-windows", "1", "--ppl-ctx", "64", "--cache-dir", str(tmp_path / "cache"),
             "--out", str(out)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output + repr(r.exception)
@@ -115,6 +115,9 @@ def test_bench_smoke(tmp_path, tiny_model_dir):
     assert info["triad_GBps"] > 0 and info["triad_llc_GBps"] > 0
     # the roofline is the runtime's read bandwidth (the library is built for these tests), and the report says so
     assert info["roof_kind"] == "read" and info["roof_GBps"] > 0 and info["roof_llc_GBps"] > 0
+    # measured before, between the rounds and after the timing; the roof is the best reading
+    assert [x["when"] for x in info["triad_samples"]] == ["before", "after round 1", "after"]
+    assert info["roof_GBps"] == max(x["read_GBps"] for x in info["triad_samples"])
     assert "DRAM read" in md
     assert [x["row"] for x in rep["rows"]] == rows
     llama_ok = HAVE_LLAMA and llamacpp_problem() is None   # a llama.cpp that crashes here fails its row only
@@ -125,7 +128,7 @@ def test_bench_smoke(tmp_path, tiny_model_dir):
         assert f"| {key} |" in md
         if row["status"] != "ok":
             continue
-        assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and len(row["decode"]) == 1
+        assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and len(row["decode"]) == 2   # a sample per round
         assert row["peak_mib"] >= row["base_mib"] > 0 and row["file_mib"] > 0
         assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1
         assert 0 < row["roofline_fraction"] and row["bytes_per_token"] > 0

@@ -52,7 +52,7 @@ def markdown(rep: dict) -> str:
         f"machine: outside load only slows a run, so speeds are the best of {o['rounds']} round-robin rounds x "
         f"{o['reps']} repetitions{', ONNX Runtime on the speed model 1 x 1' if o.get('speed_model') else ''}; every "
         f"sample and the medians are in the JSON). Prefill {o['prefill']} tokens, "
-        f"decode {o['decode']} tokens. Memory bandwidth (same threads, best of before and after the timing): "
+        f"decode {o['decode']} tokens. Memory bandwidth (same threads, best of before, between the rounds and after the timing): "
         + (f"**{info['roof_GBps']:.1f} GB/s** DRAM read (512 MiB streamed by the runtime's threads: the roofline), "
            f"{info['roof_llc_GBps']:.1f} GB/s last-level-cache read; " if info.get("roof_kind", "triad") == "read" else "")
         + f"numpy triad {info['triad_GBps']:.1f} GB/s DRAM (3 x 64 MiB), {info['triad_llc_GBps']:.1f} GB/s last-level "

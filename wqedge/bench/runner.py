@@ -154,7 +154,8 @@ def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
 
     # -------------------------------------------------------- machine
     def bandwidth(when: str) -> None:
-        """Memory bandwidth, measured before and after the timing: outside load only lowers it, so the best counts.
+        """Memory bandwidth, measured before, between the rounds and after the timing: outside load only lowers it,
+        so the best counts.
         The roof is the runtime's own read bandwidth (wqe_read_bandwidth: the same threads streaming contiguous
         parts, as a decode step reads its weights); the numpy triad (read + write) is kept for reference."""
         say(f"measuring memory bandwidth (read and numpy triad, {when})…")
@@ -209,6 +210,10 @@ def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
                 results[k]["prefill"] += res["prefill"]
                 results[k]["decode"] += res["decode"]
                 results[k]["peak_mib"] = max(results[k]["peak_mib"], res["peak_mib"])
+        if rnd + 1 < o.rounds:
+            # between rounds too: on a shared machine the bandwidth moves by ~15% over minutes (26.9-32.4 GB/s at 2
+            # threads on one 2-core VM, bench/results/issue12_pool.md), and the roof is the best reading
+            bandwidth(f"after round {rnd + 1}")
     info["loadavg_after"] = os.getloadavg()
     tmp.cleanup()
     bandwidth("after")
