@@ -493,7 +493,10 @@ static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kern
     const int B = r.block, nf = r.dim / B, tl = r.dim - nf * B, nb = n_blocks(r);
     const bool packed = kernels == K_AVX2 && nf > 0 && !(r.integer() ? r.q1p.empty() : r.r1p.empty());
     int8 = int8 && packed && r.int8_ready(kernels);
-    constexpr int RT = 32;
+    // Row tasks of 32 when split over threads; on one thread one task for all rows of the whole blocks (each output
+    // is the same operations either way), so a stage converts its int8 input for the VNNI kernel once, not per task.
+    const bool split = pool && pool->size() > 1;
+    const int RT = split ? 32 : B;
     const int n_tasks = packed ? (B + RT - 1) / RT + (tl ? 1 : 0) : nb;
     thread_local std::vector<float> buf;
     thread_local std::vector<XQ8> buf8;
@@ -506,7 +509,7 @@ static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kern
             vec_ops(kernels).quant_x8(in, nf * B, buf8.data(), 0.0f);
             in8 = buf8.data();
         }
-        if (pool && pool->size() > 1) pool->run(n_tasks, [&](int k, int) { stage_task(r, second, packed, k, RT, in, in8, out, kernels); });
+        if (split) pool->run(n_tasks, [&](int k, int) { stage_task(r, second, packed, k, RT, in, in8, out, kernels); });
         else for (int k = 0; k < n_tasks; ++k) stage_task(r, second, packed, k, RT, in, in8, out, kernels);
     };
     if (!r.smooth.empty())
