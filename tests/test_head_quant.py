@@ -168,14 +168,17 @@ def test_fixture_model_parity(llama_s_dir, tmp_path):
 
 
 def test_head_kind_per_target():
-    """Our GGUF takes the head asked for (DEFAULT_HEAD when none); ONNX and llama.cpp keep theirs and say so."""
+    """Our GGUF and the llama.cpp GGUF take the head asked for (DEFAULT_HEAD when none); ONNX keeps its dense head
+    and says so."""
     said = []
     assert pipeline.head_kind("gguf") == pipeline.DEFAULT_HEAD
     assert pipeline.head_kind("gguf", "q4") == "q4"
+    assert pipeline.head_kind("llamacpp", None, said.append) == pipeline.DEFAULT_HEAD
+    assert pipeline.head_kind("llamacpp", "q4", said.append) == "q4" and not said
     assert pipeline.head_kind("onnx", "q8", said.append) == "fp16"
-    assert pipeline.head_kind("llamacpp", "q4", said.append) == "fp16"
-    assert len(said) == 2 and "--head q8 ignored for --target onnx" in said[0] and "llama.cpp" in said[1]
-    assert pipeline.head_kind("onnx", None, said.append) == "fp16" and len(said) == 2   # the default: no message
+    assert len(said) == 1 and "--head q8 ignored for --target onnx" in said[0]
+    assert pipeline.head_kind("onnx", None, said.append) == "fp16" and len(said) == 1   # the default: no message
+    assert set(pipeline.LLAMACPP_HEAD_TYPES) == set(HEAD_KINDS)
     with pytest.raises(pipeline.ConvertError, match="unknown output head kind 'q5'"):
         pipeline.head_kind("gguf", "q5")
     with pytest.raises(ValueError):

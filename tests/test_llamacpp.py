@@ -12,7 +12,12 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.engine("llama.cpp")  # run in a child pytest (tests/conftest.py)
 
 import gguf  # noqa: E402
-from wqedge.alloc.llamacpp_types import budget_types, project_types, type_bits  # noqa: E402
+from wqedge.alloc.llamacpp_types import (  # noqa: E402
+    budget_types,
+    preset_embedding_types,
+    project_types,
+    type_bits,
+)
 from wqedge.converters.llamacpp import (  # noqa: E402
     available_types,
     export_llamacpp,
@@ -101,6 +106,72 @@ def test_quantize_tensor_is_llamacpps_and_reads_back():
         qt = gguf.GGMLQuantizationType[t]
         ref = gguf.quants.quantize(w, qt)
         assert np.mean(quantize_tensor(w, t) == ref) > 0.99
+
+
+@pytest.mark.parametrize("preset,tied,hidden,want", [
+    ("Q4_0", False, 512, ("Q4_0", "Q6_K")),
+    ("Q3_K_M", False, 512, ("Q3_K", "Q6_K")),
+    ("Q2_K", False, 512, ("Q2_K", "Q6_K")),
+    ("Q8_0", False, 512, ("Q8_0", "Q8_0")),
+    ("IQ2_XXS", False, 512, ("Q2_K", "Q5_K")),
+    ("IQ2_S", False, 512, ("IQ3_S", "Q5_K")),
+    ("Q4_0", True, 512, ("Q6_K", "Q6_K")),       # tied: the one table is the head
+    ("Q4_K_M", False, 576, ("Q5_0", "Q8_0")),    # 576 columns: no 256-blocks, llama-quantize's fallbacks
+    ("Q4_0", True, 576, ("Q8_0", "Q8_0")),       # Q4_0's 32-blocks fit, so Q6_K is asked for, then falls back
+])
+def test_preset_embedding_types_follow_llama_quantize(preset, tied, hidden, want):
+    """llama-quantize's embedding and head types (llama_tensor_get_type of the vendored llama.cpp)."""
+    from wqedge.spec import ModelSpec
+    spec = ModelSpec(hidden_size=hidden, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=hidden // 8,
+                     intermediate_size=1408, vocab_size=8192, tie_word_embeddings=tied)
+    assert preset_embedding_types(spec, preset) == want
+    with pytest.raises(ValueError, match="unknown ggml type"):
+        preset_embedding_types(spec, "Q4_Z")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_quantized_embeddings_and_head_match_pytorch_on_their_dequantized_weights(tiny_model_factory, tmp_path, tied):
+    """Q4_0 embeddings and head (`convert --target llamacpp --head q4`): llama.cpp's logits = the transformers
+    model whose embedding table and head are the file's tensors dequantized (gguf-py), the linears F32, and the
+    head's input rounded to Q8_0 blocks as llama.cpp's Q4_0 dot product takes it. Q4_0, not the default Q8_0
+    head: its weight error is large enough that the check tells the file's head from the checkpoint's."""
+    import torch
+
+    from wqedge.checkpoint import LlamaCheckpoint
+    from wqedge.reference import logits_fn
+    d = tiny_model_factory(hidden=256, intermediate=512, tie_embeddings=tied)
+    res = export_llamacpp(d, tmp_path / "q.gguf", dtype="f32", embed_type="Q4_0", output_type="Q4_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(res.path).tensors}
+    assert tensors["token_embd.weight"].tensor_type.name == "Q4_0"
+    assert ("output.weight" in tensors) == (not tied)
+    if not tied:
+        assert tensors["output.weight"].tensor_type.name == "Q4_0"
+
+    def deq(name):
+        t = tensors[name]
+        return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32))
+    ids = np.random.default_rng(0).integers(3, 500, (1, 96)).astype(np.int32)
+    ids[0, 0] = 1
+    torch.set_num_threads(N_THREADS)
+    model = LlamaCheckpoint.open(d).load_hf_model(torch.float32)
+    unquantized = logits_fn(model)(ids)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(deq("token_embd.weight"))
+        if not tied:
+            model.lm_head.weight.copy_(deq("output.weight"))
+
+    def q8_input(mod, args):   # llama.cpp quantizes a Q8_0 product's activations to Q8_0
+        x = args[0].detach().numpy().astype(np.float32)
+        q = gguf.quants.quantize(x.reshape(-1, x.shape[-1]), gguf.GGMLQuantizationType.Q8_0)
+        return (torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(x.shape)),)
+    model.lm_head.register_forward_pre_hook(q8_input)
+    ref = logits_fn(model)(ids)
+    got = _llama(res.path, n_ctx=128)(ids)
+    rel, off = _rel(got, ref), _rel(got, unquantized)
+    print(f"tied={tied}: max|d|/std = {rel:.2e} against the dequantized weights, {off:.2e} against the checkpoint's")
+    # 2.5e-2, not the F32 files' 1e-2: llama.cpp's F16 KV cache moves the head's inputs by ~1e-3 (the F32-head
+    # variant of this model: 1.2e-3), enough to flip some of their Q8_0 roundings (measured 1.1e-2 here)
+    assert rel < 2.5e-2 and off > 10 * rel
 
 
 # ---------------------------------------------------------------- the trained fixture model
@@ -260,5 +331,7 @@ def test_cli_convert_target_llamacpp_meets_budget_and_generates(llama_s_dir, tmp
                                     "--bits", "3.5", "--no-self-calib"])
     assert res.exit_code == 0, res.output
     assert measured_linear_bits(out) <= 3.5 + 1e-9
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "F16"   # the head as our q8 head
     m = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, verbose=False)
     assert len(m.tokenize(b"hello") ) > 0 and m("The function", max_tokens=4)["choices"][0]["text"]

@@ -415,7 +415,8 @@ def torch_dist_error():
                    f"ties them) is stored: 'fp16' dense as in the checkpoint, 'q8' / 'q4' a quantized linear in the "
                    f"decoder linears' layout, fitted from the weights (default {DEFAULT_HEAD}). Not counted in the "
                    f"effective bits; the head is read once per decoded token (bench/results/head_quant.md). "
-                   f"--target gguf only.")
+                   f"--target llamacpp stores it as the matching llama.cpp type (q8: Q8_0, q4: Q4_0, fp16: F16; "
+                   f"untied embeddings stay F16 as in our GGUF); --target onnx keeps it dense.")
 @distributed_option
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
             rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers,

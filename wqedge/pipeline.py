@@ -201,21 +201,24 @@ class ConvertError(ValueError):
     """A step of the pipeline cannot run or failed, and nothing was written; the message says which and why."""
 
 
+# The llama.cpp type that stores the output head as our head kind does (q8: 8.5 bits at llama.cpp's 32-column
+# blocks, our q8 8.25 at G = 128; q4: 4.5 vs 4.25), so both targets of one plan keep the head at one precision.
+LLAMACPP_HEAD_TYPES = {"fp16": "F16", "q8": "Q8_0", "q4": "Q4_0"}
+
+
 def head_kind(target: str, head: str | None = None, say: Callable[[str], None] = _quiet) -> str:
-    """How `target`'s file stores the output head: `head` (DEFAULT_HEAD when None) for our GGUF; the ONNX and
-    llama.cpp targets keep their own (dense fp16; llama.cpp chooses its output type itself) and say so when a
-    quantized head was asked for by name."""
+    """How `target`'s file stores the output head: `head` (DEFAULT_HEAD when None) for our GGUF and the llama.cpp
+    GGUF (there as LLAMACPP_HEAD_TYPES[kind]); the ONNX graph keeps it dense (fp16) and says so when a quantized
+    head was asked for by name."""
     from .head import check_head
     try:
         kind = check_head(DEFAULT_HEAD if head is None else head)
     except ValueError as e:
         raise ConvertError(str(e)) from None
-    if target == "gguf":
+    if target != "onnx":
         return kind
     if head is not None and head != "fp16":
-        why = ("the ONNX graph keeps the head dense (fp16)" if target == "onnx" else
-               "llama.cpp chooses the output tensor's type itself")
-        say(f"--head {head} ignored for --target {target}: {why}")
+        say(f"--head {head} ignored for --target onnx: the ONNX graph keeps the head dense (fp16)")
     return "fp16"
 
 
@@ -518,7 +521,7 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
                 "types")
         if not distributed.writer_alone():   # --distributed: the plan is every rank's; rank 0 alone exports
             return Written(target, output, None, {"rank": distributed.rank()})
-        return _convert_llamacpp(ckpt, plan, output, calib_text, device)
+        return _convert_llamacpp(ckpt, plan, output, calib_text, device, head)
     gguf_out = output if target == "gguf" else output.with_suffix(".gguf")
     fits = prepare_fits(ckpt, plan, calib_text, feedback, device, None, say, distill, stream_layers, resume_dir)
     if not distributed.writer_alone():   # --distributed: the fits are every rank's; rank 0 alone writes
@@ -564,9 +567,10 @@ def _pruned_width_hint(spec, pruned) -> str:
             "(wqedge's runtime runs pruned models at any width)")
 
 
-def _convert_llamacpp(ckpt, plan: Plan, output: Path, calib_text: str | None, device) -> Written:
+def _convert_llamacpp(ckpt, plan: Plan, output: Path, calib_text: str | None, device, head: str = DEFAULT_HEAD) -> Written:
     """A stock llama.cpp GGUF: the plan projected onto llama.cpp types within its budget, quantized by
-    llama.cpp (importance matrix from the calibration text)."""
+    llama.cpp (importance matrix from the calibration text); the output head (with tied embeddings: the one
+    embedding table) as LLAMACPP_HEAD_TYPES[head], untied embeddings F16 as in our GGUF."""
     try:
         from .converters.llamacpp import available_types, export_llamacpp
     except ImportError as e:
@@ -579,7 +583,9 @@ def _convert_llamacpp(ckpt, plan: Plan, output: Path, calib_text: str | None, de
     spec = plan.pruning.pruned_spec(ckpt.spec) if plan.pruning is not None else ckpt.spec
     try:
         types = budget_types(spec, plan.budget_bits, plan, available_types(imatrix=imatrix is not None))
-        res = export_llamacpp(ckpt, output, imatrix, plan=plan, tensor_types=types)
+        head_t = LLAMACPP_HEAD_TYPES[head]
+        res = export_llamacpp(ckpt, output, imatrix, plan=plan, tensor_types=types, output_type=head_t,
+                              embed_type=head_t if ckpt.spec.tie_word_embeddings else "F16")
     except (ValueError, OSError, RuntimeError) as e:
         hint = _pruned_width_hint(ckpt.spec, spec) if plan.pruning is not None and "smallest allowed" in str(e) else ""
         raise ConvertError(f"llama.cpp export failed, nothing written: {e}{hint}") from e

@@ -3,8 +3,8 @@
 `project_types` chooses one ggml type per decoder linear so that the linears' bits per weight, counted
 from tensor byte sizes, stay within a budget, each tensor as close as it can get to its target (the plan's
 effective bits of that tensor, `plan_targets`). `preset_types` is llama-quantize's preset rules (Q4_K_M,
-Q3_K_M, ...), `fit_type` its fallback chain for rows a block does not divide. numpy + gguf only; the
-quantization itself is llama.cpp's, in wqedge.converters.llamacpp.
+Q3_K_M, ...), `preset_embedding_types` its embedding and head types, `fit_type` its fallback chain for rows a
+block does not divide. numpy + gguf only; the quantization itself is llama.cpp's, in wqedge.converters.llamacpp.
 """
 from __future__ import annotations
 
@@ -147,6 +147,33 @@ def preset_types(spec: ModelSpec, preset: str) -> dict[str, str]:
             t = "Q3_K"
         out[lin.gguf_name] = t
     return out
+
+
+# The file type's base type: llama-quantize's default for tensors its rules do not name (the embedding table too).
+PRESET_BASE = {"Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K",
+               "Q2_K": "Q2_K"}
+# File types whose output head llama-quantize makes Q5_K (not Q6_K), and whose embeddings it makes Q2_K / IQ3_S.
+_HEAD_Q5_K = ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
+_EMBD_Q2_K = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M")
+_EMBD_IQ3_S = ("IQ2_S", "IQ2_M", "IQ3_XXS")
+
+
+def preset_embedding_types(spec: ModelSpec, preset: str) -> tuple[str, str]:
+    """(token_embd type, output head type) as llama-quantize chooses them for file type `preset` (a PRESETS name,
+    or a stock type quantizing every linear, e.g. IQ2_XXS): the head Q6_K (Q8_0 in a Q8_0 file or when the base
+    type's block does not divide the hidden size, Q5_K for the 1-2-bit i-quants); the embeddings the base type
+    (Q2_K / IQ3_S for those i-quants), or the head's type when they are tied; each through `fit_type`. Without
+    this a llama.cpp row would read an F16 head per token that llama-quantize's own file does not have."""
+    base = PRESET_BASE.get(preset.upper()) or qtype(preset).name
+    d = spec.hidden_size
+    if base == "Q8_0" or d % gguf.GGML_QUANT_SIZES[qtype(base)][0]:
+        out = "Q8_0"
+    else:
+        out = "Q5_K" if base in _HEAD_Q5_K else "Q6_K"
+    embd = "Q2_K" if base in _EMBD_Q2_K else "IQ3_S" if base in _EMBD_IQ3_S else base
+    if spec.tie_word_embeddings:
+        embd = out
+    return fit_type(embd, d), fit_type(out, d)
 
 
 def plan_targets(plan, spec: ModelSpec) -> dict[str, float]:

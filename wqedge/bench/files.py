@@ -16,6 +16,9 @@ from pathlib import Path
 from .rows import ROWS
 
 CACHE_VERSION = 1
+# llama.cpp rows' files: 2 = embeddings and head as llama-quantize makes them (preset_embedding_types; plan rows: the
+# head as our files store it), where version 1 kept both F16, so llama.cpp read twice the head bytes per token.
+LLAMACPP_FILES_VERSION = 2
 DEFAULT_CACHE = Path(os.environ.get("WQEDGE_BENCH_CACHE", Path.home() / ".cache" / "wqedge" / "bench"))
 # Stock types for the speed model's plan projection: the IQ quantizers take minutes on a 1B model.
 NON_IQ_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K")
@@ -181,13 +184,13 @@ class ModelFiles:
 
     def _llamacpp(self, key: str) -> Path:
         try:
-            from ..alloc.llamacpp_types import DEFAULT_TYPES, budget_types, preset_types
+            from ..alloc.llamacpp_types import DEFAULT_TYPES, budget_types, preset_embedding_types, preset_types
             from ..converters.llamacpp import available_types, export_llamacpp, requires_imatrix
             available_types(("Q4_0",))
         except (ImportError, RuntimeError) as e:
             raise NotAvailable(f"llama-cpp-python is not usable: {e}") from None
         what = key.split("-", 1)[1]
-        path = self.dir / f"{key}.gguf"
+        path = self.dir / f"{key}.v{LLAMACPP_FILES_VERSION}.gguf"
 
         def imatrix():   # llama.cpp's importance matrix: diag(XᵀX) of the calibration text (computed when needed)
             return self.stats() if self.imatrix else None
@@ -199,6 +202,9 @@ class ModelFiles:
                     NON_IQ_TYPES if self.speed_only else DEFAULT_TYPES, imatrix=imatrix() is not None))}
             except ValueError as e:   # the projection: no stock types fit this model's rows at these bits
                 raise NotAvailable(str(e)) from None
+            from ..pipeline import DEFAULT_HEAD, LLAMACPP_HEAD_TYPES
+            head_t = LLAMACPP_HEAD_TYPES[DEFAULT_HEAD]
+            kw.update(output_type=head_t, embed_type=head_t if self.spec.tie_word_embeddings else "F16")
         elif what.startswith("IQ"):
             if requires_imatrix(what) and imatrix() is None:
                 raise NotAvailable(f"{what} needs an importance matrix (run with --calib"
@@ -208,6 +214,8 @@ class ModelFiles:
             kw = {"tensor_types": lambda name, n, k: what}
         else:
             kw = {"tensor_types": preset_types(self.spec, what)}
+        if not what.startswith("plan-"):
+            kw["embed_type"], kw["output_type"] = preset_embedding_types(self.spec, what)
         if self._fresh(path):
             from ..runtime.llamacpp_eval import measured_linear_bits
             self.notes.setdefault(key, f"{measured_linear_bits(path):.3f} b")

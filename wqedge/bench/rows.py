@@ -56,16 +56,19 @@ def _rows() -> list[Row]:
                                                "and q2s below 4 bits)",
                      speed=False, matched=t, two_level=True))
     for p in PRESETS_LLAMACPP:
-        r.append(Row(f"lcp-{p}", "llamacpp", f"llama.cpp {p}: llama-quantize's per-tensor recipe (preset_types), "
-                                             "llama.cpp's quantizer, importance matrix from the calibration text"))
+        r.append(Row(f"lcp-{p}", "llamacpp", f"llama.cpp {p}: llama-quantize's per-tensor recipe (preset_types; embeddings "
+                                             "and head by preset_embedding_types, e.g. a Q6_K head), llama.cpp's "
+                                             "quantizer, importance matrix from the calibration text"))
     for t in IQ_TYPES:
         r.append(Row(f"lcp-{t}", "llamacpp", f"llama.cpp {t} on every decoder linear (its IQ4_NL fallback where K is "
-                                             "not a multiple of 256); quality model only (slow to quantize)",
+                                             "not a multiple of 256; embeddings and head as llama-quantize's {t} file "
+                                             "has them); quality model only (slow to quantize)",
                      speed=False))
     for b in MIXED_BITS:
         r.append(Row(f"lcp-plan-{b:g}", "llamacpp", f"llama.cpp at our {b:g}-bit plan projected onto one stock type per "
                                                    "tensor within the same bits (export_llamacpp; no IQ types on the "
-                                                   "speed model)"))
+                                                   "speed model), the head stored as our files' (Q8_0), as `wqedge "
+                                                   "convert --target llamacpp` writes it"))
     r.append(Row("ort-portable", "ort", "ONNX Runtime, stock: the wq-q4 file exported with variant='portable' "
                                         "(MatMulNBits), KV cache fed back each step"))
     r.append(Row("ort-native", "ort", "ONNX Runtime with our custom-op library: variant='native' "
