@@ -85,6 +85,7 @@ def test_neon_kernel_tests_pass_under_qemu(arm_build):
     assert "simd kernels under test: neon" in out, out[-2000:]
     assert re.search(r"quant_x8: [1-9]\d* widths x modes checked", out), out[-2000:]  # NEON's int8 quantizer ran
     assert "silu_mul: neon within" in out, out[-2000:]  # and NEON's SwiGLU gate
+    assert "attention: neon within" in out, out[-2000:]  # and NEON's attention kernels
     line = [ln for ln in out.splitlines() if ln.endswith(" failed") and " passed, " in ln][-1]
     n_pass, n_fail = int(line.split()[0]), int(line.split()[2])
     assert n_fail == 0 and n_pass > 5000, line

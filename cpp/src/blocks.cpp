@@ -852,6 +852,23 @@ static void ssilu_mul(float* g, const float* u, int n) {
         g[i] = v / (1.0f + std::exp(-v)) * u[i];
     }
 }
+static void satt_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S,
+                        size_t lds) {
+    for (int j = 0; j < nq; ++j)
+        for (int s = 0; s < n; ++s) S[(size_t)j * lds + s] = scale * sdot_f32(q + (size_t)j * hd, K + (size_t)s * ks, hd);
+}
+static float sexp_sum(float* e, int n, float mx) {
+    float sum = 0.0f;
+    for (int s = 0; s < n; ++s) {
+        e[s] = std::exp(e[s] - mx);
+        sum += e[s];
+    }
+    return sum;
+}
+static void satt_values(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {
+    for (int j = 0; j < nq; ++j)
+        for (int s = 0; s < n; ++s) saxpy(P[(size_t)j * ldp + s], V + (size_t)s * vs, O + (size_t)j * hd, hd);
+}
 // A SIMD set's quant_x8 (whole blocks of 32) on any g: a ragged chunk is copied into zeros up to its padded width,
 // which is what the scalar reference quantizes (its last block zero-padded) and leaves every lane's sum unchanged.
 template <float (*Q32)(const float*, int, XQ8*, float)>
@@ -875,12 +892,15 @@ static void silu_mul_any(float* g, const float* u, int n) {
         for (int j = 0; j < n - n8; ++j) g[n8 + j] = gv[j];
     }
 }
-static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sgemm4, stile8_mix, squant_x8, ssilu_mul};
+static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sgemm4, stile8_mix, squant_x8, ssilu_mul,
+                                   satt_scores, sexp_sum, satt_values};
 #if WQE_X86
-static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>};
+static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>,
+                                 avx2::att_scores, avx2::exp_sum, avx2::att_values};
 #endif
 #if WQE_ARM64
-static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, neon::tile8_mix, quant_x8_any<neon::quant_x8>, silu_mul_any<neon::silu_mul>};
+static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, neon::tile8_mix, quant_x8_any<neon::quant_x8>, silu_mul_any<neon::silu_mul>,
+                                 neon::att_scores, neon::exp_sum, neon::att_values};
 #endif
 
 const VecOps& vec_ops(int kernels) {

@@ -190,6 +190,17 @@ struct VecOps {
     // polynomial exp (within 1e-6 relative of the scalar result; non-finite inputs stay non-finite). On the calling
     // thread between two threaded products, its speed is decode's serial time (issue 12).
     void (*silu_mul)(float* g, const float* u, int n);
+    // Attention over n cached positions of one KV head (row s of K at K + s * ks, of V at V + s * vs) for nq query
+    // heads (head j at q + j * hd): at long context one dot and one axpy call per position and head were most of a
+    // decode (issue 12), so each call takes every position. Each head's arithmetic is the same whatever nq.
+    // S[j * lds + s] = scale * dot(q_j, K_s) for j < nq, s < n.
+    void (*att_scores)(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S,
+                       size_t lds);
+    // e[s] = exp(e[s] - mx) in place for s < n; returns their sum (the softmax's numerators and denominator). SIMD
+    // sets use silu_mul's polynomial exp.
+    float (*exp_sum)(float* e, int n, float mx);
+    // O[j * hd + d] += sum over s, in order, of P[j * ldp + s] * V_s[d], for j < nq and d < hd.
+    void (*att_values)(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O);
 };
 const VecOps& vec_ops(int kernels);
 

@@ -8,6 +8,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 
 #include <immintrin.h>
+#include <algorithm>
 #include <stdint.h>
 #include <string.h>
 
@@ -1056,6 +1057,137 @@ void silu_mul(float* g, const float* u, int n) {  // n % 8 == 0 (blocks.cpp's si
         const __m256 v = _mm256_loadu_ps(g + i);
         const __m256 s = _mm256_div_ps(v, _mm256_add_ps(one, exp8(_mm256_xor_ps(v, sign))));
         _mm256_storeu_ps(g + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+    }
+}
+
+// ------------------------------------------------------------------ attention (VecOps::att_scores, exp_sum, att_values)
+// The four keys' totals of four 8-lane accumulators: one horizontal reduction for all of them.
+static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// Four keys x two heads per pass: an 8-lane accumulator per (head, key) over the columns in steps of 8, one reduction
+// of each head's four, then the columns past the last multiple of 8. A lone head runs the same code twice over
+// (its duplicate discarded), the last keys re-read the final row, so each head's sums never depend on nq or n.
+void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S, size_t lds) {
+    const int h8 = hd & ~7;
+    for (int j = 0; j < nq; j += 2) {
+        const bool two = j + 1 < nq;
+        const float* q0 = q + (size_t)j * hd;
+        const float* q1 = two ? q0 + hd : q0;
+        for (int s = 0; s < n; s += 4) {
+            const float* k0 = K + (size_t)s * ks;
+            const float* k1 = K + (size_t)std::min(s + 1, n - 1) * ks;
+            const float* k2 = K + (size_t)std::min(s + 2, n - 1) * ks;
+            const float* k3 = K + (size_t)std::min(s + 3, n - 1) * ks;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            for (int d = 0; d < h8; d += 8) {
+                const __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
+                __m256 v = _mm256_loadu_ps(k0 + d);
+                a0 = _mm256_fmadd_ps(x0, v, a0);
+                b0 = _mm256_fmadd_ps(x1, v, b0);
+                v = _mm256_loadu_ps(k1 + d);
+                a1 = _mm256_fmadd_ps(x0, v, a1);
+                b1 = _mm256_fmadd_ps(x1, v, b1);
+                v = _mm256_loadu_ps(k2 + d);
+                a2 = _mm256_fmadd_ps(x0, v, a2);
+                b2 = _mm256_fmadd_ps(x1, v, b2);
+                v = _mm256_loadu_ps(k3 + d);
+                a3 = _mm256_fmadd_ps(x0, v, a3);
+                b3 = _mm256_fmadd_ps(x1, v, b3);
+            }
+            float t0[4], t1[4];
+            _mm_storeu_ps(t0, hsum4x8(a0, a1, a2, a3));
+            _mm_storeu_ps(t1, hsum4x8(b0, b1, b2, b3));
+            const float* kr[4] = {k0, k1, k2, k3};
+            for (int u = 0; u < 4 && s + u < n; ++u) {
+                float x = t0[u], y = t1[u];
+                for (int d = h8; d < hd; ++d) {
+                    x += q0[d] * kr[u][d];
+                    y += q1[d] * kr[u][d];
+                }
+                S[(size_t)j * lds + s + u] = scale * x;
+                if (two) S[(size_t)(j + 1) * lds + s + u] = scale * y;
+            }
+        }
+    }
+}
+
+float exp_sum(float* e, int n, float mx) {
+    const __m256 m = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    int s = 0;
+    for (; s + 8 <= n; s += 8) {
+        const __m256 v = exp8(_mm256_sub_ps(_mm256_loadu_ps(e + s), m));
+        _mm256_storeu_ps(e + s, v);
+        acc = _mm256_add_ps(acc, v);
+    }
+    float sum = hsum(acc);
+    if (s < n) {  // the tail through the same vector code
+        float buf[8];
+        for (int u = 0; u < 8; ++u) buf[u] = s + u < n ? e[s + u] - mx : 0.0f;
+        _mm256_storeu_ps(buf, exp8(_mm256_loadu_ps(buf)));
+        for (int u = 0; s + u < n; ++u) {
+            e[s + u] = buf[u];
+            sum += buf[u];
+        }
+    }
+    return sum;
+}
+
+// NH heads' outputs over 32 (then 8) columns at a time in registers while every position's row streams past: one
+// FMA per element and position, in order of position (the tail columns: a multiply-add per element, in order too).
+template <int NH>
+static void values_heads(const float* const* p, int hd, const float* V, size_t vs, int n, float* const* o) {
+    int d = 0;
+    for (; d + 32 <= hd; d += 32) {
+        __m256 acc[NH][4];
+        for (int h = 0; h < NH; ++h)
+            for (int c = 0; c < 4; ++c) acc[h][c] = _mm256_loadu_ps(o[h] + d + 8 * c);
+        for (int s = 0; s < n; ++s) {
+            const float* v = V + (size_t)s * vs + d;
+            const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+                         v3 = _mm256_loadu_ps(v + 24);
+            for (int h = 0; h < NH; ++h) {
+                const __m256 ph = _mm256_set1_ps(p[h][s]);
+                acc[h][0] = _mm256_fmadd_ps(ph, v0, acc[h][0]);
+                acc[h][1] = _mm256_fmadd_ps(ph, v1, acc[h][1]);
+                acc[h][2] = _mm256_fmadd_ps(ph, v2, acc[h][2]);
+                acc[h][3] = _mm256_fmadd_ps(ph, v3, acc[h][3]);
+            }
+        }
+        for (int h = 0; h < NH; ++h)
+            for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o[h] + d + 8 * c, acc[h][c]);
+    }
+    for (; d + 8 <= hd; d += 8) {
+        __m256 acc[NH];
+        for (int h = 0; h < NH; ++h) acc[h] = _mm256_loadu_ps(o[h] + d);
+        for (int s = 0; s < n; ++s) {
+            const __m256 v = _mm256_loadu_ps(V + (size_t)s * vs + d);
+            for (int h = 0; h < NH; ++h) acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(p[h][s]), v, acc[h]);
+        }
+        for (int h = 0; h < NH; ++h) _mm256_storeu_ps(o[h] + d, acc[h]);
+    }
+    for (; d < hd; ++d)
+        for (int h = 0; h < NH; ++h) {
+            float a = o[h][d];
+            for (int s = 0; s < n; ++s) a += p[h][s] * V[(size_t)s * vs + d];
+            o[h][d] = a;
+        }
+}
+
+void att_values(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {
+    int j = 0;
+    for (; j + 2 <= nq; j += 2) {
+        const float* p[2] = {P + (size_t)j * ldp, P + (size_t)(j + 1) * ldp};
+        float* o[2] = {O + (size_t)j * hd, O + (size_t)(j + 1) * hd};
+        values_heads<2>(p, hd, V, vs, n, o);
+    }
+    if (j < nq) {
+        const float* p[1] = {P + (size_t)j * ldp};
+        float* o[1] = {O + (size_t)j * hd};
+        values_heads<1>(p, hd, V, vs, n, o);
     }
 }
 

@@ -9,6 +9,7 @@
 #if defined(__aarch64__)
 
 #include <arm_neon.h>
+#include <algorithm>
 #include <stdint.h>
 #include <string.h>
 
@@ -617,6 +618,116 @@ void silu_mul(float* g, const float* u, int n) {  // n % 8 == 0 (blocks.cpp's si
         const float32x4_t v = vld1q_f32(g + i);
         const float32x4_t s = vdivq_f32(v, vaddq_f32(one, exp4(vnegq_f32(v))));
         vst1q_f32(g + i, vmulq_f32(s, vld1q_f32(u + i)));
+    }
+}
+
+// ------------------------------------------------------------------ attention (VecOps::att_scores, exp_sum, att_values)
+// The AVX2 set's structure with 4 lanes: four keys x two heads per pass, a 4-lane accumulator per (head, key) over the
+// columns in steps of 4, then each one's lane sum and the columns past the last multiple of 4.
+void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S, size_t lds) {
+    const int h4 = hd & ~3;
+    for (int j = 0; j < nq; j += 2) {
+        const bool two = j + 1 < nq;
+        const float* q0 = q + (size_t)j * hd;
+        const float* q1 = two ? q0 + hd : q0;
+        for (int s = 0; s < n; s += 4) {
+            const float* kr[4];
+            for (int u = 0; u < 4; ++u) kr[u] = K + (size_t)std::min(s + u, n - 1) * ks;
+            float32x4_t a[4], b[4];
+            for (int u = 0; u < 4; ++u) a[u] = b[u] = vdupq_n_f32(0.0f);
+            for (int d = 0; d < h4; d += 4) {
+                const float32x4_t x0 = vld1q_f32(q0 + d), x1 = vld1q_f32(q1 + d);
+                for (int u = 0; u < 4; ++u) {
+                    const float32x4_t v = vld1q_f32(kr[u] + d);
+                    a[u] = vfmaq_f32(a[u], x0, v);
+                    b[u] = vfmaq_f32(b[u], x1, v);
+                }
+            }
+            for (int u = 0; u < 4 && s + u < n; ++u) {
+                float x = vaddvq_f32(a[u]), y = vaddvq_f32(b[u]);
+                for (int d = h4; d < hd; ++d) {
+                    x += q0[d] * kr[u][d];
+                    y += q1[d] * kr[u][d];
+                }
+                S[(size_t)j * lds + s + u] = scale * x;
+                if (two) S[(size_t)(j + 1) * lds + s + u] = scale * y;
+            }
+        }
+    }
+}
+
+float exp_sum(float* e, int n, float mx) {
+    const float32x4_t m = vdupq_n_f32(mx);
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    int s = 0;
+    for (; s + 4 <= n; s += 4) {
+        const float32x4_t v = exp4(vsubq_f32(vld1q_f32(e + s), m));
+        vst1q_f32(e + s, v);
+        acc = vaddq_f32(acc, v);
+    }
+    float sum = vaddvq_f32(acc);
+    if (s < n) {  // the tail through the same vector code
+        float buf[4];
+        for (int u = 0; u < 4; ++u) buf[u] = s + u < n ? e[s + u] - mx : 0.0f;
+        vst1q_f32(buf, exp4(vld1q_f32(buf)));
+        for (int u = 0; s + u < n; ++u) {
+            e[s + u] = buf[u];
+            sum += buf[u];
+        }
+    }
+    return sum;
+}
+
+// NH heads' outputs over 16 (then 4) columns at a time in registers while every position's row streams past.
+template <int NH>
+static void values_heads(const float* const* p, int hd, const float* V, size_t vs, int n, float* const* o) {
+    int d = 0;
+    for (; d + 16 <= hd; d += 16) {
+        float32x4_t acc[NH][4];
+        for (int h = 0; h < NH; ++h)
+            for (int c = 0; c < 4; ++c) acc[h][c] = vld1q_f32(o[h] + d + 4 * c);
+        for (int s = 0; s < n; ++s) {
+            const float* v = V + (size_t)s * vs + d;
+            const float32x4_t v0 = vld1q_f32(v), v1 = vld1q_f32(v + 4), v2 = vld1q_f32(v + 8), v3 = vld1q_f32(v + 12);
+            for (int h = 0; h < NH; ++h) {
+                const float32x4_t ph = vdupq_n_f32(p[h][s]);
+                acc[h][0] = vfmaq_f32(acc[h][0], ph, v0);
+                acc[h][1] = vfmaq_f32(acc[h][1], ph, v1);
+                acc[h][2] = vfmaq_f32(acc[h][2], ph, v2);
+                acc[h][3] = vfmaq_f32(acc[h][3], ph, v3);
+            }
+        }
+        for (int h = 0; h < NH; ++h)
+            for (int c = 0; c < 4; ++c) vst1q_f32(o[h] + d + 4 * c, acc[h][c]);
+    }
+    for (; d + 4 <= hd; d += 4) {
+        float32x4_t acc[NH];
+        for (int h = 0; h < NH; ++h) acc[h] = vld1q_f32(o[h] + d);
+        for (int s = 0; s < n; ++s) {
+            const float32x4_t v = vld1q_f32(V + (size_t)s * vs + d);
+            for (int h = 0; h < NH; ++h) acc[h] = vfmaq_f32(acc[h], vdupq_n_f32(p[h][s]), v);
+        }
+        for (int h = 0; h < NH; ++h) vst1q_f32(o[h] + d, acc[h]);
+    }
+    for (; d < hd; ++d)
+        for (int h = 0; h < NH; ++h) {
+            float a = o[h][d];
+            for (int s = 0; s < n; ++s) a += p[h][s] * V[(size_t)s * vs + d];
+            o[h][d] = a;
+        }
+}
+
+void att_values(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {
+    int j = 0;
+    for (; j + 2 <= nq; j += 2) {
+        const float* p[2] = {P + (size_t)j * ldp, P + (size_t)(j + 1) * ldp};
+        float* o[2] = {O + (size_t)j * hd, O + (size_t)(j + 1) * hd};
+        values_heads<2>(p, hd, V, vs, n, o);
+    }
+    if (j < nq) {
+        const float* p[1] = {P + (size_t)j * ldp};
+        float* o[1] = {O + (size_t)j * hd};
+        values_heads<1>(p, hd, V, vs, n, o);
     }
 }
 

@@ -418,8 +418,8 @@ void Context::set_threads(int n) {
                                                                 std::to_string(ATT_QPT) + " heads x " + std::to_string(n_ctx) + " tokens");
     pool.reset(new ThreadPool(n));
     ms.reserve(n, model.max_K, model.max_g_pad, model.max_x_floats, model.max_chunks);
-    // per thread: ATT_QPT heads' scores and rotated queries (KV cache), and one dequantized row
-    scores.assign(n, std::vector<float>((size_t)ATT_QPT * (n_ctx + model.hp.head_dim) + model.hp.head_dim));
+    // per thread: ATT_QPT heads' scores and rotated queries (KV cache), and KV_CHUNK dequantized rows
+    scores.assign(n, std::vector<float>((size_t)ATT_QPT * (n_ctx + model.hp.head_dim) + (size_t)KV_CHUNK * model.hp.head_dim));
 }
 
 void Context::ensure_batch(int n) {
@@ -625,52 +625,49 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
         }
 
         // Causal grouped-query attention. A task = (token, KV head, a run of qpt query heads of its group): each K and
-        // V row is read once (a quantized one dequantized once, kv_row_values) for those heads, where a task per head
-        // read it, and dequantized it, once per head. The same float operations per head as one task per head.
+        // V row is read once (a quantized one dequantized once, kv_row_values, KV_CHUNK rows at a time) for those heads,
+        // through VecOps' attention kernels, each of which takes every position of the task at once.
         const int qpt = att_heads_per_task(group, n * L.n_head_kv, tp.size()), n_sub = group / qpt;
         tp.run(n * L.n_head_kv * n_sub, [&](int task, int thread) {
             const int t = task / (L.n_head_kv * n_sub), kvh = task / n_sub % L.n_head_kv, h0 = kvh * group + task % n_sub * qpt;
             const int n_keys = pos0 + t + 1;
             float* sc = scores[thread].data();                          // qpt rows of n_ctx scores
             float* qr = sc + (size_t)ATT_QPT * n_ctx;                  // qpt query heads in the keys' rotated space
-            float* row = qr + (size_t)ATT_QPT * hd;                    // one dequantized K or V row
-            const float* qh[ATT_QPT];
-            float* out[ATT_QPT];
-            for (int j = 0; j < qpt; ++j) {
-                qh[j] = &q[(size_t)t * QD + (size_t)(h0 + j) * hd];
-                if (kvq && kvf.rotate) {  // (H q).(H k) = q.k
-                    std::memcpy(qr + (size_t)j * hd, qh[j], sizeof(float) * hd);
-                    kv_hadamard(qr + (size_t)j * hd, hd, kvf.hblock);
-                    qh[j] = qr + (size_t)j * hd;
-                }
-                out[j] = &att[(size_t)t * QD + (size_t)(h0 + j) * hd];
+            float* rows = qr + (size_t)ATT_QPT * hd;                   // KV_CHUNK dequantized K or V rows
+            const float* qh = &q[(size_t)t * QD + (size_t)h0 * hd];    // the qpt heads, contiguous
+            float* out = &att[(size_t)t * QD + (size_t)h0 * hd];
+            if (kvq && kvf.rotate) {  // (H q).(H k) = q.k
+                std::memcpy(qr, qh, sizeof(float) * qpt * hd);
+                for (int j = 0; j < qpt; ++j) kv_hadamard(qr + (size_t)j * hd, hd, kvf.hblock);
+                qh = qr;
             }
-            // position s's K or V row of this KV head: in the float cache, or dequantized into `row`
-            auto kv_row = [&](const float* fc, const uint8_t* qc, int s) -> const float* {
-                if (!kvq) return fc + (size_t)s * KVD + (size_t)kvh * hd;
-                kv_row_values(kvf, qc + ((size_t)s * L.n_head_kv + kvh) * kvf.row_bytes, row, kern);
-                return row;
+            // positions [s0, s0 + m) of this KV head's K or V: in the float cache, or dequantized into `rows`
+            auto kv_rows = [&](const float* fc, const uint8_t* qc, int s0, int m) -> const float* {
+                if (!kvq) return fc + (size_t)s0 * KVD + (size_t)kvh * hd;
+                for (int i = 0; i < m; ++i)
+                    kv_row_values(kvf, qc + ((size_t)(s0 + i) * L.n_head_kv + kvh) * kvf.row_bytes, rows + (size_t)i * hd, kern);
+                return rows;
             };
-            for (int s = 0; s < n_keys; ++s) {
-                const float* kr = kv_row(kc, kqc, s);
-                for (int j = 0; j < qpt; ++j) sc[(size_t)j * n_ctx + s] = ops.dot_f32(qh[j], kr, hd) * att_scale;
+            const size_t stride = kvq ? (size_t)hd : (size_t)KVD;
+            const int chunk = kvq ? KV_CHUNK : n_keys;
+            for (int s0 = 0; s0 < n_keys; s0 += chunk) {
+                const int m = std::min(chunk, n_keys - s0);
+                ops.att_scores(qh, qpt, hd, kv_rows(kc, kqc, s0, m), stride, m, att_scale, sc + s0, n_ctx);
             }
             float inv[ATT_QPT];
             for (int j = 0; j < qpt; ++j) {
                 float* scj = sc + (size_t)j * n_ctx;
-                float mx = -INFINITY, sum = 0.0f;
+                float mx = -INFINITY;
                 for (int s = 0; s < n_keys; ++s) mx = std::max(mx, scj[s]);
-                for (int s = 0; s < n_keys; ++s) {
-                    scj[s] = std::exp(scj[s] - mx);
-                    sum += scj[s];
-                }
-                inv[j] = 1.0f / sum;
-                std::memset(out[j], 0, sizeof(float) * hd);
+                inv[j] = 1.0f / ops.exp_sum(scj, n_keys, mx);
             }
-            for (int s = 0; s < n_keys; ++s) {
-                const float* vr = kv_row(vc, vqc, s);
-                for (int j = 0; j < qpt; ++j) ops.axpy(sc[(size_t)j * n_ctx + s] * inv[j], vr, out[j], hd);
+            std::memset(out, 0, sizeof(float) * qpt * hd);
+            for (int s0 = 0; s0 < n_keys; s0 += chunk) {
+                const int m = std::min(chunk, n_keys - s0);
+                ops.att_values(sc + s0, n_ctx, qpt, hd, kv_rows(vc, vqc, s0, m), stride, m, out);
             }
+            for (int j = 0; j < qpt; ++j)
+                for (int d = 0; d < hd; ++d) out[(size_t)j * hd + d] *= inv[j];
         });
         group_input(L.rot_of(1), hp.act_bits, att.data(), n, QD, tp, kern, act_steps.data());
         matmul(L.wo, att.data(), n, xb2.data(), tp, ms, kern, act);

@@ -64,6 +64,8 @@ struct Model {
 // Query heads of one KV group that an attention task takes together (model.cpp att_heads_per_task): each K/V row
 // read (and dequantized) once for all of them; 8 covers the usual groups (Llama 3, TinyLlama) at 8 n_ctx floats a thread.
 constexpr int ATT_QPT = 8;
+// Rows of a quantized KV cache dequantized at a time for the attention kernels (VecOps::att_scores / att_values).
+constexpr int KV_CHUNK = 64;
 
 struct Context {
     const Model& model;

@@ -594,6 +594,81 @@ static void silu_tests() {
     std::printf("silu_mul: %s within %.2g (relative) of the scalar reference\n", SIMD_NAME, worst);
 }
 
+// Attention (VecOps::att_scores, exp_sum, att_values) against the scalar set: head widths that are and are not
+// multiples of the vector width, 1-5 heads, 1-67 positions (ragged key groups and tails), padded row strides.
+// Scores and outputs within 1e-5 of their magnitude (sums of products in another order); exp within 1e-6 relative.
+// Each head's results must not depend on how many heads a call takes (decode and prefill split heads differently).
+static void attention_tests() {
+    if (!SIMD) return;
+    const VecOps& ref = vec_ops(K_SCALAR);
+    const VecOps& simd = vec_ops(SIMD);
+    double worst_s = 0.0, worst_e = 0.0, worst_o = 0.0;
+    for (int hd : {64, 128, 80, 36, 100, 7})
+        for (int nq : {1, 2, 3, 5})
+            for (int n : {1, 3, 4, 9, 67}) {
+                const size_t ks = (size_t)hd * 3 + 5, ldp = (size_t)n + 3;
+                std::vector<float> q((size_t)nq * hd), K((size_t)n * ks), V((size_t)n * ks);
+                for (float& v : q) v = urand(-2, 2);
+                for (float& v : K) v = urand(-2, 2);
+                for (float& v : V) v = urand(-2, 2);
+                std::vector<float> sa((size_t)nq * ldp, 0.0f), sb = sa;
+                ref.att_scores(q.data(), nq, hd, K.data(), ks, n, 0.125f, sa.data(), ldp);
+                simd.att_scores(q.data(), nq, hd, K.data(), ks, n, 0.125f, sb.data(), ldp);
+                bool ok = true, same_alone = true;
+                for (int j = 0; j < nq; ++j) {
+                    std::vector<float> one(ldp, 0.0f);   // head j alone
+                    simd.att_scores(q.data() + (size_t)j * hd, 1, hd, K.data(), ks, n, 0.125f, one.data(), ldp);
+                    for (int s = 0; s < n; ++s) {
+                        const float a = sa[(size_t)j * ldp + s], b = sb[(size_t)j * ldp + s];
+                        const double err = std::fabs((double)a - b);
+                        ok = ok && err <= 1e-5 * (1.0 + std::fabs(a));
+                        worst_s = std::max(worst_s, err / (1.0 + std::fabs(a)));
+                        same_alone = same_alone && one[s] == b;
+                    }
+                }
+                char d[80];
+                std::snprintf(d, sizeof d, "hd=%d nq=%d n=%d %s", hd, nq, n, SIMD_NAME);
+                check(ok, "att_scores: the SIMD set within 1e-5 of the scalar reference", d);
+                check(same_alone, "att_scores: a head's scores do not depend on the heads beside it", d);
+                // softmax numerators of head 0's scores
+                std::vector<float> ea(sa.begin(), sa.begin() + n), eb = ea;
+                float mx = -INFINITY;
+                for (float v : ea) mx = std::max(mx, v);
+                const float suma = ref.exp_sum(ea.data(), n, mx), sumb = simd.exp_sum(eb.data(), n, mx);
+                bool eok = std::fabs((double)suma - sumb) <= 1e-6 * suma;
+                for (int s = 0; s < n; ++s) {
+                    eok = eok && std::fabs((double)ea[s] - eb[s]) <= 1e-6 * ea[s] + 1e-30;
+                    worst_e = std::max(worst_e, std::fabs((double)ea[s] - eb[s]) / ea[s]);
+                }
+                check(eok, "exp_sum: the SIMD set within 1e-6 of the scalar reference", d);
+                // weighted sums of V rows, accumulated onto a start value
+                std::vector<float> P((size_t)nq * ldp);
+                for (float& v : P) v = urand(0, 1);
+                std::vector<float> oa((size_t)nq * hd), ob;
+                for (float& v : oa) v = urand(-1, 1);
+                ob = oa;
+                std::vector<float> start = oa;
+                ref.att_values(P.data(), ldp, nq, hd, V.data(), ks, n, oa.data());
+                simd.att_values(P.data(), ldp, nq, hd, V.data(), ks, n, ob.data());
+                bool vok = true, valone = true;
+                for (int j = 0; j < nq; ++j) {
+                    std::vector<float> one(start.begin() + (size_t)j * hd, start.begin() + (size_t)(j + 1) * hd);
+                    simd.att_values(P.data() + (size_t)j * ldp, ldp, 1, hd, V.data(), ks, n, one.data());
+                    for (int e = 0; e < hd; ++e) {
+                        const float a = oa[(size_t)j * hd + e], b = ob[(size_t)j * hd + e];
+                        const double err = std::fabs((double)a - b);
+                        vok = vok && err <= 1e-5 * (1.0 + std::fabs(a));
+                        worst_o = std::max(worst_o, err / (1.0 + std::fabs(a)));
+                        valone = valone && one[e] == b;
+                    }
+                }
+                check(vok, "att_values: the SIMD set within 1e-5 of the scalar reference", d);
+                check(valone, "att_values: a head's output does not depend on the heads beside it", d);
+            }
+    std::printf("attention: %s within %.2g (scores) / %.2g (exp) / %.2g (values) of the scalar reference\n", SIMD_NAME,
+                worst_s, worst_e, worst_o);
+}
+
 // Activations on a 4- or 6-bit grid (rotation.h act_fake_quant, then prepare_x8 with its step): every block holds
 // d = step and the grid's integers exactly (plain and ternary layouts, a ragged chunk), and the activation sum.
 static void q8_grid_tests() {
@@ -1099,6 +1174,7 @@ int main() {
     q8_grid_tests();
     quant_x8_tests();
     silu_tests();
+    attention_tests();
     std::printf("int8-activation kernel sets under test: %d (scalar%s)\n", n_q8_sets_seen,
                 SIMD == K_AVX2 ? ", avx2" : SIMD == K_NEON ? (cpu_has_dotprod() ? ", neon, neon+dotprod" : ", neon") : "");
     vec_tests();
