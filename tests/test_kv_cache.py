@@ -61,6 +61,8 @@ def test_row_bytes_and_cache_bytes():
     assert KVCacheSpec(4).row_bytes(64) == 4 * 4 + 32       # four groups of 16
     assert KVCacheSpec(4).row_bytes(40) == 4 + 20           # 16 does not divide 40: one group per head
     assert KVCacheSpec(8).row_bytes(40) == 4 + 40
+    assert KVCacheSpec(16).row_bytes(64) == 128 and KVCacheSpec(16).row_bytes(40) == 80   # fp16 values, no groups
+    assert not KVCacheSpec(16).rotate_k and KVCacheSpec(16).label() == "f16"
     # TinyLlama-1.1B shape at 4096 tokens: 22 layers x 4 KV heads x 64
     assert KVCacheSpec().cache_bytes(4096, [4] * 22, 64) == 2 * 4096 * 88 * 256 == 184549376
     assert KVCacheSpec(4).cache_bytes(4096, [4] * 22, 64) == 2 * 4096 * 88 * 48
@@ -125,18 +127,21 @@ def native_lib():
 
 
 @pytest.mark.parametrize("hd", [64, 128, 40])
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [16, 8, 4])
 def test_cpp_quantizer_equals_reference(native_lib, hd, bits):
     x = np.random.default_rng(hd + bits).standard_normal((300, hd)).astype(np.float32) * 2
     x[::5, 1] *= 20
-    rows = native_lib.kv_quantize(x, bits, rotate=True)
+    rows = native_lib.kv_quantize(x, bits, rotate=True)   # (a 16-bit cache is never rotated)
     assert rows.shape == (300, KVCacheSpec(bits).row_bytes(hd))
-    ref = fake_quant_kv(fwht(torch.from_numpy(x), hadamard_block(hd)), KVCacheSpec(bits)).numpy()
+    xt = torch.from_numpy(x)
+    ref = fake_quant_kv(xt if bits == 16 else fwht(xt, hadamard_block(hd)), KVCacheSpec(bits)).numpy()
     np.testing.assert_array_equal(dequantize_rows(rows, bits, hd), ref)
+    if bits == 16:   # IEEE half rounding, value by value
+        np.testing.assert_array_equal(ref, x.astype(np.float16).astype(np.float32))
 
 
 @pytest.mark.parametrize("hd", [64, 128, 40])
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [16, 8, 4])
 def test_cpp_attention_kernels_against_scalar(native_lib, hd, bits):
     rng = np.random.default_rng(7 * hd + bits)
     x = rng.standard_normal((61, hd)).astype(np.float32) * 3
@@ -184,7 +189,7 @@ def files(tiny_model_factory, tmp_path_factory):
     out = {}
     for name, shape in (("hd32", {}), ("hd40", dict(hidden=160, n_layers=2, n_heads=4, n_kv_heads=2, intermediate=288))):
         ckpt = LlamaCheckpoint.open(tiny_model_factory(**shape))
-        for kv in (None, KVCacheSpec(4), KVCacheSpec(8), KVCacheSpec(4, "none")):
+        for kv in (None, KVCacheSpec(4), KVCacheSpec(8), KVCacheSpec(4, "none"), KVCacheSpec(16)):
             plan = _plan(ckpt)
             key = f"{name}-{'f32' if kv is None else kv.label().replace(' ', '').replace('(norotation)', 'plain')}"
             plan.kv_cache = None if kv is None else kv.to_plan()
@@ -228,12 +233,14 @@ def test_keys_written_and_read(files):
 def test_runtime_reports_cache_and_memory(native_lib, files):
     m = native_lib.Model(files["hd32-q4"])
     n_kv, hd, n_layer = m.info["n_head_kv"], m.info["head_dim"], m.info["n_layer"]
-    for kv, bits, spec in ((None, 4, KVCacheSpec(4)), ("f32", 32, KVCacheSpec()), (8, 8, KVCacheSpec(8))):
+    for kv, bits, spec in ((None, 4, KVCacheSpec(4)), ("f32", 32, KVCacheSpec()), (8, 8, KVCacheSpec(8)),
+                           ("f16", 16, KVCacheSpec(16))):
         c = native_lib.Context(m, n_ctx=100, n_threads=1, kv_bits=kv)
-        assert c.kv_cache == {"bits": bits, "rotated": bits != 32, "bytes": spec.cache_bytes(100, [n_kv] * n_layer, hd)}
+        assert c.kv_cache == {"bits": bits, "rotated": bits in (8, 4),
+                              "bytes": spec.cache_bytes(100, [n_kv] * n_layer, hd)}
     assert native_lib.Context(native_lib.Model(files["hd32-f32"]), n_ctx=8, n_threads=1).kv_cache["bits"] == 32
     assert not native_lib.Context(m, n_ctx=8, n_threads=1, kv_rotation="none").kv_cache["rotated"]
-    with pytest.raises(ValueError, match="f32, 8 or 4"):
+    with pytest.raises(ValueError, match="f32, f16, 8 or 4"):
         native_lib.Context(m, n_ctx=8, kv_bits=5)
 
 
@@ -265,7 +272,7 @@ def test_unknown_value_refused(native_lib, files, tmp_path):
         WqGGUF(bad).kv_cache
 
 
-@pytest.mark.parametrize("key", ["hd32-q4", "hd32-q8", "hd32-q4plain", "hd40-q4", "hd40-q8"])
+@pytest.mark.parametrize("key", ["hd32-q4", "hd32-q8", "hd32-q4plain", "hd40-q4", "hd40-q8", "hd32-f16", "hd40-f16"])
 def test_cpp_runtime_matches_reference(native_lib, files, key):
     native_lib.set_activations("f32")
     w = _windows()
@@ -282,6 +289,19 @@ def test_override_matches_reference_override(native_lib, files):
     ref = _reference_logits(files["hd32-f32"], w, KVCacheSpec(4))[0]
     (prefill, decode), = _cpp_logits(files["hd32-f32"], w, kv_bits=4)
     assert _rel(prefill, ref) < KV_TOL and _rel(decode, ref) < KV_TOL
+
+
+def test_f16_override_matches_reference(native_lib, files):
+    """--kv-bits f16 on a file without the key: the runtime's fp16 cache and the reference's fp16-rounded K and V
+    agree within CPP_TOL (prefill and decode), and the rounding moves the reference's logits by far less than 8 bits."""
+    native_lib.set_activations("f32")
+    w = _windows(1)
+    ref = _reference_logits(files["hd32-f32"], w, KVCacheSpec(16))[0]
+    (prefill, decode), = _cpp_logits(files["hd32-f32"], w, kv_bits="f16")
+    assert _rel(prefill, ref) < CPP_TOL and _rel(decode, ref) < CPP_TOL
+    f32 = _reference_logits(files["hd32-f32"], w)[0]
+    e8 = _rel(_reference_logits(files["hd32-f32"], w, KVCacheSpec(8))[0], f32)
+    assert 0 < _rel(ref, f32) < e8 / 10
 
 
 def test_quantization_error_within_bound_of_float_cache(files):

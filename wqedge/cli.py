@@ -322,8 +322,9 @@ def _kv_cache_spec(kv_bits, kv_rotation, where: str = ""):
 
 def _kv_bits_option(default: str):
     """--kv-bits of plan / convert / eval / run: one set of choices and one explanation, each command's own default."""
-    return click.option("--kv-bits", type=click.Choice(["f32", "8", "4"]), default=None,
-                        help="KV cache of the runtime: 'f32' float32, '8' or '4' bits per value (per token and KV head, "
+    return click.option("--kv-bits", type=click.Choice(["f32", "f16", "8", "4"]), default=None,
+                        help="KV cache of the runtime: 'f32' float32, 'f16' fp16 values (half the bytes, as llama.cpp's "
+                             "default cache), '8' or '4' bits per value (per token and KV head, "
                              "groups of 32 / 16 values with an fp16 scale and min; K Hadamard-rotated per head first; "
                              "docs/format.md \"KV cache\"). 4 bits store 6 bits a value, 19% of float32 "
                              "(bench/results/kv_cache.md). " + default)

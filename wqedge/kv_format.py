@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KEY_BITS = "wqedge.kv_cache.bits"          # u32: 8 or 4; absent: float32 cache
+KEY_BITS = "wqedge.kv_cache.bits"          # u32: 16 (fp16 values), 8 or 4; absent: float32 cache
 KEY_ROTATION = "wqedge.kv_cache.rotation"  # string: "hadamard" (default when absent) or "none"
-BITS = (8, 4)
+BITS = (16, 8, 4)
+F16 = 16   # fp16 values: no groups, no rotation (nothing to make uniform), half the float32 cache's bytes
 ROTATIONS = ("hadamard", "none")
 GROUPS = {8: 32, 4: 16}  # values per (scale, min) pair; a head_dim the group does not divide is one group per head
 FLOAT_BYTES = 4      # the float cache: float32 per value
@@ -50,13 +51,15 @@ class KVCacheSpec:
 
     @property
     def rotate_k(self) -> bool:
-        return self.rotation != "none"
+        return self.rotation != "none" and self.bits != F16
 
     @property
     def rotate_v(self) -> bool:
         return self.rotation != "none" and self.rotate_values
 
     def group(self, head_dim: int) -> int:
+        if self.bits == F16:
+            return head_dim
         g = GROUPS[self.bits] if self.group_size is None else (self.group_size or head_dim)
         return g if head_dim % g == 0 else head_dim
 
@@ -64,6 +67,8 @@ class KVCacheSpec:
         """Bytes of one token's K (or V) of one KV head in the cache."""
         if self.bits is None:
             return FLOAT_BYTES * head_dim
+        if self.bits == F16:
+            return 2 * head_dim
         n_groups = head_dim // self.group(head_dim)
         return n_groups * (2 if self.symmetric else 4) + head_dim * self.bits // 8
 
@@ -72,7 +77,9 @@ class KVCacheSpec:
         return 2 * n_ctx * sum(kv_heads_per_layer) * self.row_bytes(head_dim)
 
     def label(self) -> str:
-        return "f32" if self.bits is None else f"q{self.bits}" + ("" if self.rotate_k else " (no rotation)")
+        if self.bits is None or self.bits == F16:
+            return "f32" if self.bits is None else "f16"
+        return f"q{self.bits}" + ("" if self.rotate_k else " (no rotation)")
 
     # ------------------------------------------------------------ plan field (docs/plan.md, version 3)
     def to_plan(self) -> dict | None:
@@ -83,26 +90,30 @@ class KVCacheSpec:
         if d is None:
             return cls()
         if not isinstance(d, dict) or set(d) - {"bits", "rotation"}:
-            raise ValueError(f"kv_cache must be {{\"bits\": 8|4, \"rotation\": \"hadamard\"|\"none\"}}, got {d!r}")
+            raise ValueError(f"kv_cache must be {{\"bits\": 16|8|4, \"rotation\": \"hadamard\"|\"none\"}}, got {d!r}")
         return cls(d.get("bits"), d.get("rotation", "hadamard"))
 
 
 def parse_bits(text: str | int | None) -> int | None:
-    """--kv-bits value: 'f32'/'float'/None -> None (float cache), '8'/'4' -> 8/4; else ValueError."""
+    """--kv-bits value: 'f32'/'float'/None -> None (float cache), 'f16'/'16' -> 16, '8'/'4' -> 8/4; else ValueError."""
     if text is None or (isinstance(text, str) and text.lower() in ("f32", "float", "none")):
         return None
+    if isinstance(text, str) and text.lower() == "f16":
+        return F16
     try:
         b = int(text)
     except ValueError:
-        raise ValueError(f"--kv-bits must be f32, 8 or 4, got {text!r}") from None
+        raise ValueError(f"--kv-bits must be f32, f16, 8 or 4, got {text!r}") from None
     if b not in BITS:
-        raise ValueError(f"--kv-bits must be f32, 8 or 4, got {text!r}")
+        raise ValueError(f"--kv-bits must be f32, f16, 8 or 4, got {text!r}")
     return b
 
 
 def dequantize_rows(rows: np.ndarray, bits: int, head_dim: int) -> np.ndarray:
     """float32[n, head_dim] values of cache rows uint8[n, row_bytes] (the layout of cpp/src/kvcache.h: per group
     fp16 scale d, fp16 min m, then the codes; 4 bits: byte i holds code i low and code i + g/2 high)."""
+    if bits == F16:
+        return np.ascontiguousarray(rows, dtype=np.uint8).view(np.float16).astype(np.float32).reshape(len(rows), head_dim)
     spec = KVCacheSpec(bits)
     g = spec.group(head_dim)
     gb = 4 + g * bits // 8

@@ -47,7 +47,9 @@ def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
 def fake_quant_kv(x: torch.Tensor, spec: KVCacheSpec) -> torch.Tensor:
     """Quantize-dequantize x [..., head_dim] (float32) per group of spec.group(head_dim) values along the last
     dimension, exactly as the runtime (cpp/src/kvcache.cpp kv_quantize): parameters computed in float32 and
-    stored as fp16, codes by round half to even."""
+    stored as fp16, codes by round half to even. A 16-bit cache holds each value as fp16 (round half to even)."""
+    if spec.bits == 16:
+        return x.half().to(x.dtype)
     hd = x.shape[-1]
     g = spec.group(hd)
     y = x.float().reshape(*x.shape[:-1], hd // g, g)

@@ -132,7 +132,8 @@ typedef struct wqe_context_params {
                         * 4096. A cache larger than the machine's memory is WQE_ERR_OUT_OF_MEMORY. */
     int32_t n_threads; /* 0 = the number of CPUs available */
     int32_t kv_bits;     /* KV cache (docs/format.md "KV cache"): 0 = the file's setting (wqedge.kv_cache.bits; float
-                          * when absent), 32 = float32, 8 or 4 = quantized per token and KV head (groups of 32 / 16 values) */
+                          * when absent), 32 = float32, 16 = fp16 values (half the bytes per decoded token at long
+                          * context), 8 or 4 = quantized per token and KV head (groups of 32 / 16 values) */
     int32_t kv_rotation; /* 0 = the file's setting, 1 = Hadamard on K (and Q), 2 = none; ignored by a float cache */
 } wqe_context_params;
 

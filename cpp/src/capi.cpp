@@ -304,8 +304,8 @@ int wqe_context_new(const wqe_model* model, const wqe_context_params* params, wq
         const wqe_context_params p = params ? *params : wqe_context_default_params();
         CHECK_ARG(p.n_ctx >= 0 && p.n_threads >= 0 && p.n_threads <= 1024, "bad context parameters (n_ctx %d, n_threads %d)",
                   p.n_ctx, p.n_threads);
-        CHECK_ARG(p.kv_bits == 0 || p.kv_bits == 32 || p.kv_bits == 8 || p.kv_bits == 4,
-                  "kv_bits %d: use 0 (the file's setting), 32 (float), 8 or 4", p.kv_bits);
+        CHECK_ARG(p.kv_bits == 0 || p.kv_bits == 32 || p.kv_bits == 16 || p.kv_bits == 8 || p.kv_bits == 4,
+                  "kv_bits %d: use 0 (the file's setting), 32 (float), 16 (fp16), 8 or 4", p.kv_bits);
         CHECK_ARG(p.kv_rotation >= 0 && p.kv_rotation <= 2, "kv_rotation %d: use 0 (the file's), 1 (Hadamard) or 2 (none)",
                   p.kv_rotation);
         const int n_ctx = p.n_ctx ? p.n_ctx : std::min(model->m.hp.n_ctx_train, 4096);

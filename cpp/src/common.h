@@ -62,5 +62,13 @@ inline uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); 
 inline uint32_t load_u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
 inline uint64_t load_u64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
 inline float load_h(const uint8_t* p) { return fp16_to_fp32(load_u16(p)); }
+// A hint to bring the cache line at p into all cache levels (strided reads the hardware streamers miss).
+inline void prefetch_read(const void* p) {
+#if defined(__GNUC__)
+    __builtin_prefetch(p, 0, 3);
+#else
+    (void)p;
+#endif
+}
 
 }  // namespace wqe

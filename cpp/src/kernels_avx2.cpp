@@ -1061,6 +1061,8 @@ void silu_mul(float* g, const float* u, int n) {  // n % 8 == 0 (blocks.cpp's si
 }
 
 // ------------------------------------------------------------------ attention (VecOps::att_scores, exp_sum, att_values)
+// Rows ahead that the attention kernels prefetch: a KV head's rows lie a whole token's K (or V) apart.
+constexpr int ATT_PREFETCH = 8;
 // The four keys' totals of four 8-lane accumulators: one horizontal reduction for all of them.
 static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
@@ -1081,6 +1083,9 @@ void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n
             const float* k1 = K + (size_t)std::min(s + 1, n - 1) * ks;
             const float* k2 = K + (size_t)std::min(s + 2, n - 1) * ks;
             const float* k3 = K + (size_t)std::min(s + 3, n - 1) * ks;
+            if (s + 4 + ATT_PREFETCH < n)  // the rows ATT_PREFETCH keys ahead (strided rows defeat the streamers)
+                for (int u = 0; u < 4; ++u)
+                    for (int d = 0; d < hd; d += 16) _mm_prefetch((const char*)(k0 + (ATT_PREFETCH + u) * ks + d), _MM_HINT_T0);
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
             for (int d = 0; d < h8; d += 8) {
                 const __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
@@ -1147,6 +1152,10 @@ static void values_heads(const float* const* p, int hd, const float* V, size_t v
             for (int c = 0; c < 4; ++c) acc[h][c] = _mm256_loadu_ps(o[h] + d + 8 * c);
         for (int s = 0; s < n; ++s) {
             const float* v = V + (size_t)s * vs + d;
+            if (s + ATT_PREFETCH < n) {
+                _mm_prefetch((const char*)(v + ATT_PREFETCH * vs), _MM_HINT_T0);
+                _mm_prefetch((const char*)(v + ATT_PREFETCH * vs + 16), _MM_HINT_T0);
+            }
             const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
                          v3 = _mm256_loadu_ps(v + 24);
             for (int h = 0; h < NH; ++h) {

@@ -25,6 +25,11 @@ KvFormat KvFormat::make(int bits, bool rotate, int head_dim) {
     KvFormat f;
     f.bits = bits;
     f.head_dim = head_dim;
+    if (bits == 16) {  // fp16 values, no scales: the rows' bytes halved, exact to fp16 rounding (no rotation needed)
+        f.group = f.hblock = head_dim;
+        f.row_bytes = 2 * (size_t)head_dim;
+        return f;
+    }
     f.rotate = bits != 0 && rotate;
     f.hblock = head_dim & -head_dim;
     const int g = bits == 4 ? 16 : 32;  // 4 bits: groups of 16 (bench/results/kv_cache.md: +0.1% vs +1.0% at 32)
@@ -44,6 +49,13 @@ static inline int code_at(const KvFormat& f, const uint8_t* codes, int j) {
 }
 
 void kv_quantize(const KvFormat& f, const float* x, uint8_t* dst) {
+    if (f.bits == 16) {
+        for (int j = 0; j < f.head_dim; ++j) {
+            const uint16_t h = fp32_to_fp16(x[j]);
+            std::memcpy(dst + 2 * j, &h, 2);
+        }
+        return;
+    }
     const int g = f.group, qmax = (1 << f.bits) - 1;
     for (int g0 = 0; g0 < f.head_dim; g0 += g, dst += group_bytes(f)) {
         const float* v = x + g0;
@@ -72,6 +84,10 @@ void kv_quantize(const KvFormat& f, const float* x, uint8_t* dst) {
 }
 
 void kv_dequantize(const KvFormat& f, const uint8_t* src, float* dst) {
+    if (f.bits == 16) {
+        for (int j = 0; j < f.head_dim; ++j) dst[j] = load_h(src + 2 * j);
+        return;
+    }
     for (int g0 = 0; g0 < f.head_dim; g0 += f.group, src += group_bytes(f)) {
         const float d = load_h(src), m = load_h(src + 2);
         for (int j = 0; j < f.group; ++j) dst[g0 + j] = (float)code_at(f, src + 4, j) * d + m;
@@ -96,6 +112,10 @@ void kv_hadamard(float* x, int n, int block) {
 // ------------------------------------------------------------------ attention primitives: reference
 static float dot_scalar(const KvFormat& f, const float* q, const uint8_t* row) {
     float s = 0.0f;
+    if (f.bits == 16) {
+        for (int j = 0; j < f.head_dim; ++j) s += q[j] * load_h(row + 2 * j);
+        return s;
+    }
     for (int g0 = 0; g0 < f.head_dim; g0 += f.group, row += group_bytes(f)) {
         const float d = load_h(row), m = load_h(row + 2);
         for (int j = 0; j < f.group; ++j) s += q[g0 + j] * ((float)code_at(f, row + 4, j) * d + m);
@@ -104,6 +124,10 @@ static float dot_scalar(const KvFormat& f, const float* q, const uint8_t* row) {
 }
 
 static void axpy_scalar(const KvFormat& f, float a, const uint8_t* row, float* out) {
+    if (f.bits == 16) {
+        for (int j = 0; j < f.head_dim; ++j) out[j] += a * load_h(row + 2 * j);
+        return;
+    }
     for (int g0 = 0; g0 < f.head_dim; g0 += f.group, row += group_bytes(f)) {
         const float d = load_h(row), m = load_h(row + 2);
         for (int j = 0; j < f.group; ++j) out[g0 + j] += a * ((float)code_at(f, row + 4, j) * d + m);
@@ -318,7 +342,7 @@ struct KvKernels {
     void (*values)(const KvFormat&, const uint8_t*, float*);
 };
 static const KvKernels* simd_kernels(const KvFormat& f, int kernels) {
-    if (f.group % (f.bits == 8 ? 32 : 16) != 0) return nullptr;
+    if (f.bits == 16 || f.group % (f.bits == 8 ? 32 : 16) != 0) return nullptr;
 #ifdef WQE_KV_AVX2
     static const KvKernels avx2_set = {avx2::dot, avx2::axpy, avx2::values};
     if (kernels == K_AVX2) return &avx2_set;
@@ -332,6 +356,7 @@ static const KvKernels* simd_kernels(const KvFormat& f, int kernels) {
 }
 
 void kv_row_values(const KvFormat& f, const uint8_t* row, float* dst, int kernels) {
+    if (f.bits == 16) return vec_ops(kernels).f16_to_f32(row, dst, f.head_dim);  // exact in every set
     if (const KvKernels* k = simd_kernels(f, kernels)) return k->values(f, row, dst);
     kv_dequantize(f, row, dst);
 }
@@ -351,7 +376,7 @@ void kv_axpy(const KvFormat& f, float a, const uint8_t* row, float* out, int ker
 // Test hooks (tests/test_kv_cache.py through ctypes). Quantize n rows of head_dim floats (rotated first when
 // rotate) into rows; returns the row bytes, or -1 on bad arguments.
 extern "C" WQE_API int64_t wqe_test_kv_quantize(int bits, int rotate, int head_dim, const float* x, int n, uint8_t* rows) {
-    if ((bits != 8 && bits != 4) || head_dim < 2 || head_dim % 2 || n < 0) return -1;
+    if ((bits != 8 && bits != 4 && bits != 16) || head_dim < 2 || head_dim % 2 || n < 0) return -1;
     const wqe::KvFormat f = wqe::KvFormat::make(bits, rotate != 0, head_dim);
     if (!x || !rows) return (int64_t)f.row_bytes;
     float* tmp = new float[head_dim];
@@ -367,7 +392,7 @@ extern "C" WQE_API int64_t wqe_test_kv_quantize(int bits, int rotate, int head_d
 // is not built here or on bad arguments. Rows are in the rotated space (q is taken as given).
 extern "C" WQE_API int wqe_test_kv_attend(int bits, int head_dim, const uint8_t* rows, int n, const float* q, const float* p,
                                           int kernels, float* scores, float* out) {
-    if ((bits != 8 && bits != 4) || head_dim < 2 || head_dim % 2 || n < 0) return -1;
+    if ((bits != 8 && bits != 4 && bits != 16) || head_dim < 2 || head_dim % 2 || n < 0) return -1;
     if (kernels == wqe::K_AVX2 && !wqe::cpu_has_avx2()) return -1;
     if (kernels == wqe::K_NEON && !wqe::cpu_has_neon()) return -1;
     const wqe::KvFormat f = wqe::KvFormat::make(bits, false, head_dim);

@@ -12,8 +12,10 @@
 
 namespace wqe {
 
+// A 16-bit cache (bits 16: each value as fp16, no groups or rotation) halves the float32 cache's bytes per decoded
+// token, which at long context are most of them (llama.cpp's default cache type).
 struct KvFormat {
-    int bits = 0;         // 0: float32 cache (none of the below is used), 8 or 4
+    int bits = 0;         // 0: float32 cache (none of the below is used), 16 (fp16 values), 8 or 4
     bool rotate = false;  // Hadamard on K (and Q) per head
     int head_dim = 0, group = 0, hblock = 0;  // hblock: Walsh-Hadamard block (largest power of two dividing head_dim)
     size_t row_bytes = 0;                     // bytes of one token's K (or V) of one head

@@ -31,13 +31,7 @@ void MatScratch::reserve(int n_threads, int max_K, int max_g_pad, int max_x_floa
     }
 }
 
-static inline void prefetch(const uint8_t* p) {
-#if defined(__GNUC__)
-    __builtin_prefetch(p, 0, 3);
-#else
-    (void)p;
-#endif
-}
+static inline void prefetch(const uint8_t* p) { prefetch_read(p); }
 
 static inline float protected_sum(const Linear& W, const Chunk& c, const uint8_t* rb, const float* x) {
     const uint8_t* res = rb + c.res_off;

@@ -199,9 +199,10 @@ void Loader::load() {
     // The KV cache setting (docs/format.md "KV cache"): a runtime default, any format version; absent = float.
     if (f.has("wqedge.kv_cache.bits")) {
         hp.kv_bits = (int)f.get_int("wqedge.kv_cache.bits");
-        if (hp.kv_bits != 8 && hp.kv_bits != 4)
+        if (hp.kv_bits != 16 && hp.kv_bits != 8 && hp.kv_bits != 4)
             throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": wqedge.kv_cache.bits = " + std::to_string(hp.kv_bits) +
-                                                 "; this runtime stores the KV cache at 8 or 4 bits (float when the key is absent)");
+                                                 "; this runtime stores the KV cache at 16 (fp16), 8 or 4 bits (float "
+                                                 "when the key is absent)");
     }
     if (f.has("wqedge.kv_cache.rotation")) {
         const std::string r = f.get_string("wqedge.kv_cache.rotation");
@@ -378,8 +379,9 @@ static void check_fits(double bytes, const std::string& what) {
 Context::Context(const Model& m, int n_ctx_, int n_threads, int kv_bits, int kv_rotate) : model(m), n_ctx(n_ctx_) {
     const HParams& hp = m.hp;
     if (n_ctx < 1 || n_ctx > MAX_CTX) fail(WQE_ERR_INVALID_ARGUMENT, "context length %d is outside [1, %d]", n_ctx, MAX_CTX);
-    if (kv_bits != -1 && kv_bits != 0 && kv_bits != 8 && kv_bits != 4)
-        fail(WQE_ERR_INVALID_ARGUMENT, "KV cache bits %d: use 8, 4, 0 (float32) or -1 (the file's setting)", kv_bits);
+    if (kv_bits != -1 && kv_bits != 0 && kv_bits != 16 && kv_bits != 8 && kv_bits != 4)
+        fail(WQE_ERR_INVALID_ARGUMENT, "KV cache bits %d: use 16 (fp16), 8, 4, 0 (float32) or -1 (the file's setting)",
+             kv_bits);
     if (kv_rotate < -1 || kv_rotate > 1) fail(WQE_ERR_INVALID_ARGUMENT, "KV cache rotation %d: use 0, 1 or -1", kv_rotate);
     kvf = KvFormat::make(kv_bits < 0 ? hp.kv_bits : kv_bits, kv_rotate < 0 ? hp.kv_rotate : kv_rotate == 1, hp.head_dim);
     // kv <= 2^12 layers * 2^24 tokens * 2^17 floats: no overflow in 64 bits.
@@ -644,8 +646,13 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             // positions [s0, s0 + m) of this KV head's K or V: in the float cache, or dequantized into `rows`
             auto kv_rows = [&](const float* fc, const uint8_t* qc, int s0, int m) -> const float* {
                 if (!kvq) return fc + (size_t)s0 * KVD + (size_t)kvh * hd;
-                for (int i = 0; i < m; ++i)
-                    kv_row_values(kvf, qc + ((size_t)(s0 + i) * L.n_head_kv + kvh) * kvf.row_bytes, rows + (size_t)i * hd, kern);
+                const size_t rstride = (size_t)L.n_head_kv * kvf.row_bytes;  // a KV head's rows lie a token's rows apart
+                const uint8_t* r0 = qc + ((size_t)s0 * L.n_head_kv + kvh) * kvf.row_bytes;
+                for (int i = 0; i < m; ++i) {
+                    if (s0 + i + KV_PREFETCH < n_keys)
+                        for (size_t b = 0; b < kvf.row_bytes; b += 64) prefetch_read(r0 + (i + KV_PREFETCH) * rstride + b);
+                    kv_row_values(kvf, r0 + i * rstride, rows + (size_t)i * hd, kern);
+                }
                 return rows;
             };
             const size_t stride = kvq ? (size_t)hd : (size_t)KVD;

@@ -66,6 +66,8 @@ struct Model {
 constexpr int ATT_QPT = 8;
 // Rows of a quantized KV cache dequantized at a time for the attention kernels (VecOps::att_scores / att_values).
 constexpr int KV_CHUNK = 64;
+// Rows ahead that the attention loop prefetches from a quantized (or fp16) KV cache: a KV head's rows lie a token apart.
+constexpr int KV_PREFETCH = 8;
 
 struct Context {
     const Model& model;

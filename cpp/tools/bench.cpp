@@ -15,7 +15,7 @@ static const char* USAGE =
     "  -t, --threads N     threads (default: all available)\n"
     "  --kernels K         auto | scalar | avx2 | neon\n"
     "  --act A             activations of decode steps: f32 | q8 (default: the library's, WQEDGE_ACT)\n"
-    "  --kv-bits B         KV cache: f32 | 8 | 4 (default: the file's setting)\n"
+    "  --kv-bits B         KV cache: f32 | f16 | 8 | 4 (default: the file's setting)\n"
     "  --json              one JSON line instead of text\n";
 
 static double median(std::vector<double> v) {
@@ -54,8 +54,8 @@ int main(int argc, char** argv) {
     wqe_context_params cp = wqe_context_default_params();
     cp.n_ctx = n_prefill + n_decode;
     cp.n_threads = threads;
-    cp.kv_bits = kv_bits == "f32" ? 32 : kv_bits == "8" ? 8 : kv_bits == "4" ? 4 : 0;
-    if (!kv_bits.empty() && cp.kv_bits == 0) tools::die("--kv-bits must be f32, 8 or 4, got '" + kv_bits + "'");
+    cp.kv_bits = kv_bits == "f32" ? 32 : kv_bits == "f16" ? 16 : kv_bits == "8" ? 8 : kv_bits == "4" ? 4 : 0;
+    if (!kv_bits.empty() && cp.kv_bits == 0) tools::die("--kv-bits must be f32, f16, 8 or 4, got '" + kv_bits + "'");
     wqe_context* ctx = nullptr;
     tools::ok(wqe_context_new(model, &cp, &ctx), "context");
 

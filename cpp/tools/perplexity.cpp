@@ -15,7 +15,7 @@ static const char* USAGE =
     "  --chunks N         windows to score; 0 = all (default 32)\n"
     "  -t, --threads N    threads (default: all available)\n"
     "  --kernels K        auto | scalar | avx2\n"
-    "  --kv-bits B        KV cache: f32 | 8 | 4 (default: the file's setting; docs/format.md \"KV cache\")\n";
+    "  --kv-bits B        KV cache: f32 | f16 | 8 | 4 (default: the file's setting; docs/format.md \"KV cache\")\n";
 
 int main(int argc, char** argv) {
     tools::Args a(argc, argv);
@@ -46,8 +46,8 @@ int main(int argc, char** argv) {
     wqe_context_params cp = wqe_context_default_params();
     cp.n_ctx = n_ctx;
     cp.n_threads = threads;
-    cp.kv_bits = kv_bits == "f32" ? 32 : kv_bits == "8" ? 8 : kv_bits == "4" ? 4 : 0;
-    if (!kv_bits.empty() && cp.kv_bits == 0) tools::die("--kv-bits must be f32, 8 or 4, got '" + kv_bits + "'");
+    cp.kv_bits = kv_bits == "f32" ? 32 : kv_bits == "f16" ? 16 : kv_bits == "8" ? 8 : kv_bits == "4" ? 4 : 0;
+    if (!kv_bits.empty() && cp.kv_bits == 0) tools::die("--kv-bits must be f32, f16, 8 or 4, got '" + kv_bits + "'");
     wqe_context* ctx = nullptr;
     tools::ok(wqe_context_new(model, &cp, &ctx), "context");
     const int V = info.n_vocab, half = n_ctx / 2;

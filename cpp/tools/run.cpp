@@ -18,7 +18,7 @@ static const char* USAGE =
     "  -c, --ctx N         context length (default: prompt + n, at most the model's)\n"
     "  --ignore-eos        keep generating after the end-of-sequence token\n"
     "  --kernels K         auto | scalar | avx2\n"
-    "  --kv-bits B         KV cache: f32 | 8 | 4 (default: the file's setting; docs/format.md \"KV cache\")\n";
+    "  --kv-bits B         KV cache: f32 | f16 | 8 | 4 (default: the file's setting; docs/format.md \"KV cache\")\n";
 
 int main(int argc, char** argv) {
     tools::Args a(argc, argv);
@@ -57,8 +57,8 @@ int main(int argc, char** argv) {
     wqe_context_params cp = wqe_context_default_params();
     cp.n_ctx = n_ctx;
     cp.n_threads = threads;
-    cp.kv_bits = kv_bits == "f32" ? 32 : kv_bits == "8" ? 8 : kv_bits == "4" ? 4 : 0;
-    if (!kv_bits.empty() && cp.kv_bits == 0) tools::die("--kv-bits must be f32, 8 or 4, got '" + kv_bits + "'");
+    cp.kv_bits = kv_bits == "f32" ? 32 : kv_bits == "f16" ? 16 : kv_bits == "8" ? 8 : kv_bits == "4" ? 4 : 0;
+    if (!kv_bits.empty() && cp.kv_bits == 0) tools::die("--kv-bits must be f32, f16, 8 or 4, got '" + kv_bits + "'");
     wqe_context* ctx = nullptr;
     tools::ok(wqe_context_new(model, &cp, &ctx), "context");
     wqe_sampler* sampler = nullptr;
