@@ -1,5 +1,5 @@
-// Quantized KV cache rows (kvcache.h): quantization, the Walsh-Hadamard transform, and the two attention
-// primitives over a row with a scalar reference and AVX2/NEON paths (tests: cpp/tests/test_kvcache.cpp,
+// Quantized KV cache rows (kvcache.h): quantization, the Walsh-Hadamard transform, and the rows' values for the
+// attention kernels (a scalar reference and AVX2/NEON paths) (tests: cpp/tests/test_kvcache.cpp,
 // tests/test_kv_cache.py).
 #include "kvcache.h"
 
@@ -109,40 +109,9 @@ void kv_hadamard(float* x, int n, int block) {
     }
 }
 
-// ------------------------------------------------------------------ attention primitives: reference
-static float dot_scalar(const KvFormat& f, const float* q, const uint8_t* row) {
-    float s = 0.0f;
-    if (f.bits == 16) {
-        for (int j = 0; j < f.head_dim; ++j) s += q[j] * load_h(row + 2 * j);
-        return s;
-    }
-    for (int g0 = 0; g0 < f.head_dim; g0 += f.group, row += group_bytes(f)) {
-        const float d = load_h(row), m = load_h(row + 2);
-        for (int j = 0; j < f.group; ++j) s += q[g0 + j] * ((float)code_at(f, row + 4, j) * d + m);
-    }
-    return s;
-}
-
-static void axpy_scalar(const KvFormat& f, float a, const uint8_t* row, float* out) {
-    if (f.bits == 16) {
-        for (int j = 0; j < f.head_dim; ++j) out[j] += a * load_h(row + 2 * j);
-        return;
-    }
-    for (int g0 = 0; g0 < f.head_dim; g0 += f.group, row += group_bytes(f)) {
-        const float d = load_h(row), m = load_h(row + 2);
-        for (int j = 0; j < f.group; ++j) out[g0 + j] += a * ((float)code_at(f, row + 4, j) * d + m);
-    }
-}
-
 // ------------------------------------------------------------------ AVX2 (groups of a multiple of 16 values; 8 bits: 32)
 #ifdef WQE_KV_AVX2
 namespace avx2 {  // only functions in wqe::avx2 may hold AVX instructions (tests/test_cpp_clang.py)
-__attribute__((target("avx2,fma,f16c"))) static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 // A group's fp16 scale and min (4 bytes at p), exactly converted (F16C), broadcast.
 __attribute__((target("avx2,fma,f16c"))) static inline void scale_min(const uint8_t* p, __m256* d, __m256* m) {
     const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)load_u32(p)));
@@ -152,30 +121,6 @@ __attribute__((target("avx2,fma,f16c"))) static inline void scale_min(const uint
 // 8 codes (bytes) -> floats d * c + m.
 __attribute__((target("avx2,fma,f16c"))) static inline __m256 deq8(__m128i bytes8, __m256 d, __m256 m) {
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)), d, m);
-}
-
-__attribute__((target("avx2,fma,f16c"))) static float dot(const KvFormat& f, const float* q, const uint8_t* row) {
-    __m256 acc = _mm256_setzero_ps();
-    const int g = f.group, h = g / 2;
-    const __m128i nib = _mm_set1_epi8(0x0F);
-    for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
-        __m256 d, m;
-        scale_min(row, &d, &m);
-        const uint8_t* c = row + 4;
-        const float* qg = q + g0;
-        if (f.bits == 8) {
-            for (int j = 0; j < g; j += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j), deq8(_mm_loadl_epi64((const __m128i*)(c + j)), d, m), acc);
-        } else {
-            for (int j = 0; j < h; j += 8) {  // 8 bytes: codes j..j+7 (low nibbles) and h+j..h+j+7 (high)
-                const __m128i b = _mm_loadl_epi64((const __m128i*)(c + j));
-                const __m128i lo = _mm_and_si128(b, nib), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j), deq8(lo, d, m), acc);
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + h + j), deq8(hi, d, m), acc);
-            }
-        }
-    }
-    return hsum(acc);
 }
 
 __attribute__((target("avx2,fma,f16c"))) static void values(const KvFormat& f, const uint8_t* row, float* out) {
@@ -198,30 +143,6 @@ __attribute__((target("avx2,fma,f16c"))) static void values(const KvFormat& f, c
     }
 }
 
-__attribute__((target("avx2,fma,f16c"))) static inline void axpy8(float* o, __m256 a, __m256 w) {
-    _mm256_storeu_ps(o, _mm256_fmadd_ps(a, w, _mm256_loadu_ps(o)));
-}
-
-__attribute__((target("avx2,fma,f16c"))) static void axpy(const KvFormat& f, float a, const uint8_t* row, float* out) {
-    const __m256 av = _mm256_set1_ps(a);
-    const int g = f.group, h = g / 2;
-    const __m128i nib = _mm_set1_epi8(0x0F);
-    for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
-        __m256 d, m;
-        scale_min(row, &d, &m);
-        const uint8_t* c = row + 4;
-        float* o = out + g0;
-        if (f.bits == 8) {
-            for (int j = 0; j < g; j += 8) axpy8(o + j, av, deq8(_mm_loadl_epi64((const __m128i*)(c + j)), d, m));
-        } else {
-            for (int j = 0; j < h; j += 8) {
-                const __m128i b = _mm_loadl_epi64((const __m128i*)(c + j));
-                axpy8(o + j, av, deq8(_mm_and_si128(b, nib), d, m));
-                axpy8(o + h + j, av, deq8(_mm_and_si128(_mm_srli_epi16(b, 4), nib), d, m));
-            }
-        }
-    }
-}
 }  // namespace avx2
 #endif
 
@@ -233,36 +154,6 @@ static inline void deq8(uint16x8_t c, float32x4_t d, float32x4_t m, float32x4_t*
     *w0 = vfmaq_f32(m, vcvtq_f32_u32(vmovl_u16(vget_low_u16(c))), d);
     *w1 = vfmaq_f32(m, vcvtq_f32_u32(vmovl_u16(vget_high_u16(c))), d);
 }
-// 8 codes (bytes) at q[0..8) / out[0..8).
-static inline float32x4_t dot8(uint8x8_t c, const float* q, float32x4_t d, float32x4_t m, float32x4_t acc) {
-    float32x4_t w0, w1;
-    deq8(vmovl_u8(c), d, m, &w0, &w1);
-    acc = vfmaq_f32(acc, vld1q_f32(q), w0);
-    return vfmaq_f32(acc, vld1q_f32(q + 4), w1);
-}
-static inline void axpy8(uint8x8_t c, float32x4_t a, float* o, float32x4_t d, float32x4_t m) {
-    float32x4_t w0, w1;
-    deq8(vmovl_u8(c), d, m, &w0, &w1);
-    vst1q_f32(o, vfmaq_f32(vld1q_f32(o), a, w0));
-    vst1q_f32(o + 4, vfmaq_f32(vld1q_f32(o + 4), a, w1));
-}
-// 16 codes (bytes) at q[0..16) / out[0..16).
-static inline float32x4_t dot16(uint8x16_t c, const float* q, float32x4_t d, float32x4_t m, float32x4_t acc) {
-    float32x4_t w0, w1, w2, w3;
-    deq8(vmovl_u8(vget_low_u8(c)), d, m, &w0, &w1);
-    deq8(vmovl_u8(vget_high_u8(c)), d, m, &w2, &w3);
-    acc = vfmaq_f32(acc, vld1q_f32(q), w0);
-    acc = vfmaq_f32(acc, vld1q_f32(q + 4), w1);
-    acc = vfmaq_f32(acc, vld1q_f32(q + 8), w2);
-    return vfmaq_f32(acc, vld1q_f32(q + 12), w3);
-}
-static inline void axpy16(uint8x16_t c, float32x4_t a, float* o, float32x4_t d, float32x4_t m) {
-    float32x4_t w[4];
-    deq8(vmovl_u8(vget_low_u8(c)), d, m, &w[0], &w[1]);
-    deq8(vmovl_u8(vget_high_u8(c)), d, m, &w[2], &w[3]);
-    for (int i = 0; i < 4; ++i) vst1q_f32(o + 4 * i, vfmaq_f32(vld1q_f32(o + 4 * i), a, w[i]));
-}
-
 static void values(const KvFormat& f, const uint8_t* row, float* out) {
     const int g = f.group, h = g / 2;
     for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
@@ -291,65 +182,19 @@ static void values(const KvFormat& f, const uint8_t* row, float* out) {
     }
 }
 
-static float dot(const KvFormat& f, const float* q, const uint8_t* row) {
-    float32x4_t acc = vdupq_n_f32(0.0f);
-    const int g = f.group, h = g / 2;
-    for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
-        const float32x4_t dm = vcvt_f32_f16(vreinterpret_f16_u16(vcreate_u16((uint64_t)load_u32(row))));
-        const float32x4_t d = vdupq_laneq_f32(dm, 0), m = vdupq_laneq_f32(dm, 1);
-        const uint8_t* c = row + 4;
-        const float* qg = q + g0;
-        if (f.bits == 8) {
-            for (int j = 0; j < g; j += 16) acc = dot16(vld1q_u8(c + j), qg + j, d, m, acc);
-        } else {
-            for (int j = 0; j < h; j += 8) {
-                const uint8x8_t b = vld1_u8(c + j);
-                acc = dot8(vand_u8(b, vdup_n_u8(0x0F)), qg + j, d, m, acc);
-                acc = dot8(vshr_n_u8(b, 4), qg + h + j, d, m, acc);
-            }
-        }
-    }
-    return vaddvq_f32(acc);
-}
-
-static void axpy(const KvFormat& f, float a, const uint8_t* row, float* out) {
-    const float32x4_t av = vdupq_n_f32(a);
-    const int g = f.group, h = g / 2;
-    for (int g0 = 0; g0 < f.head_dim; g0 += g, row += group_bytes(f)) {
-        const float32x4_t dm = vcvt_f32_f16(vreinterpret_f16_u16(vcreate_u16((uint64_t)load_u32(row))));
-        const float32x4_t d = vdupq_laneq_f32(dm, 0), m = vdupq_laneq_f32(dm, 1);
-        const uint8_t* c = row + 4;
-        float* o = out + g0;
-        if (f.bits == 8) {
-            for (int j = 0; j < g; j += 16) axpy16(vld1q_u8(c + j), av, o + j, d, m);
-        } else {
-            for (int j = 0; j < h; j += 8) {
-                const uint8x8_t b = vld1_u8(c + j);
-                axpy8(vand_u8(b, vdup_n_u8(0x0F)), av, o + j, d, m);
-                axpy8(vshr_n_u8(b, 4), av, o + h + j, d, m);
-            }
-        }
-    }
-}
 }  // namespace neon
 #endif
 
-// The SIMD set's three kernels, or nullptr: they take groups of a multiple of 16 values (8 bits: 32); other groups,
+// The SIMD set's row dequantization, or nullptr: it takes groups of a multiple of 16 values (8 bits: 32); other groups,
 // and the scalar set, run the reference.
-struct KvKernels {
-    float (*dot)(const KvFormat&, const float*, const uint8_t*);
-    void (*axpy)(const KvFormat&, float, const uint8_t*, float*);
-    void (*values)(const KvFormat&, const uint8_t*, float*);
-};
-static const KvKernels* simd_kernels(const KvFormat& f, int kernels) {
+using RowValues = void (*)(const KvFormat&, const uint8_t*, float*);
+static RowValues simd_values(const KvFormat& f, int kernels) {
     if (f.bits == 16 || f.group % (f.bits == 8 ? 32 : 16) != 0) return nullptr;
 #ifdef WQE_KV_AVX2
-    static const KvKernels avx2_set = {avx2::dot, avx2::axpy, avx2::values};
-    if (kernels == K_AVX2) return &avx2_set;
+    if (kernels == K_AVX2) return avx2::values;
 #endif
 #ifdef WQE_KV_NEON
-    static const KvKernels neon_set = {neon::dot, neon::axpy, neon::values};
-    if (kernels == K_NEON) return &neon_set;
+    if (kernels == K_NEON) return neon::values;
 #endif
     (void)kernels;
     return nullptr;
@@ -357,18 +202,8 @@ static const KvKernels* simd_kernels(const KvFormat& f, int kernels) {
 
 void kv_row_values(const KvFormat& f, const uint8_t* row, float* dst, int kernels) {
     if (f.bits == 16) return vec_ops(kernels).f16_to_f32(row, dst, f.head_dim);  // exact in every set
-    if (const KvKernels* k = simd_kernels(f, kernels)) return k->values(f, row, dst);
+    if (RowValues v = simd_values(f, kernels)) return v(f, row, dst);
     kv_dequantize(f, row, dst);
-}
-
-float kv_dot(const KvFormat& f, const float* q, const uint8_t* row, int kernels) {
-    if (const KvKernels* k = simd_kernels(f, kernels)) return k->dot(f, q, row);
-    return dot_scalar(f, q, row);
-}
-
-void kv_axpy(const KvFormat& f, float a, const uint8_t* row, float* out, int kernels) {
-    if (const KvKernels* k = simd_kernels(f, kernels)) return k->axpy(f, a, row, out);
-    axpy_scalar(f, a, row, out);
 }
 
 }  // namespace wqe
@@ -388,18 +223,21 @@ extern "C" WQE_API int64_t wqe_test_kv_quantize(int bits, int rotate, int head_d
     delete[] tmp;
     return (int64_t)f.row_bytes;
 }
-// scores[i] = kv_dot(q, row i) and out = sum_i p[i] row i (out zeroed first) with kernel set k; -1 when the set
-// is not built here or on bad arguments. Rows are in the rotated space (q is taken as given).
+// scores[i] = q . row i and out = sum_i p[i] row i with kernel set k, as the runtime's attention computes them (the
+// rows' values by kv_row_values, then VecOps::att_scores / att_values); -1 when the set is not built here or on bad
+// arguments. Rows are in the rotated space (q is taken as given).
 extern "C" WQE_API int wqe_test_kv_attend(int bits, int head_dim, const uint8_t* rows, int n, const float* q, const float* p,
                                           int kernels, float* scores, float* out) {
     if ((bits != 8 && bits != 4 && bits != 16) || head_dim < 2 || head_dim % 2 || n < 0) return -1;
     if (kernels == wqe::K_AVX2 && !wqe::cpu_has_avx2()) return -1;
     if (kernels == wqe::K_NEON && !wqe::cpu_has_neon()) return -1;
     const wqe::KvFormat f = wqe::KvFormat::make(bits, false, head_dim);
+    float* vals = new float[(size_t)n * head_dim + 1];
+    for (int i = 0; i < n; ++i) wqe::kv_row_values(f, rows + (size_t)i * f.row_bytes, vals + (size_t)i * head_dim, kernels);
+    const wqe::VecOps& ops = wqe::vec_ops(kernels);
     std::memset(out, 0, sizeof(float) * head_dim);
-    for (int i = 0; i < n; ++i) {
-        scores[i] = wqe::kv_dot(f, q, rows + (size_t)i * f.row_bytes, kernels);
-        wqe::kv_axpy(f, p[i], rows + (size_t)i * f.row_bytes, out, kernels);
-    }
+    ops.att_scores(q, 1, head_dim, vals, head_dim, n, 1.0f, scores, n);
+    ops.att_values(p, n, 1, head_dim, vals, head_dim, n, out);
+    delete[] vals;
     return 0;
 }

@@ -32,12 +32,8 @@ void kv_dequantize(const KvFormat& f, const uint8_t* src, float* dst);
 void kv_hadamard(float* x, int n, int block);
 
 // dst = the row's values as kv_dequantize, with kernels K_SCALAR (kv_dequantize itself), K_AVX2 or K_NEON (which fuse
-// d * code + m into one multiply-add, as kv_dot and kv_axpy do): the attention loop dequantizes each row once for all
-// the query heads of its KV group.
+// d * code + m into one multiply-add): the attention loop dequantizes a KV head's rows, 64 at a time, once for all the
+// query heads of its group and runs VecOps::att_scores / att_values on them.
 void kv_row_values(const KvFormat& f, const uint8_t* row, float* dst, int kernels);
-// Attention over a quantized row: dot(q, row) and out += a * row, with kernels K_SCALAR, K_AVX2 or K_NEON.
-// The SIMD paths differ from the scalar reference only by the order of float additions (and fused multiply-adds).
-float kv_dot(const KvFormat& f, const float* q, const uint8_t* row, int kernels);
-void kv_axpy(const KvFormat& f, float a, const uint8_t* row, float* out, int kernels);
 
 }  // namespace wqe

@@ -1,6 +1,7 @@
 // Quantized KV cache rows (kvcache.h): every SIMD path built here (AVX2 on x86-64, NEON on AArch64) against the
-// scalar reference (dot and axpy within 1e-5 of the magnitude of their terms); dequantized values within half a
-// grid step of the input; the Walsh-Hadamard transform is its own inverse and keeps norms.
+// scalar reference: the rows' values (kv_row_values) and attention over them as the runtime runs it (the values
+// through VecOps::att_scores / att_values, within 1e-5 of the magnitude of their terms); dequantized values within
+// half a grid step of the input; the Walsh-Hadamard transform is its own inverse and keeps norms.
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -15,7 +16,7 @@ int main() {
     std::mt19937 rng(3);
     std::normal_distribution<float> nd(0.0f, 1.0f);
     int fails = 0, checks = 0;
-    std::vector<int> sets;
+    std::vector<int> sets = {K_SCALAR};
     if (cpu_has_avx2()) sets.push_back(K_AVX2);
     if (cpu_has_neon()) sets.push_back(K_NEON);
     for (int hd : {64, 128, 96, 80, 6}) {
@@ -60,48 +61,49 @@ int main() {
                     }
                 }
             }
-            std::vector<float> ref_s(n), ref_o(hd, 0.0f), mag_o(hd, 0.0f);
-            std::vector<double> mag_s(n, 0.0);
+            // reference: scores and weighted sum over kv_dequantize's values, in double
+            std::vector<double> ref_s(n, 0.0), ref_o(hd, 0.0), mag_s(n, 0.0), mag_o(hd, 0.0);
             for (int i = 0; i < n; ++i) {
-                ref_s[i] = kv_dot(f, q.data(), &rows[(size_t)i * f.row_bytes], K_SCALAR);
-                kv_axpy(f, p[i], &rows[(size_t)i * f.row_bytes], ref_o.data(), K_SCALAR);
                 kv_dequantize(f, &rows[(size_t)i * f.row_bytes], deq.data());
                 for (int j = 0; j < hd; ++j) {
+                    ref_s[i] += (double)q[j] * deq[j];
+                    ref_o[j] += (double)p[i] * deq[j];
                     mag_s[i] += std::fabs((double)q[j] * deq[j]);
-                    mag_o[j] += std::fabs(p[i] * deq[j]);
+                    mag_o[j] += std::fabs((double)p[i] * deq[j]);
                 }
             }
             for (int k : sets) {
-                std::vector<float> o(hd, 0.0f);
-                for (int i = 0; i < n; ++i) {
-                    const float s = kv_dot(f, q.data(), &rows[(size_t)i * f.row_bytes], k);
-                    kv_axpy(f, p[i], &rows[(size_t)i * f.row_bytes], o.data(), k);
-                    ++checks;
-                    if (std::fabs((double)s - ref_s[i]) > 1e-5 * mag_s[i] + 1e-30) {
-                        ++fails;
-                        std::printf("FAIL dot set %d bits %d hd %d row %d: %g vs %g\n", k, bits, hd, i, s, ref_s[i]);
-                    }
-                }
+                std::vector<float> vals((size_t)n * hd), s(n), o(hd, 0.0f);
                 for (int i = 0; i < n; ++i) {  // kv_row_values == kv_dequantize up to the fused d * c + m (1e-6 of |d c| + |m|)
                     const uint8_t* r = &rows[(size_t)i * f.row_bytes];
-                    std::vector<float> vals(hd);
-                    kv_row_values(f, r, vals.data(), k);
+                    float* v = &vals[(size_t)i * hd];
+                    kv_row_values(f, r, v, k);
                     kv_dequantize(f, r, deq.data());
                     for (int j = 0; j < hd; ++j) {
                         const uint8_t* gp = r + (size_t)(j / f.group) * (4 + f.group * bits / 8);
                         const float d = load_h(gp), m = load_h(gp + 2);
                         ++checks;
-                        if (std::fabs(vals[j] - deq[j]) > 1e-6f * (std::fabs(deq[j] - m) + std::fabs(m)) + 1e-30f) {
+                        if (std::fabs(v[j] - deq[j]) > 1e-6f * (std::fabs(deq[j] - m) + std::fabs(m)) + 1e-30f) {
                             ++fails;
-                            std::printf("FAIL values set %d bits %d hd %d row %d col %d: %g vs %g (d %g)\n", k, bits, hd, i, j, vals[j], deq[j], d);
+                            std::printf("FAIL values set %d bits %d hd %d row %d col %d: %g vs %g (d %g)\n", k, bits, hd, i, j, v[j], deq[j], d);
                         }
+                    }
+                }
+                const VecOps& ops = vec_ops(k);
+                ops.att_scores(q.data(), 1, hd, vals.data(), hd, n, 1.0f, s.data(), n);
+                ops.att_values(p.data(), n, 1, hd, vals.data(), hd, n, o.data());
+                for (int i = 0; i < n; ++i) {
+                    ++checks;
+                    if (std::fabs((double)s[i] - ref_s[i]) > 1e-5 * mag_s[i] + 1e-30) {
+                        ++fails;
+                        std::printf("FAIL scores set %d bits %d hd %d row %d: %g vs %g\n", k, bits, hd, i, s[i], ref_s[i]);
                     }
                 }
                 for (int j = 0; j < hd; ++j) {
                     ++checks;
                     if (std::fabs((double)o[j] - ref_o[j]) > 1e-5 * mag_o[j] + 1e-30) {
                         ++fails;
-                        std::printf("FAIL axpy set %d bits %d hd %d col %d: %g vs %g\n", k, bits, hd, j, o[j], ref_o[j]);
+                        std::printf("FAIL values sum set %d bits %d hd %d col %d: %g vs %g\n", k, bits, hd, j, o[j], ref_o[j]);
                     }
                 }
             }
