@@ -392,7 +392,7 @@ Context::Context(const Model& m, int n_ctx_, int n_threads, int kv_bits, int kv_
     }
     const size_t kv_rows = kv / hp.head_dim;
     const int nt = n_threads > 0 ? n_threads : default_thread_count();
-    check_fits(2.0 * (double)kv_rows * kvf.row_bytes + (double)nt * ATT_QPT * n_ctx * sizeof(float),
+    check_fits(2.0 * (double)kv_rows * kvf.row_bytes + (double)nt * ATT_QUERIES * n_ctx * sizeof(float),
                "a KV cache of " + std::to_string(n_ctx) + " tokens (with " + std::to_string(nt) + " threads' scores)");
     try {
         if (kvf.bits == 0) {
@@ -416,12 +416,12 @@ size_t Context::kv_bytes() const {
 void Context::set_threads(int n) {
     if (n <= 0) n = default_thread_count();
     if (pool && pool->size() == n) return;
-    check_fits((double)n * ATT_QPT * n_ctx * sizeof(float), "attention scores for " + std::to_string(n) + " threads x " +
-                                                                std::to_string(ATT_QPT) + " heads x " + std::to_string(n_ctx) + " tokens");
+    check_fits((double)n * ATT_QUERIES * n_ctx * sizeof(float), "attention scores for " + std::to_string(n) + " threads x " +
+                                                                    std::to_string(ATT_QUERIES) + " queries x " + std::to_string(n_ctx) + " tokens");
     pool.reset(new ThreadPool(n));
     ms.reserve(n, model.max_K, model.max_g_pad, model.max_x_floats, model.max_chunks);
-    // per thread: ATT_QPT heads' scores and rotated queries (KV cache), and KV_CHUNK dequantized rows
-    scores.assign(n, std::vector<float>((size_t)ATT_QPT * (n_ctx + model.hp.head_dim) + (size_t)KV_CHUNK * model.hp.head_dim));
+    // per thread: ATT_QUERIES (token, head) queries' scores and rotated queries (KV cache), and KV_CHUNK dequantized rows
+    scores.assign(n, std::vector<float>((size_t)ATT_QUERIES * (n_ctx + model.hp.head_dim) + (size_t)KV_CHUNK * model.hp.head_dim));
 }
 
 void Context::ensure_batch(int n) {
@@ -626,22 +626,30 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             }
         }
 
-        // Causal grouped-query attention. A task = (token, KV head, a run of qpt query heads of its group): each K and
-        // V row is read once (a quantized one dequantized once, kv_row_values, KV_CHUNK rows at a time) for those heads,
-        // through VecOps' attention kernels, each of which takes every position of the task at once.
+        // Causal grouped-query attention. A task = (a block of tb tokens, KV head, a run of qpt query heads of its group):
+        // the KV head's rows are read KV_CHUNK positions at a time (a quantized one dequantized once), and each chunk
+        // serves every token and head of the task while it is in L1, so a prompt reads each row once per block of
+        // tokens rather than once per token. Each (token, head) gets the same operations whatever the blocking: its
+        // scores over its own positions, its softmax, then its weighted sum in order of position.
         const int qpt = att_heads_per_task(group, n * L.n_head_kv, tp.size()), n_sub = group / qpt;
-        tp.run(n * L.n_head_kv * n_sub, [&](int task, int thread) {
-            const int t = task / (L.n_head_kv * n_sub), kvh = task / n_sub % L.n_head_kv, h0 = kvh * group + task % n_sub * qpt;
-            const int n_keys = pos0 + t + 1;
-            float* sc = scores[thread].data();                          // qpt rows of n_ctx scores
-            float* qr = sc + (size_t)ATT_QPT * n_ctx;                  // qpt query heads in the keys' rotated space
-            float* rows = qr + (size_t)ATT_QPT * hd;                   // KV_CHUNK dequantized K or V rows
-            const float* qh = &q[(size_t)t * QD + (size_t)h0 * hd];    // the qpt heads, contiguous
-            float* out = &att[(size_t)t * QD + (size_t)h0 * hd];
-            if (kvq && kvf.rotate) {  // (H q).(H k) = q.k
-                std::memcpy(qr, qh, sizeof(float) * qpt * hd);
-                for (int j = 0; j < qpt; ++j) kv_hadamard(qr + (size_t)j * hd, hd, kvf.hblock);
-                qh = qr;
+        const int tb = std::max(1, std::min(ATT_QUERIES / qpt, n * L.n_head_kv * n_sub / (4 * tp.size())));
+        const int n_tb = (n + tb - 1) / tb;
+        tp.run(n_tb * L.n_head_kv * n_sub, [&](int task, int thread) {
+            const int t0 = task / (L.n_head_kv * n_sub) * tb, nt = std::min(tb, n - t0);
+            const int kvh = task / n_sub % L.n_head_kv, h0 = kvh * group + task % n_sub * qpt;
+            const int n_max = pos0 + t0 + nt;                           // positions the block's last token sees
+            float* sc = scores[thread].data();                          // nt x qpt rows of n_ctx scores
+            float* qr = sc + (size_t)ATT_QUERIES * n_ctx;              // the queries in the keys' rotated space
+            float* rows = qr + (size_t)ATT_QUERIES * hd;               // KV_CHUNK dequantized K or V rows
+            const float* qh[ATT_QUERIES];                               // token u's qpt heads (contiguous)
+            for (int u = 0; u < nt; ++u) {
+                qh[u] = &q[(size_t)(t0 + u) * QD + (size_t)h0 * hd];
+                if (kvq && kvf.rotate) {  // (H q).(H k) = q.k
+                    float* r = qr + (size_t)u * qpt * hd;
+                    std::memcpy(r, qh[u], sizeof(float) * qpt * hd);
+                    for (int j = 0; j < qpt; ++j) kv_hadamard(r + (size_t)j * hd, hd, kvf.hblock);
+                    qh[u] = r;
+                }
             }
             // positions [s0, s0 + m) of this KV head's K or V: in the float cache, or dequantized into `rows`
             auto kv_rows = [&](const float* fc, const uint8_t* qc, int s0, int m) -> const float* {
@@ -649,32 +657,43 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 const size_t rstride = (size_t)L.n_head_kv * kvf.row_bytes;  // a KV head's rows lie a token's rows apart
                 const uint8_t* r0 = qc + ((size_t)s0 * L.n_head_kv + kvh) * kvf.row_bytes;
                 for (int i = 0; i < m; ++i) {
-                    if (s0 + i + KV_PREFETCH < n_keys)
+                    if (s0 + i + KV_PREFETCH < n_max)
                         for (size_t b = 0; b < kvf.row_bytes; b += 64) prefetch_read(r0 + (i + KV_PREFETCH) * rstride + b);
                     kv_row_values(kvf, r0 + i * rstride, rows + (size_t)i * hd, kern);
                 }
                 return rows;
             };
             const size_t stride = kvq ? (size_t)hd : (size_t)KVD;
-            const int chunk = kvq ? KV_CHUNK : n_keys;
-            for (int s0 = 0; s0 < n_keys; s0 += chunk) {
-                const int m = std::min(chunk, n_keys - s0);
-                ops.att_scores(qh, qpt, hd, kv_rows(kc, kqc, s0, m), stride, m, att_scale, sc + s0, n_ctx);
+            auto seen = [&](int u, int s0, int m) { return std::min(m, pos0 + t0 + u + 1 - s0); };  // causal
+            for (int s0 = 0; s0 < n_max; s0 += KV_CHUNK) {
+                const int m = std::min(KV_CHUNK, n_max - s0);
+                const float* kr = kv_rows(kc, kqc, s0, m);
+                for (int u = 0; u < nt; ++u)
+                    if (seen(u, s0, m) > 0)
+                        ops.att_scores(qh[u], qpt, hd, kr, stride, seen(u, s0, m), att_scale, sc + (size_t)u * qpt * n_ctx + s0, n_ctx);
             }
-            float inv[ATT_QPT];
-            for (int j = 0; j < qpt; ++j) {
-                float* scj = sc + (size_t)j * n_ctx;
+            float inv[ATT_QUERIES];
+            for (int r = 0; r < nt * qpt; ++r) {
+                float* scr = sc + (size_t)r * n_ctx;
+                const int n_keys = pos0 + t0 + r / qpt + 1;
                 float mx = -INFINITY;
-                for (int s = 0; s < n_keys; ++s) mx = std::max(mx, scj[s]);
-                inv[j] = 1.0f / ops.exp_sum(scj, n_keys, mx);
+                for (int s = 0; s < n_keys; ++s) mx = std::max(mx, scr[s]);
+                inv[r] = 1.0f / ops.exp_sum(scr, n_keys, mx);
             }
-            std::memset(out, 0, sizeof(float) * qpt * hd);
-            for (int s0 = 0; s0 < n_keys; s0 += chunk) {
-                const int m = std::min(chunk, n_keys - s0);
-                ops.att_values(sc + s0, n_ctx, qpt, hd, kv_rows(vc, vqc, s0, m), stride, m, out);
+            for (int u = 0; u < nt; ++u) std::memset(&att[(size_t)(t0 + u) * QD + (size_t)h0 * hd], 0, sizeof(float) * qpt * hd);
+            for (int s0 = 0; s0 < n_max; s0 += KV_CHUNK) {
+                const int m = std::min(KV_CHUNK, n_max - s0);
+                const float* vr = kv_rows(vc, vqc, s0, m);
+                for (int u = 0; u < nt; ++u)
+                    if (seen(u, s0, m) > 0)
+                        ops.att_values(sc + (size_t)u * qpt * n_ctx + s0, n_ctx, qpt, hd, vr, stride, seen(u, s0, m),
+                                       &att[(size_t)(t0 + u) * QD + (size_t)h0 * hd]);
             }
-            for (int j = 0; j < qpt; ++j)
-                for (int d = 0; d < hd; ++d) out[(size_t)j * hd + d] *= inv[j];
+            for (int u = 0; u < nt; ++u) {
+                float* out = &att[(size_t)(t0 + u) * QD + (size_t)h0 * hd];
+                for (int j = 0; j < qpt; ++j)
+                    for (int d = 0; d < hd; ++d) out[(size_t)j * hd + d] *= inv[u * qpt + j];
+            }
         });
         group_input(L.rot_of(1), hp.act_bits, att.data(), n, QD, tp, kern, act_steps.data());
         matmul(L.wo, att.data(), n, xb2.data(), tp, ms, kern, act);
