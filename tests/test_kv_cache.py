@@ -210,9 +210,10 @@ def _cpp_logits(path, windows, **kv):
     from wqedge.runtime import native
     m = native.Model(path)
     out = []
+    n_ctx = max(64, windows.shape[1])
     for row in windows:
-        prefill = native.Context(m, n_ctx=64, n_threads=2, **kv).eval(row.tolist(), all_logits=True)
-        c = native.Context(m, n_ctx=64, n_threads=1, **kv)
+        prefill = native.Context(m, n_ctx=n_ctx, n_threads=2, **kv).eval(row.tolist(), all_logits=True)
+        c = native.Context(m, n_ctx=n_ctx, n_threads=1, **kv)
         half = len(row) // 2  # a prompt step, then decode steps reading the prompt's cache rows
         first = c.eval(row[:half].tolist(), all_logits=True)
         decode = np.concatenate([first, np.stack([c.eval([t]) for t in row[half:].tolist()])])
@@ -289,6 +290,18 @@ def test_override_matches_reference_override(native_lib, files):
     ref = _reference_logits(files["hd32-f32"], w, KVCacheSpec(4))[0]
     (prefill, decode), = _cpp_logits(files["hd32-f32"], w, kv_bits=4)
     assert _rel(prefill, ref) < KV_TOL and _rel(decode, ref) < KV_TOL
+
+
+@pytest.mark.parametrize("key", ["hd32-q4", "hd40-q8", "hd32-f16", "hd32-f32"])
+def test_long_prompt_matches_reference(native_lib, files, key):
+    """150 tokens: attention over several 64-position chunks of the cache (dequantized chunk by chunk) and, in the
+    prompt, several blocks of tokens per task; prefill and decode against the reference."""
+    native_lib.set_activations("f32")
+    w = _windows(1, 150)
+    ref = _reference_logits(files[key], w)[0]
+    (prefill, decode), = _cpp_logits(files[key], w)
+    tol = CPP_TOL if key.endswith(("f16", "f32")) else KV_TOL
+    assert _rel(prefill, ref) < tol and _rel(decode, ref) < tol
 
 
 def test_f16_override_matches_reference(native_lib, files):
