@@ -883,7 +883,10 @@ def _bench_help() -> str:
                    "(the IQ types that need one are reported as not available). Implies --no-calib's llama.cpp side; "
                    "not with --calib.")
 @click.option("--threads", type=int, default=2, show_default=True, help="Threads for every backend.")
-@click.option("--prefill", type=int, default=None, help="Prompt tokens timed in one batch (default 128; quick 32).")
+@click.option("--prefill", type=int, default=None,
+              help="Prompt tokens timed in one batch (default 128; quick 32). The decode steps follow that prompt, so "
+                   "this is also the KV cache depth decode is timed at (llama-bench's -d): e.g. 2048 for chat-length "
+                   "contexts.")
 @click.option("--decode", type=int, default=None, help="Single-token decode steps timed (default 64; quick 16).")
 @click.option("--reps", type=int, default=None, help="Repetitions per process (default 2; quick 1).")
 @click.option("--rounds", type=int, default=None, help="Round-robin passes over all rows (default 2; quick 1).")

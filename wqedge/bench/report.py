@@ -29,7 +29,7 @@ COLUMNS = {
     "peak RSS MiB (base)": "peak resident memory of the backend's own process (VmHWM) before the perplexity run; "
                            "base = RSS before loading the model (interpreter and libraries)",
     "bytes/token MB": "bytes one decode step reads: weights (one embedding row, the output head) + K/V cache at "
-                      "the mean decode position (f16; f32 for ONNX)",
+                      "the mean decode position (llama.cpp f16, ONNX f32, ours as the file's KV setting: f32 without one)",
     "DRAM roof": "decode tok/s ÷ (DRAM read bandwidth ÷ bytes/token); the read bandwidth is our runtime's threads streaming 512 MiB (the numpy triad where the library is missing)",
     "LLC roof": "the same against the last-level-cache read bandwidth (for models that fit the cache)",
 }

@@ -60,8 +60,13 @@ def bytes_per_token(path: Path, kv_bytes: int, ctx_pos: float) -> float:
     return weights + kv_bytes * ctx_pos
 
 
-def _kv_bytes_per_position(spec, backend: str) -> int:
-    """K and V of every layer for one position: f16 in llama.cpp and our runtime, f32 in the ONNX graph."""
+def _kv_bytes_per_position(spec, backend: str, gguf_path=None) -> int:
+    """K and V of every layer for one position: f16 in llama.cpp, f32 in the ONNX graph, and in our runtime what the
+    file's KV cache setting stores (float32 without one; wqedge.kv_format row bytes)."""
+    if backend == "wqedge" and gguf_path is not None:
+        from ..runtime.gguf_reader import WqGGUF
+        row = WqGGUF(gguf_path).kv_cache.row_bytes(spec.head_dim)
+        return 2 * sum(spec.kv_heads(i) for i in range(spec.n_layers)) * row
     return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * (4 if backend == "ort" else 2)
 
 
@@ -234,14 +239,15 @@ def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
             from ..runtime.gguf_reader import WqGGUF
             bits = WqGGUF(gguf_path).measured_bits()
         size = path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob(path.name + ".data"))
-        bpt = bytes_per_token(gguf_path, _kv_bytes_per_position(mf.spec, base["backend"]), ctx_pos)
+        kv_pos = _kv_bytes_per_position(mf.spec, base["backend"], gguf_path)
+        bpt = bytes_per_token(gguf_path, kv_pos, ctx_pos)
         dec, pre = max(r["decode"]), max(r["prefill"])
         roof, roof_llc = info["roof_GBps"] * 1e9 / bpt, info["roof_llc_GBps"] * 1e9 / bpt
         rows.append({**base, "status": "ok", "recipe": mf.notes.get(base["row"], ""), "file": str(path),
                      "file_mib": size / 2**20, "bits": bits, **r,
                      "decode_tok_s": dec, "prefill_tok_s": pre,
                      "decode_median": statistics.median(r["decode"]), "prefill_median": statistics.median(r["prefill"]),
-                     "weights_mb": (bpt - _kv_bytes_per_position(mf.spec, base["backend"]) * ctx_pos) / 1e6,
+                     "weights_mb": (bpt - kv_pos * ctx_pos) / 1e6,
                      "bytes_per_token": bpt, "roofline_tok_s": roof, "roofline_fraction": dec / roof,
                      "roofline_llc_tok_s": roof_llc, "roofline_llc_fraction": dec / roof_llc})
         say(f"{base['model']:>16s} {base['row']:14s} decode {dec:8.1f} tok/s  prefill {pre:8.1f} tok/s  peak "
