@@ -123,7 +123,8 @@ def test_default_yields_to_llamacpp_target(tiny_model_dir, tmp_path, calib, monk
     """--target llamacpp (which refuses --distill) runs at <= 2.5 bits, also from a plan that recorded the
     default's choice: the command reaches llama.cpp's export (stubbed here; the tiny model is below what its
     types can reach) instead of being refused."""
-    def export(ckpt, plan, output, calib_text, device):
+    def export(ckpt, plan, output, calib_text, device, head=pipeline.DEFAULT_HEAD):
+        assert head == pipeline.DEFAULT_HEAD   # the llama.cpp file stores the head as our GGUF would
         raise pipeline.ConvertError("reached the llama.cpp export")
     monkeypatch.setattr(pipeline, "_convert_llamacpp", export)
     plan = tmp_path / "p.json"
