@@ -8,7 +8,7 @@ ratio on a shared machine without the full `wqedge bench`.
 
 Ours: `wqedge-bench` (cpp/build/ or $WQEDGE_BENCH) decode tok/s (median of its reps); llama.cpp: llama-cpp-python,
 a --context-token prompt (default 64) then --decode single-token evals, tok/s: decode at that depth of the KV cache
-(attention reads every cached position per token). --kv-bits: our KV cache (f32, 8, 4; default the file's). --prefill N measures prompt processing instead: ours the
+(attention reads every cached position per token). --kv-bits: our KV cache (f32, f16, 8, 4; default the file's). --prefill N measures prompt processing instead: ours the
 N-token batch of wqedge-bench, llama.cpp one eval of N tokens (n_batch = N) from an empty cache; --wq-f32 adds each of
 our files again with WQEDGE_ACT=f32 (the float prefill, for before/after). Each round runs every file once, in turn;
 prints every sample and the best per file (outside load only slows a run), and the ratios of ours to the first --lcp.
@@ -91,7 +91,7 @@ def main() -> None:
                     help="decode tok/s from process CPU time (ours: wqedge-bench's best CPU ms/token; llama.cpp: "
                          "time.process_time over the decode loop): meaningful at 1 thread on a shared machine")
     ap.add_argument("--context", type=int, default=64, help="prompt tokens before the decode steps")
-    ap.add_argument("--kv-bits", default="", help="our KV cache: f32, 8 or 4 (default: the file's)")
+    ap.add_argument("--kv-bits", default="", help="our KV cache: f32, f16, 8 or 4 (default: the file's)")
     a = ap.parse_args()
     global CPU, CONTEXT, KV_BITS
     CPU, CONTEXT, KV_BITS = a.cpu, a.context, a.kv_bits

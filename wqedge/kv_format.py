@@ -77,8 +77,10 @@ class KVCacheSpec:
         return 2 * n_ctx * sum(kv_heads_per_layer) * self.row_bytes(head_dim)
 
     def label(self) -> str:
-        if self.bits is None or self.bits == F16:
-            return "f32" if self.bits is None else "f16"
+        if self.bits is None:
+            return "f32"
+        if self.bits == F16:
+            return "f16"
         return f"q{self.bits}" + ("" if self.rotate_k else " (no rotation)")
 
     # ------------------------------------------------------------ plan field (docs/plan.md, version 3)

@@ -206,6 +206,13 @@ class ConvertError(ValueError):
 LLAMACPP_HEAD_TYPES = {"fp16": "F16", "q8": "Q8_0", "q4": "Q4_0"}
 
 
+def llamacpp_head_types(spec, head: str = DEFAULT_HEAD) -> dict[str, str]:
+    """export_llamacpp's embed_type / output_type for our head kind: the head as LLAMACPP_HEAD_TYPES[head] (with tied
+    embeddings the one table is the head), untied embeddings F16 as in our GGUF."""
+    head_t = LLAMACPP_HEAD_TYPES[head]
+    return {"output_type": head_t, "embed_type": head_t if spec.tie_word_embeddings else "F16"}
+
+
 def head_kind(target: str, head: str | None = None, say: Callable[[str], None] = _quiet) -> str:
     """How `target`'s file stores the output head: `head` (DEFAULT_HEAD when None) for our GGUF and the llama.cpp
     GGUF (there as LLAMACPP_HEAD_TYPES[kind]); the ONNX graph keeps it dense (fp16) and says so when a quantized
@@ -583,9 +590,7 @@ def _convert_llamacpp(ckpt, plan: Plan, output: Path, calib_text: str | None, de
     spec = plan.pruning.pruned_spec(ckpt.spec) if plan.pruning is not None else ckpt.spec
     try:
         types = budget_types(spec, plan.budget_bits, plan, available_types(imatrix=imatrix is not None))
-        head_t = LLAMACPP_HEAD_TYPES[head]
-        res = export_llamacpp(ckpt, output, imatrix, plan=plan, tensor_types=types, output_type=head_t,
-                              embed_type=head_t if ckpt.spec.tie_word_embeddings else "F16")
+        res = export_llamacpp(ckpt, output, imatrix, plan=plan, tensor_types=types, **llamacpp_head_types(ckpt.spec, head))
     except (ValueError, OSError, RuntimeError) as e:
         hint = _pruned_width_hint(ckpt.spec, spec) if plan.pruning is not None and "smallest allowed" in str(e) else ""
         raise ConvertError(f"llama.cpp export failed, nothing written: {e}{hint}") from e

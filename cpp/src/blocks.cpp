@@ -892,15 +892,37 @@ static void silu_mul_any(float* g, const float* u, int n) {
         for (int j = 0; j < n - n8; ++j) g[n8 + j] = gv[j];
     }
 }
+// A SIMD set's exp_sum (multiples of 8 values) on any n: the tail padded to 8 and run through the same vector code
+// (its padding's exps are not summed), so every value gets the same arithmetic wherever it sits.
+template <float (*EXP8)(float*, int, float)>
+static float exp_sum_any(float* e, int n, float mx) {
+    const int n8 = n & ~7;
+    float sum = n8 ? EXP8(e, n8, mx) : 0.0f;
+    if (n8 < n) {
+        float buf[8];
+        for (int j = 0; j < 8; ++j) buf[j] = n8 + j < n ? e[n8 + j] : mx;
+        EXP8(buf, 8, mx);
+        for (int j = 0; j < n - n8; ++j) {
+            e[n8 + j] = buf[j];
+            sum += buf[j];
+        }
+    }
+    return sum;
+}
+// A SIMD set's att_values (one or two heads a call, their outputs held in registers) on any number of heads.
+template <void (*AV2)(const float*, size_t, int, int, const float*, size_t, int, float*)>
+static void att_values_pairs(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {
+    for (int j = 0; j < nq; j += 2) AV2(P + (size_t)j * ldp, ldp, std::min(2, nq - j), hd, V, vs, n, O + (size_t)j * hd);
+}
 static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sgemm4, stile8_mix, squant_x8, ssilu_mul,
                                    satt_scores, sexp_sum, satt_values};
 #if WQE_X86
 static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>,
-                                 avx2::att_scores, avx2::exp_sum, avx2::att_values};
+                                 avx2::att_scores, exp_sum_any<avx2::exp_sum>, att_values_pairs<avx2::att_values>};
 #endif
 #if WQE_ARM64
 static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, neon::tile8_mix, quant_x8_any<neon::quant_x8>, silu_mul_any<neon::silu_mul>,
-                                 neon::att_scores, neon::exp_sum, neon::att_values};
+                                 neon::att_scores, exp_sum_any<neon::exp_sum>, att_values_pairs<neon::att_values>};
 #endif
 
 const VecOps& vec_ops(int kernels) {

@@ -1061,8 +1061,6 @@ void silu_mul(float* g, const float* u, int n) {  // n % 8 == 0 (blocks.cpp's si
 }
 
 // ------------------------------------------------------------------ attention (VecOps::att_scores, exp_sum, att_values)
-// Rows ahead that the attention kernels prefetch: a KV head's rows lie a whole token's K (or V) apart.
-constexpr int ATT_PREFETCH = 8;
 // The four keys' totals of four 8-lane accumulators: one horizontal reduction for all of them.
 static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
@@ -1083,9 +1081,9 @@ void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n
             const float* k1 = K + (size_t)std::min(s + 1, n - 1) * ks;
             const float* k2 = K + (size_t)std::min(s + 2, n - 1) * ks;
             const float* k3 = K + (size_t)std::min(s + 3, n - 1) * ks;
-            if (s + 4 + ATT_PREFETCH < n)  // the rows ATT_PREFETCH keys ahead (strided rows defeat the streamers)
+            if (s + 4 + ATT_PREFETCH_ROWS < n)  // the rows ATT_PREFETCH_ROWS keys ahead (strided rows defeat the streamers)
                 for (int u = 0; u < 4; ++u)
-                    for (int d = 0; d < hd; d += 16) _mm_prefetch((const char*)(k0 + (ATT_PREFETCH + u) * ks + d), _MM_HINT_T0);
+                    for (int d = 0; d < hd; d += 16) _mm_prefetch((const char*)(k0 + (ATT_PREFETCH_ROWS + u) * ks + d), _MM_HINT_T0);
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
             for (int d = 0; d < h8; d += 8) {
                 const __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
@@ -1119,26 +1117,15 @@ void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n
     }
 }
 
-float exp_sum(float* e, int n, float mx) {
+float exp_sum(float* e, int n, float mx) {  // n % 8 == 0 (blocks.cpp's exp_sum_any runs the tail)
     const __m256 m = _mm256_set1_ps(mx);
     __m256 acc = _mm256_setzero_ps();
-    int s = 0;
-    for (; s + 8 <= n; s += 8) {
+    for (int s = 0; s + 8 <= n; s += 8) {
         const __m256 v = exp8(_mm256_sub_ps(_mm256_loadu_ps(e + s), m));
         _mm256_storeu_ps(e + s, v);
         acc = _mm256_add_ps(acc, v);
     }
-    float sum = hsum(acc);
-    if (s < n) {  // the tail through the same vector code
-        float buf[8];
-        for (int u = 0; u < 8; ++u) buf[u] = s + u < n ? e[s + u] - mx : 0.0f;
-        _mm256_storeu_ps(buf, exp8(_mm256_loadu_ps(buf)));
-        for (int u = 0; s + u < n; ++u) {
-            e[s + u] = buf[u];
-            sum += buf[u];
-        }
-    }
-    return sum;
+    return hsum(acc);
 }
 
 // NH heads' outputs over 32 (then 8) columns at a time in registers while every position's row streams past: one
@@ -1152,9 +1139,9 @@ static void values_heads(const float* const* p, int hd, const float* V, size_t v
             for (int c = 0; c < 4; ++c) acc[h][c] = _mm256_loadu_ps(o[h] + d + 8 * c);
         for (int s = 0; s < n; ++s) {
             const float* v = V + (size_t)s * vs + d;
-            if (s + ATT_PREFETCH < n) {
-                _mm_prefetch((const char*)(v + ATT_PREFETCH * vs), _MM_HINT_T0);
-                _mm_prefetch((const char*)(v + ATT_PREFETCH * vs + 16), _MM_HINT_T0);
+            if (s + ATT_PREFETCH_ROWS < n) {
+                _mm_prefetch((const char*)(v + ATT_PREFETCH_ROWS * vs), _MM_HINT_T0);
+                _mm_prefetch((const char*)(v + ATT_PREFETCH_ROWS * vs + 16), _MM_HINT_T0);
             }
             const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
                          v3 = _mm256_loadu_ps(v + 24);
@@ -1186,18 +1173,11 @@ static void values_heads(const float* const* p, int hd, const float* V, size_t v
         }
 }
 
-void att_values(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {
-    int j = 0;
-    for (; j + 2 <= nq; j += 2) {
-        const float* p[2] = {P + (size_t)j * ldp, P + (size_t)(j + 1) * ldp};
-        float* o[2] = {O + (size_t)j * hd, O + (size_t)(j + 1) * hd};
-        values_heads<2>(p, hd, V, vs, n, o);
-    }
-    if (j < nq) {
-        const float* p[1] = {P + (size_t)j * ldp};
-        float* o[1] = {O + (size_t)j * hd};
-        values_heads<1>(p, hd, V, vs, n, o);
-    }
+void att_values(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {  // nq 1 or 2
+    const float* p[2] = {P, P + ldp};
+    float* o[2] = {O, O + hd};
+    if (nq == 2) values_heads<2>(p, hd, V, vs, n, o);
+    else values_heads<1>(p, hd, V, vs, n, o);
 }
 
 }  // namespace avx2

@@ -656,26 +656,15 @@ void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n
     }
 }
 
-float exp_sum(float* e, int n, float mx) {
+float exp_sum(float* e, int n, float mx) {  // n % 8 == 0 (blocks.cpp's exp_sum_any runs the tail)
     const float32x4_t m = vdupq_n_f32(mx);
     float32x4_t acc = vdupq_n_f32(0.0f);
-    int s = 0;
-    for (; s + 4 <= n; s += 4) {
+    for (int s = 0; s + 4 <= n; s += 4) {
         const float32x4_t v = exp4(vsubq_f32(vld1q_f32(e + s), m));
         vst1q_f32(e + s, v);
         acc = vaddq_f32(acc, v);
     }
-    float sum = vaddvq_f32(acc);
-    if (s < n) {  // the tail through the same vector code
-        float buf[4];
-        for (int u = 0; u < 4; ++u) buf[u] = s + u < n ? e[s + u] - mx : 0.0f;
-        vst1q_f32(buf, exp4(vld1q_f32(buf)));
-        for (int u = 0; s + u < n; ++u) {
-            e[s + u] = buf[u];
-            sum += buf[u];
-        }
-    }
-    return sum;
+    return vaddvq_f32(acc);
 }
 
 // NH heads' outputs over 16 (then 4) columns at a time in registers while every position's row streams past.
@@ -717,18 +706,11 @@ static void values_heads(const float* const* p, int hd, const float* V, size_t v
         }
 }
 
-void att_values(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {
-    int j = 0;
-    for (; j + 2 <= nq; j += 2) {
-        const float* p[2] = {P + (size_t)j * ldp, P + (size_t)(j + 1) * ldp};
-        float* o[2] = {O + (size_t)j * hd, O + (size_t)(j + 1) * hd};
-        values_heads<2>(p, hd, V, vs, n, o);
-    }
-    if (j < nq) {
-        const float* p[1] = {P + (size_t)j * ldp};
-        float* o[1] = {O + (size_t)j * hd};
-        values_heads<1>(p, hd, V, vs, n, o);
-    }
+void att_values(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {  // nq 1 or 2
+    const float* p[2] = {P, P + ldp};
+    float* o[2] = {O, O + hd};
+    if (nq == 2) values_heads<2>(p, hd, V, vs, n, o);
+    else values_heads<1>(p, hd, V, vs, n, o);
 }
 
 }  // namespace neon

@@ -189,7 +189,7 @@ static void values(const KvFormat& f, const uint8_t* row, float* out) {
 // and the scalar set, run the reference.
 using RowValues = void (*)(const KvFormat&, const uint8_t*, float*);
 static RowValues simd_values(const KvFormat& f, int kernels) {
-    if (f.bits == 16 || f.group % (f.bits == 8 ? 32 : 16) != 0) return nullptr;
+    if (f.group % (f.bits == 8 ? 32 : 16) != 0) return nullptr;
 #ifdef WQE_KV_AVX2
     if (kernels == K_AVX2) return avx2::values;
 #endif

@@ -31,8 +31,6 @@ void MatScratch::reserve(int n_threads, int max_K, int max_g_pad, int max_x_floa
     }
 }
 
-static inline void prefetch(const uint8_t* p) { prefetch_read(p); }
-
 static inline float protected_sum(const Linear& W, const Chunk& c, const uint8_t* rb, const float* x) {
     const uint8_t* res = rb + c.res_off;
     const int32_t* idx = W.prot_local.data() + c.prot0;
@@ -118,7 +116,7 @@ void chunked_tile(const Linear& W, const float* x, const Prepared& p, int task, 
     const size_t pf_step = (pf_bytes / n_chunks + 63) & ~(size_t)63;
     for (int c = 0; c < n_chunks; ++c) {
         const Chunk& ch = W.chunks[c];
-        for (size_t o = c * pf_step, e = std::min(pf_bytes, o + pf_step); o < e; o += 64) prefetch(pf + o);
+        for (size_t o = c * pf_step, e = std::min(pf_bytes, o + pf_step); o < e; o += 64) prefetch_read(pf + o);
         if (p.x8off[c] >= 0)
             ch.bt->dot8_rows[kernels](rows + ch.off, W.row_bytes, nr, p.xq8 + p.x8off[c], p.xs[c], ch.g_pad, part);
         else
@@ -212,7 +210,7 @@ void tile_run(const Linear& W, const Linear::Run& run, const uint8_t* tb, const 
         const BlockTraits& bt = *tc.bt;
         const uint8_t* pp = tb + tc.off;
         if (pf)
-            for (size_t o = 0; o < TILE_ROWS * tc.rb; o += 64) prefetch(pp + pf + o);
+            for (size_t o = 0; o < TILE_ROWS * tc.rb; o += 64) prefetch_read(pp + pf + o);
         if (bt.tile_sub) {  // interleaved, no tile kernel here (float activations): untile
             uint8_t* buf = thread_buf(TILE_ROWS * tc.rb);
             untile_part(ch, tc, pp, buf);
@@ -499,7 +497,7 @@ void matvec(const Linear& W, const float* x, float* y, ThreadPool& pool, MatScra
             for (int r = task * 64; r < r1; r += RB) {
                 const int nr = std::min(RB, r1 - r);
                 if (pf)
-                    for (const uint8_t *p = W.row(r + nr), *e = std::min(end, p + (size_t)RB * W.row_bytes); p < e; p += 64) prefetch(p);
+                    for (const uint8_t *p = W.row(r + nr), *e = std::min(end, p + (size_t)RB * W.row_bytes); p < e; p += 64) prefetch_read(p);
                 ops.dot_f16_rows(W.row(r), W.row_bytes, nr, x, W.K, y + r);
             }
         });

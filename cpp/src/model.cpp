@@ -657,20 +657,21 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 const size_t rstride = (size_t)L.n_head_kv * kvf.row_bytes;  // a KV head's rows lie a token's rows apart
                 const uint8_t* r0 = qc + ((size_t)s0 * L.n_head_kv + kvh) * kvf.row_bytes;
                 for (int i = 0; i < m; ++i) {
-                    if (s0 + i + KV_PREFETCH < n_max)
-                        for (size_t b = 0; b < kvf.row_bytes; b += 64) prefetch_read(r0 + (i + KV_PREFETCH) * rstride + b);
+                    if (s0 + i + ATT_PREFETCH_ROWS < n_max)
+                        for (size_t b = 0; b < kvf.row_bytes; b += 64) prefetch_read(r0 + (i + ATT_PREFETCH_ROWS) * rstride + b);
                     kv_row_values(kvf, r0 + i * rstride, rows + (size_t)i * hd, kern);
                 }
                 return rows;
             };
             const size_t stride = kvq ? (size_t)hd : (size_t)KVD;
             auto seen = [&](int u, int s0, int m) { return std::min(m, pos0 + t0 + u + 1 - s0); };  // causal
+            auto out_of = [&](int u) { return &att[(size_t)(t0 + u) * QD + (size_t)h0 * hd]; };  // token u's qpt heads
             for (int s0 = 0; s0 < n_max; s0 += KV_CHUNK) {
                 const int m = std::min(KV_CHUNK, n_max - s0);
                 const float* kr = kv_rows(kc, kqc, s0, m);
                 for (int u = 0; u < nt; ++u)
-                    if (seen(u, s0, m) > 0)
-                        ops.att_scores(qh[u], qpt, hd, kr, stride, seen(u, s0, m), att_scale, sc + (size_t)u * qpt * n_ctx + s0, n_ctx);
+                    if (const int mu = seen(u, s0, m); mu > 0)
+                        ops.att_scores(qh[u], qpt, hd, kr, stride, mu, att_scale, sc + (size_t)u * qpt * n_ctx + s0, n_ctx);
             }
             float inv[ATT_QUERIES];
             for (int r = 0; r < nt * qpt; ++r) {
@@ -680,17 +681,16 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 for (int s = 0; s < n_keys; ++s) mx = std::max(mx, scr[s]);
                 inv[r] = 1.0f / ops.exp_sum(scr, n_keys, mx);
             }
-            for (int u = 0; u < nt; ++u) std::memset(&att[(size_t)(t0 + u) * QD + (size_t)h0 * hd], 0, sizeof(float) * qpt * hd);
+            for (int u = 0; u < nt; ++u) std::memset(out_of(u), 0, sizeof(float) * qpt * hd);
             for (int s0 = 0; s0 < n_max; s0 += KV_CHUNK) {
                 const int m = std::min(KV_CHUNK, n_max - s0);
                 const float* vr = kv_rows(vc, vqc, s0, m);
                 for (int u = 0; u < nt; ++u)
-                    if (seen(u, s0, m) > 0)
-                        ops.att_values(sc + (size_t)u * qpt * n_ctx + s0, n_ctx, qpt, hd, vr, stride, seen(u, s0, m),
-                                       &att[(size_t)(t0 + u) * QD + (size_t)h0 * hd]);
+                    if (const int mu = seen(u, s0, m); mu > 0)
+                        ops.att_values(sc + (size_t)u * qpt * n_ctx + s0, n_ctx, qpt, hd, vr, stride, mu, out_of(u));
             }
             for (int u = 0; u < nt; ++u) {
-                float* out = &att[(size_t)(t0 + u) * QD + (size_t)h0 * hd];
+                float* out = out_of(u);
                 for (int j = 0; j < qpt; ++j)
                     for (int d = 0; d < hd; ++d) out[(size_t)j * hd + d] *= inv[u * qpt + j];
             }

@@ -62,14 +62,14 @@ struct Model {
 };
 
 // Query heads of one KV group that an attention task takes together (model.cpp att_heads_per_task): each K/V row
-// read (and dequantized) once for all of them; 8 covers the usual groups (Llama 3, TinyLlama) at 8 n_ctx floats a thread.
+// read (and dequantized) once for all of them; 8 covers the usual groups (Llama 3, TinyLlama).
 constexpr int ATT_QPT = 8;
-// (token, query head) pairs an attention task takes at most: a prompt's tokens go in blocks of ATT_QUERIES / qpt.
+// (token, query head) pairs an attention task takes at most, each with n_ctx score floats per thread: a prompt's
+// tokens go in blocks of ATT_QUERIES / qpt.
 constexpr int ATT_QUERIES = 16;
-// Rows of a quantized KV cache dequantized at a time for the attention kernels (VecOps::att_scores / att_values).
+// Positions of a KV head an attention task takes at a time (a quantized or fp16 cache's rows converted together),
+// serving every token and head of the task while they are in L1.
 constexpr int KV_CHUNK = 64;
-// Rows ahead that the attention loop prefetches from a quantized (or fp16) KV cache: a KV head's rows lie a token apart.
-constexpr int KV_PREFETCH = 8;
 
 struct Context {
     const Model& model;

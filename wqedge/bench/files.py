@@ -202,9 +202,8 @@ class ModelFiles:
                     NON_IQ_TYPES if self.speed_only else DEFAULT_TYPES, imatrix=imatrix() is not None))}
             except ValueError as e:   # the projection: no stock types fit this model's rows at these bits
                 raise NotAvailable(str(e)) from None
-            from ..pipeline import DEFAULT_HEAD, LLAMACPP_HEAD_TYPES
-            head_t = LLAMACPP_HEAD_TYPES[DEFAULT_HEAD]
-            kw.update(output_type=head_t, embed_type=head_t if self.spec.tie_word_embeddings else "F16")
+            from ..pipeline import llamacpp_head_types
+            kw.update(llamacpp_head_types(self.spec))   # the head as `convert --target llamacpp` stores it
         elif what.startswith("IQ"):
             if requires_imatrix(what) and imatrix() is None:
                 raise NotAvailable(f"{what} needs an importance matrix (run with --calib"
