@@ -431,23 +431,6 @@ def test_cli_prune_needs_the_greedy_allocator(tiny_model_factory, tmp_path):
     assert r.exit_code != 0 and "structure kinds are ffn, heads; got 'rows'" in r.output
 
 
-def test_cli_prune_with_rotate_is_refused_before_planning(tiny_model_factory, tmp_path):
-    """--prune with --rotate fails at once with the reason (not after the joint search, whose pruned candidates of a
-    rotated model are not structures), for plan and convert alike, and writes nothing."""
-    from click.testing import CliRunner
-
-    from wqedge.cli import main
-
-    model = str(tiny_model_factory(**SHAPE))
-    calib = tmp_path / "calib.txt"
-    calib.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    for verb, out in (("plan", tmp_path / "p.json"), ("convert", tmp_path / "m.gguf")):
-        r = CliRunner().invoke(main, [verb, model, "--bits", "2.5", "--prune", "ffn", "--rotate", "ruquant",
-                                      "--calib", str(calib), "-o", str(out)])
-        assert r.exit_code != 0 and "--prune with --rotate is not supported yet" in r.output, r.output
-        assert "RUQuant stage 1" not in r.output and not out.exists()
-
-
 def test_cli_inspect_shows_per_layer_shapes(files):
     from click.testing import CliRunner
 

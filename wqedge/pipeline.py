@@ -94,7 +94,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
               calib_text: str | None = None, seed: int = 0, device=None, protect=(), preset: str | None = None,
               progress=True, rotate: bool = False, act_bits: int = 8, prune=(), max_prune: float = 0.3,
               stream_layers: bool | None = None, rotate_stage2: int = 0, resume_dir=None,
-              prune_group: int = 32, two_level: bool | None = None) -> Plan:
+              prune_group: int = 32, two_level: bool | None = None, fixed_pruning=None) -> Plan:
     """A plan for `ckpt` at `bits` effective bits (or one `preset` action everywhere). PlanError when no
     plan can be made. rotate: RUQuant input transforms (`rotated`), planned on the folded weights;
     rotate_stage2: AdamW steps per group of RUQuant stage 2 (0: stage 1 only), at the plan's act_bits and
@@ -105,17 +105,27 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     resume_dir: keep per-layer checkpoints of the planning statistics there and resume from them (wqedge.resume);
     two_level: the greedy allocator may also choose the two-level kinds (q4s, q3s, q2s: sub-scales per 32
     columns; `two_level_actions`); None: default_two_level (off for rotated plans and other activation bits, whose runtime paths have
-    not been measured with them). progress: True (lines on stderr), a callable taking a line, or False."""
+    not been measured with them). progress: True (lines on stderr), a callable taking a line, or False.
+    fixed_pruning: a wqedge.pruning.Pruning whose shapes the allocator fills with bits (no structure search).
+
+    rotate with prune: the structures are chosen first, by the joint search on the unrotated model (in a rotated o or
+    down input every channel mixes heads or FFN channels, so removing one there removes no structure); then the
+    transforms are built on the masked model with the o and down ones on the kept columns (`rotated`), and the bits
+    are allocated again on the rotated pruned model under the same budget."""
     more = dict(prune=prune, max_prune=max_prune, stream_layers=stream_layers, resume_dir=resume_dir,
-                prune_group=prune_group, two_level=two_level)
+                prune_group=prune_group, two_level=two_level, fixed_pruning=fixed_pruning)
     if rotate_stage2 and not rotate:
         raise PlanError("stage 2 of RUQuant (--rotate-stage2) learns a reflection of the rotation: it needs --rotate")
+    if prune and fixed_pruning is not None:
+        raise PlanError("a plan either searches its pruning (prune) or is given one (fixed_pruning), not both")
+    searched = None
     if rotate and prune:
-        # Refused before any work: the joint search would measure pruned candidates of the rotated model, whose o and
-        # down inputs are mixed across channels by their transforms, so removing a channel there is not removing a
-        # structure; and a plan with both does not validate (Plan._validate_rotation).
-        raise PlanError("--prune with --rotate is not supported yet: the transforms of the o and down inputs would "
-                        "have to be built on the kept heads and channels; plan with one of them")
+        joint = make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, progress,
+                          **more)
+        searched = {**joint.meta.get("pruning", {}), "chosen_on": "the unrotated model; bits then allocated on the "
+                    "rotated pruned model", "unrotated_plan": {"effective_bits": round(joint.effective_bits(), 6),
+                                                               "predicted_damage": joint.meta.get("predicted_damage")}}
+        more.update(prune=(), fixed_pruning=joint.pruning)
     if (rotate or act_bits != 8) and two_level is None:
         more["two_level"] = two_level = False
     if rotate:
@@ -126,15 +136,18 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
         except ValueError as e:
             raise PlanError(f"--rotate-stage2: {e}") from None
         config = rotation_config(seed, stage2=s2)
+        pruning = more["fixed_pruning"]
         try:
-            build = rotation_build(ckpt, config, calib_text, device, _say(progress))
+            build = rotation_build(ckpt, config, calib_text, device, _say(progress), pruning)
         except ConvertError as e:
             raise PlanError(str(e)) from None
-        src, _ = rotated(ckpt, config, calib_text, device)
+        src, _ = rotated(ckpt, config, calib_text, device, pruning=pruning)
         plan = make_plan(src, bits, group, allocator, method, calib_text, seed, device, protect, preset, progress,
                          **more)
         plan.rotation, plan.act_bits = config, act_bits
         plan.meta["rotation"] = build.report()
+        if searched is not None:
+            plan.meta["pruning"] = searched
         return plan.validate()
     if act_bits != 8:
         plan = make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, progress,
@@ -153,7 +166,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     if two_level and allocator != "greedy":
         raise PlanError("--two-level offers the two-level kinds to the greedy allocator; it does not go with "
                         f"{'--preset' if preset else '--allocator ' + allocator}")
-    if allocator == "uniform" and prune:
+    if allocator == "uniform" and (prune or fixed_pruning is not None):
         raise PlanError("pruning (--prune) is searched by the greedy (or rl) allocator: give calibration text (or "
                         "self-calibration) and no --preset / --allocator uniform")
     if allocator == "uniform":
@@ -167,6 +180,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     return plan_with_table(ckpt, bits, allocator=allocator, group_size=group, calib_text=calib_text, seed=seed,
                            device=device, method=method, protect=protect, progress=progress, prune=prune,
                            max_prune=max_prune, prune_group=prune_group, resume_dir=resume_dir,
+                           fixed_pruning=fixed_pruning,
                            **({"actions": two_level_actions(bits)} if two_level else {}),
                            **({} if stream_layers is None else {"stream_layers": stream_layers}))
 
@@ -418,9 +432,12 @@ def _say(progress) -> Callable[[str], None]:
     return _quiet
 
 
-def rotation_build(ckpt, config: dict, calib_text: str | None, device=None, say: Callable[[str], None] = _quiet):
+def rotation_build(ckpt, config: dict, calib_text: str | None, device=None, say: Callable[[str], None] = _quiet,
+                   pruning=None):
     """The wqedge.rotation.RotationBuild of a plan's "rotation" config, built once per run (cached by checkpoint,
-    config and text); ConvertError without calibration text or for a config that cannot be rebuilt."""
+    config, text and pruning); ConvertError without calibration text or for a config that cannot be rebuilt.
+    pruning: a plan's removed structures: the transforms are built on the masked model (wqedge.masked), those of
+    the o and down inputs on the kept heads' and FFN channels' columns (wqedge.rotation.pruned_columns)."""
     if calib_text is None:
         raise ConvertError("--rotate builds its transforms from calibration text (--calib FILE, or self-calibration)")
     import hashlib
@@ -431,7 +448,8 @@ def rotation_build(ckpt, config: dict, calib_text: str | None, device=None, say:
         check_config(config)
     except ValueError as e:
         raise ConvertError(f"the plan's rotation: {e}") from None
-    key = (ckpt.fingerprint(), json.dumps(config, sort_keys=True), hashlib.sha256(str(calib_text).encode()).hexdigest())
+    key = (ckpt.fingerprint(), json.dumps(config, sort_keys=True), hashlib.sha256(str(calib_text).encode()).hexdigest(),
+           None if pruning is None else json.dumps(pruning.to_dict(), sort_keys=True))
     if key not in _TRANSFORMS or key not in _BUILDS:
         s2 = config.get("stage2")
         say("RUQuant: building the input transforms from calibration activations"
@@ -440,7 +458,8 @@ def rotation_build(ckpt, config: dict, calib_text: str | None, device=None, say:
         _TRANSFORMS.clear()
         _BUILDS.clear()
         from . import distributed     # --distributed: built on rank 0 from all windows, handed to every rank
-        build = distributed.on_writer(build_rotation, ckpt, calib_text, config, progress=say)
+        src, columns = _masked(ckpt, pruning)
+        build = distributed.on_writer(build_rotation, src, calib_text, config, progress=say, columns=columns)
         _TRANSFORMS[key], _BUILDS[key] = build.transforms, build
         say(f"RUQuant: transforms built in {time.time() - t0:.1f} s (stage 1 {build.stage1_seconds:.1f} s"
             + (f", stage 2 {build.stage2_seconds:.1f} s: mean output error "
@@ -449,16 +468,30 @@ def rotation_build(ckpt, config: dict, calib_text: str | None, device=None, say:
     return _BUILDS[key]
 
 
-def rotated(ckpt, config: dict | None, calib_text: str | None, device=None, say: Callable[[str], None] = _quiet):
+def _masked(ckpt, pruning):
+    """(`ckpt` seen through `pruning`: wqedge.masked.MaskedCheckpoint, the groups' kept columns), or (ckpt, {})."""
+    if pruning is None:
+        return ckpt, {}
+    from .masked import MaskedCheckpoint
+    from .rotation import pruned_columns
+    return MaskedCheckpoint(ckpt, pruning), pruned_columns(pruning, ckpt.spec.n_layers)
+
+
+def rotated(ckpt, config: dict | None, calib_text: str | None, device=None, say: Callable[[str], None] = _quiet,
+            pruning=None):
     """(checkpoint to plan and fit from, {(layer, group): StoredTransform} for the writer) for a plan's
     "rotation" config: `ckpt` and None without one; else a wqedge.rotation.RotatedCheckpoint whose linears
     read folded and whose models run the transforms, so every allocator and fitter works on rotated weights
-    unchanged. The transforms are rebuilt deterministically from the calibration text (`rotation_build`)."""
+    unchanged. The transforms are rebuilt deterministically from the calibration text (`rotation_build`).
+    pruning (a plan's): the rotated checkpoint is the masked one (the removed structures zero, the unpruned
+    shapes kept, so a pruning plan's slicing applies as usual), with the o and down transforms on the kept
+    columns: what the plan's pruned file stores are those narrower transforms."""
     if config is None:
         return ckpt, None
     from .rotation import RotatedCheckpoint, to_stored
-    t = rotation_build(ckpt, config, calib_text, device, say).transforms
-    return RotatedCheckpoint(ckpt, t), {k: to_stored(v) for k, v in t.items()}
+    t = rotation_build(ckpt, config, calib_text, device, say, pruning).transforms
+    src, columns = _masked(ckpt, pruning)
+    return RotatedCheckpoint(src, t, columns), {k: to_stored(v) for k, v in t.items()}
 
 
 ROTATED_LLAMACPP = (
@@ -484,7 +517,7 @@ def write_gguf(ckpt, plan: Plan, out_path, calib_text: str | None = None, feedba
     stored as `head_kind` says."""
     from .quantize import convert_to_gguf
     _check_rotated(plan, "gguf")
-    ckpt, transforms = rotated(ckpt, plan.rotation, calib_text, device, say)
+    ckpt, transforms = rotated(ckpt, plan.rotation, calib_text, device, say, plan.pruning)
     fits = prepare_fits(ckpt, plan, calib_text, feedback, device, stats, say, distill, stream_layers)
     return convert_to_gguf(fits.source(ckpt), plan, out_path, fits.stats, device, progress=progress,
                            fitted=fits.fitted, transforms=transforms, head=head_kind("gguf", head))
@@ -518,7 +551,7 @@ def convert(ckpt, plan: Plan, output=None, target: str = "gguf", calib_text: str
     output = Path(output) if output is not None else default_output(ckpt.path, plan, target)
     _check_rotated(plan, target)
     head = head_kind(target, head, say)
-    ckpt, transforms = rotated(ckpt, plan.rotation, calib_text, device, say)
+    ckpt, transforms = rotated(ckpt, plan.rotation, calib_text, device, say, plan.pruning)
     from . import distributed
     if target == "llamacpp":
         if distill_steps(plan, distill):

@@ -213,7 +213,7 @@ class Plan:
             raise PlanError(f"pruning: {e}") from None
 
     def _validate_rotation(self) -> None:
-        """act_bits one of ACT_BITS; rotation a known method (pruned models are not rotated yet)."""
+        """act_bits one of ACT_BITS; rotation a known method."""
         if self.act_bits not in ACT_BITS:
             raise PlanError(f"act_bits must be one of {', '.join(map(str, ACT_BITS))}, got {self.act_bits!r}")
         if self.kv_cache is not None:
@@ -231,8 +231,6 @@ class Plan:
             check_rotation_config(self.rotation, ACT_BITS)
         except ValueError as e:
             raise PlanError(f"rotation: {e}") from None
-        if self.pruning is not None:
-            raise PlanError("rotation of a pruned model is not supported yet")
 
     def version(self) -> int:
         """The oldest plan version that expresses this plan."""

@@ -358,23 +358,27 @@ def group_activations(model, tokens: torch.Tensor, skip_first: bool = True,
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def group_weights(model, li: int, gi: int) -> list[torch.Tensor]:
-    """The weights [N, d] of the linears of group gi in layer li (what smoothing balances against)."""
+def group_weights(model, li: int, gi: int, cols: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The weights [N, d] of the linears of group gi in layer li (what smoothing balances against); with `cols`,
+    those input columns only."""
     from .calib import INPUT_GROUPS
 
     layer = model.model.layers[li]
-    return [layer.get_submodule(name).weight.detach().float() for name in INPUT_GROUPS[gi]]
+    ws = [layer.get_submodule(name).weight.detach().float() for name in INPUT_GROUPS[gi]]
+    return ws if cols is None else [w[:, cols] for w in ws]
 
 
 def build_model_transforms(model, acts: dict[tuple[int, int], torch.Tensor], seed: int = 0,
-                           smooth_alpha: float | None = None, block: int = BLOCK) -> dict[tuple[int, int], Transform]:
+                           smooth_alpha: float | None = None, block: int = BLOCK,
+                           columns: dict[tuple[int, int], torch.Tensor] | None = None) -> dict[tuple[int, int], Transform]:
     """One stage-1 Transform per group from `group_activations`; smoothing when smooth_alpha is given.
-    Each group gets its own seed (seed, layer, group), so the result does not depend on build order."""
+    Each group gets its own seed (seed, layer, group), so the result does not depend on build order. `columns`
+    (`pruned_columns`): the acts of those groups are the kept columns already, and so are the weights smoothed."""
     out = {}
     for (li, gi), x in sorted(acts.items()):
         s = None
         if smooth_alpha is not None:
-            s = smooth_scales(x.abs().amax(0), group_weights(model, li, gi), smooth_alpha)
+            s = smooth_scales(x.abs().amax(0), group_weights(model, li, gi, (columns or {}).get((li, gi))), smooth_alpha)
         out[(li, gi)] = build_transform(x, seed=group_seed(seed, li, gi), block=block, smooth=s)
     return out
 
@@ -514,39 +518,79 @@ def from_stored(st) -> Transform:
                      block(st.r2, st.r2_tail, st.r2_scale, st.r2_tail_scale), t_(st.householder), t_(st.smooth))
 
 
-def rotate_model(model, transforms: dict[tuple[int, int], Transform], fold: bool = True):
+def apply_on_columns(t: Transform, x: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+    """T(x) along the last dimension; with `cols` (a pruned model seen in its unpruned shape, wqedge.masked), T of
+    the kept columns in their places and zeros in the removed ones, which the masked weights never read."""
+    if cols is None:
+        return t.apply(x)
+    y = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    y[..., cols.to(x.device)] = t.apply(x[..., cols.to(x.device)])
+    return y
+
+
+def fold_on_columns(t: Transform, w: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+    """W' = W diag(s) M⁻¹ (`Transform.fold_into_weight`); with `cols`, of the kept columns only, zeros elsewhere."""
+    if cols is None:
+        return t.fold_into_weight(w)
+    out = torch.zeros_like(w)
+    c = cols.to(w.device)
+    out[:, c] = t.fold_into_weight(w[:, c]).to(w.dtype)
+    return out
+
+
+def pruned_columns(pruning, n_layers: int) -> dict[tuple[int, int], torch.Tensor]:
+    """{(layer, group): kept input columns} of the groups a pruning narrows (o: the kept heads' channels, down: the
+    kept FFN channels): there the transform is built on, and applies to, those columns only."""
+    out = {}
+    for li in range(n_layers):
+        for gi, proj in ((1, "o_proj"), (3, "down_proj")):
+            cols = pruning.kept(li, proj)[1]
+            full = pruning.original_shape(li, proj, (1, len(cols)))[1]
+            if len(cols) < full:
+                out[(li, gi)] = torch.from_numpy(cols).long()
+    return out
+
+
+def rotate_model(model, transforms: dict[tuple[int, int], Transform], fold: bool = True,
+                 columns: dict[tuple[int, int], torch.Tensor] | None = None):
     """Make a transformers LlamaForCausalLM (in place) compute with rotated inputs: each decoder linear gets
     a forward pre-hook x -> T(x) and (fold=True) its weight replaced by the folded W' = W diag(s) Mᵀ, so the
     model's outputs are unchanged. The hook is registered first, so hooks added later (wqedge.calib's
-    statistics) see the rotated input, which is what the folded weights are fitted against. Returns the model."""
+    statistics) see the rotated input, which is what the folded weights are fitted against. `columns`
+    (`pruned_columns`): groups whose transform covers only the kept columns of a masked model. Returns the model."""
     from .calib import INPUT_GROUPS
 
+    columns = columns or {}
     for (li, gi), t in transforms.items():
         layer = model.model.layers[li]
         cache: dict = {}
+        cols = columns.get((li, gi))
 
-        def pre(mod, args, t=t, cache=cache):
+        def pre(mod, args, t=t, cache=cache, cols=cols):
             x = args[0]
             if cache.get("x") is not x:   # q/k/v (gate/up) read the same tensor: transform it once
-                cache["x"], cache["y"] = x, t.apply(x.float()).to(x.dtype)
+                cache["x"], cache["y"] = x, apply_on_columns(t, x.float(), cols).to(x.dtype)
             return (cache["y"],) + tuple(args[1:])
         for name in INPUT_GROUPS[gi]:
             mod = layer.get_submodule(name)
             if fold:
                 w = mod.weight.data
-                mod.weight.data = t.fold_into_weight(w.float()).to(w.dtype)
+                mod.weight.data = fold_on_columns(t, w.float(), cols).to(w.dtype)
             mod.register_forward_pre_hook(pre)
     return model
 
 
 class RotatedCheckpoint:
     """A checkpoint whose decoder linears are read folded (W' = W diag(s) Mᵀ) and whose models run the input
-    transforms, so that any plan/allocator/fitter quantizes the rotated weights without knowing about it."""
+    transforms, so that any plan/allocator/fitter quantizes the rotated weights without knowing about it.
+    `columns` (`pruned_columns`): for a pruned model seen masked (wqedge.masked.MaskedCheckpoint), the groups whose
+    transforms cover the kept columns only."""
 
-    def __init__(self, ckpt, transforms: dict[tuple[int, int], Transform]):
-        self._ckpt, self.transforms = ckpt, transforms
+    def __init__(self, ckpt, transforms: dict[tuple[int, int], Transform],
+                 columns: dict[tuple[int, int], torch.Tensor] | None = None):
+        self._ckpt, self.transforms, self.columns = ckpt, transforms, dict(columns or {})
 
-    def _transform_of(self, name: str) -> Transform | None:
+    def _group_of(self, name: str) -> tuple[int, int] | None:
         from .calib import INPUT_GROUPS
         parts = name.split(".")
         if len(parts) < 5 or parts[0] != "model" or parts[1] != "layers" or not name.endswith(".weight"):
@@ -554,25 +598,27 @@ class RotatedCheckpoint:
         sub = ".".join(parts[3:-1])
         for gi, group in enumerate(INPUT_GROUPS):
             if sub in group:
-                return self.transforms.get((int(parts[2]), gi))
+                return (int(parts[2]), gi)
         return None
+
+    def _fold(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        key = self._group_of(name)
+        t = None if key is None else self.transforms.get(key)
+        return w if t is None else fold_on_columns(t, w, self.columns.get(key))
 
     def get(self, name: str) -> torch.Tensor:
         w = self._ckpt.get(name)
-        t = self._transform_of(name)
-        return w if t is None else t.fold_into_weight(w.float())
+        return w if self._group_of(name) is None else self._fold(name, w.float())
 
     def linear_weight(self, linear) -> torch.Tensor:
         name = linear if isinstance(linear, str) else linear.hf_name
-        w = self._ckpt.linear_weight(linear)
-        t = self._transform_of(name)
-        return w if t is None else t.fold_into_weight(w).contiguous()
+        return self._fold(name, self._ckpt.linear_weight(linear)).contiguous()
 
     def load_hf_model(self, *a, **k):
-        return rotate_model(self._ckpt.load_hf_model(*a, **k), self.transforms)
+        return rotate_model(self._ckpt.load_hf_model(*a, **k), self.transforms, columns=self.columns)
 
     def load_planning_model(self, device=None):
-        return rotate_model(self._ckpt.load_planning_model(device), self.transforms)
+        return rotate_model(self._ckpt.load_planning_model(device), self.transforms, columns=self.columns)
 
     def __getattr__(self, attr):
         return getattr(self._ckpt, attr)
@@ -644,25 +690,29 @@ def group_seed(seed: int, li: int, gi: int) -> int:
     return seed * 1000003 + li * 16 + gi
 
 
-def build_rotation(ckpt, calib_text, config: dict, progress=None) -> RotationBuild:
+def build_rotation(ckpt, calib_text, config: dict, progress=None,
+                   columns: dict[tuple[int, int], torch.Tensor] | None = None) -> RotationBuild:
     """The transforms of every group of `ckpt` from its calibration text, as `config` (rotation_config) says:
     stage 1, then, when config has "stage2", each group's reflection learnt (`learn_reflection`). Runs on the
     CPU (float64 stage 1, float32 stage 2), seeded: equal (checkpoint, text, config) give equal transforms
     on a machine (float sums may round differently with another BLAS or thread count). progress(message):
-    a line per layer of stage 1 and per group of stage 2."""
+    a line per layer of stage 1 and per group of stage 2. columns (`pruned_columns`, with a
+    wqedge.masked.MaskedCheckpoint): those groups' transforms are built on the kept columns only."""
     import time
     check_config(config)
     say = progress or (lambda m: None)
     seed = int(config.get("seed", 0))
+    columns = columns or {}
     t0 = time.time()
     model = ckpt.load_hf_model(torch.float32)
     acts = group_activations(model, calibration_windows(ckpt, calib_text, config))
+    acts = {k: x if k not in columns else x[:, columns[k]] for k, x in acts.items()}
     n_layers = len(model.model.layers)
     out = {}
     for li in range(n_layers):
         out.update(build_model_transforms(model, {k: x for k, x in acts.items() if k[0] == li}, seed=seed,
                                           smooth_alpha=config.get("smooth_alpha"),
-                                          block=int(config.get("block", BLOCK))))
+                                          block=int(config.get("block", BLOCK)), columns=columns))
         say(f"RUQuant stage 1: layer {li + 1}/{n_layers}, {time.time() - t0:.0f} s")
     build = RotationBuild(out, time.time() - t0)
     s2 = config.get("stage2")
@@ -670,7 +720,7 @@ def build_rotation(ckpt, calib_text, config: dict, progress=None) -> RotationBui
         return build
     t0 = time.time()
     for n, ((li, gi), t) in enumerate(sorted(out.items())):
-        w = group_weights(model, li, gi)
+        w = group_weights(model, li, gi, columns.get((li, gi)))
         t2, _ = learn_reflection(t, acts[(li, gi)], w, act_bits=s2["act_bits"], weight_bits=s2["weight_bits"],
                                  group=s2["group"], steps=s2["steps"], lr=s2["lr"], max_tokens=s2["tokens"],
                                  seed=group_seed(seed, li, gi))

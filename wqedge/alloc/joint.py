@@ -78,7 +78,8 @@ def pruned_input_stats(ckpt, ctx, pruning: Pruning | None):
 
 def pruned_allocation(ckpt, table, ctx, budget_bits: float, structure_damage, pruning: Pruning | None):
     """`pruning` applied, the damage table rebuilt for the pruned shapes, and the greedy knapsack at the same
-    stored bits (budget_bits over the unpruned weights): (table, choice, chunk damage, structure damage).
+    stored bits (budget_bits over the unpruned weights): (table, choice, chunk damage, structure damage; 0 without
+    `structure_damage`).
     PlanError when the pruned model cannot meet the budget."""
     from ..damage import build_damage_table
 
@@ -94,7 +95,7 @@ def pruned_allocation(ckpt, table, ctx, budget_bits: float, structure_damage, pr
                                protect=tuple(o["protect"]),
                                **({"actions": tuple(o["actions"])} if o.get("actions") else {}))  # as prepare offered
     choice = greedy_allocate(t, table.budget_cap(budget_bits) / t.n_weights)  # same stored bits as unpruned
-    s_dmg = 0.0 if pruning is None else predicted_damage(structure_damage, pruning)
+    s_dmg = 0.0 if pruning is None or structure_damage is None else predicted_damage(structure_damage, pruning)
     return t, choice, t.plan_damage(choice), s_dmg
 
 

@@ -231,7 +231,7 @@ def _ppo_on(ckpt, table, ctx, budget_bits: float, seed: int, opts: dict, say, pr
 
 def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: int = 128, calib_text=None,
               seed: int = 0, device=None, progress=True, method: str = "neuqi", prune=(), max_prune: float = 0.3,
-              prune_group: int = 32, **opts) -> Plan:
+              prune_group: int = 32, fixed_pruning=None, **opts) -> Plan:
     """A plan for `ckpt` (wqedge.checkpoint.LlamaCheckpoint) meeting `budget_bits` effective bits.
 
     allocator: "greedy" (deterministic knapsack on the loss-aware damage table; the default), "rl" (PPO,
@@ -242,7 +242,8 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
     prune: structure kinds ("ffn", "heads") the search may prune as 0-bit actions, at most `max_prune` of the
     decoder weights, FFN channels in groups of `prune_group` (wqedge.alloc.joint: the knapsack per pruned amount,
     each candidate converted and measured); with "rl", PPO then allocates the bits of the chosen pruned shapes,
-    its reward measured on the pruned model.
+    its reward measured on the pruned model. fixed_pruning: a wqedge.pruning.Pruning chosen already (e.g. by the
+    joint search on the unrotated model, for a rotated plan): its shapes get the whole budget, nothing is searched.
     Raises PlanError for a budget no plan can meet.
     """
     if allocator not in ALLOCATORS:
@@ -251,6 +252,8 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         raise PlanError(f"pruning (--prune) is searched by the greedy or rl allocator, not {allocator!r}")
     if prune and calib_text is None:
         raise PlanError("pruning (--prune) needs calibration text: its damage comes from LM-loss gradients")
+    if fixed_pruning is not None and (prune or allocator not in ("greedy", "rl")):
+        raise PlanError("a given pruning (fixed_pruning) is filled by the greedy or rl allocator, without a search")
     linears = ckpt.spec.linears()
     check_budget(linears, group_size, budget_bits)
     kw = dict(model_name=ckpt.spec.name, model_fingerprint=ckpt.fingerprint())
@@ -265,13 +268,14 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
     if prune and calib_text is not None:
         # the joint search's measured check: held-out windows to score each candidate on, feedback windows to convert
         opts.setdefault("n_heldout", PRUNE_CHECK_HELDOUT)
-    if calib_text is not None and (prune or allocator == "rl"):
+    if calib_text is not None and (prune or fixed_pruning is not None or allocator == "rl"):
         # both measure the whole model in memory (PPO's held-out loss, pruning's structure damage)
         if opts.get("stream_layers"):
             raise PlanError(f"{'pruning (--prune)' if prune else 'the rl allocator'} measures the whole model in "
                             "memory; it does not run with --stream-layers")
         opts["stream_layers"] = False
-    table, ctx = prepare(ckpt, group_size, calib_text, seed, device, progress, full_xtx=bool(prune), **opts)
+    table, ctx = prepare(ckpt, group_size, calib_text, seed, device, progress,
+                         full_xtx=bool(prune) or fixed_pruning is not None, **opts)
     t1 = time.time()
     meta = {"damage": table.kind, "damage_feedback": table.meta.get("feedback", False),
             "actions": list(table.actions),   # the actions the allocator was offered (base names)
@@ -281,7 +285,16 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         "fit": {"error_feedback": ctx.calib is not None, "act_order": "chunk", "damp": DAMP,
                 "n_seqs": feedback_windows(ctx.device), "refit_max_bits": REFIT_MAX_BITS}}
     pruning = None
-    if prune:
+    if fixed_pruning is not None:
+        from .joint import pruned_allocation
+        pruning = fixed_pruning
+        cap = table.budget_cap(budget_bits)
+        table, choice, _, _ = pruned_allocation(ckpt, table, ctx, budget_bits, None, pruning)
+        if allocator == "rl":
+            table, choice, info = _ppo_on(ckpt, table, ctx, cap / table.n_weights, seed, opts, say, pruning)
+            meta["ppo"], meta["actions"] = info, list(table.actions)
+        meta["pruning"] = {"fixed": True, "ffn_group_size": pruning.ffn_group_size}
+    elif prune:
         from ..structure_damage import structure_damage
         from .joint import joint_allocate
         from .. import distributed
@@ -322,7 +335,7 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
         meta["ppo"], meta["actions"] = info, list(table.actions)
     t2 = time.time()
     # the joint search's prediction also counts the pruned structures' damage
-    meta["predicted_damage"] = res.predicted if pruning is not None else table.plan_damage(choice)
+    meta["predicted_damage"] = res.predicted if prune else table.plan_damage(choice)
     meta["seconds"] = {**{k: round(v, 2) for k, v in ctx.times.items()}, "allocate": round(t2 - t1, 2),
                        "total": round(t2 - t0, 2)}
     plan = plan_from_choice(ckpt, table, choice, budget_bits, allocator, method, meta, pruning)
