@@ -33,7 +33,7 @@ def fake_quant(x: torch.Tensor, bits: int | None, clip: float = 1.0) -> torch.Te
     if bits not in ACT_BITS:
         raise ValueError(f"activation bits must be one of {ACT_BITS} (or 16), got {bits!r}")
     hi_code = (1 << bits) - 1
-    xf = x.detach().float()
+    xf = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)   # (float64: stage 2)
     lo = xf.amin(-1, keepdim=True) * clip
     hi = xf.amax(-1, keepdim=True) * clip
     s = ((hi - lo) / hi_code).clamp(min=1e-8)

@@ -127,8 +127,10 @@ def quantize_rows(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _int_block_product(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """diag(scale) codes applied along the last dimension, in the runtime's order: (x codesᵀ) · scale."""
-    return (x.float() @ codes.to(x.device, torch.float32).T) * scale.to(x.device)
+    """diag(scale) codes applied along the last dimension, in the runtime's order: (x codesᵀ) · scale; in float32
+    (the runtime's precision), or in float64 for a float64 x (stage 2's problem, `Stage2Problem.make`)."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.to(dt) @ codes.to(x.device, dt).T) * scale.to(x.device, dt)
 
 
 @dataclass
@@ -398,7 +400,8 @@ def _fake_quant_weight(w: torch.Tensor, bits: int | None, group: int) -> torch.T
     hi_code = (1 << int(bits)) - 1
     n, d = w.shape
     pad = -d % group
-    wf = torch.nn.functional.pad(w.detach().float(), (0, pad)).reshape(n, -1, group)
+    wf = torch.nn.functional.pad(w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32),
+                                 (0, pad)).reshape(n, -1, group)
     if pad:   # the ragged last chunk's padding must not widen its range: repeat its first column instead
         wf[:, -1, group - pad:] = wf[:, -1, :1]
     lo, hi = wf.amin(-1, keepdim=True), wf.amax(-1, keepdim=True)
@@ -413,7 +416,10 @@ def _fake_quant_weight(w: torch.Tensor, bits: int | None, group: int) -> torch.T
 class Stage2Problem:
     """What stage 2 minimises for one group, with everything before the reflection applied once: the sampled
     calibration tokens after s, R1, P, R2 (z), the group's weights folded through the same (us), and the
-    fp outputs W xᵀ (targets) with their mean squares (norms)."""
+    fp outputs W xᵀ (targets) with their mean squares (norms). All in float64: float32 sums round differently
+    with another BLAS or thread count, and through the quantizers' roundings and 20 AdamW steps that moved the learnt
+    vector by up to 4e-2 between 1 and 2 threads (llama-s width); float64's differences (~1e-16) stay below a float32
+    step of the stored vector."""
     z: torch.Tensor
     us: list[torch.Tensor]
     targets: list[torch.Tensor]
@@ -427,10 +433,10 @@ class Stage2Problem:
              weight_bits: int | None = 4, group: int = 128, max_tokens: int = 1024) -> "Stage2Problem":
         if x.shape[0] > max_tokens:   # evenly spread, deterministic
             x = x[torch.linspace(0, x.shape[0] - 1, max_tokens).long()]
-        x = x.float()
+        x = x.double()
         before = Transform(t.r1, t.perm, t.r2, torch.zeros_like(t.v), t.smooth)   # everything but the reflection
-        targets = [x @ w.float().T for w in weights]
-        return cls(before.apply(x), [before.fold_into_weight(w.float()) for w in weights], targets,
+        targets = [x @ w.double().T for w in weights]
+        return cls(before.apply(x), [before.fold_into_weight(w.double()) for w in weights], targets,
                    [float(y.pow(2).mean()) for y in targets], act_bits, weight_bits, group)
 
     def loss(self, u: torch.Tensor) -> torch.Tensor:
@@ -447,7 +453,7 @@ class Stage2Problem:
     @torch.no_grad()
     def value(self, t: Transform) -> float:
         """The loss of transform `t` (whose stages before the reflection must be the problem's)."""
-        return float(self.loss(t.v.float()))
+        return float(self.loss(t.v.double()))
 
 
 def learn_reflection(t: Transform, x: torch.Tensor, weights: list[torch.Tensor], act_bits: int = 4,
@@ -466,7 +472,7 @@ def learn_reflection(t: Transform, x: torch.Tensor, weights: list[torch.Tensor],
     g = torch.Generator().manual_seed(seed)
     prob = Stage2Problem.make(t, x, weights, act_bits, weight_bits, group, max_tokens)
     v0 = t.v.clone() if float(t.v.norm()) > 0 else torch.randn(t.dim, generator=g)
-    v = torch.nn.Parameter(v0.float())
+    v = torch.nn.Parameter(v0.double())
     opt = torch.optim.AdamW([v], lr=lr, weight_decay=0.0)
     best_u, best, history = None, float("inf"), []
     for _ in range(steps + 1):
@@ -480,7 +486,7 @@ def learn_reflection(t: Transform, x: torch.Tensor, weights: list[torch.Tensor],
         opt.step()
     if best_u is None:
         return t, history
-    t2 = Transform(t.r1, t.perm, t.r2, best_u, t.smooth)
+    t2 = Transform(t.r1, t.perm, t.r2, best_u.float(), t.smooth)
     return (t2 if prob.value(t2) < prob.value(t) else t), history
 
 
@@ -694,8 +700,8 @@ def build_rotation(ckpt, calib_text, config: dict, progress=None,
                    columns: dict[tuple[int, int], torch.Tensor] | None = None) -> RotationBuild:
     """The transforms of every group of `ckpt` from its calibration text, as `config` (rotation_config) says:
     stage 1, then, when config has "stage2", each group's reflection learnt (`learn_reflection`). Runs on the
-    CPU (float64 stage 1, float32 stage 2), seeded: equal (checkpoint, text, config) give equal transforms
-    on a machine (float sums may round differently with another BLAS or thread count). progress(message):
+    CPU (float64 stage 1 and stage 2), seeded: equal (checkpoint, text, config) give equal transforms, with any
+    thread count (tests/test_ruquant_stage2.py). progress(message):
     a line per layer of stage 1 and per group of stage 2. columns (`pruned_columns`, with a
     wqedge.masked.MaskedCheckpoint): those groups' transforms are built on the kept columns only."""
     import time
