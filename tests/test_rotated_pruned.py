@@ -13,7 +13,8 @@ group; layer 1: a whole KV group; layer 2: one FFN group and two query heads per
   process) within ONNX_TOL; the file measures the plan's effective bits exactly;
 - `wqedge plan --prune --rotate` (refused before) plans: the structures by the joint search on the unrotated model,
   recorded in the plan's meta, then the bits on the rotated pruned model; `wqedge convert --plan` writes a plan
-  with both, and `inspect` shows the pruned shapes and the transforms.
+  with both, and `inspect` shows the pruned shapes and the transforms;
+- stage 2 and 4-bit activations with pruning: the runtime runs the W4A4 file as its reference computes it.
 """
 from __future__ import annotations
 
@@ -227,3 +228,24 @@ def test_cli_plans_prune_with_rotate_and_converts_the_plan(ckpt, pruning, files,
     assert r.exit_code == 0, r.output
     assert "pruned, per layer (ffn, heads/kv heads): 0: 256, 6/2, 1: 320, 4/1, 2: 288, 4/2" in r.output
     assert "ruquant" in r.output.lower()
+
+
+def test_stage2_and_4_bit_activations_with_pruning(ckpt, pruning, calib, tmp_path):
+    """Stage 2 learns the reflections of the narrowed groups on their kept columns too, and a W4A4 pruned rotated file
+    runs in the C++ runtime as its reference computes it (float activations; tests/test_ruquant_runtime.py's grid
+    check: a value on a 4-bit rounding boundary may take the neighbouring code in one of them)."""
+    from cpp_support import ensure_library
+    from test_ruquant_runtime import A4_TOL, assert_grid_close
+    ensure_library()
+    from wqedge.reference import load_reference
+    from wqedge.runtime import native
+    plan = pipeline.make_plan(ckpt, 4.25, calib_text=calib, rotate=True, rotate_stage2=3, act_bits=4,
+                              fixed_pruning=pruning, progress=False)
+    assert plan.rotation["stage2"]["steps"] == 3 and plan.act_bits == 4 and plan.pruning is not None
+    path = pipeline.convert(ckpt, plan, tmp_path / "a4.gguf", calib_text=calib).path
+    w = np.random.default_rng(0).integers(0, 256, (8, 6))
+    ref = _logits(load_reference(path), w)
+    native.set_activations("f32")
+    m = native.Model(path)
+    got = [native.Context(m, n_ctx=64, n_threads=2).eval(row.tolist(), all_logits=True) for row in w]
+    assert_grid_close(got, ref, A4_TOL)
