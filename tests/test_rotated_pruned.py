@@ -32,22 +32,16 @@ from wqedge import pipeline  # noqa: E402
 from wqedge.checkpoint import LlamaCheckpoint  # noqa: E402
 from wqedge.masked import MaskedCheckpoint  # noqa: E402
 from wqedge.plan import Plan  # noqa: E402
-from wqedge.pruning import LayerPruning, Pruning  # noqa: E402
+from wqedge.pruning import Pruning  # noqa: E402
 from wqedge.rotation import rotation_config  # noqa: E402
 from wqedge.units import chunk_bounds  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_pruned_shapes import CPP_TOL, GROUP, LAYERS, ONNX_TOL, SHAPE  # noqa: E402  (the same pruned model)
 
-SHAPE = dict(hidden=128, n_layers=3, n_heads=8, n_kv_heads=2, intermediate=320, vocab_size=512)
-LAYERS = [LayerPruning(0, ffn_groups=[1, 4], heads=[1, 5]),
-          LayerPruning(1, kv_groups=[1]),
-          LayerPruning(2, ffn_groups=[9], heads=[0, 1, 6, 7])]
-GROUP = 128
 MASK_TOL = 1e-5
 FOLD_TOL = 1e-4
 FP16_TOL = 5e-2   # the folded weights stored as fp16: 2.1e-2 measured for this model's rotated unpruned file, 2.3e-2 pruned
-CPP_TOL = 1e-3
-ONNX_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
