@@ -260,8 +260,9 @@ _common_plan_options = [
                       "over the unpruned model's weights. The pruned amounts tried (0, 5%, ... --max-prune) that a calibrated "
                       "prediction does not rule out are converted and measured on held-out calibration windows; pruning "
                       "is kept only where it measures better than "
-                      "quantization alone; with --allocator rl, PPO then allocates the bits of the kept shapes. Needs "
-                      "calibration text (or self-calibration)."),
+                      "quantization alone; with --allocator rl, PPO then allocates the bits of the kept shapes. With "
+                      "--rotate the structures are chosen on the unrotated model, then the transforms are built on the "
+                      "kept heads and channels and the bits allocated again. Needs calibration text (or self-calibration)."),
     click.option("--max-prune", type=click.FloatRange(0.0, 0.9), default=0.3, show_default=True,
                  help="With --prune: the largest fraction of decoder linear weights the search may remove."),
     click.option("--two-level/--no-two-level", default=None,
