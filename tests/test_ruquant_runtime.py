@@ -315,20 +315,25 @@ def test_int8_path_takes_the_activation_grid_exactly(files, bits):
 
 
 def test_cpp_threaded_decode_transform_is_bit_identical(files):
-    """Decode spreads a token's transform blocks over the threads (rotation.cpp apply_threaded): the logits equal
-    the single-thread decode's exactly, at act bits 8 and 4."""
+    """Decode spreads a token's transform blocks over the threads (rotation.cpp apply_blocks, row tasks of 32): the
+    logits equal the single-thread decode's exactly, at act bits 8 and 4, with float and int8 activations, at 3 and
+    6 threads (more threads than tasks)."""
     from cpp_support import ensure_library
     ensure_library()
     from wqedge.runtime import native
-    native.set_activations("f32")
-    for key in ("q8a8", "q8a4"):
-        m = native.Model(files[key])
-        row = _windows()[0].tolist()
-        out = []
-        for threads in (1, 3):
-            c = native.Context(m, n_ctx=64, n_threads=threads)
-            out.append(np.stack([c.eval([t]) for t in row]))
-        np.testing.assert_array_equal(out[0], out[1])
+    try:
+        for act, key in (("f32", "q8a8"), ("f32", "q8a4"), ("q8", "q8a8")):
+            native.set_activations(act)
+            m = native.Model(files[key])
+            row = _windows()[0].tolist()
+            out = []
+            for threads in (1, 3, 6):
+                c = native.Context(m, n_ctx=64, n_threads=threads)
+                out.append(np.stack([c.eval([t]) for t in row]))
+            np.testing.assert_array_equal(out[0], out[1])
+            np.testing.assert_array_equal(out[0], out[2])
+    finally:
+        native.set_activations("f32")
 
 
 def test_cpp_unrotated_file_unchanged(files):
