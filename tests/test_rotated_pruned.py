@@ -191,7 +191,8 @@ def test_onnx_runtime_runs_the_rotated_pruned_file(files, tmp_path):
     w = _windows()
     out = tmp_path / "logits.npy"
     p = subprocess.run([sys.executable, "-c", ONNX_CHILD, str(files["mixed"]), str(tmp_path / "m.onnx"),
-                        json.dumps(w.tolist()), str(out)], capture_output=True, text=True, timeout=600)
+                        json.dumps(w.tolist()), str(out)], capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path)   # not the checkout's folder: `python -c` would import its wqedge/ before the installed one
     assert p.returncode == 0, p.stderr[-3000:]
     assert _rel(np.load(out), _logits(load_reference(files["mixed"]), w)) < ONNX_TOL
 
