@@ -222,8 +222,9 @@ def test_gradient_pass_gathers_input_stats_for_its_windows(tiny):
 
 
 def test_planning_shares_the_gradient_forward_on_cpu(tiny, monkeypatch):
-    """prepare() takes the shared pass on CPU with block statistics (layerwise_stats sees only the windows the
-    gradient pass did not), and the separate passes with resumable checkpoints or full XᵀX."""
+    """prepare() takes the shared pass on CPU with block statistics, diagonal or the pruning search's band
+    (layerwise_stats sees only the windows the gradient pass did not), and the separate passes with dense XᵀX
+    (feedback-aware damage)."""
     from wqedge.alloc import planner
     import wqedge.calib as calib
     ckpt, tok, model, text = tiny
@@ -238,7 +239,12 @@ def test_planning_shares_the_gradient_forward_on_cpu(tiny, monkeypatch):
     planner.prepare(ckpt, calib_text=text, **opts)
     assert seen == [(6 - 2, True)]
     seen.clear()
-    planner.prepare(ckpt, calib_text=text, full_xtx=True, **opts)
+    _, ctx = planner.prepare(ckpt, calib_text=text, full_xtx=True, **opts)
+    assert seen == [(6 - 2, True)]
+    st = next(iter(ctx.input_stats.values()))
+    assert st.xtx_block == 32 and st.xtx_band == calib.PRUNE_XTX_BAND
+    seen.clear()
+    planner.prepare(ckpt, calib_text=text, feedback_damage=True, **opts)
     assert seen == [(6, False)]
 
 

@@ -191,3 +191,52 @@ def test_rl_allocator_plans_pruned_shapes(tiny_model_factory, monkeypatch):
     back = Plan.from_dict(json.loads(plan.to_json()))
     back.validate(ckpt.spec, ckpt.fingerprint())
     assert back.pruning.to_dict() == plan.pruning.to_dict()
+
+
+def test_band_of_xtx_is_exact_within_and_zero_beyond():
+    """calib.XtxBand: each 128-column block's products with itself and the next `width` blocks equal the dense XᵀX's
+    (ragged last block too), and `kept_blocks` over kept columns gives the dense matrix's blocks where the pairs lie
+    within the band, zeros beyond it, and counts those."""
+    from wqedge.calib import XtxBand, _Accumulator
+    g = torch.Generator().manual_seed(0)
+    k = 352                                            # 2 x 128 + a ragged 96
+    x = torch.randn(300, k, generator=g) * torch.rand(k, generator=g) * 3
+    dense, band = _Accumulator(k, True, "cpu"), _Accumulator(k, XtxBand(128, 1), "cpu")
+    for i in range(0, 300, 100):
+        dense.add(x[i:i + 100])
+        band.add(x[i:i + 100])
+    d, b = dense.result(), band.result()
+    assert (b.xtx_block, b.xtx_band) == (128, 1)
+    for s, e in ((0, 128), (128, 256), (256, 352)):
+        torch.testing.assert_close(b.block(s, e), d.block(s, e), rtol=1e-12, atol=0)
+    near = torch.tensor([c for c in range(k) if not (32 <= c < 96 or 160 <= c < 200)])   # every chunk within 2 blocks
+    got, missing = b.kept_blocks(near, 128)
+    want, _ = d.kept_blocks(near, 128)
+    assert missing == 0 and [t.shape[0] for t in got] == [128, 120]
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=0)
+    far = torch.tensor(list(range(32)) + list(range(100, 140)) + list(range(300, 352)))   # blocks 0 and 2 in one chunk
+    (got,), missing = b.kept_blocks(far, 128)
+    (want,), _ = d.kept_blocks(far, 128)
+    apart = (far[:, None] // 128 - far[None, :] // 128).abs() > 1
+    assert missing == int(apart.sum()) > 0
+    assert (got[apart] == 0).all() and torch.equal(got[~apart], want[~apart])
+
+
+def test_pruned_damage_table_from_the_band_equals_the_dense_one(planned):
+    """The joint search's pruned tables read XᵀX on the kept columns; with the band (what `prepare(full_xtx=True)`
+    gathers now) they equal the tables from the dense matrix when the kept chunks lie within the band."""
+    from wqedge.alloc.joint import pruned_allocation
+    from wqedge.alloc.prune import select_pruning
+    from wqedge.calib import layerwise_stats
+    ckpt, table, ctx, sd = planned
+    st = next(iter(ctx.input_stats.values()))
+    assert st.xtx_band is not None                       # the fixture's prepare(full_xtx=True) gathered a band
+    pr = select_pruning(ckpt.spec, sd, 0.15)
+    assert pr.layers
+    dense = layerwise_stats(ctx.model, ctx.calib.train, full_xtx=True)
+    t_band, c_band, d_band, _ = pruned_allocation(ckpt, table, ctx, 2.5, sd, pr)
+    t_dense, c_dense, d_dense, _ = pruned_allocation(ckpt, table, dataclasses.replace(ctx, input_stats=dense), 2.5,
+                                                     sd, pr)
+    np.testing.assert_allclose(t_band.damage, t_dense.damage, rtol=1e-9, atol=1e-15)
+    assert np.array_equal(c_band, c_dense) and abs(d_band - d_dense) <= 1e-9 * abs(d_dense)

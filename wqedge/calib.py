@@ -153,6 +153,21 @@ def windows_from_tokens(toks, n_seqs: int = DEFAULT_N_SEQS, seqlen: int = DEFAUL
 
 # ---------------------------------------------------------------- statistics
 
+@dataclass(frozen=True)
+class XtxBand:
+    """What a pruning search gathers of XᵀX (`_Accumulator`): each `block`-column block's products with itself and the
+    next `width` blocks. A pruned model's chunks are re-cut from the kept columns, so its damage table reads XᵀX on
+    kept columns that lie apart in the original; within `width` blocks they are exact, further apart they are taken as
+    uncorrelated (zero; `InputStats.kept_blocks` counts them). Why not the dense matrix: float64 K x K for every
+    linear input is ~44 GB for a 7B model (3.8 GB as this band of 4 blocks; Llama-2-7B's shapes, 32 layers)."""
+    block: int
+    width: int
+
+
+PRUNE_XTX_BAND = 4   # blocks: exact while a kept chunk's columns span at most 5 original blocks (G = 128, groups of
+                     # 32: up to 16 pruned groups inside it)
+
+
 @dataclass
 class InputStats:
     """Statistics of one linear's input x (over every calibration token)."""
@@ -162,11 +177,17 @@ class InputStats:
     max_abs: torch.Tensor        # float32 [K]: max |x_j|
     xtx: torch.Tensor | None = None   # float64 [K, K]: XᵀX/T, when gathered
     xtx_block: int | None = None      # when set, xtx holds only its diagonal blocks of this many columns (zeros elsewhere)
+    xtx_band: int | None = None       # when set (with xtx_block), the blocks are bands: block i's [G, (band + 1) G] products
 
     def __post_init__(self):
         # diagonal blocks are stored as blocks (K/G x G² values, not K²: a 1.1B model's are 8 GB dense) and made
         # dense only when `xtx` is read; `block(s, e)` reads one without that
         x = self.__dict__.get("_xtx")
+        if self.xtx_band is not None and x is not None:   # a band (XtxBand): its diagonal blocks are its first columns
+            self.__dict__["_band"] = list(x)
+            self.__dict__["_blocks"] = [b[:, :b.shape[0]] for b in x]
+            self.__dict__["_xtx"] = None
+            return
         if self.xtx_block and x is not None:
             if isinstance(x, torch.Tensor):
                 x = [x[s:s + self.xtx_block, s:s + self.xtx_block].clone() for s in range(0, x.shape[0], self.xtx_block)]
@@ -189,6 +210,30 @@ class InputStats:
     def hessian(self) -> torch.Tensor:
         return self.xtx if self.has_xtx else torch.diag(self.diag)
 
+    def kept_blocks(self, cols, group: int) -> tuple[list[torch.Tensor], int]:
+        """XᵀX's diagonal `group`-column blocks over the kept columns `cols` (original indices, ascending): what a
+        pruned linear's damage table reads ([list of blocks], as InputStats.xtx with xtx_block = group), and how many
+        of their entries lay beyond the gathered band (taken as 0). Dense or banded XᵀX alike."""
+        cols = torch.as_tensor(cols, dtype=torch.long)
+        band = self.__dict__.get("_band")
+        out, missing = [], 0
+        for s in range(0, len(cols), group):
+            c = cols[s:s + group]
+            if band is None:
+                out.append(self.xtx[c][:, c].clone())
+                continue
+            g, w = self.xtx_block, self.xtx_band
+            lo, hi = torch.minimum(c[:, None], c[None, :]), torch.maximum(c[:, None], c[None, :])
+            bi, off = lo // g, hi - lo // g * g             # the pair's band: lower column's block, higher's offset in it
+            ok = off < (w + 1) * g
+            missing += int((~ok).sum())
+            m = torch.zeros(len(c), len(c), dtype=band[0].dtype)
+            for b in torch.unique(bi[ok]).tolist():           # a few band blocks per chunk
+                sel = ok & (bi == b)
+                m[sel] = band[b][(lo - b * g)[sel], off[sel]]
+            out.append(m)
+        return out, missing
+
 
 def _get_xtx(self):
     b = self.__dict__.get("_blocks")
@@ -210,13 +255,18 @@ class _Accumulator:
     """Sums over tokens of x², |x|, max |x| and, when asked, XᵀX: full (`xtx` True) or only its diagonal blocks of
     `xtx` columns (an int: the chunk blocks H_cc the damage table reads, K/G times cheaper than the full matrix)."""
 
-    def __init__(self, k: int, xtx: bool | int, device):
+    def __init__(self, k: int, xtx: "bool | int | XtxBand", device):
         self.n = 0
         self.s2 = torch.zeros(k, dtype=torch.float64, device=device)
         self.s1 = torch.zeros(k, dtype=torch.float64, device=device)
         self.mx = torch.zeros(k, dtype=torch.float32, device=device)
-        self.block = None if isinstance(xtx, bool) else int(xtx)
-        if self.block:
+        self.band = xtx.width if isinstance(xtx, XtxBand) else None
+        self.block = xtx.block if isinstance(xtx, XtxBand) else None if isinstance(xtx, bool) else int(xtx)
+        if self.band is not None:     # block i: its columns against themselves and the next `band` blocks
+            g = self.block
+            self.xtx = [torch.zeros(min(g, k - s), min((self.band + 1) * g, k - s), dtype=torch.float64, device=device)
+                        for s in range(0, k, g)]
+        elif self.block:
             self.xtx = [torch.zeros(min(self.block, k - s), min(self.block, k - s), dtype=torch.float64, device=device)
                         for s in range(0, k, self.block)]
         else:
@@ -231,6 +281,11 @@ class _Accumulator:
         if self.xtx is None:
             return
         k = x.shape[1]
+        if self.band is not None:
+            g = self.block
+            for i, s in enumerate(range(0, k, g)):
+                self.xtx[i] += (x[:, s:s + g].T @ x[:, s:s + self.xtx[i].shape[1]]).double()
+            return
         if self.block:               # diagonal blocks only
             for i, s in enumerate(range(0, k, self.block)):
                 xb = x[:, s:s + self.block]
@@ -250,7 +305,7 @@ class _Accumulator:
         self._reduce_over_ranks()
         n = max(self.n, 1)
         xtx = None if self.xtx is None else ([(b / n).cpu() for b in self.xtx] if self.block else (self.xtx / n).cpu())
-        return InputStats(self.n, (self.s2 / n).cpu(), (self.s1 / n).cpu(), self.mx.cpu(), xtx, self.block)
+        return InputStats(self.n, (self.s2 / n).cpu(), (self.s1 / n).cpu(), self.mx.cpu(), xtx, self.block, self.band)
 
 
     def _reduce_over_ranks(self):

@@ -20,7 +20,9 @@ plan are converted (one conversion each). Without a measure, the least raw predi
 quantization-only plan, so the search never predicts worse.
 
 Approximations, stated: the pruned model's chunk damages use the unpruned model's statistics restricted to
-the kept rows and columns, and damages add.
+the kept rows and columns, and damages add. XᵀX is gathered as a band around the diagonal (calib.XtxBand, 4 blocks
+of 128 columns: 3.8 GB at 7B instead of 44 GB dense); kept columns of one re-cut chunk further apart than that are
+taken as uncorrelated.
 """
 from __future__ import annotations
 
@@ -63,6 +65,11 @@ def _sliced_stats(stats: dict | None, pruning: Pruning, spec, what: str):
                 out[name] = st
                 continue
             c = cols.tolist()
+            if st.xtx_band is not None:   # a band (calib.XtxBand): the kept chunks' diagonal blocks, all the table reads
+                blocks, _ = st.kept_blocks(cols, st.xtx_block)
+                out[name] = dataclasses.replace(st, diag=st.diag[c], mean_abs=st.mean_abs[c], max_abs=st.max_abs[c],
+                                                xtx=blocks, xtx_band=None)
+                continue
             out[name] = dataclasses.replace(st, diag=st.diag[c], mean_abs=st.mean_abs[c], max_abs=st.max_abs[c],
                                             xtx=None if st.xtx is None else st.xtx[c][:, c])
         else:

@@ -120,9 +120,11 @@ def shared_forward(model, dev, xtx, checkpoints=None) -> bool:
 def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=None, progress=True,
             full_xtx: bool = False, **opts):
     """Calibration and damage table for a checkpoint: returns (table, PlanningContext). The input statistics hold
-    XᵀX's diagonal chunk blocks, all the damage table reads, unless `full_xtx` (or feedback-aware damage) asks for
-    the whole matrix (joint pruning re-slices it)."""
-    from ..calib import InputStatsHooks, calibration_tokens, default_device, gradient_stats, layerwise_stats
+    XᵀX's diagonal chunk blocks, all the damage table reads, unless `full_xtx` asks for a band of blocks around the
+    diagonal (joint pruning re-cuts chunks from kept columns: calib.XtxBand) or feedback-aware damage for the whole
+    matrix."""
+    from ..calib import (PRUNE_XTX_BAND, InputStatsHooks, XtxBand, calibration_tokens, default_device, gradient_stats,
+                         layerwise_stats)
     from ..damage import build_damage_table
 
     say = _printer(progress)
@@ -158,7 +160,9 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
     if say:
         say(f"calibration: {cs.train.shape[0]} x {cs.seqlen} tokens (+{cs.heldout.shape[0]} held out) on {dev}")
     t = time.time()
-    xtx = True if (full_xtx or o["feedback_damage"]) else group_size
+    # pruning re-cuts chunks from the kept columns, whose XᵀX blocks lie off the diagonal: a band of them (XtxBand),
+    # not the dense matrix (44 GB at 7B); feedback-aware damage reads the whole matrix
+    xtx = True if o["feedback_damage"] else XtxBand(group_size, PRUNE_XTX_BAND) if full_xtx else group_size
     ck = None
     if o["resume_dir"] is not None:   # per-layer checkpoints of the statistics (wqedge.resume), keyed by their inputs
         from ..resume import StatsCheckpoints, tokens_digest
