@@ -119,12 +119,12 @@ FEATURE_NAMES = ("log_w_rms", "w_kurtosis", "log_h_mean", "log_h_max_over_mean",
 def _features(w: torch.Tensor, hc: torch.Tensor, xmax: torch.Tensor | None, g: torch.Tensor | None) -> list[float]:
     w = w.double()
     rms = float(w.pow(2).mean().sqrt()) + 1e-12
-    kurt = float((w.pow(4).mean() / (w.pow(2).mean() ** 2 + 1e-30)))
+    kurt = float((w.pow(4).mean() / (w.pow(2).mean() ** 2 + 1e-30))) + 1e-12   # (+: a chunk zeroed by pruning, wqedge.masked)
     hm = float(hc.mean()) + 1e-30
     gm = float(g.mean()) + 1e-30 if g is not None else 1.0
     return [np.log(rms), np.log(kurt), np.log(hm), np.log(float(hc.max()) / hm + 1e-12),
             np.log(float(xmax.max()) + 1e-12) if xmax is not None else 0.0, np.log(gm),
-            np.log(float(g.max()) / gm) if g is not None else 0.0, np.log2(w.shape[0])]
+            np.log(float(g.max()) / gm + 1e-12) if g is not None else 0.0, np.log2(w.shape[0])]
 
 
 def sample_rows(n: int, max_rows: int | None, g: torch.Tensor | None = None) -> torch.Tensor:
