@@ -238,5 +238,6 @@ def test_pruned_damage_table_from_the_band_equals_the_dense_one(planned):
     t_band, c_band, d_band, _ = pruned_allocation(ckpt, table, ctx, 2.5, sd, pr)
     t_dense, c_dense, d_dense, _ = pruned_allocation(ckpt, table, dataclasses.replace(ctx, input_stats=dense), 2.5,
                                                      sd, pr)
+    assert t_band.meta["xtx_outside_band"] == 0          # (FFN 256: two blocks, every pair within the band)
     np.testing.assert_allclose(t_band.damage, t_dense.damage, rtol=1e-9, atol=1e-15)
     assert np.array_equal(c_band, c_dense) and abs(d_band - d_dense) <= 1e-9 * abs(d_dense)

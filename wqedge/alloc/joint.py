@@ -52,8 +52,9 @@ class JointResult:
     measured: bool = False     # True: the measured held-out loss chose among the trials
 
 
-def _sliced_stats(stats: dict | None, pruning: Pruning, spec, what: str):
-    """Input (columns) or gradient (rows) statistics of the unpruned model (`spec`) restricted to the kept part."""
+def _sliced_stats(stats: dict | None, pruning: Pruning, spec, what: str, outside: list | None = None):
+    """Input (columns) or gradient (rows) statistics of the unpruned model (`spec`) restricted to the kept part;
+    `outside` (a list) gets the count of kept-chunk XᵀX entries beyond a gathered band (calib.XtxBand), taken as 0."""
     if not stats:
         return stats
     names = {lin.hf_name: (lin.layer, lin.proj) for lin in spec.linears()}
@@ -66,7 +67,9 @@ def _sliced_stats(stats: dict | None, pruning: Pruning, spec, what: str):
                 continue
             c = cols.tolist()
             if st.xtx_band is not None:   # a band (calib.XtxBand): the kept chunks' diagonal blocks, all the table reads
-                blocks, _ = st.kept_blocks(cols, st.xtx_block)
+                blocks, missing = st.kept_blocks(cols, st.xtx_block)
+                if outside is not None:
+                    outside.append(missing)
                 out[name] = dataclasses.replace(st, diag=st.diag[c], mean_abs=st.mean_abs[c], max_abs=st.max_abs[c],
                                                 xtx=blocks, xtx_band=None)
                 continue
@@ -94,13 +97,16 @@ def pruned_allocation(ckpt, table, ctx, budget_bits: float, structure_damage, pr
         t = table
     else:
         o = ctx.opts
+        outside: list[int] = []
+        stats = _sliced_stats(ctx.input_stats, pruning, ckpt.spec, "input", outside)
         t = build_damage_table(pruning.pruned_spec(ckpt.spec).linears(),
                                lambda lin: pruning.prune_weight(lin.layer, lin.proj, ckpt.linear_weight(lin.hf_name)),
-                               table.group_size, pruned_input_stats(ckpt, ctx, pruning),
+                               table.group_size, stats,
                                _sliced_stats(ctx.grad_stats, pruning, ckpt.spec, "grad"), kind=table.kind,
                                device=ctx.device, max_rows=o["max_rows"], feedback=o["feedback_damage"],
                                protect=tuple(o["protect"]),
                                **({"actions": tuple(o["actions"])} if o.get("actions") else {}))  # as prepare offered
+        t.meta["xtx_outside_band"] = int(sum(outside))
     choice = greedy_allocate(t, table.budget_cap(budget_bits) / t.n_weights)  # same stored bits as unpruned
     s_dmg = 0.0 if pruning is None or structure_damage is None else predicted_damage(structure_damage, pruning)
     return t, choice, t.plan_damage(choice), s_dmg
@@ -147,9 +153,13 @@ def joint_allocate(ckpt, table, ctx, budget_bits: float, structure_damage, kinds
         total = c_dmg + s_dmg
         trials.append({"fraction": round(float(f), 4), "pruned_weights": table.n_weights - t.n_weights,
                        "chunk_damage": c_dmg, "structure_damage": s_dmg, "predicted": total})
+        outside = t.meta.get("xtx_outside_band", 0) if pr is not None else 0
+        if outside:
+            trials[-1]["xtx_outside_band"] = outside
         if say:
             say(f"joint search: prune {100 * f:.0f}% ({table.n_weights - t.n_weights} weights): predicted damage "
-                f"{c_dmg:.4f} + {s_dmg:.4f} = {total:.4f} nats")
+                f"{c_dmg:.4f} + {s_dmg:.4f} = {total:.4f} nats"
+                + (f" ({outside} XᵀX entries of re-cut chunks beyond the gathered band, taken as 0)" if outside else ""))
         cands.append(JointResult(pr, t, choice, total, trials))
     if measure is None or cands[0].pruning is not None:      # (f = 0 fits the budget whenever prepare's table does)
         return min(cands, key=lambda c: c.predicted)     # (every candidate holds the one `trials` list)
