@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from wqedge import pipeline
-from wqedge.bench.report import add_fixture_args
+from wqedge.bench.report import add_fixture_args, write_markdown
 from wqedge.checkpoint import LlamaCheckpoint
 
 SETTINGS = (("W4A4", 4.25, 4), ("W4A8", 4.25, 8), ("2.5-bit weight-only", 2.5, 8))   # name, bits, act bits
@@ -80,8 +80,7 @@ def main():
     for name, _, _ in SETTINGS:
         p, r = (next(x["ppl"] for x in rows if x["setting"] == name and x["rotated"] == rot) for rot in (False, True))
         md.append(f"| {name} | {p:.4f} | {r:.4f} | {100 * (r / p - 1):+.2f}% |")
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_markdown(md, out.with_suffix(".md"))
 
 
 if __name__ == "__main__":

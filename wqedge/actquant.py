@@ -21,6 +21,12 @@ from .calib import INPUT_GROUPS
 ACT_BITS = (4, 6, 8)
 
 
+def work_dtype(x: torch.Tensor) -> torch.dtype:
+    """The precision the quantizer surrogates compute in: float64 for a float64 input (RUQuant stage 2's problem,
+    which must not depend on the sums' order), else float32 (the runtime's)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def fake_quant(x: torch.Tensor, bits: int | None, clip: float = 1.0) -> torch.Tensor:
     """Per-token asymmetric quantize-dequantize of x [..., d] at `bits` (None or >= 16: unchanged).
 
@@ -33,7 +39,7 @@ def fake_quant(x: torch.Tensor, bits: int | None, clip: float = 1.0) -> torch.Te
     if bits not in ACT_BITS:
         raise ValueError(f"activation bits must be one of {ACT_BITS} (or 16), got {bits!r}")
     hi_code = (1 << bits) - 1
-    xf = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)   # (float64: stage 2)
+    xf = x.detach().to(work_dtype(x))
     lo = xf.amin(-1, keepdim=True) * clip
     hi = xf.amax(-1, keepdim=True) * clip
     s = ((hi - lo) / hi_code).clamp(min=1e-8)

@@ -224,7 +224,8 @@ class InputStats:
                 continue
             g, w = self.xtx_block, self.xtx_band
             lo, hi = torch.minimum(c[:, None], c[None, :]), torch.maximum(c[:, None], c[None, :])
-            bi, off = lo // g, hi - lo // g * g             # the pair's band: lower column's block, higher's offset in it
+            bi = lo // g                                    # the pair's band: the lower column's block,
+            off = hi - bi * g                               # and the higher column's offset in it
             ok = off < (w + 1) * g
             missing += int((~ok).sum())
             m = torch.zeros(len(c), len(c), dtype=band[0].dtype)
@@ -262,13 +263,10 @@ class _Accumulator:
         self.mx = torch.zeros(k, dtype=torch.float32, device=device)
         self.band = xtx.width if isinstance(xtx, XtxBand) else None
         self.block = xtx.block if isinstance(xtx, XtxBand) else None if isinstance(xtx, bool) else int(xtx)
-        if self.band is not None:     # block i: its columns against themselves and the next `band` blocks
-            g = self.block
-            self.xtx = [torch.zeros(min(g, k - s), min((self.band + 1) * g, k - s), dtype=torch.float64, device=device)
+        if self.block:    # block i: its columns against themselves and the next `band` blocks (diagonal blocks: none)
+            g, w = self.block, self.band or 0
+            self.xtx = [torch.zeros(min(g, k - s), min((w + 1) * g, k - s), dtype=torch.float64, device=device)
                         for s in range(0, k, g)]
-        elif self.block:
-            self.xtx = [torch.zeros(min(self.block, k - s), min(self.block, k - s), dtype=torch.float64, device=device)
-                        for s in range(0, k, self.block)]
         else:
             self.xtx = torch.zeros(k, k, dtype=torch.float64, device=device) if xtx else None
 
@@ -281,15 +279,9 @@ class _Accumulator:
         if self.xtx is None:
             return
         k = x.shape[1]
-        if self.band is not None:
-            g = self.block
-            for i, s in enumerate(range(0, k, g)):
-                self.xtx[i] += (x[:, s:s + g].T @ x[:, s:s + self.xtx[i].shape[1]]).double()
-            return
-        if self.block:               # diagonal blocks only
+        if self.block:               # diagonal blocks, or bands of them
             for i, s in enumerate(range(0, k, self.block)):
-                xb = x[:, s:s + self.block]
-                self.xtx[i] += (xb.T @ xb).double()
+                self.xtx[i] += (x[:, s:s + self.block].T @ x[:, s:s + self.xtx[i].shape[1]]).double()
             return
         if k <= 2 * XTX_TILE:        # fp32 products of one batch, summed in fp64
             self.xtx += (x.T @ x).double()

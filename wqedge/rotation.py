@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .actquant import work_dtype
 from .rotation_format import MAX_INT8_BLOCK
 
 BLOCK = 128          # B: channels per block
@@ -129,7 +130,7 @@ def quantize_rows(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _int_block_product(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """diag(scale) codes applied along the last dimension, in the runtime's order: (x codesᵀ) · scale; in float32
     (the runtime's precision), or in float64 for a float64 x (stage 2's problem, `Stage2Problem.make`)."""
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = work_dtype(x)
     return (x.to(dt) @ codes.to(x.device, dt).T) * scale.to(x.device, dt)
 
 
@@ -400,8 +401,7 @@ def _fake_quant_weight(w: torch.Tensor, bits: int | None, group: int) -> torch.T
     hi_code = (1 << int(bits)) - 1
     n, d = w.shape
     pad = -d % group
-    wf = torch.nn.functional.pad(w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32),
-                                 (0, pad)).reshape(n, -1, group)
+    wf = torch.nn.functional.pad(w.detach().to(work_dtype(w)), (0, pad)).reshape(n, -1, group)
     if pad:   # the ragged last chunk's padding must not widen its range: repeat its first column instead
         wf[:, -1, group - pad:] = wf[:, -1, :1]
     lo, hi = wf.amin(-1, keepdim=True), wf.amax(-1, keepdim=True)
@@ -607,18 +607,21 @@ class RotatedCheckpoint:
                 return (int(parts[2]), gi)
         return None
 
-    def _fold(self, name: str, w: torch.Tensor) -> torch.Tensor:
+    def _fold(self, name: str, w: torch.Tensor, as_float: bool = False) -> torch.Tensor:
+        """w folded by its group's transform (as float32 when as_float); w itself, as read, outside every group."""
         key = self._group_of(name)
         t = None if key is None else self.transforms.get(key)
-        return w if t is None else fold_on_columns(t, w, self.columns.get(key))
+        if t is None:
+            return w
+        out = fold_on_columns(t, w.float() if as_float else w, self.columns.get(key))
+        return out if as_float else out.contiguous()
 
     def get(self, name: str) -> torch.Tensor:
-        w = self._ckpt.get(name)
-        return w if self._group_of(name) is None else self._fold(name, w.float())
+        return self._fold(name, self._ckpt.get(name), as_float=True)
 
     def linear_weight(self, linear) -> torch.Tensor:
         name = linear if isinstance(linear, str) else linear.hf_name
-        return self._fold(name, self._ckpt.linear_weight(linear)).contiguous()
+        return self._fold(name, self._ckpt.linear_weight(linear))
 
     def load_hf_model(self, *a, **k):
         return rotate_model(self._ckpt.load_hf_model(*a, **k), self.transforms, columns=self.columns)

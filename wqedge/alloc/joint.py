@@ -80,10 +80,10 @@ def _sliced_stats(stats: dict | None, pruning: Pruning, spec, what: str, outside
     return out
 
 
-def pruned_input_stats(ckpt, ctx, pruning: Pruning | None):
+def pruned_input_stats(ckpt, ctx, pruning: Pruning | None, outside: list | None = None):
     """The planning context's input statistics restricted to the columns `pruning` keeps (as the pruned shapes'
-    damage tables and fits see them); unchanged without pruning."""
-    return ctx.input_stats if pruning is None else _sliced_stats(ctx.input_stats, pruning, ckpt.spec, "input")
+    damage tables and fits see them); unchanged without pruning. outside: as `_sliced_stats`."""
+    return ctx.input_stats if pruning is None else _sliced_stats(ctx.input_stats, pruning, ckpt.spec, "input", outside)
 
 
 def pruned_allocation(ckpt, table, ctx, budget_bits: float, structure_damage, pruning: Pruning | None):
@@ -98,10 +98,9 @@ def pruned_allocation(ckpt, table, ctx, budget_bits: float, structure_damage, pr
     else:
         o = ctx.opts
         outside: list[int] = []
-        stats = _sliced_stats(ctx.input_stats, pruning, ckpt.spec, "input", outside)
         t = build_damage_table(pruning.pruned_spec(ckpt.spec).linears(),
                                lambda lin: pruning.prune_weight(lin.layer, lin.proj, ckpt.linear_weight(lin.hf_name)),
-                               table.group_size, stats,
+                               table.group_size, pruned_input_stats(ckpt, ctx, pruning, outside),
                                _sliced_stats(ctx.grad_stats, pruning, ckpt.spec, "grad"), kind=table.kind,
                                device=ctx.device, max_rows=o["max_rows"], feedback=o["feedback_damage"],
                                protect=tuple(o["protect"]),
@@ -153,7 +152,7 @@ def joint_allocate(ckpt, table, ctx, budget_bits: float, structure_damage, kinds
         total = c_dmg + s_dmg
         trials.append({"fraction": round(float(f), 4), "pruned_weights": table.n_weights - t.n_weights,
                        "chunk_damage": c_dmg, "structure_damage": s_dmg, "predicted": total})
-        outside = t.meta.get("xtx_outside_band", 0) if pr is not None else 0
+        outside = t.meta.get("xtx_outside_band", 0)   # (prepare's own table, f = 0, has none)
         if outside:
             trials[-1]["xtx_outside_band"] = outside
         if say:
