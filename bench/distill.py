@@ -29,13 +29,35 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def default_config(device, windows: int) -> dict:
+    """The recipe `wqedge convert` distils with on `device` with `windows` calibration windows
+    (wqedge.pipeline.distill_options)."""
+    from wqedge import pipeline
+    e2e, code_lr = pipeline.distill_options(_NoPlan(), device, windows)
+    steps = pipeline.default_distill_steps(device)
+    return {"steps": steps, "lr": None, "code_lr": code_lr, "e2e": e2e, "e2e_lr": None, "e2e_code_lr": None,
+            "name": "default"}
+
+
+class _NoPlan:
+    """A plan that records no distillation options (distill_options reads only plan.meta)."""
+    meta: dict = {}
+
+
 def parse_config(s: str) -> dict:
-    """'128@1e-3+e2e64@2e-4' -> {"steps": 128, "lr": 1e-3, "e2e": 64, "e2e_lr": 2e-4} (learning rates optional)."""
+    """'128@1e-3c5e-3+e2e64@2e-4c1e-3' -> {"steps": 128, "lr": 1e-3, "code_lr": 5e-3, "e2e": 64, "e2e_lr": 2e-4,
+    "e2e_code_lr": 1e-3} (learning rates optional; cX: train the codes at rate X, code units per step)."""
     main, _, e2e = s.partition("+e2e")
-    steps, _, lr = main.partition("@")
-    e2e, _, e2e_lr = e2e.partition("@")
-    return {"steps": int(steps), "lr": float(lr) if lr else None, "e2e": int(e2e) if e2e else 0,
-            "e2e_lr": float(e2e_lr) if e2e_lr else None}
+
+    def part(p):
+        p, _, code = p.partition("c")
+        steps, _, lr = p.partition("@")
+        return steps, (float(lr) if lr else None), (float(code) if code else None)
+
+    steps, lr, code = part(main)
+    e_steps, e_lr, e_code = part(e2e) if e2e else ("", None, None)
+    return {"steps": int(steps), "lr": lr, "code_lr": code, "e2e": int(e_steps) if e_steps else 0,
+            "e2e_lr": e_lr, "e2e_code_lr": e_code}
 
 
 def main(argv=None):
@@ -44,7 +66,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_fixture_args(ap)
     ap.add_argument("--budgets", default="3.25,2.5,2.25,2.0")
-    ap.add_argument("--configs", default="128@1e-3", help="distillation configs STEPS@LR[+e2eSTEPS[@LR]], comma separated")
+    ap.add_argument("--configs", default="128@1e-3", help="distillation configs STEPS@LR[cCODE_LR][+e2eSTEPS[@LR][cCODE_LR]] "
+                    "or 'default' (what wqedge convert distils with on this device), comma separated")
     ap.add_argument("--device", default=None, help="planning, conversion, distillation and evaluation device")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--feedback-windows", type=int, default=None,
@@ -68,13 +91,14 @@ def main(argv=None):
     log = lambda *x: print(*x, file=sys.stderr, flush=True)
     dev = default_device(a.device)
     budgets = [float(b) for b in a.budgets.split(",")]
-    configs = [parse_config(c) for c in a.configs.split(",") if c]
+    configs = [c for c in a.configs.split(",") if c]
     ckpt = LlamaCheckpoint.open(a.model)
     tok = AutoTokenizer.from_pretrained(a.model, local_files_only=True)
     bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
     eval_tokens = tokenize_text(tok, Path(a.eval).read_text(encoding="utf-8"), bos)
     calib_text = Path(a.calib).read_text(encoding="utf-8")
     n_fb = a.feedback_windows or feedback_windows(dev)
+    configs = [default_config(dev, n_fb) if c == "default" else parse_config(c) for c in configs]
     fb_tokens = calibration_tokens(tok, calib_text, n_fb, 512, 0, bos_id=bos, seed=a.seed).train
     cs = calibration_tokens(tok, calib_text, n_fb, 512, 4, bos_id=bos, seed=a.seed)
 
@@ -146,19 +170,21 @@ def main(argv=None):
                 log(f"time limit: {c} at {b} not run")
                 break
             restore()
-            kw = {k: c[k] for k in ("lr", "e2e_lr") if c[k] is not None}
+            kw = {k: c[k] for k in ("lr", "e2e_lr", "code_lr", "e2e_code_lr") if c[k] is not None}
             res = distill.distill_model(model, fitted, cs.train, cs.heldout, c["steps"], c["e2e"], dev,
                                         seed=a.seed, progress=log, **kw)
             apply(res.chunks, res.norms)
-            name = f"distill {c['steps']}@{c['lr'] or distill.LR:g}" + (
-                f"+e2e{c['e2e']}@{c['e2e_lr'] or distill.E2E_LR:g}" if c["e2e"] else "")
+            name = ("default: " if c.get("name") == "default" else "") + f"distill {c['steps']}@{c['lr'] or distill.LR:g}" + (
+                f" codes@{c['code_lr']:g}" if c["code_lr"] else "") + (
+                f"+e2e{c['e2e']}@{c['e2e_lr'] or distill.E2E_LR:g}" if c["e2e"] else "") + (
+                f" codes@{c['e2e_code_lr']:g}" if c["e2e"] and c["e2e_code_lr"] else "")
             rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": name, "ppl": ppl(),
                          "seconds": res.seconds, "peak_mib": res.peak_bytes / 2**20, "peak_what": res.peak_what,
                          "mse_before": sum(x["before"] for x in res.layers) / len(res.layers),
                          "mse_after": sum(x["after"] for x in res.layers) / len(res.layers),
                          "layers": res.layers, "e2e_kl": None if not res.e2e else [res.e2e["before"], res.e2e["after"]],
-                         "skipped": res.skipped})
-            log(f"B={b}: {name} {rows[-1]['ppl']:.4f} ({res.seconds:.1f} s)")
+                         "skipped": res.skipped, "codes_changed": res.codes_changed})
+            log(f"B={b}: {name} {rows[-1]['ppl']:.4f} ({res.seconds:.1f} s, {res.codes_changed} codes changed)")
             write()
     restore()
     log(f"total {time.time() - t_start:.1f} s")

@@ -243,3 +243,118 @@ def test_pruned_plan(setup, tmp_path):
         a = build_model(ckpt.spec, state)(toks[16:]).logits
         b = load_reference(path)(toks[16:]).logits
     torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- trained codes (straight-through latent codes)
+
+@pytest.mark.parametrize("action", [b.name for b in blocks.BLOCK_TYPES if not b.is_float])
+def test_trained_codes_round_to_the_module(action):
+    """With train_codes, the latent codes of the affine and ternary kinds move the codes the file stores: after
+    any change, round_to_file's chunk, packed and decoded, is what the module computes; codes stay on the kind's
+    grid; the protected column keeps its code and weight. Sub-scale kinds keep their codes (no latent)."""
+    from wqedge.quant.distill import CODE_KINDS
+    from wqedge.quant.fit import fit_chunk
+    torch.manual_seed(0)
+    bt = blocks.block_type(action)
+    c = fit_chunk(0.05 * torch.randn(8, 96), action, protected=[5])
+    tl = TunableLinear([c], "cpu", train_codes=True)
+    assert torch.equal(tl.weight().detach(), dequantize([c]))
+    if bt.kind not in CODE_KINDS:
+        assert tl.codes is None
+        return
+    with torch.no_grad():
+        tl.codes.add_(torch.randn_like(tl.codes))   # about two thirds of the codes move by at least one step
+        tl.a.add_(0.03)
+    want = tl.weight().detach()
+    (c1,) = tl.round_to_file()
+    assert c1.codes.dtype == np.uint8 and int(c1.codes.max()) < bt.levels
+    changed = c1.codes != c.codes
+    assert changed.mean() > 0.3 and tl.codes_changed == int(changed.sum())
+    assert not changed[:, 5].any()
+    w0, w1 = blocks.dequantize_chunk(c)[:, 5], blocks.dequantize_chunk(c1)[:, 5]
+    np.testing.assert_allclose(w1, w0, atol=2e-3 * np.abs(w0).max())
+    back = blocks.decode_chunk(blocks.pack_chunk(c1), action, c1.g, c1.protected)
+    torch.testing.assert_close(torch.from_numpy(blocks.dequantize_chunk(back)), want, rtol=0, atol=1e-3)
+    torch.testing.assert_close(tl.weight().detach(), want, rtol=0, atol=1e-3)   # the masters now start there
+
+
+def test_distillation_with_trained_codes(setup, tmp_path):
+    """distill_model(code_lr > 0) changes codes, keeps them on their grids, never ends a layer above its held-out
+    error before training, and the GGUF written from its fits is the in-memory tuned model (1e-4)."""
+    from wqedge.quantize import convert_to_gguf
+    from wqedge.reference import build_model, load_reference
+    from wqedge.spec import other_tensors
+    ckpt, plan, fitted, toks, _ = setup
+    res = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 48, device="cpu", lr=1e-2,
+                        code_lr=0.05)   # 48 steps: enough for a latent code to cross a half-way point
+    assert res.codes_changed > 0 and any(layer["codes_trained"] for layer in res.layers)
+    moved = 0
+    for name, chunks in fitted.items():
+        for c0, c1 in zip(chunks, res.chunks[name]):
+            if c0.codes is not None:
+                assert int(c1.codes.max()) < blocks.block_type(c1.action).levels
+                moved += int((c0.codes != c1.codes).sum())
+    assert moved == res.codes_changed
+    for layer in res.layers:
+        assert layer["after"] <= layer["before"], layer
+    path = convert_to_gguf(pipeline.Fits("feedback", fitted=res.chunks, norms=res.norms).source(ckpt), plan,
+                           tmp_path / "codes.gguf", fitted=res.chunks)
+    state = {hf: ckpt.get(hf).float() for hf, _, _ in other_tensors(ckpt.spec)}
+    state.update(res.norms)
+    state.update({name: dequantize(ch) for name, ch in res.chunks.items()})
+    with torch.no_grad():
+        a = build_model(ckpt.spec, state)(toks[16:]).logits
+        b = load_reference(path)(toks[16:]).logits
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+def test_code_training_that_raises_heldout_error_is_undone(setup):
+    """A code learning rate far too high scrambles the codes: each layer whose held-out error rose is trained
+    again with its codes frozen (the result then equals frozen-codes distillation's for the first such layer), and
+    an end-to-end stage that raises the held-out KL is dropped (the block stage's fits are returned)."""
+    ckpt, _, fitted, toks, _ = setup
+    wild = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], STEPS, device="cpu", lr=1e-2,
+                         code_lr=3.0)
+    frozen = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], STEPS, device="cpu", lr=1e-2)
+    assert not wild.layers[0]["codes_trained"]
+    assert wild.layers[0]["after"] == frozen.layers[0]["after"]
+    for layer in wild.layers:
+        assert layer["after"] <= layer["before"]
+    block = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 2, device="cpu", code_lr=0.1)
+    e2e = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 2, e2e_steps=6, device="cpu",
+                        code_lr=0.1, e2e_code_lr=5.0, e2e_lr=0.5)
+    assert e2e.e2e["after"] > e2e.e2e["before"] and not e2e.e2e["kept"]
+    for name, chunks in block.chunks.items():
+        for c0, c1 in zip(chunks, e2e.chunks[name]):
+            for f in ("codes", "d", "m", "values"):
+                a, b = getattr(c0, f), getattr(c1, f)
+                assert (a is None and b is None) or np.array_equal(a, b), (name, f)
+    assert set(e2e.norms) == set(block.norms)
+
+
+def test_distill_options(setup, tmp_path):
+    """What distillation trains by default: codes only with >= DISTILL_CODES_MIN_WINDOWS windows (the GPU's
+    256, not the CPU's 32), the end-to-end stage only on CUDA; --freeze-codes / --distill-e2e recorded in the plan
+    win; `wqedge plan` records them."""
+    import json
+
+    from click.testing import CliRunner
+
+    from wqedge.cli import main
+    ckpt, plan, *_ = setup
+    p = copy.deepcopy(plan)
+    assert pipeline.distill_options(p, "cpu", 32) == (0, 0.0)
+    assert pipeline.distill_options(p, "cuda", 256) == (pipeline.DISTILL_E2E_STEPS, pipeline.DISTILL_CODE_LR)
+    assert pipeline.distill_options(p, "cpu", pipeline.DISTILL_CODES_MIN_WINDOWS) == (0, pipeline.DISTILL_CODE_LR)
+    pipeline.set_distill_options(p, 5, freeze_codes=True)
+    assert pipeline.distill_options(p, "cuda", 256) == (5, 0.0)
+    with pytest.raises(pipeline.ConvertError, match="--distill-e2e"):
+        pipeline.set_distill_options(p, -1)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB)
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(main, ["plan", str(ckpt.path), "-o", str(out), "--preset", "q2", "--calib", str(calib),
+                                  "--distill", "3", "--distill-e2e", "4", "--freeze-codes", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    fit = json.loads(out.read_text())["meta"]["fit"]
+    assert fit["distill_steps"] == 3 and fit["distill_e2e"] == 4 and fit["distill_freeze_codes"] is True

@@ -16,8 +16,8 @@ import click
 from . import __version__
 from .blocks import ACTION_NAMES
 from .head import HEAD_KINDS
-from .pipeline import (ALLOCATORS, DEFAULT_HEAD, DEMO_DIR, DISTILL_DEFAULT_MAX_BITS, DISTILL_STEPS, DISTILL_STEPS_CPU,
-                       STAGE2_STEPS, TARGETS)
+from .pipeline import (ALLOCATORS, DEFAULT_HEAD, DEMO_DIR, DISTILL_CODES_MIN_WINDOWS, DISTILL_DEFAULT_MAX_BITS,
+                       DISTILL_E2E_STEPS, DISTILL_STEPS, DISTILL_STEPS_CPU, STAGE2_STEPS, TARGETS)
 from .plan import METHODS
 MIN_CALIB_WORDS = 16
 
@@ -232,15 +232,27 @@ _common_plan_options = [
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling and RL."),
     click.option("--device", default=None, help="torch device for planning (default: cuda if available, else cpu)."),
     click.option("--distill", type=click.IntRange(min=0), is_flag=False, flag_value=DISTILL_STEPS, default=None, metavar="[STEPS]",
-                 help=f"Light distillation after fitting (NeUQI): codes frozen, each chunk's scales and offsets "
-                      f"and the RMSNorm weights trained to match the fp model's layer outputs on the calibration "
-                      f"text, STEPS AdamW steps per decoder layer (default {DISTILL_STEPS}; 0: off). Default: on at "
+                 help=f"Light distillation after fitting (NeUQI): each chunk's scales and offsets and the RMSNorm "
+                      f"weights (and, with enough calibration windows, the codes: --freeze-codes) trained to match "
+                      f"the fp model's layer outputs on the calibration text, STEPS AdamW steps per decoder layer "
+                      f"(default {DISTILL_STEPS}; 0: off), then an end-to-end stage (--distill-e2e). Default: on at "
                       f"plans of <= {DISTILL_DEFAULT_MAX_BITS:g} effective bits with calibration text (--calib or "
                       f"self-calibration), {DISTILL_STEPS} steps when planning on a GPU, {DISTILL_STEPS_CPU} on the "
                       f"CPU (bench/results/distill.md), except with --target llamacpp or --stream-layers; off "
                       f"above. `plan` records the choice in the plan for a later convert."),
     click.option("--no-distill", is_flag=True, default=False,
                  help="No light distillation, also where it is the default (the same as --distill 0)."),
+    click.option("--distill-e2e", type=click.IntRange(min=0), default=None, metavar="STEPS",
+                 help=f"End-to-end stage of distillation after the block stage: STEPS AdamW steps on the KL "
+                      f"divergence of the next-token distributions against the fp model, all layers at once "
+                      f"(default {DISTILL_E2E_STEPS} when planning on a GPU, 0 on the CPU, where it costs more than "
+                      f"the conversion). It is kept only when it lowers the held-out KL."),
+    click.option("--freeze-codes", is_flag=True, default=False,
+                 help=f"Distil with the integer codes frozen (NeUQI's light distillation: only scales, offsets and "
+                      f"norms). By default the codes are trained too (straight-through latent codes) when "
+                      f"distillation has at least {DISTILL_CODES_MIN_WINDOWS} calibration windows (the GPU's "
+                      f"default; bench/results/distill_codes.md), with a layer whose held-out error rises trained "
+                      f"again with frozen codes."),
     click.option("--rotate", type=click.Choice(["ruquant"]), is_flag=False, flag_value="ruquant", default=None,
                  help="RUQuant: orthogonal input transforms per layer and linear group (q/k/v, o, gate/up, down) built "
                       "from the calibration activations, folded into the weights before planning and fitting and "
@@ -421,7 +433,7 @@ def torch_dist_error():
                    f"untied embeddings stay F16 as in our GGUF); --target onnx keeps it dense.")
 @distributed_option
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
-            rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers,
+            distill_e2e, freeze_codes, rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers,
             resume_dir, act_bits, plan_path, save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant,
             kv_bits, kv_rotation, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
@@ -474,6 +486,10 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
                           two_level, target)
     if feedback_windows is not None:
         pipeline.set_feedback_windows(plan, feedback_windows)
+    try:
+        pipeline.set_distill_options(plan, distill_e2e, freeze_codes)
+    except pipeline.ConvertError as e:
+        _fail(str(e))
     kv = _kv_cache_spec(kv_bits, kv_rotation)
     if kv is not None:
         if target != "gguf" and kv_bits != "f32":
@@ -567,7 +583,7 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, recorded beside it.")
 @distributed_option
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
-         rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers, resume_dir,
+         distill_e2e, freeze_codes, rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers, resume_dir,
          act_bits, kv_bits, kv_rotation):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
@@ -586,6 +602,11 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
     if feedback_windows is not None:
         from .pipeline import set_feedback_windows
         set_feedback_windows(p, feedback_windows)
+    from .pipeline import ConvertError, set_distill_options
+    try:
+        set_distill_options(p, distill_e2e, freeze_codes)
+    except ConvertError as e:
+        _fail(str(e))
     distill = _settle_distill(p, distill, no_distill, calib_text, "gguf", ckpt, device, stream_layers)
     if distill is not None:
         from .pipeline import ConvertError, record_distill

@@ -36,6 +36,17 @@ DISTILL_STEPS_CPU = 32
 # 0.011 at 3.25, and on a second checkpoint, smol-s (bench/results/allocation_smol.md), by 8 / 10 / 13 / 17%;
 # what it costs on a 2-core CPU: bench/results/distill.md "Default at <= 2.5 bits".
 DISTILL_DEFAULT_MAX_BITS = 2.5
+# What distillation trains besides scales, offsets and norms, unless told otherwise (`distill_options`):
+# - the codes themselves (straight-through latent codes, wqedge.quant.distill), at DISTILL_CODE_LR code units per
+#   step, when it has at least DISTILL_CODES_MIN_WINDOWS calibration windows: on llama-s with 256 windows and 128
+#   steps this lowered the block stage's perplexity from 6.795 to 6.715 at 2.5 b and from 7.329 to 7.149 at 2.0 b;
+#   with the CPU's 32 windows and 32 steps it changed no code at 0.02 and made it worse at 0.04 and above
+#   (bench/results/distill_codes.md); `--freeze-codes` keeps NeUQI's light distillation (codes frozen);
+# - an end-to-end KL stage of DISTILL_E2E_STEPS steps after the block stage when planning on a GPU (on the CPU it
+#   costs more than the whole conversion); with codes trained it took 2.5 b on to 6.652 and 2.0 b to 6.989.
+DISTILL_CODE_LR = 0.02
+DISTILL_CODES_MIN_WINDOWS = 128
+DISTILL_E2E_STEPS = 256
 STAGE2_STEPS = 20     # AdamW steps per group of `--rotate-stage2` given without a number (bench/ruquant.py's setting)
 DEMO_DIR = Path("wqedge-demo")
 # How `convert` stores the output head when the caller names none (wqedge.head): q8 halves the head's bytes per
@@ -283,6 +294,34 @@ def record_distill(plan: Plan, steps: int, default: str | None = None) -> None:
         fit.pop("distill_default", None)
 
 
+def set_distill_options(plan: Plan, e2e_steps: int | None = None, freeze_codes: bool = False) -> None:
+    """Record in `plan` how distillation goes beyond its block steps (--distill-e2e, --freeze-codes); None / False
+    leave the defaults (`distill_options`)."""
+    from .quant.distill import check_steps
+    fit = plan.meta.setdefault("fit", {})
+    if e2e_steps is not None:
+        try:
+            fit["distill_e2e"] = check_steps(e2e_steps, "--distill-e2e")
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
+    if freeze_codes:
+        fit["distill_freeze_codes"] = True
+
+
+def distill_options(plan: Plan, device=None, windows: int | None = None) -> tuple[int, float]:
+    """(end-to-end steps, code learning rate) of distilling `plan` on `device` with `windows` calibration windows:
+    what the plan records (`set_distill_options`), else DISTILL_E2E_STEPS on CUDA and 0 on the CPU, and codes
+    trained at DISTILL_CODE_LR with at least DISTILL_CODES_MIN_WINDOWS windows (0: frozen)."""
+    from .calib import default_device
+    fit = plan.meta.get("fit") or {}
+    e2e = fit.get("distill_e2e")
+    if e2e is None:
+        e2e = DISTILL_E2E_STEPS if default_device(device).type == "cuda" else 0
+    windows = feedback_windows_of(plan, device) if windows is None else windows
+    frozen = fit.get("distill_freeze_codes") or windows < DISTILL_CODES_MIN_WINDOWS
+    return int(e2e), 0.0 if frozen else DISTILL_CODE_LR
+
+
 def default_distill_steps(device=None) -> int:
     """Steps per decoder layer the default distils with when planning on `device`: DISTILL_STEPS on CUDA,
     DISTILL_STEPS_CPU on the CPU (where distillation's cost is of the order of the whole conversion)."""
@@ -407,10 +446,13 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
     from .quant.distill import distill_checkpoint
     from .quantize import quantize_linears
     fitted = fits.fitted or {lin.hf_name: ch for lin, ch in quantize_linears(ckpt, plan, fits.stats, device)}
-    say(f"light distillation: {steps} steps per decoder layer, codes frozen…")
+    e2e, code_lr = distill_options(plan, device, windows)
+    codes = f"codes trained (latent, {code_lr:g} per step)" if code_lr else "codes frozen"
+    say(f"light distillation: {steps} steps per decoder layer, {codes}, {e2e} end-to-end steps…")
     unprune = plan.unprune_weight if plan.pruning is not None else None
-    res = distill_checkpoint(ckpt, fitted, calib_text, steps, device=device, n_seqs=windows, progress=say,
-                             unprune=unprune, act_bits=None if plan.act_bits == 8 else plan.act_bits)
+    res = distill_checkpoint(ckpt, fitted, calib_text, steps, e2e, device=device, n_seqs=windows, progress=say,
+                             unprune=unprune, act_bits=None if plan.act_bits == 8 else plan.act_bits,
+                             code_lr=code_lr)
     say(res.summary())
     if distill is not None:         # the plan the file stores says how its parameters were made
         record_distill(plan, steps)

@@ -1,4 +1,4 @@
-"""NeUQI light distillation: the integer codes stay, the fp16 parameters around them are trained.
+"""NeUQI light distillation: the fp16 parameters around the integer codes are trained (and, optionally, the codes).
 
 Error feedback (wqedge.quant.gptq) picks each chunk's codes and per-row scale d and offset m one linear at a
 time, against that linear's own input statistics. What it cannot see is how the errors of a whole decoder layer
@@ -19,8 +19,16 @@ d and m per row) stay as fitted and are listed in `DistillResult.skipped`. Prote
 weights: their fp16 residuals follow the new grid.
 
 d and m are stored fp16 by the format, so the tuned values are rounded to fp16 at the end of each stage and
-the model that goes on (to the next layer, to the file) is the rounded one; the codes written are the fitted
-ones, unchanged. Norms are stored F32 in the file and are written as trained.
+the model that goes on (to the next layer, to the file) is the rounded one; with codes frozen (code_lr = 0, the
+method as published) the codes written are the fitted ones. Norms are stored F32 in the file, written as trained.
+
+Trained codes (code_lr > 0; what `wqedge convert` does on a GPU, wqedge.pipeline.distill_options): each weight of
+an affine or ternary chunk gets a latent code in code units, starting at its fitted code; the forward pass uses
+the latent rounded to the kind's grid with a straight-through gradient, so a code changes only once its latent
+has crossed a half-way point, and the file stores the rounded latents. Error feedback chooses codes one linear at
+a time against its own inputs; this lets the layer's (and the model's) output choose them. It overfits a small
+calibration set (bench/results/distill_codes.md: 32 windows), so a layer whose held-out error ends above where it
+started is trained again with frozen codes, and an end-to-end stage that raises the held-out KL is dropped.
 
 Scales and offsets are trained relative to their fitted values (d = d₀·(1 + a), m = m₀ + d₀·b), so one
 learning rate suits every bit width and every layer; norms get their group's learning rate times their mean
@@ -48,6 +56,8 @@ LR = 1e-3                # relative units (about a fraction of d₀ per step, fo
 #                          within 0.007 on llama-s at 2.0-3.25 bits (bench/results/distill.md)
 NORM_LR = 1e-3           # times each norm's mean |weight|
 E2E_LR = 2e-4            # end-to-end stage (all layers at once); higher rates are not measured yet
+CODE_LR = 0.0            # latent codes, in code units per step (0: codes frozen, NeUQI's light distillation)
+CODE_KINDS = ("affine", "ternary")   # kinds whose codes can be trained: w = d * (q - zero_code) + m, q on a grid
 
 
 @dataclass
@@ -61,6 +71,7 @@ class DistillResult:
     layers: list[dict] = field(default_factory=list)   # per layer: held-out MSE before/after (relative)
     e2e: dict | None = None                            # held-out KL before/after the end-to-end stage
     skipped: list[str] = field(default_factory=list)   # chunks left as fitted, and why
+    codes_changed: int = 0                             # codes the training moved (code_lr > 0), both stages
 
     def summary(self) -> str:
         mb = self.peak_bytes / 2**20
@@ -119,7 +130,8 @@ class TunableLinear(nn.Module):
     not tuned; F is the fixed rest (fp16 chunks, protected columns' full weights, chunks of other kinds).
     """
 
-    def __init__(self, chunks: list[ChunkData], device, skipped: list[str] | None = None, name: str = ""):
+    def __init__(self, chunks: list[ChunkData], device, skipped: list[str] | None = None, name: str = "",
+                 train_codes: bool = False):
         super().__init__()
         self.src = chunks
         n = next(c.codes.shape[0] if c.codes is not None else c.values.shape[0] for c in chunks)
@@ -127,6 +139,7 @@ class TunableLinear(nn.Module):
         A, B, fixed = torch.zeros(n, k), torch.zeros(n, k), torch.zeros(n, k)
         cidx = torch.zeros(k, dtype=torch.long)
         d0, m0 = torch.zeros(n, len(chunks)), torch.zeros(n, len(chunks))
+        qlo, qhi, cmask = torch.zeros(k), torch.zeros(k), torch.zeros(k, dtype=torch.bool)
         self.tuned_chunks: list[bool] = []
         s = 0
         for ci, c in enumerate(chunks):
@@ -148,6 +161,10 @@ class TunableLinear(nn.Module):
                 d0[:, ci] = torch.from_numpy(np.asarray(c.d, np.float32))
                 if c.m is not None:
                     m0[:, ci] = torch.from_numpy(np.asarray(c.m, np.float32))
+                bt = blocks.block_type(c.action)
+                if train_codes and bt.kind in CODE_KINDS:   # A holds q - zero_code on the tuned columns
+                    qlo[s:e], qhi[s:e] = -bt.zero_code, bt.levels - 1 - bt.zero_code
+                    cmask[s:e] = keep.bool()
             self.tuned_chunks.append(basis is not None)
             s = e
         self.in_features, self.out_features = k, n
@@ -159,6 +176,15 @@ class TunableLinear(nn.Module):
         self.register_buffer("m0", m0.to(device))
         self.a = nn.Parameter(torch.zeros(n, len(chunks), device=device))
         self.b = nn.Parameter(torch.zeros(n, len(chunks), device=device))
+        # codes training (train_codes): a latent L per weight, in code units, starting at the fitted codes; the
+        # forward pass uses its rounding (straight-through), so a code changes once L crosses a half-way point
+        self.codes: nn.Parameter | None = None
+        if bool(cmask.any()):
+            self.register_buffer("qlo", qlo.to(device))
+            self.register_buffer("qhi", qhi.to(device))
+            self.register_buffer("cmask", cmask.to(device))
+            self.codes = nn.Parameter(A.clone().to(device))
+        self.codes_changed = 0
         self.expand: Callable[[torch.Tensor], torch.Tensor] | None = None   # pruned plans: kept -> full shape
         self.act_bits: int | None = None   # the runtime's per-token activation quantizer on the input (None: float)
 
@@ -166,9 +192,21 @@ class TunableLinear(nn.Module):
         """(d, m) per row and chunk, fp32 masters."""
         return self.d0 * (1 + self.a), self.m0 + self.d0 * self.b
 
+    def hard_codes(self) -> torch.Tensor:
+        """The latent codes rounded to the kinds' grids (q - zero_code), on the trained columns."""
+        return torch.round(torch.minimum(torch.maximum(self.codes, self.qlo), self.qhi))
+
+    def code_values(self) -> torch.Tensor:
+        """A with the trained columns' codes taken from the latent ones (straight-through rounding)."""
+        if self.codes is None:
+            return self.A
+        soft = torch.minimum(torch.maximum(self.codes, self.qlo), self.qhi)   # no gradient past the grid's ends
+        q = soft + (torch.round(soft) - soft).detach()
+        return torch.where(self.cmask, q, self.A)
+
     def weight(self) -> torch.Tensor:
         d, m = self.params()
-        w = self.A * d[:, self.cidx] + self.B * m[:, self.cidx]
+        w = self.code_values() * d[:, self.cidx] + self.B * m[:, self.cidx]
         return w + self.fixed if self.fixed.numel() else w
 
     def forward(self, x):
@@ -180,20 +218,32 @@ class TunableLinear(nn.Module):
 
     @torch.no_grad()
     def round_to_file(self) -> list[ChunkData]:
-        """The chunks with the trained d, m rounded to fp16 (codes unchanged); resets the masters to them."""
+        """The chunks with the trained d, m rounded to fp16 (and, when codes are trained, the rounded latent
+        codes); resets the masters to them."""
         d, m = self.params()
         d16, m16 = d.half(), m.half()
         bad = ~(torch.isfinite(d16) & torch.isfinite(m16) & (d16 >= 0))   # keep a row's fit if it would break
         d16 = torch.where(bad, self.d0.half(), d16)
         m16 = torch.where(bad, self.m0.half(), m16)
+        A = self.A
+        if self.codes is not None:   # a row whose d or m is kept keeps its codes too
+            A = torch.where(self.cmask & ~bad[:, self.cidx], self.hard_codes(), self.A)
+            self.codes_changed += int((A != self.A).sum())
         out = []
+        e = 0
         for ci, c in enumerate(self.src):
+            s, e = e, e + c.g    # [s, e): this chunk's columns
             if not self.tuned_chunks[ci]:
                 out.append(c)
                 continue
             nc = copy.copy(c)
             nc.d = d16[:, ci].cpu().numpy()
             nc.m = m16[:, ci].cpu().numpy() if c.m is not None else None
+            if self.codes is not None and bool(self.cmask[s:e].any()):
+                zc = blocks.block_type(c.action).zero_code
+                keep = self.cmask[s:e].cpu().numpy()
+                new = (A[:, s:e].cpu().numpy() + zc).round().astype(np.uint8)
+                nc.codes = np.where(keep[None, :], new, np.asarray(c.codes)[:, :c.g]).astype(np.uint8)
             if c.n_protected:   # the protected columns keep their weights: residual = old weight - new grid
                 p = np.asarray(c.protected, dtype=np.int64)
                 grid = copy.copy(nc)
@@ -205,13 +255,17 @@ class TunableLinear(nn.Module):
         self.m0.copy_(m16.float())
         self.a.zero_()
         self.b.zero_()
+        if self.codes is not None:
+            self.A.copy_(A)
+            self.codes.copy_(A)
         return out
 
 
 # ---------------------------------------------------------------- models with tunable linears
 
 def _swap_linears(layer: nn.Module, li: int, chunks: dict[str, list[ChunkData]], device,
-                  skipped: list[str], unprune=None, act_bits: int | None = None) -> list[TunableLinear]:
+                  skipped: list[str], unprune=None, act_bits: int | None = None,
+                  train_codes: bool = False) -> list[TunableLinear]:
     """Replace the seven projections of decoder layer `li` (in place) by TunableLinears that compute what the
     file's runtime does: the replaced linear's forward pre-hooks move over (a rotated model's x -> T(x),
     wqedge.rotation.rotate_model: the chunks were fitted on folded weights, which expect rotated inputs), then
@@ -221,7 +275,7 @@ def _swap_linears(layer: nn.Module, li: int, chunks: dict[str, list[ChunkData]],
         name = f"model.layers.{li}.{hf}.weight"
         parent_name, attr = hf.rsplit(".", 1)
         old = layer.get_submodule(hf)
-        tl = TunableLinear(chunks[name], device, skipped, name)
+        tl = TunableLinear(chunks[name], device, skipped, name, train_codes)
         if unprune is not None:
             shape = tuple(old.weight.shape)
             tl.expand = lambda w, name=name, shape=shape: unprune(name, w, shape)
@@ -234,7 +288,7 @@ def _swap_linears(layer: nn.Module, li: int, chunks: dict[str, list[ChunkData]],
 
 
 def student_model(model, chunks: dict[str, list[ChunkData]], norms: dict[str, torch.Tensor], device=None,
-                  act_bits: int | None = None, unprune=None):
+                  act_bits: int | None = None, unprune=None, train_codes: bool = False):
     """A float32 copy of `model` whose decoder linears are TunableLinears of `chunks` (as `_swap_linears`: the
     model's input hooks, then activations at `act_bits`) and whose norms are `norms` where given: the quantized
     model distillation trains, which is the model the file written from the same chunks and norms defines."""
@@ -243,7 +297,7 @@ def student_model(model, chunks: dict[str, list[ChunkData]], norms: dict[str, to
     for p in student.parameters():
         p.requires_grad_(False)
     for li, layer in enumerate(student.model.layers):
-        _swap_linears(layer, li, chunks, default_device(device), [], unprune, act_bits)
+        _swap_linears(layer, li, chunks, default_device(device), [], unprune, act_bits, train_codes)
     for name, w in norms.items():
         student.get_parameter(name).data.copy_(w)
     return student
@@ -253,10 +307,14 @@ def _norms(layer: nn.Module) -> list[nn.Parameter]:
     return [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
 
 
-def _optimizer(linears: list[TunableLinear], norms: list[nn.Parameter], lr: float, norm_lr: float, steps: int):
+def _optimizer(linears: list[TunableLinear], norms: list[nn.Parameter], lr: float, norm_lr: float, steps: int,
+               code_lr: float = 0.0):
     for p in norms:
         p.requires_grad_(True)
     groups = [{"params": [p for tl in linears for p in (tl.a, tl.b)], "lr": lr}]
+    codes = [tl.codes for tl in linears if tl.codes is not None]
+    if codes and code_lr > 0:
+        groups.append({"params": codes, "lr": code_lr})
     groups += [{"params": [p], "lr": norm_lr * float(p.detach().abs().mean().clamp_min(1e-3))} for p in norms]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, steps // 20)
@@ -289,7 +347,8 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
                   steps: int, e2e_steps: int = 0, device=None, batch_size: int = BATCH,
                   lr: float = LR, norm_lr: float = NORM_LR, e2e_lr: float = E2E_LR, seed: int = 0,
                   progress: Callable[[str], None] | None = None, unprune=None,
-                  act_bits: int | None = None) -> DistillResult:
+                  act_bits: int | None = None, code_lr: float = CODE_LR,
+                  e2e_code_lr: float | None = None) -> DistillResult:
     """Tune `chunks` (every decoder linear of the fp transformers LlamaForCausalLM `model`, as fitted) on the
     calibration windows `tokens` [n, seqlen]; `heldout` windows only measure. `model` is left unchanged.
 
@@ -305,6 +364,10 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
 
     steps = check_steps(steps)
     e2e_steps = check_steps(e2e_steps, "end-to-end distillation steps")
+    if not (code_lr >= 0 and (e2e_code_lr is None or e2e_code_lr >= 0)):
+        raise ValueError(f"code learning rates must be >= 0, got {code_lr!r} / {e2e_code_lr!r}")
+    if e2e_code_lr is None:   # the same rate: llama-s 2.5 b 6.652 against 6.681 at a fifth of it (distill_codes.md)
+        e2e_code_lr = code_lr
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     missing = [f"model.layers.{li}.{hf}.weight" for li in range(len(model.model.layers)) for hf, _ in PROJECTIONS
@@ -323,6 +386,8 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
     norms: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     per_layer: list[dict] = []
+    codes_changed = 0
+    frozen_again: list[int] = []
     emb = model.model.embed_tokens
     emb_dev = next(emb.parameters()).device
     bs = batch_size
@@ -347,54 +412,64 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
             for p in teacher.parameters():
                 p.requires_grad_(False)
             target = run(teacher, h_fp)
-            student = teacher
-            del teacher
-            tls = _swap_linears(student, li, chunks, dev, skipped, unprune, act_bits)
             ho = slice(n_tr, len(allt))
-            before = rel_mse(run(student, h_q[ho]), target[ho]) if len(heldout) else float("nan")
-            if steps:
-                opt, sched = _optimizer(tls, _norms(student), lr, norm_lr, steps)
-                for idx in _batches(n_tr, steps, bs, seed + li):
-                    idx = idx.to(dev)
-                    y = _layer_call(student, h_q[idx], pos)
-                    loss = ((y - target[idx]) ** 2).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-            for p in _norms(student):
-                p.requires_grad_(False)
-            for (hf, _), tl in zip(PROJECTIONS, tls):
-                out_chunks[f"model.layers.{li}.{hf}.weight"] = tl.round_to_file()
+            # with codes trained, a layer whose held-out error rises (too few windows: they overfit) is trained
+            # again with its codes frozen
+            for train_codes in ([True, False] if code_lr > 0 else [False]):
+                student = copy.deepcopy(teacher)
+                tls = _swap_linears(student, li, chunks, dev, skipped, unprune, act_bits, train_codes)
+                before = rel_mse(run(student, h_q[ho]), target[ho]) if len(heldout) else float("nan")
+                if steps:
+                    opt, sched = _optimizer(tls, _norms(student), lr, norm_lr, steps, code_lr if train_codes else 0.0)
+                    for idx in _batches(n_tr, steps, bs, seed + li):
+                        idx = idx.to(dev)
+                        y = _layer_call(student, h_q[idx], pos)
+                        loss = ((y - target[idx]) ** 2).mean()
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        sched.step()
+                for p in _norms(student):
+                    p.requires_grad_(False)
+                layer_chunks = {f"model.layers.{li}.{hf}.weight": tl.round_to_file() for (hf, _), tl in zip(PROJECTIONS, tls)}
+                h_next = run(student, h_q)
+                after = rel_mse(h_next[ho], target[ho]) if len(heldout) else float("nan")
+                if not (train_codes and after > before):
+                    break
+                frozen_again.append(li)
+            out_chunks.update(layer_chunks)
+            codes_changed += sum(tl.codes_changed for tl in tls)
             norms[f"model.layers.{li}.input_layernorm.weight"] = student.input_layernorm.weight.detach().float().cpu()
             norms[f"model.layers.{li}.post_attention_layernorm.weight"] = \
                 student.post_attention_layernorm.weight.detach().float().cpu()
-            h_q = run(student, h_q)
-            after = rel_mse(h_q[ho], target[ho]) if len(heldout) else float("nan")
-            per_layer.append({"layer": li, "before": before, "after": after})
+            h_q = h_next
+            per_layer.append({"layer": li, "before": before, "after": after, "codes_trained": train_codes})
             mse = "" if not len(heldout) else f", held-out output MSE {before:.4g} -> {after:.4g} (relative)"
-            say(f"distillation: layer {li + 1}/{len(model.model.layers)}{mse}, {time.time() - t0:.0f} s")
+            again = " (codes kept: training them raised it)" if li in frozen_again else ""
+            say(f"distillation: layer {li + 1}/{len(model.model.layers)}{mse}{again}, {time.time() - t0:.0f} s")
             h_fp = target
-            del student, tls
+            del student, tls, teacher
         del h_fp, h_q
         e2e = None
         if e2e_steps:
             out_chunks, norms, e2e = _e2e(model, out_chunks, norms, tokens, heldout, e2e_steps, dev, bs, e2e_lr,
-                                          norm_lr, seed, say, unprune, act_bits)
+                                          norm_lr, seed, say, unprune, act_bits, e2e_code_lr)
+            codes_changed += e2e["codes_changed"]
     finally:
         rot.to(rot_dev)
     peak, what = _peak(dev)
     res = DistillResult(out_chunks, norms, time.time() - t0, peak, what, per_layer, e2e,
-                        sorted(set(skipped)))
+                        sorted(set(skipped)), codes_changed)
     return res
 
 
-def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, seed, say, unprune, act_bits=None):
+def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, seed, say, unprune, act_bits=None,
+         code_lr: float = 0.0):
     """End-to-end stage: KL(fp || quantized) of the next-token distributions, all layers at once."""
     teacher = copy.deepcopy(model).to(dev, torch.float32).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = student_model(teacher, chunks, norms, dev, act_bits, unprune)
+    student = student_model(teacher, chunks, norms, dev, act_bits, unprune, code_lr > 0)
     tls = [layer.get_submodule(hf) for layer in student.model.layers for hf, _ in PROJECTIONS]
     norm_params = [p for layer in student.model.layers for p in _norms(layer)] + [student.model.norm.weight]
 
@@ -412,7 +487,7 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
                              for i in range(0, len(heldout), bs)) / len(heldout))
 
     before = heldout_kl()
-    opt, sched = _optimizer(tls, norm_params, lr, norm_lr, steps)
+    opt, sched = _optimizer(tls, norm_params, lr, norm_lr, steps, code_lr)
     for step, idx in enumerate(_batches(tokens.shape[0], steps, bs, seed + 10_000)):
         loss = kl(tokens[idx].to(dev))
         opt.zero_grad(set_to_none=True)
@@ -423,19 +498,24 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
             say(f"distillation (end to end): step {step + 1}/{steps}, KL {loss.item():.4g}")
     for p in norm_params:
         p.requires_grad_(False)
-    out = dict(chunks)
+    out, new_norms = dict(chunks), dict(norms)
     i = 0
     for li in range(len(student.model.layers)):
         for hf, _ in PROJECTIONS:
             out[f"model.layers.{li}.{hf}.weight"] = tls[i].round_to_file()
             i += 1
         layer = student.model.layers[li]
-        norms[f"model.layers.{li}.input_layernorm.weight"] = layer.input_layernorm.weight.detach().float().cpu()
-        norms[f"model.layers.{li}.post_attention_layernorm.weight"] = \
+        new_norms[f"model.layers.{li}.input_layernorm.weight"] = layer.input_layernorm.weight.detach().float().cpu()
+        new_norms[f"model.layers.{li}.post_attention_layernorm.weight"] = \
             layer.post_attention_layernorm.weight.detach().float().cpu()
-    norms["model.norm.weight"] = student.model.norm.weight.detach().float().cpu()
+    new_norms["model.norm.weight"] = student.model.norm.weight.detach().float().cpu()
     after = heldout_kl()
-    return out, norms, {"before": before, "after": after, "steps": steps}
+    res = {"before": before, "after": after, "steps": steps, "kept": True,
+           "codes_changed": sum(tl.codes_changed for tl in tls)}
+    if after > before:   # the held-out KL rose (at 3.25 b, or a code learning rate too high): keep the block stage's
+        say(f"distillation (end to end): held-out KL {before:.4g} -> {after:.4g}; keeping the block stage's result")
+        return chunks, norms, {**res, "kept": False, "codes_changed": 0}
+    return out, new_norms, res
 
 
 # ---------------------------------------------------------------- checkpoint-level entry points
@@ -443,7 +523,7 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
 def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, steps: int,
                        e2e_steps: int = 0, device=None, n_seqs: int | None = None, seqlen: int = 512,
                        n_heldout: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None,
-                       unprune=None, act_bits: int | None = None) -> DistillResult:
+                       unprune=None, act_bits: int | None = None, code_lr: float = CODE_LR) -> DistillResult:
     """distill_model on a checkpoint's fp model and `calib_text` (the windows error feedback takes). A
     wqedge.rotation.RotatedCheckpoint gives its rotated planning model, whose hooks the student keeps."""
     from transformers import AutoTokenizer
@@ -456,7 +536,7 @@ def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, ste
     cs = calibration_tokens(tok, calib_text, n_seqs or FEEDBACK_SEQS, seqlen, n_heldout, bos_id=bos, seed=seed)
     model = ckpt.load_planning_model(default_device(device))
     return distill_model(model, chunks, cs.train, cs.heldout, steps, e2e_steps, device, seed=seed, progress=progress,
-                         unprune=unprune, act_bits=act_bits)
+                         unprune=unprune, act_bits=act_bits, code_lr=code_lr)
 
 
 class TunedCheckpoint:
