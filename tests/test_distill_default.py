@@ -1,6 +1,6 @@
-"""Light distillation by default at <= 2.5 bits (pipeline.settle_distill): when it switches on, how it is turned
-off, that `plan` records the choice so `convert --plan` does what one `convert` does, and that the default never
-turns a command that runs into one that is refused."""
+"""Light distillation by default at <= 2.5 bits (3.5 on a GPU; pipeline.settle_distill): when it switches on, how it
+is turned off, that `plan` records the choice so `convert --plan` does what one `convert` does, and that the default
+never turns a command that runs into one that is refused."""
 from __future__ import annotations
 
 import json
@@ -169,3 +169,41 @@ def test_default_distils_with_other_options(tiny_model_dir, tmp_path, calib, ext
     assert "light distillation on by default" in text and out.exists()
     fit = json.loads(WqGGUF(out.with_suffix(".gguf")).plan_json)["meta"]["fit"]
     assert fit["distill_steps"] == STEPS
+
+
+def test_default_threshold_by_device(tiny_model_dir):
+    """A 3-bit plan distils by default when planned on a GPU (up to DISTILL_DEFAULT_MAX_BITS_GPU, where it
+    costs seconds) and not on the CPU (up to DISTILL_DEFAULT_MAX_BITS); above both, neither."""
+    from wqedge.checkpoint import LlamaCheckpoint
+    from wqedge.plan import Plan
+    ckpt = LlamaCheckpoint.open(tiny_model_dir)
+    linears = ckpt.spec.linears()
+
+    def plan_of(action):
+        return Plan.from_actions(linears, 128, 16.0, "greedy",
+                                 {lin.hf_name: [action] * -(-lin.in_features // 128) for lin in linears}, "neuqi")
+    q3, q4 = plan_of("q3"), plan_of("q4")
+    assert pipeline.DISTILL_DEFAULT_MAX_BITS < q3.effective_bits() <= pipeline.DISTILL_DEFAULT_MAX_BITS_GPU
+    assert q4.effective_bits() > pipeline.DISTILL_DEFAULT_MAX_BITS_GPU
+    assert pipeline.default_distill(q3, CALIB, device="cpu") == (0, "")
+    steps, why = pipeline.default_distill(q3, CALIB, device="cuda")   # decides only; nothing runs on the device
+    assert steps == pipeline.DISTILL_STEPS and f"<= {pipeline.DISTILL_DEFAULT_MAX_BITS_GPU:g}" in why
+    assert pipeline.default_distill(q4, CALIB, device="cuda") == (0, "")
+
+
+def test_codes_trained_with_enough_windows(tiny_model_dir, tmp_path, calib, monkeypatch):
+    """Through `wqedge convert`: with DISTILL_CODES_MIN_WINDOWS calibration windows (--feedback-windows) the
+    distillation trains the codes (the file's codes differ from the --freeze-codes file's; the code rate is raised so
+    that 48 steps move some on this tiny model); --freeze-codes and --distill-e2e are recorded in the file's plan."""
+    monkeypatch.setattr(pipeline, "DISTILL_CODE_LR", 0.05)
+    n = str(pipeline.DISTILL_CODES_MIN_WINDOWS)
+    common = ("--preset", "q2", "--calib", calib, "--distill", "48", "--distill-e2e", "0")
+    text, fit, trained = convert(tiny_model_dir, tmp_path / "t.gguf", *common, "--feedback-windows", n)
+    assert "codes trained" in text and "distill_freeze_codes" not in fit and fit["distill_e2e"] == 0
+    text, fit, frozen = convert(tiny_model_dir, tmp_path / "f.gguf", *common, "--feedback-windows", n,
+                                "--freeze-codes")
+    assert "codes frozen" in text and fit["distill_freeze_codes"] is True
+    lins = trained.linear_names()
+    moved = sum(int((a.codes != b.codes).sum()) for lin in lins
+                for a, b in zip(trained.chunks(lin), frozen.chunks(lin)) if a.codes is not None)
+    assert moved > 0

@@ -17,7 +17,7 @@ from . import __version__
 from .blocks import ACTION_NAMES
 from .head import HEAD_KINDS
 from .pipeline import (ALLOCATORS, DEFAULT_HEAD, DEMO_DIR, DISTILL_CODES_MIN_WINDOWS, DISTILL_DEFAULT_MAX_BITS,
-                       DISTILL_E2E_STEPS, DISTILL_STEPS, DISTILL_STEPS_CPU, STAGE2_STEPS, TARGETS)
+                       DISTILL_DEFAULT_MAX_BITS_GPU, DISTILL_E2E_STEPS, DISTILL_STEPS, DISTILL_STEPS_CPU, STAGE2_STEPS, TARGETS)
 from .plan import METHODS
 MIN_CALIB_WORDS = 16
 
@@ -236,7 +236,8 @@ _common_plan_options = [
                       f"weights (and, with enough calibration windows, the codes: --freeze-codes) trained to match "
                       f"the fp model's layer outputs on the calibration text, STEPS AdamW steps per decoder layer "
                       f"(default {DISTILL_STEPS}; 0: off), then an end-to-end stage (--distill-e2e). Default: on at "
-                      f"plans of <= {DISTILL_DEFAULT_MAX_BITS:g} effective bits with calibration text (--calib or "
+                      f"plans of <= {DISTILL_DEFAULT_MAX_BITS:g} effective bits ({DISTILL_DEFAULT_MAX_BITS_GPU:g} on a "
+                      f"GPU) with calibration text (--calib or "
                       f"self-calibration), {DISTILL_STEPS} steps when planning on a GPU, {DISTILL_STEPS_CPU} on the "
                       f"CPU (bench/results/distill.md), except with --target llamacpp or --stream-layers; off "
                       f"above. `plan` records the choice in the plan for a later convert."),

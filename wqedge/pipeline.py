@@ -36,6 +36,10 @@ DISTILL_STEPS_CPU = 32
 # 0.011 at 3.25, and on a second checkpoint, smol-s (bench/results/allocation_smol.md), by 8 / 10 / 13 / 17%;
 # what it costs on a 2-core CPU: bench/results/distill.md "Default at <= 2.5 bits".
 DISTILL_DEFAULT_MAX_BITS = 2.5
+# On a GPU distillation costs seconds (llama-s: 30-40 s with trained codes and the end-to-end stage), and with
+# trained codes it gained at 3.25 bits too (6.416 -> 6.388, bench/results/distill_codes.md), so there the default
+# reaches up to this many bits.
+DISTILL_DEFAULT_MAX_BITS_GPU = 3.5
 # What distillation trains besides scales, offsets and norms, unless told otherwise (`distill_options`):
 # - the codes themselves (straight-through latent codes, wqedge.quant.distill), at DISTILL_CODE_LR code units per
 #   step, when it has at least DISTILL_CODES_MIN_WINDOWS calibration windows: on llama-s with 256 windows and 128
@@ -322,6 +326,12 @@ def distill_options(plan: Plan, device=None, windows: int | None = None) -> tupl
     return int(e2e), 0.0 if frozen else DISTILL_CODE_LR
 
 
+def default_distill_max_bits(device=None) -> float:
+    """The effective bits up to which `convert` and `plan` distil by default when planning on `device`."""
+    from .calib import default_device
+    return DISTILL_DEFAULT_MAX_BITS_GPU if default_device(device).type == "cuda" else DISTILL_DEFAULT_MAX_BITS
+
+
 def default_distill_steps(device=None) -> int:
     """Steps per decoder layer the default distils with when planning on `device`: DISTILL_STEPS on CUDA,
     DISTILL_STEPS_CPU on the CPU (where distillation's cost is of the order of the whole conversion)."""
@@ -350,17 +360,19 @@ def _streams(ckpt, device) -> bool:
 def default_distill(plan: Plan, calib_text: str | None, target: str = "gguf", ckpt=None, device=None,
                     stream_layers: bool | None = None) -> tuple[int, str]:
     """(steps, why) of light distillation for a `plan` whose caller asked neither for nor against it: on at
-    `default_distill_steps` when the plan's effective bits are at most DISTILL_DEFAULT_MAX_BITS and nothing blocks
+    `default_distill_steps` when the plan's effective bits are at most `default_distill_max_bits` and nothing blocks
     it (`distill_blocker`), else 0; `why` is one line for the user ("" above the threshold, where nothing changed)."""
     eff = plan.effective_bits()
-    if eff > DISTILL_DEFAULT_MAX_BITS:
+    limit = default_distill_max_bits(device)
+    if eff > limit:
         return 0, ""
     blocker = distill_blocker(calib_text, target, ckpt, device, stream_layers)
     if blocker:
         return 0, (f"not distilling ({eff:.2f} effective bits, where light distillation is the default): {blocker}")
     steps = default_distill_steps(device)
-    return steps, (f"light distillation on by default: {eff:.2f} effective bits <= {DISTILL_DEFAULT_MAX_BITS:g}, "
-                   f"where it lowered perplexity over error feedback alone by 0.8-3.5% (llama-s) and 8-17% (smol-s); "
+    return steps, (f"light distillation on by default: {eff:.2f} effective bits <= {limit:g}, "
+                   f"where it lowered perplexity over error feedback alone by 0.8-3.5% (llama-s) and 8-17% (smol-s) "
+                   f"with codes frozen, 0.3-10% (llama-s, 3.25-1.75 b) with codes trained on a GPU; "
                    f"{steps} steps per decoder layer (--no-distill turns it off, --distill N sets the steps)")
 
 

@@ -431,7 +431,8 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
                         sched.step()
                 for p in _norms(student):
                     p.requires_grad_(False)
-                layer_chunks = {f"model.layers.{li}.{hf}.weight": tl.round_to_file() for (hf, _), tl in zip(PROJECTIONS, tls)}
+                layer_chunks = {f"model.layers.{li}.{hf}.weight": tl.round_to_file()
+                                for (hf, _), tl in zip(PROJECTIONS, tls)}
                 h_next = run(student, h_q)
                 after = rel_mse(h_next[ho], target[ho]) if len(heldout) else float("nan")
                 if not (train_codes and after > before):
