@@ -358,3 +358,23 @@ def test_distill_options(setup, tmp_path):
     assert r.exit_code == 0, r.output
     fit = json.loads(out.read_text())["meta"]["fit"]
     assert fit["distill_steps"] == 3 and fit["distill_e2e"] == 4 and fit["distill_freeze_codes"] is True
+
+
+def test_default_e2e_stage_skipped_where_it_would_not_fit(setup, monkeypatch):
+    """The default end-to-end stage holds the whole model in float32 several times over: e2e_blocker names the
+    need and what is free when it exceeds 80% of the GPU's free memory (a 7B model on any one GPU), else None;
+    the estimate grows with trained codes and with the model."""
+    from wqedge.quant.distill import e2e_stage_bytes
+    from wqedge.spec import ModelSpec
+    ckpt, *_ = setup
+    need = e2e_stage_bytes(ckpt.spec, True)
+    assert need > e2e_stage_bytes(ckpt.spec, False)
+    b7 = ModelSpec(hidden_size=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, intermediate_size=11008,
+                   vocab_size=32000)
+    assert e2e_stage_bytes(b7, True) > 80 * 2**30    # more than an 80 GB GPU holds
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(need / 0.7), 2 * need))
+    assert pipeline.e2e_blocker(ckpt.spec, "cuda", 0.02) is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(need / 0.9), 2 * need))
+    why = pipeline.e2e_blocker(ckpt.spec, "cuda", 0.02)
+    assert why and "GiB" in why and "--distill-e2e" in why
+    assert pipeline.e2e_blocker(ckpt.spec, "cpu", 0.02) is None

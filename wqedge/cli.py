@@ -246,8 +246,9 @@ _common_plan_options = [
     click.option("--distill-e2e", type=click.IntRange(min=0), default=None, metavar="STEPS",
                  help=f"End-to-end stage of distillation after the block stage: STEPS AdamW steps on the KL "
                       f"divergence of the next-token distributions against the fp model, all layers at once "
-                      f"(default {DISTILL_E2E_STEPS} when planning on a GPU, 0 on the CPU, where it costs more than "
-                      f"the conversion). It is kept only when it lowers the held-out KL."),
+                      f"(default {DISTILL_E2E_STEPS} when planning on a GPU where it fits: it holds the whole model "
+                      f"in float32 several times over; 0 on the CPU, where it costs more than the conversion). It is "
+                      f"kept only when it lowers the held-out KL."),
     click.option("--freeze-codes", is_flag=True, default=False,
                  help=f"Distil with the integer codes frozen (NeUQI's light distillation: only scales, offsets and "
                       f"norms). By default the codes are trained too (straight-through latent codes) when "

@@ -326,6 +326,24 @@ def distill_options(plan: Plan, device=None, windows: int | None = None) -> tupl
     return int(e2e), 0.0 if frozen else DISTILL_CODE_LR
 
 
+def e2e_blocker(spec, device, code_lr: float) -> str | None:
+    """Why the default end-to-end stage should not run on `device` (None: it fits): it holds the whole model in
+    float32 several times over (wqedge.quant.distill.e2e_stage_bytes), which a 7B model exceeds on any one GPU."""
+    import torch
+
+    from .calib import default_device
+    from .quant.distill import e2e_stage_bytes
+    dev = default_device(device)
+    if dev.type != "cuda":
+        return None
+    need = e2e_stage_bytes(spec, code_lr > 0)
+    free, _ = torch.cuda.mem_get_info(dev)
+    if need > 0.8 * free:
+        return (f"the end-to-end stage needs about {need / 2**30:.1f} GiB on {dev} and {free / 2**30:.1f} GiB are "
+                f"free; skipped (the block stage runs; --distill-e2e N asks for it anyway)")
+    return None
+
+
 def default_distill_max_bits(device=None) -> float:
     """The effective bits up to which `convert` and `plan` distil by default when planning on `device`."""
     from .calib import default_device
@@ -459,6 +477,11 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
     from .quantize import quantize_linears
     fitted = fits.fitted or {lin.hf_name: ch for lin, ch in quantize_linears(ckpt, plan, fits.stats, device)}
     e2e, code_lr = distill_options(plan, device, windows)
+    if e2e and "distill_e2e" not in (plan.meta.get("fit") or {}):   # the default's stage, not one asked for
+        blocker = e2e_blocker(ckpt.spec, device, code_lr)
+        if blocker:
+            say(blocker)
+            e2e = 0
     codes = f"codes trained (latent, {code_lr:g} per step)" if code_lr else "codes frozen"
     say(f"light distillation: {steps} steps per decoder layer, {codes}, {e2e} end-to-end steps…")
     unprune = plan.unprune_weight if plan.pruning is not None else None

@@ -519,6 +519,20 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
     return out, new_norms, res
 
 
+def e2e_stage_bytes(spec, train_codes: bool, batch_size: int = BATCH, seqlen: int = 512) -> int:
+    """About what the end-to-end stage holds on its device (the whole model at once, float32): the teacher, the
+    student's TunableLinears (A, B and the fixed rest: 3 per weight; trained codes add a latent and Adam's two
+    moments: 3 more), both models' other tensors, the logits of one batch (teacher, student, softmax and gradient:
+    about 6 copies) and the student's saved activations (per token and layer about 10 hidden-wide and 4 FFN-wide
+    vectors and 3 rows of attention scores per head). llama-s: 2.6 GiB estimated, 3.1-3.4 GiB peak measured
+    with the resident planning model (bench/results/distill_codes.md). The block stage holds one layer at a time."""
+    p = sum(lin.in_features * lin.out_features for lin in spec.linears())
+    e = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
+    tokens = batch_size * seqlen
+    acts = tokens * spec.n_layers * (10 * spec.hidden_size + 4 * spec.intermediate_size + 3 * spec.n_heads * seqlen)
+    return 4 * (p * (1 + 3 + (3 if train_codes else 0)) + 2 * e + 6 * tokens * spec.vocab_size + acts)
+
+
 # ---------------------------------------------------------------- checkpoint-level entry points
 
 def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, steps: int,
