@@ -416,7 +416,7 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
             # with codes trained, a layer whose held-out error rises (too few windows: they overfit) is trained
             # again with its codes frozen
             for train_codes in ([True, False] if code_lr > 0 else [False]):
-                student = copy.deepcopy(teacher)
+                student = copy.deepcopy(teacher) if code_lr > 0 else teacher   # a retry starts from the fp layer
                 tls = _swap_linears(student, li, chunks, dev, skipped, unprune, act_bits, train_codes)
                 before = rel_mse(run(student, h_q[ho]), target[ho]) if len(heldout) else float("nan")
                 if steps:
