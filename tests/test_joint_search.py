@@ -241,3 +241,59 @@ def test_pruned_damage_table_from_the_band_equals_the_dense_one(planned):
     assert t_band.meta["xtx_outside_band"] == 0          # (FFN 256: two blocks, every pair within the band)
     np.testing.assert_allclose(t_band.damage, t_dense.damage, rtol=1e-9, atol=1e-15)
     assert np.array_equal(c_band, c_dense) and abs(d_band - d_dense) <= 1e-9 * abs(d_dense)
+
+
+def test_rl_refines_every_measured_candidate(planned):
+    """joint_allocate(refine=...): the second allocator (PPO under --allocator rl) runs on every candidate the
+    measure converts, from that candidate's knapsack plan; each candidate keeps whichever of its two plans measures
+    lower, and those compete as before (so a pruned shape wins when its re-allocated plan measures best)."""
+    ckpt, table, ctx, sd = planned
+    free = dataclasses.replace(sd, ffn=np.zeros_like(sd.ffn), heads=np.zeros_like(sd.heads),
+                               kv_groups=np.zeros_like(sd.kv_groups))
+    windows = np.linspace(0.1, 0.3, 8)
+    seen, refined_for = [], []
+
+    def refine(pr, t, choice):
+        refined_for.append(t.n_weights)
+        better = choice.copy()
+        better[0] = 0                      # a marker: unit 0 at the first action (fp16, the top of every budget)
+        return t, better, {"marker": t.n_weights}
+
+    def measure(pr, t, choice):
+        seen.append((t.n_weights, int(choice[0])))
+        kept = t.n_weights / table.n_weights
+        # the refined plan of the most pruned candidate measures best; elsewhere refining makes it worse
+        bonus = 0.6 if (choice[0] == 0 and kept < 0.85) else (-0.1 if choice[0] == 0 else 0.0)
+        return windows + 0.5 * (1 - kept) - bonus
+    res = joint_allocate(ckpt, table, ctx, 2.5, free, max_prune=0.2, step=0.1, measure=measure, refine=refine,
+                         screen_margin=None)
+    n = len(res.trials)
+    assert n >= 2
+    assert len(refined_for) == n and len(seen) == 2 * n          # each candidate: knapsack, then refined
+    assert all("refined" in tr and "measured" in tr["refined"] for tr in res.trials)
+    kept = [tr["refined"]["kept"] for tr in res.trials]
+    assert kept[0] is False                                       # unpruned: refining measured worse
+    assert res.pruning is not None and res.choice[0] == 0 and res.info == {"marker": res.table.n_weights}
+    assert res.trials[-1].get("chosen") and res.trials[-1]["refined"]["kept"] is True
+
+    # without a measure the predicted best is refined, alone
+    refined_for.clear()
+    res = joint_allocate(ckpt, table, ctx, 2.5, free, max_prune=0.2, step=0.1, refine=refine)
+    assert len(refined_for) == 1 and res.choice[0] == 0 and res.info is not None
+
+
+def test_rl_with_the_measured_check_refines_the_measured_candidates(tiny_model_factory):
+    """`plan --allocator rl --prune` with the measured check: PPO ran on every candidate the check converted
+    (each trial with a measured loss has a re-allocated one beside it), and the plan meets the budget."""
+    from wqedge.alloc.planner import make_plan
+    from wqedge.tinymodel import tiny_corpus
+    ckpt = LlamaCheckpoint.open(tiny_model_factory(**SHAPE))
+    plan = make_plan(ckpt, 2.5, "rl", calib_text=" ".join(tiny_corpus(400)), progress=False, prune=("ffn",),
+                     max_prune=0.1, n_seqs=6, seqlen=64, n_heldout=8, n_grad_seqs=6, iterations=1, episodes=4,
+                     measure_windows=4, confirm_windows=4, bc_steps=10, prune_check_fb_seqs=4)
+    trials = plan.meta["pruning"]["search"]
+    measured = [t for t in trials if "measured" in t]
+    assert measured and all("measured" in t["refined"] and "kept" in t["refined"] for t in measured)
+    assert all("refined" not in t for t in trials if "measured" not in t)
+    assert plan.meta["pruning"]["chosen_by"] == "measured loss" and "ppo" in plan.meta
+    assert plan.effective_bits() <= 2.5

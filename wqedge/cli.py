@@ -274,7 +274,8 @@ _common_plan_options = [
                       "over the unpruned model's weights. The pruned amounts tried (0, 5%, ... --max-prune) that a calibrated "
                       "prediction does not rule out are converted and measured on held-out calibration windows; pruning "
                       "is kept only where it measures better than "
-                      "quantization alone; with --allocator rl, PPO then allocates the bits of the kept shapes. With "
+                      "quantization alone; with --allocator rl, PPO re-allocates the bits of every pruned amount "
+                      "measured, and the measured loss chooses among those plans and the knapsack's. With "
                       "--rotate the structures are chosen on the unrotated model, then the transforms are built on the "
                       "kept heads and channels and the bits allocated again. Needs calibration text (or self-calibration)."),
     click.option("--max-prune", type=click.FloatRange(0.0, 0.9), default=0.3, show_default=True,

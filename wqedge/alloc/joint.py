@@ -50,6 +50,7 @@ class JointResult:
     predicted: float           # chunk damage + structure damage, nats/token
     trials: list[dict]         # per fraction tried: fraction, weights pruned, predicted damages (+ measured loss)
     measured: bool = False     # True: the measured held-out loss chose among the trials
+    info: dict | None = None   # the refining allocator's record for the chosen candidate (PPO's), when it ran
 
 
 def _sliced_stats(stats: dict | None, pruning: Pruning, spec, what: str, outside: list | None = None):
@@ -126,7 +127,7 @@ def choose_measured(losses: list[np.ndarray]) -> tuple[int, float]:
 
 def joint_allocate(ckpt, table, ctx, budget_bits: float, structure_damage, kinds=KINDS, max_prune: float = 0.3,
                    step: float = DEFAULT_STEP, say=None, measure=None,
-                   screen_margin: float | None = SCREEN_MARGIN) -> JointResult:
+                   screen_margin: float | None = SCREEN_MARGIN, refine=None) -> JointResult:
     """The joint plan's pieces for `ckpt` at `budget_bits` (bits over the unpruned model's linear weights).
 
     table, ctx: wqedge.alloc.planner.prepare's damage table and PlanningContext (with calibration statistics);
@@ -136,6 +137,10 @@ def joint_allocate(ckpt, table, ctx, budget_bits: float, structure_damage, kinds
     measured. The quantization-only plan is always measured; a pruned candidate only if its calibrated prediction
     (chunk damage scaled by the quantization-only plan's measured / predicted, plus structure damage) is below
     (1 + screen_margin) x the quantization-only plan's measured loss (screen_margin None: every candidate).
+    refine: None, or a second allocator (pruning or None, table, choice) -> (table, choice, info) that re-allocates
+    a candidate's bits from its knapsack plan (PPO, --allocator rl): it runs on every candidate the measure converts
+    (without a measure, on the predicted best), so it sees every pruned shape the check does; each candidate then
+    keeps whichever of its two plans measures lower (trials record both), and those compete as above.
     """
     cands: list[JointResult] = []
     trials = []
@@ -160,8 +165,16 @@ def joint_allocate(ckpt, table, ctx, budget_bits: float, structure_damage, kinds
                 f"{c_dmg:.4f} + {s_dmg:.4f} = {total:.4f} nats"
                 + (f" ({outside} XᵀX entries of re-cut chunks beyond the gathered band, taken as 0)" if outside else ""))
         cands.append(JointResult(pr, t, choice, total, trials))
+    def refined(i: int) -> JointResult:
+        c = cands[i]
+        t, choice, info = refine(c.pruning, c.table, c.choice)
+        s_dmg = trials[i]["structure_damage"]
+        trials[i]["refined"] = {"predicted": t.plan_damage(choice) + s_dmg}
+        return JointResult(c.pruning, t, choice, t.plan_damage(choice) + s_dmg, trials, info=info)
+
     if measure is None or cands[0].pruning is not None:      # (f = 0 fits the budget whenever prepare's table does)
-        return min(cands, key=lambda c: c.predicted)     # (every candidate holds the one `trials` list)
+        k = min(range(len(cands)), key=lambda i: cands[i].predicted)   # (every candidate holds one `trials` list)
+        return cands[k] if refine is None else refined(k)
 
     def measured(i: int) -> np.ndarray:
         c = cands[i]
@@ -180,6 +193,20 @@ def joint_allocate(ckpt, table, ctx, budget_bits: float, structure_damage, kinds
         elif say:
             say(f"joint search: prune {100 * trials[i]['fraction']:.0f}% not measured: calibrated prediction "
                 f"{trials[i]['calibrated']:.4f} nats against {trials[0]['measured']:.4f} measured without pruning")
+    if refine is not None:
+        for i in sorted(losses):
+            r = refined(i)
+            loss = np.asarray(measure(r.pruning, r.table, r.choice), np.float64)
+            trials[i]["refined"]["measured"] = float(loss.mean())
+            if say:
+                say(f"joint search: prune {100 * trials[i]['fraction']:.0f}% re-allocated: measured "
+                    f"{loss.mean():.4f} nats against the knapsack plan's {trials[i]['measured']:.4f}")
+            if loss.mean() < losses[i].mean():
+                cands[i], losses[i] = r, loss
+                trials[i]["refined"]["kept"] = True
+            else:    # the knapsack plan measures lower; PPO's record still says what it tried
+                cands[i] = dataclasses.replace(cands[i], info=r.info)
+                trials[i]["refined"]["kept"] = False
     idx = sorted(losses)
     j, se = choose_measured([losses[i] for i in idx])
     k = idx[j]

@@ -245,8 +245,9 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
     kinds for "greedy"), and for "rl" the PPO settings of wqedge.alloc.ppo.PPOConfig (episodes, ...).
     prune: structure kinds ("ffn", "heads") the search may prune as 0-bit actions, at most `max_prune` of the
     decoder weights, FFN channels in groups of `prune_group` (wqedge.alloc.joint: the knapsack per pruned amount,
-    each candidate converted and measured); with "rl", PPO then allocates the bits of the chosen pruned shapes,
-    its reward measured on the pruned model. fixed_pruning: a wqedge.pruning.Pruning chosen already (e.g. by the
+    each candidate converted and measured); with "rl", PPO re-allocates the bits of every candidate the check
+    converts (its reward measured on that pruned model) and the converted plans' measured loss chooses among knapsack
+    and PPO plans of every candidate (joint_allocate's refine). fixed_pruning: a wqedge.pruning.Pruning chosen already (e.g. by the
     joint search on the unrotated model, for a rotated plan): its shapes get the whole budget, nothing is searched.
     Raises PlanError for a budget no plan can meet.
     """
@@ -314,16 +315,15 @@ def make_plan(ckpt, budget_bits: float, allocator: str = "greedy", group_size: i
 
                 def measure(pr, t, choice):
                     return loss(plan_from_choice(ckpt, t, choice, budget_bits, "greedy", method, pruning=pr))
-            res = joint_allocate(ckpt, table, ctx, budget_bits, sd, tuple(prune), max_prune, say=say, measure=measure)
+            refine = None
+            if allocator == "rl":   # PPO re-allocates the bits of every candidate the check measures, from its knapsack plan
+                def refine(pr, t, choice):
+                    return _ppo_on(ckpt, t, ctx, table.budget_cap(budget_bits) / t.n_weights, seed, opts, say, pr)
+            res = joint_allocate(ckpt, table, ctx, budget_bits, sd, tuple(prune), max_prune, say=say, measure=measure,
+                                 refine=refine)
             if measure is not None:
                 ctx.times["prune_check"] = loss.seconds
-            info = None
-            if allocator == "rl":     # PPO allocates the bits of the chosen pruned shapes, from their knapsack plan
-                s_dmg = res.predicted - res.table.plan_damage(res.choice)
-                res.table, res.choice, info = _ppo_on(ckpt, res.table, ctx, table.budget_cap(budget_bits) /
-                                                      res.table.n_weights, seed, opts, say, res.pruning)
-                res.predicted = res.table.plan_damage(res.choice) + s_dmg
-            return res, info
+            return res, res.info
         res, info = distributed.on_writer(joint_search)   # --distributed: measured on rank 0, over all windows
         table, choice, pruning = res.table, res.choice, res.pruning
         meta["pruning"] = {"kinds": list(prune), "max_prune": max_prune, "ffn_group_size": prune_group,
