@@ -279,8 +279,8 @@ def test_trained_codes_round_to_the_module(action):
 
 
 def test_distillation_with_trained_codes(setup, tmp_path):
-    """distill_model(code_lr > 0) changes codes, keeps them on their grids, never ends a layer above its held-out
-    error before training, and the GGUF written from its fits is the in-memory tuned model (1e-4)."""
+    """distill_model(code_lr > 0) changes codes and keeps them on their grids, every layer ends below its held-out
+    error before training (on this model), and the GGUF written from its fits is the in-memory tuned model (1e-4)."""
     from wqedge.quantize import convert_to_gguf
     from wqedge.reference import build_model, load_reference
     from wqedge.spec import other_tensors
@@ -362,7 +362,7 @@ def test_distill_options(setup, tmp_path):
 
 def test_default_e2e_stage_skipped_where_it_would_not_fit(setup, monkeypatch):
     """The default end-to-end stage holds the whole model in float32 several times over: e2e_blocker names the
-    need and what is free when it exceeds 80% of the GPU's free memory (a 7B model on any one GPU), else None;
+    need and what is free when it exceeds 70% of the GPU's free memory (a 7B model on any one GPU), else None;
     the estimate grows with trained codes and with the model."""
     from wqedge.quant.distill import e2e_stage_bytes
     from wqedge.spec import ModelSpec
@@ -372,9 +372,28 @@ def test_default_e2e_stage_skipped_where_it_would_not_fit(setup, monkeypatch):
     b7 = ModelSpec(hidden_size=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, intermediate_size=11008,
                    vocab_size=32000)
     assert e2e_stage_bytes(b7, True) > 80 * 2**30    # more than an 80 GB GPU holds
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(need / 0.7), 2 * need))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(need / 0.6), 2 * need))
     assert pipeline.e2e_blocker(ckpt.spec, "cuda", 0.02) is None
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(need / 0.9), 2 * need))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(need / 0.8), 2 * need))
     why = pipeline.e2e_blocker(ckpt.spec, "cuda", 0.02)
     assert why and "GiB" in why and "--distill-e2e" in why
     assert pipeline.e2e_blocker(ckpt.spec, "cpu", 0.02) is None
+
+
+def test_e2e_stage_out_of_memory_keeps_the_block_stage(setup, monkeypatch):
+    """Should the end-to-end stage run out of GPU memory, the block stage's fits are returned, and said so."""
+    import wqedge.quant.distill as dm
+    ckpt, _, fitted, toks, _ = setup
+    block = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 2, device="cpu")
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+    monkeypatch.setattr(dm, "_e2e", oom)
+    said = []
+    res = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 2, e2e_steps=4, device="cpu",
+                        progress=said.append)
+    assert res.e2e["out_of_memory"] and not res.e2e["kept"] and any("out of GPU memory" in m for m in said)
+    for name, chunks in block.chunks.items():
+        for c0, c1 in zip(chunks, res.chunks[name]):
+            assert (c0.d is None and c1.d is None) or np.array_equal(c0.d, c1.d)
+    assert all(torch.equal(block.norms[k], res.norms[k]) for k in block.norms)

@@ -192,18 +192,27 @@ def test_default_threshold_by_device(tiny_model_dir):
 
 
 def test_codes_trained_with_enough_windows(tiny_model_dir, tmp_path, calib, monkeypatch):
-    """Through `wqedge convert`: with DISTILL_CODES_MIN_WINDOWS calibration windows (--feedback-windows) the
-    distillation trains the codes (the file's codes differ from the --freeze-codes file's; the code rate is raised so
-    that 48 steps move some on this tiny model); --freeze-codes and --distill-e2e are recorded in the file's plan."""
-    monkeypatch.setattr(pipeline, "DISTILL_CODE_LR", 0.05)
-    n = str(pipeline.DISTILL_CODES_MIN_WINDOWS)
-    common = ("--preset", "q2", "--calib", calib, "--distill", "48", "--distill-e2e", "0")
-    text, fit, trained = convert(tiny_model_dir, tmp_path / "t.gguf", *common, "--feedback-windows", n)
-    assert "codes trained" in text and "distill_freeze_codes" not in fit and fit["distill_e2e"] == 0
-    text, fit, frozen = convert(tiny_model_dir, tmp_path / "f.gguf", *common, "--feedback-windows", n,
+    """Through `wqedge convert`: with DISTILL_CODES_MIN_WINDOWS training windows (made 16 here: the test text holds
+    25 windows of 512 tokens) and held-out ones, distillation trains the codes (the file's codes differ from the
+    --freeze-codes file's; 96 steps at 0.03 move some on this tiny model and lower its held-out error); a text that
+    leaves no held-out window keeps them frozen, and says why; --freeze-codes and --distill-e2e are recorded in the
+    file's plan."""
+    monkeypatch.setattr(pipeline, "DISTILL_CODE_LR", 0.03)
+    monkeypatch.setattr(pipeline, "DISTILL_CODES_MIN_WINDOWS", 16)
+    common = ("--preset", "q2", "--calib", calib, "--distill", "96", "--distill-e2e", "0")
+    text, fit, trained = convert(tiny_model_dir, tmp_path / "t.gguf", *common, "--feedback-windows", "20")
+    assert "codes trained" in text and "codes frozen" not in text
+    assert "distill_freeze_codes" not in fit and fit["distill_e2e"] == 0
+    text, fit, frozen = convert(tiny_model_dir, tmp_path / "f.gguf", *common, "--feedback-windows", "20",
                                 "--freeze-codes")
     assert "codes frozen" in text and fit["distill_freeze_codes"] is True
     lins = trained.linear_names()
     moved = sum(int((a.codes != b.codes).sum()) for lin in lins
                 for a, b in zip(trained.chunks(lin), frozen.chunks(lin)) if a.codes is not None)
     assert moved > 0
+    record = json.loads(trained.plan_json)["meta"]["fit"]["distilled"]   # what the distillation did
+    assert record["code_lr"] == 0.03 and record["codes_changed"] > 0 and record["layers_codes_trained"] >= 1
+    assert json.loads(frozen.plan_json)["meta"]["fit"]["distilled"]["codes_changed"] == 0
+    # 128 asked for, 25 in the text, all taken for training: nothing held out to check the codes on
+    text, _, few = convert(tiny_model_dir, tmp_path / "few.gguf", *common, "--feedback-windows", "128")
+    assert "codes frozen: the calibration text gives 25 training and 0 held-out windows" in text

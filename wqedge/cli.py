@@ -549,7 +549,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
 
 
 def _settle_distill(plan, distill, no_distill, calib_text, target, ckpt, device, stream_layers):
-    """--distill / --no-distill / the default at <= 2.5 bits (pipeline.settle_distill), said on stdout."""
+    """--distill / --no-distill / the default at <= 2.5 bits, 3.5 on a GPU (pipeline.settle_distill), said on stdout."""
     if no_distill:
         if distill:
             _fail(f"--distill {distill} and --no-distill: give one of them")

@@ -205,7 +205,8 @@ def joint_allocate(ckpt, table, ctx, budget_bits: float, structure_damage, kinds
                 cands[i], losses[i] = r, loss
                 trials[i]["refined"]["kept"] = True
             else:    # the knapsack plan measures lower; PPO's record still says what it tried
-                cands[i] = dataclasses.replace(cands[i], info=r.info)
+                info = {**r.info, "plan_used": False} if isinstance(r.info, dict) else r.info
+                cands[i] = dataclasses.replace(cands[i], info=info)
                 trials[i]["refined"]["kept"] = False
     idx = sorted(losses)
     j, se = choose_measured([losses[i] for i in idx])

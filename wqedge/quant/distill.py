@@ -72,6 +72,15 @@ class DistillResult:
     e2e: dict | None = None                            # held-out KL before/after the end-to-end stage
     skipped: list[str] = field(default_factory=list)   # chunks left as fitted, and why
     codes_changed: int = 0                             # codes the training moved (code_lr > 0), both stages
+    code_lr: float = 0.0                               # the code learning rate the block stage ran with
+
+    def record(self) -> dict:
+        """What the distillation did, for the plan the file stores (fit.distilled); no timings, so that equal runs
+        write equal files."""
+        e2e = self.e2e or {}
+        return {"code_lr": self.code_lr, "codes_changed": self.codes_changed,
+                "layers_codes_trained": sum(bool(x.get("codes_trained")) for x in self.layers),
+                "e2e_steps": int(e2e.get("steps", 0)), "e2e_kept": bool(e2e.get("kept", False))}
 
     def summary(self) -> str:
         mb = self.peak_bytes / 2**20
@@ -82,6 +91,8 @@ class DistillResult:
             parts.append(f"held-out block MSE (relative to the fp output), mean over layers: {before:.4g} -> {after:.4g}")
         if self.e2e and not math.isnan(self.e2e["before"]):
             parts.append(f"held-out KL: {self.e2e['before']:.4g} -> {self.e2e['after']:.4g} nats/token")
+        if self.code_lr:
+            parts.append(f"codes changed: {self.codes_changed}")
         if self.skipped:
             parts.append(f"left as fitted: {'; '.join(self.skipped)}")
         return "\n".join(parts)
@@ -123,7 +134,8 @@ def _basis(c: ChunkData) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 class TunableLinear(nn.Module):
-    """A decoder linear rebuilt from its chunks: frozen codes, trainable per-row d and m of every chunk.
+    """A decoder linear rebuilt from its chunks: trainable per-row d and m of every chunk, codes frozen unless
+    train_codes (then a latent code per weight of the affine and ternary chunks, `code_values`).
 
     weight = A ⊙ d[:, chunk] + B ⊙ m[:, chunk] + F: A and B come from each chunk's block kind (`_basis`: for
     affine kinds codes − q0 and 1, for sub-scale kinds codes × sub-scale and −sub-min), zero on the columns
@@ -413,8 +425,9 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
                 p.requires_grad_(False)
             target = run(teacher, h_fp)
             ho = slice(n_tr, len(allt))
-            # with codes trained, a layer whose held-out error rises (too few windows: they overfit) is trained
-            # again with its codes frozen
+            # with codes trained, a layer whose held-out error rises (too few windows: they overfit) and whose codes
+            # moved is trained again with its codes frozen; the attempt of lower held-out error is kept
+            best = None
             for train_codes in ([True, False] if code_lr > 0 else [False]):
                 student = copy.deepcopy(teacher) if code_lr > 0 else teacher   # a retry starts from the fp layer
                 tls = _swap_linears(student, li, chunks, dev, skipped, unprune, act_bits, train_codes)
@@ -433,34 +446,49 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
                     p.requires_grad_(False)
                 layer_chunks = {f"model.layers.{li}.{hf}.weight": tl.round_to_file()
                                 for (hf, _), tl in zip(PROJECTIONS, tls)}
+                moved = sum(tl.codes_changed for tl in tls)
                 h_next = run(student, h_q)
                 after = rel_mse(h_next[ho], target[ho]) if len(heldout) else float("nan")
-                if not (train_codes and after > before):
+                attempt = {"chunks": layer_chunks, "moved": moved, "h": h_next, "after": after, "codes": moved > 0,
+                           "norms": [p.detach().float().cpu() for p in _norms(student)]}
+                if best is None or after < best["after"]:
+                    best = attempt
+                del student, tls
+                if not (train_codes and moved and after > before):
                     break
                 frozen_again.append(li)
-            out_chunks.update(layer_chunks)
-            codes_changed += sum(tl.codes_changed for tl in tls)
-            norms[f"model.layers.{li}.input_layernorm.weight"] = student.input_layernorm.weight.detach().float().cpu()
-            norms[f"model.layers.{li}.post_attention_layernorm.weight"] = \
-                student.post_attention_layernorm.weight.detach().float().cpu()
+            out_chunks.update(best["chunks"])
+            codes_changed += best["moved"]
+            norms[f"model.layers.{li}.input_layernorm.weight"] = best["norms"][0]
+            norms[f"model.layers.{li}.post_attention_layernorm.weight"] = best["norms"][1]
+            h_next, after = best["h"], best["after"]
             h_q = h_next
-            per_layer.append({"layer": li, "before": before, "after": after, "codes_trained": train_codes})
+            per_layer.append({"layer": li, "before": before, "after": after, "codes_trained": best["codes"]})
             mse = "" if not len(heldout) else f", held-out output MSE {before:.4g} -> {after:.4g} (relative)"
-            again = " (codes kept: training them raised it)" if li in frozen_again else ""
+            again = "" if li not in frozen_again else (
+                " (codes left as fitted: training them raised it)" if not best["codes"]
+                else " (trained codes kept: lower than frozen)")
             say(f"distillation: layer {li + 1}/{len(model.model.layers)}{mse}{again}, {time.time() - t0:.0f} s")
             h_fp = target
-            del student, tls, teacher
+            del teacher, best
         del h_fp, h_q
         e2e = None
         if e2e_steps:
-            out_chunks, norms, e2e = _e2e(model, out_chunks, norms, tokens, heldout, e2e_steps, dev, bs, e2e_lr,
-                                          norm_lr, seed, say, unprune, act_bits, e2e_code_lr)
-            codes_changed += e2e["codes_changed"]
+            try:
+                out_chunks, norms, e2e = _e2e(model, out_chunks, norms, tokens, heldout, e2e_steps, dev, bs, e2e_lr,
+                                              norm_lr, seed, say, unprune, act_bits, e2e_code_lr)
+                codes_changed += e2e["codes_changed"]
+            except torch.cuda.OutOfMemoryError:   # the whole model at once did not fit: the block stage stands
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                say("distillation (end to end): out of GPU memory; keeping the block stage's result")
+                e2e = {"before": float("nan"), "after": float("nan"), "steps": e2e_steps, "kept": False,
+                       "codes_changed": 0, "out_of_memory": True}
     finally:
         rot.to(rot_dev)
     peak, what = _peak(dev)
     res = DistillResult(out_chunks, norms, time.time() - t0, peak, what, per_layer, e2e,
-                        sorted(set(skipped)), codes_changed)
+                        sorted(set(skipped)), codes_changed, code_lr)
     return res
 
 
@@ -520,17 +548,18 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
 
 
 def e2e_stage_bytes(spec, train_codes: bool, batch_size: int = BATCH, seqlen: int = 512) -> int:
-    """About what the end-to-end stage holds on its device (the whole model at once, float32): the teacher, the
-    student's TunableLinears (A, B and the fixed rest: 3 per weight; trained codes add a latent and Adam's two
-    moments: 3 more), both models' other tensors, the logits of one batch (teacher, student, softmax and gradient:
-    about 6 copies) and the student's saved activations (per token and layer about 10 hidden-wide and 4 FFN-wide
-    vectors and 3 rows of attention scores per head). llama-s: 2.6 GiB estimated, 3.1-3.4 GiB peak measured
-    with the resident planning model (bench/results/distill_codes.md). The block stage holds one layer at a time."""
+    """About what the end-to-end stage holds on its device (the whole model at once, float32): the resident planning
+    model and the teacher (2 per weight), the student's TunableLinears (A, B and the fixed rest: 3 per weight;
+    trained codes add a latent, its gradient and Adam's two moments: 4 more), the models' other tensors, the logits
+    of one batch (teacher, student, softmax and gradient: about 6 copies) and the student's saved activations (per
+    token and layer about 10 hidden-wide and 4 FFN-wide vectors and 3 rows of attention scores per head). llama-s:
+    2.7 GiB estimated, 3.1-3.4 GiB peak measured (bench/results/distill_codes.md). The block stage holds one layer
+    at a time."""
     p = sum(lin.in_features * lin.out_features for lin in spec.linears())
     e = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
     tokens = batch_size * seqlen
     acts = tokens * spec.n_layers * (10 * spec.hidden_size + 4 * spec.intermediate_size + 3 * spec.n_heads * seqlen)
-    return 4 * (p * (1 + 3 + (3 if train_codes else 0)) + 2 * e + 6 * tokens * spec.vocab_size + acts)
+    return 4 * (p * (2 + 3 + (4 if train_codes else 0)) + 3 * e + 6 * tokens * spec.vocab_size + acts)
 
 
 # ---------------------------------------------------------------- checkpoint-level entry points
@@ -538,9 +567,15 @@ def e2e_stage_bytes(spec, train_codes: bool, batch_size: int = BATCH, seqlen: in
 def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, steps: int,
                        e2e_steps: int = 0, device=None, n_seqs: int | None = None, seqlen: int = 512,
                        n_heldout: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None,
-                       unprune=None, act_bits: int | None = None, code_lr: float = CODE_LR) -> DistillResult:
+                       unprune=None, act_bits: int | None = None, code_lr: float = CODE_LR,
+                       min_code_windows: int = 0, e2e_needs_heldout: bool = False) -> DistillResult:
     """distill_model on a checkpoint's fp model and `calib_text` (the windows error feedback takes). A
-    wqedge.rotation.RotatedCheckpoint gives its rotated planning model, whose hooks the student keeps."""
+    wqedge.rotation.RotatedCheckpoint gives its rotated planning model, whose hooks the student keeps.
+
+    The text may hold fewer windows than asked for (self-calibration's ~16): codes are trained only with at least
+    `min_code_windows` training windows and some held-out ones (without those the guards cannot see overfitting),
+    and with e2e_needs_heldout (the default's stage, not one asked for) the end-to-end stage only with held-out
+    windows."""
     from transformers import AutoTokenizer
 
     from ..calib import calibration_tokens, default_device
@@ -549,6 +584,19 @@ def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, ste
     tok = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
     bos = ckpt.spec.bos_token_id if ckpt.spec.bos_token_id is not None else 1
     cs = calibration_tokens(tok, calib_text, n_seqs or FEEDBACK_SEQS, seqlen, n_heldout, bos_id=bos, seed=seed)
+    say = progress or (lambda m: None)
+    n_tr, n_ho = int(cs.train.shape[0]), int(cs.heldout.shape[0])
+    if code_lr > 0 and (n_tr < min_code_windows or not n_ho):
+        say(f"distillation: codes frozen: the calibration text gives {n_tr} training and {n_ho} held-out windows "
+            f"(trained codes need {min_code_windows} and some held out)")
+        code_lr = 0.0
+    elif code_lr > 0:
+        say(f"distillation: codes trained (latent codes, {code_lr:g} per step) on {n_tr} windows, {n_ho} held out")
+    else:
+        say("distillation: codes frozen")
+    if e2e_steps and e2e_needs_heldout and not n_ho:
+        say("distillation: no end-to-end stage: the calibration text leaves no held-out windows to check it on")
+        e2e_steps = 0
     model = ckpt.load_planning_model(default_device(device))
     return distill_model(model, chunks, cs.train, cs.heldout, steps, e2e_steps, device, seed=seed, progress=progress,
                          unprune=unprune, act_bits=act_bits, code_lr=code_lr)
