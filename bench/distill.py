@@ -72,6 +72,9 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--feedback-windows", type=int, default=None,
                     help="calibration windows of error feedback and distillation (default: the device's, as convert)")
+    ap.add_argument("--distill-windows", default=None,
+                    help="calibration windows of distillation, comma separated: every config runs with each "
+                         "(default: the feedback windows)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=1e9, help="start no new row after this many seconds")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.md"))
@@ -100,7 +103,8 @@ def main(argv=None):
     n_fb = a.feedback_windows or feedback_windows(dev)
     configs = [default_config(dev, n_fb) if c == "default" else parse_config(c) for c in configs]
     fb_tokens = calibration_tokens(tok, calib_text, n_fb, 512, 0, bos_id=bos, seed=a.seed).train
-    cs = calibration_tokens(tok, calib_text, n_fb, 512, 4, bos_id=bos, seed=a.seed)
+    d_windows = [int(w) for w in a.distill_windows.split(",")] if a.distill_windows else [n_fb]
+    sets = {w: calibration_tokens(tok, calib_text, w, 512, 4, bos_id=bos, seed=a.seed) for w in d_windows}
 
     model = ckpt.load_hf_model(torch.float32).to(dev)
     state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -165,7 +169,8 @@ def main(argv=None):
                      "convert_s": conv_s, "histogram": plan.action_histogram()})
         log(f"B={b}: feedback {rows[-1]['ppl']:.4f} ({conv_s:.1f} s)")
         write()
-        for c in configs:
+        for c, w in [(c, w) for c in configs for w in d_windows]:
+            cs = sets[w]
             if time.time() - t_start > a.time_limit:
                 log(f"time limit: {c} at {b} not run")
                 break
@@ -177,7 +182,8 @@ def main(argv=None):
             name = ("default: " if c.get("name") == "default" else "") + f"distill {c['steps']}@{c['lr'] or distill.LR:g}" + (
                 f" codes@{c['code_lr']:g}" if c["code_lr"] else "") + (
                 f"+e2e{c['e2e']}@{c['e2e_lr'] or distill.E2E_LR:g}" if c["e2e"] else "") + (
-                f" codes@{c['e2e_code_lr']:g}" if c["e2e"] and c["e2e_code_lr"] else "")
+                f" codes@{c['e2e_code_lr']:g}" if c["e2e"] and c["e2e_code_lr"] else "") + (
+                f" on {cs.train.shape[0]} windows" if len(d_windows) > 1 or w != n_fb else "")
             rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": name, "ppl": ppl(),
                          "seconds": res.seconds, "peak_mib": res.peak_bytes / 2**20, "peak_what": res.peak_what,
                          "mse_before": sum(x["before"] for x in res.layers) / len(res.layers),
