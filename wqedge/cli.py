@@ -605,14 +605,13 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
     if feedback_windows is not None:
         from .pipeline import set_feedback_windows
         set_feedback_windows(p, feedback_windows)
-    from .pipeline import ConvertError, set_distill_options
+    from .pipeline import ConvertError, record_distill, set_distill_options
     try:
         set_distill_options(p, distill_e2e, freeze_codes)
     except ConvertError as e:
         _fail(str(e))
     distill = _settle_distill(p, distill, no_distill, calib_text, "gguf", ckpt, device, stream_layers)
     if distill is not None:
-        from .pipeline import ConvertError, record_distill
         try:
             record_distill(p, distill)
         except ConvertError as e:

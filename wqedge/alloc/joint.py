@@ -168,9 +168,9 @@ def joint_allocate(ckpt, table, ctx, budget_bits: float, structure_damage, kinds
     def refined(i: int) -> JointResult:
         c = cands[i]
         t, choice, info = refine(c.pruning, c.table, c.choice)
-        s_dmg = trials[i]["structure_damage"]
-        trials[i]["refined"] = {"predicted": t.plan_damage(choice) + s_dmg}
-        return JointResult(c.pruning, t, choice, t.plan_damage(choice) + s_dmg, trials, info=info)
+        predicted = t.plan_damage(choice) + trials[i]["structure_damage"]
+        trials[i]["refined"] = {"predicted": predicted}
+        return JointResult(c.pruning, t, choice, predicted, trials, info=info)
 
     if measure is None or cands[0].pruning is not None:      # (f = 0 fits the budget whenever prepare's table does)
         k = min(range(len(cands)), key=lambda i: cands[i].predicted)   # (every candidate holds one `trials` list)
