@@ -553,7 +553,7 @@ def e2e_stage_bytes(spec, train_codes: bool, batch_size: int = BATCH, seqlen: in
     trained codes add a latent, its gradient and Adam's two moments: 4 more), the models' other tensors, the logits
     of one batch (teacher, student, softmax and gradient: about 6 copies) and the student's saved activations (per
     token and layer about 10 hidden-wide and 4 FFN-wide vectors and 3 rows of attention scores per head). llama-s:
-    2.7 GiB estimated, 3.1-3.4 GiB peak measured (bench/results/distill_codes.md). The block stage holds one layer
+    2.7 GiB estimated, 3.0-3.3 GiB peak measured (bench/results/distill_codes.md). The block stage holds one layer
     at a time."""
     p = sum(lin.in_features * lin.out_features for lin in spec.linears())
     e = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
