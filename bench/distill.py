@@ -40,8 +40,10 @@ def default_config(device, windows: int) -> dict:
 
 
 class _NoPlan:
-    """A plan that records no distillation options (distill_options reads only plan.meta)."""
-    meta: dict = {}
+    """A plan that records no distillation options (distill_options and distill_windows_of read only plan.meta)."""
+
+    def __init__(self, meta: dict | None = None):
+        self.meta = meta or {}
 
 
 def parse_config(s: str) -> dict:
@@ -101,9 +103,13 @@ def main(argv=None):
     eval_tokens = tokenize_text(tok, Path(a.eval).read_text(encoding="utf-8"), bos)
     calib_text = Path(a.calib).read_text(encoding="utf-8")
     n_fb = a.feedback_windows or feedback_windows(dev)
-    configs = [default_config(dev, n_fb) if c == "default" else parse_config(c) for c in configs]
     fb_tokens = calibration_tokens(tok, calib_text, n_fb, 512, 0, bos_id=bos, seed=a.seed).train
-    d_windows = [int(w) for w in a.distill_windows.split(",")] if a.distill_windows else [n_fb]
+    if a.distill_windows:
+        d_windows = [int(w) for w in a.distill_windows.split(",")]
+    else:   # as convert: wqedge.pipeline.distill_windows_of (512 on a GPU where they fit, else the feedback windows)
+        from wqedge import pipeline
+        d_windows = [pipeline.distill_windows_of(_NoPlan({"fit": {"n_seqs": n_fb}}), ckpt.spec, dev, log)]
+    configs = [default_config(dev, d_windows[0]) if c == "default" else parse_config(c) for c in configs]
     sets = {w: calibration_tokens(tok, calib_text, w, 512, 4, bos_id=bos, seed=a.seed) for w in d_windows}
 
     model = ckpt.load_hf_model(torch.float32).to(dev)
@@ -112,11 +118,28 @@ def main(argv=None):
     def restore():
         model.load_state_dict(state0)
 
+    fp_logp: list[torch.Tensor] = []   # the fp model's log-probabilities at the scored positions, per batch
+
     @torch.no_grad()
-    def ppl():
+    def ppl() -> tuple[float, float]:
+        """Perplexity on the eval windows and the mean KL(fp || this model) over their scored positions (the
+        first call records the fp model): KL says how faithful a quantized model is, which perplexity alone
+        does not where the fp model is over-confident (smol-s: tempered by 1.3 its perplexity falls 11%)."""
+        kl = [0.0, 0]
+        record = not fp_logp
+
         def logits_fn(win):
-            return model(torch.as_tensor(win, dtype=torch.long, device=dev)).logits.float().cpu().numpy()
-        return perplexity(logits_fn, eval_tokens, bos, 512, a.windows, batch_size=8).perplexity
+            lg = model(torch.as_tensor(win, dtype=torch.long, device=dev)).logits.float()
+            lp = torch.log_softmax(lg[:, 256:-1], -1)   # the positions perplexity scores (second half)
+            if record:
+                fp_logp.append(lp.half())
+            else:
+                pt = fp_logp[kl[1]].float()
+                kl[0] += float((pt.exp() * (pt - lp)).sum(-1).sum())
+            kl[1] += 1
+            return lg.cpu().numpy()
+        r = perplexity(logits_fn, eval_tokens, bos, 512, a.windows, batch_size=8)
+        return r.perplexity, kl[0] / max(r.n_scored, 1)
 
     @torch.no_grad()
     def apply(chunks, norms=None):
@@ -127,7 +150,7 @@ def main(argv=None):
 
     rows = []
     out = Path(a.out)
-    fp = ppl()
+    fp, _ = ppl()
     log(f"fp16: {fp:.4f}")
     t = time.time()
     table, ctx = prepare(ckpt, 128, calib_text, a.seed, dev, progress=log)
@@ -138,21 +161,23 @@ def main(argv=None):
         lines = [f"# Light distillation (issue 17): {Path(a.model).name}, fp16 perplexity {fp:.3f}", "",
                  f"`python bench/distill.py {' '.join(argv if argv is not None else sys.argv[1:])}`; device {dev}"
                  f" ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}); greedy plans from one damage"
-                 f" table ({prep_s:.1f} s); error feedback and distillation on {n_fb} calibration windows; perplexity"
-                 f" on {Path(a.eval).name}, {a.windows} windows, second half.", "",
-                 "| bits | row | perplexity | Δ vs feedback | distill s | peak MiB | held-out block MSE before → after |",
-                 "|---|---|---|---|---|---|---|"]
+                 f" table ({prep_s:.1f} s); error feedback on {n_fb} calibration windows, distillation on"
+                 f" {', '.join(map(str, d_windows))}; perplexity"
+                 f" on {Path(a.eval).name}, {a.windows} windows, second half; KL to fp16: mean KL(fp || model) per scored"
+                 f" token (nats).", "",
+                 "| bits | row | perplexity | Δ vs feedback | KL to fp16 | distill s | peak MiB | held-out block MSE before → after |",
+                 "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             base = next(x["ppl"] for x in rows if x["budget"] == r["budget"] and x["row"] == "feedback")
             d = "" if r["row"] == "feedback" else f"{r['ppl'] - base:+.3f}"
             mse = "" if "mse_before" not in r else f"{r['mse_before']:.4g} → {r['mse_after']:.4g}"
             extra = "" if not r.get("e2e_kl") else f" (KL {r['e2e_kl'][0]:.4g} → {r['e2e_kl'][1]:.4g})"
-            lines.append(f"| {r['effective_bits']:.3f} | {r['row']} | {r['ppl']:.3f} | {d} | "
+            lines.append(f"| {r['effective_bits']:.3f} | {r['row']} | {r['ppl']:.3f} | {d} | {r['kl']:.4f} | "
                          f"{r.get('seconds', 0):.1f} | {r.get('peak_mib', 0):.0f} | {mse}{extra} |")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("\n".join(lines) + "\n")
         out.with_suffix(".json").write_text(json.dumps({"fp16": fp, "device": str(dev), "prep_s": prep_s,
-                                                        "feedback_windows": n_fb,
+                                                        "feedback_windows": n_fb, "distill_windows": d_windows,
                                                         "rows": rows}, indent=1))
         print("\n".join(lines[-1:]), flush=True)
 
@@ -165,7 +190,7 @@ def main(argv=None):
         t = time.time()
         fitted = quantize_model(model, plan, fb_tokens, device=dev, batch_size=16)
         conv_s = time.time() - t
-        rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": "feedback", "ppl": ppl(),
+        rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": "feedback", **dict(zip(("ppl", "kl"), ppl())),
                      "convert_s": conv_s, "histogram": plan.action_histogram()})
         log(f"B={b}: feedback {rows[-1]['ppl']:.4f} ({conv_s:.1f} s)")
         write()
@@ -182,9 +207,10 @@ def main(argv=None):
             name = ("default: " if c.get("name") == "default" else "") + f"distill {c['steps']}@{c['lr'] or distill.LR:g}" + (
                 f" codes@{c['code_lr']:g}" if c["code_lr"] else "") + (
                 f"+e2e{c['e2e']}@{c['e2e_lr'] or distill.E2E_LR:g}" if c["e2e"] else "") + (
-                f" codes@{c['e2e_code_lr']:g}" if c["e2e"] and c["e2e_code_lr"] else "") + (
-                f" on {cs.train.shape[0]} windows" if len(d_windows) > 1 or w != n_fb else "")
-            rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": name, "ppl": ppl(),
+                f" codes@{c['e2e_code_lr']:g}" if c["e2e"] and c["e2e_code_lr"] else
+                " codes frozen" if c["e2e"] and c["e2e_code_lr"] == 0 and c["code_lr"] else "") + (
+                f" on {cs.train.shape[0]} windows" if len(d_windows) > 1 else "")
+            rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": name, **dict(zip(("ppl", "kl"), ppl())),
                          "seconds": res.seconds, "peak_mib": res.peak_bytes / 2**20, "peak_what": res.peak_what,
                          "mse_before": sum(x["before"] for x in res.layers) / len(res.layers),
                          "mse_after": sum(x["after"] for x in res.layers) / len(res.layers),

@@ -354,10 +354,12 @@ def test_distill_options(setup, tmp_path):
     calib.write_text(CALIB)
     out = tmp_path / "p.json"
     r = CliRunner().invoke(main, ["plan", str(ckpt.path), "-o", str(out), "--preset", "q2", "--calib", str(calib),
-                                  "--distill", "3", "--distill-e2e", "4", "--freeze-codes", "--device", "cpu"])
+                                  "--distill", "3", "--distill-e2e", "4", "--freeze-codes", "--distill-windows", "24",
+                                  "--device", "cpu"])
     assert r.exit_code == 0, r.output
     fit = json.loads(out.read_text())["meta"]["fit"]
     assert fit["distill_steps"] == 3 and fit["distill_e2e"] == 4 and fit["distill_freeze_codes"] is True
+    assert fit["distill_windows"] == 24
 
 
 def test_default_e2e_stage_skipped_where_it_would_not_fit(setup, monkeypatch):
@@ -378,6 +380,33 @@ def test_default_e2e_stage_skipped_where_it_would_not_fit(setup, monkeypatch):
     why = pipeline.e2e_blocker(ckpt.spec, "cuda", 0.02)
     assert why and "GiB" in why and "--distill-e2e" in why
     assert pipeline.e2e_blocker(ckpt.spec, "cpu", 0.02) is None
+
+
+def test_distill_windows_default_and_choice(setup, monkeypatch):
+    """Distillation's calibration windows: DISTILL_WINDOWS_GPU on CUDA where the block stage's hidden states fit
+    in 70% of the free memory, else the feedback windows (said why); the feedback windows on the CPU; the plan's
+    --distill-windows wins everywhere; a count below 1 is refused."""
+    from wqedge.quant.distill import block_stage_bytes
+    ckpt, plan, *_ = setup
+    p = copy.deepcopy(plan)
+    p.meta.setdefault("fit", {})["n_seqs"] = 256
+    need = block_stage_bytes(ckpt.spec, pipeline.DISTILL_WINDOWS_GPU)
+    assert need > block_stage_bytes(ckpt.spec, 256) > 0
+    assert pipeline.distill_windows_of(p, ckpt.spec, "cpu") == 256
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(need / 0.6), 2 * need))
+    assert pipeline.distill_windows_of(p, ckpt.spec, "cuda") == pipeline.DISTILL_WINDOWS_GPU
+    p.meta["fit"]["n_seqs"] = 2 * pipeline.DISTILL_WINDOWS_GPU    # more feedback windows: distillation keeps them
+    assert pipeline.distill_windows_of(p, ckpt.spec, "cuda") == 2 * pipeline.DISTILL_WINDOWS_GPU
+    p.meta["fit"]["n_seqs"] = 256
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(need / 0.8), 2 * need))
+    said = []
+    assert pipeline.distill_windows_of(p, ckpt.spec, "cuda", said.append) == 256
+    assert said and "GiB" in said[0] and "--distill-windows" in said[0]
+    pipeline.set_distill_options(p, windows=48)
+    assert p.meta["fit"]["distill_windows"] == 48
+    assert pipeline.distill_windows_of(p, ckpt.spec, "cuda") == 48 == pipeline.distill_windows_of(p, ckpt.spec, "cpu")
+    with pytest.raises(pipeline.ConvertError, match="--distill-windows"):
+        pipeline.set_distill_options(p, windows=0)
 
 
 def test_e2e_stage_out_of_memory_keeps_the_block_stage(setup, monkeypatch):

@@ -17,7 +17,8 @@ from . import __version__
 from .blocks import ACTION_NAMES
 from .head import HEAD_KINDS
 from .pipeline import (ALLOCATORS, DEFAULT_HEAD, DEMO_DIR, DISTILL_CODES_MIN_WINDOWS, DISTILL_DEFAULT_MAX_BITS,
-                       DISTILL_DEFAULT_MAX_BITS_GPU, DISTILL_E2E_STEPS, DISTILL_STEPS, DISTILL_STEPS_CPU, STAGE2_STEPS, TARGETS)
+                       DISTILL_DEFAULT_MAX_BITS_GPU, DISTILL_E2E_STEPS, DISTILL_STEPS, DISTILL_STEPS_CPU,
+                       DISTILL_WINDOWS_GPU, STAGE2_STEPS, TARGETS)
 from .plan import METHODS
 MIN_CALIB_WORDS = 16
 
@@ -255,6 +256,11 @@ _common_plan_options = [
                       f"distillation has at least {DISTILL_CODES_MIN_WINDOWS} calibration windows (the GPU's "
                       f"default; bench/results/distill_codes.md), with a layer whose held-out error rises trained "
                       f"again with frozen codes."),
+    click.option("--distill-windows", type=click.IntRange(min=1), default=None, metavar="N",
+                 help=f"Calibration windows (512 tokens each) distillation trains on; recorded in the plan. Default: "
+                      f"{DISTILL_WINDOWS_GPU} when planning on a GPU where their hidden states fit (trained codes "
+                      f"gain from more text: llama-s 3.25 b 6.388 -> 6.344 against 256), else the error-feedback "
+                      f"windows (--feedback-windows; 32 on the CPU)."),
     click.option("--rotate", type=click.Choice(["ruquant"]), is_flag=False, flag_value="ruquant", default=None,
                  help="RUQuant: orthogonal input transforms per layer and linear group (q/k/v, o, gate/up, down) built "
                       "from the calibration activations, folded into the weights before planning and fitting and "
@@ -436,7 +442,7 @@ def torch_dist_error():
                    f"untied embeddings stay F16 as in our GGUF); --target onnx keeps it dense.")
 @distributed_option
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
-            distill_e2e, freeze_codes, rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers,
+            distill_e2e, freeze_codes, distill_windows, rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers,
             resume_dir, act_bits, plan_path, save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant,
             kv_bits, kv_rotation, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
@@ -490,7 +496,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     if feedback_windows is not None:
         pipeline.set_feedback_windows(plan, feedback_windows)
     try:
-        pipeline.set_distill_options(plan, distill_e2e, freeze_codes)
+        pipeline.set_distill_options(plan, distill_e2e, freeze_codes, distill_windows)
     except pipeline.ConvertError as e:
         _fail(str(e))
     kv = _kv_cache_spec(kv_bits, kv_rotation)
@@ -586,7 +592,7 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, recorded beside it.")
 @distributed_option
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
-         distill_e2e, freeze_codes, rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers, resume_dir,
+         distill_e2e, freeze_codes, distill_windows, rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers, resume_dir,
          act_bits, kv_bits, kv_rotation):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
@@ -607,7 +613,7 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
         set_feedback_windows(p, feedback_windows)
     from .pipeline import ConvertError, record_distill, set_distill_options
     try:
-        set_distill_options(p, distill_e2e, freeze_codes)
+        set_distill_options(p, distill_e2e, freeze_codes, distill_windows)
     except ConvertError as e:
         _fail(str(e))
     distill = _settle_distill(p, distill, no_distill, calib_text, "gguf", ckpt, device, stream_layers)

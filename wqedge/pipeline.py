@@ -51,6 +51,11 @@ DISTILL_DEFAULT_MAX_BITS_GPU = 3.5
 DISTILL_CODE_LR = 0.02
 DISTILL_CODES_MIN_WINDOWS = 128
 DISTILL_E2E_STEPS = 256
+# Calibration windows distillation trains on when planning on a GPU (error feedback keeps its own count): trained
+# codes gain from more text. On llama-s 512 windows against 256 took 3.25 b from 6.388 to 6.344 and 2.5 b from
+# 6.652 to 6.622; 1024 gained nothing more (6.629) (bench/results/distill_codes.md, run 9). Used where the block
+# stage's hidden states fit (`distill_windows_of`), else the feedback windows; `--distill-windows N` chooses.
+DISTILL_WINDOWS_GPU = 512
 STAGE2_STEPS = 20     # AdamW steps per group of `--rotate-stage2` given without a number (bench/ruquant.py's setting)
 DEMO_DIR = Path("wqedge-demo")
 # How `convert` stores the output head when the caller names none (wqedge.head): q8 halves the head's bytes per
@@ -298,9 +303,10 @@ def record_distill(plan: Plan, steps: int, default: str | None = None) -> None:
         fit.pop("distill_default", None)
 
 
-def set_distill_options(plan: Plan, e2e_steps: int | None = None, freeze_codes: bool = False) -> None:
-    """Record in `plan` how distillation goes beyond its block steps (--distill-e2e, --freeze-codes); None / False
-    leave the defaults (`distill_options`)."""
+def set_distill_options(plan: Plan, e2e_steps: int | None = None, freeze_codes: bool = False,
+                        windows: int | None = None) -> None:
+    """Record in `plan` how distillation goes beyond its block steps (--distill-e2e, --freeze-codes,
+    --distill-windows); None / False leave the defaults (`distill_options`, `distill_windows_of`)."""
     from .quant.distill import check_steps
     fit = plan.meta.setdefault("fit", {})
     if e2e_steps is not None:
@@ -310,6 +316,36 @@ def set_distill_options(plan: Plan, e2e_steps: int | None = None, freeze_codes: 
             raise ConvertError(str(e)) from None
     if freeze_codes:
         fit["distill_freeze_codes"] = True
+    if windows is not None:
+        if int(windows) < 1:
+            raise ConvertError(f"--distill-windows must be at least 1, got {windows}")
+        fit["distill_windows"] = int(windows)
+
+
+def distill_windows_of(plan: Plan, spec, device=None, say: Callable[[str], None] | None = None) -> int:
+    """Calibration windows distillation trains on for `plan`: what the plan records (--distill-windows), else on
+    CUDA max(DISTILL_WINDOWS_GPU, the feedback windows) when the block stage's hidden states and the model fit in
+    70% of the free GPU memory (wqedge.quant.distill.block_stage_bytes), else the feedback windows (the CPU's
+    default: distillation's cost there grows with each window)."""
+    from .calib import default_device
+    n = (plan.meta.get("fit") or {}).get("distill_windows")
+    if n:
+        return int(n)
+    fb = feedback_windows_of(plan, device)
+    dev = default_device(device)
+    if dev.type != "cuda" or fb >= DISTILL_WINDOWS_GPU:
+        return fb
+    import torch
+
+    from .quant.distill import block_stage_bytes
+    need = block_stage_bytes(spec, DISTILL_WINDOWS_GPU)
+    free, _ = torch.cuda.mem_get_info(dev)
+    if need > 0.7 * free:
+        if say:
+            say(f"distillation on {fb} windows: {DISTILL_WINDOWS_GPU} would hold about {need / 2**30:.1f} GiB on "
+                f"{dev} and {free / 2**30:.1f} GiB are free (--distill-windows N chooses)")
+        return fb
+    return DISTILL_WINDOWS_GPU
 
 
 def distill_options(plan: Plan, device=None, windows: int | None = None) -> tuple[int, float]:
@@ -477,16 +513,17 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
     from .quant.distill import distill_checkpoint
     from .quantize import quantize_linears
     fitted = fits.fitted or {lin.hf_name: ch for lin, ch in quantize_linears(ckpt, plan, fits.stats, device)}
-    e2e, code_lr = distill_options(plan, device, windows)
+    d_windows = distill_windows_of(plan, ckpt.spec, device, say)
+    e2e, code_lr = distill_options(plan, device, d_windows)
     default_e2e = "distill_e2e" not in (plan.meta.get("fit") or {})   # the default's stage, not one asked for
     if e2e and default_e2e:
         blocker = e2e_blocker(ckpt.spec, device, code_lr)
         if blocker:
             say(blocker)
             e2e = 0
-    say(f"light distillation: {steps} steps per decoder layer, {e2e} end-to-end steps…")
+    say(f"light distillation on {d_windows} windows: {steps} steps per decoder layer, {e2e} end-to-end steps…")
     unprune = plan.unprune_weight if plan.pruning is not None else None
-    res = distill_checkpoint(ckpt, fitted, calib_text, steps, e2e, device=device, n_seqs=windows, progress=say,
+    res = distill_checkpoint(ckpt, fitted, calib_text, steps, e2e, device=device, n_seqs=d_windows, progress=say,
                              unprune=unprune, act_bits=None if plan.act_bits == 8 else plan.act_bits,
                              code_lr=code_lr, min_code_windows=DISTILL_CODES_MIN_WINDOWS,
                              e2e_needs_heldout=default_e2e)

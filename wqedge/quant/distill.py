@@ -562,6 +562,17 @@ def e2e_stage_bytes(spec, train_codes: bool, batch_size: int = BATCH, seqlen: in
     return 4 * (p * (2 + 3 + (4 if train_codes else 0)) + 3 * e + 6 * tokens * spec.vocab_size + acts)
 
 
+def block_stage_bytes(spec, windows: int, seqlen: int = 512, n_heldout: int = 4) -> int:
+    """About what the block stage holds on its device: three float32 hidden-state tensors over all windows (the fp
+    model's, the quantized model's, one layer's target), the resident planning model (fp16) and one layer's teacher
+    and student (float32, trained codes' latents and Adam moments included). llama-s at 512 windows: 1.6 GiB
+    estimated; the measured peak of the whole distillation (end-to-end stage included) was 3.8 GiB."""
+    p = sum(lin.in_features * lin.out_features for lin in spec.linears())
+    e = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
+    hidden = 3 * (windows + n_heldout) * seqlen * spec.hidden_size * 4
+    return hidden + 2 * (p + e) + 4 * 9 * p // max(spec.n_layers, 1)
+
+
 # ---------------------------------------------------------------- checkpoint-level entry points
 
 def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, steps: int,
