@@ -216,3 +216,27 @@ def test_codes_trained_with_enough_windows(tiny_model_dir, tmp_path, calib, monk
     # 128 asked for, 25 in the text, all taken for training: nothing held out to check the codes on
     text, _, few = convert(tiny_model_dir, tmp_path / "few.gguf", *common, "--feedback-windows", "128")
     assert "codes frozen: the calibration text gives 25 training and 0 held-out windows" in text
+
+
+def test_distillation_out_of_gpu_memory(tiny_model_dir, tmp_path, calib, monkeypatch):
+    """Should distillation run out of GPU memory (a 7B model fits a 24 GB GPU, its block stage does not): where the
+    default chose it, the file is written as fitted, without it, and its plan and the CLI say why; where it was asked
+    for (--distill N), the conversion is refused with what to do, and nothing is written."""
+    import torch
+
+    from wqedge.quant import distill as distill_mod
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.50 GiB (test)")
+    monkeypatch.setattr(distill_mod, "distill_checkpoint", oom)
+    text, fit, f = convert(tiny_model_dir, tmp_path / "d.gguf", "--bits", "2.25", "--calib", calib)
+    _, fit0, f0 = convert(tiny_model_dir, tmp_path / "n.gguf", "--bits", "2.25", "--calib", calib, "--no-distill")
+    assert "ran out of GPU memory" in text and "--distill-windows" in text
+    assert fit["distill_steps"] == 0 and "ran out of GPU memory" in fit["distill_default"]
+    assert "distilled" not in fit
+    assert tensors(f) == tensors(f0)     # exactly the undistilled file
+    out = tmp_path / "asked.gguf"
+    r = CliRunner().invoke(main, ["convert", str(tiny_model_dir), "-o", str(out), "--no-check", "--device", "cpu",
+                                  "--bits", "2.25", "--calib", calib, "--distill", "2"])
+    assert r.exit_code != 0 and "ran out of GPU memory" in r.output and "--no-distill" in r.output
+    assert not out.exists()

@@ -523,10 +523,25 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
             e2e = 0
     say(f"light distillation on {d_windows} windows: {steps} steps per decoder layer, {e2e} end-to-end steps…")
     unprune = plan.unprune_weight if plan.pruning is not None else None
-    res = distill_checkpoint(ckpt, fitted, calib_text, steps, e2e, device=device, n_seqs=d_windows, progress=say,
-                             unprune=unprune, act_bits=None if plan.act_bits == 8 else plan.act_bits,
-                             code_lr=code_lr, min_code_windows=DISTILL_CODES_MIN_WINDOWS,
-                             e2e_needs_heldout=default_e2e)
+    import torch
+    try:
+        res = distill_checkpoint(ckpt, fitted, calib_text, steps, e2e, device=device, n_seqs=d_windows, progress=say,
+                                 unprune=unprune, act_bits=None if plan.act_bits == 8 else plan.act_bits,
+                                 code_lr=code_lr, min_code_windows=DISTILL_CODES_MIN_WINDOWS,
+                                 e2e_needs_heldout=default_e2e)
+    except torch.cuda.OutOfMemoryError as e:
+        # the block stage holds the model, one layer's trained copies and every window's hidden states (a 7B model
+        # with 256 windows: ~27 GB): more than a 24 GB GPU has, although the model alone fits there
+        why = (f"light distillation ran out of GPU memory on {d_windows} calibration windows "
+               f"({str(e).splitlines()[0] if str(e) else 'CUDA out of memory'})")
+        torch.cuda.empty_cache()
+        if distill is None and (plan.meta.get("fit") or {}).get("distill_default"):
+            why += "; the chunks are written as fitted, without it (--distill-windows N with fewer windows needs less)"
+            say(why)
+            record_distill(plan, 0, default=why)     # the file's plan says what was done, and why
+            return fits
+        raise ConvertError(why + "; --distill-windows N with fewer windows needs less, --no-distill converts "
+                                 "without it") from None
     say(res.summary())
     if distill is not None:         # the plan the file stores says how its parameters were made
         record_distill(plan, steps)
