@@ -77,6 +77,9 @@ def main(argv=None):
     ap.add_argument("--distill-windows", default=None,
                     help="calibration windows of distillation, comma separated: every config runs with each "
                          "(default: the feedback windows)")
+    ap.add_argument("--two-level", action="store_true",
+                    help="offer the two-level kinds (q4s, q3s, q2s) to the greedy plans at every budget (`wqedge "
+                         "convert --two-level`; the default offers them from 4 bits)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=1e9, help="start no new row after this many seconds")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.md"))
@@ -153,14 +156,17 @@ def main(argv=None):
     fp, _ = ppl()
     log(f"fp16: {fp:.4f}")
     t = time.time()
-    table, ctx = prepare(ckpt, 128, calib_text, a.seed, dev, progress=log)
+    from wqedge.pipeline import two_level_actions
+    extra = {"actions": two_level_actions(min(budgets))} if a.two_level else {}
+    table, ctx = prepare(ckpt, 128, calib_text, a.seed, dev, progress=log, **extra)
     prep_s = time.time() - t
     log(f"damage table on {dev}: {prep_s:.1f} s")
 
     def write():
         lines = [f"# Light distillation (issue 17): {Path(a.model).name}, fp16 perplexity {fp:.3f}", "",
                  f"`python bench/distill.py {' '.join(argv if argv is not None else sys.argv[1:])}`; device {dev}"
-                 f" ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}); greedy plans from one damage"
+                 f" ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}); greedy plans"
+                 f"{' (two-level kinds offered)' if a.two_level else ''} from one damage"
                  f" table ({prep_s:.1f} s); error feedback on {n_fb} calibration windows, distillation on"
                  f" {', '.join(map(str, d_windows))}; perplexity"
                  f" on {Path(a.eval).name}, {a.windows} windows, second half; KL to fp16: mean KL(fp || model) per scored"
