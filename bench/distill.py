@@ -12,7 +12,9 @@ rate LR, optional end-to-end KL stage) = one row each, with its seconds, peak me
 during the distillation, the resident fp32 model included; CPU: process peak RSS) and held-out block MSE.
 The model evaluated is the one the file holds (fp16 d/m, F32 norms; tests/test_distill.py checks the file
 against it). Perplexity: llama.cpp's definition (wqedge.perplexity), eval text, 512-token windows, second half
-scored, first --windows windows. Rows are written to --out (markdown) and --out .json as they come, so a run
+scored, first --windows windows; beside it the mean KL(fp || model) per scored token, how faithful the model is
+(perplexity alone can reward a model softer than an over-confident fp one: bench/results/distill_smol.md). Rows
+are written to --out (markdown) and --out .json as they come, so a run
 stopped at --time-limit still reports what it finished.
 """
 from __future__ import annotations
@@ -76,7 +78,8 @@ def main(argv=None):
                     help="calibration windows of error feedback and distillation (default: the device's, as convert)")
     ap.add_argument("--distill-windows", default=None,
                     help="calibration windows of distillation, comma separated: every config runs with each "
-                         "(default: the feedback windows)")
+                         "(default: as convert, wqedge.pipeline.distill_windows_of: 512 on a GPU where they fit, "
+                         "else the feedback windows)")
     ap.add_argument("--two-level", action="store_true",
                     help="offer the two-level kinds (q4s, q3s, q2s) to the greedy plans at every budget (`wqedge "
                          "convert --two-level`; the default offers them from 4 bits)")
@@ -133,7 +136,7 @@ def main(argv=None):
 
         def logits_fn(win):
             lg = model(torch.as_tensor(win, dtype=torch.long, device=dev)).logits.float()
-            lp = torch.log_softmax(lg[:, 256:-1], -1)   # the positions perplexity scores (second half)
+            lp = torch.log_softmax(lg[:, 512 // 2:-1], -1)   # the positions perplexity scores (second half)
             if record:
                 fp_logp.append(lp.half())
             else:
