@@ -697,13 +697,27 @@ def inspect(gguf_file):
                  "applies the same quantization.")
 @_kv_rotation_option("Default: the file's setting (hadamard when it has none); with --backend torch it needs "
                      "--kv-bits 8 or 4.")
-def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, batch, kv_bits, kv_rotation):
+@click.option("--kl-base", "kl_base", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also write this model's log-probabilities at the scored positions to FILE (.npz, float16: "
+                   "32 windows of 512 with a 32k vocabulary take 0.5 GB), the base that later runs compare against with --kl. "
+                   "Run it on the unquantized model.")
+@click.option("--kl", "kl_file", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
+              help="Also report the KL divergence KL(base || this model) per scored token against a --kl-base FILE "
+                   "(same text, tokenizer, --ctx and --chunks; checked), and how often both models' most likely "
+                   "next token agree: how faithful a quantized model is, which perplexity alone does not say.")
+def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, batch, kv_bits, kv_rotation, kl_base,
+             kl_file):
     """Perplexity of MODEL (a Hugging Face folder or a wqedge GGUF) on a text, as llama.cpp defines it.
 
     The whole text is tokenized with a leading BOS and cut into non-overlapping windows of --ctx tokens;
     each window's first token is replaced by BOS and only the second half of each window is scored.
+    With --kl-base / --kl, also the KL divergence to a base model on the same positions (as llama.cpp's
+    perplexity tool's --kl-divergence-base / --kl-divergence).
     """
     from .perplexity import perplexity
+
+    if kl_base and kl_file:
+        _fail("--kl-base writes a base and --kl compares with one; give one of them")
 
     path = Path(model)
     text = _read_text(text_file)
@@ -743,6 +757,17 @@ def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, bat
         tokens = _tokenize(text, tok_dir, None if tok_dir else path)
     n_windows = None if chunks == 0 else chunks
     total = min(len(tokens) // ctx, n_windows or 1 << 30)
+    from . import kl
+    recorder = comparer = None
+    try:
+        if kl_base:
+            fn = recorder = kl.KLBaseRecorder(fn)
+        elif kl_file:
+            from .perplexity import make_windows
+            fn = comparer = kl.KLComparer(fn, kl_file)
+            comparer.check(make_windows(tokens, bos, ctx, n_windows))
+    except ValueError as e:        # KLError, and make_windows' own (a text shorter than one window)
+        _fail(str(e))
     from tqdm import tqdm
     with tqdm(total=total, desc="evaluating", unit="window", leave=False, disable=None, file=sys.stderr) as bar:
         try:
@@ -753,6 +778,13 @@ def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, bat
         _fail(f"perplexity is {r.perplexity}: the model produced non-finite logits (a damaged file or checkpoint?)")
     click.echo(f"perplexity: {r.perplexity:.4f} over {r.n_windows} windows of {ctx} ({r.n_scored} tokens scored); "
                f"every position: {r.perplexity_all:.4f} [{backend}]")
+    if recorder is not None:
+        try:
+            click.echo(f"KL base written: {recorder.save(kl_base)} (compare other models with --kl)")
+        except kl.KLError as e:
+            _fail(str(e))
+    if comparer is not None:
+        click.echo(str(comparer.result()))
 
 
 def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
