@@ -94,6 +94,7 @@ def main(argv=None):
     from wqedge.alloc.planner import plan_from_choice, prepare
     from wqedge.calib import calibration_tokens, default_device, tokenize_text
     from wqedge.checkpoint import LlamaCheckpoint
+    from wqedge import kl
     from wqedge.perplexity import perplexity
     from wqedge.quant import distill
     from wqedge.quant.feedback import dequantize, feedback_windows, quantize_model
@@ -124,28 +125,21 @@ def main(argv=None):
     def restore():
         model.load_state_dict(state0)
 
-    fp_logp: list[torch.Tensor] = []   # the fp model's log-probabilities at the scored positions, per batch
+    base: list = []   # the fp model's run (wqedge.kl.KLBaseRecorder), recorded by the first ppl()
 
     @torch.no_grad()
     def ppl() -> tuple[float, float]:
-        """Perplexity on the eval windows and the mean KL(fp || this model) over their scored positions (the
-        first call records the fp model): KL says how faithful a quantized model is, which perplexity alone
-        does not where the fp model is over-confident (smol-s: tempered by 1.3 its perplexity falls 11%)."""
-        kl = [0.0, 0]
-        record = not fp_logp
-
+        """Perplexity on the eval windows and the mean KL(fp || this model) per scored token (wqedge.kl; the first
+        call records the fp model): KL says how faithful a quantized model is, which perplexity alone does not
+        where the fp model is over-confident (smol-s: tempered by 1.3 its perplexity falls 11%)."""
         def logits_fn(win):
-            lg = model(torch.as_tensor(win, dtype=torch.long, device=dev)).logits.float()
-            lp = torch.log_softmax(lg[:, 512 // 2:-1], -1)   # the positions perplexity scores (second half)
-            if record:
-                fp_logp.append(lp.half())
-            else:
-                pt = fp_logp[kl[1]].float()
-                kl[0] += float((pt.exp() * (pt - lp)).sum(-1).sum())
-            kl[1] += 1
-            return lg.cpu().numpy()
-        r = perplexity(logits_fn, eval_tokens, bos, 512, a.windows, batch_size=8)
-        return r.perplexity, kl[0] / max(r.n_scored, 1)
+            return model(torch.as_tensor(win, dtype=torch.long, device=dev)).logits.float().cpu().numpy()
+        fn = kl.KLComparer(logits_fn, base=base[0]) if base else kl.KLBaseRecorder(logits_fn)
+        r = perplexity(fn, eval_tokens, bos, 512, a.windows, batch_size=8)
+        if not base:
+            base.append(fn)
+            return r.perplexity, 0.0
+        return r.perplexity, fn.result().mean
 
     @torch.no_grad()
     def apply(chunks, norms=None):

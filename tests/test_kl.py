@@ -106,3 +106,28 @@ def test_refusals(tiny_model_dir, files, tmp_path):
     target = tmp_path / "never.npz"
     run("eval", tiny_model_dir, "--text", short, "--ctx", CTX, "--kl-base", target, ok=False)
     assert not target.exists() and not list(tmp_path.glob(".never.npz*"))
+
+
+def test_in_memory_base_matches_definition():
+    """A base recorded in this process (what bench/distill.py does) gives KL(base || model) per scored token as
+    defined, on logits of a wide range (float16 storage: relative 1e-3), and 0 for the base itself."""
+    from wqedge.kl import KLBaseRecorder, KLComparer, log_softmax, scored
+    from wqedge.perplexity import perplexity
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 50, size=1 + 6 * 16)
+    table = rng.normal(0, 4, size=(50, 50))     # logits of the next token given the current one
+
+    def logits(shift):
+        return lambda win: table[win] + shift * np.sin(np.arange(50))
+    rec = KLBaseRecorder(logits(0.0))
+    perplexity(rec, tokens, 0, 16, None, batch_size=4)
+    same = KLComparer(logits(0.0), base=rec)
+    perplexity(same, tokens, 0, 16, None, batch_size=4)
+    assert abs(same.result().mean) < 1e-5 and same.result().same_top == 1.0
+    other = KLComparer(logits(0.7), base=rec)
+    perplexity(other, tokens, 0, 16, None, batch_size=4)
+    w = np.concatenate(rec.windows)
+    p, q = log_softmax(scored(logits(0.0)(w))), log_softmax(scored(logits(0.7)(w)))
+    expected = float((np.exp(p) * (p - q)).sum(-1).mean())
+    assert expected > 0.01 and abs(other.result().mean - expected) < 1e-3 * expected
+    assert other.result().n_scored == w.shape[0] * 7

@@ -65,6 +65,7 @@ class KLBaseRecorder:
         self.windows: list[np.ndarray] = []
         self.logprobs: list[np.ndarray] = []
         self.top: list[np.ndarray] = []
+        self._arrays: tuple | None = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         logits = np.asarray(self.fn(batch))
@@ -73,6 +74,12 @@ class KLBaseRecorder:
         self.logprobs.append(lp.astype(np.float16))
         self.top.append(lp.argmax(-1).astype(np.int32))   # before rounding: near-ties stay the base's own
         return logits
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, logprobs, top) of the windows recorded so far, concatenated once."""
+        if self._arrays is None or len(self._arrays[0]) != sum(map(len, self.windows)):
+            self._arrays = tuple(np.concatenate(x) for x in (self.windows, self.logprobs, self.top))
+        return self._arrays
 
     def save(self, path) -> Path:
         """Write the base file atomically (a temporary file in the same folder, renamed when complete)."""
@@ -85,8 +92,8 @@ class KLBaseRecorder:
             raise KLError(f"cannot write the KL base file {path}: {e}") from None
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, version=np.int32(VERSION), tokens=np.concatenate(self.windows),
-                         logprobs=np.concatenate(self.logprobs), top=np.concatenate(self.top))
+                tokens, logprobs, top = self.arrays()
+                np.savez(f, version=np.int32(VERSION), tokens=tokens, logprobs=logprobs, top=top)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -97,17 +104,22 @@ class KLBaseRecorder:
 class KLComparer:
     """Wraps a logits_fn: compares each batch's scored positions with the base file's, window by window."""
 
-    def __init__(self, fn: LogitsFn, path):
+    def __init__(self, fn: LogitsFn, path=None, base: KLBaseRecorder | None = None):
+        """The base from a file (`path`) or from a recorder of this process (`base`: a benchmark's in-memory fp
+        run)."""
         self.fn = fn
-        try:
-            z = np.load(path)
-            version = int(z["version"])
-            self.tokens, self.base, self.top = z["tokens"], z["logprobs"], z["top"]
-        except (OSError, KeyError, ValueError) as e:
-            raise KLError(f"{path}: not a KL base file written by `wqedge eval --kl-base` ({e})") from None
-        if version != VERSION:
-            raise KLError(f"{path}: KL base file version {version}; this wqedge reads version {VERSION}")
-        self.path = path
+        if base is not None:
+            (self.tokens, self.base, self.top), self.path = base.arrays(), "the base run"
+        else:
+            try:
+                z = np.load(path)
+                version = int(z["version"])
+                self.tokens, self.base, self.top = z["tokens"], z["logprobs"], z["top"]
+            except (OSError, KeyError, ValueError) as e:
+                raise KLError(f"{path}: not a KL base file written by `wqedge eval --kl-base` ({e})") from None
+            if version != VERSION:
+                raise KLError(f"{path}: KL base file version {version}; this wqedge reads version {VERSION}")
+            self.path = path
         self.at = 0
         self.kl: list[np.ndarray] = []
         self.same: list[np.ndarray] = []
