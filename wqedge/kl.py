@@ -12,8 +12,6 @@ int32 [windows, n_ctx], and `version`. Written atomically. This module needs num
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,23 +80,17 @@ class KLBaseRecorder:
         return self._arrays
 
     def save(self, path) -> Path:
-        """Write the base file atomically (a temporary file in the same folder, renamed when complete)."""
+        """Write the base file atomically (wqedge.fileio.atomic_output: nothing half-written, usual permissions)."""
+        from .fileio import atomic_output
         if not self.windows:
             raise KLError("no windows were scored; nothing to write")
-        path = Path(path)
+        tokens, logprobs, top = self.arrays()
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent or ".")
-        except OSError as e:
-            raise KLError(f"cannot write the KL base file {path}: {e}") from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                tokens, logprobs, top = self.arrays()
+            with atomic_output(path) as tmp, open(tmp, "wb") as f:
                 np.savez(f, version=np.int32(VERSION), tokens=tokens, logprobs=logprobs, top=top)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        except OSError as e:
+            raise KLError(str(e)) from None
+        return Path(path)
 
 
 class KLComparer:
