@@ -125,21 +125,17 @@ def main(argv=None):
     def restore():
         model.load_state_dict(state0)
 
-    base: list = []   # the fp model's run (wqedge.kl.KLBaseRecorder), recorded by the first ppl()
-
     @torch.no_grad()
-    def ppl() -> tuple[float, float]:
-        """Perplexity on the eval windows and the mean KL(fp || this model) per scored token (wqedge.kl; the first
-        call records the fp model): KL says how faithful a quantized model is, which perplexity alone does not
-        where the fp model is over-confident (smol-s: tempered by 1.3 its perplexity falls 11%)."""
-        def logits_fn(win):
-            return model(torch.as_tensor(win, dtype=torch.long, device=dev)).logits.float().cpu().numpy()
-        fn = kl.KLComparer(logits_fn, base=base[0]) if base else kl.KLBaseRecorder(logits_fn)
-        r = perplexity(fn, eval_tokens, bos, 512, a.windows, batch_size=8)
-        if not base:
-            base.append(fn)
-            return r.perplexity, 0.0
-        return r.perplexity, fn.result().mean
+    def logits_fn(win):
+        return model(torch.as_tensor(win, dtype=torch.long, device=dev)).logits.float().cpu().numpy()
+
+    def ppl() -> dict:
+        """{"ppl": perplexity on the eval windows, "kl": mean KL(fp || this model) per scored token} (wqedge.kl):
+        KL says how faithful a quantized model is, which perplexity alone does not where the fp model is
+        over-confident (smol-s: tempered by 1.35 its perplexity falls 11%)."""
+        fn = kl.KLComparer(logits_fn, base=fp_base)
+        return {"ppl": perplexity(fn, eval_tokens, bos, 512, a.windows, batch_size=8).perplexity,
+                "kl": fn.result().mean}
 
     @torch.no_grad()
     def apply(chunks, norms=None):
@@ -150,7 +146,8 @@ def main(argv=None):
 
     rows = []
     out = Path(a.out)
-    fp, _ = ppl()
+    fp_base = kl.KLBaseRecorder(logits_fn)   # the fp model's distributions, which every row is compared with
+    fp = perplexity(fp_base, eval_tokens, bos, 512, a.windows, batch_size=8).perplexity
     log(f"fp16: {fp:.4f}")
     t = time.time()
     from wqedge.pipeline import two_level_actions
@@ -166,9 +163,10 @@ def main(argv=None):
                  f"{' (two-level kinds offered)' if a.two_level else ''} from one damage"
                  f" table ({prep_s:.1f} s); error feedback on {n_fb} calibration windows, distillation on"
                  f" {', '.join(map(str, d_windows))}; perplexity"
-                 f" on {Path(a.eval).name}, {a.windows} windows, second half; KL to fp16: mean KL(fp || model) per scored"
-                 f" token (nats).", "",
-                 "| bits | row | perplexity | Δ vs feedback | KL to fp16 | distill s | peak MiB | held-out block MSE before → after |",
+                 f" on {Path(a.eval).name}, {a.windows} windows, second half; KL to fp16: mean KL(fp || model)"
+                 f" per scored token (nats).", "",
+                 "| bits | row | perplexity | Δ vs feedback | KL to fp16 | distill s | peak MiB "
+                 "| held-out block MSE before → after |",
                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             base = next(x["ppl"] for x in rows if x["budget"] == r["budget"] and x["row"] == "feedback")
@@ -193,7 +191,7 @@ def main(argv=None):
         t = time.time()
         fitted = quantize_model(model, plan, fb_tokens, device=dev, batch_size=16)
         conv_s = time.time() - t
-        rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": "feedback", **dict(zip(("ppl", "kl"), ppl())),
+        rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": "feedback", **ppl(),
                      "convert_s": conv_s, "histogram": plan.action_histogram()})
         log(f"B={b}: feedback {rows[-1]['ppl']:.4f} ({conv_s:.1f} s)")
         write()
@@ -213,7 +211,7 @@ def main(argv=None):
                 f" codes@{c['e2e_code_lr']:g}" if c["e2e"] and c["e2e_code_lr"] else
                 " codes frozen" if c["e2e"] and c["e2e_code_lr"] == 0 and c["code_lr"] else "") + (
                 f" on {cs.train.shape[0]} windows" if len(d_windows) > 1 else "")
-            rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": name, **dict(zip(("ppl", "kl"), ppl())),
+            rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": name, **ppl(),
                          "seconds": res.seconds, "peak_mib": res.peak_bytes / 2**20, "peak_what": res.peak_what,
                          "mse_before": sum(x["before"] for x in res.layers) / len(res.layers),
                          "mse_after": sum(x["after"] for x in res.layers) / len(res.layers),

@@ -699,8 +699,8 @@ def inspect(gguf_file):
                      "--kv-bits 8 or 4.")
 @click.option("--kl-base", "kl_base", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also write this model's log-probabilities at the scored positions to FILE (.npz, float16: "
-                   "32 windows of 512 with a 32k vocabulary take 0.5 GB), the base that later runs compare against with --kl. "
-                   "Run it on the unquantized model.")
+                   "32 windows of 512 with a 32k vocabulary take 0.5 GB), the base that later runs compare against "
+                   "with --kl. Run it on the unquantized model.")
 @click.option("--kl", "kl_file", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
               help="Also report the KL divergence KL(base || this model) per scored token against a --kl-base FILE "
                    "(same text, tokenizer, --ctx and --chunks; checked), and how often both models' most likely "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .perplexity import LogitsFn
+from .perplexity import LogitsFn, scored_positions
 
 VERSION = 1
 
@@ -34,9 +34,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def scored(logits: np.ndarray) -> np.ndarray:
-    """The positions wqedge.perplexity scores: n_ctx/2 .. n_ctx-2 of each window ([B, n_ctx, V] -> [B, n_ctx/2-1, V])."""
-    n_ctx = logits.shape[1]
-    return logits[:, n_ctx // 2:-1]
+    """The logits at the positions wqedge.perplexity scores ([B, n_ctx, V] -> [B, n_ctx/2-1, V])."""
+    return logits[:, scored_positions(logits.shape[1])]
 
 
 @dataclass

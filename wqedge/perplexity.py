@@ -55,11 +55,17 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return lse - np.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
 
 
+def scored_positions(n_ctx: int) -> slice:
+    """The positions of a window whose logits are scored: n_ctx/2 .. n_ctx-2 (predicting tokens n_ctx/2+1 ..
+    n_ctx-1), as llama.cpp's `first = n_ctx/2` loop. wqedge.kl compares models on the same positions."""
+    return slice(n_ctx // 2, n_ctx - 1)
+
+
 def perplexity(logits_fn: LogitsFn, tokens, bos_id: int, n_ctx: int = 512, n_windows: int | None = 32,
                batch_size: int = 1, progress: Callable[[int], None] | None = None) -> PerplexityResult:
     """Score windows through `logits_fn`, batch_size windows per call."""
     windows = make_windows(tokens, bos_id, n_ctx, n_windows)
-    half = n_ctx // 2
+    half = scored_positions(n_ctx)
     nll_half = 0.0
     nll_all = 0.0
     n_half = n_all = 0
@@ -69,8 +75,8 @@ def perplexity(logits_fn: LogitsFn, tokens, bos_id: int, n_ctx: int = 512, n_win
         if logits.shape[:2] != batch.shape:
             raise ValueError(f"logits_fn returned shape {logits.shape} for windows {batch.shape}")
         nll = _nll(logits[:, :-1], batch[:, 1:].astype(np.int64))  # prediction of token j+1 from position j
-        nll_half += float(nll[:, half:].sum())   # logits at positions half .. n_ctx-2
-        n_half += nll[:, half:].size
+        nll_half += float(nll[:, half].sum())   # nll[:, j]: the logits at position j
+        n_half += nll[:, half].size
         nll_all += float(nll.sum())
         n_all += nll.size
         if progress:

@@ -335,17 +335,23 @@ def distill_windows_of(plan: Plan, spec, device=None, say: Callable[[str], None]
     dev = default_device(device)
     if dev.type != "cuda" or fb >= DISTILL_WINDOWS_GPU:
         return fb
-    import torch
-
     from .quant.distill import block_stage_bytes
     need = block_stage_bytes(spec, DISTILL_WINDOWS_GPU)
-    free, _ = torch.cuda.mem_get_info(dev)
-    if need > 0.7 * free:
+    free = _gpu_short(need, dev)
+    if free is not None:
         if say:
             say(f"distillation on {fb} windows: {DISTILL_WINDOWS_GPU} would hold about {need / 2**30:.1f} GiB on "
                 f"{dev} and {free / 2**30:.1f} GiB are free (--distill-windows N chooses)")
         return fb
     return DISTILL_WINDOWS_GPU
+
+
+def _gpu_short(need: int, dev) -> int | None:
+    """The free bytes on the CUDA device `dev` when an estimated `need` exceeds 70% of them (the estimates ran
+    12-19% under measured peaks on llama-s), else None: it fits."""
+    import torch
+    free, _ = torch.cuda.mem_get_info(dev)
+    return free if need > 0.7 * free else None
 
 
 def distill_options(plan: Plan, device=None, windows: int | None = None) -> tuple[int, float]:
@@ -366,16 +372,14 @@ def e2e_blocker(spec, device, code_lr: float) -> str | None:
     """Why the default end-to-end stage should not run on `device` (None: it fits within 70% of the free memory):
     it holds the whole model in float32 several times over (wqedge.quant.distill.e2e_stage_bytes), which a 7B model
     exceeds on any one GPU. (Should it still run out of memory, distill_model keeps the block stage's result.)"""
-    import torch
-
     from .calib import default_device
     from .quant.distill import e2e_stage_bytes
     dev = default_device(device)
     if dev.type != "cuda":
         return None
     need = e2e_stage_bytes(spec, code_lr > 0)
-    free, _ = torch.cuda.mem_get_info(dev)
-    if need > 0.7 * free:   # the estimate ran 12-19% under the measured peak on llama-s
+    free = _gpu_short(need, dev)
+    if free is not None:
         return (f"the end-to-end stage needs about {need / 2**30:.1f} GiB on {dev} and {free / 2**30:.1f} GiB are "
                 f"free; skipped (the block stage runs; --distill-e2e N asks for it anyway)")
     return None

@@ -547,6 +547,12 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
     return out, new_norms, res
 
 
+def _weights(spec) -> tuple[int, int]:
+    """(decoder linear weights, embedding and head weights) of a model: what the memory estimates scale with."""
+    p = sum(lin.in_features * lin.out_features for lin in spec.linears())
+    return p, spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
+
+
 def e2e_stage_bytes(spec, train_codes: bool, batch_size: int = BATCH, seqlen: int = 512) -> int:
     """About what the end-to-end stage holds on its device (the whole model at once, float32): the resident planning
     model and the teacher (2 per weight), the student's TunableLinears (A, B and the fixed rest: 3 per weight;
@@ -555,8 +561,7 @@ def e2e_stage_bytes(spec, train_codes: bool, batch_size: int = BATCH, seqlen: in
     token and layer about 10 hidden-wide and 4 FFN-wide vectors and 3 rows of attention scores per head). llama-s:
     2.7 GiB estimated, 3.0-3.3 GiB peak measured (bench/results/distill_codes.md). The block stage holds one layer
     at a time."""
-    p = sum(lin.in_features * lin.out_features for lin in spec.linears())
-    e = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
+    p, e = _weights(spec)
     tokens = batch_size * seqlen
     acts = tokens * spec.n_layers * (10 * spec.hidden_size + 4 * spec.intermediate_size + 3 * spec.n_heads * seqlen)
     return 4 * (p * (2 + 3 + (4 if train_codes else 0)) + 3 * e + 6 * tokens * spec.vocab_size + acts)
@@ -567,8 +572,7 @@ def block_stage_bytes(spec, windows: int, seqlen: int = 512, n_heldout: int = 4)
     model's, the quantized model's, one layer's target), the resident planning model (fp16) and one layer's teacher
     and student (float32, trained codes' latents and Adam moments included). llama-s at 512 windows: 1.6 GiB
     estimated; the measured peak of the whole distillation (end-to-end stage included) was 3.8 GiB."""
-    p = sum(lin.in_features * lin.out_features for lin in spec.linears())
-    e = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
+    p, e = _weights(spec)
     hidden = 3 * (windows + n_heldout) * seqlen * spec.hidden_size * 4
     return hidden + 2 * (p + e) + 4 * 9 * p // max(spec.n_layers, 1)
 
