@@ -16,6 +16,10 @@ scored, first --windows windows; beside it the mean KL(fp || model) per scored t
 (perplexity alone can reward a model softer than an over-confident fp one: bench/results/distill_smol.md). Rows
 are written to --out (markdown) and --out .json as they come, so a run
 stopped at --time-limit still reports what it finished.
+
+Checks of what distillation starts from and trains on (bench/results/distill_codes.md runs 12-13): --plan-windows,
+--grad-windows and --max-rows size the damage table; --tilt F plans with the <= 2-bit kinds' damage times F (one
+plan per factor); --e2e-ce W mixes the calibration text's cross-entropy into the end-to-end loss (one row per W).
 """
 from __future__ import annotations
 
@@ -46,6 +50,22 @@ class _NoPlan:
 
     def __init__(self, meta: dict | None = None):
         self.meta = meta or {}
+
+
+def tilted(table, factor: float):
+    """`table` with the predicted damage of every <= 2-bit action (by nominal width, protected variants included)
+    times `factor`: a plan that takes more (factor < 1) or fewer low-bit chunks at the same budget."""
+    if factor == 1:
+        return table
+    import copy
+
+    from wqedge import blocks
+    from wqedge.saliency import split_action
+    low = [i for i, a in enumerate(table.actions) if blocks.block_type(split_action(a)[0]).nominal_bits <= 2]
+    out = copy.copy(table)
+    out.damage = table.damage.copy()
+    out.damage[:, low] *= factor
+    return out
 
 
 def parse_config(s: str) -> dict:
@@ -83,6 +103,20 @@ def main(argv=None):
     ap.add_argument("--two-level", action="store_true",
                     help="offer the two-level kinds (q4s, q3s, q2s) to the greedy plans at every budget (`wqedge "
                          "convert --two-level`; the default offers them from 4 bits)")
+    ap.add_argument("--tilt", default="1",
+                    help="damage factors for the <= 2-bit kinds (q2, ternary, q1 and their protected variants), comma "
+                         "separated: one greedy plan per factor and budget (1: the table as planned); checks whether "
+                         "distillation, which the table does not price, favours more or fewer low-bit chunks (run 12: "
+                         "neither)")
+    ap.add_argument("--plan-windows", type=int, default=None,
+                    help="calibration windows of the damage table's input statistics (default: make_plan's, 32)")
+    ap.add_argument("--grad-windows", type=int, default=None,
+                    help="LM-gradient windows of the damage table (default: make_plan's, 32 on a GPU, 16 on the CPU)")
+    ap.add_argument("--max-rows", type=int, default=None,
+                    help="rows per linear the damage is estimated on, 0 for all (default: make_plan's, 256)")
+    ap.add_argument("--e2e-ce", default="0",
+                    help="weights of the calibration text's cross-entropy in the end-to-end loss, comma separated: "
+                         "every config runs with each ((1 - w)·KL + w·CE; 0: KL alone)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=1e9, help="start no new row after this many seconds")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.md"))
@@ -152,6 +186,9 @@ def main(argv=None):
     t = time.time()
     from wqedge.pipeline import two_level_actions
     extra = {"actions": two_level_actions(min(budgets))} if a.two_level else {}
+    for k, v in (("n_seqs", a.plan_windows), ("n_grad_seqs", a.grad_windows), ("max_rows", a.max_rows)):
+        if v is not None:
+            extra[k] = v or None
     table, ctx = prepare(ckpt, 128, calib_text, a.seed, dev, progress=log, **extra)
     prep_s = time.time() - t
     log(f"damage table on {dev}: {prep_s:.1f} s")
@@ -169,8 +206,9 @@ def main(argv=None):
                  "| held-out block MSE before → after |",
                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            base = next(x["ppl"] for x in rows if x["budget"] == r["budget"] and x["row"] == "feedback")
-            d = "" if r["row"] == "feedback" else f"{r['ppl'] - base:+.3f}"
+            base = next(x["ppl"] for x in rows if x["budget"] == r["budget"] and x["row"].startswith("feedback")
+                        and x.get("tilt", 1) == r.get("tilt", 1))
+            d = "" if r["row"].startswith("feedback") else f"{r['ppl'] - base:+.3f}"
             mse = "" if "mse_before" not in r else f"{r['mse_before']:.4g} → {r['mse_after']:.4g}"
             extra = "" if not r.get("e2e_kl") else f" (KL {r['e2e_kl'][0]:.4g} → {r['e2e_kl'][1]:.4g})"
             lines.append(f"| {r['effective_bits']:.3f} | {r['row']} | {r['ppl']:.3f} | {d} | {r['kl']:.4f} | "
@@ -182,26 +220,33 @@ def main(argv=None):
                                                         "rows": rows}, indent=1))
         print("\n".join(lines[-1:]), flush=True)
 
-    for b in budgets:
+    tilts = [float(f) for f in a.tilt.split(",")]
+    for b, f in [(b, f) for b in budgets for f in tilts]:
         if time.time() - t_start > a.time_limit:
-            log(f"time limit: budget {b} not run")
+            log(f"time limit: budget {b} tilt {f} not run")
             break
-        plan = plan_from_choice(ckpt, table, greedy_allocate(table, b), b, "greedy")
+        choice = greedy_allocate(tilted(table, f), b)
+        plan = plan_from_choice(ckpt, table, choice, b, "greedy")
+        tag = "" if len(tilts) == 1 else f" (tilt {f:g})"
         restore()
         t = time.time()
         fitted = quantize_model(model, plan, fb_tokens, device=dev, batch_size=16)
         conv_s = time.time() - t
-        rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": "feedback", **ppl(),
-                     "convert_s": conv_s, "histogram": plan.action_histogram()})
+        rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": "feedback" + tag, **ppl(),
+                     "convert_s": conv_s, "histogram": plan.action_histogram(), "tilt": f,
+                     "predicted_damage": table.plan_damage(choice)})
         log(f"B={b}: feedback {rows[-1]['ppl']:.4f} ({conv_s:.1f} s)")
         write()
-        for c, w in [(c, w) for c in configs for w in d_windows]:
+        ces = [float(x) for x in a.e2e_ce.split(",")]
+        for c, w, ce in [(c, w, ce) for c in configs for w in d_windows for ce in ces]:
             cs = sets[w]
             if time.time() - t_start > a.time_limit:
                 log(f"time limit: {c} at {b} not run")
                 break
             restore()
             kw = {k: c[k] for k in ("lr", "e2e_lr", "code_lr", "e2e_code_lr") if c[k] is not None}
+            if ce:
+                kw["e2e_ce"] = ce
             res = distill.distill_model(model, fitted, cs.train, cs.heldout, c["steps"], c["e2e"], dev,
                                         seed=a.seed, progress=log, **kw)
             apply(res.chunks, res.norms)
@@ -210,8 +255,9 @@ def main(argv=None):
                 f"+e2e{c['e2e']}@{c['e2e_lr'] or distill.E2E_LR:g}" if c["e2e"] else "") + (
                 f" codes@{c['e2e_code_lr']:g}" if c["e2e"] and c["e2e_code_lr"] else
                 " codes frozen" if c["e2e"] and c["e2e_code_lr"] == 0 and c["code_lr"] else "") + (
-                f" on {cs.train.shape[0]} windows" if len(d_windows) > 1 else "")
-            rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": name, **ppl(),
+                f" on {cs.train.shape[0]} windows" if len(d_windows) > 1 else "") + (
+                f", CE weight {ce:g}" if ce and c["e2e"] else "")
+            rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": name + tag, **ppl(), "tilt": f,
                          "seconds": res.seconds, "peak_mib": res.peak_bytes / 2**20, "peak_what": res.peak_what,
                          "mse_before": sum(x["before"] for x in res.layers) / len(res.layers),
                          "mse_after": sum(x["after"] for x in res.layers) / len(res.layers),

@@ -175,6 +175,29 @@ def test_e2e_stage_lowers_heldout_kl(setup):
     assert "model.norm.weight" in res.norms
 
 
+def test_e2e_stage_with_text_cross_entropy(setup):
+    """e2e_ce mixes the text's next-token cross-entropy into the end-to-end loss: it changes what is trained, the
+    guard compares that held-out loss (KL alone is still reported), and the plan's record says so; KL alone
+    (e2e_ce 0, the default) records nothing new."""
+    ckpt, _, fitted, toks, _ = setup
+    kw = dict(device="cpu", e2e_lr=1e-2)
+    kl_only = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 2, e2e_steps=6, **kw)
+    mixed = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 2, e2e_steps=6, e2e_ce=0.5, **kw)
+    e = mixed.e2e
+    assert e["ce"] == 0.5 and "ce" not in kl_only.e2e and "e2e_ce" not in kl_only.record()
+    # same block stage, same KL before the end-to-end stage; the objective adds half the text's cross-entropy,
+    # which on random tokens over a 512-word vocabulary is several nats
+    assert e["before"] == pytest.approx(kl_only.e2e["before"], rel=1e-6)
+    assert e["objective_before"] > 0.5 * e["before"] + 1.0
+    assert e["kept"] == (e["objective_after"] <= e["objective_before"])
+    assert mixed.record()["e2e_ce"] == 0.5 and "CE" in mixed.summary()
+    if e["kept"] and kl_only.e2e["kept"]:   # different losses, different norms
+        assert not torch.equal(mixed.norms["model.norm.weight"], kl_only.norms["model.norm.weight"])
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="cross-entropy weight"):
+            distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 1, e2e_steps=1, e2e_ce=bad, **kw)
+
+
 @pytest.mark.parametrize("steps", [-1, 2.5, True, "3"])
 def test_bad_steps(setup, steps):
     ckpt, _, fitted, toks, _ = setup
@@ -214,6 +237,16 @@ def test_cli_distill(tiny_model_dir, tmp_path):
 
     from wqedge.runtime.gguf_reader import WqGGUF
     assert json.loads(WqGGUF(out).plan_json)["meta"]["fit"]["distill_steps"] == 3
+    # --distill-ce weights the text's cross-entropy in the end-to-end stage; without that stage it says it does nothing
+    r = CliRunner().invoke(main, ["convert", str(tiny_model_dir), "-o", str(out), "--preset", "q2", "--calib",
+                                  str(calib), "--distill", "2", "--distill-e2e", "2", "--distill-ce", "0.2", "--no-check",
+                                  "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    fit = json.loads(WqGGUF(out).plan_json)["meta"]["fit"]
+    assert fit["distill_ce"] == 0.2 and fit["distilled"]["e2e_ce"] == 0.2 and fit["distilled"]["e2e_steps"] == 2
+    r = CliRunner().invoke(main, ["convert", str(tiny_model_dir), "-o", str(out), "--preset", "q2", "--calib",
+                                  str(calib), "--distill", "2", "--distill-ce", "0.2", "--no-check", "--device", "cpu"])
+    assert r.exit_code == 0 and "--distill-ce 0.2 has no effect" in r.output, r.output
 
 
 def test_pruned_plan(setup, tmp_path):
@@ -350,16 +383,23 @@ def test_distill_options(setup, tmp_path):
     assert pipeline.distill_options(p, "cuda", 256) == (5, 0.0)
     with pytest.raises(pipeline.ConvertError, match="--distill-e2e"):
         pipeline.set_distill_options(p, -1)
+    pipeline.set_distill_options(p, ce=0.1)
+    assert p.meta["fit"]["distill_ce"] == 0.1
+    with pytest.raises(pipeline.ConvertError, match=r"--distill-ce must lie in \[0, 1\]"):
+        pipeline.set_distill_options(p, ce=1.5)
     calib = tmp_path / "calib.txt"
     calib.write_text(CALIB)
     out = tmp_path / "p.json"
     r = CliRunner().invoke(main, ["plan", str(ckpt.path), "-o", str(out), "--preset", "q2", "--calib", str(calib),
                                   "--distill", "3", "--distill-e2e", "4", "--freeze-codes", "--distill-windows", "24",
-                                  "--device", "cpu"])
+                                  "--distill-ce", "0.25", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     fit = json.loads(out.read_text())["meta"]["fit"]
     assert fit["distill_steps"] == 3 and fit["distill_e2e"] == 4 and fit["distill_freeze_codes"] is True
-    assert fit["distill_windows"] == 24
+    assert fit["distill_windows"] == 24 and fit["distill_ce"] == 0.25
+    r = CliRunner().invoke(main, ["plan", str(ckpt.path), "-o", str(tmp_path / "q.json"), "--preset", "q2",
+                                  "--distill-ce", "1.5"])
+    assert r.exit_code == 2 and "--distill-ce" in r.output and not (tmp_path / "q.json").exists()
 
 
 def test_default_e2e_stage_skipped_where_it_would_not_fit(setup, monkeypatch):

@@ -261,6 +261,13 @@ _common_plan_options = [
                       f"{DISTILL_WINDOWS_GPU} when planning on a GPU where their hidden states fit (trained codes "
                       f"gain from more text: llama-s 3.25 b 6.388 -> 6.344 against 256), else the error-feedback "
                       f"windows (--feedback-windows; 32 on the CPU)."),
+    click.option("--distill-ce", type=click.FloatRange(0.0, 1.0), default=None, metavar="W",
+                 help="Weight of the calibration text's own next tokens in the end-to-end stage's loss: "
+                      "(1 - W)·KL(fp || model) + W·cross-entropy; recorded in the plan. Default 0: the KL alone, "
+                      "the model as close to the fp one as it gets. W = 0.1 lowered llama-s's perplexity by "
+                      "0.3-0.5% over three seeds at 2.5 and 3.25 bits but raised its KL to the fp model by 3-10% "
+                      "(bench/results/distill_codes.md run 13): it fits the calibration text's domain, not the fp "
+                      "model, so use it where that text is the domain the model will serve."),
     click.option("--rotate", type=click.Choice(["ruquant"]), is_flag=False, flag_value="ruquant", default=None,
                  help="RUQuant: orthogonal input transforms per layer and linear group (q/k/v, o, gate/up, down) built "
                       "from the calibration activations, folded into the weights before planning and fitting and "
@@ -442,7 +449,7 @@ def torch_dist_error():
                    f"untied embeddings stay F16 as in our GGUF); --target onnx keeps it dense.")
 @distributed_option
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
-            distill_e2e, freeze_codes, distill_windows, rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers,
+            distill_e2e, freeze_codes, distill_windows, distill_ce, rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers,
             resume_dir, act_bits, plan_path, save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant,
             kv_bits, kv_rotation, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
@@ -496,7 +503,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     if feedback_windows is not None:
         pipeline.set_feedback_windows(plan, feedback_windows)
     try:
-        pipeline.set_distill_options(plan, distill_e2e, freeze_codes, distill_windows)
+        pipeline.set_distill_options(plan, distill_e2e, freeze_codes, distill_windows, distill_ce)
     except pipeline.ConvertError as e:
         _fail(str(e))
     kv = _kv_cache_spec(kv_bits, kv_rotation)
@@ -592,7 +599,7 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, recorded beside it.")
 @distributed_option
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
-         distill_e2e, freeze_codes, distill_windows, rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers, resume_dir,
+         distill_e2e, freeze_codes, distill_windows, distill_ce, rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers, resume_dir,
          act_bits, kv_bits, kv_rotation):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
@@ -613,7 +620,7 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
         set_feedback_windows(p, feedback_windows)
     from .pipeline import ConvertError, record_distill, set_distill_options
     try:
-        set_distill_options(p, distill_e2e, freeze_codes, distill_windows)
+        set_distill_options(p, distill_e2e, freeze_codes, distill_windows, distill_ce)
     except ConvertError as e:
         _fail(str(e))
     distill = _settle_distill(p, distill, no_distill, calib_text, "gguf", ckpt, device, stream_layers)

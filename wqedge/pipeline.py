@@ -304,9 +304,10 @@ def record_distill(plan: Plan, steps: int, default: str | None = None) -> None:
 
 
 def set_distill_options(plan: Plan, e2e_steps: int | None = None, freeze_codes: bool = False,
-                        windows: int | None = None) -> None:
+                        windows: int | None = None, ce: float | None = None) -> None:
     """Record in `plan` how distillation goes beyond its block steps (--distill-e2e, --freeze-codes,
-    --distill-windows); None / False leave the defaults (`distill_options`, `distill_windows_of`)."""
+    --distill-windows, --distill-ce); None / False leave the defaults (`distill_options`, `distill_windows_of`,
+    the end-to-end stage on the KL alone)."""
     from .quant.distill import check_steps
     fit = plan.meta.setdefault("fit", {})
     if e2e_steps is not None:
@@ -320,6 +321,10 @@ def set_distill_options(plan: Plan, e2e_steps: int | None = None, freeze_codes: 
         if int(windows) < 1:
             raise ConvertError(f"--distill-windows must be at least 1, got {windows}")
         fit["distill_windows"] = int(windows)
+    if ce is not None:
+        if not 0.0 <= float(ce) <= 1.0:
+            raise ConvertError(f"--distill-ce must lie in [0, 1], got {ce}")
+        fit["distill_ce"] = float(ce)
 
 
 def distill_windows_of(plan: Plan, spec, device=None, say: Callable[[str], None] | None = None) -> int:
@@ -525,14 +530,18 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
         if blocker:
             say(blocker)
             e2e = 0
-    say(f"light distillation on {d_windows} windows: {steps} steps per decoder layer, {e2e} end-to-end steps…")
+    ce = float((plan.meta.get("fit") or {}).get("distill_ce", 0.0))
+    if ce and not e2e:
+        say(f"--distill-ce {ce:g} has no effect: this distillation has no end-to-end stage (--distill-e2e STEPS)")
+    say(f"light distillation on {d_windows} windows: {steps} steps per decoder layer, {e2e} end-to-end steps"
+        f"{f' (loss {1 - ce:g}·KL + {ce:g}·CE)' if ce and e2e else ''}…")
     unprune = plan.unprune_weight if plan.pruning is not None else None
     import torch
     try:
         res = distill_checkpoint(ckpt, fitted, calib_text, steps, e2e, device=device, n_seqs=d_windows, progress=say,
                                  unprune=unprune, act_bits=None if plan.act_bits == 8 else plan.act_bits,
                                  code_lr=code_lr, min_code_windows=DISTILL_CODES_MIN_WINDOWS,
-                                 e2e_needs_heldout=default_e2e)
+                                 e2e_needs_heldout=default_e2e, e2e_ce=ce)
     except torch.cuda.OutOfMemoryError as e:
         # the block stage holds the model, one layer's trained copies and every window's hidden states (a 7B model
         # with 256 windows: ~27 GB): more than a 24 GB GPU has, although the model alone fits there

@@ -57,6 +57,7 @@ LR = 1e-3                # relative units (about a fraction of d₀ per step, fo
 NORM_LR = 1e-3           # times each norm's mean |weight|
 E2E_LR = 2e-4            # end-to-end stage (all layers at once); higher rates are not measured yet
 CODE_LR = 0.0            # latent codes, in code units per step (0: codes frozen, NeUQI's light distillation)
+E2E_CE = 0.0             # weight of the text's cross-entropy in the end-to-end loss (0: KL to the fp model alone)
 CODE_KINDS = ("affine", "ternary")   # kinds whose codes can be trained: w = d * (q - zero_code) + m, q on a grid
 
 
@@ -80,7 +81,8 @@ class DistillResult:
         e2e = self.e2e or {}
         return {"code_lr": self.code_lr, "codes_changed": self.codes_changed,
                 "layers_codes_trained": sum(bool(x.get("codes_trained")) for x in self.layers),
-                "e2e_steps": int(e2e.get("steps", 0)), "e2e_kept": bool(e2e.get("kept", False))}
+                "e2e_steps": int(e2e.get("steps", 0)), "e2e_kept": bool(e2e.get("kept", False)),
+                **({"e2e_ce": float(e2e["ce"])} if e2e.get("ce") else {})}
 
     def summary(self) -> str:
         mb = self.peak_bytes / 2**20
@@ -91,6 +93,9 @@ class DistillResult:
             parts.append(f"held-out block MSE (relative to the fp output), mean over layers: {before:.4g} -> {after:.4g}")
         if self.e2e and not math.isnan(self.e2e["before"]):
             parts.append(f"held-out KL: {self.e2e['before']:.4g} -> {self.e2e['after']:.4g} nats/token")
+            if self.e2e.get("ce"):
+                parts.append(f"held-out end-to-end loss ({1 - self.e2e['ce']:g}·KL + {self.e2e['ce']:g}·CE): "
+                             f"{self.e2e['objective_before']:.4g} -> {self.e2e['objective_after']:.4g}")
         if self.code_lr:
             parts.append(f"codes changed: {self.codes_changed}")
         if self.skipped:
@@ -360,12 +365,13 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
                   lr: float = LR, norm_lr: float = NORM_LR, e2e_lr: float = E2E_LR, seed: int = 0,
                   progress: Callable[[str], None] | None = None, unprune=None,
                   act_bits: int | None = None, code_lr: float = CODE_LR,
-                  e2e_code_lr: float | None = None) -> DistillResult:
+                  e2e_code_lr: float | None = None, e2e_ce: float = E2E_CE) -> DistillResult:
     """Tune `chunks` (every decoder linear of the fp transformers LlamaForCausalLM `model`, as fitted) on the
     calibration windows `tokens` [n, seqlen]; `heldout` windows only measure. `model` is left unchanged.
 
     steps: AdamW steps per decoder layer (block stage, MSE of the layer's output); e2e_steps: steps of the
-    end-to-end KL stage after it (0: none). Each step takes `batch_size` windows. unprune(name, w, shape): for a
+    end-to-end KL stage after it (0: none); e2e_ce: the weight of the next-token cross-entropy on the
+    calibration text in that stage's loss, (1 - e2e_ce)·KL + e2e_ce·CE (0: KL alone). Each step takes `batch_size` windows. unprune(name, w, shape): for a
     pruning plan's chunks (kept rows and columns only), the kept weight in the model's shape with zeros where
     structures were removed (Plan.unprune_weight), so the unpruned fp layers stay the teachers. act_bits: the
     plan's activation bits when below 8: the student's linears quantize their inputs per token as the runtime
@@ -378,6 +384,8 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
     e2e_steps = check_steps(e2e_steps, "end-to-end distillation steps")
     if not (code_lr >= 0 and (e2e_code_lr is None or e2e_code_lr >= 0)):
         raise ValueError(f"code learning rates must be >= 0, got {code_lr!r} / {e2e_code_lr!r}")
+    if not 0.0 <= e2e_ce <= 1.0:
+        raise ValueError(f"the end-to-end cross-entropy weight must lie in [0, 1], got {e2e_ce!r}")
     if e2e_code_lr is None:   # the same rate: llama-s 2.5 b 6.652 against 6.681 at a fifth of it (distill_codes.md)
         e2e_code_lr = code_lr
     if batch_size < 1:
@@ -476,7 +484,7 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
         if e2e_steps:
             try:
                 out_chunks, norms, e2e = _e2e(model, out_chunks, norms, tokens, heldout, e2e_steps, dev, bs, e2e_lr,
-                                              norm_lr, seed, say, unprune, act_bits, e2e_code_lr)
+                                              norm_lr, seed, say, unprune, act_bits, e2e_code_lr, e2e_ce)
                 codes_changed += e2e["codes_changed"]
             except torch.cuda.OutOfMemoryError:   # the whole model at once did not fit: the block stage stands
                 if dev.type == "cuda":
@@ -493,8 +501,9 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
 
 
 def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, seed, say, unprune, act_bits=None,
-         code_lr: float = 0.0):
-    """End-to-end stage: KL(fp || quantized) of the next-token distributions, all layers at once."""
+         code_lr: float = 0.0, ce: float = 0.0):
+    """End-to-end stage: KL(fp || quantized) of the next-token distributions, all layers at once; with ce > 0 the
+    loss is (1 - ce)·KL + ce·(cross-entropy of the text's next tokens), and the guard compares that held-out loss."""
     teacher = copy.deepcopy(model).to(dev, torch.float32).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -502,29 +511,40 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
     tls = [layer.get_submodule(hf) for layer in student.model.layers for hf, _ in PROJECTIONS]
     norm_params = [p for layer in student.model.layers for p in _norms(layer)] + [student.model.norm.weight]
 
-    def kl(x):
+    def losses(x):
+        """(KL, next-token cross-entropy) of a batch of windows, means per position."""
         with torch.no_grad():
             pt = torch.log_softmax(teacher(x).logits.float(), -1)
         ps = torch.log_softmax(student(x).logits.float(), -1)
-        return (pt.exp() * (pt - ps)).sum(-1).mean()
+        nll = -ps[:, :-1].gather(-1, x[:, 1:, None]).mean() if ce else ps.new_zeros(())
+        return (pt.exp() * (pt - ps)).sum(-1).mean(), nll
 
-    def heldout_kl():
+    def objective(x):
+        k, nll = losses(x)
+        return k if not ce else (1 - ce) * k + ce * nll
+
+    def heldout_losses() -> tuple[float, float]:
+        """(held-out KL, held-out objective)."""
         if not len(heldout):
-            return float("nan")
+            return float("nan"), float("nan")
+        tot = np.zeros(2)
         with torch.no_grad():
-            return float(sum(float(kl(heldout[i:i + bs].to(dev))) * len(heldout[i:i + bs])
-                             for i in range(0, len(heldout), bs)) / len(heldout))
+            for i in range(0, len(heldout), bs):
+                x = heldout[i:i + bs].to(dev)
+                k, nll = losses(x)
+                tot += len(x) * np.array([float(k), float((1 - ce) * k + ce * nll)])
+        return tuple(tot / len(heldout))
 
-    before = heldout_kl()
+    before, obj_before = heldout_losses()
     opt, sched = _optimizer(tls, norm_params, lr, norm_lr, steps, code_lr)
     for step, idx in enumerate(_batches(tokens.shape[0], steps, bs, seed + 10_000)):
-        loss = kl(tokens[idx].to(dev))
+        loss = objective(tokens[idx].to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if (step + 1) % max(1, steps // 4) == 0:
-            say(f"distillation (end to end): step {step + 1}/{steps}, KL {loss.item():.4g}")
+            say(f"distillation (end to end): step {step + 1}/{steps}, {'KL' if not ce else 'loss'} {loss.item():.4g}")
     for p in norm_params:
         p.requires_grad_(False)
     out, new_norms = dict(chunks), dict(norms)
@@ -538,11 +558,14 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
         new_norms[f"model.layers.{li}.post_attention_layernorm.weight"] = \
             layer.post_attention_layernorm.weight.detach().float().cpu()
     new_norms["model.norm.weight"] = student.model.norm.weight.detach().float().cpu()
-    after = heldout_kl()
+    after, obj_after = heldout_losses()
     res = {"before": before, "after": after, "steps": steps, "kept": True,
            "codes_changed": sum(tl.codes_changed for tl in tls)}
-    if after > before:   # the held-out KL rose (at 3.25 b, or a code learning rate too high): keep the block stage's
-        say(f"distillation (end to end): held-out KL {before:.4g} -> {after:.4g}; keeping the block stage's result")
+    if ce:
+        res.update(ce=ce, objective_before=obj_before, objective_after=obj_after)
+    if obj_after > obj_before:   # the held-out loss rose (at 3.25 b, or a code learning rate too high): keep the block stage's
+        say(f"distillation (end to end): held-out {'KL' if not ce else 'loss'} {obj_before:.4g} -> {obj_after:.4g}; "
+            "keeping the block stage's result")
         return chunks, norms, {**res, "kept": False, "codes_changed": 0}
     return out, new_norms, res
 
@@ -583,7 +606,8 @@ def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, ste
                        e2e_steps: int = 0, device=None, n_seqs: int | None = None, seqlen: int = 512,
                        n_heldout: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None,
                        unprune=None, act_bits: int | None = None, code_lr: float = CODE_LR,
-                       min_code_windows: int = 0, e2e_needs_heldout: bool = False) -> DistillResult:
+                       min_code_windows: int = 0, e2e_needs_heldout: bool = False,
+                       e2e_ce: float = E2E_CE) -> DistillResult:
     """distill_model on a checkpoint's fp model and `calib_text` (the windows error feedback takes). A
     wqedge.rotation.RotatedCheckpoint gives its rotated planning model, whose hooks the student keeps.
 
@@ -614,7 +638,7 @@ def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, ste
         e2e_steps = 0
     model = ckpt.load_planning_model(default_device(device))
     return distill_model(model, chunks, cs.train, cs.heldout, steps, e2e_steps, device, seed=seed, progress=progress,
-                         unprune=unprune, act_bits=act_bits, code_lr=code_lr)
+                         unprune=unprune, act_bits=act_bits, code_lr=code_lr, e2e_ce=e2e_ce)
 
 
 class TunedCheckpoint:
