@@ -244,6 +244,12 @@ def test_cli_distill(tiny_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     fit = json.loads(WqGGUF(out).plan_json)["meta"]["fit"]
     assert fit["distill_ce"] == 0.2 and fit["distilled"]["e2e_ce"] == 0.2 and fit["distilled"]["e2e_steps"] == 2
+    r = CliRunner().invoke(main, ["inspect", str(out)])   # inspect says how the chunks were fitted
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("distilled: "))
+    assert line.startswith("distilled: 2 steps per decoder layer") and "end-to-end 2 steps, loss 0.8·KL + 0.2·CE" in line
+    assert ("kept" in line) == fit["distilled"]["e2e_kept"]
+    assert any(x.startswith("fit: ") for x in r.output.splitlines())
     r = CliRunner().invoke(main, ["convert", str(tiny_model_dir), "-o", str(out), "--preset", "q2", "--calib",
                                   str(calib), "--distill", "2", "--distill-ce", "0.2", "--no-check", "--device", "cpu"])
     assert r.exit_code == 0 and "--distill-ce 0.2 has no effect" in r.output, r.output
@@ -397,6 +403,9 @@ def test_distill_options(setup, tmp_path):
     fit = json.loads(out.read_text())["meta"]["fit"]
     assert fit["distill_steps"] == 3 and fit["distill_e2e"] == 4 and fit["distill_freeze_codes"] is True
     assert fit["distill_windows"] == 24 and fit["distill_ce"] == 0.25
+    report = (tmp_path / "p.txt").read_text()   # the plan's report says what the conversion will do
+    assert ("distillation when converted: 3 steps per decoder layer on 24 windows, end-to-end 4 steps, codes frozen, "
+            "loss 0.75·KL + 0.25·CE") in report
     r = CliRunner().invoke(main, ["plan", str(ckpt.path), "-o", str(tmp_path / "q.json"), "--preset", "q2",
                                   "--distill-ce", "1.5"])
     assert r.exit_code == 2 and "--distill-ce" in r.output and not (tmp_path / "q.json").exists()

@@ -641,7 +641,8 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
 @main.command()
 @click.argument("gguf_file", type=click.Path(exists=True, dir_okay=False))
 def inspect(gguf_file):
-    """Print the per-linear table of a wqedge GGUF: shape, stored bits per weight, chunks per action."""
+    """Print the per-linear table of a wqedge GGUF: shape, stored bits per weight, chunks per action; then the
+    output head, how the chunks were fitted (error feedback, light distillation), transforms and KV cache."""
     from .blocks import ACTION_NAMES
     from .kv_format import KVCacheSpec
     from .runtime.gguf_reader import FormatError, WqGGUF
@@ -666,6 +667,15 @@ def inspect(gguf_file):
     click.echo(f"effective bits: {f.measured_bits():.4f} measured ({f.effective_bits:.4f} recorded)")
     click.echo(f"output head: {f.head_tensor} ({'tied to the embeddings, ' if s.tie_word_embeddings else ''}"
                f"{f.head_kind}; not counted in the effective bits)")
+    import json
+
+    from .report import fit_lines
+    try:   # how the chunks were fitted (the file's plan; files without one, or with an unreadable one, say nothing)
+        lines = fit_lines(json.loads(f.plan_json or "{}").get("meta") or {})
+    except (ValueError, TypeError, AttributeError, KeyError):
+        lines = []
+    for line in lines:
+        click.echo(line)
     if f.format_version >= 2:   # RUQuant (docs/format.md "Rotations")
         t = f.transforms()
         smooth = sum(st.smooth is not None for st in t.values())

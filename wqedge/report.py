@@ -95,6 +95,35 @@ def pruning_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def fit_lines(meta: dict) -> list[str]:
+    """How a plan's chunks are (in a plan) or were (in a file's plan) fitted: error feedback and light distillation,
+    from meta["fit"] (docs/plan.md); nothing for a plan that records no fit."""
+    fit = meta.get("fit") or {}
+    if not fit:
+        return []
+    lines = ["fit: " + (f"error feedback (GPTQ-style) on {fit.get('n_seqs', '?')} calibration windows"
+                        if fit.get("error_feedback") else "per-chunk fits (no error feedback)")]
+    done, steps = fit.get("distilled"), int(fit.get("distill_steps", 0) or 0)
+    n_windows = (done or {}).get("windows") or fit.get("distill_windows")
+    windows = f" on {n_windows} windows" if n_windows else ""
+    ce = fit.get("distill_ce") or (done or {}).get("e2e_ce")
+    loss = f", loss {1 - ce:g}·KL + {ce:g}·CE" if ce else ""
+    if done:
+        codes = (f"codes trained ({done.get('codes_changed', 0):,} changed, in {done.get('layers_codes_trained', 0)} "
+                 f"layers)" if done.get("code_lr") else "codes frozen")
+        e2e = int(done.get("e2e_steps", 0))
+        stage = "" if not e2e else (f"; end-to-end {e2e} steps{loss}, " +
+                                    ("kept" if done.get("e2e_kept") else "dropped (it did not lower the held-out loss)"))
+        lines.append(f"distilled: {steps} steps per decoder layer{windows}, {codes}{stage}")
+    elif steps:
+        extra = "".join([f", end-to-end {fit['distill_e2e']} steps" if fit.get("distill_e2e") else "",
+                         ", codes frozen" if fit.get("distill_freeze_codes") else "", loss])
+        lines.append(f"distillation when converted: {steps} steps per decoder layer{windows}{extra}")
+    elif fit.get("distill_default"):
+        lines.append(f"not distilled: {fit['distill_default']}")
+    return lines
+
+
 def text_report(plan: Plan) -> str:
     lines = [f"plan: allocator {plan.allocator}, group size {plan.group_size}, budget {plan.budget_bits} bits, "
              f"effective {plan.effective_bits():.4f} bits over {plan.n_weights():,} weights"]
@@ -106,6 +135,7 @@ def text_report(plan: Plan) -> str:
         lines.append(f"  layer {layer:3d}: {b:6.3f}")
     lines.append("effective bits per projection: " + ", ".join(f"{p} {b:.3f}" for p, b in projection_bits(plan).items()))
     lines += pruning_lines(plan)
+    lines += fit_lines(plan.meta)
     if plan.meta.get("predicted_damage") is not None:
         lines.append(f"predicted loss increase: {plan.meta['predicted_damage']:.4f} nats/token ({plan.meta.get('damage')})")
     if plan.meta.get("seconds"):

@@ -74,12 +74,13 @@ class DistillResult:
     skipped: list[str] = field(default_factory=list)   # chunks left as fitted, and why
     codes_changed: int = 0                             # codes the training moved (code_lr > 0), both stages
     code_lr: float = 0.0                               # the code learning rate the block stage ran with
+    windows: int = 0                                   # calibration windows trained on (held-out ones aside)
 
     def record(self) -> dict:
         """What the distillation did, for the plan the file stores (fit.distilled); no timings, so that equal runs
         write equal files."""
         e2e = self.e2e or {}
-        return {"code_lr": self.code_lr, "codes_changed": self.codes_changed,
+        return {"code_lr": self.code_lr, "codes_changed": self.codes_changed, "windows": self.windows,
                 "layers_codes_trained": sum(bool(x.get("codes_trained")) for x in self.layers),
                 "e2e_steps": int(e2e.get("steps", 0)), "e2e_kept": bool(e2e.get("kept", False)),
                 **({"e2e_ce": float(e2e["ce"])} if e2e.get("ce") else {})}
@@ -496,7 +497,7 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
         rot.to(rot_dev)
     peak, what = _peak(dev)
     res = DistillResult(out_chunks, norms, time.time() - t0, peak, what, per_layer, e2e,
-                        sorted(set(skipped)), codes_changed, code_lr)
+                        sorted(set(skipped)), codes_changed, code_lr, n_tr)
     return res
 
 
