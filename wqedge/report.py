@@ -109,11 +109,11 @@ def fit_lines(meta: dict) -> list[str]:
     ce = fit.get("distill_ce") or (done or {}).get("e2e_ce")
     loss = f", loss {1 - ce:g}·KL + {ce:g}·CE" if ce else ""
     if done:
-        codes = (f"codes trained ({done.get('codes_changed', 0):,} changed, in {done.get('layers_codes_trained', 0)} "
-                 f"layers)" if done.get("code_lr") else "codes frozen")
+        codes = (f"codes trained ({done.get('codes_changed', 0):,} changed, in "
+                 f"{done.get('layers_codes_trained', 0)} layers)" if done.get("code_lr") else "codes frozen")
         e2e = int(done.get("e2e_steps", 0))
-        stage = "" if not e2e else (f"; end-to-end {e2e} steps{loss}, " +
-                                    ("kept" if done.get("e2e_kept") else "dropped (it did not lower the held-out loss)"))
+        kept = "kept" if done.get("e2e_kept") else "dropped (it did not lower the held-out loss)"
+        stage = f"; end-to-end {e2e} steps{loss}, {kept}" if e2e else ""
         lines.append(f"distilled: {steps} steps per decoder layer{windows}, {codes}{stage}")
     elif steps:
         extra = "".join([f", end-to-end {fit['distill_e2e']} steps" if fit.get("distill_e2e") else "",

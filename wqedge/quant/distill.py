@@ -371,13 +371,13 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
     calibration windows `tokens` [n, seqlen]; `heldout` windows only measure. `model` is left unchanged.
 
     steps: AdamW steps per decoder layer (block stage, MSE of the layer's output); e2e_steps: steps of the
-    end-to-end KL stage after it (0: none); e2e_ce: the weight of the next-token cross-entropy on the
-    calibration text in that stage's loss, (1 - e2e_ce)·KL + e2e_ce·CE (0: KL alone). Each step takes `batch_size` windows. unprune(name, w, shape): for a
-    pruning plan's chunks (kept rows and columns only), the kept weight in the model's shape with zeros where
-    structures were removed (Plan.unprune_weight), so the unpruned fp layers stay the teachers. act_bits: the
-    plan's activation bits when below 8: the student's linears quantize their inputs per token as the runtime
-    does (straight-through gradients). A rotated model (wqedge.rotation.rotate_model: folded weights, input hooks)
-    is its own teacher, and its hooks move onto the student's linears (`_swap_linears`).
+    end-to-end KL stage after it (0: none); e2e_ce: the weight of the next-token cross-entropy on the calibration
+    text in that stage's loss, (1 - e2e_ce)·KL + e2e_ce·CE (0: KL alone). Each step takes `batch_size` windows.
+    unprune(name, w, shape): for a pruning plan's chunks (kept rows and columns only), the kept weight in the
+    model's shape with zeros where structures were removed (Plan.unprune_weight), so the unpruned fp layers stay the
+    teachers. act_bits: the plan's activation bits when below 8: the student's linears quantize their inputs per
+    token as the runtime does (straight-through gradients). A rotated model (wqedge.rotation.rotate_model: folded
+    weights, input hooks) is its own teacher, and its hooks move onto the student's linears (`_swap_linears`).
     """
     from ..calib import _layer_call, _rotary, default_device
 
@@ -564,7 +564,7 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
            "codes_changed": sum(tl.codes_changed for tl in tls)}
     if ce:
         res.update(ce=ce, objective_before=obj_before, objective_after=obj_after)
-    if obj_after > obj_before:   # the held-out loss rose (at 3.25 b, or a code learning rate too high): keep the block stage's
+    if obj_after > obj_before:   # the held-out loss rose (3.25 b, or a code rate too high): keep the block stage's
         say(f"distillation (end to end): held-out {'KL' if not ce else 'loss'} {obj_before:.4g} -> {obj_after:.4g}; "
             "keeping the block stage's result")
         return chunks, norms, {**res, "kept": False, "codes_changed": 0}
