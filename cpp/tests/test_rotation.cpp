@@ -165,14 +165,15 @@ int main() {
     std::printf("AVX-512 packed products checked bit for bit against AVX2: %d\n", n_512);
     // Int8 activations (block_matmul_q8): the AVX-512 VNNI kernel on pack_quads16 / quad_row_sums against the scalar
     // reference on row-major codes, bit for bit; inputs from quant_x8 (a zero 32-column block, outliers), codes at
-    // +-127, 1..6 blocks, a row range (rows outside untouched). The scalar reference itself against a float64 sum.
+    // +-127, 1..6 blocks, row ranges (rows outside untouched; an odd number of 16-row strips too). The scalar reference
+    // itself against a float64 sum.
     int n_q8 = 0;
     {
         std::uniform_int_distribution<int> code8(-127, 127);
         for (int n : {128, 64, 32})
             for (int nx : {1, 3, 4, 6})
-                for (int part = 0; part < 2; ++part) {
-                    const int i0 = part && n > 32 ? 16 : 0, i1 = part && n > 32 ? n - 16 : n;
+                for (int part = 0; part < 3; ++part) {  // all rows; [16, n - 16); [16, n)
+                    const int i0 = part && n > 32 ? 16 : 0, i1 = part == 1 && n > 32 ? n - 16 : n;
                     std::vector<int8_t> Q((size_t)n * n);
                     std::vector<float> s(n), X((size_t)nx * n);
                     for (int8_t& c : Q) c = (int8_t)(rng() % 5 == 0 ? (rng() & 1 ? 127 : -127) : code8(rng));
