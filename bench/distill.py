@@ -57,15 +57,14 @@ def tilted(table, factor: float):
     times `factor`: a plan that takes more (factor < 1) or fewer low-bit chunks at the same budget."""
     if factor == 1:
         return table
-    import copy
+    from dataclasses import replace
 
     from wqedge import blocks
     from wqedge.saliency import split_action
     low = [i for i, a in enumerate(table.actions) if blocks.block_type(split_action(a)[0]).nominal_bits <= 2]
-    out = copy.copy(table)
-    out.damage = table.damage.copy()
-    out.damage[:, low] *= factor
-    return out
+    damage = table.damage.copy()
+    damage[:, low] *= factor
+    return replace(table, damage=damage)
 
 
 def parse_config(s: str) -> dict:
@@ -221,6 +220,7 @@ def main(argv=None):
         print("\n".join(lines[-1:]), flush=True)
 
     tilts = [float(f) for f in a.tilt.split(",")]
+    ces = [float(x) for x in a.e2e_ce.split(",")]
     for b, f in [(b, f) for b in budgets for f in tilts]:
         if time.time() - t_start > a.time_limit:
             log(f"time limit: budget {b} tilt {f} not run")
@@ -237,7 +237,6 @@ def main(argv=None):
                      "predicted_damage": table.plan_damage(choice)})
         log(f"B={b}: feedback {rows[-1]['ppl']:.4f} ({conv_s:.1f} s)")
         write()
-        ces = [float(x) for x in a.e2e_ce.split(",")]
         for c, w, ce in [(c, w, ce) for c in configs for w in d_windows for ce in ces]:
             cs = sets[w]
             if time.time() - t_start > a.time_limit:

@@ -308,7 +308,7 @@ def set_distill_options(plan: Plan, e2e_steps: int | None = None, freeze_codes: 
     """Record in `plan` how distillation goes beyond its block steps (--distill-e2e, --freeze-codes,
     --distill-windows, --distill-ce); None / False leave the defaults (`distill_options`, `distill_windows_of`,
     the end-to-end stage on the KL alone)."""
-    from .quant.distill import check_steps
+    from .quant.distill import check_ce_weight, check_steps
     fit = plan.meta.setdefault("fit", {})
     if e2e_steps is not None:
         try:
@@ -322,9 +322,10 @@ def set_distill_options(plan: Plan, e2e_steps: int | None = None, freeze_codes: 
             raise ConvertError(f"--distill-windows must be at least 1, got {windows}")
         fit["distill_windows"] = int(windows)
     if ce is not None:
-        if not 0.0 <= float(ce) <= 1.0:
-            raise ConvertError(f"--distill-ce must lie in [0, 1], got {ce}")
-        fit["distill_ce"] = float(ce)
+        try:
+            fit["distill_ce"] = check_ce_weight(ce, "--distill-ce")
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
 
 
 def distill_windows_of(plan: Plan, spec, device=None, say: Callable[[str], None] | None = None) -> int:

@@ -104,6 +104,14 @@ class DistillResult:
         return "\n".join(parts)
 
 
+def check_ce_weight(w, what: str = "the end-to-end cross-entropy weight") -> float:
+    """w as a float in [0, 1] (the text's cross-entropy share of the end-to-end loss), else ValueError."""
+    w = float(w)
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"{what} must lie in [0, 1], got {w!r}")
+    return w
+
+
 def check_steps(steps, what: str = "distillation steps") -> int:
     """steps as an int >= 0, else ValueError."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
@@ -385,8 +393,7 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
     e2e_steps = check_steps(e2e_steps, "end-to-end distillation steps")
     if not (code_lr >= 0 and (e2e_code_lr is None or e2e_code_lr >= 0)):
         raise ValueError(f"code learning rates must be >= 0, got {code_lr!r} / {e2e_code_lr!r}")
-    if not 0.0 <= e2e_ce <= 1.0:
-        raise ValueError(f"the end-to-end cross-entropy weight must lie in [0, 1], got {e2e_ce!r}")
+    e2e_ce = check_ce_weight(e2e_ce)
     if e2e_code_lr is None:   # the same rate: llama-s 2.5 b 6.652 against 6.681 at a fifth of it (distill_codes.md)
         e2e_code_lr = code_lr
     if batch_size < 1:
@@ -513,16 +520,15 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
     norm_params = [p for layer in student.model.layers for p in _norms(layer)] + [student.model.norm.weight]
 
     def losses(x):
-        """(KL, next-token cross-entropy) of a batch of windows, means per position."""
+        """(KL, the trained objective) of a batch of windows, means per position: the objective is the KL itself,
+        or with ce > 0 (1 - ce)·KL + ce·(the text's next-token cross-entropy)."""
         with torch.no_grad():
             pt = torch.log_softmax(teacher(x).logits.float(), -1)
         ps = torch.log_softmax(student(x).logits.float(), -1)
-        nll = -ps[:, :-1].gather(-1, x[:, 1:, None]).mean() if ce else ps.new_zeros(())
-        return (pt.exp() * (pt - ps)).sum(-1).mean(), nll
-
-    def objective(x):
-        k, nll = losses(x)
-        return k if not ce else (1 - ce) * k + ce * nll
+        k = (pt.exp() * (pt - ps)).sum(-1).mean()
+        if not ce:
+            return k, k
+        return k, (1 - ce) * k + ce * -ps[:, :-1].gather(-1, x[:, 1:, None]).mean()
 
     def heldout_losses() -> tuple[float, float]:
         """(held-out KL, held-out objective)."""
@@ -532,14 +538,13 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
         with torch.no_grad():
             for i in range(0, len(heldout), bs):
                 x = heldout[i:i + bs].to(dev)
-                k, nll = losses(x)
-                tot += len(x) * np.array([float(k), float((1 - ce) * k + ce * nll)])
+                tot += len(x) * np.array([float(v) for v in losses(x)])
         return tuple(tot / len(heldout))
 
     before, obj_before = heldout_losses()
     opt, sched = _optimizer(tls, norm_params, lr, norm_lr, steps, code_lr)
     for step, idx in enumerate(_batches(tokens.shape[0], steps, bs, seed + 10_000)):
-        loss = objective(tokens[idx].to(dev))
+        loss = losses(tokens[idx].to(dev))[1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
