@@ -99,6 +99,9 @@ def main():
     ap.add_argument("--speed-only", action="store_true", help="only decode speed, of files already in --workdir")
     ap.add_argument("--speed-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--method", choices=("ruquant", "hadamard"), default="ruquant",
+                    help="rotation method of the rotated rows (wqedge.rotation / wqedge.residual_rotation)")
+    ap.add_argument("--no-plain", action="store_true", help="skip the unrotated rows")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ruquant_runtime.md"))
     args = ap.parse_args()
     import torch
@@ -106,7 +109,7 @@ def main():
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     lines = [f"# RUQuant through files: reference vs C++ runtime ({datetime.date.today()})", "",
-             f"`python bench/ruquant_runtime.py {' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in vars(args).items() if k in ('windows', 'fit', 'threads'))}`"
+             f"`python bench/ruquant_runtime.py {' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in vars(args).items() if k in ('windows', 'fit', 'threads', 'method'))}`"
              f"{' --speed' if args.speed else ''}; llama-s, first {args.windows} windows of 512 tokens of eval.txt.", ""]
     rows = []
     speed_files = {"q4 rotated": work / "q4-rot-a8.gguf", "q4 plain": work / "q4-plain-a8.gguf"}
@@ -121,14 +124,18 @@ def main():
         del fp
         lines.append(f"fp16 (PyTorch, same windows): **{fp_ppl:.4f}**")
         t0 = time.time()
-        config = rotation_config()
+        from wqedge.residual_rotation import hadamard_config
+        config = rotation_config() if args.method == "ruquant" else hadamard_config()
         pipeline.rotated(ckpt, config, calib)
         t_rot = time.time() - t0
         lines += [f"stage-1 transforms (calibration activations + construction, {config['n_seqs']} x "
-                  f"{config['seqlen']} tokens, CPU, {args.threads} threads): {t_rot:.1f} s", "",
+                  f"{config['seqlen']} tokens, CPU, {args.threads} threads): {t_rot:.1f} s" if args.method == "ruquant"
+                  else f"hadamard transforms (data-free; residual rotation folded on reading): {t_rot:.1f} s", "",
                   "| weights | rotated | act bits | ref | ref64 | cpp-f32 | cpp-q8 | ref vs fp16 | ref64 vs ref | cpp-f32 vs ref | cpp-q8 vs ref |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for action, rot, bits_list in ROWS:
+            if args.no_plain and not rot:
+                continue
             plan = pipeline.make_plan(ckpt, 0, preset=action)
             plan.rotation = config if rot else None
             src, stored = pipeline.rotated(ckpt, plan.rotation, calib)
@@ -141,17 +148,18 @@ def main():
             t_fit = time.time() - t0
             for bits in bits_list:
                 plan.act_bits = bits
-                path = work / f"{action}-{'rot' if rot else 'plain'}-a{bits}.gguf"
+                name = ("rot" if args.method == "ruquant" else args.method) if rot else "plain"
+                path = work / f"{action}-{name}-a{bits}.gguf"
                 convert_to_gguf(src, plan.validate(), path, fitted=fitted, transforms=stored)
                 r = ppl_reference(path, tokens, bos, args.windows)
                 r64 = ppl_reference64(path, tokens, bos, args.windows) if bits < 8 else r
                 c32 = ppl_cpp(path, tokens, bos, args.windows, "f32", args.threads)
                 c8 = ppl_cpp(path, tokens, bos, args.windows, "q8", args.threads)
-                row = dict(weights=action, rotated=rot, act_bits=bits, ref=r, ref64=r64, cpp_f32=c32, cpp_q8=c8, fp16=fp_ppl,
+                row = dict(weights=action, rotated=args.method if rot else False, act_bits=bits, ref=r, ref64=r64, cpp_f32=c32, cpp_q8=c8, fp16=fp_ppl,
                            fit=args.fit, fit_seconds=t_fit)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                lines.append(f"| {action} | {'yes' if rot else 'no'} | {bits} | {r:.4f} | {r64:.4f} | {c32:.4f} | {c8:.4f} | "
+                lines.append(f"| {action} | {args.method if rot else 'no'} | {bits} | {r:.4f} | {r64:.4f} | {c32:.4f} | {c8:.4f} | "
                              f"{100 * (r / fp_ppl - 1):+.2f}% | {100 * (r64 / r - 1):+.3f}% | {100 * (c32 / r - 1):+.3f}% | "
                              f"{100 * (c8 / r - 1):+.3f}% |")
     if args.speed or args.speed_only:

@@ -1,5 +1,5 @@
-"""Decode speed of a rotated (RUQuant) file vs the same model unrotated, through the C++ runtime's wqedge-bench
-(issue 15): the transforms' overhead per token. Made for a quiet many-core machine (bench/results/ruquant_speed.txt
+"""Decode speed of rotated files (RUQuant; `--methods ruquant,hadamard` adds the data-free Hadamard method) vs the
+same model unrotated, through the C++ runtime's wqedge-bench (issue 15): the transforms' overhead per token. Made for a quiet many-core machine (bench/results/ruquant_speed.txt
 was run on the device machine): a random-weight model of llama-s's shape (hidden 512, 8 layers, 8/4 heads,
 FFN 1408, vocab 8192) is built on the spot, converted twice with preset q4 (weights-only fits; the rotated one
 with --rotate transforms built from text the tiny corpus gives), and `wqedge-bench` runs both files alternately.
@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-s")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (-p of wqedge-bench)")
     ap.add_argument("--decode", type=int, default=128, help="decoded tokens (-n of wqedge-bench)")
+    ap.add_argument("--methods", default="ruquant", help="rotation methods to convert and time beside the plain file "
+                    "(comma list of ruquant, hadamard)")
     ap.add_argument("--device", default=None, help="torch device for the two conversions (cuda: the GPU of the device machine)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -43,12 +45,12 @@ def main():
                                                     init="normal", dtype="float16"))
     text = " ".join(tiny_corpus(3000))
     files = {}
-    for rot in (False, True):
-        plan = pipeline.make_plan(ckpt, 0, preset="q4", calib_text=text if rot else None, rotate=rot,
-                                 device=args.device)
-        files["rotated" if rot else "plain"] = pipeline.convert(
-            ckpt, plan, out / f"q4-{'rot' if rot else 'plain'}.gguf", calib_text=text if rot else None,
-            feedback=False, device=args.device).path
+    for rot in [False] + args.methods.split(","):
+        cal = text if rot == "ruquant" else None     # the hadamard method is data-free
+        plan = pipeline.make_plan(ckpt, 0, preset="q4", calib_text=cal, rotate=rot, device=args.device)
+        name = {False: "plain", "ruquant": "rotated"}.get(rot, rot)
+        files[name] = pipeline.convert(ckpt, plan, out / f"q4-{'rot' if rot == 'ruquant' else rot or 'plain'}.gguf",
+                                       calib_text=cal, feedback=False, device=args.device).path
     res = []
     for t in [int(x) for x in args.threads.split(",")]:
         for r in range(args.rounds):
@@ -59,6 +61,12 @@ def main():
                 print(json.dumps(row), flush=True)
                 res.append(row)
     (out / "ruquant_speed.json").write_text(json.dumps(res, indent=1))
+    for t in sorted({r["threads"] for r in res}):
+        best = {n: min(r["decode_cpu_ms_per_token"]
+                       for r in res if r["file"] == n and r["threads"] == t) for n in files}
+        print(f"{t} thread(s), best ms/token: " + ", ".join(
+            f"{n} {v:.3f}" + ("" if n == "plain" else f" ({100 * (v / best['plain'] - 1):+.1f}%)")
+            for n, v in best.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protec
                        f"llama.cpp export keeps 256-column blocks (--prune-group to change)")
     try:
         plan = make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect, preset,
-                         rotate=rotate is not None, act_bits=act_bits, prune=prune,
+                         rotate=rotate or False, act_bits=act_bits, prune=prune,
                          max_prune=max_prune, stream_layers=stream_layers, rotate_stage2=rotate_stage2 or 0,
                          resume_dir=resume_dir, prune_group=prune_group, two_level=two_level)
     except PlanError as e:
@@ -268,10 +268,15 @@ _common_plan_options = [
                       "0.3-0.5% over three seeds at 2.5 and 3.25 bits but raised its KL to the fp model by 3-10% "
                       "(bench/results/distill_codes.md run 13): it fits the calibration text's domain, not the fp "
                       "model, so use it where that text is the domain the model will serve."),
-    click.option("--rotate", type=click.Choice(["ruquant"]), is_flag=False, flag_value="ruquant", default=None,
-                 help="RUQuant: orthogonal input transforms per layer and linear group (q/k/v, o, gate/up, down) built "
-                      "from the calibration activations, folded into the weights before planning and fitting and "
-                      "applied online by the runtime (docs/ruquant.md). Needs calibration text."),
+    click.option("--rotate", type=click.Choice(["ruquant", "hadamard"]), is_flag=False, flag_value="ruquant",
+                 default=None, metavar="[ruquant|hadamard]",
+                 help="Rotate before quantizing, for low activation bits (--act-bits 6/4). 'ruquant' (the default of a "
+                      "bare --rotate): orthogonal input transforms per layer and linear group (q/k/v, o, gate/up, "
+                      "down) built from the calibration activations, folded into the weights and applied online by "
+                      "the runtime; needs calibration text. 'hadamard': data-free; the residual stream and the "
+                      "attention heads rotated offline (folded into every weight, norms and head included) and one "
+                      "block Hadamard online, on down_proj's input: at W4A4 as good as RUQuant on llama-s at a "
+                      "fraction of its run-time cost (docs/ruquant.md, bench/results/rotation_methods.md)."),
     click.option("--rotate-stage2", type=click.IntRange(min=1), is_flag=False, flag_value=STAGE2_STEPS, default=None,
                  metavar="[STEPS]",
                  help=f"With --rotate: RUQuant stage 2, each group's global Householder vector learnt by STEPS AdamW "

@@ -112,11 +112,13 @@ def default_two_level(allocator: str, bits: float, preset: str | None, prune=())
 
 def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None, method: str = "neuqi",
               calib_text: str | None = None, seed: int = 0, device=None, protect=(), preset: str | None = None,
-              progress=True, rotate: bool = False, act_bits: int = 8, prune=(), max_prune: float = 0.3,
+              progress=True, rotate: bool | str = False, act_bits: int = 8, prune=(), max_prune: float = 0.3,
               stream_layers: bool | None = None, rotate_stage2: int = 0, resume_dir=None,
               prune_group: int = 32, two_level: bool | None = None, fixed_pruning=None) -> Plan:
     """A plan for `ckpt` at `bits` effective bits (or one `preset` action everywhere). PlanError when no
-    plan can be made. rotate: RUQuant input transforms (`rotated`), planned on the folded weights;
+    plan can be made. rotate: input transforms (`rotated`), planned on the folded weights: "ruquant" (or True)
+    RUQuant's, built from calibration activations, "hadamard" the data-free residual rotation with an online
+    block Hadamard on down_proj's input (wqedge.residual_rotation);
     rotate_stage2: AdamW steps per group of RUQuant stage 2 (0: stage 1 only), at the plan's act_bits and
     `stage2_weight_bits`, recorded in the plan's rotation config; act_bits: the activation bits recorded for
     the runtime; prune: structure kinds ("ffn", "heads") the greedy (or rl) allocator may also prune, up to `max_prune`
@@ -134,8 +136,16 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     are allocated again on the rotated pruned model under the same budget."""
     more = dict(prune=prune, max_prune=max_prune, stream_layers=stream_layers, resume_dir=resume_dir,
                 prune_group=prune_group, two_level=two_level, fixed_pruning=fixed_pruning)
-    if rotate_stage2 and not rotate:
-        raise PlanError("stage 2 of RUQuant (--rotate-stage2) learns a reflection of the rotation: it needs --rotate")
+    if rotate is True:
+        rotate = "ruquant"
+    if rotate not in (False, None, "ruquant", "hadamard"):
+        raise PlanError(f"rotate must be 'ruquant' or 'hadamard', got {rotate!r}")
+    if rotate_stage2 and rotate != "ruquant":
+        raise PlanError("stage 2 of RUQuant (--rotate-stage2) learns a reflection of RUQuant's rotation: it needs "
+                        "--rotate ruquant")
+    if rotate == "hadamard" and prune:
+        raise PlanError("--rotate hadamard does not go with --prune yet (its rotations are built for the unpruned "
+                        "shapes); use --rotate ruquant, or prune without rotating")
     if prune and fixed_pruning is not None:
         raise PlanError("a plan either searches its pruning (prune) or is given one (fixed_pruning), not both")
     searched = None
@@ -148,6 +158,14 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
         more.update(prune=(), fixed_pruning=joint.pruning)
     if (rotate or act_bits != 8) and two_level is None:
         more["two_level"] = two_level = False
+    if rotate == "hadamard":
+        from .residual_rotation import hadamard_config
+        config = hadamard_config(seed)
+        src, _ = rotated(ckpt, config, calib_text, device)
+        plan = make_plan(src, bits, group, allocator, method, calib_text, seed, device, protect, preset, progress,
+                         **more)
+        plan.rotation, plan.act_bits = config, act_bits
+        return plan.validate()
     if rotate:
         from .rotation import rotation_config, stage2_config
         try:
@@ -635,6 +653,18 @@ def rotated(ckpt, config: dict | None, calib_text: str | None, device=None, say:
     if config is None:
         return ckpt, None
     from .rotation import RotatedCheckpoint, to_stored
+    if config.get("method") == "hadamard":   # data-free: no calibration text, nothing to cache
+        from .residual_rotation import ResidualRotatedCheckpoint, hadamard_transforms
+        from .rotation import check_config
+        try:
+            check_config(config)
+        except ValueError as e:
+            raise ConvertError(f"the plan's rotation: {e}") from None
+        if pruning is not None:
+            raise ConvertError("a pruned plan with --rotate hadamard is not supported yet")
+        t = hadamard_transforms(ckpt.spec, config)
+        return RotatedCheckpoint(ResidualRotatedCheckpoint(ckpt, int(config["seed"])), t), \
+            {k: to_stored(v) for k, v in t.items()}
     t = rotation_build(ckpt, config, calib_text, device, say, pruning).transforms
     src, columns = _masked(ckpt, pruning)
     return RotatedCheckpoint(src, t, columns), {k: to_stored(v) for k, v in t.items()}

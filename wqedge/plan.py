@@ -24,7 +24,7 @@ PLAN_VERSION = 4          # the newest version; a plan is written in the oldest 
 READ_VERSIONS = (1, 2, 3, 4)  # 2: structured pruning ("pruning"); 3: "rotation", "act_bits", "kv_cache" (issue 15);
 #                               4: a rotation with "stage2" (learnt reflections; issue 15); docs/plan.md
 ACT_BITS = (8, 6, 4)      # activation bits a plan may ask the runtime for (8: the int8 path every file has)
-ROTATIONS = ("ruquant",)  # rotation methods (wqedge.rotation)
+ROTATIONS = ("ruquant", "hadamard")  # rotation methods (wqedge.rotation, wqedge.residual_rotation)
 METHODS = ("neuqi", "minmax")
 BUDGET_TOLERANCE = 1e-9
 MAX_PLAN_BYTES = 64 << 20  # a 70B plan is well under 1 MiB; anything larger is not a plan

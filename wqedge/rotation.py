@@ -184,8 +184,24 @@ class BlockRotation:
     def matrix_of(self, full: bool) -> torch.Tensor:
         return self.full if full else self.tail
 
+    @property
+    def is_identity(self) -> bool:
+        """True when every matrix is the identity (float, or int8 codes 127·I with row scales 1/127, which the
+        runtime skips as it skips float identities: cpp/src/rotation.cpp load_rotations); apply is then exactly x."""
+        def eye(m, codes, scale):
+            if m is None:
+                return True
+            n = m.shape[0]
+            if codes is None:
+                return bool(torch.equal(m, torch.eye(n, dtype=m.dtype)))
+            return bool(torch.equal(codes, (127 * torch.eye(n)).to(codes.dtype))
+                        and ((scale.double() * 127 - 1).abs() < 1e-6).all())
+        return eye(self.full, self.full_codes, self.full_scale) and eye(self.tail, self.tail_codes, self.tail_scale)
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """R x along the last dimension (x [..., d])."""
+        if self.is_identity:
+            return x
         if self.integer:
             return self._blockwise(x, lambda v, full: _int_block_product(
                 v, *((self.full_codes, self.full_scale) if full else (self.tail_codes, self.tail_scale))).to(x.dtype))
@@ -194,6 +210,8 @@ class BlockRotation:
     def apply_inverse_transpose(self, x: torch.Tensor) -> torch.Tensor:
         """R⁻ᵀ x along the last dimension, i.e. x R⁻¹ for row vectors: what folding into weights needs. An
         orthogonal (float) R uses Rᵀ⁻ᵀ = R, exactly the old fold; an int8 R its exact inverse (float64)."""
+        if self.is_identity:
+            return x
         if not self.integer:
             return self.apply(x)
         return self._blockwise(x, lambda v, full: (

@@ -22,7 +22,7 @@ MAX_INT8_BLOCK = 512   # the largest block format 3 stores as int8 matrices (doc
 # Transform groups of a decoder layer, in wqedge.calib.INPUT_GROUPS order: the linears that read one input.
 GROUPS = ("attn_in", "attn_out", "ffn_in", "ffn_down")   # q/k/v, o, gate/up, down
 GROUP_LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
-KEY_ROTATION = "wqedge.rotation"             # string: the method ("ruquant"); absent: no transforms
+KEY_ROTATION = "wqedge.rotation"             # string: the method ("ruquant", "hadamard"); absent: no transforms
 KEY_BLOCK = "wqedge.rotation.block_size"     # u32: B
 KEY_ACT_BITS = "wqedge.act_bits"             # u32: 8, 6 or 4; absent: 8
 FIELDS = ("r1", "r1_tail", "perm", "r2", "r2_tail", "householder", "smooth",
@@ -112,7 +112,9 @@ def group_of(linear_gguf_name: str) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- the plan's "rotation" config (docs/plan.md)
+METHODS = ("ruquant", "hadamard")   # wqedge.rotation (RUQuant) and wqedge.residual_rotation (QuaRot-style)
 CONFIG_KEYS = ("method", "block", "seed", "smooth_alpha", "n_seqs", "seqlen", "stage2")
+HADAMARD_KEYS = ("method", "block", "seed")
 STAGE2_KEYS = ("steps", "act_bits", "weight_bits", "group", "lr", "tokens")
 
 
@@ -120,11 +122,19 @@ def check_rotation_config(config, act_bits: tuple[int, ...]) -> None:
     """ValueError naming the field when a plan's rotation config is not one wqedge.rotation.build_rotation can
     rebuild: an unknown method or field (a field this version does not know would be silently ignored, giving
     other transforms than the plan was made on), or a "stage2" entry without all its settings."""
-    if not isinstance(config, dict) or config.get("method") != "ruquant":
-        raise ValueError("method must be ruquant")
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if not isinstance(config, dict) or config.get("method") not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}")
+    known = HADAMARD_KEYS if config["method"] == "hadamard" else CONFIG_KEYS
+    unknown = sorted(set(config) - set(known))
     if unknown:
-        raise ValueError(f"unknown field {unknown[0]!r} (known: {', '.join(CONFIG_KEYS)})")
+        raise ValueError(f"unknown field {unknown[0]!r} (known: {', '.join(known)})")
+    if config["method"] == "hadamard":
+        b = config.get("block")
+        if isinstance(b, bool) or not isinstance(b, int) or b < 2 or b & (b - 1) or b > 4096:
+            raise ValueError(f"block must be a power of two from 2 to 4096, got {b!r}")
+        if isinstance(config.get("seed"), bool) or not isinstance(config.get("seed"), int):
+            raise ValueError(f"seed must be an integer, got {config.get('seed')!r}")
+        return
     s2 = config.get("stage2")
     if s2 is None:
         return

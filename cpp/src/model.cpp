@@ -191,8 +191,9 @@ void Loader::load() {
             f.format_error("wqedge.act_bits = %d; this runtime runs 8, 6 or 4", hp.act_bits);
         if (f.has("wqedge.rotation")) {
             const std::string method = f.get_string("wqedge.rotation");
-            if (method != "ruquant")
-                throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": rotation method '" + method + "' is not supported");
+            if (method != "ruquant" && method != "hadamard")
+                throw Error(WQE_ERR_UNSUPPORTED, f.path() + ": rotation method '" + method + "' is not supported "
+                                                     "(this runtime runs 'ruquant' and 'hadamard')");
             rot_block = dim_key("wqedge.rotation.block_size", 1, 4096);
         }
     }

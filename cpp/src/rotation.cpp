@@ -504,6 +504,10 @@ static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kern
     if (int8 && buf8.size() < (size_t)nf * B / 32) buf8.resize((size_t)nf * B / 32);
     float *t = buf.data(), *g = t + r.dim, *y = g + r.dim, *part = y + r.dim;
     auto stage = [&](bool second, const float* in, float* out) {
+        if (second ? r.id2 : r.id1) {
+            std::memcpy(out, in, sizeof(float) * r.dim);
+            return;
+        }
         const XQ8* in8 = nullptr;
         if (int8) {  // the whole blocks' input, per 32 columns (the tail block stays float)
             vec_ops(kernels).quant_x8(in, nf * B, buf8.data(), 0.0f);
@@ -515,7 +519,8 @@ static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kern
     if (!r.smooth.empty())
         for (int i = 0; i < r.dim; ++i) x[i] /= r.smooth[i];
     stage(false, x, t);
-    for (int i = 0; i < r.dim; ++i) g[i] = t[r.perm[i]];
+    if (r.perm_id) std::memcpy(g, t, sizeof(float) * r.dim);
+    else for (int i = 0; i < r.dim; ++i) g[i] = t[r.perm[i]];
     stage(true, g, y);
     std::memcpy(x, y, sizeof(float) * r.dim);
     if (r.hh.empty()) return;
@@ -544,6 +549,7 @@ float act_fake_quant(float* x, int n, int bits) {
 }
 
 void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPool& pool, int kernels, float* steps) {
+    if (r && r->identity()) r = nullptr;
     if (steps)
         for (int t = 0; t < n; ++t) steps[t] = 0.0f;
     if (!r && bits >= 8) return;
@@ -615,6 +621,24 @@ static void load_matrix(const GGUFFile& f, const std::string& name, int n, std::
     s = f32_tensor(f, name + "_scale", n, 1, true);
 }
 
+static bool is_identity(const std::vector<float>& m, int n) {
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < n; ++j)
+            if (m[(size_t)i * n + j] != (i == j ? 1.0f : 0.0f)) return false;
+    return true;
+}
+
+// int8 codes 127·I with row scales 1/127 (wqedge.rotation.BlockRotation.is_identity): the identity as stored by a
+// group whose matrices are int8.
+static bool is_identity_q(const std::vector<int8_t>& q, const std::vector<float>& s, int n) {
+    for (int i = 0; i < n; ++i) {
+        if (std::fabs((double)s[i] * 127.0 - 1.0) >= 1e-6) return false;
+        for (int j = 0; j < n; ++j)
+            if (q[(size_t)i * n + j] != (i == j ? 127 : 0)) return false;
+    }
+    return true;
+}
+
 std::vector<Rotation> load_rotations(const GGUFFile& f, int layer, int block, const int widths[4]) {
     std::vector<Rotation> out(4);
     for (int g = 0; g < 4; ++g) {
@@ -646,6 +670,13 @@ std::vector<Rotation> load_rotations(const GGUFFile& f, int layer, int block, co
         for (float s : r.smooth)
             if (!(s > 0.0f)) f.format_error("tensor '%ssmooth' holds a non-positive divisor", p.c_str());
         r.pack_blocks();
+        if (!ints) {
+            r.id1 = is_identity(r.r1, block) && (!t || is_identity(r.r1_tail, t));
+            r.id2 = is_identity(r.r2, block) && (!t || is_identity(r.r2_tail, t));
+        } else {
+            r.id1 = is_identity_q(r.q1, r.s1, block) && (!t || is_identity_q(r.q1_tail, r.s1_tail, t));
+            r.id2 = is_identity_q(r.q2, r.s2, block) && (!t || is_identity_q(r.q2_tail, r.s2_tail, t));
+        }
         const GGUFTensor* pt = f.tensor(p + "perm");
         if (!pt) f.format_error("rotated file lacks tensor '%sperm'", p.c_str());
         if (pt->type != GGML_I32 || pt->n_dims != 1 || pt->dims[0] != (uint64_t)d)
@@ -658,6 +689,8 @@ std::vector<Rotation> load_rotations(const GGUFFile& f, int layer, int block, co
             if (v < 0 || v >= d || seen[v]) f.format_error("tensor '%sperm' is not a permutation of 0..%d", p.c_str(), d - 1);
             seen[v] = 1;
         }
+        r.perm_id = true;
+        for (int i = 0; i < d && r.perm_id; ++i) r.perm_id = r.perm[i] == i;
     }
     return out;
 }

@@ -32,6 +32,11 @@ struct Rotation {
     std::vector<int32_t> perm;                     // x'[i] = x[perm[i]]
     std::vector<float> hh;                         // unit Householder vector, empty when none
     std::vector<float> smooth;                     // divisors, empty when none
+    // Stages that are the identity (float identity matrices, the identity permutation: found at load), which apply
+    // skips: a method that transforms only some groups (docs/format.md "Rotations", method "hadamard") stores the
+    // others as identities, and those groups then cost nothing.
+    bool id1 = false, id2 = false, perm_id = false;
+    bool identity() const { return id1 && id2 && perm_id && hh.empty() && smooth.empty(); }
     // x (dim floats) -> x' in place. kernels: K_SCALAR, K_AVX2 or K_NEON.
     // int8: the whole blocks' products with int8 activations (block_matmul_q8) where this set has them (int8_ready).
     void apply(float* x, int kernels, bool int8 = false) const;
