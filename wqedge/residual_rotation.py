@@ -141,19 +141,22 @@ class ResidualRotation:
 
     def rotate_model(self, model) -> "torch.nn.Module":
         """Rotate a transformers LlamaForCausalLM in place (untying a tied head) and return it."""
-        sd = {k: v for k, v in model.state_dict().items()}
         tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-        names = [k for k in sd if k.endswith(".weight")]
-        if "lm_head.weight" not in names:
-            names.append("lm_head.weight")
-        new = {n: self.tensor(n, lambda k: sd[k], tied=tied) for n in names}
         with torch.no_grad():
+            head = self.tensor("lm_head.weight", lambda k: model.get_parameter(k), tied=tied)
             if tied:
-                model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
+                model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight),
+                                                          requires_grad=model.lm_head.weight.requires_grad)
                 model.config.tie_word_embeddings = False
-            params = dict(model.named_parameters())
-            for n, v in new.items():
-                params[n].copy_(v.to(params[n].dtype))
+            model.lm_head.weight.copy_(head)
+            del head
+            # One tensor at a time (a float32 copy of one, not of the model); the norm scales last, since the
+            # linears that read them fold them in first.
+            names = [n for n, _ in model.named_parameters() if n.endswith(".weight") and n != "lm_head.weight"]
+            names.sort(key=lambda n: n.endswith("norm.weight"))
+            for n in names:
+                p = model.get_parameter(n)
+                p.copy_(self.tensor(n, lambda k: model.get_parameter(k)).to(p.dtype))
         return model
 
 
