@@ -72,14 +72,14 @@ class Rotation:
     def right(self, x: torch.Tensor) -> torch.Tensor:
         """x R along the last dimension."""
         if self.dense is not None:
-            return x @ self.dense.to(x.dtype)
-        return hadamard_transform(x * self.signs.to(x.dtype))
+            return x @ self.dense.to(x.device, x.dtype)
+        return hadamard_transform(x * self.signs.to(x.device, x.dtype))
 
     def right_t(self, x: torch.Tensor) -> torch.Tensor:
         """x Rᵀ along the last dimension."""
         if self.dense is not None:
-            return x @ self.dense.to(x.dtype).T
-        return hadamard_transform(x) * self.signs.to(x.dtype)
+            return x @ self.dense.to(x.device, x.dtype).T
+        return hadamard_transform(x) * self.signs.to(x.device, x.dtype)
 
     def matrix(self) -> torch.Tensor:
         return self.right(torch.eye(self.n))
