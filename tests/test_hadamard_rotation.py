@@ -201,6 +201,7 @@ def test_cli_convert_and_inspect(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0 and "input transforms: hadamard" in r.output, r.output
+    assert "2 not the identity, the rest skipped" in r.output, r.output   # the down groups of 2 layers
 
 
 @pytest.mark.engine("onnxruntime")
