@@ -8,7 +8,8 @@
 - end to end: a plan with --rotate hadamard needs no calibration text, the file records the method, its reference
   equals the fp model within the q8 weights' error, and the C++ runtime (identity groups skipped, the down group's
   block Hadamard online) matches the reference at act bits 8 and 4;
-- what it refuses: --prune, --rotate-stage2, the llama.cpp target, a block that is not a power of two.
+- with a pruning: transforms on the kept columns, the file equals the masked model, the runtime the reference;
+- what it refuses: --rotate-stage2, the llama.cpp target, a block that is not a power of two.
 """
 from __future__ import annotations
 
@@ -177,8 +178,6 @@ def test_cpp_int8_activations_match_reference(files):
 
 def test_refusals(ckpt, tmp_path):
     from wqedge import pipeline
-    with pytest.raises(PlanError, match="--prune"):
-        pipeline.make_plan(ckpt, 2.5, rotate="hadamard", prune=("ffn",), calib_text="text", progress=False)
     with pytest.raises(PlanError, match="needs --rotate ruquant"):
         pipeline.make_plan(ckpt, 0, preset="q8", rotate="hadamard", rotate_stage2=5, progress=False)
     plan = pipeline.make_plan(ckpt, 0, preset="q8", rotate="hadamard", progress=False)
@@ -250,3 +249,47 @@ def test_tied_model_with_a_budget_and_distillation(tiny_model_factory, tmp_path)
     a, b = _reference_logits(out, w), logits_fn(src.load_hf_model())(w)
     # 3 bits on a random tiny model: measured top-1 agreement 0.96, mean |Δ| / std 0.13 (a wrong rotation: ~1)
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9 and np.abs(a - b).mean() / b.std() < 0.25
+
+
+def test_pruned_model(tiny_model_factory, tmp_path):
+    """With a pruning (tests/test_pruned_shapes.py's uneven one): the down transforms cover the kept FFN channels,
+    the rotated masked checkpoint computes the masked model, a plan at 4.25 bits with the pruning fills its budget,
+    and the file's reference equals the masked fp model within the fp16 weights' rounding while the C++ runtime
+    equals the reference (float activations)."""
+    from cpp_support import ensure_library
+    from test_pruned_shapes import CPP_TOL as PRUNED_CPP_TOL
+    from test_pruned_shapes import LAYERS, SHAPE as PRUNED_SHAPE
+    from test_rotated_pruned import FOLD_TOL, FP16_TOL, _fp16_plan
+
+    from wqedge import pipeline
+    from wqedge.masked import MaskedCheckpoint
+    from wqedge.pruning import Pruning
+    from wqedge.reference import load_reference, logits_fn
+    from wqedge.tinymodel import tiny_corpus
+    src = LlamaCheckpoint.open(tiny_model_factory(**PRUNED_SHAPE))
+    pruning = Pruning.for_spec(src.spec, 32, LAYERS)
+    rc, stored = pipeline.rotated(src, hadamard_config(), None, pruning=pruning)
+    spec = pruning.pruned_spec(src.spec)
+    for li in range(spec.n_layers):
+        assert stored[(li, 3)].dim == spec.ff(li) and stored[(li, 1)].dim == spec.heads(li) * spec.head_dim
+    w = _windows()
+    masked = logits_fn(MaskedCheckpoint(src, pruning).load_hf_model())(w)
+    assert _rel(logits_fn(rc.load_hf_model())(w), masked) < FOLD_TOL
+
+    fp16 = _fp16_plan(src, pruning)
+    fp16.rotation = hadamard_config()
+    path = pipeline.convert(src, fp16.validate(), tmp_path / "fp16.gguf", feedback=False).path
+    ref = logits_fn(load_reference(path))(w)
+    assert _rel(ref, masked) < FP16_TOL
+    ensure_library()
+    from wqedge.runtime import native
+    native.set_activations("f32")
+    m = native.Model(path)
+    for row, lr in zip(w, ref):
+        got = native.Context(m, n_ctx=64, n_threads=2).eval(row.tolist(), all_logits=True)
+        assert _rel(got, lr) < PRUNED_CPP_TOL
+
+    plan = pipeline.make_plan(src, 4.25, calib_text=" ".join(tiny_corpus(600)), rotate="hadamard",
+                              fixed_pruning=pruning, progress=False)
+    assert plan.rotation["method"] == "hadamard" and plan.pruning.to_dict() == pruning.to_dict()
+    assert plan.budget_bits - 0.05 < plan.effective_bits() <= plan.budget_bits + 1e-9

@@ -143,9 +143,6 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     if rotate_stage2 and rotate != "ruquant":
         raise PlanError("stage 2 of RUQuant (--rotate-stage2) learns a reflection of RUQuant's rotation: it needs "
                         "--rotate ruquant")
-    if rotate == "hadamard" and prune:
-        raise PlanError("--rotate hadamard does not go with --prune yet (its rotations are built for the unpruned "
-                        "shapes); use --rotate ruquant, or prune without rotating")
     if prune and fixed_pruning is not None:
         raise PlanError("a plan either searches its pruning (prune) or is given one (fixed_pruning), not both")
     searched = None
@@ -161,10 +158,12 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     if rotate == "hadamard":
         from .residual_rotation import hadamard_config
         config = hadamard_config(seed)
-        src, _ = rotated(ckpt, config, calib_text, device)
+        src, _ = rotated(ckpt, config, calib_text, device, pruning=more["fixed_pruning"])
         plan = make_plan(src, bits, group, allocator, method, calib_text, seed, device, protect, preset, progress,
                          **more)
         plan.rotation, plan.act_bits = config, act_bits
+        if searched is not None:
+            plan.meta["pruning"] = searched
         return plan.validate()
     if rotate:
         from .rotation import rotation_config, stage2_config
@@ -660,11 +659,11 @@ def rotated(ckpt, config: dict | None, calib_text: str | None, device=None, say:
             check_config(config)
         except ValueError as e:
             raise ConvertError(f"the plan's rotation: {e}") from None
-        if pruning is not None:
-            raise ConvertError("a pruned plan with --rotate hadamard is not supported yet")
-        t = hadamard_transforms(ckpt.spec, config)
-        return RotatedCheckpoint(ResidualRotatedCheckpoint(ckpt, int(config["seed"])), t), \
-            {k: to_stored(v) for k, v in t.items()}
+        # the residual rotation acts on the hidden size and within heads, the pruning on FFN channels and whole
+        # heads: they commute, and the down (and o) transforms cover the kept columns, as RUQuant's
+        src, columns = _masked(ResidualRotatedCheckpoint(ckpt, int(config["seed"])), pruning)
+        t = hadamard_transforms(ckpt.spec, config, {k: len(c) for k, c in columns.items()})
+        return RotatedCheckpoint(src, t, columns), {k: to_stored(v) for k, v in t.items()}
     t = rotation_build(ckpt, config, calib_text, device, say, pruning).transforms
     src, columns = _masked(ckpt, pruning)
     return RotatedCheckpoint(src, t, columns), {k: to_stored(v) for k, v in t.items()}

@@ -233,16 +233,18 @@ def _int8_identity(d: int, block: int):
     return Transform(eye(block), torch.arange(d), eye(block), torch.zeros(d))
 
 
-def hadamard_transforms(spec, config: dict) -> dict:
+def hadamard_transforms(spec, config: dict, widths: dict[tuple[int, int], int] | None = None) -> dict:
     """{(layer, group): Transform} of the "hadamard" method: the block Hadamard on each layer's down_proj input
     (group 3), identities on the other groups (the residual and head rotations are folded into the weights,
-    `ResidualRotatedCheckpoint`, and need nothing online)."""
-    from .rotation import Transform
+    `ResidualRotatedCheckpoint`, and need nothing online). `widths`: {(layer, group): kept columns} where a
+    pruning narrows a group (wqedge.rotation.pruned_columns); else the spec's widths."""
     block, seed = int(config["block"]), int(config["seed"])
+    widths = widths or {}
     out = {}
     for li in range(spec.n_layers):
-        widths = (spec.hidden_size, spec.heads(li) * spec.head_dim, spec.hidden_size, spec.ff(li))
-        for gi, d in enumerate(widths):
+        full = (spec.hidden_size, spec.heads(li) * spec.head_dim, spec.hidden_size, spec.ff(li))
+        for gi, d in enumerate(full):
+            d = widths.get((li, gi), d)
             out[(li, gi)] = (block_hadamard(d, block, _layer_seed(seed, li)) if gi == 3
                              else _int8_identity(d, block))
     return out
