@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wqedge.rotation_format import StoredTransform
+from wqedge.rotation_format import StoredTransform, is_identity
 
 
 def _int_product(g, x: str, codes: np.ndarray, scale: np.ndarray, stem: str) -> str:
@@ -86,8 +86,9 @@ def lower_act_quant(g, x: str, bits: int) -> str:
 
 def lower_group_input(g, x: str, st: StoredTransform | None, act_bits: int | None, stem: str) -> str:
     """The input every linear of one group reads: the transform (if any), then the activation quantizer when
-    act_bits < 8 (8 bits: float, as the reference and the runtime's float path)."""
-    if st is not None:
+    act_bits < 8 (8 bits: float, as the reference and the runtime's float path). An identity transform (method
+    "hadamard"'s untouched groups) is left out, as the C++ runtime skips it."""
+    if st is not None and not is_identity(st):
         x = lower_transform(g, x, st, stem)
     if act_bits is not None and act_bits < 8:
         x = lower_act_quant(g, x, act_bits)

@@ -132,5 +132,9 @@ def pytest_runtest_protocol(item, nextitem):
         rep = TestReport(item.nodeid, item.location, {k: 1 for k in item.keywords}, "failed", why,
                          "call" if reports else "setup")
         item.ihook.pytest_runtest_logreport(report=rep)
+    # This process set nothing up for the item, but the tests before it may have set up fixtures of its module or
+    # package: tear down what the next item does not share, as pytest's own protocol would (else, when this is
+    # the last test of its module, the next module's setup fails with "previous item was not torn down properly").
+    item.session._setupstate.teardown_exact(nextitem)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True

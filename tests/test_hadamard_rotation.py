@@ -75,13 +75,15 @@ def test_rotated_model_computes_the_same_function(hidden, heads, kv, tied):
     ids = torch.randint(0, 300, (2, 17))
     with torch.no_grad():
         want = m(ids).logits
+        embed = m.model.embed_tokens.weight.clone()
         rot = ResidualRotation(hidden, hidden // heads, seed=3)
         rot.rotate_model(m)
         got = m(ids).logits
         assert not m.config.tie_word_embeddings
         assert m.lm_head.weight.data_ptr() != m.model.embed_tokens.weight.data_ptr()
-        # the rotation did move the weights (an identity would pass the check above too)
+        # the norm scales were folded, and the rotation did move the weights (an identity Q would keep the logits too)
         assert (m.model.norm.weight == 1).all() and (m.model.layers[0].input_layernorm.weight == 1).all()
+        assert float((m.model.embed_tokens.weight - embed).abs().max()) > 0.1 * float(embed.abs().max())
     assert float((got - want).abs().max() / want.std()) < 1e-5
 
 
@@ -185,6 +187,8 @@ def test_refusals(ckpt, tmp_path):
         pipeline.convert(ckpt, plan, tmp_path / "x.gguf", target="llamacpp")
     with pytest.raises(pipeline.ConvertError, match="power of two"):
         pipeline.rotated(ckpt, {**hadamard_config(), "block": 100}, None)
+    with pytest.raises(pipeline.ConvertError, match="int8"):
+        pipeline.rotated(ckpt, {**hadamard_config(), "block": 1024}, None)
     with pytest.raises(pipeline.ConvertError, match="unknown field"):
         pipeline.rotated(ckpt, {**hadamard_config(), "smooth_alpha": 0.5}, None)
     assert list(tmp_path.iterdir()) == []
@@ -293,3 +297,14 @@ def test_pruned_model(tiny_model_factory, tmp_path):
                               fixed_pruning=pruning, progress=False)
     assert plan.rotation["method"] == "hadamard" and plan.pruning.to_dict() == pruning.to_dict()
     assert plan.budget_bits - 0.05 < plan.effective_bits() <= plan.budget_bits + 1e-9
+
+
+def test_views_tell_their_statistics_apart(ckpt):
+    """Rotated views keep the source's fingerprint (plans stay valid for it), so the planner's resumable
+    statistics (--resume-dir) are keyed by stats_view too: equal for equal views, different otherwise."""
+    from wqedge import pipeline
+    a, _ = pipeline.rotated(ckpt, hadamard_config(seed=0), None)
+    b, _ = pipeline.rotated(ckpt, hadamard_config(seed=0), None)
+    c, _ = pipeline.rotated(ckpt, hadamard_config(seed=1), None)
+    assert a.fingerprint() == ckpt.fingerprint() and not hasattr(ckpt, "stats_view")
+    assert a.stats_view() == b.stats_view() != c.stats_view()

@@ -686,11 +686,8 @@ def inspect(gguf_file):
         smooth = sum(st.smooth is not None for st in t.values())
         refl = sum(bool(st.householder.any()) for st in t.values())
         first = next(iter(t.values()), None)
-        import numpy as np
-        from .rotation import from_stored
-        online = sum(not (tr.r1.is_identity and tr.r2.is_identity) or st.smooth is not None or st.householder.any()
-                     or not np.array_equal(st.perm, np.arange(st.dim)) for st, tr in
-                     ((st, from_stored(st)) for st in t.values()))
+        from .rotation_format import is_identity
+        online = sum(not is_identity(st) for st in t.values())
         what = (f"{f.rotation}, {len(t)} transforms (4 per layer: q/k/v, o, gate/up, down; {online} not the "
                 f"identity, the rest skipped), block "
                 f"{first.r1.shape[0]}, {'int8 matrices with row scales' if first.integer else 'float32 matrices'}, "

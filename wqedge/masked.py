@@ -35,6 +35,12 @@ class MaskedCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         return self._mask(name, self._ckpt.get(name))
 
+    def stats_view(self) -> str:
+        """What this view changes, for caches keyed by the (unchanged) fingerprint: the pruning."""
+        import json
+        inner = self._ckpt.stats_view() if hasattr(self._ckpt, "stats_view") else ""
+        return f"masked:{json.dumps(self.pruning.to_dict(), sort_keys=True)}|{inner}"
+
     def linear_weight(self, linear) -> torch.Tensor:
         name = linear if isinstance(linear, str) else linear.hf_name
         return self._mask(name, self._ckpt.linear_weight(linear))

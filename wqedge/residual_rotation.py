@@ -85,6 +85,17 @@ class Rotation:
         return self.right(torch.eye(self.n))
 
 
+ROWS_AT_ONCE = 8192   # vocabulary rows rotated at a time: the transform's temporaries stay small at 128k vocabularies
+
+
+def _by_rows(fn, w: torch.Tensor) -> torch.Tensor:
+    """fn (row-wise) on w, ROWS_AT_ONCE rows at a time, into one float32 result."""
+    out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    for i in range(0, w.shape[0], ROWS_AT_ONCE):
+        out[i:i + ROWS_AT_ONCE] = fn(w[i:i + ROWS_AT_ONCE])
+    return out
+
+
 def _per_head_right(w: torch.Tensor, rot: Rotation, head_dim: int) -> torch.Tensor:
     """Column blocks of head_dim each multiplied on the right by R (o_proj's inputs, one block per query head)."""
     out, cols = w.shape
@@ -114,10 +125,10 @@ class ResidualRotation:
         """The rotated float32 value of checkpoint tensor `name` (the head: `lm_head.weight`, read from the
         embeddings when `tied`)."""
         if name == "model.embed_tokens.weight":
-            return self.q.right(get(name).float())
+            return _by_rows(lambda w: self.q.right(w.float()), get(name))
         if name == "lm_head.weight":
-            w = get("model.embed_tokens.weight" if tied else name).float()
-            return self.q.right(w * get("model.norm.weight").float())
+            gamma = get("model.norm.weight").float()
+            return _by_rows(lambda w: self.q.right(w.float() * gamma), get("model.embed_tokens.weight" if tied else name))
         if name == "model.norm.weight":
             return torch.ones_like(get(name), dtype=torch.float32)
         m = _LAYER.match(name)
@@ -179,12 +190,18 @@ class ResidualRotatedCheckpoint:
         return self.rotation.tensor(name, self._ckpt.get, tied=self._tied)
 
     def linear_weight(self, linear) -> torch.Tensor:
+        """float32 [out, in] rotated weight of one decoder linear (the source checks the stored shape)."""
         name = linear if isinstance(linear, str) else linear.hf_name
+        self._ckpt.linear_weight(linear)   # the source's checks (shape against the spec)
         return self.get(name).contiguous()
 
     def tensor_names(self) -> list[str]:
         names = self._ckpt.tensor_names()
         return names if "lm_head.weight" in names else sorted(names + ["lm_head.weight"])
+
+    def stats_view(self) -> str:
+        """What this view changes, for caches keyed by the (unchanged) fingerprint."""
+        return f"residual-rotation:{self.rotation.seed}"
 
     def load_hf_model(self, *a, **k):
         return self.rotation.rotate_model(self._ckpt.load_hf_model(*a, **k))

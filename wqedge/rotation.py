@@ -641,6 +641,18 @@ class RotatedCheckpoint:
         name = linear if isinstance(linear, str) else linear.hf_name
         return self._fold(name, self._ckpt.linear_weight(linear))
 
+    def stats_view(self) -> str:
+        """What this view changes, for caches keyed by the (unchanged) fingerprint: the transforms' digest."""
+        import hashlib
+        h = hashlib.sha256()
+        for k in sorted(self.transforms):
+            st = to_stored(self.transforms[k])
+            h.update(repr(k).encode())
+            for name, a in sorted(st.arrays().items()):
+                h.update(name.encode() + a.tobytes())
+        inner = self._ckpt.stats_view() if hasattr(self._ckpt, "stats_view") else ""
+        return f"rotated:{h.hexdigest()[:16]}|{inner}"
+
     def load_hf_model(self, *a, **k):
         return rotate_model(self._ckpt.load_hf_model(*a, **k), self.transforms, columns=self.columns)
 

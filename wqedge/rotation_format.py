@@ -97,6 +97,23 @@ class StoredTransform:
             raise ValueError(f"{where}: smoothing divisors must be positive")
 
 
+def _identity_matrix(m: np.ndarray | None, scale: np.ndarray | None) -> bool:
+    if m is None:
+        return True
+    eye = np.eye(m.shape[0])
+    if scale is None:
+        return bool(np.array_equal(m, eye))
+    return bool(np.array_equal(m, 127 * eye) and (np.abs(scale.astype(np.float64) * 127 - 1) < 1e-6).all())
+
+
+def is_identity(st: StoredTransform) -> bool:
+    """True when a stored transform is the identity (every matrix the identity, float or int8 codes 127·I with
+    scales 1/127; the identity permutation; no reflection, no smoothing): what method "hadamard" stores for the
+    groups it leaves alone, and what the C++ runtime and the ONNX export skip (docs/format.md "Rotations")."""
+    return (st.smooth is None and not st.householder.any() and np.array_equal(st.perm, np.arange(st.dim))
+            and all(_identity_matrix(getattr(st, m), getattr(st, sc)) for m, sc in MATRICES))
+
+
 def tensor_name(layer: int, group: int, field: str) -> str:
     """GGUF tensor name of one field of layer `layer`'s group `group` (index into GROUPS)."""
     return f"blk.{layer}.rot_{GROUPS[group]}.{field}"
@@ -130,8 +147,9 @@ def check_rotation_config(config, act_bits: tuple[int, ...]) -> None:
         raise ValueError(f"unknown field {unknown[0]!r} (known: {', '.join(known)})")
     if config["method"] == "hadamard":
         b = config.get("block")
-        if isinstance(b, bool) or not isinstance(b, int) or b < 2 or b & (b - 1) or b > 4096:
-            raise ValueError(f"block must be a power of two from 2 to 4096, got {b!r}")
+        if isinstance(b, bool) or not isinstance(b, int) or b < 2 or b & (b - 1) or b > MAX_INT8_BLOCK:
+            raise ValueError(f"block must be a power of two from 2 to {MAX_INT8_BLOCK} (its matrices are int8), "
+                             f"got {b!r}")
         if isinstance(config.get("seed"), bool) or not isinstance(config.get("seed"), int):
             raise ValueError(f"seed must be an integer, got {config.get('seed')!r}")
         return

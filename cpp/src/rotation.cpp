@@ -489,6 +489,8 @@ bool Rotation::int8_ready(int kernels) const {
     return on && kernels == K_AVX2 && x86_vnni() == 1 && !q1v.empty() && dim >= block;
 }
 
+static void fwht(float* v, int n);
+
 static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kernels, bool int8) {
     const int B = r.block, nf = r.dim / B, tl = r.dim - nf * B, nb = n_blocks(r);
     const bool packed = kernels == K_AVX2 && nf > 0 && !(r.integer() ? r.q1p.empty() : r.r1p.empty());
@@ -508,6 +510,17 @@ static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kern
             std::memcpy(out, in, sizeof(float) * r.dim);
             return;
         }
+        if (!second && !r.had_signs.empty()) {  // R1 a randomized Hadamard matrix: the fast transform, in float
+            for (int b = 0; b < nf; ++b) {
+                float* o = out + (size_t)b * B;
+                const float* xi = in + (size_t)b * B;
+                for (int i = 0; i < B; ++i) o[i] = xi[i] * r.had_signs[i];
+                fwht(o, B);
+                for (int i = 0; i < B; ++i) o[i] *= r.had_gain[i];
+            }
+            if (tl) stage_task(r, false, false, nf, RT, in, nullptr, out, kernels);  // the ragged tail: its product
+            return;
+        }
         const XQ8* in8 = nullptr;
         if (int8) {  // the whole blocks' input, per 32 columns (the tail block stays float)
             vec_ops(kernels).quant_x8(in, nf * B, buf8.data(), 0.0f);
@@ -519,6 +532,10 @@ static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kern
     if (!r.smooth.empty())
         for (int i = 0; i < r.dim; ++i) x[i] /= r.smooth[i];
     stage(false, x, t);
+    if (r.id2 && r.perm_id && r.hh.empty()) {  // one stage only (method "hadamard"): no more copies
+        std::memcpy(x, t, sizeof(float) * r.dim);
+        return;
+    }
     if (r.perm_id) std::memcpy(g, t, sizeof(float) * r.dim);
     else for (int i = 0; i < r.dim; ++i) g[i] = t[r.perm[i]];
     stage(true, g, y);
@@ -531,6 +548,59 @@ static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kern
 }
 
 void Rotation::apply(float* x, int kernels, bool int8) const { apply_blocks(*this, x, nullptr, kernels, int8); }
+
+static int parity(unsigned v) {
+    int p = 0;
+    for (; v; v &= v - 1) p ^= 1;
+    return p;
+}
+
+void Rotation::find_hadamard() {
+    had_signs.clear();
+    had_gain.clear();
+    const int n = block;
+    if (!integer() || n < 2 || (n & (n - 1)) || dim < n) return;
+    std::vector<float> sg(n);
+    for (int j = 0; j < n; ++j) {
+        if (q1[j] != 127 && q1[j] != -127) return;
+        sg[j] = q1[j] > 0 ? 1.0f : -1.0f;
+    }
+    for (int i = 1; i < n; ++i)
+        for (int j = 0; j < n; ++j)
+            if (q1[(size_t)i * n + j] != (parity((unsigned)(i & j)) ? -q1[j] : q1[j])) return;
+    had_gain.resize(n);
+    for (int i = 0; i < n; ++i) had_gain[i] = 127.0f * s1[i];
+    had_signs = std::move(sg);
+}
+
+// y = H v in place (H the n x n Sylvester matrix, n a power of two): the butterflies of the fast Walsh-Hadamard
+// transform, plain C++ for every kernel set. The first three stages as one 8-point transform per 8 values; then
+// stages of h >= 8, whose halves never overlap (restrict), which compilers vectorize.
+static void fwht(float* v, int n) {
+    int h = 1;
+    if (n >= 8) {
+        for (int i = 0; i < n; i += 8) {
+            float* p = v + i;
+            const float a0 = p[0] + p[1], a1 = p[0] - p[1], a2 = p[2] + p[3], a3 = p[2] - p[3];
+            const float a4 = p[4] + p[5], a5 = p[4] - p[5], a6 = p[6] + p[7], a7 = p[6] - p[7];
+            const float b0 = a0 + a2, b1 = a1 + a3, b2 = a0 - a2, b3 = a1 - a3;
+            const float b4 = a4 + a6, b5 = a5 + a7, b6 = a4 - a6, b7 = a5 - a7;
+            p[0] = b0 + b4, p[1] = b1 + b5, p[2] = b2 + b6, p[3] = b3 + b7;
+            p[4] = b0 - b4, p[5] = b1 - b5, p[6] = b2 - b6, p[7] = b3 - b7;
+        }
+        h = 8;
+    }
+    for (; h < n; h <<= 1)
+        for (int i = 0; i < n; i += 2 * h) {
+            float* __restrict a = v + i;
+            float* __restrict b = v + i + h;
+            for (int j = 0; j < h; ++j) {
+                const float x = a[j], y = b[j];
+                a[j] = x + y;
+                b[j] = x - y;
+            }
+        }
+}
 
 float act_fake_quant(float* x, int n, int bits) {
     const float hi_code = (float)((1 << bits) - 1);
@@ -670,6 +740,7 @@ std::vector<Rotation> load_rotations(const GGUFFile& f, int layer, int block, co
         for (float s : r.smooth)
             if (!(s > 0.0f)) f.format_error("tensor '%ssmooth' holds a non-positive divisor", p.c_str());
         r.pack_blocks();
+        r.find_hadamard();
         if (!ints) {
             r.id1 = is_identity(r.r1, block) && (!t || is_identity(r.r1_tail, t));
             r.id2 = is_identity(r.r2, block) && (!t || is_identity(r.r2_tail, t));

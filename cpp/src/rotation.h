@@ -36,11 +36,17 @@ struct Rotation {
     // skips: a method that transforms only some groups (docs/format.md "Rotations", method "hadamard") stores the
     // others as identities, and those groups then cost nothing.
     bool id1 = false, id2 = false, perm_id = false;
+    // R1's whole blocks as a randomized Hadamard matrix (int8 codes Q[i][j] = 127 H[i][j] s[j], H the Sylvester
+    // matrix, s = ±1: method "hadamard", found at load by find_hadamard): apply then runs the fast Walsh-Hadamard
+    // transform on s * x and scales row i by 127 scale[i], B log B additions per block instead of B² products.
+    std::vector<float> had_signs, had_gain;
     bool identity() const { return id1 && id2 && perm_id && hh.empty() && smooth.empty(); }
     // x (dim floats) -> x' in place. kernels: K_SCALAR, K_AVX2 or K_NEON.
     // int8: the whole blocks' products with int8 activations (block_matmul_q8) where this set has them (int8_ready).
     void apply(float* x, int kernels, bool int8 = false) const;
     bool int8_ready(int kernels) const;
+    // Fill had_signs / had_gain when R1 (int8, block a power of two) is such a matrix; clear them otherwise.
+    void find_hadamard();
     // Fill r1p, r2p from r1, r2 (load_rotations does; B a multiple of 16): with them the AVX2 set runs every whole block
     // of a stage in one multi-block product (block_matmul_p) instead of one block_matvec per block.
     void pack_blocks();

@@ -167,6 +167,9 @@ def prepare(ckpt, group_size: int = 128, calib_text=None, seed: int = 0, device=
     if o["resume_dir"] is not None:   # per-layer checkpoints of the statistics (wqedge.resume), keyed by their inputs
         from ..resume import StatsCheckpoints, tokens_digest
         key = {"model": ckpt.fingerprint(), "windows": tokens_digest(cs.train), "xtx": xtx, "group": group_size,
+               # a rotated or masked view of the checkpoint keeps its fingerprint (a plan made on it is a plan for
+               # the checkpoint), so its statistics are told apart by what the view does
+               **({"view": ckpt.stats_view()} if hasattr(ckpt, "stats_view") else {}),
                **{k: o[k] for k in ("n_grad_seqs", "max_rows", "damage", "feedback_damage", "protect")},
                "actions": list(actions)}
         ck = StatsCheckpoints(o["resume_dir"], key, say)
