@@ -22,15 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ruquant import affine6_weights, block_weights  # noqa: E402
+from ruquant import affine6_weights, block_weights, fixture_inputs  # noqa: E402
 
 from wqedge.actquant import quantize_model  # noqa: E402
 from wqedge.bench.report import add_fixture_args, write_markdown  # noqa: E402
-from wqedge.calib import calibration_tokens, tokenize_text  # noqa: E402
-from wqedge.checkpoint import LlamaCheckpoint  # noqa: E402
 from wqedge.perplexity import perplexity  # noqa: E402
 from wqedge.reference import logits_fn  # noqa: E402
 from wqedge.residual_rotation import ResidualRotation, hadamard_config, hadamard_transforms  # noqa: E402
@@ -51,12 +47,8 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_start = time.time()
-    ckpt = LlamaCheckpoint.open(a.model)
-    tok = AutoTokenizer.from_pretrained(a.model)
-    bos = ckpt.spec.bos_token_id
-    ids = tokenize_text(tok, Path(a.eval).read_text(), bos)
+    ckpt, ids, bos, cal = fixture_inputs(a, 4)
     fp = ckpt.load_hf_model(torch.float32)
-    cal = calibration_tokens(tok, a.calib, n_seqs=4, seqlen=512, n_heldout=0, bos_id=bos)
     t0 = time.time()
     ruq = build_model_transforms(fp, group_activations(fp, cal.train), seed=a.seed)
     t_ruq = time.time() - t0

@@ -54,6 +54,15 @@ def affine6_weights(name, w):
     return torch.cat(out, 1)
 
 
+def fixture_inputs(args, calib_seqs: int):
+    """(checkpoint, evaluation tokens, BOS id, calibration windows of 512) from add_fixture_args' arguments."""
+    ckpt = LlamaCheckpoint.open(args.model)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    bos = ckpt.spec.bos_token_id
+    ids = tokenize_text(tok, Path(args.eval).read_text(), bos)
+    return ckpt, ids, bos, calibration_tokens(tok, args.calib, n_seqs=calib_seqs, seqlen=512, n_heldout=0, bos_id=bos)
+
+
 def act_error(acts, transforms, bits):
     """Mean over groups of ||x̂ - x||² / ||x||² of the calibration activations after T, at `bits`."""
     errs = []
@@ -79,11 +88,7 @@ def main():
     torch.set_num_threads(args.threads)
     t_start = time.time()
 
-    ckpt = LlamaCheckpoint.open(args.model)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    bos = ckpt.spec.bos_token_id
-    ids = tokenize_text(tok, Path(args.eval).read_text(), bos)
-    cal = calibration_tokens(tok, args.calib, n_seqs=args.calib_seqs, seqlen=512, n_heldout=0, bos_id=bos)
+    ckpt, ids, bos, cal = fixture_inputs(args, args.calib_seqs)
     fp = ckpt.load_hf_model(torch.float32)
 
     t0 = time.time()
