@@ -688,8 +688,9 @@ def inspect(gguf_file):
         first = next(iter(t.values()), None)
         from .rotation_format import is_identity
         online = sum(not is_identity(st) for st in t.values())
+        skipped = "" if online == len(t) else ", the rest skipped"
         what = (f"{f.rotation}, {len(t)} transforms (4 per layer: q/k/v, o, gate/up, down; {online} not the "
-                f"identity, the rest skipped), block "
+                f"identity{skipped}), block "
                 f"{first.r1.shape[0]}, {'int8 matrices with row scales' if first.integer else 'float32 matrices'}, "
                 f"{refl} with a Householder reflection, {smooth} smoothed" if t else "none")
         click.echo(f"format version {f.format_version}: activation bits {f.act_bits}; input transforms: {what}")
