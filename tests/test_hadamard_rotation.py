@@ -58,7 +58,7 @@ def test_rotations_are_orthogonal_and_seeded(n):
     torch.testing.assert_close(Rotation(n, 3).matrix(), r)
     assert not torch.allclose(Rotation(n, 4).matrix(), r)
     x = torch.randn(5, n)
-    torch.testing.assert_close(Rotation(n, 3).right_t(Rotation(n, 3).right(x)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(Rotation(n, 3).right(x) @ r.T, x, atol=1e-5, rtol=0)   # right() is x R
 
 
 @pytest.mark.parametrize("hidden,heads,kv,tied", [(128, 4, 2, False), (96, 4, 2, True), (72, 3, 1, False)])

@@ -75,12 +75,6 @@ class Rotation:
             return x @ self.dense.to(x.device, x.dtype)
         return hadamard_transform(x * self.signs.to(x.device, x.dtype))
 
-    def right_t(self, x: torch.Tensor) -> torch.Tensor:
-        """x Rᵀ along the last dimension."""
-        if self.dense is not None:
-            return x @ self.dense.to(x.device, x.dtype).T
-        return hadamard_transform(x) * self.signs.to(x.device, x.dtype)
-
     def matrix(self) -> torch.Tensor:
         return self.right(torch.eye(self.n))
 
@@ -192,8 +186,8 @@ class ResidualRotatedCheckpoint:
     def linear_weight(self, linear) -> torch.Tensor:
         """float32 [out, in] rotated weight of one decoder linear (the source checks the stored shape)."""
         name = linear if isinstance(linear, str) else linear.hf_name
-        self._ckpt.linear_weight(linear)   # the source's checks (shape against the spec)
-        return self.get(name).contiguous()
+        w = self._ckpt.linear_weight(linear)   # read once, with the source's checks (shape against the spec)
+        return self.rotation.tensor(name, lambda k: w if k == name else self._ckpt.get(k), tied=self._tied).contiguous()
 
     def tensor_names(self) -> list[str]:
         names = self._ckpt.tensor_names()
@@ -238,16 +232,22 @@ def block_hadamard(width: int, block: int, seed: int):
     full = Rotation(block, seed).matrix().T.contiguous()   # x -> x R is R1 x with R1 = Rᵀ
     t = width % block
     tail = Rotation(t, seed + 1).matrix().T.contiguous() if t else None
-    return Transform(BlockRotation.quantized(width, full, tail), torch.arange(width),
-                     BlockRotation.quantized(width, torch.eye(block), torch.eye(t) if t else None), torch.zeros(width))
+    return Transform(BlockRotation.quantized(width, full, tail), torch.arange(width), _int8_eye(width, block),
+                     torch.zeros(width))
+
+
+def _int8_eye(d: int, block: int):
+    """The identity block matrix as int8 codes 127·I with scales 1/127 (wqedge.rotation.BlockRotation): every
+    matrix of a group has one type, and the down group's R1 is int8."""
+    from .rotation import BlockRotation
+    t = d % block
+    return BlockRotation.quantized(d, torch.eye(block), torch.eye(t) if t else None)
 
 
 def _int8_identity(d: int, block: int):
-    """The identity as int8 matrices (codes 127·I, scales 1/127): every group of a file has one matrix type."""
-    from .rotation import BlockRotation, Transform
-    t = d % block
-    eye = lambda n: BlockRotation.quantized(d, torch.eye(n), torch.eye(t) if t else None)  # noqa: E731
-    return Transform(eye(block), torch.arange(d), eye(block), torch.zeros(d))
+    """The identity transform of a group the method leaves alone."""
+    from .rotation import Transform
+    return Transform(_int8_eye(d, block), torch.arange(d), _int8_eye(d, block), torch.zeros(d))
 
 
 def hadamard_transforms(spec, config: dict, widths: dict[tuple[int, int], int] | None = None) -> dict:

@@ -31,13 +31,14 @@ and runs in float64.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from .actquant import work_dtype
-from .rotation_format import MAX_INT8_BLOCK
+from .rotation_format import MAX_INT8_BLOCK, identity_matrix
 
 BLOCK = 128          # B: channels per block
 N_REFLECTIONS = 16   # K: greedy Householder steps per block matrix
@@ -184,19 +185,16 @@ class BlockRotation:
     def matrix_of(self, full: bool) -> torch.Tensor:
         return self.full if full else self.tail
 
-    @property
+    @functools.cached_property
     def is_identity(self) -> bool:
-        """True when every matrix is the identity (float, or int8 codes 127·I with row scales 1/127, which the
-        runtime skips as it skips float identities: cpp/src/rotation.cpp load_rotations); apply is then exactly x."""
-        def eye(m, codes, scale):
-            if m is None:
-                return True
-            n = m.shape[0]
-            if codes is None:
-                return bool(torch.equal(m, torch.eye(n, dtype=m.dtype)))
-            return bool(torch.equal(codes, (127 * torch.eye(n)).to(codes.dtype))
-                        and ((scale.double() * 127 - 1).abs() < 1e-6).all())
-        return eye(self.full, self.full_codes, self.full_scale) and eye(self.tail, self.tail_codes, self.tail_scale)
+        """True when every matrix is the identity (rotation_format.identity_matrix: float, or int8 codes 127·I with
+        row scales 1/127, which the runtime skips as it skips float identities); apply is then exactly x. Found
+        once per matrix, not per apply."""
+        def np_(a):
+            return None if a is None else a.detach().cpu().numpy()
+        return (identity_matrix(np_(self.full if self.full_codes is None else self.full_codes), np_(self.full_scale))
+                and identity_matrix(np_(self.tail if self.tail_codes is None else self.tail_codes),
+                                    np_(self.tail_scale)))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """R x along the last dimension (x [..., d])."""

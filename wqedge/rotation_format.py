@@ -97,7 +97,9 @@ class StoredTransform:
             raise ValueError(f"{where}: smoothing divisors must be positive")
 
 
-def _identity_matrix(m: np.ndarray | None, scale: np.ndarray | None) -> bool:
+def identity_matrix(m: np.ndarray | None, scale: np.ndarray | None) -> bool:
+    """True when a stored block matrix is the identity: float exactly I, or int8 codes 127·I with row scales 1/127
+    (within 1e-6, as cpp/src/rotation.cpp is_identity_q); None (no tail) counts as the identity."""
     if m is None:
         return True
     eye = np.eye(m.shape[0])
@@ -111,7 +113,7 @@ def is_identity(st: StoredTransform) -> bool:
     scales 1/127; the identity permutation; no reflection, no smoothing): what method "hadamard" stores for the
     groups it leaves alone, and what the C++ runtime and the ONNX export skip (docs/format.md "Rotations")."""
     return (st.smooth is None and not st.householder.any() and np.array_equal(st.perm, np.arange(st.dim))
-            and all(_identity_matrix(getattr(st, m), getattr(st, sc)) for m, sc in MATRICES))
+            and all(identity_matrix(getattr(st, m), getattr(st, sc)) for m, sc in MATRICES))
 
 
 def tensor_name(layer: int, group: int, field: str) -> str:
