@@ -108,6 +108,26 @@ def test_checkpoint_wrapper_reads_the_rotated_model(tiny_model_factory):
     assert float((a - b).abs().max() / b.std()) < 1e-4
 
 
+def test_memory_decisions_count_the_untied_head(tiny_model_factory):
+    """A tied source's rotated view holds one more vocab x hidden tensor: the dtype, device and streaming decisions
+    count it (at a memory size between the two counts they decide differently), and the model it loads has it."""
+    from wqedge.stream import wants_streaming
+    src = LlamaCheckpoint.open(tiny_model_factory(hidden=64, n_heads=4, n_kv_heads=2, intermediate=96,
+                                                  tie_embeddings=True))
+    rc = ResidualRotatedCheckpoint(src, seed=1)
+    head = src.spec.vocab_size * src.spec.hidden_size
+    assert rc.n_params == src.n_params + head
+    model = rc.load_planning_model("cpu")
+    assert sum(p.numel() for p in model.parameters()) == rc.n_params
+    between = int((2 * src.n_params + head) / 0.4)   # 40%: wqedge.stream's fraction of memory for the 16-bit copy
+    assert wants_streaming(rc, "cpu", memory=between) and not wants_streaming(src, "cpu", memory=between)
+    between32 = int((4 * src.n_params + 2 * head) / 0.4)
+    assert rc.planning_dtype(available_bytes=between32) == torch.bfloat16
+    assert src.planning_dtype(available_bytes=between32) == torch.float32
+    untied = LlamaCheckpoint.open(tiny_model_factory(hidden=64, n_heads=4, n_kv_heads=2, intermediate=96))
+    assert ResidualRotatedCheckpoint(untied).n_params == untied.n_params
+
+
 def test_block_hadamard_folds_exactly():
     t = block_hadamard(288, 128, seed=7)   # two Hadamard blocks and a Haar-random tail of 32
     assert t.r1.integer and t.r2.is_identity and not t.r1.is_identity

@@ -419,26 +419,36 @@ class LlamaCheckpoint:
         """Elements over every tensor of the checkpoint (from the headers)."""
         return int(sum(math.prod(t.shape) for t in self._tensors.values()))
 
-    def planning_dtype(self, available_bytes: int | None = None) -> torch.dtype:
+    def planning_dtype(self, available_bytes: int | None = None, n_params: int | None = None) -> torch.dtype:
         """The dtype to hold the whole model in CPU memory for calibration: float32 while that takes at
         most PLANNING_MEMORY_FRACTION of the available memory, else bfloat16 (a 7B model: 14 GB instead
-        of 28). Statistics are still computed in float32, one layer at a time (wqedge.calib)."""
+        of 28). Statistics are still computed in float32, one layer at a time (wqedge.calib). n_params: the
+        elements of the model as it will be held (default: this checkpoint's; a view that adds a tensor passes
+        its own count)."""
         avail = available_memory() if available_bytes is None else available_bytes
-        return torch.float32 if 4 * self.n_params <= PLANNING_MEMORY_FRACTION * avail else torch.bfloat16
+        n = self.n_params if n_params is None else n_params
+        return torch.float32 if 4 * n <= PLANNING_MEMORY_FRACTION * avail else torch.bfloat16
 
-    def load_planning_model(self, device=None) -> "LlamaForCausalLM":
-        """The whole model for calibration and error-feedback conversion. On a CUDA `device` whose free memory
-        holds it (float32 while that takes at most PLANNING_MEMORY_FRACTION of it, else the checkpoint's own
-        16-bit type): the statistics loops then keep everything on the GPU and host memory stays at about one
-        16-bit copy while loading (issue 13: a 1.1B model plans in a few GB of CPU memory). Otherwise on the CPU
-        in planning_dtype()."""
+    def planning_placement(self, device=None, n_params: int | None = None) -> tuple[torch.dtype, torch.device]:
+        """(dtype, device) of load_planning_model for a model of `n_params` elements (default: this
+        checkpoint's). On a CUDA `device` whose free memory holds it: float32 while that takes at most
+        PLANNING_MEMORY_FRACTION of it, else the checkpoint's own 16-bit type. Otherwise the CPU in
+        planning_dtype()."""
         dev = torch.device(device) if device is not None else torch.device("cpu")
+        n = self.n_params if n_params is None else n_params
         if dev.type == "cuda":
             free, _ = torch.cuda.mem_get_info(dev)
-            if 2 * self.n_params <= PLANNING_MEMORY_FRACTION * free:
-                dtype = torch.float32 if 4 * self.n_params <= PLANNING_MEMORY_FRACTION * free else self.float16_dtype
-                return self.load_hf_model(dtype, device=dev)
-        return self.load_hf_model(self.planning_dtype())
+            if 2 * n <= PLANNING_MEMORY_FRACTION * free:
+                return (torch.float32 if 4 * n <= PLANNING_MEMORY_FRACTION * free else self.float16_dtype), dev
+        return self.planning_dtype(n_params=n), torch.device("cpu")
+
+    def load_planning_model(self, device=None) -> "LlamaForCausalLM":
+        """The whole model for calibration and error-feedback conversion, placed by planning_placement: on a
+        CUDA `device` that holds it the statistics loops keep everything on the GPU and host memory stays at about
+        one 16-bit copy while loading (issue 13: a 1.1B model plans in a few GB of CPU memory); otherwise on the
+        CPU."""
+        dtype, dev = self.planning_placement(device)
+        return self.load_hf_model(dtype, device=dev)
 
     @property
     def float16_dtype(self) -> torch.dtype:

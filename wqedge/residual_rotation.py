@@ -200,8 +200,18 @@ class ResidualRotatedCheckpoint:
     def load_hf_model(self, *a, **k):
         return self.rotation.rotate_model(self._ckpt.load_hf_model(*a, **k))
 
+    @property
+    def n_params(self) -> int:
+        """The elements of the model as it loads: the source's, plus the head a tied source gets as its own
+        tensor (vocab x hidden), so memory decisions (planning_placement, wqedge.stream.wants_streaming) count it."""
+        return self._ckpt.n_params + (self.spec.vocab_size * self.spec.hidden_size if self._tied else 0)
+
+    def planning_dtype(self, available_bytes=None):
+        return self._ckpt.planning_dtype(available_bytes, n_params=self.n_params)
+
     def load_planning_model(self, device=None):
-        return self.rotation.rotate_model(self._ckpt.load_planning_model(device))
+        dtype, dev = self._ckpt.planning_placement(device, n_params=self.n_params)
+        return self.rotation.rotate_model(self._ckpt.load_hf_model(dtype, device=dev))
 
     def __getattr__(self, attr):
         return getattr(self._ckpt, attr)
