@@ -477,3 +477,37 @@ class LlamaCheckpoint:
         s = self.spec
         return (f"LlamaCheckpoint({str(self.path)!r}, {s.n_layers} layers, hidden {s.hidden_size}, "
                 f"heads {s.n_heads}/{s.n_kv_heads}, vocab {s.vocab_size}, {self.dtype})")
+
+
+class CheckpointView:
+    """A checkpoint read through a change of its tensors (a pruning's mask, a rotation) that the rest of the
+    pipeline must not know about: subclasses override what they change (`get`, `linear_weight`, `view_key`,
+    `transform_model`) and everything else is the source's, including its fingerprint, so a plan made on a view is a
+    plan for the source checkpoint. Views stack (a rotation over a mask over a residual rotation); `stats_view`
+    names the whole stack, for caches keyed by the unchanged fingerprint."""
+
+    def __init__(self, ckpt):
+        self._ckpt = ckpt
+
+    def view_key(self) -> str:
+        """What this view changes, as a short deterministic string (part of `stats_view`)."""
+        raise NotImplementedError
+
+    def stats_view(self) -> str:
+        inner = self._ckpt.stats_view() if hasattr(self._ckpt, "stats_view") else ""
+        return f"{self.view_key()}|{inner}"
+
+    def transform_model(self, model):
+        """Apply this view to a loaded transformers model of the source, in place; returns it."""
+        return model
+
+    def load_hf_model(self, *a, **k):
+        return self.transform_model(self._ckpt.load_hf_model(*a, **k))
+
+    def load_planning_model(self, device=None):
+        return self.transform_model(self._ckpt.load_planning_model(device))
+
+    def __getattr__(self, attr):
+        if attr == "_ckpt":   # not set yet (copy, unpickling): no recursion through __getattr__
+            raise AttributeError(attr)
+        return getattr(self._ckpt, attr)

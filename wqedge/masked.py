@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import torch
 
+from .checkpoint import CheckpointView
 from .pruning import Pruning
 
 
-class MaskedCheckpoint:
+class MaskedCheckpoint(CheckpointView):
     """`ckpt` with `pruning`'s removed structures zeroed in every decoder linear, as read (`get`,
     `linear_weight`) and as loaded (`load_hf_model`, `load_planning_model`); everything else is `ckpt`'s,
     including its fingerprint (a plan made on it is a plan for `ckpt`)."""
 
     def __init__(self, ckpt, pruning: Pruning):
         pruning.check_spec(ckpt.spec)
-        self._ckpt, self.pruning = ckpt, pruning
+        super().__init__(ckpt)
+        self.pruning = pruning
         self._where = {lin.hf_name: (lin.layer, lin.proj) for lin in ckpt.spec.linears()}
 
     def _mask(self, name: str, w: torch.Tensor) -> torch.Tensor:
@@ -35,15 +37,17 @@ class MaskedCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         return self._mask(name, self._ckpt.get(name))
 
-    def stats_view(self) -> str:
-        """What this view changes, for caches keyed by the (unchanged) fingerprint: the pruning."""
+    def view_key(self) -> str:
+        """The pruning."""
         import json
-        inner = self._ckpt.stats_view() if hasattr(self._ckpt, "stats_view") else ""
-        return f"masked:{json.dumps(self.pruning.to_dict(), sort_keys=True)}|{inner}"
+        return f"masked:{json.dumps(self.pruning.to_dict(), sort_keys=True)}"
 
     def linear_weight(self, linear) -> torch.Tensor:
         name = linear if isinstance(linear, str) else linear.hf_name
         return self._mask(name, self._ckpt.linear_weight(linear))
+
+    def transform_model(self, model):
+        return self.mask_model(model)
 
     def mask_model(self, model):
         """Zero the removed structures of a transformers model of the unpruned shape, in place; returns it."""
@@ -53,11 +57,3 @@ class MaskedCheckpoint:
                 mod.weight.data = self._mask(name, mod.weight.data)
         return model
 
-    def load_hf_model(self, *a, **k):
-        return self.mask_model(self._ckpt.load_hf_model(*a, **k))
-
-    def load_planning_model(self, device=None):
-        return self.mask_model(self._ckpt.load_planning_model(device))
-
-    def __getattr__(self, attr):
-        return getattr(self._ckpt, attr)

@@ -24,6 +24,8 @@ import re
 
 import torch
 
+from .checkpoint import CheckpointView
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 _READS_NORM = {"self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_layernorm",
                "self_attn.v_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm",
@@ -165,7 +167,7 @@ class ResidualRotation:
         return model
 
 
-class ResidualRotatedCheckpoint:
+class ResidualRotatedCheckpoint(CheckpointView):
     """A checkpoint read through `ResidualRotation`: every tensor (embeddings, norms, linears, head) comes out
     rotated, and models load rotated, so planning, fitting and the writers see a plain (rotated) LLaMA. A tied head
     is reported untied (spec.tie_word_embeddings False, a tensor `lm_head.weight`). Its fingerprint is the
@@ -174,7 +176,7 @@ class ResidualRotatedCheckpoint:
 
     def __init__(self, ckpt, seed: int = 0):
         import dataclasses
-        self._ckpt = ckpt
+        super().__init__(ckpt)
         self.rotation = ResidualRotation(ckpt.spec.hidden_size, ckpt.spec.head_dim, seed)
         self._tied = ckpt.spec.tie_word_embeddings
         self.spec = dataclasses.replace(ckpt.spec, tie_word_embeddings=False)
@@ -193,12 +195,11 @@ class ResidualRotatedCheckpoint:
         names = self._ckpt.tensor_names()
         return names if "lm_head.weight" in names else sorted(names + ["lm_head.weight"])
 
-    def stats_view(self) -> str:
-        """What this view changes, for caches keyed by the (unchanged) fingerprint."""
+    def view_key(self) -> str:
         return f"residual-rotation:{self.rotation.seed}"
 
-    def load_hf_model(self, *a, **k):
-        return self.rotation.rotate_model(self._ckpt.load_hf_model(*a, **k))
+    def transform_model(self, model):
+        return self.rotation.rotate_model(model)
 
     @property
     def n_params(self) -> int:
@@ -211,10 +212,7 @@ class ResidualRotatedCheckpoint:
 
     def load_planning_model(self, device=None):
         dtype, dev = self._ckpt.planning_placement(device, n_params=self.n_params)
-        return self.rotation.rotate_model(self._ckpt.load_hf_model(dtype, device=dev))
-
-    def __getattr__(self, attr):
-        return getattr(self._ckpt, attr)
+        return self.transform_model(self._ckpt.load_hf_model(dtype, device=dev))
 
 
 # ---------------------------------------------------------------- the "hadamard" rotation method

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .actquant import work_dtype
+from .checkpoint import CheckpointView
 from .rotation_format import MAX_INT8_BLOCK, identity_matrix
 
 BLOCK = 128          # B: channels per block
@@ -602,7 +603,7 @@ def rotate_model(model, transforms: dict[tuple[int, int], Transform], fold: bool
     return model
 
 
-class RotatedCheckpoint:
+class RotatedCheckpoint(CheckpointView):
     """A checkpoint whose decoder linears are read folded (W' = W diag(s) Mᵀ) and whose models run the input
     transforms, so that any plan/allocator/fitter quantizes the rotated weights without knowing about it.
     `columns` (`pruned_columns`): for a pruned model seen masked (wqedge.masked.MaskedCheckpoint), the groups whose
@@ -610,7 +611,8 @@ class RotatedCheckpoint:
 
     def __init__(self, ckpt, transforms: dict[tuple[int, int], Transform],
                  columns: dict[tuple[int, int], torch.Tensor] | None = None):
-        self._ckpt, self.transforms, self.columns = ckpt, transforms, dict(columns or {})
+        super().__init__(ckpt)
+        self.transforms, self.columns = transforms, dict(columns or {})
 
     def _group_of(self, name: str) -> tuple[int, int] | None:
         from .calib import INPUT_GROUPS
@@ -639,8 +641,8 @@ class RotatedCheckpoint:
         name = linear if isinstance(linear, str) else linear.hf_name
         return self._fold(name, self._ckpt.linear_weight(linear))
 
-    def stats_view(self) -> str:
-        """What this view changes, for caches keyed by the (unchanged) fingerprint: the transforms' digest."""
+    def view_key(self) -> str:
+        """The transforms' digest."""
         import hashlib
         h = hashlib.sha256()
         for k in sorted(self.transforms):
@@ -648,17 +650,10 @@ class RotatedCheckpoint:
             h.update(repr(k).encode())
             for name, a in sorted(st.arrays().items()):
                 h.update(name.encode() + a.tobytes())
-        inner = self._ckpt.stats_view() if hasattr(self._ckpt, "stats_view") else ""
-        return f"rotated:{h.hexdigest()[:16]}|{inner}"
+        return f"rotated:{h.hexdigest()[:16]}"
 
-    def load_hf_model(self, *a, **k):
-        return rotate_model(self._ckpt.load_hf_model(*a, **k), self.transforms, columns=self.columns)
-
-    def load_planning_model(self, device=None):
-        return rotate_model(self._ckpt.load_planning_model(device), self.transforms, columns=self.columns)
-
-    def __getattr__(self, attr):
-        return getattr(self._ckpt, attr)
+    def transform_model(self, model):
+        return rotate_model(model, self.transforms, columns=self.columns)
 
 
 ROTATE_SEQS, ROTATE_SEQLEN = 4, 512   # calibration windows for the transforms (bench/results/ruquant.md)
