@@ -533,6 +533,16 @@ void tile16_q4s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const f
 void tile16_q3s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile16_q2s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 void tile16_mix(const uint8_t*, std::ptrdiff_t, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
+namespace gf {  // the same with GFNI (kernels_vnni_pairs.inc): bit-identical
+void tile16_q4(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_q3(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_q2(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_q1(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_q4s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_q3s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_q2s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+void tile16_mix(const uint8_t*, std::ptrdiff_t, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
+}  // namespace gf
 }  // namespace vnni512
 namespace vnni256 {  // kernels_vnni.cpp: AVX-VNNI
 void dot8_rows_q8(const uint8_t*, size_t, int, const XQ8*, float, int, float*);  // q8 row-blocks, bit-identical to AVX2's
@@ -604,8 +614,43 @@ bool set_tile16(bool on) {
     g_tile16.store(on ? 1 : 0);
     return true;
 }
+// GFNI (CPUID 7.0 ECX bit 8) for the pair kernels' bit-field extraction: on where the CPU has it, unless WQEDGE_GFNI=0.
+static bool cpu_has_gfni() {
+    static const bool ok = [] {
+        if (__get_cpuid_max(0, nullptr) < 7) return false;
+        unsigned a, b, c, d;
+        __cpuid_count(7, 0, a, b, c, d);
+        return (c & (1u << 8)) != 0;
+    }();
+    return ok;
+}
+static std::atomic<int> g_gfni{-1};  // -1 not decided, 0 off, 1 on
+static bool gfni_on() {
+    int v = g_gfni.load(std::memory_order_relaxed);
+    if (v < 0) {
+        v = cpu_has_gfni() && env_switch("WQEDGE_GFNI", true) ? 1 : 0;
+        g_gfni.store(v);
+    }
+    return v == 1;
+}
+bool set_gfni(bool on) {
+    if (on && !cpu_has_gfni()) return false;
+    g_gfni.store(on ? 1 : 0);
+    return true;
+}
+bool gfni_in_use() { return gfni_on(); }
 tile16_fn tile16_kernel(int id, int kernels) {
     if (kernels != K_AVX2 || !tile16_on()) return nullptr;
+    if (gfni_on()) switch (id) {
+        case KIND_Q4: return avx2::vnni512::gf::tile16_q4;
+        case KIND_Q3: return avx2::vnni512::gf::tile16_q3;
+        case KIND_Q2: return avx2::vnni512::gf::tile16_q2;
+        case KIND_Q1: return avx2::vnni512::gf::tile16_q1;
+        case KIND_Q4S: return avx2::vnni512::gf::tile16_q4s;
+        case KIND_Q3S: return avx2::vnni512::gf::tile16_q3s;
+        case KIND_Q2S: return avx2::vnni512::gf::tile16_q2s;
+        default: return nullptr;
+    }
     switch (id) {
         case KIND_Q4: return avx2::vnni512::tile16_q4;
         case KIND_Q3: return avx2::vnni512::tile16_q3;
@@ -618,7 +663,8 @@ tile16_fn tile16_kernel(int id, int kernels) {
     }
 }
 tile16_mix_fn tile16_mix_kernel(int kernels) {
-    return kernels == K_AVX2 && tile16_on() ? avx2::vnni512::tile16_mix : nullptr;
+    if (kernels != K_AVX2 || !tile16_on()) return nullptr;
+    return gfni_on() ? avx2::vnni512::gf::tile16_mix : avx2::vnni512::tile16_mix;
 }
 #else
 #  define AVX2(f) nullptr
@@ -627,6 +673,8 @@ tile16_mix_fn tile16_mix_kernel(int kernels) {
 tile16_fn tile16_kernel(int, int) { return nullptr; }
 tile16_mix_fn tile16_mix_kernel(int) { return nullptr; }
 bool set_tile16(bool on) { return !on; }
+bool set_gfni(bool on) { return !on; }
+bool gfni_in_use() { return false; }
 #endif
 
 // ------------------------------------------------------------------ two-level kinds' SIMD kernels

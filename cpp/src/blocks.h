@@ -101,6 +101,10 @@ typedef void (*tile16_mix_fn)(const uint8_t* tile, std::ptrdiff_t tstride, const
 tile16_fn tile16_kernel(int id, int kernels);
 tile16_mix_fn tile16_mix_kernel(int kernels);
 bool set_tile16(bool on);  // false (and nothing changes) when on but this CPU has no pair kernels
+// The pair kernels' GFNI build (vgf2p8affineqb extracts the bit fields; bit-identical): on where the CPU has GFNI, unless
+// WQEDGE_GFNI=0 or set_gfni(false); set_gfni(true) is false (and nothing changes) on a CPU without it.
+bool set_gfni(bool on);
+bool gfni_in_use();
 
 struct BlockTraits {
     const char* name;

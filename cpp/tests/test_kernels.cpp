@@ -952,6 +952,15 @@ static void tile_pair_tests() {
     }
     const std::vector<std::vector<int>> runs = {{2}, {3}, {4}, {6}, {7}, {8}, {9}, {2, 4, 3, 6}, {5, 4, 2}, {4, 4, 5, 3, 6},
                                                 {7, 2, 9, 8}, {8, 8, 7, 9}};
+    // both builds of the pair kernels: without GFNI, and with it where the CPU has it (the field extraction differs)
+    const bool had_gfni = gfni_in_use();
+    int n_gfni = 0;
+    for (int gf = 0; gf < 2; ++gf) {
+    if (!set_gfni(gf == 1)) {
+        std::printf("tile pairs: no GFNI on this CPU, its build skipped\n");
+        continue;
+    }
+    n_gfni += gf;
     for (const std::vector<int>& kinds : runs)
         for (int G : {32, 128, 256})
             for (int nch : {1, 2, 5})
@@ -1003,13 +1012,18 @@ static void tile_pair_tests() {
                     }
                     char d[128];
                     std::snprintf(d, sizeof d, "kinds %zu from %s, G=%d nch=%d ragged=%d, row 0 %.9g vs %.9g", kinds.size(), bt0.name, G, nch, ragged, pair[0], one[0]);
-                    check(std::memcmp(one, pair, sizeof one) == 0, "tile pairs: == tile8 on each tile, bit for bit", d);
+                    check(std::memcmp(one, pair, sizeof one) == 0, gf ? "tile pairs (GFNI build): == tile8 on each tile, bit for bit"
+                                                                  : "tile pairs: == tile8 on each tile, bit for bit", d);
                     ++n_pair_checks;
                 }
+    }
+    set_gfni(had_gfni);
+    check(gfni_in_use() == had_gfni, "tile pairs: set_gfni restores the choice");
     check(set_tile16(false) && tile16_mix_kernel(K_AVX2) == nullptr && tile16_kernel(2, K_AVX2) == nullptr,
           "tile pairs: set_tile16(false) turns them off");
     check(set_tile16(true) && tile16_mix_kernel(K_AVX2) != nullptr, "tile pairs: set_tile16(true) turns them on");
-    std::printf("tile pairs: %d checks against tile8 on each tile\n", n_pair_checks);
+    std::printf("tile pairs: %d checks against tile8 on each tile (%s)\n", n_pair_checks,
+                n_gfni ? "without and with GFNI" : "without GFNI");
 }
 
 // ------------------------------------------------------------------ VNNI kernels under an emulated vpdpbusd
