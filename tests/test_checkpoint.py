@@ -262,8 +262,9 @@ def test_corrupt_safetensors(tiny_model_dir, copy_model, how, msg):
 
 
 @pytest.mark.parametrize("change,msg", [
-    (lambda c: c.update(model_type="mistral"), r"config\.json: model_type is 'mistral'"),
-    (lambda c: c.update(architectures=["MistralForCausalLM"]), r"config\.json: architectures .*MistralForCausalLM"),
+    (lambda c: c.update(model_type="qwen2"), r"config\.json: model_type is 'qwen2'; supported: 'llama', 'mistral'"),
+    (lambda c: c.update(architectures=["MistralForCausalLM"]),
+     r"config\.json: architectures .*MistralForCausalLM.* do not include 'LlamaForCausalLM'"),
     (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
      r"config\.json: unsupported RoPE scaling type 'yarn' in 'rope_parameters'"),
     (lambda c: (c.pop("rope_parameters"), c.update(rope_theta=1e4, rope_scaling={"type": "linear", "factor": 2.0})),

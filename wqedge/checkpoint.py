@@ -169,14 +169,24 @@ def _parse_rope(cfg: dict, file: Path) -> tuple[float, dict | None]:
     return theta, out
 
 
+# config.json model_type -> the architecture it must list: Mistral's checkpoints are the LLaMA decoder (RMSNorm,
+# SwiGLU, RoPE, GQA, no biases) under another name, plus an optional sliding attention window (parse_config).
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+
 def parse_config(cfg: dict, file: Path, name: str = "llama") -> ModelSpec:
-    """ModelSpec from a config.json dict (transformers 4 or 5 layout); raises CheckpointError."""
+    """ModelSpec from a config.json dict (transformers 4 or 5 layout); raises CheckpointError. A Mistral
+    checkpoint whose sliding_window is shorter than max_position_embeddings gets the window as its context length:
+    up to that many tokens its attention is the full causal attention the runtimes compute (they have no sliding
+    window), beyond it they would differ (spec.extra["sliding_window"] records it)."""
     file = Path(file)
-    if cfg.get("model_type") != "llama":
-        raise CheckpointError(f"{file}: model_type is {cfg.get('model_type')!r}, only 'llama' is supported")
+    model_type = cfg.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(f"{file}: model_type is {model_type!r}; supported: "
+                              f"{', '.join(repr(k) for k in ARCHITECTURES)} (the LLaMA decoder)")
     archs = cfg.get("architectures")
-    if archs is not None and "LlamaForCausalLM" not in archs:
-        raise CheckpointError(f"{file}: architectures {archs!r} do not include 'LlamaForCausalLM'")
+    if archs is not None and ARCHITECTURES[model_type] not in archs:
+        raise CheckpointError(f"{file}: architectures {archs!r} do not include {ARCHITECTURES[model_type]!r}")
     if cfg.get("quantization_config"):
         raise CheckpointError(f"{file}: checkpoint is already quantized "
                               f"({cfg['quantization_config'].get('quant_method', '?')}); need float weights")
@@ -209,6 +219,14 @@ def parse_config(cfg: dict, file: Path, name: str = "llama") -> ModelSpec:
         return v
 
     extra = {}
+    max_pos = int(cfg.get("max_position_embeddings") or 2048)
+    window = cfg.get("sliding_window") if model_type == "mistral" else None
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise CheckpointError(f"{file}: sliding_window must be a positive integer or null, got {window!r}")
+        if window < max_pos:   # full causal attention equals the window's up to `window` tokens: the context stops there
+            extra["sliding_window"] = window
+            max_pos = window
     if isinstance(cfg.get("eos_token_id"), list):
         extra["eos_token_ids"] = list(cfg["eos_token_id"])
     if cfg.get("pad_token_id") is not None:
@@ -218,7 +236,7 @@ def parse_config(cfg: dict, file: Path, name: str = "llama") -> ModelSpec:
         intermediate_size=_need(cfg, "intermediate_size", file), vocab_size=_need(cfg, "vocab_size", file),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),   # LlamaConfig's default when absent
         rope_theta=theta, rope_scaling=scaling,
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+        max_position_embeddings=max_pos,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         bos_token_id=tok_id("bos_token_id", 1), eos_token_id=tok_id("eos_token_id", 2),
         name=name, extra=extra,
@@ -467,11 +485,22 @@ class LlamaCheckpoint:
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            model = LlamaForCausalLM.from_pretrained(self.path, dtype=load_dtype, local_files_only=True)
+            model = LlamaForCausalLM.from_pretrained(self.path, config=self.hf_config(), dtype=load_dtype,
+                                                     local_files_only=True)
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
         return model.to(dev, dtype).eval()
+
+    def hf_config(self):
+        """config.json as a transformers LlamaConfig; a Mistral config as the LLaMA decoder it is (its model type,
+        architecture and sliding window dropped: parse_config made the window the context length)."""
+        from transformers import LlamaConfig
+        cfg = json.loads((self.path / "config.json").read_text())
+        if cfg.get("model_type") == "llama":
+            return LlamaConfig.from_pretrained(str(self.path), local_files_only=True)
+        return LlamaConfig.from_dict({k: v for k, v in cfg.items()
+                                      if k not in ("model_type", "architectures", "sliding_window")})
 
     def __repr__(self) -> str:
         s = self.spec

@@ -472,6 +472,10 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
     spec = ckpt.spec
     click.echo(f"model: {model_dir} ({spec.n_layers} layers, hidden {spec.hidden_size}, "
                f"{len(spec.linears())} decoder linears, stored {ckpt.dtype})")
+    if spec.extra.get("sliding_window"):
+        click.echo(f"note: a sliding attention window of {spec.max_position_embeddings} tokens; the file's context "
+                   "length is that window (up to it the window attends to every earlier token, as the runtimes do; "
+                   "they have no sliding window for longer contexts)")
     from .quantize import check_dense_finite
     try:
         check_dense_finite(ckpt)

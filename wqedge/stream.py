@@ -50,8 +50,7 @@ def wants_streaming(ckpt, device, stream: bool | None = None, memory: int | None
 def hf_config(ckpt):
     """The transformers LlamaConfig of `ckpt`, with the attention implementation from_pretrained would pick (sdpa),
     so that streamed layers compute what the in-memory model's do."""
-    from transformers import LlamaConfig
-    cfg = LlamaConfig.from_pretrained(str(ckpt.path), local_files_only=True)
+    cfg = ckpt.hf_config()
     cfg._attn_implementation = "sdpa"
     return cfg
 
