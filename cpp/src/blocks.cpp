@@ -600,21 +600,7 @@ static bool cpu_has_tile16() {
     }();
     return ok;
 }
-static std::atomic<int> g_tile16{-1};  // -1 not decided, 0 off, 1 on
-static bool tile16_on() {
-    int v = g_tile16.load(std::memory_order_relaxed);
-    if (v < 0) {
-        v = cpu_has_tile16() && env_switch("WQEDGE_TILE16", true) ? 1 : 0;
-        g_tile16.store(v);
-    }
-    return v == 1 && vnni_level() == 1;
-}
-bool set_tile16(bool on) {
-    if (on && !cpu_has_tile16()) return false;
-    g_tile16.store(on ? 1 : 0);
-    return true;
-}
-// GFNI (CPUID 7.0 ECX bit 8) for the pair kernels' bit-field extraction: on where the CPU has it, unless WQEDGE_GFNI=0.
+// GFNI (CPUID 7.0 ECX bit 8) for the pair kernels' bit-field extraction (kernels_vnni_pairs.inc).
 static bool cpu_has_gfni() {
     static const bool ok = [] {
         if (__get_cpuid_max(0, nullptr) < 7) return false;
@@ -624,47 +610,52 @@ static bool cpu_has_gfni() {
     }();
     return ok;
 }
-static std::atomic<int> g_gfni{-1};  // -1 not decided, 0 off, 1 on
-static bool gfni_on() {
-    int v = g_gfni.load(std::memory_order_relaxed);
-    if (v < 0) {
-        v = cpu_has_gfni() && env_switch("WQEDGE_GFNI", true) ? 1 : 0;
-        g_gfni.store(v);
+// A kernel choice the CPU may offer: on where has() says it can, unless the environment variable is 0; set() for tests
+// and benchmarks (false, and nothing changes, when asked on where the CPU cannot).
+struct CpuSwitch {
+    const char* env;
+    bool (*has)();
+    std::atomic<int> v{-1};  // -1 not decided, 0 off, 1 on
+    bool on() {
+        int x = v.load(std::memory_order_relaxed);
+        if (x < 0) {
+            x = has() && env_switch(env, true) ? 1 : 0;
+            v.store(x);
+        }
+        return x == 1;
     }
-    return v == 1;
-}
-bool set_gfni(bool on) {
-    if (on && !cpu_has_gfni()) return false;
-    g_gfni.store(on ? 1 : 0);
-    return true;
-}
-bool gfni_in_use() { return gfni_on(); }
+    bool set(bool want) {
+        if (want && !has()) return false;
+        v.store(want ? 1 : 0);
+        return true;
+    }
+};
+static CpuSwitch g_tile16{"WQEDGE_TILE16", cpu_has_tile16};
+static CpuSwitch g_gfni{"WQEDGE_GFNI", cpu_has_gfni};
+static bool tile16_on() { return g_tile16.on() && vnni_level() == 1; }
+bool set_tile16(bool on) { return g_tile16.set(on); }
+bool set_gfni(bool on) { return g_gfni.set(on); }
+bool gfni_in_use() { return g_gfni.on(); }
+#  define WQE_TILE16_KERNELS(NS)                  \
+    switch (id) {                                  \
+        case KIND_Q4: return NS::tile16_q4;        \
+        case KIND_Q3: return NS::tile16_q3;        \
+        case KIND_Q2: return NS::tile16_q2;        \
+        case KIND_Q1: return NS::tile16_q1;        \
+        case KIND_Q4S: return NS::tile16_q4s;      \
+        case KIND_Q3S: return NS::tile16_q3s;      \
+        case KIND_Q2S: return NS::tile16_q2s;      \
+        default: return nullptr;                   \
+    }
 tile16_fn tile16_kernel(int id, int kernels) {
     if (kernels != K_AVX2 || !tile16_on()) return nullptr;
-    if (gfni_on()) switch (id) {
-        case KIND_Q4: return avx2::vnni512::gf::tile16_q4;
-        case KIND_Q3: return avx2::vnni512::gf::tile16_q3;
-        case KIND_Q2: return avx2::vnni512::gf::tile16_q2;
-        case KIND_Q1: return avx2::vnni512::gf::tile16_q1;
-        case KIND_Q4S: return avx2::vnni512::gf::tile16_q4s;
-        case KIND_Q3S: return avx2::vnni512::gf::tile16_q3s;
-        case KIND_Q2S: return avx2::vnni512::gf::tile16_q2s;
-        default: return nullptr;
-    }
-    switch (id) {
-        case KIND_Q4: return avx2::vnni512::tile16_q4;
-        case KIND_Q3: return avx2::vnni512::tile16_q3;
-        case KIND_Q2: return avx2::vnni512::tile16_q2;
-        case KIND_Q1: return avx2::vnni512::tile16_q1;
-        case KIND_Q4S: return avx2::vnni512::tile16_q4s;
-        case KIND_Q3S: return avx2::vnni512::tile16_q3s;
-        case KIND_Q2S: return avx2::vnni512::tile16_q2s;
-        default: return nullptr;
-    }
+    if (g_gfni.on()) WQE_TILE16_KERNELS(avx2::vnni512::gf)
+    WQE_TILE16_KERNELS(avx2::vnni512)
 }
+#  undef WQE_TILE16_KERNELS
 tile16_mix_fn tile16_mix_kernel(int kernels) {
     if (kernels != K_AVX2 || !tile16_on()) return nullptr;
-    return gfni_on() ? avx2::vnni512::gf::tile16_mix : avx2::vnni512::tile16_mix;
+    return g_gfni.on() ? avx2::vnni512::gf::tile16_mix : avx2::vnni512::tile16_mix;
 }
 #else
 #  define AVX2(f) nullptr

@@ -16,19 +16,20 @@
 
 #include "kernels_vnni_tiles.inc"  // WQE_TILE_KERNELS(NS, DPBUSD, NT_MAX)
 
+// The target of the functions up to the next WQE_TARGET_POP (GCC push_options + target / clang attribute push).
+#define WQE_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#  define WQE_TARGET_PUSH(T) WQE_PRAGMA(clang attribute push(__attribute__((target(T))), apply_to = function))
+#  define WQE_TARGET_POP() WQE_PRAGMA(clang attribute pop)
+#else
+#  define WQE_TARGET_PUSH(T) WQE_PRAGMA(GCC push_options) WQE_PRAGMA(GCC target(T))
+#  define WQE_TARGET_POP() WQE_PRAGMA(GCC pop_options)
+#endif
+
 // AVX512-VNNI + AVX512VL (EVEX vpdpbusd on ymm registers)
-#if defined(__clang__)
-#  pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"))), apply_to = function)
-#else
-#  pragma GCC push_options
-#  pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
-#endif
+WQE_TARGET_PUSH("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
 WQE_TILE_KERNELS(vnni512, _mm256_dpbusd_epi32, 8)
-#if defined(__clang__)
-#  pragma clang attribute pop
-#else
-#  pragma GCC pop_options
-#endif
+WQE_TARGET_POP()
 
 // Two adjacent row tiles in one call, 16 rows in the lanes of 512-bit registers (tile A's 8 rows in the low half,
 // tile B = A + ts bytes in the high half): the same integer sums (exact) and the same float operations per lane as
@@ -37,12 +38,7 @@ WQE_TILE_KERNELS(vnni512, _mm256_dpbusd_epi32, 8)
 // 256-bit units run 512-bit operations in two halves, the tile kernels are bound by vector instructions issued
 // (bench/results/tile16.md), so the pair is faster there as well as on Intel's 512-bit units. AVX512BW for the
 // byte/word operations on zmm.
-#if defined(__clang__)
-#  pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw,avx512dq"))), apply_to = function)
-#else
-#  pragma GCC push_options
-#  pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw,avx512dq")
-#endif
+WQE_TARGET_PUSH("avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw,avx512dq")
 namespace wqe {
 namespace avx2 {
 namespace vnni512 {
@@ -52,20 +48,11 @@ namespace vnni512 {
 }  // namespace vnni512
 }  // namespace avx2
 }  // namespace wqe
-#if defined(__clang__)
-#  pragma clang attribute pop
-#else
-#  pragma GCC pop_options
-#endif
+WQE_TARGET_POP()
 
 // The same pair kernels with GFNI (Zen 4, Ice Lake and later; not Cascade Lake, which has AVX512-VNNI without it):
 // blocks.cpp picks them where CPUID says GFNI, unless WQEDGE_GFNI=0 (bench/results/tile16.md, "GFNI").
-#if defined(__clang__)
-#  pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw,avx512dq,gfni"))), apply_to = function)
-#else
-#  pragma GCC push_options
-#  pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw,avx512dq,gfni")
-#endif
+WQE_TARGET_PUSH("avx2,fma,f16c,avx512f,avx512vl,avx512vnni,avx512bw,avx512dq,gfni")
 namespace wqe {
 namespace avx2 {
 namespace vnni512 {
@@ -77,24 +64,11 @@ namespace gf {
 }  // namespace vnni512
 }  // namespace avx2
 }  // namespace wqe
-#if defined(__clang__)
-#  pragma clang attribute pop
-#else
-#  pragma GCC pop_options
-#endif
+WQE_TARGET_POP()
 
 // AVX-VNNI (VEX vpdpbusd)
-#if defined(__clang__)
-#  pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avxvnni"))), apply_to = function)
-#else
-#  pragma GCC push_options
-#  pragma GCC target("avx2,fma,f16c,avxvnni")
-#endif
+WQE_TARGET_PUSH("avx2,fma,f16c,avxvnni")
 WQE_TILE_KERNELS(vnni256, _mm256_dpbusd_avx_epi32, 4)
-#if defined(__clang__)
-#  pragma clang attribute pop
-#else
-#  pragma GCC pop_options
-#endif
+WQE_TARGET_POP()
 
 #endif
