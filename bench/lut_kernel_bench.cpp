@@ -186,10 +186,11 @@ static inline void store8_512(float* out, __m512 a01, __m512 a23) {
     const __m512 s = _mm512_add_ps(a01, a23);  // low: blocks 0 + 2 (mod 4), high: 1 + 3
     _mm256_storeu_ps(out, _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1)));
 }
-// one row half of a 16-row tile, one 128-column chunk: the 4 blocks' exact int16 sums of its 8 rows (lane = block)
-static inline __attribute__((always_inline)) __m512i half512_q2(const uint8_t* w, const __m512i* tb) {
-    const __m512i m0f = _mm512_set1_epi8(0x0F), c12 = _mm512_set1_epi16(0x0201), c1632 = _mm512_set1_epi16(0x2010);
-    __m512i L0, L1, H0, H1;
+// the 4 pairs of group lookups of one 256-byte step: L (low-nibble tables) and H (high) for the low and the high
+// 4-bit indices of every byte, summed in bytes (no overflow: <= 240, >= -128)
+static inline __attribute__((always_inline)) void lookups512(const uint8_t* w, const __m512i* tb, __m512i& L0,
+                                                            __m512i& H0, __m512i& L1, __m512i& H1) {
+    const __m512i m0f = _mm512_set1_epi8(0x0F);
     {
         const __m512i x = _mm512_loadu_si512(w), lo = _mm512_and_si512(x, m0f), hi = hi_nib512(x);
         L0 = _mm512_shuffle_epi8(tb[0], lo);
@@ -205,6 +206,12 @@ static inline __attribute__((always_inline)) __m512i half512_q2(const uint8_t* w
         L1 = _mm512_add_epi8(L1, _mm512_shuffle_epi8(tb[2 * kp + 8], hi));
         H1 = _mm512_add_epi8(H1, _mm512_shuffle_epi8(tb[2 * kp + 9], hi));
     }
+}
+// one row half of a 16-row tile, one 128-column chunk: the 4 blocks' exact int16 sums of its 8 rows (lane = block)
+static inline __attribute__((always_inline)) __m512i half512_q2(const uint8_t* w, const __m512i* tb) {
+    const __m512i c12 = _mm512_set1_epi16(0x0201), c1632 = _mm512_set1_epi16(0x2010);
+    __m512i L0, L1, H0, H1;
+    lookups512(w, tb, L0, H0, L1, H1);
     return _mm512_add_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(L0, c12), _mm512_maddubs_epi16(L1, c12)),
                             _mm512_add_epi16(_mm512_maddubs_epi16(c1632, H0), _mm512_maddubs_epi16(c1632, H1)));
 }
@@ -226,7 +233,7 @@ __attribute__((noinline)) static void lut512_q2(const uint8_t* W, int N, int K, 
 }
 __attribute__((noinline)) static void lut512_q1(const uint8_t* W, int N, int K, const Tab512& T, float* out) {
     const int nch = K / 128;
-    const __m512i m0f = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1), c16 = _mm512_set1_epi8(16);
+    const __m512i one = _mm512_set1_epi8(1), c16 = _mm512_set1_epi8(16);
     const __m512i* tab = T.t.data();
     const __m512* dv = T.dv.data();
     const uint8_t* w = W;
@@ -235,21 +242,7 @@ __attribute__((noinline)) static void lut512_q1(const uint8_t* W, int N, int K, 
         for (int c = 0; c < nch; ++c, w += 256) {
             const __m512i* tb = tab + 16 * c;
             __m512i L0, L1, H0, H1;
-            {
-                const __m512i x = _mm512_loadu_si512(w), lo = _mm512_and_si512(x, m0f), hi = hi_nib512(x);
-                L0 = _mm512_shuffle_epi8(tb[0], lo);
-                H0 = _mm512_shuffle_epi8(tb[1], lo);
-                L1 = _mm512_shuffle_epi8(tb[8], hi);
-                H1 = _mm512_shuffle_epi8(tb[9], hi);
-            }
-#pragma GCC unroll 4
-            for (int kp = 1; kp < 4; ++kp) {
-                const __m512i x = _mm512_loadu_si512(w + 64 * kp), lo = _mm512_and_si512(x, m0f), hi = hi_nib512(x);
-                L0 = _mm512_add_epi8(L0, _mm512_shuffle_epi8(tb[2 * kp], lo));
-                H0 = _mm512_add_epi8(H0, _mm512_shuffle_epi8(tb[2 * kp + 1], lo));
-                L1 = _mm512_add_epi8(L1, _mm512_shuffle_epi8(tb[2 * kp + 8], hi));
-                H1 = _mm512_add_epi8(H1, _mm512_shuffle_epi8(tb[2 * kp + 9], hi));
-            }
+            lookups512(w, tb, L0, H0, L1, H1);
             // rows 0-7 / 8-15 of each lane: interleave the two group halves, one vpmaddubsw adds them (and x16 for H)
             const __m512i sA = _mm512_add_epi16(_mm512_maddubs_epi16(_mm512_unpacklo_epi8(L0, L1), one),
                                                 _mm512_maddubs_epi16(c16, _mm512_unpacklo_epi8(H0, H1)));
@@ -310,9 +303,9 @@ static inline void fma_blocks256(__m256i s16, const XQ8* x, __m256& a0, __m256& 
     a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16))), _mm256_set1_ps(x[0].d), a0);
     a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16, 1))), _mm256_set1_ps(x[1].d), a1);
 }
-static inline __attribute__((always_inline)) __m256i half256_q2(const uint8_t* w, const __m256i* tb) {
-    const __m256i m0f = _mm256_set1_epi8(0x0F), c12 = _mm256_set1_epi16(0x0201), c1632 = _mm256_set1_epi16(0x2010);
-    __m256i L0, L1, H0, H1;
+static inline __attribute__((always_inline)) void lookups256(const uint8_t* w, const __m256i* tb, __m256i& L0,
+                                                            __m256i& H0, __m256i& L1, __m256i& H1) {  // as lookups512
+    const __m256i m0f = _mm256_set1_epi8(0x0F);
     {
         const __m256i x = _mm256_loadu_si256((const __m256i*)w), lo = _mm256_and_si256(x, m0f);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m0f);
@@ -330,6 +323,11 @@ static inline __attribute__((always_inline)) __m256i half256_q2(const uint8_t* w
         L1 = _mm256_add_epi8(L1, _mm256_shuffle_epi8(tb[2 * kp + 8], hi));
         H1 = _mm256_add_epi8(H1, _mm256_shuffle_epi8(tb[2 * kp + 9], hi));
     }
+}
+static inline __attribute__((always_inline)) __m256i half256_q2(const uint8_t* w, const __m256i* tb) {
+    const __m256i c12 = _mm256_set1_epi16(0x0201), c1632 = _mm256_set1_epi16(0x2010);
+    __m256i L0, L1, H0, H1;
+    lookups256(w, tb, L0, H0, L1, H1);
     return _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(L0, c12), _mm256_maddubs_epi16(L1, c12)),
                             _mm256_add_epi16(_mm256_maddubs_epi16(c1632, H0), _mm256_maddubs_epi16(c1632, H1)));
 }
@@ -346,7 +344,7 @@ __attribute__((noinline)) static void lut256_q2(const uint8_t* W, int N, int K, 
 }
 __attribute__((noinline)) static void lut256_q1(const uint8_t* W, int N, int K, const Tab256& T, const XQ8* xq, float* out) {
     const int nch = K / 64;
-    const __m256i m0f = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1), c16 = _mm256_set1_epi8(16);
+    const __m256i one = _mm256_set1_epi8(1), c16 = _mm256_set1_epi8(16);
     const __m256i* tab = T.t.data();
     const uint8_t* w = W;
     for (int t = 0; t < N / 16; ++t) {
@@ -354,23 +352,7 @@ __attribute__((noinline)) static void lut256_q1(const uint8_t* W, int N, int K, 
         for (int c = 0; c < nch; ++c, w += 128) {
             const __m256i* tb = tab + 16 * c;
             __m256i L0, L1, H0, H1;
-            {
-                const __m256i x = _mm256_loadu_si256((const __m256i*)w), lo = _mm256_and_si256(x, m0f);
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m0f);
-                L0 = _mm256_shuffle_epi8(tb[0], lo);
-                H0 = _mm256_shuffle_epi8(tb[1], lo);
-                L1 = _mm256_shuffle_epi8(tb[8], hi);
-                H1 = _mm256_shuffle_epi8(tb[9], hi);
-            }
-#pragma GCC unroll 1
-            for (int kp = 1; kp < 4; ++kp) {
-                const __m256i x = _mm256_loadu_si256((const __m256i*)(w + 32 * kp)), lo = _mm256_and_si256(x, m0f);
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m0f);
-                L0 = _mm256_add_epi8(L0, _mm256_shuffle_epi8(tb[2 * kp], lo));
-                H0 = _mm256_add_epi8(H0, _mm256_shuffle_epi8(tb[2 * kp + 1], lo));
-                L1 = _mm256_add_epi8(L1, _mm256_shuffle_epi8(tb[2 * kp + 8], hi));
-                H1 = _mm256_add_epi8(H1, _mm256_shuffle_epi8(tb[2 * kp + 9], hi));
-            }
+            lookups256(w, tb, L0, H0, L1, H1);
             const __m256i sA = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_unpacklo_epi8(L0, L1), one),
                                                 _mm256_maddubs_epi16(c16, _mm256_unpacklo_epi8(H0, H1)));
             const __m256i sB = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_unpackhi_epi8(L0, L1), one),

@@ -519,29 +519,23 @@ static void tile8_sub_scalar(const uint8_t* part, size_t part_bytes, int nch, co
 
 // ------------------------------------------------------------------ AVX2 kernels (kernels_avx2.cpp)
 #if WQE_X86
+// The pair kernels of kernels_vnni_pairs.inc, declared in each namespace that builds them.
+#  define WQE_TILE16_DECLS(K)                                                                                                   \
+    void tile16_##K(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
+#  define WQE_TILE16_ALL                                                                                                     \
+    WQE_TILE16_DECLS(q4) WQE_TILE16_DECLS(q3) WQE_TILE16_DECLS(q2) WQE_TILE16_DECLS(q1) WQE_TILE16_DECLS(q4s)              \
+    WQE_TILE16_DECLS(q3s) WQE_TILE16_DECLS(q2s)                                                                            \
+    void tile16_mix(const uint8_t*, std::ptrdiff_t, const TileDesc*, int, const XQ8*, const int*, const float*, float*,     \
+                    std::ptrdiff_t);
 namespace avx2 {
 #include "kernel_set.inc"
 #include "tile_set.inc"
 namespace vnni512 {  // kernels_vnni.cpp: AVX512-VNNI + AVX512VL
 void dot8_rows_q8(const uint8_t*, size_t, int, const XQ8*, float, int, float*);  // q8 row-blocks, bit-identical to AVX2's
 #include "tile_set.inc"
-void tile16_q4(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_q3(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_q2(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_q1(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_q4s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_q3s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_q2s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_mix(const uint8_t*, std::ptrdiff_t, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
+WQE_TILE16_ALL
 namespace gf {  // the same with GFNI (kernels_vnni_pairs.inc): bit-identical
-void tile16_q4(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_q3(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_q2(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_q1(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_q4s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_q3s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_q2s(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
-void tile16_mix(const uint8_t*, std::ptrdiff_t, const TileDesc*, int, const XQ8*, const int*, const float*, float*, std::ptrdiff_t);
+WQE_TILE16_ALL
 }  // namespace gf
 }  // namespace vnni512
 namespace vnni256 {  // kernels_vnni.cpp: AVX-VNNI
