@@ -68,8 +68,9 @@ def tilted(table, factor: float):
 
 
 def parse_config(s: str) -> dict:
-    """'128@1e-3c5e-3+e2e64@2e-4c1e-3' -> {"steps": 128, "lr": 1e-3, "code_lr": 5e-3, "e2e": 64, "e2e_lr": 2e-4,
-    "e2e_code_lr": 1e-3} (learning rates optional; cX: train the codes at rate X, code units per step)."""
+    """'128@1e-3c5e-3+e2e64@2e-4c1e-3h1e-4' -> {"steps": 128, "lr": 1e-3, "code_lr": 5e-3, "e2e": 64, "e2e_lr": 2e-4,
+    "e2e_code_lr": 1e-3, "e2e_head_lr": 1e-4} (learning rates optional; cX: train the codes at rate X, code units per
+    step; hX: train an untied output head in the end-to-end stage at X times its mean |weight|)."""
     main, _, e2e = s.partition("+e2e")
 
     def part(p):
@@ -78,9 +79,10 @@ def parse_config(s: str) -> dict:
         return steps, (float(lr) if lr else None), (float(code) if code else None)
 
     steps, lr, code = part(main)
+    e2e, _, head = e2e.partition("h")
     e_steps, e_lr, e_code = part(e2e) if e2e else ("", None, None)
     return {"steps": int(steps), "lr": lr, "code_lr": code, "e2e": int(e_steps) if e_steps else 0,
-            "e2e_lr": e_lr, "e2e_code_lr": e_code}
+            "e2e_lr": e_lr, "e2e_code_lr": e_code, "e2e_head_lr": float(head) if head else None}
 
 
 def main(argv=None):
@@ -89,7 +91,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_fixture_args(ap)
     ap.add_argument("--budgets", default="3.25,2.5,2.25,2.0")
-    ap.add_argument("--configs", default="128@1e-3", help="distillation configs STEPS@LR[cCODE_LR][+e2eSTEPS[@LR][cCODE_LR]] "
+    ap.add_argument("--configs", default="128@1e-3", help="distillation configs STEPS@LR[cCODE_LR][+e2eSTEPS[@LR][cCODE_LR][hHEAD_LR]] "
                     "or 'default' (what wqedge convert distils with on this device), comma separated")
     ap.add_argument("--device", default=None, help="planning, conversion, distillation and evaluation device")
     ap.add_argument("--windows", type=int, default=32)
@@ -243,7 +245,7 @@ def main(argv=None):
                 log(f"time limit: {c} at {b} not run")
                 break
             restore()
-            kw = {k: c[k] for k in ("lr", "e2e_lr", "code_lr", "e2e_code_lr") if c[k] is not None}
+            kw = {k: c[k] for k in ("lr", "e2e_lr", "code_lr", "e2e_code_lr", "e2e_head_lr") if c.get(k) is not None}
             if ce:
                 kw["e2e_ce"] = ce
             res = distill.distill_model(model, fitted, cs.train, cs.heldout, c["steps"], c["e2e"], dev,
@@ -254,6 +256,7 @@ def main(argv=None):
                 f"+e2e{c['e2e']}@{c['e2e_lr'] or distill.E2E_LR:g}" if c["e2e"] else "") + (
                 f" codes@{c['e2e_code_lr']:g}" if c["e2e"] and c["e2e_code_lr"] else
                 " codes frozen" if c["e2e"] and c["e2e_code_lr"] == 0 and c["code_lr"] else "") + (
+                f" head@{c['e2e_head_lr']:g}" if c["e2e"] and c.get("e2e_head_lr") else "") + (
                 f" on {cs.train.shape[0]} windows" if len(d_windows) > 1 else "") + (
                 f", CE weight {ce:g}" if ce and c["e2e"] else "")
             rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": name + tag, **ppl(), "tilt": f,

@@ -198,6 +198,45 @@ def test_e2e_stage_with_text_cross_entropy(setup):
             distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 1, e2e_steps=1, e2e_ce=bad, **kw)
 
 
+def test_e2e_stage_trains_an_untied_head(setup, tmp_path):
+    """e2e_head_lr > 0 trains the untied output head with the rest of the end-to-end stage: the result carries it,
+    lower held-out KL than without it here, the plan's record says so, and the written file's head is the trained
+    one (q8 of it); a tied model's head (its embedding table) stays."""
+    from wqedge.quantize import convert_to_gguf
+    from wqedge.reference import load_reference
+    ckpt, plan, fitted, toks, _ = setup
+    kw = dict(device="cpu", e2e_lr=1e-2)
+    base = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 2, e2e_steps=10, **kw)
+    head = distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 2, e2e_steps=10, e2e_head_lr=3e-2, **kw)
+    assert "lm_head.weight" not in base.norms and "e2e_head_lr" not in base.record()
+    assert head.e2e["kept"] and head.record()["e2e_head_lr"] == 3e-2
+    w0 = ckpt.get("lm_head.weight").float()
+    w1 = head.norms["lm_head.weight"]
+    assert w1.shape == w0.shape and float((w1 - w0).abs().max()) > 1e-3
+    assert head.e2e["after"] < base.e2e["after"]
+    fits = pipeline.Fits("feedback", fitted=head.chunks, norms=head.norms)
+    path = convert_to_gguf(fits.source(ckpt), plan, tmp_path / "h.gguf", fitted=head.chunks, head="q8")
+    w_file = load_reference(path).lm_head.weight.detach().float()
+    assert float((w_file - w1).abs().max()) < 0.02 * float(w1.abs().max())   # q8 of the trained head
+    assert float((w_file - w0).abs().max()) > 0.5 * float((w1 - w0).abs().max())
+    with pytest.raises(ValueError, match="head learning rate"):
+        distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 1, e2e_steps=1, e2e_head_lr=-1.0, **kw)
+
+
+def test_e2e_stage_leaves_a_tied_head(tiny_model_factory):
+    ckpt = LlamaCheckpoint.open(tiny_model_factory(n_layers=1, hidden=64, intermediate=128, vocab_size=512,
+                                                   tie_embeddings=True))
+    plan = Plan.from_actions(ckpt.spec.linears(), 32, 16.0, "greedy",
+                             {lin.hf_name: ["q4"] * (lin.in_features // 32) for lin in ckpt.spec.linears()}, "neuqi",
+                             model_name=ckpt.spec.name, model_fingerprint=ckpt.fingerprint())
+    toks = torch.randint(3, 512, (12, 32), generator=torch.Generator().manual_seed(2))
+    fitted = quantize_model(ckpt.load_hf_model(), plan, toks[:8], device="cpu")
+    res = distill_model(ckpt.load_hf_model(), fitted, toks[:8], toks[8:], 1, e2e_steps=3, device="cpu",
+                        e2e_head_lr=3e-2)
+    assert "lm_head.weight" not in res.norms and "model.embed_tokens.weight" not in res.norms
+    assert "head_lr" not in res.e2e
+
+
 @pytest.mark.parametrize("steps", [-1, 2.5, True, "3"])
 def test_bad_steps(setup, steps):
     ckpt, _, fitted, toks, _ = setup

@@ -58,6 +58,7 @@ NORM_LR = 1e-3           # times each norm's mean |weight|
 E2E_LR = 2e-4            # end-to-end stage (all layers at once); higher rates are not measured yet
 CODE_LR = 0.0            # latent codes, in code units per step (0: codes frozen, NeUQI's light distillation)
 E2E_CE = 0.0             # weight of the text's cross-entropy in the end-to-end loss (0: KL to the fp model alone)
+E2E_HEAD_LR = 0.0        # an untied output head trained in the end-to-end stage, times its mean |weight| (0: frozen)
 CODE_KINDS = ("affine", "ternary")   # kinds whose codes can be trained: w = d * (q - zero_code) + m, q on a grid
 
 
@@ -83,7 +84,8 @@ class DistillResult:
         return {"code_lr": self.code_lr, "codes_changed": self.codes_changed, "windows": self.windows,
                 "layers_codes_trained": sum(bool(x.get("codes_trained")) for x in self.layers),
                 "e2e_steps": int(e2e.get("steps", 0)), "e2e_kept": bool(e2e.get("kept", False)),
-                **({"e2e_ce": float(e2e["ce"])} if e2e.get("ce") else {})}
+                **({"e2e_ce": float(e2e["ce"])} if e2e.get("ce") else {}),
+                **({"e2e_head_lr": float(e2e["head_lr"])} if e2e.get("head_lr") else {})}
 
     def summary(self) -> str:
         mb = self.peak_bytes / 2**20
@@ -334,7 +336,7 @@ def _norms(layer: nn.Module) -> list[nn.Parameter]:
 
 
 def _optimizer(linears: list[TunableLinear], norms: list[nn.Parameter], lr: float, norm_lr: float, steps: int,
-               code_lr: float = 0.0):
+               code_lr: float = 0.0, extra_groups: list[dict] | None = None):
     for p in norms:
         p.requires_grad_(True)
     groups = [{"params": [p for tl in linears for p in (tl.a, tl.b)], "lr": lr}]
@@ -342,6 +344,7 @@ def _optimizer(linears: list[TunableLinear], norms: list[nn.Parameter], lr: floa
     if codes and code_lr > 0:
         groups.append({"params": codes, "lr": code_lr})
     groups += [{"params": [p], "lr": norm_lr * float(p.detach().abs().mean().clamp_min(1e-3))} for p in norms]
+    groups += extra_groups or []
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -374,13 +377,16 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
                   lr: float = LR, norm_lr: float = NORM_LR, e2e_lr: float = E2E_LR, seed: int = 0,
                   progress: Callable[[str], None] | None = None, unprune=None,
                   act_bits: int | None = None, code_lr: float = CODE_LR,
-                  e2e_code_lr: float | None = None, e2e_ce: float = E2E_CE) -> DistillResult:
+                  e2e_code_lr: float | None = None, e2e_ce: float = E2E_CE,
+                  e2e_head_lr: float = E2E_HEAD_LR) -> DistillResult:
     """Tune `chunks` (every decoder linear of the fp transformers LlamaForCausalLM `model`, as fitted) on the
     calibration windows `tokens` [n, seqlen]; `heldout` windows only measure. `model` is left unchanged.
 
     steps: AdamW steps per decoder layer (block stage, MSE of the layer's output); e2e_steps: steps of the
     end-to-end KL stage after it (0: none); e2e_ce: the weight of the next-token cross-entropy on the calibration
-    text in that stage's loss, (1 - e2e_ce)·KL + e2e_ce·CE (0: KL alone). Each step takes `batch_size` windows.
+    text in that stage's loss, (1 - e2e_ce)·KL + e2e_ce·CE (0: KL alone); e2e_head_lr > 0: that stage also trains an
+    untied output head (float32 master, at this rate times its mean |weight|; `norms` then holds "lm_head.weight",
+    which the writers quantize as they do the checkpoint's head). Each step takes `batch_size` windows.
     unprune(name, w, shape): for a pruning plan's chunks (kept rows and columns only), the kept weight in the
     model's shape with zeros where structures were removed (Plan.unprune_weight), so the unpruned fp layers stay the
     teachers. act_bits: the plan's activation bits when below 8: the student's linears quantize their inputs per
@@ -394,6 +400,8 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
     if not (code_lr >= 0 and (e2e_code_lr is None or e2e_code_lr >= 0)):
         raise ValueError(f"code learning rates must be >= 0, got {code_lr!r} / {e2e_code_lr!r}")
     e2e_ce = check_ce_weight(e2e_ce)
+    if not e2e_head_lr >= 0:
+        raise ValueError(f"the head learning rate must be >= 0, got {e2e_head_lr!r}")
     if e2e_code_lr is None:   # the same rate: llama-s 2.5 b 6.652 against 6.681 at a fifth of it (distill_codes.md)
         e2e_code_lr = code_lr
     if batch_size < 1:
@@ -492,7 +500,7 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
         if e2e_steps:
             try:
                 out_chunks, norms, e2e = _e2e(model, out_chunks, norms, tokens, heldout, e2e_steps, dev, bs, e2e_lr,
-                                              norm_lr, seed, say, unprune, act_bits, e2e_code_lr, e2e_ce)
+                                              norm_lr, seed, say, unprune, act_bits, e2e_code_lr, e2e_ce, e2e_head_lr)
                 codes_changed += e2e["codes_changed"]
             except torch.cuda.OutOfMemoryError:   # the whole model at once did not fit: the block stage stands
                 if dev.type == "cuda":
@@ -509,15 +517,18 @@ def distill_model(model, chunks: dict[str, list[ChunkData]], tokens: torch.Tenso
 
 
 def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, seed, say, unprune, act_bits=None,
-         code_lr: float = 0.0, ce: float = 0.0):
+         code_lr: float = 0.0, ce: float = 0.0, head_lr: float = 0.0):
     """End-to-end stage: KL(fp || quantized) of the next-token distributions, all layers at once; with ce > 0 the
-    loss is (1 - ce)·KL + ce·(cross-entropy of the text's next tokens), and the guard compares that held-out loss."""
+    loss is (1 - ce)·KL + ce·(cross-entropy of the text's next tokens), and the guard compares that held-out loss;
+    with head_lr > 0 an untied output head trains too (a tied one stays: it is the embedding table as well)."""
     teacher = copy.deepcopy(model).to(dev, torch.float32).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = student_model(teacher, chunks, norms, dev, act_bits, unprune, code_lr > 0)
     tls = [layer.get_submodule(hf) for layer in student.model.layers for hf, _ in PROJECTIONS]
     norm_params = [p for layer in student.model.layers for p in _norms(layer)] + [student.model.norm.weight]
+    head = student.lm_head.weight
+    train_head = head_lr > 0 and head.data_ptr() != student.model.embed_tokens.weight.data_ptr()
 
     def losses(x):
         """(KL, the trained objective) of a batch of windows, means per position: the objective is the KL itself,
@@ -542,7 +553,11 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
         return tuple(tot / len(heldout))
 
     before, obj_before = heldout_losses()
-    opt, sched = _optimizer(tls, norm_params, lr, norm_lr, steps, code_lr)
+    extra = []
+    if train_head:
+        head.requires_grad_(True)
+        extra = [{"params": [head], "lr": head_lr * float(head.detach().abs().mean().clamp_min(1e-6))}]
+    opt, sched = _optimizer(tls, norm_params, lr, norm_lr, steps, code_lr, extra)
     for step, idx in enumerate(_batches(tokens.shape[0], steps, bs, seed + 10_000)):
         loss = losses(tokens[idx].to(dev))[1]
         opt.zero_grad(set_to_none=True)
@@ -551,9 +566,11 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
         sched.step()
         if (step + 1) % max(1, steps // 4) == 0:
             say(f"distillation (end to end): step {step + 1}/{steps}, {'KL' if not ce else 'loss'} {loss.item():.4g}")
-    for p in norm_params:
+    for p in norm_params + [head]:
         p.requires_grad_(False)
     out, new_norms = dict(chunks), dict(norms)
+    if train_head:
+        new_norms["lm_head.weight"] = head.detach().float().cpu()
     i = 0
     for li in range(len(student.model.layers)):
         for hf, _ in PROJECTIONS:
@@ -569,6 +586,8 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
            "codes_changed": sum(tl.codes_changed for tl in tls)}
     if ce:
         res.update(ce=ce, objective_before=obj_before, objective_after=obj_after)
+    if train_head:
+        res.update(head_lr=head_lr)
     if obj_after > obj_before:   # the held-out loss rose (3.25 b, or a code rate too high): keep the block stage's
         say(f"distillation (end to end): held-out {'KL' if not ce else 'loss'} {obj_before:.4g} -> {obj_after:.4g}; "
             "keeping the block stage's result")
@@ -613,7 +632,7 @@ def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, ste
                        n_heldout: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None,
                        unprune=None, act_bits: int | None = None, code_lr: float = CODE_LR,
                        min_code_windows: int = 0, e2e_needs_heldout: bool = False,
-                       e2e_ce: float = E2E_CE) -> DistillResult:
+                       e2e_ce: float = E2E_CE, e2e_head_lr: float = E2E_HEAD_LR) -> DistillResult:
     """distill_model on a checkpoint's fp model and `calib_text` (the windows error feedback takes). A
     wqedge.rotation.RotatedCheckpoint gives its rotated planning model, whose hooks the student keeps.
 
@@ -644,11 +663,13 @@ def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, ste
         e2e_steps = 0
     model = ckpt.load_planning_model(default_device(device))
     return distill_model(model, chunks, cs.train, cs.heldout, steps, e2e_steps, device, seed=seed, progress=progress,
-                         unprune=unprune, act_bits=act_bits, code_lr=code_lr, e2e_ce=e2e_ce)
+                         unprune=unprune, act_bits=act_bits, code_lr=code_lr, e2e_ce=e2e_ce,
+                         e2e_head_lr=e2e_head_lr)
 
 
 class TunedCheckpoint:
-    """A checkpoint whose norm tensors are the distilled ones; everything else is read from `ckpt`."""
+    """A checkpoint whose norm tensors (and output head, when distillation trained it) are the distilled ones;
+    everything else is read from `ckpt`."""
 
     def __init__(self, ckpt, norms: dict[str, torch.Tensor]):
         self._ckpt = ckpt
