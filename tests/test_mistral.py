@@ -107,3 +107,17 @@ def test_convert_and_run(mistral_dir, tmp_path):
             assert float(np.abs(got - lr).max() / lr.std()) < CPP_TOL
     finally:
         native.set_activations(before)
+
+
+def test_eval_refuses_windows_past_the_context(mistral_dir, tmp_path):
+    """`wqedge eval` scores windows of --ctx tokens: past the model's context length (here the sliding window) it
+    says so instead of scoring positions the model never attends over, for the folder and for its file."""
+    from click.testing import CliRunner
+
+    from wqedge.cli import main
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i % 50}" for i in range(3000)))
+    r = CliRunner().invoke(main, ["eval", str(mistral_dir), "--text", str(text)])
+    assert r.exit_code != 0 and f"--ctx 512 is longer than the model's context length {WINDOW}" in r.output
+    r = CliRunner().invoke(main, ["eval", str(mistral_dir), "--text", str(text), "--ctx", str(WINDOW), "--chunks", "2"])
+    assert r.exit_code == 0 and f"over 2 windows of {WINDOW}" in r.output, r.output

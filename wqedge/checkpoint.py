@@ -494,13 +494,15 @@ class LlamaCheckpoint:
 
     def hf_config(self):
         """config.json as a transformers LlamaConfig; a Mistral config as the LLaMA decoder it is (its model type,
-        architecture and sliding window dropped: parse_config made the window the context length)."""
+        architecture and sliding window dropped, the context length the spec's: parse_config made a shorter window
+        the context length)."""
         from transformers import LlamaConfig
         cfg = json.loads((self.path / "config.json").read_text())
         if cfg.get("model_type") == "llama":
             return LlamaConfig.from_pretrained(str(self.path), local_files_only=True)
-        return LlamaConfig.from_dict({k: v for k, v in cfg.items()
-                                      if k not in ("model_type", "architectures", "sliding_window")})
+        return LlamaConfig.from_dict({**{k: v for k, v in cfg.items()
+                                         if k not in ("model_type", "architectures", "sliding_window")},
+                                      "max_position_embeddings": self.spec.max_position_embeddings})
 
     def __repr__(self) -> str:
         s = self.spec

@@ -705,6 +705,14 @@ def inspect(gguf_file):
                f"; {s4k / 2**20:.1f} MiB at 4096 tokens" + ("" if kv.bits is None else f" (float32: {f4k / 2**20:.1f} MiB)"))
 
 
+def _check_window(ctx: int, context_length: int) -> None:
+    """Windows longer than the model's context would score positions it was never meant to see (a Mistral file's
+    context is its sliding window: wqedge.checkpoint.parse_config)."""
+    if ctx > context_length:
+        _fail(f"--ctx {ctx} is longer than the model's context length {context_length}: give --ctx "
+              f"{context_length} or less")
+
+
 @main.command(name="eval")
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -759,6 +767,7 @@ def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, bat
             m = native.Model(path)
         except native.NativeError as e:
             _fail(str(e))
+        _check_window(ctx, m.info["n_ctx_train"])
         fn = native.NativeEvaluator(m, n_ctx=ctx, n_threads=threads, kv_bits=kv_bits, kv_rotation=kv_rotation)
         tokens = [m.bos_id] + list(m.tokenize(text, add_bos=False))
         bos = m.bos_id
@@ -782,6 +791,7 @@ def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, bat
             except FormatError as e:
                 _fail(str(e))
             tok_dir = tokenizer_dir
+        _check_window(ctx, net.config.max_position_embeddings)
         bos = net.config.bos_token_id
         fn = logits_fn(net)
         tokens = _tokenize(text, tok_dir, None if tok_dir else path)
