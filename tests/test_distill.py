@@ -223,6 +223,20 @@ def test_e2e_stage_trains_an_untied_head(setup, tmp_path):
         distill_model(ckpt.load_hf_model(), fitted, toks[:16], toks[16:], 1, e2e_steps=1, e2e_head_lr=-1.0, **kw)
 
 
+def test_tuned_checkpoint_reads_and_loads_the_distilled_tensors(setup):
+    """The writers' view of a distillation (pipeline.Fits.source): its tensors as read and its model as loaded carry
+    the distilled norms; everything else, the fingerprint included, is the checkpoint's."""
+    ckpt, _, _, _, res = setup
+    view = pipeline.Fits("feedback", fitted=res.chunks, norms=res.norms).source(ckpt)
+    name = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(res.norms[name], ckpt.get(name).float())
+    torch.testing.assert_close(view.get(name), res.norms[name])
+    model = view.load_hf_model(torch.float32)
+    torch.testing.assert_close(model.get_parameter(name).detach(), res.norms[name])
+    torch.testing.assert_close(view.get("model.embed_tokens.weight"), ckpt.get("model.embed_tokens.weight"))
+    assert view.fingerprint() == ckpt.fingerprint() and view.stats_view().startswith("tuned:")
+
+
 def test_e2e_stage_leaves_a_tied_head(tiny_model_factory):
     ckpt = LlamaCheckpoint.open(tiny_model_factory(n_layers=1, hidden=64, intermediate=128, vocab_size=512,
                                                    tie_embeddings=True))

@@ -49,6 +49,7 @@ from torch import nn
 
 from .. import blocks
 from ..blocks import ChunkData
+from ..checkpoint import CheckpointView
 from ..units import PROJECTIONS
 
 BATCH = 4                # calibration windows per step
@@ -667,16 +668,24 @@ def distill_checkpoint(ckpt, chunks: dict[str, list[ChunkData]], calib_text, ste
                          e2e_head_lr=e2e_head_lr)
 
 
-class TunedCheckpoint:
-    """A checkpoint whose norm tensors (and output head, when distillation trained it) are the distilled ones;
+class TunedCheckpoint(CheckpointView):
+    """A checkpoint whose norm tensors (and output head, when distillation trained it) are the distilled ones, as read
+    (`get`, what the writers read) and as loaded (`load_hf_model`: the model the file holds, up to its codes);
     everything else is read from `ckpt`."""
 
     def __init__(self, ckpt, norms: dict[str, torch.Tensor]):
-        self._ckpt = ckpt
+        super().__init__(ckpt)
         self._norms = norms
+
+    def view_key(self) -> str:
+        return "tuned:" + ",".join(sorted(self._norms))
 
     def get(self, name: str) -> torch.Tensor:
         return self._norms[name].clone() if name in self._norms else self._ckpt.get(name)
 
-    def __getattr__(self, attr):
-        return getattr(self._ckpt, attr)
+    def transform_model(self, model):
+        with torch.no_grad():
+            for name, w in self._norms.items():
+                p = model.get_parameter(name)
+                p.copy_(w.to(p.device, p.dtype))
+        return model
