@@ -497,10 +497,9 @@ class LlamaCheckpoint:
         architecture and sliding window dropped, the context length the spec's: parse_config made a shorter window
         the context length)."""
         from transformers import LlamaConfig
-        cfg = json.loads((self.path / "config.json").read_text())
-        if cfg.get("model_type") == "llama":
+        if self.config.get("model_type") == "llama":
             return LlamaConfig.from_pretrained(str(self.path), local_files_only=True)
-        return LlamaConfig.from_dict({**{k: v for k, v in cfg.items()
+        return LlamaConfig.from_dict({**{k: v for k, v in self.config.items()
                                          if k not in ("model_type", "architectures", "sliding_window")},
                                       "max_position_embeddings": self.spec.max_position_embeddings})
 
@@ -535,8 +534,17 @@ class CheckpointView:
     def load_hf_model(self, *a, **k):
         return self.transform_model(self._ckpt.load_hf_model(*a, **k))
 
+    # Memory decisions count the model as this view loads it (`n_params`: a view that adds a tensor says so), and
+    # the source checkpoint decides them (LlamaCheckpoint.planning_placement).
+    def planning_dtype(self, available_bytes=None, n_params=None):
+        return self._ckpt.planning_dtype(available_bytes, n_params=self.n_params if n_params is None else n_params)
+
+    def planning_placement(self, device=None, n_params=None):
+        return self._ckpt.planning_placement(device, n_params=self.n_params if n_params is None else n_params)
+
     def load_planning_model(self, device=None):
-        return self.transform_model(self._ckpt.load_planning_model(device))
+        dtype, dev = self.planning_placement(device)
+        return self.load_hf_model(dtype, device=dev)
 
     def __getattr__(self, attr):
         if attr == "_ckpt":   # not set yet (copy, unpickling): no recursion through __getattr__

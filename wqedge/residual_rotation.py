@@ -207,13 +207,6 @@ class ResidualRotatedCheckpoint(CheckpointView):
         tensor (vocab x hidden), so memory decisions (planning_placement, wqedge.stream.wants_streaming) count it."""
         return self._ckpt.n_params + (self.spec.vocab_size * self.spec.hidden_size if self._tied else 0)
 
-    def planning_dtype(self, available_bytes=None):
-        return self._ckpt.planning_dtype(available_bytes, n_params=self.n_params)
-
-    def load_planning_model(self, device=None):
-        dtype, dev = self._ckpt.planning_placement(device, n_params=self.n_params)
-        return self.transform_model(self._ckpt.load_hf_model(dtype, device=dev))
-
 
 # ---------------------------------------------------------------- the "hadamard" rotation method
 
