@@ -341,9 +341,10 @@ def test_pruned_plan(setup, tmp_path):
 
 @pytest.mark.parametrize("action", [b.name for b in blocks.BLOCK_TYPES if not b.is_float])
 def test_trained_codes_round_to_the_module(action):
-    """With train_codes, the latent codes of the affine and ternary kinds move the codes the file stores: after
-    any change, round_to_file's chunk, packed and decoded, is what the module computes; codes stay on the kind's
-    grid; the protected column keeps its code and weight. Sub-scale kinds keep their codes (no latent)."""
+    """With train_codes, the latent codes of every quantized kind (affine, ternary, two-level) move the codes the
+    file stores: after any change, round_to_file's chunk, packed and decoded, is what the module computes; codes
+    stay on the kind's grid; the protected column keeps its code and weight; a two-level chunk keeps its
+    sub-block scale and min codes."""
     from wqedge.quant.distill import CODE_KINDS
     from wqedge.quant.fit import fit_chunk
     torch.manual_seed(0)
@@ -363,6 +364,8 @@ def test_trained_codes_round_to_the_module(action):
     changed = c1.codes != c.codes
     assert changed.mean() > 0.3 and tl.codes_changed == int(changed.sum())
     assert not changed[:, 5].any()
+    if bt.has_subscales:
+        assert np.array_equal(c1.sc, c.sc) and np.array_equal(c1.mn, c.mn)
     w0, w1 = blocks.dequantize_chunk(c)[:, 5], blocks.dequantize_chunk(c1)[:, 5]
     np.testing.assert_allclose(w1, w0, atol=2e-3 * np.abs(w0).max())
     back = blocks.decode_chunk(blocks.pack_chunk(c1), action, c1.g, c1.protected)

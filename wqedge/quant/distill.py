@@ -23,7 +23,7 @@ the model that goes on (to the next layer, to the file) is the rounded one; with
 method as published) the codes written are the fitted ones. Norms are stored F32 in the file, written as trained.
 
 Trained codes (code_lr > 0; what `wqedge convert` does on a GPU, wqedge.pipeline.distill_options): each weight of
-an affine or ternary chunk gets a latent code in code units, starting at its fitted code; the forward pass uses
+an affine, ternary or two-level chunk gets a latent code in code units, starting at its fitted code; the forward pass uses
 the latent rounded to the kind's grid with a straight-through gradient, so a code changes only once its latent
 has crossed a half-way point, and the file stores the rounded latents. Error feedback chooses codes one linear at
 a time against its own inputs; this lets the layer's (and the model's) output choose them. It overfits a small
@@ -60,7 +60,9 @@ E2E_LR = 2e-4            # end-to-end stage (all layers at once); higher rates a
 CODE_LR = 0.0            # latent codes, in code units per step (0: codes frozen, NeUQI's light distillation)
 E2E_CE = 0.0             # weight of the text's cross-entropy in the end-to-end loss (0: KL to the fp model alone)
 E2E_HEAD_LR = 0.0        # an untied output head trained in the end-to-end stage, times its mean |weight| (0: frozen)
-CODE_KINDS = ("affine", "ternary")   # kinds whose codes can be trained: w = d * (q - zero_code) + m, q on a grid
+# kinds whose codes can be trained: w = d * S * (q - zero_code) + B * m, q on the kind's grid, S = 1 for affine and
+# ternary chunks and the sub-block's scale code for two-level ("subscale") ones
+CODE_KINDS = ("affine", "ternary", "subscale")
 
 
 @dataclass
@@ -150,9 +152,15 @@ def _basis(c: ChunkData) -> tuple[np.ndarray, np.ndarray] | None:
     return A, B
 
 
+def _subscale_multiplier(c: ChunkData) -> np.ndarray:
+    """float32 [N, g]: each weight's sub-block scale code (a two-level chunk's w = d * sc * q - dmin * mn)."""
+    sc = np.asarray(c.sc, np.float32)
+    return np.repeat(sc, blocks.SUBBLOCK, axis=1)[:, :c.g]
+
+
 class TunableLinear(nn.Module):
     """A decoder linear rebuilt from its chunks: trainable per-row d and m of every chunk, codes frozen unless
-    train_codes (then a latent code per weight of the affine and ternary chunks, `code_values`).
+    train_codes (then a latent code per weight of the affine, ternary and two-level chunks, `code_values`).
 
     weight = A ⊙ d[:, chunk] + B ⊙ m[:, chunk] + F: A and B come from each chunk's block kind (`_basis`: for
     affine kinds codes − q0 and 1, for sub-scale kinds codes × sub-scale and −sub-min), zero on the columns
@@ -169,6 +177,7 @@ class TunableLinear(nn.Module):
         cidx = torch.zeros(k, dtype=torch.long)
         d0, m0 = torch.zeros(n, len(chunks)), torch.zeros(n, len(chunks))
         qlo, qhi, cmask = torch.zeros(k), torch.zeros(k), torch.zeros(k, dtype=torch.bool)
+        Q0, S = torch.zeros(n, k), torch.ones(n, k)   # trained columns: codes - zero_code, and A = S * Q0
         self.tuned_chunks: list[bool] = []
         s = 0
         for ci, c in enumerate(chunks):
@@ -191,9 +200,12 @@ class TunableLinear(nn.Module):
                 if c.m is not None:
                     m0[:, ci] = torch.from_numpy(np.asarray(c.m, np.float32))
                 bt = blocks.block_type(c.action)
-                if train_codes and bt.kind in CODE_KINDS:   # A holds q - zero_code on the tuned columns
+                if train_codes and bt.kind in CODE_KINDS:
                     qlo[s:e], qhi[s:e] = -bt.zero_code, bt.levels - 1 - bt.zero_code
                     cmask[s:e] = keep.bool()
+                    Q0[:, s:e] = torch.from_numpy(np.asarray(c.codes)[:, :c.g].astype(np.float32) - bt.zero_code)
+                    if bt.has_subscales:   # A = sub-block scale code x q (the basis at d = 1)
+                        S[:, s:e] = torch.from_numpy(_subscale_multiplier(c))
             self.tuned_chunks.append(basis is not None)
             s = e
         self.in_features, self.out_features = k, n
@@ -212,7 +224,9 @@ class TunableLinear(nn.Module):
             self.register_buffer("qlo", qlo.to(device))
             self.register_buffer("qhi", qhi.to(device))
             self.register_buffer("cmask", cmask.to(device))
-            self.codes = nn.Parameter(A.clone().to(device))
+            self.register_buffer("Q0", Q0.to(device))
+            self.register_buffer("S", S.to(device))
+            self.codes = nn.Parameter(Q0.clone().to(device))
         self.codes_changed = 0
         self.expand: Callable[[torch.Tensor], torch.Tensor] | None = None   # pruned plans: kept -> full shape
         self.act_bits: int | None = None   # the runtime's per-token activation quantizer on the input (None: float)
@@ -222,7 +236,7 @@ class TunableLinear(nn.Module):
         return self.d0 * (1 + self.a), self.m0 + self.d0 * self.b
 
     def hard_codes(self) -> torch.Tensor:
-        """The latent codes rounded to the kinds' grids (q - zero_code), on the trained columns."""
+        """The latent codes rounded to the kinds' grids (q - zero_code; meaningful on the trained columns)."""
         return torch.round(torch.minimum(torch.maximum(self.codes, self.qlo), self.qhi))
 
     def code_values(self) -> torch.Tensor:
@@ -231,7 +245,7 @@ class TunableLinear(nn.Module):
             return self.A
         soft = torch.minimum(torch.maximum(self.codes, self.qlo), self.qhi)   # no gradient past the grid's ends
         q = soft + (torch.round(soft) - soft).detach()
-        return torch.where(self.cmask, q, self.A)
+        return torch.where(self.cmask, self.S * q, self.A)
 
     def weight(self) -> torch.Tensor:
         d, m = self.params()
@@ -254,10 +268,12 @@ class TunableLinear(nn.Module):
         bad = ~(torch.isfinite(d16) & torch.isfinite(m16) & (d16 >= 0))   # keep a row's fit if it would break
         d16 = torch.where(bad, self.d0.half(), d16)
         m16 = torch.where(bad, self.m0.half(), m16)
-        A = self.A
+        A, Q = self.A, None
         if self.codes is not None:   # a row whose d or m is kept keeps its codes too
-            A = torch.where(self.cmask & ~bad[:, self.cidx], self.hard_codes(), self.A)
-            self.codes_changed += int((A != self.A).sum())
+            trained = self.cmask & ~bad[:, self.cidx]
+            Q = torch.where(trained, self.hard_codes(), self.Q0)
+            A = torch.where(trained, self.S * Q, self.A)
+            self.codes_changed += int((Q != self.Q0).sum())
         out = []
         e = 0
         for ci, c in enumerate(self.src):
@@ -271,7 +287,7 @@ class TunableLinear(nn.Module):
             if self.codes is not None and bool(self.cmask[s:e].any()):
                 zc = blocks.block_type(c.action).zero_code
                 keep = self.cmask[s:e].cpu().numpy()
-                new = (A[:, s:e].cpu().numpy() + zc).round().astype(np.uint8)
+                new = (Q[:, s:e].cpu().numpy() + zc).round().astype(np.uint8)
                 nc.codes = np.where(keep[None, :], new, np.asarray(c.codes)[:, :c.g]).astype(np.uint8)
             if c.n_protected:   # the protected columns keep their weights: residual = old weight - new grid
                 p = np.asarray(c.protected, dtype=np.int64)
@@ -286,7 +302,8 @@ class TunableLinear(nn.Module):
         self.b.zero_()
         if self.codes is not None:
             self.A.copy_(A)
-            self.codes.copy_(A)
+            self.Q0.copy_(Q)
+            self.codes.copy_(Q)
         return out
 
 
