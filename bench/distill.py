@@ -118,6 +118,9 @@ def main(argv=None):
     ap.add_argument("--e2e-ce", default="0",
                     help="weights of the calibration text's cross-entropy in the end-to-end loss, comma separated: "
                          "every config runs with each ((1 - w)·KL + w·CE; 0: KL alone)")
+    ap.add_argument("--batch", default=None,
+                    help="calibration windows per distillation step, comma separated: every config runs with each "
+                         "(default: distill_model's, wqedge.quant.distill.BATCH)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=1e9, help="start no new row after this many seconds")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.md"))
@@ -223,6 +226,7 @@ def main(argv=None):
 
     tilts = [float(f) for f in a.tilt.split(",")]
     ces = [float(x) for x in a.e2e_ce.split(",")]
+    batches = [int(x) for x in a.batch.split(",")] if a.batch else [None]
     for b, f in [(b, f) for b in budgets for f in tilts]:
         if time.time() - t_start > a.time_limit:
             log(f"time limit: budget {b} tilt {f} not run")
@@ -239,7 +243,7 @@ def main(argv=None):
                      "predicted_damage": table.plan_damage(choice)})
         log(f"B={b}: feedback {rows[-1]['ppl']:.4f} ({conv_s:.1f} s)")
         write()
-        for c, w, ce in [(c, w, ce) for c in configs for w in d_windows for ce in ces]:
+        for c, w, ce, bs in [(c, w, ce, bs) for c in configs for w in d_windows for ce in ces for bs in batches]:
             cs = sets[w]
             if time.time() - t_start > a.time_limit:
                 log(f"time limit: {c} at {b} not run")
@@ -248,6 +252,8 @@ def main(argv=None):
             kw = {k: c[k] for k in ("lr", "e2e_lr", "code_lr", "e2e_code_lr", "e2e_head_lr") if c.get(k) is not None}
             if ce:
                 kw["e2e_ce"] = ce
+            if bs:
+                kw["batch_size"] = bs
             res = distill.distill_model(model, fitted, cs.train, cs.heldout, c["steps"], c["e2e"], dev,
                                         seed=a.seed, progress=log, **kw)
             apply(res.chunks, res.norms)
@@ -258,7 +264,7 @@ def main(argv=None):
                 " codes frozen" if c["e2e"] and c["e2e_code_lr"] == 0 and c["code_lr"] else "") + (
                 f" head@{c['e2e_head_lr']:g}" if c["e2e"] and c.get("e2e_head_lr") else "") + (
                 f" on {cs.train.shape[0]} windows" if len(d_windows) > 1 else "") + (
-                f", CE weight {ce:g}" if ce and c["e2e"] else "")
+                f", CE weight {ce:g}" if ce and c["e2e"] else "") + (f", batch {bs}" if bs else "")
             rows.append({"budget": b, "effective_bits": plan.effective_bits(), "row": name + tag, **ppl(), "tilt": f,
                          "seconds": res.seconds, "peak_mib": res.peak_bytes / 2**20, "peak_what": res.peak_what,
                          "mse_before": sum(x["before"] for x in res.layers) / len(res.layers),
