@@ -17,7 +17,8 @@ from pathlib import Path
 import gguf
 
 __all__ = ["TokenizerMeta", "TokenizerError", "read_tokenizer", "add_tokenizer_to_gguf", "meta_from_gguf",
-           "NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE", "LLAMA3_PRETOKENIZER_REGEX"]
+           "NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE", "LLAMA3_PRETOKENIZER_REGEX",
+           "TEKKEN_PRETOKENIZER_REGEX"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,14 @@ LLAMA3_PRETOKENIZER_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Tekken's (Mistral NeMo and later, as Hugging Face's tokenizer.json states it); llama.cpp names it 'tekken'.
+TEKKEN_PRETOKENIZER_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Split-regex pre-tokenizers (Split then ByteLevel without its own regex) by their llama.cpp name.
+SPLIT_PRETOKENIZERS = {LLAMA3_PRETOKENIZER_REGEX: "llama-bpe", TEKKEN_PRETOKENIZER_REGEX: "tekken"}
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 SPM_PREPEND_KEY = "wqedge.tokenizer.spm_prepend"
 
@@ -253,8 +262,8 @@ def _detect_pre(tj: dict) -> str:
 
     llama.cpp identifies pre-tokenizers by hashing the tokenization of a probe text against known
     models; we recognise the structures that matter for LLaMA-family checkpoints: LLaMA 3's split
-    regex ('llama-bpe'), GPT-2's built-in ByteLevel regex ('gpt-2') and SmolLM's individual digits
-    before it ('smollm'). Anything else is written as 'default', which wqedge's C++ tokenizer
+    regex ('llama-bpe'), Mistral NeMo's Tekken split regex ('tekken'), GPT-2's built-in ByteLevel
+    regex ('gpt-2') and SmolLM's individual digits before it ('smollm'). Anything else is written as 'default', which wqedge's C++ tokenizer
     refuses (tokenizing would not match Hugging Face).
     """
     pt = tj.get("pre_tokenizer") or {}
@@ -262,9 +271,9 @@ def _detect_pre(tj: dict) -> str:
     splits = [p for p in items if p.get("type") == "Split"]
     bytelevel = [p for p in items if p.get("type") == "ByteLevel"]
     if (len(items) == 2 and len(splits) == 1 and len(bytelevel) == 1
-            and (splits[0].get("pattern") or {}).get("Regex") == LLAMA3_PRETOKENIZER_REGEX
+            and (splits[0].get("pattern") or {}).get("Regex") in SPLIT_PRETOKENIZERS
             and not bytelevel[0].get("use_regex", True)):
-        return "llama-bpe"
+        return SPLIT_PRETOKENIZERS[splits[0]["pattern"]["Regex"]]
     if len(items) == 1 and len(bytelevel) == 1 and bytelevel[0].get("use_regex", True):
         return "gpt-2"
     digits = [p for p in items if p.get("type") == "Digits"]
@@ -341,7 +350,7 @@ def _read_tokenizer_json(model_dir: Path, n_vocab: int | None) -> TokenizerMeta:
     return TokenizerMeta(
         model="gpt2", tokens=tokens, scores=[], token_types=types, merges=list(special.merges), pre=pre,
         bos_id=ids.get("bos"), eos_id=ids.get("eos"), unk_id=ids.get("unk"), pad_id=ids.get("pad"),
-        add_bos=special.add_special_token.get("bos", pre == "llama-bpe"),
+        add_bos=special.add_special_token.get("bos", pre in ("llama-bpe", "tekken")),   # as llama.cpp for these pres
         add_eos=special.add_special_token.get("eos", False), chat_template=chat)
 
 

@@ -12,6 +12,7 @@ Kinds (wqedge.tinymodel builders):
   smollm         byte-level BPE, individual digits + GPT-2's regex (SmolLM; pre 'smollm')
   llama3         byte-level BPE with LLaMA 3's split regex and ignore_merges (pre 'llama-bpe')
   llama3-json    the same, tokenizer.json + chat_template.jinja only (no tokenizer_config.json)
+  tekken         byte-level BPE with Tekken's case-aware split regex and ignore_merges (Mistral NeMo; pre 'tekken')
   gpt2-json      GPT-2 regex BPE with chat_template.json beside tokenizer_config.json
 """
 from __future__ import annotations
@@ -55,6 +56,7 @@ KINDS = {
     "llama3-json": (dict(bpe=True, pretokenizer="llama3", tokenizer_files="json_only"), "gpt2", "llama-bpe",
                     BPE_CHAT_TEMPLATE),
     "gpt2-json": (dict(bpe=True, pretokenizer="gpt2", tokenizer_files="json"), "gpt2", "gpt-2", BPE_CHAT_TEMPLATE),
+    "tekken": (dict(bpe=True, pretokenizer="tekken"), "gpt2", "tekken", BPE_CHAT_TEMPLATE),
 }
 
 
@@ -154,7 +156,7 @@ def _random_unicode_texts(seed: int, n: int) -> list[str]:
     return random_texts(seed, n, words, p_ascii=0.45, p_word=0.2, max_len=40)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "smollm", "llama3", "spm-legacy"])
+@pytest.mark.parametrize("kind", ["gpt2", "smollm", "llama3", "tekken", "spm-legacy"])
 def test_random_unicode_strings_match_hf(kind_files, kind):
     from transformers import AutoTokenizer
 
@@ -182,6 +184,44 @@ def test_llama3_split_and_ignore_merges_are_exercised(kind_files):
     pieces = [p for p, _ in tok.pre_tokenizer.pre_tokenize_str(TEXT)]
     assert {"123", "45", "(self", "\u0120\u0120\u0120"} <= set(pieces)      # \p{N}{1,3}, [^\r\n\p{L}\p{N}]?\p{L}+
     assert "'\u00c5\u00bf" in pieces and "):\u010d\u010a" in pieces         # 'ſ (case-folded 's), punct + \r\n
+
+
+# Where Tekken's pattern differs from LLaMA 3's: letter runs split by case (an upper-case run keeps the lower-case run
+# after it, a lower-case run ends before an upper-case letter), titlecase and modifier letters and Lo scripts in both
+# classes, combining marks (in both classes, but not letters: a mark may also be the optional prefix), digits one by
+# one, no contractions, and '/' after punctuation.
+TEKKEN_CASES = [
+    "HELLOworld helloWorld iPhone McDonald's NASA's XMLHttpRequest getHTTPResponseCode ABC DEF",
+    "\u01c5emal \u01c4UNGLA \u01c6ungla \u1f88\u1f00 \u02b0\u02b1X \u00c0\u00c9\u00ce\u00f5\u00fc \u00dcBER\u00e4",
+    "e\u0301te\u0301 E\u0301TE\u0301 \u0301a \u0301A \u0301\u0302 x\u0308Y !\u0301 \u0915\u093f\u0924\u093e\u092c",
+    "\u4e2d\u6587ABCdef \u05e9\u05b8\u05c1\u05dc\u05d5\u05b9\u05dd 12345 3.14 a1B2c3",
+    "http://example.com/a/b?x=1 (HELLO)! \"Quote\" ...// // \n/ \t\r\n  \u00a0\u3000end",
+]
+
+
+def test_tekken_cases_match_hf(kind_files):
+    """Tekken's case-aware letter runs and marks (TEKKEN_CASES) give Hugging Face's ids; and the cases reach the
+    branches that set Tekken apart (checked on Hugging Face's own pre-tokenization)."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from wqedge.runtime.native import Model
+
+    d, path = kind_files("tekken")
+    tok = Tokenizer.from_str((d / "tokenizer.json").read_text(encoding="utf-8"))
+    pieces = {p for text in TEKKEN_CASES for p, _ in tok.pre_tokenizer.pre_tokenize_str(text)}
+    assert {"HELLOworld", "\u0120hello", "World", "\u0120NASA", "'s", "1", "2"} <= pieces, sorted(pieces)
+    assert {"\u0120XMLHttp", "Request", "\u0120get", "HTTPResponse", "\u0120E\u00cc\u0123TE\u00cc\u0123"} <= pieces   # marks
+    hf = AutoTokenizer.from_pretrained(d)
+    rng = random.Random(5)
+    words = " ".join(TEKKEN_CASES).split(" ")
+    texts = TEKKEN_CASES + ["".join(rng.choice(words) + rng.choice(["", " ", "\n"]) for _ in range(6)) for _ in range(200)]
+    with Model(path) as m:
+        for text in texts:
+            want = hf(text)["input_ids"]
+            got = m.tokenize(text).tolist()
+            assert got == want, f"{text!r}: {_diff(got, want)}"
+            assert m.detokenize(got) == hf.decode(want, skip_special_tokens=True), repr(text)
 
 
 def test_llama3_ignore_merges(tiny_model_factory, copy_model, tmp_path):

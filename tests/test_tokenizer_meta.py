@@ -46,7 +46,7 @@ def test_tiny_sentencepiece(tiny_model_dir):
     check_sentencepiece(tiny_model_dir, 512)
 
 
-@pytest.mark.parametrize("pretok,pre", [("llama3", "llama-bpe"), ("gpt2", "gpt-2")])
+@pytest.mark.parametrize("pretok,pre", [("llama3", "llama-bpe"), ("tekken", "tekken"), ("gpt2", "gpt-2")])
 def test_byte_level_bpe(tiny_model_factory, pretok, pre):
     d = tiny_model_factory(bpe=True, pretokenizer=pretok)
     m = read_tokenizer(d)

@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from wqedge.converters.tokenizer import LLAMA3_PRETOKENIZER_REGEX  # shared with the reader (imports no torch)
+from wqedge.converters.tokenizer import LLAMA3_PRETOKENIZER_REGEX, TEKKEN_PRETOKENIZER_REGEX  # (imports no torch)
 
 __all__ = ["build_tiny_model", "build_tiny_bpe_model", "build_speed_model", "tiny_corpus",
            "LLAMA3_PRETOKENIZER_REGEX", "DEFAULT_LLAMA3_SCALING", "SPEED_SHAPES", "SPM_CHAT_TEMPLATE",
@@ -166,10 +166,11 @@ def _train_bytelevel_bpe(vocab_size: int, pretokenizer: str) -> str:
     n_added = len(BPE_SPECIAL_TOKENS) + 1
     if vocab_size - n_added < 256 + 16:
         raise ValueError(f"vocab_size {vocab_size} too small for a byte-level BPE (need >= {256 + 16 + n_added})")
-    tok = Tokenizer(models.BPE(ignore_merges=(pretokenizer == "llama3")))
-    if pretokenizer == "llama3":
+    tok = Tokenizer(models.BPE(ignore_merges=(pretokenizer in ("llama3", "tekken"))))
+    if pretokenizer in ("llama3", "tekken"):   # a Split regex, then ByteLevel without its own
+        regex = LLAMA3_PRETOKENIZER_REGEX if pretokenizer == "llama3" else TEKKEN_PRETOKENIZER_REGEX
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_PRETOKENIZER_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
         ])
     elif pretokenizer == "gpt2":
@@ -180,7 +181,7 @@ def _train_bytelevel_bpe(vocab_size: int, pretokenizer: str) -> str:
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
         ])
     else:
-        raise ValueError(f"pretokenizer must be 'llama3', 'gpt2' or 'smollm', got {pretokenizer!r}")
+        raise ValueError(f"pretokenizer must be 'llama3', 'tekken', 'gpt2' or 'smollm', got {pretokenizer!r}")
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_added, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
@@ -414,8 +415,9 @@ def build_tiny_bpe_model(out_dir, *, vocab_size: int = 512, pretokenizer: str = 
     The vocab ends with the specials <|begin_of_text|> (BOS, added by the post-processor) and
     <|end_of_text|> (EOS), then one non-special added token, <tool_call>. `pretokenizer` is
     'gpt2' (plain ByteLevel with GPT-2's regex; llama.cpp pre 'gpt-2', the one wqedge's C++
-    tokenizer implements) or 'llama3' (LLaMA 3's split regex; llama.cpp pre 'llama-bpe') or 'smollm'
-    (SmolLM's individual digits + GPT-2's regex; llama.cpp pre 'smollm'). `tokenizer_files`
+    tokenizer implements) or 'llama3' (LLaMA 3's split regex; llama.cpp pre 'llama-bpe') or 'tekken'
+    (Mistral NeMo's split regex; llama.cpp pre 'tekken') or 'smollm' (SmolLM's individual digits +
+    GPT-2's regex; llama.cpp pre 'smollm'). `tokenizer_files`
     (TOKENIZER_FILES) chooses the files and where BPE_CHAT_TEMPLATE goes.
     Other keyword arguments are those of build_tiny_model.
     """

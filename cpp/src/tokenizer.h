@@ -59,8 +59,9 @@ public:
     enum class Model { SPM, BPE };
     // Byte-level BPE pre-tokenizers: GPT-2's regex; LLaMA 3's split regex
     // (llama.cpp 'llama-bpe', with ignore_merges as llama.cpp sets it);
-    // SmolLM's individual digits followed by GPT-2's regex.
-    enum class Pre { GPT2, LLAMA3, SMOLLM };
+    // SmolLM's individual digits followed by GPT-2's regex; Tekken's split
+    // regex (Mistral NeMo; llama.cpp 'tekken', with ignore_merges).
+    enum class Pre { GPT2, LLAMA3, SMOLLM, TEKKEN };
 
     // Throws std::invalid_argument for an unknown model name, arrays of
     // mismatched length or special ids out of range; UnsupportedPreTokenizer
