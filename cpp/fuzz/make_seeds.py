@@ -9,7 +9,7 @@ OUT_DIR/corpus/gguf_header/  the header region (everything before the tensor dat
 OUT_DIR/base.data            base.gguf's data section (fuzz_gguf_header appends it to every input)
 OUT_DIR/vocab_*.gguf         models whose vocabularies fuzz_tokenizer uses: the fixture llama-s
                              SentencePiece vocabulary (32000 pieces) when present, tiny SentencePiece
-                             and byte-level BPE (GPT-2 and LLaMA-3 pre-tokenizers) ones trained here
+                             and byte-level BPE (GPT-2, LLaMA-3 and Tekken pre-tokenizers) ones trained here
 Needs the wqedge package (numpy, gguf; sentencepiece and tokenizers to train the vocabularies).
 """
 from __future__ import annotations
@@ -52,7 +52,8 @@ def main(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         toks = {"spm": _tokenizer_meta("spm", work, 400), "bpe-gpt2": _tokenizer_meta("bpe-gpt2", work, 400),
-                "bpe-llama3": _tokenizer_meta("bpe-llama3", work, 400)}
+                "bpe-llama3": _tokenizer_meta("bpe-llama3", work, 400),
+                "bpe-tekken": _tokenizer_meta("bpe-tekken", work, 400)}
         write_tiny(files / "mixed.gguf", **small, V=64)
         write_tiny(files / "mixed-ragged.gguf", D=48, layers=1, H=3, KV=1, hd=16, F=80, G=32, V=40, seed=1)
         write_tiny(files / "tied-f32-llama3.gguf", **small, V=48, tied=True, emb_dtype=np.float32, seed=2,
