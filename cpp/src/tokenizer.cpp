@@ -1142,6 +1142,18 @@ void gpt2_split(const std::string& text, size_t b, size_t e, F&& emit) {
     }
 }
 
+// The end of the whitespace piece at cps[i] (a whitespace code point) under LLaMA 3's and Tekken's closing
+// alternatives \s*[\r\n]+|\s+(?!\S)|\s+: up to the last CR/LF of the run, else as GPT-2's \s+(?!\S)|\s+ (a run
+// before a non-space gives its last space to the next piece).
+size_t whitespace_end(const std::vector<uint32_t>& cps, size_t i) {
+    const size_t n = cps.size();
+    size_t k = i + 1;
+    while (k < n && is_space(cps[k])) ++k;
+    for (size_t t = k; t > i; --t)
+        if (cps[t - 1] == '\r' || cps[t - 1] == '\n') return t;
+    return (k < n && k - i >= 2) ? k - 1 : k;
+}
+
 // LLaMA 3 pre-tokenizer (llama.cpp 'llama-bpe'): calls emit(begin, end) for each piece of
 //   (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*
 //   |\s*[\r\n]+|\s+(?!\S)|\s+
@@ -1198,19 +1210,7 @@ void llama3_split(const std::string& text, size_t b, size_t e, F&& emit) {
                 while (end < n && is_crlf(cps[end])) ++end;
             }
         }
-        if (!end) {
-            // c is whitespace. \s*[\r\n]+: up to the last CR/LF of the run;
-            // else \s+(?!\S)|\s+ as in GPT-2's pattern.
-            size_t k = i + 1;
-            while (k < n && is_space(cps[k])) ++k;
-            for (size_t t = k; t > i; --t) {
-                if (is_crlf(cps[t - 1])) {
-                    end = t;
-                    break;
-                }
-            }
-            if (!end) end = (k < n && k - i >= 2) ? k - 1 : k;
-        }
+        if (!end) end = whitespace_end(cps, i);
         emit(offs[i], offs[end]);
         i = end;
     }
@@ -1268,18 +1268,7 @@ void tekken_split(const std::string& text, size_t b, size_t e, F&& emit) {
             const size_t j = (c == ' ' && i + 1 < n && is_other(cps[i + 1])) ? i + 1 : i;
             if (is_other(cps[j])) end = run(run(j + 1, is_other), [&](uint32_t x) { return is_crlf(x) || x == '/'; });
         }
-        if (!end) {
-            // c is whitespace: as in LLaMA 3's pattern.
-            size_t k = i + 1;
-            while (k < n && is_space(cps[k])) ++k;
-            for (size_t t = k; t > i; --t) {
-                if (is_crlf(cps[t - 1])) {
-                    end = t;
-                    break;
-                }
-            }
-            if (!end) end = (k < n && k - i >= 2) ? k - 1 : k;
-        }
+        if (!end) end = whitespace_end(cps, i);
         emit(offs[i], offs[end]);
         i = end;
     }
