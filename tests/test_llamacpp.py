@@ -302,6 +302,21 @@ def test_tiny_variants_match_transformers(tiny_model_factory, tmp_path, kw):
     assert rel < 1e-2
 
 
+@pytest.mark.parametrize("pretokenizer", ["llama3", "tekken", "smollm"])
+def test_bpe_pre_tokenizers_tokenize_as_hf_in_llamacpp(tiny_model_factory, tmp_path, pretokenizer):
+    """The pre-tokenizer name the export writes (llama-bpe, tekken, smollm) is one stock llama.cpp knows and
+    tokenizes as Hugging Face does: case-split letter runs, marks, digits, code and whitespace."""
+    from transformers import AutoTokenizer
+    d = tiny_model_factory(bpe=True, pretokenizer=pretokenizer)
+    res = export_llamacpp(d, tmp_path / "tiny.gguf", dtype="f32")
+    hf = AutoTokenizer.from_pretrained(d)
+    ev = _llama(res.path, n_ctx=64)
+    for text in ("HELLOworld helloWorld iPhone NASA's XMLHttpRequest 12345 3.14",
+                 "e\u0301te\u0301 \u01c5emal \u00dcBER\u00e4 \u4e2d\u6587ABCdef x\u0308Y",
+                 "def f(x):\r\n\treturn x[0] // 2  # http://a.b/c\n\n  end  "):
+        assert ev.llm.tokenize(text.encode(), add_bos=True) == hf(text)["input_ids"], (pretokenizer, text)
+
+
 def test_projection_follows_a_chunk_level_plan(llama_s_dir, tmp_path):
     """Tensors the plan gives more bits get larger stock types; the file meets the plan's budget."""
     from wqedge.checkpoint import LlamaCheckpoint
