@@ -19,11 +19,11 @@ CALIB = " ".join(f"item {i} of the list is {i * 7 % 13} and the next one follows
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_factory):
-    """A tiny random model, a mixed plan (every quantized kind, one fp16 chunk, protected columns), its
+    """A tiny random model, a mixed plan (every quantized kind, two-level ones too, one fp16 chunk, protected columns), its
     error-feedback chunks, random token windows (train / held out) and one distillation of it."""
     torch.manual_seed(0)
     ckpt = LlamaCheckpoint.open(tiny_model_factory(n_layers=2, hidden=64, intermediate=128, vocab_size=512))
-    actions = ["q2", "ternary", "q1", "q3", "q4", "fp16", "q8"]
+    actions = ["q2", "ternary", "q1", "q3", "q4", "fp16", "q8", "q3s", "q2s"]
     linears = ckpt.spec.linears()
     acts, prot = {}, {}
     for i, lin in enumerate(linears):
