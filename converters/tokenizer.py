@@ -263,8 +263,8 @@ def _detect_pre(tj: dict) -> str:
     llama.cpp identifies pre-tokenizers by hashing the tokenization of a probe text against known
     models; we recognise the structures that matter for LLaMA-family checkpoints: LLaMA 3's split
     regex ('llama-bpe'), Mistral NeMo's Tekken split regex ('tekken'), GPT-2's built-in ByteLevel
-    regex ('gpt-2') and SmolLM's individual digits before it ('smollm'). Anything else is written as 'default', which wqedge's C++ tokenizer
-    refuses (tokenizing would not match Hugging Face).
+    regex ('gpt-2') and SmolLM's individual digits before it ('smollm'). Anything else is written as
+    'default', which wqedge's C++ tokenizer refuses (tokenizing would not match Hugging Face).
     """
     pt = tj.get("pre_tokenizer") or {}
     items = pt.get("pretokenizers", []) if pt.get("type") == "Sequence" else [pt]

@@ -166,11 +166,11 @@ def _train_bytelevel_bpe(vocab_size: int, pretokenizer: str) -> str:
     n_added = len(BPE_SPECIAL_TOKENS) + 1
     if vocab_size - n_added < 256 + 16:
         raise ValueError(f"vocab_size {vocab_size} too small for a byte-level BPE (need >= {256 + 16 + n_added})")
-    tok = Tokenizer(models.BPE(ignore_merges=(pretokenizer in ("llama3", "tekken"))))
-    if pretokenizer in ("llama3", "tekken"):   # a Split regex, then ByteLevel without its own
-        regex = LLAMA3_PRETOKENIZER_REGEX if pretokenizer == "llama3" else TEKKEN_PRETOKENIZER_REGEX
+    split_regex = {"llama3": LLAMA3_PRETOKENIZER_REGEX, "tekken": TEKKEN_PRETOKENIZER_REGEX}.get(pretokenizer)
+    tok = Tokenizer(models.BPE(ignore_merges=split_regex is not None))   # as both models' tokenizer.json
+    if split_regex:   # a Split regex, then ByteLevel without its own
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
         ])
     elif pretokenizer == "gpt2":

@@ -595,20 +595,19 @@ bool in_ranges(const CpRange* r, size_t n, uint32_t cp) {
 
 constexpr uint32_t kInvalidCp = 0xFFFFFFFFu;
 
+// Whether cp (a code point, or kInvalidCp for an invalid byte: in no class) lies in table r.
+template <size_t N>
+bool in_table(const CpRange (&r)[N], uint32_t cp) { return cp != kInvalidCp && in_ranges(r, N, cp); }
+
 bool is_letter(uint32_t cp) {
     if (cp < 0x80) return (cp | 0x20) >= 'a' && (cp | 0x20) <= 'z';
-    if (cp == kInvalidCp) return false;
-    return in_ranges(kLetterRanges, sizeof(kLetterRanges) / sizeof(kLetterRanges[0]), cp);
+    return in_table(kLetterRanges, cp);
 }
 
 bool is_number(uint32_t cp) {
     if (cp < 0x80) return cp >= '0' && cp <= '9';
-    if (cp == kInvalidCp) return false;
-    return in_ranges(kNumberRanges, sizeof(kNumberRanges) / sizeof(kNumberRanges[0]), cp);
+    return in_table(kNumberRanges, cp);
 }
-
-template <size_t N>
-bool in_table(const CpRange (&r)[N], uint32_t cp) { return cp != kInvalidCp && in_ranges(r, N, cp); }
 
 bool is_mark(uint32_t cp) { return cp >= 0x300 && in_table(kMarkRanges, cp); }
 

@@ -153,9 +153,10 @@ def _basis(c: ChunkData) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _subscale_multiplier(c: ChunkData) -> np.ndarray:
-    """float32 [N, g]: each weight's sub-block scale code (a two-level chunk's w = d * sc * q - dmin * mn)."""
-    sc = np.asarray(c.sc, np.float32)
-    return np.repeat(sc, blocks.SUBBLOCK, axis=1)[:, :c.g]
+    """float32 [N, g]: each weight's sub-block scale code (a two-level chunk's w = d * sc * q - dmin * mn): the
+    chunk's per-column scale (blocks.subscale_grid) at d = 1."""
+    n = c.codes.shape[0]
+    return blocks.subscale_grid(np.ones(n, np.float32), np.zeros(n, np.float32), c.sc, c.mn, c.g)[0]
 
 
 class TunableLinear(nn.Module):
