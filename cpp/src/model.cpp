@@ -591,7 +591,10 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
     for (int l = 0; l < hp.n_layer; ++l) {
         const Layer& L = m.layers[l];
         const int H = L.n_head, QD = H * hd, KVD = L.n_head_kv * hd, F = L.n_ff, group = H / L.n_head_kv;
-        const bool kvq = kvf.bits != 0;  // quantized KV cache (kvcache.h): rows of (position, kv head)
+        const bool kvq = kvf.bits != 0;  // quantized KV cache (kvcache.h)
+        // Both caches are head-major: KV head h's row of position s is row h * n_ctx + s of the layer, so a task that
+        // reads one KV head streams contiguous memory (position-major rows a whole token's K apart measured 2x slower
+        // at 2000 tokens: the prefetchers fetch the other heads' bytes too; bench/results/decode_depth.md).
         float* kc = kvq ? nullptr : &k_cache[kv_off[l]];
         float* vc = kvq ? nullptr : &v_cache[kv_off[l]];
         uint8_t* kqc = kvq ? &kq_cache[kv_off[l] / hd * kvf.row_bytes] : nullptr;
@@ -615,12 +618,12 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             rope(&q[(size_t)t * QD], H, hd, &rope_cos[(size_t)t * half], &rope_sin[(size_t)t * half]);
             rope(&k[(size_t)t * KVD], L.n_head_kv, hd, &rope_cos[(size_t)t * half], &rope_sin[(size_t)t * half]);
         }
-        if (!kvq) {
-            std::memcpy(kc + (size_t)pos0 * KVD, k.data(), sizeof(float) * n * KVD);
-            std::memcpy(vc + (size_t)pos0 * KVD, v.data(), sizeof(float) * n * KVD);
-        } else {  // K rotated (in place: k is not read again) and quantized, V quantized; per token and head
-            for (int r = 0; r < n * L.n_head_kv; ++r) {
-                const size_t row = (size_t)pos0 * L.n_head_kv + r;
+        for (int r = 0; r < n * L.n_head_kv; ++r) {  // token t = r / n_head_kv, KV head r % n_head_kv
+            const size_t row = (size_t)(r % L.n_head_kv) * n_ctx + pos0 + r / L.n_head_kv;
+            if (!kvq) {
+                std::memcpy(kc + row * hd, &k[(size_t)r * hd], sizeof(float) * hd);
+                std::memcpy(vc + row * hd, &v[(size_t)r * hd], sizeof(float) * hd);
+            } else {  // K rotated (in place: k is not read again) and quantized, V quantized
                 if (kvf.rotate) kv_hadamard(&k[(size_t)r * hd], hd, kvf.hblock);
                 kv_quantize(kvf, &k[(size_t)r * hd], kqc + row * kvf.row_bytes);
                 kv_quantize(kvf, &v[(size_t)r * hd], vqc + row * kvf.row_bytes);
@@ -654,17 +657,17 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             }
             // positions [s0, s0 + m) of this KV head's K or V: in the float cache, or dequantized into `rows`
             auto kv_rows = [&](const float* fc, const uint8_t* qc, int s0, int m) -> const float* {
-                if (!kvq) return fc + (size_t)s0 * KVD + (size_t)kvh * hd;
-                const size_t rstride = (size_t)L.n_head_kv * kvf.row_bytes;  // a KV head's rows lie a token's rows apart
-                const uint8_t* r0 = qc + ((size_t)s0 * L.n_head_kv + kvh) * kvf.row_bytes;
+                const size_t row0 = (size_t)kvh * n_ctx + s0;
+                if (!kvq) return fc + row0 * hd;
+                const uint8_t* r0 = qc + row0 * kvf.row_bytes;
                 for (int i = 0; i < m; ++i) {
-                    if (s0 + i + ATT_PREFETCH_ROWS < n_max)
-                        for (size_t b = 0; b < kvf.row_bytes; b += 64) prefetch_read(r0 + (i + ATT_PREFETCH_ROWS) * rstride + b);
-                    kv_row_values(kvf, r0 + i * rstride, rows + (size_t)i * hd, kern);
+                    if (s0 + i + ATT_PREFETCH_ROWS < n_max)  // +5-10% at 2000 tokens although the rows are contiguous
+                        for (size_t b = 0; b < kvf.row_bytes; b += 64) prefetch_read(r0 + (i + ATT_PREFETCH_ROWS) * kvf.row_bytes + b);
+                    kv_row_values(kvf, r0 + i * kvf.row_bytes, rows + (size_t)i * hd, kern);
                 }
                 return rows;
             };
-            const size_t stride = kvq ? (size_t)hd : (size_t)KVD;
+            const size_t stride = hd;
             auto seen = [&](int u, int s0, int m) { return std::min(m, pos0 + t0 + u + 1 - s0); };  // causal
             auto out_of = [&](int u) { return &att[(size_t)(t0 + u) * QD + (size_t)h0 * hd]; };  // token u's qpt heads
             for (int s0 = 0; s0 < n_max; s0 += KV_CHUNK) {

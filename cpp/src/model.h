@@ -76,10 +76,10 @@ struct Context {
     int n_ctx;
     int n_past = 0;
     std::unique_ptr<ThreadPool> pool;
-    std::vector<float> k_cache, v_cache;  // [layer][n_ctx][the layer's kv dim] (float cache)
+    std::vector<float> k_cache, v_cache;  // [layer][kv head][n_ctx][head_dim] (float cache; head-major, model.cpp)
     std::vector<size_t> kv_off;           // where each layer's cache starts, in floats of the float cache
     KvFormat kvf;                         // the cache's format: kvf.bits 0 = the float vectors above
-    std::vector<uint8_t> kq_cache, vq_cache;  // quantized cache: row (layer, pos, kv head) at (kv_off / head_dim + ..) * row_bytes
+    std::vector<uint8_t> kq_cache, vq_cache;  // quantized cache: row (layer, kv head, pos) at (kv_off / head_dim + ..) * row_bytes
     MatScratch ms;
     int n_batch_alloc = 0;
     // Activations of one micro-batch.
