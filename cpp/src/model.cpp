@@ -660,11 +660,7 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 const size_t row0 = (size_t)kvh * n_ctx + s0;
                 if (!kvq) return fc + row0 * hd;
                 const uint8_t* r0 = qc + row0 * kvf.row_bytes;
-                for (int i = 0; i < m; ++i) {
-                    if (s0 + i + ATT_PREFETCH_ROWS < n_max)  // +5-10% at 2000 tokens although the rows are contiguous
-                        for (size_t b = 0; b < kvf.row_bytes; b += 64) prefetch_read(r0 + (i + ATT_PREFETCH_ROWS) * kvf.row_bytes + b);
-                    kv_row_values(kvf, r0 + i * kvf.row_bytes, rows + (size_t)i * hd, kern);
-                }
+                kv_rows_values(kvf, r0, m, n_max - s0, rows, kern);
                 return rows;
             };
             const size_t stride = hd;

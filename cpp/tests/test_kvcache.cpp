@@ -1,5 +1,5 @@
 // Quantized KV cache rows (kvcache.h): every SIMD path built here (AVX2 on x86-64, NEON on AArch64) against the
-// scalar reference: the rows' values (kv_row_values) and attention over them as the runtime runs it (the values
+// scalar reference: the rows' values (kv_rows_values) and attention over them as the runtime runs it (the values
 // through VecOps::att_scores / att_values, within 1e-5 of the magnitude of their terms); dequantized values within
 // half a grid step of the input; the Walsh-Hadamard transform is its own inverse and keeps norms.
 #include <cmath>
@@ -74,10 +74,10 @@ int main() {
             }
             for (int k : sets) {
                 std::vector<float> vals((size_t)n * hd), s(n), o(hd, 0.0f);
-                for (int i = 0; i < n; ++i) {  // kv_row_values == kv_dequantize up to the fused d * c + m (1e-6 of |d c| + |m|)
+                kv_rows_values(f, rows.data(), n, n, vals.data(), k);
+                for (int i = 0; i < n; ++i) {  // kv_rows_values == kv_dequantize up to the fused d * c + m (1e-6 of |d c| + |m|)
                     const uint8_t* r = &rows[(size_t)i * f.row_bytes];
                     float* v = &vals[(size_t)i * hd];
-                    kv_row_values(f, r, v, k);
                     kv_dequantize(f, r, deq.data());
                     for (int j = 0; j < hd; ++j) {
                         const uint8_t* gp = r + (size_t)(j / f.group) * (4 + f.group * bits / 8);
