@@ -206,8 +206,8 @@ struct VecOps {
     // O[j * hd + d] += sum over s, in order, of P[j * ldp + s] * V_s[d], for j < nq and d < hd.
     void (*att_values)(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O);
 };
-// Rows ahead that the attention kernels, and the loop dequantizing a KV cache for them, prefetch (measured +14% decode at
-// 2000 tokens when a KV head's rows lay a token's K apart, +5-10% with today's head-major cache, model.cpp).
+// Rows ahead that the attention kernels prefetch (a float32 cache's rows; measured +14% decode at 2000 tokens when a KV
+// head's rows lay a token's K apart; the quantized rows' conversion prefetches by bytes instead, kvcache.cpp).
 constexpr int ATT_PREFETCH_ROWS = 8;
 const VecOps& vec_ops(int kernels);
 

@@ -44,9 +44,7 @@ static inline size_t group_bytes(const KvFormat& f) { return 4 + (size_t)f.group
 // The attention loop's prefetch: while row i of rows[0, avail) is converted, the bytes KV_PREFETCH_BYTES further on
 // (the hardware prefetchers alone left decode at 2000 tokens latency-bound: 8-bit rows, 2.8 ms a token on llama-s
 // with 8 rows ahead, 2.5 ms with 32 rows = 2304 bytes).
-#ifndef KV_PREFETCH_BYTES
-#define KV_PREFETCH_BYTES 2304
-#endif
+constexpr size_t KV_PREFETCH_BYTES = 2304;
 static inline void prefetch_ahead(const KvFormat& f, const uint8_t* rows, int i, int avail) {
     const size_t at = (size_t)i * f.row_bytes + KV_PREFETCH_BYTES;
     if (at + f.row_bytes <= (size_t)avail * f.row_bytes)
