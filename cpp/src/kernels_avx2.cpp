@@ -1067,15 +1067,46 @@ static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+// A lone head (an odd nq's last, or MHA's only one): eight keys per pass, each key's arithmetic that of att_scores'
+// pairs below (an 8-lane accumulator over the columns in steps of 8, hsum4x8's reduction, then the tail in order), so
+// its scores are the same bits as when it is paired; half the multiply-adds of running the pair code on a duplicate.
+static void scores_one(const float* q0, int hd, const float* K, size_t ks, int n, float scale, float* S) {
+    const int h8 = hd & ~7;
+    for (int s = 0; s < n; s += 8) {
+        const float* kr[8];
+        for (int u = 0; u < 8; ++u) kr[u] = K + (size_t)std::min(s + u, n - 1) * ks;
+        if (s + 8 + ATT_PREFETCH_ROWS < n)
+            for (int u = 0; u < 8; ++u)
+                for (int d = 0; d < hd; d += 16) _mm_prefetch((const char*)(kr[0] + (ATT_PREFETCH_ROWS + u) * ks + d), _MM_HINT_T0);
+        __m256 a[8];
+        for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+        for (int d = 0; d < h8; d += 8) {
+            const __m256 x0 = _mm256_loadu_ps(q0 + d);
+            for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(kr[u] + d), a[u]);
+        }
+        float t[8];
+        _mm_storeu_ps(t, hsum4x8(a[0], a[1], a[2], a[3]));
+        _mm_storeu_ps(t + 4, hsum4x8(a[4], a[5], a[6], a[7]));
+        for (int u = 0; u < 8 && s + u < n; ++u) {
+            float x = t[u];
+            for (int d = h8; d < hd; ++d) x += q0[d] * kr[u][d];
+            S[s + u] = scale * x;
+        }
+    }
+}
+
 // Four keys x two heads per pass: an 8-lane accumulator per (head, key) over the columns in steps of 8, one reduction
-// of each head's four, then the columns past the last multiple of 8. A lone head runs the same code twice over
-// (its duplicate discarded), the last keys re-read the final row, so each head's sums never depend on nq or n.
+// of each head's four, then the columns past the last multiple of 8. A lone head goes to scores_one (the same
+// arithmetic per key), the last keys re-read the final row, so each head's sums never depend on nq or n.
 void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S, size_t lds) {
     const int h8 = hd & ~7;
     for (int j = 0; j < nq; j += 2) {
-        const bool two = j + 1 < nq;
         const float* q0 = q + (size_t)j * hd;
-        const float* q1 = two ? q0 + hd : q0;
+        if (j + 1 == nq) {
+            scores_one(q0, hd, K, ks, n, scale, S + (size_t)j * lds);
+            break;
+        }
+        const float* q1 = q0 + hd;
         for (int s = 0; s < n; s += 4) {
             const float* k0 = K + (size_t)s * ks;
             const float* k1 = K + (size_t)std::min(s + 1, n - 1) * ks;
@@ -1111,7 +1142,7 @@ void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n
                     y += q1[d] * kr[u][d];
                 }
                 S[(size_t)j * lds + s + u] = scale * x;
-                if (two) S[(size_t)(j + 1) * lds + s + u] = scale * y;
+                S[(size_t)(j + 1) * lds + s + u] = scale * y;
             }
         }
     }

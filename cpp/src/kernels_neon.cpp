@@ -622,14 +622,38 @@ void silu_mul(float* g, const float* u, int n) {  // n % 8 == 0 (blocks.cpp's si
 }
 
 // ------------------------------------------------------------------ attention (VecOps::att_scores, exp_sum, att_values)
+// A lone head (an odd nq's last, or MHA's only one): eight keys per pass, each key's arithmetic that of the pairs below,
+// so its scores are the same bits as when it is paired (and no duplicate head's multiply-adds).
+static void scores_one(const float* q0, int hd, const float* K, size_t ks, int n, float scale, float* S) {
+    const int h4 = hd & ~3;
+    for (int s = 0; s < n; s += 8) {
+        const float* kr[8];
+        for (int u = 0; u < 8; ++u) kr[u] = K + (size_t)std::min(s + u, n - 1) * ks;
+        float32x4_t a[8];
+        for (int u = 0; u < 8; ++u) a[u] = vdupq_n_f32(0.0f);
+        for (int d = 0; d < h4; d += 4) {
+            const float32x4_t x0 = vld1q_f32(q0 + d);
+            for (int u = 0; u < 8; ++u) a[u] = vfmaq_f32(a[u], x0, vld1q_f32(kr[u] + d));
+        }
+        for (int u = 0; u < 8 && s + u < n; ++u) {
+            float x = vaddvq_f32(a[u]);
+            for (int d = h4; d < hd; ++d) x += q0[d] * kr[u][d];
+            S[s + u] = scale * x;
+        }
+    }
+}
+
 // The AVX2 set's structure with 4 lanes: four keys x two heads per pass, a 4-lane accumulator per (head, key) over the
-// columns in steps of 4, then each one's lane sum and the columns past the last multiple of 4.
+// columns in steps of 4, then each one's lane sum and the columns past the last multiple of 4 (a lone head: scores_one).
 void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S, size_t lds) {
     const int h4 = hd & ~3;
     for (int j = 0; j < nq; j += 2) {
-        const bool two = j + 1 < nq;
         const float* q0 = q + (size_t)j * hd;
-        const float* q1 = two ? q0 + hd : q0;
+        if (j + 1 == nq) {
+            scores_one(q0, hd, K, ks, n, scale, S + (size_t)j * lds);
+            break;
+        }
+        const float* q1 = q0 + hd;
         for (int s = 0; s < n; s += 4) {
             const float* kr[4];
             for (int u = 0; u < 4; ++u) kr[u] = K + (size_t)std::min(s + u, n - 1) * ks;
@@ -650,7 +674,7 @@ void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n
                     y += q1[d] * kr[u][d];
                 }
                 S[(size_t)j * lds + s + u] = scale * x;
-                if (two) S[(size_t)(j + 1) * lds + s + u] = scale * y;
+                S[(size_t)(j + 1) * lds + s + u] = scale * y;
             }
         }
     }
