@@ -304,6 +304,24 @@ def test_long_prompt_matches_reference(native_lib, files, key):
     assert _rel(prefill, ref) < tol and _rel(decode, ref) < tol
 
 
+@pytest.mark.parametrize("key", ["hd32-f32", "hd40-q8", "hd32-q4", "hd32-f16"])
+def test_context_size_changes_no_logit(native_lib, files, key):
+    """The cache is head-major (a KV head's rows n_ctx apart, cpp/src/model.cpp): the same tokens through contexts of
+    70 and 1000 positions give the same bits, prompt and decode steps alike, with 1 and 2 threads."""
+    from wqedge.runtime import native
+    native_lib.set_activations("f32")
+    row = _windows(1, 70)[0].tolist()
+    m = native.Model(files[key])
+    runs = []
+    for n_ctx in (70, 1000):
+        for threads in (1, 2):
+            c = native.Context(m, n_ctx=n_ctx, n_threads=threads)
+            first = c.eval(row[:50], all_logits=True)
+            runs.append(np.concatenate([first, np.stack([c.eval([t]) for t in row[50:]])]))
+    assert runs[0].shape == (70, runs[0].shape[1]) and np.isfinite(runs[0]).all()
+    assert np.array_equal(runs[0], runs[2]) and np.array_equal(runs[1], runs[3]) and np.array_equal(runs[0], runs[1])
+
+
 def test_f16_override_matches_reference(native_lib, files):
     """--kv-bits f16 on a file without the key: the runtime's fp16 cache and the reference's fp16-rounded K and V
     agree within CPP_TOL (prefill and decode), and the rounding moves the reference's logits by far less than 8 bits."""
