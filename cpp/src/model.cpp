@@ -655,7 +655,8 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                     qh[u] = r;
                 }
             }
-            // positions [s0, s0 + m) of this KV head's K or V: in the float cache, or dequantized into `rows`
+            // positions [s0, s0 + m) of this KV head's K or V, rows hd floats apart: in the float cache, or dequantized
+            // into `rows`
             auto kv_rows = [&](const float* fc, const uint8_t* qc, int s0, int m) -> const float* {
                 const size_t row0 = (size_t)kvh * n_ctx + s0;
                 if (!kvq) return fc + row0 * hd;
@@ -663,7 +664,6 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 kv_rows_values(kvf, r0, m, n_max - s0, rows, kern);
                 return rows;
             };
-            const size_t stride = hd;
             auto seen = [&](int u, int s0, int m) { return std::min(m, pos0 + t0 + u + 1 - s0); };  // causal
             auto out_of = [&](int u) { return &att[(size_t)(t0 + u) * QD + (size_t)h0 * hd]; };  // token u's qpt heads
             for (int s0 = 0; s0 < n_max; s0 += KV_CHUNK) {
@@ -671,7 +671,7 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 const float* kr = kv_rows(kc, kqc, s0, m);
                 for (int u = 0; u < nt; ++u)
                     if (const int mu = seen(u, s0, m); mu > 0)
-                        ops.att_scores(qh[u], qpt, hd, kr, stride, mu, att_scale, sc + (size_t)u * qpt * n_ctx + s0, n_ctx);
+                        ops.att_scores(qh[u], qpt, hd, kr, hd, mu, att_scale, sc + (size_t)u * qpt * n_ctx + s0, n_ctx);
             }
             float inv[ATT_QUERIES];
             for (int r = 0; r < nt * qpt; ++r) {
@@ -687,7 +687,7 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 const float* vr = kv_rows(vc, vqc, s0, m);
                 for (int u = 0; u < nt; ++u)
                     if (const int mu = seen(u, s0, m); mu > 0)
-                        ops.att_values(sc + (size_t)u * qpt * n_ctx + s0, n_ctx, qpt, hd, vr, stride, mu, out_of(u));
+                        ops.att_values(sc + (size_t)u * qpt * n_ctx + s0, n_ctx, qpt, hd, vr, hd, mu, out_of(u));
             }
             for (int u = 0; u < nt; ++u) {
                 float* out = out_of(u);
