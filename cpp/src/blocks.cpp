@@ -902,6 +902,22 @@ static void satt_values(const float* P, size_t ldp, int nq, int hd, const float*
     for (int j = 0; j < nq; ++j)
         for (int s = 0; s < n; ++s) saxpy(P[(size_t)j * ldp + s], V + (size_t)s * vs, O + (size_t)j * hd, hd);
 }
+// The fp16-row forms: each row converted (exactly) to float32, then the float reference above.
+static void satt_scores_h(const float* q, int nq, int hd, const uint16_t* K, size_t ks, int n, float scale, float* S,
+                          size_t lds) {
+    std::vector<float> row((size_t)hd);
+    for (int s = 0; s < n; ++s) {
+        sf16_to_f32((const uint8_t*)(K + (size_t)s * ks), row.data(), hd);
+        for (int j = 0; j < nq; ++j) satt_scores(q + (size_t)j * hd, 1, hd, row.data(), 0, 1, scale, S + (size_t)j * lds + s, 0);
+    }
+}
+static void satt_values_h(const float* P, size_t ldp, int nq, int hd, const uint16_t* V, size_t vs, int n, float* O) {
+    std::vector<float> row((size_t)hd);
+    for (int s = 0; s < n; ++s) {
+        sf16_to_f32((const uint8_t*)(V + (size_t)s * vs), row.data(), hd);
+        for (int j = 0; j < nq; ++j) saxpy(P[(size_t)j * ldp + s], row.data(), O + (size_t)j * hd, hd);
+    }
+}
 // A SIMD set's quant_x8 (whole blocks of 32) on any g: a ragged chunk is copied into zeros up to its padded width,
 // which is what the scalar reference quantizes (its last block zero-padded) and leaves every lane's sum unchanged.
 template <float (*Q32)(const float*, int, XQ8*, float)>
@@ -943,19 +959,21 @@ static float exp_sum_any(float* e, int n, float mx) {
     return sum;
 }
 // A SIMD set's att_values (one or two heads a call, their outputs held in registers) on any number of heads.
-template <void (*AV2)(const float*, size_t, int, int, const float*, size_t, int, float*)>
-static void att_values_pairs(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {
+template <typename T, void (*AV2)(const float*, size_t, int, int, const T*, size_t, int, float*)>
+static void att_values_pairs(const float* P, size_t ldp, int nq, int hd, const T* V, size_t vs, int n, float* O) {
     for (int j = 0; j < nq; j += 2) AV2(P + (size_t)j * ldp, ldp, std::min(2, nq - j), hd, V, vs, n, O + (size_t)j * hd);
 }
 static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sgemm4, stile8_mix, squant_x8, ssilu_mul,
-                                   satt_scores, sexp_sum, satt_values};
+                                   satt_scores, sexp_sum, satt_values, satt_scores_h, satt_values_h};
 #if WQE_X86
 static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>,
-                                 avx2::att_scores, exp_sum_any<avx2::exp_sum>, att_values_pairs<avx2::att_values>};
+                                 avx2::att_scores, exp_sum_any<avx2::exp_sum>, att_values_pairs<float, avx2::att_values>,
+                                 avx2::att_scores_h, att_values_pairs<uint16_t, avx2::att_values_h>};
 #endif
 #if WQE_ARM64
 static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, neon::tile8_mix, quant_x8_any<neon::quant_x8>, silu_mul_any<neon::silu_mul>,
-                                 neon::att_scores, exp_sum_any<neon::exp_sum>, att_values_pairs<neon::att_values>};
+                                 neon::att_scores, exp_sum_any<neon::exp_sum>, att_values_pairs<float, neon::att_values>,
+                                 neon::att_scores_h, att_values_pairs<uint16_t, neon::att_values_h>};
 #endif
 
 const VecOps& vec_ops(int kernels) {

@@ -205,6 +205,11 @@ struct VecOps {
     float (*exp_sum)(float* e, int n, float mx);
     // O[j * hd + d] += sum over s, in order, of P[j * ldp + s] * V_s[d], for j < nq and d < hd.
     void (*att_values)(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O);
+    // The same two on fp16 rows (the 16-bit KV cache read as stored, kvcache.h; strides in values): each element's
+    // float is exact, so the results are the bits of att_scores / att_values on the rows converted to float32.
+    void (*att_scores_h)(const float* q, int nq, int hd, const uint16_t* K, size_t ks, int n, float scale, float* S,
+                         size_t lds);
+    void (*att_values_h)(const float* P, size_t ldp, int nq, int hd, const uint16_t* V, size_t vs, int n, float* O);
 };
 // Rows ahead that the attention kernels prefetch (a float32 cache's rows; measured +14% decode at 2000 tokens when a KV
 // head's rows lay a token's K apart; the quantized rows' conversion prefetches by bytes instead, kvcache.cpp).

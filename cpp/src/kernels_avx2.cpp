@@ -1067,29 +1067,42 @@ static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+// K and V rows are float32 (the float cache, or quantized rows converted into it) or fp16 (the 16-bit cache, read as
+// it is stored: half the bytes, which at long context are most of a decode's). A row element's float is exact either
+// way, so both give the same bits for the same values.
+static inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 ld8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline float el(const float* p) { return *p; }
+static inline float el(const uint16_t* p) { return half((const uint8_t*)p); }
+// Bytes of the rows ATT_PREFETCH_ROWS keys ahead, one hint per cache line.
+template <typename T>
+static inline void prefetch_row(const T* r, int hd) {
+    for (int d = 0; d < hd; d += 64 / (int)sizeof(T)) _mm_prefetch((const char*)(r + d), _MM_HINT_T0);
+}
+
 // A lone head (an odd nq's last, or MHA's only one): eight keys per pass, each key's arithmetic that of att_scores'
 // pairs below (an 8-lane accumulator over the columns in steps of 8, hsum4x8's reduction, then the tail in order), so
 // its scores are the same bits as when it is paired; half the multiply-adds of running the pair code on a duplicate.
-static void scores_one(const float* q0, int hd, const float* K, size_t ks, int n, float scale, float* S) {
+template <typename T>
+static void scores_one(const float* q0, int hd, const T* K, size_t ks, int n, float scale, float* S) {
     const int h8 = hd & ~7;
     for (int s = 0; s < n; s += 8) {
-        const float* kr[8];
+        const T* kr[8];
         for (int u = 0; u < 8; ++u) kr[u] = K + (size_t)std::min(s + u, n - 1) * ks;
         if (s + 8 + ATT_PREFETCH_ROWS < n)
-            for (int u = 0; u < 8; ++u)
-                for (int d = 0; d < hd; d += 16) _mm_prefetch((const char*)(kr[0] + (ATT_PREFETCH_ROWS + u) * ks + d), _MM_HINT_T0);
+            for (int u = 0; u < 8; ++u) prefetch_row(kr[0] + (ATT_PREFETCH_ROWS + u) * ks, hd);
         __m256 a[8];
         for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
         for (int d = 0; d < h8; d += 8) {
             const __m256 x0 = _mm256_loadu_ps(q0 + d);
-            for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(kr[u] + d), a[u]);
+            for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(x0, ld8(kr[u] + d), a[u]);
         }
         float t[8];
         _mm_storeu_ps(t, hsum4x8(a[0], a[1], a[2], a[3]));
         _mm_storeu_ps(t + 4, hsum4x8(a[4], a[5], a[6], a[7]));
         for (int u = 0; u < 8 && s + u < n; ++u) {
             float x = t[u];
-            for (int d = h8; d < hd; ++d) x += q0[d] * kr[u][d];
+            for (int d = h8; d < hd; ++d) x += q0[d] * el(kr[u] + d);
             S[s + u] = scale * x;
         }
     }
@@ -1098,7 +1111,8 @@ static void scores_one(const float* q0, int hd, const float* K, size_t ks, int n
 // Four keys x two heads per pass: an 8-lane accumulator per (head, key) over the columns in steps of 8, one reduction
 // of each head's four, then the columns past the last multiple of 8. A lone head goes to scores_one (the same
 // arithmetic per key), the last keys re-read the final row, so each head's sums never depend on nq or n.
-void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S, size_t lds) {
+template <typename T>
+static void scores(const float* q, int nq, int hd, const T* K, size_t ks, int n, float scale, float* S, size_t lds) {
     const int h8 = hd & ~7;
     for (int j = 0; j < nq; j += 2) {
         const float* q0 = q + (size_t)j * hd;
@@ -1108,44 +1122,49 @@ void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n
         }
         const float* q1 = q0 + hd;
         for (int s = 0; s < n; s += 4) {
-            const float* k0 = K + (size_t)s * ks;
-            const float* k1 = K + (size_t)std::min(s + 1, n - 1) * ks;
-            const float* k2 = K + (size_t)std::min(s + 2, n - 1) * ks;
-            const float* k3 = K + (size_t)std::min(s + 3, n - 1) * ks;
-            if (s + 4 + ATT_PREFETCH_ROWS < n)  // the rows ATT_PREFETCH_ROWS keys ahead (strided rows defeat the streamers)
-                for (int u = 0; u < 4; ++u)
-                    for (int d = 0; d < hd; d += 16) _mm_prefetch((const char*)(k0 + (ATT_PREFETCH_ROWS + u) * ks + d), _MM_HINT_T0);
+            const T* k0 = K + (size_t)s * ks;
+            const T* k1 = K + (size_t)std::min(s + 1, n - 1) * ks;
+            const T* k2 = K + (size_t)std::min(s + 2, n - 1) * ks;
+            const T* k3 = K + (size_t)std::min(s + 3, n - 1) * ks;
+            if (s + 4 + ATT_PREFETCH_ROWS < n)
+                for (int u = 0; u < 4; ++u) prefetch_row(k0 + (ATT_PREFETCH_ROWS + u) * ks, hd);
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
             for (int d = 0; d < h8; d += 8) {
                 const __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
-                __m256 v = _mm256_loadu_ps(k0 + d);
+                __m256 v = ld8(k0 + d);
                 a0 = _mm256_fmadd_ps(x0, v, a0);
                 b0 = _mm256_fmadd_ps(x1, v, b0);
-                v = _mm256_loadu_ps(k1 + d);
+                v = ld8(k1 + d);
                 a1 = _mm256_fmadd_ps(x0, v, a1);
                 b1 = _mm256_fmadd_ps(x1, v, b1);
-                v = _mm256_loadu_ps(k2 + d);
+                v = ld8(k2 + d);
                 a2 = _mm256_fmadd_ps(x0, v, a2);
                 b2 = _mm256_fmadd_ps(x1, v, b2);
-                v = _mm256_loadu_ps(k3 + d);
+                v = ld8(k3 + d);
                 a3 = _mm256_fmadd_ps(x0, v, a3);
                 b3 = _mm256_fmadd_ps(x1, v, b3);
             }
             float t0[4], t1[4];
             _mm_storeu_ps(t0, hsum4x8(a0, a1, a2, a3));
             _mm_storeu_ps(t1, hsum4x8(b0, b1, b2, b3));
-            const float* kr[4] = {k0, k1, k2, k3};
+            const T* kr[4] = {k0, k1, k2, k3};
             for (int u = 0; u < 4 && s + u < n; ++u) {
                 float x = t0[u], y = t1[u];
                 for (int d = h8; d < hd; ++d) {
-                    x += q0[d] * kr[u][d];
-                    y += q1[d] * kr[u][d];
+                    x += q0[d] * el(kr[u] + d);
+                    y += q1[d] * el(kr[u] + d);
                 }
                 S[(size_t)j * lds + s + u] = scale * x;
                 S[(size_t)(j + 1) * lds + s + u] = scale * y;
             }
         }
     }
+}
+void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S, size_t lds) {
+    scores(q, nq, hd, K, ks, n, scale, S, lds);
+}
+void att_scores_h(const float* q, int nq, int hd, const uint16_t* K, size_t ks, int n, float scale, float* S, size_t lds) {
+    scores(q, nq, hd, K, ks, n, scale, S, lds);
 }
 
 float exp_sum(float* e, int n, float mx) {  // n % 8 == 0 (blocks.cpp's exp_sum_any runs the tail)
@@ -1161,21 +1180,18 @@ float exp_sum(float* e, int n, float mx) {  // n % 8 == 0 (blocks.cpp's exp_sum_
 
 // NH heads' outputs over 32 (then 8) columns at a time in registers while every position's row streams past: one
 // FMA per element and position, in order of position (the tail columns: a multiply-add per element, in order too).
-template <int NH>
-static void values_heads(const float* const* p, int hd, const float* V, size_t vs, int n, float* const* o) {
+template <int NH, typename T>
+static void values_heads(const float* const* p, int hd, const T* V, size_t vs, int n, float* const* o) {
     int d = 0;
     for (; d + 32 <= hd; d += 32) {
         __m256 acc[NH][4];
         for (int h = 0; h < NH; ++h)
             for (int c = 0; c < 4; ++c) acc[h][c] = _mm256_loadu_ps(o[h] + d + 8 * c);
         for (int s = 0; s < n; ++s) {
-            const float* v = V + (size_t)s * vs + d;
-            if (s + ATT_PREFETCH_ROWS < n) {
-                _mm_prefetch((const char*)(v + ATT_PREFETCH_ROWS * vs), _MM_HINT_T0);
-                _mm_prefetch((const char*)(v + ATT_PREFETCH_ROWS * vs + 16), _MM_HINT_T0);
-            }
-            const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
-                         v3 = _mm256_loadu_ps(v + 24);
+            const T* v = V + (size_t)s * vs + d;
+            if (s + ATT_PREFETCH_ROWS < n)
+                for (int c = 0; c < 32; c += 64 / (int)sizeof(T)) _mm_prefetch((const char*)(v + ATT_PREFETCH_ROWS * vs + c), _MM_HINT_T0);
+            const __m256 v0 = ld8(v), v1 = ld8(v + 8), v2 = ld8(v + 16), v3 = ld8(v + 24);
             for (int h = 0; h < NH; ++h) {
                 const __m256 ph = _mm256_set1_ps(p[h][s]);
                 acc[h][0] = _mm256_fmadd_ps(ph, v0, acc[h][0]);
@@ -1191,7 +1207,7 @@ static void values_heads(const float* const* p, int hd, const float* V, size_t v
         __m256 acc[NH];
         for (int h = 0; h < NH; ++h) acc[h] = _mm256_loadu_ps(o[h] + d);
         for (int s = 0; s < n; ++s) {
-            const __m256 v = _mm256_loadu_ps(V + (size_t)s * vs + d);
+            const __m256 v = ld8(V + (size_t)s * vs + d);
             for (int h = 0; h < NH; ++h) acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(p[h][s]), v, acc[h]);
         }
         for (int h = 0; h < NH; ++h) _mm256_storeu_ps(o[h] + d, acc[h]);
@@ -1199,16 +1215,23 @@ static void values_heads(const float* const* p, int hd, const float* V, size_t v
     for (; d < hd; ++d)
         for (int h = 0; h < NH; ++h) {
             float a = o[h][d];
-            for (int s = 0; s < n; ++s) a += p[h][s] * V[(size_t)s * vs + d];
+            for (int s = 0; s < n; ++s) a += p[h][s] * el(V + (size_t)s * vs + d);
             o[h][d] = a;
         }
 }
 
-void att_values(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {  // nq 1 or 2
+template <typename T>
+static void values(const float* P, size_t ldp, int nq, int hd, const T* V, size_t vs, int n, float* O) {  // nq 1 or 2
     const float* p[2] = {P, P + ldp};
     float* o[2] = {O, O + hd};
     if (nq == 2) values_heads<2>(p, hd, V, vs, n, o);
     else values_heads<1>(p, hd, V, vs, n, o);
+}
+void att_values(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {
+    values(P, ldp, nq, hd, V, vs, n, O);
+}
+void att_values_h(const float* P, size_t ldp, int nq, int hd, const uint16_t* V, size_t vs, int n, float* O) {
+    values(P, ldp, nq, hd, V, vs, n, O);
 }
 
 }  // namespace avx2

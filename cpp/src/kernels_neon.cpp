@@ -622,22 +622,30 @@ void silu_mul(float* g, const float* u, int n) {  // n % 8 == 0 (blocks.cpp's si
 }
 
 // ------------------------------------------------------------------ attention (VecOps::att_scores, exp_sum, att_values)
+// K and V rows are float32 or fp16 (the 16-bit cache read as stored); each element's float is exact either way, so both
+// give the same bits for the same values.
+static inline float32x4_t ld4(const float* p) { return vld1q_f32(p); }
+static inline float32x4_t ld4(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+static inline float el(const float* p) { return *p; }
+static inline float el(const uint16_t* p) { return half((const uint8_t*)p); }
+
 // A lone head (an odd nq's last, or MHA's only one): eight keys per pass, each key's arithmetic that of the pairs below,
 // so its scores are the same bits as when it is paired (and no duplicate head's multiply-adds).
-static void scores_one(const float* q0, int hd, const float* K, size_t ks, int n, float scale, float* S) {
+template <typename T>
+static void scores_one(const float* q0, int hd, const T* K, size_t ks, int n, float scale, float* S) {
     const int h4 = hd & ~3;
     for (int s = 0; s < n; s += 8) {
-        const float* kr[8];
+        const T* kr[8];
         for (int u = 0; u < 8; ++u) kr[u] = K + (size_t)std::min(s + u, n - 1) * ks;
         float32x4_t a[8];
         for (int u = 0; u < 8; ++u) a[u] = vdupq_n_f32(0.0f);
         for (int d = 0; d < h4; d += 4) {
             const float32x4_t x0 = vld1q_f32(q0 + d);
-            for (int u = 0; u < 8; ++u) a[u] = vfmaq_f32(a[u], x0, vld1q_f32(kr[u] + d));
+            for (int u = 0; u < 8; ++u) a[u] = vfmaq_f32(a[u], x0, ld4(kr[u] + d));
         }
         for (int u = 0; u < 8 && s + u < n; ++u) {
             float x = vaddvq_f32(a[u]);
-            for (int d = h4; d < hd; ++d) x += q0[d] * kr[u][d];
+            for (int d = h4; d < hd; ++d) x += q0[d] * el(kr[u] + d);
             S[s + u] = scale * x;
         }
     }
@@ -645,7 +653,8 @@ static void scores_one(const float* q0, int hd, const float* K, size_t ks, int n
 
 // The AVX2 set's structure with 4 lanes: four keys x two heads per pass, a 4-lane accumulator per (head, key) over the
 // columns in steps of 4, then each one's lane sum and the columns past the last multiple of 4 (a lone head: scores_one).
-void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S, size_t lds) {
+template <typename T>
+static void scores(const float* q, int nq, int hd, const T* K, size_t ks, int n, float scale, float* S, size_t lds) {
     const int h4 = hd & ~3;
     for (int j = 0; j < nq; j += 2) {
         const float* q0 = q + (size_t)j * hd;
@@ -655,14 +664,14 @@ void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n
         }
         const float* q1 = q0 + hd;
         for (int s = 0; s < n; s += 4) {
-            const float* kr[4];
+            const T* kr[4];
             for (int u = 0; u < 4; ++u) kr[u] = K + (size_t)std::min(s + u, n - 1) * ks;
             float32x4_t a[4], b[4];
             for (int u = 0; u < 4; ++u) a[u] = b[u] = vdupq_n_f32(0.0f);
             for (int d = 0; d < h4; d += 4) {
                 const float32x4_t x0 = vld1q_f32(q0 + d), x1 = vld1q_f32(q1 + d);
                 for (int u = 0; u < 4; ++u) {
-                    const float32x4_t v = vld1q_f32(kr[u] + d);
+                    const float32x4_t v = ld4(kr[u] + d);
                     a[u] = vfmaq_f32(a[u], x0, v);
                     b[u] = vfmaq_f32(b[u], x1, v);
                 }
@@ -670,14 +679,20 @@ void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n
             for (int u = 0; u < 4 && s + u < n; ++u) {
                 float x = vaddvq_f32(a[u]), y = vaddvq_f32(b[u]);
                 for (int d = h4; d < hd; ++d) {
-                    x += q0[d] * kr[u][d];
-                    y += q1[d] * kr[u][d];
+                    x += q0[d] * el(kr[u] + d);
+                    y += q1[d] * el(kr[u] + d);
                 }
                 S[(size_t)j * lds + s + u] = scale * x;
                 S[(size_t)(j + 1) * lds + s + u] = scale * y;
             }
         }
     }
+}
+void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S, size_t lds) {
+    scores(q, nq, hd, K, ks, n, scale, S, lds);
+}
+void att_scores_h(const float* q, int nq, int hd, const uint16_t* K, size_t ks, int n, float scale, float* S, size_t lds) {
+    scores(q, nq, hd, K, ks, n, scale, S, lds);
 }
 
 float exp_sum(float* e, int n, float mx) {  // n % 8 == 0 (blocks.cpp's exp_sum_any runs the tail)
@@ -692,16 +707,16 @@ float exp_sum(float* e, int n, float mx) {  // n % 8 == 0 (blocks.cpp's exp_sum_
 }
 
 // NH heads' outputs over 16 (then 4) columns at a time in registers while every position's row streams past.
-template <int NH>
-static void values_heads(const float* const* p, int hd, const float* V, size_t vs, int n, float* const* o) {
+template <int NH, typename T>
+static void values_heads(const float* const* p, int hd, const T* V, size_t vs, int n, float* const* o) {
     int d = 0;
     for (; d + 16 <= hd; d += 16) {
         float32x4_t acc[NH][4];
         for (int h = 0; h < NH; ++h)
             for (int c = 0; c < 4; ++c) acc[h][c] = vld1q_f32(o[h] + d + 4 * c);
         for (int s = 0; s < n; ++s) {
-            const float* v = V + (size_t)s * vs + d;
-            const float32x4_t v0 = vld1q_f32(v), v1 = vld1q_f32(v + 4), v2 = vld1q_f32(v + 8), v3 = vld1q_f32(v + 12);
+            const T* v = V + (size_t)s * vs + d;
+            const float32x4_t v0 = ld4(v), v1 = ld4(v + 4), v2 = ld4(v + 8), v3 = ld4(v + 12);
             for (int h = 0; h < NH; ++h) {
                 const float32x4_t ph = vdupq_n_f32(p[h][s]);
                 acc[h][0] = vfmaq_f32(acc[h][0], ph, v0);
@@ -717,7 +732,7 @@ static void values_heads(const float* const* p, int hd, const float* V, size_t v
         float32x4_t acc[NH];
         for (int h = 0; h < NH; ++h) acc[h] = vld1q_f32(o[h] + d);
         for (int s = 0; s < n; ++s) {
-            const float32x4_t v = vld1q_f32(V + (size_t)s * vs + d);
+            const float32x4_t v = ld4(V + (size_t)s * vs + d);
             for (int h = 0; h < NH; ++h) acc[h] = vfmaq_f32(acc[h], vdupq_n_f32(p[h][s]), v);
         }
         for (int h = 0; h < NH; ++h) vst1q_f32(o[h] + d, acc[h]);
@@ -725,16 +740,23 @@ static void values_heads(const float* const* p, int hd, const float* V, size_t v
     for (; d < hd; ++d)
         for (int h = 0; h < NH; ++h) {
             float a = o[h][d];
-            for (int s = 0; s < n; ++s) a += p[h][s] * V[(size_t)s * vs + d];
+            for (int s = 0; s < n; ++s) a += p[h][s] * el(V + (size_t)s * vs + d);
             o[h][d] = a;
         }
 }
 
-void att_values(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {  // nq 1 or 2
+template <typename T>
+static void values(const float* P, size_t ldp, int nq, int hd, const T* V, size_t vs, int n, float* O) {  // nq 1 or 2
     const float* p[2] = {P, P + ldp};
     float* o[2] = {O, O + hd};
     if (nq == 2) values_heads<2>(p, hd, V, vs, n, o);
     else values_heads<1>(p, hd, V, vs, n, o);
+}
+void att_values(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {
+    values(P, ldp, nq, hd, V, vs, n, O);
+}
+void att_values_h(const float* P, size_t ldp, int nq, int hd, const uint16_t* V, size_t vs, int n, float* O) {
+    values(P, ldp, nq, hd, V, vs, n, O);
 }
 
 }  // namespace neon

@@ -664,14 +664,27 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 kv_rows_values(kvf, r0, m, n_max - s0, rows, kern);
                 return rows;
             };
+            // the fp16 cache's rows as stored: the _h kernels read them directly (half the bytes of float rows, and
+            // no conversion pass; each value's float is exact, so the same bits as converting first)
+            auto half_rows = [&](const uint8_t* qc, int s0) {
+                return reinterpret_cast<const uint16_t*>(qc + ((size_t)kvh * n_ctx + s0) * kvf.row_bytes);
+            };
             auto seen = [&](int u, int s0, int m) { return std::min(m, pos0 + t0 + u + 1 - s0); };  // causal
             auto out_of = [&](int u) { return &att[(size_t)(t0 + u) * QD + (size_t)h0 * hd]; };  // token u's qpt heads
-            for (int s0 = 0; s0 < n_max; s0 += KV_CHUNK) {
-                const int m = std::min(KV_CHUNK, n_max - s0);
-                const float* kr = kv_rows(kc, kqc, s0, m);
+            auto scores_of = [&](auto* kr, auto kernel, int s0, int m) {
                 for (int u = 0; u < nt; ++u)
                     if (const int mu = seen(u, s0, m); mu > 0)
-                        ops.att_scores(qh[u], qpt, hd, kr, hd, mu, att_scale, sc + (size_t)u * qpt * n_ctx + s0, n_ctx);
+                        kernel(qh[u], qpt, hd, kr, hd, mu, att_scale, sc + (size_t)u * qpt * n_ctx + s0, n_ctx);
+            };
+            auto values_of = [&](auto* vr, auto kernel, int s0, int m) {
+                for (int u = 0; u < nt; ++u)
+                    if (const int mu = seen(u, s0, m); mu > 0)
+                        kernel(sc + (size_t)u * qpt * n_ctx + s0, n_ctx, qpt, hd, vr, hd, mu, out_of(u));
+            };
+            for (int s0 = 0; s0 < n_max; s0 += KV_CHUNK) {
+                const int m = std::min(KV_CHUNK, n_max - s0);
+                if (kvf.bits == 16) scores_of(half_rows(kqc, s0), ops.att_scores_h, s0, m);
+                else scores_of(kv_rows(kc, kqc, s0, m), ops.att_scores, s0, m);
             }
             float inv[ATT_QUERIES];
             for (int r = 0; r < nt * qpt; ++r) {
@@ -684,10 +697,8 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             for (int u = 0; u < nt; ++u) std::memset(out_of(u), 0, sizeof(float) * qpt * hd);
             for (int s0 = 0; s0 < n_max; s0 += KV_CHUNK) {
                 const int m = std::min(KV_CHUNK, n_max - s0);
-                const float* vr = kv_rows(vc, vqc, s0, m);
-                for (int u = 0; u < nt; ++u)
-                    if (const int mu = seen(u, s0, m); mu > 0)
-                        ops.att_values(sc + (size_t)u * qpt * n_ctx + s0, n_ctx, qpt, hd, vr, hd, mu, out_of(u));
+                if (kvf.bits == 16) values_of(half_rows(vqc, s0), ops.att_values_h, s0, m);
+                else values_of(kv_rows(vc, vqc, s0, m), ops.att_values, s0, m);
             }
             for (int u = 0; u < nt; ++u) {
                 float* out = out_of(u);

@@ -669,6 +669,49 @@ static void attention_tests() {
                 worst_s, worst_e, worst_o);
 }
 
+// The fp16-row attention kernels (att_scores_h / att_values_h: the 16-bit KV cache read as stored) against the float
+// ones of the same set on the rows converted to float32, bit for bit (each half's float is exact and the arithmetic
+// the same), in the scalar set and the SIMD one: head widths that are and are not multiples of the vector width, 1-5
+// heads, ragged key counts, odd row strides (unaligned rows).
+static void attention_half_tests() {
+    std::vector<int> sets = {K_SCALAR};
+    if (SIMD) sets.push_back(SIMD);
+    for (int set : sets) {
+        const VecOps& ops = vec_ops(set);
+        for (int hd : {64, 128, 80, 36, 100, 7})
+            for (int nq : {1, 2, 3, 5})
+                for (int n : {1, 3, 4, 9, 67}) {
+                    const size_t ks = (size_t)hd * 3 + 5, ldp = (size_t)n + 3;
+                    std::vector<float> q((size_t)nq * hd), Kf((size_t)n * ks), Vf((size_t)n * ks);
+                    std::vector<uint16_t> Kh(Kf.size()), Vh(Vf.size());
+                    for (float& v : q) v = urand(-2, 2);
+                    for (size_t i = 0; i < Kf.size(); ++i) {
+                        Kh[i] = fp32_to_fp16(urand(-2, 2));
+                        Vh[i] = fp32_to_fp16(urand(-2, 2));
+                        Kf[i] = fp16_to_fp32(Kh[i]);
+                        Vf[i] = fp16_to_fp32(Vh[i]);
+                    }
+                    std::vector<float> sa((size_t)nq * ldp, 0.0f), sb = sa;
+                    ops.att_scores(q.data(), nq, hd, Kf.data(), ks, n, 0.125f, sa.data(), ldp);
+                    ops.att_scores_h(q.data(), nq, hd, Kh.data(), ks, n, 0.125f, sb.data(), ldp);
+                    std::vector<float> P((size_t)nq * ldp), oa((size_t)nq * hd);
+                    for (float& v : P) v = urand(0, 1);
+                    for (float& v : oa) v = urand(-1, 1);
+                    std::vector<float> ob = oa;
+                    ops.att_values(P.data(), ldp, nq, hd, Vf.data(), ks, n, oa.data());
+                    ops.att_values_h(P.data(), ldp, nq, hd, Vh.data(), ks, n, ob.data());
+                    char d[80];
+                    std::snprintf(d, sizeof d, "hd=%d nq=%d n=%d %s", hd, nq, n, set == K_SCALAR ? "scalar" : SIMD_NAME);
+                    check(std::memcmp(sa.data(), sb.data(), sizeof(float) * sa.size()) == 0,
+                          "att_scores_h: the bits of att_scores on the rows converted to float32", d);
+                    check(std::memcmp(oa.data(), ob.data(), sizeof(float) * oa.size()) == 0,
+                          "att_values_h: the bits of att_values on the rows converted to float32", d);
+                }
+    }
+    std::printf("attention on fp16 rows: scalar%s%s bit-identical to the float kernels on converted rows\n",
+                SIMD ? " and " : "", SIMD ? SIMD_NAME : "");
+}
+
 // Activations on a 4- or 6-bit grid (rotation.h act_fake_quant, then prepare_x8 with its step): every block holds
 // d = step and the grid's integers exactly (plain and ternary layouts, a ragged chunk), and the activation sum.
 static void q8_grid_tests() {
@@ -1189,6 +1232,7 @@ int main() {
     quant_x8_tests();
     silu_tests();
     attention_tests();
+    attention_half_tests();
     std::printf("int8-activation kernel sets under test: %d (scalar%s)\n", n_q8_sets_seen,
                 SIMD == K_AVX2 ? ", avx2" : SIMD == K_NEON ? (cpu_has_dotprod() ? ", neon, neon+dotprod" : ", neon") : "");
     vec_tests();
