@@ -108,8 +108,9 @@ def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan, rotated
     if plan.kv_cache is not None:  # the runtime's default KV cache (docs/format.md "KV cache"); no version change
         from wqedge.kv_format import KEY_BITS as KV_BITS, KEY_ROTATION as KV_ROTATION, KVCacheSpec
         kv = KVCacheSpec.from_plan(plan.kv_cache)
-        w.add_uint32(KV_BITS, kv.bits)
-        w.add_string(KV_ROTATION, kv.rotation)
+        if kv.bits is not None:  # {"bits": null}: float32 asked for, i.e. no keys
+            w.add_uint32(KV_BITS, kv.bits)
+            w.add_string(KV_ROTATION, kv.rotation)
     for lin in spec.linears():
         t = plan.tensor(lin.hf_name)
         name = lin.gguf_name

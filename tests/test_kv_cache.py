@@ -76,6 +76,9 @@ def test_plan_field_round_trip(tiny_model_dir):
     d = json.loads(p.to_json())
     assert d["version"] == 3 and d["kv_cache"] == {"bits": 4, "rotation": "hadamard"}
     assert Plan.from_dict(d).kv_cache == d["kv_cache"]
+    p.kv_cache = KVCacheSpec().to_plan()   # float32 asked for explicitly: recorded, and read back as float32
+    d32 = json.loads(p.to_json())
+    assert d32["kv_cache"] == {"bits": None} and KVCacheSpec.from_plan(Plan.from_dict(d32).kv_cache).bits is None
     with pytest.raises(PlanError, match="KV cache bits"):
         Plan.from_dict({**d, "kv_cache": {"bits": 3}}).validate()
     with pytest.raises(PlanError, match="version 3"):
@@ -452,3 +455,33 @@ def test_cli_plan_kv_bits(native_lib, tiny_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["inspect", str(out8)])
     assert r.exit_code == 0 and "KV cache (runtime default): 8-bit, rotation hadamard" in r.output, r.output
+
+
+def test_cli_convert_default_kv_cache(tiny_model_dir, tmp_path):
+    """`wqedge convert` writes the fp16 cache (kv_format.DEFAULT_BITS) when neither --kv-bits nor the plan says; an
+    explicit f32 (on convert, or recorded by `plan --kv-bits f32` as {"bits": null}) writes no keys and is not replaced
+    by the default; a plan without the field gets the default at convert."""
+    import json
+
+    from click.testing import CliRunner
+
+    from wqedge.cli import main
+    from wqedge.kv_format import DEFAULT_BITS
+    from wqedge.runtime.gguf_reader import WqGGUF
+    assert DEFAULT_BITS == 16
+
+    def kv_of(*args):
+        out = tmp_path / f"m{len(list(tmp_path.iterdir()))}.gguf"
+        r = CliRunner().invoke(main, ["convert", str(tiny_model_dir), "-o", str(out), "--no-check", *args])
+        assert r.exit_code == 0, r.output
+        return WqGGUF(out).kv_cache.bits
+
+    assert kv_of("--preset", "q4") == 16
+    assert kv_of("--preset", "q4", "--kv-bits", "f32") is None
+    assert kv_of("--preset", "q4", "--kv-bits", "8") == 8
+    for flags, recorded, written in ((["--kv-bits", "f32"], {"bits": None}, None), ([], None, 16)):
+        plan = tmp_path / f"p{len(flags)}.json"
+        r = CliRunner().invoke(main, ["plan", str(tiny_model_dir), "-o", str(plan), "--preset", "q4", *flags])
+        assert r.exit_code == 0, r.output
+        assert json.loads(plan.read_text()).get("kv_cache") == recorded
+        assert kv_of("--plan", str(plan)) == written

@@ -442,8 +442,9 @@ def torch_dist_error():
 @click.option("--onnx-variant", type=click.Choice(["portable", "native"]), default="portable", show_default=True,
               help="'portable': stock ONNX Runtime operators; 'native': one wqedge.ChunkLinear per linear, run by "
                    "our custom-op library libwqedge_ort (smaller and packed in memory; see docs/onnx.md).")
-@_kv_bits_option("Default: float32; written into the file (and the plan) as the runtime's default, which "
-                 "`wqedge run` / `eval --backend cpp` --kv-bits override. GGUF target only.")
+@_kv_bits_option("Default: the plan's (--plan), else f16 (half the bytes of float32, 2x the decode speed at "
+                 "2000 tokens, bench/results/decode_depth.md); written into the file (and the plan) as the runtime's "
+                 "default, which `wqedge run` / `eval --backend cpp` --kv-bits override. GGUF target only.")
 @_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, written into the file beside it.")
 @click.option("--head", type=click.Choice(HEAD_KINDS), default=None,
               help=f"How the output head (the vocabulary projection; the embedding table too when the checkpoint "
@@ -521,6 +522,9 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
             _fail(f"--kv-bits is a setting of wqedge's runtime; the {target} target keeps its engine's own KV cache "
                   f"(llama.cpp: --cache-type-k/-v at run time)")
         plan.kv_cache = kv.to_plan()
+    elif target == "gguf" and plan.kv_cache is None:   # neither the option nor the plan says: the default
+        from .kv_format import DEFAULT_BITS, KVCacheSpec
+        plan.kv_cache = KVCacheSpec(DEFAULT_BITS).to_plan()
     distill = _settle_distill(plan, distill, no_distill, calib_text, target, ckpt, device, stream_layers)
     _print_plan_summary(plan)
     from . import distributed
@@ -603,8 +607,8 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Plan JSON to write.")
 @plan_options
-@_kv_bits_option("Default: float32; recorded in the plan (field kv_cache), so `wqedge convert --plan` writes it into "
-                 "the file unless its own --kv-bits says otherwise.")
+@_kv_bits_option("Recorded in the plan (field kv_cache), so `wqedge convert --plan` writes it into the file unless "
+                 "its own --kv-bits says otherwise. Default: nothing recorded (convert then writes its default, f16).")
 @_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, recorded beside it.")
 @distributed_option
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,

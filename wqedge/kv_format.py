@@ -15,6 +15,12 @@ KEY_BITS = "wqedge.kv_cache.bits"          # u32: 16 (fp16 values), 8 or 4; abse
 KEY_ROTATION = "wqedge.kv_cache.rotation"  # string: "hadamard" (default when absent) or "none"
 BITS = (16, 8, 4)
 F16 = 16   # fp16 values: no groups, no rotation (nothing to make uniform), half the float32 cache's bytes
+# What `wqedge convert` writes into a GGUF when neither --kv-bits nor the plan's kv_cache says otherwise: fp16 values
+# (llama.cpp's default cache type). The runtime reads them as stored, so at long context a decode reads half the
+# float32 cache's bytes: llama-s q4, 1 thread, after 2000 tokens 1.8-1.9 ms a token against 3.3-3.7 (float32),
+# no loss at short context (bench/results/decode_depth.md); perplexity 10.8821 (float32) vs 10.8820 (fp16), llama-s
+# q4, `wqedge eval --backend cpp --kv-bits f32|f16`, eval.txt, 1233 windows of 512.
+DEFAULT_BITS = F16
 ROTATIONS = ("hadamard", "none")
 GROUPS = {8: 32, 4: 16}  # values per (scale, min) pair; a head_dim the group does not divide is one group per head
 FLOAT_BYTES = 4      # the float cache: float32 per value
@@ -84,15 +90,17 @@ class KVCacheSpec:
         return f"q{self.bits}" + ("" if self.rotate_k else " (no rotation)")
 
     # ------------------------------------------------------------ plan field (docs/plan.md, version 3)
-    def to_plan(self) -> dict | None:
-        return None if self.bits is None else {"bits": self.bits, "rotation": self.rotation}
+    def to_plan(self) -> dict:
+        """The plan's kv_cache field; {"bits": None} is a float32 cache asked for explicitly (`--kv-bits f32`),
+        which the converter's default does not replace (an absent field does get it)."""
+        return {"bits": self.bits} if self.bits is None else {"bits": self.bits, "rotation": self.rotation}
 
     @classmethod
     def from_plan(cls, d: dict | None) -> "KVCacheSpec":
         if d is None:
             return cls()
         if not isinstance(d, dict) or set(d) - {"bits", "rotation"}:
-            raise ValueError(f"kv_cache must be {{\"bits\": 16|8|4, \"rotation\": \"hadamard\"|\"none\"}}, got {d!r}")
+            raise ValueError(f"kv_cache must be {{\"bits\": 16|8|4|null, \"rotation\": \"hadamard\"|\"none\"}}, got {d!r}")
         return cls(d.get("bits"), d.get("rotation", "hadamard"))
 
 

@@ -147,10 +147,15 @@ class ModelFiles:
 
     def _wq(self, key: str, head: str | None = None) -> Path:
         """Our file `key` with the output head stored as `head` (pipeline.head_kind: the default when None)."""
+        import dataclasses
+
+        from ..kv_format import DEFAULT_BITS, KVCacheSpec
         from ..pipeline import fit_mode, head_kind, write_gguf
         method = "neuqi" if self.calib_text else "minmax"
         head = head_kind("gguf", head)   # files made before the quantized head (F16) keep their names
-        path = self.dir / (f"{key}-{method}.gguf" if head == "fp16" else f"{key}-{method}-head{head}.gguf")
+        kv = KVCacheSpec(DEFAULT_BITS)   # the KV cache `wqedge convert` writes by default (in the name: files made
+        kv_tag = "" if kv.bits is None else f"-kv{kv.label()}"   # before it, with a float32 cache, are not reused)
+        path = self.dir / (f"{key}-{method}{kv_tag}.gguf" if head == "fp16" else f"{key}-{method}-head{head}{kv_tag}.gguf")
         if key == "wq-q4":
             from ..alloc.uniform import model_bits, uniform_plan
             lin = self.spec.linears()   # q4 everywhere, whatever ragged chunks cost (4.25 b at K % 128 == 0)
@@ -170,6 +175,7 @@ class ModelFiles:
         if self._fresh(path):
             return path
         self.say(f"converting {key} → {path.name}…")
+        plan = dataclasses.replace(plan, kv_cache=kv.to_plan())   # (a copy: the plans are shared with other rows)
         return write_gguf(self.ckpt, plan, path, self.calib_text, device=self.device,
                           stats=self.stats() if mode == "stats" else None, head=head)
 
