@@ -539,6 +539,7 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
         return fits
     from .quant.distill import distill_checkpoint
     from .quantize import quantize_linears
+    from .report import e2e_loss_label
     fitted = fits.fitted or {lin.hf_name: ch for lin, ch in quantize_linears(ckpt, plan, fits.stats, device)}
     d_windows = distill_windows_of(plan, ckpt.spec, device, say)
     e2e, code_lr = distill_options(plan, device, d_windows)
@@ -552,7 +553,7 @@ def prepare_fits(ckpt, plan: Plan, calib_text: str | None, feedback: bool | None
     if ce and not e2e:
         say(f"--distill-ce {ce:g} has no effect: this distillation has no end-to-end stage (--distill-e2e STEPS)")
     say(f"light distillation on {d_windows} windows: {steps} steps per decoder layer, {e2e} end-to-end steps"
-        f"{f' (loss {1 - ce:g}·KL + {ce:g}·CE)' if ce and e2e else ''}…")
+        f"{f' (loss {e2e_loss_label(ce)})' if ce and e2e else ''}…")
     unprune = plan.unprune_weight if plan.pruning is not None else None
     import torch
     try:

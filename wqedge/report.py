@@ -95,6 +95,11 @@ def pruning_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def e2e_loss_label(ce: float) -> str:
+    """The end-to-end distillation loss with text weight ce, as every report and progress line writes it."""
+    return f"{1 - ce:g}·KL + {ce:g}·CE"
+
+
 def fit_lines(meta: dict) -> list[str]:
     """How a plan's chunks are (in a plan) or were (in a file's plan) fitted: error feedback and light distillation,
     from meta["fit"] (docs/plan.md); nothing for a plan that records no fit."""
@@ -107,7 +112,7 @@ def fit_lines(meta: dict) -> list[str]:
     n_windows = (done or {}).get("windows") or fit.get("distill_windows")
     windows = f" on {n_windows} windows" if n_windows else ""
     ce = fit.get("distill_ce") or (done or {}).get("e2e_ce")
-    loss = f", loss {1 - ce:g}·KL + {ce:g}·CE" if ce else ""
+    loss = f", loss {e2e_loss_label(ce)}" if ce else ""
     if done:
         codes = (f"codes trained ({done.get('codes_changed', 0):,} changed, in "
                  f"{done.get('layers_codes_trained', 0)} layers)" if done.get("code_lr") else "codes frozen")

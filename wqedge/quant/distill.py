@@ -50,6 +50,7 @@ from torch import nn
 from .. import blocks
 from ..blocks import ChunkData
 from ..checkpoint import CheckpointView
+from ..report import e2e_loss_label
 from ..units import PROJECTIONS
 
 BATCH = 4                # calibration windows per step
@@ -100,7 +101,7 @@ class DistillResult:
         if self.e2e and not math.isnan(self.e2e["before"]):
             parts.append(f"held-out KL: {self.e2e['before']:.4g} -> {self.e2e['after']:.4g} nats/token")
             if self.e2e.get("ce"):
-                parts.append(f"held-out end-to-end loss ({1 - self.e2e['ce']:g}·KL + {self.e2e['ce']:g}·CE): "
+                parts.append(f"held-out end-to-end loss ({e2e_loss_label(self.e2e['ce'])}): "
                              f"{self.e2e['objective_before']:.4g} -> {self.e2e['objective_after']:.4g}")
         if self.code_lr:
             parts.append(f"codes changed: {self.codes_changed}")
@@ -354,6 +355,12 @@ def _norms(layer: nn.Module) -> list[nn.Parameter]:
     return [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
 
 
+def _relative_lr(lr: float, p: torch.Tensor, floor: float) -> float:
+    """A learning rate scaled by the parameter's mean magnitude (at least floor): norms and the head differ by orders
+    of magnitude between models, and AdamW's steps are in absolute units."""
+    return lr * float(p.detach().abs().mean().clamp_min(floor))
+
+
 def _optimizer(linears: list[TunableLinear], norms: list[nn.Parameter], lr: float, norm_lr: float, steps: int,
                code_lr: float = 0.0, extra_groups: list[dict] | None = None):
     for p in norms:
@@ -362,7 +369,7 @@ def _optimizer(linears: list[TunableLinear], norms: list[nn.Parameter], lr: floa
     codes = [tl.codes for tl in linears if tl.codes is not None]
     if codes and code_lr > 0:
         groups.append({"params": codes, "lr": code_lr})
-    groups += [{"params": [p], "lr": norm_lr * float(p.detach().abs().mean().clamp_min(1e-3))} for p in norms]
+    groups += [{"params": [p], "lr": _relative_lr(norm_lr, p, 1e-3)} for p in norms]
     groups += extra_groups or []
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, steps // 20)
@@ -575,7 +582,7 @@ def _e2e(model, chunks, norms, tokens, heldout, steps, dev, bs, lr, norm_lr, see
     extra = []
     if train_head:
         head.requires_grad_(True)
-        extra = [{"params": [head], "lr": head_lr * float(head.detach().abs().mean().clamp_min(1e-6))}]
+        extra = [{"params": [head], "lr": _relative_lr(head_lr, head, 1e-6)}]
     opt, sched = _optimizer(tls, norm_params, lr, norm_lr, steps, code_lr, extra)
     for step, idx in enumerate(_batches(tokens.shape[0], steps, bs, seed + 10_000)):
         loss = losses(tokens[idx].to(dev))[1]
