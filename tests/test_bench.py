@@ -137,6 +137,15 @@ def test_bench_smoke(tmp_path, tiny_model_dir):
     # perplexity, within 2% of the float row's on this random tiny model (llama-s: +0.33% at q4, test_cpp_prefill)
     assert by["wq-q4-a8"]["act"] == "q8" and by["wq-q4"]["act"] == "f32"
     assert by["wq-q4-a8"]["file"] == by["wq-q4"]["file"]
+    # our files carry `wqedge convert`'s default KV cache, and every row's recipe says which cache it ran (an -a8 row
+    # has its file's recipe)
+    from wqedge.kv_format import DEFAULT_BITS
+    from wqedge.runtime.gguf_reader import WqGGUF
+    assert WqGGUF(by["wq-q4"]["file"]).kv_cache.bits == DEFAULT_BITS == 16
+    assert by["wq-q4-a8"]["recipe"] == by["wq-q4"]["recipe"] and by["wq-q4"]["recipe"].endswith("; KV cache f16")
+    assert by["wq-2.5"]["recipe"].endswith("; KV cache f16")
+    if llama_ok:
+        assert by["lcp-Q4_0"]["recipe"].endswith("KV cache f16 (llama.cpp's default)")
     assert by["wq-q4-a8"]["perplexity"] != by["wq-q4"]["perplexity"]
     assert by["wq-q4-a8"]["perplexity"] == pytest.approx(by["wq-q4"]["perplexity"], rel=0.02)
     assert 2.0 < by["wq-2.5"]["bits"] <= 2.5 + 1e-6   # the mixed plan meets its budget

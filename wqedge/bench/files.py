@@ -172,6 +172,7 @@ class ModelFiles:
             hist = ", ".join(f"{a} {n}" for a, n in plan.action_histogram().items())
             self.notes[key] = f"{plan.allocator} plan {plan.effective_bits():.3f} b ({hist})" + (
                 ", error feedback" if mode == "feedback" else f", {method}")
+        self.notes[key] += f"; KV cache {kv.label()}"
         if self._fresh(path):
             return path
         self.say(f"converting {key} → {path.name}…")
@@ -237,7 +238,8 @@ class ModelFiles:
         for t in open_reader(path).tensors:
             if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2:
                 h[t.tensor_type.name] = h.get(t.tensor_type.name, 0) + 1
-        self.notes[key] = "tensor types " + ", ".join(f"{t} {n}" for t, n in sorted(h.items(), key=lambda x: -x[1]))
+        self.notes[key] = "tensor types " + ", ".join(f"{t} {n}" for t, n in sorted(h.items(), key=lambda x: -x[1])) + \
+            "; KV cache f16 (llama.cpp's default)"
 
     def _onnx(self, variant: str) -> Path:
         try:
@@ -247,7 +249,7 @@ class ModelFiles:
         src = self._wq("wq-q4", head="fp16")   # as `convert --target onnx`: the ONNX graph keeps the head dense
         out_dir = self.dir / f"onnx-{variant}"
         path = out_dir / "model.onnx"
-        self.notes[f"ort-{variant}"] = f"{variant} ONNX of wq-q4"
+        self.notes[f"ort-{variant}"] = f"{variant} ONNX of wq-q4; KV cache float32 (past_key_values)"
         if self._fresh(path):
             return path
         out_dir.mkdir(exist_ok=True)

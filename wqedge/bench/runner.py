@@ -225,10 +225,13 @@ def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
 
     # -------------------------------------------------------- rows
     ctx_pos = o.prefill + o.decode / 2
+
+    def recipe(mf, row: str) -> str:   # an -a8 row's file is its float row's: so is its recipe
+        return (mf.notes.get(row) or mf.notes.get(ROWS[row].file_key, "")) if row in ROWS else mf.notes.get(row, "")
     for base, mf, path in jobs:
         k = (base["model"], base["row"])
         if k in errors:
-            rows.append({**base, "status": errors[k], "recipe": mf.notes.get(base["row"], "")})
+            rows.append({**base, "status": errors[k], "recipe": recipe(mf, base["row"])})
             continue
         r = results[k]
         gguf_path = path if base["backend"] != "ort" else mf.file("wq-q4")
@@ -243,7 +246,7 @@ def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
         bpt = bytes_per_token(gguf_path, kv_pos, ctx_pos)
         dec, pre = max(r["decode"]), max(r["prefill"])
         roof, roof_llc = info["roof_GBps"] * 1e9 / bpt, info["roof_llc_GBps"] * 1e9 / bpt
-        rows.append({**base, "status": "ok", "recipe": mf.notes.get(base["row"], ""), "file": str(path),
+        rows.append({**base, "status": "ok", "recipe": recipe(mf, base["row"]), "file": str(path),
                      "file_mib": size / 2**20, "bits": bits, **r,
                      "decode_tok_s": dec, "prefill_tok_s": pre,
                      "decode_median": statistics.median(r["decode"]), "prefill_median": statistics.median(r["prefill"]),
