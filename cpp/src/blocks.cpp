@@ -869,6 +869,12 @@ static void sf16_to_f32(const uint8_t* h, float* out, int n) {
     const float* T = h2f_table();
     for (int i = 0; i < n; ++i) out[i] = T[load_u16(h + 2 * i)];
 }
+static void sf32_to_f16(const float* x, uint8_t* h, int n) {
+    for (int i = 0; i < n; ++i) {
+        const uint16_t v = fp32_to_fp16(x[i]);
+        std::memcpy(h + 2 * i, &v, 2);
+    }
+}
 static void sgemm4(const float* W, int ldw, const float* X, int ldx, int nt, int K, float* Y, int ldy, int nr) {
     for (int t = 0; t < nt; ++t)
         for (int r = 0; r < nr; ++r) Y[(size_t)t * ldy + r] = sdot_f32(W + (size_t)r * ldw, X + (size_t)t * ldx, K);
@@ -963,15 +969,15 @@ template <typename T, void (*AV2)(const float*, size_t, int, int, const T*, size
 static void att_values_pairs(const float* P, size_t ldp, int nq, int hd, const T* V, size_t vs, int n, float* O) {
     for (int j = 0; j < nq; j += 2) AV2(P + (size_t)j * ldp, ldp, std::min(2, nq - j), hd, V, vs, n, O + (size_t)j * hd);
 }
-static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sgemm4, stile8_mix, squant_x8, ssilu_mul,
+static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sf32_to_f16, sgemm4, stile8_mix, squant_x8, ssilu_mul,
                                    satt_scores, sexp_sum, satt_values, satt_scores_h, satt_values_h};
 #if WQE_X86
-static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>,
+static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vf32_to_f16, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>,
                                  avx2::att_scores, exp_sum_any<avx2::exp_sum>, att_values_pairs<float, avx2::att_values>,
                                  avx2::att_scores_h, att_values_pairs<uint16_t, avx2::att_values_h>};
 #endif
 #if WQE_ARM64
-static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vgemm4, neon::tile8_mix, quant_x8_any<neon::quant_x8>, silu_mul_any<neon::silu_mul>,
+static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vf32_to_f16, neon::vgemm4, neon::tile8_mix, quant_x8_any<neon::quant_x8>, silu_mul_any<neon::silu_mul>,
                                  neon::att_scores, exp_sum_any<neon::exp_sum>, att_values_pairs<float, neon::att_values>,
                                  neon::att_scores_h, att_values_pairs<uint16_t, neon::att_values_h>};
 #endif

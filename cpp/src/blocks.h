@@ -182,6 +182,9 @@ struct VecOps {
     void (*dot_f16_rows)(const uint8_t* h, size_t stride, int nr, const float* x, int n, float* out);
     void (*axpy)(float a, const float* x, float* y, int n);          // y += a x
     void (*f16_to_f32)(const uint8_t* h, float* out, int n);
+    // h = n halves of x, round to nearest even (fp32_to_fp16's bits for every non-NaN value; NaN stays NaN): the fp16
+    // KV cache's rows, written once per token and KV head (the scalar conversion was 3-5% of a short decode).
+    void (*f32_to_f16)(const float* x, uint8_t* h, int n);
     // Y[t * ldy + r] = sum_k W[r * ldw + k] * X[t * ldx + k] for r < 4, t < nt; K % 8 == 0,
     // W has 4 rows (unused ones zero), rows and X 32-byte padded with zeros past the true K.
     void (*gemm4)(const float* W, int ldw, const float* X, int ldx, int nt, int K, float* Y, int ldy, int nr);

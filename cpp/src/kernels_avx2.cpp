@@ -925,6 +925,17 @@ void vf16_to_f32(const uint8_t* h, float* out, int n) {
     for (; i < n; ++i) out[i] = half(h + 2 * i);
 }
 
+// F16C's conversion rounds to nearest even, as fp32_to_fp16 (subnormal halves and overflow to infinity included).
+void vf32_to_f16(const float* x, uint8_t* h, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i*)(h + 2 * i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; ++i) {
+        const uint16_t v = (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(x[i]), _MM_FROUND_TO_NEAREST_INT), 0);
+        memcpy(h + 2 * i, &v, 2);
+    }
+}
+
 // 4 rows x up to 3 tokens per step, 12 accumulators.
 void vgemm4(const float* W, int ldw, const float* X, int ldx, int nt, int K, float* Y, int ldy, int nr) {
     const float* w0 = W;

@@ -514,6 +514,16 @@ void vf16_to_f32(const uint8_t* h, float* out, int n) {
     for (; i < n; ++i) out[i] = half(h + 2 * i);
 }
 
+// vcvt_f16_f32 rounds as the FPCR says: to nearest even by default, as fp32_to_fp16.
+void vf32_to_f16(const float* x, uint8_t* h, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1_u16((uint16_t*)(h + 2 * i), vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+    for (; i < n; ++i) {
+        const uint16_t v = vget_lane_u16(vreinterpret_u16_f16(vcvt_f16_f32(vdupq_n_f32(x[i]))), 0);
+        memcpy(h + 2 * i, &v, 2);
+    }
+}
+
 // 4 rows x up to 3 tokens per step, 12 accumulators (K % 8 == 0, so K % 4 == 0).
 void vgemm4(const float* W, int ldw, const float* X, int ldx, int nt, int K, float* Y, int ldy, int nr) {
     const float* w[4] = {W, W + ldw, W + 2 * (size_t)ldw, W + 3 * (size_t)ldw};

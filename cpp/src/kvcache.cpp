@@ -58,12 +58,9 @@ static inline int code_at(const KvFormat& f, const uint8_t* codes, int j) {
     return j < h ? codes[j] & 0xF : codes[j - h] >> 4;
 }
 
-void kv_quantize(const KvFormat& f, const float* x, uint8_t* dst) {
+void kv_quantize(const KvFormat& f, const float* x, uint8_t* dst, int kernels) {
     if (f.bits == 16) {
-        for (int j = 0; j < f.head_dim; ++j) {
-            const uint16_t h = fp32_to_fp16(x[j]);
-            std::memcpy(dst + 2 * j, &h, 2);
-        }
+        vec_ops(kernels ? kernels : K_SCALAR).f32_to_f16(x, dst, f.head_dim);
         return;
     }
     const int g = f.group, qmax = (1 << f.bits) - 1;

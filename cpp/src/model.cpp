@@ -625,8 +625,8 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 std::memcpy(vc + row * hd, &v[(size_t)r * hd], sizeof(float) * hd);
             } else {  // K rotated (in place: k is not read again) and quantized, V quantized
                 if (kvf.rotate) kv_hadamard(&k[(size_t)r * hd], hd, kvf.hblock);
-                kv_quantize(kvf, &k[(size_t)r * hd], kqc + row * kvf.row_bytes);
-                kv_quantize(kvf, &v[(size_t)r * hd], vqc + row * kvf.row_bytes);
+                kv_quantize(kvf, &k[(size_t)r * hd], kqc + row * kvf.row_bytes, kern);
+                kv_quantize(kvf, &v[(size_t)r * hd], vqc + row * kvf.row_bytes, kern);
             }
         }
 

@@ -669,6 +669,50 @@ static void attention_tests() {
                 worst_s, worst_e, worst_o);
 }
 
+// VecOps::f32_to_f16 (the fp16 KV cache's writes) against the scalar fp32_to_fp16, bit for bit on every non-NaN value:
+// random magnitudes from 2^-30 (subnormal halves, and below: zero) to 2^17 (overflow to infinity), exact ties between
+// two halves (round to even), the largest finite half and the first value that rounds past it, signed zeros and
+// infinities; NaN stays NaN. Lengths that leave a scalar tail.
+static void f32_to_f16_tests() {
+    std::vector<float> x;
+    for (int i = 0; i < 4000; ++i) x.push_back((urand(0, 1) < 0.5f ? -1.0f : 1.0f) * std::ldexp(urand(1, 2), (int)urand(-30, 17)));
+    for (int e = -24; e < 16; ++e)  // ties: a half's value plus half its last place (both parities of the mantissa)
+        for (uint32_t m : {0u, 1u, 2u, 3u, 1023u}) {
+            const float lo = std::ldexp(1.0f + m / 1024.0f, e), ulp = std::ldexp(1.0f, e - 10);
+            x.push_back(lo + 0.5f * ulp);
+            x.push_back(-(lo + 0.5f * ulp));
+        }
+    for (float v : {0.0f, -0.0f, 65504.0f, 65519.99f, 65520.0f, -65520.0f, INFINITY, -INFINITY, 5.96e-8f, 2.98e-8f, 2.99e-8f,
+                    6.1035156e-05f, 6.1e-05f})
+        x.push_back(v);
+    x.push_back(NAN);
+    std::vector<int> sets = {K_SCALAR};
+    if (SIMD) sets.push_back(SIMD);
+    for (int n : {(int)x.size(), 1, 7, 13}) {
+        std::vector<uint8_t> ref((size_t)2 * n);
+        for (int i = 0; i < n; ++i) {
+            const uint16_t h = fp32_to_fp16(x[i]);
+            std::memcpy(&ref[(size_t)2 * i], &h, 2);
+        }
+        for (int set : sets) {
+            std::vector<uint8_t> got((size_t)2 * n, 0xAB);
+            vec_ops(set).f32_to_f16(x.data(), got.data(), n);
+            bool same = true;
+            for (int i = 0; i < n; ++i) {
+                uint16_t a, b;
+                std::memcpy(&a, &ref[(size_t)2 * i], 2);
+                std::memcpy(&b, &got[(size_t)2 * i], 2);
+                const bool nan_a = (a & 0x7C00) == 0x7C00 && (a & 0x3FF), nan_b = (b & 0x7C00) == 0x7C00 && (b & 0x3FF);
+                same = same && (std::isnan(x[i]) ? nan_a && nan_b : a == b);
+            }
+            char d[64];
+            std::snprintf(d, sizeof d, "n=%d %s", n, set == K_SCALAR ? "scalar" : SIMD_NAME);
+            check(same, "f32_to_f16: fp32_to_fp16's bits (NaN stays NaN)", d);
+        }
+    }
+    std::printf("f32_to_f16: %s bit-identical to fp32_to_fp16 on %zu values\n", SIMD ? SIMD_NAME : "scalar", x.size());
+}
+
 // The fp16-row attention kernels (att_scores_h / att_values_h: the 16-bit KV cache read as stored) against the float
 // ones of the same set on the rows converted to float32, bit for bit (each half's float is exact and the arithmetic
 // the same), in the scalar set and the SIMD one: head widths that are and are not multiples of the vector width, 1-5
@@ -1233,6 +1277,7 @@ int main() {
     silu_tests();
     attention_tests();
     attention_half_tests();
+    f32_to_f16_tests();
     std::printf("int8-activation kernel sets under test: %d (scalar%s)\n", n_q8_sets_seen,
                 SIMD == K_AVX2 ? ", avx2" : SIMD == K_NEON ? (cpu_has_dotprod() ? ", neon, neon+dotprod" : ", neon") : "");
     vec_tests();
