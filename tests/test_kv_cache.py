@@ -477,6 +477,8 @@ def test_cli_convert_default_kv_cache(tiny_model_dir, tmp_path):
         return WqGGUF(out).kv_cache.bits
 
     assert kv_of("--preset", "q4") == 16
+    r = CliRunner().invoke(main, ["inspect", str(sorted(tmp_path.glob("m*.gguf"))[0])])
+    assert r.exit_code == 0 and "KV cache (runtime default): fp16 values (no rotation); " in r.output, r.output
     assert kv_of("--preset", "q4", "--kv-bits", "f32") is None
     assert kv_of("--preset", "q4", "--kv-bits", "8") == 8
     for flags, recorded, written in ((["--kv-bits", "f32"], {"bits": None}, None), ([], None, 16)):

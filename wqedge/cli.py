@@ -705,7 +705,9 @@ def inspect(gguf_file):
     kv = f.kv_cache
     heads = [s.kv_heads(i) for i in range(s.n_layers)]
     s4k, f4k = kv.cache_bytes(4096, heads, s.head_dim), KVCacheSpec().cache_bytes(4096, heads, s.head_dim)
-    click.echo(f"KV cache (runtime default): {'float32' if kv.bits is None else f'{kv.bits}-bit, rotation {kv.rotation}'}"
+    label = ("float32" if kv.bits is None else "fp16 values (no rotation)" if kv.bits == 16
+             else f"{kv.bits}-bit, rotation {kv.rotation}")
+    click.echo(f"KV cache (runtime default): {label}"
                f"; {s4k / 2**20:.1f} MiB at 4096 tokens" + ("" if kv.bits is None else f" (float32: {f4k / 2**20:.1f} MiB)"))
 
 
