@@ -162,3 +162,29 @@ def test_next_turn_reuses_the_cache_and_sees_the_same_logits(chat_files):
     # the cache prefix was written token by token (decode), the fresh one as a batch (prefill): float
     # summation order differs, nothing else
     assert np.abs(got - want).max() <= 1e-3 * want.std()
+
+
+def test_context_is_bounded_and_settable(chat_files):
+    """The conversation's context: min(the model's, DEFAULT_CHAT_CTX) by default (the KV cache is allocated for all of
+    it up front), the asked size otherwise (its cache sized to it), more than the model's refused; `run --ctx`
+    passes it (with --chat only)."""
+    from wqedge.runtime.chat import DEFAULT_CHAT_CTX
+    _, f = chat_files["spm"]
+    with native.Model(f) as m:
+        train = int(m.info["n_ctx_train"])
+        s = ChatSession(m, max_new_tokens=4)
+        assert s.n_ctx == s.ctx.n_ctx == min(train, DEFAULT_CHAT_CTX)
+        s.close()
+        s = ChatSession(m, max_new_tokens=4, n_ctx=48)
+        assert s.n_ctx == s.ctx.n_ctx == 48
+        with pytest.raises(ChatError, match="does not fit the conversation's context of 48 tokens"):
+            s.reply("word " * 60)
+        s.close()
+        with pytest.raises(ChatError, match=f"model's context length {train}"):
+            ChatSession(m, n_ctx=train + 1)
+    res = CliRunner().invoke(main, ["run", str(f), "--chat", "-n", "4", "--ctx", "40"], input="word " * 50 + "\n")
+    assert "error: " in res.output and "context of 40 tokens" in res.output, res.output   # reported, chat goes on
+    res = CliRunner().invoke(main, ["run", str(f), "--chat", "-n", "4", "--ctx", "200"], input="hello\n")
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["run", str(f), "--ctx", "64"])
+    assert res.exit_code != 0 and "--ctx is an option of --chat" in res.output

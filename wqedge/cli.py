@@ -860,12 +860,16 @@ def _tokenize(text: str, tok_dir, gguf_path) -> list[int]:
 @click.option("--chat", is_flag=True, help="Chat: read your messages line by line (Ctrl-D ends), apply the model's "
               "chat template (stored from the checkpoint as tokenizer.chat_template) and answer each.")
 @click.option("--system", default=None, help="With --chat: a system message to start the conversation.")
+@click.option("--ctx", "chat_ctx", type=click.IntRange(0, 1 << 24), default=0,
+              help="With --chat: the conversation's context in tokens, its KV cache allocated up front; the oldest "
+                   "exchanges are dropped when a turn would not fit. 0 (default): the model's context length, at most "
+                   "4096. (Without --chat the context is the prompt plus --max-tokens.)")
 @click.option("--act", type=click.Choice(["q8", "f32"]), default=None,
               help="Activations of decode and prompt steps: 'q8' (int8 per 32 columns, integer dot products; the default) or 'f32' "
                    "(float, the reference path, logits within ~1e-5 of PyTorch). Default: WQEDGE_ACT, else q8.")
 @_kv_bits_option("Default: the file's setting (float32 when it has none).")
 @_kv_rotation_option("Default: the file's setting (hadamard when it has none).")
-def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, chat, system, act, kv_bits,
+def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads, chat, system, chat_ctx, act, kv_bits,
         kv_rotation):
     """Generate text from GGUF_FILE with the C++ runtime, streaming it to the terminal."""
     from .runtime import native
@@ -873,8 +877,10 @@ def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads,
         native.set_activations(act)
     if chat:
         _chat(gguf_file, system, max_tokens, threads, dict(temperature=temperature, top_p=top_p, top_k=top_k,
-                                                             seed=seed), kv_bits, kv_rotation)
+                                                             seed=seed), kv_bits, kv_rotation, chat_ctx)
         return
+    if chat_ctx:
+        _fail("--ctx is an option of --chat (without it the context is the prompt plus --max-tokens)")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:
@@ -903,7 +909,7 @@ def run(gguf_file, prompt, max_tokens, temperature, top_p, top_k, seed, threads,
     click.echo()
 
 
-def _chat(gguf_file, system, max_tokens, threads, sampling, kv_bits=None, kv_rotation=None) -> None:
+def _chat(gguf_file, system, max_tokens, threads, sampling, kv_bits=None, kv_rotation=None, n_ctx=0) -> None:
     from .runtime import native
     from .runtime.chat import ChatError, ChatSession
     try:
@@ -913,7 +919,7 @@ def _chat(gguf_file, system, max_tokens, threads, sampling, kv_bits=None, kv_rot
     try:
         model = native.Model(gguf_file)
         session = ChatSession(model, system=system, n_threads=threads, max_new_tokens=max_tokens, kv_bits=kv_bits,
-                              kv_rotation=kv_rotation, **sampling)
+                              kv_rotation=kv_rotation, n_ctx=n_ctx, **sampling)
     except (native.NativeError, ChatError) as e:
         _fail(str(e))
     interactive = sys.stdin.isatty()
