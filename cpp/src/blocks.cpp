@@ -911,14 +911,16 @@ static void satt_values(const float* P, size_t ldp, int nq, int hd, const float*
 // The fp16-row forms: each row converted (exactly) to float32, then the float reference above.
 static void satt_scores_h(const float* q, int nq, int hd, const uint16_t* K, size_t ks, int n, float scale, float* S,
                           size_t lds) {
-    std::vector<float> row((size_t)hd);
+    thread_local std::vector<float> row;   // (the scalar set runs decode on CPUs without SIMD: no allocation per call)
+    row.resize((size_t)hd);
     for (int s = 0; s < n; ++s) {
         sf16_to_f32((const uint8_t*)(K + (size_t)s * ks), row.data(), hd);
         for (int j = 0; j < nq; ++j) satt_scores(q + (size_t)j * hd, 1, hd, row.data(), 0, 1, scale, S + (size_t)j * lds + s, 0);
     }
 }
 static void satt_values_h(const float* P, size_t ldp, int nq, int hd, const uint16_t* V, size_t vs, int n, float* O) {
-    std::vector<float> row((size_t)hd);
+    thread_local std::vector<float> row;
+    row.resize((size_t)hd);
     for (int s = 0; s < n; ++s) {
         sf16_to_f32((const uint8_t*)(V + (size_t)s * vs), row.data(), hd);
         for (int j = 0; j < nq; ++j) saxpy(P[(size_t)j * ldp + s], row.data(), O + (size_t)j * hd, hd);
