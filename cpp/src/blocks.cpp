@@ -915,7 +915,7 @@ static void satt_scores_h(const float* q, int nq, int hd, const uint16_t* K, siz
     row.resize((size_t)hd);
     for (int s = 0; s < n; ++s) {
         sf16_to_f32((const uint8_t*)(K + (size_t)s * ks), row.data(), hd);
-        for (int j = 0; j < nq; ++j) satt_scores(q + (size_t)j * hd, 1, hd, row.data(), 0, 1, scale, S + (size_t)j * lds + s, 0);
+        satt_scores(q, nq, hd, row.data(), 0, 1, scale, S + s, lds);
     }
 }
 static void satt_values_h(const float* P, size_t ldp, int nq, int hd, const uint16_t* V, size_t vs, int n, float* O) {
@@ -923,7 +923,7 @@ static void satt_values_h(const float* P, size_t ldp, int nq, int hd, const uint
     row.resize((size_t)hd);
     for (int s = 0; s < n; ++s) {
         sf16_to_f32((const uint8_t*)(V + (size_t)s * vs), row.data(), hd);
-        for (int j = 0; j < nq; ++j) saxpy(P[(size_t)j * ldp + s], row.data(), O + (size_t)j * hd, hd);
+        satt_values(P + s, ldp, nq, hd, row.data(), 0, 1, O);
     }
 }
 // A SIMD set's quant_x8 (whole blocks of 32) on any g: a ragged chunk is copied into zeros up to its padded width,
