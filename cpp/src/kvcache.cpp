@@ -60,7 +60,7 @@ static inline int code_at(const KvFormat& f, const uint8_t* codes, int j) {
 
 void kv_quantize(const KvFormat& f, const float* x, uint8_t* dst, int kernels) {
     if (f.bits == 16) {
-        vec_ops(kernels ? kernels : K_SCALAR).f32_to_f16(x, dst, f.head_dim);
+        vec_ops(kernels).f32_to_f16(x, dst, f.head_dim);
         return;
     }
     const int g = f.group, qmax = (1 << f.bits) - 1;
@@ -245,7 +245,7 @@ extern "C" WQE_API int64_t wqe_test_kv_quantize(int bits, int rotate, int head_d
     for (int i = 0; i < n; ++i) {
         std::memcpy(tmp, x + (size_t)i * head_dim, sizeof(float) * head_dim);
         if (f.rotate) wqe::kv_hadamard(tmp, head_dim, f.hblock);
-        wqe::kv_quantize(f, tmp, rows + (size_t)i * f.row_bytes);
+        wqe::kv_quantize(f, tmp, rows + (size_t)i * f.row_bytes, wqe::K_SCALAR);
     }
     delete[] tmp;
     return (int64_t)f.row_bytes;

@@ -42,7 +42,7 @@ int main() {
             for (float& v : q) v = nd(rng);
             for (float& v : p) v = std::fabs(nd(rng));
             for (int i = 0; i < n; ++i) {
-                kv_quantize(f, &X[(size_t)i * hd], &rows[(size_t)i * f.row_bytes]);
+                kv_quantize(f, &X[(size_t)i * hd], &rows[(size_t)i * f.row_bytes], K_SCALAR);
                 kv_dequantize(f, &rows[(size_t)i * f.row_bytes], deq.data());
                 for (int g0 = 0; g0 < hd; g0 += f.group) {  // |x - x^| <= step/2 (+ the fp16 rounding of the min)
                     float mn = X[(size_t)i * hd + g0], mx = mn;

@@ -227,7 +227,7 @@ def run_bench(o: BenchOptions, say: Callable[[str], None] = _say) -> dict:
     ctx_pos = o.prefill + o.decode / 2
 
     def recipe(mf, row: str) -> str:   # an -a8 row's file is its float row's: so is its recipe
-        return (mf.notes.get(row) or mf.notes.get(ROWS[row].file_key, "")) if row in ROWS else mf.notes.get(row, "")
+        return mf.notes.get(row) or mf.notes.get(ROWS[row].file_key, "")
     for base, mf, path in jobs:
         k = (base["model"], base["row"])
         if k in errors:
