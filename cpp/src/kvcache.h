@@ -23,8 +23,8 @@ struct KvFormat {
 };
 
 // One head row: quantize x (head_dim floats, already rotated) into dst (row_bytes), exactly as
-// wqedge.kvquant.fake_quant_kv (float32 parameters stored as fp16, round half to even). Scalar: once per token.
-// kernels (16 bits only): the conversion's set (K_SCALAR / K_AVX2 / K_NEON; the same bits).
+// wqedge.kvquant.fake_quant_kv (float32 parameters stored as fp16, round half to even). 8/4 bits scalar (once per
+// token); 16 bits through `kernels`' VecOps::f32_to_f16 (K_SCALAR / K_AVX2 / K_NEON; the same bits).
 void kv_quantize(const KvFormat& f, const float* x, uint8_t* dst, int kernels);
 // dst = the row's values (d * code + m, float32), scalar.
 void kv_dequantize(const KvFormat& f, const uint8_t* src, float* dst);
