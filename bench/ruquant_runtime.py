@@ -45,12 +45,12 @@ def eval_tokens(model_dir: Path, text: str) -> tuple[list[int], int]:
     return tokenize_text(AutoTokenizer.from_pretrained(str(model_dir)), text, bos), bos
 
 
-def ppl_reference(path, tokens, bos, windows) -> float:
+def ppl_reference(path, tokens, bos, windows):
     from wqedge.reference import load_reference, logits_fn
-    return perplexity(logits_fn(load_reference(path)), tokens, bos, 512, windows).perplexity
+    return perplexity(logits_fn(load_reference(path)), tokens, bos, 512, windows)
 
 
-def ppl_reference64(path, tokens, bos, windows) -> float:
+def ppl_reference64(path, tokens, bos, windows):
     """ppl_reference with Transform.apply in float64 (cast back to float32 before the quantizer)."""
     from wqedge import rotation
     orig = rotation.Transform.apply
@@ -61,11 +61,17 @@ def ppl_reference64(path, tokens, bos, windows) -> float:
         rotation.Transform.apply = orig
 
 
-def ppl_cpp(path, tokens, bos, windows, act: str, threads: int) -> float:
+def ppl_cpp(path, tokens, bos, windows, act: str, threads: int):
     from wqedge.runtime import native
     native.set_activations(act)
     ev = native.NativeEvaluator(native.Model(path), n_ctx=512, n_threads=threads)
-    return perplexity(ev, tokens, bos, 512, windows).perplexity
+    return perplexity(ev, tokens, bos, 512, windows)
+
+
+def change(a, b) -> str:
+    """a's perplexity against b's: relative change ± its paired standard error over the windows."""
+    rel, se = a.change_vs(b)
+    return f"{rel:+.3f}% ± {se:.3f}"
 
 
 def decode_speed(paths: dict[str, Path], n_tokens: int, threads: int, repeats: int) -> dict[str, float]:
@@ -102,6 +108,8 @@ def main():
     ap.add_argument("--method", choices=("ruquant", "hadamard"), default="ruquant",
                     help="rotation method of the rotated rows (wqedge.rotation / wqedge.residual_rotation)")
     ap.add_argument("--no-plain", action="store_true", help="skip the unrotated rows")
+    ap.add_argument("--rows", default=None,
+                    help="only these rows, as WEIGHTS:ACT_BITS[:plain] (e.g. q4:4,q8:4); default: every row")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ruquant_runtime.md"))
     args = ap.parse_args()
     import torch
@@ -120,9 +128,11 @@ def main():
         t0 = time.time()
         fp = ckpt.load_hf_model()
         from wqedge.reference import logits_fn
-        fp_ppl = perplexity(logits_fn(fp), tokens, bos, 512, args.windows).perplexity
+        fp_ppl = perplexity(logits_fn(fp), tokens, bos, 512, args.windows)
         del fp
-        lines.append(f"fp16 (PyTorch, same windows): **{fp_ppl:.4f}**")
+        lines += [f"fp16 (PyTorch, same windows): **{fp_ppl.perplexity:.4f}**", "",
+                  "Differences are paired over the windows: relative change of perplexity ± its standard error (the "
+                  "spread of the per-window mean NLL differences / √windows), so a gap is judged against its own noise.", ""]
         t0 = time.time()
         from wqedge.residual_rotation import hadamard_config
         config = rotation_config() if args.method == "ruquant" else hadamard_config()
@@ -131,11 +141,17 @@ def main():
         lines += [f"stage-1 transforms (calibration activations + construction, {config['n_seqs']} x "
                   f"{config['seqlen']} tokens, CPU, {args.threads} threads): {t_rot:.1f} s" if args.method == "ruquant"
                   else f"hadamard transforms (data-free; residual rotation folded on reading): {t_rot:.1f} s", "",
-                  "| weights | rotated | act bits | ref | ref64 | cpp-f32 | cpp-q8 | ref vs fp16 | ref64 vs ref | cpp-f32 vs ref | cpp-q8 vs ref |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| weights | rotated | act bits | ref | ref64 | cpp-f32 | cpp-q8 | ref vs fp16 | ref64 vs ref | cpp-f32 vs ref | "
+                  "cpp-q8 vs ref | cpp-f32 vs ref64 | cpp-q8 vs ref64 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        wanted = None if args.rows is None else {tuple(r.split(":")) for r in args.rows.split(",")}
         for action, rot, bits_list in ROWS:
             if args.no_plain and not rot:
                 continue
+            if wanted is not None:
+                bits_list = tuple(b for b in bits_list if (action, str(b)) + (() if rot else ("plain",)) in wanted)
+                if not bits_list:
+                    continue
             plan = pipeline.make_plan(ckpt, 0, preset=action)
             plan.rotation = config if rot else None
             src, stored = pipeline.rotated(ckpt, plan.rotation, calib)
@@ -155,13 +171,17 @@ def main():
                 r64 = ppl_reference64(path, tokens, bos, args.windows) if bits < 8 else r
                 c32 = ppl_cpp(path, tokens, bos, args.windows, "f32", args.threads)
                 c8 = ppl_cpp(path, tokens, bos, args.windows, "q8", args.threads)
-                row = dict(weights=action, rotated=args.method if rot else False, act_bits=bits, ref=r, ref64=r64, cpp_f32=c32, cpp_q8=c8, fp16=fp_ppl,
-                           fit=args.fit, fit_seconds=t_fit)
+                row = dict(weights=action, rotated=args.method if rot else False, act_bits=bits, ref=r.perplexity,
+                           ref64=r64.perplexity, cpp_f32=c32.perplexity, cpp_q8=c8.perplexity, fp16=fp_ppl.perplexity,
+                           fit=args.fit, fit_seconds=t_fit,
+                           paired={k: list(v.change_vs(r)) for k, v in (("ref64", r64), ("cpp_f32", c32), ("cpp_q8", c8))},
+                           cpp_vs_ref64={k: list(v.change_vs(r64)) for k, v in (("cpp_f32", c32), ("cpp_q8", c8))})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                lines.append(f"| {action} | {args.method if rot else 'no'} | {bits} | {r:.4f} | {r64:.4f} | {c32:.4f} | {c8:.4f} | "
-                             f"{100 * (r / fp_ppl - 1):+.2f}% | {100 * (r64 / r - 1):+.3f}% | {100 * (c32 / r - 1):+.3f}% | "
-                             f"{100 * (c8 / r - 1):+.3f}% |")
+                lines.append(f"| {action} | {args.method if rot else 'no'} | {bits} | {r.perplexity:.4f} | "
+                             f"{r64.perplexity:.4f} | {c32.perplexity:.4f} | {c8.perplexity:.4f} | "
+                             f"{100 * (r.perplexity / fp_ppl.perplexity - 1):+.2f}% | {change(r64, r)} | "
+                             f"{change(c32, r)} | {change(c8, r)} | {change(c32, r64)} | {change(c8, r64)} |")
     if args.speed or args.speed_only:
         sp = decode_speed(speed_files, args.speed_tokens, args.threads, args.repeats)
         rows.append({"decode_tokens_per_s": sp, "threads": args.threads, "tokens": args.speed_tokens})

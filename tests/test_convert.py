@@ -1,5 +1,6 @@
 """End to end: checkpoint -> plan -> quantized GGUF -> PyTorch reference, and the CLI around it."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -103,6 +104,7 @@ def test_cli_convert_inspect_eval(ckpt, tmp_path):
     res_f = r.invoke(main, ["eval", str(ckpt.path), "--text", str(text), "--ctx", "64", "--chunks", "4"])
     assert res_q.exit_code == 0 and res_f.exit_code == 0, res_q.output + res_f.output
     assert "perplexity:" in res_q.output and "4 windows" in res_q.output
+    assert re.search(r"perplexity: [0-9.]+ ± [0-9.]+ over", res_q.output), res_q.output  # the SE over windows
 
     res = r.invoke(main, ["convert", str(ckpt.path), "-o", str(tmp_path / "p2.gguf"), "--plan", str(tmp_path / "p.json")])
     assert res.exit_code == 0, res.output

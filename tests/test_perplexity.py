@@ -45,3 +45,41 @@ def test_only_second_half_is_scored():
 def test_too_short_text_rejected():
     with pytest.raises(ValueError, match="fewer than one window"):
         make_windows(range(100), 1, 512)
+
+
+def test_paired_change_and_its_standard_error():
+    """change_vs: the relative perplexity change and the standard error of the per-window NLL differences."""
+    vocab = 32
+    toks = np.random.default_rng(2).integers(0, vocab, 512 * 6)
+    rng = np.random.default_rng(3)
+    base_logits = rng.normal(size=(6, 512, vocab)).astype(np.float32)
+    order = {}
+
+    def fn_of(shift_per_window):
+        def fn(w):  # the same logits for a window wherever it appears, its target's logit lowered by the shift
+            out = np.empty(w.shape + (vocab,), np.float32)
+            for b in range(w.shape[0]):
+                i = order.setdefault(w[b].tobytes(), len(order))
+                out[b] = base_logits[i]
+                out[b, np.arange(511), w[b, 1:]] -= shift_per_window[i]
+            return out
+        return fn
+
+    base = perplexity(fn_of(np.zeros(6)), toks, 1, 512, 6, batch_size=4)
+    assert base.window_nll.shape == (6,)
+    assert math.exp(base.window_nll.mean()) == pytest.approx(base.perplexity, rel=1e-12)  # equal windows' counts
+    nll = base.window_nll
+    assert base.uncertainty == pytest.approx(base.perplexity * nll.std(ddof=1) / math.sqrt(6), rel=1e-12)
+    assert perplexity(fn_of(np.zeros(6)), toks, 1, 512, 1).uncertainty is None
+    same = perplexity(fn_of(np.zeros(6)), toks, 1, 512, 6)
+    assert same.change_vs(base) == pytest.approx((0.0, 0.0), abs=1e-9)
+    # lowering the target's logit by s raises that window's NLL by between 0 and s; the SE is the differences'
+    shifts = np.array([0.0, 0.1, 0.2, 0.0, 0.3, 0.1])
+    worse = perplexity(fn_of(shifts), toks, 1, 512, 6)
+    d = worse.window_nll - base.window_nll
+    assert (d >= -1e-12).all() and (d <= shifts + 1e-12).all() and d.max() > 0
+    rel, se = worse.change_vs(base)
+    assert rel == pytest.approx(100 * (math.exp(d.mean()) - 1), rel=1e-9)
+    assert se == pytest.approx(100 * d.std(ddof=1) / math.sqrt(6), rel=1e-9)
+    with pytest.raises(ValueError, match="same windows"):
+        perplexity(fn_of(np.zeros(6)), toks, 1, 512, 5).change_vs(base)

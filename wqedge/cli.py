@@ -822,7 +822,8 @@ def eval_cmd(model, text_file, chunks, ctx, backend, tokenizer_dir, threads, bat
             _fail(str(e))
     if not math.isfinite(r.perplexity):
         _fail(f"perplexity is {r.perplexity}: the model produced non-finite logits (a damaged file or checkpoint?)")
-    click.echo(f"perplexity: {r.perplexity:.4f} over {r.n_windows} windows of {ctx} ({r.n_scored} tokens scored); "
+    pm = "" if r.uncertainty is None else f" ± {r.uncertainty:.4f}"
+    click.echo(f"perplexity: {r.perplexity:.4f}{pm} over {r.n_windows} windows of {ctx} ({r.n_scored} tokens scored); "
                f"every position: {r.perplexity_all:.4f} [{backend}]")
     if recorder is not None:
         try:

@@ -10,7 +10,7 @@ This module needs numpy only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -25,6 +25,31 @@ class PerplexityResult:
     n_scored: int
     n_windows: int
     perplexity_all: float  # every position of the same windows scored (for comparison with other tools)
+    window_nll: np.ndarray = field(default=None, repr=False)  # float64[W]: each window's mean scored NLL
+
+    @property
+    def uncertainty(self) -> float | None:
+        """Standard error of the perplexity over windows (perplexity × SE of the windows' mean NLL), as llama.cpp's
+        perplexity tool prints "PPL = x +/- y"; None with fewer than 2 windows. It says how far another text of
+        the same kind could move the figure, not how far two models on this text differ (change_vs says that)."""
+        if self.window_nll is None or len(self.window_nll) < 2:
+            return None
+        return self.perplexity * float(np.std(self.window_nll, ddof=1) / math.sqrt(len(self.window_nll)))
+
+    def change_vs(self, base: "PerplexityResult") -> tuple[float, float]:
+        """(relative change of perplexity against `base` in %, its paired standard error in %), from the two
+        results' per-window mean NLLs on the same windows. Why paired: two quantized models of one checkpoint err
+        on the same hard windows, so the window-to-window spread of the text cancels and what is left is the
+        noise of the difference itself (e.g. activation codes that flip under another summation order). The SE
+        is that of the mean per-window NLL difference, in nats, which is a relative change of perplexity."""
+        if self.window_nll is None or base.window_nll is None:
+            raise ValueError("both results need their per-window NLLs (results of wqedge.perplexity.perplexity)")
+        if len(self.window_nll) != len(base.window_nll) or len(self.window_nll) < 2:
+            raise ValueError(f"a paired comparison needs the same windows (at least 2), got {len(self.window_nll)} "
+                             f"and {len(base.window_nll)}")
+        d = np.asarray(self.window_nll, dtype=np.float64) - np.asarray(base.window_nll, dtype=np.float64)
+        se = float(d.std(ddof=1) / math.sqrt(len(d)))
+        return 100.0 * (self.perplexity / base.perplexity - 1.0), 100.0 * se
 
     def __str__(self) -> str:
         return f"{self.perplexity:.4f} ({self.n_windows} windows, {self.n_scored} tokens scored)"
@@ -69,6 +94,7 @@ def perplexity(logits_fn: LogitsFn, tokens, bos_id: int, n_ctx: int = 512, n_win
     nll_half = 0.0
     nll_all = 0.0
     n_half = n_all = 0
+    per_window: list[np.ndarray] = []
     for i in range(0, len(windows), batch_size):
         batch = windows[i: i + batch_size]
         logits = np.asarray(logits_fn(batch))
@@ -76,9 +102,11 @@ def perplexity(logits_fn: LogitsFn, tokens, bos_id: int, n_ctx: int = 512, n_win
             raise ValueError(f"logits_fn returned shape {logits.shape} for windows {batch.shape}")
         nll = _nll(logits[:, :-1], batch[:, 1:].astype(np.int64))  # prediction of token j+1 from position j
         nll_half += float(nll[:, half].sum())   # nll[:, j]: the logits at position j
+        per_window.append(nll[:, half].mean(axis=1))
         n_half += nll[:, half].size
         nll_all += float(nll.sum())
         n_all += nll.size
         if progress:
             progress(len(batch))
-    return PerplexityResult(math.exp(nll_half / n_half), nll_half, n_half, len(windows), math.exp(nll_all / n_all))
+    return PerplexityResult(math.exp(nll_half / n_half), nll_half, n_half, len(windows), math.exp(nll_all / n_all),
+                            np.concatenate(per_window))
