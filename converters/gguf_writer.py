@@ -110,6 +110,7 @@ def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan, rotated
         kv = KVCacheSpec.from_plan(plan.kv_cache)
         if kv.bits is not None:  # {"bits": null}: float32 asked for, i.e. no keys
             w.add_uint32(KV_BITS, kv.bits)
+        if kv.rotation_stored:  # fp16 values are never rotated: no key that would say otherwise
             w.add_string(KV_ROTATION, kv.rotation)
     for lin in spec.linears():
         t = plan.tensor(lin.hf_name)

@@ -477,8 +477,15 @@ def test_cli_convert_default_kv_cache(tiny_model_dir, tmp_path):
         return WqGGUF(out).kv_cache.bits
 
     assert kv_of("--preset", "q4") == 16
-    r = CliRunner().invoke(main, ["inspect", str(sorted(tmp_path.glob("m*.gguf"))[0])])
+    first = sorted(tmp_path.glob("m*.gguf"))[0]
+    r = CliRunner().invoke(main, ["inspect", str(first)])
     assert r.exit_code == 0 and "KV cache (runtime default): fp16 values (no rotation); " in r.output, r.output
+    import gguf
+    from wqedge.kv_format import KEY_BITS, KEY_ROTATION, KVCacheSpec
+    fields = gguf.GGUFReader(str(first)).fields
+    assert KEY_BITS in fields and KEY_ROTATION not in fields  # fp16 values are never rotated: no rotation key
+    assert KVCacheSpec.from_plan({"bits": 16, "rotation": "hadamard"}).to_plan() == {"bits": 16}
+    assert KVCacheSpec.from_plan({"bits": 8, "rotation": "none"}).to_plan() == {"bits": 8, "rotation": "none"}
     assert kv_of("--preset", "q4", "--kv-bits", "f32") is None
     assert kv_of("--preset", "q4", "--kv-bits", "8") == 8
     for flags, recorded, written in ((["--kv-bits", "f32"], {"bits": None}, None), ([], None, 16)):

@@ -92,8 +92,14 @@ class KVCacheSpec:
     # ------------------------------------------------------------ plan field (docs/plan.md, version 3)
     def to_plan(self) -> dict:
         """The plan's kv_cache field; {"bits": None} is a float32 cache asked for explicitly (`--kv-bits f32`),
-        which the converter's default does not replace (an absent field does get it)."""
-        return {"bits": self.bits} if self.bits is None else {"bits": self.bits, "rotation": self.rotation}
+        which the converter's default does not replace (an absent field does get it). fp16 values are never
+        rotated, so {"bits": 16} carries no rotation."""
+        return {"bits": self.bits} if not self.rotation_stored else {"bits": self.bits, "rotation": self.rotation}
+
+    @property
+    def rotation_stored(self) -> bool:
+        """Whether the rotation means anything, so plans and files record it: quantized codes (8 or 4 bits) only."""
+        return self.bits is not None and self.bits != F16
 
     @classmethod
     def from_plan(cls, d: dict | None) -> "KVCacheSpec":
