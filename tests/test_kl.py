@@ -131,3 +131,17 @@ def test_in_memory_base_matches_definition():
     expected = float((np.exp(p) * (p - q)).sum(-1).mean())
     assert expected > 0.01 and abs(other.result().mean - expected) < 1e-3 * expected
     assert other.result().n_scored == w.shape[0] * 7
+
+
+def test_token_kl_is_the_definition():
+    """token_kl (shared by eval --kl, the benchmarks and convert's quality check): sum p (log p - log q) per position,
+    zero for equal distributions, and the closed form for two Bernoulli distributions."""
+    from wqedge.kl import log_softmax, token_kl
+    rng = np.random.default_rng(0)
+    a = log_softmax(rng.normal(size=(3, 5, 7)))
+    assert np.allclose(token_kl(a, a), 0.0, atol=1e-15)
+    b = log_softmax(rng.normal(size=(3, 5, 7)))
+    assert token_kl(a, b).shape == (3, 5) and (token_kl(a, b) > 0).all()
+    p, q = 0.3, 0.6
+    want = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+    assert token_kl(np.log([[p, 1 - p]]), np.log([[q, 1 - q]]))[0] == pytest.approx(want, rel=1e-12)

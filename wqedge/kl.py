@@ -33,6 +33,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - mx - np.log(np.exp(x - mx).sum(axis=-1, keepdims=True))
 
 
+def token_kl(base_logprobs: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
+    """KL(base || model) at each position, from both models' log-probabilities over the last axis (nats): the one
+    definition `wqedge eval --kl`, the benchmarks and convert's quality check (wqedge.quality) share."""
+    return (np.exp(base_logprobs) * (base_logprobs - logprobs)).sum(-1)
+
+
 def scored(logits: np.ndarray) -> np.ndarray:
     """The logits at the positions wqedge.perplexity scores ([B, n_ctx, V] -> [B, n_ctx/2-1, V])."""
     return logits[:, scored_positions(logits.shape[1])]
@@ -132,7 +138,7 @@ class KLComparer:
         if lp.shape != base.shape:
             raise KLError(f"this model's scored log-probabilities have shape {lp.shape[1:]} per window, the base "
                           f"file's {base.shape[1:]} (another vocabulary?)")
-        self.kl.append((np.exp(base) * (base - lp)).sum(-1).ravel())
+        self.kl.append(token_kl(base, lp).ravel())
         self.same.append((self.top[self.at:self.at + b] == lp.argmax(-1)).ravel())
         self.at += b
         return logits

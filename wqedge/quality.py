@@ -16,6 +16,7 @@ import torch
 
 from .calib_source import sample_tokens
 from .checkpoint import LlamaCheckpoint
+from .kl import token_kl
 from .reference import load_reference
 
 # A model whose perplexity rises by more than this factor, or whose mean KL per token exceeds MAX_KL nats,
@@ -78,6 +79,6 @@ def check_quality(ckpt: LlamaCheckpoint, gguf_path, text: str | None = None, n_t
     tgt = ids[:, 1:, None]
     nll_o = -lp_o[:, :-1].gather(2, tgt).mean()
     nll_q = -lp_q[:, :-1].gather(2, tgt).mean()
-    kl = (lp_o.exp() * (lp_o - lp_q)).sum(-1).mean()
+    kl = token_kl(lp_o.numpy(), lp_q.numpy()).mean()
     top1 = (lp_o.argmax(-1) == lp_q.argmax(-1)).double().mean()
     return QualityReport(int(ids.numel()), source, float(nll_o.exp()), float(nll_q.exp()), float(kl), float(top1))
