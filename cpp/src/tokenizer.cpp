@@ -1237,29 +1237,24 @@ void tekken_split(const std::string& text, size_t b, size_t e, F&& emit) {
     size_t i = 0;
     while (i < n) {
         const uint32_t c = cps[i];
-        size_t end = 0;
-        // [^\r\n\p{L}\p{N}]?U*W+ : the optional prefix taken first, then the longest U run that leaves a W after it
-        for (size_t p = prefix(c) && i + 1 < n ? 1 : 0;; --p) {
-            const size_t j = i + p, umax = run(j, upper);
-            for (size_t k = umax + 1; k-- > j;) {
-                if (k < n && lower(cps[k])) {
-                    end = run(k + 1, lower);
-                    break;
-                }
-            }
-            if (end || p == 0) break;
-        }
-        // [^\r\n\p{L}\p{N}]?U+W*
-        if (!end) {
+        // [^\r\n\p{L}\p{N}]? then body(j) from j: the prefix taken first and given back if body finds no match there
+        auto with_prefix = [&](auto&& body) -> size_t {
             for (size_t p = prefix(c) && i + 1 < n ? 1 : 0;; --p) {
-                const size_t j = i + p, u = run(j, upper);
-                if (u > j) {
-                    end = run(u, lower);
-                    break;
-                }
-                if (p == 0) break;
+                if (const size_t end = body(i + p)) return end;
+                if (p == 0) return 0;
             }
-        }
+        };
+        // [^\r\n\p{L}\p{N}]?U*W+ : the longest U run that leaves a W after it
+        size_t end = with_prefix([&](size_t j) -> size_t {
+            for (size_t k = run(j, upper) + 1; k-- > j;)
+                if (k < n && lower(cps[k])) return run(k + 1, lower);
+            return 0;
+        });
+        // [^\r\n\p{L}\p{N}]?U+W*
+        if (!end) end = with_prefix([&](size_t j) -> size_t {
+            const size_t u = run(j, upper);
+            return u > j ? run(u, lower) : 0;
+        });
         // \p{N}
         if (!end && is_number(c)) end = i + 1;
         // ' ?[^\s\p{L}\p{N}]+[\r\n/]*'
