@@ -245,3 +245,33 @@ def test_bench_self_calib_run_reports_it(tmp_path, tiny_model_dir, monkeypatch):
     assert "--self-calib" in out.with_suffix(".md").read_text()
     assert [p.name for p in cache.iterdir() if p.name.endswith("-noimatrix-v1")]
     assert [p.name for p in cache.iterdir() if p.name.endswith("-selfcalib-v1.txt")]
+
+
+def test_perplexity_comparisons_carry_their_paired_standard_error():
+    """Rows with per-window NLLs: a comparison reports the relative change and its paired SE (wqedge.perplexity.
+    paired_change on the windows), the ppl cells show the SE over windows; rows without them stay as before."""
+    import math
+    import statistics
+
+    from wqedge.bench.report import _ppl_cell
+    from wqedge.bench.runner import comparisons
+    from wqedge.perplexity import paired_change
+
+    def row(name, backend, bits, nll):
+        ppl = None if nll is None else math.exp(statistics.fmean(nll))
+        return {"model": "m", "row": name, "backend": backend, "bits": bits, "decode_tok_s": 100.0, "status": "ok",
+                "prefill_tok_s": 10.0, "peak_mib": 100.0, "roofline_fraction": 0.5, "perplexity": ppl,
+                "window_nll": nll}
+    ours, theirs = [1.0, 1.2, 0.9, 1.1], [1.05, 1.3, 0.92, 1.2]
+    rows = [row("wq-at-Q2_K", "wqedge", 3.1189, ours), row("lcp-Q2_K", "llamacpp", 3.119, theirs)]
+    c = {(c["row"], c["vs"]): c for c in comparisons(rows)}[("wq-at-Q2_K", "lcp-Q2_K")]
+    rel, se = c["ppl_change"]
+    assert (rel, se) == paired_change(ours, theirs)
+    assert rel == pytest.approx(100 * (rows[0]["perplexity"] / rows[1]["perplexity"] - 1))
+    d = [a - b for a, b in zip(ours, theirs)]
+    assert se == pytest.approx(100 * statistics.stdev(d) / 2)
+    assert _ppl_cell(rows[0]) == f"{rows[0]['perplexity']:.3f} ± {rows[0]['perplexity'] * statistics.stdev(ours) / 2:.3f}"
+    one = row("wq-at-Q4_0", "wqedge", 4.5, [1.0])   # one window: no SE, no paired change
+    assert _ppl_cell(one) == f"{one['perplexity']:.3f}"
+    with pytest.raises(ValueError, match="same windows"):
+        paired_change([1.0, 2.0], [1.0, 2.0, 3.0])

@@ -79,6 +79,7 @@ def test_paired_change_and_its_standard_error():
     d = worse.window_nll - base.window_nll
     assert (d >= -1e-12).all() and (d <= shifts + 1e-12).all() and d.max() > 0
     rel, se = worse.change_vs(base)
+    assert rel == pytest.approx(100 * (worse.perplexity / base.perplexity - 1), rel=1e-9)
     assert rel == pytest.approx(100 * (math.exp(d.mean()) - 1), rel=1e-9)
     assert se == pytest.approx(100 * d.std(ddof=1) / math.sqrt(6), rel=1e-9)
     with pytest.raises(ValueError, match="same windows"):

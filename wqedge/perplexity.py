@@ -37,22 +37,28 @@ class PerplexityResult:
         return self.perplexity * float(np.std(self.window_nll, ddof=1) / math.sqrt(len(self.window_nll)))
 
     def change_vs(self, base: "PerplexityResult") -> tuple[float, float]:
-        """(relative change of perplexity against `base` in %, its paired standard error in %), from the two
-        results' per-window mean NLLs on the same windows. Why paired: two quantized models of one checkpoint err
-        on the same hard windows, so the window-to-window spread of the text cancels and what is left is the
-        noise of the difference itself (e.g. activation codes that flip under another summation order). The SE
-        is that of the mean per-window NLL difference, in nats, which is a relative change of perplexity."""
+        """(relative change of perplexity against `base` in %, its paired standard error in %) on the same windows:
+        `paired_change` of the two results' per-window mean NLLs."""
         if self.window_nll is None or base.window_nll is None:
             raise ValueError("both results need their per-window NLLs (results of wqedge.perplexity.perplexity)")
-        if len(self.window_nll) != len(base.window_nll) or len(self.window_nll) < 2:
-            raise ValueError(f"a paired comparison needs the same windows (at least 2), got {len(self.window_nll)} "
-                             f"and {len(base.window_nll)}")
-        d = np.asarray(self.window_nll, dtype=np.float64) - np.asarray(base.window_nll, dtype=np.float64)
-        se = float(d.std(ddof=1) / math.sqrt(len(d)))
-        return 100.0 * (self.perplexity / base.perplexity - 1.0), 100.0 * se
+        return paired_change(self.window_nll, base.window_nll)
 
     def __str__(self) -> str:
         return f"{self.perplexity:.4f} ({self.n_windows} windows, {self.n_scored} tokens scored)"
+
+
+def paired_change(window_nll, base_window_nll) -> tuple[float, float]:
+    """(relative change of perplexity in %, its paired standard error in %) of a model against a base, from their
+    per-window mean NLLs over the same windows (each window scores the same number of positions, so the mean of the
+    window means is the mean NLL). Why paired: two quantized models of one checkpoint err on the same hard windows, so
+    the window-to-window spread of the text cancels and what is left is the noise of the difference itself (e.g.
+    activation codes that flip under another summation order). The SE is that of the mean per-window NLL
+    difference, in nats, i.e. a relative change of perplexity."""
+    a, b = np.asarray(window_nll, dtype=np.float64), np.asarray(base_window_nll, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"a paired comparison needs the same windows (at least 2), got {a.shape} and {b.shape}")
+    d = a - b
+    return 100.0 * math.expm1(float(d.mean())), 100.0 * float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
 def make_windows(tokens: Iterable[int], bos_id: int, n_ctx: int = 512, n_windows: int | None = 32) -> np.ndarray:

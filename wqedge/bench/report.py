@@ -23,7 +23,10 @@ COLUMNS = {
               "(every scale, zero point and protected column counted; embeddings and head excluded)",
     "file MiB": "size of the file the backend loads (ONNX: model plus external data)",
     "ppl": "perplexity, llama.cpp's definition (wqedge.perplexity), --ppl-windows windows of eval text; quality "
-           "model only",
+           "model only; ± its standard error over the windows (how much another text of the kind could move it)",
+    "ppl (vs)": "in the ratios: ours (theirs), then our change against theirs ± its paired standard error over the "
+                "same windows (the per-window NLL differences: the text's spread cancels, so a change beyond twice "
+                "the SE is the models', not the sample's)",
     "decode tok/s": "single-token steps through the KV cache after the prompt; best of rounds x repetitions",
     "prefill tok/s": "one batch of --prefill tokens from an empty cache; best of rounds x repetitions",
     "peak RSS MiB (base)": "peak resident memory of the backend's own process (VmHWM) before the perplexity run; "
@@ -33,6 +36,15 @@ COLUMNS = {
     "DRAM roof": "decode tok/s ÷ (DRAM read bandwidth ÷ bytes/token); the read bandwidth is our runtime's threads streaming 512 MiB (the numpy triad where the library is missing)",
     "LLC roof": "the same against the last-level-cache read bandwidth (for models that fit the cache)",
 }
+
+
+def _ppl_cell(r: dict) -> str:
+    """The row's perplexity ± its standard error over windows (as llama.cpp's perplexity tool prints it)."""
+    w = r.get("window_nll")
+    if r.get("perplexity") is None or not w or len(w) < 2:
+        return _f(r.get("perplexity"), ".3f")
+    import statistics
+    return f"{r['perplexity']:.3f} ± {r['perplexity'] * statistics.stdev(w) / len(w) ** 0.5:.3f}"
 
 
 def _f(v, fmt):
@@ -76,7 +88,7 @@ def markdown(rep: dict) -> str:
             if r["status"] != "ok":
                 out.append(f"| {r['row']} | {r['status']} |||||||||")
                 continue
-            out.append(f"| {r['row']} | {r['bits']:.3f} | {r['file_mib']:.1f} | {_f(r['perplexity'], '.3f')} | "
+            out.append(f"| {r['row']} | {r['bits']:.3f} | {r['file_mib']:.1f} | {_ppl_cell(r)} | "
                        f"{r['decode_tok_s']:.1f} | {r['prefill_tok_s']:.1f} | {r['peak_mib']:.0f} ({r['base_mib']:.0f}) "
                        f"| {r['bytes_per_token'] / 1e6:.1f} | {r['roofline_fraction']:.0%} | "
                        f"{r['roofline_llc_fraction']:.0%} |")
@@ -99,6 +111,8 @@ def markdown(rep: dict) -> str:
                  ("ppl", t["ppl_lower"]))
                 if v is not None)
             ppl = "-" if c["ppl"] is None else f"{c['ppl']:.3f} ({_f(c['vs_ppl'], '.3f')})"
+            if c.get("ppl_change"):
+                ppl += " {:+.1f}% ± {:.1f}".format(*c["ppl_change"])
             out.append(f"| {c['model']} | {c['row']} | {c['vs']} | {c['match']} | {c['bits']:.3f} ({c['vs_bits']:.3f}) "
                        f"| {c['decode_ratio']:.2f} | {c['prefill_ratio']:.2f} | {c['peak_ratio']:.2f} | {ppl} | {tt} |")
         out.append("")

@@ -295,12 +295,22 @@ def comparisons(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _ppl_change(a: dict, b: dict) -> list[float] | None:
+    """[relative change of a's perplexity against b's in %, its paired standard error in %] over the windows both
+    scored (wqedge.perplexity.paired_change), or None (no perplexity, or fewer than 2 windows)."""
+    wa, wb = a.get("window_nll"), b.get("window_nll")
+    if not wa or not wb or len(wa) != len(wb) or len(wa) < 2:
+        return None
+    from ..perplexity import paired_change
+    return list(paired_change(wa, wb))
+
+
 def _compare(a: dict, b: dict, how: str) -> dict:
     pa, pb = a.get("perplexity"), b.get("perplexity")
     c = {"model": a["model"], "row": a["row"], "vs": b["row"], "match": how, "bits": a["bits"], "vs_bits": b["bits"],
          "decode_ratio": a["decode_tok_s"] / b["decode_tok_s"], "prefill_ratio": a["prefill_tok_s"] / b["prefill_tok_s"],
          "peak_ratio": a["peak_mib"] / b["peak_mib"], "roofline_fraction": a["roofline_fraction"],
-         "ppl": pa, "vs_ppl": pb}
+         "ppl": pa, "vs_ppl": pb, "ppl_change": _ppl_change(a, b)}
     if a["backend"] == "wqedge":
         c["decode_target"] = decode_target(a["row"])
         c["targets"] = {"decode": c["decode_ratio"] >= c["decode_target"],

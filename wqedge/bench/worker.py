@@ -19,12 +19,15 @@ import numpy as np
 from .measure import peak_mib, rss_mib, time_native, time_prefill_decode
 
 
-def _perplexity(fn, job) -> float | None:
+def _perplexity(fn, job) -> dict:
+    """{"perplexity": ..., "window_nll": [per window]} (the report's paired comparisons use the windows), or None
+    values when the job scores no perplexity."""
     p = job.get("ppl")
     if not p:
-        return None
+        return {"perplexity": None, "window_nll": None}
     from wqedge.perplexity import perplexity
-    return perplexity(fn, np.load(p["tokens"]), p["bos"], p["ctx"], p["windows"]).perplexity
+    r = perplexity(fn, np.load(p["tokens"]), p["bos"], p["ctx"], p["windows"])
+    return {"perplexity": r.perplexity, "window_nll": [float(v) for v in r.window_nll]}
 
 
 def run_wqedge(job) -> dict:
@@ -38,7 +41,7 @@ def run_wqedge(job) -> dict:
     n_ctx = (job.get("ppl") or {}).get("ctx", 512)
     ppl = _perplexity(native.logits_fn(model, n_ctx=n_ctx, n_threads=job["threads"]), job)
     return {"threads": threads, "load_s": load, "prefill": pre, "decode": dec, "base_mib": base, "peak_mib": peak,
-            "perplexity": ppl, "kernels": native.get_kernels(), "act": native.get_activations()}
+            **ppl, "kernels": native.get_kernels(), "act": native.get_activations()}
 
 
 def run_llamacpp(job) -> dict:
@@ -55,14 +58,14 @@ def run_llamacpp(job) -> dict:
     pre, dec = time_prefill_decode(llm.reset, llm.eval, llm.n_vocab(), job["prefill"], job["decode"], job["reps"])
     peak = peak_mib()
     llm.close()
-    ppl = None
+    ppl = {"perplexity": None, "window_nll": None}
     if job.get("ppl"):
         ev = LlamaCppEvaluator(job["model"], n_ctx=job["ppl"]["ctx"], n_threads=job["threads"],
                                n_batch=job["ppl"]["ctx"])
         ppl = _perplexity(ev, job)
         ev.close()
     return {"threads": job["threads"], "load_s": load, "prefill": pre, "decode": dec, "base_mib": base,
-            "peak_mib": peak, "perplexity": ppl, "llama_cpp_version": getattr(llama_cpp, "__version__", "?")}
+            "peak_mib": peak, **ppl, "llama_cpp_version": getattr(llama_cpp, "__version__", "?")}
 
 
 def run_ort(job) -> dict:
@@ -82,7 +85,7 @@ def run_ort(job) -> dict:
     # one window at a time, as before: ONNX Runtime's batched logits of all windows would be held at once
     ppl = _perplexity(lambda w: np.concatenate([dec_.logits(w[i:i + 1]) for i in range(len(w))]), job)
     return {"threads": job["threads"], "load_s": load, "prefill": pre, "decode": dec, "base_mib": base,
-            "peak_mib": peak, "perplexity": ppl, "onnxruntime_version": ort.__version__}
+            "peak_mib": peak, **ppl, "onnxruntime_version": ort.__version__}
 
 
 BACKENDS = {"wqedge": run_wqedge, "llamacpp": run_llamacpp, "ort": run_ort}
