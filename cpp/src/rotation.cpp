@@ -634,11 +634,14 @@ void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPo
             if (steps) steps[t] = s;
         }
     };
-    // Decode splits a token's blocks over the threads (two fork-joins per group), except int8 products of fewer than
-    // INT8_SPLIT_BLOCKS blocks: on llama-s (4 and 11 blocks) they ran 1867-1915 tok/s on the calling thread alone
-    // against 1610-1668 split, 2 threads (bench/results/ruquant_speed.md run 7); float products gained from the split.
+    // Decode splits a token's blocks over the threads (two fork-joins per group), except int8 products on 2 threads or
+    // of fewer than INT8_SPLIT_BLOCKS blocks. Measured on 2 threads, the calling thread alone was faster at both widths:
+    // llama-s (4 and 11 blocks) 1867-1915 tok/s against 1610-1668 split (bench/results/ruquant_speed.md run 7), the
+    // TinyLlama shape (16 and 44 blocks) 63.1-65.3 against 58.2-60.4 in the rounds where memory was fast, equal in the
+    // others (run 10). From 3 threads the wide groups split (the device's 8-thread runs); float products always do.
     constexpr int INT8_SPLIT_BLOCKS = 16;
-    const bool split = r && n_blocks(*r) > 1 && !(int8 && r->int8_ready(kernels) && n_blocks(*r) < INT8_SPLIT_BLOCKS);
+    const bool int8_alone = int8 && r && r->int8_ready(kernels) && (n_blocks(*r) < INT8_SPLIT_BLOCKS || pool.size() <= 2);
+    const bool split = r && n_blocks(*r) > 1 && !int8_alone;
     if (n == 1 && split && pool.size() > 1) {
         apply_blocks(*r, x, &pool, kernels, int8);
         if (bits < 8) {
