@@ -93,6 +93,14 @@ def decode_speed(paths: dict[str, Path], n_tokens: int, threads: int, repeats: i
     return best
 
 
+def command_line(args) -> str:
+    """The options that decide the table (the fixture paths and --out left out), as they would be typed."""
+    opts = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("windows", "fit", "threads", "method")]
+    opts += [f"--rows {args.rows}"] if args.rows else []
+    opts += ["--no-plain"] if args.no_plain else []
+    return " ".join(opts)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_fixture_args(ap)
@@ -117,7 +125,7 @@ def main():
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     lines = [f"# RUQuant through files: reference vs C++ runtime ({datetime.date.today()})", "",
-             f"`python bench/ruquant_runtime.py {' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in vars(args).items() if k in ('windows', 'fit', 'threads', 'method'))}`"
+             f"`python bench/ruquant_runtime.py {command_line(args)}`"
              f"{' --speed' if args.speed else ''}; llama-s, first {args.windows} windows of 512 tokens of eval.txt.", ""]
     rows = []
     speed_files = {"q4 rotated": work / "q4-rot-a8.gguf", "q4 plain": work / "q4-plain-a8.gguf"}
