@@ -68,10 +68,9 @@ def ppl_cpp(path, tokens, bos, windows, act: str, threads: int):
     return perplexity(ev, tokens, bos, 512, windows)
 
 
-def change(a, b) -> str:
-    """a's perplexity against b's: relative change ± its paired standard error over the windows."""
-    rel, se = a.change_vs(b)
-    return f"{rel:+.3f}% ± {se:.3f}"
+def change(pair) -> str:
+    """(relative change %, its paired standard error %) as the table prints it."""
+    return "{:+.3f}% ± {:.3f}".format(*pair)
 
 
 def decode_speed(paths: dict[str, Path], n_tokens: int, threads: int, repeats: int) -> dict[str, float]:
@@ -179,17 +178,19 @@ def main():
                 r64 = ppl_reference64(path, tokens, bos, args.windows) if bits < 8 else r
                 c32 = ppl_cpp(path, tokens, bos, args.windows, "f32", args.threads)
                 c8 = ppl_cpp(path, tokens, bos, args.windows, "q8", args.threads)
+                vs_ref = {k: list(v.change_vs(r)) for k, v in (("ref64", r64), ("cpp_f32", c32), ("cpp_q8", c8))}
+                vs_64 = {k: list(v.change_vs(r64)) for k, v in (("cpp_f32", c32), ("cpp_q8", c8))}
                 row = dict(weights=action, rotated=args.method if rot else False, act_bits=bits, ref=r.perplexity,
                            ref64=r64.perplexity, cpp_f32=c32.perplexity, cpp_q8=c8.perplexity, fp16=fp_ppl.perplexity,
                            fit=args.fit, fit_seconds=t_fit,
-                           paired={k: list(v.change_vs(r)) for k, v in (("ref64", r64), ("cpp_f32", c32), ("cpp_q8", c8))},
-                           cpp_vs_ref64={k: list(v.change_vs(r64)) for k, v in (("cpp_f32", c32), ("cpp_q8", c8))})
+                           paired=vs_ref, cpp_vs_ref64=vs_64)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 lines.append(f"| {action} | {args.method if rot else 'no'} | {bits} | {r.perplexity:.4f} | "
                              f"{r64.perplexity:.4f} | {c32.perplexity:.4f} | {c8.perplexity:.4f} | "
-                             f"{100 * (r.perplexity / fp_ppl.perplexity - 1):+.2f}% | {change(r64, r)} | "
-                             f"{change(c32, r)} | {change(c8, r)} | {change(c32, r64)} | {change(c8, r64)} |")
+                             f"{100 * (r.perplexity / fp_ppl.perplexity - 1):+.2f}% | {change(vs_ref['ref64'])} | "
+                             f"{change(vs_ref['cpp_f32'])} | {change(vs_ref['cpp_q8'])} | {change(vs_64['cpp_f32'])} | "
+                             f"{change(vs_64['cpp_q8'])} |")
     if args.speed or args.speed_only:
         sp = decode_speed(speed_files, args.speed_tokens, args.threads, args.repeats)
         rows.append({"decode_tokens_per_s": sp, "threads": args.threads, "tokens": args.speed_tokens})

@@ -32,9 +32,7 @@ class PerplexityResult:
         """Standard error of the perplexity over windows (perplexity × SE of the windows' mean NLL), as llama.cpp's
         perplexity tool prints "PPL = x +/- y"; None with fewer than 2 windows. It says how far another text of
         the same kind could move the figure, not how far two models on this text differ (change_vs says that)."""
-        if self.window_nll is None or len(self.window_nll) < 2:
-            return None
-        return self.perplexity * float(np.std(self.window_nll, ddof=1) / math.sqrt(len(self.window_nll)))
+        return uncertainty_of(self.perplexity, self.window_nll)
 
     def change_vs(self, base: "PerplexityResult") -> tuple[float, float]:
         """(relative change of perplexity against `base` in %, its paired standard error in %) on the same windows:
@@ -45,6 +43,14 @@ class PerplexityResult:
 
     def __str__(self) -> str:
         return f"{self.perplexity:.4f} ({self.n_windows} windows, {self.n_scored} tokens scored)"
+
+
+def uncertainty_of(perplexity: float, window_nll) -> float | None:
+    """Standard error of a perplexity over its windows (perplexity × SE of the windows' mean NLL); None with fewer
+    than 2 windows. PerplexityResult.uncertainty, and the bench report's rows, which keep only the numbers."""
+    if window_nll is None or len(window_nll) < 2:
+        return None
+    return perplexity * float(np.std(np.asarray(window_nll, dtype=np.float64), ddof=1) / math.sqrt(len(window_nll)))
 
 
 def paired_change(window_nll, base_window_nll) -> tuple[float, float]:

@@ -40,11 +40,10 @@ COLUMNS = {
 
 def _ppl_cell(r: dict) -> str:
     """The row's perplexity ± its standard error over windows (as llama.cpp's perplexity tool prints it)."""
-    w = r.get("window_nll")
-    if r.get("perplexity") is None or not w or len(w) < 2:
-        return _f(r.get("perplexity"), ".3f")
-    import statistics
-    return f"{r['perplexity']:.3f} ± {r['perplexity'] * statistics.stdev(w) / len(w) ** 0.5:.3f}"
+    from ..perplexity import uncertainty_of
+    ppl = r.get("perplexity")
+    se = None if ppl is None else uncertainty_of(ppl, r.get("window_nll"))
+    return _f(ppl, ".3f") if se is None else f"{ppl:.3f} ± {se:.3f}"
 
 
 def _f(v, fmt):

@@ -58,11 +58,10 @@ def run_llamacpp(job) -> dict:
     pre, dec = time_prefill_decode(llm.reset, llm.eval, llm.n_vocab(), job["prefill"], job["decode"], job["reps"])
     peak = peak_mib()
     llm.close()
-    ppl = {"perplexity": None, "window_nll": None}
-    if job.get("ppl"):
-        ev = LlamaCppEvaluator(job["model"], n_ctx=job["ppl"]["ctx"], n_threads=job["threads"],
-                               n_batch=job["ppl"]["ctx"])
-        ppl = _perplexity(ev, job)
+    ev = LlamaCppEvaluator(job["model"], n_ctx=job["ppl"]["ctx"], n_threads=job["threads"],
+                           n_batch=job["ppl"]["ctx"]) if job.get("ppl") else None
+    ppl = _perplexity(ev, job)
+    if ev is not None:
         ev.close()
     return {"threads": job["threads"], "load_s": load, "prefill": pre, "decode": dec, "base_mib": base,
             "peak_mib": peak, **ppl, "llama_cpp_version": getattr(llama_cpp, "__version__", "?")}
