@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "blocks.h"
@@ -639,7 +640,12 @@ void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPo
     // llama-s (4 and 11 blocks) 1867-1915 tok/s against 1610-1668 split (bench/results/ruquant_speed.md run 7), the
     // TinyLlama shape (16 and 44 blocks) 63.1-65.3 against 58.2-60.4 in the rounds where memory was fast, equal in the
     // others (run 10). From 3 threads the wide groups split (the device's 8-thread runs); float products always do.
-    constexpr int INT8_SPLIT_BLOCKS = 16;
+    // WQEDGE_INT8_SPLIT_BLOCKS=N moves that bound (A/B runs on other CPUs and thread counts; read once).
+    static const int INT8_SPLIT_BLOCKS = [] {
+        const char* e = std::getenv("WQEDGE_INT8_SPLIT_BLOCKS");
+        const int v = e && *e ? std::atoi(e) : 0;
+        return v > 0 ? v : 16;
+    }();
     const bool int8_alone = int8 && r && r->int8_ready(kernels) && (n_blocks(*r) < INT8_SPLIT_BLOCKS || pool.size() <= 2);
     const bool split = r && n_blocks(*r) > 1 && !int8_alone;
     if (n == 1 && split && pool.size() > 1) {
