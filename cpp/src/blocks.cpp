@@ -971,17 +971,35 @@ template <typename T, void (*AV2)(const float*, size_t, int, int, const T*, size
 static void att_values_pairs(const float* P, size_t ldp, int nq, int hd, const T* V, size_t vs, int n, float* O) {
     for (int j = 0; j < nq; j += 2) AV2(P + (size_t)j * ldp, ldp, std::min(2, nq - j), hd, V, vs, n, O + (size_t)j * hd);
 }
+// The scalar set's fake_quant (the reference of the SIMD ones; rotation.h act_fake_quant): s = max((max - min) /
+// (2^b - 1), 1e-8), z = round(-min / s), q = clamp(round(x / s) + z, 0, 2^b - 1), x = s (q - z), rounding half to
+// even. std::min / std::max's comparisons exactly (a NaN value after the first is passed over by min and max).
+static float sfake_quant(float* x, int n, int bits) {
+    const float hi_code = (float)((1 << bits) - 1);
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < n; ++i) {
+        lo = std::min(lo, x[i]);
+        hi = std::max(hi, x[i]);
+    }
+    const float s = std::max((hi - lo) / hi_code, 1e-8f);
+    const float z = std::nearbyint(-lo / s);
+    for (int i = 0; i < n; ++i) {
+        const float q = std::min(std::max(std::nearbyint(x[i] / s) + z, 0.0f), hi_code);
+        x[i] = s * (q - z);
+    }
+    return s;
+}
 static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sf32_to_f16, sgemm4, stile8_mix, squant_x8, ssilu_mul,
-                                   satt_scores, sexp_sum, satt_values, satt_scores_h, satt_values_h};
+                                   satt_scores, sexp_sum, satt_values, satt_scores_h, satt_values_h, sfake_quant};
 #if WQE_X86
 static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vf32_to_f16, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>,
                                  avx2::att_scores, exp_sum_any<avx2::exp_sum>, att_values_pairs<float, avx2::att_values>,
-                                 avx2::att_scores_h, att_values_pairs<uint16_t, avx2::att_values_h>};
+                                 avx2::att_scores_h, att_values_pairs<uint16_t, avx2::att_values_h>, avx2::fake_quant};
 #endif
 #if WQE_ARM64
 static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vf32_to_f16, neon::vgemm4, neon::tile8_mix, quant_x8_any<neon::quant_x8>, silu_mul_any<neon::silu_mul>,
                                  neon::att_scores, exp_sum_any<neon::exp_sum>, att_values_pairs<float, neon::att_values>,
-                                 neon::att_scores_h, att_values_pairs<uint16_t, neon::att_values_h>};
+                                 neon::att_scores_h, att_values_pairs<uint16_t, neon::att_values_h>, neon::fake_quant};
 #endif
 
 const VecOps& vec_ops(int kernels) {

@@ -213,6 +213,11 @@ struct VecOps {
     void (*att_scores_h)(const float* q, int nq, int hd, const uint16_t* K, size_t ks, int n, float scale, float* S,
                          size_t lds);
     void (*att_values_h)(const float* P, size_t ldp, int nq, int hd, const uint16_t* V, size_t vs, int n, float* O);
+    // Per-token asymmetric quantize-dequantize of x[0..n) at `bits` (4 or 6) in place, returning the grid step s:
+    // RUQuant's activation quantizer (rotation.h act_fake_quant defines it). Bit-identical in every set (the same
+    // comparisons, IEEE division and round-to-nearest-even per value). On the calling thread once per group input
+    // and token, so its speed is decode's serial time: the scalar loop was 7% of a W4A4 decode on llama-s.
+    float (*fake_quant)(float* x, int n, int bits);
 };
 // Rows ahead that the attention kernels prefetch (a float32 cache's rows; measured +14% decode at 2000 tokens when a KV
 // head's rows lay a token's K apart; the quantized rows' conversion prefetches by bytes instead, kvcache.cpp).

@@ -1042,6 +1042,51 @@ float quant_x8(const float* x, int g, XQ8* xq, float step) {
     return (float)_mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
 }
 
+// VecOps::fake_quant, bit-identical to the scalar sfake_quant: MINPS / MAXPS are `(a < b) ? a : b` / `(a > b) ? a : b`
+// with the value first, i.e. std::min(lo, x) / std::max(hi, x) per lane (a NaN value leaves the lane as it was; every
+// lane starts at x[0], as the scalar loop does); the extremes are the same whatever the order they are found in (a
+// signed zero's sign reaches no output: q - z is +0 either way). Per value: IEEE division, round to nearest even
+// (nearbyint's default mode), `(t < 0) ? 0 : t` as MAXPS(0, t), `(hc < m) ? hc : m` as MINPS(hc, m), then s * (q - z).
+float fake_quant(float* x, int n, int bits) {
+    const float hc = (float)((1 << bits) - 1);
+    const int n8 = n & ~7;
+    float lo = x[0], hi = x[0];
+    if (n8) {
+        __m256 vlo = _mm256_set1_ps(x[0]), vhi = vlo;
+        for (int i = 0; i < n8; i += 8) {
+            const __m256 v = _mm256_loadu_ps(x + i);
+            vlo = _mm256_min_ps(v, vlo);
+            vhi = _mm256_max_ps(v, vhi);
+        }
+        float l[8], h[8];
+        _mm256_storeu_ps(l, vlo);
+        _mm256_storeu_ps(h, vhi);
+        for (int k = 0; k < 8; ++k) {
+            lo = l[k] < lo ? l[k] : lo;
+            hi = hi < h[k] ? h[k] : hi;
+        }
+    }
+    for (int i = n8; i < n; ++i) {
+        lo = x[i] < lo ? x[i] : lo;
+        hi = hi < x[i] ? x[i] : hi;
+    }
+    const float v = (hi - lo) / hc;
+    const float s = v < 1e-8f ? 1e-8f : v;
+    const float z = _mm_cvtss_f32(_mm_round_ss(_mm_setzero_ps(), _mm_set_ss(-lo / s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), vhc = _mm256_set1_ps(hc), zero = _mm256_setzero_ps();
+    for (int i = 0; i < n8; i += 8) {
+        const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256 q = _mm256_min_ps(vhc, _mm256_max_ps(zero, _mm256_add_ps(r, vz)));
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(vs, _mm256_sub_ps(q, vz)));
+    }
+    for (int i = n8; i < n; ++i) {
+        const float r = _mm_cvtss_f32(_mm_round_ss(_mm_setzero_ps(), _mm_set_ss(x[i] / s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const float t = r + z, m = t < 0.0f ? 0.0f : t, q = hc < m ? hc : m;
+        x[i] = s * (q - z);
+    }
+    return s;
+}
+
 // exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial, 2^n through the exponent
 // bits), x clamped to [-87.3, 88.3] so 2^n stays a normal float; NaN stays NaN (max_ps / min_ps return their second
 // operand when one is NaN). silu_mul with it is within 2.1e-7 relative of std::exp's (cpp/tests/test_kernels.cpp).

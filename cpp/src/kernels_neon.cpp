@@ -565,6 +565,49 @@ void vgemm4(const float* W, int ldw, const float* X, int ldx, int nt, int K, flo
     }
 }
 
+// VecOps::fake_quant, bit-identical to the scalar sfake_quant (see the AVX2 one): vminq / vmaxq would return a NaN
+// value, so each comparison is std::min / std::max's own, selected with vbslq; vdivq is IEEE division, vrndnq rounds to
+// nearest even as nearbyint does in the default mode.
+float fake_quant(float* x, int n, int bits) {
+    const float hc = (float)((1 << bits) - 1);
+    const int n4 = n & ~3;
+    float lo = x[0], hi = x[0];
+    if (n4) {
+        float32x4_t vlo = vdupq_n_f32(x[0]), vhi = vlo;
+        for (int i = 0; i < n4; i += 4) {
+            const float32x4_t v = vld1q_f32(x + i);
+            vlo = vbslq_f32(vcltq_f32(v, vlo), v, vlo);
+            vhi = vbslq_f32(vcltq_f32(vhi, v), v, vhi);
+        }
+        float l[4], h[4];
+        vst1q_f32(l, vlo);
+        vst1q_f32(h, vhi);
+        for (int k = 0; k < 4; ++k) {
+            lo = l[k] < lo ? l[k] : lo;
+            hi = hi < h[k] ? h[k] : hi;
+        }
+    }
+    for (int i = n4; i < n; ++i) {
+        lo = x[i] < lo ? x[i] : lo;
+        hi = hi < x[i] ? x[i] : hi;
+    }
+    const float v = (hi - lo) / hc;
+    const float s = v < 1e-8f ? 1e-8f : v;
+    const float z = vgetq_lane_f32(vrndnq_f32(vdupq_n_f32(-lo / s)), 0);
+    const float32x4_t vs = vdupq_n_f32(s), vz = vdupq_n_f32(z), vhc = vdupq_n_f32(hc), zero = vdupq_n_f32(0.0f);
+    for (int i = 0; i < n4; i += 4) {
+        const float32x4_t t = vaddq_f32(vrndnq_f32(vdivq_f32(vld1q_f32(x + i), vs)), vz);
+        const float32x4_t m = vbslq_f32(vcltq_f32(t, zero), zero, t);
+        const float32x4_t q = vbslq_f32(vcltq_f32(vhc, m), vhc, m);
+        vst1q_f32(x + i, vmulq_f32(vs, vsubq_f32(q, vz)));
+    }
+    for (int i = n4; i < n; ++i) {
+        const float t = vgetq_lane_f32(vrndnq_f32(vdupq_n_f32(x[i] / s)), 0) + z, m = t < 0.0f ? 0.0f : t, q = hc < m ? hc : m;
+        x[i] = s * (q - z);
+    }
+    return s;
+}
+
 // prepare_x8's plain layout (VecOps::quant_x8), bit-identical to the scalar squant_x8 (see the AVX2 one):
 // vmaxnmq (IEEE maxNum) keeps amax and gives -127 where a value is NaN, as std::max does (vmaxq would return the
 // NaN); the 1.5 * 2^23 rounding add and subtract without fusing; the double sum in lanes (0,1) (2,3) (4,5) (6,7)

@@ -603,21 +603,7 @@ static void fwht(float* v, int n) {
         }
 }
 
-float act_fake_quant(float* x, int n, int bits) {
-    const float hi_code = (float)((1 << bits) - 1);
-    float lo = x[0], hi = x[0];
-    for (int i = 1; i < n; ++i) {
-        lo = std::min(lo, x[i]);
-        hi = std::max(hi, x[i]);
-    }
-    const float s = std::max((hi - lo) / hi_code, 1e-8f);
-    const float z = std::nearbyint(-lo / s);
-    for (int i = 0; i < n; ++i) {
-        const float q = std::min(std::max(std::nearbyint(x[i] / s) + z, 0.0f), hi_code);
-        x[i] = s * (q - z);
-    }
-    return s;
-}
+float act_fake_quant(float* x, int n, int bits) { return vec_ops(K_SCALAR).fake_quant(x, n, bits); }
 
 void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPool& pool, int kernels, float* steps) {
     if (r && r->identity()) r = nullptr;
@@ -631,7 +617,7 @@ void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPo
         float* xt = x + (size_t)t * dim;
         if (r) r->apply(xt, kernels, int8);
         if (bits < 8) {
-            const float s = act_fake_quant(xt, dim, bits);
+            const float s = vec_ops(kernels).fake_quant(xt, dim, bits);
             if (steps) steps[t] = s;
         }
     };
@@ -651,7 +637,7 @@ void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPo
     if (n == 1 && split && pool.size() > 1) {
         apply_blocks(*r, x, &pool, kernels, int8);
         if (bits < 8) {
-            const float s = act_fake_quant(x, dim, bits);
+            const float s = vec_ops(kernels).fake_quant(x, dim, bits);
             if (steps) steps[0] = s;
         }
     } else if (n == 1) {

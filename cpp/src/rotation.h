@@ -95,7 +95,8 @@ void block_matmul_q8(const int8_t* Q, const int8_t* QV, const int32_t* RS, const
 // Per-token asymmetric quantize-dequantize at `bits` (6 or 4) in place, exactly as wqedge.actquant.fake_quant:
 // s = max((max - min) / (2^b - 1), 1e-8), z = round(-min / s), q = clamp(round(x / s) + z, 0, 2^b - 1),
 // x = s (q - z), round half to even. Returns s: x now lies on the grid s * integer (|integer| < 2^b), which the int8
-// path takes exactly (prepare_x8's step).
+// path takes exactly (prepare_x8's step). This is the scalar set's VecOps::fake_quant, the reference of the SIMD ones
+// that group_input runs.
 float act_fake_quant(float* x, int n, int bits);
 
 // The group's input step for n tokens of width dim (row stride dim), in place: the rotation (when r is not

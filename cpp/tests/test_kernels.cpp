@@ -555,6 +555,43 @@ static void quant_x8_tests() {
     std::printf("quant_x8: %d widths x modes checked bit for bit against the scalar reference\n", n_checked);
 }
 
+// RUQuant's activation quantizer (VecOps::fake_quant) against the scalar one, bit for bit: the step it returns and
+// every value, at 4 and 6 bits, for ragged lengths (the vector tails), outliers, constant and all-zero vectors, signed
+// zeros, values on a grid (ties to round half to even), and a NaN after the first value (passed over by min and max on
+// both sides) or as the first (then every value is a NaN on both sides, not necessarily the same NaN).
+static void fake_quant_tests() {
+    if (!SIMD) return;
+    const VecOps& ref = vec_ops(K_SCALAR);
+    const VecOps& simd = vec_ops(SIMD);
+    int n_checked = 0;
+    for (int n : {1, 3, 4, 7, 8, 9, 31, 32, 100, 512, 576, 1408, 2051})
+        for (int bits : {4, 6})
+            for (int mode = 0; mode < 7; ++mode) {
+                std::vector<float> x(n);
+                for (float& v : x) v = urand(-2, 2) * (urand(0, 1) < 0.03f ? 50.0f : 1.0f);
+                if (mode == 1) std::fill(x.begin(), x.end(), 0.75f);  // constant: hi - lo = 0, the 1e-8 floor
+                if (mode == 2)
+                    for (int i = 0; i < n; ++i) x[i] = i % 2 ? -0.0f : 0.0f;
+                if (mode == 3)  // halves of a grid step: round half to even decides
+                    for (int i = 0; i < n; ++i) x[i] = 0.5f * (float)(i % 31) - 3.0f;
+                if (mode == 4) x[n / 2] = 3e38f, x[0] = -1e-40f;
+                if (mode == 5 && n > 1) x[n - 1] = NAN;
+                if (mode == 6) x[0] = NAN;
+                std::vector<float> a = x, b = x;
+                const float sa = ref.fake_quant(a.data(), n, bits), sb = simd.fake_quant(b.data(), n, bits);
+                bool same = std::memcmp(&sa, &sb, sizeof sa) == 0 && std::memcmp(a.data(), b.data(), sizeof(float) * n) == 0;
+                if (mode == 6) {  // all NaN on both sides (which NaN, its sign and payload, follows operand order)
+                    same = std::isnan(sa) && std::isnan(sb);
+                    for (int i = 0; i < n; ++i) same = same && std::isnan(a[i]) && std::isnan(b[i]);
+                }
+                char d[96];
+                std::snprintf(d, sizeof d, "n=%d bits=%d mode=%d %s", n, bits, mode, SIMD_NAME);
+                check(same, "fake_quant: the SIMD set bit-identical to the scalar reference", d);
+                ++n_checked;
+            }
+    std::printf("fake_quant: %d lengths x bits x modes checked bit for bit against the scalar reference\n", n_checked);
+}
+
 // SwiGLU's gate (VecOps::silu_mul): the SIMD set's polynomial exp against the scalar std::exp, within 1e-6 of the
 // result's magnitude (plus 1e-30 for results that underflow), over g in [-100, 100] (both clamps of the exp), ragged
 // lengths (the vector tail); non-finite inputs give non-finite outputs on both sides.
@@ -1274,6 +1311,7 @@ int main() {
     q8_nonfinite_tests();
     q8_grid_tests();
     quant_x8_tests();
+    fake_quant_tests();
     silu_tests();
     attention_tests();
     attention_half_tests();
