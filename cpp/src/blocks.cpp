@@ -523,7 +523,7 @@ static void tile8_sub_scalar(const uint8_t* part, size_t part_bytes, int nch, co
 #  define WQE_TILE16_DECLS(K)                                                                                                   \
     void tile16_##K(const uint8_t*, std::ptrdiff_t, size_t, int, const XQ8*, const float*, int, float*, std::ptrdiff_t);
 #  define WQE_TILE16_ALL                                                                                                     \
-    WQE_TILE16_DECLS(q4) WQE_TILE16_DECLS(q3) WQE_TILE16_DECLS(q2) WQE_TILE16_DECLS(q1) WQE_TILE16_DECLS(q4s)              \
+    WQE_TILE16_DECLS(q8) WQE_TILE16_DECLS(q4) WQE_TILE16_DECLS(q3) WQE_TILE16_DECLS(q2) WQE_TILE16_DECLS(q1) WQE_TILE16_DECLS(q4s)              \
     WQE_TILE16_DECLS(q3s) WQE_TILE16_DECLS(q2s)                                                                            \
     void tile16_mix(const uint8_t*, std::ptrdiff_t, const TileDesc*, int, const XQ8*, const int*, const float*, float*,     \
                     std::ptrdiff_t);
@@ -632,6 +632,7 @@ bool set_gfni(bool on) { return g_gfni.set(on); }
 bool gfni_in_use() { return g_gfni.on(); }
 #  define WQE_TILE16_KERNELS(NS)                  \
     switch (id) {                                  \
+        case KIND_Q8: return NS::tile16_q8;        \
         case KIND_Q4: return NS::tile16_q4;        \
         case KIND_Q3: return NS::tile16_q3;        \
         case KIND_Q2: return NS::tile16_q2;        \

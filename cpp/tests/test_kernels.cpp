@@ -1074,7 +1074,7 @@ static void tile_pair_tests() {
         std::printf("tile pairs: no pair kernels on this CPU (AVX512-VNNI + BW), skipped\n");
         return;
     }
-    const std::vector<std::vector<int>> runs = {{2}, {3}, {4}, {6}, {7}, {8}, {9}, {2, 4, 3, 6}, {5, 4, 2}, {4, 4, 5, 3, 6},
+    const std::vector<std::vector<int>> runs = {{1}, {2}, {3}, {4}, {6}, {7}, {8}, {9}, {2, 4, 3, 6}, {5, 4, 2}, {4, 4, 5, 3, 6},
                                                 {7, 2, 9, 8}, {8, 8, 7, 9}};
     // both builds of the pair kernels: without GFNI, and with it where the CPU has it (the field extraction differs)
     const bool had_gfni = gfni_in_use();
@@ -1089,6 +1089,7 @@ static void tile_pair_tests() {
         for (int G : {32, 128, 256})
             for (int nch : {1, 2, 5})
                 for (int ragged = 0; ragged < 2; ++ragged) {
+                    if (kinds[0] == KIND_Q8 && ragged) continue;  // q8 tiles run in uniform runs only (linear.cpp)
                     std::vector<TileDesc> td(nch);
                     std::vector<int> x8off(nch), gs(nch, G);
                     if (ragged) gs[nch - 1] = G / 2 + 4;
