@@ -7,8 +7,11 @@ with --rotate transforms built from text the tiny corpus gives), and `wqedge-ben
 the transforms cost 2·d·B multiply-adds per group and token against the linears' ~d² weights, so their share of
 decode falls with the width, and llama-s is the worst case.
 
+--act-bits 4 (or 6) writes every file with that activation quantization, the unrotated one too, so the comparison is
+W4A4 rotated against W4A4 unrotated: at 4 and 6 bits the transforms' block products stay float (docs/ruquant.md).
+
     python bench/ruquant_speed.py --bench cpp/build/wqedge-bench --out DIR [--shape llama-s|tinyllama]
-        [--threads 1,4] [--reps 5] [--device cuda]
+        [--threads 1,4] [--reps 5] [--act-bits 8|6|4] [--device cuda]
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ def main():
     ap.add_argument("--methods", default="ruquant", help="rotation methods to convert and time beside the plain file "
                     "(comma list of ruquant, hadamard)")
     ap.add_argument("--device", default=None, help="torch device for the two conversions (cuda: the GPU of the device machine)")
+    ap.add_argument("--act-bits", type=int, choices=(8, 6, 4), default=8,
+                    help="activation bits of every file (default 8: int8 block products on AVX-512 VNNI)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,9 +52,11 @@ def main():
     files = {}
     for rot in [False] + args.methods.split(","):
         cal = text if rot == "ruquant" else None     # the hadamard method is data-free
-        plan = pipeline.make_plan(ckpt, 0, preset="q4", calib_text=cal, rotate=rot, device=args.device)
+        plan = pipeline.make_plan(ckpt, 0, preset="q4", calib_text=cal, rotate=rot, device=args.device,
+                                  act_bits=args.act_bits)
         name = {False: "plain", "ruquant": "rotated"}.get(rot, rot)
-        files[name] = pipeline.convert(ckpt, plan, out / f"q4-{'rot' if rot == 'ruquant' else rot or 'plain'}.gguf",
+        suffix = "" if args.act_bits == 8 else f"-a{args.act_bits}"
+        files[name] = pipeline.convert(ckpt, plan, out / f"q4-{'rot' if rot == 'ruquant' else rot or 'plain'}{suffix}.gguf",
                                        calib_text=cal, feedback=False, device=args.device).path
     res = []
     for t in [int(x) for x in args.threads.split(",")]:
