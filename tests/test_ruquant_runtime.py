@@ -336,6 +336,36 @@ def test_cpp_threaded_decode_transform_is_bit_identical(files):
         native.set_activations("f32")
 
 
+def test_cpp_int8_split_transform_is_bit_identical(files, tmp_path):
+    """The int8 block products split over the threads (group_input: from 3 threads, groups of 16 blocks or more, i.e.
+    widths from 2048 up; this model's groups are 2-3 blocks, so WQEDGE_INT8_SPLIT_BLOCKS=1 forces the split, in a
+    child since the bound is read once per process): decode logits with int8 activations at 3 and 6 threads equal the
+    single-thread ones exactly. On CPUs without AVX-512 VNNI the products are float and this checks their split."""
+    import os
+    import subprocess
+    import sys
+    row = _windows()[0]
+    np.save(tmp_path / "row.npy", row)
+    code = ("import sys, numpy as np\n"
+            "from wqedge.runtime import native\n"
+            "native.set_activations('q8')\n"
+            "m = native.Model(sys.argv[1])\n"
+            "row = np.load(sys.argv[2]).tolist()\n"
+            "out = []\n"
+            "for t in (1, 3, 6):\n"
+            "    c = native.Context(m, n_ctx=64, n_threads=t)\n"
+            "    out.append(np.stack([c.eval([x]) for x in row]))\n"
+            "np.save(sys.argv[3], np.stack(out))\n")
+    from cpp_support import ensure_library
+    ensure_library()
+    # cwd: not the checkout, whose wqedge/ (without runtime/) would shadow the installed package
+    subprocess.run([sys.executable, "-c", code, str(files["q8a8"]), str(tmp_path / "row.npy"), str(tmp_path / "out.npy")],
+                   env=dict(os.environ, WQEDGE_INT8_SPLIT_BLOCKS="1"), check=True, cwd=tmp_path)
+    out = np.load(tmp_path / "out.npy")
+    np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_array_equal(out[0], out[2])
+
+
 def test_cpp_unrotated_file_unchanged(files):
     """A version 1 file takes no new step (group_input returns at once): logits equal the reference as before."""
     from cpp_support import ensure_library
