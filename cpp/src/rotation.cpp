@@ -613,13 +613,15 @@ void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPo
     // At act bits 8 with int8 activations the linears quantize the transform's output per 32 columns anyway: its
     // block products then take int8 inputs too (Rotation::int8_ready: AVX-512 VNNI), 4x the float products' rate.
     const bool int8 = bits >= 8 && active_act() == ACT_Q8;
+    auto act_quant = [&](float* xt, int t) {  // token t's activations at act bits < 8, its grid step recorded
+        if (bits >= 8) return;
+        const float s = vec_ops(kernels).fake_quant(xt, dim, bits);
+        if (steps) steps[t] = s;
+    };
     auto one = [&](int t) {
         float* xt = x + (size_t)t * dim;
         if (r) r->apply(xt, kernels, int8);
-        if (bits < 8) {
-            const float s = vec_ops(kernels).fake_quant(xt, dim, bits);
-            if (steps) steps[t] = s;
-        }
+        act_quant(xt, t);
     };
     // Decode splits a token's blocks over the threads (two fork-joins per group), except int8 products on 2 threads or
     // of fewer than INT8_SPLIT_BLOCKS blocks. Measured on 2 threads, the calling thread alone was faster at both widths:
@@ -636,10 +638,7 @@ void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPo
     const bool split = r && n_blocks(*r) > 1 && !int8_alone;
     if (n == 1 && split && pool.size() > 1) {
         apply_blocks(*r, x, &pool, kernels, int8);
-        if (bits < 8) {
-            const float s = vec_ops(kernels).fake_quant(x, dim, bits);
-            if (steps) steps[0] = s;
-        }
+        act_quant(x, 0);
     } else if (n == 1) {
         one(0);
     } else {
