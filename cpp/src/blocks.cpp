@@ -542,6 +542,10 @@ namespace vnni256 {  // kernels_vnni.cpp: AVX-VNNI
 void dot8_rows_q8(const uint8_t*, size_t, int, const XQ8*, float, int, float*);  // q8 row-blocks, bit-identical to AVX2's
 #include "tile_set.inc"
 }  // namespace vnni256
+namespace z512 {  // kernels_avx512_att.cpp: the attention value kernels on AVX-512, bit-identical to AVX2's
+void att_values(const float*, size_t, int, int, const float*, size_t, int, float*);
+void att_values_h(const float*, size_t, int, int, const uint16_t*, size_t, int, float*);
+}  // namespace z512
 }  // namespace avx2
 
 // The AVX2 column's tile kernels: the VNNI builds where the CPU has them (bit-identical results), else AVX2.
@@ -996,6 +1000,11 @@ static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16
 static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vf32_to_f16, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>,
                                  avx2::att_scores, exp_sum_any<avx2::exp_sum>, att_values_pairs<float, avx2::att_values>,
                                  avx2::att_scores_h, att_values_pairs<uint16_t, avx2::att_values_h>, avx2::fake_quant};
+// The AVX2 set with the AVX-512 attention value kernels (the same bits, twice the elements per instruction): what
+// vec_ops(K_AVX2) gives where x86_avx512() says so.
+static const VecOps AVX512_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vf32_to_f16, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>,
+                                   avx2::att_scores, exp_sum_any<avx2::exp_sum>, att_values_pairs<float, avx2::z512::att_values>,
+                                   avx2::att_scores_h, att_values_pairs<uint16_t, avx2::z512::att_values_h>, avx2::fake_quant};
 #endif
 #if WQE_ARM64
 static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vf32_to_f16, neon::vgemm4, neon::tile8_mix, quant_x8_any<neon::quant_x8>, silu_mul_any<neon::silu_mul>,
@@ -1005,7 +1014,7 @@ static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_r
 
 const VecOps& vec_ops(int kernels) {
 #if WQE_X86
-    if (kernels == K_AVX2) return AVX2_OPS;
+    if (kernels == K_AVX2) return x86_avx512() ? AVX512_OPS : AVX2_OPS;
 #endif
 #if WQE_ARM64
     if (kernels == K_NEON) return NEON_OPS;
@@ -1033,6 +1042,32 @@ bool cpu_has_avx2() {
 #else
     return false;
 #endif
+}
+
+bool cpu_has_avx512() {
+#if WQE_X86
+    static const bool ok = [] {
+        if (!cpu_has_avx2() || __get_cpuid_max(0, nullptr) < 7) return false;
+        unsigned a, b, c, d;
+        __cpuid_count(7, 0, a, b, c, d);
+        unsigned xlo, xhi;
+        __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+        const bool zmm_state = (xlo & 0xE6u) == 0xE6u;  // opmask, ZMM_Hi256, Hi16_ZMM saved by the OS
+        const unsigned f = 1u << 16, dq = 1u << 17, bw = 1u << 30, vl = 1u << 31;
+        return zmm_state && (b & (f | dq | bw | vl)) == (f | dq | bw | vl);
+    }();
+    return ok;
+#else
+    return false;
+#endif
+}
+
+bool x86_avx512() {
+    static const bool on = [] {
+        const char* e = std::getenv("WQEDGE_NO_AVX512");
+        return cpu_has_avx512() && !(e && std::strcmp(e, "1") == 0);
+    }();
+    return on;
 }
 
 int cpu_vnni() {
@@ -1188,9 +1223,9 @@ const char* system_info() {
                   k == K_NEON ? "neon" : "scalar", k == K_NEON && neon_dotprod() ? "+dotprod" : "",
                   active_act() == ACT_Q8 ? "q8" : "f32", repack_wanted(k) ? 1 : 0);
 #else
-    std::snprintf(buf, sizeof buf, "avx2+fma+f16c=%d vnni=%s kernels=%s act=%s", cpu_has_avx2() ? 1 : 0,
+    std::snprintf(buf, sizeof buf, "avx2+fma+f16c=%d vnni=%s kernels=%s act=%s attention=%s", cpu_has_avx2() ? 1 : 0,
                   x86_vnni() == 1 ? "avx512" : x86_vnni() == 2 ? "avx" : "none", k == K_AVX2 ? "avx2" : "scalar",
-                  active_act() == ACT_Q8 ? "q8" : "f32");
+                  active_act() == ACT_Q8 ? "q8" : "f32", k != K_AVX2 ? "scalar" : x86_avx512() ? "avx512" : "avx2");
 #endif
     return buf;
 }

@@ -232,6 +232,10 @@ bool cpu_has_neon();     // AArch64 Advanced SIMD (always, on AArch64)
 // WQEDGE_NO_VNNI=1 or set_x86_vnni(0 | the CPU's level; -1 = the CPU's), which returns false for a level the CPU lacks).
 int cpu_vnni();
 int x86_vnni();
+// x86-64: AVX-512 (F, VL, DQ, BW, with the OS saving zmm state) for the AVX2 set's attention value kernels
+// (kernels_avx512_att.cpp; bit-identical results). x86_avx512(): in use (the CPU has it and WQEDGE_NO_AVX512 != 1).
+bool cpu_has_avx512();
+bool x86_avx512();
 bool set_x86_vnni(int level);
 bool cpu_has_dotprod();  // AArch64 SDOT/UDOT (getauxval HWCAP_ASIMDDP); used by the NEON int8 kernels (docs/neon.md)
 int best_kernels();      // K_AVX2, K_NEON or K_SCALAR

@@ -555,6 +555,20 @@ static void rope(float* v, int n_heads, int hd, const float* cs, const float* sn
     }
 }
 
+// The largest of x[0..n), as `m = std::max(m, x[s])` from -inf in order gives it (NaNs passed over; of two equal
+// zeros either, which exp(x - m) cannot tell apart), with eight running maxima: the one chain of dependent
+// comparisons, a few cycles a key, was 10% of a decode step after 2000 tokens (bench/results/decode_depth.md).
+static float row_max(const float* x, int n) {
+    float m[8];
+    for (float& v : m) v = -INFINITY;
+    int s = 0;
+    for (; s + 8 <= n; s += 8)
+        for (int i = 0; i < 8; ++i) m[i] = std::max(m[i], x[s + i]);
+    for (; s < n; ++s) m[0] = std::max(m[0], x[s]);
+    for (int i = 1; i < 8; ++i) m[0] = std::max(m[0], m[i]);
+    return m[0];
+}
+
 // Query heads per attention task (forward): the largest divisor of the KV group size, up to ATT_QPT, that still
 // leaves a task per thread (n_kv_tasks = tokens x KV heads), so decode on many cores keeps one head per task.
 static int att_heads_per_task(int group, int n_kv_tasks, int threads) {
@@ -690,9 +704,7 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             for (int r = 0; r < nt * qpt; ++r) {
                 float* scr = sc + (size_t)r * n_ctx;
                 const int n_keys = pos0 + t0 + r / qpt + 1;
-                float mx = -INFINITY;
-                for (int s = 0; s < n_keys; ++s) mx = std::max(mx, scr[s]);
-                inv[r] = 1.0f / ops.exp_sum(scr, n_keys, mx);
+                inv[r] = 1.0f / ops.exp_sum(scr, n_keys, row_max(scr, n_keys));
             }
             for (int u = 0; u < nt; ++u) std::memset(out_of(u), 0, sizeof(float) * qpt * hd);
             for (int s0 = 0; s0 < n_max; s0 += KV_CHUNK) {

@@ -706,6 +706,65 @@ static void attention_tests() {
                 worst_s, worst_e, worst_o);
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+namespace wqe {
+namespace avx2 {  // kernels_avx2.cpp and kernels_avx512_att.cpp (1 or 2 heads a call)
+void att_scores(const float*, int, int, const float*, size_t, int, float, float*, size_t);
+void att_values(const float*, size_t, int, int, const float*, size_t, int, float*);
+void att_scores_h(const float*, int, int, const uint16_t*, size_t, int, float, float*, size_t);
+void att_values_h(const float*, size_t, int, int, const uint16_t*, size_t, int, float*);
+namespace z512 {
+void att_values(const float*, size_t, int, int, const float*, size_t, int, float*);
+void att_values_h(const float*, size_t, int, int, const uint16_t*, size_t, int, float*);
+}  // namespace z512
+}  // namespace avx2
+}  // namespace wqe
+
+// The AVX-512 attention value kernels (what vec_ops(K_AVX2) runs where the CPU has AVX-512) against the AVX2 ones, bit
+// for bit, on float and fp16 rows: head widths below, at and past multiples of 8, 16 and 64 (the columns past the last
+// 64 go to the AVX2 kernel), 1 and 2 heads, position counts around the prefetch distance, padded row strides; and
+// vec_ops(K_AVX2) must hold them exactly where x86_avx512() says so.
+static void attention_avx512_tests() {
+    if (!cpu_has_avx512()) {
+        std::printf("attention AVX-512: not run (this CPU has no AVX-512)\n");
+        return;
+    }
+    int cases = 0;
+    for (int hd : {64, 128, 80, 36, 100, 7, 16, 144, 200})
+        for (int nq : {1, 2})
+            for (int n : {1, 3, 8, 9, 17, 67}) {
+                const size_t vs = (size_t)hd * 2 + 3, ldp = (size_t)n + 5;
+                std::vector<float> Vf((size_t)n * vs), P((size_t)nq * ldp), O0((size_t)nq * hd);
+                std::vector<uint16_t> Vh(Vf.size());
+                for (size_t i = 0; i < Vf.size(); ++i) {
+                    Vf[i] = urand(-2, 2);
+                    Vh[i] = fp32_to_fp16(urand(-2, 2));
+                }
+                for (float& v : P) v = urand(0, 1);
+                for (float& v : O0) v = urand(-1, 1);
+                std::vector<float> oa = O0, ob = O0, oc = O0, od = O0;
+                avx2::att_values(P.data(), ldp, nq, hd, Vf.data(), vs, n, oa.data());
+                avx2::z512::att_values(P.data(), ldp, nq, hd, Vf.data(), vs, n, ob.data());
+                avx2::att_values_h(P.data(), ldp, nq, hd, Vh.data(), vs, n, oc.data());
+                avx2::z512::att_values_h(P.data(), ldp, nq, hd, Vh.data(), vs, n, od.data());
+                char d[64];
+                std::snprintf(d, sizeof d, "hd=%d nq=%d n=%d", hd, nq, n);
+                check(oa == ob, "att_values: AVX-512 bit-identical to AVX2", d);
+                check(oc == od, "att_values_h: AVX-512 bit-identical to AVX2", d);
+                if (hd == 64 && nq == 2 && n == 67) {  // the set's table holds the AVX-512 kernel exactly where in use
+                    std::vector<float> oe = O0;
+                    vec_ops(K_AVX2).att_values(P.data(), ldp, nq, hd, Vf.data(), vs, n, oe.data());
+                    check(oe == ob, "vec_ops(K_AVX2).att_values: the AVX-512 kernel's bits", x86_avx512() ? "in use" : "off (WQEDGE_NO_AVX512=1)");
+                }
+                ++cases;
+            }
+    std::printf("attention AVX-512: att_values bit-identical to AVX2 in %d cases (float and fp16 rows), %s\n", cases,
+                x86_avx512() ? "in use" : "not in use (WQEDGE_NO_AVX512=1)");
+}
+#else
+static void attention_avx512_tests() {}
+#endif
+
 // VecOps::f32_to_f16 (the fp16 KV cache's writes) against the scalar fp32_to_fp16, bit for bit on every non-NaN value:
 // random magnitudes from 2^-30 (subnormal halves, and below: zero) to 2^17 (overflow to infinity), exact ties between
 // two halves (round to even), the largest finite half and the first value that rounds past it, signed zeros and
@@ -1316,6 +1375,7 @@ int main() {
     silu_tests();
     attention_tests();
     attention_half_tests();
+    attention_avx512_tests();
     f32_to_f16_tests();
     std::printf("int8-activation kernel sets under test: %d (scalar%s)\n", n_q8_sets_seen,
                 SIMD == K_AVX2 ? ", avx2" : SIMD == K_NEON ? (cpu_has_dotprod() ? ", neon, neon+dotprod" : ", neon") : "");
