@@ -630,10 +630,13 @@ struct CpuSwitch {
 };
 static CpuSwitch g_tile16{"WQEDGE_TILE16", cpu_has_tile16};
 static CpuSwitch g_gfni{"WQEDGE_GFNI", cpu_has_gfni};
+static CpuSwitch g_avx512_att{"WQEDGE_AVX512_ATTENTION", cpu_has_avx512};
 static bool tile16_on() { return g_tile16.on() && vnni_level() == 1; }
 bool set_tile16(bool on) { return g_tile16.set(on); }
 bool set_gfni(bool on) { return g_gfni.set(on); }
 bool gfni_in_use() { return g_gfni.on(); }
+bool set_avx512_attention(bool on) { return g_avx512_att.set(on); }
+bool avx512_attention() { return g_avx512_att.on(); }
 #  define WQE_TILE16_KERNELS(NS)                  \
     switch (id) {                                  \
         case KIND_Q8: return NS::tile16_q8;        \
@@ -665,6 +668,8 @@ tile16_mix_fn tile16_mix_kernel(int) { return nullptr; }
 bool set_tile16(bool on) { return !on; }
 bool set_gfni(bool on) { return !on; }
 bool gfni_in_use() { return false; }
+bool set_avx512_attention(bool on) { return !on; }
+bool avx512_attention() { return false; }
 #endif
 
 // ------------------------------------------------------------------ two-level kinds' SIMD kernels
@@ -1001,7 +1006,7 @@ static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_r
                                  avx2::att_scores, exp_sum_any<avx2::exp_sum>, att_values_pairs<float, avx2::att_values>,
                                  avx2::att_scores_h, att_values_pairs<uint16_t, avx2::att_values_h>, avx2::fake_quant};
 // The AVX2 set with the AVX-512 attention value kernels (the same bits, twice the elements per instruction): what
-// vec_ops(K_AVX2) gives where x86_avx512() says so.
+// vec_ops(K_AVX2) gives where avx512_attention() says so.
 static const VecOps AVX512_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vf32_to_f16, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>,
                                    avx2::att_scores, exp_sum_any<avx2::exp_sum>, att_values_pairs<float, avx2::z512::att_values>,
                                    avx2::att_scores_h, att_values_pairs<uint16_t, avx2::z512::att_values_h>, avx2::fake_quant};
@@ -1014,7 +1019,7 @@ static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_r
 
 const VecOps& vec_ops(int kernels) {
 #if WQE_X86
-    if (kernels == K_AVX2) return x86_avx512() ? AVX512_OPS : AVX2_OPS;
+    if (kernels == K_AVX2) return avx512_attention() ? AVX512_OPS : AVX2_OPS;
 #endif
 #if WQE_ARM64
     if (kernels == K_NEON) return NEON_OPS;
@@ -1060,14 +1065,6 @@ bool cpu_has_avx512() {
 #else
     return false;
 #endif
-}
-
-bool x86_avx512() {
-    static const bool on = [] {
-        const char* e = std::getenv("WQEDGE_NO_AVX512");
-        return cpu_has_avx512() && !(e && std::strcmp(e, "1") == 0);
-    }();
-    return on;
 }
 
 int cpu_vnni() {
@@ -1225,7 +1222,7 @@ const char* system_info() {
 #else
     std::snprintf(buf, sizeof buf, "avx2+fma+f16c=%d vnni=%s kernels=%s act=%s attention=%s", cpu_has_avx2() ? 1 : 0,
                   x86_vnni() == 1 ? "avx512" : x86_vnni() == 2 ? "avx" : "none", k == K_AVX2 ? "avx2" : "scalar",
-                  active_act() == ACT_Q8 ? "q8" : "f32", k != K_AVX2 ? "scalar" : x86_avx512() ? "avx512" : "avx2");
+                  active_act() == ACT_Q8 ? "q8" : "f32", k != K_AVX2 ? "scalar" : avx512_attention() ? "avx512" : "avx2");
 #endif
     return buf;
 }

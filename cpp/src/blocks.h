@@ -105,6 +105,11 @@ bool set_tile16(bool on);  // false (and nothing changes) when on but this CPU h
 // WQEDGE_GFNI=0 or set_gfni(false); set_gfni(true) is false (and nothing changes) on a CPU without it.
 bool set_gfni(bool on);
 bool gfni_in_use();
+// The AVX2 set's attention value kernels on 512-bit registers (kernels_avx512_att.cpp; bit-identical): in
+// vec_ops(K_AVX2) where the CPU has AVX-512 (cpu_has_avx512), unless WQEDGE_AVX512_ATTENTION=0 or
+// set_avx512_attention(false); set_avx512_attention(true) is false (and nothing changes) on a CPU without it.
+bool set_avx512_attention(bool on);
+bool avx512_attention();
 
 struct BlockTraits {
     const char* name;
@@ -232,10 +237,8 @@ bool cpu_has_neon();     // AArch64 Advanced SIMD (always, on AArch64)
 // WQEDGE_NO_VNNI=1 or set_x86_vnni(0 | the CPU's level; -1 = the CPU's), which returns false for a level the CPU lacks).
 int cpu_vnni();
 int x86_vnni();
-// x86-64: AVX-512 (F, VL, DQ, BW, with the OS saving zmm state) for the AVX2 set's attention value kernels
-// (kernels_avx512_att.cpp; bit-identical results). x86_avx512(): in use (the CPU has it and WQEDGE_NO_AVX512 != 1).
+// x86-64: AVX-512 F, VL, DQ and BW, with the OS saving zmm state.
 bool cpu_has_avx512();
-bool x86_avx512();
 bool set_x86_vnni(int level);
 bool cpu_has_dotprod();  // AArch64 SDOT/UDOT (getauxval HWCAP_ASIMDDP); used by the NEON int8 kernels (docs/neon.md)
 int best_kernels();      // K_AVX2, K_NEON or K_SCALAR

@@ -5,7 +5,7 @@
 // AVX2's: their 512-bit form (two keys a register, hsum4x8 on both halves; bit-identical) measured slower on a Xeon,
 // bound by the fp16 conversions and the row inserts, not the FMAs. As kernels_avx2.cpp, the target is given per
 // function (GCC pragma / clang attribute), never for the file; blocks.cpp calls these only after CPUID and XGETBV said
-// yes (cpu_has_avx512), and WQEDGE_NO_AVX512=1 keeps the AVX2 ones.
+// yes (cpu_has_avx512), and WQEDGE_AVX512_ATTENTION=0 (set_avx512_attention(false)) keeps the AVX2 ones.
 #if defined(__x86_64__) || defined(__i386__)
 
 #include <immintrin.h>

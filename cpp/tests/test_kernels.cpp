@@ -723,7 +723,7 @@ void att_values_h(const float*, size_t, int, int, const uint16_t*, size_t, int, 
 // The AVX-512 attention value kernels (what vec_ops(K_AVX2) runs where the CPU has AVX-512) against the AVX2 ones, bit
 // for bit, on float and fp16 rows: head widths below, at and past multiples of 8, 16 and 64 (the columns past the last
 // 64 go to the AVX2 kernel), 1 and 2 heads, position counts around the prefetch distance, padded row strides; and
-// vec_ops(K_AVX2) must hold them exactly where x86_avx512() says so.
+// vec_ops(K_AVX2) gives those bits with the switch on and off (system_info names the kernels in use).
 static void attention_avx512_tests() {
     if (!cpu_has_avx512()) {
         std::printf("attention AVX-512: not run (this CPU has no AVX-512)\n");
@@ -751,15 +751,22 @@ static void attention_avx512_tests() {
                 std::snprintf(d, sizeof d, "hd=%d nq=%d n=%d", hd, nq, n);
                 check(oa == ob, "att_values: AVX-512 bit-identical to AVX2", d);
                 check(oc == od, "att_values_h: AVX-512 bit-identical to AVX2", d);
-                if (hd == 64 && nq == 2 && n == 67) {  // the set's table holds the AVX-512 kernel exactly where in use
-                    std::vector<float> oe = O0;
-                    vec_ops(K_AVX2).att_values(P.data(), ldp, nq, hd, Vf.data(), vs, n, oe.data());
-                    check(oe == ob, "vec_ops(K_AVX2).att_values: the AVX-512 kernel's bits", x86_avx512() ? "in use" : "off (WQEDGE_NO_AVX512=1)");
+                if (hd == 64 && nq == 2 && n == 67) {  // through the set's table, the switch on and off
+                    const bool was = avx512_attention();
+                    for (bool on : {true, false}) {
+                        std::vector<float> oe = O0;
+                        check(set_avx512_attention(on), "set_avx512_attention: accepted on a CPU with AVX-512", on ? "on" : "off");
+                        vec_ops(K_AVX2).att_values(P.data(), ldp, nq, hd, Vf.data(), vs, n, oe.data());
+                        check(oe == ob, "vec_ops(K_AVX2).att_values: the same bits with the AVX-512 kernels on and off", on ? "on" : "off");
+                        check(std::strstr(system_info(), on ? "attention=avx512" : "attention=avx2") != nullptr,
+                              "system_info: names the attention kernels in use", system_info());
+                    }
+                    set_avx512_attention(was);
                 }
                 ++cases;
             }
     std::printf("attention AVX-512: att_values bit-identical to AVX2 in %d cases (float and fp16 rows), %s\n", cases,
-                x86_avx512() ? "in use" : "not in use (WQEDGE_NO_AVX512=1)");
+                avx512_attention() ? "in use" : "not in use (WQEDGE_AVX512_ATTENTION=0)");
 }
 #else
 static void attention_avx512_tests() {}
