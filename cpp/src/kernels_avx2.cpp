@@ -1153,9 +1153,16 @@ static void scores_one(const float* q0, int hd, const T* K, size_t ks, int n, fl
             const __m256 x0 = _mm256_loadu_ps(q0 + d);
             for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(x0, ld8(kr[u] + d), a[u]);
         }
+        const __m128 lo = hsum4x8(a[0], a[1], a[2], a[3]), hi = hsum4x8(a[4], a[5], a[6], a[7]);
+        if (h8 == hd && s + 8 <= n) {  // no tail columns: the eight scores at once (the same multiply per key)
+            const __m128 sc = _mm_set1_ps(scale);
+            _mm_storeu_ps(S + s, _mm_mul_ps(sc, lo));
+            _mm_storeu_ps(S + s + 4, _mm_mul_ps(sc, hi));
+            continue;
+        }
         float t[8];
-        _mm_storeu_ps(t, hsum4x8(a[0], a[1], a[2], a[3]));
-        _mm_storeu_ps(t + 4, hsum4x8(a[4], a[5], a[6], a[7]));
+        _mm_storeu_ps(t, lo);
+        _mm_storeu_ps(t + 4, hi);
         for (int u = 0; u < 8 && s + u < n; ++u) {
             float x = t[u];
             for (int d = h8; d < hd; ++d) x += q0[d] * el(kr[u] + d);
@@ -1200,9 +1207,16 @@ static void scores(const float* q, int nq, int hd, const T* K, size_t ks, int n,
                 a3 = _mm256_fmadd_ps(x0, v, a3);
                 b3 = _mm256_fmadd_ps(x1, v, b3);
             }
+            const __m128 ta = hsum4x8(a0, a1, a2, a3), tb = hsum4x8(b0, b1, b2, b3);
+            if (h8 == hd && s + 4 <= n) {  // no tail columns: four scores a head at once (the same multiply per key)
+                const __m128 sc = _mm_set1_ps(scale);
+                _mm_storeu_ps(S + (size_t)j * lds + s, _mm_mul_ps(sc, ta));
+                _mm_storeu_ps(S + (size_t)(j + 1) * lds + s, _mm_mul_ps(sc, tb));
+                continue;
+            }
             float t0[4], t1[4];
-            _mm_storeu_ps(t0, hsum4x8(a0, a1, a2, a3));
-            _mm_storeu_ps(t1, hsum4x8(b0, b1, b2, b3));
+            _mm_storeu_ps(t0, ta);
+            _mm_storeu_ps(t1, tb);
             const T* kr[4] = {k0, k1, k2, k3};
             for (int u = 0; u < 4 && s + u < n; ++u) {
                 float x = t0[u], y = t1[u];

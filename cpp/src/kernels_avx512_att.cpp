@@ -1,11 +1,14 @@
-// AVX-512 attention value kernels (VecOps::att_values and its fp16-row form) for the AVX2 column on CPUs with AVX-512
-// (F, VL, DQ, BW): at long context attention is most of a decode (bench/results/decode_depth.md). 16 columns a
-// register instead of AVX2's 8, every column's FMA chain over the positions in the same order, so every output has
-// the bits of the AVX2 kernel's (cpp/tests/test_kernels.cpp checks), whichever of the two a CPU runs. The scores stay
-// AVX2's: their 512-bit form (two keys a register, hsum4x8 on both halves; bit-identical) measured slower on a Xeon,
-// bound by the fp16 conversions and the row inserts, not the FMAs. As kernels_avx2.cpp, the target is given per
-// function (GCC pragma / clang attribute), never for the file; blocks.cpp calls these only after CPUID and XGETBV said
-// yes (cpu_has_avx512), and WQEDGE_AVX512_ATTENTION=0 (set_avx512_attention(false)) keeps the AVX2 ones.
+// AVX-512 attention kernels (VecOps::att_scores / att_values and their fp16-row forms) for the AVX2 column on CPUs
+// with AVX-512 (F, VL, DQ, BW): at long context attention is most of a decode (bench/results/decode_depth.md).
+// - values: 16 columns a register instead of AVX2's 8, every column's FMA chain over the positions in the same order;
+// - scores of four query heads of a KV group at a time (GQA: TinyLlama's 8 a group, Llama 3's and Mistral's 4): each
+//   key's row converted once for the four heads (AVX2's pairs convert it once per two), the AVX2 kernel's 8-lane
+//   accumulator of one key in each half of a register and hsum4x8's reduction on both halves; one or two heads (MHA,
+//   llama-s's pairs) stay AVX2's, whose 512-bit form measured slower (the conversions and row inserts bound it).
+// So every score and output has the bits of the AVX2 kernels' (cpp/tests/test_kernels.cpp checks), whichever of the
+// two a CPU runs. As kernels_avx2.cpp, the target is given per function (GCC pragma / clang attribute), never for the
+// file; blocks.cpp calls these only after CPUID and XGETBV said yes (cpu_has_avx512), and WQEDGE_AVX512_ATTENTION=0
+// (set_avx512_attention(false)) keeps the AVX2 ones.
 #if defined(__x86_64__) || defined(__i386__)
 
 #include <immintrin.h>
@@ -24,15 +27,94 @@
 
 namespace wqe {
 namespace avx2 {
-// kernels_avx2.cpp's value kernels, for the columns past the last multiple of 64 (each column's arithmetic does not
-// depend on the others, so a column range of them gives the bits of the whole row's)
+// kernels_avx2.cpp's kernels: the value kernel for the columns past the last multiple of 64 (each column's arithmetic
+// does not depend on the others, so a column range of them gives the bits of the whole row's), the scores for the heads
+// past the last multiple of 4 (each head's scores do not depend on the heads beside it)
 void att_values(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O);
 void att_values_h(const float* P, size_t ldp, int nq, int hd, const uint16_t* V, size_t vs, int n, float* O);
+void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S, size_t lds);
+void att_scores_h(const float* q, int nq, int hd, const uint16_t* K, size_t ks, int n, float scale, float* S, size_t lds);
 namespace z512 {
 namespace {
 
 inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 ld16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+// 8 elements of row a in the low half, 8 of row b in the high half, as floats (fp16 rows: exact conversions)
+inline __m512 ld2x8(const float* a, const float* b) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(b), 1);
+}
+inline __m512 ld2x8(const uint16_t* a, const uint16_t* b) {
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)a)),
+                                                   _mm_loadu_si128((const __m128i*)b), 1));
+}
+inline float el(const float* p) { return *p; }
+inline float el(const uint16_t* p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+template <typename T>
+inline void prefetch_row(const T* r, int hd) {
+    for (int d = 0; d < hd; d += 64 / (int)sizeof(T)) _mm_prefetch((const char*)(r + d), _MM_HINT_T0);
+}
+// _mm256_hadd_ps on each 256-bit half (per 128-bit lane: a0 + a1, a2 + a3, b0 + b1, b2 + b3)
+inline __m512 hadd(__m512 a, __m512 b) { return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD)); }
+// kernels_avx2.cpp's hsum4x8 on both halves: lane u = the total of a[u]'s low half, lane 4 + u that of its high half
+inline __m256 hsum4x8x2(const __m512* a) {
+    const __m512 h = hadd(hadd(a[0], a[1]), hadd(a[2], a[3]));
+    const __m512 s = _mm512_add_ps(h, _mm512_shuffle_f32x4(h, h, 0xB1));  // 128-bit lanes 0 + 1, 2 + 3
+    return _mm512_castps512_ps256(_mm512_shuffle_f32x4(s, s, 0x08));      // lanes 0 and 2
+}
+
+// Four heads' scores of eight keys per pass, each key's row converted once for the four: key s + u's 8-lane
+// accumulator over the columns in the low half of a[h][u], key s + 4 + u's in the high half, FMAs in steps of 8
+// columns, hsum4x8's reduction, then the tail columns in order and the scale: per key and head the AVX2 kernel's
+// arithmetic, whose pairs convert each row once per two heads.
+template <typename T>
+void scores4(const float* q, int hd, const T* K, size_t ks, int n, float scale, float* S, size_t lds) {
+    const int h8 = hd & ~7;
+    for (int s = 0; s < n; s += 8) {
+        const T* kr[8];
+        for (int u = 0; u < 8; ++u) kr[u] = K + (size_t)(s + u < n ? s + u : n - 1) * ks;  // the last keys re-read the final row
+        if (s + 8 + ATT_PREFETCH_ROWS < n)
+            for (int u = 0; u < 8; ++u) prefetch_row(kr[0] + (ATT_PREFETCH_ROWS + u) * ks, hd);
+        __m512 a[4][4];
+        for (int h = 0; h < 4; ++h)
+            for (int u = 0; u < 4; ++u) a[h][u] = _mm512_setzero_ps();
+        for (int d = 0; d < h8; d += 8) {
+            __m512 x[4];
+            for (int h = 0; h < 4; ++h) x[h] = _mm512_broadcast_f32x8(_mm256_loadu_ps(q + (size_t)h * hd + d));
+            for (int u = 0; u < 4; ++u) {
+                const __m512 v = ld2x8(kr[u] + d, kr[u + 4] + d);
+                for (int h = 0; h < 4; ++h) a[h][u] = _mm512_fmadd_ps(x[h], v, a[h][u]);
+            }
+        }
+        for (int h = 0; h < 4; ++h) {
+            const __m256 tot = hsum4x8x2(a[h]);
+            if (h8 == hd && s + 8 <= n) {  // no tail columns: the eight scores at once (the same multiply per key)
+                _mm256_storeu_ps(S + (size_t)h * lds + s, _mm256_mul_ps(_mm256_set1_ps(scale), tot));
+                continue;
+            }
+            float t[8];
+            _mm256_storeu_ps(t, tot);
+            const float* qh = q + (size_t)h * hd;
+            for (int u = 0; u < 8 && s + u < n; ++u) {
+                float x = t[u];
+                for (int d = h8; d < hd; ++d) x += qh[d] * el(kr[u] + d);
+                S[(size_t)h * lds + s + u] = scale * x;
+            }
+        }
+    }
+}
+
+// Runs of four heads through scores4, the one to three left through the AVX2 kernel (its heads are independent too).
+template <typename T>
+void scores(const float* q, int nq, int hd, const T* K, size_t ks, int n, float scale, float* S, size_t lds,
+            void (*avx2_scores)(const float*, int, int, const T*, size_t, int, float, float*, size_t)) {
+    int j = 0;
+    for (; j + 4 <= nq; j += 4) scores4(q + (size_t)j * hd, hd, K, ks, n, scale, S + (size_t)j * lds, lds);
+    if (j < nq) avx2_scores(q + (size_t)j * hd, nq - j, hd, K, ks, n, scale, S + (size_t)j * lds, lds);
+}
 
 // NH heads' outputs over columns [d, d + 64) in registers while every position's row streams past: one FMA per
 // element and position, in order of position (kernels_avx2.cpp's values_heads, 16 columns a register).
@@ -74,6 +156,12 @@ void values(const float* P, size_t ldp, int nq, int hd, const T* V, size_t vs, i
 
 }  // namespace
 
+void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S, size_t lds) {
+    scores(q, nq, hd, K, ks, n, scale, S, lds, avx2::att_scores);
+}
+void att_scores_h(const float* q, int nq, int hd, const uint16_t* K, size_t ks, int n, float scale, float* S, size_t lds) {
+    scores(q, nq, hd, K, ks, n, scale, S, lds, avx2::att_scores_h);
+}
 void att_values(const float* P, size_t ldp, int nq, int hd, const float* V, size_t vs, int n, float* O) {
     values(P, ldp, nq, hd, V, vs, n, O, avx2::att_values);
 }

@@ -714,15 +714,18 @@ void att_values(const float*, size_t, int, int, const float*, size_t, int, float
 void att_scores_h(const float*, int, int, const uint16_t*, size_t, int, float, float*, size_t);
 void att_values_h(const float*, size_t, int, int, const uint16_t*, size_t, int, float*);
 namespace z512 {
+void att_scores(const float*, int, int, const float*, size_t, int, float, float*, size_t);
+void att_scores_h(const float*, int, int, const uint16_t*, size_t, int, float, float*, size_t);
 void att_values(const float*, size_t, int, int, const float*, size_t, int, float*);
 void att_values_h(const float*, size_t, int, int, const uint16_t*, size_t, int, float*);
 }  // namespace z512
 }  // namespace avx2
 }  // namespace wqe
 
-// The AVX-512 attention value kernels (what vec_ops(K_AVX2) runs where the CPU has AVX-512) against the AVX2 ones, bit
-// for bit, on float and fp16 rows: head widths below, at and past multiples of 8, 16 and 64 (the columns past the last
-// 64 go to the AVX2 kernel), 1 and 2 heads, position counts around the prefetch distance, padded row strides; and
+// The AVX-512 attention kernels (what vec_ops(K_AVX2) runs where the CPU has AVX-512) against the AVX2 ones, bit for
+// bit, on float and fp16 rows: head widths below, at and past multiples of 8, 16 and 64 (the scores' tail columns; the
+// values' columns past the last 64 go to the AVX2 kernel), 1-9 heads (scores: runs of four, the rest through AVX2's),
+// key counts around the 8 a pass takes, padded row strides; and
 // vec_ops(K_AVX2) gives those bits with the switch on and off (system_info names the kernels in use).
 static void attention_avx512_tests() {
     if (!cpu_has_avx512()) {
@@ -731,24 +734,36 @@ static void attention_avx512_tests() {
     }
     int cases = 0;
     for (int hd : {64, 128, 80, 36, 100, 7, 16, 144, 200})
-        for (int nq : {1, 2})
+        for (int nq : {1, 2, 4, 5, 8, 9})
             for (int n : {1, 3, 8, 9, 17, 67}) {
-                const size_t vs = (size_t)hd * 2 + 3, ldp = (size_t)n + 5;
-                std::vector<float> Vf((size_t)n * vs), P((size_t)nq * ldp), O0((size_t)nq * hd);
-                std::vector<uint16_t> Vh(Vf.size());
-                for (size_t i = 0; i < Vf.size(); ++i) {
+                const size_t ks = (size_t)hd * 2 + 3, ldp = (size_t)n + 5;
+                std::vector<float> q((size_t)nq * hd), Kf((size_t)n * ks), Vf((size_t)n * ks), P((size_t)nq * ldp), O0((size_t)nq * hd);
+                std::vector<uint16_t> Kh(Kf.size()), Vh(Vf.size());
+                for (float& v : q) v = urand(-2, 2);
+                for (size_t i = 0; i < Kf.size(); ++i) {
+                    Kf[i] = urand(-2, 2);
                     Vf[i] = urand(-2, 2);
+                    Kh[i] = fp32_to_fp16(urand(-2, 2));
                     Vh[i] = fp32_to_fp16(urand(-2, 2));
                 }
                 for (float& v : P) v = urand(0, 1);
                 for (float& v : O0) v = urand(-1, 1);
-                std::vector<float> oa = O0, ob = O0, oc = O0, od = O0;
-                avx2::att_values(P.data(), ldp, nq, hd, Vf.data(), vs, n, oa.data());
-                avx2::z512::att_values(P.data(), ldp, nq, hd, Vf.data(), vs, n, ob.data());
-                avx2::att_values_h(P.data(), ldp, nq, hd, Vh.data(), vs, n, oc.data());
-                avx2::z512::att_values_h(P.data(), ldp, nq, hd, Vh.data(), vs, n, od.data());
+                std::vector<float> sa((size_t)nq * ldp, 0.0f), sb = sa, sc = sa, sd = sa;
+                avx2::att_scores(q.data(), nq, hd, Kf.data(), ks, n, 0.125f, sa.data(), ldp);
+                avx2::z512::att_scores(q.data(), nq, hd, Kf.data(), ks, n, 0.125f, sb.data(), ldp);
+                avx2::att_scores_h(q.data(), nq, hd, Kh.data(), ks, n, 0.125f, sc.data(), ldp);
+                avx2::z512::att_scores_h(q.data(), nq, hd, Kh.data(), ks, n, 0.125f, sd.data(), ldp);
                 char d[64];
                 std::snprintf(d, sizeof d, "hd=%d nq=%d n=%d", hd, nq, n);
+                check(sa == sb, "att_scores: AVX-512 bit-identical to AVX2", d);
+                check(sc == sd, "att_scores_h: AVX-512 bit-identical to AVX2", d);
+                ++cases;
+                if (nq > 2) continue;  // the value kernels take one or two heads a call (att_values_pairs the rest)
+                std::vector<float> oa = O0, ob = O0, oc = O0, od = O0;
+                avx2::att_values(P.data(), ldp, nq, hd, Vf.data(), ks, n, oa.data());
+                avx2::z512::att_values(P.data(), ldp, nq, hd, Vf.data(), ks, n, ob.data());
+                avx2::att_values_h(P.data(), ldp, nq, hd, Vh.data(), ks, n, oc.data());
+                avx2::z512::att_values_h(P.data(), ldp, nq, hd, Vh.data(), ks, n, od.data());
                 check(oa == ob, "att_values: AVX-512 bit-identical to AVX2", d);
                 check(oc == od, "att_values_h: AVX-512 bit-identical to AVX2", d);
                 if (hd == 64 && nq == 2 && n == 67) {  // through the set's table, the switch on and off
@@ -756,16 +771,15 @@ static void attention_avx512_tests() {
                     for (bool on : {true, false}) {
                         std::vector<float> oe = O0;
                         check(set_avx512_attention(on), "set_avx512_attention: accepted on a CPU with AVX-512", on ? "on" : "off");
-                        vec_ops(K_AVX2).att_values(P.data(), ldp, nq, hd, Vf.data(), vs, n, oe.data());
+                        vec_ops(K_AVX2).att_values(P.data(), ldp, nq, hd, Vf.data(), ks, n, oe.data());
                         check(oe == ob, "vec_ops(K_AVX2).att_values: the same bits with the AVX-512 kernels on and off", on ? "on" : "off");
                         check(std::strstr(system_info(), on ? "attention=avx512" : "attention=avx2") != nullptr,
                               "system_info: names the attention kernels in use", system_info());
                     }
                     set_avx512_attention(was);
                 }
-                ++cases;
             }
-    std::printf("attention AVX-512: att_values bit-identical to AVX2 in %d cases (float and fp16 rows), %s\n", cases,
+    std::printf("attention AVX-512: scores and values bit-identical to AVX2 in %d cases (float and fp16 rows), %s\n", cases,
                 avx512_attention() ? "in use" : "not in use (WQEDGE_AVX512_ATTENTION=0)");
 }
 #else
