@@ -542,6 +542,8 @@ namespace vnni256 {  // kernels_vnni.cpp: AVX-VNNI
 void dot8_rows_q8(const uint8_t*, size_t, int, const XQ8*, float, int, float*);  // q8 row-blocks, bit-identical to AVX2's
 #include "tile_set.inc"
 }  // namespace vnni256
+void att_scores_kv(const float*, int, int, const uint8_t*, size_t, int, int, float, float*, size_t);  // quantized KV
+void att_values_kv(const float*, size_t, int, int, const uint8_t*, size_t, int, int, float*);              // cache rows
 namespace z512 {  // kernels_avx512_att.cpp: attention kernels on AVX-512, bit-identical to AVX2's
 void att_scores(const float*, int, int, const float*, size_t, int, float, float*, size_t);
 void att_scores_h(const float*, int, int, const uint16_t*, size_t, int, float, float*, size_t);
@@ -1002,21 +1004,23 @@ static float sfake_quant(float* x, int n, int bits) {
     return s;
 }
 static const VecOps SCALAR_OPS = {sdot_f32, sdot_f16, sdot_f16_rows, saxpy, sf16_to_f32, sf32_to_f16, sgemm4, stile8_mix, squant_x8, ssilu_mul,
-                                   satt_scores, sexp_sum, satt_values, satt_scores_h, satt_values_h, sfake_quant};
+                                   satt_scores, sexp_sum, satt_values, satt_scores_h, satt_values_h, sfake_quant, nullptr, nullptr};
 #if WQE_X86
 static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vf32_to_f16, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>,
                                  avx2::att_scores, exp_sum_any<avx2::exp_sum>, att_values_pairs<float, avx2::att_values>,
-                                 avx2::att_scores_h, att_values_pairs<uint16_t, avx2::att_values_h>, avx2::fake_quant};
+                                 avx2::att_scores_h, att_values_pairs<uint16_t, avx2::att_values_h>, avx2::fake_quant,
+                                 avx2::att_scores_kv, avx2::att_values_kv};
 // The AVX2 set with the AVX-512 attention kernels (the same bits, twice the elements per instruction): what
 // vec_ops(K_AVX2) gives where avx512_attention() says so.
 static const VecOps AVX512_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vf32_to_f16, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>,
                                    avx2::z512::att_scores, exp_sum_any<avx2::exp_sum>, att_values_pairs<float, avx2::z512::att_values>,
-                                   avx2::z512::att_scores_h, att_values_pairs<uint16_t, avx2::z512::att_values_h>, avx2::fake_quant};
+                                   avx2::z512::att_scores_h, att_values_pairs<uint16_t, avx2::z512::att_values_h>, avx2::fake_quant,
+                                   avx2::att_scores_kv, avx2::att_values_kv};
 #endif
 #if WQE_ARM64
 static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vf32_to_f16, neon::vgemm4, neon::tile8_mix, quant_x8_any<neon::quant_x8>, silu_mul_any<neon::silu_mul>,
                                  neon::att_scores, exp_sum_any<neon::exp_sum>, att_values_pairs<float, neon::att_values>,
-                                 neon::att_scores_h, att_values_pairs<uint16_t, neon::att_values_h>, neon::fake_quant};
+                                 neon::att_scores_h, att_values_pairs<uint16_t, neon::att_values_h>, neon::fake_quant, nullptr, nullptr};
 #endif
 
 const VecOps& vec_ops(int kernels) {

@@ -223,6 +223,14 @@ struct VecOps {
     // comparisons, IEEE division and round-to-nearest-even per value). On the calling thread once per group input
     // and token, so its speed is decode's serial time: the scalar loop was 7% of a W4A4 decode on llama-s.
     float (*fake_quant)(float* x, int n, int bits);
+    // The same two on the quantized KV cache's rows as stored (kvcache.h: bits 8 or 4, groups of 32 or 16 values, hd a
+    // multiple of the group; rows rb bytes apart; any number of heads): the bits of att_scores / att_values on the rows
+    // converted by kv_rows_values with this set. nullptr where the set has none (the rows are converted first, 64 at a
+    // time).
+    void (*att_scores_kv)(const float* q, int nq, int hd, const uint8_t* K, size_t rb, int bits, int n, float scale,
+                          float* S, size_t lds);
+    void (*att_values_kv)(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int bits, int n,
+                          float* O);
 };
 // Rows ahead that the attention kernels prefetch (a float32 cache's rows; measured +14% decode at 2000 tokens when a KV
 // head's rows lay a token's K apart; the quantized rows' conversion prefetches by bytes instead, kvcache.cpp).

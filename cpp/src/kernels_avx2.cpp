@@ -1304,6 +1304,136 @@ void att_values_h(const float* P, size_t ldp, int nq, int hd, const uint16_t* V,
     values(P, ldp, nq, hd, V, vs, n, O);
 }
 
+// ---- The quantized KV cache's rows read as stored (kvcache.h: per group of G values an fp16 scale d, an fp16 min m,
+// then the codes: 8 bits G = 32, one byte each; 4 bits G = 16, byte i holding codes i and i + 8; a row is rb bytes):
+// each value d * c + m formed in registers by the one multiply-add of kv_rows_values' AVX2 conversion, then the float
+// kernels' arithmetic above (the same accumulators, order and reduction), so the bits of converting the rows first and
+// running att_scores / att_values, without the conversion pass, which wrote and re-read 4 bytes a value (45% of a
+// decode at 2000 tokens with the 8-bit cache on llama-s).
+static inline void kv_scale_min(const uint8_t* p, __m256* d, __m256* m) {  // kvcache.cpp's scale_min
+    uint32_t v;
+    memcpy(&v, p, 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)v));
+    *d = _mm256_broadcastss_ps(dm);
+    *m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+}
+static inline __m256 kv_deq8(__m128i bytes8, __m256 d, __m256 m) {  // kvcache.cpp's deq8
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)), d, m);
+}
+// A group's G values as G / 8 vectors of 8 (columns in order), from its codes c (after the 4-byte scale and min).
+template <int BITS>
+struct KvGroup {
+    static constexpr int G = BITS == 8 ? 32 : 16, BYTES = 4 + G * BITS / 8;
+    static inline void values(const uint8_t* c, __m256 d, __m256 m, __m256* v) {
+        if (BITS == 8) {
+            for (int j = 0; j < 4; ++j) v[j] = kv_deq8(_mm_loadl_epi64((const __m128i*)(c + 8 * j)), d, m);
+        } else {
+            const __m128i b = _mm_loadl_epi64((const __m128i*)c), nib = _mm_set1_epi8(0x0F);
+            v[0] = kv_deq8(_mm_and_si128(b, nib), d, m);
+            v[1] = kv_deq8(_mm_and_si128(_mm_srli_epi16(b, 4), nib), d, m);
+        }
+    }
+};
+static inline void prefetch_kv_row(const uint8_t* r, size_t rb) {
+    for (size_t b = 0; b < rb; b += 64) _mm_prefetch((const char*)(r + b), _MM_HINT_T0);
+}
+
+// NK keys (4 for a pair of heads, 8 for a lone one) x NH heads per pass: each key's 8-lane accumulator over the
+// columns in steps of 8, hsum4x8, then `scale * x`, as scores / scores_one do per key (hd a multiple of G: no tail).
+template <int BITS, int NH, int NK>
+static inline void kv_scores_pass(const float* const* qh, int hd, const uint8_t* const* kr, float scale, float* const* S,
+                                  int s, int n) {
+    using Grp = KvGroup<BITS>;
+    __m256 a[NH][NK];
+    for (int h = 0; h < NH; ++h)
+        for (int u = 0; u < NK; ++u) a[h][u] = _mm256_setzero_ps();
+    for (int g0 = 0, gb = 0; g0 < hd; g0 += Grp::G, gb += Grp::BYTES) {
+        __m256 v[NK][Grp::G / 8];
+        for (int u = 0; u < NK; ++u) {
+            __m256 d, m;
+            kv_scale_min(kr[u] + gb, &d, &m);
+            Grp::values(kr[u] + gb + 4, d, m, v[u]);
+        }
+        for (int j = 0; j < Grp::G / 8; ++j) {
+            __m256 x[NH];
+            for (int h = 0; h < NH; ++h) x[h] = _mm256_loadu_ps(qh[h] + g0 + 8 * j);
+            for (int u = 0; u < NK; ++u)
+                for (int h = 0; h < NH; ++h) a[h][u] = _mm256_fmadd_ps(x[h], v[u][j], a[h][u]);
+        }
+    }
+    const __m128 sc = _mm_set1_ps(scale);
+    for (int h = 0; h < NH; ++h)
+        for (int u0 = 0; u0 < NK; u0 += 4) {
+            const __m128 t = _mm_mul_ps(sc, hsum4x8(a[h][u0], a[h][u0 + 1], a[h][u0 + 2], a[h][u0 + 3]));
+            if (s + u0 + 4 <= n) {
+                _mm_storeu_ps(S[h] + s + u0, t);
+            } else {
+                float tt[4];
+                _mm_storeu_ps(tt, t);
+                for (int u = 0; u < 4 && s + u0 + u < n; ++u) S[h][s + u0 + u] = tt[u];
+            }
+        }
+}
+template <int BITS, int NH, int NK>
+static void kv_scores_heads(const float* const* qh, int hd, const uint8_t* K, size_t rb, int n, float scale, float* const* S) {
+    for (int s = 0; s < n; s += NK) {
+        const uint8_t* kr[NK];
+        for (int u = 0; u < NK; ++u) kr[u] = K + (size_t)std::min(s + u, n - 1) * rb;
+        if (s + NK + ATT_PREFETCH_ROWS < n)
+            for (int u = 0; u < NK; ++u) prefetch_kv_row(kr[0] + (ATT_PREFETCH_ROWS + u) * rb, rb);
+        kv_scores_pass<BITS, NH, NK>(qh, hd, kr, scale, S, s, n);
+    }
+}
+template <int BITS>
+static void kv_scores(const float* q, int nq, int hd, const uint8_t* K, size_t rb, int n, float scale, float* S, size_t lds) {
+    for (int j = 0; j < nq; j += 2) {
+        const float* qh[2] = {q + (size_t)j * hd, q + (size_t)(j + 1) * hd};
+        float* sh[2] = {S + (size_t)j * lds, S + (size_t)(j + 1) * lds};
+        if (j + 1 == nq) kv_scores_heads<BITS, 1, 8>(qh, hd, K, rb, n, scale, sh);
+        else kv_scores_heads<BITS, 2, 4>(qh, hd, K, rb, n, scale, sh);
+    }
+}
+// One or two heads: O[j * hd + d] += sum over s, in order, of P[j * ldp + s] * row s's value d: one group of columns
+// at a time in registers, the same FMA per element and position as values_heads.
+template <int BITS>
+static void kv_values(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int n, float* O) {
+    using Grp = KvGroup<BITS>;
+    constexpr int NV = Grp::G / 8;
+    const float* p[2] = {P, P + ldp};
+    float* o[2] = {O, O + hd};
+    for (int d0 = 0, gb = 0; d0 < hd; d0 += Grp::G, gb += Grp::BYTES) {
+        __m256 acc[2][NV];
+        for (int h = 0; h < nq; ++h)
+            for (int c = 0; c < NV; ++c) acc[h][c] = _mm256_loadu_ps(o[h] + d0 + 8 * c);
+        for (int s = 0; s < n; ++s) {
+            const uint8_t* r = V + (size_t)s * rb + gb;
+            if (s + ATT_PREFETCH_ROWS < n) _mm_prefetch((const char*)(r + ATT_PREFETCH_ROWS * rb), _MM_HINT_T0);
+            __m256 d, m, v[NV];
+            kv_scale_min(r, &d, &m);
+            Grp::values(r + 4, d, m, v);
+            for (int h = 0; h < nq; ++h) {
+                const __m256 ph = _mm256_set1_ps(p[h][s]);
+                for (int c = 0; c < NV; ++c) acc[h][c] = _mm256_fmadd_ps(ph, v[c], acc[h][c]);
+            }
+        }
+        for (int h = 0; h < nq; ++h)
+            for (int c = 0; c < NV; ++c) _mm256_storeu_ps(o[h] + d0 + 8 * c, acc[h][c]);
+    }
+}
+// VecOps::att_scores_kv / att_values_kv (bits 8 or 4; hd a multiple of the group).
+void att_scores_kv(const float* q, int nq, int hd, const uint8_t* K, size_t rb, int bits, int n, float scale, float* S,
+                   size_t lds) {
+    if (bits == 8) kv_scores<8>(q, nq, hd, K, rb, n, scale, S, lds);
+    else kv_scores<4>(q, nq, hd, K, rb, n, scale, S, lds);
+}
+void att_values_kv(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int bits, int n, float* O) {
+    for (int j = 0; j < nq; j += 2) {
+        const int nh = std::min(2, nq - j);
+        if (bits == 8) kv_values<8>(P + (size_t)j * ldp, ldp, nh, hd, V, rb, n, O + (size_t)j * hd);
+        else kv_values<4>(P + (size_t)j * ldp, ldp, nh, hd, V, rb, n, O + (size_t)j * hd);
+    }
+}
+
 }  // namespace avx2
 }  // namespace wqe
 

@@ -695,9 +695,20 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                     if (const int mu = seen(u, s0, m); mu > 0)
                         kernel(sc + (size_t)u * qpt * n_ctx + s0, n_ctx, qpt, hd, vr, hd, mu, out_of(u));
             };
+            // a quantized cache's rows as stored where the set reads them (groups of 32 / 16): the bits of converting them
+            const bool kv_rows_read = (kvf.bits == 8 || kvf.bits == 4) && kvf.group == (kvf.bits == 8 ? 32 : 16) &&
+                                      ops.att_scores_kv && ops.att_values_kv;
+            auto rows_of = [&](const uint8_t* qc, int s0) { return qc + ((size_t)kvh * n_ctx + s0) * kvf.row_bytes; };
+            auto scores_kv = [&](const float* qv, int nq, int d, const uint8_t* r, size_t, int n, float sc, float* S, size_t lds) {
+                ops.att_scores_kv(qv, nq, d, r, kvf.row_bytes, kvf.bits, n, sc, S, lds);
+            };
+            auto values_kv = [&](const float* P, size_t ldp, int nq, int d, const uint8_t* r, size_t, int n, float* O) {
+                ops.att_values_kv(P, ldp, nq, d, r, kvf.row_bytes, kvf.bits, n, O);
+            };
             for (int s0 = 0; s0 < n_max; s0 += KV_CHUNK) {
                 const int m = std::min(KV_CHUNK, n_max - s0);
                 if (kvf.bits == 16) scores_of(half_rows(kqc, s0), ops.att_scores_h, s0, m);
+                else if (kv_rows_read) scores_of(rows_of(kqc, s0), scores_kv, s0, m);
                 else scores_of(kv_rows(kc, kqc, s0, m), ops.att_scores, s0, m);
             }
             float inv[ATT_QUERIES];
@@ -710,6 +721,7 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
             for (int s0 = 0; s0 < n_max; s0 += KV_CHUNK) {
                 const int m = std::min(KV_CHUNK, n_max - s0);
                 if (kvf.bits == 16) values_of(half_rows(vqc, s0), ops.att_values_h, s0, m);
+                else if (kv_rows_read) values_of(rows_of(vqc, s0), values_kv, s0, m);
                 else values_of(kv_rows(vc, vqc, s0, m), ops.att_values, s0, m);
             }
             for (int u = 0; u < nt; ++u) {

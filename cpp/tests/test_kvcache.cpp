@@ -2,6 +2,7 @@
 // scalar reference: the rows' values (kv_rows_values) and attention over them as the runtime runs it (the values
 // through VecOps::att_scores / att_values, within 1e-5 of the magnitude of their terms); dequantized values within
 // half a grid step of the input; the Walsh-Hadamard transform is its own inverse and keeps norms.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -109,6 +110,40 @@ int main() {
             }
         }
     }
+    // The quantized cache's rows read as stored (VecOps::att_scores_kv / att_values_kv, where a set has them): bit for
+    // bit what converting the rows with kv_rows_values and running att_scores / att_values gives with the same set, at
+    // 8 and 4 bits, for 1-5 query heads, row counts around the passes' 4 and 8 keys and the prefetch distance, and
+    // widths of 1-8 groups.
+    int n_kv = 0;
+    for (int k : sets) {
+        const VecOps& ops = vec_ops(k);
+        if (!ops.att_scores_kv) continue;
+        for (int bits : {8, 4})
+            for (int hd : {32, 64, 96, 128})
+                for (int nq : {1, 2, 3, 5})
+                    for (int n : {1, 3, 4, 5, 8, 9, 17, 67}) {
+                        const KvFormat f = KvFormat::make(bits, true, hd);
+                        const size_t ldp = (size_t)n + 3;
+                        std::vector<float> X((size_t)n * hd), q((size_t)nq * hd), P((size_t)nq * ldp), O0((size_t)nq * hd);
+                        std::vector<uint8_t> rows((size_t)n * f.row_bytes);
+                        for (float& v : X) v = nd(rng) * (rng() % 11 == 0 ? 8.0f : 1.0f);
+                        for (float& v : q) v = nd(rng);
+                        for (float& v : P) v = std::fabs(nd(rng));
+                        for (float& v : O0) v = nd(rng);
+                        for (int i = 0; i < n; ++i) kv_quantize(f, &X[(size_t)i * hd], &rows[(size_t)i * f.row_bytes], K_SCALAR);
+                        std::vector<float> vals((size_t)n * hd), sa((size_t)nq * ldp, 0.0f), sb = sa, oa = O0, ob = O0;
+                        kv_rows_values(f, rows.data(), n, n, vals.data(), k);
+                        ops.att_scores(q.data(), nq, hd, vals.data(), hd, n, 0.125f, sa.data(), ldp);
+                        ops.att_scores_kv(q.data(), nq, hd, rows.data(), f.row_bytes, bits, n, 0.125f, sb.data(), ldp);
+                        ops.att_values(P.data(), ldp, nq, hd, vals.data(), hd, n, oa.data());
+                        ops.att_values_kv(P.data(), ldp, nq, hd, rows.data(), f.row_bytes, bits, n, ob.data());
+                        checks += 2;
+                        ++n_kv;
+                        if (sa != sb) ++fails, std::printf("FAIL att_scores_kv set %d bits %d hd %d nq %d n %d: not the bits of converted rows\n", k, bits, hd, nq, n);
+                        if (oa != ob) ++fails, std::printf("FAIL att_values_kv set %d bits %d hd %d nq %d n %d: not the bits of converted rows\n", k, bits, hd, nq, n);
+                    }
+    }
+    std::printf("kv cache: quantized rows read as stored, %d cases bit-identical to converted rows\n", n_kv);
     std::printf("kv cache kernels: %d sets, %d checks, %d failures\n", (int)sets.size(), checks, fails);
     return fails ? 1 : 0;
 }
