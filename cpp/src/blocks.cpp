@@ -703,6 +703,8 @@ WQE_SUB_DECL(q2s)
 #if WQE_ARM64
 namespace neon {
 #include "kernel_set.inc"
+void att_scores_kv(const float*, int, int, const uint8_t*, size_t, int, int, float, float*, size_t);  // quantized KV
+void att_values_kv(const float*, size_t, int, int, const uint8_t*, size_t, int, int, float*);              // cache rows
 // Row tiles (kernels_neon_tiles.cpp): SDOT or plain NEON per call (neon_dotprod()), as the dot8 kernels.
 #include "tile_set.inc"
 }  // namespace neon
@@ -1020,7 +1022,8 @@ static const VecOps AVX512_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16
 #if WQE_ARM64
 static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vf32_to_f16, neon::vgemm4, neon::tile8_mix, quant_x8_any<neon::quant_x8>, silu_mul_any<neon::silu_mul>,
                                  neon::att_scores, exp_sum_any<neon::exp_sum>, att_values_pairs<float, neon::att_values>,
-                                 neon::att_scores_h, att_values_pairs<uint16_t, neon::att_values_h>, neon::fake_quant, nullptr, nullptr};
+                                 neon::att_scores_h, att_values_pairs<uint16_t, neon::att_values_h>, neon::fake_quant,
+                                 neon::att_scores_kv, neon::att_values_kv};
 #endif
 
 const VecOps& vec_ops(int kernels) {

@@ -812,6 +812,115 @@ void att_values_h(const float* P, size_t ldp, int nq, int hd, const uint16_t* V,
     values(P, ldp, nq, hd, V, vs, n, O);
 }
 
+// The quantized KV cache's rows read as stored (kvcache.h; the AVX2 set's att_scores_kv says why): each value d * c + m
+// formed in registers by kv_rows_values' NEON conversion (one multiply-add per 4 values), then the float kernels'
+// accumulators, order and lane sums above, so the bits of converting the rows first.
+static inline void kv_scale_min(const uint8_t* p, float32x4_t* d, float32x4_t* m) {  // kvcache.cpp's fp16 pair
+    uint32_t v;
+    memcpy(&v, p, 4);
+    const float32x4_t dm = vcvt_f32_f16(vreinterpret_f16_u16(vcreate_u16((uint64_t)v)));
+    *d = vdupq_laneq_f32(dm, 0);
+    *m = vdupq_laneq_f32(dm, 1);
+}
+static inline void kv_deq8(uint16x8_t c, float32x4_t d, float32x4_t m, float32x4_t* w) {  // kvcache.cpp's deq8
+    w[0] = vfmaq_f32(m, vcvtq_f32_u32(vmovl_u16(vget_low_u16(c))), d);
+    w[1] = vfmaq_f32(m, vcvtq_f32_u32(vmovl_u16(vget_high_u16(c))), d);
+}
+// 8 columns [8 j, 8 j + 8) of a group (codes c after its scale and min) as two vectors of 4.
+template <int BITS>
+static inline void kv_values8(const uint8_t* c, int j, float32x4_t d, float32x4_t m, float32x4_t* w) {
+    if (BITS == 8) {
+        kv_deq8(vmovl_u8(vld1_u8(c + 8 * j)), d, m, w);
+    } else {  // 16 codes in 8 bytes: the low nibbles are columns 0-7, the high ones 8-15
+        const uint8x8_t b = vld1_u8(c);
+        kv_deq8(vmovl_u8(j == 0 ? vand_u8(b, vdup_n_u8(0x0F)) : vshr_n_u8(b, 4)), d, m, w);
+    }
+}
+template <int BITS>
+struct KvGroup {
+    static constexpr int G = BITS == 8 ? 32 : 16, BYTES = 4 + G * BITS / 8;
+};
+// NK keys (4 for a pair of heads, 8 for a lone one) x NH heads: 4-lane accumulators over the columns in steps of 4,
+// then each one's lane sum and the scale, as scores / scores_one do per key (hd a multiple of the group: no tail).
+template <int BITS, int NH, int NK>
+static void kv_scores_heads(const float* const* qh, int hd, const uint8_t* K, size_t rb, int n, float scale, float* const* S) {
+    using Grp = KvGroup<BITS>;
+    for (int s = 0; s < n; s += NK) {
+        const uint8_t* kr[NK];
+        for (int u = 0; u < NK; ++u) kr[u] = K + (size_t)std::min(s + u, n - 1) * rb;
+        float32x4_t a[NH][NK];
+        for (int h = 0; h < NH; ++h)
+            for (int u = 0; u < NK; ++u) a[h][u] = vdupq_n_f32(0.0f);
+        for (int g0 = 0, gb = 0; g0 < hd; g0 += Grp::G, gb += Grp::BYTES) {
+            float32x4_t d[NK], m[NK];
+            for (int u = 0; u < NK; ++u) kv_scale_min(kr[u] + gb, &d[u], &m[u]);
+            for (int j = 0; j < Grp::G / 8; ++j) {
+                float32x4_t x[NH][2];
+                for (int h = 0; h < NH; ++h) {
+                    x[h][0] = vld1q_f32(qh[h] + g0 + 8 * j);
+                    x[h][1] = vld1q_f32(qh[h] + g0 + 8 * j + 4);
+                }
+                for (int u = 0; u < NK; ++u) {
+                    float32x4_t w[2];
+                    kv_values8<BITS>(kr[u] + gb + 4, j, d[u], m[u], w);
+                    for (int h = 0; h < NH; ++h) {
+                        a[h][u] = vfmaq_f32(a[h][u], x[h][0], w[0]);
+                        a[h][u] = vfmaq_f32(a[h][u], x[h][1], w[1]);
+                    }
+                }
+            }
+        }
+        for (int h = 0; h < NH; ++h)
+            for (int u = 0; u < NK && s + u < n; ++u) S[h][s + u] = scale * vaddvq_f32(a[h][u]);
+    }
+}
+template <int BITS>
+static void kv_scores(const float* q, int nq, int hd, const uint8_t* K, size_t rb, int n, float scale, float* S, size_t lds) {
+    for (int j = 0; j < nq; j += 2) {
+        const float* qh[2] = {q + (size_t)j * hd, q + (size_t)(j + 1) * hd};
+        float* sh[2] = {S + (size_t)j * lds, S + (size_t)(j + 1) * lds};
+        if (j + 1 == nq) kv_scores_heads<BITS, 1, 8>(qh, hd, K, rb, n, scale, sh);
+        else kv_scores_heads<BITS, 2, 4>(qh, hd, K, rb, n, scale, sh);
+    }
+}
+// One or two heads, one group of columns at a time in registers: the same FMA per element and position as values_heads.
+template <int BITS>
+static void kv_values(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int n, float* O) {
+    using Grp = KvGroup<BITS>;
+    constexpr int NV = Grp::G / 4;
+    const float* p[2] = {P, P + ldp};
+    float* o[2] = {O, O + hd};
+    for (int d0 = 0, gb = 0; d0 < hd; d0 += Grp::G, gb += Grp::BYTES) {
+        float32x4_t acc[2][NV];
+        for (int h = 0; h < nq; ++h)
+            for (int c = 0; c < NV; ++c) acc[h][c] = vld1q_f32(o[h] + d0 + 4 * c);
+        for (int s = 0; s < n; ++s) {
+            const uint8_t* r = V + (size_t)s * rb + gb;
+            float32x4_t d, m, w[NV];
+            kv_scale_min(r, &d, &m);
+            for (int j = 0; j < Grp::G / 8; ++j) kv_values8<BITS>(r + 4, j, d, m, w + 2 * j);
+            for (int h = 0; h < nq; ++h) {
+                const float32x4_t ph = vdupq_n_f32(p[h][s]);
+                for (int c = 0; c < NV; ++c) acc[h][c] = vfmaq_f32(acc[h][c], ph, w[c]);
+            }
+        }
+        for (int h = 0; h < nq; ++h)
+            for (int c = 0; c < NV; ++c) vst1q_f32(o[h] + d0 + 4 * c, acc[h][c]);
+    }
+}
+void att_scores_kv(const float* q, int nq, int hd, const uint8_t* K, size_t rb, int bits, int n, float scale, float* S,
+                   size_t lds) {
+    if (bits == 8) kv_scores<8>(q, nq, hd, K, rb, n, scale, S, lds);
+    else kv_scores<4>(q, nq, hd, K, rb, n, scale, S, lds);
+}
+void att_values_kv(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int bits, int n, float* O) {
+    for (int j = 0; j < nq; j += 2) {
+        const int nh = std::min(2, nq - j);
+        if (bits == 8) kv_values<8>(P + (size_t)j * ldp, ldp, nh, hd, V, rb, n, O + (size_t)j * hd);
+        else kv_values<4>(P + (size_t)j * ldp, ldp, nh, hd, V, rb, n, O + (size_t)j * hd);
+    }
+}
+
 }  // namespace neon
 }  // namespace wqe
 

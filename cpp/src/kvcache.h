@@ -34,10 +34,10 @@ void kv_hadamard(float* x, int n, int block);
 
 // dst[i * head_dim ..] = row i's values as kv_dequantize, for the n rows at rows + i * row_bytes, with kernels K_SCALAR
 // (kv_dequantize itself), K_AVX2 or K_NEON (which fuse d * code + m into one multiply-add); rows [n, avail) exist too
-// and are prefetched. Where the kernel set reads quantized rows as stored (VecOps::att_scores_kv / att_values_kv: AVX2,
-// 8 bits in groups of 32 and 4 bits in groups of 16), attention does not convert them: the same fused d * c + m in
+// and are prefetched. Where the kernel set reads quantized rows as stored (VecOps::att_scores_kv / att_values_kv:
+// AVX2, NEON; 8 bits in groups of 32, 4 bits in groups of 16), attention does not convert them: the same fused d * c + m in
 // registers, the same bits, and 1.45-1.56x the decode speed at 2000 tokens on llama-s (bench/results/decode_depth.md).
-// Otherwise (NEON, scalar, other groups) the attention loop converts a KV head's rows (contiguous: the cache is
+// Otherwise (the scalar set, other groups) the attention loop converts a KV head's rows (contiguous: the cache is
 // head-major), 64 at a time, once for all the query heads of its group and runs VecOps::att_scores / att_values on
 // them; an fp16 cache's rows it does not convert (VecOps::att_scores_h / att_values_h read them as stored, the same
 // bits). One call per chunk, the per-row work inlined.
