@@ -110,8 +110,9 @@ int main() {
             }
         }
     }
-    // The quantized cache's rows read as stored (VecOps::att_scores_kv / att_values_kv, where a set has them): bit for
-    // bit what converting the rows with kv_rows_values and running att_scores / att_values gives with the same set, at
+    // The quantized cache's rows read as stored (VecOps::att_scores_kv / att_values_kv, where a set has them): within
+    // 1e-5 of the terms of the scalar reference (kv_dequantize's values, double sums), and bit for bit what converting
+    // the rows with kv_rows_values and running att_scores / att_values gives with the same set, at
     // 8 and 4 bits, for 1-5 query heads, row counts around the passes' 4 and 8 keys and the prefetch distance, and
     // widths of 1-8 groups.
     int n_kv = 0;
@@ -137,6 +138,32 @@ int main() {
                         ops.att_scores_kv(q.data(), nq, hd, rows.data(), f.row_bytes, bits, n, 0.125f, sb.data(), ldp);
                         ops.att_values(P.data(), ldp, nq, hd, vals.data(), hd, n, oa.data());
                         ops.att_values_kv(P.data(), ldp, nq, hd, rows.data(), f.row_bytes, bits, n, ob.data());
+                        // and against the scalar reference (kv_dequantize's values, sums in double): within 1e-5 of the terms
+                        std::vector<float> deq_r(hd);
+                        for (int j = 0; j < nq; ++j) {
+                            std::vector<double> ro(hd), mo(hd, 1e-30);
+                            for (int e = 0; e < hd; ++e) ro[e] = O0[(size_t)j * hd + e], mo[e] += std::fabs(O0[(size_t)j * hd + e]);
+                            for (int i = 0; i < n; ++i) {
+                                kv_dequantize(f, &rows[(size_t)i * f.row_bytes], deq_r.data());
+                                double r = 0.0, mag = 1e-30;
+                                for (int e = 0; e < hd; ++e) {
+                                    r += (double)q[(size_t)j * hd + e] * deq_r[e];
+                                    mag += std::fabs((double)q[(size_t)j * hd + e] * deq_r[e]);
+                                    ro[e] += (double)P[(size_t)j * ldp + i] * deq_r[e];
+                                    mo[e] += std::fabs((double)P[(size_t)j * ldp + i] * deq_r[e]);
+                                }
+                                ++checks;
+                                if (std::fabs(sb[(size_t)j * ldp + i] - 0.125 * r) > 1e-5 * 0.125 * mag)
+                                    ++fails, std::printf("FAIL att_scores_kv set %d bits %d hd %d nq %d n %d: %g vs reference %g\n", k, bits, hd, nq, n,
+                                                         sb[(size_t)j * ldp + i], 0.125 * r);
+                            }
+                            for (int e = 0; e < hd; ++e) {
+                                ++checks;
+                                if (std::fabs(ob[(size_t)j * hd + e] - ro[e]) > 1e-5 * mo[e])
+                                    ++fails, std::printf("FAIL att_values_kv set %d bits %d hd %d nq %d n %d col %d: %g vs reference %g\n", k, bits, hd,
+                                                         nq, n, e, ob[(size_t)j * hd + e], ro[e]);
+                            }
+                        }
                         checks += 2;
                         ++n_kv;
                         if (sa != sb) ++fails, std::printf("FAIL att_scores_kv set %d bits %d hd %d nq %d n %d: not the bits of converted rows\n", k, bits, hd, nq, n);
