@@ -649,6 +649,8 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
         // serves every token and head of the task while it is in L1, so a prompt reads each row once per block of
         // tokens rather than once per token. Each (token, head) gets the same operations whatever the blocking: its
         // scores over its own positions, its softmax, then its weighted sum in order of position.
+        const bool kv_rows_read = (kvf.bits == 8 || kvf.bits == 4) && kvf.group == (kvf.bits == 8 ? 32 : 16) &&
+                                  ops.att_scores_kv && ops.att_values_kv;  // the quantized rows read as stored
         const int qpt = att_heads_per_task(group, n * L.n_head_kv, tp.size()), n_sub = group / qpt;
         const int tb = std::max(1, std::min(ATT_QUERIES / qpt, n * L.n_head_kv * n_sub / (4 * tp.size())));
         const int n_tb = (n + tb - 1) / tb;
@@ -678,11 +680,21 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 kv_rows_values(kvf, r0, m, n_max - s0, rows, kern);
                 return rows;
             };
+            // a 16-bit or quantized cache's rows [s0, ..) of this KV head, as stored
+            auto rows_of = [&](const uint8_t* qc, int s0) { return qc + ((size_t)kvh * n_ctx + s0) * kvf.row_bytes; };
             // the fp16 cache's rows as stored: the _h kernels read them directly (half the bytes of float rows, and
             // no conversion pass; each value's float is exact, so the same bits as converting first)
             auto half_rows = [&](const uint8_t* qc, int s0) {
-                return reinterpret_cast<const uint16_t*>(qc + ((size_t)kvh * n_ctx + s0) * kvf.row_bytes);
+                return reinterpret_cast<const uint16_t*>(rows_of(qc, s0));
             };
+            // a quantized cache's rows as stored, where the set reads them (att_scores_kv / att_values_kv: groups of 32
+            // at 8 bits, 16 at 4): each value formed in registers as the conversion forms it, so the same bits again
+            auto scores_kv = [&](const float* qv, int nq, int d, const uint8_t* r, size_t, int nr, float scl, float* S,
+                                 size_t lds) {
+                ops.att_scores_kv(qv, nq, d, r, kvf.row_bytes, kvf.bits, nr, scl, S, lds);
+            };
+            auto values_kv = [&](const float* P, size_t ldp, int nq, int d, const uint8_t* r, size_t, int nr,
+                                 float* O) { ops.att_values_kv(P, ldp, nq, d, r, kvf.row_bytes, kvf.bits, nr, O); };
             auto seen = [&](int u, int s0, int m) { return std::min(m, pos0 + t0 + u + 1 - s0); };  // causal
             auto out_of = [&](int u) { return &att[(size_t)(t0 + u) * QD + (size_t)h0 * hd]; };  // token u's qpt heads
             auto scores_of = [&](auto* kr, auto kernel, int s0, int m) {
@@ -694,16 +706,6 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
                 for (int u = 0; u < nt; ++u)
                     if (const int mu = seen(u, s0, m); mu > 0)
                         kernel(sc + (size_t)u * qpt * n_ctx + s0, n_ctx, qpt, hd, vr, hd, mu, out_of(u));
-            };
-            // a quantized cache's rows as stored where the set reads them (groups of 32 / 16): the bits of converting them
-            const bool kv_rows_read = (kvf.bits == 8 || kvf.bits == 4) && kvf.group == (kvf.bits == 8 ? 32 : 16) &&
-                                      ops.att_scores_kv && ops.att_values_kv;
-            auto rows_of = [&](const uint8_t* qc, int s0) { return qc + ((size_t)kvh * n_ctx + s0) * kvf.row_bytes; };
-            auto scores_kv = [&](const float* qv, int nq, int d, const uint8_t* r, size_t, int n, float sc, float* S, size_t lds) {
-                ops.att_scores_kv(qv, nq, d, r, kvf.row_bytes, kvf.bits, n, sc, S, lds);
-            };
-            auto values_kv = [&](const float* P, size_t ldp, int nq, int d, const uint8_t* r, size_t, int n, float* O) {
-                ops.att_values_kv(P, ldp, nq, d, r, kvf.row_bytes, kvf.bits, n, O);
             };
             for (int s0 = 0; s0 < n_max; s0 += KV_CHUNK) {
                 const int m = std::min(KV_CHUNK, n_max - s0);
