@@ -494,3 +494,49 @@ def test_cli_convert_default_kv_cache(tiny_model_dir, tmp_path):
         assert r.exit_code == 0, r.output
         assert json.loads(plan.read_text()).get("kv_cache") == recorded
         assert kv_of("--plan", str(plan)) == written
+
+
+def test_cpp_avx512_attention_is_bit_identical(tiny_model_factory, tmp_path):
+    """On a CPU with AVX-512 the AVX2 set's attention runs 512-bit kernels (kernels_avx512_att.cpp: values 16 columns a
+    register, scores four query heads per pass), built to give the AVX2 kernels' bits. End to end: prompt and decode
+    logits with WQEDGE_AVX512_ATTENTION=1 and =0 (children: the switch is read once per process) are equal exactly,
+    with the fp16 cache and the 8- and 4-bit caches read as stored, on a model whose KV groups hold 4 query heads
+    (head_dim 64: the value kernels' 64 columns; 4 heads: the scores' 4-head pass) over 150 positions (three chunks of
+    the cache). Skipped where the CPU has no AVX-512 or the library no AVX2 set."""
+    import os
+    import subprocess
+    import sys
+    from wqedge.quantize import convert_to_gguf
+    from cpp_support import ensure_library
+    ensure_library()
+    ckpt = LlamaCheckpoint.open(tiny_model_factory(hidden=256, n_layers=2, n_heads=4, n_kv_heads=1, intermediate=352))
+    files = {}
+    for kv in (KVCacheSpec(16), KVCacheSpec(8), KVCacheSpec(4)):
+        plan = _plan(ckpt)
+        plan.kv_cache = kv.to_plan()
+        files[kv.bits] = convert_to_gguf(ckpt, plan.validate(), tmp_path / f"kv{kv.bits}.gguf")
+    row = np.random.default_rng(1).integers(0, 256, 150)
+    np.save(tmp_path / "row.npy", row)
+    code = ("import sys, numpy as np\n"
+            "from wqedge.runtime import native\n"
+            "print(native.system_info())\n"
+            "row = np.load(sys.argv[1]).tolist()\n"
+            "out = []\n"
+            "for path in sys.argv[3:]:\n"
+            "    c = native.Context(native.Model(path), n_ctx=160, n_threads=1)\n"
+            "    first = c.eval(row[:100], all_logits=True)\n"
+            "    out.append(np.concatenate([first, np.stack([c.eval([t]) for t in row[100:]])]))\n"
+            "np.save(sys.argv[2], np.stack(out))\n")
+    outs, infos = [], []
+    for on in ("1", "0"):
+        p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "row.npy"), str(tmp_path / f"out{on}.npy"),
+                            *map(str, files.values())], env=dict(os.environ, WQEDGE_AVX512_ATTENTION=on),
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-2000:]
+        infos.append(p.stdout)
+        outs.append(np.load(tmp_path / f"out{on}.npy"))
+    if "attention=avx512" not in infos[0]:
+        pytest.skip(f"no AVX-512 attention on this CPU ({infos[0].strip()})")
+    assert "attention=avx2" in infos[1], infos[1]
+    assert np.isfinite(outs[0]).all()
+    np.testing.assert_array_equal(outs[0], outs[1])
