@@ -545,6 +545,7 @@ void dot8_rows_q8(const uint8_t*, size_t, int, const XQ8*, float, int, float*); 
 void att_scores_kv(const float*, int, int, const uint8_t*, size_t, int, int, float, float*, size_t);  // quantized KV
 void att_values_kv(const float*, size_t, int, int, const uint8_t*, size_t, int, int, float*);              // cache rows
 namespace z512 {  // kernels_avx512_att.cpp: attention kernels on AVX-512, bit-identical to AVX2's
+void att_values_kv(const float*, size_t, int, int, const uint8_t*, size_t, int, int, float*);
 void att_scores(const float*, int, int, const float*, size_t, int, float, float*, size_t);
 void att_scores_h(const float*, int, int, const uint16_t*, size_t, int, float, float*, size_t);
 void att_values(const float*, size_t, int, int, const float*, size_t, int, float*);
@@ -1017,7 +1018,7 @@ static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_r
 static const VecOps AVX512_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vf32_to_f16, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>,
                                    avx2::z512::att_scores, exp_sum_any<avx2::exp_sum>, att_values_pairs<float, avx2::z512::att_values>,
                                    avx2::z512::att_scores_h, att_values_pairs<uint16_t, avx2::z512::att_values_h>, avx2::fake_quant,
-                                   avx2::att_scores_kv, avx2::att_values_kv};
+                                   avx2::att_scores_kv, avx2::z512::att_values_kv};
 #endif
 #if WQE_ARM64
 static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vf32_to_f16, neon::vgemm4, neon::tile8_mix, quant_x8_any<neon::quant_x8>, silu_mul_any<neon::silu_mul>,

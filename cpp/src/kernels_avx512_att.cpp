@@ -1,6 +1,7 @@
 // AVX-512 attention kernels (VecOps::att_scores / att_values and their fp16-row forms) for the AVX2 column on CPUs
 // with AVX-512 (F, VL, DQ, BW): at long context attention is most of a decode (bench/results/decode_depth.md).
 // - values: 16 columns a register instead of AVX2's 8, every column's FMA chain over the positions in the same order;
+// - the quantized cache's values (att_values_kv) the same way, each value formed as kv_rows_values forms it;
 // - scores of four query heads of a KV group at a time (GQA: TinyLlama's 8 a group, Llama 3's and Mistral's 4): each
 //   key's row converted once for the four heads (AVX2's pairs convert it once per two), the AVX2 kernel's 8-lane
 //   accumulator of one key in each half of a register and hsum4x8's reduction on both halves; one or two heads (MHA,
@@ -154,8 +155,57 @@ void values(const float* P, size_t ldp, int nq, int hd, const T* V, size_t vs, i
         for (int j = 0; j < nq; ++j) avx2_values(p[j], ldp, 1, hd - d, V + d, vs, n, o[j] + d);
 }
 
+// The quantized KV cache's rows read as stored (kernels_avx2.cpp's att_values_kv, 16 columns a register): each value
+// d * c + m by one multiply-add as kv_rows_values forms it, then the same FMA per element and position.
+inline void kv_scale_min(const uint8_t* p, __m512* d, __m512* m) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)v));
+    *d = _mm512_broadcastss_ps(dm);
+    *m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+}
+inline __m512 kv_deq16(__m128i bytes16, __m512 d, __m512 m) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes16)), d, m);
+}
+template <int BITS>
+void kv_values(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int n, float* O) {
+    constexpr int G = BITS == 8 ? 32 : 16, GB = 4 + G * BITS / 8, NV = G / 16;
+    const float* p[2] = {P, P + ldp};
+    float* o[2] = {O, O + hd};
+    for (int d0 = 0, gb = 0; d0 < hd; d0 += G, gb += GB) {
+        __m512 acc[2][NV];
+        for (int h = 0; h < nq; ++h)
+            for (int c = 0; c < NV; ++c) acc[h][c] = _mm512_loadu_ps(o[h] + d0 + 16 * c);
+        for (int s = 0; s < n; ++s) {
+            const uint8_t* r = V + (size_t)s * rb + gb;
+            if (s + ATT_PREFETCH_ROWS < n) _mm_prefetch((const char*)(r + ATT_PREFETCH_ROWS * rb), _MM_HINT_T0);
+            __m512 d, m, v[NV];
+            kv_scale_min(r, &d, &m);
+            if (BITS == 8) {
+                for (int c = 0; c < NV; ++c) v[c] = kv_deq16(_mm_loadu_si128((const __m128i*)(r + 4 + 16 * c)), d, m);
+            } else {  // 16 codes in 8 bytes: low nibbles columns 0-7, high nibbles 8-15
+                const __m128i b = _mm_loadl_epi64((const __m128i*)(r + 4)), nib = _mm_set1_epi8(0x0F);
+                v[0] = kv_deq16(_mm_unpacklo_epi64(_mm_and_si128(b, nib), _mm_and_si128(_mm_srli_epi16(b, 4), nib)), d, m);
+            }
+            for (int h = 0; h < nq; ++h) {
+                const __m512 ph = _mm512_set1_ps(p[h][s]);
+                for (int c = 0; c < NV; ++c) acc[h][c] = _mm512_fmadd_ps(ph, v[c], acc[h][c]);
+            }
+        }
+        for (int h = 0; h < nq; ++h)
+            for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o[h] + d0 + 16 * c, acc[h][c]);
+    }
+}
+
 }  // namespace
 
+void att_values_kv(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int bits, int n, float* O) {
+    for (int j = 0; j < nq; j += 2) {
+        const int nh = nq - j < 2 ? nq - j : 2;
+        if (bits == 8) kv_values<8>(P + (size_t)j * ldp, ldp, nh, hd, V, rb, n, O + (size_t)j * hd);
+        else kv_values<4>(P + (size_t)j * ldp, ldp, nh, hd, V, rb, n, O + (size_t)j * hd);
+    }
+}
 void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S, size_t lds) {
     scores(q, nq, hd, K, ks, n, scale, S, lds, avx2::att_scores);
 }
