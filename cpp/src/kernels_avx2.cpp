@@ -1347,20 +1347,14 @@ static inline void kv_scores_pass(const float* const* qh, int hd, const uint8_t*
     __m256 a[NH][NK];
     for (int h = 0; h < NH; ++h)
         for (int u = 0; u < NK; ++u) a[h][u] = _mm256_setzero_ps();
-    for (int g0 = 0, gb = 0; g0 < hd; g0 += Grp::G, gb += Grp::BYTES) {
-        __m256 v[NK][Grp::G / 8];
-        for (int u = 0; u < NK; ++u) {
-            __m256 d, m;
+    for (int g0 = 0, gb = 0; g0 < hd; g0 += Grp::G, gb += Grp::BYTES)
+        for (int u = 0; u < NK; ++u) {  // key by key, so a group's values and the accumulators fit the 16 registers
+            __m256 d, m, v[Grp::G / 8];
             kv_scale_min(kr[u] + gb, &d, &m);
-            Grp::values(kr[u] + gb + 4, d, m, v[u]);
+            Grp::values(kr[u] + gb + 4, d, m, v);
+            for (int j = 0; j < Grp::G / 8; ++j)
+                for (int h = 0; h < NH; ++h) a[h][u] = _mm256_fmadd_ps(_mm256_loadu_ps(qh[h] + g0 + 8 * j), v[j], a[h][u]);
         }
-        for (int j = 0; j < Grp::G / 8; ++j) {
-            __m256 x[NH];
-            for (int h = 0; h < NH; ++h) x[h] = _mm256_loadu_ps(qh[h] + g0 + 8 * j);
-            for (int u = 0; u < NK; ++u)
-                for (int h = 0; h < NH; ++h) a[h][u] = _mm256_fmadd_ps(x[h], v[u][j], a[h][u]);
-        }
-    }
     const __m128 sc = _mm_set1_ps(scale);
     for (int h = 0; h < NH; ++h)
         for (int u0 = 0; u0 < NK; u0 += 4) {
