@@ -1378,15 +1378,6 @@ static void kv_scores_heads(const float* const* qh, int hd, const uint8_t* K, si
         kv_scores_pass<BITS, NH, NK>(qh, hd, kr, scale, S, s, n);
     }
 }
-template <int BITS>
-static void kv_scores(const float* q, int nq, int hd, const uint8_t* K, size_t rb, int n, float scale, float* S, size_t lds) {
-    for (int j = 0; j < nq; j += 2) {
-        const float* qh[2] = {q + (size_t)j * hd, q + (size_t)(j + 1) * hd};
-        float* sh[2] = {S + (size_t)j * lds, S + (size_t)(j + 1) * lds};
-        if (j + 1 == nq) kv_scores_heads<BITS, 1, 8>(qh, hd, K, rb, n, scale, sh);
-        else kv_scores_heads<BITS, 2, 4>(qh, hd, K, rb, n, scale, sh);
-    }
-}
 // One or two heads: O[j * hd + d] += sum over s, in order, of P[j * ldp + s] * row s's value d: one group of columns
 // at a time in registers, the same FMA per element and position as values_heads.
 template <int BITS>
@@ -1414,19 +1405,7 @@ static void kv_values(const float* P, size_t ldp, int nq, int hd, const uint8_t*
             for (int c = 0; c < NV; ++c) _mm256_storeu_ps(o[h] + d0 + 8 * c, acc[h][c]);
     }
 }
-// VecOps::att_scores_kv / att_values_kv (bits 8 or 4; hd a multiple of the group).
-void att_scores_kv(const float* q, int nq, int hd, const uint8_t* K, size_t rb, int bits, int n, float scale, float* S,
-                   size_t lds) {
-    if (bits == 8) kv_scores<8>(q, nq, hd, K, rb, n, scale, S, lds);
-    else kv_scores<4>(q, nq, hd, K, rb, n, scale, S, lds);
-}
-void att_values_kv(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int bits, int n, float* O) {
-    for (int j = 0; j < nq; j += 2) {
-        const int nh = std::min(2, nq - j);
-        if (bits == 8) kv_values<8>(P + (size_t)j * ldp, ldp, nh, hd, V, rb, n, O + (size_t)j * hd);
-        else kv_values<4>(P + (size_t)j * ldp, ldp, nh, hd, V, rb, n, O + (size_t)j * hd);
-    }
-}
+#include "kernels_kv.inc"  // att_scores_kv / att_values_kv
 
 }  // namespace avx2
 }  // namespace wqe

@@ -199,13 +199,9 @@ void kv_values(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, siz
 
 }  // namespace
 
-void att_values_kv(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int bits, int n, float* O) {
-    for (int j = 0; j < nq; j += 2) {
-        const int nh = nq - j < 2 ? nq - j : 2;
-        if (bits == 8) kv_values<8>(P + (size_t)j * ldp, ldp, nh, hd, V, rb, n, O + (size_t)j * hd);
-        else kv_values<4>(P + (size_t)j * ldp, ldp, nh, hd, V, rb, n, O + (size_t)j * hd);
-    }
-}
+#define WQE_KV_VALUES_ONLY  // the scores stay AVX2's
+#include "kernels_kv.inc"  // att_values_kv
+#undef WQE_KV_VALUES_ONLY
 void att_scores(const float* q, int nq, int hd, const float* K, size_t ks, int n, float scale, float* S, size_t lds) {
     scores(q, nq, hd, K, ks, n, scale, S, lds, avx2::att_scores);
 }

@@ -874,15 +874,6 @@ static void kv_scores_heads(const float* const* qh, int hd, const uint8_t* K, si
             for (int u = 0; u < NK && s + u < n; ++u) S[h][s + u] = scale * vaddvq_f32(a[h][u]);
     }
 }
-template <int BITS>
-static void kv_scores(const float* q, int nq, int hd, const uint8_t* K, size_t rb, int n, float scale, float* S, size_t lds) {
-    for (int j = 0; j < nq; j += 2) {
-        const float* qh[2] = {q + (size_t)j * hd, q + (size_t)(j + 1) * hd};
-        float* sh[2] = {S + (size_t)j * lds, S + (size_t)(j + 1) * lds};
-        if (j + 1 == nq) kv_scores_heads<BITS, 1, 8>(qh, hd, K, rb, n, scale, sh);
-        else kv_scores_heads<BITS, 2, 4>(qh, hd, K, rb, n, scale, sh);
-    }
-}
 // One or two heads, one group of columns at a time in registers: the same FMA per element and position as values_heads.
 template <int BITS>
 static void kv_values(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int n, float* O) {
@@ -908,18 +899,7 @@ static void kv_values(const float* P, size_t ldp, int nq, int hd, const uint8_t*
             for (int c = 0; c < NV; ++c) vst1q_f32(o[h] + d0 + 4 * c, acc[h][c]);
     }
 }
-void att_scores_kv(const float* q, int nq, int hd, const uint8_t* K, size_t rb, int bits, int n, float scale, float* S,
-                   size_t lds) {
-    if (bits == 8) kv_scores<8>(q, nq, hd, K, rb, n, scale, S, lds);
-    else kv_scores<4>(q, nq, hd, K, rb, n, scale, S, lds);
-}
-void att_values_kv(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int bits, int n, float* O) {
-    for (int j = 0; j < nq; j += 2) {
-        const int nh = std::min(2, nq - j);
-        if (bits == 8) kv_values<8>(P + (size_t)j * ldp, ldp, nh, hd, V, rb, n, O + (size_t)j * hd);
-        else kv_values<4>(P + (size_t)j * ldp, ldp, nh, hd, V, rb, n, O + (size_t)j * hd);
-    }
-}
+#include "kernels_kv.inc"  // att_scores_kv / att_values_kv
 
 }  // namespace neon
 }  // namespace wqe
