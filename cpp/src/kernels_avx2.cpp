@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "blocks.h"  // XQ8 only: no inline function of it is called here
+#include "kvcache.h"  // kv_group, kv_group_bytes (constant expressions only)
 
 #if defined(__clang__)
 #  pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
@@ -1323,7 +1324,7 @@ static inline __m256 kv_deq8(__m128i bytes8, __m256 d, __m256 m) {  // kvcache.c
 // A group's G values as G / 8 vectors of 8 (columns in order), from its codes c (after the 4-byte scale and min).
 template <int BITS>
 struct KvGroup {
-    static constexpr int G = BITS == 8 ? 32 : 16, BYTES = 4 + G * BITS / 8;
+    static constexpr int G = kv_group(BITS), BYTES = kv_group_bytes(G, BITS);
     static inline void values(const uint8_t* c, __m256 d, __m256 m, __m256* v) {
         if (BITS == 8) {
             for (int j = 0; j < 4; ++j) v[j] = kv_deq8(_mm_loadl_epi64((const __m128i*)(c + 8 * j)), d, m);

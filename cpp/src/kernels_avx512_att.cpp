@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "blocks.h"  // ATT_PREFETCH_ROWS only: no inline function of it is called here
+#include "kvcache.h"  // kv_group, kv_group_bytes (constant expressions only)
 
 #if defined(__clang__)
 #  pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512dq,avx512bw"))), apply_to = function)
@@ -169,7 +170,7 @@ inline __m512 kv_deq16(__m128i bytes16, __m512 d, __m512 m) {
 }
 template <int BITS>
 void kv_values(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int n, float* O) {
-    constexpr int G = BITS == 8 ? 32 : 16, GB = 4 + G * BITS / 8, NV = G / 16;
+    constexpr int G = kv_group(BITS), GB = kv_group_bytes(G, BITS), NV = G / 16;
     const float* p[2] = {P, P + ldp};
     float* o[2] = {O, O + hd};
     for (int d0 = 0, gb = 0; d0 < hd; d0 += G, gb += GB) {

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "blocks.h"  // XQ8, neon_dotprod()
+#include "kvcache.h"  // kv_group, kv_group_bytes
 
 namespace wqe {
 namespace neon {
@@ -838,7 +839,7 @@ static inline void kv_values8(const uint8_t* c, int j, float32x4_t d, float32x4_
 }
 template <int BITS>
 struct KvGroup {
-    static constexpr int G = BITS == 8 ? 32 : 16, BYTES = 4 + G * BITS / 8;
+    static constexpr int G = kv_group(BITS), BYTES = kv_group_bytes(G, BITS);
 };
 // NK keys (4 for a pair of heads, 8 for a lone one) x NH heads: 4-lane accumulators over the columns in steps of 4,
 // then each one's lane sum and the scale, as scores / scores_one do per key (hd a multiple of the group: no tail).

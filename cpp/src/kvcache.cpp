@@ -32,14 +32,14 @@ KvFormat KvFormat::make(int bits, bool rotate, int head_dim) {
     }
     f.rotate = bits != 0 && rotate;
     f.hblock = head_dim & -head_dim;
-    const int g = bits == 4 ? 16 : 32;  // 4 bits: groups of 16 (bench/results/kv_cache.md: +0.1% vs +1.0% at 32)
+    const int g = kv_group(bits);  // 4 bits: groups of 16 (bench/results/kv_cache.md: +0.1% vs +1.0% at 32)
     f.group = head_dim % g == 0 ? g : head_dim;
     f.row_bytes = bits == 0 ? sizeof(float) * (size_t)head_dim
                             : (size_t)(head_dim / f.group) * 4 + (size_t)head_dim * bits / 8;
     return f;
 }
 
-static inline size_t group_bytes(const KvFormat& f) { return 4 + (size_t)f.group * f.bits / 8; }
+static inline size_t group_bytes(const KvFormat& f) { return (size_t)kv_group_bytes(f.group, f.bits); }
 
 // The attention loop's prefetch: while row i of rows[0, avail) is converted, the bytes KV_PREFETCH_BYTES further on
 // (the hardware prefetchers alone left decode at 2000 tokens latency-bound: 8-bit rows, 2.8 ms a token on llama-s

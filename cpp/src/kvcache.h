@@ -22,6 +22,12 @@ struct KvFormat {
     static KvFormat make(int bits, bool rotate, int head_dim);
 };
 
+// A quantized cache's group of values at `bits` (8 or 4), taken wherever it divides head_dim (KvFormat::make; else one
+// group per row), and a group's bytes: an fp16 scale and an fp16 min, then the codes. The kernels that read rows as
+// stored (VecOps::att_scores_kv / att_values_kv) take exactly this layout.
+constexpr int kv_group(int bits) { return bits == 4 ? 16 : 32; }  // 4 bits: 16 (bench/results/kv_cache.md)
+constexpr int kv_group_bytes(int group, int bits) { return 4 + group * bits / 8; }
+
 // One head row: quantize x (head_dim floats, already rotated) into dst (row_bytes), exactly as
 // wqedge.kvquant.fake_quant_kv (float32 parameters stored as fp16, round half to even). 8/4 bits scalar (once per
 // token); 16 bits through `kernels`' VecOps::f32_to_f16 (K_SCALAR / K_AVX2 / K_NEON; the same bits).

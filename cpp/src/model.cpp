@@ -649,7 +649,7 @@ void Context::forward(const int32_t* tokens, int n, float* logits, bool all) {
         // serves every token and head of the task while it is in L1, so a prompt reads each row once per block of
         // tokens rather than once per token. Each (token, head) gets the same operations whatever the blocking: its
         // scores over its own positions, its softmax, then its weighted sum in order of position.
-        const bool kv_rows_read = (kvf.bits == 8 || kvf.bits == 4) && kvf.group == (kvf.bits == 8 ? 32 : 16) &&
+        const bool kv_rows_read = (kvf.bits == 8 || kvf.bits == 4) && kvf.group == kv_group(kvf.bits) &&
                                   ops.att_scores_kv && ops.att_values_kv;  // the quantized rows read as stored
         const int qpt = att_heads_per_task(group, n * L.n_head_kv, tp.size()), n_sub = group / qpt;
         const int tb = std::max(1, std::min(ATT_QUERIES / qpt, n * L.n_head_kv * n_sub / (4 * tp.size())));
