@@ -707,20 +707,7 @@ static void attention_tests() {
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-namespace wqe {
-namespace avx2 {  // kernels_avx2.cpp and kernels_avx512_att.cpp (1 or 2 heads a call)
-void att_scores(const float*, int, int, const float*, size_t, int, float, float*, size_t);
-void att_values(const float*, size_t, int, int, const float*, size_t, int, float*);
-void att_scores_h(const float*, int, int, const uint16_t*, size_t, int, float, float*, size_t);
-void att_values_h(const float*, size_t, int, int, const uint16_t*, size_t, int, float*);
-namespace z512 {
-void att_scores(const float*, int, int, const float*, size_t, int, float, float*, size_t);
-void att_scores_h(const float*, int, int, const uint16_t*, size_t, int, float, float*, size_t);
-void att_values(const float*, size_t, int, int, const float*, size_t, int, float*);
-void att_values_h(const float*, size_t, int, int, const uint16_t*, size_t, int, float*);
-}  // namespace z512
-}  // namespace avx2
-}  // namespace wqe
+#include "kernels_x86.h"
 
 // The AVX-512 attention kernels (what vec_ops(K_AVX2) runs where the CPU has AVX-512) against the AVX2 ones, bit for
 // bit, on float and fp16 rows: head widths below, at and past multiples of 8, 16 and 64 (the scores' tail columns; the
@@ -1256,12 +1243,6 @@ WQE_TILE_KERNELS(emulated, dpbusd_emulated, 8)
 #else
 #  pragma GCC pop_options
 #endif
-namespace wqe {
-namespace avx2 {  // kernels_avx2.cpp (in the static library)
-#include "kernel_set.inc"
-#include "tile_set.inc"
-}  // namespace avx2
-}  // namespace wqe
 
 static int n_emulated_checks = 0;
 
