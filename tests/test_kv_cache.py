@@ -498,7 +498,8 @@ def test_cli_convert_default_kv_cache(tiny_model_dir, tmp_path):
 
 def test_cpp_avx512_attention_is_bit_identical(tiny_model_factory, tmp_path):
     """On a CPU with AVX-512 the AVX2 set's attention runs 512-bit kernels (kernels_avx512_att.cpp: values 16 columns a
-    register, scores four query heads per pass), built to give the AVX2 kernels' bits. End to end: prompt and decode
+    register, values and scores four query heads per pass, the quantized caches' too), built to give the AVX2 kernels'
+    bits. End to end: prompt and decode
     logits with WQEDGE_AVX512_ATTENTION=1 and =0 (children: the switch is read once per process) are equal exactly,
     with the fp16 cache and the 8- and 4-bit caches read as stored, on a model whose KV groups hold 4 query heads
     (head_dim 64: the value kernels' 64 columns; 4 heads: the scores' 4-head pass) over 150 positions (three chunks of

@@ -984,9 +984,9 @@ static const VecOps AVX2_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_r
 // The AVX2 set with the AVX-512 attention kernels (the same bits, twice the elements per instruction): what
 // vec_ops(K_AVX2) gives where avx512_attention() says so.
 static const VecOps AVX512_OPS = {avx2::vdot_f32, avx2::vdot_f16, avx2::vdot_f16_rows, avx2::vaxpy, avx2::vf16_to_f32, avx2::vf32_to_f16, avx2::vgemm4, tile8_mix_x86, quant_x8_any<avx2::quant_x8>, silu_mul_any<avx2::silu_mul>,
-                                   avx2::z512::att_scores, exp_sum_any<avx2::exp_sum>, att_values_pairs<float, avx2::z512::att_values>,
-                                   avx2::z512::att_scores_h, att_values_pairs<uint16_t, avx2::z512::att_values_h>, avx2::fake_quant,
-                                   avx2::att_scores_kv, avx2::z512::att_values_kv};
+                                   avx2::z512::att_scores, exp_sum_any<avx2::exp_sum>, avx2::z512::att_values,
+                                   avx2::z512::att_scores_h, avx2::z512::att_values_h, avx2::fake_quant,
+                                   avx2::z512::att_scores_kv, avx2::z512::att_values_kv};
 #endif
 #if WQE_ARM64
 static const VecOps NEON_OPS = {neon::vdot_f32, neon::vdot_f16, neon::vdot_f16_rows, neon::vaxpy, neon::vf16_to_f32, neon::vf32_to_f16, neon::vgemm4, neon::tile8_mix, quant_x8_any<neon::quant_x8>, silu_mul_any<neon::silu_mul>,

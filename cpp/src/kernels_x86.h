@@ -36,6 +36,7 @@ void dot8_rows_q8(const uint8_t*, size_t, int, const XQ8*, float, int, float*); 
 void att_scores_kv(const float*, int, int, const uint8_t*, size_t, int, int, float, float*, size_t);  // quantized KV
 void att_values_kv(const float*, size_t, int, int, const uint8_t*, size_t, int, int, float*);              // cache rows
 namespace z512 {  // kernels_avx512_att.cpp: attention kernels on AVX-512, bit-identical to AVX2's
+void att_scores_kv(const float*, int, int, const uint8_t*, size_t, int, int, float, float*, size_t);
 void att_values_kv(const float*, size_t, int, int, const uint8_t*, size_t, int, int, float*);
 void att_scores(const float*, int, int, const float*, size_t, int, float, float*, size_t);
 void att_scores_h(const float*, int, int, const uint16_t*, size_t, int, float, float*, size_t);

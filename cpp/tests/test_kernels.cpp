@@ -711,7 +711,7 @@ static void attention_tests() {
 
 // The AVX-512 attention kernels (what vec_ops(K_AVX2) runs where the CPU has AVX-512) against the AVX2 ones, bit for
 // bit, on float and fp16 rows: head widths below, at and past multiples of 8, 16 and 64 (the scores' tail columns; the
-// values' columns past the last 64 go to the AVX2 kernel), 1-9 heads (scores: runs of four, the rest through AVX2's),
+// values' columns past the last 64 go to the AVX2 kernel), 1-9 heads (runs of four, the scores' rest through AVX2's),
 // key counts around the 8 a pass takes, padded row strides; and
 // vec_ops(K_AVX2) gives those bits with the switch on and off (system_info names the kernels in use).
 static void attention_avx512_tests() {
@@ -721,7 +721,7 @@ static void attention_avx512_tests() {
     }
     int cases = 0;
     for (int hd : {64, 128, 80, 36, 100, 7, 16, 144, 200})
-        for (int nq : {1, 2, 4, 5, 8, 9})
+        for (int nq : {1, 2, 3, 4, 5, 7, 8, 9})
             for (int n : {1, 3, 8, 9, 17, 67}) {
                 const size_t ks = (size_t)hd * 2 + 3, ldp = (size_t)n + 5;
                 std::vector<float> q((size_t)nq * hd), Kf((size_t)n * ks), Vf((size_t)n * ks), P((size_t)nq * ldp), O0((size_t)nq * hd);
@@ -745,15 +745,18 @@ static void attention_avx512_tests() {
                 check(sa == sb, "att_scores: AVX-512 bit-identical to AVX2", d);
                 check(sc == sd, "att_scores_h: AVX-512 bit-identical to AVX2", d);
                 ++cases;
-                if (nq > 2) continue;  // the value kernels take one or two heads a call (att_values_pairs the rest)
+                // values: AVX2's take one or two heads a call (pairs here, as att_values_pairs runs them), AVX-512's any
                 std::vector<float> oa = O0, ob = O0, oc = O0, od = O0;
-                avx2::att_values(P.data(), ldp, nq, hd, Vf.data(), ks, n, oa.data());
+                for (int j = 0; j < nq; j += 2) {
+                    const int nh = std::min(2, nq - j);
+                    avx2::att_values(P.data() + j * ldp, ldp, nh, hd, Vf.data(), ks, n, oa.data() + (size_t)j * hd);
+                    avx2::att_values_h(P.data() + j * ldp, ldp, nh, hd, Vh.data(), ks, n, oc.data() + (size_t)j * hd);
+                }
                 avx2::z512::att_values(P.data(), ldp, nq, hd, Vf.data(), ks, n, ob.data());
-                avx2::att_values_h(P.data(), ldp, nq, hd, Vh.data(), ks, n, oc.data());
                 avx2::z512::att_values_h(P.data(), ldp, nq, hd, Vh.data(), ks, n, od.data());
                 check(oa == ob, "att_values: AVX-512 bit-identical to AVX2", d);
                 check(oc == od, "att_values_h: AVX-512 bit-identical to AVX2", d);
-                if (hd == 64 && nq == 2 && n == 67) {  // through the set's table, the switch on and off
+                if (hd == 64 && (nq == 2 || nq == 5) && n == 67) {  // through the set's table, the switch on and off
                     const bool was = avx512_attention();
                     for (bool on : {true, false}) {
                         std::vector<float> oe = O0;

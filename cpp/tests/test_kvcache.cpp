@@ -11,6 +11,9 @@
 #include "blocks.h"
 #include "common.h"
 #include "kvcache.h"
+#if defined(__x86_64__) || defined(__i386__)
+#  include "kernels_x86.h"
+#endif
 
 int main() {
     using namespace wqe;
@@ -121,7 +124,7 @@ int main() {
         if (!ops.att_scores_kv) continue;
         for (int bits : {8, 4})
             for (int hd : {32, 64, 96, 128})
-                for (int nq : {1, 2, 3, 5})
+                for (int nq : {1, 2, 3, 5, 8})
                     for (int n : {1, 3, 4, 5, 8, 9, 17, 67}) {
                         const KvFormat f = KvFormat::make(bits, true, hd);
                         const size_t ldp = (size_t)n + 3;
@@ -171,6 +174,41 @@ int main() {
                     }
     }
     std::printf("kv cache: quantized rows read as stored, %d cases bit-identical to converted rows\n", n_kv);
+#if defined(__x86_64__) || defined(__i386__)
+    // The AVX-512 read-as-stored kernels (what vec_ops(K_AVX2) holds where the CPU has AVX-512: four heads' scores a pass,
+    // values 16 columns a register) against the AVX2 ones directly, bit for bit, whichever the switch selects: 1-9
+    // heads (runs of four and the rest), key counts around a pass's 8 and the prefetch distance, 1-8 groups a row.
+    if (cpu_has_avx512()) {
+        int n_z = 0;
+        for (int bits : {8, 4})
+            for (int hd : {16, 32, 64, 96, 128})
+                for (int nq : {1, 2, 3, 4, 5, 7, 8, 9})
+                    for (int n : {1, 5, 8, 9, 23, 67}) {
+                        const KvFormat f = KvFormat::make(bits, false, hd);
+                        if (f.group != kv_group(bits)) continue;  // (the kernels read only this layout; model.cpp converts others)
+                        const size_t ldp = (size_t)n + 1;
+                        std::vector<float> X((size_t)n * hd), q((size_t)nq * hd), P((size_t)nq * ldp), O0((size_t)nq * hd);
+                        std::vector<uint8_t> rows((size_t)n * f.row_bytes);
+                        for (float& v : X) v = nd(rng) * (rng() % 7 == 0 ? 16.0f : 1.0f);
+                        for (float& v : q) v = nd(rng);
+                        for (float& v : P) v = std::fabs(nd(rng));
+                        for (float& v : O0) v = nd(rng);
+                        for (int i = 0; i < n; ++i) kv_quantize(f, &X[(size_t)i * hd], &rows[(size_t)i * f.row_bytes], K_SCALAR);
+                        std::vector<float> sa((size_t)nq * ldp, 0.0f), sb = sa, oa = O0, ob = O0;
+                        avx2::att_scores_kv(q.data(), nq, hd, rows.data(), f.row_bytes, bits, n, 0.125f, sa.data(), ldp);
+                        avx2::z512::att_scores_kv(q.data(), nq, hd, rows.data(), f.row_bytes, bits, n, 0.125f, sb.data(), ldp);
+                        avx2::att_values_kv(P.data(), ldp, nq, hd, rows.data(), f.row_bytes, bits, n, oa.data());
+                        avx2::z512::att_values_kv(P.data(), ldp, nq, hd, rows.data(), f.row_bytes, bits, n, ob.data());
+                        checks += 2;
+                        ++n_z;
+                        if (sa != sb) ++fails, std::printf("FAIL att_scores_kv AVX-512 bits %d hd %d nq %d n %d: not AVX2's bits\n", bits, hd, nq, n);
+                        if (oa != ob) ++fails, std::printf("FAIL att_values_kv AVX-512 bits %d hd %d nq %d n %d: not AVX2's bits\n", bits, hd, nq, n);
+                    }
+        std::printf("kv cache: AVX-512 read-as-stored kernels bit-identical to AVX2's in %d cases\n", n_z);
+    } else {
+        std::printf("kv cache: AVX-512 read-as-stored kernels not run (this CPU has no AVX-512)\n");
+    }
+#endif
     std::printf("kv cache kernels: %d sets, %d checks, %d failures\n", (int)sets.size(), checks, fails);
     return fails ? 1 : 0;
 }
