@@ -9,10 +9,10 @@
 //   key's row converted once for the four heads (AVX2's pairs convert it once per two), the AVX2 kernel's 8-lane
 //   accumulator of one key in each half of a register and hsum4x8's reduction on both halves; one or two heads (MHA,
 //   llama-s's pairs) stay AVX2's, whose 512-bit form measured slower (the conversions and row inserts bound it).
-// So every score and output has the bits of the AVX2 kernels' (cpp/tests/test_kernels.cpp checks), whichever of the
-// two a CPU runs; test_kvcache checks the quantized cache's). As kernels_avx2.cpp, the target is given per function (GCC pragma / clang attribute), never for the
-// file; blocks.cpp calls these only after CPUID and XGETBV said yes (cpu_has_avx512), and WQEDGE_AVX512_ATTENTION=0
-// (set_avx512_attention(false)) keeps the AVX2 ones.
+// So every score and output has the bits of the AVX2 kernels' whichever of the two a CPU runs (test_kernels.cpp checks
+// the float and fp16 rows', test_kvcache.cpp the quantized cache's). As kernels_avx2.cpp, the target is given per
+// function (GCC pragma / clang attribute), never for the file; blocks.cpp calls these only after CPUID and XGETBV said
+// yes (cpu_has_avx512), and WQEDGE_AVX512_ATTENTION=0 (set_avx512_attention(false)) keeps the AVX2 ones.
 #if defined(__x86_64__) || defined(__i386__)
 
 #include <immintrin.h>
@@ -188,7 +188,7 @@ inline __m512 kv_deq16(__m128i bytes16, __m512 d, __m512 m) {
 }
 template <int BITS, int NQ>  // NQ heads, 1-4
 void kv_values(const float* P, size_t ldp, int hd, const uint8_t* V, size_t rb, int n, float* O) {
-    constexpr int G = kv_group(BITS), GB = kv_group_bytes(G, BITS), NV = G / 16, nq = NQ;
+    constexpr int G = kv_group(BITS), GB = kv_group_bytes(G, BITS), NV = G / 16, nq = NQ;  // (the loops' bound)
     const float* p[4] = {P, P + ldp, P + 2 * ldp, P + 3 * ldp};
     float* o[4] = {O, O + hd, O + 2 * hd, O + 3 * hd};
     for (int d0 = 0, gb = 0; d0 < hd; d0 += G, gb += GB) {
