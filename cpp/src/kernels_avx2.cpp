@@ -1339,8 +1339,9 @@ static inline void prefetch_kv_row(const uint8_t* r, size_t rb) {
     for (size_t b = 0; b < rb; b += 64) _mm_prefetch((const char*)(r + b), _MM_HINT_T0);
 }
 
-// NK keys (4 for a pair of heads, 8 for a lone one) x NH heads per pass: each key's 8-lane accumulator over the
-// columns in steps of 8, hsum4x8, then `scale * x`, as scores / scores_one do per key (hd a multiple of G: no tail).
+// NK keys (2 for four heads, 4 for a pair, 8 for a lone one) x NH heads per pass: each key's 8-lane accumulator over
+// the columns in steps of 8, hsum4x8 (two keys: each given twice), then `scale * x`, as scores / scores_one do per key
+// (hd a multiple of G: no tail).
 template <int BITS, int NH, int NK>
 static inline void kv_scores_pass(const float* const* qh, int hd, const uint8_t* const* kr, float scale, float* const* S,
                                   int s, int n) {
@@ -1359,7 +1360,14 @@ static inline void kv_scores_pass(const float* const* qh, int hd, const uint8_t*
     const __m128 sc = _mm_set1_ps(scale);
     for (int h = 0; h < NH; ++h)
         for (int u0 = 0; u0 < NK; u0 += 4) {
-            const __m128 t = _mm_mul_ps(sc, hsum4x8(a[h][u0], a[h][u0 + 1], a[h][u0 + 2], a[h][u0 + 3]));
+            const int k2 = NK == 2 ? 0 : 2;  // (NK 2: keys 0, 1, 0, 1; every key's sum the same tree of adds)
+            const __m128 t = _mm_mul_ps(sc, hsum4x8(a[h][u0], a[h][u0 + 1], a[h][u0 + k2], a[h][u0 + k2 + 1]));
+            if (NK == 2) {
+                float tt[4];
+                _mm_storeu_ps(tt, t);
+                for (int u = 0; u < 2 && s + u < n; ++u) S[h][s + u] = tt[u];
+                continue;
+            }
             if (s + u0 + 4 <= n) {
                 _mm_storeu_ps(S[h] + s + u0, t);
             } else {
