@@ -118,6 +118,26 @@ int main() {
     // the rows with kv_rows_values and running att_scores / att_values gives with the same set, at
     // 8 and 4 bits, for 1-5 query heads, row counts around the passes' 4 and 8 keys and the prefetch distance, and
     // widths of 1-8 groups.
+    // A case's inputs: nq queries, probabilities P (row stride ldp) and starting outputs O0, and n rows quantized from
+    // normal values (every `every`-th one times `outlier`, so groups have outliers).
+    struct KvCase {
+        KvFormat f;
+        size_t ldp;
+        std::vector<float> q, P, O0;
+        std::vector<uint8_t> rows;
+    };
+    auto kv_case = [&](const KvFormat& f, int nq, int n, size_t ldp, int every, float outlier) {
+        const int hd = f.head_dim;
+        KvCase c{f, ldp, std::vector<float>((size_t)nq * hd), std::vector<float>((size_t)nq * ldp),
+                 std::vector<float>((size_t)nq * hd), std::vector<uint8_t>((size_t)n * f.row_bytes)};
+        std::vector<float> X((size_t)n * hd);
+        for (float& v : X) v = nd(rng) * (rng() % every == 0 ? outlier : 1.0f);
+        for (float& v : c.q) v = nd(rng);
+        for (float& v : c.P) v = std::fabs(nd(rng));
+        for (float& v : c.O0) v = nd(rng);
+        for (int i = 0; i < n; ++i) kv_quantize(f, &X[(size_t)i * hd], &c.rows[(size_t)i * f.row_bytes], K_SCALAR);
+        return c;
+    };
     int n_kv = 0;
     for (int k : sets) {
         const VecOps& ops = vec_ops(k);
@@ -126,15 +146,11 @@ int main() {
             for (int hd : {32, 64, 96, 128})
                 for (int nq : {1, 2, 3, 5, 8})
                     for (int n : {1, 3, 4, 5, 8, 9, 17, 67}) {
-                        const KvFormat f = KvFormat::make(bits, true, hd);
-                        const size_t ldp = (size_t)n + 3;
-                        std::vector<float> X((size_t)n * hd), q((size_t)nq * hd), P((size_t)nq * ldp), O0((size_t)nq * hd);
-                        std::vector<uint8_t> rows((size_t)n * f.row_bytes);
-                        for (float& v : X) v = nd(rng) * (rng() % 11 == 0 ? 8.0f : 1.0f);
-                        for (float& v : q) v = nd(rng);
-                        for (float& v : P) v = std::fabs(nd(rng));
-                        for (float& v : O0) v = nd(rng);
-                        for (int i = 0; i < n; ++i) kv_quantize(f, &X[(size_t)i * hd], &rows[(size_t)i * f.row_bytes], K_SCALAR);
+                        const KvCase c = kv_case(KvFormat::make(bits, true, hd), nq, n, (size_t)n + 3, 11, 8.0f);
+                        const KvFormat& f = c.f;
+                        const size_t ldp = c.ldp;
+                        const std::vector<float>&q = c.q, &P = c.P, &O0 = c.O0;
+                        const std::vector<uint8_t>& rows = c.rows;
                         std::vector<float> vals((size_t)n * hd), sa((size_t)nq * ldp, 0.0f), sb = sa, oa = O0, ob = O0;
                         kv_rows_values(f, rows.data(), n, n, vals.data(), k);
                         ops.att_scores(q.data(), nq, hd, vals.data(), hd, n, 0.125f, sa.data(), ldp);
@@ -184,16 +200,12 @@ int main() {
             for (int hd : {16, 32, 64, 96, 128})
                 for (int nq : {1, 2, 3, 4, 5, 7, 8, 9})
                     for (int n : {1, 5, 8, 9, 23, 67}) {
-                        const KvFormat f = KvFormat::make(bits, false, hd);
-                        if (f.group != kv_group(bits)) continue;  // (the kernels read only this layout; model.cpp converts others)
-                        const size_t ldp = (size_t)n + 1;
-                        std::vector<float> X((size_t)n * hd), q((size_t)nq * hd), P((size_t)nq * ldp), O0((size_t)nq * hd);
-                        std::vector<uint8_t> rows((size_t)n * f.row_bytes);
-                        for (float& v : X) v = nd(rng) * (rng() % 7 == 0 ? 16.0f : 1.0f);
-                        for (float& v : q) v = nd(rng);
-                        for (float& v : P) v = std::fabs(nd(rng));
-                        for (float& v : O0) v = nd(rng);
-                        for (int i = 0; i < n; ++i) kv_quantize(f, &X[(size_t)i * hd], &rows[(size_t)i * f.row_bytes], K_SCALAR);
+                        if (KvFormat::make(bits, false, hd).group != kv_group(bits)) continue;  // (the kernels' layout; model.cpp converts others)
+                        const KvCase c = kv_case(KvFormat::make(bits, false, hd), nq, n, (size_t)n + 1, 7, 16.0f);
+                        const KvFormat& f = c.f;
+                        const size_t ldp = c.ldp;
+                        const std::vector<float>&q = c.q, &P = c.P, &O0 = c.O0;
+                        const std::vector<uint8_t>& rows = c.rows;
                         std::vector<float> sa((size_t)nq * ldp, 0.0f), sb = sa, oa = O0, ob = O0;
                         avx2::att_scores_kv(q.data(), nq, hd, rows.data(), f.row_bytes, bits, n, 0.125f, sa.data(), ldp);
                         avx2::z512::att_scores_kv(q.data(), nq, hd, rows.data(), f.row_bytes, bits, n, 0.125f, sb.data(), ldp);
