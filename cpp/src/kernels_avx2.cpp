@@ -1387,62 +1387,37 @@ static void kv_scores_heads(const float* const* qh, int hd, const uint8_t* K, si
         kv_scores_pass<BITS, NH, NK>(qh, hd, kr, scale, S, s, n);
     }
 }
-// One or two heads: O[j * hd + d] += sum over s, in order, of P[j * ldp + s] * row s's value d: one group of columns
-// at a time in registers, the same FMA per element and position as values_heads.
-template <int BITS>
-static void kv_values(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int n, float* O) {
+// NQ heads (1-4): O[j * hd + d] += sum over s, in order, of P[j * ldp + s] * row s's value d, the same FMA per element
+// and position as values_heads. A group's columns CH vectors at a time in registers: the whole group for one or two
+// heads, two vectors a pass for three or four (whose accumulators would not fit the registers otherwise); each value
+// formed once per pass for all NQ heads.
+template <int BITS, int NQ>
+static void kv_values(const float* P, size_t ldp, int hd, const uint8_t* V, size_t rb, int n, float* O) {
     using Grp = KvGroup<BITS>;
-    constexpr int NV = Grp::G / 8;
-    const float* p[2] = {P, P + ldp};
-    float* o[2] = {O, O + hd};
-    for (int d0 = 0, gb = 0; d0 < hd; d0 += Grp::G, gb += Grp::BYTES) {
-        __m256 acc[2][NV];
-        for (int h = 0; h < nq; ++h)
-            for (int c = 0; c < NV; ++c) acc[h][c] = _mm256_loadu_ps(o[h] + d0 + 8 * c);
-        for (int s = 0; s < n; ++s) {
-            const uint8_t* r = V + (size_t)s * rb + gb;
-            if (s + ATT_PREFETCH_ROWS < n) _mm_prefetch((const char*)(r + ATT_PREFETCH_ROWS * rb), _MM_HINT_T0);
-            __m256 d, m, v[NV];
-            kv_scale_min(r, &d, &m);
-            Grp::values(r + 4, d, m, v);
-            for (int h = 0; h < nq; ++h) {
-                const __m256 ph = _mm256_set1_ps(p[h][s]);
-                for (int c = 0; c < NV; ++c) acc[h][c] = _mm256_fmadd_ps(ph, v[c], acc[h][c]);
-            }
-        }
-        for (int h = 0; h < nq; ++h)
-            for (int c = 0; c < NV; ++c) _mm256_storeu_ps(o[h] + d0 + 8 * c, acc[h][c]);
-    }
-}
-// Four heads (GQA): kv_values' arithmetic, two vectors of a group's columns a pass (the accumulators of four heads
-// fill the registers), so each value is formed once for the four heads instead of once per pair.
-template <int BITS>
-static void kv_values4(const float* P, size_t ldp, int hd, const uint8_t* V, size_t rb, int n, float* O) {
-    using Grp = KvGroup<BITS>;
-    constexpr int NV = Grp::G / 8, CH = NV < 2 ? NV : 2;  // 8 bits: 4 vectors a group, 2 a pass; 4 bits: 2, one pass
+    constexpr int NV = Grp::G / 8, CH = NQ <= 2 || NV < 2 ? NV : 2;
     const float* p[4] = {P, P + ldp, P + 2 * ldp, P + 3 * ldp};
     float* o[4] = {O, O + hd, O + 2 * hd, O + 3 * hd};
     for (int d0 = 0, gb = 0; d0 < hd; d0 += Grp::G, gb += Grp::BYTES)
         for (int c0 = 0; c0 < NV; c0 += CH) {
-            __m256 acc[4][CH];
-            for (int h = 0; h < 4; ++h)
+            __m256 acc[NQ][CH];
+            for (int h = 0; h < NQ; ++h)
                 for (int c = 0; c < CH; ++c) acc[h][c] = _mm256_loadu_ps(o[h] + d0 + 8 * (c0 + c));
             for (int s = 0; s < n; ++s) {
                 const uint8_t* r = V + (size_t)s * rb + gb;
                 if (c0 == 0 && s + ATT_PREFETCH_ROWS < n) _mm_prefetch((const char*)(r + ATT_PREFETCH_ROWS * rb), _MM_HINT_T0);
                 __m256 d, m, v[NV];
                 kv_scale_min(r, &d, &m);
-                if (BITS == 8) {
-                    for (int c = 0; c < CH; ++c) v[c] = kv_deq8(_mm_loadl_epi64((const __m128i*)(r + 4 + 8 * (c0 + c))), d, m);
-                } else {
+                if (CH == NV) {
                     Grp::values(r + 4, d, m, v);
+                } else {  // 8 bits, two of the group's four vectors
+                    for (int c = 0; c < CH; ++c) v[c] = kv_deq8(_mm_loadl_epi64((const __m128i*)(r + 4 + 8 * (c0 + c))), d, m);
                 }
-                for (int h = 0; h < 4; ++h) {
+                for (int h = 0; h < NQ; ++h) {
                     const __m256 ph = _mm256_set1_ps(p[h][s]);
                     for (int c = 0; c < CH; ++c) acc[h][c] = _mm256_fmadd_ps(ph, v[c], acc[h][c]);
                 }
             }
-            for (int h = 0; h < 4; ++h)
+            for (int h = 0; h < NQ; ++h)
                 for (int c = 0; c < CH; ++c) _mm256_storeu_ps(o[h] + d0 + 8 * (c0 + c), acc[h][c]);
         }
 }

@@ -281,24 +281,9 @@ void kv_scores4(const float* q, int hd, const uint8_t* K, size_t rb, int n, floa
 
 }  // namespace
 
-// One to four heads a call (kv_values above: each head's output its own FMA chain, as AVX2's pairs compute it).
-void att_values_kv(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int bits, int n, float* O) {
-    for (int j = 0; j < nq; j += 4) {
-        const int nh = nq - j < 4 ? nq - j : 4;
-        const float* p = P + (size_t)j * ldp;
-        float* o = O + (size_t)j * hd;
-        switch (nh * 16 + bits) {
-            case 4 * 16 + 8: kv_values<8, 4>(p, ldp, hd, V, rb, n, o); break;
-            case 3 * 16 + 8: kv_values<8, 3>(p, ldp, hd, V, rb, n, o); break;
-            case 2 * 16 + 8: kv_values<8, 2>(p, ldp, hd, V, rb, n, o); break;
-            case 1 * 16 + 8: kv_values<8, 1>(p, ldp, hd, V, rb, n, o); break;
-            case 4 * 16 + 4: kv_values<4, 4>(p, ldp, hd, V, rb, n, o); break;
-            case 3 * 16 + 4: kv_values<4, 3>(p, ldp, hd, V, rb, n, o); break;
-            case 2 * 16 + 4: kv_values<4, 2>(p, ldp, hd, V, rb, n, o); break;
-            default: kv_values<4, 1>(p, ldp, hd, V, rb, n, o); break;
-        }
-    }
-}
+#define WQE_KV_VALUES_ONLY  // the scores: below
+#include "kernels_kv.inc"  // att_values_kv: up to four heads a pass through kv_values above
+#undef WQE_KV_VALUES_ONLY
 // Runs of four heads through kv_scores4, the one to three left through the AVX2 kernel (heads are independent).
 void att_scores_kv(const float* q, int nq, int hd, const uint8_t* K, size_t rb, int bits, int n, float scale, float* S,
                    size_t lds) {

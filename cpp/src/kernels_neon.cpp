@@ -875,55 +875,31 @@ static void kv_scores_heads(const float* const* qh, int hd, const uint8_t* K, si
             for (int u = 0; u < NK && s + u < n; ++u) S[h][s + u] = scale * vaddvq_f32(a[h][u]);
     }
 }
-// One or two heads, one group of columns at a time in registers: the same FMA per element and position as values_heads.
-template <int BITS>
-static void kv_values(const float* P, size_t ldp, int nq, int hd, const uint8_t* V, size_t rb, int n, float* O) {
+// NQ heads (1-4), the same FMA per element and position as values_heads. A group's columns CH vectors at a time in
+// registers: the whole group for one or two heads, four vectors a pass for three or four (whose accumulators would not
+// fit the registers otherwise); each value formed once per pass for all NQ heads.
+template <int BITS, int NQ>
+static void kv_values(const float* P, size_t ldp, int hd, const uint8_t* V, size_t rb, int n, float* O) {
     using Grp = KvGroup<BITS>;
-    constexpr int NV = Grp::G / 4;
-    const float* p[2] = {P, P + ldp};
-    float* o[2] = {O, O + hd};
-    for (int d0 = 0, gb = 0; d0 < hd; d0 += Grp::G, gb += Grp::BYTES) {
-        float32x4_t acc[2][NV];
-        for (int h = 0; h < nq; ++h)
-            for (int c = 0; c < NV; ++c) acc[h][c] = vld1q_f32(o[h] + d0 + 4 * c);
-        for (int s = 0; s < n; ++s) {
-            const uint8_t* r = V + (size_t)s * rb + gb;
-            float32x4_t d, m, w[NV];
-            kv_scale_min(r, &d, &m);
-            for (int j = 0; j < Grp::G / 8; ++j) kv_values8<BITS>(r + 4, j, d, m, w + 2 * j);
-            for (int h = 0; h < nq; ++h) {
-                const float32x4_t ph = vdupq_n_f32(p[h][s]);
-                for (int c = 0; c < NV; ++c) acc[h][c] = vfmaq_f32(acc[h][c], ph, w[c]);
-            }
-        }
-        for (int h = 0; h < nq; ++h)
-            for (int c = 0; c < NV; ++c) vst1q_f32(o[h] + d0 + 4 * c, acc[h][c]);
-    }
-}
-// Four heads (GQA): kv_values' arithmetic, four vectors of a group's columns a pass (the accumulators of four heads
-// fill the registers), so each value is formed once for the four heads instead of once per pair.
-template <int BITS>
-static void kv_values4(const float* P, size_t ldp, int hd, const uint8_t* V, size_t rb, int n, float* O) {
-    using Grp = KvGroup<BITS>;
-    constexpr int NV = Grp::G / 4, CH = NV < 4 ? NV : 4;  // 8 bits: 8 vectors a group, 4 a pass; 4 bits: 4, one pass
+    constexpr int NV = Grp::G / 4, CH = NQ <= 2 || NV < 4 ? NV : 4;
     const float* p[4] = {P, P + ldp, P + 2 * ldp, P + 3 * ldp};
     float* o[4] = {O, O + hd, O + 2 * hd, O + 3 * hd};
     for (int d0 = 0, gb = 0; d0 < hd; d0 += Grp::G, gb += Grp::BYTES)
         for (int c0 = 0; c0 < NV; c0 += CH) {
-            float32x4_t acc[4][CH];
-            for (int h = 0; h < 4; ++h)
+            float32x4_t acc[NQ][CH];
+            for (int h = 0; h < NQ; ++h)
                 for (int c = 0; c < CH; ++c) acc[h][c] = vld1q_f32(o[h] + d0 + 4 * (c0 + c));
             for (int s = 0; s < n; ++s) {
                 const uint8_t* r = V + (size_t)s * rb + gb;
                 float32x4_t d, m, w[CH];
                 kv_scale_min(r, &d, &m);
                 for (int j = 0; j < CH / 2; ++j) kv_values8<BITS>(r + 4, c0 / 2 + j, d, m, w + 2 * j);
-                for (int h = 0; h < 4; ++h) {
+                for (int h = 0; h < NQ; ++h) {
                     const float32x4_t ph = vdupq_n_f32(p[h][s]);
                     for (int c = 0; c < CH; ++c) acc[h][c] = vfmaq_f32(acc[h][c], ph, w[c]);
                 }
             }
-            for (int h = 0; h < 4; ++h)
+            for (int h = 0; h < NQ; ++h)
                 for (int c = 0; c < CH; ++c) vst1q_f32(o[h] + d0 + 4 * (c0 + c), acc[h][c]);
         }
 }
