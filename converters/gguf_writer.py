@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 
 from wqedge.fileio import atomic_output
-from wqedge.blocks import FORMAT_VERSION, ChunkData, block_type, pack_chunk
+from wqedge.blocks import COMPACT_FORMAT_VERSION, FORMAT_VERSION, SCALE_BASE, ChunkData, block_type, pack_chunk
 from wqedge.plan import Plan
 from wqedge.rotation_format import (INT_ROTATED_FORMAT_VERSION, KEY_ACT_BITS, KEY_BLOCK, KEY_ROTATION,
                                     ROTATED_FORMAT_VERSION, StoredTransform, tensor_name)
@@ -93,6 +93,8 @@ def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan, rotated
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # closest stock label; the true types are in wqedge.* keys
     rot_keys = rotated or plan.act_bits != 8  # version 2 only when needed: other files stay byte for byte
     version = INT_ROTATED_FORMAT_VERSION if int_rotations else ROTATED_FORMAT_VERSION if rot_keys else FORMAT_VERSION
+    if any(_n_compact(t.actions) for t in plan.tensors):   # readers of formats 1-3 would not know the kinds
+        version = COMPACT_FORMAT_VERSION
     w.add_uint32("wqedge.format_version", version)
     w.add_uint32("wqedge.group_size", plan.group_size)
     w.add_bool("wqedge.rope.neox", True)
@@ -120,9 +122,23 @@ def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan, rotated
         if any(t.protected):
             w.add_key_value(tensor_key(name, "chunk_protected"), [len(p) for p in t.protected],
                             gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT16)
-    if head is not None:  # the same keys as a decoder linear's; never protected columns
+    if head is not None:  # the same keys as a decoder linear's; never protected columns, never compact kinds
+        if _n_compact(head.actions):
+            raise ValueError(f"{head.gguf_name}: the output head takes fp16-header kinds only, not {head.actions[0]}")
         w.add_uint32(tensor_key(head.gguf_name, "in_features"), head.in_features)
         w.add_array(tensor_key(head.gguf_name, "chunk_actions"), [block_type(a).code for a in head.actions])
+
+
+def _n_compact(actions) -> int:
+    return sum(block_type(a).compact for a in actions)
+
+
+def _scale_bases(chunks: list[ChunkData]) -> np.ndarray:
+    """The compact chunks' fp16 scale bases, left to right (the `.scale_base` tensor, docs/format.md)."""
+    bases = [c.base for c in chunks if block_type(c.action).compact]
+    if any(b is None for b in bases):
+        raise ValueError("a compact chunk without its scale base (fit it with blocks.compact_snap)")
+    return np.asarray(bases, dtype=np.float16)
 
 
 def _protect_indices(chunks: list[ChunkData], starts: list[int]) -> np.ndarray:
@@ -202,6 +218,9 @@ def _write(tmp: Path, spec, plan, tokenizer, dense, dense_data, quantized, progr
         n_p = sum(len(p) for p in t.protected)
         if n_p:
             w.add_tensor_info(lin.gguf_name + ".protect", (n_p,), np.dtype(np.int16), 2 * n_p)
+        n_c = _n_compact(t.actions)
+        if n_c:
+            w.add_tensor_info(lin.gguf_name + SCALE_BASE, (n_c,), np.dtype(np.float16), 2 * n_c)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -236,6 +255,8 @@ def _write(tmp: Path, spec, plan, tokenizer, dense, dense_data, quantized, progr
         w.write_tensor_data(rows.view(np.int8))
         if any(t.protected):
             w.write_tensor_data(_protect_indices(chunks, starts))
+        if _n_compact(t.actions):
+            w.write_tensor_data(_scale_bases(chunks))
         count += 1
         if progress:
             progress(lin.gguf_name)

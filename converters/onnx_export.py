@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wqedge.blocks import BLOCK_TYPES, ChunkData, block_type
+from wqedge.blocks import BLOCK_TYPES, ChunkData, block_type, expanded, pack_chunk
 from wqedge.converters.onnx_rotation import lower_group_input
 from wqedge.fileio import atomic_output
 from wqedge.rotation_format import GROUPS as ROT_GROUPS
@@ -190,7 +190,7 @@ class _Exporter:
     # ------------------------------------------------------------ one quantized linear
     def linear(self, x, name) -> str:
         g = self.g
-        chunks = self.f.chunks(name)
+        chunks = [expanded(c) for c in self.f.chunks(name)]   # compact kinds as their fp16-header base kinds
         lay = self.f.layout(name)
         N, K = lay.out_features, lay.in_features
         stem = name.replace(".weight", "").replace(".", "_")
@@ -482,11 +482,17 @@ class _NativeExporter(_Exporter):
 
     def linear(self, x, name) -> str:
         lay = self.f.layout(name)
-        rows = np.asarray(self.f.tensors[name].data).view(np.uint8).reshape(lay.out_features, lay.row_bytes)
+        actions = lay.actions
+        if any(block_type(a).compact for a in actions):   # the op reads fp16-header kinds: the same weights repacked
+            chunks = [expanded(c) for c in self.f.chunks(name)]
+            rows = np.concatenate([pack_chunk(c) for c in chunks], axis=1)
+            actions = [c.action for c in chunks]
+        else:
+            rows = np.asarray(self.f.tensors[name].data).view(np.uint8).reshape(lay.out_features, lay.row_bytes)
         prot = self.f.protected_indices(name)
         self._count("rows", rows.nbytes)
         attrs = dict(N=lay.out_features, K=lay.in_features, group_size=self.G,
-                     chunk_actions=[block_type(a).code for a in lay.actions])
+                     chunk_actions=[block_type(a).code for a in actions])
         if len(prot):
             attrs.update(chunk_protected=lay.protected_counts, protected_columns=[int(c) for c in prot])
         w = self.g.init(name.replace(".weight", "").replace(".", "_") + "_rows", rows)

@@ -113,11 +113,13 @@ _SIGNATURES = {
     "wqe_test_chunk_dequant": (C.c_int, [C.c_int, C.c_int32, C.c_int32, _i32p, _u8p, C.c_int32, C.c_size_t, C.c_int,
                                          _f32p]),
     "wqe_row_bytes": (C.c_int64, [C.c_int, C.c_int32, C.c_int32]),
+    "wqe_test_compact_params": (C.c_int, [C.c_int, _u8p, C.c_int32, C.c_uint16, C.POINTER(C.c_uint16),
+                                          C.POINTER(C.c_uint16)]),
 }
 
 # Symbols newer than the first release of the C API: a library without them still loads.
 _OPTIONAL = {"wqe_set_activations", "wqe_get_activations", "wqe_test_chunk_matvec_act", "wqe_model_chat_template",
-             "wqe_context_kv_cache", "wqe_read_bandwidth"}
+             "wqe_context_kv_cache", "wqe_read_bandwidth", "wqe_test_compact_params"}
 
 
 def candidate_paths() -> list[Path]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from wqedge.blocks import FORMAT_VERSION, ChunkData, block_type, decode_chunk, dequantize_chunk
+from wqedge.blocks import (COMPACT_FORMAT_VERSION, FORMAT_VERSION, SCALE_BASE, ChunkData, block_type, decode_chunk,
+                           dequantize_chunk)
 from wqedge.head import head_tensor
 from wqedge.rotation_format import (FIELDS as ROT_FIELDS, GROUPS as ROT_GROUPS, INT_ROTATED_FORMAT_VERSION,
                                     KEY_ACT_BITS, KEY_ROTATION, ROTATED_FORMAT_VERSION, StoredTransform,
@@ -74,9 +75,9 @@ class WqGGUF:
         arch = _field(self.reader, "general.architecture", None)
         if arch != "llama":
             raise FormatError(f"{self.path}: architecture {arch!r}; wqedge files are 'llama'")
-        if version not in (FORMAT_VERSION, ROTATED_FORMAT_VERSION, INT_ROTATED_FORMAT_VERSION):
+        if version not in (FORMAT_VERSION, ROTATED_FORMAT_VERSION, INT_ROTATED_FORMAT_VERSION, COMPACT_FORMAT_VERSION):
             raise FormatError(f"{self.path}: wqedge format version {version}, this reader reads "
-                              f"{FORMAT_VERSION} to {INT_ROTATED_FORMAT_VERSION}")
+                              f"{FORMAT_VERSION} to {COMPACT_FORMAT_VERSION}")
         self.format_version = int(version)
         self.group_size = int(_field(self.reader, "wqedge.group_size"))
         self.tensors = {t.name: t for t in self.reader.tensors}
@@ -233,6 +234,23 @@ class WqGGUF:
         shape = tuple(int(x) for x in reversed(t.shape))
         return np.array(t.data, dtype=np.float32).reshape(shape)  # a private, writable copy
 
+    def scale_bases(self, name: str) -> np.ndarray:
+        """The compact chunks' fp16 scale bases of linear `name`, left to right (empty when it has none)."""
+        lay = self.layout(name)
+        n = sum(block_type(a).compact for a in lay.actions)
+        t = self.tensors.get(name + SCALE_BASE)
+        if t is None:
+            if n:
+                raise FormatError(f"{self.path}: {name} has {n} compact chunk(s) but no {name + SCALE_BASE} tensor")
+            return np.zeros(0, np.float16)
+        v = np.asarray(t.data).reshape(-1)
+        if v.dtype != np.float16 or v.size != n:
+            raise FormatError(f"{self.path}: {name + SCALE_BASE} holds {v.size} {v.dtype} value(s), expected {n} F16 "
+                              "(one per compact chunk)")
+        if not np.all(np.isfinite(v)) or np.any(v < 0):
+            raise FormatError(f"{self.path}: {name + SCALE_BASE} holds a negative or non-finite scale base")
+        return v
+
     def protected_indices(self, name: str) -> np.ndarray:
         t = self.tensors.get(name + ".protect")
         return np.zeros(0, np.int64) if t is None else np.asarray(t.data).view(np.uint16).astype(np.int64)
@@ -244,12 +262,14 @@ class WqGGUF:
         lay = self.layout(name)
         raw = np.asarray(self.tensors[name].data).view(np.uint8).reshape(lay.out_features, lay.row_bytes)
         prot = self.protected_indices(name)
+        bases = iter(self.scale_bases(name))
         out = []
         off = 0
         pi = 0
         for (s, e), a, n_p in zip(chunk_bounds(lay.in_features, self.group_size), lay.actions, lay.protected_counts):
             nb = block_type(a).row_bytes(e - s, n_p)
-            c = decode_chunk(raw[:, off: off + nb], a, e - s, prot[pi: pi + n_p] - s if n_p else None)
+            c = decode_chunk(raw[:, off: off + nb], a, e - s, prot[pi: pi + n_p] - s if n_p else None,
+                             base=next(bases) if block_type(a).compact else None)
             c.start = s
             out.append(c)
             off += nb
@@ -267,9 +287,9 @@ class WqGGUF:
 
     @_format_errors
     def stored_bytes(self, name: str) -> int:
-        """Bytes a quantized linear occupies in the file: its row-blocks plus its .protect indices."""
-        protect = self.tensors.get(name + ".protect")
-        return int(self.tensors[name].n_bytes) + (int(protect.n_bytes) if protect is not None else 0)
+        """Bytes a quantized linear occupies in the file: its row-blocks plus its .protect indices and .scale_base values."""
+        side = [self.tensors.get(name + ".protect"), self.tensors.get(name + SCALE_BASE)]
+        return int(self.tensors[name].n_bytes) + sum(int(t.n_bytes) for t in side if t is not None)
 
     def measured_bits(self) -> float:
         """8 x bytes of the quantized linear tensors (and their .protect indices) / their weights; for a pruned

@@ -15,6 +15,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from wqedge import blocks
 from wqedge.blocks import ChunkData, block_type, pack_chunk, unpack_chunk
 from wqedge.units import PROJECTIONS, chunk_bounds
 
@@ -66,6 +67,14 @@ def random_chunk(action: str, rows: int, g: int, rng, n_prot: int = 0) -> ChunkD
     bt = block_type(action)
     prot = np.sort(rng.choice(g, size=n_prot, replace=False)) if n_prot else None
     res = rng.normal(0, 0.02, (rows, n_prot)).astype(np.float16) if n_prot else None
+    if bt.compact:   # header codes over their whole range: e in 0..47 (and 255, d = 0), z in 0..255
+        base = float(np.float16(rng.uniform(0.5, 1.5) * 0.16 / max(bt.levels - 1, 1)))
+        e = rng.integers(0, 48, rows).astype(np.uint8)
+        e[rng.random(rows) < 0.05] = blocks.COMPACT_ZERO
+        z = rng.integers(0, 256, rows).astype(np.uint8) if bt.has_offset else None
+        d, m = blocks.compact_decode(bt, e, z, base)
+        codes = rng.integers(0, bt.levels, (rows, g)).astype(np.uint8)
+        return ChunkData(action, g, codes=codes, d=d, m=m, protected=prot, residuals=res, base=base)
     if action == "fp16":
         return ChunkData(action, g, values=rng.normal(0, 0.08, (rows, g)).astype(np.float16), protected=prot, residuals=res)
     codes = rng.integers(0, bt.levels, (rows, g)).astype(np.uint8)
@@ -89,16 +98,23 @@ def rtn_chunk(action: str, w: np.ndarray, n_prot: int = 0) -> ChunkData:
         lo, hi = w.min(axis=1), w.max(axis=1)
         d = np.maximum((hi - lo) / (bt.levels - 1), 1e-8).astype(np.float16)
         m = lo.astype(np.float16)
+        base = None
+        if bt.compact:   # onto the header's grid (the snapped m may sit a little above lo: codes clip there)
+            base, d, m = blocks.compact_snap(bt, d, m)
         df = np.where(d.astype(np.float32) == 0, 1.0, d.astype(np.float32))
         q = np.clip(np.rint((w - m.astype(np.float32)[:, None]) / df[:, None]), 0, bt.levels - 1).astype(np.uint8)
-        c = ChunkData(action, g, codes=q, d=d, m=m)
+        c = ChunkData(action, g, codes=q, d=d, m=m, base=base)
     else:
         a = np.maximum(np.abs(w).mean(axis=1), 1e-8).astype(np.float16)
-        t = np.clip(np.rint(w / a.astype(np.float32)[:, None]), -1, 1).astype(np.int8) + 1
-        c = ChunkData(action, g, codes=t.astype(np.uint8), d=a)
+        base = None
+        if bt.compact:
+            base, a, _ = blocks.compact_snap(bt, a)
+        af = np.where(a.astype(np.float32) == 0, 1.0, a.astype(np.float32))
+        t = np.clip(np.rint(w / af[:, None]), -1, 1).astype(np.int8) + 1
+        c = ChunkData(action, g, codes=t.astype(np.uint8), d=a, base=base)
     if n_prot:
         prot = np.sort(np.argsort(-np.linalg.norm(w, axis=0))[:n_prot])
-        deq = unpack_chunk(pack_chunk(c), action, g)
+        deq = unpack_chunk(pack_chunk(c), action, g, base=c.base)
         c.protected = prot
         c.residuals = (w[:, prot] - deq[:, prot]).astype(np.float16)
     return c
@@ -140,7 +156,11 @@ def write_wq(path, *, D, layers, H, KV, hd, F, V, G, dense: dict, linear, action
         else:
             w.add_uint32(k, v)
 
-    for k, v in {"wqedge.format_version": 1, "wqedge.group_size": G}.items():
+    version = 1   # 4 when a compact-header kind occurs (docs/format.md)
+    if any(block_type(action_fn(f"blk.{l}.{p}.weight", c)).compact for l in range(layers) for p in PROJ
+           for c in range(len(chunk_bounds(linear_shapes(D, H, KV, hd, F)[p][1], G)))):
+        version = blocks.COMPACT_FORMAT_VERSION
+    for k, v in {"wqedge.format_version": version, "wqedge.group_size": G}.items():
         if k not in drop_keys:
             put_u32(k, key_overrides.pop(k, v))
     w.add_bool("wqedge.rope.neox", key_overrides.pop("wqedge.rope.neox", True))
@@ -172,6 +192,7 @@ def write_wq(path, *, D, layers, H, KV, hd, F, V, G, dense: dict, linear, action
                 if ch.n_protected:
                     idx.extend((s + np.asarray(ch.protected)).tolist())
             rows = np.concatenate([pack_chunk(c) for c in chunks], axis=1)
+            bases = [c.base for c in chunks if block_type(c.action).compact]
             key = f"wqedge.tensors.{name}."
             if key + "in_features" not in drop_keys:
                 w.add_uint32(key + "in_features", key_overrides.pop(key + "in_features", K))
@@ -182,6 +203,8 @@ def write_wq(path, *, D, layers, H, KV, hd, F, V, G, dense: dict, linear, action
             tensors.append((name, rows.view(np.int8), gguf.GGMLQuantizationType.I8))
             if idx:
                 tensors.append((name + ".protect", np.asarray(idx, np.uint16).view(np.int16), gguf.GGMLQuantizationType.I16))
+            if bases:
+                tensors.append((name + blocks.SCALE_BASE, np.asarray(bases, np.float16), None))
     for k, v in key_overrides.items():  # extra keys
         if isinstance(v, str):
             w.add_string(k, v)
@@ -204,7 +227,7 @@ def write_wq(path, *, D, layers, H, KV, hd, F, V, G, dense: dict, linear, action
     return Path(path)
 
 
-ALL_ACTIONS = ("q8", "q4", "q3", "q2", "ternary", "q1", "fp16")
+ALL_ACTIONS = ("q8", "q4", "q3", "q2", "ternary", "q1", "fp16", "q4c", "q3c", "q2c", "ternaryc", "q1c")
 
 
 def mixed_action(name: str, c: int) -> str:

@@ -55,10 +55,10 @@ def test_knapsack_meets_budget_exactly_as_the_plan_counts(budget):
 
 def test_knapsack_is_optimal_on_a_small_instance():
     lins, t = synthetic_table(n_layers=1, hidden=128, inter=128)
-    sub = t.restrict(("q4", "q3", "q2", "ternary"))
+    sub = t.restrict(("q4c", "q3c", "q2c", "ternaryc"))
     units = list(range(5))
     small = DamageTable([sub.units[i] for i in units], sub.actions, sub.bits[units], sub.damage[units], 128)
-    for budget in (1.9, 2.3, 2.7, 3.1, 3.6):
+    for budget in (1.775, 2.175, 2.575, 2.975, 3.475):   # between the kinds' costs (q4c 4.125 ... ternaryc 1.69)
         cap = small.budget_cap(budget)
         best = min((sum(small.damage[i, a] for i, a in enumerate(c)), c)
                    for c in itertools.product(range(4), repeat=5)
@@ -108,10 +108,10 @@ def test_damage_table_orders_actions_and_counts_bits():
             assert t.bits[u.index, a] == blocks.chunk_bits(name, u.linear.out_features, u.width)
     d = t.damage
     assert np.all(d[:, ACTIONS.index("fp16")] < d[:, ACTIONS.index("q8")])
-    assert np.all(d[:, ACTIONS.index("q8")] < d[:, ACTIONS.index("q4")])
-    assert np.all(d[:, ACTIONS.index("q4")] < d[:, ACTIONS.index("q3")])
-    assert np.all(d[:, ACTIONS.index("q3")] < d[:, ACTIONS.index("q2")])
-    assert np.all(d[:, ACTIONS.index("q2")] < d[:, ACTIONS.index("q1")])
+    assert np.all(d[:, ACTIONS.index("q8")] < d[:, ACTIONS.index("q4c")])
+    assert np.all(d[:, ACTIONS.index("q4c")] < d[:, ACTIONS.index("q3c")])
+    assert np.all(d[:, ACTIONS.index("q3c")] < d[:, ACTIONS.index("q2c")])
+    assert np.all(d[:, ACTIONS.index("q2c")] < d[:, ACTIONS.index("q1c")])
     # doubling the output sensitivity of a linear doubles its damage
     name = lins[0].hf_name
     gs2 = dict(gs)
@@ -136,7 +136,7 @@ def test_error_feedback_chunks_pack_and_beat_rounding():
         wh = dequantize(chunks)
         for c in chunks:   # what the file will hold reads back the same
             b = blocks.pack_chunk(c)
-            np.testing.assert_array_equal(blocks.unpack_chunk(b, c.action, c.g, c.protected),
+            np.testing.assert_array_equal(blocks.unpack_chunk(b, c.action, c.g, c.protected, c.base),
                                           dequantize(([c])).numpy())
         assert chunks[0].n_protected == 2
         assert err(wh) < err(rtn)
@@ -216,7 +216,7 @@ def _outlier_table(feedback: bool, protect=(2,)):
                               protect=protect)
 
 
-@pytest.mark.parametrize("action", ["q4", "q3", "q2", "ternary", "q3+p2"])
+@pytest.mark.parametrize("action", ["q4c", "q3c", "q2c", "ternaryc", "q3c+p2"])
 def test_feedback_aware_damage_predicts_the_error_feedback_loss(action):
     """Priced by conditional precision, a chunk's damage matches what gptq_linear then loses (½ ΔW H ΔWᵀ on
     the damped H it works with) within 15%; the plain ΔW H ΔWᵀ prediction of the rounded fit is ~2x off."""
@@ -243,14 +243,14 @@ def test_protected_actions_are_priced_planned_and_lowered():
     from wqedge.saliency import split_action
     lin, w, H, st = _one_linear_with_outliers()
     t = _outlier_table(True, (1, 2))
-    assert "q3+p2" in t.actions and "q1+p1" in t.actions and len(t.actions) == 7 + 10
+    assert "q3c+p2" in t.actions and "q1c+p1" in t.actions and len(t.actions) == 7 + 10
     for a, name in enumerate(t.actions):
         base, k = split_action(name)
         for u in t.units:
             assert t.bits[u.index, a] == blocks.chunk_bits(base, 384, u.width, k)
     cols = t.protected[lin.hf_name][2]
     assert 17 in cols[0] and 5 in cols[0]
-    q2, q2p = t.actions.index("q2"), t.actions.index("q2+p2")
+    q2, q2p = t.actions.index("q2c"), t.actions.index("q2c+p2")
     assert t.damage[0, q2p] < 0.8 * t.damage[0, q2]          # chunk 0 holds both salient columns
     # a budget between q2 and q3 buys protection for chunk 0 first
     budget = (t.bits[0, q2p] + t.bits[1, q2] + t.bits[2, q2]) / w.numel()
@@ -260,13 +260,14 @@ def test_protected_actions_are_priced_planned_and_lowered():
     assert plan.total_bits() == t.plan_bits(ch) and plan.effective_bits() <= budget
     assert prot[lin.hf_name][0] == cols[0]
     chunks = gptq_linear(w, H, acts[lin.hf_name], 128, "neuqi", protected=prot[lin.hf_name])
-    packed_bits = sum(8 * blocks.pack_chunk(c).nbytes + 16 * c.n_protected for c in chunks)
+    packed_bits = sum(8 * blocks.pack_chunk(c).nbytes + 16 * c.n_protected + 16 * blocks.block_type(c.action).compact
+                      for c in chunks)
     assert packed_bits == plan.total_bits()
     for c in chunks:
-        np.testing.assert_array_equal(blocks.unpack_chunk(blocks.pack_chunk(c), c.action, c.g, c.protected),
+        np.testing.assert_array_equal(blocks.unpack_chunk(blocks.pack_chunk(c), c.action, c.g, c.protected, c.base),
                                       dequantize([c]).numpy())
     # and protection measurably lowers the loss of the converted linear against plain q2
-    plain = gptq_linear(w, H, ["q2"] * 3, 128, "neuqi")
+    plain = gptq_linear(w, H, ["q2c"] * 3, 128, "neuqi")
     loss = lambda ch: float(((dequantize(ch) - w).double() @ H * (dequantize(ch) - w).double()).sum())
     assert loss(chunks) < 0.9 * loss(plain)
 
@@ -287,7 +288,7 @@ def test_parameter_refit_lowers_the_layer_loss_and_keeps_protected_values():
     np.testing.assert_allclose(dequantize(refit)[:, [5, 17, 257]].numpy(), dequantize(plain)[:, [5, 17, 257]].numpy(),
                                atol=2e-3)
     for c in refit:
-        np.testing.assert_array_equal(blocks.unpack_chunk(blocks.pack_chunk(c), c.action, c.g, c.protected),
+        np.testing.assert_array_equal(blocks.unpack_chunk(blocks.pack_chunk(c), c.action, c.g, c.protected, c.base),
                                       dequantize([c]).numpy())
 
 

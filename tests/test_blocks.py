@@ -56,9 +56,11 @@ def test_ternary_padding_decodes_to_zero_weight():
 @pytest.mark.parametrize("bt", blocks.BLOCK_TYPES, ids=lambda b: b.name)
 def test_effective_bits_at_g128(bt):
     expect = {"fp16": 16, "q8": 8.25, "q4": 4.25, "q3": 3.25, "q2": 2.25, "ternary": 1.75, "q1": 1.25,
-              "q4s": 4.625, "q3s": 3.625, "q2s": 2.625}[bt.name]
-    assert blocks.effective_bits(bt.name, 128) == expect
-    assert blocks.chunk_bits(bt.name, 10, 128, 2) == 80 * bt.row_bytes(128) + 10 * 2 * 16 + 2 * 16
+              "q4s": 4.625, "q3s": 3.625, "q2s": 2.625,
+              "q4c": 4.125, "q3c": 3.125, "q2c": 2.125, "ternaryc": 1.6875, "q1c": 1.125}[bt.name]
+    base = 16 if bt.compact else 0   # a compact chunk's fp16 scale base
+    assert blocks.effective_bits(bt.name, 128) == expect + base / (4096 * 128)
+    assert blocks.chunk_bits(bt.name, 10, 128, 2) == 80 * bt.row_bytes(128) + 10 * 2 * 16 + 2 * 16 + base
 
 
 @pytest.mark.parametrize("action", ["q8", "q4", "q3", "q2", "q1"])

@@ -91,7 +91,7 @@ def test_spare_budget_is_reported(ragged):
 @pytest.mark.parametrize("budget", [1.5, 2.25, 3.0, 4.25, 8.5, 16.0])
 def test_action_for_width_is_the_most_precise_that_fits(g, budget):
     a = action_for_width(g, budget)
-    fits = [x for x in blocks.ALLOCATOR_ACTIONS if blocks.effective_bits(x, g) <= budget + 1e-12]
+    fits = [x for x in blocks.UNIFORM_ACTIONS if blocks.effective_bits(x, g) <= budget + 1e-12]
     if not fits:
         assert a is None
     else:

@@ -68,7 +68,10 @@ def test_truncated(good, tmp_path, frac):
 
 
 def test_truncated_by_one_byte(good, tmp_path):
-    e = _open(_variant(tmp_path, good.read_bytes()[:-1]))
+    import gguf
+    # one byte short of the last tensor's data (the file may end in alignment padding after it)
+    end = max(int(t.data_offset) + int(t.n_bytes) for t in gguf.GGUFReader(good).tensors)
+    e = _open(_variant(tmp_path, good.read_bytes()[:end - 1]))
     assert e.code == _native.ERR_FORMAT and "past the end" in str(e)
 
 
@@ -166,8 +169,8 @@ def test_wrong_key_type(tmp_path):
 
 
 def test_unsupported_version(tmp_path):
-    e = _open(write_tiny(tmp_path / "a.gguf", key_overrides={"wqedge.format_version": 4}))  # 2, 3: RUQuant, read
-    assert e.code == _native.ERR_UNSUPPORTED and "format version 4" in str(e)
+    e = _open(write_tiny(tmp_path / "a.gguf", key_overrides={"wqedge.format_version": 5}))  # 2, 3: RUQuant, 4: compact
+    assert e.code == _native.ERR_UNSUPPORTED and "format version 5" in str(e)
 
 
 def test_random_corruption_never_crashes(good, tmp_path):
@@ -194,3 +197,21 @@ def test_random_corruption_never_crashes(good, tmp_path):
             assert str(e)
             outcomes["error"] += 1
     assert outcomes["error"] > 0
+
+
+def test_compact_scale_bases_are_checked(good, tmp_path):
+    """A linear with compact-header chunks needs its .scale_base tensor: missing, of the wrong length or negative is
+    a format error naming it (docs/format.md, "Compact row headers")."""
+    import gguf
+
+    from wqedge import blocks
+    names = [t.name for t in gguf.GGUFReader(good).tensors if t.name.endswith(blocks.SCALE_BASE)]
+    assert names, "the tiny model should hold compact chunks"
+    name = names[0]
+    e = _open(write_tiny(tmp_path / "a.gguf", tensor_overrides={name: None}))
+    assert e.code == _native.ERR_FORMAT and name in str(e) and "missing" in str(e)
+    n = int(next(t for t in gguf.GGUFReader(good).tensors if t.name == name).n_elements)
+    e = _open(write_tiny(tmp_path / "b.gguf", tensor_overrides={name: np.ones(n + 1, np.float16)}))
+    assert e.code == _native.ERR_FORMAT and name in str(e)
+    e = _open(write_tiny(tmp_path / "c.gguf", tensor_overrides={name: -np.ones(n, np.float16)}))
+    assert e.code == _native.ERR_FORMAT and name in str(e) and ">= 0" in str(e)

@@ -111,7 +111,7 @@ def test_every_kind_tuned_through_its_traits(action):
         tl.b.add_(0.05)
     (c1,) = tl.round_to_file()
     np.testing.assert_array_equal(c1.codes, c.codes)
-    back = blocks.decode_chunk(blocks.pack_chunk(c1), action, c1.g, c1.protected)
+    back = blocks.decode_chunk(blocks.pack_chunk(c1), action, c1.g, c1.protected, c1.base)
     torch.testing.assert_close(torch.from_numpy(blocks.dequantize_chunk(back)), tl.weight().detach(), rtol=0,
                                atol=1e-3)
     assert not np.array_equal(back.d, np.asarray(c.d, np.float32))
@@ -368,7 +368,7 @@ def test_trained_codes_round_to_the_module(action):
         assert np.array_equal(c1.sc, c.sc) and np.array_equal(c1.mn, c.mn)
     w0, w1 = blocks.dequantize_chunk(c)[:, 5], blocks.dequantize_chunk(c1)[:, 5]
     np.testing.assert_allclose(w1, w0, atol=2e-3 * np.abs(w0).max())
-    back = blocks.decode_chunk(blocks.pack_chunk(c1), action, c1.g, c1.protected)
+    back = blocks.decode_chunk(blocks.pack_chunk(c1), action, c1.g, c1.protected, c1.base)
     torch.testing.assert_close(torch.from_numpy(blocks.dequantize_chunk(back)), want, rtol=0, atol=1e-3)
     torch.testing.assert_close(tl.weight().detach(), want, rtol=0, atol=1e-3)   # the masters now start there
 

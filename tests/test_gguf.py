@@ -31,6 +31,11 @@ def random_chunk(action, n, g, rng, protected=()):
     if bt.has_subscales:
         k = blocks.n_sub(blocks.padded(g))
         c.sc, c.mn = (rng.integers(0, blocks.SUB_LEVELS, (n, k)).astype(np.uint8) for _ in range(2))
+    if bt.compact:   # random header codes under a random scale base
+        c.base = float(np.float16(rng.uniform(0.01, 1.0)))
+        e = rng.integers(0, 256, n).astype(np.uint8)
+        z = rng.integers(0, 256, n).astype(np.uint8) if bt.has_offset else None
+        c.d, c.m = blocks.compact_decode(bt, e, z, c.base)
     return c
 
 
@@ -83,6 +88,9 @@ def test_stock_reader_lists_every_tensor(written):
     names = {t.name for t in r.tensors}
     expect = {n for _, n, _ in other_tensors(SPEC)} | {lin.gguf_name for lin in SPEC.linears()}
     expect |= {plan_t for plan_t in (lin.gguf_name + ".protect" for i, lin in enumerate(SPEC.linears()) if i % 3 == 0)}
+    expect |= {lin.gguf_name + blocks.SCALE_BASE for lin in SPEC.linears()
+               if any(blocks.block_type(a).compact for a in plan.tensor(lin.hf_name).actions)}
+    assert any(n.endswith(blocks.SCALE_BASE) for n in expect)
     assert names == expect
     for t in r.tensors:
         assert t.data_offset % 32 == 0
@@ -98,7 +106,7 @@ def test_dequantized_weights_equal_the_chunks(written):
         w = f.dequantize_linear(lin.gguf_name)
         assert w.shape == (lin.out_features, lin.in_features)
         for (s, e), c in zip(chunk_bounds(lin.in_features, G), chunks[lin.gguf_name]):
-            expect = blocks.unpack_chunk(blocks.pack_chunk(c), c.action, c.g, c.protected)
+            expect = blocks.unpack_chunk(blocks.pack_chunk(c), c.action, c.g, c.protected, c.base)
             np.testing.assert_array_equal(w[:, s:e], expect)
     for _, name, _ in other_tensors(SPEC):
         want = dense[name].astype(np.float32 if dense[name].ndim == 1 else np.float16).astype(np.float32)

@@ -328,8 +328,18 @@ def _linear_rows(m, node):
     return onnx.numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == node.input[1]))
 
 
+def _native_rows(f, lin) -> np.ndarray:
+    """The rows a ChunkLinear holds: the GGUF tensor's, or, where compact-header chunks occur, the same chunks
+    repacked as their fp16-header base kinds (the op reads those)."""
+    from wqedge import blocks
+    if any(blocks.block_type(a).compact for a in f.layout(lin).actions):
+        return np.concatenate([blocks.pack_chunk(blocks.expanded(c)) for c in f.chunks(lin)], axis=1).ravel()
+    return np.asarray(f.tensors[lin].data).view(np.uint8).ravel()
+
+
 def test_tiny_native_graph_is_compact_and_checked(tiny_native):
-    """One ChunkLinear per linear, whose weight is byte for byte the GGUF tensor; nothing else quantized."""
+    """One ChunkLinear per linear, whose weight is byte for byte the GGUF tensor (compact-header chunks expanded
+    into their base kinds); nothing else quantized."""
     name, gguf_path, info, _, _ = tiny_native
     onnx.checker.check_model(info["path"], full_check=True)
     m, ops = _ops(info["path"])
@@ -339,12 +349,13 @@ def test_tiny_native_graph_is_compact_and_checked(tiny_native):
     nodes = {n.name: n for n in m.graph.node if n.op_type == "ChunkLinear"}
     assert sorted(nodes) == sorted(f.linear_names())
     for lin, node in nodes.items():
-        np.testing.assert_array_equal(_linear_rows(m, node).ravel(), np.asarray(f.tensors[lin].data).view(np.uint8).ravel())
+        np.testing.assert_array_equal(_linear_rows(m, node).ravel(), _native_rows(f, lin))
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert list(attrs.get("protected_columns", [])) == f.protected_indices(lin).tolist()
-    linear_bytes = sum(int(f.tensors[n].n_bytes) for n in f.linear_names())
+    linear_bytes = sum(_native_rows(f, n).size for n in f.linear_names())
     assert info["linear_bytes_by_kind"]["rows"] == linear_bytes
-    assert info["bytes"] < 1.03 * info["gguf_bytes"]  # the rest: the same dense tensors and a small graph
+    expansion = linear_bytes - sum(int(f.tensors[n].n_bytes) for n in f.linear_names())   # compact headers widened
+    assert info["bytes"] < 1.03 * (info["gguf_bytes"] + expansion)  # the rest: the same dense tensors and a small graph
     assert onnx_session.model_domains(info["path"]) == {"", "wqedge"}
 
 

@@ -51,7 +51,7 @@ def test_uniform_picks_most_precise_action_within_budget():
     for t in p.tensors:
         assert all(a == "q4" for a in t.actions[: t.in_features // 128]), t.actions
         assert t.in_features % 128 == 0 or t.actions[-1] != "q4"
-    assert p.effective_bits() <= q4 - 1e-6 and p.meta["uniform"]["by_width"]["36"] in ("q3", "q2")
+    assert p.effective_bits() <= q4 - 1e-6 and p.meta["uniform"]["by_width"]["36"] in ("q4c", "q3", "q2")
     assert uniform_plan(linears, 128, 1.8).action_histogram().keys() == {"ternary"}
 
 

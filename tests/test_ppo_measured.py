@@ -176,7 +176,7 @@ def test_a_win_within_the_noise_keeps_the_knapsack_plan(prepared):
             seed = int((ch * np.arange(len(ch))).sum()) % 2**31 + (windows == "confirm")
             return self.true(ch) + np.random.default_rng(seed).normal(0, self.sd, 16)
 
-    scale = table.damage[np.arange(len(ks)), ks].sum()
+    scale = table.damage.max(1).sum()                     # more than any plan's damage:
     pen = lambda c: float(c[0] == ks[0]) * scale          # plans that change unit 0 are truly better
     for sd, kept in ((20.0 * scale, True), (1e-6 * scale, False)):
         m = Noisy(table, pen)
@@ -185,4 +185,7 @@ def test_a_win_within_the_noise_keeps_the_knapsack_plan(prepared):
         if not any(c[0] != ks[0] for w, c in m.calls if w == "confirm"):
             pytest.skip("no plan that avoids the penalty was searched")
         assert np.array_equal(ch, ks) == kept, sd
-        assert ("not_significant" in info["noise"]) == kept
+        # kept: another plan measured best on the confirm windows but within the noise, or the knapsack plan did
+        confirmed = [c for w, c in list(m.calls) if w == "confirm"]
+        best = min(confirmed, key=lambda c: float(m.measure(c, "confirm").mean()))
+        assert ("not_significant" in info["noise"] or np.array_equal(best, ks)) == kept

@@ -26,11 +26,16 @@ def run_wqedge(args, nproc: int, cwd: Path, env_extra: dict | None = None, check
     return r
 
 
-def assert_weights_equal(a, b, share: float = 1e-3, hair: float = 1e-3) -> None:
+def assert_weights_equal(a, b, share: float = 1e-3, hair: float = 1e-3, compact_share: float = 3e-2) -> None:
     """Two wqedge GGUFs (runtime.gguf_reader.WqGGUF) hold the same decoder linears: at most `share` of their values
     moved by more than `hair` x the linear's largest |w| (a code flipped by the float summation order of reduced
     statistics in an error-feedback fit, and the refitted scale of its row). Smaller moves are an fp16 scale or
-    offset one ulp apart (~4e-4 of the range measured), not counted."""
+    offset one ulp apart (~4e-4 of the range measured), not counted. Files with compact-header chunks may move up to
+    `compact_share`: a fitted d one ulp apart takes the neighbouring scale code (steps of 4.4%) in about 2% of the rows
+    (measured 1.0-1.8% of the weights), which moves that row's whole chunk."""
+    from wqedge import blocks
+    if any(blocks.block_type(x).compact for f in (a, b) for n in f.linear_names() for x in f.layout(n).actions):
+        share = max(share, compact_share)
     assert a.linear_names() == b.linear_names()
     moved = total = 0
     for name in a.linear_names():

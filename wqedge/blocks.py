@@ -22,6 +22,12 @@ arithmetic on fp16-stored parameters); `dequantize` below is the one primitive:
                                                         stored without m, rounded symmetrically
   "fp16":                         w = stored half      (no header, no codes)
   protected column p of the chunk:  w += r_p           (fp16 residual)
+
+Compact-header kinds (q4c, q3c, q2c, ternaryc, q1c; `BlockType.base` names the kind whose grid they share):
+the same codes and dequantization, but each row-block's d (and m) are one byte each instead of an fp16 each,
+under one fp16 scale base per chunk (stored beside the linear, see `compact_decode`). A row header costs 16 bits
+instead of 32 (0.125 bit per weight at G = 128, a twentieth of a 2.5-bit budget), which the allocator spends on
+wider codes; the d and m a chunk may take are then a subset of the fp16 values (`compact_snap`).
 """
 from __future__ import annotations
 
@@ -31,6 +37,8 @@ from typing import Callable
 import numpy as np
 
 FORMAT_VERSION = 1
+COMPACT_FORMAT_VERSION = 4   # a file with compact-header kinds (with or without format 2/3's transforms)
+SCALE_BASE = ".scale_base"   # the tensor beside a linear holding its compact chunks' fp16 scale bases
 SUBBLOCK = 32  # every chunk's codes are padded to a multiple of 32 columns
 
 
@@ -200,6 +208,7 @@ class BlockType:
     pack: Callable[[np.ndarray], np.ndarray] | None
     unpack: Callable[[np.ndarray, int], np.ndarray] | None
     offered: bool = True  # among the actions the allocators choose from by default (else only by name: --preset, plans)
+    base: str | None = None  # compact-header kinds: the fp16-header kind with the same codes and grid
 
     @property
     def is_float(self) -> bool:
@@ -228,9 +237,14 @@ class BlockType:
         return _ZERO_CODE[self.kind]
 
     @property
+    def compact(self) -> bool:
+        """Row headers of one byte per parameter under a per-chunk fp16 scale base (compact_decode)."""
+        return self.base is not None
+
+    @property
     def header_bytes(self) -> int:
-        """fp16 parameters at the start of each row-block."""
-        return 2 * _HEADER_PARAMS[self.kind]
+        """Parameters at the start of each row-block: fp16 each, or one byte each for compact kinds."""
+        return (1 if self.compact else 2) * _HEADER_PARAMS[self.kind]
 
     @property
     def bits(self) -> int:
@@ -265,21 +279,30 @@ class BlockType:
 BLOCK_TYPES: tuple[BlockType, ...] = (
     BlockType("fp16", 0, 16.0, 0, "fp16", lambda gp: 2 * gp, None, None),
     BlockType("q8", 1, 8.0, 256, "affine", lambda gp: gp, _pack_q8, _unpack_q8),
-    BlockType("q4", 2, 4.0, 16, "affine", lambda gp: gp // 2, _pack_q4, _unpack_q4),
-    BlockType("q3", 3, 3.0, 8, "affine", lambda gp: 3 * gp // 8, _pack_q3, _unpack_q3),
-    BlockType("q2", 4, 2.0, 4, "affine", lambda gp: gp // 4, _pack_2bit, _unpack_2bit),
-    BlockType("ternary", 5, 1.5, 3, "ternary", ternary_bytes, _pack_ternary, _unpack_ternary),
-    BlockType("q1", 6, 1.0, 2, "affine", lambda gp: gp // 8, _pack_1bit, _unpack_1bit),
+    BlockType("q4", 2, 4.0, 16, "affine", lambda gp: gp // 2, _pack_q4, _unpack_q4, offered=False),
+    BlockType("q3", 3, 3.0, 8, "affine", lambda gp: 3 * gp // 8, _pack_q3, _unpack_q3, offered=False),
+    BlockType("q2", 4, 2.0, 4, "affine", lambda gp: gp // 4, _pack_2bit, _unpack_2bit, offered=False),
+    BlockType("ternary", 5, 1.5, 3, "ternary", ternary_bytes, _pack_ternary, _unpack_ternary, offered=False),
+    BlockType("q1", 6, 1.0, 2, "affine", lambda gp: gp // 8, _pack_1bit, _unpack_1bit, offered=False),
     BlockType("q4s", 7, 4.0, 16, "subscale", lambda gp: gp // 2, _pack_q4, _unpack_q4, offered=False),
     BlockType("q3s", 8, 3.0, 8, "subscale", lambda gp: 3 * gp // 8, _pack_q3, _unpack_q3, offered=False),
     BlockType("q2s", 9, 2.0, 4, "subscale", lambda gp: gp // 4, _pack_2bit, _unpack_2bit, offered=False),
+    BlockType("q4c", 10, 4.0, 16, "affine", lambda gp: gp // 2, _pack_q4, _unpack_q4, base="q4"),
+    BlockType("q3c", 11, 3.0, 8, "affine", lambda gp: 3 * gp // 8, _pack_q3, _unpack_q3, base="q3"),
+    BlockType("q2c", 12, 2.0, 4, "affine", lambda gp: gp // 4, _pack_2bit, _unpack_2bit, base="q2"),
+    BlockType("ternaryc", 13, 1.5, 3, "ternary", ternary_bytes, _pack_ternary, _unpack_ternary, base="ternary"),
+    BlockType("q1c", 14, 1.0, 2, "affine", lambda gp: gp // 8, _pack_1bit, _unpack_1bit, base="q1"),
 )
 BY_NAME = {b.name: b for b in BLOCK_TYPES}
 BY_CODE = {b.code: b for b in BLOCK_TYPES}
 ACTION_NAMES = tuple(b.name for b in BLOCK_TYPES)
-# What the allocators (uniform, greedy, rl) choose from unless told otherwise; the subscale kinds are offered by
-# name (bench/results/subscale.md has the measurement that decided it).
+# What the allocators (uniform, greedy, rl) choose from unless told otherwise: fp16, q8 and the compact-header kinds
+# (the same grids as q4 .. q1 for 16 bits a row header less; bench/results/compact_headers.md). The fp16-header
+# q4 .. q1 and the subscale kinds are chosen by name (presets, plans, --two-level; bench/results/subscale.md).
 ALLOCATOR_ACTIONS = tuple(b.name for b in BLOCK_TYPES if b.offered)
+# The uniform allocator (one action everywhere, by chunk width) also takes the fp16-header twins: at a budget of
+# 4.25 bits q4 fits where q4c would leave 0.125 bit unspent, and it has no damage table to price them twice.
+UNIFORM_ACTIONS = ALLOCATOR_ACTIONS + tuple(b.base for b in BLOCK_TYPES if b.offered and b.compact)
 FLOAT_ACTION = next(b.name for b in BLOCK_TYPES if b.is_float)   # keep the weights (the top of every budget)
 
 
@@ -292,13 +315,122 @@ def block_type(action: str | int) -> BlockType:
 
 
 def chunk_bits(action: str | int, rows: int, g: int, n_protected: int = 0) -> int:
-    """Exact stored bits of one chunk: its row-blocks plus its protected-column indices (uint16 each)."""
-    return 8 * rows * block_type(action).row_bytes(g, n_protected) + 16 * n_protected
+    """Exact stored bits of one chunk: its row-blocks plus its protected-column indices (uint16 each), plus
+    a compact kind's fp16 scale base."""
+    bt = block_type(action)
+    return 8 * rows * bt.row_bytes(g, n_protected) + 16 * n_protected + (16 if bt.compact else 0)
 
 
 def effective_bits(action: str | int, g: int, n_protected: int = 0, rows: int = 4096) -> float:
     """Stored bits per weight of a chunk (what the allocator prices)."""
     return chunk_bits(action, rows, g, n_protected) / (rows * g)
+
+
+# ---------------------------------------------------------------- compact row headers (q4c, q3c, q2c, ternaryc, q1c)
+# Row r's header is e_r (and z_r for kinds with an offset), one byte each, under the chunk's fp16 scale base D:
+#   d_r = fp16(D * 2^(-e_r / 32))   (e_r = 255: d_r = 0)     m_r = fp16(-(d_r * (z_r * (L - 1))) / 255)
+# in float32 arithmetic: 2^(-e/32) = COMPACT_FRAC[e % 32] * 2^(-(e // 32)), the product with D rounded once, the
+# power of two exact; d_r * (z_r (L - 1)) is exact (11 + 12 bits), the division rounds once. So every reader
+# (numpy here, the C++ loader) gets the same fp16 d and m, and from there a compact chunk is its base kind.
+COMPACT_STEPS = 32     # scale codes per octave: d within 1.1% of any value in 8 octaves below the base
+#                       (16 steps, 16 octaves: +0.3% perplexity at 3.25 b, the q4 grid's range edges amplifying d's error)
+COMPACT_ZERO = 255     # e code of d = 0 (constant rows)
+COMPACT_FRAC = np.array([float.fromhex(h) for h in (
+    "0x1p+0", "0x1.f50766p-1", "0x1.ea4afap-1", "0x1.dfc974p-1", "0x1.d5818ep-1", "0x1.cb720ep-1", "0x1.c199bep-1",
+    "0x1.b7f77p-1", "0x1.ae89fap-1", "0x1.a5503cp-1", "0x1.9c4918p-1", "0x1.93737cp-1", "0x1.8ace54p-1",
+    "0x1.82589ap-1", "0x1.7a1148p-1", "0x1.71f75ep-1", "0x1.6a09e6p-1", "0x1.6247ecp-1", "0x1.5ab07ep-1",
+    "0x1.5342b6p-1", "0x1.4bfdaep-1", "0x1.44e086p-1", "0x1.3dea64p-1", "0x1.371a74p-1", "0x1.306fep-1",
+    "0x1.29e9ep-1", "0x1.2387a6p-1", "0x1.1d4874p-1", "0x1.172b84p-1", "0x1.11301ep-1", "0x1.0b5586p-1",
+    "0x1.059b0ep-1")], dtype=np.float32)   # float32(2^(-i/32))
+
+
+def compact_decode(bt: "BlockType", e, z, base) -> tuple[np.ndarray, np.ndarray | None]:
+    """(d, m) float16 [N] of compact row headers: e, z uint8 [N] (z None for ternary), base the chunk's scale base."""
+    e = np.asarray(e, dtype=np.int64)
+    D = np.float32(np.float16(base))
+    d = np.ldexp(D * COMPACT_FRAC[e % COMPACT_STEPS], -(e // COMPACT_STEPS)).astype(np.float32)
+    d16 = np.where(e == COMPACT_ZERO, np.float32(0), d).astype(np.float16)
+    if z is None or not bt.has_offset:
+        return d16, None
+    t = d16.astype(np.float32) * (np.asarray(z, dtype=np.float32) * np.float32(bt.levels - 1))
+    return d16, (-(t / np.float32(255))).astype(np.float32).astype(np.float16)
+
+
+def compact_encode(bt: "BlockType", d, m, base) -> tuple[np.ndarray, np.ndarray | None]:
+    """The header codes (e, z) of parameters that lie on the compact grid of `base`; ValueError otherwise (fit
+    through compact_snap: a value off the grid would be silently changed by the round trip)."""
+    if base is None:
+        raise ValueError(f"a {bt.name} chunk needs its scale base (ChunkData.base); fit it with compact_snap")
+    d = np.asarray(d, dtype=np.float32)
+    m = None if m is None or not bt.has_offset else np.asarray(m, dtype=np.float32)
+    e, z = _compact_codes(bt, d, m, base)
+    d16, m16 = compact_decode(bt, e, z, base)
+    if not np.array_equal(d16.astype(np.float32), d) or (m is not None and not np.array_equal(m16.astype(np.float32), m)):
+        raise ValueError(f"{bt.name}: d/m are not on the compact grid of scale base {float(base)!r} "
+                         "(blocks.compact_snap puts them there)")
+    return e, z
+
+
+def _compact_codes(bt, d, m, base):
+    """Nearest codes (e, z) of d, m [N] float32 under `base` (d, m anywhere; d clamped to [0, base])."""
+    D = float(np.float16(base))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ef = np.where((d > 0) & (D > 0), -COMPACT_STEPS * np.log2(np.maximum(d, 1e-38) / max(D, 1e-38)), COMPACT_ZERO)
+    e0 = np.clip(np.round(ef), 0, COMPACT_ZERO - 1).astype(np.int64)
+    best = e0.copy()
+    err = np.full(d.shape, np.inf)
+    for cand in (e0 - 1, e0, e0 + 1):      # the nearest decoded value in the linear domain
+        cand = np.clip(cand, 0, COMPACT_ZERO - 1)
+        v = compact_decode(bt, cand, None, base)[0].astype(np.float32)
+        de = np.abs(v - d)
+        take = de < err
+        best, err = np.where(take, cand, best), np.where(take, de, err)
+    e = np.where((d <= 0) | (D <= 0), COMPACT_ZERO, best).astype(np.uint8)
+    if m is None:
+        return e, None
+    d16 = compact_decode(bt, e, None, base)[0].astype(np.float32)
+    L1 = float(bt.levels - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zf = np.where(d16 > 0, -m / (d16 * L1) * 255, 0)
+    z0 = np.clip(np.round(zf), 0, 255).astype(np.int64)
+    zb, zerr = z0.copy(), np.full(d.shape, np.inf)
+    for cand in (z0 - 1, z0, z0 + 1):
+        cand = np.clip(cand, 0, 255)
+        v = compact_decode(bt, e, cand, base)[1].astype(np.float32)
+        de = np.abs(v - m)
+        take = de < zerr
+        zb, zerr = np.where(take, cand, zb), np.where(take, de, zerr)
+    return e, zb.astype(np.uint8)
+
+
+def compact_snap(bt: "BlockType", d, m=None, base: float | None = None):
+    """(base, d', m'): d and m [N] moved to the nearest values a compact header holds (float16 arrays; m' None
+    for ternary). base None: the largest d, as fp16 (the chunk's own scale base). A constant row (d = 0, m = c)
+    becomes the grid that holds c exactly where it can: d = |c| / (L - 1), m = min(c, 0)."""
+    d = np.asarray(d, dtype=np.float32).copy()
+    m = None if m is None or not bt.has_offset else np.asarray(m, dtype=np.float32).copy()
+    if m is not None:
+        const = (d <= 0) & (m != 0)
+        d[const] = np.abs(m[const]) / np.float32(bt.levels - 1)
+        m[const] = np.minimum(m[const], 0)
+    if base is None:
+        base = float(np.float16(d.max(initial=0.0)))
+        if not np.isfinite(base):
+            raise ValueError(f"{bt.name}: scale base overflows fp16 (weight range too large for the format)")
+    e, z = _compact_codes(bt, d, m, base)
+    d16, m16 = compact_decode(bt, e, z, base)
+    return float(np.float16(base)), d16, m16
+
+
+def expanded(c: ChunkData) -> ChunkData:
+    """A compact chunk as its base kind (the same codes, d and m, fp16 headers): what readers that know only the
+    fp16-header kinds (the ONNX lowerings, the native custom op) take. Other chunks pass unchanged."""
+    bt = block_type(c.action)
+    if not bt.compact:
+        return c
+    out = ChunkData(bt.base, c.g, codes=c.codes, d=c.d, m=c.m, values=c.values, protected=c.protected,
+                    residuals=c.residuals, start=c.start, sc=c.sc, mn=c.mn)
+    return out
 
 
 # ---------------------------------------------------------------- whole row-blocks
@@ -310,6 +442,7 @@ class ChunkData:
     codes: uint8[N, g] (affine: 0..levels-1; ternary: 0..2), or None for fp16.
     d, m: float16[N] (affine); d alone is the ternary scale a; for fp16 `values` holds the weights.
     subscale kinds: d and m = dmin per row, sc and mn uint8[N, n_sub] the sub-block scale and min codes.
+    compact kinds: d and m as for their base kind, on the grid of the scale base `base` (compact_snap).
     protected: int[n_p] chunk-local column indices; residuals float16[N, n_p].
     start: the chunk's first column in its linear (set by readers; writers go by position).
     """
@@ -324,6 +457,7 @@ class ChunkData:
     start: int = 0
     sc: np.ndarray | None = None
     mn: np.ndarray | None = None
+    base: float | None = None   # compact kinds: the chunk's scale base (an fp16 value); d, m lie on its grid
 
     @property
     def end(self) -> int:
@@ -376,7 +510,10 @@ def pack_chunk(c: ChunkData) -> np.ndarray:
         parts.append(v.view(np.uint8))
     else:
         n = c.codes.shape[0]
-        if bt.has_offset:
+        if bt.compact:
+            e, z = compact_encode(bt, c.d, c.m, c.base)
+            parts.append(e.reshape(n, 1) if z is None else np.stack([e, z], axis=1))
+        elif bt.has_offset:
             parts.append(np.stack([c.d, c.m], axis=1).astype(np.float16).view(np.uint8))
         else:
             parts.append(c.d.astype(np.float16).reshape(n, 1).view(np.uint8))
@@ -396,10 +533,13 @@ def pack_chunk(c: ChunkData) -> np.ndarray:
     return out
 
 
-def decode_chunk(b: np.ndarray, action: str | int, g: int, protected: np.ndarray | None = None) -> ChunkData:
+def decode_chunk(b: np.ndarray, action: str | int, g: int, protected: np.ndarray | None = None,
+                 base: float | None = None) -> ChunkData:
     """Row-blocks uint8[N, row_bytes] of one chunk -> its ChunkData (codes, d, m as float32; fp16 values;
-    residuals), the inverse of pack_chunk."""
+    residuals), the inverse of pack_chunk. base: a compact kind's scale base (required for those kinds)."""
     bt = block_type(action)
+    if bt.compact and base is None:
+        raise ValueError(f"a {bt.name} chunk needs its scale base to be decoded")
     gp = padded(g)
     n_p = 0 if protected is None else len(protected)
     if b.shape[1] != bt.row_bytes(g, n_p):
@@ -411,18 +551,26 @@ def decode_chunk(b: np.ndarray, action: str | int, g: int, protected: np.ndarray
     if bt.is_float:
         c.values = np.ascontiguousarray(b[:, :cb]).view(np.float16)[:, :g]
     else:
-        params = np.ascontiguousarray(b[:, :h]).view(np.float16).astype(np.float32)
         c.codes = bt.unpack(np.ascontiguousarray(b[:, h + sb : h + cb]), gp)[:, :g]
         if sb:
             c.sc, c.mn = unpack_subscales(np.ascontiguousarray(b[:, h : h + sb]), n_sub(gp))
-        c.d = params[:, 0]
-        c.m = params[:, 1] if bt.has_offset else None
+        if bt.compact:
+            d16, m16 = compact_decode(bt, b[:, 0], b[:, 1] if bt.has_offset else None, base)
+            c.base = float(np.float16(base))
+            c.d = d16.astype(np.float32)
+            c.m = None if m16 is None else m16.astype(np.float32)
+        else:
+            params = np.ascontiguousarray(b[:, :h]).view(np.float16).astype(np.float32)
+            c.d = params[:, 0]
+            c.m = params[:, 1] if bt.has_offset else None
     if n_p:
         c.protected = np.asarray(protected, dtype=np.int64)
         c.residuals = np.ascontiguousarray(b[:, h + cb :]).view(np.float16)
     return c
 
 
-def unpack_chunk(b: np.ndarray, action: str | int, g: int, protected: np.ndarray | None = None) -> np.ndarray:
-    """Dequantize row-blocks uint8[N, row_bytes] of one chunk to float32[N, g] (the reference semantics)."""
-    return dequantize_chunk(decode_chunk(b, action, g, protected)).reshape(b.shape[0], g)
+def unpack_chunk(b: np.ndarray, action: str | int, g: int, protected: np.ndarray | None = None,
+                 base: float | None = None) -> np.ndarray:
+    """Dequantize row-blocks uint8[N, row_bytes] of one chunk to float32[N, g] (the reference semantics); base: a
+    compact kind's scale base."""
+    return dequantize_chunk(decode_chunk(b, action, g, protected, base)).reshape(b.shape[0], g)

@@ -162,7 +162,7 @@ def default_prune_group(spec, prune, target: str = "gguf") -> int:
 
 def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None, rotate=None,
                act_bits=8, prune=(), max_prune=0.3, stream_layers=None, rotate_stage2=None, resume_dir=None,
-               prune_group=None, two_level=None, target: str = "gguf"):
+               prune_group=None, two_level=None, target: str = "gguf", compact_headers: bool = True):
     from .pipeline import make_plan
     from .plan import PlanError
     if prune_group is None:
@@ -174,7 +174,8 @@ def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protec
         plan = make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect, preset,
                          rotate=rotate or False, act_bits=act_bits, prune=prune,
                          max_prune=max_prune, stream_layers=stream_layers, rotate_stage2=rotate_stage2 or 0,
-                         resume_dir=resume_dir, prune_group=prune_group, two_level=two_level)
+                         resume_dir=resume_dir, prune_group=prune_group, two_level=two_level,
+                         compact=compact_headers)
     except PlanError as e:
         _fail(str(e))
     if plan.allocator == "uniform":
@@ -305,6 +306,12 @@ _common_plan_options = [
                       "1% lower perplexity; decode as fast with int8 activations: bench/results/two_level_default.md), "
                       "off below, with --prune, --rotate or --act-bits other than 8, and for --target llamacpp / "
                       "onnx. --two-level without calibration plans greedily from the weights alone."),
+    click.option("--compact-headers/--no-compact-headers", default=True, show_default=True,
+                 help="Offer the allocators the compact-header kinds (q4c, q3c, q2c, ternaryc, q1c: the q4 .. q1 grids "
+                      "with one byte per row scale and offset instead of fp16, 16 bits a chunk row less; at 2.5 bits "
+                      "-2% perplexity, bench/results/compact_headers.md) instead of the fp16-header q4 .. q1. Files "
+                      "with them are format version 4; --no-compact-headers writes files that runtimes of formats "
+                      "1-3 read."),
     click.option("--prune-group", type=click.IntRange(min=1), default=None, metavar="N",
                  help="With --prune ffn: FFN channels per pruning unit. A multiple of 256 keeps every pruned FFN "
                       "length a multiple of 256 where the model's is, and makes head pruning remove heads in steps "
@@ -455,7 +462,7 @@ def torch_dist_error():
                    f"untied embeddings stay F16 as in our GGUF); --target onnx keeps it dense.")
 @distributed_option
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
-            distill_e2e, freeze_codes, distill_windows, distill_ce, rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers,
+            distill_e2e, freeze_codes, distill_windows, distill_ce, rotate, rotate_stage2, prune, max_prune, two_level, compact_headers, prune_group, feedback_windows, stream_layers,
             resume_dir, act_bits, plan_path, save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant,
             kv_bits, kv_rotation, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
@@ -509,7 +516,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
             two_level = False
         plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate,
                           act_bits, prune, max_prune, stream_layers, rotate_stage2, resume_dir, prune_group,
-                          two_level, target)
+                          two_level, target, compact_headers)
     if feedback_windows is not None:
         pipeline.set_feedback_windows(plan, feedback_windows)
     try:
@@ -612,7 +619,7 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, recorded beside it.")
 @distributed_option
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
-         distill_e2e, freeze_codes, distill_windows, distill_ce, rotate, rotate_stage2, prune, max_prune, two_level, prune_group, feedback_windows, stream_layers, resume_dir,
+         distill_e2e, freeze_codes, distill_windows, distill_ce, rotate, rotate_stage2, prune, max_prune, two_level, compact_headers, prune_group, feedback_windows, stream_layers, resume_dir,
          act_bits, kv_bits, kv_rotation):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
@@ -625,7 +632,8 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
     ckpt = _open_checkpoint(model_dir)
     calib_text = _read_calib(calib) if calib else None
     p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate, act_bits,
-                   prune, max_prune, stream_layers, rotate_stage2, resume_dir, prune_group, two_level)
+                   prune, max_prune, stream_layers, rotate_stage2, resume_dir, prune_group, two_level,
+                   compact_headers=compact_headers)
     if kv is not None:
         p.kv_cache = kv.to_plan()
     if feedback_windows is not None:

@@ -99,9 +99,20 @@ Q2S_MAX_BITS = TWO_LEVEL_MIN_BITS
 
 
 def two_level_actions(bits: float) -> tuple[str, ...]:
-    """The actions a plan with the two-level kinds offers at `bits`: every kind, less q2s from Q2S_MAX_BITS up."""
-    from .blocks import ACTION_NAMES
-    return tuple(a for a in ACTION_NAMES if not (a == "q2s" and bits >= Q2S_MAX_BITS))
+    """The actions a plan with the two-level kinds offers at `bits`: the default ones and the two-level kinds, less
+    q2s from Q2S_MAX_BITS up."""
+    from .blocks import ALLOCATOR_ACTIONS, BLOCK_TYPES
+    return ALLOCATOR_ACTIONS + tuple(b.name for b in BLOCK_TYPES
+                                     if b.has_subscales and not (b.name == "q2s" and bits >= Q2S_MAX_BITS))
+
+
+def offered_actions(bits: float, two_level: bool, compact: bool = True) -> tuple[str, ...]:
+    """What the table-based allocators choose from: blocks.ALLOCATOR_ACTIONS (the compact-header kinds among them),
+    plus the two-level kinds with two_level; compact=False offers the fp16-header q4 .. q1 instead of q4c .. q1c
+    (files that format 1-3 readers take)."""
+    from .blocks import ALLOCATOR_ACTIONS, block_type
+    acts = two_level_actions(bits) if two_level else ALLOCATOR_ACTIONS
+    return tuple(acts) if compact else tuple(block_type(a).base or a for a in acts)
 
 
 def default_two_level(allocator: str, bits: float, preset: str | None, prune=()) -> bool:
@@ -114,7 +125,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
               calib_text: str | None = None, seed: int = 0, device=None, protect=(), preset: str | None = None,
               progress=True, rotate: bool | str = False, act_bits: int = 8, prune=(), max_prune: float = 0.3,
               stream_layers: bool | None = None, rotate_stage2: int = 0, resume_dir=None,
-              prune_group: int = 32, two_level: bool | None = None, fixed_pruning=None) -> Plan:
+              prune_group: int = 32, two_level: bool | None = None, fixed_pruning=None, compact: bool = True) -> Plan:
     """A plan for `ckpt` at `bits` effective bits (or one `preset` action everywhere). PlanError when no
     plan can be made. rotate: input transforms (`rotated`), planned on the folded weights: "ruquant" (or True)
     RUQuant's, built from calibration activations, "hadamard" the data-free residual rotation with an online
@@ -128,6 +139,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     two_level: the greedy allocator may also choose the two-level kinds (q4s, q3s, q2s: sub-scales per 32
     columns; `two_level_actions`); None: default_two_level (off for rotated plans and other activation bits, whose runtime paths have
     not been measured with them). progress: True (lines on stderr), a callable taking a line, or False.
+    compact: offer the compact-header kinds q4c .. q1c (the default) or, False, the fp16-header q4 .. q1 (`offered_actions`).
     fixed_pruning: a wqedge.pruning.Pruning whose shapes the allocator fills with bits (no structure search).
 
     rotate with prune: the structures are chosen first, by the joint search on the unrotated model (in a rotated o or
@@ -135,7 +147,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     transforms are built on the masked model with the o and down ones on the kept columns (`rotated`), and the bits
     are allocated again on the rotated pruned model under the same budget."""
     more = dict(prune=prune, max_prune=max_prune, stream_layers=stream_layers, resume_dir=resume_dir,
-                prune_group=prune_group, two_level=two_level, fixed_pruning=fixed_pruning)
+                prune_group=prune_group, two_level=two_level, fixed_pruning=fixed_pruning, compact=compact)
     if rotate is True:
         rotate = "ruquant"
     if rotate not in (False, None, "ruquant", "hadamard"):
@@ -212,13 +224,14 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
         if preset is not None:
             bits = model_bits(linears, group, preset)
         return uniform_plan(linears, group, bits, method, action=preset, model_name=ckpt.spec.name,
-                            model_fingerprint=ckpt.fingerprint())
+                            model_fingerprint=ckpt.fingerprint(), compact=compact)
     from .alloc.planner import make_plan as plan_with_table
     return plan_with_table(ckpt, bits, allocator=allocator, group_size=group, calib_text=calib_text, seed=seed,
                            device=device, method=method, protect=protect, progress=progress, prune=prune,
                            max_prune=max_prune, prune_group=prune_group, resume_dir=resume_dir,
                            fixed_pruning=fixed_pruning,
-                           **({"actions": two_level_actions(bits)} if two_level else {}),
+                           **({"actions": offered_actions(bits, two_level, compact)} if two_level or not compact
+                              else {}),
                            **({} if stream_layers is None else {"stream_layers": stream_layers}))
 
 

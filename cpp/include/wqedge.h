@@ -27,7 +27,7 @@
 extern "C" {
 #endif
 
-#define WQE_FORMAT_VERSION 3  /* newest file format read; 1, 2 (RUQuant, act bits) and 3 (int8 transform matrices) all run */
+#define WQE_FORMAT_VERSION 4  /* newest file format read; 1, 2 (RUQuant, act bits), 3 (int8 transform matrices) and 4 (compact row headers) all run */
 
 enum wqe_status {
     WQE_OK = 0,
@@ -211,6 +211,11 @@ WQE_API int wqe_test_chunk_dequant(int action, int32_t g, int32_t n_protected, c
                                    int kernels, float* w);
 /* Bytes of one row-block (the format's row_bytes), or -1 for an unknown action. */
 WQE_API int64_t wqe_row_bytes(int action, int32_t g, int32_t n_protected);
+/* The fp16 d and m (bits; m = 0 for ternaryc) the loader computes from n compact row headers of kind `action`
+ * (ids 10-14; header r at headers + r * header_bytes, header_bytes 2, or 1 for ternaryc) under scale base `base`
+ * (fp16 bits): docs/format.md, "Compact row headers". */
+WQE_API int wqe_test_compact_params(int action, const uint8_t* headers, int32_t n, uint16_t base, uint16_t* d,
+                                    uint16_t* m);
 
 #ifdef __cplusplus
 }

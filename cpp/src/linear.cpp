@@ -1,5 +1,6 @@
 #include "linear.h"
 
+#include <cmath>
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -870,6 +871,66 @@ void matmul(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, 
 
 // ------------------------------------------------------------------ column-chunked layout
 // (declared in linear.h; used by the model loader, model.cpp, and the ONNX Runtime custom op, ort_ops.cpp)
+int compact_base(int64_t id) {
+    return id >= KIND_COMPACT_FIRST && id < KIND_COMPACT_FIRST + N_COMPACT_KINDS ? (int)(id - KIND_COMPACT_FIRST) + KIND_Q4
+                                                                                 : -1;
+}
+
+// float32(2^(-i/32)), i < 32: wqedge.blocks.COMPACT_FRAC, the same values
+static const float COMPACT_FRAC[32] = {
+    0x1p+0f, 0x1.f50766p-1f, 0x1.ea4afap-1f, 0x1.dfc974p-1f, 0x1.d5818ep-1f, 0x1.cb720ep-1f, 0x1.c199bep-1f,
+    0x1.b7f77p-1f, 0x1.ae89fap-1f, 0x1.a5503cp-1f, 0x1.9c4918p-1f, 0x1.93737cp-1f, 0x1.8ace54p-1f, 0x1.82589ap-1f,
+    0x1.7a1148p-1f, 0x1.71f75ep-1f, 0x1.6a09e6p-1f, 0x1.6247ecp-1f, 0x1.5ab07ep-1f, 0x1.5342b6p-1f, 0x1.4bfdaep-1f,
+    0x1.44e086p-1f, 0x1.3dea64p-1f, 0x1.371a74p-1f, 0x1.306fep-1f, 0x1.29e9ep-1f, 0x1.2387a6p-1f, 0x1.1d4874p-1f,
+    0x1.172b84p-1f, 0x1.11301ep-1f, 0x1.0b5586p-1f, 0x1.059b0ep-1f};
+
+void compact_params(int base_id, const uint8_t* header, uint16_t base, uint16_t* d, uint16_t* m) {
+    const int e = header[0];
+    // d = fp16(D 2^(-e/32)): the product with the table's value rounds once, the power of two is exact; e = 255: d = 0
+    *d = e == 255 ? 0 : fp32_to_fp16(std::ldexp(fp16_to_fp32(base) * COMPACT_FRAC[e & 31], -(e >> 5)));
+    const BlockTraits& bt = *block_traits(base_id);
+    if (bt.header_bytes < 4) return;  // ternary: d alone
+    const int levels = base_id == KIND_Q4 ? 16 : base_id == KIND_Q3 ? 8 : base_id == KIND_Q2 ? 4 : 2;
+    // m = fp16(-(d (z (L - 1))) / 255): the product is exact (11 + 12 bits), the division rounds once
+    const float t = fp16_to_fp32(*d) * (float)(header[1] * (levels - 1));
+    *m = fp32_to_fp16(-(t / 255.0f));
+}
+
+size_t compact_row_bytes(const Linear& L, const std::vector<int64_t>& actions) {
+    size_t n = 0;
+    for (size_t c = 0; c < L.chunks.size(); ++c) {
+        const BlockTraits& bt = *L.chunks[c].bt;
+        const size_t rb = row_bytes(bt, L.chunks[c].g, L.chunks[c].n_prot);
+        n += compact_base(actions[c]) >= 0 ? rb - (size_t)bt.header_bytes / 2 : rb;
+    }
+    return n;
+}
+
+void compact_expand(const Linear& L, const std::vector<int64_t>& actions, const uint8_t* src, const uint16_t* bases,
+                    uint8_t* dst) {
+    const size_t src_rb = compact_row_bytes(L, actions);
+    for (int r = 0; r < L.N; ++r) {
+        const uint8_t* s = src + (size_t)r * src_rb;
+        uint8_t* o = dst + (size_t)r * L.row_bytes;
+        int ci = 0;  // compact chunks so far: the index of this one's scale base
+        for (size_t c = 0; c < L.chunks.size(); ++c) {
+            const Chunk& ch = L.chunks[c];
+            const size_t hb = (size_t)ch.bt->header_bytes, rest = row_bytes(*ch.bt, ch.g, ch.n_prot) - hb;
+            if (compact_base(actions[c]) < 0) {
+                std::memcpy(o + ch.off, s, hb + rest);
+                s += hb + rest;
+                continue;
+            }
+            uint16_t d = 0, m = 0;
+            compact_params(ch.bt->id, s, bases[ci++], &d, &m);
+            std::memcpy(o + ch.off, &d, 2);
+            if (hb == 4) std::memcpy(o + ch.off + 2, &m, 2);
+            std::memcpy(o + ch.off + hb, s + hb / 2, rest);
+            s += hb / 2 + rest;
+        }
+    }
+}
+
 Linear chunked_layout(const std::string& name, int N, int K, int G, const std::vector<int64_t>& actions,
                       const std::vector<int64_t>& n_protected) {
     if (N <= 0 || K <= 0 || G <= 0)

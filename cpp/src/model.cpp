@@ -117,15 +117,39 @@ struct Loader {
             if ((int64_t)prot.size() != n_chunks)
                 f.format_error("key '%schunk_protected' lists %zu chunks, expected %d", key.c_str(), prot.size(), n_chunks);
         }
+        // compact-header chunks (linear.h): laid out as their base kinds, expanded into them below
+        std::vector<int64_t> base_actions = actions;
+        int n_compact = 0;
+        for (int64_t& a : base_actions)
+            if (const int b = compact_base(a); b >= 0) a = b, ++n_compact;
         Linear L;
         try {
-            L = chunked_layout(name, N, K, G, actions, prot);
+            L = chunked_layout(name, N, K, G, base_actions, prot);
         } catch (const Error& e) {
             f.format_error("%s", e.what());
         }
-        expect_shape(t, {(uint64_t)L.row_bytes, (uint64_t)N});
-        L.data = t.data;
         m.quantized_bytes += t.nbytes;
+        if (n_compact == 0) {
+            expect_shape(t, {(uint64_t)L.row_bytes, (uint64_t)N});
+            L.data = t.data;
+        } else {
+            expect_shape(t, {(uint64_t)compact_row_bytes(L, actions), (uint64_t)N});
+            const GGUFTensor* bt = f.tensor(name + ".scale_base");
+            if (!bt) f.format_error("tensor '%s' has %d compact chunks but '%s.scale_base' is missing", name.c_str(), n_compact, name.c_str());
+            if (bt->type != GGML_F16) f.format_error("tensor '%s.scale_base' has type %s, expected F16", name.c_str(), ggml_type_name(bt->type));
+            expect_shape(*bt, {(uint64_t)n_compact});
+            std::vector<uint16_t> bases(n_compact);
+            for (int i = 0; i < n_compact; ++i) {
+                bases[i] = load_u16(bt->data + 2 * i);
+                const float v = fp16_to_fp32(bases[i]);
+                if (!std::isfinite(v) || v < 0)
+                    f.format_error("tensor '%s.scale_base' holds %g at %d (scale bases are finite and >= 0)", name.c_str(), v, i);
+            }
+            m.quantized_bytes += bt->nbytes;
+            L.owned.reset(new uint8_t[(size_t)N * L.row_bytes]);
+            compact_expand(L, actions, t.data, bases.data(), L.owned.get());
+            L.data = L.owned.get();
+        }
         // Protected column indices: global u16 in an I16 tensor, chunk by chunk, ascending in a chunk.
         const GGUFTensor* pt = f.tensor(name + ".protect");
         const size_t n_prot = L.prot_local.size();
@@ -150,6 +174,7 @@ struct Loader {
         if (repack) {  // decode layout (linear.h, row tiles); the mapped pages are not read again
             repack_tiles(L);
             release_pages(t.data, t.nbytes);
+            if (L.owned && L.tiled()) L.owned.reset(), L.data = nullptr;  // the expanded rows: nothing reads them now
         }
         return L;
     }

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..blocks import ALLOCATOR_ACTIONS
+from ..blocks import ALLOCATOR_ACTIONS, block_type
 from ..plan import Plan, PlanError
 from ..quant.gptq import REFIT_MAX_BITS
 from ..quant.feedback import DAMP, feedback_windows
@@ -220,8 +220,11 @@ def _ppo_on(ckpt, table, ctx, budget_bits: float, seed: int, opts: dict, say, pr
     from .ppo import PPOConfig, heldout_windows, ppo_allocate
     cfg = PPOConfig(**{k: v for k, v in opts.items() if k in PPOConfig.__dataclass_fields__})
     cfg.seed = seed
-    if table.actions != ALLOCATOR_ACTIONS:      # the policy's action space is the offered base actions
-        table = table.restrict(ALLOCATOR_ACTIONS)
+    # the policy's action space is the offered base actions (their fp16-header twins in a --no-compact-headers table)
+    policy = ALLOCATOR_ACTIONS if set(ALLOCATOR_ACTIONS) <= set(table.actions) else tuple(
+        block_type(a).base or a for a in ALLOCATOR_ACTIONS)
+    if table.actions != policy:
+        table = table.restrict(policy)
     measurer = None
     if pruning is not None and cfg.measure and ctx.calib is not None:
         from .joint import pruned_input_stats

@@ -270,6 +270,15 @@ class TunableLinear(nn.Module):
         bad = ~(torch.isfinite(d16) & torch.isfinite(m16) & (d16 >= 0))   # keep a row's fit if it would break
         d16 = torch.where(bad, self.d0.half(), d16)
         m16 = torch.where(bad, self.m0.half(), m16)
+        bases = {}
+        for ci, c in enumerate(self.src):   # compact kinds: onto their header grid, under a base refitted to d
+            bt = blocks.block_type(c.action)
+            if bt.compact and self.tuned_chunks[ci]:
+                bases[ci], dn, mn = blocks.compact_snap(bt, d16[:, ci].float().cpu().numpy(),
+                                                        m16[:, ci].float().cpu().numpy() if c.m is not None else None)
+                d16[:, ci] = torch.from_numpy(dn).to(d16.device)
+                if mn is not None:
+                    m16[:, ci] = torch.from_numpy(mn).to(m16.device)
         A, Q = self.A, None
         if self.codes is not None:   # a row whose d or m is kept keeps its codes too
             trained = self.cmask & ~bad[:, self.cidx]
@@ -284,6 +293,7 @@ class TunableLinear(nn.Module):
                 out.append(c)
                 continue
             nc = copy.copy(c)
+            nc.base = bases.get(ci, c.base)
             nc.d = d16[:, ci].cpu().numpy()
             nc.m = m16[:, ci].cpu().numpy() if c.m is not None else None
             if self.codes is not None and bool(self.cmask[s:e].any()):

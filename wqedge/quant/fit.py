@@ -174,7 +174,30 @@ def _prepare_h(h: torch.Tensor | None, damp_mean, protected: np.ndarray | None, 
     return hd
 
 
-def _make_chunk(action, w, codes, d16, m16, protected, sub=None) -> ChunkData:
+def _compact_grid(bt, w, d16, m16, hw):
+    """(base, d, m, codes) of a compact chunk from its fitted fp16 d, m: d and m moved onto the header's grid, then,
+    for kinds with an offset, each row's offset re-solved for the moved scale (the weighted mean residual, moved
+    onto the grid again) where that lowers the row's weighted error; codes rounded on the result."""
+    base, dn, mn = blocks.compact_snap(bt, d16.float().cpu().numpy(), None if m16 is None else m16.float().cpu().numpy())
+    d = torch.from_numpy(dn).to(w.device)
+    m = None if mn is None else torch.from_numpy(mn).to(w.device)
+    codes = affine.block_codes(bt, w, d.float(), None if m is None else m.float())
+    if m is not None:
+        wt = torch.ones_like(w) if hw is None else hw
+        q = codes.float() - bt.zero_code
+        tot = wt.sum(1)
+        m_ls = torch.where(tot > 0, (wt * (w - d.float()[:, None] * q)).sum(1) / tot.clamp_min(1e-30), m.float())
+        _, _, m2 = blocks.compact_snap(bt, dn, m_ls.cpu().numpy(), base=base)
+        m2 = torch.from_numpy(m2).to(w.device)
+        codes2 = affine.block_codes(bt, w, d.float(), m2.float())
+        err = lambda c, mm: (wt * (affine.block_dequantize(bt, c, d.float(), mm.float()) - w).square()).sum(1)
+        better = err(codes2, m2) < err(codes, m)
+        m = torch.where(better, m2, m)
+        codes = torch.where(better[:, None], codes2, codes)
+    return base, d, m, codes
+
+
+def _make_chunk(action, w, codes, d16, m16, protected, sub=None, hw=None) -> ChunkData:
     g = w.shape[1]
     bt = blocks.block_type(action)
     if bt.is_float:
@@ -182,8 +205,11 @@ def _make_chunk(action, w, codes, d16, m16, protected, sub=None) -> ChunkData:
         c = ChunkData(bt.name, g, values=vals.cpu().numpy())
         deq = vals.float()
     else:
+        base = None
+        if bt.compact:   # the fitted d, m moved onto the header's grid, and the codes rounded again on it
+            base, d16, m16, codes = _compact_grid(bt, w, d16, m16, hw)
         c = ChunkData(bt.name, g, codes=codes.cpu().numpy(), d=d16.cpu().numpy(),
-                      m=None if m16 is None else m16.cpu().numpy())
+                      m=None if m16 is None else m16.cpu().numpy(), base=base)
         if sub is not None:
             c.sc, c.mn = (x.cpu().numpy() for x in sub)
         d, m = affine.chunk_grid(bt, c, w.device)
@@ -221,7 +247,7 @@ def fit_chunk(w: torch.Tensor, action: str, method: str = "neuqi", h: torch.Tens
     hd = _prepare_h(h, damp_mean, p, g, w.device)
     hw = None if hd is None else row_weights(hd, N, g, device=w.device)
     codes, d16, m16, sub = _fit_rows(w, bt.name, method, hw, neuqi_grid)
-    return _make_chunk(bt.name, w, codes, d16, m16, p, sub)
+    return _make_chunk(bt.name, w, codes, d16, m16, p, sub, hw)
 
 
 def dequantize_chunk(c: ChunkData) -> torch.Tensor:
@@ -298,5 +324,6 @@ def fit_linear(w: torch.Tensor, actions: Sequence[str], group_size: int, method:
         for i, c in enumerate(cs):
             r = slice(i * N, (i + 1) * N)
             out[c] = _make_chunk(name, w[:, bounds[c][0] : bounds[c][1]], codes[r], d16[r],
-                                 None if m16 is None else m16[r], prot[c], None if sub is None else (sub[0][r], sub[1][r]))
+                                 None if m16 is None else m16[r], prot[c], None if sub is None else (sub[0][r], sub[1][r]),
+                                 None if hw is None else hw[r])
     return out

@@ -378,12 +378,12 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
                 ok = det > 1e-12 * (a11 * a22).clamp_min(1e-300)
                 dd = torch.where(ok, (a22 * b1 - a12 * b2) / torch.where(ok, det, 1.0), 0.0)
                 dm = torch.where(ok, (a11 * b2 - a12 * b1) / torch.where(ok, det, 1.0), 0.0)
-                d1, m1 = (d0 + dd).half().double(), (m0 + dm).half().double()
+                d1, m1 = _stored(bt, c, d0 + dd, m0 + dm)
                 dd, dm = d1 - d0, m1 - m0
                 gain = 2 * (dd * b1 + dm * b2) - (dd * dd * a11 + 2 * dd * dm * a12 + dm * dm * a22)
             else:
                 dd = torch.where(a11 > 0, b1 / a11.clamp_min(1e-300), 0.0)
-                d1 = (d0 + dd).abs().half().double()
+                d1 = _stored(bt, c, (d0 + dd).abs(), None)[0]
                 dd = d1 - d0
                 dm = torch.zeros_like(dd)
                 gain = 2 * dd * b1 - dd * dd * a11
@@ -399,6 +399,16 @@ def refit_params(w: torch.Tensor, xtx: torch.Tensor, chunks: list[ChunkData], bo
                 pi = torch.as_tensor(c.protected, device=dev)
                 target = (W - R)[:, s:e][:, pi]
                 c.residuals = (target - _dequant_codes(c, dev).double()[:, pi]).half().cpu().numpy()
+
+
+def _stored(bt, c: ChunkData, d: torch.Tensor, m: torch.Tensor | None):
+    """d and m as the file will hold them (float64): fp16, or on a compact chunk's header grid under its base."""
+    if not bt.compact:
+        return d.half().double(), None if m is None else m.half().double()
+    _, dn, mn = blocks.compact_snap(bt, d.float().cpu().numpy(), None if m is None else m.float().cpu().numpy(),
+                                    base=c.base)
+    as_t = lambda a: torch.from_numpy(a.astype(np.float64)).to(d.device)
+    return as_t(dn), None if mn is None else as_t(mn)
 
 
 def _dequant_codes(c: ChunkData, dev) -> torch.Tensor:
