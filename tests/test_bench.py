@@ -243,7 +243,8 @@ def test_bench_self_calib_run_reports_it(tmp_path, tiny_model_dir, monkeypatch):
     assert rep["info"]["self_calib_chars"] == len(sample)
     assert rep["rows"][0]["status"] == "ok"
     assert "--self-calib" in out.with_suffix(".md").read_text()
-    assert [p.name for p in cache.iterdir() if p.name.endswith("-noimatrix-v1")]
+    from wqedge.bench.files import CACHE_VERSION
+    assert [p.name for p in cache.iterdir() if p.name.endswith(f"-noimatrix-v{CACHE_VERSION}")]
     assert [p.name for p in cache.iterdir() if p.name.endswith("-selfcalib-v1.txt")]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .rows import ROWS
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: plans offer the compact-header kinds (q4c .. q1c) by default
 # llama.cpp rows' files: 2 = embeddings and head as llama-quantize makes them (preset_embedding_types; plan rows: the
 # head as our files store it), where version 1 kept both F16, so llama.cpp read twice the head bytes per token.
 LLAMACPP_FILES_VERSION = 2
