@@ -234,9 +234,10 @@ class WqGGUF:
         shape = tuple(int(x) for x in reversed(t.shape))
         return np.array(t.data, dtype=np.float32).reshape(shape)  # a private, writable copy
 
-    def scale_bases(self, name: str) -> np.ndarray:
-        """The compact chunks' fp16 scale bases of linear `name`, left to right (empty when it has none)."""
-        lay = self.layout(name)
+    def scale_bases(self, name: str, lay: LinearLayout | None = None) -> np.ndarray:
+        """The compact chunks' fp16 scale bases of linear `name`, left to right (empty when it has none); lay: its
+        layout, when the caller has read it already."""
+        lay = lay or self.layout(name)
         n = sum(block_type(a).compact for a in lay.actions)
         t = self.tensors.get(name + SCALE_BASE)
         if t is None:
@@ -262,7 +263,7 @@ class WqGGUF:
         lay = self.layout(name)
         raw = np.asarray(self.tensors[name].data).view(np.uint8).reshape(lay.out_features, lay.row_bytes)
         prot = self.protected_indices(name)
-        bases = iter(self.scale_bases(name))
+        bases = iter(self.scale_bases(name, lay))
         out = []
         off = 0
         pi = 0

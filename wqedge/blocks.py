@@ -371,36 +371,35 @@ def compact_encode(bt: "BlockType", d, m, base) -> tuple[np.ndarray, np.ndarray 
     return e, z
 
 
+def _nearest_code(guess, top: int, decode, target):
+    """Per row, of the codes guess - 1, guess, guess + 1 (clipped to 0..top), the one whose decoded value (decode:
+    codes -> float32 values) lies nearest to target: the rounded guess was taken in another domain (log2 for e),
+    and fp16 rounding can move a value past the half-way point."""
+    best, err = guess, np.full(target.shape, np.inf)
+    for cand in (guess - 1, guess, guess + 1):
+        cand = np.clip(cand, 0, top)
+        de = np.abs(decode(cand) - target)
+        take = de < err
+        best, err = np.where(take, cand, best), np.where(take, de, err)
+    return best
+
+
 def _compact_codes(bt, d, m, base):
     """Nearest codes (e, z) of d, m [N] float32 under `base` (d, m anywhere; d clamped to [0, base])."""
     D = float(np.float16(base))
     with np.errstate(divide="ignore", invalid="ignore"):
         ef = np.where((d > 0) & (D > 0), -COMPACT_STEPS * np.log2(np.maximum(d, 1e-38) / max(D, 1e-38)), COMPACT_ZERO)
     e0 = np.clip(np.round(ef), 0, COMPACT_ZERO - 1).astype(np.int64)
-    best = e0.copy()
-    err = np.full(d.shape, np.inf)
-    for cand in (e0 - 1, e0, e0 + 1):      # the nearest decoded value in the linear domain
-        cand = np.clip(cand, 0, COMPACT_ZERO - 1)
-        v = compact_decode(bt, cand, None, base)[0].astype(np.float32)
-        de = np.abs(v - d)
-        take = de < err
-        best, err = np.where(take, cand, best), np.where(take, de, err)
+    best = _nearest_code(e0, COMPACT_ZERO - 1, lambda c: compact_decode(bt, c, None, base)[0].astype(np.float32), d)
     e = np.where((d <= 0) | (D <= 0), COMPACT_ZERO, best).astype(np.uint8)
     if m is None:
         return e, None
     d16 = compact_decode(bt, e, None, base)[0].astype(np.float32)
-    L1 = float(bt.levels - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        zf = np.where(d16 > 0, -m / (d16 * L1) * 255, 0)
+        zf = np.where(d16 > 0, -m / (d16 * float(bt.levels - 1)) * 255, 0)
     z0 = np.clip(np.round(zf), 0, 255).astype(np.int64)
-    zb, zerr = z0.copy(), np.full(d.shape, np.inf)
-    for cand in (z0 - 1, z0, z0 + 1):
-        cand = np.clip(cand, 0, 255)
-        v = compact_decode(bt, e, cand, base)[1].astype(np.float32)
-        de = np.abs(v - m)
-        take = de < zerr
-        zb, zerr = np.where(take, cand, zb), np.where(take, de, zerr)
-    return e, zb.astype(np.uint8)
+    z = _nearest_code(z0, 255, lambda c: compact_decode(bt, e, c, base)[1].astype(np.float32), m)
+    return e, z.astype(np.uint8)
 
 
 def compact_snap(bt: "BlockType", d, m=None, base: float | None = None):

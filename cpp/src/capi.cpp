@@ -465,13 +465,13 @@ int wqe_test_chunk_dequant(int action, int32_t g, int32_t n_p, const int32_t* pr
 
 int wqe_test_compact_params(int action, const uint8_t* headers, int32_t n, uint16_t base, uint16_t* d, uint16_t* m) {
     return guarded([&] {
-        const int b = wqe::compact_base(action);
-        if (b < 0) wqe::fail(WQE_ERR_INVALID_ARGUMENT, "block type %d is not a compact kind (ids 10-14)", action);
+        if (wqe::compact_base(action) < 0)
+            wqe::fail(WQE_ERR_INVALID_ARGUMENT, "block type %d is not a compact kind (ids 10-14)", action);
         CHECK_ARG(n >= 0 && ((headers && d && m) || n == 0), "bad arguments");
-        const int hb = wqe::block_traits(b)->header_bytes / 2;
+        const int hb = wqe::compact_header_bytes(action);
         for (int r = 0; r < n; ++r) {
             m[r] = 0;
-            wqe::compact_params(b, headers + (size_t)r * hb, base, d + r, m + r);
+            wqe::compact_params(action, headers + (size_t)r * hb, base, d + r, m + r);
         }
     });
 }
@@ -480,7 +480,7 @@ int64_t wqe_row_bytes(int action, int32_t g, int32_t n_p) {
     const int base = wqe::compact_base(action);  // compact kinds: their base kind's row-block, one byte per parameter
     const wqe::BlockTraits* bt = wqe::block_traits(base >= 0 ? base : action);
     if (!bt || g < 1 || n_p < 0) return -1;
-    return (int64_t)wqe::row_bytes(*bt, g, n_p) - (base >= 0 ? bt->header_bytes / 2 : 0);
+    return (int64_t)wqe::row_bytes(*bt, g, n_p) - (base >= 0 ? wqe::compact_header_bytes(action) : 0);
 }
 
 }  // extern "C"

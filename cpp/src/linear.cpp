@@ -871,10 +871,18 @@ void matmul(const Linear& W, const float* X, int n, float* Y, ThreadPool& pool, 
 
 // ------------------------------------------------------------------ column-chunked layout
 // (declared in linear.h; used by the model loader, model.cpp, and the ONNX Runtime custom op, ort_ops.cpp)
+// The compact kinds, id KIND_COMPACT_FIRST + i: their base kind and its number of code levels (L in m's formula).
+static const struct {
+    int base, levels;
+} COMPACT_KINDS[N_COMPACT_KINDS] = {{KIND_Q4, 16}, {KIND_Q3, 8}, {KIND_Q2, 4}, {KIND_TERNARY, 3}, {KIND_Q1, 2}};
+
 int compact_base(int64_t id) {
-    return id >= KIND_COMPACT_FIRST && id < KIND_COMPACT_FIRST + N_COMPACT_KINDS ? (int)(id - KIND_COMPACT_FIRST) + KIND_Q4
-                                                                                 : -1;
+    return id >= KIND_COMPACT_FIRST && id < KIND_COMPACT_FIRST + N_COMPACT_KINDS
+               ? COMPACT_KINDS[id - KIND_COMPACT_FIRST].base
+               : -1;
 }
+
+int compact_header_bytes(int id) { return block_traits(compact_base(id))->header_bytes / 2; }
 
 // float32(2^(-i/32)), i < 32: wqedge.blocks.COMPACT_FRAC, the same values
 static const float COMPACT_FRAC[32] = {
@@ -884,24 +892,21 @@ static const float COMPACT_FRAC[32] = {
     0x1.44e086p-1f, 0x1.3dea64p-1f, 0x1.371a74p-1f, 0x1.306fep-1f, 0x1.29e9ep-1f, 0x1.2387a6p-1f, 0x1.1d4874p-1f,
     0x1.172b84p-1f, 0x1.11301ep-1f, 0x1.0b5586p-1f, 0x1.059b0ep-1f};
 
-void compact_params(int base_id, const uint8_t* header, uint16_t base, uint16_t* d, uint16_t* m) {
+void compact_params(int id, const uint8_t* header, uint16_t base, uint16_t* d, uint16_t* m) {
     const int e = header[0];
     // d = fp16(D 2^(-e/32)): the product with the table's value rounds once, the power of two is exact; e = 255: d = 0
     *d = e == 255 ? 0 : fp32_to_fp16(std::ldexp(fp16_to_fp32(base) * COMPACT_FRAC[e & 31], -(e >> 5)));
-    const BlockTraits& bt = *block_traits(base_id);
-    if (bt.header_bytes < 4) return;  // ternary: d alone
-    const int levels = base_id == KIND_Q4 ? 16 : base_id == KIND_Q3 ? 8 : base_id == KIND_Q2 ? 4 : 2;
+    if (compact_header_bytes(id) < 2) return;  // ternary: d alone
     // m = fp16(-(d (z (L - 1))) / 255): the product is exact (11 + 12 bits), the division rounds once
-    const float t = fp16_to_fp32(*d) * (float)(header[1] * (levels - 1));
+    const float t = fp16_to_fp32(*d) * (float)(header[1] * (COMPACT_KINDS[id - KIND_COMPACT_FIRST].levels - 1));
     *m = fp32_to_fp16(-(t / 255.0f));
 }
 
 size_t compact_row_bytes(const Linear& L, const std::vector<int64_t>& actions) {
     size_t n = 0;
     for (size_t c = 0; c < L.chunks.size(); ++c) {
-        const BlockTraits& bt = *L.chunks[c].bt;
-        const size_t rb = row_bytes(bt, L.chunks[c].g, L.chunks[c].n_prot);
-        n += compact_base(actions[c]) >= 0 ? rb - (size_t)bt.header_bytes / 2 : rb;
+        const Chunk& ch = L.chunks[c];
+        n += row_bytes(*ch.bt, ch.g, ch.n_prot) - (compact_base(actions[c]) >= 0 ? compact_header_bytes((int)actions[c]) : 0);
     }
     return n;
 }
@@ -922,11 +927,12 @@ void compact_expand(const Linear& L, const std::vector<int64_t>& actions, const 
                 continue;
             }
             uint16_t d = 0, m = 0;
-            compact_params(ch.bt->id, s, bases[ci++], &d, &m);
+            const int id = (int)actions[c], chb = compact_header_bytes(id);
+            compact_params(id, s, bases[ci++], &d, &m);
             std::memcpy(o + ch.off, &d, 2);
-            if (hb == 4) std::memcpy(o + ch.off + 2, &m, 2);
-            std::memcpy(o + ch.off + hb, s + hb / 2, rest);
-            s += hb / 2 + rest;
+            if (chb == 2) std::memcpy(o + ch.off + 2, &m, 2);
+            std::memcpy(o + ch.off + hb, s + chb, rest);
+            s += chb + rest;
         }
     }
 }

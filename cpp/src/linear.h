@@ -117,20 +117,16 @@ void set_ternary_tiles(bool on);
 // tile kernels for int8 activations (AVX2, NEON; the scalar reference set keeps the file's row layout, zero-copy).
 bool repack_wanted(int kernels);
 
-// Building a column-chunked Linear (docs/format.md) from its description; shared by the model loader
-// (model.cpp) and the ONNX Runtime custom op (ort_ops.cpp). Defined in linear.cpp.
-// The layout of an N x K linear in chunks of G columns, chunk c of block type id actions[c] with
-// n_protected[c] protected columns: chunks, row_bytes, x_floats, max_g_pad, and prot_local sized to
-// the total protected count (filled by set_protected_columns). data is left null. Throws
-// Error(WQE_ERR_FORMAT, "tensor '<name>' ...") on an unknown id, a bad count or bad dimensions.
 // Compact-header kinds (ids 10-14: q4c, q3c, q2c, ternaryc, q1c; docs/format.md "Compact row headers"): the codes of
 // base kinds 2-6 under one byte per header parameter (e, and z for kinds with an offset) and one fp16 scale base per
 // chunk (tensor <name>.scale_base). The loader expands them into their base kinds' row-blocks (fp16 d, m computed
 // exactly as wqedge.blocks.compact_decode does), so no kernel ever sees them.
 constexpr int KIND_COMPACT_FIRST = 10, N_COMPACT_KINDS = 5;
 int compact_base(int64_t id);  // the base kind of compact kind `id`, or -1 when `id` is not one
-// fp16 d (and m, for a base with an offset) of one compact row header under scale base `base` (fp16 bits).
-void compact_params(int base_id, const uint8_t* header, uint16_t base, uint16_t* d, uint16_t* m);
+// Bytes of compact kind `id`'s row header in the file: one per parameter of its base kind.
+int compact_header_bytes(int id);
+// fp16 d (and m, for a base with an offset) of one row header of compact kind `id` under scale base `base` (fp16 bits).
+void compact_params(int id, const uint8_t* header, uint16_t base, uint16_t* d, uint16_t* m);
 // Bytes of one row in the file (compact chunks' one-byte headers) for the chunks of L (laid out in base kinds) whose
 // file actions are `actions`.
 size_t compact_row_bytes(const Linear& L, const std::vector<int64_t>& actions);
@@ -139,6 +135,12 @@ size_t compact_row_bytes(const Linear& L, const std::vector<int64_t>& actions);
 void compact_expand(const Linear& L, const std::vector<int64_t>& actions, const uint8_t* src, const uint16_t* bases,
                     uint8_t* dst);
 
+// Building a column-chunked Linear (docs/format.md) from its description; shared by the model loader
+// (model.cpp) and the ONNX Runtime custom op (ort_ops.cpp). Defined in linear.cpp.
+// The layout of an N x K linear in chunks of G columns, chunk c of block type id actions[c] with
+// n_protected[c] protected columns: chunks, row_bytes, x_floats, max_g_pad, and prot_local sized to
+// the total protected count (filled by set_protected_columns). data is left null. Throws
+// Error(WQE_ERR_FORMAT, "tensor '<name>' ...") on an unknown id, a bad count or bad dimensions.
 Linear chunked_layout(const std::string& name, int N, int K, int G, const std::vector<int64_t>& actions,
                       const std::vector<int64_t>& n_protected);
 // Fill L.prot_local from the global protected column indices (chunk by chunk, ascending within a
