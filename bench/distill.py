@@ -121,6 +121,9 @@ def main(argv=None):
     ap.add_argument("--batch", default=None,
                     help="calibration windows per distillation step, comma separated: every config runs with each "
                          "(default: distill_model's, wqedge.quant.distill.BATCH)")
+    ap.add_argument("--no-compact", action="store_true",
+                    help="offer the fp16-header kinds q4 .. q1 instead of q4c .. q1c (as `wqedge convert "
+                    "--no-compact-headers`): the compact headers' A/B")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=1e9, help="start no new row after this many seconds")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.md"))
@@ -188,8 +191,9 @@ def main(argv=None):
     fp = perplexity(fp_base, eval_tokens, bos, 512, a.windows, batch_size=8).perplexity
     log(f"fp16: {fp:.4f}")
     t = time.time()
-    from wqedge.pipeline import two_level_actions
-    extra = {"actions": two_level_actions(min(budgets))} if a.two_level else {}
+    from wqedge.pipeline import offered_actions
+    extra = ({"actions": offered_actions(min(budgets), a.two_level, compact=not a.no_compact)}
+             if a.two_level or a.no_compact else {})
     for k, v in (("n_seqs", a.plan_windows), ("n_grad_seqs", a.grad_windows), ("max_rows", a.max_rows)):
         if v is not None:
             extra[k] = v or None
@@ -201,7 +205,8 @@ def main(argv=None):
         lines = [f"# Light distillation (issue 17): {Path(a.model).name}, fp16 perplexity {fp:.3f}", "",
                  f"`python bench/distill.py {' '.join(argv if argv is not None else sys.argv[1:])}`; device {dev}"
                  f" ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}); greedy plans"
-                 f"{' (two-level kinds offered)' if a.two_level else ''} from one damage"
+                 f"{' (two-level kinds offered)' if a.two_level else ''}"
+                 f"{' (fp16 headers: --no-compact)' if a.no_compact else ''} from one damage"
                  f" table ({prep_s:.1f} s); error feedback on {n_fb} calibration windows, distillation on"
                  f" {', '.join(map(str, d_windows))}; perplexity"
                  f" on {Path(a.eval).name}, {a.windows} windows, second half; KL to fp16: mean KL(fp || model)"
