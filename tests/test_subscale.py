@@ -369,7 +369,7 @@ def test_cli_two_level_offers_the_subscale_kinds(tiny_model_factory, tmp_path):
 def test_pipeline_offers_the_two_level_kinds_by_default_at_4_bits_and_up(tiny_model_factory):
     """The default (two_level=None, pipeline.default_two_level): greedy budget plans of >= 4 bits are offered
     q4s/q3s beside the one-scale kinds (plan.meta["actions"] says what the allocator was offered; q2s, which the
-    allocator never took there, only below 4 bits: pipeline.two_level_actions); below 4 bits, with
+    allocator never took there, only below 4 bits: pipeline.offered_actions); below 4 bits, with
     two_level=False, with pruning, uniform plans and presets they are not."""
     from wqedge import pipeline
     from wqedge.checkpoint import LlamaCheckpoint
@@ -388,7 +388,8 @@ def test_pipeline_offers_the_two_level_kinds_by_default_at_4_bits_and_up(tiny_mo
         assert acts and not acts & set(SUBS) and not {a for t in p.tensors for a in t.actions} & set(SUBS), kw
     acts, p = offered(bits=3.5, two_level=True)
     assert set(SUBS) <= acts and p.effective_bits() <= 3.5
-    assert pipeline.two_level_actions(3.99)[-3:] == SUBS and "q2s" not in pipeline.two_level_actions(4.0)
+    assert pipeline.offered_actions(3.99, True)[-3:] == SUBS and "q2s" not in pipeline.offered_actions(4.0, True)
+    assert pipeline.offered_actions(3.99, False) == pipeline.offered_actions(3.99, True)[:-3]
     assert pipeline.default_two_level("greedy", 4.25, None) and not pipeline.default_two_level("greedy", 3.99, None)
     assert not pipeline.default_two_level("rl", 4.5, None) and not pipeline.default_two_level("uniform", 4.5, None)
     assert not pipeline.default_two_level("greedy", 4.5, "q4") and not pipeline.default_two_level("greedy", 4.5, None,

@@ -98,20 +98,14 @@ TWO_LEVEL_MIN_BITS = 4.0
 Q2S_MAX_BITS = TWO_LEVEL_MIN_BITS
 
 
-def two_level_actions(bits: float) -> tuple[str, ...]:
-    """The actions a plan with the two-level kinds offers at `bits`: the default ones and the two-level kinds, less
-    q2s from Q2S_MAX_BITS up."""
-    from .blocks import ALLOCATOR_ACTIONS, BLOCK_TYPES
-    return ALLOCATOR_ACTIONS + tuple(b.name for b in BLOCK_TYPES
-                                     if b.has_subscales and not (b.name == "q2s" and bits >= Q2S_MAX_BITS))
-
-
 def offered_actions(bits: float, two_level: bool, compact: bool = True) -> tuple[str, ...]:
     """What the table-based allocators choose from: blocks.ALLOCATOR_ACTIONS (the compact-header kinds among them),
-    plus the two-level kinds with two_level; compact=False offers the fp16-header q4 .. q1 instead of q4c .. q1c
-    (files that format 1-3 readers take)."""
-    from .blocks import ALLOCATOR_ACTIONS, block_type
-    acts = two_level_actions(bits) if two_level else ALLOCATOR_ACTIONS
+    plus, with two_level, the two-level kinds (less q2s from Q2S_MAX_BITS up); compact=False offers the fp16-header
+    q4 .. q1 instead of q4c .. q1c (files that format 1-3 readers take)."""
+    from .blocks import ALLOCATOR_ACTIONS, BLOCK_TYPES, block_type
+    acts = ALLOCATOR_ACTIONS
+    if two_level:
+        acts += tuple(b.name for b in BLOCK_TYPES if b.has_subscales and not (b.name == "q2s" and bits >= Q2S_MAX_BITS))
     return tuple(acts) if compact else tuple(block_type(a).base or a for a in acts)
 
 
@@ -137,7 +131,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     stream_layers: plan on the model read one decoder layer at a time (wqedge.stream; None: when it does not fit);
     resume_dir: keep per-layer checkpoints of the planning statistics there and resume from them (wqedge.resume);
     two_level: the greedy allocator may also choose the two-level kinds (q4s, q3s, q2s: sub-scales per 32
-    columns; `two_level_actions`); None: default_two_level (off for rotated plans and other activation bits, whose runtime paths have
+    columns; `offered_actions`); None: default_two_level (off for rotated plans and other activation bits, whose runtime paths have
     not been measured with them). progress: True (lines on stderr), a callable taking a line, or False.
     compact: offer the compact-header kinds q4c .. q1c (the default) or, False, the fp16-header q4 .. q1 (`offered_actions`).
     fixed_pruning: a wqedge.pruning.Pruning whose shapes the allocator fills with bits (no structure search).

@@ -114,7 +114,7 @@ class ModelFiles:
 
     def plan(self, bits: float, two_level: bool = False):
         """The mixed plan at `bits`: greedy make_plan on this model (cached), or the plan source's resampled.
-        two_level: the two-level kinds offered too, as `wqedge convert` offers them (pipeline.two_level_actions)."""
+        two_level: the two-level kinds offered too, as `wqedge convert` offers them (pipeline.offered_actions)."""
         if (bits, two_level) in self._plans:
             return self._plans[bits, two_level]
         from ..plan import Plan
@@ -127,9 +127,9 @@ class ModelFiles:
             else:
                 from ..alloc.planner import make_plan
                 self.say(f"planning greedy at {bits:g} bits (~100 s on 2 cores; cached afterwards)…")
-                from ..pipeline import two_level_actions
+                from ..pipeline import offered_actions
                 p = make_plan(self.ckpt, bits, allocator="greedy", calib_text=self.calib_text, device=self.device,
-                              progress=self.say, **({"actions": two_level_actions(bits)} if two_level else {}))
+                              progress=self.say, **({"actions": offered_actions(bits, True)} if two_level else {}))
                 p.save(str(path) + ".tmp")
                 os.replace(str(path) + ".tmp", path)
         self._plans[bits, two_level] = p

@@ -52,7 +52,7 @@ def _rows() -> list[Row]:
                                                  "perplexity is with its int8 activations too)", speed=False, act="q8",
                      matched=t))
         r.append(Row(f"wq-2l-at-{t}", "wqedge", f"as wq-at-{t}, with the two-level kinds offered to the allocator "
-                                               "too as `wqedge convert` offers them (pipeline.two_level_actions: q4s/q3s, "
+                                               "too as `wqedge convert` offers them (pipeline.offered_actions: q4s/q3s, "
                                                "and q2s below 4 bits)",
                      speed=False, matched=t, two_level=True))
     for p in PRESETS_LLAMACPP:
