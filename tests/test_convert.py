@@ -96,6 +96,12 @@ def test_cli_convert_inspect_eval(ckpt, tmp_path):
     res = r.invoke(main, ["inspect", str(out)])
     assert res.exit_code == 0, res.output
     assert "blk.1.ffn_down.weight" in res.output and "measured" in res.output
+    # one column per kind the file holds, each row's counts summing to the tensor's chunks
+    held = {a for n in f.linear_names() for a in f.layout(n).actions}
+    header = next(line for line in res.output.splitlines() if line.startswith("tensor")).split()
+    assert header[3:-1] == [a for a in blocks.ACTION_NAMES if a in held] and header[-1] == "protected"
+    row = next(line for line in res.output.splitlines() if line.startswith("blk.1.ffn_down.weight")).split()
+    assert sum(map(int, row[3:-1])) == len(f.layout("blk.1.ffn_down.weight").actions)
 
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)

@@ -662,8 +662,9 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
 @main.command()
 @click.argument("gguf_file", type=click.Path(exists=True, dir_okay=False))
 def inspect(gguf_file):
-    """Print the per-linear table of a wqedge GGUF: shape, stored bits per weight, chunks per action; then the
-    output head, how the chunks were fitted (error feedback, light distillation), transforms and KV cache."""
+    """Print the per-linear table of a wqedge GGUF: shape, stored bits per weight, chunks per action (a column for
+    each block kind the file holds); then the output head, how the chunks were fitted (error feedback, light
+    distillation), transforms and KV cache."""
     from .blocks import ACTION_NAMES
     from .kv_format import KVCacheSpec
     from .runtime.gguf_reader import FormatError, WqGGUF
@@ -679,11 +680,13 @@ def inspect(gguf_file):
     if s.uneven:   # a pruned model: the figures above are the largest over the layers
         click.echo("pruned, per layer (ffn, heads/kv heads): " + ", ".join(
             f"{i}: {s.ff(i)}, {s.heads(i)}/{s.kv_heads(i)}" for i in range(s.n_layers)))
-    header = f"{'tensor':28s} {'shape':>13s} {'bits':>6s}  " + " ".join(f"{a:>7s}" for a in ACTION_NAMES) + "  protected"
+    # one column per kind the file holds, in the kinds' order (17 kinds exist; a file uses a few)
+    kinds = [a for a in ACTION_NAMES if any(r["actions"].get(a, 0) for r in rows)]
+    header = f"{'tensor':28s} {'shape':>13s} {'bits':>6s}  " + " ".join(f"{a:>8s}" for a in kinds) + "  protected"
     click.echo(header)
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
-        counts = " ".join(f"{r['actions'].get(a, 0):7d}" for a in ACTION_NAMES)
+        counts = " ".join(f"{r['actions'].get(a, 0):8d}" for a in kinds)
         click.echo(f"{r['name']:28s} {shape:>13s} {r['bits']:6.3f}  {counts}  {r['protected']:9d}")
     click.echo(f"effective bits: {f.measured_bits():.4f} measured ({f.effective_bits:.4f} recorded)")
     click.echo(f"output head: {f.head_tensor} ({'tied to the embeddings, ' if s.tie_word_embeddings else ''}"
