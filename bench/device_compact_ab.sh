@@ -40,6 +40,7 @@ ln -sfn "$PWD/converters" wqedge/converters; ln -sfn "$PWD/runtime" wqedge/runti
 exec > >(tee "$OUT/log_$MODE.txt") 2>&1
 date; nvidia-smi -L; git log --oneline -1 2>/dev/null
 T0=$SECONDS
+PIDS=()   # the processes to wait for: a bare `wait` also waits for the tee above, which never ends
 
 distill() {  # name model calib eval limit args...: one bench/distill.py process, its rows in $OUT/name.md
   local name=$1 m=$2 c=$3 e=$4 limit=$5; shift 5
@@ -53,8 +54,9 @@ if [ "$MODE" = llama ]; then
   mkdir -p /tmp/fx && tar -C /tmp/fx -xJf $CARRY/llama-s.tar.xz && tar -C /tmp/fx -xJf $CARRY/text.tar.xz || exit 1
   for s in $SEEDS; do
     distill "s$s" /tmp/fx/llama-s /tmp/fx/text/calib.txt /tmp/fx/text/eval.txt "$LIMIT" --budgets "$BUDGETS" --seed "$s" &
+    PIDS+=($!)
   done
-  wait
+  wait "${PIDS[@]}"
 else
   BUDGETS=${2:-2.5,3.25,2.0}
   timeout 330 python3 bench/train_checkpoint.py --out /tmp/smol --minutes 4 > "$OUT/train.log" 2>&1
@@ -62,8 +64,10 @@ else
   LEFT=$((570 - SECONDS + T0))
   S=/tmp/smol
   distill compact $S/smol-s $S/text/calib.txt $S/text/eval.txt $LEFT --budgets "$BUDGETS" &
+  PIDS+=($!)
   distill fp16hdr $S/smol-s $S/text/calib.txt $S/text/eval.txt $LEFT --budgets "$BUDGETS" --no-compact &
-  wait
+  PIDS+=($!)
+  wait "${PIDS[@]}"
 fi
 for f in "$OUT"/*.md; do echo "== $(basename "$f")"; grep "|" "$f" | grep -v "^| bits\|---"; done
 echo "all done at $((SECONDS - T0)) s"
