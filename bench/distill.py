@@ -192,8 +192,7 @@ def main(argv=None):
     log(f"fp16: {fp:.4f}")
     t = time.time()
     from wqedge.pipeline import offered_actions
-    extra = ({"actions": offered_actions(min(budgets), a.two_level, compact=not a.no_compact)}
-             if a.two_level or a.no_compact else {})
+    extra = {"actions": offered_actions(min(budgets), a.two_level, compact=not a.no_compact)}
     for k, v in (("n_seqs", a.plan_windows), ("n_grad_seqs", a.grad_windows), ("max_rows", a.max_rows)):
         if v is not None:
             extra[k] = v or None

@@ -31,7 +31,7 @@ wider codes; the d and m a chunk may take are then a subset of the fp16 values (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -425,11 +425,7 @@ def expanded(c: ChunkData) -> ChunkData:
     """A compact chunk as its base kind (the same codes, d and m, fp16 headers): what readers that know only the
     fp16-header kinds (the ONNX lowerings, the native custom op) take. Other chunks pass unchanged."""
     bt = block_type(c.action)
-    if not bt.compact:
-        return c
-    out = ChunkData(bt.base, c.g, codes=c.codes, d=c.d, m=c.m, values=c.values, protected=c.protected,
-                    residuals=c.residuals, start=c.start, sc=c.sc, mn=c.mn)
-    return out
+    return replace(c, action=bt.base, base=None) if bt.compact else c
 
 
 # ---------------------------------------------------------------- whole row-blocks

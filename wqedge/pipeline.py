@@ -106,7 +106,7 @@ def offered_actions(bits: float, two_level: bool, compact: bool = True) -> tuple
     acts = ALLOCATOR_ACTIONS
     if two_level:
         acts += tuple(b.name for b in BLOCK_TYPES if b.has_subscales and not (b.name == "q2s" and bits >= Q2S_MAX_BITS))
-    return tuple(acts) if compact else tuple(block_type(a).base or a for a in acts)
+    return acts if compact else tuple(block_type(a).base or a for a in acts)
 
 
 def default_two_level(allocator: str, bits: float, preset: str | None, prune=()) -> bool:
@@ -224,8 +224,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
                            device=device, method=method, protect=protect, progress=progress, prune=prune,
                            max_prune=max_prune, prune_group=prune_group, resume_dir=resume_dir,
                            fixed_pruning=fixed_pruning,
-                           **({"actions": offered_actions(bits, two_level, compact)} if two_level or not compact
-                              else {}),
+                           actions=offered_actions(bits, two_level, compact),
                            **({} if stream_layers is None else {"stream_layers": stream_layers}))
 
 
