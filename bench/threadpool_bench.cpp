@@ -27,8 +27,8 @@ double us_per(Clock::time_point a, Clock::time_point b) { return std::chrono::du
 
 // Static halves: the caller runs tasks [0, n/2), one worker [n/2, n); the floor a pool with stealing pays more than.
 double handoff_floor(int n, const std::function<void(int, int)>& fn) {
-    alignas(64) static std::atomic<unsigned> gen{0};
-    alignas(64) static std::atomic<unsigned> done{0};
+    alignas(64) std::atomic<unsigned> gen{0};   // per call: a worker of an earlier call's generations never sees them
+    alignas(64) std::atomic<unsigned> done{0};
     std::atomic<bool> stop{false};
     std::thread w([&] {
         unsigned seen = 0;
