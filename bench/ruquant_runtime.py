@@ -97,6 +97,8 @@ def command_line(args) -> str:
     opts = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("windows", "fit", "threads", "method")]
     opts += [f"--rows {args.rows}"] if args.rows else []
     opts += ["--no-plain"] if args.no_plain else []
+    opts += [f"--block {args.block}"] if args.block else []
+    opts += [f"--seed {args.seed}"] if args.seed else []
     return " ".join(opts)
 
 
@@ -117,6 +119,8 @@ def main():
     ap.add_argument("--no-plain", action="store_true", help="skip the unrotated rows")
     ap.add_argument("--rows", default=None,
                     help="only these rows, as WEIGHTS:ACT_BITS[:plain] (e.g. q4:4,q8:4); default: every row")
+    ap.add_argument("--block", type=int, default=None, help="RUQuant's block size B (default: wqedge.rotation.BLOCK)")
+    ap.add_argument("--seed", type=int, default=0, help="the transforms' seed (their random targets and Givens pairs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ruquant_runtime.md"))
     args = ap.parse_args()
     import torch
@@ -142,7 +146,9 @@ def main():
                   "spread of the per-window mean NLL differences / √windows), so a gap is judged against its own noise.", ""]
         t0 = time.time()
         from wqedge.residual_rotation import hadamard_config
-        config = rotation_config() if args.method == "ruquant" else hadamard_config()
+        config = (rotation_config(args.seed, **({} if args.block is None else {"block": args.block}))
+                  if args.method == "ruquant"
+                  else hadamard_config())
         pipeline.rotated(ckpt, config, calib)
         t_rot = time.time() - t0
         lines += [f"stage-1 transforms (calibration activations + construction, {config['n_seqs']} x "

@@ -11,7 +11,7 @@ decode falls with the width, and llama-s is the worst case.
 W4A4 rotated against W4A4 unrotated: at 4 and 6 bits the transforms' block products stay float (docs/ruquant.md).
 
     python bench/ruquant_speed.py --bench cpp/build/wqedge-bench --out DIR [--shape llama-s|tinyllama]
-        [--threads 1,4] [--reps 5] [--act-bits 8|6|4] [--device cuda]
+        [--threads 1,4] [--reps 5] [--act-bits 8|6|4] [--device cuda] [--blocks 64,128]
 """
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ def main():
     ap.add_argument("--device", default=None, help="torch device for the two conversions (cuda: the GPU of the device machine)")
     ap.add_argument("--act-bits", type=int, choices=(8, 6, 4), default=8,
                     help="activation bits of every file (default 8: int8 block products on AVX-512 VNNI)")
+    ap.add_argument("--blocks", default=None,
+                    help="RUQuant's block sizes B, comma-separated: one rotated file each, named rotated-bB (default: "
+                         "wqedge.rotation.BLOCK, named rotated); the transforms cost 2 d B multiply-adds per group and "
+                         "token and B^2 bytes per stage matrix")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,13 +54,16 @@ def main():
                                                     init="normal", dtype="float16"))
     text = " ".join(tiny_corpus(3000))
     files = {}
-    for rot in [False] + args.methods.split(","):
+    blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else [None]
+    variants = [(False, None)] + [(m, b) for m in args.methods.split(",") for b in (blocks if m == "ruquant" else [None])]
+    for rot, block in variants:
         cal = text if rot == "ruquant" else None     # the hadamard method is data-free
         plan = pipeline.make_plan(ckpt, 0, preset="q4", calib_text=cal, rotate=rot, device=args.device,
-                                  act_bits=args.act_bits)
-        name = {False: "plain", "ruquant": "rotated"}.get(rot, rot)
+                                  act_bits=args.act_bits, rotate_block=block)
+        name = {False: "plain", "ruquant": "rotated"}.get(rot, rot) + (f"-b{block}" if block else "")
         suffix = "" if args.act_bits == 8 else f"-a{args.act_bits}"
-        files[name] = pipeline.convert(ckpt, plan, out / f"q4-{'rot' if rot == 'ruquant' else rot or 'plain'}{suffix}.gguf",
+        stem = ("rot" if rot == "ruquant" else rot or "plain") + (f"-b{block}" if block else "")
+        files[name] = pipeline.convert(ckpt, plan, out / f"q4-{stem}{suffix}.gguf",
                                        calib_text=cal, feedback=False, device=args.device).path
     res = []
     for t in [int(x) for x in args.threads.split(",")]:

@@ -20,7 +20,7 @@ import numpy as np
 from wqedge.fileio import atomic_output
 from wqedge.blocks import COMPACT_FORMAT_VERSION, FORMAT_VERSION, SCALE_BASE, ChunkData, block_type, pack_chunk
 from wqedge.plan import Plan
-from wqedge.rotation_format import (INT_ROTATED_FORMAT_VERSION, KEY_ACT_BITS, KEY_BLOCK, KEY_ROTATION,
+from wqedge.rotation_format import (INT_ROTATED_FORMAT_VERSION, KEY_ACT_BITS, KEY_BLOCK, KEY_ROTATION, LEGACY_BLOCK,
                                     ROTATED_FORMAT_VERSION, StoredTransform, tensor_name)
 from wqedge.spec import ModelSpec, other_tensors, rope_freq_factors
 from wqedge.units import Linear, chunk_bounds
@@ -106,7 +106,7 @@ def _add_model_metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Plan, rotated
         w.add_uint32(KEY_ACT_BITS, plan.act_bits)
     if rotated:
         w.add_string(KEY_ROTATION, plan.rotation["method"])
-        w.add_uint32(KEY_BLOCK, int(plan.rotation.get("block", 128)))
+        w.add_uint32(KEY_BLOCK, int(plan.rotation.get("block", LEGACY_BLOCK)))
     if plan.kv_cache is not None:  # the runtime's default KV cache (docs/format.md "KV cache"); no version change
         from wqedge.kv_format import KEY_BITS as KV_BITS, KEY_ROTATION as KV_ROTATION, KVCacheSpec
         kv = KVCacheSpec.from_plan(plan.kv_cache)
@@ -172,6 +172,12 @@ def write_gguf(path: str | os.PathLike, spec: ModelSpec, plan: Plan, tokenizer: 
     """
     if (plan.rotation is not None) != bool(transforms):
         raise ValueError("a rotated plan needs its transforms, and transforms need a rotated plan")
+    if transforms:   # the file's block key must be the matrices' size, or runtimes would read them wrongly
+        block = int(plan.rotation.get("block", LEGACY_BLOCK))
+        sizes = sorted({int(st.r1.shape[0]) for st in transforms.values()})
+        if sizes != [block]:
+            raise ValueError(f"the plan's rotation block is {block} but its transforms' block matrices are "
+                             f"{'/'.join(map(str, sizes))} wide")
     with atomic_output(path) as tmp:
         _write(tmp, spec, plan, tokenizer, dense, dense_data, quantized, progress, transforms or {}, head)
     return Path(path)

@@ -3,7 +3,8 @@ activation quantizer lowered as stock ONNX operators (converters/onnx_rotation.p
 (wqedge.reference) built from the same file; and the llama.cpp target's refusal of rotated plans.
 
 A tiny random LLaMA (hidden 160 = one block of B = 128 plus a ragged tail of 32; FFN 96 < B, so the down group is
-one ragged block only; GQA 4 heads over 2), transforms from seeded outlier-heavy activations (build_transform, as
+one ragged block only; GQA 4 heads over 2; these files' transforms have B = 128, the former default, for those
+ragged blocks, and the CLI test's the default B = 32), transforms from seeded outlier-heavy activations (build_transform, as
 tests/test_ruquant_runtime.py; one group smoothed), q4 weights, act bits 8 and 4.
 
 Tolerances (max |Δlogit| / std(reference logits)):
@@ -41,6 +42,7 @@ from rotated_tiny import synthetic_transforms, uniform_plan  # noqa: E402
 ENGINE = pytest.mark.engine("onnxruntime")   # run in a child pytest (tests/engine_isolation.py)
 SHAPE = dict(hidden=160, n_layers=2, n_heads=4, n_kv_heads=2, intermediate=96)
 GROUP = 128
+TRANSFORM_BLOCK = 128
 PARITY = 1e-4
 FLIP_BOUND = 1.0
 MIN_EXACT = 0.7
@@ -54,11 +56,11 @@ def ckpt(tiny_model_factory):
 
 @pytest.fixture(scope="module")
 def transforms(ckpt):
-    return synthetic_transforms(ckpt)
+    return synthetic_transforms(ckpt, block=TRANSFORM_BLOCK)
 
 
 def _plan(ckpt, action="q4", act_bits=8, rotated=True) -> Plan:
-    return uniform_plan(ckpt, GROUP, action, act_bits, rotated)
+    return uniform_plan(ckpt, GROUP, action, act_bits, rotated, block=TRANSFORM_BLOCK)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """RUQuant in plans, files, the PyTorch reference and the C++ runtime (issue 15, part 2).
 
-A tiny random LLaMA built here (hidden 160, FFN 288: neither a multiple of B = 128, so every group has a
-ragged tail block; 4 heads of 40). Its transforms are built from seeded outlier-heavy random activations
+A tiny random LLaMA built here (hidden 168, FFN 296: multiples of neither the default B = 32 nor 128, so every
+group has a ragged tail block; 4 heads of 42). Its transforms are built from seeded outlier-heavy random activations
 (build_transform; the calibration path itself runs once, in test_pipeline_rotate_end_to_end).
 
 - the plan records rotation and act bits (version 3) and round-trips; version 1/2 plans are unchanged;
@@ -27,14 +27,14 @@ import torch
 
 from wqedge.checkpoint import LlamaCheckpoint
 from wqedge.plan import Plan, PlanError
-from wqedge.rotation import RotatedCheckpoint, to_stored
+from wqedge.rotation import BLOCK, RotatedCheckpoint, to_stored
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rotated_tiny import synthetic_transforms, uniform_plan  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SHAPE = dict(hidden=160, n_layers=2, n_heads=4, n_kv_heads=2, intermediate=288)
+SHAPE = dict(hidden=168, n_layers=2, n_heads=4, n_kv_heads=2, intermediate=296)
 GROUP = 128
 REF_TOL = 1e-4
 FP16_TOL = 5e-3  # W' stored as fp16: its rounding (measured 1.6e-3 on this model)
@@ -145,10 +145,10 @@ def test_gguf_round_trip_of_transforms(files, transforms):
         for name in want:
             np.testing.assert_array_equal(got[name], want[name])
     assert (back[(1, 2)].smooth is not None) and back[(0, 0)].smooth is None
-    assert back[(0, 0)].r1_tail.shape == (32, 32) and back[(0, 3)].r1_tail.shape == (32, 32)
+    assert back[(0, 0)].r1_tail.shape == (8, 8) and back[(0, 3)].r1_tail.shape == (8, 8)   # 168, 296 mod 32
     st = back[(0, 0)]
     assert st.integer and st.r1.dtype == np.int8 and st.r2_tail.dtype == np.int8
-    assert st.r1_scale.shape == (128,) and st.r2_tail_scale.shape == (32,)
+    assert st.r1_scale.shape == (BLOCK,) and st.r2_tail_scale.shape == (8,)
 
 
 def test_unrotated_file_is_version_1(files):
@@ -156,6 +156,17 @@ def test_unrotated_file_is_version_1(files):
     f = WqGGUF(files["plain"])
     assert f.format_version == 1 and f.rotation is None and f.act_bits == 8 and f.transforms() == {}
     assert all(not k.startswith(("wqedge.rotation", "wqedge.act_bits")) for k in f.reader.fields)
+
+
+def test_writer_refuses_a_block_the_transforms_do_not_have(ckpt, transforms, tmp_path):
+    """The file's block key comes from the plan's rotation config: transforms of another block size would be read
+    as wrong matrices, so the writer refuses, naming both sizes, and leaves no file."""
+    from wqedge.quantize import convert_to_gguf
+    plan = uniform_plan(ckpt, GROUP, "q8", 8, True, block=2 * BLOCK)
+    with pytest.raises(ValueError, match=f"rotation block is {2 * BLOCK} but its transforms' block matrices are {BLOCK}"):
+        convert_to_gguf(RotatedCheckpoint(ckpt, transforms), plan, tmp_path / "bad.gguf",
+                        transforms={k: to_stored(t) for k, t in transforms.items()})
+    assert not (tmp_path / "bad.gguf").exists()
 
 
 def test_old_reader_refuses_rotated_file(files, monkeypatch):
@@ -432,7 +443,7 @@ def test_pipeline_rotate_end_to_end(ckpt, tmp_path):
             np.testing.assert_array_equal(st.arrays()[name], a)
     r = run(main, ["inspect", str(out)])
     assert "activation bits 6; input transforms: ruquant, 8 transforms" in r.output, r.output
-    assert "block 128, int8 matrices with row scales," in r.output, r.output
+    assert f"block {BLOCK}, int8 matrices with row scales," in r.output, r.output
     w = _windows()
     a, b = _reference_logits(out, w), logits_fn(ckpt.load_hf_model())(w)
     # A6 on a random tiny model: measured mean |Δ| / std 0.033, top-1 agreement 0.94

@@ -119,7 +119,8 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
               calib_text: str | None = None, seed: int = 0, device=None, protect=(), preset: str | None = None,
               progress=True, rotate: bool | str = False, act_bits: int = 8, prune=(), max_prune: float = 0.3,
               stream_layers: bool | None = None, rotate_stage2: int = 0, resume_dir=None,
-              prune_group: int = 32, two_level: bool | None = None, fixed_pruning=None, compact: bool = True) -> Plan:
+              prune_group: int = 32, two_level: bool | None = None, fixed_pruning=None, compact: bool = True,
+              rotate_block: int | None = None) -> Plan:
     """A plan for `ckpt` at `bits` effective bits (or one `preset` action everywhere). PlanError when no
     plan can be made. rotate: input transforms (`rotated`), planned on the folded weights: "ruquant" (or True)
     RUQuant's, built from calibration activations, "hadamard" the data-free residual rotation with an online
@@ -134,6 +135,7 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
     columns; `offered_actions`); None: default_two_level (off for rotated plans and other activation bits, whose runtime paths have
     not been measured with them). progress: True (lines on stderr), a callable taking a line, or False.
     compact: offer the compact-header kinds q4c .. q1c (the default) or, False, the fp16-header q4 .. q1 (`offered_actions`).
+    rotate_block: RUQuant's block size B (None: wqedge.rotation.BLOCK), recorded in the plan's rotation config.
     fixed_pruning: a wqedge.pruning.Pruning whose shapes the allocator fills with bits (no structure search).
 
     rotate with prune: the structures are chosen first, by the joint search on the unrotated model (in a rotated o or
@@ -178,7 +180,8 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
                   if rotate_stage2 else None)
         except ValueError as e:
             raise PlanError(f"--rotate-stage2: {e}") from None
-        config = rotation_config(seed, stage2=s2)
+        from .rotation import BLOCK
+        config = rotation_config(seed, block=rotate_block or BLOCK, stage2=s2)
         pruning = more["fixed_pruning"]
         try:
             build = rotation_build(ckpt, config, calib_text, device, _say(progress), pruning)

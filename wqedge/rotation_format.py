@@ -135,6 +135,7 @@ METHODS = ("ruquant", "hadamard")   # wqedge.rotation (RUQuant) and wqedge.resid
 CONFIG_KEYS = ("method", "block", "seed", "smooth_alpha", "n_seqs", "seqlen", "stage2")
 HADAMARD_KEYS = ("method", "block", "seed")
 STAGE2_KEYS = ("steps", "act_bits", "weight_bits", "group", "lr", "tokens")
+LEGACY_BLOCK = 128   # RUQuant's block of a config that names none (wqedge.rotation.BLOCK until 2026-12-08)
 
 
 def check_rotation_config(config, act_bits: tuple[int, ...]) -> None:

@@ -386,27 +386,15 @@ __attribute__((target("avx512f,avx512vl,avx512vnni,avx512bw"))) static void q8_s
     for (int b = 0; b < NB; ++b) _mm512_storeu_ps(Y + (size_t)b * n, _mm512_mul_ps(acc[b], sv));
 }
 
-static void block_matmul_q8_vnni(const int8_t* QV, const int32_t* RS, const float* s, int n, const XQ8* X, int nx, float* Y,
-                                 int i0, int i1) {
+static void block_matmul_u8_vnni(const int8_t* QV, const int32_t* RS, const float* s, int n, const uint32_t* U,
+                                 const float* D, int nx, float* Y, int i0, int i1) {
     const int nk = n / 32;
-    thread_local std::vector<uint32_t> U;
-    thread_local std::vector<float> D;
-    U.resize((size_t)nx * nk * 8);
-    D.resize((size_t)nx * nk);
-    for (int k = 0; k < nx * nk; ++k) {  // codes + 128 (the unsigned operand of vpdpbusd) and the scales, contiguous
-        for (int c = 0; c < 8; ++c) {
-            uint32_t v;
-            std::memcpy(&v, X[k].q + 4 * c, 4);
-            U[(size_t)k * 8 + c] = v ^ 0x80808080u;
-        }
-        D[k] = X[k].d;
-    }
     for (int i = i0; i < i1; i += 16) {
         const int8_t* w = QV + (size_t)(i / 16) * n * 16;
         const int32_t* rs = RS + (size_t)(i / 16) * nk * 16;
         for (int b = 0; b < nx; b += 4) {
-            const uint32_t* u = U.data() + (size_t)b * nk * 8;
-            const float* d = D.data() + (size_t)b * nk;
+            const uint32_t* u = U + (size_t)b * nk * 8;
+            const float* d = D + (size_t)b * nk;
             float* y = Y + (size_t)b * n + i;
             switch (std::min(4, nx - b)) {
                 case 4: q8_strip_vnni<4>(w, rs, s + i, n, u, d, y); break;
@@ -417,18 +405,102 @@ static void block_matmul_q8_vnni(const int8_t* QV, const int32_t* RS, const floa
         }
     }
 }
+
+// The VNNI product's operand (stage_input_u8) of x[idx[j]], j < g, or of x[j] when idx is null: VecOps::quant_x8's
+// codes (the same max|x|, scale, rounding and clamp) + 128 and d per 32 values, in one pass. Why: at llama-s's widths
+// the stage inputs' quantization was the transform's second cost after its products; quant_x8 also sums the values
+// (a double-precision chain, ~1.6x its time here) and each code block (ds), which the products never read, and its
+// codes were then copied into this layout per product; stage 2 gathers its input (the permutation P) here too
+// instead of writing and re-reading it (the separate scalar gather was 2.7% of a B = 64 decode).
+__attribute__((target("avx2,fma"))) static void quant_u8(const float* x, const int32_t* idx, int g, uint32_t* U, float* D) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), magic = _mm256_set1_ps(12582912.0f);
+    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), bias = _mm256_set1_epi8((char)0x80);
+    for (int b = 0; b < g / 32; ++b) {
+        alignas(32) float gathered[32];  // scalar loads: 0.8 ns a value against vgatherdps's 1.1 (Zen 4, llama-s's widths)
+        const float* src = x + 32 * b;
+        if (idx) {
+            for (int j = 0; j < 32; ++j) gathered[j] = x[idx[32 * b + j]];
+            src = gathered;
+        }
+        __m256 v[4];
+        __m256 amax = _mm256_setzero_ps();
+        for (int k = 0; k < 4; ++k) {
+            v[k] = _mm256_loadu_ps(src + 8 * k);
+            amax = _mm256_max_ps(_mm256_andnot_ps(sign, v[k]), amax);
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        const float am = _mm_cvtss_f32(m4);
+        const __m256 vid = _mm256_set1_ps(am > 0.0f ? 127.0f / am : 0.0f);
+        __m256i q[4];
+        for (int k = 0; k < 4; ++k) {
+            __m256 r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v[k], vid), magic), magic);
+            q[k] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+        }
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i*)(U + (size_t)8 * b), _mm256_xor_si256(_mm256_permutevar8x32_epi32(p, order), bias));
+        D[b] = am / 127.0f;
+    }
+}
 }  // namespace avx2
 #endif
+
+// XQ8 blocks as block_matmul_u8's operand: codes + 128 (the unsigned operand of vpdpbusd) and the scales, contiguous.
+static void to_u8(const XQ8* X, int nblk, uint32_t* U, float* D) {
+    for (int k = 0; k < nblk; ++k) {
+        for (int c = 0; c < 8; ++c) {
+            uint32_t v;
+            std::memcpy(&v, X[k].q + 4 * c, 4);
+            U[(size_t)k * 8 + c] = v ^ 0x80808080u;
+        }
+        D[k] = X[k].d;
+    }
+}
 
 void block_matmul_q8(const int8_t* Q, const int8_t* QV, const int32_t* RS, const float* s, int n, const XQ8* X, int nx,
                      float* Y, int i0, int i1, int kernels) {
 #ifdef WQE_ROT_AVX2
-    if (kernels == K_AVX2 && x86_vnni() == 1 && QV && RS) return avx2::block_matmul_q8_vnni(QV, RS, s, n, X, nx, Y, i0, i1);
+    if (kernels == K_AVX2 && x86_vnni() == 1 && QV && RS) {
+        thread_local std::vector<uint32_t> U;
+        thread_local std::vector<float> D;
+        U.resize((size_t)nx * n / 4);
+        D.resize((size_t)nx * n / 32);
+        to_u8(X, nx * n / 32, U.data(), D.data());
+        return avx2::block_matmul_u8_vnni(QV, RS, s, n, U.data(), D.data(), nx, Y, i0, i1);
+    }
 #endif
     (void)QV;
     (void)RS;
     (void)kernels;
     block_matmul_q8_scalar(Q, s, n, X, nx, Y, i0, i1);
+}
+
+void block_matmul_u8(const int8_t* QV, const int32_t* RS, const float* s, int n, const uint32_t* U, const float* D, int nx,
+                     float* Y, int i0, int i1) {
+#ifdef WQE_ROT_AVX2
+    return avx2::block_matmul_u8_vnni(QV, RS, s, n, U, D, nx, Y, i0, i1);
+#else
+    (void)QV, (void)RS, (void)s, (void)n, (void)U, (void)D, (void)nx, (void)Y, (void)i0, (void)i1;
+    throw Error(WQE_ERR_INTERNAL, "block_matmul_u8: AVX-512 VNNI products on a build without them");
+#endif
+}
+
+void stage_input_u8(const float* x, const int32_t* idx, int g, uint32_t* U, float* D, int kernels) {
+#ifdef WQE_ROT_AVX2
+    if (kernels == K_AVX2) return avx2::quant_u8(x, idx, g, U, D);
+#endif
+    thread_local std::vector<float> v;
+    thread_local std::vector<XQ8> q;
+    if (idx) {
+        v.resize(g);
+        for (int j = 0; j < g; ++j) v[j] = x[idx[j]];
+        x = v.data();
+    }
+    q.resize(g / 32);
+    vec_ops(kernels).quant_x8(x, g, q.data(), 0.0f);
+    to_u8(q.data(), g / 32, U, D);
 }
 
 // ------------------------------------------------------------------ the transform
@@ -461,14 +533,14 @@ void Rotation::pack_blocks() {
 }
 
 // Block b's (whole blocks: rows [i0, i1) of all of them, packed) product of stage 1 or 2, float32 or int8 matrices.
-static void stage_task(const Rotation& r, bool second, bool packed, int k, int rt, const float* in, const XQ8* in8,
-                       float* out, int kernels) {
+static void stage_task(const Rotation& r, bool second, bool packed, int k, int rt, const float* in, const uint32_t* u8,
+                       const float* d8, float* out, int kernels) {
     const int B = r.block, nf = r.dim / B, n_rt = (B + rt - 1) / rt;
     if (packed && k < n_rt) {
         const int i0 = k * rt, i1 = std::min(B, i0 + rt);
-        if (in8)
-            block_matmul_q8((second ? r.q2 : r.q1).data(), (second ? r.q2v : r.q1v).data(), (second ? r.q2rs : r.q1rs).data(),
-                            (second ? r.s2 : r.s1).data(), B, in8, nf, out, i0, i1, kernels);
+        if (u8)
+            block_matmul_u8((second ? r.q2v : r.q1v).data(), (second ? r.q2rs : r.q1rs).data(), (second ? r.s2 : r.s1).data(),
+                            B, u8, d8, nf, out, i0, i1);
         else if (r.integer()) block_matmul_q((second ? r.q2p : r.q1p).data(), (second ? r.s2 : r.s1).data(), B, in, nf, out, i0, i1, kernels);
         else block_matmul_p((second ? r.r2p : r.r1p).data(), B, in, nf, out, i0, i1, kernels);
         return;
@@ -502,11 +574,16 @@ static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kern
     const int RT = split ? 32 : B;
     const int n_tasks = packed ? (B + RT - 1) / RT + (tl ? 1 : 0) : nb;
     thread_local std::vector<float> buf;
-    thread_local std::vector<XQ8> buf8;
+    thread_local std::vector<uint32_t> bufu;   // int8 stage input (stage_input_u8): codes + 128, 8 words per 32
+    thread_local std::vector<float> bufd;      // and their d
     if (buf.size() < (size_t)3 * r.dim + nb) buf.resize((size_t)3 * r.dim + nb);
-    if (int8 && buf8.size() < (size_t)nf * B / 32) buf8.resize((size_t)nf * B / 32);
+    if (int8 && bufd.size() < (size_t)nf * B / 32) {
+        bufu.resize((size_t)nf * B / 4);
+        bufd.resize((size_t)nf * B / 32);
+    }
     float *t = buf.data(), *g = t + r.dim, *y = g + r.dim, *part = y + r.dim;
-    auto stage = [&](bool second, const float* in, float* out) {
+    // in8_ready: bufu / bufd already hold the whole blocks' int8 input (stage 2's, quantized straight from t through P).
+    auto stage = [&](bool second, const float* in, float* out, bool in8_ready = false) {
         if (second ? r.id2 : r.id1) {
             std::memcpy(out, in, sizeof(float) * r.dim);
             return;
@@ -519,16 +596,17 @@ static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kern
                 fwht(o, B);
                 for (int i = 0; i < B; ++i) o[i] *= r.had_gain[i];
             }
-            if (tl) stage_task(r, false, false, nf, RT, in, nullptr, out, kernels);  // the ragged tail: its product
+            if (tl) stage_task(r, false, false, nf, RT, in, nullptr, nullptr, out, kernels);  // the ragged tail: its product
             return;
         }
-        const XQ8* in8 = nullptr;
+        const uint32_t* u8 = nullptr;
         if (int8) {  // the whole blocks' input, per 32 columns (the tail block stays float)
-            vec_ops(kernels).quant_x8(in, nf * B, buf8.data(), 0.0f);
-            in8 = buf8.data();
+            if (!in8_ready) stage_input_u8(in, nullptr, nf * B, bufu.data(), bufd.data(), kernels);
+            u8 = bufu.data();
         }
-        if (split) pool->run(n_tasks, [&](int k, int) { stage_task(r, second, packed, k, RT, in, in8, out, kernels); });
-        else for (int k = 0; k < n_tasks; ++k) stage_task(r, second, packed, k, RT, in, in8, out, kernels);
+        const float* d8 = bufd.data();
+        if (split) pool->run(n_tasks, [&](int k, int) { stage_task(r, second, packed, k, RT, in, u8, d8, out, kernels); });
+        else for (int k = 0; k < n_tasks; ++k) stage_task(r, second, packed, k, RT, in, u8, d8, out, kernels);
     };
     if (!r.smooth.empty())
         for (int i = 0; i < r.dim; ++i) x[i] /= r.smooth[i];
@@ -537,9 +615,17 @@ static void apply_blocks(const Rotation& r, float* x, ThreadPool* pool, int kern
         std::memcpy(x, t, sizeof(float) * r.dim);
         return;
     }
-    if (r.perm_id) std::memcpy(g, t, sizeof(float) * r.dim);
-    else for (int i = 0; i < r.dim; ++i) g[i] = t[r.perm[i]];
-    stage(true, g, y);
+    if (r.perm_id) {
+        std::memcpy(g, t, sizeof(float) * r.dim);
+        stage(true, g, y);
+    } else if (int8 && !r.id2) {  // the whole blocks gathered into their int8 codes in one pass; the tail as floats
+        stage_input_u8(t, r.perm.data(), nf * B, bufu.data(), bufd.data(), kernels);
+        for (int i = nf * B; i < r.dim; ++i) g[i] = t[r.perm[i]];
+        stage(true, g, y, true);
+    } else {
+        for (int i = 0; i < r.dim; ++i) g[i] = t[r.perm[i]];
+        stage(true, g, y);
+    }
     std::memcpy(x, y, sizeof(float) * r.dim);
     if (r.hh.empty()) return;
     for (int b = 0; b < nb; ++b) part[b] = hh_share(r, y, b * B, std::min(B, r.dim - b * B), kernels);
@@ -624,17 +710,20 @@ void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPo
         act_quant(xt, t);
     };
     // Decode splits a token's blocks over the threads (two fork-joins per group), except int8 products on 2 threads or
-    // of fewer than INT8_SPLIT_BLOCKS blocks. Measured on 2 threads, the calling thread alone was faster at both widths:
-    // llama-s (4 and 11 blocks) 1867-1915 tok/s against 1610-1668 split (bench/results/ruquant_speed.md run 7), the
-    // TinyLlama shape (16 and 44 blocks) 63.1-65.3 against 58.2-60.4 in the rounds where memory was fast, equal in the
-    // others (run 10). From 3 threads the wide groups split (the device's 8-thread runs); float products always do.
-    // WQEDGE_INT8_SPLIT_BLOCKS=N moves that bound (A/B runs on other CPUs and thread counts; read once).
+    // of groups narrower than INT8_SPLIT_COLUMNS = 2048. Measured on 2 threads, the calling thread alone was faster at
+    // both widths: llama-s (512 and 1408 columns) 1867-1915 tok/s against 1610-1668 split (bench/results/ruquant_speed.md
+    // run 7), the TinyLlama shape (2048 and 5632) 63.1-65.3 against 58.2-60.4 in the rounds where memory was fast, equal
+    // in the others (run 10). From 3 threads the wide groups split (the device's 4-thread runs: +10%); llama-s's stayed
+    // faster unsplit at 8 threads (run 13). Those runs had B = 128 (a bound of 16 blocks); it is a width, whatever B.
+    // Float products always split. WQEDGE_INT8_SPLIT_BLOCKS=N moves the bound to N blocks of the group's B (A/B runs
+    // on other CPUs and thread counts; read once).
     static const int INT8_SPLIT_BLOCKS = [] {
         const char* e = std::getenv("WQEDGE_INT8_SPLIT_BLOCKS");
         const int v = e && *e ? std::atoi(e) : 0;
-        return v > 0 ? v : 16;
+        return v > 0 ? v : 0;
     }();
-    const bool int8_alone = int8 && r && r->int8_ready(kernels) && (n_blocks(*r) < INT8_SPLIT_BLOCKS || pool.size() <= 2);
+    const int split_columns = r && INT8_SPLIT_BLOCKS ? INT8_SPLIT_BLOCKS * r->block : 2048;
+    const bool int8_alone = int8 && r && r->int8_ready(kernels) && (r->dim < split_columns || pool.size() <= 2);
     const bool split = r && n_blocks(*r) > 1 && !int8_alone;
     if (n == 1 && split && pool.size() > 1) {
         apply_blocks(*r, x, &pool, kernels, int8);

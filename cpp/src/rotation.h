@@ -91,6 +91,16 @@ std::vector<int8_t> pack_quads16(const std::vector<int8_t>& Q, int n);
 std::vector<int32_t> quad_row_sums(const std::vector<int8_t>& Q, int n);
 void block_matmul_q8(const int8_t* Q, const int8_t* QV, const int32_t* RS, const float* s, int n, const XQ8* X, int nx,
                      float* Y, int i0, int i1, int kernels);
+// block_matmul_q8's VNNI product on its operand layout (what it converts X to): per 32 columns of each block, the codes
+// + 128 as 8 u32 words U (one vpdpbusd broadcast operand per 4 codes) and the block's d in D. Bit-identical to
+// block_matmul_q8 on the XQ8 blocks these came from. Only where block_matmul_q8 runs VNNI (kernels == K_AVX2,
+// x86_vnni() == 1, QV and RS made): the transform's int8 path, Rotation::int8_ready.
+void block_matmul_u8(const int8_t* QV, const int32_t* RS, const float* s, int n, const uint32_t* U, const float* D, int nx,
+                     float* Y, int i0, int i1);
+// block_matmul_u8's operand of x[idx[j]], j < g (x[j] when idx is null: stage 2 takes the gather P in the same pass):
+// VecOps::quant_x8's codes and d per 32 values (bit-identical in every set), without the sums quant_x8 also makes.
+// g a multiple of 32; U holds g / 4 words, D g / 32 floats.
+void stage_input_u8(const float* x, const int32_t* idx, int g, uint32_t* U, float* D, int kernels);
 
 // Per-token asymmetric quantize-dequantize at `bits` (6 or 4) in place, exactly as wqedge.actquant.fake_quant:
 // s = max((max - min) / (2^b - 1), 1e-8), z = round(-min / s), q = clamp(round(x / s) + z, 0, 2^b - 1),

@@ -217,6 +217,42 @@ int main() {
                 }
     }
     std::printf("int8-activation block products (AVX-512 VNNI) checked bit for bit against scalar: %d\n", n_q8);
+    // The stage inputs' quantizer (stage_input_u8): in every set, the codes + 128 and d equal the scalar quant_x8's of
+    // the same values, gathered through a permutation or read in order; zero and outlier blocks included.
+    int n_in8 = 0;
+    for (int g : {32, 64, 352, 1408}) {
+        std::vector<float> x(g);
+        for (float& v : x) v = nd(rng) * (rng() % 11 == 0 ? 60.0f : 1.0f);
+        for (int j = 0; j < 32; ++j) x[(size_t)(g / 32 / 2) * 32 + j] = 0.0f;  // an all-zero block in order
+        std::vector<int32_t> perm(g);
+        for (int j = 0; j < g; ++j) perm[j] = j;
+        std::shuffle(perm.begin(), perm.end(), rng);
+        for (bool gather : {false, true}) {
+            std::vector<float> v(g);
+            for (int j = 0; j < g; ++j) v[j] = x[gather ? perm[j] : j];
+            std::vector<XQ8> xq(g / 32);
+            vec_ops(K_SCALAR).quant_x8(v.data(), g, xq.data(), 0.0f);
+            std::vector<uint8_t> want_u((size_t)g);
+            std::vector<float> want_d(g / 32);
+            for (int j = 0; j < g; ++j) want_u[j] = (uint8_t)(xq[j / 32].q[j % 32] + 128);
+            for (int b = 0; b < g / 32; ++b) want_d[b] = xq[b].d;
+            std::vector<int> all = sets;
+            all.push_back(K_SCALAR);
+            for (int k : all) {
+                std::vector<uint32_t> u((size_t)g / 4, 0x5a5a5a5au);
+                std::vector<float> d(g / 32, -1.0f);
+                stage_input_u8(x.data(), gather ? perm.data() : nullptr, g, u.data(), d.data(), k);
+                ++checks;
+                ++n_in8;
+                if (std::memcmp(want_u.data(), u.data(), (size_t)g) != 0 ||
+                    std::memcmp(want_d.data(), d.data(), sizeof(float) * d.size()) != 0) {
+                    ++fails;
+                    std::printf("FAIL stage_input_u8 set %d g %d gather %d differs from quant_x8\n", k, g, (int)gather);
+                }
+            }
+        }
+    }
+    std::printf("stage input quantization checked bit for bit against quant_x8: %d\n", n_in8);
     // A randomized Hadamard R1 (method "hadamard"): find_hadamard recognises it, and the fast Walsh-Hadamard path equals
     // the int8 block product (the reference: the same Rotation with the recognition cleared), tail block included;
     // a code changed anywhere is not recognised.
