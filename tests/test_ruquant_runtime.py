@@ -450,6 +450,32 @@ def test_pipeline_rotate_end_to_end(ckpt, tmp_path):
     assert np.abs(a - b).mean() / b.std() < 0.06 and (a.argmax(-1) == b.argmax(-1)).mean() > 0.85
 
 
+def test_cli_rotate_block(ckpt, tmp_path):
+    """`wqedge plan --rotate --rotate-block 64` records the block in the plan and builds 64-wide block matrices;
+    without --rotate ruquant, or out of range, the option is refused with a message and no plan is written."""
+    from click.testing import CliRunner
+
+    from wqedge import pipeline
+    from wqedge.cli import main
+    from wqedge.tinymodel import tiny_corpus
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(tiny_corpus(300)))
+    run = CliRunner().invoke
+    base = ["plan", str(ckpt.path), "--preset", "q8", "--calib", str(calib)]
+    pipeline._TRANSFORMS.clear()
+    r = run(main, base + ["-o", str(tmp_path / "p.json"), "--rotate", "--rotate-block", "64"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "p.json").read_text())["rotation"]["block"] == 64
+    transforms = next(iter(pipeline._TRANSFORMS.values()))
+    assert {to_stored(t).r1.shape for t in transforms.values()} == {(64, 64)}
+    for extra, message in ((["--rotate-block", "64"], "needs --rotate ruquant"),
+                           (["--rotate", "hadamard", "--rotate-block", "64"], "needs --rotate ruquant"),
+                           (["--rotate", "--rotate-block", "1"], "--rotate-block")):
+        r = run(main, base + ["-o", str(tmp_path / "bad.json"), *extra])
+        assert r.exit_code != 0 and message in r.output, r.output
+        assert not (tmp_path / "bad.json").exists()
+
+
 def test_rotate_without_text_or_with_other_targets_is_refused(ckpt, tmp_path):
     from wqedge import pipeline
     with pytest.raises(PlanError, match="calibration text"):

@@ -20,6 +20,7 @@ from .pipeline import (ALLOCATORS, DEFAULT_HEAD, DEMO_DIR, DISTILL_CODES_MIN_WIN
                        DISTILL_DEFAULT_MAX_BITS_GPU, DISTILL_E2E_STEPS, DISTILL_STEPS, DISTILL_STEPS_CPU,
                        DISTILL_WINDOWS_GPU, STAGE2_STEPS, TARGETS)
 from .plan import METHODS
+from .rotation_format import DEFAULT_BLOCK as ROTATE_BLOCK, MAX_INT8_BLOCK
 MIN_CALIB_WORDS = 16
 
 
@@ -162,7 +163,8 @@ def default_prune_group(spec, prune, target: str = "gguf") -> int:
 
 def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protect=(), preset=None, rotate=None,
                act_bits=8, prune=(), max_prune=0.3, stream_layers=None, rotate_stage2=None, resume_dir=None,
-               prune_group=None, two_level=None, target: str = "gguf", compact_headers: bool = True):
+               prune_group=None, two_level=None, target: str = "gguf", compact_headers: bool = True,
+               rotate_block=None):
     from .pipeline import make_plan
     from .plan import PlanError
     if prune_group is None:
@@ -175,7 +177,7 @@ def _make_plan(ckpt, bits, group, allocator, method, calib, seed, device, protec
                          rotate=rotate or False, act_bits=act_bits, prune=prune,
                          max_prune=max_prune, stream_layers=stream_layers, rotate_stage2=rotate_stage2 or 0,
                          resume_dir=resume_dir, prune_group=prune_group, two_level=two_level,
-                         compact=compact_headers)
+                         compact=compact_headers, rotate_block=rotate_block)
     except PlanError as e:
         _fail(str(e))
     if plan.allocator == "uniform":
@@ -286,6 +288,11 @@ _common_plan_options = [
                       f"Recorded in the plan (version 4), so `convert --plan` rebuilds the same transforms. Off "
                       f"unless given: on llama-s W4A4 it changed perplexity by -0.006% for ten times the build time "
                       f"(bench/results/ruquant.md)."),
+    click.option("--rotate-block", type=click.IntRange(min=2, max=MAX_INT8_BLOCK), default=None, metavar="B",
+                 help=f"With --rotate ruquant: channels per block of the transforms' block matrices (default "
+                      f"{ROTATE_BLOCK}). The runtime pays 2·B multiply-adds per input column and group; on llama-s "
+                      f"B = 32 gave the best W4A4/W8A4 perplexity of 32, 64 and 128, at under half of 128's decode "
+                      f"overhead (bench/results/ruquant_block.md). Recorded in the plan (rotation.block)."),
     click.option("--prune", default="", callback=_parse_prune, metavar="ffn,heads",
                  help="Let the greedy (or rl) allocator also prune structures as 0-bit actions under the same budget: "
                       "'ffn' (FFN channels in groups of --prune-group: rows of gate/up, columns of down), 'heads' "
@@ -462,7 +469,7 @@ def torch_dist_error():
                    f"untied embeddings stay F16 as in our GGUF); --target onnx keeps it dense.")
 @distributed_option
 def convert(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
-            distill_e2e, freeze_codes, distill_windows, distill_ce, rotate, rotate_stage2, prune, max_prune, two_level, compact_headers, prune_group, feedback_windows, stream_layers,
+            distill_e2e, freeze_codes, distill_windows, distill_ce, rotate, rotate_stage2, rotate_block, prune, max_prune, two_level, compact_headers, prune_group, feedback_windows, stream_layers,
             resume_dir, act_bits, plan_path, save_plan, feedback, self_calib, target, onnx_lowering, check, onnx_variant,
             kv_bits, kv_rotation, head):
     """Quantize MODEL_DIR (a local Hugging Face LLaMA folder) and write a wqedge GGUF.
@@ -516,7 +523,7 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
             two_level = False
         plan = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate,
                           act_bits, prune, max_prune, stream_layers, rotate_stage2, resume_dir, prune_group,
-                          two_level, target, compact_headers)
+                          two_level, target, compact_headers, rotate_block)
     if feedback_windows is not None:
         pipeline.set_feedback_windows(plan, feedback_windows)
     try:
@@ -619,7 +626,7 @@ def _quality_check(ckpt, path, calib_text, check) -> None:
 @_kv_rotation_option("Default: hadamard; needs --kv-bits 8 or 4, recorded beside it.")
 @distributed_option
 def plan(model_dir, output, bits, group, allocator, method, calib, protect, preset, seed, device, distill, no_distill,
-         distill_e2e, freeze_codes, distill_windows, distill_ce, rotate, rotate_stage2, prune, max_prune, two_level, compact_headers, prune_group, feedback_windows, stream_layers, resume_dir,
+         distill_e2e, freeze_codes, distill_windows, distill_ce, rotate, rotate_stage2, rotate_block, prune, max_prune, two_level, compact_headers, prune_group, feedback_windows, stream_layers, resume_dir,
          act_bits, kv_bits, kv_rotation):
     """Choose an action for every column chunk of MODEL_DIR under the bit budget and save the plan (JSON),
     with a text report (per-layer bits, action histogram) and a PNG heatmap beside it.
@@ -633,7 +640,7 @@ def plan(model_dir, output, bits, group, allocator, method, calib, protect, pres
     calib_text = _read_calib(calib) if calib else None
     p = _make_plan(ckpt, bits, group, allocator, method, calib_text, seed, device, protect, preset, rotate, act_bits,
                    prune, max_prune, stream_layers, rotate_stage2, resume_dir, prune_group, two_level,
-                   compact_headers=compact_headers)
+                   compact_headers=compact_headers, rotate_block=rotate_block)
     if kv is not None:
         p.kv_cache = kv.to_plan()
     if feedback_windows is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .plan import Plan, PlanError
+from .rotation_format import MAX_INT8_BLOCK
 
 ALLOCATORS = ("uniform", "greedy", "rl")   # the allocators a caller may name (wqedge.alloc.planner)
 FEEDBACK_ALLOCATORS = ("greedy", "rl")     # plans made for error-feedback lowering when text is given
@@ -148,6 +149,11 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
         rotate = "ruquant"
     if rotate not in (False, None, "ruquant", "hadamard"):
         raise PlanError(f"rotate must be 'ruquant' or 'hadamard', got {rotate!r}")
+    if rotate_block is not None and rotate != "ruquant":
+        raise PlanError("a rotation block size (--rotate-block) is RUQuant's: it needs --rotate ruquant")
+    if rotate_block is not None and not 2 <= rotate_block <= MAX_INT8_BLOCK:
+        raise PlanError(f"--rotate-block must be from 2 to {MAX_INT8_BLOCK} (the block matrices are int8), "
+                        f"got {rotate_block}")
     if rotate_stage2 and rotate != "ruquant":
         raise PlanError("stage 2 of RUQuant (--rotate-stage2) learns a reflection of RUQuant's rotation: it needs "
                         "--rotate ruquant")
@@ -174,13 +180,12 @@ def make_plan(ckpt, bits: float, group: int = 128, allocator: str | None = None,
             plan.meta["pruning"] = searched
         return plan.validate()
     if rotate:
-        from .rotation import rotation_config, stage2_config
+        from .rotation import BLOCK, rotation_config, stage2_config
         try:
             s2 = (stage2_config(int(rotate_stage2), act_bits, stage2_weight_bits(bits, preset), group)
                   if rotate_stage2 else None)
         except ValueError as e:
             raise PlanError(f"--rotate-stage2: {e}") from None
-        from .rotation import BLOCK
         config = rotation_config(seed, block=rotate_block or BLOCK, stage2=s2)
         pruning = more["fixed_pruning"]
         try:

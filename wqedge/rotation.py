@@ -39,12 +39,9 @@ import torch
 
 from .actquant import work_dtype
 from .checkpoint import CheckpointView
-from .rotation_format import LEGACY_BLOCK, MAX_INT8_BLOCK, identity_matrix
+from .rotation_format import DEFAULT_BLOCK, LEGACY_BLOCK, MAX_INT8_BLOCK, identity_matrix
 
-# B: channels per block. 32 since 2026-12-08 (128 before): on llama-s W4A4 +5.8% over fp16 against +8.4% at 128
-# (+7.2% at 64), W8A4 +4.2% against +6.8%, A6 and A8 rows within their noise; the runtime's transform then costs 2 d B =
-# 64 multiply-adds per input column instead of 256 (bench/results/ruquant_block.md).
-BLOCK = 32
+BLOCK = DEFAULT_BLOCK  # B: channels per block (32; why: rotation_format.DEFAULT_BLOCK)
 N_REFLECTIONS = 16   # K: greedy Householder steps per block matrix
 N_GIVENS_ROUNDS = 3  # rounds of random permutation + B/2 Givens rotations
 SMOOTH_ALPHA = 0.6

@@ -136,6 +136,11 @@ CONFIG_KEYS = ("method", "block", "seed", "smooth_alpha", "n_seqs", "seqlen", "s
 HADAMARD_KEYS = ("method", "block", "seed")
 STAGE2_KEYS = ("steps", "act_bits", "weight_bits", "group", "lr", "tokens")
 LEGACY_BLOCK = 128   # RUQuant's block of a config that names none (wqedge.rotation.BLOCK until 2026-12-08)
+# RUQuant's default block (wqedge.rotation.BLOCK), here so that the CLI names it without importing torch. 32 since
+# 2026-12-08 (128 before): on llama-s W4A4 +5.8% over fp16 against +8.4% at 128 (+7.2% at 64), W8A4 +4.2% against +6.8%,
+# A6 and A8 rows within their noise; the runtime's transform then costs 2 d B = 64 multiply-adds per input column
+# instead of 256 (bench/results/ruquant_block.md).
+DEFAULT_BLOCK = 32
 
 
 def check_rotation_config(config, act_bits: tuple[int, ...]) -> None:
