@@ -43,6 +43,9 @@ def main():
     ap.add_argument("--device", default=None, help="torch device for the two conversions (cuda: the GPU of the device machine)")
     ap.add_argument("--act-bits", type=int, choices=(8, 6, 4), default=8,
                     help="activation bits of every file (default 8: int8 block products on AVX-512 VNNI)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep files already in --out from an earlier run of the same settings (the model is rebuilt "
+                         "the same from its seed), converting only the missing ones")
     ap.add_argument("--blocks", default=None,
                     help="RUQuant's block sizes B, comma-separated: one rotated file each, named rotated-bB (default: "
                          "wqedge.rotation.BLOCK, named rotated); the transforms cost 2 d B multiply-adds per group and "
@@ -58,13 +61,16 @@ def main():
     variants = [(False, None)] + [(m, b) for m in args.methods.split(",") for b in (blocks if m == "ruquant" else [None])]
     for rot, block in variants:
         cal = text if rot == "ruquant" else None     # the hadamard method is data-free
-        plan = pipeline.make_plan(ckpt, 0, preset="q4", calib_text=cal, rotate=rot, device=args.device,
-                                  act_bits=args.act_bits, rotate_block=block)
         name = {False: "plain", "ruquant": "rotated"}.get(rot, rot) + (f"-b{block}" if block else "")
         suffix = "" if args.act_bits == 8 else f"-a{args.act_bits}"
         stem = ("rot" if rot == "ruquant" else rot or "plain") + (f"-b{block}" if block else "")
-        files[name] = pipeline.convert(ckpt, plan, out / f"q4-{stem}{suffix}.gguf",
-                                       calib_text=cal, feedback=False, device=args.device).path
+        path = out / f"q4-{stem}{suffix}.gguf"
+        if args.reuse and path.exists():
+            files[name] = path
+            continue
+        plan = pipeline.make_plan(ckpt, 0, preset="q4", calib_text=cal, rotate=rot, device=args.device,
+                                  act_bits=args.act_bits, rotate_block=block)
+        files[name] = pipeline.convert(ckpt, plan, path, calib_text=cal, feedback=False, device=args.device).path
     res = []
     for t in [int(x) for x in args.threads.split(",")]:
         for r in range(args.rounds):
