@@ -235,6 +235,8 @@ def test_non_finite_dense_tensors_are_refused_by_convert(tiny_model_factory, cop
     (["plan", "{model}", "--calib", "{empty}", "-o", "{tmp}/p.json"], "holds 0 words"),
     (["convert", "{model}", "--plan", "{garbage}"], "not a wqedge plan"),
     (["convert", "{model}", "--plan", "{badjson}"], "not valid JSON"),
+    (["convert", "{model}", "--plan", "{badjson}", "--rotate-block", "64"], "a --plan file records its own rotation"),
+    (["convert", "{model}", "--plan", "{badjson}", "--rotate"], "a --plan file records its own rotation"),
     (["eval", "{model}", "--text", "{calib}", "--ctx", "0"], "--ctx"),
     (["eval", "{model}", "--text", "{calib}", "--chunks", "-1"], "--chunks"),
     (["eval", "{model}", "--text", "{calib}", "--batch", "0"], "--batch"),

@@ -498,6 +498,9 @@ def convert(model_dir, output, bits, group, allocator, method, calib, protect, p
         _fail(f"{model_dir}: {e}")
     if plan_path and preset:
         _fail("--plan and --preset both choose the actions: give one of them")
+    if plan_path and (rotate or rotate_stage2 or rotate_block is not None):   # else silently the plan's own
+        _fail("--rotate, --rotate-stage2 and --rotate-block say how a plan is made; a --plan file records its own "
+              "rotation (its \"rotation\" field): give them to `wqedge plan`, or leave --plan out")
     if rotate and target == "llamacpp":   # before the transforms and the plan are built (minutes on a real model)
         _fail(pipeline.ROTATED_LLAMACPP)
     calib_text = _read_calib(calib) if calib else None   # read once: planning, fitting and the check use it
