@@ -30,7 +30,7 @@ from wqedge.bench.report import add_fixture_args, write_markdown
 from wqedge.checkpoint import LlamaCheckpoint
 from wqedge.perplexity import perplexity
 from wqedge.quantize import convert_to_gguf
-from wqedge.rotation import rotation_config
+from wqedge.rotation import BLOCK, rotation_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = (("q4", True, (8, 6, 4)), ("q8", True, (6, 4)), ("q4", False, (8, 4)))  # weights, rotated, act bits
@@ -146,9 +146,7 @@ def main():
                   "spread of the per-window mean NLL differences / √windows), so a gap is judged against its own noise.", ""]
         t0 = time.time()
         from wqedge.residual_rotation import hadamard_config
-        config = (rotation_config(args.seed, **({} if args.block is None else {"block": args.block}))
-                  if args.method == "ruquant"
-                  else hadamard_config())
+        config = rotation_config(args.seed, block=args.block or BLOCK) if args.method == "ruquant" else hadamard_config()
         pipeline.rotated(ckpt, config, calib)
         t_rot = time.time() - t0
         lines += [f"stage-1 transforms (calibration activations + construction, {config['n_seqs']} x "

@@ -61,10 +61,10 @@ def main():
     variants = [(False, None)] + [(m, b) for m in args.methods.split(",") for b in (blocks if m == "ruquant" else [None])]
     for rot, block in variants:
         cal = text if rot == "ruquant" else None     # the hadamard method is data-free
-        name = {False: "plain", "ruquant": "rotated"}.get(rot, rot) + (f"-b{block}" if block else "")
+        tag = f"-b{block}" if block else ""
+        name = {False: "plain", "ruquant": "rotated"}.get(rot, rot) + tag
         suffix = "" if args.act_bits == 8 else f"-a{args.act_bits}"
-        stem = ("rot" if rot == "ruquant" else rot or "plain") + (f"-b{block}" if block else "")
-        path = out / f"q4-{stem}{suffix}.gguf"
+        path = out / f"q4-{'rot' if rot == 'ruquant' else rot or 'plain'}{tag}{suffix}.gguf"
         if args.reuse and path.exists():
             files[name] = path
             continue

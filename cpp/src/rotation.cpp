@@ -717,12 +717,12 @@ void group_input(const Rotation* r, int bits, float* x, int n, int dim, ThreadPo
     // faster unsplit at 8 threads (run 13). Those runs had B = 128 (a bound of 16 blocks); it is a width, whatever B.
     // Float products always split. WQEDGE_INT8_SPLIT_BLOCKS=N moves the bound to N blocks of the group's B (A/B runs
     // on other CPUs and thread counts; read once).
-    static const int INT8_SPLIT_BLOCKS = [] {
+    constexpr int INT8_SPLIT_COLUMNS = 2048;
+    static const int INT8_SPLIT_BLOCKS = [] {  // 0: not set (or not a positive number)
         const char* e = std::getenv("WQEDGE_INT8_SPLIT_BLOCKS");
-        const int v = e && *e ? std::atoi(e) : 0;
-        return v > 0 ? v : 0;
+        return std::max(0, e && *e ? std::atoi(e) : 0);
     }();
-    const int split_columns = r && INT8_SPLIT_BLOCKS ? INT8_SPLIT_BLOCKS * r->block : 2048;
+    const int split_columns = r && INT8_SPLIT_BLOCKS ? INT8_SPLIT_BLOCKS * r->block : INT8_SPLIT_COLUMNS;
     const bool int8_alone = int8 && r && r->int8_ready(kernels) && (r->dim < split_columns || pool.size() <= 2);
     const bool split = r && n_blocks(*r) > 1 && !int8_alone;
     if (n == 1 && split && pool.size() > 1) {
